@@ -1,0 +1,62 @@
+"""Shared test fixtures: the real image data in ../shared, and DDS kept on loopback per test run."""
+
+import glob
+import os
+import pathlib
+import tempfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+IVIF = pathlib.Path(os.environ.get('S4FUSION_IVIF_DATA', REPO.parent / 'shared' / 'data' / 'ivif'))
+
+# Every test run keeps DDS on this machine, in a domain of its own (concurrent runs rarely collide),
+# with ROS logs in a temporary folder. Child processes (the node under test) inherit this.
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
+os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='s4fusion-roslog-')
+os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
+
+_SHM_BEFORE = set(glob.glob('/dev/shm/fastdds_*')) | set(glob.glob('/dev/shm/sem.fastdds_*'))
+
+
+def _paths_in_use():
+    """Files any process has open or mapped (other test runs may share /dev/shm)."""
+    used = set()
+    for proc in glob.glob('/proc/[0-9]*'):
+        try:
+            used.update(os.readlink(fd) for fd in glob.glob(f'{proc}/fd/*'))
+            with open(f'{proc}/maps') as maps:
+                used.update(line.split(None, 5)[-1].strip() for line in maps if '/dev/shm/' in line)
+        except OSError:
+            continue
+    return used
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the Fast DDS shared-memory files this run left behind and nobody uses."""
+    leftovers = set(glob.glob('/dev/shm/fastdds_*')) | set(glob.glob('/dev/shm/sem.fastdds_*'))
+    in_use = _paths_in_use()
+    for path in leftovers - _SHM_BEFORE - in_use:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope='session')
+def ivif_dir():
+    """The shared infrared/visible pairs (TNO, RoadScene, MSRS, M3FD)."""
+    if not (IVIF / 'msrs').is_dir():
+        pytest.skip(f'shared image data not found at {IVIF} (set S4FUSION_IVIF_DATA)')
+    return IVIF
+
+
+@pytest.fixture(scope='session')
+def msrs_pair(ivif_dir):
+    """One real MSRS pair as (ir uint8 (H, W), vi uint8 BGR (H, W, 3)), 640x480."""
+    import cv2
+    name = '00004N.png'
+    ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / name), cv2.IMREAD_GRAYSCALE)
+    vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / name), cv2.IMREAD_COLOR)
+    return ir, vi
