@@ -1,0 +1,142 @@
+"""S4Fusion checkpoints: safetensors weights (no pickle) with a JSON config beside them.
+
+``model.safetensors`` holds the state dict; ``model.json`` holds what is needed to rebuild the
+network (the config, its preset name, a format version) plus optional training information.
+"""
+
+import json
+import os
+import pathlib
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .s4fusion import S4Fusion, S4FusionConfig
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded; the message names the file and the problem."""
+
+
+def config_path(weights_path):
+    """The JSON config that belongs to a weights file (same name, ``.json``)."""
+    return pathlib.Path(weights_path).with_suffix('.json')
+
+
+def shipped_weights(preset):
+    """Path of the weights shipped in the package for a preset (it may not exist yet)."""
+    S4FusionConfig.preset(preset)  # rejects unknown names
+    weights = pathlib.Path(__file__).resolve().parents[1] / 'weights'
+    return weights / f's4fusion_{preset}.safetensors'
+
+
+def _write_atomically(path, write):
+    """Write through a temporary file and rename, so a crash never leaves a truncated file."""
+    tmp = path.with_name(f'.{path.name}.tmp')
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, path, extra_meta=None):
+    """Save weights to ``path`` (safetensors) and the config beside it; returns both paths.
+
+    ``extra_meta`` (JSON-serialisable, e.g. ``{'training': {...}}``) is added to the JSON; it
+    may not override the keys this function writes.
+    """
+    path = pathlib.Path(path)
+    meta = {
+        'format_version': FORMAT_VERSION,
+        'model': 'S4Fusion',
+        'preset': model.config.preset_name(),
+        'parameters': model.num_parameters(),
+        'config': model.config.to_dict(),
+    }
+    clash = set(meta) & set(extra_meta or {})
+    if clash:
+        raise ValueError(f'extra_meta may not override {sorted(clash)}')
+    meta.update(extra_meta or {})
+    text = json.dumps(meta, indent=2) + '\n'
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': 'pt'}))
+    json_path = config_path(path)
+    _write_atomically(json_path, lambda tmp: tmp.write_text(text))
+    return path, json_path
+
+
+def read_config(path):
+    """The JSON metadata of a checkpoint and the S4FusionConfig it describes."""
+    json_path = config_path(path)
+    try:
+        meta = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f'{json_path}: config file not found (save_checkpoint writes it '
+                              f'beside the weights)') from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f'{json_path}: cannot read the config: {exc}') from None
+    if not isinstance(meta, dict) or meta.get('format_version') != FORMAT_VERSION:
+        version = meta.get('format_version') if isinstance(meta, dict) else None
+        raise CheckpointError(f'{json_path}: unsupported checkpoint format_version {version!r}, '
+                              f'expected {FORMAT_VERSION}')
+    try:
+        return meta, S4FusionConfig.from_dict(meta['config'])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f'{json_path}: invalid S4Fusion config: {exc!r}') from None
+
+
+def load_checkpoint(path, device=None, dtype=None):
+    """Build the network its JSON describes and load the weights strictly; returns it in eval mode.
+
+    Every problem (missing or truncated file, bad JSON, missing, unexpected or misshapen tensors)
+    raises CheckpointError naming the file; a shape mismatch names the first such tensor.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: weights file not found')
+    _, config = read_config(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f'{path}: not a readable safetensors file (truncated or corrupt?): '
+                              f'{exc}') from None
+    model = S4Fusion(config, device=device, dtype=dtype)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f'{path}: does not match the config in {config_path(path).name}: '
+                              f'missing {missing[:5]}, unexpected {unexpected[:5]} (first 5 each)')
+    for name, tensor in expected.items():
+        if tensors[name].shape != tensor.shape:
+            raise CheckpointError(
+                f'{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model '
+                f'built from {config_path(path).name} expects {tuple(tensor.shape)}')
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def convert_authors_state_dict(state_dict, fuse_level0=False):
+    """Rename a state dict of the authors' released ``MambaNet`` to this package's layout.
+
+    Only prefixes differ; shapes are the same. Dropped: ``final_up.norm`` (built but never used
+    by the released code) and, unless ``fuse_level0``, the level-0 fusion the released code
+    computes without using it. Reading their pickled checkpoint is left to the caller.
+    """
+    renames = (('patch_embed_x.', 'patch_embed_ir.'), ('patch_embed_y.', 'patch_embed_vi.'),
+               ('layers_x.', 'encoder_ir.'), ('layers_y.', 'encoder_vi.'),
+               ('layers_up.', 'decoder.'), ('final_up.expand.', 'head.expand.'),
+               ('final_conv.', 'head.conv.'))
+    dropped = ('final_up.norm.',) + (() if fuse_level0 else ('fusion_layers.0.',))
+    converted = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix('vmunet.')
+        if key.startswith(dropped):
+            continue
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        converted[key] = value
+    return converted

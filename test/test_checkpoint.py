@@ -1,0 +1,147 @@
+"""Checkpoints: safetensors + JSON, errors naming the file, shipped weights, authors' layout."""
+
+import json
+
+import pytest
+import torch
+
+from s4fusion_ros.model import (CheckpointError, convert_authors_state_dict, load_checkpoint,
+                                S4Fusion, S4FusionConfig, save_checkpoint, shipped_weights)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig.preset('compact')).eval()
+    path = tmp_path / 'fusion.safetensors'
+    save_checkpoint(model, path, extra_meta={'training': {'epochs': 3, 'data': 'msrs'}})
+    return model, path
+
+
+def test_round_trip(saved):
+    model, path = saved
+    meta = json.loads(path.with_suffix('.json').read_text())
+    assert meta['format_version'] == 1 and meta['model'] == 'S4Fusion'
+    assert meta['preset'] == 'compact'
+    assert meta['parameters'] == model.num_parameters()
+    assert meta['config']['dims'] == [16, 32, 64] and meta['training']['epochs'] == 3
+    assert path.read_bytes()[8:9] == b'{'  # a safetensors header, not a pickle
+    loaded = load_checkpoint(path, device='cpu', dtype=torch.float64)
+    assert not loaded.training and loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert loaded.state_dict()[name].dtype == torch.float64
+        assert torch.equal(loaded.state_dict()[name].float(), tensor), name
+    ir, vi = torch.rand(1, 1, 13, 13), torch.rand(1, 1, 13, 13)
+    assert torch.equal(load_checkpoint(path).infer(ir, vi), model.infer(ir, vi))
+    assert not list(path.parent.glob('.*.tmp'))
+
+
+def test_extra_meta_cannot_override_the_config(tmp_path):
+    with pytest.raises(ValueError, match='config'):
+        save_checkpoint(S4Fusion(S4FusionConfig.preset('compact')), tmp_path / 'm.safetensors',
+                        extra_meta={'config': {}})
+
+
+def test_shape_mismatch_names_the_first_tensor_and_the_file(saved):
+    _, path = saved
+    json_path = path.with_suffix('.json')
+    meta = json.loads(json_path.read_text())
+    meta['config']['fusion_d_state'] = 9  # the weights were made with 12
+    json_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "'fusion_layers.1.layers.0.x_proj_weight' has shape (4, 26, 48)" in message
+    assert 'expects (4, 20, 48)' in message
+
+
+def test_missing_tensors_are_named(saved, tmp_path):
+    model, _ = saved
+    other = tmp_path / 'other.safetensors'
+    save_checkpoint(model, other)
+    meta = json.loads(other.with_suffix('.json').read_text())
+    meta['config']['fuse_level0'] = True
+    other.with_suffix('.json').write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"missing \['fusion_layers\.0\.layers\.0\."):
+        load_checkpoint(other)
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.001])
+def test_truncated_weights(saved, keep):
+    _, path = saved
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match='truncated') as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_files(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(CheckpointError, match='weights file not found') as error:
+        load_checkpoint(tmp_path / 'nowhere.safetensors')
+    assert 'nowhere.safetensors' in str(error.value)
+    path.with_suffix('.json').unlink()
+    with pytest.raises(CheckpointError, match='config file not found') as error:
+        load_checkpoint(path)
+    assert str(path.with_suffix('.json')) in str(error.value)
+
+
+@pytest.mark.parametrize('text, problem', [
+    ('{"format_version": 1, "config": {"dims"', 'cannot read the config'),
+    ('{"format_version": 2, "config": {}}', 'format_version 2'),
+    ('{"format_version": 1, "config": {"dims": [16, 20, 64]}}', 'invalid S4Fusion config'),
+    ('{"format_version": 1}', 'invalid S4Fusion config'),
+])
+def test_bad_json(saved, text, problem):
+    _, path = saved
+    path.with_suffix('.json').write_text(text)
+    with pytest.raises(CheckpointError, match=problem) as error:
+        load_checkpoint(path)
+    assert str(path.with_suffix('.json')) in str(error.value)
+
+
+def test_shipped_weights_location():
+    path = shipped_weights('compact')
+    assert path.name == 's4fusion_compact.safetensors'
+    assert path.parent.name == 'weights' and path.parent.parent.name == 's4fusion_ros'
+    assert (path.parent.parent / 'model' / 'checkpoint.py').is_file()
+    assert shipped_weights('authors').name == 's4fusion_authors.safetensors'
+    with pytest.raises(ValueError, match='unknown S4Fusion preset'):
+        shipped_weights('tiny')
+
+
+def test_authors_state_dict_maps_onto_the_model():
+    """Keys and shapes of the released MambaNet (read from its code) land on our parameters."""
+    authors = {  # key (after 'vmunet.') -> shape, for the released defaults
+        'patch_embed_x.proj.weight': (48, 1, 4, 4),
+        'patch_embed_y.norm.bias': (48,),
+        'layers_x.0.blocks.0.ln_1.weight': (48,),
+        'layers_x.0.blocks.0.self_attention.in_proj.weight': (144, 48),
+        'layers_x.0.blocks.0.self_attention.conv2d.bias': (72,),
+        'layers_x.0.blocks.0.self_attention.x_proj_weight': (4, 27, 72),
+        'layers_x.0.blocks.0.self_attention.dt_projs_weight': (4, 72, 3),
+        'layers_y.1.blocks.1.self_attention.A_logs': (576, 12),
+        'layers_y.1.downsample.reduction.weight': (192, 384),
+        'layers_y.2.blocks.0.self_attention.out_norm.weight': (288,),
+        'fusion_layers.0.layers.0.in_proj.weight': (144, 48),
+        'fusion_layers.1.layers.2.y_proj_weight': (4, 42, 144),
+        'fusion_layers.2.layers.0.mark_proj': (288, 576),
+        'fusion_layers.2.layers.1.Ds': (1152,),
+        'layers_up.0.blocks.0.self_attention.dt_projs_bias': (4, 288),
+        'layers_up.1.upsample.expand.weight': (384, 192),
+        'layers_up.2.upsample.norm.weight': (48,),
+        'final_up.expand.weight': (192, 48),
+        'final_up.norm.weight': (12,),
+        'final_conv.weight': (1, 12, 1, 1),
+        'final_conv.bias': (1,),
+    }
+    state = {'vmunet.' + k: torch.zeros(shape) for k, shape in authors.items()}
+    for fuse_level0 in (False, True):
+        ours = S4Fusion(S4FusionConfig(fuse_level0=fuse_level0)).state_dict()
+        converted = convert_authors_state_dict(state, fuse_level0=fuse_level0)
+        assert len(converted) == len(authors) - 1 - (not fuse_level0)
+        for key, value in converted.items():
+            assert key in ours and ours[key].shape == value.shape, key
+    assert 'head.conv.bias' in converted and 'decoder.1.upsample.expand.weight' in converted
