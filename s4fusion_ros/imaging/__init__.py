@@ -1,0 +1,1 @@
+"""ROS-free image handling: message decoding, thermal normalization, registration and colour."""

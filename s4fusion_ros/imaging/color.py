@@ -1,0 +1,42 @@
+"""Colour helpers: fuse on luminance, keep the visible chrominance.
+
+All conversions are cv2's YCrCb (Y = 0.299 R + 0.587 G + 0.114 B, chroma offset 0.5) done in
+float32, so that no precision is lost between uint8 BGR and the [0, 1] values the model uses.
+"""
+
+import cv2
+import numpy as np
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """Convert uint8 to float32 in [0, 1]."""
+    return image.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Convert float in [0, 1] to uint8, rounded (values outside are clamped, NaN -> 0)."""
+    scaled = np.nan_to_num(np.asarray(image, dtype=np.float32) * np.float32(255.0))
+    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def bgr_to_ycrcb(bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split uint8 (H, W, 3) BGR into (Y, Cr, Cb), each float32 (H, W) in [0, 1]."""
+    y, cr, cb = cv2.split(cv2.cvtColor(to_float(bgr), cv2.COLOR_BGR2YCrCb))
+    return y, cr, cb
+
+
+def ycrcb_to_bgr(y: np.ndarray, cr: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Join float (H, W) Y, Cr, Cb in [0, 1] into uint8 (H, W, 3) BGR; Y is clamped first."""
+    luminance = np.clip(np.asarray(y, dtype=np.float32), 0.0, 1.0)
+    ycrcb = cv2.merge([luminance, np.asarray(cr, np.float32), np.asarray(cb, np.float32)])
+    return to_uint8(cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR))
+
+
+def bgr_to_gray(bgr: np.ndarray) -> np.ndarray:
+    """Return the luminance Y of uint8 (H, W, 3) BGR as float32 (H, W) in [0, 1]."""
+    return cv2.cvtColor(to_float(bgr), cv2.COLOR_BGR2GRAY)
+
+
+def gray_to_bgr(gray: np.ndarray) -> np.ndarray:
+    """Convert float (H, W) in [0, 1] to uint8 (H, W, 3) BGR with three equal channels."""
+    return cv2.cvtColor(to_uint8(gray), cv2.COLOR_GRAY2BGR)

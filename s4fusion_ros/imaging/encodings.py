@@ -1,0 +1,245 @@
+"""sensor_msgs Image / CompressedImage fields <-> NumPy arrays; a bad message is a clear error.
+
+The decoders take ``RawImage`` / ``RawCompressedImage`` or any object with the same attributes, so
+rclpy messages (``data`` an ``array('B')`` or ``bytes``) and rosbags messages (``data`` a uint8
+``np.ndarray``) go through the same code. Raw images are viewed in place (``np.frombuffer``); a
+returned array may therefore be a read-only view of the message buffer.
+
+Rules for the inputs (see shared/design/ros2-environment.md, "Image encodings"):
+
+- thermal: mono8, 8UC1, mono16, 16UC1 (radiometric counts) and 32FC1 (temperature; NaN and +-inf
+  come out as NaN) give float32 raw values. A colour encoding on the thermal topic (many pipelines
+  publish gray as three equal channels) is converted to luminance and flagged ``from_color`` so the
+  caller can warn once.
+- visible: rgb8, bgr8, rgba8, bgra8 and mono8 give uint8 BGR. mono16 / 16UC1 are intensity over the
+  full 16-bit range and are scaled by 255/65535 (as image_view does); 32FC1 is refused.
+- compressed (jpeg, png, whatever OpenCV decodes): read with IMREAD_UNCHANGED, so a 16-bit PNG
+  stays 16-bit; the decoded layout is 1 channel gray, 3 channels BGR or 4 channels BGRA.
+"""
+
+import dataclasses
+import operator
+from typing import Any, NamedTuple, Union
+
+import cv2
+import numpy as np
+
+Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+
+# Refused before any work: larger than any camera, small enough that a copy cannot exhaust memory.
+MAX_SIDE = 1 << 15
+MAX_PIXELS = 1 << 28
+
+
+class _Format(NamedTuple):
+    dtype: str  # little-endian NumPy type; the byte order is set per message
+    channels: int
+    layout: str  # 'gray', 'rgb', 'bgr', 'rgba' or 'bgra'
+
+
+FORMATS = {
+    'mono8': _Format('u1', 1, 'gray'),
+    '8UC1': _Format('u1', 1, 'gray'),
+    'mono16': _Format('<u2', 1, 'gray'),
+    '16UC1': _Format('<u2', 1, 'gray'),
+    '32FC1': _Format('<f4', 1, 'gray'),
+    'rgb8': _Format('u1', 3, 'rgb'),
+    'bgr8': _Format('u1', 3, 'bgr'),
+    'rgba8': _Format('u1', 4, 'rgba'),
+    'bgra8': _Format('u1', 4, 'bgra'),
+}
+
+_TO_GRAY = {'rgb': cv2.COLOR_RGB2GRAY, 'bgr': cv2.COLOR_BGR2GRAY,
+            'rgba': cv2.COLOR_RGBA2GRAY, 'bgra': cv2.COLOR_BGRA2GRAY}
+_TO_BGR = {'gray': cv2.COLOR_GRAY2BGR, 'rgb': cv2.COLOR_RGB2BGR,
+           'rgba': cv2.COLOR_RGBA2BGR, 'bgra': cv2.COLOR_BGRA2BGR}
+_COMPRESSED_LAYOUTS = {1: 'gray', 3: 'bgr', 4: 'bgra'}
+
+
+class ImageDecodeError(ValueError):
+    """A message that cannot be turned into an image; the text names the encoding and the fault."""
+
+
+# eq=False: data may be an ndarray, whose == is element-wise.
+@dataclasses.dataclass(frozen=True, eq=False)
+class RawImage:
+    """The fields of sensor_msgs/Image (header aside)."""
+
+    height: int
+    width: int
+    encoding: str
+    step: int
+    is_bigendian: int
+    data: Buffer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RawCompressedImage:
+    """The fields of sensor_msgs/CompressedImage (header aside)."""
+
+    format: str
+    data: Buffer
+
+
+class ThermalDecode(NamedTuple):
+    """Raw thermal values and whether they were made from a colour image."""
+
+    raw: np.ndarray
+    from_color: bool
+
+
+def _byte_view(data: Any, what: str) -> np.ndarray:
+    """Return ``data`` as a 1-D uint8 array without copying where the buffer allows."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise ImageDecodeError(
+                f'{what}: data must be 1-D uint8, got {data.dtype} {data.shape}')
+        return data
+    try:
+        return np.frombuffer(data, np.uint8)
+    except (TypeError, ValueError, BufferError) as exc:
+        raise ImageDecodeError(
+            f'{what}: data is not a byte buffer ({type(data).__name__})') from exc
+
+
+def _dimension(value: Any, name: str, encoding: str, limit: int) -> int:
+    """Validate one integer header field (height, width, step) and return it."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ImageDecodeError(f'{encoding} image: {name} is not an integer: {value!r}') from None
+    if number <= 0:
+        raise ImageDecodeError(f'{encoding} image: {name} must be positive, got {number}')
+    if number > limit:
+        raise ImageDecodeError(f'{encoding} image: {name} {number} exceeds the limit {limit}')
+    return number
+
+
+def _flag(value: Any, encoding: str) -> bool:
+    """Validate is_bigendian (a uint8 in the message) and return it as a bool."""
+    try:
+        return operator.index(value) != 0
+    except TypeError:
+        pass
+    raise ImageDecodeError(f'{encoding} image: is_bigendian is not an integer: {value!r}')
+
+
+def _encoding_of(img: Any) -> str:
+    """Return the encoding name if it is one this package reads."""
+    encoding = getattr(img, 'encoding', None)
+    if not isinstance(encoding, str) or encoding not in FORMATS:
+        raise ImageDecodeError(f'unsupported encoding {encoding!r}; known: {sorted(FORMATS)}')
+    return encoding
+
+
+def image_to_array(img: Any) -> np.ndarray:
+    """View a raw image as (H, W) or (H, W, C) in native byte order (no copy unless swapped)."""
+    encoding = _encoding_of(img)
+    fmt = FORMATS[encoding]
+    height = _dimension(img.height, 'height', encoding, MAX_SIDE)
+    width = _dimension(img.width, 'width', encoding, MAX_SIDE)
+    if height * width > MAX_PIXELS:
+        raise ImageDecodeError(f'{encoding} image: {width}x{height} exceeds {MAX_PIXELS} pixels')
+    dtype = np.dtype(fmt.dtype)
+    if _flag(img.is_bigendian, encoding) and dtype.itemsize > 1:
+        dtype = dtype.newbyteorder('>')
+    row_bytes = width * fmt.channels * dtype.itemsize
+    step = _dimension(img.step, 'step', encoding, 1 << 62)
+    if step < row_bytes:
+        raise ImageDecodeError(
+            f'{encoding} image: step {step} < width*bytes_per_pixel = {row_bytes}')
+    data = _byte_view(img.data, f'{encoding} image')
+    if data.size != height * step:
+        raise ImageDecodeError(
+            f'{encoding} image: data is {data.size} bytes, height*step = {height * step}')
+    # Strided view: padded rows are skipped, alignment does not matter.
+    array = np.ndarray((height, width, fmt.channels), dtype, buffer=data,
+                       strides=(step, fmt.channels * dtype.itemsize, dtype.itemsize))
+    if not dtype.isnative:
+        array = array.astype(dtype.newbyteorder('='))
+    return array[:, :, 0] if fmt.channels == 1 else array
+
+
+def _decode_compressed(img: Any) -> tuple[np.ndarray, str, str]:
+    """Decode a CompressedImage to (array, layout, a name for messages)."""
+    name = f'compressed {getattr(img, "format", None)!r}'
+    data = _byte_view(img.data, name)
+    if data.size == 0:
+        raise ImageDecodeError(f'{name} image: no data')
+    try:
+        array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageDecodeError(f'{name} image: cannot decode ({exc.err})') from exc
+    if array is None or array.size == 0:
+        raise ImageDecodeError(f'{name} image: cannot decode {data.size} bytes')
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    if channels not in _COMPRESSED_LAYOUTS or array.dtype not in (np.uint8, np.uint16,
+                                                                  np.float32):
+        raise ImageDecodeError(f'{name} image: unsupported {channels}-channel {array.dtype}')
+    return array, _COMPRESSED_LAYOUTS[channels], name
+
+
+def _decode_any(img: Any) -> tuple[np.ndarray, str, str]:
+    """Decode a raw or compressed image to (array, layout, a name for messages)."""
+    if hasattr(img, 'format') and not hasattr(img, 'encoding'):
+        return _decode_compressed(img)
+    array = image_to_array(img)
+    return array, FORMATS[img.encoding].layout, img.encoding
+
+
+def decode_thermal_info(img: Any) -> ThermalDecode:
+    """Decode a thermal image to float32 (H, W) raw values, telling whether it was colour."""
+    array, layout, name = _decode_any(img)
+    if layout != 'gray':
+        if array.dtype == np.float32:
+            raise ImageDecodeError(f'{name} image: float colour is not a thermal image')
+        return ThermalDecode(cv2.cvtColor(array.astype(np.float32), _TO_GRAY[layout]), True)
+    raw = np.array(array, dtype=np.float32)
+    if array.dtype == np.float32:
+        raw[np.isinf(raw)] = np.nan  # the normalizer excludes NaN from its statistics
+    return ThermalDecode(raw, False)
+
+
+def decode_thermal(img: Any) -> np.ndarray:
+    """Decode a thermal image to float32 (H, W) raw values (counts or temperature, NaN kept)."""
+    return decode_thermal_info(img).raw
+
+
+def decode_visible(img: Any) -> np.ndarray:
+    """Decode a visible image to uint8 (H, W, 3) BGR."""
+    array, layout, name = _decode_any(img)
+    if array.dtype == np.float32:
+        raise ImageDecodeError(f'{name} image: float data is not a visible image')
+    if array.dtype == np.uint16:
+        array = cv2.convertScaleAbs(array, alpha=255.0 / 65535.0)
+    return array if layout == 'bgr' else cv2.cvtColor(array, _TO_BGR[layout])
+
+
+def encode_image(array: np.ndarray, encoding: str, *, bigendian: bool = False,
+                 row_padding: int = 0) -> RawImage:
+    """Pack an array as a RawImage with an honest encoding (optionally big-endian / padded rows).
+
+    The array must already have the encoding's dtype and channel count; nothing is converted.
+    """
+    if encoding not in FORMATS:
+        raise ValueError(f'cannot encode {encoding!r}; known: {sorted(FORMATS)}')
+    fmt = FORMATS[encoding]
+    array = np.asarray(array)
+    if array.ndim == 3 and fmt.channels == 1 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    expected_ndim = 2 if fmt.channels == 1 else 3
+    dtype = np.dtype(fmt.dtype)
+    if (array.ndim != expected_ndim or (fmt.channels > 1 and array.shape[2] != fmt.channels)
+            or array.dtype.kind != dtype.kind or array.dtype.itemsize != dtype.itemsize):
+        raise ValueError(f'{encoding} needs {fmt.channels}-channel {dtype.name}, got '
+                         f'{array.dtype} {array.shape}')
+    if array.size == 0 or row_padding < 0:
+        raise ValueError(f'cannot encode {array.shape} with row_padding {row_padding}')
+    big = bigendian and dtype.itemsize > 1
+    height, width = array.shape[:2]
+    rows = array.astype(dtype.newbyteorder('>' if big else '<'), copy=False)
+    rows = rows.reshape(height, -1).view(np.uint8)
+    step = rows.shape[1] + row_padding
+    if row_padding:
+        rows = np.concatenate([rows, np.zeros((height, row_padding), np.uint8)], axis=1)
+    return RawImage(height, width, encoding, step, int(big), np.ascontiguousarray(rows).tobytes())

@@ -1,0 +1,150 @@
+"""Raw thermal values (counts or temperature) -> [0, 1], steady from frame to frame.
+
+cv_bridge's fixed 16->8 bit scaling leaves 14-bit thermal nearly black and per-frame min/max
+flickers (shared/design/ros2-environment.md), so the default maps a percentile window that is
+smoothed over time with an exponential moving average.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+
+MODES = ('percentile', 'minmax', 'fixed')
+# Percentiles are taken on a strided subsample of about this many pixels (cheap at 30 Hz).
+SAMPLE_PIXELS = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizerSettings:
+    """Validated settings of ThermalNormalizer; invalid values raise ValueError with a reason.
+
+    mode: 'percentile' (smoothed window between two percentiles), 'minmax' (this frame's finite
+    minimum and maximum, not smoothed) or 'fixed' (``fixed_range``, e.g. a temperature window).
+    smoothing: weight of the previous range in the moving average of percentile mode (0 = none).
+    """
+
+    mode: str = 'percentile'
+    low_percentile: float = 1.0
+    high_percentile: float = 99.0
+    smoothing: float = 0.8
+    fixed_range: tuple[float, float] = (0.0, 65535.0)
+
+    def __post_init__(self) -> None:
+        """Check every field, so that no invalid combination can be applied."""
+        if self.mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {self.mode!r}')
+        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+            raise ValueError('percentiles must satisfy 0 <= low < high <= 100, got '
+                             f'{self.low_percentile}, {self.high_percentile}')
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f'smoothing must be in [0, 1), got {self.smoothing}')
+        if len(self.fixed_range) != 2:
+            raise ValueError(f'fixed_range must be (low, high), got {self.fixed_range!r}')
+        low, high = (float(value) for value in self.fixed_range)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f'fixed_range must be finite with low < high, got {self.fixed_range}')
+        object.__setattr__(self, 'fixed_range', (low, high))
+
+
+class ThermalNormalizer:
+    """Map float32 (H, W) raw thermal frames to float32 (H, W) in [0, 1].
+
+    Non-finite pixels are left out of the statistics and map to 0; a frame without finite pixels
+    maps to zeros (and leaves the smoothed range alone); a flat range maps to zeros.
+    """
+
+    def __init__(self, mode: str = 'percentile', low_percentile: float = 1.0,
+                 high_percentile: float = 99.0, smoothing: float = 0.8,
+                 fixed_range: tuple[float, float] = (0.0, 65535.0)) -> None:
+        """Validate the settings (ValueError with a reason) and start without history."""
+        self._settings = NormalizerSettings(mode, low_percentile, high_percentile, smoothing,
+                                            tuple(fixed_range))
+        self._range: Optional[tuple[float, float]] = None
+
+    @property
+    def settings(self) -> NormalizerSettings:
+        """The settings in force."""
+        return self._settings
+
+    @property
+    def range(self) -> Optional[tuple[float, float]]:
+        """The (low, high) raw values that mapped to 0 and 1 in the last frame, None before any."""
+        return self._range
+
+    def configure(self, **changes: object) -> None:
+        """Change settings at run time; all or nothing, ValueError with a reason if invalid."""
+        try:
+            settings = dataclasses.replace(self._settings, **changes)
+        except TypeError as exc:
+            raise ValueError(f'unknown normalizer setting: {exc}') from None
+        if settings.mode != self._settings.mode:
+            self.reset()
+        self._settings = settings
+
+    def reset(self) -> None:
+        """Forget the smoothed range (e.g. after a clock jump or a camera restart)."""
+        self._range = None
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        """Normalize one frame."""
+        raw = np.asarray(raw, dtype=np.float32)
+        if raw.ndim != 2:
+            raise ValueError(f'thermal frame must be (H, W), got shape {raw.shape}')
+        finite = np.isfinite(raw)
+        all_finite = bool(finite.all())
+        bounds = self._bounds(raw, None if all_finite else finite)
+        if bounds is None:
+            return np.zeros(raw.shape, np.float32)
+        self._range = bounds
+        out = _rescale(raw, *bounds)
+        np.clip(out, 0.0, 1.0, out=out)
+        if not all_finite:
+            out[~finite] = 0.0
+        return out
+
+    def _bounds(self, raw: np.ndarray,
+                finite: Optional[np.ndarray]) -> Optional[tuple[float, float]]:
+        """Return this frame's (low, high), or None when it has no finite pixel."""
+        settings = self._settings
+        if settings.mode == 'fixed':
+            return settings.fixed_range
+        values = raw if finite is None else raw[finite]
+        if values.size == 0:
+            return None
+        if settings.mode == 'minmax':
+            return float(values.min()), float(values.max())
+        current = _percentiles(raw, values, settings.low_percentile, settings.high_percentile)
+        if self._range is None:
+            return current
+        weight = settings.smoothing
+        return (weight * self._range[0] + (1.0 - weight) * current[0],
+                weight * self._range[1] + (1.0 - weight) * current[1])
+
+
+def _percentiles(raw: np.ndarray, finite_values: np.ndarray, low: float,
+                 high: float) -> tuple[float, float]:
+    """Two percentiles of the finite pixels, from a strided subsample when the frame is large."""
+    sample = finite_values
+    stride = math.ceil(math.sqrt(raw.size / SAMPLE_PIXELS))
+    if stride > 1:
+        strided = raw[::stride, ::stride]
+        strided = strided[np.isfinite(strided)]
+        if strided.size:  # else the few finite pixels all fall between the sample points
+            sample = strided
+    result = np.percentile(sample.astype(np.float64), [low, high])
+    return float(result[0]), float(result[1])
+
+
+def _rescale(raw: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Return (raw - low) / (high - low) as float32; a flat range gives zeros."""
+    span = high - low
+    if not span > 0:
+        return np.zeros(raw.shape, np.float32)
+    with np.errstate(over='ignore', invalid='ignore'):
+        low32, scale32 = np.float32(low), np.float32(1.0 / span)
+        if np.isfinite(low32) and np.isfinite(scale32) and scale32 > 0:
+            return (raw - low32) * scale32
+        # A subnormal or huge range that float32 cannot hold: rare, so float64 is fine.
+        return ((raw.astype(np.float64) - low) / span).astype(np.float32)

@@ -1,0 +1,272 @@
+"""Approximate-time pairing of a thermal and a visible image stream on header stamps (ROS-free).
+
+Why the project has its own synchronizer (shared/design/ros2-environment.md, "Synchronization"):
+message_filters' Python ApproximateTimeSynchronizer emits the first partner within slop rather than
+the nearest, never purges old unmatched messages, runs the callback under its lock and stamps
+headerless messages with wall time; the C++ ApproximateTime policy waits up to a period of the
+slowest topic. Thermal cores run at about 9 Hz against 30 Hz RGB, pause 0.2-0.5 s for flat-field
+correction, and USB cores stamp on host receipt with a constant latency.
+
+So the slow thermal stream is the pivot. A thermal frame is decided as soon as a visible frame
+stamped at or after it is buffered: visible frames arrive in stamp order, so the nearest visible
+on either side is then known. It pairs with the nearest visible within ``slop`` (ties go to the
+earlier one) that is newer than the last paired visible, so output pairs strictly increase in
+both stamps and each visible frame is used at most once. Visible frames older than the partner,
+or too old for any thermal frame still to come, are dropped as unpaired. This gives the same
+pairs as the offline greedy (thermal frames in stamp order, each taking the nearest unused visible
+within slop newer than the last paired one) whatever the delay between the two topics, as long as
+each topic arrives in order and the buffers do not overflow. ``expire(now_ns)`` (the live node's
+timer) decides thermal frames whose visible partner is overdue and ``flush()`` (end of a bag)
+decides everything left; both use what is known. Frames out of order within a topic still pair
+while their thermal frame is undecided; older ones are late.
+
+Parameters and their names elsewhere:
+
+- ``slop`` (node parameter ``sync.slop``): message_filters ApproximateTimeSynchronizer ``slop``,
+  stereo_image_proc ``approximate_sync_tolerance_seconds``. Pairing is always approximate
+  (stereo_image_proc ``approximate_sync`` true); slop 0 pairs equal stamps only, like ExactTime.
+- ``queue_size`` (``sync.queue_size``): message_filters / stereo_image_proc ``queue_size``,
+  messages kept per topic; the oldest is dropped beyond it.
+- ``thermal_offset`` / ``visible_offset``: seconds added to that topic's stamps for matching only
+  (e.g. -0.06 for a thermal core stamped 60 ms after exposure); pairs keep the original stamps.
+- ``timeout``: how long after its (offset) stamp a message is expected to have arrived; used only
+  by ``expire``, whose ``now_ns`` must be on the stamps' clock (the node clock, sim time included).
+- ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
+  (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
+
+Counters (``stats``), per topic, always satisfy
+``received == pairs + unpaired + late + overflow + rejected + pending``.
+"""
+
+import bisect
+import dataclasses
+import math
+import operator
+import threading
+from typing import Any, NamedTuple, Optional
+
+
+class Pair(NamedTuple):
+    """A thermal frame and its visible partner, with their original stamps (ns)."""
+
+    thermal_stamp: int
+    visible_stamp: int
+    thermal: Any
+    visible: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncStats:
+    """Counts since construction; per topic received == pairs + the other five."""
+
+    thermal_received: int = 0
+    visible_received: int = 0
+    pairs: int = 0
+    thermal_unpaired: int = 0  # decided without a partner within slop
+    visible_unpaired: int = 0  # left behind by a newer pair or too old for any thermal frame
+    thermal_late: int = 0  # not newer than a decided frame of its topic, or a repeated stamp
+    visible_late: int = 0
+    thermal_overflow: int = 0  # dropped as the oldest of a full queue
+    visible_overflow: int = 0
+    thermal_rejected: int = 0  # zero or negative stamp
+    visible_rejected: int = 0
+    thermal_pending: int = 0  # buffered, not decided yet
+    visible_pending: int = 0
+    resets: int = 0  # backwards clock jumps
+
+
+class _Frame(NamedTuple):
+    key: int  # stamp + offset: what is matched
+    stamp: int
+    payload: Any
+
+
+def _key(frame: _Frame) -> int:
+    return frame.key
+
+
+@dataclasses.dataclass
+class _Stream:
+    """One topic's buffer (sorted by key), clock state and counters."""
+
+    offset: int
+    frames: list[_Frame] = dataclasses.field(default_factory=list)
+    newest: Optional[int] = None  # newest stamp received, for clock-jump detection
+    decided: Optional[int] = None  # newest key paired or dropped: older arrivals are late
+    received: int = 0
+    unpaired: int = 0
+    late: int = 0
+    overflow: int = 0
+    rejected: int = 0
+
+    def drop_oldest(self, count: int) -> None:
+        """Remove the ``count`` oldest frames (the caller counts why)."""
+        self.decided = _newest(self.decided, self.frames[count - 1].key)
+        del self.frames[:count]
+
+
+def _newest(current: Optional[int], candidate: int) -> int:
+    return candidate if current is None else max(current, candidate)
+
+
+def _seconds_to_ns(value: float, name: str, minimum: float, inclusive: bool = True) -> int:
+    """Validate a parameter in seconds (ValueError with a reason) and convert it to ns."""
+    low_ok = value >= minimum if inclusive else value > minimum
+    if not (math.isfinite(value) and low_ok):
+        bound = '>=' if inclusive else '>'
+        raise ValueError(f'{name} must be finite and {bound} {minimum} s, got {value}')
+    return round(value * 1e9)
+
+
+class PairSynchronizer:
+    """Pair thermal and visible frames by header stamp (int ns); see the module docstring.
+
+    ``add_thermal`` / ``add_visible`` / ``expire`` / ``flush`` return the pairs decided by that
+    call, oldest first. Calls are serialized by an internal lock, and no user code runs under it.
+    """
+
+    def __init__(self, slop: float, queue_size: int, thermal_offset: float = 0.0,
+                 visible_offset: float = 0.0, timeout: float = 0.5,
+                 reset_threshold: float = 1.0) -> None:
+        """Validate the parameters (ValueError with a reason); times are in seconds."""
+        self._slop = _seconds_to_ns(slop, 'slop', 0.0)
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f'queue_size must be an integer >= 1, got {queue_size!r}')
+        self._queue_size = queue_size
+        self._timeout = _seconds_to_ns(timeout, 'timeout', 0.0, inclusive=False)
+        self._reset_threshold = _seconds_to_ns(reset_threshold, 'reset_threshold', 0.0,
+                                               inclusive=False)
+        self._thermal = _Stream(_seconds_to_ns(thermal_offset, 'thermal_offset', -math.inf))
+        self._visible = _Stream(_seconds_to_ns(visible_offset, 'visible_offset', -math.inf))
+        self._floor: Optional[int] = None  # thermal frames still to come have keys above this
+        self._pairs = 0
+        self._resets = 0
+        self._lock = threading.Lock()
+
+    def add_thermal(self, stamp_ns: int, payload: Any) -> list[Pair]:
+        """Take a thermal frame; return the pairs it completes."""
+        with self._lock:
+            pairs = self._accept(self._thermal, stamp_ns, payload)
+            return pairs + self._decide_ready()
+
+    def add_visible(self, stamp_ns: int, payload: Any) -> list[Pair]:
+        """Take a visible frame; return the pairs it completes."""
+        with self._lock:
+            pairs = self._accept(self._visible, stamp_ns, payload)
+            return pairs + self._decide_ready()
+
+    def expire(self, now_ns: int) -> list[Pair]:
+        """Decide thermal frames whose visible partner is overdue by ``timeout`` at ``now_ns``."""
+        with self._lock:
+            cutoff = operator.index(now_ns) - self._timeout
+            pairs = []
+            while self._thermal.frames and self._thermal.frames[0].key + self._slop <= cutoff:
+                pairs += self._decide_oldest()
+            # Thermal frames stamped before the cutoff would have arrived by now.
+            self._floor = _newest(self._floor, cutoff)
+            self._prune_visible()
+            return pairs
+
+    def flush(self) -> list[Pair]:
+        """Decide every buffered frame with what is known (end of stream)."""
+        with self._lock:
+            return self._flush()
+
+    @property
+    def stats(self) -> SyncStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            thermal, visible = self._thermal, self._visible
+            return SyncStats(
+                thermal_received=thermal.received, visible_received=visible.received,
+                pairs=self._pairs, thermal_unpaired=thermal.unpaired,
+                visible_unpaired=visible.unpaired, thermal_late=thermal.late,
+                visible_late=visible.late, thermal_overflow=thermal.overflow,
+                visible_overflow=visible.overflow, thermal_rejected=thermal.rejected,
+                visible_rejected=visible.rejected, thermal_pending=len(thermal.frames),
+                visible_pending=len(visible.frames), resets=self._resets)
+
+    def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
+        """Buffer one frame unless rejected or late; return pairs flushed by a clock jump."""
+        stamp = operator.index(stamp_ns)
+        stream.received += 1
+        if stamp <= 0:
+            stream.rejected += 1
+            return []
+        pairs = []
+        if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
+            pairs = self._reset()
+        stream.newest = _newest(stream.newest, stamp)
+        frame = _Frame(stamp + stream.offset, stamp, payload)
+        index = bisect.bisect_left(stream.frames, frame.key, key=_key)
+        repeated = index < len(stream.frames) and stream.frames[index].key == frame.key
+        if repeated or (stream.decided is not None and frame.key <= stream.decided):
+            stream.late += 1
+            return pairs
+        stream.frames.insert(index, frame)
+        if len(stream.frames) > self._queue_size:
+            stream.drop_oldest(1)
+            stream.overflow += 1
+        return pairs
+
+    def _decide_ready(self) -> list[Pair]:
+        """Decide the thermal frames that have a visible frame stamped at or after them."""
+        pairs = []
+        thermal, visible = self._thermal.frames, self._visible.frames
+        while thermal and visible and visible[-1].key >= thermal[0].key:
+            pairs += self._decide_oldest()
+        self._prune_visible()
+        return pairs
+
+    def _decide_oldest(self) -> list[Pair]:
+        """Pair the oldest thermal frame with the nearest buffered visible within slop, if any."""
+        frame = self._thermal.frames[0]
+        self._thermal.drop_oldest(1)
+        self._floor = _newest(self._floor, frame.key)
+        visible = self._visible.frames
+        after = bisect.bisect_right(visible, frame.key, key=_key)
+        best = None
+        for index in (after - 1, after):  # the earlier candidate first: it wins ties
+            if 0 <= index < len(visible):
+                distance = abs(visible[index].key - frame.key)
+                if distance <= self._slop and (best is None or distance < best[1]):
+                    best = index, distance
+        if best is None:
+            self._thermal.unpaired += 1
+            return []
+        partner = visible[best[0]]
+        # Visible frames older than the partner can no longer pair: pairs stay monotonic.
+        self._visible.unpaired += best[0]
+        self._visible.drop_oldest(best[0] + 1)
+        self._pairs += 1
+        return [Pair(frame.stamp, partner.stamp, frame.payload, partner.payload)]
+
+    def _prune_visible(self) -> None:
+        """Drop visible frames too old to pair with a pending or future thermal frame."""
+        if self._floor is None:
+            return
+        limit = self._floor
+        if self._thermal.frames:
+            limit = min(limit, self._thermal.frames[0].key - 1)
+        count = bisect.bisect_right(self._visible.frames, limit - self._slop, key=_key)
+        if count:
+            self._visible.drop_oldest(count)
+            self._visible.unpaired += count
+
+    def _flush(self) -> list[Pair]:
+        pairs = []
+        while self._thermal.frames:
+            pairs += self._decide_oldest()
+        if self._visible.frames:
+            self._visible.unpaired += len(self._visible.frames)
+            self._visible.drop_oldest(len(self._visible.frames))
+        return pairs
+
+    def _reset(self) -> list[Pair]:
+        """Flush, then forget the clock state of both topics (counters are kept)."""
+        pairs = self._flush()
+        for stream in (self._thermal, self._visible):
+            stream.newest = stream.decided = None
+        self._floor = None
+        self._resets += 1
+        return pairs

@@ -1,0 +1,283 @@
+"""Message decoding (raw, compressed) on real MSRS images, malformed messages, colour helpers."""
+
+import array
+
+import cv2
+from hypothesis import given, HealthCheck, settings, strategies as st
+import numpy as np
+import pytest
+
+from s4fusion_ros.imaging import color
+from s4fusion_ros.imaging.encodings import (
+    decode_thermal, decode_thermal_info, decode_visible, encode_image, FORMATS, image_to_array,
+    ImageDecodeError, MAX_PIXELS, MAX_SIDE, RawCompressedImage, RawImage)
+
+
+@pytest.fixture(scope='module')
+def arrays(msrs_pair):
+    """Make one array per encoding from the real pair."""
+    ir, vi = msrs_pair
+    alpha = np.full(ir.shape + (1,), 200, np.uint8)
+    return {
+        'mono8': ir, '8UC1': ir,
+        'mono16': ir.astype(np.uint16) << 6, '16UC1': ir.astype(np.uint16) * 64 + 3,
+        '32FC1': ir.astype(np.float32) / 10.0 + 20.25,
+        'bgr8': vi, 'rgb8': vi[:, :, ::-1].copy(),
+        'bgra8': np.concatenate([vi, alpha], axis=2),
+        'rgba8': np.concatenate([vi[:, :, ::-1], alpha], axis=2),
+    }
+
+
+def with_data(img: RawImage, data) -> RawImage:
+    """Copy the image fields with another data container."""
+    return RawImage(img.height, img.width, img.encoding, img.step, img.is_bigendian, data)
+
+
+@pytest.mark.parametrize('encoding', sorted(FORMATS))
+@pytest.mark.parametrize('bigendian', [False, True])
+@pytest.mark.parametrize('padding', [0, 5])
+def test_round_trip_every_encoding(arrays, encoding, bigendian, padding):
+    source = arrays[encoding]
+    img = encode_image(source, encoding, bigendian=bigendian, row_padding=padding)
+    itemsize = source.dtype.itemsize
+    assert img.is_bigendian == int(bigendian and itemsize > 1)
+    assert img.step == source[0].size * itemsize + padding
+    for data in (img.data, bytearray(img.data), memoryview(img.data),
+                 np.frombuffer(img.data, np.uint8), array.array('B', img.data)):
+        out = image_to_array(with_data(img, data))
+        assert out.dtype == source.dtype and out.dtype.isnative
+        np.testing.assert_array_equal(out, source)
+
+
+def test_big_endian_bytes_are_swapped(msrs_pair):
+    ir = msrs_pair[0].astype(np.uint16) * 257
+    img = RawImage(ir.shape[0], ir.shape[1], 'mono16', ir.shape[1] * 2, 1,
+                   ir.astype('>u2').tobytes())
+    np.testing.assert_array_equal(decode_thermal(img), ir.astype(np.float32))
+    temps = np.array([[-40.5, 0.0, 1234.25]], np.float32)
+    img = RawImage(1, 3, '32FC1', 12, 1, temps.astype('>f4').tobytes())
+    np.testing.assert_array_equal(decode_thermal(img), temps)
+
+
+def test_unpadded_rows_are_not_copied(msrs_pair):
+    vi = msrs_pair[1]
+    data = np.frombuffer(encode_image(vi, 'bgr8').data, np.uint8).copy()
+    img = RawImage(vi.shape[0], vi.shape[1], 'bgr8', vi.shape[1] * 3, 0, data)
+    assert np.shares_memory(image_to_array(img), data)
+    assert np.shares_memory(decode_visible(img), data)
+
+
+@pytest.mark.parametrize('encoding', ['mono8', '8UC1', 'mono16', '16UC1', '32FC1'])
+def test_decode_thermal_gives_float32_raw_values(arrays, encoding):
+    source = arrays[encoding]
+    result = decode_thermal_info(encode_image(source, encoding, row_padding=3))
+    assert result.raw.dtype == np.float32 and not result.from_color
+    np.testing.assert_array_equal(result.raw, source.astype(np.float32))
+
+
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
+def test_colour_on_the_thermal_topic_becomes_luminance(msrs_pair, arrays, encoding):
+    ir = msrs_pair[0]
+    gray3 = {'rgb8': np.dstack([ir] * 3), 'bgr8': np.dstack([ir] * 3),
+             'rgba8': np.dstack([ir] * 4), 'bgra8': np.dstack([ir] * 4)}[encoding]
+    result = decode_thermal_info(encode_image(gray3, encoding))
+    assert result.from_color and result.raw.shape == ir.shape
+    np.testing.assert_allclose(result.raw, ir, atol=1e-3)
+    # A real colour image: Y = 0.299 R + 0.587 G + 0.114 B whatever the channel order.
+    vi = msrs_pair[1].astype(np.float32)
+    expected = 0.299 * vi[:, :, 2] + 0.587 * vi[:, :, 1] + 0.114 * vi[:, :, 0]
+    np.testing.assert_allclose(decode_thermal(encode_image(arrays[encoding], encoding)),
+                               expected, atol=1e-3)
+
+
+def test_thermal_32fc1_non_finite_becomes_nan():
+    temps = np.array([[20.0, np.nan, np.inf], [-np.inf, 36.6, 0.0]], np.float32)
+    raw = decode_thermal(encode_image(temps, '32FC1'))
+    np.testing.assert_array_equal(np.isnan(raw), ~np.isfinite(temps))
+    assert raw[0, 0] == 20.0 and raw[1, 1] == np.float32(36.6)
+
+
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
+def test_decode_visible_gives_bgr(msrs_pair, arrays, encoding):
+    out = decode_visible(encode_image(arrays[encoding], encoding, row_padding=7))
+    assert out.dtype == np.uint8 and out.shape == msrs_pair[1].shape
+    np.testing.assert_array_equal(out, msrs_pair[1])
+
+
+def test_decode_visible_mono(msrs_pair, arrays):
+    ir = msrs_pair[0]
+    np.testing.assert_array_equal(decode_visible(encode_image(ir, 'mono8')), np.dstack([ir] * 3))
+    # 16-bit intensity spans the full range: scaled by 255/65535, like image_view.
+    wide = ir.astype(np.uint16) * 257
+    np.testing.assert_array_equal(decode_visible(encode_image(wide, 'mono16', bigendian=True)),
+                                  np.dstack([ir] * 3))
+    with pytest.raises(ImageDecodeError, match='32FC1'):
+        decode_visible(encode_image(arrays['32FC1'], '32FC1'))
+
+
+def test_compressed_jpeg_and_png(msrs_pair):
+    ir, vi = msrs_pair
+    jpeg = RawCompressedImage('jpeg', cv2.imencode('.jpg', vi, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+                              .tobytes())
+    assert cv2.PSNR(decode_visible(jpeg), vi) > 35
+    png = RawCompressedImage('bgr8; png compressed bgr8', cv2.imencode('.png', vi)[1])
+    np.testing.assert_array_equal(decode_visible(png), vi)
+    result = decode_thermal_info(png)
+    assert result.from_color and result.raw.shape == ir.shape
+    gray_png = RawCompressedImage('png', array.array('B', cv2.imencode('.png', ir)[1].tobytes()))
+    np.testing.assert_array_equal(decode_thermal(gray_png), ir.astype(np.float32))
+    np.testing.assert_array_equal(decode_visible(gray_png), np.dstack([ir] * 3))
+
+
+def test_compressed_16bit_png_stays_16bit(msrs_pair):
+    counts = msrs_pair[0].astype(np.uint16) * 64 + 5  # 14-bit radiometric counts
+    img = RawCompressedImage('16UC1; png compressed', cv2.imencode('.png', counts)[1].tobytes())
+    raw = decode_thermal(img)
+    assert raw.dtype == np.float32 and raw.max() > 255
+    np.testing.assert_array_equal(raw, counts.astype(np.float32))
+
+
+@pytest.mark.parametrize('data', [b'', b'not an image at all', b'\x89PNG\r\n\x1a\n' + bytes(40),
+                                  b'\xff\xd8\xff\xe0' + bytes(100)])
+def test_compressed_garbage_names_the_format(data):
+    img = RawCompressedImage('jpeg', data)
+    for decode in (decode_thermal, decode_visible):
+        with pytest.raises(ImageDecodeError, match="compressed 'jpeg'"):
+            decode(img)
+
+
+def good(base='mono16', height=4, width=5, padding=0, **changes) -> RawImage:
+    """Make a valid small ``base`` image, then apply ``changes`` to its fields."""
+    fmt = FORMATS[base]
+    step = width * fmt.channels * np.dtype(fmt.dtype).itemsize + padding
+    fields = dict(height=height, width=width, encoding=base, step=step, is_bigendian=0)
+    fields.update(changes)
+    if 'data' not in fields:
+        fields['data'] = bytes(height * step)
+    return RawImage(**fields)
+
+
+@pytest.mark.parametrize('img, message', [
+    (good(data=bytes(39)), 'mono16 image: data is 39 bytes, height\\*step = 40'),
+    (good(data=bytes(41)), 'data is 41 bytes'),
+    (good(padding=2, data=bytes(47)), 'data is 47 bytes, height\\*step = 48'),
+    (good(step=9), 'mono16 image: step 9 < width\\*bytes_per_pixel = 10'),
+    (good('rgb8', step=14), 'rgb8 image: step 14 < width\\*bytes_per_pixel = 15'),
+    (good(height=0), 'height must be positive'),
+    (good(width=0, step=0, data=b''), 'width must be positive'),
+    (good(width=-3, data=bytes(40)), 'width must be positive'),
+    (good(height=1 << 31, data=b''), f'height {1 << 31} exceeds the limit {MAX_SIDE}'),
+    (good(height=MAX_SIDE, width=MAX_SIDE, data=b''), f'exceeds {MAX_PIXELS} pixels'),
+    (good(height=2.0, data=bytes(40)), 'height is not an integer'),
+    (good(is_bigendian=None), 'is_bigendian is not an integer'),
+    (good(encoding='8UC3'), "unsupported encoding '8UC3'"),
+    (good(encoding='yuv422'), "unsupported encoding 'yuv422'"),
+    (good(encoding=None), 'unsupported encoding None'),
+    (good(data=[0] * 40), 'mono16 image: data is not a byte buffer'),
+    (good(data=np.zeros(20, np.uint16)), 'data must be 1-D uint8'),
+])
+def test_malformed_images_raise_decode_error(img, message):
+    for decode in (image_to_array, decode_thermal, decode_visible):
+        with pytest.raises(ImageDecodeError, match=message):
+            decode(img)
+
+
+def test_decode_error_is_a_value_error():
+    assert issubclass(ImageDecodeError, ValueError)
+
+
+_FIELDS = st.one_of(st.integers(-3, 12), st.sampled_from([0, 1 << 16, 1 << 40]), st.none(),
+                    st.floats(allow_nan=True), st.text(max_size=3))
+
+
+@st.composite
+def raw_images(draw):
+    """Plausible small images, most with one random fault (a field, the size or the data)."""
+    fault = draw(st.sampled_from(['none', 'encoding', 'field', 'field', 'size', 'container']))
+    encoding = draw(st.sampled_from(sorted(FORMATS)))
+    fmt = FORMATS[encoding]
+    height, width = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    step = width * fmt.channels * np.dtype(fmt.dtype).itemsize + draw(st.integers(0, 3))
+    fields = dict(height=height, width=width, encoding=encoding, step=step,
+                  is_bigendian=draw(st.integers(0, 1)))
+    data = draw(st.binary(min_size=height * step, max_size=height * step))
+    if fault == 'encoding':
+        fields['encoding'] = draw(st.one_of(st.text(max_size=6), st.none(), st.integers()))
+    elif fault == 'field':
+        fields[draw(st.sampled_from(['height', 'width', 'step', 'is_bigendian']))] = draw(
+            _FIELDS)
+    elif fault == 'size':
+        data = draw(st.binary(max_size=2 * len(data) + 2))
+    elif fault == 'container':
+        data = draw(st.one_of(st.lists(st.integers(0, 255), max_size=8), st.integers(),
+                              st.just(np.zeros((height, step), np.uint8)),
+                              st.just(np.zeros(height * step // 2, np.uint16))))
+    if draw(st.booleans()) and isinstance(data, bytes):
+        data = np.frombuffer(data, np.uint8)
+    return RawImage(data=data, **fields)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(img=raw_images())
+def test_malformed_raw_images_only_raise_decode_error(img):
+    for decode, dtype, channels in ((decode_thermal, np.float32, ()),
+                                    (decode_visible, np.uint8, (3,))):
+        try:
+            out = decode(img)
+        except ImageDecodeError:
+            continue
+        assert out.dtype == dtype and out.shape == (img.height, img.width) + channels
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.one_of(st.binary(max_size=200), st.builds(
+    lambda tail: b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR' + tail, st.binary(max_size=80))))
+def test_garbage_compressed_images_only_raise_decode_error(data):
+    for decode in (decode_thermal, decode_visible):
+        try:
+            decode(RawCompressedImage('png', data))
+        except ImageDecodeError:
+            pass
+
+
+def test_encode_image_refuses_dishonest_arrays(msrs_pair):
+    ir, vi = msrs_pair
+    for array_, encoding in ((vi, 'mono8'), (ir, 'bgr8'), (ir, 'mono16'), (vi, 'rgba8'),
+                             (ir.astype(np.float64), '32FC1'), (ir[:0], 'mono8')):
+        with pytest.raises(ValueError):
+            encode_image(array_, encoding)
+    with pytest.raises(ValueError, match='8UC3'):
+        encode_image(vi, '8UC3')
+
+
+def test_color_round_trip_and_luminance(msrs_pair):
+    vi = msrs_pair[1]
+    y, cr, cb = color.bgr_to_ycrcb(vi)
+    assert y.dtype == np.float32 and y.shape == vi.shape[:2]
+    b, g, r = (vi[:, :, k].astype(np.float32) / 255 for k in range(3))
+    np.testing.assert_allclose(y, 0.299 * r + 0.587 * g + 0.114 * b, atol=1e-6)
+    np.testing.assert_allclose(color.bgr_to_gray(vi), y, atol=1e-6)
+    assert 0.0 <= cr.min() and cr.max() <= 1.0 and 0.0 <= cb.min() and cb.max() <= 1.0
+    np.testing.assert_array_equal(color.ycrcb_to_bgr(y, cr, cb), vi)
+
+
+def test_color_fused_luminance_keeps_visible_chroma(msrs_pair):
+    ir, vi = msrs_pair
+    _, cr, cb = color.bgr_to_ycrcb(vi)
+    fused_y = color.to_float(ir) * 1.3 - 0.1  # unclamped, as the model returns it
+    out = color.ycrcb_to_bgr(fused_y, cr, cb)
+    y = np.clip(fused_y, 0.0, 1.0)  # the inverse of BT.601 YCrCb with chroma offset 0.5
+    expected = np.dstack([y + 1.773 * (cb - 0.5),
+                          y - 0.714 * (cr - 0.5) - 0.344 * (cb - 0.5),
+                          y + 1.403 * (cr - 0.5)])
+    expected = np.clip(expected * 255, 0, 255)
+    assert (fused_y > 1).any() and (fused_y < 0).any()
+    assert np.abs(out - expected).max() <= 1.0
+
+
+def test_gray_helpers():
+    gray = np.array([[0.0, 0.5, 1.0], [-0.2, 1.7, np.nan]], np.float32)
+    np.testing.assert_array_equal(color.to_uint8(gray), [[0, 128, 255], [0, 255, 0]])
+    bgr = color.gray_to_bgr(gray)
+    assert bgr.shape == (2, 3, 3) and (bgr == bgr[:, :, :1]).all()
+    np.testing.assert_array_equal(color.to_float(np.array([0, 255], np.uint8)), [0.0, 1.0])

@@ -1,0 +1,154 @@
+"""ThermalNormalizer on real MSRS thermal frames and on hostile values."""
+
+import warnings
+
+from hypothesis import example, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+import numpy as np
+import pytest
+
+from s4fusion_ros.imaging.normalization import NormalizerSettings, ThermalNormalizer
+
+
+@pytest.fixture(scope='module')
+def counts(msrs_pair):
+    """Scale the MSRS thermal frame to 14-bit-like radiometric counts, float32."""
+    return msrs_pair[0].astype(np.float32) * 48.0 + 3000.0
+
+
+def test_percentile_window_maps_to_unit_range(counts):
+    norm = ThermalNormalizer(low_percentile=2.0, high_percentile=98.0)
+    out = norm(counts)
+    assert out.dtype == np.float32 and out.shape == counts.shape
+    assert out.min() == 0.0 and out.max() == 1.0
+    low, high = np.percentile(counts, [2.0, 98.0])
+    # The subsampled percentiles are close to the full-frame ones (one gray level = 48 counts).
+    assert abs(norm.range[0] - low) <= 48 and abs(norm.range[1] - high) <= 48
+    assert 0.005 < (out == 0).mean() < 0.05 and 0.005 < (out == 1).mean() < 0.05
+    order = np.argsort(counts, axis=None, kind='stable')
+    assert (np.diff(out.ravel()[order]) >= 0).all()  # monotonic: no contrast inversion
+
+
+def test_percentile_smoothing_keeps_output_steady(counts):
+    """Keep the background steady while a hot object comes and goes.
+
+    The object moves the 99th percentile in every other frame.
+    """
+    hot = counts.copy()
+    hot[:60, :200] = counts.max() * 1.5  # 4 % of the frame
+    background = np.ones(counts.shape, bool)
+    background[:60, :200] = False
+
+    def flicker(smoothing):
+        norm = ThermalNormalizer(smoothing=smoothing)
+        outputs = [norm(hot if k % 2 else counts) for k in range(40)]
+        return np.abs(outputs[-1][background] - outputs[-2][background]).mean()
+
+    steady, raw = flicker(0.8), flicker(0.0)
+    assert raw > 0.05
+    assert steady < 0.2 * raw
+
+
+def test_smoothing_converges_to_a_new_scene_and_reset_forgets(counts):
+    norm = ThermalNormalizer(smoothing=0.5)
+    norm(counts)
+    first = norm.range
+    for _ in range(30):
+        norm(counts + 1000.0)
+    assert norm.range == pytest.approx((first[0] + 1000.0, first[1] + 1000.0), abs=1e-3)
+    norm.reset()
+    assert norm.range is None
+    norm(counts)
+    assert norm.range == pytest.approx(first)
+
+
+def test_minmax_is_per_frame_and_fixed_is_fixed(msrs_pair, counts):
+    out = ThermalNormalizer(mode='minmax')(counts)
+    assert out.min() == 0.0 and out.max() == 1.0
+    ir = msrs_pair[0]
+    expected = (ir.astype(np.float32) - ir.min()) / (float(ir.max()) - ir.min())
+    np.testing.assert_allclose(ThermalNormalizer(mode='minmax', smoothing=0.9)(ir), expected,
+                               atol=1e-6)
+    fixed = ThermalNormalizer(mode='fixed', fixed_range=(0.0, 255.0))
+    np.testing.assert_allclose(fixed(ir), ir / 255.0, atol=1e-6)
+    np.testing.assert_allclose(fixed(ir.astype(np.float32) + 300.0), 1.0)
+
+
+def test_non_finite_pixels_are_ignored_and_map_to_zero(counts):
+    clean = ThermalNormalizer(smoothing=0.0)
+    expected = clean(counts)
+    dirty = counts.copy()
+    dirty[::7, ::5] = np.nan
+    dirty[3, :] = np.inf
+    dirty[4, :] = -np.inf
+    for mode in ('percentile', 'minmax'):
+        out = ThermalNormalizer(mode=mode, smoothing=0.0)(dirty)
+        assert np.isfinite(out).all() and (out[~np.isfinite(dirty)] == 0).all()
+    out = ThermalNormalizer(smoothing=0.0)(dirty)
+    keep = np.isfinite(dirty)
+    np.testing.assert_allclose(out[keep], expected[keep], atol=0.02)
+
+
+@pytest.mark.parametrize('mode', ['percentile', 'minmax', 'fixed'])
+def test_empty_and_flat_frames_give_zeros_without_warnings(mode):
+    norm = ThermalNormalizer(mode=mode, fixed_range=(5.0, 5.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for frame in (np.full((48, 64), np.nan, np.float32), np.full((48, 64), 7.0, np.float32)):
+            out = norm(frame)
+            assert out.dtype == np.float32 and out.shape == (48, 64)
+            assert np.isfinite(out).all()
+            if mode != 'fixed' or np.isnan(frame).all():
+                assert (out == 0).all()
+
+
+def test_all_nan_frame_leaves_the_smoothed_range_alone(counts):
+    norm = ThermalNormalizer()
+    norm(counts)
+    before = norm.range
+    norm(np.full(counts.shape, np.nan, np.float32))
+    assert norm.range == before
+
+
+@settings(max_examples=150, deadline=None)
+@given(frame=hnp.arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40)),
+                        elements=st.floats(width=32)),
+       mode=st.sampled_from(['percentile', 'minmax', 'fixed']),
+       smoothing=st.sampled_from([0.0, 0.8]))
+@example(frame=np.array([[7.45e-43, 0.0, 0.0]], np.float32), mode='percentile', smoothing=0.0)
+@example(frame=np.array([[-3e38, 3e38, 1.0]], np.float32), mode='minmax', smoothing=0.0)
+def test_any_frame_gives_finite_unit_output(frame, mode, smoothing):
+    norm = ThermalNormalizer(mode=mode, smoothing=smoothing)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for _ in range(2):
+            out = norm(frame)
+            assert out.dtype == np.float32 and out.shape == frame.shape
+            assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+            assert (out[~np.isfinite(frame)] == 0).all()
+
+
+def test_configure_validates_and_applies_atomically(counts):
+    norm = ThermalNormalizer()
+    norm(counts)
+    norm.configure(low_percentile=5.0, high_percentile=95.0)
+    assert (norm.settings.low_percentile, norm.settings.high_percentile) == (5.0, 95.0)
+    assert norm.range is not None  # same mode: the smoothed range is kept
+    for changes, reason in [(dict(low_percentile=95.0), 'low < high'),
+                            (dict(high_percentile=101.0), 'high <= 100'),
+                            (dict(smoothing=1.0), 'smoothing must be in'),
+                            (dict(smoothing=-0.1), 'smoothing must be in'),
+                            (dict(mode='log'), 'mode must be one of'),
+                            (dict(fixed_range=(5.0, 5.0)), 'low < high'),
+                            (dict(fixed_range=(0.0, float('inf'))), 'finite'),
+                            (dict(fixed_range=(1.0,)), r'\(low, high\)'),
+                            (dict(mode='fixed', gain=2.0), 'unknown normalizer setting')]:
+        with pytest.raises(ValueError, match=reason):
+            norm.configure(**changes)
+        assert norm.settings == NormalizerSettings(low_percentile=5.0, high_percentile=95.0)
+    norm.configure(mode='fixed', fixed_range=[10.0, 20.0])
+    assert norm.settings.fixed_range == (10.0, 20.0) and norm.range is None
+    with pytest.raises(ValueError, match='mode must be one of'):
+        ThermalNormalizer(mode='auto')
+    with pytest.raises(ValueError, match=r'\(H, W\)'):
+        norm(np.zeros((2, 3, 3), np.float32))

@@ -1,0 +1,93 @@
+"""Thermal -> visible registration with known homographies on a real MSRS thermal frame."""
+
+import cv2
+import numpy as np
+import pytest
+
+from s4fusion_ros.imaging.registration import (
+    register_thermal, ThermalRegistration, validate_homography)
+
+
+@pytest.fixture(scope='module')
+def thermal(msrs_pair):
+    """Normalize the MSRS thermal frame to float32 [0, 1], 640x480."""
+    return msrs_pair[0].astype(np.float32) / 255.0
+
+
+def test_identity_of_the_same_size_passes_through_uncopied(thermal):
+    registration = ThermalRegistration()
+    assert not registration.needs_resize(thermal.shape, (640, 480))
+    assert registration(thermal, (640, 480)) is thermal
+    assert register_thermal(thermal, 3.0 * np.eye(3), (640, 480)) is thermal  # scale-free
+
+
+def test_identity_of_another_size_resizes_and_says_so(thermal):
+    registration = ThermalRegistration(None)
+    assert registration.needs_resize(thermal.shape, (1280, 720))
+    out = registration(thermal, (1280, 720))
+    assert out.shape == (720, 1280) and out.dtype == np.float32
+    np.testing.assert_allclose(out, cv2.resize(thermal, (1280, 720)), atol=1e-6)
+    small = registration(thermal, (320, 240))
+    np.testing.assert_allclose(small, thermal.reshape(240, 2, 320, 2).mean(axis=(1, 3)),
+                               atol=1e-5)
+    assert not ThermalRegistration(np.diag([1.0, 1.0, 1.0]) + 0.1).needs_resize(
+        thermal.shape, (1280, 720))
+
+
+def test_translation_moves_pixels_by_known_offsets(thermal):
+    dx, dy = 17, -9
+    homography = [1, 0, dx, 0, 1, dy, 0, 0, 1]  # a ROS double-array parameter, row-major
+    out = register_thermal(thermal, homography, (640, 480))
+    assert out.shape == thermal.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out[0:480 + dy, dx:], thermal[-dy:, :640 - dx], atol=1e-6)
+    assert (out[:, :dx] == 0).all() and (out[480 + dy:, :] == 0).all()  # outside: border
+
+
+def test_homography_from_point_pairs_registers_into_a_larger_visible_frame(thermal):
+    """Thermal 640x480 seen by a 800x600 visible camera, scaled, rotated and shifted."""
+    angle = np.deg2rad(3.0)
+    true = np.array([[1.2 * np.cos(angle), -1.2 * np.sin(angle), 30.0],
+                     [1.2 * np.sin(angle), 1.2 * np.cos(angle), 10.0],
+                     [0.0, 0.0, 1.0]])
+    corners = np.float32([[0, 0], [639, 0], [639, 479], [0, 479]])
+    seen = cv2.perspectiveTransform(corners[None], true)[0]
+    estimated, _ = cv2.findHomography(corners, seen)
+    out = ThermalRegistration(estimated, border_value=-1.0)(thermal, (800, 600))
+    assert out.shape == (600, 800)
+    # Reference: sample the thermal frame where the inverse of the true homography points.
+    v, u = np.mgrid[0:600, 0:800]
+    back = np.dstack([u, v, np.ones_like(u)]) @ np.linalg.inv(true).T
+    map_x = np.float32(back[:, :, 0] / back[:, :, 2])
+    map_y = np.float32(back[:, :, 1] / back[:, :, 2])
+    expected = cv2.remap(thermal, map_x, map_y, cv2.INTER_LINEAR)
+    inside = (map_x >= 0) & (map_x <= 638) & (map_y >= 0) & (map_y <= 478)
+    assert 0.5 < inside.mean() < 0.95
+    error = np.abs(out[inside] - expected[inside])
+    assert error.max() < 0.03 and error.mean() < 0.002
+    assert (out[(map_x < -1) | (map_y < -1)] == -1.0).all()  # outside the thermal view
+
+
+@pytest.mark.parametrize('homography, message', [
+    (np.eye(2), 'must be 3x3 or 9 values'),
+    ([1, 0, 0, 0, 1, 0, 0, 0], 'must be 3x3 or 9 values'),
+    ('identity', 'must be numbers'),
+    ([[1, 0, 0], [0, np.nan, 0], [0, 0, 1]], 'non-finite'),
+    ([[1, 2, 3], [2, 4, 6], [0, 0, 1]], 'singular'),
+    (np.zeros((3, 3)), 'singular'),
+])
+def test_invalid_homographies_are_refused(homography, message):
+    with pytest.raises(ValueError, match=message):
+        validate_homography(homography)
+    with pytest.raises(ValueError, match=message):
+        ThermalRegistration(homography)
+
+
+def test_validate_normalizes_scale():
+    matrix = validate_homography(2.0 * np.array([[1.0, 0.1, 5.0], [0.0, 1.0, 3.0], [0, 0, 1]]))
+    assert matrix[2, 2] == 1.0 and matrix[0, 2] == 5.0
+
+
+@pytest.mark.parametrize('size', [(0, 480), (640, -1), (640,), (640, 480, 3)])
+def test_invalid_visible_size_is_refused(thermal, size):
+    with pytest.raises(ValueError, match='visible size'):
+        ThermalRegistration()(thermal, size)

@@ -1,0 +1,309 @@
+"""PairSynchronizer: against a brute-force oracle on random streams, and each rule on its own."""
+
+import dataclasses
+import random
+
+from hypothesis import given, settings, strategies as st
+import pytest
+
+from s4fusion_ros.sync import Pair, PairSynchronizer, SyncStats
+
+MS = 1_000_000
+S = 1_000_000_000
+
+
+def check_counts(stats: SyncStats) -> None:
+    """Check the documented invariant: each message is counted exactly once per topic."""
+    for topic in ('thermal', 'visible'):
+        parts = [stats.pairs] + [getattr(stats, f'{topic}_{name}') for name in
+                                 ('unpaired', 'late', 'overflow', 'rejected', 'pending')]
+        assert getattr(stats, f'{topic}_received') == sum(parts), (topic, stats)
+
+
+def oracle(thermal: list[int], visible: list[int], slop: int, thermal_offset: int = 0,
+           visible_offset: int = 0) -> list[tuple[int, int]]:
+    """Pair greedily in thermal stamp order.
+
+    Each thermal frame takes the nearest unused visible within slop that is newer than the last
+    paired one; ties go to the earlier.
+    """
+    pairs, last = [], None
+    for t in sorted(thermal):
+        tk = t + thermal_offset
+        candidates = [v for v in sorted(visible) if abs(v + visible_offset - tk) <= slop
+                      and (last is None or v > last)]
+        if candidates:
+            best = min(candidates, key=lambda v: (abs(v + visible_offset - tk), v))
+            pairs.append((t, best))
+            last = best
+    return pairs
+
+
+def stamps(rng: random.Random, start: int, end: int, rate: float, jitter: int, drop: float,
+           gap: bool = False) -> list[int]:
+    """Make camera stamps at ``rate`` Hz with jitter, dropped frames and maybe an FFC pause."""
+    period = round(S / rate)
+    out, t = [], start
+    gap_at = rng.randrange(start, end) if gap else None
+    while t < end:
+        if gap_at is not None and t >= gap_at:
+            t += rng.randrange(200, 500) * MS
+            gap_at = None
+        if rng.random() >= drop:
+            out.append(t + rng.randint(-jitter, jitter))
+        t += period
+    return out
+
+
+def arrivals(rng: random.Random, topic_stamps: list[int], base: int, spread: int) -> list[int]:
+    """Draw arrival times: stamp + a random transport delay, strictly in order per topic."""
+    out, last = [], 0
+    for stamp in topic_stamps:
+        last = max(last + 1, stamp + base + rng.randint(0, spread))
+        out.append(last)
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(rng=st.randoms(use_true_random=False), slop_ms=st.integers(0, 150),
+       latency_ms=st.integers(0, 80), use_expire=st.booleans())
+def test_random_streams_match_oracle(rng, slop_ms, latency_ms, use_expire):
+    """Give the offline greedy's pairs on realistic streams.
+
+    Thermal ~9 Hz with host-stamp latency, RGB ~30 Hz, jitter, drops, an FFC pause, random
+    transport delays between the topics.
+    """
+    start = 1_700_000_000 * S + rng.randrange(S)
+    end = start + rng.randint(2, 5) * S
+    # 1 ms resolution makes equal distances (ties) common.
+    thermal = [s // MS * MS for s in stamps(rng, start, end, 8.7, 6 * MS, rng.random() * 0.2,
+                                            gap=True)]
+    visible = [s // MS * MS for s in stamps(rng, start, end, 30.0, 3 * MS,
+                                            rng.random() * 0.2)]
+    thermal = sorted(set(t + latency_ms * MS for t in thermal))  # stamped on host receipt
+    visible = sorted(set(visible))
+    events = [(a, 0, t) for a, t in zip(arrivals(rng, thermal, rng.randint(0, 150) * MS,
+                                                 rng.randint(0, 150) * MS), thermal)]
+    events += [(a, 1, v) for a, v in zip(arrivals(rng, visible, rng.randint(0, 150) * MS,
+                                                  rng.randint(0, 150) * MS), visible)]
+    events.sort(key=lambda event: (event[0], rng.random()))
+
+    sync = PairSynchronizer(slop_ms / 1000, queue_size=10_000, thermal_offset=-latency_ms / 1000,
+                            timeout=0.5)
+    got = []
+    for arrival, topic, stamp in events:
+        if use_expire:
+            got += sync.expire(arrival)
+        add = sync.add_visible if topic else sync.add_thermal
+        got += add(stamp, ('payload', stamp))
+        check_counts(sync.stats)
+    got += sync.flush()
+
+    assert [(p.thermal_stamp, p.visible_stamp) for p in got] == oracle(
+        thermal, visible, slop_ms * MS, thermal_offset=-latency_ms * MS)
+    assert all(p.thermal == ('payload', p.thermal_stamp) and p.visible == ('payload',
+               p.visible_stamp) for p in got)
+    stats = sync.stats
+    check_counts(stats)
+    assert stats.thermal_pending == stats.visible_pending == 0
+    assert stats.thermal_received == len(thermal) and stats.visible_received == len(visible)
+    assert stats.thermal_late + stats.visible_late + stats.thermal_overflow == 0
+
+
+def test_oracle_catches_a_first_within_slop_pairing():
+    """The oracle itself: nearest, not first, within slop; ties go to the earlier stamp."""
+    assert oracle([100], [80, 95, 104], slop=30) == [(100, 104)]
+    assert oracle([100], [90, 110], slop=30) == [(100, 90)]
+    assert oracle([100, 101], [100], slop=30) == [(100, 100)]
+
+
+def test_takes_the_nearest_visible_not_the_first_within_slop():
+    sync = PairSynchronizer(0.030, 10)
+    assert sync.add_visible(80 * MS, 'a') == []
+    assert sync.add_visible(95 * MS, 'b') == []
+    assert sync.add_thermal(100 * MS, 't') == []  # a nearer frame may still come
+    assert sync.add_visible(104 * MS, 'c') == [Pair(100 * MS, 104 * MS, 't', 'c')]
+    stats = sync.stats
+    assert (stats.pairs, stats.visible_unpaired, stats.visible_pending) == (1, 2, 0)
+    check_counts(stats)
+
+
+def test_tie_goes_to_the_earlier_visible():
+    sync = PairSynchronizer(0.030, 10)
+    sync.add_visible(90 * MS, 'early')
+    sync.add_thermal(100 * MS, 't')
+    assert sync.add_visible(110 * MS, 'late') == [Pair(100 * MS, 90 * MS, 't', 'early')]
+
+
+def test_exact_stamp_pairs_at_once_and_slop_zero_means_exact_only():
+    sync = PairSynchronizer(0.0, 10)
+    sync.add_thermal(100 * MS, 't')
+    assert sync.add_visible(100 * MS, 'v') == [Pair(100 * MS, 100 * MS, 't', 'v')]
+    sync.add_thermal(200 * MS, 't2')
+    assert sync.add_visible(201 * MS, 'v2') == []
+    assert sync.stats.thermal_unpaired == 1
+
+
+def test_delayed_thermal_pairs_on_arrival():
+    sync = PairSynchronizer(0.020, 10)
+    for ms in (0, 33, 67, 100, 133):
+        sync.add_visible(1000 * MS + ms * MS, ms)
+    assert sync.add_thermal(1000 * MS + 70 * MS, 't') == [
+        Pair(1070 * MS, 1067 * MS, 't', 67)]
+    check_counts(sync.stats)
+
+
+def test_each_visible_pairs_once_and_pairs_are_monotonic():
+    sync = PairSynchronizer(0.050, 10)
+    sync.add_thermal(100 * MS, 't1')
+    sync.add_thermal(110 * MS, 't2')
+    pairs = sync.add_visible(105 * MS, 'v')  # nearest to both: t1 takes it
+    assert pairs == [Pair(100 * MS, 105 * MS, 't1', 'v')]
+    assert sync.add_visible(170 * MS, 'w') == []  # t2 is 60 ms away: out of slop
+    assert sync.stats.thermal_unpaired == 1
+
+
+def test_offsets_match_shifted_stamps_and_pairs_keep_originals():
+    sync = PairSynchronizer(0.010, 10, thermal_offset=-0.060, visible_offset=0.002)
+    sync.add_visible(98 * MS, 'v')
+    sync.add_visible(131 * MS, 'w')
+    assert sync.add_thermal(160 * MS, 't') == [Pair(160 * MS, 98 * MS, 't', 'v')]
+
+
+def test_zero_and_negative_stamps_are_rejected():
+    sync = PairSynchronizer(0.010, 10)
+    assert sync.add_thermal(0, 't') == [] and sync.add_visible(-5, 'v') == []
+    stats = sync.stats
+    assert (stats.thermal_rejected, stats.visible_rejected, stats.pairs) == (1, 1, 0)
+    check_counts(stats)
+
+
+def test_late_and_repeated_stamps_are_dropped_and_counted():
+    sync = PairSynchronizer(0.020, 10)
+    sync.add_thermal(100 * MS, 't')
+    sync.add_visible(100 * MS, 'v')
+    assert sync.add_thermal(90 * MS, 'old') == []  # older than the decided thermal frame
+    assert sync.add_visible(95 * MS, 'old') == []  # older than the paired visible frame
+    sync.add_thermal(200 * MS, 't2')
+    sync.add_thermal(200 * MS, 'again')  # same stamp as a pending frame
+    stats = sync.stats
+    assert (stats.thermal_late, stats.visible_late, stats.thermal_pending) == (2, 1, 1)
+    check_counts(stats)
+
+
+def test_out_of_order_arrivals_that_can_still_pair_do():
+    sync = PairSynchronizer(0.020, 10)
+    sync.add_thermal(211 * MS, 't2')
+    sync.add_thermal(100 * MS, 't1')  # t1 is not decided yet: it is not late
+    sync.add_visible(99 * MS, 'v1')
+    sync.add_visible(95 * MS, 'v0')  # swapped visible frames, both before t1 is decided
+    pairs = sync.add_visible(120 * MS, 'v2')
+    pairs += sync.add_visible(210 * MS, 'v3')
+    pairs += sync.add_visible(240 * MS, 'v4')
+    assert [(p.thermal, p.visible) for p in pairs] == [('t1', 'v1'), ('t2', 'v3')]
+    stats = sync.stats
+    assert stats.thermal_late == stats.visible_late == 0 and stats.visible_unpaired == 2
+
+
+def test_backwards_clock_jump_flushes_resets_and_pairs_again():
+    """A looping bag: the same stream twice gives the same pairs twice and one reset."""
+    thermal = [S + k * 111 * MS for k in range(20)]
+    visible = [S + 5 * MS + k * 33 * MS for k in range(70)]
+    events = sorted([(t, 0) for t in thermal] + [(v, 1) for v in visible])
+    sync = PairSynchronizer(0.020, 10)
+    got = []
+    for _ in range(2):
+        for stamp, topic in events:
+            got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
+    got += sync.flush()
+    once = oracle(thermal, visible, 20 * MS)
+    assert [(p.thermal_stamp, p.visible_stamp) for p in got] == once * 2
+    stats = sync.stats
+    assert stats.resets == 1 and stats.thermal_late == stats.visible_late == 0
+    check_counts(stats)
+
+
+def test_small_backwards_step_is_late_not_a_reset():
+    sync = PairSynchronizer(0.020, 10, reset_threshold=1.0)
+    sync.add_thermal(5 * S, 't')
+    sync.add_visible(5 * S, 'v')
+    sync.add_thermal(5 * S - 500 * MS, 'old')
+    assert sync.stats.resets == 0 and sync.stats.thermal_late == 1
+    sync.add_thermal(3 * S, 'restart')
+    assert sync.stats.resets == 1 and sync.stats.thermal_pending == 1
+
+
+def test_queue_overflow_drops_the_oldest():
+    sync = PairSynchronizer(0.010, 3)
+    for k in range(5):
+        sync.add_thermal(S + k * 100 * MS, k)
+    for k in range(5):
+        sync.add_visible(S + 10 * S + k * 33 * MS, k)  # far later: no thermal frame decides
+    stats = sync.stats
+    assert (stats.thermal_overflow, stats.thermal_pending) == (2, 0)
+    assert stats.thermal_unpaired == 3
+    assert (stats.visible_overflow, stats.visible_pending) == (2, 3)
+    check_counts(stats)
+
+
+def test_overflowed_thermal_frame_is_gone():
+    sync = PairSynchronizer(0.010, 2)
+    for k in range(3):
+        sync.add_thermal(S + k * 100 * MS, k)
+    pairs = sync.add_visible(S, 'v0')  # its partner, frame 0, was dropped
+    pairs += sync.add_visible(S + 100 * MS, 'v1')
+    assert [(p.thermal, p.visible) for p in pairs] == [(1, 'v1')]
+
+
+def test_flush_decides_with_what_is_known():
+    sync = PairSynchronizer(0.020, 10)
+    sync.add_visible(S, 'v0')
+    sync.add_visible(S + 33 * MS, 'v1')
+    sync.add_thermal(S + 40 * MS, 't')  # no visible frame after it yet
+    assert sync.stats.thermal_pending == 1
+    assert sync.flush() == [Pair(S + 40 * MS, S + 33 * MS, 't', 'v1')]
+    stats = sync.stats
+    assert (stats.thermal_pending, stats.visible_pending, stats.visible_unpaired) == (0, 0, 1)
+    check_counts(stats)
+
+
+def test_expire_decides_overdue_thermal_and_purges_old_visible():
+    sync = PairSynchronizer(0.020, 100, timeout=0.5)
+    sync.add_visible(S, 'v0')
+    sync.add_thermal(S + 10 * MS, 't')  # the visible camera stalls after this
+    # Not overdue yet (10 + 20 + 500 ms); v0 is kept although a thermal frame still to come
+    # could not pair with it, because the pending one can.
+    assert sync.expire(S + 525 * MS) == []
+    assert sync.stats.visible_pending == 1
+    assert sync.expire(S + 530 * MS) == [Pair(S + 10 * MS, S, 't', 'v0')]
+    # The thermal camera pauses (flat-field correction): visible frames too old for any
+    # thermal frame still to come are unpaired, not left to overflow the queue.
+    for k in range(30):
+        sync.add_visible(2 * S + k * 33 * MS, k)
+    cutoff = 2 * S + 700 * MS
+    sync.expire(cutoff + 500 * MS)  # thermal frames stamped before the cutoff are overdue
+    stats = sync.stats
+    assert stats.visible_overflow == 0
+    assert stats.visible_pending == len([k for k in range(30) if 2 * S + k * 33 * MS > cutoff
+                                         - 20 * MS]) == 9
+    check_counts(stats)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(slop=-0.1, queue_size=10), dict(slop=float('nan'), queue_size=10),
+    dict(slop=0.1, queue_size=0), dict(slop=0.1, queue_size=2.5),
+    dict(slop=0.1, queue_size=10, thermal_offset=float('inf')),
+    dict(slop=0.1, queue_size=10, timeout=0.0),
+    dict(slop=0.1, queue_size=10, reset_threshold=-1.0)])
+def test_invalid_parameters_are_refused(kwargs):
+    with pytest.raises(ValueError, match='must be'):
+        PairSynchronizer(**kwargs)
+
+
+def test_stats_snapshot_is_frozen():
+    sync = PairSynchronizer(0.01, 5)
+    stats = sync.stats
+    sync.add_thermal(S, 't')
+    assert stats.thermal_received == 0 and sync.stats.thermal_received == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.pairs = 3
