@@ -1,0 +1,192 @@
+"""Infrared/visible training pairs: folder reading, random 12k+1 crops, and the ivif data splits.
+
+Images are fused on luminance: a colour image becomes the Y of YCrCb (Y = 0.299R + 0.587G +
+0.114B, OpenCV's weights), a gray image (also one stored as RGB with three equal channels, as TNO's
+PNGs are) stays itself. Pixels stay uint8/uint16 in memory and become float32 in [0, 1] per crop.
+"""
+
+import csv
+import dataclasses
+import pathlib
+
+import cv2
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+
+# The pairs in ivif/msrs that belong to the MSRS train split (its SOURCES.md); the other 22 are
+# MSRS test-split images.
+MSRS_TRAIN_NAMES = ('00556D.png', '00633D.png', '00881N.png', '01023N.png')
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One registered infrared/visible pair; ``name`` is the file name shared by both."""
+
+    name: str
+    ir_path: pathlib.Path
+    vi_path: pathlib.Path
+
+    @property
+    def label(self):
+        """``dataset/name`` (the folder above ``ir/``), as the training metadata records it."""
+        return f'{self.ir_path.parent.parent.name}/{self.name}'
+
+
+@dataclasses.dataclass(frozen=True)
+class IvifSplits:
+    """The training pairs and the named test splits built from the shared ivif folder."""
+
+    train: tuple
+    tests: dict
+
+
+def _read_luminance(path):
+    """Read an image file as (H, W) luminance in its own integer type."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f'{path}: not a readable image')
+    return _luminance(image, path)
+
+
+def _luminance(image, path):
+    """Gray stays gray; BGR(A) becomes the Y of YCrCb, in the image's own integer type."""
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2YCrCb)[:, :, 0]
+    raise ValueError(f'{path}: unsupported image shape {image.shape}')
+
+
+def _to_unit_float(image, path):
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need 8 or 16 bit)')
+    return image.astype(np.float32) / np.iinfo(image.dtype).max
+
+
+def pairs_in_folder(folder, names=None):
+    """The pairs in ``folder/ir`` and ``folder/vi`` matched by file name, sorted by name.
+
+    ``names`` restricts the result to those file names (each must exist in both folders). Without
+    it, every image must have a partner: an unpaired file is an error, not silently dropped data.
+    """
+    folder = pathlib.Path(folder)
+    found = {}
+    for side in ('ir', 'vi'):
+        directory = folder / side
+        if not directory.is_dir():
+            raise FileNotFoundError(f'{directory}: missing (expected ir/ and vi/ in {folder})')
+        found[side] = {p.name for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    if names is None:
+        unpaired = sorted(found['ir'] ^ found['vi'])
+        if unpaired:
+            raise ValueError(f'{folder}: images without a partner in ir/ or vi/: {unpaired[:10]}')
+        names = found['ir']
+    else:
+        missing = sorted(set(names) - (found['ir'] & found['vi']))
+        if missing:
+            raise FileNotFoundError(f'{folder}: pairs not in both ir/ and vi/: {missing[:10]}')
+    return tuple(Pair(n, folder / 'ir' / n, folder / 'vi' / n) for n in sorted(names))
+
+
+def roadscene_test67_names(root):
+    """RoadScene file names of S4Fusion's 67 test pairs (five are ``FLIR_video_*`` here)."""
+    path = pathlib.Path(root) / 'roadscene' / 'splits' / 's4fusion_test67.csv'
+    with open(path, newline='') as f:
+        names = [row['name_here'] for row in csv.DictReader(f)]
+    if len(names) != 67:
+        raise ValueError(f'{path}: lists {len(names)} pairs, expected 67')
+    return names
+
+
+def ivif_splits(root):
+    """Training pairs and test splits from the shared ivif data folder (layout in its SOURCES.md).
+
+    train: RoadScene without S4Fusion's 67 test pairs (154) plus the four MSRS train-split pairs.
+    tests: 'roadscene67', 'tno42' and 'msrs22' (the 20 SuperFusion MSRS test pairs, 00537D and
+    00858N).
+    TNO and M3FD never enter training.
+    """
+    root = pathlib.Path(root)
+    roadscene = pairs_in_folder(root / 'roadscene')
+    msrs = pairs_in_folder(root / 'msrs')
+    test67 = set(roadscene_test67_names(root))
+    tests = {
+        'roadscene67': pairs_in_folder(root / 'roadscene', test67),
+        'tno42': pairs_in_folder(root / 'tno'),
+        'msrs22': tuple(p for p in msrs if p.name not in MSRS_TRAIN_NAMES),
+    }
+    train = tuple(p for p in roadscene if p.name not in test67)
+    train += pairs_in_folder(root / 'msrs', MSRS_TRAIN_NAMES)
+    return IvifSplits(train=train, tests=tests)
+
+
+class PairFolderDataset(torch.utils.data.Dataset):
+    """Pairs held in memory; ``dataset[i]`` is the whole pair, ``sample_batch`` draws random crops.
+
+    A crop is a square of side ``crop`` = 12k + 1 (the model's patch-embed grid, so no padding is
+    needed inside the network) at the same position in both images, with the same random horizontal
+    and vertical flips. An image smaller than the crop is reflect-padded to the crop size rather
+    than skipped, so no pair silently drops out of training; the mirrored border keeps local
+    statistics (SSIM, gradients) natural where zero padding would add false edges. With the shared
+    data and crops up to 157 this never happens (the smallest RoadScene side is 161).
+    """
+
+    def __init__(self, pairs, crop=97):
+        """Read every pair of ``pairs`` (``Pair`` items); ``crop`` must be 12k + 1 and >= 13."""
+        if crop < 13 or crop % 12 != 1:
+            raise ValueError(f'crop {crop} must be 12k + 1 (13, 25, ..., 97, 109, 121, ...)')
+        if not pairs:
+            raise ValueError('no training pairs')
+        self.pairs = tuple(pairs)
+        self.crop = crop
+        self._images = [self._read(p) for p in self.pairs]
+
+    @staticmethod
+    def _read(pair):
+        ir, vi = _read_luminance(pair.ir_path), _read_luminance(pair.vi_path)
+        if ir.shape != vi.shape:
+            raise ValueError(f'{pair.name}: IR {ir.shape} and VI {vi.shape} differ in size')
+        return ir, vi
+
+    def __len__(self):
+        """Number of pairs."""
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        """The whole pair ``index`` as float32 (H, W) IR and VI luminance in [0, 1]."""
+        pair = self.pairs[index]
+        ir, vi = self._images[index]
+        return _to_unit_float(ir, pair.ir_path), _to_unit_float(vi, pair.vi_path)
+
+    def random_crop(self, index, rng):
+        """A random ``crop``-sized square of pair ``index``, same place and flips in IR and VI.
+
+        ``rng`` is a ``numpy.random.Generator``; returns two float32 (crop, crop) arrays in [0, 1].
+        """
+        pair = self.pairs[index]
+        ir, vi = self._images[index]
+        pad_h, pad_w = max(self.crop - ir.shape[0], 0), max(self.crop - ir.shape[1], 0)
+        if pad_h or pad_w:
+            pad = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+            ir, vi = np.pad(ir, pad, mode='reflect'), np.pad(vi, pad, mode='reflect')
+        top = rng.integers(0, ir.shape[0] - self.crop + 1)
+        left = rng.integers(0, ir.shape[1] - self.crop + 1)
+        window = (slice(top, top + self.crop), slice(left, left + self.crop))
+        ir, vi = ir[window], vi[window]
+        for axis in (0, 1):
+            if rng.random() < 0.5:
+                ir, vi = np.flip(ir, axis), np.flip(vi, axis)
+        return _to_unit_float(ir, pair.ir_path), _to_unit_float(vi, pair.vi_path)
+
+    def sample_batch(self, batch_size, rng):
+        """``batch_size`` crops of uniformly drawn pairs as two float32 (B, 1, crop, crop) tensors.
+
+        Drawing from a generator the caller seeds per step makes a batch a pure function of
+        (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+        """
+        crops = [self.random_crop(i, rng) for i in rng.integers(0, len(self), batch_size)]
+        ir = torch.from_numpy(np.stack([c[0] for c in crops]))[:, None]
+        vi = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]
+        return ir, vi

@@ -1,0 +1,278 @@
+"""The S4Fusion training loop: AdamW, warm-up + cosine schedule, resumable checkpoints, step log.
+
+Files in the output folder:
+  ``train_state.pt``       resumable state: model, optimizer, scheduler, step, RNG, settings.
+  ``s4fusion_<preset>.*``  the weights so far (safetensors + JSON, via ``save_checkpoint``); the
+                           JSON holds the training settings, data list, loss and deviations.
+  ``train_log.jsonl``      one JSON object per step: step, lr, loss, its terms, seconds.
+
+The training state is a ``torch.save`` file holding only tensors and plain Python values, so it
+loads with ``weights_only=True`` (no code runs on load). safetensors would need the optimizer's
+nested per-parameter state and param groups flattened into names plus a JSON side file, and two
+files cannot be replaced atomically together.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import random
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..model import S4Fusion, save_checkpoint
+
+STATE_NAME = 'train_state.pt'
+LOG_NAME = 'train_log.jsonl'
+# SSM dynamics parameters (A as log, skip D, dt bias) stay out of weight decay as in Mamba/VMamba:
+# decay would pull them toward values that change the dynamics rather than regularise.
+NO_DECAY_NAMES = ('A_logs', 'Ds', 'dt_projs_bias')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters of one training run (all recorded with the weights).
+
+    ``warmup_steps`` None means 5 % of the steps (at most 500). The learning rate rises linearly
+    over the warm-up, then follows a cosine down to ``min_lr_ratio`` of ``lr`` at the last step.
+    The defaults fit about 90 minutes on two CPU cores with the compact preset.
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    crop: int = 97
+    # 80-step probes (compact, batch 4, crop 49) were stable at 5e-4 and 2e-3, the latter faster;
+    # 1e-3 keeps a margin for the wider authors preset and longer runs.
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = None
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        """Resolve the default warm-up and reject settings that cannot train."""
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError('steps, batch_size and lr must be positive')
+        if self.warmup_steps is None:
+            object.__setattr__(self, 'warmup_steps', max(1, min(500, self.steps // 20)))
+
+
+def lr_factor(step, warmup, total, min_ratio):
+    """Learning-rate multiplier for the optimizer step with index ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def resolve_device(name):
+    """'auto' -> CUDA when available, else CPU; 'cpu' and 'cuda' as given (CUDA must exist)."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name not in ('cpu', 'cuda'):
+        raise ValueError(f'device must be auto, cpu or cuda, got {name!r}')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError('device cuda requested but torch sees no CUDA device')
+    return torch.device(name)
+
+
+def load_exported(path, device):
+    """A network saved with ``torch.export.save`` (a .pt2 file), frozen, on ``device``.
+
+    This is how pretrained feature extractors and classifiers reach the loss without this package
+    depending on torchvision or their weights. Export the network in eval mode, taking (B, 1, H, W)
+    luminance in [0, 1] (the wrapper does any channel repeat and normalisation), with dynamic batch
+    and spatial dimensions or exactly the training batch and crop.
+    """
+    module = torch.export.load(str(path)).module().to(device)
+    return module.requires_grad_(False)
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state():
+    numpy_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': torch.from_numpy(numpy_state[1].astype(np.int64)),
+        'numpy_pos': [int(v) for v in numpy_state[2:4]] + [float(numpy_state[4])],
+        'python': random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    pos, has_gauss, cached = state['numpy_pos']
+    np.random.set_state(('MT19937', state['numpy'].numpy().astype(np.uint32), int(pos),
+                         int(has_gauss), cached))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _atomic_write(path, write):
+    """Write ``path`` via a temporary file in the same folder, fsync, then ``os.replace``."""
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains an S4Fusion model of ``config`` on ``dataset`` with ``loss``, writing to ``out_dir``.
+
+    The model is built after seeding, so its initial weights, the batches (drawn from a generator
+    seeded with (seed, step)) and the whole run are a function of the settings. ``deviation`` is
+    a sentence recorded with the weights saying how this training differs from the authors'.
+    """
+
+    def __init__(self, config, dataset, loss, out_dir, settings, device='cpu', deviation=''):
+        """Build the model, optimizer and schedule; nothing is written until ``run``."""
+        if dataset.crop != settings.crop:
+            raise ValueError(f'dataset crop {dataset.crop} != settings crop {settings.crop}')
+        self.config, self.dataset, self.settings = config, dataset, settings
+        self.device = torch.device(device)
+        self.out_dir = pathlib.Path(out_dir)
+        self.deviation = deviation
+        seed_everything(settings.seed)
+        self.model = S4Fusion(config, device=self.device, dtype=torch.float32)
+        self.loss = loss.to(self.device)
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            skip = param.dim() < 2 or name.rsplit('.', 1)[-1] in NO_DECAY_NAMES
+            (no_decay if skip else decay).append(param)
+        self.optimizer = torch.optim.AdamW(
+            [{'params': decay, 'weight_decay': settings.weight_decay},
+             {'params': no_decay, 'weight_decay': 0.0}], lr=settings.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_factor, warmup=settings.warmup_steps, total=settings.steps,
+            min_ratio=settings.min_lr_ratio))
+        self.step = 0
+        self.seconds = 0.0  # training time summed over all sessions of this run
+
+    @property
+    def weights_path(self):
+        """Where the weights go: ``s4fusion_<preset>.safetensors`` (JSON beside it)."""
+        return self.out_dir / f's4fusion_{self.config.preset_name() or "custom"}.safetensors'
+
+    def identity(self):
+        """What must match for a checkpoint to continue this run (JSON-ready)."""
+        return {
+            'model': self.config.to_dict(),
+            'settings': dataclasses.asdict(self.settings),
+            'loss': self.loss.config(),
+            'data': [p.label for p in self.dataset.pairs],
+        }
+
+    def resume(self, path=None):
+        """Continue from a training state (default: the one in ``out_dir``); returns its step."""
+        path = pathlib.Path(path) if path is not None else self.out_dir / STATE_NAME
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        saved, current = json.loads(state['identity']), self.identity()
+        differing = sorted(k for k in current if saved.get(k) != current[k])
+        if differing:
+            raise ValueError(f'{path}: was written by a run with other {", ".join(differing)}; '
+                             f'resume needs the same model, settings, loss and data')
+        self.model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        _set_rng_state(state['rng'])
+        self.step, self.seconds = int(state['step']), float(state['seconds'])
+        self._truncate_log()
+        return self.step
+
+    def _truncate_log(self):
+        """Drop log lines of steps after the resumed one (done after the last checkpoint)."""
+        log = self.out_dir / LOG_NAME
+        if not log.exists():
+            return
+        with open(log) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)['step'] <= self.step]
+        _atomic_write(log, lambda f: f.write(''.join(lines).encode()))
+
+    def save(self, last_loss):
+        """Write the training state and the weights so far (both atomically)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(), 'step': self.step,
+            'seconds': self.seconds, 'rng': _rng_state(), 'identity': json.dumps(self.identity()),
+        }
+        _atomic_write(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
+        training = {
+            **self.identity()['settings'], 'steps_done': self.step,
+            'optimizer': 'AdamW (no decay on norms, biases, A_logs, Ds, dt bias)',
+            'schedule': 'linear warm-up, cosine to min_lr_ratio', 'loss': self.loss.config(),
+            'data': self.identity()['data'], 'device': self.device.type,
+            'torch': torch.__version__, 'seconds': round(self.seconds, 1),
+            'last_loss': last_loss, 'deviation': self.deviation,
+        }
+        save_checkpoint(self.model, self.weights_path, extra_meta={'training': training})
+
+    def train_step(self):
+        """One optimizer step on the batch of the current step; returns its log record."""
+        start = time.perf_counter()
+        ir, vi = self.dataset.sample_batch(
+            self.settings.batch_size, np.random.default_rng([self.settings.seed, self.step]))
+        ir, vi = ir.to(self.device), vi.to(self.device)
+        lr = self.optimizer.param_groups[0]['lr']
+        self.model.train()
+        total, terms = self.loss(self.model(ir, vi), ir, vi)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f'loss is {float(total)} at step {self.step + 1}')
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        return {'step': self.step, 'lr': lr, 'loss': float(total.detach()),
+                **{k: float(v) for k, v in terms.items()}, 'seconds': round(seconds, 4)}
+
+    def run(self, stop_at=None, checkpoint_every=200, progress=True):
+        """Train up to ``settings.steps`` (or ``stop_at``, to split a run into sessions).
+
+        Writes the state and weights every ``checkpoint_every`` steps and at the end; returns the
+        log records of the steps run in this call.
+        """
+        stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
+        if self.step == 0 and (self.out_dir / STATE_NAME).exists():
+            raise FileExistsError(f'{self.out_dir / STATE_NAME} exists: resume it or use another '
+                                  f'output folder')
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        records = []
+        bar = tqdm(total=self.settings.steps, initial=self.step, desc='train', unit='step',
+                   disable=not progress, dynamic_ncols=True)
+        with bar, open(self.out_dir / LOG_NAME, 'a' if self.step else 'w') as log:
+            while self.step < stop:
+                record = self.train_step()
+                records.append(record)
+                log.write(json.dumps(record) + '\n')
+                log.flush()
+                bar.update()
+                bar.set_postfix({k: f'{v:.4g}' for k, v in record.items()
+                                 if k not in ('step', 'seconds')})
+                if self.step % checkpoint_every == 0 and self.step < stop:
+                    self.save(record['loss'])
+        if records:
+            self.save(records[-1]['loss'])
+        return records

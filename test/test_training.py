@@ -1,0 +1,349 @@
+"""Training: data splits and crops, the S4Fusion loss, the training loop and its CLI."""
+
+import hashlib
+import json
+import math
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from s4fusion_ros.model import load_checkpoint
+from s4fusion_ros.model import S4FusionConfig
+from s4fusion_ros.tools.train import main as train_main
+from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
+                                   ivif_splits, load_exported, pairs_in_folder)
+from s4fusion_ros.training.data import roadscene_test67_names
+from s4fusion_ros.training.trainer import lr_factor
+
+
+class SmallCNN(nn.Module):
+    """A randomly initialised stand-in for a pretrained network: two stages and a 5-class head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.stage2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.stage1(x))
+        b = torch.relu(self.stage2(a))
+        return [a, b], self.head(b.mean((2, 3)))
+
+
+class Features(nn.Module):
+    """The stage features of a SmallCNN, times ``scale``."""
+
+    def __init__(self, net, scale=1.0):
+        super().__init__()
+        self.net, self.scale = net, scale
+
+    def forward(self, x):
+        return [f * self.scale for f in self.net(x)[0]]
+
+
+class Logits(nn.Module):
+    """The class logits of a SmallCNN."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[1]
+
+
+def export(module, path):
+    """Save ``module`` as the CLI's --pretrained-* options expect (dynamic batch and size)."""
+    dims = {0: torch.export.Dim('b', min=1, max=64), 2: torch.export.Dim('h', min=8, max=512),
+            3: torch.export.Dim('w', min=8, max=512)}
+    program = torch.export.export(module.eval(), (torch.rand(2, 1, 25, 25),),
+                                  dynamic_shapes=(dims,))
+    torch.export.save(program, str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run single-threaded: on the shared 2-core machine torch's 2 threads spin against other
+    processes and small steps get 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def splits(ivif_dir):
+    return ivif_splits(ivif_dir)
+
+
+@pytest.fixture(scope='module')
+def crops(splits):
+    """16 real 97-pixel training crops (IR, VI), each (16, 1, 97, 97)."""
+    return PairFolderDataset(splits.train, 97).sample_batch(16, np.random.default_rng(1))
+
+
+@pytest.fixture()
+def pair_folder(tmp_path, ivif_dir):
+    """A folder with ir/ and vi/ holding two real MSRS pairs."""
+    for side in ('ir', 'vi'):
+        (tmp_path / 'pairs' / side).mkdir(parents=True)
+        for name in ('00004N.png', '00055D.png'):
+            shutil.copy(ivif_dir / 'msrs' / side / name, tmp_path / 'pairs' / side / name)
+    return tmp_path / 'pairs'
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def test_split_sizes(splits):
+    assert len(splits.train) == 154 + 4
+    assert {k: len(v) for k, v in splits.tests.items()} == {
+        'roadscene67': 67, 'tno42': 42, 'msrs22': 22}
+    msrs_train = {p.name for p in splits.train if p.label.startswith('msrs/')}
+    assert msrs_train == {'00556D.png', '00633D.png', '00881N.png', '01023N.png'}
+    assert {'00537D.png', '00858N.png'} <= {p.name for p in splits.tests['msrs22']}
+
+
+def test_no_overlap_between_training_and_tests_by_name_and_pixels(splits, ivif_dir):
+    train_labels = {p.label for p in splits.train}
+    for pairs in splits.tests.values():
+        assert not train_labels & {p.label for p in pairs}
+    # Five S4Fusion test names (FLIR_*) are FLIR_video_* files here; the CSV maps them.
+    train_names = {p.name for p in splits.train}
+    assert not train_names & set(roadscene_test67_names(ivif_dir))
+    assert 'FLIR_video_00248.jpg' not in train_names
+    # FLIR_04215 (test) and FLIR_video_04215 (train) are different images, not a renamed copy.
+    assert 'FLIR_video_04215.jpg' in train_names
+
+    def hashes(pairs):
+        images = (cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+                  for p in pairs for path in (p.ir_path, p.vi_path))
+        return {hashlib.sha256(im.tobytes() + str(im.shape).encode()).hexdigest() for im in images}
+
+    train = hashes(splits.train)
+    assert len(train) == 2 * len(splits.train)
+    for pairs in splits.tests.values():
+        assert not train & hashes(pairs)
+
+
+def test_luminance_of_gray_rgb_and_colour_images(splits):
+    tno = PairFolderDataset(splits.tests['tno42'][:1])
+    ir, _ = tno[0]
+    gray = cv2.imread(str(tno.pairs[0].ir_path), cv2.IMREAD_GRAYSCALE)
+    assert cv2.imread(str(tno.pairs[0].ir_path), cv2.IMREAD_UNCHANGED).ndim == 3
+    np.testing.assert_array_equal(ir, gray.astype(np.float32) / 255)
+
+    road = PairFolderDataset(splits.train[:1])
+    _, vi = road[0]
+    b, g, r = cv2.imread(str(road.pairs[0].vi_path), cv2.IMREAD_COLOR).astype(np.float64).T
+    y = (0.299 * r + 0.587 * g + 0.114 * b).T / 255
+    assert vi.dtype == np.float32 and vi.shape == y.shape
+    assert np.abs(vi - y).max() <= 1 / 255 + 1e-6
+
+
+def test_crops_share_window_and_flips(tmp_path, ivif_dir):
+    # The same image as IR and VI: every crop pair must be identical, and a window of the image.
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        shutil.copy(ivif_dir / 'msrs' / 'ir' / '00055D.png', tmp_path / side / 'a.png')
+    dataset = PairFolderDataset(pairs_in_folder(tmp_path), 25)
+    image, _ = dataset[0]
+    rng = np.random.default_rng(0)
+    flips = set()
+    for _ in range(40):
+        ir, vi = dataset.random_crop(0, rng)
+        np.testing.assert_array_equal(ir, vi)
+        assert ir.shape == (25, 25) and ir.dtype == np.float32
+        for flip in ((), (0,), (1,), (0, 1)):
+            unflipped = np.flip(ir, flip) if flip else ir
+            hits = cv2.matchTemplate(image, np.ascontiguousarray(unflipped), cv2.TM_SQDIFF)
+            if hits.min() < 1e-3:
+                flips.add(flip)
+    assert len(flips) == 4  # every flip combination occurs and each crop was found in the image
+    ir, vi = dataset.sample_batch(3, rng)
+    assert ir.shape == vi.shape == (3, 1, 25, 25) and ir.dtype == torch.float32
+
+
+def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
+    image = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
+    image = image[200:220, 300:330]  # 20 x 30, with structure
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        cv2.imwrite(str(tmp_path / side / 'small.png'), image)
+    crop, _ = PairFolderDataset(pairs_in_folder(tmp_path), 37).random_crop(
+        0, np.random.default_rng(3))
+    padded = np.pad(image, ((8, 9), (3, 4)), mode='reflect').astype(np.float32) / 255
+    assert any(np.array_equal(crop, np.flip(padded, f) if f else padded)
+               for f in ((), (0,), (1,), (0, 1)))
+
+
+def test_bad_crop_and_unpaired_files_are_rejected(tmp_path, splits):
+    with pytest.raises(ValueError, match='12k'):
+        PairFolderDataset(splits.train[:1], 96)
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+    cv2.imwrite(str(tmp_path / 'ir' / 'lonely.png'), np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match='lonely.png'):
+        pairs_in_folder(tmp_path)
+
+
+# --- loss ---------------------------------------------------------------------------------------
+
+def test_ssim_is_one_for_identical_real_crops(crops):
+    loss = S4FusionLoss()
+    ir, vi = crops
+    torch.testing.assert_close(loss.ssim(vi, vi), torch.ones(16), rtol=0, atol=1e-5)
+    noisy = vi + 0.05 * torch.randn(vi.shape, generator=torch.Generator().manual_seed(0))
+    assert (loss.ssim(vi, noisy) < 0.95).all()
+    assert (loss.ssim(ir, vi) < 0.9).all()
+
+
+def test_weights_sum_to_one_and_favour_the_sharper_source(crops):
+    loss = S4FusionLoss()
+    _, vi = crops
+    blurred = torch.from_numpy(np.stack([cv2.GaussianBlur(v[0].numpy(), (0, 0), 2.0)
+                                         for v in vi]))[:, None]
+    weights = loss.source_weights(blurred, vi)
+    assert weights.shape == (16, 2)
+    torch.testing.assert_close(weights.sum(1), torch.ones(16))
+    assert (weights[:, 1] > weights[:, 0]).all()
+    assert (loss.source_weights(vi, blurred)[:, 0] > 0.5).all()
+    sharp = S4FusionLoss(temperature=0.25).source_weights(blurred, vi)
+    assert (sharp[:, 1] > weights[:, 1]).all()  # lower temperature, firmer choice
+
+
+def test_loss_vanishes_for_identical_sources_and_favours_max_gradient(crops):
+    loss = S4FusionLoss()
+    ir, vi = crops
+    total, terms = loss(vi, vi, vi)
+    assert float(total) < 1e-5
+    # A flat IR has no gradient energy: the target is then VI itself, which costs (almost) nothing.
+    flat = torch.full_like(vi, 0.5)
+    total, terms = loss(vi, flat, vi)
+    assert terms['grad'] == 0 and float(terms['w_ir']) < 1e-6 and float(total) < 1e-5
+    assert float(loss(flat, flat, vi)[0]) > 0.1
+    # On real pairs, the elementwise max-gradient target is hit by neither source alone.
+    grads = [float(loss(f, ir, vi)[1]['grad']) for f in (ir, vi, (ir + vi) / 2)]
+    assert min(grads) > 0.01
+
+
+def test_gradients_flow_to_the_fused_image(crops):
+    ir, vi = crops
+    fused = ((ir + vi) / 2).requires_grad_()
+    total, terms = S4FusionLoss()(fused, ir, vi)
+    total.backward()
+    assert torch.isfinite(fused.grad).all() and fused.grad.abs().sum() > 0
+    assert set(terms) == {'ssim', 'l1', 'grad', 'w_ir'}
+    assert all(not v.requires_grad for v in terms.values())
+
+
+def test_feature_energy_matches_pyramid_and_is_scale_free(crops):
+    ir, vi = crops
+
+    class Pyramid(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x):
+            return [x * self.scale, nn.functional.avg_pool2d(x, 2) * self.scale]
+
+    expected = S4FusionLoss(scales=2).source_weights(ir, vi)
+    for scale in (1.0, 1000.0):
+        weights = S4FusionLoss(feature_extractor=Pyramid(scale)).source_weights(ir, vi)
+        torch.testing.assert_close(weights, expected)
+
+
+def test_pretrained_terms_with_an_exported_network(tmp_path, crops):
+    ir, vi = crops
+    torch.manual_seed(0)
+    net = SmallCNN()
+    features = load_exported(export(Features(net, scale=50.0), tmp_path / 'f.pt2'), 'cpu')
+    classifier = load_exported(export(Logits(net), tmp_path / 'c.pt2'), 'cpu')
+    loss = S4FusionLoss(feature_extractor=features, classifier=classifier)
+    weights = loss.source_weights(ir, vi)
+    torch.testing.assert_close(weights, S4FusionLoss(feature_extractor=Features(net))
+                               .source_weights(ir, vi))
+    fused = ((ir + vi) / 2).requires_grad_()
+    total, terms = loss(fused, ir, vi)
+    logits = Logits(net)(fused.detach())
+    p = torch.softmax(logits, 1)
+    torch.testing.assert_close(terms['entropy'], -(p * p.log()).sum(1).mean())
+    plain, _ = S4FusionLoss()(fused.detach(), ir, vi)
+    assert 0 < float(terms['entropy']) <= math.log(5)
+    total.backward()
+    assert fused.grad.abs().sum() > 0
+    assert all(p.grad is None for p in classifier.parameters())  # frozen
+    assert not torch.isclose(total.detach(), plain)  # the entropy term counts
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def test_lr_schedule_warms_up_then_decays():
+    factors = [lr_factor(s, warmup=4, total=20, min_ratio=0.01) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert math.isclose(factors[-1], 0.01)
+
+
+def make_trainer(pair_folder, out, seed=0):
+    settings = TrainSettings(steps=3, batch_size=2, crop=25, lr=1e-3, seed=seed)
+    dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25)
+    return Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(), out, settings,
+                   'cpu', deviation='test run')
+
+
+def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
+    full = make_trainer(pair_folder, tmp_path / 'full')
+    records = full.run(progress=False)
+    assert [r['step'] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r['loss']) and r['loss'] > 0 for r in records)
+
+    weights = tmp_path / 'full' / 's4fusion_compact.safetensors'
+    model = load_checkpoint(weights)
+    meta = json.loads(weights.with_suffix('.json').read_text())['training']
+    assert meta['steps_done'] == 3 and meta['crop'] == 25 and meta['seed'] == 0
+    assert meta['data'] == ['pairs/00004N.png', 'pairs/00055D.png']
+    assert meta['loss']['ssim_weight'] == 1.0 and meta['deviation'] == 'test run'
+    log = [json.loads(line) for line in (tmp_path / 'full' / 'train_log.jsonl').open()]
+    assert [r['step'] for r in log] == [1, 2, 3]
+    assert {'lr', 'loss', 'ssim', 'l1', 'grad', 'w_ir', 'seconds'} <= set(log[0])
+
+    interrupted = make_trainer(pair_folder, tmp_path / 'split')
+    assert [r['step'] for r in interrupted.run(stop_at=2, progress=False)] == [1, 2]
+    resumed = make_trainer(pair_folder, tmp_path / 'split')
+    assert resumed.resume() == 2
+    (record,) = resumed.run(progress=False)
+    assert record['step'] == 3
+    assert record['loss'] == pytest.approx(records[-1]['loss'], rel=1e-6, abs=1e-9)
+    for name, tensor in load_checkpoint(tmp_path / 'split' / weights.name).state_dict().items():
+        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=1e-5, atol=1e-7)
+    split_log = (tmp_path / 'split' / 'train_log.jsonl').read_text().splitlines()
+    assert [json.loads(line)['step'] for line in split_log] == [1, 2, 3]
+
+    with pytest.raises(ValueError, match='settings'):
+        make_trainer(pair_folder, tmp_path / 'split', seed=1).resume()
+    with pytest.raises(FileExistsError):
+        make_trainer(pair_folder, tmp_path / 'split').run(progress=False)
+
+
+def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
+    torch.manual_seed(0)
+    net = SmallCNN()
+    out = tmp_path / 'cli'
+    status = train_main([
+        '--data', str(pair_folder), '--out', str(out), '--steps', '1', '--batch-size', '1',
+        '--crop', '25', '--device', 'cpu', '--threads', '1', '--no-progress',
+        '--pretrained-features', str(export(Features(net), tmp_path / 'f.pt2')),
+        '--pretrained-classifier', str(export(Logits(net), tmp_path / 'c.pt2'))])
+    assert status == 0
+    meta = json.loads((out / 's4fusion_compact.json').read_text())
+    assert meta['preset'] == 'compact'
+    assert meta['training']['loss']['energy_score'] == 'pretrained features'
+    assert meta['training']['loss']['entropy_weight'] > 0
+    assert 'entropy' in json.loads((out / 'train_log.jsonl').read_text())
