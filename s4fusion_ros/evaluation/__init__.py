@@ -1,0 +1,4 @@
+"""Fusion evaluation, ROS-free: quality metrics, classical baselines and the SeAFusion peer.
+
+Import the submodules directly (`metrics`, `baselines`, `seafusion`); only `seafusion` needs torch.
+"""

@@ -1,0 +1,157 @@
+"""Classical baselines and the SeAFusion peer network, on synthetic and real TNO pairs."""
+
+import functools
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from s4fusion_ros.evaluation import baselines as B
+from s4fusion_ros.evaluation import metrics as M
+from s4fusion_ros.evaluation import seafusion as S
+
+from test_metrics import ALL_TNO, read_gray, read_reference, REFERENCE_METRICS, TNO_IMAGES
+
+FUSERS = (B.fuse_average, B.fuse_max, B.fuse_laplacian)
+
+
+@pytest.fixture(scope='module')
+def rng_pair():
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (45, 61), dtype=np.uint8),
+            rng.integers(0, 256, (45, 61), dtype=np.uint8))
+
+
+@pytest.mark.parametrize('fuse', FUSERS)
+def test_contract_float32_unit_range(fuse, rng_pair):
+    ir, vi = rng_pair
+    out = fuse(ir, vi)
+    assert out.dtype == np.float32 and out.shape == ir.shape
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    # uint8 input means value / 255, float input is taken as [0, 1].
+    np.testing.assert_allclose(fuse(ir / 255.0, vi / 255.0), out, atol=1e-6)
+
+
+@pytest.mark.parametrize('fuse', FUSERS)
+def test_rejects_colour_and_mismatched_shapes(fuse):
+    gray = np.zeros((8, 8), np.uint8)
+    with pytest.raises(ValueError, match='gray'):
+        fuse(gray, np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match='differ'):
+        fuse(gray, np.zeros((8, 9), np.uint8))
+
+
+def test_average_and_max_values(rng_pair):
+    ir, vi = rng_pair
+    a, b = ir.astype(np.float32) / 255, vi.astype(np.float32) / 255
+    np.testing.assert_allclose(B.fuse_average(ir, vi), (a + b) / 2, atol=1e-7)
+    np.testing.assert_array_equal(B.fuse_max(ir, vi), np.maximum(a, b))
+
+
+def test_laplacian_reconstructs_identical_inputs(rng_pair):
+    img = rng_pair[0]
+    np.testing.assert_allclose(B.fuse_laplacian(img, img), img / 255.0, atol=1e-5)
+
+
+def test_laplacian_takes_detail_from_the_textured_source():
+    rng = np.random.default_rng(1)
+    vi = (0.25 + 0.5 * rng.random((128, 160))).astype(np.float32)
+    ir = np.full_like(vi, 0.5)
+    fused = B.fuse_laplacian(ir, vi)
+    # Detail levels come from VI alone; only the base (1/16 scale) is averaged with IR.
+    high_pass = cv2.Laplacian(fused - vi, cv2.CV_32F)
+    assert np.abs(high_pass).mean() < 0.01 * np.abs(cv2.Laplacian(vi, cv2.CV_32F)).mean()
+    assert fused.mean() == pytest.approx((vi.mean() + 0.5) / 2, abs=0.01)
+
+
+def test_laplacian_on_tiny_images_is_the_average():
+    a, b = np.full((5, 7), 0.2, np.float32), np.full((5, 7), 0.6, np.float32)
+    np.testing.assert_allclose(B.fuse_laplacian(a, b), B.fuse_average(a, b), atol=1e-7)
+
+
+@pytest.fixture(scope='module')
+def tno_small(ivif_dir):
+    """Two of the smallest TNO pairs (256x256, 280x280): {name: (ir, vi)}."""
+    tno = ivif_dir / 'tno'
+    return {name: (read_gray(tno / 'ir' / name), read_gray(tno / 'vi' / name))
+            for name in ('08.png', '05.png')}
+
+
+def test_laplacian_keeps_more_detail_than_average(tno_small):
+    for ir, vi in tno_small.values():
+        avg = M.evaluate_all(255 * B.fuse_average(ir, vi), ir, vi)
+        lap = M.evaluate_all(255 * B.fuse_laplacian(ir, vi), ir, vi)
+        assert lap['SF'] > 1.3 * avg['SF'] and lap['AG'] > 1.3 * avg['AG']
+        assert lap['Qabf'] > avg['Qabf']
+
+
+@pytest.fixture(scope='module')
+def seafusion_path(ivif_dir):
+    return ivif_dir / 'weights' / 'seafusion' / 'SeAFusion.pth'
+
+
+@pytest.fixture(scope='module')
+def seafusion(seafusion_path):
+    return S.SeAFusion.from_published(seafusion_path)
+
+
+def test_seafusion_loads_the_published_state_dict(seafusion, seafusion_path):
+    state = torch.load(seafusion_path, map_location='cpu', weights_only=True)
+    ours = seafusion.state_dict()
+    assert list(ours) == list(state)
+    assert sum(t.numel() for t in state.values()) == 167113
+    assert all(torch.equal(ours[k], state[k]) for k in state)
+    assert not seafusion.training
+
+
+class _Payload:
+    """Anything but tensors and containers: a safe loader must refuse to build it."""
+
+
+def test_seafusion_refuses_pickled_objects(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'x': _Payload()}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError):
+        S.SeAFusion.from_published(path)
+
+
+@pytest.fixture(scope='module')
+def seafusion_fuse(seafusion, ivif_dir):
+    """Map a TNO name to (ir, vi, SeAFusion output), computed once (about 1 s per 256x256)."""
+    @functools.cache
+    def run(name):
+        ir, vi = (read_gray(ivif_dir / 'tno' / sub / name) for sub in ('ir', 'vi'))
+        return ir, vi, seafusion.fuse(ir, vi)
+    return run
+
+
+def test_seafusion_output_is_sane(seafusion, seafusion_fuse):
+    ir, vi, fused = seafusion_fuse('08.png')
+    assert fused.dtype == np.float32 and fused.shape == ir.shape
+    assert 0.0 <= fused.min() < fused.max() <= 1.0
+    with pytest.raises(ValueError, match='differ'):
+        seafusion.fuse(ir, vi[:-1])
+
+
+# The smallest TNO pair by default; all 42 agree within 2e-5 (S4FUSION_ALL_TNO=1, ~3 min).
+@pytest.mark.parametrize('name', TNO_IMAGES if ALL_TNO else ['08.png'])
+def test_seafusion_reproduces_the_published_metrics(seafusion_fuse, ivif_dir, name):
+    """Our output, saved the authors' way, scores what the reference lists for SeAFusion.
+
+    This pins the whole network (unused BatchNorm, tanh / 2 + 0.5, VI-first decoder input) and
+    the authors' saving step (min-max stretch, truncation to uint8).
+    """
+    ir, vi, fused = seafusion_fuse(name)
+    ref = read_reference(ivif_dir, 'SeAFusion')[name]
+    ours = M.evaluate_all(S.published_uint8(fused), ir, vi, matlab_compat=True)
+    for key in REFERENCE_METRICS:
+        # Off by a few one-level pixel roundings at most (CPU float32 vs the authors' GPU).
+        assert ours[key] == pytest.approx(ref[key], rel=1e-4), key
+
+
+def test_published_uint8_stretches_and_truncates():
+    out = S.published_uint8(np.array([[0.2, 0.4], [0.6, 0.6 - 1e-4]], np.float32))
+    np.testing.assert_array_equal(out, [[0, 127], [255, 254]])  # truncated: 254.9 -> 254
+    assert not S.published_uint8(np.full((2, 2), 0.3)).any()
