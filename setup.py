@@ -30,6 +30,8 @@ setup(
     entry_points={
         'console_scripts': [
             's4fusion_node = s4fusion_ros.ros.node:main',
+            's4fusion-fuse = s4fusion_ros.tools.fuse:main',
+            's4fusion-eval = s4fusion_ros.tools.evaluate:main',
         ],
     },
 )

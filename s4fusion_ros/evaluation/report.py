@@ -1,0 +1,223 @@
+"""The fusion-quality report: per-dataset metric tables in Markdown and an image grid.
+
+ROS- and torch-free: it formats what `tools/evaluate.py` measured. Means leave undefined (NaN)
+values out and the report counts them. "Best" and "wins" compare the values as printed, so the
+bold cells and the win counts always agree with what a reader sees.
+"""
+
+import dataclasses
+import math
+
+import cv2
+import numpy as np
+
+from .metrics import METRICS
+
+LOWER_IS_BETTER = frozenset({'MSE'})
+GRID_HEIGHT = 240  # pixels per grid row
+GRID_LABEL = 26  # pixels of the column-title strip
+
+CONVENTIONS = """\
+- Every method's output is first made into the image a saved PNG holds: uint8, rounded; colour
+  (the method's luminance with the visible image's chroma, as the node composes it) when the
+  visible image is colour, gray otherwise. The metrics are then computed on the luminance Y
+  (OpenCV YCrCb) of that image against the IR luminance and the visible luminance (0-255), by
+  the same code for every method and on the same pairs.
+- Metric definitions: `s4fusion_ros/evaluation/metrics.py` (module docstring table), in its
+  standard 0-255 convention (`evaluate_all(..., matlab_compat=False)`). MI, VIF and SSIM are sums
+  over the two sources (at most 2 for SSIM), CC is their mean, MSE their mean, PSNR (dB, peak 255)
+  is computed from that MSE. The MATLAB code behind most published tables differs: its SF and MSE
+  are ours / 255 and / 255^2, its PSNR is ours + 48.13 dB, and its SD, MI, VIF and Qabf follow
+  uint8 arithmetic; compare with published numbers only through that table.
+- Higher is better for every metric except MSE (marked with a down arrow). The best value of each
+  metric is in bold (ties: all of them). Timing (s/pair) is the fusion alone (for S4Fusion the
+  engine's whole step: model, detail restoration, saliency and colour), after one untimed warm-up
+  per dataset, without file reading and metrics; it is not part of the comparison."""
+
+
+@dataclasses.dataclass
+class MethodScores:
+    """The per-pair metrics (`metrics.evaluate_all` dicts) of one method on one dataset."""
+
+    name: str
+    ours: bool
+    scores: list = dataclasses.field(default_factory=list)
+    seconds: float | None = 0.0  # fusion time summed over the pairs; None: stored outputs
+
+    def mean(self, metric: str) -> float:
+        """Mean over the pairs where the metric is defined (NaN if it is nowhere)."""
+        values = np.array([score[metric] for score in self.scores], dtype=np.float64)
+        defined = values[~np.isnan(values)]
+        return float(defined.mean()) if defined.size else math.nan
+
+    def undefined(self, metric: str) -> int:
+        """Number of pairs where the metric is NaN, i.e. not defined."""
+        return sum(math.isnan(score[metric]) for score in self.scores)
+
+    def seconds_per_pair(self) -> float | None:
+        """Mean fusion time, or None for stored outputs."""
+        return None if self.seconds is None else self.seconds / max(len(self.scores), 1)
+
+
+@dataclasses.dataclass
+class DatasetScores:
+    """Every method's scores on one test split."""
+
+    name: str
+    pairs: int
+    methods: list
+
+
+@dataclasses.dataclass
+class ReportContext:
+    """How the report was made: everything besides the scores, as Markdown-ready text."""
+
+    command: str
+    date: str
+    environment: str  # device, threads, library versions
+    weights: list  # one line per evaluated checkpoint
+    skipped: list  # one line per configuration or method that could not run
+    notes: list  # factual notes
+    grid: str = ''  # relative link to the grid image; '' when none was written
+
+
+def format_value(value: float) -> str:
+    """Three decimals, one above 100 (MSE); 'nan' and 'inf' as such."""
+    if not math.isfinite(value):
+        return str(value)
+    return f'{value:.1f}' if abs(value) >= 100 else f'{value:.3f}'
+
+
+def _shown(method: MethodScores, metric: str) -> float:
+    """The value as printed, for comparisons that agree with the table."""
+    return float(format_value(method.mean(metric)))
+
+
+def _better(a: float, b: float, metric: str) -> bool:
+    if math.isnan(a):
+        return False
+    return math.isnan(b) or (a < b if metric in LOWER_IS_BETTER else a > b)
+
+
+def best_methods(dataset: DatasetScores, metric: str) -> set:
+    """Names of the methods whose printed mean is the best (several on a tie)."""
+    shown = {m.name: _shown(m, metric) for m in dataset.methods}
+    best = None
+    for value in shown.values():
+        if best is None or _better(value, best, metric):
+            best = value
+    return {name for name, value in shown.items() if value == best}
+
+
+def wins(dataset: DatasetScores) -> dict:
+    """Our method name -> the metrics on which its printed mean beats every other method's."""
+    others = [m for m in dataset.methods if not m.ours]
+    return {ours.name: [metric for metric in METRICS
+                        if all(_better(_shown(ours, metric), _shown(other, metric), metric)
+                               for other in others)]
+            for ours in dataset.methods if ours.ours}
+
+
+def metric_table(dataset: DatasetScores) -> list:
+    """Markdown table lines: rows = methods, columns = metric means and time per pair."""
+    titles = [f'{m} {"↓" if m in LOWER_IS_BETTER else "↑"}' for m in METRICS]
+    lines = ['| Method | ' + ' | '.join(titles) + ' | s/pair |',
+             '|---|' + '---:|' * (len(METRICS) + 1)]
+    best = {metric: best_methods(dataset, metric) for metric in METRICS}
+    for method in dataset.methods:
+        cells = []
+        for metric in METRICS:
+            text = format_value(method.mean(metric))
+            cells.append(f'**{text}**' if method.name in best[metric] else text)
+        seconds = method.seconds_per_pair()
+        cells.append('stored' if seconds is None else f'{seconds:.3f}')
+        lines.append(f'| {method.name} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def wins_lines(dataset: DatasetScores) -> list:
+    """One line per configuration of ours: on how many metrics it beats every other method."""
+    others = ', '.join(m.name for m in dataset.methods if not m.ours)
+    if not others:
+        return ['No other method was evaluated on this dataset.']
+    lines = []
+    for name, won in wins(dataset).items():
+        listed = f': {", ".join(won)}' if won else ''
+        lines.append(f'- {name} beats every other method ({others}) on {len(won)} of '
+                     f'{len(METRICS)} metrics{listed}.')
+    return lines or ['No configuration of ours was evaluated.']
+
+
+def undefined_notes(datasets: list) -> list:
+    """Factual notes on metrics left undefined (NaN) for some pairs."""
+    notes = []
+    for dataset in datasets:
+        for method in dataset.methods:
+            for metric in METRICS:
+                count = method.undefined(metric)
+                if count:
+                    notes.append(f'{dataset.name}, {method.name}: {metric} is undefined on '
+                                 f'{count} of {len(method.scores)} pairs; its mean leaves '
+                                 f'them out.')
+    return notes
+
+
+def render(datasets: list, context: ReportContext) -> str:
+    """The whole report as Markdown."""
+    lines = ['# Fusion quality', '',
+             'Generated by `s4fusion-eval`; do not edit the tables by hand, run it again.', '',
+             '## How it was generated', '',
+             f'- Command: `{context.command}`', f'- Date: {context.date}',
+             f'- Environment: {context.environment}', '- Weights:']
+    lines += [f'  - {line}' for line in context.weights or ['none evaluated']]
+    lines += [f'- Skipped: {line}' for line in context.skipped]
+    lines += ['', '## Conventions', '', CONVENTIONS, '']
+    for dataset in datasets:
+        plural = '' if dataset.pairs == 1 else 's'
+        lines += [f'## {dataset.name} ({dataset.pairs} pair{plural})', '',
+                  *metric_table(dataset), '', '**Wins:**', '', *wins_lines(dataset), '']
+    if context.grid:
+        lines += ['## Examples', '',
+                  'IR, visible, fused and saliency, one pair per dataset:', '',
+                  f'![IR / VI / fused / saliency]({context.grid})', '']
+    lines += ['## Notes', '', *[f'- {note}' for note in
+                                context.notes + undefined_notes(datasets)],
+              '', "<!-- The maintainers' reading of these numbers goes below. Note that "
+              'running s4fusion-eval again rewrites this file. -->', '']
+    return '\n'.join(lines)
+
+
+def _to_bgr(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image
+
+
+def _fit(image: np.ndarray, height: int) -> np.ndarray:
+    """Resize to `height` keeping the aspect ratio, as BGR."""
+    width = max(1, round(image.shape[1] * height / image.shape[0]))
+    return cv2.resize(_to_bgr(image), (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _label(image: np.ndarray, text: str, origin: tuple) -> None:
+    for color, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
+        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, thickness,
+                    cv2.LINE_AA)
+
+
+def make_grid(rows: list, titles: list, height: int = GRID_HEIGHT) -> np.ndarray:
+    """Tile rows of uint8 images (gray or BGR) into one BGR image with column titles.
+
+    ``rows`` holds (label, images) with one image per title; every cell is scaled to ``height``
+    and a column is as wide as its widest cell. The label is written in each row's first cell.
+    """
+    cells = [[_fit(image, height) for image in images] for _, images in rows]
+    widths = [max(row[col].shape[1] for row in cells) for col in range(len(titles))]
+    grid = np.zeros((GRID_LABEL + height * len(rows), sum(widths), 3), np.uint8)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    for col, title in enumerate(titles):
+        _label(grid, title, (int(offsets[col]) + 6, GRID_LABEL - 8))
+    for index, ((label, _), row) in enumerate(zip(rows, cells)):
+        top = GRID_LABEL + index * height
+        for col, cell in enumerate(row):
+            grid[top:top + height, offsets[col]:offsets[col] + cell.shape[1]] = cell
+        _label(grid, label, (6, top + 18))
+    return grid

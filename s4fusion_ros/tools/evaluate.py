@@ -1,0 +1,370 @@
+"""s4fusion-eval: the fusion-quality report (docs/quality.md) on the ivif test splits.
+
+Methods: ours (every shipped configuration, or the --weights checkpoints), the classical baselines
+(average, max, Laplacian pyramid), SeAFusion with its published weights, and the DenseFuse outputs
+stored with the TNO data. Each output becomes the image a saved PNG would hold (see ImageFuser and
+`saved_image`), and the metrics are computed on its luminance by one code path for all methods.
+
+Examples:
+  s4fusion-eval                                   # the full report into docs/
+  s4fusion-eval --limit 3 --out /tmp/q.md --grid /tmp/q.png
+  s4fusion-eval --weights runs/compact/s4fusion_compact.safetensors --datasets msrs22
+"""
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shlex
+import sys
+import time
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import settings
+from ..engine import compose_output
+from ..evaluation import baselines, metrics, report
+from ..evaluation.seafusion import SeAFusion, published_uint8
+from ..imaging.color import bgr_to_ycrcb
+from ..model import CheckpointError, shipped_weights
+from ..model.checkpoint import read_config
+from ..runtime import default_preset, load_fusion_model, resolve_device
+from ..training.data import Pair, ivif_splits
+from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
+from .train import default_data_dir
+
+PROG = 's4fusion-eval'
+REPO = pathlib.Path(__file__).resolve().parents[2]
+METHODS = ('ours', 'average', 'max', 'laplacian', 'seafusion', 'densefuse')
+SHIPPED_PRESETS = ('authors', 'compact')
+BASELINES = {'average': ('Average', baselines.fuse_average),
+             'max': ('Max', baselines.fuse_max),
+             'laplacian': ('Laplacian pyramid', baselines.fuse_laplacian)}
+DENSEFUSE_DIR = pathlib.Path('fused') / 'DenseFuse'  # beside ir/ and vi/, TNO only
+
+
+@dataclasses.dataclass(frozen=True)
+class OursConfig:
+    """One configuration of ours: a checkpoint and the size the model runs at."""
+
+    label: str
+    weights: pathlib.Path
+    inference_size: tuple = (0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A fusion method: ``fuse(source, pair)`` -> the images a saved PNG would hold."""
+
+    name: str
+    fuse: Callable
+    ours: bool = False
+    stored: bool = False  # outputs read from files: not timed
+    available: Callable = lambda pair: True  # whether it has an output for a pair
+
+
+class StoredOutputs:
+    """Outputs another group saved, read from ``<dataset>/<folder>/NAME``."""
+
+    def __init__(self, folder: pathlib.Path):
+        """``folder`` relative to the dataset folder (the parent of ir/)."""
+        self.relative = folder
+
+    def folder(self, pair: Pair) -> pathlib.Path:
+        """The folder of stored outputs for the dataset of ``pair``."""
+        return pair.ir_path.parent.parent / self.relative
+
+    def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
+        """The stored image as saved."""
+        return FusedImages(read_image(self.folder(pair) / pair.name), None, 0.0)
+
+
+def saved_image(fused_y: np.ndarray, source: SourcePair) -> np.ndarray:
+    """A fused luminance in [0, 1] as a saved PNG holds it, composed as the node composes it."""
+    if not source.visible_is_color:
+        return compose_output(fused_y, None, None, 'mono8')
+    _, cr, cb = bgr_to_ycrcb(source.visible_bgr)
+    return compose_output(fused_y, cr, cb, 'bgr8')
+
+
+def gray_method(fuse: Callable) -> Callable:
+    """Wrap ``fuse(ir, vi) -> float (H, W) in [0, 1]`` on luminance into a method, timed."""
+    def run(source: SourcePair, pair: Pair) -> FusedImages:
+        vi_y = luminance(source.visible_bgr)
+        started = time.perf_counter()
+        fused_y = fuse(source.thermal, vi_y)
+        seconds = time.perf_counter() - started
+        return FusedImages(saved_image(fused_y, source), None, seconds)
+    return run
+
+
+def seafusion_fuse(model: SeAFusion) -> Callable:
+    """SeAFusion on luminance, quantized the authors' way (min-max stretch, truncation)."""
+    def fuse(ir: np.ndarray, vi_y: np.ndarray) -> np.ndarray:
+        return published_uint8(model.fuse(ir, vi_y)).astype(np.float32) / np.float32(255.0)
+    return fuse
+
+
+def ours_method(config: OursConfig, device: str) -> Method:
+    """Load a checkpoint into the node's engine, run through s4fusion-fuse's ImageFuser."""
+    fuser = ImageFuser(load_fusion_model(str(config.weights), 'auto', device),
+                       config.inference_size)
+    return Method(config.label, lambda source, pair: fuser.fuse(source), ours=True)
+
+
+def ours_configs(weights: list, shipped: Callable = shipped_weights) -> tuple[list, list, list]:
+    """(configurations, skipped lines, notes) of ours.
+
+    Explicit ``weights`` replace the shipped configurations. Otherwise each preset's shipped
+    weights are evaluated where present, plus the node's CPU defaults when they run the model at
+    a reduced size (at full resolution they are the CPU preset's row).
+    """
+    if weights:
+        labels = [f'S4Fusion ({path.parent.name}/{path.stem})' for path in weights]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f'--weights names a checkpoint twice: {labels}')
+        return [OursConfig(label, path) for label, path in zip(labels, weights)], [], []
+    configs, skipped = [], []
+    for preset in SHIPPED_PRESETS:
+        path = shipped(preset)
+        if path.is_file():
+            configs.append(OursConfig(f'S4Fusion {preset}', path))
+        else:
+            skipped.append(f'S4Fusion {preset}: no shipped weights ({display_path(path)} is '
+                           'missing), so no row for it.')
+    cpu_preset = default_preset(torch.device('cpu'))  # one of SHIPPED_PRESETS
+    cpu_weights = shipped(cpu_preset)
+    size = tuple(settings.SPECS['inference_size'].default)
+    if not cpu_weights.is_file():
+        return configs, skipped, []
+    if not all(size):
+        return configs, skipped, [f"The node's CPU defaults (preset {cpu_preset}, "
+                                  'inference_size [0, 0] = full resolution) are the '
+                                  f'S4Fusion {cpu_preset} row.']
+    configs.append(OursConfig(f'S4Fusion {cpu_preset}, CPU defaults ({size[0]}x{size[1]})',
+                              cpu_weights, size))
+    return configs, skipped, []
+
+
+def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
+    """The methods selected by --methods, in report order, and lines for what was skipped."""
+    chosen = set(args.methods)
+    methods = ([ours_method(c, args.device) for c in configs] if 'ours' in chosen else [])
+    methods += [Method(label, gray_method(fuse)) for key, (label, fuse) in BASELINES.items()
+                if key in chosen]
+    skipped = []
+    if 'seafusion' in chosen:
+        path = args.data / 'weights' / 'seafusion' / 'SeAFusion.pth'
+        if path.is_file():
+            model = SeAFusion.from_published(path, device=resolve_device(args.device))
+            methods.append(Method('SeAFusion', gray_method(seafusion_fuse(model))))
+        else:
+            skipped.append(f'SeAFusion: {path} is missing.')
+    if 'densefuse' in chosen:
+        stored = StoredOutputs(DENSEFUSE_DIR)
+        methods.append(Method('DenseFuse (stored outputs)', stored, stored=True,
+                              available=lambda pair: stored.folder(pair).is_dir()))
+    return methods, skipped
+
+
+def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """IR and visible luminance (uint8, same size) that every method is scored against."""
+    if source.thermal.dtype != np.uint8:
+        raise ValueError(f'{pair.ir_path}: the metrics need 8-bit images')
+    vi_y = luminance(source.visible_bgr)
+    if source.thermal.shape != vi_y.shape:
+        raise ValueError(f'{pair.name}: IR {source.thermal.shape} and visible {vi_y.shape} '
+                         'differ in size')
+    return source.thermal, vi_y
+
+
+def evaluate_dataset(name: str, pairs: list, methods: list,
+                     examples: dict) -> report.DatasetScores:
+    """Score every applicable method on every pair; the first pair's ours images go to examples."""
+    present = [m for m in methods if m.available(pairs[0])]
+    scores = {m.name: report.MethodScores(m.name, m.ours, seconds=None if m.stored else 0.0)
+              for m in present}
+    for index, pair in enumerate(tqdm(pairs, unit='pair', desc=name, file=sys.stderr,
+                                      dynamic_ncols=True)):
+        source = read_pair(pair)
+        ir_y, vi_y = sources_luminance(source, pair)
+        for method in present:
+            if index == 0 and not method.stored:
+                method.fuse(source, pair)  # warm-up (lazy initialisation, JIT), not timed
+            images = method.fuse(source, pair)
+            entry = scores[method.name]
+            entry.scores.append(metrics.evaluate_all(luminance(images.fused), ir_y, vi_y))
+            if not method.stored:
+                entry.seconds += images.seconds
+            if index == 0 and method.ours and name not in examples:
+                examples[name] = (source, images)
+    return report.DatasetScores(name, len(pairs), list(scores.values()))
+
+
+def display_path(path: pathlib.Path) -> str:
+    """A path relative to the repository when inside it."""
+    path = pathlib.Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def describe_weights(config: OursConfig) -> str:
+    """The checkpoint of a configuration and the training information its JSON records."""
+    meta, _ = read_config(config.weights)
+    digest = hashlib.sha256(config.weights.read_bytes()).hexdigest()[:16]
+    line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {digest}, preset '
+            f'{meta.get("preset") or "custom"}, {meta.get("parameters", "?")} parameters)')
+    training = meta.get('training')
+    if not isinstance(training, dict):
+        return line + '; its JSON holds no training information'
+    return line + '; training: ' + '; '.join(f'{key} {_brief(value)}'
+                                             for key, value in training.items())
+
+
+def _brief(value) -> str:
+    """A JSON value in a few words: lists by their length, dicts inline."""
+    if isinstance(value, list):
+        return f'({len(value)} items)'
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(', ', ': '))
+    return str(value)
+
+
+def environment() -> str:
+    """Device, threads and library versions, for the timing column."""
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f'CPU ({os.cpu_count()} cores)')
+    return (f'{device}, torch {torch.__version__} with {torch.get_num_threads()} thread(s), '
+            f'numpy {np.__version__}, OpenCV {cv2.__version__}')
+
+
+def data_notes(args: argparse.Namespace, datasets: list) -> list:
+    """Factual notes on the data and the peers."""
+    notes = ["Splits (training/data.py `ivif_splits`): roadscene67 = S4Fusion's 67 RoadScene "
+             'test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS test-split pairs. '
+             'Provenance of the data: shared/data/ivif/SOURCES.md.',
+             "SeAFusion runs with its authors' published weights, and its luminance is quantized "
+             'their way (min-max stretch, then truncation: `seafusion.published_uint8`).',
+             'DenseFuse rows are the outputs stored with the TNO data (Linfeng-Tang/'
+             'Evaluation-for-Image-Fusion), not run here; they exist for TNO only.']
+    if args.limit:
+        sizes = ', '.join(f'{d.name} {d.pairs}' for d in datasets)
+        notes.append(f'Only the first {args.limit} pairs (by name) of each split were evaluated '
+                     f'({sizes}): these means are not the split means.')
+    return notes
+
+
+def training_overlap(config: OursConfig, pairs: list) -> str:
+    """How many evaluated pairs the checkpoint's JSON lists among its training data."""
+    training = read_config(config.weights)[0].get('training')
+    if not isinstance(training, dict) or not isinstance(training.get('data'), list):
+        return f'{config.label}: its JSON does not list its training pairs.'
+    seen = sorted(set(training['data']) & {pair.label for pair in pairs})
+    listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
+    return (f'{config.label}: {len(seen)} of the {len(pairs)} evaluated pairs are among its '
+            f'{len(training["data"])} training pairs{listed}.')
+
+
+def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
+    """IR / visible / fused / saliency of one pair per dataset."""
+    rows = [(f'{name}: {source.name}', [source.thermal, source.visible_bgr, images.fused,
+                                        images.saliency])
+            for name, (source, images) in examples.items()]
+    titles = ['IR', 'visible', f'fused ({label})', 'saliency']
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), report.make_grid(rows, titles)):
+        raise OSError(f'{path}: cannot write')
+
+
+def parse_args(argv: list | None) -> argparse.Namespace:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
+                        help='the shared ivif folder (default: %(default)s)')
+    parser.add_argument('--datasets', type=_names, default=['roadscene67', 'tno42', 'msrs22'],
+                        help='comma-separated test splits (default: roadscene67,tno42,msrs22)')
+    parser.add_argument('--limit', type=int, default=0,
+                        help='evaluate only the first N pairs of each split (0 = all)')
+    parser.add_argument('--methods', type=_names, default=list(METHODS),
+                        help=f'comma-separated subset of {",".join(METHODS)} (default: all)')
+    parser.add_argument('--weights', type=pathlib.Path, nargs='+', default=[],
+                        help='evaluate these checkpoints as ours instead of the shipped weights')
+    parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    parser.add_argument('--threads', type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('docs/quality.md'))
+    parser.add_argument('--grid', type=pathlib.Path, default=pathlib.Path('docs/quality_grid.png'))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f'unknown methods {unknown}: choose from {", ".join(METHODS)}')
+    if args.limit < 0:
+        parser.error('--limit must be >= 0')
+    return args
+
+
+def _names(text: str) -> list:
+    return [name.strip() for name in text.split(',') if name.strip()]
+
+
+def run(args: argparse.Namespace, argv: list) -> list:
+    """Evaluate, write the report and the grid; returns the DatasetScores."""
+    splits = ivif_splits(args.data).tests
+    missing = sorted(set(args.datasets) - set(splits))
+    if missing:
+        raise ValueError(f'unknown datasets {missing}: choose from {", ".join(splits)}')
+    ours = 'ours' in args.methods
+    configs, skipped, notes = ours_configs(args.weights) if ours else ([], [], [])
+    methods, skipped_methods = build_methods(args, configs)
+    examples, datasets, evaluated = {}, [], []
+    for name in args.datasets:
+        pairs = list(splits[name][:args.limit or None])
+        evaluated += pairs
+        started = time.monotonic()
+        datasets.append(evaluate_dataset(name, pairs, methods, examples))
+        print(f'{PROG}: {name}: {len(pairs)} pairs in {time.monotonic() - started:.0f} s',
+              file=sys.stderr)
+    grid = ''
+    if examples:
+        write_grid(args.grid, examples, configs[0].label)
+        grid = os.path.relpath(args.grid.resolve(), args.out.resolve().parent)
+    elif ours:
+        skipped_methods.append('the example grid: no configuration of ours was evaluated.')
+    context = report.ReportContext(
+        command=shlex.join([PROG, *argv]),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        environment=environment(), weights=[describe_weights(c) for c in configs],
+        skipped=skipped + skipped_methods, grid=grid,
+        notes=notes + [training_overlap(c, evaluated) for c in configs]
+        + data_notes(args, datasets))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report.render(datasets, context))
+    print(f'{PROG}: wrote {args.out}' + (f' and {args.grid}' if grid else ''), file=sys.stderr)
+    return datasets
+
+
+def main(argv: list | None = None) -> int:
+    """Console entry point; exit code 0 on success, 1 on an error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        run(args, argv)
+    except (OSError, ValueError, CheckpointError) as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f'\n{PROG}: interrupted; {args.out} was not written', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

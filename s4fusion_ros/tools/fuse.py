@@ -1,0 +1,215 @@
+"""s4fusion-fuse: fuse folders of infrared/visible image pairs with the node's fusion engine.
+
+Pairs are matched by file name in --ir and --vi. For each pair NAME.ext the tool writes
+OUT/fused/NAME.png (colour when the visible image is colour, else gray) and OUT/saliency/NAME.png
+(mono, 0-255): what the node publishes for that pair, from the same FusionEngine.
+
+Example:
+  s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .. import settings
+from ..engine import FusionEngine, PreparedPair
+from ..imaging.normalization import ThermalNormalizer
+from ..imaging.registration import ThermalRegistration
+from ..model import CheckpointError
+from ..runtime import LoadedModel, load_fusion_model
+from ..training.data import IMAGE_SUFFIXES, Pair
+
+PROG = 's4fusion-fuse'
+
+
+@dataclasses.dataclass(frozen=True)
+class SourcePair:
+    """One pair as read from its files."""
+
+    name: str
+    thermal: np.ndarray  # (H_t, W_t) luminance in the file's type, uint8 or uint16
+    visible_bgr: np.ndarray  # uint8 (H, W, 3)
+    visible_is_color: bool  # False for gray files and for RGB files with three equal channels
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedImages:
+    """The images written for one pair and the engine's time for them."""
+
+    fused: np.ndarray  # uint8 (H, W, 3) BGR when the visible image is colour, else (H, W)
+    saliency: np.ndarray | None  # uint8 (H, W), 0-255; None from methods without one (eval)
+    seconds: float
+
+
+def match_pairs(ir_dir: pathlib.Path, vi_dir: pathlib.Path) -> tuple[list[Pair], list[str]]:
+    """Pairs with the same file name in both folders, and the names found in one folder only."""
+    found = []
+    for directory in (ir_dir, vi_dir):
+        if not directory.is_dir():
+            raise FileNotFoundError(f'{directory}: not a directory')
+        found.append({p.name for p in directory.iterdir()
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES})
+    ir_names, vi_names = found
+    pairs = [Pair(name, ir_dir / name, vi_dir / name) for name in sorted(ir_names & vi_names)]
+    unmatched = [f'{ir_dir / n}' for n in sorted(ir_names - vi_names)]
+    unmatched += [f'{vi_dir / n}' for n in sorted(vi_names - ir_names)]
+    return pairs, unmatched
+
+
+def read_image(path: pathlib.Path) -> np.ndarray:
+    """Read an 8- or 16-bit image file as stored (gray or BGR); ValueError names the file."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f'{path}: not a readable image')
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need 8 or 16 bit)')
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return image[:, :, :3]
+    if image.ndim != 2:
+        raise ValueError(f'{path}: unsupported image shape {image.shape}')
+    return image
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """Gray stays itself; BGR becomes the Y of YCrCb, in its own integer type (as training)."""
+    if image.ndim == 2:
+        return image
+    return cv2.cvtColor(image, cv2.COLOR_BGR2YCrCb)[:, :, 0]
+
+
+def read_pair(pair: Pair) -> SourcePair:
+    """Read both files of a pair; ValueError names a file that cannot be used."""
+    thermal = luminance(read_image(pair.ir_path))
+    visible = read_image(pair.vi_path)
+    if visible.dtype != np.uint8:
+        raise ValueError(f'{pair.vi_path}: the visible image must be 8-bit, got {visible.dtype}')
+    if visible.ndim == 2:
+        return SourcePair(pair.name, thermal, cv2.cvtColor(visible, cv2.COLOR_GRAY2BGR), False)
+    is_color = not (np.array_equal(visible[..., 0], visible[..., 1])
+                    and np.array_equal(visible[..., 1], visible[..., 2]))
+    return SourcePair(pair.name, thermal, np.ascontiguousarray(visible), is_color)
+
+
+class ImageFuser:
+    """The node's FusionEngine, with its default output settings, applied to image files."""
+
+    def __init__(self, loaded: LoadedModel, inference_size: tuple[int, int] = (0, 0)):
+        """Run `loaded` at `inference_size` (width, height; (0, 0) = full resolution)."""
+        values = {**settings.defaults(), 'inference_size': list(inference_size)}
+        self.engine = FusionEngine(loaded, settings.fusion_settings(values))
+        self.registration = ThermalRegistration()  # identity: resizes thermal of another size
+
+    def fuse(self, source: SourcePair) -> FusedImages:
+        """Fuse one pair into the images the node would publish (mono8 saliency)."""
+        # A dataset's thermal image is already a display-normalized picture, and training reads
+        # it as value / type maximum; the node's default percentile stretch would change it, so
+        # the fixed full-type range gives the model the pixels it was trained on.
+        full_range = (0.0, float(np.iinfo(source.thermal.dtype).max))
+        thermal = ThermalNormalizer(mode='fixed', fixed_range=full_range)(source.thermal)
+        height, width = source.visible_bgr.shape[:2]
+        pair = PreparedPair(0, 0, source.name, self.registration(thermal, (width, height)),
+                            source.visible_bgr)
+        encoding = 'bgr8' if source.visible_is_color else 'mono8'
+        self.engine.settings = dataclasses.replace(self.engine.settings, output_encoding=encoding)
+        result = self.engine.infer(pair)
+        (fused, _), (saliency, _) = settings.output_images(result, 'mono8')
+        return FusedImages(fused, saliency, result.inference_seconds)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H); '0x0' means full resolution."""
+    try:
+        width, height = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got '{text}'") from None
+    reason = settings.check({'inference_size': [width, height]})
+    if reason:
+        raise argparse.ArgumentTypeError(reason)
+    return width, height
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument('--ir', type=pathlib.Path, required=True, help='folder of IR images')
+    parser.add_argument('--vi', type=pathlib.Path, required=True,
+                        help='folder of visible images (same file names as --ir)')
+    parser.add_argument('--out', type=pathlib.Path, required=True,
+                        help='output folder: fused/NAME.png and saliency/NAME.png')
+    parser.add_argument('--weights', default='',
+                        help='checkpoint (.safetensors with its .json); default: shipped weights')
+    parser.add_argument('--preset', default='auto', choices=settings.SPECS['model.preset'].choices,
+                        help='model preset for the shipped weights (default: %(default)s)')
+    parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    parser.add_argument('--inference-size', type=parse_size, default=(0, 0), metavar='WxH',
+                        help='size the model runs at, detail restored at full resolution '
+                             '(default: 0x0 = full resolution)')
+    return parser.parse_args(argv)
+
+
+def output_paths(out: pathlib.Path, pairs: list[Pair]) -> dict[str, tuple[pathlib.Path, ...]]:
+    """name -> (fused path, saliency path); ValueError if two inputs map to one output."""
+    stems = [pathlib.Path(pair.name).stem for pair in pairs]
+    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if clashes:
+        raise ValueError(f'several inputs would write the same output: {clashes[:5]}.png')
+    return {pair.name: (out / 'fused' / f'{stem}.png', out / 'saliency' / f'{stem}.png')
+            for pair, stem in zip(pairs, stems)}
+
+
+def write_png(path: pathlib.Path, image: np.ndarray) -> None:
+    """Write an image; OSError names the file when it cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f'{path}: cannot write')
+
+
+def fuse_folders(args: argparse.Namespace) -> int:
+    """Fuse every matched pair; returns the number of pairs that failed."""
+    pairs, unmatched = match_pairs(args.ir, args.vi)
+    for path in unmatched:
+        print(f'{PROG}: no partner for {path}: skipped', file=sys.stderr)
+    if not pairs:
+        raise ValueError(f'no pairs with the same file name in {args.ir} and {args.vi}')
+    outputs = output_paths(args.out, pairs)
+    loaded = load_fusion_model(args.weights, args.preset, args.device)
+    print(f'{PROG}: {len(pairs)} pairs with {loaded.name} on {loaded.device} -> {args.out}',
+          file=sys.stderr)
+    fuser = ImageFuser(loaded, args.inference_size)
+    failed = 0
+    for pair in tqdm(pairs, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True):
+        try:
+            images = fuser.fuse(read_pair(pair))
+        except ValueError as error:  # an unreadable or unusable file: the others still run
+            tqdm.write(f'{PROG}: {error}', file=sys.stderr)
+            failed += 1
+            continue
+        for path, image in zip(outputs[pair.name], (images.fused, images.saliency)):
+            write_png(path, image)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; exit code 0 when every pair was fused, 1 otherwise."""
+    args = parse_args(argv)
+    try:
+        failed = fuse_folders(args)
+    except (OSError, ValueError, CheckpointError) as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f'\n{PROG}: interrupted', file=sys.stderr)
+        return 130
+    if failed:
+        print(f'{PROG}: {failed} pair(s) failed (see above)', file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""s4fusion-fuse and s4fusion-eval on real pairs: the node's engine on files, and the report."""
+
+import re
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from s4fusion_ros import settings
+from s4fusion_ros.engine import FusionEngine, FusionSettings, PreparedPair
+from s4fusion_ros.evaluation import baselines, metrics, report
+from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint
+from s4fusion_ros.runtime import load_fusion_model
+from s4fusion_ros.tools import evaluate, fuse
+
+COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
+GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small images gain nothing from threads, and on a busy machine they wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model():
+    """Untrained, with its output moved to mid-gray so that no pixel is clamped to black."""
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig(dims=(8, 16, 32), d_state=4, fusion_d_state=4,
+                                    fusion_blocks=1))
+    with torch.no_grad():
+        model.head.conv.bias.fill_(0.5)
+    return model
+
+
+@pytest.fixture(scope='module')
+def tiny_weights(tmp_path_factory):
+    """A small checkpoint: fast, and the same whether trained weights ship or not."""
+    path = tmp_path_factory.mktemp('weights') / 'tiny.safetensors'
+    save_checkpoint(tiny_model(), path)
+    return path
+
+
+def copy_pairs(ivif_dir, folder, pairs):
+    for side in ('ir', 'vi'):
+        (folder / side).mkdir(parents=True, exist_ok=True)
+        for dataset, name in pairs:
+            shutil.copy(ivif_dir / dataset / side / name, folder / side / name)
+
+
+def read_png(path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None, path
+    return image
+
+
+def test_fuse_writes_what_the_engine_makes_from_the_images(ivif_dir, tmp_path, tiny_weights):
+    copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])
+    out = tmp_path / 'out'
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 0
+    engine = FusionEngine(load_fusion_model(str(tiny_weights), device='cpu'))
+    for (dataset, name), encoding in ((COLOUR_PAIR, 'bgr8'), (GRAY_PAIR, 'mono8')):
+        ir = cv2.imread(str(ivif_dir / dataset / 'ir' / name), cv2.IMREAD_GRAYSCALE)
+        vi = cv2.imread(str(ivif_dir / dataset / 'vi' / name), cv2.IMREAD_COLOR)
+        engine.settings = FusionSettings(output_encoding=encoding)
+        # Dataset thermal images are display-ready 8-bit: the model sees them / 255.
+        expected = engine.infer(PreparedPair(0, 0, name, ir.astype(np.float32) / 255.0, vi))
+        stem = name.rsplit('.', 1)[0]
+        fused = read_png(out / 'fused' / f'{stem}.png')
+        saliency = read_png(out / 'saliency' / f'{stem}.png')
+        assert fused.shape == (vi.shape if encoding == 'bgr8' else ir.shape)
+        assert saliency.shape == ir.shape and saliency.dtype == np.uint8 and saliency.max() > 0
+        # x / 255 and the normalizer's x * (1 / 255) may differ in the last float bit.
+        assert np.abs(fused.astype(int) - expected.fused).max() <= 1
+        assert np.abs(saliency.astype(int) - np.rint(expected.saliency * 255)).max() <= 1
+
+
+def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, capsys,
+                                                           tiny_weights):
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    shutil.copy(tmp_path / 'ir' / '08.png', tmp_path / 'ir' / 'lonely.png')
+    shutil.copy(tmp_path / 'ir' / '08.png', tmp_path / 'ir' / 'broken.png')
+    (tmp_path / 'vi' / 'broken.png').write_bytes(b'not a png')
+    out = tmp_path / 'out'
+    code = fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu'])
+    errors = capsys.readouterr().err
+    assert code == 1
+    assert f'no partner for {tmp_path / "ir" / "lonely.png"}' in errors
+    assert f'{tmp_path / "vi" / "broken.png"}: not a readable image' in errors
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
+def table_rows(text, dataset):
+    """{method: [cell, ...]} of a dataset's table, bold markers removed."""
+    section = text.split(f'## {dataset} ')[1].split('\n## ')[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip('*') for c in line.strip('|').split('|')]
+        if line.startswith('| ') and cells[0] != 'Method':
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_path,
+                                                                  tiny_weights):
+    out, grid = tmp_path / 'quality.md', tmp_path / 'grid.png'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '2',
+                          '--methods', 'ours,average,densefuse', '--weights', str(tiny_weights),
+                          '--device', 'cpu', '--out', str(out), '--grid', str(grid)]) == 0
+    text = out.read_text()
+    rows = table_rows(text, 'tno42')
+    ours = f'S4Fusion ({tiny_weights.parent.name}/tiny)'
+    assert list(rows) == [ours, 'Average', 'DenseFuse (stored outputs)']
+    names = ['01.png', '02.png']
+    tno = ivif_dir / 'tno'
+    sources = [[cv2.imread(str(tno / side / n), cv2.IMREAD_GRAYSCALE) for side in ('ir', 'vi')]
+               for n in names]
+    average = [np.rint(baselines.fuse_average(ir, vi) * 255).astype(np.uint8)
+               for ir, vi in sources]
+    stored = [cv2.imread(str(tno / 'fused' / 'DenseFuse' / n), cv2.IMREAD_GRAYSCALE)
+              for n in names]
+    for method, outputs in (('Average', average), ('DenseFuse (stored outputs)', stored)):
+        scores = [metrics.evaluate_all(f, ir, vi) for f, (ir, vi) in zip(outputs, sources)]
+        expected = [report.format_value(np.mean([s[m] for s in scores])) for m in metrics.METRICS]
+        assert rows[method][:len(metrics.METRICS)] == expected, method
+    assert rows['DenseFuse (stored outputs)'][-1] == 'stored'
+    assert float(rows['Average'][-1]) >= 0.0
+    assert re.search(rf'- {re.escape(ours)} beats every other method \(Average, DenseFuse '
+                     r'\(stored outputs\)\) on \d+ of 12 metrics', text)
+    assert 'Only the first 2 pairs' in text and 'its JSON holds no training information' in text
+    image = read_png(grid)
+    assert image.shape[0] == report.GRID_LABEL + report.GRID_HEIGHT and image.shape[2] == 3
+    assert f'![IR / VI / fused / saliency]({grid.name})' in text
+
+
+def scores(values):
+    """Per-pair metric dicts where every metric takes `values[i]` on pair i."""
+    return [dict.fromkeys(metrics.METRICS, value) for value in values]
+
+
+def test_best_and_wins_compare_the_printed_values():
+    ours = report.MethodScores('ours', True, scores([2.0, 4.0]))  # mean 3
+    other = report.MethodScores('other', False, scores([3.0004]))  # prints 3.000 too
+    worse = report.MethodScores('worse', False, scores([1.0]))
+    dataset = report.DatasetScores('d', 2, [ours, other, worse])
+    assert report.best_methods(dataset, 'EN') == {'ours', 'other'}
+    assert report.best_methods(dataset, 'MSE') == {'worse'}
+    assert report.wins(dataset) == {'ours': []}
+    other.scores = scores([2.5])
+    assert report.wins(dataset) == {'ours': [m for m in metrics.METRICS if m != 'MSE']}
+    assert '| ours | **3.000** |' in '\n'.join(report.metric_table(dataset))
+
+
+def test_shipped_configurations_are_skipped_when_their_weights_are_missing(tmp_path):
+    def shipped(preset):
+        return tmp_path / f's4fusion_{preset}.safetensors'
+
+    configs, skipped, _ = evaluate.ours_configs([], shipped)
+    assert configs == []
+    assert [line.split(':')[0] for line in skipped] == ['S4Fusion authors', 'S4Fusion compact']
+    assert 's4fusion_compact.safetensors is missing' in skipped[1]
+    save_checkpoint(tiny_model(), shipped('compact'))
+    configs, skipped, _ = evaluate.ours_configs([], shipped)
+    size = tuple(settings.SPECS['inference_size'].default)
+    expected = [evaluate.OursConfig('S4Fusion compact', shipped('compact'))]
+    if all(size):  # the node's CPU defaults run the model at a reduced size
+        expected.append(evaluate.OursConfig(
+            f'S4Fusion compact, CPU defaults ({size[0]}x{size[1]})', shipped('compact'), size))
+    assert configs == expected and len(skipped) == 1
