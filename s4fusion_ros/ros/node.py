@@ -1,0 +1,270 @@
+"""s4fusion_node: fuses synchronized thermal and visible image topics with S4Fusion.
+
+Subscribes  thermal/image_raw, visible/image_raw (sensor_msgs/Image; .../compressed with *.transport)
+Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header), /diagnostics
+
+Message callbacks only decode, pair and queue; the model runs on its own worker thread (see
+InferenceWorker), so a slow model never blocks the inputs.
+"""
+
+import sys
+import time
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+
+from .. import settings
+from ..engine import FusionEngine, FusionResult
+from ..imaging.encodings import ImageDecodeError, encode_image
+from ..messages import ns_to_sec_nanosec, raw_from_message, stamp_to_ns
+from ..stats import LatencyStats, RateMeter
+from ..worker import InferenceWorker
+from . import parameters
+
+LOG_THROTTLE_S = 5.0
+
+
+class S4FusionNode(Node):
+    """The live fusion node (thin: decoding, pairing and fusion live in the ROS-free core)."""
+
+    def __init__(self, **kwargs):
+        super().__init__('s4fusion_node', **kwargs)
+        # Registered before declaring, so start-up values pass the same checks as live changes.
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        for name, spec in settings.SPECS.items():
+            self.declare_parameter(name, spec.default, parameters.descriptor(name, spec))
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        p = self._values()
+
+        self.loaded = settings.model_from_params(p)
+        if not self.loaded.trained:
+            self.get_logger().error(
+                f'NO TRAINED WEIGHTS for {self.loaded.name}: the fused output is not meaningful')
+        # The offline bag tool uses the same factories: same parameters, same pairs and pixels.
+        self.pipeline = settings.pipeline_from_params(p)
+        self.synchronizer = self.pipeline.synchronizer
+        self.normalizer = self.pipeline.normalizer
+        self.registration = self.pipeline.registration
+        self.engine = FusionEngine(self.loaded, settings.fusion_settings(p))
+        self.saliency_encoding = p['saliency.encoding']
+
+        self.thermal_rate, self.visible_rate, self.fused_rate = RateMeter(), RateMeter(), RateMeter()
+        self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
+        self.rejected = {'thermal': 0, 'visible': 0}
+        self.inference_errors = 0
+        self.publish_errors = 0
+        self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
+        self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
+                                      p['inference.queue_policy'])
+
+        output_qos = _qos(p['qos.output.reliability'], p['qos.output.depth'])
+        self.fused_pub = self.create_publisher(Image, '~/fused', output_qos)
+        self.saliency_pub = self.create_publisher(Image, '~/saliency', output_qos)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        input_qos = _qos(p['qos.input.reliability'], p['qos.input.depth'])
+        self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], input_qos)
+        self.visible_sub = self._subscribe('visible', p['visible.transport'], input_qos)
+        self.create_timer(0.05, self._expire_pending)
+        self.create_timer(p['diagnostics.period'], self._publish_diagnostics)
+        self.get_logger().info(
+            f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
+            f'{self.fused_pub.topic_name}, {self.saliency_pub.topic_name} with {self.loaded.name} '
+            f'on {self.loaded.device}{" (fp16)" if self.loaded.half else ""}')
+
+    # Parameters -----------------------------------------------------------------------------
+
+    def _values(self) -> dict:
+        return {name: value.value for name, value in self._parameters.items()
+                if name in settings.SPECS}
+
+    def _validate_parameters(self, params):
+        return parameters.validate_update(self._values(), {p.name: p.value for p in params})
+
+    def _apply_parameters(self, params) -> None:
+        if not hasattr(self, 'engine'):
+            return  # start-up: the constructor builds everything from the declared values
+        names = {p.name for p in params}
+        values = self._values()
+        if 'sync.slop' in names:
+            self.synchronizer.slop = values['sync.slop']
+        if any(name.startswith('normalization.') for name in names):
+            self.normalizer.configure(**settings.normalizer_settings(values))
+        self.engine.settings = settings.fusion_settings(values)  # inference_size is read-only
+        self.saliency_encoding = values['saliency.encoding']
+        self.get_logger().info('parameters updated: ' + ', '.join(
+            f'{p.name}={p.value}' for p in params))
+
+    # Inputs ---------------------------------------------------------------------------------
+
+    def _subscribe(self, role: str, transport: str, qos: QoSProfile):
+        compressed = transport == 'compressed'
+        topic = f'{role}/image_raw' + ('/compressed' if compressed else '')
+        events = SubscriptionEventCallbacks(
+            incompatible_qos=lambda info, r=role: self._on_incompatible_qos(r, info))
+
+        def on_message(msg, r=role):
+            self._on_image(r, msg)
+        return self.create_subscription(CompressedImage if compressed else Image, topic,
+                                        on_message, qos, event_callbacks=events)
+
+    def _on_incompatible_qos(self, role: str, info) -> None:
+        topic = getattr(self, f'{role}_sub').topic_name
+        self.get_logger().error(
+            f'{topic}: a publisher offers QoS incompatible with this subscription (policy '
+            f'{info.last_policy_kind}), so nothing is received from it. The usual cause is a '
+            'best_effort (sensor-data) publisher: set qos.input.reliability:=best_effort',
+            throttle_duration_sec=LOG_THROTTLE_S)
+
+    def _on_image(self, role: str, msg) -> None:
+        (self.thermal_rate if role == 'thermal' else self.visible_rate).tick()
+        add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
+        try:
+            prepared = add(raw_from_message(msg), stamp_to_ns(msg.header.stamp),
+                           msg.header.frame_id)
+        except (ImageDecodeError, ValueError) as error:
+            self.rejected[role] += 1
+            topic = getattr(self, f'{role}_sub').topic_name
+            encoding = getattr(msg, 'encoding', None) or getattr(msg, 'format', '?')
+            self.get_logger().warning(f'{topic}: dropped a {encoding} message: {error}',
+                                      throttle_duration_sec=LOG_THROTTLE_S)
+            return
+        self._submit(prepared)
+
+    def _expire_pending(self) -> None:
+        # The pipeline extrapolates the stamps' clock from arrivals (sync.timeout is its own).
+        self._submit(self.pipeline.expire(time.monotonic()))
+
+    def _submit(self, prepared) -> None:
+        while len(self.pipeline.notices) > self.notices_logged:
+            self.get_logger().warning(self.pipeline.notices[self.notices_logged])
+            self.notices_logged += 1
+        for pair in prepared:
+            self.worker.submit(pair)
+
+    # Inference and outputs ------------------------------------------------------------------
+
+    def _fuse_and_publish(self, pair) -> None:
+        try:
+            result = self.engine.infer(pair)
+        except Exception as error:  # noqa: BLE001 - one bad pair (e.g. CUDA OOM) must not stop us
+            self.inference_errors += 1
+            self.get_logger().error(f'inference failed, pair dropped: {error!r}',
+                                    throttle_duration_sec=LOG_THROTTLE_S)
+            _release_cuda_cache(self.loaded.device)
+            return
+        self.inference_latency.add(result.inference_seconds)
+        try:
+            self._publish(result)
+        except Exception as error:  # noqa: BLE001 - e.g. RCLError "cannot publish data"
+            self.publish_errors += 1
+            self.get_logger().warning(f'publishing failed: {error}',
+                                      throttle_duration_sec=LOG_THROTTLE_S)
+            return
+        self.fused_rate.tick()
+        now_ns = self.get_clock().now().nanoseconds
+        self.end_to_end_latency.add((now_ns - result.pair.visible_stamp_ns) / 1e9)
+
+    def _publish(self, result: FusionResult) -> None:
+        images = settings.output_images(result, self.saliency_encoding)
+        for publisher, (array, encoding) in zip((self.fused_pub, self.saliency_pub), images):
+            publisher.publish(_image_message(array, encoding, result.pair))
+
+    def _publish_diagnostics(self) -> None:
+        sync = self.synchronizer.stats
+        inference = self.inference_latency.summary()
+        end_to_end = self.end_to_end_latency.summary()
+        values = {
+            'thermal rate (Hz)': self.thermal_rate.rate(),
+            'visible rate (Hz)': self.visible_rate.rate(),
+            'fused rate (Hz)': self.fused_rate.rate(),
+            'thermal received': sync.thermal_received,
+            'visible received': sync.visible_received,
+            'thermal rejected (bad message)': self.rejected['thermal'],
+            'visible rejected (bad message)': self.rejected['visible'],
+            'pairs': sync.pairs,
+            'thermal unpaired': sync.thermal_unpaired,
+            'visible unpaired': sync.visible_unpaired,
+            'pairs dropped (inference busy)': self.worker.dropped,
+            'pairs fused': self.fused_rate.total,
+            'inference errors': self.inference_errors,
+            'publish errors': self.publish_errors,
+            'inference latency mean (s)': inference['mean'],
+            'inference latency p95 (s)': inference['p95'],
+            'end-to-end latency mean (s)': end_to_end['mean'],
+            'end-to-end latency p95 (s)': end_to_end['p95'],
+            'device': str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
+            'model': self.loaded.name,
+        }
+        level, message = DiagnosticStatus.OK, 'fusing'
+        if not self.loaded.trained:
+            level, message = DiagnosticStatus.WARN, 'running untrained weights'
+        elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
+            level, message = DiagnosticStatus.WARN, 'waiting for both inputs'
+        status = DiagnosticStatus(
+            level=level, name=f'{self.get_fully_qualified_name()}: fusion', message=message,
+            hardware_id=str(self.loaded.device),
+            values=[KeyValue(key=k, value=_format_value(v)) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics_pub.publish(array)
+
+    def destroy_node(self):
+        self.worker.stop()
+        super().destroy_node()
+
+
+def _qos(reliability: str, depth: int) -> QoSProfile:
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=depth,
+        reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
+                     else ReliabilityPolicy.BEST_EFFORT))
+
+
+def _image_message(array: np.ndarray, encoding: str, pair) -> Image:
+    raw = encode_image(array, encoding)
+    msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
+                is_bigendian=raw.is_bigendian, step=raw.step)
+    msg.data = bytes(raw.data)  # bytes assignment is fast; a NumPy array costs ~0.5 s per image
+    sec, nanosec = ns_to_sec_nanosec(pair.visible_stamp_ns)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
+    msg.header.frame_id = pair.frame_id
+    return msg
+
+
+def _format_value(value) -> str:
+    return f'{value:.4g}' if isinstance(value, float) else str(value)
+
+
+def _release_cuda_cache(device) -> None:
+    if device.type == 'cuda':
+        import torch
+        torch.cuda.empty_cache()
+
+
+def main(args=None) -> int:
+    """Console entry point (`ros2 run s4fusion_ros s4fusion_node`)."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = S4FusionNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as error:  # noqa: BLE001 - start-up errors get one clear line, no traceback
+        print(f's4fusion_node: {error}', file=sys.stderr)
+        return 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

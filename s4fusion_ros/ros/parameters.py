@@ -1,0 +1,30 @@
+"""rclpy glue for the node's parameters: descriptors and set-parameters results.
+
+The table itself (names, defaults, checks) is ROS-free in s4fusion_ros/settings.py, so the offline
+bag tool reads the same parameters without rclpy.
+"""
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import SetParametersResult
+
+from ..settings import Spec, check_update
+
+
+def descriptor(name: str, spec: Spec) -> ParameterDescriptor:
+    """Build a ParameterDescriptor with the description, range and read-only flag of a spec."""
+    text = spec.description + (f" ({', '.join(spec.choices)})" if spec.choices else '')
+    result = ParameterDescriptor(name=name, description=text, read_only=not spec.runtime)
+    if spec.range is not None:
+        low, high = spec.range
+        if isinstance(spec.default, int) and not isinstance(spec.default, bool):
+            result.integer_range = [IntegerRange(from_value=low, to_value=high, step=0)]
+        else:
+            result.floating_point_range = [FloatingPointRange(from_value=float(low),
+                                                              to_value=float(high), step=0.0)]
+    return result
+
+
+def validate_update(current: dict, updates: dict) -> SetParametersResult:
+    """Check parameter changes against the current values as a whole (settings.check_update)."""
+    reason = check_update(current, updates)
+    return SetParametersResult(successful=not reason, reason=reason)

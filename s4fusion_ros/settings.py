@@ -1,0 +1,287 @@
+"""The node's parameters without ROS: table, parameter file, and the fusion path they build.
+
+The live node (ros/node.py; ros/parameters.py adds the rclpy descriptors) and the offline bag tool
+both read the same YAML format and build their pipeline and engine with the factories here, so one
+parameter file means the same thing live and offline.
+
+config/s4fusion.yaml holds the same defaults (a test keeps the two equal). Parameter names map to
+the usual ROS names: `sync.queue_size` is message_filters' / stereo_image_proc's `queue_size`,
+`sync.slop` is `slop` / `approximate_sync_tolerance_seconds`.
+"""
+
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+import yaml
+
+from .engine import OUTPUT_ENCODINGS, FusionPipeline, FusionResult, FusionSettings
+from .imaging.normalization import MODES as NORMALIZATION_MODES
+from .imaging.normalization import ThermalNormalizer
+from .imaging.registration import ThermalRegistration
+from .runtime import LoadedModel, load_fusion_model
+from .sync import PairSynchronizer
+from .worker import QUEUE_POLICIES
+
+NODE_NAME = 's4fusion_node'
+RELIABILITIES = ('reliable', 'best_effort')
+TRANSPORTS = ('raw', 'compressed')
+SALIENCY_ENCODINGS = ('mono8', '32FC1')
+IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+# Keys a parameter file may hold for any node (rclpy handles them); the offline tool ignores them.
+ROS_KEYS = ('use_sim_time', 'qos_overrides.', 'start_type_description_service')
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parameter: default, description, whether it can change while running, and its limits."""
+
+    default: object
+    description: str
+    runtime: bool = False
+    choices: tuple = ()
+    range: tuple | None = None  # inclusive (low, high) for numbers
+
+
+SPECS = {
+    'device': Spec('auto', 'auto (CUDA if available), cpu, cuda or cuda:N'),
+    'half': Spec(False, 'fp16 inference through autocast (CUDA only)'),
+    'model.preset': Spec('auto', 'auto (authors on CUDA, compact on CPU), authors or compact',
+                         choices=('auto', 'authors', 'compact')),
+    'model.weights': Spec('', 'checkpoint (.safetensors with its .json); empty = shipped weights'),
+    'thermal.transport': Spec('raw', 'raw: sensor_msgs/Image on thermal/image_raw; compressed: '
+                              'CompressedImage on thermal/image_raw/compressed',
+                              choices=TRANSPORTS),
+    'visible.transport': Spec('raw', 'raw: sensor_msgs/Image on visible/image_raw; compressed: '
+                              'CompressedImage on visible/image_raw/compressed',
+                              choices=TRANSPORTS),
+    'qos.input.reliability': Spec('reliable', 'input reliability (reliable receives nothing from '
+                                  'a best_effort publisher)', choices=RELIABILITIES),
+    'qos.input.depth': Spec(5, 'input history depth (keep last)', range=(1, 1000)),
+    'qos.output.reliability': Spec('reliable', 'output reliability', choices=RELIABILITIES),
+    'qos.output.depth': Spec(5, 'output history depth (keep last)', range=(1, 1000)),
+    'sync.slop': Spec(0.05, 'largest stamp difference (s) of a thermal/visible pair', runtime=True,
+                      range=(0.0, 1.0)),
+    'sync.queue_size': Spec(30, 'messages kept per input while waiting for a partner',
+                            range=(1, 1000)),
+    'sync.timeout': Spec(0.5, 'seconds a thermal frame waits for a later visible frame before it '
+                         'is paired with what has arrived', range=(0.0, 10.0)),
+    'sync.thermal_offset': Spec(0.0, 'seconds added to thermal stamps for matching (constant '
+                                'driver latency); outputs keep the original stamps',
+                                range=(-1.0, 1.0)),
+    'inference.queue_size': Spec(1, 'pairs waiting for the model', range=(1, 100)),
+    'inference.queue_policy': Spec('keep_newest', 'when the queue is full: keep_newest drops the '
+                                   'oldest pair, keep_oldest drops the new one',
+                                   choices=QUEUE_POLICIES),
+    'inference_size': Spec([0, 0], '[width, height] the model runs at (detail restored at full '
+                           'resolution); [0, 0] = the visible image size'),
+    'registration.homography': Spec(IDENTITY, 'row-major 3x3 homography from thermal pixels to '
+                                    'visible pixels'),
+    'normalization.mode': Spec('percentile', 'thermal to [0, 1]: percentile (smoothed over time), '
+                               'minmax or fixed', runtime=True, choices=NORMALIZATION_MODES),
+    'normalization.low_percentile': Spec(1.0, 'percentile mode: low percentile', runtime=True,
+                                         range=(0.0, 100.0)),
+    'normalization.high_percentile': Spec(99.0, 'percentile mode: high percentile', runtime=True,
+                                          range=(0.0, 100.0)),
+    'normalization.smoothing': Spec(0.8, 'percentile mode: weight of the previous range '
+                                    '(0 = none)', runtime=True, range=(0.0, 0.999)),
+    'normalization.fixed_min': Spec(0.0, 'fixed mode: raw value (counts or temperature) mapped '
+                                    'to 0', runtime=True),
+    'normalization.fixed_max': Spec(65535.0, 'fixed mode: raw value mapped to 1', runtime=True),
+    'output_encoding': Spec('bgr8', 'fused image encoding', runtime=True,
+                            choices=OUTPUT_ENCODINGS),
+    'saliency.encoding': Spec('mono8', 'saliency image encoding: mono8 (0-255) or 32FC1 (0-1)',
+                              runtime=True, choices=SALIENCY_ENCODINGS),
+    'saliency.contrast': Spec(0.2, 'carried thermal excess (luminance) that counts as fully '
+                              'salient', runtime=True, range=(0.01, 1.0)),
+    'saliency.threshold': Spec(0.0, 'saliency below this is published as 0', runtime=True,
+                               range=(0.0, 1.0)),
+    'diagnostics.period': Spec(1.0, 'seconds between /diagnostics messages', range=(0.1, 60.0)),
+}
+
+
+class SettingsError(ValueError):
+    """A parameter file or value that cannot be used; the message names the file or parameter."""
+
+
+def defaults() -> dict:
+    """Every parameter at its default value."""
+    return {name: spec.default for name, spec in SPECS.items()}
+
+
+def check(values: dict) -> str:
+    """Why `values` (a full or partial set of parameter values) is invalid; '' when it is valid.
+
+    Types and ranges are enforced by rclpy from the descriptors (offline: `check_types`); this
+    checks what descriptors cannot express.
+    """
+    for name, value in values.items():
+        spec = SPECS.get(name)
+        if spec is not None and spec.choices and value not in spec.choices:
+            return f"{name}: '{value}' is not one of {', '.join(spec.choices)}"
+    if 'inference_size' in values:
+        size = list(values['inference_size'])
+        if len(size) != 2 or min(size) < 0 or (0 in size and any(size)):
+            return f'inference_size: expected [width, height] > 0 or [0, 0], got {size}'
+    if 'registration.homography' in values:
+        matrix = np.asarray(values['registration.homography'], dtype=np.float64)
+        if matrix.size != 9 or not np.all(np.isfinite(matrix)):
+            return 'registration.homography: expected 9 finite numbers (row-major 3x3)'
+        if abs(np.linalg.det(matrix.reshape(3, 3))) < 1e-12:
+            return 'registration.homography: the matrix is singular'
+    return ''
+
+
+def check_update(current: dict, updates: dict) -> str:
+    """Why changing `current` by `updates` is invalid, cross-parameter rules too ('' if valid).
+
+    `current` holds the values known so far: while the node declares its parameters one by one, a
+    cross-parameter rule is checked once both of its parameters are known.
+    """
+    merged = {**current, **updates}
+    reason = check(updates)
+    for low, high in (('normalization.low_percentile', 'normalization.high_percentile'),
+                      ('normalization.fixed_min', 'normalization.fixed_max')):
+        if not reason and low in merged and high in merged and merged[low] >= merged[high]:
+            reason = f'{low} ({merged[low]}) must be below {high} ({merged[high]})'
+    return reason
+
+
+def check_types(values: dict) -> str:
+    """Check what rclpy enforces from the descriptors (type and range) for the offline tool.
+
+    Types follow rclpy: an int where a double is declared is refused (write 0.0, not 0).
+    """
+    for name, value in values.items():
+        spec = SPECS[name]
+        expected = _kind(spec.default)
+        if _kind(value) != expected:
+            return f'{name}: expected {expected}, got {value!r}'
+        if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
+            return f'{name}: {value} is outside [{spec.range[0]}, {spec.range[1]}]'
+    return ''
+
+
+def _kind(value) -> str:
+    """Name rclpy's parameter type of a Python value."""
+    if isinstance(value, (list, tuple)):
+        kinds = {_kind(item) for item in value}
+        return f'an array of {kinds.pop()}s' if len(kinds) == 1 else 'a mixed array'
+    for kind, name in ((bool, 'bool'), (int, 'integer'), (float, 'double'), (str, 'string')):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def load_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> dict:
+    """Read a node --params-file: defaults, then the file's `/**` and `<node_name>` sections.
+
+    Nested keys become dotted names (`sync: {slop: 0.1}` is `sync.slop`). Raises SettingsError
+    naming the file for unreadable YAML, a missing section, unknown names and invalid values.
+    """
+    path = pathlib.Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SettingsError(f'{path}: cannot read the parameter file: {error}') from None
+    sections = [_flatten(body['ros__parameters'])
+                for body in _matching_sections(document, node_name)]
+    if not sections:
+        raise SettingsError(f"{path}: no '/**' or '{node_name}' section with ros__parameters")
+    values = defaults()
+    for section in sections:  # '/**' first: the node-specific section wins, as in rclpy
+        for name, value in section.items():
+            if name.startswith(ROS_KEYS):
+                continue
+            if name not in SPECS:
+                raise SettingsError(f"{path}: unknown parameter '{name}'")
+            values[name] = value
+    reason = check_types(values) or check_update({}, values)
+    if reason:
+        raise SettingsError(f'{path}: {reason}')
+    return values
+
+
+def _matching_sections(document, node_name: str) -> list[dict]:
+    """Return the sections that apply to the node, wildcard ones first."""
+    if not isinstance(document, dict):
+        return []
+    wildcard, specific = [], []
+    for key, body in document.items():
+        if not isinstance(body, dict) or not isinstance(body.get('ros__parameters'), dict):
+            continue
+        name = str(key).strip('/')
+        if name in ('**', '*'):
+            wildcard.append(body)
+        elif name.rsplit('/', 1)[-1] == node_name:  # '/ns/s4fusion_node' too
+            specific.append(body)
+    return wildcard + specific
+
+
+def nest(values: dict) -> dict:
+    """Turn dotted names into the nested mapping of a parameter file ({'a.b': 1} -> a: b: 1)."""
+    tree = {}
+    for name, value in values.items():
+        *parents, leaf = name.split('.')
+        branch = tree
+        for parent in parents:
+            branch = branch.setdefault(parent, {})
+        branch[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + '.'))
+        else:
+            flat[name] = value
+    return flat
+
+
+# Factories: parameter values -> the fusion path (the node and the bag tool call these) ----------
+
+def model_from_params(values: dict) -> LoadedModel:
+    """Load the model named by `device`, `half`, `model.preset` and `model.weights`."""
+    return load_fusion_model(values['model.weights'], values['model.preset'], values['device'],
+                             values['half'])
+
+
+def normalizer_settings(values: dict) -> dict:
+    """Map the `normalization.*` parameters to ThermalNormalizer keyword arguments."""
+    return {'mode': values['normalization.mode'],
+            'low_percentile': values['normalization.low_percentile'],
+            'high_percentile': values['normalization.high_percentile'],
+            'smoothing': values['normalization.smoothing'],
+            'fixed_range': (values['normalization.fixed_min'], values['normalization.fixed_max'])}
+
+
+def pipeline_from_params(values: dict) -> FusionPipeline:
+    """Build the synchronizer, normalizer and registration from their parameters.
+
+    `sync.timeout` lives in the synchronizer: callers pass their clock's now to `expire`.
+    """
+    synchronizer = PairSynchronizer(
+        slop=values['sync.slop'], queue_size=values['sync.queue_size'],
+        thermal_offset=values['sync.thermal_offset'], timeout=values['sync.timeout'])
+    normalizer = ThermalNormalizer(**normalizer_settings(values))
+    registration = ThermalRegistration(np.reshape(values['registration.homography'], (3, 3)))
+    return FusionPipeline(synchronizer, normalizer, registration)
+
+
+def fusion_settings(values: dict) -> FusionSettings:
+    """Map the output parameters to FusionEngine settings."""
+    return FusionSettings(output_encoding=values['output_encoding'],
+                          saliency_contrast=values['saliency.contrast'],
+                          saliency_threshold=values['saliency.threshold'],
+                          inference_size=tuple(values['inference_size']))
+
+
+def output_images(result: FusionResult, saliency_encoding: str) -> list[tuple[np.ndarray, str]]:
+    """Return [(fused, encoding), (saliency, encoding)] as published: saliency mono8 is 0-255."""
+    saliency = result.saliency
+    if saliency_encoding == 'mono8':
+        saliency = np.rint(saliency * 255.0).astype(np.uint8)
+    return [(result.fused, result.fused_encoding), (saliency, saliency_encoding)]
