@@ -1,0 +1,277 @@
+"""Reading and writing rosbag2 image bags with rosbags, without ROS.
+
+Bags are what `ros2 bag record` writes: a directory with metadata.yaml and sqlite3 (.db3) or MCAP
+storage; a bare .db3 / .mcap file is read too. Every reading fault is a BagError naming the file
+(and the topic where one is involved). A bag is written under a temporary name beside its final
+path and renamed into place only when complete, so an interruption, a crash or a full disk never
+leaves a half-written bag under the final name.
+"""
+
+import contextlib
+import dataclasses
+import pathlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from functools import cache
+
+import numpy as np
+import yaml
+from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurability, QosHistory,
+                                QosLiveliness, QosReliability, QosTime)
+from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from .imaging.encodings import encode_image
+
+IMAGE = 'sensor_msgs/msg/Image'
+COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
+IMAGE_TYPES = (IMAGE, COMPRESSED_IMAGE)
+STORAGES = ('mcap', 'sqlite3')
+BAG_VERSION = 9  # what Jazzy and Kilted write
+
+# Encodings that only a thermal camera publishes, and colour that only a visible camera does;
+# 8-bit gray is thermal only on a topic named like one (many thermal drivers publish mono8 AGC).
+THERMAL_ENCODINGS = frozenset({'mono16', '16UC1', '32FC1'})
+COLOR_ENCODINGS = frozenset({'bgr8', 'rgb8', 'bgra8', 'rgba8'})
+GRAY8_ENCODINGS = frozenset({'mono8', '8UC1'})
+THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir)([^a-z]|$)',
+                          re.IGNORECASE)
+
+_NO_TIME = QosTime(sec=0, nsec=0)
+# The node's output QoS (reliable, keep last 5, volatile): what a replay should offer.
+RELIABLE_QOS = Qos(QosHistory.KEEP_LAST, 5, QosReliability.RELIABLE, QosDurability.VOLATILE,
+                   _NO_TIME, _NO_TIME, QosLiveliness.AUTOMATIC, _NO_TIME, False)
+
+
+class BagError(Exception):
+    """A bag that cannot be read or written; the message names the file (and topic)."""
+
+
+@cache
+def typestore():
+    """Return the message types of ROS 2 Kilted (the distro this package targets)."""
+    return get_typestore(Stores.ROS2_KILTED)
+
+
+# Reading ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
+    """Open a bag for reading; any fault while opening or reading is a BagError naming it."""
+    path = pathlib.Path(path)
+    try:
+        reader = Reader(path)
+        reader.open()
+    except FileNotFoundError as error:
+        raise BagError(f'{path}: no such bag: {_reason(error)}') from None
+    except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
+        raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
+                       f'{_reason(error)}') from None
+    try:
+        yield reader
+    finally:
+        with contextlib.suppress(Exception):
+            reader.close()
+
+
+def read_messages(reader: Reader, path: pathlib.Path,
+                  topics: Iterable[str]) -> Iterator[tuple[Connection, int, bytes]]:
+    """Yield (connection, log time ns, raw CDR) of `topics` in recorded order."""
+    wanted = set(topics)
+    connections = [c for c in reader.connections if c.topic in wanted]
+    try:
+        for connection, log_time, raw in reader.messages(connections=connections):
+            yield connection, log_time, raw
+    except Exception as error:  # noqa: BLE001 - truncated or corrupt storage
+        raise BagError(f'{path}: cannot read the bag (truncated or corrupt?): '
+                       f'{_reason(error)}') from None
+
+
+def deserialize(path: pathlib.Path, connection: Connection, raw: bytes):
+    """Decode one message; a corrupt message is a BagError naming the file and topic."""
+    try:
+        return typestore().deserialize_cdr(raw, connection.msgtype)
+    except Exception as error:  # noqa: BLE001 - struct, index and value errors of a bad buffer
+        raise BagError(f'{path}: {connection.topic}: cannot decode a {connection.msgtype} '
+                       f'message: {_reason(error)}') from None
+
+
+def _reason(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
+def storage_of(path: pathlib.Path) -> str:
+    """Return the storage format of a bag that opened: 'mcap' or 'sqlite3'."""
+    if path.is_file():
+        return 'mcap' if path.suffix == '.mcap' else 'sqlite3'
+    metadata = yaml.safe_load((path / 'metadata.yaml').read_text())
+    return metadata['rosbag2_bagfile_information']['storage_identifier']
+
+
+# Image topics and which camera they are ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ImageTopic:
+    """An image topic of a bag: the encoding of its first message and the camera it looks like."""
+
+    topic: str
+    msgtype: str
+    count: int
+    encoding: str  # '' when unknown (e.g. a CompressedImage format without the source encoding)
+    role: str  # 'thermal', 'visible' or '' (cannot tell)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the topic carries sensor_msgs/CompressedImage."""
+        return self.msgtype == COMPRESSED_IMAGE
+
+    def describe(self) -> str:
+        """One line for messages: topic (type, encoding, count)."""
+        kind = 'CompressedImage' if self.compressed else 'Image'
+        return f'{self.topic} ({kind}, {self.encoding or "encoding unknown"}, {self.count} msgs)'
+
+
+def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
+    """List the bag's Image and CompressedImage topics, each described by its first message."""
+    topics = []
+    for topic, info in sorted(reader.topics.items()):
+        if info.msgtype not in IMAGE_TYPES:
+            continue
+        encoding = ''
+        for connection, _, raw in read_messages(reader, path, [topic]):
+            encoding = message_encoding(deserialize(path, connection, raw))
+            break
+        topics.append(ImageTopic(topic, info.msgtype, info.msgcount, encoding,
+                                 guess_role(topic, encoding)))
+    return topics
+
+
+def message_encoding(message) -> str:
+    """Return Image.encoding, or the source encoding of a CompressedImage ('bgr8; jpeg ...')."""
+    if hasattr(message, 'format'):
+        head, separator, _ = message.format.partition(';')
+        return head.strip() if separator else ''
+    return message.encoding
+
+
+def guess_role(topic: str, encoding: str) -> str:
+    """Return 'thermal' or 'visible' when the encoding (and topic name) tell, else ''."""
+    thermal_name = THERMAL_NAME.search(topic) is not None
+    if encoding in THERMAL_ENCODINGS or (encoding in GRAY8_ENCODINGS and thermal_name):
+        return 'thermal'
+    if encoding in COLOR_ENCODINGS and not thermal_name:  # not a false-colour thermal view
+        return 'visible'
+    return ''
+
+
+def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | None = None,
+                visible: str | None = None) -> tuple[ImageTopic, ImageTopic]:
+    """Choose the thermal and visible topics: the ones named, else the only ones that look so."""
+    found = '; '.join(t.describe() for t in topics) or 'none'
+    chosen = {}
+    for role, name in (('thermal', thermal), ('visible', visible)):
+        if name:
+            match = [t for t in topics if t.topic == name]
+            if not match:
+                raise BagError(f"{path}: no image topic '{name}' (--{role}-topic); image topics "
+                               f'in the bag: {found}')
+            chosen[role] = match[0]
+    for role in ('thermal', 'visible'):
+        if role in chosen:
+            continue
+        taken = {t.topic for t in chosen.values()}
+        candidates = [t for t in topics if t.role == role and t.topic not in taken]
+        raw = [t for t in candidates if not t.compressed]
+        candidates = raw if len(raw) == 1 else candidates  # a raw topic beats its /compressed
+        if len(candidates) != 1:
+            problem = 'several topics could be' if candidates else 'no topic looks like'
+            raise BagError(f'{path}: {problem} the {role} camera; image topics in the bag: '
+                           f'{found}. Name it with --{role}-topic')
+        chosen[role] = candidates[0]
+    if chosen['thermal'].topic == chosen['visible'].topic:
+        raise BagError(f"{path}: '{chosen['thermal'].topic}' cannot be both thermal and visible")
+    return chosen['thermal'], chosen['visible']
+
+
+# Writing ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool = False,
+               compress: bool = False) -> Iterator[Writer]:
+    """Write a new bag directory at `path`, atomically.
+
+    The bag is built in a hidden sibling directory and renamed to `path` when the block ends
+    without an exception; otherwise (Ctrl-C, crash, full disk) the partial bag is removed and
+    `path` is untouched. An existing `path` is an error unless `overwrite`, and even then only a
+    rosbag2 directory is replaced. `compress` zstd-compresses MCAP chunks.
+    """
+    path = pathlib.Path(path)
+    if storage not in STORAGES:
+        raise BagError(f"{path}: unknown storage '{storage}' (one of {', '.join(STORAGES)})")
+    check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.partial',
+                                            dir=path.parent))
+    try:
+        writer = Writer(staging / path.name, version=BAG_VERSION,
+                        storage_plugin=StoragePlugin[storage.upper()])
+        if compress and storage == 'mcap':
+            writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+        with writer:
+            yield writer
+        if path.exists():
+            check_output(path, overwrite)
+            path.rename(staging / 'replaced')  # removed with the staging directory
+        (staging / path.name).rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output(path: pathlib.Path, overwrite: bool) -> None:
+    """Refuse an existing `path` unless `overwrite`; even then, replace only a rosbag2 bag."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise BagError(f'{path} exists; pass --overwrite to replace it')
+    if not (path / 'metadata.yaml').is_file():
+        raise BagError(f'{path} exists and is not a rosbag2 directory; not replacing it')
+
+
+def add_image_topic(writer: Writer, topic: str, qos: Qos = RELIABLE_QOS) -> Connection:
+    """Register a sensor_msgs/msg/Image topic with its definition and type hash."""
+    return writer.add_connection(topic, IMAGE, typestore=typestore(), offered_qos_profiles=[qos])
+
+
+def copy_topic(writer: Writer, connection: Connection, topic: str | None = None) -> Connection:
+    """Register a topic with the type, definition and QoS of a connection read from a bag."""
+    ext = connection.ext
+    qos = ext.offered_qos_profiles if isinstance(ext, ConnectionExtRosbag2) else []
+    if connection.msgdef.data and connection.digest:
+        return writer.add_connection(topic or connection.topic, connection.msgtype,
+                                     msgdef=connection.msgdef.data, rihs01=connection.digest,
+                                     offered_qos_profiles=qos)
+    # Older bags carry neither: take them from the type store.
+    return writer.add_connection(topic or connection.topic, connection.msgtype,
+                                 typestore=typestore(), offered_qos_profiles=qos)
+
+
+def image_cdr(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: str) -> memoryview:
+    """Serialize an array as a sensor_msgs/msg/Image with the given header."""
+    types = typestore().types
+    raw = encode_image(array, encoding)
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    header = types['std_msgs/msg/Header'](
+        stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=frame_id)
+    message = types[IMAGE](header=header, height=raw.height, width=raw.width,
+                           encoding=raw.encoding, is_bigendian=raw.is_bigendian, step=raw.step,
+                           data=np.frombuffer(raw.data, np.uint8))
+    return typestore().serialize_cdr(message, IMAGE)
+
+
+def bag_size(path: pathlib.Path) -> int:
+    """Return the bytes on disk of a bag directory or file."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob('*') if f.is_file())

@@ -1,0 +1,245 @@
+"""s4fusion-bag: fuse the thermal and visible topics of a rosbag2 offline into a new bag.
+
+Messages go through the node's own FusionPipeline and FusionEngine, built from the same parameter
+file (`--params`, the node's --params-file format), in recorded order. Unlike the live node nothing
+is dropped for lack of time: every pair is fused. A thermal frame is decided by the next visible
+frame or at the end of the bag; the live node's timeout decides it earlier only when the visible
+stream stalls for longer than sync.timeout, which changes a pair only if slop exceeds the stall.
+
+The output bag has the node's output topics (sensor_msgs/Image with the visible header, log time =
+that header stamp) and, with --include-inputs, the input topics as recorded. It is written under a
+temporary name and renamed when complete: an interrupted or failed run leaves nothing under the
+output name.
+"""
+
+import argparse
+import pathlib
+import signal
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from rosbags.rosbag2 import WriterError
+from tqdm import tqdm
+
+from .. import settings
+from ..bagio import (STORAGES, BagError, ImageTopic, add_image_topic, bag_size, check_output,
+                     copy_topic, create_bag, deserialize, image_cdr, image_topics, open_bag,
+                     pick_topics, read_messages, storage_of)
+from ..engine import FusionEngine, FusionPipeline, FusionResult
+from ..imaging.encodings import ImageDecodeError
+from ..messages import raw_from_message, stamp_to_ns
+
+PROG = 's4fusion-bag'
+DEFAULT_FUSED_TOPIC = f'/{settings.NODE_NAME}/fused'
+DEFAULT_SALIENCY_TOPIC = f'/{settings.NODE_NAME}/saliency'
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument('input', type=pathlib.Path,
+                        help='rosbag2 directory (sqlite3 or MCAP) or a .db3 / .mcap file')
+    parser.add_argument('output', type=pathlib.Path, help='bag directory to create')
+    parser.add_argument('--thermal-topic', help='thermal image topic (default: detected from '
+                        'the encodings: mono16/16UC1/32FC1, or mono8 on a thermal-named topic)')
+    parser.add_argument('--visible-topic', help='visible image topic (default: the bgr8/rgb8 one)')
+    parser.add_argument('--params', type=pathlib.Path,
+                        help="the node's parameter file (e.g. config/s4fusion.yaml)")
+    parser.add_argument('--device', help='override the device parameter (auto, cpu, cuda:N)')
+    parser.add_argument('--weights', help='override model.weights (a .safetensors checkpoint)')
+    parser.add_argument('--fused-topic', default=DEFAULT_FUSED_TOPIC,
+                        help='output topic of the fused images (default: %(default)s)')
+    parser.add_argument('--saliency-topic', default=DEFAULT_SALIENCY_TOPIC,
+                        help='output topic of the saliency maps (default: %(default)s)')
+    parser.add_argument('--include-inputs', action='store_true',
+                        help='copy the thermal and visible topics into the output bag')
+    parser.add_argument('--storage', choices=STORAGES,
+                        help='output storage format (default: that of the input)')
+    parser.add_argument('--export-png', type=pathlib.Path, metavar='DIR',
+                        help='also write fused and saliency PNGs of every Nth pair to DIR')
+    parser.add_argument('--export-every', type=int, default=1, metavar='N',
+                        help='with --export-png: every Nth pair (default: %(default)s)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace OUTPUT if it is an existing bag')
+    args = parser.parse_args(argv)
+    if args.export_every < 1:
+        parser.error('--export-every must be >= 1')
+    return args
+
+
+def load_values(args: argparse.Namespace) -> dict:
+    """Node parameter values: defaults, the parameter file, then the command-line overrides."""
+    values = settings.load_params_file(args.params) if args.params else settings.defaults()
+    for name, value in (('device', args.device), ('model.weights', args.weights)):
+        if value is not None:
+            values[name] = value
+    return values
+
+
+@dataclass
+class Counts:
+    """What happened to the input messages."""
+
+    read: dict = field(default_factory=lambda: {'thermal': 0, 'visible': 0})
+    undecodable: dict = field(default_factory=lambda: {'thermal': 0, 'visible': 0})
+    fused: int = 0
+
+
+class BagFuser:
+    """Feeds one bag's messages through the pipeline and writes what the node would publish."""
+
+    def __init__(self, pipeline: FusionPipeline, engine: FusionEngine, saliency_encoding: str,
+                 export: pathlib.Path | None, export_every: int):
+        self.pipeline = pipeline
+        self.engine = engine
+        self.saliency_encoding = saliency_encoding
+        self.export = export
+        self.export_every = export_every
+        self.counts = Counts()
+        self.warned = set()
+        self.notices_shown = 0
+
+    def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
+            writer, topics: tuple[str, str], include_inputs: bool) -> None:
+        """Fuse every pair of the bag into `writer` on the (fused, saliency) `topics`."""
+        outputs = [add_image_topic(writer, topic) for topic in topics]
+        connections = {c.topic: c for c in reader.connections}
+        copies = ({topic.topic: copy_topic(writer, connections[topic.topic])
+                   for topic in (thermal, visible)} if include_inputs else {})
+        roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
+        with tqdm(total=thermal.count, unit='pair', desc='fusing', file=sys.stderr,
+                  dynamic_ncols=True) as progress:
+            for connection, log_time, raw in read_messages(reader, path, roles):
+                if include_inputs:
+                    writer.write(copies[connection.topic], log_time, raw)
+                prepared = self._add(roles[connection.topic], path, connection,
+                                     deserialize(path, connection, raw))
+                self._show_notices(path)
+                self._fuse(prepared, writer, outputs, progress)
+            prepared = self.pipeline.flush()
+            self._show_notices(path)
+            self._fuse(prepared, writer, outputs, progress)
+
+    def _add(self, role: str, path: pathlib.Path, connection, message) -> list:
+        self.counts.read[role] += 1
+        add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
+        try:
+            return add(raw_from_message(message), stamp_to_ns(message.header.stamp),
+                       message.header.frame_id)
+        except ValueError as error:  # ImageDecodeError and bad geometry: the node drops these
+            self.counts.undecodable[role] += 1
+            if connection.topic not in self.warned:
+                self.warned.add(connection.topic)
+                kind = 'undecodable' if isinstance(error, ImageDecodeError) else 'unusable'
+                tqdm.write(f'{PROG}: {path}: {connection.topic}: skipping {kind} messages '
+                           f'(first: {error})', file=sys.stderr)
+            return []
+
+    def _show_notices(self, path: pathlib.Path) -> None:
+        """Print the pipeline's one-time warnings about the inputs, as the node logs them."""
+        for notice in self.pipeline.notices[self.notices_shown:]:
+            tqdm.write(f'{PROG}: {path}: {notice}', file=sys.stderr)
+        self.notices_shown = len(self.pipeline.notices)
+
+    def _fuse(self, prepared: list, writer, outputs: list, progress: tqdm) -> None:
+        for pair in prepared:
+            result = self.engine.infer(pair)
+            images = settings.output_images(result, self.saliency_encoding)
+            for connection, (array, encoding) in zip(outputs, images):
+                writer.write(connection, pair.visible_stamp_ns,
+                             image_cdr(array, encoding, pair.visible_stamp_ns, pair.frame_id))
+            if self.export is not None and self.counts.fused % self.export_every == 0:
+                export_png(self.export, self.counts.fused, result)
+            self.counts.fused += 1
+            stats = self.pipeline.synchronizer.stats
+            progress.update(1)
+            progress.set_postfix(unpaired=stats.thermal_unpaired + stats.visible_unpaired,
+                                 dropped=self.dropped(), refresh=False)
+
+    def dropped(self) -> int:
+        """Messages neither paired nor unpaired: undecodable, late, overflowed or unstamped."""
+        stats = self.pipeline.synchronizer.stats
+        return (sum(self.counts.undecodable.values()) + stats.thermal_late + stats.visible_late
+                + stats.thermal_overflow + stats.visible_overflow + stats.thermal_rejected
+                + stats.visible_rejected)
+
+
+def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> None:
+    """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray)."""
+    fused = result.fused
+    if result.fused_encoding == 'rgb8':
+        fused = cv2.cvtColor(fused, cv2.COLOR_RGB2BGR)
+    saliency = np.rint(result.saliency * 255.0).astype(np.uint8)
+    stem = directory / f'{index:06d}_{result.pair.visible_stamp_ns}'
+    for suffix, image in (('fused', fused), ('saliency', saliency)):
+        path = f'{stem}_{suffix}.png'
+        if not cv2.imwrite(path, image):
+            raise OSError(f'cannot write {path}')
+
+
+def run(args: argparse.Namespace) -> None:
+    """Fuse args.input into args.output; raises with a message naming the file on failure."""
+    if args.output.resolve() == args.input.resolve():
+        raise BagError(f'{args.output}: the output cannot be the input bag')
+    check_output(args.output, args.overwrite)  # before minutes of work, not after
+    values = load_values(args)
+    started = time.monotonic()
+    with open_bag(args.input) as reader:
+        thermal, visible = pick_topics(image_topics(reader, args.input), args.input,
+                                       args.thermal_topic, args.visible_topic)
+        storage = args.storage or storage_of(args.input)
+        loaded = settings.model_from_params(values)
+        print(f'{PROG}: {thermal.describe()} + {visible.describe()} -> {args.output} '
+              f'({storage}) with {loaded.name} on {loaded.device}', file=sys.stderr)
+        if args.export_png:
+            args.export_png.mkdir(parents=True, exist_ok=True)
+        fuser = BagFuser(settings.pipeline_from_params(values),
+                         FusionEngine(loaded, settings.fusion_settings(values)),
+                         values['saliency.encoding'], args.export_png, args.export_every)
+        with create_bag(args.output, storage, overwrite=args.overwrite) as writer:
+            fuser.run(reader, args.input, thermal, visible, writer,
+                      (args.fused_topic, args.saliency_topic), args.include_inputs)
+    print_summary(args, fuser, time.monotonic() - started)
+
+
+def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> None:
+    """One paragraph: what was read, paired, fused and written."""
+    counts, stats = fuser.counts, fuser.pipeline.synchronizer.stats
+    print(f'{PROG}: fused {counts.fused} pairs from {counts.read["thermal"]} thermal + '
+          f'{counts.read["visible"]} visible messages in {seconds:.1f} s '
+          f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s); unpaired: '
+          f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
+          f'{fuser.dropped()}; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB)',
+          file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; exit code 0 on success, 1 on an error, 130 when interrupted."""
+    args = parse_args(argv)
+    # `kill` and service managers send SIGTERM: clean up exactly as for Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    untouched = f'the partial output was removed and {args.output} was not written'
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print(f'\n{PROG}: interrupted; {untouched}', file=sys.stderr)
+        return 130
+    except (BagError, settings.SettingsError) as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error, WriterError) as error:
+        # A full disk, a file size limit, an unwritable directory.
+        print(f'{PROG}: writing {args.output} failed: {error}; {untouched}', file=sys.stderr)
+        return 1
+    except ValueError as error:  # a model, device or image setting that cannot work
+        print(f'{PROG}: {error}; {untouched}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

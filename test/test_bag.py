@@ -1,0 +1,304 @@
+"""s4fusion-bag on real bags: every pair fused, stamps kept, atomic output, clear errors."""
+
+import os
+import pathlib
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from s4fusion_ros import bagio, settings
+from s4fusion_ros.tools import bag as bag_tool
+
+TYPESTORE = get_typestore(Stores.ROS2_KILTED)
+IMAGE, COMPRESSED = 'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage'
+SCENES = ['00004N.png', '00537D.png', '00012N.png']
+SIZE = (160, 120)
+THERMAL_TOPIC, VISIBLE_TOPIC = '/flir/image_raw', '/camera/color/image_raw'
+THERMAL_FRAME, VISIBLE_FRAME = 'flir_optical_frame', 'camera_color_optical_frame'
+SLOP = 0.02
+# Nested keys under the node-specific section, as a robot's parameter file would have them.
+PARAMS = {'s4fusion_node': {'ros__parameters': {
+    'device': 'cpu', 'inference_size': [96, 72], 'sync': {'slop': SLOP}}}}
+BAG_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-bag'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):
+    """[(log time, topic, stamp, encoding, image)]: thermal mono16 at ~9 Hz and bgr8 at ~30 Hz.
+
+    Real MSRS pairs at SIZE, the scene changing over time, stamps with 2 ms jitter and a log time
+    2-15 ms after the stamp (transport), sorted by log time as a recorder writes them.
+    """
+    rng = random.Random(seed)
+    scenes = []
+    for name in SCENES:
+        ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / name), cv2.IMREAD_GRAYSCALE)
+        vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / name), cv2.IMREAD_COLOR)
+        counts = (7000 + 30 * cv2.resize(ir, SIZE, interpolation=cv2.INTER_AREA).astype(np.uint16))
+        scenes.append((counts, cv2.resize(vi, SIZE, interpolation=cv2.INTER_AREA)))
+    start = 1_650_000_000 * 10**9
+    events = []
+    for topic, period, encoding in ((THERMAL_TOPIC, 1 / 9, 'mono16'),
+                                    (VISIBLE_TOPIC, 1 / 30, 'bgr8')):
+        t = rng.uniform(0.0, period)
+        while t < duration:
+            thermal, visible = scenes[min(int(t / duration * len(scenes)), len(scenes) - 1)]
+            stamp = start + round((t + rng.gauss(0.0, 0.002)) * 1e9)
+            image = thermal if encoding == 'mono16' else visible
+            events.append((stamp + rng.randint(2, 15) * 10**6, topic, stamp, encoding, image))
+            t += period
+    return sorted(events, key=lambda event: event[0])
+
+
+def image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: str,
+                  compressed: bool = False):
+    """Build a rosbags sensor_msgs Image, or a CompressedImage as image_transport makes one."""
+    types = TYPESTORE.types
+    sec, nanosec = divmod(stamp, 10**9)
+    header = types['std_msgs/msg/Header'](
+        stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=frame_id)
+    if compressed:
+        data = cv2.imencode('.jpg', image)[1].ravel()
+        return types[COMPRESSED](header=header, format=f'{encoding}; jpeg compressed bgr8',
+                                 data=data)
+    data = np.ascontiguousarray(image).view(np.uint8).ravel()
+    return types[IMAGE](header=header, height=image.shape[0], width=image.shape[1],
+                        encoding=encoding, is_bigendian=0, step=data.size // image.shape[0],
+                        data=data)
+
+
+def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False):
+    """Write the events as `ros2 bag record` would (rosbags directly, not the code under test)."""
+    visible_type = COMPRESSED if compressed_visible else IMAGE
+    visible_topic = VISIBLE_TOPIC + ('/compressed' if compressed_visible else '')
+    with Writer(path, version=9, storage_plugin=StoragePlugin[storage.upper()]) as writer:
+        connections = {
+            THERMAL_TOPIC: writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE),
+            VISIBLE_TOPIC: writer.add_connection(visible_topic, visible_type,
+                                                 typestore=TYPESTORE)}
+        for log_time, topic, stamp, encoding, image in events:
+            thermal = topic == THERMAL_TOPIC
+            message = image_message(image, encoding, stamp,
+                                    THERMAL_FRAME if thermal else VISIBLE_FRAME,
+                                    compressed=compressed_visible and not thermal)
+            writer.write(connections[topic], log_time,
+                         TYPESTORE.serialize_cdr(message, IMAGE if thermal else visible_type))
+    return path
+
+
+def expected_pairs(events) -> dict[int, int]:
+    """{visible stamp: thermal stamp}: each thermal frame with the nearest visible within slop."""
+    thermal = [e[2] for e in events if e[1] == THERMAL_TOPIC]
+    visible = [e[2] for e in events if e[1] == VISIBLE_TOPIC]
+    pairs = {}
+    for stamp in thermal:
+        nearest = min(visible, key=lambda v: abs(v - stamp))
+        if abs(nearest - stamp) <= SLOP * 1e9:
+            pairs[nearest] = stamp
+    return pairs
+
+
+def read_bag(path: pathlib.Path) -> dict[str, list]:
+    """{topic: [(log time, message type, raw CDR)]} of every message, with rosbags."""
+    topics = {}
+    with Reader(path) as reader:
+        for connection, log_time, raw in reader.messages():
+            topics.setdefault(connection.topic, []).append((log_time, connection.msgtype,
+                                                            bytes(raw)))
+    return topics
+
+
+@pytest.fixture(scope='module')
+def params_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('params') / 'params.yaml'
+    path.write_text(yaml.safe_dump(PARAMS))
+    return path
+
+
+@pytest.fixture(scope='module')
+def short_events(ivif_dir):
+    return camera_messages(ivif_dir, duration=0.6)
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, tmp_path,
+                                           capsys):
+    # sqlite3 input with a jpeg CompressedImage visible topic, MCAP input with raw images.
+    compressed = storage == 'sqlite3'
+    source = write_bag(tmp_path / 'in', short_events, storage, compressed_visible=compressed)
+    output, png_dir = tmp_path / 'out', tmp_path / 'png'
+    extra = [] if compressed else ['--include-inputs', '--export-png', str(png_dir),
+                                   '--export-every', '3']
+    assert bag_tool.main([str(source), str(output), '--params', str(params_file)] + extra) == 0
+
+    expected = expected_pairs(short_events)
+    assert len(expected) >= 5
+    messages = read_bag(output)  # readable by rosbags
+    fused = messages.pop('/s4fusion_node/fused')
+    saliency = messages.pop('/s4fusion_node/saliency')
+    assert len(fused) == len(saliency) == len(expected), capsys.readouterr().err
+    for (log_time, msgtype, raw), encoding in [(m, 'bgr8') for m in fused] + [
+            (m, 'mono8') for m in saliency]:
+        message = TYPESTORE.deserialize_cdr(raw, msgtype)
+        stamp = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
+        assert msgtype == IMAGE and stamp in expected and log_time == stamp
+        assert message.header.frame_id == VISIBLE_FRAME
+        assert (message.encoding, message.width, message.height) == (encoding, *SIZE)
+    assert sorted(log_time for log_time, _, _ in fused) == sorted(expected)
+    assert next(output.iterdir()).suffix == ('.db3' if storage == 'sqlite3' else '.mcap')
+    if compressed:
+        assert not messages
+    else:  # the inputs, byte for byte at their recorded log times
+        assert sorted(messages) == [VISIBLE_TOPIC, THERMAL_TOPIC]
+        recorded = read_bag(source)
+        assert messages == recorded
+        assert len(list(png_dir.glob('*_fused.png'))) == len(range(0, len(expected), 3))
+        assert len(list(png_dir.glob('*_saliency.png'))) == len(range(0, len(expected), 3))
+    assert f'fused {len(expected)} pairs' in capsys.readouterr().err
+
+
+def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
+    # A mono8 thermal core on a thermal-named topic, an RGB camera with its /compressed twin, and
+    # a mono8 camera that is not thermal.
+    path = tmp_path / 'cams'
+    stamp = short_events[0][2]
+    thermal8 = cv2.convertScaleAbs(short_events[0][4], alpha=1 / 64)
+    rgb = next(e[4] for e in short_events if e[3] == 'bgr8')
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        for topic, msgtype, message in (
+                ('/lwir/image', IMAGE, image_message(thermal8, 'mono8', stamp, 'lwir')),
+                ('/front/image', IMAGE, image_message(rgb, 'rgb8', stamp, 'front')),
+                ('/front/image/compressed', COMPRESSED,
+                 image_message(rgb, 'rgb8', stamp, 'front', compressed=True)),
+                ('/nav/mono', IMAGE, image_message(thermal8, 'mono8', stamp, 'nav'))):
+            connection = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+            writer.write(connection, stamp, TYPESTORE.serialize_cdr(message, msgtype))
+    with bagio.open_bag(path) as reader:
+        topics = bagio.image_topics(reader, path)
+    roles = {t.topic: (t.encoding, t.role) for t in topics}
+    assert roles == {'/lwir/image': ('mono8', 'thermal'), '/front/image': ('rgb8', 'visible'),
+                     '/front/image/compressed': ('rgb8', 'visible'), '/nav/mono': ('mono8', '')}
+    thermal, visible = bagio.pick_topics(topics, path)
+    assert (thermal.topic, visible.topic) == ('/lwir/image', '/front/image')
+    thermal, visible = bagio.pick_topics(topics, path, visible='/front/image/compressed')
+    assert (thermal.topic, visible.topic) == ('/lwir/image', '/front/image/compressed')
+    with pytest.raises(bagio.BagError, match='no topic looks like the thermal camera'):
+        bagio.pick_topics([t for t in topics if t.topic != '/lwir/image'], path)
+
+
+def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
+    path = tmp_path / 'params.yaml'
+    path.write_text(yaml.safe_dump({
+        '/**': {'ros__parameters': {'sync': {'slop': 0.1, 'timeout': 0.3}, 'use_sim_time': True}},
+        '/robot/s4fusion_node': {'ros__parameters': {'sync': {'slop': 0.02}}},
+        'other_node': {'ros__parameters': {'sync': {'slop': 0.5}}}}))
+    values = settings.load_params_file(path)
+    assert (values['sync.slop'], values['sync.timeout'], values['device']) == (0.02, 0.3, 'auto')
+    assert settings.load_params_file(REPO / 'config' / 's4fusion.yaml') == settings.defaults()
+    for wrong, reason in (({'sync': {'slop': 0}}, 'sync.slop: expected double'),
+                          ({'sync': {'slops': 0.1}}, "unknown parameter 'sync.slops'"),
+                          ({'sync': {'slop': 2.0}}, r'sync.slop: 2.0 is outside \[0.0, 1.0\]'),
+                          ({'inference_size': [96, 0]}, 'inference_size: expected'),
+                          ({'normalization': {'fixed_min': 9.0, 'fixed_max': 1.0}},
+                           r'normalization.fixed_min \(9.0\) must be below')):
+        path.write_text(yaml.safe_dump({'/**': {'ros__parameters': wrong}}))
+        with pytest.raises(settings.SettingsError, match=f'^{path}: {reason}'):
+            settings.load_params_file(path)
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(path)]) == 1
+    assert f'{path}: normalization.fixed_min' in capsys.readouterr().err
+
+
+def test_missing_topic_error_names_the_topics_found(short_events, tmp_path, capsys):
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    code = bag_tool.main([str(source), str(tmp_path / 'out'), '--thermal-topic', '/ir/raw'])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "no image topic '/ir/raw'" in error and str(source) in error
+    assert THERMAL_TOPIC in error and VISIBLE_TOPIC in error and 'Traceback' not in error
+    assert not (tmp_path / 'out').exists()
+
+
+def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsys):
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    existing = write_bag(tmp_path / 'existing', short_events[:4], 'mcap')
+    before = read_bag(existing)
+    assert bag_tool.main([str(source), str(existing)]) == 1
+    assert '--overwrite' in capsys.readouterr().err
+    assert read_bag(existing) == before
+
+
+def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path, capsys):
+    truncated = write_bag(tmp_path / 'truncated', short_events, 'mcap')
+    storage_file = truncated / 'truncated.mcap'
+    storage_file.write_bytes(storage_file.read_bytes()[:storage_file.stat().st_size // 2])
+    garbage = write_bag(tmp_path / 'garbage', short_events[:10], 'sqlite3')
+    (garbage / 'garbage.db3').write_bytes(b'not a database' * 1000)
+    no_metadata = write_bag(tmp_path / 'no_metadata', short_events[:10], 'mcap')
+    (no_metadata / 'metadata.yaml').write_text('rosbag2_bagfile_information: [')
+    for source, named in ((truncated, truncated), (garbage, garbage),
+                          (no_metadata, no_metadata / 'metadata.yaml'),
+                          (tmp_path / 'absent', tmp_path / 'absent')):
+        output = tmp_path / f'{source.name}_out'
+        assert bag_tool.main([str(source), str(output)]) == 1
+        error = capsys.readouterr().err
+        assert str(named) in error and 'Traceback' not in error, error
+        assert not output.exists()
+
+
+def run_tool(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path, *extra,
+             preexec_fn=None) -> subprocess.Popen:
+    return subprocess.Popen([str(BAG_TOOL), str(source), str(output), '--params', str(params),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=preexec_fn)
+
+
+def staging_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
+    return list(directory.glob('.*.partial'))
+
+
+def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, params_file,
+                                                                    tmp_path):
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=3.0), 'mcap')
+    output = write_bag(tmp_path / 'out', camera_messages(ivif_dir, duration=0.2), 'mcap')
+    before = read_bag(output)
+    proc = run_tool(source, output, params_file, '--overwrite')
+    deadline = time.monotonic() + 60
+    while not staging_dirs(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert staging_dirs(tmp_path), 'the tool never started writing'
+    time.sleep(0.5)  # mid-run: some pairs fused and written
+    proc.send_signal(signal.SIGINT)
+    _, error = proc.communicate(timeout=30)
+    assert proc.returncode == 130, error
+    assert 'interrupted' in error and f'{output} was not written' in error
+    assert 'Traceback' not in error
+    assert read_bag(output) == before
+    assert not staging_dirs(tmp_path)
+
+
+def _limit_file_size() -> None:
+    # A real write failure: files may not grow past 256 kB (EFBIG instead of SIGXFSZ).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+def test_failed_write_leaves_no_output(short_events, params_file, tmp_path):
+    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    output = tmp_path / 'out'
+    proc = run_tool(source, output, params_file, '--include-inputs', preexec_fn=_limit_file_size)
+    _, error = proc.communicate(timeout=120)
+    assert proc.returncode == 1, error
+    assert f'{output} was not written' in error and 'Traceback' not in error, error
+    assert not output.exists() and not staging_dirs(tmp_path)
+    assert os.listdir(tmp_path) == ['in']
