@@ -32,6 +32,9 @@ setup(
             's4fusion_node = s4fusion_ros.ros.node:main',
             's4fusion-fuse = s4fusion_ros.tools.fuse:main',
             's4fusion-eval = s4fusion_ros.tools.evaluate:main',
+            's4fusion-bag = s4fusion_ros.tools.bag:main',
+            's4fusion-play = s4fusion_ros.ros.player:main',
+            's4fusion-demo = s4fusion_ros.ros.demo:main',
         ],
     },
 )

@@ -1,0 +1,276 @@
+"""s4fusion-demo: the whole live chain on the shipped sample bag, in a couple of minutes on a CPU.
+
+    s4fusion-play (bag, /clock) -> s4fusion_node (a process, default parameters, sim time)
+        -> a recorder (this process) -> DIR/fused_bag, DIR/preview_*.png, DIR/summary.txt
+
+Everything runs in a DDS domain of its own, on loopback only, with Fast DDS's LARGE_DATA
+transports. The node runs as it would on a robot: when inference is slower than the cameras it
+drops pairs (keep_newest), and the summary reports how many.
+"""
+
+import argparse
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+
+import cv2
+import numpy as np
+import rclpy
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+
+from .. import settings
+from ..bagio import (IMAGE, BagError, create_bag, deserialize, image_topics, open_bag,
+                     pick_topics, read_messages)
+from ..imaging.encodings import decode_visible, image_to_array
+from ..messages import stamp_to_ns
+from .recorder import TopicRecorder
+
+PROG = 's4fusion-demo'
+SAMPLE_BAG = 'msrs_sample'
+NODE_TOPICS = {'thermal': '/thermal/image_raw', 'visible': '/visible/image_raw'}
+OUTPUT_TOPICS = (f'/{settings.NODE_NAME}/fused', f'/{settings.NODE_NAME}/saliency')
+PREVIEWS = 4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument('--output-dir', type=pathlib.Path, default=pathlib.Path('demo_output'),
+                        help='where the fused bag, previews and summary go (default: '
+                        '%(default)s)')
+    parser.add_argument('--bag', type=pathlib.Path,
+                        help='play this bag instead of the shipped sample (topics detected)')
+    parser.add_argument('--params', type=pathlib.Path,
+                        help="the node's parameter file (default: the node's defaults)")
+    parser.add_argument('--rate', type=float, default=1.0, help='playback speed factor')
+    parser.add_argument('--domain-id', type=int, default=60 + os.getpid() % 40,
+                        help='ROS_DOMAIN_ID of the demo (default: one derived from the pid)')
+    parser.add_argument('--timeout', type=float, default=180.0,
+                        help='give up after this many seconds (default: %(default)s)')
+    return parser.parse_args(argv)
+
+
+def sample_bag() -> pathlib.Path:
+    """Return the sample bag shipped in the package (s4fusion_ros/data/)."""
+    return pathlib.Path(str(resources.files('s4fusion_ros') / 'data' / SAMPLE_BAG))
+
+
+def executable(name: str) -> str:
+    """Return a console script of this installation (beside the running Python)."""
+    path = pathlib.Path(sys.executable).parent / name
+    if not path.exists():
+        raise BagError(f'{path} not found: install the package (scripts/setup.sh)')
+    return str(path)
+
+
+def isolate_dds(domain_id: int, log_dir: pathlib.Path) -> None:
+    """Keep this process and its children on loopback, in their own domain, with LARGE_DATA."""
+    os.environ.update({'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
+                       'ROS_DOMAIN_ID': str(domain_id),
+                       'FASTDDS_BUILTIN_TRANSPORTS': 'LARGE_DATA',
+                       'ROS_LOG_DIR': str(log_dir / 'ros')})
+
+
+def start(command: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+    """Start a child process with its output in `log_path`."""
+    with open(log_path, 'wb') as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    """Ctrl-C a child and wait for it (killed after 10 s)."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def tail(path: pathlib.Path, lines: int = 15) -> str:
+    """Return the last lines of a log file."""
+    return '\n'.join(path.read_text(errors='replace').splitlines()[-lines:])
+
+
+class Monitor(Node):
+    """The demo's own node: records the fused outputs and follows the fusion node's diagnostics."""
+
+    def __init__(self):
+        """Join the demo's sim time (the player's /clock) and listen to /diagnostics."""
+        super().__init__('s4fusion_demo',
+                         parameter_overrides=[Parameter('use_sim_time', value=True)])
+        self.status = {}
+        self.status_stamp = 0
+        self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+
+    def _on_diagnostics(self, array: DiagnosticArray) -> None:
+        for status in array.status:
+            if status.name.endswith(f'{settings.NODE_NAME}: fusion'):
+                self.status = {kv.key: kv.value for kv in status.values}
+                self.status_stamp = stamp_to_ns(array.header.stamp)
+
+    def number(self, key: str) -> float:
+        """Return a numeric diagnostics value (NaN until known)."""
+        try:
+            return float(self.status[key])
+        except (KeyError, ValueError):
+            return float('nan')
+
+    def spin_until(self, condition, timeout: float) -> bool:
+        """Spin until condition() holds or timeout seconds pass."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if condition():
+                return True
+            rclpy.spin_once(self, timeout_sec=0.05)
+        return condition()
+
+
+def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_after_ns: int) -> bool:
+    """Whether the node received the whole bag, decided every pair and its outputs all arrived."""
+    number = monitor.number
+    received = all(number(f'{role} received') + number(f'{role} rejected (bad message)')
+                   >= count for role, count in expected.items())
+    settled = number('pairs') == (number('pairs fused') + number('pairs dropped (inference busy)')
+                                  + number('inference errors') + number('publish errors'))
+    recorded = recorder.counts[OUTPUT_TOPICS[1]] >= number('pairs fused')
+    return received and settled and recorded and monitor.status_stamp >= done_after_ns
+
+
+def write_previews(bag: pathlib.Path, directory: pathlib.Path) -> list[pathlib.Path]:
+    """Fused image beside its saliency map (inferno) for a few pairs spread over the bag."""
+    images = {topic: {} for topic in OUTPUT_TOPICS}
+    with open_bag(bag) as reader:
+        for connection, _, raw in read_messages(reader, bag, OUTPUT_TOPICS):
+            message = deserialize(bag, connection, raw)
+            images[connection.topic][stamp_to_ns(message.header.stamp)] = message
+    stamps = sorted(set(images[OUTPUT_TOPICS[0]]) & set(images[OUTPUT_TOPICS[1]]))
+    chosen = [stamps[i] for i in np.linspace(0, len(stamps) - 1, min(PREVIEWS, len(stamps)),
+                                             dtype=int)] if stamps else []
+    paths = []
+    for index, stamp in enumerate(chosen):
+        fused = decode_visible(images[OUTPUT_TOPICS[0]][stamp])
+        saliency = np.asarray(image_to_array(images[OUTPUT_TOPICS[1]][stamp]))
+        if saliency.dtype != np.uint8:  # 32FC1 in [0, 1]
+            saliency = np.rint(np.clip(saliency, 0.0, 1.0) * 255.0).astype(np.uint8)
+        panel = np.hstack([fused, cv2.applyColorMap(saliency, cv2.COLORMAP_INFERNO)])
+        path = directory / f'preview_{index}.png'
+        cv2.imwrite(str(path), panel)
+        paths.append(path)
+    return paths
+
+
+def summary_line(monitor: Monitor, fused: int, seconds: float, drained_ok: bool) -> str:
+    """Sum up pairs fused, dropped, unpaired, latency and device in one line."""
+    number = monitor.number
+    state = '' if drained_ok else ' (stopped at the timeout before the node had caught up)'
+    return (f'{fused} pairs fused of {number("pairs"):.0f} paired '
+            f'({number("pairs dropped (inference busy)"):.0f} dropped while inference was busy) '
+            f'from {number("thermal received"):.0f} thermal + '
+            f'{number("visible received"):.0f} visible frames (unpaired: '
+            f'{number("thermal unpaired"):.0f} thermal, {number("visible unpaired"):.0f} '
+            f'visible); inference '
+            f'{number("inference latency mean (s)") * 1e3:.0f} ms mean, end-to-end '
+            f'{number("end-to-end latency mean (s)") * 1e3:.0f} ms mean (sim time); device '
+            f'{monitor.status.get("device", "?")} ({monitor.status.get("model", "?")}); '
+            f'{seconds:.0f} s wall{state}')
+
+
+def node_params_file(args: argparse.Namespace, directory: pathlib.Path) -> pathlib.Path:
+    """Return the node's parameter file: the one given, else the defaults."""
+    if args.params:
+        return args.params
+    path = directory / 'params.yaml'
+    tree = {'/**': {'ros__parameters': settings.nest(settings.defaults())}}
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run the chain; return the summary line."""
+    started = time.monotonic()
+    bag = args.bag or sample_bag()
+    out_dir, logs = args.output_dir, args.output_dir / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob('preview_*.png'):  # from an earlier run
+        stale.unlink()
+    values = settings.load_params_file(args.params) if args.params else settings.defaults()
+    with open_bag(bag) as reader:
+        thermal, visible = pick_topics(image_topics(reader, bag), bag)
+        end_ns = reader.end_time
+    isolate_dds(args.domain_id, logs)
+    play = [executable('s4fusion-play'), str(bag), '--clock', '--keep-alive',
+            '--rate', str(args.rate), '--topics', thermal.topic, visible.topic,
+            '--remap', f'{thermal.topic}:={NODE_TOPICS["thermal"]}',
+            '--remap', f'{visible.topic}:={NODE_TOPICS["visible"]}']
+    node_command = [executable(settings.NODE_NAME), '--ros-args', '--params-file',
+                    str(node_params_file(args, logs)), '-p', 'use_sim_time:=true']
+    print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
+          f'{settings.NODE_NAME}; logs in {logs}', file=sys.stderr)
+    # Ctrl-C must reach this code as KeyboardInterrupt, so that the children are stopped.
+    rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
+    node_process = player = None
+    try:
+        monitor = Monitor()
+        with create_bag(out_dir / 'fused_bag', 'mcap', overwrite=True) as writer:
+            qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+            recorder = TopicRecorder(monitor, writer, dict.fromkeys(OUTPUT_TOPICS, IMAGE), qos)
+            node_process = start(node_command, logs / 'node.log')
+            if not monitor.spin_until(lambda: node_process.poll() is not None
+                                      or monitor.count_publishers(OUTPUT_TOPICS[0]) > 0, 120):
+                raise BagError(f'{settings.NODE_NAME} did not come up in 120 s')
+            if node_process.poll() is not None:
+                raise BagError(f'{settings.NODE_NAME} exited:\n{tail(logs / "node.log")}')
+            player = start(play, logs / 'player.log')
+            # Done once the clock passed the last thermal frame's sync timeout and all is fused.
+            done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
+            expected = {'thermal': thermal.count, 'visible': visible.count}
+            drained_ok = monitor.spin_until(
+                lambda: player.poll() is not None or node_process.poll() is not None
+                or drained(monitor, recorder, expected, done_after),
+                max(1.0, args.timeout - (time.monotonic() - started)))
+            for process, name in ((player, 'player'), (node_process, 'node')):
+                if process.poll() is not None:
+                    raise BagError(f'the {name} exited early:\n{tail(logs / f"{name}.log")}')
+            drained_ok = drained_ok and drained(monitor, recorder, expected, done_after)
+        fused = recorder.counts[OUTPUT_TOPICS[0]]
+    finally:
+        stop(player)
+        stop(node_process)
+        rclpy.try_shutdown()
+    previews = write_previews(out_dir / 'fused_bag', out_dir)
+    line = summary_line(monitor, fused, time.monotonic() - started, drained_ok)
+    (out_dir / 'summary.txt').write_text(line + '\n')
+    print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews and summary.txt in '
+          f'{out_dir}', file=sys.stderr)
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        print(f'{PROG}: {run(args)}')
+    except KeyboardInterrupt:
+        print(f'\n{PROG}: interrupted; no fused bag written', file=sys.stderr)
+        return 130
+    except (BagError, settings.SettingsError, OSError) as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

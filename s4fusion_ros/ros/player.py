@@ -1,0 +1,228 @@
+"""s4fusion-play: publish a rosbag2's image topics with their recorded timing (no ros2 bag needed).
+
+Messages are read with rosbags and published as the recorded CDR bytes (rclpy's publish(bytes)),
+typed from the bag's metadata, at the recorded pace scaled by --rate. With --clock the player also
+publishes /clock (bag time) so that nodes with use_sim_time see the recording's time; their timers
+(the fusion node's sync timeout, diagnostics) then run on bag time too.
+
+Reliable keep-last publishers by default: large best-effort images are lost between processes on
+one machine (shared/design/ros2-environment.md). Playback starts once every topic has a subscriber
+(or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
+"""
+
+import argparse
+import importlib
+import pathlib
+import signal
+import sys
+import time
+
+import rclpy
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+from rosgraph_msgs.msg import Clock
+
+from ..bagio import IMAGE_TYPES, BagError, open_bag, read_messages
+
+PROG = 's4fusion-play'
+# Reliable history a late-matching reader can still be repaired from (one second at 30 Hz).
+PUBLISH_DEPTH = 30
+# Fast DDS can drop the first samples even after the writer sees the reader: give it a moment.
+DISCOVERY_SETTLE_S = 1.0
+ACK_TIMEOUT_S = 10.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument('bag', type=pathlib.Path, help='rosbag2 directory or .db3 / .mcap file')
+    parser.add_argument('--rate', type=float, default=1.0,
+                        help='playback speed factor (default: %(default)s)')
+    parser.add_argument('--loop', action='store_true', help='play the bag again and again')
+    parser.add_argument('--clock', action='store_true',
+                        help='publish /clock (bag time) for nodes with use_sim_time')
+    parser.add_argument('--clock-rate', type=float, default=100.0, metavar='HZ',
+                        help='/clock messages per second (default: %(default)s)')
+    parser.add_argument('--topics', nargs='+', metavar='TOPIC',
+                        help='topics to play (default: every Image/CompressedImage topic)')
+    parser.add_argument('--remap', action='append', default=[], metavar='OLD:=NEW',
+                        help='publish topic OLD as NEW (repeatable)')
+    parser.add_argument('--wait', type=float, default=30.0, metavar='SECONDS',
+                        help='wait up to SECONDS for a subscriber on every topic before playing '
+                        '(0: do not wait; default: %(default)s)')
+    parser.add_argument('--best-effort', action='store_true',
+                        help='publish best effort instead of reliable')
+    parser.add_argument('--keep-alive', action='store_true',
+                        help='after the end keep running (and advancing /clock) until Ctrl-C, '
+                        'so that nodes on sim time finish their timers')
+    args = parser.parse_args(argv)
+    if not args.rate > 0:
+        parser.error('--rate must be > 0')
+    if not args.clock_rate > 0:
+        parser.error('--clock-rate must be > 0')
+    try:
+        args.remap = dict(_split_remap(item) for item in args.remap)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def _split_remap(item: str) -> tuple[str, str]:
+    old, separator, new = item.partition(':=')
+    if not (separator and old and new):
+        raise ValueError(f"--remap expects OLD:=NEW, got '{item}'")
+    return old, new
+
+
+def message_class(msgtype: str):
+    """Import the rclpy message class of a bag type name like 'sensor_msgs/msg/Image'."""
+    package, _, name = msgtype.rpartition('/')
+    try:
+        return getattr(importlib.import_module(package.replace('/', '.')), name)
+    except (ImportError, AttributeError):
+        raise BagError(f"no Python message type for '{msgtype}' (install its ROS package, "
+                       f"e.g. ros-{msgtype.split('/')[0].replace('_', '-')})") from None
+
+
+class BagPlayer:
+    """Publishes a bag's topics at their recorded pace, with an optional /clock."""
+
+    def __init__(self, node: Node, args: argparse.Namespace):
+        self.node = node
+        self.args = args
+        with open_bag(args.bag) as reader:
+            types = {topic: info.msgtype for topic, info in reader.topics.items()}
+        wanted = args.topics or [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
+        missing = ([t for t in wanted if t not in types]
+                   + [t for t in args.remap if t not in wanted])  # a typo in --remap OLD
+        if missing or not wanted:
+            raise BagError(f"{args.bag}: no topic {', '.join(missing) or 'with images'} to play; "
+                           f"topics in the bag: {', '.join(sorted(types)) or 'none'}")
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=PUBLISH_DEPTH,
+                         reliability=(ReliabilityPolicy.BEST_EFFORT if args.best_effort
+                                      else ReliabilityPolicy.RELIABLE))
+        self.publishers = {topic: node.create_publisher(message_class(types[topic]),
+                                                        args.remap.get(topic, topic), qos)
+                           for topic in wanted}
+        self.clock_pub = (node.create_publisher(
+            Clock, '/clock', QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+            if args.clock else None)
+        self.published = dict.fromkeys(wanted, 0)
+        self.publish_errors = 0
+        self.bag_time = 0  # ns, what /clock says
+        self.next_tick = 0.0  # monotonic time of the next /clock message
+
+    def wait_for_subscribers(self) -> None:
+        """Wait for a subscriber on every topic (at most --wait s), then let discovery settle."""
+        if self.args.wait <= 0:
+            return
+        deadline = time.monotonic() + self.args.wait
+        lonely = list(self.publishers)
+        while lonely and time.monotonic() < deadline:
+            time.sleep(0.05)
+            lonely = [t for t, p in self.publishers.items() if p.get_subscription_count() == 0]
+        if lonely:
+            names = ', '.join(self.publishers[t].topic_name for t in lonely)
+            print(f'{PROG}: no subscriber on {names} after {self.args.wait:g} s; playing anyway',
+                  file=sys.stderr)
+        time.sleep(DISCOVERY_SETTLE_S)
+
+    def play_once(self) -> None:
+        """Publish the bag once, from its first message, at --rate."""
+        with open_bag(self.args.bag) as reader:
+            start_ns = reader.start_time
+            start_wall = time.monotonic()
+            self.bag_time = start_ns
+            self.next_tick = start_wall
+            for connection, log_time, raw in read_messages(reader, self.args.bag,
+                                                           self.publishers):
+                self._sleep_until(start_wall + (log_time - start_ns) / 1e9 / self.args.rate,
+                                  start_wall, start_ns)
+                self._publish(connection.topic, bytes(raw))
+
+    def idle(self) -> None:
+        """Keep /clock advancing from the end of the bag until interrupted."""
+        start_wall, start_ns = time.monotonic(), self.bag_time
+        while True:
+            self._sleep_until(time.monotonic() + 1.0, start_wall, start_ns)
+
+    def _sleep_until(self, target: float, start_wall: float, start_ns: int) -> None:
+        """Sleep until the monotonic time `target`, publishing /clock ticks on the way."""
+        while True:
+            now = time.monotonic()
+            if self.clock_pub is not None and now >= self.next_tick:
+                self._publish_clock(start_ns + round((now - start_wall) * self.args.rate * 1e9))
+                self.next_tick = max(self.next_tick + 1.0 / self.args.clock_rate, now)
+            wake = min(target, self.next_tick) if self.clock_pub is not None else target
+            if wake <= now:
+                return
+            time.sleep(wake - now)
+
+    def _publish_clock(self, stamp_ns: int) -> None:
+        self.bag_time = stamp_ns
+        message = Clock()
+        message.clock.sec, message.clock.nanosec = divmod(stamp_ns, 1_000_000_000)
+        self.clock_pub.publish(message)
+
+    def _publish(self, topic: str, data: bytes) -> None:
+        try:
+            self.publishers[topic].publish(data)
+        except Exception as error:  # noqa: BLE001 - RCLError 'cannot publish data' under load
+            self.publish_errors += 1
+            if self.publish_errors == 1:
+                print(f'{PROG}: publishing on {topic} failed: {error}', file=sys.stderr)
+            return
+        self.published[topic] += 1
+
+    def wait_for_acks(self) -> None:
+        """Let reliable subscribers receive everything before the publishers go away."""
+        for publisher in self.publishers.values():
+            publisher.wait_for_all_acked(Duration(seconds=ACK_TIMEOUT_S))
+
+    def summary(self) -> str:
+        """One line: messages published per topic."""
+        counts = ', '.join(f'{self.publishers[topic].topic_name} {count}'
+                           for topic, count in self.published.items())
+        errors = f'; {self.publish_errors} publish errors' if self.publish_errors else ''
+        return f'{PROG}: published {counts}{errors}'
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; Ctrl-C stops playback cleanly (exit code 0)."""
+    args = parse_args(argv)
+    # Not sys.argv: rcl would take OLD:=NEW there as a global remap. No rclpy signal handlers:
+    # they invalidate the context at Ctrl-C while the player is still publishing (it never spins).
+    rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    node = player = None
+    try:
+        node = Node('s4fusion_player', start_parameter_services=False)
+        player = BagPlayer(node, args)
+        player.wait_for_subscribers()
+        print(f'{PROG}: playing {args.bag} at rate {args.rate:g}'
+              + (f' with /clock at {args.clock_rate:g} Hz' if args.clock else ''), file=sys.stderr)
+        player.play_once()
+        while args.loop:
+            player.play_once()
+        player.wait_for_acks()
+        print(f'{player.summary()}; end of bag', file=sys.stderr, flush=True)
+        if args.keep_alive:
+            player.idle()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        if player is not None:
+            print(f'{player.summary()}; stopped', file=sys.stderr)
+    except BagError as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

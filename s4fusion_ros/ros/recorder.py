@@ -1,0 +1,34 @@
+"""Record topics into a rosbag2 with rosbags: the `ros2 bag record` the PyPI ROS wheels lack.
+
+Subscriptions are raw (rclpy hands over the CDR bytes), so nothing is decoded or re-encoded and
+the bag holds exactly what was received. As with ros2 bag record, the log time of a message is
+when it arrived on the recording node's clock (sim time when the node uses it).
+"""
+
+from rclpy.node import Node
+from rclpy.qos import QoSProfile
+from rosbags.rosbag2 import Writer
+
+from ..bagio import RELIABLE_QOS, typestore
+from .player import message_class
+
+
+class TopicRecorder:
+    """Writes every message `node` receives on `topics` ({topic: type name}) into `writer`."""
+
+    def __init__(self, node: Node, writer: Writer, topics: dict[str, str], qos: QoSProfile):
+        """Subscribe (raw) and register each topic in the bag with its type and the node's QoS."""
+        self.node = node
+        self.writer = writer
+        self.counts = dict.fromkeys(topics, 0)
+        self.subscriptions = []
+        for topic, msgtype in topics.items():
+            connection = writer.add_connection(topic, msgtype, typestore=typestore(),
+                                               offered_qos_profiles=[RELIABLE_QOS])
+            self.subscriptions.append(node.create_subscription(
+                message_class(msgtype), topic,
+                lambda data, t=topic, c=connection: self._write(t, c, data), qos, raw=True))
+
+    def _write(self, topic: str, connection, data: bytes) -> None:
+        self.writer.write(connection, self.node.get_clock().now().nanoseconds, data)
+        self.counts[topic] += 1

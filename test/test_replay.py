@@ -1,0 +1,112 @@
+"""A bag replayed live (s4fusion-play -> s4fusion_node on sim time) fuses what s4fusion-bag does.
+
+Same pairs (stamps) and same pixels within float tolerance: the node and the bag tool share the
+pipeline, the parameter file and, with /clock, the synchronizer's notion of time.
+"""
+
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from ros_harness import Probe, node_log, rclpy, received_stamps, running_node
+from s4fusion_ros.messages import stamp_to_ns
+from s4fusion_ros.tools import bag as bag_tool
+from test_bag import (SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages, read_bag,
+                      write_bag)
+
+pytestmark = pytest.mark.ros
+
+PLAYER = pathlib.Path(sys.executable).parent / 's4fusion-play'
+NODE_PARAMS = {
+    'device': 'cpu',
+    'inference_size': [96, 72],
+    'sync.slop': 0.02,
+    # Fuse every pair and lose no input while the model runs, so all can be compared offline.
+    'inference.queue_size': 100,
+    'qos.input.depth': 100,
+    'use_sim_time': True,
+}
+
+
+def nested(flat: dict) -> dict:
+    """{'a.b': 1} -> {'a': {'b': 1}}, as a parameter file is usually written."""
+    tree = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split('.')
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return tree
+
+
+@pytest.fixture(scope='module')
+def ros_context():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+def offline_outputs(source: pathlib.Path, tmp_path: pathlib.Path) -> dict[int, tuple]:
+    """{stamp: (fused message, saliency message)} from s4fusion-bag with the node's parameters."""
+    params = tmp_path / 'params.yaml'
+    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': nested(NODE_PARAMS)}}))
+    output = tmp_path / 'offline'
+    assert bag_tool.main([str(source), str(output), '--params', str(params)]) == 0
+    messages = read_bag(output)
+    by_stamp = {}
+    for topic in ('/s4fusion_node/fused', '/s4fusion_node/saliency'):
+        for log_time, msgtype, raw in messages[topic]:
+            by_stamp.setdefault(log_time, []).append(TYPESTORE.deserialize_cdr(raw, msgtype))
+    return by_stamp
+
+
+def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path):
+    events = camera_messages(ivif_dir, duration=0.6)
+    source = write_bag(tmp_path / 'recording', events, 'mcap')
+    counts = [sum(1 for event in events if event[1] == topic)
+              for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)]
+    expected = offline_outputs(source, tmp_path)
+    assert len(expected) >= 5
+
+    probe = Probe('replay_probe')
+    with running_node(NODE_PARAMS) as node:
+        probe.wait_for_node(node)
+        player = subprocess.Popen(
+            [str(PLAYER), str(source), '--clock', '--keep-alive',
+             '--remap', f'{THERMAL_TOPIC}:=/thermal/image_raw',
+             '--remap', f'{VISIBLE_TOPIC}:=/visible/image_raw'],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            got_all = probe.spin_until(lambda: min(len(probe.fused), len(probe.saliency))
+                                       >= len(expected), timeout=90)
+            probe.spin_for(0.5)  # nothing more may come
+        finally:
+            player.send_signal(signal.SIGINT)
+            player_log, _ = player.communicate(timeout=15)
+        assert got_all, (f'{len(probe.fused)}/{len(expected)} fused\n{player_log}\n'
+                         f'{node_log(node)}')
+    assert player.returncode == 0, player_log
+    summary = next(line for line in player_log.splitlines() if line.endswith('end of bag'))
+    assert f'/thermal/image_raw {counts[0]}' in summary
+    assert f'/visible/image_raw {counts[1]}' in summary
+
+    assert sorted(received_stamps(probe.fused)) == sorted(expected)
+    assert sorted(received_stamps(probe.saliency)) == sorted(expected)
+    width, height = SIZE
+    live_saliency = {stamp_to_ns(m.header.stamp): m for m in probe.saliency}
+    for live_fused in probe.fused:
+        stamp = stamp_to_ns(live_fused.header.stamp)
+        fused, saliency = expected[stamp]
+        assert live_fused.header.frame_id == fused.header.frame_id
+        assert (live_fused.encoding, live_saliency[stamp].encoding) == ('bgr8', 'mono8')
+        got = np.frombuffer(live_fused.data, np.uint8).reshape(height, width, 3)
+        assert np.abs(got.astype(int) - fused.data.reshape(height, width, 3)).max() <= 2
+        got = np.frombuffer(live_saliency[stamp].data, np.uint8).reshape(height, width)
+        assert np.abs(got.astype(int) - saliency.data.reshape(height, width)).max() <= 3
+    probe.destroy_node()
