@@ -1,0 +1,189 @@
+"""Selective-scan backends against the float64 sequential scan, gradients, and dispatch."""
+
+import math
+
+import pytest
+import torch
+
+from s4fusion_ros.model.scan import (mamba_scan_fn, numba_scan_fn, scan_backend, selective_scan,
+                                     selective_scan_chunked, selective_scan_ref,
+                                     selective_scan_sequential)
+
+TOL = 1e-4  # max abs error relative to max |y_ref|
+
+needs_numba = pytest.mark.skipif(numba_scan_fn() is None, reason='numba is not installed')
+
+
+def make_inputs(seed, batch, d, length, nstate, groups, *, softplus, use_d, use_bias,
+                delta_scale=1.0, three_dim=False, dtype=torch.float32):
+    """Inputs as a Mamba layer makes them at initialisation, with delta scaled up.
+
+    dt starts log-uniform in [1e-3, 1e-1]: through softplus it comes from a bias (the inverse
+    softplus of dt) plus the projection's small output; without softplus delta is dt itself.
+    A is S4D-real, A_n = -n.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, d, length, generator=g)
+    dt = torch.exp(torch.empty(d, 1).uniform_(math.log(1e-3), math.log(1e-1), generator=g))
+    dt = dt * delta_scale * torch.empty(batch, d, length).uniform_(0.5, 1.5, generator=g)
+    if softplus:
+        bias = dt.mean(dim=(0, 2))
+        bias = bias + torch.log(-torch.expm1(-bias))  # inverse softplus
+        delta = 0.1 * torch.randn(batch, d, length, generator=g)
+        if not use_bias:
+            delta, bias = delta + bias[:, None], None
+    else:
+        bias = 0.5 * dt.mean(dim=(0, 2)) if use_bias else None
+        delta = dt if bias is None else dt - bias[:, None]
+    A = -torch.arange(1, nstate + 1, dtype=torch.float32).repeat(d, 1)
+    bc_shape = (batch, nstate, length) if three_dim else (batch, groups, nstate, length)
+    B = torch.randn(bc_shape, generator=g)
+    C = torch.randn(bc_shape, generator=g)
+    D = torch.randn(d, generator=g) if use_d else None
+    tensors = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D)]
+    return tensors, dict(delta_bias=None if bias is None else bias.to(dtype),
+                         delta_softplus=softplus)
+
+
+def random_case(seed):
+    """Random shape, groups 1 or 4, options on or off, delta up to 50x its initial range."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(n):
+        return int(torch.randint(n, (1,), generator=g))
+
+    groups = (1, 4)[pick(2)]
+    options = dict(softplus=bool(pick(2)), use_d=bool(pick(2)), use_bias=bool(pick(2)),
+                   delta_scale=(1.0, 10.0, 50.0)[pick(3)])
+    return (seed, 1 + pick(2), groups * (1 + pick(40)), 1 + pick(300), 1 + pick(16), groups), \
+        options
+
+
+CASES = [random_case(seed) for seed in range(12)] + [
+    # Fixed edge cases: one position, one state, blocks of 64 channels plus a remainder, a
+    # length that is a multiple of the numba time tile, per-(batch, N, L) B and C.
+    ((100, 1, 4, 1, 1, 1), dict(softplus=True, use_d=True, use_bias=True)),
+    ((101, 2, 160, 70, 4, 1), dict(softplus=True, use_d=True, use_bias=True, delta_scale=50.0)),
+    ((102, 1, 8, 64, 16, 4), dict(softplus=False, use_d=False, use_bias=False)),
+    ((103, 2, 12, 45, 5, 1), dict(softplus=True, use_d=True, use_bias=True, three_dim=True)),
+]
+
+
+def check_close(y, y_ref):
+    assert y.shape == y_ref.shape
+    assert torch.isfinite(y).all()
+    scale = y_ref.abs().max().item()
+    err = (y.double() - y_ref).abs().max().item()
+    assert err <= TOL * scale, f'max error {err:.3g} vs output scale {scale:.3g}'
+
+
+def ids(case):
+    (seed, batch, d, length, nstate, groups), options = case
+    flags = [flag for key, flag in (('softplus', 'softplus'), ('use_d', 'D'), ('use_bias', 'bias'),
+                                    ('three_dim', '3d')) if options.get(key)]
+    return '-'.join([f's{seed}', f'b{batch}d{d}L{length}N{nstate}g{groups}', *flags,
+                     f'x{options.get("delta_scale", 1.0):g}'])
+
+
+@needs_numba
+@pytest.mark.parametrize('case', CASES, ids=ids)
+def test_numba_matches_sequential(case):
+    tensors, kwargs = make_inputs(*case[0], **case[1])
+    check_close(selective_scan(*tensors, backend='numba', **kwargs),
+                selective_scan_sequential(*tensors, **kwargs))
+
+
+@pytest.mark.parametrize('case', CASES, ids=ids)
+def test_chunked_matches_sequential(case):
+    tensors, kwargs = make_inputs(*case[0], **case[1])
+    y_ref = selective_scan_sequential(*tensors, **kwargs)
+    length = tensors[0].shape[-1]
+    # Default sqrt(L) chunks, one position per chunk, a size that does not divide L, one chunk.
+    for chunk in (None, 1, 7, length):
+        check_close(selective_scan_chunked(*tensors, chunk=chunk, **kwargs), y_ref)
+
+
+def test_reference_matches_sequential():
+    tensors, kwargs = make_inputs(5, 2, 8, 40, 6, 4, softplus=True, use_d=True, use_bias=True)
+    check_close(selective_scan_ref(*tensors, **kwargs),
+                selective_scan_sequential(*tensors, **kwargs))
+
+
+@needs_numba
+def test_huge_delta_stays_finite():
+    """exp(delta A) far below float32's range must give 0, not NaN, in every CPU backend."""
+    tensors, kwargs = make_inputs(7, 1, 8, 50, 16, 1, softplus=True, use_d=True, use_bias=True)
+    kwargs['delta_bias'] = torch.full((8,), 1e4)
+    y_ref = selective_scan_sequential(*tensors, **kwargs)
+    for backend in ('numba', 'torch'):
+        check_close(selective_scan(*tensors, backend=backend, **kwargs), y_ref)
+
+
+def test_chunked_gradcheck():
+    (u, delta, A, B, C, D), kwargs = make_inputs(
+        3, 1, 4, 7, 3, 2, softplus=True, use_d=True, use_bias=True, delta_scale=10.0,
+        dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (u, delta, A, B, C, D, kwargs['delta_bias'])]
+
+    def scan(u, delta, A, B, C, D, delta_bias):
+        return selective_scan_chunked(u, delta, A, B, C, D, delta_bias, True, chunk=3)
+
+    assert torch.autograd.gradcheck(scan, inputs)
+
+
+@needs_numba
+def test_dtype_round_trip():
+    tensors, kwargs = make_inputs(9, 1, 8, 20, 4, 2, softplus=True, use_d=True, use_bias=True,
+                                  dtype=torch.float64)
+    y_ref = selective_scan_sequential(*tensors, **kwargs)
+    for backend in ('numba', 'torch'):
+        y = selective_scan(*tensors, backend=backend, **kwargs)
+        assert y.dtype == torch.float64
+        check_close(y, y_ref)
+
+
+@needs_numba
+def test_dispatch_on_cpu():
+    """Inference runs the numba kernel; anything that needs gradients runs the chunked scan."""
+    tensors, kwargs = make_inputs(11, 1, 8, 30, 4, 2, softplus=True, use_d=True, use_bias=True)
+    numba_y = selective_scan(*tensors, backend='numba', **kwargs)
+    torch_y = selective_scan(*tensors, backend='torch', **kwargs)
+
+    assert scan_backend(*tensors) == 'numba'
+    assert torch.equal(selective_scan(*tensors, **kwargs), numba_y)
+
+    tensors[3].requires_grad_()  # B, as an upstream projection would give it
+    assert scan_backend(*tensors) == 'torch'
+    y = selective_scan(*tensors, **kwargs)
+    assert y.grad_fn is not None and torch.equal(y.detach(), torch_y)
+    with pytest.raises(ValueError, match='no autograd'):
+        selective_scan(*tensors, backend='numba', **kwargs)
+
+    with torch.no_grad():
+        assert scan_backend(*tensors) == 'numba'
+        assert torch.equal(selective_scan(*tensors, backend='auto', **kwargs), numba_y)
+
+
+def test_bad_arguments():
+    tensors, kwargs = make_inputs(13, 1, 6, 10, 4, 4, softplus=False, use_d=False,
+                                  use_bias=False)
+    with pytest.raises(ValueError, match='groups dividing d=6'):
+        selective_scan(*tensors, **kwargs)
+    tensors, kwargs = make_inputs(13, 1, 8, 10, 4, 4, softplus=False, use_d=False,
+                                  use_bias=False)
+    with pytest.raises(ValueError, match='unknown backend'):
+        selective_scan(*tensors, backend='cuda', **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or mamba_scan_fn() is None,
+                    reason='needs CUDA and mamba-ssm (extra [gpu])')
+@pytest.mark.parametrize('case', CASES[:4] + CASES[-3:], ids=ids)
+def test_mamba_matches_sequential(case):
+    tensors, kwargs = make_inputs(*case[0], **case[1])
+    y_ref = selective_scan_sequential(*tensors, **kwargs)
+    cuda = [None if t is None else t.cuda() for t in tensors]
+    kwargs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    assert scan_backend(*cuda) == 'mamba'
+    check_close(selective_scan(*cuda, **kwargs).cpu(), y_ref)
+    check_close(selective_scan(*cuda, backend='torch', **kwargs).cpu(), y_ref)
