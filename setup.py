@@ -35,6 +35,8 @@ setup(
             's4fusion-bag = s4fusion_ros.tools.bag:main',
             's4fusion-play = s4fusion_ros.ros.player:main',
             's4fusion-demo = s4fusion_ros.ros.demo:main',
+            's4fusion-train = s4fusion_ros.tools.train:main',
+            's4fusion-bench = s4fusion_ros.tools.bench:main',
         ],
     },
 )

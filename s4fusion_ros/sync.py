@@ -143,6 +143,17 @@ class PairSynchronizer:
         self._resets = 0
         self._lock = threading.Lock()
 
+    @property
+    def slop(self) -> float:
+        """Largest stamp difference of a pair, in seconds (may change while running)."""
+        return self._slop / 1e9
+
+    @slop.setter
+    def slop(self, seconds: float) -> None:
+        slop = _seconds_to_ns(seconds, 'slop', 0.0)
+        with self._lock:
+            self._slop = slop
+
     def add_thermal(self, stamp_ns: int, payload: Any) -> list[Pair]:
         """Take a thermal frame; return the pairs it completes."""
         with self._lock:

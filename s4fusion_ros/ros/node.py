@@ -35,6 +35,7 @@ class S4FusionNode(Node):
 
     def __init__(self, **kwargs):
         super().__init__('s4fusion_node', **kwargs)
+        self.worker = None  # rclpy may destroy a node whose constructor failed (bad parameters)
         # Registered before declaring, so start-up values pass the same checks as live changes.
         self.add_on_set_parameters_callback(self._validate_parameters)
         for name, spec in settings.SPECS.items():
@@ -215,7 +216,8 @@ class S4FusionNode(Node):
         self.diagnostics_pub.publish(array)
 
     def destroy_node(self):
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         super().destroy_node()
 
 

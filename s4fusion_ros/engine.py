@@ -1,0 +1,200 @@
+"""The fusion path shared by the live node and the offline bag tool.
+
+FusionPipeline turns incoming thermal and visible messages into prepared pairs: decode on arrival (a bad
+message is refused before it can take a partner), pair by header stamp, then normalize and register the
+thermal frame of each pair. It is stateful (synchronizer, temporal smoothing of the thermal range) and
+runs on every message in arrival order, so live and replay produce the same pairs and pixels even when
+the live node later drops pairs it has no time to fuse.
+
+FusionEngine runs the model on one prepared pair and builds the published images.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from .imaging.color import bgr_to_ycrcb, ycrcb_to_bgr
+from .imaging.encodings import decode_thermal_info, decode_visible
+from .imaging.normalization import ThermalNormalizer
+from .imaging.registration import ThermalRegistration
+from .runtime import LoadedModel
+from .saliency import saliency_map
+from .sync import PairSynchronizer
+
+OUTPUT_ENCODINGS = ('bgr8', 'rgb8', 'mono8')
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded image with the header fields the outputs carry through."""
+
+    stamp_ns: int
+    frame_id: str
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """A synchronized pair, ready for the model, in the visible camera's geometry."""
+
+    thermal_stamp_ns: int
+    visible_stamp_ns: int
+    frame_id: str
+    thermal: np.ndarray  # float32 (H, W) in [0, 1], registered into the visible image
+    visible_bgr: np.ndarray  # uint8 (H, W, 3)
+    prepared_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    """What the node publishes for one pair."""
+
+    pair: PreparedPair
+    fused: np.ndarray  # uint8 (H, W, 3) in `fused_encoding` channel order, or (H, W) for mono8
+    fused_encoding: str
+    saliency: np.ndarray  # float32 (H, W) in [0, 1]
+    inference_seconds: float
+
+
+class FusionPipeline:
+    """Decode, synchronize, normalize and register: everything before the model."""
+
+    def __init__(self, synchronizer: PairSynchronizer, normalizer: ThermalNormalizer,
+                 registration: ThermalRegistration):
+        self.synchronizer = synchronizer
+        self.normalizer = normalizer
+        self.registration = registration
+        self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
+        self._latest: tuple[int, float] | None = None  # (stamp ns, arrival monotonic s)
+
+    def add_thermal(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
+        """Add a thermal Image/CompressedImage (RawImage fields); raises ImageDecodeError if bad."""
+        decoded = decode_thermal_info(message)
+        if decoded.from_color:
+            self._notice('a colour image arrived on the thermal topic: it is converted to its '
+                         'luminance (publish mono8/mono16/32FC1 thermal images to avoid this)')
+        self._latest = (stamp_ns, time.monotonic())
+        frame = Frame(stamp_ns, frame_id, decoded.raw)
+        return self._prepare(self.synchronizer.add_thermal(stamp_ns, frame))
+
+    def add_visible(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
+        """Add a visible Image/CompressedImage (RawImage fields); raises ImageDecodeError if bad."""
+        frame = Frame(stamp_ns, frame_id, decode_visible(message))
+        self._latest = (stamp_ns, time.monotonic())
+        return self._prepare(self.synchronizer.add_visible(stamp_ns, frame))
+
+    def expire(self, now: float) -> list[PreparedPair]:
+        """Decide thermal frames whose visible partner is overdue; `now` is time.monotonic().
+
+        The synchronizer's timeout runs on the stamps' clock. Extrapolating that clock from the
+        latest message's arrival keeps the timeout right whether stamps are live, simulated, or
+        from an old bag replayed without /clock (where the node's clock is far from the stamps).
+        """
+        if self._latest is None:
+            return []
+        stamp_ns, arrived = self._latest
+        return self._prepare(self.synchronizer.expire(stamp_ns + int((now - arrived) * 1e9)))
+
+    def flush(self) -> list[PreparedPair]:
+        """Decide everything still pending (end of a bag)."""
+        return self._prepare(self.synchronizer.flush())
+
+    def _notice(self, text: str) -> None:
+        if text not in self.notices:
+            self.notices.append(text)
+
+    def _prepare(self, pairs) -> list[PreparedPair]:
+        prepared = []
+        for pair in pairs:
+            thermal, visible = pair.thermal, pair.visible
+            normalized = self.normalizer(thermal.image)
+            height, width = visible.image.shape[:2]
+            if self.registration.needs_resize(normalized.shape, (width, height)):
+                self._notice('thermal and visible images differ in size and '
+                             'registration.homography is the identity: the thermal image is '
+                             'resized to the visible geometry; set a homography to register them')
+            registered = self.registration(normalized, (width, height))
+            prepared.append(PreparedPair(thermal.stamp_ns, visible.stamp_ns, visible.frame_id,
+                                         registered, visible.image))
+        return prepared
+
+
+@dataclass
+class FusionSettings:
+    """Output settings that may change while running (validated by the caller)."""
+
+    output_encoding: str = 'bgr8'
+    saliency_contrast: float = 0.2
+    saliency_threshold: float = 0.0
+    inference_size: tuple[int, int] = (0, 0)  # (width, height); (0, 0) runs at full resolution
+
+
+class FusionEngine:
+    """Runs S4Fusion on prepared pairs and builds the fused and saliency images."""
+
+    def __init__(self, loaded: LoadedModel, settings: FusionSettings | None = None):
+        self.loaded = loaded
+        self.settings = settings or FusionSettings()
+
+    def infer(self, pair: PreparedPair) -> FusionResult:
+        """Fuse one pair: luminance through the model, colour from the visible image."""
+        settings = self.settings
+        started = time.perf_counter()
+        visible_y, visible_cr, visible_cb = bgr_to_ycrcb(pair.visible_bgr)
+        height, width = visible_y.shape
+        model_size = settings.inference_size if all(settings.inference_size) else (width, height)
+        if model_size == (width, height):
+            fused_y = self._run_model(pair.thermal, visible_y)
+        else:
+            thermal_small = cv2.resize(pair.thermal, model_size, interpolation=cv2.INTER_AREA)
+            visible_small = cv2.resize(visible_y, model_size, interpolation=cv2.INTER_AREA)
+            fused_small = self._run_model(thermal_small, visible_small)
+            fused_y = restore_detail(fused_small, pair.thermal, visible_y)
+        saliency = saliency_map(pair.thermal, visible_y, fused_y,
+                                settings.saliency_contrast, settings.saliency_threshold)
+        fused = compose_output(fused_y, visible_cr, visible_cb, settings.output_encoding)
+        return FusionResult(pair, fused, settings.output_encoding, saliency,
+                            time.perf_counter() - started)
+
+    def _run_model(self, thermal: np.ndarray, visible_y: np.ndarray) -> np.ndarray:
+        """(H, W) float32 pair -> fused (H, W) float32 in [0, 1]."""
+        ir = torch.from_numpy(np.ascontiguousarray(thermal))[None, None]
+        vi = torch.from_numpy(np.ascontiguousarray(visible_y))[None, None]
+        fused = self.loaded.model.infer(ir, vi, torch.float16 if self.loaded.half else None)
+        return fused[0, 0].clamp(0.0, 1.0).cpu().numpy()
+
+
+def restore_detail(fused_small: np.ndarray, thermal: np.ndarray, visible_y: np.ndarray) -> np.ndarray:
+    """Upsample a fused image made at a reduced size and put back the detail the reduction removed.
+
+    The detail of each source is what its own down-and-up resampling loses; per pixel the stronger of
+    the two is added (the max-absolute rule of multi-scale fusion), so edges of both cameras return at
+    full resolution while the model decides the low frequencies.
+    """
+    height, width = visible_y.shape
+    small_size = fused_small.shape[::-1]
+
+    def lost_detail(image):
+        small = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA)
+        return image - cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+
+    thermal_detail, visible_detail = lost_detail(thermal), lost_detail(visible_y)
+    detail = np.where(np.abs(thermal_detail) > np.abs(visible_detail), thermal_detail, visible_detail)
+    fused = cv2.resize(fused_small, (width, height), interpolation=cv2.INTER_LINEAR) + detail
+    return np.clip(fused, 0.0, 1.0, out=fused)
+
+
+def compose_output(fused_y: np.ndarray, visible_cr: np.ndarray, visible_cb: np.ndarray,
+                   encoding: str) -> np.ndarray:
+    """Fused luminance + visible chroma -> uint8 image in the requested encoding."""
+    if encoding == 'mono8':
+        return np.rint(fused_y * 255.0).astype(np.uint8)
+    bgr = ycrcb_to_bgr(fused_y, visible_cr, visible_cb)
+    if encoding == 'bgr8':
+        return bgr
+    if encoding == 'rgb8':
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    raise ValueError(f"output encoding '{encoding}' is not one of {', '.join(OUTPUT_ENCODINGS)}")

@@ -1,0 +1,87 @@
+"""Choosing the device and loading the fusion model: shared by the node and every tool."""
+
+import logging
+import pathlib
+from dataclasses import dataclass
+
+import torch
+
+from .model import S4Fusion, S4FusionConfig, load_checkpoint, shipped_weights
+
+LOG = logging.getLogger(__name__)
+
+
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Map the `device` parameter (auto, cpu, cuda, cuda:N) to a torch device.
+
+    `auto` picks CUDA when present; asking explicitly for CUDA on a machine without it is an error,
+    so a robot never silently runs a GPU configuration on its CPU.
+    """
+    spec = spec.strip().lower()
+    if spec == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if spec == 'cpu':
+        return torch.device('cpu')
+    if spec == 'cuda' or spec.startswith('cuda:'):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device '{spec}' requested but CUDA is not available on this machine "
+                "(use device:=cpu or device:=auto)")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device '{spec}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return device
+    raise DeviceError(f"unknown device '{spec}': expected auto, cpu, cuda or cuda:N")
+
+
+def default_preset(device: torch.device) -> str:
+    """The authors' configuration on a GPU; the compact one keeps the CPU at a usable frame rate."""
+    return 'authors' if device.type == 'cuda' else 'compact'
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A fusion model ready for inference and what it was made from (for logs and diagnostics)."""
+
+    model: S4Fusion
+    device: torch.device
+    half: bool
+    name: str
+    weights: pathlib.Path | None
+    trained: bool
+
+
+def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'auto',
+                      half: bool = False) -> LoadedModel:
+    """Load the model the node and the tools run.
+
+    `weights` empty means the weights shipped for `preset`. A weights path given explicitly must exist
+    (CheckpointError names the file otherwise). When no trained weights ship for the preset, the model
+    runs with its initial weights and says so loudly.
+    """
+    torch_device = resolve_device(device)
+    if half and torch_device.type != 'cuda':
+        raise DeviceError('half precision (fp16) needs a CUDA device; set half:=false on the CPU')
+    # Weights stay float32; fp16 runs through autocast so norms and the scan keep float32 where needed.
+    dtype = torch.float32
+    if preset == 'auto':
+        preset = default_preset(torch_device)
+    if weights:
+        model = load_checkpoint(pathlib.Path(weights), device=torch_device, dtype=dtype)
+        return LoadedModel(model, torch_device, half, pathlib.Path(weights).stem,
+                           pathlib.Path(weights), trained=True)
+    path = shipped_weights(preset)
+    if path.is_file():
+        model = load_checkpoint(path, device=torch_device, dtype=dtype)
+        return LoadedModel(model, torch_device, half, path.stem, path, trained=True)
+    LOG.warning('NO TRAINED WEIGHTS: %s is missing; running S4Fusion (%s) with UNTRAINED initial '
+                'weights. The fused output is not meaningful.', path, preset)
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig.preset(preset), device=torch_device, dtype=dtype).eval()
+    return LoadedModel(model, torch_device, half, f's4fusion_{preset} (untrained)', None,
+                       trained=False)

@@ -1,0 +1,57 @@
+"""Rates and latency statistics for diagnostics and summaries."""
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+
+class RateMeter:
+    """Events per second over a sliding window (thread-safe: callbacks and the worker both count)."""
+
+    def __init__(self, window: float = 5.0):
+        self._window = window
+        self._times = collections.deque()
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.total += 1
+            self._times.append(now)
+            self._trim(now)
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            if len(self._times) < 2:
+                return 0.0
+            return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-9)
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self._window:
+            self._times.popleft()
+
+
+class LatencyStats:
+    """Mean and percentiles of the most recent latencies, in seconds."""
+
+    def __init__(self, size: int = 200):
+        self._values = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._values.append(seconds)
+
+    def summary(self) -> dict[str, float]:
+        """{'mean', 'p50', 'p95'} in seconds; NaN when nothing was measured yet."""
+        with self._lock:
+            values = np.array(self._values, dtype=np.float64)
+        if values.size == 0:
+            return {'mean': float('nan'), 'p50': float('nan'), 'p95': float('nan')}
+        return {'mean': float(values.mean()), 'p50': float(np.percentile(values, 50)),
+                'p95': float(np.percentile(values, 95))}

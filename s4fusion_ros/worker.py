@@ -1,0 +1,86 @@
+"""A bounded inference queue on its own thread, so message callbacks never wait for the model."""
+
+import collections
+import threading
+from collections.abc import Callable
+
+QUEUE_POLICIES = ('keep_newest', 'keep_oldest')
+
+
+class InferenceWorker:
+    """Runs `process(item)` for queued items on a background thread.
+
+    The queue holds at most `queue_size` items. When it is full, `keep_newest` drops the oldest queued
+    item (the output stays as fresh as the model allows: a slow model fuses the latest pair, not a
+    growing backlog) and `keep_oldest` refuses the new one. Every dropped item is counted.
+    """
+
+    def __init__(self, process: Callable[[object], None], queue_size: int = 1,
+                 policy: str = 'keep_newest', name: str = 'inference'):
+        if queue_size < 1:
+            raise ValueError(f'queue_size must be >= 1, got {queue_size}')
+        if policy not in QUEUE_POLICIES:
+            raise ValueError(f"queue policy '{policy}' is not one of {', '.join(QUEUE_POLICIES)}")
+        self._process = process
+        self._queue_size = queue_size
+        self._policy = policy
+        self._queue = collections.deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self.submitted = 0
+        self.dropped = 0
+        self.processed = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item) -> bool:
+        """Queue an item; returns False when the policy dropped an item (this one or an older one)."""
+        with self._wakeup:
+            self.submitted += 1
+            accepted = True
+            if len(self._queue) >= self._queue_size:
+                self.dropped += 1
+                accepted = False
+                if self._policy == 'keep_oldest':
+                    return False
+                self._queue.popleft()
+            self._queue.append(item)
+            self._wakeup.notify()
+            return accepted
+
+    @property
+    def pending(self) -> int:
+        """Items queued and not yet started."""
+        with self._wakeup:
+            return len(self._queue)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the queue is empty and nothing runs (offline processing, tests)."""
+        with self._wakeup:
+            return self._wakeup.wait_for(
+                lambda: not self._queue and self.processed + self.dropped == self.submitted,
+                timeout)
+
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop taking work; wait briefly for the item in progress (the thread is a daemon, so a
+        long inference never holds up process exit)."""
+        with self._wakeup:
+            self._stopping = True
+            self._queue.clear()
+            self._wakeup.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                self._wakeup.wait_for(lambda: self._queue or self._stopping)
+                if self._stopping:
+                    return
+                item = self._queue.popleft()
+            # `process` owns its error handling; a failure here must not kill the worker thread.
+            try:
+                self._process(item)
+            finally:
+                with self._wakeup:
+                    self.processed += 1
+                    self._wakeup.notify_all()

@@ -1,0 +1,108 @@
+"""The ROS-free fusion path: pipeline (decode, pair, normalize, register) and engine outputs."""
+
+import cv2
+import numpy as np
+import pytest
+
+from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, compose_output,
+                                 restore_detail)
+from s4fusion_ros.imaging.color import bgr_to_ycrcb
+from s4fusion_ros.imaging.encodings import ImageDecodeError, encode_image
+from s4fusion_ros.imaging.normalization import ThermalNormalizer
+from s4fusion_ros.imaging.registration import ThermalRegistration
+from s4fusion_ros.runtime import load_fusion_model
+from s4fusion_ros.sync import PairSynchronizer
+
+MS = 1_000_000
+
+
+def make_pipeline():
+    return FusionPipeline(PairSynchronizer(slop=0.02, queue_size=10), ThermalNormalizer(),
+                          ThermalRegistration())
+
+
+@pytest.fixture(scope='module')
+def loaded():
+    return load_fusion_model(device='cpu')
+
+
+def test_pipeline_pairs_decodes_and_normalizes_real_images(msrs_pair):
+    ir, vi = msrs_pair
+    counts = (20000 + 30 * ir.astype(np.float64)).astype(np.uint16)
+    pipeline = make_pipeline()
+    assert pipeline.add_thermal(encode_image(counts, 'mono16'), 1000 * MS, 'ir') == []
+    [pair] = pipeline.add_visible(encode_image(vi, 'bgr8'), 1005 * MS, 'rgb')
+    assert (pair.thermal_stamp_ns, pair.visible_stamp_ns, pair.frame_id) == (1000 * MS,
+                                                                             1005 * MS, 'rgb')
+    assert pair.thermal.dtype == np.float32 and pair.thermal.shape == ir.shape
+    assert 0.0 <= pair.thermal.min() and pair.thermal.max() <= 1.0
+    # Between the clipping percentiles, normalizing counts is a linear map of the 8-bit image.
+    inside = (pair.thermal > 0.0) & (pair.thermal < 1.0)
+    assert inside.mean() > 0.9
+    assert np.corrcoef(pair.thermal[inside], ir[inside])[0, 1] > 0.999
+    np.testing.assert_array_equal(pair.visible_bgr, vi)
+
+
+def test_bad_message_is_refused_before_it_takes_a_partner(msrs_pair):
+    ir, vi = msrs_pair
+    pipeline = make_pipeline()
+    good = encode_image(ir, 'mono8')
+    truncated = type(good)(good.height, good.width, good.encoding, good.step, False,
+                           bytes(good.data)[:-1])
+    with pytest.raises(ImageDecodeError):
+        pipeline.add_thermal(truncated, 1000 * MS, 'ir')
+    assert pipeline.synchronizer.stats.thermal_received == 0
+    assert pipeline.add_thermal(good, 1001 * MS, 'ir') == []
+    assert len(pipeline.add_visible(encode_image(vi, 'bgr8'), 1002 * MS, 'rgb')) == 1
+
+
+def test_size_mismatch_is_resized_with_a_single_notice(msrs_pair):
+    ir, vi = msrs_pair
+    small_ir = cv2.resize(ir, (320, 240), interpolation=cv2.INTER_AREA)
+    pipeline = make_pipeline()
+    pairs = []
+    for k in range(3):
+        pipeline.add_thermal(encode_image(small_ir, 'mono8'), (1000 + 100 * k) * MS, 'ir')
+        pairs += pipeline.add_visible(encode_image(vi, 'bgr8'), (1001 + 100 * k) * MS, 'rgb')
+    assert len(pairs) == 3 and all(p.thermal.shape == (480, 640) for p in pairs)
+    assert len(pipeline.notices) == 1 and 'differ in size' in pipeline.notices[0]
+
+
+def test_engine_outputs_visible_geometry_and_colour(msrs_pair, loaded):
+    ir, vi = msrs_pair
+    pipeline = make_pipeline()
+    pipeline.add_thermal(encode_image(ir, 'mono8'), 1000 * MS, 'ir')
+    [pair] = pipeline.add_visible(encode_image(vi, 'bgr8'), 1001 * MS, 'rgb')
+    engine = FusionEngine(loaded, FusionSettings(inference_size=(160, 120)))
+    result = engine.infer(pair)
+    assert result.fused.shape == (480, 640, 3) and result.fused.dtype == np.uint8
+    assert result.saliency.shape == (480, 640) and result.saliency.dtype == np.float32
+    # Colour comes from the visible image: chroma equal up to uint8 rounding where not clipped.
+    _, fused_cr, fused_cb = bgr_to_ycrcb(result.fused)
+    _, vi_cr, vi_cb = bgr_to_ycrcb(vi)
+    y = bgr_to_ycrcb(result.fused)[0]
+    unclipped = (y > 0.1) & (y < 0.9)
+    assert np.abs(fused_cr - vi_cr)[unclipped].mean() < 0.01
+    assert np.abs(fused_cb - vi_cb)[unclipped].mean() < 0.01
+    engine.settings = FusionSettings(output_encoding='mono8', inference_size=(160, 120))
+    mono = engine.infer(pair).fused
+    assert mono.shape == (480, 640)
+    assert np.abs(mono.astype(int) - np.rint(y * 255).astype(int)).max() <= 3
+
+
+def test_restore_detail_returns_full_resolution_edges(msrs_pair):
+    ir, vi = msrs_pair
+    ir_f = ir.astype(np.float32) / 255
+    vi_f = bgr_to_ycrcb(vi)[0]
+    # If the model reproduced the visible image at low resolution, restoring detail must bring
+    # back (nearly) the full-resolution visible image wherever it has the stronger detail.
+    small = cv2.resize(vi_f, (160, 120), interpolation=cv2.INTER_AREA)
+    restored = restore_detail(small, np.zeros_like(ir_f), vi_f)
+    upsampled = cv2.resize(small, (640, 480), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(restored - vi_f).mean() < 0.25 * np.abs(upsampled - vi_f).mean()
+
+
+def test_compose_output_rejects_unknown_encoding():
+    y = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match='yuv422'):
+        compose_output(y, y + 0.5, y + 0.5, 'yuv422')

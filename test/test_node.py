@@ -1,0 +1,126 @@
+"""The real node as its own process over Fast DDS: pairing, outputs, pixels, parameters, diagnostics."""
+
+import random
+
+import numpy as np
+import pytest
+
+from ros_harness import (Probe, image_message, load_pairs, node_log, rclpy, received_stamps,
+                         running_node)
+from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings
+from s4fusion_ros.imaging.normalization import ThermalNormalizer
+from s4fusion_ros.imaging.registration import ThermalRegistration
+from s4fusion_ros.messages import raw_from_message, stamp_to_ns
+from s4fusion_ros.runtime import load_fusion_model
+from s4fusion_ros.sync import PairSynchronizer
+
+pytestmark = pytest.mark.ros
+
+SCENES = ['00004N.png', '00008N.png', '00012N.png', '00537D.png']
+NODE_PARAMS = {
+    'device': 'cpu',
+    'inference_size': [160, 120],
+    'inference.queue_size': 100,  # fuse every pair, so each can be checked against the offline path
+    'sync.slop': 0.02,
+    # Stateless, so the warm-up frames (some may be lost during discovery) cannot change the pixels
+    # of what follows; test_replay checks the smoothed percentile mode live against offline.
+    'normalization.mode': 'minmax',
+}
+
+
+@pytest.fixture(scope='module')
+def ros_context():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+def camera_schedule(duration: float, seed: int = 1):
+    """(time offset s, role, scene index) for thermal at ~9 Hz and visible at ~30 Hz, jittered.
+
+    Both cameras see scene k during [k, k+1) * duration / len(SCENES).
+    """
+    rng = random.Random(seed)
+    events = []
+    for role, period in (('thermal', 1 / 9), ('visible', 1 / 30)):
+        t = rng.uniform(0, period)
+        while t < duration:
+            events.append((t + rng.gauss(0, 0.002), role))
+            t += period
+    events.sort()
+    scene_period = duration / len(SCENES)
+    return [(t, role, min(int(t / scene_period), len(SCENES) - 1)) for t, role in events]
+
+
+def warm_up(probe, thermal, visible, start_ns):
+    """Publish pairs until the node answers: DDS may drop the first messages after discovery."""
+    stamp = start_ns
+    while not probe.fused:
+        probe.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'warmup'))
+        probe.visible_pub.publish(image_message(visible, 'bgr8', stamp, 'warmup'))
+        probe.spin_for(0.5)
+        stamp += 10_000_000
+        assert stamp - start_ns < 60 * 10_000_000, 'the node never answered the warm-up pairs'
+    probe.spin_for(0.5)
+    probe.fused.clear()
+    probe.saliency.clear()
+
+
+def offline_results(messages, params, loaded):
+    """The expected outputs: the same messages through the ROS-free pipeline, in publish order."""
+    pipeline = FusionPipeline(
+        PairSynchronizer(slop=params['sync.slop'], queue_size=30),
+        ThermalNormalizer(mode=params['normalization.mode']), ThermalRegistration(np.eye(3)))
+    engine = FusionEngine(loaded, FusionSettings(inference_size=tuple(params['inference_size'])))
+    prepared = []
+    for role, msg in messages:
+        add = pipeline.add_thermal if role == 'thermal' else pipeline.add_visible
+        prepared += add(raw_from_message(msg), stamp_to_ns(msg.header.stamp), msg.header.frame_id)
+    prepared += pipeline.flush()
+    return {pair.visible_stamp_ns: (pair, engine.infer(pair)) for pair in prepared}
+
+
+def test_node_fuses_jittered_thermal_and_rgb_streams(ros_context, ivif_dir, tmp_path):
+    pairs = load_pairs(ivif_dir, SCENES)
+    probe = Probe('pairing_probe')
+    with running_node(NODE_PARAMS) as proc:
+        probe.wait_for_node(proc)
+        start_ns = probe.get_clock().now().nanoseconds
+        warm_up(probe, *pairs[0], start_ns)
+        start_ns += 10**9  # past the warm-up stamps by more than slop: no pair spans the two
+        published = []
+        for offset, role, scene in camera_schedule(duration=2.0):
+            thermal, visible = pairs[scene]
+            stamp = start_ns + int(offset * 1e9)
+            if role == 'thermal':
+                msg = image_message(thermal, 'mono16', stamp, 'thermal_optical_frame')
+                probe.thermal_pub.publish(msg)
+            else:
+                msg = image_message(visible, 'bgr8', stamp, 'rgb_optical_frame')
+                probe.visible_pub.publish(msg)
+            published.append((role, msg))
+            probe.spin_for(0.01)
+        expected = offline_results(published, NODE_PARAMS,
+                                   load_fusion_model(preset='auto', device='cpu'))
+        assert len(expected) >= 15, 'about 9 Hz x 2 s of thermal frames should pair'
+        got_all = probe.spin_until(
+            lambda: len(probe.fused) >= len(expected) and len(probe.saliency) >= len(expected),
+            timeout=120)
+        assert got_all, f'{len(probe.fused)}/{len(expected)} fused\n{node_log(proc)}'
+
+    assert sorted(received_stamps(probe.fused)) == sorted(expected)
+    assert sorted(received_stamps(probe.saliency)) == sorted(expected)
+    for fused, saliency in zip(probe.fused, probe.saliency):
+        pair, result = expected[stamp_to_ns(fused.header.stamp)]
+        assert fused.header.frame_id == saliency.header.frame_id == 'rgb_optical_frame'
+        assert (fused.encoding, fused.width, fused.height) == ('bgr8', 640, 480)
+        assert (saliency.encoding, saliency.width, saliency.height) == ('mono8', 640, 480)
+        got = np.frombuffer(fused.data, np.uint8).reshape(480, 640, 3)
+        # Same pair, same model, same code: equal up to float rounding in the model.
+        assert np.abs(got.astype(int) - result.fused.astype(int)).max() <= 2
+        got_saliency = np.frombuffer(saliency.data, np.uint8).reshape(480, 640)
+        assert np.abs(got_saliency.astype(int)
+                      - np.rint(result.saliency * 255).astype(int)).max() <= 3
+        # The thermal partner is the nearest within slop: scenes agree except at scene changes.
+        assert abs(pair.thermal_stamp_ns - pair.visible_stamp_ns) <= 0.02e9
+    probe.destroy_node()
