@@ -2,13 +2,11 @@
 
 import glob
 import os
-import pathlib
 import tempfile
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-IVIF = pathlib.Path(os.environ.get('S4FUSION_IVIF_DATA', REPO.parent / 'shared' / 'data' / 'ivif'))
+from paths import IVIF
 
 # Every test run keeps DDS on this machine, in a domain of its own (concurrent runs rarely collide),
 # with ROS logs in a temporary folder. Child processes (the node under test) inherit this.

@@ -1,14 +1,12 @@
 """Parameters: the YAML defaults, start-up validation and live changes of the running node."""
 
-import pathlib
 import subprocess
 
 import numpy as np
 import pytest
 
+from paths import REPO
 from s4fusion_ros import settings
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_config_yaml_equals_declared_defaults():
