@@ -54,7 +54,7 @@ def generate_launch_description():
             ('visible/image_raw/compressed',
              [LaunchConfiguration('visible_topic'), '/compressed']),
         ],
-        arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')],
+        ros_arguments=['--log-level', LaunchConfiguration('log_level')],
     )
     return LaunchDescription([
         # Large images over Fast DDS: shared memory / TCP instead of fragmented UDP (about 3x lower
