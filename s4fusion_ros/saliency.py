@@ -1,27 +1,44 @@
 """The published saliency map: where the fused image carries salient thermal targets.
 
 Definition (per pixel, on luminance in [0, 1] in the visible geometry; I = registered thermal,
-V = visible Y, F = fused Y from the same forward pass):
+V = visible Y, F = fused Y from the same forward pass, B = local thermal background, a Gaussian blur
+of I with sigma = 1/16 of the shorter image side):
 
-    S = clip(min(F - V, I - V) / contrast, 0, 1), then S = 0 where S < threshold
+    S = clip(min(F - V, I - V, I - B) / contrast, 0, 1), then S = 0 where S < threshold
 
-- I - V > 0 is the thermal excess: the thermal image shows something brighter (hotter, in white-hot
-  polarity) than the visible image does there; min(F - V, I - V) is the part of that excess the fused
-  image actually carries, never more than the thermal image offered.
-- `contrast` (in luminance units) is the carried excess that counts as fully salient (S = 1).
-- S = 0 wherever the thermal image is not brighter than the visible one, and wherever the fused image
-  is not brighter than the visible one (the fusion dropped the thermal target).
-- S is non-decreasing in F (up to I) and in I (up to F).
-No second model run: S is a function of the model's inputs and its output.
+- I - B > 0: the thermal pixel is hotter (brighter, white-hot polarity) than its surroundings, a
+  target rather than a uniformly warm region such as a sunlit wall.
+- I - V > 0: the thermal image shows it brighter than the visible image does, so the visible camera
+  alone would not show it as well.
+- F - V: how much of that the fused image actually carries.
+- `contrast` (luminance units) is the carried excess that counts as fully salient (S = 1).
+So S = 0 wherever the thermal pixel is no brighter than its background or than the visible image,
+and wherever the fused image dropped it (F <= V); S is non-decreasing in F and never exceeds what
+the thermal image offered. No second model run: S is a function of the model's inputs and output.
 """
 
+import cv2
 import numpy as np
+
+BACKGROUND_SIGMA_FRACTION = 1.0 / 16.0
+_BACKGROUND_SCALE = 8  # blur at 1/8 resolution: a wide Gaussian at full size costs ~10x more
+
+
+def thermal_background(thermal: np.ndarray) -> np.ndarray:
+    """Local thermal background B: Gaussian blur, sigma = 1/16 of the shorter side (H, W)."""
+    height, width = thermal.shape
+    small_size = (max(width // _BACKGROUND_SCALE, 1), max(height // _BACKGROUND_SCALE, 1))
+    small = cv2.resize(thermal, small_size, interpolation=cv2.INTER_AREA)
+    sigma = BACKGROUND_SIGMA_FRACTION * min(height, width) / _BACKGROUND_SCALE
+    small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def saliency_map(thermal: np.ndarray, visible_y: np.ndarray, fused_y: np.ndarray,
                  contrast: float = 0.2, threshold: float = 0.0) -> np.ndarray:
-    """Saliency in [0, 1], float32 (H, W), from three float images (H, W) in [0, 1]."""
+    """Saliency in [0, 1], float32 (H, W), from three float32 images (H, W) in [0, 1]."""
     carried = np.minimum(fused_y - visible_y, thermal - visible_y)
+    np.minimum(carried, thermal - thermal_background(thermal), out=carried)
     saliency = np.clip(carried * np.float32(1.0 / contrast), 0.0, 1.0).astype(np.float32, copy=False)
     if threshold > 0.0:
         saliency[saliency < threshold] = 0.0
