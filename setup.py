@@ -37,6 +37,7 @@ setup(
             's4fusion-demo = s4fusion_ros.ros.demo:main',
             's4fusion-train = s4fusion_ros.tools.train:main',
             's4fusion-bench = s4fusion_ros.tools.bench:main',
+            's4fusion-flood = s4fusion_ros.tools.flood:main',
         ],
     },
 )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .imaging.color import bgr_to_ycrcb, ycrcb_to_bgr
-from .imaging.encodings import decode_thermal_info, decode_visible
+from .imaging.encodings import ImageDecodeError, decode_thermal_info, decode_visible
 from .imaging.normalization import ThermalNormalizer
 from .imaging.registration import ThermalRegistration
 from .runtime import LoadedModel
@@ -73,6 +73,10 @@ class FusionPipeline:
     def add_thermal(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
         """Add a thermal Image/CompressedImage (RawImage fields); raises ImageDecodeError if bad."""
         decoded = decode_thermal_info(message)
+        if not np.isfinite(decoded.raw).any():
+            # NaN/inf pixels are allowed, but a frame of only those carries no temperature.
+            name = getattr(message, 'encoding', None) or f'compressed {message.format!r}'
+            raise ImageDecodeError(f'{name} image: every pixel is NaN or inf')
         if decoded.from_color:
             self._notice('a colour image arrived on the thermal topic: it is converted to its '
                          'luminance (publish mono8/mono16/32FC1 thermal images to avoid this)')

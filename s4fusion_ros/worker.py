@@ -54,12 +54,23 @@ class InferenceWorker:
         with self._wakeup:
             return len(self._queue)
 
+    @property
+    def in_progress(self) -> int:
+        """Items being processed now (0 or 1): submitted == dropped + processed + pending + this."""
+        with self._wakeup:
+            return self.submitted - self.dropped - self.processed - len(self._queue)
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the queue is empty and nothing runs (offline processing, tests)."""
         with self._wakeup:
             return self._wakeup.wait_for(
                 lambda: not self._queue and self.processed + self.dropped == self.submitted,
                 timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread runs: after `stop`, an item still in progress."""
+        return self._thread.is_alive()
 
     def stop(self, timeout: float = 0.5) -> None:
         """Stop taking work; wait briefly for the item in progress (the thread is a daemon, so a

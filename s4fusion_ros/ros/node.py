@@ -7,6 +7,10 @@ Message callbacks only decode, pair and queue; the model runs on its own worker 
 InferenceWorker), so a slow model never blocks the inputs.
 """
 
+import gc
+import math
+import os
+import re
 import sys
 import time
 
@@ -28,6 +32,10 @@ from ..worker import InferenceWorker
 from . import parameters
 
 LOG_THROTTLE_S = 5.0
+# Numbers and quoted names (sizes, encodings) vary within one kind of fault: a bad-message log
+# line is rate-limited per topic and kind, so a flood of one fault cannot hide a different one.
+_FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
+_FAULT_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
 
 
 class S4FusionNode(Node):
@@ -58,6 +66,7 @@ class S4FusionNode(Node):
         self.thermal_rate, self.visible_rate, self.fused_rate = RateMeter(), RateMeter(), RateMeter()
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
         self.rejected = {'thermal': 0, 'visible': 0}
+        self.rejection_logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.inference_errors = 0
         self.publish_errors = 0
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
@@ -130,12 +139,22 @@ class S4FusionNode(Node):
                            msg.header.frame_id)
         except (ImageDecodeError, ValueError) as error:
             self.rejected[role] += 1
-            topic = getattr(self, f'{role}_sub').topic_name
-            encoding = getattr(msg, 'encoding', None) or getattr(msg, 'format', '?')
-            self.get_logger().warning(f'{topic}: dropped a {encoding} message: {error}',
-                                      throttle_duration_sec=LOG_THROTTLE_S)
+            self._log_rejection(role, msg, error)
             return
         self._submit(prepared)
+
+    def _log_rejection(self, role: str, msg, error: Exception) -> None:
+        key = (role, _FAULT_DETAILS.sub('', str(error)))
+        now = time.monotonic()
+        if now - self.rejection_logged.get(key, -math.inf) < LOG_THROTTLE_S:
+            return
+        if len(self.rejection_logged) >= _FAULT_KINDS_KEPT:
+            self.rejection_logged.clear()
+        self.rejection_logged[key] = now
+        topic = getattr(self, f'{role}_sub').topic_name
+        encoding = msg.format if isinstance(msg, CompressedImage) else msg.encoding
+        # repr: the encoding comes from the sender and may hold anything, line breaks too.
+        self.get_logger().warning(f'{topic}: dropped a {encoding!r} message: {error}')
 
     def _expire_pending(self) -> None:
         # The pipeline extrapolates the stamps' clock from arrivals (sync.timeout is its own).
@@ -188,10 +207,24 @@ class S4FusionNode(Node):
             'visible received': sync.visible_received,
             'thermal rejected (bad message)': self.rejected['thermal'],
             'visible rejected (bad message)': self.rejected['visible'],
+            # Per input: received == pairs + unpaired + late + overflow + rejected (bad stamp)
+            # + pending; bad messages are dropped before pairing and not in 'received'.
             'pairs': sync.pairs,
             'thermal unpaired': sync.thermal_unpaired,
             'visible unpaired': sync.visible_unpaired,
+            'thermal late': sync.thermal_late,
+            'visible late': sync.visible_late,
+            'thermal overflow': sync.thermal_overflow,
+            'visible overflow': sync.visible_overflow,
+            'thermal rejected (bad stamp)': sync.thermal_rejected,
+            'visible rejected (bad stamp)': sync.visible_rejected,
+            'thermal pending': sync.thermal_pending,
+            'visible pending': sync.visible_pending,
+            'sync resets (clock jumps)': sync.resets,
+            # pairs == fused + dropped + inference errors + publish errors + queued + in progress
             'pairs dropped (inference busy)': self.worker.dropped,
+            'pairs queued': self.worker.pending,
+            'pairs in inference': self.worker.in_progress,
             'pairs fused': self.fused_rate.total,
             'inference errors': self.inference_errors,
             'publish errors': self.publish_errors,
@@ -253,6 +286,7 @@ def main(args=None) -> int:
     """Console entry point (`ros2 run s4fusion_ros s4fusion_node`)."""
     rclpy.init(args=args)
     node = None
+    code, worker_alive = 0, False
     try:
         node = S4FusionNode()
         rclpy.spin(node)
@@ -260,12 +294,23 @@ def main(args=None) -> int:
         pass
     except Exception as error:  # noqa: BLE001 - start-up errors get one clear line, no traceback
         print(f's4fusion_node: {error}', file=sys.stderr)
-        return 1
+        code = 1
     finally:
         if node is not None:
-            node.destroy_node()
+            node.destroy_node()  # waits briefly for an inference in progress
+            worker_alive = node.worker.alive
         rclpy.try_shutdown()
-    return 0
+    if worker_alive:
+        # An inference cannot be interrupted, and finalizing the interpreter under a thread
+        # inside torch aborts ('terminate called without an active exception'). ROS is shut
+        # down, so end the process here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    # The exit-time garbage collection of torch's objects takes most of a second on a busy CPU;
+    # the process frees them anyway, so a signal ends the node within a second.
+    gc.freeze()
+    return code
 
 
 if __name__ == '__main__':

@@ -1,0 +1,415 @@
+"""s4fusion-flood: load test of the live node, usable as a benchmark.
+
+Starts s4fusion_node as its own process (in its own namespace, so a flood never reaches a real
+graph), waits until it fuses, then publishes 640x480 thermal (mono16) and visible (bgr8) pairs
+with equal stamps, as fast as possible or at a fixed rate, for one or more phases. Meanwhile it
+records the node's memory (VmRSS sampled from /proc, VmHWM at the end), the end-to-end latency of
+every fused output (receive time minus its source stamp, both on this machine's clock) and the
+node's /diagnostics. Then it waits until the node has decided every frame and finished its
+inference, stops it with SIGINT and prints what came out: messages received, pairs fused and
+dropped, peak memory, latency percentiles and the fused rate against the model's own rate.
+
+Example (as fast as possible for 10 s, then 60 Hz for 10 s):
+  s4fusion-flood --rate 0 --rate 60 --duration 10 -p device:=cpu -p inference_size:=[160,120]
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import yaml
+
+PROG = 's4fusion-flood'
+NODE_NAME = 's4fusion_node'
+DEFAULT_NAMESPACE = '/s4fusion_flood'
+SETTLE_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass
+class Phase:
+    """One stretch of publishing at a fixed rate, and the fused outputs received during it."""
+
+    rate: float  # pairs per second; 0 = as fast as possible
+    duration: float
+    published: int = 0  # pairs (one thermal and one visible message each)
+    publish_failures: int = 0  # rclpy refused a message (a reliable writer flooded)
+    start: float = 0.0  # time.monotonic()
+    end: float = 0.0
+    outputs: list = dataclasses.field(default_factory=list)  # (receive monotonic s, latency s)
+    diagnostics: dict = dataclasses.field(default_factory=dict)  # the node's, at the phase end
+
+    def latencies(self) -> np.ndarray:
+        """Return the end-to-end latency (s) of each output received during the phase."""
+        return np.array([latency for _, latency in self.outputs], dtype=np.float64)
+
+    def fused_rate(self) -> float:
+        """Return the fused outputs received per second during the phase."""
+        return len(self.outputs) / max(self.end - self.start, 1e-9)
+
+
+@dataclasses.dataclass
+class FloodReport:
+    """Everything measured in one run."""
+
+    phases: list[Phase]
+    warm_up_pairs: int  # published before the flood, until the node answered
+    rss_kb: list  # (monotonic s, VmRSS kB) sampled about 10 times a second
+    rss_before_kb: int  # VmRSS once the node fused its first pair, before the flood
+    peak_rss_kb: int  # VmHWM at the end: the largest resident size over the node's life
+    diagnostics: dict  # the node's last diagnostics (key -> string value), once it settled
+    settled: bool  # every frame decided and no inference running at the end
+    returncode: int | None  # of the node process after SIGINT
+    log_path: pathlib.Path
+
+    def number(self, key: str) -> float:
+        """Return a numeric diagnostics value (NaN when absent)."""
+        try:
+            return float(self.diagnostics[key])
+        except (KeyError, ValueError):
+            return math.nan
+
+    def log(self) -> str:
+        """Return the node's console output."""
+        return self.log_path.read_text(errors='replace')
+
+    def figures(self) -> dict:
+        """Return the headline numbers, as the command prints them."""
+        number = self.number
+        latencies = np.concatenate([phase.latencies() for phase in self.phases])
+        inference = number('inference latency mean (s)')
+        figures = {
+            'published pairs': sum(phase.published for phase in self.phases),
+            'received thermal': number('thermal received')
+            + number('thermal rejected (bad message)'),
+            'received visible': number('visible received')
+            + number('visible rejected (bad message)'),
+            'pairs': number('pairs'),
+            'pairs fused': number('pairs fused'),
+            'pairs dropped (inference busy)': number('pairs dropped (inference busy)'),
+            'unpaired, late or overflowed': sum(
+                number(f'{role} {kind}') for role in ('thermal', 'visible')
+                for kind in ('unpaired', 'late', 'overflow')),
+            'inference errors': number('inference errors'),
+            'peak RSS (MB)': self.peak_rss_kb / 1024,
+            'RSS before the flood (MB)': self.rss_before_kb / 1024,
+            'latency p50 (s)': _percentile(latencies, 50),
+            'latency p95 (s)': _percentile(latencies, 95),
+            'inference latency mean (s)': inference,
+            'model rate (Hz)': 1.0 / inference if inference > 0 else math.nan,
+        }
+        for phase in self.phases:
+            name = 'max' if phase.rate == 0 else f'{phase.rate:g} Hz'
+            figures[f'[{name}] published pairs/s'] = phase.published / phase.duration
+            figures[f'[{name}] fused rate (Hz)'] = phase.fused_rate()
+            figures[f'[{name}] latency p50 (s)'] = _percentile(phase.latencies(), 50)
+            figures[f'[{name}] latency p95 (s)'] = _percentile(phase.latencies(), 95)
+        return figures
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else math.nan
+
+
+def read_memory_kb(pid: int) -> dict[str, int]:
+    """Read VmRSS and VmHWM (kB) of a process from /proc/<pid>/status; {} once it is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as status:
+            lines = status.read().splitlines()
+    except OSError:
+        return {}
+    memory = {}
+    for line in lines:
+        key, _, value = line.partition(':')
+        if key in ('VmRSS', 'VmHWM'):
+            memory[key] = int(value.split()[0])
+    return memory
+
+
+def synthetic_pair(width: int = 640, height: int = 480) -> tuple[np.ndarray, np.ndarray]:
+    """Make a thermal frame (uint16 counts: a warm gradient, a hot target) and a BGR frame."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    thermal = 20000.0 + 2000.0 * y / height + 300.0 * np.sin(x / 17.0)
+    thermal[height // 3:height // 2, width // 4:width // 3] += 3000.0
+    visible = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.cos(x / 23.0)], -1)
+    return thermal.astype(np.uint16), np.clip(visible, 0, 255).astype(np.uint8)
+
+
+class NodeProcess:
+    """s4fusion_node run as its own process, with its parameters in a temporary file."""
+
+    def __init__(self, params: dict, namespace: str, directory: pathlib.Path,
+                 extra_args: tuple = ()):
+        """Start the node (`python -m`, so it works wherever the package is importable)."""
+        params_file = directory / 'params.yaml'
+        params_file.write_text(yaml.safe_dump({'/**': {'ros__parameters': params}}))
+        self.log_path = directory / 'node.log'
+        command = [sys.executable, '-m', 's4fusion_ros.ros.node', '--ros-args',
+                   '--params-file', str(params_file), '-r', f'__ns:={namespace}', *extra_args]
+        with open(self.log_path, 'wb') as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        """Return the node's process id (the ROS wheels re-exec Python in place: same pid)."""
+        return self.proc.pid
+
+    def running(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGINT (as ros2 launch does), then SIGKILL after `timeout`; returns the exit code."""
+        if self.running():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+class Driver:
+    """The flood's own rclpy node, in a context of its own, spun on a background thread."""
+
+    def __init__(self, namespace: str, node_pid: int):
+        """Create publishers, subscriptions and the memory sampler."""
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from rclpy.signals import SignalHandlerOptions
+        from sensor_msgs.msg import Image
+
+        self.context = rclpy.Context()
+        # Keep Python's own Ctrl-C (KeyboardInterrupt) so the command can stop its node.
+        rclpy.init(args=[], context=self.context,
+                   signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node('s4fusion_flood', namespace=namespace,
+                                      context=self.context)
+        self.node_pid = node_pid
+        self.node_name = f'{namespace.rstrip("/")}/{NODE_NAME}'
+        # The node's default input QoS: reliable, keep last 5.
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        self.thermal_pub = self.node.create_publisher(Image, 'thermal/image_raw', qos)
+        self.visible_pub = self.node.create_publisher(Image, 'visible/image_raw', qos)
+        self.fused_topic = f'{self.node_name}/fused'
+        self.outputs = []  # (receive monotonic s, latency s) of every fused output
+        self.diagnostics, self.diagnostics_at = {}, 0.0
+        self.rss_kb = []
+        self.node.create_subscription(Image, self.fused_topic, self._on_fused, 10)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+        self.node.create_timer(0.1, self._sample_memory)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._spin, name='flood-spin', daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while not self._stopping and self.context.ok():
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def _on_fused(self, msg) -> None:
+        stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        self.outputs.append((time.monotonic(), (time.time_ns() - stamp_ns) / 1e9))
+
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            if status.name.startswith(self.node_name + ':'):
+                self.diagnostics = {kv.key: kv.value for kv in status.values}
+                self.diagnostics_at = time.monotonic()
+
+    def _sample_memory(self) -> None:
+        rss = read_memory_kb(self.node_pid).get('VmRSS')
+        if rss is not None:
+            self.rss_kb.append((time.monotonic(), rss))
+
+    def matched(self) -> bool:
+        """Whether the node's subscriptions and fused publisher have been discovered."""
+        return (self.thermal_pub.get_subscription_count() > 0
+                and self.visible_pub.get_subscription_count() > 0
+                and self.node.count_publishers(self.fused_topic) > 0)
+
+    def messages(self, thermal: np.ndarray, visible: np.ndarray) -> tuple:
+        """Build the image messages once; publishing only sets their stamps."""
+        from sensor_msgs.msg import Image
+
+        from ..imaging.encodings import encode_image
+        built = []
+        for array, encoding, frame_id in ((thermal, 'mono16', 'thermal_optical_frame'),
+                                          (visible, 'bgr8', 'rgb_optical_frame')):
+            raw = encode_image(array, encoding)
+            msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
+                        is_bigendian=raw.is_bigendian, step=raw.step)
+            msg.data = bytes(raw.data)
+            msg.header.frame_id = frame_id
+            built.append(msg)
+        return tuple(built)
+
+    def publish_pair(self, thermal_msg, visible_msg) -> bool:
+        """Publish both with the current time as stamp; False when rclpy refused one."""
+        sec, nanosec = divmod(time.time_ns(), 1_000_000_000)
+        ok = True
+        for publisher, msg in ((self.thermal_pub, thermal_msg), (self.visible_pub, visible_msg)):
+            msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
+            try:
+                publisher.publish(msg)
+            except Exception:  # noqa: BLE001 - RCLError 'cannot publish data' under a flood
+                ok = False
+        return ok
+
+    def close(self) -> None:
+        """Stop spinning and shut the context down."""
+        self._stopping = True
+        self._thread.join(2.0)
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.context.try_shutdown()
+
+
+def _wait(condition, timeout: float, node: NodeProcess, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if not node.running():
+            raise RuntimeError(f'the node exited while {what}:\n{node.log_path.read_text()}')
+        if time.monotonic() > end:
+            raise RuntimeError(f'timed out after {timeout:g} s {what}')
+        time.sleep(0.05)
+
+
+def _settled(driver: Driver, since: float) -> bool:
+    """Whether a diagnostics message sent after `since` shows nothing pending or running."""
+    status = driver.diagnostics
+    keys = ('thermal pending', 'visible pending', 'pairs queued', 'pairs in inference')
+    return driver.diagnostics_at > since and all(status.get(key) == '0' for key in keys)
+
+
+def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = DEFAULT_NAMESPACE,
+              size: tuple[int, int] = (640, 480), extra_args: tuple = ()) -> FloodReport:
+    """Start a node with `params`, flood it with each (rate Hz or 0, seconds) phase, measure.
+
+    The caller's environment (ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE, ...) reaches the node.
+    """
+    directory = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-flood-'))
+    # Diagnostics at least twice a second, so the end of the run is seen promptly.
+    params = {'diagnostics.period': 0.5, **params}
+    node = NodeProcess(params, namespace, directory, extra_args)
+    driver = None
+    done = []
+    settled = False
+    try:
+        driver = Driver(namespace, node.pid)
+        _wait(driver.matched, 120.0, node, 'waiting for the node to come up')
+        thermal_msg, visible_msg = driver.messages(*synthetic_pair(*size))
+        # Discovery can lose the first messages: publish slowly until the node answers.
+        end = time.monotonic() + 120.0
+        warm_up_pairs = 0
+        while not driver.outputs:
+            if not node.running() or time.monotonic() > end:
+                raise RuntimeError(f'the node never fused a pair:\n{node.log_path.read_text()}')
+            driver.publish_pair(thermal_msg, visible_msg)
+            warm_up_pairs += 1
+            time.sleep(0.3)
+        time.sleep(1.0)  # let the warm-up pairs drain
+        rss_before = read_memory_kb(node.pid).get('VmRSS', 0)
+        for rate, duration in phases:
+            phase = Phase(rate, duration)
+            _flood(driver, phase, thermal_msg, visible_msg)
+            phase.diagnostics = dict(driver.diagnostics)
+            done.append(phase)
+        drain_start = time.monotonic()
+        try:
+            _wait(lambda: _settled(driver, drain_start + params['diagnostics.period']),
+                  SETTLE_TIMEOUT_S, node, 'waiting for the node to settle')
+            settled = True
+        except RuntimeError:
+            if not node.running():
+                raise
+        for phase in done:
+            phase.outputs = [(t, latency) for t, latency in driver.outputs
+                             if phase.start <= t < phase.end]
+        peak = read_memory_kb(node.pid).get('VmHWM', 0)
+        diagnostics = dict(driver.diagnostics)
+        rss = list(driver.rss_kb)
+    finally:
+        if driver is not None:
+            driver.close()
+        returncode = node.stop()
+    return FloodReport(done, warm_up_pairs, rss, rss_before, peak, diagnostics, settled,
+                       returncode, node.log_path)
+
+
+def _flood(driver: Driver, phase: Phase, thermal_msg, visible_msg) -> None:
+    period = 1.0 / phase.rate if phase.rate > 0 else 0.0
+    phase.start = time.monotonic()
+    phase.end = phase.start + phase.duration
+    next_time = phase.start
+    while (now := time.monotonic()) < phase.end:
+        if now < next_time:
+            time.sleep(next_time - now)
+            continue
+        # A camera that falls behind does not catch up in a burst.
+        next_time = max(next_time + period, now)
+        time.sleep(0)  # flat out, still let the receiving thread in (GIL)
+        phase.published += 1
+        phase.publish_failures += not driver.publish_pair(thermal_msg, visible_msg)
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    name, separator, value = text.partition(':=')
+    if not separator:
+        raise argparse.ArgumentTypeError(f"expected name:=value, got '{text}'")
+    return name, yaml.safe_load(value)
+
+
+def main(argv=None) -> int:
+    """Console entry point."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
+    parser.add_argument('--rate', type=float, action='append',
+                        help='pairs per second of a phase, 0 = as fast as possible; repeat for '
+                        'more phases (default: one phase at 0)')
+    parser.add_argument('--duration', type=float, default=10.0, help='seconds per phase')
+    parser.add_argument('--size', default='640x480', help='image size WIDTHxHEIGHT')
+    parser.add_argument('-p', '--param', type=_parse_param, action='append', default=[],
+                        metavar='NAME:=VALUE', help='a node parameter (repeatable)')
+    parser.add_argument('--namespace', default=DEFAULT_NAMESPACE,
+                        help='namespace of the node and its topics (default: %(default)s)')
+    parser.add_argument('--json', action='store_true', help='print the figures as JSON')
+    args = parser.parse_args(argv)
+    width, _, height = args.size.partition('x')
+    # Keep the flood on this machine unless told otherwise; large images go through shared
+    # memory (as the launch file sets up).
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
+    phases = [(rate, args.duration) for rate in (args.rate or [0.0])]
+    try:
+        report = run_flood(dict(args.param), phases, args.namespace, (int(width), int(height)))
+    except RuntimeError as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
+    figures = report.figures()
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        for key, value in figures.items():
+            print(f'{key:>34}: {value:.3g}' if isinstance(value, float) else
+                  f'{key:>34}: {value}')
+    if not report.settled or report.returncode != 0:
+        print(f'{PROG}: the node did not settle or exit cleanly (exit code '
+              f'{report.returncode}); its log: {report.log_path}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

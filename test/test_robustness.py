@@ -1,0 +1,537 @@
+"""Robustness: bad messages, bad stamps, silent cameras, bad weights, signals, CUDA OOM.
+
+The node runs as its own process (its console entry point) over real Fast DDS. Every bad message
+must be dropped with a log line naming the topic, the encoding and the fault, counted in
+/diagnostics, and the node must go on fusing. The synchronizer's counters must add up per input:
+received == pairs + unpaired + late + overflow + rejected (bad stamp) + pending.
+"""
+
+import json
+import pathlib
+import signal
+import subprocess
+import time
+
+import cv2
+from hypothesis import given, HealthCheck, settings as hypothesis_settings, strategies as st
+import numpy as np
+import pytest
+import torch
+
+from s4fusion_ros.engine import FusionPipeline
+from s4fusion_ros.imaging.encodings import encode_image, ImageDecodeError, RawCompressedImage
+from s4fusion_ros.imaging.normalization import ThermalNormalizer
+from s4fusion_ros.imaging.registration import ThermalRegistration
+from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint
+from s4fusion_ros.sync import PairSynchronizer
+from s4fusion_ros.tools.flood import synthetic_pair
+from test_encodings import raw_images
+
+THERMAL, VISIBLE = synthetic_pair()  # uint16 (480, 640) counts, uint8 (480, 640, 3) BGR
+SLOP_NS = 50_000_000  # sync.slop default
+ROLES = ('thermal', 'visible')
+
+
+def sync_counts_add_up(counts: dict) -> None:
+    """Assert received == pairs + unpaired + late + overflow + rejected + pending per input."""
+    for role in ROLES:
+        parts = ('unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')
+        assert counts[f'{role} received'] == counts['pairs'] + sum(
+            counts[f'{role} {part}'] for part in parts), counts
+
+
+# ROS-free: the node's decode-and-pair path with random malformed messages ----------------------
+
+def _stats_as_counts(stats) -> dict:
+    counts = {'pairs': stats.pairs}
+    for role in ROLES:
+        for part, field in (('received', 'received'), ('unpaired', 'unpaired'),
+                            ('late', 'late'), ('overflow', 'overflow'),
+                            ('rejected (bad stamp)', 'rejected'), ('pending', 'pending')):
+            counts[f'{role} {part}'] = getattr(stats, f'{role}_{field}')
+    return counts
+
+
+_MESSAGES = st.lists(st.tuples(
+    st.sampled_from(ROLES),
+    st.one_of(raw_images(), st.builds(RawCompressedImage, st.sampled_from(['jpeg', 'png']),
+                                      st.binary(max_size=64))),
+    st.one_of(st.integers(-10**9, 10**12), st.sampled_from([0, 1, 10**12]))), max_size=12)
+
+
+@hypothesis_settings(max_examples=150, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+@given(messages=_MESSAGES)
+def test_pipeline_takes_malformed_messages_and_still_pairs(messages):
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.05, queue_size=4), ThermalNormalizer(),
+                              ThermalRegistration(np.eye(3)))
+    for role, message, stamp in messages:
+        add = pipeline.add_thermal if role == 'thermal' else pipeline.add_visible
+        try:
+            prepared = add(message, stamp, 'frame')
+        except ImageDecodeError:
+            continue
+        for pair in prepared:  # registered into the visible geometry
+            assert pair.thermal.shape == pair.visible_bgr.shape[:2]
+            assert pair.thermal.dtype == np.float32 and np.all(np.isfinite(pair.thermal))
+        sync_counts_add_up(_stats_as_counts(pipeline.synchronizer.stats))
+    stamp = 2 * 10**12  # after every random stamp: a good pair still pairs
+    thermal, visible = encode_image(THERMAL, 'mono16'), encode_image(VISIBLE, 'bgr8')
+    pairs = pipeline.add_thermal(thermal, stamp, 'ir')
+    pairs += pipeline.add_visible(visible, stamp, 'rgb')
+    assert [(p.thermal_stamp_ns, p.visible_stamp_ns) for p in pairs][-1:] == [(stamp, stamp)]
+
+
+def test_thermal_frame_without_a_finite_pixel_is_refused_but_some_nan_is_fine():
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.05, queue_size=4), ThermalNormalizer(),
+                              ThermalRegistration(np.eye(3)))
+    broken = np.full((4, 5), np.nan, np.float32)
+    broken[0, :2] = np.inf, -np.inf
+    with pytest.raises(ImageDecodeError, match='32FC1 image: every pixel is NaN or inf'):
+        pipeline.add_thermal(encode_image(broken, '32FC1'), 10**9, 'ir')
+    broken[1, 1] = 25.0
+    assert pipeline.add_thermal(encode_image(broken, '32FC1'), 10**9, 'ir') == []
+    assert pipeline.synchronizer.stats.thermal_received == 1
+
+
+# The running node -------------------------------------------------------------------------------
+
+# Its own namespace: no crosstalk with a node of another test run that shares the DDS domain.
+NAMESPACE = '/robustness'
+NODE_PARAMS = {
+    'device': 'auto',  # CPU here: auto must fall back to it
+    'inference_size': [80, 60],
+    'visible.transport': 'compressed',  # raw thermal and compressed visible in one node
+    'diagnostics.period': 0.2,
+}
+
+
+def image(array, array_encoding: str, stamp_ns: int, **fields):
+    """Make a sensor_msgs/Image of `array`, with fields overridden by `fields`."""
+    from ros_harness import image_message
+    msg = image_message(array, array_encoding, stamp_ns, 'thermal_optical_frame')
+    for name, value in fields.items():
+        setattr(msg, name, value)
+    return msg
+
+
+def compressed(data: bytes, stamp_ns: int, fmt: str = 'jpeg'):
+    """Make a sensor_msgs/CompressedImage."""
+    from sensor_msgs.msg import CompressedImage
+    msg = CompressedImage(format=fmt)
+    msg.data = data
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 10**9)
+    msg.header.frame_id = 'rgb_optical_frame'
+    return msg
+
+
+VISIBLE_JPEG = cv2.imencode('.jpg', VISIBLE)[1].tobytes()
+
+
+class NodeUnderTest:
+    """A running node, the probe that talks to it and the node's latest diagnostics."""
+
+    def __init__(self, proc, probe, namespace: str = ''):
+        """Subscribe to /diagnostics and add a CompressedImage publisher to the probe."""
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CompressedImage
+        self.proc, self.probe = proc, probe
+        self.status_name = f'{namespace}/s4fusion_node:'
+        qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        self.compressed_pub = probe.create_publisher(
+            CompressedImage, 'visible/image_raw/compressed', qos)
+        self.status, self.status_at = {}, 0.0
+        probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            if status.name.startswith(self.status_name):
+                self.status = {kv.key: kv.value for kv in status.values}
+                self.status_at = time.monotonic()
+
+    def now(self) -> int:
+        """Return the probe's clock in ns (stamps of what the test publishes)."""
+        return self.probe.get_clock().now().nanoseconds
+
+    def counts(self) -> dict:
+        """Return the integer counters of a diagnostics message sent after this call."""
+        asked = time.monotonic()
+        assert self.probe.spin_until(lambda: self.status_at > asked + 0.05, 10.0), \
+            'no diagnostics'
+        return {key: int(value) for key, value in self.status.items() if value.isdigit()}
+
+    def settled(self) -> dict:
+        """Return the counters once nothing is pending in the synchronizer."""
+        end = time.monotonic() + 10.0
+        while True:
+            counts = self.counts()
+            if counts['thermal pending'] == counts['visible pending'] == 0:
+                return counts
+            assert time.monotonic() < end, counts
+
+    def publish(self, role: str, msg) -> None:
+        """Publish on the thermal topic, or on the compressed visible one, like a camera.
+
+        Large messages published back to back from one process were held up here for seconds
+        (Fast DDS recovering them): at a camera's frame spacing every one arrives at once.
+        """
+        (self.probe.thermal_pub if role == 'thermal' else self.compressed_pub).publish(msg)
+        self.probe.spin_for(0.1)
+
+    def publish_pair(self, stamp_ns: int, thermal=None) -> None:
+        """Publish a good pair with one stamp (another thermal image if given)."""
+        self.publish('thermal', thermal or image(THERMAL, 'mono16', stamp_ns))
+        self.publish('visible', compressed(VISIBLE_JPEG, stamp_ns))
+
+    def fuse(self, stamp_ns: int | None = None, thermal=None):
+        """Publish a good pair and return its fused output."""
+        stamp_ns = stamp_ns or self.now()
+        self.publish_pair(stamp_ns, thermal)
+        return self.wait_for_output(stamp_ns)
+
+    def wait_for_output(self, stamp_ns: int):
+        """Return the fused output stamped `stamp_ns`, once it arrives."""
+        from s4fusion_ros.messages import stamp_to_ns
+
+        def arrived():
+            return [m for m in self.probe.fused if stamp_to_ns(m.header.stamp) == stamp_ns]
+        assert self.probe.spin_until(arrived, 30.0), \
+            f'no output for {stamp_ns}\n{self.status}\n{self.log()}'
+        return arrived()[0]
+
+    def log(self) -> str:
+        """Return the node's console output so far."""
+        from ros_harness import node_log
+        return node_log(self.proc)
+
+    def log_lines(self, *parts: str) -> list[str]:
+        """Return the log lines that contain every one of `parts`."""
+        return [line for line in self.log().splitlines() if all(p in line for p in parts)]
+
+
+@pytest.fixture(scope='module')
+def ros():
+    """Rclpy for the module's probes."""
+    from ros_harness import rclpy
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+@pytest.fixture(scope='module')
+def node(ros):
+    """One node for the module's message tests; each test leaves it fusing."""
+    from ros_harness import Probe, running_node
+    probe = Probe('robustness_probe', namespace=NAMESPACE)
+    with running_node(NODE_PARAMS, namespace=NAMESPACE) as proc:
+        under_test = NodeUnderTest(proc, probe, NAMESPACE)
+        assert probe.spin_until(
+            lambda: probe.thermal_pub.get_subscription_count() > 0
+            and under_test.compressed_pub.get_subscription_count() > 0
+            or proc.poll() is not None, 60.0) and proc.poll() is None, under_test.log()
+        deadline = time.monotonic() + 60.0
+        while not probe.fused:  # discovery may lose the first messages
+            assert time.monotonic() < deadline and proc.poll() is None, under_test.log()
+            under_test.publish_pair(under_test.now())
+            probe.spin_until(lambda: probe.fused, 0.5)
+        yield under_test
+        assert 'Traceback' not in under_test.log()
+    probe.destroy_node()
+
+
+def test_device_auto_falls_back_to_the_cpu(node):
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    assert node.log_lines(f'fusing {NAMESPACE}/thermal/image_raw', f' on {device}')
+
+
+def _bad(stamp):
+    """(role, messages, encoding, fault): each a malformed message and how the log names it."""
+    width, height = THERMAL.shape[1], THERMAL.shape[0]
+    good = image(THERMAL, 'mono16', stamp)
+    all_nan = np.full(THERMAL.shape, np.nan, np.float32)
+    all_nan[::2] = np.inf
+    return {
+        # Shorter, then longer: one kind of fault, so one log line within the rate limit.
+        'data length': ('thermal', [image(THERMAL, 'mono16', stamp, data=good.data[:-2]),
+                                    image(THERMAL, 'mono16', stamp,
+                                          data=bytes(good.data) + b'\0\0')],
+                        'mono16', f'bytes, height*step = {2 * width * height}'),
+        'step too small': ('thermal', [image(THERMAL, 'mono16', stamp, step=2 * width - 2,
+                                             data=bytes((2 * width - 2) * height))],
+                           'mono16', f'step {2 * width - 2} < width*bytes_per_pixel'),
+        'zero width': ('thermal', [image(THERMAL, 'mono16', stamp, width=0, step=0, data=b'')],
+                       'mono16', 'width must be positive'),
+        'zero height': ('thermal', [image(THERMAL, 'mono16', stamp, height=0, data=b'')],
+                        'mono16', 'height must be positive'),
+        'absurd size': ('thermal', [image(THERMAL, 'mono16', stamp, width=100000,
+                                          height=100000, step=200000, data=bytes(64))],
+                        'mono16', 'height 100000 exceeds the limit'),
+        'unknown encoding': ('thermal', [image(THERMAL, 'mono16', stamp, encoding='yuv422')],
+                             'yuv422', "unsupported encoding 'yuv422'"),
+        'NaN and inf only': ('thermal', [image(all_nan, '32FC1', stamp)],
+                             '32FC1', 'every pixel is NaN or inf'),
+        'undecodable compressed': ('visible', [compressed(b'\xff\xd8\xff\xe0' + bytes(100),
+                                                          stamp)],
+                                   'jpeg', "compressed 'jpeg' image: cannot decode"),
+    }
+
+
+@pytest.mark.parametrize('case', ['data length', 'step too small', 'zero width', 'zero height',
+                                  'absurd size', 'unknown encoding', 'NaN and inf only',
+                                  'undecodable compressed'])
+def test_bad_message_is_dropped_counted_and_logged_and_fusion_goes_on(node, case):
+    role, messages, encoding, fault = _bad(node.now())[case]
+    other = 'visible' if role == 'thermal' else 'thermal'
+    before = node.counts()
+    for msg in messages:
+        node.publish(role, msg)
+    node.fuse()  # published after the bad messages on the same topics: they were handled
+    after = node.counts()
+    assert after[f'{role} rejected (bad message)'] \
+        - before[f'{role} rejected (bad message)'] == len(messages)
+    assert after[f'{other} rejected (bad message)'] == before[f'{other} rejected (bad message)']
+    assert after['pairs fused'] > before['pairs fused']
+    topic = NAMESPACE + ('/thermal/image_raw' if role == 'thermal'
+                         else '/visible/image_raw/compressed')
+    # Rate-limited per kind of fault: several of one kind within the limit make one line.
+    assert len(node.log_lines(f'{topic}: dropped a {encoding!r} message', fault)) == 1, \
+        node.log()
+    sync_counts_add_up(after)
+
+
+def test_colour_on_the_thermal_topic_is_converted_with_one_warning(node):
+    warning = 'a colour image arrived on the thermal topic'
+    before = node.counts()
+    for _ in range(2):
+        stamp = node.now()
+        output = node.fuse(stamp, thermal=image(VISIBLE, 'bgr8', stamp))
+        assert (output.width, output.height) == (640, 480)
+    after = node.counts()
+    assert after['thermal rejected (bad message)'] == before['thermal rejected (bad message)']
+    assert len(node.log_lines(warning)) == 1
+
+
+def test_thermal_of_another_size_is_fused_at_the_rgb_geometry_with_one_warning(node):
+    small = cv2.resize(THERMAL, (320, 240), interpolation=cv2.INTER_AREA)
+    for _ in range(3):
+        stamp = node.now()
+        output = node.fuse(stamp, thermal=image(small, 'mono16', stamp))
+        assert (output.width, output.height, output.encoding) == (640, 480, 'bgr8')
+    assert len(node.log_lines('differ in size', 'resized to the visible geometry')) == 1
+
+
+def test_zero_stamps_are_rejected_and_counted(node):
+    before = node.counts()
+    node.publish_pair(0)
+    node.fuse()
+    after = node.counts()
+    for role in ROLES:
+        assert after[f'{role} rejected (bad stamp)'] - before[f'{role} rejected (bad stamp)'] == 1
+    sync_counts_add_up(after)
+
+
+@pytest.mark.parametrize('jump_s', [-10.0, 3600.0])
+def test_a_clock_jump_resets_the_synchronizer_and_fusion_goes_on(node, jump_s):
+    before = node.counts()
+    node.fuse(node.now() + int(jump_s * 1e9))  # a looping bag, or one stamp from a bad clock
+    node.fuse()  # the stamps jump back (by 10 s or 1 h): a reset, then pairs again
+    after = node.counts()
+    assert after['sync resets (clock jumps)'] - before['sync resets (clock jumps)'] == 1
+    assert after['pairs'] - before['pairs'] == 2
+    sync_counts_add_up(after)
+
+
+def test_visible_camera_stops_thermal_frames_are_decided_by_timeout(node):
+    before = node.settled()
+    for _ in range(10):  # 1 s of thermal at 10 Hz, no visible
+        node.publish('thermal', image(THERMAL, 'mono16', node.now()))
+    node.probe.spin_for(0.7)  # sync.timeout 0.5 s past the last one
+    during = node.settled()
+    assert during['thermal unpaired'] - before['thermal unpaired'] == 10
+    assert during['pairs'] == before['pairs']
+    node.fuse()
+    sync_counts_add_up(node.counts())
+
+
+def test_thermal_camera_stops_and_fusion_resumes(node):
+    before = node.settled()
+    for _ in range(10):  # 1 s of visible at 10 Hz, no thermal
+        node.publish('visible', compressed(VISIBLE_JPEG, node.now()))
+    node.probe.spin_for(0.7)
+    during = node.settled()
+    assert during['visible unpaired'] - before['visible unpaired'] == 10
+    assert during['pairs'] == before['pairs']
+    node.fuse()  # the thermal camera is back
+    sync_counts_add_up(node.counts())
+
+
+def test_visible_frames_out_of_order_within_slop_pair_with_the_nearest(node):
+    before = node.settled()
+    stamp = node.now()
+    # Visible frames 8 ms after and 3 ms before the thermal one, in that order.
+    node.publish('visible', compressed(VISIBLE_JPEG, stamp + 8_000_000))
+    node.publish('visible', compressed(VISIBLE_JPEG, stamp - 3_000_000))
+    node.publish('thermal', image(THERMAL, 'mono16', stamp))
+    node.wait_for_output(stamp - 3_000_000)  # the nearest, though it arrived second
+    node.publish('visible', compressed(VISIBLE_JPEG, stamp - 20_000_000))  # behind the pair
+    after = node.settled()
+    assert after['pairs'] - before['pairs'] == 1
+    assert after['visible late'] - before['visible late'] == 1
+    assert after['visible unpaired'] - before['visible unpaired'] == 1  # the one 8 ms after
+    sync_counts_add_up(after)
+
+
+def _parameters(node):
+    from rclpy.parameter_client import AsyncParameterClient
+    client = AsyncParameterClient(node.probe, 's4fusion_node')
+    assert client.wait_for_services(timeout_sec=20.0)
+    return client
+
+
+def _call(node, future):
+    from ros_harness import rclpy
+    rclpy.spin_until_future_complete(node.probe, future, timeout_sec=20.0)
+    assert future.done(), 'the parameter service did not answer'
+    return future.result()
+
+
+def _get(node, client, names):
+    from rclpy.parameter import parameter_value_to_python
+    return [parameter_value_to_python(value)
+            for value in _call(node, client.get_parameters(names)).values]
+
+
+@pytest.mark.parametrize('values, accepted', [
+    ({'sync.slop': 0.08, 'output_encoding': 'yuv422'}, False),  # one bad value: nothing changes
+    ({'normalization.low_percentile': 50.0, 'normalization.high_percentile': 40.0}, False),
+    # Valid together, though the first alone is above the current high percentile (99).
+    ({'normalization.low_percentile': 99.5, 'normalization.high_percentile': 100.0}, True),
+])
+def test_atomic_parameter_change_is_all_or_nothing(node, values, accepted):
+    from rclpy.parameter import Parameter
+    client = _parameters(node)
+    names = list(values)
+    before = _get(node, client, names)
+    params = [Parameter(name, value=value) for name, value in values.items()]
+    result = _call(node, client.set_parameters_atomically(params)).result
+    assert result.successful == accepted, result.reason
+    assert _get(node, client, names) == (list(values.values()) if accepted else before)
+    if accepted:  # back to the defaults
+        restore = [Parameter(name, value=value) for name, value in zip(names, before)]
+        assert _call(node, client.set_parameters_atomically(restore)).result.successful
+    node.fuse()
+
+
+# Start-up faults: each a process that must exit non-zero with one clear line -----------------
+
+def _weights(tmp_path: pathlib.Path) -> dict:
+    """Broken checkpoints, each with the text its error must hold."""
+    compact = S4Fusion(S4FusionConfig.preset('compact'))
+    cases = {}
+    truncated, _ = save_checkpoint(compact, tmp_path / 'truncated.safetensors')
+    truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size // 2])
+    cases['truncated'] = (truncated, 'truncated or corrupt')
+    other, json_path = save_checkpoint(compact, tmp_path / 'authors_json.safetensors')
+    meta = json.loads(json_path.read_text())
+    meta['config'] = S4FusionConfig.preset('authors').to_dict()  # compact weights, authors JSON
+    json_path.write_text(json.dumps(meta))
+    cases['other configuration'] = (other, 'does not match the config in authors_json.json')
+    dims, json_path = save_checkpoint(compact, tmp_path / 'dims.safetensors')
+    meta = json.loads(json_path.read_text())
+    meta['config']['dims'] = [24, 48, 96]
+    json_path.write_text(json.dumps(meta))
+    cases['other dims'] = (dims, 'the model built from dims.json expects')
+    return cases
+
+
+@pytest.mark.ros
+def test_broken_weights_stop_the_node_with_the_file_and_the_problem(tmp_path):
+    from ros_harness import NODE_EXECUTABLE, write_params
+    procs = {}
+    for name, (path, problem) in _weights(tmp_path).items():
+        directory = tmp_path / name.replace(' ', '_')
+        directory.mkdir()
+        params = write_params({'device': 'cpu', 'model.weights': str(path)}, directory)
+        procs[name] = (subprocess.Popen(  # together: each mostly waits for imports
+            [str(NODE_EXECUTABLE), '--ros-args', '--params-file', str(params)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), path, problem)
+    for name, (proc, path, problem) in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (name, stderr)
+        line = [line for line in stderr.splitlines() if line.startswith('s4fusion_node: ')]
+        assert len(line) == 1 and str(path) in line[0] and problem in line[0], (name, stderr)
+        assert 'Traceback' not in stderr + stdout
+
+
+# Signals during inference ---------------------------------------------------------------------
+
+def publish_until(under_test: NodeUnderTest, condition, timeout: float = 60.0) -> None:
+    """Publish raw pairs (the node's default transport) every 0.3 s until condition() holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and under_test.proc.poll() is None, under_test.log()
+        stamp = under_test.now()
+        under_test.probe.thermal_pub.publish(image(THERMAL, 'mono16', stamp))
+        under_test.probe.visible_pub.publish(image(VISIBLE, 'bgr8', stamp))
+        under_test.probe.spin_for(0.3)
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_signal_during_inference_exits_cleanly_within_a_second(ros, signum):
+    """Exit code 0 for both (rclpy turns them into a shutdown), no traceback, no abort."""
+    from ros_harness import Probe, running_node
+    namespace = '/signal'  # apart from the module's other node
+    probe = Probe('signal_probe', namespace=namespace)
+    # The authors' model at 640x480 on the CPU: seconds per pair, so the signal lands mid-way.
+    params = {'device': 'cpu', 'model.preset': 'authors', 'diagnostics.period': 0.2}
+    try:
+        with running_node(params, namespace=namespace) as proc:
+            under_test = NodeUnderTest(proc, probe, namespace)
+            probe.wait_for_node(proc)
+            publish_until(under_test, lambda: under_test.status.get('pairs in inference') == '1')
+            signalled = time.monotonic()
+            proc.send_signal(signum)
+            returncode = proc.wait(timeout=30)
+            exit_seconds = time.monotonic() - signalled
+            log = under_test.log()
+    finally:
+        probe.destroy_node()
+    assert returncode == 0, log
+    assert 'Traceback' not in log and 'terminate called' not in log, log
+    assert exit_seconds < 1.5, f'{exit_seconds:.2f} s to exit'
+
+
+# CUDA out of memory ---------------------------------------------------------------------------
+
+@pytest.mark.ros
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason='needs CUDA: another process fills the GPU to make inference run out')
+def test_cuda_out_of_memory_drops_the_pair_and_fuses_the_next(ros):
+    from ros_harness import Probe, running_node
+    namespace = '/oom'
+    probe = Probe('oom_probe', namespace=namespace)
+    hog = []
+    try:
+        # Full size, so a pair needs far more than the start-up warm-up left in the cache.
+        with running_node({'device': 'cuda', 'model.preset': 'authors',
+                           'diagnostics.period': 0.2}, namespace=namespace) as proc:
+            under_test = NodeUnderTest(proc, probe, namespace)
+            probe.wait_for_node(proc)
+            while torch.cuda.mem_get_info()[0] > 128 << 20:  # fill the GPU but 128 MiB
+                try:
+                    hog.append(torch.empty(64 << 20, dtype=torch.uint8, device='cuda'))
+                except torch.cuda.OutOfMemoryError:
+                    break
+            publish_until(under_test, lambda: under_test.status.get('inference errors', '0')
+                          != '0')
+            assert under_test.log_lines('inference failed, pair dropped', 'out of memory')
+            hog.clear()
+            torch.cuda.empty_cache()
+            publish_until(under_test, lambda: probe.fused)  # the next pairs are tried, and fuse
+            assert 'Traceback' not in under_test.log()
+    finally:
+        hog.clear()
+        probe.destroy_node()
