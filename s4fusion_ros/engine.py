@@ -163,6 +163,17 @@ class FusionEngine:
         return FusionResult(pair, fused, settings.output_encoding, saliency,
                             time.perf_counter() - started)
 
+    def warm_up(self) -> float:
+        """Run the model once on a small blank pair; returns the seconds it took.
+
+        The first forward pass compiles the numba scan (or loads it from its cache) and allocates
+        buffers; doing it at start-up keeps that cost out of the first real pair's latency.
+        """
+        started = time.perf_counter()
+        blank = np.zeros((49, 49), np.float32)
+        self._run_model(blank, blank)
+        return time.perf_counter() - started
+
     def _run_model(self, thermal: np.ndarray, visible_y: np.ndarray) -> np.ndarray:
         """(H, W) float32 pair -> fused (H, W) float32 in [0, 1]."""
         ir = torch.from_numpy(np.ascontiguousarray(thermal))[None, None]

@@ -22,6 +22,9 @@ NODE_PARAMS = {
     'inference_size': [160, 120],
     'inference.queue_size': 100,  # fuse every pair, so each can be checked against the offline path
     'sync.slop': 0.02,
+    # On a busy machine a large image can reach the node seconds late; a long timeout keeps such a
+    # thermal frame waiting for its partner, so the pairs do not depend on the machine's load.
+    'sync.timeout': 5.0,
     # Stateless, so the warm-up frames (some may be lost during discovery) cannot change the pixels
     # of what follows; test_replay checks the smoothed percentile mode live against offline.
     'normalization.mode': 'minmax',

@@ -61,6 +61,7 @@ class S4FusionNode(Node):
         self.normalizer = self.pipeline.normalizer
         self.registration = self.pipeline.registration
         self.engine = FusionEngine(self.loaded, settings.fusion_settings(p))
+        self.get_logger().info(f'model warmed up in {self.engine.warm_up():.1f} s')
         self.saliency_encoding = p['saliency.encoding']
 
         self.thermal_rate, self.visible_rate, self.fused_rate = RateMeter(), RateMeter(), RateMeter()
