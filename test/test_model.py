@@ -11,6 +11,7 @@ from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.blocks import (cross_merge, cross_scan, deinterleave, interleave,
                                        PatchExpand, PatchMerging, SS2D)
 from s4fusion_ros.model.fusion import CMSALayer, FusionBlock
+from s4fusion_ros.model.scan import numba_cross_scan_fn
 
 
 def compact(seed=0, **overrides):
@@ -273,17 +274,32 @@ def mixer_out(block, y, z):
     return block.out_proj(block.out_norm(y.permute(1, 2, 0)[None].to(z.dtype)) * F.silu(z))
 
 
-def test_ss2d_matches_a_token_by_token_reference():
+def run_path(module, path, *inputs):
+    """Run a block on the CPU inference path ('fused', the numba grid kernel) or the torch path
+    (cross-scan copies and the chunked autograd scan, taken where gradients are needed)."""
+    with torch.set_grad_enabled(path == 'torch'):
+        assert module._fused_path(*inputs) == (path == 'fused')
+        out = module(*inputs)
+    return out.detach() if torch.is_tensor(out) else tuple(t.detach() for t in out)
+
+
+PATHS = ['torch', pytest.param('fused', marks=pytest.mark.skipif(
+    numba_cross_scan_fn() is None, reason='numba is not installed'))]
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_ss2d_matches_a_token_by_token_reference(path):
     torch.manual_seed(0)
     block = SS2D(8, d_state=4).eval()
     x = torch.randn(1, 3, 4, 8)
     with torch.no_grad():
         grid, z = mixer_in(block, x)
         expected = mixer_out(block, reference_scan(block, [grid], [block.x_proj_weight])[0], z)
-        assert torch.allclose(block(x), expected, atol=1e-4)
+    assert torch.allclose(run_path(block, path, x), expected, atol=1e-4)
 
 
-def test_fusion_block_matches_an_interleaved_token_by_token_reference():
+@pytest.mark.parametrize('path', PATHS)
+def test_fusion_block_matches_an_interleaved_token_by_token_reference(path):
     torch.manual_seed(0)
     block = FusionBlock(8, d_state=4).eval()
     ir, vi = torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8)
@@ -291,9 +307,23 @@ def test_fusion_block_matches_an_interleaved_token_by_token_reference():
         (g_ir, z_ir), (g_vi, z_vi) = mixer_in(block, ir), mixer_in(block, vi)
         y_ir, y_vi = reference_scan(block, [g_ir, g_vi],
                                     [block.x_proj_weight, block.y_proj_weight])
-        out_ir, out_vi = block(ir, vi)
-        assert torch.allclose(out_ir, mixer_out(block, y_ir, z_ir), atol=1e-4)
-        assert torch.allclose(out_vi, mixer_out(block, y_vi, z_vi), atol=1e-4)
+    out_ir, out_vi = run_path(block, path, ir, vi)
+    assert torch.allclose(out_ir, mixer_out(block, y_ir, z_ir), atol=1e-4)
+    assert torch.allclose(out_vi, mixer_out(block, y_vi, z_vi), atol=1e-4)
+
+
+@pytest.mark.skipif(numba_cross_scan_fn() is None, reason='numba is not installed')
+@pytest.mark.parametrize('preset, size, batch', [('compact', (25, 37), 2),
+                                                 ('authors', (25, 25), 1)])
+def test_cpu_inference_path_equals_the_torch_path(preset, size, batch):
+    """The fused CPU path gives the torch path's output to float32 rounding, whole network."""
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig.preset(preset)).eval()
+    ir, vi = pair(*size, batch=batch)
+    fused = model.infer(ir, vi)
+    with torch.enable_grad():  # parameters require grad: the torch path throughout
+        reference = model(ir, vi).detach()
+    assert torch.allclose(fused, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
 
 
 def test_cmsa_layer_sums_residual_streams():

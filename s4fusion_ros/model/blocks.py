@@ -1,8 +1,10 @@
 """Building blocks of S4Fusion, laid out as VMamba (v0) and the authors' code lay them out.
 
 Token maps are channels-last ``(B, H, W, C)`` between blocks, as in VMamba; the selective scan
-works on ``(B, K * D, L)`` with ``K = 4`` scan directions. Parameter names and shapes follow the
-authors' code, so their state dict maps onto these modules by renaming a few prefixes only
+works on ``(B, K * D, L)`` with ``K = 4`` scan directions. CPU inference takes a fused path
+instead (``SS2D._scan_grid``): one numba kernel scans the directions straight from the
+channels-last grid, with the same result to float32 rounding. Parameter names and shapes follow
+the authors' code, so their state dict maps onto these modules by renaming a few prefixes only
 (see ``checkpoint.convert_authors_state_dict``).
 """
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .scan import selective_scan
+from .scan import cross_selective_scan, numba_cross_scan_fn, selective_scan
 
 
 def cross_scan(x):
@@ -138,17 +140,46 @@ class SS2D(nn.Module):
         return F.silu(self.conv2d(x.permute(0, 3, 1, 2))), z
 
     def _project_out(self, y, z):
-        """``y (B, D, L) in row-major order, z (B, H, W, D) -> (B, H, W, C)``."""
-        y = self.out_norm(y.transpose(1, 2).reshape(z.shape))
-        return self.out_proj(y * F.silu(z))
+        """``y, z (B, H, W, D) -> (B, H, W, C)``."""
+        return self.out_proj(self.out_norm(y) * F.silu(z))
+
+    def _fused_path(self, *inputs):
+        """Whether ``_scan_grid`` runs: CPU float32 inference (no autograd) with numba."""
+        x = inputs[0]
+        return (x.device.type == 'cpu' and x.dtype == torch.float32
+                and not (torch.is_grad_enabled()
+                         and any(t.requires_grad for t in (*inputs, *self.parameters())))
+                and numba_cross_scan_fn() is not None)
+
+    def _scan_grid(self, xs, proj_weights, mark=None):
+        """The CPU inference path of the scan: ``(M, B, H, W, D) -> (M, B, H, W, D)``.
+
+        One numba kernel reads each direction's (and modality's) tokens from the channels-last
+        grids through index arithmetic and sums the directions' outputs in place, instead of
+        cross_scan, interleave, deinterleave and cross_merge copies. Equals the torch path to
+        float32 rounding. ``proj_weights``: each modality's x projection; ``mark`` (B, H, W, D).
+        """
+        k, c, d = self.x_proj_weight.shape
+        weight = torch.stack([w.reshape(k * c, d) for w in proj_weights])  # (M, K c, D)
+        # A token's (dt, B, C) for a direction does not depend on the order it is scanned in,
+        # so all four come from the grid: (M, B H W, D) -> (M, B H W, K c)
+        x_dbl = torch.matmul(xs.flatten(1, 3), weight.transpose(1, 2))
+        return cross_selective_scan(
+            xs, x_dbl.view(*xs.shape[:4], k * c), self.dt_projs_weight, self.dt_projs_bias,
+            -torch.exp(self.A_logs.float()).view(k, d, self.d_state), self.Ds.view(k, d), mark)
 
     def forward(self, x):
         """``(B, H, W, C) -> (B, H, W, C)``."""
-        x, z = self._project_in(x)
-        height, width = x.shape[2:]
-        xs = cross_scan(x)  # (B, K, D, L)
-        ys = self._scan(xs, *self._scan_params(xs, self.x_proj_weight))
-        return self._project_out(cross_merge(ys, height, width), z)
+        x, z = self._project_in(x)  # (B, D, H, W), (B, H, W, D)
+        if self._fused_path(x):
+            # the conv's output is channels-last in memory: the permute is free
+            y = self._scan_grid(x.permute(0, 2, 3, 1)[None], [self.x_proj_weight])[0]
+        else:
+            height, width = x.shape[2:]
+            xs = cross_scan(x)  # (B, K, D, L)
+            ys = self._scan(xs, *self._scan_params(xs, self.x_proj_weight))
+            y = cross_merge(ys, height, width).transpose(1, 2).reshape(z.shape)
+        return self._project_out(y, z)
 
 
 class VSSBlock(nn.Module):

@@ -31,6 +31,8 @@ class FusionBlock(SS2D):
 
     def forward(self, ir, vi):
         """``(B, H, W, C) x 2 -> (B, H, W, C) x 2``: the IR and VI updates."""
+        if self._fused_path(ir, vi):
+            return self._forward_fused(ir, vi)
         ir, z_ir = self._project_in(ir)  # (B, D, H, W), (B, H, W, D)
         vi, z_vi = self._project_in(vi)
         height, width = ir.shape[2:]
@@ -45,8 +47,20 @@ class FusionBlock(SS2D):
         ys = self._scan(interleave(irs + mark, vis + mark), interleave(dt_ir, dt_vi),
                         interleave(b_ir, b_vi), interleave(c_ir, c_vi))
         y_ir, y_vi = deinterleave(ys)  # (B, K, D, L) x 2
-        return (self._project_out(cross_merge(y_ir, height, width), z_ir),
-                self._project_out(cross_merge(y_vi, height, width), z_vi))
+        y_ir, y_vi = (cross_merge(y, height, width).transpose(1, 2).reshape(z_ir.shape)
+                      for y in (y_ir, y_vi))
+        return self._project_out(y_ir, z_ir), self._project_out(y_vi, z_vi)
+
+    def _forward_fused(self, ir, vi):
+        """``forward`` for CPU inference, through ``_scan_grid``; equal to float32 rounding."""
+        batch = ir.shape[0]
+        # The shared projections run on both modalities as one batch.
+        x, z = self._project_in(torch.cat([ir, vi]))  # (2 B, D, H, W), (2 B, H, W, D)
+        xs = x.permute(0, 2, 3, 1).unflatten(0, (2, batch))  # (2, B, H, W, D)
+        mark = torch.cat([xs[0], xs[1]], -1) @ self.mark_proj.t()  # (B, H, W, D)
+        y = self._scan_grid(xs, [self.x_proj_weight, self.y_proj_weight], mark)
+        out = self._project_out(y.flatten(0, 1), z)
+        return out[:batch], out[batch:]
 
 
 class CMSALayer(nn.Module):

@@ -6,7 +6,8 @@ Backends: 'mamba' (mamba-ssm's CUDA kernel, the optional extra ``[gpu]``), 'numb
 inference kernel in scan_numba, no autograd) and 'torch' (the chunked PyTorch scan below, with
 autograd; training and the fallback). ``selective_scan_sequential`` is the plain loop the tests
 take as truth (float64 by default); ``selective_scan_ref`` follows mamba-ssm's reference of the
-same name and is kept for the benchmark.
+same name and is kept for the benchmark. ``cross_selective_scan`` is SS2D's whole four-direction
+scan in one numba kernel, the model's CPU inference path.
 """
 
 import functools
@@ -40,8 +41,34 @@ def numba_scan_fn():
     return selective_scan_numba
 
 
+@functools.lru_cache(maxsize=None)
+def numba_cross_scan_fn():
+    """Return the numba four-direction grid kernel's entry point, or None without numba."""
+    try:
+        from .scan_numba import cross_selective_scan_numba
+    except ImportError:
+        return None
+    return cross_selective_scan_numba
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _run_numba(fn, *args, **kwargs):
+    """Call a numba entry point, tensors passed as float32 NumPy arrays, with torch's threads."""
+    def array(t):
+        return t.detach().float().numpy() if torch.is_tensor(t) else t
+
+    args = [array(t) for t in args]
+    kwargs = {k: array(t) for k, t in kwargs.items()}
+    # torch's thread count is the one knob for both. numba's OpenMP layer shares torch's
+    # runtime and sets its thread count to NUMBA_NUM_THREADS when it starts: undo that.
+    threads = torch.get_num_threads()
+    y = fn(*args, threads=threads, **kwargs)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.from_numpy(y)
 
 
 def scan_backend(u, delta, A, B, C, D=None, delta_bias=None):
@@ -86,18 +113,37 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
         if _needs_grad(u, delta, A, B, C, D, delta_bias):
             raise ValueError('backend "numba" has no autograd; use "torch" where gradients '
                              'are needed')
-        args = [None if t is None else t.detach().float().numpy()
-                for t in (u, delta, A, B, C, D, delta_bias)]
-        # torch's thread count is the one knob for both. numba's OpenMP layer shares torch's
-        # runtime and sets its thread count to NUMBA_NUM_THREADS when it starts: undo that.
-        threads = torch.get_num_threads()
-        y = fn(*args[:6], delta_bias=args[6], delta_softplus=delta_softplus, threads=threads)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        return torch.from_numpy(y).to(u.dtype)
+        return _run_numba(fn, u, delta, A, B, C, D, delta_bias=delta_bias,
+                          delta_softplus=delta_softplus).to(u.dtype)
     if backend == 'torch':
         return selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
     raise ValueError(f'unknown backend {backend!r}; expected one of {BACKENDS} or "auto"')
+
+
+def cross_selective_scan(xs, x_dbl, dt_weight, dt_bias, A, Ds, mark=None):
+    """SS2D's four-direction scan over channels-last grids in one numba kernel (CPU inference).
+
+    The fused equivalent of cross_scan, interleave, ``selective_scan`` (delta_softplus, with the
+    dt projection), deinterleave and cross_merge, without their copies; see
+    ``scan_numba.cross_selective_scan_numba``. Directions k: row-major, column-major, both
+    reversed. At each position the M modalities' tokens are scanned one after the other.
+
+    Args:
+        xs: (M, B, H, W, D) the scanned tokens of M modalities (before the mark).
+        x_dbl: (M, B, H, W, K (R + 2N)) each token's dt (rank R), B and C for each direction.
+        dt_weight: (K, D, R); dt_bias, Ds: (K, D); A: (K, D, N).
+        mark: (B, H, W, D) added to every modality's scanned tokens, or None.
+
+    Returns:
+        (M, B, H, W, D) float32: per modality the sum of the four directions' outputs.
+    """
+    fn = numba_cross_scan_fn()
+    if fn is None:
+        raise RuntimeError('cross_selective_scan needs numba installed')
+    height, width = xs.shape[2:4]
+    y = _run_numba(fn, xs.flatten(2, 3), x_dbl.flatten(2, 3), dt_weight, dt_bias, A, Ds,
+                   height, width, mark=None if mark is None else mark.flatten(1, 2))
+    return y.view(xs.shape)
 
 
 def _check_shapes(u, delta, A, B, C, D, delta_bias):
@@ -135,10 +181,10 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, delta_bias=None, delta_sof
 
     L is cut into chunks of ``chunk`` (default ceil(sqrt(L))) positions. Pass 1 runs the
     recurrence through all chunks at once, position by position, each from a zero state. A short
-    loop over the chunks then carries the true state across chunk ends, and each position's
-    output is corrected by C_t . (P_t * carried state), with P_t = exp(A * cumsum(delta)) the
-    decay since its chunk began. The exponents are never positive, so nothing overflows.
-    Arguments as ``selective_scan``; computes in float32 or float64.
+    loop over the chunks then carries the true state across chunk ends, and pass 2 adds each
+    position's share of it: C_t . g_t, where g_t is the carried state decayed up to t
+    (g_t = exp(delta_t A) g_{t-1}, no input). The exponents are never positive, so nothing
+    overflows. Arguments as ``selective_scan``; computes in float32 or float64.
     """
     dtype_in = u.dtype
     dtype = torch.promote_types(dtype_in, torch.float32)
@@ -160,46 +206,64 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, delta_bias=None, delta_sof
     # Position-in-chunk first, so each step reads contiguous slices. Chunk and channel keep
     # their order, which makes this a 2-D transpose (the cheap kind).
     def steps(t):
-        # (batch, d, L) -> (T, batch, groups, dg, K, 1)
+        # (batch, d, L) -> (T, batch, groups, 1, dg, K)
         t = t.reshape(-1, size).t().contiguous()
-        return t.view(size, batch, groups, dg, nchunks, 1)
+        return t.view(size, batch, groups, 1, dg, nchunks)
 
     def steps_bc(t):
-        # (batch, groups, N, L) -> (T, batch, groups, 1, K, N)
-        t = t.reshape(batch, groups, nstate, nchunks, size).permute(4, 0, 1, 3, 2)
-        return t[:, :, :, None].contiguous()
+        # (batch, groups, N, L) -> (T, batch, groups, N, 1, K)
+        t = t.reshape(batch, groups, nstate, nchunks, size).permute(4, 0, 1, 2, 3)
+        return t[:, :, :, :, None].contiguous()
 
     dt = steps(delta)
     du = dt * steps(u)
     b, c = steps_bc(B), steps_bc(C)
-    a = A.reshape(groups, dg, 1, nstate)
+    # exp(x A) as exp2(x A log2(e)): torch's exp2 is four times faster than its exp on CPU.
+    a = A.reshape(groups, dg, nstate, 1).transpose(1, 2) * math.log2(math.e)  # (g, N, dg, 1)
 
-    def decay(x):
-        # exp(x * A), floored at exp(-80) ~ 2e-35: torch's exp takes a slow path where float32
+    def decay(x, out=None):
+        # exp(x * A), floored at exp(-80) ~ 2e-35: torch takes a slow path where float32
         # underflows (x A < -87), several times slower over a whole scan, for no visible change.
-        return (x * a).clamp_min_(_EXP_FLOOR).exp_()
+        return torch.mul(x, a, out=out).clamp_min_(_EXP_FLOOR * math.log2(math.e)).exp2_()
 
     # Step by step, each step over all chunks: per-step temporaries stay in cache, which beat
-    # fewer, larger ops over several steps here. (In place on du b: autograd does not need it.)
-    h = dt.new_zeros(batch, groups, dg, nchunks, nstate)
-    ys = []
-    for j in range(size):
-        h = (du[j] * b[j]).addcmul_(decay(dt[j]), h)
-        ys.append((h * c[j]).sum(-1))  # (batch, groups, dg, K)
-
-    # The true state entering each chunk, from the local end states and the chunks' decays.
-    cum = steps(delta.reshape(batch, d, nchunks, size).cumsum(-1))
-    p_end = decay(cum[-1])  # (batch, groups, dg, K, N)
-    carry = [torch.zeros_like(h[:, :, :, 0])]
-    for k in range(nchunks - 1):
-        carry.append(h[:, :, :, k] + p_end[:, :, :, k] * carry[-1])
-    carry = torch.stack(carry, dim=3)  # (batch, groups, dg, K, N)
-    y = torch.stack([ys[j] + (decay(cum[j]) * carry * c[j]).sum(-1) for j in range(size)])
+    # fewer, larger ops over several steps here. States are (batch, groups, N, dg, K): the sums
+    # over N add whole slices. The carried state comes from the chunks' local end states h and
+    # their whole decays p_end.
+    shape = (batch, groups, nstate, dg, nchunks)
+    p_end = decay(dt.sum(0))
+    if _needs_grad(u, delta, A, B, C):
+        # New tensors at each step, as autograd needs them (in place on du b only).
+        h = dt.new_zeros(shape)
+        ys = []
+        for j in range(size):
+            h = (du[j] * b[j]).addcmul_(decay(dt[j]), h)
+            ys.append((h * c[j]).sum(2))  # (batch, groups, dg, K)
+        carry = [torch.zeros_like(h[..., 0])]
+        for k in range(nchunks - 1):
+            carry.append(h[..., k] + p_end[..., k] * carry[-1])
+        g = torch.stack(carry, dim=-1)
+        for j in range(size):
+            g = g * decay(dt[j])
+            ys[j] = ys[j] + (g * c[j]).sum(2)
+        y = torch.stack(ys)
+    else:
+        # The same in place in a few buffers, about a fifth faster without the allocations.
+        h, e, hc, g = (dt.new_zeros(shape) for _ in range(4))
+        y = dt.new_empty(size, batch, groups, dg, nchunks)
+        for j in range(size):
+            h.mul_(decay(dt[j], out=e)).addcmul_(du[j], b[j])
+            torch.sum(torch.mul(h, c[j], out=hc), 2, out=y[j])
+        for k in range(1, nchunks):
+            torch.addcmul(h[..., k - 1], p_end[..., k - 1], g[..., k - 1], out=g[..., k])
+        for j in range(size):
+            g.mul_(decay(dt[j], out=e))
+            y[j] += torch.mul(g, c[j], out=hc).sum(2)
 
     # (T, batch, groups, dg, K) -> (batch, d, L)
     y = y.view(size, -1).t().reshape(batch, d, nchunks * size)[..., :length]
     if D is not None:
-        y = y + D.to(dtype)[:, None] * u[..., :length]
+        y = torch.addcmul(y, D.to(dtype)[:, None], u[..., :length])
     return y.to(dtype_in)
 
 

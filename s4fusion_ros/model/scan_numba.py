@@ -34,7 +34,7 @@ _F32 = np.float32
 _LOG2E = _F32(1.44269504088896341)
 _LN2_HI = _F32(0.693359375)  # exact in few bits, so k * _LN2_HI is exact
 _LN2_LO = _F32(-2.12194440e-4)
-_EXP_MIN = _F32(-87.0)  # below this exp underflows to subnormals; return 0 instead
+_EXP_MIN = _F32(-87.0)  # below this exp underflows to subnormals: floor there (1.6e-38)
 # Cephes expf minimax polynomial for exp(r) on |r| <= ln(2)/2 (relative error ~1e-7).
 _P0 = _F32(1.9875691500e-4)
 _P1 = _F32(1.3981999507e-3)
@@ -47,6 +47,7 @@ _HALF = _F32(0.5)
 _ONE = _F32(1.0)
 _TWO = _F32(2.0)
 _TILE = 32  # time steps per tile: 3 scratch buffers of 32 x 64 floats stay in L1
+_LANES = 16  # channels per vector step of the grid kernel
 
 
 @intrinsic
@@ -65,7 +66,8 @@ def _pow2(typingctx, k):
 
 @numba.njit(inline='always', fastmath=_FASTMATH, cache=True)
 def _exp(x):
-    """exp(x) in float32, branch-free so loops vectorise; x < -87 gives 0 (no subnormals)."""
+    """exp(x) in float32, branch-free so loops vectorise; floored at exp(-87) (no subnormals)."""
+    x = max(x, _EXP_MIN)
     k = np.floor(x * _LOG2E + _HALF)
     r = x - k * _LN2_HI - k * _LN2_LO
     p = _P0 * r + _P1
@@ -73,8 +75,7 @@ def _exp(x):
     p = p * r + _P3
     p = p * r + _P4
     p = p * r + _P5
-    e = (p * r * r + r + _ONE) * _pow2(min(max(k, _F32(-126.0)), _F32(128.0)))
-    return e if x >= _EXP_MIN else _ZERO
+    return (p * r * r + r + _ONE) * _pow2(min(k, _F32(128.0)))
 
 
 @numba.njit(inline='always', fastmath=_FASTMATH, cache=True)
@@ -173,3 +174,143 @@ def selective_scan_numba(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     while block > 8 and batch * groups * -(-per_group // block) < numba.get_num_threads():
         block //= 2
     return _scan(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), block)
+
+
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _cross_scan(x, mark, has_mark, x_dbl, dt_weight, dt_bias, A, Ds, height, width, nsub):
+    """Kernel on C-contiguous float32 arrays; see cross_selective_scan_numba for the contract."""
+    nmod, batch, length, d = x.shape
+    rank = dt_weight.shape[2]
+    nstate = A.shape[2]
+    per_dir = rank + 2 * nstate
+    block = nsub * _LANES  # channels per task
+    nblocks = (d + block - 1) // block
+    # One partial sum per layout (row-major, column-major), added at the end.
+    y = np.empty((2, nmod, batch, length, d), np.float32)
+    for task in numba.prange(2 * batch * nblocks):
+        layout = task // (batch * nblocks)
+        b = task // nblocks % batch
+        c0 = task % nblocks * block
+        w = min(block, d - c0)
+        vecs = (w + _LANES - 1) // _LANES
+        # Channel c of the block is [c // _LANES, c % _LANES] in the scratch arrays. Those past
+        # d are zero-padded (dt A = 0, u = 0: h stays 0) and never written out.
+        at = np.zeros((nstate, vecs, _LANES), np.float32)
+        wt = np.zeros((rank, vecs, _LANES), np.float32)
+        bias = np.zeros((vecs, _LANES), np.float32)
+        skip = np.zeros((vecs, _LANES), np.float32)
+        h = np.empty((nstate, vecs, _LANES), np.float32)
+        dtv = np.empty((vecs, _LANES), np.float32)
+        duv = np.empty((vecs, _LANES), np.float32)
+        pos = np.empty(_TILE, np.int64)
+        ut = np.zeros((_TILE, nmod, vecs, _LANES), np.float32)
+        yt = np.empty((_TILE, nmod, vecs, _LANES), np.float32)
+        rt = np.empty((_TILE, nmod, rank), np.float32)
+        bt = np.empty((_TILE, nmod, nstate), np.float32)
+        ct = np.empty((_TILE, nmod, nstate), np.float32)
+        for k in (layout, layout + 2):  # forward, then reversed
+            off = k * per_dir
+            for c in range(w):
+                v, i = divmod(c, _LANES)
+                bias[v, i] = dt_bias[k, c0 + c]
+                skip[v, i] = Ds[k, c0 + c]
+                for n in range(nstate):
+                    at[n, v, i] = A[k, c0 + c, n]
+                for r in range(rank):
+                    wt[r, v, i] = dt_weight[k, c0 + c, r]
+            h[:] = _ZERO
+            for t0 in range(0, length, _TILE):
+                nt = min(_TILE, length - t0)
+                # Gather the tile's tokens in scan order: s is the index in the direction's
+                # sequence, p the row-major grid position it reads.
+                for t in range(nt):
+                    s = length - 1 - t0 - t if k >= 2 else t0 + t
+                    p = s if layout == 0 else s % height * width + s // height
+                    pos[t] = p
+                    for m in range(nmod):
+                        for c in range(w):
+                            v, i = divmod(c, _LANES)
+                            ut[t, m, v, i] = x[m, b, p, c0 + c]
+                            if has_mark:
+                                ut[t, m, v, i] += mark[b, p, c0 + c]
+                        for r in range(rank):
+                            rt[t, m, r] = x_dbl[m, b, p, off + r]
+                        for n in range(nstate):
+                            bt[t, m, n] = x_dbl[m, b, p, off + rank + n]
+                            ct[t, m, n] = x_dbl[m, b, p, off + rank + nstate + n]
+                # Modalities interleaved one for one: the state runs through (t, 0), (t, 1), ...
+                # The innermost loops run over _LANES channels, a constant trip count that
+                # LLVM vectorises whole (it leaves runtime remainders and loops of fewer than
+                # 16 iterations scalar).
+                for t in range(nt):
+                    for m in range(nmod):
+                        for v in range(vecs):
+                            for i in range(_LANES):
+                                dtv[v, i] = _ZERO
+                            for r in range(rank):  # the dt projection, rank -> channels
+                                coef = rt[t, m, r]
+                                for i in range(_LANES):
+                                    dtv[v, i] += coef * wt[r, v, i]
+                            for i in range(_LANES):
+                                dt = _softplus(dtv[v, i] + bias[v, i])
+                                dtv[v, i] = dt
+                                yt[t, m, v, i] = skip[v, i] * ut[t, m, v, i]
+                                duv[v, i] = dt * ut[t, m, v, i]
+                        for v in range(vecs):
+                            for n in range(nstate):
+                                bn = bt[t, m, n]
+                                cn = ct[t, m, n]
+                                for i in range(_LANES):
+                                    hn = (_exp(dtv[v, i] * at[n, v, i]) * h[n, v, i]
+                                          + duv[v, i] * bn)
+                                    h[n, v, i] = hn
+                                    yt[t, m, v, i] += cn * hn
+                for t in range(nt):
+                    for m in range(nmod):
+                        for c in range(w):
+                            v, i = divmod(c, _LANES)
+                            if k < 2:
+                                y[layout, m, b, pos[t], c0 + c] = yt[t, m, v, i]
+                            else:
+                                y[layout, m, b, pos[t], c0 + c] += yt[t, m, v, i]
+    out = y[0]
+    flat_out = out.reshape(-1)
+    flat_cols = y[1].reshape(-1)
+    for i in numba.prange(flat_out.size):
+        flat_out[i] += flat_cols[i]
+    return out
+
+
+def cross_selective_scan_numba(x, x_dbl, dt_weight, dt_bias, A, Ds, height, width, mark=None,
+                               threads=None):
+    """SS2D's four-direction scan on channels-last token grids, merged; NumPy, no autograd.
+
+    Directions k: 0 row-major, 1 column-major, 2 and 3 the same reversed. The tokens of the M
+    modalities are interleaved one for one at each position (M = 1 for SS2D, 2 for the fusion
+    block), and each direction's output is summed back at its grid position, as cross_scan,
+    interleave, selective_scan, deinterleave and cross_merge do in the torch path, but read and
+    written in place through index arithmetic, with the dt projection done on the fly.
+
+    x: (M, B, L, D) tokens, L = height * width in row-major order. x_dbl: (M, B, L, K (R + 2N)),
+    each token's projection for each direction k: dt in rank space (R), B (N), C (N).
+    dt_weight: (K, D, R); dt_bias, Ds: (K, D); A: (K, D, N); mark: (B, L, D), added to every
+    modality's scanned tokens (not to x_dbl's). delta is softplus(dt_weight x_dbl + dt_bias).
+    Returns y (M, B, L, D) float32.
+    """
+    def f32(a):
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    has_mark = mark is not None
+    mark = f32(mark) if has_mark else np.zeros((0, 0, 0), np.float32)
+    # Channels split evenly into blocks of at most 4 vectors (a task's per-token work is shared
+    # by its channels), more blocks while there are fewer tasks than threads.
+    batch, d = x.shape[1], x.shape[3]
+    nvec = -(-d // _LANES)
+    nblocks = -(-nvec // 4)
+    while nblocks < nvec and 2 * batch * nblocks < numba.get_num_threads():
+        nblocks += 1
+    nsub = -(-nvec // nblocks)
+    return _cross_scan(f32(x), mark, has_mark, f32(x_dbl), f32(dt_weight), f32(dt_bias), f32(A),
+                       f32(Ds), height, width, nsub)

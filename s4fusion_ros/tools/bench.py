@@ -3,9 +3,15 @@
 ``s4fusion-bench scan`` times the selective-scan implementations side by side in one process:
 the numba kernel, the chunked PyTorch scan, a plain per-position PyTorch loop and mamba-ssm's
 ``selective_scan_ref`` formulation, and says whether the speed targets are met.
+
+``s4fusion-bench model`` times the whole network's forward pass at camera sizes for the presets
+and the node's default configuration: latency, peak memory, and the share spent in the scan.
 """
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import functools
 import math
 import os
@@ -14,13 +20,19 @@ import time
 
 import torch
 
-from s4fusion_ros.model.scan import (numba_scan_fn, selective_scan, selective_scan_chunked,
-                                     selective_scan_ref, selective_scan_sequential)
+from s4fusion_ros.model import S4Fusion, S4FusionConfig
+from s4fusion_ros.model import blocks
+from s4fusion_ros.model.scan import (mamba_scan_fn, numba_cross_scan_fn, numba_scan_fn,
+                                     selective_scan, selective_scan_chunked, selective_scan_ref,
+                                     selective_scan_sequential)
 
-# Targets from the scan issue.
+# Targets from the speed issues.
 NUMBA_MAX_NS = 1.0
 CHUNKED_VS_LOOP = 3.0
 CHUNKED_VS_REF = 8.0
+AUTHORS_CPU_MAX_S = 3.0  # authors preset, 640x480, CPU
+NODE_CPU_MIN_FPS = 1.0  # the node's CPU defaults, 640x480
+GPU_MIN_FPS = 30.0  # 640x512, fp16, CUDA with mamba-ssm's kernel
 
 
 def median_seconds(fn, repeats, warmup=1):
@@ -72,11 +84,7 @@ def bench_scan(args):
 
     print(f'selective scan, batch={args.batch} d={args.d} L={args.length} N={args.nstate} '
           f'groups={args.groups}, delta_softplus, float32; median of {args.repeats} after a '
-          f'warm-up; {torch.get_num_threads()} threads (torch and numba); load average before '
-          f'the run {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
-    if os.getloadavg()[0] > os.cpu_count() / 2:
-        print('other processes are using the CPUs: timings are inflated, most of all those of '
-              'the chunked scan (many short parallel regions); --threads 1 is steadier')
+          f'warm-up; {torch.get_num_threads()} threads (torch and numba); {load_note()}')
     print(f'{"implementation":<20}{"L timed":>9}{"ms":>11}{"ns/elem":>10}')
     ns = {}
     with torch.no_grad():
@@ -106,6 +114,217 @@ def bench_scan(args):
         print('numba: not installed')
 
 
+def load_note():
+    """The load average before a run, with a warning when other processes use the CPUs."""
+    load, cpus = os.getloadavg()[0], os.cpu_count()
+    note = (f'load average before the run {load:.1f} on {cpus} CPUs; OMP_WAIT_POLICY '
+            f'{os.environ.get("OMP_WAIT_POLICY", "unset")}')
+    if load > cpus / 2:
+        note += ('\nWARNING: other processes are using the CPUs: timings are inflated, most of '
+                 'all with several threads (many short parallel regions whose OpenMP threads '
+                 'spin while waiting: set OMP_WAIT_POLICY=passive, or use --threads 1)')
+    return note
+
+
+def _synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def scan_timer(device):
+    """Time every selective-scan call of the model: yields a list that collects the seconds.
+
+    Wraps the scan functions where blocks.py looks them up (the torch path's selective_scan and
+    the CPU inference path's fused grid kernel), so the model itself is not changed. On CUDA the
+    wrapper synchronises around each call, so time a separate run with it, not the latency.
+    """
+    seconds = []
+
+    def timed(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            _synchronize(device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _synchronize(device)
+            seconds.append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    names = ('selective_scan', 'cross_selective_scan')
+    originals = {name: getattr(blocks, name) for name in names}
+    try:
+        for name, fn in originals.items():
+            setattr(blocks, name, timed(fn))
+        yield seconds
+    finally:
+        for name, fn in originals.items():
+            setattr(blocks, name, fn)
+
+
+def _proc_status_kib(field):
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise OSError(f'no {field} in /proc/self/status')
+
+
+def peak_memory_mib(fn, device):
+    """Peak memory one call of ``fn`` adds, in MiB, or None where it cannot be measured.
+
+    CUDA: torch.cuda.max_memory_allocated above what was allocated before (tensors only; the
+    caching allocator's reserve and the CUDA context are not counted). CPU: the peak resident
+    set size (VmHWM) above the resident size before the call, with freed heap memory handed
+    back first (malloc_trim) and the peak reset through /proc/self/clear_refs (Linux), so
+    it counts what the call itself brings into memory: activations, scan scratch, allocator
+    overhead; not the weights or the code.
+    """
+    if device.type == 'cuda':
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c'))
+        libc.malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as clear_refs:
+            clear_refs.write('5')  # reset VmHWM to the current resident size
+        before = _proc_status_kib('VmRSS')
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return (_proc_status_kib('VmHWM') - before) / 1024
+
+
+def parse_size(text):
+    """``'640x480'`` -> (640, 480), width first as cameras name their sizes."""
+    try:
+        width, height = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT, got {text!r}') from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f'sizes must be positive, got {text!r}')
+    return width, height
+
+
+def scan_path_name(device):
+    """Which scan implementation the model's inference runs on this device."""
+    if device.type == 'cuda':
+        return ("mamba-ssm's CUDA kernel" if mamba_scan_fn() is not None else
+                'the chunked PyTorch scan (mamba-ssm is not installed: pip install .[gpu])')
+    if numba_cross_scan_fn() is not None:
+        return 'the fused numba grid kernel (scan, dt projection, direction merge)'
+    return 'the chunked PyTorch scan (numba is not installed)'
+
+
+def bench_model(args):
+    """Time the network's forward pass at camera sizes; print latency, memory and scan share."""
+    from s4fusion_ros.runtime import default_preset, resolve_device
+    from s4fusion_ros.settings import SPECS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    half = args.half and device.type == 'cuda'
+    amp = torch.float16 if half else None
+    node_preset = default_preset(device)
+    node_size = tuple(SPECS['inference_size'].default)  # (0, 0): full resolution
+    configs = [(preset, (0, 0)) for preset in args.presets]
+    if (node_preset, node_size) not in configs:
+        configs.append((node_preset, node_size))
+    configs.append(('compact', args.inference_size))
+
+    print(f'S4Fusion forward, batch 1, {device} '
+          f'{"float16 (autocast)" if half else "float32"}, '
+          f'{torch.get_num_threads()} threads (torch and numba), random weights; median of '
+          f'{args.repeats} after a warm-up; {load_note()}')
+    if args.half and not half:
+        print('--half is ignored on the CPU (no fp16 speed-up there; the node does the same)')
+    print(f'scan: {scan_path_name(device)}')
+    header = (f'{"preset":<10}{"runs at":>10}{"params":>11}{"input":>10}{"ms":>9}{"fps":>7}'
+              f'{"CPU ms":>9}{"peak MiB":>10}{"scan %":>8}')
+    print(header)
+    results = {}
+    models = {}
+    for preset, size in configs:
+        if preset not in models:
+            torch.manual_seed(0)
+            models[preset] = S4Fusion(S4FusionConfig.preset(preset), device=device).eval()
+        model = models[preset]
+        for width, height in args.sizes:
+            run_w, run_h = size if all(size) else (width, height)
+            ir, vi = (torch.rand(1, 1, run_h, run_w, device=device) for _ in range(2))
+
+            def forward():
+                model.infer(ir, vi, amp)
+                _synchronize(device)
+
+            forward()  # warm-up: numba kernels load, buffers and cuDNN plans are made
+            memory = peak_memory_mib(forward, device)
+            walls, cpus = [], []
+            for _ in range(args.repeats):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                forward()
+                walls.append(time.perf_counter() - start)
+                cpus.append(time.process_time() - start_cpu)
+            seconds, cpu_seconds = statistics.median(walls), statistics.median(cpus)
+            with scan_timer(device) as scan_seconds:
+                start = time.perf_counter()
+                forward()
+                total = time.perf_counter() - start
+            share = 100 * sum(scan_seconds) / total
+            label = f'{run_w}x{run_h}' if all(size) else 'full'
+            results[preset, size, (width, height)] = seconds
+            name = preset + ('*' if (preset, size) == (node_preset, node_size) else '')
+            print(f'{name:<10}{label:>10}{model.num_parameters():>11,}'
+                  f'{f"{width}x{height}":>10}{seconds * 1e3:>9.1f}{1 / seconds:>7.2f}'
+                  f'{cpu_seconds * 1e3:>9.1f}{"n/a" if memory is None else f"{memory:.0f}":>10}'
+                  f'{share:>8.0f}')
+    print('*: the node\'s default on this device. runs at: full = the input size (padded to '
+          'the next 12k + 1); WxH = the input resized to it first (resize and the engine\'s '
+          'detail restore not timed).\nms: median wall time; CPU ms: median CPU time of the '
+          'process over the same calls (all threads, spin-waiting included).\nscan %: the '
+          'scan kernels\' share of one more forward pass (on the CPU the fused kernel includes '
+          'the dt projection and direction merge).')
+    print('peak MiB: ' + ('torch.cuda.max_memory_allocated above what was allocated before'
+                          if device.type == 'cuda' else
+                          'peak resident set (VmHWM) above the resident size before the call, '
+                          'after malloc_trim: activations and scratch, not the weights'))
+    report_model_targets(results, device, half, node_preset, node_size)
+
+
+def report_model_targets(results, device, half, node_preset, node_size):
+    """Say which of the model speed targets this run can judge and whether they are met."""
+    def verdict(ok):
+        return 'met' if ok else 'NOT met'
+
+    vga, gpu_size = (640, 480), (640, 512)
+    if device.type == 'cpu':
+        key = ('authors', (0, 0), vga)
+        if key in results:
+            print(f'authors at 640x480 on the CPU: {results[key]:.2f} s (target <= '
+                  f'{AUTHORS_CPU_MAX_S:g} s): {verdict(results[key] <= AUTHORS_CPU_MAX_S)}')
+        key = (node_preset, node_size, vga)
+        if key in results:
+            fps = 1 / results[key]
+            print(f'node CPU defaults at 640x480: {fps:.2f} frames/s (target >= '
+                  f'{NODE_CPU_MIN_FPS:g}): {verdict(fps >= NODE_CPU_MIN_FPS)}')
+    key = ('authors', (0, 0), gpu_size)
+    if device.type == 'cuda' and half and mamba_scan_fn() is not None and key in results:
+        fps = 1 / results[key]
+        print(f'authors at 640x512 fp16 on {torch.cuda.get_device_name(device)}: {fps:.1f} '
+              f'frames/s (target >= {GPU_MIN_FPS:g}): {verdict(fps >= GPU_MIN_FPS)}')
+    else:
+        print(f'GPU target (authors, 640x512, fp16, >= {GPU_MIN_FPS:g} frames/s) not judged by '
+              f'this run: it needs `s4fusion-bench model --device cuda --half` on a CUDA '
+              f'machine with mamba-ssm installed (pip install .[gpu]; check with '
+              f'`python -c "import mamba_ssm"`)')
+
+
 def build_parser():
     """The ``s4fusion-bench`` command line, one subcommand per benchmark."""
     parser = argparse.ArgumentParser(prog='s4fusion-bench', description=__doc__.splitlines()[0])
@@ -122,6 +341,20 @@ def build_parser():
     scan.add_argument('--threads', type=int, default=0,
                       help='threads for torch and numba (default: torch\'s)')
     scan.set_defaults(func=bench_scan)
+
+    model = commands.add_parser('model', help='the network\'s forward pass at camera sizes')
+    model.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N or auto')
+    model.add_argument('--half', action='store_true', help='fp16 autocast (CUDA only)')
+    model.add_argument('--threads', type=int, default=0,
+                       help='threads for torch and numba (default: torch\'s)')
+    model.add_argument('--presets', nargs='+', default=['authors', 'compact'],
+                       choices=sorted(S4FusionConfig.presets()))
+    model.add_argument('--sizes', nargs='+', type=parse_size,
+                       default=[(320, 240), (640, 480), (640, 512)], help='WIDTHxHEIGHT inputs')
+    model.add_argument('--inference-size', type=parse_size, default=(320, 240),
+                       help='also time compact with the node\'s inference_size set to this')
+    model.add_argument('--repeats', type=int, default=5)
+    model.set_defaults(func=bench_model)
     return parser
 
 
