@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from ros_harness import Probe, node_log, rclpy, received_stamps, running_node
+from s4fusion_ros import settings
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from test_bag import (SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages, read_bag,
@@ -33,18 +34,6 @@ NODE_PARAMS = {
 }
 
 
-def nested(flat: dict) -> dict:
-    """{'a.b': 1} -> {'a': {'b': 1}}, as a parameter file is usually written."""
-    tree = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split('.')
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return tree
-
-
 @pytest.fixture(scope='module')
 def ros_context():
     rclpy.init()
@@ -55,7 +44,7 @@ def ros_context():
 def offline_outputs(source: pathlib.Path, tmp_path: pathlib.Path) -> dict[int, tuple]:
     """{stamp: (fused message, saliency message)} from s4fusion-bag with the node's parameters."""
     params = tmp_path / 'params.yaml'
-    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': nested(NODE_PARAMS)}}))
+    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': settings.nest(NODE_PARAMS)}}))
     output = tmp_path / 'offline'
     assert bag_tool.main([str(source), str(output), '--params', str(params)]) == 0
     messages = read_bag(output)
