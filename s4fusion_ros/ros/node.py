@@ -25,7 +25,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from .. import settings
 from ..engine import FusionEngine, FusionResult
-from ..imaging.encodings import ImageDecodeError, encode_image
+from ..imaging.encodings import encode_image
 from ..messages import ns_to_sec_nanosec, raw_from_message, stamp_to_ns
 from ..stats import LatencyStats, RateMeter
 from ..worker import InferenceWorker
@@ -138,7 +138,7 @@ class S4FusionNode(Node):
         try:
             prepared = add(raw_from_message(msg), stamp_to_ns(msg.header.stamp),
                            msg.header.frame_id)
-        except (ImageDecodeError, ValueError) as error:
+        except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.rejected[role] += 1
             self._log_rejection(role, msg, error)
             return
