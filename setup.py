@@ -20,7 +20,7 @@ setup(
     # Runtime dependencies come from the ROS distro (package.xml) or from requirements.txt on a
     # machine without ROS; listing rclpy here would break colcon builds.
     install_requires=['setuptools'],
-    extras_require={'gpu': ['mamba-ssm']},
+    extras_require={'gpu': ['mamba-ssm>=2.2']},  # checked with 2.3.2.post1 (README, GPU)
     zip_safe=False,
     maintainer='s4fusion_ros developers',
     maintainer_email='s4fusion-ros@example.com',

@@ -324,6 +324,13 @@ def test_cpu_inference_path_equals_the_torch_path(preset, size, batch):
     with torch.enable_grad():  # parameters require grad: the torch path throughout
         reference = model(ir, vi).detach()
     assert torch.allclose(fused, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
+    # Forced backends (as s4fusion-bench --scan-backend compares them) take the same network.
+    for backend in ('torch', 'numba'):
+        forced = model.set_scan_backend(backend).infer(ir, vi)
+        assert torch.allclose(forced, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
+    assert torch.equal(model.set_scan_backend(None).infer(ir, vi), fused)
+    with pytest.raises(ValueError, match='unknown scan backend'):
+        model.set_scan_backend('cuda')
 
 
 def test_cmsa_layer_sums_residual_streams():

@@ -253,3 +253,25 @@ def test_mamba_matches_sequential(case):
     assert scan_backend(*cuda) == 'mamba'
     check_close(selective_scan(*cuda, **kwargs).cpu(), y_ref)
     check_close(selective_scan(*cuda, backend='torch', **kwargs).cpu(), y_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or mamba_scan_fn() is None,
+                    reason='needs CUDA and mamba-ssm (extra [gpu])')
+@pytest.mark.parametrize('case', CASES[:4] + CASES[-3:], ids=ids)
+def test_mamba_gradients_match_torch(case):
+    """Training on a GPU runs mamba-ssm's backward kernel: its gradients equal autograd's
+    through the chunked scan."""
+    tensors, kwargs = make_inputs(*case[0], **case[1])
+    weight = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(7)).cuda()
+    grads = {}
+    for backend in ('mamba', 'torch'):
+        leaves = [None if t is None else t.cuda().requires_grad_() for t in tensors]
+        options = {k: v.cuda().requires_grad_() if torch.is_tensor(v) else v
+                   for k, v in kwargs.items()}
+        (selective_scan(*leaves, backend=backend, **options) * weight).sum().backward()
+        grads[backend] = [t.grad.cpu() for t in (*leaves, *options.values())
+                          if torch.is_tensor(t)]
+    for mamba, torch_grad in zip(grads['mamba'], grads['torch']):
+        scale = torch_grad.abs().max().item() or 1.0
+        assert (mamba - torch_grad).abs().max().item() <= 1e-3 * scale

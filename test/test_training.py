@@ -4,6 +4,10 @@ import hashlib
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -347,3 +351,34 @@ def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
     assert meta['training']['loss']['energy_score'] == 'pretrained features'
     assert meta['training']['loss']['entropy_weight'] > 0
     assert 'entropy' in json.loads((out / 'train_log.jsonl').read_text())
+
+
+def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folder):
+    out = tmp_path / 'run'
+    command = [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder),
+               '--out', str(out), '--steps', '1000', '--batch-size', '1', '--crop', '25',
+               '--device', 'cpu', '--threads', '1', '--no-progress', '--grad-weight', '2.5']
+    log = out / 'train_log.jsonl'
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert 'stopped by SIGTERM' in stderr and '--resume' in stderr
+    done = len(log.read_text().splitlines())
+    state = torch.load(out / 'train_state.pt', weights_only=True)
+    assert state['step'] == done  # every logged step is in the checkpoint, none half-done
+    meta = json.loads((out / 's4fusion_compact.json').read_text())['training']
+    assert meta['steps_done'] == done and meta['loss']['grad_weight'] == 2.5
+
+    resumed = subprocess.run(command + ['--resume', '--stop-at', str(done + 1)],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [json.loads(line)['step'] for line in log.read_text().splitlines()] == list(
+        range(1, done + 2))

@@ -98,6 +98,9 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.empty(k * d_inner, **kw))
         self.out_norm = nn.LayerNorm(d_inner, **kw)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False, **kw)
+        # None picks per call (scan.scan_backend, and the fused grid kernel for CPU inference);
+        # a name forces that backend, e.g. to compare backends on one model (S4Fusion.set_scan_backend).
+        self.scan_backend = None
         self._init_ssm(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
@@ -131,7 +134,7 @@ class SS2D(nn.Module):
             us.float().reshape(batch, k * d, length), dts.float().reshape(batch, k * d, length),
             -torch.exp(self.A_logs.float()), bs.float().contiguous(), cs.float().contiguous(),
             self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(),
-            delta_softplus=True)
+            delta_softplus=True, backend=self.scan_backend)
         return ys.reshape(batch, k, d, length).to(us.dtype)
 
     def _project_in(self, x):
@@ -144,9 +147,11 @@ class SS2D(nn.Module):
         return self.out_proj(self.out_norm(y) * F.silu(z))
 
     def _fused_path(self, *inputs):
-        """Whether ``_scan_grid`` runs: CPU float32 inference (no autograd) with numba."""
+        """Whether ``_scan_grid`` runs: CPU float32 inference (no autograd) with numba, unless
+        another backend is forced."""
         x = inputs[0]
-        return (x.device.type == 'cpu' and x.dtype == torch.float32
+        return (self.scan_backend in (None, 'numba')
+                and x.device.type == 'cpu' and x.dtype == torch.float32
                 and not (torch.is_grad_enabled()
                          and any(t.requires_grad for t in (*inputs, *self.parameters())))
                 and numba_cross_scan_fn() is not None)

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .blocks import PatchEmbed, VSSLayer
+from .blocks import PatchEmbed, SS2D, VSSLayer
 from .fusion import CMSALayer
+from .scan import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,17 @@ class S4Fusion(nn.Module):
     def num_parameters(self):
         """Number of parameters (all trainable)."""
         return sum(p.numel() for p in self.parameters())
+
+    def set_scan_backend(self, backend):
+        """Force one selective-scan backend ('mamba', 'numba', 'torch') in every block, or None
+        for the per-call choice (the default). Returns the model."""
+        if backend not in (None, *BACKENDS):
+            raise ValueError(f'unknown scan backend {backend!r}; expected one of {BACKENDS} '
+                             f'or None')
+        for module in self.modules():
+            if isinstance(module, SS2D):
+                module.scan_backend = backend
+        return self
 
     def forward(self, ir, vi):
         """``(B, 1, H, W) x 2 -> (B, 1, H, W)``: pad, encode, fuse, decode, crop."""

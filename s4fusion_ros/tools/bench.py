@@ -211,11 +211,15 @@ def parse_size(text):
     return width, height
 
 
-def scan_path_name(device):
-    """Which scan implementation the model's inference runs on this device."""
+def scan_path_name(device, backend=None):
+    """Which scan implementation the model's inference runs on this device (``backend``: forced)."""
+    if backend == 'torch':
+        return 'the chunked PyTorch scan (forced by --scan-backend)'
+    if backend == 'numba':
+        return 'the numba scan, one direction at a time (forced by --scan-backend)'
     if device.type == 'cuda':
         return ("mamba-ssm's CUDA kernel" if mamba_scan_fn() is not None else
-                'the chunked PyTorch scan (mamba-ssm is not installed: pip install .[gpu])')
+                'the chunked PyTorch scan (mamba-ssm is not installed: README, GPU)')
     if numba_cross_scan_fn() is not None:
         return 'the fused numba grid kernel (scan, dt projection, direction merge)'
     return 'the chunked PyTorch scan (numba is not installed)'
@@ -244,7 +248,8 @@ def bench_model(args):
           f'{args.repeats} after a warm-up; {load_note()}')
     if args.half and not half:
         print('--half is ignored on the CPU (no fp16 speed-up there; the node does the same)')
-    print(f'scan: {scan_path_name(device)}')
+    backend = None if args.scan_backend == 'auto' else args.scan_backend
+    print(f'scan: {scan_path_name(device, backend)}')
     header = (f'{"preset":<10}{"runs at":>10}{"params":>11}{"input":>10}{"ms":>9}{"fps":>7}'
               f'{"CPU ms":>9}{"peak MiB":>10}{"scan %":>8}')
     print(header)
@@ -254,6 +259,7 @@ def bench_model(args):
         if preset not in models:
             torch.manual_seed(0)
             models[preset] = S4Fusion(S4FusionConfig.preset(preset), device=device).eval()
+            models[preset].set_scan_backend(backend)
         model = models[preset]
         for width, height in args.sizes:
             run_w, run_h = size if all(size) else (width, height)
@@ -294,16 +300,16 @@ def bench_model(args):
                           if device.type == 'cuda' else
                           'peak resident set (VmHWM) above the resident size before the call, '
                           'after malloc_trim: activations and scratch, not the weights'))
-    report_model_targets(results, device, half, node_preset, node_size)
+    report_model_targets(results, device, half, backend, node_preset, node_size)
 
 
-def report_model_targets(results, device, half, node_preset, node_size):
+def report_model_targets(results, device, half, backend, node_preset, node_size):
     """Say which of the model speed targets this run can judge and whether they are met."""
     def verdict(ok):
         return 'met' if ok else 'NOT met'
 
     vga, gpu_size = (640, 480), (640, 512)
-    if device.type == 'cpu':
+    if device.type == 'cpu' and backend is None:
         key = ('authors', (0, 0), vga)
         if key in results:
             print(f'authors at 640x480 on the CPU: {results[key]:.2f} s (target <= '
@@ -314,14 +320,15 @@ def report_model_targets(results, device, half, node_preset, node_size):
             print(f'node CPU defaults at 640x480: {fps:.2f} frames/s (target >= '
                   f'{NODE_CPU_MIN_FPS:g}): {verdict(fps >= NODE_CPU_MIN_FPS)}')
     key = ('authors', (0, 0), gpu_size)
-    if device.type == 'cuda' and half and mamba_scan_fn() is not None and key in results:
+    if (device.type == 'cuda' and half and backend in (None, 'mamba')
+            and mamba_scan_fn() is not None and key in results):
         fps = 1 / results[key]
         print(f'authors at 640x512 fp16 on {torch.cuda.get_device_name(device)}: {fps:.1f} '
               f'frames/s (target >= {GPU_MIN_FPS:g}): {verdict(fps >= GPU_MIN_FPS)}')
     else:
         print(f'GPU target (authors, 640x512, fp16, >= {GPU_MIN_FPS:g} frames/s) not judged by '
               f'this run: it needs `s4fusion-bench model --device cuda --half` on a CUDA '
-              f'machine with mamba-ssm installed (pip install .[gpu]; check with '
+              f'machine with mamba-ssm installed (README, GPU; check with '
               f'`python -c "import mamba_ssm"`)')
 
 
@@ -353,6 +360,8 @@ def build_parser():
                        default=[(320, 240), (640, 480), (640, 512)], help='WIDTHxHEIGHT inputs')
     model.add_argument('--inference-size', type=parse_size, default=(320, 240),
                        help='also time compact with the node\'s inference_size set to this')
+    model.add_argument('--scan-backend', choices=('auto', 'mamba', 'numba', 'torch'),
+                       default='auto', help='force one scan backend (auto: what the node runs)')
     model.add_argument('--repeats', type=int, default=5)
     model.set_defaults(func=bench_model)
     return parser

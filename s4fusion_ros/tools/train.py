@@ -6,8 +6,10 @@ Examples:
 """
 
 import argparse
+import contextlib
 import os
 import pathlib
+import signal
 import sys
 
 import torch
@@ -46,6 +48,13 @@ def build_parser():
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up steps (default: 5%% of --steps, at most 500)')
     parser.add_argument('--seed', type=int, default=defaults.seed)
+    loss_defaults = S4FusionLoss()
+    parser.add_argument('--ssim-weight', type=float, default=loss_defaults.ssim_weight,
+                        help='weight of the source-weighted SSIM term')
+    parser.add_argument('--l1-weight', type=float, default=loss_defaults.l1_weight,
+                        help='weight of the source-weighted L1 term')
+    parser.add_argument('--grad-weight', type=float, default=loss_defaults.grad_weight,
+                        help='weight of the max-gradient L1 term (higher: more detail)')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for torch (default: torch\'s choice, one per core); '
@@ -80,6 +89,27 @@ def deviation_note(features, classifier, data_is_ivif):
     return '; '.join(notes) + '.'
 
 
+@contextlib.contextmanager
+def graceful_stop():
+    """SIGINT/SIGTERM end training after the current step, with a checkpoint; a second one
+    interrupts at once. Yields a function returning the signal's name once one came, else ''."""
+    received = []
+
+    def handler(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+        print(f'\n{received[0]}: stopping after this step (again to abort without saving)',
+              file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else ''
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv=None):
     """Entry point of ``s4fusion-train``; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -96,16 +126,22 @@ def main(argv=None):
     if args.pretrained_classifier is not None:
         classifier = load_exported(args.pretrained_classifier, device)
     trainer = Trainer(S4FusionConfig.preset(args.preset), PairFolderDataset(pairs, args.crop),
-                      S4FusionLoss(feature_extractor=features, classifier=classifier), args.out,
+                      S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
+                                   feature_extractor=features, classifier=classifier), args.out,
                       settings, device, deviation_note(features, classifier, data_is_ivif))
     if args.resume:
         trainer.resume()
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, {len(pairs)} pairs, '
           f'{device.type}, steps {trainer.step} -> {args.stop_at or settings.steps}',
           file=sys.stderr)
-    trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
-                progress=not args.no_progress)
+    with graceful_stop() as stop_requested:
+        trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
+                    progress=not args.no_progress, should_stop=stop_requested)
     print(f'weights: {trainer.weights_path}', file=sys.stderr)
+    if stop_requested():
+        print(f'stopped by {stop_requested()} after step {trainer.step} with a checkpoint; '
+              f'continue with the same arguments and --resume', file=sys.stderr)
+        return 130
     return 0
 
 

@@ -248,11 +248,12 @@ class Trainer:
         return {'step': self.step, 'lr': lr, 'loss': float(total.detach()),
                 **{k: float(v) for k, v in terms.items()}, 'seconds': round(seconds, 4)}
 
-    def run(self, stop_at=None, checkpoint_every=200, progress=True):
+    def run(self, stop_at=None, checkpoint_every=200, progress=True, should_stop=None):
         """Train up to ``settings.steps`` (or ``stop_at``, to split a run into sessions).
 
         Writes the state and weights every ``checkpoint_every`` steps and at the end; returns the
-        log records of the steps run in this call.
+        log records of the steps run in this call. ``should_stop`` (no arguments) is asked after
+        every step; when it says True the run ends there with a checkpoint, as at ``stop_at``.
         """
         stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
         if self.step == 0 and (self.out_dir / STATE_NAME).exists():
@@ -263,7 +264,7 @@ class Trainer:
         bar = tqdm(total=self.settings.steps, initial=self.step, desc='train', unit='step',
                    disable=not progress, dynamic_ncols=True)
         with bar, open(self.out_dir / LOG_NAME, 'a' if self.step else 'w') as log:
-            while self.step < stop:
+            while self.step < stop and not (should_stop and should_stop()):
                 record = self.train_step()
                 records.append(record)
                 log.write(json.dumps(record) + '\n')
