@@ -10,7 +10,7 @@ from ros_harness import (Probe, image_message, load_pairs, node_log, rclpy, rece
 from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
-from s4fusion_ros.messages import raw_from_message, stamp_to_ns
+from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 
@@ -75,7 +75,7 @@ def offline_results(messages, params, loaded):
     prepared = []
     for role, msg in messages:
         add = pipeline.add_thermal if role == 'thermal' else pipeline.add_visible
-        prepared += add(raw_from_message(msg), stamp_to_ns(msg.header.stamp), msg.header.frame_id)
+        prepared += add(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
     prepared += pipeline.flush()
     return {pair.visible_stamp_ns: (pair, engine.infer(pair)) for pair in prepared}
 

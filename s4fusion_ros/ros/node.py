@@ -26,7 +26,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from .. import settings
 from ..engine import FusionEngine, FusionResult
 from ..imaging.encodings import encode_image
-from ..messages import ns_to_sec_nanosec, raw_from_message, stamp_to_ns
+from ..messages import ns_to_sec_nanosec, stamp_to_ns
 from ..stats import LatencyStats, RateMeter
 from ..worker import InferenceWorker
 from . import parameters
@@ -136,7 +136,7 @@ class S4FusionNode(Node):
         (self.thermal_rate if role == 'thermal' else self.visible_rate).tick()
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            prepared = add(raw_from_message(msg), stamp_to_ns(msg.header.stamp),
+            prepared = add(msg, stamp_to_ns(msg.header.stamp),
                            msg.header.frame_id)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.rejected[role] += 1

@@ -31,7 +31,7 @@ from ..bagio import (STORAGES, BagError, ImageTopic, add_image_topic, bag_size, 
                      pick_topics, read_messages, storage_of)
 from ..engine import FusionEngine, FusionPipeline, FusionResult
 from ..imaging.encodings import ImageDecodeError
-from ..messages import raw_from_message, stamp_to_ns
+from ..messages import stamp_to_ns
 
 PROG = 's4fusion-bag'
 DEFAULT_FUSED_TOPIC = f'/{settings.NODE_NAME}/fused'
@@ -128,7 +128,7 @@ class BagFuser:
         self.counts.read[role] += 1
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            return add(raw_from_message(message), stamp_to_ns(message.header.stamp),
+            return add(message, stamp_to_ns(message.header.stamp),
                        message.header.frame_id)
         except ValueError as error:  # ImageDecodeError and bad geometry: the node drops these
             self.counts.undecodable[role] += 1
