@@ -336,6 +336,25 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
         make_trainer(pair_folder, tmp_path / 'split').run(progress=False)
 
 
+def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pair_folder):
+    make_trainer(pair_folder, tmp_path / 'base').run(progress=False)
+    base = tmp_path / 'base' / 's4fusion_compact.safetensors'
+    settings = TrainSettings(steps=1, batch_size=2, crop=25, lr=1e-4, seed=1)
+    dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25)
+    tuned = Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(), tmp_path / 'tuned',
+                    settings, 'cpu', init_weights=base)
+    for name, tensor in load_checkpoint(base).state_dict().items():
+        assert torch.equal(tuned.model.state_dict()[name], tensor)
+    tuned.run(progress=False)
+    meta = json.loads((tmp_path / 'tuned' / 's4fusion_compact.json').read_text())['training']
+    record = meta['initialised_from']
+    assert record['sha256'] == hashlib.sha256(base.read_bytes()).hexdigest()
+    assert record['training']['steps_done'] == 3 and meta['steps_done'] == 1
+    with pytest.raises(ValueError, match='configuration differs'):
+        Trainer(S4FusionConfig.preset('authors'), dataset, S4FusionLoss(), tmp_path / 'other',
+                settings, 'cpu', init_weights=base)
+
+
 def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
     torch.manual_seed(0)
     net = SmallCNN()

@@ -71,6 +71,9 @@ def build_parser():
     parser.add_argument('--pretrained-classifier', type=pathlib.Path, default=None,
                         help='torch.export .pt2 classifier (logits) for the entropy term on the '
                              'fused image; default: no entropy term')
+    parser.add_argument('--init-weights', type=pathlib.Path, default=None,
+                        help='start from this checkpoint of the same preset (fine-tuning); '
+                             'recorded with the new weights')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
 
@@ -128,7 +131,8 @@ def main(argv=None):
     trainer = Trainer(S4FusionConfig.preset(args.preset), PairFolderDataset(pairs, args.crop),
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier), args.out,
-                      settings, device, deviation_note(features, classifier, data_is_ivif))
+                      settings, device, deviation_note(features, classifier, data_is_ivif),
+                      init_weights=args.init_weights)
     if args.resume:
         trainer.resume()
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, {len(pairs)} pairs, '

@@ -14,6 +14,7 @@ files cannot be replaced atomically together.
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..model import S4Fusion, save_checkpoint
+from ..model import S4Fusion, load_checkpoint, save_checkpoint
+from ..model.checkpoint import read_config
 
 STATE_NAME = 'train_state.pt'
 LOG_NAME = 'train_log.jsonl'
@@ -143,8 +145,13 @@ class Trainer:
     a sentence recorded with the weights saying how this training differs from the authors'.
     """
 
-    def __init__(self, config, dataset, loss, out_dir, settings, device='cpu', deviation=''):
-        """Build the model, optimizer and schedule; nothing is written until ``run``."""
+    def __init__(self, config, dataset, loss, out_dir, settings, device='cpu', deviation='',
+                 init_weights=None):
+        """Build the model, optimizer and schedule; nothing is written until ``run``.
+
+        ``init_weights``: a checkpoint of the same configuration to start from instead of the
+        initialisation (fine-tuning); its file hash and training record go into this run's.
+        """
         if dataset.crop != settings.crop:
             raise ValueError(f'dataset crop {dataset.crop} != settings crop {settings.crop}')
         self.config, self.dataset, self.settings = config, dataset, settings
@@ -153,6 +160,9 @@ class Trainer:
         self.deviation = deviation
         seed_everything(settings.seed)
         self.model = S4Fusion(config, device=self.device, dtype=torch.float32)
+        self.init = None
+        if init_weights is not None:
+            self.init = self._load_init(pathlib.Path(init_weights))
         self.loss = loss.to(self.device)
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
@@ -167,6 +177,16 @@ class Trainer:
         self.step = 0
         self.seconds = 0.0  # training time summed over all sessions of this run
 
+    def _load_init(self, path):
+        """Load the starting weights; returns their record (name, sha256, training)."""
+        meta, config = read_config(path)
+        if config != self.config:
+            raise ValueError(f'{path}: its configuration differs from the one being trained '
+                             f'({self.config.preset_name() or "custom"})')
+        self.model.load_state_dict(load_checkpoint(path).state_dict())
+        return {'file': path.name, 'sha256': hashlib.sha256(path.read_bytes()).hexdigest(),
+                'training': meta.get('training')}
+
     @property
     def weights_path(self):
         """Where the weights go: ``s4fusion_<preset>.safetensors`` (JSON beside it)."""
@@ -179,6 +199,7 @@ class Trainer:
             'settings': dataclasses.asdict(self.settings),
             'loss': self.loss.config(),
             'data': [p.label for p in self.dataset.pairs],
+            'init': None if self.init is None else self.init['sha256'],
         }
 
     def resume(self, path=None):
@@ -224,6 +245,8 @@ class Trainer:
             'torch': torch.__version__, 'seconds': round(self.seconds, 1),
             'last_loss': last_loss, 'deviation': self.deviation,
         }
+        if self.init is not None:
+            training['initialised_from'] = self.init
         save_checkpoint(self.model, self.weights_path, extra_meta={'training': training})
 
     def train_step(self):
