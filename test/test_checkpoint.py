@@ -36,6 +36,21 @@ def test_round_trip(saved):
     assert not list(path.parent.glob('.*.tmp'))
 
 
+def test_float16_storage_halves_the_file_and_loads_as_float32(saved, tmp_path):
+    model, path = saved
+    half = tmp_path / 'half.safetensors'
+    save_checkpoint(model, half, storage_dtype=torch.float16)
+    assert json.loads(half.with_suffix('.json').read_text())['storage_dtype'] == 'float16'
+    assert json.loads(path.with_suffix('.json').read_text())['storage_dtype'] == 'float32'
+    assert half.stat().st_size < 0.52 * path.stat().st_size
+    loaded = load_checkpoint(half)
+    for name, tensor in model.state_dict().items():
+        assert loaded.state_dict()[name].dtype == torch.float32
+        assert torch.equal(loaded.state_dict()[name], tensor.half().float()), name
+    with pytest.raises(ValueError, match='storage_dtype'):
+        save_checkpoint(model, half, storage_dtype=torch.int8)
+
+
 def test_extra_meta_cannot_override_the_config(tmp_path):
     with pytest.raises(ValueError, match='config'):
         save_checkpoint(S4Fusion(S4FusionConfig.preset('compact')), tmp_path / 'm.safetensors',

@@ -8,12 +8,14 @@ import json
 import os
 import pathlib
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .s4fusion import S4Fusion, S4FusionConfig
 
 FORMAT_VERSION = 1
+STORAGE_DTYPES = {'float32': torch.float32, 'float16': torch.float16}
 
 
 class CheckpointError(RuntimeError):
@@ -39,12 +41,16 @@ def _write_atomically(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(model, path, extra_meta=None):
+def save_checkpoint(model, path, extra_meta=None, storage_dtype=torch.float32):
     """Save weights to ``path`` (safetensors) and the config beside it; returns both paths.
 
     ``extra_meta`` (JSON-serialisable, e.g. ``{'training': {...}}``) is added to the JSON; it
-    may not override the keys this function writes.
+    may not override the keys this function writes. ``storage_dtype`` float16 halves the file;
+    ``load_checkpoint`` casts back to the model's dtype (float32 by default).
     """
+    if storage_dtype not in STORAGE_DTYPES.values():
+        raise ValueError(f'storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got '
+                         f'{storage_dtype}')
     path = pathlib.Path(path)
     meta = {
         'format_version': FORMAT_VERSION,
@@ -52,13 +58,15 @@ def save_checkpoint(model, path, extra_meta=None):
         'preset': model.config.preset_name(),
         'parameters': model.num_parameters(),
         'config': model.config.to_dict(),
+        'storage_dtype': str(storage_dtype).removeprefix('torch.'),
     }
     clash = set(meta) & set(extra_meta or {})
     if clash:
         raise ValueError(f'extra_meta may not override {sorted(clash)}')
     meta.update(extra_meta or {})
     text = json.dumps(meta, indent=2) + '\n'
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to('cpu', storage_dtype if v.is_floating_point() else v.dtype)
+               .contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': 'pt'}))
     json_path = config_path(path)

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from ..model import S4FusionConfig
+from ..model.checkpoint import STORAGE_DTYPES
 from ..training.data import PairFolderDataset, ivif_splits, pairs_in_folder
 from ..training.loss import S4FusionLoss
 from ..training.trainer import Trainer, TrainSettings, load_exported, resolve_device
@@ -74,6 +75,9 @@ def build_parser():
     parser.add_argument('--init-weights', type=pathlib.Path, default=None,
                         help='start from this checkpoint of the same preset (fine-tuning); '
                              'recorded with the new weights')
+    parser.add_argument('--weights-dtype', choices=sorted(STORAGE_DTYPES), default='float32',
+                        help='storage of the exported weights (float16 halves the file; they '
+                             'load as float32)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
 
@@ -132,7 +136,8 @@ def main(argv=None):
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier), args.out,
                       settings, device, deviation_note(features, classifier, data_is_ivif),
-                      init_weights=args.init_weights)
+                      init_weights=args.init_weights,
+                      weights_dtype=STORAGE_DTYPES[args.weights_dtype])
     if args.resume:
         trainer.resume()
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, {len(pairs)} pairs, '

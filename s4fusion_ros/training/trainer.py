@@ -146,12 +146,15 @@ class Trainer:
     """
 
     def __init__(self, config, dataset, loss, out_dir, settings, device='cpu', deviation='',
-                 init_weights=None):
+                 init_weights=None, weights_dtype=torch.float32):
         """Build the model, optimizer and schedule; nothing is written until ``run``.
 
         ``init_weights``: a checkpoint of the same configuration to start from instead of the
         initialisation (fine-tuning); its file hash and training record go into this run's.
+        ``weights_dtype``: how the exported weights are stored (float16 halves the file); the
+        training state keeps float32.
         """
+        self.weights_dtype = weights_dtype
         if dataset.crop != settings.crop:
             raise ValueError(f'dataset crop {dataset.crop} != settings crop {settings.crop}')
         self.config, self.dataset, self.settings = config, dataset, settings
@@ -247,7 +250,8 @@ class Trainer:
         }
         if self.init is not None:
             training['initialised_from'] = self.init
-        save_checkpoint(self.model, self.weights_path, extra_meta={'training': training})
+        save_checkpoint(self.model, self.weights_path, extra_meta={'training': training},
+                        storage_dtype=self.weights_dtype)
 
     def train_step(self):
         """One optimizer step on the batch of the current step; returns its log record."""
