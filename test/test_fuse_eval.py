@@ -155,6 +155,7 @@ def test_best_and_wins_compare_the_printed_values():
     assert report.wins(dataset) == {'ours': []}
     other.scores = scores([2.5])
     assert report.wins(dataset) == {'ours': [m for m in metrics.METRICS if m != 'MSE']}
+    assert report.reference_wins(dataset) == {'other': [], 'worse': ['MSE']}
     assert '| ours | **3.000** |' in '\n'.join(report.metric_table(dataset))
 
 

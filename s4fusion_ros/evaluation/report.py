@@ -109,13 +109,25 @@ def best_methods(dataset: DatasetScores, metric: str) -> set:
     return {name for name, value in shown.items() if value == best}
 
 
+def _beaten(method, rivals) -> list:
+    """The metrics on which ``method``'s printed mean beats every rival's."""
+    return [metric for metric in METRICS
+            if all(_better(_shown(method, metric), _shown(rival, metric), metric)
+                   for rival in rivals)]
+
+
 def wins(dataset: DatasetScores) -> dict:
-    """Our method name -> the metrics on which its printed mean beats every other method's."""
+    """Our method name -> the metrics on which its printed mean beats every other method's
+    (our other configurations are not rivals)."""
     others = [m for m in dataset.methods if not m.ours]
-    return {ours.name: [metric for metric in METRICS
-                        if all(_better(_shown(ours, metric), _shown(other, metric), metric)
-                               for other in others)]
-            for ours in dataset.methods if ours.ours}
+    return {ours.name: _beaten(ours, others) for ours in dataset.methods if ours.ours}
+
+
+def reference_wins(dataset: DatasetScores) -> dict:
+    """Each other method's name -> the metrics on which it beats every method, ours included:
+    how far any single method gets towards winning most metrics."""
+    return {method.name: _beaten(method, [m for m in dataset.methods if m is not method])
+            for method in dataset.methods if not method.ours}
 
 
 def metric_table(dataset: DatasetScores) -> list:
@@ -145,7 +157,12 @@ def wins_lines(dataset: DatasetScores) -> list:
         listed = f': {", ".join(won)}' if won else ''
         lines.append(f'- {name} beats every other method ({others}) on {len(won)} of '
                      f'{len(METRICS)} metrics{listed}.')
-    return lines or ['No configuration of ours was evaluated.']
+    if not lines:
+        return ['No configuration of ours was evaluated.']
+    references = ', '.join(f'{name} {len(won)}' for name, won in reference_wins(dataset).items())
+    lines.append(f'- For reference, the metrics on which each other method beats every method '
+                 f'(ours included): {references}.')
+    return lines
 
 
 def undefined_notes(datasets: list) -> list:
