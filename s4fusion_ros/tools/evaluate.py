@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import json
 import os
 import pathlib
 import shlex
@@ -228,11 +227,11 @@ def describe_weights(config: OursConfig) -> str:
 
 
 def _brief(value) -> str:
-    """A JSON value in a few words: lists by their length, dicts inline."""
+    """A JSON value in a few words: lists by their length, dicts inline (nested ones too)."""
     if isinstance(value, list):
         return f'({len(value)} items)'
     if isinstance(value, dict):
-        return json.dumps(value, separators=(', ', ': '))
+        return '{' + ', '.join(f'{key}: {_brief(item)}' for key, item in value.items()) + '}'
     return str(value)
 
 
@@ -260,15 +259,29 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
     return notes
 
 
+def training_pairs(training) -> set | None:
+    """The training pairs a JSON training record lists, through the weights it was fine-tuned
+    from (``initialised_from``); None where some part of the chain does not list them."""
+    if not isinstance(training, dict) or not isinstance(training.get('data'), list):
+        return None
+    pairs = set(training['data'])
+    if 'initialised_from' in training:
+        earlier = training_pairs((training['initialised_from'] or {}).get('training'))
+        if earlier is None:
+            return None
+        pairs |= earlier
+    return pairs
+
+
 def training_overlap(config: OursConfig, pairs: list) -> str:
     """How many evaluated pairs the checkpoint's JSON lists among its training data."""
-    training = read_config(config.weights)[0].get('training')
-    if not isinstance(training, dict) or not isinstance(training.get('data'), list):
-        return f'{config.label}: its JSON does not list its training pairs.'
-    seen = sorted(set(training['data']) & {pair.label for pair in pairs})
+    trained_on = training_pairs(read_config(config.weights)[0].get('training'))
+    if trained_on is None:
+        return f'{config.label}: its JSON does not list all its training pairs.'
+    seen = sorted(trained_on & {pair.label for pair in pairs})
     listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
     return (f'{config.label}: {len(seen)} of the {len(pairs)} evaluated pairs are among its '
-            f'{len(training["data"])} training pairs{listed}.')
+            f'{len(trained_on)} training pairs{listed}.')
 
 
 def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
