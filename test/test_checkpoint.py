@@ -7,6 +7,7 @@ import torch
 
 from s4fusion_ros.model import (CheckpointError, convert_authors_state_dict, load_checkpoint,
                                 S4Fusion, S4FusionConfig, save_checkpoint, shipped_weights)
+from s4fusion_ros.model.checkpoint import convert_checkpoint
 
 
 @pytest.fixture
@@ -34,6 +35,7 @@ def test_round_trip(saved):
     ir, vi = torch.rand(1, 1, 13, 13), torch.rand(1, 1, 13, 13)
     assert torch.equal(load_checkpoint(path).infer(ir, vi), model.infer(ir, vi))
     assert not list(path.parent.glob('.*.tmp'))
+    assert path.stat().st_mode & 0o044 == path.with_suffix('.json').stat().st_mode & 0o044
 
 
 def test_float16_storage_halves_the_file_and_loads_as_float32(saved, tmp_path):
@@ -49,6 +51,12 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(saved, tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor.half().float()), name
     with pytest.raises(ValueError, match='storage_dtype'):
         save_checkpoint(model, half, storage_dtype=torch.int8)
+
+    converted = tmp_path / 'converted.safetensors'
+    convert_checkpoint(path, converted, torch.float16)
+    assert converted.read_bytes() == half.read_bytes()
+    meta = json.loads(converted.with_suffix('.json').read_text())
+    assert meta['storage_dtype'] == 'float16' and meta['training']['epochs'] == 3
 
 
 def test_extra_meta_cannot_override_the_config(tmp_path):

@@ -10,7 +10,7 @@ import pathlib
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .s4fusion import S4Fusion, S4FusionConfig
 
@@ -68,10 +68,22 @@ def save_checkpoint(model, path, extra_meta=None, storage_dtype=torch.float32):
     tensors = {k: v.detach().to('cpu', storage_dtype if v.is_floating_point() else v.dtype)
                .contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': 'pt'}))
+    # save() to bytes, written here: safetensors' save_file makes its files owner-only (0600).
+    data = save(tensors, metadata={'format': 'pt'})
+    _write_atomically(path, lambda tmp: tmp.write_bytes(data))
     json_path = config_path(path)
     _write_atomically(json_path, lambda tmp: tmp.write_text(text))
     return path, json_path
+
+
+def convert_checkpoint(source, target, storage_dtype):
+    """Re-save a checkpoint with other weight storage (e.g. float16 to halve the file), keeping
+    its JSON record; returns the new paths."""
+    meta, _ = read_config(source)
+    written = {'format_version', 'model', 'preset', 'parameters', 'config', 'storage_dtype'}
+    extra = {key: value for key, value in meta.items() if key not in written}
+    return save_checkpoint(load_checkpoint(source), target, extra_meta=extra,
+                           storage_dtype=storage_dtype)
 
 
 def read_config(path):
