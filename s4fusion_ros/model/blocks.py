@@ -99,7 +99,7 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(d_inner, **kw)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False, **kw)
         # None picks per call (scan.scan_backend, and the fused grid kernel for CPU inference);
-        # a name forces that backend, e.g. to compare backends on one model (S4Fusion.set_scan_backend).
+        # a name forces that backend, e.g. to compare backends (S4Fusion.set_scan_backend).
         self.scan_backend = None
         self._init_ssm(dt_min, dt_max, dt_init_floor)
 

@@ -136,8 +136,7 @@ class S4FusionNode(Node):
         (self.thermal_rate if role == 'thermal' else self.visible_rate).tick()
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            prepared = add(msg, stamp_to_ns(msg.header.stamp),
-                           msg.header.frame_id)
+            prepared = add(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.rejected[role] += 1
             self._log_rejection(role, msg, error)

@@ -128,8 +128,7 @@ class BagFuser:
         self.counts.read[role] += 1
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            return add(message, stamp_to_ns(message.header.stamp),
-                       message.header.frame_id)
+            return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id)
         except ValueError as error:  # ImageDecodeError and bad geometry: the node drops these
             self.counts.undecodable[role] += 1
             if connection.topic not in self.warned:

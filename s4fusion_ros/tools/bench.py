@@ -212,7 +212,7 @@ def parse_size(text):
 
 
 def scan_path_name(device, backend=None):
-    """Which scan implementation the model's inference runs on this device (``backend``: forced)."""
+    """Which scan implementation the model's inference runs (``backend``: a forced one)."""
     if backend == 'torch':
         return 'the chunked PyTorch scan (forced by --scan-backend)'
     if backend == 'numba':
