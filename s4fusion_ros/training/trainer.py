@@ -154,10 +154,10 @@ class Trainer:
         ``weights_dtype``: how the exported weights are stored (float16 halves the file); the
         training state keeps float32.
         """
-        self.weights_dtype = weights_dtype
         if dataset.crop != settings.crop:
             raise ValueError(f'dataset crop {dataset.crop} != settings crop {settings.crop}')
         self.config, self.dataset, self.settings = config, dataset, settings
+        self.weights_dtype = weights_dtype
         self.device = torch.device(device)
         self.out_dir = pathlib.Path(out_dir)
         self.deviation = deviation
