@@ -41,6 +41,18 @@ def _write_atomically(path, write):
     os.replace(tmp, path)
 
 
+def _own_meta(model, storage_dtype):
+    """The JSON keys ``save_checkpoint`` writes itself (extra metadata may not override them)."""
+    return {
+        'format_version': FORMAT_VERSION,
+        'model': 'S4Fusion',
+        'preset': model.config.preset_name(),
+        'parameters': model.num_parameters(),
+        'config': model.config.to_dict(),
+        'storage_dtype': str(storage_dtype).removeprefix('torch.'),
+    }
+
+
 def save_checkpoint(model, path, extra_meta=None, storage_dtype=torch.float32):
     """Save weights to ``path`` (safetensors) and the config beside it; returns both paths.
 
@@ -52,14 +64,7 @@ def save_checkpoint(model, path, extra_meta=None, storage_dtype=torch.float32):
         raise ValueError(f'storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got '
                          f'{storage_dtype}')
     path = pathlib.Path(path)
-    meta = {
-        'format_version': FORMAT_VERSION,
-        'model': 'S4Fusion',
-        'preset': model.config.preset_name(),
-        'parameters': model.num_parameters(),
-        'config': model.config.to_dict(),
-        'storage_dtype': str(storage_dtype).removeprefix('torch.'),
-    }
+    meta = _own_meta(model, storage_dtype)
     clash = set(meta) & set(extra_meta or {})
     if clash:
         raise ValueError(f'extra_meta may not override {sorted(clash)}')
@@ -80,10 +85,10 @@ def convert_checkpoint(source, target, storage_dtype):
     """Re-save a checkpoint with other weight storage (e.g. float16 to halve the file), keeping
     its JSON record; returns the new paths."""
     meta, _ = read_config(source)
-    written = {'format_version', 'model', 'preset', 'parameters', 'config', 'storage_dtype'}
-    extra = {key: value for key, value in meta.items() if key not in written}
-    return save_checkpoint(load_checkpoint(source), target, extra_meta=extra,
-                           storage_dtype=storage_dtype)
+    model = load_checkpoint(source)
+    own = _own_meta(model, storage_dtype)
+    extra = {key: value for key, value in meta.items() if key not in own}
+    return save_checkpoint(model, target, extra_meta=extra, storage_dtype=storage_dtype)
 
 
 def read_config(path):
