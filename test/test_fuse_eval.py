@@ -159,6 +159,22 @@ def test_best_and_wins_compare_the_printed_values():
     assert '| ours | **3.000** |' in '\n'.join(report.metric_table(dataset))
 
 
+def test_head_to_head_counts_each_rival_and_says_whether_most_are_won():
+    ours = report.MethodScores('ours', True, scores([3.0]))
+    lower = report.MethodScores('lower', False, scores([2.0]))  # ours wins all but MSE
+    mixed = report.MethodScores('mixed', False, scores([3.0]))
+    mixed.scores[0].update(dict.fromkeys(metrics.METRICS[:6], 2.0))  # EN..CC: 6 of 12, not most
+    dataset = report.DatasetScores('d', 1, [ours, lower, mixed])
+    won_mixed = list(metrics.METRICS[:6])
+    assert report.head_to_head(dataset) == {'ours': {
+        'lower': [m for m in metrics.METRICS if m != 'MSE'], 'mixed': won_mixed}}
+    line = report.wins_lines(dataset)[1]
+    assert f'lower {len(metrics.METRICS) - 1}, mixed {len(won_mixed)}' in line
+    assert 'not most against every one' in line
+    mixed.scores = scores([2.0])
+    assert '(most against every one)' in report.wins_lines(dataset)[1]
+
+
 def test_shipped_configurations_are_skipped_when_their_weights_are_missing(tmp_path):
     def shipped(preset):
         return tmp_path / f's4fusion_{preset}.safetensors'

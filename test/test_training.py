@@ -173,6 +173,28 @@ def test_crops_share_window_and_flips(tmp_path, ivif_dir):
     assert ir.shape == vi.shape == (3, 1, 25, 25) and ir.dtype == torch.float32
 
 
+def test_gain_augmentation_scales_each_source_on_its_own(tmp_path, ivif_dir):
+    # The same image as IR and VI: a crop pair differs only by the ratio of the two gains.
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        shutil.copy(ivif_dir / 'msrs' / 'vi' / '00055D.png', tmp_path / side / 'a.png')
+    dataset = PairFolderDataset(pairs_in_folder(tmp_path), 25, min_gain=0.2)
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(400):
+        ir, vi = dataset.random_crop(0, rng)
+        assert ir.dtype == vi.dtype == np.float32 and 0 <= min(ir.min(), vi.min())
+        ratio = float(vi.sum() / ir.sum())
+        np.testing.assert_allclose(vi, ir * ratio, rtol=1e-5, atol=1e-6)
+        ratios.append(ratio)
+    ratios = np.array(ratios)
+    assert 0.2 - 1e-4 <= ratios.min() and ratios.max() <= 5 + 1e-3
+    assert (ratios < 0.4).any() and (ratios > 2.5).any()
+    assert 0.15 < np.isclose(ratios, 1, rtol=1e-6).mean() < 0.35  # both gains 1: p = 1/4
+    with pytest.raises(ValueError, match='min_gain'):
+        PairFolderDataset(pairs_in_folder(tmp_path), 25, min_gain=0)
+
+
 def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
     image = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     image = image[200:220, 300:330]  # 20 x 30, with structure

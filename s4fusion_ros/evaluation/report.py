@@ -123,6 +123,13 @@ def wins(dataset: DatasetScores) -> dict:
     return {ours.name: _beaten(ours, others) for ours in dataset.methods if ours.ours}
 
 
+def head_to_head(dataset: DatasetScores) -> dict:
+    """Our method name -> {other method name -> the metrics on which ours beats that one}."""
+    others = [m for m in dataset.methods if not m.ours]
+    return {ours.name: {rival.name: _beaten(ours, [rival]) for rival in others}
+            for ours in dataset.methods if ours.ours}
+
+
 def reference_wins(dataset: DatasetScores) -> dict:
     """Each other method's name -> the metrics on which it beats every method, ours included:
     how far any single method gets towards winning most metrics."""
@@ -148,7 +155,8 @@ def metric_table(dataset: DatasetScores) -> list:
 
 
 def wins_lines(dataset: DatasetScores) -> list:
-    """One line per configuration of ours: on how many metrics it beats every other method."""
+    """Per configuration of ours: on how many metrics it beats every other method at once, and
+    on how many it beats each one head to head (more than half of them: "most")."""
     others = ', '.join(m.name for m in dataset.methods if not m.ours)
     if not others:
         return ['No other method was evaluated on this dataset.']
@@ -157,6 +165,12 @@ def wins_lines(dataset: DatasetScores) -> list:
         listed = f': {", ".join(won)}' if won else ''
         lines.append(f'- {name} beats every other method ({others}) on {len(won)} of '
                      f'{len(METRICS)} metrics{listed}.')
+    for name, rivals in head_to_head(dataset).items():
+        counts = ', '.join(f'{rival} {len(won)}' for rival, won in rivals.items())
+        most = all(2 * len(won) > len(METRICS) for won in rivals.values())
+        lines.append(f'- {name} head to head, the metrics of {len(METRICS)} on which it beats each '
+                     f'other method: {counts} ({"most" if most else "not most"} against every '
+                     f'one).')
     if not lines:
         return ['No configuration of ours was evaluated.']
     references = ', '.join(f'{name} {len(won)}' for name, won in reference_wins(dataset).items())

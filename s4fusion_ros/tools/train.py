@@ -45,6 +45,9 @@ def build_parser():
     parser.add_argument('--batch-size', type=int, default=defaults.batch_size)
     parser.add_argument('--crop', type=int, default=defaults.crop,
                         help='square training crop side, 12k + 1')
+    parser.add_argument('--min-gain', type=float, default=defaults.min_gain,
+                        help='gain augmentation: each source of half the crops is scaled by a '
+                             'log-uniform gain in [MIN_GAIN, 1] (1: off)')
     parser.add_argument('--lr', type=float, default=defaults.lr, help='peak AdamW learning rate')
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up steps (default: 5%% of --steps, at most 500)')
@@ -124,7 +127,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
-                             lr=args.lr, warmup_steps=args.warmup, seed=args.seed)
+                             min_gain=args.min_gain, lr=args.lr, warmup_steps=args.warmup,
+                             seed=args.seed)
     data_is_ivif = not (args.data / 'ir').is_dir()
     pairs = ivif_splits(args.data).train if data_is_ivif else pairs_in_folder(args.data)
     features = classifier = None
@@ -132,7 +136,8 @@ def main(argv=None):
         features = load_exported(args.pretrained_features, device)
     if args.pretrained_classifier is not None:
         classifier = load_exported(args.pretrained_classifier, device)
-    trainer = Trainer(S4FusionConfig.preset(args.preset), PairFolderDataset(pairs, args.crop),
+    dataset = PairFolderDataset(pairs, args.crop, args.min_gain)
+    trainer = Trainer(S4FusionConfig.preset(args.preset), dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier), args.out,
                       settings, device, deviation_note(features, classifier, data_is_ivif),

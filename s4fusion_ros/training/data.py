@@ -131,16 +131,25 @@ class PairFolderDataset(torch.utils.data.Dataset):
     than skipped, so no pair silently drops out of training; the mirrored border keeps local
     statistics (SSIM, gradients) natural where zero padding would add false edges. With the shared
     data and crops up to 157 this never happens (the smallest RoadScene side is 161).
+
+    ``min_gain`` < 1 adds a gain augmentation: each source of a crop, independently and with
+    probability 1/2, is multiplied by a gain drawn log-uniformly from [min_gain, 1]. The training
+    data is almost all daytime RoadScene, where the thermal image is the brighter source; without
+    it the network learns to follow the thermal image everywhere and keeps dim thermal images
+    (MSRS night scenes, other cameras' gain settings) dim instead of taking the visible detail.
     """
 
-    def __init__(self, pairs, crop=97):
+    def __init__(self, pairs, crop=97, min_gain=1.0):
         """Read every pair of ``pairs`` (``Pair`` items); ``crop`` must be 12k + 1 and >= 13."""
         if crop < 13 or crop % 12 != 1:
             raise ValueError(f'crop {crop} must be 12k + 1 (13, 25, ..., 97, 109, 121, ...)')
+        if not 0 < min_gain <= 1:
+            raise ValueError(f'min_gain {min_gain} must be in (0, 1] (1: no gain augmentation)')
         if not pairs:
             raise ValueError('no training pairs')
         self.pairs = tuple(pairs)
         self.crop = crop
+        self.min_gain = min_gain
         self._images = [self._read(p) for p in self.pairs]
 
     @staticmethod
@@ -161,7 +170,8 @@ class PairFolderDataset(torch.utils.data.Dataset):
         return _to_unit_float(ir, pair.ir_path), _to_unit_float(vi, pair.vi_path)
 
     def random_crop(self, index, rng):
-        """A random ``crop``-sized square of pair ``index``, same place and flips in IR and VI.
+        """A random ``crop``-sized square of pair ``index``, same place and flips in IR and VI
+        (and each its own gain when ``min_gain`` < 1).
 
         ``rng`` is a ``numpy.random.Generator``; returns two float32 (crop, crop) arrays in [0, 1].
         """
@@ -178,7 +188,16 @@ class PairFolderDataset(torch.utils.data.Dataset):
         for axis in (0, 1):
             if rng.random() < 0.5:
                 ir, vi = np.flip(ir, axis), np.flip(vi, axis)
-        return _to_unit_float(ir, pair.ir_path), _to_unit_float(vi, pair.vi_path)
+        ir, vi = _to_unit_float(ir, pair.ir_path), _to_unit_float(vi, pair.vi_path)
+        if self.min_gain < 1:
+            ir, vi = (image * self._random_gain(rng) for image in (ir, vi))
+        return ir, vi
+
+    def _random_gain(self, rng):
+        """1 with probability 1/2, else log-uniform in [min_gain, 1] (float32)."""
+        if rng.random() < 0.5:
+            return np.float32(1)
+        return np.float32(np.exp(rng.uniform(np.log(self.min_gain), 0.0)))
 
     def sample_batch(self, batch_size, rng):
         """``batch_size`` crops of uniformly drawn pairs as two float32 (B, 1, crop, crop) tensors.

@@ -48,6 +48,7 @@ class TrainSettings:
     steps: int = 2000
     batch_size: int = 8
     crop: int = 97
+    min_gain: float = 1.0  # the dataset's gain augmentation (PairFolderDataset); 1 = off
     # 80-step probes (compact, batch 4, crop 49) were stable at 5e-4 and 2e-3, the latter faster;
     # 1e-3 keeps a margin for the wider authors preset and longer runs.
     lr: float = 1e-3
@@ -154,8 +155,10 @@ class Trainer:
         ``weights_dtype``: how the exported weights are stored (float16 halves the file); the
         training state keeps float32.
         """
-        if dataset.crop != settings.crop:
-            raise ValueError(f'dataset crop {dataset.crop} != settings crop {settings.crop}')
+        for name in ('crop', 'min_gain'):
+            if getattr(dataset, name) != getattr(settings, name):
+                raise ValueError(f'dataset {name} {getattr(dataset, name)} != settings {name} '
+                                 f'{getattr(settings, name)}')
         self.config, self.dataset, self.settings = config, dataset, settings
         self.weights_dtype = weights_dtype
         self.device = torch.device(device)
