@@ -319,7 +319,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 def make_trainer(pair_folder, out, seed=0):
     settings = TrainSettings(steps=3, batch_size=2, crop=25, lr=1e-3, seed=seed)
-    dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25)
+    dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
     return Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(), out, settings,
                    'cpu', deviation='test run')
 
@@ -361,7 +361,7 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
 def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pair_folder):
     make_trainer(pair_folder, tmp_path / 'base').run(progress=False)
     base = tmp_path / 'base' / 's4fusion_compact.safetensors'
-    settings = TrainSettings(steps=1, batch_size=2, crop=25, lr=1e-4, seed=1)
+    settings = TrainSettings(steps=1, batch_size=2, crop=25, lr=1e-4, seed=1, min_gain=1.0)
     dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25)
     tuned = Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(), tmp_path / 'tuned',
                     settings, 'cpu', init_weights=base)
