@@ -46,9 +46,8 @@ def build_parser():
     parser.add_argument('--crop', type=int, default=defaults.crop,
                         help='square training crop side, 12k + 1')
     parser.add_argument('--min-gain', type=float, default=defaults.min_gain,
-                        help='gain augmentation: each source of half the crops is scaled by a '
-                             f'log-uniform gain in [MIN_GAIN, 1] (default {defaults.min_gain}; '
-                             '1: off)')
+                        help='gain augmentation: each source of a crop, with probability 1/2, '
+                             'is scaled by its own log-uniform gain in [MIN_GAIN, 1] (1: off)')
     parser.add_argument('--lr', type=float, default=defaults.lr, help='peak AdamW learning rate')
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up steps (default: 5%% of --steps, at most 500)')
