@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from s4fusion_ros.model import (CheckpointError, convert_authors_state_dict, load_checkpoint,
                                 S4Fusion, S4FusionConfig, save_checkpoint, shipped_weights)
-from s4fusion_ros.model.checkpoint import convert_checkpoint
+from s4fusion_ros.model.checkpoint import convert_checkpoint, INT8_SCALE_SUFFIX
 
 
 @pytest.fixture
@@ -50,13 +51,51 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(saved, tmp_path):
         assert loaded.state_dict()[name].dtype == torch.float32
         assert torch.equal(loaded.state_dict()[name], tensor.half().float()), name
     with pytest.raises(ValueError, match='storage_dtype'):
-        save_checkpoint(model, half, storage_dtype=torch.int8)
+        save_checkpoint(model, half, storage_dtype=torch.bfloat16)
 
     converted = tmp_path / 'converted.safetensors'
     convert_checkpoint(path, converted, torch.float16)
     assert converted.read_bytes() == half.read_bytes()
     meta = json.loads(converted.with_suffix('.json').read_text())
     assert meta['storage_dtype'] == 'float16' and meta['training']['epochs'] == 3
+
+
+def test_int8_storage_quantizes_matrices_per_row_and_keeps_vectors_float16(saved, tmp_path):
+    model, path = saved
+    small = tmp_path / 'int8.safetensors'
+    convert_checkpoint(path, small, torch.int8)
+    assert json.loads(small.with_suffix('.json').read_text())['storage_dtype'] == 'int8'
+    assert small.stat().st_size < 0.35 * path.stat().st_size
+    stored = load_file(str(small))
+    loaded = load_checkpoint(small)
+    for name, tensor in model.state_dict().items():
+        restored = loaded.state_dict()[name]
+        assert restored.dtype == torch.float32
+        if tensor.dim() >= 2:
+            assert stored[name].dtype == torch.int8
+            step = tensor.abs().amax(dim=-1, keepdim=True) / 127  # one step per row
+            assert torch.all((restored - tensor).abs() <= step / 2 + 1e-7), name
+        else:
+            assert torch.equal(restored, tensor.half().float()), name
+    ir, vi = torch.rand(1, 1, 37, 37), torch.rand(1, 1, 37, 37)
+    error = (loaded.infer(ir, vi) - model.infer(ir, vi)).abs().max().item()
+    assert 0 < error < 0.02  # quantized, yet the same image within a few gray levels
+
+
+@pytest.mark.parametrize('damage', ['drop_scale', 'orphan_scale'])
+def test_int8_tensor_and_scale_must_come_in_pairs(saved, tmp_path, damage):
+    _, path = saved
+    small = tmp_path / 'int8.safetensors'
+    convert_checkpoint(path, small, torch.int8)
+    tensors = load_file(str(small))
+    name = 'head.expand.weight'
+    if damage == 'drop_scale':
+        del tensors[name + INT8_SCALE_SUFFIX]
+    else:
+        del tensors[name]
+    save_file(tensors, str(small))
+    with pytest.raises(CheckpointError, match=f"{small}.*{name}"):
+        load_checkpoint(small)
 
 
 def test_extra_meta_cannot_override_the_config(tmp_path):

@@ -154,8 +154,8 @@ class Trainer:
 
         ``init_weights``: a checkpoint of the same configuration to start from instead of the
         initialisation (fine-tuning); its file hash and training record go into this run's.
-        ``weights_dtype``: how the exported weights are stored (float16 halves the file); the
-        training state keeps float32.
+        ``weights_dtype``: how the exported weights are stored (float16 halves the file, int8
+        about quarters it, see checkpoint.STORAGE_DTYPES); the training state keeps float32.
         """
         for name in ('crop', 'min_gain'):
             if getattr(dataset, name) != getattr(settings, name):
