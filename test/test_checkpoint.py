@@ -174,6 +174,13 @@ def test_shipped_weights_location():
         shipped_weights('tiny')
 
 
+@pytest.mark.parametrize('preset', ['compact', 'authors'])
+def test_shipped_weights_are_a_few_megabytes_and_load(preset):
+    path = shipped_weights(preset)
+    assert path.stat().st_size < 4_000_000, f'{path}: {path.stat().st_size} bytes'
+    assert load_checkpoint(path).config.preset_name() == preset
+
+
 def test_authors_state_dict_maps_onto_the_model():
     """Keys and shapes of the released MambaNet (read from its code) land on our parameters."""
     authors = {  # key (after 'vmunet.') -> shape, for the released defaults
