@@ -1,4 +1,4 @@
-"""Start s4fusion_node with its parameters file, topic remappings and a large-data DDS transport."""
+"""Start s4fusion_node with its parameters file, topic remappings and a large-data transport."""
 
 import os
 

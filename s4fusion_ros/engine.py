@@ -1,10 +1,10 @@
 """The fusion path shared by the live node and the offline bag tool.
 
-FusionPipeline turns incoming thermal and visible messages into prepared pairs: decode on arrival (a bad
-message is refused before it can take a partner), pair by header stamp, then normalize and register the
-thermal frame of each pair. It is stateful (synchronizer, temporal smoothing of the thermal range) and
-runs on every message in arrival order, so live and replay produce the same pairs and pixels even when
-the live node later drops pairs it has no time to fuse.
+FusionPipeline turns incoming thermal and visible messages into prepared pairs: decode on arrival
+(a bad message is refused before it can take a partner), pair by header stamp, then normalize and
+register the thermal frame of each pair. It is stateful (synchronizer, temporal smoothing of the
+thermal range) and runs on every message in arrival order, so live and replay produce the same
+pairs and pixels even when the live node later drops pairs it has no time to fuse.
 
 FusionEngine runs the model on one prepared pair and builds the published images.
 """
@@ -71,7 +71,7 @@ class FusionPipeline:
         self._latest: tuple[int, float] | None = None  # (stamp ns, arrival monotonic s)
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
-        """Add a thermal Image/CompressedImage (RawImage fields); raises ImageDecodeError if bad."""
+        """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
         decoded = decode_thermal_info(message)
         if not np.isfinite(decoded.raw).any():
             # NaN/inf pixels are allowed, but a frame of only those carries no temperature.
@@ -85,7 +85,7 @@ class FusionPipeline:
         return self._prepare(self.synchronizer.add_thermal(stamp_ns, frame))
 
     def add_visible(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
-        """Add a visible Image/CompressedImage (RawImage fields); raises ImageDecodeError if bad."""
+        """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
         frame = Frame(stamp_ns, frame_id, decode_visible(message))
         self._latest = (stamp_ns, time.monotonic())
         return self._prepare(self.synchronizer.add_visible(stamp_ns, frame))
@@ -182,12 +182,13 @@ class FusionEngine:
         return fused[0, 0].clamp(0.0, 1.0).cpu().numpy()
 
 
-def restore_detail(fused_small: np.ndarray, thermal: np.ndarray, visible_y: np.ndarray) -> np.ndarray:
+def restore_detail(fused_small: np.ndarray, thermal: np.ndarray,
+                   visible_y: np.ndarray) -> np.ndarray:
     """Upsample a fused image made at a reduced size and put back the detail the reduction removed.
 
-    The detail of each source is what its own down-and-up resampling loses; per pixel the stronger of
-    the two is added (the max-absolute rule of multi-scale fusion), so edges of both cameras return at
-    full resolution while the model decides the low frequencies.
+    The detail of each source is what its own down-and-up resampling loses; per pixel the stronger
+    of the two is added (the max-absolute rule of multi-scale fusion), so edges of both cameras
+    return at full resolution while the model decides the low frequencies.
     """
     height, width = visible_y.shape
     small_size = fused_small.shape[::-1]
@@ -197,7 +198,8 @@ def restore_detail(fused_small: np.ndarray, thermal: np.ndarray, visible_y: np.n
         return image - cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
     thermal_detail, visible_detail = lost_detail(thermal), lost_detail(visible_y)
-    detail = np.where(np.abs(thermal_detail) > np.abs(visible_detail), thermal_detail, visible_detail)
+    detail = np.where(np.abs(thermal_detail) > np.abs(visible_detail), thermal_detail,
+                      visible_detail)
     fused = cv2.resize(fused_small, (width, height), interpolation=cv2.INTER_LINEAR) + detail
     return np.clip(fused, 0.0, 1.0, out=fused)
 

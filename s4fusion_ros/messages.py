@@ -14,4 +14,3 @@ def stamp_to_ns(stamp) -> int:
 def ns_to_sec_nanosec(stamp_ns: int) -> tuple[int, int]:
     """Integer nanoseconds -> (sec, nanosec) for builtin_interfaces/Time."""
     return divmod(int(stamp_ns), 1_000_000_000)
-

@@ -33,14 +33,14 @@ def resolve_device(spec: str) -> torch.device:
                 "(use device:=cpu or device:=auto)")
         device = torch.device(spec)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"device '{spec}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise DeviceError(f"device '{spec}' requested but only "
+                              f"{torch.cuda.device_count()} CUDA device(s) exist")
         return device
     raise DeviceError(f"unknown device '{spec}': expected auto, cpu, cuda or cuda:N")
 
 
 def default_preset(device: torch.device) -> str:
-    """The authors' configuration on a GPU; the compact one keeps the CPU at a usable frame rate."""
+    """The authors' configuration on a GPU; the compact one keeps a CPU at a usable frame rate."""
     return 'authors' if device.type == 'cuda' else 'compact'
 
 
@@ -60,14 +60,14 @@ def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'au
                       half: bool = False) -> LoadedModel:
     """Load the model the node and the tools run.
 
-    `weights` empty means the weights shipped for `preset`. A weights path given explicitly must exist
-    (CheckpointError names the file otherwise). When no trained weights ship for the preset, the model
-    runs with its initial weights and says so loudly.
+    `weights` empty means the weights shipped for `preset`. A weights path given explicitly must
+    exist (CheckpointError names the file otherwise). When no trained weights ship for the preset,
+    the model runs with its initial weights and says so loudly.
     """
     torch_device = resolve_device(device)
     if half and torch_device.type != 'cuda':
         raise DeviceError('half precision (fp16) needs a CUDA device; set half:=false on the CPU')
-    # Weights stay float32; fp16 runs through autocast so norms and the scan keep float32 where needed.
+    # Weights stay float32; fp16 runs through autocast, so norms and the scan keep float32.
     dtype = torch.float32
     if preset == 'auto':
         preset = default_preset(torch_device)

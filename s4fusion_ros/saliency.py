@@ -1,8 +1,8 @@
 """The published saliency map: where the fused image carries salient thermal targets.
 
 Definition (per pixel, on luminance in [0, 1] in the visible geometry; I = registered thermal,
-V = visible Y, F = fused Y from the same forward pass, B = local thermal background, a Gaussian blur
-of I with sigma = 1/16 of the shorter image side):
+V = visible Y, F = fused Y from the same forward pass, B = local thermal background, a Gaussian
+blur of I with sigma = 1/16 of the shorter image side):
 
     S = clip(min(F - V, I - V, I - B) / contrast, 0, 1), then S = 0 where S < threshold
 
@@ -39,7 +39,8 @@ def saliency_map(thermal: np.ndarray, visible_y: np.ndarray, fused_y: np.ndarray
     """Saliency in [0, 1], float32 (H, W), from three float32 images (H, W) in [0, 1]."""
     carried = np.minimum(fused_y - visible_y, thermal - visible_y)
     np.minimum(carried, thermal - thermal_background(thermal), out=carried)
-    saliency = np.clip(carried * np.float32(1.0 / contrast), 0.0, 1.0).astype(np.float32, copy=False)
+    saliency = np.clip(carried * np.float32(1.0 / contrast), 0.0, 1.0)
+    saliency = saliency.astype(np.float32, copy=False)
     if threshold > 0.0:
         saliency[saliency < threshold] = 0.0
     return saliency

@@ -8,7 +8,7 @@ import numpy as np
 
 
 class RateMeter:
-    """Events per second over a sliding window (thread-safe: callbacks and the worker both count)."""
+    """Events per second over a sliding window (thread-safe: callbacks and the worker count)."""
 
     def __init__(self, window: float = 5.0):
         self._window = window

@@ -10,9 +10,9 @@ QUEUE_POLICIES = ('keep_newest', 'keep_oldest')
 class InferenceWorker:
     """Runs `process(item)` for queued items on a background thread.
 
-    The queue holds at most `queue_size` items. When it is full, `keep_newest` drops the oldest queued
-    item (the output stays as fresh as the model allows: a slow model fuses the latest pair, not a
-    growing backlog) and `keep_oldest` refuses the new one. Every dropped item is counted.
+    The queue holds at most `queue_size` items. When it is full, `keep_newest` drops the oldest
+    queued item (the output stays as fresh as the model allows: a slow model fuses the latest pair,
+    not a growing backlog) and `keep_oldest` refuses the new one. Every dropped item is counted.
     """
 
     def __init__(self, process: Callable[[object], None], queue_size: int = 1,
@@ -34,7 +34,7 @@ class InferenceWorker:
         self._thread.start()
 
     def submit(self, item) -> bool:
-        """Queue an item; returns False when the policy dropped an item (this one or an older one)."""
+        """Queue an item; returns False when the policy dropped an item (this one or an older)."""
         with self._wakeup:
             self.submitted += 1
             accepted = True
@@ -56,7 +56,7 @@ class InferenceWorker:
 
     @property
     def in_progress(self) -> int:
-        """Items being processed now (0 or 1): submitted == dropped + processed + pending + this."""
+        """Items in process now (0 or 1): submitted == dropped + processed + pending + this."""
         with self._wakeup:
             return self.submitted - self.dropped - self.processed - len(self._queue)
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real image data in ../shared, and DDS kept on loopback per test run."""
+"""Shared test fixtures: the real image data in ../shared; DDS kept on loopback per test run."""
 
 import glob
 import os
@@ -8,8 +8,9 @@ import pytest
 
 from paths import IVIF
 
-# Every test run keeps DDS on this machine, in a domain of its own (concurrent runs rarely collide),
-# with ROS logs in a temporary folder. Child processes (the node under test) inherit this.
+# Every test run keeps DDS on this machine, in a domain of its own (concurrent runs rarely
+# collide), with ROS logs in a temporary folder. Child processes (the node under test) inherit
+# this.
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 # Before any test module imports torch (see s4fusion_ros/__init__.py for why).
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -27,7 +28,8 @@ def _paths_in_use():
         try:
             used.update(os.readlink(fd) for fd in glob.glob(f'{proc}/fd/*'))
             with open(f'{proc}/maps') as maps:
-                used.update(line.split(None, 5)[-1].strip() for line in maps if '/dev/shm/' in line)
+                used.update(line.split(None, 5)[-1].strip() for line in maps
+                            if '/dev/shm/' in line)
         except OSError:
             continue
     return used

@@ -76,7 +76,8 @@ def running_node(params: dict, extra_args=(), namespace: str = ''):
     command += list(extra_args)
     log_path = directory / 'node.log'
     with open(log_path, 'wb') as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ.copy())
     proc.log_path = log_path
     try:
         yield proc

@@ -1,8 +1,8 @@
 """launch_testing: s4fusion.launch.py starts the node, and fused and saliency images arrive.
 
-Runs where a ROS 2 distro provides launch, launch_ros and launch_testing (`colcon test`). Those have
-no PyPI wheels, so on a machine without a distro this module is skipped; test_node.py covers the same
-path there by starting the node's console entry point as a process.
+Runs where a ROS 2 distro provides launch, launch_ros and launch_testing (`colcon test`). Those
+have no PyPI wheels, so on a machine without a distro this module is skipped; test_node.py covers
+the same path there by starting the node's console entry point as a process.
 """
 
 import os
@@ -11,7 +11,8 @@ import unittest
 
 import pytest
 
-launch_testing = pytest.importorskip('launch_testing', reason='launch_testing needs a ROS 2 distro')
+launch_testing = pytest.importorskip('launch_testing',
+                                     reason='launch_testing needs a ROS 2 distro')
 pytest.importorskip('launch_ros', reason='launch_ros needs a ROS 2 distro')
 
 import launch  # noqa: E402  (guarded above: PyPI's unrelated `launch` must not satisfy it)

@@ -1,4 +1,4 @@
-"""The real node as its own process over Fast DDS: pairing, outputs, pixels, parameters, diagnostics."""
+"""The node as its own process over Fast DDS: pairing, outputs, pixels, parameters, diagnostics."""
 
 import random
 
@@ -20,7 +20,7 @@ SCENES = ['00004N.png', '00008N.png', '00012N.png', '00537D.png']
 NODE_PARAMS = {
     'device': 'cpu',
     'inference_size': [160, 120],
-    'inference.queue_size': 100,  # fuse every pair, so each can be checked against the offline path
+    'inference.queue_size': 100,  # fuse every pair, to check each against the offline path
     'sync.slop': 0.02,
     # On a busy machine a large image can reach the node seconds late; a long timeout keeps such a
     # thermal frame waiting for its partner, so the pairs do not depend on the machine's load.

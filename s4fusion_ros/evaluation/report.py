@@ -168,9 +168,9 @@ def wins_lines(dataset: DatasetScores) -> list:
     for name, rivals in head_to_head(dataset).items():
         counts = ', '.join(f'{rival} {len(won)}' for rival, won in rivals.items())
         most = all(2 * len(won) > len(METRICS) for won in rivals.values())
-        lines.append(f'- {name} head to head, the metrics of {len(METRICS)} on which it beats each '
-                     f'other method: {counts} ({"most" if most else "not most"} against every '
-                     f'one).')
+        lines.append(f'- {name} head to head, the metrics of {len(METRICS)} on which it beats '
+                     f'each other method: {counts} ({"most" if most else "not most"} against '
+                     f'every one).')
     if not lines:
         return ['No configuration of ours was evaluated.']
     references = ', '.join(f'{name} {len(won)}' for name, won in reference_wins(dataset).items())

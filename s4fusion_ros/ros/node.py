@@ -1,6 +1,7 @@
 """s4fusion_node: fuses synchronized thermal and visible image topics with S4Fusion.
 
-Subscribes  thermal/image_raw, visible/image_raw (sensor_msgs/Image; .../compressed with *.transport)
+Subscribes  thermal/image_raw, visible/image_raw (sensor_msgs/Image;
+            .../compressed with *.transport)
 Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header), /diagnostics
 
 Message callbacks only decode, pair and queue; the model runs on its own worker thread (see
@@ -64,7 +65,7 @@ class S4FusionNode(Node):
         self.get_logger().info(f'model warmed up in {self.engine.warm_up():.1f} s')
         self.saliency_encoding = p['saliency.encoding']
 
-        self.thermal_rate, self.visible_rate, self.fused_rate = RateMeter(), RateMeter(), RateMeter()
+        self.thermal_rate, self.visible_rate, self.fused_rate = (RateMeter() for _ in range(3))
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
         self.rejected = {'thermal': 0, 'visible': 0}
         self.rejection_logged = {}  # (role, kind of fault) -> monotonic time of its last log line
