@@ -268,6 +268,19 @@ def test_gradients_flow_to_the_fused_image(crops):
     assert all(not v.requires_grad for v in terms.values())
 
 
+def test_max_intensity_term_is_off_by_default_and_adds_l1_to_the_brighter_source(crops):
+    ir, vi = crops
+    fused = (ir + vi) / 2
+    plain_total, plain = S4FusionLoss()(fused, ir, vi)
+    total, terms = S4FusionLoss(max_intensity_weight=3.0)(fused, ir, vi)
+    assert 'max_intensity' not in plain and S4FusionLoss().config()['max_intensity_weight'] == 0
+    brighter = torch.maximum(ir, vi)
+    torch.testing.assert_close(terms['max_intensity'], (fused - brighter).abs().mean())
+    torch.testing.assert_close(total, plain_total + 3.0 * terms['max_intensity'])
+    assert float(terms['max_intensity']) > 0.01  # the average is below the brighter source
+    assert float(S4FusionLoss(max_intensity_weight=3.0)(brighter, ir, vi)[1]['max_intensity']) == 0
+
+
 def test_feature_energy_matches_pyramid_and_is_scale_free(crops):
     ir, vi = crops
 
@@ -398,7 +411,8 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
     out = tmp_path / 'run'
     command = [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder),
                '--out', str(out), '--steps', '1000', '--batch-size', '1', '--crop', '25',
-               '--device', 'cpu', '--threads', '1', '--no-progress', '--grad-weight', '2.5']
+               '--device', 'cpu', '--threads', '1', '--no-progress', '--grad-weight', '2.5',
+               '--max-intensity-weight', '0.5']
     log = out / 'train_log.jsonl'
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
@@ -417,6 +431,7 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
     assert state['step'] == done  # every logged step is in the checkpoint, none half-done
     meta = json.loads((out / 's4fusion_compact.json').read_text())['training']
     assert meta['steps_done'] == done and meta['loss']['grad_weight'] == 2.5
+    assert meta['loss']['max_intensity_weight'] == 0.5
 
     resumed = subprocess.run(command + ['--resume', '--stop-at', str(done + 1)],
                              capture_output=True, text=True, timeout=120)

@@ -59,6 +59,10 @@ def build_parser():
                         help='weight of the source-weighted L1 term')
     parser.add_argument('--grad-weight', type=float, default=loss_defaults.grad_weight,
                         help='weight of the max-gradient L1 term (higher: more detail)')
+    parser.add_argument('--max-intensity-weight', type=float,
+                        default=loss_defaults.max_intensity_weight,
+                        help='weight of an L1 term to the brighter source per pixel (SeAFusion\'s '
+                             'intensity loss, not the authors\'; 0: off)')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for torch (default: torch\'s choice, one per core); '
@@ -140,7 +144,8 @@ def main(argv=None):
     dataset = PairFolderDataset(pairs, args.crop, args.min_gain)
     trainer = Trainer(S4FusionConfig.preset(args.preset), dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
-                                   feature_extractor=features, classifier=classifier), args.out,
+                                   feature_extractor=features, classifier=classifier,
+                                   max_intensity_weight=args.max_intensity_weight), args.out,
                       settings, device, deviation_note(features, classifier, data_is_ivif),
                       init_weights=args.init_weights,
                       weights_dtype=STORAGE_DTYPES[args.weights_dtype])

@@ -2,6 +2,7 @@
 
 total = ssim_weight * sum_s w_s (1 - SSIM(F, S)) + l1_weight * sum_s w_s |F - S|
         + grad_weight * |Sobel(F) - max(Sobel(IR), Sobel(VI))| + entropy_weight * H(classifier(F))
+        [+ max_intensity_weight * |F - max(IR, VI)|, off by default: not the authors' term]
 
 The per-image source weights w_s are a softmax at temperature c of each source's gradient-energy
 score. The authors score the sources on a pretrained ResNet-50's stage features and add the entropy
@@ -33,11 +34,13 @@ class S4FusionLoss(nn.Module):
 
     ``forward(fused, ir, vi)`` takes (B, 1, H, W) tensors (sources in [0, 1]) and returns
     ``(total, terms)``: the scalar loss and a dict of detached scalars ('ssim', 'l1', 'grad',
-    'entropy' when a classifier is set, and 'w_ir', the batch-mean weight of the IR source).
+    'max_intensity' when weighted, 'entropy' when a classifier is set, and 'w_ir', the batch-mean
+    weight of the IR source).
     """
 
     def __init__(self, ssim_weight=1.0, l1_weight=2.0, grad_weight=1.0, entropy_weight=0.01,
-                 temperature=1.0, scales=3, feature_extractor=None, classifier=None):
+                 temperature=1.0, scales=3, feature_extractor=None, classifier=None,
+                 max_intensity_weight=0.0):
         """Term weights and the energy score's settings.
 
         The authors published no weights, so the defaults make the three terms contribute about
@@ -52,12 +55,16 @@ class S4FusionLoss(nn.Module):
         ``feature_extractor`` maps (B, 1, H, W) in [0, 1] to a tensor or a list of (B, C, h, w)
         feature maps whose energy replaces the image-gradient score; ``classifier`` maps
         (B, 1, H, W) to logits (B, K). Both are frozen here and must already be in eval mode.
+        ``max_intensity_weight`` > 0 adds SeAFusion's per-pixel intensity term, L1 to the brighter
+        source: unlike the per-image source weights it holds every region to the source that is
+        bright there.
         """
         super().__init__()
         if temperature <= 0 or scales < 1:
             raise ValueError('temperature must be > 0 and scales >= 1')
         self.ssim_weight, self.l1_weight = ssim_weight, l1_weight
         self.grad_weight, self.entropy_weight = grad_weight, entropy_weight
+        self.max_intensity_weight = max_intensity_weight
         self.temperature, self.scales = temperature, scales
         self.feature_extractor, self.classifier = feature_extractor, classifier
         for module in (feature_extractor, classifier):
@@ -70,7 +77,7 @@ class S4FusionLoss(nn.Module):
         """The settings as a JSON-ready dict (recorded beside the trained weights)."""
         return {
             'ssim_weight': self.ssim_weight, 'l1_weight': self.l1_weight,
-            'grad_weight': self.grad_weight,
+            'grad_weight': self.grad_weight, 'max_intensity_weight': self.max_intensity_weight,
             'entropy_weight': self.entropy_weight if self.classifier is not None else 0.0,
             'temperature': self.temperature, 'ssim_window': 11, 'ssim_sigma': 1.5,
             'energy_score': ('pretrained features' if self.feature_extractor is not None
@@ -138,6 +145,9 @@ class S4FusionLoss(nn.Module):
         total = (self.ssim_weight * ssim_term + self.l1_weight * l1_term
                  + self.grad_weight * grad_term)
         terms = {'ssim': ssim_term, 'l1': l1_term, 'grad': grad_term}
+        if self.max_intensity_weight > 0:
+            terms['max_intensity'] = (fused - torch.maximum(ir, vi)).abs().mean()
+            total = total + self.max_intensity_weight * terms['max_intensity']
         if self.classifier is not None:
             terms['entropy'] = self.entropy(fused)
             total = total + self.entropy_weight * terms['entropy']
