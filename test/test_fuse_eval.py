@@ -1,5 +1,6 @@
 """s4fusion-fuse and s4fusion-eval on real pairs: the node's engine on files, and the report."""
 
+import math
 import re
 import shutil
 
@@ -98,8 +99,8 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
 
 
 def table_rows(text, dataset):
-    """{method: [cell, ...]} of a dataset's table, bold markers removed."""
-    section = text.split(f'## {dataset} ')[1].split('\n## ')[0]
+    """{method: [cell, ...]} of a dataset's metric table, bold markers removed."""
+    section = text.split(f'## {dataset} ')[1].split('**Wins:**')[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip().strip('*') for c in line.strip('|').split('|')]
@@ -134,6 +135,7 @@ def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_
     assert float(rows['Average'][-1]) >= 0.0
     assert re.search(rf'- {re.escape(ours)} beats every other method \(Average, DenseFuse '
                      r'\(stored outputs\)\) on \d+ of 12 metrics', text)
+    assert f'| {ours} vs | EN |' in text  # the paired comparison
     assert 'Only the first 2 pairs' in text and 'its JSON holds no training information' in text
     image = read_png(grid)
     assert image.shape[0] == report.GRID_LABEL + report.GRID_HEIGHT and image.shape[2] == 3
@@ -173,6 +175,39 @@ def test_head_to_head_counts_each_rival_and_says_whether_most_are_won():
     assert 'not most against every one' in line
     mixed.scores = scores([2.0])
     assert '(most against every one)' in report.wins_lines(dataset)[1]
+
+
+def test_paired_comparison_calls_only_consistent_differences_wins_or_losses():
+    rival_values = [float(v) for v in range(1, 21)]
+    rival = report.MethodScores('rival', False, scores(rival_values))
+    ahead = report.MethodScores('ahead', True, scores([v + 0.5 for v in rival_values]))
+    # Same mean as the rival, better on half of the pairs: no call either way.
+    swings = report.MethodScores('swings', True, scores(
+        [v + (1.0 if i % 2 else -1.0) for i, v in enumerate(rival_values)]))
+    compared = report.paired_comparisons(report.DatasetScores('d', 20, [ahead, swings, rival]))
+    assert compared['ahead']['rival']['EN'] == report.PairedComparison('W', 1.0)
+    assert compared['ahead']['rival']['MSE'] == report.PairedComparison('L', 0.0)  # lower wins
+    assert compared['swings']['rival']['EN'] == report.PairedComparison('~', 0.5)
+
+
+def test_paired_comparison_leaves_undefined_pairs_out_and_needs_the_same_pairs():
+    rival = report.MethodScores('rival', False, scores([1.0, 2.0, 3.0, 4.0]))
+    ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0, math.nan]))
+    compared = report.paired_comparisons(report.DatasetScores('d', 4, [ours, rival]))
+    assert compared['ours']['rival']['SD'] == report.PairedComparison('W', 1.0)
+    rival.scores = rival.scores[:3]
+    with pytest.raises(ValueError, match='different numbers of pairs'):
+        report.paired_comparisons(report.DatasetScores('d', 4, [ours, rival]))
+
+
+def test_report_shows_a_paired_table_per_configuration_of_ours():
+    rival = report.MethodScores('rival', False, scores([1.0, 2.0, 3.0]))
+    ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0]))
+    context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
+    text = report.render([report.DatasetScores('d', 3, [ours, rival])], context)
+    assert '**Paired over the pairs:**' in text
+    assert '| ours vs | ' + ' | '.join(metrics.METRICS) + ' | W / L / ~ |' in text
+    assert '| rival | W 100% |' in text and '| 11 / 1 / 0 |' in text
 
 
 def test_shipped_configurations_are_skipped_when_their_weights_are_missing(tmp_path):

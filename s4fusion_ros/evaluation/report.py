@@ -2,7 +2,9 @@
 
 ROS- and torch-free: it formats what `tools/evaluate.py` measured. Means leave undefined (NaN)
 values out and the report counts them. "Best" and "wins" compare the values as printed, so the
-bold cells and the win counts always agree with what a reader sees.
+bold cells and the win counts always agree with what a reader sees. The paired tables say which of
+those differences of means hold up pair by pair (a bootstrap over the test pairs, in numpy: the
+comparison is a few lines and needs no statistics package).
 """
 
 import dataclasses
@@ -16,6 +18,8 @@ from .metrics import METRICS
 LOWER_IS_BETTER = frozenset({'MSE'})
 GRID_HEIGHT = 240  # pixels per grid row
 GRID_LABEL = 26  # pixels of the column-title strip
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # fixed, so the report is a function of the scores
 
 CONVENTIONS = """\
 - Every method's output is first made into the image a saved PNG holds: uint8, rounded; colour
@@ -33,6 +37,13 @@ CONVENTIONS = """\
   metric is in bold (ties: all of them). Timing (s/pair) is the fusion alone (for S4Fusion the
   engine's whole step: model, detail restoration, saliency and colour), after one untimed warm-up
   per dataset, without file reading and metrics; it is not part of the comparison."""
+
+PAIRED_INTRO = """\
+**Paired over the pairs:** per pair, ours minus the other method (signed so that positive favours
+ours). W: the 95% percentile-bootstrap interval of the mean difference ({resamples} resamples of
+the pairs) lies above 0; L: below 0; ~: it contains 0, so the difference of the means is within
+what another draw of test pairs could reverse. The percentage is the share of pairs on which ours
+is strictly better."""
 
 
 @dataclasses.dataclass
@@ -137,6 +148,76 @@ def reference_wins(dataset: DatasetScores) -> dict:
             for method in dataset.methods if not method.ours}
 
 
+@dataclasses.dataclass(frozen=True)
+class PairedComparison:
+    """Ours against one rival on one metric, pair by pair.
+
+    ``verdict``: 'W' when the 95% bootstrap interval of the mean per-pair difference (signed so
+    that positive favours ours) lies above 0, 'L' when below, '~' when it contains 0 (the
+    difference of the means is within what the choice of test pairs could change).
+    ``share_better``: the fraction of pairs on which ours is strictly better.
+    """
+
+    verdict: str
+    share_better: float
+
+
+def _resampled_pairs(count: int) -> np.ndarray:
+    """(BOOTSTRAP_RESAMPLES, count) pair indices drawn with replacement, the same for every
+    comparison of a dataset, so that all comparisons are judged on the same resamples."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    return rng.integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
+
+
+def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
+                      resamples: np.ndarray) -> PairedComparison:
+    """Compare per-pair values; pairs where either value is undefined are left out."""
+    mine = np.array([score[metric] for score in ours.scores], dtype=np.float64)
+    theirs = np.array([score[metric] for score in rival.scores], dtype=np.float64)
+    difference = mine - theirs if metric not in LOWER_IS_BETTER else theirs - mine
+    defined = ~np.isnan(difference)
+    if not defined.any():
+        return PairedComparison('~', math.nan)
+    # Undefined pairs count as zero difference in each resample, then the mean is rescaled to the
+    # defined pairs, which keeps one index matrix for every metric.
+    filled = np.where(defined, difference, 0.0)
+    means = filled[resamples].sum(1) / np.maximum(defined[resamples].sum(1), 1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    verdict = 'W' if low > 0 else 'L' if high < 0 else '~'
+    return PairedComparison(verdict, float(np.mean(difference[defined] > 0)))
+
+
+def paired_comparisons(dataset: DatasetScores) -> dict:
+    """Our method name -> {rival name -> {metric -> PairedComparison}}."""
+    counts = {len(method.scores) for method in dataset.methods}
+    if len(counts) != 1:
+        raise ValueError(f'{dataset.name}: methods were scored on different numbers of pairs '
+                         f'({sorted(counts)}); a paired comparison needs the same pairs')
+    resamples = _resampled_pairs(counts.pop())
+    others = [m for m in dataset.methods if not m.ours]
+    return {ours.name: {rival.name: {metric: paired_comparison(ours, rival, metric, resamples)
+                                     for metric in METRICS}
+                        for rival in others}
+            for ours in dataset.methods if ours.ours}
+
+
+def paired_tables(dataset: DatasetScores) -> list:
+    """Markdown: per configuration of ours, a row per rival with each metric's paired verdict
+    and share of pairs won, and the counts of W, L and ~."""
+    lines = []
+    for name, rivals in paired_comparisons(dataset).items():
+        lines += [f'| {name} vs | ' + ' | '.join(METRICS) + ' | W / L / ~ |',
+                  '|---|' + ':---:|' * (len(METRICS) + 1)]
+        for rival, compared in rivals.items():
+            cells = [f'{c.verdict} {c.share_better:.0%}' if math.isfinite(c.share_better)
+                     else c.verdict for c in compared.values()]
+            counts = ' / '.join(str(sum(c.verdict == v for c in compared.values()))
+                                for v in 'WL~')
+            lines.append(f'| {rival} | ' + ' | '.join(cells) + f' | {counts} |')
+        lines.append('')
+    return lines
+
+
 def metric_table(dataset: DatasetScores) -> list:
     """Markdown table lines: rows = methods, columns = metric means and time per pair."""
     titles = [f'{m} {"↓" if m in LOWER_IS_BETTER else "↑"}' for m in METRICS]
@@ -207,6 +288,9 @@ def render(datasets: list, context: ReportContext) -> str:
         plural = '' if dataset.pairs == 1 else 's'
         lines += [f'## {dataset.name} ({dataset.pairs} pair{plural})', '',
                   *metric_table(dataset), '', '**Wins:**', '', *wins_lines(dataset), '']
+        if any(m.ours for m in dataset.methods) and any(not m.ours for m in dataset.methods):
+            lines += [PAIRED_INTRO.format(resamples=f'{BOOTSTRAP_RESAMPLES:,}'), '',
+                      *paired_tables(dataset)]
     if context.grid:
         lines += ['## Examples', '',
                   'IR, visible, fused and saliency, one pair per dataset:', '',
