@@ -1,5 +1,6 @@
 """s4fusion-fuse and s4fusion-eval on real pairs: the node's engine on files, and the report."""
 
+import csv
 import math
 import re
 import shutil
@@ -136,6 +137,13 @@ def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_
     assert re.search(rf'- {re.escape(ours)} beats every other method \(Average, DenseFuse '
                      r'\(stored outputs\)\) on \d+ of 12 metrics', text)
     assert f'| {ours} vs | EN |' in text  # the paired comparison
+    assert '[quality_pairs.csv](quality_pairs.csv)' in text
+    with open(tmp_path / 'quality_pairs.csv', newline='') as table:
+        per_pair = list(csv.DictReader(table))
+    assert [(row['pair'], row['method']) for row in per_pair] == [
+        (name, method) for method in rows for name in ('01.png', '02.png')]
+    average_ssim = np.mean([float(row['SSIM']) for row in per_pair if row['method'] == 'Average'])
+    assert report.format_value(average_ssim) == rows['Average'][metrics.METRICS.index('SSIM')]
     assert 'Only the first 2 pairs' in text and 'its JSON holds no training information' in text
     image = read_png(grid)
     assert image.shape[0] == report.GRID_LABEL + report.GRID_HEIGHT and image.shape[2] == 3

@@ -7,7 +7,9 @@ those differences of means hold up pair by pair (a bootstrap over the test pairs
 comparison is a few lines and needs no statistics package).
 """
 
+import csv
 import dataclasses
+import io
 import math
 
 import cv2
@@ -77,6 +79,7 @@ class DatasetScores:
     name: str
     pairs: int
     methods: list
+    pair_names: tuple = ()  # the pairs' file names, in the order of every method's scores
 
 
 @dataclasses.dataclass
@@ -258,6 +261,20 @@ def wins_lines(dataset: DatasetScores) -> list:
     lines.append(f'- For reference, the metrics on which each other method beats every method '
                  f'(ours included): {references}.')
     return lines
+
+
+def per_pair_csv(datasets: list) -> str:
+    """Every method's metrics on every pair as CSV (dataset, pair, method, then METRICS), six
+    significant digits: the numbers behind the tables, for readers who want their own analysis."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerow(['dataset', 'pair', 'method', *METRICS])
+    for dataset in datasets:
+        for method in dataset.methods:
+            for pair, score in zip(dataset.pair_names, method.scores, strict=True):
+                writer.writerow([dataset.name, pair, method.name,
+                                 *(f'{score[metric]:.6g}' for metric in METRICS)])
+    return buffer.getvalue()
 
 
 def undefined_notes(datasets: list) -> list:

@@ -204,7 +204,8 @@ def evaluate_dataset(name: str, pairs: list, methods: list,
                 entry.seconds += images.seconds
             if index == 0 and method.ours and name not in examples:
                 examples[name] = (source, images)
-    return report.DatasetScores(name, len(pairs), list(scores.values()))
+    return report.DatasetScores(name, len(pairs), list(scores.values()),
+                                tuple(pair.name for pair in pairs))
 
 
 def display_path(path: pathlib.Path) -> str:
@@ -313,12 +314,17 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         help="CPU threads for torch (default: torch's choice)")
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('docs/quality.md'))
     parser.add_argument('--grid', type=pathlib.Path, default=pathlib.Path('docs/quality_grid.png'))
+    parser.add_argument('--pairs-csv', type=pathlib.Path, default=None,
+                        help='per-pair metric values of every method (default: beside --out, '
+                             'its name + _pairs.csv)')
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f'unknown methods {unknown}: choose from {", ".join(METHODS)}')
     if args.limit < 0:
         parser.error('--limit must be >= 0')
+    if args.pairs_csv is None:
+        args.pairs_csv = args.out.with_name(f'{args.out.stem}_pairs.csv')
     return args
 
 
@@ -349,16 +355,21 @@ def run(args: argparse.Namespace, argv: list) -> list:
         grid = os.path.relpath(args.grid.resolve(), args.out.resolve().parent)
     elif ours:
         skipped_methods.append('the example grid: no configuration of ours was evaluated.')
+    pairs_csv = os.path.relpath(args.pairs_csv.resolve(), args.out.resolve().parent)
     context = report.ReportContext(
         command=shlex.join([PROG, *argv]),
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         environment=environment(), weights=[describe_weights(c) for c in configs],
         skipped=skipped + skipped_methods, grid=grid,
         notes=notes + [training_overlap(c, evaluated) for c in configs]
-        + data_notes(args, datasets))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        + data_notes(args, datasets)
+        + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
+    for path in (args.out, args.pairs_csv):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    args.pairs_csv.write_text(report.per_pair_csv(datasets))
     args.out.write_text(report.render(datasets, context))
-    print(f'{PROG}: wrote {args.out}' + (f' and {args.grid}' if grid else ''), file=sys.stderr)
+    print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
+          file=sys.stderr)
     return datasets
 
 
