@@ -150,6 +150,10 @@ def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_
     assert f'![IR / VI / fused / saliency]({grid.name})' in text
 
 
+def pair_names(count):
+    return tuple(f'{index:02d}.png' for index in range(count))
+
+
 def scores(values):
     """Per-pair metric dicts where every metric takes `values[i]` on pair i."""
     return [dict.fromkeys(metrics.METRICS, value) for value in values]
@@ -159,7 +163,7 @@ def test_best_and_wins_compare_the_printed_values():
     ours = report.MethodScores('ours', True, scores([2.0, 4.0]))  # mean 3
     other = report.MethodScores('other', False, scores([3.0004]))  # prints 3.000 too
     worse = report.MethodScores('worse', False, scores([1.0]))
-    dataset = report.DatasetScores('d', 2, [ours, other, worse])
+    dataset = report.DatasetScores('d', pair_names(2), [ours, other, worse])
     assert report.best_methods(dataset, 'EN') == {'ours', 'other'}
     assert report.best_methods(dataset, 'MSE') == {'worse'}
     assert report.wins(dataset) == {'ours': []}
@@ -174,7 +178,7 @@ def test_head_to_head_counts_each_rival_and_says_whether_most_are_won():
     lower = report.MethodScores('lower', False, scores([2.0]))  # ours wins all but MSE
     mixed = report.MethodScores('mixed', False, scores([3.0]))
     mixed.scores[0].update(dict.fromkeys(metrics.METRICS[:6], 2.0))  # EN..CC: 6 of 12, not most
-    dataset = report.DatasetScores('d', 1, [ours, lower, mixed])
+    dataset = report.DatasetScores('d', pair_names(1), [ours, lower, mixed])
     won_mixed = list(metrics.METRICS[:6])
     assert report.head_to_head(dataset) == {'ours': {
         'lower': [m for m in metrics.METRICS if m != 'MSE'], 'mixed': won_mixed}}
@@ -192,7 +196,8 @@ def test_paired_comparison_calls_only_consistent_differences_wins_or_losses():
     # Same mean as the rival, better on half of the pairs: no call either way.
     swings = report.MethodScores('swings', True, scores(
         [v + (1.0 if i % 2 else -1.0) for i, v in enumerate(rival_values)]))
-    compared = report.paired_comparisons(report.DatasetScores('d', 20, [ahead, swings, rival]))
+    dataset = report.DatasetScores('d', pair_names(20), [ahead, swings, rival])
+    compared = report.paired_comparisons(dataset)
     assert compared['ahead']['rival']['EN'] == report.PairedComparison('W', 1.0)
     assert compared['ahead']['rival']['MSE'] == report.PairedComparison('L', 0.0)  # lower wins
     assert compared['swings']['rival']['EN'] == report.PairedComparison('~', 0.5)
@@ -201,18 +206,18 @@ def test_paired_comparison_calls_only_consistent_differences_wins_or_losses():
 def test_paired_comparison_leaves_undefined_pairs_out_and_needs_the_same_pairs():
     rival = report.MethodScores('rival', False, scores([1.0, 2.0, 3.0, 4.0]))
     ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0, math.nan]))
-    compared = report.paired_comparisons(report.DatasetScores('d', 4, [ours, rival]))
+    compared = report.paired_comparisons(report.DatasetScores('d', pair_names(4), [ours, rival]))
     assert compared['ours']['rival']['SD'] == report.PairedComparison('W', 1.0)
     rival.scores = rival.scores[:3]
-    with pytest.raises(ValueError, match='different numbers of pairs'):
-        report.paired_comparisons(report.DatasetScores('d', 4, [ours, rival]))
+    with pytest.raises(ValueError, match='rival not scored on each of the 4 pairs'):
+        report.paired_comparisons(report.DatasetScores('d', pair_names(4), [ours, rival]))
 
 
 def test_report_shows_a_paired_table_per_configuration_of_ours():
     rival = report.MethodScores('rival', False, scores([1.0, 2.0, 3.0]))
     ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0]))
     context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
-    text = report.render([report.DatasetScores('d', 3, [ours, rival])], context)
+    text = report.render([report.DatasetScores('d', pair_names(3), [ours, rival])], context)
     assert '**Paired over the pairs:**' in text
     assert '| ours vs | ' + ' | '.join(metrics.METRICS) + ' | W / L / ~ |' in text
     assert '| rival | W 100% |' in text and '| 11 / 1 / 0 |' in text

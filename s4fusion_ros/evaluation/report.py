@@ -77,9 +77,13 @@ class DatasetScores:
     """Every method's scores on one test split."""
 
     name: str
-    pairs: int
+    pair_names: tuple  # the pairs' file names, in the order of every method's scores
     methods: list
-    pair_names: tuple = ()  # the pairs' file names, in the order of every method's scores
+
+    @property
+    def pairs(self) -> int:
+        """Number of pairs."""
+        return len(self.pair_names)
 
 
 @dataclasses.dataclass
@@ -192,11 +196,11 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
 
 def paired_comparisons(dataset: DatasetScores) -> dict:
     """Our method name -> {rival name -> {metric -> PairedComparison}}."""
-    counts = {len(method.scores) for method in dataset.methods}
-    if len(counts) != 1:
-        raise ValueError(f'{dataset.name}: methods were scored on different numbers of pairs '
-                         f'({sorted(counts)}); a paired comparison needs the same pairs')
-    resamples = _resampled_pairs(counts.pop())
+    unpaired = [m.name for m in dataset.methods if len(m.scores) != dataset.pairs]
+    if unpaired:
+        raise ValueError(f'{dataset.name}: {", ".join(unpaired)} not scored on each of the '
+                         f'{dataset.pairs} pairs; a paired comparison needs every pair')
+    resamples = _resampled_pairs(dataset.pairs)
     others = [m for m in dataset.methods if not m.ours]
     return {ours.name: {rival.name: {metric: paired_comparison(ours, rival, metric, resamples)
                                      for metric in METRICS}

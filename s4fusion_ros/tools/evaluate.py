@@ -204,8 +204,7 @@ def evaluate_dataset(name: str, pairs: list, methods: list,
                 entry.seconds += images.seconds
             if index == 0 and method.ours and name not in examples:
                 examples[name] = (source, images)
-    return report.DatasetScores(name, len(pairs), list(scores.values()),
-                                tuple(pair.name for pair in pairs))
+    return report.DatasetScores(name, tuple(pair.name for pair in pairs), list(scores.values()))
 
 
 def display_path(path: pathlib.Path) -> str:
