@@ -195,6 +195,31 @@ def test_gain_augmentation_scales_each_source_on_its_own(tmp_path, ivif_dir):
         PairFolderDataset(pairs_in_folder(tmp_path), 25, min_gain=0)
 
 
+def test_dataset_balance_shifts_the_draw_towards_the_small_dataset(tmp_path):
+    # Three pairs in 'big', one in 'small'; every image is flat at its own gray level, so a crop
+    # tells which pair it came from.
+    pairs = []
+    for dataset, levels in (('big', (10, 20, 30)), ('small', (40,))):
+        for side in ('ir', 'vi'):
+            (tmp_path / dataset / side).mkdir(parents=True)
+            for level in levels:
+                cv2.imwrite(str(tmp_path / dataset / side / f'{level}.png'),
+                            np.full((30, 30), level, np.uint8))
+        pairs += pairs_in_folder(tmp_path / dataset)
+    draws = 4000
+    for balance, small_share in ((0.0, 1 / 4), (0.5, 1 / (1 + 3 ** 0.5)), (1.0, 1 / 2)):
+        dataset = PairFolderDataset(pairs, 25, dataset_balance=balance)
+        assert dataset.pair_probabilities.sum() == pytest.approx(1)
+        assert dataset.pair_probabilities[-1] == pytest.approx(small_share)
+        ir, _ = dataset.sample_batch(draws, np.random.default_rng(0))
+        levels = np.rint(ir[:, 0, 0, 0].numpy() * 255).astype(int)
+        big = levels[levels < 40]
+        assert abs((levels == 40).mean() - small_share) < 0.03
+        assert all(abs((big == level).mean() - 1 / 3) < 0.04 for level in (10, 20, 30))
+    with pytest.raises(ValueError, match='dataset_balance'):
+        PairFolderDataset(pairs, 25, dataset_balance=1.5)
+
+
 def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
     image = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     image = image[200:220, 300:330]  # 20 x 30, with structure

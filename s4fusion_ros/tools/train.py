@@ -48,6 +48,10 @@ def build_parser():
     parser.add_argument('--min-gain', type=float, default=defaults.min_gain,
                         help='gain augmentation: each source of a crop, with probability 1/2, '
                              'is scaled by its own log-uniform gain in [MIN_GAIN, 1] (1: off)')
+    parser.add_argument('--dataset-balance', type=float, default=defaults.dataset_balance,
+                        help='draw a dataset of n pairs with probability proportional to '
+                             'n ** (1 - BALANCE): 0 every pair alike, 1 every dataset alike '
+                             '(raises the 4 MSRS night/day pairs against 154 RoadScene ones)')
     parser.add_argument('--lr', type=float, default=defaults.lr, help='peak AdamW learning rate')
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up steps (default: 5%% of --steps, at most 500)')
@@ -132,7 +136,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
-                             min_gain=args.min_gain, lr=args.lr, warmup_steps=args.warmup,
+                             min_gain=args.min_gain, dataset_balance=args.dataset_balance,
+                             lr=args.lr, warmup_steps=args.warmup,
                              seed=args.seed)
     data_is_ivif = not (args.data / 'ir').is_dir()
     pairs = ivif_splits(args.data).train if data_is_ivif else pairs_in_folder(args.data)
@@ -141,7 +146,7 @@ def main(argv=None):
         features = load_exported(args.pretrained_features, device)
     if args.pretrained_classifier is not None:
         classifier = load_exported(args.pretrained_classifier, device)
-    dataset = PairFolderDataset(pairs, args.crop, args.min_gain)
+    dataset = PairFolderDataset(pairs, args.crop, args.min_gain, args.dataset_balance)
     trainer = Trainer(S4FusionConfig.preset(args.preset), dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,

@@ -29,9 +29,14 @@ class Pair:
     vi_path: pathlib.Path
 
     @property
+    def dataset(self):
+        """The folder holding ``ir/`` and ``vi/``: the dataset this pair belongs to."""
+        return self.ir_path.parent.parent
+
+    @property
     def label(self):
-        """``dataset/name`` (the folder above ``ir/``), as the training metadata records it."""
-        return f'{self.ir_path.parent.parent.name}/{self.name}'
+        """``dataset/name``, as the training metadata records it."""
+        return f'{self.dataset.name}/{self.name}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,20 +142,39 @@ class PairFolderDataset(torch.utils.data.Dataset):
     data is almost all daytime RoadScene, where the thermal image is the brighter source; without
     it the network learns to follow the thermal image everywhere and keeps dim thermal images
     (MSRS night scenes, other cameras' gain settings) dim instead of taking the visible detail.
+
+    ``dataset_balance`` in [0, 1] shifts the draw of pairs from one dataset (the folder above
+    ``ir/``) towards another: a dataset of n pairs is drawn with probability proportional to
+    n ** (1 - dataset_balance), its pairs uniformly. 0 draws every pair alike (the large dataset
+    dominates: 154 RoadScene pairs against 4 MSRS ones), 1 every dataset alike; between, as the
+    temperature sampling of multilingual language models.
     """
 
-    def __init__(self, pairs, crop=97, min_gain=1.0):
+    def __init__(self, pairs, crop=97, min_gain=1.0, dataset_balance=0.0):
         """Read every pair of ``pairs`` (``Pair`` items); ``crop`` must be 12k + 1 and >= 13."""
         if crop < 13 or crop % 12 != 1:
             raise ValueError(f'crop {crop} must be 12k + 1 (13, 25, ..., 97, 109, 121, ...)')
         if not 0 < min_gain <= 1:
             raise ValueError(f'min_gain {min_gain} must be in (0, 1] (1: no gain augmentation)')
+        if not 0 <= dataset_balance <= 1:
+            raise ValueError(f'dataset_balance {dataset_balance} must be in [0, 1] '
+                             f'(0: pairs drawn alike, 1: datasets drawn alike)')
         if not pairs:
             raise ValueError('no training pairs')
         self.pairs = tuple(pairs)
         self.crop = crop
         self.min_gain = min_gain
+        self.dataset_balance = dataset_balance
+        self.pair_probabilities = self._pair_probabilities(self.pairs, dataset_balance)
         self._images = [self._read(p) for p in self.pairs]
+
+    @staticmethod
+    def _pair_probabilities(pairs, balance):
+        """(N,) probability of drawing each pair; a dataset's pairs share n ** (1 - balance)."""
+        datasets = [p.dataset for p in pairs]
+        sizes = {d: datasets.count(d) for d in set(datasets)}
+        weights = np.array([sizes[d] ** (1 - balance) / sizes[d] for d in datasets])
+        return weights / weights.sum()
 
     @staticmethod
     def _read(pair):
@@ -200,12 +224,16 @@ class PairFolderDataset(torch.utils.data.Dataset):
         return np.float32(np.exp(rng.uniform(np.log(self.min_gain), 0.0)))
 
     def sample_batch(self, batch_size, rng):
-        """``batch_size`` crops of uniformly drawn pairs as two float32 (B, 1, crop, crop) tensors.
+        """``batch_size`` crops of drawn pairs as two float32 (B, 1, crop, crop) tensors.
 
         Drawing from a generator the caller seeds per step makes a batch a pure function of
         (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
         """
-        crops = [self.random_crop(i, rng) for i in rng.integers(0, len(self), batch_size)]
+        if self.dataset_balance:
+            indices = rng.choice(len(self), batch_size, p=self.pair_probabilities)
+        else:  # the draw of the runs before dataset_balance existed, so they still reproduce
+            indices = rng.integers(0, len(self), batch_size)
+        crops = [self.random_crop(i, rng) for i in indices]
         ir = torch.from_numpy(np.stack([c[0] for c in crops]))[:, None]
         vi = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]
         return ir, vi

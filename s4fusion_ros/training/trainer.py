@@ -51,6 +51,8 @@ class TrainSettings:
     # The dataset's gain augmentation (PairFolderDataset; 1 = off). On by default: without it the
     # networks learned to follow the thermal image and kept dim thermal scenes dim (issue 4 notes).
     min_gain: float = 0.15
+    # The dataset's draw of pairs across datasets (PairFolderDataset; 0 = every pair alike).
+    dataset_balance: float = 0.0
     # 80-step probes (compact, batch 4, crop 49) were stable at 5e-4 and 2e-3, the latter faster;
     # 1e-3 keeps a margin for the wider authors preset and longer runs.
     lr: float = 1e-3
@@ -157,7 +159,7 @@ class Trainer:
         ``weights_dtype``: how the exported weights are stored (float16 halves the file, int8
         about quarters it, see checkpoint.STORAGE_DTYPES); the training state keeps float32.
         """
-        for name in ('crop', 'min_gain'):
+        for name in ('crop', 'min_gain', 'dataset_balance'):
             if getattr(dataset, name) != getattr(settings, name):
                 raise ValueError(f'dataset {name} {getattr(dataset, name)} != settings {name} '
                                  f'{getattr(settings, name)}')
