@@ -5,6 +5,7 @@ Images are fused on luminance: a colour image becomes the Y of YCrCb (Y = 0.299R
 PNGs are) stays itself. Pixels stay uint8/uint16 in memory and become float32 in [0, 1] per crop.
 """
 
+import collections
 import csv
 import dataclasses
 import pathlib
@@ -172,7 +173,7 @@ class PairFolderDataset(torch.utils.data.Dataset):
     def _pair_probabilities(pairs, balance):
         """(N,) probability of drawing each pair; a dataset's pairs share n ** (1 - balance)."""
         datasets = [p.dataset for p in pairs]
-        sizes = {d: datasets.count(d) for d in set(datasets)}
+        sizes = collections.Counter(datasets)
         weights = np.array([sizes[d] ** (1 - balance) / sizes[d] for d in datasets])
         return weights / weights.sum()
 
