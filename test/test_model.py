@@ -276,7 +276,7 @@ def mixer_out(block, y, z):
 
 def run_path(module, path, *inputs):
     """Run a block on the CPU inference path ('fused', the numba grid kernel) or the torch path
-    (cross-scan copies and the chunked autograd scan, taken where gradients are needed)."""
+    (cross-scan copies and the scan with autograd, taken where gradients are needed)."""
     with torch.set_grad_enabled(path == 'torch'):
         assert module._fused_path(*inputs) == (path == 'fused')
         out = module(*inputs)

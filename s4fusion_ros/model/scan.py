@@ -3,8 +3,8 @@
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ;  y_t = C_t . h_t + D u_t
 
 Backends: 'mamba' (mamba-ssm's CUDA kernel, the optional extra ``[gpu]``), 'numba' (the CPU
-inference kernel in scan_numba, no autograd) and 'torch' (the chunked PyTorch scan below, with
-autograd; training and the fallback). ``selective_scan_sequential`` is the plain loop the tests
+kernels in scan_numba, with a backward kernel behind autograd for training) and 'torch' (the
+chunked PyTorch scan below, differentiable by autograd; the fallback without numba). ``selective_scan_sequential`` is the plain loop the tests
 take as truth (float64 by default); ``selective_scan_ref`` follows mamba-ssm's reference of the
 same name and is kept for the benchmark. ``cross_selective_scan`` is SS2D's whole four-direction
 scan in one numba kernel, the model's CPU inference path.
@@ -42,6 +42,16 @@ def numba_scan_fn():
 
 
 @functools.lru_cache(maxsize=None)
+def numba_scan_backward_fn():
+    """Return the numba backward kernel's entry point, or None where numba is not installed."""
+    try:
+        from .scan_numba import selective_scan_numba_backward
+    except ImportError:
+        return None
+    return selective_scan_numba_backward
+
+
+@functools.lru_cache(maxsize=None)
 def numba_cross_scan_fn():
     """Return the numba four-direction grid kernel's entry point, or None without numba."""
     try:
@@ -56,7 +66,10 @@ def _needs_grad(*tensors):
 
 
 def _run_numba(fn, *args, **kwargs):
-    """Call a numba entry point, tensors passed as float32 NumPy arrays, with torch's threads."""
+    """Call a numba entry point, tensors passed as float32 NumPy arrays, with torch's threads.
+
+    Returns the entry point's array as a tensor, or a tuple of them where it returns a tuple.
+    """
     def array(t):
         return t.detach().float().numpy() if torch.is_tensor(t) else t
 
@@ -65,18 +78,44 @@ def _run_numba(fn, *args, **kwargs):
     # torch's thread count is the one knob for both. numba's OpenMP layer shares torch's
     # runtime and sets its thread count to NUMBA_NUM_THREADS when it starts: undo that.
     threads = torch.get_num_threads()
-    y = fn(*args, threads=threads, **kwargs)
+    out = fn(*args, threads=threads, **kwargs)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return torch.from_numpy(y)
+    return tuple(map(torch.from_numpy, out)) if isinstance(out, tuple) else torch.from_numpy(out)
 
 
-def scan_backend(u, delta, A, B, C, D=None, delta_bias=None):
-    """Name the backend ``selective_scan`` picks for these inputs when none is asked for."""
+class NumbaSelectiveScan(torch.autograd.Function):
+    """The numba scan with its backward kernel, for CPU training.
+
+    The forward keeps the state at every 32nd position; the backward recomputes the states in
+    between from them (scan_numba) instead of autograd storing every step of a PyTorch loop.
+    Arguments as ``selective_scan`` (D and delta_bias may be None); computes in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        """y (batch, d, L) in u's dtype."""
+        y, states = _run_numba(numba_scan_fn(), u, delta, A, B, C, D, delta_bias=delta_bias,
+                               delta_softplus=delta_softplus, keep_states=True)
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
+        return y.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        """Gradients of u, delta, A, B, C, D, delta_bias (None for absent ones)."""
+        u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
+        grads = _run_numba(numba_scan_backward_fn(), dy, states, u, delta, A, B, C, D,
+                           delta_bias=delta_bias, delta_softplus=ctx.delta_softplus)
+        inputs = (u, delta, A, B, C, D, delta_bias)
+        return (*(None if t is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None)
+
+
+def scan_backend(u):
+    """Name the backend ``selective_scan`` picks for input ``u`` when none is asked for."""
     if u.is_cuda:
         return 'mamba' if mamba_scan_fn() is not None else 'torch'
-    if (u.device.type == 'cpu' and not _needs_grad(u, delta, A, B, C, D, delta_bias)
-            and numba_scan_fn() is not None):
+    if u.device.type == 'cpu' and numba_scan_fn() is not None:
         return 'numba'
     return 'torch'
 
@@ -98,7 +137,7 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
     """
     _check_shapes(u, delta, A, B, C, D, delta_bias)
     if backend in (None, 'auto'):
-        backend = scan_backend(u, delta, A, B, C, D, delta_bias)
+        backend = scan_backend(u)
     if backend == 'mamba':
         fn = mamba_scan_fn()
         if fn is None:
@@ -111,8 +150,7 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
         if u.device.type != 'cpu':
             raise ValueError(f'backend "numba" runs on CPU tensors, got {u.device}')
         if _needs_grad(u, delta, A, B, C, D, delta_bias):
-            raise ValueError('backend "numba" has no autograd; use "torch" where gradients '
-                             'are needed')
+            return NumbaSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
         return _run_numba(fn, u, delta, A, B, C, D, delta_bias=delta_bias,
                           delta_softplus=delta_softplus).to(u.dtype)
     if backend == 'torch':

@@ -1,10 +1,15 @@
-"""Selective scan for CPU inference: a numba kernel, forward only.
+"""Selective scan on the CPU: numba kernels for inference and for training (with a backward).
 
 The work is split into blocks of channels inside one group (so every channel of a block shares
 B_t and C_t), one block per parallel task. Inside a block the channel loop is innermost and
 contiguous, so LLVM vectorises it; exp comes from a polynomial of our own because numba's exp
 is a scalar libm call (it vectorises only with Intel SVML). Time is processed in tiles that
 are transposed into (time, channel) scratch buffers on the way in and out.
+
+For training the forward kernel also keeps the state at the start of every tile, and the
+backward kernel walks the tiles in reverse: it recomputes a tile's states from the kept one
+(in L2-sized scratch, as mamba-ssm's CUDA kernel recomputes per chunk instead of storing every
+state) and then runs the adjoint recurrence through it.
 """
 
 import os
@@ -94,12 +99,16 @@ def _softplus(x):
 
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _scan(u, delta, A, B, C, D, delta_bias, softplus, block):
-    """Kernel on C-contiguous float32 arrays; see selective_scan_numba for the contract."""
+def _scan(u, delta, A, B, C, D, delta_bias, softplus, block, states):
+    """Kernel on C-contiguous float32 arrays; see selective_scan_numba for the contract.
+
+    ``states`` (batch, tiles, N, d) receives the state before each tile, or is empty (inference).
+    """
     batch, d, length = u.shape
     groups, nstate = B.shape[1], B.shape[2]
     per_group = d // groups
     nblocks = (per_group + block - 1) // block
+    keep_states = states.shape[0] > 0
     y = np.empty_like(u)
     for task in numba.prange(batch * groups * nblocks):
         b = task // (groups * nblocks)
@@ -118,6 +127,10 @@ def _scan(u, delta, A, B, C, D, delta_bias, softplus, block):
         ct = np.empty((_TILE, nstate), np.float32)
         for t0 in range(0, length, _TILE):
             nt = min(_TILE, length - t0)
+            if keep_states:
+                for n in range(nstate):
+                    for c in range(w):
+                        states[b, t0 // _TILE, n, c0 + c] = h[n, c]
             for c in range(w):
                 for t in range(nt):
                     ut[t, c] = u[b, c0 + c, t0 + t]
@@ -148,14 +161,145 @@ def _scan(u, delta, A, B, C, D, delta_bias, softplus, block):
     return y
 
 
-def selective_scan_numba(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
-                         threads=None):
-    """Selective scan on NumPy arrays (mamba-ssm's ``selective_scan_fn`` contract, no autograd).
+@numba.njit(fastmath=_FASTMATH | {'reassoc'}, cache=True)
+def _channel_dots(m, first, v, nt, out):
+    """``out[t, n] = sum_c m[first + t, n, c] v[t, c]`` for t < nt.
 
-    u, delta: (batch, d, L); A: (d, N); B, C: (batch, groups, N, L) or (batch, N, L), groups
-    dividing d; D, delta_bias: (d,). ``threads`` caps the parallel threads (default: numba's
-    setting). Computes in float32; returns (batch, d, L) float32.
+    A function of its own so that only these sums over channels may be reassociated (which
+    lets them vectorise); the kernels' _exp must not be.
     """
+    for t in range(nt):
+        for n in range(m.shape[1]):
+            acc = _ZERO
+            for c in range(v.shape[1]):
+                acc += m[first + t, n, c] * v[t, c]
+            out[t, n] = acc
+
+
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _scan_backward(u, delta, A, B, C, D, delta_bias, softplus, block, states, dy):
+    """Gradients of the scan; see selective_scan_numba_backward for the contract.
+
+    Per tile, last first: the tile's states are recomputed from the one ``_scan`` kept, then
+    the adjoint runs backwards through it. With g_t = dL/dh_t (from y_t and from h_{t+1}):
+        g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
+        du_t = D dy_t + sum_n g_t dt_t B_t        ddt_t = sum_n g_t (B_t u_t + A e_t h_{t-1})
+        dA += g_t dt_t e_t h_{t-1}   dB_t = sum_c g_t dt_t u_t   dC_t = sum_c dy_t h_t
+    with e_t = exp(dt_t A); ddt goes through softplus' slope (the sigmoid) to delta and the bias.
+    """
+    batch, d, length = u.shape
+    groups, nstate = B.shape[1], B.shape[2]
+    per_group = d // groups
+    nblocks = (per_group + block - 1) // block
+    ntiles = (length + _TILE - 1) // _TILE
+    du = np.empty_like(u)
+    ddelta = np.empty_like(u)
+    # Partial sums, one per task, that the caller adds up: dB and dC over a group's channel
+    # blocks, dA, dD and the bias over the batch.
+    dB = np.empty((nblocks, batch, groups, nstate, length), np.float32)
+    dC = np.empty_like(dB)
+    dA = np.empty((batch, d, nstate), np.float32)
+    dD = np.empty((batch, d), np.float32)
+    dbias = np.empty((batch, d), np.float32)
+    for task in numba.prange(batch * groups * nblocks):
+        b = task // (groups * nblocks)
+        g = task // nblocks % groups
+        blk = task % nblocks
+        c0 = g * per_group + blk * block
+        w = min(block, (g + 1) * per_group - c0)
+        at = np.empty((nstate, w), np.float32)
+        for n in range(nstate):
+            for c in range(w):
+                at[n, c] = A[c0 + c, n]
+        carry = np.zeros((nstate, w), np.float32)  # exp(dt_{t+1} A) g_{t+1}
+        acc_a = np.zeros((nstate, w), np.float32)
+        acc_d = np.zeros(w, np.float32)
+        acc_bias = np.zeros(w, np.float32)
+        hs = np.empty((_TILE + 1, nstate, w), np.float32)  # hs[t + 1] = h_t, hs[0] before
+        et = np.empty((_TILE, nstate, w), np.float32)  # exp(dt A), then g once used
+        ut = np.empty((_TILE, w), np.float32)
+        dt = np.empty((_TILE, w), np.float32)  # delta, then dt after bias and softplus
+        slope = np.empty((_TILE, w), np.float32)  # d dt / d delta
+        dut = np.empty((_TILE, w), np.float32)  # dt u
+        gy = np.empty((_TILE, w), np.float32)
+        gu = np.empty((_TILE, w), np.float32)
+        gdt = np.empty((_TILE, w), np.float32)
+        bt = np.empty((_TILE, nstate), np.float32)
+        ct = np.empty((_TILE, nstate), np.float32)
+        gbt = np.empty((_TILE, nstate), np.float32)
+        gct = np.empty((_TILE, nstate), np.float32)
+        for tile in range(ntiles - 1, -1, -1):
+            t0 = tile * _TILE
+            nt = min(_TILE, length - t0)
+            for c in range(w):
+                for t in range(nt):
+                    ut[t, c] = u[b, c0 + c, t0 + t]
+                    dt[t, c] = delta[b, c0 + c, t0 + t]
+                    gy[t, c] = dy[b, c0 + c, t0 + t]
+            for n in range(nstate):
+                for t in range(nt):
+                    bt[t, n] = B[b, g, n, t0 + t]
+                    ct[t, n] = C[b, g, n, t0 + t]
+                for c in range(w):
+                    hs[0, n, c] = states[b, tile, n, c0 + c]
+            for t in range(nt):  # the forward pass again, as _scan computes it
+                for c in range(w):
+                    x = dt[t, c] + delta_bias[c0 + c]
+                    if softplus:
+                        e = _exp(-abs(x))
+                        slope[t, c] = (_ONE if x >= _ZERO else e) / (_ONE + e)  # sigmoid
+                        x = _softplus(x)
+                    else:
+                        slope[t, c] = _ONE
+                    dt[t, c] = x
+                    dut[t, c] = x * ut[t, c]
+                for n in range(nstate):
+                    bn = bt[t, n]
+                    for c in range(w):
+                        e = _exp(dt[t, c] * at[n, c])
+                        et[t, n, c] = e
+                        hs[t + 1, n, c] = e * hs[t, n, c] + dut[t, c] * bn
+            for t in range(nt - 1, -1, -1):
+                for c in range(w):
+                    gu[t, c] = D[c0 + c] * gy[t, c]
+                    gdt[t, c] = _ZERO
+                    acc_d[c] += gy[t, c] * ut[t, c]
+                for n in range(nstate):
+                    bn = bt[t, n]
+                    cn = ct[t, n]
+                    for c in range(w):
+                        gh = carry[n, c] + cn * gy[t, c]
+                        q = gh * et[t, n, c] * hs[t, n, c]  # through exp(dt A) h_{t-1}
+                        gu[t, c] += gh * dt[t, c] * bn
+                        gdt[t, c] += gh * bn * ut[t, c] + q * at[n, c]
+                        acc_a[n, c] += q * dt[t, c]
+                        carry[n, c] = gh * et[t, n, c]
+                        et[t, n, c] = gh
+                for c in range(w):
+                    gx = gdt[t, c] * slope[t, c]
+                    gdt[t, c] = gx
+                    acc_bias[c] += gx
+            _channel_dots(et, 0, dut, nt, gbt)
+            _channel_dots(hs, 1, gy, nt, gct)
+            for c in range(w):
+                for t in range(nt):
+                    du[b, c0 + c, t0 + t] = gu[t, c]
+                    ddelta[b, c0 + c, t0 + t] = gdt[t, c]
+            for n in range(nstate):
+                for t in range(nt):
+                    dB[blk, b, g, n, t0 + t] = gbt[t, n]
+                    dC[blk, b, g, n, t0 + t] = gct[t, n]
+        for c in range(w):
+            dD[b, c0 + c] = acc_d[c]
+            dbias[b, c0 + c] = acc_bias[c]
+            for n in range(nstate):
+                dA[b, c0 + c, n] = acc_a[n, c]
+    return du, ddelta, dA, dB, dC, dD, dbias
+
+
+def _scan_arrays(u, delta, A, B, C, D, delta_bias, threads):
+    """The kernels' float32 C-contiguous arguments, B and C as (batch, groups, N, L), D and the
+    bias as zeros where None, and the channels per task (64, fewer while threads would idle)."""
     def f32(a):
         return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -168,12 +312,49 @@ def selective_scan_numba(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     groups = B.shape[1]
     D = np.zeros(d, np.float32) if D is None else f32(D)
     delta_bias = np.zeros(d, np.float32) if delta_bias is None else f32(delta_bias)
-    # 64 channels per task, fewer while that would leave threads idle.
     per_group = d // groups
     block = min(64, per_group)
     while block > 8 and batch * groups * -(-per_group // block) < numba.get_num_threads():
         block //= 2
-    return _scan(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), block)
+    return u, delta, A, B, C, D, delta_bias, block
+
+
+def selective_scan_numba(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
+                         threads=None, keep_states=False):
+    """Selective scan on NumPy arrays (mamba-ssm's ``selective_scan_fn`` contract).
+
+    u, delta: (batch, d, L); A: (d, N); B, C: (batch, groups, N, L) or (batch, N, L), groups
+    dividing d; D, delta_bias: (d,). ``threads`` caps the parallel threads (default: numba's
+    setting). Computes in float32; returns y (batch, d, L) float32, and with ``keep_states``
+    also the states ``selective_scan_numba_backward`` needs: (batch, ceil(L / 32), N, d).
+    """
+    u, delta, A, B, C, D, delta_bias, block = _scan_arrays(u, delta, A, B, C, D, delta_bias,
+                                                           threads)
+    batch, d, length = u.shape
+    shape = (batch, -(-length // _TILE), A.shape[1], d) if keep_states else (0, 0, 0, 0)
+    states = np.empty(shape, np.float32)
+    y = _scan(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), block, states)
+    return (y, states) if keep_states else y
+
+
+def selective_scan_numba_backward(dy, states, u, delta, A, B, C, D=None, delta_bias=None,
+                                  delta_softplus=False, threads=None):
+    """Gradients of ``selective_scan_numba`` for the output gradient ``dy`` (batch, d, L).
+
+    ``states`` is what the forward returned with ``keep_states``; the other arguments are the
+    forward's. Returns float32 (du, ddelta, dA, dB, dC, dD, d_delta_bias) in the shapes of
+    u, delta, A, B, C (3- or 4-dimensional as given), (d,) and (d,).
+    """
+    grouped = np.ndim(B) == 4
+    u, delta, A, B, C, D, delta_bias, block = _scan_arrays(u, delta, A, B, C, D, delta_bias,
+                                                           threads)
+    du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
+        u, delta, A, B, C, D, delta_bias, bool(delta_softplus), block,
+        np.ascontiguousarray(states, dtype=np.float32), np.ascontiguousarray(dy, np.float32))
+    dB, dC = dB.sum(0), dC.sum(0)
+    if not grouped:
+        dB, dC = dB[:, 0], dC[:, 0]
+    return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)

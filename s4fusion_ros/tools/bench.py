@@ -6,6 +6,11 @@ the numba kernel, the chunked PyTorch scan, a plain per-position PyTorch loop an
 
 ``s4fusion-bench model`` times the whole network's forward pass at camera sizes for the presets
 and the node's default configuration: latency, peak memory, and the share spent in the scan.
+
+``s4fusion-bench train`` times whole training steps (forward, loss, backward, optimizer) of each
+preset at its shipped weights' training settings, with the numba scan and its backward kernel
+against the chunked PyTorch scan under autograd (the trainer's path before the kernel), steps
+alternating in one process.
 """
 
 import argparse
@@ -30,6 +35,7 @@ from s4fusion_ros.model.scan import (mamba_scan_fn, numba_cross_scan_fn, numba_s
 NUMBA_MAX_NS = 1.0
 CHUNKED_VS_LOOP = 3.0
 CHUNKED_VS_REF = 8.0
+TRAIN_NUMBA_VS_TORCH = 3.0  # a training step with the numba backward against the chunked scan
 AUTHORS_CPU_MAX_S = 3.0  # authors preset, 640x480, CPU
 NODE_CPU_MIN_FPS = 1.0  # the node's CPU defaults, 640x480
 GPU_MIN_FPS = 30.0  # 640x512, fp16, CUDA with mamba-ssm's kernel
@@ -332,6 +338,89 @@ def report_model_targets(results, device, half, backend, node_preset, node_size)
               f'`python -c "import mamba_ssm"`)')
 
 
+class SyntheticPairs:
+    """Random smooth IR/VI crops with the dataset interface the trainer draws batches from.
+
+    Timing needs no real images: the step's work depends on the batch and crop only.
+    """
+
+    def __init__(self, crop, min_gain, dataset_balance):
+        self.crop, self.min_gain, self.dataset_balance = crop, min_gain, dataset_balance
+        self.pairs = ()
+
+    def sample_batch(self, batch_size, rng):
+        """Two float32 (B, 1, crop, crop) tensors in [0, 1]: noise blurred to image-like edges."""
+        noise = torch.from_numpy(rng.random((2 * batch_size, 1, self.crop, self.crop),
+                                            dtype='float32'))
+        smooth = torch.nn.functional.avg_pool2d(noise, 5, stride=1, padding=2)
+        return smooth[:batch_size], smooth[batch_size:]
+
+
+def shipped_training(preset):
+    """The training record of a preset's shipped weights (batch, crop, loss, ...)."""
+    from s4fusion_ros.model.checkpoint import read_config, shipped_weights
+
+    meta, _ = read_config(shipped_weights(preset))
+    return meta['training']
+
+
+def bench_train(args):
+    """Time training steps of each preset, numba backward against the chunked PyTorch scan."""
+    import tempfile
+
+    from s4fusion_ros.training.loss import S4FusionLoss
+    from s4fusion_ros.training.trainer import Trainer, TrainSettings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = ('torch', 'numba') if numba_scan_fn() is not None else ('torch',)
+    print(f'S4Fusion training steps on the CPU (forward, loss, backward, AdamW), each preset at '
+          f'its shipped weights\' batch, crop and loss; random weights and image-like random '
+          f'crops; {torch.get_num_threads()} threads; median of {args.repeats} steps per scan '
+          f'after a warm-up, the scans alternating step by step; {load_note()}')
+    print(f'{"preset":<9}{"batch":>6}{"crop":>6}{"torch s/step":>14}{"numba s/step":>14}'
+          f'{"speed-up":>10}{"steps/s":>9}{"Mpixel/s":>10}')
+    speedups = {}
+    with tempfile.TemporaryDirectory() as out_dir:
+        for preset in args.presets:
+            record = shipped_training(preset)
+            batch = args.batch_size or record['batch_size']
+            crop = args.crop or record['crop']
+            loss_config = record['loss']
+            settings = TrainSettings(steps=1000, batch_size=batch, crop=crop,
+                                     min_gain=record['min_gain'],
+                                     dataset_balance=record['dataset_balance'], lr=record['lr'])
+            trainers = {}
+            for backend in backends:
+                loss = S4FusionLoss(loss_config['ssim_weight'], loss_config['l1_weight'],
+                                    loss_config['grad_weight'],
+                                    max_intensity_weight=loss_config['max_intensity_weight'])
+                dataset = SyntheticPairs(crop, settings.min_gain, settings.dataset_balance)
+                trainers[backend] = Trainer(S4FusionConfig.preset(preset), dataset, loss,
+                                            out_dir, settings)
+                trainers[backend].model.set_scan_backend(backend)
+                trainers[backend].train_step()  # warm-up: kernels load, buffers grow
+            times = {backend: [] for backend in backends}
+            for _ in range(args.repeats):
+                for backend in backends:
+                    times[backend].append(trainers[backend].train_step()['seconds'])
+            seconds = {b: statistics.median(t) for b, t in times.items()}
+            fast = seconds[backends[-1]]
+            speedups[preset] = seconds['torch'] / fast
+            numba_column = f'{seconds["numba"]:>14.3f}' if 'numba' in seconds else f'{"n/a":>14}'
+            print(f'{preset:<9}{batch:>6}{crop:>6}{seconds["torch"]:>14.3f}{numba_column}'
+                  f'{speedups[preset]:>9.1f}x{1 / fast:>9.2f}'
+                  f'{batch * crop * crop / fast / 1e6:>10.3f}')
+    print('steps/s and Mpixel/s (crop pixels of the batch per second) for the fastest scan.')
+    if 'numba' in backends:
+        for preset, speedup in speedups.items():
+            print(f'{preset}: training step {speedup:.1f}x faster with the numba backward (target '
+                  f'>= {TRAIN_NUMBA_VS_TORCH:g}x): '
+                  f'{"met" if speedup >= TRAIN_NUMBA_VS_TORCH else "NOT met"}')
+    else:
+        print('numba: not installed, so training runs the chunked PyTorch scan')
+
+
 def build_parser():
     """The ``s4fusion-bench`` command line, one subcommand per benchmark."""
     parser = argparse.ArgumentParser(prog='s4fusion-bench', description=__doc__.splitlines()[0])
@@ -364,6 +453,19 @@ def build_parser():
                        default='auto', help='force one scan backend (auto: what the node runs)')
     model.add_argument('--repeats', type=int, default=5)
     model.set_defaults(func=bench_model)
+
+    train = commands.add_parser('train', help='training steps, numba backward against the '
+                                              'chunked PyTorch scan')
+    train.add_argument('--presets', nargs='+', default=['compact', 'authors'],
+                       choices=sorted(S4FusionConfig.presets()))
+    train.add_argument('--batch-size', type=int, default=0,
+                       help='batch (default: the shipped weights\' training batch)')
+    train.add_argument('--crop', type=int, default=0,
+                       help='crop side, 12k + 1 (default: the shipped weights\' training crop)')
+    train.add_argument('--threads', type=int, default=0,
+                       help='threads for torch and numba (default: torch\'s)')
+    train.add_argument('--repeats', type=int, default=3)
+    train.set_defaults(func=bench_train)
     return parser
 
 
