@@ -4,10 +4,11 @@
 
 Backends: 'mamba' (mamba-ssm's CUDA kernel, the optional extra ``[gpu]``), 'numba' (the CPU
 kernels in scan_numba, with a backward kernel behind autograd for training) and 'torch' (the
-chunked PyTorch scan below, differentiable by autograd; the fallback without numba). ``selective_scan_sequential`` is the plain loop the tests
-take as truth (float64 by default); ``selective_scan_ref`` follows mamba-ssm's reference of the
-same name and is kept for the benchmark. ``cross_selective_scan`` is SS2D's whole four-direction
-scan in one numba kernel, the model's CPU inference path.
+chunked PyTorch scan below, differentiable by autograd; the fallback without numba).
+``selective_scan_sequential`` is the plain loop the tests take as truth (float64 by default);
+``selective_scan_ref`` follows mamba-ssm's reference of the same name and is kept for the
+benchmark. ``cross_selective_scan`` is SS2D's whole four-direction scan in one numba kernel, the
+model's CPU inference path.
 """
 
 import functools
