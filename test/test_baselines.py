@@ -11,6 +11,7 @@ import torch
 from s4fusion_ros.evaluation import baselines as B
 from s4fusion_ros.evaluation import metrics as M
 from s4fusion_ros.evaluation import seafusion as S
+from s4fusion_ros.model.pyramid import pyr_down, pyr_up
 
 from test_metrics import ALL_TNO, read_gray, read_reference, REFERENCE_METRICS, TNO_IMAGES
 
@@ -48,6 +49,18 @@ def test_average_and_max_values(rng_pair):
     a, b = ir.astype(np.float32) / 255, vi.astype(np.float32) / 255
     np.testing.assert_allclose(B.fuse_average(ir, vi), (a + b) / 2, atol=1e-7)
     np.testing.assert_array_equal(B.fuse_max(ir, vi), np.maximum(a, b))
+
+
+@pytest.mark.parametrize('shape', [(45, 61), (480, 640), (37, 50)])
+def test_torch_pyramid_steps_equal_opencv(shape):
+    """The pyramid (model.pyramid, also the network's base) is OpenCV's pyrDown / pyrUp."""
+    image = np.random.default_rng(2).random(shape, dtype=np.float32)
+    tensor = torch.from_numpy(image)[None, None]
+    down = pyr_down(tensor)
+    np.testing.assert_allclose(down[0, 0].numpy(), cv2.pyrDown(image), atol=1e-6)
+    up = pyr_up(down, shape)
+    np.testing.assert_allclose(up[0, 0].numpy(),
+                               cv2.pyrUp(cv2.pyrDown(image), dstsize=shape[::-1]), atol=1e-6)
 
 
 def test_laplacian_reconstructs_identical_inputs(rng_pair):

@@ -221,6 +221,16 @@ def test_report_shows_a_paired_table_per_configuration_of_ours():
     assert '**Paired over the pairs:**' in text
     assert '| ours vs | ' + ' | '.join(metrics.METRICS) + ' | W / L / ~ |' in text
     assert '| rival | W 100% |' in text and '| 11 / 1 / 0 |' in text
+    assert '## d (3 pairs)\n' in text
+
+
+def test_report_marks_the_validation_split():
+    methods = [report.MethodScores('ours', True, scores([2.0, 3.0])),
+               report.MethodScores('rival', False, scores([1.0, 2.0]))]
+    context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
+    text = report.render([report.DatasetScores('val', pair_names(2), methods, validation=True)],
+                         context)
+    assert '## val (2 pairs, validation split)\n' in text
 
 
 def test_shipped_configurations_are_skipped_when_their_weights_are_missing(tmp_path):

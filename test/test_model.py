@@ -11,6 +11,7 @@ from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.blocks import (cross_merge, cross_scan, deinterleave, interleave,
                                        PatchExpand, PatchMerging, SS2D)
 from s4fusion_ros.model.fusion import CMSALayer, FusionBlock
+from s4fusion_ros.model.pyramid import laplacian_fuse
 from s4fusion_ros.model.scan import numba_cross_scan_fn
 
 
@@ -362,6 +363,21 @@ def test_config_round_trip_and_presets():
         S4FusionConfig(dims=(16, 24, 64))
     with pytest.raises(ValueError, match='one entry per level'):
         S4FusionConfig(encoder_depths=(1, 2))
+
+
+def test_laplacian_base_starts_as_the_pyramid_and_learns_a_correction():
+    model = compact(base='laplacian')
+    config = model.config
+    ir, vi = pair(37, 50)
+    with torch.no_grad():
+        assert torch.equal(model(ir, vi), laplacian_fuse(ir, vi))
+    model(ir, vi).square().mean().backward()
+    # The zeroed last layer still gets gradients, so training moves the output off the base.
+    assert model.head.conv.weight.grad.abs().sum() > 0
+    assert S4FusionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.preset_name() is None
+    with pytest.raises(ValueError, match='base must be one of'):
+        S4FusionConfig(base='wavelet')
 
 
 def test_device_and_dtype_are_honoured():

@@ -20,7 +20,8 @@ from s4fusion_ros.model import S4FusionConfig
 from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
                                    ivif_splits, load_exported, pairs_in_folder)
-from s4fusion_ros.training.data import roadscene_test67_names
+from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, m3svd_clip,
+                                        read_pair_images, roadscene_test67_names)
 from s4fusion_ros.training.trainer import lr_factor
 
 
@@ -105,17 +106,43 @@ def pair_folder(tmp_path, ivif_dir):
 # --- data ---------------------------------------------------------------------------------------
 
 def test_split_sizes(splits):
-    assert len(splits.train) == 154 + 4
+    # RoadScene, MSRS train split, 7 M3SVD frame clips of 10, every 10th of 1913 video frames
+    assert len(splits.train) == 154 + 4 + 70 + 193
     assert {k: len(v) for k, v in splits.tests.items()} == {
         'roadscene67': 67, 'tno42': 42, 'msrs22': 22}
+    assert {k: len(v) for k, v in splits.validation.items()} == {'m3svd_val': 20}
     msrs_train = {p.name for p in splits.train if p.label.startswith('msrs/')}
     assert msrs_train == {'00556D.png', '00633D.png', '00881N.png', '01023N.png'}
     assert {'00537D.png', '00858N.png'} <= {p.name for p in splits.tests['msrs22']}
 
 
+def test_m3svd_is_split_by_clip(splits):
+    """Whole clips train or validate, never frames of one clip on both sides."""
+    train_clips = {m3svd_clip(p) for p in splits.train if p.dataset.parent.name == 'm3svd'}
+    val_clips = {m3svd_clip(p) for p in splits.validation['m3svd_val']}
+    assert val_clips == set(M3SVD_VALIDATION_CLIPS) and len(val_clips) >= 2
+    assert not train_clips & val_clips
+    assert len(train_clips) == 7 + 4  # 0111_1716 is a frame clip and a video
+    videos = [p for p in splits.train if p.frame is not None]
+    assert {p.frame for p in videos} == set(range(0, 590, VIDEO_FRAME_STEP))
+
+
+def test_video_frames_read_as_the_video_decodes_them(splits):
+    pair = next(p for p in splits.train if p.frame == 20)
+    (ir, vi), = read_pair_images([pair])
+    capture = cv2.VideoCapture(str(pair.vi_path))
+    for _ in range(pair.frame + 1):
+        ok, frame = capture.read()
+    capture.release()
+    assert ok and ir.shape == vi.shape == (480, 640)
+    np.testing.assert_array_equal(vi, cv2.cvtColor(frame, cv2.COLOR_BGR2YCrCb)[:, :, 0])
+    assert ir.dtype == vi.dtype == np.uint8 and ir.std() > 5
+
+
 def test_no_overlap_between_training_and_tests_by_name_and_pixels(splits, ivif_dir):
     train_labels = {p.label for p in splits.train}
-    for pairs in splits.tests.values():
+    held_out = [*splits.tests.values(), *splits.validation.values()]
+    for pairs in held_out:
         assert not train_labels & {p.label for p in pairs}
     # Five S4Fusion test names (FLIR_*) are FLIR_video_* files here; the CSV maps them.
     train_names = {p.name for p in splits.train}
@@ -125,13 +152,12 @@ def test_no_overlap_between_training_and_tests_by_name_and_pixels(splits, ivif_d
     assert 'FLIR_video_04215.jpg' in train_names
 
     def hashes(pairs):
-        images = (cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-                  for p in pairs for path in (p.ir_path, p.vi_path))
+        images = (image for pair in read_pair_images(pairs) for image in pair)
         return {hashlib.sha256(im.tobytes() + str(im.shape).encode()).hexdigest() for im in images}
 
     train = hashes(splits.train)
     assert len(train) == 2 * len(splits.train)
-    for pairs in splits.tests.values():
+    for pairs in held_out:
         assert not train & hashes(pairs)
 
 

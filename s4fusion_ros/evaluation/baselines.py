@@ -5,8 +5,10 @@ two gray (H, W) images, uint8 or float in [0, 1], and returns float32 (H, W) in 
 Multiply by 255 for `metrics` (0-255 scale).
 """
 
-import cv2
 import numpy as np
+import torch
+
+from ..model.pyramid import LEVELS, laplacian_fuse
 
 
 def _as_unit_pair(ir, vi):
@@ -34,27 +36,13 @@ def fuse_max(ir, vi):
     return np.maximum(a, b)
 
 
-def _laplacian_pyramid(img, levels):
-    """[L_0, ..., L_{levels-1}, G_levels]: band-pass details, then the low-pass base."""
-    pyramid = []
-    for _ in range(levels):
-        down = cv2.pyrDown(img)
-        pyramid.append(img - cv2.pyrUp(down, dstsize=img.shape[::-1]))
-        img = down
-    pyramid.append(img)
-    return pyramid
-
-
-def fuse_laplacian(ir, vi, levels=4):
+def fuse_laplacian(ir, vi, levels=LEVELS):
     """Laplacian-pyramid fusion: max-abs selection on the detail levels, mean of the bases.
 
-    ``levels`` is capped so that the base keeps at least 8 pixels on its short side.
+    The same function (``model.pyramid.laplacian_fuse``) is the base the CPU default network
+    refines. ``levels`` is capped so that the base keeps at least 8 pixels on its short side.
     """
     a, b = _as_unit_pair(ir, vi)
-    levels = max(0, min(levels, int(np.log2(min(a.shape) / 8.0))))
-    pa, pb = _laplacian_pyramid(a, levels), _laplacian_pyramid(b, levels)
-    fused = (pa[-1] + pb[-1]) / 2.0
-    for la, lb in zip(reversed(pa[:-1]), reversed(pb[:-1])):
-        detail = np.where(np.abs(la) >= np.abs(lb), la, lb)
-        fused = cv2.pyrUp(fused, dstsize=detail.shape[::-1]) + detail
-    return np.clip(fused, 0.0, 1.0)
+    fused = laplacian_fuse(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
+                           levels)
+    return fused[0, 0].clamp_(0.0, 1.0).numpy()

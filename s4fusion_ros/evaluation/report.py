@@ -74,11 +74,12 @@ class MethodScores:
 
 @dataclasses.dataclass
 class DatasetScores:
-    """Every method's scores on one test split."""
+    """Every method's scores on one split."""
 
     name: str
     pair_names: tuple  # the pairs' file names, in the order of every method's scores
     methods: list
+    validation: bool = False  # a split that weights and settings were chosen on
 
     @property
     def pairs(self) -> int:
@@ -307,7 +308,8 @@ def render(datasets: list, context: ReportContext) -> str:
     lines += ['', '## Conventions', '', CONVENTIONS, '']
     for dataset in datasets:
         plural = '' if dataset.pairs == 1 else 's'
-        lines += [f'## {dataset.name} ({dataset.pairs} pair{plural})', '',
+        role = ', validation split' if dataset.validation else ''
+        lines += [f'## {dataset.name} ({dataset.pairs} pair{plural}{role})', '',
                   *metric_table(dataset), '', '**Wins:**', '', *wins_lines(dataset), '']
         if any(m.ours for m in dataset.methods) and any(not m.ours for m in dataset.methods):
             lines += [PAIRED_INTRO.format(resamples=f'{BOOTSTRAP_RESAMPLES:,}'), '',

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from .blocks import PatchEmbed, SS2D, VSSLayer
 from .fusion import CMSALayer
+from .pyramid import laplacian_fuse
 from .scan import BACKENDS
+
+BASES = ('none', 'laplacian')
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,11 @@ class S4FusionConfig:
     never uses it, so with ``False`` (default) that layer is neither built nor run and the output
     is exactly the authors'; ``True`` builds it and adds it to the decoder output before the
     head, the U-Net reading of the paper's figure (a variant that needs its own training).
+
+    ``base``: 'none' (the authors') outputs the head's image; 'laplacian' adds the head's output
+    to the 4-level Laplacian-pyramid fusion of the inputs (``pyramid.laplacian_fuse``), so the
+    network learns a correction of a classical fusion, starting from it (the head's last layer
+    starts at zero).
     """
 
     dims: tuple = (48, 96, 192)
@@ -33,6 +41,7 @@ class S4FusionConfig:
     patch_size: int = 4
     patch_stride: int = 3
     fuse_level0: bool = False
+    base: str = 'none'
 
     def __post_init__(self):
         """Store sequences as tuples (hashable, JSON lists accepted) and check consistency."""
@@ -47,6 +56,8 @@ class S4FusionConfig:
             raise ValueError(f'dims must double per level from a multiple of 4, got {self.dims}')
         if self.patch_size < self.patch_stride:
             raise ValueError('patch_size < patch_stride would leave pixels no patch covers')
+        if self.base not in BASES:
+            raise ValueError(f'base must be one of {BASES}, got {self.base!r}')
 
     @classmethod
     def presets(cls):
@@ -160,6 +171,10 @@ class S4Fusion(nn.Module):
             for i, (dim, depth) in enumerate(zip(c.dims[::-1], c.decoder_depths)))
         self.head = FoldHead(c.dims[0], c.patch_size, c.patch_stride, **kw)
         self.apply(self._init_weights)
+        if c.base != 'none':
+            # The network starts as its base and learns a correction of it.
+            nn.init.zeros_(self.head.conv.weight)
+            nn.init.zeros_(self.head.conv.bias)
 
     @staticmethod
     def _init_weights(module):
@@ -200,6 +215,7 @@ class S4Fusion(nn.Module):
             raise ValueError(f'expected IR and VI of one shape (B, 1, H, W), got '
                              f'{tuple(ir.shape)} and {tuple(vi.shape)}')
         height, width = ir.shape[2:]
+        base = laplacian_fuse(ir, vi) if self.config.base == 'laplacian' else None
         left, right, top, bottom = pad = self.config.padding(height, width)
         ir, vi = F.pad(ir, pad), F.pad(vi, pad)
         ir, vi = self.patch_embed_ir(ir), self.patch_embed_vi(vi)  # (B, h, w, C0)
@@ -218,7 +234,8 @@ class S4Fusion(nn.Module):
                 x = x + fused[level]
 
         x = self.head(x, (top + height + bottom, left + width + right))
-        return x[..., top:top + height, left:left + width]
+        x = x[..., top:top + height, left:left + width]
+        return x if base is None else x + base
 
     def infer(self, ir, vi, amp_dtype=None):
         """Fuse for inference: no autograd, inputs moved to the model's device and dtype.

@@ -35,7 +35,7 @@ from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
-from ..training.data import Pair, ivif_splits
+from ..training.data import M3SVD_VALIDATION_CLIPS, Pair, ivif_splits
 from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
 from .train import default_data_dir
 
@@ -184,9 +184,11 @@ def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.nd
     return source.thermal, vi_y
 
 
-def evaluate_dataset(name: str, pairs: list, methods: list,
-                     examples: dict) -> report.DatasetScores:
-    """Score every applicable method on every pair; the first pair's ours images go to examples."""
+def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
+                     validation: bool = False) -> report.DatasetScores:
+    """Score every applicable method on every pair; the first pair's ours images go to examples.
+
+    ``validation`` marks a split that weights and settings are chosen on."""
     present = [m for m in methods if m.available(pairs[0])]
     scores = {m.name: report.MethodScores(m.name, m.ours, seconds=None if m.stored else 0.0)
               for m in present}
@@ -204,7 +206,8 @@ def evaluate_dataset(name: str, pairs: list, methods: list,
                 entry.seconds += images.seconds
             if index == 0 and method.ours and name not in examples:
                 examples[name] = (source, images)
-    return report.DatasetScores(name, tuple(pair.name for pair in pairs), list(scores.values()))
+    return report.DatasetScores(name, tuple(pair.name for pair in pairs), list(scores.values()),
+                                validation)
 
 
 def display_path(path: pathlib.Path) -> str:
@@ -245,9 +248,13 @@ def environment() -> str:
 
 def data_notes(args: argparse.Namespace, datasets: list) -> list:
     """Factual notes on the data and the peers."""
+    validation = ', '.join(M3SVD_VALIDATION_CLIPS)
     notes = ["Splits (training/data.py `ivif_splits`): roadscene67 = S4Fusion's 67 RoadScene "
-             'test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS test-split pairs. '
-             'Provenance of the data: shared/data/ivif/SOURCES.md.',
+             'test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS test-split pairs; '
+             f'm3svd_val = the validation split, the 20 frame pairs of the M3SVD clips '
+             f'{validation} (no frame of these clips trains; weights and training settings are '
+             'chosen on this split, not on the test sets). Provenance of the data: the README '
+             '("Data").',
              "SeAFusion runs with its authors' published weights, and its luminance is quantized "
              'their way (min-max stretch, then truncation: `seafusion.published_uint8`).',
              'DenseFuse rows are the outputs stored with the TNO data (Linfeng-Tang/'
@@ -300,8 +307,10 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
                         help='the shared ivif folder (default: %(default)s)')
-    parser.add_argument('--datasets', type=_names, default=['roadscene67', 'tno42', 'msrs22'],
-                        help='comma-separated test splits (default: roadscene67,tno42,msrs22)')
+    parser.add_argument('--datasets', type=_names,
+                        default=['roadscene67', 'tno42', 'msrs22', 'm3svd_val'],
+                        help='comma-separated splits (default: the three test splits and the '
+                             'validation split, %(default)s)'),
     parser.add_argument('--limit', type=int, default=0,
                         help='evaluate only the first N pairs of each split (0 = all)')
     parser.add_argument('--methods', type=_names, default=list(METHODS),
@@ -333,7 +342,8 @@ def _names(text: str) -> list:
 
 def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
-    splits = ivif_splits(args.data).tests
+    ivif = ivif_splits(args.data)
+    splits = {**ivif.tests, **ivif.validation}
     missing = sorted(set(args.datasets) - set(splits))
     if missing:
         raise ValueError(f'unknown datasets {missing}: choose from {", ".join(splits)}')
@@ -345,7 +355,8 @@ def run(args: argparse.Namespace, argv: list) -> list:
         pairs = list(splits[name][:args.limit or None])
         evaluated += pairs
         started = time.monotonic()
-        datasets.append(evaluate_dataset(name, pairs, methods, examples))
+        datasets.append(evaluate_dataset(name, pairs, methods, examples,
+                                         validation=name in ivif.validation))
         print(f'{PROG}: {name}: {len(pairs)} pairs in {time.monotonic() - started:.0f} s',
               file=sys.stderr)
     grid = ''

@@ -7,6 +7,7 @@ Examples:
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import pathlib
 import signal
@@ -15,6 +16,7 @@ import sys
 import torch
 
 from ..model import S4FusionConfig
+from ..model.s4fusion import BASES
 from ..model.checkpoint import STORAGE_DTYPES
 from ..training.data import PairFolderDataset, ivif_splits, pairs_in_folder
 from ..training.loss import S4FusionLoss
@@ -36,6 +38,9 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--preset', choices=sorted(S4FusionConfig.presets()), default='compact',
                         help='network size')
+    parser.add_argument('--base', choices=BASES, default=None,
+                        help='what the network\'s output is added to (default: the preset\'s): '
+                             'none, or laplacian (a 4-level Laplacian-pyramid fusion)')
     parser.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
                         help='the shared ivif folder (trains on its training split), or any '
                              'folder with ir/ and vi/ pairs matched by file name (trains on all)')
@@ -103,8 +108,9 @@ def deviation_note(features, classifier, data_is_ivif):
     if classifier is None:
         notes.append('no classifier-entropy term (no ImageNet classifier available)')
     if data_is_ivif:
-        notes.append('data: RoadScene without S4Fusion\'s 67 test pairs plus 4 MSRS train pairs, '
-                     'not the authors\' training set')
+        notes.append('data: RoadScene without S4Fusion\'s 67 test pairs, 4 MSRS train pairs and '
+                     'the M3SVD clips outside the validation split, not the authors\' training '
+                     'set')
     return '; '.join(notes) + '.'
 
 
@@ -147,7 +153,10 @@ def main(argv=None):
     if args.pretrained_classifier is not None:
         classifier = load_exported(args.pretrained_classifier, device)
     dataset = PairFolderDataset(pairs, args.crop, args.min_gain, args.dataset_balance)
-    trainer = Trainer(S4FusionConfig.preset(args.preset), dataset,
+    config = S4FusionConfig.preset(args.preset)
+    if args.base is not None:
+        config = dataclasses.replace(config, base=args.base)
+    trainer = Trainer(config, dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,
                                    max_intensity_weight=args.max_intensity_weight), args.out,

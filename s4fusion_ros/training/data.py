@@ -1,4 +1,4 @@
-"""Infrared/visible training pairs: folder reading, random 12k+1 crops, and the ivif data splits.
+"""Infrared/visible training pairs: folder and video reading, random 12k+1 crops, the ivif splits.
 
 Images are fused on luminance: a colour image becomes the Y of YCrCb (Y = 0.299R + 0.587G +
 0.114B, OpenCV's weights), a gray image (also one stored as RGB with three equal channels, as TNO's
@@ -19,6 +19,11 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 # The pairs in ivif/msrs that belong to the MSRS train split (its SOURCES.md); the other 22 are
 # MSRS test-split images.
 MSRS_TRAIN_NAMES = ('00556D.png', '00633D.png', '00881N.png', '01023N.png')
+# M3SVD clips held out for choosing weights and settings (whole clips: consecutive frames are
+# near duplicates): a street at dusk with cars and pedestrians, a crowd at night.
+M3SVD_VALIDATION_CLIPS = ('0111_1753', '0115_1834')
+# Every n-th frame of the M3SVD videos trains; neighbouring frames add little but decode time.
+VIDEO_FRAME_STEP = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,7 @@ class Pair:
     name: str
     ir_path: pathlib.Path
     vi_path: pathlib.Path
+    frame: int = None  # None: image files; else the frame index in the videos at the paths
 
     @property
     def dataset(self):
@@ -42,9 +48,10 @@ class Pair:
 
 @dataclasses.dataclass(frozen=True)
 class IvifSplits:
-    """The training pairs and the named test splits built from the shared ivif folder."""
+    """The training pairs, the named validation and test splits built from the ivif folder."""
 
     train: tuple
+    validation: dict
     tests: dict
 
 
@@ -63,6 +70,69 @@ def _luminance(image, path):
     if image.ndim == 3 and image.shape[2] in (3, 4):
         return cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2YCrCb)[:, :, 0]
     raise ValueError(f'{path}: unsupported image shape {image.shape}')
+
+
+def _read_video_frames(path, indices):
+    """{index: (H, W) luminance} of the given frames of a video, decoded in one pass."""
+    capture = cv2.VideoCapture(str(path))
+    frames, index, last = {}, 0, max(indices)
+    try:
+        while index <= last:
+            ok, image = capture.read()
+            if not ok:
+                break
+            if index in indices:
+                frames[index] = _luminance(image, path)
+            index += 1
+    finally:
+        capture.release()
+    missing = sorted(set(indices) - set(frames))
+    if missing:
+        raise ValueError(f'{path}: frames {missing[:5]} not readable (the video has {index})')
+    return frames
+
+
+def read_pair_images(pairs):
+    """Each pair's (IR, VI) luminance in its own integer type; video frames in one pass per
+    video. The two images of a pair must have one size."""
+    wanted = collections.defaultdict(set)
+    for pair in pairs:
+        if pair.frame is not None:
+            wanted[pair.ir_path].add(pair.frame)
+            wanted[pair.vi_path].add(pair.frame)
+    frames = {path: _read_video_frames(path, indices) for path, indices in wanted.items()}
+    images = []
+    for pair in pairs:
+        if pair.frame is None:
+            ir, vi = _read_luminance(pair.ir_path), _read_luminance(pair.vi_path)
+        else:
+            ir, vi = frames[pair.ir_path][pair.frame], frames[pair.vi_path][pair.frame]
+        if ir.shape != vi.shape:
+            raise ValueError(f'{pair.label}: IR {ir.shape} and VI {vi.shape} differ in size')
+        images.append((ir, vi))
+    return images
+
+
+def video_pairs(folder, step=1):
+    """Every ``step``-th frame pair of the videos in ``folder/ir`` and ``folder/vi`` matched by
+    file name (synchronized clips of equal length), sorted by clip and frame."""
+    folder = pathlib.Path(folder)
+    pairs = []
+    for ir_path in sorted((folder / 'ir').glob('*.mp4')):
+        vi_path = folder / 'vi' / ir_path.name
+        if not vi_path.exists():
+            raise FileNotFoundError(f'{vi_path}: missing (the partner of {ir_path})')
+        counts = []
+        for path in (ir_path, vi_path):
+            capture = cv2.VideoCapture(str(path))
+            counts.append(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
+            capture.release()
+        if counts[0] != counts[1] or not counts[0]:
+            raise ValueError(f'{ir_path.name}: IR and VI videos have {counts[0]} and {counts[1]} '
+                             f'frames; expected synchronized clips of equal length')
+        pairs += [Pair(f'{ir_path.stem}_{i:04d}', ir_path, vi_path, i)
+                  for i in range(0, counts[0], step)]
+    return tuple(pairs)
 
 
 def _to_unit_float(image, path):
@@ -106,10 +176,19 @@ def roadscene_test67_names(root):
     return names
 
 
-def ivif_splits(root):
-    """Training pairs and test splits from the shared ivif data folder (layout in its SOURCES.md).
+def m3svd_clip(pair):
+    """The M3SVD clip a pair comes from: its video, or the ``<clip>`` of ``<clip>_<frame>.png``."""
+    return pair.ir_path.stem if pair.frame is not None else pair.name.rsplit('_', 1)[0]
 
-    train: RoadScene without S4Fusion's 67 test pairs (154) plus the four MSRS train-split pairs.
+
+def ivif_splits(root):
+    """Training, validation and test pairs from the ivif data folder (layout in the README).
+
+    train: RoadScene without S4Fusion's 67 test pairs (154), the four MSRS train-split pairs, the
+    M3SVD frame pairs of the clips not held out (70) and every ``VIDEO_FRAME_STEP``-th frame of
+    the M3SVD videos (193 of 1913).
+    validation: 'm3svd_val', the 20 frame pairs of ``M3SVD_VALIDATION_CLIPS`` (for choosing
+    weights and settings; no video clip is one of them).
     tests: 'roadscene67', 'tno42' and 'msrs22' (the 20 SuperFusion MSRS test pairs, 00537D and
     00858N).
     TNO and M3FD never enter training.
@@ -117,15 +196,23 @@ def ivif_splits(root):
     root = pathlib.Path(root)
     roadscene = pairs_in_folder(root / 'roadscene')
     msrs = pairs_in_folder(root / 'msrs')
+    m3svd_frames = pairs_in_folder(root / 'm3svd' / 'frames')
+    m3svd_videos = video_pairs(root / 'm3svd' / 'videos', VIDEO_FRAME_STEP)
+    if {m3svd_clip(p) for p in m3svd_videos} & set(M3SVD_VALIDATION_CLIPS):
+        raise ValueError('an M3SVD validation clip is also a video clip: it would train')
     test67 = set(roadscene_test67_names(root))
     tests = {
         'roadscene67': pairs_in_folder(root / 'roadscene', test67),
         'tno42': pairs_in_folder(root / 'tno'),
         'msrs22': tuple(p for p in msrs if p.name not in MSRS_TRAIN_NAMES),
     }
+    validation = {'m3svd_val': tuple(p for p in m3svd_frames
+                                     if m3svd_clip(p) in M3SVD_VALIDATION_CLIPS)}
     train = tuple(p for p in roadscene if p.name not in test67)
     train += pairs_in_folder(root / 'msrs', MSRS_TRAIN_NAMES)
-    return IvifSplits(train=train, tests=tests)
+    train += tuple(p for p in m3svd_frames if m3svd_clip(p) not in M3SVD_VALIDATION_CLIPS)
+    train += m3svd_videos
+    return IvifSplits(train=train, validation=validation, tests=tests)
 
 
 class PairFolderDataset(torch.utils.data.Dataset):
@@ -167,7 +254,7 @@ class PairFolderDataset(torch.utils.data.Dataset):
         self.min_gain = min_gain
         self.dataset_balance = dataset_balance
         self.pair_probabilities = self._pair_probabilities(self.pairs, dataset_balance)
-        self._images = [self._read(p) for p in self.pairs]
+        self._images = read_pair_images(self.pairs)
 
     @staticmethod
     def _pair_probabilities(pairs, balance):
@@ -176,13 +263,6 @@ class PairFolderDataset(torch.utils.data.Dataset):
         sizes = collections.Counter(datasets)
         weights = np.array([sizes[d] ** (1 - balance) / sizes[d] for d in datasets])
         return weights / weights.sum()
-
-    @staticmethod
-    def _read(pair):
-        ir, vi = _read_luminance(pair.ir_path), _read_luminance(pair.vi_path)
-        if ir.shape != vi.shape:
-            raise ValueError(f'{pair.name}: IR {ir.shape} and VI {vi.shape} differ in size')
-        return ir, vi
 
     def __len__(self):
         """Number of pairs."""

@@ -1,0 +1,67 @@
+"""Laplacian-pyramid fusion in PyTorch: the classical baseline and the base a network may refine.
+
+The pyramid follows OpenCV's pyrDown / pyrUp: the 5-tap binomial kernel [1, 4, 6, 4, 1] / 16 in
+each direction, mirrored borders (reflect-101), every second pixel kept, and zeros inserted then
+the kernel times 4 on the way up. It is written in torch rather than called from OpenCV so the same
+code runs inside a network, batched and on its device; the evaluation's baseline calls it too.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LEVELS = 4
+MIN_BASE_SIDE = 8  # the coarsest level keeps at least this many pixels on its short side
+
+
+def _binomial_kernel(dtype, device):
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=dtype, device=device) / 16
+    return torch.outer(taps, taps)[None, None]  # (1, 1, 5, 5)
+
+
+def pyr_down(x):
+    """Blur and halve: ``(B, 1, H, W) -> (B, 1, ceil(H / 2), ceil(W / 2))``."""
+    kernel = _binomial_kernel(x.dtype, x.device)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode='reflect'), kernel, stride=2)
+
+
+def pyr_up(x, size):
+    """Double and blur to ``size = (H, W)``, each within one pixel of twice x's size."""
+    batch, channels, height, width = x.shape
+    up = x.new_zeros(batch, channels, 2 * height, 2 * width)
+    up[..., ::2, ::2] = x
+    kernel = 4 * _binomial_kernel(x.dtype, x.device)
+    out = F.conv2d(F.pad(up, (2, 2, 2, 2), mode='reflect'), kernel)
+    return out[..., :size[0], :size[1]]
+
+
+def pyramid_levels(height, width, levels=LEVELS):
+    """How many detail levels fit: at most ``levels``, the base at least MIN_BASE_SIDE pixels."""
+    return max(0, min(levels, int(math.log2(min(height, width) / MIN_BASE_SIDE))))
+
+
+def laplacian_pyramid(x, levels):
+    """``[L_0, ..., L_{levels-1}, G_levels]``: band-pass details, then the low-pass base."""
+    pyramid = []
+    for _ in range(levels):
+        down = pyr_down(x)
+        pyramid.append(x - pyr_up(down, x.shape[-2:]))
+        x = down
+    pyramid.append(x)
+    return pyramid
+
+
+def laplacian_fuse(ir, vi, levels=LEVELS):
+    """Laplacian-pyramid fusion of ``(B, 1, H, W)`` images: the larger-magnitude detail of the two
+    at every level and pixel, the mean of the bases. Not clamped.
+
+    ``levels`` is capped by ``pyramid_levels``.
+    """
+    levels = pyramid_levels(*ir.shape[-2:], levels)
+    pyramid_ir, pyramid_vi = laplacian_pyramid(ir, levels), laplacian_pyramid(vi, levels)
+    fused = (pyramid_ir[-1] + pyramid_vi[-1]) / 2
+    for detail_ir, detail_vi in zip(reversed(pyramid_ir[:-1]), reversed(pyramid_vi[:-1])):
+        detail = torch.where(detail_ir.abs() >= detail_vi.abs(), detail_ir, detail_vi)
+        fused = pyr_up(fused, detail.shape[-2:]) + detail
+    return fused
