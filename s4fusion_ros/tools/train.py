@@ -12,13 +12,14 @@ import os
 import pathlib
 import signal
 import sys
+import time
 
 import torch
 
 from ..model import S4FusionConfig
 from ..model.s4fusion import BASES
 from ..model.checkpoint import STORAGE_DTYPES
-from ..training.data import PairFolderDataset, ivif_splits, pairs_in_folder
+from ..training.data import PairFolderDataset, training_pairs
 from ..training.loss import S4FusionLoss
 from ..training.trainer import Trainer, TrainSettings, load_exported, resolve_device
 
@@ -42,8 +43,9 @@ def build_parser():
                         help='what the network\'s output is added to (default: the preset\'s): '
                              'none, or laplacian (a 4-level Laplacian-pyramid fusion)')
     parser.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
-                        help='the shared ivif folder (trains on its training split), or any '
-                             'folder with ir/ and vi/ pairs matched by file name (trains on all)')
+                        help='the ivif folder (trains on its training split), a folder with ir/ '
+                             'and vi/ pairs matched by file name, or a folder of such folders '
+                             '(trains on all)')
     parser.add_argument('--out', type=pathlib.Path, required=True,
                         help='output folder: weights + JSON, train_state.pt, train_log.jsonl')
     parser.add_argument('--steps', type=int, default=defaults.steps, help='optimizer steps in all')
@@ -80,6 +82,9 @@ def build_parser():
                         help='continue the run in --out from its train_state.pt')
     parser.add_argument('--stop-at', type=int, default=None,
                         help='stop (with a checkpoint) after this step; resume later to go on')
+    parser.add_argument('--time-limit', type=float, default=None,
+                        help='stop (with a checkpoint) after the step that passes this many '
+                             'minutes of this session; resume later to go on')
     parser.add_argument('--checkpoint-every', type=int, default=200,
                         help='steps between checkpoints (state and weights)')
     parser.add_argument('--pretrained-features', type=pathlib.Path, default=None,
@@ -145,8 +150,8 @@ def main(argv=None):
                              min_gain=args.min_gain, dataset_balance=args.dataset_balance,
                              lr=args.lr, warmup_steps=args.warmup,
                              seed=args.seed)
-    data_is_ivif = not (args.data / 'ir').is_dir()
-    pairs = ivif_splits(args.data).train if data_is_ivif else pairs_in_folder(args.data)
+    data_is_ivif = (args.data / 'roadscene').is_dir()
+    pairs = training_pairs(args.data)
     features = classifier = None
     if args.pretrained_features is not None:
         features = load_exported(args.pretrained_features, device)
@@ -165,13 +170,19 @@ def main(argv=None):
                       weights_dtype=STORAGE_DTYPES[args.weights_dtype])
     if args.resume:
         trainer.resume()
+    target = min(settings.steps, args.stop_at or settings.steps)
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, {len(pairs)} pairs, '
-          f'{device.type}, steps {trainer.step} -> {args.stop_at or settings.steps}',
-          file=sys.stderr)
+          f'{device.type}, steps {trainer.step} -> {target}', file=sys.stderr)
+    deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
     with graceful_stop() as stop_requested:
         trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
-                    progress=not args.no_progress, should_stop=stop_requested)
+                    progress=not args.no_progress,
+                    should_stop=lambda: bool(stop_requested()) or (
+                        deadline is not None and time.monotonic() > deadline))
     print(f'weights: {trainer.weights_path}', file=sys.stderr)
+    if trainer.step < target and not stop_requested():
+        print(f'time limit reached after step {trainer.step}; continue with the same arguments '
+              f'and --resume', file=sys.stderr)
     if stop_requested():
         print(f'stopped by {stop_requested()} after step {trainer.step} with a checkpoint; '
               f'continue with the same arguments and --resume', file=sys.stderr)

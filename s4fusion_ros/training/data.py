@@ -176,6 +176,22 @@ def roadscene_test67_names(root):
     return names
 
 
+def training_pairs(folder):
+    """The pairs to train on in ``folder``: its ir/ and vi/ pairs; the training split where it is
+    the ivif layout (README, "Data"); else the pairs of every subfolder holding ir/ and vi/ (one
+    dataset each, as ``dataset_balance`` counts them)."""
+    folder = pathlib.Path(folder)
+    if (folder / 'ir').is_dir():
+        return pairs_in_folder(folder)
+    if (folder / 'roadscene').is_dir():
+        return ivif_splits(folder).train
+    datasets = sorted(p for p in folder.glob('*') if (p / 'ir').is_dir())
+    if not datasets:
+        raise FileNotFoundError(f'{folder}: no ir/ and vi/ pairs, no ivif layout and no '
+                                f'subfolders with ir/ and vi/')
+    return tuple(pair for dataset in datasets for pair in pairs_in_folder(dataset))
+
+
 def m3svd_clip(pair):
     """The M3SVD clip a pair comes from: its video, or the ``<clip>`` of ``<clip>_<frame>.png``."""
     return pair.ir_path.stem if pair.frame is not None else pair.name.rsplit('_', 1)[0]

@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Turn one lent GPU call into trained weights: build mamba-ssm, check it, train, pack the runs.
+
+Three steps, each a subcommand:
+
+  pack-data   (here)      the training split of an ivif data folder as luminance images in one
+                          folder per dataset (small enough to travel with a device call)
+  train       (device)    optionally build mamba-ssm from a carried sdist for this GPU only and
+                          check its scan against the project's in seconds (else the fastest scan
+                          there is), then train each recipe within the time budget, resuming a
+                          run found in --runs, and pack checkpoints and logs under --out
+  unpack      (here)      put what a call brought back into --runs for the next call
+
+Runs are resumable across calls: a recipe's train_state.pt continues (`s4fusion-train --resume`);
+the packed parts are at most 15 MB each so that they come back from a device call.
+Usage (README, "Training on a lent GPU"):
+  python3 scripts/gpu_train.py pack-data --data IVIF_DIR --to .gpu/data
+  python3 scripts/gpu_train.py train --data .gpu/data --runs .gpu/runs --out "$OUT" --minutes 8.5
+  python3 scripts/gpu_train.py unpack FOLDER_BROUGHT_BACK --runs .gpu/runs
+"""
+
+import argparse
+import io
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PART_BYTES = 15 * 2**20  # device calls bring back files of at most 16 MiB
+PART_PREFIX = 'runs.tar.part-'
+SUMMARY = 'gpu_train_summary.json'
+# What each call trains, in order, and its share of the time left for training. authors: the
+# GPU schedule of the shipped authors weights with the M3SVD data; compact: the CPU default.
+RECIPES = {
+    'authors': (0.6, ['--preset', 'authors', '--steps', '1500', '--batch-size', '16',
+                      '--crop', '145', '--lr', '1e-3', '--grad-weight', '8',
+                      '--max-intensity-weight', '1', '--dataset-balance', '1',
+                      '--weights-dtype', 'int8']),
+    'compact': (0.4, ['--preset', 'compact', '--base', 'laplacian', '--steps', '3000',
+                      '--batch-size', '32', '--crop', '133', '--grad-weight', '8',
+                      '--dataset-balance', '1']),
+}
+
+
+def log(message):
+    print(f'[gpu_train {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+
+
+def pack_data(args):
+    """Write the training split's luminance as one folder per dataset: ``TO/<dataset>/{ir,vi}``.
+
+    Luminance only (what training reads) as JPEG at quality 95: PNG would take 77 MiB and the
+    files that travel with a device call are limited to 64 MiB; the validation and test pairs
+    stay behind.
+    """
+    sys.path.insert(0, str(REPO))
+    import cv2
+    from s4fusion_ros.training.data import read_pair_images, training_pairs
+
+    pairs = training_pairs(args.data)
+    for pair, images in zip(pairs, read_pair_images(pairs)):
+        name = pathlib.Path(pair.name).stem + '.jpg'
+        for side, image in zip(('ir', 'vi'), images):
+            folder = args.to / pair.dataset.name / side
+            folder.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                raise OSError(f'{folder / name}: cannot write')
+    size = sum(p.stat().st_size for p in args.to.rglob('*') if p.is_file())
+    log(f'{len(pairs)} training pairs in {args.to} ({size / 2**20:.1f} MiB)')
+
+
+def build_mamba(sdist, minutes):
+    """Build mamba-ssm from ``sdist`` for this GPU's architecture only, into a folder put on
+    PYTHONPATH; returns that folder, or None where there is no CUDA or the build fails.
+
+    Its setup.py compiles for every architecture from sm_75 on (about 3 minutes for one on 16
+    cores, many more for all), so the architecture list is cut down to this GPU's.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        log('no CUDA device: mamba-ssm is not built')
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    work = pathlib.Path('/tmp/mamba-build')
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with tarfile.open(sdist) as archive:
+        archive.extractall(work, filter='data')
+    (source,) = [p.parent for p in work.glob('*/setup.py')]
+    setup = source / 'setup.py'
+    text = setup.read_text()
+    arch = f'"-gencode", "arch=compute_{major}{minor},code=sm_{major}{minor}"'
+    # One cc_flag list for this GPU instead of the appended list for every architecture.
+    marker = 'cc_flag = []'
+    if marker not in text:
+        log(f'{setup}: no "{marker}" to patch; building for every architecture')
+    else:
+        text = text.replace(marker, f'cc_flag = [{arch}]\n    _all_archs = []', 1)
+        text = text.replace('cc_flag.append(', '_all_archs.append(')
+        setup.write_text(text)
+    target = pathlib.Path('/tmp/mamba-site')
+    env = {**os.environ, 'MAMBA_FORCE_BUILD': 'TRUE', 'MAX_JOBS': str(os.cpu_count() or 4)}
+    command = [sys.executable, '-m', 'pip', 'install', '--no-build-isolation', '--no-deps',
+               '--no-index', '--target', str(target), str(source)]
+    try:
+        subprocess.run(command, env=env, check=True, timeout=60 * minutes,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        tail = getattr(error, 'stderr', '') or ''
+        log(f'mamba-ssm build failed ({type(error).__name__}): {tail[-800:]}')
+        return None
+    return target
+
+
+def check_scan(site):
+    """Compare mamba-ssm's kernel with the chunked PyTorch scan on the GPU in a fresh process;
+    True when it is importable and agrees."""
+    code = (
+        'import torch; from s4fusion_ros.model.scan import selective_scan as s\n'
+        'g = torch.Generator(device="cuda").manual_seed(0)\n'
+        'u, d = (torch.randn(2, 64, 500, device="cuda", generator=g) for _ in range(2))\n'
+        'A = -torch.rand(64, 8, device="cuda") - 0.5\n'
+        'B, C = (torch.randn(2, 4, 8, 500, device="cuda", generator=g) for _ in range(2))\n'
+        'a = s(u, d, A, B, C, delta_softplus=True, backend="mamba")\n'
+        'b = s(u, d, A, B, C, delta_softplus=True, backend="torch")\n'
+        'err = ((a - b).abs().max() / b.abs().max()).item(); print(err); assert err < 1e-4\n')
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
+        str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
+    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    log(f'mamba-ssm scan check: {"passed" if result.returncode == 0 else "failed"} '
+        f'{(result.stdout + result.stderr).strip()[-300:]}')
+    return result.returncode == 0
+
+
+def train(args):
+    """Build and check mamba-ssm (optional), train the recipes in the budget, pack the runs."""
+    started = time.monotonic()
+    deadline = started + 60 * args.minutes
+    summary = {'recipes': {}, 'scan': 'chunked PyTorch scan (no mamba-ssm)'}
+    site = None
+    if args.mamba_sdist:
+        site = build_mamba(args.mamba_sdist, args.build_minutes)
+        if site is not None and check_scan(site):
+            summary['scan'] = "mamba-ssm's CUDA kernel"
+        else:
+            site = None
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
+        str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
+    args.runs.mkdir(parents=True, exist_ok=True)
+    recipes = list(args.recipes)
+    for index, name in enumerate(recipes):
+        share, recipe = RECIPES[name]
+        # This recipe's share of the training time still left, keeping a margin to pack.
+        left = deadline - time.monotonic() - 60 * args.pack_minutes
+        shares = sum(RECIPES[n][0] for n in recipes[index:])
+        minutes = max(0.0, left * share / shares / 60)
+        out = args.runs / name
+        command = [sys.executable, '-m', 's4fusion_ros.tools.train', *recipe, *args.extra,
+                   '--data', str(args.data), '--out', str(out), '--device', args.device,
+                   '--time-limit', f'{minutes:.3f}', '--no-progress', '--checkpoint-every',
+                   '100']
+        if (out / 'train_state.pt').exists():
+            command.append('--resume')
+        log(f'{name}: {minutes:.1f} min, {"resuming" if "--resume" in command else "new run"}')
+        if minutes <= 0:
+            summary['recipes'][name] = {'skipped': 'no time left'}
+            continue
+        begun = time.monotonic()
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        (out / 'train_stderr.log').parent.mkdir(parents=True, exist_ok=True)
+        (out / 'train_stderr.log').write_text(result.stderr)
+        summary['recipes'][name] = recipe_summary(out, result.returncode,
+                                                  time.monotonic() - begun)
+        log(f'{name}: {summary["recipes"][name]}')
+    summary['seconds'] = round(time.monotonic() - started, 1)
+    pack(args.runs, args.out, summary)
+
+
+def recipe_summary(out, returncode, seconds):
+    """Exit code, steps done and steps per second of a recipe's run in this call."""
+    steps = []
+    log_path = out / 'train_log.jsonl'
+    if log_path.exists():
+        steps = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    this_call = [s for s in steps if s.get('seconds')]
+    return {'returncode': returncode, 'step': steps[-1]['step'] if steps else 0,
+            'seconds': round(seconds, 1),
+            'steps_per_s': round(len(this_call) / max(sum(s['seconds'] for s in this_call), 1e-9),
+                                 3) if this_call else 0.0}
+
+
+def pack(runs, out, summary):
+    """``runs`` as a tar archive cut into parts of at most PART_BYTES under ``out``, and the
+    summary beside them (the parts are complete when the summary names them all)."""
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w') as archive:
+        archive.add(runs, arcname='runs')
+    data = buffer.getvalue()
+    names = []
+    for index, start in enumerate(range(0, len(data), PART_BYTES)):
+        names.append(f'{PART_PREFIX}{index:02d}')
+        (out / names[-1]).write_bytes(data[start:start + PART_BYTES])
+    summary['parts'] = names
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    log(f'packed {len(data) / 2**20:.1f} MiB of runs into {len(names)} part(s) under {out}')
+
+
+def unpack(args):
+    """Join the parts a call brought back and replace ``--runs`` with the runs in them."""
+    summary = json.loads((args.folder / SUMMARY).read_text())
+    parts = [args.folder / name for name in summary['parts']]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise SystemExit(f'{args.folder}: parts missing: {missing}')
+    data = b''.join(p.read_bytes() for p in parts)
+    staging = args.runs.with_name(args.runs.name + '.unpacking')
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        archive.extractall(staging, filter='data')
+    shutil.rmtree(args.runs, ignore_errors=True)
+    os.replace(staging / 'runs', args.runs)
+    staging.rmdir()
+    log(f'runs of that call in {args.runs}: {json.dumps(summary["recipes"])}')
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    commands = parser.add_subparsers(dest='command', required=True)
+    data = commands.add_parser('pack-data', help='the training pairs as luminance images')
+    data.add_argument('--data', type=pathlib.Path, required=True, help='ivif data folder')
+    data.add_argument('--to', type=pathlib.Path, required=True)
+    data.set_defaults(func=pack_data)
+    run = commands.add_parser('train', help='build, check, train, pack (on the device)')
+    run.add_argument('--data', type=pathlib.Path, required=True,
+                     help='a folder pack-data wrote (or any data s4fusion-train takes)')
+    run.add_argument('--runs', type=pathlib.Path, required=True,
+                     help='the runs so far (resumed where a train_state.pt exists)')
+    run.add_argument('--out', type=pathlib.Path, default=os.environ.get('OUT'),
+                     help='where the packed runs go (default: $OUT)')
+    run.add_argument('--minutes', type=float, default=8.5, help='the whole call\'s budget')
+    run.add_argument('--pack-minutes', type=float, default=0.5,
+                     help='kept free at the end for packing')
+    run.add_argument('--mamba-sdist', type=pathlib.Path, default=None,
+                     help='mamba-ssm source archive to build for this GPU (pip download '
+                          '--no-binary :all: --no-deps mamba-ssm==2.3.2.post1)')
+    run.add_argument('--build-minutes', type=float, default=4.0)
+    run.add_argument('--recipes', nargs='+', default=list(RECIPES), choices=list(RECIPES))
+    run.add_argument('--device', default='auto')
+    run.add_argument('extra', nargs='*', help='after --: more s4fusion-train arguments for '
+                                               'every recipe (later ones win)')
+    run.set_defaults(func=train)
+    back = commands.add_parser('unpack', help='the runs a call brought back, into --runs')
+    back.add_argument('folder', type=pathlib.Path, help='the folder holding the parts')
+    back.add_argument('--runs', type=pathlib.Path, required=True)
+    back.set_defaults(func=unpack)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == 'train' and args.out is None:
+        raise SystemExit('train: --out is needed where $OUT is not set')
+    args.func(args)
+
+
+if __name__ == '__main__':
+    main()

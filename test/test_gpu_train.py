@@ -1,0 +1,96 @@
+"""scripts/gpu_train.py as far as a CPU runs it: data packing, resumable training under a time
+budget, what a device call brings back under $OUT, and unpacking for the next call."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_train.py'
+
+
+def script(*args, env=None, check=True):
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture()
+def packed_data(tmp_path, ivif_dir):
+    """Two real MSRS pairs packed as the device call gets them."""
+    for side in ('ir', 'vi'):
+        (tmp_path / 'pairs' / side).mkdir(parents=True)
+        for name in ('00004N.png', '00055D.png'):
+            shutil.copy(ivif_dir / 'msrs' / side / name, tmp_path / 'pairs' / side / name)
+    script('pack-data', '--data', tmp_path / 'pairs', '--to', tmp_path / 'data')
+    return tmp_path / 'data'
+
+
+def test_pack_data_writes_luminance_per_dataset(packed_data, ivif_dir):
+    files = sorted(p.relative_to(packed_data).as_posix() for p in packed_data.rglob('*.jpg'))
+    assert files == ['pairs/ir/00004N.jpg', 'pairs/ir/00055D.jpg', 'pairs/vi/00004N.jpg',
+                     'pairs/vi/00055D.jpg']
+    visible = cv2.imread(str(packed_data / 'pairs' / 'vi' / '00055D.jpg'), cv2.IMREAD_UNCHANGED)
+    original = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / '00055D.png'))
+    expected = cv2.cvtColor(original, cv2.COLOR_BGR2YCrCb)[:, :, 0]
+    assert visible.shape == expected.shape  # one channel: the luminance
+    assert abs(visible.astype(float) - expected).mean() < 1.5  # JPEG at quality 95
+
+
+def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
+    tiny = ['--', '--steps', '4', '--batch-size', '1', '--crop', '25', '--threads', '1']
+    runs, out = tmp_path / 'runs', tmp_path / 'out'
+    first = script('train', '--data', packed_data, '--runs', runs, '--minutes', '5',
+                   '--recipes', 'compact', '--device', 'cpu', *tiny, '--stop-at', '2',
+                   env={'OUT': str(out)})
+    assert 'compact: ' in first.stderr and 'new run' in first.stderr
+    summary = json.loads((out / 'gpu_train_summary.json').read_text())
+    assert summary['recipes']['compact']['step'] == 2
+    assert summary['recipes']['compact']['steps_per_s'] > 0
+    assert summary['scan'].startswith('chunked PyTorch scan')
+    brought_back = sorted(p.name for p in out.iterdir())
+    assert brought_back == sorted(summary['parts'] + ['gpu_train_summary.json'])
+    assert len(brought_back) <= 8 and all(p.stat().st_size <= 15 * 2**20 for p in out.iterdir())
+
+    # The next call starts from what came back, not from the folder the last one trained in.
+    shutil.rmtree(runs)
+    script('unpack', out, '--runs', runs)
+    assert (runs / 'compact' / 'train_state.pt').exists()
+    out_again = tmp_path / 'out2'
+    second = script('train', '--data', packed_data, '--runs', runs, '--out', out_again,
+                    '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny)
+    assert 'resuming' in second.stderr
+    log = (runs / 'compact' / 'train_log.jsonl').read_text().splitlines()
+    assert [json.loads(line)['step'] for line in log] == [1, 2, 3, 4]
+    weights = json.loads((runs / 'compact' / 's4fusion_custom.json').read_text())
+    assert weights['config']['base'] == 'laplacian'
+    assert weights['training']['steps_done'] == 4
+
+
+def test_time_budget_and_arguments(tmp_path, packed_data):
+    # No time left for training: the recipe is skipped, and what there is still gets packed.
+    result = script('train', '--data', packed_data, '--runs', tmp_path / 'runs', '--out',
+                    tmp_path / 'out', '--minutes', '0.1', '--pack-minutes', '0.5', '--recipes',
+                    'compact', '--device', 'cpu')
+    summary = json.loads((tmp_path / 'out' / 'gpu_train_summary.json').read_text())
+    assert summary['recipes'] == {'compact': {'skipped': 'no time left'}}, result.stderr
+    env = {k: v for k, v in os.environ.items() if k != 'OUT'}
+    missing_out = subprocess.run([sys.executable, str(SCRIPT), 'train', '--data', packed_data,
+                                  '--runs', tmp_path / 'r'], capture_output=True, text=True,
+                                 env=env)
+    assert missing_out.returncode != 0 and '--out is needed' in missing_out.stderr
+    unknown = script('train', '--data', packed_data, '--runs', tmp_path / 'r', '--out',
+                     tmp_path / 'o', '--recipes', 'huge', check=False)
+    assert unknown.returncode == 2 and "invalid choice: 'huge'" in unknown.stderr
+    # A call whose parts did not all come back is not unpacked over the runs there are.
+    (tmp_path / 'out' / summary['parts'][0]).unlink()
+    incomplete = script('unpack', tmp_path / 'out', '--runs', tmp_path / 'r', check=False)
+    assert incomplete.returncode != 0 and 'parts missing' in incomplete.stderr
+    assert not (tmp_path / 'r').exists()
