@@ -254,8 +254,9 @@ def build_parser():
     run.add_argument('--build-minutes', type=float, default=4.0)
     run.add_argument('--recipes', nargs='+', default=list(RECIPES), choices=list(RECIPES))
     run.add_argument('--device', default='auto')
-    run.add_argument('extra', nargs='*', help='after --: more s4fusion-train arguments for '
-                                               'every recipe (later ones win)')
+    run.add_argument('extra', nargs='*',
+                     help='after --: more s4fusion-train arguments for every recipe (later '
+                          'ones win)')
     run.set_defaults(func=train)
     back = commands.add_parser('unpack', help='the runs a call brought back, into --runs')
     back.add_argument('folder', type=pathlib.Path, help='the folder holding the parts')
