@@ -168,7 +168,16 @@ def train(args):
                    '100']
         if (out / 'train_state.pt').exists():
             command.append('--resume')
-        log(f'{name}: {minutes:.1f} min, {"resuming" if "--resume" in command else "new run"}')
+        elif list(out.glob('s4fusion_*.safetensors')):
+            # Weights whose state stayed behind (too large to travel): a new run from them.
+            previous = out.with_name(out.name + '.previous')
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(out, previous)
+            (weights,) = previous.glob('s4fusion_*.safetensors')
+            command += ['--init-weights', str(weights)]
+        how = ('resuming' if '--resume' in command else
+               'from the last weights' if '--init-weights' in command else 'new run')
+        log(f'{name}: {minutes:.1f} min, {how}')
         if minutes <= 0:
             summary['recipes'][name] = {'skipped': 'no time left'}
             continue
@@ -225,6 +234,11 @@ def unpack(args):
     shutil.rmtree(staging, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         archive.extractall(staging, filter='data')
+    for state in staging.glob('runs/*/train_state.pt'):
+        if state.stat().st_size > args.max_state_mib * 2**20:
+            # It could not travel beside the data; the next call starts from the weights.
+            log(f'{state.parent.name}: state of {state.stat().st_size / 2**20:.0f} MiB left out')
+            state.unlink()
     shutil.rmtree(args.runs, ignore_errors=True)
     os.replace(staging / 'runs', args.runs)
     staging.rmdir()
@@ -261,6 +275,9 @@ def build_parser():
     back = commands.add_parser('unpack', help='the runs a call brought back, into --runs')
     back.add_argument('folder', type=pathlib.Path, help='the folder holding the parts')
     back.add_argument('--runs', type=pathlib.Path, required=True)
+    back.add_argument('--max-state-mib', type=float, default=20.0,
+                      help='leave out training states larger than this (they cannot travel '
+                           'beside the data); their runs continue from their weights')
     back.set_defaults(func=unpack)
     return parser
 
