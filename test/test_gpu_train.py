@@ -77,8 +77,8 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     script('unpack', out_again, '--runs', runs, '--max-state-mib', '0')
     assert not (runs / 'compact' / 'train_state.pt').exists()
     third = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / 'out3',
-                   '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', '--', '--steps', '1',
-                   '--batch-size', '1', '--crop', '25', '--threads', '1')
+                   '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', '--',
+                   '--steps', '1', '--batch-size', '1', '--crop', '25', '--threads', '1')
     assert 'from the last weights' in third.stderr
     continued = json.loads((runs / 'compact' / 's4fusion_custom.json').read_text())['training']
     assert continued['steps_done'] == 1
