@@ -370,7 +370,8 @@ def test_laplacian_base_starts_as_the_pyramid_and_learns_a_correction():
     config = model.config
     ir, vi = pair(37, 50)
     with torch.no_grad():
-        assert torch.equal(model(ir, vi), laplacian_fuse(ir, vi))
+        assert not torch.equal(model(ir, vi), laplacian_fuse(ir, vi))
+        assert torch.equal(model.start_at_base()(ir, vi), laplacian_fuse(ir, vi))
     model(ir, vi).square().mean().backward()
     # The zeroed last layer still gets gradients, so training moves the output off the base.
     assert model.head.conv.weight.grad.abs().sum() > 0
@@ -378,6 +379,8 @@ def test_laplacian_base_starts_as_the_pyramid_and_learns_a_correction():
     assert config.preset_name() is None
     with pytest.raises(ValueError, match='base must be one of'):
         S4FusionConfig(base='wavelet')
+    with pytest.raises(ValueError, match='needs a configuration with a base'):
+        compact().start_at_base()
 
 
 def test_device_and_dtype_are_honoured():

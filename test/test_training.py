@@ -17,6 +17,7 @@ from torch import nn
 
 from s4fusion_ros.model import load_checkpoint
 from s4fusion_ros.model import S4FusionConfig
+from s4fusion_ros.model.pyramid import laplacian_fuse
 from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
                                    ivif_splits, load_exported, pairs_in_folder)
@@ -436,6 +437,16 @@ def test_numba_backward_trains_as_the_chunked_scan_did(tmp_path, pair_folder):
     assert curves['numba'] == pytest.approx(curves['torch'], rel=1e-4)
     # Training moved: the curve is not flat, so the comparison is not of untrained outputs.
     assert curves['numba'][0] != pytest.approx(curves['numba'][-1], rel=1e-2)
+
+
+def test_a_run_from_scratch_with_a_base_starts_at_the_base(tmp_path, pair_folder):
+    settings = TrainSettings(steps=1, batch_size=1, crop=25)
+    dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
+    config = S4FusionConfig(**{**S4FusionConfig.preset('compact').to_dict(), 'base': 'laplacian'})
+    trainer = Trainer(config, dataset, S4FusionLoss(), tmp_path / 'run', settings)
+    ir, vi = dataset.sample_batch(2, np.random.default_rng(0))
+    with torch.no_grad():
+        assert torch.equal(trainer.model(ir, vi), laplacian_fuse(ir, vi))
 
 
 def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pair_folder):

@@ -26,8 +26,7 @@ class S4FusionConfig:
 
     ``base``: 'none' (the authors') outputs the head's image; 'laplacian' adds the head's output
     to the 4-level Laplacian-pyramid fusion of the inputs (``pyramid.laplacian_fuse``), so the
-    network learns a correction of a classical fusion, starting from it (the head's last layer
-    starts at zero).
+    network learns a correction of a classical fusion (``start_at_base`` makes it start there).
     """
 
     dims: tuple = (48, 96, 192)
@@ -171,10 +170,6 @@ class S4Fusion(nn.Module):
             for i, (dim, depth) in enumerate(zip(c.dims[::-1], c.decoder_depths)))
         self.head = FoldHead(c.dims[0], c.patch_size, c.patch_stride, **kw)
         self.apply(self._init_weights)
-        if c.base != 'none':
-            # The network starts as its base and learns a correction of it.
-            nn.init.zeros_(self.head.conv.weight)
-            nn.init.zeros_(self.head.conv.bias)
 
     @staticmethod
     def _init_weights(module):
@@ -193,6 +188,16 @@ class S4Fusion(nn.Module):
         if not isinstance(config, S4FusionConfig):
             config = S4FusionConfig.from_dict(config)
         return cls(config, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def start_at_base(self):
+        """Zero the head's last layer: a model with a base then outputs exactly its base, the
+        start of training from scratch (gradients still reach that layer). Returns the model."""
+        if self.config.base == 'none':
+            raise ValueError('start_at_base needs a configuration with a base')
+        nn.init.zeros_(self.head.conv.weight)
+        nn.init.zeros_(self.head.conv.bias)
+        return self
 
     def num_parameters(self):
         """Number of parameters (all trainable)."""

@@ -173,6 +173,8 @@ class Trainer:
         self.init = None
         if init_weights is not None:
             self.init = self._load_init(pathlib.Path(init_weights))
+        elif config.base != 'none':
+            self.model.start_at_base()  # a correction of the base, from none
         self.loss = loss.to(self.device)
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
