@@ -29,7 +29,7 @@ setup(
     tests_require=['pytest'],
     entry_points={
         'console_scripts': [
-            's4fusion_node = s4fusion_ros.ros.node:main',
+            's4fusion_node = s4fusion_ros.ros.run_node:main',
             's4fusion-fuse = s4fusion_ros.tools.fuse:main',
             's4fusion-eval = s4fusion_ros.tools.evaluate:main',
             's4fusion-bag = s4fusion_ros.tools.bag:main',

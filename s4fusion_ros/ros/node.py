@@ -5,21 +5,18 @@ Subscribes  thermal/image_raw, visible/image_raw (sensor_msgs/Image;
 Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header), /diagnostics
 
 Message callbacks only decode, pair and queue; the model runs on its own worker thread (see
-InferenceWorker), so a slow model never blocks the inputs.
+InferenceWorker), so a slow model never blocks the inputs. The console entry point, with its
+handling of stop signals, is run_node.py.
 """
 
-import gc
 import math
-import os
 import re
-import sys
 import time
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -52,6 +49,7 @@ class S4FusionNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
         p = self._values()
 
+        self.get_logger().info('loading the model')
         self.loaded = settings.model_from_params(p)
         if not self.loaded.trained:
             self.get_logger().error(
@@ -281,38 +279,3 @@ def _release_cuda_cache(device) -> None:
     if device.type == 'cuda':
         import torch
         torch.cuda.empty_cache()
-
-
-def main(args=None) -> int:
-    """Console entry point (`ros2 run s4fusion_ros s4fusion_node`)."""
-    rclpy.init(args=args)
-    node = None
-    code, worker_alive = 0, False
-    try:
-        node = S4FusionNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as error:  # noqa: BLE001 - start-up errors get one clear line, no traceback
-        print(f's4fusion_node: {error}', file=sys.stderr)
-        code = 1
-    finally:
-        if node is not None:
-            node.destroy_node()  # waits briefly for an inference in progress
-            worker_alive = node.worker.alive
-        rclpy.try_shutdown()
-    if worker_alive:
-        # An inference cannot be interrupted, and finalizing the interpreter under a thread
-        # inside torch aborts ('terminate called without an active exception'). ROS is shut
-        # down, so end the process here.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    # The exit-time garbage collection of torch's objects takes most of a second on a busy CPU;
-    # the process frees them anyway, so a signal ends the node within a second.
-    gc.freeze()
-    return code
-
-
-if __name__ == '__main__':
-    sys.exit(main())
