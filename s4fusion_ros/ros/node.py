@@ -247,6 +247,8 @@ class S4FusionNode(Node):
         try:
             self._publish(result)
         except Exception as error:  # noqa: BLE001 - e.g. RCLError "cannot publish data"
+            if not self.context.ok():
+                return  # stopping: a stop signal shut ROS down under the worker
             self.publish_errors += 1
             self.get_logger().warning(f'publishing failed: {error}',
                                       throttle_duration_sec=LOG_THROTTLE_S)
