@@ -72,9 +72,11 @@ def test_a_plain_pip_install_is_an_ament_prefix(tmp_path):
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
         '.git', '.venv', 'build', 'install', 'log', '*.egg-info', 'demo_output', 'runs',
         '__pycache__', '.pytest_cache', '.hypothesis'))
+    # --ignore-installed: else pip uninstalls the package from this environment first.
     done = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
-                           '--no-build-isolation', '--disable-pip-version-check', '--prefix',
-                           str(prefix), str(source)], capture_output=True, text=True, timeout=300)
+                           '--ignore-installed', '--no-build-isolation',
+                           '--disable-pip-version-check', '--prefix', str(prefix), str(source)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     site = sysconfig.get_path('purelib', vars={'base': str(prefix), 'platbase': str(prefix)})
     env = {'PYTHONPATH': site}
