@@ -22,7 +22,7 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from .. import settings
+from .. import precompile, settings
 from ..engine import FusionEngine, FusionResult
 from ..imaging.encodings import encode_image
 from ..messages import ns_to_sec_nanosec, stamp_to_ns
@@ -73,7 +73,10 @@ class S4FusionNode(Node):
         self.normalizer = self.pipeline.normalizer
         self.registration = self.pipeline.registration
         self.engine = FusionEngine(self.loaded, settings.fusion_settings(p))
-        self.get_logger().info(f'model warmed up in {self.engine.warm_up():.1f} s')
+        seconds = self.engine.warm_up()
+        kernels = (f' ({precompile.describe(precompile.kernel_cache_stats())})'
+                   if self.loaded.device.type == 'cpu' else '')
+        self.get_logger().info(f'model warmed up in {seconds:.1f} s{kernels}')
         self.saliency_encoding = p['saliency.encoding']
 
         self.thermal_rate, self.visible_rate, self.fused_rate = (RateMeter() for _ in range(3))

@@ -1,0 +1,34 @@
+"""The CPU kernels compiled ahead (scripts/setup.sh runs s4fusion_ros.precompile): a start of the
+node then loads them from numba's cache instead of compiling them (15-30 s) before subscribing."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ros_harness import Probe, node_log, rclpy, running_node
+
+pytestmark = pytest.mark.ros
+
+
+def test_a_start_after_precompile_loads_the_kernels_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(tmp_path / 'numba'))  # cold, for this test only
+    done = subprocess.run([sys.executable, '-m', 's4fusion_ros.precompile'], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert 'CPU kernels compiled now' in done.stdout, done.stdout
+    assert list((tmp_path / 'numba').rglob('*.nbc')), 'nothing cached'
+    rclpy.init()
+    try:
+        probe = Probe('precompile_probe')
+        started = time.monotonic()
+        with running_node({'device': 'cpu'}) as proc:
+            probe.wait_for_node(proc)
+            seconds = time.monotonic() - started
+            log = node_log(proc)
+        probe.destroy_node()
+    finally:
+        rclpy.shutdown()
+    assert 'CPU kernels loaded from the cache' in log, log
+    print(f'node subscribed {seconds:.1f} s after its start (warm kernel cache)')
