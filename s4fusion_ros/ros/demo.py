@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> str:
                 raise BagError(f'{settings.NODE_NAME} did not come up in 120 s')
             if node_process.poll() is not None:
                 raise BagError(f'{settings.NODE_NAME} exited:\n{tail(logs / "node.log")}')
-            player = start(play, logs / 'player.log')
+            # Plays once the node subscribes: it joins the graph before its model is loaded.
+            player = start(play + ['--wait-for', settings.NODE_NAME], logs / 'player.log')
             # Done once the clock passed the last thermal frame's sync timeout and all is fused.
             done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
             expected = {'thermal': thermal.count, 'visible': visible.count}
