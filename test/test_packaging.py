@@ -145,3 +145,55 @@ def test_pytest_loads_launch_testings_old_plugin_hook(tmp_path):
     assert re.search(r'\b1 passed\b', done.stdout), done.stdout
     pinned = re.search(r'^pytest==(\S+)$', (REPO / 'requirements.txt').read_text(), re.M)
     assert pinned and int(pinned.group(1).split('.')[0]) < 9
+
+
+# What package.xml declares for an import: rosdep keys of Python modules, and the modules that
+# only pip provides (the README's robot section installs them). Other imports are ROS packages.
+ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml',
+               'tqdm': 'python3-tqdm', 'setuptools': 'python3-setuptools',
+               'pytest': 'python3-pytest', 'hypothesis': 'python3-hypothesis',
+               'pycodestyle': 'python3-pycodestyle', 'packaging': 'python3-packaging'}
+PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags', 'mamba_ssm'}
+
+
+def imported_modules(*folders: str) -> set[str]:
+    """Top-level names of the third-party modules the folders' Python files import."""
+    import ast
+    local = {path.stem for path in (REPO / 'test').glob('*.py')} | {PACKAGE}
+    names = set()
+    for folder in folders:
+        for path in (REPO / folder).rglob('*.py'):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.split('.')[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names.add(node.module.split('.')[0])
+    return {name for name in names if name not in sys.stdlib_module_names and name not in local}
+
+
+def declared(kinds: tuple[str, ...]) -> set[str]:
+    """Dependency keys of package.xml of the given kinds (exec_depend, ...)."""
+    import xml.etree.ElementTree as ElementTree
+    root = ElementTree.parse(REPO / 'package.xml').getroot()
+    return {element.text for kind in kinds for element in root.iter(kind)}
+
+
+def keys_for(modules: set[str]) -> set[str]:
+    return {ROSDEP_KEYS.get(name, name) for name in modules - PIP_ONLY}
+
+
+def test_package_xml_declares_what_the_code_imports():
+    """rosdep install then brings exactly what the node, tools and launch file use."""
+    runtime = declared(('exec_depend', 'depend', 'buildtool_depend'))
+    used = keys_for(imported_modules(PACKAGE, 'launch')) | {'python3-setuptools'}
+    assert used == runtime, f'undeclared: {used - runtime}; unused: {runtime - used}'
+    tests = keys_for(imported_modules('test')) | {'python3-packaging'}  # importorskip'd
+    assert tests <= runtime | declared(('test_depend',)), tests - runtime
+    assert declared(('test_depend',)) <= tests, declared(('test_depend',)) - tests
+
+
+def test_pip_only_dependencies_are_named_in_the_readme():
+    readme = (REPO / 'README.md').read_text()
+    robot = readme[readme.index('## On a robot with a ROS 2 distro'):]
+    for name in ('torch', 'numba', 'safetensors', 'rosbags'):
+        assert name in robot.split('\n## ')[0], name
