@@ -282,7 +282,6 @@ class S4FusionNode(Node):
             'visible rejected (bad message)': self.rejected['visible'],
             # Per input: received == pairs + unpaired + late + overflow + rejected (bad stamp)
             # + pending; bad messages are dropped before pairing and not in 'received'.
-            'sync backend': 'own' if self.approximate_sync is None else 'message_filters',
             'pairs': sync.pairs,
             'thermal unpaired': sync.thermal_unpaired,
             'visible unpaired': sync.visible_unpaired,
@@ -307,6 +306,7 @@ class S4FusionNode(Node):
             'end-to-end latency mean (s)': end_to_end['mean'],
             'end-to-end latency p95 (s)': end_to_end['p95'],
             'pairs stamped off the node clock (no latency)': self.stamps_off_clock,
+            'sync backend': 'own' if self.approximate_sync is None else 'message_filters',
             'device': str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
             'model': self.loaded.name,
         }
@@ -319,8 +319,8 @@ class S4FusionNode(Node):
                            'visible received': self.visible_rate.total,
                            'pairs': self.synchronized_pairs})
         if math.isnan(end_to_end['mean']) and self.stamps_off_clock:
-            note = ('n/a: the stamps are not on this node\'s clock (a bag played without /clock '
-                    'and use_sim_time?)')
+            note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
+                    'use_sim_time?)')
             values['end-to-end latency mean (s)'] = values['end-to-end latency p95 (s)'] = note
         if not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
