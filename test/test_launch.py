@@ -1,5 +1,7 @@
-"""launch_testing: s4fusion.launch.py starts the node, the shipped sample bag's pairs come back
-fused with a saliency map, and the node exits cleanly when launch stops it.
+"""launch_testing: the launch file's node fuses the sample bag and exits cleanly.
+
+s4fusion.launch.py starts the node, the shipped sample bag's pairs come back fused with a saliency
+map, and the node exits with code 0 when launch stops it.
 
 Runs where a ROS 2 distro provides launch, launch_ros and launch_testing (`colcon test`, or
 `launch_test test/test_launch.py`). Those have no PyPI wheels, so on a machine without a distro

@@ -1,5 +1,7 @@
-"""What the node reports about its set-up: QoS mismatches per topic, unknown parameters, latency
-only where stamps and clock agree, and the message_filters synchronizer backend."""
+"""What the node reports: QoS mismatches per topic, unknown parameters, honest latency.
+
+Also the message_filters synchronizer backend (sync.backend), or its clear absence.
+"""
 
 import importlib.util
 import time

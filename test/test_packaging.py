@@ -1,5 +1,8 @@
-"""The package as ROS 2 tools find it: an ament prefix (pip installs too), colcon's test extra,
-setup.py options that do not break pip, and a pytest that launch_testing's plugin loads into."""
+"""The package as ROS 2 tools find and test it.
+
+An ament prefix (pip installs too), colcon's test extra, setup.py options that do not break pip,
+package.xml dependencies, and a pytest that launch_testing's plugin loads into.
+"""
 
 import os
 import pathlib
@@ -24,8 +27,7 @@ print(prefix)
 
 
 def ament_lookup(prefix, **env) -> tuple[pathlib.Path, pathlib.Path]:
-    """(share directory, prefix) of the package as ament_index_python finds it via `prefix`
-    (an AMENT_PREFIX_PATH value)."""
+    """(share directory, prefix) as ament_index_python finds them via `prefix` (a path list)."""
     pytest.importorskip('ament_index_python', reason='ament_index_python is not installed')
     done = subprocess.run([sys.executable, '-c', LOOKUP, PACKAGE], capture_output=True,
                           text=True, timeout=60,
@@ -51,8 +53,11 @@ def check_ament_layout(prefix: pathlib.Path, **env) -> None:
 
 
 def test_this_installation_is_an_ament_prefix():
-    """scripts/setup.sh installs the package editable into the venv and lays out the prefix;
-    colcon installs it into install/s4fusion_ros, which AMENT_PREFIX_PATH names."""
+    """The prefix the package runs from is one ament finds.
+
+    scripts/setup.sh installs the package editable into the venv and lays out the prefix; colcon
+    installs it into install/s4fusion_ros, which AMENT_PREFIX_PATH names.
+    """
     from s4fusion_ros import ament_prefix
     prefix = pathlib.Path(sys.prefix)
     try:
@@ -101,8 +106,10 @@ def setup_distribution():
 
 
 def test_setup_options_are_valid_for_this_setuptools():
-    """Every option setup.cfg / setup.py give a command exists (setuptools 80+ dropped develop's
-    script_dir: setting it broke editable installs), and colcon's install layout stays."""
+    """Every option setup.cfg / setup.py give a command exists; colcon's layout stays.
+
+    setuptools 80+ dropped develop's script_dir: setting it broke editable installs.
+    """
     from setuptools.command.develop import develop
     distribution = setup_distribution()
     for command in ('develop', 'install'):

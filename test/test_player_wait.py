@@ -1,6 +1,8 @@
-"""s4fusion-play --wait-for NODE: playback starts only once that node subscribes to the played
-topics, even when another subscriber is there first (a fusion node joins the ROS graph before it
-has loaded its model and subscribed)."""
+"""s4fusion-play --wait-for NODE: playback starts once that node subscribes to the topics.
+
+Even when another subscriber is there first: a fusion node joins the ROS graph before it has
+loaded its model and subscribed.
+"""
 
 import subprocess
 import sys

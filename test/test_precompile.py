@@ -1,5 +1,8 @@
-"""The CPU kernels compiled ahead (scripts/setup.sh runs s4fusion_ros.precompile): a start of the
-node then loads them from numba's cache instead of compiling them (15-30 s) before subscribing."""
+"""The CPU kernels compiled ahead: a start of the node then loads them from numba's cache.
+
+scripts/setup.sh runs s4fusion_ros.precompile; without it the node compiles them (15-30 s) before
+subscribing.
+"""
 
 import subprocess
 import sys

@@ -122,8 +122,10 @@ class BagPlayer:
         self.next_tick = 0.0  # monotonic time of the next /clock message
 
     def wait_for_subscribers(self) -> None:
-        """Wait for a subscriber on every topic (with --wait-for: that node's), at most --wait s,
-        then let discovery settle."""
+        """Wait (at most --wait s) for a subscriber on every topic, then let discovery settle.
+
+        With --wait-for the subscriber must be that node.
+        """
         if self.args.wait <= 0:
             return
         deadline = time.monotonic() + self.args.wait
