@@ -65,8 +65,13 @@ def sample_bag() -> pathlib.Path:
 
 
 def executable(name: str) -> str:
-    """Return a console script of this installation (beside the running Python)."""
+    """Return a console script of this installation, beside the running Python or this command.
+
+    pip puts them beside the Python; colcon puts them all in lib/s4fusion_ros (`ros2 run`).
+    """
     path = pathlib.Path(sys.executable).parent / name
+    if not path.exists():
+        path = pathlib.Path(sys.argv[0]).resolve().parent / name
     if not path.exists():
         raise BagError(f'{path} not found: install the package (scripts/setup.sh)')
     return str(path)
