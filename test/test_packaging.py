@@ -160,7 +160,8 @@ ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'pytho
                'tqdm': 'python3-tqdm', 'setuptools': 'python3-setuptools',
                'pytest': 'python3-pytest', 'hypothesis': 'python3-hypothesis',
                'pycodestyle': 'python3-pycodestyle', 'packaging': 'python3-packaging'}
-PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags', 'mamba_ssm'}
+PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags',
+            'mamba_ssm', 'ray'}  # the optional extras [gpu] and [ray]
 
 
 def imported_modules(*folders: str) -> set[str]:

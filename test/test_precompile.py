@@ -17,8 +17,10 @@ pytestmark = pytest.mark.ros
 
 def test_a_start_after_precompile_loads_the_kernels_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('NUMBA_CACHE_DIR', str(tmp_path / 'numba'))  # cold, for this test only
+    # cwd: `python -m` puts it first on sys.path, and in a colcon workspace's source folder that
+    # would compile the source copy, not the installed one the node runs (numba caches per file).
     done = subprocess.run([sys.executable, '-m', 's4fusion_ros.precompile'], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert 'CPU kernels compiled now' in done.stdout, done.stdout
     assert list((tmp_path / 'numba').rglob('*.nbc')), 'nothing cached'
