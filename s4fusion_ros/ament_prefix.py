@@ -51,7 +51,7 @@ def editable_source(distribution: metadata.Distribution) -> pathlib.Path | None:
 
 
 def data_files(source: pathlib.Path) -> list[tuple[str, list[str]]]:
-    """setup.py's data_files (target folder, source paths relative to `source`)."""
+    """Return setup.py's data_files: (target folder, source paths relative to `source`)."""
     from setuptools import distutils  # noqa: F401 - setuptools' distutils for run_setup
     from distutils.core import run_setup
     cwd = os.getcwd()

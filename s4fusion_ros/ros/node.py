@@ -14,7 +14,6 @@ import re
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
@@ -341,7 +340,7 @@ class S4FusionNode(Node):
 
 
 def _import_message_filters(p: dict):
-    """The message_filters module for sync.backend message_filters; None for our own pairing."""
+    """Return the message_filters module for sync.backend message_filters; None for our own."""
     if p['sync.backend'] != 'message_filters':
         return None
     if p['sync.thermal_offset'] != 0.0:

@@ -32,6 +32,7 @@ class StopSignals:
             signal.signal(number, self)
 
     def __call__(self, number, frame) -> None:
+        """Handle a stop signal (Python calls this in the main thread)."""
         if self.stopping:
             print(f'{PROG}: {signal.Signals(number).name} while stopping: ignored, still '
                   'stopping', file=sys.stderr, flush=True)
