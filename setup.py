@@ -1,8 +1,15 @@
 from glob import glob
 
 from setuptools import find_packages, setup
+from setuptools.command.develop import develop
 
 PACKAGE = 's4fusion_ros'
+# colcon --symlink-install runs `setup.py develop`: its executables belong in lib/<package>, where
+# ros2 run and launch_ros look (setup.cfg's [install] does this for a plain colcon build). Since
+# setuptools 80 `develop` is a wrapper around `pip install -e` without this option, and setting it
+# in setup.cfg broke every editable install there ("command 'develop' has no such option").
+DEVELOP_OPTIONS = ({'script_dir': f'$base/lib/{PACKAGE}'}
+                   if any(option[0] == 'script-dir=' for option in develop.user_options) else {})
 
 setup(
     name=PACKAGE,
@@ -20,16 +27,21 @@ setup(
     # Runtime dependencies come from the ROS distro (package.xml) or from requirements.txt on a
     # machine without ROS; listing rclpy here would break colcon builds.
     install_requires=['setuptools'],
-    extras_require={'gpu': ['mamba-ssm>=2.2']},  # checked with 2.3.2.post1 (README, GPU)
+    extras_require={
+        'gpu': ['mamba-ssm>=2.2'],  # checked with 2.3.2.post1 (README, GPU)
+        # colcon test runs pytest when this extra names it (setuptools >= 72 ignores
+        # tests_require); pytest below 9 for launch_testing's plugin (requirements.txt).
+        'test': ['pytest<9', 'hypothesis', 'pycodestyle'],
+    },
+    options={'develop': DEVELOP_OPTIONS},
     zip_safe=False,
     maintainer='s4fusion_ros developers',
     maintainer_email='s4fusion-ros@example.com',
     description='Thermal/RGB image fusion node with S4Fusion (selective state space model).',
     license='MIT',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
-            's4fusion_node = s4fusion_ros.ros.node:main',
+            's4fusion_node = s4fusion_ros.ros.run_node:main',
             's4fusion-fuse = s4fusion_ros.tools.fuse:main',
             's4fusion-eval = s4fusion_ros.tools.evaluate:main',
             's4fusion-bag = s4fusion_ros.tools.bag:main',

@@ -22,7 +22,7 @@ from .imaging.normalization import ThermalNormalizer
 from .imaging.registration import ThermalRegistration
 from .runtime import LoadedModel
 from .saliency import saliency_map
-from .sync import PairSynchronizer
+from .sync import Pair, PairSynchronizer
 
 OUTPUT_ENCODINGS = ('bgr8', 'rgb8', 'mono8')
 
@@ -72,6 +72,22 @@ class FusionPipeline:
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
         """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
+        frame = self.thermal_frame(message, stamp_ns, frame_id)
+        self._latest = (stamp_ns, time.monotonic())
+        return self._prepare(self.synchronizer.add_thermal(stamp_ns, frame))
+
+    def add_visible(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
+        """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
+        frame = self.visible_frame(message, stamp_ns, frame_id)
+        self._latest = (stamp_ns, time.monotonic())
+        return self._prepare(self.synchronizer.add_visible(stamp_ns, frame))
+
+    def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
+        """Prepare a pair matched elsewhere (the node's message_filters backend)."""
+        return self._prepare([Pair(thermal.stamp_ns, visible.stamp_ns, thermal, visible)])
+
+    def thermal_frame(self, message, stamp_ns: int, frame_id: str) -> Frame:
+        """Decode a thermal Image/CompressedImage; ImageDecodeError if bad."""
         decoded = decode_thermal_info(message)
         if not np.isfinite(decoded.raw).any():
             # NaN/inf pixels are allowed, but a frame of only those carries no temperature.
@@ -80,15 +96,11 @@ class FusionPipeline:
         if decoded.from_color:
             self._notice('a colour image arrived on the thermal topic: it is converted to its '
                          'luminance (publish mono8/mono16/32FC1 thermal images to avoid this)')
-        self._latest = (stamp_ns, time.monotonic())
-        frame = Frame(stamp_ns, frame_id, decoded.raw)
-        return self._prepare(self.synchronizer.add_thermal(stamp_ns, frame))
+        return Frame(stamp_ns, frame_id, decoded.raw)
 
-    def add_visible(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
-        """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
-        frame = Frame(stamp_ns, frame_id, decode_visible(message))
-        self._latest = (stamp_ns, time.monotonic())
-        return self._prepare(self.synchronizer.add_visible(stamp_ns, frame))
+    def visible_frame(self, message, stamp_ns: int, frame_id: str) -> Frame:
+        """Decode a visible Image/CompressedImage; ImageDecodeError if bad."""
+        return Frame(stamp_ns, frame_id, decode_visible(message))
 
     def expire(self, now: float) -> list[PreparedPair]:
         """Decide thermal frames whose visible partner is overdue; `now` is time.monotonic().

@@ -27,6 +27,7 @@ NODE_NAME = 's4fusion_node'
 RELIABILITIES = ('reliable', 'best_effort')
 TRANSPORTS = ('raw', 'compressed')
 SALIENCY_ENCODINGS = ('mono8', '32FC1')
+SYNC_BACKENDS = ('own', 'message_filters')
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 # Keys a parameter file may hold for any node (rclpy handles them); the offline tool ignores them.
 ROS_KEYS = ('use_sim_time', 'qos_overrides.', 'start_type_description_service')
@@ -60,6 +61,10 @@ SPECS = {
     'qos.input.depth': Spec(5, 'input history depth (keep last)', range=(1, 1000)),
     'qos.output.reliability': Spec('reliable', 'output reliability', choices=RELIABILITIES),
     'qos.output.depth': Spec(5, 'output history depth (keep last)', range=(1, 1000)),
+    'sync.backend': Spec('own', 'pairing: own (each thermal frame with the nearest visible frame '
+                         'within slop) or message_filters (its ApproximateTimeSynchronizer with '
+                         'sync.queue_size and sync.slop; needs the ROS package message_filters)',
+                         choices=SYNC_BACKENDS),
     'sync.slop': Spec(0.05, 'largest stamp difference (s) of a thermal/visible pair', runtime=True,
                       range=(0.0, 1.0)),
     'sync.queue_size': Spec(30, 'messages kept per input while waiting for a partner',

@@ -5,7 +5,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -23,9 +22,9 @@ from sensor_msgs.msg import Image  # noqa: E402
 from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
 from s4fusion_ros.messages import ns_to_sec_nanosec, stamp_to_ns  # noqa: E402
 
-from paths import IVIF  # noqa: E402,F401  (re-exported for the launch test)
+from paths import executable  # noqa: E402
 
-NODE_EXECUTABLE = pathlib.Path(sys.executable).parent / 's4fusion_node'
+NODE_EXECUTABLE = executable('s4fusion_node')
 THERMAL_OFFSET_COUNTS = 20000.0  # MSRS 8-bit IR -> 16-bit radiometric-looking counts
 THERMAL_GAIN_COUNTS = 30.0
 

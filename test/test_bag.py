@@ -6,7 +6,6 @@ import random
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import cv2
@@ -16,6 +15,7 @@ import yaml
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
+from paths import executable
 from s4fusion_ros import bagio, settings
 from s4fusion_ros.tools import bag as bag_tool
 
@@ -29,7 +29,7 @@ SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
 PARAMS = {'s4fusion_node': {'ros__parameters': {
     'device': 'cpu', 'inference_size': [96, 72], 'sync': {'slop': SLOP}}}}
-BAG_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-bag'
+BAG_TOOL = executable('s4fusion-bag')
 
 
 def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):

@@ -1,18 +1,17 @@
 """The README's main job: s4fusion-demo plays the shipped sample bag through the live node."""
 
-import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
+from paths import executable  # noqa: E402
 from s4fusion_ros.bagio import open_bag  # noqa: E402
 
 pytestmark = pytest.mark.ros
-DEMO = pathlib.Path(sys.executable).parent / 's4fusion-demo'
+DEMO = executable('s4fusion-demo')
 
 
 def test_demo_records_fused_and_saliency_from_the_sample_bag(tmp_path):

@@ -7,12 +7,12 @@ pipeline, the parameter file and, with /clock, the synchronizer's notion of time
 import pathlib
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 
+from paths import executable
 from ros_harness import Probe, node_log, rclpy, received_stamps, running_node
 from s4fusion_ros import settings
 from s4fusion_ros.messages import stamp_to_ns
@@ -22,7 +22,7 @@ from test_bag import (SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_mess
 
 pytestmark = pytest.mark.ros
 
-PLAYER = pathlib.Path(sys.executable).parent / 's4fusion-play'
+PLAYER = executable('s4fusion-play')
 NODE_PARAMS = {
     'device': 'cpu',
     'inference_size': [96, 72],

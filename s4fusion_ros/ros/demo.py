@@ -65,8 +65,13 @@ def sample_bag() -> pathlib.Path:
 
 
 def executable(name: str) -> str:
-    """Return a console script of this installation (beside the running Python)."""
+    """Return a console script of this installation, beside the running Python or this command.
+
+    pip puts them beside the Python; colcon puts them all in lib/s4fusion_ros (`ros2 run`).
+    """
     path = pathlib.Path(sys.executable).parent / name
+    if not path.exists():
+        path = pathlib.Path(sys.argv[0]).resolve().parent / name
     if not path.exists():
         raise BagError(f'{path} not found: install the package (scripts/setup.sh)')
     return str(path)
@@ -232,7 +237,8 @@ def run(args: argparse.Namespace) -> str:
                 raise BagError(f'{settings.NODE_NAME} did not come up in 120 s')
             if node_process.poll() is not None:
                 raise BagError(f'{settings.NODE_NAME} exited:\n{tail(logs / "node.log")}')
-            player = start(play, logs / 'player.log')
+            # Plays once the node subscribes: it joins the graph before its model is loaded.
+            player = start(play + ['--wait-for', settings.NODE_NAME], logs / 'player.log')
             # Done once the clock passed the last thermal frame's sync timeout and all is fused.
             done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
             expected = {'thermal': thermal.count, 'visible': visible.count}

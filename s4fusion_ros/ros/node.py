@@ -5,26 +5,23 @@ Subscribes  thermal/image_raw, visible/image_raw (sensor_msgs/Image;
 Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header), /diagnostics
 
 Message callbacks only decode, pair and queue; the model runs on its own worker thread (see
-InferenceWorker), so a slow model never blocks the inputs.
+InferenceWorker), so a slow model never blocks the inputs. The console entry point, with its
+handling of stop signals, is run_node.py.
 """
 
-import gc
 import math
-import os
 import re
-import sys
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from .. import settings
+from .. import precompile, settings
 from ..engine import FusionEngine, FusionResult
 from ..imaging.encodings import encode_image
 from ..messages import ns_to_sec_nanosec, stamp_to_ns
@@ -33,10 +30,18 @@ from ..worker import InferenceWorker
 from . import parameters
 
 LOG_THROTTLE_S = 5.0
+# End-to-end latency (node clock at publish minus the visible stamp) is only meaningful when the
+# stamps come from the node's clock: a bag played in wall time without /clock gives years. Outside
+# this range (seconds) the stamps and the clock disagree, and no latency is reported.
+PLAUSIBLE_LATENCY_S = (-1.0, 60.0)
 # Numbers and quoted names (sizes, encodings) vary within one kind of fault: a bad-message log
 # line is rate-limited per topic and kind, so a flood of one fault cannot hide a different one.
 _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
-_FAULT_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
+# Diagnostics of our own synchronizer that message_filters cannot give.
+_OWN_SYNC_KEYS = tuple(f'{role} {count}' for role in ('thermal', 'visible') for count in
+                       ('unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')) \
+    + ('sync resets',)
+_LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
 
 
 class S4FusionNode(Node):
@@ -51,7 +56,12 @@ class S4FusionNode(Node):
             self.declare_parameter(name, spec.default, parameters.descriptor(name, spec))
         self.add_post_set_parameters_callback(self._apply_parameters)
         p = self._values()
+        self._report_unknown_parameters()
+        # Checked before the model loads (seconds), so a missing package fails at once.
+        self.message_filters = _import_message_filters(p)
+        self.approximate_sync = None  # message_filters' synchronizer, with that backend
 
+        self.get_logger().info('loading the model')
         self.loaded = settings.model_from_params(p)
         if not self.loaded.trained:
             self.get_logger().error(
@@ -62,15 +72,19 @@ class S4FusionNode(Node):
         self.normalizer = self.pipeline.normalizer
         self.registration = self.pipeline.registration
         self.engine = FusionEngine(self.loaded, settings.fusion_settings(p))
-        self.get_logger().info(f'model warmed up in {self.engine.warm_up():.1f} s')
+        seconds = self.engine.warm_up()
+        kernels = (f' ({precompile.describe(precompile.kernel_cache_stats())})'
+                   if self.loaded.device.type == 'cpu' else '')
+        self.get_logger().info(f'model warmed up in {seconds:.1f} s{kernels}')
         self.saliency_encoding = p['saliency.encoding']
 
         self.thermal_rate, self.visible_rate, self.fused_rate = (RateMeter() for _ in range(3))
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
         self.rejected = {'thermal': 0, 'visible': 0}
-        self.rejection_logged = {}  # (role, kind of fault) -> monotonic time of its last log line
+        self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.inference_errors = 0
         self.publish_errors = 0
+        self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
@@ -80,9 +94,12 @@ class S4FusionNode(Node):
         self.saliency_pub = self.create_publisher(Image, '~/saliency', output_qos)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         input_qos = _qos(p['qos.input.reliability'], p['qos.input.depth'])
-        self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], input_qos)
-        self.visible_sub = self._subscribe('visible', p['visible.transport'], input_qos)
-        self.create_timer(0.05, self._expire_pending)
+        if self.message_filters is None:
+            self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], input_qos)
+            self.visible_sub = self._subscribe('visible', p['visible.transport'], input_qos)
+            self.create_timer(0.05, self._expire_pending)
+        else:
+            self._subscribe_message_filters(p, input_qos)
         self.create_timer(p['diagnostics.period'], self._publish_diagnostics)
         self.get_logger().info(
             f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
@@ -95,6 +112,15 @@ class S4FusionNode(Node):
         return {name: value.value for name, value in self._parameters.items()
                 if name in settings.SPECS}
 
+    def _report_unknown_parameters(self) -> None:
+        # rclpy keeps start-up values (-p, --params-file) of names nobody declared in
+        # _parameter_overrides and ignores them; a typo there would silently change nothing.
+        unknown = sorted(set(self._parameter_overrides) - set(self._parameters))
+        if unknown:
+            self.get_logger().warning(
+                f"ignoring unknown parameters (this node does not declare them): "
+                f"{', '.join(unknown)}; `ros2 param list` shows the node's parameters")
+
     def _validate_parameters(self, params):
         return parameters.validate_update(self._values(), {p.name: p.value for p in params})
 
@@ -105,6 +131,8 @@ class S4FusionNode(Node):
         values = self._values()
         if 'sync.slop' in names:
             self.synchronizer.slop = values['sync.slop']
+            if self.approximate_sync is not None:
+                self.approximate_sync.slop = Duration(seconds=values['sync.slop'])
         if any(name.startswith('normalization.') for name in names):
             self.normalizer.configure(**settings.normalizer_settings(values))
         self.engine.settings = settings.fusion_settings(values)  # inference_size is read-only
@@ -115,26 +143,59 @@ class S4FusionNode(Node):
     # Inputs ---------------------------------------------------------------------------------
 
     def _subscribe(self, role: str, transport: str, qos: QoSProfile):
-        compressed = transport == 'compressed'
-        topic = f'{role}/image_raw' + ('/compressed' if compressed else '')
-        events = SubscriptionEventCallbacks(
-            incompatible_qos=lambda info, r=role: self._on_incompatible_qos(r, info))
-
         def on_message(msg, r=role):
             self._on_image(r, msg)
-        return self.create_subscription(CompressedImage if compressed else Image, topic,
-                                        on_message, qos, event_callbacks=events)
+        return self.create_subscription(*_input_topic(role, transport), on_message, qos,
+                                        event_callbacks=self._input_events(role))
+
+    def _input_events(self, role: str) -> SubscriptionEventCallbacks:
+        return SubscriptionEventCallbacks(
+            incompatible_qos=lambda info, r=role: self._on_incompatible_qos(r, info))
+
+    def _subscribe_message_filters(self, p: dict, qos: QoSProfile) -> None:
+        """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
+        filters = []
+        for role in ('thermal', 'visible'):
+            subscriber = self.message_filters.Subscriber(
+                self, *_input_topic(role, p[f'{role}.transport']), qos_profile=qos,
+                event_callbacks=self._input_events(role))
+            subscriber.registerCallback(lambda msg, r=role: self._rate(r).tick())
+            setattr(self, f'{role}_sub', subscriber)
+            filters.append(subscriber)
+        self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
+            filters, p['sync.queue_size'], p['sync.slop'])
+        self.approximate_sync.registerCallback(self._on_synchronized_pair)
+        self.synchronized_pairs = 0
+
+    def _rate(self, role: str) -> RateMeter:
+        return self.thermal_rate if role == 'thermal' else self.visible_rate
+
+    def _on_synchronized_pair(self, thermal_msg, visible_msg) -> None:
+        frames = []
+        for role, msg in (('thermal', thermal_msg), ('visible', visible_msg)):
+            decode = (self.pipeline.thermal_frame if role == 'thermal'
+                      else self.pipeline.visible_frame)
+            try:
+                frames.append(decode(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id))
+            except ValueError as error:  # ImageDecodeError: message_filters paired it already
+                self.rejected[role] += 1
+                self._log_rejection(role, msg, error)
+                return
+        self.synchronized_pairs += 1
+        self._submit(self.pipeline.add_pair(*frames))
 
     def _on_incompatible_qos(self, role: str, info) -> None:
+        # Throttled per topic: rclpy's throttle is per call site, which both inputs share.
+        if not self._log_due((role, 'incompatible qos')):
+            return
         topic = getattr(self, f'{role}_sub').topic_name
         self.get_logger().error(
             f'{topic}: a publisher offers QoS incompatible with this subscription (policy '
             f'{info.last_policy_kind}), so nothing is received from it. The usual cause is a '
-            'best_effort (sensor-data) publisher: set qos.input.reliability:=best_effort',
-            throttle_duration_sec=LOG_THROTTLE_S)
+            'best_effort (sensor-data) publisher: set qos.input.reliability:=best_effort')
 
     def _on_image(self, role: str, msg) -> None:
-        (self.thermal_rate if role == 'thermal' else self.visible_rate).tick()
+        self._rate(role).tick()
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
             prepared = add(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
@@ -144,14 +205,19 @@ class S4FusionNode(Node):
             return
         self._submit(prepared)
 
-    def _log_rejection(self, role: str, msg, error: Exception) -> None:
-        key = (role, _FAULT_DETAILS.sub('', str(error)))
+    def _log_due(self, key) -> bool:
+        """Whether a log line of this kind may be written now (one per LOG_THROTTLE_S)."""
         now = time.monotonic()
-        if now - self.rejection_logged.get(key, -math.inf) < LOG_THROTTLE_S:
+        if now - self.logged.get(key, -math.inf) < LOG_THROTTLE_S:
+            return False
+        if len(self.logged) >= _LOG_KINDS_KEPT:
+            self.logged.clear()
+        self.logged[key] = now
+        return True
+
+    def _log_rejection(self, role: str, msg, error: Exception) -> None:
+        if not self._log_due((role, _FAULT_DETAILS.sub('', str(error)))):
             return
-        if len(self.rejection_logged) >= _FAULT_KINDS_KEPT:
-            self.rejection_logged.clear()
-        self.rejection_logged[key] = now
         topic = getattr(self, f'{role}_sub').topic_name
         encoding = msg.format if isinstance(msg, CompressedImage) else msg.encoding
         # repr: the encoding comes from the sender and may hold anything, line breaks too.
@@ -183,13 +249,18 @@ class S4FusionNode(Node):
         try:
             self._publish(result)
         except Exception as error:  # noqa: BLE001 - e.g. RCLError "cannot publish data"
+            if not self.context.ok():
+                return  # stopping: a stop signal shut ROS down under the worker
             self.publish_errors += 1
             self.get_logger().warning(f'publishing failed: {error}',
                                       throttle_duration_sec=LOG_THROTTLE_S)
             return
         self.fused_rate.tick()
-        now_ns = self.get_clock().now().nanoseconds
-        self.end_to_end_latency.add((now_ns - result.pair.visible_stamp_ns) / 1e9)
+        latency = (self.get_clock().now().nanoseconds - result.pair.visible_stamp_ns) / 1e9
+        if PLAUSIBLE_LATENCY_S[0] <= latency <= PLAUSIBLE_LATENCY_S[1]:
+            self.end_to_end_latency.add(latency)
+        else:
+            self.stamps_off_clock += 1
 
     def _publish(self, result: FusionResult) -> None:
         images = settings.output_images(result, self.saliency_encoding)
@@ -233,10 +304,23 @@ class S4FusionNode(Node):
             'inference latency p95 (s)': inference['p95'],
             'end-to-end latency mean (s)': end_to_end['mean'],
             'end-to-end latency p95 (s)': end_to_end['p95'],
+            'pairs stamped off the node clock (no latency)': self.stamps_off_clock,
+            'sync backend': 'own' if self.approximate_sync is None else 'message_filters',
             'device': str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
             'model': self.loaded.name,
         }
         level, message = DiagnosticStatus.OK, 'fusing'
+        if self.approximate_sync is not None:
+            # message_filters reports no pairing counts: what it dropped is not known here.
+            for key in [k for k in values if k.startswith(_OWN_SYNC_KEYS)]:
+                values[key] = 'n/a (sync.backend message_filters)'
+            values.update({'thermal received': self.thermal_rate.total,
+                           'visible received': self.visible_rate.total,
+                           'pairs': self.synchronized_pairs})
+        if math.isnan(end_to_end['mean']) and self.stamps_off_clock:
+            note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
+                    'use_sim_time?)')
+            values['end-to-end latency mean (s)'] = values['end-to-end latency p95 (s)'] = note
         if not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
         elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
@@ -253,6 +337,30 @@ class S4FusionNode(Node):
         if self.worker is not None:
             self.worker.stop()
         super().destroy_node()
+
+
+def _import_message_filters(p: dict):
+    """Return the message_filters module for sync.backend message_filters; None for our own."""
+    if p['sync.backend'] != 'message_filters':
+        return None
+    if p['sync.thermal_offset'] != 0.0:
+        raise settings.SettingsError('sync.thermal_offset is not supported with sync.backend '
+                                     'message_filters (it pairs the stamps as they are)')
+    try:
+        import message_filters
+    except ImportError:
+        raise settings.SettingsError(
+            'sync.backend message_filters needs the ROS 2 package message_filters (not on PyPI: '
+            'install ros-$ROS_DISTRO-message-filters and source the distro), or use '
+            'sync.backend:=own') from None
+    return message_filters
+
+
+def _input_topic(role: str, transport: str) -> tuple[type, str]:
+    """Message type and relative topic name of an input."""
+    if transport == 'compressed':
+        return CompressedImage, f'{role}/image_raw/compressed'
+    return Image, f'{role}/image_raw'
 
 
 def _qos(reliability: str, depth: int) -> QoSProfile:
@@ -281,38 +389,3 @@ def _release_cuda_cache(device) -> None:
     if device.type == 'cuda':
         import torch
         torch.cuda.empty_cache()
-
-
-def main(args=None) -> int:
-    """Console entry point (`ros2 run s4fusion_ros s4fusion_node`)."""
-    rclpy.init(args=args)
-    node = None
-    code, worker_alive = 0, False
-    try:
-        node = S4FusionNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as error:  # noqa: BLE001 - start-up errors get one clear line, no traceback
-        print(f's4fusion_node: {error}', file=sys.stderr)
-        code = 1
-    finally:
-        if node is not None:
-            node.destroy_node()  # waits briefly for an inference in progress
-            worker_alive = node.worker.alive
-        rclpy.try_shutdown()
-    if worker_alive:
-        # An inference cannot be interrupted, and finalizing the interpreter under a thread
-        # inside torch aborts ('terminate called without an active exception'). ROS is shut
-        # down, so end the process here.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    # The exit-time garbage collection of torch's objects takes most of a second on a busy CPU;
-    # the process frees them anyway, so a signal ends the node within a second.
-    gc.freeze()
-    return code
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -8,6 +8,8 @@ publishes /clock (bag time) so that nodes with use_sim_time see the recording's 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (shared/design/ros2-environment.md). Playback starts once every topic has a subscriber
 (or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
+With --wait-for NODE it waits for that node's subscriptions: a node that joins the graph first and
+subscribes only once its model is loaded would otherwise miss the start of the bag.
 """
 
 import argparse
@@ -20,7 +22,7 @@ import time
 import rclpy
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
+from rclpy.node import Node, NodeNameNonExistentError
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
@@ -53,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--wait', type=float, default=30.0, metavar='SECONDS',
                         help='wait up to SECONDS for a subscriber on every topic before playing '
                         '(0: do not wait; default: %(default)s)')
+    parser.add_argument('--wait-for', metavar='NODE',
+                        help='before playing, wait (up to --wait seconds) until the node NODE '
+                        '(name or /namespace/name) subscribes to every played topic, e.g. a '
+                        'fusion node still loading its model')
     parser.add_argument('--best-effort', action='store_true',
                         help='publish best effort instead of reliable')
     parser.add_argument('--keep-alive', action='store_true',
@@ -116,19 +122,38 @@ class BagPlayer:
         self.next_tick = 0.0  # monotonic time of the next /clock message
 
     def wait_for_subscribers(self) -> None:
-        """Wait for a subscriber on every topic (at most --wait s), then let discovery settle."""
+        """Wait (at most --wait s) for a subscriber on every topic, then let discovery settle.
+
+        With --wait-for the subscriber must be that node.
+        """
         if self.args.wait <= 0:
             return
         deadline = time.monotonic() + self.args.wait
-        lonely = list(self.publishers)
+        lonely = self._lonely()
+        if lonely and self.args.wait_for:
+            print(f'{PROG}: waiting for {self.args.wait_for} to subscribe', file=sys.stderr)
         while lonely and time.monotonic() < deadline:
             time.sleep(0.05)
-            lonely = [t for t, p in self.publishers.items() if p.get_subscription_count() == 0]
+            lonely = self._lonely()
         if lonely:
-            names = ', '.join(self.publishers[t].topic_name for t in lonely)
-            print(f'{PROG}: no subscriber on {names} after {self.args.wait:g} s; playing anyway',
-                  file=sys.stderr)
+            who = self.args.wait_for or 'subscriber'
+            print(f'{PROG}: no {who} on {", ".join(lonely)} after {self.args.wait:g} s; playing '
+                  'anyway', file=sys.stderr)
         time.sleep(DISCOVERY_SETTLE_S)
+
+    def _lonely(self) -> list[str]:
+        """Played topic names without a matched subscriber (of the --wait-for node)."""
+        names = [p.topic_name for p in self.publishers.values() if p.get_subscription_count() == 0]
+        if self.args.wait_for:
+            namespace, _, name = self.args.wait_for.rpartition('/')
+            node_topics = self.node.get_subscriber_names_and_types_by_node
+            try:
+                subscribed = {topic for topic, _ in node_topics(name, '/' + namespace.lstrip('/'))}
+            except NodeNameNonExistentError:
+                subscribed = set()
+            names += [p.topic_name for p in self.publishers.values()
+                      if p.topic_name not in subscribed and p.topic_name not in names]
+        return names
 
     def play_once(self) -> None:
         """Publish the bag once, from its first message, at --rate."""

@@ -153,7 +153,7 @@ class NodeProcess:
         params_file = directory / 'params.yaml'
         params_file.write_text(yaml.safe_dump({'/**': {'ros__parameters': params}}))
         self.log_path = directory / 'node.log'
-        command = [sys.executable, '-m', 's4fusion_ros.ros.node', '--ros-args',
+        command = [sys.executable, '-m', 's4fusion_ros.ros.run_node', '--ros-args',
                    '--params-file', str(params_file), '-r', f'__ns:={namespace}', *extra_args]
         with open(self.log_path, 'wb') as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

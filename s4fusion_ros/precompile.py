@@ -1,0 +1,62 @@
+"""Compile the CPU kernels ahead into numba's cache, so that a start of the node takes seconds.
+
+numba compiles the selective-scan kernels at their first call (15-30 s on a 2-core CPU) and caches
+the result per installation (keyed by the kernel's source file) in NUMBA_CACHE_DIR, by default
+~/.cache/s4fusion_ros/numba. scripts/setup.sh runs this after installing; after `colcon build`
+(which installs fresh copies of the sources) run it once:
+
+    python3 -m s4fusion_ros.precompile
+"""
+
+import sys
+import time
+
+PRESETS = ('compact', 'authors')  # both run the CPU kernels; compact is the CPU default
+
+
+def kernel_cache_stats() -> tuple[int, int] | None:
+    """(cache hits, compilations) of the numba kernels in this process; None without numba."""
+    from .model.scan import numba_cross_scan_fn
+    if numba_cross_scan_fn() is None:
+        return None
+    from numba.core.dispatcher import Dispatcher
+
+    from .model import scan_numba
+    hits = misses = 0
+    for kernel in vars(scan_numba).values():
+        if isinstance(kernel, Dispatcher):
+            hits += sum(kernel.stats.cache_hits.values())
+            misses += sum(kernel.stats.cache_misses.values())
+    return hits, misses
+
+
+def describe(stats: tuple[int, int] | None) -> str:
+    """Say where the CPU kernels came from, for a log line."""
+    if stats is None:
+        return 'numba is not installed: the slower PyTorch scan runs on the CPU'
+    hits, misses = stats
+    if misses:
+        return ('CPU kernels compiled now and cached for the next start '
+                '(python3 -m s4fusion_ros.precompile does this ahead)')
+    return 'CPU kernels loaded from the cache' if hits else 'no CPU kernel used'
+
+
+def precompile() -> str:
+    """Run each preset once on the CPU, which compiles (or loads) the kernels; one line back."""
+    from .engine import FusionEngine
+    from .runtime import load_fusion_model
+    started = time.perf_counter()
+    for preset in PRESETS:
+        FusionEngine(load_fusion_model(preset=preset, device='cpu')).warm_up()
+    return f'{describe(kernel_cache_stats())}, {time.perf_counter() - started:.1f} s'
+
+
+def main() -> int:
+    """Console use: python3 -m s4fusion_ros.precompile."""
+    from .model.scan_numba import CACHE_DIR
+    print(f's4fusion_ros.precompile: {precompile()} ({CACHE_DIR})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Console entry point of s4fusion_node: a stop signal at any moment is a clean exit (code 0).
+
+This module imports nothing heavy, so its signal handlers are in place before torch, numba and
+rclpy load (seconds): `ros2 launch` may send SIGINT while the node is still starting. Ctrl-C on
+`ros2 launch` signals the whole process group, so the node gets the terminal's SIGINT and then
+launch's (and SIGTERM if it is slow to stop): only the first signal interrupts, any later one is
+noted and ignored, so it cannot turn a clean stop into a traceback.
+"""
+
+import gc
+import os
+import signal
+import sys
+
+PROG = 's4fusion_node'
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once; after that, or once stopping began, none.
+
+    rclpy's own handlers (installed at rclpy.init) wake the executor and then call these.
+    """
+
+    def __init__(self):
+        self.stopping = False
+        self.received = False
+
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM with this object."""
+        for number in STOP_SIGNALS:
+            signal.signal(number, self)
+
+    def __call__(self, number, frame) -> None:
+        """Handle a stop signal (Python calls this in the main thread)."""
+        if self.stopping:
+            print(f'{PROG}: {signal.Signals(number).name} while stopping: ignored, still '
+                  'stopping', file=sys.stderr, flush=True)
+            return
+        self.stopping = self.received = True
+        raise KeyboardInterrupt
+
+
+def main(args=None) -> int:
+    """Start the node and spin until a stop signal or a ROS shutdown; return the exit code."""
+    stop = StopSignals()
+    stop.install()
+    node = None
+    code, worker_alive = 0, False
+    try:
+        import rclpy
+        from rclpy.executors import ExternalShutdownException
+
+        from .node import S4FusionNode
+        rclpy.init(args=args)
+        try:
+            node = S4FusionNode()
+            rclpy.spin(node)
+        except ExternalShutdownException:
+            pass
+        finally:
+            stop.stopping = True  # from here on a signal must not interrupt the clean-up
+            if node is not None:
+                node.destroy_node()  # waits briefly for an inference in progress
+                worker_alive = node.worker.alive
+            rclpy.try_shutdown()
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:  # noqa: BLE001 - start-up errors get one clear line, no traceback
+        # A signal during an import can surface as that import's error (rclpy's C extension
+        # reports an ImportError): after a stop signal, any error is part of stopping.
+        if not stop.received:
+            print(f'{PROG}: {error}', file=sys.stderr)
+            code = 1
+    # Python's exit resets its handlers to the default, which ends the process by the signal
+    # (exit code -2 or -15): during the exit a late signal is ignored instead.
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    if worker_alive:
+        # An inference cannot be interrupted, and finalizing the interpreter under a thread
+        # inside torch aborts ('terminate called without an active exception'). ROS is shut
+        # down, so end the process here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    # The exit-time garbage collection of torch's objects takes most of a second on a busy CPU;
+    # the process frees them anyway, so a signal ends the node within a second.
+    gc.freeze()
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

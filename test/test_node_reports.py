@@ -1,0 +1,138 @@
+"""What the node reports: QoS mismatches per topic, unknown parameters, honest latency.
+
+Also the message_filters synchronizer backend (sync.backend), or its clear absence.
+"""
+
+import importlib.util
+import time
+
+import numpy as np
+import pytest
+
+from ros_harness import Probe, image_message, node_log, rclpy, running_node
+
+pytestmark = pytest.mark.ros
+
+PARAMS = {'device': 'cpu', 'inference_size': [80, 60], 'diagnostics.period': 0.2}
+THERMAL = np.random.default_rng(0).integers(20000, 30000, (120, 160), dtype=np.uint16)
+VISIBLE = np.full((120, 160, 3), 90, np.uint8)
+HAVE_MESSAGE_FILTERS = importlib.util.find_spec('message_filters') is not None
+
+
+@pytest.fixture(scope='module')
+def ros_context():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+def wait_for_log(proc, *needles, timeout: float = 60.0) -> str:
+    """Return the node's log once it contains every needle."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        log = node_log(proc)
+        if all(needle in log for needle in needles):
+            return log
+        assert proc.poll() is None, log
+        time.sleep(0.1)
+    raise AssertionError(f'{needles} not in the log:\n{node_log(proc)}')
+
+
+class Diagnostics:
+    """The node's latest /diagnostics values, as the probe receives them."""
+
+    def __init__(self, probe):
+        from diagnostic_msgs.msg import DiagnosticArray
+        self.values, self.received = {}, 0
+        probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_message, 10)
+
+    def _on_message(self, array) -> None:
+        for status in array.status:
+            if status.name.endswith('s4fusion_node: fusion'):
+                self.values = {kv.key: kv.value for kv in status.values}
+                self.received += 1
+
+
+def fuse_pairs(probe, proc, stamp_ns: int, count: int) -> None:
+    """Publish pairs stamped from `stamp_ns` until `count` more fused outputs arrived."""
+    wanted = len(probe.fused) + count
+    end = time.monotonic() + 120
+    while len(probe.fused) < wanted:
+        probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp_ns, 'thermal'))
+        probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp_ns, 'rgb'))
+        probe.spin_for(0.2)
+        stamp_ns += 100_000_000
+        assert time.monotonic() < end and proc.poll() is None, node_log(proc)
+
+
+def fresh_diagnostics(probe, diagnostics) -> dict:
+    """Return the values of a diagnostics message received after this call."""
+    seen = diagnostics.received
+    assert probe.spin_until(lambda: diagnostics.received > seen + 1, 30), 'no diagnostics'
+    return diagnostics.values
+
+
+def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_context):
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+    probe = Probe('qos_probe')
+    # Best-effort (sensor-data) publishers on both inputs; the node subscribes reliable.
+    publishers = [probe.create_publisher(Image, topic, qos_profile_sensor_data)
+                  for topic in ('thermal/image_raw', 'visible/image_raw')]
+    with running_node({**PARAMS, 'normalisation.mode': 'minmax'},
+                      extra_args=['-p', 'sync.slopp:=0.1']) as proc:
+        log = wait_for_log(proc, "qos.input.reliability:=best_effort")
+        log = wait_for_log(proc, '/thermal/image_raw: a publisher offers QoS incompatible',
+                           '/visible/image_raw: a publisher offers QoS incompatible')
+    for publisher in publishers:
+        probe.destroy_publisher(publisher)
+    probe.destroy_node()
+    assert 'ignoring unknown parameters' in log, log
+    assert 'normalisation.mode, sync.slopp' in log, log
+
+
+def test_latency_is_reported_only_when_stamps_and_clock_agree(ros_context):
+    probe = Probe('latency_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node(PARAMS) as proc:
+        probe.wait_for_node(proc)
+        # A recording from 2020 played in wall time without /clock: years "late".
+        fuse_pairs(probe, proc, 1_600_000_000 * 10**9, count=2)
+        old = fresh_diagnostics(probe, diagnostics)
+        fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, count=2)
+        live = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert old['end-to-end latency mean (s)'].startswith('n/a: the stamps are not on'), old
+    assert int(old['pairs stamped off the node clock (no latency)']) >= 2, old
+    assert 0.0 <= float(live['end-to-end latency mean (s)']) < 60.0, live
+    assert 0.0 <= float(live['end-to-end latency p95 (s)']) < 60.0, live
+
+
+@pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
+def test_message_filters_backend_without_the_package_is_a_clear_start_up_error():
+    with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
+        code = proc.wait(timeout=120)
+    log = node_log(proc)
+    assert code == 1, log
+    assert 'sync.backend message_filters needs the ROS 2 package message_filters' in log, log
+    assert 'Traceback' not in log and 'loading the model' not in log, log
+
+
+@pytest.mark.skipif(not HAVE_MESSAGE_FILTERS, reason='message_filters needs a ROS 2 distro')
+def test_message_filters_backend_pairs_and_fuses(ros_context):
+    probe = Probe('message_filters_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
+        probe.wait_for_node(proc)
+        fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, count=3)
+        values = fresh_diagnostics(probe, diagnostics)
+        # Stamps 20 ms apart pair within the default slop (50 ms).
+        stamp = probe.get_clock().now().nanoseconds
+        probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'thermal'))
+        probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp + 20_000_000, 'offset'))
+        assert probe.spin_until(lambda: any(m.header.frame_id == 'offset' for m in probe.fused),
+                                60), node_log(proc)
+    probe.destroy_node()
+    assert values['sync backend'] == 'message_filters', values
+    assert int(values['pairs']) >= 3, values
+    assert values['thermal unpaired'].startswith('n/a'), values

@@ -1,0 +1,112 @@
+"""Stop signals at any moment of the node's life end it cleanly: exit code 0, no traceback.
+
+`ros2 launch` sends SIGINT (then SIGTERM) and treats any other exit code as a crash; Ctrl-C on
+`ros2 launch` signals the node twice (the terminal's SIGINT, then launch's). The node runs as its
+own process from its console entry point, as launch starts it.
+"""
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from ros_harness import Probe, image_message, node_log, rclpy, running_node
+
+pytestmark = pytest.mark.ros
+
+PARAMS = {'device': 'cpu', 'inference_size': [160, 120]}
+STOP_TIMEOUT_S = 30
+
+
+@pytest.fixture(scope='module')
+def ros_context():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+def stopped_cleanly(proc, *signals, gap: float = 0.0) -> str:
+    """Send the signals (`gap` s apart) and return the node's log once it has exited with 0."""
+    for number in signals:
+        proc.send_signal(number)
+        time.sleep(gap)
+    code = proc.wait(timeout=STOP_TIMEOUT_S)
+    log = node_log(proc)
+    assert code == 0, f'exit code {code}\n{log}'
+    assert 'Traceback' not in log, log
+    return log
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (its caught-signal mask in /proc)."""
+    with open(f'/proc/{pid}/status') as status:
+        caught = next(line for line in status if line.startswith('SigCgt:'))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize('number', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('delay', [0.0, 1.0])
+def test_a_signal_while_python_loads_is_a_clean_exit(number, delay):
+    """Right after the entry point's first statement torch, numba and rclpy are still to load.
+
+    Before that statement (the interpreter's own start, about 0.1 s) the default action of SIGTERM
+    applies; from it on, a stop signal is a clean exit.
+    """
+    with running_node(PARAMS) as proc:
+        end = time.monotonic() + 60
+        while not catches_sigterm(proc.pid):
+            assert proc.poll() is None and time.monotonic() < end, node_log(proc)
+            time.sleep(0.005)
+        time.sleep(delay)
+        if not delay:
+            assert 'loading the model' not in node_log(proc), 'too late: the imports were done'
+        stopped_cleanly(proc, number)
+
+
+@pytest.mark.parametrize('number', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_model_loads_is_a_clean_exit(number):
+    """After its parameters the node loads and warms up the model (seconds) before subscribing."""
+    with running_node(PARAMS) as proc:
+        end = time.monotonic() + 60
+        while 'loading the model' not in node_log(proc) and time.monotonic() < end:
+            assert proc.poll() is None, node_log(proc)
+            time.sleep(0.02)
+        proc.send_signal(number)
+        log_at_signal = node_log(proc)
+        stopped_cleanly(proc)
+    assert 'loading the model' in log_at_signal, log_at_signal
+    assert 'model warmed up' not in log_at_signal, 'the model was ready: nothing was tested'
+
+
+@pytest.mark.parametrize('signals', [(signal.SIGINT, signal.SIGINT),
+                                     (signal.SIGINT, signal.SIGTERM),
+                                     (signal.SIGINT, signal.SIGINT, signal.SIGTERM)])
+def test_more_signals_during_shutdown_do_not_break_it(ros_context, signals):
+    """Ctrl-C on ros2 launch: SIGINT from the terminal, SIGINT from launch, maybe SIGTERM."""
+    probe = Probe('shutdown_probe')
+    # Full-size inference (about 0.5 s a pair here) and a queue that never runs dry: the node
+    # stops with an inference in progress, which it waits for, so the later signals arrive then.
+    thermal = np.random.default_rng(0).integers(0, 65535, (480, 640), dtype=np.uint16)
+    visible = np.full((480, 640, 3), 90, np.uint8)
+    with running_node({'device': 'cpu', 'inference.queue_size': 100}) as proc:
+        probe.wait_for_node(proc)
+        stamp = probe.get_clock().now().nanoseconds
+        while len(probe.fused) < 2:
+            probe.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'thermal'))
+            probe.visible_pub.publish(image_message(visible, 'bgr8', stamp, 'rgb'))
+            probe.spin_for(0.1)
+            stamp += 100_000_000
+            assert proc.poll() is None, node_log(proc)
+        log = stopped_cleanly(proc, *signals, gap=0.05)
+    probe.destroy_node()
+    assert 'while stopping: ignored' in log, log
+
+
+def test_a_start_up_error_is_one_line_and_exit_code_1():
+    """What is not a stop signal still fails: an unusable parameter value."""
+    with running_node({**PARAMS, 'model.preset': 'huge'}) as proc:
+        code = proc.wait(timeout=120)
+    log = node_log(proc)
+    assert code == 1, log
+    assert 'Traceback' not in log and 'model.preset' in log, log

@@ -1,0 +1,207 @@
+"""The package as ROS 2 tools find and test it.
+
+An ament prefix (pip installs too), colcon's test extra, setup.py options that do not break pip,
+package.xml dependencies, and a pytest that launch_testing's plugin loads into.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from paths import REPO
+
+PACKAGE = 's4fusion_ros'
+LOOKUP = """
+import os, sys
+from ament_index_python.packages import get_package_prefix, get_package_share_directory
+share, prefix = get_package_share_directory(sys.argv[1]), get_package_prefix(sys.argv[1])
+print(share)
+print(prefix)
+"""
+
+
+def ament_lookup(prefix, **env) -> tuple[pathlib.Path, pathlib.Path]:
+    """(share directory, prefix) as ament_index_python finds them via `prefix` (a path list)."""
+    pytest.importorskip('ament_index_python', reason='ament_index_python is not installed')
+    done = subprocess.run([sys.executable, '-c', LOOKUP, PACKAGE], capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, 'AMENT_PREFIX_PATH': str(prefix), **env})
+    assert done.returncode == 0, done.stderr
+    share, found = done.stdout.split()
+    return pathlib.Path(share), pathlib.Path(found)
+
+
+def check_ament_layout(prefix: pathlib.Path, **env) -> None:
+    """The share files and executables where ros2 launch, ros2 run and launch_ros look."""
+    share, found = ament_lookup(prefix, **env)
+    assert found == prefix and share == prefix / 'share' / PACKAGE
+    for name in ('package.xml', 'launch/s4fusion.launch.py', 'config/s4fusion.yaml'):
+        assert (share / name).is_file(), name
+    assert (share / 'package.xml').read_text() == (REPO / 'package.xml').read_text()
+    for name in ('s4fusion_node', 's4fusion-play', 's4fusion-demo'):
+        assert os.access(prefix / 'lib' / PACKAGE / name, os.X_OK), name
+    # The executable under lib/ runs this installation's Python.
+    done = subprocess.run([str(prefix / 'lib' / PACKAGE / 's4fusion-play'), '--help'],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0 and 'usage: s4fusion-play' in done.stdout, done.stderr
+
+
+def test_this_installation_is_an_ament_prefix():
+    """The prefix the package runs from is one ament finds.
+
+    scripts/setup.sh installs the package editable into the venv and lays out the prefix; colcon
+    installs it into install/s4fusion_ros, which AMENT_PREFIX_PATH names.
+    """
+    from s4fusion_ros import ament_prefix
+    prefix = pathlib.Path(sys.prefix)
+    try:
+        distribution = ament_prefix.installed_distribution(prefix)
+    except ament_prefix.PrefixError:  # not pip-installed here: colcon's prefix, if any
+        _, prefix = ament_lookup(os.environ.get('AMENT_PREFIX_PATH', ''))
+        distribution = None
+    check_ament_layout(prefix)
+    if distribution is not None and ament_prefix.editable_source(distribution) == REPO:
+        # Editable: the launch file is the source's, so an edit needs no reinstall.
+        launch_file = prefix / 'share' / PACKAGE / 'launch/s4fusion.launch.py'
+        assert launch_file.resolve() == REPO / 'launch/s4fusion.launch.py'
+
+
+def test_a_plain_pip_install_is_an_ament_prefix(tmp_path):
+    source, prefix = tmp_path / 'source', tmp_path / 'prefix'
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        '.git', '.venv', 'build', 'install', 'log', '*.egg-info', 'demo_output', 'runs',
+        '__pycache__', '.pytest_cache', '.hypothesis'))
+    # --ignore-installed: else pip uninstalls the package from this environment first.
+    done = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
+                           '--ignore-installed', '--no-build-isolation',
+                           '--disable-pip-version-check', '--prefix', str(prefix), str(source)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    site = sysconfig.get_path('purelib', vars={'base': str(prefix), 'platbase': str(prefix)})
+    env = {'PYTHONPATH': site}
+    done = subprocess.run([sys.executable, '-m', 's4fusion_ros.ament_prefix', str(prefix)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_ament_layout(prefix, **env)
+    # pip installed the share/ files themselves (data_files), not links into the source.
+    assert not (prefix / 'share' / PACKAGE / 'package.xml').is_symlink()
+
+
+def setup_distribution():
+    """setup.py and setup.cfg as setuptools reads them (no build)."""
+    from setuptools import distutils  # noqa: F401 - setuptools' distutils for run_setup
+    from distutils.core import run_setup
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return run_setup('setup.py', stop_after='config')
+    finally:
+        os.chdir(cwd)
+
+
+def test_setup_options_are_valid_for_this_setuptools():
+    """Every option setup.cfg / setup.py give a command exists; colcon's layout stays.
+
+    setuptools 80+ dropped develop's script_dir: setting it broke editable installs.
+    """
+    from setuptools.command.develop import develop
+    distribution = setup_distribution()
+    for command in ('develop', 'install'):
+        distribution.get_command_obj(command)  # DistutilsOptionError for an unknown option
+    assert distribution.get_command_obj('install').install_scripts == '$base/lib/s4fusion_ros'
+    if any(option[0] == 'script-dir=' for option in develop.user_options):
+        assert distribution.get_command_obj('develop').script_dir == '$base/lib/s4fusion_ros'
+
+
+def test_colcon_test_finds_pytest_in_the_test_extra():
+    """colcon test runs pytest only when extras_require['test'] names it."""
+    packaging = pytest.importorskip('packaging.requirements')
+    import pytest as installed
+    test_extra = setup_distribution().extras_require['test']
+    requirements = {r.name: r for r in map(packaging.Requirement, test_extra)}
+    assert {'pytest', 'hypothesis', 'pycodestyle'} <= set(requirements)
+    assert installed.__version__ in requirements['pytest'].specifier
+    assert '9.0.0' not in requirements['pytest'].specifier
+
+
+OLD_LAUNCH_TESTING_PLUGIN = '''
+"""The hook as launch_testing's pytest plugin declared it before the 2026 fixes."""
+
+
+def pytest_pycollect_makemodule(path, parent):
+    return None
+'''
+
+
+def test_pytest_loads_launch_testings_old_plugin_hook(tmp_path):
+    """pytest 9 refuses `path` in this hook at plugin load (exit 3 for every test run)."""
+    (tmp_path / 'old_launch_testing_hooks.py').write_text(OLD_LAUNCH_TESTING_PLUGIN)
+    (tmp_path / 'test_trivial.py').write_text('def test_trivial():\n    pass\n')
+    env = {name: value for name, value in os.environ.items() if name != 'PYTEST_ADDOPTS'}
+    done = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'old_launch_testing_hooks',
+                           '-p', 'no:cacheprovider', 'test_trivial.py'], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**env, 'PYTHONPATH': str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r'\b1 passed\b', done.stdout), done.stdout
+    pinned = re.search(r'^pytest==(\S+)$', (REPO / 'requirements.txt').read_text(), re.M)
+    assert pinned and int(pinned.group(1).split('.')[0]) < 9
+
+
+# What package.xml declares for an import: rosdep keys of Python modules, and the modules that
+# only pip provides (the README's robot section installs them). Other imports are ROS packages.
+ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml',
+               'tqdm': 'python3-tqdm', 'setuptools': 'python3-setuptools',
+               'pytest': 'python3-pytest', 'hypothesis': 'python3-hypothesis',
+               'pycodestyle': 'python3-pycodestyle', 'packaging': 'python3-packaging'}
+PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags',
+            'mamba_ssm', 'ray'}  # the optional extras [gpu] and [ray]
+
+
+def imported_modules(*folders: str) -> set[str]:
+    """Top-level names of the third-party modules the folders' Python files import."""
+    import ast
+    local = {path.stem for path in (REPO / 'test').glob('*.py')} | {PACKAGE}
+    names = set()
+    for folder in folders:
+        for path in (REPO / folder).rglob('*.py'):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.split('.')[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names.add(node.module.split('.')[0])
+    return {name for name in names if name not in sys.stdlib_module_names and name not in local}
+
+
+def declared(kinds: tuple[str, ...]) -> set[str]:
+    """Dependency keys of package.xml of the given kinds (exec_depend, ...)."""
+    import xml.etree.ElementTree as ElementTree
+    root = ElementTree.parse(REPO / 'package.xml').getroot()
+    return {element.text for kind in kinds for element in root.iter(kind)}
+
+
+def keys_for(modules: set[str]) -> set[str]:
+    return {ROSDEP_KEYS.get(name, name) for name in modules - PIP_ONLY}
+
+
+def test_package_xml_declares_what_the_code_imports():
+    """rosdep install then brings exactly what the node, tools and launch file use."""
+    runtime = declared(('exec_depend', 'depend', 'buildtool_depend'))
+    used = keys_for(imported_modules(PACKAGE, 'launch')) | {'python3-setuptools'}
+    assert used == runtime, f'undeclared: {used - runtime}; unused: {runtime - used}'
+    tests = keys_for(imported_modules('test')) | {'python3-packaging'}  # importorskip'd
+    assert tests <= runtime | declared(('test_depend',)), tests - runtime
+    assert declared(('test_depend',)) <= tests, declared(('test_depend',)) - tests
+
+
+def test_pip_only_dependencies_are_named_in_the_readme():
+    readme = (REPO / 'README.md').read_text()
+    robot = readme[readme.index('## On a robot with a ROS 2 distro'):]
+    for name in ('torch', 'numba', 'safetensors', 'rosbags'):
+        assert name in robot.split('\n## ')[0], name

@@ -1,0 +1,75 @@
+"""s4fusion-play --wait-for NODE: playback starts once that node subscribes to the topics.
+
+Even when another subscriber is there first: a fusion node joins the ROS graph before it has
+loaded its model and subscribed.
+"""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ros_harness import rclpy
+
+pytestmark = pytest.mark.ros
+
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+
+from s4fusion_ros.bagio import image_topics, open_bag, pick_topics  # noqa: E402
+from s4fusion_ros.ros.demo import sample_bag  # noqa: E402
+from s4fusion_ros.ros.player import message_class  # noqa: E402
+
+PLAYER = [sys.executable, '-m', 's4fusion_ros.ros.player']
+NAMESPACE = '/wait_test'
+
+
+def subscribe(node, topics, received: list) -> None:
+    """Record (arrival time, topic) of every message on the topics."""
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    for topic, msgtype in topics.items():
+        node.create_subscription(message_class(msgtype), topic,
+                                 lambda msg, t=topic: received.append((time.monotonic(), t)), qos)
+
+
+def test_playback_waits_for_the_named_node():
+    bag = sample_bag()
+    with open_bag(bag) as reader:
+        played = pick_topics(image_topics(reader, bag), bag)
+    topics = {f'{NAMESPACE}/{role}': topic.msgtype
+              for role, topic in zip(('thermal', 'visible'), played)}
+    rclpy.init()
+    try:
+        bystander, early = rclpy.create_node('bystander', namespace=NAMESPACE), []
+        subscribe(bystander, topics, early)
+        command = [*PLAYER, str(bag), '--rate', '4', '--wait', '120', '--wait-for',
+                   f'{NAMESPACE}/target', '--topics', *(t.topic for t in played)]
+        for topic, name in zip(played, topics):
+            command += ['--remap', f'{topic.topic}:={name}']
+        player = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        end = time.monotonic() + 8  # the bystander is matched within a few seconds
+        while time.monotonic() < end:
+            rclpy.spin_once(bystander, timeout_sec=0.05)
+        assert player.poll() is None and not early, 'the player did not wait for the target'
+        target, received = rclpy.create_node('target', namespace=NAMESPACE), []
+        subscribe(target, topics, received)
+        target_started = time.monotonic()
+        executor = rclpy.executors.SingleThreadedExecutor()
+        for node in (bystander, target):
+            executor.add_node(node)
+        end = time.monotonic() + 180
+        while player.poll() is None and time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+        for _ in range(40):  # messages still in flight when the player exits
+            executor.spin_once(timeout_sec=0.05)
+        output = player.communicate(timeout=30)[0]
+        assert player.returncode == 0, output
+        assert f'waiting for {NAMESPACE}/target to subscribe' in output, output
+        assert len(received) == sum(t.count for t in played), output
+        assert early and min(t for t, _ in early) > target_started, output
+        executor.shutdown()
+        bystander.destroy_node()
+        target.destroy_node()
+    finally:
+        rclpy.try_shutdown()

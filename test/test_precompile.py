@@ -1,0 +1,39 @@
+"""The CPU kernels compiled ahead: a start of the node then loads them from numba's cache.
+
+scripts/setup.sh runs s4fusion_ros.precompile; without it the node compiles them (15-30 s) before
+subscribing.
+"""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ros_harness import Probe, node_log, rclpy, running_node
+
+pytestmark = pytest.mark.ros
+
+
+def test_a_start_after_precompile_loads_the_kernels_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(tmp_path / 'numba'))  # cold, for this test only
+    # cwd: `python -m` puts it first on sys.path, and in a colcon workspace's source folder that
+    # would compile the source copy, not the installed one the node runs (numba caches per file).
+    done = subprocess.run([sys.executable, '-m', 's4fusion_ros.precompile'], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert 'CPU kernels compiled now' in done.stdout, done.stdout
+    assert list((tmp_path / 'numba').rglob('*.nbc')), 'nothing cached'
+    rclpy.init()
+    try:
+        probe = Probe('precompile_probe')
+        started = time.monotonic()
+        with running_node({'device': 'cpu'}) as proc:
+            probe.wait_for_node(proc)
+            seconds = time.monotonic() - started
+            log = node_log(proc)
+        probe.destroy_node()
+    finally:
+        rclpy.shutdown()
+    assert 'CPU kernels loaded from the cache' in log, log
+    print(f'node subscribed {seconds:.1f} s after its start (warm kernel cache)')
