@@ -188,8 +188,8 @@ def render_section(scores: dict, frames: int, command: str, notes: list[str]) ->
     lines = [f'{SECTION_BEGIN} (regenerate with the command below; s4fusion-eval keeps it) -->',
              '## Temporal stability (flicker on M3SVD video)', '',
              f'- Command: `{command}`',
-             f'- Frames: the first {frames} of each clip (consecutive frame pairs: '
-             f'{frames - 1} per clip), 640x480, through the node\'s pipeline with its default '
+             f'- Frames: the first {frames} of each clip ({frames - 1} consecutive frame pairs '
+             'per clip) at the clips\' size, through the node\'s pipeline with its default '
              'parameters: thermal (mono8) normalized by the smoothed percentile window, model '
              'on luminance, colour from the visible image, bgr8 output.',
              f'- Static pixels (neither source\'s smoothed frame difference reaches '

@@ -217,14 +217,22 @@ def display_path(path: pathlib.Path) -> str:
 def describe_weights(config: OursConfig) -> str:
     """The checkpoint of a configuration and the training information its JSON records."""
     meta, _ = read_config(config.weights)
-    digest = hashlib.sha256(config.weights.read_bytes()).hexdigest()[:16]
-    line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {digest}, preset '
+    line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)}, preset '
             f'{meta.get("preset") or "custom"}, {meta.get("parameters", "?")} parameters)')
     training = meta.get('training')
     if not isinstance(training, dict):
         return line + '; its JSON holds no training information'
     return line + '; training: ' + '; '.join(f'{key} {_brief(value)}'
                                              for key, value in training.items())
+
+
+def weights_identity(config: OursConfig) -> str:
+    """The checkpoint of a configuration in one line: path and hash (training: see the report)."""
+    return f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)})'
+
+
+def _digest(config: OursConfig) -> str:
+    return hashlib.sha256(config.weights.read_bytes()).hexdigest()[:16]
 
 
 def _brief(value) -> str:
@@ -408,7 +416,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     notes = ([f'VIDEO_DIR: the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and '
               f'`visible` as `ir/` and `vi/`); clips: {", ".join(clips)}.',
               f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
-              f'{environment()}.'] + [describe_weights(c) for c in configs] + skipped)
+              f'{environment()}.'] + [weights_identity(c) for c in configs] + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes)
     text = args.out.read_text() if args.out.is_file() else ''
     args.out.parent.mkdir(parents=True, exist_ok=True)
