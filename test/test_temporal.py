@@ -99,3 +99,15 @@ def test_eval_writes_only_the_flicker_section(video_dir, tmp_path):
     assert '| clip | Average | Max |' in section and str(video_dir) not in section
     for clip in temporal.clip_names(video_dir):
         assert f'| {clip} |' in section
+
+
+def test_a_full_report_run_keeps_the_flicker_section(ivif_dir, tmp_path):
+    out = tmp_path / 'quality.md'
+    section = f'{temporal.SECTION_BEGIN} -->\n## Temporal stability\n{temporal.SECTION_END}'
+    out.write_text(f'# earlier report\n\n{section}\n\nearlier reading\n')
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '1',
+                          '--methods', 'average', '--out', str(out),
+                          '--grid', str(tmp_path / 'grid.png')]) == 0
+    text = out.read_text()
+    assert text.startswith('# Fusion quality') and 'earlier' not in text
+    assert temporal.section_of(text) == section
