@@ -222,11 +222,13 @@ def summary_line(monitor: Monitor, fused: int, seconds: float, drained_ok: bool,
     """
     number = monitor.number
     state = '' if drained_ok else ' (stopped at the timeout before the node had caught up)'
+    dropped = number('pairs dropped (inference busy)')
+    why = ('the node fuses the newest pair and drops those that arrive while the model runs; '
+           if dropped else '')
     return (f'{fused} pairs fused of {number("pairs"):.0f} paired '
-            f'({number("pairs dropped (inference busy)"):.0f} dropped while inference was busy: '
-            'the node fuses the newest pair and drops those that arrive while the model runs; '
-            f'inference took {number("inference latency mean (s)") * 1e3:.0f} ms mean against a '
-            f'thermal frame every {period_s / rate * 1e3:.0f} ms at playback rate {rate:g}) '
+            f'({dropped:.0f} dropped while inference was busy: {why}inference took '
+            f'{number("inference latency mean (s)") * 1e3:.0f} ms mean against a thermal frame '
+            f'every {period_s / rate * 1e3:.0f} ms at playback rate {rate:g}) '
             f'from {number("thermal received"):.0f} thermal + '
             f'{number("visible received"):.0f} visible frames (unpaired: '
             f'{number("thermal unpaired"):.0f} thermal, {number("visible unpaired"):.0f} '
