@@ -8,6 +8,7 @@ be wider than MAX_WIDTH.
 
 import pathlib
 import sys
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -95,23 +96,20 @@ class SideBySideVideo:
         self.close()
 
 
-def recorded_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
-                   pipeline: FusionPipeline, wanted: set[int]) -> dict[int, PreparedPair]:
-    """{visible stamp: the pair the node prepared} for the `wanted` visible stamps of an input bag.
+def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
+              pipeline: FusionPipeline) -> Iterator[PreparedPair]:
+    """Every pair the node's pipeline prepares from an input bag, in recorded order.
 
     The pipeline (the node's, same parameters) runs on every input message in recorded order, so
     the thermal image of each pair is exactly what the node normalized and fused.
     """
-    pairs = {}
     roles = {thermal_topic: pipeline.add_thermal, visible_topic: pipeline.add_visible}
     with open_bag(bag) as reader:
         for connection, _, raw in read_messages(reader, bag, roles):
             message = deserialize(bag, connection, raw)
-            prepared = roles[connection.topic](message, stamp_to_ns(message.header.stamp),
+            yield from roles[connection.topic](message, stamp_to_ns(message.header.stamp),
                                                message.header.frame_id)
-            pairs.update((p.visible_stamp_ns, p) for p in prepared if p.visible_stamp_ns in wanted)
-    pairs.update((p.visible_stamp_ns, p) for p in pipeline.flush() if p.visible_stamp_ns in wanted)
-    return pairs
+    yield from pipeline.flush()
 
 
 def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic: str,
@@ -127,7 +125,10 @@ def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic:
             message = deserialize(output_bag, connection, raw)
             outputs[connection.topic][stamp_to_ns(message.header.stamp)] = message
     stamps = sorted(set(outputs[fused_topic]) & set(outputs[saliency_topic]))
-    pairs = recorded_pairs(input_bag, thermal_topic, visible_topic, pipeline, set(stamps))
+    wanted = set(stamps)
+    pairs = {pair.visible_stamp_ns: pair for pair in bag_pairs(input_bag, thermal_topic,
+                                                               visible_topic, pipeline)
+             if pair.visible_stamp_ns in wanted}
     stamps = [stamp for stamp in stamps if stamp in pairs]
     if not stamps:
         return 0

@@ -33,10 +33,10 @@ from rclpy.signals import SignalHandlerOptions
 from .. import settings
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, pick_topics, read_messages)
-from ..imaging.encodings import decode_visible, image_to_array
 from ..engine import FusionEngine
+from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
-from ..video import export_recording, saliency_bgr
+from ..video import bag_pairs, export_recording, saliency_bgr
 from .recorder import TopicRecorder
 
 PROG = 's4fusion-demo'
@@ -162,20 +162,6 @@ def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_afte
     return received and settled and recorded and monitor.status_stamp >= done_after_ns
 
 
-def first_pair(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic, values: dict):
-    """The bag's first pair as the node prepares it (None when it has none)."""
-    pipeline = settings.pipeline_from_params(values)
-    roles = {thermal.topic: pipeline.add_thermal, visible.topic: pipeline.add_visible}
-    with open_bag(bag) as reader:
-        for connection, _, raw in read_messages(reader, bag, roles):
-            message = deserialize(bag, connection, raw)
-            pairs = roles[connection.topic](message, stamp_to_ns(message.header.stamp),
-                                            message.header.frame_id)
-            if pairs:
-                return pairs[0]
-    return next(iter(pipeline.flush()), None)
-
-
 def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
                      values: dict, span_s: float) -> tuple[float, float, float]:
     """(rate, seconds the model takes a pair, seconds between thermal frames) for this CPU.
@@ -183,7 +169,8 @@ def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic
     The rate is at most 1 and leaves HEADROOM of each thermal period to everything else.
     """
     period = span_s / max(thermal.count, 1)
-    pair = first_pair(bag, thermal, visible, values)
+    pair = next(bag_pairs(bag, thermal.topic, visible.topic,
+                          settings.pipeline_from_params(values)), None)
     if pair is None:
         return 1.0, float('nan'), period
     engine = FusionEngine(settings.model_from_params(values), settings.fusion_settings(values))
