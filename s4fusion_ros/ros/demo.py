@@ -256,8 +256,12 @@ def run(args: argparse.Namespace) -> str:
     isolate_dds(args.domain_id, logs)
     play = [executable('s4fusion-play'), str(bag), '--clock', '--keep-alive',
             '--rate', str(rate), '--topics', thermal.topic, visible.topic]
+    # The node times sync.timeout in wall seconds since the latest message: played slower, the
+    # bag's frames arrive further apart in wall time, so the timeout stretches with them.
+    timeout = min(settings.SPECS['sync.timeout'].range[1], values['sync.timeout'] / rate)
     node_command = [executable(settings.NODE_NAME), '--ros-args', '--params-file',
-                    str(node_params_file(args, logs)), '-p', 'use_sim_time:=true']
+                    str(node_params_file(args, logs)), '-p', 'use_sim_time:=true',
+                    '-p', f'sync.timeout:={timeout:.3f}']
     for role, topic in (('thermal', thermal), ('visible', visible)):
         # A CompressedImage topic goes to the node's .../compressed input.
         suffix = '/compressed' if topic.compressed else ''
