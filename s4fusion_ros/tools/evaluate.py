@@ -323,8 +323,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('docs/quality.md'))
     parser.add_argument('--grid', type=pathlib.Path, default=pathlib.Path('docs/quality_grid.png'))
     parser.add_argument('--flicker', type=pathlib.Path, metavar='VIDEO_DIR',
-                        help='instead of the report, measure flicker on the clips of VIDEO_DIR '
-                        '(ir/<clip>.mp4, vi/<clip>.mp4; M3SVD) and replace only the flicker '
+                        help='instead of the report, measure the flicker of ours and the '
+                        'baselines among --methods on the clips of VIDEO_DIR (ir/<clip>.mp4, '
+                        'vi/<clip>.mp4: the M3SVD test videos) and replace only the flicker '
                         'section of --out')
     parser.add_argument('--flicker-frames', type=int, default=60, metavar='N',
                         help='with --flicker: the first N frames of each clip (default: '
@@ -411,7 +412,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
         return tqdm(pairs, desc=label, unit='frame', file=sys.stderr, leave=False)
 
     scores = temporal.measure_clips(args.flicker, clips, args.flicker_frames, engines, progress)
-    # Where the videos lie here is nobody else's business: the section names the dataset.
+    # The section names the dataset, not this machine's path to it.
     command = shlex.join([PROG, *['VIDEO_DIR' if a == str(args.flicker) else a for a in argv]])
     notes = ([f'VIDEO_DIR: the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and '
               f'`visible` as `ir/` and `vi/`); clips: {", ".join(clips)}.',
