@@ -239,9 +239,10 @@ def check_output(path: pathlib.Path, overwrite: bool) -> None:
         raise BagError(f'{path} exists and is not a rosbag2 directory; not replacing it')
 
 
-def add_image_topic(writer: Writer, topic: str, qos: Qos = RELIABLE_QOS) -> Connection:
-    """Register a sensor_msgs/msg/Image topic with its definition and type hash."""
-    return writer.add_connection(topic, IMAGE, typestore=typestore(), offered_qos_profiles=[qos])
+def add_image_topic(writer: Writer, topic: str, qos: Qos = RELIABLE_QOS,
+                    msgtype: str = IMAGE) -> Connection:
+    """Register an Image (or CompressedImage) topic with its definition and type hash."""
+    return writer.add_connection(topic, msgtype, typestore=typestore(), offered_qos_profiles=[qos])
 
 
 def copy_topic(writer: Writer, connection: Connection, topic: str | None = None) -> Connection:
@@ -261,13 +262,25 @@ def image_cdr(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: str) ->
     """Serialize an array as a sensor_msgs/msg/Image with the given header."""
     types = typestore().types
     raw = encode_image(array, encoding)
-    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-    header = types['std_msgs/msg/Header'](
-        stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=frame_id)
-    message = types[IMAGE](header=header, height=raw.height, width=raw.width,
+    message = types[IMAGE](header=_header(stamp_ns, frame_id), height=raw.height, width=raw.width,
                            encoding=raw.encoding, is_bigendian=raw.is_bigendian, step=raw.step,
                            data=np.frombuffer(raw.data, np.uint8))
     return typestore().serialize_cdr(message, IMAGE)
+
+
+def compressed_image_cdr(data: bytes, format: str, stamp_ns: int, frame_id: str) -> memoryview:
+    """Serialize encoded image bytes as a sensor_msgs/msg/CompressedImage with the given header."""
+    types = typestore().types
+    message = types[COMPRESSED_IMAGE](header=_header(stamp_ns, frame_id), format=format,
+                                      data=np.frombuffer(data, np.uint8))
+    return typestore().serialize_cdr(message, COMPRESSED_IMAGE)
+
+
+def _header(stamp_ns: int, frame_id: str):
+    types = typestore().types
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    return types['std_msgs/msg/Header'](
+        stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=frame_id)
 
 
 def bag_size(path: pathlib.Path) -> int:

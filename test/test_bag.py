@@ -136,8 +136,9 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
     compressed = storage == 'sqlite3'
     source = write_bag(tmp_path / 'in', short_events, storage, compressed_visible=compressed)
     output, png_dir = tmp_path / 'out', tmp_path / 'png'
+    video = tmp_path / 'video' / 'fused.mp4'
     extra = [] if compressed else ['--include-inputs', '--export-png', str(png_dir),
-                                   '--export-every', '3']
+                                   '--export-every', '3', '--export-video', str(video)]
     assert bag_tool.main([str(source), str(output), '--params', str(params_file)] + extra) == 0
 
     expected = expected_pairs(short_events)
@@ -163,6 +164,11 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         assert messages == recorded
         assert len(list(png_dir.glob('*_fused.png'))) == len(range(0, len(expected), 3))
         assert len(list(png_dir.glob('*_saliency.png'))) == len(range(0, len(expected), 3))
+        capture = cv2.VideoCapture(str(video))  # one frame per pair, four panels wide
+        assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == len(expected)
+        assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) \
+            == (4 * SIZE[0], SIZE[1])
+        capture.release()
     assert f'fused {len(expected)} pairs' in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 import re
 import subprocess
 
+import cv2
 import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
@@ -26,4 +27,7 @@ def test_demo_records_fused_and_saliency_from_the_sample_bag(tmp_path):
         counts = {c.topic: c.msgcount for c in reader.connections}
     assert counts == {'/s4fusion_node/fused': fused, '/s4fusion_node/saliency': fused}
     assert list(out.glob('preview_*.png'))
+    video = cv2.VideoCapture(str(out / 'demo.mp4'))  # one frame per fused pair, four panels
+    assert video.get(cv2.CAP_PROP_FRAME_COUNT) == fused and video.read()[0]
+    assert 'playback rate' in summary and 'dropped while inference was busy' in summary
     assert 'Traceback' not in done.stderr

@@ -1,11 +1,14 @@
 """s4fusion-demo: the whole live chain on the shipped sample bag, in a couple of minutes on a CPU.
 
     s4fusion-play (bag, /clock) -> s4fusion_node (a process, default parameters, sim time)
-        -> a recorder (this process) -> DIR/fused_bag, DIR/preview_*.png, DIR/summary.txt
+        -> a recorder (this process) -> DIR/fused_bag, DIR/preview_*.png, DIR/demo.mp4,
+           DIR/summary.txt
 
 Everything runs in a DDS domain of its own, on loopback only, with Fast DDS's LARGE_DATA
 transports. The node runs as it would on a robot: when inference is slower than the cameras it
-drops pairs (keep_newest), and the summary reports how many.
+drops pairs (keep_newest). So that a slow CPU still shows every pair, the bag is played slower
+than recorded when the node's model, timed here on the bag's first pair, could not keep up with
+the thermal camera; the summary says at what rate, and how many pairs were dropped and why.
 """
 
 import argparse
@@ -28,17 +31,23 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
-from ..bagio import (IMAGE, BagError, create_bag, deserialize, image_topics, open_bag,
-                     pick_topics, read_messages)
+from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
+                     open_bag, pick_topics, read_messages)
+from ..engine import FusionEngine
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
+from ..video import bag_pairs, export_recording, saliency_bgr
 from .recorder import TopicRecorder
 
 PROG = 's4fusion-demo'
-SAMPLE_BAG = 'msrs_sample'
+SAMPLE_BAG = 'm3svd_sample'
 NODE_TOPICS = {'thermal': '/thermal/image_raw', 'visible': '/visible/image_raw'}
 OUTPUT_TOPICS = (f'/{settings.NODE_NAME}/fused', f'/{settings.NODE_NAME}/saliency')
 PREVIEWS = 4
+VIDEO = 'demo.mp4'
+# Share of the CPU time between two thermal frames the model may take: the node also decodes,
+# normalizes and publishes, and the player and the recorder run on the same cores.
+HEADROOM = 0.5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,12 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='play this bag instead of the shipped sample (topics detected)')
     parser.add_argument('--params', type=pathlib.Path,
                         help="the node's parameter file (default: the node's defaults)")
-    parser.add_argument('--rate', type=float, default=1.0, help='playback speed factor')
+    parser.add_argument('--rate', type=float,
+                        help='playback speed factor (default: 1, or slower when the model, '
+                        'timed on the first pair, cannot keep up with the thermal camera)')
     parser.add_argument('--domain-id', type=int, default=60 + os.getpid() % 40,
                         help='ROS_DOMAIN_ID of the demo (default: one derived from the pid)')
     parser.add_argument('--timeout', type=float, default=180.0,
                         help='give up after this many seconds (default: %(default)s)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rate is not None and not args.rate > 0:
+        parser.error('--rate must be > 0')
+    return args
 
 
 def sample_bag() -> pathlib.Path:
@@ -153,6 +167,23 @@ def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_afte
     return received and settled and recorded and monitor.status_stamp >= done_after_ns
 
 
+def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
+                     values: dict, span_s: float) -> tuple[float, float, float]:
+    """(rate, seconds the model takes a pair, seconds between thermal frames) for this CPU.
+
+    The rate is at most 1 and leaves HEADROOM of each thermal period to everything else.
+    """
+    period = span_s / max(thermal.count, 1)
+    pair = next(bag_pairs(bag, thermal.topic, visible.topic,
+                          settings.pipeline_from_params(values)), None)
+    if pair is None:
+        return 1.0, float('nan'), period
+    engine = FusionEngine(settings.model_from_params(values), settings.fusion_settings(values))
+    engine.warm_up()
+    seconds = float(np.median([engine.infer(pair).inference_seconds for _ in range(3)]))
+    return min(1.0, round(HEADROOM * period / seconds, 2)), seconds, period
+
+
 def write_previews(bag: pathlib.Path, directory: pathlib.Path) -> list[pathlib.Path]:
     """Fused image beside its saliency map (inferno) for a few pairs spread over the bag."""
     images = {topic: {} for topic in OUTPUT_TOPICS}
@@ -167,26 +198,33 @@ def write_previews(bag: pathlib.Path, directory: pathlib.Path) -> list[pathlib.P
     for index, stamp in enumerate(chosen):
         fused = decode_visible(images[OUTPUT_TOPICS[0]][stamp])
         saliency = np.asarray(image_to_array(images[OUTPUT_TOPICS[1]][stamp]))
-        if saliency.dtype != np.uint8:  # 32FC1 in [0, 1]
-            saliency = np.rint(np.clip(saliency, 0.0, 1.0) * 255.0).astype(np.uint8)
-        panel = np.hstack([fused, cv2.applyColorMap(saliency, cv2.COLORMAP_INFERNO)])
+        panel = np.hstack([fused, saliency_bgr(saliency)])
         path = directory / f'preview_{index}.png'
         cv2.imwrite(str(path), panel)
         paths.append(path)
     return paths
 
 
-def summary_line(monitor: Monitor, fused: int, seconds: float, drained_ok: bool) -> str:
-    """Sum up pairs fused, dropped, unpaired, latency and device in one line."""
+def summary_line(monitor: Monitor, fused: int, seconds: float, drained_ok: bool, rate: float,
+                 period_s: float) -> str:
+    """Sum up pairs fused, dropped (and why), unpaired, latency and device in one line.
+
+    `period_s` is the bag's time between thermal frames; at `rate` the node gets one every
+    period_s / rate seconds of wall time.
+    """
     number = monitor.number
     state = '' if drained_ok else ' (stopped at the timeout before the node had caught up)'
+    dropped = number('pairs dropped (inference busy)')
+    why = ('the node fuses the newest pair and drops those that arrive while the model runs; '
+           if dropped else '')
     return (f'{fused} pairs fused of {number("pairs"):.0f} paired '
-            f'({number("pairs dropped (inference busy)"):.0f} dropped while inference was busy) '
+            f'({dropped:.0f} dropped while inference was busy: {why}inference took '
+            f'{number("inference latency mean (s)") * 1e3:.0f} ms mean against a thermal frame '
+            f'every {period_s / rate * 1e3:.0f} ms at playback rate {rate:g}) '
             f'from {number("thermal received"):.0f} thermal + '
             f'{number("visible received"):.0f} visible frames (unpaired: '
             f'{number("thermal unpaired"):.0f} thermal, {number("visible unpaired"):.0f} '
-            f'visible); inference '
-            f'{number("inference latency mean (s)") * 1e3:.0f} ms mean, end-to-end '
+            f'visible); end-to-end latency '
             f'{number("end-to-end latency mean (s)") * 1e3:.0f} ms mean (sim time); device '
             f'{monitor.status.get("device", "?")} ({monitor.status.get("model", "?")}); '
             f'{seconds:.0f} s wall{state}')
@@ -208,19 +246,32 @@ def run(args: argparse.Namespace) -> str:
     bag = args.bag or sample_bag()
     out_dir, logs = args.output_dir, args.output_dir / 'logs'
     logs.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob('preview_*.png'):  # from an earlier run
-        stale.unlink()
+    for stale in [*out_dir.glob('preview_*.png'), out_dir / VIDEO]:  # from an earlier run
+        stale.unlink(missing_ok=True)
     values = settings.load_params_file(args.params) if args.params else settings.defaults()
     with open_bag(bag) as reader:
         thermal, visible = pick_topics(image_topics(reader, bag), bag)
-        end_ns = reader.end_time
+        end_ns, span_s = reader.end_time, (reader.end_time - reader.start_time) / 1e9
+    rate = args.rate
+    if rate is None:
+        rate, model_s, period_s = sustainable_rate(bag, thermal, visible, values, span_s)
+        print(f'{PROG}: the model takes {model_s * 1e3:.0f} ms a pair here and the thermal '
+              f'camera sends a frame every {period_s * 1e3:.0f} ms: playing at rate {rate:g} '
+              '(--rate to choose)', file=sys.stderr)
     isolate_dds(args.domain_id, logs)
     play = [executable('s4fusion-play'), str(bag), '--clock', '--keep-alive',
-            '--rate', str(args.rate), '--topics', thermal.topic, visible.topic,
-            '--remap', f'{thermal.topic}:={NODE_TOPICS["thermal"]}',
-            '--remap', f'{visible.topic}:={NODE_TOPICS["visible"]}']
+            '--rate', str(rate), '--topics', thermal.topic, visible.topic]
+    # The node times sync.timeout in wall seconds since the latest message: played slower, the
+    # bag's frames arrive further apart in wall time, so the timeout stretches with them.
+    timeout = min(settings.SPECS['sync.timeout'].range[1], values['sync.timeout'] / rate)
     node_command = [executable(settings.NODE_NAME), '--ros-args', '--params-file',
-                    str(node_params_file(args, logs)), '-p', 'use_sim_time:=true']
+                    str(node_params_file(args, logs)), '-p', 'use_sim_time:=true',
+                    '-p', f'sync.timeout:={timeout:.3f}']
+    for role, topic in (('thermal', thermal), ('visible', visible)):
+        # A CompressedImage topic goes to the node's .../compressed input.
+        suffix = '/compressed' if topic.compressed else ''
+        play += ['--remap', f'{topic.topic}:={NODE_TOPICS[role]}{suffix}']
+        node_command += ['-p', f'{role}.transport:={"compressed" if suffix else "raw"}']
     print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
           f'{settings.NODE_NAME}; logs in {logs}', file=sys.stderr)
     # Ctrl-C must reach this code as KeyboardInterrupt, so that the children are stopped.
@@ -256,10 +307,14 @@ def run(args: argparse.Namespace) -> str:
         stop(node_process)
         rclpy.try_shutdown()
     previews = write_previews(out_dir / 'fused_bag', out_dir)
-    line = summary_line(monitor, fused, time.monotonic() - started, drained_ok)
+    frames = export_recording(bag, thermal.topic, visible.topic,
+                              settings.pipeline_from_params(values), out_dir / 'fused_bag',
+                              *OUTPUT_TOPICS, out_dir / VIDEO)
+    line = summary_line(monitor, fused, time.monotonic() - started, drained_ok, rate,
+                        span_s / max(thermal.count, 1))
     (out_dir / 'summary.txt').write_text(line + '\n')
-    print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews and summary.txt in '
-          f'{out_dir}', file=sys.stderr)
+    print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {VIDEO} '
+          f'({frames} frames) and summary.txt in {out_dir}', file=sys.stderr)
     return line
 
 

@@ -32,6 +32,7 @@ from ..bagio import (STORAGES, BagError, ImageTopic, add_image_topic, bag_size, 
 from ..engine import FusionEngine, FusionPipeline, FusionResult
 from ..imaging.encodings import ImageDecodeError
 from ..messages import stamp_to_ns
+from ..video import SideBySideVideo, panel_row
 
 PROG = 's4fusion-bag'
 DEFAULT_FUSED_TOPIC = f'/{settings.NODE_NAME}/fused'
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='also write fused and saliency PNGs of every Nth pair to DIR')
     parser.add_argument('--export-every', type=int, default=1, metavar='N',
                         help='with --export-png: every Nth pair (default: %(default)s)')
+    parser.add_argument('--export-video', type=pathlib.Path, metavar='FILE.mp4',
+                        help='also write a side-by-side MP4 (visible | thermal | fused | '
+                        'saliency, with stamps) of every pair')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace OUTPUT if it is an existing bag')
     args = parser.parse_args(argv)
@@ -93,12 +97,14 @@ class BagFuser:
     """Feeds one bag's messages through the pipeline and writes what the node would publish."""
 
     def __init__(self, pipeline: FusionPipeline, engine: FusionEngine, saliency_encoding: str,
-                 export: pathlib.Path | None, export_every: int):
+                 export: pathlib.Path | None, export_every: int,
+                 video: SideBySideVideo | None = None):
         self.pipeline = pipeline
         self.engine = engine
         self.saliency_encoding = saliency_encoding
         self.export = export
         self.export_every = export_every
+        self.video = video
         self.counts = Counts()
         self.warned = set()
         self.notices_shown = 0
@@ -153,6 +159,9 @@ class BagFuser:
                              image_cdr(array, encoding, pair.visible_stamp_ns, pair.frame_id))
             if self.export is not None and self.counts.fused % self.export_every == 0:
                 export_png(self.export, self.counts.fused, result)
+            if self.video is not None:
+                self.video.add(panel_row(pair.visible_bgr, pair.thermal, bgr_image(result),
+                                         result.saliency, pair.visible_stamp_ns))
             self.counts.fused += 1
             stats = self.pipeline.synchronizer.stats
             progress.update(1)
@@ -167,11 +176,16 @@ class BagFuser:
                 + stats.visible_rejected)
 
 
+def bgr_image(result: FusionResult) -> np.ndarray:
+    """The fused image in OpenCV's channel order (BGR, or gray for mono8)."""
+    if result.fused_encoding == 'rgb8':
+        return cv2.cvtColor(result.fused, cv2.COLOR_RGB2BGR)
+    return result.fused
+
+
 def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> None:
     """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray)."""
-    fused = result.fused
-    if result.fused_encoding == 'rgb8':
-        fused = cv2.cvtColor(fused, cv2.COLOR_RGB2BGR)
+    fused = bgr_image(result)
     saliency = np.rint(result.saliency * 255.0).astype(np.uint8)
     stem = directory / f'{index:06d}_{result.pair.visible_stamp_ns}'
     for suffix, image in (('fused', fused), ('saliency', saliency)):
@@ -196,12 +210,20 @@ def run(args: argparse.Namespace) -> None:
               f'({storage}) with {loaded.name} on {loaded.device}', file=sys.stderr)
         if args.export_png:
             args.export_png.mkdir(parents=True, exist_ok=True)
+        # The video plays at the thermal camera's recorded rate: one frame per pair.
+        span = (reader.end_time - reader.start_time) / 1e9
+        video = (SideBySideVideo(args.export_video, thermal.count / span if span > 0 else 1.0)
+                 if args.export_video else None)
         fuser = BagFuser(settings.pipeline_from_params(values),
                          FusionEngine(loaded, settings.fusion_settings(values)),
-                         values['saliency.encoding'], args.export_png, args.export_every)
-        with create_bag(args.output, storage, overwrite=args.overwrite) as writer:
-            fuser.run(reader, args.input, thermal, visible, writer,
-                      (args.fused_topic, args.saliency_topic), args.include_inputs)
+                         values['saliency.encoding'], args.export_png, args.export_every, video)
+        try:
+            with create_bag(args.output, storage, overwrite=args.overwrite) as writer:
+                fuser.run(reader, args.input, thermal, visible, writer,
+                          (args.fused_topic, args.saliency_topic), args.include_inputs)
+        finally:
+            if video is not None:
+                video.close()
     print_summary(args, fuser, time.monotonic() - started)
 
 
@@ -212,8 +234,9 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
           f'{counts.read["visible"]} visible messages in {seconds:.1f} s '
           f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s); unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
-          f'{fuser.dropped()}; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB)',
-          file=sys.stderr)
+          f'{fuser.dropped()}; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB)'
+          + (f' and {args.export_video} ({fuser.video.frames} frames at '
+             f'{fuser.video.fps:.1f} frames/s)' if fuser.video else ''), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ Examples:
   s4fusion-eval                                   # the full report into docs/
   s4fusion-eval --limit 3 --out /tmp/q.md --grid /tmp/q.png
   s4fusion-eval --weights runs/compact/s4fusion_compact.safetensors --datasets msrs22
+  s4fusion-eval --flicker DATA/m3svd/videos        # only the flicker section of docs/quality.md
 """
 
 import argparse
@@ -28,8 +29,8 @@ import torch
 from tqdm import tqdm
 
 from .. import settings
-from ..engine import compose_output
-from ..evaluation import baselines, metrics, report
+from ..engine import FusionEngine, compose_output
+from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_uint8
 from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
@@ -219,14 +220,22 @@ def display_path(path: pathlib.Path) -> str:
 def describe_weights(config: OursConfig) -> str:
     """The checkpoint of a configuration and the training information its JSON records."""
     meta, _ = read_config(config.weights)
-    digest = hashlib.sha256(config.weights.read_bytes()).hexdigest()[:16]
-    line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {digest}, preset '
+    line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)}, preset '
             f'{meta.get("preset") or "custom"}, {meta.get("parameters", "?")} parameters)')
     training = meta.get('training')
     if not isinstance(training, dict):
         return line + '; its JSON holds no training information'
     return line + '; training: ' + '; '.join(f'{key} {_brief(value)}'
                                              for key, value in training.items())
+
+
+def weights_identity(config: OursConfig) -> str:
+    """The checkpoint of a configuration in one line: path and hash (training: see the report)."""
+    return f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)})'
+
+
+def _digest(config: OursConfig) -> str:
+    return hashlib.sha256(config.weights.read_bytes()).hexdigest()[:16]
 
 
 def _brief(value) -> str:
@@ -322,6 +331,14 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         help="CPU threads for torch (default: torch's choice)")
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('docs/quality.md'))
     parser.add_argument('--grid', type=pathlib.Path, default=pathlib.Path('docs/quality_grid.png'))
+    parser.add_argument('--flicker', type=pathlib.Path, metavar='VIDEO_DIR',
+                        help='instead of the report, measure the flicker of ours and the '
+                        'baselines among --methods on the clips of VIDEO_DIR (ir/<clip>.mp4, '
+                        'vi/<clip>.mp4: the M3SVD test videos) and replace only the flicker '
+                        'section of --out')
+    parser.add_argument('--flicker-frames', type=int, default=60, metavar='N',
+                        help='with --flicker: the first N frames of each clip (default: '
+                        '%(default)s)')
     parser.add_argument('--pairs-csv', type=pathlib.Path, default=None,
                         help='per-pair metric values of every method (default: beside --out, '
                              'its name + _pairs.csv)')
@@ -331,6 +348,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error(f'unknown methods {unknown}: choose from {", ".join(METHODS)}')
     if args.limit < 0:
         parser.error('--limit must be >= 0')
+    if args.flicker_frames < 2:
+        parser.error('--flicker-frames must be >= 2')
     if args.pairs_csv is None:
         args.pairs_csv = args.out.with_name(f'{args.out.stem}_pairs.csv')
     return args
@@ -377,10 +396,45 @@ def run(args: argparse.Namespace, argv: list) -> list:
     for path in (args.out, args.pairs_csv):
         path.parent.mkdir(parents=True, exist_ok=True)
     args.pairs_csv.write_text(report.per_pair_csv(datasets))
-    args.out.write_text(report.render(datasets, context))
+    # The flicker section is measured on its own (--flicker): keep it.
+    kept = temporal.section_of(args.out.read_text()) if args.out.is_file() else ''
+    text = report.render(datasets, context)
+    args.out.write_text(temporal.replace_section(text, kept) if kept else text)
     print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
           file=sys.stderr)
     return datasets
+
+
+def run_flicker(args: argparse.Namespace, argv: list) -> dict:
+    """Measure flicker of ours and the baselines on every clip; rewrite the section of --out."""
+    clips = temporal.clip_names(args.flicker)
+    configs, skipped, _ = ours_configs(args.weights) if 'ours' in args.methods else ([], [], [])
+    values = settings.defaults()
+    engines = {config.label: FusionEngine(
+        load_fusion_model(str(config.weights), 'auto', args.device),
+        settings.fusion_settings({**values, 'inference_size': list(config.inference_size)}))
+        for config in configs}
+    engines.update({label: temporal.BaselineEngine(fuse, settings.fusion_settings(values))
+                    for key, (label, fuse) in BASELINES.items() if key in args.methods})
+    if not engines:
+        raise ValueError('--flicker needs ours or a baseline among --methods')
+
+    def progress(pairs, label):
+        return tqdm(pairs, desc=label, unit='frame', file=sys.stderr, leave=False)
+
+    scores = temporal.measure_clips(args.flicker, clips, args.flicker_frames, engines, progress)
+    # The section names the dataset, not this machine's path to it.
+    command = shlex.join([PROG, *['VIDEO_DIR' if a == str(args.flicker) else a for a in argv]])
+    notes = ([f'VIDEO_DIR: the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and '
+              f'`visible` as `ir/` and `vi/`); clips: {", ".join(clips)}.',
+              f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
+              f'{environment()}.'] + [weights_identity(c) for c in configs] + skipped)
+    section = temporal.render_section(scores, args.flicker_frames, command, notes)
+    text = args.out.read_text() if args.out.is_file() else ''
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(temporal.replace_section(text, section))
+    print(f'{PROG}: wrote the flicker section of {args.out}', file=sys.stderr)
+    return scores
 
 
 def main(argv: list | None = None) -> int:
@@ -390,7 +444,7 @@ def main(argv: list | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        run(args, argv)
+        (run_flicker if args.flicker else run)(args, argv)
     except (OSError, ValueError, CheckpointError) as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1

@@ -1,0 +1,142 @@
+"""Side-by-side MP4 of a fused stream: visible | thermal | fused | saliency, with stamps.
+
+OpenCV's VideoWriter with the MPEG-4 Part 2 codec ('mp4v'), the one opencv-python-headless's
+bundled FFmpeg encodes (its H.264 encoders are absent); ordinary players (VLC, mpv, browsers with
+MPEG-4 support, QuickTime) open it. Panels keep the visible image's size unless four of them would
+be wider than MAX_WIDTH.
+"""
+
+import pathlib
+import sys
+from typing import Iterator
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .bagio import deserialize, open_bag, read_messages
+from .engine import FusionPipeline, PreparedPair
+from .imaging.color import to_uint8
+from .imaging.encodings import decode_visible, image_to_array
+from .messages import stamp_to_ns
+
+FOURCC = 'mp4v'
+MAX_WIDTH = 2560  # pixels of the whole row
+TITLES = ('visible', 'thermal', 'fused', 'saliency')
+
+
+def saliency_bgr(saliency: np.ndarray) -> np.ndarray:
+    """A saliency map (uint8 0-255, or float in [0, 1]) as an inferno-coloured BGR image."""
+    if saliency.dtype != np.uint8:
+        saliency = np.rint(np.clip(saliency, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return cv2.applyColorMap(saliency, cv2.COLORMAP_INFERNO)
+
+
+def _label(image: np.ndarray, text: str, origin: tuple[int, int]) -> None:
+    """White text with a dark outline, readable on any background."""
+    for color, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):
+        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, thickness,
+                    cv2.LINE_AA)
+
+
+def panel_row(visible_bgr: np.ndarray, thermal: np.ndarray, fused_bgr: np.ndarray,
+              saliency: np.ndarray, stamp_ns: int) -> np.ndarray:
+    """One video frame: the four images side by side, titled, with the visible stamp."""
+    height, width = visible_bgr.shape[:2]
+    panels = [visible_bgr, cv2.cvtColor(to_uint8(thermal), cv2.COLOR_GRAY2BGR),
+              fused_bgr if fused_bgr.ndim == 3 else cv2.cvtColor(fused_bgr, cv2.COLOR_GRAY2BGR),
+              saliency_bgr(saliency)]
+    row = np.hstack([cv2.resize(p, (width, height)) if p.shape[:2] != (height, width) else p
+                     for p in panels])
+    for index, title in enumerate(TITLES):
+        _label(row, title, (index * width + 8, 20))
+    _label(row, f'stamp {stamp_ns / 1e9:.3f} s', (8, height - 10))
+    return row
+
+
+class SideBySideVideo:
+    """Writes panel rows to an MP4; the frame size is fixed by the first row."""
+
+    def __init__(self, path: pathlib.Path, fps: float):
+        """Open nothing yet: the size comes with the first frame."""
+        self.path = pathlib.Path(path)
+        self.fps = fps
+        self.frames = 0
+        self._writer = None
+        self._size = None
+
+    def add(self, row: np.ndarray) -> None:
+        """Append one frame (a BGR row from panel_row), scaled to even sides within MAX_WIDTH."""
+        if self._writer is None:
+            height, width = row.shape[:2]
+            scale = min(1.0, MAX_WIDTH / width)
+            self._size = (round(width * scale / 2) * 2, round(height * scale / 2) * 2)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*FOURCC),
+                                           self.fps, self._size)
+            if not self._writer.isOpened():
+                raise OSError(f'{self.path}: OpenCV cannot write {FOURCC} video here')
+        if row.shape[1::-1] != self._size:
+            row = cv2.resize(row, self._size, interpolation=cv2.INTER_AREA)
+        self._writer.write(row)
+        self.frames += 1
+
+    def close(self) -> None:
+        """Finish the file (a video without frames is not written)."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+    def __enter__(self):
+        """Use as a context manager: closed on leaving."""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close the file."""
+        self.close()
+
+
+def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
+              pipeline: FusionPipeline) -> Iterator[PreparedPair]:
+    """Every pair the node's pipeline prepares from an input bag, in recorded order.
+
+    The pipeline (the node's, same parameters) runs on every input message in recorded order, so
+    the thermal image of each pair is exactly what the node normalized and fused.
+    """
+    roles = {thermal_topic: pipeline.add_thermal, visible_topic: pipeline.add_visible}
+    with open_bag(bag) as reader:
+        for connection, _, raw in read_messages(reader, bag, roles):
+            message = deserialize(bag, connection, raw)
+            yield from roles[connection.topic](message, stamp_to_ns(message.header.stamp),
+                                               message.header.frame_id)
+    yield from pipeline.flush()
+
+
+def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic: str,
+                     pipeline: FusionPipeline, output_bag: pathlib.Path, fused_topic: str,
+                     saliency_topic: str, path: pathlib.Path) -> int:
+    """Write the side-by-side MP4 of a recorded fused stream and its inputs; returns its frames.
+
+    Frames follow the fused stamps; the video plays at the rate they were fused at.
+    """
+    outputs = {fused_topic: {}, saliency_topic: {}}
+    with open_bag(output_bag) as reader:
+        for connection, _, raw in read_messages(reader, output_bag, outputs):
+            message = deserialize(output_bag, connection, raw)
+            outputs[connection.topic][stamp_to_ns(message.header.stamp)] = message
+    stamps = sorted(set(outputs[fused_topic]) & set(outputs[saliency_topic]))
+    wanted = set(stamps)
+    pairs = {pair.visible_stamp_ns: pair for pair in bag_pairs(input_bag, thermal_topic,
+                                                               visible_topic, pipeline)
+             if pair.visible_stamp_ns in wanted}
+    stamps = [stamp for stamp in stamps if stamp in pairs]
+    if not stamps:
+        return 0
+    span = (stamps[-1] - stamps[0]) / 1e9
+    with SideBySideVideo(path, (len(stamps) - 1) / span if span > 0 else 1.0) as video:
+        for stamp in tqdm(stamps, desc='video', unit='frame', file=sys.stderr, leave=False):
+            pair = pairs[stamp]
+            saliency = np.asarray(image_to_array(outputs[saliency_topic][stamp]))
+            video.add(panel_row(pair.visible_bgr, pair.thermal,
+                                decode_visible(outputs[fused_topic][stamp]), saliency, stamp))
+    return video.frames

@@ -1,0 +1,113 @@
+"""Flicker measure (evaluation/temporal.py): synthetic sequences, real M3SVD clips, the report."""
+
+import numpy as np
+import pytest
+
+from s4fusion_ros.evaluation import baselines, temporal
+from s4fusion_ros.tools import evaluate
+
+
+def scene(rng, frames, noise=0.0, size=(48, 64)):
+    """A still textured scene: (thermal, visible) frames with independent sensor noise."""
+    thermal, visible = rng.uniform(0.2, 0.8, size), rng.uniform(0.2, 0.8, size)
+    return [(np.clip(thermal + rng.normal(0, noise, size), 0, 1),
+             np.clip(visible + rng.normal(0, noise, size), 0, 1)) for _ in range(frames)]
+
+
+def test_a_still_scene_fused_steadily_does_not_flicker():
+    frames = scene(np.random.default_rng(1), 10)
+    score = temporal.flicker((ir, vi, baselines.fuse_average(ir, vi)) for ir, vi in frames)
+    assert score.flicker == 0.0 and score.fused_change == 0.0
+    assert score.static_fraction == 1.0
+
+
+def test_a_flashing_fusion_of_a_still_scene_flickers():
+    frames = scene(np.random.default_rng(2), 10, noise=1 / 255)
+    steady = temporal.flicker((ir, vi, (ir + vi) / 2) for ir, vi in frames)
+    flashing = temporal.flicker((ir, vi, np.clip((ir + vi) / 2 + (0.1 if i % 2 else -0.1), 0, 1))
+                                for i, (ir, vi) in enumerate(frames))
+    assert 0.3 < steady.flicker < 1.0  # averaging halves independent noise
+    assert flashing.flicker > 10.0
+    assert flashing.fused_change == pytest.approx(0.2 * 255, rel=0.01)
+
+
+def test_moving_objects_are_left_out_and_max_never_exceeds_one():
+    still = scene(np.random.default_rng(3), 8, noise=1 / 255)
+    walking = []
+    for t, (ir, vi) in enumerate(still):
+        ir = ir.copy()
+        ir[10:20, 4 * t:4 * t + 10] = 1.0  # a warm object walking through
+        walking.append((ir, vi))
+    calm, moving = (temporal.flicker((ir, vi, baselines.fuse_max(ir, vi)) for ir, vi in frames)
+                    for frames in (still, walking))
+    assert moving.static_fraction < 0.95  # the walker's path is not static
+    assert moving.flicker <= 1.0
+    # Gray levels: the walker (a change of up to 200 levels) is not counted.
+    assert moving.fused_change == pytest.approx(calm.fused_change, abs=0.3)
+
+
+def test_a_sequence_too_short_or_of_changing_size_is_reported():
+    meter = temporal.FlickerMeter()
+    image = np.zeros((8, 8), np.float32)
+    meter.add(image, image, image)
+    assert np.isnan(meter.result().flicker)
+    with pytest.raises(ValueError):
+        meter.add(np.zeros((9, 8)), np.zeros((9, 8)), np.zeros((9, 8)))
+    with pytest.raises(ValueError):
+        meter.add(image, image, np.zeros((8, 9)))
+
+
+def test_the_section_is_replaced_in_place_and_appended_when_missing():
+    section = f'{temporal.SECTION_BEGIN} x -->\nold\n{temporal.SECTION_END}'
+    report = '# Fusion quality\n\nbody\n'
+    appended = temporal.replace_section(report, section)
+    assert appended.startswith(report) and temporal.section_of(appended) == section
+    new = section.replace('old', 'new')
+    replaced = temporal.replace_section(appended + '\nreading\n', new)
+    assert temporal.section_of(replaced) == new and 'old' not in replaced
+    assert replaced.endswith('\nreading\n')
+
+
+@pytest.fixture(scope='module')
+def video_dir(ivif_dir):
+    path = ivif_dir / 'm3svd' / 'videos'
+    if not (path / 'ir').is_dir():
+        pytest.skip(f'M3SVD videos not found at {path}')
+    return path
+
+
+def test_clips_run_through_the_node_pipeline(video_dir):
+    clip = temporal.clip_names(video_dir)[0]
+    pairs = temporal.prepared_pairs(video_dir, clip, 4)
+    assert len(pairs) == 4  # every frame paired, none rejected for its stamp
+    step = pairs[1].visible_stamp_ns - pairs[0].visible_stamp_ns
+    assert step == pytest.approx(1e9 / 30, abs=1e6)
+    engines = {'average': temporal.BaselineEngine(baselines.fuse_average)}
+    score = temporal.measure_clips(video_dir, [clip], 4, engines)[clip]['average']
+    assert 0.0 < score.flicker <= 1.0 and score.static_fraction > 0.5
+
+
+def test_eval_writes_only_the_flicker_section(video_dir, tmp_path):
+    out = tmp_path / 'quality.md'
+    out.write_text('# Fusion quality\n\nkept\n')
+    argv = ['--flicker', str(video_dir), '--flicker-frames', '3', '--methods', 'average,max',
+            '--out', str(out)]
+    assert evaluate.main(argv) == 0
+    text = out.read_text()
+    assert text.startswith('# Fusion quality\n\nkept\n')
+    section = temporal.section_of(text)
+    assert '| clip | Average | Max |' in section and str(video_dir) not in section
+    for clip in temporal.clip_names(video_dir):
+        assert f'| {clip} |' in section
+
+
+def test_a_full_report_run_keeps_the_flicker_section(ivif_dir, tmp_path):
+    out = tmp_path / 'quality.md'
+    section = f'{temporal.SECTION_BEGIN} -->\n## Temporal stability\n{temporal.SECTION_END}'
+    out.write_text(f'# earlier report\n\n{section}\n\nearlier reading\n')
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '1',
+                          '--methods', 'average', '--out', str(out),
+                          '--grid', str(tmp_path / 'grid.png')]) == 0
+    text = out.read_text()
+    assert text.startswith('# Fusion quality') and 'earlier' not in text
+    assert temporal.section_of(text) == section

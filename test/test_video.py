@@ -1,0 +1,51 @@
+"""The side-by-side MP4 (s4fusion_ros/video.py): written with OpenCV here and read back."""
+
+import cv2
+import numpy as np
+import pytest
+
+from s4fusion_ros.video import SideBySideVideo, panel_row
+
+
+def test_the_video_reads_back_with_every_panel_where_it_belongs(tmp_path):
+    size = (160, 120)
+    visible = np.zeros((size[1], size[0], 3), np.uint8)
+    visible[:, :, 2] = 200  # red
+    thermal = np.full(size[::-1], 0.5, np.float32)
+    fused = np.full((size[1], size[0], 3), 60, np.uint8)
+    saliency = np.zeros(size[::-1], np.float32)
+    path = tmp_path / 'out' / 'demo.mp4'
+    with SideBySideVideo(path, 9.0) as video:
+        for index in range(5):
+            video.add(panel_row(visible, thermal, fused, saliency, 10**9 + index * 111_111_111))
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 5
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(9.0, abs=0.05)
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert len(frames) == 5 and frames[0].shape == (size[1], 4 * size[0], 3)
+    # Panel centres (away from the titles and the stamp) hold their images, up to the codec.
+    centre = (slice(40, 80), slice(40, 120))
+    panels = [frames[2][:, i * size[0]:(i + 1) * size[0]][centre].mean(axis=(0, 1))
+              for i in range(4)]
+    np.testing.assert_allclose(panels[0], [0, 0, 200], atol=12)
+    np.testing.assert_allclose(panels[1], [128] * 3, atol=12)
+    np.testing.assert_allclose(panels[2], [60] * 3, atol=12)
+    np.testing.assert_allclose(panels[3], cv2.applyColorMap(np.zeros((1, 1), np.uint8),
+                                                            cv2.COLORMAP_INFERNO)[0, 0], atol=12)
+
+
+def test_a_wide_row_is_scaled_to_even_sides_within_the_limit(tmp_path):
+    row = np.full((481, 4 * 1001, 3), 90, np.uint8)
+    path = tmp_path / 'wide.mp4'
+    with SideBySideVideo(path, 30.0) as video:
+        video.add(row)
+    capture = cv2.VideoCapture(str(path))
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    assert width <= 2560 and width % 2 == 0 and height % 2 == 0
+    assert capture.read()[0]
