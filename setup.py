@@ -20,7 +20,8 @@ setup(
     # Runtime dependencies come from the ROS distro (package.xml) or from requirements.txt on a
     # machine without ROS; listing rclpy here would break colcon builds.
     install_requires=['setuptools'],
-    extras_require={'gpu': ['mamba-ssm>=2.2']},  # checked with 2.3.2.post1 (README, GPU)
+    # gpu: checked with mamba-ssm 2.3.2.post1 (README, GPU); ray: s4fusion-batch (README, Many bags).
+    extras_require={'gpu': ['mamba-ssm>=2.2'], 'ray': ['ray>=2.60']},
     zip_safe=False,
     maintainer='s4fusion_ros developers',
     maintainer_email='s4fusion-ros@example.com',
@@ -33,6 +34,7 @@ setup(
             's4fusion-fuse = s4fusion_ros.tools.fuse:main',
             's4fusion-eval = s4fusion_ros.tools.evaluate:main',
             's4fusion-bag = s4fusion_ros.tools.bag:main',
+            's4fusion-batch = s4fusion_ros.tools.batch:main',
             's4fusion-play = s4fusion_ros.ros.player:main',
             's4fusion-demo = s4fusion_ros.ros.demo:main',
             's4fusion-train = s4fusion_ros.tools.train:main',
