@@ -263,10 +263,14 @@ class _Runner:
                 ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=PROGRESS_PERIOD)
                 for ref in ready:
                     self._finished(ref)
-                for label, ip, pairs in ray.get(self.box.take.remote()):
-                    self.bar.update(pairs)
-                    if self.on_progress:
-                        self.on_progress(label, ip, pairs)
+                self._take_progress()
+            self._take_progress()
+
+    def _take_progress(self) -> None:
+        for label, ip, pairs in self.ray.get(self.box.take.remote()):
+            self.bar.update(pairs)
+            if self.on_progress:
+                self.on_progress(label, ip, pairs)
 
     def _start_actors(self) -> None:
         ray = self.ray
@@ -285,6 +289,7 @@ class _Runner:
         report = self.reports[number]
         work.sweep_partials(job)
         if self.resume and job.output.exists():
+            shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
             earlier = self.previous.get(report.output, {})
             for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes'):
                 setattr(report, name, earlier.get(name, getattr(report, name)))
@@ -340,7 +345,9 @@ class _Runner:
         try:
             result = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:  # retries spent, or a bug in a task
-            result = {'error': f'{type(error).__name__}: {error}'.splitlines()[0]}
+            result = {'label': unit.label if unit else report.input,
+                      'index': unit.index if unit else -1,
+                      'error': f'{type(error).__name__}: {error}'.splitlines()[0]}
         if unit is None:  # a commit
             self._done(number, result)
             return
@@ -372,6 +379,7 @@ class _Runner:
             report.status, report.error = 'failed', result['error']
         else:
             report.status = 'done'
+            work.sweep_partials(self.jobs[number])  # what attempts lost with a node left
         self._line(report)
 
     def _line(self, report: BagReport) -> None:

@@ -6,6 +6,9 @@ the numba kernel, the chunked PyTorch scan, a plain per-position PyTorch loop an
 
 ``s4fusion-bench model`` times the whole network's forward pass at camera sizes for the presets
 and the node's default configuration: latency, peak memory, and the share spent in the scan.
+
+``s4fusion-bench batch`` fuses copies of a bag with a plain s4fusion-bag loop and with
+s4fusion-batch on one and on two Ray nodes, and prints pairs/s side by side.
 """
 
 import argparse
@@ -364,6 +367,9 @@ def build_parser():
                        default='auto', help='force one scan backend (auto: what the node runs)')
     model.add_argument('--repeats', type=int, default=5)
     model.set_defaults(func=bench_model)
+
+    from s4fusion_ros.batch.bench import add_command
+    add_command(commands)
     return parser
 
 
