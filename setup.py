@@ -20,7 +20,7 @@ setup(
     # Runtime dependencies come from the ROS distro (package.xml) or from requirements.txt on a
     # machine without ROS; listing rclpy here would break colcon builds.
     install_requires=['setuptools'],
-    # gpu: checked with mamba-ssm 2.3.2.post1 (README, GPU); ray: s4fusion-batch (README, Many bags).
+    # gpu: checked with mamba-ssm 2.3.2.post1 (README, GPU); ray: s4fusion-batch (Many bags).
     extras_require={'gpu': ['mamba-ssm>=2.2'], 'ray': ['ray>=2.60']},
     zip_safe=False,
     maintainer='s4fusion_ros developers',

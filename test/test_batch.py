@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -22,11 +21,9 @@ import yaml
 
 from s4fusion_ros import settings
 from s4fusion_ros.batch import work
+from s4fusion_ros.batch.cluster import fuse_bags
 from s4fusion_ros.tools import bag as bag_tool
 from test_bag import THERMAL_TOPIC, camera_messages, read_bag, write_bag
-
-ray = pytest.importorskip('ray', reason='Ray (the [ray] extra) is not installed')
-from s4fusion_ros.batch.cluster import fuse_bags  # noqa: E402
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 # Small images at a reduced inference size keep a pair at a few ms; smoothing 0.3 keeps the
@@ -36,27 +33,14 @@ PARAMS = {'s4fusion_node': {'ros__parameters': {
     'normalization': {'smoothing': 0.3}}}}
 
 
-def ray_environment(home: pathlib.Path) -> dict:
-    """Ray's token and files under a temporary HOME, and no usage reports."""
-    return {'HOME': str(home), 'RAY_USAGE_STATS_ENABLED': '0'}
-
-
 @pytest.fixture(scope='module')
-def local_ray():
+def local_ray(ray_home):
     """One private Ray on loopback for the module: 2 CPUs and one logical GPU (no CUDA needed)."""
-    home = pathlib.Path(tempfile.mkdtemp(prefix='s4b-'))
-    saved = {name: os.environ.get(name) for name in ('HOME', 'RAY_USAGE_STATS_ENABLED')}
-    os.environ.update(ray_environment(home))
+    ray = pytest.importorskip('ray', reason='Ray (the [ray] extra) is not installed')
     ray.init(address='local', num_cpus=2, num_gpus=1, _node_ip_address='127.0.0.2',
-             include_dashboard=False, _temp_dir=str(home / 'r'), logging_level='warning')
+             include_dashboard=False, _temp_dir=str(ray_home / 'local'), logging_level='warning')
     yield
     ray.shutdown()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
@@ -109,6 +93,19 @@ def long_bag(ivif_dir, params_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp('long')
     source = write_bag(folder / 'in' / 'long', drifting(camera_messages(ivif_dir, 30.0)), 'mcap')
     return source, reference(source, folder / 'reference', params_file)
+
+
+def test_without_ray_or_ros_the_package_imports_and_says_what_to_install(tmp_path):
+    # Ray and rclpy made unimportable: the batch modules still import, and a run says why not.
+    code = ("import sys; sys.modules['ray'] = sys.modules['rclpy'] = None\n"
+            'import s4fusion_ros.tools.batch as tool\n'
+            f"sys.exit(tool.main(['{tmp_path}', '{tmp_path / 'out'}']))")
+    (tmp_path / 'a.mcap').write_bytes(b'')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "needs Ray: pip install 's4fusion_ros[ray]'" in done.stderr, done.stderr
+    assert not (tmp_path / 'out').exists()
 
 
 def test_warm_up_is_derived_from_the_parameters():

@@ -1,20 +1,16 @@
 """s4fusion-batch on a two-node Ray cluster on loopback: a node lost mid-run costs nothing."""
 
 import os
-import pathlib
-import shutil
-import tempfile
 import threading
 
 import pytest
 
+from s4fusion_ros.batch.cluster import fuse_bags
 from test_bag import camera_messages, read_bag, write_bag
-from test_batch import drifting, params_file, ray_environment, reference  # noqa: F401
+from test_batch import drifting, params_file, reference  # noqa: F401
 
 ray = pytest.importorskip('ray', reason='Ray (the [ray] extra) is not installed')
 from ray.cluster_utils import Cluster  # noqa: E402
-
-from s4fusion_ros.batch.cluster import fuse_bags  # noqa: E402
 
 HEAD_IP, WORKER_IP = '127.0.0.2', '127.0.0.3'
 # A lost node is noticed within about a second instead of Ray's default 15 s.
@@ -23,20 +19,16 @@ FAST_HEALTH_CHECKS = {'health_check_initial_delay_ms': 0, 'health_check_period_m
 
 
 @pytest.fixture
-def cluster(monkeypatch):
+def cluster(ray_home):
     """A head node (127.0.0.2, with the driver) and a worker node (127.0.0.3), 1 CPU each."""
-    home = pathlib.Path(tempfile.mkdtemp(prefix='s4c-'))
-    for name, value in ray_environment(home).items():
-        monkeypatch.setenv(name, value)
     cluster = Cluster(initialize_head=True, head_node_args={
-        'num_cpus': 1, 'node_ip_address': HEAD_IP, 'temp_dir': str(home / 'r'),
+        'num_cpus': 1, 'node_ip_address': HEAD_IP, 'temp_dir': str(ray_home / 'cluster'),
         'include_dashboard': False, '_system_config': FAST_HEALTH_CHECKS})
     worker = cluster.add_node(num_cpus=1, node_ip_address=WORKER_IP)
     ray.init(address=cluster.address, _node_ip_address=HEAD_IP, logging_level='warning')
     yield cluster, worker
     ray.shutdown()
     cluster.shutdown()
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_node_killed_mid_run_still_gives_complete_identical_bags(cluster, ivif_dir,
