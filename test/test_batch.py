@@ -23,6 +23,7 @@ from s4fusion_ros import settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import fuse_bags
 from s4fusion_ros.tools import bag as bag_tool
+from s4fusion_ros.tools import batch as batch_tool
 from test_bag import THERMAL_TOPIC, camera_messages, read_bag, write_bag
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
@@ -226,14 +227,33 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
 
 
-def test_existing_outputs_need_resume_or_overwrite(local_ray, ivif_dir, params_file, tmp_path):
+def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
+        local_ray, ivif_dir, params_file, tmp_path, capsys):
+    # The command line in this process (it joins the module's Ray instead of starting one).
     source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
-    (tmp_path / 'out' / 'a').mkdir(parents=True)
-    with pytest.raises(work.BatchError, match='--resume .* --overwrite'):
-        fuse_bags([tmp_path / 'in'], tmp_path / 'out', params=params_file)
-    with pytest.raises(work.BatchError, match='inside the output folder'):
-        fuse_bags([tmp_path / 'in'], tmp_path, params=params_file)
-    assert source.exists()
+    out = tmp_path / 'out'
+    command = [str(tmp_path / 'in'), str(out), '--params', str(params_file)]
+    (out / 'a').mkdir(parents=True)
+    assert batch_tool.main(command) == 1
+    assert '1 output(s) exist' in capsys.readouterr().err and not any((out / 'a').iterdir())
+    assert batch_tool.main([str(tmp_path / 'in'), str(tmp_path)]) == 1
+    assert 'inside the output folder' in capsys.readouterr().err
+    jobs = work.find_bags([tmp_path], out)  # an output folder inside the input is not searched
+    assert [(job.input, job.output) for job in jobs] == [(source, out / 'in' / 'a')]
+    # What a killed attempt leaves: a staging directory with part of a bag in it.
+    (out / 'a').rmdir()
+    stale = out / '.a.x1y2z3.partial'
+    shutil.copytree(source, stale / 'a')
+    assert batch_tool.main(command + ['--resume']) == 0
+    assert not stale.exists() and read_bag(out / 'a') == reference(source, tmp_path / 'ref',
+                                                                   params_file)
+    error = capsys.readouterr().err
+    assert '1 of 1 bags fused' in error and str(out / 's4fusion-batch-manifest.json') in error
+    assert batch_tool.main(command + ['--resume']) == 0  # nothing left to do
+    assert 'skipped' in capsys.readouterr().err
+    (source / 'a.mcap').write_bytes(b'garbage')
+    assert batch_tool.main(command + ['--overwrite']) == 1  # a bag failed: exit status 1
+    assert 'FAILED' in capsys.readouterr().err and (out / 'a').exists()
 
 
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,

@@ -101,16 +101,16 @@ def is_bag(path: pathlib.Path) -> bool:
 def find_bags(inputs: list[pathlib.Path], out_dir: pathlib.Path) -> list[BagJob]:
     """Bags named or found in folders, each with an output mirroring its relative path.
 
-    A bag named directly goes to OUT_DIR/its name; a folder is searched (not inside bags) and
-    each bag goes to OUT_DIR/its path below that folder. A bare file's output is a bag directory
-    named after its stem.
+    A bag named directly goes to OUT_DIR/its name; a folder is searched (not inside bags, nor
+    OUT_DIR) and each bag goes to OUT_DIR/its path below that folder. A bare file's output is a
+    bag directory named after its stem.
     """
-    jobs = []
+    jobs, resolved_out = [], out_dir.resolve()
     for root in map(pathlib.Path, inputs):
         if is_bag(root):
             found = [(root, pathlib.Path(root.stem if root.is_file() else root.name))]
         elif root.is_dir():
-            found = [(path, path.relative_to(root)) for path in _search(root)]
+            found = [(path, path.relative_to(root)) for path in _search(root, resolved_out)]
             found = [(path, rel.with_suffix('') if path.is_file() else rel)
                      for path, rel in found]
         else:
@@ -124,22 +124,21 @@ def find_bags(inputs: list[pathlib.Path], out_dir: pathlib.Path) -> list[BagJob]
             raise BatchError(f'{seen[job.output].input} and {job.input} would both be written '
                              f'to {job.output}')
         seen[job.output] = job
-    resolved_out = out_dir.resolve()
     for job in jobs:
         if resolved_out in (job.input.resolve(), *job.input.resolve().parents):
             raise BatchError(f'{job.input} is inside the output folder {out_dir}')
     return jobs
 
 
-def _search(folder: pathlib.Path) -> list[pathlib.Path]:
+def _search(folder: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:
     bags = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith('.'):
-            continue  # staging and partial directories of a run
+        if entry.name.startswith('.') or entry.resolve() == out_dir:
+            continue  # staging and partial directories of a run, and its outputs
         if is_bag(entry):
             bags.append(entry)
         elif entry.is_dir():
-            bags += _search(entry)
+            bags += _search(entry, out_dir)
     return bags
 
 
