@@ -232,7 +232,7 @@ class _Runner:
         (self.on_unit, self.on_progress), self.previous = on_unit, previous
         self.reports = [BagReport(str(j.input), str(j.output)) for j in jobs]
         self.show = progress
-        self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit)
+        self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
         self.units = {}  # bag index -> all its units
         self.left = {}  # bag index -> units not finished yet
         self.idle = []  # GPU actors without work
@@ -255,9 +255,8 @@ class _Runner:
         total_pairs = 0
         for number, job in enumerate(self.jobs):
             total_pairs += self._plan(number, job)
-        self.bar = tqdm(total=total_pairs, unit='pair', desc='bags 0/%d' % len(self.jobs),
-                        file=sys.stderr, dynamic_ncols=True, disable=not self.show)
-        self.bar.set_description(self._bags_text())
+        self.bar = tqdm(total=total_pairs, unit='pair', desc=self._bags_text(), file=sys.stderr,
+                        dynamic_ncols=True, disable=not self.show)
         with self.bar:
             while self.pending:
                 ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=PROGRESS_PERIOD)
@@ -265,6 +264,9 @@ class _Runner:
                     self._finished(ref)
                 self._take_progress()
             self._take_progress()
+        # A cluster outlives the run: free the GPUs and the progress actor now.
+        for actor in [*self.actors, self.box]:
+            ray.kill(actor)
 
     def _take_progress(self) -> None:
         for label, ip, pairs in self.ray.get(self.box.take.remote()):
