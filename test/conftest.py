@@ -72,9 +72,12 @@ def ray_home():
 
     Once a process has started Ray with token authentication, the Rays it starts later look for
     the token in HOME too, so the Ray tests of all modules share this one (a session fixture here,
-    not in a test module, so there is one). No usage reports are sent.
+    not in a test module, so there is one). No usage reports are sent, and an empty
+    ray_bootstrap_config.yaml stops Ray asking cloud metadata servers where it runs (see
+    s4fusion_ros.batch.cluster.private_home).
     """
     home = tempfile.mkdtemp(prefix='s4fusion-ray-')
+    pathlib.Path(home, 'ray_bootstrap_config.yaml').write_text('{}\n')
     patch = pytest.MonkeyPatch()
     patch.setenv('HOME', home)
     patch.setenv('RAY_USAGE_STATS_ENABLED', '0')

@@ -37,11 +37,12 @@ def bench_batch(args) -> None:
     from ray.cluster_utils import Cluster
 
     from ..tools import bag as bag_tool
-    from .cluster import fuse_bags
+    from .cluster import fuse_bags, home_for_ray, private_home
 
     source = args.bag or pathlib.Path(__file__).parents[1] / 'data' / 'msrs_sample'
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     scratch = pathlib.Path(tempfile.mkdtemp(prefix='s4bench-'))
+    home = private_home()
     try:
         inputs = scratch / 'in'
         for index in range(args.copies):
@@ -63,13 +64,14 @@ def bench_batch(args) -> None:
         rows.append(('s4fusion-bag loop', 1, seconds, loop_pairs))
         for nodes in (1, 2):
             cpus = [args.cpus // nodes + (i < args.cpus % nodes) for i in range(nodes)]
-            cluster = Cluster(initialize_head=True, head_node_args={
-                'num_cpus': cpus[0], 'node_ip_address': NODE_IPS[0], 'include_dashboard': False,
-                'temp_dir': str(scratch / f'ray{nodes}')})
-            for ip, count in zip(NODE_IPS[1:nodes], cpus[1:]):
-                cluster.add_node(num_cpus=count, node_ip_address=ip)
-            ray.init(address=cluster.address, _node_ip_address=NODE_IPS[0],
-                     logging_level='warning')
+            with home_for_ray(home):  # see private_home: nothing leaves loopback
+                cluster = Cluster(initialize_head=True, head_node_args={
+                    'num_cpus': cpus[0], 'node_ip_address': NODE_IPS[0],
+                    'include_dashboard': False, 'temp_dir': str(scratch / f'ray{nodes}')})
+                for ip, count in zip(NODE_IPS[1:nodes], cpus[1:]):
+                    cluster.add_node(num_cpus=count, node_ip_address=ip)
+                ray.init(address=cluster.address, _node_ip_address=NODE_IPS[0],
+                         logging_level='warning')
             try:
                 started = time.perf_counter()
                 report = fuse_bags([inputs], scratch / f'nodes{nodes}', params=args.params,
@@ -91,3 +93,4 @@ def bench_batch(args) -> None:
               f'out starting the nodes); load average {os.getloadavg()[0]:.1f}')
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)

@@ -9,12 +9,14 @@ Retries are Ray's: a task or actor call lost with its worker or node is run agai
 to `max_retries` times. Errors of the bag itself come back as results and are not retried.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import time
 
 from tqdm import tqdm
@@ -27,6 +29,7 @@ from .work import BagJob, BatchError, Unit
 LOCAL = 'local'
 LOCAL_NODE_IP = '127.0.0.2'  # loopback, but not 127.0.0.1, which Ray replaces
 MANIFEST = 's4fusion-batch-manifest.json'
+BOOTSTRAP_CONFIG = 'ray_bootstrap_config.yaml'
 PROGRESS_PERIOD = 0.5  # seconds between a task's progress messages
 
 
@@ -76,22 +79,60 @@ def _ray():
     return ray
 
 
-def connect(address: str = LOCAL, num_cpus: int | None = None) -> bool:
-    """Connect to Ray unless this process already is; True when this call started it.
+def private_home() -> pathlib.Path:
+    """A HOME for the processes of a private Ray: its token, and no cloud metadata requests.
+
+    Ray 2.60 always starts a dashboard process whose usage-stats module asks the cloud metadata
+    servers (169.254.169.254, metadata.google.internal) where it runs, usage stats off or not,
+    unless ~/ray_bootstrap_config.yaml (a cluster launcher's config) exists: an empty one here
+    keeps a private Ray on loopback.
+    """
+    home = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-ray-'))
+    (home / BOOTSTRAP_CONFIG).write_text('{}\n')
+    return home
+
+
+@contextlib.contextmanager
+def home_for_ray(home: pathlib.Path):
+    """Set HOME while Ray starts its processes (they keep it), then restore it."""
+    before = os.environ.get('HOME')
+    os.environ['HOME'] = str(home)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop('HOME', None)
+        else:
+            os.environ['HOME'] = before
+
+
+@contextlib.contextmanager
+def connected(address: str = LOCAL, num_cpus: int | None = None):
+    """Ray for the block: this process's connection if it has one, else a new one, closed after.
 
     `local` starts a private instance on loopback with `num_cpus` CPUs (default: all).
     """
     ray = _ray()
     if ray.is_initialized():
-        return False
+        yield ray
+        return
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
                   log_to_driver=True)
+    home = None
     if address == LOCAL:
-        ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP, **common)
+        home = private_home()
+        with home_for_ray(home):
+            ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
+                     **common)
     else:
         ray.init(address=address, **common)
-    return True
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None,
@@ -118,27 +159,25 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         values['device'] = device
     jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)
     _check_existing(jobs, resume, overwrite)
-    ray = _ray()
-    own_ray = connect(address, num_cpus)
     previous = _previous_reports(out_dir / MANIFEST) if resume else {}
-    runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                     resume, overwrite, max_retries, progress, (on_unit, on_progress), previous)
-    interrupted = False
-    try:
-        runner.run()
-    except KeyboardInterrupt:
-        interrupted = True
-        runner.stop()
-        raise
-    finally:
-        report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
-                        interrupted)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        work.write_atomically(report.manifest, json.dumps(
-            {'interrupted': interrupted, 'seconds': report.seconds,
-             'bags': [dataclasses.asdict(b) for b in report.bags]}, indent=1))
-        if own_ray:
-            ray.shutdown()
+    with connected(address, num_cpus) as ray:
+        runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
+                         resume, overwrite, max_retries, progress, (on_unit, on_progress),
+                         previous)
+        interrupted = False
+        try:
+            runner.run()
+        except KeyboardInterrupt:
+            interrupted = True
+            runner.stop()
+            raise
+        finally:
+            report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
+                            interrupted)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            work.write_atomically(report.manifest, json.dumps(
+                {'interrupted': interrupted, 'seconds': report.seconds,
+                 'bags': [dataclasses.asdict(b) for b in report.bags]}, indent=1))
     return report
 
 
