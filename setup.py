@@ -29,6 +29,7 @@ setup(
     install_requires=['setuptools'],
     extras_require={
         'gpu': ['mamba-ssm>=2.2'],  # checked with 2.3.2.post1 (README, GPU)
+        'ray': ['ray>=2.60'],  # s4fusion-batch (README, Many bags)
         # colcon test runs pytest when this extra names it (setuptools >= 72 ignores
         # tests_require); pytest below 9 for launch_testing's plugin (requirements.txt).
         'test': ['pytest<9', 'hypothesis', 'pycodestyle'],
@@ -45,6 +46,7 @@ setup(
             's4fusion-fuse = s4fusion_ros.tools.fuse:main',
             's4fusion-eval = s4fusion_ros.tools.evaluate:main',
             's4fusion-bag = s4fusion_ros.tools.bag:main',
+            's4fusion-batch = s4fusion_ros.tools.batch:main',
             's4fusion-play = s4fusion_ros.ros.player:main',
             's4fusion-demo = s4fusion_ros.ros.demo:main',
             's4fusion-train = s4fusion_ros.tools.train:main',

@@ -76,13 +76,18 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
             reader.close()
 
 
-def read_messages(reader: Reader, path: pathlib.Path,
-                  topics: Iterable[str]) -> Iterator[tuple[Connection, int, bytes]]:
-    """Yield (connection, log time ns, raw CDR) of `topics` in recorded order."""
+def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
+                  start: int | None = None,
+                  stop: int | None = None) -> Iterator[tuple[Connection, int, bytes]]:
+    """Yield (connection, log time ns, raw CDR) of `topics` in recorded order.
+
+    `start` and `stop` (log times, ns) limit the messages to start <= log time < stop.
+    """
     wanted = set(topics)
     connections = [c for c in reader.connections if c.topic in wanted]
     try:
-        for connection, log_time, raw in reader.messages(connections=connections):
+        for connection, log_time, raw in reader.messages(connections=connections, start=start,
+                                                         stop=stop):
             yield connection, log_time, raw
     except Exception as error:  # noqa: BLE001 - truncated or corrupt storage
         raise BagError(f'{path}: cannot read the bag (truncated or corrupt?): '

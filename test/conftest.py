@@ -2,6 +2,8 @@
 
 import glob
 import os
+import pathlib
+import shutil
 import tempfile
 
 import pytest
@@ -62,3 +64,23 @@ def msrs_pair(ivif_dir):
     ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / name), cv2.IMREAD_GRAYSCALE)
     vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / name), cv2.IMREAD_COLOR)
     return ir, vi
+
+
+@pytest.fixture(scope='session')
+def ray_home():
+    """A temporary HOME, where Ray 2.60 writes its token, for every Ray of the test session.
+
+    Once a process has started Ray with token authentication, the Rays it starts later look for
+    the token in HOME too, so the Ray tests of all modules share this one (a session fixture here,
+    not in a test module, so there is one). No usage reports are sent, and an empty
+    ray_bootstrap_config.yaml stops Ray asking cloud metadata servers where it runs (see
+    s4fusion_ros.batch.cluster.private_home).
+    """
+    home = tempfile.mkdtemp(prefix='s4fusion-ray-')
+    pathlib.Path(home, 'ray_bootstrap_config.yaml').write_text('{}\n')
+    patch = pytest.MonkeyPatch()
+    patch.setenv('HOME', home)
+    patch.setenv('RAY_USAGE_STATS_ENABLED', '0')
+    yield pathlib.Path(home)
+    patch.undo()
+    shutil.rmtree(home, ignore_errors=True)

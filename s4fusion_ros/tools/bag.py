@@ -13,6 +13,7 @@ output name.
 """
 
 import argparse
+import contextlib
 import pathlib
 import signal
 import sqlite3
@@ -93,6 +94,32 @@ class Counts:
     fused: int = 0
 
 
+@dataclass(frozen=True)
+class Span:
+    """A part of a bag to fuse, in log time (ns): how s4fusion-batch splits a long bag.
+
+    Messages are read from `read_from` (None: the start). Those before `own_from` only bring the
+    pipeline's state (synchronizer, thermal smoothing) to where a run from the start would have
+    it: their pairs are prepared but not fused or written. By `own_from`, at least `warm_pairs`
+    pairs must have been prepared from messages at or after `count_from`, unless reading began
+    at the start of the bag; otherwise WarmUpTooShort. Reading stops before `stop`, and only the
+    span that reaches the end of the bag (`stop` None) flushes the pairs still pending.
+    """
+
+    read_from: int | None = None
+    own_from: int | None = None
+    count_from: int | None = None
+    warm_pairs: int = 0
+    stop: int | None = None
+
+
+WHOLE = Span()
+
+
+class WarmUpTooShort(Exception):
+    """A span's warm-up prepared too few pairs to settle the pipeline's state."""
+
+
 class BagFuser:
     """Feeds one bag's messages through the pipeline and writes what the node would publish."""
 
@@ -108,27 +135,58 @@ class BagFuser:
         self.counts = Counts()
         self.warned = set()
         self.notices_shown = 0
+        self.baseline = self.tally()  # at the first owned message of a span
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
-            writer, topics: tuple[str, str], include_inputs: bool) -> None:
-        """Fuse every pair of the bag into `writer` on the (fused, saliency) `topics`."""
+            writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
+            progress=None) -> None:
+        """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`.
+
+        `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
+        """
         outputs = [add_image_topic(writer, topic) for topic in topics]
         connections = {c.topic: c for c in reader.connections}
         copies = ({topic.topic: copy_topic(writer, connections[topic.topic])
                    for topic in (thermal, visible)} if include_inputs else {})
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
-        with tqdm(total=thermal.count, unit='pair', desc='fusing', file=sys.stderr,
-                  dynamic_ncols=True) as progress:
-            for connection, log_time, raw in read_messages(reader, path, roles):
-                if include_inputs:
+        owned, warm = span.own_from is None, 0
+        bar = contextlib.nullcontext(progress) if progress else tqdm(
+            total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
+        with bar as progress:
+            for connection, log_time, raw in read_messages(reader, path, roles, span.read_from,
+                                                           span.stop):
+                if not owned and log_time >= span.own_from:
+                    owned = self._own(reader, path, span, warm)
+                if include_inputs and owned:
                     writer.write(copies[connection.topic], log_time, raw)
                 prepared = self._add(roles[connection.topic], path, connection,
                                      deserialize(path, connection, raw))
                 self._show_notices(path)
+                if owned:
+                    self._fuse(prepared, writer, outputs, progress)
+                elif span.count_from is None or log_time >= span.count_from:
+                    warm += len(prepared)
+            if span.stop is None:
+                if not owned:
+                    owned = self._own(reader, path, span, warm)
+                prepared = self.pipeline.flush()
+                self._show_notices(path)
                 self._fuse(prepared, writer, outputs, progress)
-            prepared = self.pipeline.flush()
-            self._show_notices(path)
-            self._fuse(prepared, writer, outputs, progress)
+
+    def _own(self, reader, path: pathlib.Path, span: Span, warm: int) -> bool:
+        """Start fusing a span: check its warm-up and note the counts it starts from."""
+        if (warm < span.warm_pairs and span.read_from is not None
+                and span.read_from > reader.start_time):
+            raise WarmUpTooShort(f'{path}: {warm} of {span.warm_pairs} warm-up pairs')
+        self.baseline = self.tally()
+        return True
+
+    def tally(self) -> dict:
+        """Counts so far: messages read, thermal/visible pairs, unpaired and dropped messages."""
+        stats = self.pipeline.synchronizer.stats
+        return {'read': sum(self.counts.read.values()), 'pairs': stats.pairs,
+                'unpaired': stats.thermal_unpaired + stats.visible_unpaired,
+                'dropped': self.dropped()}
 
     def _add(self, role: str, path: pathlib.Path, connection, message) -> list:
         self.counts.read[role] += 1

@@ -11,6 +11,9 @@ and the node's default configuration: latency, peak memory, and the share spent 
 preset at its shipped weights' training settings, with the numba scan and its backward kernel
 against the chunked PyTorch scan under autograd (the trainer's path before the kernel), steps
 alternating in one process.
+
+``s4fusion-bench batch`` fuses copies of a bag with a plain s4fusion-bag loop and with
+s4fusion-batch on one and on two Ray nodes, and prints pairs/s side by side.
 """
 
 import argparse
@@ -466,6 +469,9 @@ def build_parser():
                        help='threads for torch and numba (default: torch\'s)')
     train.add_argument('--repeats', type=int, default=3)
     train.set_defaults(func=bench_train)
+
+    from s4fusion_ros.batch.bench import add_command
+    add_command(commands)
     return parser
 
 

@@ -1,0 +1,96 @@
+"""``s4fusion-bench batch``: pairs/s of a plain s4fusion-bag loop, s4fusion-batch on one Ray node
+and on two, over the same bags, side by side in one run.
+
+The nodes are real Ray nodes (raylet, object store, workers) on loopback addresses of this
+machine, sharing its CPUs: two nodes of half the CPUs each show what splitting costs, not what a
+second machine adds.
+"""
+
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+from ..bagio import open_bag
+
+NODE_IPS = ('127.0.0.2', '127.0.0.3')
+
+
+def add_command(commands) -> None:
+    """Register the ``batch`` subcommand on s4fusion-bench's subparsers."""
+    batch = commands.add_parser('batch', help='s4fusion-bag loop against s4fusion-batch on 1 '
+                                'and 2 Ray nodes')
+    batch.add_argument('--bag', type=pathlib.Path,
+                       help='bag to fuse (default: the sample shipped in the package)')
+    batch.add_argument('--copies', type=int, default=4, help='copies of it to fuse (default: '
+                       '%(default)s)')
+    batch.add_argument('--params', type=pathlib.Path, help="the node's parameter file")
+    batch.add_argument('--cpus', type=int, default=os.cpu_count(),
+                       help='CPUs in all, split between the nodes (default: %(default)s)')
+    batch.set_defaults(func=bench_batch)
+
+
+def bench_batch(args) -> None:
+    """Fuse the copies three ways and print pairs/s side by side."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ..tools import bag as bag_tool
+    from .cluster import fuse_bags, home_for_ray, private_home
+
+    source = args.bag or pathlib.Path(__file__).parents[1] / 'data' / 'msrs_sample'
+    os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix='s4bench-'))
+    home = private_home()
+    try:
+        inputs = scratch / 'in'
+        for index in range(args.copies):
+            shutil.copytree(source, inputs / f'bag{index:02d}')
+        with open_bag(source) as reader:
+            print(f'{args.copies} copies of {source} ({reader.duration / 1e9:.1f} s, '
+                  f'{reader.message_count} messages); {args.cpus} CPUs')
+        extra = ['--params', str(args.params)] if args.params else []
+        rows = []
+        started = time.perf_counter()
+        for bag in sorted(inputs.iterdir()):
+            if bag_tool.main([str(bag), str(scratch / 'loop' / bag.name), *extra]):
+                raise SystemExit('s4fusion-bag failed')
+        seconds = time.perf_counter() - started
+        loop_pairs = 0
+        for bag in (scratch / 'loop').iterdir():
+            with open_bag(bag) as reader:
+                loop_pairs += reader.topics[bag_tool.DEFAULT_FUSED_TOPIC].msgcount
+        rows.append(('s4fusion-bag loop', 1, seconds, loop_pairs))
+        for nodes in (1, 2):
+            cpus = [args.cpus // nodes + (i < args.cpus % nodes) for i in range(nodes)]
+            with home_for_ray(home):  # see private_home: nothing leaves loopback
+                cluster = Cluster(initialize_head=True, head_node_args={
+                    'num_cpus': cpus[0], 'node_ip_address': NODE_IPS[0],
+                    'include_dashboard': False, 'temp_dir': str(scratch / f'ray{nodes}')})
+                for ip, count in zip(NODE_IPS[1:nodes], cpus[1:]):
+                    cluster.add_node(num_cpus=count, node_ip_address=ip)
+                ray.init(address=cluster.address, _node_ip_address=NODE_IPS[0],
+                         logging_level='warning')
+            try:
+                started = time.perf_counter()
+                report = fuse_bags([inputs], scratch / f'nodes{nodes}', params=args.params,
+                                   progress=False)
+                seconds = time.perf_counter() - started
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+            if not report.ok:
+                raise SystemExit(f's4fusion-batch failed: {report.bags}')
+            rows.append((f's4fusion-batch, {nodes} node{"s" * (nodes > 1)} '
+                         f'({"+".join(map(str, cpus))} CPUs)', nodes, seconds, report.fused))
+        print(f'\n{"run":<36} {"pairs":>6} {"seconds":>8} {"pairs/s":>8} {"vs loop":>8}')
+        for name, _, seconds, pairs in rows:
+            rate = pairs / seconds
+            print(f'{name:<36} {pairs:>6} {seconds:>8.1f} {rate:>8.2f} '
+                  f'{rate / (loop_pairs / rows[0][2]):>7.2f}x')
+        print('(each s4fusion-bag run and each Ray worker loads the model; the Ray times leave '
+              f'out starting the nodes); load average {os.getloadavg()[0]:.1f}')
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,458 @@
+"""Running the units of s4fusion-batch on Ray Core: tasks on CPUs, one actor per GPU.
+
+Ray is imported only here and only when a run starts, so the package works without the [ray]
+extra. A local run starts a private Ray on loopback (127.0.0.2, never the machine's interface
+address, and never an instance found through RAY_ADDRESS); an address joins an existing cluster,
+whose nodes must see the input and output paths (a shared file system).
+
+Retries are Ray's: a task or actor call lost with its worker or node is run again elsewhere, up
+to `max_retries` times. Errors of the bag itself come back as results and are not retried.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+from tqdm import tqdm
+
+from .. import settings
+from ..bagio import BagError
+from . import work
+from .work import BagJob, BatchError, Unit
+
+LOCAL = 'local'
+LOCAL_NODE_IP = '127.0.0.2'  # loopback, but not 127.0.0.1, which Ray replaces
+MANIFEST = 's4fusion-batch-manifest.json'
+BOOTSTRAP_CONFIG = 'ray_bootstrap_config.yaml'
+PROGRESS_PERIOD = 0.5  # seconds between a task's progress messages
+
+
+@dataclasses.dataclass
+class BagReport:
+    """What happened to one bag (a row of the manifest)."""
+
+    input: str
+    output: str
+    status: str = 'pending'  # done, skipped (finished earlier), failed
+    pairs: int = 0
+    fused: int = 0
+    unpaired: int = 0
+    dropped: int = 0
+    seconds: float = 0.0
+    error: str = ''
+    units: int = 1
+    nodes: list = dataclasses.field(default_factory=list)  # node IPs that finished its units
+
+
+@dataclasses.dataclass
+class Report:
+    """A run: one BagReport per bag, the manifest written, the seconds taken."""
+
+    bags: list[BagReport]
+    manifest: pathlib.Path
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Every bag fused now or before, nothing interrupted."""
+        return not self.interrupted and all(b.status in ('done', 'skipped') for b in self.bags)
+
+    @property
+    def fused(self) -> int:
+        """Pairs fused by this run."""
+        return sum(b.fused for b in self.bags if b.status == 'done')
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise BatchError("s4fusion-batch needs Ray: pip install 's4fusion_ros[ray]' "
+                         '(or ray from requirements.txt)') from None
+    return ray
+
+
+def private_home() -> pathlib.Path:
+    """A HOME for the processes of a private Ray: its token, and no cloud metadata requests.
+
+    Ray 2.60 always starts a dashboard process whose usage-stats module asks the cloud metadata
+    servers (169.254.169.254, metadata.google.internal) where it runs, usage stats off or not,
+    unless ~/ray_bootstrap_config.yaml (a cluster launcher's config) exists: an empty one here
+    keeps a private Ray on loopback.
+    """
+    home = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-ray-'))
+    (home / BOOTSTRAP_CONFIG).write_text('{}\n')
+    return home
+
+
+@contextlib.contextmanager
+def home_for_ray(home: pathlib.Path):
+    """Set HOME while Ray starts its processes (they keep it), then restore it."""
+    before = os.environ.get('HOME')
+    os.environ['HOME'] = str(home)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop('HOME', None)
+        else:
+            os.environ['HOME'] = before
+
+
+@contextlib.contextmanager
+def connected(address: str = LOCAL, num_cpus: int | None = None):
+    """Ray for the block: this process's connection if it has one, else a new one, closed after.
+
+    `local` starts a private instance on loopback with `num_cpus` CPUs (default: all).
+    """
+    ray = _ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
+    common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
+                  log_to_driver=True)
+    home = None
+    if address == LOCAL:
+        home = private_home()
+        with home_for_ray(home):
+            ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
+                     **common)
+    else:
+        ray.init(address=address, **common)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None,
+              cpus_per_task: int = 1, gpus_per_worker: float = 0.0,
+              segment_minutes: float = 10.0, params=None, device: str | None = None,
+              resume: bool = False, overwrite: bool = False, max_retries: int = 3,
+              progress: bool = True, on_unit=None, on_progress=None) -> Report:
+    """Fuse every bag of `inputs` (bags or folders of bags) into `out_dir`; return the Report.
+
+    Each output is what `s4fusion-bag IN OUT --params PARAMS` writes, stamps and pixels. Bags
+    longer than `segment_minutes` are fused in segments (0: never). `gpus_per_worker` > 0 runs
+    one actor per that share of a GPU, keeping its model loaded; otherwise each unit is a task
+    of `cpus_per_task` CPUs. Raises BatchError or SettingsError before any work when the run
+    cannot start; KeyboardInterrupt stops the cluster's work and leaves no partial bag under a
+    final name (the manifest says what finished). `on_unit(result)` sees each unit's result and
+    `on_progress(label, node ip, pairs)` each progress message of a task.
+    """
+    if resume and overwrite:
+        raise BatchError('--resume and --overwrite exclude each other')
+    started = time.monotonic()
+    out_dir = pathlib.Path(out_dir)
+    values = settings.load_params_file(params) if params else settings.defaults()
+    if device:
+        values['device'] = device
+    jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)
+    _check_existing(jobs, resume, overwrite)
+    previous = _previous_reports(out_dir / MANIFEST) if resume else {}
+    with connected(address, num_cpus) as ray:
+        runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
+                         resume, overwrite, max_retries, progress, (on_unit, on_progress),
+                         previous)
+        interrupted = False
+        try:
+            runner.run()
+        except KeyboardInterrupt:
+            interrupted = True
+            runner.stop()
+            raise
+        finally:
+            report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
+                            interrupted)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            work.write_atomically(report.manifest, json.dumps(
+                {'interrupted': interrupted, 'seconds': report.seconds,
+                 'bags': [dataclasses.asdict(b) for b in report.bags]}, indent=1))
+    return report
+
+
+def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
+    if resume or overwrite:
+        return
+    existing = [j.output for j in jobs if j.output.exists()]
+    existing += [j.staging for j in jobs if j.staging.exists()]
+    if existing:
+        shown = ', '.join(map(str, existing[:3])) + (' ...' if len(existing) > 3 else '')
+        raise BatchError(f'{len(existing)} output(s) exist ({shown}); pass --resume to keep '
+                         'what is finished or --overwrite to replace them')
+
+
+def _previous_reports(manifest: pathlib.Path) -> dict:
+    """{output: BagReport fields} of the bags an earlier run into the same folder finished."""
+    try:
+        bags = json.loads(manifest.read_text())['bags']
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {bag['output']: bag for bag in bags if bag.get('status') in ('done', 'skipped')}
+
+
+class _Progress:
+    """Collects the pairs fused so far, sent by the tasks (a Ray actor on the driver's node)."""
+
+    def __init__(self):
+        self.events = []
+
+    def add(self, label: str, ip: str, pairs: int) -> None:
+        """A task fused `pairs` more."""
+        self.events.append((label, ip, pairs))
+
+    def take(self) -> list:
+        """Return and forget the events so far."""
+        events, self.events = self.events, []
+        return events
+
+
+class _Reporter:
+    """In a task: BagFuser's progress bar interface, forwarded to the _Progress actor."""
+
+    def __init__(self, box, label: str):
+        self.box, self.label, self.pending, self.sent = box, label, 0, time.monotonic()
+        self.ip = work._node_ip()
+
+    def update(self, count: int) -> None:
+        """Count fused pairs; send them at most every PROGRESS_PERIOD."""
+        self.pending += count
+        if time.monotonic() - self.sent >= PROGRESS_PERIOD:
+            self.flush()
+
+    def set_postfix(self, **values) -> None:
+        """Nothing: the driver's bar shows bags and pairs."""
+
+    def flush(self) -> None:
+        """Send what was not sent yet."""
+        if self.pending:
+            self.box.add.remote(self.label, self.ip, self.pending)
+        self.pending, self.sent = 0, time.monotonic()
+
+
+def _run_unit(unit: Unit, box, threads: int) -> dict:
+    """Body of a CPU task (and of a GPU actor's calls)."""
+    if threads:
+        work.set_threads(threads)
+    reporter = _Reporter(box, unit.label)
+    try:
+        return work.run_unit(unit, reporter)
+    finally:
+        reporter.flush()
+
+
+class _GpuWorker:
+    """One per GPU share: keeps its models loaded across the units it fuses."""
+
+    def fuse(self, unit: Unit, box) -> dict:
+        """Fuse one unit on this actor's GPU."""
+        return _run_unit(unit, box, 0)
+
+
+class _Runner:
+    """Submits the units, follows them to the end of each bag, commits segmented bags."""
+
+    def __init__(self, ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
+                 resume, overwrite, max_retries, progress, on_unit, previous):
+        self.ray, self.jobs, self.values = ray, jobs, values
+        self.cpus, self.gpus = cpus_per_task, gpus_per_worker
+        self.segment_ns = round(segment_minutes * 60e9)
+        self.resume, self.overwrite, self.retries = resume, overwrite, max_retries
+        (self.on_unit, self.on_progress), self.previous = on_unit, previous
+        self.reports = [BagReport(str(j.input), str(j.output)) for j in jobs]
+        self.show = progress
+        self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
+        self.units = {}  # bag index -> all its units
+        self.left = {}  # bag index -> units not finished yet
+        self.idle = []  # GPU actors without work
+        self.queue = []  # units waiting for a GPU actor
+        self.actors = []
+
+    def run(self) -> None:
+        ray = self.ray
+        here = ray.get_runtime_context().get_node_id()
+        strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
+        # On the driver's node, so losing a worker node loses no progress counts.
+        self.box = ray.remote(num_cpus=0)(_Progress).options(
+            scheduling_strategy=strategy).remote()
+        self.task = ray.remote(_run_unit).options(
+            num_cpus=self.cpus, max_retries=self.retries, retry_exceptions=False)
+        self.commit_task = ray.remote(work.commit).options(num_cpus=1,
+                                                           max_retries=self.retries)
+        if self.gpus:
+            self._start_actors()
+        total_pairs = 0
+        for number, job in enumerate(self.jobs):
+            total_pairs += self._plan(number, job)
+        self.bar = tqdm(total=total_pairs, unit='pair', desc=self._bags_text(), file=sys.stderr,
+                        dynamic_ncols=True, disable=not self.show)
+        with self.bar:
+            while self.pending:
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=PROGRESS_PERIOD)
+                for ref in ready:
+                    self._finished(ref)
+                self._take_progress()
+            self._take_progress()
+        # A cluster outlives the run: free the GPUs and the progress actor now.
+        for actor in [*self.actors, self.box]:
+            ray.kill(actor)
+
+    def _take_progress(self) -> None:
+        for label, ip, pairs in self.ray.get(self.box.take.remote()):
+            self.bar.update(pairs)
+            if self.on_progress:
+                self.on_progress(label, ip, pairs)
+
+    def _start_actors(self) -> None:
+        ray = self.ray
+        gpus = ray.cluster_resources().get('GPU', 0)
+        count = int(gpus // self.gpus)
+        if count < 1:
+            raise BatchError(f'--gpus-per-worker {self.gpus:g}: the cluster has {gpus:g} GPUs')
+        actor = ray.remote(_GpuWorker).options(
+            num_gpus=self.gpus, num_cpus=1, max_restarts=self.retries,
+            max_task_retries=self.retries)
+        self.actors = [actor.remote() for _ in range(count)]
+        self.idle = list(self.actors)
+
+    def _plan(self, number: int, job: BagJob) -> int:
+        """Plan a bag, submit what is left of it; return its pairs still to fuse (estimated)."""
+        report = self.reports[number]
+        work.sweep_partials(job)
+        if self.resume and job.output.exists():
+            shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
+            earlier = self.previous.get(report.output, {})
+            for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes'):
+                setattr(report, name, earlier.get(name, getattr(report, name)))
+            report.status = 'skipped'
+            self._line(report)
+            return 0
+        try:
+            units = work.plan_bag(job, self.values, self.segment_ns, self.overwrite)
+        except BagError as error:
+            report.status, report.error = 'failed', str(error)
+            self._line(report)
+            return 0
+        report.units = len(units)
+        self.units[number] = units
+        if len(units) == 1:
+            shutil.rmtree(job.staging, ignore_errors=True)
+            todo = units
+        else:
+            todo = work.prepare_staging(job, units, self.resume)
+            for unit in units:
+                if unit not in todo:
+                    self._count(report, work.part_result(unit))
+        self.left[number] = set(unit.index for unit in todo)
+        for unit in todo:
+            self._submit(number, unit)
+        if not todo:
+            self._commit(number)
+        with work.open_bag(job.input) as reader:
+            thermal = reader.topics[units[0].topics[0]].msgcount
+        return round(thermal * len(todo) / len(units))
+
+    def _submit(self, number: int, unit: Unit) -> None:
+        if not self.gpus:
+            self.pending[self.task.remote(unit, self.box, self.cpus)] = (number, unit, None)
+        elif self.idle:
+            actor = self.idle.pop()
+            self.pending[actor.fuse.remote(unit, self.box)] = (number, unit, actor)
+        else:
+            self.queue.append((number, unit))
+
+    def _commit(self, number: int) -> None:
+        job = self.jobs[number]
+        ref = self.commit_task.remote(job, self.units[number], self.overwrite)
+        self.pending[ref] = (number, None, None)
+
+    def _finished(self, ref) -> None:
+        number, unit, actor = self.pending.pop(ref)
+        report = self.reports[number]
+        if actor is not None:
+            self.idle.append(actor)
+            if self.queue:
+                self._submit(*self.queue.pop(0))
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:  # retries spent, or a bug in a task
+            result = {'label': unit.label if unit else report.input,
+                      'index': unit.index if unit else -1,
+                      'error': f'{type(error).__name__}: {error}'.splitlines()[0]}
+        if unit is None:  # a commit
+            self._done(number, result)
+            return
+        if self.on_unit:
+            self.on_unit(result)
+        if result['error']:
+            if report.status != 'failed':
+                report.status, report.error = 'failed', result['error']
+                self._line(report)
+            return
+        self._count(report, result)
+        self.left[number].discard(unit.index)
+        if not self.left[number] and report.status != 'failed':
+            if len(self.units[number]) > 1:
+                self._commit(number)
+            else:
+                self._done(number, None)
+
+    def _count(self, report: BagReport, result: dict) -> None:
+        for name in ('pairs', 'fused', 'unpaired', 'dropped'):
+            setattr(report, name, getattr(report, name) + result[name])
+        report.seconds += result['seconds']
+        if result.get('ip'):
+            report.nodes = sorted(set(report.nodes) | {result['ip']})
+
+    def _done(self, number: int, result) -> None:
+        report = self.reports[number]
+        if result and result.get('error'):
+            report.status, report.error = 'failed', result['error']
+        else:
+            report.status = 'done'
+            work.sweep_partials(self.jobs[number])  # what attempts lost with a node left
+        self._line(report)
+
+    def _line(self, report: BagReport) -> None:
+        if report.status == 'failed':
+            text = ('FAILED ' + ('' if report.error.startswith(report.input)
+                                 else f'{report.input}: ') + report.error)
+        elif report.status == 'skipped':
+            text = f'skipped {report.input}: {report.output} is finished'
+        else:
+            text = (f'done {report.input} -> {report.output}: {report.fused} pairs fused, '
+                    f'{report.unpaired} unpaired, {report.dropped} dropped '
+                    f'({report.seconds:.1f} task-s)')
+        bar = getattr(self, 'bar', None)
+        if bar is not None:
+            bar.set_description(self._bags_text())
+        tqdm.write(f's4fusion-batch: {text}', file=sys.stderr)
+
+    def _bags_text(self) -> str:
+        finished = sum(r.status != 'pending' for r in self.reports)
+        return f'bags {finished}/{len(self.reports)}'
+
+    def stop(self) -> None:
+        """Cancel the cluster's work (Ctrl-C) and sweep what the killed attempts left."""
+        ray = self.ray
+        for ref, (_, _, actor) in list(self.pending.items()):
+            if actor is None:
+                ray.cancel(ref, force=True)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 30
+        refs = list(self.pending)
+        while refs and time.monotonic() < deadline:
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=1)
+        for job in self.jobs:
+            work.sweep_partials(job)

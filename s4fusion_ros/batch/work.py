@@ -1,0 +1,348 @@
+"""The units of work of s4fusion-batch and what runs them, without Ray.
+
+A bag is one unit, or, when it is longer than a segment, one unit per segment of log time. Each
+unit runs s4fusion-bag's BagFuser on its Span and writes a bag of its own; a segmented bag's parts
+are then joined by `commit`. Everything a worker needs travels as paths, topic names, times and
+parameter values (rosbags readers, writers and type stores do not pickle once opened).
+
+Output layout, for an input bag whose path relative to its input folder is REL:
+
+- ``OUT_DIR/REL``: the fused bag, renamed into place only when complete (bagio.create_bag);
+- ``OUT_DIR/.REL.s4batch/``: while a segmented bag is in progress, its plan (plan.json) and its
+  finished parts (part-NNNNN bags, each with part-NNNNN.json holding its counts);
+- ``.NAME.*.partial`` beside either: the staging directory of a bag being written; one left
+  behind belongs to a dead attempt and is swept when a run starts.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import socket
+import time
+
+from .. import settings
+from ..bagio import (BagError, add_image_topic, create_bag, image_topics, open_bag, pick_topics,
+                     storage_of)
+from ..engine import FusionEngine
+from ..tools.bag import (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC, BagFuser, Span,
+                         WarmUpTooShort)
+
+PART_STORAGE = 'mcap'
+STAGING_SUFFIX = '.s4batch'
+BAG_SUFFIXES = ('.mcap', '.db3')
+# The thermal range's moving average forgets its start geometrically; after WARM_BITS halvings of
+# the start's weight a float64 average no longer remembers it. Rounding can keep two runs one ulp
+# apart for a while longer: in 2000 random runs at smoothing 0.8 the worst needed 208 pairs
+# against 165 for 53 halvings, so the warm-up takes twice that.
+WARM_BITS = 2 * 53
+
+
+class BatchError(Exception):
+    """A run that cannot start: no bags, clashing outputs, existing outputs without a flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmUp:
+    """What a segment must replay before its first message to match a run from the bag's start.
+
+    `sync_ns`: log time that settles the synchronizer (pairs, drops, the floor of late frames).
+    `pairs`: pairs the thermal normalizer must see after that for its smoothing to converge.
+    """
+
+    sync_ns: int
+    pairs: int
+
+
+def warm_up(values: dict) -> WarmUp:
+    """Derive the segment warm-up from the node parameters.
+
+    A thermal frame pairs with a visible frame within `sync.slop` of its stamp (moved by
+    `sync.thermal_offset`), and a frame is taken to arrive within `sync.timeout` of its stamp,
+    so messages logged more than slop + offset + timeout before a cut no longer change pairing
+    after it; twice that leaves room for the first decisions of a fresh synchronizer. The
+    percentile normalizer's range is an exponential moving average with weight `smoothing`: the
+    start's weight falls by that factor per pair (see WARM_BITS); other modes have no memory.
+    """
+    span = values['sync.slop'] + values['sync.timeout'] + abs(values['sync.thermal_offset'])
+    smoothing = values['normalization.smoothing']
+    pairs = 0
+    if values['normalization.mode'] == 'percentile' and smoothing > 0:
+        pairs = math.ceil(WARM_BITS * math.log(2) / -math.log(smoothing))
+    return WarmUp(round(2 * span * 1e9), pairs)
+
+
+# Finding the bags ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BagJob:
+    """An input bag and where its output goes."""
+
+    input: pathlib.Path
+    output: pathlib.Path
+
+    @property
+    def staging(self) -> pathlib.Path:
+        """Where a segmented bag's plan and finished parts live until the commit."""
+        return self.output.parent / f'.{self.output.name}{STAGING_SUFFIX}'
+
+
+def is_bag(path: pathlib.Path) -> bool:
+    """A rosbag2 directory or a bare .mcap / .db3 file."""
+    if path.is_dir():
+        return (path / 'metadata.yaml').is_file()
+    return path.is_file() and path.suffix in BAG_SUFFIXES
+
+
+def find_bags(inputs: list[pathlib.Path], out_dir: pathlib.Path) -> list[BagJob]:
+    """Bags named or found in folders, each with an output mirroring its relative path.
+
+    A bag named directly goes to OUT_DIR/its name; a folder is searched (not inside bags, nor
+    OUT_DIR) and each bag goes to OUT_DIR/its path below that folder. A bare file's output is a
+    bag directory named after its stem.
+    """
+    jobs, resolved_out = [], out_dir.resolve()
+    for root in map(pathlib.Path, inputs):
+        if is_bag(root):
+            found = [(root, pathlib.Path(root.stem if root.is_file() else root.name))]
+        elif root.is_dir():
+            found = [(path, path.relative_to(root)) for path in _search(root, resolved_out)]
+            found = [(path, rel.with_suffix('') if path.is_file() else rel)
+                     for path, rel in found]
+        else:
+            raise BatchError(f'{root}: no such bag or folder')
+        jobs += [BagJob(path, out_dir / rel) for path, rel in found]
+    if not jobs:
+        raise BatchError(f'no bags in {", ".join(map(str, inputs))}')
+    seen = {}
+    for job in jobs:
+        if job.output in seen:
+            raise BatchError(f'{seen[job.output].input} and {job.input} would both be written '
+                             f'to {job.output}')
+        seen[job.output] = job
+    for job in jobs:
+        if resolved_out in (job.input.resolve(), *job.input.resolve().parents):
+            raise BatchError(f'{job.input} is inside the output folder {out_dir}')
+    return jobs
+
+
+def _search(folder: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    bags = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith('.') or entry.resolve() == out_dir:
+            continue  # staging and partial directories of a run, and its outputs
+        if is_bag(entry):
+            bags.append(entry)
+        elif entry.is_dir():
+            bags += _search(entry, out_dir)
+    return bags
+
+
+# Planning ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One task: fuse `span` of a bag into `output` (the final bag, or a part of a segmented one).
+
+    Plain data, so it pickles to any worker; the bag is opened there.
+    """
+
+    input: pathlib.Path
+    output: pathlib.Path
+    storage: str
+    topics: tuple[str, str]  # thermal, visible
+    values: dict
+    span: Span
+    index: int
+    count: int  # units of the bag
+    warm_pairs: int
+    overwrite: bool = False
+
+    @property
+    def label(self) -> str:
+        """The bag, and the segment when there are several."""
+        return str(self.input) + (f' [{self.index + 1}/{self.count}]' if self.count > 1 else '')
+
+
+def plan_bag(job: BagJob, values: dict, segment_ns: int, overwrite: bool) -> list[Unit]:
+    """Open the bag, choose its topics and cut it into units; BagError if it cannot be read."""
+    with open_bag(job.input) as reader:
+        thermal, visible = pick_topics(image_topics(reader, job.input), job.input)
+        start, end = reader.start_time, reader.end_time
+        storage = storage_of(job.input)
+    count = max(1, math.ceil((end - start) / segment_ns)) if segment_ns > 0 else 1
+    base = dict(input=job.input, storage=storage, topics=(thermal.topic, visible.topic),
+                values=values, count=count, overwrite=overwrite)
+    if count == 1:
+        return [Unit(output=job.output, span=Span(), index=0, warm_pairs=0, **base)]
+    warm = warm_up(values)
+    seconds = max(end - start, 1) / 1e9
+    # Pairs come at most at the thermal rate; a quarter more covers gaps (and too little is
+    # caught by the worker, which then doubles the warm-up).
+    warm_ns = warm.sync_ns + round(1.25 * warm.pairs / max(thermal.count / seconds, 1e-9) * 1e9)
+    units = []
+    for index in range(count):
+        own_from = start + index * segment_ns
+        stop = own_from + segment_ns if index < count - 1 else None
+        span = (Span(stop=stop) if index == 0 else
+                Span(own_from - warm_ns, own_from, own_from - warm_ns + warm.sync_ns, warm.pairs,
+                     stop))
+        units.append(Unit(output=part_path(job, index), span=span, index=index,
+                          warm_pairs=warm.pairs, **base))
+    return units
+
+
+def part_path(job: BagJob, index: int) -> pathlib.Path:
+    """The bag of one segment."""
+    return job.staging / f'part-{index:05d}'
+
+
+def plan_fingerprint(units: list[Unit]) -> str:
+    """What a segmented bag's parts depend on: input file sizes and times, spans, parameters."""
+    first = units[0]
+    files = sorted((str(path.relative_to(first.input)) if first.input.is_dir() else path.name,
+                    path.stat().st_size, path.stat().st_mtime_ns)
+                   for path in ([first.input] if first.input.is_file()
+                                else first.input.iterdir()))
+    described = {'files': files, 'topics': first.topics, 'values': first.values,
+                 'spans': [dataclasses.astuple(unit.span) for unit in units]}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_staging(job: BagJob, units: list[Unit], resume: bool) -> list[Unit]:
+    """Set up a segmented bag's staging folder; return the units still to run.
+
+    With `resume`, parts finished under the same plan are kept; otherwise (or when the input or
+    parameters changed) the folder starts empty.
+    """
+    plan = job.staging / 'plan.json'
+    fingerprint = plan_fingerprint(units)
+    if resume and plan.is_file() and json.loads(plan.read_text()) == fingerprint:
+        return [unit for unit in units if part_result(unit) is None]
+    shutil.rmtree(job.staging, ignore_errors=True)
+    job.staging.mkdir(parents=True)
+    write_atomically(plan, json.dumps(fingerprint))
+    return units
+
+
+def part_result(unit: Unit) -> dict | None:
+    """The counts of a finished part, None when it has to be (re)done."""
+    record = unit.output.with_suffix('.json')
+    if not (record.is_file() and (unit.output / 'metadata.yaml').is_file()):
+        return None
+    return json.loads(record.read_text())
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Write a small file under a temporary name and rename it into place."""
+    temporary = path.with_name(f'.{path.name}.tmp')
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def sweep_partials(job: BagJob) -> list[pathlib.Path]:
+    """Remove the staging directories that dead attempts left for this bag and its parts."""
+    stale = list(job.output.parent.glob(f'.{job.output.name}.*.partial'))
+    if job.staging.is_dir():
+        stale += job.staging.glob('.part-*.partial')
+        stale += job.staging.glob('.*.tmp')
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+# Running a unit (in a worker) ----------------------------------------------------------------
+
+_MODELS = {}  # a worker process keeps its models loaded between units
+
+
+def engine_for(values: dict) -> FusionEngine:
+    """A FusionEngine with the model of these parameters, loaded once per process."""
+    key = (values['model.weights'], values['model.preset'], values['device'], values['half'])
+    if key not in _MODELS:
+        _MODELS[key] = settings.model_from_params(values)
+    return FusionEngine(_MODELS[key], settings.fusion_settings(values))
+
+
+def set_threads(count: int) -> None:
+    """Make torch, OpenCV and numba use the CPUs the task was given, not the whole machine."""
+    import cv2
+    import numba
+    import torch
+    torch.set_num_threads(count)
+    cv2.setNumThreads(count)
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+
+
+def run_unit(unit: Unit, progress=None) -> dict:
+    """Fuse one unit into its output bag (atomically) and return its counts.
+
+    A bag that cannot be read is a result with an `error`, not an exception: it is not worth a
+    retry. A warm-up that found too few pairs (a gap in the recording) is doubled and rerun.
+    """
+    started = time.monotonic()
+    result = {'label': unit.label, 'index': unit.index, 'node': socket.gethostname(),
+              'ip': _node_ip(), 'error': ''}
+    span = unit.span
+    try:
+        while True:
+            try:
+                counts = _fuse(unit, span, progress)
+                break
+            except WarmUpTooShort:
+                longer = 2 * (span.own_from - span.read_from)
+                span = dataclasses.replace(span, read_from=span.own_from - longer,
+                                           count_from=span.own_from - longer
+                                           + (span.count_from - span.read_from))
+    except (BagError, settings.SettingsError, ValueError, OSError) as error:
+        result['error'] = str(error)
+        return result
+    result.update(counts, seconds=time.monotonic() - started)
+    if unit.count > 1:
+        write_atomically(unit.output.with_suffix('.json'), json.dumps(result))
+    return result
+
+
+def _fuse(unit: Unit, span: Span, progress) -> dict:
+    engine = engine_for(unit.values)
+    fuser = BagFuser(settings.pipeline_from_params(unit.values), engine,
+                     unit.values['saliency.encoding'], None, 1)
+    storage = PART_STORAGE if unit.count > 1 else unit.storage
+    with open_bag(unit.input) as reader:
+        thermal, visible = pick_topics(image_topics(reader, unit.input), unit.input,
+                                       *unit.topics)
+        with create_bag(unit.output, storage, overwrite=unit.overwrite) as writer:
+            fuser.run(reader, unit.input, thermal, visible, writer,
+                      (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC), False, span, progress)
+    end, start = fuser.tally(), fuser.baseline
+    counts = {name: end[name] - start[name] for name in end}
+    counts['fused'] = fuser.counts.fused
+    return counts
+
+
+def _node_ip() -> str:
+    with contextlib.suppress(Exception):
+        import ray
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    return ''
+
+
+def commit(job: BagJob, units: list[Unit], overwrite: bool) -> None:
+    """Join a segmented bag's parts, in order, into its output bag and drop the staging folder."""
+    first = units[0]
+    with create_bag(job.output, first.storage, overwrite=overwrite) as writer:
+        outputs = {topic: add_image_topic(writer, topic)
+                   for topic in (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC)}
+        for unit in units:
+            with open_bag(unit.output) as reader:
+                for connection, log_time, raw in reader.messages():
+                    writer.write(outputs[connection.topic], log_time, raw)
+    shutil.rmtree(job.staging, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""s4fusion-batch: fuse many rosbag2 bags on a Ray cluster, or on this machine by default.
+
+Every input bag (sqlite3 or MCAP; folders are searched) becomes the bag `s4fusion-bag` writes for
+it, stamps and pixels, under OUT_DIR at the input's relative path. Bags longer than
+--segment-minutes are fused in segments in parallel and joined. Each bag is renamed into place
+only when complete; the run ends with OUT_DIR/s4fusion-batch-manifest.json and exits non-zero
+when any bag failed.
+"""
+
+import argparse
+import pathlib
+import signal
+import sys
+
+from .. import settings
+from ..batch.cluster import LOCAL, fuse_bags
+from ..batch.work import BatchError
+
+PROG = 's4fusion-batch'
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument('inputs', nargs='+', type=pathlib.Path, metavar='IN',
+                        help='bags (directories, .db3 or .mcap files) or folders of bags')
+    parser.add_argument('out_dir', type=pathlib.Path, metavar='OUT_DIR')
+    parser.add_argument('--ray', default=LOCAL, metavar='ADDRESS|local',
+                        help='a Ray cluster to join (e.g. 10.0.0.5:6379), or %(default)s: a '
+                        'private Ray on this machine, on loopback (default)')
+    parser.add_argument('--num-cpus', type=int, metavar='N',
+                        help='with --ray local: CPUs to use (default: all)')
+    parser.add_argument('--cpus-per-task', type=int, default=1, metavar='C',
+                        help='CPUs (torch/OpenCV/numba threads) of each CPU task '
+                        '(default: %(default)s)')
+    parser.add_argument('--gpus-per-worker', type=float, default=0.0, metavar='G',
+                        help='run one actor per G GPUs, keeping the model loaded (default: '
+                        'CPU tasks)')
+    parser.add_argument('--segment-minutes', type=float, default=10.0, metavar='M',
+                        help='fuse bags longer than this in segments of M minutes of recording '
+                        '(0: never; default: %(default)s)')
+    parser.add_argument('--params', type=pathlib.Path,
+                        help="the node's parameter file (e.g. config/s4fusion.yaml)")
+    parser.add_argument('--device', help='override the device parameter (auto, cpu, cuda:N)')
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument('--resume', action='store_true',
+                       help='keep the bags and segments an earlier run finished')
+    again.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+    parser.add_argument('--max-retries', type=int, default=3, metavar='K',
+                        help='retries of a unit lost with its worker or node '
+                        '(default: %(default)s)')
+    args = parser.parse_args(argv)
+    if args.num_cpus is not None and (args.num_cpus < 1 or args.ray != LOCAL):
+        parser.error('--num-cpus must be >= 1 and goes with --ray local')
+    if args.cpus_per_task < 1 or args.gpus_per_worker < 0 or args.max_retries < 0:
+        parser.error('--cpus-per-task must be >= 1, --gpus-per-worker and --max-retries >= 0')
+    if args.segment_minutes < 0:
+        parser.error('--segment-minutes must be >= 0')
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: 0 when every bag is fused, 1 otherwise, 130 when interrupted."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        report = fuse_bags(args.inputs, args.out_dir, address=args.ray, num_cpus=args.num_cpus,
+                           cpus_per_task=args.cpus_per_task,
+                           gpus_per_worker=args.gpus_per_worker,
+                           segment_minutes=args.segment_minutes, params=args.params,
+                           device=args.device, resume=args.resume, overwrite=args.overwrite,
+                           max_retries=args.max_retries)
+    except KeyboardInterrupt:
+        print(f'\n{PROG}: interrupted; the cluster\'s work was cancelled and no partial bag was '
+              f'left under a final name; --resume continues', file=sys.stderr)
+        return 130
+    except (BatchError, settings.SettingsError) as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
+    failed = [bag for bag in report.bags if bag.status == 'failed']
+    print(f'{PROG}: {len(report.bags) - len(failed)} of {len(report.bags)} bags fused '
+          f'({report.fused} pairs) in {report.seconds:.1f} s; manifest: {report.manifest}',
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

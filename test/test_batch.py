@@ -1,0 +1,307 @@
+"""s4fusion-batch on a local Ray: the same bags as s4fusion-bag, segments, faults, resume."""
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from s4fusion_ros import settings
+from s4fusion_ros.batch import work
+from s4fusion_ros.batch.cluster import fuse_bags
+from s4fusion_ros.tools import bag as bag_tool
+from s4fusion_ros.tools import batch as batch_tool
+from test_bag import THERMAL_TOPIC, camera_messages, read_bag, write_bag
+
+BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
+# Small images at a reduced inference size keep a pair at a few ms; smoothing 0.3 keeps the
+# segment warm-up (derived from it) well inside a 30 s bag.
+PARAMS = {'s4fusion_node': {'ros__parameters': {
+    'device': 'cpu', 'inference_size': [96, 72], 'sync': {'slop': 0.02},
+    'normalization': {'smoothing': 0.3}}}}
+
+
+@pytest.fixture(scope='module')
+def local_ray(ray_home):
+    """One private Ray on loopback for the module: 2 CPUs and one logical GPU (no CUDA needed)."""
+    ray = pytest.importorskip('ray', reason='Ray (the [ray] extra) is not installed')
+    ray.init(address='local', num_cpus=2, num_gpus=1, _node_ip_address='127.0.0.2',
+             include_dashboard=False, _temp_dir=str(ray_home / 'local'), logging_level='warning')
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope='module')
+def params_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('params') / 'params.yaml'
+    path.write_text(yaml.safe_dump(PARAMS))
+    return path
+
+
+def drifting(events, seed=5):
+    """The thermal frames with a per-frame offset on a random walk, as a drifting core has.
+
+    The percentile range then changes every frame, so a segment's pixels depend on the range
+    smoothed over the frames before it.
+    """
+    rng, offset, out = random.Random(seed), 0, []
+    for event in events:
+        if event[1] == THERMAL_TOPIC:
+            offset = max(-2000, min(2000, offset + rng.randint(-150, 150)))
+            event = (*event[:4], (event[4].astype(np.int32) + offset).astype(np.uint16))
+        out.append(event)
+    return out
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread, as the tasks do.
+
+    Torch's CPU kernels round differently with another thread count (a pixel level here and
+    there), so equal bytes need equal threads, as the README says.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path) -> dict:
+    """What s4fusion-bag writes for the bag (with the tasks' thread count), read back."""
+    with one_torch_thread():
+        assert bag_tool.main([str(source), str(output), '--params', str(params)]) == 0
+    return read_bag(output)
+
+
+@pytest.fixture(scope='module')
+def long_bag(ivif_dir, params_file, tmp_path_factory):
+    """A 30 s drifting MCAP bag and s4fusion-bag's output for it."""
+    folder = tmp_path_factory.mktemp('long')
+    source = write_bag(folder / 'in' / 'long', drifting(camera_messages(ivif_dir, 30.0)), 'mcap')
+    return source, reference(source, folder / 'reference', params_file)
+
+
+def test_without_ray_or_ros_the_package_imports_and_says_what_to_install(tmp_path):
+    # Ray and rclpy made unimportable: the batch modules still import, and a run says why not.
+    code = ("import sys; sys.modules['ray'] = sys.modules['rclpy'] = None\n"
+            'import s4fusion_ros.tools.batch as tool\n'
+            f"sys.exit(tool.main(['{tmp_path}', '{tmp_path / 'out'}']))")
+    (tmp_path / 'a.mcap').write_bytes(b'')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "needs Ray: pip install 's4fusion_ros[ray]'" in done.stderr, done.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_warm_up_is_derived_from_the_parameters():
+    values = settings.defaults()
+    warm = work.warm_up(values)
+    # Timeout 0.5 s + slop 0.05 s, doubled; 0.8 smoothing forgets the start in 330 pairs.
+    assert warm.sync_ns == round(2 * (0.5 + 0.05) * 1e9)
+    assert warm.pairs == 330 and 0.8 ** warm.pairs < 2.0 ** -100
+    values.update({'sync.slop': 0.1, 'sync.thermal_offset': -0.06})
+    assert work.warm_up(values).sync_ns == round(2 * (0.5 + 0.1 + 0.06) * 1e9)
+    values['normalization.smoothing'] = 0.95
+    assert work.warm_up(values).pairs > 1000
+    for mode in ('minmax', 'fixed'):
+        values['normalization.mode'] = mode
+        assert work.warm_up(values).pairs == 0
+
+
+def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_file, tmp_path,
+                                                  capsys):
+    # A folder with bags of both formats, one in a subfolder, and a bag named directly.
+    inputs = tmp_path / 'fleet'
+    sources = {}
+    for rel, storage, seconds, seed in (('a', 'mcap', 2.0, 1), ('b', 'sqlite3', 1.5, 2),
+                                        ('day2/c', 'sqlite3', 2.5, 3)):
+        events = drifting(camera_messages(ivif_dir, seconds, seed=seed), seed)
+        sources[rel] = write_bag(inputs / rel, events, storage)
+    extra = write_bag(tmp_path / 'single', camera_messages(ivif_dir, 1.0, seed=4), 'mcap')
+    out = tmp_path / 'out'
+    report = fuse_bags([inputs, extra], out, params=params_file)
+    assert report.ok, report.bags
+    expected = {rel: reference(path, tmp_path / 'ref' / rel, params_file)
+                for rel, path in [*sources.items(), ('single', extra)]}
+    for rel, messages in expected.items():
+        assert read_bag(out / rel) == messages, rel
+        fused = len(messages['/s4fusion_node/fused'])
+        row = next(b for b in report.bags if b.output == str(out / rel))
+        assert (row.status, row.fused, row.pairs, row.error) == ('done', fused, fused, '')
+    assert sorted(p.suffix for p in (out / 'b').iterdir()) == ['.db3', '.yaml']
+    manifest = json.loads((out / 's4fusion-batch-manifest.json').read_text())
+    assert [b['status'] for b in manifest['bags']] == ['done'] * 4
+    error = capsys.readouterr().err
+    assert error.count('s4fusion-batch: done ') == 4
+    assert not list(out.rglob('.*'))  # no staging or partial directories left
+
+    # The GPU path (one actor per GPU, here a logical one running on the CPU) writes the same.
+    report = fuse_bags([inputs, extra], out, params=params_file, gpus_per_worker=1,
+                       overwrite=True, device='cpu')
+    assert report.ok, report.bags
+    for rel, messages in expected.items():
+        assert read_bag(out / rel) == messages, rel
+
+
+def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tmp_path):
+    source, expected = long_bag
+    seen = []
+    # 9 s segments: the second one's warm-up reaches the start, the third and fourth do not.
+    report = fuse_bags([source], tmp_path / 'out', params=params_file, segment_minutes=0.15,
+                       on_unit=seen.append, progress=False)
+    assert report.ok, report.bags
+    assert report.bags[0].units == 4 and sorted(r['index'] for r in seen) == [0, 1, 2, 3]
+    assert read_bag(tmp_path / 'out' / 'long') == expected
+    fused = len(expected['/s4fusion_node/fused'])
+    assert report.bags[0].fused == report.bags[0].pairs == fused > 200
+
+    # The warm-up is what makes it so: the last segment started cold differs.
+    unit = work.plan_bag(work.BagJob(source, tmp_path / 'cold'),
+                         settings.load_params_file(params_file), round(0.15 * 60e9), False)[3]
+    cold = bag_tool.Span(unit.span.own_from, unit.span.own_from, None, 0, None)
+    with one_torch_thread():
+        assert not work.run_unit(unit)['error']
+        assert not work.run_unit(dataclasses.replace(unit, span=cold,
+                                                     output=tmp_path / 'cold'))['error']
+    warm = read_bag(unit.output)['/s4fusion_node/fused']
+    cold = read_bag(tmp_path / 'cold')['/s4fusion_node/fused']
+    assert warm == expected['/s4fusion_node/fused'][-len(warm):]
+    assert [m[0] for m in cold] == [m[0] for m in warm] and cold != warm
+
+    # A warm-up planned too short (as after a gap in the recording) is lengthened until it has
+    # its pairs, and gives the same bag.
+    span = unit.span
+    sync_ns = span.count_from - span.read_from
+    short = dataclasses.replace(span, read_from=span.own_from - 10**9,
+                                count_from=span.own_from - 10**9 + sync_ns)
+    with one_torch_thread():
+        result = work.run_unit(dataclasses.replace(unit, span=short, output=tmp_path / 'short'))
+    assert not result['error']
+    assert read_bag(tmp_path / 'short')['/s4fusion_node/fused'] == warm
+
+
+def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):
+    inputs = tmp_path / 'fleet'
+    good = write_bag(inputs / 'good', camera_messages(ivif_dir, 1.0), 'mcap')
+    truncated = write_bag(inputs / 'truncated', camera_messages(ivif_dir, 3.0), 'mcap')
+    storage = truncated / 'truncated.mcap'
+    storage.write_bytes(storage.read_bytes()[:storage.stat().st_size * 2 // 3])
+    garbage = write_bag(inputs / 'garbage', camera_messages(ivif_dir, 1.0), 'sqlite3')
+    (garbage / 'garbage.db3').write_bytes(b'not a database' * 1000)
+    # Opens and plans, then fails in its task: a message in the middle does not decode.
+    broken = write_bag(inputs / 'broken', camera_messages(ivif_dir, 2.0), 'sqlite3')
+    with sqlite3.connect(broken / 'broken.db3') as db:
+        db.execute("UPDATE messages SET data = x'0001000004' WHERE id = 30")
+    seen = []
+    report = fuse_bags([inputs], tmp_path / 'out', params=params_file, on_unit=seen.append)
+    assert not report.ok
+    rows = {pathlib.Path(b.input).name: b for b in report.bags}
+    assert rows['good'].status == 'done'
+    assert read_bag(tmp_path / 'out' / 'good') == reference(good, tmp_path / 'ref', params_file)
+    for name in ('truncated', 'garbage', 'broken'):
+        assert rows[name].status == 'failed' and str(inputs / name) in rows[name].error
+        assert not (tmp_path / 'out' / name).exists()
+    assert 'corrupt or truncated' in rows['truncated'].error
+    assert 'cannot decode' in rows['broken'].error
+    # Failed once, not retried (the other two fail when planned, before any task).
+    assert sorted(r['label'] for r in seen) == [str(broken), str(good)]
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
+        'good', 's4fusion-batch-manifest.json']
+    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 3
+    assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
+
+
+def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
+        local_ray, ivif_dir, params_file, tmp_path, capsys):
+    # The command line in this process (it joins the module's Ray instead of starting one).
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    out = tmp_path / 'out'
+    command = [str(tmp_path / 'in'), str(out), '--params', str(params_file)]
+    (out / 'a').mkdir(parents=True)
+    assert batch_tool.main(command) == 1
+    assert '1 output(s) exist' in capsys.readouterr().err and not any((out / 'a').iterdir())
+    assert batch_tool.main([str(tmp_path / 'in'), str(tmp_path)]) == 1
+    assert 'inside the output folder' in capsys.readouterr().err
+    jobs = work.find_bags([tmp_path], out)  # an output folder inside the input is not searched
+    assert [(job.input, job.output) for job in jobs] == [(source, out / 'in' / 'a')]
+    # What a killed attempt leaves: a staging directory with part of a bag in it.
+    (out / 'a').rmdir()
+    stale = out / '.a.x1y2z3.partial'
+    shutil.copytree(source, stale / 'a')
+    assert batch_tool.main(command + ['--resume']) == 0
+    assert not stale.exists() and read_bag(out / 'a') == reference(source, tmp_path / 'ref',
+                                                                   params_file)
+    error = capsys.readouterr().err
+    assert '1 of 1 bags fused' in error and str(out / 's4fusion-batch-manifest.json') in error
+    assert batch_tool.main(command + ['--resume']) == 0  # nothing left to do
+    assert 'skipped' in capsys.readouterr().err
+    (source / 'a.mcap').write_bytes(b'garbage')
+    assert batch_tool.main(command + ['--overwrite']) == 1  # a bag failed: exit status 1
+    assert 'FAILED' in capsys.readouterr().err and (out / 'a').exists()
+
+
+def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,
+                                                            params_file, tmp_path):
+    # One CPU works through a small bag, the long one's four segments, then two more small bags.
+    inputs = tmp_path / 'fleet'
+    shutil.copytree(long_bag[0], inputs / 'long')
+    for name, seed in (('a', 1), ('m', 2), ('n', 3)):
+        write_bag(inputs / name, camera_messages(ivif_dir, 2.0, seed=seed), 'mcap')
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([str(BATCH_TOOL), str(inputs), str(out), '--params', str(params_file),
+                             '--num-cpus', '1', '--segment-minutes', '0.15'],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            (out / 'a').exists() and len(list(out.glob('.long.s4batch/part-*.json'))) >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    error = ''.join(lines)
+    assert proc.returncode == 130, error
+    assert 'interrupted' in error and 'Traceback' not in error
+    assert not list(out.rglob('.*.partial'))
+    finished = {p.name for p in out.iterdir() if not p.name.startswith('.')} - {
+        's4fusion-batch-manifest.json'}
+    parts = {p.stem for p in (out / '.long.s4batch').glob('part-*.json')}
+    assert finished and parts and 'long' not in finished, (finished, parts)
+    stamps = {name: (out / name).stat().st_mtime_ns for name in finished}
+
+    seen = []
+    report = fuse_bags([inputs], out, params=params_file, segment_minutes=0.15, resume=True,
+                       on_unit=seen.append)
+    assert report.ok, report.bags
+    redone = {(pathlib.Path(r['label'].split(' ')[0]).name, r['index']) for r in seen}
+    expected_redo = {(name, 0) for name in ('a', 'm', 'n') if name not in finished}
+    expected_redo |= {('long', i) for i in range(4) if f'part-{i:05d}' not in parts}
+    assert redone == expected_redo
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == stamps
+    for row in report.bags:
+        name = pathlib.Path(row.input).name
+        assert row.status == ('skipped' if name in finished else 'done')
+        assert row.fused > 0
+    assert read_bag(out / 'long') == long_bag[1]
+    for name in ('a', 'm', 'n'):
+        assert read_bag(out / name) == reference(inputs / name, tmp_path / 'ref' / name,
+                                                 params_file)

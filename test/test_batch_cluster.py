@@ -1,0 +1,72 @@
+"""s4fusion-batch on a two-node Ray cluster on loopback: a node lost mid-run costs nothing."""
+
+import os
+import threading
+
+import pytest
+
+from s4fusion_ros.batch.cluster import fuse_bags
+from test_bag import camera_messages, read_bag, write_bag
+from test_batch import drifting, params_file, reference  # noqa: F401
+
+ray = pytest.importorskip('ray', reason='Ray (the [ray] extra) is not installed')
+from ray.cluster_utils import Cluster  # noqa: E402
+
+HEAD_IP, WORKER_IP = '127.0.0.2', '127.0.0.3'
+# A lost node is noticed within about a second instead of Ray's default 15 s.
+FAST_HEALTH_CHECKS = {'health_check_initial_delay_ms': 0, 'health_check_period_ms': 300,
+                      'health_check_failure_threshold': 3}
+
+
+@pytest.fixture
+def cluster(ray_home):
+    """A head node (127.0.0.2, with the driver) and a worker node (127.0.0.3), 1 CPU each."""
+    cluster = Cluster(initialize_head=True, head_node_args={
+        'num_cpus': 1, 'node_ip_address': HEAD_IP, 'temp_dir': str(ray_home / 'cluster'),
+        'include_dashboard': False, '_system_config': FAST_HEALTH_CHECKS})
+    worker = cluster.add_node(num_cpus=1, node_ip_address=WORKER_IP)
+    ray.init(address=cluster.address, _node_ip_address=HEAD_IP, logging_level='warning')
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_a_node_killed_mid_run_still_gives_complete_identical_bags(cluster, ivif_dir,
+                                                                   params_file, tmp_path):
+    cluster, worker = cluster
+    inputs = tmp_path / 'fleet'
+    for name, seed in (('a', 1), ('b', 2), ('c', 3)):
+        write_bag(inputs / name, drifting(camera_messages(ivif_dir, 5.0, seed=seed), seed),
+                  'mcap' if seed % 2 else 'sqlite3')
+    on_worker, results, outcome = threading.Event(), [], {}
+    running_there = set()
+
+    def progress(label, ip, pairs):
+        if ip == WORKER_IP and not on_worker.is_set():
+            running_there.add(label)
+            on_worker.set()
+
+    def run():
+        try:
+            outcome['report'] = fuse_bags([inputs], tmp_path / 'out', address=cluster.address,
+                                          params=params_file, on_unit=results.append,
+                                          on_progress=progress, progress=False)
+        except BaseException as error:  # noqa: BLE001 - shown by the assertion below
+            outcome['error'] = error
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    assert on_worker.wait(timeout=180), 'no unit ever ran on the worker node'
+    cluster.remove_node(worker)  # kills its raylet and its workers mid-task
+    runner.join(timeout=300)
+    assert not runner.is_alive() and 'error' not in outcome, outcome
+    report = outcome['report']
+    assert report.ok, report.bags
+    # The unit that was running on the lost node finished on the head node.
+    lost = running_there.pop()
+    assert [r['ip'] for r in results if r['label'] == lost] == [HEAD_IP]
+    for name in ('a', 'b', 'c'):
+        assert read_bag(tmp_path / 'out' / name) == reference(
+            inputs / name, tmp_path / 'ref' / name, params_file), name
+    # The killed attempt's partial bag was swept when its bag finished.
+    assert sorted(os.listdir(tmp_path / 'out')) == ['a', 'b', 'c', 's4fusion-batch-manifest.json']
