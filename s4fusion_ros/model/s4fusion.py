@@ -67,11 +67,14 @@ class S4FusionConfig:
         encoder/decoder state 12 -> 8, fusion state 18 -> 12 (the fusion scans run at 1/2 and
         1/4 scale only, so they keep more state), 2 fusion blocks per level instead of 3.
         About a tenth of the parameters and of the scan work; at 640x480 on two CPU cores that is
-        a few frames per second against several seconds per frame for ``authors``.
+        a few frames per second against several seconds per frame for ``authors``. It refines a
+        Laplacian-pyramid fusion (``base``): trained on the CPU, the network alone stayed behind
+        that pyramid on detail and closeness to the sources (docs/training-history.md).
         """
         return {
             'authors': cls(),
-            'compact': cls(dims=(16, 32, 64), d_state=8, fusion_d_state=12, fusion_blocks=2),
+            'compact': cls(dims=(16, 32, 64), d_state=8, fusion_d_state=12, fusion_blocks=2,
+                           base='laplacian'),
         }
 
     @classmethod
