@@ -41,9 +41,8 @@ RECIPES = {
                       '--crop', '145', '--lr', '1e-3', '--grad-weight', '8',
                       '--max-intensity-weight', '1', '--dataset-balance', '1',
                       '--weights-dtype', 'int8']),
-    'compact': (0.4, ['--preset', 'compact', '--base', 'laplacian', '--steps', '3000',
-                      '--batch-size', '32', '--crop', '133', '--grad-weight', '8',
-                      '--dataset-balance', '1']),
+    'compact': (0.4, ['--preset', 'compact', '--steps', '3000', '--batch-size', '32',
+                      '--crop', '133', '--grad-weight', '8', '--dataset-balance', '1']),
 }
 
 

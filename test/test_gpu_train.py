@@ -69,7 +69,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert 'resuming' in second.stderr
     log = (runs / 'compact' / 'train_log.jsonl').read_text().splitlines()
     assert [json.loads(line)['step'] for line in log] == [1, 2, 3, 4]
-    weights = json.loads((runs / 'compact' / 's4fusion_custom.json').read_text())
+    weights = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())
     assert weights['config']['base'] == 'laplacian'
     assert weights['training']['steps_done'] == 4
 
@@ -80,7 +80,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
                    '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', '--',
                    '--steps', '1', '--batch-size', '1', '--crop', '25', '--threads', '1')
     assert 'from the last weights' in third.stderr
-    continued = json.loads((runs / 'compact' / 's4fusion_custom.json').read_text())['training']
+    continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
     assert continued['steps_done'] == 1
     assert continued['initialised_from']['training']['steps_done'] == 4
     assert (runs / 'compact.previous' / 'train_log.jsonl').exists()
