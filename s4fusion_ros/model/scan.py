@@ -103,8 +103,10 @@ class NumbaSelectiveScan(torch.autograd.Function):
         return y.to(u.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        """Gradients of u, delta, A, B, C, D, delta_bias (None for absent ones)."""
+        """Gradients of u, delta, A, B, C, D, delta_bias (None for absent ones); the kernel's
+        gradients have no graph of their own, so a second derivative raises."""
         u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
         grads = _run_numba(numba_scan_backward_fn(), dy, states, u, delta, A, B, C, D,
                            delta_bias=delta_bias, delta_softplus=ctx.delta_softplus)
