@@ -33,7 +33,7 @@ class Pair:
     name: str
     ir_path: pathlib.Path
     vi_path: pathlib.Path
-    frame: int = None  # None: image files; else the frame index in the videos at the paths
+    frame: int | None = None  # None: image files; else the frame index in the videos at the paths
 
     @property
     def dataset(self):
