@@ -66,6 +66,26 @@ def msrs_pair(ivif_dir):
     return ir, vi
 
 
+@pytest.fixture(scope='module')
+def ros_context():
+    """rclpy initialised for a test module that talks to nodes (imported here, where it is used:
+    the suite runs without rclpy too)."""
+    import rclpy
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+@pytest.fixture()
+def pair_folder(tmp_path, ivif_dir):
+    """A folder with ir/ and vi/ holding two real MSRS pairs."""
+    for side in ('ir', 'vi'):
+        (tmp_path / 'pairs' / side).mkdir(parents=True)
+        for name in ('00004N.png', '00055D.png'):
+            shutil.copy(ivif_dir / 'msrs' / side / name, tmp_path / 'pairs' / side / name)
+    return tmp_path / 'pairs'
+
+
 @pytest.fixture(scope='session')
 def ray_home():
     """A temporary HOME, where Ray 2.60 writes its token, for every Ray of the test session.

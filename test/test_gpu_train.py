@@ -23,13 +23,9 @@ def script(*args, env=None, check=True):
 
 
 @pytest.fixture()
-def packed_data(tmp_path, ivif_dir):
+def packed_data(tmp_path, pair_folder):
     """Two real MSRS pairs packed as the device call gets them."""
-    for side in ('ir', 'vi'):
-        (tmp_path / 'pairs' / side).mkdir(parents=True)
-        for name in ('00004N.png', '00055D.png'):
-            shutil.copy(ivif_dir / 'msrs' / side / name, tmp_path / 'pairs' / side / name)
-    script('pack-data', '--data', tmp_path / 'pairs', '--to', tmp_path / 'data')
+    script('pack-data', '--data', pair_folder, '--to', tmp_path / 'data')
     return tmp_path / 'data'
 
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from ros_harness import (Probe, image_message, load_pairs, node_log, rclpy, received_stamps,
+from ros_harness import (Probe, image_message, load_pairs, node_log, received_stamps,
                          running_node)
 from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
@@ -29,13 +29,6 @@ NODE_PARAMS = {
     # of what follows; test_replay checks the smoothed percentile mode live against offline.
     'normalization.mode': 'minmax',
 }
-
-
-@pytest.fixture(scope='module')
-def ros_context():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
 
 
 def camera_schedule(duration: float, seed: int = 1):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from ros_harness import Probe, image_message, node_log, rclpy, running_node
+from ros_harness import Probe, image_message, node_log, running_node
 
 pytestmark = pytest.mark.ros
 
@@ -17,13 +17,6 @@ PARAMS = {'device': 'cpu', 'inference_size': [80, 60], 'diagnostics.period': 0.2
 THERMAL = np.random.default_rng(0).integers(20000, 30000, (120, 160), dtype=np.uint16)
 VISIBLE = np.full((120, 160, 3), 90, np.uint8)
 HAVE_MESSAGE_FILTERS = importlib.util.find_spec('message_filters') is not None
-
-
-@pytest.fixture(scope='module')
-def ros_context():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
 
 
 def wait_for_log(proc, *needles, timeout: float = 60.0) -> str:

@@ -11,19 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from ros_harness import Probe, image_message, node_log, rclpy, running_node
+from ros_harness import Probe, image_message, node_log, running_node
 
 pytestmark = pytest.mark.ros
 
 PARAMS = {'device': 'cpu', 'inference_size': [160, 120]}
 STOP_TIMEOUT_S = 30
-
-
-@pytest.fixture(scope='module')
-def ros_context():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
 
 
 def stopped_cleanly(proc, *signals, gap: float = 0.0) -> str:

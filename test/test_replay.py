@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from paths import executable
-from ros_harness import Probe, node_log, rclpy, received_stamps, running_node
+from ros_harness import Probe, node_log, received_stamps, running_node
 from s4fusion_ros import settings
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
@@ -32,13 +32,6 @@ NODE_PARAMS = {
     'qos.input.depth': 100,
     'use_sim_time': True,
 }
-
-
-@pytest.fixture(scope='module')
-def ros_context():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
 
 
 def offline_outputs(source: pathlib.Path, tmp_path: pathlib.Path) -> dict[int, tuple]:

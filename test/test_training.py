@@ -94,16 +94,6 @@ def crops(splits):
     return PairFolderDataset(splits.train, 97).sample_batch(16, np.random.default_rng(1))
 
 
-@pytest.fixture()
-def pair_folder(tmp_path, ivif_dir):
-    """A folder with ir/ and vi/ holding two real MSRS pairs."""
-    for side in ('ir', 'vi'):
-        (tmp_path / 'pairs' / side).mkdir(parents=True)
-        for name in ('00004N.png', '00055D.png'):
-            shutil.copy(ivif_dir / 'msrs' / side / name, tmp_path / 'pairs' / side / name)
-    return tmp_path / 'pairs'
-
-
 # --- data ---------------------------------------------------------------------------------------
 
 def test_split_sizes(splits):
