@@ -150,7 +150,8 @@ def main(argv=None):
                              min_gain=args.min_gain, dataset_balance=args.dataset_balance,
                              lr=args.lr, warmup_steps=args.warmup,
                              seed=args.seed)
-    data_is_ivif = (args.data / 'roadscene').is_dir()
+    # As training_pairs reads it: ir/ and vi/ first, the ivif layout only without them.
+    data_is_ivif = not (args.data / 'ir').is_dir() and (args.data / 'roadscene').is_dir()
     pairs = training_pairs(args.data)
     features = classifier = None
     if args.pretrained_features is not None:
