@@ -36,7 +36,7 @@ from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
-from ..training.data import M3SVD_VALIDATION_CLIPS, Pair, ivif_splits
+from ..training.data import M3SVD_VALIDATION_CLIPS, ROADSCENE_VALIDATION_STRIDE, Pair, ivif_splits
 from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
 from .train import default_data_dir
 
@@ -260,10 +260,10 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
     validation = ', '.join(M3SVD_VALIDATION_CLIPS)
     notes = ["Splits (training/data.py `ivif_splits`): roadscene67 = S4Fusion's 67 RoadScene "
              'test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS test-split pairs; '
-             f'm3svd_val = the validation split, the 20 frame pairs of the M3SVD clips '
-             f'{validation} (no frame of these clips trains; weights and training settings are '
-             'chosen on this split, not on the test sets). Provenance of the data: the README '
-             '("Data").',
+             f'validation splits (no pair of them trains; weights and training settings are '
+             f'chosen on them, not on the test sets): m3svd_val = the 20 frame pairs of the M3SVD '
+             f'clips {validation}, roadscene_val = every {ROADSCENE_VALIDATION_STRIDE}th of the '
+             f'other RoadScene pairs by name (20). Provenance of the data: the README ("Data").',
              "SeAFusion runs with its authors' published weights, and its luminance is quantized "
              'their way (min-max stretch, then truncation: `seafusion.published_uint8`).',
              'DenseFuse rows are the outputs stored with the TNO data (Linfeng-Tang/'
@@ -317,9 +317,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
                         help='the shared ivif folder (default: %(default)s)')
     parser.add_argument('--datasets', type=_names,
-                        default=['roadscene67', 'tno42', 'msrs22', 'm3svd_val'],
+                        default=['roadscene67', 'tno42', 'msrs22', 'm3svd_val', 'roadscene_val'],
                         help='comma-separated splits (default: the three test splits and the '
-                             'validation split, %(default)s)'),
+                             'two validation splits, %(default)s)'),
     parser.add_argument('--limit', type=int, default=0,
                         help='evaluate only the first N pairs of each split (0 = all)')
     parser.add_argument('--methods', type=_names, default=list(METHODS),

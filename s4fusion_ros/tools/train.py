@@ -113,9 +113,9 @@ def deviation_note(features, classifier, data_is_ivif):
     if classifier is None:
         notes.append('no classifier-entropy term (no ImageNet classifier available)')
     if data_is_ivif:
-        notes.append('data: RoadScene without S4Fusion\'s 67 test pairs, 4 MSRS train pairs and '
-                     'the M3SVD clips outside the validation split, not the authors\' training '
-                     'set')
+        notes.append('data: RoadScene without S4Fusion\'s 67 test pairs and its validation '
+                     'pairs, 4 MSRS train pairs and the M3SVD clips outside the validation split, '
+                     'not the authors\' training set')
     return '; '.join(notes) + '.'
 
 

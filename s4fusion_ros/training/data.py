@@ -22,6 +22,10 @@ MSRS_TRAIN_NAMES = ('00556D.png', '00633D.png', '00881N.png', '01023N.png')
 # M3SVD clips held out for choosing weights and settings (whole clips: consecutive frames are
 # near duplicates): a street at dusk with cars and pedestrians, a crowd at night.
 M3SVD_VALIDATION_CLIPS = ('0111_1753', '0115_1834')
+# Every n-th RoadScene training pair by name validates instead (20 of 154): S4Fusion's 67 test
+# pairs are drawn across the whole FLIR drive, so a contiguous stretch would be no further from
+# them; it scores the daytime road scenes that the M3SVD clips do not show.
+ROADSCENE_VALIDATION_STRIDE = 8
 # Every n-th frame of the M3SVD videos trains; neighbouring frames add little but decode time.
 VIDEO_FRAME_STEP = 10
 
@@ -200,11 +204,12 @@ def m3svd_clip(pair):
 def ivif_splits(root):
     """Training, validation and test pairs from the ivif data folder (layout in the README).
 
-    train: RoadScene without S4Fusion's 67 test pairs (154), the four MSRS train-split pairs, the
-    M3SVD frame pairs of the clips not held out (70) and every ``VIDEO_FRAME_STEP``-th frame of
-    the M3SVD videos (193 of 1913).
-    validation: 'm3svd_val', the 20 frame pairs of ``M3SVD_VALIDATION_CLIPS`` (for choosing
-    weights and settings; no video clip is one of them).
+    train: RoadScene without S4Fusion's 67 test pairs and the validation pairs (134), the four
+    MSRS train-split pairs, the M3SVD frame pairs of the clips not held out (70) and every
+    ``VIDEO_FRAME_STEP``-th frame of the M3SVD videos (193 of 1913).
+    validation (for choosing weights and settings): 'm3svd_val', the 20 frame pairs of
+    ``M3SVD_VALIDATION_CLIPS`` (no video clip is one of them), and 'roadscene_val', every
+    ``ROADSCENE_VALIDATION_STRIDE``-th of the other RoadScene pairs by name (20).
     tests: 'roadscene67', 'tno42' and 'msrs22' (the 20 SuperFusion MSRS test pairs, 00537D and
     00858N).
     TNO and M3FD never enter training.
@@ -222,9 +227,12 @@ def ivif_splits(root):
         'tno42': pairs_in_folder(root / 'tno'),
         'msrs22': tuple(p for p in msrs if p.name not in MSRS_TRAIN_NAMES),
     }
+    roadscene_rest = tuple(p for p in roadscene if p.name not in test67)  # sorted by name
+    roadscene_val = roadscene_rest[::ROADSCENE_VALIDATION_STRIDE]
     validation = {'m3svd_val': tuple(p for p in m3svd_frames
-                                     if m3svd_clip(p) in M3SVD_VALIDATION_CLIPS)}
-    train = tuple(p for p in roadscene if p.name not in test67)
+                                     if m3svd_clip(p) in M3SVD_VALIDATION_CLIPS),
+                  'roadscene_val': roadscene_val}
+    train = tuple(p for p in roadscene_rest if p not in roadscene_val)
     train += pairs_in_folder(root / 'msrs', MSRS_TRAIN_NAMES)
     train += tuple(p for p in m3svd_frames if m3svd_clip(p) not in M3SVD_VALIDATION_CLIPS)
     train += m3svd_videos
