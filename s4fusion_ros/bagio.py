@@ -23,7 +23,7 @@ from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurabi
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from .imaging.encodings import encode_image
+from .imaging.encodings import RawImage
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
@@ -263,10 +263,9 @@ def copy_topic(writer: Writer, connection: Connection, topic: str | None = None)
                                  typestore=typestore(), offered_qos_profiles=qos)
 
 
-def image_cdr(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: str) -> memoryview:
-    """Serialize an array as a sensor_msgs/msg/Image with the given header."""
+def image_cdr(raw: RawImage, stamp_ns: int, frame_id: str) -> memoryview:
+    """Serialize packed image fields as a sensor_msgs/msg/Image with the given header."""
     types = typestore().types
-    raw = encode_image(array, encoding)
     message = types[IMAGE](header=_header(stamp_ns, frame_id), height=raw.height, width=raw.width,
                            encoding=raw.encoding, is_bigendian=raw.is_bigendian, step=raw.step,
                            data=np.frombuffer(raw.data, np.uint8))

@@ -6,9 +6,13 @@ register the thermal frame of each pair. It is stateful (synchronizer, temporal 
 thermal range) and runs on every message in arrival order, so live and replay produce the same
 pairs and pixels even when the live node later drops pairs it has no time to fuse.
 
-FusionEngine runs the model on one prepared pair and builds the published images.
+FusionEngine runs the model on one prepared pair, or on a pair of image files, and builds the
+published images: both encodings and their packing come from its FusionSettings.
+
+The factories at the end build both from the node's parameter values (settings.py).
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -17,14 +21,14 @@ import numpy as np
 import torch
 
 from .imaging.color import bgr_to_ycrcb, ycrcb_to_bgr
-from .imaging.encodings import ImageDecodeError, decode_thermal_info, decode_visible
+from .imaging.encodings import (ImageDecodeError, RawImage, decode_thermal_info, decode_visible,
+                                encode_image)
 from .imaging.normalization import ThermalNormalizer
 from .imaging.registration import ThermalRegistration
 from .runtime import LoadedModel
 from .saliency import saliency_map
+from .settings import OUTPUT_ENCODINGS, SALIENCY_ENCODINGS
 from .sync import Pair, PairSynchronizer
-
-OUTPUT_ENCODINGS = ('bgr8', 'rgb8', 'mono8')
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,20 @@ class PreparedPair:
 
 @dataclass(frozen=True)
 class FusionResult:
-    """What the node publishes for one pair."""
+    """What the node publishes for one pair, and the saliency map it shows."""
 
-    pair: PreparedPair
+    pair: PreparedPair | None  # None from FusionEngine.fuse_images: image files have no header
     fused: np.ndarray  # uint8 (H, W, 3) in `fused_encoding` channel order, or (H, W) for mono8
     fused_encoding: str
     saliency: np.ndarray  # float32 (H, W) in [0, 1]
+    saliency_image: np.ndarray  # `saliency` as published in `saliency_encoding`
+    saliency_encoding: str
     inference_seconds: float
+
+    def packed(self) -> tuple[RawImage, RawImage]:
+        """The fused and saliency images as published (sensor_msgs/Image fields, header aside)."""
+        return (encode_image(self.fused, self.fused_encoding),
+                encode_image(self.saliency_image, self.saliency_encoding))
 
 
 class FusionPipeline:
@@ -143,37 +154,62 @@ class FusionSettings:
     """Output settings that may change while running (validated by the caller)."""
 
     output_encoding: str = 'bgr8'
+    saliency_encoding: str = 'mono8'
     saliency_contrast: float = 0.2
     saliency_threshold: float = 0.0
     inference_size: tuple[int, int] = (0, 0)  # (width, height); (0, 0) runs at full resolution
 
 
 class FusionEngine:
-    """Runs S4Fusion on prepared pairs and builds the fused and saliency images."""
+    """Runs S4Fusion on pairs and builds the fused and saliency images as published."""
 
     def __init__(self, loaded: LoadedModel, settings: FusionSettings | None = None):
         self.loaded = loaded
         self.settings = settings or FusionSettings()
 
     def infer(self, pair: PreparedPair) -> FusionResult:
-        """Fuse one pair: luminance through the model, colour from the visible image."""
+        """Fuse one prepared pair (from messages) into the images published for it."""
+        return self._fuse(pair.thermal, pair.visible_bgr, self.settings, pair)
+
+    def fuse_images(self, thermal: np.ndarray, visible_bgr: np.ndarray,
+                    output_encoding: str = '') -> FusionResult:
+        """Fuse a pair of images read from files; `output_encoding` overrides the settings'.
+
+        `thermal` is the infrared image as stored (uint8 or uint16 luminance, any size). A
+        dataset's thermal image is already a display-normalized picture and training reads it as
+        value / type maximum: the node's percentile stretch would change it, so the fixed
+        full-type range gives the model the pixels it was trained on.
+        """
+        full_range = (0.0, float(np.iinfo(thermal.dtype).max))
+        normalized = ThermalNormalizer(mode='fixed', fixed_range=full_range)(thermal)
+        height, width = visible_bgr.shape[:2]
+        # The identity registration resizes a thermal image of another size.
+        registered = ThermalRegistration()(normalized, (width, height))
         settings = self.settings
+        if output_encoding:
+            settings = dataclasses.replace(settings, output_encoding=output_encoding)
+        return self._fuse(registered, visible_bgr, settings)
+
+    def _fuse(self, thermal: np.ndarray, visible_bgr: np.ndarray, settings: FusionSettings,
+              pair: PreparedPair | None = None) -> FusionResult:
+        """Luminance through the model, colour from the visible image, outputs encoded."""
         started = time.perf_counter()
-        visible_y, visible_cr, visible_cb = bgr_to_ycrcb(pair.visible_bgr)
+        visible_y, visible_cr, visible_cb = bgr_to_ycrcb(visible_bgr)
         height, width = visible_y.shape
         model_size = settings.inference_size if all(settings.inference_size) else (width, height)
         if model_size == (width, height):
-            fused_y = self._run_model(pair.thermal, visible_y)
+            fused_y = self._run_model(thermal, visible_y)
         else:
-            thermal_small = cv2.resize(pair.thermal, model_size, interpolation=cv2.INTER_AREA)
+            thermal_small = cv2.resize(thermal, model_size, interpolation=cv2.INTER_AREA)
             visible_small = cv2.resize(visible_y, model_size, interpolation=cv2.INTER_AREA)
             fused_small = self._run_model(thermal_small, visible_small)
-            fused_y = restore_detail(fused_small, pair.thermal, visible_y)
-        saliency = saliency_map(pair.thermal, visible_y, fused_y,
+            fused_y = restore_detail(fused_small, thermal, visible_y)
+        saliency = saliency_map(thermal, visible_y, fused_y,
                                 settings.saliency_contrast, settings.saliency_threshold)
         fused = compose_output(fused_y, visible_cr, visible_cb, settings.output_encoding)
         return FusionResult(pair, fused, settings.output_encoding, saliency,
-                            time.perf_counter() - started)
+                            encode_saliency(saliency, settings.saliency_encoding),
+                            settings.saliency_encoding, time.perf_counter() - started)
 
     def warm_up(self) -> float:
         """Run the model once on a small blank pair; returns the seconds it took.
@@ -227,3 +263,46 @@ def compose_output(fused_y: np.ndarray, visible_cr: np.ndarray, visible_cb: np.n
     if encoding == 'rgb8':
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     raise ValueError(f"output encoding '{encoding}' is not one of {', '.join(OUTPUT_ENCODINGS)}")
+
+
+def encode_saliency(saliency: np.ndarray, encoding: str) -> np.ndarray:
+    """A saliency map in [0, 1] as published: mono8 is 0-255, 32FC1 the map itself."""
+    if encoding == 'mono8':
+        return np.rint(saliency * 255.0).astype(np.uint8)
+    if encoding == '32FC1':
+        return saliency
+    raise ValueError(f"saliency encoding '{encoding}' is not one of "
+                     f"{', '.join(SALIENCY_ENCODINGS)}")
+
+
+# Factories: the node's parameter values (settings.py) -> the pipeline and the engine's settings --
+
+def normalizer_settings(values: dict) -> dict:
+    """Map the `normalization.*` parameters to ThermalNormalizer keyword arguments."""
+    return {'mode': values['normalization.mode'],
+            'low_percentile': values['normalization.low_percentile'],
+            'high_percentile': values['normalization.high_percentile'],
+            'smoothing': values['normalization.smoothing'],
+            'fixed_range': (values['normalization.fixed_min'], values['normalization.fixed_max'])}
+
+
+def pipeline_from_params(values: dict) -> FusionPipeline:
+    """Build the synchronizer, normalizer and registration from their parameters.
+
+    `sync.timeout` lives in the synchronizer: callers pass their clock's now to `expire`.
+    """
+    synchronizer = PairSynchronizer(
+        slop=values['sync.slop'], queue_size=values['sync.queue_size'],
+        thermal_offset=values['sync.thermal_offset'], timeout=values['sync.timeout'])
+    normalizer = ThermalNormalizer(**normalizer_settings(values))
+    registration = ThermalRegistration(np.reshape(values['registration.homography'], (3, 3)))
+    return FusionPipeline(synchronizer, normalizer, registration)
+
+
+def fusion_settings(values: dict) -> FusionSettings:
+    """Map the output parameters to FusionEngine settings."""
+    return FusionSettings(output_encoding=values['output_encoding'],
+                          saliency_encoding=values['saliency.encoding'],
+                          saliency_contrast=values['saliency.contrast'],
+                          saliency_threshold=values['saliency.threshold'],
+                          inference_size=tuple(values['inference_size']))

@@ -85,3 +85,9 @@ def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'au
     model = S4Fusion(S4FusionConfig.preset(preset), device=torch_device, dtype=dtype).eval()
     return LoadedModel(model, torch_device, half, f's4fusion_{preset} (untrained)', None,
                        trained=False)
+
+
+def model_from_params(values: dict) -> LoadedModel:
+    """Load the model named by the node's `device`, `half`, `model.preset` and `model.weights`."""
+    return load_fusion_model(values['model.weights'], values['model.preset'], values['device'],
+                             values['half'])

@@ -1,8 +1,9 @@
-"""The node's parameters without ROS: table, parameter file, and the fusion path they build.
+"""The node's parameters without ROS or torch: the table, its checks and the parameter file.
 
-The live node (ros/node.py; ros/parameters.py adds the rclpy descriptors) and the offline bag tool
-both read the same YAML format and build their pipeline and engine with the factories here, so one
-parameter file means the same thing live and offline.
+The live node (ros/node.py; ros/parameters.py adds the rclpy descriptors) and the offline tools
+read the same YAML format, and build their pipeline, engine and model from the values with the
+factories beside what they build (engine.py, runtime.py), so one parameter file means the same
+thing live and offline. Validating parameters loads neither torch nor rclpy.
 
 config/s4fusion.yaml holds the same defaults (a test keeps the two equal). Parameter names map to
 the usual ROS names: `sync.queue_size` is message_filters' / stereo_image_proc's `queue_size`,
@@ -15,17 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from .engine import OUTPUT_ENCODINGS, FusionPipeline, FusionResult, FusionSettings
 from .imaging.normalization import MODES as NORMALIZATION_MODES
-from .imaging.normalization import ThermalNormalizer
-from .imaging.registration import ThermalRegistration
-from .runtime import LoadedModel, load_fusion_model
-from .sync import PairSynchronizer
 from .worker import QUEUE_POLICIES
 
 NODE_NAME = 's4fusion_node'
 RELIABILITIES = ('reliable', 'best_effort')
 TRANSPORTS = ('raw', 'compressed')
+OUTPUT_ENCODINGS = ('bgr8', 'rgb8', 'mono8')  # of the fused image
 SALIENCY_ENCODINGS = ('mono8', '32FC1')
 SYNC_BACKENDS = ('own', 'message_filters')
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -179,10 +176,30 @@ def _kind(value) -> str:
 
 
 def load_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> dict:
-    """Read a node --params-file: defaults, then the file's `/**` and `<node_name>` sections.
+    """Read a node --params-file: every parameter, at the file's value or else its default.
+
+    Raises SettingsError naming the file for unreadable YAML, a missing section, unknown names and
+    invalid values.
+    """
+    path = pathlib.Path(path)
+    values = defaults()
+    for name, value in read_params_file(path, node_name).items():
+        if name.startswith(ROS_KEYS):
+            continue
+        if name not in SPECS:
+            raise SettingsError(f"{path}: unknown parameter '{name}'")
+        values[name] = value
+    reason = check_types(values) or check_update({}, values)
+    if reason:
+        raise SettingsError(f'{path}: {reason}')
+    return values
+
+
+def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> dict:
+    """The values a --params-file gives the node, unchecked: its `/**` and `<node_name>` sections.
 
     Nested keys become dotted names (`sync: {slop: 0.1}` is `sync.slop`). Raises SettingsError
-    naming the file for unreadable YAML, a missing section, unknown names and invalid values.
+    naming the file for unreadable YAML or when no section applies to the node.
     """
     path = pathlib.Path(path)
     try:
@@ -193,17 +210,9 @@ def load_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
                 for body in _matching_sections(document, node_name)]
     if not sections:
         raise SettingsError(f"{path}: no '/**' or '{node_name}' section with ros__parameters")
-    values = defaults()
+    values = {}
     for section in sections:  # '/**' first: the node-specific section wins, as in rclpy
-        for name, value in section.items():
-            if name.startswith(ROS_KEYS):
-                continue
-            if name not in SPECS:
-                raise SettingsError(f"{path}: unknown parameter '{name}'")
-            values[name] = value
-    reason = check_types(values) or check_update({}, values)
-    if reason:
-        raise SettingsError(f'{path}: {reason}')
+        values.update(section)
     return values
 
 
@@ -244,49 +253,3 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
         else:
             flat[name] = value
     return flat
-
-
-# Factories: parameter values -> the fusion path (the node and the bag tool call these) ----------
-
-def model_from_params(values: dict) -> LoadedModel:
-    """Load the model named by `device`, `half`, `model.preset` and `model.weights`."""
-    return load_fusion_model(values['model.weights'], values['model.preset'], values['device'],
-                             values['half'])
-
-
-def normalizer_settings(values: dict) -> dict:
-    """Map the `normalization.*` parameters to ThermalNormalizer keyword arguments."""
-    return {'mode': values['normalization.mode'],
-            'low_percentile': values['normalization.low_percentile'],
-            'high_percentile': values['normalization.high_percentile'],
-            'smoothing': values['normalization.smoothing'],
-            'fixed_range': (values['normalization.fixed_min'], values['normalization.fixed_max'])}
-
-
-def pipeline_from_params(values: dict) -> FusionPipeline:
-    """Build the synchronizer, normalizer and registration from their parameters.
-
-    `sync.timeout` lives in the synchronizer: callers pass their clock's now to `expire`.
-    """
-    synchronizer = PairSynchronizer(
-        slop=values['sync.slop'], queue_size=values['sync.queue_size'],
-        thermal_offset=values['sync.thermal_offset'], timeout=values['sync.timeout'])
-    normalizer = ThermalNormalizer(**normalizer_settings(values))
-    registration = ThermalRegistration(np.reshape(values['registration.homography'], (3, 3)))
-    return FusionPipeline(synchronizer, normalizer, registration)
-
-
-def fusion_settings(values: dict) -> FusionSettings:
-    """Map the output parameters to FusionEngine settings."""
-    return FusionSettings(output_encoding=values['output_encoding'],
-                          saliency_contrast=values['saliency.contrast'],
-                          saliency_threshold=values['saliency.threshold'],
-                          inference_size=tuple(values['inference_size']))
-
-
-def output_images(result: FusionResult, saliency_encoding: str) -> list[tuple[np.ndarray, str]]:
-    """Return [(fused, encoding), (saliency, encoding)] as published: saliency mono8 is 0-255."""
-    saliency = result.saliency
-    if saliency_encoding == 'mono8':
-        saliency = np.rint(saliency * 255.0).astype(np.uint8)
-    return [(result.fused, result.fused_encoding), (saliency, saliency_encoding)]

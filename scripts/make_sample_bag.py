@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from s4fusion_ros.bagio import RELIABLE_QOS, add_image_topic, bag_size, create_bag  # noqa: E402
 from s4fusion_ros.bagio import image_cdr  # noqa: E402
+from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
 
 SCENES = ('00024N.png', '00537D.png', '00036N.png', '00633D.png')  # night, day, night, day
 SIZE = (320, 240)  # (width, height)
@@ -89,7 +90,7 @@ def make_sample_bag(msrs: pathlib.Path, output: pathlib.Path) -> None:
                        for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
         for log_time, topic, stamp, image in events:
             thermal = topic == THERMAL_TOPIC
-            data = image_cdr(image, 'mono16' if thermal else 'bgr8', stamp,
+            data = image_cdr(encode_image(image, 'mono16' if thermal else 'bgr8'), stamp,
                              THERMAL_FRAME if thermal else VISIBLE_FRAME)
             writer.write(connections[topic], log_time, data)
     counts = {topic: sum(1 for event in events if event[1] == topic) for topic in connections}

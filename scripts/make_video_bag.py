@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from make_sample_bag import thermal_counts  # noqa: E402 (beside this script)
 from s4fusion_ros.bagio import (COMPRESSED_IMAGE, RELIABLE_QOS, add_image_topic,  # noqa: E402
                                 bag_size, compressed_image_cdr, create_bag, image_cdr)
+from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
 
 # (clip, first frame): a person walking out of smoke, people on stairs, people on a river bank.
 SCENES = (('0117_1605', 0), ('0111_1716', 0), ('0113_1714', 0))
@@ -100,7 +101,7 @@ def scene_events(videos: pathlib.Path, index: int, clip: str, first: int,
         nearest = int(np.argmin(np.abs(np.asarray(times) - exposure)))
         counts = thermal_counts(thermal[nearest], offset + exposure)
         add(THERMAL_TOPIC, exposure + THERMAL_STAMP_DELAY, lambda stamp, counts=counts: image_cdr(
-            counts, 'mono16', stamp, THERMAL_FRAME), 0.004)
+            encode_image(counts, 'mono16'), stamp, THERMAL_FRAME), 0.004)
         exposure += THERMAL_PERIOD
     return events
 

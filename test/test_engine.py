@@ -4,10 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, compose_output,
-                                 restore_detail)
+from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, PreparedPair,
+                                 compose_output, restore_detail)
 from s4fusion_ros.imaging.color import bgr_to_ycrcb
-from s4fusion_ros.imaging.encodings import ImageDecodeError, encode_image
+from s4fusion_ros.imaging.encodings import ImageDecodeError, encode_image, image_to_array
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.runtime import load_fusion_model
@@ -92,6 +92,39 @@ def test_engine_outputs_visible_geometry_and_colour(msrs_pair, loaded):
     in_gamut = (result.fused > 0).all(axis=2) & (result.fused < 255).all(axis=2)
     assert in_gamut.mean() > 0.9
     assert np.abs(mono.astype(int) - np.rint(y * 255).astype(int))[in_gamut].max() <= 3
+
+
+@pytest.mark.parametrize('saliency_encoding', ['mono8', '32FC1'])
+def test_engine_packs_both_outputs_as_its_settings_say(msrs_pair, loaded, saliency_encoding):
+    ir, vi = msrs_pair
+    pipeline = make_pipeline()
+    pipeline.add_thermal(encode_image(ir, 'mono8'), 1000 * MS, 'ir')
+    [pair] = pipeline.add_visible(encode_image(vi, 'bgr8'), 1001 * MS, 'rgb')
+    settings = FusionSettings(output_encoding='rgb8', saliency_encoding=saliency_encoding,
+                              inference_size=(160, 120))
+    result = FusionEngine(loaded, settings).infer(pair)
+    fused, saliency = result.packed()
+    assert (fused.encoding, fused.width, fused.height) == ('rgb8', 640, 480)
+    np.testing.assert_array_equal(image_to_array(fused), result.fused)
+    assert saliency.encoding == saliency_encoding
+    published = (np.rint(result.saliency * 255).astype(np.uint8)
+                 if saliency_encoding == 'mono8' else result.saliency)
+    np.testing.assert_array_equal(image_to_array(saliency), published)
+
+
+def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_pair, loaded):
+    ir, vi = msrs_pair
+    settings = FusionSettings(inference_size=(160, 120))
+    engine = FusionEngine(loaded, settings)
+    result = engine.fuse_images(ir, vi, 'mono8')
+    assert engine.settings == settings and result.pair is None
+    assert result.fused_encoding == 'mono8' and result.fused.shape == ir.shape
+    # Dataset thermal images are display-ready 8-bit: the model sees them / 255.
+    mono = FusionEngine(loaded, FusionSettings(output_encoding='mono8', inference_size=(160, 120)))
+    expected = mono.infer(PreparedPair(1, 1, 'ir', ir.astype(np.float32) / 255.0, vi))
+    # x / 255 and the normalizer's x * (1 / 255) may differ in the last float bit.
+    assert np.abs(result.fused.astype(int) - expected.fused).max() <= 1
+    assert engine.fuse_images(ir, vi).fused_encoding == 'bgr8'
 
 
 def test_restore_detail_returns_full_resolution_edges(msrs_pair):

@@ -1,6 +1,8 @@
 """Parameters: the YAML defaults, start-up validation and live changes of the running node."""
 
+import array
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,107 @@ def test_check_rejects_with_reasons():
     reason = settings.check_update(settings.defaults(), {'normalization.low_percentile': 99.5})
     assert 'normalization.low_percentile' in reason
     assert settings.check_update(settings.defaults(), {'sync.slop': 0.1}) == ''
+
+
+@pytest.mark.parametrize('module, unwanted', [('s4fusion_ros.settings', ('torch', 'rclpy')),
+                                              ('s4fusion_ros.ros.parameters', ('torch',))])
+def test_parameter_modules_import_without_torch(module, unwanted):
+    """Validating parameters must not cost torch's start-up (and the table needs no ROS)."""
+    if module.endswith('ros.parameters'):
+        pytest.importorskip('rcl_interfaces')
+    code = f'import sys, {module}; print(sorted(set({unwanted!r}) & set(sys.modules)))'
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == '[]'
+
+
+# rclpy's helper merges sections per top-level key (a `sync:` group of the node section replaces
+# the wildcard's whole group) where rcl, which gives the node its values, merges per parameter as
+# the reader does; no file here splits a group between sections. Each file comes with the node
+# name rclpy is asked for and why loading it fails ('' when it loads).
+TRICKY_FILES = {
+    'wildcard, nested, ints, floats and lists': ("""
+/**:
+  ros__parameters:
+    use_sim_time: true
+    sync:
+      slop: 0.1
+      queue_size: 10
+    inference_size: [320, 240]
+    registration:
+      homography: [1.0, 0.0, 2.5, 0.0, 1.0, -3.0, 0.0, 0.0, 1.0]
+""", 's4fusion_node', ''),
+    'namespaced node over the wildcard': ("""
+/**:
+  ros__parameters:
+    device: cuda
+    qos:
+      input:
+        depth: 10
+/robot/s4fusion_node:
+  ros__parameters:
+    device: cpu
+    normalization:
+      mode: fixed
+      fixed_min: 1000.0
+      fixed_max: 2000.0
+""", '/robot/s4fusion_node', ''),
+    'bare node name, other nodes ignored': ("""
+other_node:
+  ros__parameters:
+    device: cuda
+s4fusion_node:
+  ros__parameters:
+    half: false
+    saliency:
+      encoding: 32FC1
+      threshold: 0.25
+""", 's4fusion_node', ''),
+    'an int where a double is declared': ("""
+/**:
+  ros__parameters:
+    sync:
+      slop: 1
+""", 's4fusion_node', 'sync.slop: expected double'),  # rclpy refuses it too
+}
+
+
+def rclpy_values(path, node: str) -> dict:
+    """What rclpy reads from a parameter file for `node`, as Python values."""
+    parameter = pytest.importorskip('rclpy.parameter')
+    messages = parameter.parameter_dict_from_yaml_file(str(path), use_wildcard=True,
+                                                       target_nodes=[node])
+    values = {}
+    for name, message in messages.items():
+        value = parameter.Parameter.from_parameter_msg(message).value
+        values[name] = list(value) if isinstance(value, (list, tuple, array.array)) else value
+    return values
+
+
+def typed(values: dict) -> dict:
+    """Values with their types: 1 and 1.0 are different parameters to ROS."""
+    def pin(value):
+        return [pin(item) for item in value] if isinstance(value, list) else (type(value), value)
+    return {name: pin(value) for name, value in values.items()}
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'config').glob('*.yaml')), ids=lambda p: p.name)
+def test_shipped_params_files_read_as_rclpy_reads_them(path):
+    assert typed(settings.read_params_file(path)) == typed(rclpy_values(path, 's4fusion_node'))
+
+
+@pytest.mark.parametrize('text, node, refusal', TRICKY_FILES.values(), ids=TRICKY_FILES.keys())
+def test_params_files_read_as_rclpy_reads_them(tmp_path, text, node, refusal):
+    path = tmp_path / 'params.yaml'
+    path.write_text(text)
+    expected = rclpy_values(path, node)
+    assert typed(settings.read_params_file(path)) == typed(expected)
+    if refusal:
+        with pytest.raises(settings.SettingsError, match=refusal):
+            settings.load_params_file(path)
+        return
+    node_values = {k: v for k, v in expected.items() if not k.startswith(settings.ROS_KEYS)}
+    assert typed(settings.load_params_file(path)) == typed({**settings.defaults(), **node_values})
 
 
 @pytest.fixture(scope='module')

@@ -8,6 +8,7 @@ import pytest
 from paths import REPO
 from s4fusion_ros import bagio, settings
 from s4fusion_ros.bagio import deserialize, open_bag, read_messages
+from s4fusion_ros.engine import pipeline_from_params
 from s4fusion_ros.messages import stamp_to_ns
 
 SHIPPED = REPO / 's4fusion_ros' / 'data' / 'm3svd_sample'
@@ -28,7 +29,7 @@ def test_the_shipped_bag_looks_like_a_robot_recording():
     with open_bag(SHIPPED) as reader:
         thermal, visible = bagio.pick_topics(bagio.image_topics(reader, SHIPPED), SHIPPED)
         span = (reader.end_time - reader.start_time) / 1e9
-        pipeline = settings.pipeline_from_params(
+        pipeline = pipeline_from_params(
             {**settings.defaults(), 'sync.thermal_offset': -0.025})
         adds = {thermal.topic: pipeline.add_thermal, visible.topic: pipeline.add_visible}
         pairs = []

@@ -28,7 +28,8 @@ import time
 from .. import settings
 from ..bagio import (BagError, add_image_topic, create_bag, image_topics, open_bag, pick_topics,
                      storage_of)
-from ..engine import FusionEngine
+from ..engine import FusionEngine, fusion_settings, pipeline_from_params
+from ..runtime import model_from_params
 from ..tools.bag import (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC, BagFuser, Span,
                          WarmUpTooShort)
 
@@ -267,8 +268,8 @@ def engine_for(values: dict) -> FusionEngine:
     """A FusionEngine with the model of these parameters, loaded once per process."""
     key = (values['model.weights'], values['model.preset'], values['device'], values['half'])
     if key not in _MODELS:
-        _MODELS[key] = settings.model_from_params(values)
-    return FusionEngine(_MODELS[key], settings.fusion_settings(values))
+        _MODELS[key] = model_from_params(values)
+    return FusionEngine(_MODELS[key], fusion_settings(values))
 
 
 def set_threads(count: int) -> None:
@@ -312,8 +313,7 @@ def run_unit(unit: Unit, progress=None) -> dict:
 
 def _fuse(unit: Unit, span: Span, progress) -> dict:
     engine = engine_for(unit.values)
-    fuser = BagFuser(settings.pipeline_from_params(unit.values), engine,
-                     unit.values['saliency.encoding'], None, 1)
+    fuser = BagFuser(pipeline_from_params(unit.values), engine, None, 1)
     storage = PART_STORAGE if unit.count > 1 else unit.storage
     with open_bag(unit.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, unit.input), unit.input,

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .. import settings
-from ..engine import FusionEngine, FusionSettings, PreparedPair
+from ..engine import FusionEngine, FusionSettings, PreparedPair, pipeline_from_params
 from ..imaging.color import bgr_to_ycrcb
 from ..imaging.encodings import encode_image
 
@@ -128,7 +128,7 @@ def clip_names(video_dir: pathlib.Path) -> list[str]:
 
 def prepared_pairs(video_dir: pathlib.Path, clip: str, frames: int) -> list[PreparedPair]:
     """A clip's first frames as the node prepares them (default parameters, mono8 thermal)."""
-    pipeline = settings.pipeline_from_params(settings.defaults())
+    pipeline = pipeline_from_params(settings.defaults())
     pairs = []
     for stamp_ns, thermal, visible in read_clip(video_dir, clip, frames):
         pairs += pipeline.add_thermal(encode_image(thermal, 'mono8'), stamp_ns, clip)

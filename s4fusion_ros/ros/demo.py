@@ -33,9 +33,10 @@ from rclpy.signals import SignalHandlerOptions
 from .. import settings
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, pick_topics, read_messages)
-from ..engine import FusionEngine
+from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
+from ..runtime import model_from_params
 from ..video import bag_pairs, export_recording, saliency_bgr
 from .recorder import TopicRecorder
 
@@ -175,10 +176,10 @@ def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic
     """
     period = span_s / max(thermal.count, 1)
     pair = next(bag_pairs(bag, thermal.topic, visible.topic,
-                          settings.pipeline_from_params(values)), None)
+                          pipeline_from_params(values)), None)
     if pair is None:
         return 1.0, float('nan'), period
-    engine = FusionEngine(settings.model_from_params(values), settings.fusion_settings(values))
+    engine = FusionEngine(model_from_params(values), fusion_settings(values))
     engine.warm_up()
     seconds = float(np.median([engine.infer(pair).inference_seconds for _ in range(3)]))
     return min(1.0, round(HEADROOM * period / seconds, 2)), seconds, period
@@ -308,7 +309,7 @@ def run(args: argparse.Namespace) -> str:
         rclpy.try_shutdown()
     previews = write_previews(out_dir / 'fused_bag', out_dir)
     frames = export_recording(bag, thermal.topic, visible.topic,
-                              settings.pipeline_from_params(values), out_dir / 'fused_bag',
+                              pipeline_from_params(values), out_dir / 'fused_bag',
                               *OUTPUT_TOPICS, out_dir / VIDEO)
     line = summary_line(monitor, fused, time.monotonic() - started, drained_ok, rate,
                         span_s / max(thermal.count, 1))

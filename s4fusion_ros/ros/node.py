@@ -13,7 +13,6 @@ import math
 import re
 import time
 
-import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
@@ -22,9 +21,11 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
-from ..engine import FusionEngine, FusionResult
-from ..imaging.encodings import encode_image
+from ..engine import (FusionEngine, FusionResult, fusion_settings, normalizer_settings,
+                      pipeline_from_params)
+from ..imaging.encodings import RawImage
 from ..messages import ns_to_sec_nanosec, stamp_to_ns
+from ..runtime import model_from_params
 from ..stats import LatencyStats, RateMeter
 from ..worker import InferenceWorker
 from . import parameters
@@ -62,21 +63,20 @@ class S4FusionNode(Node):
         self.approximate_sync = None  # message_filters' synchronizer, with that backend
 
         self.get_logger().info('loading the model')
-        self.loaded = settings.model_from_params(p)
+        self.loaded = model_from_params(p)
         if not self.loaded.trained:
             self.get_logger().error(
                 f'NO TRAINED WEIGHTS for {self.loaded.name}: the fused output is not meaningful')
         # The offline bag tool uses the same factories: same parameters, same pairs and pixels.
-        self.pipeline = settings.pipeline_from_params(p)
+        self.pipeline = pipeline_from_params(p)
         self.synchronizer = self.pipeline.synchronizer
         self.normalizer = self.pipeline.normalizer
         self.registration = self.pipeline.registration
-        self.engine = FusionEngine(self.loaded, settings.fusion_settings(p))
+        self.engine = FusionEngine(self.loaded, fusion_settings(p))
         seconds = self.engine.warm_up()
         kernels = (f' ({precompile.describe(precompile.kernel_cache_stats())})'
                    if self.loaded.device.type == 'cpu' else '')
         self.get_logger().info(f'model warmed up in {seconds:.1f} s{kernels}')
-        self.saliency_encoding = p['saliency.encoding']
 
         self.thermal_rate, self.visible_rate, self.fused_rate = (RateMeter() for _ in range(3))
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
@@ -134,9 +134,8 @@ class S4FusionNode(Node):
             if self.approximate_sync is not None:
                 self.approximate_sync.slop = Duration(seconds=values['sync.slop'])
         if any(name.startswith('normalization.') for name in names):
-            self.normalizer.configure(**settings.normalizer_settings(values))
-        self.engine.settings = settings.fusion_settings(values)  # inference_size is read-only
-        self.saliency_encoding = values['saliency.encoding']
+            self.normalizer.configure(**normalizer_settings(values))
+        self.engine.settings = fusion_settings(values)  # inference_size is read-only
         self.get_logger().info('parameters updated: ' + ', '.join(
             f'{p.name}={p.value}' for p in params))
 
@@ -263,9 +262,8 @@ class S4FusionNode(Node):
             self.stamps_off_clock += 1
 
     def _publish(self, result: FusionResult) -> None:
-        images = settings.output_images(result, self.saliency_encoding)
-        for publisher, (array, encoding) in zip((self.fused_pub, self.saliency_pub), images):
-            publisher.publish(_image_message(array, encoding, result.pair))
+        for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
+            publisher.publish(_image_message(raw, result.pair))
 
     def _publish_diagnostics(self) -> None:
         sync = self.synchronizer.stats
@@ -370,8 +368,7 @@ def _qos(reliability: str, depth: int) -> QoSProfile:
                      else ReliabilityPolicy.BEST_EFFORT))
 
 
-def _image_message(array: np.ndarray, encoding: str, pair) -> Image:
-    raw = encode_image(array, encoding)
+def _image_message(raw: RawImage, pair) -> Image:
     msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
                 is_bigendian=raw.is_bigendian, step=raw.step)
     msg.data = bytes(raw.data)  # bytes assignment is fast; a NumPy array costs ~0.5 s per image

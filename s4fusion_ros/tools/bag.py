@@ -30,9 +30,11 @@ from .. import settings
 from ..bagio import (STORAGES, BagError, ImageTopic, add_image_topic, bag_size, check_output,
                      copy_topic, create_bag, deserialize, image_cdr, image_topics, open_bag,
                      pick_topics, read_messages, storage_of)
-from ..engine import FusionEngine, FusionPipeline, FusionResult
+from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
+                      pipeline_from_params)
 from ..imaging.encodings import ImageDecodeError
 from ..messages import stamp_to_ns
+from ..runtime import model_from_params
 from ..video import SideBySideVideo, panel_row
 
 PROG = 's4fusion-bag'
@@ -123,12 +125,11 @@ class WarmUpTooShort(Exception):
 class BagFuser:
     """Feeds one bag's messages through the pipeline and writes what the node would publish."""
 
-    def __init__(self, pipeline: FusionPipeline, engine: FusionEngine, saliency_encoding: str,
+    def __init__(self, pipeline: FusionPipeline, engine: FusionEngine,
                  export: pathlib.Path | None, export_every: int,
                  video: SideBySideVideo | None = None):
         self.pipeline = pipeline
         self.engine = engine
-        self.saliency_encoding = saliency_encoding
         self.export = export
         self.export_every = export_every
         self.video = video
@@ -211,10 +212,9 @@ class BagFuser:
     def _fuse(self, prepared: list, writer, outputs: list, progress: tqdm) -> None:
         for pair in prepared:
             result = self.engine.infer(pair)
-            images = settings.output_images(result, self.saliency_encoding)
-            for connection, (array, encoding) in zip(outputs, images):
+            for connection, raw in zip(outputs, result.packed()):
                 writer.write(connection, pair.visible_stamp_ns,
-                             image_cdr(array, encoding, pair.visible_stamp_ns, pair.frame_id))
+                             image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))
             if self.export is not None and self.counts.fused % self.export_every == 0:
                 export_png(self.export, self.counts.fused, result)
             if self.video is not None:
@@ -244,7 +244,7 @@ def bgr_image(result: FusionResult) -> np.ndarray:
 def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> None:
     """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray)."""
     fused = bgr_image(result)
-    saliency = np.rint(result.saliency * 255.0).astype(np.uint8)
+    saliency = encode_saliency(result.saliency, 'mono8')
     stem = directory / f'{index:06d}_{result.pair.visible_stamp_ns}'
     for suffix, image in (('fused', fused), ('saliency', saliency)):
         path = f'{stem}_{suffix}.png'
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> None:
         thermal, visible = pick_topics(image_topics(reader, args.input), args.input,
                                        args.thermal_topic, args.visible_topic)
         storage = args.storage or storage_of(args.input)
-        loaded = settings.model_from_params(values)
+        loaded = model_from_params(values)
         print(f'{PROG}: {thermal.describe()} + {visible.describe()} -> {args.output} '
               f'({storage}) with {loaded.name} on {loaded.device}', file=sys.stderr)
         if args.export_png:
@@ -272,9 +272,9 @@ def run(args: argparse.Namespace) -> None:
         span = (reader.end_time - reader.start_time) / 1e9
         video = (SideBySideVideo(args.export_video, thermal.count / span if span > 0 else 1.0)
                  if args.export_video else None)
-        fuser = BagFuser(settings.pipeline_from_params(values),
-                         FusionEngine(loaded, settings.fusion_settings(values)),
-                         values['saliency.encoding'], args.export_png, args.export_every, video)
+        engine = FusionEngine(loaded, fusion_settings(values))
+        fuser = BagFuser(pipeline_from_params(values), engine, args.export_png, args.export_every,
+                         video)
         try:
             with create_bag(args.output, storage, overwrite=args.overwrite) as writer:
                 fuser.run(reader, args.input, thermal, visible, writer,

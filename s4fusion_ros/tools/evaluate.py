@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .. import settings
-from ..engine import FusionEngine, compose_output
+from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_uint8
 from ..imaging.color import bgr_to_ycrcb
@@ -412,9 +412,9 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     values = settings.defaults()
     engines = {config.label: FusionEngine(
         load_fusion_model(str(config.weights), 'auto', args.device),
-        settings.fusion_settings({**values, 'inference_size': list(config.inference_size)}))
+        fusion_settings({**values, 'inference_size': list(config.inference_size)}))
         for config in configs}
-    engines.update({label: temporal.BaselineEngine(fuse, settings.fusion_settings(values))
+    engines.update({label: temporal.BaselineEngine(fuse, fusion_settings(values))
                     for key, (label, fuse) in BASELINES.items() if key in args.methods})
     if not engines:
         raise ValueError('--flicker needs ours or a baseline among --methods')

@@ -18,9 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import settings
-from ..engine import FusionEngine, PreparedPair
-from ..imaging.normalization import ThermalNormalizer
-from ..imaging.registration import ThermalRegistration
+from ..engine import FusionEngine, fusion_settings
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
 from ..training.data import IMAGE_SUFFIXES, Pair
@@ -101,25 +99,16 @@ class ImageFuser:
 
     def __init__(self, loaded: LoadedModel, inference_size: tuple[int, int] = (0, 0)):
         """Run `loaded` at `inference_size` (width, height; (0, 0) = full resolution)."""
-        values = {**settings.defaults(), 'inference_size': list(inference_size)}
-        self.engine = FusionEngine(loaded, settings.fusion_settings(values))
-        self.registration = ThermalRegistration()  # identity: resizes thermal of another size
+        # PNG files hold the saliency as 0-255: mono8, whatever the node's default.
+        values = {**settings.defaults(), 'inference_size': list(inference_size),
+                  'saliency.encoding': 'mono8'}
+        self.engine = FusionEngine(loaded, fusion_settings(values))
 
     def fuse(self, source: SourcePair) -> FusedImages:
         """Fuse one pair into the images the node would publish (mono8 saliency)."""
-        # A dataset's thermal image is already a display-normalized picture, and training reads
-        # it as value / type maximum; the node's default percentile stretch would change it, so
-        # the fixed full-type range gives the model the pixels it was trained on.
-        full_range = (0.0, float(np.iinfo(source.thermal.dtype).max))
-        thermal = ThermalNormalizer(mode='fixed', fixed_range=full_range)(source.thermal)
-        height, width = source.visible_bgr.shape[:2]
-        pair = PreparedPair(0, 0, source.name, self.registration(thermal, (width, height)),
-                            source.visible_bgr)
         encoding = 'bgr8' if source.visible_is_color else 'mono8'
-        self.engine.settings = dataclasses.replace(self.engine.settings, output_encoding=encoding)
-        result = self.engine.infer(pair)
-        (fused, _), (saliency, _) = settings.output_images(result, 'mono8')
-        return FusedImages(fused, saliency, result.inference_seconds)
+        result = self.engine.fuse_images(source.thermal, source.visible_bgr, encoding)
+        return FusedImages(result.fused, result.saliency_image, result.inference_seconds)
 
 
 def parse_size(text: str) -> tuple[int, int]:
