@@ -259,3 +259,10 @@ def test_training_pairs_follow_the_fine_tuning_chain():
     assert evaluate.training_pairs({'steps': 3}) is None
     assert evaluate._brief(tuned) == ('{data: (1 items), initialised_from: {sha256: x, training: '
                                       '{data: (2 items), steps_done: 9}}}')
+
+
+def test_report_files_default_beside_the_report(tmp_path):
+    """A report written elsewhere (a validation run) leaves docs/ alone."""
+    args = evaluate.parse_args(['--data', str(tmp_path), '--out', str(tmp_path / 'val.md')])
+    assert args.grid == tmp_path / 'val_grid.png'
+    assert args.pairs_csv == tmp_path / 'val_pairs.csv'

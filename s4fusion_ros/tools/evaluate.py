@@ -330,7 +330,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None,
                         help="CPU threads for torch (default: torch's choice)")
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('docs/quality.md'))
-    parser.add_argument('--grid', type=pathlib.Path, default=pathlib.Path('docs/quality_grid.png'))
+    parser.add_argument('--grid', type=pathlib.Path, default=None,
+                        help='the example images (default: beside --out, its name + _grid.png)')
     parser.add_argument('--flicker', type=pathlib.Path, metavar='VIDEO_DIR',
                         help='instead of the report, measure the flicker of ours and the '
                         'baselines among --methods on the clips of VIDEO_DIR (ir/<clip>.mp4, '
@@ -352,6 +353,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--flicker-frames must be >= 2')
     if args.pairs_csv is None:
         args.pairs_csv = args.out.with_name(f'{args.out.stem}_pairs.csv')
+    if args.grid is None:  # a report written elsewhere must not replace docs/quality_grid.png
+        args.grid = args.out.with_name(f'{args.out.stem}_grid.png')
     return args
 
 
