@@ -44,10 +44,10 @@ class StopSignals:
 def main(args=None) -> int:
     """Start the node and spin until a stop signal or a ROS shutdown; return the exit code."""
     stop = StopSignals()
-    stop.install()
     node = None
     code, worker_alive = 0, False
     try:
+        stop.install()  # inside the try: a signal right after it must land in its except
         import rclpy
         from rclpy.executors import ExternalShutdownException
 
