@@ -29,7 +29,7 @@ setup(
     install_requires=['setuptools'],
     extras_require={
         'gpu': ['mamba-ssm>=2.2'],  # checked with 2.3.2.post1 (README, GPU)
-        'ray': ['ray>=2.60'],  # s4fusion-batch (README, Many bags)
+        'ray': ['ray>=2.60'],  # s4fusion-batch (docs/batch.md)
         # colcon test runs pytest when this extra names it (setuptools >= 72 ignores
         # tests_require); pytest below 9 for launch_testing's plugin (requirements.txt).
         'test': ['pytest<9', 'hypothesis', 'pycodestyle'],

@@ -1,6 +1,6 @@
 """Approximate-time pairing of a thermal and a visible image stream on header stamps (ROS-free).
 
-Why the project has its own synchronizer (shared/design/ros2-environment.md, "Synchronization"):
+Why the project has its own synchronizer (docs/node.md, "Pairing"):
 message_filters' Python ApproximateTimeSynchronizer emits the first partner within slop rather than
 the nearest, never purges old unmatched messages, runs the callback under its lock and stamps
 headerless messages with wall time; the C++ ApproximateTime policy waits up to a period of the

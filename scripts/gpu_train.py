@@ -13,7 +13,7 @@ Three steps, each a subcommand:
 
 Runs are resumable across calls: a recipe's train_state.pt continues (`s4fusion-train --resume`);
 the packed parts are at most 15 MB each so that they come back from a device call.
-Usage (README, "Training on a lent GPU"):
+Usage (docs/training.md, "Training on a lent GPU"):
   python3 scripts/gpu_train.py pack-data --data IVIF_DIR --to .gpu/data
   python3 scripts/gpu_train.py train --data .gpu/data --runs .gpu/runs --out "$OUT" --minutes 8.5
   python3 scripts/gpu_train.py unpack FOLDER_BROUGHT_BACK --runs .gpu/runs

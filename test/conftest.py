@@ -1,4 +1,5 @@
-"""Shared test fixtures: the real image data in ../shared; DDS kept on loopback per test run."""
+"""Shared test fixtures: the real image data (one fixture finds it); DDS kept on loopback per test
+run."""
 
 import glob
 import os
@@ -8,7 +9,7 @@ import tempfile
 
 import pytest
 
-from paths import IVIF
+from paths import REPO
 
 # Every test run keeps DDS on this machine, in a domain of its own (concurrent runs rarely
 # collide), with ROS logs in a temporary folder. Child processes (the node under test) inherit
@@ -50,10 +51,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope='session')
 def ivif_dir():
-    """The shared infrared/visible pairs (TNO, RoadScene, MSRS, M3FD)."""
-    if not (IVIF / 'msrs').is_dir():
-        pytest.skip(f'shared image data not found at {IVIF} (set S4FUSION_IVIF_DATA)')
-    return IVIF
+    """The ivif data folder (README, "Data"), the only way tests find the real image data:
+    $S4FUSION_IVIF_DATA, else the workspace's ../shared/data/ivif beside this checkout. Tests
+    that need it skip where it is absent."""
+    path = pathlib.Path(os.environ.get('S4FUSION_IVIF_DATA') or
+                        REPO.parent / 'shared' / 'data' / 'ivif')
+    if not (path / 'msrs').is_dir():
+        pytest.skip(f'image data not found at {path} (set S4FUSION_IVIF_DATA)')
+    return path
 
 
 @pytest.fixture(scope='session')

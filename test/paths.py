@@ -1,11 +1,11 @@
-"""Where the tests find the repository, the shared image data and the installed executables."""
+"""Where the tests find the repository and the installed executables (the image data: conftest's
+ivif_dir fixture)."""
 
 import os
 import pathlib
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-IVIF = pathlib.Path(os.environ.get('S4FUSION_IVIF_DATA', REPO.parent / 'shared' / 'data' / 'ivif'))
 
 
 def executable(name: str) -> pathlib.Path:

@@ -5,7 +5,7 @@ rclpy messages (``data`` an ``array('B')`` or ``bytes``) and rosbags messages (`
 ``np.ndarray``) go through the same code. Raw images are viewed in place (``np.frombuffer``); a
 returned array may therefore be a read-only view of the message buffer.
 
-Rules for the inputs (see shared/design/ros2-environment.md, "Image encodings"):
+Rules for the inputs (see docs/node.md, "Inputs"):
 
 - thermal: mono8, 8UC1, mono16, 16UC1 (radiometric counts) and 32FC1 (temperature; NaN and +-inf
   come out as NaN) give float32 raw values. A colour encoding on the thermal topic (many pipelines

@@ -1,7 +1,7 @@
 """Raw thermal values (counts or temperature) -> [0, 1], steady from frame to frame.
 
 cv_bridge's fixed 16->8 bit scaling leaves 14-bit thermal nearly black and per-frame min/max
-flickers (shared/design/ros2-environment.md), so the default maps a percentile window that is
+flickers (docs/node.md, "Processing"), so the default maps a percentile window that is
 smoothed over time with an exponential moving average.
 """
 

@@ -6,7 +6,7 @@ publishes /clock (bag time) so that nodes with use_sim_time see the recording's 
 (the fusion node's sync timeout, diagnostics) then run on bag time too.
 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
-one machine (shared/design/ros2-environment.md). Playback starts once every topic has a subscriber
+one machine (docs/node.md, "QoS"). Playback starts once every topic has a subscriber
 (or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
 With --wait-for NODE it waits for that node's subscriptions: a node that joins the graph first and
 subscribes only once its model is loaded would otherwise miss the start of the bag.

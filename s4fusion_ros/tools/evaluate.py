@@ -6,10 +6,11 @@ stored with the TNO data. Each output becomes the image a saved PNG would hold (
 `saved_image`), and the metrics are computed on its luminance by one code path for all methods.
 
 Examples:
-  s4fusion-eval                                   # the full report into docs/
-  s4fusion-eval --limit 3 --out /tmp/q.md --grid /tmp/q.png
-  s4fusion-eval --weights runs/compact/s4fusion_compact.safetensors --datasets msrs22
-  s4fusion-eval --flicker DATA/m3svd/videos        # only the flicker section of docs/quality.md
+  s4fusion-eval --data IVIF_DIR                   # the full report into docs/
+  s4fusion-eval --data IVIF_DIR --limit 3 --out /tmp/q.md --grid /tmp/q.png
+  s4fusion-eval --data IVIF_DIR --weights runs/compact/s4fusion_compact.safetensors \
+      --datasets msrs22
+  s4fusion-eval --flicker IVIF_DIR/m3svd/videos    # only the flicker section of docs/quality.md
 """
 
 import argparse
@@ -38,7 +39,7 @@ from ..model.checkpoint import read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
 from ..training.data import M3SVD_VALIDATION_CLIPS, ROADSCENE_VALIDATION_STRIDE, Pair, ivif_splits
 from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
-from .train import default_data_dir
+from .train import add_data_argument
 
 PROG = 's4fusion-eval'
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -314,8 +315,8 @@ def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
 def parse_args(argv: list | None) -> argparse.Namespace:
     """Command line."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
-                        help='the shared ivif folder (default: %(default)s)')
+    add_data_argument(parser, 'the ivif folder (layout in the README, "Data"); required unless '
+                              '--flicker or $S4FUSION_IVIF_DATA is set', required=False)
     parser.add_argument('--datasets', type=_names,
                         default=['roadscene67', 'tno42', 'msrs22', 'm3svd_val', 'roadscene_val'],
                         help='comma-separated splits (default: the three test splits and the '
@@ -351,6 +352,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--limit must be >= 0')
     if args.flicker_frames < 2:
         parser.error('--flicker-frames must be >= 2')
+    if args.data is None and not args.flicker:
+        parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder')
     if args.pairs_csv is None:
         args.pairs_csv = args.out.with_name(f'{args.out.stem}_pairs.csv')
     if args.grid is None:  # a report written elsewhere must not replace docs/quality_grid.png

@@ -1,8 +1,8 @@
 """s4fusion-train: train S4Fusion on infrared/visible pairs (CPU or CUDA), resumably.
 
 Examples:
-  s4fusion-train --preset compact --out runs/compact
-  s4fusion-train --preset compact --out runs/compact --resume --stop-at 4000
+  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact
+  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact --resume --stop-at 4000
 """
 
 import argparse
@@ -24,11 +24,16 @@ from ..training.loss import S4FusionLoss
 from ..training.trainer import Trainer, TrainSettings, load_exported, resolve_device
 
 
-def default_data_dir():
-    """$S4FUSION_IVIF_DATA, else ../shared/data/ivif beside the source checkout."""
-    repo = pathlib.Path(__file__).resolve().parents[2]
-    default = repo.parent / 'shared' / 'data' / 'ivif'
-    return pathlib.Path(os.environ.get('S4FUSION_IVIF_DATA', default))
+DATA_ENV = 'S4FUSION_IVIF_DATA'
+
+
+def add_data_argument(parser: argparse.ArgumentParser, help_text: str,
+                      required: bool = True) -> None:
+    """--data, defaulting to $S4FUSION_IVIF_DATA; `required`: one of the two must name it."""
+    default = os.environ.get(DATA_ENV) or None
+    parser.add_argument('--data', type=pathlib.Path, default=default,
+                        required=required and default is None,
+                        help=f'{help_text} (default: ${DATA_ENV}, now %(default)s)')
 
 
 def build_parser():
@@ -42,10 +47,10 @@ def build_parser():
     parser.add_argument('--base', choices=BASES, default=None,
                         help='what the network\'s output is added to (default: the preset\'s): '
                              'none, or laplacian (a 4-level Laplacian-pyramid fusion)')
-    parser.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
-                        help='the ivif folder (trains on its training split), a folder with ir/ '
-                             'and vi/ pairs matched by file name, or a folder of such folders '
-                             '(trains on all)')
+    add_data_argument(parser, 'the ivif folder (trains on its training split; layout in the '
+                              'README, "Data"), a folder with ir/ and vi/ pairs matched by file '
+                              'name, or a folder of such folders (trains on all); required unless '
+                              f'${DATA_ENV} is set')
     parser.add_argument('--out', type=pathlib.Path, required=True,
                         help='output folder: weights + JSON, train_state.pt, train_log.jsonl')
     parser.add_argument('--steps', type=int, default=defaults.steps, help='optimizer steps in all')
