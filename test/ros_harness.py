@@ -19,8 +19,8 @@ from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
-from s4fusion_ros.messages import ns_to_sec_nanosec, stamp_to_ns  # noqa: E402
+from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
+from s4fusion_ros.ros.images import image_message  # noqa: E402,F401 (for the tests)
 
 from paths import executable  # noqa: E402
 
@@ -42,16 +42,6 @@ def load_pairs(ivif_dir: pathlib.Path, names: list[str], dataset: str = 'msrs'):
         vi = cv2.imread(str(ivif_dir / dataset / 'vi' / name), cv2.IMREAD_COLOR)
         pairs.append((thermal_counts(ir), vi))
     return pairs
-
-
-def image_message(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: str) -> Image:
-    raw = encode_image(array, encoding)
-    msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
-                is_bigendian=raw.is_bigendian, step=raw.step)
-    msg.data = bytes(raw.data)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = ns_to_sec_nanosec(stamp_ns)
-    msg.header.frame_id = frame_id
-    return msg
 
 
 def write_params(params: dict, directory: pathlib.Path) -> pathlib.Path:

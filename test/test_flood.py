@@ -1,6 +1,6 @@
 """Load: both inputs flooded at 640x480 while the model is slower than the input.
 
-The node runs as its own process (s4fusion_ros/tools/flood.py starts it and drives it over Fast
+The node runs as its own process (s4fusion_ros/ros/flood.py starts it and drives it over Fast
 DDS). Bounds are about backlog and growth, relative to the node's own measured inference time,
 never about absolute speed: this machine is a busy 2-core box.
 """
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
-from s4fusion_ros.tools.flood import FloodReport, run_flood  # noqa: E402
+from s4fusion_ros.ros.flood import FloodReport, run_flood  # noqa: E402
 
 pytestmark = pytest.mark.ros
 

@@ -24,7 +24,7 @@ from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint
 from s4fusion_ros.sync import PairSynchronizer
-from s4fusion_ros.tools.flood import synthetic_pair
+from s4fusion_ros.ros.flood import synthetic_pair
 from test_encodings import raw_images
 
 THERMAL, VISIBLE = synthetic_pair()  # uint16 (480, 640) counts, uint8 (480, 640, 3) BGR
@@ -118,9 +118,11 @@ def image(array, array_encoding: str, stamp_ns: int, **fields):
 def compressed(data: bytes, stamp_ns: int, fmt: str = 'jpeg'):
     """Make a sensor_msgs/CompressedImage."""
     from sensor_msgs.msg import CompressedImage
+
+    from s4fusion_ros.ros.images import set_stamp
     msg = CompressedImage(format=fmt)
     msg.data = data
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 10**9)
+    set_stamp(msg, stamp_ns)
     msg.header.frame_id = 'rgb_optical_frame'
     return msg
 

@@ -1,7 +1,7 @@
 """Soak (opt-in, S4FUSION_SOAK=1): minutes of 30 Hz input; the node's memory must not grow.
 
 S4FUSION_SOAK_SECONDS sets the length (default 180 s). The node runs as its own process, driven
-by s4fusion_ros/tools/flood.py at 640x480 with the model slower than the input.
+by s4fusion_ros/ros/flood.py at 640x480 with the model slower than the input.
 """
 
 import os
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
-from s4fusion_ros.tools.flood import run_flood  # noqa: E402
+from s4fusion_ros.ros.flood import run_flood  # noqa: E402
 from test_flood import check_counters, check_latency, PARAMS  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.soak, pytest.mark.skipif(

@@ -12,24 +12,11 @@ backward kernel walks the tiles in reverse: it recomputes a tile's states from t
 state) and then runs the adjoint recurrence through it.
 """
 
-import os
-
+import numba
 import numpy as np
-
-# numba reads NUMBA_CACHE_DIR at its first import; the installed package folder may be read-only,
-# so the compiled kernel goes to a per-user cache unless the user chose a folder.
-CACHE_DIR = os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(
-    os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
-    's4fusion_ros', 'numba'))
-
-import numba  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
-
-# If numba was imported before this module the variable came too late; its config is consulted
-# when each cached function is defined, so set it there as well.
-numba.config.CACHE_DIR = CACHE_DIR
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 # No 'reassoc': it would let LLVM fold the two-constant range reduction in _exp into one and
 # lose accuracy; the channel loops have no reductions that would need it to vectorise.

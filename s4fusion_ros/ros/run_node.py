@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 
+from ..entry_points import configure_process
+
 PROG = 's4fusion_node'
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -45,6 +47,7 @@ def main(args=None) -> int:
     """Start the node and spin until a stop signal or a ROS shutdown; return the exit code."""
     stop = StopSignals()
     stop.install()
+    configure_process()
     node = None
     code, worker_alive = 0, False
     try:
