@@ -103,7 +103,7 @@ def test_split_sizes(splits):
     assert {k: len(v) for k, v in splits.tests.items()} == {
         'roadscene67': 67, 'tno42': 42, 'msrs22': 22}
     assert {k: len(v) for k, v in splits.validation.items()} == {'m3svd_val': 20,
-                                                                   'roadscene_val': 20}
+                                                                 'roadscene_val': 20}
     msrs_train = {p.name for p in splits.train if p.label.startswith('msrs/')}
     assert msrs_train == {'00556D.png', '00633D.png', '00881N.png', '01023N.png'}
     assert {'00537D.png', '00858N.png'} <= {p.name for p in splits.tests['msrs22']}
