@@ -1,6 +1,9 @@
-"""Command-line helpers the console tools share (no ROS, no torch)."""
+"""Command-line helpers the console tools share: arguments, exit codes, child processes (no ROS,
+no torch)."""
 
 import argparse
+import signal
+import subprocess
 import sys
 
 
@@ -25,3 +28,15 @@ def run_command(prog: str, command, errors: tuple, interrupted: str = 'interrupt
     except KeyboardInterrupt:
         print(f'\n{prog}: {interrupted}', file=sys.stderr)
         return 130
+
+
+def interrupt(process: subprocess.Popen, timeout: float = 10.0) -> int:
+    """Ctrl-C a child process (SIGINT, as ros2 launch stops nodes), kill it after `timeout`
+    seconds; return its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()

@@ -31,6 +31,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
+from ..cli import interrupt
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, pick_topics, read_messages)
 from ..diagnostics import Key, number, per_input
@@ -39,6 +40,7 @@ from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
 from ..video import bag_pairs, export_recording, saliency_bgr
 from .recorder import TopicRecorder
+from .spin import spin_until
 
 PROG = 's4fusion-demo'
 SAMPLE_BAG = 'm3svd_sample'
@@ -108,14 +110,8 @@ def start(command: list[str], log_path: pathlib.Path) -> subprocess.Popen:
 
 def stop(process: subprocess.Popen | None) -> None:
     """Ctrl-C a child and wait for it (killed after 10 s)."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    if process is not None:
+        interrupt(process)
 
 
 def tail(path: pathlib.Path, lines: int = 15) -> str:
@@ -146,12 +142,7 @@ class Monitor(Node):
 
     def spin_until(self, condition, timeout: float) -> bool:
         """Spin until condition() holds or timeout seconds pass."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if condition():
-                return True
-            rclpy.spin_once(self, timeout_sec=0.05)
-        return condition()
+        return spin_until(self, condition, timeout)
 
 
 def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_after_ns: int) -> bool:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 import numpy as np
 import yaml
 
-from ..cli import parse_size
+from ..cli import interrupt, parse_size
 from ..diagnostics import BUSY_KEYS, ROLES, Key, number, per_input
 from ..messages import stamp_to_ns
 
@@ -168,13 +167,7 @@ class NodeProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGINT (as ros2 launch does), then SIGKILL after `timeout`; returns the exit code."""
-        if self.running():
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return interrupt(self.proc, timeout)
 
 
 class Driver:
@@ -393,11 +386,11 @@ def main(argv=None) -> int:
         for key, value in figures.items():
             print(f'{key:>34}: {value:.3g}' if isinstance(value, float) else
                   f'{key:>34}: {value}')
-    if not report.settled or report.returncode != 0:
-        print(f'{PROG}: the node did not settle or exit cleanly (exit code '
-              f'{report.returncode}); its log: {report.log_path}', file=sys.stderr)
-        return 1
-    return 0
+    if report.settled and report.returncode == 0:
+        return 0
+    print(f'{PROG}: the node did not settle or exit cleanly (exit code '
+          f'{report.returncode}); its log: {report.log_path}', file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':
