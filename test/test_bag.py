@@ -2,9 +2,11 @@
 
 import os
 import pathlib
+import re
 import resource
 import signal
 import subprocess
+import threading
 import time
 
 import cv2
@@ -187,6 +189,36 @@ def run_tool(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path, *
                             text=True, preexec_fn=preexec_fn)
 
 
+class StreamReader:
+    """Reads a child's text stream on a thread, so a test can wait for what it writes."""
+
+    def __init__(self, stream):
+        self._chunks = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        while chunk := stream.read(1):
+            self._chunks.append(chunk)
+
+    def text(self) -> str:
+        """Return what was read so far (all of it once the stream has closed)."""
+        return ''.join(self._chunks)
+
+    def wait_for(self, pattern: re.Pattern, timeout: float) -> bool:
+        """Whether `pattern` appears in the stream within `timeout` seconds."""
+        end = time.monotonic() + timeout
+        while not pattern.search(self.text()):
+            if time.monotonic() > end or not self._thread.is_alive():
+                return bool(pattern.search(self.text()))
+            time.sleep(0.05)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait until the stream has closed (the child exited)."""
+        self._thread.join(timeout)
+
+
 def staging_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
     return list(directory.glob('.*.partial'))
 
@@ -197,13 +229,14 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     output = write_bag(tmp_path / 'out', camera_messages(ivif_dir, duration=0.2), 'mcap')
     before = read_bag(output)
     proc = run_tool(source, output, params_file, '--overwrite')
-    deadline = time.monotonic() + 60
-    while not staging_dirs(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert staging_dirs(tmp_path), 'the tool never started writing'
-    time.sleep(0.5)  # mid-run: some pairs fused and written
+    stderr = StreamReader(proc.stderr)
+    # Mid-run: the progress bar counts some pairs fused, however slow the machine.
+    assert stderr.wait_for(re.compile(r'fusing: .*\| *[1-9]\d*/'), 120), stderr.text()
+    assert staging_dirs(tmp_path) and proc.poll() is None, stderr.text()
     proc.send_signal(signal.SIGINT)
-    _, error = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    stderr.close()
+    error = stderr.text()
     assert proc.returncode == 130, error
     assert 'interrupted' in error and f'{output} was not written' in error
     assert 'Traceback' not in error
