@@ -24,6 +24,7 @@ from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StorageP
 from rosbags.typesys import Stores, get_typestore
 
 from .imaging.encodings import RawImage
+from .messages import ns_to_sec_nanosec
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
@@ -282,7 +283,7 @@ def compressed_image_cdr(data: bytes, format: str, stamp_ns: int, frame_id: str)
 
 def _header(stamp_ns: int, frame_id: str):
     types = typestore().types
-    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    sec, nanosec = ns_to_sec_nanosec(stamp_ns)
     return types['std_msgs/msg/Header'](
         stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=frame_id)
 

@@ -53,8 +53,9 @@ def precompile() -> str:
 
 def main() -> int:
     """Console use: python3 -m s4fusion_ros.precompile."""
-    from .model.scan_numba import CACHE_DIR
-    print(f's4fusion_ros.precompile: {precompile()} ({CACHE_DIR})')
+    from .entry_points import configure_process, numba_cache_dir
+    configure_process()
+    print(f's4fusion_ros.precompile: {precompile()} ({numba_cache_dir()})')
     return 0
 
 

@@ -28,7 +28,7 @@ TITLES = ('visible', 'thermal', 'fused', 'saliency')
 def saliency_bgr(saliency: np.ndarray) -> np.ndarray:
     """A saliency map (uint8 0-255, or float in [0, 1]) as an inferno-coloured BGR image."""
     if saliency.dtype != np.uint8:
-        saliency = np.rint(np.clip(saliency, 0.0, 1.0) * 255.0).astype(np.uint8)
+        saliency = to_uint8(saliency)
     return cv2.applyColorMap(saliency, cv2.COLORMAP_INFERNO)
 
 

@@ -20,8 +20,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s4fusion_ros.bagio import RELIABLE_QOS, add_image_topic, bag_size, create_bag  # noqa: E402
-from s4fusion_ros.bagio import image_cdr  # noqa: E402
+from s4fusion_ros.bagio import (IMAGE, RELIABLE_QOS, add_image_topic, bag_size,  # noqa: E402
+                                create_bag, image_cdr)
 from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
 
 SCENES = ('00024N.png', '00537D.png', '00036N.png', '00633D.png')  # night, day, night, day
@@ -85,16 +85,30 @@ def make_sample_bag(msrs: pathlib.Path, output: pathlib.Path) -> None:
             log_time = stamp + round(latency * 1e9 * rng.uniform(0.5, 1.5))
             events.append((log_time, topic, stamp, image))
     events.sort(key=lambda event: event[0])
+    # Serialized one at a time, as they are written.
+    messages = ((log_time, topic, _serialize(topic, stamp, image))
+                for log_time, topic, stamp, image in events)
+    write_sample_bag(output, {THERMAL_TOPIC: IMAGE, VISIBLE_TOPIC: IMAGE}, messages,
+                     'make_sample_bag')
+
+
+def _serialize(topic: str, stamp: int, image: np.ndarray) -> memoryview:
+    if topic == THERMAL_TOPIC:
+        return image_cdr(encode_image(image, 'mono16'), stamp, THERMAL_FRAME)
+    return image_cdr(encode_image(image, 'bgr8'), stamp, VISIBLE_FRAME)
+
+
+def write_sample_bag(output: pathlib.Path, topic_types: dict, messages, prog: str) -> None:
+    """Write (log time, topic, serialized message) in log-time order to a new compressed MCAP
+    bag (replacing an earlier one), each topic with its message type and reliable QoS."""
+    counts = dict.fromkeys(topic_types, 0)
     with create_bag(output, 'mcap', overwrite=True, compress=True) as writer:
-        connections = {topic: add_image_topic(writer, topic, RELIABLE_QOS)
-                       for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
-        for log_time, topic, stamp, image in events:
-            thermal = topic == THERMAL_TOPIC
-            data = image_cdr(encode_image(image, 'mono16' if thermal else 'bgr8'), stamp,
-                             THERMAL_FRAME if thermal else VISIBLE_FRAME)
+        connections = {topic: add_image_topic(writer, topic, RELIABLE_QOS, msgtype)
+                       for topic, msgtype in topic_types.items()}
+        for log_time, topic, data in messages:
             writer.write(connections[topic], log_time, data)
-    counts = {topic: sum(1 for event in events if event[1] == topic) for topic in connections}
-    print(f'make_sample_bag: wrote {output} ({bag_size(output) / 1e6:.2f} MB): '
+            counts[topic] += 1
+    print(f'{prog}: wrote {output} ({bag_size(output) / 1e6:.2f} MB): '
           + ', '.join(f'{topic} {count} msgs' for topic, count in counts.items()))
 
 
@@ -104,11 +118,16 @@ def main() -> None:
     parser.add_argument('--msrs', type=pathlib.Path,
                         default=REPO.parent / 'shared' / 'data' / 'ivif' / 'msrs',
                         help='MSRS folder with ir/ and vi/ (default: %(default)s)')
-    parser.add_argument('--output', type=pathlib.Path,
-                        default=REPO / 's4fusion_ros' / 'data' / 'msrs_sample',
-                        help='bag directory to write (default: %(default)s)')
+    add_output_argument(parser, 'msrs_sample')
     args = parser.parse_args()
     make_sample_bag(args.msrs, args.output)
+
+
+def add_output_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    """--output: the bag directory to write, by default the shipped sample `name`."""
+    parser.add_argument('--output', type=pathlib.Path,
+                        default=REPO / 's4fusion_ros' / 'data' / name,
+                        help='bag directory to write (default: %(default)s)')
 
 
 if __name__ == '__main__':

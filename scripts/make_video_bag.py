@@ -31,9 +31,10 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from make_sample_bag import thermal_counts  # noqa: E402 (beside this script)
-from s4fusion_ros.bagio import (COMPRESSED_IMAGE, RELIABLE_QOS, add_image_topic,  # noqa: E402
-                                bag_size, compressed_image_cdr, create_bag, image_cdr)
+from make_sample_bag import (add_output_argument, thermal_counts,  # noqa: E402 (beside it)
+                             write_sample_bag)
+from s4fusion_ros.bagio import (COMPRESSED_IMAGE, IMAGE, compressed_image_cdr,  # noqa: E402
+                                image_cdr)
 from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
 
 # (clip, first frame): a person walking out of smoke, people on stairs, people on a river bank.
@@ -112,15 +113,8 @@ def make_video_bag(videos: pathlib.Path, output: pathlib.Path) -> None:
     events = [event for index, (clip, first) in enumerate(SCENES)
               for event in scene_events(videos, index, clip, first, rng)]
     events.sort(key=lambda event: event[0])
-    with create_bag(output, 'mcap', overwrite=True, compress=True) as writer:
-        connections = {THERMAL_TOPIC: add_image_topic(writer, THERMAL_TOPIC, RELIABLE_QOS),
-                       VISIBLE_TOPIC: add_image_topic(writer, VISIBLE_TOPIC, RELIABLE_QOS,
-                                                      COMPRESSED_IMAGE)}
-        for log_time, topic, data in events:
-            writer.write(connections[topic], log_time, data)
-    counts = {topic: sum(1 for event in events if event[1] == topic) for topic in connections}
-    print(f'make_video_bag: wrote {output} ({bag_size(output) / 1e6:.2f} MB): '
-          + ', '.join(f'{topic} {count} msgs' for topic, count in counts.items()))
+    write_sample_bag(output, {THERMAL_TOPIC: IMAGE, VISIBLE_TOPIC: COMPRESSED_IMAGE}, events,
+                     'make_video_bag')
 
 
 def main() -> None:
@@ -128,9 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('videos', type=pathlib.Path,
                         help='M3SVD video folder with ir/<clip>.mp4 and vi/<clip>.mp4')
-    parser.add_argument('--output', type=pathlib.Path,
-                        default=REPO / 's4fusion_ros' / 'data' / 'm3svd_sample',
-                        help='bag directory to write (default: %(default)s)')
+    add_output_argument(parser, 'm3svd_sample')
     args = parser.parse_args()
     make_video_bag(args.videos, args.output)
 

@@ -10,13 +10,15 @@ import tempfile
 import pytest
 
 from paths import REPO
+from s4fusion_ros.entry_points import configure_process
 
 # Every test run keeps DDS on this machine, in a domain of its own (concurrent runs rarely
 # collide), with ROS logs in a temporary folder. Child processes (the node under test) inherit
 # this.
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-# Before any test module imports torch (see s4fusion_ros/__init__.py for why).
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+# The test process is set up as the package's commands set up theirs, before any test module
+# imports torch or numba.
+configure_process()
 os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
 os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='s4fusion-roslog-')
 os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')

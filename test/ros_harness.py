@@ -3,7 +3,6 @@
 import contextlib
 import os
 import pathlib
-import signal
 import subprocess
 import tempfile
 import time
@@ -19,8 +18,10 @@ from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
-from s4fusion_ros.messages import ns_to_sec_nanosec, stamp_to_ns  # noqa: E402
+from s4fusion_ros.cli import interrupt  # noqa: E402
+from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
+from s4fusion_ros.ros.images import image_message  # noqa: E402,F401 (for the tests)
+from s4fusion_ros.ros.spin import spin_until  # noqa: E402
 
 from paths import executable  # noqa: E402
 
@@ -42,16 +43,6 @@ def load_pairs(ivif_dir: pathlib.Path, names: list[str], dataset: str = 'msrs'):
         vi = cv2.imread(str(ivif_dir / dataset / 'vi' / name), cv2.IMREAD_COLOR)
         pairs.append((thermal_counts(ir), vi))
     return pairs
-
-
-def image_message(array: np.ndarray, encoding: str, stamp_ns: int, frame_id: str) -> Image:
-    raw = encode_image(array, encoding)
-    msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
-                is_bigendian=raw.is_bigendian, step=raw.step)
-    msg.data = bytes(raw.data)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = ns_to_sec_nanosec(stamp_ns)
-    msg.header.frame_id = frame_id
-    return msg
 
 
 def write_params(params: dict, directory: pathlib.Path) -> pathlib.Path:
@@ -81,13 +72,7 @@ def running_node(params: dict, extra_args=(), namespace: str = ''):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        interrupt(proc)
 
 
 def node_log(proc) -> str:
@@ -112,12 +97,7 @@ class Probe(Node):
             rclpy.spin_once(self, timeout_sec=0.01)
 
     def spin_until(self, condition, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if condition():
-                return True
-            rclpy.spin_once(self, timeout_sec=0.02)
-        return condition()
+        return spin_until(self, condition, timeout, step=0.02)
 
     def wait_for_node(self, proc, timeout: float = 60.0) -> None:
         """Wait until the node's subscriptions and publishers are matched with ours."""

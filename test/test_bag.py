@@ -2,97 +2,29 @@
 
 import os
 import pathlib
-import random
+import re
 import resource
 import signal
 import subprocess
+import threading
 import time
 
 import cv2
-import numpy as np
 import pytest
 import yaml
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
+from rosbags.rosbag2 import StoragePlugin, Writer
 
 from paths import executable
 from s4fusion_ros import bagio, settings
 from s4fusion_ros.tools import bag as bag_tool
+from support import (COMPRESSED, IMAGE, SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_FRAME,
+                     VISIBLE_TOPIC, bag_image_message, camera_messages, read_bag, write_bag)
 
-TYPESTORE = get_typestore(Stores.ROS2_KILTED)
-IMAGE, COMPRESSED = 'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage'
-SCENES = ['00004N.png', '00537D.png', '00012N.png']
-SIZE = (160, 120)
-THERMAL_TOPIC, VISIBLE_TOPIC = '/flir/image_raw', '/camera/color/image_raw'
-THERMAL_FRAME, VISIBLE_FRAME = 'flir_optical_frame', 'camera_color_optical_frame'
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
 PARAMS = {'s4fusion_node': {'ros__parameters': {
     'device': 'cpu', 'inference_size': [96, 72], 'sync': {'slop': SLOP}}}}
 BAG_TOOL = executable('s4fusion-bag')
-
-
-def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):
-    """[(log time, topic, stamp, encoding, image)]: thermal mono16 at ~9 Hz and bgr8 at ~30 Hz.
-
-    Real MSRS pairs at SIZE, the scene changing over time, stamps with 2 ms jitter and a log time
-    2-15 ms after the stamp (transport), sorted by log time as a recorder writes them.
-    """
-    rng = random.Random(seed)
-    scenes = []
-    for name in SCENES:
-        ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / name), cv2.IMREAD_GRAYSCALE)
-        vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / name), cv2.IMREAD_COLOR)
-        counts = (7000 + 30 * cv2.resize(ir, SIZE, interpolation=cv2.INTER_AREA).astype(np.uint16))
-        scenes.append((counts, cv2.resize(vi, SIZE, interpolation=cv2.INTER_AREA)))
-    start = 1_650_000_000 * 10**9
-    events = []
-    for topic, period, encoding in ((THERMAL_TOPIC, 1 / 9, 'mono16'),
-                                    (VISIBLE_TOPIC, 1 / 30, 'bgr8')):
-        t = rng.uniform(0.0, period)
-        while t < duration:
-            thermal, visible = scenes[min(int(t / duration * len(scenes)), len(scenes) - 1)]
-            stamp = start + round((t + rng.gauss(0.0, 0.002)) * 1e9)
-            image = thermal if encoding == 'mono16' else visible
-            events.append((stamp + rng.randint(2, 15) * 10**6, topic, stamp, encoding, image))
-            t += period
-    return sorted(events, key=lambda event: event[0])
-
-
-def image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: str,
-                  compressed: bool = False):
-    """Build a rosbags sensor_msgs Image, or a CompressedImage as image_transport makes one."""
-    types = TYPESTORE.types
-    sec, nanosec = divmod(stamp, 10**9)
-    header = types['std_msgs/msg/Header'](
-        stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=frame_id)
-    if compressed:
-        data = cv2.imencode('.jpg', image)[1].ravel()
-        return types[COMPRESSED](header=header, format=f'{encoding}; jpeg compressed bgr8',
-                                 data=data)
-    data = np.ascontiguousarray(image).view(np.uint8).ravel()
-    return types[IMAGE](header=header, height=image.shape[0], width=image.shape[1],
-                        encoding=encoding, is_bigendian=0, step=data.size // image.shape[0],
-                        data=data)
-
-
-def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False):
-    """Write the events as `ros2 bag record` would (rosbags directly, not the code under test)."""
-    visible_type = COMPRESSED if compressed_visible else IMAGE
-    visible_topic = VISIBLE_TOPIC + ('/compressed' if compressed_visible else '')
-    with Writer(path, version=9, storage_plugin=StoragePlugin[storage.upper()]) as writer:
-        connections = {
-            THERMAL_TOPIC: writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE),
-            VISIBLE_TOPIC: writer.add_connection(visible_topic, visible_type,
-                                                 typestore=TYPESTORE)}
-        for log_time, topic, stamp, encoding, image in events:
-            thermal = topic == THERMAL_TOPIC
-            message = image_message(image, encoding, stamp,
-                                    THERMAL_FRAME if thermal else VISIBLE_FRAME,
-                                    compressed=compressed_visible and not thermal)
-            writer.write(connections[topic], log_time,
-                         TYPESTORE.serialize_cdr(message, IMAGE if thermal else visible_type))
-    return path
 
 
 def expected_pairs(events) -> dict[int, int]:
@@ -105,16 +37,6 @@ def expected_pairs(events) -> dict[int, int]:
         if abs(nearest - stamp) <= SLOP * 1e9:
             pairs[nearest] = stamp
     return pairs
-
-
-def read_bag(path: pathlib.Path) -> dict[str, list]:
-    """{topic: [(log time, message type, raw CDR)]} of every message, with rosbags."""
-    topics = {}
-    with Reader(path) as reader:
-        for connection, log_time, raw in reader.messages():
-            topics.setdefault(connection.topic, []).append((log_time, connection.msgtype,
-                                                            bytes(raw)))
-    return topics
 
 
 @pytest.fixture(scope='module')
@@ -181,11 +103,11 @@ def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
     rgb = next(e[4] for e in short_events if e[3] == 'bgr8')
     with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         for topic, msgtype, message in (
-                ('/lwir/image', IMAGE, image_message(thermal8, 'mono8', stamp, 'lwir')),
-                ('/front/image', IMAGE, image_message(rgb, 'rgb8', stamp, 'front')),
+                ('/lwir/image', IMAGE, bag_image_message(thermal8, 'mono8', stamp, 'lwir')),
+                ('/front/image', IMAGE, bag_image_message(rgb, 'rgb8', stamp, 'front')),
                 ('/front/image/compressed', COMPRESSED,
-                 image_message(rgb, 'rgb8', stamp, 'front', compressed=True)),
-                ('/nav/mono', IMAGE, image_message(thermal8, 'mono8', stamp, 'nav'))):
+                 bag_image_message(rgb, 'rgb8', stamp, 'front', compressed=True)),
+                ('/nav/mono', IMAGE, bag_image_message(thermal8, 'mono8', stamp, 'nav'))):
             connection = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
             writer.write(connection, stamp, TYPESTORE.serialize_cdr(message, msgtype))
     with bagio.open_bag(path) as reader:
@@ -267,6 +189,36 @@ def run_tool(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path, *
                             text=True, preexec_fn=preexec_fn)
 
 
+class StreamReader:
+    """Reads a child's text stream on a thread, so a test can wait for what it writes."""
+
+    def __init__(self, stream):
+        self._chunks = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        while chunk := stream.read(1):
+            self._chunks.append(chunk)
+
+    def text(self) -> str:
+        """Return what was read so far (all of it once the stream has closed)."""
+        return ''.join(self._chunks)
+
+    def wait_for(self, pattern: re.Pattern, timeout: float) -> bool:
+        """Whether `pattern` appears in the stream within `timeout` seconds."""
+        end = time.monotonic() + timeout
+        while not pattern.search(self.text()):
+            if time.monotonic() > end or not self._thread.is_alive():
+                return bool(pattern.search(self.text()))
+            time.sleep(0.05)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait until the stream has closed (the child exited)."""
+        self._thread.join(timeout)
+
+
 def staging_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
     return list(directory.glob('.*.partial'))
 
@@ -277,13 +229,14 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     output = write_bag(tmp_path / 'out', camera_messages(ivif_dir, duration=0.2), 'mcap')
     before = read_bag(output)
     proc = run_tool(source, output, params_file, '--overwrite')
-    deadline = time.monotonic() + 60
-    while not staging_dirs(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert staging_dirs(tmp_path), 'the tool never started writing'
-    time.sleep(0.5)  # mid-run: some pairs fused and written
+    stderr = StreamReader(proc.stderr)
+    # Mid-run: the progress bar counts some pairs fused, however slow the machine.
+    assert stderr.wait_for(re.compile(r'fusing: .*\| *[1-9]\d*/'), 120), stderr.text()
+    assert staging_dirs(tmp_path) and proc.poll() is None, stderr.text()
     proc.send_signal(signal.SIGINT)
-    _, error = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    stderr.close()
+    error = stderr.text()
     assert proc.returncode == 130, error
     assert 'interrupted' in error and f'{output} was not written' in error
     assert 'Traceback' not in error

@@ -13,7 +13,7 @@ from s4fusion_ros.evaluation import metrics as M
 from s4fusion_ros.evaluation import seafusion as S
 from s4fusion_ros.model.pyramid import pyr_down, pyr_up
 
-from test_metrics import ALL_TNO, read_gray, read_reference, REFERENCE_METRICS, TNO_IMAGES
+from support import ALL_TNO, read_gray, read_reference, REFERENCE_METRICS, TNO_IMAGES
 
 FUSERS = (B.fuse_average, B.fuse_max, B.fuse_laplacian)
 

@@ -1,11 +1,9 @@
 """s4fusion-batch on a local Ray: the same bags as s4fusion-bag, segments, faults, resume."""
 
-import contextlib
 import dataclasses
 import json
 import os
 import pathlib
-import random
 import shutil
 import signal
 import sqlite3
@@ -14,24 +12,17 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
-import torch
-import yaml
 
 from s4fusion_ros import settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import fuse_bags
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
-from test_bag import THERMAL_TOPIC, camera_messages, read_bag, write_bag
+from support import (camera_messages, drifting, one_torch_thread, params_file,  # noqa: F401
+                     read_bag, reference, write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
-# Small images at a reduced inference size keep a pair at a few ms; smoothing 0.3 keeps the
-# segment warm-up (derived from it) well inside a 30 s bag.
-PARAMS = {'s4fusion_node': {'ros__parameters': {
-    'device': 'cpu', 'inference_size': [96, 72], 'sync': {'slop': 0.02},
-    'normalization': {'smoothing': 0.3}}}}
 
 
 @pytest.fixture(scope='module')
@@ -42,50 +33,6 @@ def local_ray(ray_home):
              include_dashboard=False, _temp_dir=str(ray_home / 'local'), logging_level='warning')
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope='module')
-def params_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('params') / 'params.yaml'
-    path.write_text(yaml.safe_dump(PARAMS))
-    return path
-
-
-def drifting(events, seed=5):
-    """The thermal frames with a per-frame offset on a random walk, as a drifting core has.
-
-    The percentile range then changes every frame, so a segment's pixels depend on the range
-    smoothed over the frames before it.
-    """
-    rng, offset, out = random.Random(seed), 0, []
-    for event in events:
-        if event[1] == THERMAL_TOPIC:
-            offset = max(-2000, min(2000, offset + rng.randint(-150, 150)))
-            event = (*event[:4], (event[4].astype(np.int32) + offset).astype(np.uint16))
-        out.append(event)
-    return out
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Run torch on one thread, as the tasks do.
-
-    Torch's CPU kernels round differently with another thread count (a pixel level here and
-    there), so equal bytes need equal threads, as the README says.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def reference(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path) -> dict:
-    """What s4fusion-bag writes for the bag (with the tasks' thread count), read back."""
-    with one_torch_thread():
-        assert bag_tool.main([str(source), str(output), '--params', str(params)]) == 0
-    return read_bag(output)
 
 
 @pytest.fixture(scope='module')

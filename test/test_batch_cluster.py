@@ -6,8 +6,8 @@ import threading
 import pytest
 
 from s4fusion_ros.batch.cluster import fuse_bags
-from test_bag import camera_messages, read_bag, write_bag
-from test_batch import drifting, params_file, reference  # noqa: F401
+from support import (camera_messages, drifting, params_file, read_bag,  # noqa: F401
+                     reference, write_bag)
 
 ray = pytest.importorskip('ray', reason='Ray (the [ray] extra) is not installed')
 from ray.cluster_utils import Cluster  # noqa: E402

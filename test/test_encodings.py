@@ -11,6 +11,7 @@ from s4fusion_ros.imaging import color
 from s4fusion_ros.imaging.encodings import (
     decode_thermal, decode_thermal_info, decode_visible, encode_image, FORMATS, image_to_array,
     ImageDecodeError, MAX_PIXELS, MAX_SIDE, RawCompressedImage, RawImage)
+from support import raw_images
 
 
 @pytest.fixture(scope='module')
@@ -182,39 +183,15 @@ def test_malformed_images_raise_decode_error(img, message):
             decode(img)
 
 
-def test_decode_error_is_a_value_error():
-    assert issubclass(ImageDecodeError, ValueError)
-
-
-_FIELDS = st.one_of(st.integers(-3, 12), st.sampled_from([0, 1 << 16, 1 << 40]), st.none(),
-                    st.floats(allow_nan=True), st.text(max_size=3))
-
-
-@st.composite
-def raw_images(draw):
-    """Plausible small images, most with one random fault (a field, the size or the data)."""
-    fault = draw(st.sampled_from(['none', 'encoding', 'field', 'field', 'size', 'container']))
-    encoding = draw(st.sampled_from(sorted(FORMATS)))
-    fmt = FORMATS[encoding]
-    height, width = draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    step = width * fmt.channels * np.dtype(fmt.dtype).itemsize + draw(st.integers(0, 3))
-    fields = dict(height=height, width=width, encoding=encoding, step=step,
-                  is_bigendian=draw(st.integers(0, 1)))
-    data = draw(st.binary(min_size=height * step, max_size=height * step))
-    if fault == 'encoding':
-        fields['encoding'] = draw(st.one_of(st.text(max_size=6), st.none(), st.integers()))
-    elif fault == 'field':
-        fields[draw(st.sampled_from(['height', 'width', 'step', 'is_bigendian']))] = draw(
-            _FIELDS)
-    elif fault == 'size':
-        data = draw(st.binary(max_size=2 * len(data) + 2))
-    elif fault == 'container':
-        data = draw(st.one_of(st.lists(st.integers(0, 255), max_size=8), st.integers(),
-                              st.just(np.zeros((height, step), np.uint8)),
-                              st.just(np.zeros(height * step // 2, np.uint16))))
-    if draw(st.booleans()) and isinstance(data, bytes):
-        data = np.frombuffer(data, np.uint8)
-    return RawImage(data=data, **fields)
+def test_decode_errors_reach_a_value_error_handler_and_name_the_fault():
+    short = RawImage(data=np.zeros(3, np.uint8), height=2, width=2, encoding='mono8', step=2,
+                     is_bigendian=0)
+    with pytest.raises(ValueError, match=r'mono8 image: data is 3 bytes, height\*step = 4'):
+        decode_thermal(short)
+    unknown = RawImage(data=np.zeros(4, np.uint8), height=2, width=2, encoding='weird', step=2,
+                       is_bigendian=0)
+    with pytest.raises(ValueError, match="unsupported encoding 'weird'"):
+        decode_visible(unknown)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -233,11 +210,15 @@ def test_malformed_raw_images_only_raise_decode_error(img):
 @given(data=st.one_of(st.binary(max_size=200), st.builds(
     lambda tail: b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR' + tail, st.binary(max_size=80))))
 def test_garbage_compressed_images_only_raise_decode_error(data):
-    for decode in (decode_thermal, decode_visible):
+    for decode, dtype, channels in ((decode_thermal, np.float32, ()),
+                                    (decode_visible, np.uint8, (3,))):
         try:
-            decode(RawCompressedImage('png', data))
+            out = decode(RawCompressedImage('png', data))
         except ImageDecodeError:
-            pass
+            continue
+        # Whatever decodes is an image of the promised type (any other exception fails).
+        assert out.dtype == dtype and out.ndim == 2 + len(channels) and out.size > 0
+        assert out.shape[2:] == channels
 
 
 def test_encode_image_refuses_dishonest_arrays(msrs_pair):

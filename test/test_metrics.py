@@ -4,39 +4,16 @@ The reference (``tno/reference/matlab_per_image_metrics.csv``) holds Tang et al.
 for DenseFuse's fused TNO images. Six varied images run by default, S4FUSION_ALL_TNO=1 all 42.
 """
 
-import csv
 import math
-import os
 
 import cv2
 import numpy as np
 import pytest
 
 from s4fusion_ros.evaluation import metrics as M
+from support import read_gray, read_reference, REFERENCE_METRICS, TNO_IMAGES
 
-REFERENCE_METRICS = ('EN', 'SD', 'SF', 'AG', 'MI', 'CC', 'SCD', 'VIF', 'Qabf', 'MSE', 'PSNR')
-# 01/07: grey levels 0 and 255 (MI quirk) and the largest Qabf gap; 05, 08, 34: small or odd sizes
-ALL_TNO = os.environ.get('S4FUSION_ALL_TNO') == '1'
-TNO_IMAGES = ([f'{i:02d}.png' for i in range(1, 43)] if ALL_TNO
-              else ['01.png', '05.png', '07.png', '08.png', '21.png', '34.png'])
 Q_IDENTITY = 0.9994 / (1 + math.exp(-15 * 0.5)) * 0.9879 / (1 + math.exp(-22 * 0.2))
-
-
-def read_reference(ivif_dir, method):
-    """Return {image: {metric: value}} for one method of the MATLAB reference CSV."""
-    table = {}
-    with open(ivif_dir / 'tno' / 'reference' / 'matlab_per_image_metrics.csv', newline='') as f:
-        for row in csv.DictReader(f):
-            if row['method'] == method:
-                table.setdefault(row['image'], {})[row['metric']] = float(row['value'])
-    return table
-
-
-def read_gray(path):
-    """Read an 8-bit image as (H, W) uint8 (the TNO PNGs are RGB with equal channels)."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    assert img is not None, f'cannot read {path}'
-    return img
 
 
 @pytest.fixture(scope='module')

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ros_harness import Probe, image_message, node_log, running_node
+from s4fusion_ros.diagnostics import Key
 
 pytestmark = pytest.mark.ros
 
@@ -95,10 +96,10 @@ def test_latency_is_reported_only_when_stamps_and_clock_agree(ros_context):
         fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, count=2)
         live = fresh_diagnostics(probe, diagnostics)
     probe.destroy_node()
-    assert old['end-to-end latency mean (s)'].startswith('n/a: the stamps are not on'), old
-    assert int(old['pairs stamped off the node clock (no latency)']) >= 2, old
-    assert 0.0 <= float(live['end-to-end latency mean (s)']) < 60.0, live
-    assert 0.0 <= float(live['end-to-end latency p95 (s)']) < 60.0, live
+    assert old[Key.END_TO_END_LATENCY_MEAN].startswith('n/a: the stamps are not on'), old
+    assert int(old[Key.STAMPS_OFF_CLOCK]) >= 2, old
+    assert 0.0 <= float(live[Key.END_TO_END_LATENCY_MEAN]) < 60.0, live
+    assert 0.0 <= float(live[Key.END_TO_END_LATENCY_P95]) < 60.0, live
 
 
 @pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
@@ -126,6 +127,6 @@ def test_message_filters_backend_pairs_and_fuses(ros_context):
         assert probe.spin_until(lambda: any(m.header.frame_id == 'offset' for m in probe.fused),
                                 60), node_log(proc)
     probe.destroy_node()
-    assert values['sync backend'] == 'message_filters', values
-    assert int(values['pairs']) >= 3, values
-    assert values['thermal unpaired'].startswith('n/a'), values
+    assert values[Key.SYNC_BACKEND] == 'message_filters', values
+    assert int(values[Key.PAIRS]) >= 3, values
+    assert values[Key.THERMAL_UNPAIRED].startswith('n/a'), values

@@ -17,8 +17,8 @@ from ros_harness import Probe, node_log, received_stamps, running_node
 from s4fusion_ros import settings
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
-from test_bag import (SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages, read_bag,
-                      write_bag)
+from support import (SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages, read_bag,
+                     write_bag)
 
 pytestmark = pytest.mark.ros
 

@@ -18,37 +18,37 @@ import numpy as np
 import pytest
 import torch
 
+from s4fusion_ros.diagnostics import Key, per_input, ROLES
 from s4fusion_ros.engine import FusionPipeline
 from s4fusion_ros.imaging.encodings import encode_image, ImageDecodeError, RawCompressedImage
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint
 from s4fusion_ros.sync import PairSynchronizer
-from s4fusion_ros.tools.flood import synthetic_pair
-from test_encodings import raw_images
+from s4fusion_ros.ros.flood import synthetic_pair
+from support import raw_images
 
 THERMAL, VISIBLE = synthetic_pair()  # uint16 (480, 640) counts, uint8 (480, 640, 3) BGR
 SLOP_NS = 50_000_000  # sync.slop default
-ROLES = ('thermal', 'visible')
 
 
 def sync_counts_add_up(counts: dict) -> None:
     """Assert received == pairs + unpaired + late + overflow + rejected + pending per input."""
     for role in ROLES:
         parts = ('unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')
-        assert counts[f'{role} received'] == counts['pairs'] + sum(
-            counts[f'{role} {part}'] for part in parts), counts
+        assert counts[per_input(role, 'received')] == counts[Key.PAIRS] + sum(
+            counts[per_input(role, part)] for part in parts), counts
 
 
 # ROS-free: the node's decode-and-pair path with random malformed messages ----------------------
 
 def _stats_as_counts(stats) -> dict:
-    counts = {'pairs': stats.pairs}
+    counts = {Key.PAIRS: stats.pairs}
     for role in ROLES:
         for part, field in (('received', 'received'), ('unpaired', 'unpaired'),
                             ('late', 'late'), ('overflow', 'overflow'),
                             ('rejected (bad stamp)', 'rejected'), ('pending', 'pending')):
-            counts[f'{role} {part}'] = getattr(stats, f'{role}_{field}')
+            counts[per_input(role, part)] = getattr(stats, f'{role}_{field}')
     return counts
 
 
@@ -118,9 +118,11 @@ def image(array, array_encoding: str, stamp_ns: int, **fields):
 def compressed(data: bytes, stamp_ns: int, fmt: str = 'jpeg'):
     """Make a sensor_msgs/CompressedImage."""
     from sensor_msgs.msg import CompressedImage
+
+    from s4fusion_ros.ros.images import set_stamp
     msg = CompressedImage(format=fmt)
     msg.data = data
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 10**9)
+    set_stamp(msg, stamp_ns)
     msg.header.frame_id = 'rgb_optical_frame'
     return msg
 
@@ -166,7 +168,7 @@ class NodeUnderTest:
         end = time.monotonic() + 10.0
         while True:
             counts = self.counts()
-            if counts['thermal pending'] == counts['visible pending'] == 0:
+            if counts[Key.THERMAL_PENDING] == counts[Key.VISIBLE_PENDING] == 0:
                 return counts
             assert time.monotonic() < end, counts
 
@@ -240,8 +242,13 @@ def node(ros):
     probe.destroy_node()
 
 
+def _machine_has_an_nvidia_gpu() -> bool:
+    """Asked of the driver, not of torch: the code under test asks torch."""
+    return any(pathlib.Path('/proc/driver/nvidia/gpus').glob('*'))
+
+
 def test_device_auto_falls_back_to_the_cpu(node):
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = 'cuda' if _machine_has_an_nvidia_gpu() else 'cpu'
     assert node.log_lines(f'fusing {NAMESPACE}/thermal/image_raw', f' on {device}')
 
 
@@ -288,10 +295,11 @@ def test_bad_message_is_dropped_counted_and_logged_and_fusion_goes_on(node, case
         node.publish(role, msg)
     node.fuse()  # published after the bad messages on the same topics: they were handled
     after = node.counts()
-    assert after[f'{role} rejected (bad message)'] \
-        - before[f'{role} rejected (bad message)'] == len(messages)
-    assert after[f'{other} rejected (bad message)'] == before[f'{other} rejected (bad message)']
-    assert after['pairs fused'] > before['pairs fused']
+    assert after[per_input(role, 'rejected (bad message)')] \
+        - before[per_input(role, 'rejected (bad message)')] == len(messages)
+    other_key = per_input(other, 'rejected (bad message)')
+    assert after[other_key] == before[other_key]
+    assert after[Key.PAIRS_FUSED] > before[Key.PAIRS_FUSED]
     topic = NAMESPACE + ('/thermal/image_raw' if role == 'thermal'
                          else '/visible/image_raw/compressed')
     # Rate-limited per kind of fault: several of one kind within the limit make one line.
@@ -308,7 +316,7 @@ def test_colour_on_the_thermal_topic_is_converted_with_one_warning(node):
         output = node.fuse(stamp, thermal=image(VISIBLE, 'bgr8', stamp))
         assert (output.width, output.height) == (640, 480)
     after = node.counts()
-    assert after['thermal rejected (bad message)'] == before['thermal rejected (bad message)']
+    assert after[Key.THERMAL_BAD_MESSAGE] == before[Key.THERMAL_BAD_MESSAGE]
     assert len(node.log_lines(warning)) == 1
 
 
@@ -327,7 +335,8 @@ def test_zero_stamps_are_rejected_and_counted(node):
     node.fuse()
     after = node.counts()
     for role in ROLES:
-        assert after[f'{role} rejected (bad stamp)'] - before[f'{role} rejected (bad stamp)'] == 1
+        key = per_input(role, 'rejected (bad stamp)')
+        assert after[key] - before[key] == 1
     sync_counts_add_up(after)
 
 
@@ -337,8 +346,8 @@ def test_a_clock_jump_resets_the_synchronizer_and_fusion_goes_on(node, jump_s):
     node.fuse(node.now() + int(jump_s * 1e9))  # a looping bag, or one stamp from a bad clock
     node.fuse()  # the stamps jump back (by 10 s or 1 h): a reset, then pairs again
     after = node.counts()
-    assert after['sync resets (clock jumps)'] - before['sync resets (clock jumps)'] == 1
-    assert after['pairs'] - before['pairs'] == 2
+    assert after[Key.SYNC_RESETS] - before[Key.SYNC_RESETS] == 1
+    assert after[Key.PAIRS] - before[Key.PAIRS] == 2
     sync_counts_add_up(after)
 
 
@@ -348,8 +357,8 @@ def test_visible_camera_stops_thermal_frames_are_decided_by_timeout(node):
         node.publish('thermal', image(THERMAL, 'mono16', node.now()))
     node.probe.spin_for(0.7)  # sync.timeout 0.5 s past the last one
     during = node.settled()
-    assert during['thermal unpaired'] - before['thermal unpaired'] == 10
-    assert during['pairs'] == before['pairs']
+    assert during[Key.THERMAL_UNPAIRED] - before[Key.THERMAL_UNPAIRED] == 10
+    assert during[Key.PAIRS] == before[Key.PAIRS]
     node.fuse()
     sync_counts_add_up(node.counts())
 
@@ -360,8 +369,8 @@ def test_thermal_camera_stops_and_fusion_resumes(node):
         node.publish('visible', compressed(VISIBLE_JPEG, node.now()))
     node.probe.spin_for(0.7)
     during = node.settled()
-    assert during['visible unpaired'] - before['visible unpaired'] == 10
-    assert during['pairs'] == before['pairs']
+    assert during[Key.VISIBLE_UNPAIRED] - before[Key.VISIBLE_UNPAIRED] == 10
+    assert during[Key.PAIRS] == before[Key.PAIRS]
     node.fuse()  # the thermal camera is back
     sync_counts_add_up(node.counts())
 
@@ -376,9 +385,9 @@ def test_visible_frames_out_of_order_within_slop_pair_with_the_nearest(node):
     node.wait_for_output(stamp - 3_000_000)  # the nearest, though it arrived second
     node.publish('visible', compressed(VISIBLE_JPEG, stamp - 20_000_000))  # behind the pair
     after = node.settled()
-    assert after['pairs'] - before['pairs'] == 1
-    assert after['visible late'] - before['visible late'] == 1
-    assert after['visible unpaired'] - before['visible unpaired'] == 1  # the one 8 ms after
+    assert after[Key.PAIRS] - before[Key.PAIRS] == 1
+    assert after[Key.VISIBLE_LATE] - before[Key.VISIBLE_LATE] == 1
+    assert after[Key.VISIBLE_UNPAIRED] - before[Key.VISIBLE_UNPAIRED] == 1  # the one 8 ms after
     sync_counts_add_up(after)
 
 
@@ -490,7 +499,10 @@ def test_signal_during_inference_exits_cleanly_within_a_second(ros, signum):
         with running_node(params, namespace=namespace) as proc:
             under_test = NodeUnderTest(proc, probe, namespace)
             probe.wait_for_node(proc)
-            publish_until(under_test, lambda: under_test.status.get('pairs in inference') == '1')
+            # One pair fused (its time is the yardstick below) and the next one in inference.
+            publish_until(under_test, lambda: under_test.status.get(Key.PAIRS_FUSED, '0') != '0'
+                          and under_test.status.get(Key.PAIRS_IN_INFERENCE) == '1')
+            inference_seconds = float(under_test.status[Key.INFERENCE_LATENCY_MEAN])
             signalled = time.monotonic()
             proc.send_signal(signum)
             returncode = proc.wait(timeout=30)
@@ -500,7 +512,9 @@ def test_signal_during_inference_exits_cleanly_within_a_second(ros, signum):
         probe.destroy_node()
     assert returncode == 0, log
     assert 'Traceback' not in log and 'terminate called' not in log, log
-    assert exit_seconds < 1.5, f'{exit_seconds:.2f} s to exit'
+    # Waiting for the inference would take a good part of one; a loaded machine slows both.
+    limit = max(1.5, 0.5 * inference_seconds)
+    assert exit_seconds < limit, f'{exit_seconds:.2f} s to exit ({inference_seconds:.2f} s a pair)'
 
 
 # CUDA out of memory ---------------------------------------------------------------------------
@@ -525,7 +539,7 @@ def test_cuda_out_of_memory_drops_the_pair_and_fuses_the_next(ros):
                     hog.append(torch.empty(64 << 20, dtype=torch.uint8, device='cuda'))
                 except torch.cuda.OutOfMemoryError:
                     break
-            publish_until(under_test, lambda: under_test.status.get('inference errors', '0')
+            publish_until(under_test, lambda: under_test.status.get(Key.INFERENCE_ERRORS, '0')
                           != '0')
             assert under_test.log_lines('inference failed, pair dropped', 'out of memory')
             hog.clear()

@@ -1,7 +1,7 @@
 """Soak (opt-in, S4FUSION_SOAK=1): minutes of 30 Hz input; the node's memory must not grow.
 
 S4FUSION_SOAK_SECONDS sets the length (default 180 s). The node runs as its own process, driven
-by s4fusion_ros/tools/flood.py at 640x480 with the model slower than the input.
+by s4fusion_ros/ros/flood.py at 640x480 with the model slower than the input.
 """
 
 import os
@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
-from s4fusion_ros.tools.flood import run_flood  # noqa: E402
-from test_flood import check_counters, check_latency, PARAMS  # noqa: E402
+from s4fusion_ros.ros.flood import run_flood  # noqa: E402
+from support import check_counters, check_latency, FLOOD_PARAMS  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.soak, pytest.mark.skipif(
     os.environ.get('S4FUSION_SOAK') != '1',
@@ -24,7 +24,7 @@ GROWTH_MB = 16  # median RSS of the second half over the first
 
 
 def test_memory_does_not_grow_over_minutes():
-    report = run_flood(PARAMS, [(30.0, SECONDS)])
+    report = run_flood(FLOOD_PARAMS, [(30.0, SECONDS)])
     figures = report.figures()
     print('\n'.join(f'{key}: {value:.4g}' for key, value in figures.items()))
     check_counters(report)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .. import settings
 from ..bagio import BagError
+from ..files import write_text_atomically
 from . import work
 from .work import BagJob, BatchError, Unit
 
@@ -175,7 +176,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
             report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
                             interrupted)
             out_dir.mkdir(parents=True, exist_ok=True)
-            work.write_atomically(report.manifest, json.dumps(
+            write_text_atomically(report.manifest, json.dumps(
                 {'interrupted': interrupted, 'seconds': report.seconds,
                  'bags': [dataclasses.asdict(b) for b in report.bags]}, indent=1))
     return report

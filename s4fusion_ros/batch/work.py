@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import pathlib
 import shutil
 import socket
@@ -29,6 +28,7 @@ from .. import settings
 from ..bagio import (BagError, add_image_topic, create_bag, image_topics, open_bag, pick_topics,
                      storage_of)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
+from ..files import write_text_atomically
 from ..runtime import model_from_params
 from ..tools.bag import (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC, BagFuser, Span,
                          WarmUpTooShort)
@@ -226,7 +226,7 @@ def prepare_staging(job: BagJob, units: list[Unit], resume: bool) -> list[Unit]:
         return [unit for unit in units if part_result(unit) is None]
     shutil.rmtree(job.staging, ignore_errors=True)
     job.staging.mkdir(parents=True)
-    write_atomically(plan, json.dumps(fingerprint))
+    write_text_atomically(plan, json.dumps(fingerprint))
     return units
 
 
@@ -236,13 +236,6 @@ def part_result(unit: Unit) -> dict | None:
     if not (record.is_file() and (unit.output / 'metadata.yaml').is_file()):
         return None
     return json.loads(record.read_text())
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Write a small file under a temporary name and rename it into place."""
-    temporary = path.with_name(f'.{path.name}.tmp')
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def sweep_partials(job: BagJob) -> list[pathlib.Path]:
@@ -307,7 +300,7 @@ def run_unit(unit: Unit, progress=None) -> dict:
         return result
     result.update(counts, seconds=time.monotonic() - started)
     if unit.count > 1:
-        write_atomically(unit.output.with_suffix('.json'), json.dumps(result))
+        write_text_atomically(unit.output.with_suffix('.json'), json.dumps(result))
     return result
 
 

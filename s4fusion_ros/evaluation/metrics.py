@@ -49,12 +49,11 @@ import math
 import cv2
 import numpy as np
 
+from ..imaging.filters import SOBEL_X, SOBEL_Y, ssim_map, ssim_window
+
 METRICS = ('EN', 'SD', 'SF', 'AG', 'MI', 'CC', 'SCD', 'VIF', 'Qabf', 'SSIM', 'MSE', 'PSNR')
 
 PSNR_OFFSET_DB = 20.0 * math.log10(255.0)  # the MATLAB reference's PSNR minus ours
-
-_SOBEL_Y = np.array([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]])
-_SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
 def _as_gray(img, name):
@@ -210,8 +209,8 @@ def _sobel_matlab(img):
     for j in range(3):
         for i in range(3):
             window = pad[2 - i:2 - i + h, 2 - j:2 - j + w]  # convolution: flipped offsets
-            sx = sx + _SOBEL_X[i, j] * window
-            sy = sy + _SOBEL_Y[i, j] * window
+            sx = sx + SOBEL_X[i, j] * window
+            sy = sy + SOBEL_Y[i, j] * window
     return sx, sy
 
 
@@ -221,8 +220,8 @@ def _edges(img, matlab_compat):
         sx, sy = _sobel_matlab(img / 255.0)
     else:
         # Correlating with the kernels instead of convolving flips both signs: same g and angle.
-        sx = cv2.filter2D(img, cv2.CV_64F, _SOBEL_X, borderType=cv2.BORDER_CONSTANT)
-        sy = cv2.filter2D(img, cv2.CV_64F, _SOBEL_Y, borderType=cv2.BORDER_CONSTANT)
+        sx = cv2.filter2D(img, cv2.CV_64F, SOBEL_X, borderType=cv2.BORDER_CONSTANT)
+        sy = cv2.filter2D(img, cv2.CV_64F, SOBEL_Y, borderType=cv2.BORDER_CONSTANT)
     zero = sx == 0
     angle = np.where(zero, np.pi / 2, np.arctan(sy / np.where(zero, 1.0, sx)))
     return np.sqrt(sx * sx + sy * sy), angle
@@ -257,15 +256,8 @@ def qabf(fused, ir, vi, matlab_compat=False):
 
 def _ssim(x, y):
     """Mean SSIM (Wang et al. 2004) over the valid region of an 11x11, sigma 1.5 Gaussian."""
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    win = cv2.getGaussianKernel(11, 1.5, cv2.CV_64F)
-    mu_x, mu_y = _filter_valid(x, win), _filter_valid(y, win)
-    s_xx = _filter_valid(x * x, win) - mu_x * mu_x
-    s_yy = _filter_valid(y * y, win) - mu_y * mu_y
-    s_xy = _filter_valid(x * y, win) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * s_xy + c2)
-                / ((mu_x * mu_x + mu_y * mu_y + c1) * (s_xx + s_yy + c2)))
-    return float(ssim_map.mean())
+    window = ssim_window()
+    return float(ssim_map(x, y, lambda a: _filter_valid(a, window), 255.0).mean())
 
 
 def ssim(fused, ir, vi):

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-_SOBEL = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+from ..imaging.filters import SOBEL_X
+
+_SOBEL = torch.tensor(SOBEL_X, dtype=torch.float32)  # the signs do not matter: |Sx * x|
 
 
 def _lrelu(x):

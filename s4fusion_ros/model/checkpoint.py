@@ -5,13 +5,13 @@ network (the config, its preset name, a format version) plus optional training i
 """
 
 import json
-import os
 import pathlib
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from ..files import write_atomically, write_text_atomically
 from .s4fusion import S4Fusion, S4FusionConfig
 
 FORMAT_VERSION = 1
@@ -36,13 +36,6 @@ def shipped_weights(preset):
     S4FusionConfig.preset(preset)  # rejects unknown names
     weights = pathlib.Path(__file__).resolve().parents[1] / 'weights'
     return weights / f's4fusion_{preset}.safetensors'
-
-
-def _write_atomically(path, write):
-    """Write through a temporary file and rename, so a crash never leaves a truncated file."""
-    tmp = path.with_name(f'.{path.name}.tmp')
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _own_meta(model, storage_dtype):
@@ -113,9 +106,9 @@ def save_checkpoint(model, path, extra_meta=None, storage_dtype=torch.float32):
     path.parent.mkdir(parents=True, exist_ok=True)
     # save() to bytes, written here: safetensors' save_file makes its files owner-only (0600).
     data = save(tensors, metadata={'format': 'pt'})
-    _write_atomically(path, lambda tmp: tmp.write_bytes(data))
+    write_atomically(path, lambda file: file.write(data))
     json_path = config_path(path)
-    _write_atomically(json_path, lambda tmp: tmp.write_text(text))
+    write_text_atomically(json_path, text)
     return path, json_path
 
 

@@ -12,24 +12,11 @@ backward kernel walks the tiles in reverse: it recomputes a tile's states from t
 state) and then runs the adjoint recurrence through it.
 """
 
-import os
-
+import numba
 import numpy as np
-
-# numba reads NUMBA_CACHE_DIR at its first import; the installed package folder may be read-only,
-# so the compiled kernel goes to a per-user cache unless the user chose a folder.
-CACHE_DIR = os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(
-    os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
-    's4fusion_ros', 'numba'))
-
-import numba  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
-
-# If numba was imported before this module the variable came too late; its config is consulted
-# when each cached function is defined, so set it there as well.
-numba.config.CACHE_DIR = CACHE_DIR
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 # No 'reassoc': it would let LLVM fold the two-constant range reduction in _exp into one and
 # lose accuracy; the channel loops have no reductions that would need it to vectorise.
@@ -98,6 +85,20 @@ def _softplus(x):
     return max(x, _ZERO) + _TWO * s * (p * s2 + _ONE)
 
 
+@numba.njit(inline='always', cache=True)
+def _load_tile(u, delta, B, C, b, g, c0, t0, nt, ut, dt, bt, ct):
+    """Copy time steps t0 .. t0 + nt of u and delta (channels c0 ..) and of B and C (group g)
+    into the (time, channel) and (time, state) scratch buffers."""
+    for c in range(ut.shape[1]):
+        for t in range(nt):
+            ut[t, c] = u[b, c0 + c, t0 + t]
+            dt[t, c] = delta[b, c0 + c, t0 + t]
+    for n in range(bt.shape[1]):
+        for t in range(nt):
+            bt[t, n] = B[b, g, n, t0 + t]
+            ct[t, n] = C[b, g, n, t0 + t]
+
+
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _scan(u, delta, A, B, C, D, delta_bias, softplus, block, states):
     """Kernel on C-contiguous float32 arrays; see selective_scan_numba for the contract.
@@ -131,14 +132,7 @@ def _scan(u, delta, A, B, C, D, delta_bias, softplus, block, states):
                 for n in range(nstate):
                     for c in range(w):
                         states[b, t0 // _TILE, n, c0 + c] = h[n, c]
-            for c in range(w):
-                for t in range(nt):
-                    ut[t, c] = u[b, c0 + c, t0 + t]
-                    dt[t, c] = delta[b, c0 + c, t0 + t]
-            for n in range(nstate):
-                for t in range(nt):
-                    bt[t, n] = B[b, g, n, t0 + t]
-                    ct[t, n] = C[b, g, n, t0 + t]
+            _load_tile(u, delta, B, C, b, g, c0, t0, nt, ut, dt, bt, ct)
             for t in range(nt):
                 # Per-position terms once, not once per state.
                 for c in range(w):
@@ -231,15 +225,11 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, softplus, block, states, dy
         for tile in range(ntiles - 1, -1, -1):
             t0 = tile * _TILE
             nt = min(_TILE, length - t0)
+            _load_tile(u, delta, B, C, b, g, c0, t0, nt, ut, dt, bt, ct)
             for c in range(w):
                 for t in range(nt):
-                    ut[t, c] = u[b, c0 + c, t0 + t]
-                    dt[t, c] = delta[b, c0 + c, t0 + t]
                     gy[t, c] = dy[b, c0 + c, t0 + t]
             for n in range(nstate):
-                for t in range(nt):
-                    bt[t, n] = B[b, g, n, t0 + t]
-                    ct[t, n] = C[b, g, n, t0 + t]
                 for c in range(w):
                     hs[0, n, c] = states[b, tile, n, c0 + c]
             for t in range(nt):  # the forward pass again, as _scan computes it

@@ -31,14 +31,17 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
+from ..cli import interrupt
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, pick_topics, read_messages)
+from ..diagnostics import Key, number, per_input
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..video import bag_pairs, export_recording, saliency_bgr
 from .recorder import TopicRecorder
+from .spin import spin_until
 
 PROG = 's4fusion-demo'
 SAMPLE_BAG = 'm3svd_sample'
@@ -108,14 +111,8 @@ def start(command: list[str], log_path: pathlib.Path) -> subprocess.Popen:
 
 def stop(process: subprocess.Popen | None) -> None:
     """Ctrl-C a child and wait for it (killed after 10 s)."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    if process is not None:
+        interrupt(process)
 
 
 def tail(path: pathlib.Path, lines: int = 15) -> str:
@@ -140,31 +137,24 @@ class Monitor(Node):
                 self.status = {kv.key: kv.value for kv in status.values}
                 self.status_stamp = stamp_to_ns(array.header.stamp)
 
-    def number(self, key: str) -> float:
+    def number(self, key: Key) -> float:
         """Return a numeric diagnostics value (NaN until known)."""
-        try:
-            return float(self.status[key])
-        except (KeyError, ValueError):
-            return float('nan')
+        return number(self.status, key)
 
     def spin_until(self, condition, timeout: float) -> bool:
         """Spin until condition() holds or timeout seconds pass."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if condition():
-                return True
-            rclpy.spin_once(self, timeout_sec=0.05)
-        return condition()
+        return spin_until(self, condition, timeout)
 
 
 def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_after_ns: int) -> bool:
     """Whether the node received the whole bag, decided every pair and its outputs all arrived."""
     number = monitor.number
-    received = all(number(f'{role} received') + number(f'{role} rejected (bad message)')
-                   >= count for role, count in expected.items())
-    settled = number('pairs') == (number('pairs fused') + number('pairs dropped (inference busy)')
-                                  + number('inference errors') + number('publish errors'))
-    recorded = recorder.counts[OUTPUT_TOPICS[1]] >= number('pairs fused')
+    received = all(number(per_input(role, 'received'))
+                   + number(per_input(role, 'rejected (bad message)')) >= count
+                   for role, count in expected.items())
+    settled = number(Key.PAIRS) == (number(Key.PAIRS_FUSED) + number(Key.PAIRS_DROPPED)
+                                    + number(Key.INFERENCE_ERRORS) + number(Key.PUBLISH_ERRORS))
+    recorded = recorder.counts[OUTPUT_TOPICS[1]] >= number(Key.PAIRS_FUSED)
     return received and settled and recorded and monitor.status_stamp >= done_after_ns
 
 
@@ -215,19 +205,19 @@ def summary_line(monitor: Monitor, fused: int, seconds: float, drained_ok: bool,
     """
     number = monitor.number
     state = '' if drained_ok else ' (stopped at the timeout before the node had caught up)'
-    dropped = number('pairs dropped (inference busy)')
+    dropped = number(Key.PAIRS_DROPPED)
     why = ('the node fuses the newest pair and drops those that arrive while the model runs; '
            if dropped else '')
-    return (f'{fused} pairs fused of {number("pairs"):.0f} paired '
+    return (f'{fused} pairs fused of {number(Key.PAIRS):.0f} paired '
             f'({dropped:.0f} dropped while inference was busy: {why}inference took '
-            f'{number("inference latency mean (s)") * 1e3:.0f} ms mean against a thermal frame '
+            f'{number(Key.INFERENCE_LATENCY_MEAN) * 1e3:.0f} ms mean against a thermal frame '
             f'every {period_s / rate * 1e3:.0f} ms at playback rate {rate:g}) '
-            f'from {number("thermal received"):.0f} thermal + '
-            f'{number("visible received"):.0f} visible frames (unpaired: '
-            f'{number("thermal unpaired"):.0f} thermal, {number("visible unpaired"):.0f} '
+            f'from {number(Key.THERMAL_RECEIVED):.0f} thermal + '
+            f'{number(Key.VISIBLE_RECEIVED):.0f} visible frames (unpaired: '
+            f'{number(Key.THERMAL_UNPAIRED):.0f} thermal, {number(Key.VISIBLE_UNPAIRED):.0f} '
             f'visible); end-to-end latency '
-            f'{number("end-to-end latency mean (s)") * 1e3:.0f} ms mean (sim time); device '
-            f'{monitor.status.get("device", "?")} ({monitor.status.get("model", "?")}); '
+            f'{number(Key.END_TO_END_LATENCY_MEAN) * 1e3:.0f} ms mean (sim time); device '
+            f'{monitor.status.get(Key.DEVICE, "?")} ({monitor.status.get(Key.MODEL, "?")}); '
             f'{seconds:.0f} s wall{state}')
 
 

@@ -21,14 +21,15 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
+from ..diagnostics import OWN_SYNC_KEYS, Key
 from ..engine import (FusionEngine, FusionResult, fusion_settings, normalizer_settings,
                       pipeline_from_params)
-from ..imaging.encodings import RawImage
-from ..messages import ns_to_sec_nanosec, stamp_to_ns
+from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import LatencyStats, RateMeter
 from ..worker import InferenceWorker
 from . import parameters
+from .images import raw_image_message
 
 LOG_THROTTLE_S = 5.0
 # End-to-end latency (node clock at publish minus the visible stamp) is only meaningful when the
@@ -38,10 +39,6 @@ PLAUSIBLE_LATENCY_S = (-1.0, 60.0)
 # Numbers and quoted names (sizes, encodings) vary within one kind of fault: a bad-message log
 # line is rate-limited per topic and kind, so a flood of one fault cannot hide a different one.
 _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
-# Diagnostics of our own synchronizer that message_filters cannot give.
-_OWN_SYNC_KEYS = tuple(f'{role} {count}' for role in ('thermal', 'visible') for count in
-                       ('unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')) \
-    + ('sync resets',)
 _LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
 
 
@@ -263,62 +260,63 @@ class S4FusionNode(Node):
 
     def _publish(self, result: FusionResult) -> None:
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
-            publisher.publish(_image_message(raw, result.pair))
+            publisher.publish(raw_image_message(raw, result.pair.visible_stamp_ns,
+                                                result.pair.frame_id))
 
     def _publish_diagnostics(self) -> None:
         sync = self.synchronizer.stats
         inference = self.inference_latency.summary()
         end_to_end = self.end_to_end_latency.summary()
         values = {
-            'thermal rate (Hz)': self.thermal_rate.rate(),
-            'visible rate (Hz)': self.visible_rate.rate(),
-            'fused rate (Hz)': self.fused_rate.rate(),
-            'thermal received': sync.thermal_received,
-            'visible received': sync.visible_received,
-            'thermal rejected (bad message)': self.rejected['thermal'],
-            'visible rejected (bad message)': self.rejected['visible'],
+            Key.THERMAL_RATE: self.thermal_rate.rate(),
+            Key.VISIBLE_RATE: self.visible_rate.rate(),
+            Key.FUSED_RATE: self.fused_rate.rate(),
+            Key.THERMAL_RECEIVED: sync.thermal_received,
+            Key.VISIBLE_RECEIVED: sync.visible_received,
+            Key.THERMAL_BAD_MESSAGE: self.rejected['thermal'],
+            Key.VISIBLE_BAD_MESSAGE: self.rejected['visible'],
             # Per input: received == pairs + unpaired + late + overflow + rejected (bad stamp)
             # + pending; bad messages are dropped before pairing and not in 'received'.
-            'pairs': sync.pairs,
-            'thermal unpaired': sync.thermal_unpaired,
-            'visible unpaired': sync.visible_unpaired,
-            'thermal late': sync.thermal_late,
-            'visible late': sync.visible_late,
-            'thermal overflow': sync.thermal_overflow,
-            'visible overflow': sync.visible_overflow,
-            'thermal rejected (bad stamp)': sync.thermal_rejected,
-            'visible rejected (bad stamp)': sync.visible_rejected,
-            'thermal pending': sync.thermal_pending,
-            'visible pending': sync.visible_pending,
-            'sync resets (clock jumps)': sync.resets,
+            Key.PAIRS: sync.pairs,
+            Key.THERMAL_UNPAIRED: sync.thermal_unpaired,
+            Key.VISIBLE_UNPAIRED: sync.visible_unpaired,
+            Key.THERMAL_LATE: sync.thermal_late,
+            Key.VISIBLE_LATE: sync.visible_late,
+            Key.THERMAL_OVERFLOW: sync.thermal_overflow,
+            Key.VISIBLE_OVERFLOW: sync.visible_overflow,
+            Key.THERMAL_BAD_STAMP: sync.thermal_rejected,
+            Key.VISIBLE_BAD_STAMP: sync.visible_rejected,
+            Key.THERMAL_PENDING: sync.thermal_pending,
+            Key.VISIBLE_PENDING: sync.visible_pending,
+            Key.SYNC_RESETS: sync.resets,
             # pairs == fused + dropped + inference errors + publish errors + queued + in progress
-            'pairs dropped (inference busy)': self.worker.dropped,
-            'pairs queued': self.worker.pending,
-            'pairs in inference': self.worker.in_progress,
-            'pairs fused': self.fused_rate.total,
-            'inference errors': self.inference_errors,
-            'publish errors': self.publish_errors,
-            'inference latency mean (s)': inference['mean'],
-            'inference latency p95 (s)': inference['p95'],
-            'end-to-end latency mean (s)': end_to_end['mean'],
-            'end-to-end latency p95 (s)': end_to_end['p95'],
-            'pairs stamped off the node clock (no latency)': self.stamps_off_clock,
-            'sync backend': 'own' if self.approximate_sync is None else 'message_filters',
-            'device': str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
-            'model': self.loaded.name,
+            Key.PAIRS_DROPPED: self.worker.dropped,
+            Key.PAIRS_QUEUED: self.worker.pending,
+            Key.PAIRS_IN_INFERENCE: self.worker.in_progress,
+            Key.PAIRS_FUSED: self.fused_rate.total,
+            Key.INFERENCE_ERRORS: self.inference_errors,
+            Key.PUBLISH_ERRORS: self.publish_errors,
+            Key.INFERENCE_LATENCY_MEAN: inference['mean'],
+            Key.INFERENCE_LATENCY_P95: inference['p95'],
+            Key.END_TO_END_LATENCY_MEAN: end_to_end['mean'],
+            Key.END_TO_END_LATENCY_P95: end_to_end['p95'],
+            Key.STAMPS_OFF_CLOCK: self.stamps_off_clock,
+            Key.SYNC_BACKEND: 'own' if self.approximate_sync is None else 'message_filters',
+            Key.DEVICE: str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
+            Key.MODEL: self.loaded.name,
         }
         level, message = DiagnosticStatus.OK, 'fusing'
         if self.approximate_sync is not None:
             # message_filters reports no pairing counts: what it dropped is not known here.
-            for key in [k for k in values if k.startswith(_OWN_SYNC_KEYS)]:
+            for key in OWN_SYNC_KEYS:
                 values[key] = 'n/a (sync.backend message_filters)'
-            values.update({'thermal received': self.thermal_rate.total,
-                           'visible received': self.visible_rate.total,
-                           'pairs': self.synchronized_pairs})
+            values.update({Key.THERMAL_RECEIVED: self.thermal_rate.total,
+                           Key.VISIBLE_RECEIVED: self.visible_rate.total,
+                           Key.PAIRS: self.synchronized_pairs})
         if math.isnan(end_to_end['mean']) and self.stamps_off_clock:
             note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
                     'use_sim_time?)')
-            values['end-to-end latency mean (s)'] = values['end-to-end latency p95 (s)'] = note
+            values[Key.END_TO_END_LATENCY_MEAN] = values[Key.END_TO_END_LATENCY_P95] = note
         if not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
         elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
@@ -366,16 +364,6 @@ def _qos(reliability: str, depth: int) -> QoSProfile:
         history=HistoryPolicy.KEEP_LAST, depth=depth,
         reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
                      else ReliabilityPolicy.BEST_EFFORT))
-
-
-def _image_message(raw: RawImage, pair) -> Image:
-    msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
-                is_bigendian=raw.is_bigendian, step=raw.step)
-    msg.data = bytes(raw.data)  # bytes assignment is fast; a NumPy array costs ~0.5 s per image
-    sec, nanosec = ns_to_sec_nanosec(pair.visible_stamp_ns)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
-    msg.header.frame_id = pair.frame_id
-    return msg
 
 
 def _format_value(value) -> str:

@@ -28,6 +28,7 @@ from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
 from ..bagio import IMAGE_TYPES, BagError, open_bag, read_messages
+from ..messages import ns_to_sec_nanosec
 
 PROG = 's4fusion-play'
 # Reliable history a late-matching reader can still be repaired from (one second at 30 Hz).
@@ -189,7 +190,7 @@ class BagPlayer:
     def _publish_clock(self, stamp_ns: int) -> None:
         self.bag_time = stamp_ns
         message = Clock()
-        message.clock.sec, message.clock.nanosec = divmod(stamp_ns, 1_000_000_000)
+        message.clock.sec, message.clock.nanosec = ns_to_sec_nanosec(stamp_ns)
         self.clock_pub.publish(message)
 
     def _publish(self, topic: str, data: bytes) -> None:

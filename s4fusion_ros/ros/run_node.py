@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 
+from ..entry_points import configure_process
+
 PROG = 's4fusion_node'
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -48,6 +50,7 @@ def main(args=None) -> int:
     code, worker_alive = 0, False
     try:
         stop.install()  # inside the try: a signal right after it must land in its except
+        configure_process()
         import rclpy
         from rclpy.executors import ExternalShutdownException
 

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from s4fusion_ros.cli import parse_size
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model import blocks
 from s4fusion_ros.model.scan import (mamba_scan_fn, numba_cross_scan_fn, numba_scan_fn,
@@ -207,17 +208,6 @@ def peak_memory_mib(fn, device):
         return None
     fn()
     return (_proc_status_kib('VmHWM') - before) / 1024
-
-
-def parse_size(text):
-    """``'640x480'`` -> (640, 480), width first as cameras name their sizes."""
-    try:
-        width, height = (int(v) for v in text.lower().split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT, got {text!r}') from None
-    if width < 1 or height < 1:
-        raise argparse.ArgumentTypeError(f'sizes must be positive, got {text!r}')
-    return width, height
 
 
 def scan_path_name(device, backend=None):

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .. import settings
+from ..cli import run_command
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_uint8
@@ -449,15 +450,12 @@ def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+
+    def evaluate() -> int:
         (run_flicker if args.flicker else run)(args, argv)
-    except (OSError, ValueError, CheckpointError) as error:
-        print(f'{PROG}: {error}', file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted; {args.out} was not written', file=sys.stderr)
-        return 130
-    return 0
+        return 0
+    return run_command(PROG, evaluate, (OSError, ValueError, CheckpointError),
+                       f'interrupted; {args.out} was not written')
 
 
 if __name__ == '__main__':

@@ -18,10 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import settings
+from ..cli import parse_size, run_command
 from ..engine import FusionEngine, fusion_settings
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
-from ..training.data import IMAGE_SUFFIXES, Pair
+from ..training.data import Pair, luminance, match_pairs
 
 PROG = 's4fusion-fuse'
 
@@ -45,21 +46,6 @@ class FusedImages:
     seconds: float
 
 
-def match_pairs(ir_dir: pathlib.Path, vi_dir: pathlib.Path) -> tuple[list[Pair], list[str]]:
-    """Pairs with the same file name in both folders, and the names found in one folder only."""
-    found = []
-    for directory in (ir_dir, vi_dir):
-        if not directory.is_dir():
-            raise FileNotFoundError(f'{directory}: not a directory')
-        found.append({p.name for p in directory.iterdir()
-                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES})
-    ir_names, vi_names = found
-    pairs = [Pair(name, ir_dir / name, vi_dir / name) for name in sorted(ir_names & vi_names)]
-    unmatched = [f'{ir_dir / n}' for n in sorted(ir_names - vi_names)]
-    unmatched += [f'{vi_dir / n}' for n in sorted(vi_names - ir_names)]
-    return pairs, unmatched
-
-
 def read_image(path: pathlib.Path) -> np.ndarray:
     """Read an 8- or 16-bit image file as stored (gray or BGR); ValueError names the file."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -72,13 +58,6 @@ def read_image(path: pathlib.Path) -> np.ndarray:
     if image.ndim != 2:
         raise ValueError(f'{path}: unsupported image shape {image.shape}')
     return image
-
-
-def luminance(image: np.ndarray) -> np.ndarray:
-    """Gray stays itself; BGR becomes the Y of YCrCb, in its own integer type (as training)."""
-    if image.ndim == 2:
-        return image
-    return cv2.cvtColor(image, cv2.COLOR_BGR2YCrCb)[:, :, 0]
 
 
 def read_pair(pair: Pair) -> SourcePair:
@@ -111,12 +90,9 @@ class ImageFuser:
         return FusedImages(result.fused, result.saliency_image, result.inference_seconds)
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_inference_size(text: str) -> tuple[int, int]:
     """'WxH' -> (W, H); '0x0' means full resolution."""
-    try:
-        width, height = (int(v) for v in text.lower().split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got '{text}'") from None
+    width, height = parse_size(text, minimum=0)
     reason = settings.check({'inference_size': [width, height]})
     if reason:
         raise argparse.ArgumentTypeError(reason)
@@ -136,7 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--preset', default='auto', choices=settings.SPECS['model.preset'].choices,
                         help='model preset for the shipped weights (default: %(default)s)')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
-    parser.add_argument('--inference-size', type=parse_size, default=(0, 0), metavar='WxH',
+    parser.add_argument('--inference-size', type=parse_inference_size, default=(0, 0),
+                        metavar='WxH',
                         help='size the model runs at, detail restored at full resolution '
                              '(default: 0x0 = full resolution)')
     return parser.parse_args(argv)
@@ -187,14 +164,11 @@ def fuse_folders(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit code 0 when every pair was fused, 1 otherwise."""
     args = parse_args(argv)
-    try:
-        failed = fuse_folders(args)
-    except (OSError, ValueError, CheckpointError) as error:
-        print(f'{PROG}: {error}', file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted', file=sys.stderr)
-        return 130
+    return run_command(PROG, lambda: _report_failed(fuse_folders(args)),
+                       (OSError, ValueError, CheckpointError))
+
+
+def _report_failed(failed: int) -> int:
     if failed:
         print(f'{PROG}: {failed} pair(s) failed (see above)', file=sys.stderr)
     return 1 if failed else 0

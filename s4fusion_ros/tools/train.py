@@ -21,7 +21,8 @@ from ..model.s4fusion import BASES
 from ..model.checkpoint import STORAGE_DTYPES
 from ..training.data import PairFolderDataset, training_pairs
 from ..training.loss import S4FusionLoss
-from ..training.trainer import Trainer, TrainSettings, load_exported, resolve_device
+from ..runtime import resolve_device
+from ..training.trainer import Trainer, TrainSettings, load_exported
 
 
 DATA_ENV = 'S4FUSION_IVIF_DATA'

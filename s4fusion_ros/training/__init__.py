@@ -2,7 +2,7 @@
 
 from .data import IvifSplits, Pair, PairFolderDataset, ivif_splits, pairs_in_folder
 from .loss import S4FusionLoss
-from .trainer import Trainer, TrainSettings, load_exported, resolve_device
+from .trainer import Trainer, TrainSettings, load_exported
 
 __all__ = ['IvifSplits', 'Pair', 'PairFolderDataset', 'S4FusionLoss', 'Trainer', 'TrainSettings',
-           'ivif_splits', 'load_exported', 'pairs_in_folder', 'resolve_device']
+           'ivif_splits', 'load_exported', 'pairs_in_folder']

@@ -64,10 +64,10 @@ def _read_luminance(path):
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f'{path}: not a readable image')
-    return _luminance(image, path)
+    return luminance(image, path)
 
 
-def _luminance(image, path):
+def luminance(image, path=''):
     """Gray stays gray; BGR(A) becomes the Y of YCrCb, in the image's own integer type."""
     if image.ndim == 2:
         return image
@@ -86,7 +86,7 @@ def _read_video_frames(path, indices):
             if not ok:
                 break
             if index in indices:
-                frames[index] = _luminance(image, path)
+                frames[index] = luminance(image, path)
             index += 1
     finally:
         capture.release()
@@ -152,22 +152,34 @@ def pairs_in_folder(folder, names=None):
     it, every image must have a partner: an unpaired file is an error, not silently dropped data.
     """
     folder = pathlib.Path(folder)
-    found = {}
-    for side in ('ir', 'vi'):
-        directory = folder / side
+    for directory in (folder / 'ir', folder / 'vi'):
         if not directory.is_dir():
             raise FileNotFoundError(f'{directory}: missing (expected ir/ and vi/ in {folder})')
-        found[side] = {p.name for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    pairs, unpaired = match_pairs(folder / 'ir', folder / 'vi')
     if names is None:
-        unpaired = sorted(found['ir'] ^ found['vi'])
         if unpaired:
             raise ValueError(f'{folder}: images without a partner in ir/ or vi/: {unpaired[:10]}')
-        names = found['ir']
-    else:
-        missing = sorted(set(names) - (found['ir'] & found['vi']))
-        if missing:
-            raise FileNotFoundError(f'{folder}: pairs not in both ir/ and vi/: {missing[:10]}')
-    return tuple(Pair(n, folder / 'ir' / n, folder / 'vi' / n) for n in sorted(names))
+        return tuple(pairs)
+    by_name = {pair.name: pair for pair in pairs}
+    missing = sorted(set(names) - set(by_name))
+    if missing:
+        raise FileNotFoundError(f'{folder}: pairs not in both ir/ and vi/: {missing[:10]}')
+    return tuple(by_name[name] for name in sorted(names))
+
+
+def match_pairs(ir_dir, vi_dir):
+    """Pairs with the same file name in both folders (sorted), and the files found in one only."""
+    found = []
+    for directory in (ir_dir, vi_dir):
+        if not directory.is_dir():
+            raise FileNotFoundError(f'{directory}: not a directory')
+        found.append({p.name for p in directory.iterdir()
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES})
+    ir_names, vi_names = found
+    pairs = [Pair(name, ir_dir / name, vi_dir / name) for name in sorted(ir_names & vi_names)]
+    unmatched = [f'{ir_dir / n}' for n in sorted(ir_names - vi_names)]
+    unmatched += [f'{vi_dir / n}' for n in sorted(vi_names - ir_names)]
+    return pairs, unmatched
 
 
 def roadscene_test67_names(root):

@@ -12,21 +12,22 @@ off (a deviation the trainer records); both pretrained-network parts work with a
 supplies (``feature_extractor``, ``classifier``).
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..imaging.filters import (SOBEL_X, SOBEL_Y, SSIM_SIGMA, SSIM_WINDOW_SIZE, ssim_map,
+                               ssim_window)
+
 
 def _sobel_kernels():
-    gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    return torch.stack([gx, gx.t()])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
+    return torch.tensor(np.stack([SOBEL_X, SOBEL_Y]), dtype=torch.float32)[:, None]  # (2, 1, 3, 3)
 
 
-def _gaussian_window(size, sigma):
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return torch.outer(g, g).float()[None, None]  # (1, 1, size, size)
+def _ssim_window():
+    window = ssim_window()
+    return torch.from_numpy(window @ window.T).float()[None, None]  # (1, 1, 11, 11)
 
 
 class S4FusionLoss(nn.Module):
@@ -71,7 +72,7 @@ class S4FusionLoss(nn.Module):
             if module is not None:
                 module.requires_grad_(False)
         self.register_buffer('sobel', _sobel_kernels(), persistent=False)
-        self.register_buffer('window', _gaussian_window(11, 1.5), persistent=False)
+        self.register_buffer('window', _ssim_window(), persistent=False)
 
     def config(self):
         """The settings as a JSON-ready dict (recorded beside the trained weights)."""
@@ -79,7 +80,8 @@ class S4FusionLoss(nn.Module):
             'ssim_weight': self.ssim_weight, 'l1_weight': self.l1_weight,
             'grad_weight': self.grad_weight, 'max_intensity_weight': self.max_intensity_weight,
             'entropy_weight': self.entropy_weight if self.classifier is not None else 0.0,
-            'temperature': self.temperature, 'ssim_window': 11, 'ssim_sigma': 1.5,
+            'temperature': self.temperature,
+            'ssim_window': SSIM_WINDOW_SIZE, 'ssim_sigma': SSIM_SIGMA,
             'energy_score': ('pretrained features' if self.feature_extractor is not None
                              else f'image Sobel energy, {self.scales} pyramid scales'),
         }
@@ -96,15 +98,8 @@ class S4FusionLoss(nn.Module):
 
     def ssim(self, x, y):
         """Per-image mean SSIM, (B,): Gaussian window 11, sigma 1.5, data range 1, valid region."""
-        c1, c2 = 0.01 ** 2, 0.03 ** 2
         window = self.window.to(x.dtype)
-        mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
-        var_x = F.conv2d(x * x, window) - mu_x ** 2
-        var_y = F.conv2d(y * y, window) - mu_y ** 2
-        cov = F.conv2d(x * y, window) - mu_x * mu_y
-        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)
-                    / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
-        return ssim_map.flatten(1).mean(1)
+        return ssim_map(x, y, lambda a: F.conv2d(a, window), 1.0).flatten(1).mean(1)
 
     def energy(self, image):
         """Gradient-energy score of each image, (B,): mean squared Sobel magnitude of its features.

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import pathlib
 import random
 import time
@@ -27,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..model import S4Fusion, load_checkpoint, save_checkpoint
+from ..files import write_atomically
 from ..model.checkpoint import read_config
 
 STATE_NAME = 'train_state.pt'
@@ -78,17 +78,6 @@ def lr_factor(step, warmup, total, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def resolve_device(name):
-    """'auto' -> CUDA when available, else CPU; 'cpu' and 'cuda' as given (CUDA must exist)."""
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name not in ('cpu', 'cuda'):
-        raise ValueError(f'device must be auto, cpu or cuda, got {name!r}')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError('device cuda requested but torch sees no CUDA device')
-    return torch.device(name)
-
-
 def load_exported(path, device):
     """A network saved with ``torch.export.save`` (a .pt2 file), frozen, on ``device``.
 
@@ -130,16 +119,6 @@ def _set_rng_state(state):
     random.setstate((version, tuple(internal), gauss))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def _atomic_write(path, write):
-    """Write ``path`` via a temporary file in the same folder, fsync, then ``os.replace``."""
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -238,7 +217,7 @@ class Trainer:
             return
         with open(log) as f:
             lines = [line for line in f if line.strip() and json.loads(line)['step'] <= self.step]
-        _atomic_write(log, lambda f: f.write(''.join(lines).encode()))
+        write_atomically(log, lambda f: f.write(''.join(lines).encode()))
 
     def save(self, last_loss):
         """Write the training state and the weights so far (both atomically)."""
@@ -248,7 +227,7 @@ class Trainer:
             'scheduler': self.scheduler.state_dict(), 'step': self.step,
             'seconds': self.seconds, 'rng': _rng_state(), 'identity': json.dumps(self.identity()),
         }
-        _atomic_write(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
+        write_atomically(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
         training = {
             **self.identity()['settings'], 'steps_done': self.step,
             'optimizer': 'AdamW (no decay on norms, biases, A_logs, Ds, dt bias)',

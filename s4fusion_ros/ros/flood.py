@@ -19,7 +19,6 @@ import json
 import math
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,10 @@ import time
 
 import numpy as np
 import yaml
+
+from ..cli import interrupt, parse_size
+from ..diagnostics import BUSY_KEYS, ROLES, Key, number, per_input
+from ..messages import stamp_to_ns
 
 PROG = 's4fusion-flood'
 NODE_NAME = 's4fusion_node'
@@ -71,12 +74,9 @@ class FloodReport:
     returncode: int | None  # of the node process after SIGINT
     log_path: pathlib.Path
 
-    def number(self, key: str) -> float:
+    def number(self, key: Key) -> float:
         """Return a numeric diagnostics value (NaN when absent)."""
-        try:
-            return float(self.diagnostics[key])
-        except (KeyError, ValueError):
-            return math.nan
+        return number(self.diagnostics, key)
 
     def log(self) -> str:
         """Return the node's console output."""
@@ -86,25 +86,23 @@ class FloodReport:
         """Return the headline numbers, as the command prints them."""
         number = self.number
         latencies = np.concatenate([phase.latencies() for phase in self.phases])
-        inference = number('inference latency mean (s)')
+        inference = number(Key.INFERENCE_LATENCY_MEAN)
         figures = {
             'published pairs': sum(phase.published for phase in self.phases),
-            'received thermal': number('thermal received')
-            + number('thermal rejected (bad message)'),
-            'received visible': number('visible received')
-            + number('visible rejected (bad message)'),
-            'pairs': number('pairs'),
-            'pairs fused': number('pairs fused'),
-            'pairs dropped (inference busy)': number('pairs dropped (inference busy)'),
+            'received thermal': number(Key.THERMAL_RECEIVED) + number(Key.THERMAL_BAD_MESSAGE),
+            'received visible': number(Key.VISIBLE_RECEIVED) + number(Key.VISIBLE_BAD_MESSAGE),
+            Key.PAIRS: number(Key.PAIRS),
+            Key.PAIRS_FUSED: number(Key.PAIRS_FUSED),
+            Key.PAIRS_DROPPED: number(Key.PAIRS_DROPPED),
             'unpaired, late or overflowed': sum(
-                number(f'{role} {kind}') for role in ('thermal', 'visible')
+                number(per_input(role, kind)) for role in ROLES
                 for kind in ('unpaired', 'late', 'overflow')),
-            'inference errors': number('inference errors'),
+            Key.INFERENCE_ERRORS: number(Key.INFERENCE_ERRORS),
             'peak RSS (MB)': self.peak_rss_kb / 1024,
             'RSS before the flood (MB)': self.rss_before_kb / 1024,
             'latency p50 (s)': _percentile(latencies, 50),
             'latency p95 (s)': _percentile(latencies, 95),
-            'inference latency mean (s)': inference,
+            Key.INFERENCE_LATENCY_MEAN: inference,
             'model rate (Hz)': 1.0 / inference if inference > 0 else math.nan,
         }
         for phase in self.phases:
@@ -169,13 +167,7 @@ class NodeProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGINT (as ros2 launch does), then SIGKILL after `timeout`; returns the exit code."""
-        if self.running():
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return interrupt(self.proc, timeout)
 
 
 class Driver:
@@ -220,7 +212,7 @@ class Driver:
             self.executor.spin_once(timeout_sec=0.05)
 
     def _on_fused(self, msg) -> None:
-        stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        stamp_ns = stamp_to_ns(msg.header.stamp)
         self.outputs.append((time.monotonic(), (time.time_ns() - stamp_ns) / 1e9))
 
     def _on_diagnostics(self, msg) -> None:
@@ -242,26 +234,17 @@ class Driver:
 
     def messages(self, thermal: np.ndarray, visible: np.ndarray) -> tuple:
         """Build the image messages once; publishing only sets their stamps."""
-        from sensor_msgs.msg import Image
-
-        from ..imaging.encodings import encode_image
-        built = []
-        for array, encoding, frame_id in ((thermal, 'mono16', 'thermal_optical_frame'),
-                                          (visible, 'bgr8', 'rgb_optical_frame')):
-            raw = encode_image(array, encoding)
-            msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
-                        is_bigendian=raw.is_bigendian, step=raw.step)
-            msg.data = bytes(raw.data)
-            msg.header.frame_id = frame_id
-            built.append(msg)
-        return tuple(built)
+        from .images import image_message
+        return (image_message(thermal, 'mono16', 0, 'thermal_optical_frame'),
+                image_message(visible, 'bgr8', 0, 'rgb_optical_frame'))
 
     def publish_pair(self, thermal_msg, visible_msg) -> bool:
         """Publish both with the current time as stamp; False when rclpy refused one."""
-        sec, nanosec = divmod(time.time_ns(), 1_000_000_000)
+        from .images import set_stamp
+        stamp_ns = time.time_ns()
         ok = True
         for publisher, msg in ((self.thermal_pub, thermal_msg), (self.visible_pub, visible_msg)):
-            msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
+            set_stamp(msg, stamp_ns)
             try:
                 publisher.publish(msg)
             except Exception:  # noqa: BLE001 - RCLError 'cannot publish data' under a flood
@@ -290,8 +273,7 @@ def _wait(condition, timeout: float, node: NodeProcess, what: str) -> None:
 def _settled(driver: Driver, since: float) -> bool:
     """Whether a diagnostics message sent after `since` shows nothing pending or running."""
     status = driver.diagnostics
-    keys = ('thermal pending', 'visible pending', 'pairs queued', 'pairs in inference')
-    return driver.diagnostics_at > since and all(status.get(key) == '0' for key in keys)
+    return driver.diagnostics_at > since and all(status.get(key) == '0' for key in BUSY_KEYS)
 
 
 def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = DEFAULT_NAMESPACE,
@@ -379,21 +361,21 @@ def main(argv=None) -> int:
                         help='pairs per second of a phase, 0 = as fast as possible; repeat for '
                         'more phases (default: one phase at 0)')
     parser.add_argument('--duration', type=float, default=10.0, help='seconds per phase')
-    parser.add_argument('--size', default='640x480', help='image size WIDTHxHEIGHT')
+    parser.add_argument('--size', type=parse_size, default=(640, 480), metavar='WxH',
+                        help='image size (default: 640x480)')
     parser.add_argument('-p', '--param', type=_parse_param, action='append', default=[],
                         metavar='NAME:=VALUE', help='a node parameter (repeatable)')
     parser.add_argument('--namespace', default=DEFAULT_NAMESPACE,
                         help='namespace of the node and its topics (default: %(default)s)')
     parser.add_argument('--json', action='store_true', help='print the figures as JSON')
     args = parser.parse_args(argv)
-    width, _, height = args.size.partition('x')
     # Keep the flood on this machine unless told otherwise; large images go through shared
     # memory (as the launch file sets up).
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
     phases = [(rate, args.duration) for rate in (args.rate or [0.0])]
     try:
-        report = run_flood(dict(args.param), phases, args.namespace, (int(width), int(height)))
+        report = run_flood(dict(args.param), phases, args.namespace, args.size)
     except RuntimeError as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1
@@ -404,11 +386,11 @@ def main(argv=None) -> int:
         for key, value in figures.items():
             print(f'{key:>34}: {value:.3g}' if isinstance(value, float) else
                   f'{key:>34}: {value}')
-    if not report.settled or report.returncode != 0:
-        print(f'{PROG}: the node did not settle or exit cleanly (exit code '
-              f'{report.returncode}); its log: {report.log_path}', file=sys.stderr)
-        return 1
-    return 0
+    if report.settled and report.returncode == 0:
+        return 0
+    print(f'{PROG}: the node did not settle or exit cleanly (exit code '
+          f'{report.returncode}); its log: {report.log_path}', file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

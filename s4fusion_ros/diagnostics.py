@@ -1,0 +1,68 @@
+"""The keys of the node's diagnostics values: one definition for the node and whoever reads them.
+
+The node publishes every value as a string under these keys (a diagnostic_msgs/KeyValue each);
+the demo, s4fusion-flood and the tests read them back by the same names. Free of ROS imports.
+"""
+
+import enum
+import math
+
+ROLES = ('thermal', 'visible')
+
+
+class Key(enum.StrEnum):
+    """A diagnostics key, compared and formatted as the string the node publishes."""
+
+    THERMAL_RATE = 'thermal rate (Hz)'
+    VISIBLE_RATE = 'visible rate (Hz)'
+    FUSED_RATE = 'fused rate (Hz)'
+    THERMAL_RECEIVED = 'thermal received'
+    VISIBLE_RECEIVED = 'visible received'
+    THERMAL_BAD_MESSAGE = 'thermal rejected (bad message)'
+    VISIBLE_BAD_MESSAGE = 'visible rejected (bad message)'
+    PAIRS = 'pairs'
+    THERMAL_UNPAIRED = 'thermal unpaired'
+    VISIBLE_UNPAIRED = 'visible unpaired'
+    THERMAL_LATE = 'thermal late'
+    VISIBLE_LATE = 'visible late'
+    THERMAL_OVERFLOW = 'thermal overflow'
+    VISIBLE_OVERFLOW = 'visible overflow'
+    THERMAL_BAD_STAMP = 'thermal rejected (bad stamp)'
+    VISIBLE_BAD_STAMP = 'visible rejected (bad stamp)'
+    THERMAL_PENDING = 'thermal pending'
+    VISIBLE_PENDING = 'visible pending'
+    SYNC_RESETS = 'sync resets (clock jumps)'
+    PAIRS_DROPPED = 'pairs dropped (inference busy)'
+    PAIRS_QUEUED = 'pairs queued'
+    PAIRS_IN_INFERENCE = 'pairs in inference'
+    PAIRS_FUSED = 'pairs fused'
+    INFERENCE_ERRORS = 'inference errors'
+    PUBLISH_ERRORS = 'publish errors'
+    INFERENCE_LATENCY_MEAN = 'inference latency mean (s)'
+    INFERENCE_LATENCY_P95 = 'inference latency p95 (s)'
+    END_TO_END_LATENCY_MEAN = 'end-to-end latency mean (s)'
+    END_TO_END_LATENCY_P95 = 'end-to-end latency p95 (s)'
+    STAMPS_OFF_CLOCK = 'pairs stamped off the node clock (no latency)'
+    SYNC_BACKEND = 'sync backend'
+    DEVICE = 'device'
+    MODEL = 'model'
+
+
+def per_input(role: str, count: str) -> Key:
+    """Return the key of one input's count, e.g. per_input('thermal', 'unpaired')."""
+    return Key(f'{role} {count}')
+
+
+# Counted by the node's own synchronizer; message_filters does not report them.
+OWN_SYNC_KEYS = tuple(per_input(role, count) for role in ROLES for count in (
+    'unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')) + (Key.SYNC_RESETS,)
+# Nothing left to decide or fuse when all of these read 0.
+BUSY_KEYS = (Key.THERMAL_PENDING, Key.VISIBLE_PENDING, Key.PAIRS_QUEUED, Key.PAIRS_IN_INFERENCE)
+
+
+def number(values: dict, key: Key) -> float:
+    """Return a published value as a number (NaN when absent or not numeric)."""
+    try:
+        return float(values[key])
+    except (KeyError, ValueError):
+        return math.nan

@@ -1,0 +1,280 @@
+"""What several test modules share: fake cameras, bags, reference data, flood checks.
+
+Test modules import from here, never from one another.
+"""
+
+import contextlib
+import csv
+import os
+import pathlib
+import random
+
+import cv2
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+import torch
+import yaml
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from s4fusion_ros.diagnostics import Key, ROLES, per_input
+from s4fusion_ros.imaging.encodings import FORMATS, RawImage
+from s4fusion_ros.ros.flood import FloodReport
+from s4fusion_ros.tools import bag as bag_tool
+
+
+# Recorded camera bags (written with rosbags, not the code under test) -------------------------
+
+TYPESTORE = get_typestore(Stores.ROS2_KILTED)
+
+
+IMAGE, COMPRESSED = 'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage'
+
+
+SCENES = ['00004N.png', '00537D.png', '00012N.png']
+
+
+SIZE = (160, 120)
+
+
+THERMAL_TOPIC, VISIBLE_TOPIC = '/flir/image_raw', '/camera/color/image_raw'
+
+
+THERMAL_FRAME, VISIBLE_FRAME = 'flir_optical_frame', 'camera_color_optical_frame'
+
+
+def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):
+    """[(log time, topic, stamp, encoding, image)]: thermal mono16 at ~9 Hz and bgr8 at ~30 Hz.
+
+    Real MSRS pairs at SIZE, the scene changing over time, stamps with 2 ms jitter and a log time
+    2-15 ms after the stamp (transport), sorted by log time as a recorder writes them.
+    """
+    rng = random.Random(seed)
+    scenes = []
+    for name in SCENES:
+        ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / name), cv2.IMREAD_GRAYSCALE)
+        vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / name), cv2.IMREAD_COLOR)
+        counts = (7000 + 30 * cv2.resize(ir, SIZE, interpolation=cv2.INTER_AREA).astype(np.uint16))
+        scenes.append((counts, cv2.resize(vi, SIZE, interpolation=cv2.INTER_AREA)))
+    start = 1_650_000_000 * 10**9
+    events = []
+    for topic, period, encoding in ((THERMAL_TOPIC, 1 / 9, 'mono16'),
+                                    (VISIBLE_TOPIC, 1 / 30, 'bgr8')):
+        t = rng.uniform(0.0, period)
+        while t < duration:
+            thermal, visible = scenes[min(int(t / duration * len(scenes)), len(scenes) - 1)]
+            stamp = start + round((t + rng.gauss(0.0, 0.002)) * 1e9)
+            image = thermal if encoding == 'mono16' else visible
+            events.append((stamp + rng.randint(2, 15) * 10**6, topic, stamp, encoding, image))
+            t += period
+    return sorted(events, key=lambda event: event[0])
+
+
+def bag_image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: str,
+                      compressed: bool = False):
+    """Build a rosbags sensor_msgs Image, or a CompressedImage as image_transport makes one."""
+    types = TYPESTORE.types
+    sec, nanosec = divmod(stamp, 10**9)
+    header = types['std_msgs/msg/Header'](
+        stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=frame_id)
+    if compressed:
+        data = cv2.imencode('.jpg', image)[1].ravel()
+        return types[COMPRESSED](header=header, format=f'{encoding}; jpeg compressed bgr8',
+                                 data=data)
+    data = np.ascontiguousarray(image).view(np.uint8).ravel()
+    return types[IMAGE](header=header, height=image.shape[0], width=image.shape[1],
+                        encoding=encoding, is_bigendian=0, step=data.size // image.shape[0],
+                        data=data)
+
+
+def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False):
+    """Write the events as `ros2 bag record` would (rosbags directly, not the code under test)."""
+    visible_type = COMPRESSED if compressed_visible else IMAGE
+    visible_topic = VISIBLE_TOPIC + ('/compressed' if compressed_visible else '')
+    with Writer(path, version=9, storage_plugin=StoragePlugin[storage.upper()]) as writer:
+        connections = {
+            THERMAL_TOPIC: writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE),
+            VISIBLE_TOPIC: writer.add_connection(visible_topic, visible_type,
+                                                 typestore=TYPESTORE)}
+        for log_time, topic, stamp, encoding, image in events:
+            thermal = topic == THERMAL_TOPIC
+            message = bag_image_message(image, encoding, stamp,
+                                        THERMAL_FRAME if thermal else VISIBLE_FRAME,
+                                        compressed=compressed_visible and not thermal)
+            writer.write(connections[topic], log_time,
+                         TYPESTORE.serialize_cdr(message, IMAGE if thermal else visible_type))
+    return path
+
+
+def read_bag(path: pathlib.Path) -> dict[str, list]:
+    """{topic: [(log time, message type, raw CDR)]} of every message, with rosbags."""
+    topics = {}
+    with Reader(path) as reader:
+        for connection, log_time, raw in reader.messages():
+            topics.setdefault(connection.topic, []).append((log_time, connection.msgtype,
+                                                            bytes(raw)))
+    return topics
+
+
+# Bags for s4fusion-batch and what s4fusion-bag makes of them ----------------------------------
+
+# Small images at a reduced inference size keep a pair at a few ms; smoothing 0.3 keeps the
+# segment warm-up (derived from it) well inside a 30 s bag.
+BATCH_PARAMS = {'s4fusion_node': {'ros__parameters': {
+    'device': 'cpu', 'inference_size': [96, 72], 'sync': {'slop': 0.02},
+    'normalization': {'smoothing': 0.3}}}}
+
+
+@pytest.fixture(scope='module')
+def params_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('params') / 'params.yaml'
+    path.write_text(yaml.safe_dump(BATCH_PARAMS))
+    return path
+
+
+def drifting(events, seed=5):
+    """The thermal frames with a per-frame offset on a random walk, as a drifting core has.
+
+    The percentile range then changes every frame, so a segment's pixels depend on the range
+    smoothed over the frames before it.
+    """
+    rng, offset, out = random.Random(seed), 0, []
+    for event in events:
+        if event[1] == THERMAL_TOPIC:
+            offset = max(-2000, min(2000, offset + rng.randint(-150, 150)))
+            event = (*event[:4], (event[4].astype(np.int32) + offset).astype(np.uint16))
+        out.append(event)
+    return out
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread, as the tasks do.
+
+    Torch's CPU kernels round differently with another thread count (a pixel level here and
+    there), so equal bytes need equal threads, as the README says.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path) -> dict:
+    """What s4fusion-bag writes for the bag (with the tasks' thread count), read back."""
+    with one_torch_thread():
+        assert bag_tool.main([str(source), str(output), '--params', str(params)]) == 0
+    return read_bag(output)
+
+
+# Malformed image messages ---------------------------------------------------------------------
+
+_FIELDS = st.one_of(st.integers(-3, 12), st.sampled_from([0, 1 << 16, 1 << 40]), st.none(),
+                    st.floats(allow_nan=True), st.text(max_size=3))
+
+
+@st.composite
+def raw_images(draw):
+    """Plausible small images, most with one random fault (a field, the size or the data)."""
+    fault = draw(st.sampled_from(['none', 'encoding', 'field', 'field', 'size', 'container']))
+    encoding = draw(st.sampled_from(sorted(FORMATS)))
+    fmt = FORMATS[encoding]
+    height, width = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    step = width * fmt.channels * np.dtype(fmt.dtype).itemsize + draw(st.integers(0, 3))
+    fields = dict(height=height, width=width, encoding=encoding, step=step,
+                  is_bigendian=draw(st.integers(0, 1)))
+    data = draw(st.binary(min_size=height * step, max_size=height * step))
+    if fault == 'encoding':
+        fields['encoding'] = draw(st.one_of(st.text(max_size=6), st.none(), st.integers()))
+    elif fault == 'field':
+        fields[draw(st.sampled_from(['height', 'width', 'step', 'is_bigendian']))] = draw(
+            _FIELDS)
+    elif fault == 'size':
+        data = draw(st.binary(max_size=2 * len(data) + 2))
+    elif fault == 'container':
+        data = draw(st.one_of(st.lists(st.integers(0, 255), max_size=8), st.integers(),
+                              st.just(np.zeros((height, step), np.uint8)),
+                              st.just(np.zeros(height * step // 2, np.uint16))))
+    if draw(st.booleans()) and isinstance(data, bytes):
+        data = np.frombuffer(data, np.uint8)
+    return RawImage(data=data, **fields)
+
+
+# Flooding the live node -----------------------------------------------------------------------
+
+# The model at 160x120 fuses a few to a few tens of pairs a second here: slower than either phase.
+FLOOD_PARAMS = {'device': 'cpu', 'inference_size': [160, 120]}
+
+
+BACKLOG_S = 1.0  # latency growth within a phase; a queue that grows adds about 0.5 s per s
+
+
+def check_counters(report: FloodReport) -> None:
+    """Check that every frame the node took and every pair it made is accounted for."""
+    assert report.returncode == 0, report.log()
+    assert 'Traceback' not in report.log()
+    assert report.settled, f'the node did not settle: {report.diagnostics}'
+    number = report.number
+    published = report.warm_up_pairs + sum(phase.published for phase in report.phases)
+    for role in ROLES:
+        parts = ('unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')
+        assert number(per_input(role, 'received')) == number(Key.PAIRS) + sum(
+            number(per_input(role, part)) for part in parts), report.diagnostics
+        arrived = number(per_input(role, 'received')) + number(
+            per_input(role, 'rejected (bad message)'))
+        assert 0 < arrived <= published
+    assert number(Key.PAIRS) == sum(number(key) for key in (
+        Key.PAIRS_FUSED, Key.PAIRS_DROPPED, Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS,
+        Key.PAIRS_QUEUED, Key.PAIRS_IN_INFERENCE)), report.diagnostics
+    assert number(Key.PAIRS_DROPPED) > 0, 'the model kept up: not a flood'
+
+
+def check_latency(report: FloodReport) -> None:
+    """Check that the node fuses at the model's own rate, without a backlog."""
+    for phase in report.phases:
+        latencies = phase.latencies()
+        assert latencies.size >= 6, f'{phase.rate} Hz: only {latencies.size} outputs'
+        inference = float(phase.diagnostics[Key.INFERENCE_LATENCY_MEAN])
+        # The worker never waits for work. The node's mean covers its last 200 inferences,
+        # which may reach into the previous phase: hence the loose factor.
+        assert 0.4 < phase.fused_rate() * inference < 2.5, (phase.fused_rate(), inference)
+        # Late outputs are not later than early ones, and none waited for many inferences.
+        third = latencies.size // 3
+        growth = np.median(latencies[-third:]) - np.median(latencies[:third])
+        assert growth < BACKLOG_S, f'{phase.rate} Hz: a backlog, latency grew {growth:.2f} s'
+        median = np.median(latencies)
+        assert median < 3 * inference + 0.5, \
+            f'{phase.rate} Hz: a backlog, median latency {median:.2f} s'
+
+
+# The MATLAB reference metrics on TNO ----------------------------------------------------------
+
+REFERENCE_METRICS = ('EN', 'SD', 'SF', 'AG', 'MI', 'CC', 'SCD', 'VIF', 'Qabf', 'MSE', 'PSNR')
+
+
+# 01/07: grey levels 0 and 255 (MI quirk) and the largest Qabf gap; 05, 08, 34: small or odd sizes
+ALL_TNO = os.environ.get('S4FUSION_ALL_TNO') == '1'
+
+
+TNO_IMAGES = ([f'{i:02d}.png' for i in range(1, 43)] if ALL_TNO
+              else ['01.png', '05.png', '07.png', '08.png', '21.png', '34.png'])
+
+
+def read_reference(ivif_dir, method):
+    """Return {image: {metric: value}} for one method of the MATLAB reference CSV."""
+    table = {}
+    with open(ivif_dir / 'tno' / 'reference' / 'matlab_per_image_metrics.csv', newline='') as f:
+        for row in csv.DictReader(f):
+            if row['method'] == method:
+                table.setdefault(row['image'], {})[row['metric']] = float(row['value'])
+    return table
+
+
+def read_gray(path):
+    """Read an 8-bit image as (H, W) uint8 (the TNO PNGs are RGB with equal channels)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    assert img is not None, f'cannot read {path}'
+    return img

@@ -1,0 +1,42 @@
+"""Importing the package leaves the host process as it was: only its commands set it up."""
+
+import json
+import os
+import subprocess
+import sys
+
+PROBE = '''
+import json, os, sys
+before = dict(os.environ)
+import s4fusion_ros
+import s4fusion_ros.model.scan_numba
+import numba
+changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
+print(json.dumps({'changed': sorted(changed), 'numba_cache_dir': numba.config.CACHE_DIR}))
+'''
+
+
+def _probe(env: dict) -> dict:
+    done = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_importing_the_package_changes_no_environment_variable():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('OMP_WAIT_POLICY', 'NUMBA_CACHE_DIR')}
+    result = _probe(env)
+    assert result['changed'] == []
+    assert result['numba_cache_dir'] == ''  # numba's own default, not one set by the import
+
+
+def test_entry_points_set_up_the_process():
+    script = ('import os; from s4fusion_ros.entry_points import configure_process; '
+              'configure_process(); print(os.environ["OMP_WAIT_POLICY"], '
+              'os.environ["NUMBA_CACHE_DIR"])')
+    env = {**os.environ, 'NUMBA_CACHE_DIR': '/tmp/chosen-by-the-user'}
+    env.pop('OMP_WAIT_POLICY', None)
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.stdout.split() == ['PASSIVE', '/tmp/chosen-by-the-user'], done.stderr
