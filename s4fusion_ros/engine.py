@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from .imaging.color import bgr_to_ycrcb, ycrcb_to_bgr
+from .imaging.color import bgr_to_ycrcb, to_uint8, ycrcb_to_bgr
 from .imaging.encodings import (ImageDecodeError, RawImage, decode_thermal_info, decode_visible,
                                 encode_image)
 from .imaging.normalization import ThermalNormalizer
@@ -256,7 +256,7 @@ def compose_output(fused_y: np.ndarray, visible_cr: np.ndarray, visible_cb: np.n
                    encoding: str) -> np.ndarray:
     """Fused luminance + visible chroma -> uint8 image in the requested encoding."""
     if encoding == 'mono8':
-        return np.rint(fused_y * 255.0).astype(np.uint8)
+        return to_uint8(fused_y)
     bgr = ycrcb_to_bgr(fused_y, visible_cr, visible_cb)
     if encoding == 'bgr8':
         return bgr
@@ -268,7 +268,7 @@ def compose_output(fused_y: np.ndarray, visible_cr: np.ndarray, visible_cb: np.n
 def encode_saliency(saliency: np.ndarray, encoding: str) -> np.ndarray:
     """A saliency map in [0, 1] as published: mono8 is 0-255, 32FC1 the map itself."""
     if encoding == 'mono8':
-        return np.rint(saliency * 255.0).astype(np.uint8)
+        return to_uint8(saliency)
     if encoding == '32FC1':
         return saliency
     raise ValueError(f"saliency encoding '{encoding}' is not one of "

@@ -66,11 +66,11 @@ def test_fuse_writes_what_the_engine_makes_from_the_images(ivif_dir, tmp_path, t
     out = tmp_path / 'out'
     assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
                       str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 0
-    engine = FusionEngine(load_fusion_model(str(tiny_weights), device='cpu'))
+    model = load_fusion_model(str(tiny_weights), device='cpu')
     for (dataset, name), encoding in ((COLOUR_PAIR, 'bgr8'), (GRAY_PAIR, 'mono8')):
         ir = cv2.imread(str(ivif_dir / dataset / 'ir' / name), cv2.IMREAD_GRAYSCALE)
         vi = cv2.imread(str(ivif_dir / dataset / 'vi' / name), cv2.IMREAD_COLOR)
-        engine.settings = FusionSettings(output_encoding=encoding)
+        engine = FusionEngine(model, FusionSettings(output_encoding=encoding))
         # Dataset thermal images are display-ready 8-bit: the model sees them / 255.
         expected = engine.infer(PreparedPair(0, 0, name, ir.astype(np.float32) / 255.0, vi))
         stem = name.rsplit('.', 1)[0]
