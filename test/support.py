@@ -44,11 +44,24 @@ THERMAL_TOPIC, VISIBLE_TOPIC = '/flir/image_raw', '/camera/color/image_raw'
 THERMAL_FRAME, VISIBLE_FRAME = 'flir_optical_frame', 'camera_color_optical_frame'
 
 
+def camera_schedule(duration: float, scenes: int, rng: random.Random):
+    """[(time offset s, role, scene index)] for thermal at ~9 Hz and visible at ~30 Hz with 2 ms
+    stamp jitter, sorted by time; both cameras see scene k during [k, k+1) * duration / scenes."""
+    events = []
+    for role, period in (('thermal', 1 / 9), ('visible', 1 / 30)):
+        t = rng.uniform(0.0, period)
+        while t < duration:
+            scene = min(int(t / duration * scenes), scenes - 1)
+            events.append((t + rng.gauss(0.0, 0.002), role, scene))
+            t += period
+    return sorted(events)
+
+
 def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):
     """[(log time, topic, stamp, encoding, image)]: thermal mono16 at ~9 Hz and bgr8 at ~30 Hz.
 
-    Real MSRS pairs at SIZE, the scene changing over time, stamps with 2 ms jitter and a log time
-    2-15 ms after the stamp (transport), sorted by log time as a recorder writes them.
+    Real MSRS pairs at SIZE, the scene changing over time (`camera_schedule`), a log time 2-15 ms
+    after the stamp (transport), sorted by log time as a recorder writes them.
     """
     rng = random.Random(seed)
     scenes = []
@@ -59,15 +72,12 @@ def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):
         scenes.append((counts, cv2.resize(vi, SIZE, interpolation=cv2.INTER_AREA)))
     start = 1_650_000_000 * 10**9
     events = []
-    for topic, period, encoding in ((THERMAL_TOPIC, 1 / 9, 'mono16'),
-                                    (VISIBLE_TOPIC, 1 / 30, 'bgr8')):
-        t = rng.uniform(0.0, period)
-        while t < duration:
-            thermal, visible = scenes[min(int(t / duration * len(scenes)), len(scenes) - 1)]
-            stamp = start + round((t + rng.gauss(0.0, 0.002)) * 1e9)
-            image = thermal if encoding == 'mono16' else visible
-            events.append((stamp + rng.randint(2, 15) * 10**6, topic, stamp, encoding, image))
-            t += period
+    for offset, role, scene in camera_schedule(duration, len(scenes), rng):
+        stamp = start + round(offset * 1e9)
+        thermal, visible = scenes[scene]
+        topic, encoding, image = ((THERMAL_TOPIC, 'mono16', thermal) if role == 'thermal'
+                                  else (VISIBLE_TOPIC, 'bgr8', visible))
+        events.append((stamp + rng.randint(2, 15) * 10**6, topic, stamp, encoding, image))
     return sorted(events, key=lambda event: event[0])
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from ros_harness import (Probe, image_message, load_pairs, node_log, received_stamps,
                          running_node)
+from support import camera_schedule
 from s4fusion_ros import settings
 from s4fusion_ros.engine import FusionEngine, fusion_settings, pipeline_from_params
 from s4fusion_ros.messages import stamp_to_ns
@@ -30,23 +31,6 @@ NODE_PARAMS = {
     # of what follows; test_replay checks the smoothed percentile mode live against offline.
     'normalization.mode': 'minmax',
 }
-
-
-def camera_schedule(duration: float, seed: int = 1):
-    """(time offset s, role, scene index) for thermal at ~9 Hz and visible at ~30 Hz, jittered.
-
-    Both cameras see scene k during [k, k+1) * duration / len(SCENES).
-    """
-    rng = random.Random(seed)
-    events = []
-    for role, period in (('thermal', 1 / 9), ('visible', 1 / 30)):
-        t = rng.uniform(0, period)
-        while t < duration:
-            events.append((t + rng.gauss(0, 0.002), role))
-            t += period
-    events.sort()
-    scene_period = duration / len(SCENES)
-    return [(t, role, min(int(t / scene_period), len(SCENES) - 1)) for t, role in events]
 
 
 def warm_up(probe, thermal, visible, start_ns):
@@ -83,7 +67,7 @@ def test_node_fuses_jittered_thermal_and_rgb_streams(ros_context, ivif_dir, tmp_
         warm_up(probe, *pairs[0], start_ns)
         start_ns += 10**9  # past the warm-up stamps by more than slop: no pair spans the two
         published = []
-        for offset, role, scene in camera_schedule(duration=2.0):
+        for offset, role, scene in camera_schedule(2.0, len(SCENES), random.Random(1)):
             thermal, visible = pairs[scene]
             stamp = start_ns + int(offset * 1e9)
             if role == 'thermal':
