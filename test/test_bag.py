@@ -225,7 +225,9 @@ def staging_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
 
 def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, params_file,
                                                                     tmp_path):
-    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=3.0), 'mcap')
+    # Long enough (about 100 pairs) that a loaded machine still sees the tool mid-run when it
+    # has read the progress bar and sends the signal.
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=12.0), 'mcap')
     output = write_bag(tmp_path / 'out', camera_messages(ivif_dir, duration=0.2), 'mcap')
     before = read_bag(output)
     proc = run_tool(source, output, params_file, '--overwrite')
