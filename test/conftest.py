@@ -5,6 +5,7 @@ import glob
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -22,6 +23,11 @@ configure_process()
 os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
 os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='s4fusion-roslog-')
 os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
+# A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored in every
+# child: the tools under test would then run through the Ctrl-C the tests send them. A handled
+# SIGINT is reset to the default in a child, as a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _SHM_BEFORE = set(glob.glob('/dev/shm/fastdds_*')) | set(glob.glob('/dev/shm/sem.fastdds_*'))
 
