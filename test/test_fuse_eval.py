@@ -266,3 +266,10 @@ def test_report_files_default_beside_the_report(tmp_path):
     args = evaluate.parse_args(['--data', str(tmp_path), '--out', str(tmp_path / 'val.md')])
     assert args.grid == tmp_path / 'val_grid.png'
     assert args.pairs_csv == tmp_path / 'val_pairs.csv'
+
+
+def test_the_report_records_placeholders_for_the_data_folders(tmp_path):
+    argv = ['--data', str(tmp_path / 'ivif'), '--threads', '2', '--flicker',
+            str(tmp_path / 'videos')]
+    assert evaluate.recorded_command(evaluate.parse_args(argv), argv) == (
+        's4fusion-eval --data IVIF_DIR --threads 2 --flicker VIDEO_DIR')

@@ -366,6 +366,13 @@ def _names(text: str) -> list:
     return [name.strip() for name in text.split(',') if name.strip()]
 
 
+def recorded_command(args: argparse.Namespace, argv: list) -> str:
+    """The command line as the report records it: the data folders by their placeholder names,
+    since the report names the datasets, not this machine's paths to them."""
+    placeholders = {str(args.data): 'IVIF_DIR', str(args.flicker): 'VIDEO_DIR'}
+    return shlex.join([PROG, *(placeholders.get(a, a) for a in argv)])
+
+
 def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
     ivif = ivif_splits(args.data)
@@ -393,7 +400,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
         skipped_methods.append('the example grid: no configuration of ours was evaluated.')
     pairs_csv = os.path.relpath(args.pairs_csv.resolve(), args.out.resolve().parent)
     context = report.ReportContext(
-        command=shlex.join([PROG, *argv]),
+        command=recorded_command(args, argv),
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         environment=environment(), weights=[describe_weights(c) for c in configs],
         skipped=skipped + skipped_methods, grid=grid,
@@ -430,8 +437,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
         return tqdm(pairs, desc=label, unit='frame', file=sys.stderr, leave=False)
 
     scores = temporal.measure_clips(args.flicker, clips, args.flicker_frames, engines, progress)
-    # The section names the dataset, not this machine's path to it.
-    command = shlex.join([PROG, *['VIDEO_DIR' if a == str(args.flicker) else a for a in argv]])
+    command = recorded_command(args, argv)
     notes = ([f'VIDEO_DIR: the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and '
               f'`visible` as `ir/` and `vi/`); clips: {", ".join(clips)}.',
               f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
