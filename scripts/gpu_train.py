@@ -162,7 +162,10 @@ def train(args):
         shares = sum(RECIPES[n][0] for n in recipes[index:])
         minutes = max(0.0, left * share / shares / 60)
         out = args.runs / name
-        command = [sys.executable, '-m', 's4fusion_ros.tools.train', *recipe, *args.extra,
+        # s4fusion-train's entry point, which sets up the process before torch loads.
+        command = [sys.executable, '-c',
+                   'import sys; from s4fusion_ros.entry_points import train; sys.exit(train())',
+                   *recipe, *args.extra,
                    '--data', str(args.data), '--out', str(out), '--device', args.device,
                    '--time-limit', f'{minutes:.3f}', '--no-progress', '--checkpoint-every',
                    '100']

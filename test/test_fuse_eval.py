@@ -273,3 +273,6 @@ def test_the_report_records_placeholders_for_the_data_folders(tmp_path):
             str(tmp_path / 'videos')]
     assert evaluate.recorded_command(evaluate.parse_args(argv), argv) == (
         's4fusion-eval --data IVIF_DIR --threads 2 --flicker VIDEO_DIR')
+    argv = [f'--data={tmp_path}/ivif/', '--limit', '3']
+    assert evaluate.recorded_command(evaluate.parse_args(argv), argv) == (
+        's4fusion-eval --data=IVIF_DIR --limit 3')

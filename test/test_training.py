@@ -508,3 +508,11 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
     assert resumed.returncode == 0, resumed.stderr
     assert [json.loads(line)['step'] for line in log.read_text().splitlines()] == list(
         range(1, done + 2))
+
+
+@pytest.mark.parametrize('device', ['foo', 'gpu0'])
+def test_an_unknown_device_is_a_usage_error(device, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(['--data', str(tmp_path), '--out', str(tmp_path / 'run'), '--device', device])
+    assert exit_info.value.code == 2
+    assert f"unknown device '{device}'" in capsys.readouterr().err

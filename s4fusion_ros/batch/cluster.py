@@ -127,7 +127,10 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
             ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
                      **common)
     else:
-        ray.init(address=address, **common)
+        # Workers on other machines do not inherit this process's set-up (entry_points): give
+        # them the OpenMP wait policy before they load torch.
+        ray.init(address=address, runtime_env={'env_vars': {
+            'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}}, **common)
     try:
         yield ray
     finally:

@@ -369,8 +369,15 @@ def _names(text: str) -> list:
 def recorded_command(args: argparse.Namespace, argv: list) -> str:
     """The command line as the report records it: the data folders by their placeholder names,
     since the report names the datasets, not this machine's paths to them."""
-    placeholders = {str(args.data): 'IVIF_DIR', str(args.flicker): 'VIDEO_DIR'}
-    return shlex.join([PROG, *(placeholders.get(a, a) for a in argv)])
+    placeholders = {pathlib.Path(path): name for path, name in
+                    ((args.data, 'IVIF_DIR'), (args.flicker, 'VIDEO_DIR')) if path is not None}
+
+    def recorded(token: str) -> str:
+        option, equals, value = (token.rpartition('=') if token.startswith('--')
+                                 else ('', '', token))
+        return option + equals + placeholders.get(pathlib.Path(value), value) if value else token
+
+    return shlex.join([PROG, *map(recorded, argv)])
 
 
 def run(args: argparse.Namespace, argv: list) -> list:

@@ -21,7 +21,7 @@ from ..model.s4fusion import BASES
 from ..model.checkpoint import STORAGE_DTYPES
 from ..training.data import PairFolderDataset, training_pairs
 from ..training.loss import S4FusionLoss
-from ..runtime import resolve_device
+from ..runtime import DeviceError, resolve_device
 from ..training.trainer import Trainer, TrainSettings, load_exported
 
 
@@ -64,7 +64,7 @@ def build_parser():
     parser.add_argument('--dataset-balance', type=float, default=defaults.dataset_balance,
                         help='draw a dataset of n pairs with probability proportional to '
                              'n ** (1 - BALANCE): 0 every pair alike, 1 every dataset alike '
-                             '(raises the 4 MSRS night/day pairs against 154 RoadScene ones)')
+                             '(raises the 4 MSRS night/day pairs against 134 RoadScene ones)')
     parser.add_argument('--lr', type=float, default=defaults.lr, help='peak AdamW learning rate')
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up steps (default: 5%% of --steps, at most 500)')
@@ -80,7 +80,7 @@ def build_parser():
                         default=loss_defaults.max_intensity_weight,
                         help='weight of an L1 term to the brighter source per pixel (SeAFusion\'s '
                              'intensity loss, not the authors\'; 0: off)')
-    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
+    parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for torch (default: torch\'s choice, one per core); '
                              '1 is often faster on a machine other jobs keep busy')
@@ -148,10 +148,14 @@ def graceful_stop():
 
 def main(argv=None):
     """Entry point of ``s4fusion-train``; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as error:
+        parser.error(str(error))
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                              min_gain=args.min_gain, dataset_balance=args.dataset_balance,
                              lr=args.lr, warmup_steps=args.warmup,
