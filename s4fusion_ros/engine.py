@@ -12,9 +12,8 @@ published images: both encodings and their packing come from its FusionSettings.
 The factories at the end build both from the node's parameter values (settings.py).
 """
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -187,7 +186,7 @@ class FusionEngine:
         registered = ThermalRegistration()(normalized, (width, height))
         settings = self.settings
         if output_encoding:
-            settings = dataclasses.replace(settings, output_encoding=output_encoding)
+            settings = replace(settings, output_encoding=output_encoding)
         return self._fuse(registered, visible_bgr, settings)
 
     def _fuse(self, thermal: np.ndarray, visible_bgr: np.ndarray, settings: FusionSettings,

@@ -17,13 +17,18 @@ def numba_cache_dir() -> str:
     return os.environ.get('NUMBA_CACHE_DIR') or os.path.join(cache_home, 's4fusion_ros', 'numba')
 
 
-def configure_process() -> None:
-    """Set OpenMP's wait policy and numba's cache folder, keeping values the user chose."""
+def omp_wait_policy() -> str:
+    """OpenMP's wait policy for the package's processes: the user's, else PASSIVE."""
     # On a robot other processes share the CPU. OpenMP threads that spin while waiting (the
     # default) then make each of the model's many small parallel regions wait for a descheduled
     # thread: compact at 640x480 went from 0.45 s to 1.5-3.2 s with 2 threads and a busy core,
     # 0.53 s when passive. OpenMP reads this when torch loads it.
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    return os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')
+
+
+def configure_process() -> None:
+    """Set OpenMP's wait policy and numba's cache folder, keeping values the user chose."""
+    os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
     # numba reads NUMBA_CACHE_DIR at its first import; its config when each cached kernel is
     # defined, in case numba was imported already.
     os.environ['NUMBA_CACHE_DIR'] = numba_cache_dir()

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from .. import settings
+from ..cli import run_command
 from ..batch.cluster import LOCAL, fuse_bags
 from ..batch.work import BatchError
 
@@ -63,20 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: 0 when every bag is fused, 1 otherwise, 130 when interrupted."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        report = fuse_bags(args.inputs, args.out_dir, address=args.ray, num_cpus=args.num_cpus,
-                           cpus_per_task=args.cpus_per_task,
-                           gpus_per_worker=args.gpus_per_worker,
-                           segment_minutes=args.segment_minutes, params=args.params,
-                           device=args.device, resume=args.resume, overwrite=args.overwrite,
-                           max_retries=args.max_retries)
-    except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted; the cluster\'s work was cancelled and no partial bag was '
-              f'left under a final name; --resume continues', file=sys.stderr)
-        return 130
-    except (BatchError, settings.SettingsError) as error:
-        print(f'{PROG}: {error}', file=sys.stderr)
-        return 1
+    return run_command(PROG, lambda: fuse_and_report(args), (BatchError, settings.SettingsError),
+                       'interrupted; the cluster\'s work was cancelled and no partial bag was '
+                       'left under a final name; --resume continues')
+
+
+def fuse_and_report(args: argparse.Namespace) -> int:
+    """Fuse the bags and print the summary: 0 when every bag is fused, 1 otherwise."""
+    report = fuse_bags(args.inputs, args.out_dir, address=args.ray, num_cpus=args.num_cpus,
+                       cpus_per_task=args.cpus_per_task, gpus_per_worker=args.gpus_per_worker,
+                       segment_minutes=args.segment_minutes, params=args.params,
+                       device=args.device, resume=args.resume, overwrite=args.overwrite,
+                       max_retries=args.max_retries)
     failed = [bag for bag in report.bags if bag.status == 'failed']
     print(f'{PROG}: {len(report.bags) - len(failed)} of {len(report.bags)} bags fused '
           f'({report.fused} pairs) in {report.seconds:.1f} s; manifest: {report.manifest}',

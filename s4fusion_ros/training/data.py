@@ -152,10 +152,8 @@ def pairs_in_folder(folder, names=None):
     it, every image must have a partner: an unpaired file is an error, not silently dropped data.
     """
     folder = pathlib.Path(folder)
-    for directory in (folder / 'ir', folder / 'vi'):
-        if not directory.is_dir():
-            raise FileNotFoundError(f'{directory}: missing (expected ir/ and vi/ in {folder})')
-    pairs, unpaired = match_pairs(folder / 'ir', folder / 'vi')
+    pairs, unpaired = match_pairs(folder / 'ir', folder / 'vi',
+                                  missing=f'missing (expected ir/ and vi/ in {folder})')
     if names is None:
         if unpaired:
             raise ValueError(f'{folder}: images without a partner in ir/ or vi/: {unpaired[:10]}')
@@ -167,12 +165,13 @@ def pairs_in_folder(folder, names=None):
     return tuple(by_name[name] for name in sorted(names))
 
 
-def match_pairs(ir_dir, vi_dir):
-    """Pairs with the same file name in both folders (sorted), and the files found in one only."""
+def match_pairs(ir_dir, vi_dir, missing='not a directory'):
+    """Pairs with the same file name in both folders (sorted), and the files found in one only;
+    a folder that is not there raises FileNotFoundError '<folder>: <missing>'."""
     found = []
     for directory in (ir_dir, vi_dir):
         if not directory.is_dir():
-            raise FileNotFoundError(f'{directory}: not a directory')
+            raise FileNotFoundError(f'{directory}: {missing}')
         found.append({p.name for p in directory.iterdir()
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES})
     ir_names, vi_names = found
