@@ -116,7 +116,7 @@ def test_forward_authors_small():
 def test_forward_pads_symmetrically_with_zeros_and_crops():
     """An unaligned input gives the crop of the forward of its zero-padded 12k + 1 version (the
     network; a base is computed on the input as it is)."""
-    model = compact(base='none').eval()
+    model = compact(base='none', detail_gain=1.0).eval()
     ir, vi = pair(22, 19)
     pad = left, right, top, bottom = model.config.padding(22, 19)
     assert (22 + top + bottom, 19 + left + right) == (25, 25)
@@ -366,13 +366,30 @@ def test_config_round_trip_and_presets():
         S4FusionConfig(encoder_depths=(1, 2))
 
 
+def test_detail_gain_scales_the_pyramid_details_and_needs_the_laplacian_base():
+    ir, vi = pair(37, 50)
+    plain, bases_only = laplacian_fuse(ir, vi), laplacian_fuse(ir, vi, detail_gain=0.0)
+    # The reconstruction is linear in the details, so the gain scales what they add to the base.
+    torch.testing.assert_close(laplacian_fuse(ir, vi, detail_gain=1.15),
+                               bases_only + 1.15 * (plain - bases_only))
+    model = compact(base='laplacian', detail_gain=1.15)
+    with torch.no_grad():
+        assert torch.equal(model.start_at_base()(ir, vi), laplacian_fuse(ir, vi, detail_gain=1.15))
+    assert S4FusionConfig.from_dict({**model.config.to_dict(), 'detail_gain': 1}).detail_gain == 1.0
+    with pytest.raises(ValueError, match='detail_gain'):
+        S4FusionConfig(detail_gain=1.15)  # the authors' network has no base to enhance
+    with pytest.raises(ValueError, match='detail_gain'):
+        S4FusionConfig(base='laplacian', detail_gain=0.0)
+
+
 def test_laplacian_base_starts_as_the_pyramid_and_learns_a_correction():
     model = compact(base='laplacian')
     config = model.config
     ir, vi = pair(37, 50)
+    base = laplacian_fuse(ir, vi, detail_gain=config.detail_gain)
     with torch.no_grad():
-        assert not torch.equal(model(ir, vi), laplacian_fuse(ir, vi))
-        assert torch.equal(model.start_at_base()(ir, vi), laplacian_fuse(ir, vi))
+        assert not torch.equal(model(ir, vi), base)
+        assert torch.equal(model.start_at_base()(ir, vi), base)
     model(ir, vi).square().mean().backward()
     # The zeroed last layer still gets gradients, so training moves the output off the base.
     assert model.head.conv.weight.grad.abs().sum() > 0
@@ -381,7 +398,7 @@ def test_laplacian_base_starts_as_the_pyramid_and_learns_a_correction():
     with pytest.raises(ValueError, match='base must be one of'):
         S4FusionConfig(base='wavelet')
     with pytest.raises(ValueError, match='needs a configuration with a base'):
-        compact(base='none').start_at_base()
+        compact(base='none', detail_gain=1.0).start_at_base()
 
 
 def test_device_and_dtype_are_honoured():

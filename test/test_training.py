@@ -325,6 +325,34 @@ def test_max_intensity_term_is_off_by_default_and_adds_l1_to_the_brighter_source
     assert float(S4FusionLoss(max_intensity_weight=3.0)(brighter, ir, vi)[1]['max_intensity']) == 0
 
 
+class Average(nn.Module):
+    """A fixed fusion network: the mean of the sources."""
+
+    def forward(self, ir, vi):
+        return (ir + vi) / 2
+
+
+def test_teacher_term_pulls_towards_the_teachers_image_and_gradients(crops):
+    ir, vi = crops
+    taught = (ir + vi) / 2
+    plain = S4FusionLoss()
+    distilling = S4FusionLoss(teacher=Average(), teacher_weight=4.0)
+    fused = ir.clone().requires_grad_()
+    total, terms = distilling(fused, ir, vi)
+    expected = ((ir - taught).abs().mean()
+                + (plain.gradient(ir) - plain.gradient(taught)).abs().mean())
+    torch.testing.assert_close(terms['teacher'], expected)
+    torch.testing.assert_close(total, plain(ir, ir, vi)[0] + 4.0 * expected)
+    total.backward()
+    assert fused.grad.abs().sum() > 0
+    assert float(distilling(taught, ir, vi)[1]['teacher']) == 0
+    assert distilling.config()['teacher_weight'] == 4.0 and 'teacher_weight' not in plain.config()
+    with pytest.raises(ValueError, match='teacher'):
+        S4FusionLoss(teacher_weight=1.0)
+    with pytest.raises(ValueError, match='teacher'):
+        S4FusionLoss(teacher=Average())
+
+
 def test_feature_energy_matches_pyramid_and_is_scale_free(crops):
     ir, vi = crops
 
@@ -434,11 +462,13 @@ def test_numba_backward_trains_as_the_chunked_scan_did(tmp_path, pair_folder):
 def test_a_run_from_scratch_with_a_base_starts_at_the_base(tmp_path, pair_folder):
     settings = TrainSettings(steps=1, batch_size=1, crop=25)
     dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
-    config = S4FusionConfig(**{**S4FusionConfig.preset('compact').to_dict(), 'base': 'laplacian'})
+    config = S4FusionConfig.preset('compact')
+    assert config.base == 'laplacian'
     trainer = Trainer(config, dataset, S4FusionLoss(), tmp_path / 'run', settings)
     ir, vi = dataset.sample_batch(2, np.random.default_rng(0))
     with torch.no_grad():
-        assert torch.equal(trainer.model(ir, vi), laplacian_fuse(ir, vi))
+        assert torch.equal(trainer.model(ir, vi),
+                           laplacian_fuse(ir, vi, detail_gain=config.detail_gain))
 
 
 def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pair_folder):
@@ -475,6 +505,32 @@ def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
     assert meta['training']['loss']['energy_score'] == 'pretrained features'
     assert meta['training']['loss']['entropy_weight'] > 0
     assert 'entropy' in json.loads((out / 'train_log.jsonl').read_text())
+
+
+def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_folder, capsys):
+    make_trainer(pair_folder, tmp_path / 'teacher').run(progress=False)
+    teacher = tmp_path / 'teacher' / 's4fusion_compact.safetensors'
+    common = ['--data', str(pair_folder), '--steps', '1', '--batch-size', '1', '--crop', '25',
+              '--device', 'cpu', '--threads', '1', '--no-progress']
+    out = tmp_path / 'student'
+    assert train_main([*common, '--out', str(out), '--teacher', str(teacher),
+                       '--teacher-weight', '8']) == 0
+    training = json.loads((out / 's4fusion_compact.json').read_text())['training']
+    assert training['loss']['teacher_weight'] == 8.0
+    assert hashlib.sha256(teacher.read_bytes()).hexdigest() in training['deviation']
+    assert 'teacher' in json.loads((out / 'train_log.jsonl').read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*common, '--out', str(tmp_path / 'x'), '--teacher-weight', '8'])
+    assert exit_info.value.code == 2 and 'go together' in capsys.readouterr().err
+    assert train_main([*common, '--out', str(tmp_path / 'y'), '--teacher',
+                       str(tmp_path / 'no.st'), '--teacher-weight', '8']) == 1
+    assert 'no.st' in capsys.readouterr().err
+    # A data folder without pairs is one line naming it, no traceback.
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert train_main([*common, '--data', str(empty), '--out', str(tmp_path / 'z')]) == 1
+    error = capsys.readouterr().err
+    assert str(empty) in error and 'Traceback' not in error
 
 
 def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folder):

@@ -63,16 +63,19 @@ def laplacian_pyramid(x, levels):
     return pyramid
 
 
-def laplacian_fuse(ir, vi, levels=LEVELS):
+def laplacian_fuse(ir, vi, levels=LEVELS, detail_gain=1.0):
     """Laplacian-pyramid fusion of ``(B, 1, H, W)`` images: the larger-magnitude detail of the two
     at every level and pixel, the mean of the bases. Not clamped.
 
-    ``levels`` is capped by ``pyramid_levels``.
+    ``levels`` is capped by ``pyramid_levels``. ``detail_gain`` multiplies the chosen details
+    (1: the classical fusion; above 1: the classical detail enhancement).
     """
     levels = pyramid_levels(*ir.shape[-2:], levels)
     pyramid_ir, pyramid_vi = laplacian_pyramid(ir, levels), laplacian_pyramid(vi, levels)
     fused = (pyramid_ir[-1] + pyramid_vi[-1]) / 2
     for detail_ir, detail_vi in zip(reversed(pyramid_ir[:-1]), reversed(pyramid_vi[:-1])):
         detail = torch.where(detail_ir.abs() >= detail_vi.abs(), detail_ir, detail_vi)
+        if detail_gain != 1.0:
+            detail = detail * detail_gain
         fused = pyr_up(fused, detail.shape[-2:]) + detail
     return fused

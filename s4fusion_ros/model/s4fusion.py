@@ -27,6 +27,9 @@ class S4FusionConfig:
     ``base``: 'none' (the authors') outputs the head's image; 'laplacian' adds the head's output
     to the 4-level Laplacian-pyramid fusion of the inputs (``pyramid.laplacian_fuse``), so the
     network learns a correction of a classical fusion (``start_at_base`` makes it start there).
+
+    ``detail_gain``: the gain of the Laplacian base's details (``laplacian_fuse``), 1 for the
+    classical fusion.
     """
 
     dims: tuple = (48, 96, 192)
@@ -41,6 +44,7 @@ class S4FusionConfig:
     patch_stride: int = 3
     fuse_level0: bool = False
     base: str = 'none'
+    detail_gain: float = 1.0
 
     def __post_init__(self):
         """Store sequences as tuples (hashable, JSON lists accepted) and check consistency."""
@@ -57,6 +61,10 @@ class S4FusionConfig:
             raise ValueError('patch_size < patch_stride would leave pixels no patch covers')
         if self.base not in BASES:
             raise ValueError(f'base must be one of {BASES}, got {self.base!r}')
+        object.__setattr__(self, 'detail_gain', float(self.detail_gain))
+        if self.detail_gain <= 0 or (self.base != 'laplacian' and self.detail_gain != 1.0):
+            raise ValueError(f'detail_gain must be > 0 and needs the laplacian base, got '
+                             f'{self.detail_gain} with base {self.base!r}')
 
     @classmethod
     def presets(cls):
@@ -223,7 +231,8 @@ class S4Fusion(nn.Module):
             raise ValueError(f'expected IR and VI of one shape (B, 1, H, W), got '
                              f'{tuple(ir.shape)} and {tuple(vi.shape)}')
         height, width = ir.shape[2:]
-        base = laplacian_fuse(ir, vi) if self.config.base == 'laplacian' else None
+        base = (laplacian_fuse(ir, vi, detail_gain=self.config.detail_gain)
+                if self.config.base == 'laplacian' else None)
         left, right, top, bottom = pad = self.config.padding(height, width)
         ir, vi = F.pad(ir, pad), F.pad(vi, pad)
         ir, vi = self.patch_embed_ir(ir), self.patch_embed_vi(vi)  # (B, h, w, C0)

@@ -8,6 +8,7 @@ Examples:
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import os
 import pathlib
 import signal
@@ -16,15 +17,17 @@ import time
 
 import torch
 
+from ..cli import run_command
 from ..model import S4FusionConfig
+from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
 from ..model.s4fusion import BASES
-from ..model.checkpoint import STORAGE_DTYPES
+from ..runtime import DeviceError, resolve_device
 from ..training.data import PairFolderDataset, training_pairs
 from ..training.loss import S4FusionLoss
-from ..runtime import DeviceError, resolve_device
 from ..training.trainer import Trainer, TrainSettings, load_exported
 
 
+PROG = 's4fusion-train'
 DATA_ENV = 'S4FUSION_IVIF_DATA'
 
 
@@ -41,13 +44,15 @@ def build_parser():
     """The command-line interface."""
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(
-        prog='s4fusion-train', description=__doc__.split('\n')[0],
+        prog=PROG, description=__doc__.split('\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--preset', choices=sorted(S4FusionConfig.presets()), default='compact',
                         help='network size')
     parser.add_argument('--base', choices=BASES, default=None,
                         help='what the network\'s output is added to (default: the preset\'s): '
                              'none, or laplacian (a 4-level Laplacian-pyramid fusion)')
+    parser.add_argument('--detail-gain', type=float, default=None,
+                        help='gain on the Laplacian base\'s details (default: the preset\'s)')
     add_data_argument(parser, 'the ivif folder (trains on its training split; layout in the '
                               'README, "Data"), a folder with ir/ and vi/ pairs matched by file '
                               'name, or a folder of such folders (trains on all); required unless '
@@ -99,6 +104,11 @@ def build_parser():
     parser.add_argument('--pretrained-classifier', type=pathlib.Path, default=None,
                         help='torch.export .pt2 classifier (logits) for the entropy term on the '
                              'fused image; default: no entropy term')
+    parser.add_argument('--teacher', type=pathlib.Path, default=None,
+                        help='checkpoint of a fusion network to distil from (with '
+                             '--teacher-weight); recorded with the new weights')
+    parser.add_argument('--teacher-weight', type=float, default=0.0,
+                        help='weight of the L1 of image and gradients to the teacher\'s fusion')
     parser.add_argument('--init-weights', type=pathlib.Path, default=None,
                         help='start from this checkpoint of the same preset (fine-tuning); '
                              'recorded with the new weights')
@@ -110,10 +120,13 @@ def build_parser():
     return parser
 
 
-def deviation_note(features, classifier, data_is_ivif):
+def deviation_note(features, classifier, data_is_ivif, teacher=None):
     """How this training differs from the authors' (recorded with the weights)."""
     notes = ['trained by s4fusion-train; the authors released no training code or settings, so '
              'term weights, temperature, optimizer and schedule are this package\'s choices']
+    if teacher is not None:
+        digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
+        notes.append(f'distilled from {teacher.name} (sha256 {digest})')
     if features is None:
         notes.append('source weights from multi-scale image Sobel energy, not ResNet-50 features')
     if classifier is None:
@@ -147,9 +160,15 @@ def graceful_stop():
 
 
 def main(argv=None):
-    """Entry point of ``s4fusion-train``; returns the process exit status."""
+    """Entry point of ``s4fusion-train``; returns the process exit status: a missing or unreadable
+    data folder or checkpoint is one line and 1, a bad option 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_command(PROG, lambda: train(parser, args), (OSError, ValueError, CheckpointError))
+
+
+def train(parser, args):
+    """Train as ``args`` say; returns the exit status."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -168,15 +187,27 @@ def main(argv=None):
         features = load_exported(args.pretrained_features, device)
     if args.pretrained_classifier is not None:
         classifier = load_exported(args.pretrained_classifier, device)
+    if (args.teacher is None) != (args.teacher_weight == 0):
+        parser.error('--teacher and --teacher-weight > 0 go together')
+    teacher = None if args.teacher is None else load_checkpoint(args.teacher, device=device).eval()
     dataset = PairFolderDataset(pairs, args.crop, args.min_gain, args.dataset_balance)
     config = S4FusionConfig.preset(args.preset)
     if args.base is not None:
-        config = dataclasses.replace(config, base=args.base)
+        # without the Laplacian base there are no base details to enhance
+        gain = config.detail_gain if args.base == 'laplacian' else 1.0
+        config = dataclasses.replace(config, base=args.base, detail_gain=gain)
+    if args.detail_gain is not None:
+        try:
+            config = dataclasses.replace(config, detail_gain=args.detail_gain)
+        except ValueError as error:
+            parser.error(str(error))
     trainer = Trainer(config, dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,
-                                   max_intensity_weight=args.max_intensity_weight), args.out,
-                      settings, device, deviation_note(features, classifier, data_is_ivif),
+                                   max_intensity_weight=args.max_intensity_weight,
+                                   teacher=teacher, teacher_weight=args.teacher_weight), args.out,
+                      settings, device,
+                      deviation_note(features, classifier, data_is_ivif, args.teacher),
                       init_weights=args.init_weights,
                       weights_dtype=STORAGE_DTYPES[args.weights_dtype])
     if args.resume:

@@ -3,6 +3,8 @@
 total = ssim_weight * sum_s w_s (1 - SSIM(F, S)) + l1_weight * sum_s w_s |F - S|
         + grad_weight * |Sobel(F) - max(Sobel(IR), Sobel(VI))| + entropy_weight * H(classifier(F))
         [+ max_intensity_weight * |F - max(IR, VI)|, off by default: not the authors' term]
+        [+ teacher_weight * (|F - T| + |Sobel(F) - Sobel(T)|), T a frozen teacher network's
+         fusion of the same crop: distillation, off by default]
 
 The per-image source weights w_s are a softmax at temperature c of each source's gradient-energy
 score. The authors score the sources on a pretrained ResNet-50's stage features and add the entropy
@@ -41,7 +43,7 @@ class S4FusionLoss(nn.Module):
 
     def __init__(self, ssim_weight=1.0, l1_weight=2.0, grad_weight=1.0, entropy_weight=0.01,
                  temperature=1.0, scales=3, feature_extractor=None, classifier=None,
-                 max_intensity_weight=0.0):
+                 max_intensity_weight=0.0, teacher=None, teacher_weight=0.0):
         """Term weights and the energy score's settings.
 
         The authors published no weights, so the defaults make the three terms contribute about
@@ -59,6 +61,10 @@ class S4FusionLoss(nn.Module):
         ``max_intensity_weight`` > 0 adds SeAFusion's per-pixel intensity term, L1 to the brighter
         source: unlike the per-image source weights it holds every region to the source that is
         bright there.
+        ``teacher`` (a fusion network ``(ir, vi) -> fused``, frozen, in eval mode) with
+        ``teacher_weight`` > 0 pulls F towards the teacher's image and its gradients, both in
+        [0, 1] units: a warm start that transfers a stronger fusion faster than the unsupervised
+        terms find one (the CPU budget of the authors preset, docs/training-history.md).
         """
         super().__init__()
         if temperature <= 0 or scales < 1:
@@ -67,8 +73,11 @@ class S4FusionLoss(nn.Module):
         self.grad_weight, self.entropy_weight = grad_weight, entropy_weight
         self.max_intensity_weight = max_intensity_weight
         self.temperature, self.scales = temperature, scales
+        if (teacher is None) != (teacher_weight == 0):
+            raise ValueError('a teacher and a teacher_weight > 0 go together')
         self.feature_extractor, self.classifier = feature_extractor, classifier
-        for module in (feature_extractor, classifier):
+        self.teacher, self.teacher_weight = teacher, teacher_weight
+        for module in (feature_extractor, classifier, teacher):
             if module is not None:
                 module.requires_grad_(False)
         self.register_buffer('sobel', _sobel_kernels(), persistent=False)
@@ -84,6 +93,7 @@ class S4FusionLoss(nn.Module):
             'ssim_window': SSIM_WINDOW_SIZE, 'ssim_sigma': SSIM_SIGMA,
             'energy_score': ('pretrained features' if self.feature_extractor is not None
                              else f'image Sobel energy, {self.scales} pyramid scales'),
+            **({'teacher_weight': self.teacher_weight} if self.teacher is not None else {}),
         }
 
     def sobel_xy(self, x):
@@ -143,6 +153,12 @@ class S4FusionLoss(nn.Module):
         if self.max_intensity_weight > 0:
             terms['max_intensity'] = (fused - torch.maximum(ir, vi)).abs().mean()
             total = total + self.max_intensity_weight * terms['max_intensity']
+        if self.teacher is not None:
+            with torch.no_grad():
+                taught = self.teacher(ir, vi)
+            terms['teacher'] = ((fused - taught).abs().mean()
+                                + (self.gradient(fused) - self.gradient(taught)).abs().mean())
+            total = total + self.teacher_weight * terms['teacher']
         if self.classifier is not None:
             terms['entropy'] = self.entropy(fused)
             total = total + self.entropy_weight * terms['entropy']
