@@ -347,6 +347,9 @@ def test_teacher_term_pulls_towards_the_teachers_image_and_gradients(crops):
     assert fused.grad.abs().sum() > 0
     assert float(distilling(taught, ir, vi)[1]['teacher']) == 0
     assert distilling.config()['teacher_weight'] == 4.0 and 'teacher_weight' not in plain.config()
+    # The record names the teacher by its state: another teacher, another record.
+    other = S4FusionLoss(teacher=nn.Conv2d(1, 1, 1), teacher_weight=4.0).config()
+    assert other['teacher_sha256'] != distilling.config()['teacher_sha256']
     with pytest.raises(ValueError, match='teacher'):
         S4FusionLoss(teacher_weight=1.0)
     with pytest.raises(ValueError, match='teacher'):

@@ -14,6 +14,8 @@ off (a deviation the trainer records); both pretrained-network parts work with a
 supplies (``feature_extractor``, ``classifier``).
 """
 
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,16 @@ from ..imaging.filters import (SOBEL_X, SOBEL_Y, SSIM_SIGMA, SSIM_WINDOW_SIZE, s
 
 def _sobel_kernels():
     return torch.tensor(np.stack([SOBEL_X, SOBEL_Y]), dtype=torch.float32)[:, None]  # (2, 1, 3, 3)
+
+
+def _state_digest(module):
+    """sha256 of a module's state (names and values): which teacher a run learned from, so that
+    a resumed run cannot switch teachers unnoticed."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _ssim_window():
@@ -77,6 +89,7 @@ class S4FusionLoss(nn.Module):
             raise ValueError('a teacher and a teacher_weight > 0 go together')
         self.feature_extractor, self.classifier = feature_extractor, classifier
         self.teacher, self.teacher_weight = teacher, teacher_weight
+        self.teacher_digest = None if teacher is None else _state_digest(teacher)
         for module in (feature_extractor, classifier, teacher):
             if module is not None:
                 module.requires_grad_(False)
@@ -93,7 +106,8 @@ class S4FusionLoss(nn.Module):
             'ssim_window': SSIM_WINDOW_SIZE, 'ssim_sigma': SSIM_SIGMA,
             'energy_score': ('pretrained features' if self.feature_extractor is not None
                              else f'image Sobel energy, {self.scales} pyramid scales'),
-            **({'teacher_weight': self.teacher_weight} if self.teacher is not None else {}),
+            **({'teacher_weight': self.teacher_weight, 'teacher_sha256': self.teacher_digest}
+               if self.teacher is not None else {}),
         }
 
     def sobel_xy(self, x):
