@@ -57,13 +57,27 @@ class LoadedModel:
 
 
 def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'auto',
-                      half: bool = False) -> LoadedModel:
+                      half: bool = False, detail_gain: float = 0.0) -> LoadedModel:
     """Load the model the node and the tools run.
 
     `weights` empty means the weights shipped for `preset`. A weights path given explicitly must
     exist (CheckpointError names the file otherwise). When no trained weights ship for the preset,
-    the model runs with its initial weights and says so loudly.
+    the model runs with its initial weights and says so loudly. `detail_gain` > 0 replaces the
+    gain on the details of the model's Laplacian base; a model without that base ignores it with a
+    warning (so one parameter file serves `model.preset: auto` on the CPU and on CUDA).
     """
+    loaded = _load_model(weights, preset, device, half)
+    if detail_gain > 0:
+        if loaded.model.config.base == 'laplacian':
+            loaded.model.set_detail_gain(detail_gain)
+        else:
+            LOG.warning('model.detail_gain %g ignored: %s has no Laplacian base', detail_gain,
+                        loaded.name)
+    return loaded
+
+
+def _load_model(weights, preset, device, half):
+    """``load_fusion_model`` without the detail gain."""
     torch_device = resolve_device(device)
     if half and torch_device.type != 'cuda':
         raise DeviceError('half precision (fp16) needs a CUDA device; set half:=false on the CPU')
@@ -88,6 +102,6 @@ def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'au
 
 
 def model_from_params(values: dict) -> LoadedModel:
-    """Load the model named by the node's `device`, `half`, `model.preset` and `model.weights`."""
+    """Load the model named by the node's `device`, `half` and `model.*` parameters."""
     return load_fusion_model(values['model.weights'], values['model.preset'], values['device'],
-                             values['half'])
+                             values['half'], values['model.detail_gain'])

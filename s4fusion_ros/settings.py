@@ -47,6 +47,9 @@ SPECS = {
     'model.preset': Spec('auto', 'auto (authors on CUDA, compact on CPU), authors or compact',
                          choices=('auto', 'authors', 'compact')),
     'model.weights': Spec('', 'checkpoint (.safetensors with its .json); empty = shipped weights'),
+    'model.detail_gain': Spec(0.0, 'gain on the details of the Laplacian base of a model that has '
+                              'one (compact); 0 = the weights\' own (1.15 shipped); 1 = the plain '
+                              'pyramid\'s detail, which flickers less on video', range=(0.0, 4.0)),
     'thermal.transport': Spec('raw', 'raw: sensor_msgs/Image on thermal/image_raw; compressed: '
                               'CompressedImage on thermal/image_raw/compressed',
                               choices=TRANSPORTS),

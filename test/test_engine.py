@@ -127,6 +127,23 @@ def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_
     assert engine.fuse_images(ir, vi).fused_encoding == 'bgr8'
 
 
+def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, caplog):
+    ir, vi = msrs_pair
+    plain = load_fusion_model(device='cpu', detail_gain=1.0)
+    assert loaded.model.config.detail_gain == 1.15 and plain.model.config.detail_gain == 1.0
+
+    def sharpness(model):
+        fused = FusionEngine(model, FusionSettings()).fuse_images(ir, vi, 'mono8').fused
+        return np.abs(cv2.Laplacian(fused.astype(np.float32), cv2.CV_32F)).mean()
+
+    # The gain scales the pyramid's details, so the plain base gives a less sharp image.
+    assert sharpness(plain) < 0.95 * sharpness(loaded)
+    # A model without the pyramid base has no details to scale: it says so and runs as it is.
+    authors = load_fusion_model(preset='authors', device='cpu', detail_gain=1.3)
+    assert authors.model.config.detail_gain == 1.0
+    assert 'model.detail_gain 1.3 ignored' in caplog.text
+
+
 def test_restore_detail_returns_full_resolution_edges(msrs_pair):
     ir, vi = msrs_pair
     ir_f = ir.astype(np.float32) / 255

@@ -99,6 +99,13 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 
+def test_fuse_refuses_a_detail_gain_out_of_range(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fuse.main(['--ir', str(tmp_path), '--vi', str(tmp_path), '--out', str(tmp_path / 'o'),
+                   '--detail-gain', '-1'])
+    assert exit_info.value.code == 2 and '--detail-gain' in capsys.readouterr().err
+
+
 def table_rows(text, dataset):
     """{method: [cell, ...]} of a dataset's metric table, bold markers removed."""
     section = text.split(f'## {dataset} ')[1].split('**Wins:**')[0]

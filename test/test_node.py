@@ -30,6 +30,8 @@ NODE_PARAMS = {
     # Stateless, so the warm-up frames (some may be lost during discovery) cannot change the pixels
     # of what follows; test_replay checks the smoothed percentile mode live against offline.
     'normalization.mode': 'minmax',
+    # Not the default, so the comparison shows the node applies it (other tests run the default).
+    'model.detail_gain': 1.0,
 }
 
 

@@ -259,7 +259,8 @@ _MODELS = {}  # a worker process keeps its models loaded between units
 
 def engine_for(values: dict) -> FusionEngine:
     """A FusionEngine with the model of these parameters, loaded once per process."""
-    key = (values['model.weights'], values['model.preset'], values['device'], values['half'])
+    key = (values['model.weights'], values['model.preset'], values['device'], values['half'],
+           values['model.detail_gain'])
     if key not in _MODELS:
         _MODELS[key] = model_from_params(values)
     return FusionEngine(_MODELS[key], fusion_settings(values))

@@ -1,6 +1,6 @@
 """The S4Fusion network (arXiv 2405.20881, IEEE TIP 2025) and its configuration presets."""
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 import math
 
 import torch
@@ -211,6 +211,12 @@ class S4Fusion(nn.Module):
             raise ValueError('start_at_base needs a configuration with a base')
         nn.init.zeros_(self.head.conv.weight)
         nn.init.zeros_(self.head.conv.bias)
+        return self
+
+    def set_detail_gain(self, gain):
+        """Change the gain on the Laplacian base's details (``S4FusionConfig.detail_gain``); a
+        ValueError without that base. Returns the model."""
+        self.config = replace(self.config, detail_gain=gain)
         return self
 
     def num_parameters(self):

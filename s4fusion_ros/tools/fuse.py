@@ -112,11 +112,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--preset', default='auto', choices=settings.SPECS['model.preset'].choices,
                         help='model preset for the shipped weights (default: %(default)s)')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    parser.add_argument('--detail-gain', type=float, default=0.0,
+                        help=settings.SPECS['model.detail_gain'].description)
     parser.add_argument('--inference-size', type=parse_inference_size, default=(0, 0),
                         metavar='WxH',
                         help='size the model runs at, detail restored at full resolution '
                              '(default: 0x0 = full resolution)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    low, high = settings.SPECS['model.detail_gain'].range
+    if not low <= args.detail_gain <= high:
+        parser.error(f'--detail-gain must be in [{low:g}, {high:g}], got {args.detail_gain:g}')
+    return args
 
 
 def output_paths(out: pathlib.Path, pairs: list[Pair]) -> dict[str, tuple[pathlib.Path, ...]]:
@@ -144,7 +150,8 @@ def fuse_folders(args: argparse.Namespace) -> int:
     if not pairs:
         raise ValueError(f'no pairs with the same file name in {args.ir} and {args.vi}')
     outputs = output_paths(args.out, pairs)
-    loaded = load_fusion_model(args.weights, args.preset, args.device)
+    loaded = load_fusion_model(args.weights, args.preset, args.device,
+                               detail_gain=args.detail_gain)
     print(f'{PROG}: {len(pairs)} pairs with {loaded.name} on {loaded.device} -> {args.out}',
           file=sys.stderr)
     fuser = ImageFuser(loaded, args.inference_size)
