@@ -2,7 +2,7 @@
 
 import logging
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,13 +63,15 @@ def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'au
     `weights` empty means the weights shipped for `preset`. A weights path given explicitly must
     exist (CheckpointError names the file otherwise). When no trained weights ship for the preset,
     the model runs with its initial weights and says so loudly. `detail_gain` > 0 replaces the
-    gain on the details of the model's Laplacian base; a model without that base ignores it with a
-    warning (so one parameter file serves `model.preset: auto` on the CPU and on CUDA).
+    gain on the details of the model's Laplacian base (and the name says so); a model without that
+    base ignores it with a warning (so one parameter file serves `model.preset: auto` on the CPU
+    and on CUDA).
     """
     loaded = _load_model(weights, preset, device, half)
     if detail_gain > 0:
         if loaded.model.config.base == 'laplacian':
             loaded.model.set_detail_gain(detail_gain)
+            loaded = replace(loaded, name=f'{loaded.name} (detail gain {detail_gain:g})')
         else:
             LOG.warning('model.detail_gain %g ignored: %s has no Laplacian base', detail_gain,
                         loaded.name)

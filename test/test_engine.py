@@ -131,6 +131,7 @@ def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, capl
     ir, vi = msrs_pair
     plain = load_fusion_model(device='cpu', detail_gain=1.0)
     assert loaded.model.config.detail_gain == 1.15 and plain.model.config.detail_gain == 1.0
+    assert plain.name == f'{loaded.name} (detail gain 1)'  # what the logs and diagnostics show
 
     def sharpness(model):
         fused = FusionEngine(model, FusionSettings()).fuse_images(ir, vi, 'mono8').fused

@@ -79,8 +79,8 @@ class S4FusionConfig:
         Laplacian-pyramid fusion (``base``): trained on the CPU, the network alone stayed behind
         that pyramid on detail and closeness to the sources (docs/training-history.md). The
         base's details get a gain of 1.15, chosen on the validation splits: the network's
-        correction is smooth (it changes contrast and intensity, not detail), and the pyramid's
-        detail at 1.0 fell behind the pyramid alone on SF and AG.
+        correction is smooth (it changes contrast and intensity, not detail), and at gain 1 the
+        output fell behind the pyramid alone on SF and AG.
         """
         return {
             'authors': cls(),
