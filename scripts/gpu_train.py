@@ -35,8 +35,9 @@ PART_BYTES = 15 * 2**20  # device calls bring back files of at most 16 MiB
 PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
 # What each call trains, in order, and its share of the time left for training. authors: the
-# GPU schedule of the shipped authors weights with the M3SVD data; compact: the CPU default with
-# the loss settings its shipped weights were chosen with on validation.
+# GPU schedule of the shipped authors weights' first stage with the M3SVD data; compact: the CPU
+# default with the loss settings its shipped weights were chosen with on validation, and the
+# preset's detail gain in place (the shipped weights trained without it: compare on validation).
 RECIPES = {
     'authors': (0.6, ['--preset', 'authors', '--steps', '1500', '--batch-size', '16',
                       '--crop', '145', '--lr', '1e-3', '--grad-weight', '8',
