@@ -202,7 +202,8 @@ class FusionEngine:
             thermal_small = cv2.resize(thermal, model_size, interpolation=cv2.INTER_AREA)
             visible_small = cv2.resize(visible_y, model_size, interpolation=cv2.INTER_AREA)
             fused_small = self._run_model(thermal_small, visible_small)
-            fused_y = restore_detail(fused_small, thermal, visible_y)
+            fused_y = restore_detail(fused_small, thermal, visible_y,
+                                     self.loaded.model.config.detail_gain)
         saliency = saliency_map(thermal, visible_y, fused_y,
                                 settings.saliency_contrast, settings.saliency_threshold)
         fused = compose_output(fused_y, visible_cr, visible_cb, settings.output_encoding)
@@ -230,12 +231,13 @@ class FusionEngine:
 
 
 def restore_detail(fused_small: np.ndarray, thermal: np.ndarray,
-                   visible_y: np.ndarray) -> np.ndarray:
+                   visible_y: np.ndarray, gain: float = 1.0) -> np.ndarray:
     """Upsample a fused image made at a reduced size and put back the detail the reduction removed.
 
     The detail of each source is what its own down-and-up resampling loses; per pixel the stronger
-    of the two is added (the max-absolute rule of multi-scale fusion), so edges of both cameras
-    return at full resolution while the model decides the low frequencies.
+    of the two is added (the max-absolute rule of multi-scale fusion), times ``gain`` (the model's
+    detail gain, so restored and modelled detail match), so edges of both cameras return at full
+    resolution while the model decides the low frequencies.
     """
     height, width = visible_y.shape
     small_size = fused_small.shape[::-1]
@@ -247,7 +249,8 @@ def restore_detail(fused_small: np.ndarray, thermal: np.ndarray,
     thermal_detail, visible_detail = lost_detail(thermal), lost_detail(visible_y)
     detail = np.where(np.abs(thermal_detail) > np.abs(visible_detail), thermal_detail,
                       visible_detail)
-    fused = cv2.resize(fused_small, (width, height), interpolation=cv2.INTER_LINEAR) + detail
+    fused = cv2.resize(fused_small, (width, height), interpolation=cv2.INTER_LINEAR)
+    fused += gain * detail
     return np.clip(fused, 0.0, 1.0, out=fused)
 
 

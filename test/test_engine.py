@@ -155,6 +155,11 @@ def test_restore_detail_returns_full_resolution_edges(msrs_pair):
     restored = restore_detail(small, np.zeros_like(ir_f), vi_f)
     upsampled = cv2.resize(small, (640, 480), interpolation=cv2.INTER_LINEAR)
     assert np.abs(restored - vi_f).mean() < 0.25 * np.abs(upsampled - vi_f).mean()
+    # The model's detail gain applies to the restored detail too (linear where not clipped).
+    gained = restore_detail(small, np.zeros_like(ir_f), vi_f, gain=1.15)
+    inside = (gained > 0) & (gained < 1) & (restored > 0) & (restored < 1)
+    np.testing.assert_allclose((gained - upsampled)[inside], 1.15 * (restored - upsampled)[inside],
+                               atol=1e-5)
 
 
 def test_compose_output_rejects_unknown_encoding():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from s4fusion_ros.model import load_checkpoint
-from s4fusion_ros.model import S4FusionConfig
+from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.pyramid import laplacian_fuse
 from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
@@ -350,10 +350,18 @@ def test_teacher_term_pulls_towards_the_teachers_image_and_gradients(crops):
     # The record names the teacher by its state: another teacher, another record.
     other = S4FusionLoss(teacher=nn.Conv2d(1, 1, 1), teacher_weight=4.0).config()
     assert other['teacher_sha256'] != distilling.config()['teacher_sha256']
+    # The same weights at another detail gain are another teacher.
+    torch.manual_seed(0)
+    teacher = S4Fusion(S4FusionConfig.preset('compact')).eval()
+    digests = {S4FusionLoss(teacher=teacher.set_detail_gain(gain), teacher_weight=1.0)
+               .config()['teacher_sha256'] for gain in (1.0, 1.15)}
+    assert len(digests) == 2
     with pytest.raises(ValueError, match='teacher'):
         S4FusionLoss(teacher_weight=1.0)
     with pytest.raises(ValueError, match='teacher'):
         S4FusionLoss(teacher=Average())
+    with pytest.raises(ValueError, match='teacher'):
+        S4FusionLoss(teacher=Average(), teacher_weight=-1.0)
 
 
 def test_feature_energy_matches_pyramid_and_is_scale_free(crops):
@@ -442,6 +450,16 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
 
     with pytest.raises(ValueError, match='settings'):
         make_trainer(pair_folder, tmp_path / 'split', seed=1).resume()
+    # A state written before a config field existed (so at its default) still resumes.
+    older_config = S4FusionConfig.from_dict({**resumed.config.to_dict(), 'detail_gain': 1.0})
+    state_path = tmp_path / 'split' / 'train_state.pt'
+    state = torch.load(state_path, weights_only=True)
+    identity = json.loads(state['identity'])
+    identity['model'] = {k: v for k, v in older_config.to_dict().items() if k != 'detail_gain'}
+    torch.save({**state, 'identity': json.dumps(identity)}, state_path)
+    older = Trainer(older_config, resumed.dataset, S4FusionLoss(), tmp_path / 'split',
+                    resumed.settings, 'cpu', deviation='test run')
+    assert older.resume() == 3
     with pytest.raises(FileExistsError):
         make_trainer(pair_folder, tmp_path / 'split').run(progress=False)
 
@@ -522,9 +540,16 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
     assert training['loss']['teacher_weight'] == 8.0
     assert hashlib.sha256(teacher.read_bytes()).hexdigest() in training['deviation']
     assert 'teacher' in json.loads((out / 'train_log.jsonl').read_text())
-    with pytest.raises(SystemExit) as exit_info:
-        train_main([*common, '--out', str(tmp_path / 'x'), '--teacher-weight', '8'])
-    assert exit_info.value.code == 2 and 'go together' in capsys.readouterr().err
+    usage_errors = {
+        'go together': [['--teacher-weight', '8'],
+                        ['--teacher', str(teacher), '--teacher-weight', '-1']],
+        'detail_gain must be finite': [['--detail-gain', 'nan'],
+                                       ['--preset', 'authors', '--detail-gain', '1.2']]}
+    for message, cases in usage_errors.items():
+        for bad in cases:
+            with pytest.raises(SystemExit) as exit_info:
+                train_main([*common, '--out', str(tmp_path / 'x'), *bad])
+            assert exit_info.value.code == 2 and message in capsys.readouterr().err, bad
     assert train_main([*common, '--out', str(tmp_path / 'y'), '--teacher',
                        str(tmp_path / 'no.st'), '--teacher-weight', '8']) == 1
     assert 'no.st' in capsys.readouterr().err

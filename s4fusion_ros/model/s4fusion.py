@@ -62,8 +62,9 @@ class S4FusionConfig:
         if self.base not in BASES:
             raise ValueError(f'base must be one of {BASES}, got {self.base!r}')
         object.__setattr__(self, 'detail_gain', float(self.detail_gain))
-        if self.detail_gain <= 0 or (self.base != 'laplacian' and self.detail_gain != 1.0):
-            raise ValueError(f'detail_gain must be > 0 and needs the laplacian base, got '
+        if (not math.isfinite(self.detail_gain) or self.detail_gain <= 0
+                or (self.base != 'laplacian' and self.detail_gain != 1.0)):
+            raise ValueError(f'detail_gain must be finite, > 0 and needs the laplacian base, got '
                              f'{self.detail_gain} with base {self.base!r}')
 
     @classmethod

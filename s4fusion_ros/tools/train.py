@@ -160,21 +160,40 @@ def graceful_stop():
 
 
 def main(argv=None):
-    """Entry point of ``s4fusion-train``; returns the process exit status: a missing or unreadable
-    data folder or checkpoint is one line and 1, a bad option 2."""
+    """Entry point of ``s4fusion-train``; returns the process exit status: a bad option is 2, a
+    missing or unreadable data folder or checkpoint one line and 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(PROG, lambda: train(parser, args), (OSError, ValueError, CheckpointError))
-
-
-def train(parser, args):
-    """Train as ``args`` say; returns the exit status."""
+    if args.teacher_weight < 0 or (args.teacher is None) != (args.teacher_weight == 0):
+        parser.error('--teacher and --teacher-weight > 0 go together')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
-    except DeviceError as error:
+        config = model_config(args)
+    except (DeviceError, ValueError) as error:
         parser.error(str(error))
+    # Only setting up is wrapped: an error during training keeps its traceback.
+    trainers = []
+    status = run_command(PROG, lambda: trainers.append(build_trainer(args, config, device)) or 0,
+                         (OSError, ValueError, CheckpointError))
+    return status or run(trainers[0], args)
+
+
+def model_config(args):
+    """The configuration to train: the preset's, with --base and --detail-gain applied."""
+    config = S4FusionConfig.preset(args.preset)
+    if args.base is not None:
+        # without the Laplacian base there are no base details to enhance
+        gain = config.detail_gain if args.base == 'laplacian' else 1.0
+        config = dataclasses.replace(config, base=args.base, detail_gain=gain)
+    if args.detail_gain is not None:
+        config = dataclasses.replace(config, detail_gain=args.detail_gain)
+    return config
+
+
+def build_trainer(args, config, device):
+    """Read the data and the networks the options name; returns the Trainer (resumed if asked)."""
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                              min_gain=args.min_gain, dataset_balance=args.dataset_balance,
                              lr=args.lr, warmup_steps=args.warmup,
@@ -187,20 +206,8 @@ def train(parser, args):
         features = load_exported(args.pretrained_features, device)
     if args.pretrained_classifier is not None:
         classifier = load_exported(args.pretrained_classifier, device)
-    if (args.teacher is None) != (args.teacher_weight == 0):
-        parser.error('--teacher and --teacher-weight > 0 go together')
     teacher = None if args.teacher is None else load_checkpoint(args.teacher, device=device).eval()
     dataset = PairFolderDataset(pairs, args.crop, args.min_gain, args.dataset_balance)
-    config = S4FusionConfig.preset(args.preset)
-    if args.base is not None:
-        # without the Laplacian base there are no base details to enhance
-        gain = config.detail_gain if args.base == 'laplacian' else 1.0
-        config = dataclasses.replace(config, base=args.base, detail_gain=gain)
-    if args.detail_gain is not None:
-        try:
-            config = dataclasses.replace(config, detail_gain=args.detail_gain)
-        except ValueError as error:
-            parser.error(str(error))
     trainer = Trainer(config, dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,
@@ -212,9 +219,15 @@ def train(parser, args):
                       weights_dtype=STORAGE_DTYPES[args.weights_dtype])
     if args.resume:
         trainer.resume()
-    target = min(settings.steps, args.stop_at or settings.steps)
-    print(f'{args.preset}: {trainer.model.num_parameters()} parameters, {len(pairs)} pairs, '
-          f'{device.type}, steps {trainer.step} -> {target}', file=sys.stderr)
+    return trainer
+
+
+def run(trainer, args):
+    """Train until the end, --stop-at, --time-limit or a signal; returns the exit status."""
+    target = min(trainer.settings.steps, args.stop_at or trainer.settings.steps)
+    print(f'{args.preset}: {trainer.model.num_parameters()} parameters, '
+          f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
+          f'{target}', file=sys.stderr)
     deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
     with graceful_stop() as stop_requested:
         trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,

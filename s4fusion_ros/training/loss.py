@@ -15,6 +15,7 @@ supplies (``feature_extractor``, ``classifier``).
 """
 
 import hashlib
+import json
 
 import numpy as np
 import torch
@@ -30,9 +31,12 @@ def _sobel_kernels():
 
 
 def _state_digest(module):
-    """sha256 of a module's state (names and values): which teacher a run learned from, so that
-    a resumed run cannot switch teachers unnoticed."""
+    """sha256 of a module's configuration (where it has one, as S4Fusion does) and state: which
+    teacher a run learned from, so that a resumed run cannot switch teachers unnoticed."""
     digest = hashlib.sha256()
+    config = getattr(module, 'config', None)
+    if hasattr(config, 'to_dict'):
+        digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -74,7 +78,7 @@ class S4FusionLoss(nn.Module):
         source: unlike the per-image source weights it holds every region to the source that is
         bright there.
         ``teacher`` (a fusion network ``(ir, vi) -> fused``, frozen, in eval mode) with
-        ``teacher_weight`` > 0 pulls F towards the teacher's image and its gradients, both in
+        ``teacher_weight`` > 0 pulls F towards the teacher's image and its gradient magnitudes, in
         [0, 1] units: a warm start that transfers a stronger fusion faster than the unsupervised
         terms find one (the CPU budget of the authors preset, docs/training-history.md).
         """
@@ -85,8 +89,10 @@ class S4FusionLoss(nn.Module):
         self.grad_weight, self.entropy_weight = grad_weight, entropy_weight
         self.max_intensity_weight = max_intensity_weight
         self.temperature, self.scales = temperature, scales
-        if (teacher is None) != (teacher_weight == 0):
-            raise ValueError('a teacher and a teacher_weight > 0 go together')
+        if teacher_weight < 0 or (teacher is None) != (teacher_weight == 0):
+            raise ValueError(f'a teacher and a teacher_weight > 0 go together, got '
+                             f'{"a" if teacher is not None else "no"} teacher and weight '
+                             f'{teacher_weight}')
         self.feature_extractor, self.classifier = feature_extractor, classifier
         self.teacher, self.teacher_weight = teacher, teacher_weight
         self.teacher_digest = None if teacher is None else _state_digest(teacher)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..model import S4Fusion, load_checkpoint, save_checkpoint
+from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
 from ..model.checkpoint import read_config
 
@@ -172,8 +172,11 @@ class Trainer:
         """Load the starting weights; returns their record (name, sha256, training)."""
         meta, config = read_config(path)
         if config != self.config:
+            ours, theirs = self.config.to_dict(), config.to_dict()
+            differing = ', '.join(f'{k} {theirs[k]} != {ours[k]}' for k in ours
+                                  if theirs[k] != ours[k])
             raise ValueError(f'{path}: its configuration differs from the one being trained '
-                             f'({self.config.preset_name() or "custom"})')
+                             f'({self.config.preset_name() or "custom"}): {differing}')
         self.model.load_state_dict(load_checkpoint(path).state_dict())
         return {'file': path.name, 'sha256': hashlib.sha256(path.read_bytes()).hexdigest(),
                 'training': meta.get('training')}
@@ -198,6 +201,8 @@ class Trainer:
         path = pathlib.Path(path) if path is not None else self.out_dir / STATE_NAME
         state = torch.load(path, map_location='cpu', weights_only=True)
         saved, current = json.loads(state['identity']), self.identity()
+        # Compared as configurations, so a field added since (at its default) still matches.
+        saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
         differing = sorted(k for k in current if saved.get(k) != current[k])
         if differing:
             raise ValueError(f'{path}: was written by a run with other {", ".join(differing)}; '
