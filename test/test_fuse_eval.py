@@ -13,7 +13,7 @@ import torch
 from s4fusion_ros import settings
 from s4fusion_ros.engine import FusionEngine, FusionSettings, PreparedPair
 from s4fusion_ros.evaluation import baselines, metrics, report
-from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint
+from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint, shipped_weights
 from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.tools import evaluate, fuse
 
@@ -97,6 +97,14 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     assert f'no partner for {tmp_path / "ir" / "lonely.png"}' in errors
     assert f'{tmp_path / "vi" / "broken.png"}: not a readable image' in errors
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
+def test_report_names_the_detail_gain_the_hashed_weights_run_at():
+    # The gain is in the JSON, outside the hash: the report line must say which one ran.
+    lines = {preset: evaluate.describe_weights(
+        evaluate.OursConfig(preset, shipped_weights(preset))) for preset in ('authors', 'compact')}
+    assert 'parameters, detail gain 1.15)' in lines['compact']
+    assert 'detail gain' not in lines['authors'].split(';')[0]
 
 
 def test_fuse_refuses_a_detail_gain_out_of_range(tmp_path, capsys):

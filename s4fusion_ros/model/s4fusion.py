@@ -81,7 +81,7 @@ class S4FusionConfig:
         that pyramid on detail and closeness to the sources (docs/training-history.md). The
         base's details get a gain of 1.15, chosen on the validation splits: the network's
         correction is smooth (it changes contrast and intensity, not detail), and at gain 1 the
-        output fell behind the pyramid alone on SF and AG.
+        output fell behind the pyramid alone on SF and AG on the RoadScene sets.
         """
         return {
             'authors': cls(),

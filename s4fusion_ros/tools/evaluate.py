@@ -221,9 +221,12 @@ def display_path(path: pathlib.Path) -> str:
 
 def describe_weights(config: OursConfig) -> str:
     """The checkpoint of a configuration and the training information its JSON records."""
-    meta, _ = read_config(config.weights)
+    meta, model_config = read_config(config.weights)
+    # The gain lives in the JSON, not in the hashed weights: one file can run at several gains.
+    gain = (f', detail gain {model_config.detail_gain:g}' if model_config.base == 'laplacian'
+            else '')
     line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)}, preset '
-            f'{meta.get("preset") or "custom"}, {meta.get("parameters", "?")} parameters)')
+            f'{meta.get("preset") or "custom"}, {meta.get("parameters", "?")} parameters{gain})')
     training = meta.get('training')
     if not isinstance(training, dict):
         return line + '; its JSON holds no training information'
