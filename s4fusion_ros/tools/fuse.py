@@ -119,9 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='size the model runs at, detail restored at full resolution '
                              '(default: 0x0 = full resolution)')
     args = parser.parse_args(argv)
-    low, high = settings.SPECS['model.detail_gain'].range
-    if not low <= args.detail_gain <= high:
-        parser.error(f'--detail-gain must be in [{low:g}, {high:g}], got {args.detail_gain:g}')
+    error = settings.check_types({'model.detail_gain': args.detail_gain})
+    if error:
+        parser.error(f'--detail-gain: {error}')
     return args
 
 

@@ -23,7 +23,7 @@ from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
 from ..model.s4fusion import BASES
 from ..runtime import DeviceError, resolve_device
 from ..training.data import PairFolderDataset, training_pairs
-from ..training.loss import S4FusionLoss
+from ..training.loss import S4FusionLoss, teacher_error
 from ..training.trainer import Trainer, TrainSettings, load_exported
 
 
@@ -164,8 +164,9 @@ def main(argv=None):
     missing or unreadable data folder or checkpoint one line and 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.teacher_weight < 0 or (args.teacher is None) != (args.teacher_weight == 0):
-        parser.error('--teacher and --teacher-weight > 0 go together')
+    error = teacher_error(args.teacher is not None, args.teacher_weight)
+    if error:  # before the data is read, so a bad option is a usage error
+        parser.error(f'--teacher, --teacher-weight: {error}')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -30,6 +30,15 @@ def _sobel_kernels():
     return torch.tensor(np.stack([SOBEL_X, SOBEL_Y]), dtype=torch.float32)[:, None]  # (2, 1, 3, 3)
 
 
+def teacher_error(has_teacher, teacher_weight):
+    """Why a teacher and its weight do not go together ('' when they do): a teacher needs a weight
+    > 0, and a weight a teacher."""
+    if teacher_weight < 0 or has_teacher != (teacher_weight != 0):
+        return (f'a teacher and a teacher weight > 0 go together, got '
+                f'{"a" if has_teacher else "no"} teacher and weight {teacher_weight}')
+    return ''
+
+
 def _state_digest(module):
     """sha256 of a module's configuration (where it has one, as S4Fusion does) and state: which
     teacher a run learned from, so that a resumed run cannot switch teachers unnoticed."""
@@ -89,10 +98,9 @@ class S4FusionLoss(nn.Module):
         self.grad_weight, self.entropy_weight = grad_weight, entropy_weight
         self.max_intensity_weight = max_intensity_weight
         self.temperature, self.scales = temperature, scales
-        if teacher_weight < 0 or (teacher is None) != (teacher_weight == 0):
-            raise ValueError(f'a teacher and a teacher_weight > 0 go together, got '
-                             f'{"a" if teacher is not None else "no"} teacher and weight '
-                             f'{teacher_weight}')
+        error = teacher_error(teacher is not None, teacher_weight)
+        if error:
+            raise ValueError(error)
         self.feature_extractor, self.classifier = feature_extractor, classifier
         self.teacher, self.teacher_weight = teacher, teacher_weight
         self.teacher_digest = None if teacher is None else _state_digest(teacher)
