@@ -35,14 +35,18 @@ PART_BYTES = 15 * 2**20  # device calls bring back files of at most 16 MiB
 PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
 # What each call trains, in order, and its share of the time left for training. authors: the
-# GPU schedule of the shipped authors weights' first stage with the M3SVD data; compact: the CPU
-# default with the loss settings its shipped weights were chosen with on validation, and the
-# preset's detail gain in place (the shipped weights trained without it: compare on validation).
+# CPU recipe that last improved it (distillation from the shipped compact preset, from the shipped
+# authors weights), at a GPU's batch; compact: the CPU default with the loss settings its shipped
+# weights were chosen with on validation, and the preset's detail gain in place (the shipped
+# weights trained without it: compare on validation).
+SHIPPED = REPO / 's4fusion_ros' / 'weights'
 RECIPES = {
     'authors': (0.6, ['--preset', 'authors', '--steps', '1500', '--batch-size', '16',
-                      '--crop', '145', '--lr', '1e-3', '--grad-weight', '8',
-                      '--max-intensity-weight', '1', '--dataset-balance', '1',
-                      '--weights-dtype', 'int8']),
+                      '--crop', '145', '--lr', '4e-4', '--grad-weight', '16',
+                      '--dataset-balance', '0', '--weights-dtype', 'int8',
+                      '--init-weights', str(SHIPPED / 's4fusion_authors.safetensors'),
+                      '--teacher', str(SHIPPED / 's4fusion_compact.safetensors'),
+                      '--teacher-weight', '32']),
     'compact': (0.4, ['--preset', 'compact', '--steps', '3000', '--batch-size', '32',
                       '--crop', '133', '--grad-weight', '16', '--dataset-balance', '0']),
 }
@@ -53,8 +57,11 @@ def log(message):
 
 
 def pack_data(args):
-    """Write the training split's luminance as one folder per dataset: ``TO/<dataset>/{ir,vi}``.
+    """Write the training split's luminance as one folder per dataset:
+    ``TO/<dataset>-train/{ir,vi}``, ``<dataset>`` its path under DATA with '-' for '/'.
 
+    The suffix keeps the packed folder from reading as the ivif layout (a ``roadscene/`` folder
+    makes ``training_pairs`` take the ivif splits, which the packed training split lacks).
     Luminance only (what training reads) as JPEG at quality 95: PNG would take 77 MiB and the
     files that travel with a device call are limited to 64 MiB; the validation and test pairs
     stay behind.
@@ -66,8 +73,9 @@ def pack_data(args):
     pairs = training_pairs(args.data)
     for pair, images in zip(pairs, read_pair_images(pairs)):
         name = pathlib.Path(pair.name).stem + '.jpg'
+        dataset = '-'.join(pair.dataset.relative_to(args.data).parts) or pair.dataset.name
         for side, image in zip(('ir', 'vi'), images):
-            folder = args.to / pair.dataset.name / side
+            folder = args.to / f'{dataset}-train' / side
             folder.mkdir(parents=True, exist_ok=True)
             if not cv2.imwrite(str(folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
                 raise OSError(f'{folder / name}: cannot write')

@@ -1,6 +1,7 @@
 """scripts/gpu_train.py as far as a CPU runs it: data packing, resumable training under a time
 budget, what a device call brings back under $OUT, and unpacking for the next call."""
 
+import collections
 import json
 import os
 import pathlib
@@ -10,6 +11,8 @@ import sys
 
 import cv2
 import pytest
+
+from s4fusion_ros.training.data import training_pairs
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_train.py'
 
@@ -31,13 +34,31 @@ def packed_data(tmp_path, pair_folder):
 
 def test_pack_data_writes_luminance_per_dataset(packed_data, ivif_dir):
     files = sorted(p.relative_to(packed_data).as_posix() for p in packed_data.rglob('*.jpg'))
-    assert files == ['pairs/ir/00004N.jpg', 'pairs/ir/00055D.jpg', 'pairs/vi/00004N.jpg',
-                     'pairs/vi/00055D.jpg']
-    visible = cv2.imread(str(packed_data / 'pairs' / 'vi' / '00055D.jpg'), cv2.IMREAD_UNCHANGED)
+    assert files == ['pairs-train/ir/00004N.jpg', 'pairs-train/ir/00055D.jpg',
+                     'pairs-train/vi/00004N.jpg', 'pairs-train/vi/00055D.jpg']
+    visible = cv2.imread(str(packed_data / 'pairs-train' / 'vi' / '00055D.jpg'),
+                         cv2.IMREAD_UNCHANGED)
     original = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / '00055D.png'))
     expected = cv2.cvtColor(original, cv2.COLOR_BGR2YCrCb)[:, :, 0]
     assert visible.shape == expected.shape  # one channel: the luminance
     assert abs(visible.astype(float) - expected).mean() < 1.5  # JPEG at quality 95
+
+
+def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
+    # The whole layout, as the device call gets it: the same pairs per dataset, read back as a
+    # folder of datasets (not as the ivif layout, whose splits the packed folder lacks).
+    script('pack-data', '--data', ivif_dir, '--to', tmp_path / 'data')
+    original, packed = training_pairs(ivif_dir), training_pairs(tmp_path / 'data')
+
+    def per_dataset(pairs, root):
+        names = collections.defaultdict(set)
+        for pair in pairs:
+            names[pair.dataset.relative_to(root).as_posix()].add(pathlib.Path(pair.name).stem)
+        return names
+
+    assert per_dataset(packed, tmp_path / 'data') == {
+        f'{dataset.replace("/", "-")}-train': names
+        for dataset, names in per_dataset(original, ivif_dir).items()}
 
 
 def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
