@@ -22,7 +22,8 @@ from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
                                    ivif_splits, load_exported, pairs_in_folder)
 from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, m3svd_clip,
-                                        read_pair_images, roadscene_test67_names)
+                                        match_pairs, read_pair_images,
+                                        roadscene_test67_names)
 from s4fusion_ros.training.trainer import lr_factor
 
 
@@ -260,6 +261,20 @@ def test_bad_crop_and_unpaired_files_are_rejected(tmp_path, splits):
     cv2.imwrite(str(tmp_path / 'ir' / 'lonely.png'), np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match='lonely.png'):
         pairs_in_folder(tmp_path)
+
+
+def test_pairs_match_by_name_then_by_stem_where_one_file_each_side_has_it(tmp_path):
+    files = {'ir': ['a.png', 'b.png', 'c.png', 'd.png'],
+             'vi': ['a.png', 'a.jpg', 'b.jpg', 'c.jpg', 'c.bmp', 'e.png']}
+    for side, names in files.items():
+        (tmp_path / side).mkdir()
+        for name in names:
+            cv2.imwrite(str(tmp_path / side / name), np.zeros((4, 4), np.uint8))
+    pairs, unmatched = match_pairs(tmp_path / 'ir', tmp_path / 'vi')
+    # a: the same name wins over the same stem; c: two visible files could be its partner.
+    assert [(p.name, p.vi_path.name) for p in pairs] == [('a.png', 'a.png'), ('b.png', 'b.jpg')]
+    assert unmatched == [str(tmp_path / 'ir' / n) for n in ('c.png', 'd.png')] + [
+        str(tmp_path / 'vi' / n) for n in ('a.jpg', 'c.bmp', 'c.jpg', 'e.png')]
 
 
 # --- loss ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """s4fusion-fuse: fuse folders of infrared/visible image pairs with the node's fusion engine.
 
-Pairs are matched by file name in --ir and --vi. For each pair NAME.ext the tool writes
+Pairs are matched by file name in --ir and --vi (or by the name without its extension where
+that is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the tool writes
 OUT/fused/NAME.png (colour when the visible image is colour, else gray) and OUT/saliency/NAME.png
 (mono, 0-255): what the node publishes for that pair, from the same FusionEngine.
 
@@ -104,7 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument('--ir', type=pathlib.Path, required=True, help='folder of IR images')
     parser.add_argument('--vi', type=pathlib.Path, required=True,
-                        help='folder of visible images (same file names as --ir)')
+                        help='folder of visible images (the file names of --ir, extensions '
+                             'may differ)')
     parser.add_argument('--out', type=pathlib.Path, required=True,
                         help='output folder: fused/NAME.png and saliency/NAME.png')
     parser.add_argument('--weights', default='',
@@ -148,7 +150,8 @@ def fuse_folders(args: argparse.Namespace) -> int:
     for path in unmatched:
         print(f'{PROG}: no partner for {path}: skipped', file=sys.stderr)
     if not pairs:
-        raise ValueError(f'no pairs with the same file name in {args.ir} and {args.vi}')
+        raise ValueError(f'no pairs with the same file name (or the same name with another '
+                         f'extension) in {args.ir} and {args.vi}')
     outputs = output_paths(args.out, pairs)
     loaded = load_fusion_model(args.weights, args.preset, args.device,
                                detail_gain=args.detail_gain)

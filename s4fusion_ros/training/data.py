@@ -32,7 +32,8 @@ VIDEO_FRAME_STEP = 10
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One registered infrared/visible pair; ``name`` is the file name shared by both."""
+    """One registered infrared/visible pair; ``name`` is the IR file name (the visible file has
+    the same name, or the same stem: ``match_pairs``)."""
 
     name: str
     ir_path: pathlib.Path
@@ -166,8 +167,10 @@ def pairs_in_folder(folder, names=None):
 
 
 def match_pairs(ir_dir, vi_dir, missing='not a directory'):
-    """Pairs with the same file name in both folders (sorted), and the files found in one only;
-    a folder that is not there raises FileNotFoundError '<folder>: <missing>'."""
+    """Pairs with the same file name in both folders, or else the same name but for the
+    extension (``ir/0001.png`` with ``vi/0001.jpg``, as some public benchmarks store them; only
+    where that stem names one file on each side), sorted by IR file name, and the files found in
+    one only; a folder that is not there raises FileNotFoundError '<folder>: <missing>'."""
     found = []
     for directory in (ir_dir, vi_dir):
         if not directory.is_dir():
@@ -175,10 +178,23 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
         found.append({p.name for p in directory.iterdir()
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES})
     ir_names, vi_names = found
-    pairs = [Pair(name, ir_dir / name, vi_dir / name) for name in sorted(ir_names & vi_names)]
-    unmatched = [f'{ir_dir / n}' for n in sorted(ir_names - vi_names)]
-    unmatched += [f'{vi_dir / n}' for n in sorted(vi_names - ir_names)]
+    partners = {name: name for name in ir_names & vi_names}
+    ir_by_stem, vi_by_stem = (_by_stem(names - set(partners)) for names in found)
+    for stem, ir_alone in ir_by_stem.items():
+        if len(ir_alone) == 1 and len(vi_by_stem[stem]) == 1:
+            partners[ir_alone[0]] = vi_by_stem[stem][0]
+    pairs = [Pair(name, ir_dir / name, vi_dir / partners[name]) for name in sorted(partners)]
+    unmatched = [f'{ir_dir / n}' for n in sorted(ir_names - set(partners))]
+    unmatched += [f'{vi_dir / n}' for n in sorted(vi_names - set(partners.values()))]
     return pairs, unmatched
+
+
+def _by_stem(names):
+    """{stem: [file names]} of a set of file names."""
+    grouped = collections.defaultdict(list)
+    for name in sorted(names):
+        grouped[pathlib.Path(name).stem].append(name)
+    return grouped
 
 
 def roadscene_test67_names(root):
