@@ -35,10 +35,10 @@ PART_BYTES = 15 * 2**20  # device calls bring back files of at most 16 MiB
 PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
 # What each call trains, in order, and its share of the time left for training. authors: the
-# CPU recipe that last improved it (distillation from the shipped compact preset, from the shipped
-# authors weights), at a GPU's batch; compact: the CPU default with the loss settings its shipped
-# weights were chosen with on validation, and the preset's detail gain in place (the shipped
-# weights trained without it: compare on validation).
+# kind of run that last improved it on the CPU (distillation from the compact preset, here the
+# shipped one, starting from the shipped authors weights), at a GPU's batch; compact: the CPU
+# default with the loss settings its shipped weights were trained with, and the preset's detail
+# gain in place (the shipped weights trained without it: compare on validation).
 SHIPPED = REPO / 's4fusion_ros' / 'weights'
 RECIPES = {
     'authors': (0.6, ['--preset', 'authors', '--steps', '1500', '--batch-size', '16',
