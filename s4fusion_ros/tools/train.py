@@ -174,11 +174,16 @@ def main(argv=None):
         config = model_config(args)
     except (DeviceError, ValueError) as error:
         parser.error(str(error))
+    trainer = None
+
+    def set_up():
+        nonlocal trainer
+        trainer = build_trainer(args, config, device)
+        return 0
+
     # Only setting up is wrapped: an error during training keeps its traceback.
-    trainers = []
-    status = run_command(PROG, lambda: trainers.append(build_trainer(args, config, device)) or 0,
-                         (OSError, ValueError, CheckpointError))
-    return status or run(trainers[0], args)
+    return (run_command(PROG, set_up, (OSError, ValueError, CheckpointError))
+            or run(trainer, args))
 
 
 def model_config(args):
