@@ -38,7 +38,8 @@ SUMMARY = 'gpu_train_summary.json'
 # kind of run that last improved it on the CPU (distillation from the compact preset, here the
 # shipped one, starting from the shipped authors weights), at a GPU's batch; compact: the CPU
 # default with the loss settings its shipped weights were trained with, and the preset's detail
-# gain in place (the shipped weights trained without it: compare on validation).
+# gain and base contrast in place (the shipped weights trained without them: compare on
+# validation).
 SHIPPED = REPO / 's4fusion_ros' / 'weights'
 RECIPES = {
     'authors': (0.6, ['--preset', 'authors', '--steps', '1500', '--batch-size', '16',

@@ -99,11 +99,11 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 
-def test_report_names_the_detail_gain_the_hashed_weights_run_at():
-    # The gain is in the JSON, outside the hash: the report line must say which one ran.
+def test_report_names_the_base_settings_the_hashed_weights_run_at():
+    # The gain and contrast are in the JSON, outside the hash: the report must say which ran.
     lines = {preset: evaluate.describe_weights(
         evaluate.OursConfig(preset, shipped_weights(preset))) for preset in ('authors', 'compact')}
-    assert 'parameters, detail gain 1.15)' in lines['compact']
+    assert 'parameters, detail gain 1.15, base contrast 1.2)' in lines['compact']
     assert 'detail gain' not in lines['authors'].split(';')[0]
 
 

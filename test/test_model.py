@@ -116,7 +116,7 @@ def test_forward_authors_small():
 def test_forward_pads_symmetrically_with_zeros_and_crops():
     """An unaligned input gives the crop of the forward of its zero-padded 12k + 1 version (the
     network; a base is computed on the input as it is)."""
-    model = compact(base='none', detail_gain=1.0).eval()
+    model = compact(base='none', detail_gain=1.0, base_contrast=1.0).eval()
     ir, vi = pair(22, 19)
     pad = left, right, top, bottom = model.config.padding(22, 19)
     assert (22 + top + bottom, 19 + left + right) == (25, 25)
@@ -372,7 +372,7 @@ def test_detail_gain_scales_the_pyramid_details_and_needs_the_laplacian_base():
     # The reconstruction is linear in the details, so the gain scales what they add to the base.
     torch.testing.assert_close(laplacian_fuse(ir, vi, detail_gain=1.15),
                                bases_only + 1.15 * (plain - bases_only))
-    model = compact(base='laplacian', detail_gain=1.15).start_at_base()
+    model = compact(base='laplacian', detail_gain=1.15, base_contrast=1.0).start_at_base()
     with torch.no_grad():
         assert torch.equal(model(ir, vi), laplacian_fuse(ir, vi, detail_gain=1.15))
     plain_config = S4FusionConfig.from_dict({**model.config.to_dict(), 'detail_gain': 1})
@@ -383,11 +383,38 @@ def test_detail_gain_scales_the_pyramid_details_and_needs_the_laplacian_base():
         S4FusionConfig(base='laplacian', detail_gain=0.0)
 
 
+def test_base_contrast_stretches_each_images_base_about_its_own_mean():
+    ir, vi = pair(37, 50, batch=2)
+    ir[1] = ir[1] * 0.3  # a second, darker image: its mean must not move the first one's base
+    bases_only = laplacian_fuse(ir, vi, detail_gain=0.0)
+    stretched = laplacian_fuse(ir, vi, detail_gain=0.0, base_contrast=1.2)
+    # Upsampling keeps constants, so the stretch about the coarse mean scales every deviation.
+    for image in range(2):
+        deviation = bases_only[image] - bases_only[image].mean()
+        torch.testing.assert_close(stretched[image] - stretched[image].mean(), 1.2 * deviation)
+        torch.testing.assert_close(
+            stretched[image:image + 1],
+            laplacian_fuse(ir[image:image + 1], vi[image:image + 1], detail_gain=0.0,
+                           base_contrast=1.2))
+    # The details are added after the stretch, untouched by it.
+    torch.testing.assert_close(
+        laplacian_fuse(ir, vi, base_contrast=1.2) - stretched,
+        laplacian_fuse(ir, vi) - bases_only)
+    model = compact(base='laplacian', detail_gain=1.0, base_contrast=1.2).start_at_base()
+    with torch.no_grad():
+        assert torch.equal(model(ir, vi), laplacian_fuse(ir, vi, base_contrast=1.2))
+    with pytest.raises(ValueError, match='base_contrast'):
+        S4FusionConfig(base_contrast=1.2)  # the authors' network has no base
+    with pytest.raises(ValueError, match='base_contrast'):
+        S4FusionConfig(base='laplacian', base_contrast=float('inf'))
+
+
 def test_laplacian_base_starts_as_the_pyramid_and_learns_a_correction():
     model = compact(base='laplacian')
     config = model.config
     ir, vi = pair(37, 50)
-    base = laplacian_fuse(ir, vi, detail_gain=config.detail_gain)
+    base = laplacian_fuse(ir, vi, detail_gain=config.detail_gain,
+                          base_contrast=config.base_contrast)
     with torch.no_grad():
         assert not torch.equal(model(ir, vi), base)
         assert torch.equal(model.start_at_base()(ir, vi), base)
@@ -399,7 +426,7 @@ def test_laplacian_base_starts_as_the_pyramid_and_learns_a_correction():
     with pytest.raises(ValueError, match='base must be one of'):
         S4FusionConfig(base='wavelet')
     with pytest.raises(ValueError, match='needs a configuration with a base'):
-        compact(base='none', detail_gain=1.0).start_at_base()
+        compact(base='none', detail_gain=1.0, base_contrast=1.0).start_at_base()
 
 
 def test_device_and_dtype_are_honoured():

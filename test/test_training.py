@@ -18,6 +18,7 @@ from torch import nn
 from s4fusion_ros.model import load_checkpoint
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.pyramid import laplacian_fuse
+from s4fusion_ros.tools.train import build_parser, model_config
 from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
                                    ivif_splits, load_exported, pairs_in_folder)
@@ -504,7 +505,22 @@ def test_a_run_from_scratch_with_a_base_starts_at_the_base(tmp_path, pair_folder
     ir, vi = dataset.sample_batch(2, np.random.default_rng(0))
     with torch.no_grad():
         assert torch.equal(trainer.model(ir, vi),
-                           laplacian_fuse(ir, vi, detail_gain=config.detail_gain))
+                           laplacian_fuse(ir, vi, detail_gain=config.detail_gain,
+                                          base_contrast=config.base_contrast))
+
+
+def test_cli_takes_the_base_settings_from_the_preset_unless_given():
+    def config(*extra):
+        return model_config(build_parser().parse_args(['--data', '.', '--out', 'o', *extra]))
+    preset = S4FusionConfig.preset('compact')
+    assert config() == preset
+    # The shipped compact weights trained on the plain pyramid, with the settings set afterwards.
+    plain = config('--detail-gain', '1', '--base-contrast', '1')
+    assert (plain.detail_gain, plain.base_contrast, plain.dims) == (1.0, 1.0, preset.dims)
+    without_base = config('--base', 'none')
+    assert (without_base.base, without_base.detail_gain, without_base.base_contrast) == (
+        'none', 1.0, 1.0)
+    assert config('--base', 'laplacian', '--base-contrast', '1.3').base_contrast == 1.3
 
 
 def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pair_folder):
@@ -559,7 +575,9 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
         'go together': [['--teacher-weight', '8'],
                         ['--teacher', str(teacher), '--teacher-weight', '-1']],
         'detail_gain must be finite': [['--detail-gain', 'nan'],
-                                       ['--preset', 'authors', '--detail-gain', '1.2']]}
+                                       ['--preset', 'authors', '--detail-gain', '1.2']],
+        'base_contrast must be finite': [['--base-contrast', '0'],
+                                         ['--preset', 'authors', '--base-contrast', '1.2']]}
     for message, cases in usage_errors.items():
         for bad in cases:
             with pytest.raises(SystemExit) as exit_info:

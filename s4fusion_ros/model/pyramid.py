@@ -63,16 +63,21 @@ def laplacian_pyramid(x, levels):
     return pyramid
 
 
-def laplacian_fuse(ir, vi, levels=LEVELS, detail_gain=1.0):
+def laplacian_fuse(ir, vi, levels=LEVELS, detail_gain=1.0, base_contrast=1.0):
     """Laplacian-pyramid fusion of ``(B, 1, H, W)`` images: the larger-magnitude detail of the two
     at every level and pixel, the mean of the bases. Not clamped.
 
     ``levels`` is capped by ``pyramid_levels``. ``detail_gain`` multiplies the chosen details
-    (1: the classical fusion; above 1: the classical detail enhancement).
+    (1: the classical fusion; above 1: the classical detail enhancement). ``base_contrast``
+    stretches the fused base about each image's mean: averaging two low-pass images flattens a
+    region that is bright in one source only, and above 1 gives part of that contrast back.
     """
     levels = pyramid_levels(*ir.shape[-2:], levels)
     pyramid_ir, pyramid_vi = laplacian_pyramid(ir, levels), laplacian_pyramid(vi, levels)
     fused = (pyramid_ir[-1] + pyramid_vi[-1]) / 2
+    if base_contrast != 1.0:
+        mean = fused.mean(dim=(-2, -1), keepdim=True)  # (B, 1, 1, 1)
+        fused = mean + base_contrast * (fused - mean)
     for detail_ir, detail_vi in zip(reversed(pyramid_ir[:-1]), reversed(pyramid_vi[:-1])):
         detail = torch.where(detail_ir.abs() >= detail_vi.abs(), detail_ir, detail_vi)
         if detail_gain != 1.0:

@@ -28,8 +28,9 @@ class S4FusionConfig:
     to the 4-level Laplacian-pyramid fusion of the inputs (``pyramid.laplacian_fuse``), so the
     network learns a correction of a classical fusion (``start_at_base`` makes it start there).
 
-    ``detail_gain``: the gain of the Laplacian base's details (``laplacian_fuse``), 1 for the
-    classical fusion.
+    ``detail_gain`` and ``base_contrast``: the gain of the Laplacian base's details and the
+    stretch of its low-pass base about the image's mean (``laplacian_fuse``), 1 for the classical
+    fusion.
     """
 
     dims: tuple = (48, 96, 192)
@@ -45,6 +46,7 @@ class S4FusionConfig:
     fuse_level0: bool = False
     base: str = 'none'
     detail_gain: float = 1.0
+    base_contrast: float = 1.0
 
     def __post_init__(self):
         """Store sequences as tuples (hashable, JSON lists accepted) and check consistency."""
@@ -61,11 +63,13 @@ class S4FusionConfig:
             raise ValueError('patch_size < patch_stride would leave pixels no patch covers')
         if self.base not in BASES:
             raise ValueError(f'base must be one of {BASES}, got {self.base!r}')
-        object.__setattr__(self, 'detail_gain', float(self.detail_gain))
-        if (not math.isfinite(self.detail_gain) or self.detail_gain <= 0
-                or (self.base != 'laplacian' and self.detail_gain != 1.0)):
-            raise ValueError(f'detail_gain must be finite, > 0 and needs the laplacian base, got '
-                             f'{self.detail_gain} with base {self.base!r}')
+        for name in ('detail_gain', 'base_contrast'):
+            value = float(getattr(self, name))
+            object.__setattr__(self, name, value)
+            if not math.isfinite(value) or value <= 0 or (self.base != 'laplacian'
+                                                          and value != 1.0):
+                raise ValueError(f'{name} must be finite, > 0 and needs the laplacian base, got '
+                                 f'{value} with base {self.base!r}')
 
     @classmethod
     def presets(cls):
@@ -79,14 +83,16 @@ class S4FusionConfig:
         a few frames per second against several seconds per frame for ``authors``. It refines a
         Laplacian-pyramid fusion (``base``): trained on the CPU, the network alone stayed behind
         that pyramid on detail and closeness to the sources (docs/training-history.md). The
-        base's details get a gain of 1.15, chosen on the validation splits: the network's
-        correction is smooth (it changes contrast and intensity, not detail), and at gain 1 the
-        output fell behind the pyramid alone on SF and AG on the RoadScene sets.
+        base's details get a gain of 1.15 and its low-pass base a contrast of 1.2, both chosen
+        on the validation splits: the network's correction is smooth (it changes contrast and
+        intensity, not detail), at gain 1 the output fell behind the pyramid alone on SF and AG on
+        the RoadScene sets, and the mean of the two bases keeps half of a region's contrast where
+        only one camera sees it.
         """
         return {
             'authors': cls(),
             'compact': cls(dims=(16, 32, 64), d_state=8, fusion_d_state=12, fusion_blocks=2,
-                           base='laplacian', detail_gain=1.15),
+                           base='laplacian', detail_gain=1.15, base_contrast=1.2),
         }
 
     @classmethod
@@ -241,7 +247,8 @@ class S4Fusion(nn.Module):
             raise ValueError(f'expected IR and VI of one shape (B, 1, H, W), got '
                              f'{tuple(ir.shape)} and {tuple(vi.shape)}')
         height, width = ir.shape[2:]
-        base = (laplacian_fuse(ir, vi, detail_gain=self.config.detail_gain)
+        base = (laplacian_fuse(ir, vi, detail_gain=self.config.detail_gain,
+                               base_contrast=self.config.base_contrast)
                 if self.config.base == 'laplacian' else None)
         left, right, top, bottom = pad = self.config.padding(height, width)
         ir, vi = F.pad(ir, pad), F.pad(vi, pad)

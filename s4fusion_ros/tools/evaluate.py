@@ -222,9 +222,10 @@ def display_path(path: pathlib.Path) -> str:
 def describe_weights(config: OursConfig) -> str:
     """The checkpoint of a configuration and the training information its JSON records."""
     meta, model_config = read_config(config.weights)
-    # The gain lives in the JSON, not in the hashed weights: one file can run at several gains.
-    gain = (f', detail gain {model_config.detail_gain:g}' if model_config.base == 'laplacian'
-            else '')
+    # The base's settings live in the JSON, not in the hashed weights: one file can run at
+    # several of them.
+    gain = (f', detail gain {model_config.detail_gain:g}, base contrast '
+            f'{model_config.base_contrast:g}' if model_config.base == 'laplacian' else '')
     line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)}, preset '
             f'{meta.get("preset") or "custom"}, {meta.get("parameters", "?")} parameters{gain})')
     training = meta.get('training')

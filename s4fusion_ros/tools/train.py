@@ -53,6 +53,9 @@ def build_parser():
                              'none, or laplacian (a 4-level Laplacian-pyramid fusion)')
     parser.add_argument('--detail-gain', type=float, default=None,
                         help='gain on the Laplacian base\'s details (default: the preset\'s)')
+    parser.add_argument('--base-contrast', type=float, default=None,
+                        help='stretch of the Laplacian base\'s low-pass base about the image\'s '
+                             'mean (default: the preset\'s)')
     add_data_argument(parser, 'the ivif folder (trains on its training split; layout in the '
                               'README, "Data"), a folder with ir/ and vi/ pairs matched by file '
                               'name, or a folder of such folders (trains on all); required unless '
@@ -187,15 +190,17 @@ def main(argv=None):
 
 
 def model_config(args):
-    """The configuration to train: the preset's, with --base and --detail-gain applied."""
+    """The configuration to train: the preset's, with --base, --detail-gain and --base-contrast
+    applied."""
     config = S4FusionConfig.preset(args.preset)
+    enhancements = ('detail_gain', 'base_contrast')
     if args.base is not None:
-        # without the Laplacian base there are no base details to enhance
-        gain = config.detail_gain if args.base == 'laplacian' else 1.0
-        config = dataclasses.replace(config, base=args.base, detail_gain=gain)
-    if args.detail_gain is not None:
-        config = dataclasses.replace(config, detail_gain=args.detail_gain)
-    return config
+        # without the Laplacian base there is no base to enhance
+        plain = {} if args.base == 'laplacian' else dict.fromkeys(enhancements, 1.0)
+        config = dataclasses.replace(config, base=args.base, **plain)
+    chosen = {name: getattr(args, name) for name in enhancements
+              if getattr(args, name) is not None}
+    return dataclasses.replace(config, **chosen)
 
 
 def build_trainer(args, config, device):
