@@ -13,6 +13,8 @@ from .pyramid import laplacian_fuse
 from .scan import BACKENDS
 
 BASES = ('none', 'laplacian')
+# Config fields that enhance the Laplacian base; 1.0 (plain) without it.
+BASE_ENHANCEMENTS = ('detail_gain', 'base_contrast')
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class S4FusionConfig:
             raise ValueError('patch_size < patch_stride would leave pixels no patch covers')
         if self.base not in BASES:
             raise ValueError(f'base must be one of {BASES}, got {self.base!r}')
-        for name in ('detail_gain', 'base_contrast'):
+        for name in BASE_ENHANCEMENTS:
             value = float(getattr(self, name))
             object.__setattr__(self, name, value)
             if not math.isfinite(value) or value <= 0 or (self.base != 'laplacian'

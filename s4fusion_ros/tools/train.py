@@ -20,7 +20,7 @@ import torch
 from ..cli import run_command
 from ..model import S4FusionConfig
 from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
-from ..model.s4fusion import BASES
+from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
 from ..training.data import PairFolderDataset, training_pairs
 from ..training.loss import S4FusionLoss, teacher_error
@@ -193,12 +193,11 @@ def model_config(args):
     """The configuration to train: the preset's, with --base, --detail-gain and --base-contrast
     applied."""
     config = S4FusionConfig.preset(args.preset)
-    enhancements = ('detail_gain', 'base_contrast')
     if args.base is not None:
         # without the Laplacian base there is no base to enhance
-        plain = {} if args.base == 'laplacian' else dict.fromkeys(enhancements, 1.0)
+        plain = {} if args.base == 'laplacian' else dict.fromkeys(BASE_ENHANCEMENTS, 1.0)
         config = dataclasses.replace(config, base=args.base, **plain)
-    chosen = {name: getattr(args, name) for name in enhancements
+    chosen = {name: getattr(args, name) for name in BASE_ENHANCEMENTS
               if getattr(args, name) is not None}
     return dataclasses.replace(config, **chosen)
 
