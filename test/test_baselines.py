@@ -15,7 +15,7 @@ from s4fusion_ros.model.pyramid import pyr_down, pyr_up
 
 from support import ALL_TNO, read_gray, read_reference, REFERENCE_METRICS, TNO_IMAGES
 
-FUSERS = (B.fuse_average, B.fuse_max, B.fuse_laplacian)
+FUSERS = (B.fuse_average, B.fuse_max, B.fuse_laplacian, B.fuse_gff)
 
 
 @pytest.fixture(scope='module')
@@ -84,6 +84,34 @@ def test_laplacian_on_tiny_images_is_the_average():
     np.testing.assert_allclose(B.fuse_laplacian(a, b), B.fuse_average(a, b), atol=1e-7)
 
 
+def test_guided_filter_limits():
+    """Small eps keeps the guide's edges (filtering the guide returns it); huge eps leaves the
+    mean of window means; windows are clipped at the border, so a constant stays constant."""
+    rng = np.random.default_rng(3)
+    guide = rng.random((40, 50), dtype=np.float32)
+    image = rng.random((40, 50), dtype=np.float32)
+    np.testing.assert_allclose(B.guided_filter(guide, guide, 3, 1e-8), guide, atol=1e-4)
+    twice = B._window_mean(B._window_mean(image, 3), 3)
+    np.testing.assert_allclose(B.guided_filter(guide, image, 3, 1e9), twice, atol=1e-5)
+    constant = np.full((40, 50), 0.7, np.float32)
+    np.testing.assert_allclose(B.guided_filter(guide, constant, 5, 0.3), constant, atol=1e-6)
+
+
+def test_gff_reconstructs_identical_inputs(rng_pair):
+    img = rng_pair[0]
+    np.testing.assert_allclose(B.fuse_gff(img, img), img / 255.0, atol=1e-5)
+
+
+def test_gff_takes_detail_from_the_textured_source():
+    rng = np.random.default_rng(1)
+    vi = (0.25 + 0.5 * rng.random((128, 160))).astype(np.float32)
+    ir = np.full_like(vi, 0.5)
+    fused = B.fuse_gff(ir, vi)
+    # The detail weights follow VI's Laplacian everywhere; the bases are both about 0.5.
+    high_pass = cv2.Laplacian(fused - vi, cv2.CV_32F)
+    assert np.abs(high_pass).mean() < 0.01 * np.abs(cv2.Laplacian(vi, cv2.CV_32F)).mean()
+
+
 @pytest.fixture(scope='module')
 def tno_small(ivif_dir):
     """Two of the smallest TNO pairs (256x256, 280x280): {name: (ir, vi)}."""
@@ -92,12 +120,13 @@ def tno_small(ivif_dir):
             for name in ('08.png', '05.png')}
 
 
-def test_laplacian_keeps_more_detail_than_average(tno_small):
+@pytest.mark.parametrize('fuse', [B.fuse_laplacian, B.fuse_gff])
+def test_multiscale_baselines_keep_more_detail_than_average(fuse, tno_small):
     for ir, vi in tno_small.values():
         avg = M.evaluate_all(255 * B.fuse_average(ir, vi), ir, vi)
-        lap = M.evaluate_all(255 * B.fuse_laplacian(ir, vi), ir, vi)
-        assert lap['SF'] > 1.3 * avg['SF'] and lap['AG'] > 1.3 * avg['AG']
-        assert lap['Qabf'] > avg['Qabf']
+        multiscale = M.evaluate_all(255 * fuse(ir, vi), ir, vi)
+        assert multiscale['SF'] > 1.2 * avg['SF'] and multiscale['AG'] > 1.2 * avg['AG']
+        assert multiscale['Qabf'] > avg['Qabf']
 
 
 @pytest.fixture(scope='module')

@@ -1,10 +1,12 @@
-"""Classical fusion baselines on gray images: average, per-pixel maximum, Laplacian pyramid.
+"""Classical fusion baselines on gray images: average, per-pixel maximum, Laplacian pyramid,
+guided-filtering fusion (GFF).
 
 Same shape as the learned fusers (`seafusion.SeAFusion.fuse`): ``fuse_<name>(ir, vi)`` takes
 two gray (H, W) images, uint8 or float in [0, 1], and returns float32 (H, W) in [0, 1].
 Multiply by 255 for `metrics` (0-255 scale).
 """
 
+import cv2
 import numpy as np
 import torch
 
@@ -46,3 +48,51 @@ def fuse_laplacian(ir, vi, levels=LEVELS):
     fused = laplacian_fuse(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
                            levels)
     return fused[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+def _window_mean(image, radius):
+    """Mean over the (2 radius + 1)^2 window, clipped at the image border (the window counts only
+    pixels inside the image, as He et al.'s reference guided filter does)."""
+    size = (2 * radius + 1,) * 2
+    inside = cv2.blur(np.ones_like(image), size, borderType=cv2.BORDER_CONSTANT)
+    return cv2.blur(image, size, borderType=cv2.BORDER_CONSTANT) / inside
+
+
+def guided_filter(guide, image, radius, eps):
+    """He et al.'s guided filter (TPAMI 2013) of ``image`` under a gray ``guide``, float32.
+
+    Written here because OpenCV ships it only in the contrib build (``cv2.ximgproc``), which
+    replaces the headless build the package depends on.
+    """
+    mean_guide, mean_image = _window_mean(guide, radius), _window_mean(image, radius)
+    covariance = _window_mean(guide * image, radius) - mean_guide * mean_image
+    variance = _window_mean(guide * guide, radius) - mean_guide * mean_guide
+    slope = covariance / (variance + eps)
+    offset = mean_image - slope * mean_guide
+    return _window_mean(slope, radius) * guide + _window_mean(offset, radius)
+
+
+def fuse_gff(ir, vi):
+    """Guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the paper's settings.
+
+    Each source splits into a base (31x31 mean) and a detail layer. A pixel's binary weight goes
+    to the source whose Gaussian-smoothed (11x11, sigma 5) absolute Laplacian is larger; guided
+    by each source, the weights are smoothed broadly for the bases (radius 45, eps 0.3) and
+    finely for the details (radius 7, eps 1e-6), normalised to sum to 1, and the weighted bases
+    and details are added.
+    """
+    sources = _as_unit_pair(ir, vi)
+    bases = [cv2.blur(s, (31, 31), borderType=cv2.BORDER_REPLICATE) for s in sources]
+    saliency = [cv2.GaussianBlur(np.abs(cv2.Laplacian(s, cv2.CV_32F,
+                                                      borderType=cv2.BORDER_REPLICATE)),
+                                 (11, 11), 5, borderType=cv2.BORDER_REPLICATE)
+                for s in sources]
+    chosen = (saliency[0] >= saliency[1]).astype(np.float32)  # IR wins ties
+    fused = np.zeros_like(sources[0])
+    for layers, radius, eps in ((bases, 45, 0.3),
+                                ([s - b for s, b in zip(sources, bases)], 7, 1e-6)):
+        weights = [guided_filter(s, p, radius, eps) for s, p in zip(sources, (chosen, 1 - chosen))]
+        total = weights[0] + weights[1]
+        total[np.abs(total) < 1e-6] = 1e-6  # the smoothed weights sum to about 1 anyway
+        fused += sum(w * layer for w, layer in zip(weights, layers)) / total
+    return np.clip(fused, 0.0, 1.0)

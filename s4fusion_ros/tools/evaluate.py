@@ -1,9 +1,10 @@
 """s4fusion-eval: the fusion-quality report (docs/quality.md) on the ivif test splits.
 
 Methods: ours (every shipped configuration, or the --weights checkpoints), the classical baselines
-(average, max, Laplacian pyramid), SeAFusion with its published weights, and the DenseFuse outputs
-stored with the TNO data. Each output becomes the image a saved PNG would hold (see ImageFuser and
-`saved_image`), and the metrics are computed on its luminance by one code path for all methods.
+(average, max, Laplacian pyramid, guided-filtering fusion), SeAFusion with its published weights,
+and the DenseFuse outputs stored with the TNO data. Each output becomes the image a saved PNG would
+hold (see ImageFuser and `saved_image`), and the metrics are computed on its luminance by one code
+path for all methods.
 
 Examples:
   s4fusion-eval --data IVIF_DIR                   # the full report into docs/
@@ -44,11 +45,12 @@ from .train import add_data_argument
 
 PROG = 's4fusion-eval'
 REPO = pathlib.Path(__file__).resolve().parents[2]
-METHODS = ('ours', 'average', 'max', 'laplacian', 'seafusion', 'densefuse')
+METHODS = ('ours', 'average', 'max', 'laplacian', 'gff', 'seafusion', 'densefuse')
 SHIPPED_PRESETS = ('authors', 'compact')
 BASELINES = {'average': ('Average', baselines.fuse_average),
              'max': ('Max', baselines.fuse_max),
-             'laplacian': ('Laplacian pyramid', baselines.fuse_laplacian)}
+             'laplacian': ('Laplacian pyramid', baselines.fuse_laplacian),
+             'gff': ('GFF', baselines.fuse_gff)}
 DENSEFUSE_DIR = pathlib.Path('fused') / 'DenseFuse'  # beside ir/ and vi/, TNO only
 
 
@@ -270,6 +272,8 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
              f'chosen on them, not on the test sets): m3svd_val = the 20 frame pairs of the M3SVD '
              f'clips {validation}, roadscene_val = every {ROADSCENE_VALIDATION_STRIDE}th of the '
              f'other RoadScene pairs by name (20). Provenance of the data: the README ("Data").',
+             "GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the paper's "
+             "settings as `evaluation/baselines.py` implements it, not the authors' MATLAB code.",
              "SeAFusion runs with its authors' published weights, and its luminance is quantized "
              'their way (min-max stretch, then truncation: `seafusion.published_uint8`).',
              'DenseFuse rows are the outputs stored with the TNO data (Linfeng-Tang/'
