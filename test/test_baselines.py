@@ -63,17 +63,23 @@ def test_torch_pyramid_steps_equal_opencv(shape):
                                cv2.pyrUp(cv2.pyrDown(image), dstsize=shape[::-1]), atol=1e-6)
 
 
-def test_laplacian_reconstructs_identical_inputs(rng_pair):
+MULTISCALE = (B.fuse_laplacian, B.fuse_gff)
+
+
+@pytest.mark.parametrize('fuse', MULTISCALE)
+def test_multiscale_baselines_reconstruct_identical_inputs(fuse, rng_pair):
     img = rng_pair[0]
-    np.testing.assert_allclose(B.fuse_laplacian(img, img), img / 255.0, atol=1e-5)
+    np.testing.assert_allclose(fuse(img, img), img / 255.0, atol=1e-5)
 
 
-def test_laplacian_takes_detail_from_the_textured_source():
+@pytest.mark.parametrize('fuse', MULTISCALE)
+def test_multiscale_baselines_take_detail_from_the_textured_source(fuse):
     rng = np.random.default_rng(1)
     vi = (0.25 + 0.5 * rng.random((128, 160))).astype(np.float32)
     ir = np.full_like(vi, 0.5)
-    fused = B.fuse_laplacian(ir, vi)
-    # Detail levels come from VI alone; only the base (1/16 scale) is averaged with IR.
+    fused = fuse(ir, vi)
+    # The details come from VI alone (the pyramid's detail levels, GFF's detail weights, which
+    # follow VI's Laplacian); only the coarse base is shared with IR.
     high_pass = cv2.Laplacian(fused - vi, cv2.CV_32F)
     assert np.abs(high_pass).mean() < 0.01 * np.abs(cv2.Laplacian(vi, cv2.CV_32F)).mean()
     assert fused.mean() == pytest.approx((vi.mean() + 0.5) / 2, abs=0.01)
@@ -97,21 +103,6 @@ def test_guided_filter_limits():
     np.testing.assert_allclose(B.guided_filter(guide, constant, 5, 0.3), constant, atol=1e-6)
 
 
-def test_gff_reconstructs_identical_inputs(rng_pair):
-    img = rng_pair[0]
-    np.testing.assert_allclose(B.fuse_gff(img, img), img / 255.0, atol=1e-5)
-
-
-def test_gff_takes_detail_from_the_textured_source():
-    rng = np.random.default_rng(1)
-    vi = (0.25 + 0.5 * rng.random((128, 160))).astype(np.float32)
-    ir = np.full_like(vi, 0.5)
-    fused = B.fuse_gff(ir, vi)
-    # The detail weights follow VI's Laplacian everywhere; the bases are both about 0.5.
-    high_pass = cv2.Laplacian(fused - vi, cv2.CV_32F)
-    assert np.abs(high_pass).mean() < 0.01 * np.abs(cv2.Laplacian(vi, cv2.CV_32F)).mean()
-
-
 @pytest.fixture(scope='module')
 def tno_small(ivif_dir):
     """Two of the smallest TNO pairs (256x256, 280x280): {name: (ir, vi)}."""
@@ -120,7 +111,7 @@ def tno_small(ivif_dir):
             for name in ('08.png', '05.png')}
 
 
-@pytest.mark.parametrize('fuse', [B.fuse_laplacian, B.fuse_gff])
+@pytest.mark.parametrize('fuse', MULTISCALE)
 def test_multiscale_baselines_keep_more_detail_than_average(fuse, tno_small):
     for ir, vi in tno_small.values():
         avg = M.evaluate_all(255 * B.fuse_average(ir, vi), ir, vi)
