@@ -111,12 +111,14 @@ def tno_small(ivif_dir):
             for name in ('08.png', '05.png')}
 
 
-@pytest.mark.parametrize('fuse', MULTISCALE)
-def test_multiscale_baselines_keep_more_detail_than_average(fuse, tno_small):
+# GFF's detail weights are smoothed, so its SF and AG lead over the average is smaller (1.27 AG on
+# TNO 08, against the pyramid's 1.40).
+@pytest.mark.parametrize('fuse, factor', [(B.fuse_laplacian, 1.3), (B.fuse_gff, 1.2)])
+def test_multiscale_baselines_keep_more_detail_than_average(fuse, factor, tno_small):
     for ir, vi in tno_small.values():
         avg = M.evaluate_all(255 * B.fuse_average(ir, vi), ir, vi)
         multiscale = M.evaluate_all(255 * fuse(ir, vi), ir, vi)
-        assert multiscale['SF'] > 1.2 * avg['SF'] and multiscale['AG'] > 1.2 * avg['AG']
+        assert multiscale['SF'] > factor * avg['SF'] and multiscale['AG'] > factor * avg['AG']
         assert multiscale['Qabf'] > avg['Qabf']
 
 
