@@ -50,12 +50,13 @@ def fuse_laplacian(ir, vi, levels=LEVELS):
     return fused[0, 0].clamp_(0.0, 1.0).numpy()
 
 
-def _window_mean(image, radius):
-    """Mean over the (2 radius + 1)^2 window, clipped at the image border (the window counts only
-    pixels inside the image, as He et al.'s reference guided filter does)."""
+def _window_mean(radius, like):
+    """The mean over (2 radius + 1)^2 windows for images of ``like``'s shape and dtype, clipped at
+    the border (a window counts only pixels inside the image, as He et al.'s reference guided
+    filter does). The count of those pixels is made once, for every mean the filter takes."""
     size = (2 * radius + 1,) * 2
-    inside = cv2.blur(np.ones_like(image), size, borderType=cv2.BORDER_CONSTANT)
-    return cv2.blur(image, size, borderType=cv2.BORDER_CONSTANT) / inside
+    inside = cv2.blur(np.ones_like(like), size, borderType=cv2.BORDER_CONSTANT)
+    return lambda image: cv2.blur(image, size, borderType=cv2.BORDER_CONSTANT) / inside
 
 
 def guided_filter(guide, image, radius, eps):
@@ -64,12 +65,13 @@ def guided_filter(guide, image, radius, eps):
     Written here because OpenCV ships it only in the contrib build (``cv2.ximgproc``), which
     replaces the headless build the package depends on.
     """
-    mean_guide, mean_image = _window_mean(guide, radius), _window_mean(image, radius)
-    covariance = _window_mean(guide * image, radius) - mean_guide * mean_image
-    variance = _window_mean(guide * guide, radius) - mean_guide * mean_guide
+    window_mean = _window_mean(radius, guide)
+    mean_guide, mean_image = window_mean(guide), window_mean(image)
+    covariance = window_mean(guide * image) - mean_guide * mean_image
+    variance = window_mean(guide * guide) - mean_guide * mean_guide
     slope = covariance / (variance + eps)
     offset = mean_image - slope * mean_guide
-    return _window_mean(slope, radius) * guide + _window_mean(offset, radius)
+    return window_mean(slope) * guide + window_mean(offset)
 
 
 def fuse_gff(ir, vi):
