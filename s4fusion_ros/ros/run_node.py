@@ -29,9 +29,10 @@ class StopSignals:
         self.received = False
 
     def install(self) -> None:
-        """Handle SIGINT and SIGTERM with this object."""
+        """Handle SIGINT and SIGTERM with this object; keep its interrupt from being dropped."""
         for number in STOP_SIGNALS:
             signal.signal(number, self)
+        sys.unraisablehook = self.unraisable
 
     def __call__(self, number, frame) -> None:
         """Handle a stop signal (Python calls this in the main thread)."""
@@ -41,6 +42,21 @@ class StopSignals:
             return
         self.stopping = self.received = True
         raise KeyboardInterrupt
+
+    def unraisable(self, unraisable) -> None:
+        """Drop a stop signal's KeyboardInterrupt quietly where it cannot propagate.
+
+        The handler can run inside a callback from C (numba loads its cached kernels through
+        llvmlite's ctypes callbacks), where Python prints the exception with a traceback and
+        drops it. `raise_if_received` then stops at the end of that start-up step instead.
+        """
+        if not (issubclass(unraisable.exc_type, KeyboardInterrupt) and self.received):
+            sys.__unraisablehook__(unraisable)
+
+    def raise_if_received(self) -> None:
+        """Stop here if a stop signal came whose KeyboardInterrupt was dropped."""
+        if self.received:
+            raise KeyboardInterrupt
 
 
 def main(args=None) -> int:
@@ -55,9 +71,11 @@ def main(args=None) -> int:
         from rclpy.executors import ExternalShutdownException
 
         from .node import S4FusionNode
+        stop.raise_if_received()
         rclpy.init(args=args)
         try:
             node = S4FusionNode()
+            stop.raise_if_received()
             rclpy.spin(node)
         except ExternalShutdownException:
             pass

@@ -1,0 +1,54 @@
+"""The node's stop-signal handling keeps a stop that arrives inside a callback from C.
+
+Python drops an exception raised in a ctypes callback (numba loads its cached kernels through
+llvmlite's) after printing its traceback, so a signal handled there must neither print a
+traceback nor be lost. Each case runs in its own interpreter, as the node's entry point does.
+"""
+
+import subprocess
+import sys
+
+# A C library function (qsort) calls back into Python; the first call raises the exception.
+SCRIPT = '''
+import ctypes, signal, sys
+from s4fusion_ros.ros.run_node import StopSignals
+
+stop = StopSignals()
+stop.install()
+INT_P = ctypes.POINTER(ctypes.c_int)
+COMPARE = ctypes.CFUNCTYPE(ctypes.c_int, INT_P, INT_P)
+calls = []
+
+def compare(a, b):
+    calls.append(1)
+    if len(calls) == 1:
+        {first_call}
+    return a[0] - b[0]
+
+values = (ctypes.c_int * 5)(5, 4, 3, 2, 1)
+ctypes.CDLL(None).qsort(values, 5, ctypes.sizeof(ctypes.c_int), COMPARE(compare))
+print('went on' if len(calls) > 1 else 'stopped in C', flush=True)
+try:
+    stop.raise_if_received()
+    print('not interrupted')
+except KeyboardInterrupt:
+    print('interrupted')
+'''
+
+
+def run(first_call: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-c', SCRIPT.format(first_call=first_call)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_stop_signal_inside_a_c_callback_stops_after_it_without_a_traceback():
+    done = run('signal.raise_signal(signal.SIGTERM)')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['went on', 'interrupted']
+    assert done.stderr == ''
+
+
+def test_other_errors_inside_a_c_callback_are_still_reported():
+    done = run('raise ValueError("bad comparison")')
+    assert done.stdout.splitlines() == ['went on', 'not interrupted']
+    assert 'ValueError: bad comparison' in done.stderr
