@@ -29,7 +29,7 @@ class StopSignals:
         self.received = False
 
     def install(self) -> None:
-        """Handle SIGINT and SIGTERM with this object; keep its interrupt from being dropped."""
+        """Handle SIGINT and SIGTERM with this object, and the interrupts Python cannot raise."""
         for number in STOP_SIGNALS:
             signal.signal(number, self)
         sys.unraisablehook = self.unraisable
