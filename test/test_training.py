@@ -378,6 +378,26 @@ def test_teacher_term_pulls_towards_the_teachers_image_and_gradients(crops):
         S4FusionLoss(teacher=Average())
     with pytest.raises(ValueError, match='teacher'):
         S4FusionLoss(teacher=Average(), teacher_weight=-1.0)
+    with pytest.raises(ValueError, match='teacher_edges'):
+        S4FusionLoss(teacher=Average(), teacher_weight=1.0, teacher_edges='signed')
+
+
+def test_teacher_edge_components_see_an_edge_the_magnitudes_miss():
+    # A vertical step and its mirror image: the same gradient magnitudes everywhere, opposite
+    # signs. Comparing magnitudes calls them equal; comparing components does not.
+    ramp = torch.zeros(1, 1, 16, 16)
+    ramp[..., 8:] = 1.0
+    mirrored = 1.0 - ramp
+    by_magnitude = S4FusionLoss(teacher=Average(), teacher_weight=1.0)
+    by_components = S4FusionLoss(teacher=Average(), teacher_weight=1.0,
+                                 teacher_edges='components')
+    assert float(by_magnitude.edge_error(mirrored, ramp)) == 0
+    sobel_step = 4.0  # |d/dx| of a unit step under the Sobel kernel, on its two edge columns
+    torch.testing.assert_close(by_components.edge_error(mirrored, ramp),
+                               torch.tensor(2 * sobel_step * 2 / 16))
+    assert float(by_components.edge_error(ramp, ramp)) == 0
+    assert by_components.config()['teacher_edges'] == 'components'
+    assert by_magnitude.config()['teacher_edges'] == 'magnitude'
 
 
 def test_feature_energy_matches_pyramid_and_is_scale_free(crops):
@@ -434,6 +454,26 @@ def make_trainer(pair_folder, out, seed=0):
     dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
     return Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(), out, settings,
                    'cpu', deviation='test run')
+
+
+def test_a_distillation_from_before_teacher_edges_resumes_as_magnitudes(tmp_path, pair_folder):
+    settings = TrainSettings(steps=2, batch_size=2, crop=25, lr=1e-3)
+    dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
+
+    def trainer(edges):
+        loss = S4FusionLoss(teacher=Average(), teacher_weight=1.0, teacher_edges=edges)
+        return Trainer(S4FusionConfig.preset('compact'), dataset, loss, tmp_path, settings, 'cpu',
+                       deviation='test run')
+
+    trainer('magnitude').run(stop_at=1, progress=False)
+    state_path = tmp_path / 'train_state.pt'
+    state = torch.load(state_path, weights_only=True)
+    identity = json.loads(state['identity'])
+    del identity['loss']['teacher_edges']  # as such runs wrote it
+    torch.save({**state, 'identity': json.dumps(identity)}, state_path)
+    with pytest.raises(ValueError, match='loss'):
+        trainer('components').resume()
+    assert trainer('magnitude').resume() == 1
 
 
 def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
@@ -571,9 +611,15 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
     assert training['loss']['teacher_weight'] == 8.0
     assert hashlib.sha256(teacher.read_bytes()).hexdigest() in training['deviation']
     assert 'teacher' in json.loads((out / 'train_log.jsonl').read_text())
+    assert training['loss']['teacher_edges'] == 'magnitude'
+    assert train_main([*common, '--out', str(tmp_path / 'signed'), '--teacher', str(teacher),
+                       '--teacher-weight', '8', '--teacher-edges', 'components']) == 0
+    signed = json.loads((tmp_path / 'signed' / 's4fusion_compact.json').read_text())
+    assert signed['training']['loss']['teacher_edges'] == 'components'
     usage_errors = {
         'go together': [['--teacher-weight', '8'],
                         ['--teacher', str(teacher), '--teacher-weight', '-1']],
+        'no --teacher': [['--teacher-edges', 'components']],
         'detail_gain must be finite': [['--detail-gain', 'nan'],
                                        ['--preset', 'authors', '--detail-gain', '1.2']],
         'base_contrast must be finite': [['--base-contrast', '0'],

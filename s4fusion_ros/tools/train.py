@@ -23,7 +23,7 @@ from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
 from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
 from ..training.data import PairFolderDataset, training_pairs
-from ..training.loss import S4FusionLoss, teacher_error
+from ..training.loss import TEACHER_EDGES, S4FusionLoss, teacher_error
 from ..training.trainer import Trainer, TrainSettings, load_exported
 
 
@@ -112,6 +112,10 @@ def build_parser():
                              '--teacher-weight); recorded with the new weights')
     parser.add_argument('--teacher-weight', type=float, default=0.0,
                         help='weight of the L1 of image and gradients to the teacher\'s fusion')
+    parser.add_argument('--teacher-edges', choices=TEACHER_EDGES, default='magnitude',
+                        help='what the teacher term compares of the edges: gradient magnitudes, '
+                             'or the signed x and y derivatives (holds the student to the '
+                             'teacher\'s edge positions)')
     parser.add_argument('--init-weights', type=pathlib.Path, default=None,
                         help='start from this checkpoint of the same preset (fine-tuning); '
                              'recorded with the new weights')
@@ -170,6 +174,9 @@ def main(argv=None):
     error = teacher_error(args.teacher is not None, args.teacher_weight)
     if error:  # before the data is read, so a bad option is a usage error
         parser.error(f'--teacher, --teacher-weight: {error}')
+    if args.teacher is None and args.teacher_edges != 'magnitude':
+        parser.error('--teacher-edges: compares the edges with a teacher\'s, and no --teacher is '
+                     'given')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -222,7 +229,8 @@ def build_trainer(args, config, device):
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,
                                    max_intensity_weight=args.max_intensity_weight,
-                                   teacher=teacher, teacher_weight=args.teacher_weight), args.out,
+                                   teacher=teacher, teacher_weight=args.teacher_weight,
+                                   teacher_edges=args.teacher_edges), args.out,
                       settings, device,
                       deviation_note(features, classifier, data_is_ivif, args.teacher),
                       init_weights=args.init_weights,

@@ -4,7 +4,8 @@ total = ssim_weight * sum_s w_s (1 - SSIM(F, S)) + l1_weight * sum_s w_s |F - S|
         + grad_weight * |Sobel(F) - max(Sobel(IR), Sobel(VI))| + entropy_weight * H(classifier(F))
         [+ max_intensity_weight * |F - max(IR, VI)|, off by default: not the authors' term]
         [+ teacher_weight * (|F - T| + |Sobel(F) - Sobel(T)|), T a frozen teacher network's
-         fusion of the same crop: distillation, off by default]
+         fusion of the same crop: distillation, off by default; the Sobel term compares the
+         gradient magnitudes, or with teacher_edges='components' the signed x and y derivatives]
 
 The per-image source weights w_s are a softmax at temperature c of each source's gradient-energy
 score. The authors score the sources on a pretrained ResNet-50's stage features and add the entropy
@@ -24,6 +25,9 @@ from torch import nn
 
 from ..imaging.filters import (SOBEL_X, SOBEL_Y, SSIM_SIGMA, SSIM_WINDOW_SIZE, ssim_map,
                                ssim_window)
+
+
+TEACHER_EDGES = ('magnitude', 'components')
 
 
 def _sobel_kernels():
@@ -68,7 +72,8 @@ class S4FusionLoss(nn.Module):
 
     def __init__(self, ssim_weight=1.0, l1_weight=2.0, grad_weight=1.0, entropy_weight=0.01,
                  temperature=1.0, scales=3, feature_extractor=None, classifier=None,
-                 max_intensity_weight=0.0, teacher=None, teacher_weight=0.0):
+                 max_intensity_weight=0.0, teacher=None, teacher_weight=0.0,
+                 teacher_edges='magnitude'):
         """Term weights and the energy score's settings.
 
         The authors published no weights, so the defaults make the three terms contribute about
@@ -90,6 +95,10 @@ class S4FusionLoss(nn.Module):
         ``teacher_weight`` > 0 pulls F towards the teacher's image and its gradient magnitudes, in
         [0, 1] units: a warm start that transfers a stronger fusion faster than the unsupervised
         terms find one (the CPU budget of the authors preset, docs/training-history.md).
+        ``teacher_edges`` is what the teacher's gradient term compares: 'magnitude' (|d/dx| +
+        |d/dy|) or 'components' (the signed d/dx and d/dy each). Magnitudes are blind to where an
+        edge lies within a pixel or two and to its sign, so a student can match them with edges
+        offset from the teacher's; components hold it to the teacher's edge positions.
         """
         super().__init__()
         if temperature <= 0 or scales < 1:
@@ -101,8 +110,12 @@ class S4FusionLoss(nn.Module):
         error = teacher_error(teacher is not None, teacher_weight)
         if error:
             raise ValueError(error)
+        if teacher_edges not in TEACHER_EDGES:
+            raise ValueError(f'teacher_edges must be one of {", ".join(TEACHER_EDGES)}, '
+                             f'got {teacher_edges!r}')
         self.feature_extractor, self.classifier = feature_extractor, classifier
         self.teacher, self.teacher_weight = teacher, teacher_weight
+        self.teacher_edges = teacher_edges
         self.teacher_digest = None if teacher is None else _state_digest(teacher)
         for module in (feature_extractor, classifier, teacher):
             if module is not None:
@@ -120,7 +133,8 @@ class S4FusionLoss(nn.Module):
             'ssim_window': SSIM_WINDOW_SIZE, 'ssim_sigma': SSIM_SIGMA,
             'energy_score': ('pretrained features' if self.feature_extractor is not None
                              else f'image Sobel energy, {self.scales} pyramid scales'),
-            **({'teacher_weight': self.teacher_weight, 'teacher_sha256': self.teacher_digest}
+            **({'teacher_weight': self.teacher_weight, 'teacher_sha256': self.teacher_digest,
+                'teacher_edges': self.teacher_edges}
                if self.teacher is not None else {}),
         }
 
@@ -133,6 +147,13 @@ class S4FusionLoss(nn.Module):
     def gradient(self, x):
         """|d/dx| + |d/dy| of a (B, 1, H, W) image (the usual fusion-loss gradient)."""
         return self.sobel_xy(x).abs().sum(2)
+
+    def edge_error(self, fused, taught):
+        """Mean per-pixel error of the fused image's edges against the teacher's, per
+        ``teacher_edges``."""
+        if self.teacher_edges == 'components':
+            return (self.sobel_xy(fused) - self.sobel_xy(taught)).abs().sum(2).mean()
+        return (self.gradient(fused) - self.gradient(taught)).abs().mean()
 
     def ssim(self, x, y):
         """Per-image mean SSIM, (B,): Gaussian window 11, sigma 1.5, data range 1, valid region."""
@@ -184,8 +205,7 @@ class S4FusionLoss(nn.Module):
         if self.teacher is not None:
             with torch.no_grad():
                 taught = self.teacher(ir, vi)
-            terms['teacher'] = ((fused - taught).abs().mean()
-                                + (self.gradient(fused) - self.gradient(taught)).abs().mean())
+            terms['teacher'] = (fused - taught).abs().mean() + self.edge_error(fused, taught)
             total = total + self.teacher_weight * terms['teacher']
         if self.classifier is not None:
             terms['entropy'] = self.entropy(fused)

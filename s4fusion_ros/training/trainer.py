@@ -203,6 +203,8 @@ class Trainer:
         saved, current = json.loads(state['identity']), self.identity()
         # Compared as configurations, so a field added since (at its default) still matches.
         saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
+        if 'teacher_sha256' in saved['loss']:  # runs from before teacher_edges compared magnitudes
+            saved['loss'].setdefault('teacher_edges', 'magnitude')
         differing = sorted(k for k in current if saved.get(k) != current[k])
         if differing:
             raise ValueError(f'{path}: was written by a run with other {", ".join(differing)}; '
