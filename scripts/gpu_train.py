@@ -36,7 +36,9 @@ PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
 # What each call trains, in order, and its share of the time left for training. authors: the
 # kind of run that last improved it on the CPU (distillation from the shipped compact preset with
-# the teacher term alone, starting from the shipped authors weights), at a GPU's batch; compact:
+# the teacher term alone, starting from the shipped authors weights), at a GPU's batch, comparing
+# the teacher's edges by their signed components (on the CPU they moved VIF and Qabf, the
+# preset's gap to the pyramid, faster than magnitudes: docs/training-history.md); compact:
 # the CPU default with the loss settings its shipped weights were trained with, and the preset's
 # detail gain and base contrast in place (the shipped weights trained without them: compare on
 # validation).
@@ -48,7 +50,7 @@ RECIPES = {
                       '--dataset-balance', '0', '--weights-dtype', 'int8',
                       '--init-weights', str(SHIPPED / 's4fusion_authors.safetensors'),
                       '--teacher', str(SHIPPED / 's4fusion_compact.safetensors'),
-                      '--teacher-weight', '32']),
+                      '--teacher-weight', '32', '--teacher-edges', 'components']),
     'compact': (0.4, ['--preset', 'compact', '--steps', '3000', '--batch-size', '32',
                       '--crop', '133', '--grad-weight', '16', '--dataset-balance', '0']),
 }
