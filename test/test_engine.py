@@ -88,9 +88,10 @@ def test_engine_outputs_visible_geometry_and_colour(msrs_pair, loaded):
     mono = engine.infer(pair).fused
     assert mono.shape == (480, 640)
     # mono8 is the fused luminance itself; the colour image has the same Y except where a BGR
-    # channel saturated (a bright Y with strong visible chroma cannot be shown in colour).
+    # channel saturated (a bright Y with strong visible chroma cannot be shown in colour, nor a
+    # dark one: in this night scene the stretched base takes 9% of the pixels to a channel's 0).
     in_gamut = (result.fused > 0).all(axis=2) & (result.fused < 255).all(axis=2)
-    assert in_gamut.mean() > 0.9
+    assert in_gamut.mean() > 0.85
     assert np.abs(mono.astype(int) - np.rint(y * 255).astype(int))[in_gamut].max() <= 3
 
 
