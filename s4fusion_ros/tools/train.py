@@ -114,8 +114,8 @@ def build_parser():
                         help='weight of the L1 of image and gradients to the teacher\'s fusion')
     parser.add_argument('--teacher-edges', choices=TEACHER_EDGES, default='magnitude',
                         help='what the teacher term compares of the edges: gradient magnitudes, '
-                             'or the signed x and y derivatives (holds the student to the '
-                             'teacher\'s edge positions)')
+                             'or the signed x and y derivatives (which also hold the student to '
+                             'the teacher\'s edge sign and orientation)')
     parser.add_argument('--init-weights', type=pathlib.Path, default=None,
                         help='start from this checkpoint of the same preset (fine-tuning); '
                              'recorded with the new weights')

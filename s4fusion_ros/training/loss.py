@@ -92,13 +92,13 @@ class S4FusionLoss(nn.Module):
         source: unlike the per-image source weights it holds every region to the source that is
         bright there.
         ``teacher`` (a fusion network ``(ir, vi) -> fused``, frozen, in eval mode) with
-        ``teacher_weight`` > 0 pulls F towards the teacher's image and its gradient magnitudes, in
-        [0, 1] units: a warm start that transfers a stronger fusion faster than the unsupervised
+        ``teacher_weight`` > 0 pulls F towards the teacher's image and its edges, in [0, 1]
+        units: a warm start that transfers a stronger fusion faster than the unsupervised
         terms find one (the CPU budget of the authors preset, docs/training-history.md).
         ``teacher_edges`` is what the teacher's gradient term compares: 'magnitude' (|d/dx| +
-        |d/dy|) or 'components' (the signed d/dx and d/dy each). Magnitudes are blind to where an
-        edge lies within a pixel or two and to its sign, so a student can match them with edges
-        offset from the teacher's; components hold it to the teacher's edge positions.
+        |d/dy|) or 'components' (the signed d/dx and d/dy each). Magnitudes are blind to an edge's
+        sign and orientation (a dark-to-bright step matches a bright-to-dark one), so a student
+        can match them with edges the teacher does not have; components hold it to the teacher's.
         """
         super().__init__()
         if temperature <= 0 or scales < 1:
