@@ -43,6 +43,15 @@ def teacher_error(has_teacher, teacher_weight):
     return ''
 
 
+def complete_config(config):
+    """A recorded loss configuration (``S4FusionLoss.config()``) with the fields added since it
+    was written, at the values that run used: before ``teacher_edges`` a teacher's gradients were
+    compared as magnitudes."""
+    if 'teacher_sha256' in config:
+        return {'teacher_edges': 'magnitude', **config}
+    return config
+
+
 def _state_digest(module):
     """sha256 of a module's configuration (where it has one, as S4Fusion does) and state: which
     teacher a run learned from, so that a resumed run cannot switch teachers unnoticed."""

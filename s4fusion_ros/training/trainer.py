@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
 from ..model.checkpoint import read_config
+from .loss import complete_config as complete_loss_config
 
 STATE_NAME = 'train_state.pt'
 LOG_NAME = 'train_log.jsonl'
@@ -203,8 +204,7 @@ class Trainer:
         saved, current = json.loads(state['identity']), self.identity()
         # Compared as configurations, so a field added since (at its default) still matches.
         saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
-        if 'teacher_sha256' in saved['loss']:  # runs from before teacher_edges compared magnitudes
-            saved['loss'].setdefault('teacher_edges', 'magnitude')
+        saved['loss'] = complete_loss_config(saved['loss'])
         differing = sorted(k for k in current if saved.get(k) != current[k])
         if differing:
             raise ValueError(f'{path}: was written by a run with other {", ".join(differing)}; '
