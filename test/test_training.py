@@ -380,6 +380,8 @@ def test_teacher_term_pulls_towards_the_teachers_image_and_gradients(crops):
         S4FusionLoss(teacher=Average(), teacher_weight=-1.0)
     with pytest.raises(ValueError, match='teacher_edges'):
         S4FusionLoss(teacher=Average(), teacher_weight=1.0, teacher_edges='signed')
+    with pytest.raises(ValueError, match="teacher_edges 'components' .* there is none"):
+        S4FusionLoss(teacher_edges='components')
 
 
 def test_teacher_edge_components_see_an_edge_the_magnitudes_miss():
@@ -391,11 +393,12 @@ def test_teacher_edge_components_see_an_edge_the_magnitudes_miss():
     by_magnitude = S4FusionLoss(teacher=Average(), teacher_weight=1.0)
     by_components = S4FusionLoss(teacher=Average(), teacher_weight=1.0,
                                  teacher_edges='components')
-    assert float(by_magnitude.edge_error(mirrored, ramp)) == 0
+    mirrored_xy, ramp_xy = by_components.sobel_xy(mirrored), by_components.sobel_xy(ramp)
+    assert float(by_magnitude.edge_error(mirrored_xy, ramp)) == 0
     sobel_step = 4.0  # |d/dx| of a unit step under the Sobel kernel, on its two edge columns
-    torch.testing.assert_close(by_components.edge_error(mirrored, ramp),
+    torch.testing.assert_close(by_components.edge_error(mirrored_xy, ramp),
                                torch.tensor(2 * sobel_step * 2 / 16))
-    assert float(by_components.edge_error(ramp, ramp)) == 0
+    assert float(by_components.edge_error(ramp_xy, ramp)) == 0
     assert by_components.config()['teacher_edges'] == 'components'
     assert by_magnitude.config()['teacher_edges'] == 'magnitude'
 
@@ -619,7 +622,7 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
     usage_errors = {
         'go together': [['--teacher-weight', '8'],
                         ['--teacher', str(teacher), '--teacher-weight', '-1']],
-        'no --teacher': [['--teacher-edges', 'components']],
+        'there is none': [['--teacher-edges', 'components']],
         'detail_gain must be finite': [['--detail-gain', 'nan'],
                                        ['--preset', 'authors', '--detail-gain', '1.2']],
         'base_contrast must be finite': [['--base-contrast', '0'],

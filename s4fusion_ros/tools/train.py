@@ -171,12 +171,9 @@ def main(argv=None):
     missing or unreadable data folder or checkpoint one line and 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    error = teacher_error(args.teacher is not None, args.teacher_weight)
+    error = teacher_error(args.teacher is not None, args.teacher_weight, args.teacher_edges)
     if error:  # before the data is read, so a bad option is a usage error
-        parser.error(f'--teacher, --teacher-weight: {error}')
-    if args.teacher is None and args.teacher_edges != 'magnitude':
-        parser.error('--teacher-edges: compares the edges with a teacher\'s, and no --teacher is '
-                     'given')
+        parser.error(f'--teacher, --teacher-weight, --teacher-edges: {error}')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

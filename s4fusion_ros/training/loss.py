@@ -34,12 +34,18 @@ def _sobel_kernels():
     return torch.tensor(np.stack([SOBEL_X, SOBEL_Y]), dtype=torch.float32)[:, None]  # (2, 1, 3, 3)
 
 
-def teacher_error(has_teacher, teacher_weight):
-    """Why a teacher and its weight do not go together ('' when they do): a teacher needs a weight
-    > 0, and a weight a teacher."""
+def teacher_error(has_teacher, teacher_weight, teacher_edges='magnitude'):
+    """Why the teacher settings do not go together ('' when they do): a teacher needs a weight
+    > 0, a weight a teacher, and an edge comparison other than the default a teacher to compare
+    with (without one it would be recorded nowhere and do nothing)."""
     if teacher_weight < 0 or has_teacher != (teacher_weight != 0):
         return (f'a teacher and a teacher weight > 0 go together, got '
                 f'{"a" if has_teacher else "no"} teacher and weight {teacher_weight}')
+    if teacher_edges not in TEACHER_EDGES:
+        return f'teacher_edges must be one of {", ".join(TEACHER_EDGES)}, got {teacher_edges!r}'
+    if not has_teacher and teacher_edges != 'magnitude':
+        return (f'teacher_edges {teacher_edges!r} compares the edges with a teacher\'s, and there '
+                'is none')
     return ''
 
 
@@ -116,12 +122,9 @@ class S4FusionLoss(nn.Module):
         self.grad_weight, self.entropy_weight = grad_weight, entropy_weight
         self.max_intensity_weight = max_intensity_weight
         self.temperature, self.scales = temperature, scales
-        error = teacher_error(teacher is not None, teacher_weight)
+        error = teacher_error(teacher is not None, teacher_weight, teacher_edges)
         if error:
             raise ValueError(error)
-        if teacher_edges not in TEACHER_EDGES:
-            raise ValueError(f'teacher_edges must be one of {", ".join(TEACHER_EDGES)}, '
-                             f'got {teacher_edges!r}')
         self.feature_extractor, self.classifier = feature_extractor, classifier
         self.teacher, self.teacher_weight = teacher, teacher_weight
         self.teacher_edges = teacher_edges
@@ -157,12 +160,13 @@ class S4FusionLoss(nn.Module):
         """|d/dx| + |d/dy| of a (B, 1, H, W) image (the usual fusion-loss gradient)."""
         return self.sobel_xy(x).abs().sum(2)
 
-    def edge_error(self, fused, taught):
-        """Mean per-pixel error of the fused image's edges against the teacher's, per
-        ``teacher_edges``."""
+    def edge_error(self, fused_xy, taught):
+        """Mean per-pixel error of the fused image's edges (its ``sobel_xy``) against those of the
+        teacher's image ``taught``, per ``teacher_edges``."""
+        taught_xy = self.sobel_xy(taught)
         if self.teacher_edges == 'components':
-            return (self.sobel_xy(fused) - self.sobel_xy(taught)).abs().sum(2).mean()
-        return (self.gradient(fused) - self.gradient(taught)).abs().mean()
+            return (fused_xy - taught_xy).abs().sum(2).mean()
+        return (fused_xy.abs().sum(2) - taught_xy.abs().sum(2)).abs().mean()
 
     def ssim(self, x, y):
         """Per-image mean SSIM, (B,): Gaussian window 11, sigma 1.5, data range 1, valid region."""
@@ -203,8 +207,9 @@ class S4FusionLoss(nn.Module):
         ssim_term = (w_ir * (1 - self.ssim(fused, ir)) + w_vi * (1 - self.ssim(fused, vi))).mean()
         l1_term = (w_ir * (fused - ir).abs().flatten(1).mean(1)
                    + w_vi * (fused - vi).abs().flatten(1).mean(1)).mean()
+        fused_xy = self.sobel_xy(fused)  # (B, 1, 2, H, W), for the gradient and teacher terms
         target = torch.maximum(self.gradient(ir), self.gradient(vi))
-        grad_term = (self.gradient(fused) - target).abs().mean()
+        grad_term = (fused_xy.abs().sum(2) - target).abs().mean()
         total = (self.ssim_weight * ssim_term + self.l1_weight * l1_term
                  + self.grad_weight * grad_term)
         terms = {'ssim': ssim_term, 'l1': l1_term, 'grad': grad_term}
@@ -214,7 +219,7 @@ class S4FusionLoss(nn.Module):
         if self.teacher is not None:
             with torch.no_grad():
                 taught = self.teacher(ir, vi)
-            terms['teacher'] = (fused - taught).abs().mean() + self.edge_error(fused, taught)
+            terms['teacher'] = (fused - taught).abs().mean() + self.edge_error(fused_xy, taught)
             total = total + self.teacher_weight * terms['teacher']
         if self.classifier is not None:
             terms['entropy'] = self.entropy(fused)
