@@ -10,6 +10,7 @@ the usual ROS names: `sync.queue_size` is message_filters' / stereo_image_proc's
 `sync.slop` is `slop` / `approximate_sync_tolerance_seconds`.
 """
 
+import math
 import pathlib
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ SPECS = {
     'sync.queue_size': Spec(30, 'messages kept per input while waiting for a partner',
                             range=(1, 1000)),
     'sync.timeout': Spec(0.5, 'seconds a thermal frame waits for a later visible frame before it '
-                         'is paired with what has arrived', range=(0.0, 10.0)),
+                         'is paired with what has arrived', range=(0.001, 10.0)),
     'sync.thermal_offset': Spec(0.0, 'seconds added to thermal stamps for matching (constant '
                                 'driver latency); outputs keep the original stamps',
                                 range=(-1.0, 1.0)),
@@ -124,6 +125,9 @@ def check(values: dict) -> str:
         spec = SPECS.get(name)
         if spec is not None and spec.choices and value not in spec.choices:
             return f"{name}: '{value}' is not one of {', '.join(spec.choices)}"
+        # rclpy lets NaN and inf through a double without a range (and NaN through a range).
+        if isinstance(value, float) and not math.isfinite(value):
+            return f'{name}: expected a finite number, got {value}'
     if 'inference_size' in values:
         size = list(values['inference_size'])
         if len(size) != 2 or min(size) < 0 or (0 in size and any(size)):

@@ -31,6 +31,13 @@ class RateMeter:
                 return 0.0
             return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-9)
 
+    def recent(self, now: float | None = None) -> int:
+        """Events within the window (one is too few for a rate, but it did happen)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            return len(self._times)
+
     def _trim(self, now: float) -> None:
         while self._times and now - self._times[0] > self._window:
             self._times.popleft()

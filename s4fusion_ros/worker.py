@@ -30,6 +30,8 @@ class InferenceWorker:
         self.submitted = 0
         self.dropped = 0
         self.processed = 0
+        self.failed = 0  # items whose `process` raised (it should handle its own errors)
+        self.last_failure = ''
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -88,9 +90,13 @@ class InferenceWorker:
                 if self._stopping:
                     return
                 item = self._queue.popleft()
-            # `process` owns its error handling; a failure here must not kill the worker thread.
+            # `process` owns its error handling; what escapes it is counted, and the thread lives.
             try:
                 self._process(item)
+            except Exception as error:  # noqa: BLE001 - one item must not stop every later one
+                with self._wakeup:
+                    self.failed += 1
+                    self.last_failure = repr(error)
             finally:
                 with self._wakeup:
                     self.processed += 1

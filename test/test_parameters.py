@@ -22,6 +22,11 @@ def test_check_rejects_with_reasons():
     reason = settings.check_update(settings.defaults(), {'normalization.low_percentile': 99.5})
     assert 'normalization.low_percentile' in reason
     assert settings.check_update(settings.defaults(), {'sync.slop': 0.1}) == ''
+    for bad in (float('inf'), float('nan')):
+        assert 'normalization.fixed_max: expected a finite' in settings.check(
+            {'normalization.fixed_max': bad})
+    # The synchronizer needs a timeout > 0: the declared range says so before it is built.
+    assert 'sync.timeout' in settings.check_types({'sync.timeout': 0.0})
 
 
 @pytest.mark.parametrize('module, unwanted', [('s4fusion_ros.settings', ('torch', 'rclpy')),
@@ -175,6 +180,9 @@ def test_valid_change_is_accepted(node):
     ('normalization.low_percentile', 99.5, 'normalization.high_percentile'),
     ('device', 'cuda', 'read-only'),
     ('saliency.encoding', 'mono16', 'saliency.encoding'),
+    # No range on these: rclpy itself would store them, and the normalizer would then refuse.
+    ('normalization.fixed_max', float('inf'), 'normalization.fixed_max: expected a finite'),
+    ('normalization.fixed_min', float('nan'), 'normalization.fixed_min: expected a finite'),
 ])
 def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
     before = get_parameter(node, name)

@@ -144,12 +144,14 @@ class NodeUnderTest:
         self.compressed_pub = probe.create_publisher(
             CompressedImage, 'visible/image_raw/compressed', qos)
         self.status, self.status_at = {}, 0.0
+        self.level, self.message = b'\x00', ''
         probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
 
     def _on_diagnostics(self, msg) -> None:
         for status in msg.status:
             if status.name.startswith(self.status_name):
                 self.status = {kv.key: kv.value for kv in status.values}
+                self.level, self.message = status.level, status.message
                 self.status_at = time.monotonic()
 
     def now(self) -> int:
@@ -306,6 +308,25 @@ def test_bad_message_is_dropped_counted_and_logged_and_fusion_goes_on(node, case
     assert len(node.log_lines(f'{topic}: dropped a {encoding!r} message', fault)) == 1, \
         node.log()
     sync_counts_add_up(after)
+
+
+def test_diagnostics_warn_while_inputs_arrive_and_nothing_is_fused(node):
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node.fuse()
+    assert node.counts() and node.level == DiagnosticStatus.OK, node.message
+    end = time.monotonic() + 6.0  # past the fused rate's 5 s window
+    while time.monotonic() < end:
+        stamp = node.now()
+        node.publish('thermal', image(THERMAL, 'mono16', stamp))
+        node.publish('visible', compressed(b'\xff\xd8\xff\xe0' + bytes(100), stamp))
+        node.probe.spin_for(0.2)
+    node.counts()
+    assert node.level == DiagnosticStatus.WARN, node.message
+    assert 'no pair was fused' in node.message
+    assert 'visible rejected (bad message)' in node.message
+    node.fuse()
+    node.counts()
+    assert node.level == DiagnosticStatus.OK, node.message
 
 
 def test_colour_on_the_thermal_topic_is_converted_with_one_warning(node):

@@ -83,6 +83,7 @@ class S4FusionNode(Node):
         self.publish_errors = 0
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
+        self.worker_failures_logged = 0
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
@@ -294,7 +295,9 @@ class S4FusionNode(Node):
             Key.PAIRS_QUEUED: self.worker.pending,
             Key.PAIRS_IN_INFERENCE: self.worker.in_progress,
             Key.PAIRS_FUSED: self.fused_rate.total,
-            Key.INFERENCE_ERRORS: self.inference_errors,
+            # A pair whose handling raised past _fuse_and_publish (the worker caught it) is
+            # neither fused nor published: an inference error too, so the counts still add up.
+            Key.INFERENCE_ERRORS: self.inference_errors + self.worker.failed,
             Key.PUBLISH_ERRORS: self.publish_errors,
             Key.INFERENCE_LATENCY_MEAN: inference['mean'],
             Key.INFERENCE_LATENCY_P95: inference['p95'],
@@ -317,10 +320,23 @@ class S4FusionNode(Node):
             note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
                     'use_sim_time?)')
             values[Key.END_TO_END_LATENCY_MEAN] = values[Key.END_TO_END_LATENCY_P95] = note
-        if not self.loaded.trained:
+        self._log_worker_failures()
+        if not self.worker.alive:
+            level = DiagnosticStatus.ERROR
+            message = 'the inference thread stopped: restart the node'
+        elif not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
         elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
             level, message = DiagnosticStatus.WARN, 'waiting for both inputs'
+        elif not self.fused_rate.recent():
+            # Both inputs arrive and nothing comes out: say where the pairs went.
+            causes = [f'{key}: {values[key]}' for key in (
+                Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_UNPAIRED,
+                Key.VISIBLE_UNPAIRED, Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS)
+                if isinstance(values[key], int) and values[key]]
+            level = DiagnosticStatus.WARN
+            message = 'inputs arrive but no pair was fused lately' + (
+                f' ({", ".join(causes)})' if causes else '')
         status = DiagnosticStatus(
             level=level, name=f'{self.get_fully_qualified_name()}: fusion', message=message,
             hardware_id=str(self.loaded.device),
@@ -328,6 +344,12 @@ class S4FusionNode(Node):
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_pub.publish(array)
+
+    def _log_worker_failures(self) -> None:
+        if self.worker.failed > self.worker_failures_logged:
+            self.worker_failures_logged = self.worker.failed
+            self.get_logger().error(f'{self.worker.failed} pair(s) failed outside the model, '
+                                    f'last: {self.worker.last_failure}')
 
     def destroy_node(self):
         if self.worker is not None:
@@ -373,4 +395,7 @@ def _format_value(value) -> str:
 def _release_cuda_cache(device) -> None:
     if device.type == 'cuda':
         import torch
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a sticky CUDA error raises here again; it was logged already
+            pass
