@@ -84,13 +84,13 @@ class FusionPipeline:
         """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
         frame = self.thermal_frame(message, stamp_ns, frame_id)
         self._latest = (stamp_ns, time.monotonic())
-        return self._prepare(self.synchronizer.add_thermal(stamp_ns, frame))
+        return self._add(self.synchronizer.add_thermal, stamp_ns, frame)
 
     def add_visible(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
         """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
         frame = self.visible_frame(message, stamp_ns, frame_id)
         self._latest = (stamp_ns, time.monotonic())
-        return self._prepare(self.synchronizer.add_visible(stamp_ns, frame))
+        return self._add(self.synchronizer.add_visible, stamp_ns, frame)
 
     def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
         """Prepare a pair matched elsewhere (the node's message_filters backend)."""
@@ -127,6 +127,16 @@ class FusionPipeline:
     def flush(self) -> list[PreparedPair]:
         """Decide everything still pending (end of a bag)."""
         return self._prepare(self.synchronizer.flush())
+
+    def _add(self, add, stamp_ns: int, frame: Frame) -> list[PreparedPair]:
+        """Add a frame to the synchronizer and prepare what it pairs. A backwards clock jump (a
+        looping bag, a restarted camera) resets the synchronizer, and then the thermal range too:
+        the new timeline's first frames must not be scaled by the old scene's range."""
+        resets = self.synchronizer.stats.resets
+        prepared = self._prepare(add(stamp_ns, frame))  # pairs of the old timeline, if it reset
+        if self.synchronizer.stats.resets != resets:
+            self.normalizer.reset()
+        return prepared
 
     def _notice(self, text: str) -> None:
         if text not in self.notices:

@@ -14,10 +14,10 @@ import math
 import pathlib
 from dataclasses import dataclass
 
-import numpy as np
 import yaml
 
 from .imaging.normalization import MODES as NORMALIZATION_MODES
+from .imaging.registration import validate_homography
 from .worker import QUEUE_POLICIES
 
 NODE_NAME = 's4fusion_node'
@@ -133,11 +133,10 @@ def check(values: dict) -> str:
         if len(size) != 2 or min(size) < 0 or (0 in size and any(size)):
             return f'inference_size: expected [width, height] > 0 or [0, 0], got {size}'
     if 'registration.homography' in values:
-        matrix = np.asarray(values['registration.homography'], dtype=np.float64)
-        if matrix.size != 9 or not np.all(np.isfinite(matrix)):
-            return 'registration.homography: expected 9 finite numbers (row-major 3x3)'
-        if abs(np.linalg.det(matrix.reshape(3, 3))) < 1e-12:
-            return 'registration.homography: the matrix is singular'
+        try:  # the registration's own check, so both agree on what is singular
+            validate_homography(values['registration.homography'])
+        except ValueError as error:
+            return f'registration.homography: {error}'
     return ''
 
 

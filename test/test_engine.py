@@ -167,3 +167,20 @@ def test_compose_output_rejects_unknown_encoding():
     y = np.zeros((4, 4), np.float32)
     with pytest.raises(ValueError, match='yuv422'):
         compose_output(y, y + 0.5, y + 0.5, 'yuv422')
+
+
+def test_a_clock_jump_resets_the_thermal_range_with_the_synchronizer():
+    # A bag that loops from a hot scene back to a cold one: the cold scene's first frame must be
+    # scaled by its own range, not by the smoothed range of the hot scene it follows.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.01, queue_size=30), ThermalNormalizer(),
+                              ThermalRegistration())
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+    hot = np.linspace(30000, 40000, 64, dtype=np.uint16).reshape(8, 8)
+    cold = np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8)
+    for second in range(100, 120):
+        pipeline.add_thermal(encode_image(hot, 'mono16'), second * 10**9, 'ir')
+        pipeline.add_visible(visible, second * 10**9, 'rgb')
+    pipeline.add_thermal(encode_image(cold, 'mono16'), 10**9, 'ir')
+    [pair] = pipeline.add_visible(visible, 10**9, 'rgb')
+    assert pipeline.synchronizer.stats.resets == 1
+    assert pair.thermal.max() == pytest.approx(1.0)

@@ -18,6 +18,11 @@ def test_config_yaml_equals_declared_defaults():
 def test_check_rejects_with_reasons():
     assert 'output_encoding' in settings.check({'output_encoding': 'yuv422'})
     assert 'singular' in settings.check({'registration.homography': [0.0] * 9})
+    # Scale does not make a homography singular: the registration's own check decides.
+    assert settings.check({'registration.homography': [1e-5, 0.0, 0.0, 0.0, 1e-5, 0.0,
+                                                       0.0, 0.0, 1e-5]}) == ''
+    assert 'singular' in settings.check({'registration.homography': [1e7, 0.0, 0.0, 0.0, 1e-6,
+                                                                     0.0, 0.0, 0.0, 1.0]})
     assert 'inference_size' in settings.check({'inference_size': [320, 0]})
     reason = settings.check_update(settings.defaults(), {'normalization.low_percentile': 99.5})
     assert 'normalization.low_percentile' in reason
