@@ -506,6 +506,13 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
         torch.testing.assert_close(tensor, model.state_dict()[name], rtol=1e-5, atol=1e-7)
     split_log = (tmp_path / 'split' / 'train_log.jsonl').read_text().splitlines()
     assert [json.loads(line)['step'] for line in split_log] == [1, 2, 3]
+    # A log whose last line a crash tore (cut short, NUL bytes) still resumes; the log ends there.
+    for torn in ('{"step": 3, "lo', '\0' * 16):
+        with (tmp_path / 'split' / 'train_log.jsonl').open('a') as f:
+            f.write(torn)
+        assert make_trainer(pair_folder, tmp_path / 'split').resume() == 3
+        split_log = (tmp_path / 'split' / 'train_log.jsonl').read_text().splitlines()
+        assert [json.loads(line)['step'] for line in split_log] == [1, 2, 3]
 
     with pytest.raises(ValueError, match='settings'):
         make_trainer(pair_folder, tmp_path / 'split', seed=1).resume()

@@ -218,12 +218,26 @@ class Trainer:
         return self.step
 
     def _truncate_log(self):
-        """Drop log lines of steps after the resumed one (done after the last checkpoint)."""
+        """Drop log lines of steps after the resumed one (done after the last checkpoint).
+
+        The log is appended line by line, so a crash can leave its last line torn (cut short, or
+        NUL bytes after a power loss): the log ends there, and the steps after the checkpoint
+        are run and logged again anyway.
+        """
         log = self.out_dir / LOG_NAME
         if not log.exists():
             return
-        with open(log) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)['step'] <= self.step]
+        lines = []
+        with open(log, errors='replace') as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    step = json.loads(line)['step']
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break
+                if step <= self.step:
+                    lines.append(line if line.endswith('\n') else line + '\n')
         write_atomically(log, lambda f: f.write(''.join(lines).encode()))
 
     def save(self, last_loss):
