@@ -441,6 +441,11 @@ def test_pretrained_terms_with_an_exported_network(tmp_path, crops):
     assert fused.grad.abs().sum() > 0
     assert all(p.grad is None for p in classifier.parameters())  # frozen
     assert not torch.isclose(total.detach(), plain)  # the entropy term counts
+    # The record names the networks, so a resume with other ones is refused as other settings.
+    other = load_exported(export(Features(SmallCNN(), scale=50.0), tmp_path / 'g.pt2'), 'cpu')
+    recorded = loss.config()
+    assert recorded['classifier_sha256'] and recorded['features_sha256'] != \
+        S4FusionLoss(feature_extractor=other).config()['features_sha256']
 
 
 # --- training -----------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ class S4FusionLoss(nn.Module):
         self.teacher, self.teacher_weight = teacher, teacher_weight
         self.teacher_edges = teacher_edges
         self.teacher_digest = None if teacher is None else _state_digest(teacher)
+        # Recorded so that a resumed run cannot switch pretrained networks unnoticed either.
+        self.features_digest = (None if feature_extractor is None
+                                else _state_digest(feature_extractor))
+        self.classifier_digest = None if classifier is None else _state_digest(classifier)
         for module in (feature_extractor, classifier, teacher):
             if module is not None:
                 module.requires_grad_(False)
@@ -145,6 +149,10 @@ class S4FusionLoss(nn.Module):
             'ssim_window': SSIM_WINDOW_SIZE, 'ssim_sigma': SSIM_SIGMA,
             'energy_score': ('pretrained features' if self.feature_extractor is not None
                              else f'image Sobel energy, {self.scales} pyramid scales'),
+            **({'features_sha256': self.features_digest}
+               if self.feature_extractor is not None else {}),
+            **({'classifier_sha256': self.classifier_digest}
+               if self.classifier is not None else {}),
             **({'teacher_weight': self.teacher_weight, 'teacher_sha256': self.teacher_digest,
                 'teacher_edges': self.teacher_edges}
                if self.teacher is not None else {}),
