@@ -90,6 +90,8 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     shutil.copy(tmp_path / 'ir' / '08.png', tmp_path / 'ir' / 'broken.png')
     (tmp_path / 'vi' / 'broken.png').write_bytes(b'not a png')
     out = tmp_path / 'out'
+    (out / 'fused').mkdir(parents=True)  # an earlier run's output for the pair that now fails
+    (out / 'fused' / 'broken.png').write_bytes(b'stale')
     code = fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
                       str(out), '--weights', str(tiny_weights), '--device', 'cpu'])
     errors = capsys.readouterr().err

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .. import settings
 from ..cli import parse_size, run_command
 from ..engine import FusionEngine, fusion_settings
+from ..files import write_atomically
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
 from ..training.data import Pair, luminance, match_pairs
@@ -138,10 +139,12 @@ def output_paths(out: pathlib.Path, pairs: list[Pair]) -> dict[str, tuple[pathli
 
 
 def write_png(path: pathlib.Path, image: np.ndarray) -> None:
-    """Write an image; OSError names the file when it cannot be written."""
+    """Write an image atomically (never a cut-off PNG); OSError names the file when it cannot."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f'{path}: cannot write')
+    encoded, png = cv2.imencode('.png', image)
+    if not encoded:
+        raise OSError(f'{path}: cannot encode the image as PNG')
+    write_atomically(path, lambda file: file.write(png.tobytes()))
 
 
 def fuse_folders(args: argparse.Namespace) -> int:
@@ -165,6 +168,8 @@ def fuse_folders(args: argparse.Namespace) -> int:
         except ValueError as error:  # an unreadable or unusable file: the others still run
             tqdm.write(f'{PROG}: {error}', file=sys.stderr)
             failed += 1
+            for stale in outputs[pair.name]:  # an earlier run's output is not this input's
+                stale.unlink(missing_ok=True)
             continue
         for path, image in zip(outputs[pair.name], (images.fused, images.saliency)):
             write_png(path, image)
