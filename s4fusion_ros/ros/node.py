@@ -332,7 +332,8 @@ class S4FusionNode(Node):
             # Both inputs arrive and nothing comes out: say where the pairs went.
             causes = [f'{key}: {values[key]}' for key in (
                 Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_UNPAIRED,
-                Key.VISIBLE_UNPAIRED, Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS)
+                Key.VISIBLE_UNPAIRED, Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS,
+                Key.PAIRS_DROPPED, Key.PAIRS_IN_INFERENCE)  # the last two: a model slower than 5 s
                 if isinstance(values[key], int) and values[key]]
             level = DiagnosticStatus.WARN
             message = 'inputs arrive but no pair was fused lately' + (
