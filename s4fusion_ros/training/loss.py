@@ -34,6 +34,11 @@ def _sobel_kernels():
     return torch.tensor(np.stack([SOBEL_X, SOBEL_Y]), dtype=torch.float32)[:, None]  # (2, 1, 3, 3)
 
 
+def _magnitude(xy):
+    """|d/dx| + |d/dy| from ``sobel_xy``'s (B, C, 2, H, W) derivatives: (B, C, H, W)."""
+    return xy.abs().sum(2)
+
+
 def teacher_error(has_teacher, teacher_weight, teacher_edges='magnitude'):
     """Why the teacher settings do not go together ('' when they do): a teacher needs a weight
     > 0, a weight a teacher, and an edge comparison other than the default a teacher to compare
@@ -166,7 +171,7 @@ class S4FusionLoss(nn.Module):
 
     def gradient(self, x):
         """|d/dx| + |d/dy| of a (B, 1, H, W) image (the usual fusion-loss gradient)."""
-        return self.sobel_xy(x).abs().sum(2)
+        return _magnitude(self.sobel_xy(x))
 
     def edge_error(self, fused_xy, taught):
         """Mean per-pixel error of the fused image's edges (its ``sobel_xy``) against those of the
@@ -174,7 +179,7 @@ class S4FusionLoss(nn.Module):
         taught_xy = self.sobel_xy(taught)
         if self.teacher_edges == 'components':
             return (fused_xy - taught_xy).abs().sum(2).mean()
-        return (fused_xy.abs().sum(2) - taught_xy.abs().sum(2)).abs().mean()
+        return (_magnitude(fused_xy) - _magnitude(taught_xy)).abs().mean()
 
     def ssim(self, x, y):
         """Per-image mean SSIM, (B,): Gaussian window 11, sigma 1.5, data range 1, valid region."""
@@ -217,7 +222,7 @@ class S4FusionLoss(nn.Module):
                    + w_vi * (fused - vi).abs().flatten(1).mean(1)).mean()
         fused_xy = self.sobel_xy(fused)  # (B, 1, 2, H, W), for the gradient and teacher terms
         target = torch.maximum(self.gradient(ir), self.gradient(vi))
-        grad_term = (fused_xy.abs().sum(2) - target).abs().mean()
+        grad_term = (_magnitude(fused_xy) - target).abs().mean()
         total = (self.ssim_weight * ssim_term + self.l1_weight * l1_term
                  + self.grad_weight * grad_term)
         terms = {'ssim': ssim_term, 'l1': l1_term, 'grad': grad_term}
