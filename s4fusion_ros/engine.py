@@ -78,18 +78,16 @@ class FusionPipeline:
         self.normalizer = normalizer
         self.registration = registration
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
-        self._latest: tuple[int, float] | None = None  # (stamp ns, arrival monotonic s)
+        self._latest: tuple[int, float] | None = None  # newest (stamp ns, arrival monotonic s)
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
         """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
         frame = self.thermal_frame(message, stamp_ns, frame_id)
-        self._latest = (stamp_ns, time.monotonic())
         return self._add(self.synchronizer.add_thermal, stamp_ns, frame)
 
     def add_visible(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
         """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
         frame = self.visible_frame(message, stamp_ns, frame_id)
-        self._latest = (stamp_ns, time.monotonic())
         return self._add(self.synchronizer.add_visible, stamp_ns, frame)
 
     def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
@@ -116,7 +114,7 @@ class FusionPipeline:
         """Decide thermal frames whose visible partner is overdue; `now` is time.monotonic().
 
         The synchronizer's timeout runs on the stamps' clock. Extrapolating that clock from the
-        latest message's arrival keeps the timeout right whether stamps are live, simulated, or
+        arrival of the newest stamp keeps the timeout right whether stamps are live, simulated, or
         from an old bag replayed without /clock (where the node's clock is far from the stamps).
         """
         if self._latest is None:
@@ -132,10 +130,15 @@ class FusionPipeline:
         """Add a frame to the synchronizer and prepare what it pairs. A backwards clock jump (a
         looping bag, a restarted camera) resets the synchronizer, and then the thermal range too:
         the new timeline's first frames must not be scaled by the old scene's range."""
+        arrived = time.monotonic()
         resets = self.synchronizer.stats.resets
         prepared = self._prepare(add(stamp_ns, frame))  # pairs of the old timeline, if it reset
         if self.synchronizer.stats.resets != resets:
             self.normalizer.reset()
+        # Only the newest stamp of the current timeline anchors the stamps' clock: not a frame
+        # out of order, nor one still of the timeline before a clock jump.
+        if self.synchronizer.newest_stamp == stamp_ns:
+            self._latest = (stamp_ns, arrived)
         return prepared
 
     def _notice(self, text: str) -> None:

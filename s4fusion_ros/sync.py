@@ -33,6 +33,8 @@ Parameters and their names elsewhere:
   by ``expire``, whose ``now_ns`` must be on the stamps' clock (the node clock, sim time included).
 - ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
   (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
+  Frames of the other topic still on the old timeline (in flight at the jump) are then late
+  rather than a second jump.
 
 Counters (``stats``), per topic, always satisfy
 ``received == pairs + unpaired + late + overflow + rejected + pending``.
@@ -64,7 +66,7 @@ class SyncStats:
     pairs: int = 0
     thermal_unpaired: int = 0  # decided without a partner within slop
     visible_unpaired: int = 0  # left behind by a newer pair or too old for any thermal frame
-    thermal_late: int = 0  # not newer than a decided frame of its topic, or a repeated stamp
+    thermal_late: int = 0  # not newer than a decided frame, a repeated stamp, or pre-jump
     visible_late: int = 0
     thermal_overflow: int = 0  # dropped as the oldest of a full queue
     visible_overflow: int = 0
@@ -93,6 +95,8 @@ class _Stream:
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     newest: Optional[int] = None  # newest stamp received, for clock-jump detection
     decided: Optional[int] = None  # newest key paired or dropped: older arrivals are late
+    # After the other topic jumped back in time, stamps at or above this are of the old timeline.
+    stale_from: Optional[int] = None
     received: int = 0
     unpaired: int = 0
     late: int = 0
@@ -173,15 +177,23 @@ class PairSynchronizer:
             pairs = []
             while self._thermal.frames and self._thermal.frames[0].key + self._slop <= cutoff:
                 pairs += self._decide_oldest()
-            # Thermal frames stamped before the cutoff would have arrived by now.
-            self._floor = _newest(self._floor, cutoff)
-            self._prune_visible()
+            # Thermal frames stamped before the cutoff would have arrived by now. The cutoff is
+            # not kept as a floor: when both topics pause (a paused bag) it runs ahead of frames
+            # still to come, and those would lose their visible partners after the pause.
+            self._prune_visible(cutoff)
             return pairs
 
     def flush(self) -> list[Pair]:
         """Decide every buffered frame with what is known (end of stream)."""
         with self._lock:
             return self._flush()
+
+    @property
+    def newest_stamp(self) -> Optional[int]:
+        """The newest stamp received on the current timeline (either topic), None before one."""
+        with self._lock:
+            stamps = [s.newest for s in (self._thermal, self._visible) if s.newest is not None]
+            return max(stamps, default=None)
 
     @property
     def stats(self) -> SyncStats:
@@ -204,9 +216,14 @@ class PairSynchronizer:
         if stamp <= 0:
             stream.rejected += 1
             return []
+        if stream.stale_from is not None:
+            if stamp >= stream.stale_from:  # in flight when the other topic jumped back
+                stream.late += 1
+                return []
+            stream.stale_from = None  # this topic's first frame on the new timeline
         pairs = []
         if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
-            pairs = self._reset()
+            pairs = self._reset(stream)
         stream.newest = _newest(stream.newest, stamp)
         frame = _Frame(stamp + stream.offset, stamp, payload)
         index = bisect.bisect_left(stream.frames, frame.key, key=_key)
@@ -252,11 +269,15 @@ class PairSynchronizer:
         self._pairs += 1
         return [Pair(frame.stamp, partner.stamp, frame.payload, partner.payload)]
 
-    def _prune_visible(self) -> None:
-        """Drop visible frames too old to pair with a pending or future thermal frame."""
-        if self._floor is None:
+    def _prune_visible(self, cutoff: Optional[int] = None) -> None:
+        """Drop visible frames too old to pair with a pending or future thermal frame.
+
+        Future thermal frames have keys above the last decided one, and above ``cutoff`` if given.
+        """
+        floors = [floor for floor in (self._floor, cutoff) if floor is not None]
+        if not floors:
             return
-        limit = self._floor
+        limit = max(floors)
         if self._thermal.frames:
             limit = min(limit, self._thermal.frames[0].key - 1)
         count = bisect.bisect_right(self._visible.frames, limit - self._slop, key=_key)
@@ -273,9 +294,11 @@ class PairSynchronizer:
             self._visible.drop_oldest(len(self._visible.frames))
         return pairs
 
-    def _reset(self) -> list[Pair]:
+    def _reset(self, jumped: _Stream) -> list[Pair]:
         """Flush, then forget the clock state of both topics (counters are kept)."""
         pairs = self._flush()
+        other = self._visible if jumped is self._thermal else self._thermal
+        other.stale_from = jumped.newest - self._reset_threshold
         for stream in (self._thermal, self._visible):
             stream.newest = stream.decided = None
         self._floor = None

@@ -1,5 +1,7 @@
 """The ROS-free fusion path: pipeline (decode, pair, normalize, register) and engine outputs."""
 
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -184,3 +186,23 @@ def test_a_clock_jump_resets_the_thermal_range_with_the_synchronizer():
     [pair] = pipeline.add_visible(visible, 10**9, 'rgb')
     assert pipeline.synchronizer.stats.resets == 1
     assert pair.thermal.max() == pytest.approx(1.0)
+
+
+def test_a_frame_still_of_the_old_timeline_does_not_move_the_expiry_clock():
+    # A looping bag whose thermal topic jumps back first; the last visible frame of the first
+    # pass is still in flight. It is late: neither a second jump, nor the stamps' clock that
+    # would make the new thermal frame overdue before its partner arrives.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.01, queue_size=30, timeout=0.5),
+                              ThermalNormalizer(), ThermalRegistration())
+    thermal = encode_image(np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+    for second in range(100, 120):
+        pipeline.add_thermal(thermal, second * 10**9, 'ir')
+        pipeline.add_visible(visible, second * 10**9, 'rgb')
+    pipeline.add_thermal(thermal, 10**9, 'ir')
+    assert pipeline.add_visible(visible, 119 * 10**9 + 500 * MS, 'rgb') == []
+    assert pipeline.expire(time.monotonic()) == []
+    [pair] = pipeline.add_visible(visible, 10**9 + 5 * MS, 'rgb')
+    assert (pair.thermal_stamp_ns, pair.visible_stamp_ns) == (10**9, 10**9 + 5 * MS)
+    stats = pipeline.synchronizer.stats
+    assert stats.resets == 1 and stats.visible_late == 1

@@ -223,6 +223,64 @@ def test_backwards_clock_jump_flushes_resets_and_pairs_again():
     check_counts(stats)
 
 
+def test_old_timeline_frame_in_flight_at_a_jump_is_late_not_a_second_reset():
+    """A looping bag whose thermal topic jumps back first: the visible frame still in flight
+    from the end of the first pass must not count as the start of a timeline of its own."""
+    thermal = [S + k * 111 * MS for k in range(20)]
+    visible = [S + 5 * MS + k * 33 * MS for k in range(70)]
+    events = sorted([(t, 0) for t in thermal] + [(v, 1) for v in visible])
+    in_flight = events.pop(events.index((visible[-1], 1)))
+    sync = PairSynchronizer(0.020, 10)
+    got = []
+    for stamp, topic in events + [events[0], in_flight] + events[1:]:
+        got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
+    got += sync.flush()
+    once = oracle(thermal, visible[:-1], 20 * MS)
+    assert [(p.thermal_stamp, p.visible_stamp) for p in got] == once * 2
+    stats = sync.stats
+    assert stats.resets == 1 and (stats.thermal_late, stats.visible_late) == (0, 1)
+    check_counts(stats)
+
+
+def test_old_timeline_filter_ends_with_the_other_topics_first_new_frame():
+    # The visible camera was silent long before the thermal clock jumped: its next frame, on
+    # the new timeline though far above where the visible stamps stood, is not held as stale.
+    sync = PairSynchronizer(0.020, 10)
+    sync.add_visible(50 * S, 'v-old')
+    sync.add_thermal(100 * S, 't-old')
+    sync.add_thermal(60 * S, 't')  # the jump: 40 s back
+    assert sync.add_visible(60 * S + 5 * MS, 'v') == [Pair(60 * S, 60 * S + 5 * MS, 't', 'v')]
+    stats = sync.stats
+    assert stats.resets == 1 and stats.visible_late == 0
+    check_counts(stats)
+
+
+def test_pause_of_both_topics_keeps_nearest_pairing_after_it():
+    """A bag paused mid-play: ``expire`` runs on the stamps' clock extrapolated from the newest
+    arrival (as FusionPipeline does), so it runs on past the stamps during the pause. After
+    the pause every thermal frame still takes its nearest visible frame."""
+    thermal = [S + k * 111 * MS for k in range(60)]
+    visible = [S + 5 * MS + k * 33 * MS for k in range(200)]
+    pause_after, pause = S + 2 * S, 3 * S
+    events = sorted([(t, 0) for t in thermal] + [(v, 1) for v in visible])
+    sync = PairSynchronizer(0.020, 100, timeout=0.5)
+    got, wall, newest = [], 0, None  # wall: ns since the first arrival
+    for stamp, topic in events:
+        arrival = stamp - S + (pause if stamp > pause_after else 0)
+        while wall + 50 * MS < arrival:  # the node's expire timer, every 50 ms
+            wall += 50 * MS
+            if newest is not None:
+                got += sync.expire(newest[0] + wall - newest[1])
+        got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
+        newest = stamp, arrival
+    got += sync.flush()
+    after = [(p.thermal_stamp, p.visible_stamp) for p in got if p.thermal_stamp > pause_after]
+    expected = oracle([t for t in thermal if t > pause_after],
+                      [v for v in visible if v > pause_after], 20 * MS)
+    assert after == expected and len(after) == 41
+    check_counts(sync.stats)
+
+
 def test_small_backwards_step_is_late_not_a_reset():
     sync = PairSynchronizer(0.020, 10, reset_threshold=1.0)
     sync.add_thermal(5 * S, 't')
