@@ -3,6 +3,9 @@
 import os
 import pathlib
 
+import cv2
+import numpy as np
+
 
 def write_atomically(path: pathlib.Path, write) -> None:
     """Fill `path` with write(binary file): via a hidden temporary file, fsync, then rename."""
@@ -17,3 +20,16 @@ def write_atomically(path: pathlib.Path, write) -> None:
 def write_text_atomically(path: pathlib.Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` as write_atomically does."""
     write_atomically(path, lambda file: file.write(text.encode()))
+
+
+def write_png(path: pathlib.Path, image: np.ndarray) -> None:
+    """Write an image as PNG atomically, making its folder; OSError names the file if it cannot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        encoded, png = cv2.imencode('.png', image)
+    except cv2.error as error:  # an image PNG cannot hold (e.g. 2 channels)
+        raise OSError(f'{path}: cannot encode a {image.dtype} {image.shape} image as PNG: '
+                      f'{error.err}') from error
+    if not encoded:
+        raise OSError(f'{path}: cannot encode a {image.dtype} {image.shape} image as PNG')
+    write_atomically(path, lambda file: file.write(png.tobytes()))

@@ -638,7 +638,10 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
         'detail_gain must be finite': [['--detail-gain', 'nan'],
                                        ['--preset', 'authors', '--detail-gain', '1.2']],
         'base_contrast must be finite': [['--base-contrast', '0'],
-                                         ['--preset', 'authors', '--base-contrast', '1.2']]}
+                                         ['--preset', 'authors', '--base-contrast', '1.2']],
+        '--stop-at must be > 0': [['--stop-at', '0']],
+        '--time-limit must be > 0': [['--time-limit', 'nan']],
+        '--checkpoint-every must be > 0': [['--checkpoint-every', '-1']]}
     for message, cases in usage_errors.items():
         for bad in cases:
             with pytest.raises(SystemExit) as exit_info:

@@ -20,7 +20,6 @@ import sys
 import time
 from importlib import resources
 
-import cv2
 import numpy as np
 import rclpy
 import yaml
@@ -36,6 +35,7 @@ from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image
                      open_bag, pick_topics, read_messages)
 from ..diagnostics import Key, number, per_input
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
+from ..files import write_png
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
@@ -191,7 +191,7 @@ def write_previews(bag: pathlib.Path, directory: pathlib.Path) -> list[pathlib.P
         saliency = np.asarray(image_to_array(images[OUTPUT_TOPICS[1]][stamp]))
         panel = np.hstack([fused, saliency_bgr(saliency)])
         path = directory / f'preview_{index}.png'
-        cv2.imwrite(str(path), panel)
+        write_png(path, panel)
         paths.append(path)
     return paths
 

@@ -32,6 +32,7 @@ from ..bagio import (STORAGES, BagError, ImageTopic, add_image_topic, bag_size, 
                      pick_topics, read_messages, storage_of)
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
+from ..files import write_png
 from ..imaging.encodings import ImageDecodeError
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
@@ -245,11 +246,9 @@ def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> Non
     """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray)."""
     fused = bgr_image(result)
     saliency = encode_saliency(result.saliency, 'mono8')
-    stem = directory / f'{index:06d}_{result.pair.visible_stamp_ns}'
+    stem = f'{index:06d}_{result.pair.visible_stamp_ns}'
     for suffix, image in (('fused', fused), ('saliency', saliency)):
-        path = f'{stem}_{suffix}.png'
-        if not cv2.imwrite(path, image):
-            raise OSError(f'cannot write {path}')
+        write_png(directory / f'{stem}_{suffix}.png', image)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ from ..cli import run_command
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_uint8
+from ..files import write_png
 from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
@@ -316,9 +317,7 @@ def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
                                         images.saliency])
             for name, (source, images) in examples.items()]
     titles = ['IR', 'visible', f'fused ({label})', 'saliency']
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), report.make_grid(rows, titles)):
-        raise OSError(f'{path}: cannot write')
+    write_png(path, report.make_grid(rows, titles))
 
 
 def parse_args(argv: list | None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .. import settings
 from ..cli import parse_size, run_command
 from ..engine import FusionEngine, fusion_settings
-from ..files import write_atomically
+from ..files import write_png
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
 from ..training.data import Pair, luminance, match_pairs
@@ -136,15 +136,6 @@ def output_paths(out: pathlib.Path, pairs: list[Pair]) -> dict[str, tuple[pathli
         raise ValueError(f'several inputs would write the same output: {clashes[:5]}.png')
     return {pair.name: (out / 'fused' / f'{stem}.png', out / 'saliency' / f'{stem}.png')
             for pair, stem in zip(pairs, stems)}
-
-
-def write_png(path: pathlib.Path, image: np.ndarray) -> None:
-    """Write an image atomically (never a cut-off PNG); OSError names the file when it cannot."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    encoded, png = cv2.imencode('.png', image)
-    if not encoded:
-        raise OSError(f'{path}: cannot encode the image as PNG')
-    write_atomically(path, lambda file: file.write(png.tobytes()))
 
 
 def fuse_folders(args: argparse.Namespace) -> int:

@@ -174,6 +174,10 @@ def main(argv=None):
     error = teacher_error(args.teacher is not None, args.teacher_weight, args.teacher_edges)
     if error:  # before the data is read, so a bad option is a usage error
         parser.error(f'--teacher, --teacher-weight, --teacher-edges: {error}')
+    for option in ('stop_at', 'time_limit', 'checkpoint_every'):
+        value = getattr(args, option)
+        if value is not None and not value > 0:
+            parser.error(f'--{option.replace("_", "-")} must be > 0, got {value}')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -239,7 +243,8 @@ def build_trainer(args, config, device):
 
 def run(trainer, args):
     """Train until the end, --stop-at, --time-limit or a signal; returns the exit status."""
-    target = min(trainer.settings.steps, args.stop_at or trainer.settings.steps)
+    target = trainer.settings.steps if args.stop_at is None else min(trainer.settings.steps,
+                                                                     args.stop_at)
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, '
           f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
           f'{target}', file=sys.stderr)
