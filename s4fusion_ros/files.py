@@ -3,7 +3,6 @@
 import os
 import pathlib
 
-import cv2
 import numpy as np
 
 
@@ -24,6 +23,10 @@ def write_text_atomically(path: pathlib.Path, text: str) -> None:
 
 def write_png(path: pathlib.Path, image: np.ndarray) -> None:
     """Write an image as PNG atomically, making its folder; OSError names the file if it cannot."""
+    # Imported here: OpenCV's import sets LD_LIBRARY_PATH, and the model package, which saves
+    # its checkpoints through this module, must leave the importing process as it was.
+    import cv2
+
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         encoded, png = cv2.imencode('.png', image)
