@@ -116,6 +116,13 @@ def test_fuse_refuses_a_detail_gain_out_of_range(tmp_path, capsys):
     assert exit_info.value.code == 2 and '--detail-gain' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('threads', ['0', '-1'])
+def test_eval_refuses_a_thread_count_below_one(tmp_path, capsys, threads):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(['--data', str(tmp_path), '--threads', threads])
+    assert exit_info.value.code == 2 and '--threads must be >= 1' in capsys.readouterr().err
+
+
 def table_rows(text, dataset):
     """{method: [cell, ...]} of a dataset's metric table, bold markers removed."""
     section = text.split(f'## {dataset} ')[1].split('**Wins:**')[0]

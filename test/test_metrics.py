@@ -159,6 +159,9 @@ def test_vif_properties():
     assert M.vif(np.full_like(a, 128.0), a, a) == pytest.approx(0.0)  # no information left
     noisy = a + rng.normal(0, 20, a.shape)
     assert 0.0 < M.vif(noisy, a, a) < M.vif(a, a, a)
+    assert M.vif(a[:25, :25], a[:25, :25], a[:25, :25]) > 0.0  # the smallest it scores
+    with pytest.raises(ValueError, match='25x25'):  # not OpenCV's assertion on an empty array
+        M.vif(a[:24], a[:24], a[:24])
 
 
 def test_qabf_when_fused_is_the_source():

@@ -25,6 +25,7 @@ from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, Tra
 from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, m3svd_clip,
                                         match_pairs, read_pair_images,
                                         roadscene_test67_names)
+from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import lr_factor
 
 
@@ -535,6 +536,39 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
         make_trainer(pair_folder, tmp_path / 'split').run(progress=False)
 
 
+def test_a_crash_inside_the_last_checkpoint_resumes_to_the_uninterrupted_weights(
+        tmp_path, pair_folder, monkeypatch):
+    full = make_trainer(pair_folder, tmp_path / 'full')
+    full.run(progress=False)
+    weights = tmp_path / 'full' / 's4fusion_compact.safetensors'
+    crashed = make_trainer(pair_folder, tmp_path / 'crash')
+    crashed.run(stop_at=2, progress=False)
+    # The last checkpoint writes two files (the weights with their JSON, and the state); the
+    # process dies after the first, whichever it is.
+    written = []
+
+    def dies_at_the_second(write):
+        def wrapped(*args, **kwargs):
+            if written:
+                raise KeyboardInterrupt('the process dies here')
+            written.append(write(*args, **kwargs))
+        return wrapped
+    for name in ('write_atomically', 'save_checkpoint'):
+        write = getattr(trainer_module, name)
+        monkeypatch.setattr(trainer_module, name, dies_at_the_second(write))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run(progress=False)
+    monkeypatch.undo()
+    resumed = make_trainer(pair_folder, tmp_path / 'crash')
+    resumed.resume()
+    resumed.run(progress=False)
+    meta = json.loads((tmp_path / 'crash' / weights.with_suffix('.json').name).read_text())
+    assert meta['training']['steps_done'] == 3
+    expected = load_checkpoint(weights).state_dict()
+    for name, tensor in load_checkpoint(tmp_path / 'crash' / weights.name).state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-7)
+
+
 def test_numba_backward_trains_as_the_chunked_scan_did(tmp_path, pair_folder):
     """The same run with the scan's numba backward and with the chunked PyTorch scan under
     autograd (the trainer's path before the kernel): one loss curve within float32 noise."""
@@ -641,7 +675,9 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
                                          ['--preset', 'authors', '--base-contrast', '1.2']],
         '--stop-at must be > 0': [['--stop-at', '0']],
         '--time-limit must be > 0': [['--time-limit', 'nan']],
-        '--checkpoint-every must be > 0': [['--checkpoint-every', '-1']]}
+        '--checkpoint-every must be > 0': [['--checkpoint-every', '-1']],
+        '--threads must be > 0': [['--threads', '0']],
+        '--warmup must be >= 0': [['--warmup', '-5']]}
     for message, cases in usage_errors.items():
         for bad in cases:
             with pytest.raises(SystemExit) as exit_info:
@@ -650,6 +686,11 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
     assert train_main([*common, '--out', str(tmp_path / 'y'), '--teacher',
                        str(tmp_path / 'no.st'), '--teacher-weight', '8']) == 1
     assert 'no.st' in capsys.readouterr().err
+    # A second run into a finished run's folder, without --resume: one line, before any data.
+    assert train_main([*common, '--data', str(tmp_path / 'absent'), '--out',
+                       str(tmp_path / 'signed')]) == 1
+    error = capsys.readouterr().err
+    assert 'train_state.pt exists: resume it' in error and 'Traceback' not in error
     # A data folder without pairs is one line naming it, no traceback.
     empty = tmp_path / 'empty'
     empty.mkdir()

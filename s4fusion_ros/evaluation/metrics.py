@@ -195,6 +195,8 @@ def _vifp(ref, dist, matlab_compat):
 def vif(fused, ir, vi, matlab_compat=False):
     """VIF: VIFp(IR, F) + VIFp(VI, F), multiscale pixel-domain VIF (Sheikh & Bovik)."""
     f, a, b = _as_triple(fused, ir, vi)
+    if min(f.shape) < 25:  # the second scale's 9x9 window needs a valid region
+        raise ValueError(f'VIF needs images of at least 25x25, got {f.shape}')
     if matlab_compat:
         f, a, b = (_as_uint8(x).astype(np.float64) for x in (f, a, b))
     return _vifp(a, f, matlab_compat) + _vifp(b, f, matlab_compat)

@@ -35,7 +35,7 @@ from ..cli import run_command
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_uint8
-from ..files import write_png
+from ..files import write_png, write_text_atomically
 from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
@@ -360,6 +360,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--limit must be >= 0')
     if args.flicker_frames < 2:
         parser.error('--flicker-frames must be >= 2')
+    if args.threads is not None and args.threads < 1:
+        parser.error('--threads must be >= 1')
     if args.data is None and not args.flicker:
         parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder')
     if args.pairs_csv is None:
@@ -423,11 +425,11 @@ def run(args: argparse.Namespace, argv: list) -> list:
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
     for path in (args.out, args.pairs_csv):
         path.parent.mkdir(parents=True, exist_ok=True)
-    args.pairs_csv.write_text(report.per_pair_csv(datasets))
+    write_text_atomically(args.pairs_csv, report.per_pair_csv(datasets))
     # The flicker section is measured on its own (--flicker): keep it.
     kept = temporal.section_of(args.out.read_text()) if args.out.is_file() else ''
     text = report.render(datasets, context)
-    args.out.write_text(temporal.replace_section(text, kept) if kept else text)
+    write_text_atomically(args.out, temporal.replace_section(text, kept) if kept else text)
     print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
           file=sys.stderr)
     return datasets
@@ -459,7 +461,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     section = temporal.render_section(scores, args.flicker_frames, command, notes)
     text = args.out.read_text() if args.out.is_file() else ''
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(temporal.replace_section(text, section))
+    write_text_atomically(args.out, temporal.replace_section(text, section))
     print(f'{PROG}: wrote the flicker section of {args.out}', file=sys.stderr)
     return scores
 
@@ -468,7 +470,7 @@ def main(argv: list | None = None) -> int:
     """Console entry point; exit code 0 on success, 1 on an error."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     def evaluate() -> int:

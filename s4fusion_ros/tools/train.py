@@ -24,7 +24,7 @@ from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
 from ..training.data import PairFolderDataset, training_pairs
 from ..training.loss import TEACHER_EDGES, S4FusionLoss, teacher_error
-from ..training.trainer import Trainer, TrainSettings, load_exported
+from ..training.trainer import Trainer, TrainSettings, check_new_run, load_exported
 
 
 PROG = 's4fusion-train'
@@ -174,10 +174,12 @@ def main(argv=None):
     error = teacher_error(args.teacher is not None, args.teacher_weight, args.teacher_edges)
     if error:  # before the data is read, so a bad option is a usage error
         parser.error(f'--teacher, --teacher-weight, --teacher-edges: {error}')
-    for option in ('stop_at', 'time_limit', 'checkpoint_every'):
+    for option in ('stop_at', 'time_limit', 'checkpoint_every', 'threads'):
         value = getattr(args, option)
         if value is not None and not value > 0:
             parser.error(f'--{option.replace("_", "-")} must be > 0, got {value}')
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f'--warmup must be >= 0, got {args.warmup}')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -217,6 +219,8 @@ def build_trainer(args, config, device):
                              lr=args.lr, warmup_steps=args.warmup,
                              seed=args.seed)
     # As training_pairs reads it: ir/ and vi/ first, the ivif layout only without them.
+    if not args.resume:  # before minutes of reading data, not after
+        check_new_run(args.out)
     data_is_ivif = not (args.data / 'ir').is_dir() and (args.data / 'roadscene').is_dir()
     pairs = training_pairs(args.data)
     features = classifier = None

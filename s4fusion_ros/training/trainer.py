@@ -71,6 +71,13 @@ class TrainSettings:
             object.__setattr__(self, 'warmup_steps', max(1, min(500, self.steps // 20)))
 
 
+def check_new_run(out_dir):
+    """FileExistsError if ``out_dir`` holds a run's training state (it would be overwritten)."""
+    state = pathlib.Path(out_dir) / STATE_NAME
+    if state.exists():
+        raise FileExistsError(f'{state} exists: resume it or use another output folder')
+
+
 def lr_factor(step, warmup, total, min_ratio):
     """Learning-rate multiplier for the optimizer step with index ``step`` (0-based)."""
     if step < warmup:
@@ -241,14 +248,12 @@ class Trainer:
         write_atomically(log, lambda f: f.write(''.join(lines).encode()))
 
     def save(self, last_loss):
-        """Write the training state and the weights so far (both atomically)."""
+        """Write the weights so far, then the training state (each atomically).
+
+        The state goes last: it is what a resume starts from, so a crash between the files
+        leaves a state no newer than the weights, and the resumed run writes them again.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'scheduler': self.scheduler.state_dict(), 'step': self.step,
-            'seconds': self.seconds, 'rng': _rng_state(), 'identity': json.dumps(self.identity()),
-        }
-        write_atomically(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
         training = {
             **self.identity()['settings'], 'steps_done': self.step,
             'optimizer': 'AdamW (no decay on norms, biases, A_logs, Ds, dt bias)',
@@ -261,6 +266,12 @@ class Trainer:
             training['initialised_from'] = self.init
         save_checkpoint(self.model, self.weights_path, extra_meta={'training': training},
                         storage_dtype=self.weights_dtype)
+        state = {
+            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(), 'step': self.step,
+            'seconds': self.seconds, 'rng': _rng_state(), 'identity': json.dumps(self.identity()),
+        }
+        write_atomically(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
 
     def train_step(self):
         """One optimizer step on the batch of the current step; returns its log record."""
@@ -292,9 +303,8 @@ class Trainer:
         every step; when it says True the run ends there with a checkpoint, as at ``stop_at``.
         """
         stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
-        if self.step == 0 and (self.out_dir / STATE_NAME).exists():
-            raise FileExistsError(f'{self.out_dir / STATE_NAME} exists: resume it or use another '
-                                  f'output folder')
+        if self.step == 0:
+            check_new_run(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         records = []
         bar = tqdm(total=self.settings.steps, initial=self.step, desc='train', unit='step',
