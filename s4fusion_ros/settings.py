@@ -118,16 +118,20 @@ def defaults() -> dict:
 def check(values: dict) -> str:
     """Why `values` (a full or partial set of parameter values) is invalid; '' when it is valid.
 
-    Types and ranges are enforced by rclpy from the descriptors (offline: `check_types`); this
-    checks what descriptors cannot express.
+    Types are enforced by rclpy from the descriptors (offline: `check_types`); this checks the
+    rest. Ranges are checked here too: rclpy lets a double through within a relative 1e-6 of a
+    range's edge (and NaN and inf through a double without one), which the parts behind the
+    parameters (the normalizer's percentiles, for one) refuse.
     """
     for name, value in values.items():
         spec = SPECS.get(name)
         if spec is not None and spec.choices and value not in spec.choices:
             return f"{name}: '{value}' is not one of {', '.join(spec.choices)}"
-        # rclpy lets NaN and inf through a double without a range (and NaN through a range).
         if isinstance(value, float) and not math.isfinite(value):
             return f'{name}: expected a finite number, got {value}'
+        if spec is not None and spec.range is not None and not (
+                spec.range[0] <= value <= spec.range[1]):
+            return f'{name}: {value} is outside [{spec.range[0]}, {spec.range[1]}]'
     if 'inference_size' in values:
         size = list(values['inference_size'])
         if len(size) != 2 or min(size) < 0 or (0 in size and any(size)):
@@ -156,17 +160,14 @@ def check_update(current: dict, updates: dict) -> str:
 
 
 def check_types(values: dict) -> str:
-    """Check what rclpy enforces from the descriptors (type and range) for the offline tool.
+    """Check the types rclpy enforces from the descriptors, for the offline tools.
 
     Types follow rclpy: an int where a double is declared is refused (write 0.0, not 0).
     """
     for name, value in values.items():
-        spec = SPECS[name]
-        expected = _kind(spec.default)
+        expected = _kind(SPECS[name].default)
         if _kind(value) != expected:
             return f'{name}: expected {expected}, got {value!r}'
-        if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
-            return f'{name}: {value} is outside [{spec.range[0]}, {spec.range[1]}]'
     return ''
 
 

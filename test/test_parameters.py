@@ -31,7 +31,8 @@ def test_check_rejects_with_reasons():
         assert 'normalization.fixed_max: expected a finite' in settings.check(
             {'normalization.fixed_max': bad})
     # The synchronizer needs a timeout > 0: the declared range says so before it is built.
-    assert 'sync.timeout' in settings.check_types({'sync.timeout': 0.0})
+    assert 'sync.timeout: 0.0 is outside' in settings.check({'sync.timeout': 0.0})
+    assert 'sync.timeout: expected double' in settings.check_types({'sync.timeout': 1})
 
 
 @pytest.mark.parametrize('module, unwanted', [('s4fusion_ros.settings', ('torch', 'rclpy')),
@@ -188,6 +189,9 @@ def test_valid_change_is_accepted(node):
     # No range on these: rclpy itself would store them, and the normalizer would then refuse.
     ('normalization.fixed_max', float('inf'), 'normalization.fixed_max: expected a finite'),
     ('normalization.fixed_min', float('nan'), 'normalization.fixed_min: expected a finite'),
+    # rclpy lets this through its 0-100 range (a relative tolerance of 1e-6); the normalizer not.
+    ('normalization.high_percentile', 100.00005, 'normalization.high_percentile: 100.00005 is '
+                                                 'outside [0.0, 100.0]'),
 ])
 def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
     before = get_parameter(node, name)

@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='size the model runs at, detail restored at full resolution '
                              '(default: 0x0 = full resolution)')
     args = parser.parse_args(argv)
-    error = settings.check_types({'model.detail_gain': args.detail_gain})
+    error = settings.check({'model.detail_gain': args.detail_gain})
     if error:
         parser.error(f'--detail-gain: {error}')
     return args
