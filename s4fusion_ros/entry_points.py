@@ -1,12 +1,15 @@
 """Console entry points: set up the process the package runs in, then import and run the tool.
 
 Importing s4fusion_ros changes nothing in the host process; the commands this package runs own
-their process, so they set it up here, before the tool's imports load OpenMP (torch) and numba.
+their process, so they set it up here, before the tool's imports load OpenMP (torch), numba and
+OpenCV.
 """
 
 import importlib
 import os
 import sys
+
+from .imaging.limits import MAX_PIXELS, MAX_SIDE
 
 
 def numba_cache_dir() -> str:
@@ -27,8 +30,13 @@ def omp_wait_policy() -> str:
 
 
 def configure_process() -> None:
-    """Set OpenMP's wait policy and numba's cache folder, keeping values the user chose."""
+    """Set OpenMP's wait policy, numba's cache folder and OpenCV's image size limits, keeping
+    values the user chose."""
     os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
+    # OpenCV reads these when it loads and then refuses larger images from their headers: a
+    # compressed message of a few hundred kB can otherwise decode into gigabytes.
+    for name, limit in (('WIDTH', MAX_SIDE), ('HEIGHT', MAX_SIDE), ('PIXELS', MAX_PIXELS)):
+        os.environ.setdefault(f'OPENCV_IO_MAX_IMAGE_{name}', str(limit))
     # numba reads NUMBA_CACHE_DIR at its first import; its config when each cached kernel is
     # defined, in case numba was imported already.
     os.environ['NUMBA_CACHE_DIR'] = numba_cache_dir()

@@ -1,6 +1,9 @@
 """Message decoding (raw, compressed) on real MSRS images, malformed messages, colour helpers."""
 
 import array
+import os
+import subprocess
+import sys
 
 import cv2
 from hypothesis import given, HealthCheck, settings, strategies as st
@@ -136,6 +139,30 @@ def test_compressed_16bit_png_stays_16bit(msrs_pair):
     raw = decode_thermal(img)
     assert raw.dtype == np.float32 and raw.max() > 255
     np.testing.assert_array_equal(raw, counts.astype(np.float32))
+
+
+# A 5 kB PNG that decodes to 40000x64: past MAX_SIDE, as a raw image of that size would be.
+WIDE_PNG = cv2.imencode('.png', np.zeros((64, 40000), np.uint8))[1].tobytes()
+
+
+def test_compressed_image_over_the_size_limit_is_refused_from_its_header():
+    # The test process is set up as the commands' are (conftest): OpenCV knows the limits.
+    with pytest.raises(ImageDecodeError, match="compressed 'png' image: its header exceeds the "
+                                               f'limit of {MAX_SIDE} per side'):
+        decode_visible(RawCompressedImage('png', WIDE_PNG))
+
+
+def test_compressed_image_over_the_size_limit_is_refused_where_opencv_has_no_limits():
+    # A library user's process, which the package does not set up: refused once decoded.
+    script = ('import sys; from s4fusion_ros.imaging.encodings import ImageDecodeError, '
+              'RawCompressedImage, decode_visible\n'
+              'try:\n    decode_visible(RawCompressedImage("png", sys.stdin.buffer.read()))\n'
+              'except ImageDecodeError as error:\n    print(error)')
+    env = {k: v for k, v in os.environ.items() if not k.startswith('OPENCV_IO_MAX_IMAGE')}
+    done = subprocess.run([sys.executable, '-c', script], input=WIDE_PNG, capture_output=True,
+                          env=env, timeout=120)
+    assert done.stdout.decode().strip() == (
+        f"compressed 'png' image: width 40000 exceeds the limit {MAX_SIDE}"), done.stderr
 
 
 @pytest.mark.parametrize('data', [b'', b'not an image at all', b'\x89PNG\r\n\x1a\n' + bytes(40),

@@ -34,9 +34,13 @@ def test_importing_the_package_changes_no_environment_variable():
 def test_entry_points_set_up_the_process():
     script = ('import os; from s4fusion_ros.entry_points import configure_process; '
               'configure_process(); print(os.environ["OMP_WAIT_POLICY"], '
-              'os.environ["NUMBA_CACHE_DIR"])')
-    env = {**os.environ, 'NUMBA_CACHE_DIR': '/tmp/chosen-by-the-user'}
-    env.pop('OMP_WAIT_POLICY', None)
+              'os.environ["NUMBA_CACHE_DIR"], os.environ["OPENCV_IO_MAX_IMAGE_WIDTH"], '
+              'os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])')
+    env = {**os.environ, 'NUMBA_CACHE_DIR': '/tmp/chosen-by-the-user',
+           'OPENCV_IO_MAX_IMAGE_PIXELS': '1000'}
+    for name in ('OMP_WAIT_POLICY', 'OPENCV_IO_MAX_IMAGE_WIDTH'):
+        env.pop(name, None)
     done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                           env=env, timeout=120)
-    assert done.stdout.split() == ['PASSIVE', '/tmp/chosen-by-the-user'], done.stderr
+    assert done.stdout.split() == ['PASSIVE', '/tmp/chosen-by-the-user', str(1 << 15),
+                                   '1000'], done.stderr

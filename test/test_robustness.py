@@ -283,12 +283,17 @@ def _bad(stamp):
         'undecodable compressed': ('visible', [compressed(b'\xff\xd8\xff\xe0' + bytes(100),
                                                           stamp)],
                                    'jpeg', "compressed 'jpeg' image: cannot decode"),
+        # 5 kB that would decode to 40000x64: refused from its header, before any allocation.
+        'compressed over the size limit': (
+            'visible', [compressed(cv2.imencode('.png', np.zeros((64, 40000), np.uint8))[1]
+                                   .tobytes(), stamp, 'png')],
+            'png', "compressed 'png' image: its header exceeds the limit"),
     }
 
 
 @pytest.mark.parametrize('case', ['data length', 'step too small', 'zero width', 'zero height',
                                   'absurd size', 'unknown encoding', 'NaN and inf only',
-                                  'undecodable compressed'])
+                                  'undecodable compressed', 'compressed over the size limit'])
 def test_bad_message_is_dropped_counted_and_logged_and_fusion_goes_on(node, case):
     role, messages, encoding, fault = _bad(node.now())[case]
     other = 'visible' if role == 'thermal' else 'thermal'

@@ -24,11 +24,9 @@ from typing import Any, NamedTuple, Union
 import cv2
 import numpy as np
 
-Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+from .limits import MAX_PIXELS, MAX_SIDE
 
-# Refused before any work: larger than any camera, small enough that a copy cannot exhaust memory.
-MAX_SIDE = 1 << 15
-MAX_PIXELS = 1 << 28
+Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
 
 class _Format(NamedTuple):
@@ -115,6 +113,11 @@ def _dimension(value: Any, name: str, encoding: str, limit: int) -> int:
     return number
 
 
+def _check_pixels(width: int, height: int, name: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(f'{name} image: {width}x{height} exceeds {MAX_PIXELS} pixels')
+
+
 def _flag(value: Any, encoding: str) -> bool:
     """Validate is_bigendian (a uint8 in the message) and return it as a bool."""
     try:
@@ -138,8 +141,7 @@ def image_to_array(img: Any) -> np.ndarray:
     fmt = FORMATS[encoding]
     height = _dimension(img.height, 'height', encoding, MAX_SIDE)
     width = _dimension(img.width, 'width', encoding, MAX_SIDE)
-    if height * width > MAX_PIXELS:
-        raise ImageDecodeError(f'{encoding} image: {width}x{height} exceeds {MAX_PIXELS} pixels')
+    _check_pixels(width, height, encoding)
     dtype = np.dtype(fmt.dtype)
     if _flag(img.is_bigendian, encoding) and dtype.itemsize > 1:
         dtype = dtype.newbyteorder('>')
@@ -169,9 +171,16 @@ def _decode_compressed(img: Any) -> tuple[np.ndarray, str, str]:
     try:
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
+        if 'CV_IO_MAX_IMAGE' in exc.err:  # the limits the entry points give OpenCV
+            raise ImageDecodeError(f'{name} image: its header exceeds the limit of {MAX_SIDE} '
+                                   f'per side or {MAX_PIXELS} pixels') from exc
         raise ImageDecodeError(f'{name} image: cannot decode ({exc.err})') from exc
     if array is None or array.size == 0:
         raise ImageDecodeError(f'{name} image: cannot decode {data.size} bytes')
+    # Checked after decoding where OpenCV was not given the limits (a library user's process).
+    for side, size in (('height', array.shape[0]), ('width', array.shape[1])):
+        _dimension(size, side, name, MAX_SIDE)
+    _check_pixels(array.shape[1], array.shape[0], name)
     channels = 1 if array.ndim == 2 else array.shape[2]
     if channels not in _COMPRESSED_LAYOUTS or array.dtype not in (np.uint8, np.uint16,
                                                                   np.float32):
