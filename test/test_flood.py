@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
-from s4fusion_ros.ros.flood import FloodReport, run_flood  # noqa: E402
+from s4fusion_ros.ros.flood import FloodReport, main as flood_main, run_flood  # noqa: E402
 from support import check_counters, check_latency, FLOOD_PARAMS  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -52,3 +52,11 @@ def test_flood_checks_catch_a_growing_backlog():
     check_counters(report)
     with pytest.raises(AssertionError, match='backlog'):
         check_latency(report)
+
+
+@pytest.mark.parametrize('argv, message', [(['--duration', '0'], '--duration must be > 0'),
+                                           (['--rate', '-1'], '--rate must be >= 0')])
+def test_bad_phase_options_are_refused_before_the_node_starts(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        flood_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -355,7 +355,7 @@ def test_thermal_of_another_size_is_fused_at_the_rgb_geometry_with_one_warning(n
     assert len(node.log_lines('differ in size', 'resized to the visible geometry')) == 1
 
 
-def test_zero_stamps_are_rejected_and_counted(node):
+def test_zero_stamps_are_rejected_counted_and_logged(node):
     before = node.counts()
     node.publish_pair(0)
     node.fuse()
@@ -363,6 +363,9 @@ def test_zero_stamps_are_rejected_and_counted(node):
     for role in ROLES:
         key = per_input(role, 'rejected (bad stamp)')
         assert after[key] - before[key] == 1
+        topic = f'{NAMESPACE}/{role}/image_raw' + ('/compressed' if role == 'visible' else '')
+        assert len(node.log_lines(f'{topic}: dropped a message stamped 0 ns',
+                                  'header stamp, which its driver leaves unset')) == 1, node.log()
     sync_counts_add_up(after)
 
 

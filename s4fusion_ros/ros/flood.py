@@ -369,6 +369,10 @@ def main(argv=None) -> int:
                         help='namespace of the node and its topics (default: %(default)s)')
     parser.add_argument('--json', action='store_true', help='print the figures as JSON')
     args = parser.parse_args(argv)
+    if not args.duration > 0:
+        parser.error('--duration must be > 0')
+    if any(not (rate >= 0 and math.isfinite(rate)) for rate in args.rate or []):
+        parser.error('--rate must be >= 0 and finite')
     # Keep the flood on this machine unless told otherwise; large images go through shared
     # memory (as the launch file sets up).
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')

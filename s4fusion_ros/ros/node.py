@@ -193,9 +193,14 @@ class S4FusionNode(Node):
 
     def _on_image(self, role: str, msg) -> None:
         self._rate(role).tick()
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        if stamp_ns <= 0 and self._log_due((role, 'bad stamp')):  # the synchronizer counts it
+            self.get_logger().warning(
+                f'{getattr(self, f"{role}_sub").topic_name}: dropped a message stamped '
+                f'{stamp_ns} ns: pairing is by header stamp, which its driver leaves unset')
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            prepared = add(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
+            prepared = add(msg, stamp_ns, msg.header.frame_id)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.rejected[role] += 1
             self._log_rejection(role, msg, error)
@@ -331,8 +336,10 @@ class S4FusionNode(Node):
         elif not self.fused_rate.recent():
             # Both inputs arrive and nothing comes out: say where the pairs went.
             causes = [f'{key}: {values[key]}' for key in (
-                Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_UNPAIRED,
-                Key.VISIBLE_UNPAIRED, Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS,
+                Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_BAD_STAMP,
+                Key.VISIBLE_BAD_STAMP, Key.THERMAL_LATE, Key.VISIBLE_LATE, Key.THERMAL_OVERFLOW,
+                Key.VISIBLE_OVERFLOW, Key.THERMAL_UNPAIRED, Key.VISIBLE_UNPAIRED,
+                Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS,
                 Key.PAIRS_DROPPED, Key.PAIRS_IN_INFERENCE)  # the last two: a model slower than 5 s
                 if isinstance(values[key], int) and values[key]]
             level = DiagnosticStatus.WARN
