@@ -184,16 +184,22 @@ class FusionEngine:
         return self._fuse(pair.thermal, pair.visible_bgr, self.settings, pair)
 
     def fuse_images(self, thermal: np.ndarray, visible_bgr: np.ndarray,
-                    output_encoding: str = '') -> FusionResult:
+                    output_encoding: str = '', stretch_thermal: bool = False) -> FusionResult:
         """Fuse a pair of images read from files; `output_encoding` overrides the settings'.
 
         `thermal` is the infrared image as stored (uint8 or uint16 luminance, any size). A
         dataset's thermal image is already a display-normalized picture and training reads it as
         value / type maximum: the node's percentile stretch would change it, so the fixed
-        full-type range gives the model the pixels it was trained on.
+        full-type range gives the model the pixels it was trained on. Raw camera counts (a 14-bit
+        radiometric file) fill a sliver of that range: `stretch_thermal` maps them as the node
+        does, by this image's percentile window.
         """
-        full_range = (0.0, float(np.iinfo(thermal.dtype).max))
-        normalized = ThermalNormalizer(mode='fixed', fixed_range=full_range)(thermal)
+        if stretch_thermal:
+            normalizer = ThermalNormalizer(smoothing=0.0)  # one image: nothing to smooth over
+        else:
+            full_range = (0.0, float(np.iinfo(thermal.dtype).max))
+            normalizer = ThermalNormalizer(mode='fixed', fixed_range=full_range)
+        normalized = normalizer(thermal)
         height, width = visible_bgr.shape[:2]
         # The identity registration resizes a thermal image of another size.
         registered = ThermalRegistration()(normalized, (width, height))

@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from s4fusion_ros import settings
-from s4fusion_ros.engine import FusionEngine, FusionSettings, PreparedPair
+from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings, PreparedPair
 from s4fusion_ros.evaluation import baselines, metrics, report
+from s4fusion_ros.imaging.encodings import encode_image
+from s4fusion_ros.imaging.normalization import ThermalNormalizer
+from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint, shipped_weights
 from s4fusion_ros.runtime import load_fusion_model
+from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
@@ -81,6 +85,34 @@ def test_fuse_writes_what_the_engine_makes_from_the_images(ivif_dir, tmp_path, t
         # x / 255 and the normalizer's x * (1 / 255) may differ in the last float bit.
         assert np.abs(fused.astype(int) - expected.fused).max() <= 1
         assert np.abs(saliency.astype(int) - np.rint(expected.saliency * 255)).max() <= 1
+
+
+def test_raw_16_bit_counts_are_flagged_and_stretched_as_the_node_does(ivif_dir, tmp_path,
+                                                                      capsys, tiny_weights):
+    ir = cv2.imread(str(ivif_dir / 'tno' / 'ir' / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)
+    counts = (7000 + ir.astype(np.float64) / 255 * 2000).astype(np.uint16)  # a 14-bit camera
+    for side, image in (('ir', counts), ('vi', cv2.imread(
+            str(ivif_dir / 'tno' / 'vi' / GRAY_PAIR[1]), cv2.IMREAD_COLOR))):
+        (tmp_path / side).mkdir()
+        cv2.imwrite(str(tmp_path / side / 'raw.png'), image)
+    common = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--weights',
+              str(tiny_weights), '--device', 'cpu']
+    assert fuse.main([*common, '--out', str(tmp_path / 'plain')]) == 0
+    assert 'is 16-bit but spans only 7000-9000 of 0-65535' in capsys.readouterr().err
+    assert fuse.main([*common, '--out', str(tmp_path / 'stretched'), '--stretch-thermal']) == 0
+    assert 'spans only' not in capsys.readouterr().err
+    # The node, given these counts as a mono16 frame, normalizes and fuses the same pixels.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.01, queue_size=2), ThermalNormalizer(),
+                              ThermalRegistration())
+    visible = cv2.imread(str(tmp_path / 'vi' / 'raw.png'), cv2.IMREAD_COLOR)
+    pipeline.add_thermal(encode_image(counts, 'mono16'), 10**9, 'ir')
+    [pair] = pipeline.add_visible(encode_image(visible, 'bgr8'), 10**9, 'rgb')
+    engine = FusionEngine(load_fusion_model(str(tiny_weights), device='cpu'),
+                          FusionSettings(output_encoding='mono8'))
+    expected = engine.infer(pair).fused
+    stretched = read_png(tmp_path / 'stretched' / 'fused' / 'raw.png')
+    assert np.abs(stretched.astype(int) - expected).max() <= 1
+    assert not np.array_equal(read_png(tmp_path / 'plain' / 'fused' / 'raw.png'), stretched)
 
 
 def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, capsys,

@@ -27,6 +27,9 @@ from ..runtime import LoadedModel, load_fusion_model
 from ..training.data import Pair, luminance, match_pairs
 
 PROG = 's4fusion-fuse'
+# A 16-bit IR file whose values span less than this is likely raw counts (14-bit cameras give a
+# few thousand), not a picture stretched over 0-65535.
+RAW_COUNTS_SPAN = 1 << 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +81,21 @@ def read_pair(pair: Pair) -> SourcePair:
 class ImageFuser:
     """The node's FusionEngine, with its default output settings, applied to image files."""
 
-    def __init__(self, loaded: LoadedModel, inference_size: tuple[int, int] = (0, 0)):
-        """Run `loaded` at `inference_size` (width, height; (0, 0) = full resolution)."""
+    def __init__(self, loaded: LoadedModel, inference_size: tuple[int, int] = (0, 0),
+                 stretch_thermal: bool = False):
+        """Run `loaded` at `inference_size` (width, height; (0, 0) = full resolution);
+        `stretch_thermal`: see FusionEngine.fuse_images."""
         # PNG files hold the saliency as 0-255: mono8, whatever the node's default.
         values = {**settings.defaults(), 'inference_size': list(inference_size),
                   'saliency.encoding': 'mono8'}
         self.engine = FusionEngine(loaded, fusion_settings(values))
+        self.stretch_thermal = stretch_thermal
 
     def fuse(self, source: SourcePair) -> FusedImages:
         """Fuse one pair into the images the node would publish (mono8 saliency)."""
         encoding = 'bgr8' if source.visible_is_color else 'mono8'
-        result = self.engine.fuse_images(source.thermal, source.visible_bgr, encoding)
+        result = self.engine.fuse_images(source.thermal, source.visible_bgr, encoding,
+                                         self.stretch_thermal)
         return FusedImages(result.fused, result.saliency_image, result.inference_seconds)
 
 
@@ -121,6 +128,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar='WxH',
                         help='size the model runs at, detail restored at full resolution '
                              '(default: 0x0 = full resolution)')
+    parser.add_argument('--stretch-thermal', action='store_true',
+                        help='map each IR image\'s 1st-99th percentile window to the full '
+                             'range, as the node does with camera frames: for raw 16-bit '
+                             'radiometric counts (default: value / type maximum, as the public '
+                             'datasets are stored and the model was trained)')
     args = parser.parse_args(argv)
     error = settings.check({'model.detail_gain': args.detail_gain})
     if error:
@@ -151,11 +163,19 @@ def fuse_folders(args: argparse.Namespace) -> int:
                                detail_gain=args.detail_gain)
     print(f'{PROG}: {len(pairs)} pairs with {loaded.name} on {loaded.device} -> {args.out}',
           file=sys.stderr)
-    fuser = ImageFuser(loaded, args.inference_size)
-    failed = 0
+    fuser = ImageFuser(loaded, args.inference_size, args.stretch_thermal)
+    failed, warned = 0, args.stretch_thermal
     for pair in tqdm(pairs, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True):
         try:
-            images = fuser.fuse(read_pair(pair))
+            source = read_pair(pair)
+            if not warned and source.thermal.dtype == np.uint16 and (
+                    np.ptp(source.thermal) < RAW_COUNTS_SPAN):
+                warned = True
+                tqdm.write(f'{PROG}: {pair.ir_path} is 16-bit but spans only '
+                           f'{source.thermal.min()}-{source.thermal.max()} of 0-65535 (raw '
+                           f'camera counts?), so it fuses nearly black; --stretch-thermal maps '
+                           f'it as the node does', file=sys.stderr)
+            images = fuser.fuse(source)
         except ValueError as error:  # an unreadable or unusable file: the others still run
             tqdm.write(f'{PROG}: {error}', file=sys.stderr)
             failed += 1
