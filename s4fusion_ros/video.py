@@ -6,6 +6,7 @@ MPEG-4 support, QuickTime) open it. Panels keep the visible image's size unless 
 be wider than MAX_WIDTH.
 """
 
+import os
 import pathlib
 import sys
 from typing import Iterator
@@ -55,7 +56,12 @@ def panel_row(visible_bgr: np.ndarray, thermal: np.ndarray, fused_bgr: np.ndarra
 
 
 class SideBySideVideo:
-    """Writes panel rows to an MP4; the frame size is fixed by the first row."""
+    """Writes panel rows to an MP4; the frame size is fixed by the first row.
+
+    The video is written beside ``path`` under a hidden name and renamed to ``path`` by
+    ``close``, so a crash or an interruption never leaves a cut-off video under the final name.
+    As a context manager it closes on success and discards the partial file on an exception.
+    """
 
     def __init__(self, path: pathlib.Path, fps: float):
         """Open nothing yet: the size comes with the first frame."""
@@ -64,6 +70,8 @@ class SideBySideVideo:
         self.frames = 0
         self._writer = None
         self._size = None
+        # The .mp4 suffix stays last: OpenCV picks the container by it.
+        self._partial = self.path.with_name(f'.{self.path.stem}.partial{self.path.suffix}')
 
     def add(self, row: np.ndarray) -> None:
         """Append one frame (a BGR row from panel_row), scaled to even sides within MAX_WIDTH."""
@@ -72,7 +80,7 @@ class SideBySideVideo:
             scale = min(1.0, MAX_WIDTH / width)
             self._size = (round(width * scale / 2) * 2, round(height * scale / 2) * 2)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*FOURCC),
+            self._writer = cv2.VideoWriter(str(self._partial), cv2.VideoWriter_fourcc(*FOURCC),
                                            self.fps, self._size)
             if not self._writer.isOpened():
                 raise OSError(f'{self.path}: OpenCV cannot write {FOURCC} video here')
@@ -82,18 +90,29 @@ class SideBySideVideo:
         self.frames += 1
 
     def close(self) -> None:
-        """Finish the file (a video without frames is not written)."""
+        """Finish the video and give it its name (a video without frames is not written)."""
         if self._writer is not None:
             self._writer.release()
             self._writer = None
+            os.replace(self._partial, self.path)
+
+    def discard(self) -> None:
+        """Stop writing and remove the partial video; ``path`` is left as it was."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        self._partial.unlink(missing_ok=True)
 
     def __enter__(self):
-        """Use as a context manager: closed on leaving."""
+        """Use as a context manager: closed on success, discarded on an exception."""
         return self
 
-    def __exit__(self, *exc) -> None:
-        """Close the file."""
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        """Close the video, or discard it when leaving by an exception."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,

@@ -91,7 +91,13 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) \
             == (4 * SIZE[0], SIZE[1])
         capture.release()
+        assert sorted(path.name for path in video.parent.iterdir()) == ['fused.mp4']
     assert f'fused {len(expected)} pairs' in capsys.readouterr().err
+    if not compressed:  # an existing video, like an existing bag, needs --overwrite
+        assert bag_tool.main([str(source), str(tmp_path / 'out2'), '--params',
+                              str(params_file)] + extra) == 1
+        assert f'{video} exists; pass --overwrite' in capsys.readouterr().err
+        assert not (tmp_path / 'out2').exists()
 
 
 def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
@@ -230,7 +236,9 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=12.0), 'mcap')
     output = write_bag(tmp_path / 'out', camera_messages(ivif_dir, duration=0.2), 'mcap')
     before = read_bag(output)
-    proc = run_tool(source, output, params_file, '--overwrite')
+    video = tmp_path / 'fused.mp4'
+    video.write_bytes(b'an earlier video')
+    proc = run_tool(source, output, params_file, '--overwrite', '--export-video', str(video))
     stderr = StreamReader(proc.stderr)
     # Mid-run: the progress bar counts some pairs fused, however slow the machine.
     assert stderr.wait_for(re.compile(r'fusing: .*\| *[1-9]\d*/'), 120), stderr.text()
@@ -244,6 +252,8 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     assert 'Traceback' not in error
     assert read_bag(output) == before
     assert not staging_dirs(tmp_path)
+    assert video.read_bytes() == b'an earlier video'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['fused.mp4', 'in', 'out']
 
 
 def _limit_file_size() -> None:

@@ -256,6 +256,8 @@ def run(args: argparse.Namespace) -> None:
     if args.output.resolve() == args.input.resolve():
         raise BagError(f'{args.output}: the output cannot be the input bag')
     check_output(args.output, args.overwrite)  # before minutes of work, not after
+    if args.export_video and args.export_video.exists() and not args.overwrite:
+        raise BagError(f'{args.export_video} exists; pass --overwrite to replace it')
     values = load_values(args)
     started = time.monotonic()
     with open_bag(args.input) as reader:
@@ -274,13 +276,11 @@ def run(args: argparse.Namespace) -> None:
         engine = FusionEngine(loaded, fusion_settings(values))
         fuser = BagFuser(pipeline_from_params(values), engine, args.export_png, args.export_every,
                          video)
-        try:
-            with create_bag(args.output, storage, overwrite=args.overwrite) as writer:
-                fuser.run(reader, args.input, thermal, visible, writer,
-                          (args.fused_topic, args.saliency_topic), args.include_inputs)
-        finally:
-            if video is not None:
-                video.close()
+        # The bag is finished (or removed) first, then the video named (or discarded).
+        bag = create_bag(args.output, storage, overwrite=args.overwrite)
+        with video or contextlib.nullcontext(), bag as writer:
+            fuser.run(reader, args.input, thermal, visible, writer,
+                      (args.fused_topic, args.saliency_topic), args.include_inputs)
     print_summary(args, fuser, time.monotonic() - started)
 
 
