@@ -22,9 +22,9 @@ from s4fusion_ros.tools.train import build_parser, model_config
 from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
                                    ivif_splits, load_exported, pairs_in_folder)
-from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, m3svd_clip,
-                                        match_pairs, read_pair_images,
-                                        roadscene_test67_names)
+from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, data_layout,
+                                        m3svd_clip, match_pairs, read_pair_images,
+                                        roadscene_test67_names, training_pairs)
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import lr_factor
 
@@ -240,6 +240,17 @@ def test_dataset_balance_shifts_the_draw_towards_the_small_dataset(tmp_path):
         assert all(abs((big == level).mean() - 1 / 3) < 0.04 for level in (10, 20, 30))
     with pytest.raises(ValueError, match='dataset_balance'):
         PairFolderDataset(pairs, 25, dataset_balance=1.5)
+
+
+def test_a_folder_of_datasets_named_like_the_ivif_ones_is_read_as_datasets(tmp_path, ivif_dir):
+    for dataset in ('roadscene', 'mine'):
+        for side in ('ir', 'vi'):
+            (tmp_path / dataset / side).mkdir(parents=True)
+            cv2.imwrite(str(tmp_path / dataset / side / f'{dataset}.png'),
+                        np.zeros((30, 30), np.uint8))
+    assert data_layout(tmp_path) == 'datasets' and data_layout(tmp_path / 'mine') == 'pairs'
+    assert [pair.name for pair in training_pairs(tmp_path)] == ['mine.png', 'roadscene.png']
+    assert data_layout(ivif_dir) == 'ivif'
 
 
 def test_small_images_are_reflect_padded(tmp_path, ivif_dir):

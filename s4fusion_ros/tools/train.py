@@ -22,7 +22,7 @@ from ..model import S4FusionConfig
 from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
 from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
-from ..training.data import PairFolderDataset, training_pairs
+from ..training.data import PairFolderDataset, data_layout, training_pairs
 from ..training.loss import TEACHER_EDGES, S4FusionLoss, teacher_error
 from ..training.trainer import Trainer, TrainSettings, check_new_run, load_exported
 
@@ -218,10 +218,9 @@ def build_trainer(args, config, device):
                              min_gain=args.min_gain, dataset_balance=args.dataset_balance,
                              lr=args.lr, warmup_steps=args.warmup,
                              seed=args.seed)
-    # As training_pairs reads it: ir/ and vi/ first, the ivif layout only without them.
     if not args.resume:  # before minutes of reading data, not after
         check_new_run(args.out)
-    data_is_ivif = not (args.data / 'ir').is_dir() and (args.data / 'roadscene').is_dir()
+    data_is_ivif = data_layout(args.data) == 'ivif'
     pairs = training_pairs(args.data)
     features = classifier = None
     if args.pretrained_features is not None:

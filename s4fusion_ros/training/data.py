@@ -28,6 +28,8 @@ M3SVD_VALIDATION_CLIPS = ('0111_1753', '0115_1834')
 ROADSCENE_VALIDATION_STRIDE = 8
 # Every n-th frame of the M3SVD videos trains; neighbouring frames add little but decode time.
 VIDEO_FRAME_STEP = 10
+# S4Fusion's RoadScene test split in the ivif data folder; it also marks a folder as that layout.
+ROADSCENE_TEST67 = pathlib.Path('roadscene', 'splits', 's4fusion_test67.csv')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +201,7 @@ def _by_stem(names):
 
 def roadscene_test67_names(root):
     """RoadScene file names of S4Fusion's 67 test pairs (five are ``FLIR_video_*`` here)."""
-    path = pathlib.Path(root) / 'roadscene' / 'splits' / 's4fusion_test67.csv'
+    path = pathlib.Path(root) / ROADSCENE_TEST67
     with open(path, newline='') as f:
         names = [row['name_here'] for row in csv.DictReader(f)]
     if len(names) != 67:
@@ -207,14 +209,24 @@ def roadscene_test67_names(root):
     return names
 
 
-def training_pairs(folder):
-    """The pairs to train on in ``folder``: its ir/ and vi/ pairs; the training split where it is
-    the ivif layout (README, "Data"); else the pairs of every subfolder holding ir/ and vi/ (one
-    dataset each, as ``dataset_balance`` counts them)."""
+def data_layout(folder):
+    """How ``training_pairs`` reads ``folder``: 'pairs' (it holds ir/ and vi/), 'ivif' (the ivif
+    layout of the README, "Data", known by its RoadScene test split) or 'datasets'."""
     folder = pathlib.Path(folder)
     if (folder / 'ir').is_dir():
+        return 'pairs'
+    return 'ivif' if (folder / ROADSCENE_TEST67).is_file() else 'datasets'
+
+
+def training_pairs(folder):
+    """The pairs to train on in ``folder``: its ir/ and vi/ pairs; the training split where it is
+    the ivif layout; else the pairs of every subfolder holding ir/ and vi/ (one dataset each, as
+    ``dataset_balance`` counts them). See ``data_layout``."""
+    folder = pathlib.Path(folder)
+    layout = data_layout(folder)
+    if layout == 'pairs':
         return pairs_in_folder(folder)
-    if (folder / 'roadscene').is_dir():
+    if layout == 'ivif':
         return ivif_splits(folder).train
     datasets = sorted(p for p in folder.glob('*') if (p / 'ir').is_dir())
     if not datasets:
