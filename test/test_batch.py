@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from s4fusion_ros import settings
 from s4fusion_ros.batch import work
@@ -198,6 +199,14 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     assert '1 of 1 bags fused' in error and str(out / 's4fusion-batch-manifest.json') in error
     assert batch_tool.main(command + ['--resume']) == 0  # nothing left to do
     assert 'skipped' in capsys.readouterr().err
+    # Finished bags are kept as they are: a resume with other parameters is refused.
+    changed = yaml.safe_load(params_file.read_text())
+    changed['s4fusion_node']['ros__parameters']['sync']['slop'] = 0.03
+    other = tmp_path / 'other.yaml'
+    other.write_text(yaml.safe_dump(changed))
+    assert batch_tool.main([str(tmp_path / 'in'), str(out), '--params', str(other),
+                            '--resume']) == 1
+    assert 'fused with other parameters (sync.slop)' in capsys.readouterr().err
     (source / 'a.mcap').write_bytes(b'garbage')
     assert batch_tool.main(command + ['--overwrite']) == 1  # a bag failed: exit status 1
     assert 'FAILED' in capsys.readouterr().err and (out / 'a').exists()

@@ -164,7 +164,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         values['device'] = device
     jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)
     _check_existing(jobs, resume, overwrite)
-    previous = _previous_reports(out_dir / MANIFEST) if resume else {}
+    previous = _previous_reports(out_dir / MANIFEST, values) if resume else {}
     with connected(address, num_cpus) as ray:
         runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
                          resume, overwrite, max_retries, progress, (on_unit, on_progress),
@@ -181,7 +181,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
                             interrupted)
             out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomically(report.manifest, json.dumps(
-                {'interrupted': interrupted, 'seconds': report.seconds,
+                {'interrupted': interrupted, 'seconds': report.seconds, 'parameters': values,
                  'bags': [dataclasses.asdict(b) for b in report.bags]}, indent=1))
     return report
 
@@ -197,12 +197,24 @@ def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
                          'what is finished or --overwrite to replace them')
 
 
-def _previous_reports(manifest: pathlib.Path) -> dict:
-    """{output: BagReport fields} of the bags an earlier run into the same folder finished."""
+def _previous_reports(manifest: pathlib.Path, values: dict) -> dict:
+    """{output: BagReport fields} of the bags an earlier run into the same folder finished.
+
+    BatchError if that run recorded other parameters: its finished bags would be kept as they
+    are, unlike the ones still to fuse.
+    """
     try:
-        bags = json.loads(manifest.read_text())['bags']
+        earlier = json.loads(manifest.read_text())
+        bags = earlier['bags']
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+    recorded, current = earlier.get('parameters'), json.loads(json.dumps(values))
+    if recorded is not None and recorded != current:
+        changed = sorted(name for name in set(recorded) | set(current)
+                         if recorded.get(name) != current.get(name))
+        raise BatchError(f'--resume: the bags in {manifest.parent} were fused with other '
+                         f'parameters ({", ".join(changed)}); resume with the same ones, or '
+                         f'pass --overwrite to fuse every bag again')
     return {bag['output']: bag for bag in bags if bag.get('status') in ('done', 'skipped')}
 
 
