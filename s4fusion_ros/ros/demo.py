@@ -254,10 +254,11 @@ def run(args: argparse.Namespace) -> str:
             '--rate', str(rate), '--topics', thermal.topic, visible.topic]
     # The node times sync.timeout in wall seconds since the latest message: played slower, the
     # bag's frames arrive further apart in wall time, so the timeout stretches with them.
-    timeout = min(settings.SPECS['sync.timeout'].range[1], values['sync.timeout'] / rate)
+    low, high = settings.SPECS['sync.timeout'].range
+    timeout = min(high, max(low, values['sync.timeout'] / rate))
     node_command = [executable(settings.NODE_NAME), '--ros-args', '--params-file',
                     str(node_params_file(args, logs)), '-p', 'use_sim_time:=true',
-                    '-p', f'sync.timeout:={timeout:.3f}']
+                    '-p', f'sync.timeout:={timeout!r}']  # repr: a double, never rounded to 0
     for role, topic in (('thermal', thermal), ('visible', visible)):
         # A CompressedImage topic goes to the node's .../compressed input.
         suffix = '/compressed' if topic.compressed else ''
