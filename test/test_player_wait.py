@@ -4,6 +4,7 @@ Even when another subscriber is there first: a fusion node joins the ROS graph b
 loaded its model and subscribed.
 """
 
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.ros
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 
 from s4fusion_ros.bagio import image_topics, open_bag, pick_topics  # noqa: E402
+from s4fusion_ros.cli import interrupt  # noqa: E402
 from s4fusion_ros.ros.demo import sample_bag  # noqa: E402
 from s4fusion_ros.ros.player import message_class  # noqa: E402
 
@@ -73,3 +75,18 @@ def test_playback_waits_for_the_named_node():
         target.destroy_node()
     finally:
         rclpy.try_shutdown()
+
+
+def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
+    # As a shell starts a background job, and as the demo then stops its player (cli.interrupt).
+    player = subprocess.Popen(
+        [*PLAYER, str(sample_bag()), '--wait', '120', '--wait-for', f'{NAMESPACE}/nobody'],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines = []
+    while not any('waiting for' in line for line in lines):
+        lines.append(player.stdout.readline())
+        assert lines[-1] or player.poll() is None, ''.join(lines)
+    started = time.monotonic()
+    assert interrupt(player, timeout=30) == 0, ''.join(lines) + player.stdout.read()
+    assert time.monotonic() - started < 30

@@ -223,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     # Not sys.argv: rcl would take OLD:=NEW there as a global remap. No rclpy signal handlers:
     # they invalidate the context at Ctrl-C while the player is still publishing (it never spins).
     rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGINT too: a shell starts background jobs with it ignored and children inherit that, so
+    # the demo's Ctrl-C (cli.interrupt) would otherwise wait out its timeout and kill.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.default_int_handler)
     node = player = None
     try:
         node = Node('s4fusion_player', start_parameter_services=False)
