@@ -34,7 +34,8 @@ Parameters and their names elsewhere:
 - ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
   (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
   Frames of the other topic still on the old timeline (in flight at the jump) are then late
-  rather than a second jump.
+  rather than a second jump, until that topic's first frame on the new timeline, or until the
+  jumped topic is back on the old one (a single glitched stamp).
 
 Counters (``stats``), per topic, always satisfy
 ``received == pairs + unpaired + late + overflow + rejected + pending``.
@@ -221,6 +222,9 @@ class PairSynchronizer:
                 stream.late += 1
                 return []
             stream.stale_from = None  # this topic's first frame on the new timeline
+        other = self._other(stream)
+        if other.stale_from is not None and stamp >= other.stale_from:
+            other.stale_from = None  # back on the old timeline: its jump was one glitched stamp
         pairs = []
         if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
             pairs = self._reset(stream)
@@ -294,11 +298,13 @@ class PairSynchronizer:
             self._visible.drop_oldest(len(self._visible.frames))
         return pairs
 
+    def _other(self, stream: _Stream) -> _Stream:
+        return self._visible if stream is self._thermal else self._thermal
+
     def _reset(self, jumped: _Stream) -> list[Pair]:
         """Flush, then forget the clock state of both topics (counters are kept)."""
         pairs = self._flush()
-        other = self._visible if jumped is self._thermal else self._thermal
-        other.stale_from = jumped.newest - self._reset_threshold
+        self._other(jumped).stale_from = jumped.newest - self._reset_threshold
         for stream in (self._thermal, self._visible):
             stream.newest = stream.decided = None
         self._floor = None

@@ -255,6 +255,22 @@ def test_old_timeline_filter_ends_with_the_other_topics_first_new_frame():
     check_counts(stats)
 
 
+def test_one_glitched_thermal_stamp_does_not_stop_pairing():
+    # A single thermal frame stamped 2 s in the past resets the synchronizer; the next thermal
+    # frame is back on the old timeline, and so the visible frames are not held as stale.
+    sync = PairSynchronizer(0.010, 10)
+    got = []
+    for k in range(30):
+        stamp = 10 * S + k * 100 * MS
+        got += sync.add_thermal(stamp - 2 * S if k == 10 else stamp, k)
+        got += sync.add_visible(stamp, k)
+    stats = sync.stats
+    assert [p.thermal for p in got] == [k for k in range(30) if k != 10]
+    # Only the visible frame between the glitch and the next thermal frame is held as stale.
+    assert stats.resets == 1 and stats.visible_late == 1
+    check_counts(stats)
+
+
 def test_pause_of_both_topics_keeps_nearest_pairing_after_it():
     """A bag paused mid-play: ``expire`` runs on the stamps' clock extrapolated from the newest
     arrival (as FusionPipeline does), so it runs on past the stamps during the pause. After
