@@ -78,7 +78,7 @@ class FusionPipeline:
         self.normalizer = normalizer
         self.registration = registration
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
-        self._latest: tuple[int, float] | None = None  # newest (stamp ns, arrival monotonic s)
+        self._latest: tuple[int, float] | None = None  # (stamp ns, arrival monotonic s)
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
         """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
@@ -114,7 +114,7 @@ class FusionPipeline:
         """Decide thermal frames whose visible partner is overdue; `now` is time.monotonic().
 
         The synchronizer's timeout runs on the stamps' clock. Extrapolating that clock from the
-        arrival of the newest stamp keeps the timeout right whether stamps are live, simulated, or
+        latest frame it took keeps the timeout right whether stamps are live, simulated, or
         from an old bag replayed without /clock (where the node's clock is far from the stamps).
         """
         if self._latest is None:
@@ -135,9 +135,9 @@ class FusionPipeline:
         prepared = self._prepare(add(stamp_ns, frame))  # pairs of the old timeline, if it reset
         if self.synchronizer.stats.resets != resets:
             self.normalizer.reset()
-        # Only the newest stamp of the current timeline anchors the stamps' clock: not a frame
-        # out of order, nor one still of the timeline before a clock jump.
-        if self.synchronizer.newest_stamp == stamp_ns:
+        # Only a frame the synchronizer took anchors the stamps' clock: not a late one, nor one
+        # still of the timeline before a clock jump.
+        if self.synchronizer.latest_accepted_stamp == stamp_ns:
             self._latest = (stamp_ns, arrived)
         return prepared
 

@@ -96,8 +96,10 @@ class _Stream:
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     newest: Optional[int] = None  # newest stamp received, for clock-jump detection
     decided: Optional[int] = None  # newest key paired or dropped: older arrivals are late
-    # After the other topic jumped back in time, stamps at or above this are of the old timeline.
+    # After the other topic jumped back in time, stamps at or above stale_from are of the old
+    # timeline, until the other topic passes stale_end: then its jump was one glitched stamp.
     stale_from: Optional[int] = None
+    stale_end: Optional[int] = None
     received: int = 0
     unpaired: int = 0
     late: int = 0
@@ -144,6 +146,7 @@ class PairSynchronizer:
         self._thermal = _Stream(_seconds_to_ns(thermal_offset, 'thermal_offset', -math.inf))
         self._visible = _Stream(_seconds_to_ns(visible_offset, 'visible_offset', -math.inf))
         self._floor: Optional[int] = None  # thermal frames still to come have keys above this
+        self._latest_accepted: Optional[int] = None
         self._pairs = 0
         self._resets = 0
         self._lock = threading.Lock()
@@ -190,11 +193,10 @@ class PairSynchronizer:
             return self._flush()
 
     @property
-    def newest_stamp(self) -> Optional[int]:
-        """The newest stamp received on the current timeline (either topic), None before one."""
+    def latest_accepted_stamp(self) -> Optional[int]:
+        """The stamp of the latest frame buffered (either topic): not late, stale or rejected."""
         with self._lock:
-            stamps = [s.newest for s in (self._thermal, self._visible) if s.newest is not None]
-            return max(stamps, default=None)
+            return self._latest_accepted
 
     @property
     def stats(self) -> SyncStats:
@@ -223,11 +225,11 @@ class PairSynchronizer:
                 return []
             stream.stale_from = None  # this topic's first frame on the new timeline
         other = self._other(stream)
-        if other.stale_from is not None and stamp >= other.stale_from:
-            other.stale_from = None  # back on the old timeline: its jump was one glitched stamp
+        if other.stale_from is not None and stamp > other.stale_end:
+            other.stale_from = None
         pairs = []
         if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
-            pairs = self._reset(stream)
+            pairs = self._reset(stream, stamp)
         stream.newest = _newest(stream.newest, stamp)
         frame = _Frame(stamp + stream.offset, stamp, payload)
         index = bisect.bisect_left(stream.frames, frame.key, key=_key)
@@ -236,6 +238,7 @@ class PairSynchronizer:
             stream.late += 1
             return pairs
         stream.frames.insert(index, frame)
+        self._latest_accepted = stamp
         if len(stream.frames) > self._queue_size:
             stream.drop_oldest(1)
             stream.overflow += 1
@@ -301,10 +304,14 @@ class PairSynchronizer:
     def _other(self, stream: _Stream) -> _Stream:
         return self._visible if stream is self._thermal else self._thermal
 
-    def _reset(self, jumped: _Stream) -> list[Pair]:
-        """Flush, then forget the clock state of both topics (counters are kept)."""
+    def _reset(self, jumped: _Stream, stamp: int) -> list[Pair]:
+        """Flush, then forget the clock state of both topics (counters are kept); ``stamp`` is
+        the first of the topic that jumped on its new timeline."""
         pairs = self._flush()
-        self._other(jumped).stale_from = jumped.newest - self._reset_threshold
+        other = self._other(jumped)
+        other.stale_from = jumped.newest - self._reset_threshold
+        # A whole threshold above where it jumped to: on the old timeline again, not the new.
+        other.stale_end = stamp + self._reset_threshold
         for stream in (self._thermal, self._visible):
             stream.newest = stream.decided = None
         self._floor = None

@@ -271,25 +271,65 @@ def test_one_glitched_thermal_stamp_does_not_stop_pairing():
     check_counts(stats)
 
 
+def play(sync: PairSynchronizer, events: list[tuple[int, int, int]]) -> list[Pair]:
+    """Feed (arrival, topic, stamp) events (topic 0 thermal, 1 visible) as the node does: the
+    expire timer every 50 ms, on the stamps' clock extrapolated from the arrival of the latest
+    frame the synchronizer took (FusionPipeline.expire); then flush."""
+    got, wall, anchor = [], events[0][0], None
+    for arrival, topic, stamp in sorted(events):
+        while wall + 50 * MS < arrival:
+            wall += 50 * MS
+            if anchor is not None:
+                got += sync.expire(anchor[0] + wall - anchor[1])
+        got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
+        if sync.latest_accepted_stamp == stamp:
+            anchor = stamp, arrival
+        check_counts(sync.stats)
+    return got + sync.flush()
+
+
+def test_a_jump_just_past_the_threshold_keeps_late_frames_of_the_old_timeline_out():
+    # Timeline B restarts 1.1 s below the end of A (threshold 1 s), and the thermal topic is
+    # delivered 250 ms after the visible one: B's visible frames climb past A's last thermal
+    # stamps while A's thermal frames are still in flight. Those must stay late, not restart the
+    # expiry clock on A's time and so lose B's thermal frames.
+    a, b = 100 * S, 100 * S + 400 * MS
+    events = []
+    for start, wall, frames in ((a, 0, 15), (b, 1500 * MS, 30)):
+        events += [(wall + k * 100 * MS + 250 * MS, 0, start + k * 100 * MS)
+                   for k in range(frames)]
+        events += [(wall + k * 25 * MS, 1, start + k * 25 * MS) for k in range(4 * frames)]
+    sync = PairSynchronizer(0.020, 100, timeout=0.5)
+    got = play(sync, events)
+    # A's last two thermal frames arrive after the jump, their partners flushed: late. Every
+    # thermal frame of B pairs.
+    assert [(p.thermal_stamp - b) // MS for p in got[13:]] == [k * 100 for k in range(30)]
+    assert sync.stats.thermal_late == 2 and sync.stats.resets == 1
+
+
+def test_a_stamp_glitched_forward_moves_the_expiry_clock_for_one_frame_only():
+    # One visible frame stamped 0.9 s ahead (under the reset threshold); thermal arrives 30 ms
+    # after visible. The clock follows the next frame again, so it costs at most one pair.
+    glitched = 100 * S + 5 * MS + 30 * 33 * MS
+    events = [(100 * S + k * 111 * MS + 30 * MS, 0, 100 * S + k * 111 * MS) for k in range(30)]
+    events += [(v, 1, v + 900 * MS if v == glitched else v)
+               for v in (100 * S + 5 * MS + k * 33 * MS for k in range(100))]
+    sync = PairSynchronizer(0.020, 30, timeout=0.5)
+    assert len(play(sync, events)) >= 29
+    assert sync.stats.visible_late == 0
+
+
 def test_pause_of_both_topics_keeps_nearest_pairing_after_it():
-    """A bag paused mid-play: ``expire`` runs on the stamps' clock extrapolated from the newest
+    """A bag paused mid-play: ``expire`` runs on the stamps' clock extrapolated from the latest
     arrival (as FusionPipeline does), so it runs on past the stamps during the pause. After
     the pause every thermal frame still takes its nearest visible frame."""
     thermal = [S + k * 111 * MS for k in range(60)]
     visible = [S + 5 * MS + k * 33 * MS for k in range(200)]
     pause_after, pause = S + 2 * S, 3 * S
-    events = sorted([(t, 0) for t in thermal] + [(v, 1) for v in visible])
+    events = [(stamp - S + (pause if stamp > pause_after else 0), topic, stamp)
+              for stamp, topic in [(t, 0) for t in thermal] + [(v, 1) for v in visible]]
     sync = PairSynchronizer(0.020, 100, timeout=0.5)
-    got, wall, newest = [], 0, None  # wall: ns since the first arrival
-    for stamp, topic in events:
-        arrival = stamp - S + (pause if stamp > pause_after else 0)
-        while wall + 50 * MS < arrival:  # the node's expire timer, every 50 ms
-            wall += 50 * MS
-            if newest is not None:
-                got += sync.expire(newest[0] + wall - newest[1])
-        got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
-        newest = stamp, arrival
-    got += sync.flush()
+    got = play(sync, events)
     after = [(p.thermal_stamp, p.visible_stamp) for p in got if p.thermal_stamp > pause_after]
     expected = oracle([t for t in thermal if t > pause_after],
                       [v for v in visible if v > pause_after], 20 * MS)

@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> str:
     isolate_dds(args.domain_id, logs)
     play = [executable('s4fusion-play'), str(bag), '--clock', '--keep-alive',
             '--rate', str(rate), '--topics', thermal.topic, visible.topic]
-    # The node times sync.timeout in wall seconds since the latest message: played slower, the
+    # The node times sync.timeout in wall seconds since the latest frame: played slower, the
     # bag's frames arrive further apart in wall time, so the timeout stretches with them.
     low, high = settings.SPECS['sync.timeout'].range
     timeout = min(high, max(low, values['sync.timeout'] / rate))
