@@ -94,7 +94,11 @@ class SideBySideVideo:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
-            os.replace(self._partial, self.path)
+            try:
+                os.replace(self._partial, self.path)
+            except OSError:  # e.g. `path` is a folder: no hidden partial left behind
+                self._partial.unlink(missing_ok=True)
+                raise
 
     def discard(self) -> None:
         """Stop writing and remove the partial video; ``path`` is left as it was."""

@@ -115,6 +115,19 @@ def test_raw_16_bit_counts_are_flagged_and_stretched_as_the_node_does(ivif_dir, 
     assert not np.array_equal(read_png(tmp_path / 'plain' / 'fused' / 'raw.png'), stretched)
 
 
+def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, capsys,
+                                                        tiny_weights):
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):  # the test process has OpenCV's limits, as the commands do
+        cv2.imwrite(str(tmp_path / side / 'wide.png'), np.zeros((64, 40000), np.uint8))
+    out = tmp_path / 'out'
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
+    error = capsys.readouterr().err
+    assert f'{tmp_path / "ir" / "wide.png"}: cannot read it' in error and 'Traceback' not in error
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
 def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, capsys,
                                                            tiny_weights):
     copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])

@@ -49,3 +49,21 @@ def test_a_wide_row_is_scaled_to_even_sides_within_the_limit(tmp_path):
     height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     assert width <= 2560 and width % 2 == 0 and height % 2 == 0
     assert capture.read()[0]
+
+
+def test_the_video_gets_its_name_only_when_complete(tmp_path):
+    row = np.full((48, 4 * 64, 3), 90, np.uint8)
+    path = tmp_path / 'fused.mp4'
+    path.write_bytes(b'an earlier video')
+    with pytest.raises(RuntimeError), SideBySideVideo(path, 30.0) as video:
+        video.add(row)
+        assert path.read_bytes() == b'an earlier video'  # frames go to a hidden file meanwhile
+        raise RuntimeError('interrupted')
+    assert path.read_bytes() == b'an earlier video'
+    # A name that cannot be given (a folder there) fails and leaves no hidden partial file.
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(OSError), SideBySideVideo(path, 30.0) as video:
+        video.add(row)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['fused.mp4']
+    assert path.is_dir()

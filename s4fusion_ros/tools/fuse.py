@@ -24,7 +24,7 @@ from ..engine import FusionEngine, fusion_settings
 from ..files import write_png
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
-from ..training.data import Pair, luminance, match_pairs
+from ..training.data import Pair, luminance, match_pairs, read_image_file
 
 PROG = 's4fusion-fuse'
 # A 16-bit IR file whose values span less than this is likely raw counts (14-bit cameras give a
@@ -53,9 +53,7 @@ class FusedImages:
 
 def read_image(path: pathlib.Path) -> np.ndarray:
     """Read an 8- or 16-bit image file as stored (gray or BGR); ValueError names the file."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError(f'{path}: not a readable image')
+    image = read_image_file(path)
     if image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need 8 or 16 bit)')
     if image.ndim == 3 and image.shape[2] in (3, 4):

@@ -62,12 +62,20 @@ class IvifSplits:
     tests: dict
 
 
-def _read_luminance(path):
-    """Read an image file as (H, W) luminance in its own integer type."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def read_image_file(path):
+    """Read an image file as stored (any depth and channels); ValueError names the file."""
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error as error:  # e.g. larger than the limits the entry points give OpenCV
+        raise ValueError(f'{path}: cannot read it ({error.err})') from error
     if image is None:
         raise ValueError(f'{path}: not a readable image')
-    return luminance(image, path)
+    return image
+
+
+def _read_luminance(path):
+    """Read an image file as (H, W) luminance in its own integer type."""
+    return luminance(read_image_file(path), path)
 
 
 def luminance(image, path=''):
