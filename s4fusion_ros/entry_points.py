@@ -29,14 +29,22 @@ def omp_wait_policy() -> str:
     return os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')
 
 
+def opencv_limits() -> dict[str, str]:
+    """OpenCV's image size limits for the package's processes: the user's, else the decoder's.
+
+    OpenCV reads these when it loads and then refuses larger images from their headers: a
+    compressed message of a few hundred kB can otherwise decode into gigabytes.
+    """
+    return {name: os.environ.get(name, str(limit)) for name, limit in (
+        ('OPENCV_IO_MAX_IMAGE_WIDTH', MAX_SIDE), ('OPENCV_IO_MAX_IMAGE_HEIGHT', MAX_SIDE),
+        ('OPENCV_IO_MAX_IMAGE_PIXELS', MAX_PIXELS))}
+
+
 def configure_process() -> None:
     """Set OpenMP's wait policy, numba's cache folder and OpenCV's image size limits, keeping
     values the user chose."""
     os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
-    # OpenCV reads these when it loads and then refuses larger images from their headers: a
-    # compressed message of a few hundred kB can otherwise decode into gigabytes.
-    for name, limit in (('WIDTH', MAX_SIDE), ('HEIGHT', MAX_SIDE), ('PIXELS', MAX_PIXELS)):
-        os.environ.setdefault(f'OPENCV_IO_MAX_IMAGE_{name}', str(limit))
+    os.environ.update(opencv_limits())
     # numba reads NUMBA_CACHE_DIR at its first import; its config when each cached kernel is
     # defined, in case numba was imported already.
     os.environ['NUMBA_CACHE_DIR'] = numba_cache_dir()

@@ -35,7 +35,7 @@ Parameters and their names elsewhere:
   (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
   Frames of the other topic still on the old timeline (in flight at the jump) are then late
   rather than a second jump, until that topic's first frame on the new timeline, or until the
-  jumped topic is back on the old one (a single glitched stamp).
+  jumped topic has climbed a whole threshold above where it jumped to (a single glitched stamp).
 
 Counters (``stats``), per topic, always satisfy
 ``received == pairs + unpaired + late + overflow + rejected + pending``.

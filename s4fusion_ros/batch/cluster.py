@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import settings
 from ..bagio import BagError
-from ..entry_points import omp_wait_policy
+from ..entry_points import omp_wait_policy, opencv_limits
 from ..files import write_text_atomically
 from . import work
 from .work import BagJob, BatchError, Unit
@@ -129,9 +129,9 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                      **common)
     else:
         # Workers on other machines do not inherit this process's set-up (entry_points): give
-        # them the OpenMP wait policy before they load torch.
-        ray.init(address=address,
-                 runtime_env={'env_vars': {'OMP_WAIT_POLICY': omp_wait_policy()}}, **common)
+        # them the OpenMP wait policy and OpenCV's limits before they load torch and OpenCV.
+        ray.init(address=address, runtime_env={'env_vars': {
+            'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_limits()}}, **common)
     try:
         yield ray
     finally:
