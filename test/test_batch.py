@@ -231,6 +231,10 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
     while proc.poll() is None and time.monotonic() < deadline and not (
             (out / 'a').exists() and len(list(out.glob('.long.s4batch/part-*.json'))) >= 2):
         time.sleep(0.1)
+    # Mid-run the manifest already records the parameters: a run killed outright (SIGKILL,
+    # out of memory) still tells a later --resume what its bags were fused with.
+    running = json.loads((out / 's4fusion-batch-manifest.json').read_text())
+    assert running['running'] and running['parameters']['sync.slop'] == 0.02
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     reader.join(timeout=10)

@@ -166,6 +166,11 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     _check_existing(jobs, resume, overwrite)
     previous = _previous_reports(out_dir / MANIFEST, values) if resume else {}
     with connected(address, num_cpus) as ray:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Written before any work too, so that a run killed outright (no finally) still tells a
+        # later --resume which parameters its bags were fused with.
+        write_text_atomically(out_dir / MANIFEST, json.dumps(
+            {'running': True, 'parameters': values, 'bags': list(previous.values())}, indent=1))
         runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
                          resume, overwrite, max_retries, progress, (on_unit, on_progress),
                          previous)
@@ -179,7 +184,6 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         finally:
             report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
                             interrupted)
-            out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomically(report.manifest, json.dumps(
                 {'interrupted': interrupted, 'seconds': report.seconds, 'parameters': values,
                  'bags': [dataclasses.asdict(b) for b in report.bags]}, indent=1))
