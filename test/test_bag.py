@@ -271,3 +271,19 @@ def test_failed_write_leaves_no_output(short_events, params_file, tmp_path):
     assert f'{output} was not written' in error and 'Traceback' not in error, error
     assert not output.exists() and not staging_dirs(tmp_path)
     assert os.listdir(tmp_path) == ['in']
+
+
+def test_a_bag_without_pairs_leaves_no_earlier_video_behind(short_events, params_file, tmp_path,
+                                                            capsys):
+    # Visible stamps 10 s after the thermal ones: nothing pairs, so no video is made, and with
+    # --overwrite an earlier video must not pass for this run's.
+    events = [(log, topic, stamp + (10 * 10**9 if topic == VISIBLE_TOPIC else 0), *rest)
+              for log, topic, stamp, *rest in short_events]
+    source = write_bag(tmp_path / 'in', events, 'mcap')
+    video = tmp_path / 'fused.mp4'
+    video.write_bytes(b'an earlier video')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
+                          '--export-video', str(video), '--overwrite']) == 0
+    error = capsys.readouterr().err
+    assert 'fused 0 pairs' in error and 'no video: no pair was fused' in error
+    assert not video.exists()

@@ -281,6 +281,8 @@ def run(args: argparse.Namespace) -> None:
         with video or contextlib.nullcontext(), bag as writer:
             fuser.run(reader, args.input, thermal, visible, writer,
                       (args.fused_topic, args.saliency_topic), args.include_inputs)
+        if video is not None and not video.frames:  # nothing fused: an earlier video is not this
+            args.export_video.unlink(missing_ok=True)
     print_summary(args, fuser, time.monotonic() - started)
 
 
@@ -293,7 +295,9 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB)'
           + (f' and {args.export_video} ({fuser.video.frames} frames at '
-             f'{fuser.video.fps:.1f} frames/s)' if fuser.video else ''), file=sys.stderr)
+             f'{fuser.video.fps:.1f} frames/s)' if fuser.video and fuser.video.frames else '')
+          + ('; no video: no pair was fused' if fuser.video and not fuser.video.frames else ''),
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
