@@ -212,6 +212,25 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     assert 'FAILED' in capsys.readouterr().err and (out / 'a').exists()
 
 
+def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif_dir,
+                                                                 params_file, tmp_path):
+    # Both bags fused with slop 0.02; then bag a alone again with --overwrite and slop 0.03 (the
+    # manifest now lists a, with 0.03): b, from 0.02, must not be kept by a --resume at 0.03.
+    inputs, out = tmp_path / 'in', tmp_path / 'out'
+    for name, seed in (('a', 1), ('b', 2)):
+        write_bag(inputs / name, camera_messages(ivif_dir, 0.5, seed=seed), 'mcap')
+    assert fuse_bags([inputs], out, params=params_file, progress=False).ok
+    changed = yaml.safe_load(params_file.read_text())
+    changed['s4fusion_node']['ros__parameters']['sync']['slop'] = 0.03
+    other = tmp_path / 'other.yaml'
+    other.write_text(yaml.safe_dump(changed))
+    assert fuse_bags([inputs / 'a'], out, params=other, overwrite=True, progress=False).ok
+    report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
+    assert [(pathlib.Path(b.output).name, b.status) for b in report.bags] == [
+        ('a', 'skipped'), ('b', 'done')]
+    assert read_bag(out / 'b') == reference(inputs / 'b', tmp_path / 'ref', other)
+
+
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,
                                                             params_file, tmp_path):
     # One CPU works through a small bag, the long one's four segments, then two more small bags.

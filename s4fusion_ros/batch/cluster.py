@@ -167,13 +167,9 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     previous = _previous_reports(out_dir / MANIFEST, values) if resume else {}
     with connected(address, num_cpus) as ray:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # Written before any work too, so that a run killed outright (no finally) still tells a
-        # later --resume which parameters its bags were fused with.
-        write_text_atomically(out_dir / MANIFEST, json.dumps(
-            {'running': True, 'parameters': values, 'bags': list(previous.values())}, indent=1))
         runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
                          resume, overwrite, max_retries, progress, (on_unit, on_progress),
-                         previous)
+                         previous, out_dir / MANIFEST)
         interrupted = False
         try:
             runner.run()
@@ -184,9 +180,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         finally:
             report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
                             interrupted)
-            write_text_atomically(report.manifest, json.dumps(
-                {'interrupted': interrupted, 'seconds': report.seconds, 'parameters': values,
-                 'bags': [dataclasses.asdict(b) for b in report.bags]}, indent=1))
+            runner.write_manifest(interrupted=interrupted, seconds=report.seconds)
     return report
 
 
@@ -284,12 +278,16 @@ class _Runner:
     """Submits the units, follows them to the end of each bag, commits segmented bags."""
 
     def __init__(self, ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                 resume, overwrite, max_retries, progress, on_unit, previous):
+                 resume, overwrite, max_retries, progress, on_unit, previous, manifest):
         self.ray, self.jobs, self.values = ray, jobs, values
         self.cpus, self.gpus = cpus_per_task, gpus_per_worker
         self.segment_ns = round(segment_minutes * 60e9)
-        self.resume, self.overwrite, self.retries = resume, overwrite, max_retries
+        self.resume, self.retries = resume, max_retries
+        # On --resume an existing output that the manifest does not list as finished is fused
+        # again: it may come from other parameters (a killed --overwrite run) or a dead attempt.
+        self.replace = overwrite or resume
         (self.on_unit, self.on_progress), self.previous = on_unit, previous
+        self.manifest = manifest
         self.reports = [BagReport(str(j.input), str(j.output)) for j in jobs]
         self.show = progress
         self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
@@ -299,7 +297,21 @@ class _Runner:
         self.queue = []  # units waiting for a GPU actor
         self.actors = []
 
+    def write_manifest(self, **status) -> None:
+        """Write the parameters and the bags' reports. Rewritten as each bag ends, so that a run
+        killed outright still records what it finished, and with which parameters."""
+        if not status:  # running: the finished bags of the run resumed, until they are planned
+            listed = {report.output for report in self.reports if report.status != 'pending'}
+            bags = [dataclasses.asdict(r) for r in self.reports if r.status != 'pending'] + [
+                bag for output, bag in self.previous.items() if output not in listed]
+            status = {'running': True}
+        else:
+            bags = [dataclasses.asdict(report) for report in self.reports]
+        write_text_atomically(self.manifest, json.dumps(
+            {**status, 'parameters': self.values, 'bags': bags}, indent=1))
+
     def run(self) -> None:
+        self.write_manifest()
         ray = self.ray
         here = ray.get_runtime_context().get_node_id()
         strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
@@ -350,7 +362,7 @@ class _Runner:
         """Plan a bag, submit what is left of it; return its pairs still to fuse (estimated)."""
         report = self.reports[number]
         work.sweep_partials(job)
-        if self.resume and job.output.exists():
+        if self.resume and job.output.exists() and report.output in self.previous:
             shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
             earlier = self.previous.get(report.output, {})
             for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes'):
@@ -359,7 +371,7 @@ class _Runner:
             self._line(report)
             return 0
         try:
-            units = work.plan_bag(job, self.values, self.segment_ns, self.overwrite)
+            units = work.plan_bag(job, self.values, self.segment_ns, self.replace)
         except BagError as error:
             report.status, report.error = 'failed', str(error)
             self._line(report)
@@ -394,7 +406,7 @@ class _Runner:
 
     def _commit(self, number: int) -> None:
         job = self.jobs[number]
-        ref = self.commit_task.remote(job, self.units[number], self.overwrite)
+        ref = self.commit_task.remote(job, self.units[number], self.replace)
         self.pending[ref] = (number, None, None)
 
     def _finished(self, ref) -> None:
@@ -458,6 +470,7 @@ class _Runner:
         if bar is not None:
             bar.set_description(self._bags_text())
         tqdm.write(f's4fusion-batch: {text}', file=sys.stderr)
+        self.write_manifest()
 
     def _bags_text(self) -> str:
         finished = sum(r.status != 'pending' for r in self.reports)
