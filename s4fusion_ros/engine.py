@@ -131,13 +131,14 @@ class FusionPipeline:
         looping bag, a restarted camera) resets the synchronizer, and then the thermal range too:
         the new timeline's first frames must not be scaled by the old scene's range."""
         arrived = time.monotonic()
-        resets = self.synchronizer.stats.resets
+        before = self.synchronizer.stats
         prepared = self._prepare(add(stamp_ns, frame))  # pairs of the old timeline, if it reset
-        if self.synchronizer.stats.resets != resets:
+        after = self.synchronizer.stats
+        if after.resets != before.resets:
             self.normalizer.reset()
-        # Only a frame the synchronizer took anchors the stamps' clock: not a late one, nor one
-        # still of the timeline before a clock jump.
-        if self.synchronizer.latest_accepted_stamp == stamp_ns:
+        # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a
+        # repeated stamp, too), nor one still of the timeline before a clock jump.
+        if after.taken != before.taken:
             self._latest = (stamp_ns, arrived)
         return prepared
 

@@ -33,9 +33,9 @@ Parameters and their names elsewhere:
   by ``expire``, whose ``now_ns`` must be on the stamps' clock (the node clock, sim time included).
 - ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
   (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
-  Frames of the other topic still on the old timeline (in flight at the jump) are then late
-  rather than a second jump, until that topic's first frame on the new timeline, or until the
-  jumped topic has climbed a whole threshold above where it jumped to (a single glitched stamp).
+  Frames of the other topic still on the old timeline (in flight at the jump: near where the
+  jumped topic stood, and more than slop + timeout ahead of where it stands now) are then late
+  rather than a second jump, until that topic's first frame on the new timeline.
 
 Counters (``stats``), per topic, always satisfy
 ``received == pairs + unpaired + late + overflow + rejected + pending``.
@@ -77,6 +77,12 @@ class SyncStats:
     visible_pending: int = 0
     resets: int = 0  # backwards clock jumps
 
+    @property
+    def taken(self) -> int:
+        """Frames of both topics buffered: received, and neither late nor rejected."""
+        return (self.thermal_received + self.visible_received - self.thermal_late
+                - self.visible_late - self.thermal_rejected - self.visible_rejected)
+
 
 class _Frame(NamedTuple):
     key: int  # stamp + offset: what is matched
@@ -96,10 +102,9 @@ class _Stream:
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     newest: Optional[int] = None  # newest stamp received, for clock-jump detection
     decided: Optional[int] = None  # newest key paired or dropped: older arrivals are late
-    # After the other topic jumped back in time, stamps at or above stale_from are of the old
-    # timeline, until the other topic passes stale_end: then its jump was one glitched stamp.
+    # After the other topic jumped back in time: stamps at or above this may be of the old
+    # timeline (see _accept).
     stale_from: Optional[int] = None
-    stale_end: Optional[int] = None
     received: int = 0
     unpaired: int = 0
     late: int = 0
@@ -146,7 +151,6 @@ class PairSynchronizer:
         self._thermal = _Stream(_seconds_to_ns(thermal_offset, 'thermal_offset', -math.inf))
         self._visible = _Stream(_seconds_to_ns(visible_offset, 'visible_offset', -math.inf))
         self._floor: Optional[int] = None  # thermal frames still to come have keys above this
-        self._latest_accepted: Optional[int] = None
         self._pairs = 0
         self._resets = 0
         self._lock = threading.Lock()
@@ -193,12 +197,6 @@ class PairSynchronizer:
             return self._flush()
 
     @property
-    def latest_accepted_stamp(self) -> Optional[int]:
-        """The stamp of the latest frame buffered (either topic): not late, stale or rejected."""
-        with self._lock:
-            return self._latest_accepted
-
-    @property
     def stats(self) -> SyncStats:
         """A snapshot of the counters."""
         with self._lock:
@@ -220,16 +218,17 @@ class PairSynchronizer:
             stream.rejected += 1
             return []
         if stream.stale_from is not None:
-            if stamp >= stream.stale_from:  # in flight when the other topic jumped back
+            # In flight when the other topic jumped back: near where it stood, and further ahead
+            # of where it stands now than a frame of the new timeline can be (a single glitched
+            # stamp of the other topic leaves this topic's frames level with its own).
+            ahead = stamp - self._other(stream).newest > self._slop + self._timeout
+            if stamp >= stream.stale_from and ahead:
                 stream.late += 1
                 return []
             stream.stale_from = None  # this topic's first frame on the new timeline
-        other = self._other(stream)
-        if other.stale_from is not None and stamp > other.stale_end:
-            other.stale_from = None
         pairs = []
         if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
-            pairs = self._reset(stream, stamp)
+            pairs = self._reset(stream)
         stream.newest = _newest(stream.newest, stamp)
         frame = _Frame(stamp + stream.offset, stamp, payload)
         index = bisect.bisect_left(stream.frames, frame.key, key=_key)
@@ -238,7 +237,6 @@ class PairSynchronizer:
             stream.late += 1
             return pairs
         stream.frames.insert(index, frame)
-        self._latest_accepted = stamp
         if len(stream.frames) > self._queue_size:
             stream.drop_oldest(1)
             stream.overflow += 1
@@ -304,14 +302,10 @@ class PairSynchronizer:
     def _other(self, stream: _Stream) -> _Stream:
         return self._visible if stream is self._thermal else self._thermal
 
-    def _reset(self, jumped: _Stream, stamp: int) -> list[Pair]:
-        """Flush, then forget the clock state of both topics (counters are kept); ``stamp`` is
-        the first of the topic that jumped on its new timeline."""
+    def _reset(self, jumped: _Stream) -> list[Pair]:
+        """Flush, then forget the clock state of both topics (counters are kept)."""
         pairs = self._flush()
-        other = self._other(jumped)
-        other.stale_from = jumped.newest - self._reset_threshold
-        # A whole threshold above where it jumped to: on the old timeline again, not the new.
-        other.stale_end = stamp + self._reset_threshold
+        self._other(jumped).stale_from = jumped.newest - self._reset_threshold
         for stream in (self._thermal, self._visible):
             stream.newest = stream.decided = None
         self._floor = None

@@ -271,21 +271,23 @@ def test_one_glitched_thermal_stamp_does_not_stop_pairing():
     check_counts(stats)
 
 
-def play(sync: PairSynchronizer, events: list[tuple[int, int, int]]) -> list[Pair]:
+def play(sync: PairSynchronizer, events: list[tuple[int, int, int]],
+         flush: bool = True) -> list[Pair]:
     """Feed (arrival, topic, stamp) events (topic 0 thermal, 1 visible) as the node does: the
     expire timer every 50 ms, on the stamps' clock extrapolated from the arrival of the latest
-    frame the synchronizer took (FusionPipeline.expire); then flush."""
+    frame the synchronizer took (FusionPipeline.expire); then flush, if asked."""
     got, wall, anchor = [], events[0][0], None
     for arrival, topic, stamp in sorted(events):
         while wall + 50 * MS < arrival:
             wall += 50 * MS
             if anchor is not None:
                 got += sync.expire(anchor[0] + wall - anchor[1])
+        taken = sync.stats.taken
         got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
-        if sync.latest_accepted_stamp == stamp:
+        if sync.stats.taken != taken:
             anchor = stamp, arrival
         check_counts(sync.stats)
-    return got + sync.flush()
+    return got + sync.flush() if flush else got
 
 
 def test_a_jump_just_past_the_threshold_keeps_late_frames_of_the_old_timeline_out():
@@ -307,16 +309,34 @@ def test_a_jump_just_past_the_threshold_keeps_late_frames_of_the_old_timeline_ou
     assert sync.stats.thermal_late == 2 and sync.stats.resets == 1
 
 
-def test_a_stamp_glitched_forward_moves_the_expiry_clock_for_one_frame_only():
-    # One visible frame stamped 0.9 s ahead (under the reset threshold); thermal arrives 30 ms
-    # after visible. The clock follows the next frame again, so it costs at most one pair.
-    glitched = 100 * S + 5 * MS + 30 * 33 * MS
+@pytest.mark.parametrize('topic, index, ahead_ms, resets', [
+    (1, 30, 900, 0),  # under the reset threshold: the expiry clock must not stay on it
+    (1, 31, 1035, 1),  # the next frame is a jump back just past the threshold: a reset
+    (0, 8, 1115, 1)])
+def test_one_stamp_glitched_forward_costs_at_most_the_pairs_around_it(topic, index, ahead_ms,
+                                                                      resets):
+    # Thermal arrives 30 ms after visible. Neither the expiry clock nor the old-timeline filter
+    # may hold on to the glitch: the other topic's frames stay level with the new timeline.
     events = [(100 * S + k * 111 * MS + 30 * MS, 0, 100 * S + k * 111 * MS) for k in range(30)]
-    events += [(v, 1, v + 900 * MS if v == glitched else v)
-               for v in (100 * S + 5 * MS + k * 33 * MS for k in range(100))]
+    events += [(100 * S + 5 * MS + k * 33 * MS, 1, 100 * S + 5 * MS + k * 33 * MS)
+               for k in range(100)]
+    arrival, _, stamp = events[index if topic == 0 else 30 + index]
+    events[index if topic == 0 else 30 + index] = (arrival, topic, stamp + ahead_ms * MS)
     sync = PairSynchronizer(0.020, 30, timeout=0.5)
-    assert len(play(sync, events)) >= 29
-    assert sync.stats.visible_late == 0
+    assert len(play(sync, events)) >= 28
+    stats = sync.stats
+    assert stats.resets == resets and stats.thermal_late + stats.visible_late == 0
+
+
+def test_a_repeated_stamp_does_not_hold_off_the_expiry_clock():
+    # A thermal frame, a visible frame 10 ms before it, then the visible driver republishing that
+    # frame (same stamp, late) every 33 ms: the thermal frame is still decided by the timeout.
+    events = [(0, 0, 100 * S)] + [(10 * MS + k * 33 * MS, 1, 100 * S - 10 * MS)
+                                  for k in range(90)]
+    sync = PairSynchronizer(0.020, 30, timeout=0.5)
+    assert play(sync, events, flush=False) == [Pair(100 * S, 100 * S - 10 * MS, 100 * S,
+                                                    100 * S - 10 * MS)]
+    assert sync.stats.visible_late == 89
 
 
 def test_pause_of_both_topics_keeps_nearest_pairing_after_it():
