@@ -153,7 +153,8 @@ def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic:
                                                                visible_topic, pipeline)
              if pair.visible_stamp_ns in wanted}
     stamps = [stamp for stamp in stamps if stamp in pairs]
-    if not stamps:
+    if not stamps:  # no video: an earlier one at `path` is not this recording's
+        path.unlink(missing_ok=True)
         return 0
     span = (stamps[-1] - stamps[0]) / 1e9
     with SideBySideVideo(path, (len(stamps) - 1) / span if span > 0 else 1.0) as video:

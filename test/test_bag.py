@@ -168,6 +168,10 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
     assert bag_tool.main([str(source), str(existing)]) == 1
     assert '--overwrite' in capsys.readouterr().err
     assert read_bag(existing) == before
+    assert bag_tool.main([str(source), str(tmp_path / 'new'), '--export-video',
+                          str(tmp_path), '--overwrite']) == 1
+    assert 'is a folder: name the .mp4 file' in capsys.readouterr().err
+    assert not (tmp_path / 'new').exists()
 
 
 def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path, capsys):

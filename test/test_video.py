@@ -4,7 +4,11 @@ import cv2
 import numpy as np
 import pytest
 
-from s4fusion_ros.video import SideBySideVideo, panel_row
+from s4fusion_ros import settings
+from s4fusion_ros.bagio import create_bag
+from s4fusion_ros.engine import pipeline_from_params
+from s4fusion_ros.video import SideBySideVideo, export_recording, panel_row
+from support import THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, write_bag
 
 
 def test_the_video_reads_back_with_every_panel_where_it_belongs(tmp_path):
@@ -67,3 +71,16 @@ def test_the_video_gets_its_name_only_when_complete(tmp_path):
         video.add(row)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['fused.mp4']
     assert path.is_dir()
+
+
+def test_a_recording_without_fused_frames_leaves_no_earlier_video(ivif_dir, tmp_path):
+    # The demo reuses its output folder: an earlier run's video must not pass for this one's.
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, 0.5), 'mcap')
+    with create_bag(tmp_path / 'fused_bag', 'mcap'):
+        pass  # the node fused nothing this time
+    video = tmp_path / 'fused.mp4'
+    video.write_bytes(b'an earlier video')
+    assert export_recording(source, THERMAL_TOPIC, VISIBLE_TOPIC,
+                            pipeline_from_params(settings.defaults()), tmp_path / 'fused_bag',
+                            '/s4fusion_node/fused', '/s4fusion_node/saliency', video) == 0
+    assert not video.exists()

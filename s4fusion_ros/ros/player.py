@@ -4,7 +4,7 @@ Messages are read with rosbags and published as the recorded CDR bytes (rclpy's 
 typed from the bag's metadata, at the recorded pace scaled by --rate. With --clock the player also
 publishes /clock (bag time) so that nodes with use_sim_time see the recording's time and their
 timers (diagnostics) run on it. The fusion node's sync timeout does not: it runs on wall time since
-the latest message, so a very slow --rate can decide pairs earlier than a replay at rate 1.
+the latest frame it took, so a very slow --rate can decide pairs earlier than a replay at rate 1.
 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"). Playback starts once every topic has a subscriber

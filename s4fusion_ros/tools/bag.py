@@ -256,6 +256,8 @@ def run(args: argparse.Namespace) -> None:
     if args.output.resolve() == args.input.resolve():
         raise BagError(f'{args.output}: the output cannot be the input bag')
     check_output(args.output, args.overwrite)  # before minutes of work, not after
+    if args.export_video and args.export_video.is_dir():
+        raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
     if args.export_video and args.export_video.exists() and not args.overwrite:
         raise BagError(f'{args.export_video} exists; pass --overwrite to replace it')
     values = load_values(args)
