@@ -24,12 +24,14 @@ class RateMeter:
             self._trim(now)
 
     def rate(self, now: float | None = None) -> float:
+        """Events per second in the window, up to `now`: it falls as soon as events stop (a
+        camera that died), instead of keeping their last rate until the window empties."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._trim(now)
             if len(self._times) < 2:
                 return 0.0
-            return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-9)
+            return (len(self._times) - 1) / max(now - self._times[0], 1e-9)
 
     def recent(self, now: float | None = None) -> int:
         """Events within the window (one is too few for a rate, but it did happen)."""
