@@ -83,7 +83,7 @@ def test_int8_storage_quantizes_matrices_per_row_and_keeps_vectors_float16(saved
     assert 0 < error < 0.02  # quantized, yet the same image within a few gray levels
 
 
-@pytest.mark.parametrize('damage', ['drop_scale', 'orphan_scale'])
+@pytest.mark.parametrize('damage', ['drop_scale', 'orphan_scale', 'misshapen_scale'])
 def test_int8_tensor_and_scale_must_come_in_pairs(saved, tmp_path, damage):
     _, path = saved
     small = tmp_path / 'int8.safetensors'
@@ -92,6 +92,8 @@ def test_int8_tensor_and_scale_must_come_in_pairs(saved, tmp_path, damage):
     name = 'head.expand.weight'
     if damage == 'drop_scale':
         del tensors[name + INT8_SCALE_SUFFIX]
+    elif damage == 'misshapen_scale':
+        tensors[name + INT8_SCALE_SUFFIX] = tensors[name + INT8_SCALE_SUFFIX][:1].contiguous()
     else:
         del tensors[name]
     save_file(tensors, str(small))
@@ -163,6 +165,19 @@ def test_bad_json(saved, text, problem):
     with pytest.raises(CheckpointError, match=problem) as error:
         load_checkpoint(path)
     assert str(path.with_suffix('.json')) in str(error.value)
+
+
+@pytest.mark.parametrize('field, value', [('d_state', -1), ('dims', [0, 0, 0]),
+                                          ('fusion_blocks', 0), ('ssm_ratio', 0.0)])
+def test_a_config_that_builds_no_network_is_refused_naming_the_file(saved, field, value):
+    _, path = saved
+    json_path = path.with_suffix('.json')
+    meta = json.loads(json_path.read_text())
+    meta['config'][field] = value
+    json_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match='invalid S4Fusion config') as error:
+        load_checkpoint(path)
+    assert str(json_path) in str(error.value)
 
 
 def test_shipped_weights_location():

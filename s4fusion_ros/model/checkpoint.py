@@ -80,6 +80,10 @@ def _dequantized(tensors, path):
             name = key.removesuffix(INT8_SCALE_SUFFIX)
             if state.get(name, torch.empty(0)).dtype != torch.int8:
                 raise CheckpointError(f'{path}: scale {key!r} has no int8 tensor {name!r}')
+            rows = (*state[name].shape[:-1], 1)  # one scale per row
+            if tuple(scale.shape) != rows:
+                raise CheckpointError(f'{path}: scale {key!r} has shape {tuple(scale.shape)}, '
+                                      f'its tensor {name!r} needs {rows}')
             state[name] = state[name].float() * scale
     return state
 

@@ -58,9 +58,17 @@ class S4FusionConfig:
         if not (len(self.encoder_depths) == len(self.decoder_depths) == levels >= 1):
             raise ValueError(f'dims, encoder_depths and decoder_depths need one entry per level, '
                              f'got {self.dims}, {self.encoder_depths}, {self.decoder_depths}')
-        if any(b != 2 * a for a, b in zip(self.dims, self.dims[1:])) or self.dims[0] % 4:
+        if (any(b != 2 * a for a, b in zip(self.dims, self.dims[1:])) or self.dims[0] % 4
+                or self.dims[0] < 4):
             # merging doubles the width, expanding halves it; the head folds dims[0] / 4 channels
             raise ValueError(f'dims must double per level from a multiple of 4, got {self.dims}')
+        sizes = {name: getattr(self, name) for name in (
+            'd_state', 'fusion_d_state', 'fusion_blocks', 'd_conv', 'patch_size', 'patch_stride')}
+        small = {name: value for name, value in sizes.items() if not value >= 1}
+        if small or min(self.encoder_depths + self.decoder_depths) < 0 or not self.ssm_ratio > 0:
+            raise ValueError(f'sizes must be >= 1 ({small or sizes}), depths >= 0 and ssm_ratio '
+                             f'> 0, got depths {self.encoder_depths}, {self.decoder_depths} and '
+                             f'ssm_ratio {self.ssm_ratio}')
         if self.patch_size < self.patch_stride:
             raise ValueError('patch_size < patch_stride would leave pixels no patch covers')
         if self.base not in BASES:
