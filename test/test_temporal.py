@@ -46,6 +46,16 @@ def test_moving_objects_are_left_out_and_max_never_exceeds_one():
     assert moving.fused_change == pytest.approx(calm.fused_change, abs=0.3)
 
 
+def test_texture_that_pans_is_moving_not_static():
+    # A camera panning 1 px a frame over texture: the signed change averages out under the
+    # smoothing, yet every textured pixel changes by several gray levels.
+    rng = np.random.default_rng(6)
+    texture = rng.normal(0.5, 15 / 255, (48, 96))
+    frames = [(texture[:, t:t + 64], texture[:, t:t + 64]) for t in range(10)]
+    score = temporal.flicker((ir, vi, vi) for ir, vi in frames)
+    assert score.static_fraction < 0.05
+
+
 def test_a_sequence_too_short_or_of_changing_size_is_reported():
     meter = temporal.FlickerMeter()
     image = np.zeros((8, 8), np.float32)

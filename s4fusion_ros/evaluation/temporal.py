@@ -6,7 +6,9 @@ as published, all in [0, 1]): over every pair of consecutive frames and every *s
     flicker = mean |F_t - F_t-1| / max(mean max(|I_t - I_t-1|, |V_t - V_t-1|), FLOOR)
 
 A pixel is static when neither source changes there: the Gaussian-smoothed frame difference of
-each source (which averages sensor and codec noise away) stays under STATIC_LEVEL. So flicker is
+each source (which averages sensor and codec noise away) stays under STATIC_LEVEL, and so does the
+smoothed absolute difference under MOVING_LEVEL (texture that moves, as under a panning camera,
+changes both ways and would cancel in the first). So flicker is
 how much the fused image changes where the scene does not, relative to how much the more restless
 source changes there. Plain averaging and per-pixel max give at most 1 (their change never exceeds
 the larger source change); above 1 the fusion adds changes of its own. FLOOR keeps a perfectly
@@ -31,6 +33,7 @@ from ..imaging.color import bgr_to_ycrcb
 from ..imaging.encodings import encode_image
 
 STATIC_LEVEL = 3.0 / 255.0  # smoothed source change below this: the scene is still there
+MOVING_LEVEL = 6.0 / 255.0  # smoothed absolute source change at or above this: moving texture
 STATIC_SIGMA = 2.0  # pixels; smoothing of the source differences that decides static pixels
 FLOOR = 0.5 / 255.0  # smallest source change the fused change is divided by
 CLIP_EPOCH_NS = 10**9  # stamps start here: a zero stamp means 'unstamped' to the synchronizer
@@ -73,6 +76,8 @@ class FlickerMeter:
         for difference in (thermal_d, visible_d):
             smooth = cv2.GaussianBlur(difference, (0, 0), STATIC_SIGMA)
             moving |= np.abs(smooth) >= STATIC_LEVEL
+            # Texture that moves changes both ways, which the signed smoothing cancels.
+            moving |= cv2.GaussianBlur(np.abs(difference), (0, 0), STATIC_SIGMA) >= MOVING_LEVEL
         static = ~moving
         source_d = np.maximum(np.abs(thermal_d), np.abs(visible_d))
         self._fused += float(np.abs(fused_d)[static].sum(dtype=np.float64))
@@ -193,7 +198,8 @@ def render_section(scores: dict, frames: int, command: str, notes: list[str]) ->
              'parameters: thermal (mono8) normalized by the smoothed percentile window, model '
              'on luminance, colour from the visible image, bgr8 output.',
              f'- Static pixels (neither source\'s smoothed frame difference reaches '
-             f'{STATIC_LEVEL * 255:g} gray levels): {static}.',
+             f'{STATIC_LEVEL * 255:g} gray levels, nor its smoothed absolute difference '
+             f'{MOVING_LEVEL * 255:g}): {static}.',
              *[f'- {note}' for note in notes], '',
              'Flicker = mean fused change / mean larger source change on static pixels '
              '(`s4fusion_ros/evaluation/temporal.py`); lower is steadier, the plain average and '
