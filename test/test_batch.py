@@ -229,6 +229,10 @@ def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif
     assert [(pathlib.Path(b.output).name, b.status) for b in report.bags] == [
         ('a', 'skipped'), ('b', 'done')]
     assert read_bag(out / 'b') == reference(inputs / 'b', tmp_path / 'ref', other)
+    # A resume given one bag keeps the other listed: a later resume of both redoes neither.
+    fuse_bags([inputs / 'a'], out, params=other, resume=True, progress=False)
+    report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
+    assert [b.status for b in report.bags] == ['skipped', 'skipped']
 
 
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,

@@ -298,17 +298,17 @@ class _Runner:
         self.actors = []
 
     def write_manifest(self, **status) -> None:
-        """Write the parameters and the bags' reports. Rewritten as each bag ends, so that a run
-        killed outright still records what it finished, and with which parameters."""
-        if not status:  # running: the finished bags of the run resumed, until they are planned
-            listed = {report.output for report in self.reports if report.status != 'pending'}
-            bags = [dataclasses.asdict(r) for r in self.reports if r.status != 'pending'] + [
-                bag for output, bag in self.previous.items() if output not in listed]
-            status = {'running': True}
-        else:
-            bags = [dataclasses.asdict(report) for report in self.reports]
+        """Write the parameters and the bags' reports (``status`` when the run ended, else it is
+        running). Rewritten as each bag ends, so that a run killed outright still records what it
+        finished, and with which parameters; the resumed run's finished bags stay listed until
+        this run has planned them, and those it was not given stay listed."""
+        bags = [self.previous[r.output] if r.status == 'pending' and r.output in self.previous
+                else dataclasses.asdict(r) for r in self.reports]
+        ours = {report.output for report in self.reports}
+        bags += [bag for output, bag in self.previous.items() if output not in ours]
         write_text_atomically(self.manifest, json.dumps(
-            {**status, 'parameters': self.values, 'bags': bags}, indent=1))
+            {**(status or {'running': True}), 'parameters': self.values, 'bags': bags},
+            indent=1))
 
     def run(self) -> None:
         self.write_manifest()
