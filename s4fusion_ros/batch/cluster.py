@@ -289,6 +289,7 @@ class _Runner:
         (self.on_unit, self.on_progress), self.previous = on_unit, previous
         self.manifest = manifest
         self.reports = [BagReport(str(j.input), str(j.output)) for j in jobs]
+        self.planned = set()  # bag numbers _plan has reached
         self.show = progress
         self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
         self.units = {}  # bag index -> all its units
@@ -302,8 +303,8 @@ class _Runner:
         running). Rewritten as each bag ends, so that a run killed outright still records what it
         finished, and with which parameters; the resumed run's finished bags stay listed until
         this run has planned them, and those it was not given stay listed."""
-        bags = [self.previous[r.output] if r.status == 'pending' and r.output in self.previous
-                else dataclasses.asdict(r) for r in self.reports]
+        bags = [self.previous[r.output] if number not in self.planned and r.output in self.previous
+                else dataclasses.asdict(r) for number, r in enumerate(self.reports)]
         ours = {report.output for report in self.reports}
         bags += [bag for output, bag in self.previous.items() if output not in ours]
         write_text_atomically(self.manifest, json.dumps(
@@ -361,6 +362,7 @@ class _Runner:
     def _plan(self, number: int, job: BagJob) -> int:
         """Plan a bag, submit what is left of it; return its pairs still to fuse (estimated)."""
         report = self.reports[number]
+        self.planned.add(number)
         work.sweep_partials(job)
         if self.resume and job.output.exists() and report.output in self.previous:
             shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
