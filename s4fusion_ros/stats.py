@@ -13,6 +13,7 @@ class RateMeter:
     def __init__(self, window: float = 5.0):
         self._window = window
         self._times = collections.deque()
+        self._first = None  # time of the first event ever
         self._lock = threading.Lock()
         self.total = 0
 
@@ -21,17 +22,20 @@ class RateMeter:
         with self._lock:
             self.total += 1
             self._times.append(now)
+            self._first = now if self._first is None else self._first
             self._trim(now)
 
     def rate(self, now: float | None = None) -> float:
-        """Events per second in the window, up to `now`: it falls as soon as events stop (a
+        """Events per second over the window up to `now`: it falls as soon as events stop (a
         camera that died), instead of keeping their last rate until the window empties."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._trim(now)
             if len(self._times) < 2:
                 return 0.0
-            return (len(self._times) - 1) / max(now - self._times[0], 1e-9)
+            if now - self._first < self._window:  # still filling: the intervals so far
+                return (len(self._times) - 1) / max(now - self._first, 1e-9)
+            return len(self._times) / self._window
 
     def recent(self, now: float | None = None) -> int:
         """Events within the window (one is too few for a rate, but it did happen)."""

@@ -1,5 +1,6 @@
 """RateMeter and LatencyStats, on a clock the test controls."""
 
+import numpy as np
 import pytest
 
 from s4fusion_ros.stats import LatencyStats, RateMeter
@@ -15,6 +16,18 @@ def test_rate_is_the_event_rate_and_falls_once_events_stop():
     assert meter.rate(now=59 / 30 + 4.5) < 4.0
     assert meter.rate(now=59 / 30 + 5.1) == 0.0 and meter.recent(now=59 / 30 + 5.1) == 0
     assert meter.total == 60
+
+
+@pytest.mark.parametrize('hz', [30.0, 9.0, 1.0])
+def test_rate_is_unbiased_once_the_window_is_full(hz):
+    # Read at every phase between two events, as diagnostics are: on average the event rate.
+    meter = RateMeter(window=5.0)
+    for k in range(int(20 * hz)):
+        meter.tick(now=k / hz)
+    last = (int(20 * hz) - 1) / hz
+    phases = np.linspace(0, 1, 50, endpoint=False)
+    readings = [meter.rate(now=last + phase / hz) for phase in phases]
+    assert np.mean(readings) == pytest.approx(hz, rel=0.02)
 
 
 def test_latency_summary():
