@@ -64,11 +64,16 @@ class S4FusionConfig:
             raise ValueError(f'dims must double per level from a multiple of 4, got {self.dims}')
         sizes = {name: getattr(self, name) for name in (
             'd_state', 'fusion_d_state', 'fusion_blocks', 'd_conv', 'patch_size', 'patch_stride')}
-        small = {name: value for name, value in sizes.items() if not value >= 1}
-        if small or min(self.encoder_depths + self.decoder_depths) < 0 or not self.ssm_ratio > 0:
-            raise ValueError(f'sizes must be >= 1 ({small or sizes}), depths >= 0 and ssm_ratio '
-                             f'> 0, got depths {self.encoder_depths}, {self.decoder_depths} and '
-                             f'ssm_ratio {self.ssm_ratio}')
+        bad = {name: value for name, value in sizes.items()
+               if isinstance(value, bool) or not isinstance(value, int) or value < 1}
+        if bad or self.d_conv % 2 == 0:  # an even depthwise kernel would shift the sequence
+            raise ValueError(f'sizes must be integers >= 1 and d_conv odd, got {bad or sizes}')
+        if min(self.encoder_depths + self.decoder_depths) < 0:
+            raise ValueError(f'depths must be >= 0, got {self.encoder_depths}, '
+                             f'{self.decoder_depths}')
+        if not (math.isfinite(self.ssm_ratio) and int(self.ssm_ratio * self.dims[0]) >= 1):
+            raise ValueError(f'ssm_ratio must be finite and give the first level at least one '
+                             f'inner channel, got {self.ssm_ratio}')
         if self.patch_size < self.patch_stride:
             raise ValueError('patch_size < patch_stride would leave pixels no patch covers')
         if self.base not in BASES:
