@@ -8,7 +8,8 @@ as published, all in [0, 1]): over every pair of consecutive frames and every *s
 A pixel is static when neither source changes there: the Gaussian-smoothed frame difference of
 each source (which averages sensor and codec noise away) stays under STATIC_LEVEL, and so does the
 smoothed absolute difference under MOVING_LEVEL (texture that moves, as under a panning camera,
-changes both ways and would cancel in the first). So flicker is
+changes both ways and would cancel in the first; white sensor noise up to about 4 gray levels
+stays under it). So flicker is
 how much the fused image changes where the scene does not, relative to how much the more restless
 source changes there. Plain averaging and per-pixel max give at most 1 (their change never exceeds
 the larger source change); above 1 the fusion adds changes of its own. FLOOR keeps a perfectly
