@@ -59,8 +59,9 @@ class SideBySideVideo:
     """Writes panel rows to an MP4; the frame size is fixed by the first row.
 
     The video is written beside ``path`` under a hidden name and renamed to ``path`` by
-    ``close``, so a crash or an interruption never leaves a cut-off video under the final name.
-    As a context manager it closes on success and discards the partial file on an exception.
+    ``close``, so a crash or an interruption never leaves a cut-off video under the final name;
+    closed without a frame, it leaves no file there (an earlier video is not this one). As a
+    context manager it closes on success and discards the partial file on an exception.
     """
 
     def __init__(self, path: pathlib.Path, fps: float):
@@ -90,10 +91,10 @@ class SideBySideVideo:
         self.frames += 1
 
     def close(self) -> None:
-        """Finish the video and give it its name (a video without frames is not written)."""
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+        """Finish the video and give it its name; without a frame, remove what is at ``path``."""
+        if not self.frames:
+            self.path.unlink(missing_ok=True)
+        elif self._release():
             try:
                 os.replace(self._partial, self.path)
             except OSError:  # e.g. `path` is a folder: no hidden partial left behind
@@ -102,10 +103,16 @@ class SideBySideVideo:
 
     def discard(self) -> None:
         """Stop writing and remove the partial video; ``path`` is left as it was."""
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+        self._release()
         self._partial.unlink(missing_ok=True)
+
+    def _release(self) -> bool:
+        """Finish the writer, if one is open; returns whether one was."""
+        if self._writer is None:
+            return False
+        self._writer.release()
+        self._writer = None
+        return True
 
     def __enter__(self):
         """Use as a context manager: closed on success, discarded on an exception."""
@@ -153,10 +160,7 @@ def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic:
                                                                visible_topic, pipeline)
              if pair.visible_stamp_ns in wanted}
     stamps = [stamp for stamp in stamps if stamp in pairs]
-    if not stamps:  # no video: an earlier one at `path` is not this recording's
-        path.unlink(missing_ok=True)
-        return 0
-    span = (stamps[-1] - stamps[0]) / 1e9
+    span = (stamps[-1] - stamps[0]) / 1e9 if stamps else 0.0
     with SideBySideVideo(path, (len(stamps) - 1) / span if span > 0 else 1.0) as video:
         for stamp in tqdm(stamps, desc='video', unit='frame', file=sys.stderr, leave=False):
             pair = pairs[stamp]

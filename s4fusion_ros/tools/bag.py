@@ -283,23 +283,24 @@ def run(args: argparse.Namespace) -> None:
         with video or contextlib.nullcontext(), bag as writer:
             fuser.run(reader, args.input, thermal, visible, writer,
                       (args.fused_topic, args.saliency_topic), args.include_inputs)
-        if video is not None and not video.frames:  # nothing fused: an earlier video is not this
-            args.export_video.unlink(missing_ok=True)
     print_summary(args, fuser, time.monotonic() - started)
 
 
 def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> None:
     """One paragraph: what was read, paired, fused and written."""
-    counts, stats = fuser.counts, fuser.pipeline.synchronizer.stats
+    counts, stats, video = fuser.counts, fuser.pipeline.synchronizer.stats, fuser.video
+    if video is None:
+        written = ''
+    elif video.frames:
+        written = f' and {args.export_video} ({video.frames} frames at {video.fps:.1f} frames/s)'
+    else:
+        written = '; no video: no pair was fused'
     print(f'{PROG}: fused {counts.fused} pairs from {counts.read["thermal"]} thermal + '
           f'{counts.read["visible"]} visible messages in {seconds:.1f} s '
           f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s); unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB)'
-          + (f' and {args.export_video} ({fuser.video.frames} frames at '
-             f'{fuser.video.fps:.1f} frames/s)' if fuser.video and fuser.video.frames else '')
-          + ('; no video: no pair was fused' if fuser.video and not fuser.video.frames else ''),
-          file=sys.stderr)
+          + written, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
