@@ -366,7 +366,7 @@ class _Runner:
         work.sweep_partials(job)
         if self.resume and job.output.exists() and report.output in self.previous:
             shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
-            earlier = self.previous.get(report.output, {})
+            earlier = self.previous[report.output]
             for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes'):
                 setattr(report, name, earlier.get(name, getattr(report, name)))
             report.status = 'skipped'
