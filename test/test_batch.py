@@ -18,6 +18,7 @@ import yaml
 from s4fusion_ros import settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import fuse_bags
+from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
 from support import (camera_messages, drifting, one_torch_thread, params_file,  # noqa: F401
@@ -233,6 +234,35 @@ def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif
     fuse_bags([inputs / 'a'], out, params=other, resume=True, progress=False)
     report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
     assert [b.status for b in report.bags] == ['skipped', 'skipped']
+
+
+def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, params_file,
+                                                          tmp_path):
+    # Bag a fused first, then bag b into the same folder: the manifest lists both, so a resume
+    # of both redoes neither. A plain run with other parameters would make one manifest
+    # describe two sets: refused, naming them; --overwrite lists only its own bags.
+    inputs, out = tmp_path / 'in', tmp_path / 'out'
+    for name, seed in (('a', 1), ('b', 2)):
+        write_bag(inputs / name, camera_messages(ivif_dir, 0.5, seed=seed), 'mcap')
+    assert fuse_bags([inputs / 'a'], out, params=params_file, progress=False).ok
+    assert fuse_bags([inputs / 'b'], out, params=params_file, progress=False).ok
+    listed = json.loads((out / 's4fusion-batch-manifest.json').read_text())['bags']
+    assert sorted(pathlib.Path(b['output']).name for b in listed) == ['a', 'b']
+    report = fuse_bags([inputs / 'a', inputs / 'b'], out, params=params_file, resume=True,
+                       progress=False)
+    assert [b.status for b in report.bags] == ['skipped', 'skipped']
+    changed = yaml.safe_load(params_file.read_text())
+    changed['s4fusion_node']['ros__parameters']['sync']['slop'] = 0.03
+    other = tmp_path / 'other.yaml'
+    other.write_text(yaml.safe_dump(changed))
+    write_bag(inputs / 'c', camera_messages(ivif_dir, 0.5, seed=3), 'mcap')
+    with pytest.raises(BatchError, match=r'other parameters \(sync\.slop\).*--overwrite'):
+        fuse_bags([inputs / 'c'], out, params=other, progress=False)
+    assert not (out / 'c').exists()
+    assert fuse_bags([inputs / 'c'], out, params=other, overwrite=True, progress=False).ok
+    manifest = json.loads((out / 's4fusion-batch-manifest.json').read_text())
+    assert manifest['parameters']['sync.slop'] == 0.03
+    assert [pathlib.Path(b['output']).name for b in manifest['bags']] == ['c']
 
 
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,

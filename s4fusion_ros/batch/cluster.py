@@ -164,7 +164,10 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         values['device'] = device
     jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)
     _check_existing(jobs, resume, overwrite)
-    previous = _previous_reports(out_dir / MANIFEST, values) if resume else {}
+    previous = _previous_reports(out_dir / MANIFEST, values, resume, overwrite)
+    if not resume:  # this run fuses its own bags anew; the folder's other bags stay listed
+        ours = {str(job.output) for job in jobs}
+        previous = {output: bag for output, bag in previous.items() if output not in ours}
     with connected(address, num_cpus) as ray:
         out_dir.mkdir(parents=True, exist_ok=True)
         runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
@@ -195,11 +198,14 @@ def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
                          'what is finished or --overwrite to replace them')
 
 
-def _previous_reports(manifest: pathlib.Path, values: dict) -> dict:
+def _previous_reports(manifest: pathlib.Path, values: dict, resume: bool,
+                      overwrite: bool) -> dict:
     """{output: BagReport fields} of the bags an earlier run into the same folder finished.
 
-    BatchError if that run recorded other parameters: its finished bags would be kept as they
-    are, unlike the ones still to fuse.
+    One manifest describes the folder, with one set of parameters. If the earlier run recorded
+    other ones: BatchError on --resume (its finished bags would be kept as they are, unlike the
+    ones still to fuse) and on a plain run (the manifest could not describe both); --overwrite
+    starts the manifest afresh, so the earlier bags are no longer listed as finished.
     """
     try:
         earlier = json.loads(manifest.read_text())
@@ -208,11 +214,18 @@ def _previous_reports(manifest: pathlib.Path, values: dict) -> dict:
         return {}
     recorded, current = earlier.get('parameters'), json.loads(json.dumps(values))
     if recorded is not None and recorded != current:
+        if overwrite:
+            return {}
         changed = sorted(name for name in set(recorded) | set(current)
                          if recorded.get(name) != current.get(name))
-        raise BatchError(f'--resume: the bags in {manifest.parent} were fused with other '
-                         f'parameters ({", ".join(changed)}); resume with the same ones, or '
-                         f'pass --overwrite to fuse every bag again')
+        if resume:
+            raise BatchError(f'--resume: the bags in {manifest.parent} were fused with other '
+                             f'parameters ({", ".join(changed)}); resume with the same ones, or '
+                             f'pass --overwrite to fuse every bag again')
+        raise BatchError(f'the bags in {manifest.parent} were fused with other parameters '
+                         f'({", ".join(changed)}); its manifest records one set: fuse into '
+                         f'another folder or with the same parameters, or pass --overwrite '
+                         f'(the manifest then lists only the bags of this run)')
     return {bag['output']: bag for bag in bags if bag.get('status') in ('done', 'skipped')}
 
 
