@@ -1,10 +1,22 @@
 """A bounded inference queue on its own thread, so message callbacks never wait for the model."""
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Callable
 
 QUEUE_POLICIES = ('keep_newest', 'keep_oldest')
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerCounts:
+    """The counts at one instant: submitted == dropped + pending + in_progress + failed +
+    sum(outcomes.values()) + the items whose `process` returned None."""
+    dropped: int
+    pending: int
+    in_progress: int
+    failed: int
+    outcomes: dict
 
 
 class InferenceWorker:
@@ -13,6 +25,8 @@ class InferenceWorker:
     The queue holds at most `queue_size` items. When it is full, `keep_newest` drops the oldest
     queued item (the output stays as fresh as the model allows: a slow model fuses the latest pair,
     not a growing backlog) and `keep_oldest` refuses the new one. Every dropped item is counted.
+    What `process` returns, unless None, is the item's outcome, counted as the item stops being in
+    progress, under the same lock: a `counts()` snapshot never shows an item in two places.
     """
 
     def __init__(self, process: Callable[[object], None], queue_size: int = 1,
@@ -31,6 +45,7 @@ class InferenceWorker:
         self.dropped = 0
         self.processed = 0
         self.failed = 0  # items whose `process` raised (it should handle its own errors)
+        self.outcomes = collections.Counter()
         self.last_failure = ''
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -62,6 +77,12 @@ class InferenceWorker:
         with self._wakeup:
             return self.submitted - self.dropped - self.processed - len(self._queue)
 
+    def counts(self) -> WorkerCounts:
+        """One consistent snapshot of the counts (for diagnostics read on another thread)."""
+        with self._wakeup:
+            return WorkerCounts(self.dropped, len(self._queue), self.in_progress, self.failed,
+                                dict(self.outcomes))
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the queue is empty and nothing runs (offline processing, tests)."""
         with self._wakeup:
@@ -91,13 +112,17 @@ class InferenceWorker:
                     return
                 item = self._queue.popleft()
             # `process` owns its error handling; what escapes it is counted, and the thread lives.
+            outcome = failure = None
             try:
-                self._process(item)
+                outcome = self._process(item)
             except Exception as error:  # noqa: BLE001 - one item must not stop every later one
-                with self._wakeup:
-                    self.failed += 1
-                    self.last_failure = repr(error)
+                failure = repr(error)
             finally:
-                with self._wakeup:
+                with self._wakeup:  # one update, so that counts() sees the item in one place
+                    if failure is not None:
+                        self.failed += 1
+                        self.last_failure = failure
+                    elif outcome is not None:
+                        self.outcomes[outcome] += 1
                     self.processed += 1
                     self._wakeup.notify_all()

@@ -79,8 +79,6 @@ class S4FusionNode(Node):
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
         self.rejected = {'thermal': 0, 'visible': 0}
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
-        self.inference_errors = 0
-        self.publish_errors = 0
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
         self.worker_failures_logged = 0
@@ -238,31 +236,32 @@ class S4FusionNode(Node):
 
     # Inference and outputs ------------------------------------------------------------------
 
-    def _fuse_and_publish(self, pair) -> None:
+    def _fuse_and_publish(self, pair) -> Key | None:
+        """Fuse and publish one pair; returns the counter its outcome goes to (the worker counts
+        it as the pair leaves inference, so diagnostics never count it twice)."""
         try:
             result = self.engine.infer(pair)
         except Exception as error:  # noqa: BLE001 - one bad pair (e.g. CUDA OOM) must not stop us
-            self.inference_errors += 1
             self.get_logger().error(f'inference failed, pair dropped: {error!r}',
                                     throttle_duration_sec=LOG_THROTTLE_S)
             _release_cuda_cache(self.loaded.device)
-            return
+            return Key.INFERENCE_ERRORS
         self.inference_latency.add(result.inference_seconds)
         try:
             self._publish(result)
         except Exception as error:  # noqa: BLE001 - e.g. RCLError "cannot publish data"
             if not self.context.ok():
-                return  # stopping: a stop signal shut ROS down under the worker
-            self.publish_errors += 1
+                return None  # stopping: a stop signal shut ROS down under the worker
             self.get_logger().warning(f'publishing failed: {error}',
                                       throttle_duration_sec=LOG_THROTTLE_S)
-            return
+            return Key.PUBLISH_ERRORS
         self.fused_rate.tick()
         latency = (self.get_clock().now().nanoseconds - result.pair.visible_stamp_ns) / 1e9
         if PLAUSIBLE_LATENCY_S[0] <= latency <= PLAUSIBLE_LATENCY_S[1]:
             self.end_to_end_latency.add(latency)
         else:
             self.stamps_off_clock += 1
+        return Key.PAIRS_FUSED
 
     def _publish(self, result: FusionResult) -> None:
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
@@ -273,6 +272,7 @@ class S4FusionNode(Node):
         sync = self.synchronizer.stats
         inference = self.inference_latency.summary()
         end_to_end = self.end_to_end_latency.summary()
+        work = self.worker.counts()
         values = {
             Key.THERMAL_RATE: self.thermal_rate.rate(),
             Key.VISIBLE_RATE: self.visible_rate.rate(),
@@ -296,14 +296,14 @@ class S4FusionNode(Node):
             Key.VISIBLE_PENDING: sync.visible_pending,
             Key.SYNC_RESETS: sync.resets,
             # pairs == fused + dropped + inference errors + publish errors + queued + in progress
-            Key.PAIRS_DROPPED: self.worker.dropped,
-            Key.PAIRS_QUEUED: self.worker.pending,
-            Key.PAIRS_IN_INFERENCE: self.worker.in_progress,
-            Key.PAIRS_FUSED: self.fused_rate.total,
+            Key.PAIRS_DROPPED: work.dropped,
+            Key.PAIRS_QUEUED: work.pending,
+            Key.PAIRS_IN_INFERENCE: work.in_progress,
+            Key.PAIRS_FUSED: work.outcomes.get(Key.PAIRS_FUSED, 0),
             # A pair whose handling raised past _fuse_and_publish (the worker caught it) is
             # neither fused nor published: an inference error too, so the counts still add up.
-            Key.INFERENCE_ERRORS: self.inference_errors + self.worker.failed,
-            Key.PUBLISH_ERRORS: self.publish_errors,
+            Key.INFERENCE_ERRORS: work.outcomes.get(Key.INFERENCE_ERRORS, 0) + work.failed,
+            Key.PUBLISH_ERRORS: work.outcomes.get(Key.PUBLISH_ERRORS, 0),
             Key.INFERENCE_LATENCY_MEAN: inference['mean'],
             Key.INFERENCE_LATENCY_P95: inference['p95'],
             Key.END_TO_END_LATENCY_MEAN: end_to_end['mean'],
