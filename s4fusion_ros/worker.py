@@ -115,8 +115,10 @@ class InferenceWorker:
             outcome = failure = None
             try:
                 outcome = self._process(item)
-            except Exception as error:  # noqa: BLE001 - one item must not stop every later one
+            except BaseException as error:  # noqa: BLE001 - one item must not stop every later one
                 failure = repr(error)
+                if not isinstance(error, Exception):
+                    raise  # SystemExit and the like end the thread, the item counted as failed
             finally:
                 with self._wakeup:  # one update, so that counts() sees the item in one place
                     if failure is not None:

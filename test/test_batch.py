@@ -17,7 +17,7 @@ import yaml
 
 from s4fusion_ros import settings
 from s4fusion_ros.batch import work
-from s4fusion_ros.batch.cluster import fuse_bags
+from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags
 from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
@@ -71,6 +71,39 @@ def test_warm_up_is_derived_from_the_parameters():
     for mode in ('minmax', 'fixed'):
         values['normalization.mode'] = mode
         assert work.warm_up(values).pairs == 0
+
+
+def test_which_earlier_manifest_rows_a_run_keeps(tmp_path):
+    # The folder's manifest as each kind of run finds it: what is kept, what refuses the run.
+    manifest, out = tmp_path / 'out' / 's4fusion-batch-manifest.json', tmp_path / 'out'
+    manifest.parent.mkdir()
+    values = settings.defaults()
+    other = {**values, 'sync.slop': 0.03}
+    jobs = [work.BagJob(tmp_path / 'in' / 'c', out / 'c')]
+    rows = {name: {'output': str(out / name), 'status': status}
+            for name, status in (('a', 'done'), ('b', 'failed'), ('c', 'done'))}
+
+    def keeps(recorded, names=('a', 'b', 'c'), resume=False, overwrite=False):
+        listed = {'bags': [rows[name] for name in names]}
+        manifest.write_text(json.dumps(listed if recorded is None else
+                                       {**listed, 'parameters': recorded}))
+        kept = _previous_reports(manifest, values, jobs, resume, overwrite)
+        return sorted(pathlib.Path(output).name for output in kept)
+
+    # Same parameters: a plain run or --overwrite keeps every row but its own bags' (a failed
+    # bag stays listed with its error); --resume keeps them all and skips the finished ones.
+    assert keeps(values) == keeps(values, overwrite=True) == ['a', 'b']
+    assert keeps(values, resume=True) == ['a', 'b', 'c']
+    # Other parameters, or none recorded: a finished other bag refuses a plain run, naming them;
+    # --overwrite starts afresh; with only this run's own or unfinished bags nothing conflicts.
+    with pytest.raises(BatchError, match=r'1 bag\(s\) .* other parameters \(sync\.slop\)'):
+        keeps(other)
+    with pytest.raises(BatchError, match='parameters its manifest does not record'):
+        keeps(None)
+    assert keeps(other, overwrite=True) == keeps(None, overwrite=True) == []
+    assert keeps(other, names=('b', 'c')) == []
+    with pytest.raises(BatchError, match=r'--resume: .* other parameters \(sync\.slop\)'):
+        keeps(other, resume=True)
 
 
 def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_file, tmp_path,

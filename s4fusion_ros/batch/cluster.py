@@ -31,6 +31,7 @@ from .work import BagJob, BatchError, Unit
 LOCAL = 'local'
 LOCAL_NODE_IP = '127.0.0.2'  # loopback, but not 127.0.0.1, which Ray replaces
 MANIFEST = 's4fusion-batch-manifest.json'
+FINISHED = ('done', 'skipped')  # manifest statuses of a bag whose output is complete
 BOOTSTRAP_CONFIG = 'ray_bootstrap_config.yaml'
 PROGRESS_PERIOD = 0.5  # seconds between a task's progress messages
 
@@ -64,7 +65,7 @@ class Report:
     @property
     def ok(self) -> bool:
         """Every bag fused now or before, nothing interrupted."""
-        return not self.interrupted and all(b.status in ('done', 'skipped') for b in self.bags)
+        return not self.interrupted and all(b.status in FINISHED for b in self.bags)
 
     @property
     def fused(self) -> int:
@@ -158,16 +159,14 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     if resume and overwrite:
         raise BatchError('--resume and --overwrite exclude each other')
     started = time.monotonic()
-    out_dir = pathlib.Path(out_dir)
+    # Absolute, so that the manifest's rows match whatever working directory a later run has.
+    out_dir = pathlib.Path(os.path.abspath(out_dir))
     values = settings.load_params_file(params) if params else settings.defaults()
     if device:
         values['device'] = device
     jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)
     _check_existing(jobs, resume, overwrite)
-    previous = _previous_reports(out_dir / MANIFEST, values, resume, overwrite)
-    if not resume:  # this run fuses its own bags anew; the folder's other bags stay listed
-        ours = {str(job.output) for job in jobs}
-        previous = {output: bag for output, bag in previous.items() if output not in ours}
+    previous = _previous_reports(out_dir / MANIFEST, values, jobs, resume, overwrite)
     with connected(address, num_cpus) as ray:
         out_dir.mkdir(parents=True, exist_ok=True)
         runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
@@ -198,35 +197,44 @@ def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
                          'what is finished or --overwrite to replace them')
 
 
-def _previous_reports(manifest: pathlib.Path, values: dict, resume: bool,
+def _previous_reports(manifest: pathlib.Path, values: dict, jobs: list[BagJob], resume: bool,
                       overwrite: bool) -> dict:
-    """{output: BagReport fields} of the bags an earlier run into the same folder finished.
+    """{output: BagReport fields} of the rows an earlier run into the same folder wrote, to keep.
 
-    One manifest describes the folder, with one set of parameters. If the earlier run recorded
-    other ones: BatchError on --resume (its finished bags would be kept as they are, unlike the
-    ones still to fuse) and on a plain run (the manifest could not describe both); --overwrite
-    starts the manifest afresh, so the earlier bags are no longer listed as finished.
+    One manifest describes the folder, with one set of parameters. --resume keeps every row (the
+    finished ones are skipped) and is refused if the earlier run recorded other parameters: its
+    finished bags would be kept as they are, unlike the ones still to fuse. A plain run or
+    --overwrite fuses its own bags anew and keeps the rows of the folder's other bags when the
+    parameters match; if they differ (or were not recorded), --overwrite drops those rows and a
+    plain run is refused when one of them is a finished bag.
     """
     try:
         earlier = json.loads(manifest.read_text())
-        bags = earlier['bags']
+        rows = {bag['output']: bag for bag in earlier['bags']}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     recorded, current = earlier.get('parameters'), json.loads(json.dumps(values))
-    if recorded is not None and recorded != current:
-        if overwrite:
-            return {}
-        changed = sorted(name for name in set(recorded) | set(current)
-                         if recorded.get(name) != current.get(name))
-        if resume:
+    changed = sorted(name for name in set(recorded or {}) | set(current)
+                     if (recorded or {}).get(name) != current.get(name))
+    if resume:
+        if recorded is not None and changed:
             raise BatchError(f'--resume: the bags in {manifest.parent} were fused with other '
                              f'parameters ({", ".join(changed)}); resume with the same ones, or '
                              f'pass --overwrite to fuse every bag again')
-        raise BatchError(f'the bags in {manifest.parent} were fused with other parameters '
-                         f'({", ".join(changed)}); its manifest records one set: fuse into '
-                         f'another folder or with the same parameters, or pass --overwrite '
-                         f'(the manifest then lists only the bags of this run)')
-    return {bag['output']: bag for bag in bags if bag.get('status') in ('done', 'skipped')}
+        return rows
+    ours = {str(job.output) for job in jobs}
+    others = {output: bag for output, bag in rows.items() if output not in ours}
+    if recorded == current:
+        return others
+    finished = [output for output, bag in others.items() if bag.get('status') in FINISHED]
+    if overwrite or not finished:
+        return {}
+    what = (f'other parameters ({", ".join(changed)})' if recorded is not None else
+            'parameters its manifest does not record')
+    raise BatchError(f'{len(finished)} bag(s) in {manifest.parent} were fused with {what}, and '
+                     f'its manifest records one set: fuse into another folder or with the same '
+                     f'parameters, or pass --overwrite (the manifest then lists only the bags of '
+                     f'this run)')
 
 
 class _Progress:
@@ -377,9 +385,9 @@ class _Runner:
         report = self.reports[number]
         self.planned.add(number)
         work.sweep_partials(job)
-        if self.resume and job.output.exists() and report.output in self.previous:
+        earlier = self.previous.get(report.output, {})
+        if self.resume and job.output.exists() and earlier.get('status') in FINISHED:
             shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
-            earlier = self.previous[report.output]
             for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes'):
                 setattr(report, name, earlier.get(name, getattr(report, name)))
             report.status = 'skipped'
