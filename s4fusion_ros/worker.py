@@ -100,6 +100,7 @@ class InferenceWorker:
         long inference never holds up process exit)."""
         with self._wakeup:
             self._stopping = True
+            self.dropped += len(self._queue)  # never to run: counted, not left as in progress
             self._queue.clear()
             self._wakeup.notify_all()
         self._thread.join(timeout)

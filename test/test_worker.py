@@ -78,3 +78,23 @@ def test_an_item_that_ends_the_thread_is_counted_as_failed():
     counts = worker.counts()
     assert (counts.failed, counts.in_progress, worker.processed) == (1, 0, 1)
     assert 'SystemExit' in worker.last_failure
+
+
+def test_items_still_queued_at_stop_are_counted_as_dropped():
+    started, release = threading.Event(), threading.Event()
+
+    def process(item):
+        started.set()
+        release.wait(5.0)
+        return 'done'
+
+    worker = InferenceWorker(process, queue_size=3, policy='keep_oldest')
+    for item in range(4):
+        worker.submit(item)
+    assert started.wait(5.0)
+    worker.stop(timeout=0.01)  # while the first item runs: the queued ones never will
+    release.set()
+    worker._thread.join(5.0)
+    counts = worker.counts()
+    assert (counts.pending, counts.in_progress, counts.dropped, counts.outcomes) == (
+        0, 0, 3, {'done': 1})
