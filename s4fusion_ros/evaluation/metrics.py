@@ -2,13 +2,17 @@
 
 All images are (H, W), uint8 or float on the 0-255 scale (colour fused images: the caller passes
 Y). Histogram metrics (EN, MI) quantise float input to uint8 by rounding, as saving a PNG does.
-Higher is better for all but MSE. NaN where a metric is undefined (e.g. CC/SCD of a flat image).
+Higher is better for all but MSE. NaN where a metric is undefined (e.g. CC of a flat image, SCD
+when F equals a source, so that F - A or F - B is flat).
 
-The reference is the MATLAB code of Tang et al. (SeAFusion repo ``Evaluation/``, run by
-Linfeng-Tang/Evaluation-for-Image-Fusion to make ``Metric_TNO.xlsx``, our reference CSV). It
-reads 8-bit PNGs; some of its functions work on ``im2double`` ([0, 1]) data and some on uint8,
-whose saturating arithmetic changes SD, MI and VIF. ``matlab_compat=True`` reproduces its numbers
-exactly (checked on 42 TNO images: agreement to 1e-6 or better for all 11 metrics).
+The reference is the MATLAB code of Tang et al. as of 2022 (SeAFusion repo ``Evaluation/``, run
+by Linfeng-Tang/Evaluation-for-Image-Fusion at 5d6c43a to make ``Metric_TNO.xlsx``, our reference
+CSV). It reads 8-bit PNGs; some of its functions work on ``im2double`` ([0, 1]) data and some on
+uint8, whose saturating arithmetic changes SD, MI and VIF. ``matlab_compat=True`` reproduces its
+numbers exactly (checked on 42 TNO images: agreement to 1e-6 or better for all 11 metrics). The
+toolkit's version of March 2023 (7849642) passes ``im2double * 255`` to SF, SD, VIF, AG, CC, SCD
+and Qabf, which then agree with this module's default; EN and MI stay on uint8 (MI with the
+saturation below), and MSE and PSNR on [0, 1] as in the right column.
 
 ======  ============================================  ============================================
 metric  this module (0-255 scale)                     MATLAB reference (``matlab_compat=True``)
@@ -27,8 +31,9 @@ MI      MI(F, A) + MI(F, B), bits, 256x256 joint      joint histogram indexed by
 CC      (corr(A, F) + corr(B, F)) / 2, Pearson        same
 SCD     corr(F - B, A) + corr(F - A, B)               same
 VIF     VIFp(A, F) + VIFp(B, F): Sheikh & Bovik's     scale 1 squares/products ref*ref, dist*dist,
-        4-scale pixel-domain VIF, sigma_n^2 = 2,      ref*dist in uint8, so capped at 255: ~25 %
-        Gaussian windows N = 17, 9, 5, 3, sigma N/5   higher (TNO DenseFuse mean 0.82 vs 0.66)
+        4-scale pixel-domain VIF, sigma_n^2 = 2,      ref*dist in uint8, so capped at 255: on
+        Gaussian windows N = 17, 9, 5, 3, sigma N/5   average ~25 % higher (TNO DenseFuse mean
+                                                      0.82 vs 0.66; per image -9 % to +53 %)
 Qabf    Xydeas & Petrovic: Sobel on zero-padded       on [0, 1]: where the exact Sobel x response
         images, angle atan(Sy / Sx) (pi/2 where       is 0, conv2 rounding leaves +-1e-17, so the
         Sx = 0), G = min(gS, gF) / max(gS, gF),       angle flips to +-pi/2 at random; and G = gF

@@ -32,9 +32,12 @@ CONVENTIONS = """\
 - Metric definitions: `s4fusion_ros/evaluation/metrics.py` (module docstring table), in its
   standard 0-255 convention (`evaluate_all(..., matlab_compat=False)`). MI, VIF and SSIM are sums
   over the two sources (at most 2 for SSIM), CC is their mean, MSE their mean, PSNR (dB, peak 255)
-  is computed from that MSE. The MATLAB code behind most published tables differs: its SF and MSE
-  are ours / 255 and / 255^2, its PSNR is ours + 48.13 dB, and its SD, MI, VIF and Qabf follow
-  uint8 arithmetic; compare with published numbers only through that table.
+  is computed from that MSE. Published tables differ by the version of Tang et al.'s MATLAB toolkit
+  (Linfeng-Tang/Evaluation-for-Image-Fusion) behind them. Its 2022 version (SeAFusion's, and
+  `matlab_compat=True`): SF and MSE are ours / 255 and / 255^2, PSNR ours + 48.13 dB, SD, MI and
+  VIF follow uint8 arithmetic and Qabf MATLAB's rounding on [0, 1] data. Since March 2023 it
+  gives SD, SF, VIF and Qabf on our scale; MSE and PSNR still differ as above, MI by its uint8
+  histogram. Compare with published numbers only through the table in `metrics.py`.
 - Higher is better for every metric except MSE (marked with a down arrow). The best value of each
   metric is in bold (ties: all of them). Timing (s/pair) is the fusion alone (for S4Fusion the
   engine's whole step: model, detail restoration, saliency and colour), after one untimed warm-up
