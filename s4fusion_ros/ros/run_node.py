@@ -44,13 +44,20 @@ class StopSignals:
         raise KeyboardInterrupt
 
     def unraisable(self, unraisable) -> None:
-        """Drop a stop signal's KeyboardInterrupt quietly where it cannot propagate.
+        """Drop what a stop signal's KeyboardInterrupt leaves behind where it cannot propagate.
 
         The handler can run inside a callback from C (numba loads its cached kernels through
         llvmlite's ctypes callbacks), where Python prints the exception with a traceback and
         drops it. `raise_if_received` then stops at the end of that start-up step instead.
+        The interrupt can also land inside a constructor (rclpy's executor builds a Task for
+        every callback): the half-built object's ``__del__`` then misses an attribute, which
+        Python prints with a traceback as the object is collected.
         """
-        if not (issubclass(unraisable.exc_type, KeyboardInterrupt) and self.received):
+        after_stop = self.received and (
+            issubclass(unraisable.exc_type, KeyboardInterrupt)
+            or (issubclass(unraisable.exc_type, AttributeError)
+                and getattr(unraisable.object, '__name__', None) == '__del__'))
+        if not after_stop:
             sys.__unraisablehook__(unraisable)
 
     def raise_if_received(self) -> None:
