@@ -11,8 +11,10 @@ Three steps, each a subcommand:
                           run found in --runs, and pack checkpoints and logs under --out
   unpack      (here)      put what a call brought back into --runs for the next call
 
-Runs are resumable across calls: a recipe's train_state.pt continues (`s4fusion-train --resume`);
-the packed parts are at most 15 MB each so that they come back from a device call.
+Runs are resumable across calls: a recipe's train_state.pt continues (`s4fusion-train --resume`),
+and a run whose state could not travel starts again from its last weights, kept in its ``init/``.
+The packed parts are at most 15 MB each so that they come back from a device call; they are
+written after each recipe, so a call cut short still brings back what it finished.
 Usage (docs/training.md, "Training on a lent GPU"):
   python3 scripts/gpu_train.py pack-data --data IVIF_DIR --to .gpu/data
   python3 scripts/gpu_train.py train --data .gpu/data --runs .gpu/runs --out "$OUT" --minutes 8.5
@@ -25,6 +27,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,6 +37,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PART_BYTES = 15 * 2**20  # device calls bring back files of at most 16 MiB
 PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
+STATE = 'train_state.pt'
+INIT = 'init'  # in a run folder: the weights a restarted run began from
+STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
+TRAVEL_MIB = 64  # what travels with a device call: the working tree and the carried paths
 # What each call trains, in order, and its share of the time left for training. authors: the
 # kind of run that last improved it on the CPU (distillation from the shipped compact preset with
 # the teacher term alone, starting from the shipped authors weights), at a GPU's batch, comparing
@@ -121,14 +128,41 @@ def build_mamba(sdist, minutes):
     env = {**os.environ, 'MAMBA_FORCE_BUILD': 'TRUE', 'MAX_JOBS': str(os.cpu_count() or 4)}
     command = [sys.executable, '-m', 'pip', 'install', '--no-build-isolation', '--no-deps',
                '--no-index', '--target', str(target), str(source)]
-    try:
-        subprocess.run(command, env=env, check=True, timeout=60 * minutes,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-        tail = getattr(error, 'stderr', '') or ''
-        log(f'mamba-ssm build failed ({type(error).__name__}): {tail[-800:]}')
+    returncode, stderr = run_group(command, env, 60 * minutes, stop_grace=0)
+    if returncode != 0:
+        log(f'mamba-ssm build failed (exit {returncode}): {stderr[-800:]}')
         return None
     return target
+
+
+def run_group(command, env, timeout, stop_grace):
+    """Run ``command`` in its own process group; returns (exit code, stderr). Past ``timeout``
+    seconds the group gets SIGTERM (a training run checkpoints on it) and ``stop_grace`` seconds
+    more, then SIGKILL, so that a build's compilers or a run's workers cannot outlive it."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stderr = process.communicate(timeout=timeout)[1]
+        return process.returncode, stderr
+    except subprocess.TimeoutExpired:
+        log(f'{" ".join(command[:4])} ... ran past {timeout:.0f} s: stopping it')
+    if stop_grace:
+        signal_group(process, signal.SIGTERM)
+        try:
+            stderr = process.communicate(timeout=stop_grace)[1]
+            return process.returncode, stderr
+        except subprocess.TimeoutExpired:
+            pass
+    signal_group(process, signal.SIGKILL)
+    stderr = process.communicate()[1]
+    return process.returncode, stderr
+
+
+def signal_group(process, number):
+    try:
+        os.killpg(process.pid, number)
+    except ProcessLookupError:  # the group has ended
+        pass
 
 
 def check_scan(site):
@@ -153,17 +187,22 @@ def check_scan(site):
 
 
 def train(args):
-    """Build and check mamba-ssm (optional), train the recipes in the budget, pack the runs."""
+    """Build and check mamba-ssm (optional), train the recipes in the budget, pack the runs
+    after each recipe."""
     started = time.monotonic()
     deadline = started + 60 * args.minutes
     summary = {'recipes': {}, 'scan': 'chunked PyTorch scan (no mamba-ssm)'}
     site = None
     if args.mamba_sdist:
-        site = build_mamba(args.mamba_sdist, args.build_minutes)
-        if site is not None and check_scan(site):
-            summary['scan'] = "mamba-ssm's CUDA kernel"
-        else:
+        try:
+            site = build_mamba(args.mamba_sdist, args.build_minutes)
+            if site is not None and not check_scan(site):
+                site = None
+        except Exception as error:  # noqa: BLE001 - the call's training must not depend on it
+            log(f'mamba-ssm: {error!r}')
             site = None
+        if site is not None:
+            summary['scan'] = "mamba-ssm's CUDA kernel"
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
         str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -174,6 +213,11 @@ def train(args):
         left = deadline - time.monotonic() - 60 * args.pack_minutes
         shares = sum(RECIPES[n][0] for n in recipes[index:])
         minutes = max(0.0, left * share / shares / 60)
+        if minutes <= 0:
+            log(f'{name}: no time left')
+            summary['recipes'][name] = {'skipped': 'no time left'}
+            pack(args.runs, args.out, summary, args.max_state_mib)
+            continue
         out = args.runs / name
         # s4fusion-train's entry point, which sets up the process before torch loads.
         command = [sys.executable, '-c',
@@ -182,81 +226,137 @@ def train(args):
                    '--data', str(args.data), '--out', str(out), '--device', args.device,
                    '--time-limit', f'{minutes:.3f}', '--no-progress', '--checkpoint-every',
                    '100']
-        if (out / 'train_state.pt').exists():
+        if (out / STATE).exists():
+            how = 'resuming'
             command.append('--resume')
         elif list(out.glob('s4fusion_*.safetensors')):
-            # Weights whose state stayed behind (too large to travel): a new run from them.
-            previous = out.with_name(out.name + '.previous')
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(out, previous)
-            (weights,) = previous.glob('s4fusion_*.safetensors')
-            command += ['--init-weights', str(weights)]
-        how = ('resuming' if '--resume' in command else
-               'from the last weights' if '--init-weights' in command else 'new run')
+            how = 'from the last weights'
+            restart_from_weights(out)
+        else:
+            how = 'new run'
+        # A run restarted from weights began from its init/ copy; a later call resumes it so.
+        command += [arg for weights in out.glob(f'{INIT}/s4fusion_*.safetensors')
+                    for arg in ('--init-weights', str(weights))]
         log(f'{name}: {minutes:.1f} min, {how}')
-        if minutes <= 0:
-            summary['recipes'][name] = {'skipped': 'no time left'}
-            continue
+        steps_before = len(log_records(out))
         begun = time.monotonic()
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        (out / 'train_stderr.log').parent.mkdir(parents=True, exist_ok=True)
-        (out / 'train_stderr.log').write_text(result.stderr)
-        summary['recipes'][name] = recipe_summary(out, result.returncode,
-                                                  time.monotonic() - begun)
+        returncode, stderr = run_group(command, env, 60 * minutes + STOP_GRACE_S, STOP_GRACE_S)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / 'train_stderr.log').write_text(stderr)
+        summary['recipes'][name] = recipe_summary(out, returncode, time.monotonic() - begun,
+                                                  steps_before)
         log(f'{name}: {summary["recipes"][name]}')
-    summary['seconds'] = round(time.monotonic() - started, 1)
-    pack(args.runs, args.out, summary)
+        summary['seconds'] = round(time.monotonic() - started, 1)
+        pack(args.runs, args.out, summary, args.max_state_mib)
 
 
-def recipe_summary(out, returncode, seconds):
+def restart_from_weights(out):
+    """A run whose training state stayed behind (too large to travel) starts again in ``out``
+    from its last weights, which go to ``out/init/`` (the new weights' JSON records them)."""
+    (weights,) = out.glob('s4fusion_*.safetensors')
+    staging = out.with_name(out.name + '.restart')
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for path in (weights, weights.with_suffix('.json')):
+        os.replace(path, staging / path.name)
+    shutil.rmtree(out)
+    out.mkdir()
+    os.replace(staging, out / INIT)
+
+
+def log_records(out):
+    path = out / 'train_log.jsonl'
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def recipe_summary(out, returncode, seconds, steps_before):
     """Exit code, steps done and steps per second of a recipe's run in this call."""
-    steps = []
-    log_path = out / 'train_log.jsonl'
-    if log_path.exists():
-        steps = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    this_call = [s for s in steps if s.get('seconds')]
+    steps = log_records(out)
+    # Steps of this call: a resumed log keeps the lines up to its checkpoint.
+    this_call = [s for s in steps[steps_before:] if s.get('seconds')]
     return {'returncode': returncode, 'step': steps[-1]['step'] if steps else 0,
             'seconds': round(seconds, 1),
             'steps_per_s': round(len(this_call) / max(sum(s['seconds'] for s in this_call), 1e-9),
                                  3) if this_call else 0.0}
 
 
-def pack(runs, out, summary):
+def pack(runs, out, summary, max_state_mib):
     """``runs`` as a tar archive cut into parts of at most PART_BYTES under ``out``, and the
-    summary beside them (the parts are complete when the summary names them all)."""
+    summary beside them. Training states over ``max_state_mib`` stay out (they could not travel
+    to the next call). Each pack writes new parts and then the summary that names them, so a
+    call cut short between two packs still brings back a complete earlier one."""
     out.mkdir(parents=True, exist_ok=True)
+
+    def small_enough(member):
+        too_large = (pathlib.PurePath(member.name).name == STATE
+                     and member.size > max_state_mib * 2**20)
+        return None if too_large else member
+
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode='w') as archive:
-        archive.add(runs, arcname='runs')
+        archive.add(runs, arcname='runs', filter=small_enough)
     data = buffer.getvalue()
+    earlier = set(out.glob('*.' + PART_PREFIX + '*'))
+    generation = 1 + max((int(p.name.split('.')[0]) for p in earlier), default=-1)
     names = []
     for index, start in enumerate(range(0, len(data), PART_BYTES)):
-        names.append(f'{PART_PREFIX}{index:02d}')
+        names.append(f'{generation}.{PART_PREFIX}{index:02d}')
         (out / names[-1]).write_bytes(data[start:start + PART_BYTES])
     summary['parts'] = names
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    staging = out / (SUMMARY + '.partial')
+    staging.write_text(json.dumps(summary, indent=1))
+    os.replace(staging, out / SUMMARY)
+    for path in earlier:
+        path.unlink()
     log(f'packed {len(data) / 2**20:.1f} MiB of runs into {len(names)} part(s) under {out}')
 
 
+def travelling_bytes(exclude):
+    """What a device call carries from this repository: the working tree's files that git does
+    not ignore, and the ignored .gpu folder (carried), less ``exclude``."""
+    listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others',
+                             '--exclude-standard'], cwd=REPO, capture_output=True, check=True)
+    files = [REPO / name for name in listed.stdout.decode().split('\0') if name]
+    files += [p for p in (REPO / '.gpu').rglob('*') if p.is_file()]
+    exclude = exclude.resolve()
+    return sum(p.stat().st_size for p in files
+               if p.is_file() and exclude not in p.resolve().parents)
+
+
 def unpack(args):
-    """Join the parts a call brought back and replace ``--runs`` with the runs in them."""
+    """Join the parts a call brought back and replace ``--runs`` with the runs in them, leaving
+    out training states (largest first) until what the next call carries fits TRAVEL_MIB."""
     summary = json.loads((args.folder / SUMMARY).read_text())
     parts = [args.folder / name for name in summary['parts']]
     missing = [p.name for p in parts if not p.exists()]
     if missing:
         raise SystemExit(f'{args.folder}: parts missing: {missing}')
     data = b''.join(p.read_bytes() for p in parts)
+    rest = travelling_bytes(exclude=args.runs) if args.travel_mib else 0
     staging = args.runs.with_name(args.runs.name + '.unpacking')
     shutil.rmtree(staging, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         archive.extractall(staging, filter='data')
-    for state in staging.glob('runs/*/train_state.pt'):
-        if state.stat().st_size > args.max_state_mib * 2**20:
-            # It could not travel beside the data; the next call starts from the weights.
-            log(f'{state.parent.name}: state of {state.stat().st_size / 2**20:.0f} MiB left out')
-            state.unlink()
+    runs = staging / 'runs'
+    budget = (args.travel_mib - 1) * 2**20  # a MiB to spare for this call's own changes
+
+    def size():
+        return sum(p.stat().st_size for p in runs.rglob('*') if p.is_file())
+
+    for state in sorted(runs.glob(f'*/{STATE}'), key=lambda p: -p.stat().st_size):
+        if rest + size() <= budget and state.stat().st_size <= args.max_state_mib * 2**20:
+            continue
+        # It cannot travel; the next call starts that run again from its weights.
+        log(f'{state.parent.name}: state of {state.stat().st_size / 2**20:.1f} MiB left out')
+        state.unlink()
+        shutil.rmtree(state.parent / INIT, ignore_errors=True)  # only a resume needs it
+    if args.travel_mib and rest + size() > budget:
+        log(f'warning: the next call would carry {(rest + size()) / 2**20:.1f} MiB, over '
+            f'{args.travel_mib} MiB')
     shutil.rmtree(args.runs, ignore_errors=True)
-    os.replace(staging / 'runs', args.runs)
+    os.replace(runs, args.runs)
     staging.rmdir()
     log(f'runs of that call in {args.runs}: {json.dumps(summary["recipes"])}')
 
@@ -279,11 +379,14 @@ def build_parser():
     run.add_argument('--pack-minutes', type=float, default=0.5,
                      help='kept free at the end for packing')
     run.add_argument('--mamba-sdist', type=pathlib.Path, default=None,
-                     help='mamba-ssm source archive to build for this GPU (pip download '
-                          '--no-binary :all: --no-deps mamba-ssm==2.3.2.post1)')
+                     help='mamba-ssm source archive to build for this GPU (docs/training.md: '
+                          '"Training on a lent GPU in one call")')
     run.add_argument('--build-minutes', type=float, default=4.0)
     run.add_argument('--recipes', nargs='+', default=list(RECIPES), choices=list(RECIPES))
     run.add_argument('--device', default='auto')
+    run.add_argument('--max-state-mib', type=float, default=20.0,
+                     help='leave training states larger than this out of the packed runs (they '
+                          'cannot travel beside the data)')
     run.add_argument('extra', nargs='*',
                      help='after --: more s4fusion-train arguments for every recipe (later '
                           'ones win)')
@@ -294,6 +397,9 @@ def build_parser():
     back.add_argument('--max-state-mib', type=float, default=20.0,
                       help='leave out training states larger than this (they cannot travel '
                            'beside the data); their runs continue from their weights')
+    back.add_argument('--travel-mib', type=float, default=TRAVEL_MIB,
+                      help='leave out more states, largest first, until the working tree and '
+                           '.gpu fit this (0: no limit)')
     back.set_defaults(func=unpack)
     return parser
 

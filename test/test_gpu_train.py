@@ -2,12 +2,14 @@
 budget, what a device call brings back under $OUT, and unpacking for the next call."""
 
 import collections
+import importlib.util
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import cv2
 import pytest
@@ -73,7 +75,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert summary['recipes']['compact']['steps_per_s'] > 0
     assert summary['scan'].startswith('chunked PyTorch scan')
     brought_back = sorted(p.name for p in out.iterdir())
-    assert brought_back == sorted(summary['parts'] + ['gpu_train_summary.json'])
+    assert brought_back == sorted(summary['parts'] + ['gpu_train_summary.json'])  # one pack
     assert len(brought_back) <= 8 and all(p.stat().st_size <= 15 * 2**20 for p in out.iterdir())
 
     # The next call starts from what came back, not from the folder the last one trained in.
@@ -90,17 +92,29 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert weights['config']['base'] == 'laplacian'
     assert weights['training']['steps_done'] == 4
 
-    # A state too large to travel is left out; that run goes on from its weights instead.
-    script('unpack', out_again, '--runs', runs, '--max-state-mib', '0')
+    # A state that would not fit what the next call carries is left out; that run goes on from
+    # its weights instead, and resumes as such in the call after.
+    script('unpack', out_again, '--runs', runs, '--travel-mib', '0.001')
     assert not (runs / 'compact' / 'train_state.pt').exists()
     third = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / 'out3',
-                   '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', '--',
-                   '--steps', '1', '--batch-size', '1', '--crop', '25', '--threads', '1')
+                   '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny,
+                   '--stop-at', '1')
     assert 'from the last weights' in third.stderr
     continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
     assert continued['steps_done'] == 1
     assert continued['initialised_from']['training']['steps_done'] == 4
-    assert (runs / 'compact.previous' / 'train_log.jsonl').exists()
+    assert (runs / 'compact' / 'init' / 's4fusion_compact.json').exists()
+    shutil.rmtree(runs)
+    script('unpack', tmp_path / 'out3', '--runs', runs)
+    fourth = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / 'out4',
+                    '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny)
+    assert 'resuming' in fourth.stderr
+    summary = json.loads((tmp_path / 'out4' / 'gpu_train_summary.json').read_text())
+    assert summary['recipes']['compact']['returncode'] == 0, fourth.stderr
+    assert summary['recipes']['compact']['step'] == 4
+    assert summary['recipes']['compact']['steps_per_s'] > 0  # of this call's 3 steps
+    continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
+    assert continued['initialised_from']['training']['steps_done'] == 4
 
 
 def test_time_budget_and_arguments(tmp_path, packed_data):
@@ -123,3 +137,35 @@ def test_time_budget_and_arguments(tmp_path, packed_data):
     incomplete = script('unpack', tmp_path / 'out', '--runs', tmp_path / 'r', check=False)
     assert incomplete.returncode != 0 and 'parts missing' in incomplete.stderr
     assert not (tmp_path / 'r').exists()
+
+
+def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_path):
+    # A training run past its limit gets SIGTERM (it checkpoints) and then SIGKILL; a build's
+    # compilers (here a grandchild) must not outlive it.
+    spec = importlib.util.spec_from_file_location('gpu_train', SCRIPT)
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    pid_file = tmp_path / 'grandchild.pid'
+    code = ('import signal, subprocess, sys, time\n'
+            'child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])\n'
+            f'open({str(pid_file)!r}, "w").write(str(child.pid))\n'
+            'signal.signal(signal.SIGTERM, lambda *_: (print("checkpoint", file=sys.stderr), '
+            'sys.exit(3)))\n'
+            'time.sleep(60)\n')
+    begun = time.monotonic()
+    returncode, stderr = gpu_train.run_group([sys.executable, '-c', code], dict(os.environ),
+                                             timeout=2, stop_grace=10)
+    assert (returncode, stderr.strip()) == (3, 'checkpoint')
+    assert time.monotonic() - begun < 12
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and pathlib.Path(f'/proc/{grandchild}').exists():
+        status = pathlib.Path(f'/proc/{grandchild}/stat').read_text().split()[2]
+        if status == 'Z':
+            break  # killed, not yet reaped by its parent's parent
+        time.sleep(0.1)
+    else:
+        assert not pathlib.Path(f'/proc/{grandchild}').exists()
+    returncode, _ = gpu_train.run_group([sys.executable, '-c', code], dict(os.environ),
+                                        timeout=1, stop_grace=0)
+    assert returncode == -9  # a build gets no grace: killed at once
