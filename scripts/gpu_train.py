@@ -240,7 +240,9 @@ def train(args):
         log(f'{name}: {minutes:.1f} min, {how}')
         steps_before = len(log_records(out))
         begun = time.monotonic()
-        returncode, stderr = run_group(command, env, 60 * minutes + STOP_GRACE_S, STOP_GRACE_S)
+        # Past its own time limit, and past the call's deadline for the last recipe.
+        timeout = min(60 * minutes + STOP_GRACE_S, max(deadline - begun, 60 * minutes))
+        returncode, stderr = run_group(command, env, timeout, STOP_GRACE_S)
         out.mkdir(parents=True, exist_ok=True)
         (out / 'train_stderr.log').write_text(stderr)
         summary['recipes'][name] = recipe_summary(out, returncode, time.monotonic() - begun,
@@ -258,17 +260,24 @@ def restart_from_weights(out):
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     for path in (weights, weights.with_suffix('.json')):
-        os.replace(path, staging / path.name)
+        if path.exists():  # a killed run can leave weights without their JSON: that run fails
+            os.replace(path, staging / path.name)
     shutil.rmtree(out)
     out.mkdir()
     os.replace(staging, out / INIT)
 
 
 def log_records(out):
+    """The run's log lines up to the first torn one (a killed run can leave one; training
+    drops it and what follows when it resumes)."""
     path = out / 'train_log.jsonl'
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors='replace').splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
 
 
 def recipe_summary(out, returncode, seconds, steps_before):
@@ -345,8 +354,12 @@ def unpack(args):
     def size():
         return sum(p.stat().st_size for p in runs.rglob('*') if p.is_file())
 
+    for init in runs.glob(f'*/{INIT}'):
+        if not (init.parent / STATE).exists():
+            shutil.rmtree(init)  # only a resume needs it; that run starts from its weights
     for state in sorted(runs.glob(f'*/{STATE}'), key=lambda p: -p.stat().st_size):
-        if rest + size() <= budget and state.stat().st_size <= args.max_state_mib * 2**20:
+        fits = not args.travel_mib or rest + size() <= budget
+        if fits and state.stat().st_size <= args.max_state_mib * 2**20:
             continue
         # It cannot travel; the next call starts that run again from its weights.
         log(f'{state.parent.name}: state of {state.stat().st_size / 2**20:.1f} MiB left out')
@@ -373,7 +386,7 @@ def build_parser():
                      help='a folder pack-data wrote (or any data s4fusion-train takes)')
     run.add_argument('--runs', type=pathlib.Path, required=True,
                      help='the runs so far (resumed where a train_state.pt exists)')
-    run.add_argument('--out', type=pathlib.Path, default=os.environ.get('OUT'),
+    run.add_argument('--out', type=pathlib.Path, default=os.environ.get('OUT') or None,
                      help='where the packed runs go (default: $OUT)')
     run.add_argument('--minutes', type=float, default=8.5, help='the whole call\'s budget')
     run.add_argument('--pack-minutes', type=float, default=0.5,
@@ -406,8 +419,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == 'train' and args.out is None:
-        raise SystemExit('train: --out is needed where $OUT is not set')
+    if args.command == 'train':
+        if args.out is None:
+            raise SystemExit('train: --out is needed where $OUT is not set')
+        # Found now, not after the first recipe's minutes of training.
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / '.write_probe'
+        probe.write_bytes(b'')
+        probe.unlink()
     args.func(args)
 
 

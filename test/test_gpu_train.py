@@ -80,7 +80,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
 
     # The next call starts from what came back, not from the folder the last one trained in.
     shutil.rmtree(runs)
-    script('unpack', out, '--runs', runs)
+    script('unpack', out, '--runs', runs, '--travel-mib', '0')  # 0: no limit
     assert (runs / 'compact' / 'train_state.pt').exists()
     out_again = tmp_path / 'out2'
     second = script('train', '--data', packed_data, '--runs', runs, '--out', out_again,
@@ -106,6 +106,8 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert (runs / 'compact' / 'init' / 's4fusion_compact.json').exists()
     shutil.rmtree(runs)
     script('unpack', tmp_path / 'out3', '--runs', runs)
+    with open(runs / 'compact' / 'train_log.jsonl', 'a') as log:
+        log.write('{"step": 2, "lo')  # torn by a kill: training drops it, and so does the summary
     fourth = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / 'out4',
                     '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny)
     assert 'resuming' in fourth.stderr
@@ -115,6 +117,10 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert summary['recipes']['compact']['steps_per_s'] > 0  # of this call's 3 steps
     continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
     assert continued['initialised_from']['training']['steps_done'] == 4
+    # Without its state the run starts again from its weights: the copy it began from stays.
+    script('unpack', tmp_path / 'out4', '--runs', runs, '--max-state-mib', '0')
+    assert not (runs / 'compact' / 'init').exists()
+    assert (runs / 'compact' / 's4fusion_compact.safetensors').exists()
 
 
 def test_time_budget_and_arguments(tmp_path, packed_data):

@@ -49,14 +49,16 @@ class StopSignals:
         The handler can run inside a callback from C (numba loads its cached kernels through
         llvmlite's ctypes callbacks), where Python prints the exception with a traceback and
         drops it. `raise_if_received` then stops at the end of that start-up step instead.
-        The interrupt can also land inside a constructor (rclpy's executor builds a Task for
-        every callback): the half-built object's ``__del__`` then misses an attribute, which
-        Python prints with a traceback as the object is collected.
+        The interrupt can also land inside rclpy's Task constructor (the executor builds one for
+        every callback): the half-built Task's ``__del__`` then misses an attribute, which
+        Python prints with a traceback as the Task is collected.
         """
+        task = sys.modules.get('rclpy.task')  # imported by then, if a Task was built
+        half_built_task = task is not None and isinstance(
+            getattr(unraisable.exc_value, 'obj', None), task.Future)
         after_stop = self.received and (
             issubclass(unraisable.exc_type, KeyboardInterrupt)
-            or (issubclass(unraisable.exc_type, AttributeError)
-                and getattr(unraisable.object, '__name__', None) == '__del__'))
+            or (issubclass(unraisable.exc_type, AttributeError) and half_built_task))
         if not after_stop:
             sys.__unraisablehook__(unraisable)
 
