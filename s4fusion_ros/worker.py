@@ -29,7 +29,7 @@ class InferenceWorker:
     progress, under the same lock: a `counts()` snapshot never shows an item in two places.
     """
 
-    def __init__(self, process: Callable[[object], None], queue_size: int = 1,
+    def __init__(self, process: Callable[[object], object], queue_size: int = 1,
                  policy: str = 'keep_newest', name: str = 'inference'):
         if queue_size < 1:
             raise ValueError(f'queue_size must be >= 1, got {queue_size}')
