@@ -41,6 +41,7 @@ STATE = 'train_state.pt'
 INIT = 'init'  # in a run folder: the weights a restarted run began from
 STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
 TRAVEL_MIB = 64  # what travels with a device call: the working tree and the carried paths
+RESUME_MISMATCH = 'resume needs the same'  # s4fusion-train refusing a state of other settings
 # What each call trains, in order, and its share of the time left for training. authors: the
 # kind of run that last improved it on the CPU (distillation from the shipped compact preset with
 # the teacher term alone, starting from the shipped authors weights), at a GPU's batch, comparing
@@ -208,7 +209,7 @@ def train(args):
     args.runs.mkdir(parents=True, exist_ok=True)
     recipes = list(args.recipes)
     for index, name in enumerate(recipes):
-        share, recipe = RECIPES[name]
+        share = RECIPES[name][0]
         # This recipe's share of the training time still left, keeping a margin to pack.
         left = deadline - time.monotonic() - 60 * args.pack_minutes
         shares = sum(RECIPES[n][0] for n in recipes[index:])
@@ -219,30 +220,16 @@ def train(args):
             pack(args.runs, args.out, summary, args.max_state_mib)
             continue
         out = args.runs / name
-        # s4fusion-train's entry point, which sets up the process before torch loads.
-        command = [sys.executable, '-c',
-                   'import sys; from s4fusion_ros.entry_points import train; sys.exit(train())',
-                   *recipe, *args.extra,
-                   '--data', str(args.data), '--out', str(out), '--device', args.device,
-                   '--time-limit', f'{minutes:.3f}', '--no-progress', '--checkpoint-every',
-                   '100']
-        if (out / STATE).exists():
-            how = 'resuming'
-            command.append('--resume')
-        elif list(out.glob('s4fusion_*.safetensors')):
-            how = 'from the last weights'
-            restart_from_weights(out)
-        else:
-            how = 'new run'
-        # A run restarted from weights began from its init/ copy; a later call resumes it so.
-        command += [arg for weights in out.glob(f'{INIT}/s4fusion_*.safetensors')
-                    for arg in ('--init-weights', str(weights))]
-        log(f'{name}: {minutes:.1f} min, {how}')
         steps_before = len(log_records(out))
         begun = time.monotonic()
-        # Past its own time limit, and past the call's deadline for the last recipe.
-        timeout = min(60 * minutes + STOP_GRACE_S, max(deadline - begun, 60 * minutes))
-        returncode, stderr = run_group(command, env, timeout, STOP_GRACE_S)
+        returncode, stderr = train_recipe(args, name, out, minutes, deadline, env)
+        if returncode != 0 and RESUME_MISMATCH in stderr and deadline > time.monotonic() + 60:
+            # Settings changed since the state was written: its weights still carry the run.
+            log(f'{name}: its state is from other settings; starting again from its weights')
+            (out / STATE).unlink()
+            steps_before = len(log_records(out))
+            minutes -= (time.monotonic() - begun) / 60
+            returncode, stderr = train_recipe(args, name, out, minutes, deadline, env)
         out.mkdir(parents=True, exist_ok=True)
         (out / 'train_stderr.log').write_text(stderr)
         summary['recipes'][name] = recipe_summary(out, returncode, time.monotonic() - begun,
@@ -250,6 +237,32 @@ def train(args):
         log(f'{name}: {summary["recipes"][name]}')
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)
+
+
+def train_recipe(args, name, out, minutes, deadline, env):
+    """Run s4fusion-train for a recipe in ``out``: resumed, restarted from its last weights, or
+    new; stopped past its time (see run_group). Returns (exit code, stderr)."""
+    # s4fusion-train's entry point, which sets up the process before torch loads.
+    command = [sys.executable, '-c',
+               'import sys; from s4fusion_ros.entry_points import train; sys.exit(train())',
+               *RECIPES[name][1], *args.extra,
+               '--data', str(args.data), '--out', str(out), '--device', args.device,
+               '--time-limit', f'{minutes:.3f}', '--no-progress', '--checkpoint-every', '100']
+    if (out / STATE).exists():
+        how = 'resuming'
+        command.append('--resume')
+    elif list(out.glob('s4fusion_*.safetensors')):
+        how = 'from the last weights'
+        restart_from_weights(out)
+    else:
+        how = 'new run'
+    # A run restarted from weights began from its init/ copy; a later call resumes it so.
+    command += [arg for weights in out.glob(f'{INIT}/s4fusion_*.safetensors')
+                for arg in ('--init-weights', str(weights))]
+    log(f'{name}: {minutes:.1f} min, {how}')
+    # Past its own time limit, and past the call's deadline for the last recipe.
+    timeout = min(60 * minutes + STOP_GRACE_S, max(deadline - time.monotonic(), 60 * minutes))
+    return run_group(command, env, timeout, STOP_GRACE_S)
 
 
 def restart_from_weights(out):

@@ -117,7 +117,17 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert summary['recipes']['compact']['steps_per_s'] > 0  # of this call's 3 steps
     continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
     assert continued['initialised_from']['training']['steps_done'] == 4
-    # Without its state the run starts again from its weights: the copy it began from stays.
+    # A state from other settings is refused by s4fusion-train: the run goes on from its weights.
+    fifth = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / 'out5',
+                   '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny,
+                   '--grad-weight', '2')
+    assert 'starting again from its weights' in fifth.stderr
+    summary = json.loads((tmp_path / 'out5' / 'gpu_train_summary.json').read_text())
+    assert summary['recipes']['compact']['returncode'] == 0, fifth.stderr
+    restarted = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
+    assert restarted['loss']['grad_weight'] == 2.0
+    assert restarted['initialised_from']['training']['steps_done'] == 4
+    # Without its state the run will start again from its weights: its init/ copy stays here.
     script('unpack', tmp_path / 'out4', '--runs', runs, '--max-state-mib', '0')
     assert not (runs / 'compact' / 'init').exists()
     assert (runs / 'compact' / 's4fusion_compact.safetensors').exists()
