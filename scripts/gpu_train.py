@@ -220,16 +220,15 @@ def train(args):
             pack(args.runs, args.out, summary, args.max_state_mib)
             continue
         out = args.runs / name
-        steps_before = len(log_records(out))
         begun = time.monotonic()
-        returncode, stderr = train_recipe(args, name, out, minutes, deadline, env)
-        if returncode != 0 and RESUME_MISMATCH in stderr and deadline > time.monotonic() + 60:
+        returncode, stderr, steps_before = train_recipe(args, name, out, minutes, deadline, env)
+        minutes -= (time.monotonic() - begun) / 60
+        if returncode != 0 and RESUME_MISMATCH in stderr and minutes > 0.5:
             # Settings changed since the state was written: its weights still carry the run.
             log(f'{name}: its state is from other settings; starting again from its weights')
             (out / STATE).unlink()
-            steps_before = len(log_records(out))
-            minutes -= (time.monotonic() - begun) / 60
-            returncode, stderr = train_recipe(args, name, out, minutes, deadline, env)
+            returncode, stderr, steps_before = train_recipe(args, name, out, minutes, deadline,
+                                                            env)
         out.mkdir(parents=True, exist_ok=True)
         (out / 'train_stderr.log').write_text(stderr)
         summary['recipes'][name] = recipe_summary(out, returncode, time.monotonic() - begun,
@@ -241,7 +240,8 @@ def train(args):
 
 def train_recipe(args, name, out, minutes, deadline, env):
     """Run s4fusion-train for a recipe in ``out``: resumed, restarted from its last weights, or
-    new; stopped past its time (see run_group). Returns (exit code, stderr)."""
+    new; stopped past its time (see run_group). Returns (exit code, stderr, the log lines the
+    run had before it)."""
     # s4fusion-train's entry point, which sets up the process before torch loads.
     command = [sys.executable, '-c',
                'import sys; from s4fusion_ros.entry_points import train; sys.exit(train())',
@@ -260,9 +260,10 @@ def train_recipe(args, name, out, minutes, deadline, env):
     command += [arg for weights in out.glob(f'{INIT}/s4fusion_*.safetensors')
                 for arg in ('--init-weights', str(weights))]
     log(f'{name}: {minutes:.1f} min, {how}')
+    steps_before = len(log_records(out))
     # Past its own time limit, and past the call's deadline for the last recipe.
     timeout = min(60 * minutes + STOP_GRACE_S, max(deadline - time.monotonic(), 60 * minutes))
-    return run_group(command, env, timeout, STOP_GRACE_S)
+    return (*run_group(command, env, timeout, STOP_GRACE_S), steps_before)
 
 
 def restart_from_weights(out):

@@ -100,6 +100,8 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
                    '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny,
                    '--stop-at', '1')
     assert 'from the last weights' in third.stderr
+    summary = json.loads((tmp_path / 'out3' / 'gpu_train_summary.json').read_text())
+    assert summary['recipes']['compact']['steps_per_s'] > 0  # the new run's first step
     continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
     assert continued['steps_done'] == 1
     assert continued['initialised_from']['training']['steps_done'] == 4
@@ -124,6 +126,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert 'starting again from its weights' in fifth.stderr
     summary = json.loads((tmp_path / 'out5' / 'gpu_train_summary.json').read_text())
     assert summary['recipes']['compact']['returncode'] == 0, fifth.stderr
+    assert summary['recipes']['compact']['steps_per_s'] > 0
     restarted = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
     assert restarted['loss']['grad_weight'] == 2.0
     assert restarted['initialised_from']['training']['steps_done'] == 4
