@@ -357,9 +357,9 @@ def unpack(args):
     if missing:
         raise SystemExit(f'{args.folder}: parts missing: {missing}')
     data = b''.join(p.read_bytes() for p in parts)
-    rest = travelling_bytes(exclude=args.runs) if args.travel_mib else 0
     staging = args.runs.with_name(args.runs.name + '.unpacking')
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an unpack that was interrupted
+    rest = travelling_bytes(exclude=args.runs) if args.travel_mib else 0
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         archive.extractall(staging, filter='data')
     runs = staging / 'runs'
