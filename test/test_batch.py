@@ -45,6 +45,14 @@ def long_bag(ivif_dir, params_file, tmp_path_factory):
     return source, reference(source, folder / 'reference', params_file)
 
 
+def params_with_slop(params_file, slop, path):
+    """A copy of the parameter file at ``path`` with another sync.slop."""
+    values = yaml.safe_load(params_file.read_text())
+    values['s4fusion_node']['ros__parameters']['sync']['slop'] = slop
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
 def test_without_ray_or_ros_the_package_imports_and_says_what_to_install(tmp_path):
     # Ray and rclpy made unimportable: the batch modules still import, and a run says why not.
     code = ("import sys; sys.modules['ray'] = sys.modules['rclpy'] = None\n"
@@ -234,10 +242,7 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     assert batch_tool.main(command + ['--resume']) == 0  # nothing left to do
     assert 'skipped' in capsys.readouterr().err
     # Finished bags are kept as they are: a resume with other parameters is refused.
-    changed = yaml.safe_load(params_file.read_text())
-    changed['s4fusion_node']['ros__parameters']['sync']['slop'] = 0.03
-    other = tmp_path / 'other.yaml'
-    other.write_text(yaml.safe_dump(changed))
+    other = params_with_slop(params_file, 0.03, tmp_path / 'other.yaml')
     assert batch_tool.main([str(tmp_path / 'in'), str(out), '--params', str(other),
                             '--resume']) == 1
     assert 'fused with other parameters (sync.slop)' in capsys.readouterr().err
@@ -254,10 +259,7 @@ def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif
     for name, seed in (('a', 1), ('b', 2)):
         write_bag(inputs / name, camera_messages(ivif_dir, 0.5, seed=seed), 'mcap')
     assert fuse_bags([inputs], out, params=params_file, progress=False).ok
-    changed = yaml.safe_load(params_file.read_text())
-    changed['s4fusion_node']['ros__parameters']['sync']['slop'] = 0.03
-    other = tmp_path / 'other.yaml'
-    other.write_text(yaml.safe_dump(changed))
+    other = params_with_slop(params_file, 0.03, tmp_path / 'other.yaml')
     assert fuse_bags([inputs / 'a'], out, params=other, overwrite=True, progress=False).ok
     report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
     assert [(pathlib.Path(b.output).name, b.status) for b in report.bags] == [
@@ -284,10 +286,7 @@ def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, p
     report = fuse_bags([inputs / 'a', inputs / 'b'], out, params=params_file, resume=True,
                        progress=False)
     assert [b.status for b in report.bags] == ['skipped', 'skipped']
-    changed = yaml.safe_load(params_file.read_text())
-    changed['s4fusion_node']['ros__parameters']['sync']['slop'] = 0.03
-    other = tmp_path / 'other.yaml'
-    other.write_text(yaml.safe_dump(changed))
+    other = params_with_slop(params_file, 0.03, tmp_path / 'other.yaml')
     write_bag(inputs / 'c', camera_messages(ivif_dir, 0.5, seed=3), 'mcap')
     with pytest.raises(BatchError, match=r'other parameters \(sync\.slop\).*--overwrite'):
         fuse_bags([inputs / 'c'], out, params=other, progress=False)
