@@ -368,17 +368,20 @@ def unpack(args):
     def size():
         return sum(p.stat().st_size for p in runs.rglob('*') if p.is_file())
 
-    for init in runs.glob(f'*/{INIT}'):
-        if not (init.parent / STATE).exists():
-            shutil.rmtree(init)  # only a resume needs it; that run starts from its weights
+    def without_state(run):
+        # The next call starts the run again from its weights; only a resume needs init/.
+        (run / STATE).unlink(missing_ok=True)
+        shutil.rmtree(run / INIT, ignore_errors=True)
+
+    for run in runs.iterdir():
+        if not (run / STATE).exists():  # its state stayed out of the packed runs
+            without_state(run)
     for state in sorted(runs.glob(f'*/{STATE}'), key=lambda p: -p.stat().st_size):
         fits = not args.travel_mib or rest + size() <= budget
         if fits and state.stat().st_size <= args.max_state_mib * 2**20:
             continue
-        # It cannot travel; the next call starts that run again from its weights.
         log(f'{state.parent.name}: state of {state.stat().st_size / 2**20:.1f} MiB left out')
-        state.unlink()
-        shutil.rmtree(state.parent / INIT, ignore_errors=True)  # only a resume needs it
+        without_state(state.parent)
     if args.travel_mib and rest + size() > budget:
         log(f'warning: the next call would carry {(rest + size()) / 2**20:.1f} MiB, over '
             f'{args.travel_mib} MiB')
