@@ -140,23 +140,25 @@ def run_group(command, env, timeout, stop_grace):
     """Run ``command`` in its own process group; returns (exit code, stderr). Past ``timeout``
     seconds the group gets SIGTERM (a training run checkpoints on it) and ``stop_grace`` seconds
     more, then SIGKILL, so that a build's compilers or a run's workers cannot outlive it."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stderr = process.communicate(timeout=timeout)[1]
-        return process.returncode, stderr
-    except subprocess.TimeoutExpired:
-        log(f'{" ".join(command[:4])} ... ran past {timeout:.0f} s: stopping it')
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as error:  # recorded like a failed run, so the packs go on
+        return -1, f'could not start {command[0]}: {error}'
+    # (the signal to send, how long to wait for the group to end after it)
+    stages = [(None, timeout)]
     if stop_grace:
-        signal_group(process, signal.SIGTERM)
+        stages.append((signal.SIGTERM, stop_grace))
+    stages.append((signal.SIGKILL, None))
+    for number, wait in stages:
+        if number is not None:
+            signal_group(process, number)
         try:
-            stderr = process.communicate(timeout=stop_grace)[1]
+            stderr = process.communicate(timeout=wait)[1]
             return process.returncode, stderr
         except subprocess.TimeoutExpired:
-            pass
-    signal_group(process, signal.SIGKILL)
-    stderr = process.communicate()[1]
-    return process.returncode, stderr
+            if number is None:
+                log(f'{" ".join(command[:4])} ... ran past {timeout:.0f} s: stopping it')
 
 
 def signal_group(process, number):
@@ -221,18 +223,18 @@ def train(args):
             continue
         out = args.runs / name
         begun = time.monotonic()
-        returncode, stderr, steps_before = train_recipe(args, name, out, minutes, deadline, env)
+        returncode, stderr, log_before = train_recipe(args, name, out, minutes, deadline, env)
         minutes -= (time.monotonic() - begun) / 60
         if returncode != 0 and RESUME_MISMATCH in stderr and minutes > 0.5:
             # Settings changed since the state was written: its weights still carry the run.
             log(f'{name}: its state is from other settings; starting again from its weights')
             (out / STATE).unlink()
-            returncode, stderr, steps_before = train_recipe(args, name, out, minutes, deadline,
-                                                            env)
+            returncode, stderr, log_before = train_recipe(args, name, out, minutes, deadline,
+                                                          env)
         out.mkdir(parents=True, exist_ok=True)
         (out / 'train_stderr.log').write_text(stderr)
         summary['recipes'][name] = recipe_summary(out, returncode, time.monotonic() - begun,
-                                                  steps_before)
+                                                  log_before)
         log(f'{name}: {summary["recipes"][name]}')
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)
@@ -240,7 +242,7 @@ def train(args):
 
 def train_recipe(args, name, out, minutes, deadline, env):
     """Run s4fusion-train for a recipe in ``out``: resumed, restarted from its last weights, or
-    new; stopped past its time (see run_group). Returns (exit code, stderr, the log lines the
+    new; stopped past its time (see run_group). Returns (exit code, stderr, the log records the
     run had before it)."""
     # s4fusion-train's entry point, which sets up the process before torch loads.
     command = [sys.executable, '-c',
@@ -260,10 +262,10 @@ def train_recipe(args, name, out, minutes, deadline, env):
     command += [arg for weights in out.glob(f'{INIT}/s4fusion_*.safetensors')
                 for arg in ('--init-weights', str(weights))]
     log(f'{name}: {minutes:.1f} min, {how}')
-    steps_before = len(log_records(out))
+    log_before = log_records(out)
     # Past its own time limit, and past the call's deadline for the last recipe.
     timeout = min(60 * minutes + STOP_GRACE_S, max(deadline - time.monotonic(), 60 * minutes))
-    return (*run_group(command, env, timeout, STOP_GRACE_S), steps_before)
+    return (*run_group(command, env, timeout, STOP_GRACE_S), log_before)
 
 
 def restart_from_weights(out):
@@ -294,11 +296,14 @@ def log_records(out):
     return records
 
 
-def recipe_summary(out, returncode, seconds, steps_before):
+def recipe_summary(out, returncode, seconds, log_before):
     """Exit code, steps done and steps per second of a recipe's run in this call."""
     steps = log_records(out)
-    # Steps of this call: a resumed log keeps the lines up to its checkpoint.
-    this_call = [s for s in steps[steps_before:] if s.get('seconds')]
+    # This call's steps follow the lines it kept: a resumed run keeps those up to its checkpoint,
+    # which can be fewer than the log had (the steps after it are run again).
+    kept = next((i for i, (old, new) in enumerate(zip(log_before, steps)) if old != new),
+                min(len(log_before), len(steps)))
+    this_call = [s for s in steps[kept:] if s.get('seconds')]
     return {'returncode': returncode, 'step': steps[-1]['step'] if steps else 0,
             'seconds': round(seconds, 1),
             'steps_per_s': round(len(this_call) / max(sum(s['seconds'] for s in this_call), 1e-9),
@@ -341,11 +346,11 @@ def travelling_bytes(exclude):
     not ignore, and the ignored .gpu folder (carried), less ``exclude``."""
     listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others',
                              '--exclude-standard'], cwd=REPO, capture_output=True, check=True)
-    files = [REPO / name for name in listed.stdout.decode().split('\0') if name]
-    files += [p for p in (REPO / '.gpu').rglob('*') if p.is_file()]
+    files = {(REPO / name).resolve() for name in listed.stdout.decode().split('\0') if name}
+    # A set: .gpu is listed by git too where it is not excluded as the docs say.
+    files |= {p.resolve() for p in (REPO / '.gpu').rglob('*') if p.is_file()}
     exclude = exclude.resolve()
-    return sum(p.stat().st_size for p in files
-               if p.is_file() and exclude not in p.resolve().parents)
+    return sum(p.stat().st_size for p in files if p.is_file() and exclude not in p.parents)
 
 
 def unpack(args):

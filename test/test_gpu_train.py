@@ -27,6 +27,15 @@ def script(*args, env=None, check=True):
     return result
 
 
+@pytest.fixture(scope='module')
+def gpu_train():
+    """The script as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location('gpu_train', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture()
 def packed_data(tmp_path, pair_folder):
     """Two real MSRS pairs packed as the device call gets them."""
@@ -158,12 +167,9 @@ def test_time_budget_and_arguments(tmp_path, packed_data):
     assert not (tmp_path / 'r').exists()
 
 
-def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_path):
+def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_path, gpu_train):
     # A training run past its limit gets SIGTERM (it checkpoints) and then SIGKILL; a build's
     # compilers (here a grandchild) must not outlive it.
-    spec = importlib.util.spec_from_file_location('gpu_train', SCRIPT)
-    gpu_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_train)
     pid_file = tmp_path / 'grandchild.pid'
     code = ('import signal, subprocess, sys, time\n'
             'child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])\n'
@@ -188,3 +194,24 @@ def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_pat
     returncode, _ = gpu_train.run_group([sys.executable, '-c', code], dict(os.environ),
                                         timeout=1, stop_grace=0)
     assert returncode == -9  # a build gets no grace: killed at once
+
+
+def test_a_command_that_cannot_start_is_a_failed_run(tmp_path, gpu_train):
+    returncode, stderr = gpu_train.run_group([str(tmp_path / 'missing')], dict(os.environ),
+                                             timeout=5, stop_grace=0)
+    assert returncode == -1 and 'could not start' in stderr and 'missing' in stderr
+
+
+def test_steps_per_second_counts_the_steps_a_resumed_run_did_again(tmp_path, gpu_train):
+    # Killed at step 5 after a checkpoint at step 3: the resumed run keeps steps 1-3 of the log
+    # and runs 4-8 again, all in this call.
+    def write(records):
+        (tmp_path / 'train_log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+    before = [{'step': step, 'seconds': 1.0} for step in range(1, 6)]
+    write(before)
+    log_before = gpu_train.log_records(tmp_path)
+    again = [{'step': step, 'seconds': 0.25 if step < 6 else 0.5} for step in range(4, 9)]
+    write(before[:3] + again)
+    summary = gpu_train.recipe_summary(tmp_path, 0, 10.0, log_before)
+    assert summary == {'returncode': 0, 'step': 8, 'seconds': 10.0, 'steps_per_s': 2.5}
