@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import xml.etree.ElementTree as ElementTree
 
 import pytest
 
@@ -72,11 +73,16 @@ def test_this_installation_is_an_ament_prefix():
         assert launch_file.resolve() == REPO / 'launch/s4fusion.launch.py'
 
 
-def test_a_plain_pip_install_is_an_ament_prefix(tmp_path):
-    source, prefix = tmp_path / 'source', tmp_path / 'prefix'
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+def copy_source(destination: pathlib.Path) -> pathlib.Path:
+    """The package's source as a clone has it, without what setup, builds and runs leave."""
+    shutil.copytree(REPO, destination, ignore=shutil.ignore_patterns(
         '.git', '.venv', 'build', 'install', 'log', '*.egg-info', 'demo_output', 'runs',
-        '__pycache__', '.pytest_cache', '.hypothesis'))
+        '__pycache__', '.pytest_cache', '.hypothesis', '.gpu'))
+    return destination
+
+
+def test_a_plain_pip_install_is_an_ament_prefix(tmp_path):
+    source, prefix = copy_source(tmp_path / 'source'), tmp_path / 'prefix'
     # --ignore-installed: else pip uninstalls the package from this environment first.
     done = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
                            '--ignore-installed', '--no-build-isolation',
@@ -91,6 +97,48 @@ def test_a_plain_pip_install_is_an_ament_prefix(tmp_path):
     check_ament_layout(prefix, **env)
     # pip installed the share/ files themselves (data_files), not links into the source.
     assert not (prefix / 'share' / PACKAGE / 'package.xml').is_symlink()
+
+
+def colcon(workspace: pathlib.Path, *args: str, env: dict) -> None:
+    """Run colcon in ``workspace`` with this Python, as README's robot section does."""
+    done = subprocess.run([sys.executable, '-m', 'colcon', *args], cwd=workspace,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def sourced(setup_script: pathlib.Path) -> dict:
+    """The environment after sourcing a colcon install's setup.sh, as a shell on a robot."""
+    done = subprocess.run(['sh', '-c', f'. "{setup_script}" && env -0'], capture_output=True,
+                          timeout=60, check=True)
+    return dict(entry.split('=', 1) for entry in done.stdout.decode().split('\0') if entry)
+
+
+@pytest.mark.parametrize('symlink', [False, True], ids=['install', 'symlink-install'])
+def test_colcon_builds_and_tests_the_package_as_in_a_workspace(tmp_path, symlink):
+    """The README's workspace commands with the real colcon: build, source, find, test."""
+    pytest.importorskip('colcon_ros', reason='colcon (colcon-ros) is not installed')
+    workspace = tmp_path / 'ros2_ws'
+    copy_source(workspace / 'src' / PACKAGE)
+    # Its own colcon home: no user's defaults or mixins change the build.
+    env = {**os.environ, 'COLCON_HOME': str(tmp_path / 'colcon_home')}
+    colcon(workspace, 'build', '--packages-select', PACKAGE,
+           *(['--symlink-install'] if symlink else []), env=env)
+    prefix = workspace / 'install' / PACKAGE
+    env = sourced(workspace / 'install' / 'setup.sh')
+    assert env['AMENT_PREFIX_PATH'].split(os.pathsep)[0] == str(prefix)
+    check_ament_layout(prefix, **env)
+    if symlink:  # the share files are the source's, so an edit needs no rebuild
+        launch_file = prefix / 'share' / PACKAGE / 'launch/s4fusion.launch.py'
+        assert launch_file.resolve() == (workspace / 'src' / PACKAGE /
+                                         'launch/s4fusion.launch.py').resolve()
+    # colcon test runs this package's pytest (found through the test extra) in its build folder.
+    colcon(workspace, 'test', '--packages-select', PACKAGE, '--pytest-args', '-k',
+           'test_setup_options_are_valid_for_this_setuptools', env=env)
+    results = ElementTree.parse(workspace / 'build' / PACKAGE / 'pytest.xml').getroot()
+    suite = results if results.tag == 'testsuite' else results.find('testsuite')
+    counts = {key: int(suite.get(key)) for key in ('tests', 'failures', 'errors', 'skipped')}
+    assert counts['failures'] == counts['errors'] == 0, counts
+    assert counts['tests'] - counts['skipped'] == 1, counts
 
 
 def setup_distribution():
@@ -181,7 +229,6 @@ def imported_modules(*folders: str) -> set[str]:
 
 def declared(kinds: tuple[str, ...]) -> set[str]:
     """Dependency keys of package.xml of the given kinds (exec_depend, ...)."""
-    import xml.etree.ElementTree as ElementTree
     root = ElementTree.parse(REPO / 'package.xml').getroot()
     return {element.text for kind in kinds for element in root.iter(kind)}
 
