@@ -201,6 +201,8 @@ def good(base='mono16', height=4, width=5, padding=0, **changes) -> RawImage:
     (good(encoding='8UC3'), "unsupported encoding '8UC3'"),
     (good(encoding='yuv422'), "unsupported encoding 'yuv422'"),
     (good(encoding=None), 'unsupported encoding None'),
+    # Its own fault, so the node's per-fault log throttle keeps it apart from unknown encodings.
+    (good(encoding=''), r'no encoding set \(the driver left it empty\)'),
     (good(data=[0] * 40), 'mono16 image: data is not a byte buffer'),
     (good(data=np.zeros(20, np.uint16)), 'data must be 1-D uint8'),
 ])

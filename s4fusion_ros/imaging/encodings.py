@@ -130,6 +130,9 @@ def _flag(value: Any, encoding: str) -> bool:
 def _encoding_of(img: Any) -> str:
     """Return the encoding name if it is one this package reads."""
     encoding = getattr(img, 'encoding', None)
+    if encoding == '':  # its own fault (the driver never set it), logged apart from the others
+        raise ImageDecodeError(f'no encoding set (the driver left it empty); known: '
+                               f'{sorted(FORMATS)}')
     if not isinstance(encoding, str) or encoding not in FORMATS:
         raise ImageDecodeError(f'unsupported encoding {encoding!r}; known: {sorted(FORMATS)}')
     return encoding
