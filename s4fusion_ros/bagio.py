@@ -41,9 +41,18 @@ THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir)([^a-z
                           re.IGNORECASE)
 
 _NO_TIME = QosTime(sec=0, nsec=0)
-# The node's output QoS (reliable, keep last 5, volatile): what a replay should offer.
-RELIABLE_QOS = Qos(QosHistory.KEEP_LAST, 5, QosReliability.RELIABLE, QosDurability.VOLATILE,
-                   _NO_TIME, _NO_TIME, QosLiveliness.AUTOMATIC, _NO_TIME, False)
+
+
+def output_qos(reliability: str = 'reliable', depth: int = 5) -> Qos:
+    """The QoS the node offers on its outputs (qos.output.*: keep last `depth`, volatile), as a
+    bag records it for a replay to offer."""
+    return Qos(QosHistory.KEEP_LAST, depth, QosReliability[reliability.upper()],
+               QosDurability.VOLATILE, _NO_TIME, _NO_TIME, QosLiveliness.AUTOMATIC, _NO_TIME,
+               False)
+
+
+# The node's default output QoS (reliable, keep last 5, volatile).
+RELIABLE_QOS = output_qos()
 
 
 class BagError(Exception):
@@ -139,16 +148,23 @@ class ImageTopic:
         return f'{self.topic} ({kind}, {self.encoding or "encoding unknown"}, {self.count} msgs)'
 
 
+DESCRIBE_TRIES = 10  # corrupt messages skipped to describe a topic by its first good one
+
+
 def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
-    """List the bag's Image and CompressedImage topics, each described by its first message."""
+    """List the bag's Image and CompressedImage topics, each described by its first message
+    that decodes (a topic whose first few do not is described as of unknown encoding)."""
     topics = []
     for topic, info in sorted(reader.topics.items()):
         if info.msgtype not in IMAGE_TYPES:
             continue
         encoding = ''
-        for connection, _, raw in read_messages(reader, path, [topic]):
-            encoding = message_encoding(deserialize(path, connection, raw))
-            break
+        for tries, (connection, _, raw) in enumerate(read_messages(reader, path, [topic]), 1):
+            with contextlib.suppress(BagError):  # fusing fails on it only if it is an input
+                encoding = message_encoding(deserialize(path, connection, raw))
+                break
+            if tries == DESCRIBE_TRIES:
+                break
         topics.append(ImageTopic(topic, info.msgtype, info.msgcount, encoding,
                                  guess_role(topic, encoding)))
     return topics

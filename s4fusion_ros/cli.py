@@ -18,6 +18,16 @@ def parse_size(text: str, minimum: int = 1) -> tuple[int, int]:
     return width, height
 
 
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt, so a tool cleans up as for Ctrl-C.
+
+    `kill` and service managers send SIGTERM; a shell starts background jobs with SIGINT ignored
+    and children inherit that, so a supervisor's SIGINT (`interrupt`) would go unheard.
+    """
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.default_int_handler)
+
+
 def run_command(prog: str, command, errors: tuple, interrupted: str = 'interrupted') -> int:
     """Return command()'s exit code; one of `errors` prints one line (1), Ctrl-C gives 130."""
     try:

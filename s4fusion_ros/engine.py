@@ -78,17 +78,25 @@ class FusionPipeline:
         self.normalizer = normalizer
         self.registration = registration
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
-        self._latest: tuple[int, float] | None = None  # (stamp ns, arrival monotonic s)
+        self._latest: tuple[int, float] | None = None  # (stamp ns, arrival s)
 
-    def add_thermal(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
-        """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
+    def add_thermal(self, message, stamp_ns: int, frame_id: str,
+                    arrived: float | None = None) -> list[PreparedPair]:
+        """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad.
+
+        `arrived`: when it arrived, on the clock `expire` is given (default: now, monotonic).
+        """
         frame = self.thermal_frame(message, stamp_ns, frame_id)
-        return self._add(self.synchronizer.add_thermal, stamp_ns, frame)
+        return self._add(self.synchronizer.add_thermal, stamp_ns, frame, arrived)
 
-    def add_visible(self, message, stamp_ns: int, frame_id: str) -> list[PreparedPair]:
-        """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad."""
+    def add_visible(self, message, stamp_ns: int, frame_id: str,
+                    arrived: float | None = None) -> list[PreparedPair]:
+        """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad.
+
+        `arrived` as for add_thermal.
+        """
         frame = self.visible_frame(message, stamp_ns, frame_id)
-        return self._add(self.synchronizer.add_visible, stamp_ns, frame)
+        return self._add(self.synchronizer.add_visible, stamp_ns, frame, arrived)
 
     def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
         """Prepare a pair matched elsewhere (the node's message_filters backend)."""
@@ -111,7 +119,8 @@ class FusionPipeline:
         return Frame(stamp_ns, frame_id, decode_visible(message))
 
     def expire(self, now: float) -> list[PreparedPair]:
-        """Decide thermal frames whose visible partner is overdue; `now` is time.monotonic().
+        """Decide thermal frames whose visible partner is overdue; `now` in seconds on the
+        arrival clock: time.monotonic() live, a recording's log time offline.
 
         The synchronizer's timeout runs on the stamps' clock. Extrapolating that clock from the
         latest frame it took keeps the timeout right whether stamps are live, simulated, or
@@ -126,11 +135,11 @@ class FusionPipeline:
         """Decide everything still pending (end of a bag)."""
         return self._prepare(self.synchronizer.flush())
 
-    def _add(self, add, stamp_ns: int, frame: Frame) -> list[PreparedPair]:
+    def _add(self, add, stamp_ns: int, frame: Frame, arrived: float | None) -> list[PreparedPair]:
         """Add a frame to the synchronizer and prepare what it pairs. A backwards clock jump (a
         looping bag, a restarted camera) resets the synchronizer, and then the thermal range too:
         the new timeline's first frames must not be scaled by the old scene's range."""
-        arrived = time.monotonic()
+        arrived = time.monotonic() if arrived is None else arrived
         before = self.synchronizer.stats
         prepared = self._prepare(add(stamp_ns, frame))  # pairs of the old timeline, if it reset
         after = self.synchronizer.stats

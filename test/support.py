@@ -36,6 +36,7 @@ SCENES = ['00004N.png', '00537D.png', '00012N.png']
 
 
 SIZE = (160, 120)
+START_NS = 1_650_000_000 * 10**9  # the first stamp of camera_messages' schedule
 
 
 THERMAL_TOPIC, VISIBLE_TOPIC = '/flir/image_raw', '/camera/color/image_raw'
@@ -70,10 +71,9 @@ def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):
         vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / name), cv2.IMREAD_COLOR)
         counts = (7000 + 30 * cv2.resize(ir, SIZE, interpolation=cv2.INTER_AREA).astype(np.uint16))
         scenes.append((counts, cv2.resize(vi, SIZE, interpolation=cv2.INTER_AREA)))
-    start = 1_650_000_000 * 10**9
     events = []
     for offset, role, scene in camera_schedule(duration, len(scenes), rng):
-        stamp = start + round(offset * 1e9)
+        stamp = START_NS + round(offset * 1e9)
         thermal, visible = scenes[scene]
         topic, encoding, image = ((THERMAL_TOPIC, 'mono16', thermal) if role == 'thermal'
                                   else (VISIBLE_TOPIC, 'bgr8', visible))

@@ -12,10 +12,12 @@ import time
 import cv2
 import pytest
 import yaml
+from rosbags.interfaces import QosReliability
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from paths import executable
 from s4fusion_ros import bagio, settings
+from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (COMPRESSED, IMAGE, SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_FRAME,
                      VISIBLE_TOPIC, bag_image_message, camera_messages, read_bag, write_bag)
@@ -37,6 +39,14 @@ def expected_pairs(events) -> dict[int, int]:
         if abs(nearest - stamp) <= SLOP * 1e9:
             pairs[nearest] = stamp
     return pairs
+
+
+def decided_at(events, thermal_stamp: int) -> int:
+    """Log time at which a thermal frame's pair is decided: when both it and the first visible
+    frame stamped at or after it have arrived (the bag's end if none is)."""
+    arrived = next(e[0] for e in events if e[1] == THERMAL_TOPIC and e[2] == thermal_stamp)
+    later = [e[0] for e in events if e[1] == VISIBLE_TOPIC and e[2] >= thermal_stamp]
+    return max(arrived, min(later, default=events[-1][0]))
 
 
 @pytest.fixture(scope='module')
@@ -73,10 +83,13 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
             (m, 'mono8') for m in saliency]:
         message = TYPESTORE.deserialize_cdr(raw, msgtype)
         stamp = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
-        assert msgtype == IMAGE and stamp in expected and log_time == stamp
+        # Logged when the node would have fused it, on the inputs' timeline.
+        assert msgtype == IMAGE and stamp in expected
+        assert log_time == decided_at(short_events, expected[stamp])
         assert message.header.frame_id == VISIBLE_FRAME
         assert (message.encoding, message.width, message.height) == (encoding, *SIZE)
-    assert sorted(log_time for log_time, _, _ in fused) == sorted(expected)
+    assert sorted(stamp_to_ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
+                  for _, msgtype, raw in fused) == sorted(expected)
     assert next(output.iterdir()).suffix == ('.db3' if storage == 'sqlite3' else '.mcap')
     if compressed:
         assert not messages
@@ -127,6 +140,59 @@ def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
     assert (thermal.topic, visible.topic) == ('/lwir/image', '/front/image/compressed')
     with pytest.raises(bagio.BagError, match='no topic looks like the thermal camera'):
         bagio.pick_topics([t for t in topics if t.topic != '/lwir/image'], path)
+
+
+def test_corrupt_messages_on_another_image_topic_do_not_stop_the_run(
+        short_events, tmp_path, capsys):
+    # A depth camera whose first two messages are cut short: described by its third, and not
+    # read again once the inputs are chosen.
+    path = write_bag(tmp_path / 'in', short_events, 'mcap')
+    depth = bag_image_message(short_events[0][4], '16UC1', short_events[0][2], 'depth')
+    raw = bytes(TYPESTORE.serialize_cdr(depth, IMAGE))
+    with Writer(tmp_path / 'with_depth', version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connection = writer.add_connection('/depth/image_raw', IMAGE, typestore=TYPESTORE)
+        for i in range(3):
+            writer.write(connection, short_events[0][0] + i, raw[:40] if i < 2 else raw)
+        for topic, messages in read_bag(path).items():
+            connection = writer.add_connection(topic, IMAGE, typestore=TYPESTORE)
+            for log_time, _, data in messages:
+                writer.write(connection, log_time, data)
+    source = tmp_path / 'with_depth'
+    with bagio.open_bag(source) as reader:
+        described = {t.topic: t.encoding for t in bagio.image_topics(reader, source)}
+    assert described['/depth/image_raw'] == '16UC1'
+    output = tmp_path / 'out'
+    assert bag_tool.main([str(source), str(output), '--thermal-topic', THERMAL_TOPIC,
+                          '--visible-topic', VISIBLE_TOPIC]) == 0, capsys.readouterr().err
+    assert len(read_bag(output)['/s4fusion_node/fused']) == len(expected_pairs(short_events))
+
+
+def test_the_summary_says_why_messages_were_dropped(short_events, params_file, tmp_path, capsys):
+    # A thermal driver that leaves the stamps unset: nothing pairs, and the summary says why.
+    unstamped = [(log_time, topic, 0 if topic == THERMAL_TOPIC else stamp, *rest)
+                 for log_time, topic, stamp, *rest in short_events]
+    source = write_bag(tmp_path / 'in', unstamped, 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params',
+                          str(params_file)]) == 0
+    error = capsys.readouterr().err
+    thermal = sum(1 for event in short_events if event[1] == THERMAL_TOPIC)
+    assert f'dropped: {thermal} ({thermal} unstamped)' in error
+    assert f'warning: {thermal} thermal messages stamped 0 or less were dropped' in error
+    assert 'warning: no pair was fused' in error
+
+
+def test_the_output_topics_offer_the_qos_of_the_parameters(short_events, tmp_path):
+    params = tmp_path / 'params.yaml'
+    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
+        'device': 'cpu', 'inference_size': [96, 72],
+        'qos': {'output': {'reliability': 'best_effort', 'depth': 10}}}}}))
+    source = write_bag(tmp_path / 'in', short_events[:20], 'sqlite3')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params)]) == 0
+    with bagio.open_bag(tmp_path / 'out') as reader:
+        offered = {c.topic: c.ext.offered_qos_profiles for c in reader.connections}
+    assert sorted(offered) == ['/s4fusion_node/fused', '/s4fusion_node/saliency']
+    for (qos,) in offered.values():
+        assert (qos.reliability, qos.depth) == (QosReliability.BEST_EFFORT, 10)
 
 
 def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
@@ -242,7 +308,10 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     before = read_bag(output)
     video = tmp_path / 'fused.mp4'
     video.write_bytes(b'an earlier video')
-    proc = run_tool(source, output, params_file, '--overwrite', '--export-video', str(video))
+    # Started as a shell starts a background job, with SIGINT ignored (inherited): a supervisor's
+    # SIGINT must still stop it.
+    proc = run_tool(source, output, params_file, '--overwrite', '--export-video', str(video),
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     stderr = StreamReader(proc.stderr)
     # Mid-run: the progress bar counts some pairs fused, however slow the machine.
     assert stderr.wait_for(re.compile(r'fusing: .*\| *[1-9]\d*/'), 120), stderr.text()

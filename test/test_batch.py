@@ -320,12 +320,15 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
     # out of memory) still tells a later --resume what its bags were fused with.
     running = json.loads((out / 's4fusion-batch-manifest.json').read_text())
     assert running['running'] and running['parameters']['sync.slop'] == 0.02
-    proc.send_signal(signal.SIGINT)
+    # SIGTERM, as `kill` and service managers stop it: the clean-up of Ctrl-C, not Ray's crash
+    # handler (which ray.init installs).
+    proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     reader.join(timeout=10)
     error = ''.join(lines)
     assert proc.returncode == 130, error
     assert 'interrupted' in error and 'Traceback' not in error
+    assert json.loads((out / 's4fusion-batch-manifest.json').read_text())['interrupted']
     assert not list(out.rglob('.*.partial'))
     finished = {p.name for p in out.iterdir() if not p.name.startswith('.')} - {
         's4fusion-batch-manifest.json'}

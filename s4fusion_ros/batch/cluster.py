@@ -15,8 +15,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 from tqdm import tqdm
@@ -123,6 +125,8 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
                   log_to_driver=True)
     home = None
+    # ray.init puts its crash handler on SIGTERM (exit 1, no clean-up): the caller's come back.
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     if address == LOCAL:
         home = private_home()
         with home_for_ray(home):
@@ -133,6 +137,9 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
         # them the OpenMP wait policy and OpenCV's limits before they load torch and OpenCV.
         ray.init(address=address, runtime_env={'env_vars': {
             'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_limits()}}, **common)
+    if threading.current_thread() is threading.main_thread():  # where handlers can be set
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     try:
         yield ray
     finally:

@@ -31,7 +31,7 @@ from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import model_from_params
 from ..tools.bag import (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC, BagFuser, Span,
-                         WarmUpTooShort)
+                         WarmUpTooShort, output_qos_of)
 
 PART_STORAGE = 'mcap'
 STAGING_SUFFIX = '.s4batch'
@@ -314,7 +314,8 @@ def _fuse(unit: Unit, span: Span, progress) -> dict:
                                        *unit.topics)
         with create_bag(unit.output, storage, overwrite=unit.overwrite) as writer:
             fuser.run(reader, unit.input, thermal, visible, writer,
-                      (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC), False, span, progress)
+                      (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC), False, span, progress,
+                      output_qos_of(unit.values))
     end, start = fuser.tally(), fuser.baseline
     counts = {name: end[name] - start[name] for name in end}
     counts['fused'] = fuser.counts.fused
@@ -333,7 +334,7 @@ def commit(job: BagJob, units: list[Unit], overwrite: bool) -> None:
     """Join a segmented bag's parts, in order, into its output bag and drop the staging folder."""
     first = units[0]
     with create_bag(job.output, first.storage, overwrite=overwrite) as writer:
-        outputs = {topic: add_image_topic(writer, topic)
+        outputs = {topic: add_image_topic(writer, topic, output_qos_of(first.values))
                    for topic in (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC)}
         for unit in units:
             with open_bag(unit.output) as reader:

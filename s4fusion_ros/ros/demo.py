@@ -14,7 +14,6 @@ the thermal camera; the summary says at what rate, and how many pairs were dropp
 import argparse
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
-from ..cli import interrupt
+from ..cli import interrupt, stop_on_signals
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, pick_topics, read_messages)
 from ..diagnostics import Key, number, per_input
@@ -313,7 +312,7 @@ def run(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop_on_signals()
     try:
         print(f'{PROG}: {run(args)}')
     except KeyboardInterrupt:

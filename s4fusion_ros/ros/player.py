@@ -16,7 +16,6 @@ subscribes only once its model is loaded would otherwise miss the start of the b
 import argparse
 import importlib
 import pathlib
-import signal
 import sys
 import time
 
@@ -29,6 +28,7 @@ from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 
 from ..bagio import IMAGE_TYPES, BagError, open_bag, read_messages
+from ..cli import stop_on_signals
 from ..messages import ns_to_sec_nanosec
 
 PROG = 's4fusion-play'
@@ -223,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     # Not sys.argv: rcl would take OLD:=NEW there as a global remap. No rclpy signal handlers:
     # they invalidate the context at Ctrl-C while the player is still publishing (it never spins).
     rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
-    # SIGINT too: a shell starts background jobs with it ignored and children inherit that, so
-    # the demo's Ctrl-C (cli.interrupt) would otherwise wait out its timeout and kill.
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop_signal, signal.default_int_handler)
+    stop_on_signals()
     node = player = None
     try:
         node = Node('s4fusion_player', start_parameter_services=False)

@@ -1,21 +1,21 @@
 """s4fusion-bag: fuse the thermal and visible topics of a rosbag2 offline into a new bag.
 
 Messages go through the node's own FusionPipeline and FusionEngine, built from the same parameter
-file (`--params`, the node's --params-file format), in recorded order. Unlike the live node nothing
-is dropped for lack of time: every pair is fused. A thermal frame is decided by the next visible
-frame or at the end of the bag; the live node's timeout decides it earlier only when the visible
-stream stalls for longer than sync.timeout, which changes a pair only if slop exceeds the stall.
+file (`--params`, the node's --params-file format), in recorded order, with each message's log time
+as its arrival time: sync.timeout decides on those as the live node's timer decides on its clock,
+so a topic recorded later than the timeout after its stamps loses the pairs it would lose live.
+Unlike the live node nothing is dropped for lack of compute time: every decided pair is fused.
 
-The output bag has the node's output topics (sensor_msgs/Image with the visible header, log time =
-that header stamp) and, with --include-inputs, the input topics as recorded. It is written under a
-temporary name and renamed when complete: an interrupted or failed run leaves nothing under the
-output name.
+The output bag has the node's output topics (sensor_msgs/Image with the visible header) logged at
+the time the pair was decided (the log time of the message that completed it, or of the last
+message for the pairs decided at the end of the bag), on the input's timeline, and with
+--include-inputs the input topics as recorded. It is written under a temporary name and renamed
+when complete: an interrupted or failed run leaves nothing under the output name.
 """
 
 import argparse
 import contextlib
 import pathlib
-import signal
 import sqlite3
 import sys
 import time
@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from rosbags.interfaces import Qos
 from rosbags.rosbag2 import WriterError
 from tqdm import tqdm
 
 from .. import settings
-from ..bagio import (STORAGES, BagError, ImageTopic, add_image_topic, bag_size, check_output,
-                     copy_topic, create_bag, deserialize, image_cdr, image_topics, open_bag,
-                     pick_topics, read_messages, storage_of)
+from ..cli import stop_on_signals
+from ..bagio import (RELIABLE_QOS, STORAGES, BagError, ImageTopic, add_image_topic, bag_size,
+                     check_output, copy_topic, create_bag, deserialize, image_cdr, image_topics,
+                     open_bag, output_qos, pick_topics, read_messages, storage_of)
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
 from ..files import write_png
@@ -141,12 +143,13 @@ class BagFuser:
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
             writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
-            progress=None) -> None:
-        """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`.
+            progress=None, qos: Qos = RELIABLE_QOS) -> None:
+        """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`,
+        offered with `qos` (the node's qos.output.*).
 
         `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
         """
-        outputs = [add_image_topic(writer, topic) for topic in topics]
+        outputs = [add_image_topic(writer, topic, qos) for topic in topics]
         connections = {c.topic: c for c in reader.connections}
         copies = ({topic.topic: copy_topic(writer, connections[topic.topic])
                    for topic in (thermal, visible)} if include_inputs else {})
@@ -154,6 +157,7 @@ class BagFuser:
         owned, warm = span.own_from is None, 0
         bar = contextlib.nullcontext(progress) if progress else tqdm(
             total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
+        log_time = None
         with bar as progress:
             for connection, log_time, raw in read_messages(reader, path, roles, span.read_from,
                                                            span.stop):
@@ -161,11 +165,15 @@ class BagFuser:
                     owned = self._own(reader, path, span, warm)
                 if include_inputs and owned:
                     writer.write(copies[connection.topic], log_time, raw)
-                prepared = self._add(roles[connection.topic], path, connection,
-                                     deserialize(path, connection, raw))
+                # The log time is when the recorder got the message: the node's arrival time.
+                # What the node's timeout timer would have decided before it comes first.
+                arrived = log_time / 1e9
+                prepared = self.pipeline.expire(arrived)
+                prepared += self._add(roles[connection.topic], path, connection,
+                                      deserialize(path, connection, raw), arrived)
                 self._show_notices(path)
                 if owned:
-                    self._fuse(prepared, writer, outputs, progress)
+                    self._fuse(prepared, writer, outputs, progress, log_time)
                 elif span.count_from is None or log_time >= span.count_from:
                     warm += len(prepared)
             if span.stop is None:
@@ -173,7 +181,8 @@ class BagFuser:
                     owned = self._own(reader, path, span, warm)
                 prepared = self.pipeline.flush()
                 self._show_notices(path)
-                self._fuse(prepared, writer, outputs, progress)
+                self._fuse(prepared, writer, outputs, progress,
+                           reader.end_time if log_time is None else log_time)
 
     def _own(self, reader, path: pathlib.Path, span: Span, warm: int) -> bool:
         """Start fusing a span: check its warm-up and note the counts it starts from."""
@@ -190,11 +199,12 @@ class BagFuser:
                 'unpaired': stats.thermal_unpaired + stats.visible_unpaired,
                 'dropped': self.dropped()}
 
-    def _add(self, role: str, path: pathlib.Path, connection, message) -> list:
+    def _add(self, role: str, path: pathlib.Path, connection, message, arrived: float) -> list:
         self.counts.read[role] += 1
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id)
+            return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id,
+                       arrived)
         except ValueError as error:  # ImageDecodeError and bad geometry: the node drops these
             self.counts.undecodable[role] += 1
             if connection.topic not in self.warned:
@@ -210,11 +220,12 @@ class BagFuser:
             tqdm.write(f'{PROG}: {path}: {notice}', file=sys.stderr)
         self.notices_shown = len(self.pipeline.notices)
 
-    def _fuse(self, prepared: list, writer, outputs: list, progress: tqdm) -> None:
+    def _fuse(self, prepared: list, writer, outputs: list, progress: tqdm, log_time: int) -> None:
+        """Fuse the pairs decided at `log_time` (ns) and write them logged at that time."""
         for pair in prepared:
             result = self.engine.infer(pair)
             for connection, raw in zip(outputs, result.packed()):
-                writer.write(connection, pair.visible_stamp_ns,
+                writer.write(connection, log_time,
                              image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))
             if self.export is not None and self.counts.fused % self.export_every == 0:
                 export_png(self.export, self.counts.fused, result)
@@ -227,12 +238,22 @@ class BagFuser:
             progress.set_postfix(unpaired=stats.thermal_unpaired + stats.visible_unpaired,
                                  dropped=self.dropped(), refresh=False)
 
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Messages neither paired nor unpaired, by why: {reason: count}."""
+        stats = self.pipeline.synchronizer.stats
+        return {'undecodable': sum(self.counts.undecodable.values()),
+                'late': stats.thermal_late + stats.visible_late,
+                'overflowed': stats.thermal_overflow + stats.visible_overflow,
+                'unstamped': stats.thermal_rejected + stats.visible_rejected}
+
     def dropped(self) -> int:
         """Messages neither paired nor unpaired: undecodable, late, overflowed or unstamped."""
-        stats = self.pipeline.synchronizer.stats
-        return (sum(self.counts.undecodable.values()) + stats.thermal_late + stats.visible_late
-                + stats.thermal_overflow + stats.visible_overflow + stats.thermal_rejected
-                + stats.visible_rejected)
+        return sum(self.dropped_by_reason().values())
+
+
+def output_qos_of(values: dict) -> Qos:
+    """The output topics' QoS from the node's parameter values (qos.output.*)."""
+    return output_qos(values['qos.output.reliability'], values['qos.output.depth'])
 
 
 def bgr_image(result: FusionResult) -> np.ndarray:
@@ -282,7 +303,8 @@ def run(args: argparse.Namespace) -> None:
         bag = create_bag(args.output, storage, overwrite=args.overwrite)
         with video or contextlib.nullcontext(), bag as writer:
             fuser.run(reader, args.input, thermal, visible, writer,
-                      (args.fused_topic, args.saliency_topic), args.include_inputs)
+                      (args.fused_topic, args.saliency_topic), args.include_inputs,
+                      qos=output_qos_of(values))
     print_summary(args, fuser, time.monotonic() - started)
 
 
@@ -295,20 +317,30 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
         written = f' and {args.export_video} ({video.frames} frames at {video.fps:.1f} frames/s)'
     else:
         written = '; no video: no pair was fused'
+    reasons = {reason: count for reason, count in fuser.dropped_by_reason().items() if count}
+    why = f' ({", ".join(f"{count} {reason}" for reason, count in reasons.items())})'
     print(f'{PROG}: fused {counts.fused} pairs from {counts.read["thermal"]} thermal + '
           f'{counts.read["visible"]} visible messages in {seconds:.1f} s '
           f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s); unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
-          f'{fuser.dropped()}; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB)'
-          + written, file=sys.stderr)
+          f'{fuser.dropped()}{why if reasons else ""}; wrote {args.output} '
+          f'({bag_size(args.output) / 1e6:.1f} MB)' + written, file=sys.stderr)
+    for role in ('thermal', 'visible'):
+        unstamped = getattr(stats, f'{role}_rejected')
+        if unstamped:
+            print(f'{PROG}: warning: {unstamped} {role} messages stamped 0 or less were dropped: '
+                  'pairing is by header stamp, which their driver left unset', file=sys.stderr)
+    if not counts.fused:
+        print(f'{PROG}: warning: no pair was fused', file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit code 0 on success, 1 on an error, 130 when interrupted."""
     args = parse_args(argv)
-    # `kill` and service managers send SIGTERM: clean up exactly as for Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop_on_signals()
     untouched = f'the partial output was removed and {args.output} was not written'
+    if args.export_png:  # each PNG is complete (written atomically); they are kept
+        untouched += f' (the PNGs written so far are in {args.export_png})'
     try:
         run(args)
     except KeyboardInterrupt:

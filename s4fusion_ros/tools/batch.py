@@ -9,11 +9,10 @@ when any bag failed.
 
 import argparse
 import pathlib
-import signal
 import sys
 
 from .. import settings
-from ..cli import run_command
+from ..cli import run_command, stop_on_signals
 from ..batch.cluster import LOCAL, fuse_bags
 from ..batch.work import BatchError
 
@@ -63,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: 0 when every bag is fused, 1 otherwise, 130 when interrupted."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop_on_signals()
     return run_command(PROG, lambda: fuse_and_report(args), (BatchError, settings.SettingsError),
                        'interrupted; the cluster\'s work was cancelled and no partial bag was '
                        'left under a final name; --resume continues')
