@@ -81,6 +81,27 @@ def test_warm_up_is_derived_from_the_parameters():
         assert work.warm_up(values).pairs == 0
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(ivif_dir, tmp_path, capsys):
+    # Another process's run holds the folder (an flock on it, as fuse_bags takes it): refused
+    # before Ray starts, and the folder is left as it was.
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.3), 'mcap')
+    out = tmp_path / 'out'
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', (
+        'import fcntl, os, sys, time\n'
+        f'fcntl.flock(os.open({str(out)!r}, os.O_RDONLY), fcntl.LOCK_EX)\n'
+        'print("held", flush=True); time.sleep(60)\n')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        assert batch_tool.main([str(source), str(out)]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    error = capsys.readouterr().err
+    assert f'{out}: another s4fusion-batch run is writing into this folder' in error, error
+    assert list(out.iterdir()) == []
+
+
 def test_which_earlier_manifest_rows_a_run_keeps(tmp_path):
     # The folder's manifest as each kind of run finds it: what is kept, what refuses the run.
     manifest, out = tmp_path / 'out' / 's4fusion-batch-manifest.json', tmp_path / 'out'

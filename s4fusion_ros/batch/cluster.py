@@ -11,6 +11,7 @@ to `max_retries` times. Errors of the bag itself come back as results and are no
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -172,25 +173,50 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     if device:
         values['device'] = device
     jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)
-    _check_existing(jobs, resume, overwrite)
-    previous = _previous_reports(out_dir / MANIFEST, values, jobs, resume, overwrite)
-    with connected(address, num_cpus) as ray:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                         resume, overwrite, max_retries, progress, (on_unit, on_progress),
-                         previous, out_dir / MANIFEST)
-        interrupted = False
-        try:
-            runner.run()
-        except KeyboardInterrupt:
-            interrupted = True
-            runner.stop()
-            raise
-        finally:
-            report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
-                            interrupted)
-            runner.write_manifest(interrupted=interrupted, seconds=report.seconds)
+    with _sole_run_into(out_dir):
+        _check_existing(jobs, resume, overwrite)
+        previous = _previous_reports(out_dir / MANIFEST, values, jobs, resume, overwrite)
+        with connected(address, num_cpus) as ray:
+            runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
+                             resume, overwrite, max_retries, progress, (on_unit, on_progress),
+                             previous, out_dir / MANIFEST)
+            interrupted = False
+            try:
+                runner.run()
+            except KeyboardInterrupt:
+                interrupted = True
+                runner.stop()
+                raise
+            finally:
+                report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
+                                interrupted)
+                runner.write_manifest(interrupted=interrupted, seconds=report.seconds)
     return report
+
+
+@contextlib.contextmanager
+def _sole_run_into(out_dir: pathlib.Path):
+    """Hold `out_dir` (made if missing) for one run: a second run into it would rewrite this
+    one's manifest rows. An flock on the folder itself, so no lock file is left behind and the
+    lock goes with the process however it ends; where the file system has none for folders (some
+    NFS mounts) the run goes on unguarded."""
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BatchError(f'{out_dir}: another s4fusion-batch run is writing into this folder; '
+                             'run one at a time per output folder') from None
+        except OSError:
+            pass
+        yield
+    finally:
+        if made:  # a run refused before any work leaves no folder behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty
+        os.close(folder)  # releases the lock
 
 
 def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
