@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -17,12 +18,12 @@ import yaml
 
 from s4fusion_ros import settings
 from s4fusion_ros.batch import work
-from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags
+from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags, processes_with_home
 from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
-from support import (camera_messages, drifting, one_torch_thread, params_file,  # noqa: F401
-                     read_bag, reference, write_bag)
+from support import (BATCH_PARAMS, START_NS, THERMAL_TOPIC, camera_messages,  # noqa: F401
+                     drifting, one_torch_thread, params_file, read_bag, reference, write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 
@@ -207,6 +208,31 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
     assert read_bag(tmp_path / 'short')['/s4fusion_node/fused'] == warm
 
 
+def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path):
+    # Nothing recorded from a thermal frame at about 7.5 s to 10.5 s, across the cut at 9 s:
+    # that frame is decided by the first message after the gap, in the next segment, whose
+    # warm-up (1.1 s; a fixed thermal range needs no pairs) must reach back past the gap.
+    params = tmp_path / 'params.yaml'
+    values = json.loads(json.dumps(BATCH_PARAMS))
+    values['s4fusion_node']['ros__parameters'].update(
+        sync={'slop': 0.05}, normalization={'mode': 'fixed'})
+    params.write_text(yaml.safe_dump(values))
+    events = drifting(camera_messages(ivif_dir, 20.0))
+    before_gap = max(e[0] for e in events if e[1] == THERMAL_TOPIC
+                     and (e[2] - START_NS) / 1e9 < 7.5)
+    events = [e for e in events if not before_gap < e[0] < START_NS + round(10.5e9)]
+    source = write_bag(tmp_path / 'in' / 'gap', events, 'mcap')
+    expected = reference(source, tmp_path / 'reference', params)
+    job = work.BagJob(source, tmp_path / 'out' / 'gap')
+    units = work.plan_bag(job, settings.load_params_file(params), 9 * 10**9, False)
+    assert [u.span.own_from for u in units][1] - START_NS < 10.5e9 - 1.1e9  # the cut in the gap
+    work.prepare_staging(job, units, False)
+    with one_torch_thread():
+        assert not any(work.run_unit(unit)['error'] for unit in units)
+    work.commit(job, units, False)
+    assert read_bag(job.output) == expected
+
+
 def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):
     inputs = tmp_path / 'fleet'
     good = write_bag(inputs / 'good', camera_messages(ivif_dir, 1.0), 'mcap')
@@ -316,6 +342,28 @@ def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, p
     manifest = json.loads((out / 's4fusion-batch-manifest.json').read_text())
     assert manifest['parameters']['sync.slop'] == 0.03
     assert [pathlib.Path(b['output']).name for b in manifest['bags']] == ['c']
+
+
+@pytest.mark.parametrize('stop', ['SIGTERM', 'SIGINT'])
+def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, tmp_path, stop):
+    # The signal comes a second after the private Ray's HOME appears: while ray.init runs, or
+    # soon after on a fast machine. Either way: exit 130, and no Ray process nor HOME left.
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
+    homes = pathlib.Path(tempfile.gettempdir()).glob
+    before = set(homes('s4fusion-ray-*'))
+    proc = subprocess.Popen([str(BATCH_TOOL), str(source), str(tmp_path / 'out'), '--params',
+                             str(params_file), '--num-cpus', '1'],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not set(homes('s4fusion-ray-*')) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [home] = set(homes('s4fusion-ray-*')) - before
+    time.sleep(1.0)
+    proc.send_signal(getattr(signal, stop))
+    _, error = proc.communicate(timeout=60)
+    assert proc.returncode == 130, error
+    assert 'interrupted' in error and 'Traceback' not in error, error
+    assert not home.exists() and not processes_with_home(home)
 
 
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,

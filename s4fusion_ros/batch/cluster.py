@@ -128,25 +128,59 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     home = None
     # ray.init puts its crash handler on SIGTERM (exit 1, no clean-up): the caller's come back.
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    if address == LOCAL:
-        home = private_home()
-        with home_for_ray(home):
-            ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
-                     **common)
-    else:
-        # Workers on other machines do not inherit this process's set-up (entry_points): give
-        # them the OpenMP wait policy and OpenCV's limits before they load torch and OpenCV.
-        ray.init(address=address, runtime_env={'env_vars': {
-            'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_limits()}}, **common)
-    if threading.current_thread() is threading.main_thread():  # where handlers can be set
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+    try:
+        if address == LOCAL:
+            home = private_home()
+            with home_for_ray(home):
+                ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
+                         **common)
+        else:
+            # Workers on other machines do not inherit this process's set-up (entry_points):
+            # give them the OpenMP wait policy and OpenCV's limits before they load torch and
+            # OpenCV.
+            ray.init(address=address, runtime_env={'env_vars': {
+                'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_limits()}}, **common)
+    except BaseException as error:
+        # Stopped (or failed) while starting: nothing it started may outlive this process. A
+        # stop signal then lands as KeyboardInterrupt or in Ray's handler as SystemExit(signal).
+        stop_ray(ray, home)
+        if isinstance(error, SystemExit) and error.code in (signal.SIGINT, signal.SIGTERM):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():  # where handlers can be set
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
     try:
         yield ray
     finally:
-        ray.shutdown()
-        if home is not None:
-            shutil.rmtree(home, ignore_errors=True)
+        stop_ray(ray, home)
+
+
+def stop_ray(ray, home: pathlib.Path | None) -> None:
+    """Disconnect, and for a private Ray (`home`) stop its processes and remove its HOME.
+
+    ray.shutdown stops the processes this process started, but one that Ray's raylet started
+    can outlive it when the start was cut short (its dashboard agent); they all keep the
+    private HOME, which identifies them (Linux: /proc/PID/environ).
+    """
+    ray.shutdown()
+    if home is None:
+        return
+    for pid in processes_with_home(home):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def processes_with_home(home: pathlib.Path) -> list[int]:
+    """The processes started with HOME=`home` (those of a private Ray), from /proc."""
+    marker, found = f'HOME={home}'.encode(), []
+    for environ in pathlib.Path('/proc').glob('[0-9]*/environ'):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            if marker in environ.read_bytes().split(b'\0'):
+                found.append(int(environ.parent.name))
+    return found
 
 
 def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None,

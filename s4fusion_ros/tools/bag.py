@@ -4,7 +4,10 @@ Messages go through the node's own FusionPipeline and FusionEngine, built from t
 file (`--params`, the node's --params-file format), in recorded order, with each message's log time
 as its arrival time: sync.timeout decides on those as the live node's timer decides on its clock,
 so a topic recorded later than the timeout after its stamps loses the pairs it would lose live.
-Unlike the live node nothing is dropped for lack of compute time: every decided pair is fused.
+(The log time is when the recorder got the message: where the recorder itself stalled, behind a
+slow disk or a network, frames look later than the node saw them and can lose pairs it made;
+a larger sync.timeout in --params undoes that.) Unlike the live node nothing is dropped for lack
+of compute time: every decided pair is fused.
 
 The output bag has the node's output topics (sensor_msgs/Image with the visible header) logged at
 the time the pair was decided (the log time of the message that completed it, or of the last
@@ -159,10 +162,11 @@ class BagFuser:
             total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
         log_time = None
         with bar as progress:
-            for connection, log_time, raw in read_messages(reader, path, roles, span.read_from,
-                                                           span.stop):
-                if not owned and log_time >= span.own_from:
-                    owned = self._own(reader, path, span, warm)
+            for connection, log_time_now, raw in read_messages(reader, path, roles,
+                                                               span.read_from, span.stop):
+                if not owned and log_time_now >= span.own_from:
+                    owned = self._own(reader, path, span, warm, log_time)
+                log_time = log_time_now
                 if include_inputs and owned:
                     writer.write(copies[connection.topic], log_time, raw)
                 # The log time is when the recorder got the message: the node's arrival time.
@@ -178,17 +182,27 @@ class BagFuser:
                     warm += len(prepared)
             if span.stop is None:
                 if not owned:
-                    owned = self._own(reader, path, span, warm)
+                    owned = self._own(reader, path, span, warm, log_time)
                 prepared = self.pipeline.flush()
                 self._show_notices(path)
                 self._fuse(prepared, writer, outputs, progress,
                            reader.end_time if log_time is None else log_time)
 
-    def _own(self, reader, path: pathlib.Path, span: Span, warm: int) -> bool:
-        """Start fusing a span: check its warm-up and note the counts it starts from."""
-        if (warm < span.warm_pairs and span.read_from is not None
-                and span.read_from > reader.start_time):
-            raise WarmUpTooShort(f'{path}: {warm} of {span.warm_pairs} warm-up pairs')
+    def _own(self, reader, path: pathlib.Path, span: Span, warm: int,
+             last_read: int | None) -> bool:
+        """Start fusing a span: check its warm-up and note the counts it starts from.
+
+        Frames are decided when messages arrive, so a frame read before a gap in the recording
+        can still be pending at the cut: the warm-up must also read a message in its second half
+        (`last_read`: the log time of the last one before the cut), else it may start after
+        such a frame.
+        """
+        if span.read_from is not None and span.read_from > reader.start_time:
+            if warm < span.warm_pairs:
+                raise WarmUpTooShort(f'{path}: {warm} of {span.warm_pairs} warm-up pairs')
+            if span.count_from is not None and (
+                    last_read is None or last_read < (span.read_from + span.count_from) // 2):
+                raise WarmUpTooShort(f'{path}: a gap in the recording before the warm-up ends')
         self.baseline = self.tally()
         return True
 
