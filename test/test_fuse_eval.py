@@ -2,6 +2,7 @@
 
 import csv
 import math
+import pathlib
 import re
 import shutil
 
@@ -113,6 +114,27 @@ def test_raw_16_bit_counts_are_flagged_and_stretched_as_the_node_does(ivif_dir, 
     stretched = read_png(tmp_path / 'stretched' / 'fused' / 'raw.png')
     assert np.abs(stretched.astype(int) - expected).max() <= 1
     assert not np.array_equal(read_png(tmp_path / 'plain' / 'fused' / 'raw.png'), stretched)
+
+
+def test_fuse_warns_once_of_a_false_colour_or_differently_sized_ir_image(ivif_dir, tmp_path,
+                                                                         capsys, tiny_weights):
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    ir = cv2.imread(str(tmp_path / 'ir' / '08.png'), cv2.IMREAD_GRAYSCALE)
+    for name in ('jet1.png', 'jet2.png'):  # a palette rendering, as some cameras' video out
+        cv2.imwrite(str(tmp_path / 'ir' / name), cv2.applyColorMap(ir, cv2.COLORMAP_JET))
+        shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / name)
+    height, width = ir.shape
+    cv2.imwrite(str(tmp_path / 'ir' / 'small.png'), cv2.resize(ir, (width // 2, height // 2)))
+    shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / 'small.png')
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(tmp_path / 'out'), '--weights', str(tiny_weights), '--device',
+                      'cpu']) == 0
+    errors = capsys.readouterr().err
+    assert errors.count('is a colour image: it fuses as its luminance') == 1
+    assert f'{tmp_path / "ir" / "jet1.png"} is a colour image' in errors
+    assert (f'{tmp_path / "ir" / "small.png"} is {width // 2}x{height // 2} and '
+            f'{tmp_path / "vi" / "small.png"} {width}x{height}: the IR image is resized') in errors
+    assert f'{tmp_path / "ir" / "08.png"}' not in errors
 
 
 def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, capsys,
@@ -342,6 +364,17 @@ def test_the_report_records_placeholders_for_the_data_folders(tmp_path):
             str(tmp_path / 'videos')]
     assert evaluate.recorded_command(evaluate.parse_args(argv), argv) == (
         's4fusion-eval --data IVIF_DIR --threads 2 --flicker VIDEO_DIR')
-    argv = [f'--data={tmp_path}/ivif/', '--limit', '3']
+    argv = [f'--data={tmp_path}/ivif/', '--limit', '3', '--out', 'val.md']
     assert evaluate.recorded_command(evaluate.parse_args(argv), argv) == (
-        's4fusion-eval --data=IVIF_DIR --limit 3')
+        's4fusion-eval --data=IVIF_DIR --limit 3 --out val.md')
+
+
+@pytest.mark.parametrize('partial', [['--limit', '3'], ['--datasets', 'm3svd_val'],
+                                     ['--methods', 'ours'], ['--weights', 'w.safetensors']])
+def test_a_partial_run_must_name_its_report(tmp_path, capsys, partial):
+    # The default --out is the shipped report: part of a run must not replace it.
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(['--data', str(tmp_path), *partial])
+    assert (f'{partial[0]}: a partial run needs its own --out (the default docs/quality.md is '
+            'the whole report)') in capsys.readouterr().err
+    assert evaluate.parse_args(['--data', str(tmp_path)]).out == pathlib.Path('docs/quality.md')

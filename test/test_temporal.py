@@ -121,3 +121,11 @@ def test_a_full_report_run_keeps_the_flicker_section(ivif_dir, tmp_path):
     text = out.read_text()
     assert text.startswith('# Fusion quality') and 'earlier' not in text
     assert temporal.section_of(text) == section
+    # A report of this version: what is below its reading marker stays, the reading included.
+    out.write_text(text.replace(section, '') + f'\n{section}\n\nthe maintainers\' reading\n')
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '1',
+                          '--methods', 'average,max', '--out', str(out),
+                          '--grid', str(tmp_path / 'grid.png')]) == 0
+    again = out.read_text()
+    assert '| Max |' in again and again.count(section) == 1
+    assert again.endswith(f'-->\n\n{section}\n\nthe maintainers\' reading\n')

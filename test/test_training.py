@@ -286,8 +286,10 @@ def test_pairs_match_by_name_then_by_stem_where_one_file_each_side_has_it(tmp_pa
     pairs, unmatched = match_pairs(tmp_path / 'ir', tmp_path / 'vi')
     # a: the same name wins over the same stem; c: two visible files could be its partner.
     assert [(p.name, p.vi_path.name) for p in pairs] == [('a.png', 'a.png'), ('b.png', 'b.jpg')]
-    assert unmatched == [str(tmp_path / 'ir' / n) for n in ('c.png', 'd.png')] + [
-        str(tmp_path / 'vi' / n) for n in ('a.jpg', 'c.bmp', 'c.jpg', 'e.png')]
+    ambiguous = ' (several files share its name but for the extension)'
+    assert unmatched == [str(tmp_path / 'ir' / 'c.png') + ambiguous, str(tmp_path / 'ir/d.png'),
+                         str(tmp_path / 'vi/a.jpg'), str(tmp_path / 'vi/c.bmp') + ambiguous,
+                         str(tmp_path / 'vi/c.jpg') + ambiguous, str(tmp_path / 'vi/e.png')]
 
 
 # --- loss ---------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ GRID_HEIGHT = 240  # pixels per grid row
 GRID_LABEL = 26  # pixels of the column-title strip
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # fixed, so the report is a function of the scores
+# Ends the generated part; the maintainers' reading (and the flicker section) below it is kept.
+READING_MARKER = "<!-- The maintainers' reading of these numbers goes below."
 
 CONVENTIONS = """\
 - Every method's output is first made into the image a saved PNG holds: uint8, rounded; colour
@@ -32,7 +34,8 @@ CONVENTIONS = """\
 - Metric definitions: `s4fusion_ros/evaluation/metrics.py` (module docstring table), in its
   standard 0-255 convention (`evaluate_all(..., matlab_compat=False)`). MI, VIF and SSIM are sums
   over the two sources (at most 2 for SSIM), CC is their mean, MSE their mean, PSNR (dB, peak 255)
-  is computed from that MSE. Published tables differ by the version of Tang et al.'s MATLAB toolkit
+  is computed from each pair's MSE and then averaged over the pairs (so not from the table's
+  mean MSE). Published tables differ by the version of Tang et al.'s MATLAB toolkit
   (Linfeng-Tang/Evaluation-for-Image-Fusion) behind them. Its 2022 version (SeAFusion's, and
   `matlab_compat=True`): SF and MSE are ours / 255 and / 255^2, PSNR ours + 48.13 dB, SD, MI and
   VIF follow uint8 arithmetic and Qabf MATLAB's rounding on [0, 1] data. Since March 2023 it
@@ -281,7 +284,7 @@ def per_pair_csv(datasets: list) -> str:
         for method in dataset.methods:
             for pair, score in zip(dataset.pair_names, method.scores, strict=True):
                 writer.writerow([dataset.name, pair, method.name,
-                                 *(f'{score[metric]:.6g}' for metric in METRICS)])
+                                 *(repr(float(score[metric])) for metric in METRICS)])
     return buffer.getvalue()
 
 
@@ -323,9 +326,15 @@ def render(datasets: list, context: ReportContext) -> str:
                   f'![IR / VI / fused / saliency]({context.grid})', '']
     lines += ['## Notes', '', *[f'- {note}' for note in
                                 context.notes + undefined_notes(datasets)],
-              '', "<!-- The maintainers' reading of these numbers goes below. Note that "
-              'running s4fusion-eval again rewrites this file. -->', '']
+              '', READING_MARKER + ' s4fusion-eval keeps what is below this line. -->', '']
     return '\n'.join(lines)
+
+
+def below_reading_marker(text: str) -> str | None:
+    """What an earlier report has below its reading marker (the flicker section and the
+    maintainers' reading), to keep; None when it has no marker."""
+    head, marker, tail = text.partition(READING_MARKER)
+    return tail.partition('-->')[2] if marker else None
 
 
 def _to_bgr(image: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ PROG = 's4fusion-eval'
 REPO = pathlib.Path(__file__).resolve().parents[2]
 METHODS = ('ours', 'average', 'max', 'laplacian', 'gff', 'seafusion', 'densefuse')
 SHIPPED_PRESETS = ('authors', 'compact')
+DEFAULT_REPORT = pathlib.Path('docs/quality.md')
 BASELINES = {'average': ('Average', baselines.fuse_average),
              'max': ('Max', baselines.fuse_max),
              'laplacian': ('Laplacian pyramid', baselines.fuse_laplacian),
@@ -269,16 +270,21 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
     validation = ', '.join(M3SVD_VALIDATION_CLIPS)
     notes = ["Splits (training/data.py `ivif_splits`): roadscene67 = S4Fusion's 67 RoadScene "
              'test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS test-split pairs; '
-             f'validation splits (no pair of them trains; weights and training settings are '
-             f'chosen on them, not on the test sets): m3svd_val = the 20 frame pairs of the M3SVD '
-             f'clips {validation}, roadscene_val = every {ROADSCENE_VALIDATION_STRIDE}th of the '
-             f'other RoadScene pairs by name (20). Provenance of the data: the README ("Data").',
-             "GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the paper's "
-             "settings as `evaluation/baselines.py` implements it, not the authors' MATLAB code.",
-             "SeAFusion runs with its authors' published weights, and its luminance is quantized "
-             'their way (min-max stretch, then truncation: `seafusion.published_uint8`).',
-             'DenseFuse rows are the outputs stored with the TNO data (Linfeng-Tang/'
-             'Evaluation-for-Image-Fusion), not run here; they exist for TNO only.']
+             'validation splits (left out of the training split; weights and training settings '
+             'are chosen on them, not on the test sets; the evaluated pairs a weights file did '
+             'train on, through the weights it was fine-tuned from, are noted per weights '
+             f'above): m3svd_val = the 20 frame pairs of the M3SVD clips {validation}, '
+             f'roadscene_val = every {ROADSCENE_VALIDATION_STRIDE}th of the other RoadScene pairs '
+             'by name (20). Provenance of the data: the README ("Data").']
+    peers = {'gff': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
+                    "paper's settings as `evaluation/baselines.py` implements it, not the "
+                    "authors' MATLAB code.",
+             'seafusion': "SeAFusion runs with its authors' published weights, and its luminance "
+                          'is quantized their way (min-max stretch, then truncation: '
+                          '`seafusion.published_uint8`).',
+             'densefuse': 'DenseFuse rows are the outputs stored with the TNO data (Linfeng-Tang/'
+                          'Evaluation-for-Image-Fusion), not run here; they exist for TNO only.'}
+    notes += [note for method, note in peers.items() if method in args.methods]
     if args.limit:
         sizes = ', '.join(f'{d.name} {d.pairs}' for d in datasets)
         notes.append(f'Only the first {args.limit} pairs (by name) of each split were evaluated '
@@ -300,14 +306,15 @@ def training_pairs(training) -> set | None:
     return pairs
 
 
-def training_overlap(config: OursConfig, pairs: list) -> str:
-    """How many evaluated pairs the checkpoint's JSON lists among its training data."""
+def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs') -> str:
+    """How many of `labels` (pairs as training records name them: dataset/name) the
+    checkpoint's JSON lists among its training data."""
     trained_on = training_pairs(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
-    seen = sorted(trained_on & {pair.label for pair in pairs})
+    seen = sorted(trained_on & set(labels))
     listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
-    return (f'{config.label}: {len(seen)} of the {len(pairs)} evaluated pairs are among its '
+    return (f'{config.label}: {len(seen)} of the {len(labels)} {what} are among its '
             f'{len(trained_on)} training pairs{listed}.')
 
 
@@ -338,7 +345,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--threads', type=int, default=None,
                         help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('docs/quality.md'))
+    parser.add_argument('--out', type=pathlib.Path, default=None,
+                        help=f'the report (default: {DEFAULT_REPORT}, for a run of everything '
+                             'with the shipped weights; a partial run must name its own)')
     parser.add_argument('--grid', type=pathlib.Path, default=None,
                         help='the example images (default: beside --out, its name + _grid.png)')
     parser.add_argument('--flicker', type=pathlib.Path, metavar='VIDEO_DIR',
@@ -364,6 +373,14 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--threads must be >= 1')
     if args.data is None and not args.flicker:
         parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder')
+    if args.out is None:
+        partial = [f'--{name.replace("_", "-")}' for name in (
+            'limit', 'datasets', 'methods', 'weights', 'flicker_frames')
+            if getattr(args, name) != parser.get_default(name)]
+        if partial:  # it would replace the shipped report with part of one
+            parser.error(f'{", ".join(partial)}: a partial run needs its own --out (the default '
+                         f'{DEFAULT_REPORT} is the whole report)')
+        args.out = DEFAULT_REPORT
     if args.pairs_csv is None:
         args.pairs_csv = args.out.with_name(f'{args.out.stem}_pairs.csv')
     if args.grid is None:  # a report written elsewhere must not replace docs/quality_grid.png
@@ -420,16 +437,23 @@ def run(args: argparse.Namespace, argv: list) -> list:
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         environment=environment(), weights=[describe_weights(c) for c in configs],
         skipped=skipped + skipped_methods, grid=grid,
-        notes=notes + [training_overlap(c, evaluated) for c in configs]
+        notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
+                       for c in configs]
         + data_notes(args, datasets)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
     for path in (args.out, args.pairs_csv):
         path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.pairs_csv, report.per_pair_csv(datasets))
-    # The flicker section is measured on its own (--flicker): keep it.
-    kept = temporal.section_of(args.out.read_text()) if args.out.is_file() else ''
+    # What an earlier report has below its reading marker (the flicker section, measured on
+    # its own with --flicker, and the maintainers' reading) stays; else its flicker section.
+    earlier = args.out.read_text() if args.out.is_file() else ''
     text = report.render(datasets, context)
-    write_text_atomically(args.out, temporal.replace_section(text, kept) if kept else text)
+    below = report.below_reading_marker(earlier)
+    if below is not None:
+        text += '\n' + below.lstrip('\n')
+    elif temporal.section_of(earlier):
+        text = temporal.replace_section(text, temporal.section_of(earlier))
+    write_text_atomically(args.out, text)
     print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
           file=sys.stderr)
     return datasets
@@ -454,10 +478,14 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
 
     scores = temporal.measure_clips(args.flicker, clips, args.flicker_frames, engines, progress)
     command = recorded_command(args, argv)
+    # Frame pairs as training records name those of videos (training/data.py video_pairs).
+    frames = [f'{args.flicker.name}/{clip}_{index:04d}' for clip in clips
+              for index in range(args.flicker_frames)]
     notes = ([f'VIDEO_DIR: the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and '
               f'`visible` as `ir/` and `vi/`); clips: {", ".join(clips)}.',
               f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
-              f'{environment()}.'] + [weights_identity(c) for c in configs] + skipped)
+              f'{environment()}.'] + [weights_identity(c) for c in configs]
+             + [training_overlap(c, frames, 'measured frames') for c in configs] + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes)
     text = args.out.read_text() if args.out.is_file() else ''
     args.out.parent.mkdir(parents=True, exist_ok=True)

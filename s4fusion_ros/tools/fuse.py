@@ -40,6 +40,7 @@ class SourcePair:
     thermal: np.ndarray  # (H_t, W_t) luminance in the file's type, uint8 or uint16
     visible_bgr: np.ndarray  # uint8 (H, W, 3)
     visible_is_color: bool  # False for gray files and for RGB files with three equal channels
+    thermal_is_color: bool = False  # the IR file had unequal channels (a false-colour view?)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +64,45 @@ def read_image(path: pathlib.Path) -> np.ndarray:
     return image
 
 
+def is_color(image: np.ndarray) -> bool:
+    """Whether an image read by read_image has three channels that are not all equal."""
+    return image.ndim == 3 and not (np.array_equal(image[..., 0], image[..., 1])
+                                    and np.array_equal(image[..., 1], image[..., 2]))
+
+
 def read_pair(pair: Pair) -> SourcePair:
     """Read both files of a pair; ValueError names a file that cannot be used."""
-    thermal = luminance(read_image(pair.ir_path))
+    ir = read_image(pair.ir_path)
+    thermal = luminance(ir)
     visible = read_image(pair.vi_path)
     if visible.dtype != np.uint8:
         raise ValueError(f'{pair.vi_path}: the visible image must be 8-bit, got {visible.dtype}')
     if visible.ndim == 2:
-        return SourcePair(pair.name, thermal, cv2.cvtColor(visible, cv2.COLOR_GRAY2BGR), False)
-    is_color = not (np.array_equal(visible[..., 0], visible[..., 1])
-                    and np.array_equal(visible[..., 1], visible[..., 2]))
-    return SourcePair(pair.name, thermal, np.ascontiguousarray(visible), is_color)
+        visible = cv2.cvtColor(visible, cv2.COLOR_GRAY2BGR)
+    return SourcePair(pair.name, thermal, np.ascontiguousarray(visible), is_color(visible),
+                      is_color(ir))
+
+
+def input_warnings(pair: Pair, source: SourcePair, stretch_thermal: bool) -> dict[str, str]:
+    """{kind: warning} for what the tool does with this pair that its user may not expect."""
+    warnings = {}
+    if (not stretch_thermal and source.thermal.dtype == np.uint16
+            and np.ptp(source.thermal) < RAW_COUNTS_SPAN):
+        warnings['raw counts'] = (
+            f'{pair.ir_path} is 16-bit but spans only {source.thermal.min()}-'
+            f'{source.thermal.max()} of 0-65535 (raw camera counts?), so it fuses nearly black; '
+            '--stretch-thermal maps it as the node does')
+    if source.thermal_is_color:
+        warnings['colour IR'] = (
+            f'{pair.ir_path} is a colour image: it fuses as its luminance, which a false-colour '
+            "(palette) view does not order by temperature; use the camera's gray or 16-bit output")
+    (ir_height, ir_width), (height, width) = source.thermal.shape, source.visible_bgr.shape[:2]
+    if (ir_width, ir_height) != (width, height):
+        warnings['size'] = (
+            f'{pair.ir_path} is {ir_width}x{ir_height} and {pair.vi_path} {width}x{height}: the '
+            'IR image is resized to the visible one, not registered (the node has '
+            'registration.homography for that)')
+    return warnings
 
 
 class ImageFuser:
@@ -151,8 +180,8 @@ def output_paths(out: pathlib.Path, pairs: list[Pair]) -> dict[str, tuple[pathli
 def fuse_folders(args: argparse.Namespace) -> int:
     """Fuse every matched pair; returns the number of pairs that failed."""
     pairs, unmatched = match_pairs(args.ir, args.vi)
-    for path in unmatched:
-        print(f'{PROG}: no partner for {path}: skipped', file=sys.stderr)
+    for entry in unmatched:
+        print(f'{PROG}: no partner for {entry}: skipped', file=sys.stderr)
     if not pairs:
         raise ValueError(f'no pairs with the same file name (or the same name with another '
                          f'extension) in {args.ir} and {args.vi}')
@@ -162,17 +191,14 @@ def fuse_folders(args: argparse.Namespace) -> int:
     print(f'{PROG}: {len(pairs)} pairs with {loaded.name} on {loaded.device} -> {args.out}',
           file=sys.stderr)
     fuser = ImageFuser(loaded, args.inference_size, args.stretch_thermal)
-    failed, warned = 0, args.stretch_thermal
+    failed, warned = 0, set()
     for pair in tqdm(pairs, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True):
         try:
             source = read_pair(pair)
-            if not warned and source.thermal.dtype == np.uint16 and (
-                    np.ptp(source.thermal) < RAW_COUNTS_SPAN):
-                warned = True
-                tqdm.write(f'{PROG}: {pair.ir_path} is 16-bit but spans only '
-                           f'{source.thermal.min()}-{source.thermal.max()} of 0-65535 (raw '
-                           f'camera counts?), so it fuses nearly black; --stretch-thermal maps '
-                           f'it as the node does', file=sys.stderr)
+            for kind, warning in input_warnings(pair, source, args.stretch_thermal).items():
+                if kind not in warned:  # once per kind: the first file that shows it
+                    warned.add(kind)
+                    tqdm.write(f'{PROG}: {warning}', file=sys.stderr)
             images = fuser.fuse(source)
         except ValueError as error:  # an unreadable or unusable file: the others still run
             tqdm.write(f'{PROG}: {error}', file=sys.stderr)

@@ -180,7 +180,8 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
     """Pairs with the same file name in both folders, or else the same name but for the
     extension (``ir/0001.png`` with ``vi/0001.jpg``, as some public benchmarks store them; only
     where that stem names one file on each side), sorted by IR file name, and the files found in
-    one only; a folder that is not there raises FileNotFoundError '<folder>: <missing>'."""
+    one only (noted where their stem is ambiguous); a folder that is not there raises
+    FileNotFoundError '<folder>: <missing>'."""
     found = []
     for directory in (ir_dir, vi_dir):
         if not directory.is_dir():
@@ -194,9 +195,17 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
         if len(ir_alone) == 1 and len(vi_by_stem[stem]) == 1:
             partners[ir_alone[0]] = vi_by_stem[stem][0]
     pairs = [Pair(name, ir_dir / name, vi_dir / partners[name]) for name in sorted(partners)]
-    unmatched = [f'{ir_dir / n}' for n in sorted(ir_names - set(partners))]
-    unmatched += [f'{vi_dir / n}' for n in sorted(vi_names - set(partners.values()))]
-    return pairs, unmatched
+    ambiguous = {stem for stem in ir_by_stem.keys() & vi_by_stem.keys()
+                 if ir_by_stem[stem] and vi_by_stem[stem]
+                 and len(ir_by_stem[stem]) + len(vi_by_stem[stem]) > 2}
+
+    def unmatched(directory, names):
+        return [f'{directory / n}' + (' (several files share its name but for the extension)'
+                                      if pathlib.Path(n).stem in ambiguous else '')
+                for n in sorted(names)]
+
+    return pairs, (unmatched(ir_dir, ir_names - set(partners))
+                   + unmatched(vi_dir, vi_names - set(partners.values())))
 
 
 def _by_stem(names):
