@@ -31,10 +31,10 @@ from rosbags.rosbag2 import WriterError
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import stop_on_signals
 from ..bagio import (RELIABLE_QOS, STORAGES, BagError, ImageTopic, add_image_topic, bag_size,
                      check_output, copy_topic, create_bag, deserialize, image_cdr, image_topics,
                      open_bag, output_qos, pick_topics, read_messages, storage_of)
+from ..cli import stop_on_signals
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
 from ..files import write_png
@@ -160,13 +160,13 @@ class BagFuser:
         owned, warm = span.own_from is None, 0
         bar = contextlib.nullcontext(progress) if progress else tqdm(
             total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
-        log_time = None
+        previous = None  # the log time of the message read before
         with bar as progress:
-            for connection, log_time_now, raw in read_messages(reader, path, roles,
-                                                               span.read_from, span.stop):
-                if not owned and log_time_now >= span.own_from:
-                    owned = self._own(reader, path, span, warm, log_time)
-                log_time = log_time_now
+            for connection, log_time, raw in read_messages(reader, path, roles, span.read_from,
+                                                           span.stop):
+                if not owned and log_time >= span.own_from:
+                    owned = self._own(reader, path, span, warm, previous)
+                previous = log_time
                 if include_inputs and owned:
                     writer.write(copies[connection.topic], log_time, raw)
                 # The log time is when the recorder got the message: the node's arrival time.
@@ -182,11 +182,11 @@ class BagFuser:
                     warm += len(prepared)
             if span.stop is None:
                 if not owned:
-                    owned = self._own(reader, path, span, warm, log_time)
+                    owned = self._own(reader, path, span, warm, previous)
                 prepared = self.pipeline.flush()
                 self._show_notices(path)
                 self._fuse(prepared, writer, outputs, progress,
-                           reader.end_time if log_time is None else log_time)
+                           reader.end_time if previous is None else previous)
 
     def _own(self, reader, path: pathlib.Path, span: Span, warm: int,
              last_read: int | None) -> bool:
