@@ -51,6 +51,11 @@ def output_qos(reliability: str = 'reliable', depth: int = 5) -> Qos:
                False)
 
 
+def output_qos_of(values: dict) -> Qos:
+    """The output topics' QoS from the node's parameter values (qos.output.*)."""
+    return output_qos(values['qos.output.reliability'], values['qos.output.depth'])
+
+
 # The node's default output QoS (reliable, keep last 5, volatile).
 RELIABLE_QOS = output_qos()
 

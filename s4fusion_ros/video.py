@@ -6,6 +6,7 @@ MPEG-4 support, QuickTime) open it. Panels keep the visible image's size unless 
 be wider than MAX_WIDTH.
 """
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -135,10 +136,11 @@ def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
     """
     roles = {thermal_topic: pipeline.add_thermal, visible_topic: pipeline.add_visible}
     with open_bag(bag) as reader:
-        for connection, _, raw in read_messages(reader, bag, roles):
+        for connection, log_time, raw in read_messages(reader, bag, roles):
             message = deserialize(bag, connection, raw)
-            yield from roles[connection.topic](message, stamp_to_ns(message.header.stamp),
-                                               message.header.frame_id)
+            with contextlib.suppress(ValueError):  # undecodable or unusable: the node drops it
+                yield from roles[connection.topic](message, stamp_to_ns(message.header.stamp),
+                                                   message.header.frame_id, log_time / 1e9)
     yield from pipeline.flush()
 
 

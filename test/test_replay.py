@@ -16,8 +16,10 @@ import yaml
 from paths import executable
 from ros_harness import Probe, node_log, received_stamps, running_node
 from s4fusion_ros import settings
+from s4fusion_ros.engine import pipeline_from_params
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
+from s4fusion_ros.video import bag_pairs
 from support import (SIZE, START_NS, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages,
                      read_bag, write_bag)
 
@@ -81,6 +83,10 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
     # The schedule's 18 thermal frames, all paired; with the stall 6 fewer (the pause), and the
     # 2 held ones unpaired.
     assert (counts[0], len(expected)) == ((12, 10) if stall else (18, 18))
+    # The demo's video rebuilds the pairs from the input bag: the same ones.
+    pipeline = pipeline_from_params({**settings.defaults(), **NODE_PARAMS})
+    assert sorted(pair.visible_stamp_ns for pair in bag_pairs(
+        source, THERMAL_TOPIC, VISIBLE_TOPIC, pipeline)) == sorted(expected)
 
     probe = Probe('replay_probe')
     with running_node(NODE_PARAMS) as node:

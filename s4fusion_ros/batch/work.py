@@ -25,13 +25,13 @@ import socket
 import time
 
 from .. import settings
-from ..bagio import (BagError, add_image_topic, create_bag, image_topics, open_bag, pick_topics,
-                     storage_of)
+from ..bagio import (BagError, add_image_topic, create_bag, image_topics, open_bag, output_qos_of,
+                     pick_topics, storage_of)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import model_from_params
 from ..tools.bag import (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC, BagFuser, Span,
-                         WarmUpTooShort, output_qos_of)
+                         WarmUpTooShort)
 
 PART_STORAGE = 'mcap'
 STAGING_SUFFIX = '.s4batch'

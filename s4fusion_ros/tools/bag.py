@@ -2,8 +2,9 @@
 
 Messages go through the node's own FusionPipeline and FusionEngine, built from the same parameter
 file (`--params`, the node's --params-file format), in recorded order, with each message's log time
-as its arrival time: sync.timeout decides on those as the live node's timer decides on its clock,
-so a topic recorded later than the timeout after its stamps loses the pairs it would lose live.
+as its arrival time: sync.timeout decides on those as the live node's timer decides on its clock
+(to within the timer's 50 ms period), so a topic recorded later than the timeout after its stamps
+loses the pairs it would lose live.
 (The log time is when the recorder got the message: where the recorder itself stalled, behind a
 slow disk or a network, frames look later than the node saw them and can lose pairs it made;
 a larger sync.timeout in --params undoes that.) Unlike the live node nothing is dropped for lack
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from .. import settings
 from ..bagio import (RELIABLE_QOS, STORAGES, BagError, ImageTopic, add_image_topic, bag_size,
                      check_output, copy_topic, create_bag, deserialize, image_cdr, image_topics,
-                     open_bag, output_qos, pick_topics, read_messages, storage_of)
+                     open_bag, output_qos_of, pick_topics, read_messages, storage_of)
 from ..cli import stop_on_signals
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
@@ -109,8 +110,10 @@ class Span:
     Messages are read from `read_from` (None: the start). Those before `own_from` only bring the
     pipeline's state (synchronizer, thermal smoothing) to where a run from the start would have
     it: their pairs are prepared but not fused or written. By `own_from`, at least `warm_pairs`
-    pairs must have been prepared from messages at or after `count_from`, unless reading began
-    at the start of the bag; otherwise WarmUpTooShort. Reading stops before `stop`, and only the
+    pairs must have been prepared from messages at or after `count_from`, and the last message
+    before `own_from` must lie in the second half of [read_from, count_from) or later (a gap in
+    the recording can leave a frame pending), unless reading began at the start of the bag;
+    otherwise WarmUpTooShort. Reading stops before `stop`, and only the
     span that reaches the end of the bag (`stop` None) flushes the pairs still pending.
     """
 
@@ -169,17 +172,15 @@ class BagFuser:
                 previous = log_time
                 if include_inputs and owned:
                     writer.write(copies[connection.topic], log_time, raw)
-                # The log time is when the recorder got the message: the node's arrival time.
-                # What the node's timeout timer would have decided before it comes first.
-                arrived = log_time / 1e9
-                prepared = self.pipeline.expire(arrived)
-                prepared += self._add(roles[connection.topic], path, connection,
-                                      deserialize(path, connection, raw), arrived)
+                prepared = self._add(roles[connection.topic], path, connection,
+                                     deserialize(path, connection, raw), log_time / 1e9)
                 self._show_notices(path)
                 if owned:
                     self._fuse(prepared, writer, outputs, progress, log_time)
                 elif span.count_from is None or log_time >= span.count_from:
                     warm += len(prepared)
+            if span.stop is not None and not owned:  # no message of its own: it counts none
+                self.baseline = self.tally()
             if span.stop is None:
                 if not owned:
                     owned = self._own(reader, path, span, warm, previous)
@@ -193,9 +194,10 @@ class BagFuser:
         """Start fusing a span: check its warm-up and note the counts it starts from.
 
         Frames are decided when messages arrive, so a frame read before a gap in the recording
-        can still be pending at the cut: the warm-up must also read a message in its second half
-        (`last_read`: the log time of the last one before the cut), else it may start after
-        such a frame.
+        can still be pending at the cut: the last message before the cut (`last_read`) must have
+        come at least slop + timeout + |offset| (count_from - read_from, halved) after
+        `read_from`, by when every frame read before `read_from` was decided; else the warm-up
+        may start after a pending frame.
         """
         if span.read_from is not None and span.read_from > reader.start_time:
             if warm < span.warm_pairs:
@@ -263,11 +265,6 @@ class BagFuser:
     def dropped(self) -> int:
         """Messages neither paired nor unpaired: undecodable, late, overflowed or unstamped."""
         return sum(self.dropped_by_reason().values())
-
-
-def output_qos_of(values: dict) -> Qos:
-    """The output topics' QoS from the node's parameter values (qos.output.*)."""
-    return output_qos(values['qos.output.reliability'], values['qos.output.depth'])
 
 
 def bgr_image(result: FusionResult) -> np.ndarray:
@@ -348,27 +345,34 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
         print(f'{PROG}: warning: no pair was fused', file=sys.stderr)
 
 
+def untouched(args: argparse.Namespace) -> str:
+    """What a failed or interrupted run leaves: nothing under OUTPUT; exported PNGs, each one
+    complete (written atomically), stay."""
+    text = f'the partial output was removed and {args.output} was not written'
+    if args.export_png and args.export_png.is_dir() and any(args.export_png.glob('*.png')):
+        text += f' (the PNGs in {args.export_png} stay)'
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit code 0 on success, 1 on an error, 130 when interrupted."""
     args = parse_args(argv)
     stop_on_signals()
-    untouched = f'the partial output was removed and {args.output} was not written'
-    if args.export_png:  # each PNG is complete (written atomically); they are kept
-        untouched += f' (the PNGs written so far are in {args.export_png})'
     try:
         run(args)
     except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted; {untouched}', file=sys.stderr)
+        print(f'\n{PROG}: interrupted; {untouched(args)}', file=sys.stderr)
         return 130
     except (BagError, settings.SettingsError) as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1
     except (OSError, sqlite3.Error, WriterError) as error:
         # A full disk, a file size limit, an unwritable directory.
-        print(f'{PROG}: writing {args.output} failed: {error}; {untouched}', file=sys.stderr)
+        print(f'{PROG}: writing {args.output} failed: {error}; {untouched(args)}',
+              file=sys.stderr)
         return 1
     except ValueError as error:  # a model, device or image setting that cannot work
-        print(f'{PROG}: {error}; {untouched}', file=sys.stderr)
+        print(f'{PROG}: {error}; {untouched(args)}', file=sys.stderr)
         return 1
     return 0
 
