@@ -344,25 +344,42 @@ def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, p
     assert [pathlib.Path(b['output']).name for b in manifest['bags']] == ['c']
 
 
-@pytest.mark.parametrize('stop', ['SIGTERM', 'SIGINT'])
-def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, tmp_path, stop):
-    # The signal comes a second after the private Ray's HOME appears: while ray.init runs, or
-    # soon after on a fast machine. Either way: exit 130, and no Ray process nor HOME left.
-    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
+@pytest.mark.parametrize('stop, api', [('SIGTERM', False), ('SIGINT', False), ('SIGTERM', True)],
+                         ids=['SIGTERM', 'SIGINT', 'SIGTERM to a program calling fuse_bags'])
+def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, tmp_path, stop,
+                                                        api):
+    # The command gets the signal a second after the private Ray's HOME appears: while ray.init
+    # runs, or soon after on a fast machine. Either way no Ray process nor HOME is left, and it
+    # exits 130. A program of its own (SIGTERM's default action: die at once) gets it once the
+    # run has begun (its manifest is written), and its Ray is cleaned up too.
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 20.0 if api else 1.0),
+                       'mcap')
     homes = pathlib.Path(tempfile.gettempdir()).glob
     before = set(homes('s4fusion-ray-*'))
-    proc = subprocess.Popen([str(BATCH_TOOL), str(source), str(tmp_path / 'out'), '--params',
-                             str(params_file), '--num-cpus', '1'],
-                            stderr=subprocess.PIPE, text=True)
+    command = ([sys.executable, '-c', 'import sys; from s4fusion_ros.batch.cluster import '
+                'fuse_bags; fuse_bags(sys.argv[1:2], sys.argv[2], params=sys.argv[3], '
+                'num_cpus=1)'] if api else [str(BATCH_TOOL), '--num-cpus', '1', '--params'])
+    if api:
+        command += [str(source), str(tmp_path / 'out'), str(params_file)]
+    else:
+        command += [str(params_file), str(source), str(tmp_path / 'out')]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not set(homes('s4fusion-ray-*')) - before and time.monotonic() < deadline:
         time.sleep(0.05)
     [home] = set(homes('s4fusion-ray-*')) - before
-    time.sleep(1.0)
+    if api:
+        manifest = tmp_path / 'out' / 's4fusion-batch-manifest.json'
+        while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None
+    else:
+        time.sleep(1.0)
     proc.send_signal(getattr(signal, stop))
     _, error = proc.communicate(timeout=60)
-    assert proc.returncode == 130, error
-    assert 'interrupted' in error and 'Traceback' not in error, error
+    if not api:
+        assert proc.returncode == 130, error
+        assert 'interrupted' in error and 'Traceback' not in error, error
     assert not home.exists() and not processes_with_home(home)
 
 

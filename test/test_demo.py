@@ -5,6 +5,8 @@ import subprocess
 
 import cv2
 import pytest
+import yaml
+from rosbags.interfaces import QosReliability
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
@@ -34,3 +36,23 @@ def test_demo_records_fused_and_saliency_from_the_sample_bag(tmp_path):
     assert video.get(cv2.CAP_PROP_FRAME_COUNT) == fused and video.read()[0]
     assert 'playback rate' in summary and 'dropped while inference was busy' in summary
     assert 'Traceback' not in done.stderr
+
+
+def test_demo_records_a_best_effort_node(tmp_path):
+    # The node's outputs best effort (qos.output.*): the demo still hears them, and its bag
+    # records the QoS they were offered with.
+    params = tmp_path / 'params.yaml'
+    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
+        'device': 'cpu', 'inference_size': [160, 120],
+        'qos': {'output': {'reliability': 'best_effort', 'depth': 10}}}}}))
+    out = tmp_path / 'demo'
+    done = subprocess.run([str(DEMO), '--output-dir', str(out), '--timeout', '240',
+                           '--params', str(params)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open_bag(out / 'fused_bag') as reader:
+        connections = {c.topic: c for c in reader.connections}
+    assert sorted(connections) == ['/s4fusion_node/fused', '/s4fusion_node/saliency']
+    for connection in connections.values():
+        assert connection.msgcount > 0
+        (qos,) = connection.ext.offered_qos_profiles
+        assert (qos.reliability, qos.depth) == (QosReliability.BEST_EFFORT, 10)

@@ -126,8 +126,18 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
                   log_to_driver=True)
     home = None
-    # ray.init puts its crash handler on SIGTERM (exit 1, no clean-up): the caller's come back.
+    # ray.init puts its crash handler on SIGTERM (exit, no clean-up). From then on a stop signal
+    # whose action was the default (SIGTERM's kills at once) raises KeyboardInterrupt, so the
+    # clean-up below runs; the caller's handlers come back at the end.
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers settable
+
+    def take_stop_signals(restore: bool) -> None:
+        if main_thread:
+            for number, handler in handlers.items():
+                signal.signal(number, handler if restore or handler != signal.SIG_DFL
+                              else signal.default_int_handler)
+
     try:
         if address == LOCAL:
             home = private_home()
@@ -143,18 +153,22 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     except BaseException as error:
         # Stopped (or failed) while starting: nothing it started may outlive this process. A
         # stop signal then lands as KeyboardInterrupt or in Ray's handler as SystemExit(signal).
-        stop_ray(ray, home)
+        take_stop_signals(restore=False)
+        try:
+            stop_ray(ray, home)
+        finally:
+            take_stop_signals(restore=True)
         if isinstance(error, SystemExit) and error.code in (signal.SIGINT, signal.SIGTERM):
             raise KeyboardInterrupt from None
         raise
-    finally:
-        if threading.current_thread() is threading.main_thread():  # where handlers can be set
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
+    take_stop_signals(restore=False)
     try:
         yield ray
     finally:
-        stop_ray(ray, home)
+        try:
+            stop_ray(ray, home)
+        finally:
+            take_stop_signals(restore=True)
 
 
 def stop_ray(ray, home: pathlib.Path | None) -> None:
@@ -164,13 +178,14 @@ def stop_ray(ray, home: pathlib.Path | None) -> None:
     can outlive it when the start was cut short (its dashboard agent); they all keep the
     private HOME, which identifies them (Linux: /proc/PID/environ).
     """
-    ray.shutdown()
-    if home is None:
-        return
-    for pid in processes_with_home(home):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        ray.shutdown()
+    finally:
+        if home is not None:
+            for pid in processes_with_home(home):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def processes_with_home(home: pathlib.Path) -> list[int]:

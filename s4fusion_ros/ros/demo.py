@@ -31,7 +31,7 @@ from rclpy.signals import SignalHandlerOptions
 from .. import settings
 from ..cli import interrupt, stop_on_signals
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
-                     open_bag, pick_topics, read_messages)
+                     open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import Key, number, per_input
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_png
@@ -271,8 +271,12 @@ def run(args: argparse.Namespace) -> str:
     try:
         monitor = Monitor()
         with create_bag(out_dir / 'fused_bag', 'mcap', overwrite=True) as writer:
-            qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-            recorder = TopicRecorder(monitor, writer, dict.fromkeys(OUTPUT_TOPICS, IMAGE), qos)
+            # The node's output reliability: a reliable subscription hears no best_effort one.
+            qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT
+                             if values['qos.output.reliability'] == 'best_effort'
+                             else ReliabilityPolicy.RELIABLE)
+            recorder = TopicRecorder(monitor, writer, dict.fromkeys(OUTPUT_TOPICS, IMAGE), qos,
+                                     output_qos_of(values))
             node_process = start(node_command, logs / 'node.log')
             if not monitor.spin_until(lambda: node_process.poll() is not None
                                       or monitor.count_publishers(OUTPUT_TOPICS[0]) > 0, 120):

@@ -7,6 +7,7 @@ when it arrived on the recording node's clock (sim time when the node uses it).
 
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
+from rosbags.interfaces import Qos
 from rosbags.rosbag2 import Writer
 
 from ..bagio import RELIABLE_QOS, typestore
@@ -16,15 +17,17 @@ from .player import message_class
 class TopicRecorder:
     """Writes every message `node` receives on `topics` ({topic: type name}) into `writer`."""
 
-    def __init__(self, node: Node, writer: Writer, topics: dict[str, str], qos: QoSProfile):
-        """Subscribe (raw) and register each topic in the bag with its type and the node's QoS."""
+    def __init__(self, node: Node, writer: Writer, topics: dict[str, str], qos: QoSProfile,
+                 offered: Qos = RELIABLE_QOS):
+        """Subscribe (raw) with `qos` and register each topic in the bag with its type and the
+        QoS its publisher offers (`offered`), as a replay should offer it."""
         self.node = node
         self.writer = writer
         self.counts = dict.fromkeys(topics, 0)
         self.subscriptions = []
         for topic, msgtype in topics.items():
             connection = writer.add_connection(topic, msgtype, typestore=typestore(),
-                                               offered_qos_profiles=[RELIABLE_QOS])
+                                               offered_qos_profiles=[offered])
             self.subscriptions.append(node.create_subscription(
                 message_class(msgtype), topic,
                 lambda data, t=topic, c=connection: self._write(t, c, data), qos, raw=True))

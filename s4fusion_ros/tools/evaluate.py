@@ -276,15 +276,17 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
              f'above): m3svd_val = the 20 frame pairs of the M3SVD clips {validation}, '
              f'roadscene_val = every {ROADSCENE_VALIDATION_STRIDE}th of the other RoadScene pairs '
              'by name (20). Provenance of the data: the README ("Data").']
-    peers = {'gff': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
+    peers = {'GFF': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
                     "paper's settings as `evaluation/baselines.py` implements it, not the "
                     "authors' MATLAB code.",
-             'seafusion': "SeAFusion runs with its authors' published weights, and its luminance "
+             'SeAFusion': "SeAFusion runs with its authors' published weights, and its luminance "
                           'is quantized their way (min-max stretch, then truncation: '
                           '`seafusion.published_uint8`).',
-             'densefuse': 'DenseFuse rows are the outputs stored with the TNO data (Linfeng-Tang/'
-                          'Evaluation-for-Image-Fusion), not run here; they exist for TNO only.'}
-    notes += [note for method, note in peers.items() if method in args.methods]
+             'DenseFuse (stored outputs)': 'DenseFuse rows are the outputs stored with the TNO '
+                                           'data (Linfeng-Tang/Evaluation-for-Image-Fusion), '
+                                           'not run here; they exist for TNO only.'}
+    scored = {method.name for dataset in datasets for method in dataset.methods}
+    notes += [note for label, note in peers.items() if label in scored]
     if args.limit:
         sizes = ', '.join(f'{d.name} {d.pairs}' for d in datasets)
         notes.append(f'Only the first {args.limit} pairs (by name) of each split were evaluated '
@@ -374,9 +376,11 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     if args.data is None and not args.flicker:
         parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder')
     if args.out is None:
+        def chosen(value):  # lists as sets: the same splits or methods in another order
+            return set(value) if isinstance(value, list) else value
         partial = [f'--{name.replace("_", "-")}' for name in (
             'limit', 'datasets', 'methods', 'weights', 'flicker_frames')
-            if getattr(args, name) != parser.get_default(name)]
+            if chosen(getattr(args, name)) != chosen(parser.get_default(name))]
         if partial:  # it would replace the shipped report with part of one
             parser.error(f'{", ".join(partial)}: a partial run needs its own --out (the default '
                          f'{DEFAULT_REPORT} is the whole report)')
