@@ -84,9 +84,9 @@ class FusionPipeline:
                     arrived: float | None = None) -> list[PreparedPair]:
         """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad.
 
-        `arrived` (s), for a recorded message: its arrival, the log time the recorder gave it;
-        the pairs the node's timeout timer would have decided before then come first. None:
-        live, arrived now (time.monotonic()), and the caller's timer calls `expire`.
+        `arrived` (s): when it arrived, on the clock `expire` is given: None for now (live,
+        time.monotonic()); a recording's log time, the recorder's arrival time, offline (call
+        `expire` at it first, as the node's timer would have before the message came).
         """
         frame = self.thermal_frame(message, stamp_ns, frame_id)
         return self._add(self.synchronizer.add_thermal, stamp_ns, frame, arrived)
@@ -141,12 +141,9 @@ class FusionPipeline:
         """Add a frame to the synchronizer and prepare what it pairs. A backwards clock jump (a
         looping bag, a restarted camera) resets the synchronizer, and then the thermal range too:
         the new timeline's first frames must not be scaled by the old scene's range."""
-        # A recording's timer decisions, at its arrival rather than on the live node's 50 ms
-        # ticks: a pair whose partner arrives within a tick of its timeout can differ.
-        expired = [] if arrived is None else self.expire(arrived)
         arrived = time.monotonic() if arrived is None else arrived
         before = self.synchronizer.stats
-        prepared = expired + self._prepare(add(stamp_ns, frame))  # + the old timeline's, if reset
+        prepared = self._prepare(add(stamp_ns, frame))  # pairs of the old timeline, if it reset
         after = self.synchronizer.stats
         if after.resets != before.resets:
             self.normalizer.reset()

@@ -138,6 +138,7 @@ def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
     with open_bag(bag) as reader:
         for connection, log_time, raw in read_messages(reader, bag, roles):
             message = deserialize(bag, connection, raw)
+            yield from pipeline.expire(log_time / 1e9)  # as s4fusion-bag does (tools/bag.py)
             with contextlib.suppress(ValueError):  # undecodable or unusable: the node drops it
                 yield from roles[connection.topic](message, stamp_to_ns(message.header.stamp),
                                                    message.header.frame_id, log_time / 1e9)

@@ -172,8 +172,11 @@ class BagFuser:
                 previous = log_time
                 if include_inputs and owned:
                     writer.write(copies[connection.topic], log_time, raw)
-                prepared = self._add(roles[connection.topic], path, connection,
-                                     deserialize(path, connection, raw), log_time / 1e9)
+                # The timer's decisions before the message came (at its log time, not on the
+                # node's 50 ms ticks: a partner arriving within a tick of its timeout can differ).
+                prepared = self.pipeline.expire(log_time / 1e9)
+                prepared += self._add(roles[connection.topic], path, connection,
+                                      deserialize(path, connection, raw), log_time / 1e9)
                 self._show_notices(path)
                 if owned:
                     self._fuse(prepared, writer, outputs, progress, log_time)
