@@ -333,7 +333,7 @@ def render(datasets: list, context: ReportContext) -> str:
 def below_reading_marker(text: str) -> str | None:
     """What an earlier report has below its reading marker (the flicker section and the
     maintainers' reading), to keep; None when it has no marker."""
-    head, marker, tail = text.partition(READING_MARKER)
+    _, marker, tail = text.partition(READING_MARKER)
     return tail.partition('-->')[2] if marker else None
 
 

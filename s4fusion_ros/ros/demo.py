@@ -25,7 +25,6 @@ import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
@@ -39,6 +38,7 @@ from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..video import bag_pairs, export_recording, saliency_bgr
+from .parameters import qos_profile
 from .recorder import TopicRecorder
 from .spin import spin_until
 
@@ -272,9 +272,7 @@ def run(args: argparse.Namespace) -> str:
         monitor = Monitor()
         with create_bag(out_dir / 'fused_bag', 'mcap', overwrite=True) as writer:
             # The node's output reliability: a reliable subscription hears no best_effort one.
-            qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT
-                             if values['qos.output.reliability'] == 'best_effort'
-                             else ReliabilityPolicy.RELIABLE)
+            qos = qos_profile(values['qos.output.reliability'], 50)
             recorder = TopicRecorder(monitor, writer, dict.fromkeys(OUTPUT_TOPICS, IMAGE), qos,
                                      output_qos_of(values))
             node_process = start(node_command, logs / 'node.log')

@@ -17,7 +17,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
@@ -85,11 +85,11 @@ class S4FusionNode(Node):
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
-        output_qos = _qos(p['qos.output.reliability'], p['qos.output.depth'])
+        output_qos = parameters.qos_profile(p['qos.output.reliability'], p['qos.output.depth'])
         self.fused_pub = self.create_publisher(Image, '~/fused', output_qos)
         self.saliency_pub = self.create_publisher(Image, '~/saliency', output_qos)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        input_qos = _qos(p['qos.input.reliability'], p['qos.input.depth'])
+        input_qos = parameters.qos_profile(p['qos.input.reliability'], p['qos.input.depth'])
         if self.message_filters is None:
             self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], input_qos)
             self.visible_sub = self._subscribe('visible', p['visible.transport'], input_qos)
@@ -387,13 +387,6 @@ def _input_topic(role: str, transport: str) -> tuple[type, str]:
     if transport == 'compressed':
         return CompressedImage, f'{role}/image_raw/compressed'
     return Image, f'{role}/image_raw'
-
-
-def _qos(reliability: str, depth: int) -> QoSProfile:
-    return QoSProfile(
-        history=HistoryPolicy.KEEP_LAST, depth=depth,
-        reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
-                     else ReliabilityPolicy.BEST_EFFORT))
 
 
 def _format_value(value) -> str:

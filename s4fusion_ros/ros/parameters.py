@@ -6,6 +6,7 @@ bag tool reads the same parameters without rclpy.
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from ..settings import Spec, check_update
 
@@ -28,3 +29,11 @@ def validate_update(current: dict, updates: dict) -> SetParametersResult:
     """Check parameter changes against the current values as a whole (settings.check_update)."""
     reason = check_update(current, updates)
     return SetParametersResult(successful=not reason, reason=reason)
+
+
+def qos_profile(reliability: str, depth: int) -> QoSProfile:
+    """The QoS of a qos.*.reliability / qos.*.depth pair of parameters (keep last `depth`)."""
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=depth,
+        reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
+                     else ReliabilityPolicy.BEST_EFFORT))

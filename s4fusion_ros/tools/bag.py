@@ -174,9 +174,10 @@ class BagFuser:
                     writer.write(copies[connection.topic], log_time, raw)
                 # The timer's decisions before the message came (at its log time, not on the
                 # node's 50 ms ticks: a partner arriving within a tick of its timeout can differ).
-                prepared = self.pipeline.expire(log_time / 1e9)
+                arrived = log_time / 1e9
+                prepared = self.pipeline.expire(arrived)
                 prepared += self._add(roles[connection.topic], path, connection,
-                                      deserialize(path, connection, raw), log_time / 1e9)
+                                      deserialize(path, connection, raw), arrived)
                 self._show_notices(path)
                 if owned:
                     self._fuse(prepared, writer, outputs, progress, log_time)

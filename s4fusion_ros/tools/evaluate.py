@@ -455,8 +455,8 @@ def run(args: argparse.Namespace, argv: list) -> list:
     below = report.below_reading_marker(earlier)
     if below is not None:
         text += '\n' + below.lstrip('\n')
-    elif temporal.section_of(earlier):
-        text = temporal.replace_section(text, temporal.section_of(earlier))
+    elif flicker := temporal.section_of(earlier):
+        text = temporal.replace_section(text, flicker)
     write_text_atomically(args.out, text)
     print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
           file=sys.stderr)

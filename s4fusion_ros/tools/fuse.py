@@ -22,6 +22,7 @@ from .. import settings
 from ..cli import parse_size, run_command
 from ..engine import FusionEngine, fusion_settings
 from ..files import write_png
+from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
 from ..training.data import Pair, luminance, match_pairs, read_image_file
@@ -97,7 +98,7 @@ def input_warnings(pair: Pair, source: SourcePair, stretch_thermal: bool) -> dic
             f'{pair.ir_path} is a colour image: it fuses as its luminance, which a false-colour '
             "(palette) view does not order by temperature; use the camera's gray or 16-bit output")
     (ir_height, ir_width), (height, width) = source.thermal.shape, source.visible_bgr.shape[:2]
-    if (ir_width, ir_height) != (width, height):
+    if ThermalRegistration().needs_resize(source.thermal.shape, (width, height)):
         warnings['size'] = (
             f'{pair.ir_path} is {ir_width}x{ir_height} and {pair.vi_path} {width}x{height}: the '
             'IR image is resized to the visible one, not registered (the node has '
