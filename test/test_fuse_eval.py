@@ -205,7 +205,7 @@ def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_
                                                                   tiny_weights):
     out, grid = tmp_path / 'quality.md', tmp_path / 'grid.png'
     assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '2',
-                          '--methods', 'ours,average,densefuse', '--weights', str(tiny_weights),
+                          '--methods', 'ours,average,stored', '--weights', str(tiny_weights),
                           '--device', 'cpu', '--out', str(out), '--grid', str(grid)]) == 0
     text = out.read_text()
     rows = table_rows(text, 'tno42')
@@ -370,7 +370,8 @@ def test_the_report_records_placeholders_for_the_data_folders(tmp_path):
 
 
 @pytest.mark.parametrize('partial', [['--limit', '3'], ['--datasets', 'm3svd_val'],
-                                     ['--methods', 'ours'], ['--weights', 'w.safetensors']])
+                                     ['--folder', 'pairs'], ['--methods', 'ours'],
+                                     ['--weights', 'w.safetensors']])
 def test_a_partial_run_must_name_its_report(tmp_path, capsys, partial):
     # The default --out is the shipped report: part of a run must not replace it.
     with pytest.raises(SystemExit):
@@ -378,3 +379,72 @@ def test_a_partial_run_must_name_its_report(tmp_path, capsys, partial):
     assert (f'{partial[0]}: a partial run needs its own --out (the default docs/quality.md is '
             'the whole report)') in capsys.readouterr().err
     assert evaluate.parse_args(['--data', str(tmp_path)]).out == pathlib.Path('docs/quality.md')
+
+
+def per_pair(csv_path):
+    """{(split, method, pair): {metric: text}} of a report's per-pair CSV."""
+    with open(csv_path, newline='') as table:
+        return {(row['dataset'], row['method'], row['pair']): row
+                for row in csv.DictReader(table)}
+
+
+def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir, tmp_path):
+    # The first three msrs22 pairs as a folder of one's own, with two methods' stored outputs:
+    # the plain average saved losslessly under another extension, and one with an output missing.
+    names = sorted(pair.name for pair in evaluate.ivif_splits(ivif_dir).tests['msrs22'])[:3]
+    heldout = tmp_path / 'heldout'
+    copy_pairs(ivif_dir, heldout, [('msrs', name) for name in names])
+    average = evaluate.gray_method(baselines.fuse_average)
+    for name in names:
+        pair = evaluate.Pair(name, heldout / 'ir' / name, heldout / 'vi' / name)
+        fused = average(fuse.read_pair(pair), pair).fused
+        for method in ('Average', 'Partial'):
+            if method == 'Average' or name != names[1]:
+                (heldout / 'fused' / method).mkdir(parents=True, exist_ok=True)
+                assert cv2.imwrite(str(heldout / 'fused' / method / f'{name[:-4]}.bmp'), fused)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'msrs22', '--limit', '3',
+                          '--folder', str(heldout), '--methods', 'average,stored',
+                          '--out', str(out)]) == 0
+    text = out.read_text()
+    assert '## heldout (3 pairs)' in text and '## msrs22 (3 pairs)' in text
+    assert list(table_rows(text, 'heldout')) == ['Average', 'Average (stored outputs)']
+    values = per_pair(tmp_path / 'q_pairs.csv')
+    for name in names:
+        computed = values['heldout', 'Average', name]
+        assert computed == {**values['msrs22', 'Average', name], 'dataset': 'heldout'}
+        assert {**values['heldout', 'Average (stored outputs)', name],
+                'method': 'Average'} == computed
+    assert (f'- Skipped: Partial (stored outputs) on heldout: {heldout / "fused" / "Partial"} '
+            f'has no output, or several, for 1 of the 3 pairs ({names[1]}).') in text
+    assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
+
+
+def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
+        ivif_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv('S4FUSION_IVIF_DATA', raising=False)
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [COLOUR_PAIR])
+    out = tmp_path / 'q.md'
+
+    def run(*argv):
+        code = evaluate.main([*argv, '--out', str(out)])
+        return code, capsys.readouterr().err
+
+    assert run('--folder', str(pairs), '--methods', 'average,seafusion')[0] == 0
+    assert ('- Skipped: SeAFusion: no weights (--seafusion-weights, or --data IVIF_DIR holding '
+            'weights/seafusion/SeAFusion.pth).') in out.read_text()
+    assert 'ivif_splits' not in out.read_text()  # no note on splits that were not evaluated
+
+    (pairs / 'fused' / 'Small').mkdir(parents=True)
+    small = pairs / 'fused' / 'Small' / COLOUR_PAIR[1]
+    cv2.imwrite(str(small), np.zeros((8, 8), np.uint8))
+    code, err = run('--folder', str(pairs), '--methods', 'stored')
+    height, width = cv2.imread(str(pairs / 'vi' / COLOUR_PAIR[1])).shape[:2]
+    assert code == 1 and f'{small} is 8x8, its pair {width}x{height}' in err
+
+    code, err = run('--folder', str(tmp_path / 'absent'))
+    assert code == 1 and f'{tmp_path / "absent" / "ir"}: missing (expected ir/ and vi/' in err
+    shutil.copytree(pairs, tmp_path / 'other' / 'pairs')
+    code, err = run('--folder', str(pairs), '--folder', str(tmp_path / 'other' / 'pairs'))
+    assert code == 1 and 'a split named pairs is already evaluated' in err

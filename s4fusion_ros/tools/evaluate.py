@@ -1,8 +1,9 @@
-"""s4fusion-eval: the fusion-quality report (docs/quality.md) on the ivif test splits.
+"""s4fusion-eval: the fusion-quality report (docs/quality.md) on the ivif splits or your pairs.
 
 Methods: ours (every shipped configuration, or the --weights checkpoints), the classical baselines
 (average, max, Laplacian pyramid, guided-filtering fusion), SeAFusion with its published weights,
-and the DenseFuse outputs stored with the TNO data. Each output becomes the image a saved PNG would
+and stored outputs of other methods (``fused/<METHOD>/`` beside a split's ``ir/`` and ``vi/``, as
+the DenseFuse outputs stored with the TNO data). Each output becomes the image a saved PNG would
 hold (see ImageFuser and `saved_image`), and the metrics are computed on its luminance by one code
 path for all methods.
 
@@ -11,12 +12,14 @@ Examples:
   s4fusion-eval --data IVIF_DIR --limit 3 --out /tmp/q.md --grid /tmp/q.png
   s4fusion-eval --data IVIF_DIR --weights runs/compact/s4fusion_compact.safetensors \
       --datasets msrs22
+  s4fusion-eval --folder my_pairs --out my_pairs.md   # my_pairs/{ir,vi}/, my_pairs/fused/U2Fusion/
   s4fusion-eval --flicker IVIF_DIR/m3svd/videos    # only the flicker section of docs/quality.md
 """
 
 import argparse
 import dataclasses
 import datetime
+import glob
 import hashlib
 import os
 import pathlib
@@ -40,20 +43,23 @@ from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
-from ..training.data import M3SVD_VALIDATION_CLIPS, ROADSCENE_VALIDATION_STRIDE, Pair, ivif_splits
+from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_VALIDATION_STRIDE,
+                             Pair, ivif_splits, pairs_in_folder)
 from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
 from .train import add_data_argument
 
 PROG = 's4fusion-eval'
 REPO = pathlib.Path(__file__).resolve().parents[2]
-METHODS = ('ours', 'average', 'max', 'laplacian', 'gff', 'seafusion', 'densefuse')
+METHODS = ('ours', 'average', 'max', 'laplacian', 'gff', 'seafusion', 'stored')
+IVIF_DATASETS = ['roadscene67', 'tno42', 'msrs22', 'm3svd_val', 'roadscene_val']
 SHIPPED_PRESETS = ('authors', 'compact')
 DEFAULT_REPORT = pathlib.Path('docs/quality.md')
 BASELINES = {'average': ('Average', baselines.fuse_average),
              'max': ('Max', baselines.fuse_max),
              'laplacian': ('Laplacian pyramid', baselines.fuse_laplacian),
              'gff': ('GFF', baselines.fuse_gff)}
-DENSEFUSE_DIR = pathlib.Path('fused') / 'DenseFuse'  # beside ir/ and vi/, TNO only
+STORED_DIR = 'fused'  # beside a split's ir/ and vi/: one folder of outputs per method
+SEAFUSION_WEIGHTS = pathlib.Path('weights') / 'seafusion' / 'SeAFusion.pth'  # in IVIF_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,23 +79,56 @@ class Method:
     fuse: Callable
     ours: bool = False
     stored: bool = False  # outputs read from files: not timed
-    available: Callable = lambda pair: True  # whether it has an output for a pair
 
 
 class StoredOutputs:
-    """Outputs another group saved, read from ``<dataset>/<folder>/NAME``."""
+    """The outputs of one method that another group (or you) saved for a split:
+    ``<split>/fused/<METHOD>/``, one image per pair, named as its IR file or with another image
+    extension (the IR file ``01.png``, the output ``01.jpg``)."""
 
     def __init__(self, folder: pathlib.Path):
-        """``folder`` relative to the dataset folder (the parent of ir/)."""
-        self.relative = folder
+        self.folder = folder
 
-    def folder(self, pair: Pair) -> pathlib.Path:
-        """The folder of stored outputs for the dataset of ``pair``."""
-        return pair.ir_path.parent.parent / self.relative
+    def path(self, pair: Pair) -> pathlib.Path | None:
+        """The stored output of ``pair``, or None where there is none or several."""
+        exact = self.folder / pair.name
+        if exact.is_file():
+            return exact
+        stem = pathlib.Path(pair.name).stem
+        found = [path for path in self.folder.glob(f'{glob.escape(stem)}.*')
+                 if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+        return found[0] if len(found) == 1 else None
 
     def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
-        """The stored image as saved."""
-        return FusedImages(read_image(self.folder(pair) / pair.name), None, 0.0)
+        """The stored image as saved; ValueError names a file the metrics cannot score."""
+        path = self.path(pair)
+        image = read_image(path)
+        if image.dtype != np.uint8:
+            raise ValueError(f'{path}: stored outputs must be 8-bit, got {image.dtype}')
+        if image.shape[:2] != source.visible_bgr.shape[:2]:
+            height, width = source.visible_bgr.shape[:2]
+            raise ValueError(f'{path} is {image.shape[1]}x{image.shape[0]}, its pair '
+                             f'{width}x{height}')
+        return FusedImages(image, None, 0.0)
+
+
+def stored_methods(pairs: list) -> tuple[list, list]:
+    """(a Method per folder of stored outputs of a split, by name; lines for the folders left
+    out because an output is missing: scored on fewer pairs, their means would not compare)."""
+    methods, skipped = [], []
+    root = pairs[0].dataset / STORED_DIR
+    for folder in sorted(root.iterdir() if root.is_dir() else []):
+        if not folder.is_dir():
+            continue
+        outputs = StoredOutputs(folder)
+        absent = [pair.name for pair in pairs if outputs.path(pair) is None]
+        if absent:
+            skipped.append(f'{folder.name} (stored outputs) on {pairs[0].dataset.name}: {folder} '
+                           f'has no output, or several, for {len(absent)} of the {len(pairs)} '
+                           f'pairs ({", ".join(absent[:3])}{", ..." if len(absent) > 3 else ""}).')
+        else:
+            methods.append(Method(f'{folder.name} (stored outputs)', outputs, stored=True))
+    return methods, skipped
 
 
 def saved_image(fused_y: np.ndarray, source: SourcePair) -> np.ndarray:
@@ -167,16 +206,14 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
                 if key in chosen]
     skipped = []
     if 'seafusion' in chosen:
-        path = args.data / 'weights' / 'seafusion' / 'SeAFusion.pth'
-        if path.is_file():
+        path = args.seafusion_weights
+        if path is not None and path.is_file():
             model = SeAFusion.from_published(path, device=resolve_device(args.device))
             methods.append(Method('SeAFusion', gray_method(seafusion_fuse(model))))
         else:
-            skipped.append(f'SeAFusion: {path} is missing.')
-    if 'densefuse' in chosen:
-        stored = StoredOutputs(DENSEFUSE_DIR)
-        methods.append(Method('DenseFuse (stored outputs)', stored, stored=True,
-                              available=lambda pair: stored.folder(pair).is_dir()))
+            skipped.append(f'SeAFusion: {path} is missing.' if path is not None else
+                           f'SeAFusion: no weights (--seafusion-weights, or --data IVIF_DIR '
+                           f'holding {SEAFUSION_WEIGHTS}).')
     return methods, skipped
 
 
@@ -193,17 +230,16 @@ def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.nd
 
 def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
                      validation: bool = False) -> report.DatasetScores:
-    """Score every applicable method on every pair; the first pair's ours images go to examples.
+    """Score every method on every pair; the first pair's ours images go to examples.
 
     ``validation`` marks a split that weights and settings are chosen on."""
-    present = [m for m in methods if m.available(pairs[0])]
     scores = {m.name: report.MethodScores(m.name, m.ours, seconds=None if m.stored else 0.0)
-              for m in present}
+              for m in methods}
     for index, pair in enumerate(tqdm(pairs, unit='pair', desc=name, file=sys.stderr,
                                       dynamic_ncols=True)):
         source = read_pair(pair)
         ir_y, vi_y = sources_luminance(source, pair)
-        for method in present:
+        for method in methods:
             if index == 0 and not method.stored:
                 method.fuse(source, pair)  # warm-up (lazy initialisation, JIT), not timed
             images = method.fuse(source, pair)
@@ -267,26 +303,38 @@ def environment() -> str:
 
 def data_notes(args: argparse.Namespace, datasets: list) -> list:
     """Factual notes on the data and the peers."""
-    validation = ', '.join(M3SVD_VALIDATION_CLIPS)
-    notes = ["Splits (training/data.py `ivif_splits`): roadscene67 = S4Fusion's 67 RoadScene "
-             'test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS test-split pairs; '
-             'validation splits (left out of the training split; weights and training settings '
-             'are chosen on them, not on the test sets; the evaluated pairs a weights file did '
-             'train on, through the weights it was fine-tuned from, are noted per weights '
-             f'above): m3svd_val = the 20 frame pairs of the M3SVD clips {validation}, '
-             f'roadscene_val = every {ROADSCENE_VALIDATION_STRIDE}th of the other RoadScene pairs '
-             'by name (20). Provenance of the data: the README ("Data").']
+    notes = []
+    if set(args.datasets) & set(IVIF_DATASETS):
+        validation = ', '.join(M3SVD_VALIDATION_CLIPS)
+        notes.append("Splits (training/data.py `ivif_splits`): roadscene67 = S4Fusion's 67 "
+                     'RoadScene test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS '
+                     'test-split pairs; validation splits (left out of the training split; '
+                     'weights and training settings are chosen on them, not on the test sets; the '
+                     'evaluated pairs a weights file did train on, through the weights it was '
+                     'fine-tuned from, are noted per weights above): m3svd_val = the 20 frame '
+                     f'pairs of the M3SVD clips {validation}, roadscene_val = every '
+                     f'{ROADSCENE_VALIDATION_STRIDE}th of the other RoadScene pairs by name (20). '
+                     'Provenance of the data: the README ("Data").')
+    if args.folder:
+        notes.append('Splits of --folder, each named by its folder: '
+                     + ', '.join(f'{folder.resolve().name} = the pairs of `{folder}`'
+                                 for folder in args.folder) + '.')
+    scored = {method.name: method for dataset in datasets for method in dataset.methods}
     peers = {'GFF': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
                     "paper's settings as `evaluation/baselines.py` implements it, not the "
                     "authors' MATLAB code.",
              'SeAFusion': "SeAFusion runs with its authors' published weights, and its luminance "
                           'is quantized their way (min-max stretch, then truncation: '
-                          '`seafusion.published_uint8`).',
-             'DenseFuse (stored outputs)': 'DenseFuse rows are the outputs stored with the TNO '
-                                           'data (Linfeng-Tang/Evaluation-for-Image-Fusion), '
-                                           'not run here; they exist for TNO only.'}
-    scored = {method.name for dataset in datasets for method in dataset.methods}
+                          '`seafusion.published_uint8`).'}
     notes += [note for label, note in peers.items() if label in scored]
+    if any(dataset.name == 'tno42' and 'DenseFuse (stored outputs)' in
+           {method.name for method in dataset.methods} for dataset in datasets):
+        notes.append("tno42's DenseFuse outputs are those stored with the TNO data "
+                     '(Linfeng-Tang/Evaluation-for-Image-Fusion).')
+    if any(method.seconds is None for method in scored.values()):
+        notes.append(f'Rows marked "(stored outputs)" score the images in '
+                     f'`{STORED_DIR}/<METHOD>/` beside a split\'s `ir/` and `vi/` as saved; they '
+                     'were not run here.')
     if args.limit:
         sizes = ', '.join(f'{d.name} {d.pairs}' for d in datasets)
         notes.append(f'Only the first {args.limit} pairs (by name) of each split were evaluated '
@@ -332,18 +380,26 @@ def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
 def parse_args(argv: list | None) -> argparse.Namespace:
     """Command line."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_data_argument(parser, 'the ivif folder (layout in the README, "Data"); required unless '
-                              '--flicker or $S4FUSION_IVIF_DATA is set', required=False)
-    parser.add_argument('--datasets', type=_names,
-                        default=['roadscene67', 'tno42', 'msrs22', 'm3svd_val', 'roadscene_val'],
-                        help='comma-separated splits (default: the three test splits and the '
-                             'two validation splits, %(default)s)'),
+    add_data_argument(parser, 'the ivif folder (layout in the README, "Data"); required for '
+                              '--datasets', required=False)
+    parser.add_argument('--datasets', type=_names, default=None,
+                        help='comma-separated splits of --data (default: the three test '
+                             f'splits and the two validation splits, {IVIF_DATASETS}; none '
+                             'with --folder)')
+    parser.add_argument('--folder', type=pathlib.Path, action='append', default=[],
+                        metavar='DIR',
+                        help='also a split of your own: the pairs of DIR/ir and DIR/vi '
+                             '(matched by name), named by DIR; the outputs of other methods in '
+                             f'DIR/{STORED_DIR}/METHOD/ are scored as stored outputs (repeatable)')
     parser.add_argument('--limit', type=int, default=0,
                         help='evaluate only the first N pairs of each split (0 = all)')
     parser.add_argument('--methods', type=_names, default=list(METHODS),
                         help=f'comma-separated subset of {",".join(METHODS)} (default: all)')
     parser.add_argument('--weights', type=pathlib.Path, nargs='+', default=[],
                         help='evaluate these checkpoints as ours instead of the shipped weights')
+    parser.add_argument('--seafusion-weights', type=pathlib.Path, default=None,
+                        help="SeAFusion's published weights (default: IVIF_DIR/"
+                             f'{SEAFUSION_WEIGHTS})')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--threads', type=int, default=None,
                         help="CPU threads for torch (default: torch's choice)")
@@ -373,14 +429,21 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--flicker-frames must be >= 2')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
-    if args.data is None and not args.flicker:
-        parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder')
+    if args.datasets is None:
+        args.datasets = [] if args.folder else list(IVIF_DATASETS)
+    if args.datasets and args.data is None and not args.flicker:
+        parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder, or '
+                     '--folder with pairs of your own')
+    if args.seafusion_weights is None and args.data is not None:
+        args.seafusion_weights = args.data / SEAFUSION_WEIGHTS
     if args.out is None:
         def chosen(value):  # lists as sets: the same splits or methods in another order
             return set(value) if isinstance(value, list) else value
+        defaults = {'datasets': IVIF_DATASETS}
         partial = [f'--{name.replace("_", "-")}' for name in (
-            'limit', 'datasets', 'methods', 'weights', 'flicker_frames')
-            if chosen(getattr(args, name)) != chosen(parser.get_default(name))]
+            'limit', 'datasets', 'folder', 'methods', 'weights', 'flicker_frames')
+            if chosen(getattr(args, name)) != chosen(defaults.get(name,
+                                                                  parser.get_default(name)))]
         if partial:  # it would replace the shipped report with part of one
             parser.error(f'{", ".join(partial)}: a partial run needs its own --out (the default '
                          f'{DEFAULT_REPORT} is the whole report)')
@@ -410,23 +473,44 @@ def recorded_command(args: argparse.Namespace, argv: list) -> str:
     return shlex.join([PROG, *map(recorded, argv)])
 
 
+def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set]:
+    """({split name: pairs} of --datasets and --folder, in that order; the validation splits)."""
+    splits, validation = {}, set()
+    if args.datasets:
+        ivif = ivif_splits(args.data)
+        known = {**ivif.tests, **ivif.validation}
+        missing = sorted(set(args.datasets) - set(known))
+        if missing:
+            raise ValueError(f'unknown datasets {missing}: choose from {", ".join(known)}')
+        splits = {name: known[name] for name in args.datasets}
+        validation = set(ivif.validation)
+    for folder in args.folder:
+        name = folder.resolve().name
+        if name in splits:
+            raise ValueError(f'--folder {folder}: a split named {name} is already evaluated; '
+                             'each split is named by its folder, so rename one')
+        splits[name] = pairs_in_folder(folder)
+        if not splits[name]:
+            raise ValueError(f'--folder {folder}: no image pairs in its ir/ and vi/')
+    return splits, validation
+
+
 def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
-    ivif = ivif_splits(args.data)
-    splits = {**ivif.tests, **ivif.validation}
-    missing = sorted(set(args.datasets) - set(splits))
-    if missing:
-        raise ValueError(f'unknown datasets {missing}: choose from {", ".join(splits)}')
+    splits, validation = evaluation_splits(args)
     ours = 'ours' in args.methods
     configs, skipped, notes = ours_configs(args.weights) if ours else ([], [], [])
     methods, skipped_methods = build_methods(args, configs)
     examples, datasets, evaluated = {}, [], []
-    for name in args.datasets:
-        pairs = list(splits[name][:args.limit or None])
+    for name, pairs in splits.items():
+        pairs = list(pairs[:args.limit or None])
+        stored, skipped_stored = (stored_methods(pairs) if 'stored' in args.methods
+                                  else ([], []))
+        skipped_methods += skipped_stored
         evaluated += pairs
         started = time.monotonic()
-        datasets.append(evaluate_dataset(name, pairs, methods, examples,
-                                         validation=name in ivif.validation))
+        datasets.append(evaluate_dataset(name, pairs, methods + stored, examples,
+                                         validation=name in validation))
         print(f'{PROG}: {name}: {len(pairs)} pairs in {time.monotonic() - started:.0f} s',
               file=sys.stderr)
     grid = ''
