@@ -7,13 +7,31 @@ import numpy as np
 
 
 def write_atomically(path: pathlib.Path, write) -> None:
-    """Fill `path` with write(binary file): via a hidden temporary file, fsync, then rename."""
+    """Fill `path` with write(binary file): via a hidden temporary file, fsync, then rename; a
+    write that fails or is interrupted leaves `path` as it was and no temporary file."""
     temporary = path.with_name(f'.{path.name}.tmp')
-    with open(temporary, 'wb') as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, 'wb') as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def check_writable_folder(path: pathlib.Path) -> None:
+    """OSError naming `path` where a folder cannot be made or written there: checked before
+    long work whose results go there, without making the folder yet."""
+    path = pathlib.Path(path)
+    existing = path
+    while not existing.exists():  # the nearest existing folder it would be made in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f'{path}: {existing} is not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f'{path}: {existing} is not writable')
 
 
 def write_text_atomically(path: pathlib.Path, text: str) -> None:

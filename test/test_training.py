@@ -751,3 +751,132 @@ def test_an_unknown_device_is_a_usage_error(device, tmp_path, capsys):
         train_main(['--data', str(tmp_path), '--out', str(tmp_path / 'run'), '--device', device])
     assert exit_info.value.code == 2
     assert f"unknown device '{device}'" in capsys.readouterr().err
+
+
+def test_an_ivif_folder_without_its_test_split_file_is_refused(tmp_path, ivif_dir, capsys):
+    # Read as a folder of datasets it would train on RoadScene-67, TNO and MSRS and drop M3SVD.
+    copy = tmp_path / 'ivif'
+    (copy / 'roadscene').mkdir(parents=True)
+    for part in ('roadscene/ir', 'roadscene/vi', 'tno', 'msrs', 'm3svd'):
+        (copy / part).symlink_to(ivif_dir / part)
+    with pytest.raises(FileNotFoundError, match='s4fusion_test67.csv: missing, though'):
+        data_layout(copy)
+    assert train_main(['--data', str(copy), '--out', str(tmp_path / 'run'), '--steps', '1',
+                       '--device', 'cpu']) == 1
+    error = capsys.readouterr().err
+    assert 'must not train' in error and 'Traceback' not in error
+    assert not (tmp_path / 'run').exists()
+
+
+def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsys):
+    common = ['--data', str(pair_folder), '--steps', '2', '--batch-size', '1', '--crop', '25',
+              '--device', 'cpu', '--threads', '1', '--no-progress']
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('')
+    for out in (a_file, a_file / 'run'):  # no folder can be made there
+        assert train_main([*common, '--out', str(out)]) == 1
+        error = capsys.readouterr().err
+        assert f'{out}: {a_file} is not a folder' in error and 'Traceback' not in error
+    # Pixels training cannot scale fail as the data is read, not when a crop first draws them.
+    floats = tmp_path / 'floats'
+    shutil.copytree(pair_folder, floats)
+    assert cv2.imwrite(str(floats / 'ir' / 'float.tiff'), np.ones((40, 40), np.float32))
+    assert cv2.imwrite(str(floats / 'vi' / 'float.tiff'), np.ones((40, 40), np.uint8))
+    assert train_main([*common, '--data', str(floats), '--out', str(tmp_path / 'f')]) == 1
+    error = capsys.readouterr().err
+    assert 'float.tiff: unsupported pixel type float32' in error and 'Traceback' not in error
+    assert not (tmp_path / 'f').exists()
+    # A file that is no exported network, a torn training state: one line naming the file.
+    not_a_network = tmp_path / 'bad.pt2'
+    not_a_network.write_text('hello')
+    assert train_main([*common, '--out', str(tmp_path / 'g'), '--pretrained-features',
+                       str(not_a_network)]) == 1
+    assert f'{not_a_network}: not a network saved with torch.export.save' in (
+        capsys.readouterr().err)
+    assert train_main([*common, '--out', str(tmp_path / 'h'), '--stop-at', '1']) == 0
+    state = tmp_path / 'h' / 'train_state.pt'
+    state.write_bytes(state.read_bytes()[:1000])
+    assert train_main([*common, '--out', str(tmp_path / 'h'), '--resume']) == 1
+    error = capsys.readouterr().err
+    assert f'{state}: not a readable training state' in error and 'Traceback' not in error
+
+
+def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weights(
+        tmp_path, pair_folder, capsys):
+    common = ['--data', str(pair_folder), '--steps', '2', '--device', 'cpu']
+    for option, value in (('--max-intensity-weight', '-1'), ('--grad-weight', 'nan'),
+                          ('--ssim-weight', 'inf'), ('--l1-weight', '-0.5')):
+        with pytest.raises(SystemExit) as exit_info:  # a negative term would be skipped
+            train_main([*common, '--out', str(tmp_path / 'x'), option, value])
+        assert exit_info.value.code == 2
+        assert f'{option} must be a number >= 0, got {float(value)}' in capsys.readouterr().err
+    # The first checkpoint would replace the weights it started from (and which its record names).
+    run = tmp_path / 'run'
+    make_trainer(pair_folder, run).run(progress=False)
+    (run / 'train_state.pt').unlink()
+    for option in ('--init-weights', '--teacher'):
+        for name in ('s4fusion_compact.safetensors', 's4fusion_compact.json'):
+            with pytest.raises(SystemExit) as exit_info:
+                train_main([*common, '--out', str(run), option, str(run / name),
+                            '--teacher-weight', '8' if option == '--teacher' else '0'])
+            assert exit_info.value.code == 2
+            assert 'this run writes its weights there' in capsys.readouterr().err
+
+
+def test_a_resume_refused_for_other_settings_names_them(tmp_path, pair_folder, capsys):
+    common = ['--data', str(pair_folder), '--steps', '3', '--batch-size', '1', '--device', 'cpu',
+              '--threads', '1', '--no-progress', '--out', str(tmp_path / 'run')]
+    assert train_main([*common, '--crop', '25', '--stop-at', '1']) == 0
+    assert train_main([*common, '--crop', '37', '--resume']) == 1
+    assert 'other settings (crop 25, now 37)' in capsys.readouterr().err
+
+
+def test_a_second_stop_signal_waits_for_the_checkpoint_being_written(tmp_path):
+    from s4fusion_ros.tools.train import GracefulStop
+    written, before = [], signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received == 'SIGINT'
+        with pytest.raises(KeyboardInterrupt):
+            with stop.saving():
+                signal.raise_signal(signal.SIGTERM)
+                written.append('weights and JSON')  # the save goes on to its end
+        assert written == ['weights and JSON']
+        with pytest.raises(KeyboardInterrupt):  # outside a save: at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
+    out = tmp_path / 'run'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder), '--out',
+         str(out), '--steps', '1000', '--batch-size', '1', '--crop', '49', '--device', 'cpu',
+         '--threads', '1', '--no-progress'], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        log = out / 'train_log.jsonl'
+        while not (log.exists() and log.stat().st_size):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and 'Traceback' not in stderr, stderr
+    assert 'aborted after step' in stderr or 'stopped by SIGINT' in stderr
+
+
+def test_an_interrupted_atomic_write_leaves_the_file_as_it_was(tmp_path):
+    from s4fusion_ros.files import write_atomically
+    path = tmp_path / 'train_state.pt'
+    path.write_bytes(b'the last checkpoint')
+
+    def dies_halfway(file):
+        file.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, dies_halfway)
+    assert path.read_bytes() == b'the last checkpoint' and list(tmp_path.iterdir()) == [path]

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import pathlib
 import signal
@@ -18,13 +19,15 @@ import time
 import torch
 
 from ..cli import run_command
+from ..files import check_writable_folder
 from ..model import S4FusionConfig
 from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
 from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
 from ..training.data import PairFolderDataset, data_layout, training_pairs
 from ..training.loss import TEACHER_EDGES, S4FusionLoss, teacher_error
-from ..training.trainer import Trainer, TrainSettings, check_new_run, load_exported
+from ..training.trainer import (Trainer, TrainSettings, check_new_run, load_exported,
+                                weights_path)
 
 
 PROG = 's4fusion-train'
@@ -145,24 +148,44 @@ def deviation_note(features, classifier, data_is_ivif, teacher=None):
     return '; '.join(notes) + '.'
 
 
-@contextlib.contextmanager
-def graceful_stop():
+class GracefulStop:
     """SIGINT/SIGTERM end training after the current step, with a checkpoint; a second one
-    interrupts at once. Yields a function returning the signal's name once one came, else ''."""
-    received = []
+    aborts at once, except while a checkpoint is written (``saving``): then right after it, so
+    the weights and their JSON always describe one step. Use it as a context manager."""
 
-    def handler(signum, _frame):
-        if received:
+    def __init__(self):
+        self.received = ''  # the first stop signal's name
+        self.saving_now = False
+        self.abort_after_saving = False
+
+    def _handle(self, signum, _frame):
+        if not self.received:
+            self.received = signal.Signals(signum).name
+            print(f'\n{self.received}: stopping after this step (again to abort without saving)',
+                  file=sys.stderr)
+        elif self.saving_now:
+            self.abort_after_saving = True
+        else:
             raise KeyboardInterrupt
-        received.append(signal.Signals(signum).name)
-        print(f'\n{received[0]}: stopping after this step (again to abort without saving)',
-              file=sys.stderr)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: received[0] if received else ''
-    finally:
-        for sig, old in previous.items():
+    @contextlib.contextmanager
+    def saving(self):
+        """Hold a second stop signal while the block runs; act on it after."""
+        self.saving_now = True
+        try:
+            yield
+        finally:
+            self.saving_now = False
+        if self.abort_after_saving:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, old in self.previous.items():
             signal.signal(sig, old)
 
 
@@ -178,6 +201,10 @@ def main(argv=None):
         value = getattr(args, option)
         if value is not None and not value > 0:
             parser.error(f'--{option.replace("_", "-")} must be > 0, got {value}')
+    for option in ('ssim_weight', 'l1_weight', 'grad_weight', 'max_intensity_weight'):
+        value = getattr(args, option)
+        if not (math.isfinite(value) and value >= 0):  # a negative term would be skipped
+            parser.error(f'--{option.replace("_", "-")} must be a number >= 0, got {value}')
     if args.warmup is not None and args.warmup < 0:
         parser.error(f'--warmup must be >= 0, got {args.warmup}')
     if args.threads is not None:
@@ -187,6 +214,14 @@ def main(argv=None):
         config = model_config(args)
     except (DeviceError, ValueError) as error:
         parser.error(str(error))
+    written = weights_path(args.out, config)
+    for option in ('init_weights', 'teacher'):
+        path = getattr(args, option)
+        if path is not None and path.resolve() in (written.resolve(),
+                                                   written.with_suffix('.json').resolve()):
+            parser.error(f'--{option.replace("_", "-")} {path}: this run writes its weights '
+                         'there, so its first checkpoint would replace them; copy them out of '
+                         '--out first')
     trainer = None
 
     def set_up():
@@ -194,9 +229,11 @@ def main(argv=None):
         trainer = build_trainer(args, config, device)
         return 0
 
-    # Only setting up is wrapped: an error during training keeps its traceback.
+    # Only the stop is wrapped in training: an error there keeps its traceback.
     return (run_command(PROG, set_up, (OSError, ValueError, CheckpointError))
-            or run(trainer, args))
+            or run_command(PROG, lambda: run(trainer, args), (),
+                           f'aborted after step {trainer.step}; its last checkpoint stays in '
+                           f'{args.out}'))
 
 
 def model_config(args):
@@ -220,6 +257,7 @@ def build_trainer(args, config, device):
                              seed=args.seed)
     if not args.resume:  # before minutes of reading data, not after
         check_new_run(args.out)
+    check_writable_folder(args.out)
     data_is_ivif = data_layout(args.data) == 'ivif'
     pairs = training_pairs(args.data)
     features = classifier = None
@@ -252,17 +290,18 @@ def run(trainer, args):
           f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
           f'{target}', file=sys.stderr)
     deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
-    with graceful_stop() as stop_requested:
+    with GracefulStop() as stop:
         trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
                     progress=not args.no_progress,
-                    should_stop=lambda: bool(stop_requested()) or (
-                        deadline is not None and time.monotonic() > deadline))
+                    should_stop=lambda: bool(stop.received) or (
+                        deadline is not None and time.monotonic() > deadline),
+                    saving=stop.saving)
     print(f'weights: {trainer.weights_path}', file=sys.stderr)
-    if trainer.step < target and not stop_requested():
+    if trainer.step < target and not stop.received:
         print(f'time limit reached after step {trainer.step}; continue with the same arguments '
               f'and --resume', file=sys.stderr)
-    if stop_requested():
-        print(f'stopped by {stop_requested()} after step {trainer.step} with a checkpoint; '
+    if stop.received:
+        print(f'stopped by {stop.received} after step {trainer.step} with a checkpoint; '
               f'continue with the same arguments and --resume', file=sys.stderr)
         return 130
     return 0

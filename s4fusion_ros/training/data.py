@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+IVIF_DATASET_FOLDERS = ('roadscene', 'tno', 'msrs', 'm3svd', 'm3fd')  # README, "Data"
 
 # The pairs in ivif/msrs that belong to the MSRS train split (its SOURCES.md); the other 22 are
 # MSRS test-split images.
@@ -74,8 +75,15 @@ def read_image_file(path):
 
 
 def _read_luminance(path):
-    """Read an image file as (H, W) luminance in its own integer type."""
-    return luminance(read_image_file(path), path)
+    """Read an image file as (H, W) luminance in its own integer type (8 or 16 bit)."""
+    return luminance(_check_depth(read_image_file(path), path), path)
+
+
+def _check_depth(image, path):
+    """``image`` if it is 8- or 16-bit, the depths training scales to [0, 1]; else ValueError."""
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need 8 or 16 bit)')
+    return image
 
 
 def luminance(image, path=''):
@@ -151,9 +159,7 @@ def video_pairs(folder, step=1):
 
 
 def _to_unit_float(image, path):
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need 8 or 16 bit)')
-    return image.astype(np.float32) / np.iinfo(image.dtype).max
+    return _check_depth(image, path).astype(np.float32) / np.iinfo(image.dtype).max
 
 
 def pairs_in_folder(folder, names=None):
@@ -228,11 +234,23 @@ def roadscene_test67_names(root):
 
 def data_layout(folder):
     """How ``training_pairs`` reads ``folder``: 'pairs' (it holds ir/ and vi/), 'ivif' (the ivif
-    layout of the README, "Data", known by its RoadScene test split) or 'datasets'."""
+    layout of the README, "Data", known by its RoadScene test split) or 'datasets'.
+
+    A folder with two or more of the ivif layout's datasets but without that split file is an
+    error: read as datasets it would train on the test sets (RoadScene-67, TNO, MSRS) and leave
+    out M3SVD. One dataset of your own may take one of their names."""
     folder = pathlib.Path(folder)
     if (folder / 'ir').is_dir():
         return 'pairs'
-    return 'ivif' if (folder / ROADSCENE_TEST67).is_file() else 'datasets'
+    if (folder / ROADSCENE_TEST67).is_file():
+        return 'ivif'
+    ivif_parts = [name for name in IVIF_DATASET_FOLDERS if (folder / name).is_dir()]
+    if len(ivif_parts) > 1:
+        raise FileNotFoundError(
+            f'{folder / ROADSCENE_TEST67}: missing, though {folder} has the ivif layout '
+            f'({", ".join(ivif_parts)}). It names the 67 RoadScene test pairs, which must not '
+            'train, as the TNO and MSRS test pairs must not (README, "Data")')
+    return 'datasets'
 
 
 def training_pairs(folder):

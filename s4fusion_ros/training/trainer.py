@@ -12,14 +12,17 @@ nested per-parameter state and param groups flattened into names plus a JSON sid
 files cannot be replaced atomically together.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import math
 import pathlib
+import pickle
 import random
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -78,6 +81,12 @@ def check_new_run(out_dir):
         raise FileExistsError(f'{state} exists: resume it or use another output folder')
 
 
+def weights_path(out_dir, config):
+    """Where a run into ``out_dir`` writes its weights: ``s4fusion_<preset>.safetensors`` (its
+    JSON beside it), ``s4fusion_custom.*`` for a configuration that is no preset's."""
+    return pathlib.Path(out_dir) / f's4fusion_{config.preset_name() or "custom"}.safetensors'
+
+
 def lr_factor(step, warmup, total, min_ratio):
     """Learning-rate multiplier for the optimizer step with index ``step`` (0-based)."""
     if step < warmup:
@@ -94,8 +103,12 @@ def load_exported(path, device):
     luminance in [0, 1] (the wrapper does any channel repeat and normalisation), with dynamic batch
     and spatial dimensions or exactly the training batch and crop.
     """
-    module = torch.export.load(str(path)).module().to(device)
-    return module.requires_grad_(False)
+    try:
+        module = torch.export.load(str(path)).module()
+    except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise ValueError(f'{path}: not a network saved with torch.export.save '
+                         f'({error})') from error
+    return module.to(device).requires_grad_(False)
 
 
 def seed_everything(seed):
@@ -191,8 +204,8 @@ class Trainer:
 
     @property
     def weights_path(self):
-        """Where the weights go: ``s4fusion_<preset>.safetensors`` (JSON beside it)."""
-        return self.out_dir / f's4fusion_{self.config.preset_name() or "custom"}.safetensors'
+        """Where the weights go (see ``weights_path``)."""
+        return weights_path(self.out_dir, self.config)
 
     def identity(self):
         """What must match for a checkpoint to continue this run (JSON-ready)."""
@@ -207,14 +220,18 @@ class Trainer:
     def resume(self, path=None):
         """Continue from a training state (default: the one in ``out_dir``); returns its step."""
         path = pathlib.Path(path) if path is not None else self.out_dir / STATE_NAME
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+            raise ValueError(f'{path}: not a readable training state ({error})') from error
         saved, current = json.loads(state['identity']), self.identity()
         # Compared as configurations, so a field added since (at its default) still matches.
         saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
         saved['loss'] = complete_loss_config(saved['loss'])
-        differing = sorted(k for k in current if saved.get(k) != current[k])
+        differing = [_difference(key, saved.get(key), current[key]) for key in current
+                     if saved.get(key) != current[key]]
         if differing:
-            raise ValueError(f'{path}: was written by a run with other {", ".join(differing)}; '
+            raise ValueError(f'{path}: was written by a run with other {"; ".join(differing)}; '
                              f'resume needs the same model, settings, loss and data')
         self.model.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
@@ -295,12 +312,15 @@ class Trainer:
         return {'step': self.step, 'lr': lr, 'loss': float(total.detach()),
                 **{k: float(v) for k, v in terms.items()}, 'seconds': round(seconds, 4)}
 
-    def run(self, stop_at=None, checkpoint_every=200, progress=True, should_stop=None):
+    def run(self, stop_at=None, checkpoint_every=200, progress=True, should_stop=None,
+            saving=contextlib.nullcontext):
         """Train up to ``settings.steps`` (or ``stop_at``, to split a run into sessions).
 
         Writes the state and weights every ``checkpoint_every`` steps and at the end; returns the
         log records of the steps run in this call. ``should_stop`` (no arguments) is asked after
         every step; when it says True the run ends there with a checkpoint, as at ``stop_at``.
+        Each checkpoint is written inside ``saving()`` (a context manager: the command line holds
+        a second stop signal there, so the weights, their JSON and the state are written whole).
         """
         stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
         if self.step == 0:
@@ -319,7 +339,23 @@ class Trainer:
                 bar.set_postfix({k: f'{v:.4g}' for k, v in record.items()
                                  if k not in ('step', 'seconds')})
                 if self.step % checkpoint_every == 0 and self.step < stop:
-                    self.save(record['loss'])
+                    with saving():
+                        self.save(record['loss'])
         if records:
-            self.save(records[-1]['loss'])
+            with saving():
+                self.save(records[-1]['loss'])
         return records
+
+
+def _difference(key, saved, current):
+    """``key`` of a training identity that differs, with the fields that differ where it is a
+    dict (settings, loss, model) and the sizes where it is the list of pairs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        fields = sorted(field for field in saved.keys() | current.keys()
+                        if saved.get(field) != current.get(field))
+        return f'{key} (' + ', '.join(f'{field} {saved.get(field)!r}, now '
+                                      f'{current.get(field)!r}' for field in fields) + ')'
+    if isinstance(saved, list) and isinstance(current, list):
+        return (f'{key} ({len(saved)} pairs, now {len(current)})' if len(saved) != len(current)
+                else f'{key} (as many pairs, {len(saved)}, but not the same)')
+    return key
