@@ -443,6 +443,9 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
     height, width = cv2.imread(str(pairs / 'vi' / COLOUR_PAIR[1])).shape[:2]
     assert code == 1 and f'{small} is 8x8, its pair {width}x{height}' in err
 
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(['--datasets', ',', '--out', str(out)])
+    assert 'nothing to evaluate' in capsys.readouterr().err
     code, err = run('--folder', str(tmp_path / 'absent'))
     assert code == 1 and f'{tmp_path / "absent" / "ir"}: missing (expected ir/ and vi/' in err
     shutil.copytree(pairs, tmp_path / 'other' / 'pairs')

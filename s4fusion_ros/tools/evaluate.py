@@ -431,6 +431,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--threads must be >= 1')
     if args.datasets is None:
         args.datasets = [] if args.folder else list(IVIF_DATASETS)
+    if not (args.datasets or args.folder or args.flicker):
+        parser.error('nothing to evaluate: name splits with --datasets or pairs with --folder')
     if args.datasets and args.data is None and not args.flicker:
         parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder, or '
                      '--folder with pairs of your own')
