@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from s4fusion_ros.evaluation import baselines, temporal
+from s4fusion_ros.model import shipped_weights
 from s4fusion_ros.tools import evaluate
 
 
@@ -129,3 +130,15 @@ def test_a_full_report_run_keeps_the_flicker_section(ivif_dir, tmp_path):
     again = out.read_text()
     assert '| Max |' in again and again.count(section) == 1
     assert again.endswith(f'-->\n\n{section}\n\nthe maintainers\' reading\n')
+
+
+def test_measured_frames_count_as_trained_by_clip_and_frame_whatever_their_folder(video_dir):
+    # The shipped compact weights trained on every 10th frame of the test videos and on the
+    # still frames 0, 2, ..., 18 of M3SVD's frame clip 0111_1716, the same recording.
+    compact = evaluate.OursConfig('compact', shipped_weights('compact'))
+    clips = temporal.clip_names(video_dir)
+    frames = [f'{clip}_{index:04d}' for clip in clips for index in range(20)]
+    note = evaluate.training_overlap(compact, frames, 'frames', evaluate.frame_of_clip)
+    assert '0111_1716' in clips and len(clips) == 5
+    assert note.startswith(f'compact: {10 + 2 * 4} of the 100 frames are among its 401 training')
+    assert '0111_1716_0002' in note  # a still frame's number, not a video's every 10th

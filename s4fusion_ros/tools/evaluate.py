@@ -356,16 +356,23 @@ def training_pairs(training) -> set | None:
     return pairs
 
 
-def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs') -> str:
-    """How many of `labels` (pairs as training records name them: dataset/name) the
-    checkpoint's JSON lists among its training data."""
+def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs',
+                     key: Callable = lambda label: label) -> str:
+    """How many of `labels` the checkpoint's JSON lists among its training data, the two
+    compared by `key` (default: the label itself, dataset/name as training records name pairs)."""
     trained_on = training_pairs(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
-    seen = sorted(trained_on & set(labels))
+    trained_keys = {key(label) for label in trained_on}
+    seen = sorted(label for label in set(labels) if key(label) in trained_keys)
     listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
     return (f'{config.label}: {len(seen)} of the {len(labels)} {what} are among its '
             f'{len(trained_on)} training pairs{listed}.')
+
+
+def frame_of_clip(label: str) -> str:
+    """``<clip>_<frame>`` of a training label ``<folder>/<clip>_<frame>[.png]``."""
+    return pathlib.PurePosixPath(label).stem
 
 
 def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
@@ -568,14 +575,18 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
 
     scores = temporal.measure_clips(args.flicker, clips, args.flicker_frames, engines, progress)
     command = recorded_command(args, argv)
-    # Frame pairs as training records name those of videos (training/data.py video_pairs).
-    frames = [f'{args.flicker.name}/{clip}_{index:04d}' for clip in clips
-              for index in range(args.flicker_frames)]
+    # A frame as training records name it, <clip>_<frame> (training/data.py video_pairs), is
+    # compared without the folder and extension: whatever VIDEO_DIR is called here, and a still
+    # <clip>_<frame>.png of a frame clip is that frame (M3SVD's frame clips share a clip with
+    # its test videos).
+    frames = [f'{clip}_{index:04d}' for clip in clips for index in range(args.flicker_frames)]
     notes = ([f'VIDEO_DIR: the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and '
               f'`visible` as `ir/` and `vi/`); clips: {", ".join(clips)}.',
               f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
               f'{environment()}.'] + [weights_identity(c) for c in configs]
-             + [training_overlap(c, frames, 'measured frames') for c in configs] + skipped)
+             + [training_overlap(c, frames, 'measured frames (as video or still frames, by '
+                                 'clip and frame number)', frame_of_clip) for c in configs]
+             + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes)
     text = args.out.read_text() if args.out.is_file() else ''
     args.out.parent.mkdir(parents=True, exist_ok=True)
