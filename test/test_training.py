@@ -866,7 +866,7 @@ def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
     finally:
         process.kill()
     assert process.returncode == 130 and 'Traceback' not in stderr, stderr
-    assert 'aborted after step' in stderr or 'stopped by SIGINT' in stderr
+    assert 'aborted without saving' in stderr or 'stopped by SIGINT' in stderr
 
 
 def test_an_interrupted_atomic_write_leaves_the_file_as_it_was(tmp_path):

@@ -232,8 +232,8 @@ def main(argv=None):
     # Only the stop is wrapped in training: an error there keeps its traceback.
     return (run_command(PROG, set_up, (OSError, ValueError, CheckpointError))
             or run_command(PROG, lambda: run(trainer, args), (),
-                           f'aborted after step {trainer.step}; its last checkpoint stays in '
-                           f'{args.out}'))
+                           f'aborted without saving; {args.out} keeps its last checkpoint, if '
+                           'any, which --resume continues'))
 
 
 def model_config(args):
