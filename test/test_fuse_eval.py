@@ -415,8 +415,9 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
         assert computed == {**values['msrs22', 'Average', name], 'dataset': 'heldout'}
         assert {**values['heldout', 'Average (stored outputs)', name],
                 'method': 'Average'} == computed
-    assert (f'- Skipped: Partial (stored outputs) on heldout: {heldout / "fused" / "Partial"} '
-            f'has no output, or several, for 1 of the 3 pairs ({names[1]}).') in text
+    assert ('- Skipped: Partial (stored outputs) on heldout: 1 of the 3 outputs cannot be '
+            f'scored, so no row for it; the first: {names[1]}: no output, or several, in '
+            f'{heldout / "fused" / "Partial"}.') in text
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
 
 
@@ -431,23 +432,62 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
         code = evaluate.main([*argv, '--out', str(out)])
         return code, capsys.readouterr().err
 
-    assert run('--folder', str(pairs), '--methods', 'average,seafusion')[0] == 0
+    assert run('--folder', str(pairs), '--methods', 'average,seafusion,stored')[0] == 0
+    text = out.read_text()
     assert ('- Skipped: SeAFusion: no weights (--seafusion-weights, or --data IVIF_DIR holding '
-            'weights/seafusion/SeAFusion.pth).') in out.read_text()
-    assert 'ivif_splits' not in out.read_text()  # no note on splits that were not evaluated
+            'weights/seafusion/SeAFusion.pth).') in text
+    assert f'- Skipped: stored outputs on pairs: no {pairs / "fused"}/<METHOD>/ folder.' in text
+    assert 'ivif_splits' not in text  # no note on splits that were not evaluated
 
+    # An output of the wrong size: its method is left out, found before any scoring.
     (pairs / 'fused' / 'Small').mkdir(parents=True)
     small = pairs / 'fused' / 'Small' / COLOUR_PAIR[1]
     cv2.imwrite(str(small), np.zeros((8, 8), np.uint8))
     code, err = run('--folder', str(pairs), '--methods', 'stored')
     height, width = cv2.imread(str(pairs / 'vi' / COLOUR_PAIR[1])).shape[:2]
-    assert code == 1 and f'{small} is 8x8, its pair {width}x{height}' in err
+    assert code == 1 and 'pairs: no method to score' in err
+    assert f'{small} is 8x8, its pair {width}x{height}' in err
 
+    weights = tmp_path / 'not_seafusion.pth'
+    torch.save({'foo': torch.zeros(2)}, weights)
+    code, err = run('--folder', str(pairs), '--methods', 'seafusion', '--seafusion-weights',
+                    str(weights))
+    assert code == 1 and f"{weights}: not SeAFusion's published weights" in err
+    for argv, message in (
+            (['--seafusion-weights', str(tmp_path / 'absent.pth')], 'not a file'),
+            (['--seafusion-weights', str(weights), '--methods', 'average'],
+             'seafusion is not among --methods'),
+            (['--flicker', str(tmp_path)], '--folder and --flicker')):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(['--folder', str(pairs), *argv, '--out', str(out)])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(['--data', str(tmp_path), '--seafusion-weights', str(weights)])
+    assert '--seafusion-weights: a partial run needs its own --out' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.parse_args(['--datasets', ',', '--out', str(out)])
     assert 'nothing to evaluate' in capsys.readouterr().err
+
     code, err = run('--folder', str(tmp_path / 'absent'))
     assert code == 1 and f'{tmp_path / "absent" / "ir"}: missing (expected ir/ and vi/' in err
     shutil.copytree(pairs, tmp_path / 'other' / 'pairs')
     code, err = run('--folder', str(pairs), '--folder', str(tmp_path / 'other' / 'pairs'))
     assert code == 1 and 'a split named pairs is already evaluated' in err
+    shutil.copytree(pairs, tmp_path / 'tno42')
+    code, err = run('--folder', str(tmp_path / 'tno42'))
+    assert code == 1 and 'a split named tno42 is an ivif split' in err
+
+
+def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, monkeypatch):
+    # Training records label pairs folder/name: "--folder ." must give those labels too.
+    copy_pairs(ivif_dir, tmp_path / 'msrs', [('msrs', '00556D.png')])
+    monkeypatch.chdir(tmp_path / 'msrs')
+    splits, _ = evaluate.evaluation_splits(evaluate.parse_args(['--folder', '.', '--out', 'q.md']))
+    assert [pair.label for pair in splits['msrs']] == ['msrs/00556D.png']
+    # A stored output is the file of the pair's whole stem, not of a longer name sharing it.
+    (tmp_path / 'M').mkdir()
+    (tmp_path / 'M' / 'scene.1.jpg').write_bytes(b'')
+    outputs = evaluate.StoredOutputs(tmp_path / 'M')
+    assert outputs.path(evaluate.Pair('scene.png', tmp_path, tmp_path)) is None
+    assert outputs.path(evaluate.Pair('scene.1.png', tmp_path, tmp_path)) == (
+        tmp_path / 'M' / 'scene.1.jpg')

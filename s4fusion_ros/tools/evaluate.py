@@ -19,10 +19,10 @@ Examples:
 import argparse
 import dataclasses
 import datetime
-import glob
 import hashlib
 import os
 import pathlib
+import pickle
 import shlex
 import sys
 import time
@@ -94,38 +94,55 @@ class StoredOutputs:
         exact = self.folder / pair.name
         if exact.is_file():
             return exact
-        stem = pathlib.Path(pair.name).stem
-        found = [path for path in self.folder.glob(f'{glob.escape(stem)}.*')
-                 if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+        stem = pathlib.Path(pair.name).stem  # a whole stem, as match_pairs pairs the sources
+        found = [path for path in self.folder.iterdir() if path.stem == stem
+                 and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
         return found[0] if len(found) == 1 else None
 
-    def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
-        """The stored image as saved; ValueError names a file the metrics cannot score."""
+    def read(self, pair: Pair, size: tuple[int, int]) -> np.ndarray:
+        """The stored output of ``pair`` as saved; ValueError says why the metrics cannot score
+        it against sources of ``size`` (height, width)."""
         path = self.path(pair)
+        if path is None:
+            raise ValueError(f'{pair.name}: no output, or several, in {self.folder}')
         image = read_image(path)
         if image.dtype != np.uint8:
-            raise ValueError(f'{path}: stored outputs must be 8-bit, got {image.dtype}')
-        if image.shape[:2] != source.visible_bgr.shape[:2]:
-            height, width = source.visible_bgr.shape[:2]
+            raise ValueError(f'{path}: 8-bit outputs only, this one is {image.dtype}')
+        if image.shape[:2] != size:
             raise ValueError(f'{path} is {image.shape[1]}x{image.shape[0]}, its pair '
-                             f'{width}x{height}')
-        return FusedImages(image, None, 0.0)
+                             f'{size[1]}x{size[0]}')
+        return image
+
+    def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
+        """The stored image as saved."""
+        return FusedImages(self.read(pair, source.visible_bgr.shape[:2]), None, 0.0)
 
 
-def stored_methods(pairs: list) -> tuple[list, list]:
-    """(a Method per folder of stored outputs of a split, by name; lines for the folders left
-    out because an output is missing: scored on fewer pairs, their means would not compare)."""
+def stored_methods(name: str, pairs: list, sizes: list, own_folder: bool) -> tuple[list, list]:
+    """(a Method per folder of stored outputs of the split ``name``, by folder name; lines for
+    what was left out). ``sizes``: each pair's (height, width). A folder with an output missing
+    or unusable is left out whole (scored on fewer pairs, its means would not compare), checked
+    before any scoring; ``own_folder``: a --folder split, where finding nothing is said too."""
     methods, skipped = [], []
     root = pairs[0].dataset / STORED_DIR
-    for folder in sorted(root.iterdir() if root.is_dir() else []):
-        if not folder.is_dir():
-            continue
-        outputs = StoredOutputs(folder)
-        absent = [pair.name for pair in pairs if outputs.path(pair) is None]
-        if absent:
-            skipped.append(f'{folder.name} (stored outputs) on {pairs[0].dataset.name}: {folder} '
-                           f'has no output, or several, for {len(absent)} of the {len(pairs)} '
-                           f'pairs ({", ".join(absent[:3])}{", ..." if len(absent) > 3 else ""}).')
+    folders = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+    if own_folder and not folders:
+        loose = root.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES
+                                      for path in root.iterdir())
+        skipped.append(f'stored outputs on {name}: no {root}/<METHOD>/ folder'
+                       + (' (images directly in it belong in a folder named by their method)'
+                          if loose else '') + '.')
+    for folder in folders:
+        outputs, problems = StoredOutputs(folder), []
+        for pair, size in zip(pairs, sizes):
+            try:
+                outputs.read(pair, size)
+            except ValueError as error:
+                problems.append(str(error))
+        if problems:
+            skipped.append(f'{folder.name} (stored outputs) on {name}: {len(problems)} of the '
+                           f'{len(pairs)} outputs cannot be scored, so no row for it; the first: '
+                           f'{problems[0]}.')
         else:
             methods.append(Method(f'{folder.name} (stored outputs)', outputs, stored=True))
     return methods, skipped
@@ -208,7 +225,11 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
     if 'seafusion' in chosen:
         path = args.seafusion_weights
         if path is not None and path.is_file():
-            model = SeAFusion.from_published(path, device=resolve_device(args.device))
+            try:
+                model = SeAFusion.from_published(path, device=resolve_device(args.device))
+            except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+                raise ValueError(f"{path}: not SeAFusion's published weights "
+                                 f'({str(error).splitlines()[0]})') from error
             methods.append(Method('SeAFusion', gray_method(seafusion_fuse(model))))
         else:
             skipped.append(f'SeAFusion: {path} is missing.' if path is not None else
@@ -318,7 +339,10 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
     if args.folder:
         notes.append('Splits of --folder, each named by its folder: '
                      + ', '.join(f'{folder.resolve().name} = the pairs of `{folder}`'
-                                 for folder in args.folder) + '.')
+                                 for folder in args.folder)
+                     + '. Their pairs count as training pairs in the notes above where the '
+                     'folder and file names are those a training record lists: a copy of a '
+                     'training pair under another folder name is not recognised.')
     scored = {method.name: method for dataset in datasets for method in dataset.methods}
     peers = {'GFF': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
                     "paper's settings as `evaluation/baselines.py` implements it, not the "
@@ -395,9 +419,11 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                              'with --folder)')
     parser.add_argument('--folder', type=pathlib.Path, action='append', default=[],
                         metavar='DIR',
-                        help='also a split of your own: the pairs of DIR/ir and DIR/vi '
-                             '(matched by name), named by DIR; the outputs of other methods in '
-                             f'DIR/{STORED_DIR}/METHOD/ are scored as stored outputs (repeatable)')
+                        help='a split of your own: the pairs of DIR/ir and DIR/vi (matched by '
+                             'name), named by DIR; the outputs of other methods in '
+                             f'DIR/{STORED_DIR}/METHOD/ are scored as stored outputs '
+                             '(repeatable; with --folder the ivif splits are scored only where '
+                             '--datasets names them)')
     parser.add_argument('--limit', type=int, default=0,
                         help='evaluate only the first N pairs of each split (0 = all)')
     parser.add_argument('--methods', type=_names, default=list(METHODS),
@@ -443,20 +469,28 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     if args.datasets and args.data is None and not args.flicker:
         parser.error('the report needs --data (or $S4FUSION_IVIF_DATA): the ivif folder, or '
                      '--folder with pairs of your own')
-    if args.seafusion_weights is None and args.data is not None:
-        args.seafusion_weights = args.data / SEAFUSION_WEIGHTS
+    if args.folder and args.flicker:
+        parser.error('--folder and --flicker: the flicker runs on VIDEO_DIR alone')
+    if args.seafusion_weights is not None:
+        if 'seafusion' not in args.methods:
+            parser.error('--seafusion-weights: seafusion is not among --methods')
+        if not args.seafusion_weights.is_file():
+            parser.error(f'--seafusion-weights {args.seafusion_weights}: not a file')
     if args.out is None:
         def chosen(value):  # lists as sets: the same splits or methods in another order
             return set(value) if isinstance(value, list) else value
         defaults = {'datasets': IVIF_DATASETS}
         partial = [f'--{name.replace("_", "-")}' for name in (
-            'limit', 'datasets', 'folder', 'methods', 'weights', 'flicker_frames')
+            'limit', 'datasets', 'folder', 'methods', 'weights', 'seafusion_weights',
+            'flicker_frames')
             if chosen(getattr(args, name)) != chosen(defaults.get(name,
                                                                   parser.get_default(name)))]
         if partial:  # it would replace the shipped report with part of one
             parser.error(f'{", ".join(partial)}: a partial run needs its own --out (the default '
                          f'{DEFAULT_REPORT} is the whole report)')
         args.out = DEFAULT_REPORT
+    if args.seafusion_weights is None and args.data is not None:
+        args.seafusion_weights = args.data / SEAFUSION_WEIGHTS
     if args.pairs_csv is None:
         args.pairs_csv = args.out.with_name(f'{args.out.stem}_pairs.csv')
     if args.grid is None:  # a report written elsewhere must not replace docs/quality_grid.png
@@ -494,12 +528,13 @@ def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set]:
         splits = {name: known[name] for name in args.datasets}
         validation = set(ivif.validation)
     for folder in args.folder:
-        name = folder.resolve().name
-        if name in splits:
-            raise ValueError(f'--folder {folder}: a split named {name} is already evaluated; '
-                             'each split is named by its folder, so rename one')
-        splits[name] = pairs_in_folder(folder)
-        if not splits[name]:
+        folder = folder.resolve()  # its name names the split and its pairs' labels
+        if folder.name in IVIF_DATASETS or folder.name in splits:
+            taken = 'an ivif split' if folder.name in IVIF_DATASETS else 'already evaluated'
+            raise ValueError(f'--folder {folder}: a split named {folder.name} is {taken}; each '
+                             'split is named by its folder, so rename it')
+        splits[folder.name] = pairs_in_folder(folder)
+        if not splits[folder.name]:
             raise ValueError(f'--folder {folder}: no image pairs in its ir/ and vi/')
     return splits, validation
 
@@ -507,15 +542,20 @@ def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set]:
 def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
     splits, validation = evaluation_splits(args)
+    ivif_names = set(args.datasets)
     ours = 'ours' in args.methods
     configs, skipped, notes = ours_configs(args.weights) if ours else ([], [], [])
     methods, skipped_methods = build_methods(args, configs)
     examples, datasets, evaluated = {}, [], []
     for name, pairs in splits.items():
         pairs = list(pairs[:args.limit or None])
-        stored, skipped_stored = (stored_methods(pairs) if 'stored' in args.methods
-                                  else ([], []))
+        stored, skipped_stored = [], []
+        if 'stored' in args.methods:
+            sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs]
+            stored, skipped_stored = stored_methods(name, pairs, sizes, name not in ivif_names)
         skipped_methods += skipped_stored
+        if not methods + stored:
+            raise ValueError(f'{name}: no method to score ({"; ".join(skipped_methods)})')
         evaluated += pairs
         started = time.monotonic()
         datasets.append(evaluate_dataset(name, pairs, methods + stored, examples,
