@@ -118,14 +118,15 @@ class StoredOutputs:
         return FusedImages(self.read(pair, source.visible_bgr.shape[:2]), None, 0.0)
 
 
-def stored_methods(name: str, pairs: list, sizes: list, own_folder: bool) -> tuple[list, list]:
+def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list]:
     """(a Method per folder of stored outputs of the split ``name``, by folder name; lines for
-    what was left out). ``sizes``: each pair's (height, width). A folder with an output missing
-    or unusable is left out whole (scored on fewer pairs, its means would not compare), checked
-    before any scoring; ``own_folder``: a --folder split, where finding nothing is said too."""
+    what was left out). A folder with an output missing or unusable is left out whole (scored on
+    fewer pairs, its means would not compare), checked before any scoring; ``own_folder``: a
+    --folder split, where finding nothing is said too."""
     methods, skipped = [], []
     root = pairs[0].dataset / STORED_DIR
     folders = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+    sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs] if folders else []
     if own_folder and not folders:
         loose = root.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES
                                       for path in root.iterdir())
@@ -549,10 +550,8 @@ def run(args: argparse.Namespace, argv: list) -> list:
     examples, datasets, evaluated = {}, [], []
     for name, pairs in splits.items():
         pairs = list(pairs[:args.limit or None])
-        stored, skipped_stored = [], []
-        if 'stored' in args.methods:
-            sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs]
-            stored, skipped_stored = stored_methods(name, pairs, sizes, name not in ivif_names)
+        stored, skipped_stored = (stored_methods(name, pairs, name not in ivif_names)
+                                  if 'stored' in args.methods else ([], []))
         skipped_methods += skipped_stored
         if not methods + stored:
             raise ValueError(f'{name}: no method to score ({"; ".join(skipped_methods)})')
