@@ -462,3 +462,21 @@ def test_cuda_forward_matches_cpu():
     half = gpu.infer(ir, vi, amp_dtype=torch.float16).cpu()
     assert math.isfinite(half.sum().item())
     assert torch.allclose(half, expected, atol=5e-2)
+
+
+def test_half_precision_of_the_shipped_compact_weights_stays_finite_and_close(msrs_pair):
+    """Their scan outputs reach 2e5 before the norm, past float16's 6.5e4: kept in float32 they
+    stay finite; the Laplacian base stays in float32 under autocast (it is most of the image)."""
+    import cv2
+    from s4fusion_ros.model import load_checkpoint, shipped_weights
+    ir, vi = msrs_pair
+    ir, vi = (torch.from_numpy(image[:240, :320]).float()[None, None] / 255
+              for image in (ir, cv2.cvtColor(vi, cv2.COLOR_BGR2YCrCb)[..., 0]))
+    model = load_checkpoint(shipped_weights('compact'))
+    expected = model.infer(ir, vi)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):  # as on CUDA with half
+        autocast = model(ir, vi).float()
+    half = load_checkpoint(shipped_weights('compact'), dtype=torch.float16).infer(ir, vi)
+    assert torch.isfinite(autocast).all() and torch.isfinite(half).all()
+    assert (autocast - expected).abs().max() < 1e-3  # 0.02 with the base in float16
+    assert (half - expected).abs().max() < 0.05

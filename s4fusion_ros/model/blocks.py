@@ -127,7 +127,8 @@ class SS2D(nn.Module):
         return torch.einsum('bkrl,kdr->bkdl', dts, self.dt_projs_weight), bs, cs
 
     def _scan(self, us, dts, bs, cs):
-        """Run the four directions' scans at once: (B, K, D, L') inputs -> (B, K, D, L')."""
+        """Run the four directions' scans at once: (B, K, D, L') inputs -> (B, K, D, L'),
+        float32 (merged and normed in float32 too: see ``_project_out``)."""
         batch, k, d, length = us.shape
         # float32 scan whatever the autocast or model dtype, as the authors do
         ys = selective_scan(
@@ -135,7 +136,7 @@ class SS2D(nn.Module):
             -torch.exp(self.A_logs.float()), bs.float().contiguous(), cs.float().contiguous(),
             self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(),
             delta_softplus=True, backend=self.scan_backend)
-        return ys.reshape(batch, k, d, length).to(us.dtype)
+        return ys.reshape(batch, k, d, length)
 
     def _project_in(self, x):
         """``(B, H, W, C) -> x (B, D, H, W) after conv and SiLU, z (B, H, W, D)``."""
@@ -143,8 +144,13 @@ class SS2D(nn.Module):
         return F.silu(self.conv2d(x.permute(0, 3, 1, 2))), z
 
     def _project_out(self, y, z):
-        """``y, z (B, H, W, D) -> (B, H, W, C)``."""
-        return self.out_proj(self.out_norm(y) * F.silu(z))
+        """``y, z (B, H, W, D) -> (B, H, W, C)``. The norm runs in float32 whatever the model
+        or autocast dtype, as the authors': trained scan outputs pass float16's range (6.5e4)
+        before it (the shipped compact weights reach 2e5), and would become inf, then NaN."""
+        norm = self.out_norm
+        y = F.layer_norm(y.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
+                         norm.eps)
+        return self.out_proj(y.to(z.dtype) * F.silu(z))
 
     def _fused_path(self, *inputs):
         """Whether ``_scan_grid`` runs: CPU float32 inference (no autograd) with numba, unless

@@ -262,9 +262,13 @@ class S4Fusion(nn.Module):
             raise ValueError(f'expected IR and VI of one shape (B, 1, H, W), got '
                              f'{tuple(ir.shape)} and {tuple(vi.shape)}')
         height, width = ir.shape[2:]
-        base = (laplacian_fuse(ir, vi, detail_gain=self.config.detail_gain,
-                               base_contrast=self.config.base_contrast)
-                if self.config.base == 'laplacian' else None)
+        base = None
+        if self.config.base == 'laplacian':
+            # Full precision under autocast too: the base is most of the image, and reduced
+            # precision flips its per-level choices of detail at near-ties.
+            with torch.autocast(ir.device.type, enabled=False):
+                base = laplacian_fuse(ir.float(), vi.float(), detail_gain=self.config.detail_gain,
+                                      base_contrast=self.config.base_contrast).to(ir.dtype)
         left, right, top, bottom = pad = self.config.padding(height, width)
         ir, vi = F.pad(ir, pad), F.pad(vi, pad)
         ir, vi = self.patch_embed_ir(ir), self.patch_embed_vi(vi)  # (B, h, w, C0)
