@@ -6,6 +6,11 @@ never about absolute speed: this machine is a busy 2-core box.
 """
 
 import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -33,10 +38,14 @@ def check_memory(report: FloodReport) -> None:
     assert growth_mb < MEMORY_GROWTH_MB, f'peak RSS {growth_mb:.0f} MB over the start'
 
 
-def test_flood_keeps_memory_latency_and_counters_bounded():
-    report = run_flood(FLOOD_PARAMS, PHASES)
+def test_flood_keeps_memory_latency_and_counters_bounded(tmp_path):
+    report = run_flood(FLOOD_PARAMS, PHASES, directory=tmp_path)
     figures = report.figures()
     print('\n'.join(f'{key}: {value:.4g}' for key, value in figures.items()))
+    # The node's counters include the warm-up pairs, so the published figure does too.
+    assert figures['published pairs'] == report.warm_up_pairs + sum(
+        phase.published for phase in report.phases)
+    assert figures['received thermal'] <= figures['published pairs']
     check_counters(report)
     check_memory(report)
     check_latency(report)
@@ -45,10 +54,10 @@ def test_flood_keeps_memory_latency_and_counters_bounded():
 @pytest.mark.soak
 @pytest.mark.skipif(os.environ.get('S4FUSION_SOAK') != '1',
                     reason='opt-in (S4FUSION_SOAK=1): shows that the checks catch a backlog')
-def test_flood_checks_catch_a_growing_backlog():
+def test_flood_checks_catch_a_growing_backlog(tmp_path):
     """A long FIFO queue that keeps the oldest pairs is the backlog the checks exist to catch."""
     report = run_flood({**FLOOD_PARAMS, 'inference.queue_size': 100,
-                        'inference.queue_policy': 'keep_oldest'}, PHASES)
+                        'inference.queue_policy': 'keep_oldest'}, PHASES, directory=tmp_path)
     check_counters(report)
     with pytest.raises(AssertionError, match='backlog'):
         check_latency(report)
@@ -60,3 +69,39 @@ def test_bad_phase_options_are_refused_before_the_node_starts(argv, message, cap
     with pytest.raises(SystemExit) as exit_info:
         flood_main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def node_processes(marker: str) -> list[int]:
+    """Pids of running s4fusion nodes whose command line holds `marker`."""
+    pids = []
+    for entry in pathlib.Path('/proc').iterdir():
+        try:
+            command = (entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode()
+        except (OSError, ValueError):
+            continue
+        if 's4fusion_ros.ros.run_node' in command and marker in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stop):
+    # SIGTERM (kill, a supervisor) used to end the flood at once and leave its node running.
+    process = subprocess.Popen(
+        [sys.executable, '-m', 's4fusion_ros.ros.flood', '--rate', '5', '--duration', '60',
+         '-p', 'device:=cpu', '-p', 'inference_size:=[160,120]'],
+        env={**os.environ, 'TMPDIR': str(tmp_path)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not node_processes(str(tmp_path)):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and 'Traceback' not in stderr, stderr
+    assert 's4fusion-flood: interrupted; the node was stopped' in stderr
+    assert not node_processes(str(tmp_path)) and not list(tmp_path.iterdir())

@@ -4,14 +4,17 @@ Even when another subscriber is there first: a fusion node joins the ROS graph b
 loaded its model and subscribed.
 """
 
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from ros_harness import rclpy
+from support import THERMAL_TOPIC, VISIBLE_TOPIC, write_bag
 
 pytestmark = pytest.mark.ros
 
@@ -90,3 +93,33 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
     started = time.monotonic()
     assert interrupt(player, timeout=30) == 0, ''.join(lines) + player.stdout.read()
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--rate', 'inf'], '--rate must be > 0 and finite'),
+    (['--wait-for', 'bad-name'], 'node name must not contain'),
+    (['--wait-for', 'ns-x/name'], 'namespace'),
+    (['--remap', '/thermal/image_raw:=/bad topic'], 'topic name'),
+])
+def test_bad_options_are_usage_errors_not_tracebacks(argv, message, capsys):
+    from s4fusion_ros.ros.player import parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(['bag', *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_error(tmp_path):
+    image = np.zeros((4, 4), np.uint8)
+    one_moment = write_bag(tmp_path / 'one', [
+        (5 * 10**9, THERMAL_TOPIC, 5 * 10**9, 'mono8', image),
+        (5 * 10**9, VISIBLE_TOPIC, 5 * 10**9, 'mono8', image)], 'mcap')
+    player = subprocess.Popen([*PLAYER, str(one_moment), '--loop', '--wait', '0'],
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)  # the player's start-up, then a pass a second (it spun: thousands)
+    assert interrupt(player) == 0
+    published = re.search(rf'{THERMAL_TOPIC} (\d+)', player.stderr.read())
+    assert published and 1 <= int(published.group(1)) <= 5, published
+    empty = write_bag(tmp_path / 'empty', [], 'mcap')
+    looped = subprocess.run([*PLAYER, str(empty), '--loop', '--wait', '0'], capture_output=True,
+                            text=True, timeout=60)
+    assert looped.returncode == 1 and 'nothing to loop' in looped.stderr

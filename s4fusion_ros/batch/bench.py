@@ -28,7 +28,7 @@ def add_command(commands) -> None:
     batch.add_argument('--params', type=pathlib.Path, help="the node's parameter file")
     batch.add_argument('--cpus', type=int, default=os.cpu_count(),
                        help='CPUs in all, split between the nodes (default: %(default)s)')
-    batch.set_defaults(func=bench_batch)
+    batch.set_defaults(func=bench_batch, minimums={'copies': 1, 'cpus': 2})
 
 
 def bench_batch(args) -> None:
@@ -37,9 +37,11 @@ def bench_batch(args) -> None:
     from ray.cluster_utils import Cluster
 
     from ..tools import bag as bag_tool
-    from .cluster import fuse_bags, home_for_ray, private_home
+    from .cluster import fuse_bags, home_for_ray, private_home, stop_ray
 
     source = args.bag or pathlib.Path(__file__).parents[1] / 'data' / 'msrs_sample'
+    if not (source / 'metadata.yaml').is_file():  # s4fusion-batch takes folders of bags
+        raise ValueError(f'--bag {source}: not a rosbag2 folder (with its metadata.yaml)')
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     scratch = pathlib.Path(tempfile.mkdtemp(prefix='s4bench-'))
     home = private_home()
@@ -91,6 +93,6 @@ def bench_batch(args) -> None:
                   f'{rate / (loop_pairs / rows[0][2]):>7.2f}x')
         print('(each s4fusion-bag run and each Ray worker loads the model; the Ray times leave '
               f'out starting the nodes); load average {os.getloadavg()[0]:.1f}')
-    finally:
+    finally:  # also after a stop while a Ray node starts: its processes keep the HOME
+        stop_ray(ray, home)
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import time
 import numpy as np
 import yaml
 
-from ..cli import interrupt, parse_size
+from ..cli import interrupt, parse_size, run_command, stop_on_signals
 from ..diagnostics import BUSY_KEYS, ROLES, Key, number, per_input
 from ..messages import stamp_to_ns
 
@@ -88,18 +89,21 @@ class FloodReport:
         latencies = np.concatenate([phase.latencies() for phase in self.phases])
         inference = number(Key.INFERENCE_LATENCY_MEAN)
         figures = {
-            'published pairs': sum(phase.published for phase in self.phases),
+            # The node's counters cover its whole life: the warm-up pairs are in them too.
+            'published pairs': self.warm_up_pairs + sum(phase.published for phase in self.phases),
+            'of them warm-up pairs': self.warm_up_pairs,
+            'publish failures': sum(phase.publish_failures for phase in self.phases),
             'received thermal': number(Key.THERMAL_RECEIVED) + number(Key.THERMAL_BAD_MESSAGE),
             'received visible': number(Key.VISIBLE_RECEIVED) + number(Key.VISIBLE_BAD_MESSAGE),
             Key.PAIRS: number(Key.PAIRS),
             Key.PAIRS_FUSED: number(Key.PAIRS_FUSED),
             Key.PAIRS_DROPPED: number(Key.PAIRS_DROPPED),
-            'unpaired, late or overflowed': sum(
+            'unpaired, late, overflowed or bad stamp': sum(
                 number(per_input(role, kind)) for role in ROLES
-                for kind in ('unpaired', 'late', 'overflow')),
+                for kind in ('unpaired', 'late', 'overflow', 'rejected (bad stamp)')),
             Key.INFERENCE_ERRORS: number(Key.INFERENCE_ERRORS),
-            'peak RSS (MB)': self.peak_rss_kb / 1024,
-            'RSS before the flood (MB)': self.rss_before_kb / 1024,
+            'peak RSS (MiB)': self.peak_rss_kb / 1024,
+            'RSS before the flood (MiB)': self.rss_before_kb / 1024,
             'latency p50 (s)': _percentile(latencies, 50),
             'latency p95 (s)': _percentile(latencies, 95),
             Key.INFERENCE_LATENCY_MEAN: inference,
@@ -277,12 +281,15 @@ def _settled(driver: Driver, since: float) -> bool:
 
 
 def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = DEFAULT_NAMESPACE,
-              size: tuple[int, int] = (640, 480), extra_args: tuple = ()) -> FloodReport:
+              size: tuple[int, int] = (640, 480), extra_args: tuple = (),
+              directory: pathlib.Path | None = None) -> FloodReport:
     """Start a node with `params`, flood it with each (rate Hz or 0, seconds) phase, measure.
 
-    The caller's environment (ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE, ...) reaches the node.
+    The node's parameters file and log go to `directory` (default: a new temporary folder, left
+    for the caller to read and remove). The caller's environment (ROS_DOMAIN_ID,
+    ROS_AUTOMATIC_DISCOVERY_RANGE, ...) reaches the node.
     """
-    directory = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-flood-'))
+    directory = directory or pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-flood-'))
     # Diagnostics at least twice a second, so the end of the run is seen promptly.
     params = {'diagnostics.period': 0.5, **params}
     node = NodeProcess(params, namespace, directory, extra_args)
@@ -378,23 +385,32 @@ def main(argv=None) -> int:
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
     phases = [(rate, args.duration) for rate in (args.rate or [0.0])]
-    try:
-        report = run_flood(dict(args.param), phases, args.namespace, args.size)
-    except RuntimeError as error:
-        print(f'{PROG}: {error}', file=sys.stderr)
+    stop_on_signals()  # SIGTERM too stops the node before the flood exits
+    directory = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-flood-'))
+
+    def flood() -> int:
+        report = run_flood(dict(args.param), phases, args.namespace, args.size,
+                           directory=directory)
+        figures = report.figures()
+        if args.json:  # NaN (a figure without data) as null: JSON has no NaN
+            print(json.dumps({key: None if isinstance(value, float) and math.isnan(value)
+                              else value for key, value in figures.items()}, indent=2))
+        else:
+            for key, value in figures.items():
+                print(f'{key:>39}: {value:.3g}' if isinstance(value, float) else
+                      f'{key:>39}: {value}')
+        if report.settled and report.returncode == 0:
+            shutil.rmtree(directory)
+            return 0
+        print(f'{PROG}: the node did not settle or exit cleanly (exit code '
+              f'{report.returncode})', file=sys.stderr)
         return 1
-    figures = report.figures()
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        for key, value in figures.items():
-            print(f'{key:>34}: {value:.3g}' if isinstance(value, float) else
-                  f'{key:>34}: {value}')
-    if report.settled and report.returncode == 0:
-        return 0
-    print(f'{PROG}: the node did not settle or exit cleanly (exit code '
-          f'{report.returncode}); its log: {report.log_path}', file=sys.stderr)
-    return 1
+    code = run_command(PROG, flood, (RuntimeError,), 'interrupted; the node was stopped')
+    if code == 130:
+        shutil.rmtree(directory, ignore_errors=True)
+    elif code:
+        print(f'{PROG}: the node\'s parameters and log: {directory}', file=sys.stderr)
+    return code
 
 
 if __name__ == '__main__':

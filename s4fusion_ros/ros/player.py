@@ -15,16 +15,22 @@ subscribes only once its model is loaded would otherwise miss the start of the b
 
 import argparse
 import importlib
+import math
 import pathlib
 import sys
 import time
 
 import rclpy
 from rclpy.duration import Duration
+from rclpy.exceptions import (InvalidNamespaceException, InvalidNodeNameException,
+                              InvalidTopicNameException)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node, NodeNameNonExistentError
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
+from rclpy.validate_namespace import validate_namespace
+from rclpy.validate_node_name import validate_node_name
+from rclpy.validate_topic_name import validate_topic_name
 from rosgraph_msgs.msg import Clock
 
 from ..bagio import IMAGE_TYPES, BagError, open_bag, read_messages
@@ -37,6 +43,8 @@ PUBLISH_DEPTH = 30
 # Fast DDS can drop the first samples even after the writer sees the reader: give it a moment.
 DISCOVERY_SETTLE_S = 1.0
 ACK_TIMEOUT_S = 10.0
+# A --loop pass lasts at least this much bag time: a bag of one moment repeats, not spins.
+LOOP_MINIMUM_S = 1.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,13 +75,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='after the end keep running (and advancing /clock) until Ctrl-C, '
                         'so that nodes on sim time finish their timers')
     args = parser.parse_args(argv)
-    if not args.rate > 0:
-        parser.error('--rate must be > 0')
-    if not args.clock_rate > 0:
-        parser.error('--clock-rate must be > 0')
+    for option in ('rate', 'clock_rate'):
+        if not (getattr(args, option) > 0 and math.isfinite(getattr(args, option))):
+            parser.error(f'--{option.replace("_", "-")} must be > 0 and finite')
     try:
         args.remap = dict(_split_remap(item) for item in args.remap)
-    except ValueError as error:
+        for new in args.remap.values():
+            validate_topic_name(new)
+        if args.wait_for:
+            namespace, _, name = args.wait_for.rpartition('/')
+            validate_node_name(name)
+            if namespace:
+                validate_namespace('/' + namespace.lstrip('/'))
+    except (ValueError, InvalidTopicNameException, InvalidNodeNameException,
+            InvalidNamespaceException) as error:
         parser.error(str(error))
     return args
 
@@ -157,8 +172,10 @@ class BagPlayer:
                       if p.topic_name not in subscribed and p.topic_name not in names]
         return names
 
-    def play_once(self) -> None:
-        """Publish the bag once, from its first message, at --rate."""
+    def play_once(self, minimum_s: float = 0.0) -> int:
+        """Publish the bag once, from its first message, at --rate, taking at least
+        `minimum_s` seconds of bag time; returns the number of messages it read."""
+        read = 0
         with open_bag(self.args.bag) as reader:
             start_ns = reader.start_time
             start_wall = time.monotonic()
@@ -169,6 +186,9 @@ class BagPlayer:
                 self._sleep_until(start_wall + (log_time - start_ns) / 1e9 / self.args.rate,
                                   start_wall, start_ns)
                 self._publish(connection.topic, bytes(raw))
+                read += 1
+            self._sleep_until(start_wall + minimum_s / self.args.rate, start_wall, start_ns)
+        return read
 
     def idle(self) -> None:
         """Keep /clock advancing from the end of the bag until interrupted."""
@@ -231,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         player.wait_for_subscribers()
         print(f'{PROG}: playing {args.bag} at rate {args.rate:g}'
               + (f' with /clock at {args.clock_rate:g} Hz' if args.clock else ''), file=sys.stderr)
-        player.play_once()
+        if not player.play_once(LOOP_MINIMUM_S if args.loop else 0.0) and args.loop:
+            raise BagError(f'{args.bag}: no message on the played topics, nothing to loop')
         while args.loop:
-            player.play_once()
+            player.play_once(LOOP_MINIMUM_S)
         player.wait_for_acks()
         print(f'{player.summary()}; end of bag', file=sys.stderr, flush=True)
         if args.keep_alive:

@@ -24,16 +24,21 @@ import functools
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
 
-from s4fusion_ros.cli import parse_size
+from s4fusion_ros.bagio import BagError
+from s4fusion_ros.cli import parse_size, run_command, stop_on_signals
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model import blocks
 from s4fusion_ros.model.scan import (mamba_scan_fn, numba_cross_scan_fn, numba_scan_fn,
                                      selective_scan, selective_scan_chunked, selective_scan_ref,
                                      selective_scan_sequential)
+from s4fusion_ros.runtime import DeviceError
+
+PROG = 's4fusion-bench'
 
 # Targets from the speed issues.
 NUMBA_MAX_NS = 1.0
@@ -416,7 +421,7 @@ def bench_train(args):
 
 def build_parser():
     """The ``s4fusion-bench`` command line, one subcommand per benchmark."""
-    parser = argparse.ArgumentParser(prog='s4fusion-bench', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest='command', required=True)
     scan = commands.add_parser('scan', help='selective-scan implementations side by side')
     scan.add_argument('--batch', type=int, default=1)
@@ -466,10 +471,21 @@ def build_parser():
 
 
 def main(argv=None):
-    """Entry point of ``s4fusion-bench``."""
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Entry point of ``s4fusion-bench``; exit status 0, 1 with one line for a bad device, bag
+    or file, 2 for a bad option, 130 on Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    minimums = {'repeats': 1, **getattr(args, 'minimums', {})}
+    for option, minimum in minimums.items():
+        if getattr(args, option, minimum) < minimum:
+            parser.error(f'--{option} must be >= {minimum}')
+    stop_on_signals()
+
+    def bench() -> int:
+        args.func(args)
+        return 0
+    return run_command(PROG, bench, (DeviceError, BagError, OSError, ValueError))
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

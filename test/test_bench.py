@@ -1,0 +1,28 @@
+"""s4fusion-bench's command line: bad options and inputs are one line, not a traceback (the
+benchmarks themselves print figures; they are not timed in tests)."""
+
+import pytest
+
+from s4fusion_ros.tools.bench import main as bench_main
+
+
+@pytest.mark.parametrize('argv, option', [
+    (['scan', '--repeats', '0'], '--repeats must be >= 1'),
+    (['batch', '--copies', '0'], '--copies must be >= 1'),
+    (['batch', '--cpus', '1'], '--cpus must be >= 2')])
+def test_counts_below_their_minimum_are_usage_errors(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(argv)
+    assert exit_info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_a_device_or_bag_it_cannot_use_is_one_line(tmp_path, capsys):
+    assert bench_main(['model', '--device', 'cuda:7', '--presets', 'compact', '--sizes',
+                       '32x32', '--repeats', '1']) == 1
+    error = capsys.readouterr().err
+    assert error.startswith('s4fusion-bench: ') and 'Traceback' not in error
+    bag = tmp_path / 'recording.mcap'
+    bag.write_bytes(b'')
+    assert bench_main(['batch', '--bag', str(bag)]) == 1
+    assert (f'--bag {bag}: not a rosbag2 folder (with its metadata.yaml)'
+            in capsys.readouterr().err)
