@@ -101,7 +101,8 @@ def build_parser():
                         help='stop (with a checkpoint) after this step; resume later to go on')
     parser.add_argument('--time-limit', type=float, default=None,
                         help='stop (with a checkpoint) after the step that passes this many '
-                             'minutes of this session; resume later to go on')
+                             'minutes of training in this session (counted once the data is '
+                             'read); resume later to go on')
     parser.add_argument('--checkpoint-every', type=int, default=200,
                         help='steps between checkpoints (state and weights)')
     parser.add_argument('--pretrained-features', type=pathlib.Path, default=None,
