@@ -491,3 +491,38 @@ def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, m
     assert outputs.path(evaluate.Pair('scene.png', tmp_path, tmp_path)) is None
     assert outputs.path(evaluate.Pair('scene.1.png', tmp_path, tmp_path)) == (
         tmp_path / 'M' / 'scene.1.jpg')
+
+
+def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_dir, tmp_path,
+                                                                         tiny_weights):
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '2',
+                          '--methods', 'ours,published', '--weights', str(tiny_weights),
+                          '--device', 'cpu', '--out', str(out)]) == 0
+    text = out.read_text()
+    section = 'tno42, published values (MATLAB toolkit)'
+    header = next(line for line in text.split(f'## {section} ')[1].splitlines()
+                  if line.startswith('| Method'))
+    compared = [metric for metric in metrics.METRICS if metric != 'SSIM']  # none in the table
+    assert header == '| Method | ' + ' | '.join(
+        f'{m} {"↓" if m == "MSE" else "↑"}' for m in compared) + ' |'  # and no s/pair
+    rows = table_rows(text, section)
+    ours = f'S4Fusion ({tiny_weights.parent.name}/tiny)'
+    assert len(rows) == 10 and list(rows)[0] == ours
+    # Ours: the toolkit's definitions on the outputs scored above.
+    method = evaluate.ours_method(evaluate.OursConfig(ours, tiny_weights), 'cpu')
+    scores = []
+    for pair in evaluate.ivif_splits(ivif_dir).tests['tno42'][:2]:
+        source = fuse.read_pair(pair)
+        scores.append(metrics.evaluate_all(fuse.luminance(method.fuse(source, pair).fused),
+                                           *evaluate.sources_luminance(source, pair),
+                                           matlab_compat=True))
+    assert rows[ours] == [report.format_value(np.mean([s[m] for s in scores]))
+                          for m in compared]
+    # The others: the published values, as the table holds them.
+    with open(ivif_dir / 'tno' / 'reference' / 'matlab_per_image_metrics.csv') as table:
+        u2fusion = [row for row in csv.DictReader(table)
+                    if row['method'] == 'U2Fusion' and row['image'] in ('01.png', '02.png')]
+    assert rows['U2Fusion (published values)'] == [report.format_value(np.mean(
+        [float(row['value']) for row in u2fusion if row['metric'] == m])) for m in compared]
+    assert 'published' not in (tmp_path / 'q_pairs.csv').read_text()  # not redistributed

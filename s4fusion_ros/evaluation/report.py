@@ -86,6 +86,9 @@ class DatasetScores:
     pair_names: tuple  # the pairs' file names, in the order of every method's scores
     methods: list
     validation: bool = False  # a split that weights and settings were chosen on
+    metrics: tuple = METRICS  # those compared (a published table may lack some)
+    description: str = ''  # a paragraph under the heading, where the table needs one
+    per_pair: bool = True  # listed in the per-pair CSV (not values copied from a publication)
 
     @property
     def pairs(self) -> int:
@@ -107,10 +110,13 @@ class ReportContext:
 
 
 def format_value(value: float) -> str:
-    """Three decimals, one above 100 (MSE); 'nan' and 'inf' as such."""
+    """Three decimals, one above 100 (MSE), four below 0.1 (the toolkit's SF and MSE on
+    [0, 1]); 'nan' and 'inf' as such."""
     if not math.isfinite(value):
         return str(value)
-    return f'{value:.1f}' if abs(value) >= 100 else f'{value:.3f}'
+    if abs(value) >= 100:
+        return f'{value:.1f}'
+    return f'{value:.4f}' if 0 < abs(value) < 0.1 else f'{value:.3f}'
 
 
 def _shown(method: MethodScores, metric: str) -> float:
@@ -134,9 +140,9 @@ def best_methods(dataset: DatasetScores, metric: str) -> set:
     return {name for name, value in shown.items() if value == best}
 
 
-def _beaten(method, rivals) -> list:
-    """The metrics on which ``method``'s printed mean beats every rival's."""
-    return [metric for metric in METRICS
+def _beaten(method, rivals, metrics) -> list:
+    """The ``metrics`` on which ``method``'s printed mean beats every rival's."""
+    return [metric for metric in metrics
             if all(_better(_shown(method, metric), _shown(rival, metric), metric)
                    for rival in rivals)]
 
@@ -145,20 +151,22 @@ def wins(dataset: DatasetScores) -> dict:
     """Our method name -> the metrics on which its printed mean beats every other method's
     (our other configurations are not rivals)."""
     others = [m for m in dataset.methods if not m.ours]
-    return {ours.name: _beaten(ours, others) for ours in dataset.methods if ours.ours}
+    return {ours.name: _beaten(ours, others, dataset.metrics)
+            for ours in dataset.methods if ours.ours}
 
 
 def head_to_head(dataset: DatasetScores) -> dict:
     """Our method name -> {other method name -> the metrics on which ours beats that one}."""
     others = [m for m in dataset.methods if not m.ours]
-    return {ours.name: {rival.name: _beaten(ours, [rival]) for rival in others}
+    return {ours.name: {rival.name: _beaten(ours, [rival], dataset.metrics) for rival in others}
             for ours in dataset.methods if ours.ours}
 
 
 def reference_wins(dataset: DatasetScores) -> dict:
     """Each other method's name -> the metrics on which it beats every method, ours included:
     how far any single method gets towards winning most metrics."""
-    return {method.name: _beaten(method, [m for m in dataset.methods if m is not method])
+    return {method.name: _beaten(method, [m for m in dataset.methods if m is not method],
+                                 dataset.metrics)
             for method in dataset.methods if not method.ours}
 
 
@@ -210,7 +218,7 @@ def paired_comparisons(dataset: DatasetScores) -> dict:
     resamples = _resampled_pairs(dataset.pairs)
     others = [m for m in dataset.methods if not m.ours]
     return {ours.name: {rival.name: {metric: paired_comparison(ours, rival, metric, resamples)
-                                     for metric in METRICS}
+                                     for metric in dataset.metrics}
                         for rival in others}
             for ours in dataset.methods if ours.ours}
 
@@ -220,8 +228,8 @@ def paired_tables(dataset: DatasetScores) -> list:
     and share of pairs won, and the counts of W, L and ~."""
     lines = []
     for name, rivals in paired_comparisons(dataset).items():
-        lines += [f'| {name} vs | ' + ' | '.join(METRICS) + ' | W / L / ~ |',
-                  '|---|' + ':---:|' * (len(METRICS) + 1)]
+        lines += [f'| {name} vs | ' + ' | '.join(dataset.metrics) + ' | W / L / ~ |',
+                  '|---|' + ':---:|' * (len(dataset.metrics) + 1)]
         for rival, compared in rivals.items():
             cells = [f'{c.verdict} {c.share_better:.0%}' if math.isfinite(c.share_better)
                      else c.verdict for c in compared.values()]
@@ -234,17 +242,19 @@ def paired_tables(dataset: DatasetScores) -> list:
 
 def metric_table(dataset: DatasetScores) -> list:
     """Markdown table lines: rows = methods, columns = metric means and time per pair."""
-    titles = [f'{m} {"↓" if m in LOWER_IS_BETTER else "↑"}' for m in METRICS]
-    lines = ['| Method | ' + ' | '.join(titles) + ' | s/pair |',
-             '|---|' + '---:|' * (len(METRICS) + 1)]
-    best = {metric: best_methods(dataset, metric) for metric in METRICS}
+    titles = [f'{m} {"↓" if m in LOWER_IS_BETTER else "↑"}' for m in dataset.metrics]
+    timed = any(method.seconds is not None for method in dataset.methods)  # else no column
+    lines = ['| Method | ' + ' | '.join(titles) + (' | s/pair |' if timed else ' |'),
+             '|---|' + '---:|' * (len(dataset.metrics) + timed)]
+    best = {metric: best_methods(dataset, metric) for metric in dataset.metrics}
     for method in dataset.methods:
         cells = []
-        for metric in METRICS:
+        for metric in dataset.metrics:
             text = format_value(method.mean(metric))
             cells.append(f'**{text}**' if method.name in best[metric] else text)
         seconds = method.seconds_per_pair()
-        cells.append('stored' if seconds is None else f'{seconds:.3f}')
+        if timed:
+            cells.append('stored' if seconds is None else f'{seconds:.3f}')
         lines.append(f'| {method.name} | ' + ' | '.join(cells) + ' |')
     return lines
 
@@ -259,13 +269,13 @@ def wins_lines(dataset: DatasetScores) -> list:
     for name, won in wins(dataset).items():
         listed = f': {", ".join(won)}' if won else ''
         lines.append(f'- {name} beats every other method ({others}) on {len(won)} of '
-                     f'{len(METRICS)} metrics{listed}.')
+                     f'{len(dataset.metrics)} metrics{listed}.')
     for name, rivals in head_to_head(dataset).items():
         counts = ', '.join(f'{rival} {len(won)}' for rival, won in rivals.items())
-        most = all(2 * len(won) > len(METRICS) for won in rivals.values())
-        lines.append(f'- {name} head to head, the metrics of {len(METRICS)} on which it beats '
-                     f'each other method: {counts} ({"most" if most else "not most"} against '
-                     f'every one).')
+        most = all(2 * len(won) > len(dataset.metrics) for won in rivals.values())
+        lines.append(f'- {name} head to head, the metrics of {len(dataset.metrics)} on which it '
+                     f'beats each other method: {counts} ({"most" if most else "not most"} '
+                     'against every one).')
     if not lines:
         return ['No configuration of ours was evaluated.']
     references = ', '.join(f'{name} {len(won)}' for name, won in reference_wins(dataset).items())
@@ -280,7 +290,7 @@ def per_pair_csv(datasets: list) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
     writer.writerow(['dataset', 'pair', 'method', *METRICS])
-    for dataset in datasets:
+    for dataset in (dataset for dataset in datasets if dataset.per_pair):
         for method in dataset.methods:
             for pair, score in zip(dataset.pair_names, method.scores, strict=True):
                 writer.writerow([dataset.name, pair, method.name,
@@ -293,7 +303,7 @@ def undefined_notes(datasets: list) -> list:
     notes = []
     for dataset in datasets:
         for method in dataset.methods:
-            for metric in METRICS:
+            for metric in dataset.metrics:
                 count = method.undefined(metric)
                 if count:
                     notes.append(f'{dataset.name}, {method.name}: {metric} is undefined on '
@@ -316,6 +326,7 @@ def render(datasets: list, context: ReportContext) -> str:
         plural = '' if dataset.pairs == 1 else 's'
         role = ', validation split' if dataset.validation else ''
         lines += [f'## {dataset.name} ({dataset.pairs} pair{plural}{role})', '',
+                  *([dataset.description, ''] if dataset.description else []),
                   *metric_table(dataset), '', '**Wins:**', '', *wins_lines(dataset), '']
         if any(m.ours for m in dataset.methods) and any(not m.ours for m in dataset.methods):
             lines += [PAIRED_INTRO.format(resamples=f'{BOOTSTRAP_RESAMPLES:,}'), '',

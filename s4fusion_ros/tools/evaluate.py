@@ -17,6 +17,7 @@ Examples:
 """
 
 import argparse
+import csv
 import dataclasses
 import datetime
 import hashlib
@@ -50,7 +51,7 @@ from .train import add_data_argument
 
 PROG = 's4fusion-eval'
 REPO = pathlib.Path(__file__).resolve().parents[2]
-METHODS = ('ours', 'average', 'max', 'laplacian', 'gff', 'seafusion', 'stored')
+METHODS = ('ours', 'average', 'max', 'laplacian', 'gff', 'seafusion', 'stored', 'published')
 IVIF_DATASETS = ['roadscene67', 'tno42', 'msrs22', 'm3svd_val', 'roadscene_val']
 SHIPPED_PRESETS = ('authors', 'compact')
 DEFAULT_REPORT = pathlib.Path('docs/quality.md')
@@ -60,6 +61,9 @@ BASELINES = {'average': ('Average', baselines.fuse_average),
              'gff': ('GFF', baselines.fuse_gff)}
 STORED_DIR = 'fused'  # beside a split's ir/ and vi/: one folder of outputs per method
 SEAFUSION_WEIGHTS = pathlib.Path('weights') / 'seafusion' / 'SeAFusion.pth'  # in IVIF_DIR
+# Beside a split's ir/ and vi/ (TNO's): the per-image values the MATLAB toolkit of Tang et al.
+# gave other methods' outputs, as rows image,method,metric,value.
+PUBLISHED_TABLE = pathlib.Path('reference') / 'matlab_per_image_metrics.csv'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,10 +255,13 @@ def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.nd
 
 
 def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
-                     validation: bool = False) -> report.DatasetScores:
+                     validation: bool = False, compat: dict | None = None
+                     ) -> report.DatasetScores:
     """Score every method on every pair; the first pair's ours images go to examples.
 
-    ``validation`` marks a split that weights and settings are chosen on."""
+    ``validation`` marks a split that weights and settings are chosen on. ``compat``: where
+    given, ours' images are also scored as the MATLAB toolkit scores them (``matlab_compat``),
+    into ``compat[method name]``, for the published values of other methods."""
     scores = {m.name: report.MethodScores(m.name, m.ours, seconds=None if m.stored else 0.0)
               for m in methods}
     for index, pair in enumerate(tqdm(pairs, unit='pair', desc=name, file=sys.stderr,
@@ -266,13 +273,55 @@ def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
                 method.fuse(source, pair)  # warm-up (lazy initialisation, JIT), not timed
             images = method.fuse(source, pair)
             entry = scores[method.name]
-            entry.scores.append(metrics.evaluate_all(luminance(images.fused), ir_y, vi_y))
+            fused_y = luminance(images.fused)
+            entry.scores.append(metrics.evaluate_all(fused_y, ir_y, vi_y))
+            if compat is not None and method.ours:
+                compat.setdefault(method.name, []).append(
+                    metrics.evaluate_all(fused_y, ir_y, vi_y, matlab_compat=True))
             if not method.stored:
                 entry.seconds += images.seconds
             if index == 0 and method.ours and name not in examples:
                 examples[name] = (source, images)
     return report.DatasetScores(name, tuple(pair.name for pair in pairs), list(scores.values()),
                                 validation)
+
+
+def published_dataset(name: str, pairs: list, compat: dict, table: pathlib.Path
+                      ) -> tuple[report.DatasetScores, list]:
+    """(ours as the MATLAB toolkit scores them against the values it published for other
+    methods on the split's pairs, compared on the metrics the table has; lines for the
+    methods left out because the table lacks one of the pairs)."""
+    published = {}  # method -> image -> metric -> value
+    with open(table, newline='') as rows:
+        for row in csv.DictReader(rows):
+            published.setdefault(row['method'], {}).setdefault(row['image'], {})[
+                row['metric']] = float(row['value'])
+    names = [pair.name for pair in pairs]
+    rows, skipped = [], []
+    for method, images in published.items():
+        absent = [image for image in names if image not in images]
+        if absent:
+            skipped.append(f'{method} (published values) on {name}: {table} has no values for '
+                           f'{len(absent)} of the {len(names)} pairs ({", ".join(absent[:3])}).')
+        else:
+            rows.append(report.MethodScores(f'{method} (published values)', False,
+                                            [images[image] for image in names], seconds=None))
+    compared = set.intersection(*(set(score) for row in rows for score in row.scores)) if rows \
+        else set()
+    description = (
+        f'The {name} pairs as the MATLAB toolkit of Tang et al. scores them (its 2022 version, '
+        'behind SeAFusion\'s and many published tables: `matlab_compat`, with SD, MI and VIF on '
+        'uint8, SF and MSE on [0, 1] and PSNR of peak 255 over that MSE): ours on the outputs '
+        'scored above, the other rows the per-image values its authors published for other '
+        f'methods\' outputs on these pairs (`{PUBLISHED_TABLE}` beside `ir/`), not run here. '
+        'The table has no SSIM.')
+    dataset = report.DatasetScores(
+        f'{name}, published values (MATLAB toolkit)', tuple(names),
+        [report.MethodScores(label, True, scores, seconds=None)
+         for label, scores in compat.items()] + rows,
+        metrics=tuple(metric for metric in metrics.METRICS if metric in compared),
+        description=description, per_pair=False)
+    return dataset, skipped
 
 
 def display_path(path: pathlib.Path) -> str:
@@ -556,9 +605,16 @@ def run(args: argparse.Namespace, argv: list) -> list:
         if not methods + stored:
             raise ValueError(f'{name}: no method to score ({"; ".join(skipped_methods)})')
         evaluated += pairs
+        table = pairs[0].dataset / PUBLISHED_TABLE
+        compat = ({} if 'published' in args.methods and table.is_file()
+                  and any(method.ours for method in methods) else None)
         started = time.monotonic()
         datasets.append(evaluate_dataset(name, pairs, methods + stored, examples,
-                                         validation=name in validation))
+                                         validation=name in validation, compat=compat))
+        if compat is not None:
+            published, skipped_published = published_dataset(name, pairs, compat, table)
+            datasets.append(published)
+            skipped_methods += skipped_published
         print(f'{PROG}: {name}: {len(pairs)} pairs in {time.monotonic() - started:.0f} s',
               file=sys.stderr)
     grid = ''
