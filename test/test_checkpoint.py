@@ -121,32 +121,6 @@ def test_shape_mismatch_names_the_first_tensor_and_the_file(saved):
     assert 'expects (4, 20, 48)' in message
 
 
-@pytest.mark.parametrize('field, value', [('patch_stride', 2), ('base', 'none')])
-def test_a_json_edited_to_another_network_of_the_same_shapes_is_refused(saved, field, value):
-    _, path = saved
-    json_path = path.with_suffix('.json')
-    meta = json.loads(json_path.read_text())
-    before = meta['config'][field]
-    meta['config'][field] = value
-    if field == 'base':  # without the base, no gains on it
-        meta['config'].update(detail_gain=1.0, base_contrast=1.0)
-    json_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=re.escape(
-            f'describes another network than {path.name} was saved as: {field} {value!r}, '
-            f'saved {before!r}')):
-        load_checkpoint(path)
-
-
-def test_the_base_gains_may_be_edited_in_the_json(saved):
-    model, path = saved
-    json_path = path.with_suffix('.json')
-    meta = json.loads(json_path.read_text())
-    meta['config'].update(detail_gain=1.3, base_contrast=1.2)  # one set of weights, several gains
-    json_path.write_text(json.dumps(meta))
-    loaded = load_checkpoint(path)
-    assert (loaded.config.detail_gain, loaded.config.base_contrast) == (1.3, 1.2)
-
-
 def test_missing_tensors_are_named(saved, tmp_path):
     model, _ = saved
     other = tmp_path / 'other.safetensors'

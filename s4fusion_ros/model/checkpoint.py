@@ -2,19 +2,17 @@
 
 ``model.safetensors`` holds the state dict; ``model.json`` holds what is needed to rebuild the
 network (the config, its preset name, a format version) plus optional training information.
-The safetensors header also holds the network's config but for the base's gains (which one set of
-weights runs at several of), so a JSON edited to another network is refused on load.
 """
 
 import json
 import pathlib
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..files import write_atomically, write_text_atomically
-from .s4fusion import BASE_ENHANCEMENTS, S4Fusion, S4FusionConfig
+from .s4fusion import S4Fusion, S4FusionConfig
 
 FORMAT_VERSION = 1
 # int8: weight-only, symmetric, one float32 scale per row (last dim) of every floating tensor
@@ -22,7 +20,6 @@ FORMAT_VERSION = 1
 # biases, Ds) stay float16. It about halves a float16 file again (authors preset: 6.8 -> 3.7 MB).
 STORAGE_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'int8': torch.int8}
 INT8_SCALE_SUFFIX = '::int8_scale'
-HEADER_CONFIG = 's4fusion_network'  # safetensors metadata key: the config but for the gains
 
 
 class CheckpointError(RuntimeError):
@@ -112,8 +109,7 @@ def save_checkpoint(model, path, extra_meta=None, storage_dtype=torch.float32):
     tensors = _storage_tensors(model.state_dict(), storage_dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     # save() to bytes, written here: safetensors' save_file makes its files owner-only (0600).
-    data = save(tensors, metadata={'format': 'pt',
-                                   HEADER_CONFIG: json.dumps(_network(model.config))})
+    data = save(tensors, metadata={'format': 'pt'})
     write_atomically(path, lambda file: file.write(data))
     json_path = config_path(path)
     write_text_atomically(json_path, text)
@@ -150,28 +146,6 @@ def read_config(path):
         raise CheckpointError(f'{json_path}: invalid S4Fusion config: {exc!r}') from None
 
 
-def _network(config):
-    """The fields of a config that make the network the weights belong to (all but the gains)."""
-    return {key: value for key, value in config.to_dict().items()
-            if key not in BASE_ENHANCEMENTS}
-
-
-def _check_network(path, config):
-    """CheckpointError where the JSON describes another network than the weights were saved
-    as (their header; files saved before it held one are not checked)."""
-    with safe_open(str(path), 'pt') as weights:
-        saved = (weights.metadata() or {}).get(HEADER_CONFIG)
-    if saved is not None:
-        saved, described = json.loads(saved), _network(config)
-        differing = sorted(key for key in saved.keys() | described.keys()
-                           if saved.get(key) != described.get(key))
-        if differing:
-            raise CheckpointError(
-                f'{config_path(path)} describes another network than {path.name} was saved as: '
-                + ', '.join(f'{key} {described.get(key)!r}, saved {saved.get(key)!r}'
-                            for key in differing))
-
-
 def load_checkpoint(path, device=None, dtype=None):
     """Build the network its JSON describes and load the weights strictly; returns it in eval mode.
 
@@ -203,7 +177,6 @@ def load_checkpoint(path, device=None, dtype=None):
         if tensors[name].is_floating_point() != tensor.is_floating_point():
             raise CheckpointError(f'{path}: tensor {name!r} is {tensors[name].dtype} (an int8 '
                                   f'tensor without its scale?), the model expects {tensor.dtype}')
-    _check_network(path, config)  # what the shapes cannot tell: patch stride, base, ...
     model.load_state_dict(tensors, strict=True)
     return model.eval()
 
