@@ -72,8 +72,9 @@ def pack_data(args):
     """Write the training split's luminance as one folder per dataset:
     ``TO/<dataset>-train/{ir,vi}``, ``<dataset>`` its path under DATA with '-' for '/'.
 
-    The suffix keeps the packed folder from reading as the ivif layout (a ``roadscene/`` folder
-    makes ``training_pairs`` take the ivif splits, which the packed training split lacks).
+    The suffix keeps the packed folder from reading as the ivif layout (``training_pairs``
+    refuses a folder with two or more of the ivif datasets' names but without their test-split
+    file, which the packed training split lacks).
     Luminance only (what training reads) as JPEG at quality 95: PNG would take 77 MiB and the
     files that travel with a device call are limited to 64 MiB; the validation and test pairs
     stay behind.

@@ -467,6 +467,10 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
     with pytest.raises(SystemExit):
         evaluate.parse_args(['--datasets', ',', '--out', str(out)])
     assert 'nothing to evaluate' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # names what was given: --datasets was not
+        evaluate.parse_args(['--folder', str(pairs)])
+    assert '\n' + 's4fusion-eval: error: --folder: a partial run needs its own --out' in (
+        capsys.readouterr().err)
 
     code, err = run('--folder', str(tmp_path / 'absent'))
     assert code == 1 and f'{tmp_path / "absent" / "ir"}: missing (expected ir/ and vi/' in err

@@ -810,6 +810,11 @@ def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weight
             train_main([*common, '--out', str(tmp_path / 'x'), option, value])
         assert exit_info.value.code == 2
         assert f'{option} must be a number >= 0, got {float(value)}' in capsys.readouterr().err
+    for value in ('nan', 'inf'):  # a NaN loss at step 1, after the data was read
+        with pytest.raises(SystemExit) as exit_info:
+            train_main([*common, '--out', str(tmp_path / 'x'), '--teacher', str(pair_folder),
+                        '--teacher-weight', value])
+        assert exit_info.value.code == 2 and 'go together' in capsys.readouterr().err
     # The first checkpoint would replace the weights it started from (and which its record names).
     run = tmp_path / 'run'
     make_trainer(pair_folder, run).run(progress=False)

@@ -33,15 +33,14 @@ def add_command(commands) -> None:
 
 def bench_batch(args) -> None:
     """Fuse the copies three ways and print pairs/s side by side."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     from ..tools import bag as bag_tool
-    from .cluster import fuse_bags, home_for_ray, private_home, stop_ray
+    from .cluster import _ray, fuse_bags, home_for_ray, private_home, stop_ray
 
     source = args.bag or pathlib.Path(__file__).parents[1] / 'data' / 'msrs_sample'
     if not (source / 'metadata.yaml').is_file():  # s4fusion-batch takes folders of bags
         raise ValueError(f'--bag {source}: not a rosbag2 folder (with its metadata.yaml)')
+    ray = _ray()
+    from ray.cluster_utils import Cluster
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     scratch = pathlib.Path(tempfile.mkdtemp(prefix='s4bench-'))
     home = private_home()

@@ -30,6 +30,7 @@ import time
 import torch
 
 from s4fusion_ros.bagio import BagError
+from s4fusion_ros.batch.cluster import BatchError
 from s4fusion_ros.cli import parse_size, run_command, stop_on_signals
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model import blocks
@@ -484,7 +485,7 @@ def main(argv=None):
     def bench() -> int:
         args.func(args)
         return 0
-    return run_command(PROG, bench, (DeviceError, BagError, OSError, ValueError))
+    return run_command(PROG, bench, (DeviceError, BagError, BatchError, OSError, ValueError))
 
 
 if __name__ == '__main__':

@@ -529,7 +529,7 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     if args.out is None:
         def chosen(value):  # lists as sets: the same splits or methods in another order
             return set(value) if isinstance(value, list) else value
-        defaults = {'datasets': IVIF_DATASETS}
+        defaults = {'datasets': [] if args.folder else IVIF_DATASETS}  # as set above
         partial = [f'--{name.replace("_", "-")}' for name in (
             'limit', 'datasets', 'folder', 'methods', 'weights', 'seafusion_weights',
             'flicker_frames')

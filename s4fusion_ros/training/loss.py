@@ -17,6 +17,7 @@ supplies (``feature_extractor``, ``classifier``).
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import torch
@@ -43,7 +44,8 @@ def teacher_error(has_teacher, teacher_weight, teacher_edges='magnitude'):
     """Why the teacher settings do not go together ('' when they do): a teacher needs a weight
     > 0, a weight a teacher, and an edge comparison other than the default a teacher to compare
     with (without one it would be recorded nowhere and do nothing)."""
-    if teacher_weight < 0 or has_teacher != (teacher_weight != 0):
+    if not math.isfinite(teacher_weight) or teacher_weight < 0 or has_teacher != (
+            teacher_weight != 0):
         return (f'a teacher and a teacher weight > 0 go together, got '
                 f'{"a" if has_teacher else "no"} teacher and weight {teacher_weight}')
     if teacher_edges not in TEACHER_EDGES:
