@@ -512,8 +512,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--flicker-frames must be >= 2')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
+    default_datasets = [] if args.folder else list(IVIF_DATASETS)
     if args.datasets is None:
-        args.datasets = [] if args.folder else list(IVIF_DATASETS)
+        args.datasets = default_datasets
     if not (args.datasets or args.folder or args.flicker):
         parser.error('nothing to evaluate: name splits with --datasets or pairs with --folder')
     if args.datasets and args.data is None and not args.flicker:
@@ -529,7 +530,7 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     if args.out is None:
         def chosen(value):  # lists as sets: the same splits or methods in another order
             return set(value) if isinstance(value, list) else value
-        defaults = {'datasets': [] if args.folder else IVIF_DATASETS}  # as set above
+        defaults = {'datasets': default_datasets}
         partial = [f'--{name.replace("_", "-")}' for name in (
             'limit', 'datasets', 'folder', 'methods', 'weights', 'seafusion_weights',
             'flicker_frames')
