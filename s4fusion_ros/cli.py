@@ -2,6 +2,8 @@
 no torch)."""
 
 import argparse
+import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -38,6 +40,31 @@ def run_command(prog: str, command, errors: tuple, interrupted: str = 'interrupt
     except KeyboardInterrupt:
         print(f'\n{prog}: {interrupted}', file=sys.stderr)
         return 130
+
+
+# Runs in the child before its command: the parent-death signal (prctl PR_SET_PDEATHSIG, 1)
+# survives execve, so the command gets SIGTERM when the tool that started it dies, even by
+# SIGKILL, which runs no clean-up. Set in a launcher, not in Popen's preexec_fn: that is unsafe
+# once the tool has threads (rclpy's DDS threads), and the child could deadlock before exec.
+_STOP_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):  # the tool died before prctl
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def start_child(command: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+    """Start `command` with its output in `log_path`, stopped (SIGTERM) if this process dies.
+
+    Without it a tool killed by SIGKILL leaves its node running and publishing, an orphan.
+    Call it from the main thread: Linux sends the signal when the starting thread ends.
+    """
+    if sys.platform.startswith('linux'):
+        command = [sys.executable, '-c', _STOP_WITH_PARENT, str(os.getpid()), *command]
+    with open(log_path, 'wb') as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def interrupt(process: subprocess.Popen, timeout: float = 10.0) -> int:

@@ -84,9 +84,10 @@ def node_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stop):
-    # SIGTERM (kill, a supervisor) used to end the flood at once and leave its node running.
+    # SIGTERM (kill, a supervisor) used to end the flood at once and leave its node running;
+    # SIGKILL runs no clean-up at all and left it running too.
     process = subprocess.Popen(
         [sys.executable, '-m', 's4fusion_ros.ros.flood', '--rate', '5', '--duration', '60',
          '-p', 'device:=cpu', '-p', 'inference_size:=[160,120]'],
@@ -100,8 +101,16 @@ def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stop):
         time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
         process.send_signal(stop)
         _, stderr = process.communicate(timeout=60)
+        deadline = time.monotonic() + 20  # the node's own clean stop
+        while node_processes(str(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left_running = node_processes(str(tmp_path))
     finally:
         process.kill()
-    assert process.returncode == 130 and 'Traceback' not in stderr, stderr
-    assert 's4fusion-flood: interrupted; the node was stopped' in stderr
-    assert not node_processes(str(tmp_path)) and not list(tmp_path.iterdir())
+        for pid in node_processes(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+    assert not left_running, 'the node outlived its flood'
+    if stop != signal.SIGKILL:
+        assert process.returncode == 130 and 'Traceback' not in stderr, stderr
+        assert 's4fusion-flood: interrupted; the node was stopped' in stderr
+        assert not list(tmp_path.iterdir())

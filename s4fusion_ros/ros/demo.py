@@ -28,7 +28,7 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
-from ..cli import interrupt, stop_on_signals
+from ..cli import interrupt, start_child, stop_on_signals
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import Key, number, per_input
@@ -100,12 +100,6 @@ def isolate_dds(domain_id: int, log_dir: pathlib.Path) -> None:
                        'ROS_DOMAIN_ID': str(domain_id),
                        'FASTDDS_BUILTIN_TRANSPORTS': 'LARGE_DATA',
                        'ROS_LOG_DIR': str(log_dir / 'ros')})
-
-
-def start(command: list[str], log_path: pathlib.Path) -> subprocess.Popen:
-    """Start a child process with its output in `log_path`."""
-    with open(log_path, 'wb') as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop(process: subprocess.Popen | None) -> None:
@@ -275,14 +269,14 @@ def run(args: argparse.Namespace) -> str:
             qos = qos_profile(values['qos.output.reliability'], 50)
             recorder = TopicRecorder(monitor, writer, dict.fromkeys(OUTPUT_TOPICS, IMAGE), qos,
                                      output_qos_of(values))
-            node_process = start(node_command, logs / 'node.log')
+            node_process = start_child(node_command, logs / 'node.log')
             if not monitor.spin_until(lambda: node_process.poll() is not None
                                       or monitor.count_publishers(OUTPUT_TOPICS[0]) > 0, 120):
                 raise BagError(f'{settings.NODE_NAME} did not come up in 120 s')
             if node_process.poll() is not None:
                 raise BagError(f'{settings.NODE_NAME} exited:\n{tail(logs / "node.log")}')
             # Plays once the node subscribes: it joins the graph before its model is loaded.
-            player = start(play + ['--wait-for', settings.NODE_NAME], logs / 'player.log')
+            player = start_child(play + ['--wait-for', settings.NODE_NAME], logs / 'player.log')
             # Done once the clock passed the last thermal frame's sync timeout and all is fused.
             done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
             expected = {'thermal': thermal.count, 'visible': visible.count}

@@ -20,7 +20,6 @@ import math
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +28,7 @@ import time
 import numpy as np
 import yaml
 
-from ..cli import interrupt, parse_size, run_command, stop_on_signals
+from ..cli import interrupt, parse_size, run_command, start_child, stop_on_signals
 from ..diagnostics import BUSY_KEYS, ROLES, Key, number, per_input
 from ..messages import stamp_to_ns
 
@@ -157,8 +156,7 @@ class NodeProcess:
         self.log_path = directory / 'node.log'
         command = [sys.executable, '-m', 's4fusion_ros.ros.run_node', '--ros-args',
                    '--params-file', str(params_file), '-r', f'__ns:={namespace}', *extra_args]
-        with open(self.log_path, 'wb') as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = start_child(command, self.log_path)
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,50 @@
+"""Child processes the console tools start (the demo's and the flood's node) die with the tool."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+# A tool that starts a long child, prints its pid and waits to be killed.
+TOOL = '''
+import pathlib, sys, time
+from s4fusion_ros.cli import start_child
+child = start_child([sys.executable, '-c', 'import time; time.sleep(120)'],
+                    pathlib.Path(sys.argv[1]))
+print(child.pid, flush=True)
+time.sleep(120)
+'''
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper counts as ended)."""
+    try:
+        status = pathlib.Path(f'/proc/{pid}/status').read_text()
+    except FileNotFoundError:
+        return False
+    return '\nState:\tZ' not in status
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='parent-death signal is Linux')
+def test_a_child_is_stopped_when_its_tool_is_killed(tmp_path):
+    tool = subprocess.Popen([sys.executable, '-c', TOOL, str(tmp_path / 'child.log')],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(tool.stdout.readline())
+        time.sleep(0.5)  # the child has exec'd its command
+        assert alive(child_pid)
+        assert 'time.sleep(120)' in pathlib.Path(f'/proc/{child_pid}/cmdline').read_text()
+        tool.kill()  # SIGKILL: the tool runs no clean-up
+        tool.wait()
+        deadline = time.monotonic() + 10
+        while alive(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(child_pid), 'the child outlived its killed tool'
+    finally:
+        tool.kill()
+        if alive(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
