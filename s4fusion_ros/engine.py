@@ -78,7 +78,7 @@ class FusionPipeline:
         self.normalizer = normalizer
         self.registration = registration
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
-        self._latest: tuple[int, float] | None = None  # (stamp ns, arrival s)
+        self._latest: tuple[int, float] | None = None  # (offset stamp ns, arrival s)
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str,
                     arrived: float | None = None) -> list[PreparedPair]:
@@ -89,7 +89,8 @@ class FusionPipeline:
         `expire` at it first, as the node's timer would have before the message came).
         """
         frame = self.thermal_frame(message, stamp_ns, frame_id)
-        return self._add(self.synchronizer.add_thermal, stamp_ns, frame, arrived)
+        return self._add(self.synchronizer.add_thermal, stamp_ns, frame, arrived,
+                         self.synchronizer.thermal_key(stamp_ns))
 
     def add_visible(self, message, stamp_ns: int, frame_id: str,
                     arrived: float | None = None) -> list[PreparedPair]:
@@ -98,7 +99,8 @@ class FusionPipeline:
         `arrived` as for add_thermal.
         """
         frame = self.visible_frame(message, stamp_ns, frame_id)
-        return self._add(self.synchronizer.add_visible, stamp_ns, frame, arrived)
+        return self._add(self.synchronizer.add_visible, stamp_ns, frame, arrived,
+                         self.synchronizer.visible_key(stamp_ns))
 
     def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
         """Prepare a pair matched elsewhere (the node's message_filters backend)."""
@@ -124,20 +126,24 @@ class FusionPipeline:
         """Decide thermal frames whose visible partner is overdue; `now` in seconds on the
         arrival clock: time.monotonic() live, a recording's log time offline.
 
-        The synchronizer's timeout runs on the stamps' clock. Extrapolating that clock from the
-        latest frame it took keeps the timeout right whether stamps are live, simulated, or
-        from an old bag replayed without /clock (where the node's clock is far from the stamps).
+        The synchronizer's timeout runs on the stamps' clock, offsets applied. Extrapolating
+        that clock from the latest frame it took keeps the timeout right whether stamps are live,
+        simulated, or from an old bag replayed without /clock (where the node's clock is far
+        from the stamps). The anchor is the offset stamp: a thermal camera stamping ahead of
+        the visible one by more than `sync.timeout` would otherwise expire every thermal frame
+        before its partner came.
         """
         if self._latest is None:
             return []
-        stamp_ns, arrived = self._latest
-        return self._prepare(self.synchronizer.expire(stamp_ns + int((now - arrived) * 1e9)))
+        key_ns, arrived = self._latest
+        return self._prepare(self.synchronizer.expire(key_ns + int((now - arrived) * 1e9)))
 
     def flush(self) -> list[PreparedPair]:
         """Decide everything still pending (end of a bag)."""
         return self._prepare(self.synchronizer.flush())
 
-    def _add(self, add, stamp_ns: int, frame: Frame, arrived: float | None) -> list[PreparedPair]:
+    def _add(self, add, stamp_ns: int, frame: Frame, arrived: float | None,
+             key_ns: int) -> list[PreparedPair]:
         """Add a frame to the synchronizer and prepare what it pairs. A backwards clock jump (a
         looping bag, a restarted camera) resets the synchronizer, and then the thermal range too:
         the new timeline's first frames must not be scaled by the old scene's range."""
@@ -150,7 +156,7 @@ class FusionPipeline:
         # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a
         # repeated stamp, too), nor one still of the timeline before a clock jump.
         if after.taken != before.taken:
-            self._latest = (stamp_ns, arrived)
+            self._latest = (key_ns, arrived)
         return prepared
 
     def _notice(self, text: str) -> None:

@@ -30,7 +30,8 @@ Parameters and their names elsewhere:
 - ``thermal_offset`` / ``visible_offset``: seconds added to that topic's stamps for matching only
   (e.g. -0.06 for a thermal core stamped 60 ms after exposure); pairs keep the original stamps.
 - ``timeout``: how long after its (offset) stamp a message is expected to have arrived; used only
-  by ``expire``, whose ``now_ns`` must be on the stamps' clock (the node clock, sim time included).
+  by ``expire``, whose ``now_ns`` must be on the offset stamps' clock (``thermal_key`` /
+  ``visible_key`` of a stamp: the node clock, sim time included, where the offsets are 0).
 - ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
   (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
   Frames of the other topic still on the old timeline (in flight at the jump: near where the
@@ -165,6 +166,14 @@ class PairSynchronizer:
         slop = _seconds_to_ns(seconds, 'slop', 0.0)
         with self._lock:
             self._slop = slop
+
+    def thermal_key(self, stamp_ns: int) -> int:
+        """A thermal stamp on the clock frames are matched and expired on (stamp + offset)."""
+        return stamp_ns + self._thermal.offset
+
+    def visible_key(self, stamp_ns: int) -> int:
+        """A visible stamp on the clock frames are matched and expired on (stamp + offset)."""
+        return stamp_ns + self._visible.offset
 
     def add_thermal(self, stamp_ns: int, payload: Any) -> list[Pair]:
         """Take a thermal frame; return the pairs it completes."""

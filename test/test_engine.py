@@ -206,3 +206,28 @@ def test_a_frame_still_of_the_old_timeline_does_not_move_the_expiry_clock():
     assert (pair.thermal_stamp_ns, pair.visible_stamp_ns) == (10**9, 10**9 + 5 * MS)
     stats = pipeline.synchronizer.stats
     assert stats.resets == 1 and stats.visible_late == 1
+
+
+@pytest.mark.parametrize('ahead', [0.0, 0.3, 0.6])
+def test_a_thermal_clock_ahead_corrected_by_its_offset_pairs_as_without_it(ahead):
+    # A thermal camera stamping `ahead` s after the exposure the visible one stamps, corrected by
+    # sync.thermal_offset = -ahead. The expiry clock used to be anchored on the thermal stamp
+    # itself: once `ahead` neared sync.timeout every thermal frame expired before its partner
+    # arrived and nothing paired. Events come as from a bag: expire at each arrival, then add.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.05, queue_size=30, thermal_offset=-ahead,
+                                               timeout=0.5),
+                              ThermalNormalizer(), ThermalRegistration())
+    thermal = encode_image(np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+    events = [(100 + i / 9 + 0.01, 'thermal', 100 + i / 9 + ahead) for i in range(40)]
+    events += [(100 + i / 30 + 0.084, 'visible', 100 + i / 30 + 0.004) for i in range(135)]
+    pairs = []
+    for arrived, topic, stamp in sorted(events):
+        pairs += pipeline.expire(arrived)
+        add = pipeline.add_thermal if topic == 'thermal' else pipeline.add_visible
+        pairs += add(thermal if topic == 'thermal' else visible, round(stamp * 1e9), topic,
+                     arrived)
+    pairs += pipeline.flush()
+    assert len(pairs) == 40
+    for pair in pairs:  # each thermal frame with the visible frame of its exposure
+        assert abs(pair.thermal_stamp_ns - round(ahead * 1e9) - pair.visible_stamp_ns) < 20 * MS
