@@ -23,7 +23,7 @@ from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurabi
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from .imaging.encodings import RawImage
+from .imaging.encodings import FORMATS, RawImage
 from .messages import ns_to_sec_nanosec
 
 IMAGE = 'sensor_msgs/msg/Image'
@@ -35,7 +35,7 @@ BAG_VERSION = 9  # what Jazzy and Kilted write
 # Encodings that only a thermal camera publishes, and colour that only a visible camera does;
 # 8-bit gray is thermal only on a topic named like one (many thermal drivers publish mono8 AGC).
 THERMAL_ENCODINGS = frozenset({'mono16', '16UC1', '32FC1'})
-COLOR_ENCODINGS = frozenset({'bgr8', 'rgb8', 'bgra8', 'rgba8'})
+COLOR_ENCODINGS = frozenset(name for name, fmt in FORMATS.items() if fmt.layout != 'gray')
 GRAY8_ENCODINGS = frozenset({'mono8', '8UC1'})
 THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir)([^a-z]|$)',
                           re.IGNORECASE)

@@ -29,6 +29,10 @@ def arrays(msrs_pair):
         'bgr8': vi, 'rgb8': vi[:, :, ::-1].copy(),
         'bgra8': np.concatenate([vi, alpha], axis=2),
         'rgba8': np.concatenate([vi[:, :, ::-1], alpha], axis=2),
+        '8UC3': vi, '8UC4': np.concatenate([vi, alpha], axis=2),
+        **dict.fromkeys(['yuv422', 'uyvy', 'yuv422_yuy2', 'yuyv'], np.dstack([vi[:, :, 0], ir])),
+        **{f'bayer_{pattern}{bits}': ir if bits == 8 else ir.astype(np.uint16) * 257
+           for pattern in ('rggb', 'bggr', 'gbrg', 'grbg') for bits in (8, 16)},
     }
 
 
@@ -119,6 +123,65 @@ def test_decode_visible_mono(msrs_pair, arrays):
         decode_visible(encode_image(arrays['32FC1'], '32FC1'))
 
 
+def mosaic(bgr: np.ndarray, pattern: str) -> np.ndarray:
+    """Sample a BGR image as a Bayer sensor of `pattern` (its 2x2 block, row by row) would."""
+    channel = {'r': 2, 'g': 1, 'b': 0}
+    out = np.empty(bgr.shape[:2], bgr.dtype)
+    for index, colour in enumerate(pattern):
+        row, column = divmod(index, 2)
+        out[row::2, column::2] = bgr[row::2, column::2, channel[colour]]
+    return out
+
+
+@pytest.mark.parametrize('pattern', ['rggb', 'bggr', 'gbrg', 'grbg'])
+@pytest.mark.parametrize('bits', [8, 16])
+def test_bayer_images_are_demosaiced_to_their_colours(pattern, bits):
+    # A flat colour comes back exactly: OpenCV's Bayer codes name another block than the
+    # sensor's, and a wrong mapping swaps red and blue or mixes green in.
+    scale = 1 if bits == 8 else 257
+    dtype = np.uint8 if bits == 8 else np.uint16
+    flat = np.empty((8, 12, 3), dtype)
+    flat[...] = np.array([30, 120, 220]) * scale
+    img = encode_image(mosaic(flat, pattern), f'bayer_{pattern}{bits}', row_padding=3)
+    out = decode_visible(img)
+    assert out.dtype == np.uint8 and out.shape == (8, 12, 3)
+    np.testing.assert_array_equal(out[2:-2, 2:-2], flat[2:-2, 2:-2] // scale)
+    thermal = decode_thermal_info(img)  # a colour camera on the thermal topic: its luminance
+    assert thermal.from_color and thermal.raw.shape == (8, 12)
+
+
+@pytest.mark.parametrize('encoding, chroma_first', [('yuv422', True), ('uyvy', True),
+                                                    ('yuv422_yuy2', False), ('yuyv', False)])
+def test_yuv422_images_keep_their_colour_and_luminance(encoding, chroma_first):
+    # Y ramps along the row; U (Cb) low and V (Cr) high make red. Read in the other byte order
+    # the luminance would alternate with the chroma values.
+    luma = np.tile(np.linspace(60, 200, 16).astype(np.uint8), (4, 1))
+    chroma = np.tile(np.array([90, 200], np.uint8), (4, 8))  # U, V, U, V, ...
+    packed = np.dstack([chroma, luma] if chroma_first else [luma, chroma])
+    out = decode_visible(encode_image(packed, encoding)).astype(int)
+    assert (out[:, :, 2] > out[:, :, 0] + 60).all()  # red
+    assert (np.diff(out[:, :, 1], axis=1) >= 0).all()  # green follows Y: rising
+    thermal = decode_thermal_info(encode_image(packed, encoding))
+    assert thermal.from_color and (np.diff(thermal.raw, axis=1) > 0).all()
+
+
+@pytest.mark.parametrize('encoding, same_as', [('8UC3', 'bgr8'), ('8UC4', 'bgra8')])
+def test_generic_colour_encodings_read_as_cv_bridge_does(arrays, encoding, same_as):
+    np.testing.assert_array_equal(decode_visible(encode_image(arrays[encoding], encoding)),
+                                  decode_visible(encode_image(arrays[same_as], same_as)))
+
+
+@pytest.mark.parametrize('img, message', [
+    (RawImage(2, 5, 'yuv422', 10, 0, bytes(20)), 'yuv422 image: width 5 is odd'),
+    (RawImage(1, 4, 'bayer_rggb8', 4, 0, bytes(4)),
+     'bayer_rggb8 image: 4x1 is smaller than one 2x2 Bayer block'),
+])
+def test_camera_native_images_too_small_to_convert_are_refused(img, message):
+    for decode in (decode_thermal, decode_visible):
+        with pytest.raises(ImageDecodeError, match=message):
+            decode(img)
+
+
 def test_compressed_jpeg_and_png(msrs_pair):
     ir, vi = msrs_pair
     jpeg = RawCompressedImage('jpeg', cv2.imencode('.jpg', vi, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
@@ -198,8 +261,8 @@ def good(base='mono16', height=4, width=5, padding=0, **changes) -> RawImage:
     (good(height=MAX_SIDE, width=MAX_SIDE, data=b''), f'exceeds {MAX_PIXELS} pixels'),
     (good(height=2.0, data=bytes(40)), 'height is not an integer'),
     (good(is_bigendian=None), 'is_bigendian is not an integer'),
-    (good(encoding='8UC3'), "unsupported encoding '8UC3'"),
-    (good(encoding='yuv422'), "unsupported encoding 'yuv422'"),
+    (good(encoding='32FC3'), "unsupported encoding '32FC3'"),
+    (good(encoding='nv21'), "unsupported encoding 'nv21'"),
     (good(encoding=None), 'unsupported encoding None'),
     # Its own fault, so the node's per-fault log throttle keeps it apart from unknown encodings.
     (good(encoding=''), r'no encoding set \(the driver left it empty\)'),
@@ -256,8 +319,8 @@ def test_encode_image_refuses_dishonest_arrays(msrs_pair):
                              (ir.astype(np.float64), '32FC1'), (ir[:0], 'mono8')):
         with pytest.raises(ValueError):
             encode_image(array_, encoding)
-    with pytest.raises(ValueError, match='8UC3'):
-        encode_image(vi, '8UC3')
+    with pytest.raises(ValueError, match='32FC3'):
+        encode_image(vi, '32FC3')
 
 
 def test_color_round_trip_and_luminance(msrs_pair):

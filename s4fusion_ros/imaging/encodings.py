@@ -11,8 +11,12 @@ Rules for the inputs (see docs/node.md, "Inputs"):
   come out as NaN) give float32 raw values. A colour encoding on the thermal topic (many pipelines
   publish gray as three equal channels) is converted to luminance and flagged ``from_color`` so the
   caller can warn once.
-- visible: rgb8, bgr8, rgba8, bgra8 and mono8 give uint8 BGR. mono16 / 16UC1 are intensity over the
-  full 16-bit range and are scaled by 255/65535 (as image_view does); 32FC1 is refused.
+- visible: rgb8, bgr8, rgba8, bgra8, 8UC3 (as bgr8), 8UC4 (as bgra8) and mono8 give uint8 BGR.
+  mono16 / 16UC1 are intensity over the full 16-bit range and are scaled by 255/65535 (as
+  image_view does); 32FC1 is refused.
+- camera-native colour (USB and machine-vision drivers): yuv422 / uyvy, yuv422_yuy2 / yuyv and
+  bayer_{rggb,bggr,gbrg,grbg}{8,16} are converted to BGR first (16-bit Bayer then scaled as
+  mono16), as cv_bridge converts them to bgr8.
 - compressed (jpeg, png, whatever OpenCV decodes): read with IMREAD_UNCHANGED, so a 16-bit PNG
   stays 16-bit; the decoded layout is 1 channel gray, 3 channels BGR or 4 channels BGRA.
 """
@@ -32,7 +36,7 @@ Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 class _Format(NamedTuple):
     dtype: str  # little-endian NumPy type; the byte order is set per message
     channels: int
-    layout: str  # 'gray', 'rgb', 'bgr', 'rgba' or 'bgra'
+    layout: str  # 'gray', 'rgb', 'bgr', 'rgba', 'bgra', or a camera-native one (_NATIVE_TO_BGR)
 
 
 FORMATS = {
@@ -45,6 +49,14 @@ FORMATS = {
     'bgr8': _Format('u1', 3, 'bgr'),
     'rgba8': _Format('u1', 4, 'rgba'),
     'bgra8': _Format('u1', 4, 'bgra'),
+    '8UC3': _Format('u1', 3, 'bgr'),  # no colour order: cv_bridge passes it through as bgr8
+    '8UC4': _Format('u1', 4, 'bgra'),
+    'yuv422': _Format('u1', 2, 'uyvy'),  # sensor_msgs' name for UYVY
+    'uyvy': _Format('u1', 2, 'uyvy'),
+    'yuv422_yuy2': _Format('u1', 2, 'yuyv'),
+    'yuyv': _Format('u1', 2, 'yuyv'),
+    **{f'bayer_{pattern}{bits}': _Format('u1' if bits == 8 else '<u2', 1, f'bayer_{pattern}')
+       for pattern in ('rggb', 'bggr', 'gbrg', 'grbg') for bits in (8, 16)},
 }
 
 _TO_GRAY = {'rgb': cv2.COLOR_RGB2GRAY, 'bgr': cv2.COLOR_BGR2GRAY,
@@ -52,6 +64,11 @@ _TO_GRAY = {'rgb': cv2.COLOR_RGB2GRAY, 'bgr': cv2.COLOR_BGR2GRAY,
 _TO_BGR = {'gray': cv2.COLOR_GRAY2BGR, 'rgb': cv2.COLOR_RGB2BGR,
            'rgba': cv2.COLOR_RGBA2BGR, 'bgra': cv2.COLOR_BGRA2BGR}
 _COMPRESSED_LAYOUTS = {1: 'gray', 3: 'bgr', 4: 'bgra'}
+# Converted to BGR before anything else reads them. OpenCV names a Bayer pattern by the 2x2 block
+# at the second row and column, so the sensor's RGGB is its BayerBG (checked in test_encodings).
+_NATIVE_TO_BGR = {'uyvy': cv2.COLOR_YUV2BGR_UYVY, 'yuyv': cv2.COLOR_YUV2BGR_YUY2,
+                  'bayer_rggb': cv2.COLOR_BayerBG2BGR, 'bayer_bggr': cv2.COLOR_BayerRG2BGR,
+                  'bayer_gbrg': cv2.COLOR_BayerGR2BGR, 'bayer_grbg': cv2.COLOR_BayerGB2BGR}
 
 
 class ImageDecodeError(ValueError):
@@ -196,7 +213,22 @@ def _decode_any(img: Any) -> tuple[np.ndarray, str, str]:
     if hasattr(img, 'format') and not hasattr(img, 'encoding'):
         return _decode_compressed(img)
     array = image_to_array(img)
-    return array, FORMATS[img.encoding].layout, img.encoding
+    layout = FORMATS[img.encoding].layout
+    if layout in _NATIVE_TO_BGR:
+        return _native_to_bgr(array, layout, img.encoding), 'bgr', img.encoding
+    return array, layout, img.encoding
+
+
+def _native_to_bgr(array: np.ndarray, layout: str, encoding: str) -> np.ndarray:
+    """Convert a YUV 4:2:2 or Bayer image to BGR of its own depth."""
+    height, width = array.shape[:2]
+    if layout in ('uyvy', 'yuyv') and width % 2:
+        raise ImageDecodeError(f'{encoding} image: width {width} is odd; 4:2:2 shares each '
+                               f'colour sample between two pixels')
+    if layout.startswith('bayer') and min(height, width) < 2:
+        raise ImageDecodeError(f'{encoding} image: {width}x{height} is smaller than one 2x2 '
+                               f'Bayer block')
+    return cv2.cvtColor(np.ascontiguousarray(array), _NATIVE_TO_BGR[layout])
 
 
 def decode_thermal_info(img: Any) -> ThermalDecode:
