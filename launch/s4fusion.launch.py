@@ -1,16 +1,19 @@
 """Start s4fusion_node with its parameters file, topic remappings and a large-data transport.
 
 `device`, `weights` and `use_sim_time` override the parameters file only when given: left empty,
-the file's values (or the node's defaults) stand.
+the file's values (or the node's defaults) stand. `use_sim_time` and `log_level` take any case
+('True', 'INFO'), as parent launch files often pass them.
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
-from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+
+LOG_LEVELS = ('debug', 'info', 'warn', 'error', 'fatal')
 
 
 def generate_launch_description():
@@ -29,42 +32,47 @@ def generate_launch_description():
         DeclareLaunchArgument('weights', default_value='',
                               description='checkpoint (.safetensors); empty: the params file\'s '
                                           '(shipped weights by default)'),
-        DeclareLaunchArgument('use_sim_time', default_value='', choices=['', 'true', 'false'],
-                              description='use /clock (rosbag replay); empty: the params file\'s'),
+        # No `choices`: launch checks them case-sensitively, also on a value inherited from an
+        # including launch file, and 'True' there would abort the whole bringup.
+        DeclareLaunchArgument('use_sim_time', default_value='',
+                              description='true or false: use /clock (rosbag replay); empty: the '
+                                          'params file\'s'),
         DeclareLaunchArgument('log_level', default_value='info',
-                              choices=['debug', 'info', 'warn', 'error', 'fatal'],
-                              description='node log level'),
+                              description=f'node log level: {", ".join(LOG_LEVELS)}'),
     ]
-    node = OpaqueFunction(function=_node)
-    return LaunchDescription([
-        # Large images over Fast DDS: shared memory / TCP instead of fragmented UDP (about 3x lower
-        # latency measured for 640x512 and 1280x720 images); see README "Transport and QoS".
-        # A value the user already set is kept.
-        SetEnvironmentVariable('FASTDDS_BUILTIN_TRANSPORTS',
-                               EnvironmentVariable('FASTDDS_BUILTIN_TRANSPORTS',
-                                                   default_value='LARGE_DATA')),
-        *arguments,
-        node,
-    ])
+    return LaunchDescription([*arguments, OpaqueFunction(function=_node)])
 
 
 def _node(context):
     """The node, with the launch arguments that were given on top of the parameters file."""
+    params_file = LaunchConfiguration('params_file').perform(context)
+    if not os.path.isfile(params_file):  # launch_ros would only log it and start on defaults
+        raise FileNotFoundError(f"params_file '{params_file}' is not a file")
     overrides = {}
     for argument, name in (('device', 'device'), ('weights', 'model.weights')):
         value = LaunchConfiguration(argument).perform(context)
         if value:
             overrides[name] = value
-    use_sim_time = LaunchConfiguration('use_sim_time').perform(context)
+    use_sim_time = LaunchConfiguration('use_sim_time').perform(context).lower()
+    if use_sim_time not in ('', 'true', 'false'):
+        raise ValueError(f"use_sim_time must be true, false or empty, got '{use_sim_time}'")
     if use_sim_time:
         overrides['use_sim_time'] = use_sim_time == 'true'
+    log_level = LaunchConfiguration('log_level').perform(context).lower()
+    if log_level not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got '{log_level}'")
+    # Large images over Fast DDS: shared memory / TCP instead of fragmented UDP (about 3x lower
+    # latency measured for 640x512 and 1280x720 images); see README "Transport and QoS". A value
+    # the user already set is kept. Set for this node only: launch's SetEnvironmentVariable
+    # would reach every node started after it by a launch file that includes this one.
+    transports = context.environment.get('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
     return [Node(
         package='s4fusion_ros',
         executable='s4fusion_node',
         name='s4fusion_node',
         namespace=LaunchConfiguration('namespace'),
         output='screen',
-        parameters=[LaunchConfiguration('params_file'), *([overrides] if overrides else [])],
+        parameters=[params_file, *([overrides] if overrides else [])],
         remappings=[
             ('thermal/image_raw', LaunchConfiguration('thermal_topic')),
             ('visible/image_raw', LaunchConfiguration('visible_topic')),
@@ -73,5 +81,6 @@ def _node(context):
             ('visible/image_raw/compressed',
              [LaunchConfiguration('visible_topic'), '/compressed']),
         ],
-        ros_arguments=['--log-level', LaunchConfiguration('log_level')],
+        ros_arguments=['--log-level', log_level],
+        additional_env={'FASTDDS_BUILTIN_TRANSPORTS': transports},
     )]
