@@ -130,3 +130,20 @@ def test_message_filters_backend_pairs_and_fuses(ros_context):
     assert values[Key.SYNC_BACKEND] == 'message_filters', values
     assert int(values[Key.PAIRS]) >= 3, values
     assert values[Key.THERMAL_UNPAIRED].startswith('n/a'), values
+
+
+def test_on_sim_time_with_no_clock_the_node_reports_and_decides_its_last_frame(ros_context):
+    # A bag played with --clock that ended (or was paused): /clock stands still. The node's
+    # timers used to run on sim time, so they stopped too: no diagnostics, and a thermal frame
+    # waiting for a later visible one (or its timeout) was never fused.
+    probe = Probe('sim_time_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'use_sim_time': True}) as proc:
+        probe.wait_for_node(proc)
+        stamp_ns = 100 * 10**9
+        probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp_ns - 10**7, 'rgb'))
+        probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp_ns, 'thermal'))
+        assert probe.spin_until(lambda: probe.fused, 30), node_log(proc)
+        values = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert values[Key.PAIRS_FUSED] == '1', values

@@ -14,6 +14,7 @@ import re
 import time
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
@@ -90,13 +91,16 @@ class S4FusionNode(Node):
         self.saliency_pub = self.create_publisher(Image, '~/saliency', output_qos)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         input_qos = parameters.qos_profile(p['qos.input.reliability'], p['qos.input.depth'])
+        # Timers on the steady clock: on sim time they would stop with /clock (a paused or
+        # ended bag), leaving the last thermal frame unfused and no diagnostics published.
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
         if self.message_filters is None:
             self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], input_qos)
             self.visible_sub = self._subscribe('visible', p['visible.transport'], input_qos)
-            self.create_timer(0.05, self._expire_pending)
+            self.create_timer(0.05, self._expire_pending, clock=steady)
         else:
             self._subscribe_message_filters(p, input_qos)
-        self.create_timer(p['diagnostics.period'], self._publish_diagnostics)
+        self.create_timer(p['diagnostics.period'], self._publish_diagnostics, clock=steady)
         self.get_logger().info(
             f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
             f'{self.fused_pub.topic_name}, {self.saliency_pub.topic_name} with {self.loaded.name} '
