@@ -7,7 +7,7 @@ flat-field-correction pause) and an RGB camera at 30 Hz (bgr8), both 320x240, wi
 transport latency between header stamp and log time, and the scene switching between MSRS pairs
 once a second. MCAP with zstd chunks. MSRS is MIT licensed; see s4fusion_ros/data/NOTICE-MSRS.md.
 
-Usage: .venv/bin/python scripts/make_sample_bag.py [--msrs ../shared/data/ivif/msrs] [--output DIR]
+Usage: .venv/bin/python scripts/make_sample_bag.py MSRS_DIR [--output DIR]   (MSRS_DIR: ir/, vi/)
 """
 
 import argparse
@@ -115,9 +115,7 @@ def write_sample_bag(output: pathlib.Path, topic_types: dict, messages, prog: st
 def main() -> None:
     """Command line entry."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--msrs', type=pathlib.Path,
-                        default=REPO.parent / 'shared' / 'data' / 'ivif' / 'msrs',
-                        help='MSRS folder with ir/ and vi/ (default: %(default)s)')
+    parser.add_argument('msrs', type=pathlib.Path, help='MSRS folder with ir/ and vi/')
     add_output_argument(parser, 'msrs_sample')
     args = parser.parse_args()
     make_sample_bag(args.msrs, args.output)
