@@ -1,27 +1,71 @@
 #!/usr/bin/env bash
 # Creates the project's virtual environment in .venv/ (pinned requirements + this package, editable)
-# and reuses it when it is already complete for the current requirements.
+# and reuses it when it is already complete (scripts/check_venv.py says what that means); a venv
+# missing something is completed, one of another Python or another checkout is made afresh.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 marker="$venv/.s4fusion-setup-complete"
-wanted="$(cat "$root/requirements.txt" "$root/setup.py" | sha256sum | cut -d' ' -f1)"
+pip_install=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 
-if [ -f "$marker" ] && [ "$(cat "$marker")" = "$wanted" ] \
-    && "$venv/bin/python" -c 'import torch, rclpy, s4fusion_ros' >/dev/null 2>&1; then
-  echo "setup: reusing complete environment in $venv"
-  echo "setup: ros2 launch / ros2 run find s4fusion_ros with AMENT_PREFIX_PATH=$venv"
-  exit 0
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "setup: Python 3.10 or newer is needed as python3 (found: $(python3 --version 2>&1))" >&2
+  exit 1
 fi
+python_version="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+# From / and isolated: in the checkout, `import s4fusion_ros` finds the source whatever is installed.
+venv_python() { (cd / && "$venv/bin/python" -I "$@"); }
+# What the marker vouches for beyond check_venv.py: the package's set-up and installed files
+# (ament links for launch/ and config/), this checkout and the Python that made the venv.
+wanted="$( { cat "$root/requirements.txt" "$root/setup.py"; ls "$root/launch" "$root/config"
+             echo "$root $python_version"; } | sha256sum | cut -d' ' -f1)"
 
-echo "setup: creating $venv (pinned CPU torch, ROS 2 Kilted wheels; about 1.5 GB, a minute or two)"
+if [ -e "$venv" ]; then
+  problem="$(venv_python "$root/scripts/check_venv.py" "$root" "$venv" 2>&1)" && complete=true \
+    || complete=false
+  if $complete && [ -f "$marker" ] && [ "$(cat "$marker")" = "$wanted" ]; then
+    echo "setup: reusing complete environment in $venv"
+    echo "setup: ros2 launch / ros2 run find s4fusion_ros with AMENT_PREFIX_PATH=$venv"
+    exit 0
+  fi
+  made_by="$(venv_python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
+  pip_line="$(head -n 1 "$venv/bin/pip" 2>/dev/null || true)"
+  # Its interpreter links and scripts' first lines name the Python and folder it was made with.
+  if [ "$made_by" != "$python_version" ] || [ "${pip_line#"#!$venv/bin/python"}" = "$pip_line" ]; then
+    echo "setup: $venv was made by another Python or for another folder: making it afresh"
+    rm -rf "$venv"
+  else
+    echo "setup: completing $venv (${problem:-its set-up files changed, or a set-up was interrupted})"
+  fi
+fi
+if [ ! -e "$venv" ]; then
+  echo "setup: creating $venv (pinned CPU torch, ROS 2 Kilted wheels; about 1.8 GB, a minute or two)"
+fi
 rm -f "$marker"
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements.txt"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$root"
-"$venv/bin/python" -c 'import torch, rclpy, s4fusion_ros'
+# pip takes a pin installed with files missing as installed: those are reinstalled by force.
+mapfile -t damaged < <(venv_python "$root/scripts/check_venv.py" --damaged "$root" "$venv")
+torch_pin="$(grep '^torch==' "$root/requirements.txt")"
+torch_force=() others=()
+for pin in "${damaged[@]}"; do
+  if [ "$pin" = "$torch_pin" ]; then torch_force=(--force-reinstall); else others+=("$pin"); fi
+done
+# torch from PyTorch's CPU index: PyPI's torch of the same version is the multi-GB CUDA build.
+# A local wheel (pip's find-links) of that version serves as well where the index is unreachable.
+"${pip_install[@]}" -q --retries 1 --no-deps "${torch_force[@]}" \
+    --index-url https://download.pytorch.org/whl/cpu "$torch_pin"
+if [ ${#others[@]} -gt 0 ]; then
+  "${pip_install[@]}" --force-reinstall --no-deps "${others[@]}"
+fi
+"${pip_install[@]}" -r "$root/requirements.txt"
+# No build isolation: the venv's pinned setuptools builds it, not whatever PyPI has newest.
+"${pip_install[@]}" --no-deps --no-build-isolation -e "$root"
 # The venv as an ament prefix (index marker, share/s4fusion_ros, executables in lib/s4fusion_ros).
 "$venv/bin/python" -m s4fusion_ros.ament_prefix "$venv"
+if ! problem="$(venv_python "$root/scripts/check_venv.py" "$root" "$venv" 2>&1)"; then
+  echo "setup: $venv is still incomplete: $problem" >&2
+  exit 1
+fi
 # numba's CPU kernels compiled now, so the node's first start takes seconds, not half a minute.
 "$venv/bin/python" -m s4fusion_ros.precompile
 echo "$wanted" > "$marker"

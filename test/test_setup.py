@@ -1,0 +1,55 @@
+"""scripts/check_venv.py, which decides whether scripts/setup.sh reuses .venv: a pin missing, at
+another version or with files gone, or the package installed from another checkout, is found."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from paths import REPO
+
+CHECK = REPO / 'scripts' / 'check_venv.py'
+
+
+def run_check(*arguments, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CHECK), *map(str, arguments)], cwd='/',
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.skipif(not (REPO / '.venv').exists() or not (REPO / '.venv').samefile(sys.prefix),
+                    reason="runs in the checkout's own .venv (scripts/test.sh)")
+def test_the_venv_the_tests_run_in_is_complete():
+    result = run_check(REPO, sys.prefix)
+    assert result.returncode == 0 and result.stdout == '', result.stdout + result.stderr
+
+
+def fake_distribution(site: pathlib.Path, name: str, files: list[str]) -> None:
+    """An installed distribution as pip records it: METADATA and a RECORD of its files."""
+    info = site / f'{name}-1.0.dist-info'
+    info.mkdir(parents=True)
+    (info / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n')
+    (info / 'RECORD').write_text(''.join(f'{file},,\n' for file in files))
+    for file in files[1:]:  # the first one is gone
+        (site / file).parent.mkdir(parents=True, exist_ok=True)
+        (site / file).write_text('')
+
+
+def test_missing_wrong_and_damaged_pins_and_another_checkout_are_found(tmp_path):
+    site, root = tmp_path / 'site', tmp_path / 'checkout'
+    fake_distribution(site, 'fakepkg', ['fakepkg/gone.py', 'fakepkg/__init__.py'])
+    root.mkdir()
+    (root / 'requirements.txt').write_text(
+        '# a comment\nfakepkg==1.0\nno-such-package==2.0\nnumpy==0.0.1  # too old\n')
+    env = {'PYTHONPATH': str(site), 'PATH': '/usr/bin:/bin'}
+    result = run_check(root, tmp_path / 'venv', env=env)
+    assert result.returncode == 1
+    for problem in ('fakepkg lacks 1 of its files (fakepkg/gone.py, ...)',
+                    'no-such-package is not installed', 'is installed, 0.0.1 is pinned',
+                    f's4fusion_ros is not installed from {root}',
+                    f'{tmp_path}/venv/bin/s4fusion-demo does not run {tmp_path}/venv/bin/python'):
+        assert problem in result.stdout, result.stdout + result.stderr
+    # pip takes fakepkg as installed: setup.sh reinstalls what --damaged lists by force.
+    assert run_check('--damaged', root, tmp_path / 'venv', env=env).stdout == 'fakepkg==1.0\n'
+    (root / 'requirements.txt').write_text('no-such-package==2.0\n')
+    assert run_check('--damaged', root, tmp_path / 'venv', env=env).stdout == ''  # none at all
