@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from .imaging.color import bgr_to_ycrcb, to_uint8, ycrcb_to_bgr
+from .imaging.color import bgr_to_gray, bgr_to_ycrcb, to_uint8, ycrcb_to_bgr
 from .imaging.encodings import (ImageDecodeError, RawImage, decode_thermal_info, decode_visible,
                                 encode_image)
 from .imaging.normalization import ThermalNormalizer
@@ -173,7 +173,11 @@ class FusionPipeline:
                 self._notice('thermal and visible images differ in size and '
                              'registration.homography is the identity: the thermal image is '
                              'resized to the visible geometry; set a homography to register them')
-            registered = self.registration(normalized, (width, height))
+            # Where the thermal camera does not see, the model gets the visible luminance: a
+            # constant there would read as cold or hot, and the fused image would change
+            # brightness with a hard seam at the edge of the thermal view.
+            outside = None if self.registration.is_identity else bgr_to_gray(visible.image)
+            registered = self.registration(normalized, (width, height), outside)
             prepared.append(PreparedPair(thermal.stamp_ns, visible.stamp_ns, visible.frame_id,
                                          registered, visible.image))
         return prepared

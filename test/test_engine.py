@@ -8,7 +8,7 @@ import pytest
 
 from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, PreparedPair,
                                  compose_output, restore_detail)
-from s4fusion_ros.imaging.color import bgr_to_ycrcb
+from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb
 from s4fusion_ros.imaging.encodings import ImageDecodeError, encode_image, image_to_array
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
@@ -68,6 +68,23 @@ def test_size_mismatch_is_resized_with_a_single_notice(msrs_pair):
         pairs += pipeline.add_visible(encode_image(vi, 'bgr8'), (1001 + 100 * k) * MS, 'rgb')
     assert len(pairs) == 3 and all(p.thermal.shape == (480, 640) for p in pairs)
     assert len(pipeline.notices) == 1 and 'differ in size' in pipeline.notices[0]
+
+
+def test_outside_the_thermal_view_the_model_gets_the_visible_luminance(msrs_pair):
+    # A thermal lens narrower than the visible one: its view covers the top-left 3/4. Outside
+    # it the model used to get 0 (cold), and the fused image went dark with a hard seam.
+    ir, vi = msrs_pair
+    height, width = ir.shape
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.02, queue_size=10), ThermalNormalizer(),
+                              ThermalRegistration(np.diag([0.75, 0.75, 1.0])))
+    pipeline.add_thermal(encode_image(ir, 'mono8'), 1000 * MS, 'ir')
+    [pair] = pipeline.add_visible(encode_image(vi, 'bgr8'), 1000 * MS, 'rgb')
+    gray = bgr_to_gray(vi)
+    seen_width, seen_height = int(0.75 * width), int(0.75 * height)
+    np.testing.assert_array_equal(pair.thermal[:, seen_width + 1:], gray[:, seen_width + 1:])
+    np.testing.assert_array_equal(pair.thermal[seen_height + 1:], gray[seen_height + 1:])
+    seen = np.s_[:seen_height - 1, :seen_width - 1]
+    assert np.abs(pair.thermal[seen] - gray[seen]).mean() > 0.05  # the thermal image there
 
 
 def test_engine_outputs_visible_geometry_and_colour(msrs_pair, loaded):

@@ -43,6 +43,16 @@ def test_translation_moves_pixels_by_known_offsets(thermal):
     assert (out[:, :dx] == 0).all() and (out[480 + dy:, :] == 0).all()  # outside: border
 
 
+def test_pixels_outside_the_thermal_view_take_the_callers_values(thermal):
+    dx, dy = 17, -9
+    outside = np.full((480, 640), 0.25, np.float32)
+    out = ThermalRegistration([1, 0, dx, 0, 1, dy, 0, 0, 1])(thermal, (640, 480), outside)
+    np.testing.assert_allclose(out[0:480 + dy - 1, dx + 1:], thermal[-dy:-1, 1:640 - dx],
+                               atol=1e-6)
+    assert (out[:, :dx] == 0.25).all() and (out[480 + dy:, :] == 0.25).all()
+    assert not np.isnan(out).any()
+
+
 def test_homography_from_point_pairs_registers_into_a_larger_visible_frame(thermal):
     """Thermal 640x480 seen by a 800x600 visible camera, scaled, rotated and shifted."""
     angle = np.deg2rad(3.0)

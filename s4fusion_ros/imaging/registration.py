@@ -50,7 +50,8 @@ class ThermalRegistration:
     With the identity homography a frame of the visible size passes through untouched (same
     object, no copy) and a frame of another size is resized: ``needs_resize`` tells the caller so
     that it can warn once that no registration is configured for cameras of different geometry.
-    Pixels that fall outside the thermal frame get ``border_value``.
+    Pixels that fall outside the thermal frame get ``border_value``, or the caller's ``outside``
+    values.
     """
 
     def __init__(self, homography: Optional[Homography] = None,
@@ -64,13 +65,23 @@ class ThermalRegistration:
         """Whether an identity registration has to resize a frame of this shape."""
         return self.is_identity and tuple(thermal_shape[:2]) != _size(visible_size)[::-1]
 
-    def __call__(self, thermal: np.ndarray, visible_size: Sequence[int]) -> np.ndarray:
-        """Return the thermal frame in the visible geometry, visible_size = (width, height)."""
+    def __call__(self, thermal: np.ndarray, visible_size: Sequence[int],
+                 outside: Optional[np.ndarray] = None) -> np.ndarray:
+        """Return the thermal frame in the visible geometry, visible_size = (width, height).
+
+        `outside` (H, W), if given, fills the pixels the thermal camera does not see (those
+        within a pixel of its edge too), instead of ``border_value``.
+        """
         width, height = _size(visible_size)
         if not self.is_identity:
-            return cv2.warpPerspective(thermal, self.homography, (width, height),
-                                       flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                                       borderValue=self.border_value)
+            border = self.border_value if outside is None else np.nan
+            warped = cv2.warpPerspective(thermal, self.homography, (width, height),
+                                         flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                         borderValue=border)
+            if outside is not None:
+                unseen = np.isnan(warped)
+                warped[unseen] = outside[unseen]
+            return warped
         if thermal.shape[:2] == (height, width):
             return thermal
         shrinking = width * height < thermal.shape[0] * thermal.shape[1]
