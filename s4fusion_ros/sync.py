@@ -49,6 +49,9 @@ import operator
 import threading
 from typing import Any, NamedTuple, Optional
 
+# Default reset_threshold: a stamp this much older than its topic's newest is a clock jump.
+CLOCK_JUMP_S = 1.0
+
 
 class Pair(NamedTuple):
     """A thermal frame and its visible partner, with their original stamps (ns)."""
@@ -140,7 +143,7 @@ class PairSynchronizer:
 
     def __init__(self, slop: float, queue_size: int, thermal_offset: float = 0.0,
                  visible_offset: float = 0.0, timeout: float = 0.5,
-                 reset_threshold: float = 1.0) -> None:
+                 reset_threshold: float = CLOCK_JUMP_S) -> None:
         """Validate the parameters (ValueError with a reason); times are in seconds."""
         self._slop = _seconds_to_ns(slop, 'slop', 0.0)
         if not isinstance(queue_size, int) or queue_size < 1:

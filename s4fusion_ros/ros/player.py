@@ -36,6 +36,7 @@ from rosgraph_msgs.msg import Clock
 from ..bagio import IMAGE_TYPES, BagError, open_bag, read_messages
 from ..cli import stop_on_signals
 from ..messages import ns_to_sec_nanosec
+from ..sync import CLOCK_JUMP_S
 
 PROG = 's4fusion-play'
 # Reliable history a late-matching reader can still be repaired from (one second at 30 Hz).
@@ -118,6 +119,8 @@ class BagPlayer:
         self.args = args
         with open_bag(args.bag) as reader:
             types = {topic: info.msgtype for topic, info in reader.topics.items()}
+            # Bag time from the first message to the last; None without messages.
+            self.span_s = reader.duration / 1e9 if reader.message_count else None
         wanted = args.topics or [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
         missing = ([t for t in wanted if t not in types]
                    + [t for t in args.remap if t not in wanted])  # a typo in --remap OLD
@@ -251,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         player.wait_for_subscribers()
         print(f'{PROG}: playing {args.bag} at rate {args.rate:g}'
               + (f' with /clock at {args.clock_rate:g} Hz' if args.clock else ''), file=sys.stderr)
+        if args.loop and player.span_s is not None and player.span_s < CLOCK_JUMP_S:
+            print(f'{PROG}: warning: the bag spans {player.span_s:.2f} s; looped, its stamps '
+                  f'jump back by less than the {CLOCK_JUMP_S:g} s a synchronizer takes for a '
+                  f'clock jump, so a node counts the passes after the first as late',
+                  file=sys.stderr)
         if not player.play_once(LOOP_MINIMUM_S if args.loop else 0.0) and args.loop:
             raise BagError(f'{args.bag}: no message on the played topics, nothing to loop')
         while args.loop:
