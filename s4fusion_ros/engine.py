@@ -22,6 +22,7 @@ import torch
 from .imaging.color import bgr_to_gray, bgr_to_ycrcb, to_uint8, ycrcb_to_bgr
 from .imaging.encodings import (ImageDecodeError, RawImage, decode_thermal_info, decode_visible,
                                 encode_image)
+from .imaging.limits import MAX_PIXELS
 from .imaging.normalization import ThermalNormalizer
 from .imaging.registration import ThermalRegistration
 from .runtime import LoadedModel
@@ -69,14 +70,20 @@ class FusionResult:
                 encode_image(self.saliency_image, self.saliency_encoding))
 
 
+def message_name(message) -> str:
+    """An Image's encoding or a CompressedImage's format, to name it in an error."""
+    return getattr(message, 'encoding', None) or f'compressed {message.format!r}'
+
+
 class FusionPipeline:
     """Decode, synchronize, normalize and register: everything before the model."""
 
     def __init__(self, synchronizer: PairSynchronizer, normalizer: ThermalNormalizer,
-                 registration: ThermalRegistration):
+                 registration: ThermalRegistration, max_pixels: int = MAX_PIXELS):
         self.synchronizer = synchronizer
         self.normalizer = normalizer
         self.registration = registration
+        self.max_pixels = max_pixels  # larger inputs are refused: model memory grows with size
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
         self._latest: tuple[int, float] | None = None  # (offset stamp ns, arrival s)
 
@@ -109,10 +116,10 @@ class FusionPipeline:
     def thermal_frame(self, message, stamp_ns: int, frame_id: str) -> Frame:
         """Decode a thermal Image/CompressedImage; ImageDecodeError if bad."""
         decoded = decode_thermal_info(message)
+        self._check_size(decoded.raw, message)
         if not np.isfinite(decoded.raw).any():
             # NaN/inf pixels are allowed, but a frame of only those carries no temperature.
-            name = getattr(message, 'encoding', None) or f'compressed {message.format!r}'
-            raise ImageDecodeError(f'{name} image: every pixel is NaN or inf')
+            raise ImageDecodeError(f'{message_name(message)} image: every pixel is NaN or inf')
         if decoded.from_color:
             self._notice('a colour image arrived on the thermal topic: it is converted to its '
                          'luminance (publish mono8/mono16/32FC1 thermal images to avoid this)')
@@ -120,7 +127,9 @@ class FusionPipeline:
 
     def visible_frame(self, message, stamp_ns: int, frame_id: str) -> Frame:
         """Decode a visible Image/CompressedImage; ImageDecodeError if bad."""
-        return Frame(stamp_ns, frame_id, decode_visible(message))
+        image = decode_visible(message)
+        self._check_size(image, message)
+        return Frame(stamp_ns, frame_id, image)
 
     def expire(self, now: float) -> list[PreparedPair]:
         """Decide thermal frames whose visible partner is overdue; `now` in seconds on the
@@ -158,6 +167,12 @@ class FusionPipeline:
         if after.taken != before.taken:
             self._latest = (key_ns, arrived)
         return prepared
+
+    def _check_size(self, image: np.ndarray, message) -> None:
+        height, width = image.shape[:2]
+        if width * height > self.max_pixels:
+            raise ImageDecodeError(f'{message_name(message)} image: {width}x{height} is more '
+                                   f'than max_input_pixels = {self.max_pixels}')
 
     def _notice(self, text: str) -> None:
         if text not in self.notices:
@@ -339,7 +354,7 @@ def pipeline_from_params(values: dict) -> FusionPipeline:
         thermal_offset=values['sync.thermal_offset'], timeout=values['sync.timeout'])
     normalizer = ThermalNormalizer(**normalizer_settings(values))
     registration = ThermalRegistration(np.reshape(values['registration.homography'], (3, 3)))
-    return FusionPipeline(synchronizer, normalizer, registration)
+    return FusionPipeline(synchronizer, normalizer, registration, values['max_input_pixels'])
 
 
 def fusion_settings(values: dict) -> FusionSettings:

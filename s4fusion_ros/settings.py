@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from .imaging.limits import MAX_PIXELS
 from .imaging.normalization import MODES as NORMALIZATION_MODES
 from .imaging.registration import validate_homography
 from .worker import QUEUE_POLICIES
@@ -82,6 +83,9 @@ SPECS = {
                                    choices=QUEUE_POLICIES),
     'inference_size': Spec([0, 0], '[width, height] the model runs at (detail restored at full '
                            'resolution); [0, 0] = the visible image size'),
+    'max_input_pixels': Spec(1 << 25, 'largest input image (width x height) accepted; a larger '
+                             'one is dropped as a bad message (the model needs about 300 bytes '
+                             'a pixel on the CPU; default: 8K)', range=(1, MAX_PIXELS)),
     'registration.homography': Spec(IDENTITY, 'row-major 3x3 homography from thermal pixels to '
                                     'visible pixels'),
     'normalization.mode': Spec('percentile', 'thermal to [0, 1]: percentile (smoothed over time), '

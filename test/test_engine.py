@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+from s4fusion_ros import settings
 from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, PreparedPair,
-                                 compose_output, restore_detail)
+                                 compose_output, pipeline_from_params, restore_detail)
 from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb
 from s4fusion_ros.imaging.encodings import ImageDecodeError, encode_image, image_to_array
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
@@ -248,3 +249,21 @@ def test_a_thermal_clock_ahead_corrected_by_its_offset_pairs_as_without_it(ahead
     assert len(pairs) == 40
     for pair in pairs:  # each thermal frame with the visible frame of its exposure
         assert abs(pair.thermal_stamp_ns - round(ahead * 1e9) - pair.visible_stamp_ns) < 20 * MS
+
+
+def test_an_image_over_max_input_pixels_is_a_bad_message_before_it_takes_a_partner():
+    # The model's memory grows with the image: a camera misconfigured to a huge size must cost a
+    # dropped frame, not the process.
+    pipeline = pipeline_from_params({**settings.defaults(), 'max_input_pixels': 64 * 48})
+    small = encode_image(np.full((48, 64, 3), 100, np.uint8), 'bgr8')
+    large = encode_image(np.full((49, 64), 1000, np.uint16), 'mono16')
+    message = 'mono16 image: 64x49 is more than max_input_pixels = 3072'
+    with pytest.raises(ImageDecodeError, match=message):
+        pipeline.add_thermal(large, 1000 * MS, 'ir')
+    with pytest.raises(ImageDecodeError, match='bgr8 image: 64x49'):
+        pipeline.add_visible(encode_image(np.zeros((49, 64, 3), np.uint8), 'bgr8'), 1000 * MS,
+                             'rgb')
+    assert pipeline.synchronizer.stats.thermal_received == 0
+    pipeline.add_thermal(encode_image(np.full((48, 64), 1000, np.uint16), 'mono16'), 1000 * MS,
+                         'ir')
+    assert len(pipeline.add_visible(small, 1000 * MS, 'rgb')) == 1
