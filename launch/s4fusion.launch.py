@@ -1,8 +1,8 @@
 """Start s4fusion_node with its parameters file, topic remappings and a large-data transport.
 
-`device`, `weights` and `use_sim_time` override the parameters file only when given: left empty,
-the file's values (or the node's defaults) stand. `use_sim_time` and `log_level` take any case
-('True', 'INFO'), as parent launch files often pass them.
+`device`, `weights`, `use_sim_time` and `input_reliability` override the parameters file only
+when given: left empty, the file's values (or the node's defaults) stand. `use_sim_time` and
+`log_level` take any case ('True', 'INFO'), as parent launch files often pass them.
 """
 
 import os
@@ -37,6 +37,10 @@ def generate_launch_description():
         DeclareLaunchArgument('use_sim_time', default_value='',
                               description='true or false: use /clock (rosbag replay); empty: the '
                                           'params file\'s'),
+        DeclareLaunchArgument('input_reliability', default_value='',
+                              description='reliable or best_effort (to receive from a camera '
+                                          'driver publishing best effort); empty: the params '
+                                          'file\'s'),
         DeclareLaunchArgument('log_level', default_value='info',
                               description=f'node log level: {", ".join(LOG_LEVELS)}'),
     ]
@@ -49,7 +53,8 @@ def _node(context):
     if not os.path.isfile(params_file):  # launch_ros would only log it and start on defaults
         raise FileNotFoundError(f"params_file '{params_file}' is not a file")
     overrides = {}
-    for argument, name in (('device', 'device'), ('weights', 'model.weights')):
+    for argument, name in (('device', 'device'), ('weights', 'model.weights'),
+                           ('input_reliability', 'qos.input.reliability')):
         value = LaunchConfiguration(argument).perform(context)
         if value:
             overrides[name] = value

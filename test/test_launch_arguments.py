@@ -58,12 +58,14 @@ def bringup(arguments: dict, inherited: dict = {}) -> tuple[int, dict]:
 
 def test_an_including_bringup_passes_its_values_and_keeps_its_transport(monkeypatch):
     monkeypatch.delenv('FASTDDS_BUILTIN_TRANSPORTS', raising=False)
-    code, started = bringup({'device': 'cpu', 'log_level': 'WARN'},
+    code, started = bringup({'device': 'cpu', 'log_level': 'WARN',
+                             'input_reliability': 'best_effort'},
                             inherited={'use_sim_time': 'True'})
     assert code == 0 and set(started) == {'s4fusion_node', 'other_node'}, started
     command, environment, parameters = started['s4fusion_node']
     assert command[command.index('--log-level') + 1] == 'warn'
     assert parameters['use_sim_time'] is True and parameters['device'] == 'cpu'
+    assert parameters['qos.input.reliability'] == 'best_effort'
     assert environment['FASTDDS_BUILTIN_TRANSPORTS'] == 'LARGE_DATA'
     # Launch's SetEnvironmentVariable used to reach every node a bringup started after it.
     assert 'FASTDDS_BUILTIN_TRANSPORTS' not in started['other_node'][1]
