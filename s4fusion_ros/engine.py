@@ -70,11 +70,6 @@ class FusionResult:
                 encode_image(self.saliency_image, self.saliency_encoding))
 
 
-def message_name(message) -> str:
-    """An Image's encoding or a CompressedImage's format, to name it in an error."""
-    return getattr(message, 'encoding', None) or f'compressed {message.format!r}'
-
-
 class FusionPipeline:
     """Decode, synchronize, normalize and register: everything before the model."""
 
@@ -115,11 +110,11 @@ class FusionPipeline:
 
     def thermal_frame(self, message, stamp_ns: int, frame_id: str) -> Frame:
         """Decode a thermal Image/CompressedImage; ImageDecodeError if bad."""
-        decoded = decode_thermal_info(message)
-        self._check_size(decoded.raw, message)
+        decoded = decode_thermal_info(message, self.max_pixels)
         if not np.isfinite(decoded.raw).any():
             # NaN/inf pixels are allowed, but a frame of only those carries no temperature.
-            raise ImageDecodeError(f'{message_name(message)} image: every pixel is NaN or inf')
+            name = getattr(message, 'encoding', None) or f'compressed {message.format!r}'
+            raise ImageDecodeError(f'{name} image: every pixel is NaN or inf')
         if decoded.from_color:
             self._notice('a colour image arrived on the thermal topic: it is converted to its '
                          'luminance (publish mono8/mono16/32FC1 thermal images to avoid this)')
@@ -127,9 +122,7 @@ class FusionPipeline:
 
     def visible_frame(self, message, stamp_ns: int, frame_id: str) -> Frame:
         """Decode a visible Image/CompressedImage; ImageDecodeError if bad."""
-        image = decode_visible(message)
-        self._check_size(image, message)
-        return Frame(stamp_ns, frame_id, image)
+        return Frame(stamp_ns, frame_id, decode_visible(message, self.max_pixels))
 
     def expire(self, now: float) -> list[PreparedPair]:
         """Decide thermal frames whose visible partner is overdue; `now` in seconds on the
@@ -167,12 +160,6 @@ class FusionPipeline:
         if after.taken != before.taken:
             self._latest = (key_ns, arrived)
         return prepared
-
-    def _check_size(self, image: np.ndarray, message) -> None:
-        height, width = image.shape[:2]
-        if width * height > self.max_pixels:
-            raise ImageDecodeError(f'{message_name(message)} image: {width}x{height} is more '
-                                   f'than max_input_pixels = {self.max_pixels}')
 
     def _notice(self, text: str) -> None:
         if text not in self.notices:

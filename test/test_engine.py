@@ -10,7 +10,8 @@ from s4fusion_ros import settings
 from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, PreparedPair,
                                  compose_output, pipeline_from_params, restore_detail)
 from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb
-from s4fusion_ros.imaging.encodings import ImageDecodeError, encode_image, image_to_array
+from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage, RawImage,
+                                            encode_image, image_to_array)
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.runtime import load_fusion_model
@@ -54,6 +55,12 @@ def test_bad_message_is_refused_before_it_takes_a_partner(msrs_pair):
                            bytes(good.data)[:-1])
     with pytest.raises(ImageDecodeError):
         pipeline.add_thermal(truncated, 1000 * MS, 'ir')
+    # A raw image is refused from its header, before its data is read or copied.
+    with pytest.raises(ImageDecodeError, match=message):
+        pipeline.add_thermal(RawImage(49, 64, 'mono16', 128, 0, b''), 1000 * MS, 'ir')
+    png = RawCompressedImage('png', cv2.imencode('.png', np.zeros((49, 64), np.uint8))[1])
+    with pytest.raises(ImageDecodeError, match="compressed 'png' image: 64x49 exceeds 3072"):
+        pipeline.add_visible(png, 1000 * MS, 'rgb')
     assert pipeline.synchronizer.stats.thermal_received == 0
     assert pipeline.add_thermal(good, 1001 * MS, 'ir') == []
     assert len(pipeline.add_visible(encode_image(vi, 'bgr8'), 1002 * MS, 'rgb')) == 1
@@ -257,12 +264,18 @@ def test_an_image_over_max_input_pixels_is_a_bad_message_before_it_takes_a_partn
     pipeline = pipeline_from_params({**settings.defaults(), 'max_input_pixels': 64 * 48})
     small = encode_image(np.full((48, 64, 3), 100, np.uint8), 'bgr8')
     large = encode_image(np.full((49, 64), 1000, np.uint16), 'mono16')
-    message = 'mono16 image: 64x49 is more than max_input_pixels = 3072'
+    message = 'mono16 image: 64x49 exceeds 3072 pixels'
     with pytest.raises(ImageDecodeError, match=message):
         pipeline.add_thermal(large, 1000 * MS, 'ir')
     with pytest.raises(ImageDecodeError, match='bgr8 image: 64x49'):
         pipeline.add_visible(encode_image(np.zeros((49, 64, 3), np.uint8), 'bgr8'), 1000 * MS,
                              'rgb')
+    # A raw image is refused from its header, before its data is read or copied.
+    with pytest.raises(ImageDecodeError, match=message):
+        pipeline.add_thermal(RawImage(49, 64, 'mono16', 128, 0, b''), 1000 * MS, 'ir')
+    png = RawCompressedImage('png', cv2.imencode('.png', np.zeros((49, 64), np.uint8))[1])
+    with pytest.raises(ImageDecodeError, match="compressed 'png' image: 64x49 exceeds 3072"):
+        pipeline.add_visible(png, 1000 * MS, 'rgb')
     assert pipeline.synchronizer.stats.thermal_received == 0
     pipeline.add_thermal(encode_image(np.full((48, 64), 1000, np.uint16), 'mono16'), 1000 * MS,
                          'ir')

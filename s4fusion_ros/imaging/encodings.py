@@ -130,9 +130,9 @@ def _dimension(value: Any, name: str, encoding: str, limit: int) -> int:
     return number
 
 
-def _check_pixels(width: int, height: int, name: str) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageDecodeError(f'{name} image: {width}x{height} exceeds {MAX_PIXELS} pixels')
+def _check_pixels(width: int, height: int, name: str, limit: int = MAX_PIXELS) -> None:
+    if width * height > limit:
+        raise ImageDecodeError(f'{name} image: {width}x{height} exceeds {limit} pixels')
 
 
 def _flag(value: Any, encoding: str) -> bool:
@@ -155,13 +155,14 @@ def _encoding_of(img: Any) -> str:
     return encoding
 
 
-def image_to_array(img: Any) -> np.ndarray:
-    """View a raw image as (H, W) or (H, W, C) in native byte order (no copy unless swapped)."""
+def image_to_array(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """View a raw image as (H, W) or (H, W, C) in native byte order (no copy unless swapped);
+    larger than `max_pixels` (width x height, checked from the header) is an error."""
     encoding = _encoding_of(img)
     fmt = FORMATS[encoding]
     height = _dimension(img.height, 'height', encoding, MAX_SIDE)
     width = _dimension(img.width, 'width', encoding, MAX_SIDE)
-    _check_pixels(width, height, encoding)
+    _check_pixels(width, height, encoding, max_pixels)
     dtype = np.dtype(fmt.dtype)
     if _flag(img.is_bigendian, encoding) and dtype.itemsize > 1:
         dtype = dtype.newbyteorder('>')
@@ -182,7 +183,7 @@ def image_to_array(img: Any) -> np.ndarray:
     return array[:, :, 0] if fmt.channels == 1 else array
 
 
-def _decode_compressed(img: Any) -> tuple[np.ndarray, str, str]:
+def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """Decode a CompressedImage to (array, layout, a name for messages)."""
     name = f'compressed {getattr(img, "format", None)!r}'
     data = _byte_view(img.data, name)
@@ -200,7 +201,7 @@ def _decode_compressed(img: Any) -> tuple[np.ndarray, str, str]:
     # Checked after decoding where OpenCV was not given the limits (a library user's process).
     for side, size in (('height', array.shape[0]), ('width', array.shape[1])):
         _dimension(size, side, name, MAX_SIDE)
-    _check_pixels(array.shape[1], array.shape[0], name)
+    _check_pixels(array.shape[1], array.shape[0], name, max_pixels)
     channels = 1 if array.ndim == 2 else array.shape[2]
     if channels not in _COMPRESSED_LAYOUTS or array.dtype not in (np.uint8, np.uint16,
                                                                   np.float32):
@@ -208,11 +209,12 @@ def _decode_compressed(img: Any) -> tuple[np.ndarray, str, str]:
     return array, _COMPRESSED_LAYOUTS[channels], name
 
 
-def _decode_any(img: Any) -> tuple[np.ndarray, str, str]:
-    """Decode a raw or compressed image to (array, layout, a name for messages)."""
+def _decode_any(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
+    """Decode a raw or compressed image to (array, layout, a name for messages); a raw image
+    over `max_pixels` is refused from its header, a compressed one once decoded."""
     if hasattr(img, 'format') and not hasattr(img, 'encoding'):
-        return _decode_compressed(img)
-    array = image_to_array(img)
+        return _decode_compressed(img, max_pixels)
+    array = image_to_array(img, max_pixels)
     layout = FORMATS[img.encoding].layout
     if layout in _NATIVE_TO_BGR:
         return _native_to_bgr(array, layout, img.encoding), 'bgr', img.encoding
@@ -231,9 +233,9 @@ def _native_to_bgr(array: np.ndarray, layout: str, encoding: str) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(array), _NATIVE_TO_BGR[layout])
 
 
-def decode_thermal_info(img: Any) -> ThermalDecode:
+def decode_thermal_info(img: Any, max_pixels: int = MAX_PIXELS) -> ThermalDecode:
     """Decode a thermal image to float32 (H, W) raw values, telling whether it was colour."""
-    array, layout, name = _decode_any(img)
+    array, layout, name = _decode_any(img, max_pixels)
     if layout != 'gray':
         if array.dtype == np.float32:
             raise ImageDecodeError(f'{name} image: float colour is not a thermal image')
@@ -249,9 +251,9 @@ def decode_thermal(img: Any) -> np.ndarray:
     return decode_thermal_info(img).raw
 
 
-def decode_visible(img: Any) -> np.ndarray:
+def decode_visible(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode a visible image to uint8 (H, W, 3) BGR."""
-    array, layout, name = _decode_any(img)
+    array, layout, name = _decode_any(img, max_pixels)
     if array.dtype == np.float32:
         raise ImageDecodeError(f'{name} image: float data is not a visible image')
     if array.dtype == np.uint16:
