@@ -6,9 +6,11 @@ Complete: every pin of requirements.txt installed at its version (a local build 
 torch's +cpu aside) with all the files its install recorded, torch, rclpy and this checkout's
 s4fusion_ros importable, the console scripts bound to this venv's Python, and the venv an ament
 prefix (s4fusion_ros.ament_prefix). With --damaged it prints the pins installed with files
-missing instead (pip takes them as installed, so setup.sh reinstalls them by force).
+missing instead (pip takes them as installed, so setup.sh reinstalls them by force). With --bound
+(any Python 3 may run it) it checks only that the venv's scripts run its own Python: a venv
+moved or copied from another folder runs the old one's.
 
-Usage: VENV/bin/python -I scripts/check_venv.py [--damaged] ROOT VENV
+Usage: VENV/bin/python -I scripts/check_venv.py [--damaged | --bound] ROOT VENV
 """
 
 import importlib
@@ -34,6 +36,25 @@ def lacks_files(distribution: importlib.metadata.Distribution) -> list:
             if '__pycache__' not in file.parts and not file.locate().exists()]
 
 
+def script_python(script: pathlib.Path) -> str:
+    """The interpreter a console script pip wrote runs: its `#!` line, or, where the path has a
+    space or is too long for one, the `exec` of the `#!/bin/sh` header pip writes instead."""
+    lines = script.read_text(errors='replace').split('\n', 2) if script.is_file() else ['']
+    if lines[0] == '#!/bin/sh' and len(lines) > 1 and lines[1].startswith("'''exec' \""):
+        return lines[1][len("'''exec' \""):].partition('"')[0]
+    return lines[0][2:] if lines[0].startswith('#!') else ''
+
+
+def bound_elsewhere(venv: pathlib.Path) -> str:
+    """Why the venv's scripts would not run its own Python ('' when they do)."""
+    own = (f'{venv}/bin/python', f'{venv}/bin/python3')
+    for name in ('pip', 's4fusion-demo'):
+        script = venv / 'bin' / name
+        if script.is_file() and script_python(script) not in own:
+            return f'{script} runs {script_python(script) or "nothing"} (moved or copied?)'
+    return ''
+
+
 def problems(root: pathlib.Path, venv: pathlib.Path) -> Iterator[str]:
     """What is missing or wrong, one line each."""
     for name, pinned in pins(root):
@@ -57,9 +78,10 @@ def problems(root: pathlib.Path, venv: pathlib.Path) -> Iterator[str]:
     if spec is None or pathlib.Path(spec.origin).resolve() != source.resolve():
         yield f's4fusion_ros is not installed from {root}'
     script = venv / 'bin' / 's4fusion-demo'
-    first_line = script.read_text().partition('\n')[0] if script.is_file() else ''
-    if first_line != f'#!{venv}/bin/python':
-        yield f'{script} does not run {venv}/bin/python'
+    if not script.is_file():
+        yield f'{script} is missing'
+    else:
+        yield bound_elsewhere(venv)  # '' when bound here, dropped by main
     for entry in ('share/ament_index/resource_index/packages/s4fusion_ros',
                   'lib/s4fusion_ros/s4fusion_node'):
         if not (venv / entry).exists():
@@ -79,13 +101,14 @@ def damaged(root: pathlib.Path) -> Iterator[str]:
 def main() -> int:
     """Command line entry."""
     arguments = sys.argv[1:]
-    list_damaged = arguments[:1] == ['--damaged']
-    root, venv = (pathlib.Path(argument) for argument in arguments[list_damaged:])
-    if list_damaged:
+    mode = arguments.pop(0) if arguments[0] in ('--damaged', '--bound') else ''
+    root, venv = (pathlib.Path(argument) for argument in arguments)
+    if mode == '--damaged':
         for pin in damaged(root):
             print(pin)
         return 0
-    found = list(problems(root, venv))
+    found = [bound_elsewhere(venv)] if mode == '--bound' else list(problems(root, venv))
+    found = [problem for problem in found if problem]
     if found:
         print('; '.join(found))
     return 1 if found else 0

@@ -29,10 +29,17 @@ if [ -e "$venv" ]; then
     exit 0
   fi
   made_by="$(venv_python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
-  pip_line="$(head -n 1 "$venv/bin/pip" 2>/dev/null || true)"
-  # Its interpreter links and scripts' first lines name the Python and folder it was made with.
-  if [ "$made_by" != "$python_version" ] || [ "${pip_line#"#!$venv/bin/python"}" = "$pip_line" ]; then
-    echo "setup: $venv was made by another Python or for another folder: making it afresh"
+  # Its interpreter links and its scripts name the Python and the folder it was made with.
+  reason=""
+  if [ ! -f "$venv/pyvenv.cfg" ]; then
+    reason="it is not a virtual environment"
+  elif [ "$made_by" != "$python_version" ]; then
+    reason="its Python is ${made_by:-missing}, python3 is $python_version"
+  else  # a script of it bound to another folder's Python, if any
+    reason="$(python3 -I "$root/scripts/check_venv.py" --bound "$root" "$venv" || true)"
+  fi
+  if [ -n "$reason" ]; then
+    echo "setup: making $venv afresh: $reason"
     rm -rf "$venv"
   else
     echo "setup: completing $venv (${problem:-its set-up files changed, or a set-up was interrupted})"
@@ -58,7 +65,8 @@ if [ ${#others[@]} -gt 0 ]; then
   "${pip_install[@]}" --force-reinstall --no-deps "${others[@]}"
 fi
 "${pip_install[@]}" -r "$root/requirements.txt"
-# No build isolation: the venv's pinned setuptools builds it, not whatever PyPI has newest.
+# No build isolation: the venv's setuptools (below 80 through colcon-core) builds it, not
+# whatever PyPI has newest.
 "${pip_install[@]}" --no-deps --no-build-isolation -e "$root"
 # The venv as an ament prefix (index marker, share/s4fusion_ros, executables in lib/s4fusion_ros).
 "$venv/bin/python" -m s4fusion_ros.ament_prefix "$venv"

@@ -47,9 +47,28 @@ def test_missing_wrong_and_damaged_pins_and_another_checkout_are_found(tmp_path)
     for problem in ('fakepkg lacks 1 of its files (fakepkg/gone.py, ...)',
                     'no-such-package is not installed', 'is installed, 0.0.1 is pinned',
                     f's4fusion_ros is not installed from {root}',
-                    f'{tmp_path}/venv/bin/s4fusion-demo does not run {tmp_path}/venv/bin/python'):
+                    f'{tmp_path}/venv/bin/s4fusion-demo is missing'):
         assert problem in result.stdout, result.stdout + result.stderr
     # pip takes fakepkg as installed: setup.sh reinstalls what --damaged lists by force.
     assert run_check('--damaged', root, tmp_path / 'venv', env=env).stdout == 'fakepkg==1.0\n'
     (root / 'requirements.txt').write_text('no-such-package==2.0\n')
     assert run_check('--damaged', root, tmp_path / 'venv', env=env).stdout == ''  # none at all
+
+
+@pytest.mark.parametrize('header', [
+    '#!{venv}/bin/python\n',
+    # pip's header where the path has a space or is too long for a #! line
+    '#!/bin/sh\n\'\'\'exec\' "{venv}/bin/python3" "$0" "$@"\n\' \'\'\'\n'])
+def test_scripts_bound_to_the_venv_or_to_another_folder_are_told_apart(tmp_path, header):
+    venv = tmp_path / 'with space' / '.venv'
+    (venv / 'bin').mkdir(parents=True)
+    script = venv / 'bin' / 's4fusion-demo'
+    script.write_text(header.format(venv=venv) + 'import sys\n')
+    assert run_check('--bound', REPO, venv).returncode == 0
+    # The same venv moved: its scripts still run the old folder's Python.
+    moved = tmp_path / 'moved' / '.venv'
+    (tmp_path / 'moved').mkdir()
+    venv.rename(moved)
+    result = run_check('--bound', REPO, moved)
+    assert result.returncode == 1
+    assert f'{moved}/bin/s4fusion-demo runs {venv}/bin/python' in result.stdout
