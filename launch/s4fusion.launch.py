@@ -1,8 +1,9 @@
 """Start s4fusion_node with its parameters file, topic remappings and a large-data transport.
 
 `device`, `weights`, `use_sim_time` and `input_reliability` override the parameters file only
-when given: left empty, the file's values (or the node's defaults) stand. `use_sim_time` and
-`log_level` take any case ('True', 'INFO'), as parent launch files often pass them.
+when given: left empty, the file's values (or the node's defaults) stand. `use_sim_time`,
+`log_level` and `input_reliability` take any case ('True', 'INFO'), as parent launch files often
+pass them.
 """
 
 import os
@@ -14,6 +15,8 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 LOG_LEVELS = ('debug', 'info', 'warn', 'error', 'fatal')
+# settings.RELIABILITIES, written out: the launch process need not import the package (cv2, ...).
+RELIABILITIES = ('reliable', 'best_effort')
 
 
 def generate_launch_description():
@@ -53,11 +56,16 @@ def _node(context):
     if not os.path.isfile(params_file):  # launch_ros would only log it and start on defaults
         raise FileNotFoundError(f"params_file '{params_file}' is not a file")
     overrides = {}
-    for argument, name in (('device', 'device'), ('weights', 'model.weights'),
-                           ('input_reliability', 'qos.input.reliability')):
+    for argument, name in (('device', 'device'), ('weights', 'model.weights')):
         value = LaunchConfiguration(argument).perform(context)
         if value:
             overrides[name] = value
+    input_reliability = LaunchConfiguration('input_reliability').perform(context).lower()
+    if input_reliability not in ('', *RELIABILITIES):
+        raise ValueError(f"input_reliability must be {' or '.join(RELIABILITIES)} or empty, "
+                         f"got '{input_reliability}'")
+    if input_reliability:
+        overrides['qos.input.reliability'] = input_reliability
     use_sim_time = LaunchConfiguration('use_sim_time').perform(context).lower()
     if use_sim_time not in ('', 'true', 'false'):
         raise ValueError(f"use_sim_time must be true, false or empty, got '{use_sim_time}'")

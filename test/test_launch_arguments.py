@@ -59,7 +59,7 @@ def bringup(arguments: dict, inherited: dict = {}) -> tuple[int, dict]:
 def test_an_including_bringup_passes_its_values_and_keeps_its_transport(monkeypatch):
     monkeypatch.delenv('FASTDDS_BUILTIN_TRANSPORTS', raising=False)
     code, started = bringup({'device': 'cpu', 'log_level': 'WARN',
-                             'input_reliability': 'best_effort'},
+                             'input_reliability': 'Best_Effort'},
                             inherited={'use_sim_time': 'True'})
     assert code == 0 and set(started) == {'s4fusion_node', 'other_node'}, started
     command, environment, parameters = started['s4fusion_node']
@@ -82,6 +82,7 @@ def test_a_transport_the_user_chose_is_kept(monkeypatch):
     {'params_file': '/nonexistent/s4fusion.yaml'},  # launch_ros would start on the defaults
     {'use_sim_time': 'maybe'},
     {'log_level': 'loud'},
+    {'input_reliability': 'sometimes'},
 ])
 def test_a_mistaken_argument_stops_the_launch_before_the_node_starts(arguments):
     code, started = bringup(arguments)
