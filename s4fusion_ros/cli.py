@@ -62,7 +62,9 @@ def start_child(command: list[str], log_path: pathlib.Path) -> subprocess.Popen:
     Call it from the main thread: Linux sends the signal when the starting thread ends.
     """
     if sys.platform.startswith('linux'):
-        command = [sys.executable, '-c', _STOP_WITH_PARENT, str(os.getpid()), *command]
+        # -I -S: neither the current folder, PYTHON* variables nor site packages reach it.
+        command = [sys.executable, '-I', '-S', '-c', _STOP_WITH_PARENT, str(os.getpid()),
+                   *command]
     with open(log_path, 'wb') as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 

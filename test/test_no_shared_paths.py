@@ -5,6 +5,7 @@ docs. Only the tests read it (test/conftest.py), where S4FUSION_IVIF_DATA is not
 
 import os
 import pathlib
+import subprocess
 
 import pytest
 
@@ -14,15 +15,27 @@ NOT_PRODUCT = {'test', '.git', '.venv', 'build', 'install', 'log', '.pytest_cach
                'runs', 'demo_output', '.gpu'}
 
 
-def text_files():
-    """Every file the product consists of (all but test/ and .git), binary ones (a NUL byte)
-    aside."""
+def product_files() -> list[pathlib.Path]:
+    """The files git tracks, the tests aside; where there is no git (a colcon workspace copy),
+    the folders but the tests and what tools and builds make."""
+    try:
+        listed = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO, capture_output=True,
+                                check=True).stdout.decode().split('\0')
+        return [REPO / name for name in listed
+                if name and not name.startswith('test/') and (REPO / name).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        pass
     paths = []
     for folder, subfolders, files in os.walk(REPO):
-        if pathlib.Path(folder) == REPO:  # not the tests, nor what tools and builds make
+        if pathlib.Path(folder) == REPO:
             subfolders[:] = [name for name in subfolders if name not in NOT_PRODUCT]
         paths += [pathlib.Path(folder, name) for name in files]
-    for path in paths:
+    return paths
+
+
+def text_files():
+    """Every file the product consists of, binary ones (a NUL byte) aside."""
+    for path in product_files():
         data = path.read_bytes()
         if b'\0' not in data:
             yield path, data

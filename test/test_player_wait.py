@@ -121,7 +121,7 @@ def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_err
     published = re.search(rf'{THERMAL_TOPIC} (\d+)', stderr)
     assert published and 1 <= int(published.group(1)) <= 5, published
     # Its stamps jump back by 0 s each pass: a node's synchronizer counts them late, not a jump.
-    assert 'warning: the bag spans 0.00 s; looped' in stderr
+    assert 'warning: the played messages span 0.00 s; looped' in stderr
     empty = write_bag(tmp_path / 'empty', [], 'mcap')
     looped = subprocess.run([*PLAYER, str(empty), '--loop', '--wait', '0'], capture_output=True,
                             text=True, timeout=60)

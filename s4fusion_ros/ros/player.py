@@ -119,8 +119,6 @@ class BagPlayer:
         self.args = args
         with open_bag(args.bag) as reader:
             types = {topic: info.msgtype for topic, info in reader.topics.items()}
-            # Bag time from the first message to the last; None without messages.
-            self.span_s = reader.duration / 1e9 if reader.message_count else None
         wanted = args.topics or [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
         missing = ([t for t in wanted if t not in types]
                    + [t for t in args.remap if t not in wanted])  # a typo in --remap OLD
@@ -139,6 +137,7 @@ class BagPlayer:
         self.published = dict.fromkeys(wanted, 0)
         self.publish_errors = 0
         self.bag_time = 0  # ns, what /clock says
+        self.played_span_s = 0.0  # s of bag time the last pass played (play_once)
         self.next_tick = 0.0  # monotonic time of the next /clock message
 
     def wait_for_subscribers(self) -> None:
@@ -177,8 +176,10 @@ class BagPlayer:
 
     def play_once(self, minimum_s: float = 0.0) -> int:
         """Publish the bag once, from its first message, at --rate, taking at least
-        `minimum_s` seconds of bag time; returns the number of messages it read."""
+        `minimum_s` seconds of bag time; returns the number of messages it read (and keeps in
+        `played_span_s` the bag time from the first played message to the last)."""
         read = 0
+        first = last = None
         with open_bag(self.args.bag) as reader:
             start_ns = reader.start_time
             start_wall = time.monotonic()
@@ -190,7 +191,9 @@ class BagPlayer:
                                   start_wall, start_ns)
                 self._publish(connection.topic, bytes(raw))
                 read += 1
+                first, last = (log_time if first is None else first), log_time
             self._sleep_until(start_wall + minimum_s / self.args.rate, start_wall, start_ns)
+        self.played_span_s = 0.0 if first is None else (last - first) / 1e9
         return read
 
     def idle(self) -> None:
@@ -254,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         player.wait_for_subscribers()
         print(f'{PROG}: playing {args.bag} at rate {args.rate:g}'
               + (f' with /clock at {args.clock_rate:g} Hz' if args.clock else ''), file=sys.stderr)
-        if args.loop and player.span_s is not None and player.span_s < CLOCK_JUMP_S:
-            print(f'{PROG}: warning: the bag spans {player.span_s:.2f} s; looped, its stamps '
-                  f'jump back by less than the {CLOCK_JUMP_S:g} s a synchronizer takes for a '
-                  f'clock jump, so a node counts the passes after the first as late',
-                  file=sys.stderr)
         if not player.play_once(LOOP_MINIMUM_S if args.loop else 0.0) and args.loop:
             raise BagError(f'{args.bag}: no message on the played topics, nothing to loop')
+        if args.loop and player.played_span_s <= CLOCK_JUMP_S:
+            print(f'{PROG}: warning: the played messages span {player.played_span_s:.2f} s; '
+                  f'looped, their stamps jump back by no more than the {CLOCK_JUMP_S:g} s a '
+                  f'synchronizer takes for a clock jump, so a node counts the passes after the '
+                  f'first as late', file=sys.stderr)
         while args.loop:
             player.play_once(LOOP_MINIMUM_S)
         player.wait_for_acks()
