@@ -267,9 +267,12 @@ def test_an_image_over_max_input_pixels_is_a_bad_message_before_it_takes_a_partn
     # A raw image is refused from its header, before its data is read or copied.
     with pytest.raises(ImageDecodeError, match=message):
         pipeline.add_thermal(RawImage(49, 64, 'mono16', 128, 0, b''), 1000 * MS, 'ir')
-    png = RawCompressedImage('png', cv2.imencode('.png', np.zeros((49, 64), np.uint8))[1])
-    with pytest.raises(ImageDecodeError, match="compressed 'png' image: 64x49 exceeds 3072"):
-        pipeline.add_visible(png, 1000 * MS, 'rgb')
+    # PNG and JPEG from theirs, before decoding (cut short after it: still refused for its size).
+    for extension in ('png', 'jpeg'):
+        encoded = cv2.imencode(f'.{extension}', np.zeros((49, 64, 3), np.uint8))[1]
+        cut = RawCompressedImage(extension, encoded.tobytes()[:300])
+        with pytest.raises(ImageDecodeError, match=f"'{extension}' image: 64x49 exceeds 3072"):
+            pipeline.add_visible(cut, 1000 * MS, 'rgb')
     assert pipeline.synchronizer.stats.thermal_received == 0
     pipeline.add_thermal(encode_image(np.full((48, 64), 1000, np.uint16), 'mono16'), 1000 * MS,
                          'ir')

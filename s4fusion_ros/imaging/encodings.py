@@ -183,12 +183,37 @@ def image_to_array(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return array[:, :, 0] if fmt.channels == 1 else array
 
 
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...); C4, C8 and CC are not frames.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's or JPEG's header, None for other formats or a header cut
+    short. Read by hand: OpenCV's Python API has no header-only read, and the point is to refuse
+    a huge image before decoding allocates it."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b'IHDR' and len(data) >= 24:
+        return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    position = 2
+    while data[:2] == b'\xff\xd8' and position + 9 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker in _JPEG_FRAMES:  # length, precision, height, width
+            return (int.from_bytes(data[position + 7:position + 9], 'big'),
+                    int.from_bytes(data[position + 5:position + 7], 'big'))
+        position += 2 + int.from_bytes(data[position + 2:position + 4], 'big')
+    return None
+
+
 def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
-    """Decode a CompressedImage to (array, layout, a name for messages)."""
+    """Decode a CompressedImage to (array, layout, a name for messages); a PNG or JPEG over
+    `max_pixels` is refused from its header."""
     name = f'compressed {getattr(img, "format", None)!r}'
     data = _byte_view(img.data, name)
     if data.size == 0:
         raise ImageDecodeError(f'{name} image: no data')
+    size = _header_size(data[:1 << 16].tobytes())
+    if size is not None:
+        _check_pixels(*size, name, max_pixels)
     try:
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
