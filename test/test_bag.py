@@ -240,6 +240,21 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
     assert not (tmp_path / 'new').exists()
 
 
+def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite(
+        short_events, tmp_path, capsys):
+    # --overwrite replaced the output folder whole, and a bare .mcap input inside it went too.
+    source = write_bag(tmp_path / 'recording', short_events[:20], 'mcap')
+    before = read_bag(source)
+    for output in (source, tmp_path / 'recording' / 'fused'):
+        assert bag_tool.main([str(source), str(output), '--overwrite']) == 1
+        assert 'the output cannot be the input bag, hold it or lie inside it' in (
+            capsys.readouterr().err)
+    assert bag_tool.main([str(source / 'recording.mcap'), str(source), '--overwrite']) == 1
+    assert 'hold it' in capsys.readouterr().err
+    assert read_bag(source) == before and sorted(p.name for p in source.iterdir()) == [
+        'metadata.yaml', 'recording.mcap']
+
+
 def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path, capsys):
     truncated = write_bag(tmp_path / 'truncated', short_events, 'mcap')
     storage_file = truncated / 'truncated.mcap'

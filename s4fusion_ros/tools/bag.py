@@ -289,8 +289,11 @@ def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> Non
 
 def run(args: argparse.Namespace) -> None:
     """Fuse args.input into args.output; raises with a message naming the file on failure."""
-    if args.output.resolve() == args.input.resolve():
-        raise BagError(f'{args.output}: the output cannot be the input bag')
+    output, source = args.output.resolve(), args.input.resolve()
+    # --overwrite replaces the output folder whole: an input inside it would go with it.
+    if output == source or output in source.parents or source in output.parents:
+        raise BagError(f'{args.output}: the output cannot be the input bag, hold it or lie '
+                       f'inside it')
     check_output(args.output, args.overwrite)  # before minutes of work, not after
     if args.export_video and args.export_video.is_dir():
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
