@@ -238,6 +238,12 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
                           str(tmp_path), '--overwrite']) == 1
     assert 'is a folder: name the .mp4 file' in capsys.readouterr().err
     assert not (tmp_path / 'new').exists()
+    (tmp_path / 'pngs').mkdir()
+    (tmp_path / 'pngs' / '000000_1_fused.png').write_bytes(b'an earlier export')
+    assert bag_tool.main([str(source), str(tmp_path / 'new'), '--export-png',
+                          str(tmp_path / 'pngs')]) == 1
+    assert 'holds PNGs already; pass --overwrite' in capsys.readouterr().err
+    assert (tmp_path / 'pngs' / '000000_1_fused.png').read_bytes() == b'an earlier export'
 
 
 def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite(

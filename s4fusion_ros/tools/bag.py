@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='also write a side-by-side MP4 (visible | thermal | fused | '
                         'saliency, with stamps) of every pair')
     parser.add_argument('--overwrite', action='store_true',
-                        help='replace OUTPUT if it is an existing bag')
+                        help='replace OUTPUT if it is an existing bag (and an existing '
+                        '--export-video file, and write into an --export-png DIR holding PNGs)')
     args = parser.parse_args(argv)
     if args.export_every < 1:
         parser.error('--export-every must be >= 1')
@@ -299,6 +300,10 @@ def run(args: argparse.Namespace) -> None:
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
     if args.export_video and args.export_video.exists() and not args.overwrite:
         raise BagError(f'{args.export_video} exists; pass --overwrite to replace it')
+    # An earlier export's PNGs would be replaced one by one, or mixed with this run's.
+    if args.export_png and not args.overwrite and any(args.export_png.glob('*.png')):
+        raise BagError(f'--export-png {args.export_png} holds PNGs already; pass --overwrite to '
+                       f'write into it anyway')
     values = load_values(args)
     started = time.monotonic()
     with open_bag(args.input) as reader:
