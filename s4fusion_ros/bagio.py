@@ -80,6 +80,9 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
         reader = Reader(path)
         reader.open()
     except FileNotFoundError as error:
+        if path.is_dir() and not (path / 'metadata.yaml').exists():
+            raise BagError(f'{path}: no metadata.yaml (a recording still running, or one that '
+                           f'was cut off: `ros2 bag reindex` writes it)') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '

@@ -269,8 +269,11 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     (garbage / 'garbage.db3').write_bytes(b'not a database' * 1000)
     no_metadata = write_bag(tmp_path / 'no_metadata', short_events[:10], 'mcap')
     (no_metadata / 'metadata.yaml').write_text('rosbag2_bagfile_information: [')
+    unfinished = write_bag(tmp_path / 'unfinished', short_events[:10], 'mcap')
+    (unfinished / 'metadata.yaml').unlink()  # a recorder still running or cut off
     for source, named in ((truncated, truncated), (garbage, garbage),
                           (no_metadata, no_metadata / 'metadata.yaml'),
+                          (unfinished, f'{unfinished}: no metadata.yaml (a recording still'),
                           (tmp_path / 'absent', tmp_path / 'absent')):
         output = tmp_path / f'{source.name}_out'
         assert bag_tool.main([str(source), str(output)]) == 1
