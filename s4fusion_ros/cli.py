@@ -40,6 +40,21 @@ def run_command(prog: str, command, errors: tuple, interrupted: str = 'interrupt
     except KeyboardInterrupt:
         print(f'\n{prog}: {interrupted}', file=sys.stderr)
         return 130
+    except SystemError as error:
+        # Ctrl-C inside a C-to-Python callback (numba unpickling its cached kernels) comes
+        # out as a SystemError caused by the KeyboardInterrupt.
+        if not _caused_by_interrupt(error):
+            raise
+        print(f'\n{prog}: {interrupted}', file=sys.stderr)
+        return 130
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 # Runs in the child before its command: the parent-death signal (prctl PR_SET_PDEATHSIG, 1)

@@ -50,3 +50,21 @@ def test_a_child_is_stopped_when_its_tool_is_killed(tmp_path):
         tool.kill()
         if child_pid is not None and alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
+
+
+def test_a_ctrl_c_that_c_code_wrapped_in_a_system_error_is_still_one_line(capsys):
+    from s4fusion_ros.cli import run_command
+
+    def interrupted_in_a_callback():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as error:
+            raise SystemError('returned a result with an exception set') from error
+
+    def broken():
+        raise SystemError('something else')
+
+    assert run_command('tool', interrupted_in_a_callback, ()) == 130
+    assert capsys.readouterr().err == '\ntool: interrupted\n'
+    with pytest.raises(SystemError, match='something else'):
+        run_command('tool', broken, ())
