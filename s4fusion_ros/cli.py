@@ -37,10 +37,7 @@ def run_command(prog: str, command, errors: tuple, interrupted: str = 'interrupt
     except errors as error:
         print(f'{prog}: {error}', file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f'\n{prog}: {interrupted}', file=sys.stderr)
-        return 130
-    except SystemError as error:
+    except (KeyboardInterrupt, SystemError) as error:
         # Ctrl-C inside a C-to-Python callback (numba unpickling its cached kernels) comes
         # out as a SystemError caused by the KeyboardInterrupt.
         if not _caused_by_interrupt(error):

@@ -30,6 +30,16 @@ def pins(root: pathlib.Path) -> Iterator[tuple[str, str]]:
             yield name, version
 
 
+def installed(
+        root: pathlib.Path) -> Iterator[tuple[str, str, importlib.metadata.Distribution | None]]:
+    """(name, pinned version, its installed distribution or None) of each pin."""
+    for name, pinned in pins(root):
+        try:
+            yield name, pinned, importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            yield name, pinned, None
+
+
 def lacks_files(distribution: importlib.metadata.Distribution) -> list:
     """The files its install recorded that are gone (compiled caches aside)."""
     return [file for file in distribution.files or ()
@@ -57,10 +67,8 @@ def bound_elsewhere(venv: pathlib.Path) -> str:
 
 def problems(root: pathlib.Path, venv: pathlib.Path) -> Iterator[str]:
     """What is missing or wrong, one line each."""
-    for name, pinned in pins(root):
-        try:
-            distribution = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
+    for name, pinned, distribution in installed(root):
+        if distribution is None:
             yield f'{name} is not installed'
             continue
         if distribution.version.partition('+')[0] != pinned:
@@ -90,12 +98,9 @@ def problems(root: pathlib.Path, venv: pathlib.Path) -> Iterator[str]:
 
 def damaged(root: pathlib.Path) -> Iterator[str]:
     """`name==version` of each pin installed with files missing."""
-    for name, pinned in pins(root):
-        try:
-            if lacks_files(importlib.metadata.distribution(name)):
-                yield f'{name}=={pinned}'
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    for name, pinned, distribution in installed(root):
+        if distribution is not None and lacks_files(distribution):
+            yield f'{name}=={pinned}'
 
 
 def main() -> int:

@@ -130,7 +130,7 @@ def _dimension(value: Any, name: str, encoding: str, limit: int) -> int:
     return number
 
 
-def _check_pixels(width: int, height: int, name: str, limit: int = MAX_PIXELS) -> None:
+def _check_pixels(width: int, height: int, name: str, limit: int) -> None:
     if width * height > limit:
         raise ImageDecodeError(f'{name} image: {width}x{height} exceeds {limit} pixels')
 
@@ -235,8 +235,8 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
 
 
 def _decode_any(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
-    """Decode a raw or compressed image to (array, layout, a name for messages); a raw image
-    over `max_pixels` is refused from its header, a compressed one once decoded."""
+    """Decode a raw or compressed image to (array, layout, a name for messages); an image
+    over `max_pixels` is refused (see image_to_array and _decode_compressed for when)."""
     if hasattr(img, 'format') and not hasattr(img, 'encoding'):
         return _decode_compressed(img, max_pixels)
     array = image_to_array(img, max_pixels)
