@@ -275,17 +275,37 @@ def add_image_topic(writer: Writer, topic: str, qos: Qos = RELIABLE_QOS,
     return writer.add_connection(topic, msgtype, typestore=typestore(), offered_qos_profiles=[qos])
 
 
-def copy_topic(writer: Writer, connection: Connection, topic: str | None = None) -> Connection:
+def copy_topic(writer: Writer, connection: Connection) -> Connection:
     """Register a topic with the type, definition and QoS of a connection read from a bag."""
-    ext = connection.ext
-    qos = ext.offered_qos_profiles if isinstance(ext, ConnectionExtRosbag2) else []
+    qos = _offered_qos(connection)
     if connection.msgdef.data and connection.digest:
-        return writer.add_connection(topic or connection.topic, connection.msgtype,
+        return writer.add_connection(connection.topic, connection.msgtype,
                                      msgdef=connection.msgdef.data, rihs01=connection.digest,
                                      offered_qos_profiles=qos)
     # Older bags carry neither: take them from the type store.
-    return writer.add_connection(topic or connection.topic, connection.msgtype,
+    return writer.add_connection(connection.topic, connection.msgtype,
                                  typestore=typestore(), offered_qos_profiles=qos)
+
+
+def copy_connections(writer: Writer, connections: Iterable[Connection]) -> dict[int, Connection]:
+    """Register the connections read from a bag as they were recorded: {input id: output}.
+
+    A topic recorded through several connections (publishers of other QoS, merged bags) keeps
+    each one's QoS; connections alike in topic, type and QoS share one, which is all a writer
+    takes.
+    """
+    copies, alike = {}, {}
+    for connection in connections:
+        key = (connection.topic, connection.msgtype, repr(_offered_qos(connection)))
+        if key not in alike:
+            alike[key] = copy_topic(writer, connection)
+        copies[connection.id] = alike[key]
+    return copies
+
+
+def _offered_qos(connection: Connection) -> list:
+    ext = connection.ext
+    return ext.offered_qos_profiles if isinstance(ext, ConnectionExtRosbag2) else []
 
 
 def image_cdr(raw: RawImage, stamp_ns: int, frame_id: str) -> memoryview:

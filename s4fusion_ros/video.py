@@ -23,6 +23,9 @@ from .imaging.encodings import decode_visible, image_to_array
 from .messages import stamp_to_ns
 
 FOURCC = 'mp4v'
+# The containers whose muxer takes FOURCC (checked with the bundled FFmpeg); OpenCV picks the
+# container by the suffix, and any other suffix fails only once the first frame is written.
+VIDEO_SUFFIXES = ('.mp4', '.mov', '.mkv', '.avi')
 MAX_WIDTH = 2560  # pixels of the whole row
 TITLES = ('visible', 'thermal', 'fused', 'saliency')
 

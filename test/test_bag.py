@@ -19,8 +19,9 @@ from paths import executable
 from s4fusion_ros import bagio, settings
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
-from support import (COMPRESSED, IMAGE, SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_FRAME,
-                     VISIBLE_TOPIC, bag_image_message, camera_messages, read_bag, write_bag)
+from support import (COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC, TYPESTORE,
+                     VISIBLE_FRAME, VISIBLE_TOPIC, bag_image_message, camera_messages, read_bag,
+                     write_bag)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -195,6 +196,38 @@ def test_the_output_topics_offer_the_qos_of_the_parameters(short_events, tmp_pat
         assert (qos.reliability, qos.depth) == (QosReliability.BEST_EFFORT, 10)
 
 
+def test_included_inputs_keep_every_connection_of_a_topic(short_events, params_file, tmp_path):
+    # The thermal topic recorded through two connections of other QoS (two publishers, or bags
+    # merged): the copy kept only the last connection's QoS for both.
+    offered = [bagio.output_qos('reliable', 5), bagio.output_qos('best_effort', 1)]
+    source = tmp_path / 'in'
+    with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        thermal = [writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE,
+                                         offered_qos_profiles=[qos]) for qos in offered]
+        visible = writer.add_connection(VISIBLE_TOPIC, IMAGE, typestore=TYPESTORE)
+        thermal_count = 0
+        for log_time, topic, stamp, encoding, image in short_events[:20]:
+            is_thermal = topic == THERMAL_TOPIC
+            message = bag_image_message(image, encoding, stamp,
+                                        THERMAL_FRAME if is_thermal else VISIBLE_FRAME)
+            connection = thermal[thermal_count % 2] if is_thermal else visible
+            thermal_count += is_thermal
+            writer.write(connection, log_time, TYPESTORE.serialize_cdr(message, IMAGE))
+    assert thermal_count >= 4
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
+                          '--include-inputs']) == 0
+
+    def connections(bag):
+        with bagio.open_bag(bag) as reader:
+            return sorted((c.topic, c.msgcount, c.ext.offered_qos_profiles[0].reliability)
+                          for c in reader.connections if c.topic == THERMAL_TOPIC)
+    assert connections(tmp_path / 'out') == connections(source)
+    assert {c[2] for c in connections(source)} == {QosReliability.RELIABLE,
+                                                   QosReliability.BEST_EFFORT}
+    copied = read_bag(tmp_path / 'out')
+    assert all(copied[topic] == messages for topic, messages in read_bag(source).items())
+
+
 def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
     path = tmp_path / 'params.yaml'
     path.write_text(yaml.safe_dump({
@@ -237,6 +270,10 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
     assert bag_tool.main([str(source), str(tmp_path / 'new'), '--export-video',
                           str(tmp_path), '--overwrite']) == 1
     assert 'is a folder: name the .mp4 file' in capsys.readouterr().err
+    # A suffix OpenCV cannot write: refused before the model loads, not at the first frame.
+    assert bag_tool.main([str(source), str(tmp_path / 'new'), '--export-video',
+                          str(tmp_path / 'fused.webm')]) == 1
+    assert 'fused.webm: name a file ending in .mp4, .mov, .mkv, .avi' in capsys.readouterr().err
     assert not (tmp_path / 'new').exists()
     (tmp_path / 'pngs').mkdir()
     (tmp_path / 'pngs' / '000000_1_fused.png').write_bytes(b'an earlier export')

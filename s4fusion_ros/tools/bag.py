@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from .. import settings
 from ..bagio import (RELIABLE_QOS, STORAGES, BagError, ImageTopic, add_image_topic, bag_size,
-                     check_output, copy_topic, create_bag, deserialize, image_cdr, image_topics,
-                     open_bag, output_qos_of, pick_topics, read_messages, storage_of)
+                     check_output, copy_connections, create_bag, deserialize, image_cdr,
+                     image_topics, open_bag, output_qos_of, pick_topics, read_messages,
+                     storage_of)
 from ..cli import stop_on_signals
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
@@ -42,7 +43,7 @@ from ..files import write_png
 from ..imaging.encodings import ImageDecodeError
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
-from ..video import SideBySideVideo, panel_row
+from ..video import VIDEO_SUFFIXES, SideBySideVideo, panel_row
 
 PROG = 's4fusion-bag'
 DEFAULT_FUSED_TOPIC = f'/{settings.NODE_NAME}/fused'
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--saliency-topic', default=DEFAULT_SALIENCY_TOPIC,
                         help='output topic of the saliency maps (default: %(default)s)')
     parser.add_argument('--include-inputs', action='store_true',
-                        help='copy the thermal and visible topics into the output bag')
+                        help='copy the thermal and visible topics into the output bag, each '
+                        'connection with its recorded QoS')
     parser.add_argument('--storage', choices=STORAGES,
                         help='output storage format (default: that of the input)')
     parser.add_argument('--export-png', type=pathlib.Path, metavar='DIR',
@@ -76,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='with --export-png: every Nth pair (default: %(default)s)')
     parser.add_argument('--export-video', type=pathlib.Path, metavar='FILE.mp4',
                         help='also write a side-by-side MP4 (visible | thermal | fused | '
-                        'saliency, with stamps) of every pair')
+                        'saliency, with stamps) of every pair; .mov, .mkv or .avi give that '
+                        'container')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace OUTPUT if it is an existing bag (and an existing '
                         '--export-video file, and write into an --export-png DIR holding PNGs)')
@@ -157,10 +160,9 @@ class BagFuser:
         `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
         """
         outputs = [add_image_topic(writer, topic, qos) for topic in topics]
-        connections = {c.topic: c for c in reader.connections}
-        copies = ({topic.topic: copy_topic(writer, connections[topic.topic])
-                   for topic in (thermal, visible)} if include_inputs else {})
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
+        copies = (copy_connections(writer, [c for c in reader.connections if c.topic in roles])
+                  if include_inputs else {})
         owned, warm = span.own_from is None, 0
         bar = contextlib.nullcontext(progress) if progress else tqdm(
             total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
@@ -172,7 +174,7 @@ class BagFuser:
                     owned = self._own(reader, path, span, warm, previous)
                 previous = log_time
                 if include_inputs and owned:
-                    writer.write(copies[connection.topic], log_time, raw)
+                    writer.write(copies[connection.id], log_time, raw)
                 # The timer's decisions before the message came (at its log time, not on the
                 # node's 50 ms ticks: a partner arriving within a tick of its timeout can differ).
                 arrived = log_time / 1e9
@@ -298,6 +300,10 @@ def run(args: argparse.Namespace) -> None:
     check_output(args.output, args.overwrite)  # before minutes of work, not after
     if args.export_video and args.export_video.is_dir():
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
+    if args.export_video and args.export_video.suffix.lower() not in VIDEO_SUFFIXES:
+        raise BagError(f'--export-video {args.export_video}: name a file ending in '
+                       f'{", ".join(VIDEO_SUFFIXES)} (the container OpenCV writes is chosen by '
+                       f'the suffix)')
     if args.export_video and args.export_video.exists() and not args.overwrite:
         raise BagError(f'{args.export_video} exists; pass --overwrite to replace it')
     # An earlier export's PNGs would be replaced one by one, or mixed with this run's.
