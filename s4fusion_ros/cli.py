@@ -58,9 +58,17 @@ def _caused_by_interrupt(error: BaseException) -> bool:
 # survives execve, so the command gets SIGTERM when the tool that started it dies, even by
 # SIGKILL, which runs no clean-up. Set in a launcher, not in Popen's preexec_fn: that is unsafe
 # once the tool has threads (rclpy's DDS threads), and the child could deadlock before exec.
+# The launcher starts with SIGINT blocked and takes a Ctrl-C only once its handler is the
+# default, so a Ctrl-C before the exec ends it quietly instead of with a Python traceback. The
+# signals Python ignores (SIGPIPE, SIGXFSZ) are restored, as Popen restores them: an ignored
+# signal stays ignored across the exec.
 _STOP_WITH_PARENT = """
-import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+import _signal
+for number in (_signal.SIGINT, _signal.SIGPIPE, _signal.SIGXFSZ):
+    _signal.signal(number, _signal.SIG_DFL)
+_signal.pthread_sigmask(_signal.SIG_UNBLOCK, [_signal.SIGINT])
+import ctypes, os, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, _signal.SIGTERM)
 if os.getppid() != int(sys.argv[1]):  # the tool died before prctl
     sys.exit(1)
 os.execvp(sys.argv[2], sys.argv[2:])
@@ -73,12 +81,18 @@ def start_child(command: list[str], log_path: pathlib.Path) -> subprocess.Popen:
     Without it a tool killed by SIGKILL leaves its node running and publishing, an orphan.
     Call it from the main thread: Linux sends the signal when the starting thread ends.
     """
-    if sys.platform.startswith('linux'):
-        # -I -S: neither the current folder, PYTHON* variables nor site packages reach it.
-        command = [sys.executable, '-I', '-S', '-c', _STOP_WITH_PARENT, str(os.getpid()),
-                   *command]
-    with open(log_path, 'wb') as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    if not sys.platform.startswith('linux'):
+        with open(log_path, 'wb') as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    # -I -S: neither the current folder, PYTHON* variables nor site packages reach it.
+    command = [sys.executable, '-I', '-S', '-c', _STOP_WITH_PARENT, str(os.getpid()), *command]
+    # The child inherits this thread's signal mask; this thread's own Ctrl-C waits the moment.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        with open(log_path, 'wb') as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def interrupt(process: subprocess.Popen, timeout: float = 10.0) -> int:

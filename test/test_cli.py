@@ -52,6 +52,21 @@ def test_a_child_is_stopped_when_its_tool_is_killed(tmp_path):
             os.kill(child_pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='/proc and the launcher')
+def test_a_child_starts_with_no_signal_blocked_or_ignored_by_its_launcher(tmp_path):
+    # The launcher is Python, which ignores SIGPIPE and SIGXFSZ, and it starts with SIGINT
+    # blocked: what it leaves ignored or blocked stays so across the exec.
+    from s4fusion_ros.cli import start_child
+    log = tmp_path / 'status'
+    assert start_child(['cat', '/proc/self/status'], log).wait(timeout=30) == 0
+    status = dict(line.split(':\t') for line in log.read_text().splitlines())
+    ignored = int(status['SigIgn'], 16)
+    assert int(status['SigBlk'], 16) == 0
+    for number in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & 1 << (number - 1), number.name
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the tool's mask is back
+
+
 def test_a_ctrl_c_that_c_code_wrapped_in_a_system_error_is_still_one_line(capsys):
     from s4fusion_ros.cli import run_command
 
