@@ -3,31 +3,82 @@
 folder on sys.path cannot stand in for an installed s4fusion_ros).
 
 Complete: every pin of requirements.txt installed at its version (a local build tag such as
-torch's +cpu aside) with all the files its install recorded, torch, rclpy and this checkout's
+torch's +cpu aside) with all the files its install recorded, what they pulled in at the version
+constraints.txt locks it to, torch, rclpy and this checkout's
 s4fusion_ros importable, the console scripts bound to this venv's Python, and the venv an ament
 prefix (s4fusion_ros.ament_prefix). With --damaged it prints the pins installed with files
 missing instead (pip takes them as installed, so setup.sh reinstalls them by force). With --bound
 (any Python 3 may run it) it checks only that the venv's scripts run its own Python: a venv
-moved or copied from another folder runs the old one's.
+moved or copied from another folder runs the old one's. With --lock it prints constraints.txt
+anew from what the venv has installed: every distribution that requirements.txt does not pin.
 
-Usage: VENV/bin/python -I scripts/check_venv.py [--damaged | --bound] ROOT VENV
+Usage: VENV/bin/python -I scripts/check_venv.py [--damaged | --bound | --lock] ROOT VENV
 """
 
 import importlib
 import importlib.metadata
 import importlib.util
 import pathlib
+import re
 import sys
 from collections.abc import Iterator
 
+LOCK_HEADER = """\
+# The versions of what requirements.txt pulls in, as its pins were last installed together: a new
+# release of one of them cannot break a set-up from nothing (scripts/setup.sh installs with
+# `-c constraints.txt`). Made by scripts/check_venv.py --lock; run it again after changing a pin:
+#   .venv/bin/python -I scripts/check_venv.py --lock . .venv > constraints.txt
+"""
 
-def pins(root: pathlib.Path) -> Iterator[tuple[str, str]]:
-    """(name, version) of each `name==version` line of requirements.txt."""
-    for line in (root / 'requirements.txt').read_text().splitlines():
+
+def pins(root: pathlib.Path, file: str = 'requirements.txt') -> Iterator[tuple[str, str]]:
+    """(name, version) of each `name==version` line of requirements.txt (or constraints.txt)."""
+    path = root / file
+    for line in path.read_text().splitlines() if path.exists() else ():
         requirement = line.partition('#')[0].strip()
         if requirement:
             name, _, version = requirement.partition('==')
             yield name, version
+
+
+def canonical(name: str) -> str:
+    """A distribution's name as pip compares names (PEP 503)."""
+    return re.sub(r'[-_.]+', '-', name).lower()
+
+
+def lock(root: pathlib.Path) -> Iterator[str]:
+    """constraints.txt: what requirements.txt's pins require here, transitively, the pins aside.
+
+    (Distributions that nothing requires, such as the Python packages inside the ROS wheels,
+    are not pip's to resolve.)
+    """
+    from packaging.requirements import Requirement  # the venv has it; --bound runs without
+    found = {canonical(d.metadata['Name']): d for d in importlib.metadata.distributions()}
+    pinned = {canonical(name) for name, _ in pins(root)}
+    needed, waiting = set(), list(pinned)
+    while waiting:
+        name = waiting.pop()
+        if name in needed or name not in found:
+            continue
+        needed.add(name)
+        for line in found[name].requires or ():
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({'extra': ''}):
+                waiting.append(canonical(requirement.name))
+    yield LOCK_HEADER
+    for name in sorted(needed - pinned):
+        yield f'{found[name].metadata["Name"]}=={found[name].version}\n'
+
+
+def off_lock(root: pathlib.Path) -> Iterator[str]:
+    """Each locked distribution installed at another version than constraints.txt's."""
+    for name, locked in pins(root, 'constraints.txt'):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not needed here (an environment marker left it out)
+        if version != locked:
+            yield f'{name} {version} is installed, constraints.txt locks {locked}'
 
 
 def installed(
@@ -76,6 +127,7 @@ def problems(root: pathlib.Path, venv: pathlib.Path) -> Iterator[str]:
         missing = lacks_files(distribution)
         if missing:
             yield f'{name} lacks {len(missing)} of its files ({missing[0]}, ...)'
+    yield from off_lock(root)
     for module in ('torch', 'rclpy'):
         try:
             importlib.import_module(module)
@@ -106,8 +158,11 @@ def damaged(root: pathlib.Path) -> Iterator[str]:
 def main() -> int:
     """Command line entry."""
     arguments = sys.argv[1:]
-    mode = arguments.pop(0) if arguments[0] in ('--damaged', '--bound') else ''
+    mode = arguments.pop(0) if arguments[0] in ('--damaged', '--bound', '--lock') else ''
     root, venv = (pathlib.Path(argument) for argument in arguments)
+    if mode == '--lock':
+        print(''.join(lock(root)), end='')
+        return 0
     if mode == '--damaged':
         for pin in damaged(root):
             print(pin)

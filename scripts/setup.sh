@@ -17,7 +17,8 @@ python_version="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])'
 venv_python() { (cd / && "$venv/bin/python" -I "$@"); }
 # What the marker vouches for beyond check_venv.py: the package's set-up and installed files
 # (ament links for launch/ and config/), this checkout and the Python that made the venv.
-wanted="$( { cat "$root/requirements.txt" "$root/setup.py"; ls "$root/launch" "$root/config"
+wanted="$( { cat "$root/requirements.txt" "$root/constraints.txt" "$root/setup.py"
+             ls "$root/launch" "$root/config"
              echo "$root $python_version"; } | sha256sum | cut -d' ' -f1)"
 
 if [ -e "$venv" ]; then
@@ -64,7 +65,8 @@ done
 if [ ${#others[@]} -gt 0 ]; then
   "${pip_install[@]}" --force-reinstall --no-deps "${others[@]}"
 fi
-"${pip_install[@]}" -r "$root/requirements.txt"
+# The pins, and what they pull in at the versions constraints.txt locks.
+"${pip_install[@]}" -r "$root/requirements.txt" -c "$root/constraints.txt"
 # No build isolation: the venv's setuptools (below 80 through colcon-core) builds it, not
 # whatever PyPI has newest.
 "${pip_install[@]}" --no-deps --no-build-isolation -e "$root"

@@ -24,6 +24,16 @@ def test_the_venv_the_tests_run_in_is_complete():
     assert result.returncode == 0 and result.stdout == '', result.stdout + result.stderr
 
 
+@pytest.mark.skipif(not (REPO / '.venv').exists() or not (REPO / '.venv').samefile(sys.prefix),
+                    reason="runs in the checkout's own .venv (scripts/test.sh)")
+def test_the_lock_holds_all_that_the_pins_pulled_in_and_no_pin():
+    # setup.sh installed with it: a dependency it misses would float to PyPI's newest.
+    result = run_check('--lock', REPO, sys.prefix)
+    assert result.stdout == (REPO / 'constraints.txt').read_text(), (
+        'constraints.txt is out of date: scripts/check_venv.py --lock makes it anew\n'
+        + result.stdout + result.stderr)
+
+
 def fake_distribution(site: pathlib.Path, name: str, files: list[str]) -> None:
     """An installed distribution as pip records it: METADATA and a RECORD of its files."""
     info = site / f'{name}-1.0.dist-info'
@@ -49,6 +59,11 @@ def test_missing_wrong_and_damaged_pins_and_another_checkout_are_found(tmp_path)
                     f's4fusion_ros is not installed from {root}',
                     f'{tmp_path}/venv/bin/s4fusion-demo is missing'):
         assert problem in result.stdout, result.stdout + result.stderr
+    # A dependency installed at another version than the lock's; one not installed is no fault.
+    (root / 'constraints.txt').write_text('# the lock\nfakepkg==2.0\nno-such-dependency==1.0\n')
+    result = run_check(root, tmp_path / 'venv', env=env)
+    assert 'fakepkg 1.0 is installed, constraints.txt locks 2.0' in result.stdout
+    assert 'no-such-dependency' not in result.stdout
     # pip takes fakepkg as installed: setup.sh reinstalls what --damaged lists by force.
     assert run_check('--damaged', root, tmp_path / 'venv', env=env).stdout == 'fakepkg==1.0\n'
     (root / 'requirements.txt').write_text('no-such-package==2.0\n')
