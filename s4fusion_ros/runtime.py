@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .model import S4Fusion, S4FusionConfig, load_checkpoint, shipped_weights
+from .model import CheckpointError, S4Fusion, S4FusionConfig, load_checkpoint, shipped_weights
 
 LOG = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'au
     """Load the model the node and the tools run.
 
     `weights` empty means the weights shipped for `preset`. A weights path given explicitly must
-    exist (CheckpointError names the file otherwise). When no trained weights ship for the preset,
+    exist (CheckpointError names the file otherwise) and decides the network: a `preset` other
+    than auto must name that network. When no trained weights ship for the preset,
     the model runs with its initial weights and says so loudly. `detail_gain` > 0 replaces the
     gain on the details of the model's Laplacian base (and the name says so); a model without that
     base ignores it with a warning (so one parameter file serves `model.preset: auto` on the CPU
@@ -85,20 +86,26 @@ def _load_model(weights, preset, device, half):
         raise DeviceError('half precision (fp16) needs a CUDA device; set half:=false on the CPU')
     # Weights stay float32; fp16 runs through autocast, so norms and the scan keep float32.
     dtype = torch.float32
-    if preset == 'auto':
-        preset = default_preset(torch_device)
     if weights:
         model = load_checkpoint(pathlib.Path(weights), device=torch_device, dtype=dtype)
+        network = model.config.preset_name() or 'custom'
+        if preset not in ('auto', network):  # the weights decide the network: say so
+            raise CheckpointError(f'{weights} holds the {network} network, but the preset asked '
+                                  f'for is {preset}: ask for auto (or {network})')
         return LoadedModel(model, torch_device, half, pathlib.Path(weights).stem,
                            pathlib.Path(weights), trained=True)
+    if preset == 'auto':
+        preset = default_preset(torch_device)
     path = shipped_weights(preset)
     if path.is_file():
         model = load_checkpoint(path, device=torch_device, dtype=dtype)
         return LoadedModel(model, torch_device, half, path.stem, path, trained=True)
     LOG.warning('NO TRAINED WEIGHTS: %s is missing; running S4Fusion (%s) with UNTRAINED initial '
                 'weights. The fused output is not meaningful.', path, preset)
-    torch.manual_seed(0)
-    model = S4Fusion(S4FusionConfig.preset(preset), device=torch_device, dtype=dtype).eval()
+    # The same initial weights every start, without reseeding the process's generators.
+    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == 'cuda' else []):
+        torch.manual_seed(0)
+        model = S4Fusion(S4FusionConfig.preset(preset), device=torch_device, dtype=dtype).eval()
     return LoadedModel(model, torch_device, half, f's4fusion_{preset} (untrained)', None,
                        trained=False)
 

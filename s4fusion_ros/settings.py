@@ -48,7 +48,8 @@ SPECS = {
     'half': Spec(False, 'fp16 inference through autocast (CUDA only)'),
     'model.preset': Spec('auto', 'auto (authors on CUDA, compact on CPU), authors or compact',
                          choices=('auto', 'authors', 'compact')),
-    'model.weights': Spec('', 'checkpoint (.safetensors with its .json); empty = shipped weights'),
+    'model.weights': Spec('', 'checkpoint (.safetensors with its .json), whose network '
+                          'model.preset must name unless auto; empty = shipped weights'),
     'model.detail_gain': Spec(0.0, 'gain on the details of the Laplacian base of a model that has '
                               'one (compact); 0 = the weights\' own (1.15 shipped); 1 = the plain '
                               'pyramid\'s detail, which flickers less on video', range=(0.0, 4.0)),

@@ -167,6 +167,32 @@ def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, capl
     assert 'model.detail_gain 1.3 ignored' in caplog.text
 
 
+def test_weights_decide_the_network_and_a_preset_that_names_another_is_refused(loaded):
+    from s4fusion_ros.model import CheckpointError, shipped_weights
+    compact = str(shipped_weights('compact'))
+    assert load_fusion_model(compact, 'auto', 'cpu').model.config.preset_name() == 'compact'
+    # It ran the compact network under an authors preset, without a word.
+    with pytest.raises(CheckpointError, match=f'{compact} holds the compact network, but the '
+                       f'preset asked for is authors: ask for auto'):
+        load_fusion_model(compact, 'authors', 'cpu')
+
+
+def test_untrained_weights_are_the_same_each_start_and_leave_the_global_generator(
+        monkeypatch, tmp_path):
+    import torch
+    from s4fusion_ros import runtime
+    monkeypatch.setattr(runtime, 'shipped_weights', lambda preset: tmp_path / 'absent')
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    first = load_fusion_model(preset='compact', device='cpu')
+    assert torch.equal(torch.rand(4), expected)  # it reseeded the caller's generator to 0
+    second = load_fusion_model(preset='compact', device='cpu')
+    assert not first.trained and first.name == 's4fusion_compact (untrained)'
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_restore_detail_returns_full_resolution_edges(msrs_pair):
     ir, vi = msrs_pair
     ir_f = ir.astype(np.float32) / 255

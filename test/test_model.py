@@ -448,6 +448,10 @@ def test_infer_helper():
     assert torch.equal(out, expected) and not out.requires_grad
     with pytest.raises(ValueError, match='amp_dtype'):
         model.infer(ir, vi, amp_dtype=torch.float64)
+    # 8-bit images would fuse as 0-255, far outside what the network learned.
+    with pytest.raises(TypeError, match='vi must be a floating-point image in \\[0, 1\\], got '
+                       'torch.uint8'):
+        model.infer(ir, (vi * 255).to(torch.uint8))
 
 
 @pytest.mark.gpu

@@ -226,6 +226,9 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
     ({'output_encoding': 'yuv422'}, 'output_encoding'),
     ({'device': 'cuda'}, 'CUDA is not available'),
     ({'model.weights': '/nonexistent/weights.safetensors'}, '/nonexistent/weights.safetensors'),
+    ({'model.preset': 'authors', 'model.weights': str(REPO / 's4fusion_ros' / 'weights' /
+                                                      's4fusion_compact.safetensors')},
+     'holds the compact network, but the preset asked for is authors'),
 ])
 def test_bad_start_up_values_stop_the_node_with_a_clear_message(params, message, tmp_path):
     from ros_harness import NODE_EXECUTABLE, write_params

@@ -291,13 +291,18 @@ class S4Fusion(nn.Module):
         return x if base is None else x + base
 
     def infer(self, ir, vi, amp_dtype=None):
-        """Fuse for inference: no autograd, inputs moved to the model's device and dtype.
+        """Fuse floating-point (B, 1, H, W) images in [0, 1] for inference: no autograd, inputs
+        moved to the model's device and dtype.
 
         ``amp_dtype`` (torch.float16 or torch.bfloat16) autocasts on CUDA and is ignored on other
         devices, where reduced precision is slower, not faster. Returns float32.
         """
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f'amp_dtype must be None, float16 or bfloat16, got {amp_dtype}')
+        for name, image in (('ir', ir), ('vi', vi)):
+            if not image.is_floating_point():  # uint8 would pass as 0-255 and fuse wrongly
+                raise TypeError(f'{name} must be a floating-point image in [0, 1], got '
+                                f'{image.dtype}')
         weight = self.head.conv.weight
         use_amp = amp_dtype is not None and weight.device.type == 'cuda'
         with torch.inference_mode(), torch.autocast(weight.device.type, dtype=amp_dtype,

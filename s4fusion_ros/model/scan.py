@@ -115,10 +115,13 @@ class NumbaSelectiveScan(torch.autograd.Function):
 
 
 def scan_backend(u):
-    """Name the backend ``selective_scan`` picks for input ``u`` when none is asked for."""
+    """Name the backend ``selective_scan`` picks for input ``u`` when none is asked for.
+
+    float64 goes to the PyTorch scan: the numba kernels compute in float32.
+    """
     if u.is_cuda:
         return 'mamba' if mamba_scan_fn() is not None else 'torch'
-    if u.device.type == 'cpu' and numba_scan_fn() is not None:
+    if u.device.type == 'cpu' and u.dtype != torch.float64 and numba_scan_fn() is not None:
         return 'numba'
     return 'torch'
 

@@ -287,21 +287,27 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, softplus, block, states, dy
     return du, ddelta, dA, dB, dC, dD, dbias
 
 
+def _f32(array):
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _use_threads(threads):
+    """Run the next kernel on `threads` threads (0: numba's current setting)."""
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def _scan_arrays(u, delta, A, B, C, D, delta_bias, threads):
     """The kernels' float32 C-contiguous arguments, B and C as (batch, groups, N, L), D and the
     bias as zeros where None, and the channels per task (64, fewer while threads would idle)."""
-    def f32(a):
-        return np.ascontiguousarray(a, dtype=np.float32)
-
-    if threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    u, delta, A, B, C = f32(u), f32(delta), f32(A), f32(B), f32(C)
+    _use_threads(threads)
+    u, delta, A, B, C = _f32(u), _f32(delta), _f32(A), _f32(B), _f32(C)
     if B.ndim == 3:
         B, C = B[:, None], C[:, None]
     batch, d = u.shape[:2]
     groups = B.shape[1]
-    D = np.zeros(d, np.float32) if D is None else f32(D)
-    delta_bias = np.zeros(d, np.float32) if delta_bias is None else f32(delta_bias)
+    D = np.zeros(d, np.float32) if D is None else _f32(D)
+    delta_bias = np.zeros(d, np.float32) if delta_bias is None else _f32(delta_bias)
     per_group = d // groups
     block = min(64, per_group)
     while block > 8 and batch * groups * -(-per_group // block) < numba.get_num_threads():
@@ -468,13 +474,9 @@ def cross_selective_scan_numba(x, x_dbl, dt_weight, dt_bias, A, Ds, height, widt
     modality's scanned tokens (not to x_dbl's). delta is softplus(dt_weight x_dbl + dt_bias).
     Returns y (M, B, L, D) float32.
     """
-    def f32(a):
-        return np.ascontiguousarray(a, dtype=np.float32)
-
-    if threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    _use_threads(threads)
     has_mark = mark is not None
-    mark = f32(mark) if has_mark else np.zeros((0, 0, 0), np.float32)
+    mark = _f32(mark) if has_mark else np.zeros((0, 0, 0), np.float32)
     # Channels split evenly into blocks of at most 4 vectors (a task's per-token work is shared
     # by its channels), more blocks while there are fewer tasks than threads.
     batch, d = x.shape[1], x.shape[3]
@@ -483,5 +485,5 @@ def cross_selective_scan_numba(x, x_dbl, dt_weight, dt_bias, A, Ds, height, widt
     while nblocks < nvec and 2 * batch * nblocks < numba.get_num_threads():
         nblocks += 1
     nsub = -(-nvec // nblocks)
-    return _cross_scan(f32(x), mark, has_mark, f32(x_dbl), f32(dt_weight), f32(dt_bias), f32(A),
-                       f32(Ds), height, width, nsub)
+    return _cross_scan(_f32(x), mark, has_mark, _f32(x_dbl), _f32(dt_weight), _f32(dt_bias),
+                       _f32(A), _f32(Ds), height, width, nsub)
