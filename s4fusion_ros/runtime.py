@@ -88,7 +88,7 @@ def _load_model(weights, preset, device, half):
     dtype = torch.float32
     if weights:
         model = load_checkpoint(pathlib.Path(weights), device=torch_device, dtype=dtype)
-        network = model.config.preset_name() or 'custom'
+        network = model.config.network_name() or 'custom'
         if preset not in ('auto', network):  # the weights decide the network: say so
             raise CheckpointError(f'{weights} holds the {network} network, but the preset asked '
                                   f'for is {preset}: ask for auto (or {network})')

@@ -167,14 +167,21 @@ def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, capl
     assert 'model.detail_gain 1.3 ignored' in caplog.text
 
 
-def test_weights_decide_the_network_and_a_preset_that_names_another_is_refused(loaded):
-    from s4fusion_ros.model import CheckpointError, shipped_weights
-    compact = str(shipped_weights('compact'))
-    assert load_fusion_model(compact, 'auto', 'cpu').model.config.preset_name() == 'compact'
+def test_weights_decide_the_network_and_a_preset_that_names_another_is_refused(tmp_path):
+    import dataclasses
+    from s4fusion_ros.model import CheckpointError, S4Fusion, S4FusionConfig, save_checkpoint
+    # Compact weights as s4fusion-train writes them with the plain base (gains 1): not the
+    # compact preset's configuration, but its network.
+    config = dataclasses.replace(S4FusionConfig.preset('compact'), detail_gain=1.0,
+                                 base_contrast=1.0)
+    path = tmp_path / 's4fusion_custom.safetensors'
+    save_checkpoint(S4Fusion(config), path)
+    for preset in ('auto', 'compact'):
+        assert load_fusion_model(str(path), preset, 'cpu').model.config == config
     # It ran the compact network under an authors preset, without a word.
-    with pytest.raises(CheckpointError, match=f'{compact} holds the compact network, but the '
+    with pytest.raises(CheckpointError, match=f'{path} holds the compact network, but the '
                        f'preset asked for is authors: ask for auto'):
-        load_fusion_model(compact, 'authors', 'cpu')
+        load_fusion_model(str(path), 'authors', 'cpu')
 
 
 def test_untrained_weights_are_the_same_each_start_and_leave_the_global_generator(

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -356,6 +357,11 @@ def test_config_round_trip_and_presets():
         assert S4Fusion.from_config(values).config == config
     assert S4FusionConfig() == S4FusionConfig.preset('authors')
     assert S4FusionConfig(fuse_level0=True).preset_name() is None
+    # The network, whatever gains its base takes (those change no weight).
+    plain = replace(S4FusionConfig.preset('compact'), detail_gain=1.0, base_contrast=1.0)
+    assert plain.preset_name() is None and plain.network_name() == 'compact'
+    assert S4FusionConfig.preset('authors').network_name() == 'authors'
+    assert S4FusionConfig(fuse_level0=True).network_name() is None
     with pytest.raises(ValueError, match='unknown S4Fusion preset'):
         S4FusionConfig.preset('huge')
     with pytest.raises(ValueError, match='unknown S4Fusion config keys'):

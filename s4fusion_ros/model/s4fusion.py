@@ -123,6 +123,13 @@ class S4FusionConfig:
         """Name of the preset this configuration equals, or None."""
         return next((n for n, preset in self.presets().items() if preset == self), None)
 
+    def network_name(self):
+        """Name of the preset whose network this is, its base's enhancements aside, or None."""
+        def network(config):
+            return replace(config, **dict.fromkeys(BASE_ENHANCEMENTS, 1.0))
+        return next((n for n, preset in self.presets().items()
+                     if network(preset) == network(self)), None)
+
     def to_dict(self):
         """JSON-ready dict (lists for sequences)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
