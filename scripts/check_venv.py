@@ -10,7 +10,7 @@ prefix (s4fusion_ros.ament_prefix). With --damaged it prints the pins installed 
 missing instead (pip takes them as installed, so setup.sh reinstalls them by force). With --bound
 (any Python 3 may run it) it checks only that the venv's scripts run its own Python: a venv
 moved or copied from another folder runs the old one's. With --lock it prints constraints.txt
-anew from what the venv has installed: every distribution that requirements.txt does not pin.
+anew from what the venv has installed: what the pins require, transitively, at its version.
 
 Usage: VENV/bin/python -I scripts/check_venv.py [--damaged | --bound | --lock] ROOT VENV
 """
