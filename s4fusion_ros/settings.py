@@ -72,9 +72,9 @@ SPECS = {
                       range=(0.0, 1.0)),
     'sync.queue_size': Spec(30, 'messages kept per input while waiting for a partner',
                             range=(1, 1000)),
-    'sync.timeout': Spec(0.5, 'seconds after its stamp that a thermal frame waits for a later '
-                         'visible frame before it is paired with what has arrived; set it above '
-                         'the longest delivery delay of either topic', range=(0.001, 10.0)),
+    'sync.timeout': Spec(0.5, 'seconds past its stamp + sync.slop that a thermal frame waits for '
+                         'a later visible frame before it is paired with what has arrived; set it '
+                         'above the longest delivery delay of either topic', range=(0.001, 10.0)),
     'sync.thermal_offset': Spec(0.0, 'seconds added to thermal stamps for matching (constant '
                                 'driver latency); outputs keep the original stamps',
                                 range=(-1.0, 1.0)),

@@ -56,3 +56,19 @@ def test_demo_records_a_best_effort_node(tmp_path):
         assert connection.msgcount > 0
         (qos,) = connection.ext.offered_qos_profiles
         assert (qos.reliability, qos.depth) == (QosReliability.BEST_EFFORT, 10)
+
+
+def test_the_demo_keeps_a_fast_dds_transport_the_user_chose(monkeypatch, tmp_path):
+    # LARGE_DATA unless set: DEFAULT where shared memory is scarce (a container's small /dev/shm).
+    import os
+    from s4fusion_ros.ros.demo import isolate_dds
+    for name in ('ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_DOMAIN_ID', 'ROS_LOG_DIR'):
+        monkeypatch.setenv(name, os.environ.get(name, ''))  # restored after the test
+    monkeypatch.setenv('FASTDDS_BUILTIN_TRANSPORTS', 'DEFAULT')
+    isolate_dds(57, tmp_path)
+    assert os.environ['FASTDDS_BUILTIN_TRANSPORTS'] == 'DEFAULT'
+    assert (os.environ['ROS_DOMAIN_ID'], os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']) == (
+        '57', 'LOCALHOST')
+    monkeypatch.delenv('FASTDDS_BUILTIN_TRANSPORTS')
+    isolate_dds(57, tmp_path)
+    assert os.environ['FASTDDS_BUILTIN_TRANSPORTS'] == 'LARGE_DATA'

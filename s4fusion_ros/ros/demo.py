@@ -95,11 +95,12 @@ def executable(name: str) -> str:
 
 
 def isolate_dds(domain_id: int, log_dir: pathlib.Path) -> None:
-    """Keep this process and its children on loopback, in their own domain, with LARGE_DATA."""
+    """Keep this process and its children on loopback, in their own domain, with LARGE_DATA
+    unless FASTDDS_BUILTIN_TRANSPORTS is set (e.g. DEFAULT where shared memory is scarce)."""
     os.environ.update({'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
                        'ROS_DOMAIN_ID': str(domain_id),
-                       'FASTDDS_BUILTIN_TRANSPORTS': 'LARGE_DATA',
                        'ROS_LOG_DIR': str(log_dir / 'ros')})
+    os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
 
 
 def stop(process: subprocess.Popen | None) -> None:
