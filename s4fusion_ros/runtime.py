@@ -88,10 +88,12 @@ def _load_model(weights, preset, device, half):
     dtype = torch.float32
     if weights:
         model = load_checkpoint(pathlib.Path(weights), device=torch_device, dtype=dtype)
-        network = model.config.network_name() or 'custom'
+        network = model.config.network_name()
         if preset not in ('auto', network):  # the weights decide the network: say so
-            raise CheckpointError(f'{weights} holds the {network} network, but the preset asked '
-                                  f'for is {preset}: ask for auto (or {network})')
+            held = f'the {network} network' if network else 'a network of no preset'
+            also = f' (or {network})' if network else ''
+            raise CheckpointError(f'{weights} holds {held}, but the preset asked for is '
+                                  f'{preset}: ask for auto{also}')
         return LoadedModel(model, torch_device, half, pathlib.Path(weights).stem,
                            pathlib.Path(weights), trained=True)
     if preset == 'auto':
@@ -102,10 +104,12 @@ def _load_model(weights, preset, device, half):
         return LoadedModel(model, torch_device, half, path.stem, path, trained=True)
     LOG.warning('NO TRAINED WEIGHTS: %s is missing; running S4Fusion (%s) with UNTRAINED initial '
                 'weights. The fused output is not meaningful.', path, preset)
-    # The same initial weights every start, without reseeding the process's generators.
-    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == 'cuda' else []):
-        torch.manual_seed(0)
-        model = S4Fusion(S4FusionConfig.preset(preset), device=torch_device, dtype=dtype).eval()
+    # The same initial weights every start, drawn on the CPU from a seeded CPU generator that is
+    # restored afterwards (torch.manual_seed would reseed every CUDA device's too).
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(0)
+        model = S4Fusion(S4FusionConfig.preset(preset), dtype=dtype)
+    model = model.to(torch_device).eval()
     return LoadedModel(model, torch_device, half, f's4fusion_{preset} (untrained)', None,
                        trained=False)
 

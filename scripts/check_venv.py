@@ -26,15 +26,16 @@ from collections.abc import Iterator
 LOCK_HEADER = """\
 # The versions of what requirements.txt pulls in, as its pins were last installed together: a new
 # release of one of them cannot break a set-up from nothing (scripts/setup.sh installs with
-# `-c constraints.txt`). Made by scripts/check_venv.py --lock; run it again after changing a pin:
+# `-c constraints.txt`). Made by scripts/check_venv.py --lock. After changing a pin, install the
+# pins without the lock (which may hold the new pin's dependencies back), then write it anew:
+#   .venv/bin/python -m pip install -r requirements.txt
 #   .venv/bin/python -I scripts/check_venv.py --lock . .venv > constraints.txt
 """
 
 
 def pins(root: pathlib.Path, file: str = 'requirements.txt') -> Iterator[tuple[str, str]]:
     """(name, version) of each `name==version` line of requirements.txt (or constraints.txt)."""
-    path = root / file
-    for line in path.read_text().splitlines() if path.exists() else ():
+    for line in (root / file).read_text().splitlines():
         requirement = line.partition('#')[0].strip()
         if requirement:
             name, _, version = requirement.partition('==')

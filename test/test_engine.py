@@ -180,8 +180,15 @@ def test_weights_decide_the_network_and_a_preset_that_names_another_is_refused(t
         assert load_fusion_model(str(path), preset, 'cpu').model.config == config
     # It ran the compact network under an authors preset, without a word.
     with pytest.raises(CheckpointError, match=f'{path} holds the compact network, but the '
-                       f'preset asked for is authors: ask for auto'):
+                       f'preset asked for is authors: ask for auto \\(or compact\\)$'):
         load_fusion_model(str(path), 'authors', 'cpu')
+    # A network of no preset (other widths) runs under auto only, which the message names alone.
+    wider = tmp_path / 'wider.safetensors'
+    save_checkpoint(S4Fusion(dataclasses.replace(config, dims=(24, 48, 96))), wider)
+    with pytest.raises(CheckpointError, match=f'{wider} holds a network of no preset, but the '
+                       f'preset asked for is compact: ask for auto$'):
+        load_fusion_model(str(wider), 'compact', 'cpu')
+    assert load_fusion_model(str(wider), 'auto', 'cpu').model.config.dims == (24, 48, 96)
 
 
 def test_untrained_weights_are_the_same_each_start_and_leave_the_global_generator(
