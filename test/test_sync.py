@@ -255,6 +255,21 @@ def test_old_timeline_filter_ends_with_the_other_topics_first_new_frame():
     check_counts(stats)
 
 
+def test_a_frame_far_above_where_the_jumped_topic_stood_is_of_the_new_timeline():
+    # The visible stamps jump back from 1 s to 1 ns. A thermal frame at 2000 s cannot have been
+    # in flight from the old timeline, which stood at 1 s: it was held as late, and its partner
+    # lost (found by test_robustness's property test).
+    sync = PairSynchronizer(0.05, 4)
+    sync.add_visible(S + 2, 'v-old')
+    sync.add_visible(1, 'v-glitch')
+    assert sync.stats.resets == 1
+    assert sync.add_thermal(2000 * S, 't') == []
+    assert sync.add_visible(2000 * S, 'v') == [Pair(2000 * S, 2000 * S, 't', 'v')]
+    stats = sync.stats
+    assert stats.thermal_late == 0
+    check_counts(stats)
+
+
 def test_one_glitched_thermal_stamp_does_not_stop_pairing():
     # A single thermal frame stamped 2 s in the past resets the synchronizer; the next thermal
     # frame is back on the old timeline, and so the visible frames are not held as stale.
