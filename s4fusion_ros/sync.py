@@ -34,10 +34,10 @@ Parameters and their names elsewhere:
   ``visible_key`` of a stamp: the node clock, sim time included, where the offsets are 0).
 - ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
   (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
-  Frames of the other topic still on the old timeline (in flight at the jump: from the threshold
-  below where the jumped topic stood to slop + timeout above it, offsets applied, and more than
-  slop + timeout ahead of where it stands now) are then late rather than a second jump, until
-  that topic's first frame on the new timeline.
+  Frames of the other topic still on the old timeline (in flight at the jump: continuing its own
+  stamps, and more than slop + timeout ahead of where the jumped topic stands now, offsets
+  applied) are then late rather than a second jump, until that topic's first frame on the new
+  timeline.
 
 Counters (``stats``), per topic, always satisfy
 ``received == pairs + unpaired + late + overflow + rejected + pending``.
@@ -107,10 +107,9 @@ class _Stream:
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     newest: Optional[int] = None  # newest stamp received, for clock-jump detection
     decided: Optional[int] = None  # newest key paired or dropped: older arrivals are late
-    # After the other topic jumped back in time: stamps from stale_from to stale_to may be of
-    # the old timeline (see _accept).
+    # After the other topic jumped back in time: stamps at or above this may be of the old
+    # timeline (see _accept).
     stale_from: Optional[int] = None
-    stale_to: Optional[int] = None
     received: int = 0
     unpaired: int = 0
     late: int = 0
@@ -232,14 +231,17 @@ class PairSynchronizer:
             stream.rejected += 1
             return []
         if stream.stale_from is not None:
-            # In flight when the other topic jumped back: near where it stood, and further ahead
-            # of where it stands now than a frame of the new timeline can be (a single glitched
-            # stamp of the other topic leaves this topic's frames level with its own).
-            ahead = stamp - self._other(stream).newest > self._slop + self._timeout
-            if stream.stale_from <= stamp <= stream.stale_to and ahead:
+            # In flight when the other topic jumped back: continuing this topic's own stamps, and
+            # further ahead (offsets applied) of where the other stands now than a frame of the
+            # new timeline can be (a single glitched stamp of the other topic leaves this topic's
+            # frames level with its own).
+            other = self._other(stream)
+            ahead = (stamp + stream.offset) - (other.newest + other.offset) > (
+                self._slop + self._timeout)
+            if stamp >= stream.stale_from and ahead:
                 stream.late += 1
                 return []
-            stream.stale_from = stream.stale_to = None  # its first frame on the new timeline
+            stream.stale_from = None  # this topic's first frame on the new timeline
         pairs = []
         if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
             pairs = self._reset(stream)
@@ -319,12 +321,12 @@ class PairSynchronizer:
     def _reset(self, jumped: _Stream) -> list[Pair]:
         """Flush, then forget the clock state of both topics (counters are kept)."""
         pairs = self._flush()
-        # Where the jumped topic stood, on the other topic's stamps: its frames in flight lie
-        # below that (by up to the threshold), or above by no more than a frame can be late.
+        # The other topic's frames still in flight continue its own stamps (where the jumped
+        # topic stood says little: it may have paused before the jump). Without a frame since
+        # the last reset, it keeps the filter it has (none if it never had a frame).
         other = self._other(jumped)
-        stood = jumped.newest + jumped.offset - other.offset
-        other.stale_from = stood - self._reset_threshold
-        other.stale_to = stood + self._slop + self._timeout
+        if other.newest is not None:
+            other.stale_from = other.newest - self._reset_threshold
         for stream in (self._thermal, self._visible):
             stream.newest = stream.decided = None
         self._floor = None

@@ -270,6 +270,37 @@ def test_a_frame_far_above_where_the_jumped_topic_stood_is_of_the_new_timeline()
     check_counts(stats)
 
 
+def test_a_frame_in_flight_after_the_other_topic_paused_before_the_jump_is_late():
+    # A looping bag whose thermal frames stop 0.6 s before the end of the pass: the visible frame
+    # in flight stands far above where the thermal stamps stood, but continues its own topic's
+    # stamps. Taken as the new timeline, it caused a second reset and lost the pair after it.
+    sync = PairSynchronizer(0.05, 30)
+    got = sync.add_thermal(100 * S, 't0') + sync.add_visible(100 * S, 'v0')
+    got += sync.add_thermal(98_900 * MS, 't1')  # the loop: the thermal topic jumps first
+    got += sync.add_visible(100_600 * MS, 'v-in-flight')
+    got += sync.add_visible(98_900 * MS, 'v1')
+    assert got == [Pair(100 * S, 100 * S, 't0', 'v0'), Pair(98_900 * MS, 98_900 * MS, 't1', 'v1')]
+    stats = sync.stats
+    assert (stats.resets, stats.visible_late) == (1, 1)
+    check_counts(stats)
+
+
+def test_a_frame_in_flight_at_a_jump_is_told_by_its_offset_stamp():
+    # Thermal stamps 0.5 s behind (thermal_offset +0.5): the thermal frame in flight at the
+    # visible jump is ahead of the new timeline only once the offset is applied. Compared raw,
+    # it counted as new: a second reset, and the next thermal frame paired with the wrong one.
+    sync = PairSynchronizer(0.05, 30, thermal_offset=0.5)
+    got = []
+    for topic, stamp_ms, name in ((1, 99_900, 'v0'), (0, 99_400, 't0'), (1, 100_000, 'v1'),
+                                  (1, 98_950, 'v2'), (0, 99_500, 't-in-flight'),
+                                  (0, 98_450, 't2'), (1, 98_983, 'v3')):
+        got += (sync.add_visible if topic else sync.add_thermal)(stamp_ms * MS, name)
+    assert [(p.thermal, p.visible) for p in got] == [('t0', 'v0'), ('t2', 'v2')]
+    stats = sync.stats
+    assert (stats.resets, stats.thermal_late) == (1, 1)
+    check_counts(stats)
+
+
 def test_one_glitched_thermal_stamp_does_not_stop_pairing():
     # A single thermal frame stamped 2 s in the past resets the synchronizer; the next thermal
     # frame is back on the old timeline, and so the visible frames are not held as stale.
