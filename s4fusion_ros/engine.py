@@ -113,8 +113,7 @@ class FusionPipeline:
         decoded = decode_thermal_info(message, self.max_pixels)
         if not np.isfinite(decoded.raw).any():
             # NaN/inf pixels are allowed, but a frame of only those carries no temperature.
-            name = getattr(message, 'encoding', None) or f'compressed {message.format!r}'
-            raise ImageDecodeError(f'{name} image: every pixel is NaN or inf')
+            raise ImageDecodeError(f'{decoded.name} image: every pixel is NaN or inf')
         if decoded.from_color:
             self._notice('a colour image arrived on the thermal topic: it is converted to its '
                          'luminance (publish mono8/mono16/32FC1 thermal images to avoid this)')

@@ -97,10 +97,12 @@ class RawCompressedImage:
 
 
 class ThermalDecode(NamedTuple):
-    """Raw thermal values and whether they were made from a colour image."""
+    """Raw thermal values, whether they were made from a colour image, and the image's name for
+    messages (its encoding, or its compressed format)."""
 
     raw: np.ndarray
     from_color: bool
+    name: str
 
 
 def _byte_view(data: Any, what: str) -> np.ndarray:
@@ -264,11 +266,12 @@ def decode_thermal_info(img: Any, max_pixels: int = MAX_PIXELS) -> ThermalDecode
     if layout != 'gray':
         if array.dtype == np.float32:
             raise ImageDecodeError(f'{name} image: float colour is not a thermal image')
-        return ThermalDecode(cv2.cvtColor(array.astype(np.float32), _TO_GRAY[layout]), True)
+        return ThermalDecode(cv2.cvtColor(array.astype(np.float32), _TO_GRAY[layout]), True,
+                             name)
     raw = np.array(array, dtype=np.float32)
     if array.dtype == np.float32:
         raw[np.isinf(raw)] = np.nan  # the normalizer excludes NaN from its statistics
-    return ThermalDecode(raw, False)
+    return ThermalDecode(raw, False, name)
 
 
 def decode_thermal(img: Any) -> np.ndarray:
