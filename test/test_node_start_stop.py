@@ -78,10 +78,11 @@ def test_a_signal_while_the_model_loads_is_a_clean_exit(number):
 def test_more_signals_during_shutdown_do_not_break_it(ros_context, signals):
     """Ctrl-C on ros2 launch: SIGINT from the terminal, SIGINT from launch, maybe SIGTERM."""
     probe = Probe('shutdown_probe')
-    # Full-size inference (about 0.5 s a pair here) and a queue that never runs dry: the node
-    # stops with an inference in progress, which it waits for, so the later signals arrive then.
-    thermal = np.random.default_rng(0).integers(0, 65535, (480, 640), dtype=np.uint16)
-    visible = np.full((480, 640, 3), 90, np.uint8)
+    # Full-size inference of 1280x960 (about 1 s a pair here; at 640x480 a quiet machine's
+    # 0.2 s could end before the second signal) and a queue that never runs dry: the node stops
+    # with an inference in progress, which it waits for, so the later signals arrive then.
+    thermal = np.random.default_rng(0).integers(0, 65535, (960, 1280), dtype=np.uint16)
+    visible = np.full((960, 1280, 3), 90, np.uint8)
     with running_node({'device': 'cpu', 'inference.queue_size': 100}) as proc:
         probe.wait_for_node(proc)
         stamp = probe.get_clock().now().nanoseconds
