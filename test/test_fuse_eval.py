@@ -21,6 +21,7 @@ from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint, shippe
 from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
+from s4fusion_ros.training.data import m3svd_clip
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -294,6 +295,35 @@ def test_paired_comparison_calls_only_consistent_differences_wins_or_losses():
     assert compared['swings']['rival']['EN'] == report.PairedComparison('~', 0.5)
 
 
+def test_paired_comparison_of_clips_frames_resamples_whole_clips():
+    # Ahead by 1 on each of clip a's ten frames, behind by 0.2 on each of clip b's: as twenty
+    # independent pairs that is a consistent lead, but one clip of two says the opposite.
+    rival = report.MethodScores('rival', False, scores([0.0] * 20))
+    ours = report.MethodScores('ours', True, scores([1.0] * 10 + [-0.2] * 10))
+    as_pairs = report.DatasetScores('d', pair_names(20), [ours, rival])
+    as_clips = report.DatasetScores('d', pair_names(20), [ours, rival],
+                                    pair_clips=('a',) * 10 + ('b',) * 10)
+    assert report.paired_comparisons(as_pairs)['ours']['rival']['EN'].verdict == 'W'
+    assert report.paired_comparisons(as_clips)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 0.5)
+    context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
+    assert 'frames of 2 clips' in report.render([as_clips], context)
+    assert 'clips' not in report.render([as_pairs], context)
+    # Where every clip agrees, the clips' resamples still call it.
+    ours.scores = scores([1.0] * 10 + [0.2] * 10)
+    assert report.paired_comparisons(as_clips)['ours']['rival']['EN'].verdict == 'W'
+
+
+def test_eval_names_the_clips_of_the_m3svd_validation_split(ivif_dir):
+    args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets', 'm3svd_val,tno42',
+                                '--limit', '12', '--out', 'q.md'])
+    splits, validation, clips = evaluate.evaluation_splits(args)
+    assert validation == {'m3svd_val', 'roadscene_val'} and list(clips) == ['m3svd_val']
+    assert len(splits['m3svd_val']) == len(clips['m3svd_val']) == 12
+    assert clips['m3svd_val'] == tuple(map(m3svd_clip, splits['m3svd_val']))
+    assert len(set(clips['m3svd_val'])) == 2
+
+
 def test_paired_comparison_leaves_undefined_pairs_out_and_needs_the_same_pairs():
     rival = report.MethodScores('rival', False, scores([1.0, 2.0, 3.0, 4.0]))
     ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0, math.nan]))
@@ -486,7 +516,8 @@ def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, m
     # Training records label pairs folder/name: "--folder ." must give those labels too.
     copy_pairs(ivif_dir, tmp_path / 'msrs', [('msrs', '00556D.png')])
     monkeypatch.chdir(tmp_path / 'msrs')
-    splits, _ = evaluate.evaluation_splits(evaluate.parse_args(['--folder', '.', '--out', 'q.md']))
+    args = evaluate.parse_args(['--folder', '.', '--out', 'q.md'])
+    splits, _, _ = evaluate.evaluation_splits(args)
     assert [pair.label for pair in splits['msrs']] == ['msrs/00556D.png']
     # A stored output is the file of the pair's whole stem, not of a longer name sharing it.
     (tmp_path / 'M').mkdir()

@@ -121,6 +121,9 @@ def test_m3svd_is_split_by_clip(splits):
     assert len(train_clips) == 7 + 4  # 0111_1716 is a frame clip and a video
     videos = [p for p in splits.train if p.frame is not None]
     assert {p.frame for p in videos} == set(range(0, 590, VIDEO_FRAME_STEP))
+    # The split of clips' frames names each pair's clip, for statistics that resample clips.
+    assert splits.clips == {'m3svd_val': tuple(map(m3svd_clip, splits.validation['m3svd_val']))}
+    assert sorted(set(splits.clips['m3svd_val'])) == sorted(M3SVD_VALIDATION_CLIPS)
 
 
 def test_video_frames_read_as_the_video_decodes_them(splits):

@@ -52,6 +52,10 @@ ours). W: the 95% percentile-bootstrap interval of the mean difference ({resampl
 the pairs) lies above 0; L: below 0; ~: it contains 0, so the difference of the means is within
 what another draw of test pairs could reverse. The percentage is the share of pairs on which ours
 is strictly better."""
+CLIPS_NOTE = """\
+The pairs of this split are frames of {clips} clips, and frames of one clip are not independent
+draws: the bootstrap resamples whole clips here, so with few clips a W or an L needs about every
+clip to agree."""
 
 
 @dataclasses.dataclass
@@ -89,6 +93,9 @@ class DatasetScores:
     metrics: tuple = METRICS  # those compared (a published table may lack some)
     description: str = ''  # a paragraph under the heading, where the table needs one
     per_pair: bool = True  # listed in the per-pair CSV (not values copied from a publication)
+    # The clip each pair is a frame of, where the split is frames of a few clips: such frames are
+    # not independent, so the paired bootstrap resamples whole clips. None: independent pairs.
+    pair_clips: tuple | None = None
 
     @property
     def pairs(self) -> int:
@@ -184,15 +191,21 @@ class PairedComparison:
     share_better: float
 
 
-def _resampled_pairs(count: int) -> np.ndarray:
-    """(BOOTSTRAP_RESAMPLES, count) pair indices drawn with replacement, the same for every
-    comparison of a dataset, so that all comparisons are judged on the same resamples."""
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    return rng.integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
+def _resample_weights(dataset: DatasetScores) -> np.ndarray:
+    """(BOOTSTRAP_RESAMPLES, pairs) how often each pair is in each resample, the same for every
+    comparison of a dataset, so that all comparisons are judged on the same resamples. Pairs are
+    drawn with replacement; where they are frames of clips, clips are (a cluster bootstrap)."""
+    clips = dataset.pair_clips or range(dataset.pairs)
+    units, unit_of_pair = np.unique(np.asarray(clips), return_inverse=True)
+    draws = np.random.default_rng(BOOTSTRAP_SEED).integers(
+        0, len(units), size=(BOOTSTRAP_RESAMPLES, len(units)))
+    drawn = np.zeros((BOOTSTRAP_RESAMPLES, len(units)))
+    np.add.at(drawn, (np.arange(BOOTSTRAP_RESAMPLES)[:, None], draws), 1.0)
+    return drawn[:, unit_of_pair]
 
 
 def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
-                      resamples: np.ndarray) -> PairedComparison:
+                      weights: np.ndarray) -> PairedComparison:
     """Compare per-pair values; pairs where either value is undefined are left out."""
     mine = np.array([score[metric] for score in ours.scores], dtype=np.float64)
     theirs = np.array([score[metric] for score in rival.scores], dtype=np.float64)
@@ -201,9 +214,9 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
     if not defined.any():
         return PairedComparison('~', math.nan)
     # Undefined pairs count as zero difference in each resample, then the mean is rescaled to the
-    # defined pairs, which keeps one index matrix for every metric.
+    # defined pairs, which keeps one weight matrix for every metric.
     filled = np.where(defined, difference, 0.0)
-    means = filled[resamples].sum(1) / np.maximum(defined[resamples].sum(1), 1)
+    means = (weights @ filled) / np.maximum(weights @ defined, 1)
     low, high = np.quantile(means, [0.025, 0.975])
     verdict = 'W' if low > 0 else 'L' if high < 0 else '~'
     return PairedComparison(verdict, float(np.mean(difference[defined] > 0)))
@@ -215,9 +228,9 @@ def paired_comparisons(dataset: DatasetScores) -> dict:
     if unpaired:
         raise ValueError(f'{dataset.name}: {", ".join(unpaired)} not scored on each of the '
                          f'{dataset.pairs} pairs; a paired comparison needs every pair')
-    resamples = _resampled_pairs(dataset.pairs)
+    weights = _resample_weights(dataset)
     others = [m for m in dataset.methods if not m.ours]
-    return {ours.name: {rival.name: {metric: paired_comparison(ours, rival, metric, resamples)
+    return {ours.name: {rival.name: {metric: paired_comparison(ours, rival, metric, weights)
                                      for metric in dataset.metrics}
                         for rival in others}
             for ours in dataset.methods if ours.ours}
@@ -330,6 +343,8 @@ def render(datasets: list, context: ReportContext) -> str:
                   *metric_table(dataset), '', '**Wins:**', '', *wins_lines(dataset), '']
         if any(m.ours for m in dataset.methods) and any(not m.ours for m in dataset.methods):
             lines += [PAIRED_INTRO.format(resamples=f'{BOOTSTRAP_RESAMPLES:,}'), '',
+                      *([CLIPS_NOTE.format(clips=len(set(dataset.pair_clips))), '']
+                        if dataset.pair_clips else []),
                       *paired_tables(dataset)]
     if context.grid:
         lines += ['## Examples', '',

@@ -255,13 +255,14 @@ def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.nd
 
 
 def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
-                     validation: bool = False, compat: dict | None = None
-                     ) -> report.DatasetScores:
+                     validation: bool = False, compat: dict | None = None,
+                     clips: tuple | None = None) -> report.DatasetScores:
     """Score every method on every pair; the first pair's ours images go to examples.
 
     ``validation`` marks a split that weights and settings are chosen on. ``compat``: where
     given, ours' images are also scored as the MATLAB toolkit scores them (``matlab_compat``),
-    into ``compat[method name]``, for the published values of other methods."""
+    into ``compat[method name]``, for the published values of other methods. ``clips``: the
+    clip of each pair, for a split of a few clips' frames (``DatasetScores.pair_clips``)."""
     scores = {m.name: report.MethodScores(m.name, m.ours, seconds=None if m.stored else 0.0)
               for m in methods}
     for index, pair in enumerate(tqdm(pairs, unit='pair', desc=name, file=sys.stderr,
@@ -283,7 +284,7 @@ def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
             if index == 0 and method.ours and name not in examples:
                 examples[name] = (source, images)
     return report.DatasetScores(name, tuple(pair.name for pair in pairs), list(scores.values()),
-                                validation)
+                                validation, pair_clips=clips)
 
 
 def published_dataset(name: str, pairs: list, compat: dict, table: pathlib.Path
@@ -567,39 +568,43 @@ def recorded_command(args: argparse.Namespace, argv: list) -> str:
     return shlex.join([PROG, *map(recorded, argv)])
 
 
-def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set]:
-    """({split name: pairs} of --datasets and --folder, in that order; the validation splits)."""
-    splits, validation = {}, set()
+def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set, dict]:
+    """({split name: pairs} of --datasets and --folder, in that order, each cut to --limit; the
+    validation splits; {split name: the clip of each pair} of the splits of a few clips' frames).
+    """
+    splits, validation, clips = {}, set(), {}
     if args.datasets:
         ivif = ivif_splits(args.data)
         known = {**ivif.tests, **ivif.validation}
         missing = sorted(set(args.datasets) - set(known))
         if missing:
             raise ValueError(f'unknown datasets {missing}: choose from {", ".join(known)}')
-        splits = {name: known[name] for name in args.datasets}
+        splits = {name: known[name][:args.limit or None] for name in args.datasets}
         validation = set(ivif.validation)
+        clips = {name: ivif.clips[name][:args.limit or None] for name in splits
+                 if name in ivif.clips}
     for folder in args.folder:
         folder = folder.resolve()  # its name names the split and its pairs' labels
         if folder.name in IVIF_DATASETS or folder.name in splits:
             taken = 'an ivif split' if folder.name in IVIF_DATASETS else 'already evaluated'
             raise ValueError(f'--folder {folder}: a split named {folder.name} is {taken}; each '
                              'split is named by its folder, so rename it')
-        splits[folder.name] = pairs_in_folder(folder)
+        splits[folder.name] = pairs_in_folder(folder)[:args.limit or None]
         if not splits[folder.name]:
             raise ValueError(f'--folder {folder}: no image pairs in its ir/ and vi/')
-    return splits, validation
+    return splits, validation, clips
 
 
 def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
-    splits, validation = evaluation_splits(args)
+    splits, validation, clips = evaluation_splits(args)
     ivif_names = set(args.datasets)
     ours = 'ours' in args.methods
     configs, skipped, notes = ours_configs(args.weights) if ours else ([], [], [])
     methods, skipped_methods = build_methods(args, configs)
     examples, datasets, evaluated = {}, [], []
     for name, pairs in splits.items():
-        pairs = list(pairs[:args.limit or None])
+        pairs = list(pairs)
         stored, skipped_stored = (stored_methods(name, pairs, name not in ivif_names)
                                   if 'stored' in args.methods else ([], []))
         skipped_methods += skipped_stored
@@ -611,7 +616,8 @@ def run(args: argparse.Namespace, argv: list) -> list:
                   and any(method.ours for method in methods) else None)
         started = time.monotonic()
         datasets.append(evaluate_dataset(name, pairs, methods + stored, examples,
-                                         validation=name in validation, compat=compat))
+                                         validation=name in validation, compat=compat,
+                                         clips=clips.get(name)))
         if compat is not None:
             published, skipped_published = published_dataset(name, pairs, compat, table)
             datasets.append(published)

@@ -61,6 +61,9 @@ class IvifSplits:
     train: tuple
     validation: dict
     tests: dict
+    # split name -> the clip of each of its pairs, for a split of frames of a few clips (frames
+    # of one clip are not independent draws, so statistics over the split resample clips)
+    clips: dict
 
 
 def read_image_file(path):
@@ -310,7 +313,8 @@ def ivif_splits(root):
     train += pairs_in_folder(root / 'msrs', MSRS_TRAIN_NAMES)
     train += tuple(p for p in m3svd_frames if m3svd_clip(p) not in M3SVD_VALIDATION_CLIPS)
     train += m3svd_videos
-    return IvifSplits(train=train, validation=validation, tests=tests)
+    clips = {'m3svd_val': tuple(m3svd_clip(p) for p in validation['m3svd_val'])}
+    return IvifSplits(train=train, validation=validation, tests=tests, clips=clips)
 
 
 class PairFolderDataset(torch.utils.data.Dataset):
