@@ -433,13 +433,14 @@ def training_pairs(training) -> set | None:
 
 def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs',
                      key: Callable = lambda label: label) -> str:
-    """How many of `labels` the checkpoint's JSON lists among its training data, the two
-    compared by `key` (default: the label itself, dataset/name as training records name pairs)."""
+    """How many of `labels` the checkpoint's JSON lists among its training data, each training
+    label compared as `key` makes it (default: as it is, dataset/name as training records name
+    pairs) with `labels`."""
     trained_on = training_pairs(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
     trained_keys = {key(label) for label in trained_on}
-    seen = sorted(label for label in set(labels) if key(label) in trained_keys)
+    seen = sorted(label for label in set(labels) if label in trained_keys)
     listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
     return (f'{config.label}: {len(seen)} of the {len(labels)} {what} are among its '
             f'{len(trained_on)} training pairs{listed}.')
@@ -448,6 +449,11 @@ def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pa
 def frame_of_clip(label: str) -> str:
     """``<clip>_<frame>`` of a training label ``<folder>/<clip>_<frame>[.png]``."""
     return pathlib.PurePosixPath(label).stem
+
+
+def clip_of_frame(label: str) -> str:
+    """``<clip>`` of a training label ``<folder>/<clip>_<frame>[.png]``."""
+    return frame_of_clip(label).rsplit('_', 1)[0]
 
 
 def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
@@ -688,6 +694,9 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
               f'{environment()}.'] + [weights_identity(c) for c in configs]
              + [training_overlap(c, frames, 'measured frames (as video or still frames, by '
                                  'clip and frame number)', frame_of_clip) for c in configs]
+             + [training_overlap(c, clips, 'measured clips (by any of their frames; the other '
+                                 'frames of a clip are near duplicates of those)', clip_of_frame)
+                for c in configs]
              + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes)
     text = args.out.read_text() if args.out.is_file() else ''
