@@ -40,9 +40,14 @@ Qabf    Xydeas & Petrovic: Sobel on zero-padded       on [0, 1]: where the exact
         Tg 0.9994, kg -15, Dg 0.5, Ta 0.9879,         (not 1) where gS == gF, which sinks fusions
         ka -22, Da 0.8, weights gA and gB             that copy source pixels (max: 0.24 vs 0.60).
                                                       DenseFuse TNO: within 0.8 %
-SSIM    SSIM(F, A) + SSIM(F, B), Wang et al. 2004:    not in the reference. Summed like MI and VIF
-        Gaussian window 11, sigma 1.5, K1 0.01,       and as in CDDFuse's evaluator (which uses
-        K2 0.03, L 255, mean over the valid region    skimage's 7x7 uniform window: values differ)
+SSIM    SSIM(F, A) + SSIM(F, B), Wang et al. 2004:    not in the reference (the 2022 toolkit's is
+        Gaussian window 11, sigma 1.5, K1 0.01,       mef_ssim, another metric). Since 7849642
+        K2 0.03, L 255, mean over the valid region    0.5 SSIM(F, A) + 0.5 SSIM(F, B) by MATLAB's
+                                                      ssim, a mean: about ours / 2 (its constants
+                                                      for 0-255 doubles are 255^2 times smaller).
+                                                      Summed like MI and VIF, and as in CDDFuse's
+                                                      evaluator (which uses skimage's 7x7 uniform
+                                                      window: values differ)
 MSE     (MSE(F, A) + MSE(F, B)) / 2                   on [0, 1]: ours / 255^2
 PSNR    10 log10(255^2 / MSE), dB                     20 log10(255 / sqrt(MSE on [0, 1])), i.e.
                                                       ours + 20 log10(255) = ours + 48.13 dB
