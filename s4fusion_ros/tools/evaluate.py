@@ -386,6 +386,8 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
                      'fine-tuned from, are noted per weights above): m3svd_val = the 20 frame '
                      f'pairs of the M3SVD clips {validation}, roadscene_val = every '
                      f'{ROADSCENE_VALIDATION_STRIDE}th of the other RoadScene pairs by name (20). '
+                     "RoadScene's pairs are frames of one drive: some test and validation pairs "
+                     'show the scene of a training frame a few frames apart. '
                      'Provenance of the data: the README ("Data").')
     if args.folder:
         notes.append('Splits of --folder, each named by its folder: '
