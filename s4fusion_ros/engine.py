@@ -237,7 +237,11 @@ class FusionEngine:
         started = time.perf_counter()
         visible_y, visible_cr, visible_cb = bgr_to_ycrcb(visible_bgr)
         height, width = visible_y.shape
-        model_size = settings.inference_size if all(settings.inference_size) else (width, height)
+        # inference_size caps the model's input: a larger side would only upsample (and could
+        # outgrow the memory max_input_pixels keeps the image within)
+        model_width, model_height = settings.inference_size
+        model_size = ((min(model_width, width), min(model_height, height))
+                      if model_width and model_height else (width, height))
         if model_size == (width, height):
             fused_y = self._run_model(thermal, visible_y)
         else:

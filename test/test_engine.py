@@ -116,6 +116,20 @@ def test_engine_outputs_visible_geometry_and_colour(msrs_pair, loaded):
     assert np.abs(mono.astype(int) - np.rint(y * 255).astype(int))[in_gamut].max() <= 3
 
 
+def test_inference_size_never_runs_the_model_above_the_image_size(msrs_pair, loaded):
+    # A side larger than the image's runs at the image's: it would only upsample, and an
+    # inference_size of 8192x8192 would ask for gigabytes past what max_input_pixels allows.
+    ir, vi = (cv2.resize(image, (96, 72), interpolation=cv2.INTER_AREA) for image in msrs_pair)
+    pair = PreparedPair(1, 1, 'rgb', ir.astype(np.float32) / 255.0, vi)
+
+    def fused(size):
+        return FusionEngine(loaded, FusionSettings(inference_size=size)).infer(pair).fused
+
+    np.testing.assert_array_equal(fused((8192, 8192)), fused((0, 0)))
+    np.testing.assert_array_equal(fused((1000, 48)), fused((96, 48)))
+    assert np.abs(fused((96, 48)).astype(int) - fused((0, 0))).max() > 0
+
+
 @pytest.mark.parametrize('saliency_encoding', ['mono8', '32FC1'])
 def test_engine_packs_both_outputs_as_its_settings_say(msrs_pair, loaded, saliency_encoding):
     ir, vi = msrs_pair
