@@ -82,8 +82,9 @@ SPECS = {
     'inference.queue_policy': Spec('keep_newest', 'when the queue is full: keep_newest drops the '
                                    'oldest pair, keep_oldest drops the new one',
                                    choices=QUEUE_POLICIES),
-    'inference_size': Spec([0, 0], '[width, height] the model runs at (detail restored at full '
-                           'resolution); [0, 0] = the visible image size'),
+    'inference_size': Spec([0, 0], '[width, height] the model runs at, at most the visible '
+                           "image's (detail restored at full resolution); [0, 0] = the visible "
+                           'image size'),
     'max_input_pixels': Spec(1 << 25, 'largest input image (width x height) accepted; a larger '
                              'one is dropped as a bad message (the model needs about 300 bytes '
                              'a pixel on the CPU; default: 8K)', range=(1, MAX_PIXELS)),
@@ -162,6 +163,13 @@ def check_update(current: dict, updates: dict) -> str:
                       ('normalization.fixed_min', 'normalization.fixed_max')):
         if not reason and low in merged and high in merged and merged[low] >= merged[high]:
             reason = f'{low} ({merged[low]}) must be below {high} ({merged[high]})'
+    if not reason and merged.get('sync.backend') == 'message_filters':
+        if merged.get('sync.thermal_offset', 0.0) != 0.0:
+            reason = ('sync.thermal_offset is not supported with sync.backend message_filters '
+                      '(it pairs the stamps as they are)')
+        elif merged.get('sync.slop') == 0.0:
+            reason = ('sync.slop 0 pairs nothing with sync.backend message_filters (it pairs '
+                      'stamps less than slop apart); exact stamps pair with sync.backend own')
     return reason
 
 

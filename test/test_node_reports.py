@@ -112,6 +112,18 @@ def test_message_filters_backend_without_the_package_is_a_clear_start_up_error()
     assert 'Traceback' not in log and 'loading the model' not in log, log
 
 
+@pytest.mark.parametrize('setting, reason', [
+    ({'sync.slop': 0.0}, 'sync.slop 0 pairs nothing with sync.backend message_filters'),
+    ({'sync.thermal_offset': 0.02}, 'sync.thermal_offset is not supported with sync.backend')])
+def test_message_filters_backend_refuses_settings_it_cannot_pair_with(setting, reason):
+    # Checked as the parameters are declared, before the package is looked for.
+    with running_node({**PARAMS, 'sync.backend': 'message_filters', **setting}) as proc:
+        code = proc.wait(timeout=120)
+    log = node_log(proc)
+    assert code == 1 and reason in log, log
+    assert 'Traceback' not in log and 'loading the model' not in log, log
+
+
 @pytest.mark.skipif(not HAVE_MESSAGE_FILTERS, reason='message_filters needs a ROS 2 distro')
 def test_message_filters_backend_pairs_and_fuses(ros_context):
     probe = Probe('message_filters_probe')

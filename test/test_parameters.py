@@ -27,6 +27,14 @@ def test_check_rejects_with_reasons():
     reason = settings.check_update(settings.defaults(), {'normalization.low_percentile': 99.5})
     assert 'normalization.low_percentile' in reason
     assert settings.check_update(settings.defaults(), {'sync.slop': 0.1}) == ''
+    # message_filters pairs stamps less than slop apart: slop 0 would pair nothing.
+    message_filters = {**settings.defaults(), 'sync.backend': 'message_filters'}
+    assert settings.check_update(message_filters, {'sync.slop': 0.001}) == ''
+    assert 'sync.slop 0 pairs nothing with sync.backend message_filters' in \
+        settings.check_update(message_filters, {'sync.slop': 0.0})
+    assert settings.check_update(settings.defaults(), {'sync.slop': 0.0}) == ''
+    assert 'sync.thermal_offset is not supported with sync.backend message_filters' in \
+        settings.check_update(message_filters, {'sync.thermal_offset': 0.02})
     for bad in (float('inf'), float('nan')):
         assert 'normalization.fixed_max: expected a finite' in settings.check(
             {'normalization.fixed_max': bad})

@@ -373,9 +373,6 @@ def _import_message_filters(p: dict):
     """Return the message_filters module for sync.backend message_filters; None for our own."""
     if p['sync.backend'] != 'message_filters':
         return None
-    if p['sync.thermal_offset'] != 0.0:
-        raise settings.SettingsError('sync.thermal_offset is not supported with sync.backend '
-                                     'message_filters (it pairs the stamps as they are)')
     try:
         import message_filters
     except ImportError:
