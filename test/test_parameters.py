@@ -181,6 +181,20 @@ def get_parameter(probe, name):
 
 
 @pytest.mark.ros
+def test_descriptors_say_what_each_parameter_takes(node):
+    from rclpy.parameter_client import AsyncParameterClient
+    client = AsyncParameterClient(node, 's4fusion_node')
+    assert client.wait_for_services(timeout_sec=20.0)
+    names = ['output_encoding', 'sync.slop', 'device']
+    encoding, slop, device = call(node, client.describe_parameters(names)).descriptors
+    assert encoding.additional_constraints == 'one of: bgr8, rgb8, mono8'
+    assert 'encoding' in encoding.description and not encoding.read_only
+    [slop_range] = slop.floating_point_range
+    assert (slop_range.from_value, slop_range.to_value) == (0.0, 1.0) and not slop.read_only
+    assert device.read_only and device.additional_constraints == ''
+
+
+@pytest.mark.ros
 def test_valid_change_is_accepted(node):
     [result] = set_parameters(node, {'sync.slop': 0.08})
     assert result.successful, result.reason

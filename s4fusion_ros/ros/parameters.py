@@ -12,9 +12,12 @@ from ..settings import Spec, check_update
 
 
 def descriptor(name: str, spec: Spec) -> ParameterDescriptor:
-    """Build a ParameterDescriptor with the description, range and read-only flag of a spec."""
-    text = spec.description + (f" ({', '.join(spec.choices)})" if spec.choices else '')
-    result = ParameterDescriptor(name=name, description=text, read_only=not spec.runtime)
+    """Build a ParameterDescriptor with the description, range or choices (as the additional
+    constraints, which `ros2 param describe` shows) and read-only flag of a spec."""
+    result = ParameterDescriptor(name=name, description=spec.description,
+                                 read_only=not spec.runtime)
+    if spec.choices:
+        result.additional_constraints = f"one of: {', '.join(spec.choices)}"
     if spec.range is not None:
         low, high = spec.range
         if isinstance(spec.default, int) and not isinstance(spec.default, bool):
