@@ -102,6 +102,21 @@ def test_latency_is_reported_only_when_stamps_and_clock_agree(ros_context):
     assert 0.0 <= float(live[Key.END_TO_END_LATENCY_P95]) < 60.0, live
 
 
+def test_a_backward_clock_jump_is_logged_and_pairing_goes_on(ros_context):
+    probe = Probe('clock_jump_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node(PARAMS) as proc:
+        probe.wait_for_node(proc)
+        now = probe.get_clock().now().nanoseconds
+        fuse_pairs(probe, proc, now, count=2)
+        fuse_pairs(probe, proc, now - 100 * 10**9, count=2)  # a camera restarted, say
+        log = wait_for_log(proc, 'the input stamps jumped back')
+        values = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert 'pairing restarted on the new timeline (1 time(s) so far)' in log, log
+    assert values[Key.SYNC_RESETS] == '1', values
+
+
 @pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
 def test_message_filters_backend_without_the_package_is_a_clear_start_up_error():
     with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:

@@ -82,6 +82,7 @@ class S4FusionNode(Node):
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
+        self.resets_logged = 0  # synchronizer resets (backward clock jumps) logged so far
         self.worker_failures_logged = 0
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
@@ -235,6 +236,13 @@ class S4FusionNode(Node):
         while len(self.pipeline.notices) > self.notices_logged:
             self.get_logger().warning(self.pipeline.notices[self.notices_logged])
             self.notices_logged += 1
+        resets = self.pipeline.synchronizer.stats.resets
+        if resets > self.resets_logged:
+            self.resets_logged = resets
+            self.get_logger().warning(
+                'the input stamps jumped back (a looping bag, a restarted camera or clock): '
+                f'pairing restarted on the new timeline ({resets} time(s) so far)',
+                throttle_duration_sec=10.0)
         for pair in prepared:
             self.worker.submit(pair)
 
