@@ -85,6 +85,15 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
     assert 'normalisation.mode, sync.slopp' in log, log
 
 
+def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):
+    probe = Probe('output_qos_probe')  # subscribes to both outputs reliable
+    with running_node({**PARAMS, 'qos.output.reliability': 'best_effort'}) as proc:
+        log = wait_for_log(proc, '/s4fusion_node/fused: a subscriber requests QoS incompatible',
+                           '/s4fusion_node/saliency: a subscriber requests QoS incompatible')
+    probe.destroy_node()
+    assert 'set qos.output.reliability:=reliable' in log, log
+
+
 def test_latency_is_reported_only_when_stamps_and_clock_agree(ros_context):
     probe = Probe('latency_probe')
     diagnostics = Diagnostics(probe)

@@ -16,7 +16,7 @@ import time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
-from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CompressedImage, Image
@@ -88,8 +88,11 @@ class S4FusionNode(Node):
                                       p['inference.queue_policy'])
 
         output_qos = parameters.qos_profile(p['qos.output.reliability'], p['qos.output.depth'])
-        self.fused_pub = self.create_publisher(Image, '~/fused', output_qos)
-        self.saliency_pub = self.create_publisher(Image, '~/saliency', output_qos)
+        self.fused_pub, self.saliency_pub = (
+            self.create_publisher(Image, f'~/{name}', output_qos, event_callbacks=(
+                PublisherEventCallbacks(incompatible_qos=lambda info, name=name:
+                                        self._on_incompatible_subscriber(name, info))))
+            for name in ('fused', 'saliency'))
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         input_qos = parameters.qos_profile(p['qos.input.reliability'], p['qos.input.depth'])
         # Timers on the steady clock: on sim time they would stop with /clock (a paused or
@@ -193,6 +196,16 @@ class S4FusionNode(Node):
             f'{topic}: a publisher offers QoS incompatible with this subscription (policy '
             f'{info.last_policy_kind}), so nothing is received from it. The usual cause is a '
             'best_effort (sensor-data) publisher: set qos.input.reliability:=best_effort')
+
+    def _on_incompatible_subscriber(self, name: str, info) -> None:
+        if not self._log_due((name, 'incompatible qos')):
+            return
+        topic = getattr(self, f'{name}_pub').topic_name
+        self.get_logger().error(
+            f'{topic}: a subscriber requests QoS incompatible with this publisher (policy '
+            f'{info.last_policy_kind}), so it receives nothing. The usual cause is a reliable '
+            'subscriber (ros2 bag record, rviz) of a best_effort output: set '
+            'qos.output.reliability:=reliable')
 
     def _on_image(self, role: str, msg) -> None:
         self._rate(role).tick()
