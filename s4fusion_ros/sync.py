@@ -107,9 +107,10 @@ class _Stream:
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     newest: Optional[int] = None  # newest stamp received, for clock-jump detection
     decided: Optional[int] = None  # newest key paired or dropped: older arrivals are late
-    # After the other topic jumped back in time: stamps at or above this may be of the old
-    # timeline (see _accept).
+    # After the other topic jumped back in time: stamps in [stale_from, stale_to] may be of the
+    # old timeline, still in flight (see _accept).
     stale_from: Optional[int] = None
+    stale_to: Optional[int] = None
     received: int = 0
     unpaired: int = 0
     late: int = 0
@@ -231,17 +232,18 @@ class PairSynchronizer:
             stream.rejected += 1
             return []
         if stream.stale_from is not None:
-            # In flight when the other topic jumped back: continuing this topic's own stamps, and
-            # further ahead (offsets applied) of where the other stands now than a frame of the
-            # new timeline can be (a single glitched stamp of the other topic leaves this topic's
-            # frames level with its own).
+            # In flight when the other topic jumped back: continuing this topic's own stamps
+            # (within the jump threshold of its newest then, either way: a frame far beyond it
+            # jumped too), and further ahead (offsets applied) of where the other stands now than
+            # a frame of the new timeline can be (a single glitched stamp of the other topic
+            # leaves this topic's frames level with its own).
             other = self._other(stream)
             ahead = (stamp + stream.offset) - (other.newest + other.offset) > (
                 self._slop + self._timeout)
-            if stamp >= stream.stale_from and ahead:
+            if stream.stale_from <= stamp <= stream.stale_to and ahead:
                 stream.late += 1
                 return []
-            stream.stale_from = None  # this topic's first frame on the new timeline
+            stream.stale_from = stream.stale_to = None  # its first frame on the new timeline
         pairs = []
         if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
             pairs = self._reset(stream)
@@ -327,6 +329,7 @@ class PairSynchronizer:
         other = self._other(jumped)
         if other.newest is not None:
             other.stale_from = other.newest - self._reset_threshold
+            other.stale_to = other.newest + self._reset_threshold + self._timeout
         for stream in (self._thermal, self._visible):
             stream.newest = stream.decided = None
         self._floor = None

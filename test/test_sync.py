@@ -270,6 +270,22 @@ def test_a_frame_far_above_where_the_jumped_topic_stood_is_of_the_new_timeline()
     check_counts(stats)
 
 
+def test_a_frame_far_above_its_own_topics_stamps_at_the_jump_is_of_the_new_timeline():
+    # As above, with a thermal frame at 1 ns before the jump: the one at 2000 s continues no
+    # thermal stamp that could have been in flight at the jump, yet it was held as late and its
+    # partner lost (found again by test_robustness's property test).
+    sync = PairSynchronizer(0.05, 4)
+    sync.add_thermal(1, 't-old')
+    sync.add_visible(S + 2, 'v-old')
+    sync.add_visible(1, 'v-glitch')
+    assert sync.stats.resets == 1
+    assert sync.add_thermal(2000 * S, 't') == []
+    assert sync.add_visible(2000 * S, 'v') == [Pair(2000 * S, 2000 * S, 't', 'v')]
+    stats = sync.stats
+    assert stats.thermal_late == 0
+    check_counts(stats)
+
+
 def test_a_frame_in_flight_after_the_other_topic_paused_before_the_jump_is_late():
     # A looping bag whose thermal frames stop 0.6 s before the end of the pass: the visible frame
     # in flight stands far above where the thermal stamps stood, but continues its own topic's
