@@ -233,10 +233,10 @@ class PairSynchronizer:
             return []
         if stream.stale_from is not None:
             # In flight when the other topic jumped back: continuing this topic's own stamps
-            # (within the jump threshold of its newest then, either way: a frame far beyond it
-            # jumped too), and further ahead (offsets applied) of where the other stands now than
-            # a frame of the new timeline can be (a single glitched stamp of the other topic
-            # leaves this topic's frames level with its own).
+            # (from its newest then less the jump threshold up to that plus the threshold and
+            # the timeout: a frame far beyond it jumped too), and further ahead (offsets applied)
+            # of where the other stands now than a frame of the new timeline can be (a single
+            # glitched stamp of the other topic leaves this topic's frames level with its own).
             other = self._other(stream)
             ahead = (stamp + stream.offset) - (other.newest + other.offset) > (
                 self._slop + self._timeout)
