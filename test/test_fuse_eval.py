@@ -312,6 +312,16 @@ def test_paired_comparison_of_clips_frames_resamples_whole_clips():
     # Where every clip agrees, the clips' resamples still call it.
     ours.scores = scores([1.0] * 10 + [0.2] * 10)
     assert report.paired_comparisons(as_clips)['ours']['rival']['EN'].verdict == 'W'
+    # One clip (or one pair): every resample is the same, an interval of no width, no verdict.
+    one_clip = report.DatasetScores('d', pair_names(20), [ours, rival], pair_clips=('a',) * 20)
+    assert report.paired_comparisons(one_clip)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 1.0)
+    assert 'frames of 1 clip,' in report.render([one_clip], context)
+    one_pair = report.DatasetScores('d', pair_names(1), [report.MethodScores(
+        'ours', True, scores([1.0])), report.MethodScores('rival', False, scores([0.0]))])
+    assert report.paired_comparisons(one_pair)['ours']['rival']['EN'].verdict == '~'
+    with pytest.raises(ValueError, match='d: 19 clips for 20 pairs'):
+        report.DatasetScores('d', pair_names(20), [ours, rival], pair_clips=('a',) * 19)
 
 
 def test_eval_names_the_clips_of_the_m3svd_validation_split(ivif_dir):

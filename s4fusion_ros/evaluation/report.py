@@ -53,9 +53,9 @@ the pairs) lies above 0; L: below 0; ~: it contains 0, so the difference of the 
 what another draw of test pairs could reverse. The percentage is the share of pairs on which ours
 is strictly better."""
 CLIPS_NOTE = """\
-The pairs of this split are frames of {clips} clips, and frames of one clip are not independent
+The pairs of this split are frames of {clips}, and frames of one clip are not independent
 draws: the bootstrap resamples whole clips here, so with few clips a W or an L needs about every
-clip to agree."""
+clip to agree (with one, no verdict is possible)."""
 
 
 @dataclasses.dataclass
@@ -96,6 +96,11 @@ class DatasetScores:
     # The clip each pair is a frame of, where the split is frames of a few clips: such frames are
     # not independent, so the paired bootstrap resamples whole clips. None: independent pairs.
     pair_clips: tuple | None = None
+
+    def __post_init__(self):
+        if self.pair_clips is not None and len(self.pair_clips) != len(self.pair_names):
+            raise ValueError(f'{self.name}: {len(self.pair_clips)} clips for '
+                             f'{len(self.pair_names)} pairs')
 
     @property
     def pairs(self) -> int:
@@ -191,12 +196,16 @@ class PairedComparison:
     share_better: float
 
 
-def _resample_weights(dataset: DatasetScores) -> np.ndarray:
+def _resample_weights(dataset: DatasetScores) -> np.ndarray | None:
     """(BOOTSTRAP_RESAMPLES, pairs) how often each pair is in each resample, the same for every
     comparison of a dataset, so that all comparisons are judged on the same resamples. Pairs are
-    drawn with replacement; where they are frames of clips, clips are (a cluster bootstrap)."""
+    drawn with replacement; where they are frames of clips, clips are (a cluster bootstrap).
+    None where there is one pair or clip: every resample would be the same, an interval of no
+    width that would call any difference."""
     clips = dataset.pair_clips or range(dataset.pairs)
     units, unit_of_pair = np.unique(np.asarray(clips), return_inverse=True)
+    if len(units) < 2:
+        return None
     draws = np.random.default_rng(BOOTSTRAP_SEED).integers(
         0, len(units), size=(BOOTSTRAP_RESAMPLES, len(units)))
     drawn = np.zeros((BOOTSTRAP_RESAMPLES, len(units)))
@@ -205,21 +214,25 @@ def _resample_weights(dataset: DatasetScores) -> np.ndarray:
 
 
 def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
-                      weights: np.ndarray) -> PairedComparison:
-    """Compare per-pair values; pairs where either value is undefined are left out."""
+                      weights: np.ndarray | None) -> PairedComparison:
+    """Compare per-pair values; pairs where either value is undefined are left out. No weights
+    (``_resample_weights``: one pair or clip) give no verdict."""
     mine = np.array([score[metric] for score in ours.scores], dtype=np.float64)
     theirs = np.array([score[metric] for score in rival.scores], dtype=np.float64)
     difference = mine - theirs if metric not in LOWER_IS_BETTER else theirs - mine
     defined = ~np.isnan(difference)
     if not defined.any():
         return PairedComparison('~', math.nan)
-    # Undefined pairs count as zero difference in each resample, then the mean is rescaled to the
-    # defined pairs, which keeps one weight matrix for every metric.
-    filled = np.where(defined, difference, 0.0)
-    means = (weights @ filled) / np.maximum(weights @ defined, 1)
+    share_better = float(np.mean(difference[defined] > 0))
+    if weights is None:
+        return PairedComparison('~', share_better)
+    # Undefined pairs weigh nothing, which keeps one weight matrix for every metric; a resample
+    # of undefined pairs alone (a clip without a defined value, drawn alone) has no mean.
+    drawn = weights @ defined
+    means = (weights @ np.where(defined, difference, 0.0))[drawn > 0] / drawn[drawn > 0]
     low, high = np.quantile(means, [0.025, 0.975])
     verdict = 'W' if low > 0 else 'L' if high < 0 else '~'
-    return PairedComparison(verdict, float(np.mean(difference[defined] > 0)))
+    return PairedComparison(verdict, share_better)
 
 
 def paired_comparisons(dataset: DatasetScores) -> dict:
@@ -325,6 +338,11 @@ def undefined_notes(datasets: list) -> list:
     return notes
 
 
+def _count(number: int, noun: str) -> str:
+    """'1 pair', '2 pairs'."""
+    return f'{number} {noun}' + ('' if number == 1 else 's')
+
+
 def render(datasets: list, context: ReportContext) -> str:
     """The whole report as Markdown."""
     lines = ['# Fusion quality', '',
@@ -336,15 +354,14 @@ def render(datasets: list, context: ReportContext) -> str:
     lines += [f'- Skipped: {line}' for line in context.skipped]
     lines += ['', '## Conventions', '', CONVENTIONS, '']
     for dataset in datasets:
-        plural = '' if dataset.pairs == 1 else 's'
         role = ', validation split' if dataset.validation else ''
-        lines += [f'## {dataset.name} ({dataset.pairs} pair{plural}{role})', '',
+        lines += [f'## {dataset.name} ({_count(dataset.pairs, "pair")}{role})', '',
                   *([dataset.description, ''] if dataset.description else []),
                   *metric_table(dataset), '', '**Wins:**', '', *wins_lines(dataset), '']
         if any(m.ours for m in dataset.methods) and any(not m.ours for m in dataset.methods):
             lines += [PAIRED_INTRO.format(resamples=f'{BOOTSTRAP_RESAMPLES:,}'), '',
-                      *([CLIPS_NOTE.format(clips=len(set(dataset.pair_clips))), '']
-                        if dataset.pair_clips else []),
+                      *([CLIPS_NOTE.format(clips=_count(len(set(dataset.pair_clips)), 'clip')),
+                         ''] if dataset.pair_clips else []),
                       *paired_tables(dataset)]
     if context.grid:
         lines += ['## Examples', '',
