@@ -18,7 +18,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import QoSProfile
+from rclpy.qos import QoSPolicyKind, QoSProfile
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
@@ -192,20 +192,25 @@ class S4FusionNode(Node):
         if not self._log_due((role, 'incompatible qos')):
             return
         topic = getattr(self, f'{role}_sub').topic_name
+        policy = QoSPolicyKind(int(info.last_policy_kind))
         self.get_logger().error(
-            f'{topic}: a publisher offers QoS incompatible with this subscription (policy '
-            f'{info.last_policy_kind}), so nothing is received from it. The usual cause is a '
-            'best_effort (sensor-data) publisher: set qos.input.reliability:=best_effort')
+            f'{topic}: a publisher offers QoS incompatible with this subscription ({policy.name}),'
+            ' so nothing is received from it.' + (
+                ' The usual cause is a best_effort (sensor-data) publisher: set '
+                'qos.input.reliability:=best_effort' if policy == QoSPolicyKind.RELIABILITY
+                else ''))
 
     def _on_incompatible_subscriber(self, name: str, info) -> None:
         if not self._log_due((name, 'incompatible qos')):
             return
         topic = getattr(self, f'{name}_pub').topic_name
+        policy = QoSPolicyKind(int(info.last_policy_kind))
         self.get_logger().error(
-            f'{topic}: a subscriber requests QoS incompatible with this publisher (policy '
-            f'{info.last_policy_kind}), so it receives nothing. The usual cause is a reliable '
-            'subscriber (ros2 bag record, rviz) of a best_effort output: set '
-            'qos.output.reliability:=reliable')
+            f'{topic}: a subscriber requests QoS incompatible with this publisher ({policy.name}),'
+            ' so it receives nothing.' + (
+                ' A subscriber asking for reliable delivery (rviz does by default) gets nothing '
+                'from a best_effort output: set qos.output.reliability:=reliable'
+                if policy == QoSPolicyKind.RELIABILITY else ''))
 
     def _on_image(self, role: str, msg) -> None:
         self._rate(role).tick()
