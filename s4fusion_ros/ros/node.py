@@ -255,12 +255,11 @@ class S4FusionNode(Node):
             self.get_logger().warning(self.pipeline.notices[self.notices_logged])
             self.notices_logged += 1
         resets = self.pipeline.synchronizer.stats.resets
-        if resets > self.resets_logged:
+        if resets > self.resets_logged and self._log_due(('sync', 'reset')):
             self.resets_logged = resets
             self.get_logger().warning(
                 'the input stamps jumped back (a looping bag, a restarted camera or clock): '
-                f'pairing restarted on the new timeline ({resets} time(s) so far)',
-                throttle_duration_sec=10.0)
+                f'pairing restarted on the new timeline ({resets} time(s) so far)')
         for pair in prepared:
             self.worker.submit(pair)
 
