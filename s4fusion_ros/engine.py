@@ -237,11 +237,7 @@ class FusionEngine:
         started = time.perf_counter()
         visible_y, visible_cr, visible_cb = bgr_to_ycrcb(visible_bgr)
         height, width = visible_y.shape
-        # inference_size caps the model's input: a larger side would only upsample (and could
-        # outgrow the memory max_input_pixels keeps the image within)
-        model_width, model_height = settings.inference_size
-        model_size = ((min(model_width, width), min(model_height, height))
-                      if model_width and model_height else (width, height))
+        model_size = model_input_size(settings.inference_size, width, height)
         if model_size == (width, height):
             fused_y = self._run_model(thermal, visible_y)
         else:
@@ -274,6 +270,17 @@ class FusionEngine:
         vi = torch.from_numpy(np.ascontiguousarray(visible_y))[None, None]
         fused = self.loaded.model.infer(ir, vi, torch.float16 if self.loaded.half else None)
         return fused[0, 0].clamp(0.0, 1.0).cpu().numpy()
+
+
+def model_input_size(inference_size: tuple[int, int], width: int, height: int
+                     ) -> tuple[int, int]:
+    """The (width, height) the model runs at for an image of this size: ``inference_size``
+    capped at the image's size per side (a larger side would only upsample, and could outgrow the
+    memory ``max_input_pixels`` keeps the image within); (0, 0): the image's size."""
+    model_width, model_height = inference_size
+    if not (model_width and model_height):
+        return width, height
+    return min(model_width, width), min(model_height, height)
 
 
 def restore_detail(fused_small: np.ndarray, thermal: np.ndarray,

@@ -8,7 +8,8 @@ import pytest
 
 from s4fusion_ros import settings
 from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, PreparedPair,
-                                 compose_output, pipeline_from_params, restore_detail)
+                                 compose_output, model_input_size, pipeline_from_params,
+                                 restore_detail)
 from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb
 from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage, RawImage,
                                             encode_image, image_to_array)
@@ -125,6 +126,7 @@ def test_inference_size_never_runs_the_model_above_the_image_size(msrs_pair, loa
     def fused(size):
         return FusionEngine(loaded, FusionSettings(inference_size=size)).infer(pair).fused
 
+    assert model_input_size((8192, 8192), 96, 72) == model_input_size((0, 0), 96, 72) == (96, 72)
     np.testing.assert_array_equal(fused((8192, 8192)), fused((0, 0)))
     np.testing.assert_array_equal(fused((1000, 48)), fused((96, 48)))
     assert np.abs(fused((96, 48)).astype(int) - fused((0, 0))).max() > 0

@@ -32,6 +32,7 @@ import torch
 from s4fusion_ros.bagio import BagError
 from s4fusion_ros.batch.cluster import BatchError
 from s4fusion_ros.cli import parse_size, run_command, stop_on_signals
+from s4fusion_ros.engine import model_input_size
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model import blocks
 from s4fusion_ros.model.scan import (mamba_scan_fn, numba_cross_scan_fn, numba_scan_fn,
@@ -267,7 +268,7 @@ def bench_model(args):
             models[preset].set_scan_backend(backend)
         model = models[preset]
         for width, height in args.sizes:
-            run_w, run_h = size if all(size) else (width, height)
+            run_w, run_h = model_input_size(size, width, height)  # as the node runs it
             ir, vi = (torch.rand(1, 1, run_h, run_w, device=device) for _ in range(2))
 
             def forward():

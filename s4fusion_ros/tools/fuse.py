@@ -154,8 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=settings.SPECS['model.detail_gain'].description)
     parser.add_argument('--inference-size', type=parse_inference_size, default=(0, 0),
                         metavar='WxH',
-                        help='size the model runs at, detail restored at full resolution '
-                             '(default: 0x0 = full resolution)')
+                        help='size the model runs at (at most the image\'s), detail restored '
+                             'at full resolution (default: 0x0 = full resolution)')
     parser.add_argument('--stretch-thermal', action='store_true',
                         help='map each IR image\'s 1st-99th percentile window to the full '
                              'range, as the node does with camera frames: for raw 16-bit '
