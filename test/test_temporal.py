@@ -143,5 +143,6 @@ def test_measured_frames_count_as_trained_by_clip_and_frame_whatever_their_folde
     assert note.startswith(f'compact: {10 + 2 * 4} of the 100 frames are among its 401 training')
     assert '0111_1716_0002' in note  # a still frame's number, not a video's every 10th
     # By clip, every measured clip trained: each video's every 10th frame is a training pair.
-    note = evaluate.training_overlap(compact, clips, 'clips', evaluate.clip_of_frame)
-    assert note.startswith('compact: 5 of the 5 clips are among its 401 training')
+    note = evaluate.training_overlap(compact, clips, 'clips', evaluate.clip_of_frame,
+                                     'have frames among')
+    assert note.startswith('compact: 5 of the 5 clips have frames among its 401 training')

@@ -434,17 +434,17 @@ def training_pairs(training) -> set | None:
 
 
 def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs',
-                     key: Callable = lambda label: label) -> str:
+                     key: Callable = lambda label: label, verb: str = 'are among') -> str:
     """How many of `labels` the checkpoint's JSON lists among its training data, each training
     label compared as `key` makes it (default: as it is, dataset/name as training records name
-    pairs) with `labels`."""
+    pairs) with `labels`; `verb` joins them in the sentence."""
     trained_on = training_pairs(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
     trained_keys = {key(label) for label in trained_on}
     seen = sorted(label for label in set(labels) if label in trained_keys)
     listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
-    return (f'{config.label}: {len(seen)} of the {len(labels)} {what} are among its '
+    return (f'{config.label}: {len(seen)} of the {len(labels)} {what} {verb} its '
             f'{len(trained_on)} training pairs{listed}.')
 
 
@@ -696,8 +696,8 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
               f'{environment()}.'] + [weights_identity(c) for c in configs]
              + [training_overlap(c, frames, 'measured frames (as video or still frames, by '
                                  'clip and frame number)', frame_of_clip) for c in configs]
-             + [training_overlap(c, clips, 'measured clips (by any of their frames; the other '
-                                 'frames of a clip are near duplicates of those)', clip_of_frame)
+             + [training_overlap(c, clips, 'measured clips', clip_of_frame,
+                                 'have frames (near duplicates of the others) among')
                 for c in configs]
              + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes)
