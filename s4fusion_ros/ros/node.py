@@ -91,7 +91,7 @@ class S4FusionNode(Node):
         self.fused_pub, self.saliency_pub = (
             self.create_publisher(Image, f'~/{name}', output_qos, event_callbacks=(
                 PublisherEventCallbacks(incompatible_qos=lambda info, name=name:
-                                        self._on_incompatible_subscriber(name, info))))
+                                        self._on_incompatible_qos(f'{name}_pub', info))))
             for name in ('fused', 'saliency'))
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         input_qos = parameters.qos_profile(p['qos.input.reliability'], p['qos.input.depth'])
@@ -153,7 +153,7 @@ class S4FusionNode(Node):
 
     def _input_events(self, role: str) -> SubscriptionEventCallbacks:
         return SubscriptionEventCallbacks(
-            incompatible_qos=lambda info, r=role: self._on_incompatible_qos(r, info))
+            incompatible_qos=lambda info, r=role: self._on_incompatible_qos(f'{r}_sub', info))
 
     def _subscribe_message_filters(self, p: dict, qos: QoSProfile) -> None:
         """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
@@ -187,30 +187,17 @@ class S4FusionNode(Node):
         self.synchronized_pairs += 1
         self._submit(self.pipeline.add_pair(*frames))
 
-    def _on_incompatible_qos(self, role: str, info) -> None:
-        # Throttled per topic: rclpy's throttle is per call site, which both inputs share.
-        if not self._log_due((role, 'incompatible qos')):
+    def _on_incompatible_qos(self, endpoint: str, info) -> None:
+        """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
+        'visible_sub') or an output publisher ('fused_pub', 'saliency_pub')."""
+        # Throttled per topic: rclpy's throttle is per call site, which every topic shares.
+        if not self._log_due((endpoint, 'incompatible qos')):
             return
-        topic = getattr(self, f'{role}_sub').topic_name
+        topic = getattr(self, endpoint).topic_name
         policy = QoSPolicyKind(int(info.last_policy_kind))
-        self.get_logger().error(
-            f'{topic}: a publisher offers QoS incompatible with this subscription ({policy.name}),'
-            ' so nothing is received from it.' + (
-                ' The usual cause is a best_effort (sensor-data) publisher: set '
-                'qos.input.reliability:=best_effort' if policy == QoSPolicyKind.RELIABILITY
-                else ''))
-
-    def _on_incompatible_subscriber(self, name: str, info) -> None:
-        if not self._log_due((name, 'incompatible qos')):
-            return
-        topic = getattr(self, f'{name}_pub').topic_name
-        policy = QoSPolicyKind(int(info.last_policy_kind))
-        self.get_logger().error(
-            f'{topic}: a subscriber requests QoS incompatible with this publisher ({policy.name}),'
-            ' so it receives nothing.' + (
-                ' A subscriber asking for reliable delivery (rviz does by default) gets nothing '
-                'from a best_effort output: set qos.output.reliability:=reliable'
-                if policy == QoSPolicyKind.RELIABILITY else ''))
+        what, hint = _QOS_MISMATCH['input' if endpoint.endswith('_sub') else 'output']
+        self.get_logger().error(f'{topic}: {what} ({policy.name}).'
+                                + (hint if policy == QoSPolicyKind.RELIABILITY else ''))
 
     def _on_image(self, role: str, msg) -> None:
         self._rate(role).tick()
@@ -392,6 +379,18 @@ class S4FusionNode(Node):
         if self.worker is not None:
             self.worker.stop()
         super().destroy_node()
+
+
+# What an incompatible-QoS peer means for an input and an output, and the usual fix where the
+# mismatch is reliability.
+_QOS_MISMATCH = {
+    'input': ('a publisher offers QoS incompatible with this subscription, so nothing is '
+              'received from it', ' The usual cause is a best_effort (sensor-data) publisher: '
+              'set qos.input.reliability:=best_effort'),
+    'output': ('a subscriber requests QoS incompatible with this publisher, so it receives '
+               'nothing', ' A subscriber asking for reliable delivery (rviz does by default) gets '
+               'nothing from a best_effort output: set qos.output.reliability:=reliable'),
+}
 
 
 def _import_message_filters(p: dict):
