@@ -387,7 +387,7 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
                      f'pairs of the M3SVD clips {validation}, roadscene_val = every '
                      f'{ROADSCENE_VALIDATION_STRIDE}th of the other RoadScene pairs by name (20). '
                      "RoadScene's pairs are frames of one drive: some test and validation pairs "
-                     'show the scene of a training frame a few frames apart. '
+                     'show the scene of a training frame nearby in the drive. '
                      'Provenance of the data: the README ("Data").')
     if args.folder:
         notes.append('Splits of --folder, each named by its folder: '
