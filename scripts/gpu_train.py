@@ -81,14 +81,19 @@ def pack_data(args):
     """
     sys.path.insert(0, str(REPO))
     import cv2
-    from s4fusion_ros.training.data import read_pair_images, training_pairs
+    from s4fusion_ros.training.data import (PACKED_FOLDER_SUFFIX, PACKED_IVIF_MARKER, data_layout,
+                                            read_pair_images, training_pairs)
 
     pairs = training_pairs(args.data)
+    if data_layout(args.data) == 'ivif':  # the weights trained on the copy record its data
+        args.to.mkdir(parents=True, exist_ok=True)
+        (args.to / PACKED_IVIF_MARKER).write_text(
+            'packed by scripts/gpu_train.py pack-data: luminance, JPEG quality 95\n')
     for pair, images in zip(pairs, read_pair_images(pairs)):
         name = pathlib.Path(pair.name).stem + '.jpg'
         dataset = '-'.join(pair.dataset.relative_to(args.data).parts) or pair.dataset.name
         for side, image in zip(('ir', 'vi'), images):
-            folder = args.to / f'{dataset}-train' / side
+            folder = args.to / f'{dataset}{PACKED_FOLDER_SUFFIX}' / side
             folder.mkdir(parents=True, exist_ok=True)
             if not cv2.imwrite(str(folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
                 raise OSError(f'{folder / name}: cannot write')
@@ -389,8 +394,8 @@ def unpack(args):
         log(f'{state.parent.name}: state of {state.stat().st_size / 2**20:.1f} MiB left out')
         without_state(state.parent)
     if args.travel_mib and rest + size() > budget:
-        log(f'warning: the next call would carry {(rest + size()) / 2**20:.1f} MiB, over '
-            f'{args.travel_mib} MiB')
+        log(f'warning: the next call would carry {(rest + size()) / 2**20:.1f} MiB, over the '
+            f'{budget / 2**20:.0f} MiB that keep a MiB to spare under {args.travel_mib} MiB')
     shutil.rmtree(args.runs, ignore_errors=True)
     os.replace(runs, args.runs)
     staging.rmdir()

@@ -21,7 +21,7 @@ from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint, shippe
 from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
-from s4fusion_ros.training.data import m3svd_clip
+from s4fusion_ros.training.data import m3svd_clip, pair_key
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -175,6 +175,20 @@ def test_report_names_the_base_settings_the_hashed_weights_run_at():
         evaluate.OursConfig(preset, shipped_weights(preset))) for preset in ('authors', 'compact')}
     assert 'parameters, detail gain 1.15, base contrast 1.4)' in lines['compact']
     assert 'detail gain' not in lines['authors'].split(';')[0]
+
+
+def test_training_overlap_counts_a_packed_copy_of_a_pair_as_that_pair(tmp_path):
+    # Weights trained on gpu_train.py's packed split list 'msrs-train/00055D.jpg' for the ivif
+    # layout's 'msrs/00055D.png': the report must count it, and keep datasets apart.
+    path, _ = save_checkpoint(tiny_model(), tmp_path / 'packed.safetensors', extra_meta={
+        'training': {'data': ['msrs-train/00055D.jpg', 'm3svd-frames-train/0111_1716_0002.jpg',
+                              'roadscene-train/FLIR_00018.jpg']}})
+    evaluated = [pair_key(label) for label in (
+        'msrs/00055D.png', 'frames/0111_1716_0002.png', 'roadscene/FLIR_00006.jpg',
+        'tno/00055D.png')]
+    note = evaluate.training_overlap(evaluate.OursConfig('packed', path), evaluated)
+    assert note == ('packed: 2 of the 4 evaluated pairs are among its 3 training pairs '
+                    '(frames/0111_1716_0002, msrs/00055D).')
 
 
 def test_fuse_refuses_a_detail_gain_out_of_range(tmp_path, capsys):

@@ -14,7 +14,7 @@ import time
 import cv2
 import pytest
 
-from s4fusion_ros.training.data import training_pairs
+from s4fusion_ros.training.data import IVIF_DATA_NOTE, pair_key, training_data_note, training_pairs
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_train.py'
 
@@ -53,6 +53,7 @@ def test_pack_data_writes_luminance_per_dataset(packed_data, ivif_dir):
     expected = cv2.cvtColor(original, cv2.COLOR_BGR2YCrCb)[:, :, 0]
     assert visible.shape == expected.shape  # one channel: the luminance
     assert abs(visible.astype(float) - expected).mean() < 1.5  # JPEG at quality 95
+    assert training_data_note(packed_data) == ''  # a folder of pairs, not the ivif layout
 
 
 def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
@@ -70,6 +71,13 @@ def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
     assert per_dataset(packed, tmp_path / 'data') == {
         f'{dataset.replace("/", "-")}-train': names
         for dataset, names in per_dataset(original, ivif_dir).items()}
+    # Weights trained on the copy record the data that weights trained on the layout record,
+    # and their pairs are the same pairs to the report's training-overlap notes.
+    assert ({pair_key(pair.label) for pair in packed}
+            == {pair_key(pair.label) for pair in original})
+    assert training_data_note(ivif_dir) == IVIF_DATA_NOTE
+    assert training_data_note(tmp_path / 'data') == (
+        f'{IVIF_DATA_NOTE} (packed by scripts/gpu_train.py pack-data: luminance, JPEG quality 95)')
 
 
 def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
@@ -116,7 +124,8 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert continued['initialised_from']['training']['steps_done'] == 4
     assert (runs / 'compact' / 'init' / 's4fusion_compact.json').exists()
     shutil.rmtree(runs)
-    script('unpack', tmp_path / 'out3', '--runs', runs)
+    # No travel limit: what this checkout's own .gpu holds must not decide the test.
+    script('unpack', tmp_path / 'out3', '--runs', runs, '--travel-mib', '0')
     with open(runs / 'compact' / 'train_log.jsonl', 'a') as log:
         log.write('{"step": 2, "lo')  # torn by a kill: training drops it, and so does the summary
     fourth = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / 'out4',

@@ -45,7 +45,7 @@ from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_VALIDATION_STRIDE,
-                             Pair, ivif_splits, pairs_in_folder)
+                             Pair, ivif_splits, pair_key, pairs_in_folder)
 from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
 from .train import add_data_argument
 
@@ -434,10 +434,10 @@ def training_pairs(training) -> set | None:
 
 
 def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs',
-                     key: Callable = lambda label: label, verb: str = 'are among') -> str:
+                     key: Callable = pair_key, verb: str = 'are among') -> str:
     """How many of `labels` the checkpoint's JSON lists among its training data, each training
-    label compared as `key` makes it (default: as it is, dataset/name as training records name
-    pairs) with `labels`; `verb` joins them in the sentence."""
+    label compared as `key` makes it (default: dataset/stem, so that a pair of the ivif layout
+    and its packed copy are one) with `labels`; `verb` joins them in the sentence."""
     trained_on = training_pairs(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
@@ -644,7 +644,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         environment=environment(), weights=[describe_weights(c) for c in configs],
         skipped=skipped + skipped_methods, grid=grid,
-        notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
+        notes=notes + [training_overlap(c, [pair_key(pair.label) for pair in evaluated])
                        for c in configs]
         + data_notes(args, datasets)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])

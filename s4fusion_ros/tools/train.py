@@ -24,7 +24,7 @@ from ..model import S4FusionConfig
 from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
 from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
-from ..training.data import PairFolderDataset, data_layout, training_pairs
+from ..training.data import PairFolderDataset, training_data_note, training_pairs
 from ..training.loss import TEACHER_EDGES, S4FusionLoss, teacher_error
 from ..training.trainer import (Trainer, TrainSettings, check_new_run, load_exported,
                                 weights_path)
@@ -131,8 +131,9 @@ def build_parser():
     return parser
 
 
-def deviation_note(features, classifier, data_is_ivif, teacher=None):
-    """How this training differs from the authors' (recorded with the weights)."""
+def deviation_note(features, classifier, data_note, teacher=None):
+    """How this training differs from the authors' (recorded with the weights); ``data_note``
+    says what the data was, where known (``training_data_note``)."""
     notes = ['trained by s4fusion-train; the authors released no training code or settings, so '
              'term weights, temperature, optimizer and schedule are this package\'s choices']
     if teacher is not None:
@@ -142,10 +143,8 @@ def deviation_note(features, classifier, data_is_ivif, teacher=None):
         notes.append('source weights from multi-scale image Sobel energy, not ResNet-50 features')
     if classifier is None:
         notes.append('no classifier-entropy term (no ImageNet classifier available)')
-    if data_is_ivif:
-        notes.append('data: RoadScene without S4Fusion\'s 67 test pairs and its validation '
-                     'pairs, 4 MSRS train pairs and the M3SVD clips outside the validation split, '
-                     'not the authors\' training set')
+    if data_note:
+        notes.append(data_note)
     return '; '.join(notes) + '.'
 
 
@@ -259,7 +258,7 @@ def build_trainer(args, config, device):
     if not args.resume:  # before minutes of reading data, not after
         check_new_run(args.out)
     check_writable_folder(args.out)
-    data_is_ivif = data_layout(args.data) == 'ivif'
+    data_note = training_data_note(args.data)
     pairs = training_pairs(args.data)
     features = classifier = None
     if args.pretrained_features is not None:
@@ -275,7 +274,7 @@ def build_trainer(args, config, device):
                                    teacher=teacher, teacher_weight=args.teacher_weight,
                                    teacher_edges=args.teacher_edges), args.out,
                       settings, device,
-                      deviation_note(features, classifier, data_is_ivif, args.teacher),
+                      deviation_note(features, classifier, data_note, args.teacher),
                       init_weights=args.init_weights,
                       weights_dtype=STORAGE_DTYPES[args.weights_dtype])
     if args.resume:

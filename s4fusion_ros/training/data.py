@@ -256,6 +256,33 @@ def data_layout(folder):
     return 'datasets'
 
 
+# scripts/gpu_train.py pack-data leaves this file in a folder it packs from the ivif layout, so
+# that weights trained on the packed copy record the same data as weights trained on the layout.
+PACKED_IVIF_MARKER = 'packed-ivif-training-split.txt'
+PACKED_FOLDER_SUFFIX = '-train'  # a packed dataset folder: <its path under the layout, '-'>-train
+IVIF_DATA_NOTE = ('data: RoadScene without S4Fusion\'s 67 test pairs and its validation pairs, 4 '
+                  'MSRS train pairs and the M3SVD clips outside the validation split, not the '
+                  'authors\' training set')
+
+
+def pair_key(label):
+    """A training label as ``<dataset folder>/<stem>``, the same for a pair of the ivif layout
+    (``msrs/00004N.png``) and its packed copy (``msrs-train/00004N.jpg``; the frames of
+    ``m3svd/frames`` are packed in ``m3svd-frames-train``)."""
+    path = pathlib.PurePosixPath(label)
+    folder = path.parent.name.removesuffix(PACKED_FOLDER_SUFFIX).rsplit('-', 1)[-1]
+    return f'{folder}/{path.stem}'
+
+
+def training_data_note(folder):
+    """What the weights trained on ``folder`` record of their data: IVIF_DATA_NOTE for the ivif
+    layout or its packed training split (marked by PACKED_IVIF_MARKER), else ''."""
+    folder = pathlib.Path(folder)
+    if (folder / PACKED_IVIF_MARKER).is_file():
+        return f'{IVIF_DATA_NOTE} ({(folder / PACKED_IVIF_MARKER).read_text().strip()})'
+    return IVIF_DATA_NOTE if data_layout(folder) == 'ivif' else ''
+
+
 def training_pairs(folder):
     """The pairs to train on in ``folder``: its ir/ and vi/ pairs; the training split where it is
     the ivif layout; else the pairs of every subfolder holding ir/ and vi/ (one dataset each, as
