@@ -434,13 +434,15 @@ def training_pairs(training) -> set | None:
 
 
 def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs',
-                     key: Callable = pair_key, verb: str = 'are among') -> str:
-    """How many of `labels` the checkpoint's JSON lists among its training data, each training
-    label compared as `key` makes it (default: dataset/stem, so that a pair of the ivif layout
-    and its packed copy are one) with `labels`; `verb` joins them in the sentence."""
+                     key: Callable = lambda label: label, verb: str = 'are among') -> str:
+    """How many of `labels` the checkpoint's JSON lists among its training data. Each training
+    pair is counted once as ``pair_key`` names it (dataset/stem: a pair of the ivif layout and
+    its packed copy are one) and compared as `key` makes that (default: as it is) with
+    `labels`; `verb` joins them in the sentence."""
     trained_on = training_pairs(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
+    trained_on = {pair_key(label) for label in trained_on}
     trained_keys = {key(label) for label in trained_on}
     seen = sorted(label for label in set(labels) if label in trained_keys)
     listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
