@@ -178,21 +178,26 @@ def test_report_names_the_base_settings_the_hashed_weights_run_at():
 
 
 def test_training_overlap_counts_a_packed_copy_of_a_pair_as_that_pair(tmp_path):
-    # Weights trained on gpu_train.py's packed split list 'msrs-train/00055D.jpg' for the ivif
-    # layout's 'msrs/00055D.png': the report must count it, and keep datasets apart.
-    # Fine-tuned from weights trained on the layout, it counts each pair once.
+    # Weights trained on gpu_train.py's packed split list 'msrs-train/00556D.jpg' for the ivif
+    # layout's 'msrs/00556D.png': the report must count it, and keep datasets apart. Fine-tuned
+    # from weights trained on the layout, they count each pair once.
     path, _ = save_checkpoint(tiny_model(), tmp_path / 'packed.safetensors', extra_meta={
-        'training': {'data': ['msrs-train/00055D.jpg', 'm3svd-frames-train/0111_1716_0002.jpg',
+        'training': {'data': ['msrs-train/00556D.jpg', 'm3svd-frames-train/0111_1716_0002.jpg',
                               'roadscene-train/FLIR_00018.jpg'],
                      'initialised_from': {'training': {'data': [
-                         'msrs/00055D.png', 'roadscene/FLIR_00018.jpg', 'videos/0111_1716_0010',
+                         'msrs/00556D.png', 'roadscene/FLIR_00018.jpg', 'videos/0111_1716_0010',
                      ]}}}})
-    evaluated = [pair_key(label) for label in (
-        'msrs/00055D.png', 'frames/0111_1716_0002.png', 'roadscene/FLIR_00006.jpg',
-        'tno/00055D.png')]
+    evaluated = ['msrs/00556D.png', 'frames/0111_1716_0002.png', 'roadscene/FLIR_00006.jpg',
+                 'tno/00556D.png', 'my-msrs/00556D.png']
     note = evaluate.training_overlap(evaluate.OursConfig('packed', path), evaluated)
-    assert note == ('packed: 2 of the 4 evaluated pairs are among its 4 training pairs '
-                    '(frames/0111_1716_0002, msrs/00055D).')
+    assert note == ('packed: 2 of the 5 evaluated pairs are among its 4 training pairs '
+                    '(frames/0111_1716_0002.png, msrs/00556D.png).')
+
+
+def test_pair_key_leaves_names_outside_the_packed_layout_as_they_are():
+    assert pair_key('my-msrs/00556D.png') == 'my-msrs/00556D'
+    assert pair_key('videos/clip.v2_0010') == 'videos/clip.v2_0010'  # a frame, not a file
+    assert pair_key('m3svd-videos-train/clip.v2_0010.jpg') == 'videos/clip.v2_0010'
 
 
 def test_fuse_refuses_a_detail_gain_out_of_range(tmp_path, capsys):

@@ -27,6 +27,13 @@ def script(*args, env=None, check=True):
     return result
 
 
+def run_record(run):
+    """The JSON of the weights in a run folder (the compact recipe trains on the plain base,
+    which is no preset's configuration: s4fusion_custom.json)."""
+    (path,) = run.glob('s4fusion_*.json')
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope='module')
 def gpu_train():
     """The script as a module, for its functions."""
@@ -54,6 +61,9 @@ def test_pack_data_writes_luminance_per_dataset(packed_data, ivif_dir):
     assert visible.shape == expected.shape  # one channel: the luminance
     assert abs(visible.astype(float) - expected).mean() < 1.5  # JPEG at quality 95
     assert training_data_note(packed_data) == ''  # a folder of pairs, not the ivif layout
+    # Packing into a folder that holds something would mix its datasets (or marker) in.
+    again = script('pack-data', '--data', packed_data, '--to', packed_data, check=False)
+    assert again.returncode != 0 and 'not empty; remove it' in again.stderr
 
 
 def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
@@ -105,7 +115,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert 'resuming' in second.stderr
     log = (runs / 'compact' / 'train_log.jsonl').read_text().splitlines()
     assert [json.loads(line)['step'] for line in log] == [1, 2, 3, 4]
-    weights = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())
+    weights = run_record(runs / 'compact')
     assert weights['config']['base'] == 'laplacian'
     assert weights['training']['steps_done'] == 4
 
@@ -119,10 +129,10 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert 'from the last weights' in third.stderr
     summary = json.loads((tmp_path / 'out3' / 'gpu_train_summary.json').read_text())
     assert summary['recipes']['compact']['steps_per_s'] > 0  # the new run's first step
-    continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
+    continued = run_record(runs / 'compact')['training']
     assert continued['steps_done'] == 1
     assert continued['initialised_from']['training']['steps_done'] == 4
-    assert (runs / 'compact' / 'init' / 's4fusion_compact.json').exists()
+    assert list((runs / 'compact' / 'init').glob('s4fusion_*.json'))
     shutil.rmtree(runs)
     # No travel limit: what this checkout's own .gpu holds must not decide the test.
     script('unpack', tmp_path / 'out3', '--runs', runs, '--travel-mib', '0')
@@ -135,23 +145,37 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert summary['recipes']['compact']['returncode'] == 0, fourth.stderr
     assert summary['recipes']['compact']['step'] == 4
     assert summary['recipes']['compact']['steps_per_s'] > 0  # of this call's 3 steps
-    continued = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
+    continued = run_record(runs / 'compact')['training']
     assert continued['initialised_from']['training']['steps_done'] == 4
+
+    def compact_call(out, *extra):
+        """A call of the compact recipe with `extra` arguments: its stderr and summary."""
+        result = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / out,
+                        '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny,
+                        *extra)
+        summary = json.loads((tmp_path / out / 'gpu_train_summary.json').read_text())
+        assert summary['recipes']['compact']['returncode'] == 0, result.stderr
+        return result.stderr, summary['recipes']['compact']
+
     # A state from other settings is refused by s4fusion-train: the run goes on from its weights.
-    fifth = script('train', '--data', packed_data, '--runs', runs, '--out', tmp_path / 'out5',
-                   '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny,
-                   '--grad-weight', '2')
-    assert 'starting again from its weights' in fifth.stderr
-    summary = json.loads((tmp_path / 'out5' / 'gpu_train_summary.json').read_text())
-    assert summary['recipes']['compact']['returncode'] == 0, fifth.stderr
-    assert summary['recipes']['compact']['steps_per_s'] > 0
-    restarted = json.loads((runs / 'compact' / 's4fusion_compact.json').read_text())['training']
+    stderr, summary = compact_call('out5', '--grad-weight', '2')
+    assert 'starting again from its weights' in stderr
+    assert summary['steps_per_s'] > 0
+    restarted = run_record(runs / 'compact')['training']
     assert restarted['loss']['grad_weight'] == 2.0
     assert restarted['initialised_from']['training']['steps_done'] == 4
     # Without its state the run will start again from its weights: its init/ copy stays here.
     script('unpack', tmp_path / 'out4', '--runs', runs, '--max-state-mib', '0')
     assert not (runs / 'compact' / 'init').exists()
-    assert (runs / 'compact' / 's4fusion_compact.safetensors').exists()
+    assert list((runs / 'compact').glob('s4fusion_*.safetensors'))
+
+    # A recipe of another network than the run's weights (here a detail gain) starts a new run;
+    # starting from those weights would fail in every call.
+    stderr, summary = compact_call('out6', '--detail-gain', '1.3')
+    assert 'another network configuration; starting a new run' in stderr
+    assert summary['step'] == 4
+    new = run_record(runs / 'compact')
+    assert new['config']['detail_gain'] == 1.3 and 'initialised_from' not in new['training']
 
 
 def test_time_budget_and_arguments(tmp_path, packed_data):

@@ -394,8 +394,9 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
                      + ', '.join(f'{folder.resolve().name} = the pairs of `{folder}`'
                                  for folder in args.folder)
                      + '. Their pairs count as training pairs in the notes above where the '
-                     'folder and file names are those a training record lists: a copy of a '
-                     'training pair under another folder name is not recognised.')
+                     'folder name and the file name without its extension are those a '
+                     'training record lists: a copy of a training pair under another folder '
+                     'name is not recognised.')
     scored = {method.name: method for dataset in datasets for method in dataset.methods}
     peers = {'GFF': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
                     "paper's settings as `evaluation/baselines.py` implements it, not the "
@@ -434,17 +435,21 @@ def training_pairs(training) -> set | None:
 
 
 def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pairs',
-                     key: Callable = lambda label: label, verb: str = 'are among') -> str:
-    """How many of `labels` the checkpoint's JSON lists among its training data. Each training
-    pair is counted once as ``pair_key`` names it (dataset/stem: a pair of the ivif layout and
-    its packed copy are one) and compared as `key` makes that (default: as it is) with
-    `labels`; `verb` joins them in the sentence."""
+                     key: Callable | None = None, verb: str = 'are among') -> str:
+    """How many of `labels` the checkpoint's JSON lists among its training data; `verb` joins
+    them in the sentence. Each training pair counts once, as ``pair_key`` names it (a pair of
+    the ivif layout and its packed copy are one). `labels` are pair labels, compared by their
+    ``pair_key``, unless `key` is given: then they are compared as they are with `key` of each
+    training pair's ``pair_key``."""
     trained_on = training_pairs(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
     trained_on = {pair_key(label) for label in trained_on}
-    trained_keys = {key(label) for label in trained_on}
-    seen = sorted(label for label in set(labels) if label in trained_keys)
+    if key is None:
+        seen = sorted(label for label in set(labels) if pair_key(label) in trained_on)
+    else:
+        trained_keys = {key(label) for label in trained_on}
+        seen = sorted(label for label in set(labels) if label in trained_keys)
     listed = f' ({", ".join(seen[:5])}{", ..." if len(seen) > 5 else ""})' if seen else ''
     return (f'{config.label}: {len(seen)} of the {len(labels)} {what} {verb} its '
             f'{len(trained_on)} training pairs{listed}.')
@@ -646,7 +651,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         environment=environment(), weights=[describe_weights(c) for c in configs],
         skipped=skipped + skipped_methods, grid=grid,
-        notes=notes + [training_overlap(c, [pair_key(pair.label) for pair in evaluated])
+        notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
                        for c in configs]
         + data_notes(args, datasets)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])

@@ -266,12 +266,16 @@ IVIF_DATA_NOTE = ('data: RoadScene without S4Fusion\'s 67 test pairs and its val
 
 
 def pair_key(label):
-    """A training label as ``<dataset folder>/<stem>``, the same for a pair of the ivif layout
-    (``msrs/00004N.png``) and its packed copy (``msrs-train/00004N.jpg``; the frames of
-    ``m3svd/frames`` are packed in ``m3svd-frames-train``)."""
+    """A training label as ``<dataset folder>/<name>``, the same for a pair of the ivif layout
+    (``msrs/00556D.png``) and its packed copy (``msrs-train/00556D.jpg``; the frames of
+    ``m3svd/frames`` are packed in ``m3svd-frames-train``): an image's name without its
+    extension, a video frame's (``videos/<clip>_<frame>``) as it is."""
     path = pathlib.PurePosixPath(label)
-    folder = path.parent.name.removesuffix(PACKED_FOLDER_SUFFIX).rsplit('-', 1)[-1]
-    return f'{folder}/{path.stem}'
+    folder = path.parent.name
+    if folder.endswith(PACKED_FOLDER_SUFFIX):
+        folder = folder.removesuffix(PACKED_FOLDER_SUFFIX).rsplit('-', 1)[-1]
+    name = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+    return f'{folder}/{name}'
 
 
 def training_data_note(folder):
