@@ -98,7 +98,8 @@ def pack_data(args):
         (args.to / PACKED_IVIF_MARKER).write_text(
             'packed by scripts/gpu_train.py pack-data: luminance, JPEG quality 95\n')
     for pair, images in zip(pairs, read_pair_images(pairs)):
-        name = pathlib.Path(pair.name).stem + '.jpg'
+        # A video frame's name (<clip>_<frame>) has no extension to drop, whatever its dots.
+        name = (pair.name if pair.frame is not None else pathlib.Path(pair.name).stem) + '.jpg'
         dataset = '-'.join(pair.dataset.relative_to(args.data).parts) or pair.dataset.name
         for side, image in zip(('ir', 'vi'), images):
             folder = args.to / f'{dataset}{PACKED_FOLDER_SUFFIX}' / side
@@ -238,6 +239,7 @@ def train(args):
         out = args.runs / name
         begun = time.monotonic()
         returncode, stderr, log_before = train_recipe(args, name, out, minutes, deadline, env)
+        attempts, restarts = [stderr], []
         # The recipe changed since the run in `out`: settings, then perhaps the network too.
         for _ in range(2):
             minutes_left = minutes - (time.monotonic() - begun) / 60
@@ -246,18 +248,25 @@ def train(args):
             if RESUME_MISMATCH in stderr:  # its weights still carry the run
                 log(f'{name}: its state is from other settings; starting again from its weights')
                 (out / STATE).unlink()
-            elif INIT_MISMATCH in stderr:  # its weights cannot start this network
+                restarts.append('from its weights')
+            elif INIT_MISMATCH in stderr and str(out / INIT) in stderr:
+                # The run's own weights cannot start this network (a recipe's own mismatching
+                # --init-weights is a failure to report, not a reason to drop the run).
                 log(f'{name}: its weights are of another network configuration; starting a new '
                     f'run')
-                shutil.rmtree(out)
+                shutil.rmtree(out, ignore_errors=True)
+                restarts.append('new run')
             else:
                 break
             returncode, stderr, log_before = train_recipe(args, name, out, minutes_left,
                                                           deadline, env)
+            attempts.append(stderr)
         out.mkdir(parents=True, exist_ok=True)
-        (out / 'train_stderr.log').write_text(stderr)
+        (out / 'train_stderr.log').write_text('\n'.join(attempts))
         summary['recipes'][name] = recipe_summary(out, returncode, time.monotonic() - begun,
                                                   log_before)
+        if restarts:
+            summary['recipes'][name]['restarted'] = restarts
         log(f'{name}: {summary["recipes"][name]}')
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)

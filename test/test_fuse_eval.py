@@ -198,6 +198,9 @@ def test_pair_key_leaves_names_outside_the_packed_layout_as_they_are():
     assert pair_key('my-msrs/00556D.png') == 'my-msrs/00556D'
     assert pair_key('videos/clip.v2_0010') == 'videos/clip.v2_0010'  # a frame, not a file
     assert pair_key('m3svd-videos-train/clip.v2_0010.jpg') == 'videos/clip.v2_0010'
+    # Only the -train suffix and the ivif layout's nested datasets are packing's.
+    assert pair_key('my-msrs-train/00556D.jpg') == 'my-msrs/00556D'
+    assert pair_key('my-data-train/a.jpg') == pair_key('my-data/a.png') == 'my-data/a'
 
 
 def test_fuse_refuses_a_detail_gain_out_of_range(tmp_path, capsys):

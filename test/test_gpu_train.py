@@ -16,7 +16,8 @@ import pytest
 
 from s4fusion_ros.training.data import IVIF_DATA_NOTE, pair_key, training_data_note, training_pairs
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_train.py'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'scripts' / 'gpu_train.py'
 
 
 def script(*args, env=None, check=True):
@@ -173,9 +174,25 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     # starting from those weights would fail in every call.
     stderr, summary = compact_call('out6', '--detail-gain', '1.3')
     assert 'another network configuration; starting a new run' in stderr
-    assert summary['step'] == 4
+    assert summary['step'] == 4 and summary['restarted'] == ['new run']
     new = run_record(runs / 'compact')
     assert new['config']['detail_gain'] == 1.3 and 'initialised_from' not in new['training']
+
+
+def test_a_recipe_whose_own_init_weights_do_not_fit_fails_without_dropping_anything(
+        tmp_path, packed_data):
+    # The authors weights cannot start the compact network: that is the recipe's fault, not the
+    # run's, so there is no new run to start; the call reports the failure and still packs.
+    result = script('train', '--data', packed_data, '--runs', tmp_path / 'runs', '--out',
+                    tmp_path / 'out', '--minutes', '5', '--recipes', 'compact', '--device', 'cpu',
+                    '--', '--steps', '2', '--batch-size', '1', '--crop', '25', '--init-weights',
+                    REPO / 's4fusion_ros' / 'weights' / 's4fusion_authors.safetensors')
+    summary = json.loads((tmp_path / 'out' / 'gpu_train_summary.json').read_text())
+    assert summary['recipes']['compact']['returncode'] != 0
+    assert 'restarted' not in summary['recipes']['compact']
+    assert 'starting a new run' not in result.stderr
+    log = (tmp_path / 'runs' / 'compact' / 'train_stderr.log').read_text()
+    assert 'its configuration differs from the one being trained' in log
 
 
 def test_time_budget_and_arguments(tmp_path, packed_data):

@@ -260,6 +260,8 @@ def data_layout(folder):
 # that weights trained on the packed copy record the same data as weights trained on the layout.
 PACKED_IVIF_MARKER = 'packed-ivif-training-split.txt'
 PACKED_FOLDER_SUFFIX = '-train'  # a packed dataset folder: <its path under the layout, '-'>-train
+# The ivif layout's datasets in a subfolder, packed under their path: their labels' folder names
+PACKED_NESTED_DATASETS = {'m3svd-frames': 'frames', 'm3svd-videos': 'videos'}
 IVIF_DATA_NOTE = ('data: RoadScene without S4Fusion\'s 67 test pairs and its validation pairs, 4 '
                   'MSRS train pairs and the M3SVD clips outside the validation split, not the '
                   'authors\' training set')
@@ -273,7 +275,8 @@ def pair_key(label):
     path = pathlib.PurePosixPath(label)
     folder = path.parent.name
     if folder.endswith(PACKED_FOLDER_SUFFIX):
-        folder = folder.removesuffix(PACKED_FOLDER_SUFFIX).rsplit('-', 1)[-1]
+        folder = folder.removesuffix(PACKED_FOLDER_SUFFIX)
+        folder = PACKED_NESTED_DATASETS.get(folder, folder)
     name = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
     return f'{folder}/{name}'
 
