@@ -89,6 +89,14 @@ def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
     assert training_data_note(ivif_dir) == IVIF_DATA_NOTE
     assert training_data_note(tmp_path / 'data') == (
         f'{IVIF_DATA_NOTE} (packed by scripts/gpu_train.py pack-data: luminance, JPEG quality 95)')
+    # ... and a run on it records that note (one step of s4fusion-train, as a recipe runs it).
+    subprocess.run([sys.executable, '-c', 'import sys; from s4fusion_ros.entry_points import '
+                    'train; sys.exit(train())', '--preset', 'compact', '--data', tmp_path / 'data',
+                    '--out', tmp_path / 'run', '--steps', '1', '--batch-size', '1', '--crop', '25',
+                    '--threads', '1', '--device', 'cpu', '--no-progress'], check=True, timeout=600,
+                   capture_output=True)
+    deviation = run_record(tmp_path / 'run')['training']['deviation']
+    assert deviation.endswith(f'; {training_data_note(tmp_path / "data")}.')
 
 
 def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
