@@ -39,6 +39,7 @@ PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
 STATE = 'train_state.pt'
 INIT = 'init'  # in a run folder: the weights a restarted run began from
+PACKED_JPEG_QUALITY = 95  # pack-data's luminance JPEGs (docstring of pack_data)
 STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
 TRAVEL_MIB = 64  # what travels with a device call: the working tree and the carried paths
 RESUME_MISMATCH = 'resume needs the same'  # s4fusion-train refusing a state of other settings
@@ -96,7 +97,9 @@ def pack_data(args):
     if data_layout(args.data) == 'ivif':  # the weights trained on the copy record its data
         args.to.mkdir(parents=True, exist_ok=True)
         (args.to / PACKED_IVIF_MARKER).write_text(
-            'packed by scripts/gpu_train.py pack-data: luminance, JPEG quality 95\n')
+            f'packed by scripts/gpu_train.py pack-data: luminance, JPEG quality '
+            f'{PACKED_JPEG_QUALITY}\n')
+    jpeg_quality = [cv2.IMWRITE_JPEG_QUALITY, PACKED_JPEG_QUALITY]
     for pair, images in zip(pairs, read_pair_images(pairs)):
         # A video frame's name (<clip>_<frame>) has no extension to drop, whatever its dots.
         name = (pair.name if pair.frame is not None else pathlib.Path(pair.name).stem) + '.jpg'
@@ -104,7 +107,7 @@ def pack_data(args):
         for side, image in zip(('ir', 'vi'), images):
             folder = args.to / f'{dataset}{PACKED_FOLDER_SUFFIX}' / side
             folder.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            if not cv2.imwrite(str(folder / name), image, jpeg_quality):
                 raise OSError(f'{folder / name}: cannot write')
     size = sum(p.stat().st_size for p in args.to.rglob('*') if p.is_file())
     log(f'{len(pairs)} training pairs in {args.to} ({size / 2**20:.1f} MiB)')
