@@ -177,6 +177,25 @@ def test_report_names_the_base_settings_the_hashed_weights_run_at():
     assert 'detail gain' not in lines['authors'].split(';')[0]
 
 
+def test_report_names_the_weights_a_run_started_from_without_their_records(tmp_path):
+    # A chain of fine-tunings nests each earlier run's whole record: the report names the start
+    # and counts the runs behind it (the JSON keeps them).
+    first = {'steps': 10, 'data': ['roadscene/a.jpg']}
+    second = {'steps': 20, 'initialised_from': {'file': 'x.safetensors', 'sha256': 'a' * 64,
+                                                'training': first}}
+    path, _ = save_checkpoint(tiny_model(), tmp_path / 'tuned.safetensors', extra_meta={
+        'training': {'steps': 30, 'initialised_from': {
+            'file': 'y.safetensors', 'sha256': 'b' * 64, 'training': second}}})
+    line = evaluate.describe_weights(evaluate.OursConfig('tuned', path))
+    assert line.endswith('; training: steps 30; initialised_from y.safetensors (sha256 '
+                         + 'b' * 16 + "; 2 earlier training runs recorded in the weights' JSON)")
+    assert 'roadscene' not in line
+    # Started from weights saved without a training record: say so, count nothing.
+    assert evaluate._lineage({'file': 'z.safetensors', 'sha256': 'c' * 64, 'training': None}) \
+        == ("z.safetensors (sha256 " + 'c' * 16 + "; 0 earlier training runs recorded in the "
+            "weights' JSON, the training before them unrecorded)")
+
+
 def test_training_overlap_counts_a_packed_copy_of_a_pair_as_that_pair(tmp_path):
     # Weights trained on gpu_train.py's packed split list 'msrs-train/00556D.jpg' for the ivif
     # layout's 'msrs/00556D.png': the report must count it, and keep datasets apart. Fine-tuned
@@ -321,7 +340,7 @@ def test_paired_comparison_calls_only_consistent_differences_wins_or_losses():
     assert compared['swings']['rival']['EN'] == report.PairedComparison('~', 0.5)
 
 
-def test_paired_comparison_of_clips_frames_resamples_whole_clips():
+def test_paired_comparison_of_clips_frames_judges_whole_clips():
     # Ahead by 1 on each of clip a's ten frames, behind by 0.2 on each of clip b's: as twenty
     # independent pairs that is a consistent lead, but one clip of two says the opposite.
     rival = report.MethodScores('rival', False, scores([0.0] * 20))
@@ -333,12 +352,13 @@ def test_paired_comparison_of_clips_frames_resamples_whole_clips():
     assert report.paired_comparisons(as_clips)['ours']['rival']['EN'] == \
         report.PairedComparison('~', 0.5)
     context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
-    assert 'frames of 2 clips' in report.render([as_clips], context)
+    text = report.render([as_clips], context)
+    assert 'frames of 2 clips' in text and 'With 2 clips, too few for a bootstrap' in text
     assert 'clips' not in report.render([as_pairs], context)
-    # Where every clip agrees, the clips' resamples still call it.
+    # Two clips are too few for an interval: a call needs both clips to agree.
     ours.scores = scores([1.0] * 10 + [0.2] * 10)
     assert report.paired_comparisons(as_clips)['ours']['rival']['EN'].verdict == 'W'
-    # One clip (or one pair): every resample is the same, an interval of no width, no verdict.
+    # One clip (or one pair): nothing to compare it with, no verdict.
     one_clip = report.DatasetScores('d', pair_names(20), [ours, rival], pair_clips=('a',) * 20)
     assert report.paired_comparisons(one_clip)['ours']['rival']['EN'] == \
         report.PairedComparison('~', 1.0)
@@ -350,11 +370,34 @@ def test_paired_comparison_of_clips_frames_resamples_whole_clips():
         report.DatasetScores('d', pair_names(20), [ours, rival], pair_clips=('a',) * 19)
 
 
-def test_eval_names_the_clips_of_the_m3svd_validation_split(ivif_dir):
-    args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets', 'm3svd_val,tno42',
-                                '--limit', '12', '--out', 'q.md'])
+def test_paired_comparison_bootstraps_from_enough_clips():
+    # Eleven clips of two frames, ten ahead by 1 and one behind by 0.5: every clip agreeing is
+    # not needed where the clips are enough for an interval; the interval still calls it.
+    clips = tuple(chr(ord('a') + index // 2) for index in range(22))
+    rival = report.MethodScores('rival', False, scores([0.0] * 22))
+    ours = report.MethodScores('ours', True, scores([1.0] * 20 + [-0.5] * 2))
+    dataset = report.DatasetScores('d', pair_names(22), [ours, rival], pair_clips=clips)
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'].verdict == 'W'
+    text = report.render([dataset], report.ReportContext('s4fusion-eval', 'today', 'cpu', [],
+                                                         [], []))
+    assert 'frames of 11 clips' in text and 'too few for a bootstrap' not in text
+    # Five independent pairs are too few: one against the others leaves it open.
+    few = report.DatasetScores('f', pair_names(5), [
+        report.MethodScores('ours', True, scores([1.0, 1.0, 1.0, 1.0, -0.5])),
+        report.MethodScores('rival', False, scores([0.0] * 5))])
+    assert report.paired_comparisons(few)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 0.8)
+    assert 'With 5 pairs, too few' in report.render([few], report.ReportContext(
+        's4fusion-eval', 'today', 'cpu', [], [], []))
+
+
+def test_eval_names_the_clips_of_the_splits_of_clips_frames(ivif_dir):
+    args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets',
+                                'm3svd_val,tno42,roadscene67', '--limit', '12', '--out', 'q.md'])
     splits, validation, clips = evaluate.evaluation_splits(args)
-    assert validation == {'m3svd_val', 'roadscene_val'} and list(clips) == ['m3svd_val']
+    assert validation == {'m3svd_val', 'roadscene_val'}
+    assert list(clips) == ['m3svd_val', 'roadscene67']  # no clips are known for TNO's pairs
+    assert len(clips['roadscene67']) == 12
     assert len(splits['m3svd_val']) == len(clips['m3svd_val']) == 12
     assert clips['m3svd_val'] == tuple(map(m3svd_clip, splits['m3svd_val']))
     assert len(set(clips['m3svd_val'])) == 2

@@ -22,9 +22,10 @@ from s4fusion_ros.tools.train import build_parser, model_config
 from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
                                    ivif_splits, load_exported, pairs_in_folder)
-from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, data_layout,
-                                        m3svd_clip, match_pairs, read_pair_images,
-                                        roadscene_test67_names, training_pairs)
+from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, Pair,
+                                        data_layout, m3svd_clip, match_pairs, read_pair_images,
+                                        roadscene_clips, roadscene_near, roadscene_test67_names,
+                                        training_pairs)
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import lr_factor
 
@@ -122,8 +123,36 @@ def test_m3svd_is_split_by_clip(splits):
     videos = [p for p in splits.train if p.frame is not None]
     assert {p.frame for p in videos} == set(range(0, 590, VIDEO_FRAME_STEP))
     # The split of clips' frames names each pair's clip, for statistics that resample clips.
-    assert splits.clips == {'m3svd_val': tuple(map(m3svd_clip, splits.validation['m3svd_val']))}
+    assert splits.clips['m3svd_val'] == tuple(map(m3svd_clip, splits.validation['m3svd_val']))
     assert sorted(set(splits.clips['m3svd_val'])) == sorted(M3SVD_VALIDATION_CLIPS)
+
+
+def test_roadscene_splits_name_the_clip_of_the_drive_of_each_pair(splits):
+    """RoadScene's frames numbered within ROADSCENE_CLIP_GAP of the one before are one clip."""
+    test67 = splits.clips['roadscene67']
+    assert len(test67) == 67 and len(set(test67)) == 46
+    named = dict(zip((p.name for p in splits.tests['roadscene67']), test67))
+    # Frames 4208, 4215 and 4229 of the drive are one clip; 4269, 40 frames later, starts one.
+    assert named['FLIR_04208.jpg'] == named['FLIR_04215.jpg'] == named['FLIR_04229.jpg'] \
+        == 'FLIR_04208' != named['FLIR_04269.jpg'] == 'FLIR_04269'
+    # Every 8th training pair by name: no two are as near, so each is its own clip; but nine
+    # lie as near to a test frame (the report says which).
+    assert len(set(splits.clips['roadscene_val'])) == 20
+    near = roadscene_near(splits.validation['roadscene_val'], splits.tests['roadscene67'])
+    assert len(near) == 9 and 'FLIR_08248.jpg' in near  # 28 frames after test FLIR_08220
+
+
+def test_roadscene_clips_start_anew_after_a_gap_or_in_another_series():
+    names = ['FLIR_00001.jpg', 'FLIR_00031.jpg', 'FLIR_00062.jpg', 'FLIR_video_00063.jpg',
+             'FLIR_video_00070.jpg', 'notes.png']
+    pairs = [Pair(name, None, None) for name in names]
+    assert roadscene_clips(pairs) == ('FLIR_00001', 'FLIR_00001', 'FLIR_00062', 'FLIR_video_00063',
+                                      'FLIR_video_00063', 'notes')
+    # Numbers compare as numbers, in frame order, whatever the order or padding of the names.
+    unpadded = [Pair(name, None, None) for name in ['FLIR_10.jpg', 'FLIR_1000.jpg', 'FLIR_200.jpg',
+                                                    'FLIR_30.jpg', 'FLIR_999.jpg']]
+    assert roadscene_clips(unpadded) == ('FLIR_10', 'FLIR_999', 'FLIR_200', 'FLIR_10', 'FLIR_999')
+    assert roadscene_near(pairs, unpadded[:1]) == ['FLIR_00001.jpg', 'FLIR_00031.jpg']
 
 
 def test_video_frames_read_as_the_video_decodes_them(splits):

@@ -22,6 +22,10 @@ GRID_HEIGHT = 240  # pixels per grid row
 GRID_LABEL = 26  # pixels of the column-title strip
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # fixed, so the report is a function of the scores
+# With fewer clips (or independent pairs) than this, the percentile interval of the resampled
+# means is little more than the range of the clips' own means (a resample of one clip alone has
+# probability k^(1 - k) for k clips: 2.5% at k = 3), so the verdict asks every clip to agree.
+BOOTSTRAP_MIN_UNITS = 6
 # Ends the generated part; the maintainers' reading (and the flicker section) below it is kept.
 READING_MARKER = "<!-- The maintainers' reading of these numbers goes below."
 
@@ -54,8 +58,11 @@ what another draw of test pairs could reverse. The percentage is the share of pa
 is strictly better."""
 CLIPS_NOTE = """\
 The pairs of this split are frames of {clips}, and frames of one clip are not independent
-draws: the bootstrap resamples whole clips here, so with few clips a W or an L needs about every
-clip to agree (with one, no verdict is possible)."""
+draws: the bootstrap resamples whole clips here."""
+FEW_UNITS_NOTE = """\
+With {units}, too few for a bootstrap interval (fewer than {minimum}), W here means that the mean
+difference of every one of them favours ours, L that every one favours the other method, and ~
+that they disagree (with one, no verdict is possible)."""
 
 
 @dataclasses.dataclass
@@ -93,7 +100,7 @@ class DatasetScores:
     metrics: tuple = METRICS  # those compared (a published table may lack some)
     description: str = ''  # a paragraph under the heading, where the table needs one
     per_pair: bool = True  # listed in the per-pair CSV (not values copied from a publication)
-    # The clip each pair is a frame of, where the split is frames of a few clips: such frames are
+    # The clip each pair is a frame of, where the split is frames of clips: such frames are
     # not independent, so the paired bootstrap resamples whole clips. None: independent pairs.
     pair_clips: tuple | None = None
 
@@ -188,7 +195,8 @@ class PairedComparison:
 
     ``verdict``: 'W' when the 95% bootstrap interval of the mean per-pair difference (signed so
     that positive favours ours) lies above 0, 'L' when below, '~' when it contains 0 (the
-    difference of the means is within what the choice of test pairs could change).
+    difference of the means is within what the choice of test pairs could change); with fewer
+    than BOOTSTRAP_MIN_UNITS clips or pairs, 'W' or 'L' when every one's mean difference agrees.
     ``share_better``: the fraction of pairs on which ours is strictly better.
     """
 
@@ -196,19 +204,28 @@ class PairedComparison:
     share_better: float
 
 
-def _resample_weights(dataset: DatasetScores) -> np.ndarray | None:
-    """(BOOTSTRAP_RESAMPLES, pairs) how often each pair is in each resample, the same for every
-    comparison of a dataset, so that all comparisons are judged on the same resamples. Pairs are
-    drawn with replacement; where they are frames of clips, clips are (a cluster bootstrap).
-    None where there is one pair or clip: every resample would be the same, an interval of no
-    width that would call any difference."""
+def _units(dataset: DatasetScores) -> tuple[int, np.ndarray]:
+    """(the number of independent units, the unit of each pair): clips where the pairs are frames
+    of clips, else the pairs themselves."""
     clips = dataset.pair_clips or range(dataset.pairs)
     units, unit_of_pair = np.unique(np.asarray(clips), return_inverse=True)
-    if len(units) < 2:
+    return len(units), unit_of_pair
+
+
+def _verdict_weights(dataset: DatasetScores) -> np.ndarray | None:
+    """(draws, pairs) weights of the pairs in each draw whose mean difference the verdicts
+    judge, the same for every comparison of a dataset. From BOOTSTRAP_MIN_UNITS units on:
+    BOOTSTRAP_RESAMPLES resamples of the units with replacement (pairs, or whole clips: a
+    cluster bootstrap); below that one draw per unit, each of which must agree. None for one
+    unit: no verdict."""
+    count, unit_of_pair = _units(dataset)
+    if count < 2:
         return None
+    if count < BOOTSTRAP_MIN_UNITS:
+        return (np.arange(count)[:, None] == unit_of_pair[None, :]).astype(float)
     draws = np.random.default_rng(BOOTSTRAP_SEED).integers(
-        0, len(units), size=(BOOTSTRAP_RESAMPLES, len(units)))
-    drawn = np.zeros((BOOTSTRAP_RESAMPLES, len(units)))
+        0, count, size=(BOOTSTRAP_RESAMPLES, count))
+    drawn = np.zeros((BOOTSTRAP_RESAMPLES, count))
     np.add.at(drawn, (np.arange(BOOTSTRAP_RESAMPLES)[:, None], draws), 1.0)
     return drawn[:, unit_of_pair]
 
@@ -216,7 +233,8 @@ def _resample_weights(dataset: DatasetScores) -> np.ndarray | None:
 def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
                       weights: np.ndarray | None) -> PairedComparison:
     """Compare per-pair values; pairs where either value is undefined are left out. No weights
-    (``_resample_weights``: one pair or clip) give no verdict."""
+    (``_verdict_weights``: one pair or clip) give no verdict; a bootstrap's weights are judged by
+    the 95% interval of their means, too few units' by the lowest and highest of theirs."""
     mine = np.array([score[metric] for score in ours.scores], dtype=np.float64)
     theirs = np.array([score[metric] for score in rival.scores], dtype=np.float64)
     difference = mine - theirs if metric not in LOWER_IS_BETTER else theirs - mine
@@ -230,7 +248,8 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
     # of undefined pairs alone (a clip without a defined value, drawn alone) has no mean.
     drawn = weights @ defined
     means = (weights @ np.where(defined, difference, 0.0))[drawn > 0] / drawn[drawn > 0]
-    low, high = np.quantile(means, [0.025, 0.975])
+    one_per_unit = len(weights) < BOOTSTRAP_MIN_UNITS
+    low, high = (means.min(), means.max()) if one_per_unit else np.quantile(means, [0.025, 0.975])
     verdict = 'W' if low > 0 else 'L' if high < 0 else '~'
     return PairedComparison(verdict, share_better)
 
@@ -241,7 +260,7 @@ def paired_comparisons(dataset: DatasetScores) -> dict:
     if unpaired:
         raise ValueError(f'{dataset.name}: {", ".join(unpaired)} not scored on each of the '
                          f'{dataset.pairs} pairs; a paired comparison needs every pair')
-    weights = _resample_weights(dataset)
+    weights = _verdict_weights(dataset)
     others = [m for m in dataset.methods if not m.ours]
     return {ours.name: {rival.name: {metric: paired_comparison(ours, rival, metric, weights)
                                      for metric in dataset.metrics}
@@ -343,6 +362,18 @@ def _count(number: int, noun: str) -> str:
     return f'{number} {noun}' + ('' if number == 1 else 's')
 
 
+def _units_notes(dataset: DatasetScores) -> list:
+    """Markdown paragraphs on what the paired verdicts of this split resample, where it is not
+    simply its pairs."""
+    count, _ = _units(dataset)
+    noun = 'clip' if dataset.pair_clips else 'pair'
+    notes = [CLIPS_NOTE.format(clips=_count(count, 'clip')), ''] if dataset.pair_clips else []
+    if count < BOOTSTRAP_MIN_UNITS:
+        notes += [FEW_UNITS_NOTE.format(units=_count(count, noun), minimum=BOOTSTRAP_MIN_UNITS),
+                  '']
+    return notes
+
+
 def render(datasets: list, context: ReportContext) -> str:
     """The whole report as Markdown."""
     lines = ['# Fusion quality', '',
@@ -360,9 +391,7 @@ def render(datasets: list, context: ReportContext) -> str:
                   *metric_table(dataset), '', '**Wins:**', '', *wins_lines(dataset), '']
         if any(m.ours for m in dataset.methods) and any(not m.ours for m in dataset.methods):
             lines += [PAIRED_INTRO.format(resamples=f'{BOOTSTRAP_RESAMPLES:,}'), '',
-                      *([CLIPS_NOTE.format(clips=_count(len(set(dataset.pair_clips)), 'clip')),
-                         ''] if dataset.pair_clips else []),
-                      *paired_tables(dataset)]
+                      *_units_notes(dataset), *paired_tables(dataset)]
     if context.grid:
         lines += ['## Examples', '',
                   'IR, visible, fused and saliency, one pair per dataset:', '',

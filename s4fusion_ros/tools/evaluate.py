@@ -44,8 +44,9 @@ from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
-from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_VALIDATION_STRIDE,
-                             Pair, ivif_splits, pair_key, pairs_in_folder)
+from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_CLIP_GAP,
+                             ROADSCENE_VALIDATION_STRIDE, Pair, ivif_splits, pair_key,
+                             pairs_in_folder, roadscene_near)
 from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
 from .train import add_data_argument
 
@@ -262,7 +263,7 @@ def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
     ``validation`` marks a split that weights and settings are chosen on. ``compat``: where
     given, ours' images are also scored as the MATLAB toolkit scores them (``matlab_compat``),
     into ``compat[method name]``, for the published values of other methods. ``clips``: the
-    clip of each pair, for a split of a few clips' frames (``DatasetScores.pair_clips``)."""
+    clip of each pair, for a split of clips' frames (``DatasetScores.pair_clips``)."""
     scores = {m.name: report.MethodScores(m.name, m.ours, seconds=None if m.stored else 0.0)
               for m in methods}
     for index, pair in enumerate(tqdm(pairs, unit='pair', desc=name, file=sys.stderr,
@@ -343,8 +344,25 @@ def describe_weights(config: OursConfig) -> str:
     training = meta.get('training')
     if not isinstance(training, dict):
         return line + '; its JSON holds no training information'
-    return line + '; training: ' + '; '.join(f'{key} {_brief(value)}'
-                                             for key, value in training.items())
+    return line + '; training: ' + '; '.join(
+        f'{key} {_lineage(value) if key == "initialised_from" else _brief(value)}'
+        for key, value in training.items())
+
+
+def _lineage(start) -> str:
+    """The weights a run started from, in a few words: the report would otherwise repeat every
+    earlier run's whole record, nested (the weights' JSON keeps them)."""
+    if not isinstance(start, dict):
+        return _brief(start)
+    runs, earlier = 0, start
+    while isinstance(earlier, dict) and isinstance(earlier.get('training'), dict):
+        runs += 1
+        earlier = earlier['training'].get('initialised_from')
+    # The chain ends at a run that started afresh, or at weights whose training is unrecorded.
+    unrecorded = isinstance(earlier, dict)
+    what = (f'{runs} earlier training run{"" if runs == 1 else "s"} recorded in the weights\' '
+            'JSON' + (', the training before them unrecorded' if unrecorded else ''))
+    return f'{start.get("file", "?")} (sha256 {str(start.get("sha256", "?"))[:16]}; {what})'
 
 
 def weights_identity(config: OursConfig) -> str:
@@ -373,8 +391,8 @@ def environment() -> str:
             f'numpy {np.__version__}, OpenCV {cv2.__version__}')
 
 
-def data_notes(args: argparse.Namespace, datasets: list) -> list:
-    """Factual notes on the data and the peers."""
+def data_notes(args: argparse.Namespace, datasets: list, splits: dict) -> list:
+    """Factual notes on the data and the peers; ``splits`` as ``evaluation_splits`` gives them."""
     notes = []
     if set(args.datasets) & set(IVIF_DATASETS):
         validation = ', '.join(M3SVD_VALIDATION_CLIPS)
@@ -386,9 +404,17 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
                      'fine-tuned from, are noted per weights above): m3svd_val = the 20 frame '
                      f'pairs of the M3SVD clips {validation}, roadscene_val = every '
                      f'{ROADSCENE_VALIDATION_STRIDE}th of the other RoadScene pairs by name (20). '
-                     "RoadScene's pairs are frames of one drive: some test and validation pairs "
-                     'show the scene of a training frame nearby in the drive. '
+                     "RoadScene's pairs are frames of FLIR drives: some test and validation "
+                     'pairs show the scene of a training frame nearby in the drive, and the '
+                     "paired tables take a split's frames numbered within "
+                     f'{ROADSCENE_CLIP_GAP} of the one before as one clip of a drive. '
                      'Provenance of the data: the README ("Data").')
+    if {'roadscene_val', 'roadscene67'} <= set(splits):
+        near = roadscene_near(splits['roadscene_val'], splits['roadscene67'])
+        notes.append(f'{len(near)} of the {len(splits["roadscene_val"])} roadscene_val pairs lie '
+                     f'within {ROADSCENE_CLIP_GAP} frames of a roadscene67 test pair'
+                     + (f' ({", ".join(near)}): choices made on roadscene_val may have seen '
+                        'scenes of that test set' if near else '') + '.')
     if args.folder:
         notes.append('Splits of --folder, each named by its folder: '
                      + ', '.join(f'{folder.resolve().name} = the pairs of `{folder}`'
@@ -585,7 +611,7 @@ def recorded_command(args: argparse.Namespace, argv: list) -> str:
 
 def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set, dict]:
     """({split name: pairs} of --datasets and --folder, in that order, each cut to --limit; the
-    validation splits; {split name: the clip of each pair} of the splits of a few clips' frames).
+    validation splits; {split name: the clip of each pair} of the splits of clips' frames).
     """
     splits, validation, clips = {}, set(), {}
     if args.datasets:
@@ -653,7 +679,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
         skipped=skipped + skipped_methods, grid=grid,
         notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
                        for c in configs]
-        + data_notes(args, datasets)
+        + data_notes(args, datasets, splits)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
     for path in (args.out, args.pairs_csv):
         path.parent.mkdir(parents=True, exist_ok=True)

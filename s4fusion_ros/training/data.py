@@ -9,6 +9,7 @@ import collections
 import csv
 import dataclasses
 import pathlib
+import re
 
 import cv2
 import numpy as np
@@ -27,6 +28,11 @@ M3SVD_VALIDATION_CLIPS = ('0111_1753', '0115_1834')
 # pairs are drawn across the whole FLIR drive, so a contiguous stretch would be no further from
 # them; it scores the daytime road scenes that the M3SVD clips do not show.
 ROADSCENE_VALIDATION_STRIDE = 8
+# RoadScene's pairs are frames of FLIR drives, numbered in drive order in two series (FLIR_ and
+# FLIR_video_). A split's frames whose numbers lie within this many of the previous one of their
+# series are taken as one clip of a drive, for statistics that resample clips: the test frames
+# that a review found to show the scene of a nearby training frame lay 2 to 29 frames from it.
+ROADSCENE_CLIP_GAP = 30
 # Every n-th frame of the M3SVD videos trains; neighbouring frames add little but decode time.
 VIDEO_FRAME_STEP = 10
 # S4Fusion's RoadScene test split in the ivif data folder; it also marks a folder as that layout.
@@ -61,8 +67,8 @@ class IvifSplits:
     train: tuple
     validation: dict
     tests: dict
-    # split name -> the clip of each of its pairs, for a split of frames of a few clips (frames
-    # of one clip are not independent draws, so statistics over the split resample clips)
+    # split name -> the clip of each of its pairs, for a split of frames of clips (frames of one
+    # clip are not independent draws, so statistics over the split resample clips)
     clips: dict
 
 
@@ -312,6 +318,45 @@ def m3svd_clip(pair):
     return pair.ir_path.stem if pair.frame is not None else pair.name.rsplit('_', 1)[0]
 
 
+def _flir_frame(name):
+    """(series, frame number) of a RoadScene file name: ('FLIR_', 4208) for FLIR_04208.jpg,
+    ('FLIR_video_', 248) for FLIR_video_00248.jpg; the number is None where the name has none."""
+    series, number = re.fullmatch(r'(.*?)(\d*)', pathlib.Path(name).stem).groups()
+    return series, int(number) if number else None
+
+
+def roadscene_clips(pairs):
+    """The clip of the drive each of ``pairs`` belongs to, named by its first frame: in frame
+    order, a new clip starts where the number is more than ``ROADSCENE_CLIP_GAP`` past the
+    previous frame's of the same series (``FLIR_`` and ``FLIR_video_`` are numbered apart). A
+    name without a number is a clip of its own."""
+    frames = [_flir_frame(pair.name) for pair in pairs]
+    clips = [pathlib.Path(pair.name).stem for pair in pairs]
+    numbered = sorted((frame, index) for index, frame in enumerate(frames)
+                      if frame[1] is not None)
+    for ((series, number), index), ((before_series, before), before_index) in zip(
+            numbered[1:], numbered):
+        if series == before_series and number - before <= ROADSCENE_CLIP_GAP:
+            clips[index] = clips[before_index]
+    return tuple(clips)
+
+
+def roadscene_near(pairs, others):
+    """The names of ``pairs`` whose frame lies within ``ROADSCENE_CLIP_GAP`` of one of
+    ``others`` in the same series: neighbouring frames of the drive, near duplicates."""
+    numbered = collections.defaultdict(list)
+    for series, number in map(_flir_frame, (pair.name for pair in others)):
+        if number is not None:
+            numbered[series].append(number)
+    near = []
+    for pair in pairs:
+        series, number = _flir_frame(pair.name)
+        if number is not None and any(abs(number - other) <= ROADSCENE_CLIP_GAP
+                                      for other in numbered[series]):
+            near.append(pair.name)
+    return near
+
+
 def ivif_splits(root):
     """Training, validation and test pairs from the ivif data folder (layout in the README).
 
@@ -323,6 +368,8 @@ def ivif_splits(root):
     ``ROADSCENE_VALIDATION_STRIDE``-th of the other RoadScene pairs by name (20).
     tests: 'roadscene67', 'tno42' and 'msrs22' (the 20 SuperFusion MSRS test pairs, 00537D and
     00858N).
+    clips: the clip of each pair of 'm3svd_val' (``m3svd_clip``) and of the RoadScene splits
+    (``roadscene_clips``).
     TNO and M3FD never enter training.
     """
     root = pathlib.Path(root)
@@ -347,7 +394,9 @@ def ivif_splits(root):
     train += pairs_in_folder(root / 'msrs', MSRS_TRAIN_NAMES)
     train += tuple(p for p in m3svd_frames if m3svd_clip(p) not in M3SVD_VALIDATION_CLIPS)
     train += m3svd_videos
-    clips = {'m3svd_val': tuple(m3svd_clip(p) for p in validation['m3svd_val'])}
+    clips = {'m3svd_val': tuple(m3svd_clip(p) for p in validation['m3svd_val']),
+             'roadscene67': roadscene_clips(tests['roadscene67']),
+             'roadscene_val': roadscene_clips(roadscene_val)}
     return IvifSplits(train=train, validation=validation, tests=tests, clips=clips)
 
 
