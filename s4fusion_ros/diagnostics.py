@@ -56,8 +56,16 @@ def per_input(role: str, count: str) -> Key:
 # Counted by the node's own synchronizer; message_filters does not report them.
 OWN_SYNC_KEYS = tuple(per_input(role, count) for role in ROLES for count in (
     'unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')) + (Key.SYNC_RESETS,)
-# Nothing left to decide or fuse when all of these read 0.
+# Nothing left to decide or fuse when all of these read 0 (`nothing_pending`).
 BUSY_KEYS = (Key.THERMAL_PENDING, Key.VISIBLE_PENDING, Key.PAIRS_QUEUED, Key.PAIRS_IN_INFERENCE)
+# The value of the keys a synchronizer does not report (OWN_SYNC_KEYS under message_filters).
+NOT_REPORTED = 'n/a (sync.backend message_filters)'
+
+
+def nothing_pending(values: dict) -> bool:
+    """Whether a diagnostics message shows no frame pending and no pair queued or in inference;
+    pending counts message_filters keeps to itself are not reported, so they do not wait."""
+    return all(values.get(key) in ('0', NOT_REPORTED) for key in BUSY_KEYS)
 
 
 def number(values: dict, key: Key) -> float:

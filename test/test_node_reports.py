@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ros_harness import Probe, image_message, node_log, running_node
-from s4fusion_ros.diagnostics import Key
+from s4fusion_ros.diagnostics import BUSY_KEYS, NOT_REPORTED, Key, nothing_pending
 
 pytestmark = pytest.mark.ros
 
@@ -165,7 +165,17 @@ def test_message_filters_backend_pairs_and_fuses(ros_context):
     probe.destroy_node()
     assert values[Key.SYNC_BACKEND] == 'message_filters', values
     assert int(values[Key.PAIRS]) >= 3, values
-    assert values[Key.THERMAL_UNPAIRED].startswith('n/a'), values
+    assert values[Key.THERMAL_UNPAIRED] == NOT_REPORTED, values
+    assert nothing_pending(values), values  # what s4fusion-flood waits for
+
+
+def test_nothing_pending_reads_the_counts_a_backend_does_not_report_as_none():
+    idle = {key: '0' for key in BUSY_KEYS}
+    assert nothing_pending(idle)
+    assert not nothing_pending({**idle, Key.PAIRS_QUEUED: '1'})
+    assert not nothing_pending({})  # no diagnostics yet
+    assert nothing_pending({**idle, Key.THERMAL_PENDING: NOT_REPORTED,
+                            Key.VISIBLE_PENDING: NOT_REPORTED})
 
 
 def test_on_sim_time_with_no_clock_the_node_reports_and_decides_its_last_frame(ros_context):

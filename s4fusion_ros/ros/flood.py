@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from ..cli import interrupt, parse_size, run_command, start_child, stop_on_signals
-from ..diagnostics import BUSY_KEYS, ROLES, Key, number, per_input
+from ..diagnostics import ROLES, Key, nothing_pending, number, per_input
 from ..messages import stamp_to_ns
 
 PROG = 's4fusion-flood'
@@ -274,8 +274,7 @@ def _wait(condition, timeout: float, node: NodeProcess, what: str) -> None:
 
 def _settled(driver: Driver, since: float) -> bool:
     """Whether a diagnostics message sent after `since` shows nothing pending or running."""
-    status = driver.diagnostics
-    return driver.diagnostics_at > since and all(status.get(key) == '0' for key in BUSY_KEYS)
+    return driver.diagnostics_at > since and nothing_pending(driver.diagnostics)
 
 
 def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = DEFAULT_NAMESPACE,

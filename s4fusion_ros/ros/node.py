@@ -22,7 +22,7 @@ from rclpy.qos import QoSPolicyKind, QoSProfile
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
-from ..diagnostics import OWN_SYNC_KEYS, Key
+from ..diagnostics import NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, per_input
 from ..engine import (FusionEngine, FusionResult, fusion_settings, normalizer_settings,
                       pipeline_from_params)
 from ..messages import stamp_to_ns
@@ -333,10 +333,12 @@ class S4FusionNode(Node):
         if self.approximate_sync is not None:
             # message_filters reports no pairing counts: what it dropped is not known here.
             for key in OWN_SYNC_KEYS:
-                values[key] = 'n/a (sync.backend message_filters)'
-            values.update({Key.THERMAL_RECEIVED: self.thermal_rate.total,
-                           Key.VISIBLE_RECEIVED: self.visible_rate.total,
-                           Key.PAIRS: self.synchronized_pairs})
+                values[key] = NOT_REPORTED
+            # A bad message is found only once paired: counted as rejected, not as received
+            # (as the own synchronizer counts it), and its partner is lost with the pair.
+            values.update({per_input(role, 'received'): self._rate(role).total
+                           - self.rejected[role] for role in ROLES})
+            values[Key.PAIRS] = self.synchronized_pairs
         if math.isnan(end_to_end['mean']) and self.stamps_off_clock:
             note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
                     'use_sim_time?)')
