@@ -72,3 +72,18 @@ def test_the_demo_keeps_a_fast_dds_transport_the_user_chose(monkeypatch, tmp_pat
     monkeypatch.delenv('FASTDDS_BUILTIN_TRANSPORTS')
     isolate_dds(57, tmp_path)
     assert os.environ['FASTDDS_BUILTIN_TRANSPORTS'] == 'LARGE_DATA'
+
+
+def test_the_demo_plays_a_bag_too_fast_for_the_model_at_its_slowest_rate():
+    # A thermal camera far faster than the model: the rate would round to 0 and never play.
+    from s4fusion_ros import settings
+    from s4fusion_ros.bagio import image_topics, pick_topics
+    from s4fusion_ros.ros.demo import MIN_RATE, sample_bag, sustainable_rate
+    bag = sample_bag()
+    with open_bag(bag) as reader:
+        thermal, visible = pick_topics(image_topics(reader, bag), bag)
+    values = {**settings.defaults(), 'device': 'cpu'}
+    # The sample's thermal frames 1 us apart: the model takes thousands of periods a pair.
+    rate, model_s, period_s = sustainable_rate(bag, thermal, visible, values,
+                                               span_s=thermal.count * 1e-6)
+    assert rate == MIN_RATE and model_s > 1000 * period_s

@@ -51,6 +51,7 @@ VIDEO = 'demo.mp4'
 # Share of the CPU time between two thermal frames the model may take: the node also decodes,
 # normalizes and publishes, and the player and the recorder run on the same cores.
 HEADROOM = 0.5
+MIN_RATE = 0.01  # the slowest playback the demo picks (rates are rounded to hundredths)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -166,7 +167,9 @@ def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic
     engine = FusionEngine(model_from_params(values), fusion_settings(values))
     engine.warm_up()
     seconds = float(np.median([engine.infer(pair).inference_seconds for _ in range(3)]))
-    return min(1.0, round(HEADROOM * period / seconds, 2)), seconds, period
+    # At least MIN_RATE: a model far too slow for the bag would round the rate to 0, which
+    # would never play; the summary then says what it dropped.
+    return min(1.0, max(MIN_RATE, round(HEADROOM * period / seconds, 2))), seconds, period
 
 
 def write_previews(bag: pathlib.Path, directory: pathlib.Path) -> list[pathlib.Path]:
