@@ -27,7 +27,7 @@ setup(
     # Runtime dependencies come from the ROS distro (package.xml) or from requirements.txt on a
     # machine without ROS; listing rclpy here would break colcon builds.
     install_requires=['setuptools'],
-    python_requires='>=3.10',
+    python_requires='>=3.11',  # enum.StrEnum; the distros it targets (Jazzy, Kilted) have 3.12
     extras_require={
         'gpu': ['mamba-ssm>=2.2'],  # checked with 2.3.2.post1 (README, GPU)
         'ray': ['ray>=2.60'],  # s4fusion-batch (docs/batch.md)

@@ -8,10 +8,9 @@ venv="$root/.venv"
 marker="$venv/.s4fusion-setup-complete"
 pip_install=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 
-# 3.11: the pinned NumPy (2.4) has no release for 3.10 (the package itself runs on 3.10 with a
-# distro's NumPy, as README's robot section installs it).
+# 3.11: the package needs it (enum.StrEnum), and the pinned NumPy (2.4) has no release for 3.10.
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  echo "setup: Python 3.11 or newer is needed as python3, for the pinned NumPy (found:" \
+  echo "setup: Python 3.11 or newer is needed as python3 (found:" \
        "$(python3 --version 2>&1))" >&2
   exit 1
 fi

@@ -100,8 +100,9 @@ def test_scripts_bound_to_the_venv_or_to_another_folder_are_told_apart(tmp_path,
     assert f'{moved}/bin/s4fusion-demo runs {venv}/bin/python' in result.stdout
 
 
-def test_set_up_refuses_a_python_the_pinned_numpy_has_no_release_for(tmp_path):
-    # NumPy 2.4 needs 3.11: on 3.10 the set-up made a venv and installed torch before pip failed.
+def test_set_up_refuses_a_python_older_than_the_package_needs(tmp_path):
+    # The package and NumPy 2.4 need 3.11: on 3.10 the set-up made a venv and installed torch
+    # before pip failed.
     python3 = tmp_path / 'python3'
     python3.write_text('#!/bin/sh\n'
                        'case "$1" in --version) echo "Python 3.10.13";; *) exit 1;; esac\n')
@@ -109,5 +110,5 @@ def test_set_up_refuses_a_python_the_pinned_numpy_has_no_release_for(tmp_path):
     done = subprocess.run(['bash', str(REPO / 'scripts' / 'setup.sh')], capture_output=True,
                           text=True, timeout=60, env={'PATH': f'{tmp_path}:/usr/bin:/bin'})
     assert done.returncode == 1
-    assert done.stderr == ('setup: Python 3.11 or newer is needed as python3, for the pinned '
-                           'NumPy (found: Python 3.10.13)\n')
+    assert done.stderr == ('setup: Python 3.11 or newer is needed as python3 (found: Python '
+                           '3.10.13)\n')
