@@ -9,10 +9,12 @@ leaves a half-written bag under the final name.
 
 import contextlib
 import dataclasses
+import glob
 import pathlib
 import re
+import secrets
 import shutil
-import tempfile
+import sqlite3
 from collections.abc import Iterable, Iterator
 from functools import cache
 
@@ -20,7 +22,8 @@ import numpy as np
 import yaml
 from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurability, QosHistory,
                                 QosLiveliness, QosReliability, QosTime)
-from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer,
+                             WriterError)
 from rosbags.typesys import Stores, get_typestore
 
 from .imaging.encodings import FORMATS, RawImage
@@ -31,6 +34,10 @@ COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
 IMAGE_TYPES = (IMAGE, COMPRESSED_IMAGE)
 STORAGES = ('mcap', 'sqlite3')
 BAG_VERSION = 9  # what Jazzy and Kilted write
+# What writing a bag raises on a full disk, a file size limit or an unwritable folder.
+WRITE_ERRORS = (OSError, sqlite3.Error, WriterError)
+# create_bag builds a bag in a hidden sibling .NAME.<this many random bytes, in hex>.partial
+STAGING_HEX_BYTES = 4
 
 # Encodings that only a thermal camera publishes, and colour that only a visible camera does;
 # 8-bit gray is thermal only on a topic named like one (many thermal drivers publish mono8 AGC).
@@ -242,8 +249,8 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
         raise BagError(f"{path}: unknown storage '{storage}' (one of {', '.join(STORAGES)})")
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.partial',
-                                            dir=path.parent))
+    staging = path.parent / f'.{path.name}.{secrets.token_hex(STAGING_HEX_BYTES)}.partial'
+    staging.mkdir()
     try:
         writer = Writer(staging / path.name, version=BAG_VERSION,
                         storage_plugin=StoragePlugin[storage.upper()])
@@ -256,7 +263,18 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
             path.rename(staging / 'replaced')  # removed with the staging directory
         (staging / path.name).rename(path)
     finally:
+        # Interrupted between the two renames: the bag it was to replace goes back.
+        if (staging / 'replaced').exists() and not path.exists():
+            (staging / 'replaced').rename(path)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_dirs(path: pathlib.Path) -> list[pathlib.Path]:
+    """The staging directories that create_bag left beside `path` (a dead attempt's), and not
+    those of another bag whose name begins with this one's ('x' and 'x.1')."""
+    own = re.compile(rf'\.{re.escape(path.name)}\.[0-9a-f]{{{2 * STAGING_HEX_BYTES}}}\.partial')
+    return [found for found in path.parent.glob(f'.{glob.escape(path.name)}.*.partial')
+            if own.fullmatch(found.name)]
 
 
 def check_output(path: pathlib.Path, overwrite: bool) -> None:

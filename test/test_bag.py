@@ -407,6 +407,42 @@ def test_failed_write_leaves_no_output(short_events, params_file, tmp_path):
     assert os.listdir(tmp_path) == ['in']
 
 
+def test_an_overwrite_interrupted_between_its_renames_keeps_the_bag_it_was_to_replace(
+        tmp_path, monkeypatch):
+    out = tmp_path / 'drive'
+    with bagio.create_bag(out) as writer:
+        bagio.add_image_topic(writer, '/old')
+    rename = pathlib.Path.rename
+
+    def interrupted(self, target):
+        # The old bag has gone into the staging directory; the new one is not yet in place.
+        if self.name == out.name and self.parent != out.parent:
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, 'rename', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with bagio.create_bag(out, overwrite=True) as writer:
+            bagio.add_image_topic(writer, '/new')
+    monkeypatch.undo()
+    with bagio.open_bag(out) as reader:
+        assert [c.topic for c in reader.connections] == ['/old']
+    assert os.listdir(tmp_path) == ['drive']
+
+
+def test_staging_directories_are_told_apart_from_a_neighbour_bags(tmp_path):
+    # 'drive' and 'drive.1' side by side: sweeping what a dead attempt at 'drive' left must not
+    # take 'drive.1''s bag in the making.
+    with bagio.create_bag(tmp_path / 'drive') as writer:
+        with bagio.create_bag(tmp_path / 'drive.1') as other:
+            (neighbour,) = bagio.staging_dirs(tmp_path / 'drive.1')
+            (own,) = bagio.staging_dirs(tmp_path / 'drive')
+            assert own != neighbour and bagio.staging_dirs(tmp_path / 'driv') == []
+            for bag in (writer, other):
+                bagio.add_image_topic(bag, '/fused')
+    assert bagio.staging_dirs(tmp_path / 'drive') == bagio.staging_dirs(tmp_path / 'drive.1') == []
+
+
 def test_a_bag_without_pairs_leaves_no_earlier_video_behind(short_events, params_file, tmp_path,
                                                             capsys):
     # Visible stamps 10 s after the thermal ones: nothing pairs, so no video is made, and with

@@ -279,7 +279,7 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     assert [(job.input, job.output) for job in jobs] == [(source, out / 'in' / 'a')]
     # What a killed attempt leaves: a staging directory with part of a bag in it.
     (out / 'a').rmdir()
-    stale = out / '.a.x1y2z3.partial'
+    stale = out / '.a.0123abcd.partial'
     shutil.copytree(source, stale / 'a')
     assert batch_tool.main(command + ['--resume']) == 0
     assert not stale.exists() and read_bag(out / 'a') == reference(source, tmp_path / 'ref',

@@ -10,8 +10,8 @@ Output layout, for an input bag whose path relative to its input folder is REL:
 - ``OUT_DIR/REL``: the fused bag, renamed into place only when complete (bagio.create_bag);
 - ``OUT_DIR/.REL.s4batch/``: while a segmented bag is in progress, its plan (plan.json) and its
   finished parts (part-NNNNN bags, each with part-NNNNN.json holding its counts);
-- ``.NAME.*.partial`` beside either: the staging directory of a bag being written; one left
-  behind belongs to a dead attempt and is swept when a run starts.
+- ``.NAME.XXXXXXXX.partial`` beside either: the staging directory of a bag being written
+  (bagio.create_bag); one left behind belongs to a dead attempt and is swept when a run starts.
 """
 
 import contextlib
@@ -25,8 +25,8 @@ import socket
 import time
 
 from .. import settings
-from ..bagio import (BagError, add_image_topic, create_bag, image_topics, open_bag, output_qos_of,
-                     pick_topics, storage_of)
+from ..bagio import (WRITE_ERRORS, BagError, add_image_topic, create_bag, image_topics, open_bag,
+                     output_qos_of, pick_topics, staging_dirs, storage_of)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import model_from_params
@@ -240,7 +240,7 @@ def part_result(unit: Unit) -> dict | None:
 
 def sweep_partials(job: BagJob) -> list[pathlib.Path]:
     """Remove the staging directories that dead attempts left for this bag and its parts."""
-    stale = list(job.output.parent.glob(f'.{job.output.name}.*.partial'))
+    stale = staging_dirs(job.output)
     if job.staging.is_dir():
         stale += job.staging.glob('.part-*.partial')
         stale += job.staging.glob('.*.tmp')
@@ -296,7 +296,7 @@ def run_unit(unit: Unit, progress=None) -> dict:
                 span = dataclasses.replace(span, read_from=span.own_from - longer,
                                            count_from=span.own_from - longer
                                            + (span.count_from - span.read_from))
-    except (BagError, settings.SettingsError, ValueError, OSError) as error:
+    except (BagError, settings.SettingsError, ValueError, *WRITE_ERRORS) as error:
         result['error'] = str(error)
         return result
     result.update(counts, seconds=time.monotonic() - started)

@@ -20,7 +20,6 @@ when complete: an interrupted or failed run leaves nothing under the output name
 import argparse
 import contextlib
 import pathlib
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,14 +27,13 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from rosbags.interfaces import Qos
-from rosbags.rosbag2 import WriterError
 from tqdm import tqdm
 
 from .. import settings
-from ..bagio import (RELIABLE_QOS, STORAGES, BagError, ImageTopic, add_image_topic, bag_size,
-                     check_output, copy_connections, create_bag, deserialize, image_cdr,
-                     image_topics, open_bag, output_qos_of, pick_topics, read_messages,
-                     storage_of)
+from ..bagio import (RELIABLE_QOS, STORAGES, WRITE_ERRORS, BagError, ImageTopic, add_image_topic,
+                     bag_size, check_output, copy_connections, create_bag, deserialize,
+                     image_cdr, image_topics, open_bag, output_qos_of, pick_topics,
+                     read_messages, storage_of)
 from ..cli import stop_on_signals
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
@@ -384,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BagError, settings.SettingsError) as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1
-    except (OSError, sqlite3.Error, WriterError) as error:
-        # A full disk, a file size limit, an unwritable directory.
+    except WRITE_ERRORS as error:
         print(f'{PROG}: writing {args.output} failed: {error}; {untouched(args)}',
               file=sys.stderr)
         return 1
