@@ -400,6 +400,7 @@ class _Runner:
         self.idle = []  # GPU actors without work
         self.queue = []  # units waiting for a GPU actor
         self.actors = []
+        self.live = set()  # GPU actors neither dead nor ended
 
     def write_manifest(self, **status) -> None:
         """Write the parameters and the bags' reports (``status`` when the run ended, else it is
@@ -431,6 +432,8 @@ class _Runner:
         total_pairs = 0
         for number, job in enumerate(self.jobs):
             total_pairs += self._plan(number, job)
+        while self.idle:  # more GPU workers than units: end those without one
+            self._release(self.idle.pop())
         self.bar = tqdm(total=total_pairs, unit='pair', desc=self._bags_text(), file=sys.stderr,
                         dynamic_ncols=True, disable=not self.show)
         with self.bar:
@@ -460,7 +463,7 @@ class _Runner:
             num_gpus=self.gpus, num_cpus=1, max_restarts=self.retries,
             max_task_retries=self.retries)
         self.actors = [actor.remote() for _ in range(count)]
-        self.idle = list(self.actors)
+        self.idle, self.live = list(self.actors), set(self.actors)
 
     def _plan(self, number: int, job: BagJob) -> int:
         """Plan a bag, submit what is left of it; return its pairs still to fuse (estimated)."""
@@ -509,6 +512,27 @@ class _Runner:
         else:
             self.queue.append((number, unit))
 
+    def _release(self, actor) -> None:
+        """Give a GPU worker that finished a unit the next queued one; with none queued (none
+        come later: every bag was planned before the first finished), end it, so that its GPUs
+        are free for a worker that Ray restarts elsewhere after losing its node."""
+        if self.queue:
+            number, unit = self.queue.pop(0)
+            self.pending[actor.fuse.remote(unit, self.box)] = (number, unit, actor)
+        else:
+            self.ray.kill(actor)
+            self.live.discard(actor)
+
+    def _retire(self, actor) -> None:
+        """Drop a dead GPU worker; when none is left, fail the units still queued for one."""
+        self.ray.kill(actor)
+        self.live.discard(actor)
+        while self.queue and not self.live:
+            number, unit = self.queue.pop(0)
+            self._unit_finished(number, unit, {
+                'label': unit.label, 'index': unit.index,
+                'error': 'no GPU worker left to fuse it: each died (see the errors above)'})
+
     def _commit(self, number: int) -> None:
         job = self.jobs[number]
         ref = self.commit_task.remote(job, self.units[number], self.replace)
@@ -517,19 +541,26 @@ class _Runner:
     def _finished(self, ref) -> None:
         number, unit, actor = self.pending.pop(ref)
         report = self.reports[number]
-        if actor is not None:
-            self.idle.append(actor)
-            if self.queue:
-                self._submit(*self.queue.pop(0))
         try:
             result = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:  # retries spent, or a bug in a task
+            # A task's own exception, where it raised one: Ray's wrapper names only the task.
+            cause = getattr(error, 'cause', None) or error
             result = {'label': unit.label if unit else report.input,
                       'index': unit.index if unit else -1,
-                      'error': f'{type(error).__name__}: {error}'.splitlines()[0]}
+                      'error': f'{type(cause).__name__}: {cause}'.splitlines()[0]}
+            if isinstance(error, self.ray.exceptions.RayActorError):
+                self._retire(actor)  # dead, its restarts spent: it takes no more units
+                actor = None
+        if actor is not None:
+            self._release(actor)
         if unit is None:  # a commit
             self._done(number, result)
             return
+        self._unit_finished(number, unit, result)
+
+    def _unit_finished(self, number: int, unit: Unit, result: dict) -> None:
+        report = self.reports[number]
         if self.on_unit:
             self.on_unit(result)
         if result['error']:
