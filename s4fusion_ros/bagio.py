@@ -204,8 +204,14 @@ def guess_role(topic: str, encoding: str) -> str:
 
 
 def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | None = None,
-                visible: str | None = None) -> tuple[ImageTopic, ImageTopic]:
-    """Choose the thermal and visible topics: the ones named, else the only ones that look so."""
+                visible: str | None = None, values: dict | None = None
+                ) -> tuple[ImageTopic, ImageTopic]:
+    """Choose the thermal and visible topics: the ones named, else the only ones that look so.
+
+    Where a camera was recorded both raw and as /compressed, the one in the transport the node's
+    parameters ``values`` subscribe to (``thermal.transport``, ``visible.transport``; raw without
+    them) is taken, so that a replay pairs what the live node paired.
+    """
     found = '; '.join(t.describe() for t in topics) or 'none'
     chosen = {}
     for role, name in (('thermal', thermal), ('visible', visible)):
@@ -220,8 +226,9 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
             continue
         taken = {t.topic for t in chosen.values()}
         candidates = [t for t in topics if t.role == role and t.topic not in taken]
-        raw = [t for t in candidates if not t.compressed]
-        candidates = raw if len(raw) == 1 else candidates  # a raw topic beats its /compressed
+        compressed = (values or {}).get(f'{role}.transport') == 'compressed'
+        preferred = [t for t in candidates if t.compressed == compressed]
+        candidates = preferred if len(preferred) == 1 else candidates
         if len(candidates) != 1:
             problem = 'several topics could be' if candidates else 'no topic looks like'
             raise BagError(f'{path}: {problem} the {role} camera; image topics in the bag: '

@@ -139,6 +139,11 @@ def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
     assert (thermal.topic, visible.topic) == ('/lwir/image', '/front/image')
     thermal, visible = bagio.pick_topics(topics, path, visible='/front/image/compressed')
     assert (thermal.topic, visible.topic) == ('/lwir/image', '/front/image/compressed')
+    # Parameters that subscribe the node to the compressed transport take the /compressed twin,
+    # as the live node would have (replay pairs what live paired).
+    values = {**settings.defaults(), 'visible.transport': 'compressed'}
+    thermal, visible = bagio.pick_topics(topics, path, values=values)
+    assert (thermal.topic, visible.topic) == ('/lwir/image', '/front/image/compressed')
     with pytest.raises(bagio.BagError, match='no topic looks like the thermal camera'):
         bagio.pick_topics([t for t in topics if t.topic != '/lwir/image'], path)
 

@@ -15,15 +15,18 @@ import time
 
 import pytest
 import yaml
+from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 
 from s4fusion_ros import settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags, processes_with_home
+from s4fusion_ros.bagio import BagError
 from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
-from support import (BATCH_PARAMS, START_NS, THERMAL_TOPIC, camera_messages,  # noqa: F401
-                     drifting, one_torch_thread, params_file, read_bag, reference, write_bag)
+from support import (BATCH_PARAMS, IMAGE, START_NS, THERMAL_TOPIC, TYPESTORE,  # noqa: F401
+                     VISIBLE_TOPIC, camera_messages, drifting, one_torch_thread, params_file,
+                     read_bag, reference, write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 
@@ -206,6 +209,51 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
         result = work.run_unit(dataclasses.replace(unit, span=short, output=tmp_path / 'short'))
     assert not result['error']
     assert read_bag(tmp_path / 'short')['/s4fusion_node/fused'] == warm
+
+
+def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, tmp_path):
+    # Recorded with --compression-mode file: every open unpacks the whole bag, so segments fused
+    # in parallel would each unpack it. Message-compressed or plain bags are cut as usual.
+    events = camera_messages(ivif_dir, 4.0)
+    plain = write_bag(tmp_path / 'plain', events, 'sqlite3')
+    packed = tmp_path / 'packed'
+    writer = Writer(packed, version=9, storage_plugin=StoragePlugin.SQLITE3)
+    writer.set_compression(CompressionMode.FILE, CompressionFormat.ZSTD)
+    with writer, Reader(plain) as reader:
+        connections = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=TYPESTORE)
+                       for c in reader.connections}
+        for connection, log_time, raw in reader.messages():
+            writer.write(connections[connection.id], log_time, raw)
+    values = settings.load_params_file(params_file)
+    units = {bag.name: work.plan_bag(work.BagJob(bag, tmp_path / 'out' / bag.name), values,
+                                     10**9, False) for bag in (plain, packed)}
+    assert len(units['plain']) == 4 and len(units['packed']) == 1
+    assert units['packed'][0].output == tmp_path / 'out' / 'packed'
+
+
+def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(ivif_dir, params_file,
+                                                                  tmp_path):
+    # A second colour camera: detection cannot choose, and says so; named topics go to the units.
+    plain = write_bag(tmp_path / 'plain', camera_messages(ivif_dir, 1.0), 'mcap')
+    two = tmp_path / 'two'
+    with Writer(two, version=9, storage_plugin=StoragePlugin.MCAP) as writer, \
+            Reader(plain) as reader:
+        connections = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=TYPESTORE)
+                       for c in reader.connections}
+        rear = writer.add_connection('/rear/color/image_raw', IMAGE, typestore=TYPESTORE)
+        for connection, log_time, raw in reader.messages():
+            writer.write(connections[connection.id], log_time, raw)
+            if connection.topic == VISIBLE_TOPIC:
+                writer.write(rear, log_time, raw)
+    values = settings.load_params_file(params_file)
+    job = work.BagJob(two, tmp_path / 'out' / 'two')
+    with pytest.raises(BagError, match='several topics could be the visible camera'):
+        work.plan_bag(job, values, 0, False)
+    (unit,) = work.plan_bag(job, values, 0, False, (None, '/rear/color/image_raw'))
+    assert unit.topics == (THERMAL_TOPIC, '/rear/color/image_raw')
+    args = batch_tool.parse_args([str(two), str(tmp_path / 'out'), '--visible-topic',
+                                  '/rear/color/image_raw'])
+    assert (args.thermal_topic, args.visible_topic) == (None, '/rear/color/image_raw')
 
 
 def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path):

@@ -202,7 +202,8 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
               cpus_per_task: int = 1, gpus_per_worker: float = 0.0,
               segment_minutes: float = 10.0, params=None, device: str | None = None,
               resume: bool = False, overwrite: bool = False, max_retries: int = 3,
-              progress: bool = True, on_unit=None, on_progress=None) -> Report:
+              progress: bool = True, on_unit=None, on_progress=None,
+              topics: tuple = (None, None)) -> Report:
     """Fuse every bag of `inputs` (bags or folders of bags) into `out_dir`; return the Report.
 
     Each output is what `s4fusion-bag IN OUT --params PARAMS` writes, stamps and pixels. Bags
@@ -211,7 +212,8 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     of `cpus_per_task` CPUs. Raises BatchError or SettingsError before any work when the run
     cannot start; KeyboardInterrupt stops the cluster's work and leaves no partial bag under a
     final name (the manifest says what finished). `on_unit(result)` sees each unit's result and
-    `on_progress(label, node ip, pairs)` each progress message of a task.
+    `on_progress(label, node ip, pairs)` each progress message of a task. `topics`: the
+    (thermal, visible) topic of every bag, None to detect it per bag.
     """
     if resume and overwrite:
         raise BatchError('--resume and --overwrite exclude each other')
@@ -228,7 +230,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         with connected(address, num_cpus) as ray:
             runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
                              resume, overwrite, max_retries, progress, (on_unit, on_progress),
-                             previous, out_dir / MANIFEST)
+                             previous, out_dir / MANIFEST, topics)
             interrupted = False
             try:
                 runner.run()
@@ -381,8 +383,8 @@ class _Runner:
     """Submits the units, follows them to the end of each bag, commits segmented bags."""
 
     def __init__(self, ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                 resume, overwrite, max_retries, progress, on_unit, previous, manifest):
-        self.ray, self.jobs, self.values = ray, jobs, values
+                 resume, overwrite, max_retries, progress, on_unit, previous, manifest, topics):
+        self.ray, self.jobs, self.values, self.topics = ray, jobs, values, topics
         self.cpus, self.gpus = cpus_per_task, gpus_per_worker
         self.segment_ns = round(segment_minutes * 60e9)
         self.resume, self.retries = resume, max_retries
@@ -479,7 +481,7 @@ class _Runner:
             self._line(report)
             return 0
         try:
-            units = work.plan_bag(job, self.values, self.segment_ns, self.replace)
+            units = work.plan_bag(job, self.values, self.segment_ns, self.replace, self.topics)
         except BagError as error:
             report.status, report.error = 'failed', str(error)
             self._line(report)

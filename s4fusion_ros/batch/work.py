@@ -169,13 +169,19 @@ class Unit:
         return str(self.input) + (f' [{self.index + 1}/{self.count}]' if self.count > 1 else '')
 
 
-def plan_bag(job: BagJob, values: dict, segment_ns: int, overwrite: bool) -> list[Unit]:
-    """Open the bag, choose its topics and cut it into units; BagError if it cannot be read."""
+def plan_bag(job: BagJob, values: dict, segment_ns: int, overwrite: bool,
+             topics: tuple = (None, None)) -> list[Unit]:
+    """Open the bag, choose its topics (``topics``: (thermal, visible), None to detect) and cut
+    it into units; BagError if it cannot be read."""
     with open_bag(job.input) as reader:
-        thermal, visible = pick_topics(image_topics(reader, job.input), job.input)
+        thermal, visible = pick_topics(image_topics(reader, job.input), job.input, *topics,
+                                       values=values)
         start, end = reader.start_time, reader.end_time
         storage = storage_of(job.input)
-    count = max(1, math.ceil((end - start) / segment_ns)) if segment_ns > 0 else 1
+        # rosbags unpacks a file-compressed bag whole at each open: parts fused in parallel
+        # would each unpack all of it, in time and in temporary disk, so it stays one unit.
+        segmented = segment_ns > 0 and reader.compression_mode != 'file'
+    count = max(1, math.ceil((end - start) / segment_ns)) if segmented else 1
     base = dict(input=job.input, storage=storage, topics=(thermal.topic, visible.topic),
                 values=values, count=count, overwrite=overwrite)
     if count == 1:

@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> str:
         stale.unlink(missing_ok=True)
     values = settings.load_params_file(args.params) if args.params else settings.defaults()
     with open_bag(bag) as reader:
-        thermal, visible = pick_topics(image_topics(reader, bag), bag)
+        thermal, visible = pick_topics(image_topics(reader, bag), bag, values=values)
         end_ns, span_s = reader.end_time, (reader.end_time - reader.start_time) / 1e9
     rate = args.rate
     if rate is None:

@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('output', type=pathlib.Path, help='bag directory to create')
     parser.add_argument('--thermal-topic', help='thermal image topic (default: detected from '
                         'the encodings: mono16/16UC1/32FC1, or mono8 on a thermal-named topic)')
-    parser.add_argument('--visible-topic', help='visible image topic (default: the bgr8/rgb8 one)')
+    parser.add_argument('--visible-topic', help='visible image topic (default: the bgr8/rgb8 one; '
+                        'of one recorded raw and /compressed, the transport --params names)')
     parser.add_argument('--params', type=pathlib.Path,
                         help="the node's parameter file (e.g. config/s4fusion.yaml)")
     parser.add_argument('--device', help='override the device parameter (auto, cpu, cuda:N)')
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     with open_bag(args.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, args.input), args.input,
-                                       args.thermal_topic, args.visible_topic)
+                                       args.thermal_topic, args.visible_topic, values)
         storage = args.storage or storage_of(args.input)
         loaded = model_from_params(values)
         print(f'{PROG}: {thermal.describe()} + {visible.describe()} -> {args.output} '

@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--params', type=pathlib.Path,
                         help="the node's parameter file (e.g. config/s4fusion.yaml)")
     parser.add_argument('--device', help='override the device parameter (auto, cpu, cuda:N)')
+    parser.add_argument('--thermal-topic', help="every bag's thermal image topic (default: "
+                        'detected per bag, as s4fusion-bag detects it)')
+    parser.add_argument('--visible-topic', help="every bag's visible image topic (default: "
+                        'detected per bag)')
     again = parser.add_mutually_exclusive_group()
     again.add_argument('--resume', action='store_true',
                        help='keep the bags and segments an earlier run finished')
@@ -74,7 +78,8 @@ def fuse_and_report(args: argparse.Namespace) -> int:
                        cpus_per_task=args.cpus_per_task, gpus_per_worker=args.gpus_per_worker,
                        segment_minutes=args.segment_minutes, params=args.params,
                        device=args.device, resume=args.resume, overwrite=args.overwrite,
-                       max_retries=args.max_retries)
+                       max_retries=args.max_retries,
+                       topics=(args.thermal_topic, args.visible_topic))
     failed = [bag for bag in report.bags if bag.status == 'failed']
     print(f'{PROG}: {len(report.bags) - len(failed)} of {len(report.bags)} bags fused '
           f'({report.fused} pairs) in {report.seconds:.1f} s; manifest: {report.manifest}',
