@@ -26,6 +26,7 @@ from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, Storage
                              WriterError)
 from rosbags.typesys import Stores, get_typestore
 
+from .files import sync_to_disk, sync_tree
 from .imaging.encodings import FORMATS, RawImage
 from .messages import ns_to_sec_nanosec
 
@@ -265,10 +266,14 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
             writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         with writer:
             yield writer
+        # On disk before it gets its name: a crash must not leave a truncated bag that a
+        # resumed batch run would take for a finished one.
+        sync_tree(staging / path.name)
         if path.exists():
             check_output(path, overwrite)
             path.rename(staging / 'replaced')  # removed with the staging directory
         (staging / path.name).rename(path)
+        sync_to_disk(path.parent)  # the rename itself
     finally:
         # Interrupted between the two renames: the bag it was to replace goes back.
         if (staging / 'replaced').exists() and not path.exists():

@@ -21,6 +21,22 @@ def write_atomically(path: pathlib.Path, write) -> None:
         raise
 
 
+def sync_to_disk(*paths: pathlib.Path) -> None:
+    """fsync each of `paths`, files or folders (a folder's own entries, not what they name)."""
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def sync_tree(folder: pathlib.Path) -> None:
+    """fsync a folder and everything in it, so that a name it is renamed to after this never
+    points at data a crash could still lose."""
+    sync_to_disk(*pathlib.Path(folder).rglob('*'), folder)
+
+
 def check_writable_folder(path: pathlib.Path) -> None:
     """OSError naming `path` where a folder cannot be made or written there: checked before
     long work whose results go there, without making the folder yet."""

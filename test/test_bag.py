@@ -435,6 +435,23 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_bag_it_was_to_re
     assert os.listdir(tmp_path) == ['drive']
 
 
+def test_a_bag_is_on_disk_before_it_gets_its_name(tmp_path, monkeypatch):
+    # fsync'd files, and whether the final name existed yet when each was synced.
+    out, synced = tmp_path / 'drive', []
+    fsync = os.fsync
+
+    def recording(descriptor):
+        synced.append((pathlib.Path(os.readlink(f'/proc/self/fd/{descriptor}')), out.exists()))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, 'fsync', recording)
+    with bagio.create_bag(out, storage='sqlite3') as writer:
+        bagio.add_image_topic(writer, '/fused')
+    before = {path.name for path, named in synced if not named}
+    assert {'drive.db3', 'metadata.yaml', 'drive'} <= before  # the bag, before its rename
+    assert (tmp_path, True) in synced  # and the folder holding the new name, after it
+
+
 def test_staging_directories_are_told_apart_from_a_neighbour_bags(tmp_path):
     # 'drive' and 'drive.1' side by side: sweeping what a dead attempt at 'drive' left must not
     # take 'drive.1''s bag in the making.
