@@ -41,6 +41,7 @@ STATE = 'train_state.pt'
 INIT = 'init'  # in a run folder: the weights a restarted run began from
 PACKED_JPEG_QUALITY = 95  # pack-data's luminance JPEGs (docstring of pack_data)
 STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
+MIN_STOP_GRACE_S = 5  # ... and never less (a checkpoint takes about a second on a GPU)
 TRAVEL_MIB = 64  # what travels with a device call: the working tree and the carried paths
 RESUME_MISMATCH = 'resume needs the same'  # s4fusion-train refusing a state of other settings
 # s4fusion-train refusing --init-weights of another network configuration than the recipe's
@@ -298,9 +299,19 @@ def train_recipe(args, name, out, minutes, deadline, env):
                 for arg in ('--init-weights', str(weights))]
     log(f'{name}: {minutes:.1f} min, {how}')
     log_before = log_records(out)
-    # Past its own time limit, and past the call's deadline for the last recipe.
-    timeout = min(60 * minutes + STOP_GRACE_S, max(deadline - time.monotonic(), 60 * minutes))
-    return (*run_group(command, env, timeout, STOP_GRACE_S), log_before)
+    timeout, grace = stop_times(minutes, deadline - time.monotonic(), args.pack_minutes)
+    return (*run_group(command, env, timeout, grace), log_before)
+
+
+def stop_times(minutes, left_s, pack_minutes):
+    """(seconds until SIGTERM, seconds from it to SIGKILL) for a run of ``minutes`` with
+    ``left_s`` to the call's deadline: SIGTERM past its own time limit and, for the last
+    recipe, at the deadline; SIGKILL in time to leave half the packing margin to pack what it
+    saved, so that a run that hangs on SIGTERM is not still running when the device ends the
+    call (its 600 s limit, which the deadline and the margin stay under)."""
+    timeout = min(60 * minutes + STOP_GRACE_S, max(left_s, 60 * minutes))
+    grace = min(STOP_GRACE_S, left_s + 30 * pack_minutes - timeout)
+    return timeout, max(MIN_STOP_GRACE_S, grace)
 
 
 def restart_from_weights(out):

@@ -254,6 +254,20 @@ def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_pat
     assert returncode == -9  # a build gets no grace: killed at once
 
 
+def test_a_hung_last_recipe_is_killed_in_time_to_pack_before_the_device_ends_the_call(
+        gpu_train):
+    # The defaults: the last recipe trains until the packing margin before the deadline.
+    args = gpu_train.build_parser().parse_args(['train', '--data', 'd', '--runs', 'r'])
+    left = 8 * 60 + 60 * args.pack_minutes
+    timeout, grace = gpu_train.stop_times(8.0, left, args.pack_minutes)
+    assert timeout == left  # SIGTERM at the deadline
+    assert timeout + grace == left + 30 * args.pack_minutes  # SIGKILL with half the margin left
+    # The call's budget and its packing margin stay under the device's 600 s a call.
+    assert 60 * (args.minutes + args.pack_minutes) < 600
+    # An earlier recipe, far from the deadline, keeps the whole grace past its own limit.
+    assert gpu_train.stop_times(3.0, left, pack_minutes=0.5) == (3 * 60 + 60, 60)
+
+
 def test_a_command_that_cannot_start_is_a_failed_run(tmp_path, gpu_train):
     returncode, stderr = gpu_train.run_group([str(tmp_path / 'missing')], dict(os.environ),
                                              timeout=5, stop_grace=0)
