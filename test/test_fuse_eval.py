@@ -192,8 +192,12 @@ def test_report_names_the_weights_a_run_started_from_without_their_records(tmp_p
     assert 'roadscene' not in line
     # Started from weights saved without a training record: say so, count nothing.
     assert evaluate._lineage({'file': 'z.safetensors', 'sha256': 'c' * 64, 'training': None}) \
-        == ("z.safetensors (sha256 " + 'c' * 16 + "; 0 earlier training runs recorded in the "
-            "weights' JSON, the training before them unrecorded)")
+        == 'z.safetensors (sha256 ' + 'c' * 16 + '; its training unrecorded)'
+    # A chain ending in something that is not a record is unrecorded too, not a fresh start.
+    assert evaluate._lineage({'file': 'y', 'sha256': 'b' * 64, 'training': {
+        'initialised_from': 'x.safetensors'}}).endswith(
+        "1 earlier training run recorded in the weights' JSON, the training before them "
+        'unrecorded)')
 
 
 def test_training_overlap_counts_a_packed_copy_of_a_pair_as_that_pair(tmp_path):
@@ -366,6 +370,11 @@ def test_paired_comparison_of_clips_frames_judges_whole_clips():
     one_pair = report.DatasetScores('d', pair_names(1), [report.MethodScores(
         'ours', True, scores([1.0])), report.MethodScores('rival', False, scores([0.0]))])
     assert report.paired_comparisons(one_pair)['ours']['rival']['EN'].verdict == '~'
+    # A clip without a defined value leaves one clip to judge: that is no verdict either.
+    undefined_in_b = scores([1.0] * 10 + [math.nan] * 10)
+    as_clips.methods[0].scores = undefined_in_b
+    assert report.paired_comparisons(as_clips)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 1.0)
     with pytest.raises(ValueError, match='d: 19 clips for 20 pairs'):
         report.DatasetScores('d', pair_names(20), [ours, rival], pair_clips=('a',) * 19)
 
@@ -381,6 +390,11 @@ def test_paired_comparison_bootstraps_from_enough_clips():
     text = report.render([dataset], report.ReportContext('s4fusion-eval', 'today', 'cpu', [],
                                                          [], []))
     assert 'frames of 11 clips' in text and 'too few for a bootstrap' not in text
+    # Clips without a defined value do not count towards an interval: with four of eleven
+    # left, every one must agree, and one behind leaves it open.
+    ours.scores = scores([1.0] * 6 + [-0.5] * 2 + [math.nan] * 14)
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 0.75)
     # Five independent pairs are too few: one against the others leaves it open.
     few = report.DatasetScores('f', pair_names(5), [
         report.MethodScores('ours', True, scores([1.0, 1.0, 1.0, 1.0, -0.5])),
@@ -389,6 +403,15 @@ def test_paired_comparison_bootstraps_from_enough_clips():
         report.PairedComparison('~', 0.8)
     assert 'With 5 pairs, too few' in report.render([few], report.ReportContext(
         's4fusion-eval', 'today', 'cpu', [], [], []))
+
+
+def test_eval_notes_validation_pairs_near_test_frames_of_the_whole_splits(ivif_dir):
+    # Scored on 3 pairs of roadscene_val alone: the note still counts the whole splits.
+    args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets', 'roadscene_val',
+                                '--limit', '3', '--out', 'q.md'])
+    (note,) = [n for n in evaluate.data_notes(args, []) if 'roadscene_val pairs lie' in n]
+    assert note.startswith('9 of the 20 roadscene_val pairs lie within 30 frames of one of the '
+                           '67 roadscene67 test pairs (FLIR_04593.jpg, ')
 
 
 def test_eval_names_the_clips_of_the_splits_of_clips_frames(ivif_dir):

@@ -53,9 +53,9 @@ CONVENTIONS = """\
 PAIRED_INTRO = """\
 **Paired over the pairs:** per pair, ours minus the other method (signed so that positive favours
 ours). W: the 95% percentile-bootstrap interval of the mean difference ({resamples} resamples of
-the pairs) lies above 0; L: below 0; ~: it contains 0, so the difference of the means is within
-what another draw of test pairs could reverse. The percentage is the share of pairs on which ours
-is strictly better."""
+the pairs, unless a note below says otherwise) lies above 0; L: below 0; ~: it contains 0, so the
+difference of the means is within what another draw of test pairs could reverse. The percentage
+is the share of pairs on which ours is strictly better."""
 CLIPS_NOTE = """\
 The pairs of this split are frames of {clips}, and frames of one clip are not independent
 draws: the bootstrap resamples whole clips here."""
@@ -212,17 +212,13 @@ def _units(dataset: DatasetScores) -> tuple[int, np.ndarray]:
     return len(units), unit_of_pair
 
 
-def _verdict_weights(dataset: DatasetScores) -> np.ndarray | None:
-    """(draws, pairs) weights of the pairs in each draw whose mean difference the verdicts
-    judge, the same for every comparison of a dataset. From BOOTSTRAP_MIN_UNITS units on:
-    BOOTSTRAP_RESAMPLES resamples of the units with replacement (pairs, or whole clips: a
-    cluster bootstrap); below that one draw per unit, each of which must agree. None for one
-    unit: no verdict."""
+def _resamples(dataset: DatasetScores) -> np.ndarray | None:
+    """(BOOTSTRAP_RESAMPLES, pairs) how often each pair is in each resample of the units (pairs,
+    or whole clips: a cluster bootstrap), the same for every comparison of a dataset; None with
+    fewer than BOOTSTRAP_MIN_UNITS units, too few for an interval."""
     count, unit_of_pair = _units(dataset)
-    if count < 2:
-        return None
     if count < BOOTSTRAP_MIN_UNITS:
-        return (np.arange(count)[:, None] == unit_of_pair[None, :]).astype(float)
+        return None
     draws = np.random.default_rng(BOOTSTRAP_SEED).integers(
         0, count, size=(BOOTSTRAP_RESAMPLES, count))
     drawn = np.zeros((BOOTSTRAP_RESAMPLES, count))
@@ -231,10 +227,11 @@ def _verdict_weights(dataset: DatasetScores) -> np.ndarray | None:
 
 
 def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
-                      weights: np.ndarray | None) -> PairedComparison:
-    """Compare per-pair values; pairs where either value is undefined are left out. No weights
-    (``_verdict_weights``: one pair or clip) give no verdict; a bootstrap's weights are judged by
-    the 95% interval of their means, too few units' by the lowest and highest of theirs."""
+                      unit_of_pair: np.ndarray, resamples: np.ndarray | None) -> PairedComparison:
+    """Compare per-pair values; pairs where either value is undefined are left out, and so are
+    units (clips, or pairs) without a defined value. Fewer than 2 units left: no verdict; fewer
+    than BOOTSTRAP_MIN_UNITS: W or L where every unit's mean difference agrees; else the 95%
+    interval of the means of ``resamples`` (``_resamples``)."""
     mine = np.array([score[metric] for score in ours.scores], dtype=np.float64)
     theirs = np.array([score[metric] for score in rival.scores], dtype=np.float64)
     difference = mine - theirs if metric not in LOWER_IS_BETTER else theirs - mine
@@ -242,14 +239,19 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
     if not defined.any():
         return PairedComparison('~', math.nan)
     share_better = float(np.mean(difference[defined] > 0))
-    if weights is None:
+    units = np.unique(unit_of_pair[defined])
+    if len(units) < 2:
         return PairedComparison('~', share_better)
-    # Undefined pairs weigh nothing, which keeps one weight matrix for every metric; a resample
-    # of undefined pairs alone (a clip without a defined value, drawn alone) has no mean.
-    drawn = weights @ defined
-    means = (weights @ np.where(defined, difference, 0.0))[drawn > 0] / drawn[drawn > 0]
-    one_per_unit = len(weights) < BOOTSTRAP_MIN_UNITS
-    low, high = (means.min(), means.max()) if one_per_unit else np.quantile(means, [0.025, 0.975])
+    if resamples is None or len(units) < BOOTSTRAP_MIN_UNITS:
+        means = np.array([difference[defined & (unit_of_pair == unit)].mean() for unit in units])
+        low, high = means.min(), means.max()
+    else:
+        # Undefined pairs weigh nothing, which keeps one resample matrix for every metric; a
+        # resample of undefined pairs alone (a clip without a defined value, drawn alone) has
+        # no mean.
+        drawn = resamples @ defined
+        means = (resamples @ np.where(defined, difference, 0.0))[drawn > 0] / drawn[drawn > 0]
+        low, high = np.quantile(means, [0.025, 0.975])
     verdict = 'W' if low > 0 else 'L' if high < 0 else '~'
     return PairedComparison(verdict, share_better)
 
@@ -260,12 +262,13 @@ def paired_comparisons(dataset: DatasetScores) -> dict:
     if unpaired:
         raise ValueError(f'{dataset.name}: {", ".join(unpaired)} not scored on each of the '
                          f'{dataset.pairs} pairs; a paired comparison needs every pair')
-    weights = _verdict_weights(dataset)
+    _, unit_of_pair = _units(dataset)
+    resamples = _resamples(dataset)
     others = [m for m in dataset.methods if not m.ours]
-    return {ours.name: {rival.name: {metric: paired_comparison(ours, rival, metric, weights)
-                                     for metric in dataset.metrics}
-                        for rival in others}
-            for ours in dataset.methods if ours.ours}
+    return {ours.name: {rival.name: {
+        metric: paired_comparison(ours, rival, metric, unit_of_pair, resamples)
+        for metric in dataset.metrics} for rival in others}
+        for ours in dataset.methods if ours.ours}
 
 
 def paired_tables(dataset: DatasetScores) -> list:

@@ -358,10 +358,13 @@ def _lineage(start) -> str:
     while isinstance(earlier, dict) and isinstance(earlier.get('training'), dict):
         runs += 1
         earlier = earlier['training'].get('initialised_from')
-    # The chain ends at a run that started afresh, or at weights whose training is unrecorded.
-    unrecorded = isinstance(earlier, dict)
-    what = (f'{runs} earlier training run{"" if runs == 1 else "s"} recorded in the weights\' '
-            'JSON' + (', the training before them unrecorded' if unrecorded else ''))
+    # The chain ends at a run that started afresh (None), or at weights whose training is not
+    # recorded (a dict without a training record, or any other value).
+    if runs == 0:
+        what = 'its training unrecorded'
+    else:
+        what = (f'{runs} earlier training run{"" if runs == 1 else "s"} recorded in the weights\' '
+                'JSON' + ('' if earlier is None else ', the training before them unrecorded'))
     return f'{start.get("file", "?")} (sha256 {str(start.get("sha256", "?"))[:16]}; {what})'
 
 
@@ -391,8 +394,8 @@ def environment() -> str:
             f'numpy {np.__version__}, OpenCV {cv2.__version__}')
 
 
-def data_notes(args: argparse.Namespace, datasets: list, splits: dict) -> list:
-    """Factual notes on the data and the peers; ``splits`` as ``evaluation_splits`` gives them."""
+def data_notes(args: argparse.Namespace, datasets: list) -> list:
+    """Factual notes on the data and the peers."""
     notes = []
     if set(args.datasets) & set(IVIF_DATASETS):
         validation = ', '.join(M3SVD_VALIDATION_CLIPS)
@@ -409,10 +412,14 @@ def data_notes(args: argparse.Namespace, datasets: list, splits: dict) -> list:
                      "paired tables take a split's frames numbered within "
                      f'{ROADSCENE_CLIP_GAP} of the one before as one clip of a drive. '
                      'Provenance of the data: the README ("Data").')
-    if {'roadscene_val', 'roadscene67'} <= set(splits):
-        near = roadscene_near(splits['roadscene_val'], splits['roadscene67'])
-        notes.append(f'{len(near)} of the {len(splits["roadscene_val"])} roadscene_val pairs lie '
-                     f'within {ROADSCENE_CLIP_GAP} frames of a roadscene67 test pair'
+    if 'roadscene_val' in args.datasets:
+        # Of the whole splits, whatever --limit and --datasets chose to score.
+        ivif = ivif_splits(args.data)
+        validation, tests = ivif.validation['roadscene_val'], ivif.tests['roadscene67']
+        near = roadscene_near(validation, tests)
+        notes.append(f'{len(near)} of the {len(validation)} roadscene_val pairs lie within '
+                     f'{ROADSCENE_CLIP_GAP} frames of one of the {len(tests)} roadscene67 test '
+                     'pairs'
                      + (f' ({", ".join(near)}): choices made on roadscene_val may have seen '
                         'scenes of that test set' if near else '') + '.')
     if args.folder:
@@ -679,7 +686,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
         skipped=skipped + skipped_methods, grid=grid,
         notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
                        for c in configs]
-        + data_notes(args, datasets, splits)
+        + data_notes(args, datasets)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
     for path in (args.out, args.pairs_csv):
         path.parent.mkdir(parents=True, exist_ok=True)
