@@ -204,6 +204,11 @@ def guess_role(topic: str, encoding: str) -> str:
     return ''
 
 
+def _camera(topic: ImageTopic) -> str:
+    """The camera's topic: a /compressed twin's without that suffix."""
+    return topic.topic.removesuffix('/compressed') if topic.compressed else topic.topic
+
+
 def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | None = None,
                 visible: str | None = None, values: dict | None = None
                 ) -> tuple[ImageTopic, ImageTopic]:
@@ -211,7 +216,7 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
 
     Where a camera was recorded both raw and as /compressed, the one in the transport the node's
     parameters ``values`` subscribe to (``thermal.transport``, ``visible.transport``; raw without
-    them) is taken, so that a replay pairs what the live node paired.
+    them) is taken, so that a replay pairs what the live node paired; two cameras are an error.
     """
     found = '; '.join(t.describe() for t in topics) or 'none'
     chosen = {}
@@ -227,9 +232,14 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
             continue
         taken = {t.topic for t in chosen.values()}
         candidates = [t for t in topics if t.role == role and t.topic not in taken]
-        compressed = (values or {}).get(f'{role}.transport') == 'compressed'
-        preferred = [t for t in candidates if t.compressed == compressed]
-        candidates = preferred if len(preferred) == 1 else candidates
+        cameras = {_camera(t) for t in candidates}
+        if len(cameras) == 1:  # one camera, perhaps recorded both raw and as /compressed
+            camera = cameras.pop()
+            wanted = (f'{camera}/compressed' if (values or {}).get(f'{role}.transport')
+                      == 'compressed' else camera)
+            # Its twin may lack the encoding that gives a role ('jpeg' alone): found by name.
+            candidates = ([t for t in topics if t.topic == wanted and t.topic not in taken]
+                          or candidates[:1])
         if len(candidates) != 1:
             problem = 'several topics could be' if candidates else 'no topic looks like'
             raise BagError(f'{path}: {problem} the {role} camera; image topics in the bag: '
@@ -273,18 +283,26 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
             check_output(path, overwrite)
             path.rename(staging / 'replaced')  # removed with the staging directory
         (staging / path.name).rename(path)
-        sync_to_disk(path.parent)  # the rename itself
+        with contextlib.suppress(OSError):  # the bag is in place; some file systems refuse this
+            sync_to_disk(path.parent)  # the rename itself
     finally:
-        # Interrupted between the two renames: the bag it was to replace goes back.
-        if (staging / 'replaced').exists() and not path.exists():
-            (staging / 'replaced').rename(path)
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging, path)
+
+
+def remove_staging(staging: pathlib.Path, path: pathlib.Path) -> None:
+    """Remove a staging directory of create_bag for `path`; an attempt stopped between moving
+    the bag it replaces aside and renaming the new one in (an exception, or a kill: swept
+    later) leaves that bag in it, which goes back to `path`."""
+    if (staging / 'replaced').is_dir() and not path.exists():
+        (staging / 'replaced').rename(path)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def staging_dirs(path: pathlib.Path) -> list[pathlib.Path]:
     """The staging directories that create_bag left beside `path` (a dead attempt's), and not
-    those of another bag whose name begins with this one's ('x' and 'x.1')."""
-    own = re.compile(rf'\.{re.escape(path.name)}\.[0-9a-f]{{{2 * STAGING_HEX_BYTES}}}\.partial')
+    those of another bag whose name begins with this one's ('x' and 'x.1'). Eight characters of
+    tempfile's alphabet also match the names of releases before the hex ones."""
+    own = re.compile(rf'\.{re.escape(path.name)}\.[0-9a-z_]{{{2 * STAGING_HEX_BYTES}}}\.partial')
     return [found for found in path.parent.glob(f'.{glob.escape(path.name)}.*.partial')
             if own.fullmatch(found.name)]
 

@@ -144,6 +144,16 @@ def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
     values = {**settings.defaults(), 'visible.transport': 'compressed'}
     thermal, visible = bagio.pick_topics(topics, path, values=values)
     assert (thermal.topic, visible.topic) == ('/lwir/image', '/front/image/compressed')
+    # ... also where its format names no source encoding, so that it looks like no camera.
+    roleless = [bagio.ImageTopic(t.topic, t.msgtype, t.count, '', '') if t.compressed else t
+                for t in topics]
+    assert bagio.pick_topics(roleless, path, values=values)[1].topic == '/front/image/compressed'
+    # A compressed topic of another camera is not a twin: two cameras, whatever the transport.
+    rear = bagio.ImageTopic('/rear/image/compressed', COMPRESSED, 1, 'rgb8', 'visible')
+    for chosen in (values, None):
+        with pytest.raises(bagio.BagError, match='several topics could be the visible camera'):
+            bagio.pick_topics([t for t in topics if not t.compressed] + [rear], path,
+                              values=chosen)
     with pytest.raises(bagio.BagError, match='no topic looks like the thermal camera'):
         bagio.pick_topics([t for t in topics if t.topic != '/lwir/image'], path)
 

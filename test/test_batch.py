@@ -1,5 +1,6 @@
 """s4fusion-batch on a local Ray: the same bags as s4fusion-bag, segments, faults, resume."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -174,6 +175,38 @@ def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_fi
         assert read_bag(out / rel) == messages, rel
 
 
+def test_a_gpu_worker_killed_for_good_takes_no_more_bags(local_ray, ivif_dir, params_file,
+                                                         tmp_path):
+    # One GPU worker, no retries: killed while it fuses, the bag it had fails, and so do the
+    # bags queued for it, with that reason (before, each was sent to the dead worker).
+    inputs = tmp_path / 'fleet'
+    for name in ('a', 'b', 'c'):
+        write_bag(inputs / name, camera_messages(ivif_dir, 4.0), 'mcap')
+    killed = threading.Event()
+
+    def kill_the_fusing_worker():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for cmdline in pathlib.Path('/proc').glob('[0-9]*/cmdline'):
+                with contextlib.suppress(OSError):
+                    if cmdline.read_bytes().startswith(b'ray::_GpuWorker.fuse'):
+                        os.kill(int(cmdline.parent.name), signal.SIGKILL)
+                        killed.set()
+                        return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_fusing_worker)
+    killer.start()
+    report = fuse_bags([inputs], tmp_path / 'out', params=params_file, gpus_per_worker=1,
+                       device='cpu', max_retries=0, progress=False)
+    killer.join()
+    assert killed.is_set()
+    errors = [bag.error for bag in report.bags if bag.status == 'failed']
+    assert sum(error.startswith('ActorDiedError') for error in errors) == 1, errors
+    assert sum('no GPU worker left' in error for error in errors) >= 1, errors
+    assert len(errors) == 1 + sum('no GPU worker left' in error for error in errors), errors
+
+
 def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tmp_path):
     source, expected = long_bag
     seen = []
@@ -231,8 +264,8 @@ def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, t
     assert units['packed'][0].output == tmp_path / 'out' / 'packed'
 
 
-def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(ivif_dir, params_file,
-                                                                  tmp_path):
+def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(local_ray, ivif_dir,
+                                                                  params_file, tmp_path):
     # A second colour camera: detection cannot choose, and says so; named topics go to the units.
     plain = write_bag(tmp_path / 'plain', camera_messages(ivif_dir, 1.0), 'mcap')
     two = tmp_path / 'two'
@@ -251,9 +284,10 @@ def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(ivif_dir, para
         work.plan_bag(job, values, 0, False)
     (unit,) = work.plan_bag(job, values, 0, False, (None, '/rear/color/image_raw'))
     assert unit.topics == (THERMAL_TOPIC, '/rear/color/image_raw')
-    args = batch_tool.parse_args([str(two), str(tmp_path / 'out'), '--visible-topic',
-                                  '/rear/color/image_raw'])
-    assert (args.thermal_topic, args.visible_topic) == (None, '/rear/color/image_raw')
+    command = [str(two), str(tmp_path / 'out'), '--params', str(params_file)]
+    assert batch_tool.main(command) == 1
+    assert batch_tool.main(command + ['--visible-topic', '/rear/color/image_raw']) == 0
+    assert read_bag(tmp_path / 'out' / 'two')['/s4fusion_node/fused']
 
 
 def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path):
@@ -344,6 +378,23 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     (source / 'a.mcap').write_bytes(b'garbage')
     assert batch_tool.main(command + ['--overwrite']) == 1  # a bag failed: exit status 1
     assert 'FAILED' in capsys.readouterr().err and (out / 'a').exists()
+
+
+def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_one(ivif_dir,
+                                                                                   tmp_path):
+    source = write_bag(tmp_path / 'in' / 'x', camera_messages(ivif_dir, 0.5), 'mcap')
+    out = tmp_path / 'out'
+    # An overwrite of x killed between its renames: its old bag waits in the staging directory.
+    killed = out / '.x.0123abcd.partial'
+    shutil.copytree(source, killed / 'replaced')
+    legacy = out / '.x.k3_9zq1w.partial'  # an earlier release's tempfile name
+    legacy.mkdir()
+    neighbour = out / '.x.1.89abcdef.partial'  # bag x.1, being written beside it
+    (neighbour / 'x.1').mkdir(parents=True)
+    swept = work.sweep_partials(work.BagJob(source, out / 'x'))
+    assert sorted(swept) == sorted([killed, legacy])
+    assert not killed.exists() and not legacy.exists() and neighbour.is_dir()
+    assert read_bag(out / 'x') == read_bag(source)
 
 
 def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif_dir,

@@ -551,7 +551,7 @@ class _Runner:
             result = {'label': unit.label if unit else report.input,
                       'index': unit.index if unit else -1,
                       'error': f'{type(cause).__name__}: {cause}'.splitlines()[0]}
-            if isinstance(error, self.ray.exceptions.RayActorError):
+            if isinstance(error, self.ray.exceptions.ActorDiedError):
                 self._retire(actor)  # dead, its restarts spent: it takes no more units
                 actor = None
         if actor is not None:

@@ -26,7 +26,7 @@ import time
 
 from .. import settings
 from ..bagio import (WRITE_ERRORS, BagError, add_image_topic, create_bag, image_topics, open_bag,
-                     output_qos_of, pick_topics, staging_dirs, storage_of)
+                     output_qos_of, pick_topics, remove_staging, staging_dirs, storage_of)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import model_from_params
@@ -245,16 +245,19 @@ def part_result(unit: Unit) -> dict | None:
 
 
 def sweep_partials(job: BagJob) -> list[pathlib.Path]:
-    """Remove the staging directories that dead attempts left for this bag and its parts."""
+    """Remove the staging directories that dead attempts left for this bag and its parts (an
+    overwrite killed between its renames gets its old bag back)."""
     stale = staging_dirs(job.output)
+    for staging in stale:
+        remove_staging(staging, job.output)
     if job.staging.is_dir():
-        stale += job.staging.glob('.part-*.partial')
-        stale += job.staging.glob('.*.tmp')
-    for path in stale:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        parts = [*job.staging.glob('.part-*.partial'), *job.staging.glob('.*.tmp')]
+        for path in parts:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        stale += parts
     return stale
 
 
