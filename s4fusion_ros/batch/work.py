@@ -289,8 +289,12 @@ def run_unit(unit: Unit, progress=None) -> dict:
     """Fuse one unit into its output bag (atomically) and return its counts.
 
     A bag that cannot be read is a result with an `error`, not an exception: it is not worth a
-    retry. A warm-up that found too few pairs (a gap in the recording) is doubled and rerun.
+    retry. A warm-up that found too few pairs (a gap in the recording) is doubled and rerun. A
+    part that an earlier attempt finished (Ray retries a task whose node was lost before its
+    result arrived) returns that attempt's counts: planning removed every part of other runs.
     """
+    if unit.count > 1 and (finished := part_result(unit)) is not None:
+        return finished
     started = time.monotonic()
     result = {'label': unit.label, 'index': unit.index, 'node': socket.gethostname(),
               'ip': _node_ip(), 'error': ''}
