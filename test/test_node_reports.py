@@ -85,6 +85,34 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
     assert 'normalisation.mode, sync.slopp' in log, log
 
 
+def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_context):
+    # ROS 2's qos_overrides parameters (read at start) change one topic; qos.* set the rest.
+    from rclpy.qos import ReliabilityPolicy
+    probe = Probe('qos_override_probe')
+    overrides = {'/thermal/image_raw': {'subscription': {'reliability': 'best_effort'}},
+                 '/s4fusion_node/fused': {'publisher': {'reliability': 'best_effort'}}}
+    with running_node({**PARAMS, 'qos_overrides': overrides}) as proc:
+        probe.wait_for_node(proc)
+
+        def endpoints():
+            thermal = probe.get_subscriptions_info_by_topic('/thermal/image_raw')
+            visible = probe.get_subscriptions_info_by_topic('/visible/image_raw')
+            outputs = [probe.get_publishers_info_by_topic(f'/s4fusion_node/{name}')
+                       for name in ('fused', 'saliency')]
+            found = [thermal, visible, *outputs]
+            return all(found) and [endpoint[0] for endpoint in found]
+
+        assert probe.spin_until(endpoints, 30), node_log(proc)
+        thermal, visible, fused, saliency = endpoints()
+        log = node_log(proc)
+    probe.destroy_node()
+    assert thermal.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
+    assert visible.qos_profile.reliability == ReliabilityPolicy.RELIABLE  # qos.input.reliability
+    assert fused.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
+    assert saliency.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+    assert 'ignoring unknown parameters' not in log, log
+
+
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):
     probe = Probe('output_qos_probe')  # subscribes to both outputs reliable
     with running_node({**PARAMS, 'qos.output.reliability': 'best_effort'}) as proc:

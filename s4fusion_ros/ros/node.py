@@ -19,6 +19,7 @@ from rclpy.duration import Duration
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.qos import QoSPolicyKind, QoSProfile
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
@@ -40,6 +41,9 @@ PLAUSIBLE_LATENCY_S = (-1.0, 60.0)
 # Numbers and quoted names (sizes, encodings) vary within one kind of fault: a bad-message log
 # line is rate-limited per topic and kind, so a flood of one fault cannot hide a different one.
 _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
+# The standard qos_overrides.<topic>.<publisher|subscription>.<history|depth|reliability> start-up
+# parameters of the image topics, applied over the profiles of the qos.* parameters.
+QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
 _LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
 
 
@@ -55,7 +59,6 @@ class S4FusionNode(Node):
             self.declare_parameter(name, spec.default, parameters.descriptor(name, spec))
         self.add_post_set_parameters_callback(self._apply_parameters)
         p = self._values()
-        self._report_unknown_parameters()
         # Checked before the model loads (seconds), so a missing package fails at once.
         self.message_filters = _import_message_filters(p)
         self.approximate_sync = None  # message_filters' synchronizer, with that backend
@@ -87,24 +90,26 @@ class S4FusionNode(Node):
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
-        output_qos = parameters.qos_profile(p['qos.output.reliability'], p['qos.output.depth'])
         self.fused_pub, self.saliency_pub = (
-            self.create_publisher(Image, f'~/{name}', output_qos, event_callbacks=(
-                PublisherEventCallbacks(incompatible_qos=lambda info, name=name:
-                                        self._on_incompatible_qos(f'{name}_pub', info))))
+            self.create_publisher(
+                Image, f'~/{name}', _qos(p, 'output'), qos_overriding_options=QOS_OVERRIDES,
+                event_callbacks=PublisherEventCallbacks(
+                    incompatible_qos=lambda info, name=name:
+                    self._on_incompatible_qos(f'{name}_pub', info)))
             for name in ('fused', 'saliency'))
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        input_qos = parameters.qos_profile(p['qos.input.reliability'], p['qos.input.depth'])
         # Timers on the steady clock: on sim time they would stop with /clock (a paused or
         # ended bag), leaving the last thermal frame unfused and no diagnostics published.
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         if self.message_filters is None:
-            self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], input_qos)
-            self.visible_sub = self._subscribe('visible', p['visible.transport'], input_qos)
+            self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], _qos(p, 'input'))
+            self.visible_sub = self._subscribe('visible', p['visible.transport'], _qos(p, 'input'))
             self.create_timer(0.05, self._expire_pending, clock=steady)
         else:
-            self._subscribe_message_filters(p, input_qos)
+            self._subscribe_message_filters(p)
         self.create_timer(p['diagnostics.period'], self._publish_diagnostics, clock=steady)
+        # After the topics: creating them declares the qos_overrides.* parameters they read.
+        self._report_unknown_parameters()
         self.get_logger().info(
             f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
             f'{self.fused_pub.topic_name}, {self.saliency_pub.topic_name} with {self.loaded.name} '
@@ -149,19 +154,20 @@ class S4FusionNode(Node):
         def on_message(msg, r=role):
             self._on_image(r, msg)
         return self.create_subscription(*_input_topic(role, transport), on_message, qos,
-                                        event_callbacks=self._input_events(role))
+                                        event_callbacks=self._input_events(role),
+                                        qos_overriding_options=QOS_OVERRIDES)
 
     def _input_events(self, role: str) -> SubscriptionEventCallbacks:
         return SubscriptionEventCallbacks(
             incompatible_qos=lambda info, r=role: self._on_incompatible_qos(f'{r}_sub', info))
 
-    def _subscribe_message_filters(self, p: dict, qos: QoSProfile) -> None:
+    def _subscribe_message_filters(self, p: dict) -> None:
         """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
         filters = []
         for role in ('thermal', 'visible'):
             subscriber = self.message_filters.Subscriber(
-                self, *_input_topic(role, p[f'{role}.transport']), qos_profile=qos,
-                event_callbacks=self._input_events(role))
+                self, *_input_topic(role, p[f'{role}.transport']), qos_profile=_qos(p, 'input'),
+                event_callbacks=self._input_events(role), qos_overriding_options=QOS_OVERRIDES)
             subscriber.registerCallback(lambda msg, r=role: self._rate(r).tick())
             setattr(self, f'{role}_sub', subscriber)
             filters.append(subscriber)
@@ -381,6 +387,13 @@ class S4FusionNode(Node):
         if self.worker is not None:
             self.worker.stop()
         super().destroy_node()
+
+
+def _qos(values: dict, direction: str) -> QoSProfile:
+    """The profile of the qos.<direction>.* parameters ('input' or 'output'), new for each topic:
+    rclpy applies a topic's qos_overrides to the very profile it is given."""
+    return parameters.qos_profile(values[f'qos.{direction}.reliability'],
+                                  values[f'qos.{direction}.depth'])
 
 
 # What an incompatible-QoS peer means for an input and an output, and the usual fix where the
