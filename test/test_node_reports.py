@@ -91,6 +91,8 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
     probe = Probe('qos_override_probe')
     overrides = {'/thermal/image_raw': {'subscription': {'reliability': 'best_effort'}},
                  '/s4fusion_node/fused': {'publisher': {'reliability': 'best_effort'}}}
+    # And one for a topic the node does not have, a typo it reports.
+    overrides['/thermal/image'] = {'subscription': {'reliability': 'best_effort'}}
     with running_node({**PARAMS, 'qos_overrides': overrides}) as proc:
         probe.wait_for_node(proc)
 
@@ -110,7 +112,8 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
     assert visible.qos_profile.reliability == ReliabilityPolicy.RELIABLE  # qos.input.reliability
     assert fused.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
     assert saliency.qos_profile.reliability == ReliabilityPolicy.RELIABLE
-    assert 'ignoring unknown parameters' not in log, log
+    assert ('ignoring unknown parameters (this node does not declare them): '
+            'qos_overrides./thermal/image.subscription.reliability;') in log, log
 
 
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):

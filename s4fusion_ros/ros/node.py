@@ -44,6 +44,7 @@ _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
 # The standard qos_overrides.<topic>.<publisher|subscription>.<history|depth|reliability> start-up
 # parameters of the image topics, applied over the profiles of the qos.* parameters.
 QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
+QOS_OVERRIDES_PREFIX = 'qos_overrides.'
 _LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
 
 
@@ -59,6 +60,7 @@ class S4FusionNode(Node):
             self.declare_parameter(name, spec.default, parameters.descriptor(name, spec))
         self.add_post_set_parameters_callback(self._apply_parameters)
         p = self._values()
+        self._report_unknown_parameters(qos_overrides=False)
         # Checked before the model loads (seconds), so a missing package fails at once.
         self.message_filters = _import_message_filters(p)
         self.approximate_sync = None  # message_filters' synchronizer, with that backend
@@ -108,8 +110,9 @@ class S4FusionNode(Node):
         else:
             self._subscribe_message_filters(p)
         self.create_timer(p['diagnostics.period'], self._publish_diagnostics, clock=steady)
-        # After the topics: creating them declares the qos_overrides.* parameters they read.
-        self._report_unknown_parameters()
+        # Creating the topics declared the qos_overrides.* parameters they read: one left
+        # undeclared names a topic this node does not have.
+        self._report_unknown_parameters(qos_overrides=True)
         self.get_logger().info(
             f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
             f'{self.fused_pub.topic_name}, {self.saliency_pub.topic_name} with {self.loaded.name} '
@@ -121,10 +124,13 @@ class S4FusionNode(Node):
         return {name: value.value for name, value in self._parameters.items()
                 if name in settings.SPECS}
 
-    def _report_unknown_parameters(self) -> None:
+    def _report_unknown_parameters(self, qos_overrides: bool) -> None:
+        """Warn of start-up values no parameter took: those of qos_overrides.* (declared as the
+        topics are created) or all others (checked before the slow model load)."""
         # rclpy keeps start-up values (-p, --params-file) of names nobody declared in
         # _parameter_overrides and ignores them; a typo there would silently change nothing.
-        unknown = sorted(set(self._parameter_overrides) - set(self._parameters))
+        unknown = sorted(name for name in set(self._parameter_overrides) - set(self._parameters)
+                         if name.startswith(QOS_OVERRIDES_PREFIX) == qos_overrides)
         if unknown:
             self.get_logger().warning(
                 f"ignoring unknown parameters (this node does not declare them): "
