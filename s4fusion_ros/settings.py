@@ -173,6 +173,30 @@ def check_update(current: dict, updates: dict) -> str:
     return reason
 
 
+# ROS 2's qos_overrides.<topic>.<publisher|subscription>.<policy> values the node takes (the
+# policies QoSOverridingOptions.with_default_policies covers; depth as the qos.*.depth range).
+QOS_OVERRIDE_CHOICES = {'history': ('keep_last', 'keep_all', 'system_default'),
+                        'reliability': ('reliable', 'best_effort', 'system_default')}
+
+
+def check_qos_overrides(values: dict) -> str:
+    """Why start-up values of qos_overrides.* cannot be used ('' if they can): checked before
+    the model loads, where rclpy would refuse them only as the topic is made, without naming
+    it, and would take any depth."""
+    low, high = SPECS['qos.input.depth'].range
+    for name, value in sorted(values.items()):
+        if not name.startswith('qos_overrides.'):
+            continue
+        policy = name.rsplit('.', 1)[-1]
+        if policy == 'depth':
+            if type(value) is not int or not low <= value <= high:
+                return f'{name} must be an integer from {low} to {high}, not {value!r}'
+        elif policy in QOS_OVERRIDE_CHOICES and value not in QOS_OVERRIDE_CHOICES[policy]:
+            return (f"{name} must be one of {', '.join(QOS_OVERRIDE_CHOICES[policy])}, "
+                    f'not {value!r}')
+    return ''
+
+
 def check_types(values: dict) -> str:
     """Check the types rclpy enforces from the descriptors, for the offline tools.
 
@@ -204,13 +228,14 @@ def load_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
     """
     path = pathlib.Path(path)
     values = defaults()
-    for name, value in read_params_file(path, node_name).items():
+    given = read_params_file(path, node_name)
+    for name, value in given.items():
         if name.startswith(ROS_KEYS):
             continue
         if name not in SPECS:
             raise SettingsError(f"{path}: unknown parameter '{name}'")
         values[name] = value
-    reason = check_types(values) or check_update({}, values)
+    reason = check_types(values) or check_update({}, values) or check_qos_overrides(given)
     if reason:
         raise SettingsError(f'{path}: {reason}')
     return values

@@ -87,3 +87,16 @@ def test_the_demo_plays_a_bag_too_fast_for_the_model_at_its_slowest_rate():
     rate, model_s, period_s = sustainable_rate(bag, thermal, visible, values,
                                                span_s=thermal.count * 1e-6)
     assert rate == MIN_RATE and model_s > 1000 * period_s
+
+
+def test_the_demo_refuses_qos_overrides_of_the_outputs_it_records(tmp_path):
+    # Its recorder subscribes with qos.output.*: an override would leave it hearing nothing.
+    params = tmp_path / 'params.yaml'
+    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {'qos_overrides': {
+        '/s4fusion_node/fused': {'publisher': {'reliability': 'best_effort'}}}}}}))
+    done = subprocess.run([str(DEMO), '--output-dir', str(tmp_path / 'demo'), '--params',
+                           str(params)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert ('the demo records the outputs with qos.output.*; set those instead of '
+            'qos_overrides./s4fusion_node/fused.publisher.reliability') in done.stderr
+    assert 'Traceback' not in done.stderr

@@ -83,6 +83,8 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
     probe.destroy_node()
     assert 'ignoring unknown parameters' in log, log
     assert 'normalisation.mode, sync.slopp' in log, log
+    # Reported before the model loads (seconds), not after it.
+    assert log.index('normalisation.mode, sync.slopp') < log.index('loading the model'), log
 
 
 def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_context):
@@ -106,7 +108,7 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
 
         assert probe.spin_until(endpoints, 30), node_log(proc)
         thermal, visible, fused, saliency = endpoints()
-        log = node_log(proc)
+        log = wait_for_log(proc, 'qos_overrides./thermal/image.subscription.reliability;')
     probe.destroy_node()
     assert thermal.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
     assert visible.qos_profile.reliability == ReliabilityPolicy.RELIABLE  # qos.input.reliability
@@ -114,6 +116,8 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
     assert saliency.qos_profile.reliability == ReliabilityPolicy.RELIABLE
     assert ('ignoring unknown parameters (this node does not declare them): '
             'qos_overrides./thermal/image.subscription.reliability;') in log, log
+    # Reported once, and the overrides the topics took are no parameter update.
+    assert log.count('ignoring unknown parameters') == 1 and 'parameters updated' not in log, log
 
 
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):

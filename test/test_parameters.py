@@ -103,6 +103,17 @@ s4fusion_node:
     sync:
       slop: 1
 """, 's4fusion_node', 'sync.slop: expected double'),  # rclpy refuses it too
+    'a qos override the offline tools skip, and one of a bad value': ("""
+/**:
+  ros__parameters:
+    qos_overrides:
+      /thermal/image_raw:
+        subscription:
+          reliability: best_effort
+      /s4fusion_node/fused:
+        publisher:
+          history: keep_most
+""", 's4fusion_node', "qos_overrides./s4fusion_node/fused.publisher.history must be one of"),
 }
 
 
@@ -251,6 +262,11 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
     ({'model.preset': 'authors', 'model.weights': str(REPO / 's4fusion_ros' / 'weights' /
                                                       's4fusion_compact.safetensors')},
      'holds the compact network, but the preset asked for is authors'),
+    ({'qos_overrides': {'/thermal/image_raw': {'subscription': {'reliability': 'besteffort'}}}},
+     "qos_overrides./thermal/image_raw.subscription.reliability must be one of reliable, "
+     "best_effort, system_default, not 'besteffort'"),
+    ({'qos_overrides': {'/s4fusion_node/fused': {'publisher': {'depth': 0}}}},
+     'qos_overrides./s4fusion_node/fused.publisher.depth must be an integer from 1 to 1000'),
 ])
 def test_bad_start_up_values_stop_the_node_with_a_clear_message(params, message, tmp_path):
     from ros_harness import NODE_EXECUTABLE, write_params

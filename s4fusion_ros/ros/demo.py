@@ -237,6 +237,15 @@ def run(args: argparse.Namespace) -> str:
     for stale in [*out_dir.glob('preview_*.png'), out_dir / VIDEO]:  # from an earlier run
         stale.unlink(missing_ok=True)
     values = settings.load_params_file(args.params) if args.params else settings.defaults()
+    if args.params:
+        # The demo records the outputs with the QoS of qos.output.*: a reliable recorder would
+        # hear nothing from an output made best_effort by its own override.
+        overridden = sorted(name for name in settings.read_params_file(args.params)
+                            if name.startswith('qos_overrides.') and '.publisher.' in name)
+        if overridden:
+            raise settings.SettingsError(
+                f'{args.params}: the demo records the outputs with qos.output.*; set those '
+                f'instead of {", ".join(overridden)}')
     with open_bag(bag) as reader:
         thermal, visible = pick_topics(image_topics(reader, bag), bag, values=values)
         end_ns, span_s = reader.end_time, (reader.end_time - reader.start_time) / 1e9

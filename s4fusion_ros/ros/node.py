@@ -61,6 +61,10 @@ class S4FusionNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
         p = self._values()
         self._report_unknown_parameters(qos_overrides=False)
+        reason = settings.check_qos_overrides({name: parameter.value for name, parameter
+                                               in self._parameter_overrides.items()})
+        if reason:
+            raise settings.SettingsError(reason)
         # Checked before the model loads (seconds), so a missing package fails at once.
         self.message_filters = _import_message_filters(p)
         self.approximate_sync = None  # message_filters' synchronizer, with that backend
@@ -140,7 +144,9 @@ class S4FusionNode(Node):
         return parameters.validate_update(self._values(), {p.name: p.value for p in params})
 
     def _apply_parameters(self, params) -> None:
-        if not hasattr(self, 'engine'):
+        # Only this node's own: rclpy declares each topic's qos_overrides.* as it is made.
+        params = [param for param in params if param.name in settings.SPECS]
+        if not hasattr(self, 'engine') or not params:
             return  # start-up: the constructor builds everything from the declared values
         names = {p.name for p in params}
         values = self._values()
