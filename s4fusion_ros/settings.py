@@ -29,7 +29,9 @@ SALIENCY_ENCODINGS = ('mono8', '32FC1')
 SYNC_BACKENDS = ('own', 'message_filters')
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 # Keys a parameter file may hold for any node (rclpy handles them); the offline tool ignores them.
-ROS_KEYS = ('use_sim_time', 'qos_overrides.', 'start_type_description_service')
+# ROS 2's per-topic qos_overrides.<topic>.<publisher|subscription>.<policy> start-up parameters.
+QOS_OVERRIDES_PREFIX = 'qos_overrides.'
+ROS_KEYS = ('use_sim_time', QOS_OVERRIDES_PREFIX, 'start_type_description_service')
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ def check_qos_overrides(values: dict) -> str:
     it, and would take any depth."""
     low, high = SPECS['qos.input.depth'].range
     for name, value in sorted(values.items()):
-        if not name.startswith('qos_overrides.'):
+        if not name.startswith(QOS_OVERRIDES_PREFIX):
             continue
         policy = name.rsplit('.', 1)[-1]
         if policy == 'depth':

@@ -212,11 +212,10 @@ def _units(dataset: DatasetScores) -> tuple[int, np.ndarray]:
     return len(units), unit_of_pair
 
 
-def _resamples(dataset: DatasetScores) -> np.ndarray | None:
-    """(BOOTSTRAP_RESAMPLES, pairs) how often each pair is in each resample of the units (pairs,
-    or whole clips: a cluster bootstrap), the same for every comparison of a dataset; None with
-    fewer than BOOTSTRAP_MIN_UNITS units, too few for an interval."""
-    count, unit_of_pair = _units(dataset)
+def _resamples(count: int, unit_of_pair: np.ndarray) -> np.ndarray | None:
+    """(BOOTSTRAP_RESAMPLES, pairs) how often each pair is in each resample of the `count` units
+    (``_units``: pairs, or whole clips, a cluster bootstrap), the same for every comparison of a
+    dataset; None with fewer than BOOTSTRAP_MIN_UNITS units, too few for an interval."""
     if count < BOOTSTRAP_MIN_UNITS:
         return None
     draws = np.random.default_rng(BOOTSTRAP_SEED).integers(
@@ -262,8 +261,8 @@ def paired_comparisons(dataset: DatasetScores) -> dict:
     if unpaired:
         raise ValueError(f'{dataset.name}: {", ".join(unpaired)} not scored on each of the '
                          f'{dataset.pairs} pairs; a paired comparison needs every pair')
-    _, unit_of_pair = _units(dataset)
-    resamples = _resamples(dataset)
+    count, unit_of_pair = _units(dataset)
+    resamples = _resamples(count, unit_of_pair)
     others = [m for m in dataset.methods if not m.ours]
     return {ours.name: {rival.name: {
         metric: paired_comparison(ours, rival, metric, unit_of_pair, resamples)

@@ -240,8 +240,9 @@ def run(args: argparse.Namespace) -> str:
     if args.params:
         # The demo records the outputs with the QoS of qos.output.*: a reliable recorder would
         # hear nothing from an output made best_effort by its own override.
-        overridden = sorted(name for name in settings.read_params_file(args.params)
-                            if name.startswith('qos_overrides.') and '.publisher.' in name)
+        overridden = sorted(
+            name for name in settings.read_params_file(args.params)
+            if name.startswith(settings.QOS_OVERRIDES_PREFIX) and '.publisher.' in name)
         if overridden:
             raise settings.SettingsError(
                 f'{args.params}: the demo records the outputs with qos.output.*; set those '

@@ -44,7 +44,6 @@ _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
 # The standard qos_overrides.<topic>.<publisher|subscription>.<history|depth|reliability> start-up
 # parameters of the image topics, applied over the profiles of the qos.* parameters.
 QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
-QOS_OVERRIDES_PREFIX = 'qos_overrides.'
 _LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
 
 
@@ -134,7 +133,7 @@ class S4FusionNode(Node):
         # rclpy keeps start-up values (-p, --params-file) of names nobody declared in
         # _parameter_overrides and ignores them; a typo there would silently change nothing.
         unknown = sorted(name for name in set(self._parameter_overrides) - set(self._parameters)
-                         if name.startswith(QOS_OVERRIDES_PREFIX) == qos_overrides)
+                         if name.startswith(settings.QOS_OVERRIDES_PREFIX) == qos_overrides)
         if unknown:
             self.get_logger().warning(
                 f"ignoring unknown parameters (this node does not declare them): "
