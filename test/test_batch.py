@@ -221,7 +221,7 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
 
     # The warm-up is what makes it so: the last segment started cold differs.
     unit = work.plan_bag(work.BagJob(source, tmp_path / 'cold'),
-                         settings.load_params_file(params_file), round(0.15 * 60e9), False)[3]
+                         settings.load_params_file(params_file), round(0.15 * 60e9))[3]
     cold = bag_tool.Span(unit.span.own_from, unit.span.own_from, None, 0, None)
     with one_torch_thread():
         assert not work.run_unit(unit)['error']
@@ -259,7 +259,7 @@ def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, t
             writer.write(connections[connection.id], log_time, raw)
     values = settings.load_params_file(params_file)
     units = {bag.name: work.plan_bag(work.BagJob(bag, tmp_path / 'out' / bag.name), values,
-                                     10**9, False) for bag in (plain, packed)}
+                                     10**9) for bag in (plain, packed)}
     assert len(units['plain']) == 4 and len(units['packed']) == 1
     assert units['packed'][0].output == tmp_path / 'out' / 'packed'
 
@@ -281,13 +281,19 @@ def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(local_ray, ivi
     values = settings.load_params_file(params_file)
     job = work.BagJob(two, tmp_path / 'out' / 'two')
     with pytest.raises(BagError, match='several topics could be the visible camera'):
-        work.plan_bag(job, values, 0, False)
-    (unit,) = work.plan_bag(job, values, 0, False, (None, '/rear/color/image_raw'))
+        work.plan_bag(job, values, 0)
+    (unit,) = work.plan_bag(job, values, 0, (None, '/rear/color/image_raw'))
     assert unit.topics == (THERMAL_TOPIC, '/rear/color/image_raw')
     command = [str(two), str(tmp_path / 'out'), '--params', str(params_file)]
     assert batch_tool.main(command) == 1
     assert batch_tool.main(command + ['--visible-topic', '/rear/color/image_raw']) == 0
     assert read_bag(tmp_path / 'out' / 'two')['/s4fusion_node/fused']
+    # --resume keeps the finished bag only for the topics it was fused from.
+    for status in ('done', 'skipped'):
+        report = fuse_bags([two], tmp_path / 'out', params=params_file, resume=True,
+                           progress=False, topics=(None, VISIBLE_TOPIC))
+        assert [(b.status, b.topics) for b in report.bags] == [
+            (status, [THERMAL_TOPIC, VISIBLE_TOPIC])], report.bags
 
 
 def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path):
@@ -306,7 +312,7 @@ def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path)
     source = write_bag(tmp_path / 'in' / 'gap', events, 'mcap')
     expected = reference(source, tmp_path / 'reference', params)
     job = work.BagJob(source, tmp_path / 'out' / 'gap')
-    units = work.plan_bag(job, settings.load_params_file(params), 9 * 10**9, False)
+    units = work.plan_bag(job, settings.load_params_file(params), 9 * 10**9)
     assert [u.span.own_from for u in units][1] - START_NS < 10.5e9 - 1.1e9  # the cut in the gap
     work.prepare_staging(job, units, False)
     with one_torch_thread():
@@ -315,8 +321,29 @@ def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path)
         # Ray running a finished part again (its node lost before the result came) gets the
         # part's counts, not an 'exists' error.
         assert work.run_unit(units[1]) == results[1]
-    work.commit(job, units, False)
+    work.commit(job, units)
     assert read_bag(job.output) == expected
+    work.commit(job, units)  # Ray running the commit again: the bag is joined already
+    assert read_bag(job.output) == expected and not job.staging.exists()
+
+
+def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, params_file,
+                                                                   tmp_path):
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
+    job = work.BagJob(source, tmp_path / 'out' / 'a')
+    (unit,) = work.plan_bag(job, settings.load_params_file(params_file), 0)
+    with one_torch_thread():
+        first = work.run_unit(unit)
+        assert not first['error'] and first['fused'] > 0
+        written = (job.output / 'metadata.yaml').stat().st_mtime_ns
+        # Its node lost after the bag got its name: the rerun returns the recorded counts ...
+        assert work.run_unit(unit) == first
+        assert (job.output / 'metadata.yaml').stat().st_mtime_ns == written
+        # ... or, lost between the rename and the record, fuses it again in its place.
+        unit.record.unlink()
+        again = work.run_unit(unit)
+    assert not again['error'] and again['fused'] == first['fused']
+    assert read_bag(job.output) == reference(source, tmp_path / 'reference', params_file)
 
 
 def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):

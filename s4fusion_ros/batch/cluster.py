@@ -54,6 +54,7 @@ class BagReport:
     error: str = ''
     units: int = 1
     nodes: list = dataclasses.field(default_factory=list)  # node IPs that finished its units
+    topics: list = dataclasses.field(default_factory=list)  # the thermal and visible topic fused
 
 
 @dataclasses.dataclass
@@ -229,7 +230,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         previous = _previous_reports(out_dir / MANIFEST, values, jobs, resume, overwrite)
         with connected(address, num_cpus) as ray:
             runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                             resume, overwrite, max_retries, progress, (on_unit, on_progress),
+                             resume, max_retries, progress, (on_unit, on_progress),
                              previous, out_dir / MANIFEST, topics)
             interrupted = False
             try:
@@ -383,14 +384,11 @@ class _Runner:
     """Submits the units, follows them to the end of each bag, commits segmented bags."""
 
     def __init__(self, ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                 resume, overwrite, max_retries, progress, on_unit, previous, manifest, topics):
+                 resume, max_retries, progress, on_unit, previous, manifest, topics):
         self.ray, self.jobs, self.values, self.topics = ray, jobs, values, topics
         self.cpus, self.gpus = cpus_per_task, gpus_per_worker
         self.segment_ns = round(segment_minutes * 60e9)
         self.resume, self.retries = resume, max_retries
-        # On --resume an existing output that the manifest does not list as finished is fused
-        # again: it may come from other parameters (a killed --overwrite run) or a dead attempt.
-        self.replace = overwrite or resume
         (self.on_unit, self.on_progress), self.previous = on_unit, previous
         self.manifest = manifest
         self.reports = [BagReport(str(j.input), str(j.output)) for j in jobs]
@@ -472,18 +470,28 @@ class _Runner:
         report = self.reports[number]
         self.planned.add(number)
         work.sweep_partials(job)
+        try:
+            units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
+        except BagError as error:
+            report.status, report.error = 'failed', str(error)
+            self._line(report)
+            return 0
+        report.topics = list(units[0].topics)
+        # On --resume an existing output that the manifest does not list as finished, from the
+        # topics this run picks, is fused again: it may come from other parameters (a killed
+        # --overwrite run), other topics or a dead attempt. Rows of releases that did not record
+        # the topics are taken at their word.
         earlier = self.previous.get(report.output, {})
-        if self.resume and job.output.exists() and earlier.get('status') in FINISHED:
+        finished = self.resume and job.output.exists() and earlier.get('status') in FINISHED
+        if finished and earlier.get('topics', report.topics) != report.topics:
+            tqdm.write(f"s4fusion-batch: fusing {report.input} again: {report.output} was fused "
+                       f"from {' and '.join(earlier['topics'])}, this run picks "
+                       f"{' and '.join(report.topics)}", file=sys.stderr)
+        elif finished:
             shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
             for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes'):
                 setattr(report, name, earlier.get(name, getattr(report, name)))
             report.status = 'skipped'
-            self._line(report)
-            return 0
-        try:
-            units = work.plan_bag(job, self.values, self.segment_ns, self.replace, self.topics)
-        except BagError as error:
-            report.status, report.error = 'failed', str(error)
             self._line(report)
             return 0
         report.units = len(units)
@@ -495,7 +503,7 @@ class _Runner:
             todo = work.prepare_staging(job, units, self.resume)
             for unit in units:
                 if unit not in todo:
-                    self._count(report, work.part_result(unit))
+                    self._count(report, work.unit_result(unit))
         self.left[number] = set(unit.index for unit in todo)
         for unit in todo:
             self._submit(number, unit)
@@ -537,7 +545,7 @@ class _Runner:
 
     def _commit(self, number: int) -> None:
         job = self.jobs[number]
-        ref = self.commit_task.remote(job, self.units[number], self.replace)
+        ref = self.commit_task.remote(job, self.units[number])
         self.pending[ref] = (number, None, None)
 
     def _finished(self, ref) -> None:
@@ -592,6 +600,7 @@ class _Runner:
         else:
             report.status = 'done'
             work.sweep_partials(self.jobs[number])  # what attempts lost with a node left
+            shutil.rmtree(self.jobs[number].staging, ignore_errors=True)  # a whole bag's counts
         self._line(report)
 
     def _line(self, report: BagReport) -> None:

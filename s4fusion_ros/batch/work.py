@@ -8,10 +8,17 @@ parameter values (rosbags readers, writers and type stores do not pickle once op
 Output layout, for an input bag whose path relative to its input folder is REL:
 
 - ``OUT_DIR/REL``: the fused bag, renamed into place only when complete (bagio.create_bag);
-- ``OUT_DIR/.REL.s4batch/``: while a segmented bag is in progress, its plan (plan.json) and its
-  finished parts (part-NNNNN bags, each with part-NNNNN.json holding its counts);
+- ``OUT_DIR/.REL.s4batch/``: while a bag is in progress, the counts of a finished unsegmented
+  bag (result.json), or a segmented bag's plan (plan.json) and finished parts (part-NNNNN bags,
+  each with part-NNNNN.json holding its counts);
 - ``.NAME.XXXXXXXX.partial`` beside either: the staging directory of a bag being written
   (bagio.create_bag); one left behind belongs to a dead attempt and is swept when a run starts.
+
+Ray runs a task again when its node is lost before the result arrives, possibly after the task
+finished: a unit whose counts are recorded returns them, and every bag a run writes replaces what
+it finds under its name. That is safe because nothing there is anyone else's: a run starts only
+when its outputs do not exist or it was told to replace them (--resume, --overwrite), holds its
+output folder alone, and empties a bag's staging folder when it plans the bag.
 """
 
 import contextlib
@@ -88,8 +95,14 @@ class BagJob:
 
     @property
     def staging(self) -> pathlib.Path:
-        """Where a segmented bag's plan and finished parts live until the commit."""
-        return self.output.parent / f'.{self.output.name}{STAGING_SUFFIX}'
+        """Where a bag's counts, or a segmented bag's plan and finished parts, live until it is
+        done."""
+        return staging_of(self.output)
+
+
+def staging_of(output: pathlib.Path) -> pathlib.Path:
+    """The staging folder of the bag written to `output`."""
+    return output.parent / f'.{output.name}{STAGING_SUFFIX}'
 
 
 def is_bag(path: pathlib.Path) -> bool:
@@ -161,15 +174,22 @@ class Unit:
     index: int
     count: int  # units of the bag
     warm_pairs: int
-    overwrite: bool = False
 
     @property
     def label(self) -> str:
         """The bag, and the segment when there are several."""
         return str(self.input) + (f' [{self.index + 1}/{self.count}]' if self.count > 1 else '')
 
+    @property
+    def record(self) -> pathlib.Path:
+        """Where the counts of the finished unit are kept: beside a part, in the staging folder
+        of a whole bag."""
+        if self.count > 1:
+            return self.output.with_suffix('.json')
+        return staging_of(self.output) / 'result.json'
 
-def plan_bag(job: BagJob, values: dict, segment_ns: int, overwrite: bool,
+
+def plan_bag(job: BagJob, values: dict, segment_ns: int,
              topics: tuple = (None, None)) -> list[Unit]:
     """Open the bag, choose its topics (``topics``: (thermal, visible), None to detect) and cut
     it into units; BagError if it cannot be read."""
@@ -183,7 +203,7 @@ def plan_bag(job: BagJob, values: dict, segment_ns: int, overwrite: bool,
         segmented = segment_ns > 0 and reader.compression_mode != 'file'
     count = max(1, math.ceil((end - start) / segment_ns)) if segmented else 1
     base = dict(input=job.input, storage=storage, topics=(thermal.topic, visible.topic),
-                values=values, count=count, overwrite=overwrite)
+                values=values, count=count)
     if count == 1:
         return [Unit(output=job.output, span=Span(), index=0, warm_pairs=0, **base)]
     warm = warm_up(values)
@@ -229,19 +249,18 @@ def prepare_staging(job: BagJob, units: list[Unit], resume: bool) -> list[Unit]:
     plan = job.staging / 'plan.json'
     fingerprint = plan_fingerprint(units)
     if resume and plan.is_file() and json.loads(plan.read_text()) == fingerprint:
-        return [unit for unit in units if part_result(unit) is None]
+        return [unit for unit in units if unit_result(unit) is None]
     shutil.rmtree(job.staging, ignore_errors=True)
     job.staging.mkdir(parents=True)
     write_text_atomically(plan, json.dumps(fingerprint))
     return units
 
 
-def part_result(unit: Unit) -> dict | None:
-    """The counts of a finished part, None when it has to be (re)done."""
-    record = unit.output.with_suffix('.json')
-    if not (record.is_file() and (unit.output / 'metadata.yaml').is_file()):
+def unit_result(unit: Unit) -> dict | None:
+    """The counts of a finished unit, None when it has to be (re)done."""
+    if not (unit.record.is_file() and (unit.output / 'metadata.yaml').is_file()):
         return None
-    return json.loads(record.read_text())
+    return json.loads(unit.record.read_text())
 
 
 def sweep_partials(job: BagJob) -> list[pathlib.Path]:
@@ -290,10 +309,10 @@ def run_unit(unit: Unit, progress=None) -> dict:
 
     A bag that cannot be read is a result with an `error`, not an exception: it is not worth a
     retry. A warm-up that found too few pairs (a gap in the recording) is doubled and rerun. A
-    part that an earlier attempt finished (Ray retries a task whose node was lost before its
-    result arrived) returns that attempt's counts: planning removed every part of other runs.
+    unit that an earlier attempt finished (Ray retries a task whose node was lost before its
+    result arrived) returns that attempt's counts: planning removed the records of other runs.
     """
-    if unit.count > 1 and (finished := part_result(unit)) is not None:
+    if (finished := unit_result(unit)) is not None:
         return finished
     started = time.monotonic()
     result = {'label': unit.label, 'index': unit.index, 'node': socket.gethostname(),
@@ -313,8 +332,8 @@ def run_unit(unit: Unit, progress=None) -> dict:
         result['error'] = str(error)
         return result
     result.update(counts, seconds=time.monotonic() - started)
-    if unit.count > 1:
-        write_text_atomically(unit.output.with_suffix('.json'), json.dumps(result))
+    unit.record.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(unit.record, json.dumps(result))
     return result
 
 
@@ -325,7 +344,9 @@ def _fuse(unit: Unit, span: Span, progress) -> dict:
     with open_bag(unit.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, unit.input), unit.input,
                                        *unit.topics)
-        with create_bag(unit.output, storage, overwrite=unit.overwrite) as writer:
+        # Replaces an attempt's bag that Ray lost between its rename and its record (module
+        # docstring).
+        with create_bag(unit.output, storage, overwrite=True) as writer:
             fuser.run(reader, unit.input, thermal, visible, writer,
                       (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC), False, span, progress,
                       output_qos_of(unit.values))
@@ -343,14 +364,21 @@ def _node_ip() -> str:
     return ''
 
 
-def commit(job: BagJob, units: list[Unit], overwrite: bool) -> None:
-    """Join a segmented bag's parts, in order, into its output bag and drop the staging folder."""
+def commit(job: BagJob, units: list[Unit]) -> None:
+    """Join a segmented bag's parts, in order, into its output bag and drop the staging folder.
+
+    A commit that Ray runs again after an attempt removed the plan (the bag was joined) has
+    nothing left to do; one that finds the plan joins the parts again.
+    """
+    if not (job.staging / 'plan.json').is_file() and (job.output / 'metadata.yaml').is_file():
+        return
     first = units[0]
-    with create_bag(job.output, first.storage, overwrite=overwrite) as writer:
+    with create_bag(job.output, first.storage, overwrite=True) as writer:
         outputs = {topic: add_image_topic(writer, topic, output_qos_of(first.values))
                    for topic in (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC)}
         for unit in units:
             with open_bag(unit.output) as reader:
                 for connection, log_time, raw in reader.messages():
                     writer.write(outputs[connection.topic], log_time, raw)
+    (job.staging / 'plan.json').unlink()  # first: a plan there means the parts are all there
     shutil.rmtree(job.staging, ignore_errors=True)
