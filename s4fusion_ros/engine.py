@@ -348,7 +348,8 @@ def pipeline_from_params(values: dict) -> FusionPipeline:
     """
     synchronizer = PairSynchronizer(
         slop=values['sync.slop'], queue_size=values['sync.queue_size'],
-        thermal_offset=values['sync.thermal_offset'], timeout=values['sync.timeout'])
+        thermal_offset=values['sync.thermal_offset'], timeout=values['sync.timeout'],
+        reset_threshold=values['sync.clock_jump'])
     normalizer = ThermalNormalizer(**normalizer_settings(values))
     registration = ThermalRegistration(np.reshape(values['registration.homography'], (3, 3)))
     return FusionPipeline(synchronizer, normalizer, registration, values['max_input_pixels'])

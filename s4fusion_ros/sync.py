@@ -50,7 +50,8 @@ import operator
 import threading
 from typing import Any, NamedTuple, Optional
 
-# Default reset_threshold: a stamp this much older than its topic's newest is a clock jump.
+# Default reset_threshold (the node's sync.clock_jump): a stamp this much older than its topic's
+# newest is a clock jump.
 CLOCK_JUMP_S = 1.0
 
 

@@ -47,8 +47,9 @@ class Diagnostics:
                 self.received += 1
 
 
-def fuse_pairs(probe, proc, stamp_ns: int, count: int) -> None:
-    """Publish pairs stamped from `stamp_ns` until `count` more fused outputs arrived."""
+def fuse_pairs(probe, proc, stamp_ns: int, count: int) -> int:
+    """Publish pairs stamped from `stamp_ns`, 0.1 s apart, until `count` more fused outputs
+    arrived; return the stamp the next pair would have."""
     wanted = len(probe.fused) + count
     end = time.monotonic() + 120
     while len(probe.fused) < wanted:
@@ -57,6 +58,7 @@ def fuse_pairs(probe, proc, stamp_ns: int, count: int) -> None:
         probe.spin_for(0.2)
         stamp_ns += 100_000_000
         assert time.monotonic() < end and proc.poll() is None, node_log(proc)
+    return stamp_ns
 
 
 def fresh_diagnostics(probe, diagnostics) -> dict:
@@ -149,11 +151,12 @@ def test_latency_is_reported_only_when_stamps_and_clock_agree(ros_context):
 def test_a_backward_clock_jump_is_logged_and_pairing_goes_on(ros_context):
     probe = Probe('clock_jump_probe')
     diagnostics = Diagnostics(probe)
-    with running_node(PARAMS) as proc:
+    # Back by 0.7 s from the newest stamps: late at the default sync.clock_jump (1 s), a jump
+    # at 0.5 s.
+    with running_node({**PARAMS, 'sync.clock_jump': 0.5}) as proc:
         probe.wait_for_node(proc)
-        now = probe.get_clock().now().nanoseconds
-        fuse_pairs(probe, proc, now, count=2)
-        fuse_pairs(probe, proc, now - 100 * 10**9, count=2)  # a camera restarted, say
+        after = fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, count=2)
+        fuse_pairs(probe, proc, after - 800_000_000, count=2)  # a camera restarted, say
         log = wait_for_log(proc, 'the input stamps jumped back')
         values = fresh_diagnostics(probe, diagnostics)
     probe.destroy_node()

@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.loop and player.played_span_s <= CLOCK_JUMP_S:
             print(f'{PROG}: warning: the played messages span {player.played_span_s:.2f} s; '
                   f'looped, their stamps jump back by no more than the {CLOCK_JUMP_S:g} s a '
-                  f'synchronizer takes for a clock jump, so a node counts the passes after the '
-                  f'first as late', file=sys.stderr)
+                  f"node's synchronizer takes for a clock jump by default, so it counts the "
+                  f'passes after the first as late (unless its sync.clock_jump is lower)',
+                  file=sys.stderr)
         while args.loop:
             player.play_once(LOOP_MINIMUM_S)
         player.wait_for_acks()
