@@ -12,6 +12,7 @@ the usual ROS names: `sync.queue_size` is message_filters' / stereo_image_proc's
 
 import math
 import pathlib
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -248,40 +249,55 @@ def load_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
 
 
 def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> dict:
-    """The values a --params-file gives the node, unchecked: its `/**` and `<node_name>` sections.
+    """The values a --params-file gives the node, unchecked, as rcl reads them for it.
 
-    Nested keys become dotted names (`sync: {slop: 0.1}` is `sync.slop`). Raises SettingsError
-    naming the file for unreadable YAML or when no section applies to the node.
+    A section applies when its name matches the node's full name, `*` standing for one name and
+    `**` for any number of them (`/**`, `/**/s4fusion_node`, `/robot/s4fusion_node`); the file's
+    later sections override its earlier ones. The offline tools run outside any namespace: they
+    read the file for the node in the one namespace the file's own sections name for it
+    (`/robot/s4fusion_node`: /robot), else in the root namespace. Nested keys become dotted names
+    (`sync: {slop: 0.1}` is `sync.slop`). Raises SettingsError naming the file for unreadable
+    YAML, sections for the node in several namespaces, or when no section applies to the node.
     """
     path = pathlib.Path(path)
     try:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise SettingsError(f'{path}: cannot read the parameter file: {error}') from None
-    sections = [_flatten(body['ros__parameters'])
-                for body in _matching_sections(document, node_name)]
-    if not sections:
-        raise SettingsError(f"{path}: no '/**' or '{node_name}' section with ros__parameters")
-    values = {}
-    for section in sections:  # '/**' first: the node-specific section wins, as in rclpy
-        values.update(section)
+    sections = ([(str(key), body['ros__parameters']) for key, body in document.items()
+                 if isinstance(body, dict) and isinstance(body.get('ros__parameters'), dict)]
+                if isinstance(document, dict) else [])
+    namespaces = sorted({_namespace_naming(key, node_name) for key, _ in sections} - {None})
+    if len(namespaces) > 1:
+        raise SettingsError(f"{path}: sections for {node_name} in several namespaces "
+                            f"({', '.join(namespace or '/' for namespace in namespaces)}); the "
+                            'offline tools read one, so keep only its sections')
+    full_name = (namespaces[0] if namespaces else '') + '/' + node_name
+    values, applied = {}, False
+    for key, parameters in sections:  # in file order: a later section wins, as in rcl
+        if _section_pattern(key).fullmatch(full_name):
+            values.update(_flatten(parameters))
+            applied = True
+    if not applied:
+        raise SettingsError(f"{path}: no section with ros__parameters applies to {full_name} "
+                            f"('/**', '{node_name}' or '/NAMESPACE/{node_name}')")
     return values
 
 
-def _matching_sections(document, node_name: str) -> list[dict]:
-    """Return the sections that apply to the node, wildcard ones first."""
-    if not isinstance(document, dict):
-        return []
-    wildcard, specific = [], []
-    for key, body in document.items():
-        if not isinstance(body, dict) or not isinstance(body.get('ros__parameters'), dict):
-            continue
-        name = str(key).strip('/')
-        if name in ('**', '*'):
-            wildcard.append(body)
-        elif name.rsplit('/', 1)[-1] == node_name:  # '/ns/s4fusion_node' too
-            specific.append(body)
-    return wildcard + specific
+def _namespace_naming(key: str, node_name: str) -> str | None:
+    """The namespace a section names for the node ('' for the root), None for a section that
+    names no namespace of it (a wildcard, another node)."""
+    *namespace, name = key.strip('/').split('/')
+    if name != node_name or any('*' in part for part in namespace):
+        return None
+    return ''.join('/' + part for part in namespace)
+
+
+def _section_pattern(key: str) -> re.Pattern:
+    """A section name as the regular expression rcl matches a node's full name with."""
+    parts = key.strip('/').split('/')
+    return re.compile(''.join(r'(/[^/]+)*' if part == '**' else
+                              '/' + re.escape(part).replace(r'\*', '[^/]+') for part in parts))
 
 
 def nest(values: dict) -> dict:

@@ -155,6 +155,79 @@ def test_params_files_read_as_rclpy_reads_them(tmp_path, text, node, refusal):
     assert typed(settings.load_params_file(path)) == typed({**settings.defaults(), **node_values})
 
 
+# Files whose sections rcl itself applies in ways rclpy's helper above does not show: in file
+# order (a later section wins), with `*` one name and `**` any number of them. Each comes with
+# the namespace the offline tools read it for (the one its own sections name, else the root).
+RCL_ORDER_FILES = {
+    'the node section, then a wildcard over it': ("""
+/s4fusion_node:
+  ros__parameters:
+    sync:
+      slop: 0.1
+/**:
+  ros__parameters:
+    sync:
+      slop: 0.2
+""", '/'),
+    'a one-name wildcard and a namespaced node section': ("""
+/*:
+  ros__parameters:
+    device: cuda
+/robot/s4fusion_node:
+  ros__parameters:
+    half: false
+""", '/robot'),
+    'the node in any namespace, and a section for another node': ("""
+/**/s4fusion_node:
+  ros__parameters:
+    device: cpu
+/*/other_node:
+  ros__parameters:
+    device: cuda
+/**:
+  ros__parameters:
+    half: false
+""", '/'),
+}
+
+
+def rcl_values(path, namespace: str) -> dict:
+    """The parameters rcl gives a node `s4fusion_node` in `namespace` started with
+    --params-file `path` (ROS's own keys left out)."""
+    rclpy = pytest.importorskip('rclpy')
+    from rclpy.node import Node
+    context = rclpy.Context()
+    rclpy.init(args=['s4fusion_node', '--ros-args', '--params-file', str(path)], context=context)
+    try:
+        node = Node('s4fusion_node', namespace=namespace, context=context,
+                    start_parameter_services=False,
+                    automatically_declare_parameters_from_overrides=True)
+        values = {name: parameter.value
+                  for name, parameter in node.get_parameters_by_prefix('').items()
+                  if not name.startswith(settings.ROS_KEYS)}
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    return values
+
+
+@pytest.mark.parametrize('text, namespace', RCL_ORDER_FILES.values(), ids=RCL_ORDER_FILES.keys())
+def test_params_files_read_as_rcl_gives_them_to_the_node(tmp_path, text, namespace):
+    path = tmp_path / 'params.yaml'
+    path.write_text(text)
+    expected = rcl_values(path, namespace)
+    assert typed(settings.read_params_file(path)) == typed(expected)
+    assert typed(settings.load_params_file(path)) == typed({**settings.defaults(), **expected})
+
+
+def test_a_file_for_the_node_in_two_namespaces_is_refused_offline(tmp_path):
+    path = tmp_path / 'params.yaml'
+    path.write_text('s4fusion_node:\n  ros__parameters:\n    half: false\n'
+                    '/robot/s4fusion_node:\n  ros__parameters:\n    half: true\n')
+    with pytest.raises(settings.SettingsError, match=r'several namespaces \(/, /robot\)'):
+        settings.load_params_file(path)
+
+
 @pytest.fixture(scope='module')
 def node(ivif_dir):
     """One node process; every change below goes through its real parameter services."""

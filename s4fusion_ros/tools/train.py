@@ -43,12 +43,18 @@ def add_data_argument(parser: argparse.ArgumentParser, help_text: str,
                         help=f'{help_text} (default: ${DATA_ENV}, now %(default)s)')
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, but not a None: its help says what stands in for it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     """The command-line interface."""
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split('\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=PROG, description=__doc__.split('\n')[0], formatter_class=_DefaultsHelp)
     parser.add_argument('--preset', choices=sorted(S4FusionConfig.presets()), default='compact',
                         help='network size')
     parser.add_argument('--base', choices=BASES, default=None,
@@ -66,7 +72,8 @@ def build_parser():
     parser.add_argument('--out', type=pathlib.Path, required=True,
                         help='output folder: weights + JSON, train_state.pt, train_log.jsonl')
     parser.add_argument('--steps', type=int, default=defaults.steps, help='optimizer steps in all')
-    parser.add_argument('--batch-size', type=int, default=defaults.batch_size)
+    parser.add_argument('--batch-size', type=int, default=defaults.batch_size,
+                        help='training crops per optimizer step')
     parser.add_argument('--crop', type=int, default=defaults.crop,
                         help='square training crop side, 12k + 1')
     parser.add_argument('--min-gain', type=float, default=defaults.min_gain,
@@ -79,7 +86,8 @@ def build_parser():
     parser.add_argument('--lr', type=float, default=defaults.lr, help='peak AdamW learning rate')
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up steps (default: 5%% of --steps, at most 500)')
-    parser.add_argument('--seed', type=int, default=defaults.seed)
+    parser.add_argument('--seed', type=int, default=defaults.seed,
+                        help='seed of the initial weights, the crops drawn and the augmentation')
     loss_defaults = S4FusionLoss()
     parser.add_argument('--ssim-weight', type=float, default=loss_defaults.ssim_weight,
                         help='weight of the source-weighted SSIM term')
