@@ -22,7 +22,8 @@ def add_command(commands) -> None:
     batch = commands.add_parser('batch', help='s4fusion-bag loop against s4fusion-batch on 1 '
                                 'and 2 Ray nodes')
     batch.add_argument('--bag', type=pathlib.Path,
-                       help='bag to fuse (default: the sample shipped in the package)')
+                       help='bag to fuse (default: the MSRS sample bag shipped in the package, 32 '
+                            'pairs)')
     batch.add_argument('--copies', type=int, default=4, help='copies of it to fuse (default: '
                        '%(default)s)')
     batch.add_argument('--params', type=pathlib.Path, help="the node's parameter file")
