@@ -119,6 +119,11 @@ def test_decode_visible_mono(msrs_pair, arrays):
     wide = ir.astype(np.uint16) * 257
     np.testing.assert_array_equal(decode_visible(encode_image(wide, 'mono16', bigendian=True)),
                                   np.dstack([ir] * 3))
+    # Rows an odd number of bytes apart (legal: step only has to cover the row) start between
+    # 16-bit elements, which OpenCV misread from the second row on.
+    for encoding in ('mono16', '16UC1'):
+        np.testing.assert_array_equal(
+            decode_visible(encode_image(wide, encoding, row_padding=3)), np.dstack([ir] * 3))
     with pytest.raises(ImageDecodeError, match='32FC1'):
         decode_visible(encode_image(arrays['32FC1'], '32FC1'))
 

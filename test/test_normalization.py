@@ -102,6 +102,16 @@ def test_empty_and_flat_frames_give_zeros_without_warnings(mode):
                 assert (out == 0).all()
 
 
+def test_a_hot_target_on_a_uniform_background_stays_visible():
+    # A simulated thermal camera: ambient everywhere but a person on 0.5% of the pixels, so both
+    # percentiles are the ambient value.
+    frame = np.full((100, 100), 293.0, np.float32)
+    frame[:5, :10] = 309.0
+    for mode in ('percentile', 'minmax'):
+        out = ThermalNormalizer(mode=mode, smoothing=0.0)(frame)
+        assert (out[:5, :10] == 1).all() and out.sum() == 50, mode
+
+
 def test_all_nan_frame_leaves_the_smoothed_range_alone(counts):
     norm = ThermalNormalizer()
     norm(counts)

@@ -111,7 +111,7 @@ def _byte_view(data: Any, what: str) -> np.ndarray:
         if data.dtype != np.uint8 or data.ndim != 1:
             raise ImageDecodeError(
                 f'{what}: data must be 1-D uint8, got {data.dtype} {data.shape}')
-        return data
+        return np.ascontiguousarray(data)  # a slice of another array: the views below need one
     try:
         return np.frombuffer(data, np.uint8)
     except (TypeError, ValueError, BufferError) as exc:
@@ -158,8 +158,9 @@ def _encoding_of(img: Any) -> str:
 
 
 def image_to_array(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """View a raw image as (H, W) or (H, W, C) in native byte order (no copy unless swapped);
-    larger than `max_pixels` (width x height, checked from the header) is an error."""
+    """View a raw image as (H, W) or (H, W, C) in native byte order (no copy unless swapped, or
+    its rows are not a whole number of elements apart); larger than `max_pixels` (width x height,
+    checked from the header) is an error."""
     encoding = _encoding_of(img)
     fmt = FORMATS[encoding]
     height = _dimension(img.height, 'height', encoding, MAX_SIDE)
@@ -180,7 +181,9 @@ def image_to_array(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     # Strided view: padded rows are skipped, alignment does not matter.
     array = np.ndarray((height, width, fmt.channels), dtype, buffer=data,
                        strides=(step, fmt.channels * dtype.itemsize, dtype.itemsize))
-    if not dtype.isnative:
+    # OpenCV misreads a view whose rows start between elements (a 16-bit image with an odd
+    # step): such rows are packed by the copy, as swapped bytes are.
+    if not dtype.isnative or step % dtype.itemsize:
         array = array.astype(dtype.newbyteorder('='))
     return array[:, :, 0] if fmt.channels == 1 else array
 

@@ -52,7 +52,9 @@ class ThermalNormalizer:
     """Map float32 (H, W) raw thermal frames to float32 (H, W) in [0, 1].
 
     Non-finite pixels are left out of the statistics and map to 0; a frame without finite pixels
-    maps to zeros (and leaves the smoothed range alone); a flat range maps to zeros.
+    maps to zeros (and leaves the smoothed range alone); a flat range maps the pixels above it to
+    1 and the others to 0 (a uniform background whose percentile window the few pixels of a hot
+    target do not reach keeps the target).
     """
 
     def __init__(self, mode: str = 'percentile', low_percentile: float = 1.0,
@@ -138,10 +140,10 @@ def _percentiles(raw: np.ndarray, finite_values: np.ndarray, low: float,
 
 
 def _rescale(raw: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Return (raw - low) / (high - low) as float32; a flat range gives zeros."""
+    """Return (raw - low) / (high - low) as float32; a flat range gives 1 above it, 0 else."""
     span = high - low
     if not span > 0:
-        return np.zeros(raw.shape, np.float32)
+        return (raw > high).astype(np.float32)
     with np.errstate(over='ignore', invalid='ignore'):
         low32, scale32 = np.float32(low), np.float32(1.0 / span)
         if np.isfinite(low32) and np.isfinite(scale32) and scale32 > 0:
