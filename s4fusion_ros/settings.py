@@ -260,13 +260,7 @@ def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
     YAML, sections for the node in several namespaces, or when no section applies to the node.
     """
     path = pathlib.Path(path)
-    try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise SettingsError(f'{path}: cannot read the parameter file: {error}') from None
-    sections = ([(str(key), body['ros__parameters']) for key, body in document.items()
-                 if isinstance(body, dict) and isinstance(body.get('ros__parameters'), dict)]
-                if isinstance(document, dict) else [])
+    sections = params_file_sections(path)
     namespaces = sorted({_namespace_naming(key, node_name) for key, _ in sections} - {None})
     if len(namespaces) > 1:
         raise SettingsError(f"{path}: sections for {node_name} in several namespaces "
@@ -275,13 +269,46 @@ def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
     full_name = (namespaces[0] if namespaces else '') + '/' + node_name
     values, applied = {}, False
     for key, parameters in sections:  # in file order: a later section wins, as in rcl
-        if _section_pattern(key).fullmatch(full_name):
+        if section_applies(key, full_name):
             values.update(_flatten(parameters))
             applied = True
     if not applied:
         raise SettingsError(f"{path}: no section with ros__parameters applies to {full_name} "
                             f"('/**', '{node_name}' or '/NAMESPACE/{node_name}')")
     return values
+
+
+def params_file_sections(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """The (name, ros__parameters) sections of a parameter file, in file order; SettingsError
+    naming the file for unreadable YAML."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SettingsError(f'{path}: cannot read the parameter file: {error}') from None
+    if not isinstance(document, dict):
+        return []
+    return [(str(key), body['ros__parameters']) for key, body in document.items()
+            if isinstance(body, dict) and isinstance(body.get('ros__parameters'), dict)]
+
+
+def params_file_arguments(argv: list[str]) -> list[pathlib.Path]:
+    """The files of the `--params-file` options in the ROS arguments of a command line."""
+    files, in_ros_arguments = [], False
+    for index, argument in enumerate(argv):
+        if argument in ('--ros-args', '--'):
+            in_ros_arguments = argument == '--ros-args'
+        elif in_ros_arguments and argument == '--params-file' and index + 1 < len(argv):
+            files.append(pathlib.Path(argv[index + 1]))
+    return files
+
+
+def section_applies(key: str, full_name: str) -> bool:
+    """Whether a parameter file's section `key` applies to the node of `full_name`, as rcl
+    matches them: `*` one name, `**` any number of them."""
+    parts = key.strip('/').split('/')
+    pattern = ''.join(r'(/[^/]+)*' if part == '**' else
+                      '/' + re.escape(part).replace(r'\*', '[^/]+') for part in parts)
+    return re.fullmatch(pattern, full_name) is not None
 
 
 def _namespace_naming(key: str, node_name: str) -> str | None:
@@ -291,13 +318,6 @@ def _namespace_naming(key: str, node_name: str) -> str | None:
     if name != node_name or any('*' in part for part in namespace):
         return None
     return ''.join('/' + part for part in namespace)
-
-
-def _section_pattern(key: str) -> re.Pattern:
-    """A section name as the regular expression rcl matches a node's full name with."""
-    parts = key.strip('/').split('/')
-    return re.compile(''.join(r'(/[^/]+)*' if part == '**' else
-                              '/' + re.escape(part).replace(r'\*', '[^/]+') for part in parts))
 
 
 def nest(values: dict) -> dict:

@@ -68,15 +68,20 @@ def fresh_diagnostics(probe, diagnostics) -> dict:
     return diagnostics.values
 
 
-def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_context):
+def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_context, tmp_path):
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
     probe = Probe('qos_probe')
     # Best-effort (sensor-data) publishers on both inputs; the node subscribes reliable.
     publishers = [probe.create_publisher(Image, topic, qos_profile_sensor_data)
                   for topic in ('thermal/image_raw', 'visible/image_raw')]
+    # And a parameter file written for the node in a namespace it does not run in: rcl ignores
+    # it silently.
+    elsewhere = tmp_path / 'robot.yaml'
+    elsewhere.write_text('/robot/s4fusion_node:\n  ros__parameters:\n    half: false\n')
     with running_node({**PARAMS, 'normalisation.mode': 'minmax'},
-                      extra_args=['-p', 'sync.slopp:=0.1']) as proc:
+                      extra_args=['-p', 'sync.slopp:=0.1', '--params-file', str(elsewhere)]
+                      ) as proc:
         log = wait_for_log(proc, "qos.input.reliability:=best_effort")
         log = wait_for_log(proc, '/thermal/image_raw: a publisher offers QoS incompatible',
                            '/visible/image_raw: a publisher offers QoS incompatible')
@@ -85,6 +90,9 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
     probe.destroy_node()
     assert 'ignoring unknown parameters' in log, log
     assert 'normalisation.mode, sync.slopp' in log, log
+    assert (f'{elsewhere}: none of its sections (/robot/s4fusion_node) applies to '
+            "/s4fusion_node, so none of its values is used") in log, log
+    assert 'yaml: none of its sections' not in log.replace(str(elsewhere), ''), log
     # Reported before the model loads (seconds), not after it.
     assert log.index('normalisation.mode, sync.slopp') < log.index('loading the model'), log
 

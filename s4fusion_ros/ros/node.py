@@ -50,7 +50,9 @@ _LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct fa
 class S4FusionNode(Node):
     """The live fusion node (thin: decoding, pairing and fusion live in the ROS-free core)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, command_line: list[str] = (), **kwargs):
+        """`command_line`: the process's, to name a --params-file none of whose sections applies
+        to this node."""
         super().__init__('s4fusion_node', **kwargs)
         self.worker = None  # rclpy may destroy a node whose constructor failed (bad parameters)
         # Registered before declaring, so start-up values pass the same checks as live changes.
@@ -59,6 +61,7 @@ class S4FusionNode(Node):
             self.declare_parameter(name, spec.default, parameters.descriptor(name, spec))
         self.add_post_set_parameters_callback(self._apply_parameters)
         p = self._values()
+        self._report_params_files_for_other_nodes(command_line)
         self._report_unknown_parameters(qos_overrides=False)
         reason = settings.check_qos_overrides({name: parameter.value for name, parameter
                                                in self._parameter_overrides.items()})
@@ -126,6 +129,22 @@ class S4FusionNode(Node):
     def _values(self) -> dict:
         return {name: value.value for name, value in self._parameters.items()
                 if name in settings.SPECS}
+
+    def _report_params_files_for_other_nodes(self, command_line: list[str]) -> None:
+        """Warn of a --params-file of whose sections none applies to this node: rcl ignores it
+        without a word (a `s4fusion_node:` section read by a node in a namespace, or another
+        package's file passed down by a parent launch file)."""
+        full_name = self.get_fully_qualified_name()
+        for path in settings.params_file_arguments(list(command_line)):
+            try:
+                sections = settings.params_file_sections(path)
+            except settings.SettingsError:
+                continue  # rcl read it at init; removed since, say
+            if not any(settings.section_applies(name, full_name) for name, _ in sections):
+                names = ', '.join(name for name, _ in sections) or 'none'
+                self.get_logger().warning(
+                    f"{path}: none of its sections ({names}) applies to {full_name}, so none of "
+                    f"its values is used; name its section '/**' or '{full_name}'")
 
     def _report_unknown_parameters(self, qos_overrides: bool) -> None:
         """Warn of start-up values no parameter took: those of qos_overrides.* (declared as the

@@ -83,7 +83,7 @@ def main(args=None) -> int:
         stop.raise_if_received()
         rclpy.init(args=args)
         try:
-            node = S4FusionNode()
+            node = S4FusionNode(command_line=sys.argv if args is None else args)
             stop.raise_if_received()
             rclpy.spin(node)
         except ExternalShutdownException:
