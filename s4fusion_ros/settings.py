@@ -255,9 +255,10 @@ def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
     `**` for any number of them (`/**`, `/**/s4fusion_node`, `/robot/s4fusion_node`); the file's
     later sections override its earlier ones. The offline tools run outside any namespace: they
     read the file for the node in the one namespace the file's own sections name for it
-    (`/robot/s4fusion_node`: /robot), else in the root namespace. Nested keys become dotted names
-    (`sync: {slop: 0.1}` is `sync.slop`). Raises SettingsError naming the file for unreadable
-    YAML, sections for the node in several namespaces, or when no section applies to the node.
+    (`/robot/s4fusion_node` or `/robot/*`: /robot), else in the root namespace. Nested keys
+    become dotted names (`sync: {slop: 0.1}` is `sync.slop`). Raises SettingsError naming the
+    file for unreadable YAML or what rcl refuses (params_file_sections), sections for the node
+    in several namespaces, or when no section applies to the node.
     """
     path = pathlib.Path(path)
     sections = params_file_sections(path)
@@ -279,16 +280,41 @@ def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
 
 
 def params_file_sections(path: pathlib.Path) -> list[tuple[str, dict]]:
-    """The (name, ros__parameters) sections of a parameter file, in file order; SettingsError
-    naming the file for unreadable YAML."""
+    """The (node name, ros__parameters) sections of a parameter file, in file order, as rcl
+    reads them: a name may also be nested (`robot: {s4fusion_node: {ros__parameters: ...}}` is
+    `robot/s4fusion_node`). SettingsError naming the file for unreadable YAML and what rcl
+    refuses: a value where a name or ros__parameters belongs, a name part that is not a ROS name
+    or wildcard."""
     try:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise SettingsError(f'{path}: cannot read the parameter file: {error}') from None
-    if not isinstance(document, dict):
-        return []
-    return [(str(key), body['ros__parameters']) for key, body in document.items()
-            if isinstance(body, dict) and isinstance(body.get('ros__parameters'), dict)]
+    sections = []
+
+    def walk(mapping: dict, prefix: str) -> None:
+        for key, body in mapping.items():
+            name = f'{prefix}/{key}' if prefix else str(key)
+            if key == 'ros__parameters' and prefix:
+                if not isinstance(body, dict):
+                    raise SettingsError(f'{path}: {prefix}: ros__parameters must be a mapping')
+                sections.append((prefix, body))
+                continue
+            if not all(_ROS_NAME_PART.fullmatch(part) for part in
+                       (name[1:] if name.startswith('/') else name).split('/')):
+                raise SettingsError(f"{path}: '{name}' is not a node name (names and namespaces "
+                                    "of letters, digits and '_', not starting with a digit, or "
+                                    "the wildcards * and **)")
+            if not isinstance(body, dict):
+                raise SettingsError(f"{path}: '{name}' has a value where a node name or "
+                                    'ros__parameters belongs')
+            walk(body, name)
+
+    if isinstance(document, dict):
+        walk(document, '')
+    return sections
+
+
+_ROS_NAME_PART = re.compile(r'\*\*?|[A-Za-z_][A-Za-z0-9_]*')
 
 
 def params_file_arguments(argv: list[str]) -> list[pathlib.Path]:
@@ -312,10 +338,12 @@ def section_applies(key: str, full_name: str) -> bool:
 
 
 def _namespace_naming(key: str, node_name: str) -> str | None:
-    """The namespace a section names for the node ('' for the root), None for a section that
-    names no namespace of it (a wildcard, another node)."""
+    """The namespace a section names for the node ('' for the root): its own section, or
+    `/robot/*` for every node of /robot. None for a section that names none (a wildcard
+    namespace, another node, `/*`)."""
     *namespace, name = key.strip('/').split('/')
-    if name != node_name or any('*' in part for part in namespace):
+    names_node = name == node_name or (name == '*' and namespace)
+    if not names_node or any('*' in part for part in namespace):
         return None
     return ''.join('/' + part for part in namespace)
 

@@ -138,6 +138,9 @@ def test_which_earlier_manifest_rows_a_run_keeps(tmp_path):
     assert keeps(other, names=('b', 'c')) == []
     with pytest.raises(BatchError, match=r'--resume: .* other parameters \(sync\.slop\)'):
         keeps(other, resume=True)
+    # A manifest of a release before a parameter existed: that run had its default's behaviour.
+    older = {name: value for name, value in values.items() if name != 'sync.clock_jump'}
+    assert keeps(older, resume=True) == ['a', 'b', 'c'] and keeps(older) == ['a', 'b']
 
 
 def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_file, tmp_path,
@@ -265,7 +268,7 @@ def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, t
 
 
 def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(local_ray, ivif_dir,
-                                                                  params_file, tmp_path):
+                                                                  params_file, tmp_path, capsys):
     # A second colour camera: detection cannot choose, and says so; named topics go to the units.
     plain = write_bag(tmp_path / 'plain', camera_messages(ivif_dir, 1.0), 'mcap')
     two = tmp_path / 'two'
@@ -294,6 +297,12 @@ def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(local_ray, ivi
                            progress=False, topics=(None, VISIBLE_TOPIC))
         assert [(b.status, b.topics) for b in report.bags] == [
             (status, [THERMAL_TOPIC, VISIBLE_TOPIC])], report.bags
+    # Not told the topics, the resume cannot pick them (as when its input can no longer be
+    # read): the finished bag is kept, with the reason.
+    capsys.readouterr()
+    report = fuse_bags([two], tmp_path / 'out', params=params_file, resume=True, progress=False)
+    assert [(b.status, b.fused > 0) for b in report.bags] == [('skipped', True)], report.bags
+    assert 'is finished, kept as it is: ' in capsys.readouterr().err
 
 
 def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path):

@@ -107,9 +107,15 @@ def test_a_hot_target_on_a_uniform_background_stays_visible():
     # percentiles are the ambient value.
     frame = np.full((100, 100), 293.0, np.float32)
     frame[:5, :10] = 309.0
+    frame[0, 0] = 301.0
     for mode in ('percentile', 'minmax'):
         out = ThermalNormalizer(mode=mode, smoothing=0.0)(frame)
-        assert (out[:5, :10] == 1).all() and out.sum() == 50, mode
+        assert out[0, 0] == 0.5 and (out[1:5, :10] == 1).all() and out.sum() == 49.5, mode
+    # Uniform frames a count apart (a lens cap, a noise-free simulation) stay black: the flat
+    # window maps each frame's own extremes, not a step about the window.
+    norm = ThermalNormalizer()
+    for value in (7500.0, 7501.0, 7500.0, 7501.0, 7502.0):
+        assert not norm(np.full((48, 64), value, np.float32)).any()
 
 
 def test_all_nan_frame_leaves_the_smoothed_range_alone(counts):

@@ -188,6 +188,33 @@ RCL_ORDER_FILES = {
   ros__parameters:
     half: false
 """, '/'),
+    'a node name nested in its namespace, then a wildcard': ("""
+/robot:
+  s4fusion_node:
+    ros__parameters:
+      device: cpu
+/**:
+  ros__parameters:
+    half: false
+""", '/robot'),
+    'every node of a namespace': ("""
+/robot/*:
+  ros__parameters:
+    half: false
+""", '/robot'),
+}
+
+# Files rcl refuses at init (so the node does not start), with the offline tools' reason.
+RCL_REFUSED_FILES = {
+    'a value where a node name belongs': (
+        '/**:\n  ros__parameters:\n    half: false\nother:\n  device: cpu\n',
+        "'other/device' has a value where a node name or ros__parameters belongs"),
+    'an empty name after a slash': ('/s4fusion_node/:\n  ros__parameters:\n    half: false\n',
+                                    "'/s4fusion_node/' is not a node name"),
+    'a name starting with a digit': ('7:\n  ros__parameters:\n    half: false\n',
+                                     "'7' is not a node name"),
+    'no parameters under ros__parameters': ('/**:\n  ros__parameters:\n',
+                                            r'/\*\*: ros__parameters must be a mapping'),
 }
 
 
@@ -218,6 +245,19 @@ def test_params_files_read_as_rcl_gives_them_to_the_node(tmp_path, text, namespa
     expected = rcl_values(path, namespace)
     assert typed(settings.read_params_file(path)) == typed(expected)
     assert typed(settings.load_params_file(path)) == typed({**settings.defaults(), **expected})
+
+
+@pytest.mark.parametrize('text, reason', RCL_REFUSED_FILES.values(),
+                         ids=RCL_REFUSED_FILES.keys())
+def test_params_files_rcl_refuses_are_refused_offline(tmp_path, text, reason):
+    rclpy = pytest.importorskip('rclpy')
+    path = tmp_path / 'params.yaml'
+    path.write_text(text)
+    with pytest.raises(RuntimeError, match="Couldn.t parse params file"):  # rcl's RCLError
+        rclpy.init(args=['s4fusion_node', '--ros-args', '--params-file', str(path)],
+                   context=rclpy.Context())
+    with pytest.raises(settings.SettingsError, match=f'^{path}: {reason}'):
+        settings.load_params_file(path)
 
 
 def test_a_file_for_the_node_in_two_namespaces_is_refused_offline(tmp_path):

@@ -299,6 +299,9 @@ def _previous_reports(manifest: pathlib.Path, values: dict, jobs: list[BagJob], 
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     recorded, current = earlier.get('parameters'), json.loads(json.dumps(values))
+    if recorded is not None:
+        # A parameter added since that run had its default's behaviour then.
+        recorded = {**json.loads(json.dumps(settings.defaults())), **recorded}
     changed = sorted(name for name in set(recorded or {}) | set(current)
                      if (recorded or {}).get(name) != current.get(name))
     if resume:
@@ -470,31 +473,28 @@ class _Runner:
         report = self.reports[number]
         self.planned.add(number)
         work.sweep_partials(job)
-        try:
-            units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
-        except BagError as error:
-            report.status, report.error = 'failed', str(error)
-            self._line(report)
-            return 0
-        report.topics = list(units[0].topics)
         # On --resume an existing output that the manifest does not list as finished, from the
         # topics this run picks, is fused again: it may come from other parameters (a killed
         # --overwrite run), other topics or a dead attempt. Rows of releases that did not record
         # the topics are taken at their word.
         earlier = self.previous.get(report.output, {})
         finished = self.resume and job.output.exists() and earlier.get('status') in FINISHED
-        if finished and earlier.get('topics', report.topics) != report.topics:
-            tqdm.write(f"s4fusion-batch: fusing {report.input} again: {report.output} was fused "
-                       f"from {' and '.join(earlier['topics'])}, this run picks "
-                       f"{' and '.join(report.topics)}", file=sys.stderr)
-        elif finished:
-            shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
-            for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes'):
-                setattr(report, name, earlier.get(name, getattr(report, name)))
-            report.status = 'skipped'
+        try:
+            units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
+        except BagError as error:
+            if finished:  # the finished output stands; only its input cannot be planned now
+                return self._skip(job, report, earlier, f', kept as it is: {error}')
+            report.status, report.error = 'failed', str(error)
             self._line(report)
             return 0
-        report.units = len(units)
+        topics = list(units[0].topics)
+        if finished and earlier.get('topics', topics) == topics:
+            return self._skip(job, report, earlier)
+        if finished:
+            tqdm.write(f"s4fusion-batch: fusing {report.input} again: {report.output} was fused "
+                       f"from {' and '.join(earlier['topics'])}, this run picks "
+                       f"{' and '.join(topics)}", file=sys.stderr)
+        report.topics, report.units = topics, len(units)
         self.units[number] = units
         if len(units) == 1:
             shutil.rmtree(job.staging, ignore_errors=True)
@@ -512,6 +512,15 @@ class _Runner:
         with work.open_bag(job.input) as reader:
             thermal = reader.topics[units[0].topics[0]].msgcount
         return round(thermal * len(todo) / len(units))
+
+    def _skip(self, job: BagJob, report: BagReport, earlier: dict, why: str = '') -> int:
+        """Keep a bag the manifest lists as finished, with its earlier counts; return 0 pairs."""
+        shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
+        for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes', 'topics'):
+            setattr(report, name, earlier.get(name, getattr(report, name)))
+        report.status = 'skipped'
+        self._line(report, why)
+        return 0
 
     def _submit(self, number: int, unit: Unit) -> None:
         if not self.gpus:
@@ -603,12 +612,12 @@ class _Runner:
             shutil.rmtree(self.jobs[number].staging, ignore_errors=True)  # a whole bag's counts
         self._line(report)
 
-    def _line(self, report: BagReport) -> None:
+    def _line(self, report: BagReport, why: str = '') -> None:
         if report.status == 'failed':
             text = ('FAILED ' + ('' if report.error.startswith(report.input)
                                  else f'{report.input}: ') + report.error)
         elif report.status == 'skipped':
-            text = f'skipped {report.input}: {report.output} is finished'
+            text = f'skipped {report.input}: {report.output} is finished{why}'
         else:
             text = (f'done {report.input} -> {report.output}: {report.fused} pairs fused, '
                     f'{report.unpaired} unpaired, {report.dropped} dropped '

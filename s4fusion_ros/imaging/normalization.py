@@ -52,9 +52,10 @@ class ThermalNormalizer:
     """Map float32 (H, W) raw thermal frames to float32 (H, W) in [0, 1].
 
     Non-finite pixels are left out of the statistics and map to 0; a frame without finite pixels
-    maps to zeros (and leaves the smoothed range alone); a flat range maps the pixels above it to
-    1 and the others to 0 (a uniform background whose percentile window the few pixels of a hot
-    target do not reach keeps the target).
+    maps to zeros (and leaves the smoothed range alone). A flat window maps the frame's own finite
+    extremes instead: a hot target on fewer than 1% of the pixels of a uniform background (a
+    simulated camera) is outside both percentiles and keeps its contrast, and a uniform frame maps
+    to zeros.
     """
 
     def __init__(self, mode: str = 'percentile', low_percentile: float = 1.0,
@@ -72,7 +73,8 @@ class ThermalNormalizer:
 
     @property
     def range(self) -> Optional[tuple[float, float]]:
-        """The (low, high) raw values that mapped to 0 and 1 in the last frame, None before any."""
+        """The (low, high) window of the last frame (smoothed in percentile mode), None before
+        any; a flat one mapped the frame's extremes instead."""
         return self._range
 
     def configure(self, **changes: object) -> None:
@@ -100,6 +102,9 @@ class ThermalNormalizer:
         if bounds is None:
             return np.zeros(raw.shape, np.float32)
         self._range = bounds
+        if not bounds[1] > bounds[0]:
+            values = raw if all_finite else raw[finite]
+            bounds = float(values.min()), float(values.max())
         out = _rescale(raw, *bounds)
         np.clip(out, 0.0, 1.0, out=out)
         if not all_finite:
@@ -140,10 +145,10 @@ def _percentiles(raw: np.ndarray, finite_values: np.ndarray, low: float,
 
 
 def _rescale(raw: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Return (raw - low) / (high - low) as float32; a flat range gives 1 above it, 0 else."""
+    """Return (raw - low) / (high - low) as float32; a flat range gives zeros."""
     span = high - low
     if not span > 0:
-        return (raw > high).astype(np.float32)
+        return np.zeros(raw.shape, np.float32)
     with np.errstate(over='ignore', invalid='ignore'):
         low32, scale32 = np.float32(low), np.float32(1.0 / span)
         if np.isfinite(low32) and np.isfinite(scale32) and scale32 > 0:
