@@ -291,18 +291,17 @@ def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(local_ray, ivi
     assert batch_tool.main(command) == 1
     assert batch_tool.main(command + ['--visible-topic', '/rear/color/image_raw']) == 0
     assert read_bag(tmp_path / 'out' / 'two')['/s4fusion_node/fused']
-    # --resume keeps the finished bag only for the topics it was fused from.
-    for status in ('done', 'skipped'):
-        report = fuse_bags([two], tmp_path / 'out', params=params_file, resume=True,
-                           progress=False, topics=(None, VISIBLE_TOPIC))
-        assert [(b.status, b.topics) for b in report.bags] == [
-            (status, [THERMAL_TOPIC, VISIBLE_TOPIC])], report.bags
-    # Not told the topics, the resume cannot pick them (as when its input can no longer be
-    # read): the finished bag is kept, with the reason.
+    # --resume keeps the finished bag only for the topics it names; naming none, it keeps it
+    # without opening it (here detection could not even choose).
     capsys.readouterr()
-    report = fuse_bags([two], tmp_path / 'out', params=params_file, resume=True, progress=False)
-    assert [(b.status, b.fused > 0) for b in report.bags] == [('skipped', True)], report.bags
-    assert 'is finished, kept as it is: ' in capsys.readouterr().err
+    for topics, status in (((None, VISIBLE_TOPIC), 'done'), ((None, VISIBLE_TOPIC), 'skipped'),
+                           ((None, None), 'skipped')):
+        report = fuse_bags([two], tmp_path / 'out', params=params_file, resume=True,
+                           progress=False, topics=topics)
+        assert [(b.status, b.topics, b.fused > 0) for b in report.bags] == [
+            (status, [THERMAL_TOPIC, VISIBLE_TOPIC], True)], report.bags
+    assert (f'fusing {two} again: this run names {VISIBLE_TOPIC} instead of '
+            '/rear/color/image_raw') in capsys.readouterr().err
 
 
 def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path):

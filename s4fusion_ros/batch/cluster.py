@@ -473,28 +473,27 @@ class _Runner:
         report = self.reports[number]
         self.planned.add(number)
         work.sweep_partials(job)
-        # On --resume an existing output that the manifest does not list as finished, from the
-        # topics this run picks, is fused again: it may come from other parameters (a killed
-        # --overwrite run), other topics or a dead attempt. Rows of releases that did not record
-        # the topics are taken at their word.
+        # On --resume an existing output is kept when the manifest lists it as finished (the
+        # parameters were compared at the start) from the topics this run names, if it names
+        # any: detected ones follow from the bag and the parameters, and a finished bag is not
+        # opened again (a file-compressed one unpacks whole). Any other is fused again: it may
+        # come from other parameters (a killed --overwrite run), other topics or a dead attempt.
         earlier = self.previous.get(report.output, {})
-        finished = self.resume and job.output.exists() and earlier.get('status') in FINISHED
+        if self.resume and job.output.exists() and earlier.get('status') in FINISHED:
+            fused_from = earlier.get('topics') or [None, None]  # not recorded by older releases
+            changed = [f'{named} instead of {was}' for named, was in zip(self.topics, fused_from)
+                       if named and was and named != was]
+            if not changed:
+                return self._skip(job, report, earlier)
+            tqdm.write(f"s4fusion-batch: fusing {report.input} again: this run names "
+                       f"{', '.join(changed)}", file=sys.stderr)
         try:
             units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
         except BagError as error:
-            if finished:  # the finished output stands; only its input cannot be planned now
-                return self._skip(job, report, earlier, f', kept as it is: {error}')
             report.status, report.error = 'failed', str(error)
             self._line(report)
             return 0
-        topics = list(units[0].topics)
-        if finished and earlier.get('topics', topics) == topics:
-            return self._skip(job, report, earlier)
-        if finished:
-            tqdm.write(f"s4fusion-batch: fusing {report.input} again: {report.output} was fused "
-                       f"from {' and '.join(earlier['topics'])}, this run picks "
-                       f"{' and '.join(topics)}", file=sys.stderr)
-        report.topics, report.units = topics, len(units)
+        report.topics, report.units = list(units[0].topics), len(units)
         self.units[number] = units
         if len(units) == 1:
             shutil.rmtree(job.staging, ignore_errors=True)
@@ -513,13 +512,13 @@ class _Runner:
             thermal = reader.topics[units[0].topics[0]].msgcount
         return round(thermal * len(todo) / len(units))
 
-    def _skip(self, job: BagJob, report: BagReport, earlier: dict, why: str = '') -> int:
+    def _skip(self, job: BagJob, report: BagReport, earlier: dict) -> int:
         """Keep a bag the manifest lists as finished, with its earlier counts; return 0 pairs."""
         shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
         for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes', 'topics'):
             setattr(report, name, earlier.get(name, getattr(report, name)))
         report.status = 'skipped'
-        self._line(report, why)
+        self._line(report)
         return 0
 
     def _submit(self, number: int, unit: Unit) -> None:
@@ -612,12 +611,12 @@ class _Runner:
             shutil.rmtree(self.jobs[number].staging, ignore_errors=True)  # a whole bag's counts
         self._line(report)
 
-    def _line(self, report: BagReport, why: str = '') -> None:
+    def _line(self, report: BagReport) -> None:
         if report.status == 'failed':
             text = ('FAILED ' + ('' if report.error.startswith(report.input)
                                  else f'{report.input}: ') + report.error)
         elif report.status == 'skipped':
-            text = f'skipped {report.input}: {report.output} is finished{why}'
+            text = f'skipped {report.input}: {report.output} is finished'
         else:
             text = (f'done {report.input} -> {report.output}: {report.fused} pairs fused, '
                     f'{report.unpaired} unpaired, {report.dropped} dropped '
