@@ -28,6 +28,14 @@ FOURCC = 'mp4v'
 VIDEO_SUFFIXES = ('.mp4', '.mov', '.mkv', '.avi')
 MAX_WIDTH = 2560  # pixels of the whole row
 TITLES = ('visible', 'thermal', 'fused', 'saliency')
+# OpenCV's writers refuse more than 65535 frames/s, which frames logged at one instant ask for.
+MAX_FPS = 1000.0
+
+
+def frame_rate(frames: int, seconds: float) -> float:
+    """The rate of `frames` spread evenly over `seconds` (frames - 1 intervals), at most
+    MAX_FPS; 1 for fewer than two frames or no time."""
+    return min(MAX_FPS, (frames - 1) / seconds) if frames > 1 and seconds > 0 else 1.0
 
 
 def saliency_bgr(saliency: np.ndarray) -> np.ndarray:
@@ -167,7 +175,7 @@ def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic:
              if pair.visible_stamp_ns in wanted}
     stamps = [stamp for stamp in stamps if stamp in pairs]
     span = (stamps[-1] - stamps[0]) / 1e9 if stamps else 0.0
-    with SideBySideVideo(path, (len(stamps) - 1) / span if span > 0 else 1.0) as video:
+    with SideBySideVideo(path, frame_rate(len(stamps), span)) as video:
         for stamp in tqdm(stamps, desc='video', unit='frame', file=sys.stderr, leave=False):
             pair = pairs[stamp]
             saliency = np.asarray(image_to_array(outputs[saliency_topic][stamp]))

@@ -160,13 +160,25 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     out = tmp_path / 'out'
     (out / 'fused').mkdir(parents=True)  # an earlier run's output for the pair that now fails
     (out / 'fused' / 'broken.png').write_bytes(b'stale')
-    code = fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
-                      str(out), '--weights', str(tiny_weights), '--device', 'cpu'])
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
+               '--weights', str(tiny_weights), '--device', 'cpu']
+    assert fuse.main(command) == 1  # an earlier run's output stays unless told otherwise
+    assert '1 output(s) exist' in capsys.readouterr().err
+    assert (out / 'fused' / 'broken.png').read_bytes() == b'stale'
+    code = fuse.main(command + ['--overwrite'])
     errors = capsys.readouterr().err
     assert code == 1
     assert f'no partner for {tmp_path / "ir" / "lonely.png"}' in errors
     assert f'{tmp_path / "vi" / "broken.png"}: not a readable image' in errors
+    assert f'fused 1 of 2 pairs into {out}; 1 file(s) without a partner skipped' in errors
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+    # Written into an input folder itself (--ir X/fused --out X), the inputs would go.
+    shutil.copytree(tmp_path / 'ir', tmp_path / 'x' / 'fused')
+    before = (tmp_path / 'x' / 'fused' / '08.png').read_bytes()
+    assert fuse.main(['--ir', str(tmp_path / 'x' / 'fused'), *command[2:4], '--out',
+                      str(tmp_path / 'x'), *command[6:], '--overwrite']) == 1
+    assert f'{tmp_path / "x" / "fused"} is an input folder' in capsys.readouterr().err
+    assert (tmp_path / 'x' / 'fused' / '08.png').read_bytes() == before
 
 
 def test_report_names_the_base_settings_the_hashed_weights_run_at():

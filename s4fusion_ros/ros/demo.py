@@ -33,9 +33,10 @@ from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image
                      open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import Key, number, per_input
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
-from ..files import write_png
+from ..files import write_png, write_text_atomically
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
+from ..model import CheckpointError
 from ..runtime import model_from_params
 from ..video import bag_pairs, export_recording, saliency_bgr
 from .parameters import qos_profile
@@ -62,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         '%(default)s)')
     parser.add_argument('--bag', type=pathlib.Path,
                         help='play this bag instead of the shipped sample (topics detected)')
+    parser.add_argument('--thermal-topic',
+                        help="the bag's thermal topic (default: detected)")
+    parser.add_argument('--visible-topic',
+                        help="the bag's visible topic (default: detected)")
     parser.add_argument('--params', type=pathlib.Path,
                         help="the node's parameter file (default: the node's defaults)")
     parser.add_argument('--rate', type=float,
@@ -159,7 +164,7 @@ def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic
 
     The rate is at most 1 and leaves HEADROOM of each thermal period to everything else.
     """
-    period = span_s / max(thermal.count, 1)
+    period = thermal_period(span_s, thermal.count)
     pair = next(bag_pairs(bag, thermal.topic, visible.topic,
                           pipeline_from_params(values)), None)
     if pair is None:
@@ -170,6 +175,11 @@ def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic
     # At least MIN_RATE: a model far too slow for the bag would round the rate to 0, which
     # would never play; the summary then says what it dropped.
     return min(1.0, max(MIN_RATE, round(HEADROOM * period / seconds, 2))), seconds, period
+
+
+def thermal_period(span_s: float, count: int) -> float:
+    """Seconds between the thermal frames of a bag: `count` frames make count - 1 intervals."""
+    return span_s / max(count - 1, 1)
 
 
 def write_previews(bag: pathlib.Path, directory: pathlib.Path) -> list[pathlib.Path]:
@@ -234,8 +244,6 @@ def run(args: argparse.Namespace) -> str:
     bag = args.bag or sample_bag()
     out_dir, logs = args.output_dir, args.output_dir / 'logs'
     logs.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob('preview_*.png'), out_dir / VIDEO]:  # from an earlier run
-        stale.unlink(missing_ok=True)
     values = settings.load_params_file(args.params) if args.params else settings.defaults()
     if args.params:
         # The demo records the outputs with the QoS of qos.output.*: a reliable recorder would
@@ -248,7 +256,8 @@ def run(args: argparse.Namespace) -> str:
                 f'{args.params}: the demo records the outputs with qos.output.*; set those '
                 f'instead of {", ".join(overridden)}')
     with open_bag(bag) as reader:
-        thermal, visible = pick_topics(image_topics(reader, bag), bag, values=values)
+        thermal, visible = pick_topics(image_topics(reader, bag), bag, args.thermal_topic,
+                                       args.visible_topic, values)
         end_ns, span_s = reader.end_time, (reader.end_time - reader.start_time) / 1e9
     rate = args.rate
     if rate is None:
@@ -307,13 +316,16 @@ def run(args: argparse.Namespace) -> str:
         stop(player)
         stop(node_process)
         rclpy.try_shutdown()
+    # The new fused bag is in place: what an earlier run made from its own goes first.
+    for stale in [*out_dir.glob('preview_*.png'), out_dir / VIDEO, out_dir / 'summary.txt']:
+        stale.unlink(missing_ok=True)
     previews = write_previews(out_dir / 'fused_bag', out_dir)
     frames = export_recording(bag, thermal.topic, visible.topic,
                               pipeline_from_params(values), out_dir / 'fused_bag',
                               *OUTPUT_TOPICS, out_dir / VIDEO)
     line = summary_line(monitor, fused, time.monotonic() - started, drained_ok, rate,
-                        span_s / max(thermal.count, 1))
-    (out_dir / 'summary.txt').write_text(line + '\n')
+                        thermal_period(span_s, thermal.count))
+    write_text_atomically(out_dir / 'summary.txt', line + '\n')
     print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {VIDEO} '
           f'({frames} frames) and summary.txt in {out_dir}', file=sys.stderr)
     return line
@@ -328,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f'\n{PROG}: interrupted; no fused bag written', file=sys.stderr)
         return 130
-    except (BagError, settings.SettingsError, OSError) as error:
-        print(f'{PROG}: {error}', file=sys.stderr)
+    except (BagError, settings.SettingsError, OSError, CheckpointError, ValueError) as error:
+        print(f'{PROG}: {error}', file=sys.stderr)  # ValueError: e.g. a device it does not have
         return 1
     return 0
 

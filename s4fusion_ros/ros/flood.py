@@ -377,6 +377,12 @@ def main(argv=None) -> int:
         parser.error('--duration must be > 0')
     if any(not (rate >= 0 and math.isfinite(rate)) for rate in args.rate or []):
         parser.error('--rate must be >= 0 and finite')
+    from rclpy.exceptions import InvalidNamespaceException
+    from rclpy.validate_namespace import validate_namespace
+    try:
+        validate_namespace(args.namespace)
+    except InvalidNamespaceException as error:
+        parser.error(f'--namespace: {error}')
     # Keep the flood on this machine unless told otherwise; large images go through shared
     # memory (as the launch file sets up).
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')

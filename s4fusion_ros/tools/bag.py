@@ -40,8 +40,9 @@ from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_salienc
 from ..files import write_png
 from ..imaging.encodings import ImageDecodeError
 from ..messages import stamp_to_ns
+from ..model import CheckpointError
 from ..runtime import model_from_params
-from ..video import VIDEO_SUFFIXES, SideBySideVideo, panel_row
+from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate, panel_row
 
 PROG = 's4fusion-bag'
 DEFAULT_FUSED_TOPIC = f'/{settings.NODE_NAME}/fused'
@@ -297,6 +298,12 @@ def run(args: argparse.Namespace) -> None:
         raise BagError(f'{args.output}: the output cannot be the input bag, hold it or lie '
                        f'inside it')
     check_output(args.output, args.overwrite)  # before minutes of work, not after
+    for flag, export in (('--export-video', args.export_video), ('--export-png', args.export_png)):
+        # Made early, its folder inside the output would stop the bag's rename at the end.
+        resolved = export.resolve() if export else None
+        for what, bag in (('output', output), ('input', source)):
+            if resolved and (resolved == bag or bag in resolved.parents):
+                raise BagError(f'{flag} {export}: inside the {what} bag {bag}; write it elsewhere')
     if args.export_video and args.export_video.is_dir():
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
     if args.export_video and args.export_video.suffix.lower() not in VIDEO_SUFFIXES:
@@ -322,7 +329,7 @@ def run(args: argparse.Namespace) -> None:
             args.export_png.mkdir(parents=True, exist_ok=True)
         # The video plays at the thermal camera's recorded rate: one frame per pair.
         span = (reader.end_time - reader.start_time) / 1e9
-        video = (SideBySideVideo(args.export_video, thermal.count / span if span > 0 else 1.0)
+        video = (SideBySideVideo(args.export_video, frame_rate(thermal.count, span))
                  if args.export_video else None)
         engine = FusionEngine(loaded, fusion_settings(values))
         fuser = BagFuser(pipeline_from_params(values), engine, args.export_png, args.export_every,
@@ -387,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'{PROG}: writing {args.output} failed: {error}; {untouched(args)}',
               file=sys.stderr)
         return 1
-    except ValueError as error:  # a model, device or image setting that cannot work
+    except (ValueError, CheckpointError) as error:  # weights, device or a setting that cannot work
         print(f'{PROG}: {error}; {untouched(args)}', file=sys.stderr)
         return 1
     return 0

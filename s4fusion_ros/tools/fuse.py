@@ -3,7 +3,8 @@
 Pairs are matched by file name in --ir and --vi (or by the name without its extension where
 that is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the tool writes
 OUT/fused/NAME.png (colour when the visible image is colour, else gray) and OUT/saliency/NAME.png
-(mono, 0-255): what the node publishes for that pair, from the same FusionEngine.
+(mono, 0-255): what the node publishes for that pair, from the same FusionEngine. Existing
+outputs are replaced only with --overwrite, and never an input folder.
 
 Example:
   s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import parse_size, run_command
+from ..cli import parse_size, run_command, stop_on_signals
 from ..engine import FusionEngine, fusion_settings
 from ..files import write_png
 from ..imaging.registration import ThermalRegistration
@@ -161,6 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              'range, as the node does with camera frames: for raw 16-bit '
                              'radiometric counts (default: value / type maximum, as the public '
                              'datasets are stored and the model was trained)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace the PNGs an earlier run wrote under --out')
     args = parser.parse_args(argv)
     error = settings.check({'model.detail_gain': args.detail_gain})
     if error:
@@ -168,14 +171,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def output_paths(out: pathlib.Path, pairs: list[Pair]) -> dict[str, tuple[pathlib.Path, ...]]:
-    """name -> (fused path, saliency path); ValueError if two inputs map to one output."""
+def output_paths(args: argparse.Namespace,
+                 pairs: list[Pair]) -> dict[str, tuple[pathlib.Path, ...]]:
+    """name -> (fused path, saliency path); ValueError if two inputs map to one output, an
+    output folder is an input folder, or outputs exist without --overwrite."""
     stems = [pathlib.Path(pair.name).stem for pair in pairs]
     clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
     if clashes:
         raise ValueError(f'several inputs would write the same output: {clashes[:5]}.png')
-    return {pair.name: (out / 'fused' / f'{stem}.png', out / 'saliency' / f'{stem}.png')
-            for pair, stem in zip(pairs, stems)}
+    inputs = {args.ir.resolve(), args.vi.resolve()}
+    for kind in ('fused', 'saliency'):
+        if (args.out / kind).resolve() in inputs:
+            raise ValueError(f'{args.out / kind} is an input folder: choose another --out')
+    outputs = {pair.name: (args.out / 'fused' / f'{stem}.png',
+                           args.out / 'saliency' / f'{stem}.png')
+               for pair, stem in zip(pairs, stems)}
+    existing = [path for paths in outputs.values() for path in paths if path.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f'{len(existing)} output(s) exist ({existing[0]}, ...); pass '
+                         '--overwrite to replace them')
+    return outputs
 
 
 def fuse_folders(args: argparse.Namespace) -> int:
@@ -186,7 +201,7 @@ def fuse_folders(args: argparse.Namespace) -> int:
     if not pairs:
         raise ValueError(f'no pairs with the same file name (or the same name with another '
                          f'extension) in {args.ir} and {args.vi}')
-    outputs = output_paths(args.out, pairs)
+    outputs = output_paths(args, pairs)
     loaded = load_fusion_model(args.weights, args.preset, args.device,
                                detail_gain=args.detail_gain)
     print(f'{PROG}: {len(pairs)} pairs with {loaded.name} on {loaded.device} -> {args.out}',
@@ -204,17 +219,21 @@ def fuse_folders(args: argparse.Namespace) -> int:
         except ValueError as error:  # an unreadable or unusable file: the others still run
             tqdm.write(f'{PROG}: {error}', file=sys.stderr)
             failed += 1
-            for stale in outputs[pair.name]:  # an earlier run's output is not this input's
+            for stale in outputs[pair.name]:  # an overwritten run's output is not this input's
                 stale.unlink(missing_ok=True)
             continue
         for path, image in zip(outputs[pair.name], (images.fused, images.saliency)):
             write_png(path, image)
+    print(f'{PROG}: fused {len(pairs) - failed} of {len(pairs)} pairs into {args.out}'
+          + (f'; {len(unmatched)} file(s) without a partner skipped' if unmatched else ''),
+          file=sys.stderr)
     return failed
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit code 0 when every pair was fused, 1 otherwise."""
     args = parse_args(argv)
+    stop_on_signals()
     return run_command(PROG, lambda: _report_failed(fuse_folders(args)),
                        (OSError, ValueError, CheckpointError))
 
