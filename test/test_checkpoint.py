@@ -169,7 +169,8 @@ def test_bad_json(saved, text, problem):
 
 @pytest.mark.parametrize('field, value', [
     ('d_state', -1), ('d_state', 1.5), ('dims', [0, 0, 0]), ('fusion_blocks', 0), ('d_conv', 2),
-    ('ssm_ratio', 0.0), ('ssm_ratio', 0.05), ('ssm_ratio', float('inf'))])
+    ('ssm_ratio', 0.0), ('ssm_ratio', 0.05), ('ssm_ratio', float('inf')), ('ssm_ratio', 1e30),
+    ('fuse_level0', 'false')])
 def test_a_config_that_builds_no_network_is_refused_naming_the_file(saved, field, value):
     _, path = saved
     json_path = path.with_suffix('.json')

@@ -133,6 +133,8 @@ def test_forward_rejects_bad_shapes():
         model(torch.rand(1, 1, 13, 13), torch.rand(1, 1, 13, 14))
     with pytest.raises(ValueError, match='expected IR and VI'):
         model(torch.rand(1, 3, 13, 13), torch.rand(1, 3, 13, 13))
+    with pytest.raises(ValueError, match='expected IR and VI'):
+        model(torch.rand(1, 1, 13, 13), torch.rand(1, 1, 13, 13, dtype=torch.float64))
 
 
 def test_determinism():

@@ -162,7 +162,11 @@ def load_checkpoint(path, device=None, dtype=None):
         raise CheckpointError(f'{path}: not a readable safetensors file (truncated or corrupt?): '
                               f'{exc}') from None
     tensors = _dequantized(tensors, path)
-    model = S4Fusion(config, device=device, dtype=dtype)
+    try:
+        model = S4Fusion(config, device=device, dtype=dtype)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # sizes torch refuses
+        raise CheckpointError(f'{path}: cannot build the network {config_path(path).name} '
+                              f'describes: {str(exc).splitlines()[0]}') from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]

@@ -15,6 +15,9 @@ from .scan import BACKENDS
 BASES = ('none', 'laplacian')
 # Config fields that enhance the Laplacian base; 1.0 (plain) without it.
 BASE_ENHANCEMENTS = ('detail_gain', 'base_contrast')
+# Inner width over model width of the selective-scan blocks: the authors use 2; far beyond it a
+# corrupt config would allocate without bound.
+MAX_SSM_RATIO = 16.0
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,14 @@ class S4FusionConfig:
                if isinstance(value, bool) or not isinstance(value, int) or value < 1}
         if bad or self.d_conv % 2 == 0:  # an even depthwise kernel would shift the sequence
             raise ValueError(f'sizes must be integers >= 1 and d_conv odd, got {bad or sizes}')
+        if not isinstance(self.fuse_level0, bool):
+            raise ValueError(f'fuse_level0 must be true or false, got {self.fuse_level0!r}')
         if min(self.encoder_depths + self.decoder_depths) < 0:
             raise ValueError(f'depths must be >= 0, got {self.encoder_depths}, '
                              f'{self.decoder_depths}')
-        if not (math.isfinite(self.ssm_ratio) and int(self.ssm_ratio * self.dims[0]) >= 1):
-            raise ValueError(f'ssm_ratio must be finite and give the first level at least one '
-                             f'inner channel, got {self.ssm_ratio}')
+        if not (0 < self.ssm_ratio <= MAX_SSM_RATIO and int(self.ssm_ratio * self.dims[0]) >= 1):
+            raise ValueError(f'ssm_ratio must be at most {MAX_SSM_RATIO} and give the first '
+                             f'level at least one inner channel, got {self.ssm_ratio}')
         if self.patch_size < self.patch_stride:
             raise ValueError('patch_size < patch_stride would leave pixels no patch covers')
         if self.base not in BASES:
@@ -265,9 +270,11 @@ class S4Fusion(nn.Module):
 
     def forward(self, ir, vi):
         """``(B, 1, H, W) x 2 -> (B, 1, H, W)``: pad, encode, fuse, decode, crop."""
-        if ir.dim() != 4 or ir.shape[1] != 1 or ir.shape != vi.shape:
-            raise ValueError(f'expected IR and VI of one shape (B, 1, H, W), got '
-                             f'{tuple(ir.shape)} and {tuple(vi.shape)}')
+        if (ir.dim() != 4 or ir.shape[1] != 1 or ir.shape != vi.shape or ir.dtype != vi.dtype
+                or ir.device != vi.device):
+            raise ValueError(f'expected IR and VI of one shape (B, 1, H, W), dtype and device, '
+                             f'got {tuple(ir.shape)} {ir.dtype} {ir.device} and '
+                             f'{tuple(vi.shape)} {vi.dtype} {vi.device}')
         height, width = ir.shape[2:]
         base = None
         if self.config.base == 'laplacian':

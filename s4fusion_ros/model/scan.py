@@ -117,11 +117,14 @@ class NumbaSelectiveScan(torch.autograd.Function):
 def scan_backend(u):
     """Name the backend ``selective_scan`` picks for input ``u`` when none is asked for.
 
-    float64 goes to the PyTorch scan: the numba kernels compute in float32.
+    float64 goes to the PyTorch scan: the numba kernels compute in float32 and mamba-ssm's
+    takes only float32, float16 and bfloat16.
     """
+    if u.dtype == torch.float64:
+        return 'torch'
     if u.is_cuda:
         return 'mamba' if mamba_scan_fn() is not None else 'torch'
-    if u.device.type == 'cpu' and u.dtype != torch.float64 and numba_scan_fn() is not None:
+    if u.device.type == 'cpu' and numba_scan_fn() is not None:
         return 'numba'
     return 'torch'
 
