@@ -96,7 +96,9 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--rate', 'inf'], '--rate must be > 0 and finite'),
+    (['--rate', 'inf'], '--rate must be from 1e-06 to 1e+06'),
+    (['--rate', '1e-300'], '--rate must be from'),  # its waits would overflow time.sleep
+    (['--clock-rate', 'nan'], '--clock-rate must be from'),
     (['--wait-for', 'bad-name'], 'node name must not contain'),
     (['--wait-for', 'ns-x/name'], 'namespace'),
     (['--remap', '/thermal/image_raw:=/bad topic'], 'topic name'),

@@ -46,6 +46,7 @@ DISCOVERY_SETTLE_S = 1.0
 ACK_TIMEOUT_S = 10.0
 # A --loop pass lasts at least this much bag time: a bag of one moment repeats, not spins.
 LOOP_MINIMUM_S = 1.0
+RATE_LIMITS = (1e-6, 1e6)  # of --rate and --clock-rate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,8 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'so that nodes on sim time finish their timers')
     args = parser.parse_args(argv)
     for option in ('rate', 'clock_rate'):
-        if not (getattr(args, option) > 0 and math.isfinite(getattr(args, option))):
-            parser.error(f'--{option.replace("_", "-")} must be > 0 and finite')
+        # Beyond these a wait overflows time.sleep, or /clock ticks faster than it can publish.
+        if not RATE_LIMITS[0] <= getattr(args, option) <= RATE_LIMITS[1]:
+            parser.error(f'--{option.replace("_", "-")} must be from {RATE_LIMITS[0]:g} to '
+                         f'{RATE_LIMITS[1]:g}')
     try:
         args.remap = dict(_split_remap(item) for item in args.remap)
         for new in args.remap.values():
