@@ -11,8 +11,11 @@ CSV). It reads 8-bit PNGs; some of its functions work on ``im2double`` ([0, 1]) 
 uint8, whose saturating arithmetic changes SD, MI and VIF. ``matlab_compat=True`` reproduces its
 numbers exactly (checked on 42 TNO images: agreement to 1e-6 or better for all 11 metrics). The
 toolkit's version of March 2023 (7849642) passes ``im2double * 255`` to SF, SD, VIF, AG, CC, SCD
-and Qabf, which then agree with this module's default; EN and MI stay on uint8 (MI with the
-saturation below), and MSE and PSNR on [0, 1] as in the right column.
+and Qabf, which then agree with this module's default, but for Qabf's G = gF where gS == gF (at
+most about 0.05 % on 0-255 data, most for fusions that copy source pixels); EN and MI stay on
+uint8 (MI with the saturation below), and MSE and PSNR on [0, 1] as in the right column. Its
+Qabf, like the 2022 one and this module's, takes |angle difference| / (pi / 2) without wrapping
+the angles mod pi, so it changes (by about 2 % on TNO) when all three images are transposed.
 
 ======  ============================================  ============================================
 metric  this module (0-255 scale)                     MATLAB reference (``matlab_compat=True``)
@@ -42,7 +45,8 @@ Qabf    Xydeas & Petrovic: Sobel on zero-padded       on [0, 1]: where the exact
                                                       DenseFuse TNO: within 0.8 %
 SSIM    SSIM(F, A) + SSIM(F, B), Wang et al. 2004:    not in the reference (the 2022 toolkit's is
         Gaussian window 11, sigma 1.5, K1 0.01,       mef_ssim, another metric). Since 7849642
-        K2 0.03, L 255, mean over the valid region    0.5 SSIM(F, A) + 0.5 SSIM(F, B) by MATLAB's
+        K2 0.03, L 255, mean over the valid region    (run with easy = 0; easy = 1 writes 1)
+                                                      0.5 SSIM(F, A) + 0.5 SSIM(F, B) by MATLAB's
                                                       ssim, a mean: about ours / 2 (its constants
                                                       for 0-255 doubles are 255^2 times smaller).
                                                       Summed like MI and VIF, and as in CDDFuse's
