@@ -220,6 +220,17 @@ def test_compressed_image_over_the_size_limit_is_refused_from_its_header():
         decode_visible(RawCompressedImage('png', WIDE_PNG))
 
 
+def test_a_jpeg_over_max_pixels_is_refused_from_a_header_behind_metadata_or_fill_bytes():
+    # Its frame marker behind a 64 kB APP2 segment (an EXIF thumbnail, say) and a fill byte;
+    # the scan cut off, so only the header can tell its size: decoding would fail otherwise.
+    jpeg = cv2.imencode('.jpg', np.zeros((1200, 1600, 3), np.uint8))[1].tobytes()
+    frame = next(i for i in range(2, len(jpeg)) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xC0)
+    app2 = b'\xff\xe2' + (0xFFF0).to_bytes(2, 'big') + bytes(0xFFF0 - 2)
+    cut = jpeg[:2] + app2 + jpeg[2:frame] + b'\xff' + jpeg[frame:frame + 19]
+    with pytest.raises(ImageDecodeError, match='1600x1200 exceeds 1000000 pixels'):
+        decode_visible(RawCompressedImage('jpeg', cut), max_pixels=1_000_000)
+
+
 def test_compressed_image_over_the_size_limit_is_refused_where_opencv_has_no_limits():
     # A library user's process, which the package does not set up: refused once decoded.
     script = ('import sys; from s4fusion_ros.imaging.encodings import ImageDecodeError, '

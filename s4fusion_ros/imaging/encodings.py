@@ -191,21 +191,33 @@ def image_to_array(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...); C4, C8 and CC are not frames.
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's or JPEG's header, None for other formats or a header cut
-    short. Read by hand: OpenCV's Python API has no header-only read, and the point is to refuse
-    a huge image before decoding allocates it."""
-    if data[:8] == _PNG_SIGNATURE and data[12:16] == b'IHDR' and len(data) >= 24:
+def _header_size(data) -> tuple[int, int] | None:
+    """(width, height) from a PNG's or JPEG's header (`data`: bytes or a memoryview), None for
+    other formats or a header cut short or damaged. Read by hand: OpenCV's Python API has no
+    header-only read, and the point is to refuse a huge image before decoding allocates it. A
+    JPEG's frame marker can follow large metadata (an EXIF thumbnail): the walk jumps from
+    segment to segment over the whole file."""
+    if bytes(data[:8]) == _PNG_SIGNATURE and bytes(data[12:16]) == b'IHDR' and len(data) >= 24:
         return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    if bytes(data[:2]) != b'\xff\xd8':
+        return None
     position = 2
-    while data[:2] == b'\xff\xd8' and position + 9 <= len(data) and data[position] == 0xFF:
+    while position + 1 < len(data) and data[position] == 0xFF:
         marker = data[position + 1]
-        if marker in _JPEG_FRAMES:  # length, precision, height, width
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+        elif marker in _JPEG_STANDALONE:  # no length field
+            position += 2
+        elif marker in _JPEG_FRAMES and position + 9 <= len(data):  # length, precision, h, w
             return (int.from_bytes(data[position + 7:position + 9], 'big'),
                     int.from_bytes(data[position + 5:position + 7], 'big'))
-        position += 2 + int.from_bytes(data[position + 2:position + 4], 'big')
+        elif marker in (0xD9, 0xDA):  # end of image, or the scan, before any frame
+            return None
+        else:
+            position += 2 + int.from_bytes(data[position + 2:position + 4], 'big')
     return None
 
 
@@ -216,7 +228,7 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
     data = _byte_view(img.data, name)
     if data.size == 0:
         raise ImageDecodeError(f'{name} image: no data')
-    size = _header_size(data[:1 << 16].tobytes())
+    size = _header_size(memoryview(data))
     if size is not None:
         _check_pixels(*size, name, max_pixels)
     try:
