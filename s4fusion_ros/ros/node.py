@@ -238,10 +238,6 @@ class S4FusionNode(Node):
     def _on_image(self, role: str, msg) -> None:
         self._rate(role).tick()
         stamp_ns = stamp_to_ns(msg.header.stamp)
-        if stamp_ns <= 0 and self._log_due((role, 'bad stamp')):  # the synchronizer counts it
-            self.get_logger().warning(
-                f'{getattr(self, f"{role}_sub").topic_name}: dropped a message stamped '
-                f'{stamp_ns} ns: pairing is by header stamp, which its driver leaves unset')
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
             prepared = add(msg, stamp_ns, msg.header.frame_id)
@@ -249,6 +245,11 @@ class S4FusionNode(Node):
             self.rejected[role] += 1
             self._log_rejection(role, msg, error)
             return
+        # Decoded, so counted by the synchronizer as a bad stamp, not as a bad message.
+        if stamp_ns <= 0 and self._log_due((role, 'bad stamp')):
+            self.get_logger().warning(
+                f'{getattr(self, f"{role}_sub").topic_name}: dropped a message stamped '
+                f'{stamp_ns} ns: pairing is by header stamp, which its driver leaves unset')
         self._submit(prepared)
 
     def _log_due(self, key) -> bool:
