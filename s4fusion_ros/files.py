@@ -6,6 +6,15 @@ import pathlib
 import numpy as np
 
 
+def resolved(path: pathlib.Path) -> pathlib.Path:
+    """``path.resolve()``, with a symlink loop as an OSError naming the path (Python 3.11
+    raises a bare RuntimeError)."""
+    try:
+        return path.resolve()
+    except RuntimeError as error:
+        raise OSError(f'{path}: {error}') from None
+
+
 def write_atomically(path: pathlib.Path, write) -> None:
     """Fill `path` with write(binary file): via a hidden temporary file, fsync, then rename; a
     write that fails or is interrupted leaves `path` as it was and no temporary file."""

@@ -28,14 +28,17 @@ FOURCC = 'mp4v'
 VIDEO_SUFFIXES = ('.mp4', '.mov', '.mkv', '.avi')
 MAX_WIDTH = 2560  # pixels of the whole row
 TITLES = ('visible', 'thermal', 'fused', 'saliency')
-# OpenCV's writers refuse more than 65535 frames/s, which frames logged at one instant ask for.
-MAX_FPS = 1000.0
+# OpenCV's mp4v writer opens only from 0.001 to 65535 frames/s: frames logged at one instant,
+# or minutes apart, would ask for more or less.
+FPS_RANGE = (0.01, 1000.0)
 
 
 def frame_rate(frames: int, seconds: float) -> float:
-    """The rate of `frames` spread evenly over `seconds` (frames - 1 intervals), at most
-    MAX_FPS; 1 for fewer than two frames or no time."""
-    return min(MAX_FPS, (frames - 1) / seconds) if frames > 1 and seconds > 0 else 1.0
+    """The rate of `frames` spread evenly over `seconds` (frames - 1 intervals), within
+    FPS_RANGE; 1 for fewer than two frames or no time."""
+    if frames < 2 or not seconds > 0:
+        return 1.0
+    return min(FPS_RANGE[1], max(FPS_RANGE[0], (frames - 1) / seconds))
 
 
 def saliency_bgr(saliency: np.ndarray) -> np.ndarray:

@@ -313,6 +313,19 @@ def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite
         'metadata.yaml', 'recording.mcap']
 
 
+def test_exports_inside_the_output_or_input_bag_are_refused_before_any_work(
+        short_events, tmp_path, capsys):
+    # Made early, an export's folder inside the output stopped the bag's rename at the end.
+    source = write_bag(tmp_path / 'recording', short_events[:20], 'mcap')
+    output = tmp_path / 'fused'
+    for flag, path, where in (('--export-video', output / 'v.mp4', 'output'),
+                              ('--export-png', output / 'png', 'output'),
+                              ('--export-png', source / 'png', 'input')):
+        assert bag_tool.main([str(source), str(output), flag, str(path)]) == 1
+        assert f'{flag} {path}: inside the {where} bag' in capsys.readouterr().err
+        assert not output.exists() and not path.exists()
+
+
 def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path, capsys):
     truncated = write_bag(tmp_path / 'truncated', short_events, 'mcap')
     storage_file = truncated / 'truncated.mcap'

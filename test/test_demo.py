@@ -89,6 +89,14 @@ def test_the_demo_plays_a_bag_too_fast_for_the_model_at_its_slowest_rate():
     assert rate == MIN_RATE and model_s > 1000 * period_s
 
 
+@pytest.mark.parametrize('rate', ['1e7', '1e-7', 'inf', '0'])
+def test_the_demo_refuses_a_rate_its_player_would_refuse(rate, capsys):
+    from s4fusion_ros.ros.demo import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(['--rate', rate])
+    assert '--rate must be from 1e-06 to 1e+06' in capsys.readouterr().err
+
+
 def test_the_demo_refuses_qos_overrides_of_the_outputs_it_records(tmp_path):
     # Its recorder subscribes with qos.output.*: an override would leave it hearing nothing.
     params = tmp_path / 'params.yaml'

@@ -179,6 +179,11 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
                       str(tmp_path / 'x'), *command[6:], '--overwrite']) == 1
     assert f'{tmp_path / "x" / "fused"} is an input folder' in capsys.readouterr().err
     assert (tmp_path / 'x' / 'fused' / '08.png').read_bytes() == before
+    # An output folder that is a symlink loop: one line, not a traceback.
+    (tmp_path / 'loop').mkdir()
+    (tmp_path / 'loop' / 'fused').symlink_to(tmp_path / 'loop' / 'fused')
+    assert fuse.main([*command[:4], '--out', str(tmp_path / 'loop'), *command[6:]]) == 1
+    assert 'Symlink loop' in capsys.readouterr().err
 
 
 def test_report_names_the_base_settings_the_hashed_weights_run_at():

@@ -7,7 +7,7 @@ import pytest
 from s4fusion_ros import settings
 from s4fusion_ros.bagio import create_bag
 from s4fusion_ros.engine import pipeline_from_params
-from s4fusion_ros.video import SideBySideVideo, export_recording, panel_row
+from s4fusion_ros.video import FPS_RANGE, SideBySideVideo, export_recording, frame_rate, panel_row
 from support import THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, write_bag
 
 
@@ -41,6 +41,18 @@ def test_the_video_reads_back_with_every_panel_where_it_belongs(tmp_path):
     np.testing.assert_allclose(panels[2], [60] * 3, atol=12)
     np.testing.assert_allclose(panels[3], cv2.applyColorMap(np.zeros((1, 1), np.uint8),
                                                             cv2.COLORMAP_INFERNO)[0, 0], atol=12)
+
+
+def test_the_frame_rate_stays_where_opencv_writes_video(tmp_path):
+    # 9 frames in 1 s are 8 intervals; frames logged at one instant or 25 minutes apart would
+    # ask OpenCV's writer for rates it refuses to open with.
+    assert frame_rate(9, 1.0) == 8.0 and frame_rate(1, 5.0) == frame_rate(5, 0.0) == 1.0
+    assert frame_rate(2, 1e-9) == FPS_RANGE[1] and frame_rate(2, 1500.0) == FPS_RANGE[0]
+    for fps in FPS_RANGE:
+        video = SideBySideVideo(tmp_path / f'{fps}.mp4', fps)
+        with video:
+            video.add(np.zeros((32, 64, 3), np.uint8))
+        assert (tmp_path / f'{fps}.mp4').stat().st_size > 0
 
 
 def test_a_wide_row_is_scaled_to_even_sides_within_the_limit(tmp_path):

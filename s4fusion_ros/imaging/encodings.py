@@ -192,6 +192,9 @@ _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...); C4, C8 and CC are not frames.
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers
+# Markers (fill bytes included) a header walk takes before leaving the size to the decoder: a
+# camera's JPEG has a few dozen before its frame, a damaged one could hold millions.
+_JPEG_MARKERS_WALKED = 1 << 12
 
 
 def _header_size(data) -> tuple[int, int] | None:
@@ -205,7 +208,9 @@ def _header_size(data) -> tuple[int, int] | None:
     if bytes(data[:2]) != b'\xff\xd8':
         return None
     position = 2
-    while position + 1 < len(data) and data[position] == 0xFF:
+    for _ in range(_JPEG_MARKERS_WALKED):
+        if not (position + 1 < len(data) and data[position] == 0xFF):
+            return None
         marker = data[position + 1]
         if marker == 0xFF:  # a fill byte before the marker
             position += 1

@@ -164,6 +164,8 @@ def load_checkpoint(path, device=None, dtype=None):
     tensors = _dequantized(tensors, path)
     try:
         model = S4Fusion(config, device=device, dtype=dtype)
+    except torch.OutOfMemoryError:
+        raise  # the device's, not the config's
     except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # sizes torch refuses
         raise CheckpointError(f'{path}: cannot build the network {config_path(path).name} '
                               f'describes: {str(exc).splitlines()[0]}') from None

@@ -40,6 +40,7 @@ from ..model import CheckpointError
 from ..runtime import model_from_params
 from ..video import bag_pairs, export_recording, saliency_bgr
 from .parameters import qos_profile
+from .player import RATE_LIMITS
 from .recorder import TopicRecorder
 from .spin import spin_until
 
@@ -77,8 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--timeout', type=float, default=180.0,
                         help='give up after this many seconds (default: %(default)s)')
     args = parser.parse_args(argv)
-    if args.rate is not None and not args.rate > 0:
-        parser.error('--rate must be > 0')
+    if args.rate is not None and not RATE_LIMITS[0] <= args.rate <= RATE_LIMITS[1]:
+        parser.error(f'--rate must be from {RATE_LIMITS[0]:g} to {RATE_LIMITS[1]:g} (those '
+                     's4fusion-play takes)')
     return args
 
 
@@ -317,15 +319,21 @@ def run(args: argparse.Namespace) -> str:
         stop(node_process)
         rclpy.try_shutdown()
     # The new fused bag is in place: what an earlier run made from its own goes first.
-    for stale in [*out_dir.glob('preview_*.png'), out_dir / VIDEO, out_dir / 'summary.txt']:
-        stale.unlink(missing_ok=True)
-    previews = write_previews(out_dir / 'fused_bag', out_dir)
-    frames = export_recording(bag, thermal.topic, visible.topic,
-                              pipeline_from_params(values), out_dir / 'fused_bag',
-                              *OUTPUT_TOPICS, out_dir / VIDEO)
-    line = summary_line(monitor, fused, time.monotonic() - started, drained_ok, rate,
-                        thermal_period(span_s, thermal.count))
-    write_text_atomically(out_dir / 'summary.txt', line + '\n')
+    missing = f'{out_dir / "fused_bag"} was written, its previews, video and summary were not'
+    try:
+        for stale in [*out_dir.glob('preview_*.png'), out_dir / VIDEO, out_dir / 'summary.txt']:
+            stale.unlink(missing_ok=True)
+        previews = write_previews(out_dir / 'fused_bag', out_dir)
+        frames = export_recording(bag, thermal.topic, visible.topic,
+                                  pipeline_from_params(values), out_dir / 'fused_bag',
+                                  *OUTPUT_TOPICS, out_dir / VIDEO)
+        line = summary_line(monitor, fused, time.monotonic() - started, drained_ok, rate,
+                            thermal_period(span_s, thermal.count))
+        write_text_atomically(out_dir / 'summary.txt', line + '\n')
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(missing) from None
+    except (BagError, OSError, ValueError) as error:
+        raise BagError(f'{error}; {missing}') from error
     print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {VIDEO} '
           f'({frames} frames) and summary.txt in {out_dir}', file=sys.stderr)
     return line
@@ -337,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_signals()
     try:
         print(f'{PROG}: {run(args)}')
-    except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted; no fused bag written', file=sys.stderr)
+    except KeyboardInterrupt as stop:  # says what was written by then, if anything
+        print(f'\n{PROG}: interrupted; {stop or "no fused bag written"}', file=sys.stderr)
         return 130
     except (BagError, settings.SettingsError, OSError, CheckpointError, ValueError) as error:
         print(f'{PROG}: {error}', file=sys.stderr)  # ValueError: e.g. a device it does not have

@@ -37,7 +37,7 @@ from ..bagio import (RELIABLE_QOS, STORAGES, WRITE_ERRORS, BagError, ImageTopic,
 from ..cli import stop_on_signals
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
-from ..files import write_png
+from ..files import resolved, write_png
 from ..imaging.encodings import ImageDecodeError
 from ..messages import stamp_to_ns
 from ..model import CheckpointError
@@ -292,17 +292,21 @@ def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> Non
 
 def run(args: argparse.Namespace) -> None:
     """Fuse args.input into args.output; raises with a message naming the file on failure."""
-    output, source = args.output.resolve(), args.input.resolve()
+    try:
+        output, source = resolved(args.output), resolved(args.input)
+        exports = [(flag, export, resolved(export)) for flag, export in (
+            ('--export-video', args.export_video), ('--export-png', args.export_png)) if export]
+    except OSError as error:
+        raise BagError(str(error)) from None
     # --overwrite replaces the output folder whole: an input inside it would go with it.
     if output == source or output in source.parents or source in output.parents:
         raise BagError(f'{args.output}: the output cannot be the input bag, hold it or lie '
                        f'inside it')
     check_output(args.output, args.overwrite)  # before minutes of work, not after
-    for flag, export in (('--export-video', args.export_video), ('--export-png', args.export_png)):
+    for flag, export, place in exports:
         # Made early, its folder inside the output would stop the bag's rename at the end.
-        resolved = export.resolve() if export else None
         for what, bag in (('output', output), ('input', source)):
-            if resolved and (resolved == bag or bag in resolved.parents):
+            if place == bag or bag in place.parents:
                 raise BagError(f'{flag} {export}: inside the {what} bag {bag}; write it elsewhere')
     if args.export_video and args.export_video.is_dir():
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')

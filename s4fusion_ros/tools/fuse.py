@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import settings
 from ..cli import parse_size, run_command, stop_on_signals
 from ..engine import FusionEngine, fusion_settings
-from ..files import write_png
+from ..files import resolved, write_png
 from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
@@ -179,9 +179,9 @@ def output_paths(args: argparse.Namespace,
     clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
     if clashes:
         raise ValueError(f'several inputs would write the same output: {clashes[:5]}.png')
-    inputs = {args.ir.resolve(), args.vi.resolve()}
+    inputs = {resolved(args.ir), resolved(args.vi)}
     for kind in ('fused', 'saliency'):
-        if (args.out / kind).resolve() in inputs:
+        if resolved(args.out / kind) in inputs:
             raise ValueError(f'{args.out / kind} is an input folder: choose another --out')
     outputs = {pair.name: (args.out / 'fused' / f'{stem}.png',
                            args.out / 'saliency' / f'{stem}.png')
