@@ -22,6 +22,7 @@ Usage (docs/training.md, "Training on a lent GPU"):
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -48,7 +49,8 @@ RESUME_MISMATCH = 'resume needs the same'  # s4fusion-train refusing a state of 
 INIT_MISMATCH = 'its configuration differs from the one being trained'
 # What each call trains, in order, and its share of the time left for training, sized so that
 # both finish their schedules in one 9-minute call after the 2-minute build (one H200, mamba-ssm:
-# authors 10 steps/s, compact 14; docs/training-history.md, "One GPU call"). authors: the kind of
+# authors 10 steps/s, compact 14; docs/training-history.md, "One GPU call"). The compact run goes
+# first: it is the untried one, and a longer build squeezes the last recipe. authors: the kind of
 # run that last improved it (distillation from the shipped compact preset with the teacher term
 # alone, from the shipped authors weights), comparing the teacher's edges by their signed
 # components (they moved VIF and Qabf, the preset's gap to the pyramid, faster than magnitudes);
@@ -58,6 +60,9 @@ INIT_MISMATCH = 'its configuration differs from the one being trained'
 # (lower SD, SF and AG) and at higher ones.
 SHIPPED = REPO / 's4fusion_ros' / 'weights'
 RECIPES = {
+    'compact': (0.5, ['--preset', 'compact', '--steps', '2000', '--batch-size', '32',
+                      '--crop', '133', '--grad-weight', '16', '--dataset-balance', '0',
+                      '--detail-gain', '1', '--base-contrast', '1']),
     'authors': (0.5, ['--preset', 'authors', '--steps', '1500', '--batch-size', '16',
                       '--crop', '145', '--lr', '4e-4', '--ssim-weight', '0',
                       '--l1-weight', '0', '--grad-weight', '0',
@@ -65,9 +70,6 @@ RECIPES = {
                       '--init-weights', str(SHIPPED / 's4fusion_authors.safetensors'),
                       '--teacher', str(SHIPPED / 's4fusion_compact.safetensors'),
                       '--teacher-weight', '32', '--teacher-edges', 'components']),
-    'compact': (0.5, ['--preset', 'compact', '--steps', '2000', '--batch-size', '32',
-                      '--crop', '133', '--grad-weight', '16', '--dataset-balance', '0',
-                      '--detail-gain', '1', '--base-contrast', '1']),
 }
 
 
@@ -229,6 +231,13 @@ def train(args):
         str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
     args.runs.mkdir(parents=True, exist_ok=True)
     recipes = list(args.recipes)
+    for name in recipes:
+        if finished_run(args.runs / name, [*RECIPES[name][1], *args.extra]):
+            # Trained again all the same: the recipe may have changed since, which only the
+            # session knows. Without its state (the authors' never travels) it starts over from
+            # its own weights, a new schedule.
+            log(f'{name}: WARNING: its run finished its schedule in an earlier call and is '
+                f'trained again; pass --recipes without it to keep it as it is')
     for index, name in enumerate(recipes):
         share = RECIPES[name][0]
         # This recipe's share of the training time still left, keeping a margin to pack.
@@ -274,6 +283,20 @@ def train(args):
         log(f'{name}: {summary["recipes"][name]}')
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)
+
+
+def finished_run(out, arguments):
+    """Whether the run in ``out`` did the whole schedule of its s4fusion-train ``arguments``
+    (the last --steps wins, as there), as its weights' JSON says."""
+    positions = [i for i, argument in enumerate(arguments[:-1]) if argument == '--steps']
+    if not positions:
+        return False
+    steps = int(arguments[positions[-1] + 1])
+    for path in out.glob('s4fusion_*.json'):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if json.loads(path.read_text())['training']['steps_done'] >= steps:
+                return True
+    return False
 
 
 def train_recipe(args, name, out, minutes, deadline, env):

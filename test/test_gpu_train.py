@@ -168,6 +168,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
 
     # A state from other settings is refused by s4fusion-train: the run goes on from its weights.
     stderr, summary = compact_call('out5', '--grad-weight', '2')
+    assert 'its run finished its schedule in an earlier call and is trained again' in stderr
     assert 'starting again from its weights' in stderr
     assert summary['steps_per_s'] > 0
     restarted = run_record(runs / 'compact')['training']
