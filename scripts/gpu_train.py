@@ -289,9 +289,10 @@ def finished_run(out, arguments):
     """Whether the run in ``out`` did the whole schedule of its s4fusion-train ``arguments``
     (the last --steps wins, as there), as its weights' JSON says."""
     positions = [i for i, argument in enumerate(arguments[:-1]) if argument == '--steps']
-    if not positions:
+    try:
+        steps = int(arguments[positions[-1] + 1])
+    except (IndexError, ValueError):  # no --steps, or a bad one: s4fusion-train's to refuse
         return False
-    steps = int(arguments[positions[-1] + 1])
     for path in out.glob('s4fusion_*.json'):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             if json.loads(path.read_text())['training']['steps_done'] >= steps:
