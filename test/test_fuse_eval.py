@@ -21,7 +21,7 @@ from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint, shippe
 from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
-from s4fusion_ros.training.data import m3svd_clip, pair_key
+from s4fusion_ros.training.data import ivif_splits, m3svd_clip, pair_key
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -426,7 +426,8 @@ def test_eval_notes_validation_pairs_near_test_frames_of_the_whole_splits(ivif_d
     # Scored on 3 pairs of roadscene_val alone: the note still counts the whole splits.
     args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets', 'roadscene_val',
                                 '--limit', '3', '--out', 'q.md'])
-    (note,) = [n for n in evaluate.data_notes(args, []) if 'roadscene_val pairs lie' in n]
+    notes = evaluate.data_notes(args, [], ivif_splits(ivif_dir))
+    (note,) = [n for n in notes if 'roadscene_val pairs lie' in n]
     assert note.startswith('9 of the 20 roadscene_val pairs lie within 30 frames of one of the '
                            '67 roadscene67 test pairs (FLIR_04593.jpg, ')
 
@@ -434,7 +435,7 @@ def test_eval_notes_validation_pairs_near_test_frames_of_the_whole_splits(ivif_d
 def test_eval_names_the_clips_of_the_splits_of_clips_frames(ivif_dir):
     args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets',
                                 'm3svd_val,tno42,roadscene67', '--limit', '12', '--out', 'q.md'])
-    splits, validation, clips = evaluate.evaluation_splits(args)
+    splits, validation, clips = evaluate.evaluation_splits(args, ivif_splits(ivif_dir))
     assert validation == {'m3svd_val', 'roadscene_val'}
     assert list(clips) == ['m3svd_val', 'roadscene67']  # no clips are known for TNO's pairs
     assert len(clips['roadscene67']) == 12
@@ -636,7 +637,7 @@ def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, m
     copy_pairs(ivif_dir, tmp_path / 'msrs', [('msrs', '00556D.png')])
     monkeypatch.chdir(tmp_path / 'msrs')
     args = evaluate.parse_args(['--folder', '.', '--out', 'q.md'])
-    splits, _, _ = evaluate.evaluation_splits(args)
+    splits, _, _ = evaluate.evaluation_splits(args, None)
     assert [pair.label for pair in splits['msrs']] == ['msrs/00556D.png']
     # A stored output is the file of the pair's whole stem, not of a longer name sharing it.
     (tmp_path / 'M').mkdir()

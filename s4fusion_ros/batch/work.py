@@ -139,7 +139,7 @@ def find_bags(inputs: list[pathlib.Path], out_dir: pathlib.Path) -> list[BagJob]
                              f'to {job.output}')
         seen[job.output] = job
     for job in jobs:
-        if resolved_out in (job.input.resolve(), *job.input.resolve().parents):
+        if job.input.resolve().is_relative_to(resolved_out):
             raise BatchError(f'{job.input} is inside the output folder {out_dir}')
     return jobs
 

@@ -299,14 +299,14 @@ def run(args: argparse.Namespace) -> None:
     except OSError as error:
         raise BagError(str(error)) from None
     # --overwrite replaces the output folder whole: an input inside it would go with it.
-    if output == source or output in source.parents or source in output.parents:
+    if source.is_relative_to(output) or output.is_relative_to(source):
         raise BagError(f'{args.output}: the output cannot be the input bag, hold it or lie '
                        f'inside it')
     check_output(args.output, args.overwrite)  # before minutes of work, not after
     for flag, export, place in exports:
         # Made early, its folder inside the output would stop the bag's rename at the end.
         for what, bag in (('output', output), ('input', source)):
-            if place == bag or bag in place.parents:
+            if place.is_relative_to(bag):
                 raise BagError(f'{flag} {export}: inside the {what} bag {bag}; write it elsewhere')
     if args.export_video and args.export_video.is_dir():
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')

@@ -45,8 +45,8 @@ from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_CLIP_GAP,
-                             ROADSCENE_VALIDATION_STRIDE, Pair, ivif_splits, pair_key,
-                             pairs_in_folder, roadscene_near)
+                             ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair, ivif_splits,
+                             pair_key, pairs_in_folder, roadscene_near)
 from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
 from .train import add_data_argument
 
@@ -394,8 +394,9 @@ def environment() -> str:
             f'numpy {np.__version__}, OpenCV {cv2.__version__}')
 
 
-def data_notes(args: argparse.Namespace, datasets: list) -> list:
-    """Factual notes on the data and the peers."""
+def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None) -> list:
+    """Factual notes on the data and the peers (``ivif``: the splits of --data, None without
+    --datasets)."""
     notes = []
     if set(args.datasets) & set(IVIF_DATASETS):
         validation = ', '.join(M3SVD_VALIDATION_CLIPS)
@@ -414,7 +415,6 @@ def data_notes(args: argparse.Namespace, datasets: list) -> list:
                      'Provenance of the data: the README ("Data").')
     if 'roadscene_val' in args.datasets:
         # Of the whole splits, whatever --limit and --datasets chose to score.
-        ivif = ivif_splits(args.data)
         validation, tests = ivif.validation['roadscene_val'], ivif.tests['roadscene67']
         near = roadscene_near(validation, tests)
         notes.append(f'{len(near)} of the {len(validation)} roadscene_val pairs lie within '
@@ -616,13 +616,14 @@ def recorded_command(args: argparse.Namespace, argv: list) -> str:
     return shlex.join([PROG, *map(recorded, argv)])
 
 
-def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set, dict]:
-    """({split name: pairs} of --datasets and --folder, in that order, each cut to --limit; the
-    validation splits; {split name: the clip of each pair} of the splits of clips' frames).
+def evaluation_splits(args: argparse.Namespace,
+                      ivif: IvifSplits | None) -> tuple[dict, set, dict]:
+    """({split name: pairs} of --datasets (from ``ivif``, the splits of --data) and --folder,
+    in that order, each cut to --limit; the validation splits; {split name: the clip of each
+    pair} of the splits of clips' frames).
     """
     splits, validation, clips = {}, set(), {}
     if args.datasets:
-        ivif = ivif_splits(args.data)
         known = {**ivif.tests, **ivif.validation}
         missing = sorted(set(args.datasets) - set(known))
         if missing:
@@ -645,7 +646,8 @@ def evaluation_splits(args: argparse.Namespace) -> tuple[dict, set, dict]:
 
 def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
-    splits, validation, clips = evaluation_splits(args)
+    ivif = ivif_splits(args.data) if args.datasets else None
+    splits, validation, clips = evaluation_splits(args, ivif)
     ivif_names = set(args.datasets)
     ours = 'ours' in args.methods
     configs, skipped, notes = ours_configs(args.weights) if ours else ([], [], [])
@@ -686,7 +688,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
         skipped=skipped + skipped_methods, grid=grid,
         notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
                        for c in configs]
-        + data_notes(args, datasets)
+        + data_notes(args, datasets, ivif)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
     for path in (args.out, args.pairs_csv):
         path.parent.mkdir(parents=True, exist_ok=True)
