@@ -5,10 +5,11 @@ Three steps, each a subcommand:
 
   pack-data   (here)      the training split of an ivif data folder as luminance images in one
                           folder per dataset (small enough to travel with a device call)
-  train       (device)    optionally build mamba-ssm from a carried sdist for this GPU only and
-                          check its scan against the project's in seconds (else the fastest scan
-                          there is), then train each recipe within the time budget, resuming a
-                          run found in --runs, and pack checkpoints and logs under --out
+  train       (device)    optionally build mamba-ssm from a carried sdist for this GPU only
+                          (or take an earlier call's build) and check its scan against the
+                          project's in seconds (else the fastest scan there is), then train each
+                          recipe within the time budget, resuming a run found in --runs, and
+                          pack checkpoints and logs under --out
   unpack      (here)      put what a call brought back into --runs for the next call
 
 Runs are resumable across calls: a recipe's train_state.pt continues (`s4fusion-train --resume`),
@@ -217,9 +218,9 @@ def train(args):
     deadline = started + 60 * args.minutes
     summary = {'recipes': {}, 'scan': 'chunked PyTorch scan (no mamba-ssm)'}
     site = None
-    if args.mamba_sdist:
+    if args.mamba_sdist or args.mamba_site:
         try:
-            site = build_mamba(args.mamba_sdist, args.build_minutes)
+            site = args.mamba_site or build_mamba(args.mamba_sdist, args.build_minutes)
             if site is not None and not check_scan(site):
                 site = None
         except Exception as error:  # noqa: BLE001 - the call's training must not depend on it
@@ -486,6 +487,9 @@ def build_parser():
     run.add_argument('--mamba-sdist', type=pathlib.Path, default=None,
                      help='mamba-ssm source archive to build for this GPU (docs/training.md: '
                           '"Training on a lent GPU in one call")')
+    run.add_argument('--mamba-site', type=pathlib.Path, default=None,
+                     help='instead of --mamba-sdist: the build an earlier call left on this '
+                          'machine (/tmp/mamba-site), checked and used without building')
     run.add_argument('--build-minutes', type=float, default=4.0)
     run.add_argument('--recipes', nargs='+', default=list(RECIPES), choices=list(RECIPES))
     run.add_argument('--device', default='auto')
@@ -514,6 +518,9 @@ def main(argv=None):
     if args.command == 'train':
         if args.out is None:
             raise SystemExit('train: --out is needed where $OUT is not set')
+        if args.mamba_sdist and args.mamba_site:
+            raise SystemExit('train: give --mamba-sdist (build) or --mamba-site (built), '
+                             'not both')
         # Found now, not after the first recipe's minutes of training.
         args.out.mkdir(parents=True, exist_ok=True)
         probe = args.out / '.write_probe'

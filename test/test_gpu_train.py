@@ -102,9 +102,11 @@ def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
 def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     tiny = ['--', '--steps', '4', '--batch-size', '1', '--crop', '25', '--threads', '1']
     runs, out = tmp_path / 'runs', tmp_path / 'out'
+    # An earlier call's mamba-ssm build is checked before use: here, without CUDA, it fails.
     first = script('train', '--data', packed_data, '--runs', runs, '--minutes', '5',
-                   '--recipes', 'compact', '--device', 'cpu', *tiny, '--stop-at', '2',
-                   env={'OUT': str(out)})
+                   '--recipes', 'compact', '--device', 'cpu', '--mamba-site', tmp_path,
+                   *tiny, '--stop-at', '2', env={'OUT': str(out)})
+    assert 'mamba-ssm scan check: failed' in first.stderr
     assert 'compact: ' in first.stderr and 'new run' in first.stderr
     summary = json.loads((out / 'gpu_train_summary.json').read_text())
     assert summary['recipes']['compact']['step'] == 2
@@ -119,6 +121,9 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     script('unpack', out, '--runs', runs, '--travel-mib', '0')  # 0: no limit
     assert (runs / 'compact' / 'train_state.pt').exists()
     out_again = tmp_path / 'out2'
+    both = script('train', '--data', packed_data, '--runs', runs, '--out', out_again,
+                  '--mamba-sdist', SCRIPT, '--mamba-site', tmp_path, check=False)
+    assert both.returncode != 0 and 'not both' in both.stderr
     second = script('train', '--data', packed_data, '--runs', runs, '--out', out_again,
                     '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny)
     assert 'resuming' in second.stderr
