@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,6 +121,27 @@ def test_shape_mismatch_names_the_first_tensor_and_the_file(saved):
     assert str(path) in message
     assert "'fusion_layers.1.layers.0.x_proj_weight' has shape (4, 26, 48)" in message
     assert 'expects (4, 20, 48)' in message
+
+
+def test_a_config_far_larger_than_its_tensors_is_refused_before_allocating_it(saved):
+    # A JSON describing about 400 M parameters (1.6 GB as float32) beside the compact tensors:
+    # refused by the shapes alone, in a process whose peak memory stays that of the import.
+    _, path = saved
+    json_path = path.with_suffix('.json')
+    meta = json.loads(json_path.read_text())
+    meta['config']['dims'] = [512, 1024, 2048]
+    json_path.write_text(json.dumps(meta))
+    code = ('import resource, sys\n'
+            'from s4fusion_ros.model import CheckpointError, load_checkpoint\n'
+            'try:\n    load_checkpoint(sys.argv[1])\n'
+            'except CheckpointError as error:\n    print(error)\n'
+            'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n')  # KiB on Linux
+    result = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True,
+                            text=True, timeout=300, check=True)
+    message, peak_kib = result.stdout.splitlines()
+    assert "'patch_embed_ir.proj.weight' has shape (16, 1, 4, 4)" in message
+    assert 'expects (512, 1, 4, 4)' in message
+    assert int(peak_kib) < 768 * 1024  # the import alone peaks near 300 MiB
 
 
 def test_missing_tensors_are_named(saved, tmp_path):

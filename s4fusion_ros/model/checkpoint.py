@@ -163,13 +163,13 @@ def load_checkpoint(path, device=None, dtype=None):
                               f'{exc}') from None
     tensors = _dequantized(tensors, path)
     try:
-        model = S4Fusion(config, device=device, dtype=dtype)
-    except torch.OutOfMemoryError:
-        raise  # the device's, not the config's
+        # On the meta device first: the shapes without their memory, so that a JSON describing a
+        # far larger network than its tensors is refused before anything is allocated.
+        skeleton = S4Fusion(config, device='meta', dtype=dtype)
     except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # sizes torch refuses
         raise CheckpointError(f'{path}: cannot build the network {config_path(path).name} '
                               f'describes: {str(exc).splitlines()[0]}') from None
-    expected = model.state_dict()
+    expected = skeleton.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
@@ -183,6 +183,7 @@ def load_checkpoint(path, device=None, dtype=None):
         if tensors[name].is_floating_point() != tensor.is_floating_point():
             raise CheckpointError(f'{path}: tensor {name!r} is {tensors[name].dtype} (an int8 '
                                   f'tensor without its scale?), the model expects {tensor.dtype}')
+    model = S4Fusion(config, device=device, dtype=dtype)
     model.load_state_dict(tensors, strict=True)
     return model.eval()
 
