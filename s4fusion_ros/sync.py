@@ -9,7 +9,9 @@ correction, and USB cores stamp on host receipt with a constant latency.
 
 So the slow thermal stream is the pivot. A thermal frame is decided as soon as a visible frame
 stamped at or after it is buffered: visible frames arrive in stamp order, so the nearest visible
-on either side is then known. It pairs with the nearest visible within ``slop`` (ties go to the
+on either side is then known. Where that frame is beyond slop, a second one is awaited: a single
+visible stamp glitched ahead would otherwise decide every thermal frame it overtook before its
+partner arrived. It pairs with the nearest visible within ``slop`` (ties go to the
 earlier one) that is newer than the last paired visible, so output pairs strictly increase in
 both stamps and each visible frame is used at most once. Visible frames older than the partner,
 or too old for any thermal frame still to come, are dropped as unpaired. This gives the same
@@ -262,10 +264,17 @@ class PairSynchronizer:
         return pairs
 
     def _decide_ready(self) -> list[Pair]:
-        """Decide the thermal frames that have a visible frame stamped at or after them."""
+        """Decide the thermal frames that have a visible frame stamped at or after them within
+        slop, or two beyond slop (one such frame may be a glitched stamp, whose real time is
+        still to come in order: deciding on it would lose every thermal frame it overtook)."""
         pairs = []
         thermal, visible = self._thermal.frames, self._visible.frames
-        while thermal and visible and visible[-1].key >= thermal[0].key:
+        while thermal and visible:
+            key = thermal[0].key
+            first = bisect.bisect_left(visible, key, key=_key)  # the first at or after it
+            if first == len(visible) or (
+                    visible[first].key - key > self._slop and first == len(visible) - 1):
+                break
             pairs += self._decide_oldest()
         self._prune_visible()
         return pairs

@@ -140,7 +140,8 @@ def test_exact_stamp_pairs_at_once_and_slop_zero_means_exact_only():
     sync.add_thermal(100 * MS, 't')
     assert sync.add_visible(100 * MS, 'v') == [Pair(100 * MS, 100 * MS, 't', 'v')]
     sync.add_thermal(200 * MS, 't2')
-    assert sync.add_visible(201 * MS, 'v2') == []
+    assert sync.add_visible(201 * MS, 'v2') == []  # beyond slop: a second frame is awaited
+    assert sync.add_visible(233 * MS, 'v3') == []
     assert sync.stats.thermal_unpaired == 1
 
 
@@ -160,6 +161,7 @@ def test_each_visible_pairs_once_and_pairs_are_monotonic():
     pairs = sync.add_visible(105 * MS, 'v')  # nearest to both: t1 takes it
     assert pairs == [Pair(100 * MS, 105 * MS, 't1', 'v')]
     assert sync.add_visible(170 * MS, 'w') == []  # t2 is 60 ms away: out of slop
+    assert sync.add_visible(203 * MS, 'x') == []  # ... and the second frame beyond slop
     assert sync.stats.thermal_unpaired == 1
 
 
@@ -200,6 +202,7 @@ def test_out_of_order_arrivals_that_can_still_pair_do():
     pairs = sync.add_visible(120 * MS, 'v2')
     pairs += sync.add_visible(210 * MS, 'v3')
     pairs += sync.add_visible(240 * MS, 'v4')
+    pairs += sync.add_visible(273 * MS, 'v5')
     assert [(p.thermal, p.visible) for p in pairs] == [('t1', 'v1'), ('t2', 'v3')]
     stats = sync.stats
     assert stats.thermal_late == stats.visible_late == 0 and stats.visible_unpaired == 2
@@ -376,6 +379,36 @@ def test_one_stamp_glitched_forward_costs_at_most_the_pairs_around_it(topic, ind
     assert len(play(sync, events)) >= 28
     stats = sync.stats
     assert stats.resets == resets and stats.thermal_late + stats.visible_late == 0
+
+
+@pytest.mark.parametrize('expire', [False, True])
+def test_one_visible_stamp_glitched_ahead_costs_no_other_pair(expire):
+    # Visible arrives 40 ms after thermal; one visible frame is stamped 0.9 s ahead (under the
+    # reset threshold). Deciding the thermal frames it overtook on it would lose their partners,
+    # still to come (8 of 30 pairs, before).
+    def events(glitch):
+        thermal = [(100 * S + k * 111 * MS, 0, 100 * S + k * 111 * MS) for k in range(30)]
+        visible = [(100 * S + 45 * MS + k * 33 * MS, 1, 100 * S + 5 * MS + k * 33 * MS)
+                   for k in range(100)]
+        if glitch:
+            arrival, _, stamp = visible[10]
+            visible[10] = arrival, 1, stamp + 900 * MS
+        return thermal + visible
+
+    def pairs(glitch):
+        sync = PairSynchronizer(0.020, 30, timeout=0.5)
+        got = play(sync, events(glitch)) if expire else [
+            pair for arrival, topic, stamp in sorted(events(glitch))
+            for pair in (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)]
+        return {p.thermal_stamp for p in got}, sync.stats
+
+    clean, _ = pairs(False)
+    glitched, stats = pairs(True)
+    # Only the glitched frame's own thermal partner is lost (the glitch may still take the
+    # place of the real partner of the thermal frame it lands beside: stamps cannot tell).
+    assert len(clean) == 30 and clean - glitched == {100 * S + 3 * 111 * MS}
+    assert stats.resets == 0
+    check_counts(stats)
 
 
 def test_a_repeated_stamp_does_not_hold_off_the_expiry_clock():
