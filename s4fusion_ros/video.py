@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .bagio import deserialize, open_bag, read_messages
+from .bagio import BagError, deserialize, open_bag, read_messages
 from .engine import FusionPipeline, PreparedPair
 from .imaging.color import to_uint8
 from .imaging.encodings import decode_visible, image_to_array
@@ -151,9 +151,10 @@ def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
     roles = {thermal_topic: pipeline.add_thermal, visible_topic: pipeline.add_visible}
     with open_bag(bag) as reader:
         for connection, log_time, raw in read_messages(reader, bag, roles):
-            message = deserialize(bag, connection, raw)
             yield from pipeline.expire(log_time / 1e9)  # as s4fusion-bag does (tools/bag.py)
-            with contextlib.suppress(ValueError):  # undecodable or unusable: the node drops it
+            # Bytes that are not the message type, undecodable or unusable: dropped, as there.
+            with contextlib.suppress(BagError, ValueError):
+                message = deserialize(bag, connection, raw)
                 yield from roles[connection.topic](message, stamp_to_ns(message.header.stamp),
                                                    message.header.frame_id, log_time / 1e9)
     yield from pipeline.flush()

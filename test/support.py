@@ -98,8 +98,10 @@ def bag_image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: st
                         data=data)
 
 
-def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False):
-    """Write the events as `ros2 bag record` would (rosbags directly, not the code under test)."""
+def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False,
+              cut_short=()):
+    """Write the events as `ros2 bag record` would (rosbags directly, not the code under test);
+    the messages logged at a time in `cut_short` keep only their first 40 bytes."""
     visible_type = COMPRESSED if compressed_visible else IMAGE
     visible_topic = VISIBLE_TOPIC + ('/compressed' if compressed_visible else '')
     with Writer(path, version=9, storage_plugin=StoragePlugin[storage.upper()]) as writer:
@@ -112,8 +114,8 @@ def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool
             message = bag_image_message(image, encoding, stamp,
                                         THERMAL_FRAME if thermal else VISIBLE_FRAME,
                                         compressed=compressed_visible and not thermal)
-            writer.write(connections[topic], log_time,
-                         TYPESTORE.serialize_cdr(message, IMAGE if thermal else visible_type))
+            raw = TYPESTORE.serialize_cdr(message, IMAGE if thermal else visible_type)
+            writer.write(connections[topic], log_time, raw[:40] if log_time in cut_short else raw)
     return path
 
 

@@ -183,6 +183,21 @@ def test_corrupt_messages_on_another_image_topic_do_not_stop_the_run(
     assert len(read_bag(output)['/s4fusion_node/fused']) == len(expected_pairs(short_events))
 
 
+def test_an_input_message_cut_short_is_skipped_and_counted(short_events, params_file,
+                                                           tmp_path, capsys):
+    # Live, the middleware drops a message whose bytes are not its type; one such thermal
+    # message stopped the whole offline run, losing every other pair.
+    cut = [i for i, event in enumerate(short_events) if event[1] == THERMAL_TOPIC][2]
+    source = write_bag(tmp_path / 'in', short_events, 'mcap', cut_short={short_events[cut][0]})
+    output = tmp_path / 'out'
+    assert bag_tool.main([str(source), str(output), '--params', str(params_file)]) == 0
+    error = capsys.readouterr().err
+    expected = expected_pairs(short_events[:cut] + short_events[cut + 1:])
+    assert len(read_bag(output)['/s4fusion_node/fused']) == len(expected) >= 5
+    assert f'{THERMAL_TOPIC}: skipping undecodable messages (first: ' in error
+    assert 'dropped: 1 (1 undecodable)' in error
+
+
 def test_the_summary_says_why_messages_were_dropped(short_events, params_file, tmp_path, capsys):
     # A thermal driver that leaves the stamps unset: nothing pairs, and the summary says why.
     unstamped = [(log_time, topic, 0 if topic == THERMAL_TOPIC else stamp, *rest)

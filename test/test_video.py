@@ -7,7 +7,8 @@ import pytest
 from s4fusion_ros import settings
 from s4fusion_ros.bagio import create_bag
 from s4fusion_ros.engine import pipeline_from_params
-from s4fusion_ros.video import FPS_RANGE, SideBySideVideo, export_recording, frame_rate, panel_row
+from s4fusion_ros.video import (FPS_RANGE, SideBySideVideo, bag_pairs, export_recording,
+                                frame_rate, panel_row)
 from support import THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, write_bag
 
 
@@ -96,3 +97,14 @@ def test_a_recording_without_fused_frames_leaves_no_earlier_video(ivif_dir, tmp_
                             pipeline_from_params(settings.defaults()), tmp_path / 'fused_bag',
                             '/s4fusion_node/fused', '/s4fusion_node/saliency', video) == 0
     assert not video.exists()
+
+
+def test_the_video_skips_an_input_message_cut_short_as_s4fusion_bag_does(ivif_dir, tmp_path):
+    events = camera_messages(ivif_dir, 0.5)
+    cut = [i for i, event in enumerate(events) if event[1] == THERMAL_TOPIC][1]
+    damaged = write_bag(tmp_path / 'cut', events, 'mcap', cut_short={events[cut][0]})
+    without = write_bag(tmp_path / 'without', events[:cut] + events[cut + 1:], 'mcap')
+    stamps = [[pair.visible_stamp_ns for pair in bag_pairs(
+        source, THERMAL_TOPIC, VISIBLE_TOPIC, pipeline_from_params(settings.defaults()))]
+        for source in (damaged, without)]
+    assert stamps[0] == stamps[1] and len(stamps[0]) >= 3

@@ -179,8 +179,7 @@ class BagFuser:
                 # node's 50 ms ticks: a partner arriving within a tick of its timeout can differ).
                 arrived = log_time / 1e9
                 prepared = self.pipeline.expire(arrived)
-                prepared += self._add(roles[connection.topic], path, connection,
-                                      deserialize(path, connection, raw), arrived)
+                prepared += self._add(roles[connection.topic], path, connection, raw, arrived)
                 self._show_notices(path)
                 if owned:
                     self._fuse(prepared, writer, outputs, progress, log_time)
@@ -222,17 +221,21 @@ class BagFuser:
                 'unpaired': stats.thermal_unpaired + stats.visible_unpaired,
                 'dropped': self.dropped()}
 
-    def _add(self, role: str, path: pathlib.Path, connection, message, arrived: float) -> list:
+    def _add(self, role: str, path: pathlib.Path, connection, raw: bytes, arrived: float) -> list:
         self.counts.read[role] += 1
         add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
+            message = deserialize(path, connection, raw)
             return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id,
                        arrived)
-        except ValueError as error:  # ImageDecodeError and bad geometry: the node drops these
+        # A message whose bytes are not its type (the middleware drops such a one live), an
+        # ImageDecodeError or bad geometry (the node drops these): skipped and counted.
+        except (BagError, ValueError) as error:
             self.counts.undecodable[role] += 1
             if connection.topic not in self.warned:
                 self.warned.add(connection.topic)
-                kind = 'undecodable' if isinstance(error, ImageDecodeError) else 'unusable'
+                kind = ('undecodable' if isinstance(error, (BagError, ImageDecodeError))
+                        else 'unusable')
                 tqdm.write(f'{PROG}: {path}: {connection.topic}: skipping {kind} messages '
                            f'(first: {error})', file=sys.stderr)
             return []
