@@ -341,6 +341,27 @@ def test_exports_inside_the_output_or_input_bag_are_refused_before_any_work(
         assert not output.exists() and not path.exists()
 
 
+def test_output_topics_that_would_merge_streams_or_are_not_topic_names_are_refused(
+        short_events, tmp_path, capsys):
+    # Each wrote a bag: the fused images merged into the copied input topic, or both outputs
+    # under one name ended in a raw rosbags error.
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    output = tmp_path / 'out'
+    assert bag_tool.main([str(source), str(output), '--include-inputs',
+                          '--fused-topic', VISIBLE_TOPIC]) == 1
+    assert (f'--fused-topic {VISIBLE_TOPIC} is an input topic copied by --include-inputs'
+            in capsys.readouterr().err)
+    for extra, message in (
+            (['--fused-topic', '/x', '--saliency-topic', '/x'],
+             '--fused-topic and --saliency-topic are both /x'),
+            (['--saliency-topic', 'relative/name'], "--saliency-topic 'relative/name' is not a "),
+            (['--fused-topic', '/fused/2d'], "--fused-topic '/fused/2d' is not a ")):
+        with pytest.raises(SystemExit):
+            bag_tool.main([str(source), str(output), *extra])
+        assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path, capsys):
     truncated = write_bag(tmp_path / 'truncated', short_events, 'mcap')
     storage_file = truncated / 'truncated.mcap'

@@ -20,6 +20,7 @@ when complete: an interrupted or failed run leaves nothing under the output name
 import argparse
 import contextlib
 import pathlib
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate, panel_row
 PROG = 's4fusion-bag'
 DEFAULT_FUSED_TOPIC = f'/{settings.NODE_NAME}/fused'
 DEFAULT_SALIENCY_TOPIC = f'/{settings.NODE_NAME}/saliency'
+# What rmw's full topic name validation takes (a bag holds resolved names).
+FULL_TOPIC_NAME = re.compile(r'(/[A-Za-z_][A-Za-z0-9_]*)+')
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.export_every < 1:
         parser.error('--export-every must be >= 1')
+    for flag, topic in (('--fused-topic', args.fused_topic),
+                        ('--saliency-topic', args.saliency_topic)):
+        if not FULL_TOPIC_NAME.fullmatch(topic):
+            parser.error(f'{flag} {topic!r} is not a fully qualified ROS topic name '
+                         f'(/name/of/topic: letters, digits and _, no token starting with a '
+                         f'digit)')
+    if args.fused_topic == args.saliency_topic:
+        parser.error(f'--fused-topic and --saliency-topic are both {args.fused_topic}')
     return args
 
 
@@ -328,6 +339,12 @@ def run(args: argparse.Namespace) -> None:
     with open_bag(args.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, args.input), args.input,
                                        args.thermal_topic, args.visible_topic, values)
+        copied = {thermal.topic, visible.topic} if args.include_inputs else set()
+        for flag, topic in (('--fused-topic', args.fused_topic),
+                            ('--saliency-topic', args.saliency_topic)):
+            if topic in copied:  # two streams would be merged under one name
+                raise BagError(f'{flag} {topic} is an input topic copied by --include-inputs; '
+                               f'name another')
         storage = args.storage or storage_of(args.input)
         loaded = model_from_params(values)
         print(f'{PROG}: {thermal.describe()} + {visible.describe()} -> {args.output} '
