@@ -29,6 +29,7 @@ from rosbags.typesys import Stores, get_typestore
 from .files import sync_to_disk, sync_tree
 from .imaging.encodings import FORMATS, RawImage
 from .messages import ns_to_sec_nanosec
+from .settings import NODE_NAME
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
@@ -47,6 +48,9 @@ COLOR_ENCODINGS = frozenset(name for name, fmt in FORMATS.items() if fmt.layout 
 GRAY8_ENCODINGS = frozenset({'mono8', '8UC1'})
 THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir)([^a-z]|$)',
                           re.IGNORECASE)
+# The fusion node's own outputs, as a recording of the live system holds them (in any
+# namespace, raw or /compressed): neither a camera to fuse nor a topic to replay by default.
+NODE_OUTPUT = re.compile(rf'/{NODE_NAME}/(fused|saliency)(/compressed)?$')
 
 _NO_TIME = QosTime(sec=0, nsec=0)
 
@@ -196,6 +200,8 @@ def message_encoding(message) -> str:
 
 def guess_role(topic: str, encoding: str) -> str:
     """Return 'thermal' or 'visible' when the encoding (and topic name) tell, else ''."""
+    if NODE_OUTPUT.search(topic):
+        return ''
     thermal_name = THERMAL_NAME.search(topic) is not None
     if encoding in THERMAL_ENCODINGS or (encoding in GRAY8_ENCODINGS and thermal_name):
         return 'thermal'

@@ -4,6 +4,7 @@ Even when another subscriber is there first: a fusion node joins the ROS graph b
 loaded its model and subscribed.
 """
 
+import pathlib
 import re
 import signal
 import subprocess
@@ -12,9 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
-from support import THERMAL_TOPIC, VISIBLE_TOPIC, write_bag
+from support import (IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, bag_image_message,
+                     write_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -37,8 +40,27 @@ def subscribe(node, topics, received: list) -> None:
                                  lambda msg, t=topic: received.append((time.monotonic(), t)), qos)
 
 
-def test_playback_waits_for_the_named_node():
-    bag = sample_bag()
+def with_other_image_topics(source: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    """The bag with a depth camera beside the cameras and the fusion node's recorded output."""
+    image = np.zeros((8, 8), np.uint8)
+    with Reader(source) as reader, Writer(path, version=9,
+                                          storage_plugin=StoragePlugin.MCAP) as writer:
+        copies = {connection.id: writer.add_connection(connection.topic, connection.msgtype,
+                                                       typestore=TYPESTORE)
+                  for connection in reader.connections}
+        for connection, log_time, raw in reader.messages():
+            writer.write(copies[connection.id], log_time, raw)
+        for topic in ('/depth/image_raw', '/s4fusion_node/fused'):
+            extra = writer.add_connection(topic, IMAGE, typestore=TYPESTORE)
+            writer.write(extra, reader.start_time, TYPESTORE.serialize_cdr(
+                bag_image_message(image, 'mono8', reader.start_time, 'depth'), IMAGE))
+    return path
+
+
+def test_playback_waits_for_the_named_node(tmp_path):
+    # Of the topics played, only those the node subscribes to are waited for (no one subscribes
+    # to the depth camera's); the node's own recorded output is not played by default.
+    bag = with_other_image_topics(sample_bag(), tmp_path / 'bag')
     with open_bag(bag) as reader:
         played = pick_topics(image_topics(reader, bag), bag)
     topics = {f'{NAMESPACE}/{role}': topic.msgtype
@@ -48,7 +70,7 @@ def test_playback_waits_for_the_named_node():
         bystander, early = rclpy.create_node('bystander', namespace=NAMESPACE), []
         subscribe(bystander, topics, early)
         command = [*PLAYER, str(bag), '--rate', '4', '--wait', '120', '--wait-for',
-                   f'{NAMESPACE}/target', '--topics', *(t.topic for t in played)]
+                   f'{NAMESPACE}/target']
         for topic, name in zip(played, topics):
             command += ['--remap', f'{topic.topic}:={name}']
         player = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -71,6 +93,9 @@ def test_playback_waits_for_the_named_node():
         output = player.communicate(timeout=30)[0]
         assert player.returncode == 0, output
         assert f'waiting for {NAMESPACE}/target to subscribe' in output, output
+        assert 'playing anyway' not in output, output
+        assert ("not playing the fusion node's outputs /s4fusion_node/fused" in output
+                and re.search(r'/depth/image_raw 1\b', output)), output
         assert len(received) == sum(t.count for t in played), output
         assert early and min(t for t, _ in early) > target_started, output
         executor.shutdown()

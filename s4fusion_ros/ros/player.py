@@ -33,7 +33,7 @@ from rclpy.validate_node_name import validate_node_name
 from rclpy.validate_topic_name import validate_topic_name
 from rosgraph_msgs.msg import Clock
 
-from ..bagio import IMAGE_TYPES, BagError, open_bag, read_messages
+from ..bagio import IMAGE_TYPES, NODE_OUTPUT, BagError, open_bag, read_messages
 from ..cli import stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--clock-rate', type=float, default=100.0, metavar='HZ',
                         help='/clock messages per second (default: %(default)s)')
     parser.add_argument('--topics', nargs='+', metavar='TOPIC',
-                        help='topics to play (default: every Image/CompressedImage topic)')
+                        help="topics to play (default: every Image/CompressedImage topic but "
+                        "the fusion node's outputs)")
     parser.add_argument('--remap', action='append', default=[], metavar='OLD:=NEW',
                         help='publish topic OLD as NEW (repeatable)')
     parser.add_argument('--wait', type=float, default=30.0, metavar='SECONDS',
@@ -122,7 +123,12 @@ class BagPlayer:
         self.args = args
         with open_bag(args.bag) as reader:
             types = {topic: info.msgtype for topic, info in reader.topics.items()}
-        wanted = args.topics or [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
+        images = [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
+        wanted = args.topics or [t for t in images if not NODE_OUTPUT.search(t)]
+        if not args.topics and len(wanted) < len(images):
+            print(f"{PROG}: not playing the fusion node's outputs "
+                  f"{', '.join(t for t in images if t not in wanted)} (name them with --topics "
+                  f"to play them)", file=sys.stderr)
         missing = ([t for t in wanted if t not in types]
                    + [t for t in args.remap if t not in wanted])  # a typo in --remap OLD
         if missing or not wanted:
@@ -164,8 +170,10 @@ class BagPlayer:
         time.sleep(DISCOVERY_SETTLE_S)
 
     def _lonely(self) -> list[str]:
-        """Played topic names without a matched subscriber (of the --wait-for node)."""
-        names = [p.topic_name for p in self.publishers.values() if p.get_subscription_count() == 0]
+        """Played topic names still without a matched subscriber: every one, or with --wait-for
+        those that node subscribes to (all of them while it subscribes to none: not up yet;
+        topics it never subscribes to, a depth camera's, say, are not waited for)."""
+        played = {p.topic_name: p for p in self.publishers.values()}
         if self.args.wait_for:
             namespace, _, name = self.args.wait_for.rpartition('/')
             node_topics = self.node.get_subscriber_names_and_types_by_node
@@ -173,9 +181,10 @@ class BagPlayer:
                 subscribed = {topic for topic, _ in node_topics(name, '/' + namespace.lstrip('/'))}
             except NodeNameNonExistentError:
                 subscribed = set()
-            names += [p.topic_name for p in self.publishers.values()
-                      if p.topic_name not in subscribed and p.topic_name not in names]
-        return names
+            if not subscribed & played.keys():
+                return list(played)
+            played = {topic: p for topic, p in played.items() if topic in subscribed}
+        return [topic for topic, p in played.items() if p.get_subscription_count() == 0]
 
     def play_once(self, minimum_s: float = 0.0) -> int:
         """Publish the bag once, from its first message, at --rate, taking at least
