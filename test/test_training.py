@@ -722,7 +722,9 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
         '--time-limit must be > 0': [['--time-limit', 'nan']],
         '--checkpoint-every must be > 0': [['--checkpoint-every', '-1']],
         '--threads must be > 0': [['--threads', '0']],
-        '--warmup must be >= 0': [['--warmup', '-5']]}
+        '--warmup must be >= 0': [['--warmup', '-5']],
+        'lr must be positive, lr finite': [['--lr', 'inf'], ['--lr', '0']],  # inf: NaN weights
+        'seed must be from 0 to 2**32 - 1': [['--seed', '-1'], ['--seed', str(2**32)]]}
     for message, cases in usage_errors.items():
         for bad in cases:
             with pytest.raises(SystemExit) as exit_info:
@@ -827,10 +829,16 @@ def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsy
         capsys.readouterr().err)
     assert train_main([*common, '--out', str(tmp_path / 'h'), '--stop-at', '1']) == 0
     state = tmp_path / 'h' / 'train_state.pt'
-    state.write_bytes(state.read_bytes()[:1000])
-    assert train_main([*common, '--out', str(tmp_path / 'h'), '--resume']) == 1
-    error = capsys.readouterr().err
-    assert f'{state}: not a readable training state' in error and 'Traceback' not in error
+    whole = state.read_bytes()
+    # Torn, junk (a KeyError in torch's unpickler) or another program's torch file.
+    for damaged in (whole[:1000], whole[:10000], b'junk\n', None):
+        if damaged is None:
+            torch.save({'x': 1}, state)
+        else:
+            state.write_bytes(damaged)
+        assert train_main([*common, '--out', str(tmp_path / 'h'), '--resume']) == 1
+        error = capsys.readouterr().err
+        assert f'{state}: not a readable training state' in error and 'Traceback' not in error
 
 
 def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weights(

@@ -220,6 +220,9 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         config = model_config(args)
+        settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
+                                 min_gain=args.min_gain, dataset_balance=args.dataset_balance,
+                                 lr=args.lr, warmup_steps=args.warmup, seed=args.seed)
     except (DeviceError, ValueError) as error:
         parser.error(str(error))
     written = weights_path(args.out, config)
@@ -234,7 +237,7 @@ def main(argv=None):
 
     def set_up():
         nonlocal trainer
-        trainer = build_trainer(args, config, device)
+        trainer = build_trainer(args, config, settings, device)
         return 0
 
     # Only the stop is wrapped in training: an error there keeps its traceback.
@@ -257,12 +260,8 @@ def model_config(args):
     return dataclasses.replace(config, **chosen)
 
 
-def build_trainer(args, config, device):
+def build_trainer(args, config, settings, device):
     """Read the data and the networks the options name; returns the Trainer (resumed if asked)."""
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
-                             min_gain=args.min_gain, dataset_balance=args.dataset_balance,
-                             lr=args.lr, warmup_steps=args.warmup,
-                             seed=args.seed)
     if not args.resume:  # before minutes of reading data, not after
         check_new_run(args.out)
     check_writable_folder(args.out)

@@ -68,8 +68,11 @@ class TrainSettings:
 
     def __post_init__(self):
         """Resolve the default warm-up and reject settings that cannot train."""
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError('steps, batch_size and lr must be positive')
+        if self.steps < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:
+            raise ValueError('steps, batch_size and lr must be positive, lr finite')
+        # numpy's seeding takes 0 <= seed < 2**32 (np.random.seed)
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f'seed must be from 0 to 2**32 - 1, got {self.seed}')
         if self.warmup_steps is None:
             object.__setattr__(self, 'warmup_steps', max(1, min(500, self.steps // 20)))
 
@@ -222,9 +225,13 @@ class Trainer:
         path = pathlib.Path(path) if path is not None else self.out_dir / STATE_NAME
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-            raise ValueError(f'{path}: not a readable training state ({error})') from error
-        saved, current = json.loads(state['identity']), self.identity()
+            saved = json.loads(state['identity'])
+        # What torch's weights-only unpickler raises on other files varies (KeyError on junk).
+        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError,
+                ValueError) as error:
+            raise ValueError(f'{path}: not a readable training state '
+                             f'({type(error).__name__}: {error})') from None
+        current = self.identity()
         # Compared as configurations, so a field added since (at its default) still matches.
         saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
         saved['loss'] = complete_loss_config(saved['loss'])
