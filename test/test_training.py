@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -797,6 +798,19 @@ def test_an_ivif_folder_without_its_test_split_file_is_refused(tmp_path, ivif_di
         data_layout(copy)
     assert train_main(['--data', str(copy), '--out', str(tmp_path / 'run'), '--steps', '1',
                        '--device', 'cpu']) == 1
+    error = capsys.readouterr().err
+    assert 'must not train' in error and 'Traceback' not in error
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('part', ['msrs', 'roadscene', 'm3svd', 'm3svd/frames'])
+def test_a_folder_inside_the_ivif_layout_is_refused(part, tmp_path, ivif_dir, capsys):
+    # Read as pairs or datasets, each held test or validation pairs (MSRS-22, RoadScene-67, the
+    # M3SVD validation clips), and the weights would not have said so.
+    with pytest.raises(ValueError, match=f'inside the ivif layout {re.escape(str(ivif_dir))}'):
+        data_layout(ivif_dir / part)
+    assert train_main(['--data', str(ivif_dir / part), '--out', str(tmp_path / 'run'),
+                       '--steps', '1', '--device', 'cpu']) == 1
     error = capsys.readouterr().err
     assert 'must not train' in error and 'Traceback' not in error
     assert not (tmp_path / 'run').exists()

@@ -247,8 +247,14 @@ def data_layout(folder):
 
     A folder with two or more of the ivif layout's datasets but without that split file is an
     error: read as datasets it would train on the test sets (RoadScene-67, TNO, MSRS) and leave
-    out M3SVD. One dataset of your own may take one of their names."""
+    out M3SVD. One dataset of your own may take one of their names. A folder inside the ivif
+    layout (one of its datasets, say) is an error too: it holds test or validation pairs."""
     folder = pathlib.Path(folder)
+    for root in folder.resolve().parents:
+        if (root / ROADSCENE_TEST67).is_file():
+            raise ValueError(f'{folder}: inside the ivif layout {root}, so holding test or '
+                             f'validation pairs, which must not train; give --data {root} (its '
+                             f'training split) or a folder of your own')
     if (folder / 'ir').is_dir():
         return 'pairs'
     if (folder / ROADSCENE_TEST67).is_file():
