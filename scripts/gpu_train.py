@@ -233,12 +233,14 @@ def train(args):
     args.runs.mkdir(parents=True, exist_ok=True)
     recipes = list(args.recipes)
     for name in recipes:
+        # Resumed with its state and the same settings, it trains no step. Without its state (the
+        # authors' never travels), or with other settings, it starts over from its own weights,
+        # a new schedule: trained again all the same, since the recipe may have changed since,
+        # which only the session knows.
         if finished_run(args.runs / name, [*RECIPES[name][1], *args.extra]):
-            # Trained again all the same: the recipe may have changed since, which only the
-            # session knows. Without its state (the authors' never travels) it starts over from
-            # its own weights, a new schedule.
-            log(f'{name}: WARNING: its run finished its schedule in an earlier call and is '
-                f'trained again; pass --recipes without it to keep it as it is')
+            log(f'{name}: WARNING: its run finished its schedule in an earlier call; without its '
+                f'training state, or with other settings, it is trained again from its weights; '
+                f'pass --recipes without it to keep it as it is')
     for index, name in enumerate(recipes):
         share = RECIPES[name][0]
         # This recipe's share of the training time still left, keeping a margin to pack.
@@ -389,9 +391,10 @@ def pack(runs, out, summary, max_state_mib):
     out.mkdir(parents=True, exist_ok=True)
 
     def small_enough(member):
-        too_large = (pathlib.PurePath(member.name).name == STATE
-                     and member.size > max_state_mib * 2**20)
-        return None if too_large else member
+        name = pathlib.PurePath(member.name).name
+        too_large = name == STATE and member.size > max_state_mib * 2**20
+        # A write cut short by SIGKILL leaves its temporary file (files.write_atomically).
+        return None if too_large or name.endswith('.tmp') else member
 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode='w') as archive:

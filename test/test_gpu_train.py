@@ -3,12 +3,14 @@ budget, what a device call brings back under $OUT, and unpacking for the next ca
 
 import collections
 import importlib.util
+import io
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 import cv2
@@ -124,9 +126,15 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     both = script('train', '--data', packed_data, '--runs', runs, '--out', out_again,
                   '--mamba-sdist', SCRIPT, '--mamba-site', tmp_path, check=False)
     assert both.returncode != 0 and 'not both' in both.stderr
+    # What a SIGKILL during a checkpoint leaves: not brought back, whatever its size.
+    (runs / 'compact' / '.train_state.pt.tmp').write_bytes(bytes(1000))
     second = script('train', '--data', packed_data, '--runs', runs, '--out', out_again,
                     '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', *tiny)
     assert 'resuming' in second.stderr
+    parts = b''.join(p.read_bytes() for p in sorted(out_again.glob('*runs.tar.part-*')))
+    with tarfile.open(fileobj=io.BytesIO(parts)) as archive:
+        packed = {pathlib.PurePath(name).name for name in archive.getnames()}
+    assert 'train_state.pt' in packed and '.train_state.pt.tmp' not in packed
     log = (runs / 'compact' / 'train_log.jsonl').read_text().splitlines()
     assert [json.loads(line)['step'] for line in log] == [1, 2, 3, 4]
     weights = run_record(runs / 'compact')
@@ -173,7 +181,8 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
 
     # A state from other settings is refused by s4fusion-train: the run goes on from its weights.
     stderr, summary = compact_call('out5', '--grad-weight', '2')
-    assert 'its run finished its schedule in an earlier call and is trained again' in stderr
+    assert ('its run finished its schedule in an earlier call; without its training state, '
+            'or with other settings, it is trained again' in stderr)
     assert 'starting again from its weights' in stderr
     assert summary['steps_per_s'] > 0
     restarted = run_record(runs / 'compact')['training']
