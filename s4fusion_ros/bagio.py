@@ -4,12 +4,15 @@ Bags are what `ros2 bag record` writes: a directory with metadata.yaml and sqlit
 storage; a bare .db3 / .mcap file is read too. Every reading fault is a BagError naming the file
 (and the topic where one is involved). A bag is written under a temporary name beside its final
 path and renamed into place only when complete, so an interruption, a crash or a full disk never
-leaves a half-written bag under the final name.
+leaves a half-written bag under the final name; what a killed writer left there is removed by the
+next bag written to that name.
 """
 
 import contextlib
 import dataclasses
+import fcntl
 import glob
+import os
 import pathlib
 import re
 import secrets
@@ -271,10 +274,12 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     path = pathlib.Path(path)
     if storage not in STORAGES:
         raise BagError(f"{path}: unknown storage '{storage}' (one of {', '.join(STORAGES)})")
+    sweep_staging(path)
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f'.{path.name}.{secrets.token_hex(STAGING_HEX_BYTES)}.partial'
     staging.mkdir()
+    held = _hold(staging)
     try:
         writer = Writer(staging / path.name, version=BAG_VERSION,
                         storage_plugin=StoragePlugin[storage.upper()])
@@ -293,6 +298,44 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
             sync_to_disk(path.parent)  # the rename itself
     finally:
         remove_staging(staging, path)
+        os.close(held)
+
+
+def _hold(staging: pathlib.Path) -> int:
+    """Take an flock on a staging directory for the attempt writing in it (released with the
+    returned descriptor, or the process): how sweep_staging tells a live attempt's from a dead
+    one's. Where the file system has none for folders, every attempt's looks dead."""
+    folder = os.open(staging, os.O_RDONLY)
+    with contextlib.suppress(OSError):
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return folder
+
+
+def _alive(staging: pathlib.Path) -> bool:
+    """Whether a live attempt holds the staging directory (see _hold)."""
+    try:
+        folder = os.open(staging, os.O_RDONLY)
+    except OSError:  # gone meanwhile
+        return True
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(folder)
+    return False
+
+
+def sweep_staging(path: pathlib.Path) -> list[pathlib.Path]:
+    """Remove the staging directories that dead create_bag attempts (killed) left beside `path`,
+    each putting back a bag it had moved aside to replace; returns them. Those of live attempts
+    stay."""
+    stale = [staging for staging in staging_dirs(path) if not _alive(staging)]
+    for staging in stale:
+        remove_staging(staging, path)
+    return stale
 
 
 def remove_staging(staging: pathlib.Path, path: pathlib.Path) -> None:

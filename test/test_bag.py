@@ -6,6 +6,7 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -530,6 +531,29 @@ def test_staging_directories_are_told_apart_from_a_neighbour_bags(tmp_path):
             for bag in (writer, other):
                 bagio.add_image_topic(bag, '/fused')
     assert bagio.staging_dirs(tmp_path / 'drive') == bagio.staging_dirs(tmp_path / 'drive.1') == []
+
+
+def test_a_killed_writers_partial_bag_goes_with_the_next_bag_of_that_name(
+        short_events, params_file, tmp_path):
+    # A writer killed mid-bag (no finally runs) left its staging directory, gigabytes on a real
+    # bag, for ever; a live writer's must stay however many sweeps run beside it.
+    out = tmp_path / 'drive'
+    code = ('import os, sys\nfrom s4fusion_ros import bagio\n'
+            'with bagio.create_bag(sys.argv[1]) as writer:\n'
+            '    bagio.add_image_topic(writer, "/fused")\n'
+            '    os.kill(os.getpid(), 9)\n')
+    assert subprocess.run([sys.executable, '-c', code, str(out)]).returncode == -9
+    (dead,) = bagio.staging_dirs(out)
+    with bagio.create_bag(out) as writer:
+        (live,) = bagio.staging_dirs(out)  # the dead one went
+        assert live != dead
+        assert bagio.sweep_staging(out) == [] and bagio.staging_dirs(out) == [live]
+        bagio.add_image_topic(writer, '/fused')
+    assert subprocess.run([sys.executable, '-c', code, str(tmp_path / 'fused')]).returncode == -9
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'fused'), '--params',
+                          str(params_file)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ['drive', 'fused', 'in']
 
 
 def test_a_bag_without_pairs_leaves_no_earlier_video_behind(short_events, params_file, tmp_path,

@@ -362,7 +362,8 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     storage.write_bytes(storage.read_bytes()[:storage.stat().st_size * 2 // 3])
     garbage = write_bag(inputs / 'garbage', camera_messages(ivif_dir, 1.0), 'sqlite3')
     (garbage / 'garbage.db3').write_bytes(b'not a database' * 1000)
-    # Opens and plans, then fails in its task: a message in the middle does not decode.
+    # A message in the middle that does not decode is dropped and counted, as live and by
+    # s4fusion-bag: that bag is fused all the same.
     broken = write_bag(inputs / 'broken', camera_messages(ivif_dir, 2.0), 'sqlite3')
     with sqlite3.connect(broken / 'broken.db3') as db:
         db.execute("UPDATE messages SET data = x'0001000004' WHERE id = 30")
@@ -372,16 +373,16 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     rows = {pathlib.Path(b.input).name: b for b in report.bags}
     assert rows['good'].status == 'done'
     assert read_bag(tmp_path / 'out' / 'good') == reference(good, tmp_path / 'ref', params_file)
-    for name in ('truncated', 'garbage', 'broken'):
+    assert rows['broken'].status == 'done' and rows['broken'].dropped == 1
+    for name in ('truncated', 'garbage'):
         assert rows[name].status == 'failed' and str(inputs / name) in rows[name].error
         assert not (tmp_path / 'out' / name).exists()
     assert 'corrupt or truncated' in rows['truncated'].error
-    assert 'cannot decode' in rows['broken'].error
-    # Failed once, not retried (the other two fail when planned, before any task).
+    # The two fail when planned, before any task.
     assert sorted(r['label'] for r in seen) == [str(broken), str(good)]
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
-        'good', 's4fusion-batch-manifest.json']
-    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 3
+        'broken', 'good', 's4fusion-batch-manifest.json']
+    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 2
     assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
 
 

@@ -33,7 +33,7 @@ import time
 
 from .. import settings
 from ..bagio import (WRITE_ERRORS, BagError, add_image_topic, create_bag, image_topics, open_bag,
-                     output_qos_of, pick_topics, remove_staging, staging_dirs, storage_of)
+                     output_qos_of, pick_topics, storage_of, sweep_staging)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import model_from_params
@@ -266,9 +266,7 @@ def unit_result(unit: Unit) -> dict | None:
 def sweep_partials(job: BagJob) -> list[pathlib.Path]:
     """Remove the staging directories that dead attempts left for this bag and its parts (an
     overwrite killed between its renames gets its old bag back)."""
-    stale = staging_dirs(job.output)
-    for staging in stale:
-        remove_staging(staging, job.output)
+    stale = sweep_staging(job.output)
     if job.staging.is_dir():
         parts = [*job.staging.glob('.part-*.partial'), *job.staging.glob('.*.tmp')]
         for path in parts:

@@ -34,7 +34,7 @@ from .. import settings
 from ..bagio import (RELIABLE_QOS, STORAGES, WRITE_ERRORS, BagError, ImageTopic, add_image_topic,
                      bag_size, check_output, copy_connections, create_bag, deserialize,
                      image_cdr, image_topics, open_bag, output_qos_of, pick_topics,
-                     read_messages, storage_of)
+                     read_messages, storage_of, sweep_staging)
 from ..cli import stop_on_signals
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
@@ -317,7 +317,10 @@ def run(args: argparse.Namespace) -> None:
     if source.is_relative_to(output) or output.is_relative_to(source):
         raise BagError(f'{args.output}: the output cannot be the input bag, hold it or lie '
                        f'inside it')
-    check_output(args.output, args.overwrite)  # before minutes of work, not after
+    # A killed run's partial bag goes (an overwrite killed between its renames gets its bag
+    # back), then an existing output is refused: before minutes of work, not after.
+    sweep_staging(args.output)
+    check_output(args.output, args.overwrite)
     for flag, export, place in exports:
         # Made early, its folder inside the output would stop the bag's rename at the end.
         for what, bag in (('output', output), ('input', source)):
