@@ -9,11 +9,12 @@ correction, and USB cores stamp on host receipt with a constant latency.
 
 So the slow thermal stream is the pivot. A thermal frame is decided as soon as a visible frame
 stamped at or after it is buffered: visible frames arrive in stamp order, so the nearest visible
-on either side is then known. Where that frame is beyond slop, a second one is awaited: a single
-visible stamp glitched ahead would otherwise decide every thermal frame it overtook before its
-partner arrived. It pairs with the nearest visible within ``slop`` (ties go to the
-earlier one) that is newer than the last paired visible, so output pairs strictly increase in
-both stamps and each visible frame is used at most once. Visible frames older than the partner,
+on either side is then known. Where that frame is beyond slop, another frame must bear it out (a
+second visible frame, or a thermal frame as late as it): a single visible stamp glitched ahead
+would otherwise decide every thermal frame it overtook before its partner arrived. It pairs with
+the nearest visible within ``slop`` (ties go to the earlier one) that is newer than the last
+paired visible, so output pairs strictly increase in both stamps and each visible frame is used at
+most once. Visible frames older than the partner,
 or too old for any thermal frame still to come, are dropped as unpaired. This gives the same
 pairs as the offline greedy (thermal frames in stamp order, each taking the nearest unused visible
 within slop newer than the last paired one) whatever the delay between the two topics, as long as
@@ -265,15 +266,21 @@ class PairSynchronizer:
 
     def _decide_ready(self) -> list[Pair]:
         """Decide the thermal frames that have a visible frame stamped at or after them within
-        slop, or two beyond slop (one such frame may be a glitched stamp, whose real time is
-        still to come in order: deciding on it would lose every thermal frame it overtook)."""
+        slop, or beyond slop one that another frame bears out: a second visible frame after
+        them, or a thermal frame as late as it, within slop. A lone frame far ahead may be a
+        glitched stamp, whose real time is still to come in order: deciding on it would lose
+        every thermal frame it overtook."""
         pairs = []
         thermal, visible = self._thermal.frames, self._visible.frames
         while thermal and visible:
             key = thermal[0].key
             first = bisect.bisect_left(visible, key, key=_key)  # the first at or after it
-            if first == len(visible) or (
-                    visible[first].key - key > self._slop and first == len(visible) - 1):
+            if first == len(visible):
+                break
+            ahead = visible[first].key
+            borne_out = (ahead - key <= self._slop or first < len(visible) - 1
+                         or thermal[-1].key >= ahead - self._slop)
+            if not borne_out:
                 break
             pairs += self._decide_oldest()
         self._prune_visible()

@@ -45,13 +45,20 @@ def expected_pairs(events) -> dict[int, int]:
 
 def decided_at(events, thermal_stamp: int) -> int:
     """Log time at which a thermal frame's pair is decided: when both it and the first visible
-    frame stamped at or after it have arrived, or where that frame is beyond slop the second
-    (the bag's end if none is)."""
+    frame stamped at or after it have arrived, and where that frame is beyond slop also a frame
+    that bears it out: the second such visible frame or a thermal frame stamped as late, within
+    slop (the bag's end if none is)."""
     arrived = next(e[0] for e in events if e[1] == THERMAL_TOPIC and e[2] == thermal_stamp)
     later = sorted((e[2], e[0]) for e in events if e[1] == VISIBLE_TOPIC
                    and e[2] >= thermal_stamp)  # (stamp, log time), in stamp order
-    needed = 1 if later and later[0][0] - thermal_stamp <= SLOP * 1e9 else 2
-    return max(arrived, later[needed - 1][1] if len(later) >= needed else events[-1][0])
+    if not later:
+        return max(arrived, events[-1][0])
+    (first, logged), slop = later[0], SLOP * 1e9
+    if first - thermal_stamp <= slop:
+        return max(arrived, logged)
+    witnesses = [log_time for _, log_time in later[1:2]] + [
+        e[0] for e in events if e[1] == THERMAL_TOPIC and e[2] >= first - slop]
+    return max(arrived, logged, min(witnesses, default=events[-1][0]))
 
 
 @pytest.fixture(scope='module')

@@ -381,6 +381,16 @@ def test_one_stamp_glitched_forward_costs_at_most_the_pairs_around_it(topic, ind
     assert stats.resets == resets and stats.thermal_late + stats.visible_late == 0
 
 
+def test_a_thermal_frame_as_late_bears_out_a_lone_visible_frame_ahead():
+    # t1 has no partner; the one visible frame after it is far ahead, but t2 comes with it: no
+    # glitch, so both are decided without waiting for another visible frame.
+    sync = PairSynchronizer(0.020, 10)
+    assert sync.add_thermal(100 * MS, 't1') == []
+    assert sync.add_visible(500 * MS, 'v') == []  # alone and far ahead: it could be a glitch
+    assert sync.add_thermal(500 * MS, 't2') == [Pair(500 * MS, 500 * MS, 't2', 'v')]
+    assert sync.stats.thermal_unpaired == 1
+
+
 @pytest.mark.parametrize('expire', [False, True])
 def test_one_visible_stamp_glitched_ahead_costs_no_other_pair(expire):
     # Visible arrives 40 ms after thermal; one visible frame is stamped 0.9 s ahead (under the
