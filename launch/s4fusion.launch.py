@@ -93,6 +93,8 @@ def _node(context):
              [LaunchConfiguration('thermal_topic'), '/compressed']),
             ('visible/image_raw/compressed',
              [LaunchConfiguration('visible_topic'), '/compressed']),
+            ('thermal/image_raw/compressedDepth',
+             [LaunchConfiguration('thermal_topic'), '/compressedDepth']),
         ],
         ros_arguments=['--log-level', log_level],
         additional_env={'FASTDDS_BUILTIN_TRANSPORTS': transports},

@@ -214,8 +214,12 @@ def guess_role(topic: str, encoding: str) -> str:
 
 
 def _camera(topic: ImageTopic) -> str:
-    """The camera's topic: a /compressed twin's without that suffix."""
-    return topic.topic.removesuffix('/compressed') if topic.compressed else topic.topic
+    """The camera's topic: a /compressed or /compressedDepth twin's without that suffix."""
+    if topic.compressed:
+        for transport in ('compressed', 'compressedDepth'):
+            if topic.topic.endswith(f'/{transport}'):
+                return topic.topic.removesuffix(f'/{transport}')
+    return topic.topic
 
 
 def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | None = None,
@@ -223,9 +227,10 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
                 ) -> tuple[ImageTopic, ImageTopic]:
     """Choose the thermal and visible topics: the ones named, else the only ones that look so.
 
-    Where a camera was recorded both raw and as /compressed, the one in the transport the node's
-    parameters ``values`` subscribe to (``thermal.transport``, ``visible.transport``; raw without
-    them) is taken, so that a replay pairs what the live node paired; two cameras are an error.
+    Where a camera was recorded both raw and as /compressed (or /compressedDepth), the one in the
+    transport the node's parameters ``values`` subscribe to (``thermal.transport``,
+    ``visible.transport``; raw without them) is taken, so that a replay pairs what the live
+    node paired; two cameras are an error.
     """
     found = '; '.join(t.describe() for t in topics) or 'none'
     chosen = {}
@@ -244,8 +249,8 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
         cameras = {_camera(t) for t in candidates}
         if len(cameras) == 1:  # one camera, perhaps recorded both raw and as /compressed
             camera = cameras.pop()
-            wanted = (f'{camera}/compressed' if (values or {}).get(f'{role}.transport')
-                      == 'compressed' else camera)
+            transport = (values or {}).get(f'{role}.transport', 'raw')
+            wanted = camera if transport == 'raw' else f'{camera}/{transport}'
             # Its twin may lack the encoding that gives a role ('jpeg' alone): found by name.
             candidates = ([t for t in topics if t.topic == wanted and t.topic not in taken]
                           or candidates[:1])

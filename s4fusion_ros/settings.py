@@ -25,6 +25,8 @@ from .worker import QUEUE_POLICIES
 NODE_NAME = 's4fusion_node'
 RELIABILITIES = ('reliable', 'best_effort')
 TRANSPORTS = ('raw', 'compressed')
+# 16-bit thermal cores are often sent with image_transport's compressed_depth plugin.
+THERMAL_TRANSPORTS = (*TRANSPORTS, 'compressedDepth')
 OUTPUT_ENCODINGS = ('bgr8', 'rgb8', 'mono8')  # of the fused image
 SALIENCY_ENCODINGS = ('mono8', '32FC1')
 SYNC_BACKENDS = ('own', 'message_filters')
@@ -57,8 +59,9 @@ SPECS = {
                               'one (compact); 0 = the weights\' own (1.15 shipped); 1 = the plain '
                               'pyramid\'s detail, which flickers less on video', range=(0.0, 4.0)),
     'thermal.transport': Spec('raw', 'raw: sensor_msgs/Image on thermal/image_raw; compressed: '
-                              'CompressedImage on thermal/image_raw/compressed',
-                              choices=TRANSPORTS),
+                              'CompressedImage on thermal/image_raw/compressed; compressedDepth: '
+                              'CompressedImage on thermal/image_raw/compressedDepth (16-bit PNG)',
+                              choices=THERMAL_TRANSPORTS),
     'visible.transport': Spec('raw', 'raw: sensor_msgs/Image on visible/image_raw; compressed: '
                               'CompressedImage on visible/image_raw/compressed',
                               choices=TRANSPORTS),

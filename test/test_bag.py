@@ -5,12 +5,14 @@ import pathlib
 import re
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 from rosbags.interfaces import QosReliability
@@ -172,6 +174,42 @@ def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
                               values=chosen)
     with pytest.raises(bagio.BagError, match='no topic looks like the thermal camera'):
         bagio.pick_topics([t for t in topics if t.topic != '/lwir/image'], path)
+    # A 16-bit thermal core recorded raw and through image_transport's compressed_depth plugin:
+    # one camera, taken in the transport of the parameters.
+    depth_twin = bagio.ImageTopic('/lwir/image/compressedDepth', COMPRESSED, 1, '16UC1',
+                                  'thermal')
+    twins = [*topics, depth_twin]
+    assert bagio.pick_topics(twins, path)[0].topic == '/lwir/image'
+    values = {**settings.defaults(), 'thermal.transport': 'compressedDepth'}
+    assert bagio.pick_topics(twins, path, values=values)[0] == depth_twin
+
+
+def test_a_compressed_depth_thermal_topic_is_fused_as_the_node_decodes_it(
+        short_events, params_file, tmp_path):
+    # The same bag with its 16-bit thermal frames as image_transport's compressed_depth plugin
+    # sends them (12-byte header, PNG): the same pairs and pixels.
+    raw = write_bag(tmp_path / 'raw', short_events, 'mcap')
+    with Writer(tmp_path / 'depth', version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        thermal = writer.add_connection(THERMAL_TOPIC + '/compressedDepth', COMPRESSED,
+                                        typestore=TYPESTORE)
+        visible = writer.add_connection(VISIBLE_TOPIC, IMAGE, typestore=TYPESTORE)
+        for log_time, topic, stamp, encoding, image in short_events:
+            if topic == THERMAL_TOPIC:
+                message = bag_image_message(image, encoding, stamp, THERMAL_FRAME)
+                message = TYPESTORE.types[COMPRESSED](
+                    header=message.header, format='16UC1; compressedDepth png',
+                    data=np.frombuffer(struct.pack('<iff', 0, 0.0, 0.0)
+                                       + cv2.imencode('.png', image)[1].tobytes(), np.uint8))
+                writer.write(thermal, log_time, TYPESTORE.serialize_cdr(message, COMPRESSED))
+            else:
+                writer.write(visible, log_time, TYPESTORE.serialize_cdr(
+                    bag_image_message(image, encoding, stamp, VISIBLE_FRAME), IMAGE))
+    for source in (raw, tmp_path / 'depth'):
+        assert bag_tool.main([str(source), str(tmp_path / f'{source.name}_out'), '--params',
+                              str(params_file)]) == 0
+    fused = [read_bag(tmp_path / f'{name}_out')['/s4fusion_node/fused']
+             for name in ('raw', 'depth')]
+    assert fused[0] == fused[1] and len(fused[0]) == len(expected_pairs(short_events))
 
 
 def test_corrupt_messages_on_another_image_topic_do_not_stop_the_run(

@@ -2,6 +2,7 @@
 
 import array
 import os
+import struct
 import subprocess
 import sys
 
@@ -207,6 +208,45 @@ def test_compressed_16bit_png_stays_16bit(msrs_pair):
     raw = decode_thermal(img)
     assert raw.dtype == np.float32 and raw.max() > 255
     np.testing.assert_array_equal(raw, counts.astype(np.float32))
+
+
+def depth_message(fmt: str, png: bytes, params=(0.0, 0.0)) -> RawCompressedImage:
+    """A CompressedImage as image_transport's compressed_depth plugin makes one: its 12-byte
+    ConfigHeader (int32 format, float32 depthParam[2]) before the PNG."""
+    return RawCompressedImage(fmt, struct.pack('<iff', 0, *params) + png)
+
+
+def test_compressed_depth_16bit_is_the_png_after_its_header(msrs_pair):
+    counts = msrs_pair[0].astype(np.uint16) * 64 + 5
+    png = cv2.imencode('.png', counts)[1].tobytes()
+    for fmt in ('16UC1; compressedDepth png', 'mono16; compressedDepth',  # older: png alone
+                '16UC1; compressedDepth'):
+        np.testing.assert_array_equal(decode_thermal(depth_message(fmt, png)),
+                                      counts.astype(np.float32))
+
+
+def test_compressed_depth_32fc1_is_its_quantized_inverse_depth():
+    # The plugin's defaults (depth_quantization 100, depth_max 10 m): v = A / depth + B, 0 beyond.
+    a = np.float32(100 * 101)
+    b = np.float32(1 - a / 10)
+    depth = np.linspace(0.5, 9.5, 48 * 64, dtype=np.float32).reshape(48, 64)
+    depth[0, :5] = 12.0  # beyond depth_max: sent as 0, read as NaN
+    quantized = np.where(depth < 10, a / depth + b, 0).astype(np.uint16)
+    message = depth_message('32FC1; compressedDepth png', cv2.imencode('.png', quantized)[1]
+                            .tobytes(), (a, b))
+    decoded = decode_thermal(message)
+    assert np.isnan(decoded[0, :5]).all() and not np.isnan(decoded[1:]).any()
+    assert np.abs(decoded[1:] / depth[1:] - 1).max() < 1e-3  # the 16-bit quantization's error
+
+
+@pytest.mark.parametrize('fmt, data, problem', [
+    ('16UC1; compressedDepth rvl', bytes(40), "the compressedDepth codec 'rvl' is not supported"),
+    ('bgr8; compressedDepth png', bytes(40), "compressedDepth of 'bgr8' is not supported"),
+    ('16UC1; compressedDepth png', bytes(12), 'no room for the 12-byte compressedDepth header'),
+    ('16UC1; compressedDepth png', bytes(40), 'cannot decode 28 bytes')])
+def test_compressed_depth_that_cannot_be_read_is_refused_with_the_reason(fmt, data, problem):
+    with pytest.raises(ImageDecodeError, match=problem):
+        decode_thermal(RawCompressedImage(fmt, data))
 
 
 # A 5 kB PNG that decodes to 40000x64: past MAX_SIDE, as a raw image of that size would be.

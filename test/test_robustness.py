@@ -484,6 +484,37 @@ def _weights(tmp_path: pathlib.Path) -> dict:
 
 
 @pytest.mark.ros
+def test_a_thermal_core_sent_as_compressed_depth_is_fused(ros):
+    # thermal.transport compressedDepth: image_transport's compressed_depth plugin, the usual
+    # way of sending 16-bit images (a 12-byte header, then a PNG), on .../compressedDepth.
+    import struct
+
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage
+
+    from ros_harness import Probe, running_node
+    namespace = '/depth_transport'
+    probe = Probe('depth_probe', namespace=namespace)
+    qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    depth_pub = probe.create_publisher(CompressedImage, 'thermal/image_raw/compressedDepth', qos)
+    payload = struct.pack('<iff', 0, 0.0, 0.0) + cv2.imencode('.png', THERMAL)[1].tobytes()
+    params = {'device': 'cpu', 'inference_size': [80, 60], 'thermal.transport': 'compressedDepth'}
+    with running_node(params, namespace=namespace) as proc:
+        under_test = NodeUnderTest(proc, probe, namespace)
+        deadline = time.monotonic() + 90.0
+        while not probe.fused:  # start-up, then discovery may lose the first messages
+            assert time.monotonic() < deadline and proc.poll() is None, under_test.log()
+            stamp = under_test.now()
+            message = compressed(payload, stamp, '16UC1; compressedDepth png')
+            message.header.frame_id = 'thermal_optical_frame'
+            depth_pub.publish(message)
+            probe.visible_pub.publish(image(VISIBLE, 'bgr8', stamp))
+            probe.spin_until(lambda: probe.fused, 0.5)
+        assert 'Traceback' not in under_test.log()
+    probe.destroy_node()
+
+
+@pytest.mark.ros
 def test_broken_weights_stop_the_node_with_the_file_and_the_problem(tmp_path):
     from ros_harness import NODE_EXECUTABLE, write_params
     procs = {}

@@ -19,6 +19,9 @@ Rules for the inputs (see docs/node.md, "Inputs"):
   mono16), as cv_bridge converts them to bgr8.
 - compressed (jpeg, png, whatever OpenCV decodes): read with IMREAD_UNCHANGED, so a 16-bit PNG
   stays 16-bit; the decoded layout is 1 channel gray, 3 channels BGR or 4 channels BGRA.
+- compressedDepth (image_transport's compressed_depth plugin, the usual transport of 16-bit
+  images): 16UC1 / mono16 as the PNG after its 12-byte header, 32FC1 as the plugin decodes its
+  quantized inverse depth; its RVL codec is refused.
 """
 
 import dataclasses
@@ -226,6 +229,52 @@ def _header_size(data) -> tuple[int, int] | None:
     return None
 
 
+# compressed_depth_image_transport's messages: format '<encoding>; compressedDepth[ png| rvl]'
+# (no codec: png), data a 12-byte ConfigHeader (int32 format, float32 depthParam[2], little
+# endian) before the codec's stream. 16-bit images are the PNG as they were; 32FC1 depth is
+# quantized inverse depth v, read back as depthParam[0] / (v - depthParam[1]) (0: NaN).
+_DEPTH_HEADER_BYTES = 12
+_DEPTH_ENCODINGS = ('16UC1', 'mono16', '32FC1')
+
+
+def _compressed_depth(fmt: str) -> tuple[str, str] | None:
+    """(encoding, codec) of a compressedDepth format string, None for other formats."""
+    encoding, _, rest = fmt.partition(';')
+    words = rest.split()
+    if 'compressedDepth' not in words:
+        return None
+    codec = words[words.index('compressedDepth') + 1:][:1]
+    return encoding.strip(), codec[0] if codec else 'png'
+
+
+def _depth_png(data: np.ndarray, depth: tuple[str, str], name: str) -> tuple[np.ndarray, tuple]:
+    """The PNG stream of a compressedDepth message and its depthParam; RVL, other encodings and
+    a message without a header are refused."""
+    encoding, codec = depth
+    if codec != 'png':
+        raise ImageDecodeError(f'{name} image: the compressedDepth codec {codec!r} is not '
+                               f'supported (png is)')
+    if encoding not in _DEPTH_ENCODINGS:
+        raise ImageDecodeError(f'{name} image: compressedDepth of {encoding!r} is not '
+                               f'supported ({", ".join(_DEPTH_ENCODINGS)} are)')
+    if data.size <= _DEPTH_HEADER_BYTES:
+        raise ImageDecodeError(f'{name} image: {data.size} bytes, no room for the '
+                               f'{_DEPTH_HEADER_BYTES}-byte compressedDepth header and an image')
+    params = tuple(data[4:_DEPTH_HEADER_BYTES].view('<f4').astype(float))
+    return data[_DEPTH_HEADER_BYTES:], params
+
+
+def _inverse_depth(quantized: np.ndarray, params: tuple, name: str) -> np.ndarray:
+    """32FC1 depth from the plugin's 16-bit quantized inverse depth (0: no depth, NaN)."""
+    if quantized.dtype != np.uint16 or quantized.ndim != 2:
+        raise ImageDecodeError(f'{name} image: expected a 16-bit gray PNG of inverse depth, got '
+                               f'{quantized.dtype} {quantized.shape}')
+    with np.errstate(divide='ignore', invalid='ignore'):
+        depth = np.float32(params[0]) / (quantized.astype(np.float32) - np.float32(params[1]))
+    depth[quantized == 0] = np.nan
+    return depth
+
+
 def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """Decode a CompressedImage to (array, layout, a name for messages); a PNG or JPEG over
     `max_pixels` is refused from its header."""
@@ -233,6 +282,9 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
     data = _byte_view(img.data, name)
     if data.size == 0:
         raise ImageDecodeError(f'{name} image: no data')
+    depth = _compressed_depth(img.format) if isinstance(img.format, str) else None
+    if depth is not None:
+        data, params = _depth_png(data, depth, name)
     size = _header_size(memoryview(data))
     if size is not None:
         _check_pixels(*size, name, max_pixels)
@@ -249,6 +301,8 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
     for side, size in (('height', array.shape[0]), ('width', array.shape[1])):
         _dimension(size, side, name, MAX_SIDE)
     _check_pixels(array.shape[1], array.shape[0], name, max_pixels)
+    if depth is not None and depth[0] == '32FC1':
+        array = _inverse_depth(array, params, name)
     channels = 1 if array.ndim == 2 else array.shape[2]
     if channels not in _COMPRESSED_LAYOUTS or array.dtype not in (np.uint8, np.uint16,
                                                                   np.float32):

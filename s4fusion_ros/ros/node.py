@@ -454,10 +454,10 @@ def _import_message_filters(p: dict):
 
 
 def _input_topic(role: str, transport: str) -> tuple[type, str]:
-    """Message type and relative topic name of an input."""
-    if transport == 'compressed':
-        return CompressedImage, f'{role}/image_raw/compressed'
-    return Image, f'{role}/image_raw'
+    """Message type and relative topic name of an input (image_transport's names)."""
+    if transport == 'raw':
+        return Image, f'{role}/image_raw'
+    return CompressedImage, f'{role}/image_raw/{transport}'
 
 
 def _format_value(value) -> str:
