@@ -237,8 +237,27 @@ def load_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
     invalid values.
     """
     path = pathlib.Path(path)
+    return _values_of(path, read_params_file(path, node_name))
+
+
+def load_offline_params(path: pathlib.Path | str) -> dict:
+    """load_params_file for the offline tools (s4fusion-bag, -batch, -demo), which write the
+    outputs with the QoS of qos.output.*: a file's publisher qos_overrides, which the node
+    would apply to one output, are refused rather than silently left out."""
+    path = pathlib.Path(path)
+    given = read_params_file(path)
+    overridden = sorted(name for name in given
+                        if name.startswith(QOS_OVERRIDES_PREFIX) and '.publisher.' in name)
+    if overridden:
+        raise SettingsError(f'{path}: the offline tools write the outputs with the QoS of '
+                            f'qos.output.*; set those instead of {", ".join(overridden)}')
+    return _values_of(path, given)
+
+
+def _values_of(path: pathlib.Path, given: dict) -> dict:
+    """Every parameter: the file's value (`given`), else its default; SettingsError naming
+    the file for unknown names and invalid values."""
     values = defaults()
-    given = read_params_file(path, node_name)
     for name, value in given.items():
         if name.startswith(ROS_KEYS):
             continue

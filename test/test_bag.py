@@ -280,6 +280,21 @@ def test_the_output_topics_offer_the_qos_of_the_parameters(short_events, tmp_pat
         assert (qos.reliability, qos.depth) == (QosReliability.BEST_EFFORT, 10)
 
 
+def test_a_publisher_qos_override_is_refused_not_ignored(short_events, tmp_path, capsys):
+    # The node would offer that output best effort; the bag would have recorded it reliable.
+    params = tmp_path / 'params.yaml'
+    overrides = {'/s4fusion_node/fused': {'publisher': {'reliability': 'best_effort'}},
+                 '/thermal/image_raw': {'subscription': {'depth': 3}}}
+    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
+        'device': 'cpu', 'qos_overrides': overrides}}}))
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params)]) == 1
+    error = capsys.readouterr().err
+    assert ('the offline tools write the outputs with the QoS of qos.output.*; set those instead '
+            'of qos_overrides./s4fusion_node/fused.publisher.reliability') in error
+    assert 'subscription' not in error and not (tmp_path / 'out').exists()
+
+
 def test_included_inputs_keep_every_connection_of_a_topic(short_events, params_file, tmp_path):
     # The thermal topic recorded through two connections of other QoS (two publishers, or bags
     # merged): the copy kept only the last connection's QoS for both.

@@ -105,6 +105,6 @@ def test_the_demo_refuses_qos_overrides_of_the_outputs_it_records(tmp_path):
     done = subprocess.run([str(DEMO), '--output-dir', str(tmp_path / 'demo'), '--params',
                            str(params)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    assert ('the demo records the outputs with qos.output.*; set those instead of '
-            'qos_overrides./s4fusion_node/fused.publisher.reliability') in done.stderr
+    assert ('the offline tools write the outputs with the QoS of qos.output.*; set those instead '
+            'of qos_overrides./s4fusion_node/fused.publisher.reliability') in done.stderr
     assert 'Traceback' not in done.stderr

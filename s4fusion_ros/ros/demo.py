@@ -246,17 +246,9 @@ def run(args: argparse.Namespace) -> str:
     bag = args.bag or sample_bag()
     out_dir, logs = args.output_dir, args.output_dir / 'logs'
     logs.mkdir(parents=True, exist_ok=True)
-    values = settings.load_params_file(args.params) if args.params else settings.defaults()
-    if args.params:
-        # The demo records the outputs with the QoS of qos.output.*: a reliable recorder would
-        # hear nothing from an output made best_effort by its own override.
-        overridden = sorted(
-            name for name in settings.read_params_file(args.params)
-            if name.startswith(settings.QOS_OVERRIDES_PREFIX) and '.publisher.' in name)
-        if overridden:
-            raise settings.SettingsError(
-                f'{args.params}: the demo records the outputs with qos.output.*; set those '
-                f'instead of {", ".join(overridden)}')
+    # Its recorder subscribes with the QoS of qos.output.*: a reliable recorder would hear
+    # nothing from an output made best_effort by a publisher override, which is refused.
+    values = settings.load_offline_params(args.params) if args.params else settings.defaults()
     with open_bag(bag) as reader:
         thermal, visible = pick_topics(image_topics(reader, bag), bag, args.thermal_topic,
                                        args.visible_topic, values)

@@ -10,7 +10,9 @@ slow disk or a network, frames look later than the node saw them and can lose pa
 a larger sync.timeout in --params undoes that.) Unlike the live node nothing is dropped for lack
 of compute time: every decided pair is fused.
 
-The output bag has the node's output topics (sensor_msgs/Image with the visible header) logged at
+The output bag has the node's output topics (sensor_msgs/Image with the visible header; under
+/s4fusion_node/ unless --fused-topic / --saliency-topic name others, whatever namespace the
+parameter file is for), offered with the QoS of qos.output.*, logged at
 the time the pair was decided (the log time of the message that completed it, or of the last
 message for the pairs decided at the end of the bag), on the input's timeline, and with
 --include-inputs the input topics as recorded. It is written under a temporary name and renamed
@@ -103,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_values(args: argparse.Namespace) -> dict:
     """Node parameter values: defaults, the parameter file, then the command-line overrides."""
-    values = settings.load_params_file(args.params) if args.params else settings.defaults()
+    values = settings.load_offline_params(args.params) if args.params else settings.defaults()
     for name, value in (('device', args.device), ('model.weights', args.weights)):
         if value is not None:
             values[name] = value
