@@ -282,9 +282,7 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     sweep_staging(path)
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f'.{path.name}.{secrets.token_hex(STAGING_HEX_BYTES)}.partial'
-    staging.mkdir()
-    held = _hold(staging)
+    staging, held = _held_staging(path)
     try:
         writer = Writer(staging / path.name, version=BAG_VERSION,
                         storage_plugin=StoragePlugin[storage.upper()])
@@ -306,41 +304,49 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
         os.close(held)
 
 
-def _hold(staging: pathlib.Path) -> int:
-    """Take an flock on a staging directory for the attempt writing in it (released with the
-    returned descriptor, or the process): how sweep_staging tells a live attempt's from a dead
-    one's. Where the file system has none for folders, every attempt's looks dead."""
-    folder = os.open(staging, os.O_RDONLY)
-    with contextlib.suppress(OSError):
-        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return folder
-
-
-def _alive(staging: pathlib.Path) -> bool:
-    """Whether a live attempt holds the staging directory (see _hold)."""
-    try:
-        folder = os.open(staging, os.O_RDONLY)
-    except OSError:  # gone meanwhile
-        return True
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
+def _held_staging(path: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """Make a staging directory for `path` and take an flock on it for the attempt writing in
+    it (released with the returned descriptor, or with the process): how sweep_staging tells a
+    live attempt's from a dead one's. A directory swept before its lock was taken (a sweeper
+    holds the lock while it removes) is replaced by a new one. Where the file system has no
+    flock for folders, every attempt's looks dead to a sweep."""
+    while True:
+        staging = path.parent / f'.{path.name}.{secrets.token_hex(STAGING_HEX_BYTES)}.partial'
+        staging.mkdir()
+        try:
+            folder = os.open(staging, os.O_RDONLY)
+        except FileNotFoundError:  # swept already
+            continue
+        with contextlib.suppress(OSError):  # BlockingIOError cannot come: the lock blocks
+            fcntl.flock(folder, fcntl.LOCK_EX)  # a sweeper holds it for an instant at most
+        if os.fstat(folder).st_nlink:  # still there, not swept while the lock was awaited
+            return staging, folder
         os.close(folder)
-    return False
 
 
 def sweep_staging(path: pathlib.Path) -> list[pathlib.Path]:
     """Remove the staging directories that dead create_bag attempts (killed) left beside `path`,
-    each putting back a bag it had moved aside to replace; returns them. Those of live attempts
-    stay."""
-    stale = [staging for staging in staging_dirs(path) if not _alive(staging)]
-    for staging in stale:
-        remove_staging(staging, path)
-    return stale
+    each putting back a bag it had moved aside to replace; returns them. One whose lock a live
+    attempt holds stays; the others are removed while this holds their lock."""
+    swept = []
+    for staging in staging_dirs(path):
+        try:
+            folder = os.open(staging, os.O_RDONLY)
+        except FileNotFoundError:  # swept meanwhile by another
+            continue
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live attempt's
+            os.close(folder)
+            continue
+        except OSError:  # no flock on this file system: taken for dead (see _held_staging)
+            pass
+        try:
+            remove_staging(staging, path)
+            swept.append(staging)
+        finally:
+            os.close(folder)
+    return swept
 
 
 def remove_staging(staging: pathlib.Path, path: pathlib.Path) -> None:
@@ -353,8 +359,8 @@ def remove_staging(staging: pathlib.Path, path: pathlib.Path) -> None:
 
 
 def staging_dirs(path: pathlib.Path) -> list[pathlib.Path]:
-    """The staging directories that create_bag left beside `path` (a dead attempt's), and not
-    those of another bag whose name begins with this one's ('x' and 'x.1'). Eight characters of
+    """The staging directories of create_bag beside `path` (live attempts' and dead ones'), and
+    not those of another bag whose name begins with this one's ('x' and 'x.1'). Eight characters of
     tempfile's alphabet also match the names of releases before the hex ones."""
     own = re.compile(rf'\.{re.escape(path.name)}\.[0-9a-z_]{{{2 * STAGING_HEX_BYTES}}}\.partial')
     return [found for found in path.parent.glob(f'.{glob.escape(path.name)}.*.partial')

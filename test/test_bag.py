@@ -616,6 +616,26 @@ def test_a_killed_writers_partial_bag_goes_with_the_next_bag_of_that_name(
     assert sorted(os.listdir(tmp_path)) == ['drive', 'fused', 'in']
 
 
+def test_a_staging_directory_swept_before_its_writer_held_it_is_replaced(tmp_path, monkeypatch):
+    # A sweep of the same name (another writer's) can come between a writer's mkdir and its
+    # lock: that directory goes, and the writer must notice and write into a new one, not into
+    # one that no longer exists.
+    out, swept, flock = tmp_path / 'drive', [], bagio.fcntl.flock
+
+    def sweep_first(folder, operation):
+        if operation == bagio.fcntl.LOCK_EX and not swept:  # the writer's own, blocking
+            swept.extend(bagio.sweep_staging(out))
+        return flock(folder, operation)
+
+    monkeypatch.setattr(bagio.fcntl, 'flock', sweep_first)
+    with bagio.create_bag(out) as writer:
+        (staging,) = bagio.staging_dirs(out)
+        assert len(swept) == 1 and staging != swept[0] and not swept[0].exists()
+        bagio.add_image_topic(writer, '/fused')
+    with bagio.open_bag(out) as reader:
+        assert [c.topic for c in reader.connections] == ['/fused']
+
+
 def test_a_bag_without_pairs_leaves_no_earlier_video_behind(short_events, params_file, tmp_path,
                                                             capsys):
     # Visible stamps 10 s after the thermal ones: nothing pairs, so no video is made, and with
