@@ -34,6 +34,9 @@ IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 # Keys a parameter file may hold for any node (rclpy handles them); the offline tool ignores them.
 # ROS 2's per-topic qos_overrides.<topic>.<publisher|subscription>.<policy> start-up parameters.
 QOS_OVERRIDES_PREFIX = 'qos_overrides.'
+OUTPUT_NAMES = ('fused', 'saliency')  # the node's output topics, ~/fused and ~/saliency
+OUTPUT_QOS_OVERRIDE = re.compile(
+    rf'{re.escape(QOS_OVERRIDES_PREFIX)}.*/{NODE_NAME}/({"|".join(OUTPUT_NAMES)})\.publisher\.')
 ROS_KEYS = ('use_sim_time', QOS_OVERRIDES_PREFIX, 'start_type_description_service')
 
 
@@ -246,8 +249,7 @@ def load_offline_params(path: pathlib.Path | str) -> dict:
     would apply to one output, are refused rather than silently left out."""
     path = pathlib.Path(path)
     given = read_params_file(path)
-    overridden = sorted(name for name in given
-                        if name.startswith(QOS_OVERRIDES_PREFIX) and '.publisher.' in name)
+    overridden = sorted(name for name in given if OUTPUT_QOS_OVERRIDE.match(name))
     if overridden:
         raise SettingsError(f'{path}: the offline tools write the outputs with the QoS of '
                             f'qos.output.*; set those instead of {", ".join(overridden)}')

@@ -284,7 +284,8 @@ def test_a_publisher_qos_override_is_refused_not_ignored(short_events, tmp_path,
     # The node would offer that output best effort; the bag would have recorded it reliable.
     params = tmp_path / 'params.yaml'
     overrides = {'/s4fusion_node/fused': {'publisher': {'reliability': 'best_effort'}},
-                 '/thermal/image_raw': {'subscription': {'depth': 3}}}
+                 '/thermal/image_raw': {'subscription': {'depth': 3}},
+                 '/diagnostics': {'publisher': {'depth': 3}}}  # not the node's: it ignores it
     params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
         'device': 'cpu', 'qos_overrides': overrides}}}))
     source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
@@ -292,7 +293,8 @@ def test_a_publisher_qos_override_is_refused_not_ignored(short_events, tmp_path,
     error = capsys.readouterr().err
     assert ('the offline tools write the outputs with the QoS of qos.output.*; set those instead '
             'of qos_overrides./s4fusion_node/fused.publisher.reliability') in error
-    assert 'subscription' not in error and not (tmp_path / 'out').exists()
+    assert 'subscription' not in error and 'diagnostics' not in error
+    assert not (tmp_path / 'out').exists()
 
 
 def test_included_inputs_keep_every_connection_of_a_topic(short_events, params_file, tmp_path):
