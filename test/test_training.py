@@ -844,10 +844,11 @@ def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsy
     assert train_main([*common, '--out', str(tmp_path / 'h'), '--stop-at', '1']) == 0
     state = tmp_path / 'h' / 'train_state.pt'
     whole = state.read_bytes()
-    # Torn, junk (a KeyError in torch's unpickler) or another program's torch file.
-    for damaged in (whole[:1000], whole[:10000], b'junk\n', None):
-        if damaged is None:
-            torch.save({'x': 1}, state)
+    # Torn, junk (a KeyError in torch's unpickler), another program's torch file, or one with
+    # an identity but nothing else.
+    for damaged in (whole[:1000], whole[:10000], b'junk\n', {'x': 1}, {'identity': '{}'}):
+        if isinstance(damaged, dict):
+            torch.save(damaged, state)
         else:
             state.write_bytes(damaged)
         assert train_main([*common, '--out', str(tmp_path / 'h'), '--resume']) == 1

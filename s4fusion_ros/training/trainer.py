@@ -226,15 +226,19 @@ class Trainer:
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
             saved = json.loads(state['identity'])
+            missing = sorted({'model', 'optimizer', 'scheduler', 'rng', 'step', 'seconds'}
+                             - state.keys()) + sorted({'model', 'loss'} - saved.keys())
+            if missing:
+                raise KeyError(f'no {", ".join(missing)}')
+            # Compared as configurations, so a field added since (at its default) still matches.
+            saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
+            saved['loss'] = complete_loss_config(saved['loss'])
         # What torch's weights-only unpickler raises on other files varies (KeyError on junk).
         except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError,
-                ValueError) as error:
+                ValueError, AttributeError) as error:
             raise ValueError(f'{path}: not a readable training state '
                              f'({type(error).__name__}: {error})') from None
         current = self.identity()
-        # Compared as configurations, so a field added since (at its default) still matches.
-        saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
-        saved['loss'] = complete_loss_config(saved['loss'])
         differing = [_difference(key, saved.get(key), current[key]) for key in current
                      if saved.get(key) != current[key]]
         if differing:
