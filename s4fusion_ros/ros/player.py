@@ -9,8 +9,9 @@ the latest frame it took, so a very slow --rate can decide pairs earlier than a 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"). Playback starts once every topic has a subscriber
 (or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
-With --wait-for NODE it waits for that node's subscriptions: a node that joins the graph first and
-subscribes only once its model is loaded would otherwise miss the start of the bag.
+With --wait-for NODE it waits for that node's subscriptions instead, to the played topics it
+subscribes to: a node that joins the graph first and subscribes only once its model is loaded
+would otherwise miss the start of the bag.
 """
 
 import argparse
@@ -70,8 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         '(0: do not wait; default: %(default)s)')
     parser.add_argument('--wait-for', metavar='NODE',
                         help='before playing, wait (up to --wait seconds) until the node NODE '
-                        '(name or /namespace/name) subscribes to every played topic, e.g. a '
-                        'fusion node still loading its model')
+                        '(name or /namespace/name) subscribes to played topics and each of those '
+                        'has a subscriber (topics NODE never subscribes to are not waited for), '
+                        'e.g. a fusion node still loading its model')
     parser.add_argument('--best-effort', action='store_true',
                         help='publish best effort instead of reliable')
     parser.add_argument('--keep-alive', action='store_true',
