@@ -165,6 +165,14 @@ class ImageTopic:
         """Whether the topic carries sensor_msgs/CompressedImage."""
         return self.msgtype == COMPRESSED_IMAGE
 
+    @property
+    def transport(self) -> str:
+        """The image_transport it is in, by its name: raw, compressed or compressedDepth (the
+        node's *.transport values)."""
+        if not self.compressed:
+            return 'raw'
+        return 'compressedDepth' if self.topic.endswith('/compressedDepth') else 'compressed'
+
     def describe(self) -> str:
         """One line for messages: topic (type, encoding, count)."""
         kind = 'CompressedImage' if self.compressed else 'Image'
@@ -215,11 +223,7 @@ def guess_role(topic: str, encoding: str) -> str:
 
 def _camera(topic: ImageTopic) -> str:
     """The camera's topic: a /compressed or /compressedDepth twin's without that suffix."""
-    if topic.compressed:
-        for transport in ('compressed', 'compressedDepth'):
-            if topic.topic.endswith(f'/{transport}'):
-                return topic.topic.removesuffix(f'/{transport}')
-    return topic.topic
+    return topic.topic.removesuffix(f'/{topic.transport}')
 
 
 def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | None = None,

@@ -57,7 +57,7 @@ def params_file(topics) -> str:
     """The node's defaults with each input's transport as the bag records it."""
     values = settings.defaults()
     for role, topic in topics.items():
-        values[f'{role}.transport'] = 'compressed' if topic.compressed else 'raw'
+        values[f'{role}.transport'] = topic.transport
     path = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-launch-test-')) / 'params.yaml'
     path.write_text(yaml.safe_dump({'/**': {'ros__parameters': settings.nest(values)}}))
     return str(path)
@@ -86,8 +86,8 @@ class TestFusedOutputs(unittest.TestCase):
         try:
             probe = Probe('launch_probe', namespace=f'/{NAMESPACE}')
             publishers = {role: probe.create_publisher(
-                message_class(topic.msgtype),
-                f'{role}/image_raw' + ('/compressed' if topic.compressed else ''), 10)
+                message_class(topic.msgtype), f'{role}/image_raw' + (
+                    '' if topic.transport == 'raw' else f'/{topic.transport}'), 10)
                 for role, topic in topics.items()}
             deadline = time.monotonic() + 180
             while not (probe.fused and probe.saliency) and time.monotonic() < deadline:

@@ -270,10 +270,10 @@ def run(args: argparse.Namespace) -> str:
                     str(node_params_file(args, logs)), '-p', 'use_sim_time:=true',
                     '-p', f'sync.timeout:={timeout!r}']  # repr: a double, never rounded to 0
     for role, topic in (('thermal', thermal), ('visible', visible)):
-        # A CompressedImage topic goes to the node's .../compressed input.
-        suffix = '/compressed' if topic.compressed else ''
+        # A CompressedImage topic goes to the node's input of its transport.
+        suffix = '' if topic.transport == 'raw' else f'/{topic.transport}'
         play += ['--remap', f'{topic.topic}:={NODE_TOPICS[role]}{suffix}']
-        node_command += ['-p', f'{role}.transport:={"compressed" if suffix else "raw"}']
+        node_command += ['-p', f'{role}.transport:={topic.transport}']
     print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
           f'{settings.NODE_NAME}; logs in {logs}', file=sys.stderr)
     # Ctrl-C must reach this code as KeyboardInterrupt, so that the children are stopped.
