@@ -336,7 +336,7 @@ def sweep_staging(path: pathlib.Path) -> list[pathlib.Path]:
     for staging in staging_dirs(path):
         try:
             folder = os.open(staging, os.O_RDONLY)
-        except FileNotFoundError:  # swept meanwhile by another
+        except OSError:  # swept meanwhile by another, or not ours to open: left alone
             continue
         try:
             fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,8 +14,8 @@ second visible frame, or a thermal frame as late as it): a single visible stamp 
 would otherwise decide every thermal frame it overtook before its partner arrived. It pairs with
 the nearest visible within ``slop`` (ties go to the earlier one) that is newer than the last
 paired visible, so output pairs strictly increase in both stamps and each visible frame is used at
-most once. Visible frames older than the partner,
-or too old for any thermal frame still to come, are dropped as unpaired. This gives the same
+most once. Visible frames older than the partner, or too old for any thermal frame still to come,
+are dropped as unpaired. This gives the same
 pairs as the offline greedy (thermal frames in stamp order, each taking the nearest unused visible
 within slop newer than the last paired one) whatever the delay between the two topics, as long as
 each topic arrives in order and the buffers do not overflow. ``expire(now_ns)`` (the live node's
