@@ -250,7 +250,8 @@ def data_layout(folder):
     out M3SVD. One dataset of your own may take one of their names. A folder inside the ivif
     layout (one of its datasets, say) is an error too: it holds test or validation pairs."""
     folder = pathlib.Path(folder)
-    for root in folder.resolve().parents:
+    # As given first (the message names the layout as the user does), then with links resolved.
+    for root in (*folder.absolute().parents, *folder.resolve().parents):
         if (root / ROADSCENE_TEST67).is_file():
             raise ValueError(f'{folder}: inside the ivif layout {root}, so holding test or '
                              f'validation pairs, which must not train; give --data {root} (its '
