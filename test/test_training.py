@@ -705,6 +705,12 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
     training = json.loads((out / 's4fusion_compact.json').read_text())['training']
     assert training['loss']['teacher_weight'] == 8.0
     assert hashlib.sha256(teacher.read_bytes()).hexdigest() in training['deviation']
+    # ... and the JSON it ran with, which sets its gain and stretch: the same tensors under
+    # another JSON teach another fusion.
+    teacher_json = teacher.with_suffix('.json')
+    assert (f'run as its {teacher_json.name} says (sha256 '
+            f'{hashlib.sha256(teacher_json.read_bytes()).hexdigest()}: preset ') in (
+        training['deviation'])
     assert 'teacher' in json.loads((out / 'train_log.jsonl').read_text())
     assert training['loss']['teacher_edges'] == 'magnitude'
     assert train_main([*common, '--out', str(tmp_path / 'signed'), '--teacher', str(teacher),

@@ -21,7 +21,8 @@ import torch
 from ..cli import run_command
 from ..files import check_writable_folder
 from ..model import S4FusionConfig
-from ..model.checkpoint import STORAGE_DTYPES, CheckpointError, load_checkpoint
+from ..model.checkpoint import (STORAGE_DTYPES, CheckpointError, config_path,
+                                load_checkpoint, read_config)
 from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
 from ..training.data import PairFolderDataset, training_data_note, training_pairs
@@ -145,8 +146,15 @@ def deviation_note(features, classifier, data_note, teacher=None):
     notes = ['trained by s4fusion-train; the authors released no training code or settings, so '
              'term weights, temperature, optimizer and schedule are this package\'s choices']
     if teacher is not None:
-        digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
-        notes.append(f'distilled from {teacher.name} (sha256 {digest})')
+        # The JSON beside the teacher's tensors sets how it fuses (its gain, its stretch): one
+        # set of tensors taught differently under two JSONs.
+        meta, config = read_config(teacher)
+        tensors_digest, json_digest = (hashlib.sha256(path.read_bytes()).hexdigest()
+                                       for path in (teacher, config_path(teacher)))
+        notes.append(f'distilled from {teacher.name} (sha256 {tensors_digest}) run as its '
+                     f'{config_path(teacher).name} says (sha256 {json_digest}: preset '
+                     f'{meta.get("preset")}, detail_gain {config.detail_gain}, base_contrast '
+                     f'{config.base_contrast})')
     if features is None:
         notes.append('source weights from multi-scale image Sobel energy, not ResNet-50 features')
     if classifier is None:
