@@ -32,7 +32,7 @@ from rosbags.typesys import Stores, get_typestore
 from .files import sync_to_disk, sync_tree
 from .imaging.encodings import FORMATS, RawImage
 from .messages import ns_to_sec_nanosec
-from .settings import NODE_NAME, OUTPUT_NAMES
+from .settings import OUTPUT_TOPIC_PATTERN
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
@@ -53,7 +53,7 @@ THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir)([^a-z
                           re.IGNORECASE)
 # The fusion node's own outputs, as a recording of the live system holds them (in any
 # namespace, raw or /compressed): neither a camera to fuse nor a topic to replay by default.
-NODE_OUTPUT = re.compile(rf'/{NODE_NAME}/({"|".join(OUTPUT_NAMES)})(/compressed)?$')
+NODE_OUTPUT = re.compile(rf'{OUTPUT_TOPIC_PATTERN}(/compressed)?$')
 
 _NO_TIME = QosTime(sec=0, nsec=0)
 

@@ -35,8 +35,10 @@ IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 # ROS 2's per-topic qos_overrides.<topic>.<publisher|subscription>.<policy> start-up parameters.
 QOS_OVERRIDES_PREFIX = 'qos_overrides.'
 OUTPUT_NAMES = ('fused', 'saliency')  # the node's output topics, ~/fused and ~/saliency
+# The end of either output's resolved name, in any namespace (a regular expression).
+OUTPUT_TOPIC_PATTERN = rf'/{NODE_NAME}/({"|".join(OUTPUT_NAMES)})'
 OUTPUT_QOS_OVERRIDE = re.compile(
-    rf'{re.escape(QOS_OVERRIDES_PREFIX)}.*/{NODE_NAME}/({"|".join(OUTPUT_NAMES)})\.publisher\.')
+    rf'{re.escape(QOS_OVERRIDES_PREFIX)}.*{OUTPUT_TOPIC_PATTERN}\.publisher\.')
 ROS_KEYS = ('use_sim_time', QOS_OVERRIDES_PREFIX, 'start_type_description_service')
 
 
