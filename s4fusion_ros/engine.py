@@ -81,6 +81,7 @@ class FusionPipeline:
         self.max_pixels = max_pixels  # larger inputs are refused: model memory grows with size
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
         self._latest: tuple[int, float] | None = None  # (offset stamp ns, arrival s)
+        self._timeline = 0  # Pair.timeline of the pairs the thermal range was taken over
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str,
                     arrived: float | None = None) -> list[PreparedPair]:
@@ -145,18 +146,14 @@ class FusionPipeline:
 
     def _add(self, add, stamp_ns: int, frame: Frame, arrived: float | None,
              key_ns: int) -> list[PreparedPair]:
-        """Add a frame to the synchronizer and prepare what it pairs. A backwards clock jump (a
-        looping bag, a restarted camera) resets the synchronizer, and then the thermal range too:
-        the new timeline's first frames must not be scaled by the old scene's range."""
+        """Add a frame to the synchronizer and prepare what it pairs."""
         arrived = time.monotonic() if arrived is None else arrived
-        before = self.synchronizer.stats
-        prepared = self._prepare(add(stamp_ns, frame))  # pairs of the old timeline, if it reset
-        after = self.synchronizer.stats
-        if after.resets != before.resets:
-            self.normalizer.reset()
+        before = self.synchronizer.stats.taken
+        prepared = self._prepare(add(stamp_ns, frame))
         # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a
-        # repeated stamp, too), nor one still of the timeline before a clock jump.
-        if after.taken != before.taken:
+        # repeated stamp, too), one still of the timeline before a clock jump, nor one held
+        # until the next frame tells a jump from a glitched stamp.
+        if self.synchronizer.stats.taken != before:
             self._latest = (key_ns, arrived)
         return prepared
 
@@ -167,6 +164,11 @@ class FusionPipeline:
     def _prepare(self, pairs) -> list[PreparedPair]:
         prepared = []
         for pair in pairs:
+            if pair.timeline != self._timeline:
+                # A backwards clock jump (a looping bag, a restarted camera): the new
+                # timeline's first frames must not be scaled by the old scene's range.
+                self._timeline = pair.timeline
+                self.normalizer.reset()
             thermal, visible = pair.thermal, pair.visible
             normalized = self.normalizer(thermal.image)
             height, width = visible.image.shape[:2]

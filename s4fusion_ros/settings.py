@@ -90,8 +90,9 @@ SPECS = {
                                 'driver latency); outputs keep the original stamps',
                                 range=(-1.0, 1.0)),
     'sync.clock_jump': Spec(1.0, 'a stamp this many seconds older than the newest of its topic is '
-                            'a clock jump (a looping bag, a restarted camera or simulation): '
-                            'pairing restarts on the new timeline; a smaller jump back counts as '
+                            'a clock jump (a looping bag, a restarted camera or simulation), '
+                            'once the next frame bears it out: pairing restarts on the new '
+                            'timeline; else a glitched stamp, late; a smaller jump back counts as '
                             'late', range=(0.001, 3600.0)),
     'inference.queue_size': Spec(1, 'pairs waiting for the model', range=(1, 100)),
     'inference.queue_policy': Spec('keep_newest', 'when the queue is full: keep_newest drops the '

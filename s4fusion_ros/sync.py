@@ -36,11 +36,17 @@ Parameters and their names elsewhere:
   by ``expire``, whose ``now_ns`` must be on the offset stamps' clock (``thermal_key`` /
   ``visible_key`` of a stamp: the node clock, sim time included, where the offsets are 0).
 - ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
-  (looping bag, simulation restart): what is pending is flushed and the state starts afresh.
-  Frames of the other topic still on the old timeline (in flight at the jump: continuing its own
-  stamps, and more than slop + timeout ahead of where the jumped topic stands now, offsets
-  applied) are then late rather than a second jump, until that topic's first frame on the new
-  timeline.
+  (looping bag, simulation restart) or a glitched stamp. Such a frame is held until the next
+  frame tells which (time cannot: dropped frames and FFC pauses make any silence possible): the
+  next frame of its topic as far back, or a frame of the other topic as far back and within the
+  threshold of it, confirm a jump: what is pending is flushed and the state starts afresh with
+  the held frame. The next frame of its topic back on the old timeline shows a glitch: the
+  held frame is late and nothing is reset. Likewise a frame back within the threshold of the
+  stamps before a lone newest frame that stood more than the threshold above them shows that
+  newest frame's stamp glitched ahead: it is late, if still pending. Frames of the other topic
+  still in flight at a jump (continuing its own stamps, and more than slop + timeout ahead of
+  where the jumped topic stands now, offsets applied) are then late rather than a second jump,
+  until that topic's first frame on the new timeline.
 
 Counters (``stats``), per topic, always satisfy
 ``received == pairs + unpaired + late + overflow + rejected + pending``.
@@ -65,6 +71,7 @@ class Pair(NamedTuple):
     visible_stamp: int
     thermal: Any
     visible: Any
+    timeline: int = 0  # clock jumps (resets) before it was decided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +83,25 @@ class SyncStats:
     pairs: int = 0
     thermal_unpaired: int = 0  # decided without a partner within slop
     visible_unpaired: int = 0  # left behind by a newer pair or too old for any thermal frame
-    thermal_late: int = 0  # not newer than a decided frame, a repeated stamp, or pre-jump
+    thermal_late: int = 0  # not newer than a decided frame, a repeated stamp, pre-jump or glitched
     visible_late: int = 0
     thermal_overflow: int = 0  # dropped as the oldest of a full queue
     visible_overflow: int = 0
     thermal_rejected: int = 0  # zero or negative stamp
     visible_rejected: int = 0
-    thermal_pending: int = 0  # buffered, not decided yet
+    thermal_pending: int = 0  # buffered, not decided yet (held frames included)
     visible_pending: int = 0
+    thermal_held: int = 0  # of the pending: far behind its topic, a jump or a glitch (0 or 1)
+    visible_held: int = 0
     resets: int = 0  # backwards clock jumps
 
     @property
     def taken(self) -> int:
-        """Frames of both topics buffered: received, and neither late nor rejected."""
+        """Frames of both topics buffered on a known timeline: received, and neither late, nor
+        rejected, nor held."""
         return (self.thermal_received + self.visible_received - self.thermal_late
-                - self.visible_late - self.thermal_rejected - self.visible_rejected)
+                - self.visible_late - self.thermal_rejected - self.visible_rejected
+                - self.thermal_held - self.visible_held)
 
 
 class _Frame(NamedTuple):
@@ -109,7 +120,9 @@ class _Stream:
 
     offset: int
     frames: list[_Frame] = dataclasses.field(default_factory=list)
-    newest: Optional[int] = None  # newest stamp received, for clock-jump detection
+    newest: Optional[int] = None  # newest stamp on the timeline, for clock-jump detection
+    runner_up: Optional[int] = None  # the newest stamp before it, to tell a glitch ahead
+    held: Optional[_Frame] = None  # far behind ``newest``: a jump back or a glitched stamp
     decided: Optional[int] = None  # newest key paired or dropped: older arrivals are late
     # After the other topic jumped back in time: stamps in [stale_from, stale_to] may be of the
     # old timeline, still in flight (see _accept).
@@ -120,6 +133,13 @@ class _Stream:
     late: int = 0
     overflow: int = 0
     rejected: int = 0
+
+    def note_stamp(self, stamp: int) -> None:
+        """Track the two newest stamps on the timeline."""
+        if self.newest is None or stamp > self.newest:
+            self.runner_up, self.newest = self.newest, stamp
+        elif stamp < self.newest and (self.runner_up is None or stamp > self.runner_up):
+            self.runner_up = stamp
 
     def drop_oldest(self, count: int) -> None:
         """Remove the ``count`` oldest frames (the caller counts why)."""
@@ -212,7 +232,9 @@ class PairSynchronizer:
     def flush(self) -> list[Pair]:
         """Decide every buffered frame with what is known (end of stream)."""
         with self._lock:
-            return self._flush()
+            pairs = self._flush()
+            self._flush_held()
+            return pairs
 
     @property
     def stats(self) -> SyncStats:
@@ -225,8 +247,11 @@ class PairSynchronizer:
                 visible_unpaired=visible.unpaired, thermal_late=thermal.late,
                 visible_late=visible.late, thermal_overflow=thermal.overflow,
                 visible_overflow=visible.overflow, thermal_rejected=thermal.rejected,
-                visible_rejected=visible.rejected, thermal_pending=len(thermal.frames),
-                visible_pending=len(visible.frames), resets=self._resets)
+                visible_rejected=visible.rejected,
+                thermal_pending=len(thermal.frames) + (thermal.held is not None),
+                visible_pending=len(visible.frames) + (visible.held is not None),
+                thermal_held=int(thermal.held is not None),
+                visible_held=int(visible.held is not None), resets=self._resets)
 
     def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
         """Buffer one frame unless rejected or late; return pairs flushed by a clock jump."""
@@ -248,20 +273,65 @@ class PairSynchronizer:
                 stream.late += 1
                 return []
             stream.stale_from = stream.stale_to = None  # its first frame on the new timeline
-        pairs = []
-        if stream.newest is not None and stamp < stream.newest - self._reset_threshold:
-            pairs = self._reset(stream)
-        stream.newest = _newest(stream.newest, stamp)
-        frame = _Frame(stamp + stream.offset, stamp, payload)
+        return self._place(stream, _Frame(stamp + stream.offset, stamp, payload))
+
+    def _place(self, stream: _Stream, frame: _Frame) -> list[Pair]:
+        """Buffer a frame, hold it if far behind its topic, or confirm a held frame's jump with
+        it; return the pairs a confirmed jump flushed."""
+        other = self._other(stream)
+        if other.held is not None and self._on_held_timeline(other, frame.key):
+            # This topic's frame on the other's held timeline: both topics jumped back.
+            return self._jump(other, other_in_flight=False) + self._place(stream, frame)
+        if stream.newest is not None and frame.stamp < stream.newest - self._reset_threshold:
+            if stream.held is not None:  # its topic's second frame this far back: a jump
+                return self._jump(stream, other_in_flight=True) + self._place(stream, frame)
+            if not self._drop_glitch_ahead(stream, frame.stamp):
+                stream.held = frame
+                return []
+        elif stream.held is not None:
+            stream.held = None  # back on its timeline: the held frame's stamp was glitched
+            stream.late += 1
+        stream.note_stamp(frame.stamp)
         index = bisect.bisect_left(stream.frames, frame.key, key=_key)
         repeated = index < len(stream.frames) and stream.frames[index].key == frame.key
         if repeated or (stream.decided is not None and frame.key <= stream.decided):
             stream.late += 1
-            return pairs
+            return []
         stream.frames.insert(index, frame)
         if len(stream.frames) > self._queue_size:
             stream.drop_oldest(1)
             stream.overflow += 1
+        return []
+
+    def _on_held_timeline(self, stream: _Stream, key: int) -> bool:
+        """Whether a frame of the other topic (offset stamp ``key``) bears out the timeline of
+        ``stream``'s held frame: near it, and as far behind where ``stream`` stood."""
+        threshold = self._reset_threshold
+        return (abs(key - stream.held.key) <= threshold
+                and key < stream.newest + stream.offset - threshold)
+
+    def _drop_glitch_ahead(self, stream: _Stream, stamp: int) -> bool:
+        """Where ``stamp`` is back within the threshold of the runner-up, and the newest frame
+        alone stood more than the threshold above it and is still pending, that frame's stamp
+        glitched ahead: drop it as late and return True."""
+        threshold, runner_up = self._reset_threshold, stream.runner_up
+        if (runner_up is None or stamp < runner_up - threshold
+                or stream.newest - runner_up <= threshold
+                or not stream.frames or stream.frames[-1].stamp != stream.newest):
+            return False
+        stream.frames.pop()
+        stream.late += 1
+        stream.newest, stream.runner_up = runner_up, None
+        return True
+
+    def _jump(self, stream: _Stream, other_in_flight: bool) -> list[Pair]:
+        """A confirmed jump back of ``stream``: flush, then start the new timeline with the
+        held frames (``other_in_flight``: the other topic may still send old-timeline frames)."""
+        other = self._other(stream)
+        held = [(topic, topic.held) for topic in (stream, other) if topic.held is not None]
+        pairs = self._reset(stream, other_in_flight)
+        for topic, first in held:
+            self._place(topic, first)
         return pairs
 
     def _decide_ready(self) -> list[Pair]:
@@ -307,7 +377,7 @@ class PairSynchronizer:
         self._visible.unpaired += best[0]
         self._visible.drop_oldest(best[0] + 1)
         self._pairs += 1
-        return [Pair(frame.stamp, partner.stamp, frame.payload, partner.payload)]
+        return [Pair(frame.stamp, partner.stamp, frame.payload, partner.payload, self._resets)]
 
     def _prune_visible(self, cutoff: Optional[int] = None) -> None:
         """Drop visible frames too old to pair with a pending or future thermal frame.
@@ -334,21 +404,29 @@ class PairSynchronizer:
             self._visible.drop_oldest(len(self._visible.frames))
         return pairs
 
+    def _flush_held(self) -> None:
+        """End of stream: a held frame's timeline is never told, so it pairs with nothing."""
+        for stream in (self._thermal, self._visible):
+            if stream.held is not None:
+                stream.held = None
+                stream.unpaired += 1
+
     def _other(self, stream: _Stream) -> _Stream:
         return self._visible if stream is self._thermal else self._thermal
 
-    def _reset(self, jumped: _Stream) -> list[Pair]:
-        """Flush, then forget the clock state of both topics (counters are kept)."""
+    def _reset(self, jumped: _Stream, other_in_flight: bool) -> list[Pair]:
+        """Flush, then forget the clock state of both topics (counters are kept); the caller
+        places the held frames."""
         pairs = self._flush()
         # The other topic's frames still in flight continue its own stamps (where the jumped
         # topic stood says little: it may have paused before the jump). Without a frame since
         # the last reset, it keeps the filter it has (none if it never had a frame).
         other = self._other(jumped)
-        if other.newest is not None:
+        if other_in_flight and other.newest is not None:
             other.stale_from = other.newest - self._reset_threshold
             other.stale_to = other.newest + self._reset_threshold + self._timeout
         for stream in (self._thermal, self._visible):
-            stream.newest = stream.decided = None
+            stream.newest = stream.runner_up = stream.decided = stream.held = None
         self._floor = None
         self._resets += 1
         return pairs

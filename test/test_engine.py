@@ -264,9 +264,9 @@ def test_a_clock_jump_resets_the_thermal_range_with_the_synchronizer():
 
 
 def test_a_frame_still_of_the_old_timeline_does_not_move_the_expiry_clock():
-    # A looping bag whose thermal topic jumps back first; the last visible frame of the first
-    # pass is still in flight. It is late: neither a second jump, nor the stamps' clock that
-    # would make the new thermal frame overdue before its partner arrives.
+    # A looping bag whose thermal topic jumps back first, borne out by its next frame; the last
+    # visible frame of the first pass is still in flight. It is late: neither a second jump, nor
+    # the stamps' clock that would make the new thermal frames overdue before their partners.
     pipeline = FusionPipeline(PairSynchronizer(slop=0.01, queue_size=30, timeout=0.5),
                               ThermalNormalizer(), ThermalRegistration())
     thermal = encode_image(np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
@@ -275,12 +275,32 @@ def test_a_frame_still_of_the_old_timeline_does_not_move_the_expiry_clock():
         pipeline.add_thermal(thermal, second * 10**9, 'ir')
         pipeline.add_visible(visible, second * 10**9, 'rgb')
     pipeline.add_thermal(thermal, 10**9, 'ir')
+    pipeline.add_thermal(thermal, 10**9 + 111 * MS, 'ir')
+    assert pipeline.synchronizer.stats.resets == 1
     assert pipeline.add_visible(visible, 119 * 10**9 + 500 * MS, 'rgb') == []
     assert pipeline.expire(time.monotonic()) == []
     [pair] = pipeline.add_visible(visible, 10**9 + 5 * MS, 'rgb')
     assert (pair.thermal_stamp_ns, pair.visible_stamp_ns) == (10**9, 10**9 + 5 * MS)
     stats = pipeline.synchronizer.stats
     assert stats.resets == 1 and stats.visible_late == 1
+
+
+def test_one_thermal_stamp_glitched_back_keeps_the_thermal_range():
+    # No reset for a glitch: the thermal range smoothed over the scene goes on.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.01, queue_size=30), ThermalNormalizer(),
+                              ThermalRegistration())
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+    hot = encode_image(np.linspace(30000, 40000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
+    narrow = np.linspace(35000, 36000, 64, dtype=np.uint16).reshape(8, 8)
+    for second in range(100, 120):
+        pipeline.add_thermal(hot, second * 10**9, 'ir')
+        pipeline.add_visible(visible, second * 10**9, 'rgb')
+    pipeline.add_thermal(hot, 110 * 10**9, 'ir')  # 10 s back: held
+    pipeline.add_thermal(encode_image(narrow, 'mono16'), 120 * 10**9, 'ir')
+    [pair] = pipeline.add_visible(visible, 120 * 10**9, 'rgb')
+    stats = pipeline.synchronizer.stats
+    assert (stats.resets, stats.thermal_late) == (0, 1)
+    assert pair.thermal.max() < 0.9  # scaled by the smoothed range, not its own
 
 
 @pytest.mark.parametrize('ahead', [0.0, 0.3, 0.6])

@@ -3,7 +3,7 @@
 import dataclasses
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 import pytest
 
 from s4fusion_ros.sync import Pair, PairSynchronizer, SyncStats
@@ -64,15 +64,11 @@ def arrivals(rng: random.Random, topic_stamps: list[int], base: int, spread: int
     return out
 
 
-@settings(max_examples=100, deadline=None)
-@given(rng=st.randoms(use_true_random=False), slop_ms=st.integers(0, 150),
-       latency_ms=st.integers(0, 80), use_expire=st.booleans())
-def test_random_streams_match_oracle(rng, slop_ms, latency_ms, use_expire):
-    """Give the offline greedy's pairs on realistic streams.
-
-    Thermal ~9 Hz with host-stamp latency, RGB ~30 Hz, jitter, drops, an FFC pause, random
-    transport delays between the topics.
-    """
+def camera_streams(rng: random.Random, latency_ms: int) -> tuple[list[int], list[int],
+                                                                 list[tuple[int, int, int]]]:
+    """Thermal ~9 Hz with host-stamp latency, RGB ~30 Hz, jitter, drops, an FFC pause, random
+    transport delays between the topics: (thermal stamps, visible stamps, (arrival, topic,
+    stamp) events in arrival order)."""
     start = 1_700_000_000 * S + rng.randrange(S)
     end = start + rng.randint(2, 5) * S
     # 1 ms resolution makes equal distances (ties) common.
@@ -87,7 +83,15 @@ def test_random_streams_match_oracle(rng, slop_ms, latency_ms, use_expire):
     events += [(a, 1, v) for a, v in zip(arrivals(rng, visible, rng.randint(0, 150) * MS,
                                                   rng.randint(0, 150) * MS), visible)]
     events.sort(key=lambda event: (event[0], rng.random()))
+    return thermal, visible, events
 
+
+@settings(max_examples=100, deadline=None)
+@given(rng=st.randoms(use_true_random=False), slop_ms=st.integers(0, 150),
+       latency_ms=st.integers(0, 80), use_expire=st.booleans())
+def test_random_streams_match_oracle(rng, slop_ms, latency_ms, use_expire):
+    """Give the offline greedy's pairs on realistic streams."""
+    thermal, visible, events = camera_streams(rng, latency_ms)
     sync = PairSynchronizer(slop_ms / 1000, queue_size=10_000, thermal_offset=-latency_ms / 1000,
                             timeout=0.5)
     got = []
@@ -108,6 +112,41 @@ def test_random_streams_match_oracle(rng, slop_ms, latency_ms, use_expire):
     assert stats.thermal_pending == stats.visible_pending == 0
     assert stats.thermal_received == len(thermal) and stats.visible_received == len(visible)
     assert stats.thermal_late + stats.visible_late + stats.thermal_overflow == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(rng=st.randoms(use_true_random=False), slop_ms=st.integers(0, 150),
+       latency_ms=st.integers(0, 80),
+       glitch_ms=st.one_of(st.integers(-10_000, -2_000), st.integers(2_000, 10_000)),
+       glitched_topic=st.integers(0, 1), pick=st.integers(0, 10**6), use_expire=st.booleans())
+def test_one_glitched_stamp_costs_only_its_own_frame(rng, slop_ms, latency_ms, glitch_ms,
+                                                     glitched_topic, pick, use_expire):
+    """One frame's stamp glitched more than the clock-jump threshold (1 s) back or ahead of the
+    frames around it, an FFC pause's included (its arrival where it was): no reset, and the
+    offline greedy's pairs without that frame."""
+    thermal, visible, events = camera_streams(rng, latency_ms)
+    indices = [k for k, event in enumerate(events) if event[1] == glitched_topic][1:-1]
+    assume(indices)
+    index = indices[pick % len(indices)]  # neither its topic's first frame nor its last
+    arrival, topic, stamp = events[index]
+    events[index] = (arrival, topic, stamp + glitch_ms * MS)
+    # A timeout above the FFC pause: a topic silent for the timeout confirms a jump.
+    sync = PairSynchronizer(slop_ms / 1000, queue_size=10_000, thermal_offset=-latency_ms / 1000,
+                            timeout=1.0, reset_threshold=1.0)
+    got = []
+    for now, kind, when in events:
+        if use_expire:
+            got += sync.expire(now)
+        got += (sync.add_visible if kind else sync.add_thermal)(when, when)
+        check_counts(sync.stats)
+    got += sync.flush()
+    thermal, visible = ([t for t in thermal if (0, t) != (topic, stamp)],
+                        [v for v in visible if (1, v) != (topic, stamp)])
+    assert [(p.thermal_stamp, p.visible_stamp) for p in got] == oracle(
+        thermal, visible, slop_ms * MS, thermal_offset=-latency_ms * MS)
+    stats = sync.stats
+    check_counts(stats)
+    assert stats.resets == 0 and stats.thermal_late + stats.visible_late == 1
 
 
 def test_oracle_catches_a_first_within_slop_pairing():
@@ -226,9 +265,10 @@ def test_backwards_clock_jump_flushes_resets_and_pairs_again():
     check_counts(stats)
 
 
-def test_old_timeline_frame_in_flight_at_a_jump_is_late_not_a_second_reset():
+def test_old_timeline_frame_in_flight_at_a_jump_is_not_a_second_reset():
     """A looping bag whose thermal topic jumps back first: the visible frame still in flight
-    from the end of the first pass must not count as the start of a timeline of its own."""
+    from the end of the first pass must not count as the start of a timeline of its own. It
+    comes while the thermal jump is held, so it is buffered, then flushed by the reset."""
     thermal = [S + k * 111 * MS for k in range(20)]
     visible = [S + 5 * MS + k * 33 * MS for k in range(70)]
     events = sorted([(t, 0) for t in thermal] + [(v, 1) for v in visible])
@@ -240,8 +280,9 @@ def test_old_timeline_frame_in_flight_at_a_jump_is_late_not_a_second_reset():
     got += sync.flush()
     once = oracle(thermal, visible[:-1], 20 * MS)
     assert [(p.thermal_stamp, p.visible_stamp) for p in got] == once * 2
+    assert [p.timeline for p in got] == [0] * len(once) + [1] * len(once)
     stats = sync.stats
-    assert stats.resets == 1 and (stats.thermal_late, stats.visible_late) == (0, 1)
+    assert stats.resets == 1 and stats.thermal_late == stats.visible_late == 0
     check_counts(stats)
 
 
@@ -251,8 +292,10 @@ def test_old_timeline_filter_ends_with_the_other_topics_first_new_frame():
     sync = PairSynchronizer(0.020, 10)
     sync.add_visible(50 * S, 'v-old')
     sync.add_thermal(100 * S, 't-old')
-    sync.add_thermal(60 * S, 't')  # the jump: 40 s back
-    assert sync.add_visible(60 * S + 5 * MS, 'v') == [Pair(60 * S, 60 * S + 5 * MS, 't', 'v')]
+    sync.add_thermal(60 * S, 't')  # the jump: 40 s back, held until a frame bears it out
+    assert sync.stats.thermal_held == 1
+    # Near it and as far behind where the thermal stamps stood: the jump is confirmed.
+    assert sync.add_visible(60 * S + 5 * MS, 'v') == [Pair(60 * S, 60 * S + 5 * MS, 't', 'v', 1)]
     stats = sync.stats
     assert stats.resets == 1 and stats.visible_late == 0
     check_counts(stats)
@@ -260,24 +303,25 @@ def test_old_timeline_filter_ends_with_the_other_topics_first_new_frame():
 
 @pytest.mark.parametrize('thermal_before', [None, 1])
 def test_a_frame_far_above_where_either_topic_stood_is_of_the_new_timeline(thermal_before):
-    # The visible stamps jump back from 1 s to 1 ns. A thermal frame at 2000 s cannot have been
-    # in flight from the old timeline, which stood at 1 s (and at 1 ns for the thermal topic,
+    # The visible stamps jump back from 2 s to 1 ns. A thermal frame at 2000 s cannot have been
+    # in flight from the old timeline, which stood at 2 s (and at 1 ns for the thermal topic,
     # where it had a frame): it was held as late, and its partner lost (found twice by
     # test_robustness's property test).
     sync = PairSynchronizer(0.05, 4)
     if thermal_before is not None:
         sync.add_thermal(thermal_before, 't-old')
-    sync.add_visible(S + 2, 'v-old')
-    sync.add_visible(1, 'v-glitch')
+    sync.add_visible(2 * S, 'v-old')
+    sync.add_visible(1, 'v-back')
+    sync.add_visible(2, 'v-back-again')  # borne out: a jump
     assert sync.stats.resets == 1
     assert sync.add_thermal(2000 * S, 't') == []
-    assert sync.add_visible(2000 * S, 'v') == [Pair(2000 * S, 2000 * S, 't', 'v')]
+    assert sync.add_visible(2000 * S, 'v') == [Pair(2000 * S, 2000 * S, 't', 'v', 1)]
     stats = sync.stats
     assert stats.thermal_late == 0
     check_counts(stats)
 
 
-def test_a_frame_in_flight_after_the_other_topic_paused_before_the_jump_is_late():
+def test_a_frame_in_flight_after_the_other_topic_paused_before_the_jump_is_no_new_timeline():
     # A looping bag whose thermal frames stop 0.6 s before the end of the pass: the visible frame
     # in flight stands far above where the thermal stamps stood, but continues its own topic's
     # stamps. Taken as the new timeline, it caused a second reset and lost the pair after it.
@@ -286,21 +330,24 @@ def test_a_frame_in_flight_after_the_other_topic_paused_before_the_jump_is_late(
     got += sync.add_thermal(98_900 * MS, 't1')  # the loop: the thermal topic jumps first
     got += sync.add_visible(100_600 * MS, 'v-in-flight')
     got += sync.add_visible(98_900 * MS, 'v1')
-    assert got == [Pair(100 * S, 100 * S, 't0', 'v0'), Pair(98_900 * MS, 98_900 * MS, 't1', 'v1')]
+    assert got == [Pair(100 * S, 100 * S, 't0', 'v0'),
+                   Pair(98_900 * MS, 98_900 * MS, 't1', 'v1', 1)]
     stats = sync.stats
-    assert (stats.resets, stats.visible_late) == (1, 1)
+    assert (stats.resets, stats.visible_late, stats.visible_unpaired) == (1, 0, 1)
     check_counts(stats)
 
 
 def test_a_frame_in_flight_at_a_jump_is_told_by_its_offset_stamp():
-    # Thermal stamps 0.5 s behind (thermal_offset +0.5): the thermal frame in flight at the
-    # visible jump is ahead of the new timeline only once the offset is applied. Compared raw,
-    # it counted as new: a second reset, and the next thermal frame paired with the wrong one.
+    # Thermal stamps 0.5 s behind (thermal_offset +0.5): the thermal frame in flight after the
+    # visible jump is confirmed is ahead of the new timeline only once the offset is applied.
+    # Compared raw, it counted as new: a second reset, and the next thermal frame paired with
+    # the wrong one.
     sync = PairSynchronizer(0.05, 30, thermal_offset=0.5)
     got = []
     for topic, stamp_ms, name in ((1, 99_900, 'v0'), (0, 99_400, 't0'), (1, 100_000, 'v1'),
-                                  (1, 98_950, 'v2'), (0, 99_500, 't-in-flight'),
-                                  (0, 98_450, 't2'), (1, 98_983, 'v3')):
+                                  (1, 98_950, 'v2'), (1, 98_983, 'v3'),
+                                  (0, 99_500, 't-in-flight'), (0, 98_450, 't2'),
+                                  (1, 99_016, 'v4')):
         got += (sync.add_visible if topic else sync.add_thermal)(stamp_ms * MS, name)
     assert [(p.thermal, p.visible) for p in got] == [('t0', 'v0'), ('t2', 'v2')]
     stats = sync.stats
@@ -308,19 +355,54 @@ def test_a_frame_in_flight_at_a_jump_is_told_by_its_offset_stamp():
     check_counts(stats)
 
 
-def test_one_glitched_thermal_stamp_does_not_stop_pairing():
-    # A single thermal frame stamped 2 s in the past resets the synchronizer; the next thermal
-    # frame is back on the old timeline, and so the visible frames are not held as stale.
-    sync = PairSynchronizer(0.010, 10)
-    got = []
+@pytest.mark.parametrize('expire', [False, True])
+def test_one_thermal_stamp_glitched_back_costs_only_its_own_pair(expire):
+    # A single thermal frame stamped 2 s in the past is held, and the next thermal frame, back
+    # on the timeline, shows it glitched: no reset (which cost the visible frame after it and
+    # the thermal range), only its own pair lost.
+    events = []
     for k in range(30):
         stamp = 10 * S + k * 100 * MS
-        got += sync.add_thermal(stamp - 2 * S if k == 10 else stamp, k)
-        got += sync.add_visible(stamp, k)
+        events += [(stamp + 20 * MS, 0, stamp - 2 * S if k == 10 else stamp),
+                   (stamp + 30 * MS, 1, stamp)]
+    sync = PairSynchronizer(0.010, 10, timeout=0.5)
+    got = play(sync, events) if expire else [
+        pair for _, topic, stamp in events
+        for pair in (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)]
+    assert sorted(p.visible_stamp for p in got) == [10 * S + k * 100 * MS for k in range(30)
+                                                    if k != 10]
     stats = sync.stats
-    assert [p.thermal for p in got] == [k for k in range(30) if k != 10]
-    # Only the visible frame between the glitch and the next thermal frame is held as stale.
-    assert stats.resets == 1 and stats.visible_late == 1
+    assert (stats.resets, stats.thermal_late, stats.visible_late) == (0, 1, 0)
+    check_counts(stats)
+
+
+def test_a_jump_back_waits_for_the_next_frame_however_long_it_takes():
+    # The thermal stamps jump 5 s back; the next thermal frame is slow to come (dropped frames,
+    # an FFC pause): no silence is long enough to tell a jump from a glitch, so the held frame
+    # waits, and the expiry goes on deciding the old timeline's frames.
+    sync = PairSynchronizer(0.010, 10, timeout=0.5)
+    sync.add_thermal(10 * S, 't0')
+    sync.add_thermal(10 * S + 111 * MS, 't1')
+    sync.add_visible(10 * S, 'v0')
+    sync.add_thermal(5 * S, 't-back')
+    assert sync.expire(20 * S) == []
+    stats = sync.stats
+    assert (stats.resets, stats.thermal_held, stats.thermal_unpaired) == (0, 1, 1)
+    got = sync.add_thermal(5 * S + 111 * MS, 't')  # borne out: a jump
+    got += sync.add_visible(5 * S + 5 * MS, 'v-back')
+    assert got + sync.add_visible(5 * S + 116 * MS, 'v') == [
+        Pair(5 * S, 5 * S + 5 * MS, 't-back', 'v-back', 1),
+        Pair(5 * S + 111 * MS, 5 * S + 116 * MS, 't', 'v', 1)]
+    check_counts(sync.stats)
+
+
+def test_a_held_frame_at_the_end_of_the_stream_is_unpaired():
+    sync = PairSynchronizer(0.010, 10)
+    sync.add_visible(10 * S, 'v0')
+    sync.add_visible(5 * S, 'v-back')
+    assert sync.flush() == []
+    stats = sync.stats
+    assert (stats.visible_unpaired, stats.visible_pending, stats.resets) == (2, 0, 0)
     check_counts(stats)
 
 
@@ -362,23 +444,24 @@ def test_a_jump_just_past_the_threshold_keeps_late_frames_of_the_old_timeline_ou
     assert sync.stats.thermal_late == 2 and sync.stats.resets == 1
 
 
-@pytest.mark.parametrize('topic, index, ahead_ms, resets', [
+@pytest.mark.parametrize('topic, index, ahead_ms, late', [
     (1, 30, 900, 0),  # under the reset threshold: the expiry clock must not stay on it
-    (1, 31, 1035, 1),  # the next frame is a jump back just past the threshold: a reset
+    (1, 31, 1035, 1),  # past it: the next frame, back, shows the glitch
     (0, 8, 1115, 1)])
 def test_one_stamp_glitched_forward_costs_at_most_the_pairs_around_it(topic, index, ahead_ms,
-                                                                      resets):
-    # Thermal arrives 30 ms after visible. Neither the expiry clock nor the old-timeline filter
-    # may hold on to the glitch: the other topic's frames stay level with the new timeline.
+                                                                      late):
+    # Thermal arrives 30 ms after visible. Neither the expiry clock nor the clock-jump detection
+    # may hold on to the glitch: a frame standing alone more than the threshold ahead of its
+    # topic, followed by one back on the timeline, glitched; it is dropped, nothing is reset.
     events = [(100 * S + k * 111 * MS + 30 * MS, 0, 100 * S + k * 111 * MS) for k in range(30)]
     events += [(100 * S + 5 * MS + k * 33 * MS, 1, 100 * S + 5 * MS + k * 33 * MS)
                for k in range(100)]
     arrival, _, stamp = events[index if topic == 0 else 30 + index]
     events[index if topic == 0 else 30 + index] = (arrival, topic, stamp + ahead_ms * MS)
     sync = PairSynchronizer(0.020, 30, timeout=0.5)
-    assert len(play(sync, events)) >= 28
+    assert len(play(sync, events)) >= 29
     stats = sync.stats
-    assert stats.resets == resets and stats.thermal_late + stats.visible_late == 0
+    assert stats.resets == 0 and stats.thermal_late + stats.visible_late == late
 
 
 def test_a_thermal_frame_as_late_bears_out_a_lone_visible_frame_ahead():
@@ -456,8 +539,10 @@ def test_small_backwards_step_is_late_not_a_reset():
     sync.add_visible(5 * S, 'v')
     sync.add_thermal(5 * S - 500 * MS, 'old')
     assert sync.stats.resets == 0 and sync.stats.thermal_late == 1
-    sync.add_thermal(3 * S, 'restart')
-    assert sync.stats.resets == 1 and sync.stats.thermal_pending == 1
+    sync.add_thermal(3 * S, 'restart')  # held: a jump, or a glitched stamp
+    assert sync.stats.resets == 0 and sync.stats.thermal_held == sync.stats.thermal_pending == 1
+    sync.add_thermal(3 * S + 111 * MS, 'restart-2')  # its topic carries on from it: a jump
+    assert sync.stats.resets == 1 and sync.stats.thermal_pending == 2
 
 
 def test_queue_overflow_drops_the_oldest():
