@@ -202,17 +202,25 @@ def test_message_filters_backend_pairs_and_fuses(ros_context):
         probe.wait_for_node(proc)
         fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, count=3)
         values = fresh_diagnostics(probe, diagnostics)
+        # A negative stamp raises in message_filters' synchronizer, inside the subscription
+        # callback: it stopped the node. It is dropped and counted before it.
+        negative = image_message(THERMAL, 'mono16', 0, 'thermal')
+        negative.header.stamp.sec = -5
+        probe.thermal_pub.publish(negative)
         # Stamps 20 ms apart pair within the default slop (50 ms).
         stamp = probe.get_clock().now().nanoseconds
         probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'thermal'))
         probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp + 20_000_000, 'offset'))
         assert probe.spin_until(lambda: any(m.header.frame_id == 'offset' for m in probe.fused),
                                 60), node_log(proc)
+        after = fresh_diagnostics(probe, diagnostics)
     probe.destroy_node()
     assert values[Key.SYNC_BACKEND] == 'message_filters', values
     assert int(values[Key.PAIRS]) >= 3, values
     assert values[Key.THERMAL_UNPAIRED] == NOT_REPORTED, values
     assert nothing_pending(values), values  # what s4fusion-flood waits for
+    assert after[Key.THERMAL_BAD_STAMP] == '1' and after[Key.VISIBLE_BAD_STAMP] == '0', after
+    assert 'dropped a message stamped -5000000000 ns' in node_log(proc)
 
 
 def test_nothing_pending_reads_the_counts_a_backend_does_not_report_as_none():

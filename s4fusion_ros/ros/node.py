@@ -12,6 +12,7 @@ handling of stop signals, is run_node.py.
 import math
 import re
 import time
+import traceback
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.clock import Clock, ClockType
@@ -90,6 +91,7 @@ class S4FusionNode(Node):
         self.thermal_rate, self.visible_rate, self.fused_rate = (RateMeter() for _ in range(3))
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
         self.rejected = {'thermal': 0, 'visible': 0}
+        self.bad_stamps = {'thermal': 0, 'visible': 0}  # dropped before message_filters
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
@@ -193,23 +195,49 @@ class S4FusionNode(Node):
 
     def _subscribe_message_filters(self, p: dict) -> None:
         """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
-        filters = []
+        gates = []
         for role in ('thermal', 'visible'):
             subscriber = self.message_filters.Subscriber(
                 self, *_input_topic(role, p[f'{role}.transport']), qos_profile=_qos(p, 'input'),
                 event_callbacks=self._input_events(role), qos_overriding_options=QOS_OVERRIDES)
-            subscriber.registerCallback(lambda msg, r=role: self._rate(r).tick())
+            # Its synchronizer raises on a negative stamp inside the subscription callback,
+            # which stops the node: bad stamps are dropped before it, as the own one drops them.
+            gate = self.message_filters.SimpleFilter()
+            subscriber.registerCallback(
+                lambda msg, r=role, g=gate: self._pass_good_stamp(r, g, msg))
             setattr(self, f'{role}_sub', subscriber)
-            filters.append(subscriber)
+            gates.append(gate)
         self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
-            filters, p['sync.queue_size'], p['sync.slop'])
+            gates, p['sync.queue_size'], p['sync.slop'])
         self.approximate_sync.registerCallback(self._on_synchronized_pair)
         self.synchronized_pairs = 0
+        self.synchronized_pair_failures = 0  # raised past decoding: counted as inference errors
 
     def _rate(self, role: str) -> RateMeter:
         return self.thermal_rate if role == 'thermal' else self.visible_rate
 
+    def _pass_good_stamp(self, role: str, gate, msg) -> None:
+        self._rate(role).tick()
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        if stamp_ns <= 0:
+            self.bad_stamps[role] += 1
+            self._log_bad_stamp(role, stamp_ns)
+            return
+        gate.signalMessage(msg)
+
     def _on_synchronized_pair(self, thermal_msg, visible_msg) -> None:
+        # message_filters calls this holding its lock, released by no finally: whatever this
+        # raised would stop both inputs for good. A pair that fails is logged and dropped.
+        try:
+            self._fuse_synchronized_pair(thermal_msg, visible_msg)
+        except Exception as error:  # noqa: BLE001 - would leave message_filters locked
+            self.synchronized_pair_failures += 1
+            if self._log_due(('sync', 'pair failure')):
+                self.get_logger().error(
+                    f'dropped a pair message_filters synchronized: {error!r}\n'
+                    + ''.join(traceback.format_exception(error)))
+
+    def _fuse_synchronized_pair(self, thermal_msg, visible_msg) -> None:
         frames = []
         for role, msg in (('thermal', thermal_msg), ('visible', visible_msg)):
             decode = (self.pipeline.thermal_frame if role == 'thermal'
@@ -220,8 +248,8 @@ class S4FusionNode(Node):
                 self.rejected[role] += 1
                 self._log_rejection(role, msg, error)
                 return
-        self.synchronized_pairs += 1
         self._submit(self.pipeline.add_pair(*frames))
+        self.synchronized_pairs += 1
 
     def _on_incompatible_qos(self, endpoint: str, info) -> None:
         """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
@@ -246,11 +274,16 @@ class S4FusionNode(Node):
             self._log_rejection(role, msg, error)
             return
         # Decoded, so counted by the synchronizer as a bad stamp, not as a bad message.
-        if stamp_ns <= 0 and self._log_due((role, 'bad stamp')):
+        if stamp_ns <= 0:
+            self._log_bad_stamp(role, stamp_ns)
+        self._submit(prepared)
+
+    def _log_bad_stamp(self, role: str, stamp_ns: int) -> None:
+        if self._log_due((role, 'bad stamp')):
+            why = 'which its driver leaves unset' if stamp_ns == 0 else 'before the epoch'
             self.get_logger().warning(
                 f'{getattr(self, f"{role}_sub").topic_name}: dropped a message stamped '
-                f'{stamp_ns} ns: pairing is by header stamp, which its driver leaves unset')
-        self._submit(prepared)
+                f'{stamp_ns} ns: pairing is by header stamp, {why}')
 
     def _log_due(self, key) -> bool:
         """Whether a log line of this kind may be written now (one per LOG_THROTTLE_S)."""
@@ -375,7 +408,11 @@ class S4FusionNode(Node):
             # (as the own synchronizer counts it), and its partner is lost with the pair.
             values.update({per_input(role, 'received'): self._rate(role).total
                            - self.rejected[role] for role in ROLES})
-            values[Key.PAIRS] = self.synchronized_pairs
+            values.update({per_input(role, 'rejected (bad stamp)'): self.bad_stamps[role]
+                           for role in ROLES})
+            failures = self.synchronized_pair_failures
+            values[Key.PAIRS] = self.synchronized_pairs + failures
+            values[Key.INFERENCE_ERRORS] += failures
         if math.isnan(end_to_end['mean']) and self.stamps_off_clock:
             note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
                     'use_sim_time?)')

@@ -11,6 +11,7 @@ import gc
 import os
 import signal
 import sys
+import traceback
 
 from ..entry_points import configure_process
 
@@ -100,7 +101,9 @@ def main(args=None) -> int:
         # A signal during an import can surface as that import's error (rclpy's C extension
         # reports an ImportError): after a stop signal, any error is part of stopping.
         if not stop.received:
-            print(f'{PROG}: {error}', file=sys.stderr)
+            # One raised while spinning is a fault of the running node: its traceback says where.
+            detail = '' if node is None else '\n' + ''.join(traceback.format_exception(error))
+            print(f'{PROG}: {error}{detail}', file=sys.stderr)
             code = 1
     # Python's exit resets its handlers to the default, which ends the process by the signal
     # (exit code -2 or -15): during the exit a late signal is ignored instead.
