@@ -148,6 +148,9 @@ def check(values: dict) -> str:
     """
     for name, value in values.items():
         spec = SPECS.get(name)
+        if spec is not None and value is None:  # what rclpy makes of [] or ~: no type
+            return (f'{name}: no value given (an empty list or ~ has no type); expected '
+                    f'{_kind(spec.default)}')
         if spec is not None and spec.choices and value not in spec.choices:
             return f"{name}: '{value}' is not one of {', '.join(spec.choices)}"
         if isinstance(value, float) and not math.isfinite(value):

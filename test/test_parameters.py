@@ -24,6 +24,7 @@ def test_check_rejects_with_reasons():
     assert 'singular' in settings.check({'registration.homography': [1e7, 0.0, 0.0, 0.0, 1e-6,
                                                                      0.0, 0.0, 0.0, 1.0]})
     assert 'inference_size' in settings.check({'inference_size': [320, 0]})
+    assert 'expected an array of integers' in settings.check({'inference_size': None})
     reason = settings.check_update(settings.defaults(), {'normalization.low_percentile': 99.5})
     assert 'normalization.low_percentile' in reason
     assert settings.check_update(settings.defaults(), {'sync.slop': 0.1}) == ''
@@ -380,6 +381,10 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
      "best_effort, system_default, not 'besteffort'"),
     ({'qos_overrides': {'/s4fusion_node/fused': {'publisher': {'depth': 0}}}},
      'qos_overrides./s4fusion_node/fused.publisher.depth must be an integer from 1 to 1000'),
+    # rclpy gives the node an untyped empty list as None: it raised a TypeError naming nothing
+    # (inference_size), or started on the shipped weights (model.weights).
+    ({'inference_size': []}, 'inference_size: no value given (an empty list or ~ has no type)'),
+    ({'model.weights': []}, 'model.weights: no value given'),
 ])
 def test_bad_start_up_values_stop_the_node_with_a_clear_message(params, message, tmp_path):
     from ros_harness import NODE_EXECUTABLE, write_params
