@@ -95,7 +95,7 @@ def _as_uint8(img):
 
 def _entropy_bits(counts):
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: a flat image gives 0, not -0
 
 
 def entropy(fused):
@@ -209,7 +209,9 @@ def _vifp(ref, dist, matlab_compat):
 def vif(fused, ir, vi, matlab_compat=False):
     """VIF: VIFp(IR, F) + VIFp(VI, F), multiscale pixel-domain VIF (Sheikh & Bovik)."""
     f, a, b = _as_triple(fused, ir, vi)
-    if min(f.shape) < 25:  # the second scale's 9x9 window needs a valid region
+    # The second scale's 9x9 window needs a valid region. Below 41 px the coarser scales have
+    # none and add nothing, as MATLAB's filter2 'valid' gives them nothing to sum.
+    if min(f.shape) < 25:
         raise ValueError(f'VIF needs images of at least 25x25, got {f.shape}')
     if matlab_compat:
         f, a, b = (_as_uint8(x).astype(np.float64) for x in (f, a, b))

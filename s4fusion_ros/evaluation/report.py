@@ -23,8 +23,9 @@ GRID_LABEL = 26  # pixels of the column-title strip
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # fixed, so the report is a function of the scores
 # With fewer clips (or independent pairs) than this, the percentile interval of the resampled
-# means is little more than the range of the clips' own means (a resample of one clip alone has
-# probability k^(1 - k) for k clips: 2.5% at k = 3), so the verdict asks every clip to agree.
+# means is little more than the range of the clips' own means (a resample of one given clip
+# alone has probability k^-k for k clips: 3.7% at k = 3, above the 2.5% tail the interval cuts),
+# so the verdict asks every clip to agree.
 BOOTSTRAP_MIN_UNITS = 6
 # Ends the generated part; the maintainers' reading (and the flicker section) below it is kept.
 READING_MARKER = "<!-- The maintainers' reading of these numbers goes below."
