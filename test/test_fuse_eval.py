@@ -89,6 +89,37 @@ def test_fuse_writes_what_the_engine_makes_from_the_images(ivif_dir, tmp_path, t
         assert np.abs(saliency.astype(int) - np.rint(expected.saliency * 255)).max() <= 1
 
 
+def test_fuse_gray_writes_the_luminance_eval_scores(ivif_dir, tmp_path, tiny_weights):
+    # A toolkit reading the colour PNG with its own gray conversion scores other pixels; --gray
+    # writes the Y that s4fusion-eval scores, for the colour pair and the gray one alike.
+    copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])
+    common = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--weights',
+              str(tiny_weights), '--device', 'cpu']
+    assert fuse.main([*common, '--out', str(tmp_path / 'colour')]) == 0
+    assert fuse.main([*common, '--out', str(tmp_path / 'gray'), '--gray']) == 0
+    for name in ('FLIR_00006.png', '08.png'):
+        colour = read_png(tmp_path / 'colour' / 'fused' / name)
+        gray = read_png(tmp_path / 'gray' / 'fused' / name)
+        assert gray.ndim == 2
+        assert np.array_equal(gray, evaluate.luminance(colour))
+        assert np.array_equal(read_png(tmp_path / 'gray' / 'saliency' / name),
+                              read_png(tmp_path / 'colour' / 'saliency' / name))
+
+
+def test_a_file_without_a_partner_fails_the_run_after_the_others_are_fused(ivif_dir, tmp_path,
+                                                                          capsys, tiny_weights):
+    # An evaluator expecting one output per file must not go on with fewer (exit code 0).
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / '08_vis.png')
+    out = tmp_path / 'out'
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
+    errors = capsys.readouterr().err
+    assert f'no partner for {tmp_path / "vi" / "08_vis.png"}' in errors
+    assert '1 file(s) without a partner (see above)' in errors
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
 def test_raw_16_bit_counts_are_flagged_and_stretched_as_the_node_does(ivif_dir, tmp_path,
                                                                       capsys, tiny_weights):
     ir = cv2.imread(str(ivif_dir / 'tno' / 'ir' / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)

@@ -2,9 +2,10 @@
 
 Pairs are matched by file name in --ir and --vi (or by the name without its extension where
 that is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the tool writes
-OUT/fused/NAME.png (colour when the visible image is colour, else gray) and OUT/saliency/NAME.png
-(mono, 0-255): what the node publishes for that pair, from the same FusionEngine. Existing
-outputs are replaced only with --overwrite, and never an input folder.
+OUT/fused/NAME.png (colour when the visible image is colour, else gray; with --gray always the
+luminance s4fusion-eval scores) and OUT/saliency/NAME.png (mono, 0-255): what the node publishes
+for that pair, from the same FusionEngine. Existing outputs are replaced only with --overwrite,
+and never an input folder. The exit code is 1 when a pair failed or a file had no partner.
 
 Example:
   s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
@@ -162,6 +163,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              'range, as the node does with camera frames: for raw 16-bit '
                              'radiometric counts (default: value / type maximum, as the public '
                              'datasets are stored and the model was trained)')
+    parser.add_argument('--gray', action='store_true',
+                        help='write the fused image as gray: the luminance (Y of YCrCb, as '
+                             'OpenCV BGR2GRAY or MATLAB rgb2gray) of the colour output, which '
+                             's4fusion-eval scores; for toolkits that read fused images as gray '
+                             '(another conversion, e.g. a PNG decoder\'s own, moves the metrics)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace the PNGs an earlier run wrote under --out')
     args = parser.parse_args(argv)
@@ -193,8 +199,9 @@ def output_paths(args: argparse.Namespace,
     return outputs
 
 
-def fuse_folders(args: argparse.Namespace) -> int:
-    """Fuse every matched pair; returns the number of pairs that failed."""
+def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
+    """Fuse every matched pair; returns the number of pairs that failed and of files without a
+    partner."""
     pairs, unmatched = match_pairs(args.ir, args.vi)
     for entry in unmatched:
         print(f'{PROG}: no partner for {entry}: skipped', file=sys.stderr)
@@ -222,26 +229,31 @@ def fuse_folders(args: argparse.Namespace) -> int:
             for stale in outputs[pair.name]:  # an overwritten run's output is not this input's
                 stale.unlink(missing_ok=True)
             continue
-        for path, image in zip(outputs[pair.name], (images.fused, images.saliency)):
+        fused = luminance(images.fused) if args.gray else images.fused
+        for path, image in zip(outputs[pair.name], (fused, images.saliency)):
             write_png(path, image)
     print(f'{PROG}: fused {len(pairs) - failed} of {len(pairs)} pairs into {args.out}'
           + (f'; {len(unmatched)} file(s) without a partner skipped' if unmatched else ''),
           file=sys.stderr)
-    return failed
+    return failed, len(unmatched)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; exit code 0 when every pair was fused, 1 otherwise."""
+    """Console entry point; exit code 0 when every file was fused, 1 otherwise."""
     args = parse_args(argv)
     stop_on_signals()
-    return run_command(PROG, lambda: _report_failed(fuse_folders(args)),
+    return run_command(PROG, lambda: _report(*fuse_folders(args)),
                        (OSError, ValueError, CheckpointError))
 
 
-def _report_failed(failed: int) -> int:
+def _report(failed: int, unmatched: int) -> int:
+    """Exit code 1 where an input was not fused: a script counting on one output per file
+    must not go on with fewer."""
     if failed:
         print(f'{PROG}: {failed} pair(s) failed (see above)', file=sys.stderr)
-    return 1 if failed else 0
+    if unmatched:
+        print(f'{PROG}: {unmatched} file(s) without a partner (see above)', file=sys.stderr)
+    return 1 if failed or unmatched else 0
 
 
 if __name__ == '__main__':
