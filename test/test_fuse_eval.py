@@ -106,8 +106,8 @@ def test_fuse_gray_writes_the_luminance_eval_scores(ivif_dir, tmp_path, tiny_wei
                               read_png(tmp_path / 'colour' / 'saliency' / name))
 
 
-def test_a_file_without_a_partner_fails_the_run_after_the_others_are_fused(ivif_dir, tmp_path,
-                                                                          capsys, tiny_weights):
+def test_a_file_without_a_partner_fails_the_run_after_the_others(ivif_dir, tmp_path, capsys,
+                                                                 tiny_weights):
     # An evaluator expecting one output per file must not go on with fewer (exit code 0).
     copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
     shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / '08_vis.png')
