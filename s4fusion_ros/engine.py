@@ -151,8 +151,9 @@ class FusionPipeline:
         before = self.synchronizer.stats.taken
         prepared = self._prepare(add(stamp_ns, frame))
         # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a
-        # repeated stamp, too), one still of the timeline before a clock jump, nor one held
-        # until the next frame tells a jump from a glitched stamp.
+        # repeated stamp, too), one still of the timeline before a clock jump, nor one whose
+        # timeline is not known yet (far behind or alone far ahead of its topic: a jump, or a
+        # glitched stamp that would move the clock seconds away).
         if self.synchronizer.stats.taken != before:
             self._latest = (key_ns, arrived)
         return prepared

@@ -37,16 +37,17 @@ Parameters and their names elsewhere:
   ``visible_key`` of a stamp: the node clock, sim time included, where the offsets are 0).
 - ``reset_threshold``: a stamp this much older than the newest on its topic is a clock jump
   (looping bag, simulation restart) or a glitched stamp. Such a frame is held until the next
-  frame tells which (time cannot: dropped frames and FFC pauses make any silence possible): the
-  next frame of its topic as far back, or a frame of the other topic as far back and within the
-  threshold of it, confirm a jump: what is pending is flushed and the state starts afresh with
-  the held frame. The next frame of its topic back on the old timeline shows a glitch: the
-  held frame is late and nothing is reset. Likewise a frame back within the threshold of the
-  stamps before a lone newest frame that stood more than the threshold above them shows that
-  newest frame's stamp glitched ahead: it is late, if still pending. Frames of the other topic
-  still in flight at a jump (continuing its own stamps, and more than slop + timeout ahead of
-  where the jumped topic stands now, offsets applied) are then late rather than a second jump,
-  until that topic's first frame on the new timeline.
+  frame tells which (time cannot: dropped frames and FFC pauses make any silence possible). The
+  next frame of its topic as far back or going on from it (after it, and nearer to it than to
+  the old newest: a short bag looped jumps back little more than the threshold), or a frame of
+  the other topic as far back and within the threshold of it, confirm a jump: what is pending is
+  flushed and the state starts afresh with the held frame. The next frame of its topic back on
+  the old timeline shows a glitch: the held frame is late and nothing is reset. Likewise a frame
+  back within the threshold of the stamps before a lone newest frame that stood more than the
+  threshold above them shows that newest frame's stamp glitched ahead: it is late, if still
+  pending. Frames of the other topic still in flight at a jump (continuing its own stamps, and
+  more than slop + timeout ahead of where the jumped topic stands now, offsets applied) are then
+  late rather than a second jump, until that topic's first frame on the new timeline.
 
 Counters (``stats``), per topic, always satisfy
 ``received == pairs + unpaired + late + overflow + rejected + pending``.
@@ -91,17 +92,19 @@ class SyncStats:
     visible_rejected: int = 0
     thermal_pending: int = 0  # buffered, not decided yet (held frames included)
     visible_pending: int = 0
-    thermal_held: int = 0  # of the pending: far behind its topic, a jump or a glitch (0 or 1)
-    visible_held: int = 0
+    # Of the pending: frames whose timeline is not known yet, a jump or a glitched stamp (held
+    # far behind their topic, or alone far ahead of it): 0 to 2.
+    thermal_unconfirmed: int = 0
+    visible_unconfirmed: int = 0
     resets: int = 0  # backwards clock jumps
 
     @property
     def taken(self) -> int:
         """Frames of both topics buffered on a known timeline: received, and neither late, nor
-        rejected, nor held."""
+        rejected, nor unconfirmed."""
         return (self.thermal_received + self.visible_received - self.thermal_late
                 - self.visible_late - self.thermal_rejected - self.visible_rejected
-                - self.thermal_held - self.visible_held)
+                - self.thermal_unconfirmed - self.visible_unconfirmed)
 
 
 class _Frame(NamedTuple):
@@ -140,6 +143,16 @@ class _Stream:
             self.runner_up, self.newest = self.newest, stamp
         elif stamp < self.newest and (self.runner_up is None or stamp > self.runner_up):
             self.runner_up = stamp
+
+    def lone_ahead(self, threshold: int) -> bool:
+        """Whether the newest frame, still pending, stands alone more than ``threshold`` above
+        the stamps before it: a stamp glitched ahead, or a jump ahead not borne out yet."""
+        return (self.runner_up is not None and self.newest - self.runner_up > threshold
+                and bool(self.frames) and self.frames[-1].stamp == self.newest)
+
+    def unconfirmed(self, threshold: int) -> int:
+        """Pending frames whose timeline is not known yet."""
+        return (self.held is not None) + self.lone_ahead(threshold)
 
     def drop_oldest(self, count: int) -> None:
         """Remove the ``count`` oldest frames (the caller counts why)."""
@@ -250,8 +263,9 @@ class PairSynchronizer:
                 visible_rejected=visible.rejected,
                 thermal_pending=len(thermal.frames) + (thermal.held is not None),
                 visible_pending=len(visible.frames) + (visible.held is not None),
-                thermal_held=int(thermal.held is not None),
-                visible_held=int(visible.held is not None), resets=self._resets)
+                thermal_unconfirmed=thermal.unconfirmed(self._reset_threshold),
+                visible_unconfirmed=visible.unconfirmed(self._reset_threshold),
+                resets=self._resets)
 
     def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
         """Buffer one frame unless rejected or late; return pairs flushed by a clock jump."""
@@ -282,9 +296,10 @@ class PairSynchronizer:
         if other.held is not None and self._on_held_timeline(other, frame.key):
             # This topic's frame on the other's held timeline: both topics jumped back.
             return self._jump(other, other_in_flight=False) + self._place(stream, frame)
+        if stream.held is not None and self._continues_held(stream, frame.stamp):
+            # Its topic's next frame goes on from the held one: a jump.
+            return self._jump(stream, other_in_flight=True) + self._place(stream, frame)
         if stream.newest is not None and frame.stamp < stream.newest - self._reset_threshold:
-            if stream.held is not None:  # its topic's second frame this far back: a jump
-                return self._jump(stream, other_in_flight=True) + self._place(stream, frame)
             if not self._drop_glitch_ahead(stream, frame.stamp):
                 stream.held = frame
                 return []
@@ -303,6 +318,14 @@ class PairSynchronizer:
             stream.overflow += 1
         return []
 
+    def _continues_held(self, stream: _Stream, stamp: int) -> bool:
+        """Whether the next frame of ``stream`` bears out its held frame's timeline: as far
+        behind the old newest, or after the held frame and nearer to it than to the old newest
+        (a short bag looped jumps back little more than the threshold)."""
+        newest, held = stream.newest, stream.held.stamp
+        return (stamp < newest - self._reset_threshold
+                or held <= stamp and stamp - held < newest - stamp)
+
     def _on_held_timeline(self, stream: _Stream, key: int) -> bool:
         """Whether a frame of the other topic (offset stamp ``key``) bears out the timeline of
         ``stream``'s held frame: near it, and as far behind where ``stream`` stood."""
@@ -314,14 +337,12 @@ class PairSynchronizer:
         """Where ``stamp`` is back within the threshold of the runner-up, and the newest frame
         alone stood more than the threshold above it and is still pending, that frame's stamp
         glitched ahead: drop it as late and return True."""
-        threshold, runner_up = self._reset_threshold, stream.runner_up
-        if (runner_up is None or stamp < runner_up - threshold
-                or stream.newest - runner_up <= threshold
-                or not stream.frames or stream.frames[-1].stamp != stream.newest):
+        threshold = self._reset_threshold
+        if not stream.lone_ahead(threshold) or stamp < stream.runner_up - threshold:
             return False
         stream.frames.pop()
         stream.late += 1
-        stream.newest, stream.runner_up = runner_up, None
+        stream.newest, stream.runner_up = stream.runner_up, None
         return True
 
     def _jump(self, stream: _Stream, other_in_flight: bool) -> list[Pair]:

@@ -285,6 +285,37 @@ def test_a_frame_still_of_the_old_timeline_does_not_move_the_expiry_clock():
     assert stats.resets == 1 and stats.visible_late == 1
 
 
+@pytest.mark.parametrize('topic, stamp_ms, partner_ms', [(1, 330, 333), (0, 222, 222)])
+def test_one_stamp_glitched_ahead_does_not_move_the_expiry_clock(topic, stamp_ms, partner_ms):
+    # Thermal every 111 ms arriving 120 ms after its stamp, visible every 33 ms arriving 5 ms
+    # after; one frame stamped 2 s ahead. Taken as the stamps' clock, it expired thermal frames
+    # and pruned visible ones a delayed thermal frame still needed: a neighbour's pair lost.
+    thermal = encode_image(np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+
+    def pairs(glitch):
+        pipeline = FusionPipeline(PairSynchronizer(slop=0.02, queue_size=30, timeout=0.5),
+                                  ThermalNormalizer(), ThermalRegistration())
+        events = sorted([(k * 111 + 120, 0, k * 111) for k in range(6)]
+                        + [(k * 33 + 5, 1, k * 33) for k in range(20)])
+        got = []
+        for arrived_ms, kind, stamp in events:
+            if glitch and (kind, stamp) == (topic, stamp_ms):
+                stamp += 2000
+            got += pipeline.expire(arrived_ms / 1000)  # as s4fusion-bag does before each message
+            add = pipeline.add_visible if kind else pipeline.add_thermal
+            got += add(visible if kind else thermal, 100 * 10**9 + stamp * MS, 'f',
+                       arrived=arrived_ms / 1000)
+        got += pipeline.flush()
+        stats = pipeline.synchronizer.stats
+        assert stats.resets == 0 and stats.thermal_late + stats.visible_late == glitch
+        return {(pair.thermal_stamp_ns - 100 * 10**9) // MS for pair in got}
+
+    clean, glitched = pairs(False), pairs(True)
+    assert len(clean) == 6
+    assert clean - glitched == {partner_ms}  # its own pair only
+
+
 def test_one_thermal_stamp_glitched_back_keeps_the_thermal_range():
     # No reset for a glitch: the thermal range smoothed over the scene goes on.
     pipeline = FusionPipeline(PairSynchronizer(slop=0.01, queue_size=30), ThermalNormalizer(),
