@@ -77,7 +77,8 @@ class Pair(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class SyncStats:
-    """Counts since construction; per topic received == pairs + the other five."""
+    """Counts since construction; per topic received == pairs + unpaired + late + overflow +
+    rejected + pending (unconfirmed frames are among the pending)."""
 
     thermal_received: int = 0
     visible_received: int = 0

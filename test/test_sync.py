@@ -285,7 +285,7 @@ def test_old_timeline_frame_in_flight_at_a_jump_is_not_a_second_reset():
 
 def test_old_timeline_filter_ends_with_the_other_topics_first_new_frame():
     # The visible camera was silent long before the thermal clock jumped: its next frame, on
-    # the new timeline though far above where the visible stamps stood, is not held as stale.
+    # the new timeline though far above where the visible stamps stood, is not taken as stale.
     sync = PairSynchronizer(0.020, 10)
     sync.add_visible(50 * S, 'v-old')
     sync.add_thermal(100 * S, 't-old')
@@ -302,7 +302,7 @@ def test_old_timeline_filter_ends_with_the_other_topics_first_new_frame():
 def test_a_frame_far_above_where_either_topic_stood_is_of_the_new_timeline(thermal_before):
     # The visible stamps jump back from 2 s to 1 ns. A thermal frame at 2000 s cannot have been
     # in flight from the old timeline, which stood at 2 s (and at 1 ns for the thermal topic,
-    # where it had a frame): it was held as late, and its partner lost (found twice by
+    # where it had a frame): it was taken as late, and its partner lost (found twice by
     # test_robustness's property test).
     sync = PairSynchronizer(0.05, 4)
     if thermal_before is not None:
@@ -430,8 +430,8 @@ def test_a_held_frame_at_the_end_of_the_stream_is_unpaired():
 def play(sync: PairSynchronizer, events: list[tuple[int, int, int]],
          flush: bool = True) -> list[Pair]:
     """Feed (arrival, topic, stamp) events (topic 0 thermal, 1 visible) as the node does: the
-    expire timer every 50 ms, on the stamps' clock extrapolated from the arrival of the latest
-    frame the synchronizer took (FusionPipeline.expire); then flush, if asked."""
+    expire timer every 50 ms, on the offset stamps' clock extrapolated from the arrival of the
+    latest frame the synchronizer took (FusionPipeline.expire); then flush, if asked."""
     got, wall, anchor = [], events[0][0], None
     for arrival, topic, stamp in sorted(events):
         while wall + 50 * MS < arrival:
@@ -441,7 +441,7 @@ def play(sync: PairSynchronizer, events: list[tuple[int, int, int]],
         taken = sync.stats.taken
         got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
         if sync.stats.taken != taken:
-            anchor = stamp, arrival
+            anchor = (sync.visible_key if topic else sync.thermal_key)(stamp), arrival
         check_counts(sync.stats)
     return got + sync.flush() if flush else got
 

@@ -209,8 +209,9 @@ def _vifp(ref, dist, matlab_compat):
 def vif(fused, ir, vi, matlab_compat=False):
     """VIF: VIFp(IR, F) + VIFp(VI, F), multiscale pixel-domain VIF (Sheikh & Bovik)."""
     f, a, b = _as_triple(fused, ir, vi)
-    # The second scale's 9x9 window needs a valid region. Below 41 px the coarser scales have
-    # none and add nothing, as MATLAB's filter2 'valid' gives them nothing to sum.
+    # The second scale's 9x9 window needs a valid region. The coarser scales have none below
+    # 33 px (scales 3 and 4) and 41 px (scale 4): they add nothing, as with MATLAB's filter2
+    # 'valid', which gives them nothing to sum.
     if min(f.shape) < 25:
         raise ValueError(f'VIF needs images of at least 25x25, got {f.shape}')
     if matlab_compat:

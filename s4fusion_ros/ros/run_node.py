@@ -102,8 +102,8 @@ def main(args=None) -> int:
         # reports an ImportError): after a stop signal, any error is part of stopping.
         if not stop.received:
             # One raised while spinning is a fault of the running node: its traceback says where.
-            detail = '' if node is None else '\n' + ''.join(traceback.format_exception(error))
-            print(f'{PROG}: {error}{detail}', file=sys.stderr)
+            print(f'{PROG}: {error}' if node is None else f'{PROG}: stopped by an error:\n'
+                  + ''.join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
             code = 1
     # Python's exit resets its handlers to the default, which ends the process by the signal
     # (exit code -2 or -15): during the exit a late signal is ignored instead.

@@ -164,10 +164,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              'radiometric counts (default: value / type maximum, as the public '
                              'datasets are stored and the model was trained)')
     parser.add_argument('--gray', action='store_true',
-                        help='write the fused image as gray: the luminance (Y of YCrCb, as '
-                             'OpenCV BGR2GRAY or MATLAB rgb2gray) of the colour output, which '
-                             's4fusion-eval scores; for toolkits that read fused images as gray '
-                             '(another conversion, e.g. a PNG decoder\'s own, moves the metrics)')
+                        help='write the fused image as gray: the luminance (Y of YCrCb, '
+                             'within 1 level of OpenCV BGR2GRAY and MATLAB rgb2gray) of the '
+                             'colour output, which s4fusion-eval scores; for toolkits that read '
+                             'fused images as gray (another conversion, e.g. a PNG decoder\'s '
+                             'own, moves the metrics)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace the PNGs an earlier run wrote under --out')
     args = parser.parse_args(argv)
