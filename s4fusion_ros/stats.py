@@ -31,10 +31,13 @@ class RateMeter:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._trim(now)
-            if len(self._times) < 2:
-                return 0.0
-            if now - self._first < self._window:  # still filling: the intervals so far
+            if self._first is None or now - self._first < self._window:
+                # Still filling: the intervals so far (none yet from a single event).
+                if len(self._times) < 2:
+                    return 0.0
                 return (len(self._times) - 1) / max(now - self._first, 1e-9)
+            # A full window counts its events, one alone too: below 2 / window (0.4 Hz) a rate
+            # read between events is then still right on average, not 0.
             return len(self._times) / self._window
 
     def recent(self, now: float | None = None) -> int:
