@@ -313,8 +313,8 @@ def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_
     tno = ivif_dir / 'tno'
     sources = [[cv2.imread(str(tno / side / n), cv2.IMREAD_GRAYSCALE) for side in ('ir', 'vi')]
                for n in names]
-    average = [np.rint(baselines.fuse_average(ir, vi) * 255).astype(np.uint8)
-               for ir, vi in sources]
+    # Rounded half up, as MATLAB's uint8((A + B) / 2): half to even made a comb of even values.
+    average = [((ir.astype(np.int32) + vi + 1) // 2).astype(np.uint8) for ir, vi in sources]
     stored = [cv2.imread(str(tno / 'fused' / 'DenseFuse' / n), cv2.IMREAD_GRAYSCALE)
               for n in names]
     for method, outputs in (('Average', average), ('DenseFuse (stored outputs)', stored)):
@@ -360,6 +360,20 @@ def test_best_and_wins_compare_the_printed_values():
     assert report.wins(dataset) == {'ours': [m for m in metrics.METRICS if m != 'MSE']}
     assert report.reference_wins(dataset) == {'other': [], 'worse': ['MSE']}
     assert '| ours | **3.000** |' in '\n'.join(report.metric_table(dataset))
+
+
+def test_an_undefined_mean_is_neither_won_nor_lost():
+    # A rival whose SCD cannot be computed (its output is a source: NaN on every pair) has not
+    # lost on SCD: ours beat it there before.
+    ours = report.MethodScores('ours', True, scores([3.0]))
+    copy = report.MethodScores('copy', False, scores([2.0]))
+    copy.scores[0]['SCD'] = math.nan
+    dataset = report.DatasetScores('d', pair_names(1), [ours, copy])
+    assert 'SCD' not in report.wins(dataset)['ours']
+    assert 'SCD' not in report.head_to_head(dataset)['ours']['copy']
+    assert report.best_methods(dataset, 'SCD') == {'ours'}
+    copy.scores[0]['EN'] = ours.scores[0]['EN'] = math.nan
+    assert report.best_methods(dataset, 'EN') == set()
 
 
 def test_head_to_head_counts_each_rival_and_says_whether_most_are_won():
@@ -600,6 +614,19 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
             f'scored, so no row for it; the first: {names[1]}: no output, or several, in '
             f'{heldout / "fused" / "Partial"}.') in text
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
+
+
+def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, capsys):
+    # Found only once every pair was scored (12 minutes for the full report), before.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    (tmp_path / 'file').write_text('')
+    out = tmp_path / 'file' / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
+                          str(out)]) == 1
+    error = capsys.readouterr().err
+    assert f'{out.parent}: {tmp_path / "file"} is not a folder' in error
+    assert 'pairs in' not in error  # no split was scored
 
 
 def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(

@@ -90,7 +90,7 @@ def _as_uint8(img):
     arr = np.asarray(img)
     if arr.dtype == np.uint8:
         return arr
-    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return np.floor(np.clip(arr, 0, 255) + 0.5).astype(np.uint8)  # MATLAB rounds half up
 
 
 def _entropy_bits(counts):

@@ -31,11 +31,14 @@ BOOTSTRAP_MIN_UNITS = 6
 READING_MARKER = "<!-- The maintainers' reading of these numbers goes below."
 
 CONVENTIONS = """\
-- Every method's output is first made into the image a saved PNG holds: uint8, rounded; colour
-  (the method's luminance with the visible image's chroma, as the node composes it) when the
-  visible image is colour, gray otherwise. The metrics are then computed on the luminance Y
-  (OpenCV YCrCb) of that image against the IR luminance and the visible luminance (0-255), by
-  the same code for every method and on the same pairs.
+- Every method's output is first made into the image a saved PNG holds: uint8, rounded half
+  up (as MATLAB's uint8); colour (the method's luminance with the visible image's chroma, as the
+  node composes it) when the visible image is colour, gray otherwise. The metrics are then
+  computed on the luminance Y (OpenCV YCrCb) of that image against the IR luminance and the
+  visible luminance (0-255), by the same code for every method and on the same pairs. Stored
+  outputs are scored as saved: the Y of a colour image composed from a method's unrounded
+  luminance is within 1 level of its rounded gray, but not equal to it (Qabf and MI of the plain
+  average saved gray are up to 1% higher on MSRS pairs than in its row here).
 - Metric definitions: `s4fusion_ros/evaluation/metrics.py` (module docstring table), in its
   standard 0-255 convention (`evaluate_all(..., matlab_compat=False)`). MI, VIF and SSIM are sums
   over the two sources (at most 2 for SSIM), CC is their mean, MSE their mean, PSNR (dB, peak 255)
@@ -145,14 +148,18 @@ def _shown(method: MethodScores, metric: str) -> float:
 
 
 def _better(a: float, b: float, metric: str) -> bool:
-    if math.isnan(a):
+    """Whether mean ``a`` beats ``b``; an undefined (NaN) mean beats nothing and is beaten by
+    nothing: a method whose metric cannot be computed has not lost on it."""
+    if math.isnan(a) or math.isnan(b):
         return False
-    return math.isnan(b) or (a < b if metric in LOWER_IS_BETTER else a > b)
+    return a < b if metric in LOWER_IS_BETTER else a > b
 
 
 def best_methods(dataset: DatasetScores, metric: str) -> set:
-    """Names of the methods whose printed mean is the best (several on a tie)."""
-    shown = {m.name: _shown(m, metric) for m in dataset.methods}
+    """Names of the methods whose printed mean is the best (several on a tie; none when no
+    mean is defined)."""
+    shown = {m.name: _shown(m, metric) for m in dataset.methods
+             if not math.isnan(_shown(m, metric))}
     best = None
     for value in shown.values():
         if best is None or _better(value, best, metric):
