@@ -10,7 +10,7 @@ from s4fusion_ros import settings
 from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, PreparedPair,
                                  compose_output, model_input_size, pipeline_from_params,
                                  restore_detail)
-from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb
+from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb, to_uint8
 from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage, RawImage,
                                             encode_image, image_to_array)
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
@@ -145,8 +145,8 @@ def test_engine_packs_both_outputs_as_its_settings_say(msrs_pair, loaded, salien
     assert (fused.encoding, fused.width, fused.height) == ('rgb8', 640, 480)
     np.testing.assert_array_equal(image_to_array(fused), result.fused)
     assert saliency.encoding == saliency_encoding
-    published = (np.rint(result.saliency * 255).astype(np.uint8)
-                 if saliency_encoding == 'mono8' else result.saliency)
+    published = (to_uint8(result.saliency) if saliency_encoding == 'mono8'
+                 else result.saliency)
     np.testing.assert_array_equal(image_to_array(saliency), published)
 
 

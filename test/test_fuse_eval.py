@@ -372,8 +372,14 @@ def test_an_undefined_mean_is_neither_won_nor_lost():
     assert 'SCD' not in report.wins(dataset)['ours']
     assert 'SCD' not in report.head_to_head(dataset)['ours']['copy']
     assert report.best_methods(dataset, 'SCD') == {'ours'}
-    copy.scores[0]['EN'] = ours.scores[0]['EN'] = math.nan
+    # Beside a rival that is defined, ours wins it as its bold cell says.
+    lower = report.MethodScores('lower', False, scores([2.0]))
+    dataset.methods.append(lower)
+    assert 'SCD' in report.wins(dataset)['ours']
+    assert 'SCD' not in report.head_to_head(dataset)['ours']['copy']
+    copy.scores[0]['EN'] = ours.scores[0]['EN'] = lower.scores[0]['EN'] = math.nan
     assert report.best_methods(dataset, 'EN') == set()
+    assert 'EN' not in report.wins(dataset)['ours']
 
 
 def test_head_to_head_counts_each_rival_and_says_whether_most_are_won():
@@ -627,6 +633,16 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
     error = capsys.readouterr().err
     assert f'{out.parent}: {tmp_path / "file"} is not a folder' in error
     assert 'pairs in' not in error  # no split was scored
+    for option, value, message in (
+            ('--pairs-csv', tmp_path / 'file' / 'p.csv', 'is not a folder'),
+            ('--grid', tmp_path / 'file' / 'g.png', 'is not a folder')):
+        assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
+                              str(tmp_path / 'q.md'), option, str(value)]) == 1
+        error = capsys.readouterr().err
+        assert message in error and 'pairs in' not in error, option
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
+                          str(tmp_path)]) == 1
+    assert f'--out {tmp_path} is a folder' in capsys.readouterr().err
 
 
 def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(

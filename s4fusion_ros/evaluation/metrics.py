@@ -63,6 +63,7 @@ import math
 import cv2
 import numpy as np
 
+from ..imaging.color import round_half_up
 from ..imaging.filters import SOBEL_X, SOBEL_Y, ssim_map, ssim_window
 
 METRICS = ('EN', 'SD', 'SF', 'AG', 'MI', 'CC', 'SCD', 'VIF', 'Qabf', 'SSIM', 'MSE', 'PSNR')
@@ -90,7 +91,7 @@ def _as_uint8(img):
     arr = np.asarray(img)
     if arr.dtype == np.uint8:
         return arr
-    return np.floor(np.clip(arr, 0, 255) + 0.5).astype(np.uint8)  # MATLAB rounds half up
+    return round_half_up(np.clip(arr, 0, 255)).astype(np.uint8)  # as MATLAB's uint8()
 
 
 def _entropy_bits(counts):

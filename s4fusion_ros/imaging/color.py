@@ -18,8 +18,16 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     outside are clamped, NaN -> 0). np.rint rounds half to even:
     an average of two 8-bit images lands on .5 at half its pixels, and their histogram became a
     comb of even values (its entropy 0.16 bits lower on TNO-42)."""
-    scaled = np.nan_to_num(np.asarray(image, dtype=np.float32) * np.float32(255.0))
-    return np.floor(np.clip(scaled, 0.0, 255.0) + np.float32(0.5)).astype(np.uint8)
+    scaled = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32) * np.float32(255.0)),
+                     0.0, 255.0)
+    return round_half_up(scaled).astype(np.uint8)
+
+
+def round_half_up(values: np.ndarray) -> np.ndarray:
+    """Round to the nearest integer, halves up. Not floor(x + 0.5): in float32 the sum rounds
+    0.49999997 up to 1."""
+    whole = np.floor(values)
+    return whole + (values - whole >= 0.5)
 
 
 def bgr_to_ycrcb(bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -754,6 +754,16 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     return scores
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """OSError naming a file the run could not write, checked before any scoring."""
+    if args.out.is_dir():
+        raise IsADirectoryError(f'--out {args.out} is a folder: name the report file')
+    for path in (args.out, None if args.flicker else args.pairs_csv,
+                 None if args.flicker else args.grid):
+        if path is not None:
+            check_writable_folder(path.parent)
+
+
 def main(argv: list | None = None) -> int:
     """Console entry point; exit code 0 on success, 1 on an error."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -763,7 +773,7 @@ def main(argv: list | None = None) -> int:
         cv2.setNumThreads(args.threads)  # GFF's filters and the pyramid are timed too
 
     def evaluate() -> int:
-        check_writable_folder(args.out.parent)  # not after the scoring, which takes minutes
+        check_outputs(args)  # not after the scoring, which takes minutes
         (run_flicker if args.flicker else run)(args, argv)
         return 0
     return run_command(PROG, evaluate, (OSError, ValueError, CheckpointError),
