@@ -439,7 +439,7 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
                           'is quantized their way (min-max stretch, then truncation: '
                           '`seafusion.published_uint8`). For a colour visible image the authors '
                           'stretch the composed RGB image instead; stretching the luminance, as '
-                          'here, scored SeAFusion slightly higher on the MSRS pairs checked (SD, '
+                          'here, scored SeAFusion slightly better on the MSRS pairs checked (SD, '
                           'SF, Qabf, SSIM, MSE).'}
     notes += [note for label, note in peers.items() if label in scored]
     if any(dataset.name == 'tno42' and 'DenseFuse (stored outputs)' in
