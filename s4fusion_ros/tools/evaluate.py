@@ -758,10 +758,9 @@ def check_outputs(args: argparse.Namespace) -> None:
     """OSError naming a file the run could not write, checked before any scoring."""
     if args.out.is_dir():
         raise IsADirectoryError(f'--out {args.out} is a folder: name the report file')
-    for path in (args.out, None if args.flicker else args.pairs_csv,
-                 None if args.flicker else args.grid):
-        if path is not None:
-            check_writable_folder(path.parent)
+    written = [args.out] if args.flicker else [args.out, args.pairs_csv, args.grid]
+    for path in written:
+        check_writable_folder(path.parent)
 
 
 def main(argv: list | None = None) -> int:
