@@ -181,13 +181,52 @@ def test_seafusion_reproduces_the_published_metrics(seafusion_fuse, ivif_dir, na
     """
     ir, vi, fused = seafusion_fuse(name)
     ref = read_reference(ivif_dir, 'SeAFusion')[name]
-    ours = M.evaluate_all(S.published_uint8(fused), ir, vi, matlab_compat=True)
+    ours = M.evaluate_all(S.published_image(fused), ir, vi, matlab_compat=True)
     for key in REFERENCE_METRICS:
         # Off by a few one-level pixel roundings at most (CPU float32 vs the authors' GPU).
         assert ours[key] == pytest.approx(ref[key], rel=1e-4), key
 
 
-def test_published_uint8_stretches_and_truncates():
-    out = S.published_uint8(np.array([[0.2, 0.4], [0.6, 0.6 - 1e-4]], np.float32))
+def test_published_image_stretches_and_truncates_a_gray_image():
+    out = S.published_image(np.array([[0.2, 0.4], [0.6, 0.6 - 1e-4]], np.float32))
     np.testing.assert_array_equal(out, [[0, 127], [255, 254]])  # truncated: 254.9 -> 254
-    assert not S.published_uint8(np.full((2, 2), 0.3)).any()
+    assert not S.published_image(np.full((2, 2), 0.3)).any()
+
+
+def test_published_image_composes_clamps_and_stretches_rgb_as_the_authors_script():
+    """Against the authors' test.py written out: their YCrCb2RGB matrix, clamp, one stretch
+    over all channels (not per channel, not of the luminance), truncation."""
+    rng = np.random.default_rng(3)
+    y, cr, cb = (rng.uniform(0.0, 1.0, (6, 7)).astype(np.float32) for _ in range(3))
+    y *= 0.5  # a dark fused luminance: a stretch of Y alone would change it, theirs does not
+    mat = np.array([[1.0, 1.0, 1.0], [1.403, -0.714, 0.0], [0.0, -0.344, 1.773]], np.float32)
+    rgb = np.clip((np.stack([y, cr, cb], -1) + np.float32([0.0, -0.5, -0.5])) @ mat, 0.0, 1.0)
+    expected = (255.0 * (rgb - rgb.min()) / (rgb.max() - rgb.min())).astype(np.uint8)
+    out = S.published_image(y, (cr, cb))
+    assert out.shape == (6, 7, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., ::-1], expected)  # BGR, as OpenCV stores it
+
+
+def test_evaluate_runs_seafusion_on_colour_pairs_as_the_authors_script(seafusion, ivif_dir):
+    """s4fusion-eval's SeAFusion keeps the visible colour and stretches the composed RGB image:
+    the output's chrominance is the visible image's, its channels span 0-255 together."""
+    from s4fusion_ros.imaging.color import bgr_to_ycrcb
+    from s4fusion_ros.tools import evaluate, fuse
+    pair = fuse.read_pair(fuse.Pair('00004N.png', ivif_dir / 'msrs' / 'ir' / '00004N.png',
+                                    ivif_dir / 'msrs' / 'vi' / '00004N.png'))
+    crop = np.s_[200:360, 240:440]
+    source = fuse.SourcePair(pair.name, pair.thermal[crop], pair.visible_bgr[crop], True)
+    out = evaluate.seafusion_method(seafusion)(source, None).fused
+    assert out.shape == (160, 200, 3) and out.dtype == np.uint8
+    assert out.min() == 0 and out.max() == 255
+    vi_y, cr, cb = bgr_to_ycrcb(source.visible_bgr)  # float: their script never rounds it
+    np.testing.assert_array_equal(
+        out, S.published_image(seafusion.fuse(source.thermal, vi_y), (cr, cb)))
+    _, out_cr, out_cb = bgr_to_ycrcb(out)
+    unclipped = (out.min(axis=2) > 0) & (out.max(axis=2) < 255)
+    assert unclipped.mean() > 0.5
+    for got, want in ((out_cr, cr), (out_cb, cb)):
+        assert np.abs(got - want)[unclipped].mean() < 2 / 255  # truncation and rounding only
+    gray = fuse.SourcePair(pair.name, source.thermal, source.visible_bgr, False)
+    np.testing.assert_array_equal(evaluate.seafusion_method(seafusion)(gray, None).fused,
+                                  S.published_image(seafusion.fuse(source.thermal, vi_y)))

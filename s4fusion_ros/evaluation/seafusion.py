@@ -13,13 +13,18 @@ Decoder on concat(VI, IR), 96 channels: 3x3 convs 96->64->32->16 with LeakyReLU(
 
 The published decoder layers carry BatchNorm parameters that its forward pass never applies
 (their running statistics are still the initial 0 / 1); they are kept here as ``bn`` only so that
-the state dict loads strictly, and are not applied either. The authors' test script then clamps,
-min-max stretches each output to [0, 1] and truncates ``255 * x`` to uint8; `published_uint8`
-does that step, to reproduce their images (and their TNO metric values, to 2e-5).
+the state dict loads strictly, and are not applied either.
+
+The authors' test script (Linfeng-Tang/SeAFusion ``test.py``) fuses the float luminance of the
+visible RGB image, joins the fused luminance with the visible image's chrominance, converts that
+to RGB, clamps it to [0, 1], min-max stretches it over all three channels and truncates
+``255 * x`` to uint8. `published_image` does those steps, to reproduce their images (and their
+TNO metric values, to 2e-5). Their YCrCb is OpenCV's (same coefficients, chroma offset 0.5).
 """
 
 import pathlib
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -154,9 +159,26 @@ class SeAFusion(nn.Module):
         return out[0, 0].clamp(0.0, 1.0).cpu().numpy()
 
 
-def published_uint8(fused):
-    """Save the authors' way: min-max stretch to [0, 1], then truncate ``255 * x`` to uint8."""
-    fused = np.asarray(fused, dtype=np.float32)
-    lo, hi = fused.min(), fused.max()
-    stretched = (fused - lo) / (hi - lo) if hi > lo else np.zeros_like(fused)
+def published_image(fused_y, visible_crcb=None):
+    """The image the authors' test script saves for a fused luminance in [0, 1].
+
+    ``visible_crcb``: the visible image's float (Cr, Cb) in [0, 1], or None for a gray visible
+    image (their RGB then has three equal channels). Returns uint8 (H, W) for gray, else
+    (H, W, 3) BGR. Their script stretches over a batch of images at once; here each image is
+    its own batch, so that its output does not depend on which images it was batched with.
+    """
+    fused_y = np.asarray(fused_y, dtype=np.float32)
+    if visible_crcb is None:
+        composed = fused_y
+    else:
+        cr, cb = (np.asarray(c, dtype=np.float32) for c in visible_crcb)
+        composed = cv2.cvtColor(cv2.merge([fused_y, cr, cb]), cv2.COLOR_YCrCb2BGR)
+    return _stretch_to_uint8(np.clip(composed, 0.0, 1.0))
+
+
+def _stretch_to_uint8(values):
+    """Min-max stretch ``values`` (any shape) to [0, 1], then truncate ``255 * x`` to uint8."""
+    values = np.asarray(values, dtype=np.float32)
+    lo, hi = values.min(), values.max()
+    stretched = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     return (255.0 * stretched).astype(np.uint8)

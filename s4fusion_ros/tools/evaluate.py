@@ -38,7 +38,7 @@ from .. import settings
 from ..cli import run_command
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
-from ..evaluation.seafusion import SeAFusion, published_uint8
+from ..evaluation.seafusion import SeAFusion, published_image
 from ..files import check_writable_folder, write_png, write_text_atomically
 from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
@@ -173,11 +173,17 @@ def gray_method(fuse: Callable) -> Callable:
     return run
 
 
-def seafusion_fuse(model: SeAFusion) -> Callable:
-    """SeAFusion on luminance, quantized the authors' way (min-max stretch, truncation)."""
-    def fuse(ir: np.ndarray, vi_y: np.ndarray) -> np.ndarray:
-        return published_uint8(model.fuse(ir, vi_y)).astype(np.float32) / np.float32(255.0)
-    return fuse
+def seafusion_method(model: SeAFusion) -> Callable:
+    """SeAFusion as its authors' test script runs it: on the visible image's float luminance,
+    saved the authors' way (`seafusion.published_image`), timed."""
+    def run(source: SourcePair, pair: Pair) -> FusedImages:
+        vi_y, cr, cb = bgr_to_ycrcb(source.visible_bgr)
+        started = time.perf_counter()
+        fused_y = model.fuse(source.thermal, vi_y)
+        seconds = time.perf_counter() - started
+        chroma = (cr, cb) if source.visible_is_color else None
+        return FusedImages(published_image(fused_y, chroma), None, seconds)
+    return run
 
 
 def ours_method(config: OursConfig, device: str) -> Method:
@@ -236,7 +242,7 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
             except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
                 raise ValueError(f"{path}: not SeAFusion's published weights "
                                  f'({str(error).splitlines()[0]})') from error
-            methods.append(Method('SeAFusion', gray_method(seafusion_fuse(model))))
+            methods.append(Method('SeAFusion', seafusion_method(model)))
         else:
             skipped.append(f'SeAFusion: {path} is missing.' if path is not None else
                            f'SeAFusion: no weights (--seafusion-weights, or --data IVIF_DIR '
@@ -435,12 +441,14 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
     peers = {'GFF': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
                     "paper's settings as `evaluation/baselines.py` implements it, not the "
                     "authors' MATLAB code.",
-             'SeAFusion': "SeAFusion runs with its authors' published weights, and its luminance "
-                          'is quantized their way (min-max stretch, then truncation: '
-                          '`seafusion.published_uint8`). For a colour visible image the authors '
-                          'stretch the composed RGB image instead; stretching the luminance, as '
-                          'here, scored SeAFusion slightly better on the MSRS pairs checked (SD, '
-                          'SF, Qabf, SSIM, MSE).'}
+             'SeAFusion': "SeAFusion runs with its authors' published weights as their test "
+                          'script runs them (Linfeng-Tang/SeAFusion `test.py`, '
+                          '`seafusion.published_image`): on the float luminance of the visible '
+                          'image, its output joined with the visible chrominance, clamped in '
+                          'RGB, min-max stretched over the three channels together and truncated '
+                          'to uint8; colour outputs are then scored on their luminance like '
+                          "every method's. Their script stretches a batch at once; here each "
+                          'image is its own batch.'}
     notes += [note for label, note in peers.items() if label in scored]
     if any(dataset.name == 'tno42' and 'DenseFuse (stored outputs)' in
            {method.name for method in dataset.methods} for dataset in datasets):
