@@ -217,6 +217,35 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     assert 'Symlink loop' in capsys.readouterr().err
 
 
+def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_path, capsys,
+                                                                tiny_weights):
+    copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])
+    out = tmp_path / 'out'
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
+               '--weights', str(tiny_weights), '--device', 'cpu']
+    assert fuse.main(command) == 0
+    whole = {path: path.read_bytes() for path in out.rglob('*.png')}
+    colour, gray = (name.rsplit('.', 1)[0] + '.png' for _, name in (COLOUR_PAIR, GRAY_PAIR))
+    # Cut short: the colour pair done, the gray pair between its two writes.
+    (out / 'saliency' / gray).unlink()
+    (out / 'fused' / gray).write_bytes(b'cut')
+    (out / 'fused' / colour).touch()  # mtime only: a skipped pair is not written again
+    stamp = (out / 'fused' / colour).stat().st_mtime_ns
+    capsys.readouterr()
+    assert fuse.main(command) == 1
+    assert '--skip-existing' in capsys.readouterr().err
+    assert fuse.main(command + ['--skip-existing']) == 0
+    assert f'fused 1 of 1 pairs into {out}; 1 already under {out} skipped' in (
+        capsys.readouterr().err)
+    assert {path: path.read_bytes() for path in out.rglob('*.png')} == whole
+    assert (out / 'fused' / colour).stat().st_mtime_ns == stamp
+    assert fuse.main(command + ['--skip-existing']) == 0
+    assert f'all 2 pairs are fused under {out}' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fuse.main(command + ['--skip-existing', '--overwrite'])
+    assert 'not allowed with argument' in capsys.readouterr().err
+
+
 def test_report_names_the_base_settings_the_hashed_weights_run_at():
     # The gain and contrast are in the JSON, outside the hash: the report must say which ran.
     lines = {preset: evaluate.describe_weights(

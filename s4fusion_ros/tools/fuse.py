@@ -5,7 +5,8 @@ that is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the t
 OUT/fused/NAME.png (colour when the visible image is colour, else gray; with --gray always the
 luminance s4fusion-eval scores) and OUT/saliency/NAME.png (mono, 0-255): what the node publishes
 for that pair, from the same FusionEngine. Existing outputs are replaced only with --overwrite,
-and never an input folder. The exit code is 1 when a pair failed or a file had no partner.
+and never an input folder; --skip-existing resumes a run that was cut short. The exit code is 1
+when a pair failed or a file had no partner.
 
 Example:
   s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
@@ -169,8 +170,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              'colour output, which s4fusion-eval scores; for toolkits that read '
                              'fused images as gray (another conversion, e.g. a PNG decoder\'s '
                              'own, moves the metrics)')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='replace the PNGs an earlier run wrote under --out')
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument('--overwrite', action='store_true',
+                          help='replace the PNGs an earlier run wrote under --out')
+    existing.add_argument('--skip-existing', action='store_true',
+                          help='resume a run that was cut short: leave the pairs whose fused '
+                               'and saliency PNGs are both under --out, fuse the others (give '
+                               'the options of that run: the outputs are not compared)')
     args = parser.parse_args(argv)
     error = settings.check({'model.detail_gain': args.detail_gain})
     if error:
@@ -194,9 +200,10 @@ def output_paths(args: argparse.Namespace,
                            args.out / 'saliency' / f'{stem}.png')
                for pair, stem in zip(pairs, stems)}
     existing = [path for paths in outputs.values() for path in paths if path.exists()]
-    if existing and not args.overwrite:
+    if existing and not (args.overwrite or args.skip_existing):
         raise ValueError(f'{len(existing)} output(s) exist ({existing[0]}, ...); pass '
-                         '--overwrite to replace them')
+                         '--overwrite to replace them, or --skip-existing to fuse only the '
+                         'pairs without them')
     return outputs
 
 
@@ -210,13 +217,22 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f'no pairs with the same file name (or the same name with another '
                          f'extension) in {args.ir} and {args.vi}')
     outputs = output_paths(args, pairs)
+    # Both PNGs are written atomically, so one that exists is whole; a pair cut between its two
+    # writes is fused again.
+    done = {name for name, paths in outputs.items()
+            if args.skip_existing and all(path.exists() for path in paths)}
+    todo = [pair for pair in pairs if pair.name not in done]
+    skipped = f'; {len(done)} already under {args.out} skipped' if done else ''
+    if not todo:
+        print(f'{PROG}: all {len(pairs)} pairs are fused under {args.out}', file=sys.stderr)
+        return 0, len(unmatched)
     loaded = load_fusion_model(args.weights, args.preset, args.device,
                                detail_gain=args.detail_gain)
-    print(f'{PROG}: {len(pairs)} pairs with {loaded.name} on {loaded.device} -> {args.out}',
-          file=sys.stderr)
+    print(f'{PROG}: {len(todo)} pairs with {loaded.name} on {loaded.device} -> {args.out}'
+          + skipped, file=sys.stderr)
     fuser = ImageFuser(loaded, args.inference_size, args.stretch_thermal)
     failed, warned = 0, set()
-    for pair in tqdm(pairs, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True):
+    for pair in tqdm(todo, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True):
         try:
             source = read_pair(pair)
             for kind, warning in input_warnings(pair, source, args.stretch_thermal).items():
@@ -233,7 +249,7 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
         fused = luminance(images.fused) if args.gray else images.fused
         for path, image in zip(outputs[pair.name], (fused, images.saliency)):
             write_png(path, image)
-    print(f'{PROG}: fused {len(pairs) - failed} of {len(pairs)} pairs into {args.out}'
+    print(f'{PROG}: fused {len(todo) - failed} of {len(todo)} pairs into {args.out}' + skipped
           + (f'; {len(unmatched)} file(s) without a partner skipped' if unmatched else ''),
           file=sys.stderr)
     return failed, len(unmatched)
