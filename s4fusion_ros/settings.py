@@ -61,7 +61,7 @@ SPECS = {
     'model.weights': Spec('', 'checkpoint (.safetensors with its .json), whose network '
                           'model.preset must name unless auto; empty = shipped weights'),
     'model.detail_gain': Spec(0.0, 'gain on the details of the Laplacian base of a model that has '
-                              'one (compact); 0 = the weights\' own (1.15 shipped); 1 = the plain '
+                              'one (compact); 0 = the weights\' own (1.1 shipped); 1 = the plain '
                               'pyramid\'s detail, which flickers less on video', range=(0.0, 4.0)),
     'thermal.transport': Spec('raw', 'raw: sensor_msgs/Image on thermal/image_raw; compressed: '
                               'CompressedImage on thermal/image_raw/compressed; compressedDepth: '

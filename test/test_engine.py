@@ -168,7 +168,7 @@ def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_
 def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, caplog):
     ir, vi = msrs_pair
     plain = load_fusion_model(device='cpu', detail_gain=1.0)
-    assert loaded.model.config.detail_gain == 1.15 and plain.model.config.detail_gain == 1.0
+    assert loaded.model.config.detail_gain == 1.1 and plain.model.config.detail_gain == 1.0
     assert plain.name == f'{loaded.name} (detail gain 1)'  # what the logs and diagnostics show
 
     def sharpness(model):

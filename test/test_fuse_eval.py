@@ -250,7 +250,7 @@ def test_report_names_the_base_settings_the_hashed_weights_run_at():
     # The gain and contrast are in the JSON, outside the hash: the report must say which ran.
     lines = {preset: evaluate.describe_weights(
         evaluate.OursConfig(preset, shipped_weights(preset))) for preset in ('authors', 'compact')}
-    assert 'parameters, detail gain 1.15, base contrast 1.4)' in lines['compact']
+    assert 'parameters, detail gain 1.1, base contrast 1.4)' in lines['compact']
     assert 'detail gain' not in lines['authors'].split(';')[0]
 
 

@@ -103,7 +103,7 @@ class S4FusionConfig:
         a few frames per second against several seconds per frame for ``authors``. It refines a
         Laplacian-pyramid fusion (``base``): trained on the CPU, the network alone stayed behind
         that pyramid on detail and closeness to the sources (docs/training-history.md). The
-        base's details get a gain of 1.15 and its low-pass base a contrast of 1.4, both chosen
+        base's details get a gain of 1.1 and its low-pass base a contrast of 1.4, both chosen
         on the validation splits: the network's correction is smooth (it changes contrast and
         intensity, not detail), at gain 1 the output fell behind the pyramid alone on SF and AG on
         the RoadScene sets, and the mean of the two bases keeps half of a region's contrast where
@@ -112,7 +112,7 @@ class S4FusionConfig:
         return {
             'authors': cls(),
             'compact': cls(dims=(16, 32, 64), d_state=8, fusion_d_state=12, fusion_blocks=2,
-                           base='laplacian', detail_gain=1.15, base_contrast=1.4),
+                           base='laplacian', detail_gain=1.1, base_contrast=1.4),
         }
 
     @classmethod
