@@ -197,14 +197,19 @@ def test_published_image_composes_clamps_and_stretches_rgb_as_the_authors_script
     """Against the authors' test.py written out: their YCrCb2RGB matrix, clamp, one stretch
     over all channels (not per channel, not of the luminance), truncation."""
     rng = np.random.default_rng(3)
-    y, cr, cb = (rng.uniform(0.0, 1.0, (6, 7)).astype(np.float32) for _ in range(3))
-    y *= 0.5  # a dark fused luminance: a stretch of Y alone would change it, theirs does not
     mat = np.array([[1.0, 1.0, 1.0], [1.403, -0.714, 0.0], [0.0, -0.344, 1.773]], np.float32)
-    rgb = np.clip((np.stack([y, cr, cb], -1) + np.float32([0.0, -0.5, -0.5])) @ mat, 0.0, 1.0)
-    expected = (255.0 * (rgb - rgb.min()) / (rgb.max() - rgb.min())).astype(np.uint8)
-    out = S.published_image(y, (cr, cb))
-    assert out.shape == (6, 7, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[..., ::-1], expected)  # BGR, as OpenCV stores it
+    # Saturated colours (the clamp cuts, the stretch then does nothing) and muted ones (the
+    # clamped RGB lies inside (0, 1), so the stretch over the three channels matters).
+    for chroma in ((0.0, 1.0), (0.45, 0.55)):
+        y = rng.uniform(0.3, 0.7, (6, 7)).astype(np.float32)
+        cr, cb = (rng.uniform(*chroma, (6, 7)).astype(np.float32) for _ in range(2))
+        ycrcb = np.stack([y, cr, cb], -1) + np.float32([0.0, -0.5, -0.5])
+        rgb = np.clip(ycrcb @ mat, 0.0, 1.0)
+        expected = (255.0 * (rgb - rgb.min()) / (rgb.max() - rgb.min())).astype(np.uint8)
+        out = S.published_image(y, (cr, cb))
+        assert out.shape == (6, 7, 3) and out.dtype == np.uint8
+        np.testing.assert_array_equal(out[..., ::-1], expected)  # BGR, as OpenCV stores it
+    assert 0.0 < rgb.min() and rgb.max() < 1.0  # the muted case did stretch
 
 
 def test_evaluate_runs_seafusion_on_colour_pairs_as_the_authors_script(seafusion, ivif_dir):

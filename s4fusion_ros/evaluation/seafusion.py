@@ -164,8 +164,9 @@ def published_image(fused_y, visible_crcb=None):
 
     ``visible_crcb``: the visible image's float (Cr, Cb) in [0, 1], or None for a gray visible
     image (their RGB then has three equal channels). Returns uint8 (H, W) for gray, else
-    (H, W, 3) BGR. Their script stretches over a batch of images at once; here each image is
-    its own batch, so that its output does not depend on which images it was batched with.
+    (H, W, 3) BGR. Their script stretches over its batch of images; here each image is its own
+    batch. On MSRS each image's clamped RGB spans 0-1 already, so the stretch changes nothing
+    there; sets of images of different sizes (RoadScene, TNO) cannot be batched at all.
     """
     fused_y = np.asarray(fused_y, dtype=np.float32)
     if visible_crcb is None:

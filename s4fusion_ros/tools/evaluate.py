@@ -447,8 +447,9 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
                           'image, its output joined with the visible chrominance, clamped in '
                           'RGB, min-max stretched over the three channels together and truncated '
                           'to uint8; colour outputs are then scored on their luminance like '
-                          "every method's. Their script stretches a batch at once; here each "
-                          'image is its own batch.'}
+                          "every method's. Their script stretches over a batch of images; here "
+                          'each image is its own batch, which changes nothing on MSRS, where '
+                          "each image's clamped RGB spans the full range."}
     notes += [note for label, note in peers.items() if label in scored]
     if any(dataset.name == 'tno42' and 'DenseFuse (stored outputs)' in
            {method.name for method in dataset.methods} for dataset in datasets):
