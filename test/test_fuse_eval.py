@@ -229,7 +229,6 @@ def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_pa
     # Cut short: the colour pair done, the gray pair between its two writes.
     (out / 'saliency' / gray).unlink()
     (out / 'fused' / gray).write_bytes(b'cut')
-    (out / 'fused' / colour).touch()  # mtime only: a skipped pair is not written again
     stamp = (out / 'fused' / colour).stat().st_mtime_ns
     capsys.readouterr()
     assert fuse.main(command) == 1
@@ -238,12 +237,43 @@ def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_pa
     assert f'fused 1 of 1 pairs into {out}; 1 already under {out} skipped' in (
         capsys.readouterr().err)
     assert {path: path.read_bytes() for path in out.rglob('*.png')} == whole
-    assert (out / 'fused' / colour).stat().st_mtime_ns == stamp
+    assert (out / 'fused' / colour).stat().st_mtime_ns == stamp  # not written again
     assert fuse.main(command + ['--skip-existing']) == 0
     assert f'all 2 pairs are fused under {out}' in capsys.readouterr().err
+    # Other settings than those that made the outputs: refused, nothing touched.
+    assert fuse.main(command + ['--skip-existing', '--gray']) == 1
+    assert 'other settings (gray: False -> True)' in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in out.rglob('*.png')} == whole
     with pytest.raises(SystemExit):
         fuse.main(command + ['--skip-existing', '--overwrite'])
     assert 'not allowed with argument' in capsys.readouterr().err
+
+
+def test_fuse_resuming_a_cut_overwrite_never_keeps_the_run_before(ivif_dir, tmp_path,
+                                                                  monkeypatch, tiny_weights):
+    """A run with --overwrite and new settings, cut after its first pair and resumed, gives
+    what one whole run with those settings gives: no output of the run before survives."""
+    copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--weights',
+               str(tiny_weights), '--device', 'cpu', '--gray']
+    assert fuse.main(command + ['--out', str(tmp_path / 'whole')]) == 0
+    out = tmp_path / 'out'
+    assert fuse.main(command[:-1] + ['--out', str(out)]) == 0  # colour, the run before
+    written, write_png = [], fuse.write_png
+
+    def cut_after_the_first_pair(path, image):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # Ctrl-C
+        written.append(path)
+        write_png(path, image)
+    monkeypatch.setattr(fuse, 'write_png', cut_after_the_first_pair)
+    assert fuse.main(command + ['--out', str(out), '--overwrite']) == 130
+    monkeypatch.undo()
+    assert fuse.main(command + ['--out', str(out), '--skip-existing']) == 0
+    for path in (tmp_path / 'whole').rglob('*.png'):
+        assert (out / path.relative_to(tmp_path / 'whole')).read_bytes() == path.read_bytes()
+    (out / 's4fusion-fuse.json').unlink()  # outputs nothing describes: not resumed
+    assert fuse.main(command + ['--out', str(out), '--skip-existing']) == 1
 
 
 def test_report_names_the_base_settings_the_hashed_weights_run_at():

@@ -5,15 +5,19 @@ that is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the t
 OUT/fused/NAME.png (colour when the visible image is colour, else gray; with --gray always the
 luminance s4fusion-eval scores) and OUT/saliency/NAME.png (mono, 0-255): what the node publishes
 for that pair, from the same FusionEngine. Existing outputs are replaced only with --overwrite,
-and never an input folder; --skip-existing resumes a run that was cut short. The exit code is 1
-when a pair failed or a file had no partner.
+and never an input folder; --skip-existing resumes a run that was cut short, with the settings
+that OUT/s4fusion-fuse.json records. The exit code is 1 when a pair failed or a file had no
+partner.
 
 Example:
   s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
 """
 
 import argparse
+import collections
 import dataclasses
+import hashlib
+import json
 import pathlib
 import sys
 
@@ -24,7 +28,7 @@ from tqdm import tqdm
 from .. import settings
 from ..cli import parse_size, run_command, stop_on_signals
 from ..engine import FusionEngine, fusion_settings
-from ..files import resolved, write_png
+from ..files import resolved, write_png, write_text_atomically
 from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
@@ -34,6 +38,8 @@ PROG = 's4fusion-fuse'
 # A 16-bit IR file whose values span less than this is likely raw counts (14-bit cameras give a
 # few thousand), not a picture stretched over 0-65535.
 RAW_COUNTS_SPAN = 1 << 14
+# In --out: what the outputs there were made with, so that --skip-existing never mixes runs.
+RUN_RECORD = 's4fusion-fuse.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help='replace the PNGs an earlier run wrote under --out')
     existing.add_argument('--skip-existing', action='store_true',
                           help='resume a run that was cut short: leave the pairs whose fused '
-                               'and saliency PNGs are both under --out, fuse the others (give '
-                               'the options of that run: the outputs are not compared)')
+                               'and saliency PNGs are both under --out, fuse the others; refused '
+                               f'unless --out/{RUN_RECORD} shows the same weights and options')
     args = parser.parse_args(argv)
     error = settings.check({'model.detail_gain': args.detail_gain})
     if error:
@@ -187,9 +193,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def output_paths(args: argparse.Namespace,
                  pairs: list[Pair]) -> dict[str, tuple[pathlib.Path, ...]]:
     """name -> (fused path, saliency path); ValueError if two inputs map to one output, an
-    output folder is an input folder, or outputs exist without --overwrite."""
+    output folder is an input folder, or outputs exist without --overwrite or --skip-existing."""
     stems = [pathlib.Path(pair.name).stem for pair in pairs]
-    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+    clashes = sorted(stem for stem, count in collections.Counter(stems).items() if count > 1)
     if clashes:
         raise ValueError(f'several inputs would write the same output: {clashes[:5]}.png')
     inputs = {resolved(args.ir), resolved(args.vi)}
@@ -199,12 +205,64 @@ def output_paths(args: argparse.Namespace,
     outputs = {pair.name: (args.out / 'fused' / f'{stem}.png',
                            args.out / 'saliency' / f'{stem}.png')
                for pair, stem in zip(pairs, stems)}
-    existing = [path for paths in outputs.values() for path in paths if path.exists()]
+    existing = [path for paths in outputs.values() for path in paths if path.is_file()]
     if existing and not (args.overwrite or args.skip_existing):
         raise ValueError(f'{len(existing)} output(s) exist ({existing[0]}, ...); pass '
                          '--overwrite to replace them, or --skip-existing to fuse only the '
                          'pairs without them')
     return outputs
+
+
+def run_record(args: argparse.Namespace, loaded: LoadedModel) -> dict:
+    """What the pixels of a run's outputs depend on. Not the device: CPU and CUDA differ in
+    float rounding only."""
+    weights = loaded.weights
+    record = {'weights_sha256': (hashlib.sha256(weights.read_bytes()).hexdigest()
+                                 if weights is not None and loaded.trained else None),
+              'model': dataclasses.asdict(loaded.model.config),
+              'inference_size': args.inference_size,
+              'stretch_thermal': args.stretch_thermal, 'gray': args.gray}
+    return json.loads(json.dumps(record))  # as read back from the file: tuples become lists
+
+
+def prepare_output(args: argparse.Namespace, outputs: dict, record: dict) -> set[str]:
+    """Make --out ready for a run; return the names of the pairs it need not fuse.
+
+    The run's record goes into --out before any output, and the outputs there are always those
+    of the run it describes: --overwrite removes the earlier outputs of its pairs first (so a
+    run cut short can be resumed), and --skip-existing keeps them only under the same record.
+    """
+    path = args.out / RUN_RECORD
+    existing = {name for name, paths in outputs.items() if any(p.is_file() for p in paths)}
+    done = set()
+    if args.skip_existing and existing:
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f'--skip-existing: {path} is missing or unreadable ({error}), so '
+                             f'nothing tells what made the outputs under {args.out}; pass '
+                             '--overwrite to fuse them again') from error
+        changed = _changed(earlier, record)
+        if changed:
+            raise ValueError(f'--skip-existing: the outputs under {args.out} were made with '
+                             f'other settings ({"; ".join(changed)}); give the options of that '
+                             'run, or pass --overwrite to fuse them again')
+        done = {name for name in existing if all(p.is_file() for p in outputs[name])}
+    else:
+        for name in existing:
+            for stale in outputs[name]:
+                stale.unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
+    return done
+
+
+def _changed(earlier, record, prefix: str = '') -> list[str]:
+    """'key: earlier -> now' for every setting that differs between two records."""
+    if isinstance(earlier, dict) and isinstance(record, dict):
+        return [line for key in sorted(set(earlier) | set(record))
+                for line in _changed(earlier.get(key), record.get(key), f'{prefix}{key}.')]
+    return [] if earlier == record else [f'{prefix[:-1]}: {earlier} -> {record}']
 
 
 def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
@@ -217,17 +275,14 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f'no pairs with the same file name (or the same name with another '
                          f'extension) in {args.ir} and {args.vi}')
     outputs = output_paths(args, pairs)
-    # Both PNGs are written atomically, so one that exists is whole; a pair cut between its two
-    # writes is fused again.
-    done = {name for name, paths in outputs.items()
-            if args.skip_existing and all(path.exists() for path in paths)}
+    loaded = load_fusion_model(args.weights, args.preset, args.device,
+                               detail_gain=args.detail_gain)
+    done = prepare_output(args, outputs, run_record(args, loaded))
     todo = [pair for pair in pairs if pair.name not in done]
     skipped = f'; {len(done)} already under {args.out} skipped' if done else ''
     if not todo:
         print(f'{PROG}: all {len(pairs)} pairs are fused under {args.out}', file=sys.stderr)
         return 0, len(unmatched)
-    loaded = load_fusion_model(args.weights, args.preset, args.device,
-                               detail_gain=args.detail_gain)
     print(f'{PROG}: {len(todo)} pairs with {loaded.name} on {loaded.device} -> {args.out}'
           + skipped, file=sys.stderr)
     fuser = ImageFuser(loaded, args.inference_size, args.stretch_thermal)
@@ -243,7 +298,7 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
         except ValueError as error:  # an unreadable or unusable file: the others still run
             tqdm.write(f'{PROG}: {error}', file=sys.stderr)
             failed += 1
-            for stale in outputs[pair.name]:  # an overwritten run's output is not this input's
+            for stale in outputs[pair.name]:  # the half of this pair a cut run may have left
                 stale.unlink(missing_ok=True)
             continue
         fused = luminance(images.fused) if args.gray else images.fused
