@@ -240,10 +240,19 @@ def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_pa
     assert (out / 'fused' / colour).stat().st_mtime_ns == stamp  # not written again
     assert fuse.main(command + ['--skip-existing']) == 0
     assert f'all 2 pairs are fused under {out}' in capsys.readouterr().err
-    # Other settings than those that made the outputs: refused, nothing touched.
-    assert fuse.main(command + ['--skip-existing', '--gray']) == 1
-    assert 'other settings (gray: False -> True)' in capsys.readouterr().err
+    # Other settings than those that made the outputs: refused, naming them; nothing touched.
+    record = (out / 's4fusion-fuse.json').read_bytes()
+    other = tiny_model()
+    with torch.no_grad():
+        other.head.conv.bias.fill_(0.4)
+    save_checkpoint(other, tmp_path / 'other.safetensors')
+    for options, named in ((['--gray'], 'gray: False -> True'),
+                           (['--inference-size', '128x96'], 'inference_size: [0, 0] -> [128, 96]'),
+                           (['--weights', str(tmp_path / 'other.safetensors')], 'weights_sha256')):
+        assert fuse.main(command + ['--skip-existing'] + options) == 1
+        assert named in capsys.readouterr().err
     assert {path: path.read_bytes() for path in out.rglob('*.png')} == whole
+    assert (out / 's4fusion-fuse.json').read_bytes() == record
     with pytest.raises(SystemExit):
         fuse.main(command + ['--skip-existing', '--overwrite'])
     assert 'not allowed with argument' in capsys.readouterr().err
@@ -274,6 +283,28 @@ def test_fuse_resuming_a_cut_overwrite_never_keeps_the_run_before(ivif_dir, tmp_
         assert (out / path.relative_to(tmp_path / 'whole')).read_bytes() == path.read_bytes()
     (out / 's4fusion-fuse.json').unlink()  # outputs nothing describes: not resumed
     assert fuse.main(command + ['--out', str(out), '--skip-existing']) == 1
+
+
+def test_fuse_never_leaves_other_pairs_outputs_of_other_settings_beside_its_own(
+        ivif_dir, tmp_path, capsys, tiny_weights):
+    for folder, pair in (('colour', COLOUR_PAIR), ('gray', GRAY_PAIR)):
+        copy_pairs(ivif_dir, tmp_path / folder, [pair])
+    out = tmp_path / 'out'
+
+    def run(folder, *options):
+        return fuse.main(['--ir', str(tmp_path / folder / 'ir'), '--vi',
+                          str(tmp_path / folder / 'vi'), '--out', str(out), '--weights',
+                          str(tiny_weights), '--device', 'cpu', *options])
+    assert run('colour') == 0
+    before = {path: path.read_bytes() for path in out.rglob('*') if path.is_file()}
+    for options in (['--gray'], ['--gray', '--overwrite'], ['--gray', '--skip-existing']):
+        capsys.readouterr()
+        assert run('gray', *options) == 1
+        assert (f'{out} holds 2 output(s) of other pairs (FLIR_00006.png, ...) not made with '
+                'these settings (gray: False -> True)') in capsys.readouterr().err
+        assert {path: path.read_bytes() for path in out.rglob('*') if path.is_file()} == before
+    assert run('gray') == 0  # the same settings: the record describes both pairs' outputs
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png', 'FLIR_00006.png']
 
 
 def test_report_names_the_base_settings_the_hashed_weights_run_at():

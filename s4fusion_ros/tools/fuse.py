@@ -4,10 +4,11 @@ Pairs are matched by file name in --ir and --vi (or by the name without its exte
 that is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the tool writes
 OUT/fused/NAME.png (colour when the visible image is colour, else gray; with --gray always the
 luminance s4fusion-eval scores) and OUT/saliency/NAME.png (mono, 0-255): what the node publishes
-for that pair, from the same FusionEngine. Existing outputs are replaced only with --overwrite,
-and never an input folder; --skip-existing resumes a run that was cut short, with the settings
-that OUT/s4fusion-fuse.json records. The exit code is 1 when a pair failed or a file had no
-partner.
+for that pair, from the same FusionEngine. OUT/s4fusion-fuse.json records the weights and
+options the outputs there were made with, and no run leaves outputs of other settings beside its
+own: existing outputs are replaced only with --overwrite (and never an input folder), and
+--skip-existing resumes a run that was cut short only when its options match that record. The
+exit code is 1 when a pair failed or a file had no partner.
 
 Example:
   s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from .. import settings
 from ..cli import parse_size, run_command, stop_on_signals
 from ..engine import FusionEngine, fusion_settings
-from ..files import resolved, write_png, write_text_atomically
+from ..files import check_writable_folder, resolved, write_png, write_text_atomically
 from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
@@ -178,7 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              'own, moves the metrics)')
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument('--overwrite', action='store_true',
-                          help='replace the PNGs an earlier run wrote under --out')
+                          help='replace the PNGs an earlier run wrote under --out for these '
+                               'pairs (removed before the run starts)')
     existing.add_argument('--skip-existing', action='store_true',
                           help='resume a run that was cut short: leave the pairs whose fused '
                                'and saliency PNGs are both under --out, fuse the others; refused '
@@ -228,27 +230,34 @@ def run_record(args: argparse.Namespace, loaded: LoadedModel) -> dict:
 def prepare_output(args: argparse.Namespace, outputs: dict, record: dict) -> set[str]:
     """Make --out ready for a run; return the names of the pairs it need not fuse.
 
-    The run's record goes into --out before any output, and the outputs there are always those
-    of the run it describes: --overwrite removes the earlier outputs of its pairs first (so a
-    run cut short can be resumed), and --skip-existing keeps them only under the same record.
+    The outputs under --out are always those of the run its record describes. The record goes
+    in before any output; --overwrite removes the earlier outputs of its pairs first (so a run
+    cut short can be resumed), --skip-existing keeps them only under the same record, and a
+    run with other settings is refused where other pairs' outputs would stay beside its own.
     """
+    check_writable_folder(args.out)
     path = args.out / RUN_RECORD
+    earlier, unreadable = _read_record(path)
+    changed = (_changed(earlier, record) if earlier is not None
+               else [f'{path.name} {unreadable}'])
+    ours = {output for paths in outputs.values() for output in paths}
+    foreign = sorted(png for kind in ('fused', 'saliency')
+                     for png in (args.out / kind).glob('*.png') if png not in ours)
+    if changed and foreign:
+        raise ValueError(f'{args.out} holds {len(foreign)} output(s) of other pairs '
+                         f'({foreign[0].name}, ...) not made with these settings '
+                         f'({"; ".join(changed)}): fuse into another --out, or remove them')
     existing = {name for name, paths in outputs.items() if any(p.is_file() for p in paths)}
     done = set()
     if args.skip_existing and existing:
-        try:
-            earlier = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f'--skip-existing: {path} is missing or unreadable ({error}), so '
-                             f'nothing tells what made the outputs under {args.out}; pass '
-                             '--overwrite to fuse them again') from error
-        changed = _changed(earlier, record)
         if changed:
-            raise ValueError(f'--skip-existing: the outputs under {args.out} were made with '
-                             f'other settings ({"; ".join(changed)}); give the options of that '
-                             'run, or pass --overwrite to fuse them again')
+            raise ValueError(f'--skip-existing: the outputs under {args.out} were not made '
+                             f'with these settings ({"; ".join(changed)}); give the options of '
+                             'that run, or pass --overwrite to fuse them again')
         done = {name for name in existing if all(p.is_file() for p in outputs[name])}
-    else:
+    elif existing:  # --overwrite (output_paths refused them otherwise)
+        if path.is_dir():  # checked before anything is removed: the record could not be written
+            raise ValueError(f'{path} is a folder: it must be free for the run record')
         for name in existing:
             for stale in outputs[name]:
                 stale.unlink(missing_ok=True)
@@ -257,7 +266,18 @@ def prepare_output(args: argparse.Namespace, outputs: dict, record: dict) -> set
     return done
 
 
-def _changed(earlier, record, prefix: str = '') -> list[str]:
+def _read_record(path: pathlib.Path) -> tuple[dict | None, str]:
+    """(the record at ``path``, '') or (None, why there is none)."""
+    if not path.exists():
+        return None, 'is missing'
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as error:
+        return None, f'is unreadable ({error})'
+    return (record, '') if isinstance(record, dict) else (None, 'is not a run record')
+
+
+def _changed(earlier: dict, record: dict, prefix: str = '') -> list[str]:
     """'key: earlier -> now' for every setting that differs between two records."""
     if isinstance(earlier, dict) and isinstance(record, dict):
         return [line for key in sorted(set(earlier) | set(record))
