@@ -822,6 +822,51 @@ def test_a_folder_inside_the_ivif_layout_is_refused(part, tmp_path, ivif_dir, ca
     assert not (tmp_path / 'run').exists()
 
 
+def test_links_to_ivif_datasets_in_a_folder_of_folders_are_refused(tmp_path, ivif_dir,
+                                                                   pair_folder, capsys):
+    # Each subfolder is read as a dataset of its own: one linked to TNO (or only its ir/ and vi/
+    # linked) would train on test pairs under a name that does not say so.
+    whole, sides = tmp_path / 'whole', tmp_path / 'sides'
+    for mine in (whole, sides):
+        shutil.copytree(pair_folder, mine / 'own')
+    (whole / 't').symlink_to(ivif_dir / 'tno')
+    (sides / 't').mkdir()
+    for side in ('ir', 'vi'):
+        (sides / 't' / side).symlink_to(ivif_dir / 'tno' / side)
+    for data in (whole, sides):
+        assert train_main(['--data', str(data), '--out', str(tmp_path / 'run'), '--steps', '1',
+                           '--device', 'cpu']) == 1
+        error = capsys.readouterr().err
+        assert f'inside the ivif layout {ivif_dir}' in error and 'Traceback' not in error
+        assert not (tmp_path / 'run').exists()
+
+
+def test_a_new_run_never_overwrites_an_earlier_runs_weights(tmp_path, pair_folder, capsys):
+    common = ['--data', str(pair_folder), '--steps', '1', '--batch-size', '1', '--crop', '25',
+              '--device', 'cpu', '--threads', '1', '--no-progress', '--preset', 'compact']
+    assert train_main([*common, '--out', str(tmp_path / 'run')]) == 0
+    # A run whose state was removed to save space (gpu_train.py unpack leaves states out): its
+    # weights, or their JSON alone, are refused and stay as they were.
+    for name in ('s4fusion_compact.safetensors', 's4fusion_compact.json'):
+        out = tmp_path / name.replace('.', '_')
+        out.mkdir()
+        shutil.copy(tmp_path / 'run' / name, out / name)
+        capsys.readouterr()
+        assert train_main([*common, '--out', str(out)]) == 1
+        error = capsys.readouterr().err
+        assert f'{out / name} exists' in error and 'Traceback' not in error
+        assert (out / name).read_bytes() == (tmp_path / 'run' / name).read_bytes()
+        assert [path.name for path in out.iterdir()] == [name]
+
+
+def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):
+    assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps',
+                       '4', '--batch-size', '1', '--crop', '25', '--device', 'cpu',
+                       '--threads', '1', '--no-progress', '--lr', '1e12']) == 1
+    error = capsys.readouterr().err
+    assert 'loss is nan' in error and 'lower --lr' in error and 'Traceback' not in error
+
+
 def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsys):
     common = ['--data', str(pair_folder), '--steps', '2', '--batch-size', '1', '--crop', '25',
               '--device', 'cpu', '--threads', '1', '--no-progress']

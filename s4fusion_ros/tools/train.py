@@ -248,9 +248,10 @@ def main(argv=None):
         trainer = build_trainer(args, config, settings, device)
         return 0
 
-    # Only the stop is wrapped in training: an error there keeps its traceback.
+    # In training, a diverging loss or a failed write (a full disk) ends with one line naming
+    # the cause; any other error keeps its traceback.
     return (run_command(PROG, set_up, (OSError, ValueError, CheckpointError))
-            or run_command(PROG, lambda: run(trainer, args), (),
+            or run_command(PROG, lambda: run(trainer, args), (OSError, FloatingPointError),
                            f'aborted without saving; {args.out} keeps its last checkpoint, if '
                            'any, which --resume continues'))
 
@@ -271,7 +272,7 @@ def model_config(args):
 def build_trainer(args, config, settings, device):
     """Read the data and the networks the options name; returns the Trainer (resumed if asked)."""
     if not args.resume:  # before minutes of reading data, not after
-        check_new_run(args.out)
+        check_new_run(args.out, weights_path(args.out, config))
     check_writable_folder(args.out)
     data_note = training_data_note(args.data)
     pairs = training_pairs(args.data)

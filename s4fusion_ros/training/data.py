@@ -250,12 +250,7 @@ def data_layout(folder):
     out M3SVD. One dataset of your own may take one of their names. A folder inside the ivif
     layout (one of its datasets, say) is an error too: it holds test or validation pairs."""
     folder = pathlib.Path(folder)
-    # As given first (the message names the layout as the user does), then with links resolved.
-    for root in (*folder.absolute().parents, *folder.resolve().parents):
-        if (root / ROADSCENE_TEST67).is_file():
-            raise ValueError(f'{folder}: inside the ivif layout {root}, so holding test or '
-                             f'validation pairs, which must not train; give --data {root} (its '
-                             f'training split) or a folder of your own')
+    _check_outside_ivif(folder, folder)
     if (folder / 'ir').is_dir():
         return 'pairs'
     if (folder / ROADSCENE_TEST67).is_file():
@@ -267,6 +262,18 @@ def data_layout(folder):
             f'({", ".join(ivif_parts)}). It names the 67 RoadScene test pairs, which must not '
             'train, as the TNO and MSRS test pairs must not (README, "Data")')
     return 'datasets'
+
+
+def _check_outside_ivif(given, folder):
+    """ValueError if ``folder`` lies inside the ivif layout (as given first, so that the message
+    names the layout as the user does, then with links resolved): it holds test or validation
+    pairs, which must not train. ``given``: the --data folder, for the message."""
+    for root in (*folder.absolute().parents, *folder.resolve().parents):
+        if (root / ROADSCENE_TEST67).is_file():
+            raise ValueError(f'{given}: {"" if folder == given else f"{folder} is "}inside the '
+                             f'ivif layout {root}, so holding test or validation pairs, which '
+                             f'must not train; give --data {root} (its training split) or a '
+                             'folder of your own')
 
 
 # scripts/gpu_train.py pack-data leaves this file in a folder it packs from the ivif layout, so
@@ -309,14 +316,16 @@ def training_pairs(folder):
     ``dataset_balance`` counts them). See ``data_layout``."""
     folder = pathlib.Path(folder)
     layout = data_layout(folder)
-    if layout == 'pairs':
-        return pairs_in_folder(folder)
     if layout == 'ivif':
         return ivif_splits(folder).train
-    datasets = sorted(p for p in folder.glob('*') if (p / 'ir').is_dir())
+    datasets = ([folder] if layout == 'pairs' else
+                sorted(p for p in folder.glob('*') if (p / 'ir').is_dir()))
     if not datasets:
         raise FileNotFoundError(f'{folder}: no ir/ and vi/ pairs, no ivif layout and no '
                                 f'subfolders with ir/ and vi/')
+    for dataset in datasets:  # a link to an ivif dataset, or to its ir/ or vi/ folder
+        for side in ('ir', 'vi'):
+            _check_outside_ivif(folder, (dataset / side).resolve())
     return tuple(pair for dataset in datasets for pair in pairs_in_folder(dataset))
 
 

@@ -77,11 +77,17 @@ class TrainSettings:
             object.__setattr__(self, 'warmup_steps', max(1, min(500, self.steps // 20)))
 
 
-def check_new_run(out_dir):
-    """FileExistsError if ``out_dir`` holds a run's training state (it would be overwritten)."""
+def check_new_run(out_dir, weights):
+    """FileExistsError if ``out_dir`` holds what a new run there would overwrite: a run's
+    training state, or weights at ``weights`` or their JSON (a run whose state was removed to
+    save space). A log alone is of a run stopped before its first checkpoint: it is replaced."""
     state = pathlib.Path(out_dir) / STATE_NAME
     if state.exists():
         raise FileExistsError(f'{state} exists: resume it or use another output folder')
+    for path in (weights, weights.with_suffix('.json')):
+        if path.exists():
+            raise FileExistsError(f'{path} exists (an earlier run, without its training state '
+                                  'to resume): use another output folder')
 
 
 def weights_path(out_dir, config):
@@ -311,7 +317,9 @@ class Trainer:
         self.model.train()
         total, terms = self.loss(self.model(ir, vi), ir, vi)
         if not torch.isfinite(total):
-            raise FloatingPointError(f'loss is {float(total)} at step {self.step + 1}')
+            raise FloatingPointError(f'loss is {total.detach().item()} at step {self.step + 1} '
+                                     '(a lower --lr may help); the last checkpoint stays as it '
+                                     'was')
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
@@ -335,7 +343,7 @@ class Trainer:
         """
         stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
         if self.step == 0:
-            check_new_run(self.out_dir)
+            check_new_run(self.out_dir, self.weights_path)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         records = []
         bar = tqdm(total=self.settings.steps, initial=self.step, desc='train', unit='step',
