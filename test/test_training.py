@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import pathlib
 import re
 import shutil
 import signal
@@ -857,6 +858,17 @@ def test_a_new_run_never_overwrites_an_earlier_runs_weights(tmp_path, pair_folde
         assert f'{out / name} exists' in error and 'Traceback' not in error
         assert (out / name).read_bytes() == (tmp_path / 'run' / name).read_bytes()
         assert [path.name for path in out.iterdir()] == [name]
+
+
+def test_a_run_records_its_data_by_folder_name_however_the_folder_is_given(
+        tmp_path, pair_folder, monkeypatch):
+    # The labels are the run's data identity: a run started with --data . resumes with the
+    # folder's full path, and the weights' JSON names the folder.
+    labels = [pair.label for pair in training_pairs(pair_folder)]
+    assert labels == ['pairs/00004N.png', 'pairs/00055D.png']
+    monkeypatch.chdir(pair_folder / 'ir')
+    for spelled in ('..', '../ir/..'):
+        assert [pair.label for pair in training_pairs(pathlib.Path(spelled))] == labels
 
 
 def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):

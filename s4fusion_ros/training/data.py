@@ -8,6 +8,7 @@ PNGs are) stays itself. Pixels stay uint8/uint16 in memory and become float32 in
 import collections
 import csv
 import dataclasses
+import os
 import pathlib
 import re
 
@@ -56,8 +57,9 @@ class Pair:
 
     @property
     def label(self):
-        """``dataset/name``, as the training metadata records it."""
-        return f'{self.dataset.name}/{self.name}'
+        """``dataset/name``, as the training metadata records it: the folder's own name however
+        it was given (``--data .`` names no folder; links are not followed)."""
+        return f'{pathlib.Path(os.path.abspath(self.dataset)).name}/{self.name}'
 
 
 @dataclasses.dataclass(frozen=True)
