@@ -871,6 +871,19 @@ def test_a_run_records_its_data_by_folder_name_however_the_folder_is_given(
         assert [pair.label for pair in training_pairs(pathlib.Path(spelled))] == labels
 
 
+def test_raw_16_bit_thermal_counts_are_warned_of(tmp_path, pair_folder, capsys):
+    # Scaled by 1 / 65535, 14-bit counts train as nearly black images (s4fusion-fuse warns too).
+    ir = cv2.imread(str(pair_folder / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
+    assert cv2.imwrite(str(pair_folder / 'ir' / '00004N.png'), 7000 + 8 * ir.astype(np.uint16))
+    common = ['--steps', '1', '--batch-size', '1', '--crop', '25', '--device', 'cpu',
+              '--threads', '1', '--no-progress']
+    assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / 'run'), *common]) == 0
+    error = capsys.readouterr().err
+    assert ('warning: 1 of 2 IR images are 16-bit but span less than 16384 of 0-65535 (raw '
+            f'camera counts?), so they train as nearly black images; stretch them to the full '
+            f'range first ({pair_folder / "ir" / "00004N.png"}, ...)') in error
+
+
 def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):
     assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps',
                        '4', '--batch-size', '1', '--crop', '25', '--device', 'cpu',

@@ -14,6 +14,14 @@ import numpy as np
 MODES = ('percentile', 'minmax', 'fixed')
 # Percentiles are taken on a strided subsample of about this many pixels (cheap at 30 Hz).
 SAMPLE_PIXELS = 1 << 16
+# A 16-bit IR image whose values span less than this is likely raw counts (14-bit cameras give a
+# few thousand), not a picture stretched over 0-65535: scaled by 1 / 65535 it is nearly black.
+RAW_COUNTS_SPAN = 1 << 14
+
+
+def looks_like_raw_counts(image: np.ndarray) -> bool:
+    """Whether a thermal image is 16-bit raw camera counts rather than a stretched picture."""
+    return image.dtype == np.uint16 and int(np.ptp(image)) < RAW_COUNTS_SPAN
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,15 +30,13 @@ from .. import settings
 from ..cli import parse_size, run_command, stop_on_signals
 from ..engine import FusionEngine, fusion_settings
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
+from ..imaging.normalization import looks_like_raw_counts
 from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
 from ..runtime import LoadedModel, load_fusion_model
 from ..training.data import Pair, luminance, match_pairs, read_image_file
 
 PROG = 's4fusion-fuse'
-# A 16-bit IR file whose values span less than this is likely raw counts (14-bit cameras give a
-# few thousand), not a picture stretched over 0-65535.
-RAW_COUNTS_SPAN = 1 << 14
 # In --out: what the outputs there were made with, so that --skip-existing never mixes runs.
 RUN_RECORD = 's4fusion-fuse.json'
 
@@ -97,8 +95,7 @@ def read_pair(pair: Pair) -> SourcePair:
 def input_warnings(pair: Pair, source: SourcePair, stretch_thermal: bool) -> dict[str, str]:
     """{kind: warning} for what the tool does with this pair that its user may not expect."""
     warnings = {}
-    if (not stretch_thermal and source.thermal.dtype == np.uint16
-            and np.ptp(source.thermal) < RAW_COUNTS_SPAN):
+    if not stretch_thermal and looks_like_raw_counts(source.thermal):
         warnings['raw counts'] = (
             f'{pair.ir_path} is 16-bit but spans only {source.thermal.min()}-'
             f'{source.thermal.max()} of 0-65535 (raw camera counts?), so it fuses nearly black; '

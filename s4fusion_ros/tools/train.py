@@ -20,6 +20,7 @@ import torch
 
 from ..cli import run_command
 from ..files import check_writable_folder
+from ..imaging.normalization import RAW_COUNTS_SPAN
 from ..model import S4FusionConfig
 from ..model.checkpoint import (STORAGE_DTYPES, CheckpointError, config_path,
                                 load_checkpoint, read_config)
@@ -283,6 +284,12 @@ def build_trainer(args, config, settings, device):
         classifier = load_exported(args.pretrained_classifier, device)
     teacher = None if args.teacher is None else load_checkpoint(args.teacher, device=device).eval()
     dataset = PairFolderDataset(pairs, args.crop, args.min_gain, args.dataset_balance)
+    raw = dataset.raw_count_pairs()
+    if raw:
+        print(f'{PROG}: warning: {len(raw)} of {len(pairs)} IR images are 16-bit but span less '
+              f'than {RAW_COUNTS_SPAN} of 0-65535 (raw camera counts?), so they train as nearly '
+              f'black images; stretch them to the full range first ({raw[0].ir_path}, ...)',
+              file=sys.stderr)
     trainer = Trainer(config, dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,

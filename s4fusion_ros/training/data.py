@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import torch
 
+from ..imaging.normalization import looks_like_raw_counts
+
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 IVIF_DATASET_FOLDERS = ('roadscene', 'tno', 'msrs', 'm3svd', 'm3fd')  # README, "Data"
 
@@ -458,6 +460,12 @@ class PairFolderDataset(torch.utils.data.Dataset):
         self.dataset_balance = dataset_balance
         self.pair_probabilities = self._pair_probabilities(self.pairs, dataset_balance)
         self._images = read_pair_images(self.pairs)
+
+    def raw_count_pairs(self):
+        """The pairs whose IR image looks like raw 16-bit camera counts: scaled by 1 / 65535,
+        as every 16-bit image is, they train as nearly black images."""
+        return [pair for pair, (ir, _) in zip(self.pairs, self._images)
+                if looks_like_raw_counts(ir)]
 
     @staticmethod
     def _pair_probabilities(pairs, balance):
