@@ -118,6 +118,8 @@ def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
     """
     wanted = set(topics)
     connections = [c for c in reader.connections if c.topic in wanted]
+    if not connections:  # rosbags reads an empty filter as none: every message
+        return
     try:
         for connection, log_time, raw in reader.messages(connections=connections, start=start,
                                                          stop=stop):

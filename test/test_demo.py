@@ -1,6 +1,7 @@
 """The README's main job: s4fusion-demo plays the shipped sample bag through the live node."""
 
 import re
+import shutil
 import subprocess
 
 import cv2
@@ -108,3 +109,41 @@ def test_the_demo_refuses_qos_overrides_of_the_outputs_it_records(tmp_path):
     assert ('the offline tools write the outputs with the QoS of qos.output.*; set those instead '
             'of qos_overrides./s4fusion_node/fused.publisher.reliability') in done.stderr
     assert 'Traceback' not in done.stderr
+
+
+def test_the_demo_never_replaces_its_own_input_bag(tmp_path):
+    # --bag OUT/fused_bag: the fused bag it writes would replace the recording (the demo then
+    # crashed on a bag without its topics, the recording gone).
+    from s4fusion_ros.ros.demo import sample_bag
+    out = tmp_path / 'demo'
+    shutil.copytree(sample_bag(), out / 'fused_bag')
+    before = {path: path.read_bytes() for path in (out / 'fused_bag').rglob('*')
+              if path.is_file()}
+    # The bag is the fused bag, or the fused bag would go inside it.
+    for bag, output_dir in ((out / 'fused_bag', out), (out / 'fused_bag', out / 'fused_bag')):
+        done = subprocess.run([str(DEMO), '--bag', str(bag), '--output-dir', str(output_dir)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert 'cannot be the input bag, hold it or lie inside it' in done.stderr
+        assert 'Traceback' not in done.stderr
+    assert {path: path.read_bytes() for path in (out / 'fused_bag').rglob('*')
+            if path.is_file()} == before
+
+
+def test_the_demo_exits_non_zero_when_the_bag_is_not_fused_to_its_end(tmp_path):
+    # Stopped at --timeout, its outputs hold only part of the bag: a script must see it.
+    out = tmp_path / 'demo'
+    done = subprocess.run([str(DEMO), '--output-dir', str(out), '--timeout', '1'],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'the bag was not fused to its end within --timeout 1 s' in done.stderr
+    assert 'stopped at the timeout' in (out / 'summary.txt').read_text()
+
+
+def test_reading_topics_a_bag_does_not_hold_gives_no_message():
+    # rosbags reads an empty connection filter as none at all.
+    from s4fusion_ros.bagio import read_messages
+    from s4fusion_ros.ros.demo import sample_bag
+    with open_bag(sample_bag()) as reader:
+        assert list(read_messages(reader, sample_bag(), ['/absent'])) == []
+        assert list(read_messages(reader, sample_bag(), ['/thermal/image_raw']))

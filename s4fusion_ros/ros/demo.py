@@ -33,7 +33,7 @@ from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image
                      open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import Key, number, per_input
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
-from ..files import write_png, write_text_atomically
+from ..files import resolved, write_png, write_text_atomically
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
 from ..model import CheckpointError
@@ -240,11 +240,16 @@ def node_params_file(args: argparse.Namespace, directory: pathlib.Path) -> pathl
     return path
 
 
-def run(args: argparse.Namespace) -> str:
-    """Run the chain; return the summary line."""
+def run(args: argparse.Namespace) -> tuple[str, bool]:
+    """Run the chain; return the summary line and whether the node caught up before --timeout."""
     started = time.monotonic()
     bag = args.bag or sample_bag()
     out_dir, logs = args.output_dir, args.output_dir / 'logs'
+    # The fused bag is replaced whole: an input that is it, holds it or lies inside it would go.
+    source, fused_bag = resolved(bag), resolved(out_dir / 'fused_bag')
+    if source.is_relative_to(fused_bag) or fused_bag.is_relative_to(source):
+        raise BagError(f'--bag {bag}: the demo writes {out_dir / "fused_bag"}, which cannot be '
+                       'the input bag, hold it or lie inside it; choose another --output-dir')
     logs.mkdir(parents=True, exist_ok=True)
     # Its recorder subscribes with the QoS of qos.output.*: a reliable recorder would hear
     # nothing from an output made best_effort by a publisher override, which is refused.
@@ -328,7 +333,7 @@ def run(args: argparse.Namespace) -> str:
         raise BagError(f'{error}; {missing}') from error
     print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {VIDEO} '
           f'({frames} frames) and summary.txt in {out_dir}', file=sys.stderr)
-    return line
+    return line, drained_ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,12 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_on_signals()
     try:
-        print(f'{PROG}: {run(args)}')
+        line, drained_ok = run(args)
+        print(f'{PROG}: {line}')
     except KeyboardInterrupt as stop:  # says what was written by then, if anything
-        print(f'\n{PROG}: interrupted; {stop or "no fused bag written"}', file=sys.stderr)
+        print(f'\n{PROG}: interrupted; {str(stop) or "no fused bag written"}', file=sys.stderr)
         return 130
     except (BagError, settings.SettingsError, OSError, CheckpointError, ValueError) as error:
         print(f'{PROG}: {error}', file=sys.stderr)  # ValueError: e.g. a device it does not have
+        return 1
+    if not drained_ok:  # the outputs hold only what was fused by then
+        print(f'{PROG}: the bag was not fused to its end within --timeout {args.timeout:g} s',
+              file=sys.stderr)
         return 1
     return 0
 
