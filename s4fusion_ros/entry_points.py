@@ -7,6 +7,7 @@ OpenCV.
 
 import importlib
 import os
+import signal
 import sys
 
 from .imaging.limits import MAX_PIXELS, MAX_SIDE
@@ -55,7 +56,22 @@ def configure_process() -> None:
 def _command(module: str):
     def main() -> int:
         configure_process()
-        return importlib.import_module(module).main()
+        # A stop signal while torch, OpenCV and rclpy load (a second or two) is noted and acted
+        # on once they are loaded: raised inside their C++ it gave a traceback or, from
+        # pybind11, an abort. As the tools' own stop_on_signals, also where a shell started the
+        # process with SIGINT ignored.
+        stopped = []
+        previous = {stop: signal.signal(stop, lambda signum, _frame: stopped.append(signum))
+                    for stop in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            tool = importlib.import_module(module)
+        finally:
+            for stop, handler in previous.items():
+                signal.signal(stop, handler)
+        if stopped:
+            print(f'\n{os.path.basename(sys.argv[0])}: interrupted', file=sys.stderr)
+            return 130
+        return tool.main()
     main.__doc__ = f'Run {module} in a process set up for it.'
     return main
 

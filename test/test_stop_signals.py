@@ -90,3 +90,37 @@ def test_a_task_half_built_by_the_stop_interrupt_is_collected_without_a_tracebac
         assert done.returncode == 0 and done.stdout == 'collected\n', done.stderr
         assert ("has no attribute '_exception'" in done.stderr) == reported, done.stderr
         assert "'Other' object has no attribute 'missing'" in done.stderr, done.stderr
+
+
+# A tool module whose import is interrupted: it sends itself the signal while it loads, as a
+# Ctrl-C during torch's and OpenCV's import does, then goes on loading.
+SLOW_IMPORT = '''
+import os, signal
+os.kill(os.getpid(), signal.{signal_name})
+loaded = sum(range(10 ** 5))  # still loading when Python runs the handler
+
+
+def main():
+    print('ran')
+    return 0
+'''
+ENTRY = '''
+import signal, sys
+sys.path.insert(0, {folder!r})
+if {ignored}:  # a shell starts background jobs so
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.argv[0] = 's4fusion-tool'
+from s4fusion_ros.entry_points import _command
+sys.exit(_command('slow_tool')())
+'''
+
+
+def test_a_stop_signal_while_a_tool_loads_ends_it_without_a_traceback(tmp_path):
+    for signal_name, ignored in (('SIGINT', False), ('SIGINT', True), ('SIGTERM', False)):
+        (tmp_path / 'slow_tool.py').write_text(SLOW_IMPORT.format(signal_name=signal_name))
+        done = subprocess.run([sys.executable, '-c', ENTRY.format(folder=str(tmp_path),
+                                                                  ignored=ignored)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 130, (signal_name, ignored, done.stdout, done.stderr)
+        assert done.stderr.strip() == 's4fusion-tool: interrupted'
+        assert 'ran' not in done.stdout
