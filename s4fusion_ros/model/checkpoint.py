@@ -4,6 +4,7 @@
 network (the config, its preset name, a format version) plus optional training information.
 """
 
+import hashlib
 import json
 import pathlib
 
@@ -29,6 +30,11 @@ class CheckpointError(RuntimeError):
 def config_path(weights_path):
     """The JSON config that belongs to a weights file (same name, ``.json``)."""
     return pathlib.Path(weights_path).with_suffix('.json')
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex): how records name a weights file or its JSON."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def shipped_weights(preset):

@@ -20,7 +20,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import hashlib
 import os
 import pathlib
 import pickle
@@ -42,7 +41,7 @@ from ..evaluation.seafusion import SeAFusion, published_image
 from ..files import check_writable_folder, write_png, write_text_atomically
 from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
-from ..model.checkpoint import read_config
+from ..model.checkpoint import file_sha256, read_config
 from ..runtime import default_preset, load_fusion_model, resolve_device
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_CLIP_GAP,
                              ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair, ivif_splits,
@@ -380,7 +379,7 @@ def weights_identity(config: OursConfig) -> str:
 
 
 def _digest(config: OursConfig) -> str:
-    return hashlib.sha256(config.weights.read_bytes()).hexdigest()[:16]
+    return file_sha256(config.weights)[:16]
 
 
 def _brief(value) -> str:

@@ -17,7 +17,6 @@ Example:
 import argparse
 import collections
 import dataclasses
-import hashlib
 import json
 import pathlib
 import sys
@@ -33,6 +32,7 @@ from ..files import check_writable_folder, resolved, write_png, write_text_atomi
 from ..imaging.normalization import looks_like_raw_counts
 from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
+from ..model.checkpoint import file_sha256
 from ..runtime import LoadedModel, load_fusion_model
 from ..training.data import Pair, luminance, match_pairs, read_image_file
 
@@ -216,7 +216,7 @@ def run_record(args: argparse.Namespace, loaded: LoadedModel) -> dict:
     """What the pixels of a run's outputs depend on. Not the device: CPU and CUDA differ in
     float rounding only."""
     weights = loaded.weights
-    record = {'weights_sha256': (hashlib.sha256(weights.read_bytes()).hexdigest()
+    record = {'weights_sha256': (file_sha256(weights)
                                  if weights is not None and loaded.trained else None),
               'model': dataclasses.asdict(loaded.model.config),
               'inference_size': args.inference_size,

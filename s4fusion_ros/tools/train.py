@@ -8,7 +8,6 @@ Examples:
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import pathlib
@@ -22,7 +21,7 @@ from ..cli import run_command
 from ..files import check_writable_folder
 from ..imaging.normalization import RAW_COUNTS_SPAN
 from ..model import S4FusionConfig
-from ..model.checkpoint import (STORAGE_DTYPES, CheckpointError, config_path,
+from ..model.checkpoint import (STORAGE_DTYPES, CheckpointError, config_path, file_sha256,
                                 load_checkpoint, read_config)
 from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
@@ -150,7 +149,7 @@ def deviation_note(features, classifier, data_note, teacher=None):
         # The JSON beside the teacher's tensors sets how it fuses (its gain, its stretch): one
         # set of tensors taught differently under two JSONs.
         meta, config = read_config(teacher)
-        tensors_digest, json_digest = (hashlib.sha256(path.read_bytes()).hexdigest()
+        tensors_digest, json_digest = (file_sha256(path)
                                        for path in (teacher, config_path(teacher)))
         notes.append(f'distilled from {teacher.name} (sha256 {tensors_digest}) run as its '
                      f'{config_path(teacher).name} says (sha256 {json_digest}: preset '

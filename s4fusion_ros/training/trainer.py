@@ -15,7 +15,6 @@ files cannot be replaced atomically together.
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import pathlib
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
-from ..model.checkpoint import read_config
+from ..model.checkpoint import file_sha256, read_config
 from .loss import complete_config as complete_loss_config
 
 STATE_NAME = 'train_state.pt'
@@ -208,7 +207,7 @@ class Trainer:
             raise ValueError(f'{path}: its configuration differs from the one being trained '
                              f'({self.config.preset_name() or "custom"}): {differing}')
         self.model.load_state_dict(load_checkpoint(path).state_dict())
-        return {'file': path.name, 'sha256': hashlib.sha256(path.read_bytes()).hexdigest(),
+        return {'file': path.name, 'sha256': file_sha256(path),
                 'training': meta.get('training')}
 
     @property
