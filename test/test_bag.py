@@ -256,14 +256,18 @@ def test_the_summary_says_why_messages_were_dropped(short_events, params_file, t
     # A thermal driver that leaves the stamps unset: nothing pairs, and the summary says why.
     unstamped = [(log_time, topic, 0 if topic == THERMAL_TOPIC else stamp, *rest)
                  for log_time, topic, stamp, *rest in short_events]
+    # A run that fuses nothing fails, for a script too, and writes no bag.
     source = write_bag(tmp_path / 'in', unstamped, 'mcap')
     assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params',
-                          str(params_file)]) == 0
+                          str(params_file)]) == 1
     error = capsys.readouterr().err
     thermal = sum(1 for event in short_events if event[1] == THERMAL_TOPIC)
     assert f'dropped: {thermal} ({thermal} unstamped)' in error
     assert f'warning: {thermal} thermal messages stamped 0 or less were dropped' in error
-    assert 'warning: no pair was fused' in error
+    assert (f'no pair was fused (the counts above say why); {tmp_path / "out"} was not written'
+            in error)
+    assert not (tmp_path / 'out').exists()
+    assert [path.name for path in tmp_path.iterdir()] == ['in']  # no staging left either
 
 
 def test_the_output_topics_offer_the_qos_of_the_parameters(short_events, tmp_path):
@@ -638,17 +642,18 @@ def test_a_staging_directory_swept_before_its_writer_held_it_is_replaced(tmp_pat
         assert [c.topic for c in reader.connections] == ['/fused']
 
 
-def test_a_bag_without_pairs_leaves_no_earlier_video_behind(short_events, params_file, tmp_path,
-                                                            capsys):
-    # Visible stamps 10 s after the thermal ones: nothing pairs, so no video is made, and with
-    # --overwrite an earlier video must not pass for this run's.
+def test_a_bag_without_pairs_fails_and_replaces_nothing(short_events, params_file, tmp_path,
+                                                        capsys):
+    # Visible stamps 10 s after the thermal ones: nothing pairs, so the run fails and, as any
+    # failed run, replaces nothing, even with --overwrite.
     events = [(log, topic, stamp + (10 * 10**9 if topic == VISIBLE_TOPIC else 0), *rest)
               for log, topic, stamp, *rest in short_events]
     source = write_bag(tmp_path / 'in', events, 'mcap')
     video = tmp_path / 'fused.mp4'
     video.write_bytes(b'an earlier video')
     assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
-                          '--export-video', str(video), '--overwrite']) == 0
+                          '--export-video', str(video), '--overwrite']) == 1
     error = capsys.readouterr().err
-    assert 'fused 0 pairs' in error and 'no video: no pair was fused' in error
-    assert not video.exists()
+    assert 'fused 0 pairs' in error and 'no pair was fused' in error
+    assert video.read_bytes() == b'an earlier video'
+    assert not (tmp_path / 'out').exists()

@@ -16,7 +16,8 @@ parameter file is for), offered with the QoS of qos.output.*, logged at
 the time the pair was decided (the log time of the message that completed it, or of the last
 message for the pairs decided at the end of the bag), on the input's timeline, and with
 --include-inputs the input topics as recorded. It is written under a temporary name and renamed
-when complete: an interrupted or failed run leaves nothing under the output name.
+when complete: an interrupted or failed run, or one that fused no pair, leaves nothing under the
+output name.
 """
 
 import argparse
@@ -370,33 +371,35 @@ def run(args: argparse.Namespace) -> None:
             fuser.run(reader, args.input, thermal, visible, writer,
                       (args.fused_topic, args.saliency_topic), args.include_inputs,
                       qos=output_qos_of(values))
+            if not fuser.counts.fused:  # a failed run for a script too: nothing is written
+                print_summary(args, fuser, time.monotonic() - started)
+                raise BagError(f'no pair was fused (the counts above say why); {args.output} '
+                               f'was not written')
     print_summary(args, fuser, time.monotonic() - started)
 
 
 def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> None:
-    """One paragraph: what was read, paired, fused and written."""
+    """One paragraph: what was read, paired, fused and (when a pair was) written."""
     counts, stats, video = fuser.counts, fuser.pipeline.synchronizer.stats, fuser.video
-    if video is None:
+    if not counts.fused:
         written = ''
-    elif video.frames:
-        written = f' and {args.export_video} ({video.frames} frames at {video.fps:.1f} frames/s)'
+    elif video is None:
+        written = f'; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB)'
     else:
-        written = '; no video: no pair was fused'
+        written = (f'; wrote {args.output} ({bag_size(args.output) / 1e6:.1f} MB) and '
+                   f'{args.export_video} ({video.frames} frames at {video.fps:.1f} frames/s)')
     reasons = {reason: count for reason, count in fuser.dropped_by_reason().items() if count}
     why = f' ({", ".join(f"{count} {reason}" for reason, count in reasons.items())})'
     print(f'{PROG}: fused {counts.fused} pairs from {counts.read["thermal"]} thermal + '
           f'{counts.read["visible"]} visible messages in {seconds:.1f} s '
           f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s); unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
-          f'{fuser.dropped()}{why if reasons else ""}; wrote {args.output} '
-          f'({bag_size(args.output) / 1e6:.1f} MB)' + written, file=sys.stderr)
+          f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
     for role in ('thermal', 'visible'):
         unstamped = getattr(stats, f'{role}_rejected')
         if unstamped:
             print(f'{PROG}: warning: {unstamped} {role} messages stamped 0 or less were dropped: '
                   'pairing is by header stamp, which their driver left unset', file=sys.stderr)
-    if not counts.fused:
-        print(f'{PROG}: warning: no pair was fused', file=sys.stderr)
 
 
 def untouched(args: argparse.Namespace) -> str:
@@ -409,7 +412,8 @@ def untouched(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; exit code 0 on success, 1 on an error, 130 when interrupted."""
+    """Console entry point; exit code 0 on success, 1 on an error or when no pair was fused, 130
+    when interrupted."""
     args = parse_args(argv)
     stop_on_signals()
     try:
