@@ -147,3 +147,22 @@ def test_reading_topics_a_bag_does_not_hold_gives_no_message():
     with open_bag(sample_bag()) as reader:
         assert list(read_messages(reader, sample_bag(), ['/absent'])) == []
         assert list(read_messages(reader, sample_bag(), ['/thermal/image_raw']))
+
+
+def test_the_summary_names_frames_dropped_before_pairing():
+    # Late, overflowed, badly stamped and undecodable frames never reach a pair: the summary
+    # names each per input, and leaves out what is 0 or not reported (message_filters).
+    from s4fusion_ros.diagnostics import NOT_REPORTED
+    from s4fusion_ros.ros.demo import summary_line
+    status = {'pairs': '10', 'pairs fused': '9', 'pairs dropped (inference busy)': '0',
+              'thermal received': '14', 'visible received': '12', 'thermal unpaired': '0',
+              'visible unpaired': '1', 'thermal late': '2', 'visible late': '0',
+              'thermal overflow': '0', 'visible overflow': '0',
+              'thermal rejected (bad stamp)': '1', 'visible rejected (bad stamp)': NOT_REPORTED,
+              'thermal rejected (bad message)': '0', 'visible rejected (bad message)': '3'}
+    line = summary_line(status, 9, 5.0, True, 1.0, 0.1)
+    assert ('(unpaired: 0 thermal, 1 visible); frames dropped before pairing: 2 thermal late, '
+            '1 thermal bad stamp, 3 visible bad message; end-to-end latency') in line
+    clean = {**status, 'thermal late': '0', 'thermal rejected (bad stamp)': '0',
+             'visible rejected (bad message)': '0'}
+    assert 'visible); end-to-end latency' in summary_line(clean, 9, 5.0, True, 1.0, 0.1)
