@@ -917,6 +917,20 @@ def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsy
                        str(not_a_network)]) == 1
     assert f'{not_a_network}: not a network saved with torch.export.save' in (
         capsys.readouterr().err)
+    # Networks of the wrong shape: refused before training, not at step 1 with a traceback.
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    rgb_path = tmp_path / 'rgb.pt2'
+    torch.export.save(torch.export.export(rgb, (torch.rand(2, 3, 25, 25),)), str(rgb_path))
+    features = export(Features(SmallCNN()), tmp_path / 'f.pt2')
+    for option, path, expected in (
+            ('--pretrained-features', rgb_path, 'the features network does not take the '
+             'training batch (1, 1, 25, 25) (B, 1, crop, crop): Guard failed'),
+            ('--pretrained-classifier', features, 'the classifier network must return (B, K) '
+             'logits for a batch of 1; it returned [\'list\']')):
+        assert train_main([*common, '--out', str(tmp_path / 'k'), option, str(path)]) == 1
+        error = capsys.readouterr().err
+        assert f'{path}: {expected}' in error and 'Traceback' not in error
+        assert not (tmp_path / 'k').exists()
     assert train_main([*common, '--out', str(tmp_path / 'h'), '--stop-at', '1']) == 0
     state = tmp_path / 'h' / 'train_state.pt'
     whole = state.read_bytes()

@@ -277,10 +277,11 @@ def build_trainer(args, config, settings, device):
     data_note = training_data_note(args.data)
     pairs = training_pairs(args.data)
     features = classifier = None
+    batch_shape = (args.batch_size, 1, args.crop, args.crop)
     if args.pretrained_features is not None:
-        features = load_exported(args.pretrained_features, device)
+        features = load_exported(args.pretrained_features, device, 'features', batch_shape)
     if args.pretrained_classifier is not None:
-        classifier = load_exported(args.pretrained_classifier, device)
+        classifier = load_exported(args.pretrained_classifier, device, 'classifier', batch_shape)
     teacher = None if args.teacher is None else load_checkpoint(args.teacher, device=device).eval()
     dataset = PairFolderDataset(pairs, args.crop, args.min_gain, args.dataset_balance)
     raw = dataset.raw_count_pairs()

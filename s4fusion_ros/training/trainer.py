@@ -103,20 +103,48 @@ def lr_factor(step, warmup, total, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def load_exported(path, device):
+def load_exported(path, device, role='features', batch_shape=None):
     """A network saved with ``torch.export.save`` (a .pt2 file), frozen, on ``device``.
 
     This is how pretrained feature extractors and classifiers reach the loss without this package
     depending on torchvision or their weights. Export the network in eval mode, taking (B, 1, H, W)
     luminance in [0, 1] (the wrapper does any channel repeat and normalisation), with dynamic batch
-    and spatial dimensions or exactly the training batch and crop.
+    and spatial dimensions or exactly the training batch and crop. With ``batch_shape`` (B, 1, H,
+    W) it is run once on zeros of that shape and refused unless it returns what its ``role``
+    needs: (B, C, h, w) feature maps (one tensor or a list) or (B, K) 'classifier' logits, so a
+    wrong network fails here with its path named, not inside the first training step.
     """
     try:
         module = torch.export.load(str(path)).module()
     except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise ValueError(f'{path}: not a network saved with torch.export.save '
                          f'({error})') from error
-    return module.to(device).requires_grad_(False)
+    module = module.to(device).requires_grad_(False)
+    if batch_shape is not None:
+        _check_exported(module, path, device, role, tuple(batch_shape))
+    return module
+
+
+def _check_exported(module, path, device, role, batch_shape):
+    """Refuse an exported network that cannot serve as `role` on `batch_shape` inputs."""
+    wanted = ('(B, K) logits' if role == 'classifier'
+              else 'a (B, C, h, w) feature map or a list of them')
+    try:
+        with torch.no_grad():
+            output = module(torch.zeros(batch_shape, device=device))
+    # An exported program's shape guards fail with AssertionError, its operators with others.
+    except (AssertionError, RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise ValueError(f'{path}: the {role} network does not take the training batch '
+                         f'{batch_shape} (B, 1, crop, crop): {error}') from None
+    outputs = (list(output) if isinstance(output, (list, tuple)) and role != 'classifier'
+               else [output])
+    ndim = 2 if role == 'classifier' else 4
+    if not outputs or not all(torch.is_tensor(out) and out.ndim == ndim
+                              and out.shape[0] == batch_shape[0] for out in outputs):
+        got = [tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+               for out in outputs]
+        raise ValueError(f'{path}: the {role} network must return {wanted} for a batch of '
+                         f'{batch_shape[0]}; it returned {got}')
 
 
 def seed_everything(seed):
