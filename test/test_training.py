@@ -287,6 +287,18 @@ def test_a_folder_of_datasets_named_like_the_ivif_ones_is_read_as_datasets(tmp_p
     assert data_layout(ivif_dir) == 'ivif'
 
 
+def test_subfolders_a_folder_of_datasets_does_not_read_are_named(tmp_path, pair_folder, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(pair_folder, data / 'day')
+    shutil.copytree(pair_folder / 'ir', data / 'night' / 'IR')  # misspelt: not read
+    (data / '.cache').mkdir()
+    assert train_main(['--data', str(data), '--out', str(tmp_path / 'run'), '--steps', '1',
+                       '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads',
+                       '1', '--no-progress']) == 0
+    assert (f'warning: 1 subfolder(s) of {data} hold no ir/ and vi/ and are not read: night\n'
+            in capsys.readouterr().err)
+
+
 def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
     image = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     image = image[200:220, 300:330]  # 20 x 30, with structure

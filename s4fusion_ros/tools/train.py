@@ -25,7 +25,8 @@ from ..model.checkpoint import (STORAGE_DTYPES, CheckpointError, config_path, fi
                                 load_checkpoint, read_config)
 from ..model.s4fusion import BASE_ENHANCEMENTS, BASES
 from ..runtime import DeviceError, resolve_device
-from ..training.data import PairFolderDataset, training_data_note, training_pairs
+from ..training.data import (PairFolderDataset, training_data_note, training_pairs,
+                             unread_subfolders)
 from ..training.loss import TEACHER_EDGES, S4FusionLoss, teacher_error
 from ..training.trainer import (Trainer, TrainSettings, check_new_run, load_exported,
                                 weights_path)
@@ -276,6 +277,10 @@ def build_trainer(args, config, settings, device):
     check_writable_folder(args.out)
     data_note = training_data_note(args.data)
     pairs = training_pairs(args.data)
+    unread = unread_subfolders(args.data)
+    if unread:
+        print(f'{PROG}: warning: {len(unread)} subfolder(s) of {args.data} hold no ir/ and vi/ '
+              f'and are not read: {", ".join(p.name for p in unread[:10])}', file=sys.stderr)
     features = classifier = None
     batch_shape = (args.batch_size, 1, args.crop, args.crop)
     if args.pretrained_features is not None:

@@ -333,6 +333,17 @@ def training_pairs(folder):
     return tuple(pair for dataset in datasets for pair in pairs_in_folder(dataset))
 
 
+def unread_subfolders(folder):
+    """The subfolders ``training_pairs`` leaves out of a folder of datasets (no ir/ in them: a
+    misspelt IR/ or a level too deep), so that the trainer can name them; none for the other
+    layouts."""
+    folder = pathlib.Path(folder)
+    if data_layout(folder) != 'datasets':
+        return []
+    return sorted(p for p in folder.glob('*')
+                  if p.is_dir() and not p.name.startswith('.') and not (p / 'ir').is_dir())
+
+
 def m3svd_clip(pair):
     """The M3SVD clip a pair comes from: its video, or the ``<clip>`` of ``<clip>_<frame>.png``."""
     return pair.ir_path.stem if pair.frame is not None else pair.name.rsplit('_', 1)[0]
