@@ -131,13 +131,26 @@ def test_the_demo_never_replaces_its_own_input_bag(tmp_path):
 
 
 def test_the_demo_exits_non_zero_when_the_bag_is_not_fused_to_its_end(tmp_path):
-    # Stopped at --timeout, its outputs hold only part of the bag: a script must see it.
+    # Stopped at --timeout, it would hold only part of the bag: it fails, says so, writes
+    # nothing and leaves an earlier run's outputs as they were.
+    from s4fusion_ros.bagio import add_image_topic, create_bag
     out = tmp_path / 'demo'
+    out.mkdir()
+    with create_bag(out / 'fused_bag', 'mcap') as writer:
+        add_image_topic(writer, '/earlier')
+    earlier = {name: f'an earlier {name}'.encode() for name in
+               ('summary.txt', 'demo.mp4', 'preview_0.png')}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
     done = subprocess.run([str(DEMO), '--output-dir', str(out), '--timeout', '1'],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert 'the bag was not fused to its end within --timeout 1 s' in done.stderr
-    assert 'stopped at the timeout' in (out / 'summary.txt').read_text()
+    assert (f'the bag was not fused to its end within --timeout 1 s; nothing was written in '
+            f'{out} (the outputs of an earlier run there stay)') in done.stderr
+    assert 'stopped at the timeout' in done.stderr and 'nan' not in done.stderr
+    assert all((out / name).read_bytes() == data for name, data in earlier.items())
+    with open_bag(out / 'fused_bag') as reader:
+        assert [connection.topic for connection in reader.connections] == ['/earlier']
 
 
 def test_reading_topics_a_bag_does_not_hold_gives_no_message():
@@ -166,3 +179,7 @@ def test_the_summary_names_frames_dropped_before_pairing():
     clean = {**status, 'thermal late': '0', 'thermal rejected (bad stamp)': '0',
              'visible rejected (bad message)': '0'}
     assert 'visible); end-to-end latency' in summary_line(clean, 9, 5.0, True, 1.0, 0.1)
+    # Before the node's first diagnostics nothing is known: n/a, not nan.
+    line = summary_line({}, 0, 1.0, False, 1.0, 0.1)
+    assert line.startswith('0 pairs fused of n/a paired (n/a dropped while inference was busy: '
+                           'inference took n/a mean') and 'nan' not in line

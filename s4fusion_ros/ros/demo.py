@@ -12,6 +12,7 @@ the thermal camera; the summary says at what rate, and how many pairs were dropp
 """
 
 import argparse
+import math
 import os
 import pathlib
 import subprocess
@@ -219,24 +220,29 @@ def summary_line(status: dict, fused: int, seconds: float, drained_ok: bool, rat
     def value(key: Key) -> float:
         return number(status, key)
 
+    def count(key: Key) -> str:  # 'n/a' before the node's first diagnostics
+        return 'n/a' if math.isnan(value(key)) else f'{value(key):.0f}'
+
+    def ms(key: Key) -> str:  # 'n/a' before the first pair
+        return 'n/a' if math.isnan(value(key)) else f'{value(key) * 1e3:.0f} ms'
+
     # NaN (not reported, as under sync.backend message_filters) is left out with the zeros.
-    rejected = [f'{count:.0f} {role} {reason}' for role in ROLES for reason, key in REJECTIONS
-                if (count := value(per_input(role, key))) > 0]
+    rejected = [f'{count(per_input(role, key))} {role} {reason}' for role in ROLES
+                for reason, key in REJECTIONS if value(per_input(role, key)) > 0]
     state = '' if drained_ok else ' (stopped at the timeout before the node had caught up)'
-    dropped = value(Key.PAIRS_DROPPED)
     why = ('the node fuses the newest pair and drops those that arrive while the model runs; '
-           if dropped else '')
-    return (f'{fused} pairs fused of {value(Key.PAIRS):.0f} paired '
-            f'({dropped:.0f} dropped while inference was busy: {why}inference took '
-            f'{value(Key.INFERENCE_LATENCY_MEAN) * 1e3:.0f} ms mean against a thermal frame '
+           if value(Key.PAIRS_DROPPED) > 0 else '')
+    return (f'{fused} pairs fused of {count(Key.PAIRS)} paired '
+            f'({count(Key.PAIRS_DROPPED)} dropped while inference was busy: {why}inference took '
+            f'{ms(Key.INFERENCE_LATENCY_MEAN)} mean against a thermal frame '
             f'every {period_s / rate * 1e3:.0f} ms at playback rate {rate:g}) '
-            f'from {value(Key.THERMAL_RECEIVED):.0f} thermal + '
-            f'{value(Key.VISIBLE_RECEIVED):.0f} visible frames (unpaired: '
-            f'{value(Key.THERMAL_UNPAIRED):.0f} thermal, {value(Key.VISIBLE_UNPAIRED):.0f} '
+            f'from {count(Key.THERMAL_RECEIVED)} thermal + '
+            f'{count(Key.VISIBLE_RECEIVED)} visible frames (unpaired: '
+            f'{count(Key.THERMAL_UNPAIRED)} thermal, {count(Key.VISIBLE_UNPAIRED)} '
             f'visible)' + (f'; frames dropped before pairing: {", ".join(rejected)}'
                            if rejected else '') +
             f'; end-to-end latency '
-            f'{value(Key.END_TO_END_LATENCY_MEAN) * 1e3:.0f} ms mean (sim time); device '
+            f'{ms(Key.END_TO_END_LATENCY_MEAN)} mean (sim time); device '
             f'{status.get(Key.DEVICE, "?")} ({status.get(Key.MODEL, "?")}); '
             f'{seconds:.0f} s wall{state}')
 
@@ -251,8 +257,13 @@ def node_params_file(args: argparse.Namespace, directory: pathlib.Path) -> pathl
     return path
 
 
-def run(args: argparse.Namespace) -> tuple[str, bool]:
-    """Run the chain; return the summary line and whether the node caught up before --timeout."""
+class StoppedAtTimeout(Exception):
+    """The node had not fused the whole bag by --timeout; the summary line so far."""
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run the chain; return the summary line. Raises StoppedAtTimeout, with nothing written,
+    when the node has not fused the whole bag by --timeout."""
     started = time.monotonic()
     bag = args.bag or sample_bag()
     out_dir, logs = args.output_dir, args.output_dir / 'logs'
@@ -321,7 +332,11 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                 if process.poll() is not None:
                     raise BagError(f'the {name} exited early:\n{tail(logs / f"{name}.log")}')
             drained_ok = drained_ok and drained(monitor, recorder, expected, done_after)
-        fused = recorder.counts[OUTPUT_TOPICS[0]]
+            fused = recorder.counts[OUTPUT_TOPICS[0]]
+            if not drained_ok:  # a partial bag is discarded: an earlier run's outputs stay
+                raise StoppedAtTimeout(summary_line(
+                    monitor.status, fused, time.monotonic() - started, drained_ok, rate,
+                    thermal_period(span_s, thermal.count)))
     finally:
         stop(player)
         stop(node_process)
@@ -342,9 +357,10 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         raise KeyboardInterrupt(missing) from None
     except (BagError, OSError, ValueError) as error:
         raise BagError(f'{error}; {missing}') from error
-    print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {VIDEO} '
-          f'({frames} frames) and summary.txt in {out_dir}', file=sys.stderr)
-    return line, drained_ok
+    video = f'{VIDEO} ({frames} frames)' if frames else 'no video (no pair was fused)'
+    print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {video} and '
+          f'summary.txt in {out_dir}', file=sys.stderr)
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,17 +368,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_on_signals()
     try:
-        line, drained_ok = run(args)
-        print(f'{PROG}: {line}')
+        print(f'{PROG}: {run(args)}')
+    except StoppedAtTimeout as stopped:  # outputs holding part of the bag would pass for whole
+        print(f'{PROG}: {stopped}\n{PROG}: the bag was not fused to its end within --timeout '
+              f'{args.timeout:g} s; nothing was written in {args.output_dir} (the outputs of an '
+              'earlier run there stay)', file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:  # says what was written by then, if anything
         print(f'\n{PROG}: interrupted; {str(stop) or "no fused bag written"}', file=sys.stderr)
         return 130
     except (BagError, settings.SettingsError, OSError, CheckpointError, ValueError) as error:
         print(f'{PROG}: {error}', file=sys.stderr)  # ValueError: e.g. a device it does not have
-        return 1
-    if not drained_ok:  # the outputs hold only what was fused by then
-        print(f'{PROG}: the bag was not fused to its end within --timeout {args.timeout:g} s',
-              file=sys.stderr)
         return 1
     return 0
 
