@@ -6,11 +6,13 @@ own process from its console entry point, as launch starts it.
 """
 
 import signal
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
+from paths import executable
 from ros_harness import Probe, image_message, node_log, running_node
 
 pytestmark = pytest.mark.ros
@@ -104,3 +106,16 @@ def test_a_start_up_error_is_one_line_and_exit_code_1():
     log = node_log(proc)
     assert code == 1, log
     assert 'Traceback' not in log and 'model.preset' in log, log
+
+
+def test_help_prints_the_usage_and_stray_arguments_are_refused():
+    # rclpy ignores arguments before --ros-args: --help would start the node, and a parameter
+    # given without --ros-args would be dropped silently.
+    node = str(executable('s4fusion_node'))
+    shown = subprocess.run([node, '--help'], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith('usage: s4fusion_node [-h]')
+    assert '--ros-args --params-file config/s4fusion.yaml' in shown.stdout
+    stray = subprocess.run([node, '-p', 'device:=cpu', '--ros-args', '-p', 'device:=cpu'],
+                           capture_output=True, text=True, timeout=60)
+    assert stray.returncode == 2
+    assert stray.stderr.startswith('s4fusion_node: unrecognized arguments: -p device:=cpu\n')

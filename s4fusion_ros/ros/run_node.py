@@ -17,6 +17,27 @@ from ..entry_points import configure_process
 
 PROG = 's4fusion_node'
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+USAGE = f"""usage: {PROG} [-h] [--ros-args ...]
+
+The S4Fusion node: pairs thermal/image_raw with visible/image_raw by header stamp, fuses each
+pair and publishes ~/fused and ~/saliency (sensor_msgs/Image) and /diagnostics. It takes ROS
+arguments only, after --ros-args:
+
+  {PROG} --ros-args --params-file config/s4fusion.yaml -p device:=cpu -r __ns:=/robot
+  ros2 launch s4fusion_ros s4fusion.launch.py
+
+Parameters, topics and QoS: config/s4fusion.yaml and docs/node.md of the package."""
+
+
+def command_line_help(argv: list[str]) -> str | None:
+    """What to print instead of starting: the usage for -h/--help before --ros-args, a note
+    for any other argument there (rclpy would ignore it silently); None when there is none."""
+    own = argv[:argv.index('--ros-args')] if '--ros-args' in argv else argv
+    if {'-h', '--help'} & set(own):
+        return USAGE
+    if own:
+        return f'{PROG}: unrecognized arguments: {" ".join(own)}\n{USAGE}'
+    return None
 
 
 class StopSignals:
@@ -71,6 +92,11 @@ class StopSignals:
 
 def main(args=None) -> int:
     """Start the node and spin until a stop signal or a ROS shutdown; return the exit code."""
+    text = command_line_help(sys.argv[1:] if args is None else list(args[1:]))
+    if text is not None:
+        asked = text is USAGE
+        print(text, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     stop = StopSignals()
     node = None
     code, worker_alive = 0, False
