@@ -154,3 +154,26 @@ def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_err
                             text=True, timeout=60)
     assert looped.returncode == 1 and 'nothing to loop' in looped.stderr
     assert 'warning' not in looped.stderr
+
+
+def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
+    # A reliable subscriber never matches a best-effort publisher: "no subscriber" alone would
+    # send the user looking for a node that is there.
+    bag = sample_bag()
+    with open_bag(bag) as reader:
+        thermal, visible = pick_topics(image_topics(reader, bag), bag)
+    rclpy.init()
+    try:
+        node = rclpy.create_node('reliable_listener', namespace=NAMESPACE)
+        subscribe(node, {f'{NAMESPACE}/thermal': thermal.msgtype}, [])
+        done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '3', '--best-effort',
+                               '--topics', thermal.topic, '--remap',
+                               f'{thermal.topic}:={NAMESPACE}/thermal'],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert (f'{NAMESPACE}/thermal: {NAMESPACE}/reliable_listener subscribes with a QoS the '
+                "player does not offer: reliability reliable against the player's best_effort "
+                '(drop --best-effort)\n') in done.stderr, done.stderr
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()

@@ -27,7 +27,7 @@ from rclpy.exceptions import (InvalidNamespaceException, InvalidNodeNameExceptio
                               InvalidTopicNameException)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node, NodeNameNonExistentError
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.validate_namespace import validate_namespace
 from rclpy.validate_node_name import validate_node_name
@@ -169,7 +169,33 @@ class BagPlayer:
             who = self.args.wait_for or 'subscriber'
             print(f'{PROG}: no {who} on {", ".join(lonely)} after {self.args.wait:g} s; playing '
                   'anyway', file=sys.stderr)
+            for line in self._incompatible(lonely):
+                print(f'{PROG}: {line}', file=sys.stderr)
         time.sleep(DISCOVERY_SETTLE_S)
+
+    def _incompatible(self, topics: list[str]) -> list[str]:
+        """Subscribers on `topics` that the player's reliability or durability keeps apart:
+        a reliable one hears no --best-effort publisher, a transient-local one no volatile one.
+        (The graph reports their deadlines and leases as finite, so rclpy's whole-profile check
+        would find mismatches where there are none.)"""
+        played = {p.topic_name: p.qos_profile for p in self.publishers.values()}
+        lines = []
+        for topic in topics:
+            for info in self.node.get_subscriptions_info_by_topic(topic):
+                wanted, offered = info.qos_profile, played[topic]
+                reasons = [f'{name} {asked.name.lower()} against the player\'s '
+                           f'{given.name.lower()}{hint}'
+                           for name, asked, given, bad, hint in (
+                               ('reliability', wanted.reliability, offered.reliability,
+                                ReliabilityPolicy.RELIABLE, ' (drop --best-effort)'),
+                               ('durability', wanted.durability, offered.durability,
+                                DurabilityPolicy.TRANSIENT_LOCAL, ''))
+                           if asked == bad and given != bad]
+                if reasons:
+                    lines.append(f'{topic}: {info.node_namespace.rstrip("/")}/{info.node_name} '
+                                 f'subscribes with a QoS the player does not offer: '
+                                 f'{", ".join(reasons)}')
+        return lines
 
     def _lonely(self) -> list[str]:
         """Played topic names still without a matched subscriber: every one, or with --wait-for
