@@ -98,6 +98,10 @@ class SyncStats:
     thermal_unconfirmed: int = 0
     visible_unconfirmed: int = 0
     resets: int = 0  # backwards clock jumps
+    # Not a count: thermal minus visible key (offsets applied) of the last thermal frame left
+    # unpaired and the visible frame nearest to it (None: none was buffered). Cameras stamping
+    # on clocks that differ by more than slop show here as a steady gap.
+    last_unpaired_gap_ns: Optional[int] = None
 
     @property
     def taken(self) -> int:
@@ -106,6 +110,17 @@ class SyncStats:
         return (self.thermal_received + self.visible_received - self.thermal_late
                 - self.visible_late - self.thermal_rejected - self.visible_rejected
                 - self.thermal_unconfirmed - self.visible_unconfirmed)
+
+
+def unpaired_hint(stats: SyncStats, slop_s: float, thermal_offset_s: float) -> str:
+    """What the stamps tell about thermal frames that found no partner ('' where nothing):
+    the gap to the nearest visible frame and the sync.thermal_offset that would close it."""
+    gap = stats.last_unpaired_gap_ns
+    if gap is None:
+        return ''
+    return (f'the last unpaired thermal frame was stamped {gap / 1e9:+.3f} s from the nearest '
+            f'visible frame (sync.slop {slop_s:g} s); if the cameras stamp on clocks that '
+            f'differ, sync.thermal_offset {thermal_offset_s - gap / 1e9:.3f} pairs them')
 
 
 class _Frame(NamedTuple):
@@ -197,6 +212,7 @@ class PairSynchronizer:
         self._floor: Optional[int] = None  # thermal frames still to come have keys above this
         self._pairs = 0
         self._resets = 0
+        self._last_unpaired_gap = None
         self._lock = threading.Lock()
 
     @property
@@ -266,7 +282,7 @@ class PairSynchronizer:
                 visible_pending=len(visible.frames) + (visible.held is not None),
                 thermal_unconfirmed=thermal.unconfirmed(self._reset_threshold),
                 visible_unconfirmed=visible.unconfirmed(self._reset_threshold),
-                resets=self._resets)
+                resets=self._resets, last_unpaired_gap_ns=self._last_unpaired_gap)
 
     def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
         """Buffer one frame unless rejected or late; return pairs flushed by a clock jump."""
@@ -389,10 +405,12 @@ class PairSynchronizer:
         for index in (after - 1, after):  # the earlier candidate first: it wins ties
             if 0 <= index < len(visible):
                 distance = abs(visible[index].key - frame.key)
-                if distance <= self._slop and (best is None or distance < best[1]):
+                if best is None or distance < best[1]:
                     best = index, distance
-        if best is None:
+        if best is None or best[1] > self._slop:
             self._thermal.unpaired += 1
+            if best is not None:
+                self._last_unpaired_gap = frame.key - visible[best[0]].key
             return []
         partner = visible[best[0]]
         # Visible frames older than the partner can no longer pair: pairs stay monotonic.

@@ -8,6 +8,7 @@ received == pairs + unpaired + late + overflow + rejected (bad stamp) + pending.
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -329,6 +330,31 @@ def test_diagnostics_warn_while_inputs_arrive_and_nothing_is_fused(node):
     assert node.level == DiagnosticStatus.WARN, node.message
     assert 'no pair was fused' in node.message
     assert 'visible rejected (bad message)' in node.message
+    node.fuse()
+    node.counts()
+    assert node.level == DiagnosticStatus.OK, node.message
+
+
+def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stamps(node):
+    # Bad messages while fusing, then cameras whose clocks differ by 0.1 s (slop 0.05 s): the
+    # warning names the unpaired frames, not the old bad messages, and the offset that pairs.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node.publish('visible', compressed(b'\xff\xd8\xff\xe0' + bytes(100), node.now()))
+    node.fuse()
+    node.counts()
+    end = time.monotonic() + 6.0  # past the fused rate's 5 s window
+    while time.monotonic() < end:
+        stamp = node.now()
+        node.publish_pair(stamp, thermal=image(THERMAL, 'mono16', stamp + 100_000_000))
+        node.probe.spin_for(0.1)
+    node.counts()
+    assert node.level == DiagnosticStatus.WARN, node.message
+    assert re.search(r'since pairs were last fused: .*thermal unpaired: \+\d+', node.message)
+    assert 'rejected (bad message)' not in node.message, node.message
+    assert ('the last unpaired thermal frame was stamped +0.100 s from the nearest visible '
+            'frame (sync.slop 0.05 s); if the cameras stamp on clocks that differ, '
+            'sync.thermal_offset -0.100 pairs them') in node.message, node.message
+    assert node.log_lines('no pair fused lately: the last unpaired thermal frame'), node.log()
     node.fuse()
     node.counts()
     assert node.level == DiagnosticStatus.OK, node.message

@@ -6,7 +6,7 @@ import random
 from hypothesis import assume, given, settings, strategies as st
 import pytest
 
-from s4fusion_ros.sync import Pair, PairSynchronizer, SyncStats
+from s4fusion_ros.sync import Pair, PairSynchronizer, SyncStats, unpaired_hint
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -641,3 +641,24 @@ def test_stats_snapshot_is_frozen():
     assert stats.thermal_received == 0 and sync.stats.thermal_received == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.pairs = 3
+
+
+def test_the_gap_of_the_last_unpaired_thermal_frame_gives_the_offset_that_pairs():
+    # Thermal stamped 0.2 s after visible on another clock: nothing pairs within 50 ms slop;
+    # the gap says so, and the offset it suggests pairs every frame.
+    def run(thermal_offset):
+        sync = PairSynchronizer(slop=0.05, queue_size=50, thermal_offset=thermal_offset)
+        pairs = []
+        for index in range(20):
+            stamp = 1_000_000_000 + index * 500_000_000
+            pairs += sync.add_visible(stamp, index)
+            pairs += sync.add_thermal(stamp + 200_000_000, index)
+        return sync, pairs + sync.flush()
+
+    sync, pairs = run(0.0)
+    assert not pairs and sync.stats.last_unpaired_gap_ns == 200_000_000
+    hint = unpaired_hint(sync.stats, 0.05, 0.0)
+    assert hint.endswith('sync.thermal_offset -0.200 pairs them')
+    sync, pairs = run(-0.2)
+    assert len(pairs) == 20 and sync.stats.last_unpaired_gap_ns is None
+    assert unpaired_hint(sync.stats, 0.05, -0.2) == ''

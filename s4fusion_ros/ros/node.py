@@ -30,6 +30,7 @@ from ..engine import (FusionEngine, FusionResult, fusion_settings, normalizer_se
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import LatencyStats, RateMeter
+from ..sync import unpaired_hint
 from ..worker import InferenceWorker
 from . import parameters
 from .images import raw_image_message
@@ -97,6 +98,8 @@ class S4FusionNode(Node):
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
         self.resets_logged = 0  # synchronizer resets (backward clock jumps) logged so far
         self.worker_failures_logged = 0
+        # The counts while pairs were last being fused: a stall's causes are what grew since.
+        self.counts_while_fusing = {}
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
@@ -426,17 +429,30 @@ class S4FusionNode(Node):
         elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
             level, message = DiagnosticStatus.WARN, 'waiting for both inputs'
         elif not self.fused_rate.recent():
-            # Both inputs arrive and nothing comes out: say where the pairs went.
-            causes = [f'{key}: {values[key]}' for key in (
+            # Both inputs arrive and nothing comes out: say where the pairs went since pairs
+            # were last fused (not since the start: an old overload would take the blame).
+            grown = {key: values[key] - self.counts_while_fusing.get(key, 0) for key in (
                 Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_BAD_STAMP,
                 Key.VISIBLE_BAD_STAMP, Key.THERMAL_LATE, Key.VISIBLE_LATE, Key.THERMAL_OVERFLOW,
                 Key.VISIBLE_OVERFLOW, Key.THERMAL_UNPAIRED, Key.VISIBLE_UNPAIRED,
-                Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS,
-                Key.PAIRS_DROPPED, Key.PAIRS_IN_INFERENCE)  # the last two: a model slower than 5 s
-                if isinstance(values[key], int) and values[key]]
+                Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS, Key.PAIRS_DROPPED)
+                if isinstance(values[key], int)}
+            causes = [f'{key}: +{count}' for key, count in grown.items() if count > 0]
+            if values[Key.PAIRS_IN_INFERENCE]:  # a model slower than the 5 s window
+                causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
             level = DiagnosticStatus.WARN
             message = 'inputs arrive but no pair was fused lately' + (
-                f' ({", ".join(causes)})' if causes else '')
+                f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
+            hint = (unpaired_hint(sync, self.synchronizer.slop,
+                                  self._values()['sync.thermal_offset'])
+                    if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
+            if hint:
+                message += f'; {hint}'
+                self.get_logger().warning(f'no pair fused lately: {hint}',
+                                          throttle_duration_sec=LOG_THROTTLE_S)
+        else:
+            self.counts_while_fusing = {key: value for key, value in values.items()
+                                        if isinstance(value, int)}
         status = DiagnosticStatus(
             level=level, name=f'{self.get_fully_qualified_name()}: fusion', message=message,
             hardware_id=str(self.loaded.device),
