@@ -37,13 +37,14 @@ class Diagnostics:
 
     def __init__(self, probe):
         from diagnostic_msgs.msg import DiagnosticArray
-        self.values, self.received = {}, 0
+        self.values, self.received, self.message = {}, 0, ''
         probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_message, 10)
 
     def _on_message(self, array) -> None:
         for status in array.status:
             if status.name.endswith('s4fusion_node: fusion'):
                 self.values = {kv.key: kv.value for kv in status.values}
+                self.message = status.message
                 self.received += 1
 
 
@@ -85,6 +86,13 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
         log = wait_for_log(proc, "qos.input.reliability:=best_effort")
         log = wait_for_log(proc, '/thermal/image_raw: a publisher offers QoS incompatible',
                            '/visible/image_raw: a publisher offers QoS incompatible')
+        # The diagnostics of the silent inputs say why too, for a monitor that reads no log.
+        diagnostics = Diagnostics(probe)
+        fresh_diagnostics(probe, diagnostics)
+        assert diagnostics.message == (
+            'waiting for both inputs (thermal: a publisher offers incompatible QoS (RELIABILITY), '
+            'set qos.input.reliability:=best_effort; visible: a publisher offers incompatible '
+            'QoS (RELIABILITY), set qos.input.reliability:=best_effort)'), diagnostics.message
     for publisher in publishers:
         probe.destroy_publisher(publisher)
     probe.destroy_node()

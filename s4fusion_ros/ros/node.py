@@ -100,6 +100,7 @@ class S4FusionNode(Node):
         self.worker_failures_logged = 0
         # The counts while pairs were last being fused: a stall's causes are what grew since.
         self.counts_while_fusing = {}
+        self.incompatible_qos = {}  # endpoint ('thermal_sub', ...) -> the last policy at fault
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
@@ -257,11 +258,12 @@ class S4FusionNode(Node):
     def _on_incompatible_qos(self, endpoint: str, info) -> None:
         """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
         'visible_sub') or an output publisher ('fused_pub', 'saliency_pub')."""
+        policy = QoSPolicyKind(int(info.last_policy_kind))
+        self.incompatible_qos[endpoint] = policy.name  # for the diagnostics of a silent input
         # Throttled per topic: rclpy's throttle is per call site, which every topic shares.
         if not self._log_due((endpoint, 'incompatible qos')):
             return
         topic = getattr(self, endpoint).topic_name
-        policy = QoSPolicyKind(int(info.last_policy_kind))
         what, hint = _QOS_MISMATCH['input' if endpoint.endswith('_sub') else 'output']
         self.get_logger().error(f'{topic}: {what} ({policy.name}).'
                                 + (hint if policy == QoSPolicyKind.RELIABILITY else ''))
@@ -428,6 +430,12 @@ class S4FusionNode(Node):
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
         elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
             level, message = DiagnosticStatus.WARN, 'waiting for both inputs'
+            mismatched = [f'{role}: a publisher offers incompatible QoS ({policy})' + (
+                ', set qos.input.reliability:=best_effort' if policy == 'RELIABILITY' else '')
+                for role in ROLES if (policy := self.incompatible_qos.get(f'{role}_sub'))
+                and self._rate(role).rate() == 0.0]
+            if mismatched:
+                message += f' ({"; ".join(mismatched)})'
         elif not self.fused_rate.recent():
             # Both inputs arrive and nothing comes out: say where the pairs went since pairs
             # were last fused (not since the start: an old overload would take the blame).
