@@ -78,7 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='playback speed factor (default: 1, or slower when the model, '
                         'timed on the first pair, cannot keep up with the thermal camera)')
     parser.add_argument('--domain-id', type=int, default=60 + os.getpid() % 40,
-                        help='ROS_DOMAIN_ID of the demo (default: one derived from the pid)')
+                        help='ROS_DOMAIN_ID of the demo, kept apart from your graph '
+                        '(default: one of 60-99 derived from the pid; name one to watch the demo '
+                        'with ros2 topic echo or rviz there, with '
+                        'ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST)')
     parser.add_argument('--timeout', type=float, default=180.0,
                         help='give up after this many seconds (default: %(default)s)')
     args = parser.parse_args(argv)
@@ -302,7 +305,8 @@ def run(args: argparse.Namespace) -> str:
         play += ['--remap', f'{topic.topic}:={NODE_TOPICS[role]}{suffix}']
         node_command += ['-p', f'{role}.transport:={topic.transport}']
     print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
-          f'{settings.NODE_NAME}; logs in {logs}', file=sys.stderr)
+          f'{settings.NODE_NAME} in ROS_DOMAIN_ID {args.domain_id} on loopback; logs in {logs}',
+          file=sys.stderr)
     # Ctrl-C must reach this code as KeyboardInterrupt, so that the children are stopped.
     rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
     node_process = player = None
