@@ -53,6 +53,8 @@ class Spec:
     range: tuple | None = None  # inclusive (low, high) for numbers
 
 
+DEVICE_FORM = re.compile(r'auto|cpu|cuda(:\d+)?')  # what runtime.resolve_device takes
+
 SPECS = {
     'device': Spec('auto', 'auto (CUDA if available), cpu, cuda or cuda:N'),
     'half': Spec(False, 'fp16 inference through autocast (CUDA only)'),
@@ -158,6 +160,10 @@ def check(values: dict) -> str:
         if spec is not None and spec.range is not None and not (
                 spec.range[0] <= value <= spec.range[1]):
             return f'{name}: {value} is outside [{spec.range[0]}, {spec.range[1]}]'
+    # The form only: whether this machine has that device is known once torch loads.
+    if isinstance(values.get('device'), str) and not DEVICE_FORM.fullmatch(
+            values['device'].strip().lower()):
+        return f"device: '{values['device']}' is not auto, cpu, cuda or cuda:N"
     if 'inference_size' in values:
         size = list(values['inference_size'])
         if len(size) != 2 or min(size) < 0 or (0 in size and any(size)):

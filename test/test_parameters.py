@@ -17,6 +17,9 @@ def test_config_yaml_equals_declared_defaults():
 
 def test_check_rejects_with_reasons():
     assert 'output_encoding' in settings.check({'output_encoding': 'yuv422'})
+    # A device of no known form is refused with the others, before the model loads.
+    assert settings.check({'device': 'gpu'}) == "device: 'gpu' is not auto, cpu, cuda or cuda:N"
+    assert settings.check({'device': ' CUDA:1'}) == ''
     assert 'singular' in settings.check({'registration.homography': [0.0] * 9})
     # Scale does not make a homography singular: the registration's own check decides.
     assert settings.check({'registration.homography': [1e-5, 0.0, 0.0, 0.0, 1e-5, 0.0,
@@ -372,6 +375,7 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
 @pytest.mark.parametrize('params, message', [
     ({'output_encoding': 'yuv422'}, 'output_encoding'),
     ({'device': 'cuda'}, 'CUDA is not available'),
+    ({'device': 'gpu'}, "device: 'gpu' is not auto, cpu, cuda or cuda:N"),
     ({'model.weights': '/nonexistent/weights.safetensors'}, '/nonexistent/weights.safetensors'),
     ({'model.preset': 'authors', 'model.weights': str(REPO / 's4fusion_ros' / 'weights' /
                                                       's4fusion_compact.safetensors')},
