@@ -183,3 +183,31 @@ def test_the_summary_names_frames_dropped_before_pairing():
     line = summary_line({}, 0, 1.0, False, 1.0, 0.1)
     assert line.startswith('0 pairs fused of n/a paired (n/a dropped while inference was busy: '
                            'inference took n/a mean') and 'nan' not in line
+
+
+def test_an_undecodable_message_in_the_bag_does_not_hold_the_demo_to_its_timeout(tmp_path):
+    # The first 2 s of the sample bag with one thermal message cut short: the player skips it,
+    # so the node can never receive it; the demo must finish, not wait for it until --timeout.
+    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+    from s4fusion_ros.bagio import typestore
+    from s4fusion_ros.ros.demo import sample_bag
+    bag = tmp_path / 'cut'
+    with Reader(sample_bag()) as reader, Writer(bag, version=9,
+                                                storage_plugin=StoragePlugin.MCAP) as writer:
+        copies = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=typestore())
+                  for c in reader.connections}
+        thermal = 0
+        for connection, log_time, raw in reader.messages():
+            if log_time - reader.start_time > 2 * 10**9:
+                break
+            if connection.topic == '/thermal/image_raw':
+                thermal += 1
+                raw = raw[:40] if thermal == 3 else raw
+            writer.write(copies[connection.id], log_time, raw)
+    out = tmp_path / 'demo'
+    done = subprocess.run([str(DEMO), '--bag', str(bag), '--output-dir', str(out), '--timeout',
+                           '150'], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f'1 undecodable messages in {bag} are not played' in done.stderr
+    summary = (out / 'summary.txt').read_text()
+    assert re.match(rf'\d+ pairs fused of \d+ paired .* from {thermal - 1} thermal \+', summary)

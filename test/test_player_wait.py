@@ -177,3 +177,17 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
+
+
+def test_an_undecodable_image_is_skipped_and_counted_not_published(tmp_path):
+    # Subscribers drop a message rmw cannot deserialize without a word: the player says so.
+    image = np.zeros((4, 4), np.uint8)
+    events = [(time_ns, topic, time_ns, 'mono8', image) for time_ns in (10**9, 2 * 10**9)
+              for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)]
+    bag = write_bag(tmp_path / 'bag', events, 'mcap', cut_short={2 * 10**9})
+    done = subprocess.run([*PLAYER, str(bag), '--wait', '0', '--rate', '10'],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f'{THERMAL_TOPIC}: cannot decode a sensor_msgs/msg/Image message' in done.stderr
+    assert (f'published {VISIBLE_TOPIC} 1, {THERMAL_TOPIC} 1; skipped as undecodable: '
+            f'{VISIBLE_TOPIC} 1, {THERMAL_TOPIC} 1') in done.stderr, done.stderr
