@@ -1,7 +1,9 @@
 """s4fusion-play: publish a rosbag2's image topics with their recorded timing (no ros2 bag needed).
 
 Messages are read with rosbags and published as the recorded CDR bytes (rclpy's publish(bytes)),
-typed from the bag's metadata, at the recorded pace scaled by --rate. With --clock the player also
+typed from the bag's metadata, at the recorded pace scaled by --rate; an image message that does
+not decode (a torn recording) is skipped and counted, since its subscribers would drop it without
+a word. With --clock the player also
 publishes /clock (bag time) so that nodes with use_sim_time see the recording's time and their
 timers (diagnostics) run on it. The fusion node's sync timeout does not: it runs on wall time since
 the latest frame it took, so a very slow --rate can decide pairs earlier than a replay at rate 1.
