@@ -845,3 +845,28 @@ def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_di
     assert rows['U2Fusion (published values)'] == [report.format_value(np.mean(
         [float(row['value']) for row in u2fusion if row['metric'] == m])) for m in compared]
     assert 'published' not in (tmp_path / 'q_pairs.csv').read_text()  # not redistributed
+
+
+def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
+    # What compact's network adds shows only against the pyramid it refines, with its gain and
+    # contrast: one row for it (the CPU-defaults row shares it), none for a model without one.
+    from s4fusion_ros.model.pyramid import laplacian_fuse
+    compact = load_fusion_model(str(shipped_weights('compact')), 'auto', 'cpu')
+    authors = load_fusion_model(str(shipped_weights('authors')), 'auto', 'cpu')
+    gain, contrast = compact.model.config.detail_gain, compact.model.config.base_contrast
+    assert (gain, contrast) != (1.0, 1.0)
+    ours = [(evaluate.OursConfig('S4Fusion compact', pathlib.Path('c')), compact),
+            (evaluate.OursConfig('S4Fusion compact, CPU defaults', pathlib.Path('c')), compact),
+            (evaluate.OursConfig('S4Fusion authors', pathlib.Path('a')), authors)]
+    fuses = evaluate.baseline_fuses({'laplacian', 'base', 'gff'}, ours)
+    label = f"Laplacian pyramid {gain:g}/{contrast:g} (S4Fusion compact's base)"
+    assert list(fuses) == ['Laplacian pyramid', label, 'GFF']
+    assert evaluate.BASE_ROW.fullmatch(label)
+    ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
+    vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
+    expected = laplacian_fuse(torch.from_numpy(ir / 255.0)[None, None].float(),
+                              torch.from_numpy(vi / 255.0)[None, None].float(),
+                              detail_gain=gain, base_contrast=contrast)[0, 0].clamp(0, 1)
+    np.testing.assert_allclose(fuses[label](ir, vi), expected.numpy(), atol=1e-6)
+    assert list(evaluate.baseline_fuses({'laplacian', 'gff'}, ours)) == ['Laplacian pyramid',
+                                                                        'GFF']

@@ -38,15 +38,16 @@ def fuse_max(ir, vi):
     return np.maximum(a, b)
 
 
-def fuse_laplacian(ir, vi, levels=LEVELS):
+def fuse_laplacian(ir, vi, levels=LEVELS, detail_gain=1.0, base_contrast=1.0):
     """Laplacian-pyramid fusion: max-abs selection on the detail levels, mean of the bases.
 
     The same function (``model.pyramid.laplacian_fuse``) is the base the CPU default network
-    refines. ``levels`` is capped so that the base keeps at least 8 pixels on its short side.
+    refines, there with its ``detail_gain`` and ``base_contrast`` (1, 1: the classical fusion).
+    ``levels`` is capped so that the base keeps at least 8 pixels on its short side.
     """
     a, b = _as_unit_pair(ir, vi)
     fused = laplacian_fuse(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
-                           levels)
+                           levels, detail_gain, base_contrast)
     return fused[0, 0].clamp_(0.0, 1.0).numpy()
 
 

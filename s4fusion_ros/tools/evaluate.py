@@ -20,9 +20,11 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import os
 import pathlib
 import pickle
+import re
 import shlex
 import sys
 import time
@@ -42,7 +44,7 @@ from ..files import check_writable_folder, write_png, write_text_atomically
 from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
-from ..runtime import default_preset, load_fusion_model, resolve_device
+from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_CLIP_GAP,
                              ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair, ivif_splits,
                              pair_key, pairs_in_folder, roadscene_near)
@@ -51,7 +53,8 @@ from .train import add_data_argument
 
 PROG = 's4fusion-eval'
 REPO = pathlib.Path(__file__).resolve().parents[2]
-METHODS = ('ours', 'average', 'max', 'laplacian', 'gff', 'seafusion', 'stored', 'published')
+METHODS = ('ours', 'average', 'max', 'laplacian', 'base', 'gff', 'seafusion', 'stored',
+           'published')
 IVIF_DATASETS = ['roadscene67', 'tno42', 'msrs22', 'm3svd_val', 'roadscene_val']
 SHIPPED_PRESETS = ('authors', 'compact')
 DEFAULT_REPORT = pathlib.Path('docs/quality.md')
@@ -59,6 +62,7 @@ BASELINES = {'average': ('Average', baselines.fuse_average),
              'max': ('Max', baselines.fuse_max),
              'laplacian': ('Laplacian pyramid', baselines.fuse_laplacian),
              'gff': ('GFF', baselines.fuse_gff)}
+BASE_ROW = re.compile(r"Laplacian pyramid [\d.]+/[\d.]+ \(.*'s base\)")  # base_baselines
 STORED_DIR = 'fused'  # beside a split's ir/ and vi/: one folder of outputs per method
 SEAFUSION_WEIGHTS = pathlib.Path('weights') / 'seafusion' / 'SeAFusion.pth'  # in IVIF_DIR
 # Beside a split's ir/ and vi/ (TNO's): the per-image values the MATLAB toolkit of Tang et al.
@@ -185,11 +189,40 @@ def seafusion_method(model: SeAFusion) -> Callable:
     return run
 
 
-def ours_method(config: OursConfig, device: str) -> Method:
-    """Load a checkpoint into the node's engine, run through s4fusion-fuse's ImageFuser."""
-    fuser = ImageFuser(load_fusion_model(str(config.weights), 'auto', device),
-                       config.inference_size)
+def ours_method(config: OursConfig, loaded: LoadedModel) -> Method:
+    """A loaded checkpoint in the node's engine, run through s4fusion-fuse's ImageFuser."""
+    fuser = ImageFuser(loaded, config.inference_size)
     return Method(config.label, lambda source, pair: fuser.fuse(source), ours=True)
+
+
+def base_baselines(ours: list[tuple[OursConfig, LoadedModel]]) -> dict[str, Callable]:
+    """{label: fuse} of the enhanced Laplacian base that each of ours refines (compact's: detail
+    gain and base contrast above 1), alone: its row against the network's is what the network
+    adds to it. One per enhancement (the CPU-defaults row shares its weights' base)."""
+    bases, seen = {}, set()
+    for config, loaded in ours:
+        network = loaded.model.config
+        gain, contrast = network.detail_gain, network.base_contrast
+        if network.base != 'laplacian' or (gain, contrast) in seen | {(1.0, 1.0)}:
+            continue
+        seen.add((gain, contrast))
+        bases[f"Laplacian pyramid {gain:g}/{contrast:g} ({config.label}'s base)"] = (
+            functools.partial(baselines.fuse_laplacian, detail_gain=gain,
+                              base_contrast=contrast))
+    return bases
+
+
+def baseline_fuses(chosen: set, ours: list[tuple[OursConfig, LoadedModel]]
+                   ) -> dict[str, Callable]:
+    """{label: fuse} of the classical methods among `chosen`, in report order: each enhanced
+    base of ours ('base') after the plain pyramid it enhances."""
+    fuses = {}
+    for key, (label, fuse) in BASELINES.items():
+        if key in chosen:
+            fuses[label] = fuse
+        if key == 'laplacian' and 'base' in chosen:
+            fuses.update(base_baselines(ours))
+    return fuses
 
 
 def ours_configs(weights: list, shipped: Callable = shipped_weights) -> tuple[list, list, list]:
@@ -229,9 +262,11 @@ def ours_configs(weights: list, shipped: Callable = shipped_weights) -> tuple[li
 def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
     """The methods selected by --methods, in report order, and lines for what was skipped."""
     chosen = set(args.methods)
-    methods = ([ours_method(c, args.device) for c in configs] if 'ours' in chosen else [])
-    methods += [Method(label, gray_method(fuse)) for key, (label, fuse) in BASELINES.items()
-                if key in chosen]
+    ours = ([(c, load_fusion_model(str(c.weights), 'auto', args.device)) for c in configs]
+            if chosen & {'ours', 'base'} else [])
+    methods = [ours_method(c, loaded) for c, loaded in ours] if 'ours' in chosen else []
+    methods += [Method(label, gray_method(fuse))
+                for label, fuse in baseline_fuses(chosen, ours).items()]
     skipped = []
     if 'seafusion' in chosen:
         path = args.seafusion_weights
@@ -408,8 +443,7 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
         validation = ', '.join(M3SVD_VALIDATION_CLIPS)
         notes.append("Splits (training/data.py `ivif_splits`): roadscene67 = S4Fusion's 67 "
                      'RoadScene test pairs, tno42 = the 42 TNO pairs, msrs22 = the MSRS '
-                     'test-split pairs; validation splits (left out of the training split; '
-                     'weights and training settings are chosen on them, not on the test sets; the '
+                     'test-split pairs; validation splits (left out of the training split; the '
                      'evaluated pairs a weights file did train on, through the weights it was '
                      'fine-tuned from, are noted per weights above): m3svd_val = the 20 frame '
                      f'pairs of the M3SVD clips {validation}, roadscene_val = every '
@@ -419,6 +453,10 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
                      "paired tables take a split's frames numbered within "
                      f'{ROADSCENE_CLIP_GAP} of the one before as one clip of a drive. '
                      'Provenance of the data: the README ("Data").')
+        if not args.weights:
+            notes.append("The shipped weights' last stages were chosen on the validation "
+                         'splits; earlier stages of the authors weights, before 2026-12-02, on '
+                         'wins summed over the test sets (docs/training-history.md).')
     if 'roadscene_val' in args.datasets:
         # Of the whole splits, whatever --limit and --datasets chose to score.
         validation, tests = ivif.validation['roadscene_val'], ivif.tests['roadscene67']
@@ -450,6 +488,11 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
                           'each image is its own batch, which changes nothing on MSRS, where '
                           "each image's clamped RGB spans the full range."}
     notes += [note for label, note in peers.items() if label in scored]
+    if any(BASE_ROW.fullmatch(label) for label in scored):
+        notes.append("A row \"Laplacian pyramid G/C (X's base)\" is the pyramid X's network "
+                     'refines, alone: details times G (detail gain), the low-pass base '
+                     'stretched by C about its mean (base contrast), as `model.pyramid` makes '
+                     "it for the network; X against it is what X's network adds to its base.")
     if any(dataset.name == 'tno42' and 'DenseFuse (stored outputs)' in
            {method.name for method in dataset.methods} for dataset in datasets):
         notes.append("tno42's DenseFuse outputs are those stored with the TNO data "
@@ -723,14 +766,16 @@ def run(args: argparse.Namespace, argv: list) -> list:
 def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     """Measure flicker of ours and the baselines on every clip; rewrite the section of --out."""
     clips = temporal.clip_names(args.flicker)
-    configs, skipped, _ = ours_configs(args.weights) if 'ours' in args.methods else ([], [], [])
+    chosen = set(args.methods)
+    configs, skipped, _ = (ours_configs(args.weights) if chosen & {'ours', 'base'}
+                           else ([], [], []))
+    ours = [(c, load_fusion_model(str(c.weights), 'auto', args.device)) for c in configs]
     values = settings.defaults()
     engines = {config.label: FusionEngine(
-        load_fusion_model(str(config.weights), 'auto', args.device),
-        fusion_settings({**values, 'inference_size': list(config.inference_size)}))
-        for config in configs}
+        loaded, fusion_settings({**values, 'inference_size': list(config.inference_size)}))
+        for config, loaded in ours if 'ours' in chosen}
     engines.update({label: temporal.BaselineEngine(fuse, fusion_settings(values))
-                    for key, (label, fuse) in BASELINES.items() if key in args.methods})
+                    for label, fuse in baseline_fuses(chosen, ours).items()})
     if not engines:
         raise ValueError('--flicker needs ours or a baseline among --methods')
 
