@@ -491,8 +491,9 @@ def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, t
     # runs, or soon after on a fast machine. Either way no Ray process nor HOME is left, and it
     # exits 130. A program of its own (SIGTERM's default action: die at once) gets it once the
     # run has begun (its manifest is written), and its Ray is cleaned up too.
-    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 20.0 if api else 1.0),
-                       'mcap')
+    # 20 s of recording: on a loaded machine Ray can take seconds to come up after its HOME,
+    # and a bag fused before the signal lands would exit 0.
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 20.0), 'mcap')
     homes = pathlib.Path(tempfile.gettempdir()).glob
     before = set(homes('s4fusion-ray-*'))
     command = ([sys.executable, '-c', 'import sys; from s4fusion_ros.batch.cluster import '
