@@ -99,8 +99,9 @@ class SyncStats:
     visible_unconfirmed: int = 0
     resets: int = 0  # backwards clock jumps
     # Not a count: thermal minus visible key (offsets applied) of the last thermal frame left
-    # unpaired and the visible frame nearest to it (None: none was buffered). Cameras stamping
-    # on clocks that differ by more than slop show here as a steady gap.
+    # unpaired while a visible frame was buffered, and the visible frame nearest to it (None:
+    # no such frame yet). Cameras stamping on clocks that differ by more than slop show here
+    # as a steady gap.
     last_unpaired_gap_ns: Optional[int] = None
 
     @property
