@@ -308,6 +308,8 @@ def run(args: argparse.Namespace) -> str:
         print(f'{PROG}: the model takes {model_s * 1e3:.0f} ms a pair here and the thermal '
               f'camera sends a frame every {period_s * 1e3:.0f} ms: playing at rate {rate:g} '
               '(--rate to choose)', file=sys.stderr)
+    # Read before the chain starts: the recorder must not wait on a pass over a long bag.
+    expected = decodable_counts(bag, {'thermal': thermal, 'visible': visible})
     isolate_dds(args.domain_id, logs)
     play = [executable('s4fusion-play'), str(bag), '--clock', '--keep-alive',
             '--rate', str(rate), '--topics', thermal.topic, visible.topic]
@@ -346,7 +348,6 @@ def run(args: argparse.Namespace) -> str:
             player = start_child(play + ['--wait-for', settings.NODE_NAME], logs / 'player.log')
             # Done once the clock passed the last thermal frame's sync timeout and all is fused.
             done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
-            expected = decodable_counts(bag, {'thermal': thermal, 'visible': visible})
             drained_ok = monitor.spin_until(
                 lambda: player.poll() is not None or node_process.poll() is not None
                 or drained(monitor, recorder, expected, done_after),
