@@ -7,6 +7,8 @@ the demo, s4fusion-flood and the tests read them back by the same names. Free of
 import enum
 import math
 
+from . import settings
+
 ROLES = ('thermal', 'visible')
 
 
@@ -74,3 +76,19 @@ def number(values: dict, key: Key) -> float:
         return float(values[key])
     except (KeyError, ValueError):
         return math.nan
+
+
+def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float) -> str:
+    """What the stamps tell when thermal frames find no partner ('' where they tell nothing):
+    the thermal camera's stamps running ahead of the visible one's by more than sync.slop (after
+    sync.thermal_offset), and the offset that pairs them, if the parameter can take it."""
+    if skew_s is None or abs(skew_s + thermal_offset_s) <= slop_s:
+        return ''
+    text = (f'thermal stamps run {skew_s:+.3f} s ahead of visible ones, arrival for arrival '
+            f'(sync.slop {slop_s:g} s, sync.thermal_offset {thermal_offset_s:g} s)')
+    low, high = settings.SPECS['sync.thermal_offset'].range
+    if not low <= -skew_s <= high:
+        return (f'{text}: more than sync.thermal_offset can take up ({low:g} to {high:g} s); '
+                "synchronize the cameras' clocks (chrony, PTP)")
+    return (f'{text}: if the cameras stamp on clocks that differ, sync.thermal_offset '
+            f'{-skew_s:.3f} pairs them')

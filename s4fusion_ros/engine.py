@@ -28,7 +28,7 @@ from .imaging.registration import ThermalRegistration
 from .runtime import LoadedModel
 from .saliency import saliency_map
 from .settings import OUTPUT_ENCODINGS, SALIENCY_ENCODINGS
-from .sync import Pair, PairSynchronizer
+from .sync import Pair, PairSynchronizer, StampSkew
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class FusionPipeline:
         self.max_pixels = max_pixels  # larger inputs are refused: model memory grows with size
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
         self._latest: tuple[int, float] | None = None  # (offset stamp ns, arrival s)
+        self.stamp_skew = StampSkew()  # cameras on clocks that differ: the node's hint
         self._timeline = 0  # Pair.timeline of the pairs the thermal range was taken over
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str,
@@ -92,8 +93,7 @@ class FusionPipeline:
         `expire` at it first, as the node's timer would have before the message came).
         """
         frame = self.thermal_frame(message, stamp_ns, frame_id)
-        return self._add(self.synchronizer.add_thermal, stamp_ns, frame, arrived,
-                         self.synchronizer.thermal_key(stamp_ns))
+        return self._add('thermal', stamp_ns, frame, arrived)
 
     def add_visible(self, message, stamp_ns: int, frame_id: str,
                     arrived: float | None = None) -> list[PreparedPair]:
@@ -102,8 +102,7 @@ class FusionPipeline:
         `arrived` as for add_thermal.
         """
         frame = self.visible_frame(message, stamp_ns, frame_id)
-        return self._add(self.synchronizer.add_visible, stamp_ns, frame, arrived,
-                         self.synchronizer.visible_key(stamp_ns))
+        return self._add('visible', stamp_ns, frame, arrived)
 
     def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
         """Prepare a pair matched elsewhere (the node's message_filters backend)."""
@@ -144,17 +143,21 @@ class FusionPipeline:
         """Decide everything still pending (end of a bag)."""
         return self._prepare(self.synchronizer.flush())
 
-    def _add(self, add, stamp_ns: int, frame: Frame, arrived: float | None,
-             key_ns: int) -> list[PreparedPair]:
-        """Add a frame to the synchronizer and prepare what it pairs."""
+    def _add(self, role: str, stamp_ns: int, frame: Frame,
+             arrived: float | None) -> list[PreparedPair]:
+        """Add a frame of `role` to the synchronizer and prepare what it pairs."""
         arrived = time.monotonic() if arrived is None else arrived
-        before = self.synchronizer.stats.taken
+        sync = self.synchronizer
+        add, key_ns = ((sync.add_thermal, sync.thermal_key(stamp_ns)) if role == 'thermal'
+                       else (sync.add_visible, sync.visible_key(stamp_ns)))
+        self.stamp_skew.add(role, stamp_ns, arrived)
+        before = sync.stats.taken
         prepared = self._prepare(add(stamp_ns, frame))
         # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a
         # repeated stamp, too), one still of the timeline before a clock jump, nor one whose
         # timeline is not known yet (far behind or alone far ahead of its topic: a jump, or a
         # glitched stamp that would move the clock seconds away).
-        if self.synchronizer.stats.taken != before:
+        if sync.stats.taken != before:
             self._latest = (key_ns, arrived)
         return prepared
 

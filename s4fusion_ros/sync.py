@@ -54,9 +54,11 @@ Counters (``stats``), per topic, always satisfy
 """
 
 import bisect
+import collections
 import dataclasses
 import math
 import operator
+import statistics
 import threading
 from typing import Any, NamedTuple, Optional
 
@@ -98,11 +100,6 @@ class SyncStats:
     thermal_unconfirmed: int = 0
     visible_unconfirmed: int = 0
     resets: int = 0  # backwards clock jumps
-    # Not a count: thermal minus visible key (offsets applied) of the last thermal frame left
-    # unpaired while a visible frame was buffered, and the visible frame nearest to it (None:
-    # no such frame yet). Cameras stamping on clocks that differ by more than slop show here
-    # as a steady gap.
-    last_unpaired_gap_ns: Optional[int] = None
 
     @property
     def taken(self) -> int:
@@ -113,15 +110,32 @@ class SyncStats:
                 - self.thermal_unconfirmed - self.visible_unconfirmed)
 
 
-def unpaired_hint(stats: SyncStats, slop_s: float, thermal_offset_s: float) -> str:
-    """What the stamps tell about thermal frames that found no partner ('' where nothing):
-    the gap to the nearest visible frame and the sync.thermal_offset that would close it."""
-    gap = stats.last_unpaired_gap_ns
-    if gap is None:
-        return ''
-    return (f'the last unpaired thermal frame was stamped {gap / 1e9:+.3f} s from the nearest '
-            f'visible frame (sync.slop {slop_s:g} s); if the cameras stamp on clocks that '
-            f'differ, sync.thermal_offset {thermal_offset_s - gap / 1e9:.3f} pairs them')
+class StampSkew:
+    """How far the thermal camera's stamps run ahead of the visible camera's: per topic the
+    median of (stamp - arrival) over its last WINDOW frames, thermal minus visible.
+
+    Arrival times cancel what the two clocks share, so cameras stamping on clocks that differ
+    show as the skew whatever their rates and however the synchronizer buffers them; a
+    difference in delivery delay adds to it, as it does to what pairs.
+    """
+
+    WINDOW = 30
+
+    def __init__(self):
+        self._lead = {'thermal': collections.deque(maxlen=self.WINDOW),
+                      'visible': collections.deque(maxlen=self.WINDOW)}
+
+    def add(self, role: str, stamp_ns: int, arrived_s: float) -> None:
+        """Note a frame of `role` ('thermal' or 'visible') stamped `stamp_ns`, arrived at
+        `arrived_s` (any clock, the same for both topics)."""
+        self._lead[role].append(stamp_ns / 1e9 - arrived_s)
+
+    def seconds(self) -> Optional[float]:
+        """Thermal stamps' lead over visible ones (s); None before a frame of each topic."""
+        thermal, visible = self._lead['thermal'], self._lead['visible']
+        if not thermal or not visible:
+            return None
+        return statistics.median(thermal) - statistics.median(visible)
 
 
 class _Frame(NamedTuple):
@@ -213,7 +227,6 @@ class PairSynchronizer:
         self._floor: Optional[int] = None  # thermal frames still to come have keys above this
         self._pairs = 0
         self._resets = 0
-        self._last_unpaired_gap = None
         self._lock = threading.Lock()
 
     @property
@@ -283,7 +296,7 @@ class PairSynchronizer:
                 visible_pending=len(visible.frames) + (visible.held is not None),
                 thermal_unconfirmed=thermal.unconfirmed(self._reset_threshold),
                 visible_unconfirmed=visible.unconfirmed(self._reset_threshold),
-                resets=self._resets, last_unpaired_gap_ns=self._last_unpaired_gap)
+                resets=self._resets)
 
     def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
         """Buffer one frame unless rejected or late; return pairs flushed by a clock jump."""
@@ -406,12 +419,10 @@ class PairSynchronizer:
         for index in (after - 1, after):  # the earlier candidate first: it wins ties
             if 0 <= index < len(visible):
                 distance = abs(visible[index].key - frame.key)
-                if best is None or distance < best[1]:
+                if distance <= self._slop and (best is None or distance < best[1]):
                     best = index, distance
-        if best is None or best[1] > self._slop:
+        if best is None:
             self._thermal.unpaired += 1
-            if best is not None:
-                self._last_unpaired_gap = frame.key - visible[best[0]].key
             return []
         partner = visible[best[0]]
         # Visible frames older than the partner can no longer pair: pairs stay monotonic.

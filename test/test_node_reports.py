@@ -90,11 +90,15 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
         diagnostics = Diagnostics(probe)
         fresh_diagnostics(probe, diagnostics)
         assert diagnostics.message == (
-            'waiting for both inputs (thermal: a publisher offers incompatible QoS (RELIABILITY), '
-            'set qos.input.reliability:=best_effort; visible: a publisher offers incompatible '
-            'QoS (RELIABILITY), set qos.input.reliability:=best_effort)'), diagnostics.message
-    for publisher in publishers:
-        probe.destroy_publisher(publisher)
+            'waiting for both inputs (thermal: /qos_probe publishes best_effort to this reliable '
+            'input, set qos.input.reliability:=best_effort; visible: /qos_probe publishes '
+            'best_effort to this reliable input, set qos.input.reliability:=best_effort)'), \
+            diagnostics.message
+        # Gone, they are no longer named.
+        for publisher in publishers:
+            probe.destroy_publisher(publisher)
+        assert probe.spin_until(lambda: diagnostics.received and diagnostics.message
+                                == 'waiting for both inputs', 30), diagnostics.message
     probe.destroy_node()
     assert 'ignoring unknown parameters' in log, log
     assert 'normalisation.mode, sync.slopp' in log, log

@@ -6,7 +6,7 @@ import random
 from hypothesis import assume, given, settings, strategies as st
 import pytest
 
-from s4fusion_ros.sync import Pair, PairSynchronizer, SyncStats, unpaired_hint
+from s4fusion_ros.sync import Pair, PairSynchronizer, StampSkew, SyncStats
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -643,22 +643,30 @@ def test_stats_snapshot_is_frozen():
         stats.pairs = 3
 
 
-def test_the_gap_of_the_last_unpaired_thermal_frame_gives_the_offset_that_pairs():
-    # Thermal stamped 0.2 s after visible on another clock: nothing pairs within 50 ms slop;
-    # the gap says so, and the offset it suggests pairs every frame.
-    def run(thermal_offset):
-        sync = PairSynchronizer(slop=0.05, queue_size=50, thermal_offset=thermal_offset)
-        pairs = []
-        for index in range(20):
-            stamp = 1_000_000_000 + index * 500_000_000
-            pairs += sync.add_visible(stamp, index)
-            pairs += sync.add_thermal(stamp + 200_000_000, index)
-        return sync, pairs + sync.flush()
+def test_the_stamp_skew_is_the_clock_difference_whatever_the_rates_and_delays():
+    # A 9 Hz thermal camera stamping 2 s ahead of a 30 Hz visible one, on a host clock 1000 s
+    # from both; delivery delays jitter by up to 20 ms. The synchronizer's buffers would tell
+    # a gap of whatever visible frame is still held; arrivals tell the clocks' difference.
+    rng = random.Random(0)
+    skew = StampSkew()
+    assert skew.seconds() is None
+    for step in range(300):
+        now = step / 90
+        if step % 10 == 0:
+            skew.add('thermal', round((now + 2.0) * 1e9), 1000 + now + rng.uniform(0.005, 0.02))
+        if step % 3 == 0:
+            skew.add('visible', round(now * 1e9), 1000 + now + rng.uniform(0.005, 0.02))
+    assert abs(skew.seconds() - 2.0) < 0.01
 
-    sync, pairs = run(0.0)
-    assert not pairs and sync.stats.last_unpaired_gap_ns == 200_000_000
-    hint = unpaired_hint(sync.stats, 0.05, 0.0)
-    assert hint.endswith('sync.thermal_offset -0.200 pairs them')
-    sync, pairs = run(-0.2)
-    assert len(pairs) == 20 and sync.stats.last_unpaired_gap_ns is None
-    assert unpaired_hint(sync.stats, 0.05, -0.2) == ''
+
+def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it():
+    from s4fusion_ros.diagnostics import clock_skew_hint
+    assert clock_skew_hint(None, 0.05, 0.0) == ''
+    assert clock_skew_hint(0.04, 0.05, 0.0) == ''  # within slop: the clocks are not the cause
+    assert clock_skew_hint(0.3, 0.05, -0.3) == ''  # the offset set already takes it up
+    assert clock_skew_hint(0.3, 0.05, 0.0).endswith('sync.thermal_offset -0.300 pairs them')
+    assert clock_skew_hint(-0.3, 0.05, 0.0).endswith('sync.thermal_offset 0.300 pairs them')
+    far = clock_skew_hint(2.0, 0.05, 0.0)
+    assert far.startswith('thermal stamps run +2.000 s ahead of visible ones')
+    assert far.endswith("more than sync.thermal_offset can take up (-1 to 1 s); synchronize the "
+                        "cameras' clocks (chrony, PTP)")

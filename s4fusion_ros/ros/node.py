@@ -19,18 +19,17 @@ from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import QoSPolicyKind, QoSProfile
+from rclpy.qos import QoSPolicyKind, QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
-from ..diagnostics import NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, per_input
+from ..diagnostics import NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, clock_skew_hint, per_input
 from ..engine import (FusionEngine, FusionResult, fusion_settings, normalizer_settings,
                       pipeline_from_params)
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import LatencyStats, RateMeter
-from ..sync import unpaired_hint
 from ..worker import InferenceWorker
 from . import parameters
 from .images import raw_image_message
@@ -100,7 +99,6 @@ class S4FusionNode(Node):
         self.worker_failures_logged = 0
         # The counts while pairs were last being fused: a stall's causes are what grew since.
         self.counts_while_fusing = {}
-        self.incompatible_qos = {}  # endpoint ('thermal_sub', ...) -> the last policy at fault
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
@@ -255,15 +253,28 @@ class S4FusionNode(Node):
         self._submit(self.pipeline.add_pair(*frames))
         self.synchronized_pairs += 1
 
+    def _best_effort_publishers(self, role: str) -> list[str]:
+        """The publishers on a reliable input that offer best effort, which it never hears, as
+        the graph shows them now (the QoS events say only that one came, not whether it left)."""
+        topic = getattr(self, f'{role}_sub').topic_name
+        own = [info for info in self.get_subscriptions_info_by_topic(topic)
+               if info.node_name == self.get_name()
+               and info.node_namespace == self.get_namespace()]
+        if not own or own[0].qos_profile.reliability != ReliabilityPolicy.RELIABLE:
+            return []
+        return [f'{role}: {info.node_namespace.rstrip("/")}/{info.node_name} publishes '
+                'best_effort to this reliable input, set qos.input.reliability:=best_effort'
+                for info in self.get_publishers_info_by_topic(topic)
+                if info.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT]
+
     def _on_incompatible_qos(self, endpoint: str, info) -> None:
         """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
         'visible_sub') or an output publisher ('fused_pub', 'saliency_pub')."""
-        policy = QoSPolicyKind(int(info.last_policy_kind))
-        self.incompatible_qos[endpoint] = policy.name  # for the diagnostics of a silent input
         # Throttled per topic: rclpy's throttle is per call site, which every topic shares.
         if not self._log_due((endpoint, 'incompatible qos')):
             return
         topic = getattr(self, endpoint).topic_name
+        policy = QoSPolicyKind(int(info.last_policy_kind))
         what, hint = _QOS_MISMATCH['input' if endpoint.endswith('_sub') else 'output']
         self.get_logger().error(f'{topic}: {what} ({policy.name}).'
                                 + (hint if policy == QoSPolicyKind.RELIABILITY else ''))
@@ -430,10 +441,8 @@ class S4FusionNode(Node):
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
         elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
             level, message = DiagnosticStatus.WARN, 'waiting for both inputs'
-            mismatched = [f'{role}: a publisher offers incompatible QoS ({policy})' + (
-                ', set qos.input.reliability:=best_effort' if policy == 'RELIABILITY' else '')
-                for role in ROLES if (policy := self.incompatible_qos.get(f'{role}_sub'))
-                and self._rate(role).rate() == 0.0]
+            mismatched = [line for role in ROLES if self._rate(role).rate() == 0.0
+                          for line in self._best_effort_publishers(role)]
             if mismatched:
                 message += f' ({"; ".join(mismatched)})'
         elif not self.fused_rate.recent():
@@ -451,14 +460,16 @@ class S4FusionNode(Node):
             level = DiagnosticStatus.WARN
             message = 'inputs arrive but no pair was fused lately' + (
                 f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
-            hint = (unpaired_hint(sync, self.synchronizer.slop,
-                                  self._values()['sync.thermal_offset'])
+            hint = (clock_skew_hint(self.pipeline.stamp_skew.seconds(), self.synchronizer.slop,
+                                    self._values()['sync.thermal_offset'])
                     if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
             if hint:
                 message += f'; {hint}'
                 self.get_logger().warning(f'no pair fused lately: {hint}',
                                           throttle_duration_sec=LOG_THROTTLE_S)
-        else:
+        elif values[Key.PAIRS_FUSED] != self.counts_while_fusing.get(Key.PAIRS_FUSED):
+            # Only when a pair was fused since the last report: the status stays OK for the
+            # fused rate's 5 s window after the last one, whose drops must not be absorbed.
             self.counts_while_fusing = {key: value for key, value in values.items()
                                         if isinstance(value, int)}
         status = DiagnosticStatus(
