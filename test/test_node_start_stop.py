@@ -119,3 +119,9 @@ def test_help_prints_the_usage_and_stray_arguments_are_refused():
                            capture_output=True, text=True, timeout=60)
     assert stray.returncode == 2
     assert stray.stderr.startswith('s4fusion_node: unrecognized arguments: -p device:=cpu\n')
+    # After '--' the ROS arguments end (as rcl reads them): what follows is the node's own.
+    from s4fusion_ros.ros.run_node import command_line_help
+    assert command_line_help(['--ros-args', '-p', 'a:=1', '--', 'stray']).startswith(
+        's4fusion_node: unrecognized arguments: stray\n')
+    assert command_line_help(['--ros-args', '-r', '__ns:=/a', '--', '--ros-args', '-p',
+                              'a:=1']) is None
