@@ -567,7 +567,7 @@ def test_eval_notes_validation_pairs_near_test_frames_of_the_whole_splits(ivif_d
     # Scored on 3 pairs of roadscene_val alone: the note still counts the whole splits.
     args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets', 'roadscene_val',
                                 '--limit', '3', '--out', 'q.md'])
-    notes = evaluate.data_notes(args, [], ivif_splits(ivif_dir))
+    notes = evaluate.data_notes(args, [], ivif_splits(ivif_dir), [])
     (note,) = [n for n in notes if 'roadscene_val pairs lie' in n]
     assert note.startswith('9 of the 20 roadscene_val pairs lie within 30 frames of one of the '
                            '67 roadscene67 test pairs (FLIR_04593.jpg, ')
@@ -829,7 +829,8 @@ def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_di
     ours = f'S4Fusion ({tiny_weights.parent.name}/tiny)'
     assert len(rows) == 10 and list(rows)[0] == ours
     # Ours: the toolkit's definitions on the outputs scored above.
-    method = evaluate.ours_method(evaluate.OursConfig(ours, tiny_weights), 'cpu')
+    method = evaluate.ours_method(evaluate.OursConfig(ours, tiny_weights),
+                                  load_fusion_model(str(tiny_weights), 'auto', 'cpu'))
     scores = []
     for pair in evaluate.ivif_splits(ivif_dir).tests['tno42'][:2]:
         source = fuse.read_pair(pair)
@@ -858,15 +859,15 @@ def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
     ours = [(evaluate.OursConfig('S4Fusion compact', pathlib.Path('c')), compact),
             (evaluate.OursConfig('S4Fusion compact, CPU defaults', pathlib.Path('c')), compact),
             (evaluate.OursConfig('S4Fusion authors', pathlib.Path('a')), authors)]
-    fuses = evaluate.baseline_fuses({'laplacian', 'base', 'gff'}, ours)
+    bases = evaluate.base_baselines(ours)
+    fuses = evaluate.baseline_fuses({'laplacian', 'gff'}, bases)
     label = f"Laplacian pyramid {gain:g}/{contrast:g} (S4Fusion compact's base)"
-    assert list(fuses) == ['Laplacian pyramid', label, 'GFF']
-    assert evaluate.BASE_ROW.fullmatch(label)
+    assert list(bases) == [label] and list(fuses) == ['Laplacian pyramid', label, 'GFF']
     ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     expected = laplacian_fuse(torch.from_numpy(ir / 255.0)[None, None].float(),
                               torch.from_numpy(vi / 255.0)[None, None].float(),
                               detail_gain=gain, base_contrast=contrast)[0, 0].clamp(0, 1)
     np.testing.assert_allclose(fuses[label](ir, vi), expected.numpy(), atol=1e-6)
-    assert list(evaluate.baseline_fuses({'laplacian', 'gff'}, ours)) == ['Laplacian pyramid',
-                                                                        'GFF']
+    assert list(evaluate.baseline_fuses({'laplacian', 'gff'}, {})) == ['Laplacian pyramid',
+                                                                       'GFF']

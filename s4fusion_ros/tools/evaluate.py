@@ -24,7 +24,6 @@ import functools
 import os
 import pathlib
 import pickle
-import re
 import shlex
 import sys
 import time
@@ -62,7 +61,10 @@ BASELINES = {'average': ('Average', baselines.fuse_average),
              'max': ('Max', baselines.fuse_max),
              'laplacian': ('Laplacian pyramid', baselines.fuse_laplacian),
              'gff': ('GFF', baselines.fuse_gff)}
-BASE_ROW = re.compile(r"Laplacian pyramid [\d.]+/[\d.]+ \(.*'s base\)")  # base_baselines
+BASE_NOTE = ("A row \"Laplacian pyramid G/C (X's base)\" is the pyramid X's network refines, "
+             'alone: details times G (detail gain), the low-pass base stretched by C about its '
+             "mean (base contrast), as `model.pyramid` makes it for the network; X against it "
+             "is what X's network adds to its base.")
 STORED_DIR = 'fused'  # beside a split's ir/ and vi/: one folder of outputs per method
 SEAFUSION_WEIGHTS = pathlib.Path('weights') / 'seafusion' / 'SeAFusion.pth'  # in IVIF_DIR
 # Beside a split's ir/ and vi/ (TNO's): the per-image values the MATLAB toolkit of Tang et al.
@@ -87,6 +89,7 @@ class Method:
     fuse: Callable
     ours: bool = False
     stored: bool = False  # outputs read from files: not timed
+    note: str = ''  # what the report's notes say of it, once, where it is scored
 
 
 class StoredOutputs:
@@ -212,16 +215,15 @@ def base_baselines(ours: list[tuple[OursConfig, LoadedModel]]) -> dict[str, Call
     return bases
 
 
-def baseline_fuses(chosen: set, ours: list[tuple[OursConfig, LoadedModel]]
-                   ) -> dict[str, Callable]:
-    """{label: fuse} of the classical methods among `chosen`, in report order: each enhanced
-    base of ours ('base') after the plain pyramid it enhances."""
+def baseline_fuses(chosen: set, bases: dict[str, Callable]) -> dict[str, Callable]:
+    """{label: fuse} of the classical methods among `chosen`, in report order, with the
+    enhanced `bases` of ours (base_baselines) after the plain pyramid they enhance."""
     fuses = {}
     for key, (label, fuse) in BASELINES.items():
         if key in chosen:
             fuses[label] = fuse
-        if key == 'laplacian' and 'base' in chosen:
-            fuses.update(base_baselines(ours))
+        if key == 'laplacian':
+            fuses.update(bases)
     return fuses
 
 
@@ -265,8 +267,9 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
     ours = ([(c, load_fusion_model(str(c.weights), 'auto', args.device)) for c in configs]
             if chosen & {'ours', 'base'} else [])
     methods = [ours_method(c, loaded) for c, loaded in ours] if 'ours' in chosen else []
-    methods += [Method(label, gray_method(fuse))
-                for label, fuse in baseline_fuses(chosen, ours).items()]
+    bases = base_baselines(ours) if 'base' in chosen else {}
+    methods += [Method(label, gray_method(fuse), note=BASE_NOTE if label in bases else '')
+                for label, fuse in baseline_fuses(chosen, bases).items()]
     skipped = []
     if 'seafusion' in chosen:
         path = args.seafusion_weights
@@ -435,9 +438,10 @@ def environment() -> str:
             'thread(s)')
 
 
-def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None) -> list:
+def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None,
+               methods: list) -> list:
     """Factual notes on the data and the peers (``ivif``: the splits of --data, None without
-    --datasets)."""
+    --datasets; ``methods``: those run, with their notes)."""
     notes = []
     if set(args.datasets) & set(IVIF_DATASETS):
         validation = ', '.join(M3SVD_VALIDATION_CLIPS)
@@ -488,11 +492,8 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
                           'each image is its own batch, which changes nothing on MSRS, where '
                           "each image's clamped RGB spans the full range."}
     notes += [note for label, note in peers.items() if label in scored]
-    if any(BASE_ROW.fullmatch(label) for label in scored):
-        notes.append("A row \"Laplacian pyramid G/C (X's base)\" is the pyramid X's network "
-                     'refines, alone: details times G (detail gain), the low-pass base '
-                     'stretched by C about its mean (base contrast), as `model.pyramid` makes '
-                     "it for the network; X against it is what X's network adds to its base.")
+    notes += list(dict.fromkeys(method.note for method in methods
+                                if method.note and method.name in scored))
     if any(dataset.name == 'tno42' and 'DenseFuse (stored outputs)' in
            {method.name for method in dataset.methods} for dataset in datasets):
         notes.append("tno42's DenseFuse outputs are those stored with the TNO data "
@@ -743,7 +744,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
         skipped=skipped + skipped_methods, grid=grid,
         notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
                        for c in configs]
-        + data_notes(args, datasets, ivif)
+        + data_notes(args, datasets, ivif, methods)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
     for path in (args.out, args.pairs_csv):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -775,7 +776,8 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
         loaded, fusion_settings({**values, 'inference_size': list(config.inference_size)}))
         for config, loaded in ours if 'ours' in chosen}
     engines.update({label: temporal.BaselineEngine(fuse, fusion_settings(values))
-                    for label, fuse in baseline_fuses(chosen, ours).items()})
+                    for label, fuse in baseline_fuses(
+                        chosen, base_baselines(ours) if 'base' in chosen else {}).items()})
     if not engines:
         raise ValueError('--flicker needs ours or a baseline among --methods')
 
