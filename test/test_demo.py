@@ -208,6 +208,6 @@ def test_an_undecodable_message_in_the_bag_does_not_hold_the_demo_to_its_timeout
     done = subprocess.run([str(DEMO), '--bag', str(bag), '--output-dir', str(out), '--timeout',
                            '150'], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f'1 undecodable messages in {bag} are not played' in done.stderr
+    assert f'1 undecodable message(s) in {bag} not played' in done.stderr
     summary = (out / 'summary.txt').read_text()
     assert re.match(rf'\d+ pairs fused of \d+ paired .* from {thermal - 1} thermal \+', summary)

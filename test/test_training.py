@@ -295,7 +295,7 @@ def test_subfolders_a_folder_of_datasets_does_not_read_are_named(tmp_path, pair_
     assert train_main(['--data', str(data), '--out', str(tmp_path / 'run'), '--steps', '1',
                        '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads',
                        '1', '--no-progress']) == 0
-    assert (f'warning: 1 subfolder(s) of {data} hold no ir/ and vi/ and are not read: night\n'
+    assert (f'warning: 1 subfolder(s) of {data} hold no ir/ folder and are not read: night\n'
             in capsys.readouterr().err)
 
 

@@ -181,7 +181,7 @@ def decodable_counts(bag: pathlib.Path, topics: dict[str, ImageTopic]) -> dict[s
             counts[roles[connection.topic]] += 1
     skipped = sum(topic.count for topic in topics.values()) - sum(counts.values())
     if skipped:
-        print(f'{PROG}: {skipped} undecodable messages in {bag} are not played (the player '
+        print(f'{PROG}: {skipped} undecodable message(s) in {bag} not played (the player '
               'names them in its log)', file=sys.stderr)
     return counts
 

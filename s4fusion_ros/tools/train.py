@@ -279,7 +279,7 @@ def build_trainer(args, config, settings, device):
     pairs = training_pairs(args.data)
     unread = unread_subfolders(args.data)
     if unread:
-        print(f'{PROG}: warning: {len(unread)} subfolder(s) of {args.data} hold no ir/ and vi/ '
+        print(f'{PROG}: warning: {len(unread)} subfolder(s) of {args.data} hold no ir/ folder '
               f'and are not read: {", ".join(p.name for p in unread[:10])}', file=sys.stderr)
     features = classifier = None
     batch_shape = (args.batch_size, 1, args.crop, args.crop)
