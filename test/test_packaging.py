@@ -253,3 +253,19 @@ def test_pip_only_dependencies_are_named_in_the_readme():
     robot = readme[readme.index('## On a robot with a ROS 2 distro'):]
     for name in ('torch', 'numba', 'safetensors', 'rosbags'):
         assert name in robot.split('\n## ')[0], name
+
+
+def test_no_test_module_skips_itself_at_import_for_want_of_a_pip_only_module():
+    """launch_testing's pytest plugin (on a robot) imports each test module while pytest collects
+    the folder: a skip raised then, by a module-level importorskip, skips every test of the
+    folder, and `colcon test` passes with none run. Module level may skip only for ROS packages."""
+    import ast
+    for path in sorted((REPO / 'test').glob('*.py')):
+        statements = [node for node in ast.parse(path.read_text()).body
+                      if isinstance(node, (ast.Assign, ast.Expr))]
+        skipped_for = {call.args[0].value.split('.')[0] for node in statements
+                       for call in ast.walk(node) if isinstance(call, ast.Call)
+                       and getattr(call.func, 'attr', '') == 'importorskip'}
+        assert not skipped_for & PIP_ONLY, (
+            f'{path.name}: module-level importorskip of {sorted(skipped_for & PIP_ONLY)}; skip '
+            'with a mark or inside the tests instead')

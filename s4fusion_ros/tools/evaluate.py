@@ -459,8 +459,8 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
                      'Provenance of the data: the README ("Data").')
         if not args.weights:
             notes.append("The shipped weights' last stages were chosen on the validation "
-                         'splits; earlier stages of the authors weights, before 2026-12-02, on '
-                         'wins summed over the test sets (docs/training-history.md).')
+                         "splits; the authors weights' stages before 2026-12-02 on wins "
+                         'summed over the test sets (docs/training-history.md).')
     if 'roadscene_val' in args.datasets:
         # Of the whole splits, whatever --limit and --datasets chose to score.
         validation, tests = ivif.validation['roadscene_val'], ivif.tests['roadscene67']
