@@ -1,8 +1,9 @@
 """Approximate-time pairing of a thermal and a visible image stream on header stamps (ROS-free).
 
 Why the project has its own synchronizer (docs/node.md, "Pairing"):
-message_filters' Python ApproximateTimeSynchronizer emits the first partner within slop rather than
-the nearest, never purges old unmatched messages, runs the callback under its lock and stamps
+message_filters' Python ApproximateTimeSynchronizer pairs on arrival with the nearest partner
+already buffered, never with a nearer one still to come, never purges old unmatched messages (only
+queue_size pushes them out), runs the callback under its lock and stamps
 headerless messages with wall time; the C++ ApproximateTime policy waits up to a period of the
 slowest topic. Thermal cores run at about 9 Hz against 30 Hz RGB, pause 0.2-0.5 s for flat-field
 correction, and USB cores stamp on host receipt with a constant latency.

@@ -199,9 +199,7 @@ class S4FusionNode(Node):
         """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
         gates = []
         for role in ('thermal', 'visible'):
-            subscriber = self.message_filters.Subscriber(
-                self, *_input_topic(role, p[f'{role}.transport']), qos_profile=_qos(p, 'input'),
-                event_callbacks=self._input_events(role), qos_overriding_options=QOS_OVERRIDES)
+            subscriber = self._message_filters_subscriber(role, p)
             # Its synchronizer raises on a negative stamp inside the subscription callback,
             # which stops the node: bad stamps are dropped before it, as the own one drops them.
             gate = self.message_filters.SimpleFilter()
@@ -214,6 +212,25 @@ class S4FusionNode(Node):
         self.approximate_sync.registerCallback(self._on_synchronized_pair)
         self.synchronized_pairs = 0
         self.synchronized_pair_failures = 0  # raised past decoding: counted as inference errors
+
+    def _message_filters_subscriber(self, role: str, p: dict):
+        """A message_filters Subscriber with the own backend's QoS events and overrides.
+
+        message_filters 7.1.5 (Kilted, January 2026) took no keyword arguments beyond the
+        profile, so neither can be passed to it (7.1.6 passes them on again): the node then
+        runs without them and says so.
+        """
+        topic, qos = _input_topic(role, p[f'{role}.transport']), _qos(p, 'input')
+        try:
+            return self.message_filters.Subscriber(
+                self, *topic, qos_profile=qos, event_callbacks=self._input_events(role),
+                qos_overriding_options=QOS_OVERRIDES)
+        except TypeError as error:
+            self.get_logger().warning(
+                f'this message_filters takes no event_callbacks or qos_overriding_options '
+                f'({error}): {topic[1]} runs without incompatible-QoS reports and '
+                'qos_overrides; message_filters 7.1.6 or later has them')
+            return self.message_filters.Subscriber(self, *topic, qos_profile=qos)
 
     def _rate(self, role: str) -> RateMeter:
         return self.thermal_rate if role == 'thermal' else self.visible_rate
