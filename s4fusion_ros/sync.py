@@ -128,8 +128,10 @@ class StampSkew:
 
     def add(self, role: str, stamp_ns: int, arrived_s: float) -> None:
         """Note a frame of `role` ('thermal' or 'visible') stamped `stamp_ns`, arrived at
-        `arrived_s` (any clock, the same for both topics)."""
-        self._lead[role].append(stamp_ns / 1e9 - arrived_s)
+        `arrived_s` (any clock, the same for both topics); an unset stamp (<= 0, which the
+        synchronizer rejects) tells nothing of the camera's clock."""
+        if stamp_ns > 0:
+            self._lead[role].append(stamp_ns / 1e9 - arrived_s)
 
     def seconds(self) -> Optional[float]:
         """Thermal stamps' lead over visible ones (s); None before a frame of each topic."""

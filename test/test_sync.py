@@ -657,6 +657,9 @@ def test_the_stamp_skew_is_the_clock_difference_whatever_the_rates_and_delays():
         if step % 3 == 0:
             skew.add('visible', round(now * 1e9), 1000 + now + rng.uniform(0.005, 0.02))
     assert abs(skew.seconds() - 2.0) < 0.01
+    for _ in range(40):  # a driver that stopped stamping: its unset stamps say nothing
+        skew.add('thermal', 0, 1003.5)
+    assert abs(skew.seconds() - 2.0) < 0.01
 
 
 def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it():
