@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .model import CheckpointError, S4Fusion, S4FusionConfig, load_checkpoint, shipped_weights
+from .settings import DEVICE_FORM
 
 LOG = logging.getLogger(__name__)
 
@@ -22,21 +23,21 @@ def resolve_device(spec: str) -> torch.device:
     so a robot never silently runs a GPU configuration on its CPU.
     """
     spec = spec.strip().lower()
+    if not DEVICE_FORM.fullmatch(spec):
+        raise DeviceError(f"unknown device '{spec}': expected auto, cpu, cuda or cuda:N")
     if spec == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if spec == 'cpu':
         return torch.device('cpu')
-    if spec == 'cuda' or spec.startswith('cuda:'):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"device '{spec}' requested but CUDA is not available on this machine "
-                "(use device:=cpu or device:=auto)")
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device '{spec}' requested but only "
-                              f"{torch.cuda.device_count()} CUDA device(s) exist")
-        return device
-    raise DeviceError(f"unknown device '{spec}': expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():  # cuda or cuda:N from here
+        raise DeviceError(
+            f"device '{spec}' requested but CUDA is not available on this machine "
+            "(use device:=cpu or device:=auto)")
+    device = torch.device(spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device '{spec}' requested but only "
+                          f"{torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 def default_preset(device: torch.device) -> str:

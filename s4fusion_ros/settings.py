@@ -53,7 +53,8 @@ class Spec:
     range: tuple | None = None  # inclusive (low, high) for numbers
 
 
-DEVICE_FORM = re.compile(r'auto|cpu|cuda(:\d+)?')  # what runtime.resolve_device takes
+# The device parameter's forms: checked with the other values, and by runtime.resolve_device.
+DEVICE_FORM = re.compile(r'auto|cpu|cuda(:\d+)?')
 
 SPECS = {
     'device': Spec('auto', 'auto (CUDA if available), cpu, cuda or cuda:N'),
