@@ -19,7 +19,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import QoSPolicyKind, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSPolicyKind, QoSProfile
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -277,12 +277,12 @@ class S4FusionNode(Node):
         own = [info for info in self.get_subscriptions_info_by_topic(topic)
                if info.node_name == self.get_name()
                and info.node_namespace == self.get_namespace()]
-        if not own or own[0].qos_profile.reliability != ReliabilityPolicy.RELIABLE:
+        if not own:
             return []
         return [f'{role}: {info.node_namespace.rstrip("/")}/{info.node_name} publishes '
                 'best_effort to this reliable input, set qos.input.reliability:=best_effort'
                 for info in self.get_publishers_info_by_topic(topic)
-                if info.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT]
+                if 'reliability' in parameters.kept_apart(info.qos_profile, own[0].qos_profile)]
 
     def _on_incompatible_qos(self, endpoint: str, info) -> None:
         """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',

@@ -6,7 +6,7 @@ bag tool reads the same parameters without rclpy.
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from ..settings import Spec, check_update
 
@@ -40,3 +40,18 @@ def qos_profile(reliability: str, depth: int) -> QoSProfile:
         history=HistoryPolicy.KEEP_LAST, depth=depth,
         reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
                      else ReliabilityPolicy.BEST_EFFORT))
+
+
+# The policies whose stricter value a subscription can ask of publishers that offer less. Not
+# deadlines and leases: the graph reports unset ones as finite, so rclpy's whole-profile check
+# (qos_check_compatible) finds mismatches there where there are none.
+STRICTER = {'reliability': ReliabilityPolicy.RELIABLE,
+            'durability': DurabilityPolicy.TRANSIENT_LOCAL}
+
+
+def kept_apart(offered: QoSProfile, requested: QoSProfile) -> list[str]:
+    """The policies ('reliability', 'durability') by which a publisher offering `offered`
+    never reaches a subscription requesting `requested`: a reliable subscription hears no
+    best-effort publisher, a transient-local one no volatile one."""
+    return [name for name, strict in STRICTER.items()
+            if getattr(requested, name) == strict and getattr(offered, name) != strict]

@@ -29,7 +29,7 @@ from rclpy.exceptions import (InvalidNamespaceException, InvalidNodeNameExceptio
                               InvalidTopicNameException)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node, NodeNameNonExistentError
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.validate_namespace import validate_namespace
 from rclpy.validate_node_name import validate_node_name
@@ -41,6 +41,7 @@ from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, open_bag,
 from ..cli import stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
+from .parameters import kept_apart
 
 PROG = 's4fusion-play'
 # Reliable history a late-matching reader can still be repaired from (one second at 30 Hz).
@@ -178,23 +179,16 @@ class BagPlayer:
         time.sleep(DISCOVERY_SETTLE_S)
 
     def _incompatible(self, topics: list[str]) -> list[str]:
-        """Subscribers on `topics` that the player's reliability or durability keeps apart:
-        a reliable one hears no --best-effort publisher, a transient-local one no volatile one.
-        (The graph reports their deadlines and leases as finite, so rclpy's whole-profile check
-        would find mismatches where there are none.)"""
+        """Subscribers on `topics` that the player's QoS keeps apart (parameters.kept_apart)."""
         played = {p.topic_name: p.qos_profile for p in self.publishers.values()}
         lines = []
         for topic in topics:
             for info in self.node.get_subscriptions_info_by_topic(topic):
                 wanted, offered = info.qos_profile, played[topic]
-                reasons = [f'{name} {asked.name.lower()} against the player\'s '
-                           f'{given.name.lower()}{hint}'
-                           for name, asked, given, bad, hint in (
-                               ('reliability', wanted.reliability, offered.reliability,
-                                ReliabilityPolicy.RELIABLE, ' (drop --best-effort)'),
-                               ('durability', wanted.durability, offered.durability,
-                                DurabilityPolicy.TRANSIENT_LOCAL, ''))
-                           if asked == bad and given != bad]
+                reasons = [f'{name} {getattr(wanted, name).name.lower()} against the player\'s '
+                           f'{getattr(offered, name).name.lower()}'
+                           + (' (drop --best-effort)' if name == 'reliability' else '')
+                           for name in kept_apart(offered, wanted)]
                 if reasons:
                     lines.append(f'{topic}: {info.node_namespace.rstrip("/")}/{info.node_name} '
                                  f'subscribes with a QoS the player does not offer: '
