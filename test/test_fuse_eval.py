@@ -860,14 +860,15 @@ def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
             (evaluate.OursConfig('S4Fusion compact, CPU defaults', pathlib.Path('c')), compact),
             (evaluate.OursConfig('S4Fusion authors', pathlib.Path('a')), authors)]
     bases = evaluate.base_baselines(ours)
-    fuses = evaluate.baseline_fuses({'laplacian', 'gff'}, bases)
+    fuses = evaluate.baseline_fuses({'laplacian', 'base', 'gff'}, ours)
     label = f"Laplacian pyramid {gain:g}/{contrast:g} (S4Fusion compact's base)"
     assert list(bases) == [label] and list(fuses) == ['Laplacian pyramid', label, 'GFF']
+    assert fuses[label][1] == evaluate.BASE_NOTE and fuses['GFF'][1] == ''
     ir = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     vi = cv2.imread(str(ivif_dir / 'msrs' / 'vi' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     expected = laplacian_fuse(torch.from_numpy(ir / 255.0)[None, None].float(),
                               torch.from_numpy(vi / 255.0)[None, None].float(),
                               detail_gain=gain, base_contrast=contrast)[0, 0].clamp(0, 1)
-    np.testing.assert_allclose(fuses[label](ir, vi), expected.numpy(), atol=1e-6)
-    assert list(evaluate.baseline_fuses({'laplacian', 'gff'}, {})) == ['Laplacian pyramid',
-                                                                       'GFF']
+    np.testing.assert_allclose(fuses[label][0](ir, vi), expected.numpy(), atol=1e-6)
+    assert list(evaluate.baseline_fuses({'laplacian', 'gff'}, ours)) == ['Laplacian pyramid',
+                                                                         'GFF']

@@ -215,16 +215,25 @@ def base_baselines(ours: list[tuple[OursConfig, LoadedModel]]) -> dict[str, Call
     return bases
 
 
-def baseline_fuses(chosen: set, bases: dict[str, Callable]) -> dict[str, Callable]:
-    """{label: fuse} of the classical methods among `chosen`, in report order, with the
-    enhanced `bases` of ours (base_baselines) after the plain pyramid they enhance."""
+def baseline_fuses(chosen: set, ours: list[tuple[OursConfig, LoadedModel]]
+                   ) -> dict[str, tuple[Callable, str]]:
+    """{label: (fuse, note)} of the classical methods among `chosen`, in report order, with the
+    enhanced bases of `ours` ('base': base_baselines, noted by BASE_NOTE) after the plain pyramid
+    they enhance."""
+    bases = base_baselines(ours) if 'base' in chosen else {}
     fuses = {}
     for key, (label, fuse) in BASELINES.items():
         if key in chosen:
-            fuses[label] = fuse
+            fuses[label] = fuse, ''
         if key == 'laplacian':
-            fuses.update(bases)
+            fuses.update({base: (fuse, BASE_NOTE) for base, fuse in bases.items()})
     return fuses
+
+
+def loaded_ours(configs: list, device: str) -> list[tuple[OursConfig, LoadedModel]]:
+    """Each configuration of ours with its model loaded, once for its row and its base."""
+    return [(config, load_fusion_model(str(config.weights), 'auto', device))
+            for config in configs]
 
 
 def ours_configs(weights: list, shipped: Callable = shipped_weights) -> tuple[list, list, list]:
@@ -264,12 +273,10 @@ def ours_configs(weights: list, shipped: Callable = shipped_weights) -> tuple[li
 def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
     """The methods selected by --methods, in report order, and lines for what was skipped."""
     chosen = set(args.methods)
-    ours = ([(c, load_fusion_model(str(c.weights), 'auto', args.device)) for c in configs]
-            if chosen & {'ours', 'base'} else [])
+    ours = loaded_ours(configs, args.device) if chosen & {'ours', 'base'} else []
     methods = [ours_method(c, loaded) for c, loaded in ours] if 'ours' in chosen else []
-    bases = base_baselines(ours) if 'base' in chosen else {}
-    methods += [Method(label, gray_method(fuse), note=BASE_NOTE if label in bases else '')
-                for label, fuse in baseline_fuses(chosen, bases).items()]
+    methods += [Method(label, gray_method(fuse), note=note)
+                for label, (fuse, note) in baseline_fuses(chosen, ours).items()]
     skipped = []
     if 'seafusion' in chosen:
         path = args.seafusion_weights
@@ -770,14 +777,13 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     chosen = set(args.methods)
     configs, skipped, _ = (ours_configs(args.weights) if chosen & {'ours', 'base'}
                            else ([], [], []))
-    ours = [(c, load_fusion_model(str(c.weights), 'auto', args.device)) for c in configs]
+    ours = loaded_ours(configs, args.device)
     values = settings.defaults()
     engines = {config.label: FusionEngine(
         loaded, fusion_settings({**values, 'inference_size': list(config.inference_size)}))
         for config, loaded in ours if 'ours' in chosen}
     engines.update({label: temporal.BaselineEngine(fuse, fusion_settings(values))
-                    for label, fuse in baseline_fuses(
-                        chosen, base_baselines(ours) if 'base' in chosen else {}).items()})
+                    for label, (fuse, _) in baseline_fuses(chosen, ours).items()})
     if not engines:
         raise ValueError('--flicker needs ours or a baseline among --methods')
 
