@@ -80,7 +80,8 @@ class FusionPipeline:
         self.registration = registration
         self.max_pixels = max_pixels  # larger inputs are refused: model memory grows with size
         self.notices: list[str] = []  # one-time warnings about the inputs, for the caller to log
-        self._latest: tuple[int, float] | None = None  # (offset stamp ns, arrival s)
+        # (role, stamp ns, arrival s) of the latest frame the synchronizer took
+        self._latest: tuple[str, int, float] | None = None
         self.stamp_skew = StampSkew()  # cameras on clocks that differ: the node's hint
         self._timeline = 0  # Pair.timeline of the pairs the thermal range was taken over
 
@@ -136,8 +137,11 @@ class FusionPipeline:
         """
         if self._latest is None:
             return []
-        key_ns, arrived = self._latest
-        return self._prepare(self.synchronizer.expire(key_ns + int((now - arrived) * 1e9)))
+        role, stamp_ns, arrived = self._latest
+        sync = self.synchronizer
+        # Keyed now, not when it arrived: sync.thermal_offset may have changed since.
+        key_ns = sync.thermal_key(stamp_ns) if role == 'thermal' else sync.visible_key(stamp_ns)
+        return self._prepare(sync.expire(key_ns + int((now - arrived) * 1e9)))
 
     def flush(self) -> list[PreparedPair]:
         """Decide everything still pending (end of a bag)."""
@@ -148,8 +152,7 @@ class FusionPipeline:
         """Add a frame of `role` to the synchronizer and prepare what it pairs."""
         arrived = time.monotonic() if arrived is None else arrived
         sync = self.synchronizer
-        add, key_ns = ((sync.add_thermal, sync.thermal_key(stamp_ns)) if role == 'thermal'
-                       else (sync.add_visible, sync.visible_key(stamp_ns)))
+        add = sync.add_thermal if role == 'thermal' else sync.add_visible
         self.stamp_skew.add(role, stamp_ns, arrived)
         before = sync.stats.taken
         prepared = self._prepare(add(stamp_ns, frame))
@@ -158,7 +161,7 @@ class FusionPipeline:
         # timeline is not known yet (far behind or alone far ahead of its topic: a jump, or a
         # glitched stamp that would move the clock seconds away).
         if sync.stats.taken != before:
-            self._latest = (key_ns, arrived)
+            self._latest = (role, stamp_ns, arrived)
         return prepared
 
     def _notice(self, text: str) -> None:

@@ -90,8 +90,8 @@ SPECS = {
                          'a later visible frame before it is paired with what has arrived; set it '
                          'above the longest delivery delay of either topic', range=(0.001, 10.0)),
     'sync.thermal_offset': Spec(0.0, 'seconds added to thermal stamps for matching (constant '
-                                'driver latency); outputs keep the original stamps',
-                                range=(-1.0, 1.0)),
+                                'driver latency, clocks that differ); outputs keep the original '
+                                'stamps', runtime=True, range=(-1.0, 1.0)),
     'sync.clock_jump': Spec(1.0, 'a stamp this many seconds older than the newest of its topic is '
                             'a clock jump (a looping bag, a restarted camera or simulation), '
                             'once the next frame bears it out: pairing restarts on the new '

@@ -33,6 +33,8 @@ Parameters and their names elsewhere:
   messages kept per topic; the oldest is dropped beyond it.
 - ``thermal_offset`` / ``visible_offset``: seconds added to that topic's stamps for matching only
   (e.g. -0.06 for a thermal core stamped 60 ms after exposure); pairs keep the original stamps.
+  ``thermal_offset`` may change while running (``sync.thermal_offset``): frames still pending
+  pair on the new offset.
 - ``timeout``: how long after its (offset) stamp a message is expected to have arrived; used only
   by ``expire``, whose ``now_ns`` must be on the offset stamps' clock (``thermal_key`` /
   ``visible_key`` of a stamp: the node clock, sim time included, where the offsets are 0).
@@ -242,6 +244,29 @@ class PairSynchronizer:
         slop = _seconds_to_ns(seconds, 'slop', 0.0)
         with self._lock:
             self._slop = slop
+
+    @property
+    def thermal_offset(self) -> float:
+        """Seconds added to thermal stamps for matching (may change while running)."""
+        return self._thermal.offset / 1e9
+
+    @thermal_offset.setter
+    def thermal_offset(self, seconds: float) -> None:
+        offset = _seconds_to_ns(seconds, 'thermal_offset', -math.inf)
+        with self._lock:
+            # Every thermal key (pending, held, the newest decided, and the floor that frames
+            # still to come stay above) moves by the change, as if the new offset had been set
+            # all along: their order and what is late stay as they were, pairs made stay made,
+            # and frames pending pair on the new keys from the next call on.
+            shift, stream = offset - self._thermal.offset, self._thermal
+            stream.offset = offset
+            stream.frames = [frame._replace(key=frame.key + shift) for frame in stream.frames]
+            if stream.held is not None:
+                stream.held = stream.held._replace(key=stream.held.key + shift)
+            if stream.decided is not None:
+                stream.decided += shift
+            if self._floor is not None:
+                self._floor += shift
 
     def thermal_key(self, stamp_ns: int) -> int:
         """A thermal stamp on the clock frames are matched and expired on (stamp + offset)."""

@@ -359,6 +359,23 @@ def test_a_thermal_clock_ahead_corrected_by_its_offset_pairs_as_without_it(ahead
         assert abs(pair.thermal_stamp_ns - round(ahead * 1e9) - pair.visible_stamp_ns) < 20 * MS
 
 
+def test_a_thermal_offset_set_while_running_moves_the_expiry_clock_with_it():
+    # The thermal stamps run 0.6 s ahead (beyond sync.timeout) and sync.thermal_offset -0.6 is
+    # set while a thermal frame waits for its partner. The expiry clock, extrapolated from that
+    # frame, must follow the new offset: on the old one it ran 0.6 s ahead and paired the frame
+    # at once with the nearest visible frame there was, 33 ms off, instead of its own.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.05, queue_size=30, timeout=0.5),
+                              ThermalNormalizer(), ThermalRegistration())
+    thermal = encode_image(np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+    assert pipeline.add_visible(visible, 100_000 * MS, 'rgb', arrived=100.004) == []
+    assert pipeline.add_thermal(thermal, 100_633 * MS, 'ir', arrived=100.035) == []
+    pipeline.synchronizer.thermal_offset = -0.6
+    assert pipeline.expire(100.036) == []
+    [pair] = pipeline.add_visible(visible, 100_033 * MS, 'rgb', arrived=100.037)
+    assert (pair.thermal_stamp_ns, pair.visible_stamp_ns) == (100_633 * MS, 100_033 * MS)
+
+
 def test_an_image_over_max_input_pixels_is_a_bad_message_before_it_takes_a_partner():
     # The model's memory grows with the image: a camera misconfigured to a huge size must cost a
     # dropped frame, not the process.

@@ -337,8 +337,10 @@ def test_diagnostics_warn_while_inputs_arrive_and_nothing_is_fused(node):
 
 def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stamps(node):
     # Bad messages while fusing, then a thermal camera stamping 0.25 s ahead (slop 0.05 s): the
-    # warning names the unpaired frames, not the old bad messages, and the offset that pairs.
+    # warning names the unpaired frames, not the old bad messages, and the offset that pairs,
+    # which set while the node runs pairs the same frames.
     from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.parameter import Parameter
     node.publish('visible', compressed(b'\xff\xd8\xff\xe0' + bytes(100), node.now()))
     node.fuse()
     node.counts()
@@ -361,6 +363,19 @@ def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stam
                      r'stamp on clocks that differ, sync.thermal_offset -0\.2\d\d pairs them',
                      node.message), node.message
     assert node.log_lines('no pair fused lately: thermal stamps run +0.2'), node.log()
+    suggested = float(re.search(r'thermal_offset (-0\.2\d\d) pairs', node.message)[1])
+
+    def set_offset(seconds):
+        client = _parameters(node)
+        [result] = _call(node, client.set_parameters(
+            [Parameter('sync.thermal_offset', value=seconds)])).results
+        assert result.successful, result.reason
+    set_offset(suggested)
+    stamp = node.now()
+    node.publish('thermal', image(THERMAL, 'mono16', stamp + 250_000_000))
+    node.publish('visible', compressed(VISIBLE_JPEG, stamp))
+    node.wait_for_output(stamp)  # the visible frame's stamp
+    set_offset(0.0)
     node.fuse()
     node.counts()
     assert node.level == DiagnosticStatus.OK, node.message

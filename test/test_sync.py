@@ -208,6 +208,44 @@ def test_offsets_match_shifted_stamps_and_pairs_keep_originals():
     assert sync.add_thermal(160 * MS, 't') == [Pair(160 * MS, 98 * MS, 't', 'v')]
 
 
+def _aligned_pair_at_1300_ms() -> PairSynchronizer:
+    """Slop 10 ms, offsets 0: thermal 1.30 s paired with visible 1.30 s (1.00-1.25 s unpaired)."""
+    sync = PairSynchronizer(0.010, 30)
+    sync.add_thermal(1300 * MS, 't1300')
+    for stamp in range(1000, 1300, 50):
+        assert sync.add_visible(stamp * MS, f'v{stamp}') == []
+    assert sync.add_visible(1300 * MS, 'v1300') == [Pair(1300 * MS, 1300 * MS, 't1300', 'v1300')]
+    return sync
+
+
+def test_a_thermal_offset_set_while_running_pairs_the_frames_pending_on_it():
+    # The thermal stamps now run 300 ms ahead; sync.thermal_offset -0.3 set while the frame of
+    # exposure 1.35 s (stamped 1.65 s) waits pairs it with the visible frame of 1.35 s.
+    sync = _aligned_pair_at_1300_ms()
+    assert sync.add_thermal(1650 * MS, 't1650') == []
+    assert sync.add_visible(1350 * MS, 'v1350') == [] and sync.add_visible(1400 * MS, 'v1400') == []
+    sync.thermal_offset = -0.3
+    assert sync.thermal_offset == -0.3
+    assert sync.add_visible(1450 * MS, 'v1450') == [Pair(1650 * MS, 1350 * MS, 't1650', 'v1350')]
+    stats = sync.stats
+    assert (stats.thermal_late, stats.thermal_unpaired, stats.pairs) == (0, 0, 2)
+    check_counts(stats)
+
+
+def test_a_thermal_offset_set_while_running_does_not_make_new_frames_late():
+    # Thermal 1.45 s is 1.15 s on the new offset, before the 1.30 s decided on the old one: it
+    # is new, not late (there is no visible frame of 1.15 s left: unpaired), and thermal 1.70 s
+    # pairs with visible 1.40 s.
+    sync = _aligned_pair_at_1300_ms()
+    sync.thermal_offset = -0.3
+    assert sync.add_thermal(1450 * MS, 't1450') == []
+    assert sync.add_visible(1350 * MS, 'v1350') == [] and sync.add_visible(1400 * MS, 'v1400') == []
+    assert sync.add_thermal(1700 * MS, 't1700') == [Pair(1700 * MS, 1400 * MS, 't1700', 'v1400')]
+    stats = sync.stats
+    assert (stats.thermal_late, stats.thermal_unpaired, stats.pairs) == (0, 1, 2)
+    check_counts(stats)
+
+
 def test_zero_and_negative_stamps_are_rejected():
     sync = PairSynchronizer(0.010, 10)
     assert sync.add_thermal(0, 't') == [] and sync.add_visible(-5, 'v') == []

@@ -176,6 +176,8 @@ class S4FusionNode(Node):
             self.synchronizer.slop = values['sync.slop']
             if self.approximate_sync is not None:
                 self.approximate_sync.slop = Duration(seconds=values['sync.slop'])
+        if 'sync.thermal_offset' in names:  # 0 with message_filters (check_update)
+            self.synchronizer.thermal_offset = values['sync.thermal_offset']
         if any(name.startswith('normalization.') for name in names):
             self.normalizer.configure(**normalizer_settings(values))
         self.engine.settings = fusion_settings(values)  # inference_size is read-only
