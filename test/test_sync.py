@@ -223,7 +223,8 @@ def test_a_thermal_offset_set_while_running_pairs_the_frames_pending_on_it():
     # exposure 1.35 s (stamped 1.65 s) waits pairs it with the visible frame of 1.35 s.
     sync = _aligned_pair_at_1300_ms()
     assert sync.add_thermal(1650 * MS, 't1650') == []
-    assert sync.add_visible(1350 * MS, 'v1350') == [] and sync.add_visible(1400 * MS, 'v1400') == []
+    for stamp in (1350, 1400):
+        assert sync.add_visible(stamp * MS, f'v{stamp}') == []
     sync.thermal_offset = -0.3
     assert sync.thermal_offset == -0.3
     assert sync.add_visible(1450 * MS, 'v1450') == [Pair(1650 * MS, 1350 * MS, 't1650', 'v1350')]
@@ -239,7 +240,8 @@ def test_a_thermal_offset_set_while_running_does_not_make_new_frames_late():
     sync = _aligned_pair_at_1300_ms()
     sync.thermal_offset = -0.3
     assert sync.add_thermal(1450 * MS, 't1450') == []
-    assert sync.add_visible(1350 * MS, 'v1350') == [] and sync.add_visible(1400 * MS, 'v1400') == []
+    for stamp in (1350, 1400):
+        assert sync.add_visible(stamp * MS, f'v{stamp}') == []
     assert sync.add_thermal(1700 * MS, 't1700') == [Pair(1700 * MS, 1400 * MS, 't1700', 'v1400')]
     stats = sync.stats
     assert (stats.thermal_late, stats.thermal_unpaired, stats.pairs) == (0, 1, 2)
