@@ -438,7 +438,7 @@ def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_o
 
 
 def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif_dir,
-                                                                 params_file, tmp_path):
+                                                                 params_file, tmp_path, capsys):
     # Both bags fused with slop 0.02; then bag a alone again with --overwrite and slop 0.03 (the
     # manifest now lists a, with 0.03): b, from 0.02, must not be kept by a --resume at 0.03.
     inputs, out = tmp_path / 'in', tmp_path / 'out'
@@ -455,6 +455,15 @@ def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif
     fuse_bags([inputs / 'a'], out, params=other, resume=True, progress=False)
     report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
     assert [b.status for b in report.bags] == ['skipped', 'skipped']
+    # Bag b recorded again under its name: a resume fuses it again, and says why.
+    shutil.rmtree(inputs / 'b')
+    write_bag(inputs / 'b', camera_messages(ivif_dir, 0.5, seed=4), 'mcap')
+    capsys.readouterr()
+    report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
+    assert [b.status for b in report.bags] == ['skipped', 'done']
+    assert (f'fusing {inputs / "b"} again: its files changed since it was fused'
+            in capsys.readouterr().err)
+    assert read_bag(out / 'b') == reference(inputs / 'b', tmp_path / 'ref_b', other)
 
 
 def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, params_file,

@@ -55,6 +55,7 @@ class BagReport:
     units: int = 1
     nodes: list = dataclasses.field(default_factory=list)  # node IPs that finished its units
     topics: list = dataclasses.field(default_factory=list)  # the thermal and visible topic fused
+    input_files: list = dataclasses.field(default_factory=list)  # work.input_identity, as planned
 
 
 @dataclasses.dataclass
@@ -271,6 +272,20 @@ def _sole_run_into(out_dir: pathlib.Path):
         os.close(folder)  # releases the lock
 
 
+def _changed_since(earlier: dict, topics: tuple, input_files: list) -> str:
+    """Why a bag the manifest lists as finished (row `earlier`) is to be fused again ('' when it
+    is not): this run names other topics, or its files changed (rows of older releases record
+    neither: kept)."""
+    fused_from = earlier.get('topics') or [None, None]
+    changed = [f'{named} instead of {was}' for named, was in zip(topics, fused_from)
+               if named and was and named != was]
+    if changed:
+        return f"this run names {', '.join(changed)}"
+    if earlier.get('input_files', input_files) != input_files:
+        return 'its files changed since it was fused (size or modification time)'
+    return ''
+
+
 def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
     if resume or overwrite:
         return
@@ -478,15 +493,14 @@ class _Runner:
         # any: detected ones follow from the bag and the parameters, and a finished bag is not
         # opened again (a file-compressed one unpacks whole). Any other is fused again: it may
         # come from other parameters (a killed --overwrite run), other topics or a dead attempt.
+        # A bag recorded or copied again under its name since is fused again too.
         earlier = self.previous.get(report.output, {})
+        report.input_files = work.input_identity(job.input)
         if self.resume and job.output.exists() and earlier.get('status') in FINISHED:
-            fused_from = earlier.get('topics') or [None, None]  # not recorded by older releases
-            changed = [f'{named} instead of {was}' for named, was in zip(self.topics, fused_from)
-                       if named and was and named != was]
-            if not changed:
+            reason = _changed_since(earlier, self.topics, report.input_files)
+            if not reason:
                 return self._skip(job, report, earlier)
-            tqdm.write(f"s4fusion-batch: fusing {report.input} again: this run names "
-                       f"{', '.join(changed)}", file=sys.stderr)
+            tqdm.write(f's4fusion-batch: fusing {report.input} again: {reason}', file=sys.stderr)
         try:
             units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
         except BagError as error:

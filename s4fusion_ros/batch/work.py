@@ -228,14 +228,19 @@ def part_path(job: BagJob, index: int) -> pathlib.Path:
     return job.staging / f'part-{index:05d}'
 
 
+def input_identity(bag: pathlib.Path) -> list[list]:
+    """A bag's files as [name, size, modification time ns]: what tells that it was recorded or
+    copied again since (JSON-ready, so that a manifest's copy compares equal)."""
+    files = [bag] if bag.is_file() else sorted(bag.iterdir())
+    return [[str(path.relative_to(bag)) if bag.is_dir() else path.name,
+             path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+
+
 def plan_fingerprint(units: list[Unit]) -> str:
     """What a segmented bag's parts depend on: input file sizes and times, spans, parameters."""
     first = units[0]
-    files = sorted((str(path.relative_to(first.input)) if first.input.is_dir() else path.name,
-                    path.stat().st_size, path.stat().st_mtime_ns)
-                   for path in ([first.input] if first.input.is_file()
-                                else first.input.iterdir()))
-    described = {'files': files, 'topics': first.topics, 'values': first.values,
+    described = {'files': input_identity(first.input), 'topics': first.topics,
+                 'values': first.values,
                  'spans': [dataclasses.astuple(unit.span) for unit in units]}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
