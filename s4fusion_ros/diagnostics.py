@@ -78,10 +78,12 @@ def number(values: dict, key: Key) -> float:
         return math.nan
 
 
-def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float) -> str:
+def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float,
+                    node_name: str = '') -> str:
     """What the stamps tell when thermal frames find no partner ('' where they tell nothing):
     the thermal camera's stamps running ahead of the visible one's by more than sync.slop (after
-    sync.thermal_offset), and the offset that pairs them, if the parameter can take it."""
+    sync.thermal_offset), and the offset that pairs them, if the parameter can take it (with the
+    command that sets it on the running node `node_name`, where given)."""
     if skew_s is None or abs(skew_s + thermal_offset_s) <= slop_s:
         return ''
     text = (f'thermal stamps run {skew_s:+.3f} s ahead of visible ones, arrival for arrival '
@@ -90,5 +92,7 @@ def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float
     if not low <= -skew_s <= high:
         return (f'{text}: more than sync.thermal_offset can take up ({low:g} to {high:g} s); '
                 "synchronize the cameras' clocks (chrony, PTP)")
+    command = (f' (ros2 param set {node_name} sync.thermal_offset {-skew_s:.3f})' if node_name
+               else '')
     return (f'{text}: if the cameras stamp on clocks that differ, sync.thermal_offset '
-            f'{-skew_s:.3f} pairs them')
+            f'{-skew_s:.3f} pairs them{command}')

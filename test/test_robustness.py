@@ -363,7 +363,8 @@ def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stam
                      r'stamp on clocks that differ, sync.thermal_offset -0\.2\d\d pairs them',
                      node.message), node.message
     assert node.log_lines('no pair fused lately: thermal stamps run +0.2'), node.log()
-    suggested = float(re.search(r'thermal_offset (-0\.2\d\d) pairs', node.message)[1])
+    suggested = float(re.search(r'pairs them \(ros2 param set /robustness/s4fusion_node '
+                                r'sync.thermal_offset (-0\.2\d\d)\)', node.message)[1])
 
     def set_offset(seconds):
         client = _parameters(node)

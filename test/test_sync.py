@@ -709,6 +709,9 @@ def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it(
     assert clock_skew_hint(0.3, 0.05, -0.3) == ''  # the offset set already takes it up
     assert clock_skew_hint(0.3, 0.05, 0.0).endswith('sync.thermal_offset -0.300 pairs them')
     assert clock_skew_hint(-0.3, 0.05, 0.0).endswith('sync.thermal_offset 0.300 pairs them')
+    assert clock_skew_hint(0.3, 0.05, 0.0, '/robot/s4fusion_node').endswith(
+        'sync.thermal_offset -0.300 pairs them (ros2 param set /robot/s4fusion_node '
+        'sync.thermal_offset -0.300)')
     far = clock_skew_hint(2.0, 0.05, 0.0)
     assert far.startswith('thermal stamps run +2.000 s ahead of visible ones')
     assert far.endswith("more than sync.thermal_offset can take up (-1 to 1 s); synchronize the "

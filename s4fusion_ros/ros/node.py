@@ -480,7 +480,8 @@ class S4FusionNode(Node):
             message = 'inputs arrive but no pair was fused lately' + (
                 f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
             hint = (clock_skew_hint(self.pipeline.stamp_skew.seconds(), self.synchronizer.slop,
-                                    self._values()['sync.thermal_offset'])
+                                    self._values()['sync.thermal_offset'],
+                                    self.get_fully_qualified_name())
                     if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
             if hint:
                 message += f'; {hint}'
