@@ -13,7 +13,7 @@ The factories at the end build both from the node's parameter values (settings.p
 """
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -25,6 +25,7 @@ from .imaging.encodings import (ImageDecodeError, RawImage, decode_thermal_info,
 from .imaging.limits import MAX_PIXELS
 from .imaging.normalization import ThermalNormalizer
 from .imaging.registration import ThermalRegistration
+from .messages import stamp_to_ns
 from .runtime import LoadedModel
 from .saliency import saliency_map
 from .settings import OUTPUT_ENCODINGS, SALIENCY_ENCODINGS
@@ -49,7 +50,6 @@ class PreparedPair:
     frame_id: str
     thermal: np.ndarray  # float32 (H, W) in [0, 1], registered into the visible image
     visible_bgr: np.ndarray  # uint8 (H, W, 3)
-    prepared_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,14 @@ class FusionPipeline:
         """
         frame = self.visible_frame(message, stamp_ns, frame_id)
         return self._add('visible', stamp_ns, frame, arrived)
+
+    def add_message(self, role: str, message, arrived: float | None = None
+                    ) -> list[PreparedPair]:
+        """Add a sensor_msgs Image/CompressedImage (rclpy's, live, or rosbags', from a bag) of
+        `role` ('thermal' or 'visible') at its header's stamp and frame; `arrived` as for
+        add_thermal. ImageDecodeError (a ValueError) if bad."""
+        add = self.add_thermal if role == 'thermal' else self.add_visible
+        return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id, arrived)
 
     def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
         """Prepare a pair matched elsewhere (the node's message_filters backend)."""

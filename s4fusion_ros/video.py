@@ -148,15 +148,14 @@ def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
     The pipeline (the node's, same parameters) runs on every input message in recorded order, so
     the thermal image of each pair is exactly what the node normalized and fused.
     """
-    roles = {thermal_topic: pipeline.add_thermal, visible_topic: pipeline.add_visible}
+    roles = {thermal_topic: 'thermal', visible_topic: 'visible'}
     with open_bag(bag) as reader:
         for connection, log_time, raw in read_messages(reader, bag, roles):
             yield from pipeline.expire(log_time / 1e9)  # as s4fusion-bag does (tools/bag.py)
             # Bytes that are not the message type, undecodable or unusable: dropped, as there.
             with contextlib.suppress(BagError, ValueError):
-                message = deserialize(bag, connection, raw)
-                yield from roles[connection.topic](message, stamp_to_ns(message.header.stamp),
-                                                   message.header.frame_id, log_time / 1e9)
+                yield from pipeline.add_message(roles[connection.topic],
+                                                deserialize(bag, connection, raw), log_time / 1e9)
     yield from pipeline.flush()
 
 

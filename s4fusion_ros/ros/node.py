@@ -300,15 +300,14 @@ class S4FusionNode(Node):
 
     def _on_image(self, role: str, msg) -> None:
         self._rate(role).tick()
-        stamp_ns = stamp_to_ns(msg.header.stamp)
-        add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            prepared = add(msg, stamp_ns, msg.header.frame_id)
+            prepared = self.pipeline.add_message(role, msg)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.rejected[role] += 1
             self._log_rejection(role, msg, error)
             return
         # Decoded, so counted by the synchronizer as a bad stamp, not as a bad message.
+        stamp_ns = stamp_to_ns(msg.header.stamp)
         if stamp_ns <= 0:
             self._log_bad_stamp(role, stamp_ns)
         self._submit(prepared)

@@ -18,7 +18,6 @@ would otherwise miss the start of the bag.
 
 import argparse
 import importlib
-import math
 import pathlib
 import sys
 import time

@@ -43,7 +43,6 @@ from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_salienc
                       pipeline_from_params)
 from ..files import resolved, write_png
 from ..imaging.encodings import ImageDecodeError
-from ..messages import stamp_to_ns
 from ..model import CheckpointError
 from ..runtime import model_from_params
 from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate, panel_row
@@ -238,11 +237,8 @@ class BagFuser:
 
     def _add(self, role: str, path: pathlib.Path, connection, raw: bytes, arrived: float) -> list:
         self.counts.read[role] += 1
-        add = self.pipeline.add_thermal if role == 'thermal' else self.pipeline.add_visible
         try:
-            message = deserialize(path, connection, raw)
-            return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id,
-                       arrived)
+            return self.pipeline.add_message(role, deserialize(path, connection, raw), arrived)
         # A message whose bytes are not its type (the middleware drops such a one live), an
         # ImageDecodeError or bad geometry (the node drops these): skipped and counted.
         except (BagError, ValueError) as error:
