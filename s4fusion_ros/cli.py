@@ -20,6 +20,23 @@ def parse_size(text: str, minimum: int = 1) -> tuple[int, int]:
     return width, height
 
 
+def split_ros_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments outside the ROS arguments, those inside), as rcl reads a command line: ROS
+    arguments run from each --ros-args to the next '--' or the end (neither marker is kept).
+
+    rclpy.utilities.remove_ros_args would tell the same, but rclpy loads for seconds, and the
+    node's stop-signal handlers must be in place before it does."""
+    own, ros, in_ros_arguments = [], [], False
+    for argument in argv:
+        if argument == '--ros-args':
+            in_ros_arguments = True
+        elif argument == '--' and in_ros_arguments:
+            in_ros_arguments = False
+        else:
+            (ros if in_ros_arguments else own).append(argument)
+    return own, ros
+
+
 def stop_on_signals() -> None:
     """Make SIGINT and SIGTERM raise KeyboardInterrupt, so a tool cleans up as for Ctrl-C.
 

@@ -115,7 +115,10 @@ def _load_model(weights, preset, device, half):
                        trained=False)
 
 
+# The node's parameters that choose the model, in load_fusion_model's order.
+MODEL_PARAMETERS = ('model.weights', 'model.preset', 'device', 'half', 'model.detail_gain')
+
+
 def model_from_params(values: dict) -> LoadedModel:
-    """Load the model named by the node's `device`, `half` and `model.*` parameters."""
-    return load_fusion_model(values['model.weights'], values['model.preset'], values['device'],
-                             values['half'], values['model.detail_gain'])
+    """Load the model named by the node's MODEL_PARAMETERS."""
+    return load_fusion_model(*(values[name] for name in MODEL_PARAMETERS))

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import yaml
 
+from .cli import split_ros_arguments
 from .imaging.limits import MAX_PIXELS
 from .imaging.normalization import MODES as NORMALIZATION_MODES
 from .imaging.registration import validate_homography
+from .sync import CLOCK_JUMP_S
 from .worker import QUEUE_POLICIES
 
 NODE_NAME = 's4fusion_node'
@@ -92,11 +94,11 @@ SPECS = {
     'sync.thermal_offset': Spec(0.0, 'seconds added to thermal stamps for matching (constant '
                                 'driver latency, clocks that differ); outputs keep the original '
                                 'stamps', runtime=True, range=(-1.0, 1.0)),
-    'sync.clock_jump': Spec(1.0, 'a stamp this many seconds older than the newest of its topic is '
-                            'a clock jump (a looping bag, a restarted camera or simulation), '
-                            'once the next frame bears it out: pairing restarts on the new '
-                            'timeline; else a glitched stamp, late; a smaller jump back counts as '
-                            'late', range=(0.001, 3600.0)),
+    'sync.clock_jump': Spec(CLOCK_JUMP_S, 'a stamp this many seconds older than the newest of '
+                            'its topic is a clock jump (a looping bag, a restarted camera or '
+                            'simulation), once the next frame bears it out: pairing restarts on '
+                            'the new timeline; else a glitched stamp, late; a smaller jump back '
+                            'counts as late', range=(0.001, 3600.0)),
     'inference.queue_size': Spec(1, 'pairs waiting for the model', range=(1, 100)),
     'inference.queue_policy': Spec('keep_newest', 'when the queue is full: keep_newest drops the '
                                    'oldest pair, keep_oldest drops the new one',
@@ -356,13 +358,9 @@ _ROS_NAME_PART = re.compile(r'\*\*?|[A-Za-z_][A-Za-z0-9_]*')
 
 def params_file_arguments(argv: list[str]) -> list[pathlib.Path]:
     """The files of the `--params-file` options in the ROS arguments of a command line."""
-    files, in_ros_arguments = [], False
-    for index, argument in enumerate(argv):
-        if argument in ('--ros-args', '--'):
-            in_ros_arguments = argument == '--ros-args'
-        elif in_ros_arguments and argument == '--params-file' and index + 1 < len(argv):
-            files.append(pathlib.Path(argv[index + 1]))
-    return files
+    _, ros = split_ros_arguments(argv)
+    return [pathlib.Path(path) for option, path in zip(ros, ros[1:])
+            if option == '--params-file']
 
 
 def section_applies(key: str, full_name: str) -> bool:

@@ -7,6 +7,21 @@ import time
 import numpy as np
 
 
+def process_memory_kib(pid: int | str = 'self') -> dict[str, int]:
+    """VmRSS and VmHWM (kB) of a process, from /proc/<pid>/status (Linux); {} once it is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as status:
+            lines = status.read().splitlines()
+    except OSError:
+        return {}
+    memory = {}
+    for line in lines:
+        key, _, value = line.partition(':')
+        if key in ('VmRSS', 'VmHWM'):
+            memory[key] = int(value.split()[0])
+    return memory
+
+
 class RateMeter:
     """Events per second over a sliding window (thread-safe: callbacks and the worker count)."""
 

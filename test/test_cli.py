@@ -99,3 +99,14 @@ def test_a_ctrl_c_that_c_code_wrapped_in_a_system_error_is_still_one_line(capsys
     assert capsys.readouterr().err == '\ntool: interrupted\n'
     with pytest.raises(SystemError, match='something else'):
         run_command('tool', broken, ())
+
+
+def test_ros_arguments_run_from_each_ros_args_to_the_next_double_dash():
+    from s4fusion_ros.cli import split_ros_arguments
+    from s4fusion_ros.settings import params_file_arguments
+    argv = ['own', '--ros-args', '--params-file', 'a.yaml', '-p', 'x:=1', '--', '--params-file',
+            'b.yaml', '--ros-args', '--params-file', 'c.yaml']
+    assert split_ros_arguments(argv) == (
+        ['own', '--params-file', 'b.yaml'],
+        ['--params-file', 'a.yaml', '-p', 'x:=1', '--params-file', 'c.yaml'])
+    assert params_file_arguments(argv) == [pathlib.Path('a.yaml'), pathlib.Path('c.yaml')]

@@ -633,12 +633,13 @@ def test_shipped_configurations_are_skipped_when_their_weights_are_missing(tmp_p
     assert configs == expected and len(skipped) == 1
 
 
-def test_training_pairs_follow_the_fine_tuning_chain():
+def test_recorded_training_labels_follow_the_fine_tuning_chain():
+    labels = evaluate.recorded_training_labels
     base = {'data': ['roadscene/a.jpg', 'msrs/b.png'], 'steps_done': 9}
     tuned = {'data': ['roadscene/c.jpg'], 'initialised_from': {'sha256': 'x', 'training': base}}
-    assert evaluate.training_pairs(tuned) == {'roadscene/a.jpg', 'msrs/b.png', 'roadscene/c.jpg'}
-    assert evaluate.training_pairs({'data': [], 'initialised_from': {'training': None}}) is None
-    assert evaluate.training_pairs({'steps': 3}) is None
+    assert labels(tuned) == {'roadscene/a.jpg', 'msrs/b.png', 'roadscene/c.jpg'}
+    assert labels({'data': [], 'initialised_from': {'training': None}}) is None
+    assert labels({'steps': 3}) is None
     assert evaluate._brief(tuned) == ('{data: (1 items), initialised_from: {sha256: x, training: '
                                       '{data: (2 items), steps_done: 9}}}')
 

@@ -36,7 +36,7 @@ from ..bagio import (WRITE_ERRORS, BagError, add_image_topic, create_bag, image_
                      output_qos_of, pick_topics, storage_of, sweep_staging)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
-from ..runtime import model_from_params
+from ..runtime import MODEL_PARAMETERS, model_from_params
 from ..tools.bag import (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC, BagFuser, Span,
                          WarmUpTooShort)
 
@@ -290,8 +290,7 @@ _MODELS = {}  # a worker process keeps its models loaded between units
 
 def engine_for(values: dict) -> FusionEngine:
     """A FusionEngine with the model of these parameters, loaded once per process."""
-    key = (values['model.weights'], values['model.preset'], values['device'], values['half'],
-           values['model.detail_gain'])
+    key = tuple(values[name] for name in MODEL_PARAMETERS)
     if key not in _MODELS:
         _MODELS[key] = model_from_params(values)
     return FusionEngine(_MODELS[key], fusion_settings(values))

@@ -28,12 +28,13 @@ import time
 import numpy as np
 import yaml
 
+from .. import settings
 from ..cli import interrupt, parse_size, run_command, start_child, stop_on_signals
 from ..diagnostics import ROLES, Key, nothing_pending, number, per_input
 from ..messages import stamp_to_ns
+from ..stats import process_memory_kib
 
 PROG = 's4fusion-flood'
-NODE_NAME = 's4fusion_node'
 DEFAULT_NAMESPACE = '/s4fusion_flood'
 SETTLE_TIMEOUT_S = 60.0
 
@@ -121,21 +122,6 @@ def _percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else math.nan
 
 
-def read_memory_kb(pid: int) -> dict[str, int]:
-    """Read VmRSS and VmHWM (kB) of a process from /proc/<pid>/status; {} once it is gone."""
-    try:
-        with open(f'/proc/{pid}/status') as status:
-            lines = status.read().splitlines()
-    except OSError:
-        return {}
-    memory = {}
-    for line in lines:
-        key, _, value = line.partition(':')
-        if key in ('VmRSS', 'VmHWM'):
-            memory[key] = int(value.split()[0])
-    return memory
-
-
 def synthetic_pair(width: int = 640, height: int = 480) -> tuple[np.ndarray, np.ndarray]:
     """Make a thermal frame (uint16 counts: a warm gradient, a hot target) and a BGR frame."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -191,7 +177,7 @@ class Driver:
         self.node = rclpy.create_node('s4fusion_flood', namespace=namespace,
                                       context=self.context)
         self.node_pid = node_pid
-        self.node_name = f'{namespace.rstrip("/")}/{NODE_NAME}'
+        self.node_name = f'{namespace.rstrip("/")}/{settings.NODE_NAME}'
         # The node's default input QoS: reliable, keep last 5.
         qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
         self.thermal_pub = self.node.create_publisher(Image, 'thermal/image_raw', qos)
@@ -224,7 +210,7 @@ class Driver:
                 self.diagnostics_at = time.monotonic()
 
     def _sample_memory(self) -> None:
-        rss = read_memory_kb(self.node_pid).get('VmRSS')
+        rss = process_memory_kib(self.node_pid).get('VmRSS')
         if rss is not None:
             self.rss_kb.append((time.monotonic(), rss))
 
@@ -307,7 +293,7 @@ def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = 
             warm_up_pairs += 1
             time.sleep(0.3)
         time.sleep(1.0)  # let the warm-up pairs drain
-        rss_before = read_memory_kb(node.pid).get('VmRSS', 0)
+        rss_before = process_memory_kib(node.pid).get('VmRSS', 0)
         for rate, duration in phases:
             phase = Phase(rate, duration)
             _flood(driver, phase, thermal_msg, visible_msg)
@@ -324,7 +310,7 @@ def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = 
         for phase in done:
             phase.outputs = [(t, latency) for t, latency in driver.outputs
                              if phase.start <= t < phase.end]
-        peak = read_memory_kb(node.pid).get('VmHWM', 0)
+        peak = process_memory_kib(node.pid).get('VmHWM', 0)
         diagnostics = dict(driver.diagnostics)
         rss = list(driver.rss_kb)
     finally:

@@ -54,7 +54,7 @@ class S4FusionNode(Node):
     def __init__(self, command_line: list[str] = (), **kwargs):
         """`command_line`: the process's, to name a --params-file none of whose sections applies
         to this node."""
-        super().__init__('s4fusion_node', **kwargs)
+        super().__init__(settings.NODE_NAME, **kwargs)
         self.worker = None  # rclpy may destroy a node whose constructor failed (bad parameters)
         # Registered before declaring, so start-up values pass the same checks as live changes.
         self.add_on_set_parameters_callback(self._validate_parameters)
@@ -108,7 +108,7 @@ class S4FusionNode(Node):
                 event_callbacks=PublisherEventCallbacks(
                     incompatible_qos=lambda info, name=name:
                     self._on_incompatible_qos(f'{name}_pub', info)))
-            for name in ('fused', 'saliency'))
+            for name in settings.OUTPUT_NAMES)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         # Timers on the steady clock: on sim time they would stop with /clock (a paused or
         # ended bag), leaving the last thermal frame unfused and no diagnostics published.

@@ -13,6 +13,7 @@ import signal
 import sys
 import traceback
 
+from ..cli import split_ros_arguments
 from ..entry_points import configure_process
 
 PROG = 's4fusion_node'
@@ -32,19 +33,8 @@ Parameters, topics and QoS: config/s4fusion.yaml and docs/node.md of the package
 def command_line_help(argv: list[str]) -> str | None:
     """What to print instead of starting: the usage for -h/--help outside the ROS arguments, a
     note for any other argument there (rclpy would ignore it silently); None when there is none.
-
-    ROS arguments run from each --ros-args to the next '--' or the end, as rcl reads them
-    (rclpy.utilities.remove_ros_args would tell the same, but rclpy loads for seconds, and the
-    stop-signal handlers must be in place before it does).
     """
-    own, in_ros_arguments = [], False
-    for argument in argv:
-        if argument == '--ros-args':
-            in_ros_arguments = True
-        elif argument == '--' and in_ros_arguments:
-            in_ros_arguments = False
-        elif not in_ros_arguments:
-            own.append(argument)
+    own, _ = split_ros_arguments(argv)
     if {'-h', '--help'} & set(own):
         return USAGE
     if own:

@@ -39,6 +39,7 @@ from s4fusion_ros.model.scan import (mamba_scan_fn, numba_cross_scan_fn, numba_s
                                      selective_scan, selective_scan_chunked, selective_scan_ref,
                                      selective_scan_sequential)
 from s4fusion_ros.runtime import DeviceError
+from s4fusion_ros.stats import process_memory_kib
 
 PROG = 's4fusion-bench'
 
@@ -180,14 +181,6 @@ def scan_timer(device):
             setattr(blocks, name, fn)
 
 
-def _proc_status_kib(field):
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise OSError(f'no {field} in /proc/self/status')
-
-
 def peak_memory_mib(fn, device):
     """Peak memory one call of ``fn`` adds, in MiB, or None where it cannot be measured.
 
@@ -210,11 +203,11 @@ def peak_memory_mib(fn, device):
         libc.malloc_trim(0)
         with open('/proc/self/clear_refs', 'w') as clear_refs:
             clear_refs.write('5')  # reset VmHWM to the current resident size
-        before = _proc_status_kib('VmRSS')
-    except (OSError, AttributeError):
+        before = process_memory_kib()['VmRSS']
+    except (OSError, AttributeError, KeyError):
         return None
     fn()
-    return (_proc_status_kib('VmHWM') - before) / 1024
+    return (process_memory_kib()['VmHWM'] - before) / 1024
 
 
 def scan_path_name(device, backend=None):

@@ -516,14 +516,14 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
     return notes
 
 
-def training_pairs(training) -> set | None:
+def recorded_training_labels(training) -> set | None:
     """The training pairs a JSON training record lists, through the weights it was fine-tuned
     from (``initialised_from``); None where some part of the chain does not list them."""
     if not isinstance(training, dict) or not isinstance(training.get('data'), list):
         return None
     pairs = set(training['data'])
     if 'initialised_from' in training:
-        earlier = training_pairs((training['initialised_from'] or {}).get('training'))
+        earlier = recorded_training_labels((training['initialised_from'] or {}).get('training'))
         if earlier is None:
             return None
         pairs |= earlier
@@ -537,7 +537,7 @@ def training_overlap(config: OursConfig, labels: list, what: str = 'evaluated pa
     the ivif layout and its packed copy are one). `labels` are pair labels, compared by their
     ``pair_key``, unless `key` is given: then they are compared as they are with `key` of each
     training pair's ``pair_key``."""
-    trained_on = training_pairs(read_config(config.weights)[0].get('training'))
+    trained_on = recorded_training_labels(read_config(config.weights)[0].get('training'))
     if trained_on is None:
         return f'{config.label}: its JSON does not list all its training pairs.'
     trained_on = {pair_key(label) for label in trained_on}

@@ -238,7 +238,7 @@ def main(argv=None):
     for option in ('init_weights', 'teacher'):
         path = getattr(args, option)
         if path is not None and path.resolve() in (written.resolve(),
-                                                   written.with_suffix('.json').resolve()):
+                                                   config_path(written).resolve()):
             parser.error(f'--{option.replace("_", "-")} {path}: this run writes its weights '
                          'there, so its first checkpoint would replace them; copy them out of '
                          '--out first')

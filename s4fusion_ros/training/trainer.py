@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
-from ..model.checkpoint import file_sha256, read_config
+from ..model.checkpoint import config_path, file_sha256, read_config
 from .loss import complete_config as complete_loss_config
 
 STATE_NAME = 'train_state.pt'
@@ -83,7 +83,7 @@ def check_new_run(out_dir, weights):
     state = pathlib.Path(out_dir) / STATE_NAME
     if state.exists():
         raise FileExistsError(f'{state} exists: resume it or use another output folder')
-    for path in (weights, weights.with_suffix('.json')):
+    for path in (weights, config_path(weights)):
         if path.exists():
             raise FileExistsError(f'{path} exists (an earlier run, without its training state '
                                   'to resume): use another output folder')
