@@ -46,8 +46,8 @@ from ..model.checkpoint import file_sha256, read_config
 from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_CLIP_GAP,
                              ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair, ivif_splits,
-                             pair_key, pairs_in_folder, roadscene_near)
-from .fuse import FusedImages, ImageFuser, SourcePair, luminance, read_image, read_pair
+                             luminance, pair_key, pairs_in_folder, read_image, roadscene_near)
+from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
 PROG = 's4fusion-eval'

@@ -34,7 +34,7 @@ from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
 from ..model.checkpoint import file_sha256
 from ..runtime import LoadedModel, load_fusion_model
-from ..training.data import Pair, luminance, match_pairs, read_image_file
+from ..training.data import Pair, luminance, match_pairs, read_image
 
 PROG = 's4fusion-fuse'
 # In --out: what the outputs there were made with, so that --skip-existing never mixes runs.
@@ -59,18 +59,6 @@ class FusedImages:
     fused: np.ndarray  # uint8 (H, W, 3) BGR when the visible image is colour, else (H, W)
     saliency: np.ndarray | None  # uint8 (H, W), 0-255; None from methods without one (eval)
     seconds: float
-
-
-def read_image(path: pathlib.Path) -> np.ndarray:
-    """Read an 8- or 16-bit image file as stored (gray or BGR); ValueError names the file."""
-    image = read_image_file(path)
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need 8 or 16 bit)')
-    if image.ndim == 3 and image.shape[2] in (3, 4):
-        return image[:, :, :3]
-    if image.ndim != 2:
-        raise ValueError(f'{path}: unsupported image shape {image.shape}')
-    return image
 
 
 def is_color(image: np.ndarray) -> bool:

@@ -76,20 +76,26 @@ class IvifSplits:
     clips: dict
 
 
-def read_image_file(path):
-    """Read an image file as stored (any depth and channels); ValueError names the file."""
+def read_image(path):
+    """Read an 8- or 16-bit image file as stored, gray (H, W) or BGR (H, W, 3) (alpha dropped);
+    ValueError names the file."""
     try:
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     except cv2.error as error:  # e.g. larger than the limits the entry points give OpenCV
         raise ValueError(f'{path}: cannot read it ({error.err})') from error
     if image is None:
         raise ValueError(f'{path}: not a readable image')
+    _check_depth(image, path)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return image[:, :, :3]
+    if image.ndim != 2:
+        raise ValueError(f'{path}: unsupported image shape {image.shape}')
     return image
 
 
 def _read_luminance(path):
     """Read an image file as (H, W) luminance in its own integer type (8 or 16 bit)."""
-    return luminance(_check_depth(read_image_file(path), path), path)
+    return luminance(read_image(path), path)
 
 
 def _check_depth(image, path):
