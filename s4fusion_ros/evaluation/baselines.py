@@ -10,31 +10,19 @@ import cv2
 import numpy as np
 import torch
 
+from ..imaging.color import unit_gray_pair
 from ..model.pyramid import LEVELS, laplacian_fuse
-
-
-def _as_unit_pair(ir, vi):
-    """Both images as float32 in [0, 1], checking they are gray and of the same shape."""
-    pair = []
-    for img, name in ((ir, 'ir'), (vi, 'vi')):
-        arr = np.asarray(img)
-        if arr.ndim != 2:
-            raise ValueError(f'{name} must be a gray (H, W) image, got shape {arr.shape}')
-        pair.append(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
-    if pair[0].shape != pair[1].shape:
-        raise ValueError(f'IR {pair[0].shape} and VI {pair[1].shape} differ in shape')
-    return pair
 
 
 def fuse_average(ir, vi):
     """Pixel-wise mean of IR and VI."""
-    a, b = _as_unit_pair(ir, vi)
+    a, b = unit_gray_pair(ir, vi)
     return (a + b) / 2.0
 
 
 def fuse_max(ir, vi):
     """Pixel-wise maximum of IR and VI (keeps hot targets and bright visible detail)."""
-    a, b = _as_unit_pair(ir, vi)
+    a, b = unit_gray_pair(ir, vi)
     return np.maximum(a, b)
 
 
@@ -45,7 +33,7 @@ def fuse_laplacian(ir, vi, levels=LEVELS, detail_gain=1.0, base_contrast=1.0):
     refines, there with its ``detail_gain`` and ``base_contrast`` (1, 1: the classical fusion).
     ``levels`` is capped so that the base keeps at least 8 pixels on its short side.
     """
-    a, b = _as_unit_pair(ir, vi)
+    a, b = unit_gray_pair(ir, vi)
     fused = laplacian_fuse(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
                            levels, detail_gain, base_contrast)
     return fused[0, 0].clamp_(0.0, 1.0).numpy()
@@ -84,7 +72,7 @@ def fuse_gff(ir, vi):
     finely for the details (radius 7, eps 1e-6), normalised to sum to 1, and the weighted bases
     and details are added.
     """
-    sources = _as_unit_pair(ir, vi)
+    sources = unit_gray_pair(ir, vi)
     bases = [cv2.blur(s, (31, 31), borderType=cv2.BORDER_REPLICATE) for s in sources]
     saliency = [cv2.GaussianBlur(np.abs(cv2.Laplacian(s, cv2.CV_32F,
                                                       borderType=cv2.BORDER_REPLICATE)),

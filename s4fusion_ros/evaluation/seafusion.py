@@ -30,6 +30,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..imaging.color import unit_gray_pair
 from ..imaging.filters import SOBEL_X
 
 _SOBEL = torch.tensor(SOBEL_X, dtype=torch.float32)  # the signs do not matter: |Sx * x|
@@ -105,16 +106,6 @@ def _tanh_unit(x):
     return torch.tanh(x) / 2 + 0.5
 
 
-def _as_unit_tensor(img, device):
-    """(H, W) uint8 or float in [0, 1] -> (1, 1, H, W) float32 tensor in [0, 1]."""
-    img = np.asarray(img)
-    if img.ndim != 2:
-        raise ValueError(f'expected a gray (H, W) image, got shape {img.shape}')
-    scale = 255.0 if img.dtype == np.uint8 else 1.0
-    arr = img.astype(np.float32) / scale
-    return torch.from_numpy(arr)[None, None].to(device)
-
-
 class SeAFusion(nn.Module):
     """SeAFusion fusion network: ``forward(ir, vi)`` on (B, 1, H, W) luminance in [0, 1]."""
 
@@ -152,10 +143,10 @@ class SeAFusion(nn.Module):
     @torch.inference_mode()
     def fuse(self, ir, vi):
         """Fuse gray (H, W) IR and VI (uint8, or float in [0, 1]) -> float32 (H, W) in [0, 1]."""
-        if np.shape(ir) != np.shape(vi):
-            raise ValueError(f'IR {np.shape(ir)} and VI {np.shape(vi)} differ in shape')
         device = next(self.parameters()).device
-        out = self(_as_unit_tensor(ir, device), _as_unit_tensor(vi, device))
+        ir, vi = (torch.from_numpy(image)[None, None].to(device)  # (1, 1, H, W)
+                  for image in unit_gray_pair(ir, vi))
+        out = self(ir, vi)
         return out[0, 0].clamp(0.0, 1.0).cpu().numpy()
 
 

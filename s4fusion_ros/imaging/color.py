@@ -13,6 +13,20 @@ def to_float(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
+def unit_gray_pair(ir, vi) -> tuple[np.ndarray, np.ndarray]:
+    """Gray (H, W) IR and VI images of one shape (uint8, or float in [0, 1]) as float32 in
+    [0, 1]: the inputs of the classical and published fusion methods the report compares."""
+    pair = []
+    for image, name in ((ir, 'ir'), (vi, 'vi')):
+        array = np.asarray(image)
+        if array.ndim != 2:
+            raise ValueError(f'{name} must be a gray (H, W) image, got shape {array.shape}')
+        pair.append(array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0))
+    if pair[0].shape != pair[1].shape:
+        raise ValueError(f'IR {pair[0].shape} and VI {pair[1].shape} differ in shape')
+    return pair[0], pair[1]
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Convert float in [0, 1] to uint8, rounded half up as MATLAB's uint8() rounds (values
     outside are clamped, NaN -> 0). Not np.rint, which rounds half to even: the average of two
