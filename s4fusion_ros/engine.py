@@ -219,6 +219,11 @@ class FusionEngine:
         self.loaded = loaded
         self.settings = settings or FusionSettings()
 
+    @property
+    def detail_gain(self) -> float:
+        """Gain on the sources' detail restored above a reduced inference size: the model's."""
+        return self.loaded.model.config.detail_gain
+
     def infer(self, pair: PreparedPair) -> FusionResult:
         """Fuse one prepared pair (from messages) into the images published for it."""
         return self._fuse(pair.thermal, pair.visible_bgr, self.settings, pair)
@@ -261,8 +266,7 @@ class FusionEngine:
             thermal_small = cv2.resize(thermal, model_size, interpolation=cv2.INTER_AREA)
             visible_small = cv2.resize(visible_y, model_size, interpolation=cv2.INTER_AREA)
             fused_small = self._run_model(thermal_small, visible_small)
-            fused_y = restore_detail(fused_small, thermal, visible_y,
-                                     self.loaded.model.config.detail_gain)
+            fused_y = restore_detail(fused_small, thermal, visible_y, self.detail_gain)
         saliency = saliency_map(thermal, visible_y, fused_y,
                                 settings.saliency_contrast, settings.saliency_threshold)
         fused = compose_output(fused_y, visible_cr, visible_cb, settings.output_encoding)

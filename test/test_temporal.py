@@ -98,6 +98,19 @@ def test_clips_run_through_the_node_pipeline(video_dir):
     assert 0.0 < score.flicker <= 1.0 and score.static_fraction > 0.5
 
 
+def test_a_baseline_runs_at_a_reduced_inference_size_as_the_model_does():
+    # The engine restores the detail lost above a reduced size with the model's gain; a
+    # baseline, which has no model, restores it as it is.
+    from s4fusion_ros.engine import FusionSettings
+    rng = np.random.default_rng(3)
+    thermal = rng.uniform(0, 1, (48, 64)).astype(np.float32)
+    visible = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    engine = temporal.BaselineEngine(baselines.fuse_average, FusionSettings(
+        inference_size=(32, 24)))
+    result = engine.fuse_images((thermal * 255).astype(np.uint8), visible)
+    assert result.fused.shape == (48, 64, 3)
+
+
 def test_eval_writes_only_the_flicker_section(video_dir, tmp_path):
     out = tmp_path / 'quality.md'
     out.write_text('# Fusion quality\n\nkept\n')

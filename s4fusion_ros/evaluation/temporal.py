@@ -145,6 +145,8 @@ def prepared_pairs(video_dir: pathlib.Path, clip: str, frames: int) -> list[Prep
 class BaselineEngine(FusionEngine):
     """The node's engine with a classical ``fuse(ir, vi) -> float (H, W)`` instead of the model."""
 
+    detail_gain = 1.0  # above a reduced inference size, the sources' detail as it is
+
     def __init__(self, fuse: Callable, fusion_settings: FusionSettings | None = None):
         """Fuse with ``fuse``; colour, saliency and output as the node builds them."""
         super().__init__(None, fusion_settings)
