@@ -66,12 +66,11 @@ class ThermalNormalizer:
     to zeros.
     """
 
-    def __init__(self, mode: str = 'percentile', low_percentile: float = 1.0,
-                 high_percentile: float = 99.0, smoothing: float = 0.8,
-                 fixed_range: tuple[float, float] = (0.0, 65535.0)) -> None:
-        """Validate the settings (ValueError with a reason) and start without history."""
-        self._settings = NormalizerSettings(mode, low_percentile, high_percentile, smoothing,
-                                            tuple(fixed_range))
+    def __init__(self, **settings) -> None:
+        """Take NormalizerSettings' fields by name, its defaults for the rest; validate them
+        (ValueError with a reason) and start without history."""
+        self._settings = NormalizerSettings()
+        self.configure(**settings)
         self._range: Optional[tuple[float, float]] = None
 
     @property
