@@ -388,7 +388,8 @@ class S4FusionNode(Node):
             publisher.publish(raw_image_message(raw, result.pair.visible_stamp_ns,
                                                 result.pair.frame_id))
 
-    def _publish_diagnostics(self) -> None:
+    def _diagnostic_values(self) -> dict:
+        """The counts, rates and latencies /diagnostics reports, as they are now."""
         sync = self.synchronizer.stats
         inference = self.inference_latency.summary()
         end_to_end = self.end_to_end_latency.summary()
@@ -433,7 +434,6 @@ class S4FusionNode(Node):
             Key.DEVICE: str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
             Key.MODEL: self.loaded.name,
         }
-        level, message = DiagnosticStatus.OK, 'fusing'
         if self.approximate_sync is not None:
             # message_filters reports no pairing counts: what it dropped is not known here.
             for key in OWN_SYNC_KEYS:
@@ -451,6 +451,12 @@ class S4FusionNode(Node):
             note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
                     'use_sim_time?)')
             values[Key.END_TO_END_LATENCY_MEAN] = values[Key.END_TO_END_LATENCY_P95] = note
+        return values
+
+    def _status(self, values: dict) -> tuple[int, str]:
+        """The level and message of the node's status for these values (logging what a stall
+        tells); notes which counts pairs were last fused at."""
+        level, message = DiagnosticStatus.OK, 'fusing'
         self._log_worker_failures()
         if not self.worker.alive:
             level = DiagnosticStatus.ERROR
@@ -464,33 +470,42 @@ class S4FusionNode(Node):
             if mismatched:
                 message += f' ({"; ".join(mismatched)})'
         elif not self.fused_rate.recent():
-            # Both inputs arrive and nothing comes out: say where the pairs went since pairs
-            # were last fused (not since the start: an old overload would take the blame).
-            grown = {key: values[key] - self.counts_while_fusing.get(key, 0) for key in (
-                Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_BAD_STAMP,
-                Key.VISIBLE_BAD_STAMP, Key.THERMAL_LATE, Key.VISIBLE_LATE, Key.THERMAL_OVERFLOW,
-                Key.VISIBLE_OVERFLOW, Key.THERMAL_UNPAIRED, Key.VISIBLE_UNPAIRED,
-                Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS, Key.PAIRS_DROPPED)
-                if isinstance(values[key], int)}
-            causes = [f'{key}: +{count}' for key, count in grown.items() if count > 0]
-            if values[Key.PAIRS_IN_INFERENCE]:  # a model slower than the 5 s window
-                causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
-            level = DiagnosticStatus.WARN
-            message = 'inputs arrive but no pair was fused lately' + (
-                f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
-            hint = (clock_skew_hint(self.pipeline.stamp_skew.seconds(), self.synchronizer.slop,
-                                    self._values()['sync.thermal_offset'],
-                                    self.get_fully_qualified_name())
-                    if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
-            if hint:
-                message += f'; {hint}'
-                self.get_logger().warning(f'no pair fused lately: {hint}',
-                                          throttle_duration_sec=LOG_THROTTLE_S)
+            level, message = DiagnosticStatus.WARN, self._stall_message(values)
         elif values[Key.PAIRS_FUSED] != self.counts_while_fusing.get(Key.PAIRS_FUSED):
             # Only when a pair was fused since the last report: the status stays OK for the
             # fused rate's 5 s window after the last one, whose drops must not be absorbed.
             self.counts_while_fusing = {key: value for key, value in values.items()
                                         if isinstance(value, int)}
+        return level, message
+
+    def _stall_message(self, values: dict) -> str:
+        """Both inputs arrive and nothing comes out: where the pairs went since pairs were last
+        fused (not since the start: an old overload would take the blame), and what the stamps
+        tell (logged too)."""
+        grown = {key: values[key] - self.counts_while_fusing.get(key, 0) for key in (
+            Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_BAD_STAMP,
+            Key.VISIBLE_BAD_STAMP, Key.THERMAL_LATE, Key.VISIBLE_LATE, Key.THERMAL_OVERFLOW,
+            Key.VISIBLE_OVERFLOW, Key.THERMAL_UNPAIRED, Key.VISIBLE_UNPAIRED,
+            Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS, Key.PAIRS_DROPPED)
+            if isinstance(values[key], int)}
+        causes = [f'{key}: +{count}' for key, count in grown.items() if count > 0]
+        if values[Key.PAIRS_IN_INFERENCE]:  # a model slower than the 5 s window
+            causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
+        message = 'inputs arrive but no pair was fused lately' + (
+            f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
+        hint = (clock_skew_hint(self.pipeline.stamp_skew.seconds(), self.synchronizer.slop,
+                                self._values()['sync.thermal_offset'],
+                                self.get_fully_qualified_name())
+                if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
+        if hint:
+            message += f'; {hint}'
+            self.get_logger().warning(f'no pair fused lately: {hint}',
+                                      throttle_duration_sec=LOG_THROTTLE_S)
+        return message
+
+    def _publish_diagnostics(self) -> None:
+        values = self._diagnostic_values()
+        level, message = self._status(values)
         status = DiagnosticStatus(
             level=level, name=f'{self.get_fully_qualified_name()}: fusion', message=message,
             hardware_id=str(self.loaded.device),
