@@ -215,15 +215,17 @@ def render_section(scores: dict, frames: int, command: str, notes: list[str]) ->
     return '\n'.join(lines)
 
 
+_SECTION = re.compile(re.escape(SECTION_BEGIN) + r'.*?' + re.escape(SECTION_END), re.S)
+
+
 def replace_section(text: str, section: str) -> str:
     """``text`` with its flicker section replaced by ``section`` (appended when it has none)."""
-    pattern = re.compile(re.escape(SECTION_BEGIN) + r'.*?' + re.escape(SECTION_END), re.S)
-    if pattern.search(text):
-        return pattern.sub(lambda _: section, text, count=1)
+    if _SECTION.search(text):
+        return _SECTION.sub(lambda _: section, text, count=1)
     return text.rstrip('\n') + '\n\n' + section + '\n'
 
 
 def section_of(text: str) -> str:
     """The flicker section of ``text`` ('' when it has none)."""
-    match = re.search(re.escape(SECTION_BEGIN) + r'.*?' + re.escape(SECTION_END), text, re.S)
+    match = _SECTION.search(text)
     return match.group(0) if match else ''
