@@ -362,6 +362,9 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     storage.write_bytes(storage.read_bytes()[:storage.stat().st_size * 2 // 3])
     garbage = write_bag(inputs / 'garbage', camera_messages(ivif_dir, 1.0), 'sqlite3')
     (garbage / 'garbage.db3').write_bytes(b'not a database' * 1000)
+    # A recording cut off before its metadata.yaml: a bag that fails, not a folder of bare files.
+    cut = write_bag(inputs / 'cut', camera_messages(ivif_dir, 1.0), 'mcap')
+    (cut / 'metadata.yaml').unlink()
     # A message in the middle that does not decode is dropped and counted, as live and by
     # s4fusion-bag: that bag is fused all the same.
     broken = write_bag(inputs / 'broken', camera_messages(ivif_dir, 2.0), 'sqlite3')
@@ -374,16 +377,45 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     assert rows['good'].status == 'done'
     assert read_bag(tmp_path / 'out' / 'good') == reference(good, tmp_path / 'ref', params_file)
     assert rows['broken'].status == 'done' and rows['broken'].dropped == 1
-    for name in ('truncated', 'garbage'):
+    for name in ('truncated', 'garbage', 'cut'):
         assert rows[name].status == 'failed' and str(inputs / name) in rows[name].error
         assert not (tmp_path / 'out' / name).exists()
     assert 'corrupt or truncated' in rows['truncated'].error
+    assert 'no metadata.yaml' in rows['cut'].error
     # The two fail when planned, before any task.
     assert sorted(r['label'] for r in seen) == [str(broken), str(good)]
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
         'broken', 'good', 's4fusion-batch-manifest.json']
-    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 2
+    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 3
     assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
+
+
+def test_a_task_larger_than_every_node_is_refused_before_any_work(local_ray, ivif_dir,
+                                                                  params_file, tmp_path):
+    # Ray would wait for a node with that many CPUs for ever.
+    write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    with pytest.raises(BatchError, match=r'--cpus-per-task 3: no node of the cluster has that '
+                                         r'many CPUs \(at most 2\)'):
+        fuse_bags([tmp_path / 'in'], tmp_path / 'out', params=params_file, cpus_per_task=3)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_ray_addresses_that_cannot_be_joined_on_loopback_or_at_all_are_one_line(tmp_path):
+    from s4fusion_ros.batch.cluster import _driver_address
+    assert _driver_address('127.0.0.2:6379') == {'_node_ip_address': '127.0.0.2'}
+    assert _driver_address('10.0.0.5:6379') == _driver_address('head.lan:6379') == {}
+    for address in ('127.0.0.1:6379', 'localhost:6379'):  # Ray would join on the interface
+        with pytest.raises(BatchError, match='start the cluster on another loopback address'):
+            _driver_address(address)
+    (tmp_path / 'in').mkdir()
+    (tmp_path / 'in' / 'a.mcap').write_bytes(b'')
+    for out, address, message in ((tmp_path / 'a_file', 'local', 'is not a folder'),
+                                  (tmp_path / 'out', 'nonsense', '--ray nonsense: cannot join')):
+        (tmp_path / 'a_file').write_text('')
+        run = subprocess.run([str(BATCH_TOOL), str(tmp_path / 'in'), str(out), '--ray', address],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and message in run.stderr, run.stderr
+        assert 'Traceback' not in run.stderr
 
 
 def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
@@ -407,9 +439,11 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     assert not stale.exists() and read_bag(out / 'a') == reference(source, tmp_path / 'ref',
                                                                    params_file)
     error = capsys.readouterr().err
-    assert '1 of 1 bags fused' in error and str(out / 's4fusion-batch-manifest.json') in error
+    assert '1 of 1 bags fused now' in error and str(out / 's4fusion-batch-manifest.json') in error
     assert batch_tool.main(command + ['--resume']) == 0  # nothing left to do
-    assert 'skipped' in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert 'skipped' in error
+    assert '0 of 1 bags fused now (0 pairs), 1 kept as an earlier run fused them' in error
     # Finished bags are kept as they are: a resume with other parameters is refused.
     other = params_with_slop(params_file, 0.03, tmp_path / 'other.yaml')
     assert batch_tool.main([str(tmp_path / 'in'), str(out), '--params', str(other),

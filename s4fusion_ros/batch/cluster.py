@@ -12,6 +12,7 @@ to `max_retries` times. Errors of the bag itself come back as results and are no
 import contextlib
 import dataclasses
 import fcntl
+import ipaddress
 import json
 import os
 import pathlib
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from .. import settings
 from ..bagio import BagError
 from ..entry_points import omp_wait_policy, opencv_limits
-from ..files import write_text_atomically
+from ..files import check_writable_folder, write_text_atomically
 from . import work
 from .work import BagJob, BatchError, Unit
 
@@ -151,7 +152,11 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
             # give them the OpenMP wait policy and OpenCV's limits before they load torch and
             # OpenCV.
             ray.init(address=address, runtime_env={'env_vars': {
-                'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_limits()}}, **common)
+                'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_limits()}},
+                **_driver_address(address), **common)
+    except (ValueError, ConnectionError) as error:  # a malformed address, or nobody there
+        stop_ray(ray, home)
+        raise BatchError(f'--ray {address}: cannot join that Ray cluster ({error})') from None
     except BaseException as error:
         # Stopped (or failed) while starting: nothing it started may outlive this process. A
         # stop signal then lands as KeyboardInterrupt or in Ray's handler as SystemExit(signal).
@@ -171,6 +176,26 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
             stop_ray(ray, home)
         finally:
             take_stop_signals(restore=True)
+
+
+def _driver_address(address: str) -> dict:
+    """ray.init's node address for this process when joining the cluster at `address`: for a
+    cluster on loopback, loopback too (else Ray would give its interface address, and the
+    traffic would leave loopback); elsewhere Ray's choice, the address the cluster reaches.
+
+    Ray replaces 127.0.0.1 and localhost by the interface address in the cluster's address
+    itself: such a cluster is refused, naming the way that stays on loopback."""
+    host = address.rsplit(':', 1)[0].strip('[]')
+    if host in ('localhost', '127.0.0.1'):
+        raise BatchError(f'--ray {address}: Ray would join it on this machine\'s network '
+                         f'address, not on loopback; start the cluster on another loopback '
+                         f'address (ray start --head --node-ip-address {LOCAL_NODE_IP}) and '
+                         f'pass --ray {LOCAL_NODE_IP}:PORT')
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    return {'_node_ip_address': host} if loopback else {}
 
 
 def stop_ray(ray, home: pathlib.Path | None) -> None:
@@ -233,6 +258,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
             runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
                              resume, max_retries, progress, (on_unit, on_progress),
                              previous, out_dir / MANIFEST, topics)
+            runner.check_resources()  # before any manifest: a refused run leaves no trace
             interrupted = False
             try:
                 runner.run()
@@ -254,6 +280,10 @@ def _sole_run_into(out_dir: pathlib.Path):
     lock goes with the process however it ends; where the file system has none for folders (some
     NFS mounts) the run goes on unguarded."""
     made = not out_dir.exists()
+    try:
+        check_writable_folder(out_dir)
+    except OSError as error:
+        raise BatchError(str(error)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = os.open(out_dir, os.O_RDONLY)
     try:
@@ -471,12 +501,23 @@ class _Runner:
             if self.on_progress:
                 self.on_progress(label, ip, pairs)
 
+    def check_resources(self) -> None:
+        """Refuse work no node can take: Ray would wait for such a node forever."""
+        if self.gpus:
+            gpus = self.ray.cluster_resources().get('GPU', 0)
+            if gpus < self.gpus:
+                raise BatchError(f'--gpus-per-worker {self.gpus:g}: the cluster has {gpus:g} '
+                                 'GPUs')
+            return
+        largest = max((node['Resources'].get('CPU', 0) for node in self.ray.nodes()
+                       if node['Alive']), default=0)
+        if self.cpus > largest:
+            raise BatchError(f'--cpus-per-task {self.cpus}: no node of the cluster has that '
+                             f'many CPUs (at most {largest:g})')
+
     def _start_actors(self) -> None:
         ray = self.ray
-        gpus = ray.cluster_resources().get('GPU', 0)
-        count = int(gpus // self.gpus)
-        if count < 1:
-            raise BatchError(f'--gpus-per-worker {self.gpus:g}: the cluster has {gpus:g} GPUs')
+        count = int(ray.cluster_resources().get('GPU', 0) // self.gpus)
         actor = ray.remote(_GpuWorker).options(
             num_gpus=self.gpus, num_cpus=1, max_restarts=self.retries,
             max_task_retries=self.retries)

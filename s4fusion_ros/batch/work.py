@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import pathlib
+import re
 import shutil
 import socket
 import time
@@ -106,9 +107,16 @@ def staging_of(output: pathlib.Path) -> pathlib.Path:
 
 
 def is_bag(path: pathlib.Path) -> bool:
-    """A rosbag2 directory or a bare .mcap / .db3 file."""
+    """A rosbag2 directory or a bare .mcap / .db3 file.
+
+    A directory without its metadata.yaml that holds files named as rosbag2 writers name them
+    (DIR_0.mcap, DIR_1.db3.zstd, DIR.mcap, ...) is a recording still running or cut off: a bag,
+    which then fails as s4fusion-bag fails on it, not a folder whose files are fused one by one."""
     if path.is_dir():
-        return (path / 'metadata.yaml').is_file()
+        suffixes = '|'.join(map(re.escape, BAG_SUFFIXES))
+        recorded = re.compile(rf'{re.escape(path.name)}(_\d+)?({suffixes})(\.zstd)?')
+        return (path / 'metadata.yaml').is_file() or any(
+            recorded.fullmatch(entry.name) for entry in path.iterdir())
     return path.is_file() and path.suffix in BAG_SUFFIXES
 
 

@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('out_dir', type=pathlib.Path, metavar='OUT_DIR')
     parser.add_argument('--ray', default=LOCAL, metavar='ADDRESS|local',
                         help='a Ray cluster to join (e.g. 10.0.0.5:6379), or %(default)s: a '
-                        'private Ray on this machine, on loopback (default)')
+                        'private Ray on this machine whose nodes send on loopback; like every '
+                        "Ray 2.60, its servers listen on all interfaces, behind its token "
+                        '(docs/batch.md) (default)')
     parser.add_argument('--num-cpus', type=int, metavar='N',
                         help='with --ray local: CPUs to use (default: all)')
     parser.add_argument('--cpus-per-task', type=int, default=1, metavar='C',
@@ -81,9 +83,11 @@ def fuse_and_report(args: argparse.Namespace) -> int:
                        max_retries=args.max_retries,
                        topics=(args.thermal_topic, args.visible_topic))
     failed = [bag for bag in report.bags if bag.status == 'failed']
-    print(f'{PROG}: {len(report.bags) - len(failed)} of {len(report.bags)} bags fused '
-          f'({report.fused} pairs) in {report.seconds:.1f} s; manifest: {report.manifest}',
-          file=sys.stderr)
+    kept = sum(bag.status == 'skipped' for bag in report.bags)
+    fused = sum(bag.status == 'done' for bag in report.bags)
+    print(f'{PROG}: {fused} of {len(report.bags)} bags fused now ({report.fused} pairs)'
+          + (f', {kept} kept as an earlier run fused them' if kept else '')
+          + f' in {report.seconds:.1f} s; manifest: {report.manifest}', file=sys.stderr)
     return 1 if failed else 0
 
 
