@@ -377,10 +377,11 @@ def check_output(path: pathlib.Path, overwrite: bool) -> None:
     """Refuse an existing `path` unless `overwrite`; even then, replace only a rosbag2 bag."""
     if not path.exists():
         return
+    if not (path / 'metadata.yaml').is_file():  # --overwrite would not help: say so first
+        raise BagError(f'{path} exists and is not a rosbag2 directory; not replacing it (remove '
+                       'it or name another output)')
     if not overwrite:
         raise BagError(f'{path} exists; pass --overwrite to replace it')
-    if not (path / 'metadata.yaml').is_file():
-        raise BagError(f'{path} exists and is not a rosbag2 directory; not replacing it')
 
 
 def add_image_topic(writer: Writer, topic: str, qos: Qos = RELIABLE_QOS,

@@ -355,6 +355,24 @@ def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
     assert f'{path}: normalization.fixed_min' in capsys.readouterr().err
 
 
+def test_thermal_stamps_on_a_clock_ahead_are_named_with_the_offset_that_pairs_them(
+        short_events, tmp_path, capsys):
+    # The thermal camera stamps 0.3 s ahead of the visible one (slop 0.05 s): thermal frames go
+    # unpaired (or pair with the wrong visible frame), and the summary says by how much, as the
+    # node's stall warning does.
+    ahead = [(log, topic, stamp + 300_000_000 * (topic == THERMAL_TOPIC), encoding, image)
+             for log, topic, stamp, encoding, image in short_events]
+    source = write_bag(tmp_path / 'in', ahead, 'mcap')
+    bag_tool.main([str(source), str(tmp_path / 'out')])
+    assert re.search(r'thermal stamps run \+0\.3\d\d s ahead of visible ones.*'
+                     r'sync.thermal_offset -0\.3\d\d pairs them \(set it in --params\)',
+                     capsys.readouterr().err)
+    # Cameras on one clock: no such line.
+    assert bag_tool.main([str(write_bag(tmp_path / 'in2', short_events, 'mcap')),
+                          str(tmp_path / 'out2')]) == 0
+    assert 'thermal stamps run' not in capsys.readouterr().err
+
+
 def test_missing_topic_error_names_the_topics_found(short_events, tmp_path, capsys):
     source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
     code = bag_tool.main([str(source), str(tmp_path / 'out'), '--thermal-topic', '/ir/raw'])
@@ -386,6 +404,15 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
                           str(tmp_path / 'pngs')]) == 1
     assert 'holds PNGs already; pass --overwrite' in capsys.readouterr().err
     assert (tmp_path / 'pngs' / '000000_1_fused.png').read_bytes() == b'an earlier export'
+    # With --overwrite the earlier export's PNGs go once this run's are written; others stay.
+    (tmp_path / 'pngs' / 'notes.png').write_bytes(b'not an export')
+    assert bag_tool.main([str(source), str(tmp_path / 'new'), '--export-png',
+                          str(tmp_path / 'pngs'), '--overwrite']) == 0
+    assert 'removed 1 PNGs of an earlier export' in capsys.readouterr().err
+    names = sorted(path.name for path in (tmp_path / 'pngs').iterdir())
+    assert 'notes.png' in names and '000000_1_fused.png' not in names
+    assert len([name for name in names if name.endswith('_fused.png')]) == len(
+        read_bag(tmp_path / 'new')['/s4fusion_node/fused'])
 
 
 def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite(

@@ -39,6 +39,7 @@ from ..bagio import (RELIABLE_QOS, STORAGES, WRITE_ERRORS, BagError, ImageTopic,
                      image_cdr, image_topics, open_bag, output_qos_of, pick_topics,
                      read_messages, storage_of, sweep_staging)
 from ..cli import stop_on_signals
+from ..diagnostics import clock_skew_hint
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
 from ..files import resolved, write_png
@@ -88,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'container')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace OUTPUT if it is an existing bag (and an existing '
-                        '--export-video file, and write into an --export-png DIR holding PNGs)')
+                        '--export-video file, and the PNGs an earlier export wrote into '
+                        '--export-png DIR, once this run has written its own)')
     args = parser.parse_args(argv)
     if args.export_every < 1:
         parser.error('--export-every must be >= 1')
@@ -161,6 +163,7 @@ class BagFuser:
         self.export_every = export_every
         self.video = video
         self.counts = Counts()
+        self.exported = set()  # the PNGs written (export)
         self.warned = set()
         self.notices_shown = 0
         self.baseline = self.tally()  # at the first owned message of a span
@@ -265,7 +268,7 @@ class BagFuser:
                 writer.write(connection, log_time,
                              image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))
             if self.export is not None and self.counts.fused % self.export_every == 0:
-                export_png(self.export, self.counts.fused, result)
+                self.exported.update(export_png(self.export, self.counts.fused, result))
             if self.video is not None:
                 self.video.add(panel_row(pair.visible_bgr, pair.thermal, bgr_image(result),
                                          result.saliency, pair.visible_stamp_ns))
@@ -295,13 +298,31 @@ def bgr_image(result: FusionResult) -> np.ndarray:
     return result.fused
 
 
-def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> None:
-    """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray)."""
+# The names export_png gives: pair index, visible stamp (ns), image.
+EXPORTED_PNG = re.compile(r'\d{6}_\d+_(fused|saliency)\.png')
+
+
+def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> list[pathlib.Path]:
+    """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray); returns the
+    paths written."""
     fused = bgr_image(result)
     saliency = encode_saliency(result.saliency, 'mono8')
     stem = f'{index:06d}_{result.pair.visible_stamp_ns}'
+    paths = []
     for suffix, image in (('fused', fused), ('saliency', saliency)):
-        write_png(directory / f'{stem}_{suffix}.png', image)
+        paths.append(directory / f'{stem}_{suffix}.png')
+        write_png(paths[-1], image)
+    return paths
+
+
+def remove_earlier_export(directory: pathlib.Path, kept: set[pathlib.Path]) -> int:
+    """Remove the PNGs an earlier export wrote into `directory` (by export_png's names) that
+    this run did not write again (`kept`); returns how many. Other files stay."""
+    stale = [path for path in directory.iterdir()
+             if EXPORTED_PNG.fullmatch(path.name) and path not in kept]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -336,7 +357,7 @@ def run(args: argparse.Namespace) -> None:
     # An earlier export's PNGs would be replaced one by one, or mixed with this run's.
     if args.export_png and not args.overwrite and any(args.export_png.glob('*.png')):
         raise BagError(f'--export-png {args.export_png} holds PNGs already; pass --overwrite to '
-                       f'write into it anyway')
+                       f'replace those of an earlier export')
     values = load_values(args)
     started = time.monotonic()
     with open_bag(args.input) as reader:
@@ -372,6 +393,11 @@ def run(args: argparse.Namespace) -> None:
                 raise BagError(f'no pair was fused (the counts above say why); {args.output} '
                                f'was not written')
     print_summary(args, fuser, time.monotonic() - started)
+    if args.export_png and args.overwrite:  # replaced once this run's are all written
+        removed = remove_earlier_export(args.export_png, fuser.exported)
+        if removed:
+            print(f'{PROG}: removed {removed} PNGs of an earlier export from {args.export_png}',
+                  file=sys.stderr)
 
 
 def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> None:
@@ -391,6 +417,10 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
           f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s); unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
+    sync = fuser.pipeline.synchronizer
+    hint = clock_skew_hint(fuser.pipeline.stamp_skew.seconds(), sync.slop, sync.thermal_offset)
+    if stats.thermal_unpaired and hint:  # arrival: the recorder's log times
+        print(f'{PROG}: {hint} (set it in --params)', file=sys.stderr)
     for role in ('thermal', 'visible'):
         unstamped = getattr(stats, f'{role}_rejected')
         if unstamped:
