@@ -127,12 +127,30 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
     (['--wait-for', 'bad-name'], 'node name must not contain'),
     (['--wait-for', 'ns-x/name'], 'namespace'),
     (['--remap', '/thermal/image_raw:=/bad topic'], 'topic name'),
+    (['--remap', '/thermal/image_raw:=bad//x'], "must not contain repeated '/'"),
+    (['--remap', '/a:=/b', '--remap', '/a:=/c'], '--remap /a is given twice'),
+    (['--remap', '/a:=/s4fusion_node/fused'], "/s4fusion_node/fused is the fusion node's output"),
+    (['--wait', '-1'], '--wait must be >= 0'),
 ])
 def test_bad_options_are_usage_errors_not_tracebacks(argv, message, capsys):
     from s4fusion_ros.ros.player import parse_args
     with pytest.raises(SystemExit) as exit_info:
         parse_args(['bag', *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_two_topics_remapped_onto_one_are_refused(tmp_path):
+    image = np.zeros((4, 4), np.uint8)
+    bag = write_bag(tmp_path / 'bag', [(5 * 10**9, THERMAL_TOPIC, 5 * 10**9, 'mono8', image),
+                                       (5 * 10**9, VISIBLE_TOPIC, 5 * 10**9, 'mono8', image)],
+                    'mcap')
+    played = subprocess.run([*PLAYER, str(bag), '--wait', '0', '--remap',
+                             f'{THERMAL_TOPIC}:={VISIBLE_TOPIC}'], capture_output=True, text=True,
+                            timeout=60)
+    assert played.returncode == 1, played.stderr
+    assert re.search(rf'({THERMAL_TOPIC}|{VISIBLE_TOPIC}) and ({THERMAL_TOPIC}|{VISIBLE_TOPIC}) '
+                     rf'would both be published on {VISIBLE_TOPIC}', played.stderr), played.stderr
+    assert 'Traceback' not in played.stderr
 
 
 def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_error(tmp_path):

@@ -30,9 +30,9 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node, NodeNameNonExistentError
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
+from rclpy.validate_full_topic_name import validate_full_topic_name
 from rclpy.validate_namespace import validate_namespace
 from rclpy.validate_node_name import validate_node_name
-from rclpy.validate_topic_name import validate_topic_name
 from rosgraph_msgs.msg import Clock
 
 from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, open_bag,
@@ -88,10 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not RATE_LIMITS[0] <= getattr(args, option) <= RATE_LIMITS[1]:
             parser.error(f'--{option.replace("_", "-")} must be from {RATE_LIMITS[0]:g} to '
                          f'{RATE_LIMITS[1]:g}')
+    if args.wait < 0:
+        parser.error('--wait must be >= 0')
     try:
-        args.remap = dict(_split_remap(item) for item in args.remap)
-        for new in args.remap.values():
-            validate_topic_name(new)
+        args.remap = _remaps(args.remap)
         if args.wait_for:
             namespace, _, name = args.wait_for.rpartition('/')
             validate_node_name(name)
@@ -103,11 +103,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _split_remap(item: str) -> tuple[str, str]:
-    old, separator, new = item.partition(':=')
-    if not (separator and old and new):
-        raise ValueError(f"--remap expects OLD:=NEW, got '{item}'")
-    return old, new
+def _remaps(items: list[str]) -> dict[str, str]:
+    """{OLD: NEW} of the --remap options; ValueError (or rclpy's) for a malformed one, a topic
+    remapped twice, or a NEW that is the fusion node's output."""
+    remaps = {}
+    for item in items:
+        old, separator, new = item.partition(':=')
+        if not (separator and old and new):
+            raise ValueError(f"--remap expects OLD:=NEW, got '{item}'")
+        if old in remaps:
+            raise ValueError(f'--remap {old} is given twice')
+        # As the node resolves it: relative names go below the root namespace.
+        validate_full_topic_name(new if new.startswith('/') else '/' + new)
+        if NODE_OUTPUT.search(new):
+            raise ValueError(f"--remap {item}: {new} is the fusion node's output")
+        remaps[old] = new
+    return remaps
 
 
 def message_class(msgtype: str):
@@ -139,6 +150,13 @@ class BagPlayer:
         if missing or not wanted:
             raise BagError(f"{args.bag}: no topic {', '.join(missing) or 'with images'} to play; "
                            f"topics in the bag: {', '.join(sorted(types)) or 'none'}")
+        names = {}
+        for topic in wanted:  # two streams on one topic: a subscriber gets both, mixed
+            name = args.remap.get(topic, topic)
+            if name.lstrip('/') in names:
+                raise BagError(f'{topic} and {names[name.lstrip("/")]} would both be published '
+                               f'on {name}: --remap one of them elsewhere')
+            names[name.lstrip('/')] = topic
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=PUBLISH_DEPTH,
                          reliability=(ReliabilityPolicy.BEST_EFFORT if args.best_effort
                                       else ReliabilityPolicy.RELIABLE))
