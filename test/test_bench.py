@@ -9,7 +9,11 @@ from s4fusion_ros.tools.bench import main as bench_main
 @pytest.mark.parametrize('argv, option', [
     (['scan', '--repeats', '0'], '--repeats must be >= 1'),
     (['batch', '--copies', '0'], '--copies must be >= 1'),
-    (['batch', '--cpus', '1'], '--cpus must be >= 2')])
+    (['batch', '--cpus', '1'], '--cpus must be >= 2'),
+    (['scan', '--length', '0'], '--length must be >= 1'),
+    (['scan', '--threads', '-1'], '--threads must be >= 0'),
+    (['train', '--batch-size', '-1'], '--batch-size must be >= 0'),
+    (['train', '--crop', '24'], '--crop 24 must be 12k + 1')])
 def test_counts_below_their_minimum_are_usage_errors(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_main(argv)
@@ -21,6 +25,9 @@ def test_a_device_or_bag_it_cannot_use_is_one_line(tmp_path, capsys):
                        '32x32', '--repeats', '1']) == 1
     error = capsys.readouterr().err
     assert error.startswith('s4fusion-bench: ') and 'Traceback' not in error
+    assert bench_main(['model', '--device', 'cpu', '--scan-backend', 'mamba', '--presets',
+                       'compact', '--sizes', '32x32', '--repeats', '1']) == 1
+    assert "--scan-backend mamba needs CUDA and mamba-ssm's kernel" in capsys.readouterr().err
     bag = tmp_path / 'recording.mcap'
     bag.write_bytes(b'')
     assert bench_main(['batch', '--bag', str(bag)]) == 1

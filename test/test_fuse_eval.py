@@ -364,11 +364,16 @@ def test_pair_key_leaves_names_outside_the_packed_layout_as_they_are():
     assert pair_key('my-data-train/a.jpg') == pair_key('my-data/a.png') == 'my-data/a'
 
 
-def test_fuse_refuses_a_detail_gain_out_of_range(tmp_path, capsys):
+def test_fuse_refuses_a_detail_gain_out_of_range_and_one_folder_for_both(tmp_path, capsys):
+    (tmp_path / 'ir').mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        fuse.main(['--ir', str(tmp_path), '--vi', str(tmp_path), '--out', str(tmp_path / 'o'),
-                   '--detail-gain', '-1'])
+        fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path), '--out',
+                   str(tmp_path / 'o'), '--detail-gain', '-1'])
     assert exit_info.value.code == 2 and '--detail-gain' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        fuse.main(['--ir', str(tmp_path), '--vi', f'{tmp_path}/.', '--out', str(tmp_path / 'o')])
+    assert exit_info.value.code == 2 and '--ir and --vi are one folder' in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize('threads', ['0', '-1'])

@@ -248,6 +248,9 @@ def bench_model(args):
     if args.half and not half:
         print('--half is ignored on the CPU (no fp16 speed-up there; the node does the same)')
     backend = None if args.scan_backend == 'auto' else args.scan_backend
+    if backend == 'mamba' and (device.type != 'cuda' or mamba_scan_fn() is None):
+        raise ValueError("--scan-backend mamba needs CUDA and mamba-ssm's kernel (README, GPU); "
+                         f'{device} has {"no CUDA" if device.type != "cuda" else "no mamba-ssm"}')
     print(f'scan: {scan_path_name(device, backend)}')
     header = (f'{"preset":<10}{"runs at":>10}{"params":>11}{"input":>10}{"ms":>9}{"fps":>7}'
               f'{"CPU ms":>9}{"peak MiB":>10}{"scan %":>8}')
@@ -429,7 +432,8 @@ def build_parser():
     scan.add_argument('--repeats', type=int, default=5)
     scan.add_argument('--threads', type=int, default=0,
                       help='threads for torch and numba (default: torch\'s)')
-    scan.set_defaults(func=bench_scan)
+    scan.set_defaults(func=bench_scan, minimums={'batch': 1, 'd': 1, 'length': 1, 'nstate': 1,
+                                                 'groups': 1, 'slow_length': 1, 'threads': 0})
 
     model = commands.add_parser('model', help='the network\'s forward pass at camera sizes')
     model.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N or auto')
@@ -445,7 +449,7 @@ def build_parser():
     model.add_argument('--scan-backend', choices=('auto', 'mamba', 'numba', 'torch'),
                        default='auto', help='force one scan backend (auto: what the node runs)')
     model.add_argument('--repeats', type=int, default=5)
-    model.set_defaults(func=bench_model)
+    model.set_defaults(func=bench_model, minimums={'threads': 0})
 
     train = commands.add_parser('train', help='training steps, numba backward against the '
                                               'chunked PyTorch scan')
@@ -458,7 +462,7 @@ def build_parser():
     train.add_argument('--threads', type=int, default=0,
                        help='threads for torch and numba (default: torch\'s)')
     train.add_argument('--repeats', type=int, default=3)
-    train.set_defaults(func=bench_train)
+    train.set_defaults(func=bench_train, minimums={'batch_size': 0, 'crop': 0, 'threads': 0})
 
     from s4fusion_ros.batch.bench import add_command
     add_command(commands)
@@ -473,7 +477,9 @@ def main(argv=None):
     minimums = {'repeats': 1, **getattr(args, 'minimums', {})}
     for option, minimum in minimums.items():
         if getattr(args, option, minimum) < minimum:
-            parser.error(f'--{option} must be >= {minimum}')
+            parser.error(f'--{option.replace("_", "-")} must be >= {minimum}')
+    if args.command == 'train' and args.crop and (args.crop < 13 or args.crop % 12 != 1):
+        parser.error(f'--crop {args.crop} must be 12k + 1 (13, 25, ..., 97, ...), or 0')
     stop_on_signals()
 
     def bench() -> int:
