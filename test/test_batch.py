@@ -410,7 +410,8 @@ def test_ray_addresses_that_cannot_be_joined_on_loopback_or_at_all_are_one_line(
     (tmp_path / 'in').mkdir()
     (tmp_path / 'in' / 'a.mcap').write_bytes(b'')
     for out, address, message in ((tmp_path / 'a_file', 'local', 'is not a folder'),
-                                  (tmp_path / 'out', 'nonsense', '--ray nonsense: cannot join')):
+                                  (tmp_path / 'out', 'nonsense', '--ray nonsense: cannot join'),
+                                  (tmp_path / 'out', '127.0.0.2:1', 'nothing answers there')):
         (tmp_path / 'a_file').write_text('')
         run = subprocess.run([str(BATCH_TOOL), str(tmp_path / 'in'), str(out), '--ray', address],
                              capture_output=True, text=True, timeout=120)

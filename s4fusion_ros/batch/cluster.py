@@ -18,6 +18,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -148,6 +149,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                 ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
                          **common)
         else:
+            _check_reachable(address)
             # Workers on other machines do not inherit this process's set-up (entry_points):
             # give them the OpenMP wait policy and OpenCV's limits before they load torch and
             # OpenCV.
@@ -176,6 +178,19 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
             stop_ray(ray, home)
         finally:
             take_stop_signals(restore=True)
+
+
+def _check_reachable(address: str) -> None:
+    """BatchError where nothing answers at a HOST:PORT cluster address: Ray would retry its
+    connection for minutes without a word. Other forms ('auto', ray://) are Ray's to tell."""
+    host, _, port = address.rpartition(':')
+    if '://' in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=10).close()
+    except OSError as error:
+        raise BatchError(f'--ray {address}: nothing answers there ({error.strerror or error}); '
+                         'is the cluster started (ray start --head)?') from None
 
 
 def _driver_address(address: str) -> dict:
