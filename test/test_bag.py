@@ -413,6 +413,7 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
     assert 'notes.png' in names and '000000_1_fused.png' not in names
     assert len([name for name in names if name.endswith('_fused.png')]) == len(
         read_bag(tmp_path / 'new')['/s4fusion_node/fused'])
+    assert bag_tool.EXPORTED_PNG.fullmatch('1000000_5_saliency.png')  # past 999999 pairs
 
 
 def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite(

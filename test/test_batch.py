@@ -71,6 +71,22 @@ def test_without_ray_or_ros_the_package_imports_and_says_what_to_install(tmp_pat
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_recording_without_its_metadata_is_one_bag_and_a_folder_of_bare_bags_is_not(tmp_path):
+    # rosbag2 names a recording's files DIR_0.mcap, DIR_1.mcap, ... (rosbags: DIR.mcap); cut
+    # off before its metadata.yaml it is one bag (which fails, as s4fusion-bag fails on it).
+    # Bare bags that merely share the folder's name, with no first file, are bags each.
+    for folder, names in (('rec', ['rec_0.mcap', 'rec_1.mcap.zstd']), ('solo', ['solo.db3']),
+                          ('flights', ['flights_1.mcap', 'flights_2.mcap']),
+                          ('mixed', ['mixed.mcap', 'other.mcap'])):
+        (tmp_path / 'in' / folder).mkdir(parents=True)
+        for name in names:
+            (tmp_path / 'in' / folder / name).write_bytes(b'')
+    jobs = work.find_bags([tmp_path / 'in'], tmp_path / 'out')
+    assert sorted(str(job.input.relative_to(tmp_path / 'in')) for job in jobs) == [
+        'flights/flights_1.mcap', 'flights/flights_2.mcap', 'mixed/mixed.mcap',
+        'mixed/other.mcap', 'rec', 'solo']
+
+
 def test_warm_up_is_derived_from_the_parameters():
     values = settings.defaults()
     warm = work.warm_up(values)

@@ -130,6 +130,7 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
     (['--remap', '/thermal/image_raw:=bad//x'], "must not contain repeated '/'"),
     (['--remap', '/a:=/b', '--remap', '/a:=/c'], '--remap /a is given twice'),
     (['--remap', '/a:=/s4fusion_node/fused'], "/s4fusion_node/fused is the fusion node's output"),
+    (['--remap', '/a:=s4fusion_node/saliency'], "s4fusion_node/saliency is the fusion node's"),
     (['--wait', '-1'], '--wait must be >= 0'),
 ])
 def test_bad_options_are_usage_errors_not_tracebacks(argv, message, capsys):

@@ -109,14 +109,20 @@ def staging_of(output: pathlib.Path) -> pathlib.Path:
 def is_bag(path: pathlib.Path) -> bool:
     """A rosbag2 directory or a bare .mcap / .db3 file.
 
-    A directory without its metadata.yaml that holds files named as rosbag2 writers name them
-    (DIR_0.mcap, DIR_1.db3.zstd, DIR.mcap, ...) is a recording still running or cut off: a bag,
-    which then fails as s4fusion-bag fails on it, not a folder whose files are fused one by one."""
+    A directory without its metadata.yaml whose bag files are all named as rosbag2 writers name
+    a recording's files, its first among them (DIR_0.mcap, DIR_1.mcap, ..., or DIR.db3; each
+    perhaps .zstd), is a recording still running or cut off: a bag, which then fails as
+    s4fusion-bag fails on it, not a folder whose files are fused one by one."""
     if path.is_dir():
+        if (path / 'metadata.yaml').is_file():
+            return True
         suffixes = '|'.join(map(re.escape, BAG_SUFFIXES))
-        recorded = re.compile(rf'{re.escape(path.name)}(_\d+)?({suffixes})(\.zstd)?')
-        return (path / 'metadata.yaml').is_file() or any(
-            recorded.fullmatch(entry.name) for entry in path.iterdir())
+        split = re.compile(rf'{re.escape(path.name)}(_\d+)?({suffixes})(\.zstd)?')
+        first = re.compile(rf'{re.escape(path.name)}(_0)?({suffixes})(\.zstd)?')
+        names = [entry.name for entry in path.iterdir() if entry.is_file()
+                 and entry.name.removesuffix('.zstd').endswith(BAG_SUFFIXES)]
+        return (any(first.fullmatch(name) for name in names)
+                and all(split.fullmatch(name) for name in names))
     return path.is_file() and path.suffix in BAG_SUFFIXES
 
 

@@ -113,9 +113,10 @@ def _remaps(items: list[str]) -> dict[str, str]:
             raise ValueError(f"--remap expects OLD:=NEW, got '{item}'")
         if old in remaps:
             raise ValueError(f'--remap {old} is given twice')
-        # As the node resolves it: relative names go below the root namespace.
-        validate_full_topic_name(new if new.startswith('/') else '/' + new)
-        if NODE_OUTPUT.search(new):
+        # As the player resolves it: relative names go below the root namespace.
+        full = new if new.startswith('/') else '/' + new
+        validate_full_topic_name(full)
+        if NODE_OUTPUT.search(full):
             raise ValueError(f"--remap {item}: {new} is the fusion node's output")
         remaps[old] = new
     return remaps

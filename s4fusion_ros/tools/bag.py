@@ -299,7 +299,7 @@ def bgr_image(result: FusionResult) -> np.ndarray:
 
 
 # The names export_png gives: pair index, visible stamp (ns), image.
-EXPORTED_PNG = re.compile(r'\d{6}_\d+_(fused|saliency)\.png')
+EXPORTED_PNG = re.compile(r'\d{6,}_\d+_(fused|saliency)\.png')
 
 
 def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> list[pathlib.Path]:
