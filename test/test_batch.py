@@ -420,7 +420,7 @@ def test_ray_addresses_that_cannot_be_joined_on_loopback_or_at_all_are_one_line(
     from s4fusion_ros.batch.cluster import _driver_address
     assert _driver_address('127.0.0.2:6379') == {'_node_ip_address': '127.0.0.2'}
     assert _driver_address('10.0.0.5:6379') == _driver_address('head.lan:6379') == {}
-    for address in ('127.0.0.1:6379', 'localhost:6379'):  # Ray would join on the interface
+    for address in ('127.0.0.1:6379', 'LocalHost:6379'):  # Ray would join on the interface
         with pytest.raises(BatchError, match='start the cluster on another loopback address'):
             _driver_address(address)
     (tmp_path / 'in').mkdir()

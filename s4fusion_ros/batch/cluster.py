@@ -201,7 +201,7 @@ def _driver_address(address: str) -> dict:
     Ray replaces 127.0.0.1 and localhost by the interface address in the cluster's address
     itself: such a cluster is refused, naming the way that stays on loopback."""
     host = address.rsplit(':', 1)[0].strip('[]')
-    if host in ('localhost', '127.0.0.1'):
+    if host.lower() in ('localhost', '127.0.0.1'):
         raise BatchError(f'--ray {address}: Ray would join it on this machine\'s network '
                          f'address, not on loopback; start the cluster on another loopback '
                          f'address (ray start --head --node-ip-address {LOCAL_NODE_IP}) and '
