@@ -84,7 +84,7 @@ class InferenceWorker:
                                 dict(self.outcomes))
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until the queue is empty and nothing runs (offline processing, tests)."""
+        """Wait until the queue is empty and nothing runs (for tests)."""
         with self._wakeup:
             return self._wakeup.wait_for(
                 lambda: not self._queue and self.processed + self.dropped == self.submitted,

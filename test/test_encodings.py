@@ -411,6 +411,4 @@ def test_gray_helpers():
     # below a half (in float32, 0.49999997 + 0.5 rounds to 1).
     np.testing.assert_array_equal(color.round_half_up(
         np.array([0.5, 1.5, 2.5, 254.5, 0.49999997], np.float32)), [1, 2, 3, 255, 0])
-    bgr = color.gray_to_bgr(gray)
-    assert bgr.shape == (2, 3, 3) and (bgr == bgr[:, :, :1]).all()
     np.testing.assert_array_equal(color.to_float(np.array([0, 255], np.uint8)), [0.0, 1.0])

@@ -4,8 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from s4fusion_ros.imaging.registration import (
-    register_thermal, ThermalRegistration, validate_homography)
+from s4fusion_ros.imaging.registration import ThermalRegistration, validate_homography
 
 
 @pytest.fixture(scope='module')
@@ -18,7 +17,7 @@ def test_identity_of_the_same_size_passes_through_uncopied(thermal):
     registration = ThermalRegistration()
     assert not registration.needs_resize(thermal.shape, (640, 480))
     assert registration(thermal, (640, 480)) is thermal
-    assert register_thermal(thermal, 3.0 * np.eye(3), (640, 480)) is thermal  # scale-free
+    assert ThermalRegistration(3.0 * np.eye(3))(thermal, (640, 480)) is thermal  # scale-free
 
 
 def test_identity_of_another_size_resizes_and_says_so(thermal):
@@ -37,7 +36,7 @@ def test_identity_of_another_size_resizes_and_says_so(thermal):
 def test_translation_moves_pixels_by_known_offsets(thermal):
     dx, dy = 17, -9
     homography = [1, 0, dx, 0, 1, dy, 0, 0, 1]  # a ROS double-array parameter, row-major
-    out = register_thermal(thermal, homography, (640, 480))
+    out = ThermalRegistration(homography)(thermal, (640, 480))
     assert out.shape == thermal.shape and out.dtype == np.float32
     np.testing.assert_allclose(out[0:480 + dy, dx:], thermal[-dy:, :640 - dx], atol=1e-6)
     assert (out[:, :dx] == 0).all() and (out[480 + dy:, :] == 0).all()  # outside: border

@@ -60,8 +60,3 @@ def ycrcb_to_bgr(y: np.ndarray, cr: np.ndarray, cb: np.ndarray) -> np.ndarray:
 def bgr_to_gray(bgr: np.ndarray) -> np.ndarray:
     """Return the luminance Y of uint8 (H, W, 3) BGR as float32 (H, W) in [0, 1]."""
     return cv2.cvtColor(to_float(bgr), cv2.COLOR_BGR2GRAY)
-
-
-def gray_to_bgr(gray: np.ndarray) -> np.ndarray:
-    """Convert float (H, W) in [0, 1] to uint8 (H, W, 3) BGR with three equal channels."""
-    return cv2.cvtColor(to_uint8(gray), cv2.COLOR_GRAY2BGR)

@@ -87,9 +87,3 @@ class ThermalRegistration:
         shrinking = width * height < thermal.shape[0] * thermal.shape[1]
         return cv2.resize(thermal, (width, height),
                           interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-def register_thermal(thermal: np.ndarray, homography: Homography,
-                     visible_size: Sequence[int]) -> np.ndarray:
-    """Warp one thermal frame into the visible geometry (see ThermalRegistration)."""
-    return ThermalRegistration(homography)(thermal, visible_size)
