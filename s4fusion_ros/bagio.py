@@ -100,8 +100,11 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
                            f'was cut off: `ros2 bag reindex` writes it)') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
+        # An MCAP cut off by a crash lacks its end: the mcap CLI rewrites what it holds.
+        recover = ('; `mcap recover` (the mcap CLI) writes a readable copy of a recording cut '
+                   'off' if 'magic' in str(error).lower() else '')
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
-                       f'{_reason(error)}') from None
+                       f'{_reason(error).rstrip(".")}{recover}') from None
     try:
         yield reader
     finally:

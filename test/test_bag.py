@@ -373,6 +373,17 @@ def test_thermal_stamps_on_a_clock_ahead_are_named_with_the_offset_that_pairs_th
     assert 'thermal stamps run' not in capsys.readouterr().err
 
 
+def test_an_mcap_cut_off_by_a_crash_is_refused_with_the_way_to_recover_it(short_events, tmp_path,
+                                                                          capsys):
+    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    storage = source / 'in.mcap'
+    storage.write_bytes(storage.read_bytes()[:storage.stat().st_size * 2 // 3])
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+    error = capsys.readouterr().err
+    assert 'cannot open the bag (corrupt or truncated?)' in error and 'mcap recover' in error
+    assert 'Traceback' not in error and not (tmp_path / 'out').exists()
+
+
 def test_missing_topic_error_names_the_topics_found(short_events, tmp_path, capsys):
     source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
     code = bag_tool.main([str(source), str(tmp_path / 'out'), '--thermal-topic', '/ir/raw'])
