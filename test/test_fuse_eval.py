@@ -362,6 +362,8 @@ def test_pair_key_leaves_names_outside_the_packed_layout_as_they_are():
     # Only the -train suffix and the ivif layout's nested datasets are packing's.
     assert pair_key('my-msrs-train/00556D.jpg') == 'my-msrs/00556D'
     assert pair_key('my-data-train/a.jpg') == pair_key('my-data/a.png') == 'my-data/a'
+    # A dataset unpacked as TNO/ is the layout's tno/: its test pairs must count as trained on.
+    assert pair_key('TNO/01.png') == pair_key('tno/01.png') == 'tno/01'
 
 
 def test_fuse_refuses_a_detail_gain_out_of_range_and_one_folder_for_both(tmp_path, capsys):

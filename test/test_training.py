@@ -822,6 +822,14 @@ def test_an_ivif_folder_without_its_test_split_file_is_refused(tmp_path, ivif_di
     assert not (tmp_path / 'run').exists()
 
 
+def test_the_public_datasets_unpacked_in_their_own_case_are_refused_too(tmp_path):
+    # TNO/ and MSRS/ as their archives unpack are the test sets as much as tno/ and msrs/.
+    for name in ('TNO', 'MSRS', 'mine'):
+        (tmp_path / name).mkdir()
+    with pytest.raises(FileNotFoundError, match=r'ivif layout \(MSRS, TNO\)'):
+        data_layout(tmp_path)
+
+
 @pytest.mark.parametrize('part', ['msrs', 'roadscene', 'm3svd', 'm3svd/frames'])
 def test_a_folder_inside_the_ivif_layout_is_refused(part, tmp_path, ivif_dir, capsys):
     # Read as pairs or datasets, each held test or validation pairs (MSRS-22, RoadScene-67, the

@@ -265,7 +265,9 @@ def data_layout(folder):
         return 'pairs'
     if (folder / ROADSCENE_TEST67).is_file():
         return 'ivif'
-    ivif_parts = [name for name in IVIF_DATASET_FOLDERS if (folder / name).is_dir()]
+    # Case-blind: the public datasets are often unpacked as TNO/, MSRS/, RoadScene/.
+    ivif_parts = sorted(entry.name for entry in folder.iterdir()
+                        if entry.is_dir() and entry.name.casefold() in IVIF_DATASET_FOLDERS)
     if len(ivif_parts) > 1:
         raise FileNotFoundError(
             f'{folder / ROADSCENE_TEST67}: missing, though {folder} has the ivif layout '
@@ -301,9 +303,10 @@ def pair_key(label):
     """A training label as ``<dataset folder>/<name>``, the same for a pair of the ivif layout
     (``msrs/00556D.png``) and its packed copy (``msrs-train/00556D.jpg``; the frames of
     ``m3svd/frames`` are packed in ``m3svd-frames-train``): an image's name without its
-    extension, a video frame's (``videos/<clip>_<frame>``) as it is."""
+    extension, a video frame's (``videos/<clip>_<frame>``) as it is. The folder is case-folded:
+    ``TNO/01.png`` and ``tno/01.png`` are one pair."""
     path = pathlib.PurePosixPath(label)
-    folder = path.parent.name
+    folder = path.parent.name.casefold()
     if folder.endswith(PACKED_FOLDER_SUFFIX):
         folder = folder.removesuffix(PACKED_FOLDER_SUFFIX)
         folder = PACKED_NESTED_DATASETS.get(folder, folder)
