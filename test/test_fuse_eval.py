@@ -741,6 +741,20 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
     assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
                           str(tmp_path)]) == 1
     assert f'--out {tmp_path} is a folder' in capsys.readouterr().err
+    # A folder or the report itself as the table or the grid: the report (and the reading
+    # below its marker) was overwritten by the PNG or the CSV, or the run failed at its end.
+    report = tmp_path / 'q.md'
+    report.write_text('kept\n')
+    for option, value, message in (
+            ('--grid', tmp_path, f'--grid {tmp_path} is a folder'),
+            ('--pairs-csv', tmp_path, f'--pairs-csv {tmp_path} is a folder'),
+            ('--grid', report, f'--out and --grid both name {report}'),
+            ('--pairs-csv', tmp_path / '.' / 'q.md', '--out and --pairs-csv both name')):
+        assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
+                              str(report), option, str(value)]) == 1
+        error = capsys.readouterr().err
+        assert message in error and 'pairs in' not in error, option
+    assert report.read_text() == 'kept\n'
 
 
 def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(

@@ -816,12 +816,20 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """OSError naming a file the run could not write, checked before any scoring."""
-    if args.out.is_dir():
-        raise IsADirectoryError(f'--out {args.out} is a folder: name the report file')
-    written = [args.out] if args.flicker else [args.out, args.pairs_csv, args.grid]
-    for path in written:
+    """OSError naming a file the run could not write, checked before any scoring: a folder,
+    an unwritable folder, or one file named for two outputs (the later would overwrite the
+    earlier, the report and the reading below its marker with it)."""
+    written = {'--out': args.out}
+    if not args.flicker:
+        written.update({'--pairs-csv': args.pairs_csv, '--grid': args.grid})
+    for option, path in written.items():
+        if path.is_dir():
+            raise IsADirectoryError(f'{option} {path} is a folder: name the file')
         check_writable_folder(path.parent)
+    named = {}
+    for option, path in written.items():
+        if (earlier := named.setdefault(path.resolve(), option)) != option:
+            raise ValueError(f'{earlier} and {option} both name {path}: give each its own file')
 
 
 def main(argv: list | None = None) -> int:
