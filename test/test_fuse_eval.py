@@ -757,6 +757,23 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
     assert report.read_text() == 'kept\n'
 
 
+def test_eval_scores_the_enhanced_base_without_ours(ivif_dir, tmp_path, capsys):
+    # --methods base needs ours' weights only to know which base they refine; it gave no row.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'base,average', '--weights',
+                          str(shipped_weights('compact')), '--out', str(out)]) == 0
+    text = out.read_text()
+    assert "| Laplacian pyramid 1.1/1.4 (S4Fusion (weights/s4fusion_compact)'s base) |" in text
+    assert '| S4Fusion (weights/s4fusion_compact) |' not in text
+    assert 'evaluated pairs are among' not in text  # ours was not scored: no overlap count
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'base', '--weights',
+                          str(shipped_weights('authors')), '--out', str(out)]) == 1
+    assert 'base: none of the weights refines an enhanced Laplacian base' in (
+        capsys.readouterr().err)
+
+
 def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
         ivif_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv('S4FUSION_IVIF_DATA', raising=False)

@@ -278,6 +278,9 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
     methods += [Method(label, gray_method(fuse), note=note)
                 for label, (fuse, note) in baseline_fuses(chosen, ours).items()]
     skipped = []
+    if 'base' in chosen and not base_baselines(ours):
+        skipped.append('base: none of the weights refines an enhanced Laplacian base '
+                       '(detail gain or base contrast above 1), so no row for it.')
     if 'seafusion' in chosen:
         path = args.seafusion_weights
         if path is not None and path.is_file():
@@ -481,10 +484,11 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
         notes.append('Splits of --folder, each named by its folder: '
                      + ', '.join(f'{folder.resolve().name} = the pairs of `{folder}`'
                                  for folder in args.folder)
-                     + '. Their pairs count as training pairs in the notes above where the '
-                     'folder name and the file name without its extension are those a '
-                     'training record lists: a copy of a training pair under another folder '
-                     'name is not recognised.')
+                     + ('. Their pairs count as training pairs in the notes above where the '
+                        'folder name (in any case) and the file name without its extension are '
+                        'those a training record lists: a copy of a training pair under '
+                        'another folder name is not recognised.' if 'ours' in args.methods
+                        else '.'))
     scored = {method.name: method for dataset in datasets for method in dataset.methods}
     peers = {'GFF': 'GFF is guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the '
                     "paper's settings as `evaluation/baselines.py` implements it, not the "
@@ -713,7 +717,9 @@ def run(args: argparse.Namespace, argv: list) -> list:
     splits, validation, clips = evaluation_splits(args, ivif)
     ivif_names = set(args.datasets)
     ours = 'ours' in args.methods
-    configs, skipped, notes = ours_configs(args.weights) if ours else ([], [], [])
+    # 'base' alone needs ours' configurations too: each base is the one its weights refine.
+    configs, skipped, notes = (ours_configs(args.weights) if {'ours', 'base'} & set(args.methods)
+                               else ([], [], []))
     methods, skipped_methods = build_methods(args, configs)
     examples, datasets, evaluated = {}, [], []
     for name, pairs in splits.items():
@@ -749,8 +755,8 @@ def run(args: argparse.Namespace, argv: list) -> list:
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         environment=environment(), weights=[describe_weights(c) for c in configs],
         skipped=skipped + skipped_methods, grid=grid,
-        notes=notes + [training_overlap(c, [pair.label for pair in evaluated])
-                       for c in configs]
+        notes=(notes + [training_overlap(c, [pair.label for pair in evaluated])
+                        for c in configs] if ours else [])
         + data_notes(args, datasets, ivif, methods)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
     for path in (args.out, args.pairs_csv):
