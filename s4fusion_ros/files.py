@@ -18,15 +18,27 @@ def resolved(path: pathlib.Path) -> pathlib.Path:
 def write_atomically(path: pathlib.Path, write) -> None:
     """Fill `path` with write(binary file): via a hidden temporary file, fsync, then rename; a
     write that fails or is interrupted leaves `path` as it was and no temporary file."""
-    temporary = path.with_name(f'.{path.name}.tmp')
+    write_together({path: write})
+
+
+def write_together(writes: dict) -> None:
+    """Fill each path of `writes` ({path: write(binary file)}) as write_atomically does, all
+    temporary files first, then the renames in order: a write that fails (a full disk) leaves
+    every path as it was, so files that belong together (weights and their JSON) never mix."""
+    created = []  # (temporary, path): only what this call made is removed on failure
     try:
-        with open(temporary, 'wb') as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        for path, write in writes.items():
+            temporary = path.with_name(f'.{path.name}.tmp')
+            with open(temporary, 'wb') as file:
+                created.append((temporary, path))
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+        for temporary, path in created:
+            os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        for temporary, _ in created:
+            temporary.unlink(missing_ok=True)
         raise
 
 

@@ -42,6 +42,22 @@ def test_round_trip(saved):
     assert path.stat().st_mode & 0o044 == path.with_suffix('.json').stat().st_mode & 0o044
 
 
+def test_a_failed_json_write_leaves_the_weights_as_they_were(saved):
+    # The weights were replaced before their JSON was written: a full disk between the two
+    # left new weights under an old record. A folder where the JSON's temporary file goes
+    # makes its write fail for real.
+    model, path = saved
+    before = path.read_bytes(), path.with_suffix('.json').read_bytes()
+    blocker = path.with_name('.fusion.json.tmp')
+    blocker.mkdir()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(IsADirectoryError):
+        save_checkpoint(model, path, extra_meta={'training': {'epochs': 4}})
+    assert (path.read_bytes(), path.with_suffix('.json').read_bytes()) == before
+    assert [p.name for p in path.parent.glob('.*.tmp')] == [blocker.name]
+
+
 def test_float16_storage_halves_the_file_and_loads_as_float32(saved, tmp_path):
     model, path = saved
     half = tmp_path / 'half.safetensors'

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..files import write_atomically, write_text_atomically
+from ..files import write_together
 from .s4fusion import S4Fusion, S4FusionConfig
 
 FORMAT_VERSION = 1
@@ -116,9 +116,10 @@ def save_checkpoint(model, path, extra_meta=None, storage_dtype=torch.float32):
     path.parent.mkdir(parents=True, exist_ok=True)
     # save() to bytes, written here: safetensors' save_file makes its files owner-only (0600).
     data = save(tensors, metadata={'format': 'pt'})
-    write_atomically(path, lambda file: file.write(data))
     json_path = config_path(path)
-    write_text_atomically(json_path, text)
+    # Together: a failed write (a full disk) must not leave new weights beside an old JSON.
+    write_together({path: lambda file: file.write(data),
+                    json_path: lambda file: file.write(text.encode())})
     return path, json_path
 
 
