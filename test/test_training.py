@@ -912,6 +912,21 @@ def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):
     assert 'loss is nan' in error and 'lower --lr' in error and 'Traceback' not in error
 
 
+def test_non_finite_weights_are_never_checkpointed(tmp_path, pair_folder):
+    # A step can overflow the weights from a finite loss; the loss check sees it a step later,
+    # after a checkpoint of that step would have replaced the last usable one.
+    out = tmp_path / 'run'
+    trainer = make_trainer(pair_folder, out)
+    trainer.run(stop_at=1, progress=False)
+    files = {path.name: path.read_bytes() for path in out.iterdir()
+             if path.name != 'train_log.jsonl'}
+    with torch.no_grad():
+        next(trainer.model.parameters())[0] = float('inf')
+    with pytest.raises(FloatingPointError, match='weights are not finite after step 1'):
+        trainer.save(last_loss=0.5)
+    assert files == {name: (out / name).read_bytes() for name in files}
+
+
 def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsys):
     common = ['--data', str(pair_folder), '--steps', '2', '--batch-size', '1', '--crop', '25',
               '--device', 'cpu', '--threads', '1', '--no-progress']

@@ -313,7 +313,12 @@ class Trainer:
 
         The state goes last: it is what a resume starts from, so a crash between the files
         leaves a state no newer than the weights, and the resumed run writes them again.
+        Weights a step made non-finite (from a finite loss) are refused, so that the last
+        checkpoint stays one that can be used.
         """
+        if not all(torch.isfinite(parameter).all() for parameter in self.model.parameters()):
+            raise FloatingPointError(f'the weights are not finite after step {self.step} (a '
+                                     'lower --lr may help); the last checkpoint stays as it was')
         self.out_dir.mkdir(parents=True, exist_ok=True)
         training = {
             **self.identity()['settings'], 'steps_done': self.step,
