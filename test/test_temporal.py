@@ -121,8 +121,18 @@ def test_eval_writes_only_the_flicker_section(video_dir, tmp_path):
     assert text.startswith('# Fusion quality\n\nkept\n')
     section = temporal.section_of(text)
     assert '| clip | Average | Max |' in section and str(video_dir) not in section
+    assert '(flicker on M3SVD video)' in section and 'the M3SVD test videos' in section
     for clip in temporal.clip_names(video_dir):
         assert f'| {clip} |' in section
+    # Videos of one's own are not given M3SVD's name and origin.
+    own = tmp_path / 'own'
+    for side in ('ir', 'vi'):
+        (own / side).mkdir(parents=True)
+        (own / side / 'my_drive.mp4').symlink_to(next((video_dir / side).glob('*.mp4')))
+    assert evaluate.main(['--flicker', str(own), *argv[2:]]) == 0
+    section = temporal.section_of(out.read_text())
+    assert '(flicker on video)' in section and 'M3SVD' not in section
+    assert f'VIDEO_DIR: `{own}`; clips: my_drive.' in section
 
 
 def test_a_full_report_run_keeps_the_flicker_section(ivif_dir, tmp_path):

@@ -176,8 +176,10 @@ def measure_clips(video_dir: pathlib.Path, clips: list[str], frames: int, engine
     return scores
 
 
-def render_section(scores: dict, frames: int, command: str, notes: list[str]) -> str:
-    """The flicker section of docs/quality.md, between markers that `replace_section` finds."""
+def render_section(scores: dict, frames: int, command: str, notes: list[str],
+                   videos: str = 'video') -> str:
+    """The flicker section of docs/quality.md, between markers that `replace_section` finds;
+    `videos` names the clips in its title."""
     methods = list(next(iter(scores.values())))
     clips = list(scores)
 
@@ -194,7 +196,7 @@ def render_section(scores: dict, frames: int, command: str, notes: list[str]) ->
     static = ', '.join(f'{clip} {100 * next(iter(scores[clip].values())).static_fraction:.0f}%'
                        for clip in clips)
     lines = [f'{SECTION_BEGIN} (regenerate with the command below; s4fusion-eval keeps it) -->',
-             '## Temporal stability (flicker on M3SVD video)', '',
+             f'## Temporal stability (flicker on {videos})', '',
              f'- Command: `{command}`',
              f'- Frames: the first {frames} of each clip ({frames - 1} consecutive frame pairs '
              'per clip) at the clips\' size, through the node\'s pipeline with its default '

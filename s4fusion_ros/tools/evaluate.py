@@ -44,9 +44,10 @@ from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
 from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
-from ..training.data import (IMAGE_SUFFIXES, M3SVD_VALIDATION_CLIPS, ROADSCENE_CLIP_GAP,
-                             ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair, ivif_splits,
-                             luminance, pair_key, pairs_in_folder, read_image, roadscene_near)
+from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
+                             ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
+                             ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
+                             roadscene_near)
 from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
@@ -610,7 +611,7 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--flicker', type=pathlib.Path, metavar='VIDEO_DIR',
                         help='instead of the report, measure the flicker of ours and the '
                         'baselines among --methods on the clips of VIDEO_DIR (ir/<clip>.mp4, '
-                        'vi/<clip>.mp4: the M3SVD test videos) and replace only the flicker '
+                        'vi/<clip>.mp4, as the M3SVD test videos are) and replace only the flicker '
                         'section of --out')
     parser.add_argument('--flicker-frames', type=int, default=60, metavar='N',
                         help='with --flicker: the first N frames of each clip (default: '
@@ -803,8 +804,10 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     # <clip>_<frame>.png of a frame clip is that frame (M3SVD's frame clips share a clip with
     # its test videos).
     frames = [f'{clip}_{index:04d}' for clip in clips for index in range(args.flicker_frames)]
-    notes = ([f'VIDEO_DIR: the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and '
-              f'`visible` as `ir/` and `vi/`); clips: {", ".join(clips)}.',
+    m3svd = set(clips) <= set(M3SVD_TEST_VIDEO_CLIPS)  # else videos of the user's own
+    source = ('the M3SVD test videos (Linfeng-Tang/M3SVD, `Video/test/infrared` and `visible` '
+              'as `ir/` and `vi/`)' if m3svd else f'`{args.flicker}`')
+    notes = ([f'VIDEO_DIR: {source}; clips: {", ".join(clips)}.',
               f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
               f'{environment()}.'] + [weights_identity(c) for c in configs]
              + [training_overlap(c, frames, 'measured frames (as video or still frames, by '
@@ -813,7 +816,8 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
                                  'have frames (near duplicates of the others) among')
                 for c in configs]
              + skipped)
-    section = temporal.render_section(scores, args.flicker_frames, command, notes)
+    section = temporal.render_section(scores, args.flicker_frames, command, notes,
+                                      'M3SVD video' if m3svd else 'video')
     text = args.out.read_text() if args.out.is_file() else ''
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, temporal.replace_section(text, section))

@@ -38,6 +38,8 @@ ROADSCENE_VALIDATION_STRIDE = 8
 ROADSCENE_CLIP_GAP = 30
 # Every n-th frame of the M3SVD videos trains; neighbouring frames add little but decode time.
 VIDEO_FRAME_STEP = 10
+# The clips of M3SVD's Video/test (Linfeng-Tang/M3SVD), the ivif layout's m3svd/videos.
+M3SVD_TEST_VIDEO_CLIPS = ('0111_1716', '0113_1714', '0117_1605', '0117_1620', '1230_1202')
 # S4Fusion's RoadScene test split in the ivif data folder; it also marks a folder as that layout.
 ROADSCENE_TEST67 = pathlib.Path('roadscene', 'splits', 's4fusion_test67.csv')
 
