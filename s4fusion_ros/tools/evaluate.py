@@ -611,8 +611,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--flicker', type=pathlib.Path, metavar='VIDEO_DIR',
                         help='instead of the report, measure the flicker of ours and the '
                         'baselines among --methods on the clips of VIDEO_DIR (ir/<clip>.mp4, '
-                        'vi/<clip>.mp4, as the M3SVD test videos are) and replace only the flicker '
-                        'section of --out')
+                        'vi/<clip>.mp4, as the M3SVD test videos are) and replace only the '
+                        'flicker section of --out')
     parser.add_argument('--flicker-frames', type=int, default=60, metavar='N',
                         help='with --flicker: the first N frames of each clip (default: '
                         '%(default)s)')
