@@ -202,9 +202,11 @@ def check_update(current: dict, updates: dict) -> str:
 
 
 # ROS 2's qos_overrides.<topic>.<publisher|subscription>.<policy> values the node takes (the
-# policies QoSOverridingOptions.with_default_policies covers; depth as the qos.*.depth range).
+# policies QoSOverridingOptions.with_default_policies covers, with the values rclpy parses;
+# depth as the qos.*.depth range).
 QOS_OVERRIDE_CHOICES = {'history': ('keep_last', 'keep_all', 'system_default'),
-                        'reliability': ('reliable', 'best_effort', 'system_default')}
+                        'reliability': ('reliable', 'best_effort', 'best_available',
+                                        'system_default')}
 
 
 def check_qos_overrides(values: dict) -> str:

@@ -382,7 +382,7 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
      'holds the compact network, but the preset asked for is authors'),
     ({'qos_overrides': {'/thermal/image_raw': {'subscription': {'reliability': 'besteffort'}}}},
      "qos_overrides./thermal/image_raw.subscription.reliability must be one of reliable, "
-     "best_effort, system_default, not 'besteffort'"),
+     "best_effort, best_available, system_default, not 'besteffort'"),
     ({'qos_overrides': {'/s4fusion_node/fused': {'publisher': {'depth': 0}}}},
      'qos_overrides./s4fusion_node/fused.publisher.depth must be an integer from 1 to 1000'),
     # rclpy gives the node an untyped empty list as None: it raised a TypeError naming nothing
