@@ -9,6 +9,7 @@ InferenceWorker), so a slow model never blocks the inputs. The console entry poi
 handling of stop signals, is run_node.py.
 """
 
+import collections
 import math
 import re
 import time
@@ -209,6 +210,10 @@ class S4FusionNode(Node):
                 lambda msg, r=role, g=gate: self._pass_good_stamp(r, g, msg))
             setattr(self, f'{role}_sub', subscriber)
             gates.append(gate)
+        # Its synchronizer pairs a repeated stamp again (a driver or a bag that sends a frame
+        # twice): each input's latest stamps, to drop repeats before it as the own one does.
+        self.recent_stamps = {role: collections.deque(maxlen=p['sync.queue_size'])
+                              for role in ('thermal', 'visible')}
         self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
             gates, p['sync.queue_size'], p['sync.slop'])
         self.approximate_sync.registerCallback(self._on_synchronized_pair)
@@ -240,10 +245,12 @@ class S4FusionNode(Node):
     def _pass_good_stamp(self, role: str, gate, msg) -> None:
         self._rate(role).tick()
         stamp_ns = stamp_to_ns(msg.header.stamp)
-        if stamp_ns <= 0:
+        repeated = stamp_ns in self.recent_stamps[role]
+        if stamp_ns <= 0 or repeated:
             self.bad_stamps[role] += 1
-            self._log_bad_stamp(role, stamp_ns)
+            self._log_bad_stamp(role, stamp_ns, repeated)
             return
+        self.recent_stamps[role].append(stamp_ns)
         gate.signalMessage(msg)
 
     def _on_synchronized_pair(self, thermal_msg, visible_msg) -> None:
@@ -312,9 +319,10 @@ class S4FusionNode(Node):
             self._log_bad_stamp(role, stamp_ns)
         self._submit(prepared)
 
-    def _log_bad_stamp(self, role: str, stamp_ns: int) -> None:
+    def _log_bad_stamp(self, role: str, stamp_ns: int, repeated: bool = False) -> None:
         if self._log_due((role, 'bad stamp')):
-            why = 'which its driver leaves unset' if stamp_ns == 0 else 'before the epoch'
+            why = ('and a message just before had it' if repeated else
+                   'which its driver leaves unset' if stamp_ns == 0 else 'before the epoch')
             self.get_logger().warning(
                 f'{getattr(self, f"{role}_sub").topic_name}: dropped a message stamped '
                 f'{stamp_ns} ns: pairing is by header stamp, {why}')
