@@ -757,6 +757,23 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
     assert report.read_text() == 'kept\n'
 
 
+def test_eval_names_the_pairs_it_cannot_score_before_scoring(ivif_dir, tmp_path, capsys):
+    # A pair of different sizes (which s4fusion-fuse resizes) stopped the run at that pair,
+    # after the ones before it were scored, and nothing was written.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    ir = cv2.imread(str(pairs / 'ir' / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(pairs / 'ir' / 'zz.png'), ir[::2, ::2])
+    shutil.copy(pairs / 'vi' / GRAY_PAIR[1], pairs / 'vi' / 'zz.png')
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
+                          str(out)]) == 1
+    error = capsys.readouterr().err
+    assert (f'--folder {pairs}: 1 of its 2 pairs cannot be scored: zz.png: IR (128, 128) and '
+            'visible (256, 256) differ in size') in error, error
+    assert 'pairs in' not in error and not out.exists()
+
+
 def test_eval_scores_the_enhanced_base_without_ours(ivif_dir, tmp_path, capsys):
     # --methods base needs ours' weights only to know which base they refine; it gave no row.
     pairs = tmp_path / 'pairs'

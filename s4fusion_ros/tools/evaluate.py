@@ -709,7 +709,24 @@ def evaluation_splits(args: argparse.Namespace,
         splits[folder.name] = pairs_in_folder(folder)[:args.limit or None]
         if not splits[folder.name]:
             raise ValueError(f'--folder {folder}: no image pairs in its ir/ and vi/')
+        check_scorable(folder, splits[folder.name])
     return splits, validation, clips
+
+
+def check_scorable(folder: pathlib.Path, pairs: list) -> None:
+    """ValueError naming the pairs of a --folder split the metrics cannot use (unreadable,
+    16-bit, or IR and visible of different sizes), found before any scoring, not at the
+    first of them minutes into it. The ivif splits are known to be usable."""
+    problems = []
+    for pair in pairs:
+        try:
+            sources_luminance(read_pair(pair), pair)
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        more = '; ...' if len(problems) > 3 else ''
+        raise ValueError(f'--folder {folder}: {len(problems)} of its {len(pairs)} pairs cannot '
+                         f'be scored: {"; ".join(problems[:3])}{more}')
 
 
 def run(args: argparse.Namespace, argv: list) -> list:
