@@ -5,6 +5,9 @@ import math
 import pathlib
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -772,6 +775,27 @@ def test_eval_names_the_pairs_it_cannot_score_before_scoring(ivif_dir, tmp_path,
     assert (f'--folder {pairs}: 1 of its 2 pairs cannot be scored: zz.png: IR (128, 128) and '
             'visible (256, 256) differ in size') in error, error
     assert 'pairs in' not in error and not out.exists()
+
+
+def test_eval_stopped_by_sigterm_ends_as_for_ctrl_c(ivif_dir, tmp_path):
+    # kill and service managers send SIGTERM: it ended the run at once, with no word, and
+    # could leave a report's temporary file behind.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [('tno', f'{index:02d}.png') for index in range(1, 43)])
+    out = tmp_path / 'q.md'
+    proc = subprocess.Popen([sys.executable, '-m', 's4fusion_ros.tools.evaluate', '--folder',
+                             str(pairs), '--methods', 'ours,gff', '--threads', '1', '--out',
+                             str(out)], stderr=subprocess.PIPE, text=True)
+    started = ''
+    while 'pairs:' not in started:  # tqdm's first line: scoring has begun
+        character = proc.stderr.read(1)
+        assert character, started  # it ended before scoring
+        started += character
+    proc.send_signal(signal.SIGTERM)
+    error = started + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, error
+    assert f'interrupted; {out} was not written' in error and 'Traceback' not in error
+    assert not list(tmp_path.glob('.*.tmp')) and not out.exists()
 
 
 def test_eval_scores_the_enhanced_base_without_ours(ivif_dir, tmp_path, capsys):

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import run_command
+from ..cli import run_command, stop_on_signals
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
@@ -863,6 +863,7 @@ def main(argv: list | None = None) -> int:
     """Console entry point; exit code 0 on success, 1 on an error."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    stop_on_signals()  # a kill or a supervisor's SIGTERM ends it as Ctrl-C does: no temporaries
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)  # GFF's filters and the pyramid are timed too
