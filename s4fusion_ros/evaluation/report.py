@@ -347,8 +347,9 @@ def wins_lines(dataset: DatasetScores) -> list:
 
 
 def per_pair_csv(datasets: list) -> str:
-    """Every method's metrics on every pair as CSV (dataset, pair, method, then METRICS), six
-    significant digits: the numbers behind the tables, for readers who want their own analysis."""
+    """Every method's metrics on every pair as CSV (dataset, pair, method, then METRICS), at
+    full float precision (repr, so a value reads back exactly): the numbers behind the tables,
+    for readers who want their own analysis."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
     writer.writerow(['dataset', 'pair', 'method', *METRICS])
