@@ -208,7 +208,8 @@ def render_section(scores: dict, frames: int, command: str, notes: list[str],
              *[f'- {note}' for note in notes], '',
              'Flicker = mean fused change / mean larger source change on static pixels '
              '(`s4fusion_ros/evaluation/temporal.py`); lower is steadier, the plain average and '
-             'per-pixel max cannot exceed 1.', '',
+             'per-pixel max cannot exceed 1 but for the rounding and clipping of their 8-bit '
+             'output.', '',
              '| clip | ' + ' | '.join(methods) + ' |',
              '|---|' + '---:|' * len(methods), *rows, '',
              'Mean fused change / mean larger source change on static pixels, gray levels:', '',
