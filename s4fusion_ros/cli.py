@@ -47,28 +47,33 @@ def stop_on_signals() -> None:
         signal.signal(stop_signal, signal.default_int_handler)
 
 
-def run_command(prog: str, command, errors: tuple, interrupted: str = 'interrupted') -> int:
-    """Return command()'s exit code; one of `errors` prints one line (1), Ctrl-C gives 130."""
+def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
+                describe=str) -> int:
+    """Return command()'s exit code; one of `errors` prints one line, describe(error), and
+    gives 1; Ctrl-C (or SIGTERM after stop_on_signals) gives 130 and the line `interrupted`: a
+    str, or a callable of the KeyboardInterrupt (for what was left at that moment)."""
     try:
         return command()
     except errors as error:
-        print(f'{prog}: {error}', file=sys.stderr)
+        print(f'{prog}: {describe(error)}', file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemError) as error:
         # Ctrl-C inside a C-to-Python callback (numba unpickling its cached kernels) comes
         # out as a SystemError caused by the KeyboardInterrupt.
-        if not _caused_by_interrupt(error):
+        interrupt = _interrupt_behind(error)
+        if interrupt is None:
             raise
-        print(f'\n{prog}: {interrupted}', file=sys.stderr)
+        text = interrupted(interrupt) if callable(interrupted) else interrupted
+        print(f'\n{prog}: {text}', file=sys.stderr)
         return 130
 
 
-def _caused_by_interrupt(error: BaseException) -> bool:
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
     while error is not None:
         if isinstance(error, KeyboardInterrupt):
-            return True
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 # Runs in the child before its command: the parent-death signal (prctl PR_SET_PDEATHSIG, 1)

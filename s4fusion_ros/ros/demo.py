@@ -29,7 +29,7 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
-from ..cli import interrupt, start_child, stop_on_signals
+from ..cli import interrupt, run_command, start_child, stop_on_signals
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import ROLES, Key, number, per_input
@@ -391,20 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     args = parse_args(argv)
     stop_on_signals()
-    try:
-        print(f'{PROG}: {run(args)}')
-    except StoppedAtTimeout as stopped:  # outputs holding part of the bag would pass for whole
-        print(f'{PROG}: {stopped}\n{PROG}: the bag was not fused to its end within --timeout '
-              f'{args.timeout:g} s; nothing was written in {args.output_dir} (the outputs of an '
-              'earlier run there stay)', file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as stop:  # says what was written by then, if anything
-        print(f'\n{PROG}: interrupted; {str(stop) or "no fused bag written"}', file=sys.stderr)
-        return 130
-    except (BagError, settings.SettingsError, OSError, CheckpointError, ValueError) as error:
-        print(f'{PROG}: {error}', file=sys.stderr)  # ValueError: e.g. a device it does not have
-        return 1
-    return 0
+
+    def describe(error: Exception) -> str:
+        if isinstance(error, StoppedAtTimeout):  # outputs of part of the bag would pass as whole
+            return (f'{error}\n{PROG}: the bag was not fused to its end within --timeout '
+                    f'{args.timeout:g} s; nothing was written in {args.output_dir} (the outputs '
+                    'of an earlier run there stay)')
+        return str(error)  # ValueError: e.g. a device it does not have
+
+    return run_command(
+        PROG, lambda: print(f'{PROG}: {run(args)}') or 0,
+        (StoppedAtTimeout, BagError, settings.SettingsError, OSError, CheckpointError, ValueError),
+        lambda stop: f'interrupted; {str(stop) or "no fused bag written"}', describe)
 
 
 if __name__ == '__main__':

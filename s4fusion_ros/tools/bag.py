@@ -38,7 +38,7 @@ from ..bagio import (RELIABLE_QOS, STORAGES, WRITE_ERRORS, BagError, ImageTopic,
                      bag_size, check_output, copy_connections, create_bag, deserialize,
                      image_cdr, image_topics, open_bag, output_qos_of, pick_topics,
                      read_messages, storage_of, sweep_staging)
-from ..cli import stop_on_signals
+from ..cli import run_command, stop_on_signals
 from ..diagnostics import clock_skew_hint
 from ..engine import (FusionEngine, FusionPipeline, FusionResult, encode_saliency, fusion_settings,
                       pipeline_from_params)
@@ -442,22 +442,18 @@ def main(argv: list[str] | None = None) -> int:
     when interrupted."""
     args = parse_args(argv)
     stop_on_signals()
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted; {untouched(args)}', file=sys.stderr)
-        return 130
-    except (BagError, settings.SettingsError) as error:
-        print(f'{PROG}: {error}', file=sys.stderr)
-        return 1
-    except WRITE_ERRORS as error:
-        print(f'{PROG}: writing {args.output} failed: {error}; {untouched(args)}',
-              file=sys.stderr)
-        return 1
-    except (ValueError, CheckpointError) as error:  # weights, device or a setting that cannot work
-        print(f'{PROG}: {error}; {untouched(args)}', file=sys.stderr)
-        return 1
-    return 0
+
+    def describe(error: Exception) -> str:
+        if isinstance(error, (BagError, settings.SettingsError)):
+            return str(error)
+        if isinstance(error, WRITE_ERRORS):
+            return f'writing {args.output} failed: {error}; {untouched(args)}'
+        return f'{error}; {untouched(args)}'  # weights, device or a setting that cannot work
+
+    return run_command(PROG, lambda: run(args) or 0,
+                       (BagError, settings.SettingsError, *WRITE_ERRORS, ValueError,
+                        CheckpointError),
+                       lambda _: f'interrupted; {untouched(args)}', describe)
 
 
 if __name__ == '__main__':
