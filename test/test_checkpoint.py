@@ -163,6 +163,17 @@ def test_a_config_far_larger_than_its_tensors_is_refused_before_allocating_it(sa
     assert int(peak_kib) < 768 * 1024  # the import alone peaks near 300 MiB
 
 
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_weights_holding_nan_or_inf_are_refused(saved, value):
+    # A diverged training's weights loaded and fused every frame black, without an error.
+    _, path = saved
+    tensors = load_file(str(path))
+    tensors['head.conv.weight'][0] = value
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match="tensor 'head.conv.weight' holds NaN or inf"):
+        load_checkpoint(path)
+
+
 def test_missing_tensors_are_named(saved, tmp_path):
     model, _ = saved
     other = tmp_path / 'other.safetensors'

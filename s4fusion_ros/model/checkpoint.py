@@ -190,6 +190,9 @@ def load_checkpoint(path, device=None, dtype=None):
         if tensors[name].is_floating_point() != tensor.is_floating_point():
             raise CheckpointError(f'{path}: tensor {name!r} is {tensors[name].dtype} (an int8 '
                                   f'tensor without its scale?), the model expects {tensor.dtype}')
+        # A diverged training's weights would fuse every frame black, without an error.
+        if tensor.is_floating_point() and not torch.isfinite(tensors[name]).all():
+            raise CheckpointError(f'{path}: tensor {name!r} holds NaN or infinite values')
     model = S4Fusion(config, device=device, dtype=dtype)
     model.load_state_dict(tensors, strict=True)
     return model.eval()
