@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -372,6 +373,15 @@ def test_config_round_trip_and_presets():
         S4FusionConfig(dims=(16, 24, 64))
     with pytest.raises(ValueError, match='one entry per level'):
         S4FusionConfig(encoder_depths=(1, 2))
+    # A JSON's widths and gains are taken as they are, not rounded or parsed: 16.7 was 16.
+    for field, value, message in (('dims', [16.7, 32, 64], 'dims must be integers'),
+                                  ('dims', ['16', 32, 64], 'dims must be integers'),
+                                  ('decoder_depths', [1, True, 1], 'decoder_depths must be'),
+                                  ('detail_gain', '1.1', "detail_gain must be a number"),
+                                  ('ssm_ratio', True, 'ssm_ratio must be a number')):
+        values = {**S4FusionConfig.preset('compact').to_dict(), field: value}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            S4FusionConfig.from_dict(values)
 
 
 def test_detail_gain_scales_the_pyramid_details_and_needs_the_laplacian_base():

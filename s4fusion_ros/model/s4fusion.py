@@ -20,6 +20,11 @@ BASE_ENHANCEMENTS = ('detail_gain', 'base_contrast')
 MAX_SSM_RATIO = 16.0
 
 
+def _is_integer(value) -> bool:
+    """An int that is not a bool (JSON's true would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class S4FusionConfig:
     """Hyper-parameters of the network; the defaults are the authors' released model.
@@ -56,7 +61,10 @@ class S4FusionConfig:
     def __post_init__(self):
         """Store sequences as tuples (hashable, JSON lists accepted) and check consistency."""
         for name in ('dims', 'encoder_depths', 'decoder_depths'):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+            values = tuple(getattr(self, name))
+            if not all(_is_integer(value) for value in values):  # not rounded: 16.7 is no width
+                raise ValueError(f'{name} must be integers, got {values}')
+            object.__setattr__(self, name, values)
         levels = len(self.dims)
         if not (len(self.encoder_depths) == len(self.decoder_depths) == levels >= 1):
             raise ValueError(f'dims, encoder_depths and decoder_depths need one entry per level, '
@@ -68,7 +76,7 @@ class S4FusionConfig:
         sizes = {name: getattr(self, name) for name in (
             'd_state', 'fusion_d_state', 'fusion_blocks', 'd_conv', 'patch_size', 'patch_stride')}
         bad = {name: value for name, value in sizes.items()
-               if isinstance(value, bool) or not isinstance(value, int) or value < 1}
+               if not _is_integer(value) or value < 1}
         if bad or self.d_conv % 2 == 0:  # an even depthwise kernel would shift the sequence
             raise ValueError(f'sizes must be integers >= 1 and d_conv odd, got {bad or sizes}')
         if not isinstance(self.fuse_level0, bool):
@@ -76,6 +84,11 @@ class S4FusionConfig:
         if min(self.encoder_depths + self.decoder_depths) < 0:
             raise ValueError(f'depths must be >= 0, got {self.encoder_depths}, '
                              f'{self.decoder_depths}')
+        for name in ('ssm_ratio', *BASE_ENHANCEMENTS):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):  # not "1.1"
+                raise ValueError(f'{name} must be a number, got {value!r}')
+            object.__setattr__(self, name, float(value))
         if not (0 < self.ssm_ratio <= MAX_SSM_RATIO and int(self.ssm_ratio * self.dims[0]) >= 1):
             raise ValueError(f'ssm_ratio must be at most {MAX_SSM_RATIO} and give the first '
                              f'level at least one inner channel, got {self.ssm_ratio}')
@@ -84,8 +97,7 @@ class S4FusionConfig:
         if self.base not in BASES:
             raise ValueError(f'base must be one of {BASES}, got {self.base!r}')
         for name in BASE_ENHANCEMENTS:
-            value = float(getattr(self, name))
-            object.__setattr__(self, name, value)
+            value = getattr(self, name)
             if not math.isfinite(value) or value <= 0 or (self.base != 'laplacian'
                                                           and value != 1.0):
                 raise ValueError(f'{name} must be finite, > 0 and needs the laplacian base, got '
