@@ -242,6 +242,12 @@ def test_bad_arguments():
                                   use_bias=False)
     with pytest.raises(ValueError, match='unknown backend'):
         selective_scan(*tensors, backend='cuda', **kwargs)
+    # An empty sequence: the chunked scan raised from math.isqrt, the numba one returned it.
+    tensors, kwargs = make_inputs(13, 1, 8, 0, 4, 4, softplus=False, use_d=False,
+                                  use_bias=False)
+    for backend in ('torch', 'numba'):
+        with pytest.raises(ValueError, match='an empty sequence has nothing to scan'):
+            selective_scan(*tensors, backend=backend, **kwargs)
 
 
 def grid_inputs(seed, nmod, batch, height, width, d, rank, nstate, use_mark):

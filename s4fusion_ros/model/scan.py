@@ -196,6 +196,8 @@ def cross_selective_scan(xs, x_dbl, dt_weight, dt_bias, A, Ds, mark=None):
 def _check_shapes(u, delta, A, B, C, D, delta_bias):
     batch, d, length = u.shape
     nstate = A.shape[1]
+    if length < 1:  # every backend alike (the chunked scan cannot size its chunks)
+        raise ValueError(f'u {tuple(u.shape)}: an empty sequence has nothing to scan')
     if delta.shape != u.shape or A.shape != (d, nstate):
         raise ValueError(f'u {tuple(u.shape)}, delta {tuple(delta.shape)} and A '
                          f'{tuple(A.shape)} do not fit (batch, d, L), (batch, d, L), (d, N)')
