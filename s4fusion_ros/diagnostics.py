@@ -50,6 +50,12 @@ class Key(enum.StrEnum):
     MODEL = 'model'
 
 
+def status_name(node_name: str) -> str:
+    """The name of the node's DiagnosticStatus, from its fully qualified name (namespace
+    included): what a reader of /diagnostics picks the node's values by."""
+    return f'{node_name}: fusion'
+
+
 def per_input(role: str, count: str) -> Key:
     """Return the key of one input's count, e.g. per_input('thermal', 'unpaired')."""
     return Key(f'{role} {count}')

@@ -37,6 +37,7 @@ IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 # ROS 2's per-topic qos_overrides.<topic>.<publisher|subscription>.<policy> start-up parameters.
 QOS_OVERRIDES_PREFIX = 'qos_overrides.'
 OUTPUT_NAMES = ('fused', 'saliency')  # the node's output topics, ~/fused and ~/saliency
+OUTPUT_TOPICS = tuple(f'/{NODE_NAME}/{name}' for name in OUTPUT_NAMES)  # in the root namespace
 # The end of either output's resolved name, in any namespace (a regular expression).
 OUTPUT_TOPIC_PATTERN = rf'/{NODE_NAME}/({"|".join(OUTPUT_NAMES)})'
 OUTPUT_QOS_OVERRIDE = re.compile(
@@ -250,20 +251,17 @@ def _kind(value) -> str:
     return type(value).__name__
 
 
-def load_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> dict:
-    """Read a node --params-file: every parameter, at the file's value or else its default.
+def load_offline_params(path: pathlib.Path | str | None) -> dict:
+    """Every parameter of the node as a --params-file gives it to the offline tools (s4fusion-bag,
+    -batch, -demo): the file's value, else the default (every default without a file).
 
-    Raises SettingsError naming the file for unreadable YAML, a missing section, unknown names and
-    invalid values.
+    Raises SettingsError naming the file for unreadable YAML, a missing section, unknown names,
+    invalid values and publisher qos_overrides: the offline tools write the outputs with the QoS
+    of qos.output.*, so an override the node would apply to one output is refused rather than
+    silently left out.
     """
-    path = pathlib.Path(path)
-    return _values_of(path, read_params_file(path, node_name))
-
-
-def load_offline_params(path: pathlib.Path | str) -> dict:
-    """load_params_file for the offline tools (s4fusion-bag, -batch, -demo), which write the
-    outputs with the QoS of qos.output.*: a file's publisher qos_overrides, which the node
-    would apply to one output, are refused rather than silently left out."""
+    if path is None:
+        return defaults()
     path = pathlib.Path(path)
     given = read_params_file(path)
     overridden = sorted(name for name in given if OUTPUT_QOS_OVERRIDE.match(name))
@@ -289,7 +287,7 @@ def _values_of(path: pathlib.Path, given: dict) -> dict:
     return values
 
 
-def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> dict:
+def read_params_file(path: pathlib.Path | str) -> dict:
     """The values a --params-file gives the node, unchecked, as rcl reads them for it.
 
     A section applies when its name matches the node's full name, `*` standing for one name and
@@ -303,12 +301,12 @@ def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
     """
     path = pathlib.Path(path)
     sections = params_file_sections(path)
-    namespaces = sorted({_namespace_naming(key, node_name) for key, _ in sections} - {None})
+    namespaces = sorted({_namespace_naming(key, NODE_NAME) for key, _ in sections} - {None})
     if len(namespaces) > 1:
-        raise SettingsError(f"{path}: sections for {node_name} in several namespaces "
+        raise SettingsError(f"{path}: sections for {NODE_NAME} in several namespaces "
                             f"({', '.join(namespace or '/' for namespace in namespaces)}); the "
                             'offline tools read one, so keep only its sections')
-    full_name = (namespaces[0] if namespaces else '') + '/' + node_name
+    full_name = (namespaces[0] if namespaces else '') + '/' + NODE_NAME
     values, applied = {}, False
     for key, parameters in sections:  # in file order: a later section wins, as in rcl
         if section_applies(key, full_name):
@@ -316,7 +314,7 @@ def read_params_file(path: pathlib.Path | str, node_name: str = NODE_NAME) -> di
             applied = True
     if not applied:
         raise SettingsError(f"{path}: no section with ros__parameters applies to {full_name} "
-                            f"('/**', '{node_name}' or '/NAMESPACE/{node_name}')")
+                            f"('/**', '{NODE_NAME}' or '/NAMESPACE/{NODE_NAME}')")
     return values
 
 

@@ -166,12 +166,7 @@ def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic:
 
     Frames follow the fused stamps; the video plays at the rate they were fused at.
     """
-    outputs = {fused_topic: {}, saliency_topic: {}}
-    with open_bag(output_bag) as reader:
-        for connection, _, raw in read_messages(reader, output_bag, outputs):
-            message = deserialize(output_bag, connection, raw)
-            outputs[connection.topic][stamp_to_ns(message.header.stamp)] = message
-    stamps = sorted(set(outputs[fused_topic]) & set(outputs[saliency_topic]))
+    fused, saliency_maps, stamps = outputs_by_stamp(output_bag, fused_topic, saliency_topic)
     wanted = set(stamps)
     pairs = {pair.visible_stamp_ns: pair for pair in bag_pairs(input_bag, thermal_topic,
                                                                visible_topic, pipeline)
@@ -181,7 +176,20 @@ def export_recording(input_bag: pathlib.Path, thermal_topic: str, visible_topic:
     with SideBySideVideo(path, frame_rate(len(stamps), span)) as video:
         for stamp in tqdm(stamps, desc='video', unit='frame', file=sys.stderr, leave=False):
             pair = pairs[stamp]
-            saliency = np.asarray(image_to_array(outputs[saliency_topic][stamp]))
-            video.add(panel_row(pair.visible_bgr, pair.thermal,
-                                decode_visible(outputs[fused_topic][stamp]), saliency, stamp))
+            saliency = np.asarray(image_to_array(saliency_maps[stamp]))
+            video.add(panel_row(pair.visible_bgr, pair.thermal, decode_visible(fused[stamp]),
+                                saliency, stamp))
     return video.frames
+
+
+def outputs_by_stamp(bag: pathlib.Path, fused_topic: str, saliency_topic: str
+                     ) -> tuple[dict, dict, list]:
+    """The fused images and saliency maps a bag recorded, each {stamp ns: message}, and the
+    stamps both have, in order."""
+    outputs = {fused_topic: {}, saliency_topic: {}}
+    with open_bag(bag) as reader:
+        for connection, _, raw in read_messages(reader, bag, outputs):
+            message = deserialize(bag, connection, raw)
+            outputs[connection.topic][stamp_to_ns(message.header.stamp)] = message
+    fused, saliency_maps = outputs[fused_topic], outputs[saliency_topic]
+    return fused, saliency_maps, sorted(set(fused) & set(saliency_maps))

@@ -339,7 +339,7 @@ def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
         '/**': {'ros__parameters': {'sync': {'slop': 0.1, 'timeout': 0.3}, 'use_sim_time': True}},
         '/robot/s4fusion_node': {'ros__parameters': {'sync': {'slop': 0.02}}},
         'other_node': {'ros__parameters': {'sync': {'slop': 0.5}}}}))
-    values = settings.load_params_file(path)
+    values = settings.load_offline_params(path)
     assert (values['sync.slop'], values['sync.timeout'], values['device']) == (0.02, 0.3, 'auto')
     for wrong, reason in (({'sync': {'slop': 0}}, 'sync.slop: expected double'),
                           ({'sync': {'slops': 0.1}}, "unknown parameter 'sync.slops'"),
@@ -349,7 +349,7 @@ def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
                            r'normalization.fixed_min \(9.0\) must be below')):
         path.write_text(yaml.safe_dump({'/**': {'ros__parameters': wrong}}))
         with pytest.raises(settings.SettingsError, match=f'^{path}: {reason}'):
-            settings.load_params_file(path)
+            settings.load_offline_params(path)
     source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
     assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(path)]) == 1
     assert f'{path}: normalization.fixed_min' in capsys.readouterr().err

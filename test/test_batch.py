@@ -240,7 +240,7 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
 
     # The warm-up is what makes it so: the last segment started cold differs.
     unit = work.plan_bag(work.BagJob(source, tmp_path / 'cold'),
-                         settings.load_params_file(params_file), round(0.15 * 60e9))[3]
+                         settings.load_offline_params(params_file), round(0.15 * 60e9))[3]
     cold = bag_tool.Span(unit.span.own_from, unit.span.own_from, None, 0, None)
     with one_torch_thread():
         assert not work.run_unit(unit)['error']
@@ -276,7 +276,7 @@ def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, t
                        for c in reader.connections}
         for connection, log_time, raw in reader.messages():
             writer.write(connections[connection.id], log_time, raw)
-    values = settings.load_params_file(params_file)
+    values = settings.load_offline_params(params_file)
     units = {bag.name: work.plan_bag(work.BagJob(bag, tmp_path / 'out' / bag.name), values,
                                      10**9) for bag in (plain, packed)}
     assert len(units['plain']) == 4 and len(units['packed']) == 1
@@ -297,7 +297,7 @@ def test_topics_named_for_every_bag_settle_a_bag_with_two_cameras(local_ray, ivi
             writer.write(connections[connection.id], log_time, raw)
             if connection.topic == VISIBLE_TOPIC:
                 writer.write(rear, log_time, raw)
-    values = settings.load_params_file(params_file)
+    values = settings.load_offline_params(params_file)
     job = work.BagJob(two, tmp_path / 'out' / 'two')
     with pytest.raises(BagError, match='several topics could be the visible camera'):
         work.plan_bag(job, values, 0)
@@ -336,7 +336,7 @@ def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path)
     source = write_bag(tmp_path / 'in' / 'gap', events, 'mcap')
     expected = reference(source, tmp_path / 'reference', params)
     job = work.BagJob(source, tmp_path / 'out' / 'gap')
-    units = work.plan_bag(job, settings.load_params_file(params), 9 * 10**9)
+    units = work.plan_bag(job, settings.load_offline_params(params), 9 * 10**9)
     assert [u.span.own_from for u in units][1] - START_NS < 10.5e9 - 1.1e9  # the cut in the gap
     work.prepare_staging(job, units, False)
     with one_torch_thread():
@@ -355,7 +355,7 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
                                                                    tmp_path):
     source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
     job = work.BagJob(source, tmp_path / 'out' / 'a')
-    (unit,) = work.plan_bag(job, settings.load_params_file(params_file), 0)
+    (unit,) = work.plan_bag(job, settings.load_offline_params(params_file), 0)
     with one_torch_thread():
         first = work.run_unit(unit)
         assert not first['error'] and first['fused'] > 0

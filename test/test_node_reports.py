@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ros_harness import Probe, image_message, node_log, running_node
-from s4fusion_ros.diagnostics import BUSY_KEYS, NOT_REPORTED, Key, nothing_pending
+from s4fusion_ros.diagnostics import BUSY_KEYS, NOT_REPORTED, Key, nothing_pending, status_name
 
 pytestmark = pytest.mark.ros
 
@@ -42,7 +42,7 @@ class Diagnostics:
 
     def _on_message(self, array) -> None:
         for status in array.status:
-            if status.name.endswith('s4fusion_node: fusion'):
+            if status.name == status_name('/s4fusion_node'):
                 self.values = {kv.key: kv.value for kv in status.values}
                 self.message = status.message
                 self.received += 1

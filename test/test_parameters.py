@@ -12,7 +12,7 @@ from s4fusion_ros import settings
 
 
 def test_config_yaml_equals_declared_defaults():
-    assert settings.load_params_file(REPO / 'config' / 's4fusion.yaml') == settings.defaults()
+    assert settings.load_offline_params(REPO / 'config' / 's4fusion.yaml') == settings.defaults()
 
 
 def test_check_rejects_with_reasons():
@@ -114,10 +114,18 @@ s4fusion_node:
       /thermal/image_raw:
         subscription:
           reliability: best_effort
+      /visible/image_raw:
+        subscription:
+          history: keep_most
+""", 's4fusion_node', "qos_overrides./visible/image_raw.subscription.history must be one of"),
+    'an override of an output, which the offline tools write with qos.output.*': ("""
+/**:
+  ros__parameters:
+    qos_overrides:
       /s4fusion_node/fused:
         publisher:
-          history: keep_most
-""", 's4fusion_node', "qos_overrides./s4fusion_node/fused.publisher.history must be one of"),
+          depth: 10
+""", 's4fusion_node', r'instead of qos_overrides\./s4fusion_node/fused\.publisher\.depth'),
 }
 
 
@@ -153,10 +161,11 @@ def test_params_files_read_as_rclpy_reads_them(tmp_path, text, node, refusal):
     assert typed(settings.read_params_file(path)) == typed(expected)
     if refusal:
         with pytest.raises(settings.SettingsError, match=refusal):
-            settings.load_params_file(path)
+            settings.load_offline_params(path)
         return
     node_values = {k: v for k, v in expected.items() if not k.startswith(settings.ROS_KEYS)}
-    assert typed(settings.load_params_file(path)) == typed({**settings.defaults(), **node_values})
+    assert (typed(settings.load_offline_params(path))
+            == typed({**settings.defaults(), **node_values}))
 
 
 # Files whose sections rcl itself applies in ways rclpy's helper above does not show: in file
@@ -248,7 +257,7 @@ def test_params_files_read_as_rcl_gives_them_to_the_node(tmp_path, text, namespa
     path.write_text(text)
     expected = rcl_values(path, namespace)
     assert typed(settings.read_params_file(path)) == typed(expected)
-    assert typed(settings.load_params_file(path)) == typed({**settings.defaults(), **expected})
+    assert typed(settings.load_offline_params(path)) == typed({**settings.defaults(), **expected})
 
 
 @pytest.mark.parametrize('text, reason', RCL_REFUSED_FILES.values(),
@@ -261,7 +270,7 @@ def test_params_files_rcl_refuses_are_refused_offline(tmp_path, text, reason):
         rclpy.init(args=['s4fusion_node', '--ros-args', '--params-file', str(path)],
                    context=rclpy.Context())
     with pytest.raises(settings.SettingsError, match=f'^{path}: {reason}'):
-        settings.load_params_file(path)
+        settings.load_offline_params(path)
 
 
 def test_a_file_for_the_node_in_two_namespaces_is_refused_offline(tmp_path):
@@ -269,7 +278,7 @@ def test_a_file_for_the_node_in_two_namespaces_is_refused_offline(tmp_path):
     path.write_text('s4fusion_node:\n  ros__parameters:\n    half: false\n'
                     '/robot/s4fusion_node:\n  ros__parameters:\n    half: true\n')
     with pytest.raises(settings.SettingsError, match=r'several namespaces \(/, /robot\)'):
-        settings.load_params_file(path)
+        settings.load_offline_params(path)
 
 
 @pytest.fixture(scope='module')

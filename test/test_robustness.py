@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from s4fusion_ros.diagnostics import Key, per_input, ROLES
+from s4fusion_ros.diagnostics import Key, per_input, ROLES, status_name
 from s4fusion_ros.engine import FusionPipeline
 from s4fusion_ros.imaging.encodings import encode_image, ImageDecodeError, RawCompressedImage
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
@@ -140,7 +140,7 @@ class NodeUnderTest:
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage
         self.proc, self.probe = proc, probe
-        self.status_name = f'{namespace}/s4fusion_node:'
+        self.status_name = status_name(f'{namespace}/s4fusion_node')
         qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self.compressed_pub = probe.create_publisher(
             CompressedImage, 'visible/image_raw/compressed', qos)
@@ -150,7 +150,7 @@ class NodeUnderTest:
 
     def _on_diagnostics(self, msg) -> None:
         for status in msg.status:
-            if status.name.startswith(self.status_name):
+            if status.name == self.status_name:
                 self.status = {kv.key: kv.value for kv in status.values}
                 self.level, self.message = status.level, status.message
                 self.status_at = time.monotonic()

@@ -262,7 +262,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     started = time.monotonic()
     # Absolute, so that the manifest's rows match whatever working directory a later run has.
     out_dir = pathlib.Path(os.path.abspath(out_dir))
-    values = settings.load_offline_params(params) if params else settings.defaults()
+    values = settings.load_offline_params(params)
     if device:
         values['device'] = device
     jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)

@@ -32,23 +32,23 @@ from .. import settings
 from ..cli import interrupt, run_command, start_child, stop_on_signals
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, output_qos_of, pick_topics, read_messages)
-from ..diagnostics import ROLES, Key, number, per_input
+from ..diagnostics import ROLES, Key, number, per_input, status_name
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import resolved, write_png, write_text_atomically
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
 from ..model import CheckpointError
 from ..runtime import model_from_params
-from ..video import bag_pairs, export_recording, saliency_bgr
+from ..video import bag_pairs, export_recording, outputs_by_stamp, saliency_bgr
 from .parameters import qos_profile
 from .player import RATE_LIMITS
 from .recorder import TopicRecorder
 from .spin import spin_until
 
 PROG = 's4fusion-demo'
+FUSED_TOPIC, SALIENCY_TOPIC = settings.OUTPUT_TOPICS
 SAMPLE_BAG = 'm3svd_sample'
 NODE_TOPICS = {'thermal': '/thermal/image_raw', 'visible': '/visible/image_raw'}
-OUTPUT_TOPICS = (f'/{settings.NODE_NAME}/fused', f'/{settings.NODE_NAME}/saliency')
 PREVIEWS = 4
 VIDEO = 'demo.mp4'
 # Share of the CPU time between two thermal frames the model may take: the node also decodes,
@@ -142,7 +142,7 @@ class Monitor(Node):
 
     def _on_diagnostics(self, array: DiagnosticArray) -> None:
         for status in array.status:
-            if status.name.endswith(f'{settings.NODE_NAME}: fusion'):
+            if status.name == status_name(f'/{settings.NODE_NAME}'):
                 self.status = {kv.key: kv.value for kv in status.values}
                 self.status_stamp = stamp_to_ns(array.header.stamp)
 
@@ -163,7 +163,7 @@ def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_afte
                    for role, count in expected.items())
     settled = number(Key.PAIRS) == (number(Key.PAIRS_FUSED) + number(Key.PAIRS_DROPPED)
                                     + number(Key.INFERENCE_ERRORS) + number(Key.PUBLISH_ERRORS))
-    recorded = recorder.counts[OUTPUT_TOPICS[1]] >= number(Key.PAIRS_FUSED)
+    recorded = recorder.counts[SALIENCY_TOPIC] >= number(Key.PAIRS_FUSED)
     return received and settled and recorded and monitor.status_stamp >= done_after_ns
 
 
@@ -212,18 +212,13 @@ def thermal_period(span_s: float, count: int) -> float:
 
 def write_previews(bag: pathlib.Path, directory: pathlib.Path) -> list[pathlib.Path]:
     """Fused image beside its saliency map (inferno) for a few pairs spread over the bag."""
-    images = {topic: {} for topic in OUTPUT_TOPICS}
-    with open_bag(bag) as reader:
-        for connection, _, raw in read_messages(reader, bag, OUTPUT_TOPICS):
-            message = deserialize(bag, connection, raw)
-            images[connection.topic][stamp_to_ns(message.header.stamp)] = message
-    stamps = sorted(set(images[OUTPUT_TOPICS[0]]) & set(images[OUTPUT_TOPICS[1]]))
+    fused_images, saliency_maps, stamps = outputs_by_stamp(bag, FUSED_TOPIC, SALIENCY_TOPIC)
     chosen = [stamps[i] for i in np.linspace(0, len(stamps) - 1, min(PREVIEWS, len(stamps)),
                                              dtype=int)] if stamps else []
     paths = []
     for index, stamp in enumerate(chosen):
-        fused = decode_visible(images[OUTPUT_TOPICS[0]][stamp])
-        saliency = np.asarray(image_to_array(images[OUTPUT_TOPICS[1]][stamp]))
+        fused = decode_visible(fused_images[stamp])
+        saliency = np.asarray(image_to_array(saliency_maps[stamp]))
         panel = np.hstack([fused, saliency_bgr(saliency)])
         path = directory / f'preview_{index}.png'
         write_png(path, panel)
@@ -297,7 +292,7 @@ def run(args: argparse.Namespace) -> str:
     logs.mkdir(parents=True, exist_ok=True)
     # Its recorder subscribes with the QoS of qos.output.*: a reliable recorder would hear
     # nothing from an output made best_effort by a publisher override, which is refused.
-    values = settings.load_offline_params(args.params) if args.params else settings.defaults()
+    values = settings.load_offline_params(args.params)
     with open_bag(bag) as reader:
         thermal, visible = pick_topics(image_topics(reader, bag), bag, args.thermal_topic,
                                        args.visible_topic, values)
@@ -336,11 +331,11 @@ def run(args: argparse.Namespace) -> str:
         with create_bag(out_dir / 'fused_bag', 'mcap', overwrite=True) as writer:
             # The node's output reliability: a reliable subscription hears no best_effort one.
             qos = qos_profile(values['qos.output.reliability'], 50)
-            recorder = TopicRecorder(monitor, writer, dict.fromkeys(OUTPUT_TOPICS, IMAGE), qos,
-                                     output_qos_of(values))
+            recorder = TopicRecorder(monitor, writer, dict.fromkeys(settings.OUTPUT_TOPICS, IMAGE),
+                                     qos, output_qos_of(values))
             node_process = start_child(node_command, logs / 'node.log')
             if not monitor.spin_until(lambda: node_process.poll() is not None
-                                      or monitor.count_publishers(OUTPUT_TOPICS[0]) > 0, 120):
+                                      or monitor.count_publishers(FUSED_TOPIC) > 0, 120):
                 raise BagError(f'{settings.NODE_NAME} did not come up in 120 s')
             if node_process.poll() is not None:
                 raise BagError(f'{settings.NODE_NAME} exited:\n{tail(logs / "node.log")}')
@@ -356,7 +351,7 @@ def run(args: argparse.Namespace) -> str:
                 if process.poll() is not None:
                     raise BagError(f'the {name} exited early:\n{tail(logs / f"{name}.log")}')
             drained_ok = drained_ok and drained(monitor, recorder, expected, done_after)
-            fused = recorder.counts[OUTPUT_TOPICS[0]]
+            fused = recorder.counts[FUSED_TOPIC]
             if not drained_ok:  # a partial bag is discarded: an earlier run's outputs stay
                 raise StoppedAtTimeout(summary_line(
                     monitor.status, fused, time.monotonic() - started, drained_ok, rate,
@@ -373,7 +368,7 @@ def run(args: argparse.Namespace) -> str:
         previews = write_previews(out_dir / 'fused_bag', out_dir)
         frames = export_recording(bag, thermal.topic, visible.topic,
                                   pipeline_from_params(values), out_dir / 'fused_bag',
-                                  *OUTPUT_TOPICS, out_dir / VIDEO)
+                                  *settings.OUTPUT_TOPICS, out_dir / VIDEO)
         line = summary_line(monitor.status, fused, time.monotonic() - started, drained_ok, rate,
                             thermal_period(span_s, thermal.count))
         write_text_atomically(out_dir / 'summary.txt', line + '\n')

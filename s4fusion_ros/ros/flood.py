@@ -30,7 +30,7 @@ import yaml
 
 from .. import settings
 from ..cli import interrupt, parse_size, run_command, start_child, stop_on_signals
-from ..diagnostics import ROLES, Key, nothing_pending, number, per_input
+from ..diagnostics import ROLES, Key, nothing_pending, number, per_input, status_name
 from ..messages import stamp_to_ns
 from ..stats import process_memory_kib
 
@@ -166,9 +166,10 @@ class Driver:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
         from rclpy.signals import SignalHandlerOptions
         from sensor_msgs.msg import Image
+
+        from .parameters import qos_profile
 
         self.context = rclpy.Context()
         # Keep Python's own Ctrl-C (KeyboardInterrupt) so the command can stop its node.
@@ -178,8 +179,9 @@ class Driver:
                                       context=self.context)
         self.node_pid = node_pid
         self.node_name = f'{namespace.rstrip("/")}/{settings.NODE_NAME}'
-        # The node's default input QoS: reliable, keep last 5.
-        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        # The node's default input QoS.
+        qos = qos_profile(settings.SPECS['qos.input.reliability'].default,
+                          settings.SPECS['qos.input.depth'].default)
         self.thermal_pub = self.node.create_publisher(Image, 'thermal/image_raw', qos)
         self.visible_pub = self.node.create_publisher(Image, 'visible/image_raw', qos)
         self.fused_topic = f'{self.node_name}/fused'
@@ -205,7 +207,7 @@ class Driver:
 
     def _on_diagnostics(self, msg) -> None:
         for status in msg.status:
-            if status.name.startswith(self.node_name + ':'):
+            if status.name == status_name(self.node_name):
                 self.diagnostics = {kv.key: kv.value for kv in status.values}
                 self.diagnostics_at = time.monotonic()
 

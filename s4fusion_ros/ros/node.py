@@ -25,7 +25,8 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
-from ..diagnostics import NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, clock_skew_hint, per_input
+from ..diagnostics import (NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, clock_skew_hint, per_input,
+                           status_name)
 from ..engine import (FusionEngine, FusionResult, fusion_settings, normalizer_settings,
                       pipeline_from_params)
 from ..messages import stamp_to_ns
@@ -80,9 +81,6 @@ class S4FusionNode(Node):
                 f'NO TRAINED WEIGHTS for {self.loaded.name}: the fused output is not meaningful')
         # The offline bag tool uses the same factories: same parameters, same pairs and pixels.
         self.pipeline = pipeline_from_params(p)
-        self.synchronizer = self.pipeline.synchronizer
-        self.normalizer = self.pipeline.normalizer
-        self.registration = self.pipeline.registration
         self.engine = FusionEngine(self.loaded, fusion_settings(p))
         seconds = self.engine.warm_up()
         kernels = (f' ({precompile.describe(precompile.kernel_cache_stats())})'
@@ -174,13 +172,13 @@ class S4FusionNode(Node):
         names = {p.name for p in params}
         values = self._values()
         if 'sync.slop' in names:
-            self.synchronizer.slop = values['sync.slop']
+            self.pipeline.synchronizer.slop = values['sync.slop']
             if self.approximate_sync is not None:
                 self.approximate_sync.slop = Duration(seconds=values['sync.slop'])
         if 'sync.thermal_offset' in names:  # 0 with message_filters (check_update)
-            self.synchronizer.thermal_offset = values['sync.thermal_offset']
+            self.pipeline.synchronizer.thermal_offset = values['sync.thermal_offset']
         if any(name.startswith('normalization.') for name in names):
-            self.normalizer.configure(**normalizer_settings(values))
+            self.pipeline.normalizer.configure(**normalizer_settings(values))
         self.engine.settings = fusion_settings(values)  # inference_size is read-only
         self.get_logger().info('parameters updated: ' + ', '.join(
             f'{p.name}={p.value}' for p in params))
@@ -398,7 +396,7 @@ class S4FusionNode(Node):
 
     def _diagnostic_values(self) -> dict:
         """The counts, rates and latencies /diagnostics reports, as they are now."""
-        sync = self.synchronizer.stats
+        sync = self.pipeline.synchronizer.stats
         inference = self.inference_latency.summary()
         end_to_end = self.end_to_end_latency.summary()
         work = self.worker.counts()
@@ -501,7 +499,8 @@ class S4FusionNode(Node):
             causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
-        hint = (clock_skew_hint(self.pipeline.stamp_skew.seconds(), self.synchronizer.slop,
+        pipeline = self.pipeline
+        hint = (clock_skew_hint(pipeline.stamp_skew.seconds(), pipeline.synchronizer.slop,
                                 self._values()['sync.thermal_offset'],
                                 self.get_fully_qualified_name())
                 if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
@@ -515,7 +514,7 @@ class S4FusionNode(Node):
         values = self._diagnostic_values()
         level, message = self._status(values)
         status = DiagnosticStatus(
-            level=level, name=f'{self.get_fully_qualified_name()}: fusion', message=message,
+            level=level, name=status_name(self.get_fully_qualified_name()), message=message,
             hardware_id=str(self.loaded.device),
             values=[KeyValue(key=k, value=_format_value(v)) for k, v in values.items()])
         array = DiagnosticArray(status=[status])

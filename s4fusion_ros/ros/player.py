@@ -28,7 +28,7 @@ from rclpy.exceptions import (InvalidNamespaceException, InvalidNodeNameExceptio
                               InvalidTopicNameException)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node, NodeNameNonExistentError
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.validate_full_topic_name import validate_full_topic_name
 from rclpy.validate_namespace import validate_namespace
@@ -40,7 +40,7 @@ from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, open_bag,
 from ..cli import stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
-from .parameters import kept_apart
+from .parameters import kept_apart, qos_profile
 
 PROG = 's4fusion-play'
 # Reliable history a late-matching reader can still be repaired from (one second at 30 Hz).
@@ -158,9 +158,7 @@ class BagPlayer:
                 raise BagError(f'{topic} and {names[name.lstrip("/")]} would both be published '
                                f'on {name}: --remap one of them elsewhere')
             names[name.lstrip('/')] = topic
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=PUBLISH_DEPTH,
-                         reliability=(ReliabilityPolicy.BEST_EFFORT if args.best_effort
-                                      else ReliabilityPolicy.RELIABLE))
+        qos = qos_profile('best_effort' if args.best_effort else 'reliable', PUBLISH_DEPTH)
         self.publishers = {topic: node.create_publisher(message_class(types[topic]),
                                                         args.remap.get(topic, topic), qos)
                            for topic in wanted}

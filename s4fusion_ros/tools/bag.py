@@ -49,8 +49,7 @@ from ..runtime import model_from_params
 from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate, panel_row
 
 PROG = 's4fusion-bag'
-DEFAULT_FUSED_TOPIC = f'/{settings.NODE_NAME}/fused'
-DEFAULT_SALIENCY_TOPIC = f'/{settings.NODE_NAME}/saliency'
+DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC = settings.OUTPUT_TOPICS
 # What rmw's full topic name validation takes (a bag holds resolved names).
 FULL_TOPIC_NAME = re.compile(r'(/[A-Za-z_][A-Za-z0-9_]*)+')
 
@@ -107,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_values(args: argparse.Namespace) -> dict:
     """Node parameter values: defaults, the parameter file, then the command-line overrides."""
-    values = settings.load_offline_params(args.params) if args.params else settings.defaults()
+    values = settings.load_offline_params(args.params)
     for name, value in (('device', args.device), ('model.weights', args.weights)):
         if value is not None:
             values[name] = value
