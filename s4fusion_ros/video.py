@@ -151,7 +151,7 @@ def bag_pairs(bag: pathlib.Path, thermal_topic: str, visible_topic: str,
     roles = {thermal_topic: 'thermal', visible_topic: 'visible'}
     with open_bag(bag) as reader:
         for connection, log_time, raw in read_messages(reader, bag, roles):
-            yield from pipeline.expire(log_time / 1e9)  # as s4fusion-bag does (tools/bag.py)
+            yield from pipeline.expire(log_time / 1e9)  # as replay.BagFuser does
             # Bytes that are not the message type, undecodable or unusable: dropped, as there.
             with contextlib.suppress(BagError, ValueError):
                 yield from pipeline.add_message(roles[connection.topic],

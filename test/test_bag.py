@@ -19,7 +19,7 @@ from rosbags.interfaces import QosReliability
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from paths import executable
-from s4fusion_ros import bagio, settings
+from s4fusion_ros import bagio, replay, settings
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC, TYPESTORE,
@@ -424,7 +424,7 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
     assert 'notes.png' in names and '000000_1_fused.png' not in names
     assert len([name for name in names if name.endswith('_fused.png')]) == len(
         read_bag(tmp_path / 'new')['/s4fusion_node/fused'])
-    assert bag_tool.EXPORTED_PNG.fullmatch('1000000_5_saliency.png')  # past 999999 pairs
+    assert replay.EXPORTED_PNG.fullmatch('1000000_5_saliency.png')  # past 999999 pairs
 
 
 def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite(

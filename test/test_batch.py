@@ -18,7 +18,7 @@ import pytest
 import yaml
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 
-from s4fusion_ros import settings
+from s4fusion_ros import replay, settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags, processes_with_home
 from s4fusion_ros.bagio import BagError
@@ -241,7 +241,7 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
     # The warm-up is what makes it so: the last segment started cold differs.
     unit = work.plan_bag(work.BagJob(source, tmp_path / 'cold'),
                          settings.load_offline_params(params_file), round(0.15 * 60e9))[3]
-    cold = bag_tool.Span(unit.span.own_from, unit.span.own_from, None, 0, None)
+    cold = replay.Span(unit.span.own_from, unit.span.own_from, None, 0, None)
     with one_torch_thread():
         assert not work.run_unit(unit)['error']
         assert not work.run_unit(dataclasses.replace(unit, span=cold,

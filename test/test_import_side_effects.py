@@ -1,4 +1,5 @@
-"""Importing the package leaves the host process as it was: only its commands set it up."""
+"""Importing the package leaves the host process as it was (only its commands set it up), and
+needs no ROS outside s4fusion_ros.ros."""
 
 import json
 import os
@@ -44,3 +45,34 @@ def test_entry_points_set_up_the_process():
                           env=env, timeout=120)
     assert done.stdout.split() == ['PASSIVE', '/tmp/chosen-by-the-user', str(1 << 15),
                                    '1000'], done.stderr
+
+
+ROS_FREE_PROBE = '''
+import importlib, importlib.abc, pathlib, sys
+import s4fusion_ros
+
+ROS = {'rclpy', 'rosidl_runtime_py', 'sensor_msgs', 'std_msgs', 'diagnostic_msgs',
+       'builtin_interfaces', 'rcl_interfaces', 'rosgraph_msgs', 'message_filters', 'cv_bridge',
+       'launch', 'launch_ros', 'ament_index_python'}
+
+
+class NoRos(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ROS:
+            raise ImportError(f'{name} is ROS')
+
+
+sys.meta_path.insert(0, NoRos())
+root = pathlib.Path(s4fusion_ros.__file__).parent
+for path in sorted(root.rglob('*.py')):
+    parts = path.relative_to(root).with_suffix('').parts
+    if parts[0] != 'ros':
+        importlib.import_module('.'.join(('s4fusion_ros', *parts)).removesuffix('.__init__'))
+'''
+
+
+def test_every_module_outside_ros_imports_without_ros():
+    # The architecture's rule: the core and the offline tools run where no ROS 2 is installed.
+    done = subprocess.run([sys.executable, '-c', ROS_FREE_PROBE], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

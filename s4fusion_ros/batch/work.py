@@ -38,8 +38,7 @@ from ..bagio import (WRITE_ERRORS, BagError, add_image_topic, create_bag, image_
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import MODEL_PARAMETERS, model_from_params
-from ..tools.bag import (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC, BagFuser, Span,
-                         WarmUpTooShort)
+from ..replay import BagFuser, Span, WarmUpTooShort
 
 PART_STORAGE = 'mcap'
 STAGING_SUFFIX = '.s4batch'
@@ -355,7 +354,7 @@ def run_unit(unit: Unit, progress=None) -> dict:
 
 def _fuse(unit: Unit, span: Span, progress) -> dict:
     engine = engine_for(unit.values)
-    fuser = BagFuser(pipeline_from_params(unit.values), engine, None, 1)
+    fuser = BagFuser('s4fusion-batch', pipeline_from_params(unit.values), engine, None, 1)
     storage = PART_STORAGE if unit.count > 1 else unit.storage
     with open_bag(unit.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, unit.input), unit.input,
@@ -364,7 +363,7 @@ def _fuse(unit: Unit, span: Span, progress) -> dict:
         # docstring).
         with create_bag(unit.output, storage, overwrite=True) as writer:
             fuser.run(reader, unit.input, thermal, visible, writer,
-                      (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC), False, span, progress,
+                      settings.OUTPUT_TOPICS, False, span, progress,
                       output_qos_of(unit.values))
     end, start = fuser.tally(), fuser.baseline
     counts = {name: end[name] - start[name] for name in end}
@@ -391,7 +390,7 @@ def commit(job: BagJob, units: list[Unit]) -> None:
     first = units[0]
     with create_bag(job.output, first.storage, overwrite=True) as writer:
         outputs = {topic: add_image_topic(writer, topic, output_qos_of(first.values))
-                   for topic in (DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC)}
+                   for topic in settings.OUTPUT_TOPICS}
         for unit in units:
             with open_bag(unit.output) as reader:
                 for connection, log_time, raw in reader.messages():

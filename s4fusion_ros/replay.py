@@ -1,0 +1,236 @@
+"""Fusing a recorded bag as the live node fuses its topics, for s4fusion-bag and s4fusion-batch
+(no ROS): the node's FusionPipeline and FusionEngine on the messages in recorded order, each
+arriving at its log time, and the outputs written as the node publishes them (tools/bag.py's
+docstring says what that means for timing and drops).
+"""
+
+import contextlib
+import pathlib
+import re
+import sys
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from rosbags.interfaces import Qos
+from tqdm import tqdm
+
+from .bagio import (RELIABLE_QOS, BagError, ImageTopic, add_image_topic, copy_connections,
+                    deserialize, image_cdr, read_messages)
+from .engine import FusionEngine, FusionPipeline, FusionResult, encode_saliency
+from .files import write_png
+from .imaging.encodings import ImageDecodeError
+from .video import SideBySideVideo, panel_row
+
+
+@dataclass
+class Counts:
+    """What happened to the input messages."""
+
+    read: dict = field(default_factory=lambda: {'thermal': 0, 'visible': 0})
+    undecodable: dict = field(default_factory=lambda: {'thermal': 0, 'visible': 0})
+    fused: int = 0
+
+
+@dataclass(frozen=True)
+class Span:
+    """A part of a bag to fuse, in log time (ns): how s4fusion-batch splits a long bag.
+
+    Messages are read from `read_from` (None: the start). Those before `own_from` only bring the
+    pipeline's state (synchronizer, thermal smoothing) to where a run from the start would have
+    it: their pairs are prepared but not fused or written. By `own_from`, at least `warm_pairs`
+    pairs must have been prepared from messages at or after `count_from`, and the last message
+    before `own_from` must lie in the second half of [read_from, count_from) or later (a gap in
+    the recording can leave a frame pending), unless reading began at the start of the bag;
+    otherwise WarmUpTooShort. Reading stops before `stop`, and only the
+    span that reaches the end of the bag (`stop` None) flushes the pairs still pending.
+    """
+
+    read_from: int | None = None
+    own_from: int | None = None
+    count_from: int | None = None
+    warm_pairs: int = 0
+    stop: int | None = None
+
+
+WHOLE = Span()
+
+
+class WarmUpTooShort(Exception):
+    """A span's warm-up prepared too few pairs to settle the pipeline's state."""
+
+
+class BagFuser:
+    """Feeds one bag's messages through the pipeline and writes what the node would publish."""
+
+    def __init__(self, prog: str, pipeline: FusionPipeline, engine: FusionEngine,
+                 export: pathlib.Path | None, export_every: int,
+                 video: SideBySideVideo | None = None):
+        """`prog` names the command in the warnings printed on stderr."""
+        self.prog = prog
+        self.pipeline = pipeline
+        self.engine = engine
+        self.export = export
+        self.export_every = export_every
+        self.video = video
+        self.counts = Counts()
+        self.exported = set()  # the PNGs written (export)
+        self.warned = set()
+        self.notices_shown = 0
+        self.baseline = self.tally()  # at the first owned message of a span
+
+    def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
+            writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
+            progress=None, qos: Qos = RELIABLE_QOS) -> None:
+        """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`,
+        offered with `qos` (the node's qos.output.*).
+
+        `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
+        """
+        outputs = [add_image_topic(writer, topic, qos) for topic in topics]
+        roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
+        copies = (copy_connections(writer, [c for c in reader.connections if c.topic in roles])
+                  if include_inputs else {})
+        owned, warm = span.own_from is None, 0
+        bar = contextlib.nullcontext(progress) if progress else tqdm(
+            total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
+        previous = None  # the log time of the message read before
+        with bar as progress:
+            for connection, log_time, raw in read_messages(reader, path, roles, span.read_from,
+                                                           span.stop):
+                if not owned and log_time >= span.own_from:
+                    owned = self._own(reader, path, span, warm, previous)
+                previous = log_time
+                if include_inputs and owned:
+                    writer.write(copies[connection.id], log_time, raw)
+                # The timer's decisions before the message came (at its log time, not on the
+                # node's 50 ms ticks: a partner arriving within a tick of its timeout can differ).
+                arrived = log_time / 1e9
+                prepared = self.pipeline.expire(arrived)
+                prepared += self._add(roles[connection.topic], path, connection, raw, arrived)
+                self._show_notices(path)
+                if owned:
+                    self._fuse(prepared, writer, outputs, progress, log_time)
+                elif span.count_from is None or log_time >= span.count_from:
+                    warm += len(prepared)
+            if span.stop is not None and not owned:  # no message of its own: it counts none
+                self.baseline = self.tally()
+            if span.stop is None:
+                if not owned:
+                    owned = self._own(reader, path, span, warm, previous)
+                prepared = self.pipeline.flush()
+                self._show_notices(path)
+                self._fuse(prepared, writer, outputs, progress,
+                           reader.end_time if previous is None else previous)
+
+    def _own(self, reader, path: pathlib.Path, span: Span, warm: int,
+             last_read: int | None) -> bool:
+        """Start fusing a span: check its warm-up and note the counts it starts from.
+
+        Frames are decided when messages arrive, so a frame read before a gap in the recording
+        can still be pending at the cut: the last message before the cut (`last_read`) must have
+        come at least slop + timeout + |offset| (count_from - read_from, halved) after
+        `read_from`, by when every frame read before `read_from` was decided; else the warm-up
+        may start after a pending frame.
+        """
+        if span.read_from is not None and span.read_from > reader.start_time:
+            if warm < span.warm_pairs:
+                raise WarmUpTooShort(f'{path}: {warm} of {span.warm_pairs} warm-up pairs')
+            if span.count_from is not None and (
+                    last_read is None or last_read < (span.read_from + span.count_from) // 2):
+                raise WarmUpTooShort(f'{path}: a gap in the recording before the warm-up ends')
+        self.baseline = self.tally()
+        return True
+
+    def tally(self) -> dict:
+        """Counts so far: messages read, thermal/visible pairs, unpaired and dropped messages."""
+        stats = self.pipeline.synchronizer.stats
+        return {'read': sum(self.counts.read.values()), 'pairs': stats.pairs,
+                'unpaired': stats.thermal_unpaired + stats.visible_unpaired,
+                'dropped': self.dropped()}
+
+    def _add(self, role: str, path: pathlib.Path, connection, raw: bytes, arrived: float) -> list:
+        self.counts.read[role] += 1
+        try:
+            return self.pipeline.add_message(role, deserialize(path, connection, raw), arrived)
+        # A message whose bytes are not its type (the middleware drops such a one live), an
+        # ImageDecodeError or bad geometry (the node drops these): skipped and counted.
+        except (BagError, ValueError) as error:
+            self.counts.undecodable[role] += 1
+            if connection.topic not in self.warned:
+                self.warned.add(connection.topic)
+                kind = ('undecodable' if isinstance(error, (BagError, ImageDecodeError))
+                        else 'unusable')
+                tqdm.write(f'{self.prog}: {path}: {connection.topic}: skipping {kind} messages '
+                           f'(first: {error})', file=sys.stderr)
+            return []
+
+    def _show_notices(self, path: pathlib.Path) -> None:
+        """Print the pipeline's one-time warnings about the inputs, as the node logs them."""
+        for notice in self.pipeline.notices[self.notices_shown:]:
+            tqdm.write(f'{self.prog}: {path}: {notice}', file=sys.stderr)
+        self.notices_shown = len(self.pipeline.notices)
+
+    def _fuse(self, prepared: list, writer, outputs: list, progress: tqdm, log_time: int) -> None:
+        """Fuse the pairs decided at `log_time` (ns) and write them logged at that time."""
+        for pair in prepared:
+            result = self.engine.infer(pair)
+            for connection, raw in zip(outputs, result.packed()):
+                writer.write(connection, log_time,
+                             image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))
+            if self.export is not None and self.counts.fused % self.export_every == 0:
+                self.exported.update(export_png(self.export, self.counts.fused, result))
+            if self.video is not None:
+                self.video.add(panel_row(pair.visible_bgr, pair.thermal, bgr_image(result),
+                                         result.saliency, pair.visible_stamp_ns))
+            self.counts.fused += 1
+            stats = self.pipeline.synchronizer.stats
+            progress.update(1)
+            progress.set_postfix(unpaired=stats.thermal_unpaired + stats.visible_unpaired,
+                                 dropped=self.dropped(), refresh=False)
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Messages neither paired nor unpaired, by why: {reason: count}."""
+        stats = self.pipeline.synchronizer.stats
+        return {'undecodable': sum(self.counts.undecodable.values()),
+                'late': stats.thermal_late + stats.visible_late,
+                'overflowed': stats.thermal_overflow + stats.visible_overflow,
+                'unstamped': stats.thermal_rejected + stats.visible_rejected}
+
+    def dropped(self) -> int:
+        """Messages neither paired nor unpaired: undecodable, late, overflowed or unstamped."""
+        return sum(self.dropped_by_reason().values())
+
+
+def bgr_image(result: FusionResult) -> np.ndarray:
+    """The fused image in OpenCV's channel order (BGR, or gray for mono8)."""
+    if result.fused_encoding == 'rgb8':
+        return cv2.cvtColor(result.fused, cv2.COLOR_RGB2BGR)
+    return result.fused
+
+
+# The names export_png gives: pair index, visible stamp (ns), image.
+EXPORTED_PNG = re.compile(r'\d{6,}_\d+_(fused|saliency)\.png')
+
+
+def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> list[pathlib.Path]:
+    """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray); returns the
+    paths written."""
+    fused = bgr_image(result)
+    saliency = encode_saliency(result.saliency, 'mono8')
+    stem = f'{index:06d}_{result.pair.visible_stamp_ns}'
+    paths = []
+    for suffix, image in (('fused', fused), ('saliency', saliency)):
+        paths.append(directory / f'{stem}_{suffix}.png')
+        write_png(paths[-1], image)
+    return paths
+
+
+def remove_earlier_export(directory: pathlib.Path, kept: set[pathlib.Path]) -> int:
+    """Remove the PNGs an earlier export wrote into `directory` (by export_png's names) that
+    this run did not write again (`kept`); returns how many. Other files stay."""
+    stale = [path for path in directory.iterdir()
+             if EXPORTED_PNG.fullmatch(path.name) and path not in kept]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
