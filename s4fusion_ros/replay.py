@@ -195,7 +195,7 @@ class BagFuser:
         return {'undecodable': sum(self.counts.undecodable.values()),
                 'late': stats.thermal_late + stats.visible_late,
                 'overflowed': stats.thermal_overflow + stats.visible_overflow,
-                'unstamped': stats.thermal_rejected + stats.visible_rejected}
+                'unstamped': stats.thermal_bad_stamp + stats.visible_bad_stamp}
 
     def dropped(self) -> int:
         """Messages neither paired nor unpaired: undecodable, late, overflowed or unstamped."""

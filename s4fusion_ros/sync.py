@@ -53,7 +53,7 @@ Parameters and their names elsewhere:
   late rather than a second jump, until that topic's first frame on the new timeline.
 
 Counters (``stats``), per topic, always satisfy
-``received == pairs + unpaired + late + overflow + rejected + pending``.
+``received == pairs + unpaired + late + overflow + bad stamp + pending``.
 """
 
 import bisect
@@ -83,7 +83,7 @@ class Pair(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class SyncStats:
     """Counts since construction; per topic received == pairs + unpaired + late + overflow +
-    rejected + pending (unconfirmed frames are among the pending)."""
+    bad stamp + pending (unconfirmed frames are among the pending)."""
 
     thermal_received: int = 0
     visible_received: int = 0
@@ -94,8 +94,8 @@ class SyncStats:
     visible_late: int = 0
     thermal_overflow: int = 0  # dropped as the oldest of a full queue
     visible_overflow: int = 0
-    thermal_rejected: int = 0  # zero or negative stamp
-    visible_rejected: int = 0
+    thermal_bad_stamp: int = 0  # zero or negative stamp
+    visible_bad_stamp: int = 0
     thermal_pending: int = 0  # buffered, not decided yet (held frames included)
     visible_pending: int = 0
     # Of the pending: frames whose timeline is not known yet, a jump or a glitched stamp (held
@@ -107,9 +107,9 @@ class SyncStats:
     @property
     def taken(self) -> int:
         """Frames of both topics buffered on a known timeline: received, and neither late, nor
-        rejected, nor unconfirmed."""
+        of a bad stamp, nor unconfirmed."""
         return (self.thermal_received + self.visible_received - self.thermal_late
-                - self.visible_late - self.thermal_rejected - self.visible_rejected
+                - self.visible_late - self.thermal_bad_stamp - self.visible_bad_stamp
                 - self.thermal_unconfirmed - self.visible_unconfirmed)
 
 
@@ -171,7 +171,7 @@ class _Stream:
     unpaired: int = 0
     late: int = 0
     overflow: int = 0
-    rejected: int = 0
+    bad_stamp: int = 0
 
     def note_stamp(self, stamp: int) -> None:
         """Track the two newest stamps on the timeline."""
@@ -318,8 +318,8 @@ class PairSynchronizer:
                 pairs=self._pairs, thermal_unpaired=thermal.unpaired,
                 visible_unpaired=visible.unpaired, thermal_late=thermal.late,
                 visible_late=visible.late, thermal_overflow=thermal.overflow,
-                visible_overflow=visible.overflow, thermal_rejected=thermal.rejected,
-                visible_rejected=visible.rejected,
+                visible_overflow=visible.overflow, thermal_bad_stamp=thermal.bad_stamp,
+                visible_bad_stamp=visible.bad_stamp,
                 thermal_pending=len(thermal.frames) + (thermal.held is not None),
                 visible_pending=len(visible.frames) + (visible.held is not None),
                 thermal_unconfirmed=thermal.unconfirmed(self._reset_threshold),
@@ -327,11 +327,12 @@ class PairSynchronizer:
                 resets=self._resets)
 
     def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
-        """Buffer one frame unless rejected or late; return pairs flushed by a clock jump."""
+        """Buffer one frame unless its stamp is bad or late; return pairs flushed by a clock
+        jump."""
         stamp = operator.index(stamp_ns)
         stream.received += 1
         if stamp <= 0:
-            stream.rejected += 1
+            stream.bad_stamp += 1
             return []
         if stream.stale_from is not None:
             # In flight when the other topic jumped back: continuing this topic's own stamps

@@ -16,7 +16,7 @@ def check_counts(stats: SyncStats) -> None:
     """Check the documented invariant: each message is counted exactly once per topic."""
     for topic in ('thermal', 'visible'):
         parts = [stats.pairs] + [getattr(stats, f'{topic}_{name}') for name in
-                                 ('unpaired', 'late', 'overflow', 'rejected', 'pending')]
+                                 ('unpaired', 'late', 'overflow', 'bad_stamp', 'pending')]
         assert getattr(stats, f'{topic}_received') == sum(parts), (topic, stats)
 
 
@@ -252,7 +252,7 @@ def test_zero_and_negative_stamps_are_rejected():
     sync = PairSynchronizer(0.010, 10)
     assert sync.add_thermal(0, 't') == [] and sync.add_visible(-5, 'v') == []
     stats = sync.stats
-    assert (stats.thermal_rejected, stats.visible_rejected, stats.pairs) == (1, 1, 0)
+    assert (stats.thermal_bad_stamp, stats.visible_bad_stamp, stats.pairs) == (1, 1, 0)
     check_counts(stats)
 
 

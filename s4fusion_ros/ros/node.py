@@ -89,7 +89,7 @@ class S4FusionNode(Node):
 
         self.thermal_rate, self.visible_rate, self.fused_rate = (RateMeter() for _ in range(3))
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
-        self.rejected = {'thermal': 0, 'visible': 0}
+        self.bad_messages = {'thermal': 0, 'visible': 0}
         self.bad_stamps = {'thermal': 0, 'visible': 0}  # dropped before message_filters
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
@@ -271,7 +271,7 @@ class S4FusionNode(Node):
             try:
                 frames.append(decode(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id))
             except ValueError as error:  # ImageDecodeError: message_filters paired it already
-                self.rejected[role] += 1
+                self.bad_messages[role] += 1
                 self._log_rejection(role, msg, error)
                 return
         self._submit(self.pipeline.add_pair(*frames))
@@ -308,7 +308,7 @@ class S4FusionNode(Node):
         try:
             prepared = self.pipeline.add_message(role, msg)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
-            self.rejected[role] += 1
+            self.bad_messages[role] += 1
             self._log_rejection(role, msg, error)
             return
         # Decoded, so counted by the synchronizer as a bad stamp, not as a bad message.
@@ -406,8 +406,8 @@ class S4FusionNode(Node):
             Key.FUSED_RATE: self.fused_rate.rate(),
             Key.THERMAL_RECEIVED: sync.thermal_received,
             Key.VISIBLE_RECEIVED: sync.visible_received,
-            Key.THERMAL_BAD_MESSAGE: self.rejected['thermal'],
-            Key.VISIBLE_BAD_MESSAGE: self.rejected['visible'],
+            Key.THERMAL_BAD_MESSAGE: self.bad_messages['thermal'],
+            Key.VISIBLE_BAD_MESSAGE: self.bad_messages['visible'],
             # Per input: received == pairs + unpaired + late + overflow + rejected (bad stamp)
             # + pending; bad messages are dropped before pairing and not in 'received'.
             Key.PAIRS: sync.pairs,
@@ -417,8 +417,8 @@ class S4FusionNode(Node):
             Key.VISIBLE_LATE: sync.visible_late,
             Key.THERMAL_OVERFLOW: sync.thermal_overflow,
             Key.VISIBLE_OVERFLOW: sync.visible_overflow,
-            Key.THERMAL_BAD_STAMP: sync.thermal_rejected,
-            Key.VISIBLE_BAD_STAMP: sync.visible_rejected,
+            Key.THERMAL_BAD_STAMP: sync.thermal_bad_stamp,
+            Key.VISIBLE_BAD_STAMP: sync.visible_bad_stamp,
             Key.THERMAL_PENDING: sync.thermal_pending,
             Key.VISIBLE_PENDING: sync.visible_pending,
             Key.SYNC_RESETS: sync.resets,
@@ -447,7 +447,7 @@ class S4FusionNode(Node):
             # A bad message is found only once paired: counted as rejected, not as received
             # (as the own synchronizer counts it), and its partner is lost with the pair.
             values.update({per_input(role, 'received'): self._rate(role).total
-                           - self.rejected[role] for role in ROLES})
+                           - self.bad_messages[role] for role in ROLES})
             values.update({per_input(role, 'rejected (bad stamp)'): self.bad_stamps[role]
                            for role in ROLES})
             failures = self.synchronized_pair_failures

@@ -201,7 +201,7 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
     if stats.thermal_unpaired and hint:  # arrival: the recorder's log times
         print(f'{PROG}: {hint} (set it in --params)', file=sys.stderr)
     for role in ('thermal', 'visible'):
-        unstamped = getattr(stats, f'{role}_rejected')
+        unstamped = getattr(stats, f'{role}_bad_stamp')
         if unstamped:
             print(f'{PROG}: warning: {unstamped} {role} messages stamped 0 or less were dropped: '
                   'pairing is by header stamp, which their driver left unset', file=sys.stderr)
