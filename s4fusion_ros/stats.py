@@ -79,10 +79,10 @@ class LatencyStats:
             self._values.append(seconds)
 
     def summary(self) -> dict[str, float]:
-        """{'mean', 'p50', 'p95'} in seconds; NaN when nothing was measured yet."""
+        """{'mean', 'p95'} in seconds (what the diagnostics publish); NaN when nothing was
+        measured yet."""
         with self._lock:
             values = np.array(self._values, dtype=np.float64)
         if values.size == 0:
-            return {'mean': float('nan'), 'p50': float('nan'), 'p95': float('nan')}
-        return {'mean': float(values.mean()), 'p50': float(np.percentile(values, 50)),
-                'p95': float(np.percentile(values, 95))}
+            return {'mean': float('nan'), 'p95': float('nan')}
+        return {'mean': float(values.mean()), 'p95': float(np.percentile(values, 95))}

@@ -242,13 +242,6 @@ class S4Fusion(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_config(cls, config, device=None, dtype=None):
-        """Build from a config dict (as ``S4FusionConfig.to_dict`` writes it) or a config."""
-        if not isinstance(config, S4FusionConfig):
-            config = S4FusionConfig.from_dict(config)
-        return cls(config, device=device, dtype=dtype)
-
     @torch.no_grad()
     def start_at_base(self):
         """Zero the head's last layer: a model with a base then outputs exactly its base, the
