@@ -187,22 +187,22 @@ def decodable_counts(bag: pathlib.Path, topics: dict[str, ImageTopic]) -> dict[s
 
 
 def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
-                     values: dict, span_s: float) -> tuple[float, float, float]:
-    """(rate, seconds the model takes a pair, seconds between thermal frames) for this CPU.
+                     values: dict, period: float) -> tuple[float, float]:
+    """(rate, seconds the model takes a pair) for this CPU, with `period` seconds between
+    thermal frames.
 
     The rate is at most 1 and leaves HEADROOM of each thermal period to everything else.
     """
-    period = thermal_period(span_s, thermal.count)
     pair = next(bag_pairs(bag, thermal.topic, visible.topic,
                           pipeline_from_params(values)), None)
     if pair is None:
-        return 1.0, float('nan'), period
+        return 1.0, float('nan')
     engine = FusionEngine(model_from_params(values), fusion_settings(values))
     engine.warm_up()
     seconds = float(np.median([engine.infer(pair).inference_seconds for _ in range(3)]))
     # At least MIN_RATE: a model far too slow for the bag would round the rate to 0, which
     # would never play; the summary then says what it dropped.
-    return min(1.0, max(MIN_RATE, round(HEADROOM * period / seconds, 2))), seconds, period
+    return min(1.0, max(MIN_RATE, round(HEADROOM * period / seconds, 2))), seconds
 
 
 def thermal_period(span_s: float, count: int) -> float:
@@ -297,17 +297,44 @@ def run(args: argparse.Namespace) -> str:
         thermal, visible = pick_topics(image_topics(reader, bag), bag, args.thermal_topic,
                                        args.visible_topic, values)
         end_ns, span_s = reader.end_time, (reader.end_time - reader.start_time) / 1e9
+    period_s = thermal_period(span_s, thermal.count)
     rate = args.rate
     if rate is None:
-        rate, model_s, period_s = sustainable_rate(bag, thermal, visible, values, span_s)
+        rate, model_s = sustainable_rate(bag, thermal, visible, values, period_s)
         print(f'{PROG}: the model takes {model_s * 1e3:.0f} ms a pair here and the thermal '
               f'camera sends a frame every {period_s * 1e3:.0f} ms: playing at rate {rate:g} '
               '(--rate to choose)', file=sys.stderr)
     # Read before the chain starts: the recorder must not wait on a pass over a long bag.
     expected = decodable_counts(bag, {'thermal': thermal, 'visible': visible})
     isolate_dds(args.domain_id, logs)
+    play, node_command = chain_commands(args, bag, (thermal, visible), values, rate, logs)
+    print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
+          f'{settings.NODE_NAME} in ROS_DOMAIN_ID {args.domain_id} on loopback; logs in {logs}',
+          file=sys.stderr)
+
+    def summary(status: dict, fused: int, drained_ok: bool) -> str:
+        return summary_line(status, fused, time.monotonic() - started, drained_ok, rate,
+                            period_s)
+
+    # Done once the clock passed the last thermal frame's sync timeout and all is fused.
+    done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
+    status, fused = record(out_dir / 'fused_bag', values, node_command, play, expected,
+                           done_after, logs, started + args.timeout, summary)
+    frames, previews = write_outputs(bag, (thermal, visible), values, out_dir)
+    line = summary(status, fused, True)
+    write_text_atomically(out_dir / 'summary.txt', line + '\n')
+    video = f'{VIDEO} ({frames} frames)' if frames else 'no video (no pair was fused)'
+    print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {video} and '
+          f'summary.txt in {out_dir}', file=sys.stderr)
+    return line
+
+
+def chain_commands(args: argparse.Namespace, bag: pathlib.Path, topics: tuple, values: dict,
+                   rate: float, logs: pathlib.Path) -> tuple[list, list]:
+    """The player's and the node's command lines: the bag's (thermal, visible) `topics`
+    remapped onto the node's inputs of their transports, played at `rate`."""
     play = [executable('s4fusion-play'), str(bag), '--clock', '--keep-alive',
-            '--rate', str(rate), '--topics', thermal.topic, visible.topic]
+            '--rate', str(rate), '--topics', *(topic.topic for topic in topics)]
     # The node times sync.timeout in wall seconds since the latest frame: played slower, the
     # bag's frames arrive further apart in wall time, so the timeout stretches with them.
     low, high = settings.SPECS['sync.timeout'].range
@@ -315,20 +342,28 @@ def run(args: argparse.Namespace) -> str:
     node_command = [executable(settings.NODE_NAME), '--ros-args', '--params-file',
                     str(node_params_file(args, logs)), '-p', 'use_sim_time:=true',
                     '-p', f'sync.timeout:={timeout!r}']  # repr: a double, never rounded to 0
-    for role, topic in (('thermal', thermal), ('visible', visible)):
+    for role, topic in zip(('thermal', 'visible'), topics):
         # A CompressedImage topic goes to the node's input of its transport.
         suffix = '' if topic.transport == 'raw' else f'/{topic.transport}'
         play += ['--remap', f'{topic.topic}:={NODE_TOPICS[role]}{suffix}']
         node_command += ['-p', f'{role}.transport:={topic.transport}']
-    print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
-          f'{settings.NODE_NAME} in ROS_DOMAIN_ID {args.domain_id} on loopback; logs in {logs}',
-          file=sys.stderr)
+    return play, node_command
+
+
+def record(fused_bag: pathlib.Path, values: dict, node_command: list, play: list,
+           expected: dict, done_after: int, logs: pathlib.Path, deadline: float,
+           summary) -> tuple[dict, int]:
+    """Start the node, then the player once the node subscribes, and record the node's outputs
+    into `fused_bag` until it has fused the whole bag; returns the node's last diagnostics and
+    the fused images recorded. Past the monotonic `deadline` raises StoppedAtTimeout with
+    summary(diagnostics, fused images, False), the partial bag discarded: an earlier run's
+    outputs stay. Both children are stopped whatever happens."""
     # Ctrl-C must reach this code as KeyboardInterrupt, so that the children are stopped.
     rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
     node_process = player = None
     try:
         monitor = Monitor()
-        with create_bag(out_dir / 'fused_bag', 'mcap', overwrite=True) as writer:
+        with create_bag(fused_bag, 'mcap', overwrite=True) as writer:
             # The node's output reliability: a reliable subscription hears no best_effort one.
             qos = qos_profile(values['qos.output.reliability'], 50)
             recorder = TopicRecorder(monitor, writer, dict.fromkeys(settings.OUTPUT_TOPICS, IMAGE),
@@ -341,45 +376,40 @@ def run(args: argparse.Namespace) -> str:
                 raise BagError(f'{settings.NODE_NAME} exited:\n{tail(logs / "node.log")}')
             # Plays once the node subscribes: it joins the graph before its model is loaded.
             player = start_child(play + ['--wait-for', settings.NODE_NAME], logs / 'player.log')
-            # Done once the clock passed the last thermal frame's sync timeout and all is fused.
-            done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
             drained_ok = monitor.spin_until(
                 lambda: player.poll() is not None or node_process.poll() is not None
                 or drained(monitor, recorder, expected, done_after),
-                max(1.0, args.timeout - (time.monotonic() - started)))
+                max(1.0, deadline - time.monotonic()))
             for process, name in ((player, 'player'), (node_process, 'node')):
                 if process.poll() is not None:
                     raise BagError(f'the {name} exited early:\n{tail(logs / f"{name}.log")}')
-            drained_ok = drained_ok and drained(monitor, recorder, expected, done_after)
             fused = recorder.counts[FUSED_TOPIC]
-            if not drained_ok:  # a partial bag is discarded: an earlier run's outputs stay
-                raise StoppedAtTimeout(summary_line(
-                    monitor.status, fused, time.monotonic() - started, drained_ok, rate,
-                    thermal_period(span_s, thermal.count)))
+            if not (drained_ok and drained(monitor, recorder, expected, done_after)):
+                raise StoppedAtTimeout(summary(monitor.status, fused, False))
+            return monitor.status, fused
     finally:
         stop(player)
         stop(node_process)
         rclpy.try_shutdown()
-    # The new fused bag is in place: what an earlier run made from its own goes first.
+
+
+def write_outputs(bag: pathlib.Path, topics: tuple, values: dict, out_dir: pathlib.Path
+                  ) -> tuple[int, list]:
+    """The previews and the video of the fused bag now in `out_dir`, after removing what an
+    earlier run made from its own; returns the video's frames and the previews' paths."""
     missing = f'{out_dir / "fused_bag"} was written, its previews, video and summary were not'
     try:
         for stale in [*out_dir.glob('preview_*.png'), out_dir / VIDEO, out_dir / 'summary.txt']:
             stale.unlink(missing_ok=True)
         previews = write_previews(out_dir / 'fused_bag', out_dir)
-        frames = export_recording(bag, thermal.topic, visible.topic,
+        frames = export_recording(bag, *(topic.topic for topic in topics),
                                   pipeline_from_params(values), out_dir / 'fused_bag',
                                   *settings.OUTPUT_TOPICS, out_dir / VIDEO)
-        line = summary_line(monitor.status, fused, time.monotonic() - started, drained_ok, rate,
-                            thermal_period(span_s, thermal.count))
-        write_text_atomically(out_dir / 'summary.txt', line + '\n')
     except KeyboardInterrupt:
         raise KeyboardInterrupt(missing) from None
     except (BagError, OSError, ValueError) as error:
         raise BagError(f'{error}; {missing}') from error
-    video = f'{VIDEO} ({frames} frames)' if frames else 'no video (no pair was fused)'
-    print(f'{PROG}: wrote {out_dir / "fused_bag"}, {len(previews)} previews, {video} and '
-          f'summary.txt in {out_dir}', file=sys.stderr)
-    return line
+    return frames, previews
 
 
 def main(argv: list[str] | None = None) -> int:
