@@ -14,7 +14,7 @@ Three steps, each a subcommand:
 
 Runs are resumable across calls: a recipe's train_state.pt continues (`s4fusion-train --resume`),
 and a run whose state could not travel starts again from its last weights, kept in its ``init/``.
-The packed parts are at most 15 MB each so that they come back from a device call; they are
+The packed parts are at most 15 MiB each so that they come back from a device call; they are
 written after each recipe, so a call cut short still brings back what it finished.
 Usage (docs/training.md, "Training on a lent GPU"):
   python3 scripts/gpu_train.py pack-data --data IVIF_DIR --to .gpu/data
