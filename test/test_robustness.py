@@ -34,7 +34,7 @@ SLOP_NS = 50_000_000  # sync.slop default
 
 
 def sync_counts_add_up(counts: dict) -> None:
-    """Assert received == pairs + unpaired + late + overflow + rejected + pending per input."""
+    """Assert received == pairs + unpaired + late + overflow + bad stamp + pending per input."""
     for role in ROLES:
         parts = ('unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')
         assert counts[per_input(role, 'received')] == counts[Key.PAIRS] + sum(
@@ -48,7 +48,7 @@ def _stats_as_counts(stats) -> dict:
     for role in ROLES:
         for part, field in (('received', 'received'), ('unpaired', 'unpaired'),
                             ('late', 'late'), ('overflow', 'overflow'),
-                            ('rejected (bad stamp)', 'rejected'), ('pending', 'pending')):
+                            ('rejected (bad stamp)', 'bad_stamp'), ('pending', 'pending')):
             counts[per_input(role, part)] = getattr(stats, f'{role}_{field}')
     return counts
 
