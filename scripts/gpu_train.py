@@ -75,7 +75,9 @@ DEFAULT_RECIPES = ['authors']
 
 
 def log(message):
-    print(f'[gpu_train {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+    # Its reader may be gone (the device call ended): the packing after it must still happen.
+    with contextlib.suppress(OSError):
+        print(f'[gpu_train {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
 
 
 def pack_data(args):
@@ -181,6 +183,21 @@ def run_group(command, env, timeout, stop_grace):
         except subprocess.TimeoutExpired:
             if number is None:
                 log(f'{" ".join(command[:4])} ... ran past {timeout:.0f} s: stopping it')
+        except KeyboardInterrupt:  # this script was stopped: its own session's group with it
+            stop_group(process, stop_grace)
+            raise
+
+
+def stop_group(process, stop_grace):
+    """SIGTERM to the group (a training run checkpoints on it), ``stop_grace`` seconds for it to
+    end, then SIGKILL: in a session of its own, it would otherwise outlive the call."""
+    if stop_grace:
+        signal_group(process, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=stop_grace)
+            return
+    signal_group(process, signal.SIGKILL)
+    process.communicate()
 
 
 def signal_group(process, number):
@@ -231,6 +248,19 @@ def train(args):
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
         str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
     args.runs.mkdir(parents=True, exist_ok=True)
+    try:
+        train_recipes(args, started, deadline, summary, env)
+    except KeyboardInterrupt:  # stopped from outside (SIGTERM too): bring back what was saved
+        log('stopped: packing what the recipes saved')
+        summary['stopped'] = True
+        summary['seconds'] = round(time.monotonic() - started, 1)
+        pack(args.runs, args.out, summary, args.max_state_mib)
+        raise
+
+
+def train_recipes(args, started, deadline, summary, env):
+    """Train the recipes in turn, each in its share of the time left (the call began at the
+    monotonic `started`), packing after each."""
     recipes = list(args.recipes)
     for name in recipes:
         # Resumed with its state and the same settings, it trains no step. Without its state (the
@@ -520,6 +550,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # SIGTERM (a call stopped from outside) as Ctrl-C: the training stops with a checkpoint and
+    # what was saved is packed, instead of an orphan run training on in its own session.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     if args.command == 'train':
         if args.out is None:
             raise SystemExit('train: --out is needed where $OUT is not set')
@@ -531,7 +565,11 @@ def main(argv=None):
         probe = args.out / '.write_probe'
         probe.write_bytes(b'')
         probe.unlink()
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        log(f'{args.command}: interrupted')
+        raise SystemExit(130) from None
 
 
 if __name__ == '__main__':

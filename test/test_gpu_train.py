@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -246,6 +247,33 @@ def test_time_budget_and_arguments(tmp_path, packed_data):
     incomplete = script('unpack', tmp_path / 'out', '--runs', tmp_path / 'r', check=False)
     assert incomplete.returncode != 0 and 'parts missing' in incomplete.stderr
     assert not (tmp_path / 'r').exists()
+
+
+def test_a_call_stopped_from_outside_stops_its_run_and_brings_back_what_it_saved(
+        tmp_path, packed_data):
+    # SIGTERM to the script (a device call ended early) killed it at once with nothing under
+    # $OUT, while its run, in a session of its own, went on training unseen.
+    runs, out = tmp_path / 'runs', tmp_path / 'out'
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), 'train', '--data', str(packed_data), '--runs', str(runs),
+         '--out', str(out), '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', '--',
+         '--steps', '2000', '--batch-size', '1', '--crop', '25', '--threads', '1'],
+        stderr=subprocess.PIPE, text=True)
+    log = runs / 'compact' / 'train_log.jsonl'
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text().count('\n') >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr
+    assert 'stopped: packing what the recipes saved' in stderr
+    summary = json.loads((out / 'gpu_train_summary.json').read_text())
+    assert summary['stopped'] and summary['parts']
+    steps = run_record(runs / 'compact')['training']['steps_done']
+    assert steps >= 2  # checkpointed on the SIGTERM passed on to it
+    time.sleep(2)  # a run still going would log more steps
+    assert len(log.read_text().splitlines()) == steps
 
 
 def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_path, gpu_train):

@@ -178,8 +178,10 @@ class GracefulStop:
     def _handle(self, signum, _frame):
         if not self.received:
             self.received = signal.Signals(signum).name
-            print(f'\n{self.received}: stopping after this step (again to abort without saving)',
-                  file=sys.stderr)
+            # Its reader may be gone (a parent killed first): the checkpoint must still happen.
+            with contextlib.suppress(OSError):
+                print(f'\n{self.received}: stopping after this step (again to abort without '
+                      'saving)', file=sys.stderr, flush=True)
         elif self.saving_now:
             self.abort_after_saving = True
         else:
