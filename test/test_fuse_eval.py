@@ -379,6 +379,11 @@ def test_fuse_refuses_a_detail_gain_out_of_range_and_one_folder_for_both(tmp_pat
         fuse.main(['--ir', str(tmp_path), '--vi', f'{tmp_path}/.', '--out', str(tmp_path / 'o')])
     assert exit_info.value.code == 2 and '--ir and --vi are one folder' in (
         capsys.readouterr().err)
+    (tmp_path / 'a').symlink_to(tmp_path / 'b')
+    (tmp_path / 'b').symlink_to(tmp_path / 'a')
+    with pytest.raises(SystemExit) as exit_info:  # it was a traceback
+        fuse.main(['--ir', str(tmp_path / 'a'), '--vi', str(tmp_path), '--out', str(tmp_path)])
+    assert exit_info.value.code == 2 and 'Symlink loop' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('threads', ['0', '-1'])

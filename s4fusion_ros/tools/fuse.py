@@ -171,7 +171,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                'and saliency PNGs are both under --out, fuse the others; refused '
                                f'unless --out/{RUN_RECORD} shows the same weights and options')
     args = parser.parse_args(argv)
-    if resolved(args.ir) == resolved(args.vi):  # each image would be fused with itself
+    try:
+        same = resolved(args.ir) == resolved(args.vi)
+    except OSError as error:  # a symlink loop
+        parser.error(str(error))
+    if same:  # each image would be fused with itself
         parser.error(f'--ir and --vi are one folder ({args.ir}): name the infrared and the '
                      'visible images\' folders')
     error = settings.check({'model.detail_gain': args.detail_gain})
