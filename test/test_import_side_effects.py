@@ -76,3 +76,16 @@ def test_every_module_outside_ros_imports_without_ros():
     done = subprocess.run([sys.executable, '-c', ROS_FREE_PROBE], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_loading_the_weights_needs_no_compiler_stack(tmp_path):
+    # The meta-device shape check ran random and *_like ops through torch's Python references,
+    # which imported torch._dynamo and sympy (0.8 s of every node start) and left a
+    # torchinductor_<user> folder in the temporary directory.
+    code = ('import sys; from s4fusion_ros.model import load_checkpoint, shipped_weights\n'
+            'load_checkpoint(shipped_weights("authors"))\n'
+            'print(sorted({"torch._dynamo", "sympy"} & set(sys.modules)))\n')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env={**os.environ, 'TMPDIR': str(tmp_path)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '[]' and not list(tmp_path.iterdir())

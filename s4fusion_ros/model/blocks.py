@@ -101,7 +101,10 @@ class SS2D(nn.Module):
         # None picks per call (scan.scan_backend, and the fused grid kernel for CPU inference);
         # a name forces that backend, e.g. to compare backends (S4Fusion.set_scan_backend).
         self.scan_backend = None
-        self._init_ssm(dt_min, dt_max, dt_init_floor)
+        # On the meta device (load_checkpoint's shape check) values mean nothing, and its
+        # random ops would import torch._dynamo and sympy: 0.8 s of every model load.
+        if self.A_logs.device.type != 'meta':
+            self._init_ssm(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
     def _init_ssm(self, dt_min, dt_max, dt_init_floor):

@@ -21,7 +21,7 @@ class FusionBlock(SS2D):
         super().__init__(d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=device,
                          dtype=dtype)
         kw = {'device': device, 'dtype': dtype}
-        self.y_proj_weight = nn.Parameter(torch.empty_like(self.x_proj_weight))
+        self.y_proj_weight = nn.Parameter(torch.empty(self.x_proj_weight.shape, **kw))
         self.mark_proj = nn.Parameter(torch.empty(self.d_inner, 2 * self.d_inner, **kw))
         with torch.no_grad():
             bound = self.d_inner ** -0.5
