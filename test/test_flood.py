@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
-from s4fusion_ros.ros.flood import FloodReport, main as flood_main, run_flood  # noqa: E402
+from s4fusion_ros.ros.flood import FloodReport, main as flood_main, Phase, run_flood  # noqa: E402
 from support import check_counters, check_latency, FLOOD_PARAMS  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -84,10 +84,13 @@ def node_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stop):
+@pytest.mark.parametrize('stops', [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGKILL,),
+                                   (signal.SIGINT, signal.SIGINT)],
+                         ids=['SIGTERM', 'SIGINT', 'SIGKILL', 'SIGINT twice'])
+def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stops):
     # SIGTERM (kill, a supervisor) used to end the flood at once and leave its node running;
-    # SIGKILL runs no clean-up at all and left it running too.
+    # SIGKILL runs no clean-up at all and left it running too. A second SIGINT at once (timeout
+    # and ros2 launch send one) cut the node's stop short and aborted the flood.
     process = subprocess.Popen(
         [sys.executable, '-m', 's4fusion_ros.ros.flood', '--rate', '5', '--duration', '60',
          '-p', 'device:=cpu', '-p', 'inference_size:=[160,120]'],
@@ -99,7 +102,9 @@ def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stop):
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.1)
         time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
-        process.send_signal(stop)
+        for stop in stops:
+            process.send_signal(stop)
+            time.sleep(0.02)  # the second lands while the first is being handled
         _, stderr = process.communicate(timeout=60)
         deadline = time.monotonic() + 20  # the node's own clean stop
         while node_processes(str(tmp_path)) and time.monotonic() < deadline:
@@ -110,7 +115,29 @@ def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stop):
         for pid in node_processes(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
     assert not left_running, 'the node outlived its flood'
-    if stop != signal.SIGKILL:
+    if stops != (signal.SIGKILL,):
         assert process.returncode == 130 and 'Traceback' not in stderr, stderr
         assert 's4fusion-flood: interrupted; the node was stopped' in stderr
         assert not list(tmp_path.iterdir())
+
+
+def test_figures_keep_two_phases_at_one_rate_and_the_pairs_fused_after_the_flood(tmp_path):
+    # Keyed by rate alone, the second 5 Hz phase overwrote the first; the outputs fused after
+    # the last phase (the queued pairs, the slowest) were left out of the latencies.
+    phases = [Phase(5.0, 2.0, published=10, start=0.0, end=2.0, outputs=[(1.0, 0.1)] * 8),
+              Phase(5.0, 2.0, published=10, start=2.0, end=4.0, outputs=[(3.0, 0.2)] * 9)]
+    drained = [(4.5, 0.9), (5.0, 1.1)]
+    report = FloodReport(phases, 1, [], 0, 0, {}, True, drained, 0, tmp_path / 'node.log')
+    figures = report.figures()
+    assert figures['[1: 5 Hz] fused rate (Hz)'] == 4.0
+    assert figures['[2: 5 Hz] fused rate (Hz)'] == 4.5
+    assert figures['fused after the flood'] == 2
+    assert figures['latency p95 (s)'] > 0.9 and figures['published pairs'] == 21
+
+
+def test_a_size_the_node_would_refuse_is_a_usage_error(capsys):
+    # It allocated the images (149 GiB at 100000x100000) and ended in a traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        flood_main(['--size', '100000x100000'])
+    assert exit_info.value.code == 2
+    assert 'is more than the node takes (max_input_pixels 33554432)' in capsys.readouterr().err

@@ -20,6 +20,7 @@ import math
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -35,7 +36,8 @@ from ..messages import stamp_to_ns
 from ..stats import process_memory_kib
 
 PROG = 's4fusion-flood'
-DEFAULT_NAMESPACE = '/s4fusion_flood'
+# Its own per run: two floods in one domain would otherwise drive and measure each other's node.
+DEFAULT_NAMESPACE = f'/s4fusion_flood_{os.getpid()}'
 SETTLE_TIMEOUT_S = 60.0
 
 
@@ -72,6 +74,7 @@ class FloodReport:
     peak_rss_kb: int  # VmHWM at the end: the largest resident size over the node's life
     diagnostics: dict  # the node's last diagnostics (key -> string value), once it settled
     settled: bool  # every frame decided and no inference running at the end
+    drain_outputs: list  # (receive monotonic s, latency s) of the outputs after the last phase
     returncode: int | None  # of the node process after SIGINT
     log_path: pathlib.Path
 
@@ -86,7 +89,9 @@ class FloodReport:
     def figures(self) -> dict:
         """Return the headline numbers, as the command prints them."""
         number = self.number
-        latencies = np.concatenate([phase.latencies() for phase in self.phases])
+        # Every fused output of the flood: the queued pairs fused after it are the slowest.
+        latencies = np.concatenate([phase.latencies() for phase in self.phases]
+                                   + [np.array([latency for _, latency in self.drain_outputs])])
         inference = number(Key.INFERENCE_LATENCY_MEAN)
         figures = {
             # The node's counters cover its whole life: the warm-up pairs are in them too.
@@ -104,13 +109,16 @@ class FloodReport:
             Key.INFERENCE_ERRORS: number(Key.INFERENCE_ERRORS),
             'peak RSS (MiB)': self.peak_rss_kb / 1024,
             'RSS before the flood (MiB)': self.rss_before_kb / 1024,
+            'fused after the flood': len(self.drain_outputs),
             'latency p50 (s)': _percentile(latencies, 50),
             'latency p95 (s)': _percentile(latencies, 95),
             Key.INFERENCE_LATENCY_MEAN: inference,
             'model rate (Hz)': 1.0 / inference if inference > 0 else math.nan,
         }
-        for phase in self.phases:
-            name = 'max' if phase.rate == 0 else f'{phase.rate:g} Hz'
+        names = ['max' if phase.rate == 0 else f'{phase.rate:g} Hz' for phase in self.phases]
+        if len(set(names)) < len(names):  # two phases at one rate: numbered, else one is lost
+            names = [f'{index}: {name}' for index, name in enumerate(names, 1)]
+        for phase, name in zip(self.phases, names):
             figures[f'[{name}] published pairs/s'] = phase.published / phase.duration
             figures[f'[{name}] fused rate (Hz)'] = phase.fused_rate()
             figures[f'[{name}] latency p50 (s)'] = _percentile(phase.latencies(), 50)
@@ -312,15 +320,23 @@ def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = 
         for phase in done:
             phase.outputs = [(t, latency) for t, latency in driver.outputs
                              if phase.start <= t < phase.end]
+        drain_outputs = [(t, latency) for t, latency in driver.outputs if t >= done[-1].end]
         peak = process_memory_kib(node.pid).get('VmHWM', 0)
         diagnostics = dict(driver.diagnostics)
         rss = list(driver.rss_kb)
     finally:
-        if driver is not None:
-            driver.close()
-        returncode = node.stop()
+        # A second Ctrl-C (timeout and ros2 launch send one) must not cut the node's stop short.
+        previous = {stop: signal.signal(stop, signal.SIG_IGN)
+                    for stop in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if driver is not None:
+                driver.close()
+        finally:
+            returncode = node.stop()
+            for stop, handler in previous.items():
+                signal.signal(stop, handler)
     return FloodReport(done, warm_up_pairs, rss, rss_before, peak, diagnostics, settled,
-                       returncode, node.log_path)
+                       drain_outputs, returncode, node.log_path)
 
 
 def _flood(driver: Driver, phase: Phase, thermal_msg, visible_msg) -> None:
@@ -365,6 +381,10 @@ def main(argv=None) -> int:
         parser.error('--duration must be > 0')
     if any(not (rate >= 0 and math.isfinite(rate)) for rate in args.rate or []):
         parser.error('--rate must be >= 0 and finite')
+    limit = dict(args.param).get('max_input_pixels', settings.SPECS['max_input_pixels'].default)
+    if isinstance(limit, int) and args.size[0] * args.size[1] > limit:  # it would drop them all
+        parser.error(f'--size {args.size[0]}x{args.size[1]} is more than the node takes '
+                     f'(max_input_pixels {limit})')
     from rclpy.exceptions import InvalidNamespaceException
     from rclpy.validate_namespace import validate_namespace
     try:
