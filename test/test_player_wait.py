@@ -132,6 +132,7 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
     (['--remap', '/a:=/s4fusion_node/fused'], "/s4fusion_node/fused is the fusion node's output"),
     (['--remap', '/a:=s4fusion_node/saliency'], "s4fusion_node/saliency is the fusion node's"),
     (['--wait', '-1'], '--wait must be >= 0'),
+    (['--wait', 'nan'], '--wait must be >= 0'),  # it played without waiting
 ])
 def test_bad_options_are_usage_errors_not_tracebacks(argv, message, capsys):
     from s4fusion_ros.ros.player import parse_args
@@ -210,3 +211,61 @@ def test_an_undecodable_image_is_skipped_and_counted_not_published(tmp_path):
     assert f'{THERMAL_TOPIC}: cannot decode a sensor_msgs/msg/Image message' in done.stderr
     assert (f'published {VISIBLE_TOPIC} 1, {THERMAL_TOPIC} 1; skipped as undecodable: '
             f'{VISIBLE_TOPIC} 1, {THERMAL_TOPIC} 1') in done.stderr, done.stderr
+
+
+def test_a_second_ctrl_c_while_stopping_still_stops_cleanly():
+    # timeout and ros2 launch send SIGINT twice: the second one, inside the clean stop, gave a
+    # traceback and exit code 130 instead of 0.
+    player = subprocess.Popen([*PLAYER, str(sample_bag()), '--wait', '0', '--keep-alive'],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not any('end of bag' in line for line in lines):
+        lines.append(player.stdout.readline())
+        assert lines[-1] or player.poll() is None, ''.join(lines)
+    player.send_signal(signal.SIGINT)
+    time.sleep(0.005)
+    player.send_signal(signal.SIGINT)
+    output = ''.join(lines) + player.communicate(timeout=60)[0]
+    assert player.returncode == 0 and 'Traceback' not in output, output
+    assert output.rstrip().endswith('; stopped'), output
+
+
+SILENT_SUBSCRIBER = """
+import sys, time, rclpy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+rclpy.init()
+node = rclpy.create_node('silent_subscriber')
+for topic in sys.argv[1:]:
+    node.create_subscription(Image, topic, lambda msg: None,
+                             QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+print('subscribed', flush=True)
+rclpy.spin(node)
+"""
+
+
+def test_a_reliable_subscriber_that_never_confirms_is_named_and_waited_for_once(tmp_path):
+    # A stopped reliable subscriber held the player 10 s per topic, deaf to Ctrl-C, and the
+    # summary did not say that delivery went unconfirmed.
+    image = np.zeros((4, 4), np.uint8)
+    events = [(5 * 10**9 + i * 10**8, topic, 5 * 10**9 + i * 10**8, 'mono8', image)
+              for i in range(20) for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)]
+    bag = write_bag(tmp_path / 'bag', events, 'mcap')
+    subscriber = subprocess.Popen([sys.executable, '-c', SILENT_SUBSCRIBER, THERMAL_TOPIC,
+                                   VISIBLE_TOPIC], stdout=subprocess.PIPE, text=True)
+    try:
+        assert subscriber.stdout.readline().strip() == 'subscribed'
+        player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30'], stderr=subprocess.PIPE,
+                                  text=True)
+        assert 'playing' in player.stderr.readline()  # it has matched the subscriber
+        subscriber.send_signal(signal.SIGSTOP)  # which acknowledges nothing more
+        started = time.monotonic()
+        stderr = player.communicate(timeout=120)[1]
+        seconds = time.monotonic() - started
+    finally:
+        subscriber.kill()
+        subscriber.wait()
+    assert player.returncode == 0, stderr
+    assert 'end of bag; not confirmed within 10 s by a reliable subscriber of ' in stderr, stderr
+    assert THERMAL_TOPIC in stderr.split('not confirmed')[1], stderr
+    assert seconds < 20  # one wait for both topics, not 10 s each on top of playing

@@ -19,6 +19,7 @@ would otherwise miss the start of the bag.
 import argparse
 import importlib
 import pathlib
+import signal
 import sys
 import time
 
@@ -48,6 +49,7 @@ PUBLISH_DEPTH = 30
 # Fast DDS can drop the first samples even after the writer sees the reader: give it a moment.
 DISCOVERY_SETTLE_S = 1.0
 ACK_TIMEOUT_S = 10.0
+ACK_SLICE_S = 0.1  # waited at a time, so that a Ctrl-C is heard between (the wait is in C)
 # A --loop pass lasts at least this much bag time: a bag of one moment repeats, not spins.
 LOOP_MINIMUM_S = 1.0
 RATE_LIMITS = (1e-6, 1e6)  # of --rate and --clock-rate
@@ -88,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not RATE_LIMITS[0] <= getattr(args, option) <= RATE_LIMITS[1]:
             parser.error(f'--{option.replace("_", "-")} must be from {RATE_LIMITS[0]:g} to '
                          f'{RATE_LIMITS[1]:g}')
-    if args.wait < 0:
+    if not args.wait >= 0:  # nan too
         parser.error('--wait must be >= 0')
     try:
         args.remap = _remaps(args.remap)
@@ -297,10 +299,15 @@ class BagPlayer:
         if self.undecodable[topic] == 1:
             print(f'{PROG}: skipping undecodable messages (first: {error})', file=sys.stderr)
 
-    def wait_for_acks(self) -> None:
-        """Let reliable subscribers receive everything before the publishers go away."""
-        for publisher in self.publishers.values():
-            publisher.wait_for_all_acked(Duration(seconds=ACK_TIMEOUT_S))
+    def wait_for_acks(self) -> list[str]:
+        """Let reliable subscribers receive everything before the publishers go away, for
+        ACK_TIMEOUT_S in all; returns the topics whose subscribers had not confirmed by then."""
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        waiting = list(self.publishers.values())
+        while waiting and time.monotonic() < deadline:
+            waiting = [publisher for publisher in waiting
+                       if not publisher.wait_for_all_acked(Duration(seconds=ACK_SLICE_S))]
+        return [publisher.topic_name for publisher in waiting]
 
     def summary(self) -> str:
         """One line: messages published per topic."""
@@ -337,21 +344,32 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         while args.loop:
             player.play_once(LOOP_MINIMUM_S)
-        player.wait_for_acks()
-        print(f'{player.summary()}; end of bag', file=sys.stderr, flush=True)
+        unconfirmed = player.wait_for_acks()
+        print(f'{player.summary()}; end of bag'
+              + (f'; not confirmed within {ACK_TIMEOUT_S:g} s by a reliable subscriber of '
+                 f'{", ".join(unconfirmed)}' if unconfirmed else ''), file=sys.stderr, flush=True)
         if args.keep_alive:
             player.idle()
     except (KeyboardInterrupt, ExternalShutdownException):
+        _ignore_stop_signals()
         if player is not None:
             print(f'{player.summary()}; stopped', file=sys.stderr)
     except BagError as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1
     finally:
+        _ignore_stop_signals()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """Stopping: a second Ctrl-C (timeout and ros2 launch send one) must not turn the clean
+    stop into a traceback."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 if __name__ == '__main__':
