@@ -26,6 +26,7 @@ def write_together(writes: dict) -> None:
     temporary files first, then the renames in order: a write that fails (a full disk) leaves
     every path as it was, so files that belong together (weights and their JSON) never mix."""
     created = []  # (temporary, path): only what this call made is removed on failure
+    path = None
     try:
         for path, write in writes.items():
             temporary = path.with_name(f'.{path.name}.tmp')
@@ -36,9 +37,11 @@ def write_together(writes: dict) -> None:
                 os.fsync(file.fileno())
         for temporary, path in created:
             os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         for temporary, _ in created:
             temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # a write or fsync: name it
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 
