@@ -37,14 +37,24 @@ def split_ros_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     return own, ros
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what Ctrl-C, kill and supervisors send
+
+
 def stop_on_signals() -> None:
     """Make SIGINT and SIGTERM raise KeyboardInterrupt, so a tool cleans up as for Ctrl-C.
 
     `kill` and service managers send SIGTERM; a shell starts background jobs with SIGINT ignored
     and children inherit that, so a supervisor's SIGINT (`interrupt`) would go unheard.
     """
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+    for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.default_int_handler)
+
+
+def ignore_stop_signals() -> dict:
+    """Ignore the stop signals while a tool stops: a second Ctrl-C (timeout and ros2 launch
+    send one) must not cut its clean-up short or end it in a traceback. Returns the handlers
+    they had, for signal.signal to restore."""
+    return {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
 
 
 def run_command(prog: str, command, errors: tuple, interrupted='interrupted',

@@ -30,7 +30,8 @@ import numpy as np
 import yaml
 
 from .. import settings
-from ..cli import interrupt, parse_size, run_command, start_child, stop_on_signals
+from ..cli import (ignore_stop_signals, interrupt, parse_size, run_command, start_child,
+                   stop_on_signals)
 from ..diagnostics import ROLES, Key, nothing_pending, number, per_input, status_name
 from ..messages import stamp_to_ns
 from ..stats import process_memory_kib
@@ -325,9 +326,7 @@ def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = 
         diagnostics = dict(driver.diagnostics)
         rss = list(driver.rss_kb)
     finally:
-        # A second Ctrl-C (timeout and ros2 launch send one) must not cut the node's stop short.
-        previous = {stop: signal.signal(stop, signal.SIG_IGN)
-                    for stop in (signal.SIGINT, signal.SIGTERM)}
+        previous = ignore_stop_signals()  # until the node is stopped
         try:
             if driver is not None:
                 driver.close()

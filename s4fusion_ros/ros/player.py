@@ -19,7 +19,6 @@ would otherwise miss the start of the bag.
 import argparse
 import importlib
 import pathlib
-import signal
 import sys
 import time
 
@@ -38,7 +37,7 @@ from rosgraph_msgs.msg import Clock
 
 from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, open_bag,
                      read_messages)
-from ..cli import stop_on_signals
+from ..cli import ignore_stop_signals, stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
 from .parameters import kept_apart, qos_profile
@@ -351,25 +350,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_alive:
             player.idle()
     except (KeyboardInterrupt, ExternalShutdownException):
-        _ignore_stop_signals()
+        ignore_stop_signals()
         if player is not None:
             print(f'{player.summary()}; stopped', file=sys.stderr)
     except BagError as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1
     finally:
-        _ignore_stop_signals()
+        ignore_stop_signals()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
-
-
-def _ignore_stop_signals() -> None:
-    """Stopping: a second Ctrl-C (timeout and ros2 launch send one) must not turn the clean
-    stop into a traceback."""
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
 
 
 if __name__ == '__main__':

@@ -13,11 +13,10 @@ import signal
 import sys
 import traceback
 
-from ..cli import split_ros_arguments
+from ..cli import STOP_SIGNALS, ignore_stop_signals, split_ros_arguments
 from ..entry_points import configure_process
 
 PROG = 's4fusion_node'
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 USAGE = f"""usage: {PROG} [-h] [--ros-args ...]
 
 The S4Fusion node: pairs thermal/image_raw with visible/image_raw by header stamp, fuses each
@@ -135,8 +134,7 @@ def main(args=None) -> int:
             code = 1
     # Python's exit resets its handlers to the default, which ends the process by the signal
     # (exit code -2 or -15): during the exit a late signal is ignored instead.
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+    ignore_stop_signals()
     if worker_alive:
         # An inference cannot be interrupted, and finalizing the interpreter under a thread
         # inside torch aborts ('terminate called without an active exception'). ROS is shut
