@@ -342,7 +342,7 @@ def chain_commands(args: argparse.Namespace, bag: pathlib.Path, topics: tuple, v
     node_command = [executable(settings.NODE_NAME), '--ros-args', '--params-file',
                     str(node_params_file(args, logs)), '-p', 'use_sim_time:=true',
                     '-p', f'sync.timeout:={timeout!r}']  # repr: a double, never rounded to 0
-    for role, topic in zip(('thermal', 'visible'), topics):
+    for role, topic in zip(ROLES, topics):
         # A CompressedImage topic goes to the node's input of its transport.
         suffix = '' if topic.transport == 'raw' else f'/{topic.transport}'
         play += ['--remap', f'{topic.topic}:={NODE_TOPICS[role]}{suffix}']

@@ -211,7 +211,7 @@ class S4FusionNode(Node):
         # Its synchronizer pairs a repeated stamp again (a driver or a bag that sends a frame
         # twice): each input's latest stamps, to drop repeats before it as the own one does.
         self.recent_stamps = {role: collections.deque(maxlen=p['sync.queue_size'])
-                              for role in ('thermal', 'visible')}
+                              for role in ROLES}
         self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
             gates, p['sync.queue_size'], p['sync.slop'])
         self.approximate_sync.registerCallback(self._on_synchronized_pair)

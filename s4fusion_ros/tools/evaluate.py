@@ -39,7 +39,7 @@ from ..cli import run_command, stop_on_signals
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
-from ..files import check_writable_folder, write_png, write_text_atomically
+from ..files import check_writable_folder, resolved, write_png, write_text_atomically
 from ..imaging.color import bgr_to_ycrcb
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
@@ -279,7 +279,7 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
     methods += [Method(label, gray_method(fuse), note=note)
                 for label, (fuse, note) in baseline_fuses(chosen, ours).items()]
     skipped = []
-    if 'base' in chosen and not base_baselines(ours):
+    if 'base' in chosen and not any(method.note == BASE_NOTE for method in methods):
         skipped.append('base: none of the weights refines an enhanced Laplacian base '
                        '(detail gain or base contrast above 1), so no row for it.')
     if 'seafusion' in chosen:
@@ -855,7 +855,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_writable_folder(path.parent)
     named = {}
     for option, path in written.items():
-        if (earlier := named.setdefault(path.resolve(), option)) != option:
+        if (earlier := named.setdefault(resolved(path), option)) != option:
             raise ValueError(f'{earlier} and {option} both name {path}: give each its own file')
 
 
