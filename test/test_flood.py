@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
-from s4fusion_ros.ros.flood import FloodReport, main as flood_main, Phase, run_flood  # noqa: E402
+from s4fusion_ros.ros.flood import (  # noqa: E402
+    _flood, Driver, FloodReport, main as flood_main, Phase, run_flood, synthetic_pair)
 from support import check_counters, check_latency, FLOOD_PARAMS  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -63,8 +64,10 @@ def test_flood_checks_catch_a_growing_backlog(tmp_path):
         check_latency(report)
 
 
-@pytest.mark.parametrize('argv, message', [(['--duration', '0'], '--duration must be > 0'),
-                                           (['--rate', '-1'], '--rate must be >= 0')])
+@pytest.mark.parametrize('argv, message', [
+    (['--duration', '0'], '--duration must be > 0'), (['--rate', '-1'], '--rate must be >= 0'),
+    # The node listened on thermal/image_raw/compressed and the flood waited 120 s for it.
+    (['-p', 'thermal.transport:=compressed'], 'thermal.transport must be raw')])
 def test_bad_phase_options_are_refused_before_the_node_starts(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         flood_main(argv)
@@ -141,3 +144,28 @@ def test_a_size_the_node_would_refuse_is_a_usage_error(capsys):
         flood_main(['--size', '100000x100000'])
     assert exit_info.value.code == 2
     assert 'is more than the node takes (max_input_pixels 33554432)' in capsys.readouterr().err
+
+
+def test_a_best_effort_output_is_read(tmp_path):
+    # The flood read the fused output as a reliable subscriber, which hears nothing from a
+    # best_effort publisher: it waited 120 s and said the node never fused a pair.
+    report = run_flood({**FLOOD_PARAMS, 'qos.output.reliability': 'best_effort'},
+                       [(5.0, 2.0)], directory=tmp_path)
+    assert report.phases[0].outputs and report.settled and report.returncode == 0
+
+
+def test_a_node_that_pairs_nothing_fails_the_warm_up_with_its_counters(tmp_path):
+    # With every thermal frame a second off its partner it waited 120 s, then printed the log.
+    with pytest.raises(RuntimeError, match=r'fuses none of the pairs it gets; its counters: '
+                       r'.*thermal received \d+, visible received \d+, thermal unpaired'):
+        run_flood({**FLOOD_PARAMS, 'sync.thermal_offset': 1.0}, [(5.0, 2.0)],
+                  directory=tmp_path)
+
+
+def test_pairs_rclpy_refuses_are_failures_not_published():
+    driver = Driver('/s4fusion_flood_refused', os.getpid(), {})
+    messages = driver.messages(*synthetic_pair(64, 48))
+    driver.close()  # publishing on a shut-down context raises, as a flooded writer's does
+    phase = Phase(50.0, 0.2)
+    _flood(driver, phase, *messages)
+    assert phase.published == 0 and phase.publish_failures > 0

@@ -40,6 +40,8 @@ PROG = 's4fusion-flood'
 # Its own per run: two floods in one domain would otherwise drive and measure each other's node.
 DEFAULT_NAMESPACE = f'/s4fusion_flood_{os.getpid()}'
 SETTLE_TIMEOUT_S = 60.0
+# Frames of each input the node must have received without fusing one to fail the warm-up early.
+WARM_UP_RECEIVED = 10
 
 
 @dataclasses.dataclass
@@ -48,8 +50,8 @@ class Phase:
 
     rate: float  # pairs per second; 0 = as fast as possible
     duration: float
-    published: int = 0  # pairs (one thermal and one visible message each)
-    publish_failures: int = 0  # rclpy refused a message (a reliable writer flooded)
+    published: int = 0  # pairs sent whole (one thermal and one visible message each)
+    publish_failures: int = 0  # pairs of which rclpy refused a message (a reliable writer flooded)
     start: float = 0.0  # time.monotonic()
     end: float = 0.0
     outputs: list = dataclasses.field(default_factory=list)  # (receive monotonic s, latency s)
@@ -170,8 +172,9 @@ class NodeProcess:
 class Driver:
     """The flood's own rclpy node, in a context of its own, spun on a background thread."""
 
-    def __init__(self, namespace: str, node_pid: int):
-        """Create publishers, subscriptions and the memory sampler."""
+    def __init__(self, namespace: str, node_pid: int, params: dict):
+        """Create publishers, subscriptions and the memory sampler, with the QoS the node's
+        `params` give its inputs and outputs."""
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
@@ -188,16 +191,20 @@ class Driver:
                                       context=self.context)
         self.node_pid = node_pid
         self.node_name = f'{namespace.rstrip("/")}/{settings.NODE_NAME}'
-        # The node's default input QoS.
-        qos = qos_profile(settings.SPECS['qos.input.reliability'].default,
-                          settings.SPECS['qos.input.depth'].default)
-        self.thermal_pub = self.node.create_publisher(Image, 'thermal/image_raw', qos)
-        self.visible_pub = self.node.create_publisher(Image, 'visible/image_raw', qos)
+
+        # As a camera driver matching the node's inputs would publish, and as a reader of its
+        # outputs must ask (a reliable reader hears nothing from a best_effort output).
+        def qos(direction: str):
+            return qos_profile(*(params.get(f'qos.{direction}.{name}',
+                                            settings.SPECS[f'qos.{direction}.{name}'].default)
+                                 for name in ('reliability', 'depth')))
+        self.thermal_pub = self.node.create_publisher(Image, 'thermal/image_raw', qos('input'))
+        self.visible_pub = self.node.create_publisher(Image, 'visible/image_raw', qos('input'))
         self.fused_topic = f'{self.node_name}/fused'
         self.outputs = []  # (receive monotonic s, latency s) of every fused output
         self.diagnostics, self.diagnostics_at = {}, 0.0
         self.rss_kb = []
-        self.node.create_subscription(Image, self.fused_topic, self._on_fused, 10)
+        self.node.create_subscription(Image, self.fused_topic, self._on_fused, qos('output'))
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
         self.node.create_timer(0.1, self._sample_memory)
         self.executor = SingleThreadedExecutor(context=self.context)
@@ -225,11 +232,32 @@ class Driver:
         if rss is not None:
             self.rss_kb.append((time.monotonic(), rss))
 
+    def unmatched(self) -> list[str]:
+        """The node's topics not yet discovered: its inputs' subscriptions, its fused output."""
+        return ([publisher.topic_name for publisher in (self.thermal_pub, self.visible_pub)
+                 if publisher.get_subscription_count() == 0]
+                + [self.fused_topic] * (self.node.count_publishers(self.fused_topic) == 0))
+
     def matched(self) -> bool:
         """Whether the node's subscriptions and fused publisher have been discovered."""
-        return (self.thermal_pub.get_subscription_count() > 0
-                and self.visible_pub.get_subscription_count() > 0
-                and self.node.count_publishers(self.fused_topic) > 0)
+        return not self.unmatched()
+
+    def dropping_everything(self) -> bool:
+        """Whether the node's diagnostics show frames of both inputs received and no pair fused,
+        queued or in inference: a node that pairs or takes none of them (a sync.thermal_offset,
+        say) fails the warm-up at once, not after 120 s."""
+        values = self.diagnostics
+        received = min(number(values, received) + number(values, bad) for received, bad in (
+            (Key.THERMAL_RECEIVED, Key.THERMAL_BAD_MESSAGE),
+            (Key.VISIBLE_RECEIVED, Key.VISIBLE_BAD_MESSAGE)))
+        return received >= WARM_UP_RECEIVED and all(
+            number(values, key) == 0
+            for key in (Key.PAIRS_FUSED, Key.PAIRS_QUEUED, Key.PAIRS_IN_INFERENCE))
+
+    def counters(self) -> str:
+        """The node's non-zero counters, from its last diagnostics."""
+        return ', '.join(f'{key} {value}' for key, value in self.diagnostics.items()
+                         if number(self.diagnostics, key) > 0) or 'none received'
 
     def messages(self, thermal: np.ndarray, visible: np.ndarray) -> tuple:
         """Build the image messages once; publishing only sets their stamps."""
@@ -291,15 +319,26 @@ def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = 
     done = []
     settled = False
     try:
-        driver = Driver(namespace, node.pid)
-        _wait(driver.matched, 120.0, node, 'waiting for the node to come up')
+        driver = Driver(namespace, node.pid, params)
+        try:
+            _wait(driver.matched, 120.0, node, 'waiting for the node to come up')
+        except RuntimeError as error:
+            if node.running():
+                raise RuntimeError(f'{error}: not discovered: {", ".join(driver.unmatched())}')
+            raise
         thermal_msg, visible_msg = driver.messages(*synthetic_pair(*size))
         # Discovery can lose the first messages: publish slowly until the node answers.
         end = time.monotonic() + 120.0
         warm_up_pairs = 0
         while not driver.outputs:
-            if not node.running() or time.monotonic() > end:
-                raise RuntimeError(f'the node never fused a pair:\n{node.log_path.read_text()}')
+            if not node.running():
+                raise RuntimeError(f'the node exited:\n{node.log_path.read_text()}')
+            if driver.dropping_everything():
+                raise RuntimeError('the node fuses none of the pairs it gets; its counters: '
+                                   + driver.counters())
+            if time.monotonic() > end:
+                raise RuntimeError('no fused output arrived in 120 s; the node\'s counters: '
+                                   + driver.counters())
             driver.publish_pair(thermal_msg, visible_msg)
             warm_up_pairs += 1
             time.sleep(0.3)
@@ -350,8 +389,10 @@ def _flood(driver: Driver, phase: Phase, thermal_msg, visible_msg) -> None:
         # A camera that falls behind does not catch up in a burst.
         next_time = max(next_time + period, now)
         time.sleep(0)  # flat out, still let the receiving thread in (GIL)
-        phase.published += 1
-        phase.publish_failures += not driver.publish_pair(thermal_msg, visible_msg)
+        if driver.publish_pair(thermal_msg, visible_msg):
+            phase.published += 1
+        else:
+            phase.publish_failures += 1
 
 
 def _parse_param(text: str) -> tuple[str, object]:
@@ -380,7 +421,12 @@ def main(argv=None) -> int:
         parser.error('--duration must be > 0')
     if any(not (rate >= 0 and math.isfinite(rate)) for rate in args.rate or []):
         parser.error('--rate must be >= 0 and finite')
-    limit = dict(args.param).get('max_input_pixels', settings.SPECS['max_input_pixels'].default)
+    params = dict(args.param)
+    for role in ROLES:  # else the node listens on another topic and the flood waits 120 s
+        if params.get(f'{role}.transport', 'raw') != 'raw':
+            parser.error(f'{role}.transport must be raw: the flood publishes sensor_msgs/Image '
+                         f'on {role}/image_raw')
+    limit = params.get('max_input_pixels', settings.SPECS['max_input_pixels'].default)
     if isinstance(limit, int) and args.size[0] * args.size[1] > limit:  # it would drop them all
         parser.error(f'--size {args.size[0]}x{args.size[1]} is more than the node takes '
                      f'(max_input_pixels {limit})')
@@ -399,7 +445,7 @@ def main(argv=None) -> int:
     directory = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-flood-'))
 
     def flood() -> int:
-        report = run_flood(dict(args.param), phases, args.namespace, args.size,
+        report = run_flood(params, phases, args.namespace, args.size,
                            directory=directory)
         figures = report.figures()
         if args.json:  # NaN (a figure without data) as null: JSON has no NaN
