@@ -12,6 +12,7 @@ published images: both encodings and their packing come from its FusionSettings.
 The factories at the end build both from the node's parameter values (settings.py).
 """
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 
@@ -225,8 +226,18 @@ class FusionEngine:
         return self.loaded.model.config.detail_gain
 
     def infer(self, pair: PreparedPair) -> FusionResult:
-        """Fuse one prepared pair (from messages) into the images published for it."""
-        return self._fuse(pair.thermal, pair.visible_bgr, self.settings, pair)
+        """Fuse one prepared pair (from messages) into the images published for it.
+
+        The node and the bag tools drop a pair that raises (a CUDA out-of-memory on an odd
+        large frame, say) and go on: the CUDA cache is released first, so the next pair finds
+        the memory this one left cached."""
+        try:
+            return self._fuse(pair.thermal, pair.visible_bgr, self.settings, pair)
+        except Exception:
+            if self.loaded.device.type == 'cuda':
+                with contextlib.suppress(RuntimeError):  # a sticky CUDA error raises again
+                    torch.cuda.empty_cache()
+            raise
 
     def fuse_images(self, thermal: np.ndarray, visible_bgr: np.ndarray,
                     output_encoding: str = '', stretch_thermal: bool = False) -> FusionResult:

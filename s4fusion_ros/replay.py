@@ -30,6 +30,7 @@ class Counts:
     read: dict = field(default_factory=lambda: {'thermal': 0, 'visible': 0})
     undecodable: dict = field(default_factory=lambda: {'thermal': 0, 'visible': 0})
     fused: int = 0
+    failed: int = 0  # pairs whose inference raised: dropped, as the node drops them
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class BagFuser:
                 prepared += self._add(roles[connection.topic], path, connection, raw, arrived)
                 self._show_notices(path)
                 if owned:
-                    self._fuse(prepared, writer, outputs, progress, log_time)
+                    self._fuse(prepared, path, writer, outputs, progress, log_time)
                 elif span.count_from is None or log_time >= span.count_from:
                     warm += len(prepared)
             if span.stop is not None and not owned:  # no message of its own: it counts none
@@ -120,7 +121,7 @@ class BagFuser:
                     owned = self._own(reader, path, span, warm, previous)
                 prepared = self.pipeline.flush()
                 self._show_notices(path)
-                self._fuse(prepared, writer, outputs, progress,
+                self._fuse(prepared, path, writer, outputs, progress,
                            reader.end_time if previous is None else previous)
 
     def _own(self, reader, path: pathlib.Path, span: Span, warm: int,
@@ -143,11 +144,12 @@ class BagFuser:
         return True
 
     def tally(self) -> dict:
-        """Counts so far: messages read, thermal/visible pairs, unpaired and dropped messages."""
+        """Counts so far: messages read, thermal/visible pairs, unpaired and dropped messages,
+        pairs whose inference failed."""
         stats = self.pipeline.synchronizer.stats
         return {'read': sum(self.counts.read.values()), 'pairs': stats.pairs,
                 'unpaired': stats.thermal_unpaired + stats.visible_unpaired,
-                'dropped': self.dropped()}
+                'dropped': self.dropped(), 'failed': self.counts.failed}
 
     def _add(self, role: str, path: pathlib.Path, connection, raw: bytes, arrived: float) -> list:
         self.counts.read[role] += 1
@@ -171,10 +173,19 @@ class BagFuser:
             tqdm.write(f'{self.prog}: {path}: {notice}', file=sys.stderr)
         self.notices_shown = len(self.pipeline.notices)
 
-    def _fuse(self, prepared: list, writer, outputs: list, progress: tqdm, log_time: int) -> None:
+    def _fuse(self, prepared: list, path: pathlib.Path, writer, outputs: list, progress: tqdm,
+              log_time: int) -> None:
         """Fuse the pairs decided at `log_time` (ns) and write them logged at that time."""
         for pair in prepared:
-            result = self.engine.infer(pair)
+            try:
+                result = self.engine.infer(pair)
+            except Exception as error:  # noqa: BLE001 - as the node: one pair lost, not the bag
+                self.counts.failed += 1
+                if self.counts.failed == 1:
+                    tqdm.write(f'{self.prog}: {path}: inference failed on the pair stamped '
+                               f'{pair.visible_stamp_ns}, dropped (the summary counts more): '
+                               f'{error!r}', file=sys.stderr)
+                continue
             for connection, raw in zip(outputs, result.packed()):
                 writer.write(connection, log_time,
                              image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))

@@ -696,3 +696,32 @@ def test_a_bag_without_pairs_fails_and_replaces_nothing(short_events, params_fil
     assert 'fused 0 pairs' in error and 'no pair was fused' in error
     assert video.read_bytes() == b'an earlier video'
     assert not (tmp_path / 'out').exists()
+
+
+def _limit_address_space() -> None:
+    # A real allocation failure: 3 GiB of address space, about twice what a run at this
+    # size takes; the model's buffers for one 32-megapixel pair need more.
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+def test_a_pair_whose_inference_fails_is_dropped_and_counted_not_the_run(
+        short_events, params_file, tmp_path):
+    # One pair's out-of-memory ended the run in a traceback and lost every other pair; the
+    # live node drops such a pair and goes on.
+    expected = expected_pairs(short_events)
+    big_visible, big_thermal = sorted(expected.items())[len(expected) // 2]
+    events = [(log_time, topic, stamp, encoding,
+               cv2.resize(image, (8000, 4000), interpolation=cv2.INTER_NEAREST)
+               if stamp == (big_thermal if topic == THERMAL_TOPIC else big_visible) else image)
+              for log_time, topic, stamp, encoding, image in short_events]
+    source = write_bag(tmp_path / 'in', events, 'mcap')
+    output = tmp_path / 'out'
+    proc = run_tool(source, output, params_file, preexec_fn=_limit_address_space)
+    _, error = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and 'Traceback' not in error, error
+    assert f'inference failed on the pair stamped {big_visible}, dropped' in error
+    assert f'fused {len(expected) - 1} pairs' in error and '; 1 pairs failed in inference' in error
+    fused = read_bag(output)['/s4fusion_node/fused']
+    stamps = {stamp_to_ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
+              for _, msgtype, raw in fused}
+    assert stamps == set(expected) - {big_visible}

@@ -52,6 +52,7 @@ class BagReport:
     fused: int = 0
     unpaired: int = 0
     dropped: int = 0
+    failed: int = 0  # pairs whose inference raised (dropped, as the node drops them)
     seconds: float = 0.0
     error: str = ''
     units: int = 1
@@ -585,7 +586,8 @@ class _Runner:
     def _skip(self, job: BagJob, report: BagReport, earlier: dict) -> int:
         """Keep a bag the manifest lists as finished, with its earlier counts; return 0 pairs."""
         shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
-        for name in ('pairs', 'fused', 'unpaired', 'dropped', 'units', 'nodes', 'topics'):
+        for name in ('pairs', 'fused', 'unpaired', 'dropped', 'failed', 'units', 'nodes',
+                     'topics'):
             setattr(report, name, earlier.get(name, getattr(report, name)))
         report.status = 'skipped'
         self._line(report)
@@ -665,8 +667,8 @@ class _Runner:
                 self._done(number, None)
 
     def _count(self, report: BagReport, result: dict) -> None:
-        for name in ('pairs', 'fused', 'unpaired', 'dropped'):
-            setattr(report, name, getattr(report, name) + result[name])
+        for name in ('pairs', 'fused', 'unpaired', 'dropped', 'failed'):
+            setattr(report, name, getattr(report, name) + result.get(name, 0))
         report.seconds += result['seconds']
         if result.get('ip'):
             report.nodes = sorted(set(report.nodes) | {result['ip']})
@@ -688,8 +690,9 @@ class _Runner:
         elif report.status == 'skipped':
             text = f'skipped {report.input}: {report.output} is finished'
         else:
+            failed = f'{report.failed} failed in inference, ' if report.failed else ''
             text = (f'done {report.input} -> {report.output}: {report.fused} pairs fused, '
-                    f'{report.unpaired} unpaired, {report.dropped} dropped '
+                    f'{failed}{report.unpaired} unpaired, {report.dropped} dropped '
                     f'({report.seconds:.1f} task-s)')
         bar = getattr(self, 'bar', None)
         if bar is not None:

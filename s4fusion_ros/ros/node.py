@@ -370,7 +370,6 @@ class S4FusionNode(Node):
         except Exception as error:  # noqa: BLE001 - one bad pair (e.g. CUDA OOM) must not stop us
             self.get_logger().error(f'inference failed, pair dropped: {error!r}',
                                     throttle_duration_sec=LOG_THROTTLE_S)
-            _release_cuda_cache(self.loaded.device)
             return Key.INFERENCE_ERRORS
         self.inference_latency.add(result.inference_seconds)
         try:
@@ -575,12 +574,3 @@ def _input_topic(role: str, transport: str) -> tuple[type, str]:
 
 def _format_value(value) -> str:
     return f'{value:.4g}' if isinstance(value, float) else str(value)
-
-
-def _release_cuda_cache(device) -> None:
-    if device.type == 'cuda':
-        import torch
-        try:
-            torch.cuda.empty_cache()
-        except RuntimeError:  # a sticky CUDA error raises here again; it was logged already
-            pass

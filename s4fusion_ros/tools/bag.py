@@ -8,7 +8,8 @@ loses the pairs it would lose live.
 (The log time is when the recorder got the message: where the recorder itself stalled, behind a
 slow disk or a network, frames look later than the node saw them and can lose pairs it made;
 a larger sync.timeout in --params undoes that.) Unlike the live node nothing is dropped for lack
-of compute time: every decided pair is fused.
+of compute time: every decided pair is fused. As live, a bad message is skipped and counted, and a
+pair whose inference fails (out of memory on an odd huge frame) is dropped and counted, not the run.
 
 The output bag has the node's output topics (sensor_msgs/Image with the visible header; under
 /s4fusion_node/ unless --fused-topic / --saliency-topic name others, whatever namespace the
@@ -191,9 +192,10 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
                    f'{args.export_video} ({video.frames} frames at {video.fps:.1f} frames/s)')
     reasons = {reason: count for reason, count in fuser.dropped_by_reason().items() if count}
     why = f' ({", ".join(f"{count} {reason}" for reason, count in reasons.items())})'
+    failed = f'; {counts.failed} pairs failed in inference' if counts.failed else ''
     print(f'{PROG}: fused {counts.fused} pairs from {counts.read["thermal"]} thermal + '
           f'{counts.read["visible"]} visible messages in {seconds:.1f} s '
-          f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s); unpaired: '
+          f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s){failed}; unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
     sync = fuser.pipeline.synchronizer
