@@ -210,6 +210,71 @@ def test_compressed_16bit_png_stays_16bit(msrs_pair):
     np.testing.assert_array_equal(raw, counts.astype(np.float32))
 
 
+@pytest.mark.parametrize('pattern', ['rggb', 'bggr', 'gbrg', 'grbg'])
+@pytest.mark.parametrize('bits', [8, 16])
+def test_compressed_bayer_is_demosaiced_as_a_raw_one(msrs_pair, pattern, bits):
+    # image_transport's compressed plugin stores a Bayer image as its mosaic in a PNG and names
+    # the encoding before the ';': read by channel count alone it was a gray checkerboard.
+    fmt = f'bayer_{pattern}{bits}; png compressed '
+    scale = 1 if bits == 8 else 257
+    dtype = np.uint8 if bits == 8 else np.uint16
+    red = np.zeros((8, 12, 3), dtype)
+    red[..., 2] = 220 * scale
+    img = RawCompressedImage(fmt, cv2.imencode('.png', mosaic(red, pattern))[1])
+    assert (decode_visible(img)[2:-2, 2:-2] == [0, 0, 220]).all()
+    sensor = mosaic(msrs_pair[1].astype(dtype) * scale, pattern)
+    img = RawCompressedImage(fmt, cv2.imencode('.png', sensor)[1])
+    raw = encode_image(sensor, f'bayer_{pattern}{bits}')
+    np.testing.assert_array_equal(decode_visible(img), decode_visible(raw))
+    thermal = decode_thermal_info(img)
+    assert thermal.from_color
+    np.testing.assert_array_equal(thermal.raw, decode_thermal(raw))
+
+
+def test_compressed_colour_is_read_in_the_layout_the_plugin_stored(msrs_pair):
+    # JPEG and PNG hold colour as bgr8 whatever the encoding; a TIFF holds the image as it came.
+    vi = msrs_pair[1]
+    rgba = np.dstack([vi[:, :, ::-1], np.full(vi.shape[:2], 200, np.uint8)])
+    for fmt, stored, extension in (('rgb8; jpeg compressed bgr8', vi, '.jpg'),
+                                   ('rgba8; png compressed bgr8', vi, '.png'),
+                                   ('rgb8; tiff compressed ', vi[:, :, ::-1], '.tiff'),
+                                   ('rgba8; tiff compressed ', rgba, '.tiff')):
+        out = decode_visible(RawCompressedImage(fmt, cv2.imencode(extension, stored)[1]))
+        if extension == '.jpg':
+            assert cv2.PSNR(out, vi) > 35, fmt
+        else:
+            np.testing.assert_array_equal(out, vi, err_msg=fmt)
+
+
+def test_compressed_jpeg_of_a_16bit_image_is_scaled_back(msrs_pair):
+    # The plugin's JPEG of a 16-bit image is its high byte (mono8); its subscriber multiplies
+    # by 256, which keeps radiometric counts in range of a fixed normalization window.
+    jpeg = cv2.imencode('.jpg', msrs_pair[0])[1]
+    high = cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED).astype(np.float32)
+    for encoding in ('mono16', '16UC1'):
+        img = RawCompressedImage(f'{encoding}; jpeg compressed mono8', jpeg)
+        np.testing.assert_array_equal(decode_thermal(img), high * 256)
+
+
+@pytest.mark.parametrize('fmt, stored, problem', [
+    ('bayer_rggb8; png compressed ', np.zeros((4, 6, 3), np.uint8),
+     'decoded 3-channel uint8, but bayer_rggb8 is 1-channel uint8'),
+    ('mono16; png compressed ', np.zeros((4, 6), np.uint8),
+     'decoded 1-channel uint8, but mono16 is 1-channel uint16'),
+    ('bgr8; png compressed bgr8', np.zeros((4, 6), np.uint8),
+     'decoded 1-channel uint8, but bgr8 is 3-channel uint8'),
+    ('nv21; png compressed ', np.zeros((4, 6), np.uint8), "unsupported encoding 'nv21'"),
+    ('bgr16; png compressed bgr16', np.zeros((4, 6, 3), np.uint16),
+     "unsupported encoding 'bgr16'"),
+    ('rgb8; png compressed yuv420', np.zeros((4, 6, 3), np.uint8),
+     "unsupported encoding 'yuv420'")])
+def test_compressed_data_the_format_contradicts_is_refused(fmt, stored, problem):
+    img = RawCompressedImage(fmt, cv2.imencode('.png', stored)[1])
+    for decode in (decode_thermal, decode_visible):
+        with pytest.raises(ImageDecodeError, match=f'compressed {fmt!r} image: {problem}'):
+            decode(img)
+
+
 def depth_message(fmt: str, png: bytes, params=(0.0, 0.0)) -> RawCompressedImage:
     """A CompressedImage as image_transport's compressed_depth plugin makes one: its 12-byte
     ConfigHeader (int32 format, float32 depthParam[2]) before the PNG."""

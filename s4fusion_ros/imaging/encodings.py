@@ -18,7 +18,11 @@ Rules for the inputs (see docs/node.md, "Inputs"):
   bayer_{rggb,bggr,gbrg,grbg}{8,16} are converted to BGR first (16-bit Bayer then scaled as
   mono16), as cv_bridge converts them to bgr8.
 - compressed (jpeg, png, whatever OpenCV decodes): read with IMREAD_UNCHANGED, so a 16-bit PNG
-  stays 16-bit; the decoded layout is 1 channel gray, 3 channels BGR or 4 channels BGRA.
+  stays 16-bit. A format that names the encoding, as image_transport's compressed plugin writes
+  it, is read as its subscriber and cv_bridge read it: the layout is the stored encoding's (or
+  the named one's), a Bayer mosaic is demosaiced as a raw one, and data that contradicts the
+  format is refused. A bare format ('jpeg') leaves the layout to the decoded data: 1 channel
+  gray, 3 channels BGR or 4 channels BGRA.
 - compressedDepth (image_transport's compressed_depth plugin, the usual transport of 16-bit
   images): 16UC1 / mono16 as the PNG after its 12-byte header, 32FC1 as the plugin decodes its
   quantized inverse depth; its RVL codec is refused.
@@ -275,6 +279,35 @@ def _inverse_depth(quantized: np.ndarray, params: tuple, name: str) -> np.ndarra
     return depth
 
 
+# compressed_image_transport's messages: format '<encoding>; <codec> compressed <stored>'. The
+# image is stored as <stored> (bgr8 for colour, mono8 for the rest in a JPEG) or, where that is
+# empty, as <encoding> itself (a PNG of gray, 16-bit or a Bayer mosaic, a TIFF of anything; a
+# compressedDepth image too, once unpacked).
+def _transported(array: np.ndarray, fmt: str, name: str) -> tuple[np.ndarray, str]:
+    """The decoded image of a format that names its encoding, and its layout; an encoding the
+    raw path refuses, or data of another type or channel count than stored, is refused."""
+    encoding, _, rest = fmt.partition(';')
+    encoding = encoding.strip()
+    words = rest.split()
+    after = words[words.index('compressed') + 1:] if 'compressed' in words else []
+    stored = after[0] if after else encoding
+    for known in (encoding, stored):
+        if known not in FORMATS:
+            raise ImageDecodeError(f'{name} image: unsupported encoding {known!r}; known: '
+                                   f'{sorted(FORMATS)}')
+    expected = FORMATS[stored]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    if (channels != expected.channels
+            or array.dtype != np.dtype(expected.dtype).newbyteorder('=')):
+        raise ImageDecodeError(f'{name} image: decoded {channels}-channel {array.dtype}, but '
+                               f'{stored} is {expected.channels}-channel '
+                               f'{np.dtype(expected.dtype).name}')
+    # A JPEG of a 16-bit image holds its high byte: the plugin's subscriber scales it back.
+    if array.dtype == np.uint8 and np.dtype(FORMATS[encoding].dtype).itemsize == 2:
+        array = array.astype(np.uint16) << 8
+    return array, expected.layout
+
+
 def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """Decode a CompressedImage to (array, layout, a name for messages); a PNG or JPEG over
     `max_pixels` is refused from its header."""
@@ -303,6 +336,8 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
     _check_pixels(array.shape[1], array.shape[0], name, max_pixels)
     if depth is not None and depth[0] == '32FC1':
         array = _inverse_depth(array, params, name)
+    if isinstance(img.format, str) and ';' in img.format:
+        return (*_transported(array, img.format, name), name)
     channels = 1 if array.ndim == 2 else array.shape[2]
     if channels not in _COMPRESSED_LAYOUTS or array.dtype not in (np.uint8, np.uint16,
                                                                   np.float32):
@@ -314,22 +349,23 @@ def _decode_any(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """Decode a raw or compressed image to (array, layout, a name for messages); an image
     over `max_pixels` is refused (see image_to_array and _decode_compressed for when)."""
     if hasattr(img, 'format') and not hasattr(img, 'encoding'):
-        return _decode_compressed(img, max_pixels)
-    array = image_to_array(img, max_pixels)
-    layout = FORMATS[img.encoding].layout
+        array, layout, name = _decode_compressed(img, max_pixels)
+    else:
+        array = image_to_array(img, max_pixels)
+        layout, name = FORMATS[img.encoding].layout, img.encoding
     if layout in _NATIVE_TO_BGR:
-        return _native_to_bgr(array, layout, img.encoding), 'bgr', img.encoding
-    return array, layout, img.encoding
+        return _native_to_bgr(array, layout, name), 'bgr', name
+    return array, layout, name
 
 
-def _native_to_bgr(array: np.ndarray, layout: str, encoding: str) -> np.ndarray:
+def _native_to_bgr(array: np.ndarray, layout: str, name: str) -> np.ndarray:
     """Convert a YUV 4:2:2 or Bayer image to BGR of its own depth."""
     height, width = array.shape[:2]
     if layout in ('uyvy', 'yuyv') and width % 2:
-        raise ImageDecodeError(f'{encoding} image: width {width} is odd; 4:2:2 shares each '
+        raise ImageDecodeError(f'{name} image: width {width} is odd; 4:2:2 shares each '
                                f'colour sample between two pixels')
     if layout.startswith('bayer') and min(height, width) < 2:
-        raise ImageDecodeError(f'{encoding} image: {width}x{height} is smaller than one 2x2 '
+        raise ImageDecodeError(f'{name} image: {width}x{height} is smaller than one 2x2 '
                                f'Bayer block')
     return cv2.cvtColor(np.ascontiguousarray(array), _NATIVE_TO_BGR[layout])
 
