@@ -159,6 +159,12 @@ class BagPlayer:
                 raise BagError(f'{topic} and {names[name.lstrip("/")]} would both be published '
                                f'on {name}: --remap one of them elsewhere')
             names[name.lstrip('/')] = topic
+            try:  # ROS 1 allows names ROS 2 refuses, such as /camera/1/image_raw
+                validate_full_topic_name(name if name.startswith('/') else '/' + name)
+            except InvalidTopicNameException as error:
+                reason = str(error).splitlines()[0].rstrip(':')  # the rest points at the fault
+                raise BagError(f'{args.bag}: {topic}: {reason}; publish it under another name '
+                               f'with --remap {topic}:=NEW') from None
         qos = qos_profile('best_effort' if args.best_effort else 'reliable', PUBLISH_DEPTH)
         self.publishers = {topic: node.create_publisher(message_class(types[topic]),
                                                         args.remap.get(topic, topic), qos)
