@@ -1,17 +1,24 @@
 """s4fusion-play on bags it cannot play as they are: a line that says why, never a traceback."""
 
+from collections import Counter
+import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
-from ros_harness import rclpy  # noqa: F401 (skips the module without ROS 2)
-from support import IMAGE, TYPESTORE, bag_image_message
+from ros_harness import rclpy
+from support import (IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, bag_image_message,
+                     write_bag)
 
 pytestmark = pytest.mark.ros
+
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
 
 PLAYER = [sys.executable, '-m', 's4fusion_ros.ros.player']
 
@@ -35,3 +42,62 @@ def test_a_topic_name_ros2_refuses_is_named_with_the_remap_that_plays_it(tmp_pat
                             capture_output=True, text=True, timeout=60)
     assert played.returncode == 0, played.stderr
     assert 'published /camera/one/image_raw 2; end of bag' in played.stderr, played.stderr
+
+
+SQLITE_PAGE = 4096  # SQLite's default page size, which rosbags' writer keeps
+
+
+def damaged_midway(source: pathlib.Path, path: pathlib.Path) -> Counter:
+    """A copy of the sqlite3 bag at `path` with one page overwritten with 0xFF, chosen so that
+    rosbags opens the copy and fails only while reading its messages; returns {topic: messages
+    rosbags read before it failed}."""
+    database = next(source.glob('*.db3'))
+    pages = database.stat().st_size // SQLITE_PAGE
+    for page in range(pages // 2, pages):
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(source, path)
+        with open(path / database.name, 'r+b') as damaged:
+            damaged.seek(page * SQLITE_PAGE)
+            damaged.write(b'\xff' * SQLITE_PAGE)
+        read = Counter()
+        try:
+            with Reader(path) as reader:
+                for connection, _, _ in reader.messages():
+                    read[connection.topic] += 1
+        except Exception:  # noqa: BLE001 - rosbags' ReaderError or apsw's CorruptError
+            if read:
+                return read
+    raise AssertionError(f'no page of {database} fails midway')
+
+
+def test_a_bag_that_fails_midway_delivers_and_counts_what_it_played(tmp_path):
+    # It printed the error alone: no count of what was published, nor a wait for the reliable
+    # subscribers to receive it. A 10000-byte image fills a page and two overflow pages, whose
+    # chain SQLite follows only when it reads that message.
+    image = np.zeros((100, 100), np.uint8)
+    events = [(10**9 + i * 10**8, topic, 10**9 + i * 10**8, 'mono8', image)
+              for i in range(40) for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)]
+    read = damaged_midway(write_bag(tmp_path / 'bag', events, 'sqlite3'), tmp_path / 'damaged')
+    rclpy.init()
+    try:
+        node, received = rclpy.create_node('listener', namespace='/player_errors'), Counter()
+        for topic in (THERMAL_TOPIC, VISIBLE_TOPIC):
+            node.create_subscription(Image, topic, lambda _, t=topic: received.update([t]),
+                                     QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        player = subprocess.Popen([*PLAYER, str(tmp_path / 'damaged'), '--wait', '30', '--rate',
+                                   '10'], stderr=subprocess.PIPE, text=True)
+        while player.poll() is None:
+            rclpy.spin_once(node, timeout_sec=0.05)
+        for _ in range(20):  # what the player's exit left in the queue
+            rclpy.spin_once(node, timeout_sec=0.05)
+        stderr = player.stderr.read()
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    assert player.returncode == 1 and 'Traceback' not in stderr, stderr
+    summary = stderr.splitlines()[-1]
+    assert re.fullmatch(r's4fusion-play: published .*; stopped: .*damaged: cannot read the bag '
+                        r'\(truncated or corrupt\?\): database disk image is malformed',
+                        summary), stderr
+    published = {topic: int(count) for topic, count in re.findall(r'(/\S+) (\d+)', summary)}
+    assert published == read == received and 0 < sum(read.values()) < len(events), stderr

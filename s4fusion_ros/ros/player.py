@@ -265,6 +265,19 @@ class BagPlayer:
         self.played_span_s = 0.0 if first is None else (last - first) / 1e9
         return read
 
+    def play(self) -> None:
+        """Publish the bag once, or with --loop again and again."""
+        if not self.play_once(LOOP_MINIMUM_S if self.args.loop else 0.0) and self.args.loop:
+            raise BagError(f'{self.args.bag}: no message on the played topics, nothing to loop')
+        if self.args.loop and self.played_span_s <= CLOCK_JUMP_S:
+            print(f'{PROG}: warning: the played messages span {self.played_span_s:.2f} s; '
+                  f'looped, their stamps jump back by no more than the {CLOCK_JUMP_S:g} s a '
+                  f"node's synchronizer takes for a clock jump by default, so it counts the "
+                  f'passes after the first as late (unless its sync.clock_jump is lower)',
+                  file=sys.stderr)
+        while self.args.loop:
+            self.play_once(LOOP_MINIMUM_S)
+
     def idle(self) -> None:
         """Keep /clock advancing from the end of the bag until interrupted."""
         start_wall, start_ns = time.monotonic(), self.bag_time
@@ -326,39 +339,35 @@ class BagPlayer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; Ctrl-C stops playback cleanly (exit code 0)."""
+    """Console entry point; Ctrl-C stops playback cleanly (exit code 0), a bag that fails
+    midway after a summary of what was played (exit code 1)."""
     args = parse_args(argv)
     # Not sys.argv: rcl would take OLD:=NEW there as a global remap. No rclpy signal handlers:
     # they invalidate the context at Ctrl-C while the player is still publishing (it never spins).
     rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
     stop_on_signals()
-    node = player = None
+    node = player = failure = None
     try:
         node = Node('s4fusion_player', start_parameter_services=False)
         player = BagPlayer(node, args)
         player.wait_for_subscribers()
         print(f'{PROG}: playing {args.bag} at rate {args.rate:g}'
               + (f' with /clock at {args.clock_rate:g} Hz' if args.clock else ''), file=sys.stderr)
-        if not player.play_once(LOOP_MINIMUM_S if args.loop else 0.0) and args.loop:
-            raise BagError(f'{args.bag}: no message on the played topics, nothing to loop')
-        if args.loop and player.played_span_s <= CLOCK_JUMP_S:
-            print(f'{PROG}: warning: the played messages span {player.played_span_s:.2f} s; '
-                  f'looped, their stamps jump back by no more than the {CLOCK_JUMP_S:g} s a '
-                  f"node's synchronizer takes for a clock jump by default, so it counts the "
-                  f'passes after the first as late (unless its sync.clock_jump is lower)',
-                  file=sys.stderr)
-        while args.loop:
-            player.play_once(LOOP_MINIMUM_S)
+        try:
+            player.play()
+        except BagError as error:  # a bag that fails midway: what it played is still delivered
+            failure = error
         unconfirmed = player.wait_for_acks()
-        print(f'{player.summary()}; end of bag'
+        print(f'{player.summary()}; ' + (f'stopped: {failure}' if failure else 'end of bag')
               + (f'; not confirmed within {ACK_TIMEOUT_S:g} s by a reliable subscriber of '
                  f'{", ".join(unconfirmed)}' if unconfirmed else ''), file=sys.stderr, flush=True)
-        if args.keep_alive:
+        if args.keep_alive and not failure:
             player.idle()
     except (KeyboardInterrupt, ExternalShutdownException):
         ignore_stop_signals()
         if player is not None:
-            print(f'{player.summary()}; stopped', file=sys.stderr)
+            print(f'{player.summary()}; stopped' + (f': {failure}' if failure else ''),
+                  file=sys.stderr)
     except BagError as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return 1 if failure else 0
 
 
 if __name__ == '__main__':
