@@ -15,13 +15,18 @@ second visible frame, or a thermal frame as late as it): a single visible stamp 
 would otherwise decide every thermal frame it overtook before its partner arrived. It pairs with
 the nearest visible within ``slop`` (ties go to the earlier one) that is newer than the last
 paired visible, so output pairs strictly increase in both stamps and each visible frame is used at
-most once. Visible frames older than the partner, or too old for any thermal frame still to come,
-are dropped as unpaired. This gives the same
-pairs as the offline greedy (thermal frames in stamp order, each taking the nearest unused visible
-within slop newer than the last paired one) whatever the delay between the two topics, as long as
-each topic arrives in order and the buffers do not overflow. ``expire(now_ns)`` (the live node's
-timer) decides thermal frames whose visible partner is overdue and ``flush()`` (end of a bag)
-decides everything left; both use what is known. Frames out of order within a topic still pair
+most once; but a visible frame after it that the next thermal frame is nearer to, and takes, is
+left to that frame. Otherwise a thermal camera as fast as the RGB one, or faster, would after one
+dropped visible frame pair every frame with its successor's partner. Whether a nearer thermal
+frame can still come is judged from the thermal intervals (INTERVAL_WINDOW): a 9 Hz core against
+30 Hz RGB never waits for its next frame. Visible frames older than the partner, or too old for
+any thermal frame still to come, are dropped as unpaired. This gives the same pairs as the offline
+greedy (thermal frames in stamp order, each taking the nearest unused visible within slop newer
+than the last paired one, or leaving it to the next thermal frame as above) whatever the delay
+between the two topics, as long as each topic arrives in order and the buffers do not overflow.
+``expire(now_ns)`` (the live node's timer) decides thermal frames whose visible partner is overdue
+(and whose nearer successor would have come) and ``flush()`` (end of a bag) decides everything
+left; both use what is known. Frames out of order within a topic still pair
 while their thermal frame is undecided; older ones are late.
 
 Parameters and their names elsewhere:
@@ -68,6 +73,14 @@ from typing import Any, NamedTuple, Optional
 # Default reset_threshold (the node's sync.clock_jump): a stamp this much older than its topic's
 # newest is a clock jump.
 CLOCK_JUMP_S = 1.0
+# A thermal frame leaves a visible frame after it to the next thermal frame when that one is
+# nearer (``_yields``). Whether a nearer one can still come is judged from the shortest interval
+# between the last INTERVAL_WINDOW thermal frames decided and this one, times INTERVAL_MARGIN for
+# stamp jitter: within half of that none can, and the frame pairs without waiting for the next.
+INTERVAL_WINDOW = 8
+INTERVAL_MARGIN = 0.75
+# _partner's answer while a frame still to come could change the pairing.
+_WAIT = object()
 
 
 class Pair(NamedTuple):
@@ -230,6 +243,8 @@ class PairSynchronizer:
         self._thermal = _Stream(_seconds_to_ns(thermal_offset, 'thermal_offset', -math.inf))
         self._visible = _Stream(_seconds_to_ns(visible_offset, 'visible_offset', -math.inf))
         self._floor: Optional[int] = None  # thermal frames still to come have keys above this
+        # The stamps of the thermal frames decided last, for their shortest interval.
+        self._recent_thermal = collections.deque(maxlen=INTERVAL_WINDOW)
         self._pairs = 0
         self._resets = 0
         self._lock = threading.Lock()
@@ -294,7 +309,10 @@ class PairSynchronizer:
             cutoff = operator.index(now_ns) - self._timeout
             pairs = []
             while self._thermal.frames and self._thermal.frames[0].key + self._slop <= cutoff:
-                pairs += self._decide_oldest()
+                decided = self._decide_oldest(known_until=cutoff)
+                if decided is None:
+                    break
+                pairs += decided
             # Thermal frames stamped before the cutoff would have arrived by now. The cutoff is
             # not kept as a floor: when both topics pause (a paused bag) it runs ahead of frames
             # still to come, and those would lose their visible partners after the pause.
@@ -431,34 +449,82 @@ class PairSynchronizer:
             ahead = visible[first].key
             borne_out = (ahead - key <= self._slop or first < len(visible) - 1
                          or thermal[-1].key >= ahead - self._slop)
-            if not borne_out:
+            decided = self._decide_oldest() if borne_out else None
+            if decided is None:
                 break
-            pairs += self._decide_oldest()
+            pairs += decided
         self._prune_visible()
         return pairs
 
-    def _decide_oldest(self) -> list[Pair]:
-        """Pair the oldest thermal frame with the nearest buffered visible within slop, if any."""
+    def _decide_oldest(self, known_until: Optional[int] = None) -> Optional[list[Pair]]:
+        """Pair the oldest thermal frame with the nearest buffered visible within slop, if any,
+        unless it leaves that one to the next thermal frame (``_partner``); None while a frame
+        still to come could change that. Every frame with a key up to ``known_until`` has
+        arrived (expire's cutoff; None: only what is buffered is known; inf at the end)."""
+        partner = self._partner(known_until)
+        if partner is _WAIT:
+            return None
         frame = self._thermal.frames[0]
         self._thermal.drop_oldest(1)
         self._floor = _newest(self._floor, frame.key)
-        visible = self._visible.frames
-        after = bisect.bisect_right(visible, frame.key, key=_key)
-        best = None
-        for index in (after - 1, after):  # the earlier candidate first: it wins ties
-            if 0 <= index < len(visible):
-                distance = abs(visible[index].key - frame.key)
-                if distance <= self._slop and (best is None or distance < best[1]):
-                    best = index, distance
-        if best is None:
+        self._recent_thermal.append(frame.stamp)
+        if partner is None:
             self._thermal.unpaired += 1
             return []
-        partner = visible[best[0]]
         # Visible frames older than the partner can no longer pair: pairs stay monotonic.
-        self._visible.unpaired += best[0]
-        self._visible.drop_oldest(best[0] + 1)
+        self._visible.unpaired += partner
+        visible = self._visible.frames[partner]
+        self._visible.drop_oldest(partner + 1)
         self._pairs += 1
-        return [Pair(frame.stamp, partner.stamp, frame.payload, partner.payload, self._resets)]
+        return [Pair(frame.stamp, visible.stamp, frame.payload, visible.payload, self._resets)]
+
+    def _partner(self, known_until: Optional[int]):
+        """The index in the visible buffer of the oldest thermal frame's partner, None for none,
+        or _WAIT: the nearest visible within slop (ties go to the earlier), but not one after
+        it that the next thermal frame is nearer to and takes (``_yields``): a thermal frame
+        taking the partner of the next, as one dropped visible frame would make every frame at
+        equal rates do, would shift every pair after it by a frame."""
+        thermal, visible = self._thermal.frames, self._visible.frames
+        key = thermal[0].key
+        after = bisect.bisect_right(visible, key, key=_key)
+        nearest = [index for index in (after - 1, after) if 0 <= index < len(visible)
+                   and abs(visible[index].key - key) <= self._slop]
+        if not nearest:
+            return None
+        best = min(nearest, key=lambda index: abs(visible[index].key - key))
+        if best != after:
+            return best
+        yields = self._yields(best, known_until)
+        if yields is _WAIT or not yields:
+            return yields if yields is _WAIT else best
+        return after - 1 if after - 1 in nearest else None
+
+    def _yields(self, index: int, known_until: Optional[int]):
+        """Whether the next thermal frame takes visible frame ``index``, after the oldest thermal
+        frame: it is nearer to it (its key below ``reach``), and nearer to it than to the
+        visible frame after it; _WAIT while a frame still to come could tell."""
+        thermal, visible = self._thermal.frames, self._visible.frames
+        key, target = thermal[0].key, visible[index].key
+        reach = 2 * target - key  # a thermal frame keyed below this is nearer to the target
+        recent = [*self._recent_thermal, thermal[0].stamp]
+        shortest = min((b - a for a, b in zip(recent, recent[1:])), default=math.inf)
+        if reach - key <= INTERVAL_MARGIN * shortest:
+            return False  # the next thermal frame comes later than the reach
+        # A lone frame far ahead may be a glitched stamp, before which the next still comes.
+        known = thermal[1:-1] if self._thermal.lone_ahead(self._reset_threshold) else thermal[1:]
+        if not known:
+            return _WAIT if known_until is None or known_until < reach else False
+        following = known[0].key
+        if following >= reach:
+            return False
+        # The next thermal frame takes the target unless the visible frame after it is nearer.
+        later = (visible[index + 1:-1] if self._visible.lone_ahead(self._reset_threshold)
+                 else visible[index + 1:])
+        if later:
+            return abs(target - following) <= abs(later[0].key - following)
+        # By then a visible frame nearer to the next thermal frame would have come.
+        return _WAIT if known_until is None or known_until < following + abs(
+            target - following) else True
 
     def _prune_visible(self, cutoff: Optional[int] = None) -> None:
         """Drop visible frames too old to pair with a pending or future thermal frame.
@@ -479,7 +545,7 @@ class PairSynchronizer:
     def _flush(self) -> list[Pair]:
         pairs = []
         while self._thermal.frames:
-            pairs += self._decide_oldest()
+            pairs += self._decide_oldest(known_until=math.inf)
         if self._visible.frames:
             self._visible.unpaired += len(self._visible.frames)
             self._visible.drop_oldest(len(self._visible.frames))
@@ -509,5 +575,6 @@ class PairSynchronizer:
         for stream in (self._thermal, self._visible):
             stream.newest = stream.runner_up = stream.decided = stream.held = None
         self._floor = None
+        self._recent_thermal.clear()
         self._resets += 1
         return pairs

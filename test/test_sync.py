@@ -1,12 +1,14 @@
 """PairSynchronizer: against a brute-force oracle on random streams, and each rule on its own."""
 
 import dataclasses
+import math
 import random
 
 from hypothesis import assume, given, settings, strategies as st
 import pytest
 
-from s4fusion_ros.sync import Pair, PairSynchronizer, StampSkew, SyncStats
+from s4fusion_ros.sync import (INTERVAL_MARGIN, INTERVAL_WINDOW, Pair, PairSynchronizer,
+                               StampSkew, SyncStats)
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -25,17 +27,36 @@ def oracle(thermal: list[int], visible: list[int], slop: int, thermal_offset: in
     """Pair greedily in thermal stamp order.
 
     Each thermal frame takes the nearest unused visible within slop that is newer than the last
-    paired one; ties go to the earlier.
+    paired one; ties go to the earlier. A visible frame after it goes to the next thermal frame
+    instead (the earlier candidate, if any, to this one) where that one is strictly nearer to it
+    and not farther from it than from the visible frame after it, unless twice its distance is
+    within INTERVAL_MARGIN of the shortest interval of this thermal frame and the
+    INTERVAL_WINDOW before it.
     """
+    thermal, visible = sorted(thermal), sorted(visible)
     pairs, last = [], None
-    for t in sorted(thermal):
+    for index, t in enumerate(thermal):
         tk = t + thermal_offset
-        candidates = [v for v in sorted(visible) if abs(v + visible_offset - tk) <= slop
+        candidates = [v for v in visible if abs(v + visible_offset - tk) <= slop
                       and (last is None or v > last)]
-        if candidates:
-            best = min(candidates, key=lambda v: (abs(v + visible_offset - tk), v))
-            pairs.append((t, best))
-            last = best
+        if not candidates:
+            continue
+        best = min(candidates, key=lambda v: (abs(v + visible_offset - tk), v))
+        recent = thermal[max(0, index - INTERVAL_WINDOW):index + 1]
+        shortest = min((b - a for a, b in zip(recent, recent[1:])), default=math.inf)
+        target = best + visible_offset
+        if (target > tk and 2 * (target - tk) > INTERVAL_MARGIN * shortest
+                and index + 1 < len(thermal)):
+            following = thermal[index + 1] + thermal_offset
+            after = [v + visible_offset for v in visible if v > best]
+            if (abs(target - following) < target - tk
+                    and (not after or abs(target - following) <= abs(after[0] - following))):
+                earlier = [v for v in candidates if v + visible_offset <= tk]
+                if not earlier:
+                    continue
+                best = max(earlier)
+        pairs.append((t, best))
+        last = best
     return pairs
 
 
@@ -64,16 +85,16 @@ def arrivals(rng: random.Random, topic_stamps: list[int], base: int, spread: int
     return out
 
 
-def camera_streams(rng: random.Random, latency_ms: int) -> tuple[list[int], list[int],
-                                                                 list[tuple[int, int, int]]]:
-    """Thermal ~9 Hz with host-stamp latency, RGB ~30 Hz, jitter, drops, an FFC pause, random
-    transport delays between the topics: (thermal stamps, visible stamps, (arrival, topic,
-    stamp) events in arrival order)."""
+def camera_streams(rng: random.Random, latency_ms: int, thermal_rate: float = 8.7
+                   ) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+    """Thermal ~9 Hz (or `thermal_rate`) with host-stamp latency, RGB ~30 Hz, jitter, drops, an
+    FFC pause, random transport delays between the topics: (thermal stamps, visible stamps,
+    (arrival, topic, stamp) events in arrival order)."""
     start = 1_700_000_000 * S + rng.randrange(S)
     end = start + rng.randint(2, 5) * S
     # 1 ms resolution makes equal distances (ties) common.
-    thermal = [s // MS * MS for s in stamps(rng, start, end, 8.7, 6 * MS, rng.random() * 0.2,
-                                            gap=True)]
+    thermal = [s // MS * MS for s in stamps(rng, start, end, thermal_rate, 6 * MS,
+                                            rng.random() * 0.2, gap=True)]
     visible = [s // MS * MS for s in stamps(rng, start, end, 30.0, 3 * MS,
                                             rng.random() * 0.2)]
     thermal = sorted(set(t + latency_ms * MS for t in thermal))  # stamped on host receipt
@@ -88,10 +109,12 @@ def camera_streams(rng: random.Random, latency_ms: int) -> tuple[list[int], list
 
 @settings(max_examples=100, deadline=None)
 @given(rng=st.randoms(use_true_random=False), slop_ms=st.integers(0, 150),
-       latency_ms=st.integers(0, 80), use_expire=st.booleans())
-def test_random_streams_match_oracle(rng, slop_ms, latency_ms, use_expire):
-    """Give the offline greedy's pairs on realistic streams."""
-    thermal, visible, events = camera_streams(rng, latency_ms)
+       latency_ms=st.integers(0, 80), use_expire=st.booleans(),
+       thermal_rate=st.sampled_from([8.7, 8.7, 30.0, 60.0]))
+def test_random_streams_match_oracle(rng, slop_ms, latency_ms, use_expire, thermal_rate):
+    """Give the offline greedy's pairs on realistic streams: a ~9 Hz thermal core, or one as
+    fast as the RGB camera or faster, where a frame may leave its nearest to the next."""
+    thermal, visible, events = camera_streams(rng, latency_ms, thermal_rate)
     sync = PairSynchronizer(slop_ms / 1000, queue_size=10_000, thermal_offset=-latency_ms / 1000,
                             timeout=0.5)
     got = []
@@ -199,6 +222,37 @@ def test_each_visible_pairs_once_and_pairs_are_monotonic():
     assert sync.add_visible(170 * MS, 'w') == []  # t2 is 60 ms away: out of slop
     assert sync.add_visible(203 * MS, 'x') == []  # ... and the second frame beyond slop
     assert sync.stats.thermal_unpaired == 1
+
+
+def test_one_dropped_visible_frame_at_equal_rates_costs_one_pair_not_a_shift():
+    # Each thermal frame took the nearest visible frame still unused: after a drop, thermal
+    # frame k took visible k + 1 (33 ms off, within slop), and so on, every later pair a frame
+    # out of step.
+    sync = PairSynchronizer(0.050, 30)
+    period, got = 33 * MS, []
+    for k in range(30):
+        at_once = sync.add_thermal(S + k * period, k)
+        if k != 10:
+            at_once += sync.add_visible(S + k * period, k)
+            assert k == 11 or at_once[-1:] == [Pair(S + k * period, S + k * period, k, k)]
+        got += at_once
+    got += sync.flush()
+    assert [(pair.thermal, pair.visible) for pair in got] == [(k, k) for k in range(30)
+                                                              if k != 10]
+    stats = sync.stats
+    assert (stats.thermal_unpaired, stats.visible_unpaired) == (1, 0)
+    check_counts(stats)
+
+
+def test_a_thermal_camera_twice_as_fast_pairs_each_visible_frame_with_its_own_instant():
+    sync = PairSynchronizer(0.050, 30)
+    got = []
+    for k in range(40):
+        got += sync.add_thermal(S + k * 16_667_000, k)
+        if k % 2 == 0:
+            got += sync.add_visible(S + k * 16_667_000, k)
+    got += sync.flush()
+    assert [(pair.thermal, pair.visible) for pair in got] == [(k, k) for k in range(0, 40, 2)]
 
 
 def test_offsets_match_shifted_stamps_and_pairs_keep_originals():
