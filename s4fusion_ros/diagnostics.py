@@ -85,20 +85,30 @@ def number(values: dict, key: Key) -> float:
 
 
 def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float,
-                    node_name: str = '') -> str:
+                    timeout_s: float, node_name: str = '') -> str:
     """What the stamps tell when thermal frames find no partner ('' where they tell nothing):
-    the thermal camera's stamps running ahead of the visible one's by more than sync.slop (after
-    sync.thermal_offset), and the offset that pairs them, if the parameter can take it (with the
-    command that sets it on the running node `node_name`, where given)."""
+    the thermal camera's stamps running ahead of or behind the visible one's by more than
+    sync.slop (after sync.thermal_offset), arrival for arrival. Clocks that differ and one topic
+    delivered that much later look alike, so both fixes are named: the offset that pairs them,
+    if the parameter can take it (with the command that sets it on the running node
+    `node_name`, where given), and the sync.timeout that waits for the late topic, where the
+    one set is shorter (an offset would pair such frames with the wrong partners)."""
     if skew_s is None or abs(skew_s + thermal_offset_s) <= slop_s:
         return ''
-    text = (f'thermal stamps run {skew_s:+.3f} s ahead of visible ones, arrival for arrival '
-            f'(sync.slop {slop_s:g} s, sync.thermal_offset {thermal_offset_s:g} s)')
+    text = (f'thermal stamps run {abs(skew_s):.3f} s {"ahead of" if skew_s > 0 else "behind"} '
+            f'visible ones, arrival for arrival (sync.slop {slop_s:g} s, sync.thermal_offset '
+            f'{thermal_offset_s:g} s): if the cameras stamp on clocks that differ, ')
     low, high = settings.SPECS['sync.thermal_offset'].range
-    if not low <= -skew_s <= high:
-        return (f'{text}: more than sync.thermal_offset can take up ({low:g} to {high:g} s); '
-                "synchronize the cameras' clocks (chrony, PTP)")
-    command = (f' (ros2 param set {node_name} sync.thermal_offset {-skew_s:.3f})' if node_name
-               else '')
-    return (f'{text}: if the cameras stamp on clocks that differ, sync.thermal_offset '
-            f'{-skew_s:.3f} pairs them{command}')
+    if low <= -skew_s <= high:
+        command = (f' (ros2 param set {node_name} sync.thermal_offset {-skew_s:.3f})'
+                   if node_name else '')
+        text += f'sync.thermal_offset {-skew_s:.3f} pairs them{command}'
+    else:
+        text += (f'that is more than sync.thermal_offset can take up ({low:g} to {high:g} s): '
+                 "synchronize the cameras' clocks (chrony, PTP)")
+    wait = abs(skew_s) + slop_s
+    if timeout_s < wait <= settings.SPECS['sync.timeout'].range[1]:
+        text += (f'; if the {"visible" if skew_s > 0 else "thermal"} frames arrive that much '
+                 f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}) pairs them as '
+                 'stamped')
+    return text

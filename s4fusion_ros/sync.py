@@ -261,6 +261,11 @@ class PairSynchronizer:
             self._slop = slop
 
     @property
+    def timeout(self) -> float:
+        """Seconds past its stamp + slop that a thermal frame waits for its partner."""
+        return self._timeout / 1e9
+
+    @property
     def thermal_offset(self) -> float:
         """Seconds added to thermal stamps for matching (may change while running)."""
         return self._thermal.offset / 1e9

@@ -758,15 +758,28 @@ def test_the_stamp_skew_is_the_clock_difference_whatever_the_rates_and_delays():
 
 def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it():
     from s4fusion_ros.diagnostics import clock_skew_hint
-    assert clock_skew_hint(None, 0.05, 0.0) == ''
-    assert clock_skew_hint(0.04, 0.05, 0.0) == ''  # within slop: the clocks are not the cause
-    assert clock_skew_hint(0.3, 0.05, -0.3) == ''  # the offset set already takes it up
-    assert clock_skew_hint(0.3, 0.05, 0.0).endswith('sync.thermal_offset -0.300 pairs them')
-    assert clock_skew_hint(-0.3, 0.05, 0.0).endswith('sync.thermal_offset 0.300 pairs them')
-    assert clock_skew_hint(0.3, 0.05, 0.0, '/robot/s4fusion_node').endswith(
+    assert clock_skew_hint(None, 0.05, 0.0, 0.5) == ''
+    assert clock_skew_hint(0.04, 0.05, 0.0, 0.5) == ''  # within slop: the clocks are not the cause
+    assert clock_skew_hint(0.3, 0.05, -0.3, 0.5) == ''  # the offset set already takes it up
+    assert clock_skew_hint(0.3, 0.05, 0.0, 0.5).endswith('sync.thermal_offset -0.300 pairs them')
+    assert clock_skew_hint(-0.3, 0.05, 0.0, 0.5).endswith('sync.thermal_offset 0.300 pairs them')
+    assert clock_skew_hint(0.3, 0.05, 0.0, 0.5, '/robot/s4fusion_node').endswith(
         'sync.thermal_offset -0.300 pairs them (ros2 param set /robot/s4fusion_node '
         'sync.thermal_offset -0.300)')
-    far = clock_skew_hint(2.0, 0.05, 0.0)
-    assert far.startswith('thermal stamps run +2.000 s ahead of visible ones')
-    assert far.endswith("more than sync.thermal_offset can take up (-1 to 1 s); synchronize the "
-                        "cameras' clocks (chrony, PTP)")
+    far = clock_skew_hint(2.0, 0.05, 0.0, 0.5)
+    assert far.startswith('thermal stamps run 2.000 s ahead of visible ones')
+    assert ("that is more than sync.thermal_offset can take up (-1 to 1 s): synchronize the "
+            "cameras' clocks (chrony, PTP)") in far
+
+
+def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_late():
+    # Thermal frames stamped right but delivered 0.7 s late look like a thermal clock 0.7 s
+    # behind: the hint offered only the offset, which pairs each with a visible frame 0.7 s on.
+    from s4fusion_ros.diagnostics import clock_skew_hint
+    behind = clock_skew_hint(-0.7, 0.05, 0.0, 0.5)
+    assert behind.startswith('thermal stamps run 0.700 s behind visible ones')
+    assert behind.endswith('sync.thermal_offset 0.700 pairs them; if the thermal frames arrive '
+                           'that much later instead, sync.timeout 0.750 (now 0.5) pairs them as '
+                           'stamped')
+    assert 'if the visible frames arrive that much later' in clock_skew_hint(0.7, 0.05, 0.0, 0.5)
+    assert 'sync.timeout' not in clock_skew_hint(-0.7, 0.05, 0.0, 1.0)  # it waits long enough

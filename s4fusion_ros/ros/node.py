@@ -499,8 +499,9 @@ class S4FusionNode(Node):
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
         pipeline = self.pipeline
-        hint = (clock_skew_hint(pipeline.stamp_skew.seconds(), pipeline.synchronizer.slop,
-                                self._values()['sync.thermal_offset'],
+        sync = pipeline.synchronizer
+        hint = (clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop,
+                                self._values()['sync.thermal_offset'], sync.timeout,
                                 self.get_fully_qualified_name())
                 if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
         if hint:

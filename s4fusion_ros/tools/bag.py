@@ -8,8 +8,9 @@ loses the pairs it would lose live.
 (The log time is when the recorder got the message: where the recorder itself stalled, behind a
 slow disk or a network, frames look later than the node saw them and can lose pairs it made;
 a larger sync.timeout in --params undoes that.) Unlike the live node nothing is dropped for lack
-of compute time: every decided pair is fused. As live, a bad message is skipped and counted, and a
-pair whose inference fails (out of memory on an odd huge frame) is dropped and counted, not the run.
+of compute time: every decided pair is fused. As live, a bad message is skipped and counted, and
+a pair whose inference fails (out of memory on an odd huge frame) is dropped and counted, not the
+run.
 
 The output bag has the node's output topics (sensor_msgs/Image with the visible header; under
 /s4fusion_node/ unless --fused-topic / --saliency-topic name others, whatever namespace the
@@ -199,7 +200,8 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
     sync = fuser.pipeline.synchronizer
-    hint = clock_skew_hint(fuser.pipeline.stamp_skew.seconds(), sync.slop, sync.thermal_offset)
+    hint = clock_skew_hint(fuser.pipeline.stamp_skew.seconds(), sync.slop, sync.thermal_offset,
+                           sync.timeout)
     if stats.thermal_unpaired and hint:  # arrival: the recorder's log times
         print(f'{PROG}: {hint} (set it in --params)', file=sys.stderr)
     for role in ('thermal', 'visible'):
