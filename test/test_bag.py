@@ -455,6 +455,22 @@ def test_exports_inside_the_output_or_input_bag_are_refused_before_any_work(
         assert not output.exists() and not path.exists()
 
 
+def test_export_paths_under_a_file_are_refused_by_their_option_before_any_work(
+        short_events, tmp_path, capsys):
+    # They failed once fusing had begun (the video) or after the model loaded (the PNGs), each
+    # worded as a failure to write the output bag.
+    source = write_bag(tmp_path / 'recording', short_events[:20], 'mcap')
+    output, a_file = tmp_path / 'fused', tmp_path / 'a_file'
+    a_file.touch()
+    for flag, path in (('--export-png', a_file), ('--export-png', a_file / 'png'),
+                       ('--export-video', a_file / 'v.mp4')):
+        assert bag_tool.main([str(source), str(output), flag, str(path)]) == 1
+        error = capsys.readouterr().err
+        assert f'{flag}: {path if flag == "--export-png" else path.parent}: {a_file} is not a ' \
+               'folder' in error and '->' not in error, error  # the model is not loaded
+        assert not output.exists()
+
+
 def test_output_topics_that_would_merge_streams_or_are_not_topic_names_are_refused(
         short_events, tmp_path, capsys):
     # Each wrote a bag: the fused images merged into the copied input topic, or both outputs

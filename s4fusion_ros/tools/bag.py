@@ -35,7 +35,7 @@ from ..bagio import (STORAGES, WRITE_ERRORS, BagError, bag_size, check_output, c
 from ..cli import run_command, stop_on_signals
 from ..diagnostics import clock_skew_hint
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
-from ..files import resolved
+from ..files import check_writable_folder, resolved
 from ..model import CheckpointError
 from ..replay import BagFuser, remove_earlier_export
 from ..runtime import model_from_params
@@ -129,6 +129,14 @@ def run(args: argparse.Namespace) -> None:
                 raise BagError(f'{flag} {export}: inside the {what} bag {bag}; write it elsewhere')
     if args.export_video and args.export_video.is_dir():
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
+    # Found now, not once fusing has begun, and named by its option rather than as the bag's.
+    for flag, folder in (('--export-png', args.export_png),
+                         ('--export-video', args.export_video and args.export_video.parent)):
+        try:
+            if folder:
+                check_writable_folder(folder)
+        except OSError as error:
+            raise BagError(f'{flag}: {error}') from None
     if args.export_video and args.export_video.suffix.lower() not in VIDEO_SUFFIXES:
         raise BagError(f'--export-video {args.export_video}: name a file ending in '
                        f'{", ".join(VIDEO_SUFFIXES)} (the container OpenCV writes is chosen by '
