@@ -74,6 +74,18 @@ def check_writable_folder(path: pathlib.Path) -> None:
         raise PermissionError(f'{path}: {existing} is not writable')
 
 
+def opencv_path(path: pathlib.Path) -> str:
+    """``str(path)`` for OpenCV's file functions, which crash the process on a name that is not
+    UTF-8 (an old archive's Latin-1 name): ValueError names such a path instead."""
+    text = str(path)
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        raise ValueError(f'{path!r}: a file name that is not UTF-8, which OpenCV cannot open; '
+                         'rename it') from None
+    return text
+
+
 def write_text_atomically(path: pathlib.Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` as write_atomically does."""
     write_atomically(path, lambda file: file.write(text.encode()))

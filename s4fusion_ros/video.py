@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .bagio import BagError, deserialize, open_bag, read_messages
 from .engine import FusionPipeline, PreparedPair
+from .files import opencv_path
 from .imaging.color import to_uint8
 from .imaging.encodings import decode_visible, image_to_array
 from .messages import stamp_to_ns
@@ -96,8 +97,8 @@ class SideBySideVideo:
             scale = min(1.0, MAX_WIDTH / width)
             self._size = (round(width * scale / 2) * 2, round(height * scale / 2) * 2)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = cv2.VideoWriter(str(self._partial), cv2.VideoWriter_fourcc(*FOURCC),
-                                           self.fps, self._size)
+            self._writer = cv2.VideoWriter(opencv_path(self._partial),
+                                           cv2.VideoWriter_fourcc(*FOURCC), self.fps, self._size)
             if not self._writer.isOpened():
                 raise OSError(f'{self.path}: OpenCV cannot write {FOURCC} video here')
         if row.shape[1::-1] != self._size:

@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -183,6 +184,27 @@ def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, caps
     error = capsys.readouterr().err
     assert f'{tmp_path / "ir" / "wide.png"}: cannot read it' in error and 'Traceback' not in error
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
+def test_fuse_refuses_a_jpeg_cut_short_and_reads_a_name_that_is_not_utf8(ivif_dir, tmp_path,
+                                                                         capsys, tiny_weights):
+    # The cut JPEG was fused with its missing rows gray (libjpeg only warns); the Latin-1 name
+    # crashed the process inside cv2.imread (a segmentation fault, every pair lost).
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    latin1 = os.fsdecode(b'caf\xe9.png')
+    for side in ('ir', 'vi'):
+        shutil.copy(tmp_path / side / GRAY_PAIR[1], tmp_path / side / latin1)
+        image = cv2.imread(str(tmp_path / side / GRAY_PAIR[1]), cv2.IMREAD_UNCHANGED)
+        jpeg = cv2.imencode('.jpg', image)[1].tobytes()
+        (tmp_path / side / 'cut.jpg').write_bytes(jpeg if side == 'ir' else jpeg[:len(jpeg) // 2])
+    out = tmp_path / 'out'
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
+    errors = capsys.readouterr().err
+    assert (f'{tmp_path / "vi" / "cut.jpg"}: a JPEG cut short (no end-of-image marker after its '
+            'last scan)') in errors
+    assert f'fused 2 of 3 pairs into {out}' in errors
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == sorted([GRAY_PAIR[1], latin1])
 
 
 def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, capsys,
@@ -773,12 +795,16 @@ def test_eval_names_the_pairs_it_cannot_score_before_scoring(ivif_dir, tmp_path,
     ir = cv2.imread(str(pairs / 'ir' / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)
     cv2.imwrite(str(pairs / 'ir' / 'zz.png'), ir[::2, ::2])
     shutil.copy(pairs / 'vi' / GRAY_PAIR[1], pairs / 'vi' / 'zz.png')
+    # Too small for VIF: it failed after every pair was scored, naming none.
+    for side in ('ir', 'vi'):
+        cv2.imwrite(str(pairs / side / 'small.png'), ir[:24, :40])
     out = tmp_path / 'q.md'
     assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
                           str(out)]) == 1
     error = capsys.readouterr().err
-    assert (f'--folder {pairs}: 1 of its 2 pairs cannot be scored: zz.png: IR (128, 128) and '
-            'visible (256, 256) differ in size') in error, error
+    assert (f'--folder {pairs}: 2 of its 3 pairs cannot be scored: small.png: 40x24 is smaller '
+            'than the 25x25 the metrics need; zz.png: IR (128, 128) and visible (256, 256) '
+            'differ in size') in error, error
     assert 'pairs in' not in error and not out.exists()
 
 

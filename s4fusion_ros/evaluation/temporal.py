@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import settings
 from ..engine import FusionEngine, FusionSettings, PreparedPair, pipeline_from_params
+from ..files import opencv_path
 from ..imaging.color import bgr_to_ycrcb
 from ..imaging.encodings import encode_image
 
@@ -107,7 +108,8 @@ def flicker(frames) -> Flicker:
 def read_clip(video_dir: pathlib.Path, clip: str,
               frames: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(stamp ns on the clip's timing, thermal uint8 (H, W), visible BGR) of the first frames."""
-    captures = [cv2.VideoCapture(str(video_dir / kind / f'{clip}.mp4')) for kind in ('ir', 'vi')]
+    captures = [cv2.VideoCapture(opencv_path(video_dir / kind / f'{clip}.mp4'))
+                for kind in ('ir', 'vi')]
     try:
         for capture, kind in zip(captures, ('ir', 'vi')):
             if not capture.isOpened():

@@ -35,7 +35,7 @@ from ..bagio import (STORAGES, WRITE_ERRORS, BagError, bag_size, check_output, c
 from ..cli import run_command, stop_on_signals
 from ..diagnostics import clock_skew_hint
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
-from ..files import check_writable_folder, resolved
+from ..files import check_writable_folder, opencv_path, resolved
 from ..model import CheckpointError
 from ..replay import BagFuser, remove_earlier_export
 from ..runtime import model_from_params
@@ -137,6 +137,11 @@ def run(args: argparse.Namespace) -> None:
                 check_writable_folder(folder)
         except OSError as error:
             raise BagError(f'{flag}: {error}') from None
+    if args.export_video:
+        try:
+            opencv_path(args.export_video)
+        except ValueError as error:
+            raise BagError(f'--export-video: {error}') from None
     if args.export_video and args.export_video.suffix.lower() not in VIDEO_SUFFIXES:
         raise BagError(f'--export-video {args.export_video}: name a file ending in '
                        f'{", ".join(VIDEO_SUFFIXES)} (the container OpenCV writes is chosen by '

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..files import opencv_path
 from ..imaging.normalization import looks_like_raw_counts
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -82,7 +83,16 @@ def read_image(path):
     """Read an 8- or 16-bit image file as stored, gray (H, W) or BGR (H, W, 3) (alpha dropped);
     ValueError names the file."""
     try:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        # Read by Python, decoded by OpenCV: cv2.imread crashes the process on a file name that
+        # is not UTF-8 (an old archive's Latin-1 name).
+        data = np.fromfile(path, np.uint8)
+    except OSError as error:
+        raise ValueError(f'{path}: cannot read it ({error.strerror})') from error
+    if not data.size:
+        raise ValueError(f'{path}: an empty file')
+    _check_whole_jpeg(data, path)
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as error:  # e.g. larger than the limits the entry points give OpenCV
         raise ValueError(f'{path}: cannot read it ({error.err})') from error
     if image is None:
@@ -93,6 +103,18 @@ def read_image(path):
     if image.ndim != 2:
         raise ValueError(f'{path}: unsupported image shape {image.shape}')
     return image
+
+
+def _check_whole_jpeg(data, path):
+    """ValueError for a JPEG cut short, which libjpeg decodes with its missing rows gray and a
+    warning only: its last scan must end with the end-of-image marker, two bytes the scan data
+    cannot hold (a 0xFF in it is followed by 0x00 or a restart marker)."""
+    if data[:2].tobytes() != b'\xff\xd8':
+        return
+    data = data.tobytes()
+    last_scan = data.rfind(b'\xff\xda')
+    if last_scan < 0 or data.find(b'\xff\xd9', last_scan) < 0:
+        raise ValueError(f'{path}: a JPEG cut short (no end-of-image marker after its last scan)')
 
 
 def _read_luminance(path):
@@ -118,7 +140,7 @@ def luminance(image, path=''):
 
 def _read_video_frames(path, indices):
     """{index: (H, W) luminance} of the given frames of a video, decoded in one pass."""
-    capture = cv2.VideoCapture(str(path))
+    capture = cv2.VideoCapture(opencv_path(path))
     frames, index, last = {}, 0, max(indices)
     try:
         while index <= last:
@@ -168,7 +190,7 @@ def video_pairs(folder, step=1):
             raise FileNotFoundError(f'{vi_path}: missing (the partner of {ir_path})')
         counts = []
         for path in (ir_path, vi_path):
-            capture = cv2.VideoCapture(str(path))
+            capture = cv2.VideoCapture(opencv_path(path))
             counts.append(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
             capture.release()
         if counts[0] != counts[1] or not counts[0]:
