@@ -207,14 +207,18 @@ def _vifp(ref, dist, matlab_compat):
         return float(num / den)
 
 
+# The smallest side every metric scores: VIF's second scale needs a valid region.
+MIN_SIDE = 25
+
+
 def vif(fused, ir, vi, matlab_compat=False):
     """VIF: VIFp(IR, F) + VIFp(VI, F), multiscale pixel-domain VIF (Sheikh & Bovik)."""
     f, a, b = _as_triple(fused, ir, vi)
     # The second scale's 9x9 window needs a valid region. The coarser scales have none below
     # 33 px (scales 3 and 4) and 41 px (scale 4): they add nothing, as with MATLAB's filter2
     # 'valid', which gives them nothing to sum.
-    if min(f.shape) < 25:
-        raise ValueError(f'VIF needs images of at least 25x25, got {f.shape}')
+    if min(f.shape) < MIN_SIDE:
+        raise ValueError(f'VIF needs images of at least {MIN_SIDE}x{MIN_SIDE}, got {f.shape}')
     if matlab_compat:
         f, a, b = (_as_uint8(x).astype(np.float64) for x in (f, a, b))
     return _vifp(a, f, matlab_compat) + _vifp(b, f, matlab_compat)

@@ -306,6 +306,9 @@ def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.nd
     if source.thermal.shape != vi_y.shape:
         raise ValueError(f'{pair.name}: IR {source.thermal.shape} and visible {vi_y.shape} '
                          'differ in size')
+    if min(vi_y.shape) < metrics.MIN_SIDE:
+        raise ValueError(f'{pair.name}: {vi_y.shape[1]}x{vi_y.shape[0]} is smaller than the '
+                         f'{metrics.MIN_SIDE}x{metrics.MIN_SIDE} the metrics need')
     return source.thermal, vi_y
 
 
@@ -715,7 +718,7 @@ def evaluation_splits(args: argparse.Namespace,
 
 def check_scorable(folder: pathlib.Path, pairs: list) -> None:
     """ValueError naming the pairs of a --folder split the metrics cannot use (unreadable,
-    16-bit, or IR and visible of different sizes), found before any scoring, not at the
+    16-bit, too small, or IR and visible of different sizes), found before any scoring, not at the
     first of them minutes into it. The ivif splits are known to be usable."""
     problems = []
     for pair in pairs:
