@@ -171,6 +171,9 @@ def test_fuse_warns_once_of_a_false_colour_or_differently_sized_ir_image(ivif_di
     assert (f'{tmp_path / "ir" / "small.png"} is {width // 2}x{height // 2} and '
             f'{tmp_path / "vi" / "small.png"} {width}x{height}: the IR image is resized') in errors
     assert f'{tmp_path / "ir" / "08.png"}' not in errors
+    # Each is warned of once; the summary counts them all (it named only the first).
+    assert ('fused 4 of 4 pairs into' in errors and '; 2 pair(s) with a colour IR image' in errors
+            and '; 1 pair(s) with the IR resized to the visible size' in errors), errors
 
 
 def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, capsys,

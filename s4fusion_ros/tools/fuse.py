@@ -81,20 +81,21 @@ def read_pair(pair: Pair) -> SourcePair:
 
 
 def input_warnings(pair: Pair, source: SourcePair, stretch_thermal: bool) -> dict[str, str]:
-    """{kind: warning} for what the tool does with this pair that its user may not expect."""
+    """{kind: warning} for what the tool does with this pair that its user may not expect; the
+    kind completes 'N pair(s) ...' in the summary."""
     warnings = {}
     if not stretch_thermal and looks_like_raw_counts(source.thermal):
-        warnings['raw counts'] = (
+        warnings['with IR in raw camera counts'] = (
             f'{pair.ir_path} is 16-bit but spans only {source.thermal.min()}-'
             f'{source.thermal.max()} of 0-65535 (raw camera counts?), so it fuses nearly black; '
             '--stretch-thermal maps it as the node does')
     if source.thermal_is_color:
-        warnings['colour IR'] = (
+        warnings['with a colour IR image'] = (
             f'{pair.ir_path} is a colour image: it fuses as its luminance, which a false-colour '
             "(palette) view does not order by temperature; use the camera's gray or 16-bit output")
     (ir_height, ir_width), (height, width) = source.thermal.shape, source.visible_bgr.shape[:2]
     if ThermalRegistration().needs_resize(source.thermal.shape, (width, height)):
-        warnings['size'] = (
+        warnings['with the IR resized to the visible size'] = (
             f'{pair.ir_path} is {ir_width}x{ir_height} and {pair.vi_path} {width}x{height}: the '
             'IR image is resized to the visible one, not registered (the node has '
             'registration.homography for that)')
@@ -298,14 +299,14 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
     print(f'{PROG}: {len(todo)} pairs with {loaded.name} on {loaded.device} -> {args.out}'
           + skipped, file=sys.stderr)
     fuser = ImageFuser(loaded, args.inference_size, args.stretch_thermal)
-    failed, warned = 0, set()
+    failed, warned = 0, collections.Counter()
     for pair in tqdm(todo, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True):
         try:
             source = read_pair(pair)
             for kind, warning in input_warnings(pair, source, args.stretch_thermal).items():
-                if kind not in warned:  # once per kind: the first file that shows it
-                    warned.add(kind)
+                if not warned[kind]:  # once per kind, the first file; the summary counts them
                     tqdm.write(f'{PROG}: {warning}', file=sys.stderr)
+                warned[kind] += 1
             images = fuser.fuse(source)
         except ValueError as error:  # an unreadable or unusable file: the others still run
             tqdm.write(f'{PROG}: {error}', file=sys.stderr)
@@ -317,6 +318,7 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
         for path, image in zip(outputs[pair.name], (fused, images.saliency)):
             write_png(path, image)
     print(f'{PROG}: fused {len(todo) - failed} of {len(todo)} pairs into {args.out}' + skipped
+          + ''.join(f'; {count} pair(s) {kind}' for kind, count in warned.items())
           + (f'; {len(unmatched)} file(s) without a partner skipped' if unmatched else ''),
           file=sys.stderr)
     return failed, len(unmatched)
