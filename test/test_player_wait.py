@@ -4,6 +4,7 @@ Even when another subscriber is there first: a fusion node joins the ROS graph b
 loaded its model and subscribed.
 """
 
+from collections import Counter
 import pathlib
 import re
 import signal
@@ -32,16 +33,44 @@ PLAYER = [sys.executable, '-m', 's4fusion_ros.ros.player']
 NAMESPACE = '/wait_test'
 
 
-def subscribe(node, topics, received: list) -> None:
-    """Record (arrival time, topic) of every message on the topics."""
+def subscribe(node, topics: dict, received: list) -> None:
+    """Record (arrival time, name) of every message on the names of {name: the bag's topic}."""
     qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-    for topic, msgtype in topics.items():
-        node.create_subscription(message_class(msgtype), topic,
-                                 lambda msg, t=topic: received.append((time.monotonic(), t)), qos)
+    for name, topic in topics.items():
+        node.create_subscription(message_class(topic.msgtype), name,
+                                 lambda msg, n=name: received.append((time.monotonic(), n)), qos)
 
 
-def with_other_image_topics(source: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
-    """The bag with a depth camera beside the cameras and the fusion node's recorded output."""
+def played_topics(bag: pathlib.Path) -> dict:
+    """{name the player publishes it on below NAMESPACE: the bag's topic} of the two cameras."""
+    with open_bag(bag) as reader:
+        played = pick_topics(image_topics(reader, bag), bag)
+    return {f'{NAMESPACE}/{role}': topic for role, topic in zip(('thermal', 'visible'), played)}
+
+
+def remaps(topics: dict) -> list[str]:
+    """The player's options that publish the bag's topics under their names in `topics`."""
+    return [option for name, topic in topics.items()
+            for option in ('--remap', f'{topic.topic}:={name}')]
+
+
+def spin_while_playing(player: subprocess.Popen, *nodes) -> str:
+    """Spin the nodes until the player has exited and its last messages are in; its output."""
+    executor = rclpy.executors.SingleThreadedExecutor()
+    for node in nodes:
+        executor.add_node(node)
+    end = time.monotonic() + 180
+    while player.poll() is None and time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.05)
+    for _ in range(40):  # messages still in flight when the player exits
+        executor.spin_once(timeout_sec=0.05)
+    executor.shutdown()
+    return player.communicate(timeout=30)[0]
+
+
+def with_other_image_topics(source: pathlib.Path, path: pathlib.Path,
+                            topics: tuple[str, ...]) -> pathlib.Path:
+    """The bag with one more image on each of `topics` beside the cameras'."""
     image = np.zeros((8, 8), np.uint8)
     with Reader(source) as reader, Writer(path, version=9,
                                           storage_plugin=StoragePlugin.MCAP) as writer:
@@ -50,7 +79,7 @@ def with_other_image_topics(source: pathlib.Path, path: pathlib.Path) -> pathlib
                   for connection in reader.connections}
         for connection, log_time, raw in reader.messages():
             writer.write(copies[connection.id], log_time, raw)
-        for topic in ('/depth/image_raw', '/s4fusion_node/fused'):
+        for topic in topics:
             extra = writer.add_connection(topic, IMAGE, typestore=TYPESTORE)
             writer.write(extra, reader.start_time, TYPESTORE.serialize_cdr(
                 bag_image_message(image, 'mono8', reader.start_time, 'depth'), IMAGE))
@@ -58,23 +87,16 @@ def with_other_image_topics(source: pathlib.Path, path: pathlib.Path) -> pathlib
 
 
 def test_playback_waits_for_the_named_node(tmp_path):
-    # Of the topics played, only those the node subscribes to are waited for (no one subscribes
-    # to the depth camera's); the node's own recorded output is not played by default.
-    bag = with_other_image_topics(sample_bag(), tmp_path / 'bag')
-    with open_bag(bag) as reader:
-        played = pick_topics(image_topics(reader, bag), bag)
-    topics = {f'{NAMESPACE}/{role}': topic.msgtype
-              for role, topic in zip(('thermal', 'visible'), played)}
+    # Not for the bystander there first; the node's own recorded output is not played by default.
+    bag = with_other_image_topics(sample_bag(), tmp_path / 'bag', ('/s4fusion_node/fused',))
+    topics = played_topics(bag)
     rclpy.init()
     try:
         bystander, early = rclpy.create_node('bystander', namespace=NAMESPACE), []
         subscribe(bystander, topics, early)
-        command = [*PLAYER, str(bag), '--rate', '4', '--wait', '120', '--wait-for',
-                   f'{NAMESPACE}/target']
-        for topic, name in zip(played, topics):
-            command += ['--remap', f'{topic.topic}:={name}']
-        player = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
+        player = subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', '120',
+                                   '--wait-for', f'{NAMESPACE}/target', *remaps(topics)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         end = time.monotonic() + 8  # the bystander is matched within a few seconds
         while time.monotonic() < end:
             rclpy.spin_once(bystander, timeout_sec=0.05)
@@ -82,24 +104,65 @@ def test_playback_waits_for_the_named_node(tmp_path):
         target, received = rclpy.create_node('target', namespace=NAMESPACE), []
         subscribe(target, topics, received)
         target_started = time.monotonic()
-        executor = rclpy.executors.SingleThreadedExecutor()
-        for node in (bystander, target):
-            executor.add_node(node)
-        end = time.monotonic() + 180
-        while player.poll() is None and time.monotonic() < end:
-            executor.spin_once(timeout_sec=0.05)
-        for _ in range(40):  # messages still in flight when the player exits
-            executor.spin_once(timeout_sec=0.05)
-        output = player.communicate(timeout=30)[0]
+        output = spin_while_playing(player, bystander, target)
         assert player.returncode == 0, output
         assert f'waiting for {NAMESPACE}/target to subscribe' in output, output
         assert 'playing anyway' not in output, output
-        assert ("not playing the fusion node's outputs /s4fusion_node/fused" in output
-                and re.search(r'/depth/image_raw 1\b', output)), output
-        assert len(received) == sum(t.count for t in played), output
+        assert "not playing the fusion node's outputs /s4fusion_node/fused" in output, output
+        assert len(received) == sum(t.count for t in topics.values()), output
         assert early and min(t for t, _ in early) > target_started, output
-        executor.shutdown()
         bystander.destroy_node()
+        target.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+
+
+def test_playback_waits_until_the_named_node_subscribes_to_every_topic():
+    # It started once the node subscribed to one topic: a node that subscribes to the next one
+    # a few seconds later missed the start of the bag there.
+    bag = sample_bag()
+    topics = played_topics(bag)
+    (thermal_name, thermal), (visible_name, visible) = topics.items()
+    rclpy.init()
+    try:
+        target, received = rclpy.create_node('stepwise_target', namespace=NAMESPACE), []
+        subscribe(target, {thermal_name: thermal}, received)
+        player = subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', '60',
+                                   '--wait-for', f'{NAMESPACE}/stepwise_target',
+                                   *remaps(topics)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        end = time.monotonic() + 6  # the thermal subscription is matched within a few seconds
+        while time.monotonic() < end:
+            rclpy.spin_once(target, timeout_sec=0.05)
+        assert player.poll() is None and not received, 'the player did not wait for visible'
+        subscribe(target, {visible_name: visible}, received)
+        output = spin_while_playing(player, target)
+        assert player.returncode == 0, output
+        assert 'playing anyway' not in output, output
+        assert Counter(topic for _, topic in received) == {
+            thermal_name: thermal.count, visible_name: visible.count}, output
+        target.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+
+
+def test_topics_the_named_node_does_not_subscribe_to_are_named_when_the_wait_ends(tmp_path):
+    # They are played too (a depth camera the node has no input for, say).
+    bag = with_other_image_topics(sample_bag(), tmp_path / 'bag', ('/depth/image_raw',))
+    topics = played_topics(bag)
+    rclpy.init()
+    try:
+        target, received = rclpy.create_node('target', namespace=NAMESPACE), []
+        subscribe(target, topics, received)
+        player = subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', '4',
+                                   '--wait-for', f'{NAMESPACE}/target', *remaps(topics)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = spin_while_playing(player, target)
+        assert player.returncode == 0, output
+        assert (f'{NAMESPACE}/target does not subscribe to /depth/image_raw after 4 s; playing '
+                'anyway\n') in output and 'no subscriber' not in output, output
+        assert re.search(r'/depth/image_raw 1\b', output), output
+        assert len(received) == sum(t.count for t in topics.values()), output
         target.destroy_node()
     finally:
         rclpy.try_shutdown()
@@ -185,7 +248,7 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
     rclpy.init()
     try:
         node = rclpy.create_node('reliable_listener', namespace=NAMESPACE)
-        subscribe(node, {f'{NAMESPACE}/thermal': thermal.msgtype}, [])
+        subscribe(node, {f'{NAMESPACE}/thermal': thermal}, [])
         done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '3', '--best-effort',
                                '--topics', thermal.topic, '--remap',
                                f'{thermal.topic}:={NAMESPACE}/thermal'],

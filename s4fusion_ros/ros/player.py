@@ -11,9 +11,10 @@ the latest frame it took, so a very slow --rate can decide pairs earlier than a 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"). Playback starts once every topic has a subscriber
 (or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
-With --wait-for NODE it waits for that node's subscriptions instead, to the played topics it
-subscribes to: a node that joins the graph first and subscribes only once its model is loaded
-would otherwise miss the start of the bag.
+With --wait-for NODE it also waits for that node to subscribe to every played topic: a node that
+joins the graph first and subscribes only once its model is loaded, or one topic after another,
+would otherwise miss the start of the bag on a topic. Topics it still does not subscribe to after
+--wait seconds are named, and played.
 """
 
 import argparse
@@ -75,9 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         '(0: do not wait; default: %(default)s)')
     parser.add_argument('--wait-for', metavar='NODE',
                         help='before playing, wait (up to --wait seconds) until the node NODE '
-                        '(name or /namespace/name) subscribes to played topics and each of those '
-                        'has a subscriber (topics NODE never subscribes to are not waited for), '
-                        'e.g. a fusion node still loading its model')
+                        '(name or /namespace/name) subscribes to every played topic, e.g. a '
+                        'fusion node still loading its model (topics NODE does not subscribe to '
+                        'by then are named, and played; --topics leaves them out)')
     parser.add_argument('--best-effort', action='store_true',
                         help='publish best effort instead of reliable')
     parser.add_argument('--keep-alive', action='store_true',
@@ -182,22 +183,25 @@ class BagPlayer:
     def wait_for_subscribers(self) -> None:
         """Wait (at most --wait s) for a subscriber on every topic, then let discovery settle.
 
-        With --wait-for the subscriber must be that node.
+        With --wait-for also for that node's subscription to every topic.
         """
         if self.args.wait <= 0:
             return
         deadline = time.monotonic() + self.args.wait
-        lonely = self._lonely()
-        if lonely and self.args.wait_for:
+        unsubscribed, unmatched = self._unsubscribed(), self._unmatched()
+        if unsubscribed:
             print(f'{PROG}: waiting for {self.args.wait_for} to subscribe', file=sys.stderr)
-        while lonely and time.monotonic() < deadline:
+        while (unsubscribed or unmatched) and time.monotonic() < deadline:
             time.sleep(0.05)
-            lonely = self._lonely()
-        if lonely:
-            who = self.args.wait_for or 'subscriber'
-            print(f'{PROG}: no {who} on {", ".join(lonely)} after {self.args.wait:g} s; playing '
-                  'anyway', file=sys.stderr)
-            for line in self._incompatible(lonely):
+            unsubscribed, unmatched = self._unsubscribed(), self._unmatched()
+        if unsubscribed:
+            print(f'{PROG}: {self.args.wait_for} does not subscribe to {", ".join(unsubscribed)} '
+                  f'after {self.args.wait:g} s; playing anyway', file=sys.stderr)
+        unmatched = [topic for topic in unmatched if topic not in unsubscribed]  # named above
+        if unmatched:
+            print(f'{PROG}: no subscriber on {", ".join(unmatched)} after {self.args.wait:g} s; '
+                  'playing anyway', file=sys.stderr)
+            for line in self._incompatible(unmatched):
                 print(f'{PROG}: {line}', file=sys.stderr)
         time.sleep(DISCOVERY_SETTLE_S)
 
@@ -218,22 +222,21 @@ class BagPlayer:
                                  f'{", ".join(reasons)}')
         return lines
 
-    def _lonely(self) -> list[str]:
-        """Played topic names still without a matched subscriber: every one, or with --wait-for
-        those that node subscribes to (all of them while it subscribes to none: not up yet;
-        topics it never subscribes to, a depth camera's, say, are not waited for)."""
-        played = {p.topic_name: p for p in self.publishers.values()}
-        if self.args.wait_for:
-            namespace, _, name = self.args.wait_for.rpartition('/')
-            node_topics = self.node.get_subscriber_names_and_types_by_node
-            try:
-                subscribed = {topic for topic, _ in node_topics(name, '/' + namespace.lstrip('/'))}
-            except NodeNameNonExistentError:
-                subscribed = set()
-            if not subscribed & played.keys():
-                return list(played)
-            played = {topic: p for topic, p in played.items() if topic in subscribed}
-        return [topic for topic, p in played.items() if p.get_subscription_count() == 0]
+    def _unsubscribed(self) -> list[str]:
+        """Played topic names the --wait-for node does not subscribe to (yet); none without it."""
+        if not self.args.wait_for:
+            return []
+        namespace, _, name = self.args.wait_for.rpartition('/')
+        try:
+            subscribed = {topic for topic, _ in self.node.get_subscriber_names_and_types_by_node(
+                name, '/' + namespace.lstrip('/'))}
+        except NodeNameNonExistentError:
+            subscribed = set()
+        return [p.topic_name for p in self.publishers.values() if p.topic_name not in subscribed]
+
+    def _unmatched(self) -> list[str]:
+        """Played topic names still without a matched subscriber."""
+        return [p.topic_name for p in self.publishers.values() if p.get_subscription_count() == 0]
 
     def play_once(self, minimum_s: float = 0.0) -> int:
         """Publish the bag once, from its first message, at --rate, taking at least
