@@ -14,7 +14,8 @@ one machine (docs/node.md, "QoS"). Playback starts once every topic has a subscr
 With --wait-for NODE it also waits for that node to subscribe to every played topic: a node that
 joins the graph first and subscribes only once its model is loaded, or one topic after another,
 would otherwise miss the start of the bag on a topic. Topics it still does not subscribe to after
---wait seconds are named, and played.
+--wait seconds, or SUBSCRIBE_GRACE_S after its first subscription (a camera it has no input
+for), are named, and played.
 """
 
 import argparse
@@ -48,6 +49,9 @@ PROG = 's4fusion-play'
 PUBLISH_DEPTH = 30
 # Fast DDS can drop the first samples even after the writer sees the reader: give it a moment.
 DISCOVERY_SETTLE_S = 1.0
+# With --wait-for: how long after the node's first subscription to a played topic the player
+# waits for its others (a node subscribing lazily) before naming them and playing.
+SUBSCRIBE_GRACE_S = 10.0
 ACK_TIMEOUT_S = 10.0
 ACK_SLICE_S = 0.1  # waited at a time, so that a Ctrl-C is heard between (the wait is in C)
 # A --loop pass lasts at least this much bag time: a bag of one moment repeats, not spins.
@@ -77,8 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--wait-for', metavar='NODE',
                         help='before playing, wait (up to --wait seconds) until the node NODE '
                         '(name or /namespace/name) subscribes to every played topic, e.g. a '
-                        'fusion node still loading its model (topics NODE does not subscribe to '
-                        'by then are named, and played; --topics leaves them out)')
+                        'fusion node still loading its model; at most 10 s after it subscribes '
+                        'to the first (topics NODE does not subscribe to by then are named, and '
+                        'played; --topics leaves them out)')
     parser.add_argument('--best-effort', action='store_true',
                         help='publish best effort instead of reliable')
     parser.add_argument('--keep-alive', action='store_true',
@@ -183,24 +188,32 @@ class BagPlayer:
     def wait_for_subscribers(self) -> None:
         """Wait (at most --wait s) for a subscriber on every topic, then let discovery settle.
 
-        With --wait-for also for that node's subscription to every topic.
+        With --wait-for for that node's subscription to every topic instead: once it subscribes
+        to one, at most SUBSCRIBE_GRACE_S more for the others, since a recording often holds a
+        camera the node has no input for (those are named, and played).
         """
         if self.args.wait <= 0:
             return
-        deadline = time.monotonic() + self.args.wait
-        unsubscribed, unmatched = self._unsubscribed(), self._unmatched()
-        if unsubscribed:
+        start = time.monotonic()
+        deadline, graced = start + self.args.wait, False
+        if self._unsubscribed():
             print(f'{PROG}: waiting for {self.args.wait_for} to subscribe', file=sys.stderr)
-        while (unsubscribed or unmatched) and time.monotonic() < deadline:
+        while True:
+            unsubscribed = self._unsubscribed()
+            unmatched = [topic for topic in self._unmatched() if topic not in unsubscribed]
+            now = time.monotonic()
+            if not graced and self.args.wait_for and len(unsubscribed) < len(self.publishers):
+                deadline, graced = min(deadline, now + SUBSCRIBE_GRACE_S), True
+            if not (unsubscribed or unmatched) or now >= deadline:
+                break
             time.sleep(0.05)
-            unsubscribed, unmatched = self._unsubscribed(), self._unmatched()
+        waited = f'after {time.monotonic() - start:.0f} s'  # --wait, or the grace
         if unsubscribed:
             print(f'{PROG}: {self.args.wait_for} does not subscribe to {", ".join(unsubscribed)} '
-                  f'after {self.args.wait:g} s; playing anyway', file=sys.stderr)
-        unmatched = [topic for topic in unmatched if topic not in unsubscribed]  # named above
+                  f'{waited}; playing anyway', file=sys.stderr)
         if unmatched:
-            print(f'{PROG}: no subscriber on {", ".join(unmatched)} after {self.args.wait:g} s; '
-                  'playing anyway', file=sys.stderr)
+            print(f'{PROG}: no subscriber on {", ".join(unmatched)} {waited}; playing anyway',
+                  file=sys.stderr)
             for line in self._incompatible(unmatched):
                 print(f'{PROG}: {line}', file=sys.stderr)
         time.sleep(DISCOVERY_SETTLE_S)
