@@ -30,7 +30,7 @@ from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, Storage
 from rosbags.typesys import Stores, get_typestore
 
 from .files import sync_to_disk, sync_tree
-from .imaging.encodings import FORMATS, RawImage
+from .imaging.encodings import FORMATS, RawImage, format_encoding
 from .messages import ns_to_sec_nanosec
 from .settings import OUTPUT_TOPIC_PATTERN
 
@@ -209,8 +209,7 @@ def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
 def message_encoding(message) -> str:
     """Return Image.encoding, or the source encoding of a CompressedImage ('bgr8; jpeg ...')."""
     if hasattr(message, 'format'):
-        head, separator, _ = message.format.partition(';')
-        return head.strip() if separator else ''
+        return format_encoding(message.format)
     return message.encoding
 
 

@@ -283,12 +283,17 @@ def _inverse_depth(quantized: np.ndarray, params: tuple, name: str) -> np.ndarra
 # image is stored as <stored> (bgr8 for colour, mono8 for the rest in a JPEG) or, where that is
 # empty, as <encoding> itself (a PNG of gray, 16-bit or a Bayer mosaic, a TIFF of anything; a
 # compressedDepth image too, once unpacked).
+def format_encoding(fmt: str) -> str:
+    """The source encoding a CompressedImage format names ('bgr8' of 'bgr8; jpeg compressed
+    bgr8', as image_transport writes it); '' where it names none ('jpeg')."""
+    encoding, separator, _ = fmt.partition(';')
+    return encoding.strip() if separator else ''
+
+
 def _transported(array: np.ndarray, fmt: str, name: str) -> tuple[np.ndarray, str]:
     """The decoded image of a format that names its encoding, and its layout; an encoding the
     raw path refuses, or data of another type or channel count than stored, is refused."""
-    encoding, _, rest = fmt.partition(';')
-    encoding = encoding.strip()
-    words = rest.split()
+    encoding, words = format_encoding(fmt), fmt.partition(';')[2].split()
     after = words[words.index('compressed') + 1:] if 'compressed' in words else []
     stored = after[0] if after else encoding
     for known in (encoding, stored):
