@@ -143,6 +143,13 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
             'qos_overrides./thermal/image.subscription.reliability;') in log, log
     # Reported once, and the overrides the topics took are no parameter update.
     assert log.count('ignoring unknown parameters') == 1 and 'parameters updated' not in log, log
+    # Said at start: a `ros2 param dump` file's overrides silently outvoted qos.* (and the
+    # launch file's input_reliability).
+    assert ('qos_overrides./thermal/image_raw.subscription.reliability best_effort (a start-up '
+            'value: a `ros2 param dump` file holds one for each topic) overrides '
+            'qos.input.reliability reliable on /thermal/image_raw') in log, log
+    assert 'qos_overrides./s4fusion_node/fused.publisher.reliability best_effort' in log, log
+    assert log.count('(a start-up value') == 3, log  # thermal, visible, fused; not saliency
 
 
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):

@@ -122,6 +122,7 @@ class S4FusionNode(Node):
         # Creating the topics declared the qos_overrides.* parameters they read: one left
         # undeclared names a topic this node does not have.
         self._report_unknown_parameters(qos_overrides=True)
+        self._report_overridden_qos(p)
         self.get_logger().info(
             f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
             f'{self.fused_pub.topic_name}, {self.saliency_pub.topic_name} with {self.loaded.name} '
@@ -160,6 +161,26 @@ class S4FusionNode(Node):
             self.get_logger().warning(
                 f"ignoring unknown parameters (this node does not declare them): "
                 f"{', '.join(unknown)}; `ros2 param list` shows the node's parameters")
+
+    def _report_overridden_qos(self, p: dict) -> None:
+        """Warn where a start-up qos_overrides.* value sets a topic's QoS against qos.*: a
+        parameters file from `ros2 param dump` holds every topic's, so the launch file's
+        input_reliability and the qos.* values in it would otherwise change nothing."""
+        topics = [('input', 'subscription', sub.topic_name)
+                  for sub in (self.thermal_sub, self.visible_sub)]
+        topics += [('output', 'publisher', pub.topic_name)
+                   for pub in (self.fused_pub, self.saliency_pub)]
+        for direction, kind, topic in topics:
+            for policy in ('reliability', 'depth'):
+                name = f'{settings.QOS_OVERRIDES_PREFIX}{topic}.{kind}.{policy}'
+                wanted = p[f'qos.{direction}.{policy}']
+                if name in self._parameter_overrides and self.has_parameter(name) and (
+                        self.get_parameter(name).value != wanted):
+                    self.get_logger().warning(
+                        f'{name} {self.get_parameter(name).value} (a start-up value: a '
+                        f'`ros2 param dump` file holds one for each topic) overrides '
+                        f'qos.{direction}.{policy} {wanted} on {topic}; remove it to use the '
+                        f'qos.{direction}.* value')
 
     def _validate_parameters(self, params):
         return parameters.validate_update(self._values(), {p.name: p.value for p in params})
