@@ -15,7 +15,7 @@ from .scan import BACKENDS
 BASES = ('none', 'laplacian')
 # Config fields that enhance the Laplacian base; 1.0 (plain) without it.
 BASE_ENHANCEMENTS = ('detail_gain', 'base_contrast')
-# Inner width over model width of the selective-scan blocks: the authors use 2; far beyond it a
+# Inner width over model width of the selective-scan blocks: the authors use 1.5; far beyond it a
 # corrupt config would allocate without bound.
 MAX_SSM_RATIO = 16.0
 
