@@ -19,15 +19,16 @@ most once; but a visible frame after it that the next thermal frame is nearer to
 left to that frame. Otherwise a thermal camera as fast as the RGB one, or faster, would after one
 dropped visible frame pair every frame with its successor's partner. Whether a nearer thermal
 frame can still come is judged from the thermal intervals (INTERVAL_WINDOW): a 9 Hz core against
-30 Hz RGB never waits for its next frame. Visible frames older than the partner, or too old for
-any thermal frame still to come, are dropped as unpaired. This gives the same pairs as the offline
-greedy (thermal frames in stamp order, each taking the nearest unused visible within slop newer
-than the last paired one, or leaving it to the next thermal frame as above) whatever the delay
-between the two topics, as long as each topic arrives in order and the buffers do not overflow.
-``expire(now_ns)`` (the live node's timer) decides thermal frames whose visible partner is overdue
-(and whose nearer successor would have come) and ``flush()`` (end of a bag) decides everything
-left; both use what is known. Frames out of order within a topic still pair
-while their thermal frame is undecided; older ones are late.
+30 Hz RGB waits for its next frame only where RGB frames around it were dropped, and a frame
+waiting when a queue overflows is decided with what is known, not dropped. Visible frames older
+than the partner, or too old for any thermal frame still to come, are dropped as unpaired. This
+gives the same pairs as the offline greedy (thermal frames in stamp order, each taking the nearest
+unused visible within slop newer than the last paired one, or leaving it to the next thermal frame
+as above) whatever the delay between the two topics, as long as each topic arrives in order and
+the buffers do not overflow. ``expire(now_ns)`` (the live node's timer) decides thermal frames
+whose visible partner is overdue (and whose nearer successor would have come: up to 2 x slop
+later) and ``flush()`` (end of a bag) decides everything left; both use what is known. Frames out
+of order within a topic still pair while their thermal frame is undecided; older ones are late.
 
 Parameters and their names elsewhere:
 
@@ -78,7 +79,7 @@ CLOCK_JUMP_S = 1.0
 # between the last INTERVAL_WINDOW thermal frames decided and this one, times INTERVAL_MARGIN for
 # stamp jitter: within half of that none can, and the frame pairs without waiting for the next.
 INTERVAL_WINDOW = 8
-INTERVAL_MARGIN = 0.75
+INTERVAL_MARGIN = 0.9
 # _partner's answer while a frame still to come could change the pairing.
 _WAIT = object()
 
@@ -351,7 +352,7 @@ class PairSynchronizer:
 
     def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
         """Buffer one frame unless its stamp is bad or late; return pairs flushed by a clock
-        jump."""
+        jump or decided by a full queue."""
         stamp = operator.index(stamp_ns)
         stream.received += 1
         if stamp <= 0:
@@ -374,7 +375,7 @@ class PairSynchronizer:
 
     def _place(self, stream: _Stream, frame: _Frame) -> list[Pair]:
         """Buffer a frame, hold it if far behind its topic, or confirm a held frame's jump with
-        it; return the pairs a confirmed jump flushed."""
+        it; return the pairs a confirmed jump flushed or a full queue decided."""
         other = self._other(stream)
         if other.held is not None and self._on_held_timeline(other, frame.key):
             # This topic's frame on the other's held timeline: both topics jumped back.
@@ -396,10 +397,15 @@ class PairSynchronizer:
             stream.late += 1
             return []
         stream.frames.insert(index, frame)
+        pairs = []
+        if len(stream.frames) > self._queue_size and self._borne_out():
+            # The oldest thermal frame waits for the next (``_yields``): decided now with what
+            # is known, so the overflow costs neither it nor its partner.
+            pairs = self._decide_oldest(known_until=math.inf)
         if len(stream.frames) > self._queue_size:
             stream.drop_oldest(1)
             stream.overflow += 1
-        return []
+        return pairs
 
     def _continues_held(self, stream: _Stream, stamp: int) -> bool:
         """Whether the next frame of ``stream`` bears out its held frame's timeline: as far
@@ -445,21 +451,27 @@ class PairSynchronizer:
         glitched stamp, whose real time is still to come in order: deciding on it would lose
         every thermal frame it overtook."""
         pairs = []
-        thermal, visible = self._thermal.frames, self._visible.frames
-        while thermal and visible:
-            key = thermal[0].key
-            first = bisect.bisect_left(visible, key, key=_key)  # the first at or after it
-            if first == len(visible):
-                break
-            ahead = visible[first].key
-            borne_out = (ahead - key <= self._slop or first < len(visible) - 1
-                         or thermal[-1].key >= ahead - self._slop)
-            decided = self._decide_oldest() if borne_out else None
+        while self._borne_out():
+            decided = self._decide_oldest()
             if decided is None:
                 break
             pairs += decided
         self._prune_visible()
         return pairs
+
+    def _borne_out(self) -> bool:
+        """Whether the oldest thermal frame has a visible frame stamped at or after it within
+        slop, or beyond slop one another frame bears out (``_decide_ready``)."""
+        thermal, visible = self._thermal.frames, self._visible.frames
+        if not thermal:
+            return False
+        key = thermal[0].key
+        first = bisect.bisect_left(visible, key, key=_key)  # the first at or after it
+        if first == len(visible):
+            return False
+        ahead = visible[first].key
+        return (ahead - key <= self._slop or first < len(visible) - 1
+                or thermal[-1].key >= ahead - self._slop)
 
     def _decide_oldest(self, known_until: Optional[int] = None) -> Optional[list[Pair]]:
         """Pair the oldest thermal frame with the nearest buffered visible within slop, if any,
@@ -522,6 +534,8 @@ class PairSynchronizer:
         following = known[0].key
         if following >= reach:
             return False
+        if following <= target:  # every visible frame after the target is farther from it
+            return True
         # The next thermal frame takes the target unless the visible frame after it is nearer.
         later = (visible[index + 1:-1] if self._visible.lone_ahead(self._reset_threshold)
                  else visible[index + 1:])

@@ -255,6 +255,33 @@ def test_a_thermal_camera_twice_as_fast_pairs_each_visible_frame_with_its_own_in
     assert [(pair.thermal, pair.visible) for pair in got] == [(k, k) for k in range(0, 40, 2)]
 
 
+def test_a_frame_waiting_for_the_next_is_decided_before_a_full_queue_drops_it():
+    # The visible frame 45 ms after t1 could be the next thermal frame's; while t1 waited for
+    # it, the next frame overflowed a queue of one and dropped t1 (and then its partner).
+    sync = PairSynchronizer(0.050, queue_size=1)
+    got = sync.add_thermal(S, 't0') + sync.add_visible(S, 'v0')
+    got += sync.add_thermal(S + 111 * MS, 't1') + sync.add_visible(S + 156 * MS, 'v1')
+    got += sync.add_thermal(S + 222 * MS, 't2') + sync.add_visible(S + 222 * MS, 'v2')
+    got += sync.flush()
+    assert [(pair.thermal, pair.visible) for pair in got] == [('t0', 'v0'), ('t1', 'v1'),
+                                                              ('t2', 'v2')]
+    assert sync.stats.thermal_overflow == sync.stats.visible_overflow == 0
+
+
+def test_a_next_thermal_frame_before_the_visible_one_settles_it_at_once():
+    # The next thermal frame stamped before the visible frame takes it whatever visible frame
+    # comes after: t0 waited for that one all the same.
+    sync = PairSynchronizer(0.050, 30)
+    sync.add_thermal(S - 16 * MS, 'earlier')  # a 16 ms interval (a 60 Hz core)
+    sync.add_visible(S - 25 * MS, 'v-25')
+    sync.add_thermal(S, 't0')
+    sync.add_thermal(S + 16 * MS, 't16')
+    got = sync.add_visible(S + 20 * MS, 'v20')
+    assert [(pair.thermal, pair.visible) for pair in got] == [('earlier', 'v-25'),
+                                                              ('t16', 'v20')]
+    assert sync.stats.thermal_unpaired == 1 and sync.stats.thermal_pending == 0
+
+
 def test_offsets_match_shifted_stamps_and_pairs_keep_originals():
     sync = PairSynchronizer(0.010, 10, thermal_offset=-0.060, visible_offset=0.002)
     sync.add_visible(98 * MS, 'v')
