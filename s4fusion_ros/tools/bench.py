@@ -53,16 +53,19 @@ NODE_CPU_MIN_FPS = 1.0  # the node's CPU defaults, 640x480
 GPU_MIN_FPS = 30.0  # 640x512, fp16, CUDA with mamba-ssm's kernel
 
 
-def median_seconds(fn, repeats, warmup=1):
-    """Median wall time of ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
+def median_seconds(fns, repeats):
+    """Median wall time of each of ``fns`` over ``repeats`` calls after an untimed one, the
+    functions taking turns call by call, so that a change in the machine's load falls on all of
+    them alike (their ratios are what the targets judge)."""
+    for fn in fns:
         fn()
-    times = []
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, taken in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            taken.append(time.perf_counter() - start)
+    return [statistics.median(taken) for taken in times]
 
 
 def scan_inputs(batch, d, length, nstate, groups, seed=0):
@@ -102,15 +105,17 @@ def bench_scan(args):
 
     print(f'selective scan, batch={args.batch} d={args.d} L={args.length} N={args.nstate} '
           f'groups={args.groups}, delta_softplus, float32; median of {args.repeats} after a '
-          f'warm-up; {torch.get_num_threads()} threads (torch and numba); {load_note()}')
+          f'warm-up, the implementations taking turns call by call; {torch.get_num_threads()} '
+          f'threads (torch and numba); {load_note()}')
     print(f'{"implementation":<20}{"L timed":>9}{"ms":>11}{"ns/elem":>10}')
     ns = {}
     with torch.no_grad():
-        for name, fn, (tensors, kwargs) in runs:
-            length = tensors[0].shape[-1]
-            seconds = median_seconds(lambda: fn(*tensors, **kwargs), args.repeats)
-            ns[name] = seconds * 1e9 / (args.batch * args.d * length * args.nstate)
-            print(f'{name:<20}{length:>9}{seconds * 1e3:>11.1f}{ns[name]:>10.2f}')
+        medians = median_seconds([functools.partial(fn, *tensors, **kwargs)
+                                  for _, fn, (tensors, kwargs) in runs], args.repeats)
+    for (name, _, (tensors, _)), seconds in zip(runs, medians):
+        length = tensors[0].shape[-1]
+        ns[name] = seconds * 1e9 / (args.batch * args.d * length * args.nstate)
+        print(f'{name:<20}{length:>9}{seconds * 1e3:>11.1f}{ns[name]:>10.2f}')
     if short_length < args.length:
         print(f'(the plain loop and selective_scan_ref are timed at L={short_length}; their cost '
               f'per element does not depend on L)')
@@ -121,8 +126,8 @@ def bench_scan(args):
                CHUNKED_VS_LOOP),
               ('chunked vs selective_scan_ref', ns['selective_scan_ref'] / ns['chunked torch'],
                CHUNKED_VS_REF)]
-    for name, ratio, target in checks:
-        print(f'{name}: {ratio:.1f}x (target >= {target:g}x): '
+    for name, ratio, target in checks:  # per element; the chunked scan's falls with L
+        print(f'{name} at L={args.length}: {ratio:.1f}x (target >= {target:g}x): '
               f'{"met" if ratio >= target else "NOT met"}')
     if 'numba' in ns:
         print(f'numba: {ns["numba"]:.2f} ns/elem (target <= {NUMBA_MAX_NS:g}): '
@@ -138,9 +143,11 @@ def load_note():
     note = (f'load average before the run {load:.1f} on {cpus} CPUs; OMP_WAIT_POLICY '
             f'{os.environ.get("OMP_WAIT_POLICY", "unset")}')
     if load > cpus / 2:
+        spin = ('' if os.environ.get('OMP_WAIT_POLICY', '').lower() == 'passive' else
+                ' (many short parallel regions whose OpenMP threads spin while waiting: set '
+                'OMP_WAIT_POLICY=passive)')
         note += ('\nWARNING: other processes are using the CPUs: timings are inflated, most of '
-                 'all with several threads (many short parallel regions whose OpenMP threads '
-                 'spin while waiting: set OMP_WAIT_POLICY=passive, or use --threads 1)')
+                 f'all with several threads{spin}; --threads 1 suffers least')
     return note
 
 
@@ -226,7 +233,8 @@ def scan_path_name(device, backend=None):
 
 def bench_model(args):
     """Time the network's forward pass at camera sizes; print latency, memory and scan share."""
-    from s4fusion_ros.runtime import default_preset, resolve_device
+    from s4fusion_ros.engine import FusionEngine, FusionSettings
+    from s4fusion_ros.runtime import LoadedModel, default_preset, resolve_device
     from s4fusion_ros.settings import SPECS
 
     if args.threads:
@@ -253,7 +261,7 @@ def bench_model(args):
                          f'{device} has {"no CUDA" if device.type != "cuda" else "no mamba-ssm"}')
     print(f'scan: {scan_path_name(device, backend)}')
     header = (f'{"preset":<10}{"runs at":>10}{"params":>11}{"input":>10}{"ms":>9}{"fps":>7}'
-              f'{"CPU ms":>9}{"peak MiB":>10}{"scan %":>8}')
+              f'{"CPU ms":>9}{"peak MiB":>10}{"scan %":>8}{"step ms":>9}')
     print(header)
     results = {}
     models = {}
@@ -285,24 +293,46 @@ def bench_model(args):
                 forward()
                 total = time.perf_counter() - start
             share = 100 * sum(scan_seconds) / total
+            step = engine_step_seconds(
+                FusionEngine(LoadedModel(model, device, half, preset, None, False),
+                             FusionSettings(inference_size=size)), width, height, device,
+                args.repeats)
             label = f'{run_w}x{run_h}' if all(size) else 'full'
-            results[preset, size, (width, height)] = seconds
+            results[preset, size, (width, height)] = step
             name = preset + ('*' if (preset, size) == (node_preset, node_size) else '')
             print(f'{name:<10}{label:>10}{model.num_parameters():>11,}'
                   f'{f"{width}x{height}":>10}{seconds * 1e3:>9.1f}{1 / seconds:>7.2f}'
                   f'{cpu_seconds * 1e3:>9.1f}{"n/a" if memory is None else f"{memory:.0f}":>10}'
-                  f'{share:>8.0f}')
+                  f'{share:>8.0f}{step * 1e3:>9.1f}')
     print('*: the node\'s default on this device. runs at: full = the input size (padded to '
-          'the next 12k + 1); WxH = the input resized to it first (resize and the engine\'s '
-          'detail restore not timed).\nms: median wall time; CPU ms: median CPU time of the '
-          'process over the same calls (all threads, spin-waiting included).\nscan %: the '
+          'the next 12k + 1); WxH = the input resized to it first (in ms the resize and the '
+          'engine\'s detail restore are not timed, in step ms they are).\nms: median wall '
+          'time; CPU ms: median CPU time of the process over the same calls (all threads, '
+          'spin-waiting included).\nscan %: the '
           'scan kernels\' share of one more forward pass (on the CPU the fused kernel includes '
-          'the dt projection and direction merge).')
+          'the dt projection and direction merge).\nstep ms: the node\'s whole step on a random '
+          '8-bit pair of the input size (FusionEngine: resize, network, detail restore, '
+          'saliency, colour), median; the targets below are judged on it.')
     print('peak MiB: ' + ('torch.cuda.max_memory_allocated above what was allocated before'
                           if device.type == 'cuda' else
                           'peak resident set (VmHWM) above the resident size before the call, '
                           'after malloc_trim: activations and scratch, not the weights'))
     report_model_targets(results, device, half, backend, node_preset, node_size)
+
+
+def engine_step_seconds(engine, width: int, height: int, device, repeats: int) -> float:
+    """Median wall time of the engine's whole step on a random 8-bit pair of `width` x
+    `height`, after a warm-up."""
+    generator = torch.Generator().manual_seed(0)
+    thermal, visible = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+                        .numpy() for shape in ((height, width), (height, width, 3)))
+    walls = []
+    for _ in range(repeats + 1):  # the first is the warm-up
+        start = time.perf_counter()
+        engine.fuse_images(thermal, visible)
+        _synchronize(device)
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls[1:])
 
 
 def report_model_targets(results, device, half, backend, node_preset, node_size):
@@ -364,16 +394,19 @@ def bench_train(args):
     """Time training steps of each preset, numba backward against the chunked PyTorch scan."""
     import tempfile
 
+    from s4fusion_ros.model.checkpoint import load_checkpoint, shipped_weights
     from s4fusion_ros.training.loss import S4FusionLoss
     from s4fusion_ros.training.trainer import Trainer, TrainSettings
 
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = ('torch', 'numba') if numba_scan_fn() is not None else ('torch',)
+    sized = ' (batch and crop as given)' if args.batch_size or args.crop else ''
     print(f'S4Fusion training steps on the CPU (forward, loss, backward, AdamW), each preset at '
-          f'its shipped weights\' batch, crop and loss; random weights and image-like random '
-          f'crops; {torch.get_num_threads()} threads; median of {args.repeats} steps per scan '
-          f'after a warm-up, the scans alternating step by step; {load_note()}')
+          f'its shipped weights\' batch, crop and loss{sized}, a distillation\'s teacher '
+          f'forward included; random weights and image-like random crops; '
+          f'{torch.get_num_threads()} threads; median of {args.repeats} steps per scan after a '
+          f'warm-up, the scans alternating step by step; {load_note()}')
     print(f'{"preset":<9}{"batch":>6}{"crop":>6}{"torch s/step":>14}{"numba s/step":>14}'
           f'{"speed-up":>10}{"steps/s":>9}{"Mpixel/s":>10}')
     speedups = {}
@@ -386,11 +419,17 @@ def bench_train(args):
             settings = TrainSettings(steps=1000, batch_size=batch, crop=crop,
                                      min_gain=record['min_gain'],
                                      dataset_balance=record['dataset_balance'], lr=record['lr'])
+            # A distilled recipe runs its teacher (the shipped compact network) in every step.
+            distilled = loss_config.get('teacher_weight', 0.0) > 0
+            teacher = load_checkpoint(shipped_weights('compact')) if distilled else None
             trainers = {}
             for backend in backends:
                 loss = S4FusionLoss(loss_config['ssim_weight'], loss_config['l1_weight'],
                                     loss_config['grad_weight'],
-                                    max_intensity_weight=loss_config['max_intensity_weight'])
+                                    max_intensity_weight=loss_config['max_intensity_weight'],
+                                    teacher=teacher,
+                                    teacher_weight=loss_config.get('teacher_weight', 0.0),
+                                    teacher_edges=loss_config.get('teacher_edges', 'magnitude'))
                 dataset = SyntheticPairs(crop, settings.min_gain, settings.dataset_balance)
                 trainers[backend] = Trainer(S4FusionConfig.preset(preset), dataset, loss,
                                             out_dir, settings)
@@ -401,13 +440,13 @@ def bench_train(args):
                 for backend in backends:
                     times[backend].append(trainers[backend].train_step()['seconds'])
             seconds = {b: statistics.median(t) for b, t in times.items()}
-            fast = seconds[backends[-1]]
+            fast = min(seconds.values())
             speedups[preset] = seconds['torch'] / fast
             numba_column = f'{seconds["numba"]:>14.3f}' if 'numba' in seconds else f'{"n/a":>14}'
             print(f'{preset:<9}{batch:>6}{crop:>6}{seconds["torch"]:>14.3f}{numba_column}'
                   f'{speedups[preset]:>9.1f}x{1 / fast:>9.2f}'
                   f'{batch * crop * crop / fast / 1e6:>10.3f}')
-    print('steps/s and Mpixel/s (crop pixels of the batch per second) for the fastest scan.')
+    print('steps/s and Mpixel/s (crop pixels of the batch per second): the faster scan\'s.')
     if 'numba' in backends:
         for preset, speedup in speedups.items():
             print(f'{preset}: training step {speedup:.1f}x faster with the numba backward (target '
@@ -480,6 +519,10 @@ def main(argv=None):
             parser.error(f'--{option.replace("_", "-")} must be >= {minimum}')
     if args.command == 'train' and args.crop and (args.crop < 13 or args.crop % 12 != 1):
         parser.error(f'--crop {args.crop} must be 12k + 1 (13, 25, ..., 97, ...), or 0')
+    if args.command == 'scan' and args.groups >= 1 and args.d % args.groups:
+        parser.error(f'--groups {args.groups} must divide --d {args.d}')
+    if getattr(args, 'threads', 0) > os.cpu_count():  # numba would cap it without a word
+        parser.error(f'--threads {args.threads}: this machine has {os.cpu_count()} CPUs')
     stop_on_signals()
 
     def bench() -> int:
