@@ -61,9 +61,14 @@ for pin in "${damaged[@]}"; do
   if [ "$pin" = "$torch_pin" ]; then torch_force=(--force-reinstall); else others+=("$pin"); fi
 done
 # torch from PyTorch's CPU index: PyPI's torch of the same version is the multi-GB CUDA build.
-# A local wheel (pip's find-links) of that version serves as well where the index is unreachable.
-"${pip_install[@]}" -q --retries 1 --no-deps "${torch_force[@]}" \
-    --index-url https://download.pytorch.org/whl/cpu "$torch_pin"
+# A local wheel (pip's find-links) of that version serves as well where the index is unreachable;
+# with neither, PyPI's build, said out loud, rather than no set-up at all.
+if ! "${pip_install[@]}" -q --retries 1 --no-deps "${torch_force[@]}" \
+    --index-url https://download.pytorch.org/whl/cpu "$torch_pin"; then
+  echo "setup: PyTorch's CPU index is out of reach and pip has no local wheel of $torch_pin:" \
+       "installing PyPI's, the CUDA build (several GB; it runs on the CPU too)" >&2
+  "${pip_install[@]}" --no-deps "${torch_force[@]}" "$torch_pin"
+fi
 if [ ${#others[@]} -gt 0 ]; then
   "${pip_install[@]}" --force-reinstall --no-deps "${others[@]}"
 fi
