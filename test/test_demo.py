@@ -141,15 +141,29 @@ def test_the_demo_exits_non_zero_when_the_bag_is_not_fused_to_its_end(tmp_path):
                ('summary.txt', 'demo.mp4', 'preview_0.png')}
     for name, data in earlier.items():
         (out / name).write_bytes(data)
+    (out / 'logs' / 'ros').mkdir(parents=True)
+    (out / 'logs' / 'ros' / 'earlier.log').write_text('an earlier run\'s')  # they piled up
     done = subprocess.run([str(DEMO), '--output-dir', str(out), '--timeout', '1'],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
+    assert (f'the outputs of an earlier run in {out} are replaced once this run has fused the '
+            'whole bag') in done.stderr  # it replaced them without a word
+    assert not (out / 'logs' / 'ros' / 'earlier.log').exists()
     assert (f'the bag was not fused to its end within --timeout 1 s; nothing was written in '
             f'{out} (the outputs of an earlier run there stay)') in done.stderr
     assert 'stopped at the timeout' in done.stderr and 'nan' not in done.stderr
     assert all((out / name).read_bytes() == data for name, data in earlier.items())
     with open_bag(out / 'fused_bag') as reader:
         assert [connection.topic for connection in reader.connections] == ['/earlier']
+
+
+def test_the_demo_domain_is_never_the_callers(monkeypatch):
+    # Derived from the pid alone, it was the caller's own domain once in 40 runs.
+    import os
+    from s4fusion_ros.ros.demo import demo_domain
+    monkeypatch.setenv('ROS_DOMAIN_ID', str(60 + os.getpid() % 40))
+    domain = demo_domain()
+    assert 60 <= domain <= 99 and str(domain) != os.environ['ROS_DOMAIN_ID']
 
 
 def test_reading_topics_a_bag_does_not_hold_gives_no_message():

@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -77,10 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--rate', type=float,
                         help='playback speed factor (default: 1, or slower when the model, '
                         'timed on the first pair, cannot keep up with the thermal camera)')
-    parser.add_argument('--domain-id', type=int, default=60 + os.getpid() % 40,
+    parser.add_argument('--domain-id', type=int, default=demo_domain(),
                         help='ROS_DOMAIN_ID of the demo, kept apart from your graph '
-                        '(default: one of 60-99 derived from the pid; name one to watch the demo '
-                        'with ros2 topic echo or rviz there, with '
+                        '(default: one of 60-99 derived from the pid, never your ROS_DOMAIN_ID; '
+                        'name one to watch the demo with ros2 topic echo or rviz there, with '
                         'ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST)')
     parser.add_argument('--timeout', type=float, default=180.0,
                         help='give up after this many seconds (default: %(default)s)')
@@ -89,6 +90,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f'--rate must be from {RATE_LIMITS[0]:g} to {RATE_LIMITS[1]:g} (those '
                      's4fusion-play takes)')
     return args
+
+
+def demo_domain() -> int:
+    """A ROS_DOMAIN_ID of 60-99 from the pid (two demos at once rarely share one), never the
+    domain the caller's environment names."""
+    domain = 60 + os.getpid() % 40
+    if str(domain) == os.environ.get('ROS_DOMAIN_ID', '').strip():
+        domain = 60 + (domain - 59) % 40
+    return domain
 
 
 def sample_bag() -> pathlib.Path:
@@ -289,6 +299,10 @@ def run(args: argparse.Namespace) -> str:
     if source.is_relative_to(fused_bag) or fused_bag.is_relative_to(source):
         raise BagError(f'--bag {bag}: the demo writes {out_dir / "fused_bag"}, which cannot be '
                        'the input bag, hold it or lie inside it; choose another --output-dir')
+    if (out_dir / 'fused_bag').exists():
+        print(f'{PROG}: the outputs of an earlier run in {out_dir} are replaced once this run has '
+              'fused the whole bag', file=sys.stderr)
+    shutil.rmtree(logs / 'ros', ignore_errors=True)  # this run's ROS logs, not every run's
     logs.mkdir(parents=True, exist_ok=True)
     # Its recorder subscribes with the QoS of qos.output.*: a reliable recorder would hear
     # nothing from an output made best_effort by a publisher override, which is refused.
@@ -383,10 +397,14 @@ def record(fused_bag: pathlib.Path, values: dict, node_command: list, play: list
             for process, name in ((player, 'player'), (node_process, 'node')):
                 if process.poll() is not None:
                     raise BagError(f'the {name} exited early:\n{tail(logs / f"{name}.log")}')
-            fused = recorder.counts[FUSED_TOPIC]
+            fused, status = recorder.counts[FUSED_TOPIC], monitor.status
             if not (drained_ok and drained(monitor, recorder, expected, done_after)):
-                raise StoppedAtTimeout(summary(monitor.status, fused, False))
-            return monitor.status, fused
+                raise StoppedAtTimeout(summary(status, fused, False))
+            # Stopped before the bag gets its name: a Ctrl-C while they stop (seconds) leaves
+            # the earlier run's outputs whole, as the message then says.
+            stop(player)
+            stop(node_process)
+        return status, fused
     finally:
         stop(player)
         stop(node_process)
