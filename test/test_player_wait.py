@@ -54,6 +54,14 @@ def remaps(topics: dict) -> list[str]:
             for option in ('--remap', f'{topic.topic}:={name}')]
 
 
+def play_for(node: str, bag: pathlib.Path, topics: dict, wait: float) -> subprocess.Popen:
+    """s4fusion-play of `bag` at rate 4 with --wait-for the node NAMESPACE/`node`, its
+    `topics` remapped into the namespace; stderr joins stdout."""
+    return subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', str(wait),
+                             '--wait-for', f'{NAMESPACE}/{node}', *remaps(topics)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def spin_while_playing(player: subprocess.Popen, *nodes) -> str:
     """Spin the nodes until the player has exited and its last messages are in; its output."""
     executor = rclpy.executors.SingleThreadedExecutor()
@@ -94,9 +102,7 @@ def test_playback_waits_for_the_named_node(tmp_path):
     try:
         bystander, early = rclpy.create_node('bystander', namespace=NAMESPACE), []
         subscribe(bystander, topics, early)
-        player = subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', '120',
-                                   '--wait-for', f'{NAMESPACE}/target', *remaps(topics)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        player = play_for('target', bag, topics, 120)
         end = time.monotonic() + 8  # the bystander is matched within a few seconds
         while time.monotonic() < end:
             rclpy.spin_once(bystander, timeout_sec=0.05)
@@ -127,10 +133,7 @@ def test_playback_waits_until_the_named_node_subscribes_to_every_topic():
     try:
         target, received = rclpy.create_node('stepwise_target', namespace=NAMESPACE), []
         subscribe(target, {thermal_name: thermal}, received)
-        player = subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', '60',
-                                   '--wait-for', f'{NAMESPACE}/stepwise_target',
-                                   *remaps(topics)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        player = play_for('stepwise_target', bag, topics, 60)
         end = time.monotonic() + 6  # the thermal subscription is matched within a few seconds
         while time.monotonic() < end:
             rclpy.spin_once(target, timeout_sec=0.05)
@@ -155,9 +158,7 @@ def test_topics_the_named_node_does_not_subscribe_to_are_named_when_the_wait_end
     try:
         target, received = rclpy.create_node('target', namespace=NAMESPACE), []
         subscribe(target, topics, received)
-        player = subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', '120',
-                                   '--wait-for', f'{NAMESPACE}/target', *remaps(topics)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        player = play_for('target', bag, topics, 120)
         output = spin_while_playing(player, target)
         assert player.returncode == 0, output
         assert re.search(f'{NAMESPACE}/target does not subscribe to /depth/image_raw after '
