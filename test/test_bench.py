@@ -36,6 +36,10 @@ def test_a_device_or_bag_it_cannot_use_is_one_line(tmp_path, capsys):
     assert bench_main(['batch', '--bag', str(bag)]) == 1
     assert (f'--bag {bag}: not a rosbag2 folder (with its metadata.yaml)'
             in capsys.readouterr().err)
+    # A missing parameter file was found after copying the bags, by s4fusion-bag's own error.
+    assert bench_main(['batch', '--params', str(tmp_path / 'none.yaml')]) == 1
+    assert (f's4fusion-bench: --params {tmp_path / "none.yaml"}: no such file'
+            in capsys.readouterr().err)
 
 
 def test_the_model_benchmark_times_the_whole_node_step(capsys):

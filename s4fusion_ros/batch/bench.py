@@ -40,6 +40,8 @@ def bench_batch(args) -> None:
     source = args.bag or pathlib.Path(__file__).parents[1] / 'data' / 'msrs_sample'
     if not (source / 'metadata.yaml').is_file():  # s4fusion-batch takes folders of bags
         raise ValueError(f'--bag {source}: not a rosbag2 folder (with its metadata.yaml)')
+    if args.params and not args.params.is_file():  # found before the copies and the loop
+        raise ValueError(f'--params {args.params}: no such file')
     ray = _ray()
     from ray.cluster_utils import Cluster
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
@@ -57,7 +59,7 @@ def bench_batch(args) -> None:
         started = time.perf_counter()
         for bag in sorted(inputs.iterdir()):
             if bag_tool.main([str(bag), str(scratch / 'loop' / bag.name), *extra]):
-                raise SystemExit('s4fusion-bag failed')
+                raise ValueError(f's4fusion-bag failed on {bag} (its error above)')
         seconds = time.perf_counter() - started
         loop_pairs = 0
         for bag in (scratch / 'loop').iterdir():
