@@ -87,6 +87,16 @@ def test_a_recording_without_its_metadata_is_one_bag_and_a_folder_of_bare_bags_i
         'mixed/other.mcap', 'rec', 'solo']
 
 
+def test_a_bag_named_as_the_current_folder_goes_under_its_own_name(tmp_path, monkeypatch):
+    # '.' has no name: its output was the output folder itself, refused as existing.
+    bag = tmp_path / 'fleet' / 'b1'
+    bag.mkdir(parents=True)
+    (bag / 'metadata.yaml').write_text('rosbag2_bagfile_information: {}\n')
+    monkeypatch.chdir(bag)
+    (job,) = work.find_bags([pathlib.Path('.')], tmp_path / 'out')
+    assert job.output == tmp_path / 'out' / 'b1'
+
+
 def test_warm_up_is_derived_from_the_parameters():
     values = settings.defaults()
     warm = work.warm_up(values)
@@ -381,6 +391,10 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     # A recording cut off before its metadata.yaml: a bag that fails, not a folder of bare files.
     cut = write_bag(inputs / 'cut', camera_messages(ivif_dir, 1.0), 'mcap')
     (cut / 'metadata.yaml').unlink()
+    # A file in a bag that cannot be looked at (a dangling link) ended the whole run in a
+    # traceback, the other bags unfused, and the manifest said it ended cleanly.
+    linked = write_bag(inputs / 'linked', camera_messages(ivif_dir, 1.0), 'mcap')
+    (linked / 'notes.txt').symlink_to(tmp_path / 'gone')
     # A message in the middle that does not decode is dropped and counted, as live and by
     # s4fusion-bag: that bag is fused all the same.
     broken = write_bag(inputs / 'broken', camera_messages(ivif_dir, 2.0), 'sqlite3')
@@ -393,16 +407,16 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     assert rows['good'].status == 'done'
     assert read_bag(tmp_path / 'out' / 'good') == reference(good, tmp_path / 'ref', params_file)
     assert rows['broken'].status == 'done' and rows['broken'].dropped == 1
-    for name in ('truncated', 'garbage', 'cut'):
+    for name in ('truncated', 'garbage', 'cut', 'linked'):
         assert rows[name].status == 'failed' and str(inputs / name) in rows[name].error
         assert not (tmp_path / 'out' / name).exists()
     assert 'corrupt or truncated' in rows['truncated'].error
     assert 'no metadata.yaml' in rows['cut'].error
-    # The two fail when planned, before any task.
+    # The others fail when planned, before any task.
     assert sorted(r['label'] for r in seen) == [str(broken), str(good)]
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
         'broken', 'good', 's4fusion-batch-manifest.json']
-    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 3
+    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 4
     assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import ipaddress
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -39,6 +40,9 @@ MANIFEST = 's4fusion-batch-manifest.json'
 FINISHED = ('done', 'skipped')  # manifest statuses of a bag whose output is complete
 BOOTSTRAP_CONFIG = 'ray_bootstrap_config.yaml'
 PROGRESS_PERIOD = 0.5  # seconds between a task's progress messages
+# The manifest is rewritten whole at most this often as bags end (2000 bags rewritten after each
+# took two minutes of the driver's time); the run's end writes it whatever the period.
+MANIFEST_PERIOD = 2.0
 
 
 @dataclasses.dataclass
@@ -275,17 +279,20 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
                              resume, max_retries, progress, (on_unit, on_progress),
                              previous, out_dir / MANIFEST, topics)
             runner.check_resources()  # before any manifest: a refused run leaves no trace
-            interrupted = False
+            interrupted, ended = False, {}
             try:
                 runner.run()
             except KeyboardInterrupt:
                 interrupted = True
                 runner.stop()
                 raise
+            except Exception as error:  # recorded as what ended the run, not as a clean end
+                ended = {'error': f'{type(error).__name__}: {error}'}
+                raise
             finally:
                 report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started,
                                 interrupted)
-                runner.write_manifest(interrupted=interrupted, seconds=report.seconds)
+                runner.write_manifest(interrupted=interrupted, seconds=report.seconds, **ended)
     return report
 
 
@@ -455,6 +462,7 @@ class _Runner:
         self.resume, self.retries = resume, max_retries
         (self.on_unit, self.on_progress), self.previous = on_unit, previous
         self.manifest = manifest
+        self.manifest_written = -math.inf  # monotonic time of the last write
         self.reports = [BagReport(str(j.input), str(j.output)) for j in jobs]
         self.planned = set()  # bag numbers _plan has reached
         self.show = progress
@@ -468,9 +476,10 @@ class _Runner:
 
     def write_manifest(self, **status) -> None:
         """Write the parameters and the bags' reports (``status`` when the run ended, else it is
-        running). Rewritten as each bag ends, so that a run killed outright still records what it
-        finished, and with which parameters; the resumed run's finished bags stay listed until
-        this run has planned them, and those it was not given stay listed."""
+        running). Rewritten as bags end (at most every MANIFEST_PERIOD s), so that a run killed
+        outright still records what it finished but the last seconds, and with which
+        parameters; the resumed run's finished bags stay listed until this run has planned
+        them, and those it was not given stay listed."""
         bags = [self.previous[r.output] if number not in self.planned and r.output in self.previous
                 else dataclasses.asdict(r) for number, r in enumerate(self.reports)]
         ours = {report.output for report in self.reports}
@@ -478,6 +487,7 @@ class _Runner:
         write_text_atomically(self.manifest, json.dumps(
             {**(status or {'running': True}), 'parameters': self.values, 'bags': bags},
             indent=1))
+        self.manifest_written = time.monotonic()
 
     def run(self) -> None:
         self.write_manifest()
@@ -507,6 +517,9 @@ class _Runner:
                     self._finished(ref)
                 self._take_progress()
             self._take_progress()
+        for job, report in zip(self.jobs, self.reports):
+            if report.status == 'failed':  # a dead attempt's partial bag, its retries spent
+                work.sweep_partials(job)
         # A cluster outlives the run: free the GPUs and the progress actor now.
         for actor in [*self.actors, self.box]:
             ray.kill(actor)
@@ -541,9 +554,18 @@ class _Runner:
         self.idle, self.live = list(self.actors), set(self.actors)
 
     def _plan(self, number: int, job: BagJob) -> int:
-        """Plan a bag, submit what is left of it; return its pairs still to fuse (estimated)."""
+        """Plan a bag, submit what is left of it; return its pairs still to fuse (estimated).
+        A bag that cannot be read or staged (a dangling link in it, a full disk) fails alone."""
         report = self.reports[number]
         self.planned.add(number)
+        try:
+            return self._plan_bag(number, job, report)
+        except (BagError, OSError) as error:
+            report.status, report.error = 'failed', str(error)
+            self._line(report)
+            return 0
+
+    def _plan_bag(self, number: int, job: BagJob, report: BagReport) -> int:
         work.sweep_partials(job)
         # On --resume an existing output is kept when the manifest lists it as finished (the
         # parameters were compared at the start) from the topics this run names, if it names
@@ -558,12 +580,7 @@ class _Runner:
             if not reason:
                 return self._skip(job, report, earlier)
             tqdm.write(f's4fusion-batch: fusing {report.input} again: {reason}', file=sys.stderr)
-        try:
-            units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
-        except BagError as error:
-            report.status, report.error = 'failed', str(error)
-            self._line(report)
-            return 0
+        units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
         report.topics, report.units = list(units[0].topics), len(units)
         self.units[number] = units
         if len(units) == 1:
@@ -579,9 +596,7 @@ class _Runner:
             self._submit(number, unit)
         if not todo:
             self._commit(number)
-        with work.open_bag(job.input) as reader:
-            thermal = reader.topics[units[0].topics[0]].msgcount
-        return round(thermal * len(todo) / len(units))
+        return round(units[0].thermal_count * len(todo) / len(units))
 
     def _skip(self, job: BagJob, report: BagReport, earlier: dict) -> int:
         """Keep a bag the manifest lists as finished, with its earlier counts; return 0 pairs."""
@@ -698,7 +713,8 @@ class _Runner:
         if bar is not None:
             bar.set_description(self._bags_text())
         tqdm.write(f's4fusion-batch: {text}', file=sys.stderr)
-        self.write_manifest()
+        if time.monotonic() - self.manifest_written >= MANIFEST_PERIOD:
+            self.write_manifest()
 
     def _bags_text(self) -> str:
         finished = sum(r.status != 'pending' for r in self.reports)

@@ -135,7 +135,8 @@ def find_bags(inputs: list[pathlib.Path], out_dir: pathlib.Path) -> list[BagJob]
     jobs, resolved_out = [], out_dir.resolve()
     for root in map(pathlib.Path, inputs):
         if is_bag(root):
-            found = [(root, pathlib.Path(root.stem if root.is_file() else root.name))]
+            named = root.resolve()  # '.' has no name of its own
+            found = [(root, pathlib.Path(named.stem if root.is_file() else named.name))]
         elif root.is_dir():
             found = [(path, path.relative_to(root)) for path in _search(root, resolved_out)]
             found = [(path, rel.with_suffix('') if path.is_file() else rel)
@@ -187,6 +188,7 @@ class Unit:
     index: int
     count: int  # units of the bag
     warm_pairs: int
+    thermal_count: int  # messages of the thermal topic in the whole bag (the progress estimate)
 
     @property
     def label(self) -> str:
@@ -216,7 +218,7 @@ def plan_bag(job: BagJob, values: dict, segment_ns: int,
         segmented = segment_ns > 0 and reader.compression_mode != 'file'
     count = max(1, math.ceil((end - start) / segment_ns)) if segmented else 1
     base = dict(input=job.input, storage=storage, topics=(thermal.topic, visible.topic),
-                values=values, count=count)
+                values=values, count=count, thermal_count=thermal.count)
     if count == 1:
         return [Unit(output=job.output, span=Span(), index=0, warm_pairs=0, **base)]
     warm = warm_up(values)
