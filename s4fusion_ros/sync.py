@@ -512,8 +512,10 @@ class PairSynchronizer:
         if best != after:
             return best
         yields = self._yields(best, known_until)
-        if yields is _WAIT or not yields:
-            return yields if yields is _WAIT else best
+        if yields is _WAIT:
+            return _WAIT
+        if not yields:
+            return best
         return after - 1 if after - 1 in nearest else None
 
     def _yields(self, index: int, known_until: Optional[int]):
