@@ -149,9 +149,12 @@ def test_a_size_the_node_would_refuse_is_a_usage_error(capsys):
 def test_a_best_effort_output_is_read(tmp_path):
     # The flood read the fused output as a reliable subscriber, which hears nothing from a
     # best_effort publisher: it waited 120 s and said the node never fused a pair.
+    # Small images: best-effort delivery of large ones between processes loses some (the
+    # warm-up, which waits for an output, is what this checks; the phase's may all be lost).
     report = run_flood({**FLOOD_PARAMS, 'qos.output.reliability': 'best_effort'},
-                       [(5.0, 2.0)], directory=tmp_path)
-    assert report.phases[0].outputs and report.settled and report.returncode == 0
+                       [(5.0, 2.0)], size=(160, 120), directory=tmp_path)
+    assert report.settled and report.returncode == 0
+    assert report.phases[0].outputs or report.drain_outputs
 
 
 def test_a_node_that_pairs_nothing_fails_the_warm_up_with_its_counters(tmp_path):
