@@ -31,8 +31,8 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device('cpu')
     if not torch.cuda.is_available():  # cuda or cuda:N from here
         raise DeviceError(
-            f"device '{spec}' requested but CUDA is not available on this machine "
-            "(use device:=cpu or device:=auto)")
+            f"device '{spec}' requested but CUDA is not available on this machine: ask for "
+            "cpu or auto (the node's device parameter, the tools' --device)")
     device = torch.device(spec)
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"device '{spec}' requested but only "
