@@ -89,8 +89,8 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise BatchError("s4fusion-batch needs Ray: pip install 's4fusion_ros[ray]' "
-                         '(or ray from requirements.txt)') from None
+        raise BatchError('s4fusion-batch needs Ray: pip install ray==2.60.0 (the version '
+                         "requirements.txt pins; or the package's [ray] extra)") from None
     return ray
 
 
