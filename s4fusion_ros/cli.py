@@ -2,6 +2,7 @@
 no torch)."""
 
 import argparse
+import contextlib
 import os
 import pathlib
 import signal
@@ -50,11 +51,23 @@ def stop_on_signals() -> None:
         signal.signal(stop_signal, signal.default_int_handler)
 
 
-def ignore_stop_signals() -> dict:
+def ignore_stop_signals() -> None:
     """Ignore the stop signals while a tool stops: a second Ctrl-C (timeout and ros2 launch
-    send one) must not cut its clean-up short or end it in a traceback. Returns the handlers
-    they had, for signal.signal to restore."""
-    return {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+    send one) must not cut its clean-up short or end it in a traceback."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals_handled(handler):
+    """Handle the stop signals with `handler` (signal.SIG_IGN, say) inside the block; the
+    handlers they had come back after it."""
+    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
 
 
 def run_command(prog: str, command, errors: tuple, interrupted='interrupted',

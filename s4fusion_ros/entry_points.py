@@ -7,9 +7,9 @@ OpenCV.
 
 import importlib
 import os
-import signal
 import sys
 
+from .cli import stop_signals_handled
 from .imaging.limits import MAX_PIXELS, MAX_SIDE
 
 
@@ -61,13 +61,8 @@ def _command(module: str):
         # pybind11, an abort. As the tools' own stop_on_signals, also where a shell started the
         # process with SIGINT ignored.
         stopped = []
-        previous = {stop: signal.signal(stop, lambda signum, _frame: stopped.append(signum))
-                    for stop in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_signals_handled(lambda signum, _frame: stopped.append(signum)):
             tool = importlib.import_module(module)
-        finally:
-            for stop, handler in previous.items():
-                signal.signal(stop, handler)
         if stopped:
             print(f'\n{os.path.basename(sys.argv[0])}: interrupted', file=sys.stderr)
             return 130

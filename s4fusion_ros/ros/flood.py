@@ -30,8 +30,8 @@ import numpy as np
 import yaml
 
 from .. import settings
-from ..cli import (ignore_stop_signals, interrupt, parse_size, run_command, start_child,
-                   stop_on_signals)
+from ..cli import (interrupt, parse_size, run_command, start_child, stop_on_signals,
+                   stop_signals_handled)
 from ..diagnostics import ROLES, Key, nothing_pending, number, per_input, status_name
 from ..messages import stamp_to_ns
 from ..stats import process_memory_kib
@@ -181,7 +181,7 @@ class Driver:
         from rclpy.signals import SignalHandlerOptions
         from sensor_msgs.msg import Image
 
-        from .parameters import qos_profile
+        from .parameters import direction_qos
 
         self.context = rclpy.Context()
         # Keep Python's own Ctrl-C (KeyboardInterrupt) so the command can stop its node.
@@ -191,20 +191,18 @@ class Driver:
                                       context=self.context)
         self.node_pid = node_pid
         self.node_name = f'{namespace.rstrip("/")}/{settings.NODE_NAME}'
-
         # As a camera driver matching the node's inputs would publish, and as a reader of its
         # outputs must ask (a reliable reader hears nothing from a best_effort output).
-        def qos(direction: str):
-            return qos_profile(*(params.get(f'qos.{direction}.{name}',
-                                            settings.SPECS[f'qos.{direction}.{name}'].default)
-                                 for name in ('reliability', 'depth')))
-        self.thermal_pub = self.node.create_publisher(Image, 'thermal/image_raw', qos('input'))
-        self.visible_pub = self.node.create_publisher(Image, 'visible/image_raw', qos('input'))
+        values = {**settings.defaults(), **params}
+        input_qos, output_qos = (direction_qos(values, direction)
+                                 for direction in ('input', 'output'))
+        self.thermal_pub = self.node.create_publisher(Image, 'thermal/image_raw', input_qos)
+        self.visible_pub = self.node.create_publisher(Image, 'visible/image_raw', input_qos)
         self.fused_topic = f'{self.node_name}/fused'
         self.outputs = []  # (receive monotonic s, latency s) of every fused output
         self.diagnostics, self.diagnostics_at = {}, 0.0
         self.rss_kb = []
-        self.node.create_subscription(Image, self.fused_topic, self._on_fused, qos('output'))
+        self.node.create_subscription(Image, self.fused_topic, self._on_fused, output_qos)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
         self.node.create_timer(0.1, self._sample_memory)
         self.executor = SingleThreadedExecutor(context=self.context)
@@ -365,14 +363,12 @@ def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = 
         diagnostics = dict(driver.diagnostics)
         rss = list(driver.rss_kb)
     finally:
-        previous = ignore_stop_signals()  # until the node is stopped
-        try:
-            if driver is not None:
-                driver.close()
-        finally:
-            returncode = node.stop()
-            for stop, handler in previous.items():
-                signal.signal(stop, handler)
+        with stop_signals_handled(signal.SIG_IGN):  # until the node is stopped
+            try:
+                if driver is not None:
+                    driver.close()
+            finally:
+                returncode = node.stop()
     return FloodReport(done, warm_up_pairs, rss, rss_before, peak, diagnostics, settled,
                        drain_outputs, returncode, node.log_path)
 

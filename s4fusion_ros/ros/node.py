@@ -34,6 +34,7 @@ from ..runtime import model_from_params
 from ..stats import LatencyStats, RateMeter
 from ..worker import InferenceWorker
 from . import parameters
+from .parameters import direction_qos
 from .images import raw_image_message
 
 LOG_THROTTLE_S = 5.0
@@ -103,7 +104,8 @@ class S4FusionNode(Node):
 
         self.fused_pub, self.saliency_pub = (
             self.create_publisher(
-                Image, f'~/{name}', _qos(p, 'output'), qos_overriding_options=QOS_OVERRIDES,
+                Image, f'~/{name}', direction_qos(p, 'output'),
+                qos_overriding_options=QOS_OVERRIDES,
                 event_callbacks=PublisherEventCallbacks(
                     incompatible_qos=lambda info, name=name:
                     self._on_incompatible_qos(f'{name}_pub', info)))
@@ -113,8 +115,10 @@ class S4FusionNode(Node):
         # ended bag), leaving the last thermal frame unfused and no diagnostics published.
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         if self.message_filters is None:
-            self.thermal_sub = self._subscribe('thermal', p['thermal.transport'], _qos(p, 'input'))
-            self.visible_sub = self._subscribe('visible', p['visible.transport'], _qos(p, 'input'))
+            self.thermal_sub = self._subscribe('thermal', p['thermal.transport'],
+                                               direction_qos(p, 'input'))
+            self.visible_sub = self._subscribe('visible', p['visible.transport'],
+                                               direction_qos(p, 'input'))
             self.create_timer(0.05, self._expire_pending, clock=steady)
         else:
             self._subscribe_message_filters(p)
@@ -246,7 +250,7 @@ class S4FusionNode(Node):
         profile, so neither can be passed to it (7.1.6 passes them on again): the node then
         runs without them and says so.
         """
-        topic, qos = _input_topic(role, p[f'{role}.transport']), _qos(p, 'input')
+        topic, qos = _input_topic(role, p[f'{role}.transport']), direction_qos(p, 'input')
         try:
             return self.message_filters.Subscriber(
                 self, *topic, qos_profile=qos, event_callbacks=self._input_events(role),
@@ -552,13 +556,6 @@ class S4FusionNode(Node):
         if self.worker is not None:
             self.worker.stop()
         super().destroy_node()
-
-
-def _qos(values: dict, direction: str) -> QoSProfile:
-    """The profile of the qos.<direction>.* parameters ('input' or 'output'), new for each topic:
-    rclpy applies a topic's qos_overrides to the very profile it is given."""
-    return parameters.qos_profile(values[f'qos.{direction}.reliability'],
-                                  values[f'qos.{direction}.depth'])
 
 
 # What an incompatible-QoS peer means for an input and an output, and the usual fix where the

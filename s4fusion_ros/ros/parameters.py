@@ -42,6 +42,12 @@ def qos_profile(reliability: str, depth: int) -> QoSProfile:
                      else ReliabilityPolicy.BEST_EFFORT))
 
 
+def direction_qos(values: dict, direction: str) -> QoSProfile:
+    """The profile of the qos.<direction>.* parameters ('input' or 'output') in `values`, new for
+    each topic: rclpy applies a topic's qos_overrides to the very profile it is given."""
+    return qos_profile(values[f'qos.{direction}.reliability'], values[f'qos.{direction}.depth'])
+
+
 # The policies whose stricter value a subscription can ask of publishers that offer less. Not
 # deadlines and leases: the graph reports unset ones as finite, so rclpy's whole-profile check
 # (qos_check_compatible) finds mismatches there where there are none.

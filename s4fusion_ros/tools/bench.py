@@ -326,13 +326,11 @@ def engine_step_seconds(engine, width: int, height: int, device, repeats: int) -
     generator = torch.Generator().manual_seed(0)
     thermal, visible = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
                         .numpy() for shape in ((height, width), (height, width, 3)))
-    walls = []
-    for _ in range(repeats + 1):  # the first is the warm-up
-        start = time.perf_counter()
+
+    def step():
         engine.fuse_images(thermal, visible)
         _synchronize(device)
-        walls.append(time.perf_counter() - start)
-    return statistics.median(walls[1:])
+    return median_seconds([step], repeats)[0]
 
 
 def report_model_targets(results, device, half, backend, node_preset, node_size):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..cli import run_command
+from ..cli import STOP_SIGNALS, run_command
 from ..files import check_writable_folder
 from ..imaging.normalization import RAW_COUNTS_SPAN
 from ..model import S4FusionConfig
@@ -199,8 +199,7 @@ class GracefulStop:
             raise KeyboardInterrupt
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self._handle)
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc_info):
