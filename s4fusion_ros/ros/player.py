@@ -99,11 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error('--wait must be >= 0')
     try:
         args.remap = _remaps(args.remap)
-        if args.wait_for:
+        if args.wait_for:  # (name, namespace), as the graph is asked for its subscriptions
             namespace, _, name = args.wait_for.rpartition('/')
+            args.wait_for_node = name, '/' + namespace.lstrip('/')
             validate_node_name(name)
             if namespace:
-                validate_namespace('/' + namespace.lstrip('/'))
+                validate_namespace(args.wait_for_node[1])
     except (ValueError, InvalidTopicNameException, InvalidNodeNameException,
             InvalidNamespaceException) as error:
         parser.error(str(error))
@@ -239,10 +240,9 @@ class BagPlayer:
         """Played topic names the --wait-for node does not subscribe to (yet); none without it."""
         if not self.args.wait_for:
             return []
-        namespace, _, name = self.args.wait_for.rpartition('/')
         try:
             subscribed = {topic for topic, _ in self.node.get_subscriber_names_and_types_by_node(
-                name, '/' + namespace.lstrip('/'))}
+                *self.args.wait_for_node)}
         except NodeNameNonExistentError:
             subscribed = set()
         return [p.topic_name for p in self.publishers.values() if p.topic_name not in subscribed]
