@@ -7,6 +7,7 @@ import pathlib
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 
@@ -208,6 +209,37 @@ def test_fuse_refuses_a_jpeg_cut_short_and_reads_a_name_that_is_not_utf8(ivif_di
             'last scan)') in errors
     assert f'fused 2 of 3 pairs into {out}' in errors
     assert sorted(p.name for p in (out / 'fused').iterdir()) == sorted([GRAY_PAIR[1], latin1])
+
+
+def with_exif_orientation(jpeg, orientation):
+    """A JPEG file's bytes with an EXIF segment holding only its Orientation tag."""
+    entry = struct.pack('>HHIHH', 0x0112, 3, 1, orientation, 0)  # SHORT, one value
+    tiff = b'MM' + struct.pack('>HI', 42, 8) + struct.pack('>H', 1) + entry + bytes(4)
+    segment = b'Exif\x00\x00' + tiff
+    return jpeg[:2] + b'\xff\xe1' + struct.pack('>H', len(segment) + 2) + segment + jpeg[2:]
+
+
+def test_fuse_turns_a_photo_upright_as_its_exif_orientation_says(ivif_dir, tmp_path, capsys,
+                                                                 tiny_weights):
+    # A visible photo stored on its side with "rotate 90 clockwise to show" was fused sideways:
+    # its IR partner resized onto it, the scene torn apart.
+    copy_pairs(ivif_dir, tmp_path / 'upright', [COLOUR_PAIR])
+    name = COLOUR_PAIR[1]
+    copy_pairs(ivif_dir, tmp_path / 'tagged', [COLOUR_PAIR])
+    visible = cv2.imread(str(tmp_path / 'upright' / 'vi' / name))
+    stored = cv2.rotate(visible, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    (tmp_path / 'tagged' / 'vi' / name).write_bytes(
+        with_exif_orientation(cv2.imencode('.jpg', stored, [cv2.IMWRITE_JPEG_QUALITY, 100])[1]
+                              .tobytes(), 6))
+    for folder in ('upright', 'tagged'):
+        assert fuse.main(['--ir', str(tmp_path / folder / 'ir'), '--vi',
+                          str(tmp_path / folder / 'vi'), '--out', str(tmp_path / folder / 'out'),
+                          '--weights', str(tiny_weights), '--device', 'cpu']) == 0
+    assert 'resized' not in capsys.readouterr().err
+    upright, tagged = (read_png(tmp_path / folder / 'out' / 'fused' / pathlib.Path(name)
+                                .with_suffix('.png')) for folder in ('upright', 'tagged'))
+    assert tagged.shape == upright.shape
+    assert np.abs(tagged.astype(int) - upright).mean() < 2  # JPEG saved once more
 
 
 def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, capsys,

@@ -80,8 +80,8 @@ class IvifSplits:
 
 
 def read_image(path):
-    """Read an 8- or 16-bit image file as stored, gray (H, W) or BGR (H, W, 3) (alpha dropped);
-    ValueError names the file."""
+    """Read an 8- or 16-bit image file, gray (H, W) or BGR (H, W, 3) (alpha dropped), turned
+    upright as its EXIF orientation says (as image viewers show it); ValueError names the file."""
     try:
         # Read by Python, decoded by OpenCV: cv2.imread crashes the process on a file name that
         # is not UTF-8 (an old archive's Latin-1 name).
@@ -92,17 +92,17 @@ def read_image(path):
         raise ValueError(f'{path}: an empty file')
     _check_whole_jpeg(data, path)
     try:
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        # Depth and channels as stored, but not IMREAD_UNCHANGED: that alone skips the EXIF
+        # orientation (a phone's visible photo would fuse on its side against the IR image).
+        image = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     except cv2.error as error:  # e.g. larger than the limits the entry points give OpenCV
         raise ValueError(f'{path}: cannot read it ({error.err})') from error
     if image is None:
         raise ValueError(f'{path}: not a readable image')
     _check_depth(image, path)
-    if image.ndim == 3 and image.shape[2] in (3, 4):
-        return image[:, :, :3]
-    if image.ndim != 2:
-        raise ValueError(f'{path}: unsupported image shape {image.shape}')
-    return image
+    if image.ndim == 2 or image.shape[2] == 3:
+        return image
+    raise ValueError(f'{path}: unsupported image shape {image.shape}')
 
 
 def _check_whole_jpeg(data, path):
