@@ -5,6 +5,7 @@
 own process from its console entry point, as launch starts it.
 """
 
+import os
 import signal
 import subprocess
 import time
@@ -115,6 +116,15 @@ def test_help_prints_the_usage_and_stray_arguments_are_refused():
     shown = subprocess.run([node, '--help'], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and shown.stdout.startswith('usage: s4fusion_node [-h]')
     assert '--ros-args --params-file config/s4fusion.yaml' in shown.stdout
+    # `s4fusion_node --help | head -1`: the reader is gone before the usage is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        piped = subprocess.run([node, '--help'], stdout=write_end, stderr=subprocess.PIPE,
+                               text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert piped.returncode == 0 and piped.stderr == ''
     stray = subprocess.run([node, '-p', 'device:=cpu', '--ros-args', '-p', 'device:=cpu'],
                            capture_output=True, text=True, timeout=60)
     assert stray.returncode == 2

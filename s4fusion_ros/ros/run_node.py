@@ -91,12 +91,22 @@ class StopSignals:
             raise KeyboardInterrupt
 
 
+def print_usage(text: str, stream) -> None:
+    """Print the usage or a usage error; a reader that left (`--help | head -1`) is no error,
+    as argparse's own help treats it."""
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        # Python would fail to flush the stream again at exit and say so.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 def main(args=None) -> int:
     """Start the node and spin until a stop signal or a ROS shutdown; return the exit code."""
     text = command_line_help(sys.argv[1:] if args is None else list(args[1:]))
     if text is not None:
         asked = text is USAGE
-        print(text, file=sys.stdout if asked else sys.stderr)
+        print_usage(text, sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     stop = StopSignals()
     node = None
