@@ -1,7 +1,9 @@
 """Choosing the device and loading the fusion model: shared by the node and every tool."""
 
-import logging
+import os
 import pathlib
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -9,7 +11,10 @@ import torch
 from .model import CheckpointError, S4Fusion, S4FusionConfig, load_checkpoint, shipped_weights
 from .settings import DEVICE_FORM
 
-LOG = logging.getLogger(__name__)
+
+def print_warning(message: str) -> None:
+    """The tools' warning line on stderr, named by the running command."""
+    print(f'{os.path.basename(sys.argv[0])}: warning: {message}', file=sys.stderr)
 
 
 class DeviceError(ValueError):
@@ -58,7 +63,8 @@ class LoadedModel:
 
 
 def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'auto',
-                      half: bool = False, detail_gain: float = 0.0) -> LoadedModel:
+                      half: bool = False, detail_gain: float = 0.0,
+                      warn: Callable[[str], None] = print_warning) -> LoadedModel:
     """Load the model the node and the tools run.
 
     `weights` empty means the weights shipped for `preset`. A weights path given explicitly must
@@ -67,20 +73,20 @@ def load_fusion_model(weights: str = '', preset: str = 'auto', device: str = 'au
     the model runs with its initial weights and says so loudly. `detail_gain` > 0 replaces the
     gain on the details of the model's Laplacian base (and the name says so); a model without that
     base ignores it with a warning (so one parameter file serves `model.preset: auto` on the CPU
-    and on CUDA).
+    and on CUDA). Warnings go to `warn` (the node's ROS logger, the tools' log).
     """
-    loaded = _load_model(weights, preset, device, half)
+    loaded = _load_model(weights, preset, device, half, warn)
     if detail_gain > 0:
         if loaded.model.config.base == 'laplacian':
             loaded.model.set_detail_gain(detail_gain)
             loaded = replace(loaded, name=f'{loaded.name} (detail gain {detail_gain:g})')
         else:
-            LOG.warning('model.detail_gain %g ignored: %s has no Laplacian base', detail_gain,
-                        loaded.name)
+            warn(f'model.detail_gain {detail_gain:g} ignored: {loaded.name} has no Laplacian '
+                 'base')
     return loaded
 
 
-def _load_model(weights, preset, device, half):
+def _load_model(weights, preset, device, half, warn):
     """``load_fusion_model`` without the detail gain."""
     torch_device = resolve_device(device)
     if half and torch_device.type != 'cuda':
@@ -103,8 +109,8 @@ def _load_model(weights, preset, device, half):
     if path.is_file():
         model = load_checkpoint(path, device=torch_device, dtype=dtype)
         return LoadedModel(model, torch_device, half, path.stem, path, trained=True)
-    LOG.warning('NO TRAINED WEIGHTS: %s is missing; running S4Fusion (%s) with UNTRAINED initial '
-                'weights. The fused output is not meaningful.', path, preset)
+    warn(f'NO TRAINED WEIGHTS: {path} is missing; running S4Fusion ({preset}) with UNTRAINED '
+         'initial weights. The fused output is not meaningful.')
     # The same initial weights every start, drawn on the CPU from a seeded CPU generator that is
     # restored afterwards (torch.manual_seed would reseed every CUDA device's too).
     with torch.random.fork_rng(devices=[]):
@@ -119,6 +125,6 @@ def _load_model(weights, preset, device, half):
 MODEL_PARAMETERS = ('model.weights', 'model.preset', 'device', 'half', 'model.detail_gain')
 
 
-def model_from_params(values: dict) -> LoadedModel:
-    """Load the model named by the node's MODEL_PARAMETERS."""
-    return load_fusion_model(*(values[name] for name in MODEL_PARAMETERS))
+def model_from_params(values: dict, warn: Callable[[str], None] = print_warning) -> LoadedModel:
+    """Load the model named by the node's MODEL_PARAMETERS; warnings go to `warn`."""
+    return load_fusion_model(*(values[name] for name in MODEL_PARAMETERS), warn=warn)

@@ -6,6 +6,7 @@ own process from its console entry point, as launch starts it.
 """
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -107,6 +108,18 @@ def test_a_start_up_error_is_one_line_and_exit_code_1():
     log = node_log(proc)
     assert code == 1, log
     assert 'Traceback' not in log and 'model.preset' in log, log
+
+
+def test_a_model_warning_goes_to_the_ros_log():
+    # It went to Python's logging: a bare line, not on /rosout, deaf to --log-level.
+    with running_node({**PARAMS, 'model.preset': 'authors', 'model.detail_gain': 1.0}) as proc:
+        deadline = time.monotonic() + 120
+        while 'model warmed up' not in node_log(proc) and proc.poll() is None:
+            assert time.monotonic() < deadline, node_log(proc)
+            time.sleep(0.2)
+        log = stopped_cleanly(proc, signal.SIGINT)
+    assert re.search(r'^\[WARN\] \[[0-9.]+\] \[s4fusion_node\]: model.detail_gain 1 ignored: '
+                     's4fusion_authors has no Laplacian base$', log, re.MULTILINE), log
 
 
 def test_help_prints_the_usage_and_stray_arguments_are_refused():

@@ -76,10 +76,7 @@ class S4FusionNode(Node):
         self.approximate_sync = None  # message_filters' synchronizer, with that backend
 
         self.get_logger().info('loading the model')
-        self.loaded = model_from_params(p)
-        if not self.loaded.trained:
-            self.get_logger().error(
-                f'NO TRAINED WEIGHTS for {self.loaded.name}: the fused output is not meaningful')
+        self.loaded = model_from_params(p, warn=self.get_logger().warning)
         # The offline bag tool uses the same factories: same parameters, same pairs and pixels.
         self.pipeline = pipeline_from_params(p)
         self.engine = FusionEngine(self.loaded, fusion_settings(p))
