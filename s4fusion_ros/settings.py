@@ -13,6 +13,7 @@ the usual ROS names: `sync.queue_size` is message_filters' / stereo_image_proc's
 import math
 import pathlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import yaml
@@ -228,11 +229,27 @@ def check_qos_overrides(values: dict) -> str:
     return ''
 
 
-def check_types(values: dict) -> str:
-    """Check the types rclpy enforces from the descriptors, for the offline tools.
+def as_declared(name: str, value):
+    """`value` as parameter `name` takes it: integers given for a decimal parameter or array
+    (a YAML `0` or `[1, 0, 0, ...]`, `ros2 param set ... sync.thermal_offset 0`) are those
+    decimals, which the node takes where rclpy's type check alone would refuse them naming type
+    codes only. Any other value is returned as it is."""
+    default = SPECS[name].default if name in SPECS else None
 
-    Types follow rclpy: an int where a double is declared is refused (write 0.0, not 0).
-    """
+    def integer(item):
+        return type(item) is int  # bool is a subclass of int, and is no number here
+    if type(default) is float and integer(value):
+        return float(value)
+    if (isinstance(default, list) and default and type(default[0]) is float
+            and isinstance(value, Sequence) and not isinstance(value, str) and len(value)
+            and all(map(integer, value))):
+        return [float(item) for item in value]
+    return value
+
+
+def check_types(values: dict) -> str:
+    """Check the types rclpy enforces from the descriptors, for the offline tools (after
+    `as_declared`, as the node applies it)."""
     for name, value in values.items():
         expected = _kind(SPECS[name].default)
         if _kind(value) != expected:
@@ -280,7 +297,7 @@ def _values_of(path: pathlib.Path, given: dict) -> dict:
             continue
         if name not in SPECS:
             raise SettingsError(f"{path}: unknown parameter '{name}'")
-        values[name] = value
+        values[name] = as_declared(name, value)
     reason = check_types(values) or check_update({}, values) or check_qos_overrides(given)
     if reason:
         raise SettingsError(f'{path}: {reason}')

@@ -341,7 +341,7 @@ def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
         'other_node': {'ros__parameters': {'sync': {'slop': 0.5}}}}))
     values = settings.load_offline_params(path)
     assert (values['sync.slop'], values['sync.timeout'], values['device']) == (0.02, 0.3, 'auto')
-    for wrong, reason in (({'sync': {'slop': 0}}, 'sync.slop: expected double'),
+    for wrong, reason in (({'sync': {'slop': 'fast'}}, "sync.slop: expected double, got 'fast'"),
                           ({'sync': {'slops': 0.1}}, "unknown parameter 'sync.slops'"),
                           ({'sync': {'slop': 2.0}}, r'sync.slop: 2.0 is outside \[0.0, 1.0\]'),
                           ({'inference_size': [96, 0]}, 'inference_size: expected'),

@@ -101,12 +101,21 @@ s4fusion_node:
       encoding: 32FC1
       threshold: 0.25
 """, 's4fusion_node', ''),
-    'an int where a double is declared': ("""
+    # rclpy refuses these; the node takes them as the decimals they are (settings.as_declared).
+    'ints where doubles are declared': ("""
 /**:
   ros__parameters:
     sync:
       slop: 1
-""", 's4fusion_node', 'sync.slop: expected double'),  # rclpy refuses it too
+    registration:
+      homography: [1, 0, 2, 0, 1, 0, 0, 0, 1]
+""", 's4fusion_node', ''),
+    'a string where a double is declared': ("""
+/**:
+  ros__parameters:
+    sync:
+      slop: fast
+""", 's4fusion_node', "sync.slop: expected double, got 'fast'"),
     'a qos override the offline tools skip, and one of a bad value': ("""
 /**:
   ros__parameters:
@@ -163,7 +172,8 @@ def test_params_files_read_as_rclpy_reads_them(tmp_path, text, node, refusal):
         with pytest.raises(settings.SettingsError, match=refusal):
             settings.load_offline_params(path)
         return
-    node_values = {k: v for k, v in expected.items() if not k.startswith(settings.ROS_KEYS)}
+    node_values = {k: settings.as_declared(k, v) for k, v in expected.items()
+                   if not k.startswith(settings.ROS_KEYS)}
     assert (typed(settings.load_offline_params(path))
             == typed({**settings.defaults(), **node_values}))
 
@@ -287,7 +297,9 @@ def node(ivif_dir):
     from ros_harness import Probe, rclpy, running_node
     rclpy.init()
     probe = Probe('parameter_probe')
-    with running_node({'device': 'cpu', 'inference_size': [80, 60]}) as proc:
+    # Integers for decimals at start-up (a YAML 1 or [1, 0, ...]): rclpy alone refuses them.
+    with running_node({'device': 'cpu', 'inference_size': [80, 60], 'sync.timeout': 1,
+                       'registration.homography': [1, 0, 0, 0, 1, 0, 0, 0, 1]}) as proc:
         probe.wait_for_node(proc)
         yield probe
     probe.destroy_node()
@@ -336,6 +348,17 @@ def test_valid_change_is_accepted(node):
     [result] = set_parameters(node, {'sync.slop': 0.08})
     assert result.successful, result.reason
     assert get_parameter(node, 'sync.slop') == pytest.approx(0.08)
+
+
+@pytest.mark.ros
+def test_an_integer_for_a_decimal_is_that_decimal(node):
+    # `ros2 param set /s4fusion_node sync.thermal_offset 0` sends an integer: rclpy refused it
+    # with "Wrong parameter type, expected '3' got '2'".
+    [result] = set_parameters(node, {'sync.thermal_offset': 0})
+    assert result.successful, result.reason
+    for name, value in (('sync.thermal_offset', 0.0), ('sync.timeout', 1.0),
+                        ('registration.homography', [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])):
+        assert typed({name: get_parameter(node, name)}) == typed({name: value})
 
 
 @pytest.mark.ros

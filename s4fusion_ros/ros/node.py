@@ -61,6 +61,11 @@ class S4FusionNode(Node):
         self.worker = None  # rclpy may destroy a node whose constructor failed (bad parameters)
         # Registered before declaring, so start-up values pass the same checks as live changes.
         self.add_on_set_parameters_callback(self._validate_parameters)
+        # Start-up values are the overrides, which pre-set callbacks never see.
+        self._parameter_overrides.update((parameter.name, parameter) for parameter in
+                                         parameters.as_declared_types(
+                                             list(self._parameter_overrides.values())))
+        self.add_pre_set_parameters_callback(parameters.as_declared_types)
         for name, spec in settings.SPECS.items():
             self.declare_parameter(name, spec.default, parameters.descriptor(name, spec))
         self.add_post_set_parameters_callback(self._apply_parameters)

@@ -6,9 +6,10 @@ bag tool reads the same parameters without rclpy.
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from ..settings import Spec, check_update
+from ..settings import Spec, as_declared, check_update
 
 
 def descriptor(name: str, spec: Spec) -> ParameterDescriptor:
@@ -26,6 +27,14 @@ def descriptor(name: str, spec: Spec) -> ParameterDescriptor:
             result.floating_point_range = [FloatingPointRange(from_value=float(low),
                                                               to_value=float(high), step=0.0)]
     return result
+
+
+def as_declared_types(given: list[Parameter]) -> list[Parameter]:
+    """The parameters, integers given for a decimal one as decimals (`settings.as_declared`)."""
+    def declared(parameter: Parameter) -> Parameter:
+        value = as_declared(parameter.name, parameter.value)
+        return parameter if value is parameter.value else Parameter(parameter.name, value=value)
+    return [declared(parameter) for parameter in given]
 
 
 def validate_update(current: dict, updates: dict) -> SetParametersResult:
