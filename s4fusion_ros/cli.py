@@ -21,6 +21,14 @@ def parse_size(text: str, minimum: int = 1) -> tuple[int, int]:
     return width, height
 
 
+def file_path(text: str) -> pathlib.Path:
+    """A path naming a file to write; one ending in a separator names a folder (pathlib drops
+    the separator, so `--out reports/` would write a file named reports)."""
+    if text.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise argparse.ArgumentTypeError(f"'{text}' names a folder: name the file in it")
+    return pathlib.Path(text)
+
+
 def split_ros_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     """(the arguments outside the ROS arguments, those inside), as rcl reads a command line: ROS
     arguments run from each --ros-args to the next '--' or the end (neither marker is kept).

@@ -87,8 +87,10 @@ def opencv_path(path: pathlib.Path) -> str:
 
 
 def write_text_atomically(path: pathlib.Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` as write_atomically does."""
-    write_atomically(path, lambda file: file.write(text.encode()))
+    """Write `text` (UTF-8) to `path` as write_atomically does. A file name in it that is not
+    UTF-8 (an old archive's Latin-1 name, which Python holds as surrogates) is written as the
+    bytes the file system holds."""
+    write_atomically(path, lambda file: file.write(text.encode('utf-8', 'surrogateescape')))
 
 
 def write_png(path: pathlib.Path, image: np.ndarray) -> None:

@@ -806,6 +806,12 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
     assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
                           str(tmp_path)]) == 1
     assert f'--out {tmp_path} is a folder' in capsys.readouterr().err
+    # A folder still to be made: the report was written as a file of the folder's name.
+    with pytest.raises(SystemExit, match='2'):
+        evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
+                       f'{tmp_path / "reports"}{os.sep}'])
+    assert "names a folder: name the file in it" in capsys.readouterr().err
+    assert not (tmp_path / 'reports').exists()
     # A folder or the report itself as the table or the grid: the report (and the reading
     # below its marker) was overwritten by the PNG or the CSV, or the run failed at its end.
     report = tmp_path / 'q.md'
@@ -820,6 +826,22 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
         error = capsys.readouterr().err
         assert message in error and 'pairs in' not in error, option
     assert report.read_text() == 'kept\n'
+
+
+def test_eval_writes_a_pair_name_that_is_not_utf8_as_the_file_system_holds_it(ivif_dir, tmp_path,
+                                                                              capsys):
+    # Every pair was scored, then writing the table failed ('surrogates not allowed') and
+    # nothing was written.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    latin1 = os.fsdecode(b'caf\xe9.png')
+    for side in ('ir', 'vi'):
+        (pairs / side / GRAY_PAIR[1]).rename(pairs / side / latin1)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out',
+                          str(out)]) == 0, capsys.readouterr().err
+    assert b'caf\xe9' in (tmp_path / 'q_pairs.csv').read_bytes()
+    assert out.is_file()
 
 
 def test_eval_names_the_pairs_it_cannot_score_before_scoring(ivif_dir, tmp_path, capsys):

@@ -32,7 +32,7 @@ import time
 from .. import settings
 from ..bagio import (STORAGES, WRITE_ERRORS, BagError, bag_size, check_output, create_bag,
                      image_topics, open_bag, output_qos_of, pick_topics, storage_of, sweep_staging)
-from ..cli import run_command, stop_on_signals
+from ..cli import file_path, run_command, stop_on_signals
 from ..diagnostics import clock_skew_hint
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='also write fused and saliency PNGs of every Nth pair to DIR')
     parser.add_argument('--export-every', type=int, default=1, metavar='N',
                         help='with --export-png: every Nth pair (default: %(default)s)')
-    parser.add_argument('--export-video', type=pathlib.Path, metavar='FILE.mp4',
+    parser.add_argument('--export-video', type=file_path, metavar='FILE.mp4',
                         help='also write a side-by-side MP4 (visible | thermal | fused | '
                         'saliency, with stamps) of every pair; .mov, .mkv or .avi give that '
                         'container')

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import run_command, stop_on_signals
+from ..cli import file_path, run_command, stop_on_signals
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
@@ -606,10 +606,10 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--threads', type=int, default=None,
                         help="CPU threads for torch and OpenCV (default: their choice)")
-    parser.add_argument('--out', type=pathlib.Path, default=None,
+    parser.add_argument('--out', type=file_path, default=None,
                         help=f'the report (default: {DEFAULT_REPORT}, for a run of everything '
                              'with the shipped weights; a partial run must name its own)')
-    parser.add_argument('--grid', type=pathlib.Path, default=None,
+    parser.add_argument('--grid', type=file_path, default=None,
                         help='the example images (default: beside --out, its name + _grid.png)')
     parser.add_argument('--flicker', type=pathlib.Path, metavar='VIDEO_DIR',
                         help='instead of the report, measure the flicker of ours and the '
@@ -619,7 +619,7 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--flicker-frames', type=int, default=60, metavar='N',
                         help='with --flicker: the first N frames of each clip (default: '
                         '%(default)s)')
-    parser.add_argument('--pairs-csv', type=pathlib.Path, default=None,
+    parser.add_argument('--pairs-csv', type=file_path, default=None,
                         help='per-pair metric values of every method (default: beside --out, '
                              'its name + _pairs.csv)')
     args = parser.parse_args(argv)
