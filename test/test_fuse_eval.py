@@ -201,14 +201,18 @@ def test_fuse_refuses_a_jpeg_cut_short_and_reads_a_name_that_is_not_utf8(ivif_di
         image = cv2.imread(str(tmp_path / side / GRAY_PAIR[1]), cv2.IMREAD_UNCHANGED)
         jpeg = cv2.imencode('.jpg', image)[1].tobytes()
         (tmp_path / side / 'cut.jpg').write_bytes(jpeg if side == 'ir' else jpeg[:len(jpeg) // 2])
+        # A motion photo: a whole JPEG, then its video (here a second JPEG's bytes, scan
+        # markers and all), which was taken for a scan cut short.
+        (tmp_path / side / 'motion.jpg').write_bytes(jpeg + jpeg[:len(jpeg) // 2])
     out = tmp_path / 'out'
     assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
                       str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
     errors = capsys.readouterr().err
     assert (f'{tmp_path / "vi" / "cut.jpg"}: a JPEG cut short (no end-of-image marker after its '
             'last scan)') in errors
-    assert f'fused 2 of 3 pairs into {out}' in errors
-    assert sorted(p.name for p in (out / 'fused').iterdir()) == sorted([GRAY_PAIR[1], latin1])
+    assert f'fused 3 of 4 pairs into {out}' in errors
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == sorted([GRAY_PAIR[1], latin1,
+                                                                        'motion.png'])
 
 
 def with_exif_orientation(jpeg, orientation):

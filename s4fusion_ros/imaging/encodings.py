@@ -214,23 +214,57 @@ def _header_size(data) -> tuple[int, int] | None:
         return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
     if bytes(data[:2]) != b'\xff\xd8':
         return None
+    for marker, position in _jpeg_markers(data):
+        if marker in _JPEG_FRAMES:  # length, precision, height, width
+            if position + 9 > len(data):
+                return None
+            return (int.from_bytes(data[position + 7:position + 9], 'big'),
+                    int.from_bytes(data[position + 5:position + 7], 'big'))
+        if marker in (0xD9, 0xDA):  # end of image, or the scan, before any frame
+            return None
+    return None
+
+
+def jpeg_is_whole(data: bytes) -> bool:
+    """Whether a JPEG (`data` from its start-of-image marker) reaches its end-of-image marker.
+    libjpeg decodes one cut short with its missing rows gray and only warns. What follows the
+    end marker (a motion photo's video) is not the image's."""
+    return any(marker == 0xD9 for marker, _ in _jpeg_markers(data))
+
+
+def _jpeg_markers(data):
+    """Yield (marker, position) of a JPEG's markers after its start-of-image, segment by segment,
+    each scan's coded data skipped; ends at the end-of-image marker or where the structure is
+    cut short or damaged (after _JPEG_MARKERS_WALKED markers, fill bytes included)."""
     position = 2
     for _ in range(_JPEG_MARKERS_WALKED):
         if not (position + 1 < len(data) and data[position] == 0xFF):
-            return None
+            return
         marker = data[position + 1]
         if marker == 0xFF:  # a fill byte before the marker
             position += 1
-        elif marker in _JPEG_STANDALONE:  # no length field
+            continue
+        yield marker, position
+        if marker == 0xD9:
+            return
+        if marker in _JPEG_STANDALONE:  # no length field
             position += 2
-        elif marker in _JPEG_FRAMES and position + 9 <= len(data):  # length, precision, h, w
-            return (int.from_bytes(data[position + 7:position + 9], 'big'),
-                    int.from_bytes(data[position + 5:position + 7], 'big'))
-        elif marker in (0xD9, 0xDA):  # end of image, or the scan, before any frame
-            return None
-        else:
-            position += 2 + int.from_bytes(data[position + 2:position + 4], 'big')
-    return None
+            continue
+        position += 2 + int.from_bytes(data[position + 2:position + 4], 'big')
+        if marker == 0xDA:
+            position = _scan_end(data, position)
+
+
+def _scan_end(data: bytes, position: int) -> int:
+    """Where the coded data of a scan starting at `position` ends: the first marker in it, a
+    0xFF followed by neither 0x00 (a stuffed 0xFF byte) nor a restart marker; the data's end
+    if none."""
+    while (position := data.find(b'\xff', position)) >= 0 and position + 1 < len(data):
+        following = data[position + 1]
+        if following != 0x00 and following not in _JPEG_STANDALONE:
+            return position
+        position += 2
+    return len(data)
 
 
 # compressed_depth_image_transport's messages: format '<encoding>; compressedDepth[ png| rvl]'

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..files import opencv_path
+from ..imaging.encodings import jpeg_is_whole
 from ..imaging.normalization import looks_like_raw_counts
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -106,14 +107,8 @@ def read_image(path):
 
 
 def _check_whole_jpeg(data, path):
-    """ValueError for a JPEG cut short, which libjpeg decodes with its missing rows gray and a
-    warning only: its last scan must end with the end-of-image marker, two bytes the scan data
-    cannot hold (a 0xFF in it is followed by 0x00 or a restart marker)."""
-    if data[:2].tobytes() != b'\xff\xd8':
-        return
-    data = data.tobytes()
-    last_scan = data.rfind(b'\xff\xda')
-    if last_scan < 0 or data.find(b'\xff\xd9', last_scan) < 0:
+    """ValueError for a JPEG cut short (`encodings.jpeg_is_whole`)."""
+    if data[:2].tobytes() == b'\xff\xd8' and not jpeg_is_whole(data.tobytes()):
         raise ValueError(f'{path}: a JPEG cut short (no end-of-image marker after its last scan)')
 
 
