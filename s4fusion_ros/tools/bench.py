@@ -439,11 +439,13 @@ def bench_train(args):
                     times[backend].append(trainers[backend].train_step()['seconds'])
             seconds = {b: statistics.median(t) for b, t in times.items()}
             fast = min(seconds.values())
-            speedups[preset] = seconds['torch'] / fast
-            numba_column = f'{seconds["numba"]:>14.3f}' if 'numba' in seconds else f'{"n/a":>14}'
-            print(f'{preset:<9}{batch:>6}{crop:>6}{seconds["torch"]:>14.3f}{numba_column}'
-                  f'{speedups[preset]:>9.1f}x{1 / fast:>9.2f}'
-                  f'{batch * crop * crop / fast / 1e6:>10.3f}')
+            if 'numba' in seconds:  # below 1 where the numba step is the slower
+                speedups[preset] = seconds['torch'] / seconds['numba']
+                numba_columns = f'{seconds["numba"]:>14.3f}{speedups[preset]:>9.1f}x'
+            else:
+                numba_columns = f'{"n/a":>14}{"n/a":>10}'
+            print(f'{preset:<9}{batch:>6}{crop:>6}{seconds["torch"]:>14.3f}{numba_columns}'
+                  f'{1 / fast:>9.2f}{batch * crop * crop / fast / 1e6:>10.3f}')
     print('steps/s and Mpixel/s (crop pixels of the batch per second): the faster scan\'s.')
     if 'numba' in backends:
         for preset, speedup in speedups.items():
