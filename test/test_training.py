@@ -743,6 +743,12 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
         '--checkpoint-every must be > 0': [['--checkpoint-every', '-1']],
         '--threads must be > 0': [['--threads', '0']],
         '--warmup must be >= 0': [['--warmup', '-5']],
+        # These three failed only once the data was read, with exit code 1.
+        'must be 12k + 1': [['--crop', '24']],
+        'min_gain 0.0 must be in (0, 1]': [['--min-gain', '0']],
+        'dataset_balance 2.0 must be in [0, 1]': [['--dataset-balance', '2']],
+        # The learning rate stayed in its warm-up: the run trained nothing.
+        'warmup_steps 10000 must be at most steps': [['--warmup', '10000']],
         'lr must be positive, lr finite': [['--lr', 'inf'], ['--lr', '0']],  # inf: NaN weights
         'seed must be from 0 to 2**32 - 1': [['--seed', '-1'], ['--seed', str(2**32)]]}
     for message, cases in usage_errors.items():

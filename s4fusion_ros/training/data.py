@@ -459,6 +459,17 @@ def ivif_splits(root):
     return IvifSplits(train=train, validation=validation, tests=tests, clips=clips)
 
 
+def check_sampling(crop, min_gain, dataset_balance):
+    """ValueError for a crop side, gain augmentation or dataset balance that cannot train."""
+    if crop < 13 or crop % 12 != 1:
+        raise ValueError(f'crop {crop} must be 12k + 1 (13, 25, ..., 97, 109, 121, ...)')
+    if not 0 < min_gain <= 1:
+        raise ValueError(f'min_gain {min_gain} must be in (0, 1] (1: no gain augmentation)')
+    if not 0 <= dataset_balance <= 1:
+        raise ValueError(f'dataset_balance {dataset_balance} must be in [0, 1] '
+                         f'(0: pairs drawn alike, 1: datasets drawn alike)')
+
+
 class PairFolderDataset(torch.utils.data.Dataset):
     """Pairs held in memory; ``dataset[i]`` is the whole pair, ``sample_batch`` draws random crops.
 
@@ -484,13 +495,7 @@ class PairFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, pairs, crop=97, min_gain=1.0, dataset_balance=0.0):
         """Read every pair of ``pairs`` (``Pair`` items); ``crop`` must be 12k + 1 and >= 13."""
-        if crop < 13 or crop % 12 != 1:
-            raise ValueError(f'crop {crop} must be 12k + 1 (13, 25, ..., 97, 109, 121, ...)')
-        if not 0 < min_gain <= 1:
-            raise ValueError(f'min_gain {min_gain} must be in (0, 1] (1: no gain augmentation)')
-        if not 0 <= dataset_balance <= 1:
-            raise ValueError(f'dataset_balance {dataset_balance} must be in [0, 1] '
-                             f'(0: pairs drawn alike, 1: datasets drawn alike)')
+        check_sampling(crop, min_gain, dataset_balance)
         if not pairs:
             raise ValueError('no training pairs')
         self.pairs = tuple(pairs)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
 from ..model.checkpoint import config_path, file_sha256, read_config
+from .data import check_sampling
 from .loss import complete_config as complete_loss_config
 
 STATE_NAME = 'train_state.pt'
@@ -74,6 +75,10 @@ class TrainSettings:
             raise ValueError(f'seed must be from 0 to 2**32 - 1, got {self.seed}')
         if self.warmup_steps is None:
             object.__setattr__(self, 'warmup_steps', max(1, min(500, self.steps // 20)))
+        if self.warmup_steps > self.steps:  # the learning rate would never reach its peak
+            raise ValueError(f'warmup_steps {self.warmup_steps} must be at most steps '
+                             f'{self.steps}')
+        check_sampling(self.crop, self.min_gain, self.dataset_balance)
 
 
 def check_new_run(out_dir, weights):
