@@ -200,6 +200,11 @@ def test_missing_files(saved, tmp_path):
     with pytest.raises(CheckpointError, match='weights file not found') as error:
         load_checkpoint(tmp_path / 'nowhere.safetensors')
     assert 'nowhere.safetensors' in str(error.value)
+    # The JSON given for the weights was "not a readable safetensors file (truncated or
+    # corrupt?)": its first bytes read as a header length far too large.
+    with pytest.raises(CheckpointError, match=f'the JSON config beside the weights; give the '
+                                              f'weights file \\({path.name}\\)'):
+        load_checkpoint(path.with_suffix('.json'))
     path.with_suffix('.json').unlink()
     with pytest.raises(CheckpointError, match='config file not found') as error:
         load_checkpoint(path)
