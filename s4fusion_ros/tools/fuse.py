@@ -1,16 +1,16 @@
 """s4fusion-fuse: fuse folders of infrared/visible image pairs with the node's fusion engine.
 
-Pairs are matched by file name in --ir and --vi (or by the name without its extension where
-that is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the tool writes
+Pairs are matched by file name in --ir and --vi (or by the name without its extension where that
+is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the tool writes
 OUT/fused/NAME.png (colour when the visible image is colour, else gray; with --gray always the
 luminance s4fusion-eval scores) and OUT/saliency/NAME.png (mono, 0-255) with the node's
 FusionEngine. The IR image is scaled as the public datasets store it (value / type maximum);
 --stretch-thermal maps it as the node maps camera frames (its default percentile window), for
-raw 16-bit counts. OUT/s4fusion-fuse.json records the weights and options the outputs there
-were made with, and no run leaves outputs of other settings beside its
-own: existing outputs are replaced only with --overwrite (and never an input folder), and
---skip-existing resumes a run that was cut short only when its options match that record. The
-exit code is 1 when a pair failed or a file had no partner.
+raw 16-bit counts. OUT/s4fusion-fuse.json records the weights and options the outputs there were
+made with, and no run leaves outputs of other settings beside its own: existing outputs are
+replaced only with --overwrite (and never an input folder), and --skip-existing resumes a run
+that was cut short only when its options match that record. The exit code is 1 when a pair
+failed or a file had no partner.
 
 Example:
   s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
