@@ -4,6 +4,7 @@ Also the message_filters synchronizer backend (sync.backend), or its clear absen
 """
 
 import importlib.util
+import re
 import time
 
 import numpy as np
@@ -120,7 +121,8 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
                  '/s4fusion_node/fused': {'publisher': {'reliability': 'best_effort'}}}
     # And one for a topic the node does not have, a typo it reports.
     overrides['/thermal/image'] = {'subscription': {'reliability': 'best_effort'}}
-    with running_node({**PARAMS, 'qos_overrides': overrides}) as proc:
+    with running_node({**PARAMS, 'qos.output.reliability': 'reliable',
+                       'qos_overrides': overrides}) as proc:
         probe.wait_for_node(proc)
 
         def endpoints():
@@ -144,12 +146,17 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
     # Reported once, and the overrides the topics took are no parameter update.
     assert log.count('ignoring unknown parameters') == 1 and 'parameters updated' not in log, log
     # Said at start: a `ros2 param dump` file's overrides silently outvoted qos.* (and the
-    # launch file's input_reliability).
-    assert ('qos_overrides./thermal/image_raw.subscription.reliability best_effort (a start-up '
-            'value: a `ros2 param dump` file holds one for each topic) overrides '
-            'qos.input.reliability reliable on /thermal/image_raw') in log, log
-    assert 'qos_overrides./s4fusion_node/fused.publisher.reliability best_effort' in log, log
-    assert log.count('(a start-up value') == 3, log  # thermal, visible, fused; not saliency
+    # launch file's input_reliability). A warning where qos.* was given too (the output's),
+    # else information: one topic set apart is what an override is for.
+    assert re.search(r'\[INFO\] .*: qos_overrides\./thermal/image_raw\.subscription\.reliability '
+                     r'best_effort overrides qos\.input\.reliability reliable on '
+                     r'/thermal/image_raw$', log, re.MULTILINE), log
+    assert re.search(r'\[WARN\] .*: qos_overrides\./s4fusion_node/fused\.publisher\.reliability '
+                     r'best_effort overrides qos\.output\.reliability reliable on '
+                     r'/s4fusion_node/fused, both given at start \(a `ros2 param dump` file '
+                     r'holds one override for each topic\); remove the override to use '
+                     r'qos\.output\.reliability$', log, re.MULTILINE), log
+    assert log.count(' overrides qos.') == 3, log  # thermal, visible, fused; not saliency
 
 
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):

@@ -169,9 +169,11 @@ class S4FusionNode(Node):
                 f"{', '.join(unknown)}; `ros2 param list` shows the node's parameters")
 
     def _report_overridden_qos(self, p: dict) -> None:
-        """Warn where a start-up qos_overrides.* value sets a topic's QoS against qos.*: a
-        parameters file from `ros2 param dump` holds every topic's, so the launch file's
-        input_reliability and the qos.* values in it would otherwise change nothing."""
+        """Say where a start-up qos_overrides.* value sets a topic's QoS against qos.*: a
+        warning where that qos.* value was given too (a parameters file from `ros2 param dump`
+        holds every topic's, so the launch file's input_reliability and the qos.* values in it
+        would otherwise change nothing), else a line of information (one topic set apart, as
+        the override is meant)."""
         topics = [('input', 'subscription', sub.topic_name)
                   for sub in (self.thermal_sub, self.visible_sub)]
         topics += [('output', 'publisher', pub.topic_name)
@@ -179,14 +181,18 @@ class S4FusionNode(Node):
         for direction, kind, topic in topics:
             for policy in ('reliability', 'depth'):
                 name = f'{settings.QOS_OVERRIDES_PREFIX}{topic}.{kind}.{policy}'
-                wanted = p[f'qos.{direction}.{policy}']
-                if name in self._parameter_overrides and self.has_parameter(name) and (
-                        self.get_parameter(name).value != wanted):
+                own = f'qos.{direction}.{policy}'
+                if not (name in self._parameter_overrides and self.has_parameter(name)
+                        and self.get_parameter(name).value != p[own]):
+                    continue
+                line = (f'{name} {self.get_parameter(name).value} overrides {own} {p[own]} on '
+                        f'{topic}')
+                if own in self._parameter_overrides:
                     self.get_logger().warning(
-                        f'{name} {self.get_parameter(name).value} (a start-up value: a '
-                        f'`ros2 param dump` file holds one for each topic) overrides '
-                        f'qos.{direction}.{policy} {wanted} on {topic}; remove it to use the '
-                        f'qos.{direction}.* value')
+                        f'{line}, both given at start (a `ros2 param dump` file holds one '
+                        f'override for each topic); remove the override to use {own}')
+                else:
+                    self.get_logger().info(line)
 
     def _validate_parameters(self, params):
         return parameters.validate_update(self._values(), {p.name: p.value for p in params})
