@@ -8,6 +8,7 @@ leaves a half-written bag under the final name; what a killed writer left there 
 next bag written to that name.
 """
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -112,15 +113,32 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
             reader.close()
 
 
+def topic_types(reader: Reader) -> dict[str, str | None]:
+    """Each topic's message type. A topic recorded with several (rosbags then gives it none) is
+    of its one image type, whose messages are its images; None for a topic of several types
+    none or more than one of which is an image type."""
+    recorded = {}
+    for connection in reader.connections:
+        recorded.setdefault(connection.topic, set()).add(connection.msgtype)
+    resolved = {}
+    for topic, types in recorded.items():
+        images = types & set(IMAGE_TYPES)
+        resolved[topic] = (next(iter(types)) if len(types) == 1
+                           else next(iter(images)) if len(images) == 1 else None)
+    return resolved
+
+
 def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
                   start: int | None = None,
                   stop: int | None = None) -> Iterator[tuple[Connection, int, bytes]]:
-    """Yield (connection, log time ns, raw CDR) of `topics` in recorded order.
+    """Yield (connection, log time ns, raw CDR) of `topics` in recorded order, only the messages
+    of each topic's own type (topic_types): a topic holds one type in a ROS 2 graph.
 
     `start` and `stop` (log times, ns) limit the messages to start <= log time < stop.
     """
-    wanted = set(topics)
-    connections = [c for c in reader.connections if c.topic in wanted]
+    wanted, types = set(topics), topic_types(reader)
+    connections = [c for c in reader.connections
+                   if c.topic in wanted and c.msgtype == types[c.topic]]
     if not connections:  # rosbags reads an empty filter as none: every message
         return
     try:
@@ -164,6 +182,7 @@ class ImageTopic:
     count: int
     encoding: str  # '' when unknown (e.g. a CompressedImage format without the source encoding)
     role: str  # 'thermal', 'visible' or '' (cannot tell)
+    others: int = 0  # messages of other types recorded on the topic, not read
 
     @property
     def compressed(self) -> bool:
@@ -181,7 +200,9 @@ class ImageTopic:
     def describe(self) -> str:
         """One line for messages: topic (type, encoding, count)."""
         kind = 'CompressedImage' if self.compressed else 'Image'
-        return f'{self.topic} ({kind}, {self.encoding or "encoding unknown"}, {self.count} msgs)'
+        others = f'; {self.others} of other types skipped' if self.others else ''
+        return (f'{self.topic} ({kind}, {self.encoding or "encoding unknown"}, {self.count} '
+                f'msgs{others})')
 
 
 DESCRIBE_TRIES = 10  # corrupt messages skipped to describe a topic by its first good one
@@ -191,8 +212,8 @@ def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
     """List the bag's Image and CompressedImage topics, each described by its first message
     that decodes (a topic whose first few do not is described as of unknown encoding)."""
     topics = []
-    for topic, info in sorted(reader.topics.items()):
-        if info.msgtype not in IMAGE_TYPES:
+    for topic, msgtype in sorted(topic_types(reader).items()):
+        if msgtype not in IMAGE_TYPES:
             continue
         encoding = ''
         for tries, (connection, _, raw) in enumerate(read_messages(reader, path, [topic]), 1):
@@ -201,8 +222,12 @@ def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
                 break
             if tries == DESCRIBE_TRIES:
                 break
-        topics.append(ImageTopic(topic, info.msgtype, info.msgcount, encoding,
-                                 guess_role(topic, encoding)))
+        counts = collections.Counter()  # of its own type (True) and of others
+        for connection in reader.connections:
+            if connection.topic == topic:
+                counts[connection.msgtype == msgtype] += connection.msgcount
+        topics.append(ImageTopic(topic, msgtype, counts[True], encoding,
+                                 guess_role(topic, encoding), counts[False]))
     return topics
 
 

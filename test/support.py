@@ -99,17 +99,25 @@ def bag_image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: st
 
 
 def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False,
-              cut_short=()):
+              cut_short=(), thermal_notes: bool = False):
     """Write the events as `ros2 bag record` would (rosbags directly, not the code under test);
-    the messages logged at a time in `cut_short` keep only their first 40 bytes."""
+    the messages logged at a time in `cut_short` keep only their first 40 bytes. With
+    `thermal_notes` a std_msgs/String follows each thermal image on its topic (a second type on
+    one topic, which ROS 2 tools do not play)."""
     visible_type = COMPRESSED if compressed_visible else IMAGE
     visible_topic = VISIBLE_TOPIC + ('/compressed' if compressed_visible else '')
+    string = 'std_msgs/msg/String'
     with Writer(path, version=9, storage_plugin=StoragePlugin[storage.upper()]) as writer:
         connections = {
             THERMAL_TOPIC: writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE),
             VISIBLE_TOPIC: writer.add_connection(visible_topic, visible_type,
                                                  typestore=TYPESTORE)}
+        notes = (writer.add_connection(THERMAL_TOPIC, string, typestore=TYPESTORE)
+                 if thermal_notes else None)
         for log_time, topic, stamp, encoding, image in events:
+            if notes is not None and topic == THERMAL_TOPIC:
+                writer.write(notes, log_time + 1, TYPESTORE.serialize_cdr(
+                    TYPESTORE.types[string](data='note'), string))
             thermal = topic == THERMAL_TOPIC
             message = bag_image_message(image, encoding, stamp,
                                         THERMAL_FRAME if thermal else VISIBLE_FRAME,

@@ -333,6 +333,20 @@ def test_included_inputs_keep_every_connection_of_a_topic(short_events, params_f
     assert all(copied[topic] == messages for topic, messages in read_bag(source).items())
 
 
+def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_events, tmp_path,
+                                                                      capsys):
+    # rosbags gives a topic of two types none: the images were "no image topic".
+    plain = write_bag(tmp_path / 'plain', short_events, 'mcap')
+    noted = write_bag(tmp_path / 'noted', short_events, 'mcap', thermal_notes=True)
+    for source in (plain, noted):
+        assert bag_tool.main([str(source), str(tmp_path / f'{source.name}_out'), '--thermal-topic',
+                              THERMAL_TOPIC, '--visible-topic', VISIBLE_TOPIC]) == 0
+    thermal_count = sum(topic == THERMAL_TOPIC for _, topic, *_ in short_events)
+    assert (f'{THERMAL_TOPIC} (Image, mono16, {thermal_count} msgs; {thermal_count} of other '
+            'types skipped)') in capsys.readouterr().err
+    assert read_bag(tmp_path / 'noted_out') == read_bag(tmp_path / 'plain_out')
+
+
 def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
     path = tmp_path / 'params.yaml'
     path.write_text(yaml.safe_dump({

@@ -44,6 +44,37 @@ def test_a_topic_name_ros2_refuses_is_named_with_the_remap_that_plays_it(tmp_pat
     assert 'published /camera/one/image_raw 2; end of bag' in played.stderr, played.stderr
 
 
+def test_a_topic_recorded_with_several_types_plays_its_images_or_is_named(tmp_path):
+    # rosbags gives such a topic no type: the player died in a traceback with --topics and
+    # left the topic out without a word otherwise.
+    string = 'std_msgs/msg/String'
+    with Writer(tmp_path / 'bag', version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        images = writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE)
+        notes = writer.add_connection(THERMAL_TOPIC, string, typestore=TYPESTORE)
+        log = writer.add_connection('/log', string, typestore=TYPESTORE)
+        other = writer.add_connection('/log', 'std_msgs/msg/Int32', typestore=TYPESTORE)
+        for time_ns in (10**9, 2 * 10**9):
+            writer.write(images, time_ns, TYPESTORE.serialize_cdr(
+                bag_image_message(np.zeros((4, 4), np.uint16), 'mono16', time_ns, 'ir'), IMAGE))
+            for connection in (notes, log):
+                writer.write(connection, time_ns + 1, TYPESTORE.serialize_cdr(
+                    TYPESTORE.types[string](data='x'), string))
+            writer.write(other, time_ns + 2, TYPESTORE.serialize_cdr(
+                TYPESTORE.types['std_msgs/msg/Int32'](data=1), 'std_msgs/msg/Int32'))
+    for topics in ([], ['--topics', THERMAL_TOPIC]):
+        played = subprocess.run([*PLAYER, str(tmp_path / 'bag'), '--wait', '0', '--rate', '10',
+                                 *topics], capture_output=True, text=True, timeout=60)
+        assert played.returncode == 0, played.stderr
+        assert (f's4fusion-play: {THERMAL_TOPIC}: playing its {IMAGE} messages, not those of '
+                f'{string} recorded on it too') in played.stderr, played.stderr
+        assert f'published {THERMAL_TOPIC} 2; end of bag' in played.stderr, played.stderr
+    refused = subprocess.run([*PLAYER, str(tmp_path / 'bag'), '--wait', '0', '--topics', '/log'],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
+    assert (f'/log was recorded with several message types (std_msgs/msg/Int32, {string}): it '
+            'cannot be played as one topic') in refused.stderr, refused.stderr
+
+
 SQLITE_PAGE = 4096  # SQLite's default page size, which rosbags' writer keeps
 
 

@@ -38,7 +38,7 @@ from rclpy.validate_node_name import validate_node_name
 from rosgraph_msgs.msg import Clock
 
 from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, open_bag,
-                     read_messages)
+                     read_messages, topic_types)
 from ..cli import ignore_stop_signals, stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
@@ -147,7 +147,8 @@ class BagPlayer:
         self.node = node
         self.args = args
         with open_bag(args.bag) as reader:
-            types = {topic: info.msgtype for topic, info in reader.topics.items()}
+            types = topic_types(reader)
+            recorded = [(c.topic, c.msgtype) for c in reader.connections]
         images = [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
         wanted = args.topics or [t for t in images if not NODE_OUTPUT.search(t)]
         if not args.topics and len(wanted) < len(images):
@@ -159,6 +160,15 @@ class BagPlayer:
         if missing or not wanted:
             raise BagError(f"{args.bag}: no topic {', '.join(missing) or 'with images'} to play; "
                            f"topics in the bag: {', '.join(sorted(types)) or 'none'}")
+        for topic in wanted:  # a ROS 2 topic has one type
+            skipped = sorted({msgtype for name, msgtype in recorded
+                              if name == topic and msgtype != types[topic]})
+            if types[topic] is None:
+                raise BagError(f'{args.bag}: {topic} was recorded with several message types '
+                               f'({", ".join(skipped)}): it cannot be played as one topic')
+            if skipped:
+                print(f'{PROG}: {topic}: playing its {types[topic]} messages, not those of '
+                      f'{", ".join(skipped)} recorded on it too', file=sys.stderr)
         names = {}
         for topic in wanted:  # two streams on one topic: a subscriber gets both, mixed
             name = args.remap.get(topic, topic)
