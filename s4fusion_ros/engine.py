@@ -71,6 +71,13 @@ class FusionResult:
                 encode_image(self.saliency_image, self.saliency_encoding))
 
 
+def clock_jump_message(resets: int) -> str:
+    """What the node and the bag tools say when the input stamps jumped back (`resets` times
+    so far: the synchronizer's resets)."""
+    return ('the input stamps jumped back (a looping bag, a restarted camera or clock): pairing '
+            f'restarted on the new timeline ({resets} time(s) so far)')
+
+
 class FusionPipeline:
     """Decode, synchronize, normalize and register: everything before the model."""
 

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from .bagio import (RELIABLE_QOS, BagError, ImageTopic, add_image_topic, copy_connections,
                     deserialize, image_cdr, read_messages)
-from .engine import FusionEngine, FusionPipeline, FusionResult, encode_saliency
+from .engine import (FusionEngine, FusionPipeline, FusionResult, clock_jump_message,
+                     encode_saliency)
 from .files import write_png
 from .imaging.encodings import ImageDecodeError
 from .video import SideBySideVideo, panel_row
@@ -66,9 +67,12 @@ class BagFuser:
 
     def __init__(self, prog: str, pipeline: FusionPipeline, engine: FusionEngine,
                  export: pathlib.Path | None, export_every: int,
-                 video: SideBySideVideo | None = None):
-        """`prog` names the command in the warnings printed on stderr."""
+                 video: SideBySideVideo | None = None, warnings: list[str] | None = None):
+        """`prog` names the command in the warnings printed on stderr; with a `warnings` list
+        they are added to it instead, each once (s4fusion-batch prints a bag's once, from the
+        warnings of all its parts)."""
         self.prog = prog
+        self.warnings = warnings
         self.pipeline = pipeline
         self.engine = engine
         self.export = export
@@ -78,6 +82,7 @@ class BagFuser:
         self.exported = set()  # the PNGs written (export)
         self.warned = set()
         self.notices_shown = 0
+        self.resets_shown = 0
         self.baseline = self.tally()  # at the first owned message of a span
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
@@ -123,6 +128,7 @@ class BagFuser:
                 self._show_notices(path)
                 self._fuse(prepared, path, writer, outputs, progress,
                            reader.end_time if previous is None else previous)
+                self._show_counts(progress)  # the flush's unpaired frames, as the summary
 
     def _own(self, reader, path: pathlib.Path, span: Span, warm: int,
              last_read: int | None) -> bool:
@@ -163,15 +169,26 @@ class BagFuser:
                 self.warned.add(connection.topic)
                 kind = ('undecodable' if isinstance(error, (BagError, ImageDecodeError))
                         else 'unusable')
-                tqdm.write(f'{self.prog}: {path}: {connection.topic}: skipping {kind} messages '
-                           f'(first: {error})', file=sys.stderr)
+                self._warn(f'{path}: {connection.topic}: skipping {kind} messages (first: '
+                           f'{error})')
             return []
 
     def _show_notices(self, path: pathlib.Path) -> None:
-        """Print the pipeline's one-time warnings about the inputs, as the node logs them."""
+        """Warn of the pipeline's one-time notices about the inputs and of clock jumps, as the
+        node logs them."""
         for notice in self.pipeline.notices[self.notices_shown:]:
-            tqdm.write(f'{self.prog}: {path}: {notice}', file=sys.stderr)
+            self._warn(f'{path}: {notice}')
         self.notices_shown = len(self.pipeline.notices)
+        resets = self.pipeline.synchronizer.stats.resets
+        if resets > self.resets_shown:
+            self.resets_shown = resets
+            self._warn(f'{path}: {clock_jump_message(resets)}')
+
+    def _warn(self, text: str) -> None:
+        if self.warnings is None:
+            tqdm.write(f'{self.prog}: {text}', file=sys.stderr)
+        elif text not in self.warnings:
+            self.warnings.append(text)
 
     def _fuse(self, prepared: list, path: pathlib.Path, writer, outputs: list, progress: tqdm,
               log_time: int) -> None:
@@ -182,9 +199,9 @@ class BagFuser:
             except Exception as error:  # noqa: BLE001 - as the node: one pair lost, not the bag
                 self.counts.failed += 1
                 if self.counts.failed == 1:
-                    tqdm.write(f'{self.prog}: {path}: inference failed on the pair stamped '
+                    self._warn(f'{path}: inference failed on the pair stamped '
                                f'{pair.visible_stamp_ns}, dropped (the summary counts more): '
-                               f'{error!r}', file=sys.stderr)
+                               f'{error!r}')
                 continue
             for connection, raw in zip(outputs, result.packed()):
                 writer.write(connection, log_time,
@@ -195,10 +212,13 @@ class BagFuser:
                 self.video.add(panel_row(pair.visible_bgr, pair.thermal, bgr_image(result),
                                          result.saliency, pair.visible_stamp_ns))
             self.counts.fused += 1
-            stats = self.pipeline.synchronizer.stats
             progress.update(1)
-            progress.set_postfix(unpaired=stats.thermal_unpaired + stats.visible_unpaired,
-                                 dropped=self.dropped(), refresh=False)
+            self._show_counts(progress)
+
+    def _show_counts(self, progress) -> None:
+        stats = self.pipeline.synchronizer.stats
+        progress.set_postfix(unpaired=stats.thermal_unpaired + stats.visible_unpaired,
+                             dropped=self.dropped(), refresh=False)
 
     def dropped_by_reason(self) -> dict[str, int]:
         """Messages neither paired nor unpaired, by why: {reason: count}."""

@@ -347,6 +347,19 @@ def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_even
     assert read_bag(tmp_path / 'noted_out') == read_bag(tmp_path / 'plain_out')
 
 
+def test_a_bag_whose_stamps_jump_back_says_so_as_the_node_does(ivif_dir, tmp_path, capsys):
+    # The node logs the restart of pairing; s4fusion-bag said nothing of it.
+    events = camera_messages(ivif_dir, duration=1.5)
+    later = events[-1][0] + 10**8 - events[0][0]  # recorded again: the same stamps, later
+    source = write_bag(tmp_path / 'in', events + [(event[0] + later, *event[1:])
+                                                  for event in events], 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 0
+    error = capsys.readouterr().err
+    assert error.count('the input stamps jumped back') == 1, error
+    assert (f'{source}: the input stamps jumped back (a looping bag, a restarted camera or '
+            'clock): pairing restarted on the new timeline (1 time(s) so far)') in error, error
+
+
 def test_params_file_read_as_the_node_reads_it(short_events, tmp_path, capsys):
     path = tmp_path / 'params.yaml'
     path.write_text(yaml.safe_dump({

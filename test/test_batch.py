@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sqlite3
@@ -271,6 +272,25 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
         result = work.run_unit(dataclasses.replace(unit, span=short, output=tmp_path / 'short'))
     assert not result['error']
     assert read_bag(tmp_path / 'short')['/s4fusion_node/fused'] == warm
+
+
+def test_a_warning_every_part_of_a_bag_finds_is_printed_once(local_ray, ivif_dir, params_file,
+                                                             tmp_path, capsys):
+    # Each part runs its own pipeline and found the half-size thermal camera again: one line
+    # per part.
+    events = [(*event[:4], event[4][::2, ::2]) if event[1] == THERMAL_TOPIC else event
+              for event in camera_messages(ivif_dir, 4.0)]
+    source = write_bag(tmp_path / 'in' / 'half', events, 'mcap')
+    report = fuse_bags([source], tmp_path / 'out', params=params_file, segment_minutes=0.02,
+                       progress=False)
+    assert report.ok, report.bags
+    assert report.bags[0].units >= 3, report.bags
+    error = capsys.readouterr().err
+    assert error.count('thermal and visible images differ in size') == 1, error
+    # By the driver, not a worker's line that Ray forwards (with a prefix naming the worker)
+    # and collapses with its repeats when they come close together.
+    assert re.search(rf'^s4fusion-batch: {re.escape(str(source))}: thermal and visible images '
+                     'differ in size', error, re.MULTILINE), error
 
 
 def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, tmp_path):

@@ -9,6 +9,7 @@ Retries are Ray's: a task or actor call lost with its worker or node is run agai
 to `max_retries` times. Errors of the bag itself come back as results and are not retried.
 """
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -469,6 +470,7 @@ class _Runner:
         self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
         self.units = {}  # bag index -> all its units
         self.left = {}  # bag index -> units not finished yet
+        self.warned = collections.defaultdict(set)  # bag index -> its parts' warnings printed
         self.idle = []  # GPU actors without work
         self.queue = []  # units waiting for a GPU actor
         self.actors = []
@@ -668,6 +670,10 @@ class _Runner:
         report = self.reports[number]
         if self.on_unit:
             self.on_unit(result)
+        for warning in result.get('warnings', []):  # each part of a bag finds them anew
+            if warning not in self.warned[number]:
+                self.warned[number].add(warning)
+                tqdm.write(f's4fusion-batch: {warning}', file=sys.stderr)
         if result['error']:
             if report.status != 'failed':
                 report.status, report.error = 'failed', result['error']

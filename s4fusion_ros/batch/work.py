@@ -356,7 +356,9 @@ def run_unit(unit: Unit, progress=None) -> dict:
 
 def _fuse(unit: Unit, span: Span, progress) -> dict:
     engine = engine_for(unit.values)
-    fuser = BagFuser('s4fusion-batch', pipeline_from_params(unit.values), engine, None, 1)
+    warnings = []  # the driver prints each of a bag's once, whichever of its parts found it
+    fuser = BagFuser('s4fusion-batch', pipeline_from_params(unit.values), engine, None, 1,
+                     warnings=warnings)
     storage = PART_STORAGE if unit.count > 1 else unit.storage
     with open_bag(unit.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, unit.input), unit.input,
@@ -370,6 +372,7 @@ def _fuse(unit: Unit, span: Span, progress) -> dict:
     end, start = fuser.tally(), fuser.baseline
     counts = {name: end[name] - start[name] for name in end}
     counts['fused'] = fuser.counts.fused
+    counts['warnings'] = warnings
     return counts
 
 

@@ -27,8 +27,8 @@ from sensor_msgs.msg import CompressedImage, Image
 from .. import precompile, settings
 from ..diagnostics import (NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, clock_skew_hint, per_input,
                            status_name)
-from ..engine import (FusionEngine, FusionResult, fusion_settings, normalizer_settings,
-                      pipeline_from_params)
+from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
+                      normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import LatencyStats, RateMeter
@@ -387,9 +387,7 @@ class S4FusionNode(Node):
         resets = self.pipeline.synchronizer.stats.resets
         if resets > self.resets_logged and self._log_due(('sync', 'reset')):
             self.resets_logged = resets
-            self.get_logger().warning(
-                'the input stamps jumped back (a looping bag, a restarted camera or clock): '
-                f'pairing restarted on the new timeline ({resets} time(s) so far)')
+            self.get_logger().warning(clock_jump_message(resets))
         for pair in prepared:
             self.worker.submit(pair)
 
