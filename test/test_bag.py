@@ -485,10 +485,14 @@ def test_exports_inside_the_output_or_input_bag_are_refused_before_any_work(
 def test_export_paths_under_a_file_are_refused_by_their_option_before_any_work(
         short_events, tmp_path, capsys):
     # They failed once fusing had begun (the video) or after the model loaded (the PNGs), each
-    # worded as a failure to write the output bag.
+    # worded as a failure to write the output bag; so did the output bag itself, said to have
+    # left a partial output removed.
     source = write_bag(tmp_path / 'recording', short_events[:20], 'mcap')
     output, a_file = tmp_path / 'fused', tmp_path / 'a_file'
     a_file.touch()
+    assert bag_tool.main([str(source), str(a_file / 'fused')]) == 1
+    error = capsys.readouterr().err
+    assert f'{a_file / "fused"}: {a_file} is not a folder' in error and '->' not in error, error
     for flag, path in (('--export-png', a_file), ('--export-png', a_file / 'png'),
                        ('--export-video', a_file / 'v.mp4')):
         assert bag_tool.main([str(source), str(output), flag, str(path)]) == 1

@@ -129,14 +129,15 @@ def run(args: argparse.Namespace) -> None:
                 raise BagError(f'{flag} {export}: inside the {what} bag {bag}; write it elsewhere')
     if args.export_video and args.export_video.is_dir():
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
-    # Found now, not once fusing has begun, and named by its option rather than as the bag's.
-    for flag, folder in (('--export-png', args.export_png),
-                         ('--export-video', args.export_video and args.export_video.parent)):
+    # Found now, not once the model has loaded and fusing has begun (the bag's own write
+    # failure said a partial output had been removed), each named by its option.
+    for flag, folder in (('', args.output), ('--export-png: ', args.export_png),
+                         ('--export-video: ', args.export_video and args.export_video.parent)):
         try:
             if folder:
                 check_writable_folder(folder)
         except OSError as error:
-            raise BagError(f'{flag}: {error}') from None
+            raise BagError(f'{flag}{error}') from None
     if args.export_video:
         try:
             opencv_path(args.export_video)
