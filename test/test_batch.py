@@ -531,10 +531,13 @@ def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif
         write_bag(inputs / name, camera_messages(ivif_dir, 0.5, seed=seed), 'mcap')
     assert fuse_bags([inputs], out, params=params_file, progress=False).ok
     other = params_with_slop(params_file, 0.03, tmp_path / 'other.yaml')
-    assert fuse_bags([inputs / 'a'], out, params=other, overwrite=True, progress=False).ok
+    fused_a = fuse_bags([inputs / 'a'], out, params=other, overwrite=True, progress=False)
+    assert fused_a.ok
     report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
     assert [(pathlib.Path(b.output).name, b.status) for b in report.bags] == [
         ('a', 'skipped'), ('b', 'done')]
+    # A kept bag keeps its row's task seconds with its counts (they were zeroed).
+    assert report.bags[0].seconds == fused_a.bags[0].seconds > 0
     assert read_bag(out / 'b') == reference(inputs / 'b', tmp_path / 'ref', other)
     # A resume given one bag keeps the other listed: a later resume of both redoes neither.
     fuse_bags([inputs / 'a'], out, params=other, resume=True, progress=False)

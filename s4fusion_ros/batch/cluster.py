@@ -604,7 +604,7 @@ class _Runner:
         """Keep a bag the manifest lists as finished, with its earlier counts; return 0 pairs."""
         shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
         for name in ('pairs', 'fused', 'unpaired', 'dropped', 'failed', 'units', 'nodes',
-                     'topics'):
+                     'topics', 'seconds'):
             setattr(report, name, earlier.get(name, getattr(report, name)))
         report.status = 'skipped'
         self._line(report)
