@@ -13,6 +13,7 @@ the usual ROS names: `sync.queue_size` is message_filters' / stereo_image_proc's
 import math
 import pathlib
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -236,8 +237,8 @@ def as_declared(name: str, value):
     codes only. Any other value is returned as it is."""
     default = SPECS[name].default if name in SPECS else None
 
-    def integer(item):
-        return type(item) is int  # bool is a subclass of int, and is no number here
+    def integer(item):  # bool is a subclass of int, and is no number here; a YAML integer
+        return type(item) is int and abs(item) <= sys.float_info.max  # may exceed a double
     if type(default) is float and integer(value):
         return float(value)
     if (isinstance(default, list) and default and type(default[0]) is float

@@ -118,10 +118,12 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
     # the node has discovered as it subscribes: with none, reliable.
     overrides = {'/thermal/image_raw': {'subscription': {'reliability': 'best_effort'}},
                  '/visible/image_raw': {'subscription': {'reliability': 'best_available'}},
-                 '/s4fusion_node/fused': {'publisher': {'reliability': 'best_effort'}}}
+                 '/s4fusion_node/fused': {'publisher': {'reliability': 'reliable'}}}
     # And one for a topic the node does not have, a typo it reports.
     overrides['/thermal/image'] = {'subscription': {'reliability': 'best_effort'}}
-    with running_node({**PARAMS, 'qos.output.reliability': 'reliable',
+    # qos.input.* at their defaults, as config/s4fusion.yaml gives them; qos.output.* not.
+    with running_node({**PARAMS, 'qos.input.reliability': 'reliable',
+                       'qos.output.reliability': 'best_effort',
                        'qos_overrides': overrides}) as proc:
         probe.wait_for_node(proc)
 
@@ -139,20 +141,20 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
     probe.destroy_node()
     assert thermal.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
     assert visible.qos_profile.reliability == ReliabilityPolicy.RELIABLE
-    assert fused.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
-    assert saliency.qos_profile.reliability == ReliabilityPolicy.RELIABLE  # qos.output.*
+    assert fused.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+    assert saliency.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT  # qos.output.*
     assert ('ignoring unknown parameters (this node does not declare them): '
             'qos_overrides./thermal/image.subscription.reliability;') in log, log
     # Reported once, and the overrides the topics took are no parameter update.
     assert log.count('ignoring unknown parameters') == 1 and 'parameters updated' not in log, log
     # Said at start: a `ros2 param dump` file's overrides silently outvoted qos.* (and the
-    # launch file's input_reliability). A warning where qos.* was given too (the output's),
-    # else information: one topic set apart is what an override is for.
+    # launch file's input_reliability). A warning where qos.* was given too, other than its
+    # default (the output's), else information: one topic set apart is what an override is for.
     assert re.search(r'\[INFO\] .*: qos_overrides\./thermal/image_raw\.subscription\.reliability '
                      r'best_effort overrides qos\.input\.reliability reliable on '
                      r'/thermal/image_raw$', log, re.MULTILINE), log
     assert re.search(r'\[WARN\] .*: qos_overrides\./s4fusion_node/fused\.publisher\.reliability '
-                     r'best_effort overrides qos\.output\.reliability reliable on '
+                     r'reliable overrides qos\.output\.reliability best_effort on '
                      r'/s4fusion_node/fused, both given at start \(a `ros2 param dump` file '
                      r'holds one override for each topic\); remove the override to use '
                      r'qos\.output\.reliability$', log, re.MULTILINE), log

@@ -101,15 +101,6 @@ s4fusion_node:
       encoding: 32FC1
       threshold: 0.25
 """, 's4fusion_node', ''),
-    # rclpy refuses these; the node takes them as the decimals they are (settings.as_declared).
-    'ints where doubles are declared': ("""
-/**:
-  ros__parameters:
-    sync:
-      slop: 1
-    registration:
-      homography: [1, 0, 2, 0, 1, 0, 0, 0, 1]
-""", 's4fusion_node', ''),
     'a string where a double is declared': ("""
 /**:
   ros__parameters:
@@ -162,6 +153,21 @@ def test_shipped_params_files_read_as_rclpy_reads_them(path):
     assert typed(settings.read_params_file(path)) == typed(rclpy_values(path, 's4fusion_node'))
 
 
+def test_integers_for_decimals_in_a_params_file_are_those_decimals_offline(tmp_path):
+    # rclpy refuses them; the node takes them as the decimals they are, and so do the tools.
+    path = tmp_path / 'params.yaml'
+    path.write_text('/**:\n  ros__parameters:\n    sync:\n      slop: 1\n    registration:\n'
+                    '      homography: [1, 0, 2, 0, 1, 0, 0, 0, 1]\n')
+    values = settings.load_offline_params(path)
+    assert typed({'slop': values['sync.slop']}) == typed({'slop': 1.0})
+    homography = [1.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert typed({'h': values['registration.homography']}) == typed({'h': homography})
+    # One too large for a double stays the integer it is, and is refused as the wrong type.
+    path.write_text(f'/**:\n  ros__parameters:\n    sync:\n      slop: {10**400}\n')
+    with pytest.raises(settings.SettingsError, match='sync.slop: expected double'):
+        settings.load_offline_params(path)
+
+
 @pytest.mark.parametrize('text, node, refusal', TRICKY_FILES.values(), ids=TRICKY_FILES.keys())
 def test_params_files_read_as_rclpy_reads_them(tmp_path, text, node, refusal):
     path = tmp_path / 'params.yaml'
@@ -172,8 +178,7 @@ def test_params_files_read_as_rclpy_reads_them(tmp_path, text, node, refusal):
         with pytest.raises(settings.SettingsError, match=refusal):
             settings.load_offline_params(path)
         return
-    node_values = {k: settings.as_declared(k, v) for k, v in expected.items()
-                   if not k.startswith(settings.ROS_KEYS)}
+    node_values = {k: v for k, v in expected.items() if not k.startswith(settings.ROS_KEYS)}
     assert (typed(settings.load_offline_params(path))
             == typed({**settings.defaults(), **node_values}))
 
@@ -356,8 +361,9 @@ def test_an_integer_for_a_decimal_is_that_decimal(node):
     # with "Wrong parameter type, expected '3' got '2'".
     [result] = set_parameters(node, {'sync.thermal_offset': 0})
     assert result.successful, result.reason
+    identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     for name, value in (('sync.thermal_offset', 0.0), ('sync.timeout', 1.0),
-                        ('registration.homography', [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])):
+                        ('registration.homography', identity)):
         assert typed({name: get_parameter(node, name)}) == typed({name: value})
 
 

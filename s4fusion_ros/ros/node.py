@@ -61,7 +61,8 @@ class S4FusionNode(Node):
         self.worker = None  # rclpy may destroy a node whose constructor failed (bad parameters)
         # Registered before declaring, so start-up values pass the same checks as live changes.
         self.add_on_set_parameters_callback(self._validate_parameters)
-        # Start-up values are the overrides, which pre-set callbacks never see.
+        # Start-up values are rclpy's parameter overrides (private, read here as below for the
+        # qos_overrides check; as of rclpy 9.1.2), which pre-set callbacks never see.
         self._parameter_overrides.update((parameter.name, parameter) for parameter in
                                          parameters.as_declared_types(
                                              list(self._parameter_overrides.values())))
@@ -187,7 +188,9 @@ class S4FusionNode(Node):
                     continue
                 line = (f'{name} {self.get_parameter(name).value} overrides {own} {p[own]} on '
                         f'{topic}')
-                if own in self._parameter_overrides:
+                given = self._parameter_overrides.get(own)
+                # Given, and not at its default (config/s4fusion.yaml sets every qos.* value).
+                if given is not None and given.value != settings.SPECS[own].default:
                     self.get_logger().warning(
                         f'{line}, both given at start (a `ros2 param dump` file holds one '
                         f'override for each topic); remove the override to use {own}')
