@@ -14,7 +14,7 @@ import pytest
 from s4fusion_ros.imaging import color
 from s4fusion_ros.imaging.encodings import (
     decode_thermal, decode_thermal_info, decode_visible, encode_image, FORMATS, image_to_array,
-    ImageDecodeError, MAX_PIXELS, MAX_SIDE, RawCompressedImage, RawImage)
+    ImageDecodeError, jpeg_is_whole, MAX_PIXELS, MAX_SIDE, RawCompressedImage, RawImage)
 from support import raw_images
 
 
@@ -477,3 +477,23 @@ def test_gray_helpers():
     np.testing.assert_array_equal(color.round_half_up(
         np.array([0.5, 1.5, 2.5, 254.5, 0.49999997], np.float32)), [1, 2, 3, 255, 0])
     np.testing.assert_array_equal(color.to_float(np.array([0, 255], np.uint8)), [0.0, 1.0])
+
+
+@pytest.mark.parametrize('flags', [[], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+                                   [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]],
+                         ids=['baseline', 'progressive', 'restart markers'])
+def test_a_jpeg_is_whole_as_libjpeg_reads_it_to_its_end_marker(flags):
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    jpeg = cv2.imencode('.jpg', image, flags)[1].tobytes()
+    end = jpeg.rfind(b'\xff\xd9')
+    table = jpeg.find(b'\xff\xdb')
+    whole = {'as written': jpeg,
+             # a motion photo: its video after the image (here more JPEG, scan markers and all)
+             'data after it': jpeg + jpeg[:len(jpeg) // 2],
+             'fill bytes before its end': jpeg[:end] + b'\xff' * 5000 + jpeg[end:],
+             # libjpeg warns of "2 extraneous bytes before marker 0xdb" and decodes it
+             'stray bytes between segments': jpeg[:table] + b'\x12\x34' + jpeg[table:]}
+    for name, data in whole.items():
+        assert jpeg_is_whole(data), name
+    for cut in range(2, len(jpeg) - 1, 7):  # libjpeg fills the missing rows with gray
+        assert not jpeg_is_whole(jpeg[:cut]), cut

@@ -199,8 +199,8 @@ _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...); C4, C8 and CC are not frames.
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers
-# Markers (fill bytes included) a header walk takes before leaving the size to the decoder: a
-# camera's JPEG has a few dozen before its frame, a damaged one could hold millions.
+# Markers a header walk takes before leaving the size to the decoder: a camera's JPEG has a few
+# dozen before its frame, a damaged one could hold millions.
 _JPEG_MARKERS_WALKED = 1 << 12
 
 
@@ -214,7 +214,8 @@ def _header_size(data) -> tuple[int, int] | None:
         return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
     if bytes(data[:2]) != b'\xff\xd8':
         return None
-    for marker, position in _jpeg_markers(data):
+    data = bytes(data)  # the walk searches it
+    for marker, position in _jpeg_markers(data, _JPEG_MARKERS_WALKED):
         if marker in _JPEG_FRAMES:  # length, precision, height, width
             if position + 9 > len(data):
                 return None
@@ -232,18 +233,21 @@ def jpeg_is_whole(data: bytes) -> bool:
     return any(marker == 0xD9 for marker, _ in _jpeg_markers(data))
 
 
-def _jpeg_markers(data):
+def _jpeg_markers(data: bytes, limit: int | None = None):
     """Yield (marker, position) of a JPEG's markers after its start-of-image, segment by segment,
-    each scan's coded data skipped; ends at the end-of-image marker or where the structure is
-    cut short or damaged (after _JPEG_MARKERS_WALKED markers, fill bytes included)."""
-    position = 2
-    for _ in range(_JPEG_MARKERS_WALKED):
-        if not (position + 1 < len(data) and data[position] == 0xFF):
+    each scan's coded data skipped. Bytes between segments that start no marker are skipped,
+    as libjpeg does (it warns of extraneous bytes and reads on), and so are fill bytes. Ends at
+    the end-of-image marker, at the data's end, or after `limit` markers."""
+    position, count = 2, 0
+    while limit is None or count < limit:
+        position = data.find(b'\xff', position)
+        if position < 0 or position + 1 >= len(data):
             return
         marker = data[position + 1]
-        if marker == 0xFF:  # a fill byte before the marker
+        if marker in (0xFF, 0x00):  # a fill byte before the marker, or no marker
             position += 1
             continue
+        count += 1
         yield marker, position
         if marker == 0xD9:
             return
