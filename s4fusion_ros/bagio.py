@@ -121,7 +121,7 @@ def topic_types(reader: Reader) -> dict[str, str | None]:
     for connection in reader.connections:
         recorded.setdefault(connection.topic, set()).add(connection.msgtype)
     resolved = {}
-    for topic, types in recorded.items():
+    for topic, types in sorted(recorded.items()):
         images = types & set(IMAGE_TYPES)
         resolved[topic] = (next(iter(types)) if len(types) == 1
                            else next(iter(images)) if len(images) == 1 else None)

@@ -95,8 +95,10 @@ class BagFuser:
         """
         outputs = [add_image_topic(writer, topic, qos) for topic in topics]
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
-        copies = (copy_connections(writer, [c for c in reader.connections if c.topic in roles])
-                  if include_inputs else {})
+        types = {thermal.topic: thermal.msgtype, visible.topic: visible.msgtype}
+        copies = (copy_connections(writer, [c for c in reader.connections
+                                            if types.get(c.topic) == c.msgtype])
+                  if include_inputs else {})  # as read_messages reads them: the images alone
         owned, warm = span.own_from is None, 0
         bar = contextlib.nullcontext(progress) if progress else tqdm(
             total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)

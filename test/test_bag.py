@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from rosbags.interfaces import QosReliability
-from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
@@ -340,11 +340,15 @@ def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_even
     noted = write_bag(tmp_path / 'noted', short_events, 'mcap', thermal_notes=True)
     for source in (plain, noted):
         assert bag_tool.main([str(source), str(tmp_path / f'{source.name}_out'), '--thermal-topic',
-                              THERMAL_TOPIC, '--visible-topic', VISIBLE_TOPIC]) == 0
+                              THERMAL_TOPIC, '--visible-topic', VISIBLE_TOPIC,
+                              '--include-inputs']) == 0
     thermal_count = sum(topic == THERMAL_TOPIC for _, topic, *_ in short_events)
     assert (f'{THERMAL_TOPIC} (Image, mono16, {thermal_count} msgs; {thermal_count} of other '
             'types skipped)') in capsys.readouterr().err
     assert read_bag(tmp_path / 'noted_out') == read_bag(tmp_path / 'plain_out')
+    # The copied input keeps its images' type alone (not an empty second one).
+    with Reader(tmp_path / 'noted_out') as reader:
+        assert {c.msgtype for c in reader.connections if c.topic == THERMAL_TOPIC} == {IMAGE}
 
 
 def test_a_bag_whose_stamps_jump_back_says_so_as_the_node_does(ivif_dir, tmp_path, capsys):

@@ -300,15 +300,20 @@ def sweep_partials(job: BagJob) -> list[pathlib.Path]:
 
 # Running a unit (in a worker) ----------------------------------------------------------------
 
-_MODELS = {}  # a worker process keeps its models loaded between units
+# A worker process keeps its models loaded between units, with the warnings loading gave.
+_MODELS = {}
 
 
-def engine_for(values: dict) -> FusionEngine:
-    """A FusionEngine with the model of these parameters, loaded once per process."""
+def engine_for(values: dict, warnings: list[str]) -> FusionEngine:
+    """A FusionEngine with the model of these parameters, loaded once per process; the
+    loading's warnings (no trained weights, ...) are added to `warnings` for every unit."""
     key = tuple(values[name] for name in MODEL_PARAMETERS)
     if key not in _MODELS:
-        _MODELS[key] = model_from_params(values)
-    return FusionEngine(_MODELS[key], fusion_settings(values))
+        loaded = []
+        _MODELS[key] = model_from_params(values, warn=loaded.append), loaded
+    model, loaded = _MODELS[key]
+    warnings.extend(warning for warning in loaded if warning not in warnings)
+    return FusionEngine(model, fusion_settings(values))
 
 
 def set_threads(count: int) -> None:
@@ -332,13 +337,15 @@ def run_unit(unit: Unit, progress=None) -> dict:
     if (finished := unit_result(unit)) is not None:
         return finished
     started = time.monotonic()
+    # The driver prints each of a bag's warnings once, whichever of its parts found it, those
+    # of a part that failed too.
     result = {'label': unit.label, 'index': unit.index, 'node': socket.gethostname(),
-              'ip': _node_ip(), 'error': ''}
+              'ip': _node_ip(), 'error': '', 'warnings': []}
     span = unit.span
     try:
         while True:
             try:
-                counts = _fuse(unit, span, progress)
+                counts = _fuse(unit, span, progress, result['warnings'])
                 break
             except WarmUpTooShort:
                 longer = 2 * (span.own_from - span.read_from)
@@ -354,9 +361,8 @@ def run_unit(unit: Unit, progress=None) -> dict:
     return result
 
 
-def _fuse(unit: Unit, span: Span, progress) -> dict:
-    engine = engine_for(unit.values)
-    warnings = []  # the driver prints each of a bag's once, whichever of its parts found it
+def _fuse(unit: Unit, span: Span, progress, warnings: list[str]) -> dict:
+    engine = engine_for(unit.values, warnings)
     fuser = BagFuser('s4fusion-batch', pipeline_from_params(unit.values), engine, None, 1,
                      warnings=warnings)
     storage = PART_STORAGE if unit.count > 1 else unit.storage
@@ -372,7 +378,6 @@ def _fuse(unit: Unit, span: Span, progress) -> dict:
     end, start = fuser.tally(), fuser.baseline
     counts = {name: end[name] - start[name] for name in end}
     counts['fused'] = fuser.counts.fused
-    counts['warnings'] = warnings
     return counts
 
 

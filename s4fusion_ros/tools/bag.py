@@ -131,7 +131,9 @@ def run(args: argparse.Namespace) -> None:
         raise BagError(f'--export-video {args.export_video} is a folder: name the .mp4 file')
     # Found now, not once the model has loaded and fusing has begun (the bag's own write
     # failure said a partial output had been removed), each named by its option.
-    for flag, folder in (('', args.output), ('--export-png: ', args.export_png),
+    # The output bag is made in its parent (an existing one replaced from beside it).
+    for flag, folder in (('', args.output), ('', args.output.parent),
+                         ('--export-png: ', args.export_png),
                          ('--export-video: ', args.export_video and args.export_video.parent)):
         try:
             if folder:
