@@ -785,7 +785,7 @@ def run(args: argparse.Namespace, argv: list) -> list:
     write_text_atomically(args.pairs_csv, report.per_pair_csv(datasets))
     # What an earlier report has below its reading marker (the flicker section, measured on
     # its own with --flicker, and the maintainers' reading) stays; else its flicker section.
-    earlier = args.out.read_text() if args.out.is_file() else ''
+    earlier = args.out.read_text(errors='surrogateescape') if args.out.is_file() else ''
     text = report.render(datasets, context)
     below = report.below_reading_marker(earlier)
     if below is not None:
@@ -838,7 +838,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
              + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes,
                                       'M3SVD video' if m3svd else 'video')
-    text = args.out.read_text() if args.out.is_file() else ''
+    text = args.out.read_text(errors='surrogateescape') if args.out.is_file() else ''
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, temporal.replace_section(text, section))
     print(f'{PROG}: wrote the flicker section of {args.out}', file=sys.stderr)
