@@ -165,7 +165,7 @@ def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_
     assert engine.fuse_images(ir, vi).fused_encoding == 'bgr8'
 
 
-def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, caplog):
+def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, capsys):
     ir, vi = msrs_pair
     plain = load_fusion_model(device='cpu', detail_gain=1.0)
     assert loaded.model.config.detail_gain == 1.1 and plain.model.config.detail_gain == 1.0
@@ -178,9 +178,13 @@ def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, capl
     # The gain scales the pyramid's details, so the plain base gives a less sharp image.
     assert sharpness(plain) < 0.95 * sharpness(loaded)
     # A model without the pyramid base has no details to scale: it says so and runs as it is.
-    authors = load_fusion_model(preset='authors', device='cpu', detail_gain=1.3)
+    warned = []
+    authors = load_fusion_model(preset='authors', device='cpu', detail_gain=1.3,
+                                warn=warned.append)
     assert authors.model.config.detail_gain == 1.0
-    assert 'model.detail_gain 1.3 ignored' in caplog.text
+    assert warned == ['model.detail_gain 1.3 ignored: s4fusion_authors has no Laplacian base']
+    load_fusion_model(preset='authors', device='cpu', detail_gain=1.3)  # the tools' line
+    assert ': warning: model.detail_gain 1.3 ignored' in capsys.readouterr().err
 
 
 def test_weights_decide_the_network_and_a_preset_that_names_another_is_refused(tmp_path):

@@ -5,10 +5,11 @@ typed from the bag's metadata, at the recorded pace scaled by --rate; an image m
 not decode (a torn recording) is skipped and counted, since its subscribers would drop it without
 a word. With --clock the player also
 publishes /clock (bag time) so that nodes with use_sim_time see the recording's time and their
-timers (diagnostics) run on it. The fusion node's sync.timeout does not: it runs on wall time since
-the latest frame it took, so at --rate R a frame recorded more than R x sync.timeout after its stamp
-is given up (its pair lost, and the pixels of later pairs moved by the thermal normalization's
-smoothing) where s4fusion-bag pairs it; give the node sync.timeout / R, as s4fusion-demo does.
+timers (diagnostics) run on it. The fusion node's sync.timeout does not: it runs on wall time
+since the latest frame it took, so at --rate R a frame recorded more than R x sync.timeout after
+its stamp is given up (its pair lost, and the pixels of later pairs moved by the thermal
+normalization's smoothing) where s4fusion-bag pairs it; give the node sync.timeout / R, as
+s4fusion-demo does.
 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"). Playback starts once every topic has a subscriber

@@ -449,8 +449,10 @@ def bench_train(args):
     print('steps/s and Mpixel/s (crop pixels of the batch per second): the faster scan\'s.')
     if 'numba' in backends:
         for preset, speedup in speedups.items():
-            print(f'{preset}: training step {speedup:.1f}x faster with the numba backward (target '
-                  f'>= {TRAIN_NUMBA_VS_TORCH:g}x): '
+            change = (f'{speedup:.1f}x faster' if speedup >= 1
+                      else f'{1 / speedup:.1f}x slower')
+            print(f'{preset}: training step {change} with the numba backward (target '
+                  f'{TRAIN_NUMBA_VS_TORCH:g}x faster): '
                   f'{"met" if speedup >= TRAIN_NUMBA_VS_TORCH else "NOT met"}')
     else:
         print('numba: not installed, so training runs the chunked PyTorch scan')
