@@ -165,6 +165,10 @@ def deviation_note(features, classifier, data_note, teacher=None):
     return '; '.join(notes) + '.'
 
 
+class AbortedAfterSaving(KeyboardInterrupt):
+    """A second stop signal that came while a checkpoint was written, acted on after it."""
+
+
 class GracefulStop:
     """SIGINT/SIGTERM end training after the current step, with a checkpoint; a second one
     aborts at once, except while a checkpoint is written (``saving``): then right after it, so
@@ -196,7 +200,7 @@ class GracefulStop:
         finally:
             self.saving_now = False
         if self.abort_after_saving:
-            raise KeyboardInterrupt
+            raise AbortedAfterSaving
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
@@ -252,10 +256,16 @@ def main(argv=None):
 
     # In training, a diverging loss or a failed write (a full disk) ends with one line naming
     # the cause; any other error keeps its traceback.
+    def aborted(interrupt: KeyboardInterrupt) -> str:
+        if isinstance(interrupt, AbortedAfterSaving):
+            return (f'aborted once the checkpoint of step {trainer.step} was written to '
+                    f'{args.out}, which --resume continues')
+        return (f'aborted without saving; {args.out} keeps its last checkpoint, if any, which '
+                '--resume continues')
+
     return (run_command(PROG, set_up, (OSError, ValueError, CheckpointError))
             or run_command(PROG, lambda: run(trainer, args), (OSError, FloatingPointError),
-                           f'aborted without saving; {args.out} keeps its last checkpoint, if '
-                           'any, which --resume continues'))
+                           aborted))
 
 
 def model_config(args):
