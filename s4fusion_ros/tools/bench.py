@@ -463,46 +463,54 @@ def build_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest='command', required=True)
     scan = commands.add_parser('scan', help='selective-scan implementations side by side')
-    scan.add_argument('--batch', type=int, default=1)
-    scan.add_argument('--d', type=int, default=128, help='channels')
-    scan.add_argument('--length', '-L', type=int, default=16384, help='sequence length')
-    scan.add_argument('--nstate', '-N', type=int, default=16, help='state size')
-    scan.add_argument('--groups', type=int, default=1, help='B/C groups (must divide d)')
+    scan.add_argument('--batch', type=int, default=1, help='batch (default: %(default)s)')
+    scan.add_argument('--d', type=int, default=128, help='channels (default: %(default)s)')
+    scan.add_argument('--length', '-L', type=int, default=16384,
+                      help='sequence length (default: %(default)s)')
+    scan.add_argument('--nstate', '-N', type=int, default=16,
+                      help='state size (default: %(default)s)')
+    scan.add_argument('--groups', type=int, default=1,
+                      help='B/C groups, dividing d (default: %(default)s)')
     scan.add_argument('--slow-length', type=int, default=1024,
-                      help='L for the plain loop and selective_scan_ref (slow at full L)')
-    scan.add_argument('--repeats', type=int, default=5)
+                      help='L for the plain loop and selective_scan_ref (slow at full L) '
+                           '(default: %(default)s)')
+    scan.add_argument('--repeats', type=int, default=5, help='timed runs (default: %(default)s)')
     scan.add_argument('--threads', type=int, default=0,
                       help='threads for torch and numba (default: torch\'s)')
     scan.set_defaults(func=bench_scan, minimums={'batch': 1, 'd': 1, 'length': 1, 'nstate': 1,
                                                  'groups': 1, 'slow_length': 1, 'threads': 0})
 
     model = commands.add_parser('model', help='the network\'s forward pass at camera sizes')
-    model.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N or auto')
+    model.add_argument('--device', default='cpu',
+                       help='cpu, cuda, cuda:N or auto (default: %(default)s)')
     model.add_argument('--half', action='store_true', help='fp16 autocast (CUDA only)')
     model.add_argument('--threads', type=int, default=0,
                        help='threads for torch and numba (default: torch\'s)')
     model.add_argument('--presets', nargs='+', default=['authors', 'compact'],
-                       choices=sorted(S4FusionConfig.presets()))
+                       choices=sorted(S4FusionConfig.presets()), help='(default: both)')
     model.add_argument('--sizes', nargs='+', type=parse_size,
-                       default=[(320, 240), (640, 480), (640, 512)], help='WIDTHxHEIGHT inputs')
+                       default=[(320, 240), (640, 480), (640, 512)],
+                       help='WIDTHxHEIGHT inputs (default: 320x240 640x480 640x512)')
     model.add_argument('--inference-size', type=parse_size, default=(320, 240),
-                       help='also time compact with the node\'s inference_size set to this')
+                       help='also time compact with the node\'s inference_size set to this '
+                            '(default: 320x240)')
     model.add_argument('--scan-backend', choices=('auto', 'mamba', 'numba', 'torch'),
-                       default='auto', help='force one scan backend (auto: what the node runs)')
-    model.add_argument('--repeats', type=int, default=5)
+                       default='auto',
+                       help='force one scan backend (default auto: what the node runs)')
+    model.add_argument('--repeats', type=int, default=5, help='timed runs (default: %(default)s)')
     model.set_defaults(func=bench_model, minimums={'threads': 0})
 
     train = commands.add_parser('train', help='training steps, numba backward against the '
                                               'chunked PyTorch scan')
     train.add_argument('--presets', nargs='+', default=['compact', 'authors'],
-                       choices=sorted(S4FusionConfig.presets()))
+                       choices=sorted(S4FusionConfig.presets()), help='(default: both)')
     train.add_argument('--batch-size', type=int, default=0,
                        help='batch (default: the shipped weights\' training batch)')
     train.add_argument('--crop', type=int, default=0,
                        help='crop side, 12k + 1 (default: the shipped weights\' training crop)')
     train.add_argument('--threads', type=int, default=0,
                        help='threads for torch and numba (default: torch\'s)')
-    train.add_argument('--repeats', type=int, default=3)
+    train.add_argument('--repeats', type=int, default=3, help='timed steps (default: %(default)s)')
     train.set_defaults(func=bench_train, minimums={'batch_size': 0, 'crop': 0, 'threads': 0})
 
     from s4fusion_ros.batch.bench import add_command
