@@ -71,11 +71,12 @@ class FusionResult:
                 encode_image(self.saliency_image, self.saliency_encoding))
 
 
-def clock_jump_message(resets: int) -> str:
+def clock_jump_message(resets: int | None) -> str:
     """What the node and the bag tools say when the input stamps jumped back (`resets` times
-    so far: the synchronizer's resets)."""
+    so far: the synchronizer's resets; None where that count is not the whole stream's)."""
+    count = '' if resets is None else f' ({resets} time(s) so far)'
     return ('the input stamps jumped back (a looping bag, a restarted camera or clock): pairing '
-            f'restarted on the new timeline ({resets} time(s) so far)')
+            f'restarted on the new timeline{count}')
 
 
 class FusionPipeline:

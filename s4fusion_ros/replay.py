@@ -184,7 +184,9 @@ class BagFuser:
         resets = self.pipeline.synchronizer.stats.resets
         if resets > self.resets_shown:
             self.resets_shown = resets
-            self._warn(f'{path}: {clock_jump_message(resets)}')
+            # Collected from a bag's parts (s4fusion-batch), each counting its own: said once.
+            count = None if self.warnings is not None else resets
+            self._warn(f'{path}: {clock_jump_message(count)}')
 
     def _warn(self, text: str) -> None:
         if self.warnings is None:

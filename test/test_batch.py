@@ -293,6 +293,23 @@ def test_a_warning_every_part_of_a_bag_finds_is_printed_once(local_ray, ivif_dir
                      'differ in size', error, re.MULTILINE), error
 
 
+def test_a_parts_clock_jump_is_reported_without_its_own_count(ivif_dir, params_file, tmp_path):
+    # Each part counts its own jumps: "(1 time(s) so far)" from several parts, printed once
+    # by the driver, would undercount the bag's.
+    events = camera_messages(ivif_dir, 1.5)
+    later = events[-1][0] + 10**8 - events[0][0]  # recorded again: the same stamps, later
+    source = write_bag(tmp_path / 'in' / 'loop', events + [(event[0] + later, *event[1:])
+                                                           for event in events], 'mcap')
+    [unit] = work.plan_bag(work.BagJob(source, tmp_path / 'out' / 'loop'),
+                           settings.load_offline_params(params_file), 0)
+    with one_torch_thread():
+        result = work.run_unit(unit)
+    assert not result['error'], result
+    assert result['warnings'] == [f'{source}: the input stamps jumped back (a looping bag, a '
+                                  'restarted camera or clock): pairing restarted on the new '
+                                  'timeline'], result['warnings']
+
+
 def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, tmp_path):
     # Recorded with --compression-mode file: every open unpacks the whole bag, so segments fused
     # in parallel would each unpack it. Message-compressed or plain bags are cut as usual.
