@@ -80,6 +80,27 @@ class BagError(Exception):
     """A bag that cannot be read or written; the message names the file (and topic)."""
 
 
+BAG_SUFFIXES = ('.mcap', '.db3')  # of the storage files rosbag2 writes (perhaps then .zstd)
+
+
+def bag_files(folder: pathlib.Path) -> list[str]:
+    """The names of the storage files in `folder`, sorted."""
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_file()
+                  and entry.name.removesuffix('.zstd').endswith(BAG_SUFFIXES))
+
+
+def is_unindexed_recording(folder: pathlib.Path) -> bool:
+    """Whether `folder`, without its metadata.yaml, holds a recording still running or cut off:
+    its bag files all named as rosbag2 writers name a recording's, its first among them
+    (DIR_0.mcap, DIR_1.mcap, ..., or DIR.db3; each perhaps .zstd)."""
+    suffixes = '|'.join(map(re.escape, BAG_SUFFIXES))
+    split = re.compile(rf'{re.escape(folder.name)}(_\d+)?({suffixes})(\.zstd)?')
+    first = re.compile(rf'{re.escape(folder.name)}(_0)?({suffixes})(\.zstd)?')
+    names = bag_files(folder)
+    return (any(first.fullmatch(name) for name in names)
+            and all(split.fullmatch(name) for name in names))
+
+
 @cache
 def typestore():
     """Return the message types of ROS 2 Kilted (the distro this package targets)."""
@@ -97,8 +118,12 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
         reader.open()
     except FileNotFoundError as error:
         if path.is_dir() and not (path / 'metadata.yaml').exists():
-            raise BagError(f'{path}: no metadata.yaml (a recording still running, or one that '
-                           f'was cut off: `ros2 bag reindex` writes it)') from None
+            if is_unindexed_recording(path) or not bag_files(path):
+                raise BagError(f'{path}: no metadata.yaml (a recording still running, or one '
+                               f'that was cut off: `ros2 bag reindex` writes it)') from None
+            # A folder of bare bag files, as s4fusion-batch reads it: one is a bag.
+            raise BagError(f'{path}: no metadata.yaml, and its bag files are not one '
+                           f'recording\'s: give one of them ({path / bag_files(path)[0]})') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
         # An MCAP cut off by a crash lacks its end: the mcap CLI rewrites what it holds.

@@ -537,9 +537,15 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     (no_metadata / 'metadata.yaml').write_text('rosbag2_bagfile_information: [')
     unfinished = write_bag(tmp_path / 'unfinished', short_events[:10], 'mcap')
     (unfinished / 'metadata.yaml').unlink()  # a recorder still running or cut off
+    # A folder of bare bags (s4fusion-batch fuses each): it was called an unfinished recording.
+    bare = write_bag(tmp_path / 'bare', short_events[:10], 'mcap')
+    (bare / 'metadata.yaml').unlink()
+    (bare / 'bare.mcap').rename(bare / 'base.mcap')
     for source, named in ((truncated, truncated), (garbage, garbage),
                           (no_metadata, no_metadata / 'metadata.yaml'),
                           (unfinished, f'{unfinished}: no metadata.yaml (a recording still'),
+                          (bare, f"{bare}: no metadata.yaml, and its bag files are not one "
+                                 f"recording's: give one of them ({bare / 'base.mcap'})"),
                           (tmp_path / 'absent', tmp_path / 'absent')):
         output = tmp_path / f'{source.name}_out'
         assert bag_tool.main([str(source), str(output)]) == 1

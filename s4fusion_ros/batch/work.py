@@ -27,14 +27,14 @@ import hashlib
 import json
 import math
 import pathlib
-import re
 import shutil
 import socket
 import time
 
 from .. import settings
-from ..bagio import (WRITE_ERRORS, BagError, add_image_topic, create_bag, image_topics, open_bag,
-                     output_qos_of, pick_topics, storage_of, sweep_staging)
+from ..bagio import (BAG_SUFFIXES, WRITE_ERRORS, BagError, add_image_topic, create_bag,
+                     image_topics, is_unindexed_recording, open_bag, output_qos_of, pick_topics,
+                     storage_of, sweep_staging)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import MODEL_PARAMETERS, model_from_params
@@ -42,7 +42,6 @@ from ..replay import BagFuser, Span, WarmUpTooShort
 
 PART_STORAGE = 'mcap'
 STAGING_SUFFIX = '.s4batch'
-BAG_SUFFIXES = ('.mcap', '.db3')
 # The thermal range's moving average forgets its start geometrically; after WARM_BITS halvings of
 # the start's weight a float64 average no longer remembers it. Rounding can keep two runs one ulp
 # apart for a while longer: in 2000 random runs at smoothing 0.8 the worst needed 208 pairs
@@ -108,20 +107,11 @@ def staging_of(output: pathlib.Path) -> pathlib.Path:
 def is_bag(path: pathlib.Path) -> bool:
     """A rosbag2 directory or a bare .mcap / .db3 file.
 
-    A directory without its metadata.yaml whose bag files are all named as rosbag2 writers name
-    a recording's files, its first among them (DIR_0.mcap, DIR_1.mcap, ..., or DIR.db3; each
-    perhaps .zstd), is a recording still running or cut off: a bag, which then fails as
-    s4fusion-bag fails on it, not a folder whose files are fused one by one."""
+    A directory without its metadata.yaml that holds a recording still running or cut off
+    (bagio.is_unindexed_recording) is a bag, which then fails as s4fusion-bag fails on it, not a
+    folder whose files are fused one by one."""
     if path.is_dir():
-        if (path / 'metadata.yaml').is_file():
-            return True
-        suffixes = '|'.join(map(re.escape, BAG_SUFFIXES))
-        split = re.compile(rf'{re.escape(path.name)}(_\d+)?({suffixes})(\.zstd)?')
-        first = re.compile(rf'{re.escape(path.name)}(_0)?({suffixes})(\.zstd)?')
-        names = [entry.name for entry in path.iterdir() if entry.is_file()
-                 and entry.name.removesuffix('.zstd').endswith(BAG_SUFFIXES)]
-        return (any(first.fullmatch(name) for name in names)
-                and all(split.fullmatch(name) for name in names))
+        return (path / 'metadata.yaml').is_file() or is_unindexed_recording(path)
     return path.is_file() and path.suffix in BAG_SUFFIXES
 
 
