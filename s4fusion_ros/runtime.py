@@ -94,15 +94,16 @@ def _load_model(weights, preset, device, half, warn):
     # Weights stay float32; fp16 runs through autocast, so norms and the scan keep float32.
     dtype = torch.float32
     if weights:
-        model = load_checkpoint(pathlib.Path(weights), device=torch_device, dtype=dtype)
+        # `-p model.weights:=~/w.safetensors`: the shell leaves a ~ after := as it is.
+        weights = pathlib.Path(weights).expanduser()
+        model = load_checkpoint(weights, device=torch_device, dtype=dtype)
         network = model.config.network_name()
         if preset not in ('auto', network):  # the weights decide the network: say so
             held = f'the {network} network' if network else 'a network of no preset'
             also = f' (or {network})' if network else ''
             raise CheckpointError(f'{weights} holds {held}, but the preset asked for is '
                                   f'{preset}: ask for auto{also}')
-        return LoadedModel(model, torch_device, half, pathlib.Path(weights).stem,
-                           pathlib.Path(weights), trained=True)
+        return LoadedModel(model, torch_device, half, weights.stem, weights, trained=True)
     if preset == 'auto':
         preset = default_preset(torch_device)
     path = shipped_weights(preset)

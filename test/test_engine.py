@@ -1,5 +1,6 @@
 """The ROS-free fusion path: pipeline (decode, pair, normalize, register) and engine outputs."""
 
+import shutil
 import time
 
 import cv2
@@ -15,6 +16,7 @@ from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage
                                             encode_image, image_to_array)
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
+from s4fusion_ros.model import shipped_weights
 from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 
@@ -163,6 +165,16 @@ def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_
     # x / 255 and the normalizer's x * (1 / 255) may differ in the last float bit.
     assert np.abs(result.fused.astype(int) - expected.fused).max() <= 1
     assert engine.fuse_images(ir, vi).fused_encoding == 'bgr8'
+
+
+def test_weights_under_home_named_with_a_tilde_load(tmp_path, monkeypatch):
+    # `-p model.weights:=~/w.safetensors` reaches the node with its ~: "weights file not found".
+    shipped = shipped_weights('compact')
+    for path in (shipped, shipped.with_suffix('.json')):
+        shutil.copy(path, tmp_path / f'w{path.suffix}')
+    monkeypatch.setenv('HOME', str(tmp_path))
+    loaded = load_fusion_model('~/w.safetensors', device='cpu')
+    assert loaded.weights == tmp_path / 'w.safetensors' and loaded.trained
 
 
 def test_detail_gain_parameter_replaces_the_weights_gain(msrs_pair, loaded, capsys):
