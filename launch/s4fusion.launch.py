@@ -25,9 +25,11 @@ def generate_launch_description():
     arguments = [
         DeclareLaunchArgument('namespace', default_value='', description='node namespace'),
         DeclareLaunchArgument('thermal_topic', default_value='thermal/image_raw',
-                              description='thermal sensor_msgs/Image topic'),
+                              description='thermal sensor_msgs/Image topic (its /compressed and '
+                                          '/compressedDepth with thermal.transport)'),
         DeclareLaunchArgument('visible_topic', default_value='visible/image_raw',
-                              description='visible (RGB) sensor_msgs/Image topic'),
+                              description='visible (RGB) sensor_msgs/Image topic (its /compressed '
+                                          'with visible.transport)'),
         DeclareLaunchArgument('params_file', default_value=default_params,
                               description='node parameters (YAML)'),
         DeclareLaunchArgument('device', default_value='',
