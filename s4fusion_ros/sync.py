@@ -377,6 +377,9 @@ class PairSynchronizer:
         """Buffer a frame, hold it if far behind its topic, or confirm a held frame's jump with
         it; return the pairs a confirmed jump flushed or a full queue decided."""
         other = self._other(stream)
+        if stream.held is not None and frame.stamp == stream.held.stamp:
+            stream.late += 1  # a repeat of the held frame tells nothing of its timeline
+            return []
         if other.held is not None and self._on_held_timeline(other, frame.key):
             # This topic's frame on the other's held timeline: both topics jumped back.
             return self._jump(other, other_in_flight=False) + self._place(stream, frame)
