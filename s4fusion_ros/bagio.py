@@ -122,8 +122,9 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
                 raise BagError(f'{path}: no metadata.yaml (a recording still running, or one '
                                f'that was cut off: `ros2 bag reindex` writes it)') from None
             # A folder of bare bag files, as s4fusion-batch reads it: one is a bag.
+            first = path / bag_files(path)[0]
             raise BagError(f'{path}: no metadata.yaml, and its bag files are not one '
-                           f'recording\'s: give one of them ({path / bag_files(path)[0]})') from None
+                           f'recording\'s: give one of them ({first})') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
         # An MCAP cut off by a crash lacks its end: the mcap CLI rewrites what it holds.
