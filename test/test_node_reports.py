@@ -180,11 +180,16 @@ def test_latency_is_reported_only_when_stamps_and_clock_agree(ros_context):
         old = fresh_diagnostics(probe, diagnostics)
         fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, count=2)
         live = fresh_diagnostics(probe, diagnostics)
+        # Off the clock again: the live pairs' latencies stayed on show, frozen.
+        fuse_pairs(probe, proc, 1_600_000_000 * 10**9, count=2)
+        again = fresh_diagnostics(probe, diagnostics)
     probe.destroy_node()
     assert old[Key.END_TO_END_LATENCY_MEAN].startswith('n/a: the stamps are not on'), old
     assert int(old[Key.STAMPS_OFF_CLOCK]) >= 2, old
     assert 0.0 <= float(live[Key.END_TO_END_LATENCY_MEAN]) < 60.0, live
     assert 0.0 <= float(live[Key.END_TO_END_LATENCY_P95]) < 60.0, live
+    assert again[Key.END_TO_END_LATENCY_MEAN].startswith('n/a: the stamps are not on'), again
+    assert int(again[Key.STAMPS_OFF_CLOCK]) >= int(old[Key.STAMPS_OFF_CLOCK]) + 2, again
 
 
 def test_a_backward_clock_jump_is_logged_and_pairing_goes_on(ros_context):

@@ -97,6 +97,7 @@ class S4FusionNode(Node):
         self.bad_stamps = {'thermal': 0, 'visible': 0}  # dropped before message_filters
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
+        self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
         self.resets_logged = 0  # synchronizer resets (backward clock jumps) logged so far
         self.worker_failures_logged = 0
@@ -416,10 +417,11 @@ class S4FusionNode(Node):
             return Key.PUBLISH_ERRORS
         self.fused_rate.tick()
         latency = (self.get_clock().now().nanoseconds - result.pair.visible_stamp_ns) / 1e9
-        if PLAUSIBLE_LATENCY_S[0] <= latency <= PLAUSIBLE_LATENCY_S[1]:
-            self.end_to_end_latency.add(latency)
-        else:
+        self.latest_off_clock = not PLAUSIBLE_LATENCY_S[0] <= latency <= PLAUSIBLE_LATENCY_S[1]
+        if self.latest_off_clock:
             self.stamps_off_clock += 1
+        else:
+            self.end_to_end_latency.add(latency)
         return Key.PAIRS_FUSED
 
     def _publish(self, result: FusionResult) -> None:
@@ -486,7 +488,7 @@ class S4FusionNode(Node):
             failures = self.synchronized_pair_failures
             values[Key.PAIRS] = self.synchronized_pairs + failures
             values[Key.INFERENCE_ERRORS] += failures
-        if math.isnan(end_to_end['mean']) and self.stamps_off_clock:
+        if self.latest_off_clock:  # else the figures of pairs before would show, frozen
             note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
                     'use_sim_time?)')
             values[Key.END_TO_END_LATENCY_MEAN] = values[Key.END_TO_END_LATENCY_P95] = note
