@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
 from s4fusion_ros.ros.flood import (  # noqa: E402
-    _flood, Driver, FloodReport, main as flood_main, Phase, run_flood, synthetic_pair)
+    _flood, Driver, FloodReport, main as flood_main, Phase, run_flood, shown, synthetic_pair)
 from support import check_counters, check_latency, FLOOD_PARAMS  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -50,6 +50,13 @@ def test_flood_keeps_memory_latency_and_counters_bounded(tmp_path):
     check_counters(report)
     check_memory(report)
     check_latency(report)
+
+
+def test_counts_are_printed_whole():
+    # Printed with 3 significant digits they read 3.48e+03 and 3.14e+03: no sum could be checked.
+    printed = shown({'received thermal': 3480.0, 'latency p50 (s)': 0.1234, 'pairs': 7})
+    assert printed == {'received thermal': 3480, 'latency p50 (s)': 0.1234, 'pairs': 7}
+    assert type(printed['received thermal']) is int
 
 
 @pytest.mark.soak

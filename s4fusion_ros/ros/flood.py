@@ -398,6 +398,13 @@ def _parse_param(text: str) -> tuple[str, object]:
     return name, yaml.safe_load(value)
 
 
+def shown(figures: dict) -> dict:
+    """The figures as printed: counts read from /diagnostics come as floats, and whole ones are
+    shown whole (3480, not 3.48e+03), so that the printed counts add up."""
+    return {key: int(value) if isinstance(value, float) and value.is_integer() else value
+            for key, value in figures.items()}
+
+
 def main(argv=None) -> int:
     """Console entry point."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
@@ -443,7 +450,7 @@ def main(argv=None) -> int:
     def flood() -> int:
         report = run_flood(params, phases, args.namespace, args.size,
                            directory=directory)
-        figures = report.figures()
+        figures = shown(report.figures())
         if args.json:  # NaN (a figure without data) as null: JSON has no NaN
             print(json.dumps({key: None if isinstance(value, float) and math.isnan(value)
                               else value for key, value in figures.items()}, indent=2))
