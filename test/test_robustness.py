@@ -382,6 +382,29 @@ def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stam
     assert node.level == DiagnosticStatus.OK, node.message
 
 
+def test_diagnostics_warn_while_few_frames_find_a_partner(node):
+    # Two visible frames in three stamped 0.1 s after their thermal partner (beyond sync.slop
+    # 0.05 s): an occasional pair kept the status OK, 'fusing', with no word of the rest.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node.fuse()
+    node.counts()
+    end, sent = time.monotonic() + 6.0, 0  # past the 5 s window
+    while time.monotonic() < end:  # each pair about 0.2 s apart
+        stamp = node.now()
+        node.publish('thermal', image(THERMAL, 'mono16', stamp))
+        node.publish('visible', compressed(VISIBLE_JPEG, stamp + (100_000_000 if sent % 3 else 0)))
+        sent += 1
+    node.counts()
+    assert node.level == DiagnosticStatus.WARN, node.message
+    assert re.match(r'only \d+ pairs made from \d+ frames of the slower camera in the last 5 s',
+                    node.message), node.message
+    end = time.monotonic() + 6.0  # every frame paired again, over a whole window
+    while time.monotonic() < end:
+        node.publish_pair(node.now())
+    node.counts()
+    assert node.level == DiagnosticStatus.OK, node.message
+
+
 def test_colour_on_the_thermal_topic_is_converted_with_one_warning(node):
     warning = 'a colour image arrived on the thermal topic'
     before = node.counts()

@@ -42,6 +42,11 @@ LOG_THROTTLE_S = 5.0
 # stamps come from the node's clock: a bag played in wall time without /clock gives years. Outside
 # this range (seconds) the stamps and the clock disagree, and no latency is reported.
 PLAUSIBLE_LATENCY_S = (-1.0, 60.0)
+# Pairs made against the frames of the slower camera over this window (s): fewer than half is a
+# partial stall (a clock difference near sync.timeout pairs some frames), once the slower camera
+# sent at least PAIRING_MIN_FRAMES in it.
+PAIRING_WINDOW_S = 5.0
+PAIRING_MIN_FRAMES = 6
 # Numbers and quoted names (sizes, encodings) vary within one kind of fault: a bad-message log
 # line is rate-limited per topic and kind, so a flood of one fault cannot hide a different one.
 _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
@@ -103,6 +108,9 @@ class S4FusionNode(Node):
         self.worker_failures_logged = 0
         # The counts while pairs were last being fused: a stall's causes are what grew since.
         self.counts_while_fusing = {}
+        # (monotonic time, values) of the reports of the last PAIRING_WINDOW_S: how many pairs
+        # were made lately against the frames that came.
+        self.recent_reports = collections.deque()
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
@@ -497,7 +505,7 @@ class S4FusionNode(Node):
     def _status(self, values: dict) -> tuple[int, str]:
         """The level and message of the node's status for these values (logging what a stall
         tells); notes which counts pairs were last fused at."""
-        level, message = DiagnosticStatus.OK, 'fusing'
+        level, message, partial = DiagnosticStatus.OK, 'fusing', ''
         self._log_worker_failures()
         if not self.worker.alive:
             level = DiagnosticStatus.ERROR
@@ -512,12 +520,59 @@ class S4FusionNode(Node):
                 message += f' ({"; ".join(mismatched)})'
         elif not self.fused_rate.recent():
             level, message = DiagnosticStatus.WARN, self._stall_message(values)
-        elif values[Key.PAIRS_FUSED] != self.counts_while_fusing.get(Key.PAIRS_FUSED):
-            # Only when a pair was fused since the last report: the status stays OK for the
-            # fused rate's 5 s window after the last one, whose drops must not be absorbed.
-            self.counts_while_fusing = {key: value for key, value in values.items()
-                                        if isinstance(value, int)}
+        else:
+            if values[Key.PAIRS_FUSED] != self.counts_while_fusing.get(Key.PAIRS_FUSED):
+                # Only when a pair was fused since the last report: the status stays OK for the
+                # fused rate's 5 s window after the last one, whose drops must not be absorbed.
+                self.counts_while_fusing = {key: value for key, value in values.items()
+                                            if isinstance(value, int)}
+            partial = self._partial_pairing(self._counts_lately(values))
+            if partial:
+                level, message = DiagnosticStatus.WARN, partial
+        if level != DiagnosticStatus.OK and not partial:
+            # Counted afresh once fusing again: a stall's frames are not a partial one's.
+            self.recent_reports.clear()
         return level, message
+
+    def _counts_lately(self, values: dict) -> dict:
+        """How much the pair and frame counts grew over the last PAIRING_WINDOW_S of reports
+        while fusing (empty before half of it)."""
+        now = time.monotonic()
+        reports = self.recent_reports
+        reports.append((now, values))
+        while now - reports[0][0] > PAIRING_WINDOW_S:
+            reports.popleft()
+        then, earlier = reports[0]
+        if now - then < PAIRING_WINDOW_S / 2:
+            return {}
+        return {key: values[key] - earlier[key] for key in (
+            Key.PAIRS, Key.THERMAL_RECEIVED, Key.VISIBLE_RECEIVED, Key.THERMAL_UNPAIRED)
+            if isinstance(values[key], int) and isinstance(earlier[key], int)}
+
+    def _partial_pairing(self, lately: dict) -> str:
+        """Pairs are fused, but fewer than half of the frames of the slower camera found a
+        partner lately (a clock difference near sync.timeout pairs only some): what and why."""
+        if len(lately) < 4:
+            return ''
+        possible = min(lately[Key.THERMAL_RECEIVED], lately[Key.VISIBLE_RECEIVED])
+        if possible < PAIRING_MIN_FRAMES or 2 * lately[Key.PAIRS] >= possible:
+            return ''
+        message = (f'only {lately[Key.PAIRS]} pairs made from {possible} frames of the slower '
+                   f'camera in the last {PAIRING_WINDOW_S:g} s')
+        hint = self._skew_hint() if lately[Key.THERMAL_UNPAIRED] > 0 else ''
+        if hint:
+            message += f'; {hint}'
+            self.get_logger().warning(f'few pairs made lately: {hint}',
+                                      throttle_duration_sec=LOG_THROTTLE_S)
+        return message
+
+    def _skew_hint(self) -> str:
+        """What the stamps tell of a clock difference between the cameras ('' if nothing)."""
+        pipeline = self.pipeline
+        sync = pipeline.synchronizer
+        return clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop,
+                               self._values()['sync.thermal_offset'], sync.timeout,
+                               self.get_fully_qualified_name())
 
     def _stall_message(self, values: dict) -> str:
         """Both inputs arrive and nothing comes out: where the pairs went since pairs were last
@@ -534,12 +589,7 @@ class S4FusionNode(Node):
             causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
-        pipeline = self.pipeline
-        sync = pipeline.synchronizer
-        hint = (clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop,
-                                self._values()['sync.thermal_offset'], sync.timeout,
-                                self.get_fully_qualified_name())
-                if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
+        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
         if hint:
             message += f'; {hint}'
             self.get_logger().warning(f'no pair fused lately: {hint}',
