@@ -112,3 +112,16 @@ def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float
                  f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}) pairs them as '
                  'stamped')
     return text
+
+
+def pairing_shortfall(grown: dict, minimum_frames: int) -> tuple[int, int] | None:
+    """(pairs, frames of the slower camera) where fewer than half of those frames found a partner
+    over a window (`grown`: CountsWindow.grown of the node's values), once that camera sent at
+    least `minimum_frames` with a stamp set; None otherwise. A repeated stamp counts as a frame."""
+    if Key.PAIRS not in grown:
+        return None
+    possible = min(grown.get(per_input(role, 'received'), 0)
+                   - grown.get(per_input(role, 'rejected (bad stamp)'), 0) for role in ROLES)
+    if possible < minimum_frames or 2 * grown[Key.PAIRS] >= possible:
+        return None
+    return grown[Key.PAIRS], possible

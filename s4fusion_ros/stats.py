@@ -86,3 +86,32 @@ class LatencyStats:
         if values.size == 0:
             return {'mean': float('nan'), 'p95': float('nan')}
         return {'mean': float(values.mean()), 'p95': float(np.percentile(values, 95))}
+
+
+class CountsWindow:
+    """How much integer counts grew over a sliding window of reports (not thread-safe: one
+    caller, the node's diagnostics timer)."""
+
+    def __init__(self, window: float):
+        self._window = window
+        self._reports = collections.deque()  # (time, counts), oldest first
+
+    def clear(self) -> None:
+        """Start afresh (what came before is of another state)."""
+        self._reports.clear()
+
+    def grown(self, now: float, counts: dict) -> dict:
+        """Add a report; return how much each count present in both grew since the newest
+        report at least a window old (reports further apart than the window: the one before),
+        with the seconds between them as 'span'; {} until they span half a window. Values that
+        are not integers (a count not reported) are left out."""
+        reports = self._reports
+        reports.append((now, counts))
+        while len(reports) > 2 and now - reports[1][0] >= self._window:
+            reports.popleft()
+        then, earlier = reports[0]
+        if now - then < self._window / 2:
+            return {}
+        grown = {key: value - earlier[key] for key, value in counts.items()
+                 if type(value) is int and type(earlier.get(key)) is int}
+        return {**grown, 'span': now - then}

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from s4fusion_ros.stats import LatencyStats, RateMeter
+from s4fusion_ros.diagnostics import Key, NOT_REPORTED, pairing_shortfall
+from s4fusion_ros.stats import CountsWindow, LatencyStats, RateMeter
 
 
 def test_rate_is_the_event_rate_and_falls_once_events_stop():
@@ -37,3 +38,43 @@ def test_latency_summary():
         stats.add(seconds)
     summary = stats.summary()
     assert summary == pytest.approx({'mean': 2.0, 'p95': 2.9})  # of 1, 2 and 3
+
+
+def node_counts(pairs, thermal, visible, bad_stamps=0, unpaired=NOT_REPORTED):
+    """The node's diagnostics counts that the partial-pairing WARN reads."""
+    return {Key.PAIRS: pairs, Key.THERMAL_RECEIVED: thermal, Key.VISIBLE_RECEIVED: visible,
+            Key.THERMAL_BAD_STAMP: bad_stamps, Key.VISIBLE_BAD_STAMP: 0,
+            Key.THERMAL_UNPAIRED: unpaired}
+
+
+def test_counts_window_spans_the_window_or_the_report_period_if_longer():
+    window = CountsWindow(5.0)
+    assert window.grown(0.0, node_counts(0, 0, 0)) == {}  # under half a window
+    grown = {}
+    for second in range(1, 9):
+        grown = window.grown(float(second), node_counts(second, 5 * second, 15 * second))
+    # From the newest report at least 5 s old: 3 s, to 8 s. A count not reported is left out.
+    assert grown == {Key.PAIRS: 5, Key.THERMAL_RECEIVED: 25, Key.VISIBLE_RECEIVED: 75,
+                     Key.THERMAL_BAD_STAMP: 0, Key.VISIBLE_BAD_STAMP: 0, 'span': 5.0}
+    # A report every 6 s (diagnostics.period beyond the window): the one before. It kept only
+    # the report just added, and so never warned.
+    slow = CountsWindow(5.0)
+    slow.grown(0.0, node_counts(0, 0, 0))
+    assert slow.grown(6.0, node_counts(3, 30, 90))['span'] == 6.0
+    window.clear()
+    assert window.grown(9.0, node_counts(9, 45, 135)) == {}
+
+
+def test_pairing_shortfall_is_fewer_pairs_than_half_the_slower_cameras_frames():
+    # Thermal 5 Hz against visible 15 Hz over 5 s: 25 frames of the slower camera.
+    assert pairing_shortfall({Key.PAIRS: 12, Key.THERMAL_RECEIVED: 25,
+                              Key.VISIBLE_RECEIVED: 75}, 6) == (12, 25)
+    assert pairing_shortfall({Key.PAIRS: 13, Key.THERMAL_RECEIVED: 25,
+                              Key.VISIBLE_RECEIVED: 75}, 6) is None
+    # Frames without a stamp cannot pair; too few frames tell nothing; the message_filters
+    # backend reports no unpaired count, and the pairs and frames suffice.
+    assert pairing_shortfall({Key.PAIRS: 10, Key.THERMAL_RECEIVED: 25,
+                              Key.THERMAL_BAD_STAMP: 6, Key.VISIBLE_RECEIVED: 75}, 6) is None
+    assert pairing_shortfall({Key.PAIRS: 0, Key.THERMAL_RECEIVED: 5,
+                              Key.VISIBLE_RECEIVED: 75}, 6) is None
+    assert pairing_shortfall({}, 6) is None

@@ -25,13 +25,13 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
-from ..diagnostics import (NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, clock_skew_hint, per_input,
-                           status_name)
+from ..diagnostics import (NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, clock_skew_hint,
+                           pairing_shortfall, per_input, status_name)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
-from ..stats import LatencyStats, RateMeter
+from ..stats import CountsWindow, LatencyStats, RateMeter
 from ..worker import InferenceWorker
 from . import parameters
 from .parameters import direction_qos
@@ -108,9 +108,8 @@ class S4FusionNode(Node):
         self.worker_failures_logged = 0
         # The counts while pairs were last being fused: a stall's causes are what grew since.
         self.counts_while_fusing = {}
-        # (monotonic time, values) of the reports of the last PAIRING_WINDOW_S: how many pairs
-        # were made lately against the frames that came.
-        self.recent_reports = collections.deque()
+        # How many pairs were made lately against the frames that came.
+        self.recent_counts = CountsWindow(PAIRING_WINDOW_S)
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
@@ -526,40 +525,24 @@ class S4FusionNode(Node):
                 # fused rate's 5 s window after the last one, whose drops must not be absorbed.
                 self.counts_while_fusing = {key: value for key, value in values.items()
                                             if isinstance(value, int)}
-            partial = self._partial_pairing(self._counts_lately(values))
+            partial = self._partial_pairing(self.recent_counts.grown(time.monotonic(), values))
             if partial:
                 level, message = DiagnosticStatus.WARN, partial
         if level != DiagnosticStatus.OK and not partial:
             # Counted afresh once fusing again: a stall's frames are not a partial one's.
-            self.recent_reports.clear()
+            self.recent_counts.clear()
         return level, message
 
-    def _counts_lately(self, values: dict) -> dict:
-        """How much the pair and frame counts grew over the last PAIRING_WINDOW_S of reports
-        while fusing (empty before half of it)."""
-        now = time.monotonic()
-        reports = self.recent_reports
-        reports.append((now, values))
-        while now - reports[0][0] > PAIRING_WINDOW_S:
-            reports.popleft()
-        then, earlier = reports[0]
-        if now - then < PAIRING_WINDOW_S / 2:
-            return {}
-        return {key: values[key] - earlier[key] for key in (
-            Key.PAIRS, Key.THERMAL_RECEIVED, Key.VISIBLE_RECEIVED, Key.THERMAL_UNPAIRED)
-            if isinstance(values[key], int) and isinstance(earlier[key], int)}
-
-    def _partial_pairing(self, lately: dict) -> str:
+    def _partial_pairing(self, grown: dict) -> str:
         """Pairs are fused, but fewer than half of the frames of the slower camera found a
         partner lately (a clock difference near sync.timeout pairs only some): what and why."""
-        if len(lately) < 4:
+        shortfall = pairing_shortfall(grown, PAIRING_MIN_FRAMES)
+        if shortfall is None:
             return ''
-        possible = min(lately[Key.THERMAL_RECEIVED], lately[Key.VISIBLE_RECEIVED])
-        if possible < PAIRING_MIN_FRAMES or 2 * lately[Key.PAIRS] >= possible:
-            return ''
-        message = (f'only {lately[Key.PAIRS]} pairs made from {possible} frames of the slower '
-                   f'camera in the last {PAIRING_WINDOW_S:g} s')
-        hint = self._skew_hint() if lately[Key.THERMAL_UNPAIRED] > 0 else ''
+        pairs, possible = shortfall
+        message = (f'only {pairs} pairs made from {possible} frames of the slower camera in the '
+                   f'last {grown["span"]:.0f} s')
+        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
         if hint:
             message += f'; {hint}'
             self.get_logger().warning(f'few pairs made lately: {hint}',
