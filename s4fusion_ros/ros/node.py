@@ -545,6 +545,8 @@ class S4FusionNode(Node):
         hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
         if hint:
             message += f'; {hint}'
+            # Logged here, not in a helper shared with _stall_message: rclpy throttles per call
+            # site, and a partial stall's line must not silence the full stall's that follows.
             self.get_logger().warning(f'few pairs made lately: {hint}',
                                       throttle_duration_sec=LOG_THROTTLE_S)
         return message
