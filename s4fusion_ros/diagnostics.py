@@ -64,6 +64,8 @@ def per_input(role: str, count: str) -> Key:
 # Counted by the node's own synchronizer; message_filters does not report them.
 OWN_SYNC_KEYS = tuple(per_input(role, count) for role in ROLES for count in (
     'unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')) + (Key.SYNC_RESETS,)
+LATENCY_KEYS = (Key.INFERENCE_LATENCY_MEAN, Key.INFERENCE_LATENCY_P95,
+                Key.END_TO_END_LATENCY_MEAN, Key.END_TO_END_LATENCY_P95)
 # Nothing left to decide or fuse when all of these read 0 (`nothing_pending`).
 BUSY_KEYS = (Key.THERMAL_PENDING, Key.VISIBLE_PENDING, Key.PAIRS_QUEUED, Key.PAIRS_IN_INFERENCE)
 # The value of the keys a synchronizer does not report (OWN_SYNC_KEYS under message_filters).

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ros_harness import Probe, image_message, node_log, running_node
-from s4fusion_ros.diagnostics import BUSY_KEYS, NOT_REPORTED, Key, nothing_pending, status_name
+from s4fusion_ros.diagnostics import (BUSY_KEYS, LATENCY_KEYS, NOT_REPORTED, Key,
+                                      nothing_pending, status_name)
 
 pytestmark = pytest.mark.ros
 
@@ -89,7 +90,9 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
                            '/visible/image_raw: a publisher offers QoS incompatible')
         # The diagnostics of the silent inputs say why too, for a monitor that reads no log.
         diagnostics = Diagnostics(probe)
-        fresh_diagnostics(probe, diagnostics)
+        values = fresh_diagnostics(probe, diagnostics)
+        # Nothing fused: the latencies say so rather than 'nan'.
+        assert all(values[key] == 'n/a: no pair fused yet' for key in LATENCY_KEYS), values
         assert diagnostics.message == (
             'waiting for both inputs (thermal: /qos_probe publishes best_effort to this reliable '
             'input, set qos.input.reliability:=best_effort; visible: /qos_probe publishes '

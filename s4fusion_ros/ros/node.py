@@ -25,8 +25,8 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
-from ..diagnostics import (NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key, clock_skew_hint,
-                           pairing_shortfall, per_input, status_name)
+from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
+                           clock_skew_hint, pairing_shortfall, per_input, status_name)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
@@ -495,6 +495,9 @@ class S4FusionNode(Node):
             failures = self.synchronized_pair_failures
             values[Key.PAIRS] = self.synchronized_pairs + failures
             values[Key.INFERENCE_ERRORS] += failures
+        for key in LATENCY_KEYS:  # NaN before the first: say why rather than 'nan'
+            if isinstance(values[key], float) and math.isnan(values[key]):
+                values[key] = 'n/a: no pair fused yet'
         if self.latest_off_clock:  # else the figures of pairs before would show, frozen
             note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
                     'use_sim_time?)')
