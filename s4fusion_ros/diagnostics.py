@@ -111,8 +111,8 @@ def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float
     wait = abs(skew_s) + slop_s
     if timeout_s < wait <= settings.SPECS['sync.timeout'].range[1]:
         text += (f'; if the {"visible" if skew_s > 0 else "thermal"} frames arrive that much '
-                 f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}) pairs them as '
-                 'stamped')
+                 f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}; read at start: '
+                 'restart the node with it) pairs them as stamped')
     return text
 
 

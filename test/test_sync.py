@@ -810,7 +810,7 @@ def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_l
     behind = clock_skew_hint(-0.7, 0.05, 0.0, 0.5)
     assert behind.startswith('thermal stamps run 0.700 s behind visible ones')
     assert behind.endswith('sync.thermal_offset 0.700 pairs them; if the thermal frames arrive '
-                           'that much later instead, sync.timeout 0.750 (now 0.5) pairs them as '
-                           'stamped')
+                           'that much later instead, sync.timeout 0.750 (now 0.5; read at '
+                           'start: restart the node with it) pairs them as stamped')
     assert 'if the visible frames arrive that much later' in clock_skew_hint(0.7, 0.05, 0.0, 0.5)
     assert 'sync.timeout' not in clock_skew_hint(-0.7, 0.05, 0.0, 1.0)  # it waits long enough
