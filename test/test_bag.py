@@ -184,6 +184,25 @@ def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
     assert bagio.pick_topics(twins, path, values=values)[0] == depth_twin
 
 
+def test_a_depth_camera_is_not_taken_for_the_thermal_one(tmp_path):
+    # An RGB-D robot's bag: depth images are 16UC1 (mm) or 32FC1 (m) like thermal ones, and
+    # were fused with the colour camera as if thermal (found by a review).
+    depth = [('/camera/camera/depth/image_rect_raw', IMAGE, '16UC1'),
+             ('/camera/camera/aligned_depth_to_color/image_raw', IMAGE, '16UC1'),
+             ('/zed/zed_node/depth/depth_registered', IMAGE, '32FC1'),
+             ('/camera/depth/image_raw/compressedDepth', COMPRESSED, '16UC1'),
+             ('/stereo/disparity', IMAGE, '32FC1')]
+    assert [bagio.guess_role(topic, encoding) for topic, _, encoding in depth] == [''] * 5
+    topics = [bagio.ImageTopic(topic, msgtype, 1, encoding, bagio.guess_role(topic, encoding))
+              for topic, msgtype, encoding in [
+                  *depth, ('/camera/camera/color/image_raw', IMAGE, 'rgb8'),
+                  ('/boson/image_raw', IMAGE, 'mono8')]]  # a FLIR Boson's 8-bit AGC output
+    thermal, visible = bagio.pick_topics(topics, tmp_path)
+    assert (thermal.topic, visible.topic) == ('/boson/image_raw', '/camera/camera/color/image_raw')
+    # A 16-bit thermal core's compressedDepth transport is still thermal.
+    assert bagio.guess_role('/lwir/image/compressedDepth', '16UC1') == 'thermal'
+
+
 def test_a_compressed_depth_thermal_topic_is_fused_as_the_node_decodes_it(
         short_events, params_file, tmp_path):
     # The same bag with its 16-bit thermal frames as image_transport's compressed_depth plugin
