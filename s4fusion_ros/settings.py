@@ -274,19 +274,24 @@ def load_offline_params(path: pathlib.Path | str | None) -> dict:
     -batch, -demo): the file's value, else the default (every default without a file).
 
     Raises SettingsError naming the file for unreadable YAML, a missing section, unknown names,
-    invalid values and publisher qos_overrides: the offline tools write the outputs with the QoS
-    of qos.output.*, so an override the node would apply to one output is refused rather than
-    silently left out.
+    invalid values and publisher qos_overrides that differ from qos.output.*: the offline tools
+    write the outputs with the QoS of qos.output.*, so an override that would change one output
+    is refused rather than silently left out (the ones a `ros2 param dump` of the node holds
+    for every topic are equal to it, unless set apart).
     """
     if path is None:
         return defaults()
     path = pathlib.Path(path)
     given = read_params_file(path)
-    overridden = sorted(name for name in given if OUTPUT_QOS_OVERRIDE.match(name))
+    values = _values_of(path, given)
+    as_outputs = {'depth': values['qos.output.depth'],
+                  'reliability': values['qos.output.reliability'], 'history': 'keep_last'}
+    overridden = sorted(name for name, value in given.items() if OUTPUT_QOS_OVERRIDE.match(name)
+                        and value != as_outputs.get(name.rsplit('.', 1)[-1]))
     if overridden:
         raise SettingsError(f'{path}: the offline tools write the outputs with the QoS of '
                             f'qos.output.*; set those instead of {", ".join(overridden)}')
-    return _values_of(path, given)
+    return values
 
 
 def _values_of(path: pathlib.Path, given: dict) -> dict:
