@@ -158,6 +158,14 @@ def topic_types(reader: Reader) -> dict[str, str | None]:
     return resolved
 
 
+def latched_topics(reader: Reader) -> set[str]:
+    """Topics a publisher was recorded on with transient-local durability (latched, such as
+    /robot_description or /tf_static): a replay offers them so, for subscribers that join late."""
+    return {connection.topic for connection in reader.connections
+            if any(qos.durability == QosDurability.TRANSIENT_LOCAL
+                   for qos in _offered_qos(connection))}
+
+
 def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
                   start: int | None = None,
                   stop: int | None = None) -> Iterator[tuple[Connection, int, bytes]]:

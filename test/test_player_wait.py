@@ -265,6 +265,52 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
         rclpy.try_shutdown()
 
 
+def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(tmp_path):
+    # /robot_description as robot_state_publisher offers it (transient local): played volatile,
+    # a late subscriber asking for it (rviz, tf static listeners) never got it (found by a
+    # review).
+    from rclpy.qos import DurabilityPolicy
+    from rosbags.interfaces import QosDurability
+    from s4fusion_ros.bagio import output_qos
+    latched = output_qos()._replace(durability=QosDurability.TRANSIENT_LOCAL)
+    string = 'std_msgs/msg/String'
+    with Writer(tmp_path / 'bag', version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        for topic, qos in (('/robot_description', latched), ('/chatter', output_qos())):
+            connection = writer.add_connection(topic, string, typestore=TYPESTORE,
+                                               offered_qos_profiles=[qos])
+            writer.write(connection, 10**9, TYPESTORE.serialize_cdr(
+                TYPESTORE.types[string](data=f'<robot name="{topic}"/>'), string))
+    names = {topic: f'{NAMESPACE}{topic}' for topic in ('/robot_description', '/chatter')}
+    player = subprocess.Popen([*PLAYER, str(tmp_path / 'bag'), '--wait', '0', '--keep-alive',
+                               '--topics', *names, *[option for topic, name in names.items()
+                                                     for option in ('--remap', f'{topic}:={name}')]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rclpy.init()
+    try:
+        node = rclpy.create_node('late_listener', namespace=NAMESPACE)
+        end = time.monotonic() + 60
+        while not all(node.get_publishers_info_by_topic(name) for name in names.values()):
+            assert time.monotonic() < end and player.poll() is None, player.communicate()[0]
+            time.sleep(0.1)
+        offered = {topic: node.get_publishers_info_by_topic(name)[0].qos_profile.durability
+                   for topic, name in names.items()}
+        assert offered == {'/robot_description': DurabilityPolicy.TRANSIENT_LOCAL,
+                           '/chatter': DurabilityPolicy.VOLATILE}
+        time.sleep(3)  # played by now: the subscriber below joins late
+        received = []
+        node.create_subscription(message_class(string), names['/robot_description'],
+                                 lambda msg: received.append(msg.data), QoSProfile(
+                                     depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        while not received and time.monotonic() < end:
+            rclpy.spin_once(node, timeout_sec=0.1)
+        assert received == ['<robot name="/robot_description"/>']
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+        interrupt(player)
+    assert 'published' in player.communicate()[0]
+
+
 def test_an_undecodable_image_is_skipped_and_counted_not_published(tmp_path):
     # Subscribers drop a message rmw cannot deserialize without a word: the player says so.
     image = np.zeros((4, 4), np.uint8)

@@ -12,7 +12,8 @@ normalization's smoothing) where s4fusion-bag pairs it; give the node sync.timeo
 s4fusion-demo does.
 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
-one machine (docs/node.md, "QoS"). Playback starts once every topic has a subscriber
+one machine (docs/node.md, "QoS"); a topic recorded transient-local (latched, such as
+/robot_description with --topics) is played so. Playback starts once every topic has a subscriber
 (or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
 With --wait-for NODE it also waits for that node to subscribe to every played topic: a node that
 joins the graph first and subscribes only once its model is loaded, or one topic after another,
@@ -33,15 +34,15 @@ from rclpy.exceptions import (InvalidNamespaceException, InvalidNodeNameExceptio
                               InvalidTopicNameException)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node, NodeNameNonExistentError
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.validate_full_topic_name import validate_full_topic_name
 from rclpy.validate_namespace import validate_namespace
 from rclpy.validate_node_name import validate_node_name
 from rosgraph_msgs.msg import Clock
 
-from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, open_bag,
-                     read_messages, topic_types)
+from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, latched_topics,
+                     open_bag, read_messages, topic_types)
 from ..cli import ignore_stop_signals, stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
@@ -153,6 +154,7 @@ class BagPlayer:
         with open_bag(args.bag) as reader:
             types = topic_types(reader)
             recorded = [(c.topic, c.msgtype) for c in reader.connections]
+            latched = latched_topics(reader)
         images = [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
         wanted = args.topics or [t for t in images if not NODE_OUTPUT.search(t)]
         if not args.topics and len(wanted) < len(images):
@@ -186,10 +188,13 @@ class BagPlayer:
                 reason = str(error).splitlines()[0].rstrip(':')  # the rest points at the fault
                 raise BagError(f'{args.bag}: {topic}: {reason}; publish it under another name '
                                f'with --remap {topic}:=NEW') from None
-        qos = qos_profile('best_effort' if args.best_effort else 'reliable', PUBLISH_DEPTH)
-        self.publishers = {topic: node.create_publisher(message_class(types[topic]),
-                                                        args.remap.get(topic, topic), qos)
-                           for topic in wanted}
+        self.publishers = {}
+        for topic in wanted:
+            qos = qos_profile('best_effort' if args.best_effort else 'reliable', PUBLISH_DEPTH)
+            if topic in latched:  # as recorded, for subscribers that join late
+                qos.durability = DurabilityPolicy.TRANSIENT_LOCAL
+            self.publishers[topic] = node.create_publisher(
+                message_class(types[topic]), args.remap.get(topic, topic), qos)
         self.clock_pub = (node.create_publisher(
             Clock, '/clock', QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
             if args.clock else None)
