@@ -56,6 +56,17 @@ def status_name(node_name: str) -> str:
     return f'{node_name}: fusion'
 
 
+def node_status(array, node_name: str):
+    """The node's DiagnosticStatus in a /diagnostics DiagnosticArray, None where it holds none."""
+    return next((status for status in array.status if status.name == status_name(node_name)),
+                None)
+
+
+def values_of(status) -> dict:
+    """A DiagnosticStatus's values as {key: value} (strings, as published)."""
+    return {kv.key: kv.value for kv in status.values}
+
+
 def per_input(role: str, count: str) -> Key:
     """Return the key of one input's count, e.g. per_input('thermal', 'unpaired')."""
     return Key(f'{role} {count}')

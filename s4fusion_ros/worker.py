@@ -83,13 +83,6 @@ class InferenceWorker:
             return WorkerCounts(self.dropped, len(self._queue), self.in_progress, self.failed,
                                 dict(self.outcomes))
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until the queue is empty and nothing runs (for tests)."""
-        with self._wakeup:
-            return self._wakeup.wait_for(
-                lambda: not self._queue and self.processed + self.dropped == self.submitted,
-                timeout)
-
     @property
     def alive(self) -> bool:
         """Whether the thread runs: after `stop`, an item still in progress."""

@@ -12,7 +12,7 @@ import pytest
 
 from ros_harness import Probe, image_message, node_log, running_node
 from s4fusion_ros.diagnostics import (BUSY_KEYS, LATENCY_KEYS, NOT_REPORTED, Key,
-                                      nothing_pending, status_name)
+                                      node_status, nothing_pending, values_of)
 
 pytestmark = pytest.mark.ros
 
@@ -43,11 +43,10 @@ class Diagnostics:
         probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_message, 10)
 
     def _on_message(self, array) -> None:
-        for status in array.status:
-            if status.name == status_name('/s4fusion_node'):
-                self.values = {kv.key: kv.value for kv in status.values}
-                self.message = status.message
-                self.received += 1
+        status = node_status(array, '/s4fusion_node')
+        if status is not None:
+            self.values, self.message = values_of(status), status.message
+            self.received += 1
 
 
 def fuse_pairs(probe, proc, stamp_ns: int, count: int) -> int:

@@ -348,13 +348,7 @@ def test_a_parameter_dump_of_the_running_node_is_read_by_the_offline_tools(node,
     dumped = dict(zip(names, map(parameter_value_to_python,
                                  call(node, client.get_parameters(names)).values)))
     assert any(settings.OUTPUT_QOS_OVERRIDE.match(name) for name in dumped), names
-    nested = {}
-    for name, value in dumped.items():
-        *parents, leaf = name.split('.')
-        branch = nested
-        for parent in parents:
-            branch = branch.setdefault(parent, {})
-        branch[leaf] = value
+    nested = settings.nest(dumped)
     path = tmp_path / 'dump.yaml'
     path.write_text(yaml.safe_dump({'/s4fusion_node': {'ros__parameters': nested}}))
     values = settings.load_offline_params(path)

@@ -281,9 +281,10 @@ def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(tmp_pat
             writer.write(connection, 10**9, TYPESTORE.serialize_cdr(
                 TYPESTORE.types[string](data=f'<robot name="{topic}"/>'), string))
     names = {topic: f'{NAMESPACE}{topic}' for topic in ('/robot_description', '/chatter')}
+    remapped = [option for topic, name in names.items()
+                for option in ('--remap', f'{topic}:={name}')]
     player = subprocess.Popen([*PLAYER, str(tmp_path / 'bag'), '--wait', '0', '--keep-alive',
-                               '--topics', *names, *[option for topic, name in names.items()
-                                                     for option in ('--remap', f'{topic}:={name}')]],
+                               '--topics', *names, *remapped],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rclpy.init()
     try:

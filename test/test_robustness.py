@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from s4fusion_ros.diagnostics import Key, per_input, ROLES, status_name
+from s4fusion_ros.diagnostics import Key, node_status, per_input, ROLES, values_of
 from s4fusion_ros.engine import FusionPipeline
 from s4fusion_ros.imaging.encodings import encode_image, ImageDecodeError, RawCompressedImage
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
@@ -30,7 +30,6 @@ from s4fusion_ros.ros.flood import synthetic_pair
 from support import raw_images
 
 THERMAL, VISIBLE = synthetic_pair()  # uint16 (480, 640) counts, uint8 (480, 640, 3) BGR
-SLOP_NS = 50_000_000  # sync.slop default
 
 
 def sync_counts_add_up(counts: dict) -> None:
@@ -140,7 +139,7 @@ class NodeUnderTest:
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage
         self.proc, self.probe = proc, probe
-        self.status_name = status_name(f'{namespace}/s4fusion_node')
+        self.node_name = f'{namespace}/s4fusion_node'
         qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self.compressed_pub = probe.create_publisher(
             CompressedImage, 'visible/image_raw/compressed', qos)
@@ -149,11 +148,11 @@ class NodeUnderTest:
         probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
 
     def _on_diagnostics(self, msg) -> None:
-        for status in msg.status:
-            if status.name == self.status_name:
-                self.status = {kv.key: kv.value for kv in status.values}
-                self.level, self.message = status.level, status.message
-                self.status_at = time.monotonic()
+        status = node_status(msg, self.node_name)
+        if status is not None:
+            self.status = values_of(status)
+            self.level, self.message = status.level, status.message
+            self.status_at = time.monotonic()
 
     def now(self) -> int:
         """Return the probe's clock in ns (stamps of what the test publishes)."""

@@ -33,7 +33,7 @@ from .. import settings
 from ..cli import interrupt, run_command, start_child, stop_on_signals
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, output_qos_of, pick_topics, read_messages)
-from ..diagnostics import ROLES, Key, number, per_input, status_name
+from ..diagnostics import ROLES, Key, node_status, number, per_input, values_of
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import resolved, write_png, write_text_atomically
 from ..imaging.encodings import decode_visible, image_to_array
@@ -151,10 +151,10 @@ class Monitor(Node):
         self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
 
     def _on_diagnostics(self, array: DiagnosticArray) -> None:
-        for status in array.status:
-            if status.name == status_name(f'/{settings.NODE_NAME}'):
-                self.status = {kv.key: kv.value for kv in status.values}
-                self.status_stamp = stamp_to_ns(array.header.stamp)
+        status = node_status(array, f'/{settings.NODE_NAME}')
+        if status is not None:
+            self.status = values_of(status)
+            self.status_stamp = stamp_to_ns(array.header.stamp)
 
     def number(self, key: Key) -> float:
         """Return a numeric diagnostics value (NaN until known)."""

@@ -32,7 +32,8 @@ import yaml
 from .. import settings
 from ..cli import (interrupt, parse_size, run_command, start_child, stop_on_signals,
                    stop_signals_handled)
-from ..diagnostics import ROLES, Key, nothing_pending, number, per_input, status_name
+from ..diagnostics import (ROLES, Key, node_status, nothing_pending, number, per_input,
+                           values_of)
 from ..messages import stamp_to_ns
 from ..stats import process_memory_kib
 
@@ -145,14 +146,13 @@ def synthetic_pair(width: int = 640, height: int = 480) -> tuple[np.ndarray, np.
 class NodeProcess:
     """s4fusion_node run as its own process, with its parameters in a temporary file."""
 
-    def __init__(self, params: dict, namespace: str, directory: pathlib.Path,
-                 extra_args: tuple = ()):
+    def __init__(self, params: dict, namespace: str, directory: pathlib.Path):
         """Start the node (`python -m`, so it works wherever the package is importable)."""
         params_file = directory / 'params.yaml'
         params_file.write_text(yaml.safe_dump({'/**': {'ros__parameters': params}}))
         self.log_path = directory / 'node.log'
         command = [sys.executable, '-m', 's4fusion_ros.ros.run_node', '--ros-args',
-                   '--params-file', str(params_file), '-r', f'__ns:={namespace}', *extra_args]
+                   '--params-file', str(params_file), '-r', f'__ns:={namespace}']
         self.proc = start_child(command, self.log_path)
 
     @property
@@ -220,10 +220,10 @@ class Driver:
         self.outputs.append((time.monotonic(), (time.time_ns() - stamp_ns) / 1e9))
 
     def _on_diagnostics(self, msg) -> None:
-        for status in msg.status:
-            if status.name == status_name(self.node_name):
-                self.diagnostics = {kv.key: kv.value for kv in status.values}
-                self.diagnostics_at = time.monotonic()
+        status = node_status(msg, self.node_name)
+        if status is not None:
+            self.diagnostics = values_of(status)
+            self.diagnostics_at = time.monotonic()
 
     def _sample_memory(self) -> None:
         rss = process_memory_kib(self.node_pid).get('VmRSS')
@@ -301,7 +301,7 @@ def _settled(driver: Driver, since: float) -> bool:
 
 
 def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = DEFAULT_NAMESPACE,
-              size: tuple[int, int] = (640, 480), extra_args: tuple = (),
+              size: tuple[int, int] = (640, 480),
               directory: pathlib.Path | None = None) -> FloodReport:
     """Start a node with `params`, flood it with each (rate Hz or 0, seconds) phase, measure.
 
@@ -312,7 +312,7 @@ def run_flood(params: dict, phases: list[tuple[float, float]], namespace: str = 
     directory = directory or pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-flood-'))
     # Diagnostics at least twice a second, so the end of the run is seen promptly.
     params = {'diagnostics.period': 0.5, **params}
-    node = NodeProcess(params, namespace, directory, extra_args)
+    node = NodeProcess(params, namespace, directory)
     driver = None
     done = []
     settled = False

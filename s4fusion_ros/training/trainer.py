@@ -258,9 +258,9 @@ class Trainer:
             'init': None if self.init is None else self.init['sha256'],
         }
 
-    def resume(self, path=None):
-        """Continue from a training state (default: the one in ``out_dir``); returns its step."""
-        path = pathlib.Path(path) if path is not None else self.out_dir / STATE_NAME
+    def resume(self):
+        """Continue from the training state in ``out_dir``; returns its step."""
+        path = self.out_dir / STATE_NAME
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
             saved = json.loads(state['identity'])
