@@ -52,10 +52,10 @@ COLOR_ENCODINGS = frozenset(name for name, fmt in FORMATS.items() if fmt.layout 
 GRAY8_ENCODINGS = frozenset({'mono8', '8UC1'})
 THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir|boson|lepton)'
                           r'([^a-z]|$)', re.IGNORECASE)
-# Depth cameras publish 16UC1 (mm) and 32FC1 (m) too, as do stereo disparity images: a camera
-# named so is never taken for the thermal one (its compressedDepth transport aside, which 16-bit
-# thermal cores use as well).
-DEPTH_NAME = re.compile(r'depth|disparity', re.IGNORECASE)
+# Depth cameras publish 16UC1 (mm) and 32FC1 (m) too, as do stereo disparity images: a topic
+# named so, and not named like a thermal one, is not taken for the thermal camera (the
+# compressedDepth transport aside, which 16-bit thermal cores use as well).
+DEPTH_NAME = re.compile(r'(^|[^a-z])(depth|disparity)([^a-z]|$)', re.IGNORECASE)
 # The fusion node's own outputs, as a recording of the live system holds them (in any
 # namespace, raw or /compressed): neither a camera to fuse nor a topic to replay by default.
 NODE_OUTPUT = re.compile(rf'{OUTPUT_TOPIC_PATTERN}(/compressed)?$')
@@ -282,8 +282,8 @@ def guess_role(topic: str, encoding: str) -> str:
         return ''
     thermal_name = THERMAL_NAME.search(topic) is not None
     depth_name = DEPTH_NAME.search(topic.removesuffix('/compressedDepth')) is not None
-    if not depth_name and (encoding in THERMAL_ENCODINGS
-                           or (encoding in GRAY8_ENCODINGS and thermal_name)):
+    if ((encoding in THERMAL_ENCODINGS and (thermal_name or not depth_name))
+            or (encoding in GRAY8_ENCODINGS and thermal_name)):
         return 'thermal'
     if encoding in COLOR_ENCODINGS and not thermal_name:  # not a false-colour thermal view
         return 'visible'

@@ -199,8 +199,14 @@ def test_a_depth_camera_is_not_taken_for_the_thermal_one(tmp_path):
                   ('/boson/image_raw', IMAGE, 'mono8')]]  # a FLIR Boson's 8-bit AGC output
     thermal, visible = bagio.pick_topics(topics, tmp_path)
     assert (thermal.topic, visible.topic) == ('/boson/image_raw', '/camera/camera/color/image_raw')
-    # A 16-bit thermal core's compressedDepth transport is still thermal.
-    assert bagio.guess_role('/lwir/image/compressedDepth', '16UC1') == 'thermal'
+    # A 16-bit thermal core's compressedDepth transport is still thermal, and so is a topic
+    # named both ways, or with 'depth' only inside a word.
+    for topic, encoding in (('/lwir/image/compressedDepth', '16UC1'),
+                            ('/lwir/image_aligned_to_depth', '16UC1'),
+                            ('/thermal/registered_to_depth/image', 'mono8'),
+                            ('/depthai/thermal/image_raw', '16UC1'),
+                            ('/depthai/image_raw', '16UC1')):
+        assert bagio.guess_role(topic, encoding) == 'thermal', topic
 
 
 def test_a_compressed_depth_thermal_topic_is_fused_as_the_node_decodes_it(

@@ -265,10 +265,12 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
         rclpy.try_shutdown()
 
 
-def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(tmp_path):
+@pytest.mark.parametrize('best_effort', [False, True])
+def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(best_effort, tmp_path):
     # /robot_description as robot_state_publisher offers it (transient local): played volatile,
     # a late subscriber asking for it (rviz, tf static listeners) never got it (found by a
-    # review).
+    # review). --best-effort is for the images: a best-effort latched topic reaches no reliable
+    # late subscriber.
     from rclpy.qos import DurabilityPolicy
     from rosbags.interfaces import QosDurability
     from s4fusion_ros.bagio import output_qos
@@ -284,7 +286,8 @@ def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(tmp_pat
     remapped = [option for topic, name in names.items()
                 for option in ('--remap', f'{topic}:={name}')]
     player = subprocess.Popen([*PLAYER, str(tmp_path / 'bag'), '--wait', '0', '--keep-alive',
-                               '--topics', *names, *remapped],
+                               '--topics', *names, *remapped,
+                               *(['--best-effort'] if best_effort else [])],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rclpy.init()
     try:
@@ -293,10 +296,12 @@ def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(tmp_pat
         while not all(node.get_publishers_info_by_topic(name) for name in names.values()):
             assert time.monotonic() < end and player.poll() is None, player.communicate()[0]
             time.sleep(0.1)
-        offered = {topic: node.get_publishers_info_by_topic(name)[0].qos_profile.durability
+        offered = {topic: node.get_publishers_info_by_topic(name)[0].qos_profile
                    for topic, name in names.items()}
-        assert offered == {'/robot_description': DurabilityPolicy.TRANSIENT_LOCAL,
-                           '/chatter': DurabilityPolicy.VOLATILE}
+        assert {topic: (qos.durability, qos.reliability) for topic, qos in offered.items()} == {
+            '/robot_description': (DurabilityPolicy.TRANSIENT_LOCAL, ReliabilityPolicy.RELIABLE),
+            '/chatter': (DurabilityPolicy.VOLATILE, ReliabilityPolicy.BEST_EFFORT if best_effort
+                         else ReliabilityPolicy.RELIABLE)}
         time.sleep(3)  # played by now: the subscriber below joins late
         received = []
         node.create_subscription(message_class(string), names['/robot_description'],

@@ -13,7 +13,7 @@ s4fusion-demo does.
 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"); a topic recorded transient-local (latched, such as
-/robot_description with --topics) is played so. Playback starts once every topic has a subscriber
+/robot_description with --topics) is played so, and reliable even with --best-effort. Playback starts once every topic has a subscriber
 (or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
 With --wait-for NODE it also waits for that node to subscribe to every played topic: a node that
 joins the graph first and subscribes only once its model is loaded, or one topic after another,
@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'to the first (topics NODE does not subscribe to by then are named, and '
                         'played; --topics leaves them out)')
     parser.add_argument('--best-effort', action='store_true',
-                        help='publish best effort instead of reliable')
+                        help='publish best effort instead of reliable (not the topics '
+                        'recorded latched)')
     parser.add_argument('--keep-alive', action='store_true',
                         help='after the end keep running (and advancing /clock) until Ctrl-C, '
                         'so that nodes on sim time finish their timers')
@@ -190,8 +191,13 @@ class BagPlayer:
                                f'with --remap {topic}:=NEW') from None
         self.publishers = {}
         for topic in wanted:
-            qos = qos_profile('best_effort' if args.best_effort else 'reliable', PUBLISH_DEPTH)
-            if topic in latched:  # as recorded, for subscribers that join late
+            # As recorded, for subscribers that join late; reliable whatever --best-effort
+            # says (meant for the image streams): a best-effort writer reaches only best-effort
+            # late readers.
+            latching = topic in latched
+            qos = qos_profile('best_effort' if args.best_effort and not latching else 'reliable',
+                              PUBLISH_DEPTH)
+            if latching:
                 qos.durability = DurabilityPolicy.TRANSIENT_LOCAL
             self.publishers[topic] = node.create_publisher(
                 message_class(types[topic]), args.remap.get(topic, topic), qos)
