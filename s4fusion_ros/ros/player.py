@@ -13,8 +13,9 @@ s4fusion-demo does.
 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"); a topic recorded transient-local (latched, such as
-/robot_description with --topics) is played so, and reliable even with --best-effort. Playback starts once every topic has a subscriber
-(or --wait seconds passed) and discovery had a moment to settle, so early messages are not lost.
+/robot_description with --topics) is played so, and reliable even with --best-effort. Playback
+starts once every topic has a subscriber (or --wait seconds passed) and discovery had a moment to
+settle, so early messages are not lost.
 With --wait-for NODE it also waits for that node to subscribe to every played topic: a node that
 joins the graph first and subscribes only once its model is loaded, or one topic after another,
 would otherwise miss the start of the bag on a topic. Topics it still does not subscribe to after
