@@ -25,11 +25,11 @@ def generate_launch_description():
     arguments = [
         DeclareLaunchArgument('namespace', default_value='', description='node namespace'),
         DeclareLaunchArgument('thermal_topic', default_value='thermal/image_raw',
-                              description='thermal sensor_msgs/Image topic (its /compressed and '
-                                          '/compressedDepth with thermal.transport)'),
+                              description='thermal sensor_msgs/Image topic (its /compressed, '
+                                          '/compressedDepth and /zstd with thermal.transport)'),
         DeclareLaunchArgument('visible_topic', default_value='visible/image_raw',
                               description='visible (RGB) sensor_msgs/Image topic (its /compressed '
-                                          'with visible.transport)'),
+                                          'and /zstd with visible.transport)'),
         DeclareLaunchArgument('params_file', default_value=default_params,
                               description='node parameters (YAML)'),
         DeclareLaunchArgument('device', default_value='',
@@ -97,6 +97,8 @@ def _node(context):
              [LaunchConfiguration('visible_topic'), '/compressed']),
             ('thermal/image_raw/compressedDepth',
              [LaunchConfiguration('thermal_topic'), '/compressedDepth']),
+            ('thermal/image_raw/zstd', [LaunchConfiguration('thermal_topic'), '/zstd']),
+            ('visible/image_raw/zstd', [LaunchConfiguration('visible_topic'), '/zstd']),
         ],
         ros_arguments=['--log-level', log_level],
         additional_env={'FASTDDS_BUILTIN_TRANSPORTS': transports},

@@ -31,7 +31,7 @@ from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, Storage
 from rosbags.typesys import Stores, get_typestore
 
 from .files import sync_to_disk, sync_tree
-from .imaging.encodings import FORMATS, RawImage, format_encoding
+from .imaging.encodings import FORMATS, ZSTD_FORMAT, RawImage, format_encoding, zstd_encoding
 from .messages import ns_to_sec_nanosec
 from .settings import OUTPUT_TOPIC_PATTERN
 
@@ -229,11 +229,14 @@ class ImageTopic:
 
     @property
     def transport(self) -> str:
-        """The image_transport it is in, by its name: raw, compressed or compressedDepth (the
-        node's *.transport values)."""
+        """The image_transport it is in, by its name: raw, compressed, compressedDepth or zstd
+        (the node's *.transport values)."""
         if not self.compressed:
             return 'raw'
-        return 'compressedDepth' if self.topic.endswith('/compressedDepth') else 'compressed'
+        for transport in ('compressedDepth', 'zstd'):
+            if self.topic.endswith(f'/{transport}'):
+                return transport
+        return 'compressed'
 
     def describe(self) -> str:
         """One line for messages: topic (type, encoding, count)."""
@@ -270,8 +273,11 @@ def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
 
 
 def message_encoding(message) -> str:
-    """Return Image.encoding, or the source encoding of a CompressedImage ('bgr8; jpeg ...')."""
+    """Return Image.encoding, or the source encoding of a CompressedImage ('bgr8; jpeg ...', or
+    the header of a zstd transport message)."""
     if hasattr(message, 'format'):
+        if message.format == ZSTD_FORMAT:
+            return zstd_encoding(message.data)
         return format_encoding(message.format)
     return message.encoding
 

@@ -28,7 +28,8 @@ from .worker import QUEUE_POLICIES
 
 NODE_NAME = 's4fusion_node'
 RELIABILITIES = ('reliable', 'best_effort')
-TRANSPORTS = ('raw', 'compressed')
+# zstd: image_transport's lossless zstd plugin (Jazzy on).
+TRANSPORTS = ('raw', 'compressed', 'zstd')
 # 16-bit thermal cores are often sent with image_transport's compressed_depth plugin.
 THERMAL_TRANSPORTS = (*TRANSPORTS, 'compressedDepth')
 OUTPUT_ENCODINGS = ('bgr8', 'rgb8', 'mono8')  # of the fused image
@@ -73,10 +74,12 @@ SPECS = {
                               'pyramid\'s detail, which flickers less on video', range=(0.0, 4.0)),
     'thermal.transport': Spec('raw', 'raw: sensor_msgs/Image on thermal/image_raw; compressed: '
                               'CompressedImage on thermal/image_raw/compressed; compressedDepth: '
-                              'CompressedImage on thermal/image_raw/compressedDepth (16-bit PNG)',
+                              'CompressedImage on thermal/image_raw/compressedDepth (16-bit PNG); '
+                              'zstd: CompressedImage on thermal/image_raw/zstd (lossless)',
                               choices=THERMAL_TRANSPORTS),
     'visible.transport': Spec('raw', 'raw: sensor_msgs/Image on visible/image_raw; compressed: '
-                              'CompressedImage on visible/image_raw/compressed',
+                              'CompressedImage on visible/image_raw/compressed; zstd: '
+                              'CompressedImage on visible/image_raw/zstd (lossless)',
                               choices=TRANSPORTS),
     'qos.input.reliability': Spec('reliable', 'input reliability (reliable receives nothing from '
                                   'a best_effort publisher)', choices=RELIABILITIES),

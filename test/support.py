@@ -8,6 +8,8 @@ import csv
 import os
 import pathlib
 import random
+import struct
+import zlib
 
 import cv2
 from hypothesis import strategies as st
@@ -194,6 +196,22 @@ def reference(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path) 
 
 _FIELDS = st.one_of(st.integers(-3, 12), st.sampled_from([0, 1 << 16, 1 << 40]), st.none(),
                     st.floats(allow_nan=True), st.text(max_size=3))
+
+
+def zstd_transport_data(img: RawImage, codec: str = 'zstd') -> bytes:
+    """A CompressedImage's data as image_transport's zstd plugin publishes `img` (format 'zstd'):
+    its 17-byte little-endian header and the encoding, then the rows as a zstd frame, or as the
+    gzip stream of the plugin's earlier releases (`codec` 'gzip')."""
+    from backports import zstd
+    rows = bytes(img.data)
+    if codec == 'zstd':
+        payload = zstd.compress(rows)
+    else:
+        packer = zlib.compressobj(3, zlib.DEFLATED, 31)
+        payload = packer.compress(rows) + packer.flush()
+    encoding = img.encoding.encode()
+    return struct.pack('<IIBII', img.height, img.width, img.is_bigendian, img.step,
+                       len(encoding)) + encoding + payload
 
 
 @st.composite

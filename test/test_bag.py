@@ -20,11 +20,12 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
+from s4fusion_ros.imaging.encodings import RawImage
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC, TYPESTORE,
                      VISIBLE_FRAME, VISIBLE_TOPIC, bag_image_message, camera_messages, read_bag,
-                     write_bag)
+                     write_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -234,6 +235,37 @@ def test_a_compressed_depth_thermal_topic_is_fused_as_the_node_decodes_it(
                               str(params_file)]) == 0
     fused = [read_bag(tmp_path / f'{name}_out')['/s4fusion_node/fused']
              for name in ('raw', 'depth')]
+    assert fused[0] == fused[1] and len(fused[0]) == len(expected_pairs(short_events))
+
+
+def test_a_zstd_transport_topic_is_fused_as_the_node_decodes_it(
+        short_events, params_file, tmp_path):
+    # Both cameras through image_transport's zstd plugin (format 'zstd': a header, the raw
+    # image compressed), found by the encoding in that header: the same pairs and pixels.
+    raw = write_bag(tmp_path / 'raw', short_events, 'mcap')
+    with Writer(tmp_path / 'zstd', version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections = {topic: writer.add_connection(topic + '/zstd', COMPRESSED,
+                                                    typestore=TYPESTORE)
+                       for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
+        for log_time, topic, stamp, encoding, image in short_events:
+            frame = THERMAL_FRAME if topic == THERMAL_TOPIC else VISIBLE_FRAME
+            message = bag_image_message(image, encoding, stamp, frame)
+            data = zstd_transport_data(RawImage(message.height, message.width, message.encoding,
+                                                message.step, message.is_bigendian,
+                                                message.data))
+            writer.write(connections[topic], log_time, TYPESTORE.serialize_cdr(
+                TYPESTORE.types[COMPRESSED](header=message.header, format='zstd',
+                                            data=np.frombuffer(data, np.uint8)), COMPRESSED))
+    with bagio.open_bag(tmp_path / 'zstd') as reader:
+        topics = bagio.image_topics(reader, tmp_path / 'zstd')
+    thermal, visible = bagio.pick_topics(topics, tmp_path / 'zstd')
+    assert (thermal.topic, thermal.transport) == (THERMAL_TOPIC + '/zstd', 'zstd')
+    assert visible.topic == VISIBLE_TOPIC + '/zstd'
+    for source in (raw, tmp_path / 'zstd'):
+        assert bag_tool.main([str(source), str(tmp_path / f'{source.name}_out'), '--params',
+                              str(params_file)]) == 0
+    fused = [read_bag(tmp_path / f'{name}_out')['/s4fusion_node/fused']
+             for name in ('raw', 'zstd')]
     assert fused[0] == fused[1] and len(fused[0]) == len(expected_pairs(short_events))
 
 

@@ -15,7 +15,7 @@ from s4fusion_ros.imaging import color
 from s4fusion_ros.imaging.encodings import (
     decode_thermal, decode_thermal_info, decode_visible, encode_image, FORMATS, image_to_array,
     ImageDecodeError, jpeg_is_whole, MAX_PIXELS, MAX_SIDE, RawCompressedImage, RawImage)
-from support import raw_images
+from support import raw_images, zstd_transport_data
 
 
 @pytest.fixture(scope='module')
@@ -288,6 +288,44 @@ def test_compressed_depth_16bit_is_the_png_after_its_header(msrs_pair):
                 '16UC1; compressedDepth'):
         np.testing.assert_array_equal(decode_thermal(depth_message(fmt, png)),
                                       counts.astype(np.float32))
+
+
+@pytest.mark.parametrize('codec', ['zstd', 'gzip'])
+@pytest.mark.parametrize('encoding', ['mono16', '32FC1', 'bgr8', 'rgba8', 'yuv422',
+                                      'bayer_rggb16'])
+def test_the_zstd_transport_carries_the_raw_image(arrays, encoding, codec):
+    # image_transport's zstd plugin: the raw image (big-endian and padded rows kept) behind a
+    # 17-byte header, as a zstd frame or, in its earlier releases, a gzip stream.
+    img = encode_image(arrays[encoding], encoding, bigendian=True, row_padding=3)
+    message = RawCompressedImage('zstd', zstd_transport_data(img, codec))
+    np.testing.assert_array_equal(decode_thermal(message), decode_thermal(img))
+    if encoding != '32FC1':
+        np.testing.assert_array_equal(decode_visible(message), decode_visible(img))
+
+
+def test_a_bad_zstd_transport_message_is_refused_before_it_is_inflated(arrays):
+    img = encode_image(arrays['mono16'], 'mono16')
+    data = zstd_transport_data(img)
+
+    def refused(data, match, max_pixels=MAX_PIXELS):
+        with pytest.raises(ImageDecodeError, match=match):
+            decode_visible(RawCompressedImage('zstd', data), max_pixels)
+
+    refused(data[:10], 'no room for the 17-byte zstd transport header')
+    refused(data[:23], 'cut short in its header')
+    refused(data[:-20], 'decompressed to')
+    refused(data[:23] + b'not compressed', 'neither a zstd frame nor a gzip stream')
+    refused(data[:23] + b'\x28\xb5\x2f\xfd' + b'\xff' * 20, 'cannot decompress')
+    unknown = encode_image(arrays['mono16'], 'mono16')
+    refused(zstd_transport_data(RawImage(img.height, img.width, 'yuv420', img.step, 0,
+                                         unknown.data)), "unsupported encoding 'yuv420'")
+    # Sizes from the header, before anything is inflated: a small message of a huge image.
+    refused(data, 'exceeds 100 pixels', max_pixels=100)
+    bomb = struct.pack('<IIBII', 4096, 8, 0, 1 << 24, 6) + b'mono16' + data[23:]
+    refused(bomb, r'step 16777216 exceeds the limit 4128')
+    # One the header says is larger than its rows.
+    refused(struct.pack('<IIBII', img.height, img.width, 0, img.step + 2, 6) + data[17:],
+            'but its header gives step x height')
 
 
 def test_compressed_depth_32fc1_is_its_quantized_inverse_depth():

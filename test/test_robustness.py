@@ -27,7 +27,7 @@ from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.ros.flood import synthetic_pair
-from support import raw_images
+from support import raw_images, zstd_transport_data
 
 THERMAL, VISIBLE = synthetic_pair()  # uint16 (480, 640) counts, uint8 (480, 640, 3) BGR
 
@@ -554,28 +554,34 @@ def _weights(tmp_path: pathlib.Path) -> dict:
 
 
 @pytest.mark.ros
-def test_a_thermal_core_sent_as_compressed_depth_is_fused(ros):
+@pytest.mark.parametrize('transport', ['compressedDepth', 'zstd'])
+def test_a_thermal_core_sent_through_a_16_bit_transport_is_fused(ros, transport):
     # thermal.transport compressedDepth: image_transport's compressed_depth plugin, the usual
-    # way of sending 16-bit images (a 12-byte header, then a PNG), on .../compressedDepth.
+    # way of sending 16-bit images (a 12-byte header, then a PNG), on .../compressedDepth; zstd:
+    # its lossless zstd plugin (a 17-byte header, the raw image as a zstd frame), on .../zstd.
     import struct
 
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CompressedImage
 
     from ros_harness import Probe, running_node
-    namespace = '/depth_transport'
+    namespace = f'/{transport}_transport'
     probe = Probe('depth_probe', namespace=namespace)
     qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-    depth_pub = probe.create_publisher(CompressedImage, 'thermal/image_raw/compressedDepth', qos)
-    payload = struct.pack('<iff', 0, 0.0, 0.0) + cv2.imencode('.png', THERMAL)[1].tobytes()
-    params = {'device': 'cpu', 'inference_size': [80, 60], 'thermal.transport': 'compressedDepth'}
+    depth_pub = probe.create_publisher(CompressedImage, f'thermal/image_raw/{transport}', qos)
+    if transport == 'zstd':
+        payload, fmt = zstd_transport_data(encode_image(THERMAL, 'mono16')), 'zstd'
+    else:
+        payload = struct.pack('<iff', 0, 0.0, 0.0) + cv2.imencode('.png', THERMAL)[1].tobytes()
+        fmt = '16UC1; compressedDepth png'
+    params = {'device': 'cpu', 'inference_size': [80, 60], 'thermal.transport': transport}
     with running_node(params, namespace=namespace) as proc:
         under_test = NodeUnderTest(proc, probe, namespace)
         deadline = time.monotonic() + 90.0
         while not probe.fused:  # start-up, then discovery may lose the first messages
             assert time.monotonic() < deadline and proc.poll() is None, under_test.log()
             stamp = under_test.now()
-            message = compressed(payload, stamp, '16UC1; compressedDepth png')
+            message = compressed(payload, stamp, fmt)
             message.header.frame_id = 'thermal_optical_frame'
             depth_pub.publish(message)
             probe.visible_pub.publish(image(VISIBLE, 'bgr8', stamp))

@@ -26,10 +26,13 @@ Rules for the inputs (see docs/node.md, "Inputs"):
 - compressedDepth (image_transport's compressed_depth plugin, the usual transport of 16-bit
   images): 16UC1 / mono16 as the PNG after its 12-byte header, 32FC1 as the plugin decodes its
   quantized inverse depth; its RVL codec is refused.
+- zstd (image_transport's zstd plugin, lossless): the raw image it compressed, any encoding the
+  raw path reads.
 """
 
 import dataclasses
 import operator
+import zlib
 from typing import Any, NamedTuple, Union
 
 import cv2
@@ -317,6 +320,97 @@ def _inverse_depth(quantized: np.ndarray, params: tuple, name: str) -> np.ndarra
     return depth
 
 
+# zstd_image_transport's messages: format 'zstd', data a 17-byte little-endian header (uint32
+# height, uint32 width, uint8 is_bigendian, uint32 step, uint32 length of the encoding), the
+# encoding, then the image's rows compressed: a zstd frame, or in the plugin's releases before
+# its zstd wrapper a gzip stream (its zlib wrapper), told apart by their magic bytes.
+ZSTD_FORMAT = 'zstd'
+_ZSTD_HEADER = np.dtype([('height', '<u4'), ('width', '<u4'), ('is_bigendian', 'u1'),
+                         ('step', '<u4'), ('encoding_length', '<u4')])  # packed: 17 bytes
+_ZSTD_FRAME_MAGIC = b'\x28\xb5\x2f\xfd'
+_GZIP_MAGIC = b'\x1f\x8b'
+
+
+def _zstd_fields(data: np.ndarray, name: str) -> tuple[np.void, str, np.ndarray]:
+    """The header, encoding and compressed payload of a zstd transport message."""
+    if data.size < _ZSTD_HEADER.itemsize:
+        raise ImageDecodeError(f'{name} image: {data.size} bytes, no room for the '
+                               f'{_ZSTD_HEADER.itemsize}-byte zstd transport header')
+    header = data[:_ZSTD_HEADER.itemsize].view(_ZSTD_HEADER)[0]
+    start = _ZSTD_HEADER.itemsize + int(header['encoding_length'])
+    if data.size <= start:
+        raise ImageDecodeError(f'{name} image: {data.size} bytes, cut short in its header '
+                               f'(encoding of {int(header["encoding_length"])} bytes) or with '
+                               'no image after it')
+    encoding = bytes(data[_ZSTD_HEADER.itemsize:start]).decode('ascii', errors='replace')
+    return header, encoding, data[start:]
+
+
+def zstd_encoding(data: Buffer) -> str:
+    """The source encoding a zstd transport message carries in its header ('' where it is too
+    short to tell)."""
+    try:
+        return _zstd_fields(_byte_view(data, 'zstd'), 'zstd')[1]
+    except ImageDecodeError:
+        return ''
+
+
+def _zstd_module(name: str):
+    """Python 3.14's compression.zstd, else its backport (installed with rosbags)."""
+    try:
+        from compression import zstd
+    except ImportError:
+        try:
+            from backports import zstd
+        except ImportError:
+            raise ImageDecodeError(f'{name} image: a zstd frame needs Python 3.14 or the '
+                                   'backports.zstd package (pip install backports.zstd)') from None
+    return zstd
+
+
+def _decompressed(payload: np.ndarray, size: int, name: str) -> bytes:
+    """The payload's `size` bytes, inflated from a zstd frame or a gzip stream; more or fewer
+    is an error, found without inflating more than one byte past `size`."""
+    head, errors = bytes(payload[:4]), (zlib.error,)
+    if head.startswith(_ZSTD_FRAME_MAGIC):
+        zstd = _zstd_module(name)
+        inflater, errors = zstd.ZstdDecompressor(), (zstd.ZstdError,)
+    elif head.startswith(_GZIP_MAGIC):
+        inflater = zlib.decompressobj(wbits=31)
+    else:
+        raise ImageDecodeError(f'{name} image: its data is neither a zstd frame nor a gzip '
+                               f'stream (starts {head.hex()})')
+    try:
+        raw = inflater.decompress(payload.tobytes(), size + 1)
+    except errors as exc:
+        raise ImageDecodeError(f'{name} image: cannot decompress ({exc})') from exc
+    if len(raw) != size:
+        got = f'more than {size}' if len(raw) > size else str(len(raw))
+        raise ImageDecodeError(f'{name} image: decompressed to {got} bytes, but its header '
+                               f'gives step x height = {size}')
+    return raw
+
+
+def _zstd_image(data: np.ndarray, max_pixels: int) -> RawImage:
+    """The raw image a zstd transport message carries; one over `max_pixels` is refused from its
+    header, before anything is decompressed."""
+    name = f'compressed {ZSTD_FORMAT!r}'
+    header, encoding, payload = _zstd_fields(data, name)
+    if encoding not in FORMATS:
+        raise ImageDecodeError(f'{name} image: unsupported encoding {encoding!r}; known: '
+                               f'{sorted(FORMATS)}')
+    height = _dimension(int(header['height']), 'height', name, MAX_SIDE)
+    width = _dimension(int(header['width']), 'width', name, MAX_SIDE)
+    _check_pixels(width, height, name, max_pixels)
+    fmt = FORMATS[encoding]
+    row_bytes = width * fmt.channels * np.dtype(fmt.dtype).itemsize
+    # Rows padded for alignment, not a step that would inflate a small message to gigabytes.
+    step = _dimension(int(header['step']), 'step', name, 2 * row_bytes + 4096)
+    raw = _decompressed(payload, step * height, name)
+    return RawImage(height, width, encoding, step, bool(header['is_bigendian']),
+                    np.frombuffer(raw, np.uint8))
+
+
 # compressed_image_transport's messages: format '<encoding>; <codec> compressed <stored>'. The
 # image is stored as <stored> (bgr8 for colour, mono8 for the rest in a JPEG) or, where that is
 # empty, as <encoding> itself (a PNG of gray, 16-bit or a Bayer mosaic, a TIFF of anything; a
@@ -391,6 +485,8 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
 def _decode_any(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """Decode a raw or compressed image to (array, layout, a name for messages); an image
     over `max_pixels` is refused (see image_to_array and _decode_compressed for when)."""
+    if hasattr(img, 'format') and not hasattr(img, 'encoding') and img.format == ZSTD_FORMAT:
+        img = _zstd_image(_byte_view(img.data, f'compressed {ZSTD_FORMAT!r}'), max_pixels)
     if hasattr(img, 'format') and not hasattr(img, 'encoding'):
         array, layout, name = _decode_compressed(img, max_pixels)
     else:
