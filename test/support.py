@@ -200,12 +200,15 @@ _FIELDS = st.one_of(st.integers(-3, 12), st.sampled_from([0, 1 << 16, 1 << 40]),
 
 def zstd_transport_data(img: RawImage, codec: str = 'zstd') -> bytes:
     """A CompressedImage's data as image_transport's zstd plugin publishes `img` (format 'zstd'):
-    its 17-byte little-endian header and the encoding, then the rows as a zstd frame, or as the
-    gzip stream of the plugin's earlier releases (`codec` 'gzip')."""
-    from backports import zstd
+    its 17-byte little-endian header and the encoding, then the rows as the gzip stream of its
+    releases so far (`codec` 'gzip') or the zstd frame of its newest sources ('zstd')."""
     rows = bytes(img.data)
     if codec == 'zstd':
-        payload = zstd.compress(rows)
+        try:
+            from compression import zstd  # Python 3.14
+        except ImportError:
+            from backports import zstd
+        payload = zstd.compress(rows, options={zstd.CompressionParameter.checksum_flag: 1})
     else:
         packer = zlib.compressobj(3, zlib.DEFLATED, 31)
         payload = packer.compress(rows) + packer.flush()

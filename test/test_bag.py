@@ -238,8 +238,9 @@ def test_a_compressed_depth_thermal_topic_is_fused_as_the_node_decodes_it(
     assert fused[0] == fused[1] and len(fused[0]) == len(expected_pairs(short_events))
 
 
+@pytest.mark.parametrize('codec', ['gzip', 'zstd'])
 def test_a_zstd_transport_topic_is_fused_as_the_node_decodes_it(
-        short_events, params_file, tmp_path):
+        codec, short_events, params_file, tmp_path):
     # Both cameras through image_transport's zstd plugin (format 'zstd': a header, the raw
     # image compressed), found by the encoding in that header: the same pairs and pixels.
     raw = write_bag(tmp_path / 'raw', short_events, 'mcap')
@@ -252,7 +253,7 @@ def test_a_zstd_transport_topic_is_fused_as_the_node_decodes_it(
             message = bag_image_message(image, encoding, stamp, frame)
             data = zstd_transport_data(RawImage(message.height, message.width, message.encoding,
                                                 message.step, message.is_bigendian,
-                                                message.data))
+                                                message.data), codec)
             writer.write(connections[topic], log_time, TYPESTORE.serialize_cdr(
                 TYPESTORE.types[COMPRESSED](header=message.header, format='zstd',
                                             data=np.frombuffer(data, np.uint8)), COMPRESSED))

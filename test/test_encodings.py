@@ -314,6 +314,9 @@ def test_a_bad_zstd_transport_message_is_refused_before_it_is_inflated(arrays):
     refused(data[:10], 'no room for the 17-byte zstd transport header')
     refused(data[:23], 'cut short in its header')
     refused(data[:-20], 'decompressed to')
+    for codec in ('gzip', 'zstd'):  # all the rows, but not the trailer that verifies them
+        whole = zstd_transport_data(img, codec)
+        refused(whole[:-2], 'ends before its trailer')
     refused(data[:23] + b'not compressed', 'neither a zstd frame nor a gzip stream')
     refused(data[:23] + b'\x28\xb5\x2f\xfd' + b'\xff' * 20, 'cannot decompress')
     unknown = encode_image(arrays['mono16'], 'mono16')

@@ -322,8 +322,9 @@ def _inverse_depth(quantized: np.ndarray, params: tuple, name: str) -> np.ndarra
 
 # zstd_image_transport's messages: format 'zstd', data a 17-byte little-endian header (uint32
 # height, uint32 width, uint8 is_bigendian, uint32 step, uint32 length of the encoding), the
-# encoding, then the image's rows compressed: a zstd frame, or in the plugin's releases before
-# its zstd wrapper a gzip stream (its zlib wrapper), told apart by their magic bytes.
+# encoding, then the image's rows compressed: a gzip stream in its releases so far (its zlib
+# wrapper), a zstd frame from its newest sources (its zstd wrapper), told apart by their magic
+# bytes.
 ZSTD_FORMAT = 'zstd'
 _ZSTD_HEADER = np.dtype([('height', '<u4'), ('width', '<u4'), ('is_bigendian', 'u1'),
                          ('step', '<u4'), ('encoding_length', '<u4')])  # packed: 17 bytes
@@ -388,6 +389,8 @@ def _decompressed(payload: np.ndarray, size: int, name: str) -> bytes:
         got = f'more than {size}' if len(raw) > size else str(len(raw))
         raise ImageDecodeError(f'{name} image: decompressed to {got} bytes, but its header '
                                f'gives step x height = {size}')
+    if not inflater.eof:  # the trailer (gzip's CRC, a zstd checksum) is what verifies the rows
+        raise ImageDecodeError(f'{name} image: its stream ends before its trailer (cut short)')
     return raw
 
 
