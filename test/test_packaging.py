@@ -209,7 +209,10 @@ ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'pytho
                'pytest': 'python3-pytest', 'hypothesis': 'python3-hypothesis',
                'pycodestyle': 'python3-pycodestyle', 'packaging': 'python3-packaging'}
 PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags',
+            'backports',  # backports.zstd, installed with rosbags (Python < 3.14)
             'mamba_ssm', 'ray'}  # the optional extras [gpu] and [ray]
+# Standard library from Python 3.14 on (compression.zstd), tried before its backport.
+NEWER_STDLIB = {'compression'}
 
 
 def imported_modules(*folders: str) -> set[str]:
@@ -224,7 +227,8 @@ def imported_modules(*folders: str) -> set[str]:
                     names.update(alias.name.split('.')[0] for alias in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.level == 0:
                     names.add(node.module.split('.')[0])
-    return {name for name in names if name not in sys.stdlib_module_names and name not in local}
+    return {name for name in names
+            if name not in sys.stdlib_module_names | NEWER_STDLIB and name not in local}
 
 
 def declared(kinds: tuple[str, ...]) -> set[str]:
