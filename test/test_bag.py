@@ -210,6 +210,18 @@ def test_a_depth_camera_is_not_taken_for_the_thermal_one(tmp_path):
         assert bagio.guess_role(topic, encoding) == 'thermal', topic
 
 
+def assert_fused_as_raw(raw: pathlib.Path, other: pathlib.Path, params_file: pathlib.Path,
+                        short_events) -> None:
+    """Fuse both bags with s4fusion-bag (beside them, as NAME_out): the bag of other transports
+    gives every pair of the raw one, with the same pixels."""
+    for source in (raw, other):
+        assert bag_tool.main([str(source), str(source.parent / f'{source.name}_out'),
+                              '--params', str(params_file)]) == 0
+    fused = [read_bag(source.parent / f'{source.name}_out')['/s4fusion_node/fused']
+             for source in (raw, other)]
+    assert fused[0] == fused[1] and len(fused[0]) == len(expected_pairs(short_events))
+
+
 def test_a_compressed_depth_thermal_topic_is_fused_as_the_node_decodes_it(
         short_events, params_file, tmp_path):
     # The same bag with its 16-bit thermal frames as image_transport's compressed_depth plugin
@@ -230,12 +242,7 @@ def test_a_compressed_depth_thermal_topic_is_fused_as_the_node_decodes_it(
             else:
                 writer.write(visible, log_time, TYPESTORE.serialize_cdr(
                     bag_image_message(image, encoding, stamp, VISIBLE_FRAME), IMAGE))
-    for source in (raw, tmp_path / 'depth'):
-        assert bag_tool.main([str(source), str(tmp_path / f'{source.name}_out'), '--params',
-                              str(params_file)]) == 0
-    fused = [read_bag(tmp_path / f'{name}_out')['/s4fusion_node/fused']
-             for name in ('raw', 'depth')]
-    assert fused[0] == fused[1] and len(fused[0]) == len(expected_pairs(short_events))
+    assert_fused_as_raw(raw, tmp_path / 'depth', params_file, short_events)
 
 
 @pytest.mark.parametrize('codec', ['gzip', 'zstd'])
@@ -262,12 +269,7 @@ def test_a_zstd_transport_topic_is_fused_as_the_node_decodes_it(
     thermal, visible = bagio.pick_topics(topics, tmp_path / 'zstd')
     assert (thermal.topic, thermal.transport) == (THERMAL_TOPIC + '/zstd', 'zstd')
     assert visible.topic == VISIBLE_TOPIC + '/zstd'
-    for source in (raw, tmp_path / 'zstd'):
-        assert bag_tool.main([str(source), str(tmp_path / f'{source.name}_out'), '--params',
-                              str(params_file)]) == 0
-    fused = [read_bag(tmp_path / f'{name}_out')['/s4fusion_node/fused']
-             for name in ('raw', 'zstd')]
-    assert fused[0] == fused[1] and len(fused[0]) == len(expected_pairs(short_events))
+    assert_fused_as_raw(raw, tmp_path / 'zstd', params_file, short_events)
 
 
 def test_corrupt_messages_on_another_image_topic_do_not_stop_the_run(
