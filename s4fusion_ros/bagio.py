@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import fcntl
 import glob
+import io
 import os
 import pathlib
 import re
@@ -28,6 +29,9 @@ from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurabi
                                 QosLiveliness, QosReliability, QosTime)
 from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer,
                              WriterError)
+# The storage readers themselves, for reading an MCAP file cut off by a crash (_McapReader).
+from rosbags.rosbag2.reader import DirectoryReader
+from rosbags.rosbag2.storage_mcap import McapReader
 from rosbags.typesys import Stores, get_typestore
 
 from .files import sync_to_disk, sync_tree
@@ -105,6 +109,129 @@ def is_unindexed_recording(folder: pathlib.Path) -> bool:
             and all(split.fullmatch(name) for name in names))
 
 
+# Recordings cut off ----------------------------------------------------------------------------
+# A recorder killed or a robot powered off mid-recording leaves its last MCAP file without its
+# summary and footer, which rosbags refuses. Such a file is read here as its whole records
+# followed by a footer naming no summary, which rosbags reads by a scan: every message of a chunk
+# the recorder finished is read, the record cut in two is not.
+
+MCAP_MAGIC = b'\x89MCAP0\r\n'
+_MCAP_FOOTER, _MCAP_DATA_END = 0x02, 0x0F
+_MCAP_OPCODES = range(0x01, 0x11)  # of the MCAP records; 0x00 (what a file system's unwritten
+#                                     blocks read as) and above are not records
+_RECORD_HEAD = 9  # opcode byte, little-endian uint64 length
+# Data End (no data CRC), then a Footer with no summary (offsets and CRC 0), then the magic.
+_CUT_MCAP_TAIL = (bytes([_MCAP_DATA_END]) + (4).to_bytes(8, 'little') + bytes(4)
+                  + bytes([_MCAP_FOOTER]) + (20).to_bytes(8, 'little') + bytes(20) + MCAP_MAGIC)
+
+
+def whole_mcap_records(path: pathlib.Path) -> int | None:
+    """The bytes of the MCAP file `path` up to the end of its last whole record before the
+    summary, when the file lacks its footer (cut off); None for a file that ends as MCAP files
+    end, or that does not begin as one (rosbags says what is wrong with it)."""
+    with open(path, 'rb') as file:
+        size = os.fstat(file.fileno()).st_size
+        if file.read(len(MCAP_MAGIC)) != MCAP_MAGIC:
+            return None
+        file.seek(-len(MCAP_MAGIC), os.SEEK_END)
+        if size >= len(MCAP_MAGIC) + len(_CUT_MCAP_TAIL) and file.read() == MCAP_MAGIC:
+            return None
+        end = len(MCAP_MAGIC)
+        while end + _RECORD_HEAD <= size:
+            file.seek(end)
+            head = file.read(_RECORD_HEAD)
+            opcode, length = head[0], int.from_bytes(head[1:], 'little')
+            if (opcode not in _MCAP_OPCODES or opcode in (_MCAP_FOOTER, _MCAP_DATA_END)
+                    or end + _RECORD_HEAD + length > size):
+                break
+            end += _RECORD_HEAD + length
+        return end
+
+
+class _CutMcapFile(io.RawIOBase):
+    """The first `whole` bytes of a cut-off MCAP file followed by _CUT_MCAP_TAIL, read-only."""
+
+    def __init__(self, path: pathlib.Path, whole: int):
+        super().__init__()
+        self._file = open(path, 'rb')  # noqa: SIM115 - closed with this file
+        self._whole = whole
+        self._size = whole + len(_CUT_MCAP_TAIL)
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast('B')
+        count = 0
+        if self._position < self._whole:
+            self._file.seek(self._position)
+            count = self._file.readinto(view[:self._whole - self._position]) or 0
+        elif self._position < self._size:
+            tail = _CUT_MCAP_TAIL[self._position - self._whole:][:len(view)]
+            view[:len(tail)] = tail
+            count = len(tail)
+        self._position += count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class _McapReader(McapReader):
+    """rosbags' MCAP reader that reads a file cut off by a crash up to its last whole record."""
+
+    cut: tuple[int, int] | None = None  # of a file cut off: (bytes read, file size)
+
+    def open(self) -> None:
+        whole = whole_mcap_records(pathlib.Path(self.path))
+        self.cut = None if whole is None else (whole, pathlib.Path(self.path).stat().st_size)
+        if whole is None:
+            super().open()
+            return
+        # What McapReader.open does with the file, on the file with its end made good.
+        self.bio = io.BufferedReader(_CutMcapFile(pathlib.Path(self.path), whole))
+        try:
+            self._open()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+
+
+class _DirectoryReader(DirectoryReader):
+    STORAGE_PLUGINS = {**DirectoryReader.STORAGE_PLUGINS, 'mcap': _McapReader}
+
+
+class _Reader(Reader):
+    STORAGE_PLUGINS = {**Reader.STORAGE_PLUGINS, 'dir': _DirectoryReader, '.mcap': _McapReader}
+
+
+def cut_files(reader: Reader) -> list[str]:
+    """What `reader` read of its MCAP files cut off (as whole_mcap_records), one line each."""
+    lines = []
+    for storage in getattr(reader.storage, 'storages', [reader.storage]):  # a directory's files
+        if getattr(storage, 'cut', None) is not None:
+            name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
+            whole, size = storage.cut
+            lines.append(f'{name}cut off (no MCAP footer: a recording that ended in a crash or '
+                         f'power loss): read up to its last whole record, {whole} of {size} '
+                         f'bytes')
+    return lines
+
+
 @cache
 def typestore():
     """Return the message types of ROS 2 Kilted (the distro this package targets)."""
@@ -118,24 +245,27 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
     """Open a bag for reading; any fault while opening or reading is a BagError naming it."""
     path = pathlib.Path(path)
     try:
-        reader = Reader(path)
+        reader = _Reader(path)
         reader.open()
     except FileNotFoundError as error:
         if path.is_dir() and not (path / 'metadata.yaml').exists():
-            if is_unindexed_recording(path) or not bag_files(path):
+            if not bag_files(path):
+                raise BagError(f'{path}: no metadata.yaml and no bag file') from None
+            if is_unindexed_recording(path):
+                files = bag_files(path)
+                single = (f', or give its bag file ({path / files[0]})' if len(files) == 1
+                          else '')
                 raise BagError(f'{path}: no metadata.yaml (a recording still running, or one '
-                               f'that was cut off: `ros2 bag reindex` writes it)') from None
+                               f'that was cut off: `ros2 bag reindex` writes it{single})'
+                               ) from None
             # A folder of bare bag files, as s4fusion-batch reads it: one is a bag.
             first = path / bag_files(path)[0]
             raise BagError(f'{path}: no metadata.yaml, and its bag files are not one '
                            f'recording\'s: give one of them ({first})') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
-        # An MCAP cut off by a crash lacks its end: the mcap CLI rewrites what it holds.
-        recover = ('; `mcap recover` (the mcap CLI) writes a readable copy of a recording cut '
-                   'off' if 'magic' in str(error).lower() else '')
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
-                       f'{_reason(error).rstrip(".")}{recover}') from None
+                       f'{_reason(error).rstrip(".")}') from None
     try:
         yield reader
     finally:

@@ -16,7 +16,7 @@ from rosbags.interfaces import Qos
 from tqdm import tqdm
 
 from .bagio import (RELIABLE_QOS, BagError, ImageTopic, add_image_topic, copy_connections,
-                    deserialize, image_cdr, read_messages)
+                    cut_files, deserialize, image_cdr, read_messages)
 from .engine import (FusionEngine, FusionPipeline, FusionResult, clock_jump_message,
                      encode_saliency)
 from .files import write_png
@@ -93,6 +93,8 @@ class BagFuser:
 
         `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
         """
+        for cut in cut_files(reader):
+            self._warn(f'{path}: {cut}')
         outputs = [add_image_topic(writer, topic, qos) for topic in topics]
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
         types = {thermal.topic: thermal.msgtype, visible.topic: visible.msgtype}

@@ -464,14 +464,44 @@ def test_thermal_stamps_on_a_clock_ahead_are_named_with_the_offset_that_pairs_th
     assert 'thermal stamps run' not in capsys.readouterr().err
 
 
-def test_an_mcap_cut_off_by_a_crash_is_refused_with_the_way_to_recover_it(short_events, tmp_path,
-                                                                          capsys):
+def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file, tmp_path,
+                                                           capsys):
+    """A recording cut off by a crash (its MCAP file without summary and footer, here followed
+    by blocks the file system never wrote, which read as zeros) gives what a recording of the
+    same messages that ended cleanly gives: every message of the chunks the recorder finished,
+    and a warning."""
+    events = camera_messages(ivif_dir, duration=2.0)
+    source = write_bag(tmp_path / 'in', events, 'mcap')
+    storage = source / 'in.mcap'
+    with Reader(storage) as reader:  # the intact file's own index of its chunks
+        chunks = list(reader.storage.chunks)
+    assert len(chunks) >= 3
+    cut = chunks[2].chunk_start_offset + chunks[2].chunk_length // 2
+    whole = sum(sum(chunk.channel_count.values()) for chunk in chunks[:2])
+    storage.write_bytes(storage.read_bytes()[:cut] + bytes(4096))
+    clean = write_bag(tmp_path / 'clean', events[:whole], 'mcap')
+
+    # The bare file (its name is the path's): up to the second chunk's message indexes.
+    with bagio.open_bag(storage) as reader:
+        assert bagio.cut_files(reader) == [
+            'cut off (no MCAP footer: a recording that ended in a crash or power loss): read up '
+            f'to its last whole record, {chunks[2].chunk_start_offset} of {cut + 4096} bytes']
+    for bag, output in ((source, tmp_path / 'out'), (clean, tmp_path / 'out_clean')):
+        assert bag_tool.main([str(bag), str(output), '--params', str(params_file)]) == 0
+    error = capsys.readouterr().err
+    assert f'{source}: in.mcap: cut off (no MCAP footer' in error and 'Traceback' not in error
+    fused = read_bag(tmp_path / 'out')
+    assert fused == read_bag(tmp_path / 'out_clean')
+    assert len(fused['/s4fusion_node/fused']) == len(expected_pairs(events[:whole])) >= 3
+
+
+def test_an_mcap_cut_within_its_header_is_refused(short_events, tmp_path, capsys):
     source = write_bag(tmp_path / 'in', short_events, 'mcap')
     storage = source / 'in.mcap'
-    storage.write_bytes(storage.read_bytes()[:storage.stat().st_size * 2 // 3])
+    storage.write_bytes(storage.read_bytes()[:12])
     assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
     error = capsys.readouterr().err
-    assert 'cannot open the bag (corrupt or truncated?)' in error and 'mcap recover' in error
+    assert f'{source}: cannot open the bag (corrupt or truncated?)' in error
     assert 'Traceback' not in error and not (tmp_path / 'out').exists()
 
 

@@ -274,6 +274,24 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
     assert read_bag(tmp_path / 'short')['/s4fusion_node/fused'] == warm
 
 
+def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_bag, params_file,
+                                                                 tmp_path, capsys):
+    # Its metadata.yaml (as `ros2 bag reindex` or the recorder wrote it) spans the whole
+    # recording; the segments after the cut read nothing.
+    source = tmp_path / 'in' / 'long'
+    shutil.copytree(long_bag[0], source)
+    storage = source / 'long.mcap'
+    storage.write_bytes(storage.read_bytes()[:storage.stat().st_size * 2 // 5])
+    report = fuse_bags([source], tmp_path / 'out', params=params_file, segment_minutes=0.15,
+                       progress=False)
+    assert report.ok, report.bags
+    assert report.bags[0].units == 4
+    expected = reference(source, tmp_path / 'reference', params_file)
+    assert read_bag(tmp_path / 'out' / 'long') == expected
+    assert 0 < len(expected['/s4fusion_node/fused']) < len(long_bag[1]['/s4fusion_node/fused'])
+    assert capsys.readouterr().err.count('long.mcap: cut off (no MCAP footer') == 2  # batch, bag
+
+
 def test_a_warning_every_part_of_a_bag_finds_is_printed_once(local_ray, ivif_dir, params_file,
                                                              tmp_path, capsys):
     # Each part runs its own pipeline and found the half-size thermal camera again: one line
@@ -420,9 +438,12 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
 def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):
     inputs = tmp_path / 'fleet'
     good = write_bag(inputs / 'good', camera_messages(ivif_dir, 1.0), 'mcap')
+    # Cut off by a crash: fused up to its last whole record, as by s4fusion-bag, with a warning.
     truncated = write_bag(inputs / 'truncated', camera_messages(ivif_dir, 3.0), 'mcap')
     storage = truncated / 'truncated.mcap'
     storage.write_bytes(storage.read_bytes()[:storage.stat().st_size * 2 // 3])
+    garbled = write_bag(inputs / 'garbled', camera_messages(ivif_dir, 1.0), 'mcap')
+    (garbled / 'garbled.mcap').write_bytes(b'not an MCAP file' * 1000)
     garbage = write_bag(inputs / 'garbage', camera_messages(ivif_dir, 1.0), 'sqlite3')
     (garbage / 'garbage.db3').write_bytes(b'not a database' * 1000)
     # A recording cut off before its metadata.yaml: a bag that fails, not a folder of bare files.
@@ -444,16 +465,21 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
     assert rows['good'].status == 'done'
     assert read_bag(tmp_path / 'out' / 'good') == reference(good, tmp_path / 'ref', params_file)
     assert rows['broken'].status == 'done' and rows['broken'].dropped == 1
-    for name in ('truncated', 'garbage', 'cut', 'linked'):
+    assert rows['truncated'].status == 'done'
+    assert read_bag(tmp_path / 'out' / 'truncated') == reference(truncated, tmp_path / 'ref_cut',
+                                                                 params_file)
+    for name in ('garbled', 'garbage', 'cut', 'linked'):
         assert rows[name].status == 'failed' and str(inputs / name) in rows[name].error
         assert not (tmp_path / 'out' / name).exists()
-    assert 'corrupt or truncated' in rows['truncated'].error
+    assert 'corrupt or truncated' in rows['garbled'].error
     assert 'no metadata.yaml' in rows['cut'].error
     # The others fail when planned, before any task.
-    assert sorted(r['label'] for r in seen) == [str(broken), str(good)]
+    assert sorted(r['label'] for r in seen) == [str(broken), str(good), str(truncated)]
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
-        'broken', 'good', 's4fusion-batch-manifest.json']
-    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 4
+        'broken', 'good', 's4fusion-batch-manifest.json', 'truncated']
+    error = capsys.readouterr().err
+    assert error.count('s4fusion-batch: FAILED ') == 4
+    assert f's4fusion-batch: {truncated}: truncated.mcap: cut off (no MCAP footer' in error
     assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
 
 

@@ -132,3 +132,20 @@ def test_a_bag_that_fails_midway_delivers_and_counts_what_it_played(tmp_path):
                         summary), stderr
     published = {topic: int(count) for topic, count in re.findall(r'(/\S+) (\d+)', summary)}
     assert published == read == received and 0 < sum(read.values()) < len(events), stderr
+
+
+def test_an_mcap_cut_off_by_a_crash_plays_up_to_its_cut_and_says_so(tmp_path):
+    # Image messages of 250 KB: rosbags closes a chunk past 1 MiB, so 12 make three.
+    image = np.zeros((500, 500), np.uint8)
+    events = [(10**9 + i * 10**8, THERMAL_TOPIC, 10**9 + i * 10**8, 'mono8', image)
+              for i in range(12)]
+    storage = write_bag(tmp_path / 'bag', events, 'mcap') / 'bag.mcap'
+    with Reader(storage) as reader:  # the intact file's own index of its chunks
+        chunks = list(reader.storage.chunks)
+    storage.write_bytes(storage.read_bytes()[:chunks[-1].chunk_start_offset + 1000])
+    whole = sum(sum(chunk.channel_count.values()) for chunk in chunks[:-1])
+    played = subprocess.run([*PLAYER, str(storage), '--wait', '0', '--rate', '10'],
+                            capture_output=True, text=True, timeout=60)
+    assert played.returncode == 0 and 0 < whole < len(events), played.stderr
+    assert f'{storage}: cut off (no MCAP footer' in played.stderr, played.stderr
+    assert f'{THERMAL_TOPIC} {whole}; end of bag' in played.stderr, played.stderr

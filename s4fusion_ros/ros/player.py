@@ -42,8 +42,8 @@ from rclpy.validate_namespace import validate_namespace
 from rclpy.validate_node_name import validate_node_name
 from rosgraph_msgs.msg import Clock
 
-from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, deserialize, latched_topics,
-                     open_bag, read_messages, topic_types)
+from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, cut_files, deserialize,
+                     latched_topics, open_bag, read_messages, topic_types)
 from ..cli import ignore_stop_signals, stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
@@ -157,6 +157,8 @@ class BagPlayer:
             types = topic_types(reader)
             recorded = [(c.topic, c.msgtype) for c in reader.connections]
             latched = latched_topics(reader)
+            for cut in cut_files(reader):
+                print(f'{PROG}: {args.bag}: {cut}', file=sys.stderr)
         images = [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
         wanted = args.topics or [t for t in images if not NODE_OUTPUT.search(t)]
         if not args.topics and len(wanted) < len(images):
