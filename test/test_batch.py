@@ -274,8 +274,8 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
     assert read_bag(tmp_path / 'short')['/s4fusion_node/fused'] == warm
 
 
-def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_bag, params_file,
-                                                                 tmp_path, capsys):
+def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_bag,
+                                                                params_file, tmp_path, capsys):
     # Its metadata.yaml (as `ros2 bag reindex` or the recorder wrote it) spans the whole
     # recording; the segments after the cut read nothing.
     source = tmp_path / 'in' / 'long'
