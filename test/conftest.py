@@ -59,7 +59,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope='session')
 def ivif_dir():
-    """The ivif data folder (README, "Data"), the only way tests find the real image data:
+    """The ivif data folder (README, "Data and licences"), the only way tests find the real image data:
     $S4FUSION_IVIF_DATA, else the workspace's ../shared/data/ivif beside this checkout. Tests
     that need it skip where it is absent."""
     path = pathlib.Path(os.environ.get('S4FUSION_IVIF_DATA') or

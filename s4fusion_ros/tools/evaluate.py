@@ -470,7 +470,7 @@ def data_notes(args: argparse.Namespace, datasets: list, ivif: IvifSplits | None
                      'pairs show the scene of a training frame nearby in the drive, and the '
                      "paired tables take a split's frames numbered within "
                      f'{ROADSCENE_CLIP_GAP} of the one before as one clip of a drive. '
-                     'Provenance of the data: the README ("Data").')
+                     'Provenance of the data: the README ("Data and licences").')
         if not args.weights:
             notes.append("The shipped weights' last stages were chosen on the validation "
                          "splits; the authors weights' stages before 2026-12-02 on wins "
@@ -581,8 +581,8 @@ def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
 def parse_args(argv: list | None) -> argparse.Namespace:
     """Command line."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_data_argument(parser, 'the ivif folder (layout in the README, "Data"); required for '
-                              '--datasets', required=False)
+    add_data_argument(parser, 'the ivif folder (layout in the README, "Data and licences"); '
+                              'required for --datasets', required=False)
     parser.add_argument('--datasets', type=_names, default=None,
                         help='comma-separated splits of --data (default: the three test '
                              f'splits and the two validation splits, {IVIF_DATASETS}; none '

@@ -68,9 +68,9 @@ def build_parser():
                         help='stretch of the Laplacian base\'s low-pass base about the image\'s '
                              'mean (default: the preset\'s)')
     add_data_argument(parser, 'the ivif folder (trains on its training split; layout in the '
-                              'README, "Data"), a folder with ir/ and vi/ pairs matched by file '
-                              'name, or a folder of such folders (trains on all); required unless '
-                              f'${DATA_ENV} is set')
+                              'README, "Data and licences"), a folder with ir/ and vi/ pairs '
+                              'matched by file name, or a folder of such folders (trains on all); '
+                              f'required unless ${DATA_ENV} is set')
     parser.add_argument('--out', type=pathlib.Path, required=True,
                         help='output folder: weights + JSON, train_state.pt, train_log.jsonl')
     parser.add_argument('--steps', type=int, default=defaults.steps, help='optimizer steps in all')
