@@ -59,9 +59,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope='session')
 def ivif_dir():
-    """The ivif data folder (README, "Data and licences"), the only way tests find the real image data:
-    $S4FUSION_IVIF_DATA, else the workspace's ../shared/data/ivif beside this checkout. Tests
-    that need it skip where it is absent."""
+    """The ivif data folder (README, "Data and licences"), the only way tests find the real
+    image data: $S4FUSION_IVIF_DATA, else the workspace's ../shared/data/ivif beside this
+    checkout. Tests that need it skip where it is absent."""
     path = pathlib.Path(os.environ.get('S4FUSION_IVIF_DATA') or
                         REPO.parent / 'shared' / 'data' / 'ivif')
     if not (path / 'msrs').is_dir():
