@@ -30,6 +30,7 @@ class Key(enum.StrEnum):
     THERMAL_OVERFLOW = 'thermal overflow'
     VISIBLE_OVERFLOW = 'visible overflow'
     THERMAL_BAD_STAMP = 'thermal rejected (bad stamp)'
+    THERMAL_OUTLIERS = 'thermal frames outside the window (scaled by it)'
     VISIBLE_BAD_STAMP = 'visible rejected (bad stamp)'
     THERMAL_PENDING = 'thermal pending'
     VISIBLE_PENDING = 'visible pending'

@@ -20,11 +20,12 @@ import cv2
 import numpy as np
 import torch
 
+from .diagnostics import Key
 from .imaging.color import bgr_to_gray, bgr_to_ycrcb, to_uint8, ycrcb_to_bgr
 from .imaging.encodings import (ImageDecodeError, RawImage, decode_thermal_info, decode_visible,
                                 encode_image)
 from .imaging.limits import MAX_PIXELS
-from .imaging.normalization import ThermalNormalizer
+from .imaging.normalization import HELD_FRAMES, ThermalNormalizer
 from .imaging.registration import ThermalRegistration
 from .messages import stamp_to_ns
 from .runtime import LoadedModel
@@ -195,6 +196,12 @@ class FusionPipeline:
                 self.normalizer.reset()
             thermal, visible = pair.thermal, pair.visible
             normalized = self.normalizer(thermal.image)
+            if self.normalizer.outliers:
+                self._notice(f'a thermal frame\'s values lay far outside the normalization '
+                             f'window of the frames before (a corrupt frame, dead pixels?): it '
+                             f'was scaled by that window and left it as it was; values that '
+                             f'stay so {HELD_FRAMES} frames in a row start a new window '
+                             f'(diagnostics: "{Key.THERMAL_OUTLIERS}")')
             height, width = visible.image.shape[:2]
             if self.registration.needs_resize(normalized.shape, (width, height)):
                 self._notice('thermal and visible images differ in size and '

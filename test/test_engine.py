@@ -75,6 +75,25 @@ def test_size_mismatch_is_resized_with_a_single_notice(msrs_pair):
     assert len(pipeline.notices) == 1 and 'differ in size' in pipeline.notices[0]
 
 
+def test_a_corrupt_32fc1_thermal_frame_is_held_out_of_the_window_with_one_notice(msrs_pair):
+    ir, vi = msrs_pair
+    celsius = 15.0 + ir.astype(np.float32) / 10.0
+    garbage = np.random.default_rng(1).uniform(-7e36, 7e36, ir.shape).astype(np.float32)
+    pipeline = make_pipeline()
+    frames = [celsius, celsius, garbage, garbage, celsius, celsius]
+    pairs = []
+    for k, frame in enumerate(frames):
+        pipeline.add_thermal(encode_image(frame, '32FC1'), (1000 + 100 * k) * MS, 'ir')
+        pairs += pipeline.add_visible(encode_image(vi, 'bgr8'), (1001 + 100 * k) * MS, 'rgb')
+    assert len(pairs) == len(frames)
+    # The frames after keep the scene's contrast, as the frames before had it.
+    np.testing.assert_array_equal(pairs[-1].thermal, pairs[0].thermal)
+    assert pipeline.normalizer.outliers == 2
+    assert len(pipeline.notices) == 1, pipeline.notices
+    assert pipeline.notices[0].startswith("a thermal frame's values lay far outside")
+    assert 'thermal frames outside the window (scaled by it)' in pipeline.notices[0]
+
+
 def test_outside_the_thermal_view_the_model_gets_the_visible_luminance(msrs_pair):
     # A thermal lens narrower than the visible one: its view covers the top-left 3/4. Outside
     # it the model used to get 0 (cold), and the fused image went dark with a hard seam.

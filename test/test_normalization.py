@@ -62,6 +62,50 @@ def test_smoothing_converges_to_a_new_scene_and_reset_forgets(counts):
     assert norm.range == pytest.approx(first)
 
 
+def test_a_frame_far_outside_the_window_is_held_out_of_it(counts):
+    """One corrupt frame (uninitialised float memory) or a burst of dead pixels is scaled by the
+    smoothed window and leaves it as it was: it moved the window to +-1e36 and took the
+    thermal contrast away for 40 s at 9 Hz."""
+    garbage = np.random.default_rng(0).uniform(-7e36, 7e36, counts.shape).astype(np.float32)
+    dead = counts.copy()
+    dead[::2] = 1e6  # half the rows
+    for corrupt in (garbage, dead):
+        clean, held = ThermalNormalizer(), ThermalNormalizer()
+        for frame in (counts, counts + 30.0, counts - 20.0):
+            clean(frame)
+            held(frame)
+        window = held.range
+        out = held(corrupt)
+        assert held.range == window and held.outliers == 1
+        np.testing.assert_array_equal(out, np.clip((corrupt - np.float32(window[0]))
+                                                   * np.float32(1 / (window[1] - window[0])),
+                                                   0, 1))
+        for frame in (counts + 10.0, counts):  # as though the corrupt frame never came
+            np.testing.assert_array_equal(held(frame), clean(frame))
+        assert held.range == clean.range and held.outliers == 1
+
+
+def test_a_lasting_change_far_outside_the_window_starts_a_new_one(msrs_pair):
+    # A camera that switched from 14-bit counts (a scene a few hundred counts wide) to 8-bit AGC
+    # output: two frames held, the third starts the window afresh from its own percentiles
+    # instead of decaying for 15.
+    eight_bit = msrs_pair[0].astype(np.float32)
+    counts = 7000.0 + 2.0 * eight_bit
+    norm = ThermalNormalizer()
+    norm(counts)
+    norm(eight_bit)
+    norm(eight_bit)
+    assert norm.outliers == 2 and norm.range[0] > 7000
+    out = norm(eight_bit)
+    assert norm.outliers == 2
+    np.testing.assert_array_equal(out, ThermalNormalizer()(eight_bit))
+    # Without smoothing every frame is its own window: none is held.
+    unsmoothed = ThermalNormalizer(smoothing=0.0)
+    unsmoothed(counts)
+    np.testing.assert_array_equal(unsmoothed(eight_bit), out)
+    assert unsmoothed.outliers == 0
+
+
 def test_minmax_is_per_frame_and_fixed_is_fixed(msrs_pair, counts):
     out = ThermalNormalizer(mode='minmax')(counts)
     assert out.min() == 0.0 and out.max() == 1.0

@@ -14,6 +14,15 @@ import numpy as np
 MODES = ('percentile', 'minmax', 'fixed')
 # Percentiles are taken on a strided subsample of about this many pixels (cheap at 30 Hz).
 SAMPLE_PIXELS = 1 << 16
+# In percentile mode with smoothing, a frame whose percentiles lie more than OUTLIER_WIDTHS widths
+# of the smoothed window away from it (a corrupt frame, a burst of dead pixels) is scaled by the
+# window and leaves it as it was, up to HELD_FRAMES - 1 frames in a row; the next such frame (a new
+# scene, or a camera that changed its output) starts the window afresh from its own. One frame
+# of garbage floats (+-1e36) moved the window that far and took 40 s at 9 Hz to decay from it.
+OUTLIER_WIDTHS = 4.0
+HELD_FRAMES = 3
+# A nearly flat window's width counts as at least this share of its magnitude.
+MIN_RELATIVE_WIDTH = 1e-3
 # A 16-bit IR image whose values span less than this is likely raw counts (14-bit cameras give a
 # few thousand), not a picture stretched over 0-65535: scaled by 1 / 65535 it is nearly black.
 RAW_COUNTS_SPAN = 1 << 14
@@ -63,7 +72,8 @@ class ThermalNormalizer:
     maps to zeros (and leaves the smoothed range alone). A flat window maps the frame's own finite
     extremes instead: a hot target on fewer than 1% of the pixels of a uniform background (a
     simulated camera) is outside both percentiles and keeps its contrast, and a uniform frame maps
-    to zeros.
+    to zeros. A frame far outside the smoothed window is held out of it (OUTLIER_WIDTHS; counted
+    in ``outliers``).
     """
 
     def __init__(self, **settings) -> None:
@@ -72,6 +82,8 @@ class ThermalNormalizer:
         self._settings = NormalizerSettings()
         self.configure(**settings)
         self._range: Optional[tuple[float, float]] = None
+        self._outlier_run = 0  # frames in a row held out of the smoothed window
+        self.outliers = 0  # frames held out of it, in all
 
     @property
     def settings(self) -> NormalizerSettings:
@@ -97,6 +109,7 @@ class ThermalNormalizer:
     def reset(self) -> None:
         """Forget the smoothed range (e.g. after a clock jump or a camera restart)."""
         self._range = None
+        self._outlier_run = 0
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         """Normalize one frame."""
@@ -130,11 +143,27 @@ class ThermalNormalizer:
         if settings.mode == 'minmax':
             return float(values.min()), float(values.max())
         current = _percentiles(raw, values, settings.low_percentile, settings.high_percentile)
-        if self._range is None:
+        if self._range is None or settings.smoothing == 0.0:
             return current
+        if self._far_outside(current):
+            self._outlier_run += 1
+            if self._outlier_run < HELD_FRAMES:
+                self.outliers += 1
+                return self._range
+            self._outlier_run = 0
+            return current
+        self._outlier_run = 0
         weight = settings.smoothing
         return (weight * self._range[0] + (1.0 - weight) * current[0],
                 weight * self._range[1] + (1.0 - weight) * current[1])
+
+    def _far_outside(self, window: tuple[float, float]) -> bool:
+        """Whether a frame's (low, high) lies more than OUTLIER_WIDTHS of the smoothed window's
+        widths away from it."""
+        low, high = self._range
+        width = max(high - low, MIN_RELATIVE_WIDTH * max(abs(low), abs(high)),
+                    np.finfo(np.float32).tiny)
+        return max(abs(window[0] - low), abs(window[1] - high)) > OUTLIER_WIDTHS * width
 
 
 def _percentiles(raw: np.ndarray, finite_values: np.ndarray, low: float,

@@ -461,6 +461,7 @@ class S4FusionNode(Node):
             Key.VISIBLE_OVERFLOW: sync.visible_overflow,
             Key.THERMAL_BAD_STAMP: sync.thermal_bad_stamp,
             Key.VISIBLE_BAD_STAMP: sync.visible_bad_stamp,
+            Key.THERMAL_OUTLIERS: self.pipeline.normalizer.outliers,
             Key.THERMAL_PENDING: sync.thermal_pending,
             Key.VISIBLE_PENDING: sync.visible_pending,
             Key.SYNC_RESETS: sync.resets,
