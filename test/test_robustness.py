@@ -404,6 +404,37 @@ def test_diagnostics_warn_while_few_frames_find_a_partner(node):
     assert node.level == DiagnosticStatus.OK, node.message
 
 
+def test_diagnostics_warn_while_an_input_sends_frames_out_of_order(node):
+    # A thermal driver that swaps every other pair of neighbouring frames (0.1 s apart, well
+    # inside sync.timeout): a quarter of them came late and were dropped while the status read
+    # OK, 'fusing', with no word.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node.fuse()
+    node.counts()
+    end, sent, held = time.monotonic() + 6.0, 0, None  # past the 5 s window
+    while time.monotonic() < end:
+        stamp = node.now()
+        node.publish('visible', compressed(VISIBLE_JPEG, stamp))
+        if sent % 4 == 0:
+            held = stamp  # sent after the next one
+        else:
+            node.publish('thermal', image(THERMAL, 'mono16', stamp))
+            if sent % 4 == 1:
+                node.publish('thermal', image(THERMAL, 'mono16', held))
+        sent += 1
+        node.probe.spin_for(0.1)
+    node.counts()
+    assert node.level == DiagnosticStatus.WARN, node.message
+    assert re.match(r'\d+ of \d+ thermal frames came late in the last \d+ s \(stamped no newer '
+                    r'than a frame already paired or dropped', node.message), node.message
+    assert node.log_lines('thermal frames came late in the last'), node.log()
+    end = time.monotonic() + 6.0  # every frame in order again, over a whole window
+    while time.monotonic() < end:
+        node.publish_pair(node.now())
+    node.counts()
+    assert node.level == DiagnosticStatus.OK, node.message
+
+
 def test_colour_on_the_thermal_topic_is_converted_with_one_warning(node):
     warning = 'a colour image arrived on the thermal topic'
     before = node.counts()

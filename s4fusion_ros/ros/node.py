@@ -26,7 +26,8 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
-                           clock_skew_hint, pairing_shortfall, per_input, status_name)
+                           clock_skew_hint, late_arrivals, pairing_shortfall, per_input,
+                           status_name)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
@@ -529,7 +530,8 @@ class S4FusionNode(Node):
                 # fused rate's 5 s window after the last one, whose drops must not be absorbed.
                 self.counts_while_fusing = {key: value for key, value in values.items()
                                             if isinstance(value, int)}
-            partial = self._partial_pairing(self.recent_counts.grown(time.monotonic(), values))
+            grown = self.recent_counts.grown(time.monotonic(), values)
+            partial = self._partial_pairing(grown) or self._late_arrivals(grown)
             if partial:
                 level, message = DiagnosticStatus.WARN, partial
         if level != DiagnosticStatus.OK and not partial:
@@ -546,7 +548,7 @@ class S4FusionNode(Node):
         pairs, possible = shortfall
         message = (f'only {pairs} pairs made from {possible} frames of the slower camera in the '
                    f'last {grown["span"]:.0f} s')
-        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
+        hint = self._skew_hint(grown) if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
         if hint:
             message += f'; {hint}'
             # Logged here, not in a helper shared with _stall_message: rclpy throttles per call
@@ -555,13 +557,27 @@ class S4FusionNode(Node):
                                       throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
-    def _skew_hint(self) -> str:
-        """What the stamps tell of a clock difference between the cameras ('' if nothing)."""
+    def _late_arrivals(self, grown: dict) -> str:
+        """Pairs are fused, but more than a tenth of an input's frames came late lately."""
+        message = late_arrivals(grown, PAIRING_MIN_FRAMES)
+        if message:
+            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        return message
+
+    def _skew_hint(self, grown: dict, in_inference: int = 0) -> str:
+        """What the stamps tell of a clock difference between the cameras ('' if nothing), given
+        how the counts grew lately and the pairs in inference while none is fused: a node
+        behind with its work delays arrivals itself."""
+        busy = []
+        if grown.get(Key.PAIRS_DROPPED, 0) > 0:
+            busy.append(f'{Key.PAIRS_DROPPED}: +{grown[Key.PAIRS_DROPPED]}')
+        if in_inference:
+            busy.append(f'{Key.PAIRS_IN_INFERENCE}: {in_inference}, none fused lately')
         pipeline = self.pipeline
         sync = pipeline.synchronizer
         return clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop,
                                self._values()['sync.thermal_offset'], sync.timeout,
-                               self.get_fully_qualified_name())
+                               self.get_fully_qualified_name(), ', '.join(busy))
 
     def _stall_message(self, values: dict) -> str:
         """Both inputs arrive and nothing comes out: where the pairs went since pairs were last
@@ -578,7 +594,8 @@ class S4FusionNode(Node):
             causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
-        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
+        hint = (self._skew_hint(grown, values[Key.PAIRS_IN_INFERENCE])
+                if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
         if hint:
             message += f'; {hint}'
             self.get_logger().warning(f'no pair fused lately: {hint}',
