@@ -417,7 +417,7 @@ def test_an_image_over_max_input_pixels_is_a_bad_message_before_it_takes_a_partn
     pipeline = pipeline_from_params({**settings.defaults(), 'max_input_pixels': 64 * 48})
     small = encode_image(np.full((48, 64, 3), 100, np.uint8), 'bgr8')
     large = encode_image(np.full((49, 64), 1000, np.uint16), 'mono16')
-    message = 'mono16 image: 64x49 exceeds 3072 pixels'
+    message = r'mono16 image: 64x49 exceeds 3072 pixels \(max_input_pixels\)'
     with pytest.raises(ImageDecodeError, match=message):
         pipeline.add_thermal(large, 1000 * MS, 'ir')
     with pytest.raises(ImageDecodeError, match='bgr8 image: 64x49'):

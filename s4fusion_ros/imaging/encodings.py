@@ -144,7 +144,9 @@ def _dimension(value: Any, name: str, encoding: str, limit: int) -> int:
 
 def _check_pixels(width: int, height: int, name: str, limit: int) -> None:
     if width * height > limit:
-        raise ImageDecodeError(f'{name} image: {width}x{height} exceeds {limit} pixels')
+        # The limit is the pipeline's max_input_pixels parameter: named, for who would raise it.
+        raise ImageDecodeError(f'{name} image: {width}x{height} exceeds {limit} pixels '
+                               f'(max_input_pixels)')
 
 
 def _flag(value: Any, encoding: str) -> bool:
