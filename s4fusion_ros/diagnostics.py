@@ -99,28 +99,19 @@ def number(values: dict, key: Key) -> float:
 
 
 def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float,
-                    timeout_s: float, node_name: str = '', busy: str = '') -> str:
+                    timeout_s: float, node_name: str = '') -> str:
     """What the stamps tell when thermal frames find no partner ('' where they tell nothing):
     the thermal camera's stamps running ahead of or behind the visible one's by more than
     sync.slop (after sync.thermal_offset), arrival for arrival. Clocks that differ and one topic
     delivered that much later look alike, so both fixes are named: the offset that pairs them,
     if the parameter can take it (with the command that sets it on the running node
     `node_name`, where given), and the sync.timeout that waits for the late topic, where the
-    one set is shorter (an offset would pair such frames with the wrong partners).
-
-    `busy` (what shows it, e.g. pairs dropped as inference busy) where the node is behind with
-    its work: its callbacks then run late, one topic's more than the other's, and arrivals tell
-    nothing of the cameras' clocks, so no fix is offered."""
+    one set is shorter (an offset would pair such frames with the wrong partners)."""
     if skew_s is None or abs(skew_s + thermal_offset_s) <= slop_s:
         return ''
     text = (f'thermal stamps run {abs(skew_s):.3f} s {"ahead of" if skew_s > 0 else "behind"} '
             f'visible ones, arrival for arrival (sync.slop {slop_s:g} s, sync.thermal_offset '
-            f'{thermal_offset_s:g} s)')
-    if busy:
-        return (f'{text}, but the node is behind with its work ({busy}): its own delay moves '
-                'arrivals as much, so this tells nothing of the cameras\' clocks; lighten its '
-                'load (a smaller inference_size, a GPU) and look again')
-    text += ': if the cameras stamp on clocks that differ, '
+            f'{thermal_offset_s:g} s): if the cameras stamp on clocks that differ, ')
     low, high = settings.SPECS['sync.thermal_offset'].range
     if low <= -skew_s <= high:
         command = (f' (ros2 param set {node_name} sync.thermal_offset {-skew_s:.3f})'

@@ -95,33 +95,36 @@ class FusionPipeline:
         self.stamp_skew = StampSkew()  # cameras on clocks that differ: the node's hint
         self._timeline = 0  # Pair.timeline of the pairs the thermal range was taken over
 
-    def add_thermal(self, message, stamp_ns: int, frame_id: str,
-                    arrived: float | None = None) -> list[PreparedPair]:
+    def add_thermal(self, message, stamp_ns: int, frame_id: str, arrived: float | None = None,
+                    received: float | None = None) -> list[PreparedPair]:
         """Add a thermal Image/CompressedImage (RawImage fields); ImageDecodeError if bad.
 
         `arrived` (s): when it arrived, on the clock `expire` is given: None for now (live,
         time.monotonic()); a recording's log time, the recorder's arrival time, offline (call
         `expire` at it first, as the node's timer would have before the message came).
+        `received` (s, any clock both topics share): when the middleware received it, where
+        known (live, rclpy's MessageInfo), for the stamps' skew (StampSkew); else `arrived`.
         """
         frame = self.thermal_frame(message, stamp_ns, frame_id)
-        return self._add('thermal', stamp_ns, frame, arrived)
+        return self._add('thermal', stamp_ns, frame, arrived, received)
 
-    def add_visible(self, message, stamp_ns: int, frame_id: str,
-                    arrived: float | None = None) -> list[PreparedPair]:
+    def add_visible(self, message, stamp_ns: int, frame_id: str, arrived: float | None = None,
+                    received: float | None = None) -> list[PreparedPair]:
         """Add a visible Image/CompressedImage (RawImage fields); ImageDecodeError if bad.
 
-        `arrived` as for add_thermal.
+        `arrived` and `received` as for add_thermal.
         """
         frame = self.visible_frame(message, stamp_ns, frame_id)
-        return self._add('visible', stamp_ns, frame, arrived)
+        return self._add('visible', stamp_ns, frame, arrived, received)
 
-    def add_message(self, role: str, message, arrived: float | None = None
-                    ) -> list[PreparedPair]:
+    def add_message(self, role: str, message, arrived: float | None = None,
+                    received: float | None = None) -> list[PreparedPair]:
         """Add a sensor_msgs Image/CompressedImage (rclpy's, live, or rosbags', from a bag) of
-        `role` ('thermal' or 'visible') at its header's stamp and frame; `arrived` as for
-        add_thermal. ImageDecodeError (a ValueError) if bad."""
+        `role` ('thermal' or 'visible') at its header's stamp and frame; `arrived` and
+        `received` as for add_thermal. ImageDecodeError (a ValueError) if bad."""
         add = self.add_thermal if role == 'thermal' else self.add_visible
-        return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id, arrived)
+        return add(message, stamp_to_ns(message.header.stamp), message.header.frame_id, arrived,
+                   received)
 
     def add_pair(self, thermal: Frame, visible: Frame) -> list[PreparedPair]:
         """Prepare a pair matched elsewhere (the node's message_filters backend)."""
@@ -165,13 +168,13 @@ class FusionPipeline:
         """Decide everything still pending (end of a bag)."""
         return self._prepare(self.synchronizer.flush())
 
-    def _add(self, role: str, stamp_ns: int, frame: Frame,
-             arrived: float | None) -> list[PreparedPair]:
+    def _add(self, role: str, stamp_ns: int, frame: Frame, arrived: float | None,
+             received: float | None) -> list[PreparedPair]:
         """Add a frame of `role` to the synchronizer and prepare what it pairs."""
         arrived = time.monotonic() if arrived is None else arrived
         sync = self.synchronizer
         add = sync.add_thermal if role == 'thermal' else sync.add_visible
-        self.stamp_skew.add(role, stamp_ns, arrived)
+        self.stamp_skew.add(role, stamp_ns, arrived if received is None else received)
         before = sync.stats.taken
         prepared = self._prepare(add(stamp_ns, frame))
         # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a

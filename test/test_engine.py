@@ -94,6 +94,26 @@ def test_a_corrupt_32fc1_thermal_frame_is_held_out_of_the_window_with_one_notice
     assert 'thermal frames outside the window (scaled by it)' in pipeline.notices[0]
 
 
+def test_the_stamp_skew_compares_middleware_receipts_where_given(msrs_pair):
+    # Live, the callback runs as late as the executor is behind, one topic's more than the
+    # other's: the node's own lag read as the cameras' clocks differing by 0.36 s.
+    ir, vi = msrs_pair
+    pipeline = make_pipeline()
+    for k in range(5):
+        stamp = (1000 + 100 * k) * MS
+        pipeline.add_thermal(encode_image(ir, 'mono8'), stamp, 'ir', arrived=stamp / 1e9 + 0.4,
+                             received=stamp / 1e9 + 0.01)
+        pipeline.add_visible(encode_image(vi, 'bgr8'), stamp, 'rgb', arrived=stamp / 1e9 + 0.04,
+                             received=stamp / 1e9 + 0.01)
+    assert pipeline.stamp_skew.seconds() == pytest.approx(0.0, abs=1e-9)
+    unreceived = make_pipeline()  # offline: the log time is the receipt
+    for k in range(5):
+        stamp = (1000 + 100 * k) * MS
+        unreceived.add_thermal(encode_image(ir, 'mono8'), stamp, 'ir', arrived=stamp / 1e9 + 0.4)
+        unreceived.add_visible(encode_image(vi, 'bgr8'), stamp, 'rgb', arrived=stamp / 1e9 + 0.04)
+    assert unreceived.stamp_skew.seconds() == pytest.approx(-0.36)
+
+
 def test_outside_the_thermal_view_the_model_gets_the_visible_luminance(msrs_pair):
     # A thermal lens narrower than the visible one: its view covers the top-left 3/4. Outside
     # it the model used to get 0 (cold), and the fused image went dark with a hard seam.

@@ -811,20 +811,6 @@ def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it(
             "cameras' clocks (chrony, PTP)") in far
 
 
-def test_the_clock_skew_hint_offers_no_fix_while_the_node_is_behind_with_its_work():
-    # Stamps alike, the node's callbacks late under its load: it offered an offset that would
-    # pair each thermal frame with a neighbour of its partner.
-    from s4fusion_ros.diagnostics import clock_skew_hint
-    hint = clock_skew_hint(-0.36, 0.05, 0.0, 0.5, '/s4fusion_node',
-                           'pairs dropped (inference busy): +3')
-    assert hint == ('thermal stamps run 0.360 s behind visible ones, arrival for arrival '
-                    '(sync.slop 0.05 s, sync.thermal_offset 0 s), but the node is behind with its '
-                    'work (pairs dropped (inference busy): +3): its own delay moves arrivals as '
-                    "much, so this tells nothing of the cameras' clocks; lighten its load (a "
-                    'smaller inference_size, a GPU) and look again')
-    assert clock_skew_hint(-0.04, 0.05, 0.0, 0.5, busy='pairs dropped: +3') == ''
-
-
 def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_late():
     # Thermal frames stamped right but delivered 0.7 s late look like a thermal clock 0.7 s
     # behind: the hint offered only the offset, which pairs each with a visible frame 0.7 s on.

@@ -231,8 +231,8 @@ class S4FusionNode(Node):
     # Inputs ---------------------------------------------------------------------------------
 
     def _subscribe(self, role: str, transport: str, qos: QoSProfile):
-        def on_message(msg, r=role):
-            self._on_image(r, msg)
+        def on_message(msg, info, r=role):  # info: rclpy's MessageInfo
+            self._on_image(r, msg, info['received_timestamp'])
         return self.create_subscription(*_input_topic(role, transport), on_message, qos,
                                         event_callbacks=self._input_events(role),
                                         qos_overriding_options=QOS_OVERRIDES)
@@ -348,10 +348,14 @@ class S4FusionNode(Node):
         self.get_logger().error(f'{topic}: {what} ({policy.name}).'
                                 + (hint if policy == QoSPolicyKind.RELIABILITY else ''))
 
-    def _on_image(self, role: str, msg) -> None:
+    def _on_image(self, role: str, msg, received_ns: int = 0) -> None:
+        """One input image; `received_ns`: when the middleware received it (system clock, 0 if
+        the rmw does not say), which the clock-skew hint compares across topics: the callback
+        runs later by however far behind the executor is, one topic's more than the other's."""
         self._rate(role).tick()
         try:
-            prepared = self.pipeline.add_message(role, msg)
+            received = received_ns / 1e9 if received_ns else None
+            prepared = self.pipeline.add_message(role, msg, received=received)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.bad_messages[role] += 1
             self._log_rejection(role, msg, error)
@@ -548,7 +552,7 @@ class S4FusionNode(Node):
         pairs, possible = shortfall
         message = (f'only {pairs} pairs made from {possible} frames of the slower camera in the '
                    f'last {grown["span"]:.0f} s')
-        hint = self._skew_hint(grown) if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
+        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
         if hint:
             message += f'; {hint}'
             # Logged here, not in a helper shared with _stall_message: rclpy throttles per call
@@ -564,20 +568,13 @@ class S4FusionNode(Node):
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
-    def _skew_hint(self, grown: dict, in_inference: int = 0) -> str:
-        """What the stamps tell of a clock difference between the cameras ('' if nothing), given
-        how the counts grew lately and the pairs in inference while none is fused: a node
-        behind with its work delays arrivals itself."""
-        busy = []
-        if grown.get(Key.PAIRS_DROPPED, 0) > 0:
-            busy.append(f'{Key.PAIRS_DROPPED}: +{grown[Key.PAIRS_DROPPED]}')
-        if in_inference:
-            busy.append(f'{Key.PAIRS_IN_INFERENCE}: {in_inference}, none fused lately')
+    def _skew_hint(self) -> str:
+        """What the stamps tell of a clock difference between the cameras ('' if nothing)."""
         pipeline = self.pipeline
         sync = pipeline.synchronizer
         return clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop,
                                self._values()['sync.thermal_offset'], sync.timeout,
-                               self.get_fully_qualified_name(), ', '.join(busy))
+                               self.get_fully_qualified_name())
 
     def _stall_message(self, values: dict) -> str:
         """Both inputs arrive and nothing comes out: where the pairs went since pairs were last
@@ -594,8 +591,7 @@ class S4FusionNode(Node):
             causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
-        hint = (self._skew_hint(grown, values[Key.PAIRS_IN_INFERENCE])
-                if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else '')
+        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
         if hint:
             message += f'; {hint}'
             self.get_logger().warning(f'no pair fused lately: {hint}',
