@@ -85,6 +85,38 @@ def test_a_frame_far_outside_the_window_is_held_out_of_it(counts):
         assert held.range == clean.range and held.outliers == 1
 
 
+@pytest.mark.parametrize('before', ['nothing', 'a reset', 'three corrupt frames'])
+def test_good_frames_after_corrupt_ones_start_a_window_of_their_own(counts, before):
+    """A corrupt first frame (after start, or after a reset for a clock jump), or three in a
+    row, made a window so wide that no good frame was far outside it: 40 s to decay."""
+    garbage = np.random.default_rng(2).uniform(-7e36, 7e36, counts.shape).astype(np.float32)
+    norm = ThermalNormalizer()
+    if before == 'a reset':
+        norm(counts)
+        norm.reset()
+    for _ in range(3 if before == 'three corrupt frames' else 1):
+        norm(garbage)
+    outputs = [norm(counts) for _ in range(3)]
+    np.testing.assert_array_equal(outputs[-1], ThermalNormalizer()(counts))
+
+
+def test_flat_windows_are_never_far_apart_and_a_shutter_frame_is_held(counts):
+    # A simulated camera: a uniform background whose level moves, a hot target on too few
+    # pixels to move a percentile. Both windows flat: each frame maps its own extremes.
+    norm = ThermalNormalizer()
+    for level in (293.0, 294.5, 296.0, 293.0):
+        frame = np.full((100, 100), level, np.float32)
+        frame[:5, :10] = level + 16.0
+        assert (norm(frame)[:5, :10] == 1).all()
+    assert norm.outliers == 0
+    # A camera's shutter (flat-field correction) closes for a frame: held out of the window.
+    norm = ThermalNormalizer()
+    norm(counts)
+    window = norm.range
+    norm(np.full(counts.shape, float(np.median(counts)), np.float32))
+    assert norm.range == window and norm.outliers == 1
+
+
 def test_a_lasting_change_far_outside_the_window_starts_a_new_one(msrs_pair):
     # A camera that switched from 14-bit counts (a scene a few hundred counts wide) to 8-bit AGC
     # output: two frames held, the third starts the window afresh from its own percentiles
@@ -191,9 +223,15 @@ def test_any_frame_gives_finite_unit_output(frame, mode, smoothing):
 def test_configure_validates_and_applies_atomically(counts):
     norm = ThermalNormalizer()
     norm(counts)
-    norm.configure(low_percentile=5.0, high_percentile=95.0)
+    norm.configure(smoothing=0.5)
+    assert norm.range is not None  # the same window, smoothed otherwise from now on
+    norm.configure(smoothing=0.8, low_percentile=5.0, high_percentile=95.0)
     assert (norm.settings.low_percentile, norm.settings.high_percentile) == (5.0, 95.0)
-    assert norm.range is not None  # same mode: the smoothed range is kept
+    # Another window: the next frame starts it (kept, it read as frames far outside it).
+    assert norm.range is None
+    norm(counts)
+    norm(counts)
+    assert norm.outliers == 0
     for changes, reason in [(dict(low_percentile=95.0), 'low < high'),
                             (dict(high_percentile=101.0), 'high <= 100'),
                             (dict(smoothing=1.0), 'smoothing must be in'),

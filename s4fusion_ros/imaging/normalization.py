@@ -15,13 +15,15 @@ MODES = ('percentile', 'minmax', 'fixed')
 # Percentiles are taken on a strided subsample of about this many pixels (cheap at 30 Hz).
 SAMPLE_PIXELS = 1 << 16
 # In percentile mode with smoothing, a frame whose percentiles lie more than OUTLIER_WIDTHS widths
-# of the smoothed window away from it (a corrupt frame, a burst of dead pixels) is scaled by the
-# window and leaves it as it was, up to HELD_FRAMES - 1 frames in a row; the next such frame (a new
-# scene, or a camera that changed its output) starts the window afresh from its own. One frame
-# of garbage floats (+-1e36) moved the window that far and took 40 s at 9 Hz to decay from it.
+# away from the smoothed window, by the narrower of the two (a corrupt frame, a burst of dead
+# pixels, a shutter's flat frame; or good frames after a corrupt first one), is scaled by the
+# window and leaves it as it was, up to HELD_FRAMES - 1 frames in a row; the next such frame (a
+# new scene, or a camera that changed its output) starts the window afresh from its own. One
+# frame of garbage floats (+-1e36) moved the window that far and took 40 s at 9 Hz to decay.
 OUTLIER_WIDTHS = 4.0
 HELD_FRAMES = 3
-# A nearly flat window's width counts as at least this share of its magnitude.
+# A window narrower than this share of its magnitude is flat (a uniform background): two flat
+# windows are never far apart, as a flat one maps the frame's own extremes whatever its level.
 MIN_RELATIVE_WIDTH = 1e-3
 # A 16-bit IR image whose values span less than this is likely raw counts (14-bit cameras give a
 # few thousand), not a picture stretched over 0-65535: scaled by 1 / 65535 it is nearly black.
@@ -102,8 +104,10 @@ class ThermalNormalizer:
             settings = dataclasses.replace(self._settings, **changes)
         except TypeError as exc:
             raise ValueError(f'unknown normalizer setting: {exc}') from None
-        if settings.mode != self._settings.mode:
-            self.reset()
+        if (settings.mode, settings.low_percentile, settings.high_percentile) != (
+                self._settings.mode, self._settings.low_percentile,
+                self._settings.high_percentile):
+            self.reset()  # another window: the one smoothed so far is not what it would be
         self._settings = settings
 
     def reset(self) -> None:
@@ -158,12 +162,21 @@ class ThermalNormalizer:
                 weight * self._range[1] + (1.0 - weight) * current[1])
 
     def _far_outside(self, window: tuple[float, float]) -> bool:
-        """Whether a frame's (low, high) lies more than OUTLIER_WIDTHS of the smoothed window's
-        widths away from it."""
+        """Whether a frame's (low, high) lies more than OUTLIER_WIDTHS widths of the narrower of
+        it and the smoothed window away from the smoothed window; never for two flat ones."""
+        widths = [_width(window), _width(self._range)]
+        if all(measured <= floor for measured, floor in widths):
+            return False
+        width = min(max(measured, floor) for measured, floor in widths)
         low, high = self._range
-        width = max(high - low, MIN_RELATIVE_WIDTH * max(abs(low), abs(high)),
-                    np.finfo(np.float32).tiny)
         return max(abs(window[0] - low), abs(window[1] - high)) > OUTLIER_WIDTHS * width
+
+
+def _width(window: tuple[float, float]) -> tuple[float, float]:
+    """A window's (width, the width under which it is flat)."""
+    low, high = window
+    return high - low, max(MIN_RELATIVE_WIDTH * max(abs(low), abs(high)),
+                           float(np.finfo(np.float32).tiny))
 
 
 def _percentiles(raw: np.ndarray, finite_values: np.ndarray, low: float,
