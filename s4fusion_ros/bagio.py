@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import struct
 from collections.abc import Iterable, Iterator
 from functools import cache
 
@@ -31,7 +32,7 @@ from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, Storage
                              WriterError)
 # The storage readers themselves, for reading an MCAP file cut off by a crash (_McapReader).
 from rosbags.rosbag2.reader import DirectoryReader
-from rosbags.rosbag2.storage_mcap import McapReader
+from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
 from rosbags.typesys import Stores, get_typestore
 
 from .files import sync_to_disk, sync_tree
@@ -112,50 +113,102 @@ def is_unindexed_recording(folder: pathlib.Path) -> bool:
 # Recordings cut off ----------------------------------------------------------------------------
 # A recorder killed or a robot powered off mid-recording leaves its last MCAP file without its
 # summary and footer, which rosbags refuses. Such a file is read here as its whole records
-# followed by a footer naming no summary, which rosbags reads by a scan: every message of a chunk
-# the recorder finished is read, the record cut in two is not.
+# followed by a footer naming no summary, which rosbags reads by a scan, with an index of its whole
+# chunks so that rosbags reads them in log-time order as it reads an intact file (a recorder logs
+# messages at their receipt but writes them as its callbacks run: log times step back). Every
+# message of a chunk the recorder finished is read; a chunk cut in two, or one that does not
+# decompress (blocks the file system never wrote read as zeros), and what follows it are not.
 
 MCAP_MAGIC = b'\x89MCAP0\r\n'
-_MCAP_FOOTER, _MCAP_DATA_END = 0x02, 0x0F
+_MCAP_HEADER, _MCAP_FOOTER, _MCAP_CHUNK, _MCAP_DATA_END = 0x01, 0x02, 0x06, 0x0F
 _MCAP_OPCODES = range(0x01, 0x11)  # of the MCAP records; 0x00 (what a file system's unwritten
 #                                     blocks read as) and above are not records
-_RECORD_HEAD = 9  # opcode byte, little-endian uint64 length
+_RECORD_HEAD = struct.Struct('<BQ')  # opcode, length
+_CHUNK_HEAD = struct.Struct('<QQQII')  # start and end log times, size and CRC, compression length
+
+
+def _record(opcode: int, content: bytes) -> bytes:
+    return _RECORD_HEAD.pack(opcode, len(content)) + content
+
+
+# A Header (profile ros2, no library) for a file cut before its own ended.
+_MCAP_START = MCAP_MAGIC + _record(_MCAP_HEADER, (4).to_bytes(4, 'little') + b'ros2' + bytes(4))
 # Data End (no data CRC), then a Footer with no summary (offsets and CRC 0), then the magic.
-_CUT_MCAP_TAIL = (bytes([_MCAP_DATA_END]) + (4).to_bytes(8, 'little') + bytes(4)
-                  + bytes([_MCAP_FOOTER]) + (20).to_bytes(8, 'little') + bytes(20) + MCAP_MAGIC)
+_MCAP_END = _record(_MCAP_DATA_END, bytes(4)) + _record(_MCAP_FOOTER, bytes(20)) + MCAP_MAGIC
 
 
-def whole_mcap_records(path: pathlib.Path) -> int | None:
-    """The bytes of the MCAP file `path` up to the end of its last whole record before the
-    summary, when the file lacks its footer (cut off); None for a file that ends as MCAP files
-    end, or that does not begin as one (rosbags says what is wrong with it)."""
+@dataclasses.dataclass(frozen=True)
+class CutMcap:
+    """What of an MCAP file cut off is read: its first `whole` bytes (after `start`, a Header
+    standing in for one cut off itself), then _MCAP_END; its whole `chunks`."""
+
+    size: int  # of the file
+    whole: int
+    start: bytes = b''
+    chunks: tuple[ChunkInfo, ...] = ()
+
+
+def cut_mcap(path: pathlib.Path) -> CutMcap | None:
+    """How to read the MCAP file `path` when it lacks its footer (cut off); None for a file that
+    ends as MCAP files end, or that does not begin as one (rosbags says what is wrong)."""
     with open(path, 'rb') as file:
         size = os.fstat(file.fileno()).st_size
-        if file.read(len(MCAP_MAGIC)) != MCAP_MAGIC:
+        begin = file.read(len(MCAP_MAGIC))
+        if not MCAP_MAGIC.startswith(begin):
             return None
-        file.seek(-len(MCAP_MAGIC), os.SEEK_END)
-        if size >= len(MCAP_MAGIC) + len(_CUT_MCAP_TAIL) and file.read() == MCAP_MAGIC:
+        file.seek(-min(size, len(MCAP_MAGIC)), os.SEEK_END)
+        if size >= len(MCAP_MAGIC) + len(_MCAP_END) and file.read() == MCAP_MAGIC:
             return None
-        end = len(MCAP_MAGIC)
-        while end + _RECORD_HEAD <= size:
+        end, chunks = len(begin), []
+        while end + _RECORD_HEAD.size <= size:
             file.seek(end)
-            head = file.read(_RECORD_HEAD)
-            opcode, length = head[0], int.from_bytes(head[1:], 'little')
+            opcode, length = _RECORD_HEAD.unpack(file.read(_RECORD_HEAD.size))
             if (opcode not in _MCAP_OPCODES or opcode in (_MCAP_FOOTER, _MCAP_DATA_END)
-                    or end + _RECORD_HEAD + length > size):
+                    or end + _RECORD_HEAD.size + length > size
+                    or (end == len(MCAP_MAGIC)) != (opcode == _MCAP_HEADER)):
                 break
-            end += _RECORD_HEAD + length
-        return end
+            if opcode == _MCAP_CHUNK:
+                chunks.append(_chunk_info(file, end, length))
+            end += _RECORD_HEAD.size + length
+        if end <= len(MCAP_MAGIC):  # cut before its Header ended: it holds nothing
+            return CutMcap(size, 0, _MCAP_START)
+        while chunks and not _decompresses(file, chunks[-1]):
+            end = chunks.pop().chunk_start_offset
+        return CutMcap(size, end, b'', tuple(chunks))
+
+
+def _chunk_info(file, offset: int, length: int) -> ChunkInfo:
+    """The index entry of the whole Chunk record at `offset` (its content `length` bytes), as
+    rosbags reads it from a summary, but for its channels (_McapReader.open)."""
+    start, end, uncompressed, _, name_length = _CHUNK_HEAD.unpack(file.read(_CHUNK_HEAD.size))
+    compression = file.read(name_length).decode()
+    compressed = int.from_bytes(file.read(8), 'little')
+    return ChunkInfo(start, end, offset, _RECORD_HEAD.size + length, {}, 0, compression,
+                     compressed, uncompressed, {})
+
+
+def _decompresses(file, chunk: ChunkInfo) -> bool:
+    """Whether a chunk decompresses to its size and CRC, as rosbags checks it when reading."""
+    file.seek(chunk.chunk_start_offset + _RECORD_HEAD.size + 24)
+    crc = int.from_bytes(file.read(4), 'little')
+    file.seek(chunk.chunk_start_offset + _RECORD_HEAD.size + _CHUNK_HEAD.size
+              + len(chunk.compression) + 8)
+    try:
+        decompress(file.read(chunk.compressed_size), chunk.compression, chunk.uncompressed_size,
+                   crc)
+    except Exception:  # noqa: BLE001 - whatever a damaged stream raises
+        return False
+    return True
 
 
 class _CutMcapFile(io.RawIOBase):
-    """The first `whole` bytes of a cut-off MCAP file followed by _CUT_MCAP_TAIL, read-only."""
+    """An MCAP file cut off, read as `cut` says: `start`, its first `whole` bytes, _MCAP_END."""
 
-    def __init__(self, path: pathlib.Path, whole: int):
+    def __init__(self, path: pathlib.Path, cut: CutMcap):
         super().__init__()
         self._file = open(path, 'rb')  # noqa: SIM115 - closed with this file
-        self._whole = whole
-        self._size = whole + len(_CUT_MCAP_TAIL)
+        self._parts = [(cut.start, None), (None, cut.whole), (_MCAP_END, None)]
+        self._size = len(cut.start) + cut.whole + len(_MCAP_END)
         self._position = 0
 
     def readable(self) -> bool:
@@ -174,16 +227,20 @@ class _CutMcapFile(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast('B')
-        count = 0
-        if self._position < self._whole:
-            self._file.seek(self._position)
-            count = self._file.readinto(view[:self._whole - self._position]) or 0
-        elif self._position < self._size:
-            tail = _CUT_MCAP_TAIL[self._position - self._whole:][:len(view)]
-            view[:len(tail)] = tail
-            count = len(tail)
-        self._position += count
-        return count
+        position = self._position
+        for data, length in self._parts:
+            length = len(data) if data is not None else length
+            if position < length:
+                count = min(len(view), length - position)
+                if data is not None:
+                    view[:count] = data[position:position + count]
+                else:
+                    self._file.seek(position)
+                    count = self._file.readinto(view[:count]) or 0
+                self._position += count
+                return count
+            position -= length
+        return 0
 
     def close(self) -> None:
         self._file.close()
@@ -191,28 +248,45 @@ class _CutMcapFile(io.RawIOBase):
 
 
 class _McapReader(McapReader):
-    """rosbags' MCAP reader that reads a file cut off by a crash up to its last whole record."""
+    """rosbags' MCAP reader that reads a file cut off by a crash as cut_mcap says."""
 
-    cut: tuple[int, int] | None = None  # of a file cut off: (bytes read, file size)
+    cut: CutMcap | None = None
 
     def open(self) -> None:
-        whole = whole_mcap_records(pathlib.Path(self.path))
-        self.cut = None if whole is None else (whole, pathlib.Path(self.path).stat().st_size)
-        if whole is None:
+        self.cut = cut_mcap(pathlib.Path(self.path))
+        if self.cut is None:
             super().open()
             return
-        # What McapReader.open does with the file, on the file with its end made good.
-        self.bio = io.BufferedReader(_CutMcapFile(pathlib.Path(self.path), whole))
+        # What McapReader.open does with the file, on the file with its end made good; then
+        # the index of its chunks, as read_index would have read it from a summary (where each
+        # chunk's message indexes count its channels' messages: here any channel may be in it).
+        self.bio = io.BufferedReader(_CutMcapFile(pathlib.Path(self.path), self.cut))
         try:
             self._open()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.close()
             raise
+        self.chunks.extend(chunk._replace(channel_count=dict.fromkeys(self.channels, 1))
+                           for chunk in self.cut.chunks)
 
 
 class _DirectoryReader(DirectoryReader):
     STORAGE_PLUGINS = {**DirectoryReader.STORAGE_PLUGINS, 'mcap': _McapReader}
+
+    def open(self) -> None:
+        """Open, and count each topic's messages as its files hold them where one was cut off
+        (metadata.yaml, as the recorder or `ros2 bag reindex` wrote it, counts the messages
+        recorded)."""
+        super().open()
+        if any(getattr(storage, 'cut', None) for storage in self.storages):
+            held = collections.Counter()
+            for storage in self.storages:
+                for connection in storage.connections:
+                    held[connection.topic, connection.msgtype] += connection.msgcount
+            self.connections = [connection._replace(msgcount=held[connection.topic,
+                                                                  connection.msgtype])
+                                for connection in self.connections]
 
 
 class _Reader(Reader):
@@ -220,15 +294,15 @@ class _Reader(Reader):
 
 
 def cut_files(reader: Reader) -> list[str]:
-    """What `reader` read of its MCAP files cut off (as whole_mcap_records), one line each."""
+    """What `reader` read of its MCAP files cut off (cut_mcap), one line each."""
     lines = []
     for storage in getattr(reader.storage, 'storages', [reader.storage]):  # a directory's files
-        if getattr(storage, 'cut', None) is not None:
+        cut = getattr(storage, 'cut', None)
+        if cut is not None:
             name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
-            whole, size = storage.cut
             lines.append(f'{name}cut off (no MCAP footer: a recording that ended in a crash or '
-                         f'power loss): read up to its last whole record, {whole} of {size} '
-                         f'bytes')
+                         f'power loss): read up to its last whole record, {cut.whole} of '
+                         f'{cut.size} bytes')
     return lines
 
 
@@ -267,6 +341,10 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
                        f'{_reason(error).rstrip(".")}') from None
     try:
+        cut = cut_files(reader)
+        storages = getattr(reader.storage, 'storages', [reader.storage])
+        if cut and not any(storage.metadata.message_count for storage in storages):
+            raise BagError(f'{path}: no message to read: {"; ".join(cut)}')
         yield reader
     finally:
         with contextlib.suppress(Exception):
@@ -314,8 +392,11 @@ def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
                                                          stop=stop):
             yield connection, log_time, raw
     except Exception as error:  # noqa: BLE001 - truncated or corrupt storage
+        # An MCAP file cut off without chunks is read by a scan, which needs log-time order.
+        recover = ('; `mcap recover` (the mcap CLI) writes an indexed copy'
+                   if 'not in timestamp order' in str(error) else '')
         raise BagError(f'{path}: cannot read the bag (truncated or corrupt?): '
-                       f'{_reason(error)}') from None
+                       f'{_reason(error)}{recover}') from None
 
 
 def deserialize(path: pathlib.Path, connection: Connection, raw: bytes):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from s4fusion_ros.diagnostics import Key, ROLES, per_input
@@ -101,15 +101,19 @@ def bag_image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: st
 
 
 def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False,
-              cut_short=(), thermal_notes: bool = False):
-    """Write the events as `ros2 bag record` would (rosbags directly, not the code under test);
-    the messages logged at a time in `cut_short` keep only their first 40 bytes. With
-    `thermal_notes` a std_msgs/String follows each thermal image on its topic (a second type on
-    one topic, which ROS 2 tools do not play)."""
+              cut_short=(), thermal_notes: bool = False, zstd_chunks: bool = False):
+    """Write the events as `ros2 bag record` would (rosbags directly, not the code under test),
+    in their order; the messages logged at a time in `cut_short` keep only their first 40 bytes.
+    With `thermal_notes` a std_msgs/String follows each thermal image on its topic (a second
+    type on one topic, which ROS 2 tools do not play); with `zstd_chunks` MCAP chunks are
+    compressed, as rosbag2's MCAP storage writes them by default."""
     visible_type = COMPRESSED if compressed_visible else IMAGE
     visible_topic = VISIBLE_TOPIC + ('/compressed' if compressed_visible else '')
     string = 'std_msgs/msg/String'
-    with Writer(path, version=9, storage_plugin=StoragePlugin[storage.upper()]) as writer:
+    writer = Writer(path, version=9, storage_plugin=StoragePlugin[storage.upper()])
+    if zstd_chunks:
+        writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+    with writer:
         connections = {
             THERMAL_TOPIC: writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE),
             VISIBLE_TOPIC: writer.add_connection(visible_topic, visible_type,

@@ -466,26 +466,34 @@ def test_thermal_stamps_on_a_clock_ahead_are_named_with_the_offset_that_pairs_th
 
 def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file, tmp_path,
                                                            capsys):
-    """A recording cut off by a crash (its MCAP file without summary and footer, here followed
-    by blocks the file system never wrote, which read as zeros) gives what a recording of the
-    same messages that ended cleanly gives: every message of the chunks the recorder finished,
-    and a warning."""
-    events = camera_messages(ivif_dir, duration=2.0)
-    source = write_bag(tmp_path / 'in', events, 'mcap')
+    """A recording cut off by a crash gives what a recording of the same messages that ended
+    cleanly gives: every message of the chunks the recorder finished, in log-time order, and a
+    warning. Its MCAP file lacks summary and footer, and its last chunk holds blocks the file
+    system never wrote (zeros); its chunks are compressed and its log times step back (a
+    recorder logs a message at its receipt, writes it as its callback runs), as rosbag2's."""
+    events = [(log_time - 15 * 10**6 if topic == THERMAL_TOPIC else log_time, topic, *rest)
+              for log_time, topic, *rest in camera_messages(ivif_dir, duration=4.0)]
+    source = write_bag(tmp_path / 'in', events, 'mcap', zstd_chunks=True)
     storage = source / 'in.mcap'
     with Reader(storage) as reader:  # the intact file's own index of its chunks
         chunks = list(reader.storage.chunks)
     assert len(chunks) >= 3
-    cut = chunks[2].chunk_start_offset + chunks[2].chunk_length // 2
+    lost = chunks[2]
+    data = bytearray(storage.read_bytes()[:lost.chunk_start_offset + lost.chunk_length])
+    data[lost.chunk_start_offset + 100:] = bytes(len(data) - lost.chunk_start_offset - 100)
+    storage.write_bytes(bytes(data) + bytes(4096))
     whole = sum(sum(chunk.channel_count.values()) for chunk in chunks[:2])
-    storage.write_bytes(storage.read_bytes()[:cut] + bytes(4096))
-    clean = write_bag(tmp_path / 'clean', events[:whole], 'mcap')
+    clean = write_bag(tmp_path / 'clean', events[:whole], 'mcap', zstd_chunks=True)
 
     # The bare file (its name is the path's): up to the second chunk's message indexes.
     with bagio.open_bag(storage) as reader:
         assert bagio.cut_files(reader) == [
             'cut off (no MCAP footer: a recording that ended in a crash or power loss): read up '
-            f'to its last whole record, {chunks[2].chunk_start_offset} of {cut + 4096} bytes']
+            f'to its last whole record, {lost.chunk_start_offset} of {len(data) + 4096} bytes']
+    # The bag: its metadata.yaml counts what was recorded, the topics what the file holds.
+    with bagio.open_bag(source) as reader, bagio.open_bag(clean) as reference:
+        assert ([(t.topic, t.count) for t in bagio.image_topics(reader, source)]
+                == [(t.topic, t.count) for t in bagio.image_topics(reference, clean)])
     for bag, output in ((source, tmp_path / 'out'), (clean, tmp_path / 'out_clean')):
         assert bag_tool.main([str(bag), str(output), '--params', str(params_file)]) == 0
     error = capsys.readouterr().err
@@ -495,13 +503,17 @@ def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file
     assert len(fused['/s4fusion_node/fused']) == len(expected_pairs(events[:whole])) >= 3
 
 
-def test_an_mcap_cut_within_its_header_is_refused(short_events, tmp_path, capsys):
+@pytest.mark.parametrize('kept', [0, 5, 12])
+def test_an_mcap_cut_before_any_message_is_refused_as_such(short_events, tmp_path, capsys, kept):
+    # Empty, within the magic, within the Header: what a split recording's last file can be.
     source = write_bag(tmp_path / 'in', short_events, 'mcap')
     storage = source / 'in.mcap'
-    storage.write_bytes(storage.read_bytes()[:12])
+    storage.write_bytes(storage.read_bytes()[:kept])
     assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
     error = capsys.readouterr().err
-    assert f'{source}: cannot open the bag (corrupt or truncated?)' in error
+    assert (f'{source}: no message to read: in.mcap: cut off (no MCAP footer: a recording that '
+            'ended in a crash or power loss): read up to its last whole record, 0 of '
+            f'{kept} bytes') in error, error
     assert 'Traceback' not in error and not (tmp_path / 'out').exists()
 
 
