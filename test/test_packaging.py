@@ -210,7 +210,8 @@ ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'pytho
                'pycodestyle': 'python3-pycodestyle', 'packaging': 'python3-packaging'}
 PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags',
             'backports',  # backports.zstd, installed with rosbags (Python < 3.14)
-            'mamba_ssm', 'ray'}  # the optional extras [gpu] and [ray]
+            'mamba_ssm', 'selective_scan_cuda',  # the optional extra [gpu]: mamba-ssm, its kernel
+            'ray'}  # the optional extra [ray]
 # Standard library from Python 3.14 on (compression.zstd), tried before its backport.
 NEWER_STDLIB = {'compression'}
 

@@ -23,8 +23,10 @@ _EXP_FLOOR = -80.0
 
 @functools.lru_cache(maxsize=None)
 def mamba_scan_fn():
-    """Return mamba-ssm's ``selective_scan_fn``, or None where it cannot be imported."""
+    """Return mamba-ssm's ``selective_scan_fn``, or None where it or its kernel cannot be
+    imported (newer mamba-ssm sources import without the kernel and fail at the first call)."""
     try:
+        import selective_scan_cuda  # noqa: F401 - the compiled kernel itself
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except (ImportError, OSError, RuntimeError):
         # Without CUDA even the import fails: the extension links against the CUDA runtime.
