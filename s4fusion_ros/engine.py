@@ -200,9 +200,9 @@ class FusionPipeline:
             thermal, visible = pair.thermal, pair.visible
             normalized = self.normalizer(thermal.image)
             if self.normalizer.outliers:
-                self._notice(f'a thermal frame\'s values lay far outside the normalization '
-                             f'window of the frames before (a corrupt frame, dead pixels?): it '
-                             f'was scaled by that window and left it as it was; values that '
+                self._notice('a thermal frame\'s values lay far outside the normalization '
+                             'window of the frames before (a corrupt frame, dead pixels?): it '
+                             'was scaled by that window and left it as it was; values that '
                              f'stay so {HELD_FRAMES} frames in a row start a new window '
                              f'(diagnostics: "{Key.THERMAL_OUTLIERS}")')
             height, width = visible.image.shape[:2]
