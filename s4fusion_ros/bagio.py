@@ -207,8 +207,9 @@ class _CutMcapFile(io.RawIOBase):
     def __init__(self, path: pathlib.Path, cut: CutMcap):
         super().__init__()
         self._file = open(path, 'rb')  # noqa: SIM115 - closed with this file
-        self._parts = [(cut.start, None), (None, cut.whole), (_MCAP_END, None)]
-        self._size = len(cut.start) + cut.whole + len(_MCAP_END)
+        self._start = cut.start
+        self._file_end = len(cut.start) + cut.whole  # where the file's bytes end here
+        self._size = self._file_end + len(_MCAP_END)
         self._position = 0
 
     def readable(self) -> bool:
@@ -227,20 +228,17 @@ class _CutMcapFile(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast('B')
-        position = self._position
-        for data, length in self._parts:
-            length = len(data) if data is not None else length
-            if position < length:
-                count = min(len(view), length - position)
-                if data is not None:
-                    view[:count] = data[position:position + count]
-                else:
-                    self._file.seek(position)
-                    count = self._file.readinto(view[:count]) or 0
-                self._position += count
-                return count
-            position -= length
-        return 0
+        position, file_start = self._position, len(self._start)
+        if file_start <= position < self._file_end:
+            self._file.seek(position - file_start)
+            count = self._file.readinto(view[:self._file_end - position]) or 0
+        else:
+            made = (self._start[position:] if position < file_start
+                    else _MCAP_END[position - self._file_end:])
+            count = min(len(view), len(made))
+            view[:count] = made[:count]
+        self._position += count
+        return count
 
     def close(self) -> None:
         self._file.close()
@@ -293,10 +291,15 @@ class _Reader(Reader):
     STORAGE_PLUGINS = {**Reader.STORAGE_PLUGINS, 'dir': _DirectoryReader, '.mcap': _McapReader}
 
 
+def _storages(reader: Reader) -> list:
+    """The storage readers of `reader`: a directory's, one per file, or a bare file's own."""
+    return getattr(reader.storage, 'storages', [reader.storage])
+
+
 def cut_files(reader: Reader) -> list[str]:
     """What `reader` read of its MCAP files cut off (cut_mcap), one line each."""
     lines = []
-    for storage in getattr(reader.storage, 'storages', [reader.storage]):  # a directory's files
+    for storage in _storages(reader):
         cut = getattr(storage, 'cut', None)
         if cut is not None:
             name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
@@ -323,27 +326,25 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
         reader.open()
     except FileNotFoundError as error:
         if path.is_dir() and not (path / 'metadata.yaml').exists():
-            if not bag_files(path):
+            files = bag_files(path)
+            if not files:
                 raise BagError(f'{path}: no metadata.yaml and no bag file') from None
             if is_unindexed_recording(path):
-                files = bag_files(path)
                 single = (f', or give its bag file ({path / files[0]})' if len(files) == 1
                           else '')
                 raise BagError(f'{path}: no metadata.yaml (a recording still running, or one '
                                f'that was cut off: `ros2 bag reindex` writes it{single})'
                                ) from None
             # A folder of bare bag files, as s4fusion-batch reads it: one is a bag.
-            first = path / bag_files(path)[0]
             raise BagError(f'{path}: no metadata.yaml, and its bag files are not one '
-                           f'recording\'s: give one of them ({first})') from None
+                           f'recording\'s: give one of them ({path / files[0]})') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
                        f'{_reason(error).rstrip(".")}') from None
     try:
         cut = cut_files(reader)
-        storages = getattr(reader.storage, 'storages', [reader.storage])
-        if cut and not any(storage.metadata.message_count for storage in storages):
+        if cut and not any(storage.metadata.message_count for storage in _storages(reader)):
             raise BagError(f'{path}: no message to read: {"; ".join(cut)}')
         yield reader
     finally:

@@ -80,6 +80,13 @@ def clock_jump_message(resets: int | None) -> str:
             f'restarted on the new timeline{count}')
 
 
+# Logged once, when the normalizer first holds a thermal frame out of its window.
+OUTLIER_NOTICE = ('a thermal frame\'s values lay far outside the normalization window of the '
+                  'frames before (a corrupt frame, dead pixels?): it was scaled by that window '
+                  f'and left it as it was; values that stay so {HELD_FRAMES} frames in a row '
+                  f'start a new window (diagnostics: "{Key.THERMAL_OUTLIERS}")')
+
+
 class FusionPipeline:
     """Decode, synchronize, normalize and register: everything before the model."""
 
@@ -200,11 +207,7 @@ class FusionPipeline:
             thermal, visible = pair.thermal, pair.visible
             normalized = self.normalizer(thermal.image)
             if self.normalizer.outliers:
-                self._notice('a thermal frame\'s values lay far outside the normalization '
-                             'window of the frames before (a corrupt frame, dead pixels?): it '
-                             'was scaled by that window and left it as it was; values that '
-                             f'stay so {HELD_FRAMES} frames in a row start a new window '
-                             f'(diagnostics: "{Key.THERMAL_OUTLIERS}")')
+                self._notice(OUTLIER_NOTICE)
             height, width = visible.image.shape[:2]
             if self.registration.needs_resize(normalized.shape, (width, height)):
                 self._notice('thermal and visible images differ in size and '

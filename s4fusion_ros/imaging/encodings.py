@@ -490,9 +490,11 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
 def _decode_any(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """Decode a raw or compressed image to (array, layout, a name for messages); an image
     over `max_pixels` is refused (see image_to_array and _decode_compressed for when)."""
-    if hasattr(img, 'format') and not hasattr(img, 'encoding') and img.format == ZSTD_FORMAT:
-        img = _zstd_image(_byte_view(img.data, f'compressed {ZSTD_FORMAT!r}'), max_pixels)
-    if hasattr(img, 'format') and not hasattr(img, 'encoding'):
+    compressed = hasattr(img, 'format') and not hasattr(img, 'encoding')
+    if compressed and img.format == ZSTD_FORMAT:  # a raw image inside: read as one
+        img, compressed = _zstd_image(_byte_view(img.data, f'compressed {ZSTD_FORMAT!r}'),
+                                      max_pixels), False
+    if compressed:
         array, layout, name = _decode_compressed(img, max_pixels)
     else:
         array = image_to_array(img, max_pixels)
