@@ -133,6 +133,13 @@ def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool
     return path
 
 
+def mcap_chunks(storage: pathlib.Path) -> list:
+    """The chunks of an intact MCAP file, as its own summary indexes them (rosbags' ChunkInfo:
+    offset, length and message counts per channel)."""
+    with Reader(storage) as reader:
+        return list(reader.storage.chunks)
+
+
 def read_bag(path: pathlib.Path) -> dict[str, list]:
     """{topic: [(log time, message type, raw CDR)]} of every message, with rosbags."""
     topics = {}

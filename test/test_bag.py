@@ -24,8 +24,8 @@ from s4fusion_ros.imaging.encodings import RawImage
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC, TYPESTORE,
-                     VISIBLE_FRAME, VISIBLE_TOPIC, bag_image_message, camera_messages, read_bag,
-                     write_bag, zstd_transport_data)
+                     VISIBLE_FRAME, VISIBLE_TOPIC, bag_image_message, camera_messages, mcap_chunks,
+                     read_bag, write_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -475,8 +475,7 @@ def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file
               for log_time, topic, *rest in camera_messages(ivif_dir, duration=4.0)]
     source = write_bag(tmp_path / 'in', events, 'mcap', zstd_chunks=True)
     storage = source / 'in.mcap'
-    with Reader(storage) as reader:  # the intact file's own index of its chunks
-        chunks = list(reader.storage.chunks)
+    chunks = mcap_chunks(storage)
     assert len(chunks) >= 3
     lost = chunks[2]
     data = bytearray(storage.read_bytes()[:lost.chunk_start_offset + lost.chunk_length])

@@ -13,7 +13,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
 from support import (IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, bag_image_message,
-                     write_bag)
+                     mcap_chunks, write_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -140,8 +140,7 @@ def test_an_mcap_cut_off_by_a_crash_plays_up_to_its_cut_and_says_so(tmp_path):
     events = [(10**9 + i * 10**8, THERMAL_TOPIC, 10**9 + i * 10**8, 'mono8', image)
               for i in range(12)]
     storage = write_bag(tmp_path / 'bag', events, 'mcap') / 'bag.mcap'
-    with Reader(storage) as reader:  # the intact file's own index of its chunks
-        chunks = list(reader.storage.chunks)
+    chunks = mcap_chunks(storage)
     storage.write_bytes(storage.read_bytes()[:chunks[-1].chunk_start_offset + 1000])
     whole = sum(sum(chunk.channel_count.values()) for chunk in chunks[:-1])
     played = subprocess.run([*PLAYER, str(storage), '--wait', '0', '--rate', '10'],
