@@ -41,6 +41,7 @@ PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
 STATE = 'train_state.pt'
 INIT = 'init'  # in a run folder: the weights a restarted run began from
+KEPT = 'checkpoints'  # in a run folder: the weights s4fusion-train --keep-every kept
 PACKED_JPEG_QUALITY = 95  # pack-data's luminance JPEGs (docstring of pack_data)
 STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
 MIN_STOP_GRACE_S = 5  # ... and never less (a checkpoint takes about a second on a GPU)
@@ -69,7 +70,8 @@ RECIPES = {
                       '--dataset-balance', '0', '--weights-dtype', 'int8',
                       '--init-weights', str(SHIPPED / 's4fusion_authors.safetensors'),
                       '--teacher', str(SHIPPED / 's4fusion_compact.safetensors'),
-                      '--teacher-weight', '32', '--teacher-edges', 'components']),
+                      '--teacher-weight', '32', '--teacher-edges', 'components',
+                      '--keep-every', '500']),
 }
 DEFAULT_RECIPES = ['authors']
 
@@ -373,12 +375,13 @@ def stop_times(minutes, left_s, pack_minutes):
 
 def restart_from_weights(out):
     """A run whose training state stayed behind (too large to travel) starts again in ``out``
-    from its last weights, which go to ``out/init/`` (the new weights' JSON records them)."""
+    from its last weights, which go to ``out/init/`` (the new weights' JSON records them), with
+    the weights that run kept (``init/checkpoints/``: the new run keeps its own steps' anew)."""
     (weights,) = out.glob('s4fusion_*.safetensors')
     staging = out.with_name(out.name + '.restart')
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    for path in (weights, weights.with_suffix('.json')):
+    for path in (weights, weights.with_suffix('.json'), out / KEPT):
         if path.exists():  # a killed run can leave weights without their JSON: that run fails
             os.replace(path, staging / path.name)
     shutil.rmtree(out)

@@ -103,7 +103,8 @@ def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
 
 
 def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
-    tiny = ['--', '--steps', '4', '--batch-size', '1', '--crop', '25', '--threads', '1']
+    tiny = ['--', '--steps', '4', '--batch-size', '1', '--crop', '25', '--threads', '1',
+            '--keep-every', '2']
     runs, out = tmp_path / 'runs', tmp_path / 'out'
     # An earlier call's mamba-ssm build is checked before use: here, without CUDA, it fails.
     first = script('train', '--data', packed_data, '--runs', runs, '--minutes', '5',
@@ -123,6 +124,8 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     shutil.rmtree(runs)
     script('unpack', out, '--runs', runs, '--travel-mib', '0')  # 0: no limit
     assert (runs / 'compact' / 'train_state.pt').exists()
+    kept = 'checkpoints/s4fusion_custom-step000002.safetensors'  # the recipe's plain base
+    assert (runs / 'compact' / kept).exists()  # the weights kept travel with the run
     out_again = tmp_path / 'out2'
     both = script('train', '--data', packed_data, '--runs', runs, '--out', out_again,
                   '--mamba-sdist', SCRIPT, '--mamba-site', tmp_path, check=False)
@@ -150,6 +153,9 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert continued['steps_done'] == 1
     assert continued['initialised_from']['training']['steps_done'] == 4
     assert list((runs / 'compact' / 'init').glob('s4fusion_*.json'))
+    # The weights the first run kept go with it, and do not stop the new run in the same folder.
+    assert (runs / 'compact' / 'init' / kept).exists()
+    assert not (runs / 'compact' / 'checkpoints').exists()
     shutil.rmtree(runs)
     # No travel limit: what this checkout's own .gpu holds must not decide the test.
     script('unpack', tmp_path / 'out3', '--runs', runs, '--travel-mib', '0')

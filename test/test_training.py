@@ -595,6 +595,36 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
         make_trainer(pair_folder, tmp_path / 'split').run(progress=False)
 
 
+def test_keep_every_keeps_each_such_steps_weights_beside_the_latest(
+        tmp_path, pair_folder, capsys):
+    out = tmp_path / 'run'
+    command = ['--data', str(pair_folder), '--out', str(out), '--steps', '5', '--batch-size',
+               '1', '--crop', '25', '--device', 'cpu', '--threads', '1', '--no-progress',
+               '--keep-every', '2']
+    assert train_main(command) == 0
+    kept = sorted((out / 'checkpoints').iterdir())
+    assert [path.name for path in kept] == [
+        's4fusion_compact-step000002.json', 's4fusion_compact-step000002.safetensors',
+        's4fusion_compact-step000004.json', 's4fusion_compact-step000004.safetensors']
+    assert [json.loads(path.read_text())['training']['steps_done'] for path in kept[::2]] == [2, 4]
+    # Each kept file holds its step's weights: those a run stopped there writes as its latest.
+    assert train_main(command[:-2] + ['--out', str(tmp_path / 'short'), '--stop-at', '4']) == 0
+    short = load_checkpoint(tmp_path / 'short' / 's4fusion_compact.safetensors').state_dict()
+    for name, tensor in load_checkpoint(kept[3]).state_dict().items():
+        torch.testing.assert_close(tensor, short[name], rtol=0, atol=0)
+    assert json.loads((out / 's4fusion_compact.json').read_text())['training']['steps_done'] == 5
+    # A new run into the folder would mix its kept weights with these: refused.
+    for path in (out / 'train_state.pt', out / 's4fusion_compact.safetensors',
+                 out / 's4fusion_compact.json'):
+        path.unlink()
+    capsys.readouterr()
+    assert train_main(command) == 1
+    assert 'checkpoints/s4fusion_compact-step000002.safetensors exists' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(command[:-1] + ['-1'])
+    assert exit_info.value.code == 2 and '--keep-every must be >= 0' in capsys.readouterr().err
+
+
 def test_a_crash_inside_the_last_checkpoint_resumes_to_the_uninterrupted_weights(
         tmp_path, pair_folder, monkeypatch):
     full = make_trainer(pair_folder, tmp_path / 'full')

@@ -115,6 +115,11 @@ def build_parser():
                              'read); resume later to go on')
     parser.add_argument('--checkpoint-every', type=int, default=200,
                         help='steps between checkpoints (state and weights)')
+    parser.add_argument('--keep-every', type=int, default=0,
+                        help='also keep the weights of every this many steps, as '
+                             'checkpoints/s4fusion_<preset>-step<step>.safetensors (+ JSON) '
+                             'under --out, to choose among them on a validation split (0: keep '
+                             'only the latest, which each checkpoint replaces)')
     parser.add_argument('--pretrained-features', type=pathlib.Path, default=None,
                         help='torch.export .pt2 network whose features score the sources (the '
                              'authors use ImageNet ResNet-50 stages); default: image gradients')
@@ -223,6 +228,8 @@ def main(argv=None):
         value = getattr(args, option)
         if value is not None and not value > 0:
             parser.error(f'--{option.replace("_", "-")} must be > 0, got {value}')
+    if args.keep_every < 0:
+        parser.error(f'--keep-every must be >= 0, got {args.keep_every}')
     for option in ('ssim_weight', 'l1_weight', 'grad_weight', 'max_intensity_weight'):
         value = getattr(args, option)
         if not (math.isfinite(value) and value >= 0):  # a negative term would be skipped
@@ -331,7 +338,7 @@ def run(trainer, args):
     deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
     with GracefulStop() as stop:
         trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
-                    progress=not args.no_progress,
+                    keep_every=args.keep_every, progress=not args.no_progress,
                     should_stop=lambda: bool(stop.received) or (
                         deadline is not None and time.monotonic() > deadline),
                     saving=stop.saving)

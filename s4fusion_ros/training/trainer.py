@@ -5,6 +5,9 @@ Files in the output folder:
   ``s4fusion_<preset>.*``  the weights so far (safetensors + JSON, via ``save_checkpoint``); the
                            JSON holds the training settings, data list, loss and deviations.
   ``train_log.jsonl``      one JSON object per step: step, lr, loss, its terms, seconds.
+  ``checkpoints/``         with ``keep_every``: the weights of every such step, kept
+                           (``s4fusion_<preset>-step<step>.*``), to choose among on a validation
+                           split; the weights above are replaced at each checkpoint.
 
 The training state is a ``torch.save`` file holding only tensors and plain Python values, so it
 loads with ``weights_only=True`` (no code runs on load). safetensors would need the optimizer's
@@ -35,6 +38,7 @@ from .loss import complete_config as complete_loss_config
 
 STATE_NAME = 'train_state.pt'
 LOG_NAME = 'train_log.jsonl'
+KEPT_DIR = 'checkpoints'
 # SSM dynamics parameters (A as log, skip D, dt bias) stay out of weight decay as in Mamba/VMamba:
 # decay would pull them toward values that change the dynamics rather than regularise.
 NO_DECAY_NAMES = ('A_logs', 'Ds', 'dt_projs_bias')
@@ -82,16 +86,25 @@ class TrainSettings:
 
 
 def check_new_run(out_dir, weights):
-    """FileExistsError if ``out_dir`` holds what a new run there would overwrite: a run's
-    training state, or weights at ``weights`` or their JSON (a run whose state was removed to
-    save space). A log alone is of a run stopped before its first checkpoint: it is replaced."""
+    """FileExistsError if ``out_dir`` holds what a new run there would overwrite or mix with: a
+    run's training state, weights at ``weights`` or their JSON (a run whose state was removed to
+    save space), or kept checkpoints. A log alone is of a run stopped before its first
+    checkpoint: it is replaced."""
     state = pathlib.Path(out_dir) / STATE_NAME
     if state.exists():
         raise FileExistsError(f'{state} exists: resume it or use another output folder')
-    for path in (weights, config_path(weights)):
+    kept = sorted((pathlib.Path(out_dir) / KEPT_DIR).glob('*.safetensors'))
+    for path in (weights, config_path(weights), *kept[:1]):
         if path.exists():
             raise FileExistsError(f'{path} exists (an earlier run, without its training state '
                                   'to resume): use another output folder')
+
+
+def kept_weights_path(weights, step):
+    """Where ``keep_every`` keeps the weights of ``step``: ``checkpoints/<stem>-step<step>``
+    beside ``weights`` (zero-padded, so the files list in step order)."""
+    weights = pathlib.Path(weights)
+    return weights.parent / KEPT_DIR / f'{weights.stem}-step{step:06d}{weights.suffix}'
 
 
 def weights_path(out_dir, config):
@@ -313,8 +326,9 @@ class Trainer:
                     lines.append(line if line.endswith('\n') else line + '\n')
         write_atomically(log, lambda f: f.write(''.join(lines).encode()))
 
-    def save(self, last_loss):
-        """Write the weights so far, then the training state (each atomically).
+    def save(self, last_loss, keep=False):
+        """Write the weights so far (and, if ``keep``, a copy kept under ``checkpoints/``), then
+        the training state (each atomically).
 
         The state goes last: it is what a resume starts from, so a crash between the files
         leaves a state no newer than the weights, and the resumed run writes them again.
@@ -335,8 +349,13 @@ class Trainer:
         }
         if self.init is not None:
             training['initialised_from'] = self.init
-        save_checkpoint(self.model, self.weights_path, extra_meta={'training': training},
-                        storage_dtype=self.weights_dtype)
+        paths = [self.weights_path]
+        if keep:
+            paths.append(kept_weights_path(self.weights_path, self.step))
+            paths[-1].parent.mkdir(exist_ok=True)
+        for path in paths:
+            save_checkpoint(self.model, path, extra_meta={'training': training},
+                            storage_dtype=self.weights_dtype)
         state = {
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(), 'step': self.step,
@@ -369,20 +388,26 @@ class Trainer:
                 **{k: float(v) for k, v in terms.items()}, 'seconds': round(seconds, 4)}
 
     def run(self, stop_at=None, checkpoint_every=200, progress=True, should_stop=None,
-            saving=contextlib.nullcontext):
+            saving=contextlib.nullcontext, keep_every=0):
         """Train up to ``settings.steps`` (or ``stop_at``, to split a run into sessions).
 
-        Writes the state and weights every ``checkpoint_every`` steps and at the end; returns the
-        log records of the steps run in this call. ``should_stop`` (no arguments) is asked after
-        every step; when it says True the run ends there with a checkpoint, as at ``stop_at``.
-        Each checkpoint is written inside ``saving()`` (a context manager: the command line holds
-        a second stop signal there, so the weights, their JSON and the state are written whole).
+        Writes the state and weights every ``checkpoint_every`` steps and at the end, and every
+        ``keep_every`` steps (0: never) a checkpoint whose weights are also kept under
+        ``checkpoints/``; returns the log records of the steps run in this call. ``should_stop``
+        (no arguments) is asked after every step; when it says True the run ends there with a
+        checkpoint, as at ``stop_at``. Each checkpoint is written inside ``saving()`` (a context
+        manager: the command line holds a second stop signal there, so the weights, their JSON
+        and the state are written whole).
         """
         stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
         if self.step == 0:
             check_new_run(self.out_dir, self.weights_path)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         records = []
+
+        def kept():
+            return keep_every > 0 and self.step % keep_every == 0
+
         bar = tqdm(total=self.settings.steps, initial=self.step, desc='train', unit='step',
                    disable=not progress, dynamic_ncols=True)
         with bar, open(self.out_dir / LOG_NAME, 'a' if self.step else 'w') as log:
@@ -394,12 +419,12 @@ class Trainer:
                 bar.update()
                 bar.set_postfix({k: f'{v:.4g}' for k, v in record.items()
                                  if k not in ('step', 'seconds')})
-                if self.step % checkpoint_every == 0 and self.step < stop:
+                if (kept() or self.step % checkpoint_every == 0) and self.step < stop:
                     with saving():
-                        self.save(record['loss'])
+                        self.save(record['loss'], kept())
         if records:
             with saving():
-                self.save(records[-1]['loss'])
+                self.save(records[-1]['loss'], kept())
         return records
 
 
