@@ -692,6 +692,21 @@ def test_report_marks_the_validation_split():
     assert '## val (2 pairs, validation split)\n' in text
 
 
+def test_checkpoints_of_one_name_in_two_runs_are_labelled_apart():
+    # s4fusion-train --keep-every keeps runs/<run>/checkpoints/s4fusion_<preset>-step<N>.*
+    kept = [pathlib.Path(f'runs/{run}/checkpoints/s4fusion_authors-step000500.safetensors')
+            for run in ('a', 'b')]
+    latest = pathlib.Path('runs/a/s4fusion_authors.safetensors')
+    configs, _, _ = evaluate.ours_configs([*kept, latest])
+    assert [config.label for config in configs] == [
+        'S4Fusion (a/checkpoints/s4fusion_authors-step000500)',
+        'S4Fusion (b/checkpoints/s4fusion_authors-step000500)',
+        'S4Fusion (runs/a/s4fusion_authors)']
+    assert [config.weights for config in configs] == [*kept, latest]
+    with pytest.raises(ValueError, match='names a checkpoint twice'):
+        evaluate.ours_configs([latest, pathlib.Path('runs/b/../a/s4fusion_authors.safetensors')])
+
+
 def test_shipped_configurations_are_skipped_when_their_weights_are_missing(tmp_path):
     def shipped(preset):
         return tmp_path / f's4fusion_{preset}.safetensors'

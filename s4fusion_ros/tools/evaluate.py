@@ -237,6 +237,19 @@ def loaded_ours(configs: list, device: str) -> list[tuple[OursConfig, LoadedMode
             for config in configs]
 
 
+def short_names(weights: list) -> list[str]:
+    """Each checkpoint as its folder and stem, with as many folders above as tell them apart
+    (runs/a/checkpoints/x-step000500 beside runs/b/checkpoints/x-step000500: a/checkpoints/...);
+    ValueError for a file named twice."""
+    paths = [pathlib.Path(os.path.abspath(path)).with_suffix('') for path in weights]
+    if len(set(paths)) < len(paths):
+        raise ValueError(f'--weights names a checkpoint twice: {[str(p) for p in weights]}')
+    depth = 2
+    while len({path.parts[-depth:] for path in paths}) < len(paths):
+        depth += 1
+    return ['/'.join(path.parts[-depth:]) for path in paths]
+
+
 def ours_configs(weights: list, shipped: Callable = shipped_weights) -> tuple[list, list, list]:
     """(configurations, skipped lines, notes) of ours.
 
@@ -245,9 +258,7 @@ def ours_configs(weights: list, shipped: Callable = shipped_weights) -> tuple[li
     a reduced size (at full resolution they are the CPU preset's row).
     """
     if weights:
-        labels = [f'S4Fusion ({path.parent.name}/{path.stem})' for path in weights]
-        if len(set(labels)) < len(labels):
-            raise ValueError(f'--weights names a checkpoint twice: {labels}')
+        labels = [f'S4Fusion ({name})' for name in short_names(weights)]
         return [OursConfig(label, path) for label, path in zip(labels, weights)], [], []
     configs, skipped = [], []
     for preset in SHIPPED_PRESETS:

@@ -72,7 +72,8 @@ def build_parser():
                               'matched by file name, or a folder of such folders (trains on all); '
                               f'required unless ${DATA_ENV} is set')
     parser.add_argument('--out', type=pathlib.Path, required=True,
-                        help='output folder: weights + JSON, train_state.pt, train_log.jsonl')
+                        help='output folder: weights + JSON, train_state.pt, train_log.jsonl '
+                             '(and checkpoints/ with --keep-every)')
     parser.add_argument('--steps', type=int, default=defaults.steps, help='optimizer steps in all')
     parser.add_argument('--batch-size', type=int, default=defaults.batch_size,
                         help='training crops per optimizer step')
