@@ -888,6 +888,28 @@ def test_eval_names_the_pairs_it_cannot_score_before_scoring(ivif_dir, tmp_path,
     assert 'pairs in' not in error and not out.exists()
 
 
+def test_eval_scores_16_bit_ir_as_8_bit_the_same_for_every_method(ivif_dir, tmp_path, capsys):
+    # s4fusion-fuse and training read 16-bit IR as value / 65535; the evaluation refused it.
+    eight, sixteen = tmp_path / 'eight', tmp_path / 'sixteen'
+    for folder in (eight, sixteen):
+        copy_pairs(ivif_dir, folder, [GRAY_PAIR])
+    ir = cv2.imread(str(eight / 'ir' / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(sixteen / 'ir' / GRAY_PAIR[1]), ir.astype(np.uint16) * 257)
+    scores = []
+    for folder in (eight, sixteen):
+        assert evaluate.main(['--folder', str(folder), '--methods', 'average,laplacian',
+                              '--out', str(tmp_path / f'{folder.name}.md')]) == 0
+        rows = (tmp_path / f'{folder.name}_pairs.csv').read_text().splitlines()
+        scores.append([row.split(',', 1)[1] for row in rows])  # without the split's name
+    assert scores[0] == scores[1]  # v * 257 / 65535 * 255 is v
+    assert 'raw camera counts' not in capsys.readouterr().err
+    # Raw counts of a 14-bit core fill a sliver of the range: scored so, they read nearly black.
+    cv2.imwrite(str(sixteen / 'ir' / GRAY_PAIR[1]), ir.astype(np.uint16) * 8 + 3000)
+    assert evaluate.main(['--folder', str(sixteen), '--methods', 'average', '--out',
+                          str(tmp_path / 'raw.md')]) == 0
+    assert '1 of 1 IR images in --folder' in capsys.readouterr().err
+
+
 def test_eval_stopped_by_sigterm_ends_as_for_ctrl_c(ivif_dir, tmp_path):
     # kill and service managers send SIGTERM: it ended the run at once, with no word, and
     # could leave a report's temporary file behind.

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from s4fusion_ros.model import load_checkpoint
+from s4fusion_ros.model import CheckpointError, load_checkpoint
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.pyramid import laplacian_fuse
 from s4fusion_ros.tools.train import build_parser, model_config
@@ -625,6 +625,21 @@ def test_keep_every_keeps_each_such_steps_weights_beside_the_latest(
     assert exit_info.value.code == 2 and '--keep-every must be >= 0' in capsys.readouterr().err
 
 
+def test_a_new_run_of_another_network_is_refused_where_an_earlier_runs_weights_are(
+        tmp_path, pair_folder):
+    # Its weights would have lain beside the earlier run's, and the log would have been replaced.
+    earlier = make_trainer(pair_folder, tmp_path / 'run')
+    earlier.run(progress=False)
+    (tmp_path / 'run' / 'train_state.pt').unlink()  # removed to save space, as the docs allow
+    other = S4FusionConfig.from_dict({**earlier.config.to_dict(), 'detail_gain': 1.3})
+    new = Trainer(other, earlier.dataset, S4FusionLoss(), tmp_path / 'run', earlier.settings,
+                  'cpu', deviation='test run')
+    assert new.weights_path.name == 's4fusion_custom.safetensors'
+    with pytest.raises(FileExistsError, match='s4fusion_compact.json exists'):
+        new.run(progress=False)
+    assert len((tmp_path / 'run' / 'train_log.jsonl').read_text().splitlines()) == 3
+
+
 def test_a_crash_inside_the_last_checkpoint_resumes_to_the_uninterrupted_weights(
         tmp_path, pair_folder, monkeypatch):
     full = make_trainer(pair_folder, tmp_path / 'full')
@@ -718,6 +733,10 @@ def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pa
     with pytest.raises(ValueError, match='configuration differs'):
         Trainer(S4FusionConfig.preset('authors'), dataset, S4FusionLoss(), tmp_path / 'other',
                 settings, 'cpu', init_weights=base)
+    # A mistyped path was named as a missing JSON config.
+    with pytest.raises(CheckpointError, match='nothere.safetensors: weights file not found'):
+        Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(), tmp_path / 'other',
+                settings, 'cpu', init_weights=tmp_path / 'nothere.safetensors')
 
 
 def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
@@ -833,6 +852,16 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
     assert resumed.returncode == 0, resumed.stderr
     assert [json.loads(line)['step'] for line in log.read_text().splitlines()] == list(
         range(1, done + 2))
+
+
+def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
+    # A distillation recipe copied without its --teacher trained on a loss of 0 at every step.
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(['--data', str(tmp_path), '--out', str(tmp_path / 'run'), '--ssim-weight',
+                    '0', '--l1-weight', '0', '--grad-weight', '0'])
+    assert exit_info.value.code == 2
+    assert 'every loss term is 0' in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()
 
 
 @pytest.mark.parametrize('device', ['foo', 'gpu0'])
@@ -1050,6 +1079,15 @@ def test_a_resume_refused_for_other_settings_names_them(tmp_path, pair_folder, c
     assert train_main([*common, '--crop', '25', '--stop-at', '1']) == 0
     assert train_main([*common, '--crop', '37', '--resume']) == 1
     assert 'other settings (crop 25, now 37)' in capsys.readouterr().err
+    # A run from other weights named no option.
+    start = tmp_path / 'run' / 's4fusion_compact.safetensors'
+    for name in (start.name, start.with_suffix('.json').name):
+        shutil.copy(tmp_path / 'run' / name, tmp_path / name)
+    sha256 = hashlib.sha256(start.read_bytes()).hexdigest()
+    assert train_main([*common, '--crop', '25', '--resume', '--init-weights',
+                       str(tmp_path / start.name)]) == 1
+    assert (f'other init (--init-weights: no weights, now weights of sha256 {sha256[:16]})'
+            in capsys.readouterr().err)
 
 
 def test_a_second_stop_signal_waits_for_the_checkpoint_being_written(tmp_path):

@@ -40,7 +40,8 @@ from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
-from ..imaging.color import bgr_to_ycrcb
+from ..imaging.color import bgr_to_ycrcb, to_uint8
+from ..imaging.normalization import RAW_COUNTS_SPAN, looks_like_raw_counts
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
 from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
@@ -309,10 +310,21 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
     return methods, skipped
 
 
+def eight_bit(source: SourcePair) -> SourcePair:
+    """A pair as every method fuses it and is scored against it: 8-bit, as the metrics' 0-255
+    convention has it. A 16-bit IR image, which s4fusion-fuse and training read as value / 65535,
+    becomes that value in 0-255 (rounded half up), the same for every method."""
+    if source.thermal.dtype == np.uint16:
+        thermal = to_uint8(source.thermal / np.float32(np.iinfo(np.uint16).max))
+        source = dataclasses.replace(source, thermal=thermal)
+    return source
+
+
 def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     """IR and visible luminance (uint8, same size) that every method is scored against."""
     if source.thermal.dtype != np.uint8:
-        raise ValueError(f'{pair.ir_path}: the metrics need 8-bit images')
+        raise ValueError(f'{pair.ir_path}: the metrics need 8- or 16-bit images, got '
+                         f'{source.thermal.dtype}')
     vi_y = luminance(source.visible_bgr)
     if source.thermal.shape != vi_y.shape:
         raise ValueError(f'{pair.name}: IR {source.thermal.shape} and visible {vi_y.shape} '
@@ -336,7 +348,7 @@ def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
               for m in methods}
     for index, pair in enumerate(tqdm(pairs, unit='pair', desc=name, file=sys.stderr,
                                       dynamic_ncols=True)):
-        source = read_pair(pair)
+        source = eight_bit(read_pair(pair))
         ir_y, vi_y = sources_luminance(source, pair)
         for method in methods:
             if index == 0 and not method.stored:
@@ -728,15 +740,24 @@ def evaluation_splits(args: argparse.Namespace,
 
 
 def check_scorable(folder: pathlib.Path, pairs: list) -> None:
-    """ValueError naming the pairs of a --folder split the metrics cannot use (unreadable,
-    16-bit, too small, or IR and visible of different sizes), found before any scoring, not at the
-    first of them minutes into it. The ivif splits are known to be usable."""
-    problems = []
+    """ValueError naming the pairs of a --folder split the metrics cannot use (unreadable, IR
+    neither 8- nor 16-bit, too small, or IR and visible of different sizes), found before any
+    scoring, not at the first of them minutes into it; a warning for 16-bit IR in raw camera
+    counts. The ivif splits are known to be usable."""
+    problems, raw_counts = [], []
     for pair in pairs:
         try:
-            sources_luminance(read_pair(pair), pair)
+            source = read_pair(pair)
+            if looks_like_raw_counts(source.thermal):
+                raw_counts.append(pair.ir_path)
+            sources_luminance(eight_bit(source), pair)
         except ValueError as error:
             problems.append(str(error))
+    if raw_counts:
+        print(f'{PROG}: warning: {len(raw_counts)} of {len(pairs)} IR images in --folder '
+              f'{folder} are 16-bit but span less than {RAW_COUNTS_SPAN} of 0-65535 (raw camera '
+              f'counts?): scored as value / 65535 they are nearly black; stretch them to the '
+              f'full range first ({raw_counts[0]}, ...)', file=sys.stderr)
     if problems:
         more = '; ...' if len(problems) > 3 else ''
         raise ValueError(f'--folder {folder}: {len(problems)} of its {len(pairs)} pairs cannot '

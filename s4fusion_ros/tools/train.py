@@ -235,6 +235,11 @@ def main(argv=None):
         value = getattr(args, option)
         if not (math.isfinite(value) and value >= 0):  # a negative term would be skipped
             parser.error(f'--{option.replace("_", "-")} must be a number >= 0, got {value}')
+    terms = ('ssim_weight', 'l1_weight', 'grad_weight', 'max_intensity_weight', 'teacher_weight')
+    if not any(getattr(args, term) for term in terms) and args.pretrained_classifier is None:
+        # A distillation recipe without its --teacher: the loss would be 0 at every step.
+        parser.error('every loss term is 0 (--ssim-weight, --l1-weight, --grad-weight, '
+                     '--max-intensity-weight) and there is no --teacher: nothing to train')
     if args.warmup is not None and args.warmup < 0:
         parser.error(f'--warmup must be >= 0, got {args.warmup}')
     if args.threads is not None:
@@ -292,7 +297,7 @@ def model_config(args):
 def build_trainer(args, config, settings, device):
     """Read the data and the networks the options name; returns the Trainer (resumed if asked)."""
     if not args.resume:  # before minutes of reading data, not after
-        check_new_run(args.out, weights_path(args.out, config))
+        check_new_run(args.out)
     check_writable_folder(args.out)
     data_note = training_data_note(args.data)
     pairs = training_pairs(args.data)

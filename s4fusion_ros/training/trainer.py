@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
-from ..model.checkpoint import config_path, file_sha256, read_config
+from ..model.checkpoint import file_sha256, read_config
 from .data import check_sampling
 from .loss import complete_config as complete_loss_config
 
@@ -85,19 +85,20 @@ class TrainSettings:
         check_sampling(self.crop, self.min_gain, self.dataset_balance)
 
 
-def check_new_run(out_dir, weights):
+def check_new_run(out_dir):
     """FileExistsError if ``out_dir`` holds what a new run there would overwrite or mix with: a
-    run's training state, weights at ``weights`` or their JSON (a run whose state was removed to
-    save space), or kept checkpoints. A log alone is of a run stopped before its first
-    checkpoint: it is replaced."""
-    state = pathlib.Path(out_dir) / STATE_NAME
+    run's training state, or an earlier run's weights or their JSON (of any preset: a run whose
+    state was removed to save space) or kept checkpoints. A log alone is of a run stopped before
+    its first checkpoint: it is replaced."""
+    out_dir = pathlib.Path(out_dir)
+    state = out_dir / STATE_NAME
     if state.exists():
         raise FileExistsError(f'{state} exists: resume it or use another output folder')
-    kept = sorted((pathlib.Path(out_dir) / KEPT_DIR).glob('*.safetensors'))
-    for path in (weights, config_path(weights), *kept[:1]):
-        if path.exists():
-            raise FileExistsError(f'{path} exists (an earlier run, without its training state '
-                                  'to resume): use another output folder')
+    earlier = sorted([*out_dir.glob('s4fusion_*.safetensors'), *out_dir.glob('s4fusion_*.json'),
+                      *(out_dir / KEPT_DIR).glob('*.safetensors')])
+    if earlier:
+        raise FileExistsError(f'{earlier[0]} exists (an earlier run, without its training state '
+                              'to resume): use another output folder')
 
 
 def kept_weights_path(weights, step):
@@ -245,6 +246,7 @@ class Trainer:
 
     def _load_init(self, path):
         """Load the starting weights; returns their record (name, sha256, training)."""
+        start = load_checkpoint(path)  # a missing or unusable file is named as such
         meta, config = read_config(path)
         if config != self.config:
             ours, theirs = self.config.to_dict(), config.to_dict()
@@ -252,7 +254,7 @@ class Trainer:
                                   if theirs[k] != ours[k])
             raise ValueError(f'{path}: its configuration differs from the one being trained '
                              f'({self.config.preset_name() or "custom"}): {differing}')
-        self.model.load_state_dict(load_checkpoint(path).state_dict())
+        self.model.load_state_dict(start.state_dict())
         return {'file': path.name, 'sha256': file_sha256(path),
                 'training': meta.get('training')}
 
@@ -294,7 +296,8 @@ class Trainer:
                      if saved.get(key) != current[key]]
         if differing:
             raise ValueError(f'{path}: was written by a run with other {"; ".join(differing)}; '
-                             f'resume needs the same model, settings, loss and data')
+                             f'resume needs the same model, settings, loss, data and starting '
+                             f'weights')
         self.model.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
@@ -401,7 +404,7 @@ class Trainer:
         """
         stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
         if self.step == 0:
-            check_new_run(self.out_dir, self.weights_path)
+            check_new_run(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         records = []
 
@@ -439,4 +442,8 @@ def _difference(key, saved, current):
     if isinstance(saved, list) and isinstance(current, list):
         return (f'{key} ({len(saved)} pairs, now {len(current)})' if len(saved) != len(current)
                 else f'{key} (as many pairs, {len(saved)}, but not the same)')
+    if key == 'init':
+        def weights(sha256):
+            return f'weights of sha256 {sha256[:16]}' if sha256 else 'no weights'
+        return f'init (--init-weights: {weights(saved)}, now {weights(current)})'
     return key
