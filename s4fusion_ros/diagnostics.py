@@ -32,6 +32,8 @@ class Key(enum.StrEnum):
     THERMAL_BAD_STAMP = 'thermal rejected (bad stamp)'
     VISIBLE_BAD_STAMP = 'visible rejected (bad stamp)'
     THERMAL_OUTLIERS = 'thermal frames outside the window (scaled by it)'
+    THERMAL_PUBLISHERS = 'thermal publishers heard (last 5 s)'
+    VISIBLE_PUBLISHERS = 'visible publishers heard (last 5 s)'
     THERMAL_PENDING = 'thermal pending'
     VISIBLE_PENDING = 'visible pending'
     SYNC_RESETS = 'sync resets (clock jumps)'
@@ -73,9 +75,11 @@ def per_input(role: str, count: str) -> Key:
     return Key(f'{role} {count}')
 
 
-# Counted by the node's own synchronizer; message_filters does not report them.
+# Counted by the node's own synchronizer and subscriptions (whose callbacks see the sender);
+# message_filters does not report them.
 OWN_SYNC_KEYS = tuple(per_input(role, count) for role in ROLES for count in (
-    'unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending')) + (Key.SYNC_RESETS,)
+    'unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending',
+    'publishers heard (last 5 s)')) + (Key.SYNC_RESETS,)
 LATENCY_KEYS = (Key.INFERENCE_LATENCY_MEAN, Key.INFERENCE_LATENCY_P95,
                 Key.END_TO_END_LATENCY_MEAN, Key.END_TO_END_LATENCY_P95)
 # Nothing left to decide or fuse when all of these read 0 (`nothing_pending`).

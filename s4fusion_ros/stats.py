@@ -22,6 +22,29 @@ def process_memory_kib(pid: int | str = 'self') -> dict[str, int]:
     return memory
 
 
+class RecentSenders:
+    """The distinct senders of events within a sliding window (thread-safe): more than one on a
+    camera topic means two drivers, or a bag played beside the camera, feed one input."""
+
+    def __init__(self, window: float = 5.0):
+        self._window = window
+        self._last = {}  # sender -> time of its latest event
+        self._lock = threading.Lock()
+
+    def add(self, sender, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._last[sender] = now
+
+    def recent(self, now: float | None = None) -> list:
+        """The senders heard within the window up to `now`, the latest first."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._last = {sender: last for sender, last in self._last.items()
+                          if now - last <= self._window}
+            return sorted(self._last, key=self._last.get, reverse=True)
+
+
 class RateMeter:
     """Events per second over a sliding window (thread-safe: callbacks and the worker count)."""
 

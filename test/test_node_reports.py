@@ -210,6 +210,36 @@ def test_a_backward_clock_jump_is_logged_and_pairing_goes_on(ros_context):
     assert values[Key.SYNC_RESETS] == '1', values
 
 
+def test_two_publishers_on_one_input_are_reported_by_name(ros_context):
+    # A second thermal driver (or a bag played beside the camera) stamping on the same clock:
+    # its frames paired as the camera's, and the status stayed OK.
+    from rclpy.node import Node
+    from sensor_msgs.msg import Image
+    probe = Probe('mixed_probe')
+    second = Node('second_camera')
+    second_thermal = second.create_publisher(Image, 'thermal/image_raw', 50)
+    diagnostics = Diagnostics(probe)
+    with running_node(PARAMS) as proc:
+        probe.wait_for_node(proc)
+        assert probe.spin_until(lambda: second_thermal.get_subscription_count() > 0, 30)
+        stamp_ns = probe.get_clock().now().nanoseconds
+        for _ in range(3):
+            second_thermal.publish(image_message(THERMAL // 2, 'mono16', stamp_ns - 50_000_000,
+                                                 'thermal'))
+            stamp_ns = fuse_pairs(probe, proc, stamp_ns, count=1)
+        assert probe.spin_until(lambda: 'publishers in the last 5 s' in diagnostics.message,
+                                30), (diagnostics.message, node_log(proc))
+        values, message = diagnostics.values, diagnostics.message
+        log = wait_for_log(proc, 'publishers in the last 5 s')
+    second.destroy_node()
+    probe.destroy_node()
+    assert values[Key.THERMAL_PUBLISHERS] == '2' and values[Key.VISIBLE_PUBLISHERS] == '1'
+    assert message.startswith('/thermal/image_raw: frames from 2 publishers in the last 5 s ('), \
+        message
+    assert '/second_camera' in message and '/mixed_probe' in message, message
+    assert 'paired as one camera' in log
+
+
 @pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
 def test_message_filters_backend_without_the_package_is_a_clear_start_up_error():
     with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:

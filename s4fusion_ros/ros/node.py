@@ -32,7 +32,7 @@ from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_set
                       normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
-from ..stats import CountsWindow, LatencyStats, RateMeter
+from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
 from ..worker import InferenceWorker
 from . import parameters
 from .parameters import direction_qos
@@ -101,6 +101,7 @@ class S4FusionNode(Node):
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
         self.bad_messages = {'thermal': 0, 'visible': 0}
         self.bad_stamps = {'thermal': 0, 'visible': 0}  # dropped before message_filters
+        self.senders = {role: RecentSenders() for role in ROLES}  # publisher gids heard
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
@@ -232,6 +233,8 @@ class S4FusionNode(Node):
 
     def _subscribe(self, role: str, transport: str, qos: QoSProfile):
         def on_message(msg, info, r=role):  # info: rclpy's MessageInfo
+            if info.get('publisher_gid'):
+                self.senders[r].add(bytes(info['publisher_gid']['data']))
             self._on_image(r, msg, info['received_timestamp'])
         return self.create_subscription(*_input_topic(role, transport), on_message, qos,
                                         event_callbacks=self._input_events(role),
@@ -467,6 +470,8 @@ class S4FusionNode(Node):
             Key.THERMAL_BAD_STAMP: sync.thermal_bad_stamp,
             Key.VISIBLE_BAD_STAMP: sync.visible_bad_stamp,
             Key.THERMAL_OUTLIERS: self.pipeline.normalizer.outliers,
+            Key.THERMAL_PUBLISHERS: len(self.senders['thermal'].recent()),
+            Key.VISIBLE_PUBLISHERS: len(self.senders['visible'].recent()),
             Key.THERMAL_PENDING: sync.thermal_pending,
             Key.VISIBLE_PENDING: sync.visible_pending,
             Key.SYNC_RESETS: sync.resets,
@@ -535,7 +540,8 @@ class S4FusionNode(Node):
                 self.counts_while_fusing = {key: value for key, value in values.items()
                                             if isinstance(value, int)}
             grown = self.recent_counts.grown(time.monotonic(), values)
-            partial = self._partial_pairing(grown) or self._late_arrivals(grown)
+            partial = (self._mixed_senders() or self._partial_pairing(grown)
+                       or self._late_arrivals(grown))
             if partial:
                 level, message = DiagnosticStatus.WARN, partial
         if level != DiagnosticStatus.OK and not partial:
@@ -559,6 +565,27 @@ class S4FusionNode(Node):
             # site, and a partial stall's line must not silence the full stall's that follows.
             self.get_logger().warning(f'few pairs made lately: {hint}',
                                       throttle_duration_sec=LOG_THROTTLE_S)
+        return message
+
+    def _mixed_senders(self) -> str:
+        """Pairs are fused, but an input heard more than one publisher lately: the images of two
+        sources are paired as one camera's (a second driver, a bag played beside the camera)."""
+        lines = []
+        for role in ROLES:
+            senders = self.senders[role].recent()
+            if len(senders) < 2:
+                continue
+            topic = getattr(self, f'{role}_sub').topic_name
+            names = {bytes(info.endpoint_gid): f'{info.node_namespace.rstrip("/")}/'
+                                               f'{info.node_name}'
+                     for info in self.get_publishers_info_by_topic(topic)}
+            lines.append(f'{topic}: frames from {len(senders)} publishers in the last 5 s ('
+                         + ', '.join(names.get(sender, 'one gone since') for sender in senders)
+                         + '): their images are paired as one camera\'s (a second driver, or a '
+                         'bag played beside the camera?)')
+        message = '; '.join(lines)
+        if message:
+            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _late_arrivals(self, grown: dict) -> str:
