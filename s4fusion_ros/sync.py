@@ -127,6 +127,27 @@ class SyncStats:
                 - self.thermal_unconfirmed - self.visible_unconfirmed)
 
 
+class SimArrivalClock:
+    """Arrival times on a simulation clock (ROS time from /clock, seconds), for FusionPipeline's
+    `arrived` and `expire`: with them `sync.timeout` runs at the simulation's pace, as the stamps
+    do. Wall-clock arrivals assumed real time: a simulator at a tenth of it delivers a partner
+    0.04 s later in its stamps 0.4 s later by the wall clock, and at the default timeout such
+    pairs were lost. While the clock stands still (paused, a bag played with --clock that ended,
+    no /clock yet) for more than STILL_S of wall time, the time runs on at wall rate from where
+    it stopped, so a frame still waiting is decided."""
+
+    STILL_S = 1.0  # wall seconds: longer between changes of /clock is a clock that stands still
+
+    def __init__(self):
+        self._sim = self._wall = None  # the clock's latest value, and the wall time it came
+
+    def now(self, sim_s: float, wall_s: float) -> float:
+        """The arrival time now, from the simulation clock and a steady wall clock (seconds)."""
+        if sim_s != self._sim:  # moved on, or back (a bag looping): follow it
+            self._sim, self._wall = sim_s, wall_s
+        return sim_s + max(0.0, wall_s - self._wall - self.STILL_S)
+
+
 class StampSkew:
     """How far the thermal camera's stamps run ahead of the visible camera's: per topic the
     median of (stamp - arrival) over its last WINDOW frames, thermal minus visible.

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from rclpy.time import Time
 
 from ros_harness import Probe, image_message, node_log, running_node
 from s4fusion_ros.diagnostics import (BUSY_KEYS, LATENCY_KEYS, NOT_REPORTED, Key,
@@ -303,6 +304,35 @@ def test_nothing_pending_reads_the_counts_a_backend_does_not_report_as_none():
     assert not nothing_pending({})  # no diagnostics yet
     assert nothing_pending({**idle, Key.THERMAL_PENDING: NOT_REPORTED,
                             Key.VISIBLE_PENDING: NOT_REPORTED})
+
+
+def test_on_sim_time_a_slow_simulation_pairs_within_its_own_timeout(ros_context):
+    # A simulator at a tenth of real time: a visible frame 0.04 s of sim time after its thermal
+    # partner comes 0.4 s later by the wall clock, past a 0.2 s sync.timeout timed by the wall
+    # clock, so every thermal frame went unpaired (and the skew hint offered -0.36 s).
+    from rosgraph_msgs.msg import Clock
+    probe = Probe('slow_sim_probe')
+    clock_pub = probe.create_publisher(Clock, '/clock', 10)
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'use_sim_time': True, 'sync.timeout': 0.2}) as proc:
+        probe.wait_for_node(proc)
+        events = sorted([(100.0 + 0.1 * k, 'thermal') for k in range(1, 5)]
+                        + [(100.04 + 0.1 * k, 'visible') for k in range(1, 5)])
+        started = time.monotonic()
+        while events:
+            sim = 100.0 + 0.1 * (time.monotonic() - started)
+            clock_pub.publish(Clock(clock=Time(seconds=sim).to_msg()))
+            while events and events[0][0] <= sim:
+                stamp, role = events.pop(0)
+                image = (image_message(THERMAL, 'mono16', round(stamp * 1e9), 'thermal')
+                         if role == 'thermal' else
+                         image_message(VISIBLE, 'bgr8', round(stamp * 1e9), 'rgb'))
+                getattr(probe, f'{role}_pub').publish(image)
+            probe.spin_for(0.02)
+        assert probe.spin_until(lambda: len(probe.fused) == 4, 30), node_log(proc)
+        values = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert values[Key.THERMAL_UNPAIRED] == values[Key.VISIBLE_UNPAIRED] == '0', values
 
 
 def test_on_sim_time_with_no_clock_the_node_reports_and_decides_its_last_frame(ros_context):

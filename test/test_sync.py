@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings, strategies as st
 import pytest
 
 from s4fusion_ros.sync import (INTERVAL_MARGIN, INTERVAL_WINDOW, Pair, PairSynchronizer,
-                               StampSkew, SyncStats)
+                               SimArrivalClock, StampSkew, SyncStats)
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -822,3 +822,16 @@ def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_l
                            'start: restart the node with it) pairs them as stamped')
     assert 'if the visible frames arrive that much later' in clock_skew_hint(0.7, 0.05, 0.0, 0.5)
     assert 'sync.timeout' not in clock_skew_hint(-0.7, 0.05, 0.0, 1.0)  # it waits long enough
+
+
+def test_sim_arrivals_follow_the_simulation_clock_and_run_on_when_it_stands_still():
+    clock = SimArrivalClock()
+    # A simulator at a tenth of real time: arrivals keep its pace, not the wall clock's.
+    assert [clock.now(100.0 + 0.01 * k, 5.0 + 0.1 * k) for k in range(3)] == pytest.approx(
+        [100.0, 100.01, 100.02])
+    # Standing still (paused, a bag that ended): after STILL_S it runs on at wall rate.
+    assert clock.now(100.02, 5.2 + SimArrivalClock.STILL_S) == pytest.approx(100.02)
+    assert clock.now(100.02, 5.7 + SimArrivalClock.STILL_S) == pytest.approx(100.52)
+    # Moving again, or back (a looping bag): its value again.
+    assert clock.now(100.03, 9.0) == 100.03
+    assert clock.now(1.0, 9.1) == 1.0

@@ -33,6 +33,7 @@ from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_set
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
+from ..sync import SimArrivalClock
 from ..worker import InferenceWorker
 from . import parameters
 from .parameters import direction_qos
@@ -102,6 +103,7 @@ class S4FusionNode(Node):
         self.bad_messages = {'thermal': 0, 'visible': 0}
         self.bad_stamps = {'thermal': 0, 'visible': 0}  # dropped before message_filters
         self.senders = {role: RecentSenders() for role in ROLES}  # publisher gids heard
+        self.sim_arrivals = SimArrivalClock()  # arrivals on sim time, where use_sim_time is on
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
@@ -354,11 +356,14 @@ class S4FusionNode(Node):
     def _on_image(self, role: str, msg, received_ns: int = 0) -> None:
         """One input image; `received_ns`: when the middleware received it (system clock, 0 if
         the rmw does not say), which the clock-skew hint compares across topics: the callback
-        runs later by however far behind the executor is, one topic's more than the other's."""
+        runs later by however far behind the executor is, one topic's more than the other's.
+        On sim time both are the callback's time on the simulation clock (`_arrival_time`)."""
         self._rate(role).tick()
         try:
-            received = received_ns / 1e9 if received_ns else None
-            prepared = self.pipeline.add_message(role, msg, received=received)
+            arrived = self._arrival_time()
+            received = arrived if arrived is not None else (
+                received_ns / 1e9 if received_ns else None)
+            prepared = self.pipeline.add_message(role, msg, arrived, received)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.bad_messages[role] += 1
             self._log_rejection(role, msg, error)
@@ -397,7 +402,16 @@ class S4FusionNode(Node):
 
     def _expire_pending(self) -> None:
         # The pipeline extrapolates the stamps' clock from arrivals (sync.timeout is its own).
-        self._submit(self.pipeline.expire(time.monotonic()))
+        now = self._arrival_time()
+        self._submit(self.pipeline.expire(time.monotonic() if now is None else now))
+
+    def _arrival_time(self) -> float | None:
+        """Now on the clock arrivals are timed by: on sim time (use_sim_time) the simulation's
+        (SimArrivalClock), else None: the pipeline's steady clock."""
+        clock = self.get_clock()
+        if not clock.ros_time_is_active:
+            return None
+        return self.sim_arrivals.now(clock.now().nanoseconds / 1e9, time.monotonic())
 
     def _submit(self, prepared) -> None:
         while len(self.pipeline.notices) > self.notices_logged:
@@ -510,8 +524,10 @@ class S4FusionNode(Node):
             if isinstance(values[key], float) and math.isnan(values[key]):
                 values[key] = 'n/a: no pair fused yet'
         if self.latest_off_clock:  # else the figures of pairs before would show, frozen
-            note = ('n/a: the stamps are not on the node clock (a bag played without /clock and '
-                    'use_sim_time?)')
+            why = ('use_sim_time is on: is /clock published?' if
+                   self.get_clock().ros_time_is_active else
+                   'a bag played without /clock and use_sim_time?')
+            note = f'n/a: the stamps are not on the node clock ({why})'
             values[Key.END_TO_END_LATENCY_MEAN] = values[Key.END_TO_END_LATENCY_P95] = note
         return values
 
