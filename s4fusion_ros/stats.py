@@ -23,26 +23,40 @@ def process_memory_kib(pid: int | str = 'self') -> dict[str, int]:
 
 
 class RecentSenders:
-    """The distinct senders of events within a sliding window (thread-safe): more than one on a
-    camera topic means two drivers, or a bag played beside the camera, feed one input."""
+    """The distinct senders of events within a sliding window (thread-safe): two at a time on a
+    camera topic means two drivers, or a bag played beside the camera, feed one input; one after
+    the other is a driver that restarted."""
 
     def __init__(self, window: float = 5.0):
         self._window = window
-        self._last = {}  # sender -> time of its latest event
+        self._spans = {}  # sender -> [time of its first event in the window, of its latest]
         self._lock = threading.Lock()
 
     def add(self, sender, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
-            self._last[sender] = now
+            self._spans.setdefault(sender, [now, now])[1] = now
 
-    def recent(self, now: float | None = None) -> list:
-        """The senders heard within the window up to `now`, the latest first."""
+    def recent(self, now: float | None = None) -> int:
+        """How many senders were heard within the window up to `now`."""
+        return len(self._current(now))
+
+    def concurrent(self, now: float | None = None) -> int:
+        """How many of them sent while another one did: 0 when one sent after the other."""
+        spans = sorted(self._current(now).values())
+        overlapping = set()
+        for index, (first, last) in enumerate(spans):
+            for other, (later_first, _) in enumerate(spans[index + 1:], index + 1):
+                if later_first < last:  # began before this one's latest event
+                    overlapping |= {index, other}
+        return len(overlapping)
+
+    def _current(self, now: float | None) -> dict:
         now = time.monotonic() if now is None else now
         with self._lock:
-            self._last = {sender: last for sender, last in self._last.items()
-                          if now - last <= self._window}
-            return sorted(self._last, key=self._last.get, reverse=True)
+            self._spans = {sender: span for sender, span in self._spans.items()
+                           if now - span[1] <= self._window}
+            return {sender: tuple(span) for sender, span in self._spans.items()}
 
 
 class RateMeter:

@@ -127,25 +127,43 @@ class SyncStats:
                 - self.thermal_unconfirmed - self.visible_unconfirmed)
 
 
-class SimArrivalClock:
-    """Arrival times on a simulation clock (ROS time from /clock, seconds), for FusionPipeline's
-    `arrived` and `expire`: with them `sync.timeout` runs at the simulation's pace, as the stamps
-    do. Wall-clock arrivals assumed real time: a simulator at a tenth of it delivers a partner
-    0.04 s later in its stamps 0.4 s later by the wall clock, and at the default timeout such
-    pairs were lost. While the clock stands still (paused, a bag played with --clock that ended,
-    no /clock yet) for more than STILL_S of wall time, the time runs on at wall rate from where
-    it stopped, so a frame still waiting is decided."""
+class ArrivalClock:
+    """Seconds that time the frames' arrivals for FusionPipeline's `arrived` and `expire`, and so
+    `sync.timeout`: steady wall time, or on sim time (use_sim_time, /clock) the slower of the
+    simulation's pace and the wall's. A simulator at a tenth of real time delivers a partner 0.04 s
+    later in its stamps 0.4 s later by the wall clock, and wall time lost such pairs at the default
+    timeout; a /clock faster than real time must not shorten the wall time that transport and
+    decoding take either. While /clock stands still for more than STILL_S of wall time (paused, a
+    bag played with --clock that ended, no /clock yet) the time runs on at wall rate, so a frame
+    still waiting is decided. It never goes back (a looping bag's /clock does), and switching
+    between wall and sim time (use_sim_time set while running) continues from where it was."""
 
-    STILL_S = 1.0  # wall seconds: longer between changes of /clock is a clock that stands still
+    STILL_S = 1.0  # wall seconds between changes of /clock beyond which it stands still
 
     def __init__(self):
-        self._sim = self._wall = None  # the clock's latest value, and the wall time it came
+        self._now = 0.0
+        self._wall = None  # wall time of the latest reading
+        self._anchor = None  # (sim, wall, now) when the simulation clock last moved
 
-    def now(self, sim_s: float, wall_s: float) -> float:
-        """The arrival time now, from the simulation clock and a steady wall clock (seconds)."""
-        if sim_s != self._sim:  # moved on, or back (a bag looping): follow it
-            self._sim, self._wall = sim_s, wall_s
-        return sim_s + max(0.0, wall_s - self._wall - self.STILL_S)
+    def now(self, wall_s: float, sim_s: float | None = None) -> float:
+        """The arrival time at steady wall time `wall_s`, on sim time at simulation time
+        `sim_s` (seconds; None: wall time alone)."""
+        if self._wall is not None and sim_s is None:
+            self._now += max(0.0, wall_s - self._wall)
+        self._wall = wall_s
+        if sim_s is None:
+            self._anchor = None
+        elif self._anchor is None:
+            self._anchor = (sim_s, wall_s, self._now)
+        else:
+            sim_at, wall_at, now_at = self._anchor
+            if sim_s != sim_at:  # moved on (or back: a looping bag, then no time passed)
+                moved = min(max(0.0, sim_s - sim_at), wall_s - wall_at)
+                self._now = max(self._now, now_at + moved)
+                self._anchor = (sim_s, wall_s, self._now)
+            else:
+                self._now = max(self._now, now_at + max(0.0, wall_s - wall_at - self.STILL_S))
+        return self._now
 
 
 class StampSkew:

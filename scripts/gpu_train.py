@@ -42,6 +42,7 @@ SUMMARY = 'gpu_train_summary.json'
 STATE = 'train_state.pt'
 INIT = 'init'  # in a run folder: the weights a restarted run began from
 KEPT = 'checkpoints'  # in a run folder: the weights s4fusion-train --keep-every kept
+EARLIER = 'checkpoints-earlier'  # ... and those of its earlier starts, start1/, start2/, ...
 PACKED_JPEG_QUALITY = 95  # pack-data's luminance JPEGs (docstring of pack_data)
 STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
 MIN_STOP_GRACE_S = 5  # ... and never less (a checkpoint takes about a second on a GPU)
@@ -375,18 +376,24 @@ def stop_times(minutes, left_s, pack_minutes):
 
 def restart_from_weights(out):
     """A run whose training state stayed behind (too large to travel) starts again in ``out``
-    from its last weights, which go to ``out/init/`` (the new weights' JSON records them), with
-    the weights that run kept (``init/checkpoints/``: the new run keeps its own steps' anew)."""
+    from its last weights, which go to ``out/init/`` (the new weights' JSON records them). The
+    weights that run kept go to ``checkpoints-earlier/start<N>/``, beside those of the starts
+    before (the new run keeps its own steps anew in ``checkpoints/``)."""
     (weights,) = out.glob('s4fusion_*.safetensors')
     staging = out.with_name(out.name + '.restart')
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    for path in (weights, weights.with_suffix('.json'), out / KEPT):
+    (staging / INIT).mkdir(parents=True)
+    for path in (weights, weights.with_suffix('.json')):
         if path.exists():  # a killed run can leave weights without their JSON: that run fails
-            os.replace(path, staging / path.name)
+            os.replace(path, staging / INIT / path.name)
+    if (out / EARLIER).is_dir():
+        os.replace(out / EARLIER, staging / EARLIER)
+    if (out / KEPT).is_dir():
+        starts = len(list((staging / EARLIER).glob('start*')))
+        (staging / EARLIER).mkdir(exist_ok=True)
+        os.replace(out / KEPT, staging / EARLIER / f'start{starts + 1}')
     shutil.rmtree(out)
-    out.mkdir()
-    os.replace(staging, out / INIT)
+    os.replace(staging, out)
 
 
 def log_records(out):

@@ -153,9 +153,9 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert continued['steps_done'] == 1
     assert continued['initialised_from']['training']['steps_done'] == 4
     assert list((runs / 'compact' / 'init').glob('s4fusion_*.json'))
-    # The weights the first run kept go with it, and do not stop the new run in the same folder.
-    assert (runs / 'compact' / 'init' / kept).exists()
-    assert not (runs / 'compact' / 'checkpoints').exists()
+    # The weights the first run kept stay with the run, out of the new run's way.
+    earlier = runs / 'compact' / 'checkpoints-earlier' / 'start1' / pathlib.Path(kept).name
+    assert earlier.exists() and not (runs / 'compact' / 'checkpoints').exists()
     shutil.rmtree(runs)
     # No travel limit: what this checkout's own .gpu holds must not decide the test.
     script('unpack', tmp_path / 'out3', '--runs', runs, '--travel-mib', '0')
@@ -192,6 +192,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     # Without its state the run will start again from its weights: its init/ copy stays here.
     script('unpack', tmp_path / 'out4', '--runs', runs, '--max-state-mib', '0')
     assert not (runs / 'compact' / 'init').exists()
+    assert earlier.exists()  # what the run kept does not go with its starting weights
     assert list((runs / 'compact').glob('s4fusion_*.safetensors'))
 
     # A recipe of another network than the run's weights (here a detail gain) starts a new run;

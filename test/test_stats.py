@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from s4fusion_ros.diagnostics import Key, NOT_REPORTED, pairing_shortfall
-from s4fusion_ros.stats import CountsWindow, LatencyStats, RateMeter
+from s4fusion_ros.stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
 
 
 def test_rate_is_the_event_rate_and_falls_once_events_stop():
@@ -78,3 +78,17 @@ def test_pairing_shortfall_is_fewer_pairs_than_half_the_slower_cameras_frames():
     assert pairing_shortfall({Key.PAIRS: 0, Key.THERMAL_RECEIVED: 5,
                               Key.VISIBLE_RECEIVED: 75}, 6) is None
     assert pairing_shortfall({}, 6) is None
+
+
+def test_recent_senders_tell_two_at_a_time_from_one_after_the_other():
+    senders = RecentSenders(window=5.0)
+    senders.add('driver', 0.0)
+    senders.add('driver', 1.0)
+    senders.add('restarted driver', 1.5)  # a new publisher once the old one stopped
+    senders.add('restarted driver', 2.0)
+    assert senders.recent(2.0) == 2 and senders.concurrent(2.0) == 0
+    senders.add('bag', 2.5)  # a bag played beside it
+    senders.add('restarted driver', 3.0)
+    assert senders.recent(3.0) == 3 and senders.concurrent(3.0) == 2
+    # Out of the window: the bag last sent at 2.5.
+    assert senders.recent(7.8) == 1 and senders.concurrent(7.8) == 0

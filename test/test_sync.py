@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings, strategies as st
 import pytest
 
 from s4fusion_ros.sync import (INTERVAL_MARGIN, INTERVAL_WINDOW, Pair, PairSynchronizer,
-                               SimArrivalClock, StampSkew, SyncStats)
+                               ArrivalClock, StampSkew, SyncStats)
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -824,14 +824,23 @@ def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_l
     assert 'sync.timeout' not in clock_skew_hint(-0.7, 0.05, 0.0, 1.0)  # it waits long enough
 
 
-def test_sim_arrivals_follow_the_simulation_clock_and_run_on_when_it_stands_still():
-    clock = SimArrivalClock()
-    # A simulator at a tenth of real time: arrivals keep its pace, not the wall clock's.
-    assert [clock.now(100.0 + 0.01 * k, 5.0 + 0.1 * k) for k in range(3)] == pytest.approx(
-        [100.0, 100.01, 100.02])
+def test_arrivals_keep_the_slower_pace_of_sim_and_wall_time_and_never_go_back():
+    clock = ArrivalClock()
+    assert clock.now(5.0) == 0.0
+    assert clock.now(5.5) == 0.5  # wall time
+    # A simulator at a tenth of real time, its /clock every 0.1 s: its pace.
+    assert [clock.now(5.5 + 0.1 * k, 100.0 + 0.01 * k) for k in range(3)] == pytest.approx(
+        [0.5, 0.51, 0.52])
+    # Faster than real time (x10): the wall's pace, as transport and decoding take wall time.
+    assert clock.now(5.8, 101.02) == pytest.approx(0.62)
     # Standing still (paused, a bag that ended): after STILL_S it runs on at wall rate.
-    assert clock.now(100.02, 5.2 + SimArrivalClock.STILL_S) == pytest.approx(100.02)
-    assert clock.now(100.02, 5.7 + SimArrivalClock.STILL_S) == pytest.approx(100.52)
-    # Moving again, or back (a looping bag): its value again.
-    assert clock.now(100.03, 9.0) == 100.03
-    assert clock.now(1.0, 9.1) == 1.0
+    still = 5.8 + ArrivalClock.STILL_S
+    assert clock.now(still, 101.02) == pytest.approx(0.62)
+    assert clock.now(still + 0.5, 101.02) == pytest.approx(1.12)
+    # It resumes (what the wall time ran ahead is not taken back), and a looping bag's clock
+    # jumps back: no time goes back.
+    assert clock.now(still + 0.6, 101.03) == pytest.approx(1.12)
+    assert clock.now(still + 0.7, 1.0) == pytest.approx(1.12)
+    assert clock.now(still + 0.8, 1.05) == pytest.approx(1.17)
+    # use_sim_time set off while running: wall time on from there.
+    assert clock.now(still + 1.0) == pytest.approx(1.37)

@@ -33,7 +33,7 @@ from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_set
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
-from ..sync import SimArrivalClock
+from ..sync import ArrivalClock
 from ..worker import InferenceWorker
 from . import parameters
 from .parameters import direction_qos
@@ -103,7 +103,8 @@ class S4FusionNode(Node):
         self.bad_messages = {'thermal': 0, 'visible': 0}
         self.bad_stamps = {'thermal': 0, 'visible': 0}  # dropped before message_filters
         self.senders = {role: RecentSenders() for role in ROLES}  # publisher gids heard
-        self.sim_arrivals = SimArrivalClock()  # arrivals on sim time, where use_sim_time is on
+        self.senders_known = False  # whether rclpy's MessageInfo names the publisher
+        self.arrivals = ArrivalClock()  # times arrivals (sync.timeout): on sim time its pace
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
@@ -236,6 +237,7 @@ class S4FusionNode(Node):
     def _subscribe(self, role: str, transport: str, qos: QoSProfile):
         def on_message(msg, info, r=role):  # info: rclpy's MessageInfo
             if info.get('publisher_gid'):
+                self.senders_known = True
                 self.senders[r].add(bytes(info['publisher_gid']['data']))
             self._on_image(r, msg, info['received_timestamp'])
         return self.create_subscription(*_input_topic(role, transport), on_message, qos,
@@ -357,12 +359,14 @@ class S4FusionNode(Node):
         """One input image; `received_ns`: when the middleware received it (system clock, 0 if
         the rmw does not say), which the clock-skew hint compares across topics: the callback
         runs later by however far behind the executor is, one topic's more than the other's.
-        On sim time both are the callback's time on the simulation clock (`_arrival_time`)."""
+        On sim time the hint compares the callback's arrival time (`_arrival_time`) instead:
+        the receipt time is wall time, the stamps sim time."""
         self._rate(role).tick()
         try:
             arrived = self._arrival_time()
-            received = arrived if arrived is not None else (
-                received_ns / 1e9 if received_ns else None)
+            received = received_ns / 1e9 if received_ns else None
+            if self.get_clock().ros_time_is_active:  # stamps on sim time: arrivals too
+                received = arrived
             prepared = self.pipeline.add_message(role, msg, arrived, received)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.bad_messages[role] += 1
@@ -402,16 +406,14 @@ class S4FusionNode(Node):
 
     def _expire_pending(self) -> None:
         # The pipeline extrapolates the stamps' clock from arrivals (sync.timeout is its own).
-        now = self._arrival_time()
-        self._submit(self.pipeline.expire(time.monotonic() if now is None else now))
+        self._submit(self.pipeline.expire(self._arrival_time()))
 
-    def _arrival_time(self) -> float | None:
-        """Now on the clock arrivals are timed by: on sim time (use_sim_time) the simulation's
-        (SimArrivalClock), else None: the pipeline's steady clock."""
+    def _arrival_time(self) -> float:
+        """Now on the clock arrivals are timed by (ArrivalClock): steady, or on sim time
+        (use_sim_time) at the simulation's pace where it is slower."""
         clock = self.get_clock()
-        if not clock.ros_time_is_active:
-            return None
-        return self.sim_arrivals.now(clock.now().nanoseconds / 1e9, time.monotonic())
+        sim = clock.now().nanoseconds / 1e9 if clock.ros_time_is_active else None
+        return self.arrivals.now(time.monotonic(), sim)
 
     def _submit(self, prepared) -> None:
         while len(self.pipeline.notices) > self.notices_logged:
@@ -484,8 +486,9 @@ class S4FusionNode(Node):
             Key.THERMAL_BAD_STAMP: sync.thermal_bad_stamp,
             Key.VISIBLE_BAD_STAMP: sync.visible_bad_stamp,
             Key.THERMAL_OUTLIERS: self.pipeline.normalizer.outliers,
-            Key.THERMAL_PUBLISHERS: len(self.senders['thermal'].recent()),
-            Key.VISIBLE_PUBLISHERS: len(self.senders['visible'].recent()),
+            # rclpy before mid-2025 gives no publisher in its MessageInfo.
+            **{per_input(role, 'publishers heard (last 5 s)'): self.senders[role].recent()
+               if self.senders_known else 'n/a (the middleware does not say)' for role in ROLES},
             Key.THERMAL_PENDING: sync.thermal_pending,
             Key.VISIBLE_PENDING: sync.visible_pending,
             Key.SYNC_RESETS: sync.resets,
@@ -584,21 +587,21 @@ class S4FusionNode(Node):
         return message
 
     def _mixed_senders(self) -> str:
-        """Pairs are fused, but an input heard more than one publisher lately: the images of two
+        """Pairs are fused, but an input heard two publishers at a time lately: the images of two
         sources are paired as one camera's (a second driver, a bag played beside the camera)."""
         lines = []
         for role in ROLES:
-            senders = self.senders[role].recent()
-            if len(senders) < 2:
+            senders = self.senders[role].concurrent()
+            if senders < 2:
                 continue
             topic = getattr(self, f'{role}_sub').topic_name
-            names = {bytes(info.endpoint_gid): f'{info.node_namespace.rstrip("/")}/'
-                                               f'{info.node_name}'
-                     for info in self.get_publishers_info_by_topic(topic)}
-            lines.append(f'{topic}: frames from {len(senders)} publishers in the last 5 s ('
-                         + ', '.join(names.get(sender, 'one gone since') for sender in senders)
-                         + '): their images are paired as one camera\'s (a second driver, or a '
-                         'bag played beside the camera?)')
+            # By name from the graph: not every rmw gives a message the gid the graph has.
+            names = sorted(f'{info.node_namespace.rstrip("/")}/{info.node_name}'
+                           for info in self.get_publishers_info_by_topic(topic))
+            lines.append(f'{topic}: frames from {senders} publishers at a time in the last 5 s '
+                         f'(its publishers now: {", ".join(names) or "none"}): their images '
+                         'are paired as one camera\'s (a second driver, or a bag played beside '
+                         'the camera?)')
         message = '; '.join(lines)
         if message:
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)

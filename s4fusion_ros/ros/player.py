@@ -5,11 +5,11 @@ typed from the bag's metadata, at the recorded pace scaled by --rate; an image m
 not decode (a torn recording) is skipped and counted, since its subscribers would drop it without
 a word. With --clock the player also
 publishes /clock (bag time) so that nodes with use_sim_time see the recording's time and their
-timers (diagnostics) run on it. The fusion node's sync.timeout does not: it runs on wall time
-since the latest frame it took, so at --rate R a frame recorded more than R x sync.timeout after
-its stamp is given up (its pair lost, and the pixels of later pairs moved by the thermal
-normalization's smoothing) where s4fusion-bag pairs it; give the node sync.timeout / R, as
-s4fusion-demo does.
+timers (diagnostics) run on it; the fusion node then times sync.timeout at that pace too. Played
+without /clock into a node on wall time at --rate R below 1, a frame recorded more than
+R x sync.timeout after its stamp is given up (its pair lost, and the pixels of later pairs moved by
+the thermal normalization's smoothing) where s4fusion-bag pairs it: give that node
+sync.timeout / R.
 
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"); a topic recorded transient-local (latched, such as
@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument('bag', type=pathlib.Path, help='rosbag2 directory or .db3 / .mcap file')
     parser.add_argument('--rate', type=float, default=1.0,
-                        help='playback speed factor (default: %(default)s); below 1, give '
-                             'the node sync.timeout / RATE, which runs on wall time')
+                        help='playback speed factor (default: %(default)s); below 1 without '
+                             '--clock and use_sim_time, give the node sync.timeout / RATE')
     parser.add_argument('--loop', action='store_true', help='play the bag again and again')
     parser.add_argument('--clock', action='store_true',
                         help='publish /clock (bag time) for nodes with use_sim_time')
