@@ -129,41 +129,51 @@ class SyncStats:
 
 class ArrivalClock:
     """Seconds that time the frames' arrivals for FusionPipeline's `arrived` and `expire`, and so
-    `sync.timeout`: steady wall time, or on sim time (use_sim_time, /clock) the slower of the
-    simulation's pace and the wall's. A simulator at a tenth of real time delivers a partner 0.04 s
-    later in its stamps 0.4 s later by the wall clock, and wall time lost such pairs at the default
-    timeout; a /clock faster than real time must not shorten the wall time that transport and
-    decoding take either. While /clock stands still for more than STILL_S of wall time (paused, a
-    bag played with --clock that ended, no /clock yet) the time runs on at wall rate, so a frame
-    still waiting is decided. It never goes back (a looping bag's /clock does), and switching
+    `sync.timeout`: steady wall time, or on sim time (use_sim_time, /clock) wall time at the pace
+    of the simulation clock where it runs slower than real time. A simulator at a tenth of real
+    time delivers a partner 0.04 s later in its stamps 0.4 s later by the wall clock, and wall
+    time lost such pairs at the default timeout; a /clock faster than real time must not shorten
+    the wall time that transport and decoding take. The pace is measured over the /clock values
+    of the last PACE_WINDOW_S (a clock published at 1 Hz steps; this time does not); while /clock
+    stands still for more than STILL_S (paused, a bag played with --clock that ended, no /clock
+    yet) it is 1, so a frame still waiting is decided, and before it is known (the first second
+    of a clock, or after it jumped back on a looping bag) 0. It never goes back, and switching
     between wall and sim time (use_sim_time set while running) continues from where it was."""
 
-    STILL_S = 1.0  # wall seconds between changes of /clock beyond which it stands still
+    PACE_WINDOW_S = 2.0  # wall seconds of /clock values the pace is measured over
+    STILL_S = 1.0  # wall seconds without a change of /clock: it stands still
 
     def __init__(self):
         self._now = 0.0
         self._wall = None  # wall time of the latest reading
-        self._anchor = None  # (sim, wall, now) when the simulation clock last moved
+        self._changes = collections.deque()  # (wall, sim) where /clock took a new value
 
     def now(self, wall_s: float, sim_s: float | None = None) -> float:
         """The arrival time at steady wall time `wall_s`, on sim time at simulation time
         `sim_s` (seconds; None: wall time alone)."""
-        if self._wall is not None and sim_s is None:
-            self._now += max(0.0, wall_s - self._wall)
+        elapsed = 0.0 if self._wall is None else max(0.0, wall_s - self._wall)
         self._wall = wall_s
-        if sim_s is None:
-            self._anchor = None
-        elif self._anchor is None:
-            self._anchor = (sim_s, wall_s, self._now)
-        else:
-            sim_at, wall_at, now_at = self._anchor
-            if sim_s != sim_at:  # moved on (or back: a looping bag, then no time passed)
-                moved = min(max(0.0, sim_s - sim_at), wall_s - wall_at)
-                self._now = max(self._now, now_at + moved)
-                self._anchor = (sim_s, wall_s, self._now)
-            else:
-                self._now = max(self._now, now_at + max(0.0, wall_s - wall_at - self.STILL_S))
+        self._now += elapsed * self._pace(wall_s, sim_s)
         return self._now
+
+    def _pace(self, wall_s: float, sim_s: float | None) -> float:
+        """Simulation seconds per wall second, within [0, 1]."""
+        changes = self._changes
+        if sim_s is None:
+            changes.clear()
+            return 1.0
+        if changes and sim_s < changes[-1][1]:  # jumped back: a new clock
+            changes.clear()
+        if not changes or sim_s != changes[-1][1]:
+            changes.append((wall_s, sim_s))
+        while len(changes) > 2 and wall_s - changes[1][0] > self.PACE_WINDOW_S:
+            changes.popleft()
+        if wall_s - changes[-1][0] > self.STILL_S:
+            return 1.0
+        (first_wall, first_sim), (last_wall, last_sim) = changes[0], changes[-1]
+        if last_wall <= first_wall:
+            return 0.0
+        return min(1.0, (last_sim - first_sim) / (last_wall - first_wall))
 
 
 class StampSkew:

@@ -7,8 +7,8 @@ import random
 from hypothesis import assume, given, settings, strategies as st
 import pytest
 
-from s4fusion_ros.sync import (INTERVAL_MARGIN, INTERVAL_WINDOW, Pair, PairSynchronizer,
-                               ArrivalClock, StampSkew, SyncStats)
+from s4fusion_ros.sync import (INTERVAL_MARGIN, INTERVAL_WINDOW, ArrivalClock, Pair,
+                               PairSynchronizer, StampSkew, SyncStats)
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -826,21 +826,35 @@ def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_l
 
 def test_arrivals_keep_the_slower_pace_of_sim_and_wall_time_and_never_go_back():
     clock = ArrivalClock()
-    assert clock.now(5.0) == 0.0
-    assert clock.now(5.5) == 0.5  # wall time
-    # A simulator at a tenth of real time, its /clock every 0.1 s: its pace.
-    assert [clock.now(5.5 + 0.1 * k, 100.0 + 0.01 * k) for k in range(3)] == pytest.approx(
-        [0.5, 0.51, 0.52])
+
+    def run(wall_from, wall_to, sim_from=None, pace=None, clock_hz=100.0):
+        """Read the clock every 10 ms of wall time, /clock (at `pace`) at `clock_hz`."""
+        value = None
+        for k in range(round((wall_to - wall_from) * 100) + 1):
+            wall = wall_from + k / 100
+            sim = None if pace is None else sim_from + pace * (
+                math.floor((wall - wall_from) * clock_hz) / clock_hz)
+            value = clock.now(wall, sim)
+        return value
+
+    assert run(0.0, 1.0) == pytest.approx(1.0)  # wall time
+    # A simulator at a tenth of real time: its pace, once measured (a second at most).
+    start = run(1.0, 3.0, 100.0, 0.1)
+    assert run(3.0, 5.0, 100.2, 0.1) - start == pytest.approx(0.2, abs=0.01)
+    # Real time with /clock at 1 Hz: no loss to the steps (the pace is measured over 2 s).
+    start = run(5.0, 8.0, 100.4, 1.0, clock_hz=1.0)
+    assert run(8.0, 12.0, 103.4, 1.0, clock_hz=1.0) - start == pytest.approx(4.0, abs=0.05)
     # Faster than real time (x10): the wall's pace, as transport and decoding take wall time.
-    assert clock.now(5.8, 101.02) == pytest.approx(0.62)
-    # Standing still (paused, a bag that ended): after STILL_S it runs on at wall rate.
-    still = 5.8 + ArrivalClock.STILL_S
-    assert clock.now(still, 101.02) == pytest.approx(0.62)
-    assert clock.now(still + 0.5, 101.02) == pytest.approx(1.12)
-    # It resumes (what the wall time ran ahead is not taken back), and a looping bag's clock
-    # jumps back: no time goes back.
-    assert clock.now(still + 0.6, 101.03) == pytest.approx(1.12)
-    assert clock.now(still + 0.7, 1.0) == pytest.approx(1.12)
-    assert clock.now(still + 0.8, 1.05) == pytest.approx(1.17)
+    start = run(12.0, 14.0, 107.4, 10.0)
+    assert run(14.0, 16.0, 127.4, 10.0) - start == pytest.approx(2.0, abs=0.01)
+    # Standing still (paused, a bag that ended): after STILL_S at wall rate.
+    start = clock.now(16.0, 147.4)
+    assert clock.now(16.5, 147.4) - start == pytest.approx(0.5)  # the pace known before
+    assert clock.now(18.0, 147.4) - start == pytest.approx(2.0)
+    # A looping bag's clock jumps back: no time goes back, the pace is measured again.
+    start = clock.now(18.01, 1.0)
+    assert clock.now(18.02, 1.001) - start == pytest.approx(0.001)  # a tenth: measured anew
+    assert run(18.02, 21.0, 1.001, 0.5) - start == pytest.approx(0.5 * 3.0, abs=0.05)
     # use_sim_time set off while running: wall time on from there.
-    assert clock.now(still + 1.0) == pytest.approx(1.37)
+    start = clock.now(21.0)
+    assert clock.now(21.5) - start == pytest.approx(0.5)

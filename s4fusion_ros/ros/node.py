@@ -359,15 +359,15 @@ class S4FusionNode(Node):
         """One input image; `received_ns`: when the middleware received it (system clock, 0 if
         the rmw does not say), which the clock-skew hint compares across topics: the callback
         runs later by however far behind the executor is, one topic's more than the other's.
-        On sim time the hint compares the callback's arrival time (`_arrival_time`) instead:
-        the receipt time is wall time, the stamps sim time."""
+        On sim time the hint compares the callback's time on the simulation clock instead: the
+        receipt time is wall time, the stamps sim time."""
         self._rate(role).tick()
         try:
-            arrived = self._arrival_time()
+            clock = self.get_clock()
             received = received_ns / 1e9 if received_ns else None
-            if self.get_clock().ros_time_is_active:  # stamps on sim time: arrivals too
-                received = arrived
-            prepared = self.pipeline.add_message(role, msg, arrived, received)
+            if clock.ros_time_is_active:  # the stamps are sim time: so is the receipt
+                received = clock.now().nanoseconds / 1e9
+            prepared = self.pipeline.add_message(role, msg, self._arrival_time(), received)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.bad_messages[role] += 1
             self._log_rejection(role, msg, error)

@@ -5,7 +5,8 @@ typed from the bag's metadata, at the recorded pace scaled by --rate; an image m
 not decode (a torn recording) is skipped and counted, since its subscribers would drop it without
 a word. With --clock the player also
 publishes /clock (bag time) so that nodes with use_sim_time see the recording's time and their
-timers (diagnostics) run on it; the fusion node then times sync.timeout at that pace too. Played
+timers (diagnostics) run on it; the fusion node then times sync.timeout at that pace too
+where it is slower than real time. Played
 without /clock into a node on wall time at --rate R below 1, a frame recorded more than
 R x sync.timeout after its stamp is given up (its pair lost, and the pixels of later pairs moved by
 the thermal normalization's smoothing) where s4fusion-bag pairs it: give that node
