@@ -29,7 +29,7 @@ class RecentSenders:
 
     def __init__(self, window: float = 5.0):
         self._window = window
-        self._spans = {}  # sender -> [time of its first event in the window, of its latest]
+        self._spans = {}  # sender -> [began sending (after a window of silence), last sent]
         self._lock = threading.Lock()
 
     def add(self, sender, now: float | None = None) -> None:
