@@ -71,8 +71,7 @@ RECIPES = {
                       '--dataset-balance', '0', '--weights-dtype', 'int8',
                       '--init-weights', str(SHIPPED / 's4fusion_authors.safetensors'),
                       '--teacher', str(SHIPPED / 's4fusion_compact.safetensors'),
-                      '--teacher-weight', '32', '--teacher-edges', 'components',
-                      '--keep-every', '500']),
+                      '--teacher-weight', '32', '--teacher-edges', 'components']),
 }
 DEFAULT_RECIPES = ['authors']
 
