@@ -35,6 +35,14 @@ def looks_like_raw_counts(image: np.ndarray) -> bool:
     return image.dtype == np.uint16 and int(np.ptp(image)) < RAW_COUNTS_SPAN
 
 
+def raw_counts_warning(count: int, total: int, first, effect: str, where: str = '') -> str:
+    """What the offline tools say of `count` of `total` IR images that look like raw counts
+    (`first` names one, `where` where they are): read as value / 65535 they `effect`."""
+    return (f'{count} of {total} IR images{where} are 16-bit but span less than '
+            f'{RAW_COUNTS_SPAN} of 0-65535 (raw camera counts?), so they {effect}; stretch them '
+            f'to the full range first ({first}, ...)')
+
+
 @dataclasses.dataclass(frozen=True)
 class NormalizerSettings:
     """Validated settings of ThermalNormalizer; invalid values raise ValueError with a reason.

@@ -360,14 +360,15 @@ class S4FusionNode(Node):
         the rmw does not say), which the clock-skew hint compares across topics: the callback
         runs later by however far behind the executor is, one topic's more than the other's.
         On sim time the hint compares the callback's time on the simulation clock instead: the
-        receipt time is wall time, the stamps sim time."""
+        receipt time is wall time, the stamps sim time. Arrivals are timed by `arrivals`."""
         self._rate(role).tick()
         try:
-            clock = self.get_clock()
+            sim = self._sim_time()
             received = received_ns / 1e9 if received_ns else None
-            if clock.ros_time_is_active:  # the stamps are sim time: so is the receipt
-                received = clock.now().nanoseconds / 1e9
-            prepared = self.pipeline.add_message(role, msg, self._arrival_time(), received)
+            if sim is not None:  # the stamps are sim time: so is the receipt
+                received = sim
+            arrived = self.arrivals.now(time.monotonic(), sim)
+            prepared = self.pipeline.add_message(role, msg, arrived, received)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.bad_messages[role] += 1
             self._log_rejection(role, msg, error)
@@ -406,14 +407,13 @@ class S4FusionNode(Node):
 
     def _expire_pending(self) -> None:
         # The pipeline extrapolates the stamps' clock from arrivals (sync.timeout is its own).
-        self._submit(self.pipeline.expire(self._arrival_time()))
+        self._submit(self.pipeline.expire(self.arrivals.now(time.monotonic(), self._sim_time())))
 
-    def _arrival_time(self) -> float:
-        """Now on the clock arrivals are timed by (ArrivalClock): steady, or on sim time
-        (use_sim_time) at the simulation's pace where it is slower."""
+    def _sim_time(self) -> float | None:
+        """Now on the simulation clock (s) where use_sim_time is on, else None: what the
+        arrivals' clock (ArrivalClock) takes its pace from."""
         clock = self.get_clock()
-        sim = clock.now().nanoseconds / 1e9 if clock.ros_time_is_active else None
-        return self.arrivals.now(time.monotonic(), sim)
+        return clock.now().nanoseconds / 1e9 if clock.ros_time_is_active else None
 
     def _submit(self, prepared) -> None:
         while len(self.pipeline.notices) > self.notices_logged:

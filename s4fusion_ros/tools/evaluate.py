@@ -41,7 +41,7 @@ from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
 from ..imaging.color import bgr_to_ycrcb, to_uint8
-from ..imaging.normalization import RAW_COUNTS_SPAN, looks_like_raw_counts
+from ..imaging.normalization import looks_like_raw_counts, raw_counts_warning
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
 from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
@@ -754,10 +754,9 @@ def check_scorable(folder: pathlib.Path, pairs: list) -> None:
         except ValueError as error:
             problems.append(str(error))
     if raw_counts:
-        print(f'{PROG}: warning: {len(raw_counts)} of {len(pairs)} IR images in --folder '
-              f'{folder} are 16-bit but span less than {RAW_COUNTS_SPAN} of 0-65535 (raw camera '
-              f'counts?): scored as value / 65535 they are nearly black; stretch them to the '
-              f'full range first ({raw_counts[0]}, ...)', file=sys.stderr)
+        print(f'{PROG}: warning: ' + raw_counts_warning(
+            len(raw_counts), len(pairs), raw_counts[0], 'are scored as nearly black images',
+            f' in --folder {folder}'), file=sys.stderr)
     if problems:
         more = '; ...' if len(problems) > 3 else ''
         raise ValueError(f'--folder {folder}: {len(problems)} of its {len(pairs)} pairs cannot '

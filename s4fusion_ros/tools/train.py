@@ -19,7 +19,7 @@ import torch
 
 from ..cli import STOP_SIGNALS, run_command
 from ..files import check_writable_folder
-from ..imaging.normalization import RAW_COUNTS_SPAN
+from ..imaging.normalization import raw_counts_warning
 from ..model import S4FusionConfig
 from ..model.checkpoint import (STORAGE_DTYPES, CheckpointError, config_path, file_sha256,
                                 load_checkpoint, read_config)
@@ -315,10 +315,9 @@ def build_trainer(args, config, settings, device):
     dataset = PairFolderDataset(pairs, args.crop, args.min_gain, args.dataset_balance)
     raw = dataset.raw_count_pairs()
     if raw:
-        print(f'{PROG}: warning: {len(raw)} of {len(pairs)} IR images are 16-bit but span less '
-              f'than {RAW_COUNTS_SPAN} of 0-65535 (raw camera counts?), so they train as nearly '
-              f'black images; stretch them to the full range first ({raw[0].ir_path}, ...)',
-              file=sys.stderr)
+        print(f'{PROG}: warning: ' + raw_counts_warning(
+            len(raw), len(pairs), raw[0].ir_path, 'train as nearly black images'),
+            file=sys.stderr)
     trainer = Trainer(config, dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,
