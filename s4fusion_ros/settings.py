@@ -152,10 +152,10 @@ def defaults() -> dict:
 def check(values: dict) -> str:
     """Why `values` (a full or partial set of parameter values) is invalid; '' when it is valid.
 
-    Types are enforced by rclpy from the descriptors (offline: `check_types`); this checks the
-    rest. Ranges are checked here too: rclpy lets a double through within a relative 1e-6 of a
-    range's edge (and NaN and inf through a double without one), which the parts behind the
-    parameters (the normalizer's percentiles, for one) refuse.
+    Types are `check_types`'s (at start-up; rclpy checks live changes by the descriptors); this
+    checks the rest. Ranges are checked here too: rclpy lets a double through within a relative
+    1e-6 of a range's edge (and NaN and inf through a double without one), which the parts behind
+    the parameters (the normalizer's percentiles, for one) refuse.
     """
     for name, value in values.items():
         spec = SPECS.get(name)
@@ -186,11 +186,7 @@ def check(values: dict) -> str:
 
 
 def check_update(current: dict, updates: dict) -> str:
-    """Why changing `current` by `updates` is invalid, cross-parameter rules too ('' if valid).
-
-    `current` holds the values known so far: while the node declares its parameters one by one, a
-    cross-parameter rule is checked once both of its parameters are known.
-    """
+    """Why changing `current` by `updates` is invalid, cross-parameter rules too ('' if valid)."""
     merged = {**current, **updates}
     reason = check(updates)
     for low, high in (('normalization.low_percentile', 'normalization.high_percentile'),
@@ -251,12 +247,20 @@ def as_declared(name: str, value):
     return value
 
 
+def check_start_up(given: dict) -> str:
+    """Why start-up values (`given` by name, after `as_declared`: -p, --params-file) cannot be
+    used ('' if they can), checked as a whole with the defaults of those not given: types, values,
+    rules between parameters and qos_overrides.*. Other names are left to the caller."""
+    values = {**defaults(), **{name: value for name, value in given.items() if name in SPECS}}
+    return check_types(values) or check_update({}, values) or check_qos_overrides(given)
+
+
 def check_types(values: dict) -> str:
-    """Check the types rclpy enforces from the descriptors, for the offline tools (after
-    `as_declared`, as the node applies it)."""
+    """Check the types rclpy enforces from the descriptors (after `as_declared`, as the node
+    applies it), in this package's words; `check` names a value without a type (None)."""
     for name, value in values.items():
         expected = _kind(SPECS[name].default)
-        if _kind(value) != expected:
+        if value is not None and _kind(value) != expected:
             return f'{name}: expected {expected}, got {value!r}'
     return ''
 
@@ -300,17 +304,17 @@ def load_offline_params(path: pathlib.Path | str | None) -> dict:
 def _values_of(path: pathlib.Path, given: dict) -> dict:
     """Every parameter: the file's value (`given`), else its default; SettingsError naming
     the file for unknown names and invalid values."""
-    values = defaults()
+    taken = {}
     for name, value in given.items():
         if name.startswith(ROS_KEYS):
             continue
         if name not in SPECS:
             raise SettingsError(f"{path}: unknown parameter '{name}'")
-        values[name] = as_declared(name, value)
-    reason = check_types(values) or check_update({}, values) or check_qos_overrides(given)
+        taken[name] = as_declared(name, value)
+    reason = check_start_up({**given, **taken})
     if reason:
         raise SettingsError(f'{path}: {reason}')
-    return values
+    return {**defaults(), **taken}
 
 
 def read_params_file(path: pathlib.Path | str) -> dict:

@@ -468,3 +468,22 @@ def test_bad_start_up_values_stop_the_node_with_a_clear_message(params, message,
     assert done.returncode != 0
     assert message in done.stderr + done.stdout
     assert 'Traceback' not in done.stderr
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize('params, line', [
+    # rclpy declared these one by one and named the second of the two as the invalid one:
+    # "Invalid parameter value (99.0) for parameter. Reason: ...: normalization.high_percentile".
+    ({'normalization': {'low_percentile': 99.5}},
+     'normalization.low_percentile (99.5) must be below normalization.high_percentile (99.0)'),
+    # "Trying to set parameter 'sync.slop' to 'fast' of type 'STRING', expecting type 'DOUBLE'".
+    ({'sync': {'slop': 'fast'}}, "sync.slop: expected double, got 'fast'"),
+    ({'sync': {'slop': 5.0}}, 'sync.slop: 5.0 is outside [0.0, 1.0]'),
+])
+def test_bad_start_up_values_are_named_in_this_package_words(params, line, tmp_path):
+    from ros_harness import NODE_EXECUTABLE, write_params
+    params_file = write_params(params, tmp_path)
+    done = subprocess.run([str(NODE_EXECUTABLE), '--ros-args', '--params-file', str(params_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == f's4fusion_node: {line}'

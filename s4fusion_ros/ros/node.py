@@ -66,24 +66,25 @@ class S4FusionNode(Node):
         to this node."""
         super().__init__(settings.NODE_NAME, **kwargs)
         self.worker = None  # rclpy may destroy a node whose constructor failed (bad parameters)
-        # Registered before declaring, so start-up values pass the same checks as live changes.
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        # Start-up values are rclpy's parameter overrides (private, read here as below for the
-        # qos_overrides check; as of rclpy 9.1.2), which pre-set callbacks never see.
+        # Start-up values are rclpy's parameter overrides (private, as of rclpy 9.1.2), which
+        # pre-set callbacks never see. They are checked as a whole before any is declared:
+        # declaring them one by one, rclpy would name only the second of two values that
+        # disagree (low >= high), as invalid, and a wrong type in its own terms.
         self._parameter_overrides.update((parameter.name, parameter) for parameter in
                                          parameters.as_declared_types(
                                              list(self._parameter_overrides.values())))
-        self.add_pre_set_parameters_callback(parameters.as_declared_types)
+        reason = settings.check_start_up({name: parameter.value for name, parameter
+                                          in self._parameter_overrides.items()})
+        if reason:
+            raise settings.SettingsError(reason)
         for name, spec in settings.SPECS.items():
             self.declare_parameter(name, spec.default, parameters.descriptor(name, spec))
+        self.add_pre_set_parameters_callback(parameters.as_declared_types)
+        self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         p = self._values()
         self._report_params_files_for_other_nodes(command_line)
         self._report_unknown_parameters(qos_overrides=False)
-        reason = settings.check_qos_overrides({name: parameter.value for name, parameter
-                                               in self._parameter_overrides.items()})
-        if reason:
-            raise settings.SettingsError(reason)
         # Checked before the model loads (seconds), so a missing package fails at once.
         self.message_filters = _import_message_filters(p)
         self.approximate_sync = None  # message_filters' synchronizer, with that backend
@@ -216,8 +217,8 @@ class S4FusionNode(Node):
     def _apply_parameters(self, params) -> None:
         # Only this node's own: rclpy declares each topic's qos_overrides.* as it is made.
         params = [param for param in params if param.name in settings.SPECS]
-        if not hasattr(self, 'engine') or not params:
-            return  # start-up: the constructor builds everything from the declared values
+        if not params:
+            return
         names = {p.name for p in params}
         values = self._values()
         if 'sync.slop' in names:
