@@ -183,7 +183,9 @@ class StampSkew:
 
     Arrival times cancel what the two clocks share, so cameras stamping on clocks that differ
     show as the skew whatever their rates and however the synchronizer buffers them; a
-    difference in delivery delay adds to it, as it does to what pairs.
+    difference in delivery delay adds to it, as it does to what pairs. The median is the lower
+    middle value, one a frame had: the mean of two middle ones would give half of an offset
+    that has just appeared, when half of the window has it.
     """
 
     WINDOW = 30
@@ -204,7 +206,7 @@ class StampSkew:
         thermal, visible = self._lead['thermal'], self._lead['visible']
         if not thermal or not visible:
             return None
-        return statistics.median(thermal) - statistics.median(visible)
+        return statistics.median_low(thermal) - statistics.median_low(visible)
 
 
 class _Frame(NamedTuple):

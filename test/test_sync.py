@@ -795,6 +795,18 @@ def test_the_stamp_skew_is_the_clock_difference_whatever_the_rates_and_delays():
     assert abs(skew.seconds() - 2.0) < 0.01
 
 
+def test_an_offset_that_appears_is_told_whole_or_not_yet_never_in_part():
+    # The thermal driver restarts on a clock 0.5 s ahead: while the window holds frames of both,
+    # the skew was the mean of the two middle ones, 0.25 s, and the hint offered that offset.
+    skew = StampSkew()
+    for frame in range(2 * StampSkew.WINDOW):
+        now = 1 + frame / 30
+        ahead = 0.5 if frame >= StampSkew.WINDOW else 0.0
+        skew.add('thermal', round((now + ahead) * 1e9), 1000 + now)
+        skew.add('visible', round(now * 1e9), 1000 + now)
+        assert min(abs(skew.seconds()), abs(skew.seconds() - 0.5)) < 1e-6, frame
+
+
 def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it():
     from s4fusion_ros.diagnostics import clock_skew_hint
     assert clock_skew_hint(None, 0.05, 0.0, 0.5) == ''
