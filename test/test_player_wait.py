@@ -23,6 +23,7 @@ from support import (IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, bag_image_m
 pytestmark = pytest.mark.ros
 
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
 
 from s4fusion_ros.bagio import image_topics, open_bag, pick_topics  # noqa: E402
 from s4fusion_ros.cli import interrupt  # noqa: E402
@@ -260,6 +261,29 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
         assert (f'{NAMESPACE}/thermal: {NAMESPACE}/reliable_listener subscribes with a QoS the '
                 "player does not offer: reliability reliable against the player's best_effort "
                 '(drop --best-effort)\n') in done.stderr, done.stderr
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+
+
+def test_a_node_the_graph_cannot_name_yet_is_not_named_by_placeholders():
+    # The graph knows an endpoint before its node's name (later under load): the player named
+    # a subscriber "_NODE_NAMESPACE_UNKNOWN_/_NODE_NAME_UNKNOWN_".
+    from rclpy.topic_endpoint_info import TopicEndpointInfo
+    from s4fusion_ros.ros.graph import UNKNOWN_NAMES, node_of
+    unnamed = TopicEndpointInfo(node_name=UNKNOWN_NAMES[0], node_namespace=UNKNOWN_NAMES[1])
+    assert node_of(unnamed) == 'a node not yet discovered by name'
+    rclpy.init()
+    try:
+        node = rclpy.create_node('named_listener', namespace=NAMESPACE)
+        node.create_subscription(Image, f'{NAMESPACE}/named', lambda msg: None, 1)
+        deadline = time.monotonic() + 10
+        names = []
+        while time.monotonic() < deadline and f'{NAMESPACE}/named_listener' not in names:
+            names = [node_of(info) for info in node.get_subscriptions_info_by_topic(
+                f'{NAMESPACE}/named')]
+            time.sleep(0.05)
+        assert names == [f'{NAMESPACE}/named_listener']
         node.destroy_node()
     finally:
         rclpy.try_shutdown()

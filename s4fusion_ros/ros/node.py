@@ -36,6 +36,7 @@ from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
 from ..sync import ArrivalClock
 from ..worker import InferenceWorker
 from . import parameters
+from .graph import node_of
 from .parameters import direction_qos
 from .images import raw_image_message
 
@@ -339,7 +340,7 @@ class S4FusionNode(Node):
                and info.node_namespace == self.get_namespace()]
         if not own:
             return []
-        return [f'{role}: {info.node_namespace.rstrip("/")}/{info.node_name} publishes '
+        return [f'{role}: {node_of(info)} publishes '
                 'best_effort to this reliable input, set qos.input.reliability:=best_effort'
                 for info in self.get_publishers_info_by_topic(topic)
                 if 'reliability' in parameters.kept_apart(info.qos_profile, own[0].qos_profile)]
@@ -597,8 +598,7 @@ class S4FusionNode(Node):
                 continue
             topic = getattr(self, f'{role}_sub').topic_name
             # By name from the graph: not every rmw gives a message the gid the graph has.
-            names = sorted(f'{info.node_namespace.rstrip("/")}/{info.node_name}'
-                           for info in self.get_publishers_info_by_topic(topic))
+            names = sorted(node_of(info) for info in self.get_publishers_info_by_topic(topic))
             lines.append(f'{topic}: frames from {senders} publishers at a time in the last 5 s '
                          f'(its publishers now: {", ".join(names) or "none"}): their images '
                          'are paired as one camera\'s (a second driver, or a bag played beside '

@@ -48,6 +48,7 @@ from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, cut_files, deserialize,
 from ..cli import ignore_stop_signals, stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
+from .graph import node_known, node_of
 from .parameters import kept_apart, qos_profile
 
 PROG = 's4fusion-play'
@@ -58,6 +59,7 @@ DISCOVERY_SETTLE_S = 1.0
 # With --wait-for: how long after the node's first subscription to a played topic the player
 # waits for its others (a node subscribing lazily) before naming them and playing.
 SUBSCRIBE_GRACE_S = 10.0
+NAMES_WAIT_S = 2.0  # for the graph to name a subscriber's node (graph.UNKNOWN_NAMES)
 ACK_TIMEOUT_S = 10.0
 ACK_SLICE_S = 0.1  # waited at a time, so that a Ctrl-C is heard between (the wait is in C)
 # A --loop pass lasts at least this much bag time: a bag of one moment repeats, not spins.
@@ -249,20 +251,27 @@ class BagPlayer:
         time.sleep(DISCOVERY_SETTLE_S)
 
     def _incompatible(self, topics: list[str]) -> list[str]:
-        """Subscribers on `topics` that the player's QoS keeps apart (parameters.kept_apart)."""
+        """Subscribers on `topics` that the player's QoS keeps apart (parameters.kept_apart),
+        waiting at most NAMES_WAIT_S for the graph to name their nodes."""
         played = {p.topic_name: p.qos_profile for p in self.publishers.values()}
+        deadline = time.monotonic() + NAMES_WAIT_S
+        while True:
+            kept = [(topic, info, kept_apart(played[topic], info.qos_profile))
+                    for topic in topics
+                    for info in self.node.get_subscriptions_info_by_topic(topic)]
+            kept = [entry for entry in kept if entry[2]]
+            if all(node_known(info) for _, info, _ in kept) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
         lines = []
-        for topic in topics:
-            for info in self.node.get_subscriptions_info_by_topic(topic):
-                wanted, offered = info.qos_profile, played[topic]
-                reasons = [f'{name} {getattr(wanted, name).name.lower()} against the player\'s '
-                           f'{getattr(offered, name).name.lower()}'
-                           + (' (drop --best-effort)' if name == 'reliability' else '')
-                           for name in kept_apart(offered, wanted)]
-                if reasons:
-                    lines.append(f'{topic}: {info.node_namespace.rstrip("/")}/{info.node_name} '
-                                 f'subscribes with a QoS the player does not offer: '
-                                 f'{", ".join(reasons)}')
+        for topic, info, policies in kept:
+            wanted, offered = info.qos_profile, played[topic]
+            reasons = [f'{name} {getattr(wanted, name).name.lower()} against the player\'s '
+                       f'{getattr(offered, name).name.lower()}'
+                       + (' (drop --best-effort)' if name == 'reliability' else '')
+                       for name in policies]
+            lines.append(f'{topic}: {node_of(info)} subscribes with a QoS the player does not '
+                         f'offer: {", ".join(reasons)}')
         return lines
 
     def _unsubscribed(self) -> list[str]:
