@@ -61,6 +61,12 @@ THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir|boson|
 # named so, and not named like a thermal one, is not taken for the thermal camera (the
 # compressedDepth transport aside, which 16-bit thermal cores use as well).
 DEPTH_NAME = re.compile(r'(^|[^a-z])(depth|disparity)([^a-z]|$)', re.IGNORECASE)
+# A depth camera's near-infrared image (OpenNI and Orbbec drivers' camera/ir/image, Azure
+# Kinect's ir/image_raw: mono16 or 16UC1) looks like a 16-bit thermal core named 'ir': one whose
+# 'ir' namespace sits beside a depth one is not taken for the thermal camera.
+NEAR_INFRARED_NAME = re.compile(r'(^|[^a-z])n?ir([^a-z]|$)', re.IGNORECASE)
+THERMAL_ONLY_NAME = re.compile(r'(^|[^a-z])(thermal|lwir|mwir|flir|boson|lepton)([^a-z]|$)',
+                               re.IGNORECASE)
 # The fusion node's own outputs, as a recording of the live system holds them (in any
 # namespace, raw or /compressed): neither a camera to fuse nor a topic to replay by default.
 NODE_OUTPUT = re.compile(rf'{OUTPUT_TOPIC_PATTERN}(/compressed)?$')
@@ -433,6 +439,7 @@ class ImageTopic:
     encoding: str  # '' when unknown (e.g. a CompressedImage format without the source encoding)
     role: str  # 'thermal', 'visible' or '' (cannot tell)
     others: int = 0  # messages of other types recorded on the topic, not read
+    near_infrared: bool = False  # a depth camera's (depth_camera_infrared), so no role
 
     @property
     def compressed(self) -> bool:
@@ -454,8 +461,10 @@ class ImageTopic:
         """One line for messages: topic (type, encoding, count)."""
         kind = 'CompressedImage' if self.compressed else 'Image'
         others = f'; {self.others} of other types skipped' if self.others else ''
+        infrared = ("; a depth camera's near-infrared, not thermal?" if self.near_infrared
+                    else '')
         return (f'{self.topic} ({kind}, {self.encoding or "encoding unknown"}, {self.count} '
-                f'msgs{others})')
+                f'msgs{others}{infrared})')
 
 
 DESCRIBE_TRIES = 10  # corrupt messages skipped to describe a topic by its first good one
@@ -481,7 +490,10 @@ def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
                 counts[connection.msgtype == msgtype] += connection.msgcount
         topics.append(ImageTopic(topic, msgtype, counts[True], encoding,
                                  guess_role(topic, encoding), counts[False]))
-    return topics
+    names = [t.topic for t in topics]
+    return [dataclasses.replace(t, role='', near_infrared=True)
+            if t.role == 'thermal' and depth_camera_infrared(t.topic, names) else t
+            for t in topics]
 
 
 def message_encoding(message) -> str:
@@ -506,6 +518,26 @@ def guess_role(topic: str, encoding: str) -> str:
     if encoding in COLOR_ENCODINGS and not thermal_name:  # not a false-colour thermal view
         return 'visible'
     return ''
+
+
+def depth_camera_infrared(topic: str, names: list[str]) -> bool:
+    """Whether `topic` is named 'ir' (not like a thermal camera) in a namespace beside a depth
+    topic's among `names` (/camera/ir/image beside /camera/depth/image_raw; /ir/image_raw beside
+    /depth/image_raw): a depth camera's near-infrared image."""
+    if THERMAL_ONLY_NAME.search(topic):
+        return False
+    infrared = _namespace_before(topic, NEAR_INFRARED_NAME)
+    return infrared is not None and any(
+        _namespace_before(name, DEPTH_NAME) == infrared for name in names if name != topic)
+
+
+def _namespace_before(topic: str, word: re.Pattern) -> str | None:
+    """The namespace holding the first segment of `topic` named with `word`; None if none is."""
+    segments = topic.strip('/').split('/')
+    for index, segment in enumerate(segments):
+        if word.search(segment):
+            return '/'.join(segments[:index])
+    return None
 
 
 def _camera(topic: ImageTopic) -> str:

@@ -210,6 +210,45 @@ def test_a_depth_camera_is_not_taken_for_the_thermal_one(tmp_path):
         assert bagio.guess_role(topic, encoding) == 'thermal', topic
 
 
+@pytest.mark.parametrize('camera', [
+    # OpenNI / Orbbec drivers and the Azure Kinect's: near-infrared mono16 on a topic named 'ir',
+    # which was fused with the colour camera as if thermal where it was the only 16-bit one.
+    ('/camera/ir/image', '/camera/depth/image_raw', '/camera/rgb/image_color'),
+    ('/ir/image_raw', '/depth_to_rgb/image_raw', '/rgb/image_raw'),
+])
+def test_a_depth_camera_near_infrared_image_is_not_taken_for_the_thermal_one(
+        camera, short_events, tmp_path):
+    infrared, depth, colour = camera
+    stamp = short_events[0][2]
+    gray16 = short_events[0][4]
+    rgb = next(e[4] for e in short_events if e[3] == 'bgr8')
+
+    def write(path, thermal_topic=None):
+        images = [(infrared, 'mono16', gray16), (depth, '16UC1', gray16), (colour, 'rgb8', rgb)]
+        images += [(thermal_topic, 'mono16', gray16)] if thermal_topic else []
+        with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+            for topic, encoding, image in images:
+                connection = writer.add_connection(topic, IMAGE, typestore=TYPESTORE)
+                writer.write(connection, stamp, TYPESTORE.serialize_cdr(
+                    bag_image_message(image, encoding, stamp, 'camera'), IMAGE))
+        with bagio.open_bag(path) as reader:
+            return bagio.image_topics(reader, path)
+
+    path = tmp_path / 'rgbd'
+    topics = write(path)
+    with pytest.raises(bagio.BagError, match=f"no topic looks like the thermal camera; .*"
+                       f"{infrared} .*a depth camera's near-infrared"):
+        bagio.pick_topics(topics, path)
+    # Named, it is taken; beside a thermal camera, that one is taken without a name.
+    assert bagio.pick_topics(topics, path, thermal=infrared)[0].topic == infrared
+    path = tmp_path / 'rgbd_thermal'
+    thermal, visible = bagio.pick_topics(write(path, '/boson/image_raw'), path)
+    assert (thermal.topic, visible.topic) == ('/boson/image_raw', colour)
+    # A thermal camera named 'ir' beside another camera's depth is still thermal.
+    assert not bagio.depth_camera_infrared('/ir/image_raw', ['/camera/depth/image_raw'])
+    assert not bagio.depth_camera_infrared('/lwir/ir/image', ['/lwir/depth/image'])
+
+
 def assert_fused_as_raw(raw: pathlib.Path, other: pathlib.Path, params_file: pathlib.Path,
                         short_events) -> None:
     """Fuse both bags with s4fusion-bag (beside them, as NAME_out): the bag of other transports

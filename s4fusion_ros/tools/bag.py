@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('output', type=pathlib.Path, help='bag directory to create')
     parser.add_argument('--thermal-topic', help='thermal image topic (default: detected from '
                         'the encodings: mono16/16UC1/32FC1, or mono8 on a thermal-named topic; '
-                        "never a depth or disparity topic, nor the fusion node's recorded "
-                        'outputs)')
+                        "never a depth or disparity topic, a depth camera's near-infrared "
+                        "'ir' beside one, nor the fusion node's recorded outputs)")
     parser.add_argument('--visible-topic', help='visible image topic (default: the bgr8/rgb8 one; '
                         'of one recorded raw and /compressed, the transport --params names)')
     parser.add_argument('--params', type=pathlib.Path,
