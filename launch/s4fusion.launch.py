@@ -24,6 +24,10 @@ def generate_launch_description():
                                   's4fusion.yaml')
     arguments = [
         DeclareLaunchArgument('namespace', default_value='', description='node namespace'),
+        DeclareLaunchArgument('node_name', default_value='s4fusion_node',
+                              description='node name (two fusion nodes in one namespace, e.g. '
+                                          'fusion_left and fusion_right; a params file section '
+                                          'named for the node takes this name)'),
         DeclareLaunchArgument('thermal_topic', default_value='thermal/image_raw',
                               description='thermal sensor_msgs/Image topic (its /compressed, '
                                           '/compressedDepth and /zstd with thermal.transport)'),
@@ -84,21 +88,14 @@ def _node(context):
     return [Node(
         package='s4fusion_ros',
         executable='s4fusion_node',
-        name='s4fusion_node',
+        name=LaunchConfiguration('node_name'),
         namespace=LaunchConfiguration('namespace'),
         output='screen',
         parameters=[params_file, *([overrides] if overrides else [])],
+        # The node puts a transport's topic (/compressed, ...) under its remapped base topic.
         remappings=[
             ('thermal/image_raw', LaunchConfiguration('thermal_topic')),
             ('visible/image_raw', LaunchConfiguration('visible_topic')),
-            ('thermal/image_raw/compressed',
-             [LaunchConfiguration('thermal_topic'), '/compressed']),
-            ('visible/image_raw/compressed',
-             [LaunchConfiguration('visible_topic'), '/compressed']),
-            ('thermal/image_raw/compressedDepth',
-             [LaunchConfiguration('thermal_topic'), '/compressedDepth']),
-            ('thermal/image_raw/zstd', [LaunchConfiguration('thermal_topic'), '/zstd']),
-            ('visible/image_raw/zstd', [LaunchConfiguration('visible_topic'), '/zstd']),
         ],
         ros_arguments=['--log-level', log_level],
         additional_env={'FASTDDS_BUILTIN_TRANSPORTS': transports},

@@ -71,6 +71,18 @@ def test_an_including_bringup_passes_its_values_and_keeps_its_transport(monkeypa
     assert 'FASTDDS_BUILTIN_TRANSPORTS' not in started['other_node'][1]
 
 
+def test_a_node_name_sets_two_fusion_nodes_apart_in_one_namespace():
+    # Without it two includes in one namespace made two /robot1/s4fusion_node on the same topics.
+    code, started = bringup({'device': 'cpu', 'namespace': 'robot1', 'node_name': 'fusion_left',
+                             'thermal_topic': '/left/lwir'})
+    assert code == 0
+    command = started['s4fusion_node'][0]
+    for remap in ('__node:=fusion_left', '__ns:=/robot1', 'thermal/image_raw:=/left/lwir'):
+        assert command[command.index(remap) - 1] == '-r', command
+    # The node puts the transports' topics under the remapped base topic itself.
+    assert not any('/compressed' in argument for argument in command), command
+
+
 def test_a_transport_the_user_chose_is_kept(monkeypatch):
     monkeypatch.setenv('FASTDDS_BUILTIN_TRANSPORTS', 'DEFAULT')
     code, started = bringup({'device': 'cpu'})

@@ -164,6 +164,19 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
     assert log.count(' overrides qos.') == 3, log  # thermal, visible, fused; not saliency
 
 
+def test_a_remapped_input_takes_its_transport_topics_along(ros_context):
+    # As image_transport does since Jazzy: `-r thermal/image_raw:=/lwir/image_raw` left the node
+    # on /robot1/thermal/image_raw/compressed, silent. A remap of the transport's own topic
+    # still applies.
+    params = {**PARAMS, 'thermal': {'transport': 'compressed'},
+              'visible': {'transport': 'compressed'}}
+    with running_node(params, namespace='/robot1', extra_args=[
+            '-r', 'thermal/image_raw:=/lwir/image_raw',
+            '-r', 'visible/image_raw/compressed:=/front/jpeg']) as proc:
+        wait_for_log(proc, 'fusing /lwir/image_raw/compressed + /front/jpeg -> '
+                           '/robot1/s4fusion_node/fused')
+
+
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):
     probe = Probe('output_qos_probe')  # subscribes to both outputs reliable
     with running_node({**PARAMS, 'qos.output.reliability': 'best_effort'}) as proc:

@@ -242,9 +242,18 @@ class S4FusionNode(Node):
                 self.senders_known = True
                 self.senders[r].add(bytes(info['publisher_gid']['data']))
             self._on_image(r, msg, info['received_timestamp'])
-        return self.create_subscription(*_input_topic(role, transport), on_message, qos,
+        return self.create_subscription(*self._input_topic(role, transport), on_message, qos,
                                         event_callbacks=self._input_events(role),
                                         qos_overriding_options=QOS_OVERRIDES)
+
+    def _input_topic(self, role: str, transport: str) -> tuple[type, str]:
+        """Message type and topic name of an input, named as image_transport names it: a
+        transport's topic lies under the base topic as remapped, so `-r thermal/image_raw:=/lwir`
+        moves `.../compressed` too (a remap of the transport's own name still applies)."""
+        base = f'{role}/image_raw'
+        if transport == 'raw':
+            return Image, base
+        return CompressedImage, f'{self.resolve_topic_name(base)}/{transport}'
 
     def _input_events(self, role: str) -> SubscriptionEventCallbacks:
         return SubscriptionEventCallbacks(
@@ -279,7 +288,7 @@ class S4FusionNode(Node):
         profile, so neither can be passed to it (7.1.6 passes them on again): the node then
         runs without them and says so.
         """
-        topic, qos = _input_topic(role, p[f'{role}.transport']), direction_qos(p, 'input')
+        topic, qos = self._input_topic(role, p[f'{role}.transport']), direction_qos(p, 'input')
         try:
             return self.message_filters.Subscriber(
                 self, *topic, qos_profile=qos, event_callbacks=self._input_events(role),
@@ -692,13 +701,6 @@ def _import_message_filters(p: dict):
             'install ros-$ROS_DISTRO-message-filters and source the distro), or use '
             'sync.backend:=own') from None
     return message_filters
-
-
-def _input_topic(role: str, transport: str) -> tuple[type, str]:
-    """Message type and relative topic name of an input (image_transport's names)."""
-    if transport == 'raw':
-        return Image, f'{role}/image_raw'
-    return CompressedImage, f'{role}/image_raw/{transport}'
 
 
 def _format_value(value) -> str:
