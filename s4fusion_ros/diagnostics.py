@@ -102,6 +102,13 @@ def number(values: dict, key: Key) -> float:
         return math.nan
 
 
+def thermal_frames_lost(grown: dict) -> bool:
+    """Whether thermal frames found no partner over a window (`grown`: counts grown): unpaired,
+    or, stamped ahead of the stamps' clock, waiting for it until they overflowed
+    sync.queue_size. Where they did, `clock_skew_hint` says what the stamps tell."""
+    return any(grown.get(key, 0) > 0 for key in (Key.THERMAL_UNPAIRED, Key.THERMAL_OVERFLOW))
+
+
 def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float,
                     timeout_s: float, node_name: str = '') -> str:
     """What the stamps tell when thermal frames find no partner ('' where they tell nothing):

@@ -69,6 +69,11 @@ class RateMeter:
         self._lock = threading.Lock()
         self.total = 0
 
+    @property
+    def window(self) -> float:
+        """The window's length (s)."""
+        return self._window
+
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:

@@ -114,6 +114,30 @@ def test_the_stamp_skew_compares_middleware_receipts_where_given(msrs_pair):
     assert unreceived.stamp_skew.seconds() == pytest.approx(-0.36)
 
 
+def test_thermal_stamps_far_ahead_overflow_the_queue_and_the_clock_hint_says_why(msrs_pair):
+    # A thermal camera at 10 Hz stamping 3 s ahead of a 20 Hz visible one (queue_size 10): its
+    # frames wait for the stamps' clock and overflow the queue, none unpaired, and the node's
+    # clock hint, given only for unpaired thermal frames, said nothing of the stall.
+    from s4fusion_ros.diagnostics import Key, clock_skew_hint, thermal_frames_lost
+    ir, vi = msrs_pair
+    thermal, visible = encode_image(ir, 'mono8'), encode_image(vi, 'bgr8')
+    pipeline = make_pipeline()
+    sync = pipeline.synchronizer
+    for tick in range(200):  # 10 s, in steps of 50 ms
+        now = 1000 + tick / 20
+        pipeline.expire(now)
+        if tick % 2 == 0:
+            pipeline.add_thermal(thermal, round((now + 3) * 1e9), 'ir', arrived=now)
+        pipeline.add_visible(visible, round(now * 1e9), 'rgb', arrived=now)
+    stats = sync.stats
+    grown = {Key.THERMAL_UNPAIRED: stats.thermal_unpaired,
+             Key.THERMAL_OVERFLOW: stats.thermal_overflow}
+    assert stats.pairs == 0 and stats.thermal_unpaired == 0 and stats.thermal_overflow == 90
+    assert thermal_frames_lost(grown)
+    assert clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop, 0.0, sync.timeout).startswith(
+        'thermal stamps run 3.000 s ahead of visible ones')
+
+
 def test_outside_the_thermal_view_the_model_gets_the_visible_luminance(msrs_pair):
     # A thermal lens narrower than the visible one: its view covers the top-left 3/4. Outside
     # it the model used to get 0 (cold), and the fused image went dark with a hard seam.

@@ -361,7 +361,8 @@ def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stam
                      r'arrival \(sync.slop 0.05 s, sync.thermal_offset 0 s\): if the cameras '
                      r'stamp on clocks that differ, sync.thermal_offset -0\.2\d\d pairs them',
                      node.message), node.message
-    assert node.log_lines('no pair fused lately: thermal stamps run 0.2'), node.log()
+    assert node.log_lines('inputs arrive but no pair was fused lately',
+                          'thermal stamps run 0.2'), node.log()
     suggested = float(re.search(r'pairs them \(ros2 param set /robustness/s4fusion_node '
                                 r'sync.thermal_offset (-0\.2\d\d)\)', node.message)[1])
 
@@ -384,6 +385,40 @@ def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stam
     node.fuse()
     node.counts()
     assert node.level == DiagnosticStatus.OK, node.message
+
+
+def test_thermal_stamps_far_ahead_stall_and_the_log_says_why(node):
+    # A thermal camera stamping 8 s ahead: nothing pairs, and the log said why only where the
+    # thermal frames went unpaired (where they overflow the queue instead: test_engine).
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node.fuse()
+    end = time.monotonic() + 8.0  # past 30 queued frames and the fused rate's 5 s window
+    while time.monotonic() < end:  # thermal at 10 Hz, visible at 20 Hz, as the cameras sent
+        node.probe.thermal_pub.publish(image(THERMAL, 'mono16', node.now() + 8_000_000_000))
+        for _ in range(2):
+            node.compressed_pub.publish(compressed(VISIBLE_JPEG, node.now()))
+            node.probe.spin_for(0.05)
+    node.counts()
+    assert node.level == DiagnosticStatus.WARN, node.message
+    assert re.search(r'; thermal stamps run (7\.9|8\.0)\d\d s ahead of visible ones.*'
+                     r'synchronize the cameras. clocks', node.message), node.message
+    assert node.log_lines('inputs arrive but no pair was fused lately', 'thermal stamps run',
+                          'synchronize the cameras'), node.log()
+    node.fuse()  # back on the node's clock: a jump back, then pairs again
+    node.fuse()
+
+
+def test_a_camera_that_stops_is_named_and_logged(node):
+    # 'waiting for both inputs' while only the thermal camera was silent, and no log line.
+    node.fuse()
+    end = time.monotonic() + 6.0  # past the input rate's 5 s window
+    while time.monotonic() < end:
+        node.publish('visible', compressed(VISIBLE_JPEG, node.now()))
+    node.counts()
+    assert node.message == 'waiting for the thermal input (visible frames arrive)', node.message
+    assert node.log_lines(f'{NAMESPACE}/thermal/image_raw: no thermal frame in the last 5 s '
+                          'while visible frames arrive: nothing is fused'), node.log()
+    node.fuse()
 
 
 def test_diagnostics_warn_while_few_frames_find_a_partner(node):

@@ -27,7 +27,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from .. import precompile, settings
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            clock_skew_hint, late_arrivals, pairing_shortfall, per_input,
-                           status_name)
+                           status_name, thermal_frames_lost)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
@@ -556,11 +556,7 @@ class S4FusionNode(Node):
         elif not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
         elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
-            level, message = DiagnosticStatus.WARN, 'waiting for both inputs'
-            mismatched = [line for role in ROLES if self._rate(role).rate() == 0.0
-                          for line in self._best_effort_publishers(role)]
-            if mismatched:
-                message += f' ({"; ".join(mismatched)})'
+            level, message = DiagnosticStatus.WARN, self._waiting_message()
         elif not self.fused_rate.recent():
             level, message = DiagnosticStatus.WARN, self._stall_message(values)
         else:
@@ -579,6 +575,26 @@ class S4FusionNode(Node):
             self.recent_counts.clear()
         return level, message
 
+    def _waiting_message(self) -> str:
+        """An input is silent: which one, and a best-effort publisher on it, which a reliable
+        input never hears. A camera that stopped while the other sends is logged too."""
+        silent = [role for role in ROLES if self._rate(role).rate() == 0.0]
+        if len(silent) == len(ROLES):
+            message = 'waiting for both inputs'
+        else:
+            [role] = silent
+            other = next(name for name in ROLES if name != role)
+            message = f'waiting for the {role} input ({other} frames arrive)'
+            if self._rate(role).total:  # it sent before
+                self.get_logger().warning(
+                    f'{getattr(self, f"{role}_sub").topic_name}: no {role} frame in the last '
+                    f'{self._rate(role).window:.0f} s while {other} frames arrive: nothing is '
+                    'fused', throttle_duration_sec=LOG_THROTTLE_S)
+        mismatched = [line for role in silent for line in self._best_effort_publishers(role)]
+        if mismatched:
+            message += f' ({"; ".join(mismatched)})'
+        return message
+
     def _partial_pairing(self, grown: dict) -> str:
         """Pairs are fused, but fewer than half of the frames of the slower camera found a
         partner lately (a clock difference near sync.timeout pairs only some): what and why."""
@@ -588,7 +604,7 @@ class S4FusionNode(Node):
         pairs, possible = shortfall
         message = (f'only {pairs} pairs made from {possible} frames of the slower camera in the '
                    f'last {grown["span"]:.0f} s')
-        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
+        hint = self._skew_hint(grown)
         if hint:
             message += f'; {hint}'
             # Logged here, not in a helper shared with _stall_message: rclpy throttles per call
@@ -624,8 +640,11 @@ class S4FusionNode(Node):
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
-    def _skew_hint(self) -> str:
-        """What the stamps tell of a clock difference between the cameras ('' if nothing)."""
+    def _skew_hint(self, grown: dict) -> str:
+        """What the stamps tell of a clock difference between the cameras, where thermal frames
+        found no partner lately (`grown`); '' if nothing."""
+        if not thermal_frames_lost(grown):
+            return ''
         pipeline = self.pipeline
         sync = pipeline.synchronizer
         return clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop,
@@ -647,11 +666,10 @@ class S4FusionNode(Node):
             causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
-        hint = self._skew_hint() if grown.get(Key.THERMAL_UNPAIRED, 0) > 0 else ''
+        hint = self._skew_hint(grown)
         if hint:
             message += f'; {hint}'
-            self.get_logger().warning(f'no pair fused lately: {hint}',
-                                      throttle_duration_sec=LOG_THROTTLE_S)
+        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _publish_diagnostics(self) -> None:
