@@ -30,22 +30,26 @@ def omp_wait_policy() -> str:
     return os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')
 
 
-def opencv_limits() -> dict[str, str]:
-    """OpenCV's image size limits for the package's processes: the user's, else the decoder's.
+def opencv_settings() -> dict[str, str]:
+    """OpenCV's image size limits and log level for the package's processes: the user's, else
+    these. OpenCV reads them when it loads.
 
-    OpenCV reads these when it loads and then refuses larger images from their headers: a
-    compressed message of a few hundred kB can otherwise decode into gigabytes.
+    The limits make it refuse larger images from their headers: a compressed message of a few
+    hundred kB can otherwise decode into gigabytes. Its warnings are left out: an undecodable
+    message is reported by the package, once per kind of fault and a few seconds, where OpenCV
+    logged a line per frame (`PNG input buffer is incomplete`). Messages libpng and libjpeg
+    print themselves still come.
     """
-    return {name: os.environ.get(name, str(limit)) for name, limit in (
+    return {name: os.environ.get(name, str(value)) for name, value in (
         ('OPENCV_IO_MAX_IMAGE_WIDTH', MAX_SIDE), ('OPENCV_IO_MAX_IMAGE_HEIGHT', MAX_SIDE),
-        ('OPENCV_IO_MAX_IMAGE_PIXELS', MAX_PIXELS))}
+        ('OPENCV_IO_MAX_IMAGE_PIXELS', MAX_PIXELS), ('OPENCV_LOG_LEVEL', 'ERROR'))}
 
 
 def configure_process() -> None:
-    """Set OpenMP's wait policy, numba's cache folder and OpenCV's image size limits, keeping
-    values the user chose."""
+    """Set OpenMP's wait policy, numba's cache folder and OpenCV's image size limits and log
+    level, keeping values the user chose."""
     os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
-    os.environ.update(opencv_limits())
+    os.environ.update(opencv_settings())
     # numba reads NUMBA_CACHE_DIR at its first import; its config when each cached kernel is
     # defined, in case numba was imported already.
     os.environ['NUMBA_CACHE_DIR'] = numba_cache_dir()

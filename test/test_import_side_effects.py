@@ -47,6 +47,26 @@ def test_entry_points_set_up_the_process():
                                    '1000'], done.stderr
 
 
+def test_an_undecodable_image_leaves_no_opencv_warning_in_a_tool_process():
+    # A node fed truncated PNGs logged OpenCV's "[ WARN:...] grfmt_png.cpp ... PNG input
+    # buffer is incomplete" for every frame, past its own rate-limited line.
+    script = ('from s4fusion_ros.entry_points import configure_process; configure_process()\n'
+              'import cv2, numpy as np\n'
+              'from s4fusion_ros.imaging.encodings import ImageDecodeError, RawCompressedImage, '
+              'decode_thermal_info\n'
+              'ramp = (20000 + 10 * np.arange(160) + np.zeros((120, 1))).astype(np.uint16)\n'
+              'data = cv2.imencode(".png", ramp)[1].tobytes()\n'
+              'try:\n'
+              '    decode_thermal_info(RawCompressedImage(format="png", data=data[:6000]))\n'
+              'except ImageDecodeError as error:\n'
+              '    print(error)\n')
+    env = {name: value for name, value in os.environ.items() if name != 'OPENCV_LOG_LEVEL'}
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert "compressed 'png' image: cannot decode" in done.stdout, done.stderr
+    assert 'WARN' not in done.stderr, done.stderr
+
+
 ROS_FREE_PROBE = '''
 import importlib, importlib.abc, pathlib, sys
 import s4fusion_ros

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .. import settings
 from ..bagio import BagError
-from ..entry_points import omp_wait_policy, opencv_limits
+from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, write_text_atomically
 from . import work
 from .work import BagJob, BatchError, Unit
@@ -157,10 +157,10 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
         else:
             _check_reachable(address)
             # Workers on other machines do not inherit this process's set-up (entry_points):
-            # give them the OpenMP wait policy and OpenCV's limits before they load torch and
+            # give them the OpenMP wait policy and OpenCV's settings before they load torch and
             # OpenCV.
             ray.init(address=address, runtime_env={'env_vars': {
-                'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_limits()}},
+                'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_settings()}},
                 **_driver_address(address), **common)
     except (ValueError, ConnectionError) as error:  # a malformed address, or nobody there
         stop_ray(ray, home)
