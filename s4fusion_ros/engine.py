@@ -101,6 +101,7 @@ class FusionPipeline:
         self._latest: tuple[str, int, float] | None = None
         self.stamp_skew = StampSkew()  # cameras on clocks that differ: the node's hint
         self._timeline = 0  # Pair.timeline of the pairs the thermal range was taken over
+        self._sizes = None  # ((width, height) thermal, visible) of the last pair prepared
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str, arrived: float | None = None,
                     received: float | None = None) -> list[PreparedPair]:
@@ -209,10 +210,12 @@ class FusionPipeline:
             if self.normalizer.outliers:
                 self._notice(OUTLIER_NOTICE)
             height, width = visible.image.shape[:2]
+            sizes = ((normalized.shape[1], normalized.shape[0]), (width, height))
             if self.registration.needs_resize(normalized.shape, (width, height)):
-                self._notice('thermal and visible images differ in size and '
-                             'registration.homography is the identity: the thermal image is '
-                             'resized to the visible geometry; set a homography to register them')
+                self._notice(resize_notice(*sizes))
+            elif not self.registration.is_identity and self._sizes not in (None, sizes):
+                self._notice(size_change_notice(self._sizes, sizes))
+            self._sizes = sizes
             # Where the thermal camera does not see, the model gets the visible luminance: a
             # constant there would read as cold or hot, and the fused image would change
             # brightness with a hard seam at the edge of the thermal view.
@@ -392,6 +395,27 @@ def normalizer_settings(values: dict) -> dict:
             'high_percentile': values['normalization.high_percentile'],
             'smoothing': values['normalization.smoothing'],
             'fixed_range': (values['normalization.fixed_min'], values['normalization.fixed_max'])}
+
+
+def resize_notice(thermal: tuple[int, int], visible: tuple[int, int]) -> str:
+    """The notice for thermal frames resized to the visible geometry (identity homography)."""
+    (tw, th), (vw, vh) = thermal, visible
+    stretched = (', another aspect ratio: stretched' if abs(tw * vh - th * vw) > 0.01 * tw * vh
+                 else '')
+    return (f'thermal and visible images differ in size (thermal {tw}x{th}, visible {vw}x{vh}'
+            f'{stretched}) and registration.homography is the identity: the thermal image is '
+            'resized to the visible geometry; set a homography to register them')
+
+
+def size_change_notice(before: tuple, after: tuple) -> str:
+    """The notice for cameras whose image sizes changed under a homography, which maps the
+    pixels of one thermal size to one visible size: the thermal image is then misregistered."""
+    def text(sizes):
+        (tw, th), (vw, vh) = sizes
+        return f'thermal {tw}x{th}, visible {vw}x{vh}'
+    return (f'the cameras changed image size ({text(before)}; now {text(after)}), but '
+            'registration.homography maps the pixels of the sizes it was found for: the thermal '
+            'image is misregistered until it is set for these')
 
 
 def pipeline_from_params(values: dict) -> FusionPipeline:

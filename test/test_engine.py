@@ -72,7 +72,34 @@ def test_size_mismatch_is_resized_with_a_single_notice(msrs_pair):
         pipeline.add_thermal(encode_image(small_ir, 'mono8'), (1000 + 100 * k) * MS, 'ir')
         pairs += pipeline.add_visible(encode_image(vi, 'bgr8'), (1001 + 100 * k) * MS, 'rgb')
     assert len(pairs) == 3 and all(p.thermal.shape == (480, 640) for p in pairs)
-    assert len(pipeline.notices) == 1 and 'differ in size' in pipeline.notices[0]
+    assert pipeline.notices == [
+        'thermal and visible images differ in size (thermal 320x240, visible 640x480) and '
+        'registration.homography is the identity: the thermal image is resized to the visible '
+        'geometry; set a homography to register them']
+    # Another aspect ratio is stretched, and said so; each size it comes in is named once.
+    wide_ir = cv2.resize(ir, (320, 120), interpolation=cv2.INTER_AREA)
+    for k in range(3, 5):
+        pipeline.add_thermal(encode_image(wide_ir, 'mono8'), (1000 + 100 * k) * MS, 'ir')
+        pipeline.add_visible(encode_image(vi, 'bgr8'), (1001 + 100 * k) * MS, 'rgb')
+    assert len(pipeline.notices) == 2
+    assert ('(thermal 320x120, visible 640x480, another aspect ratio: stretched)'
+            in pipeline.notices[1])
+
+
+def test_a_camera_changing_size_under_a_homography_is_named_as_misregistered(msrs_pair):
+    # A thermal camera calibrated at 320x240 (the homography doubles its pixels) switched to
+    # 640x480: the hot spots moved to the wrong place in the fused image, without a word.
+    ir, vi = msrs_pair
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.02, queue_size=10), ThermalNormalizer(),
+                              ThermalRegistration([2, 0, 0, 0, 2, 0, 0, 0, 1]))
+    for k, size in enumerate([(320, 240)] * 2 + [(640, 480)] * 2):
+        small = cv2.resize(ir, size, interpolation=cv2.INTER_AREA)
+        pipeline.add_thermal(encode_image(small, 'mono8'), (1000 + 100 * k) * MS, 'ir')
+        pipeline.add_visible(encode_image(vi, 'bgr8'), (1001 + 100 * k) * MS, 'rgb')
+    assert pipeline.notices == [
+        'the cameras changed image size (thermal 320x240, visible 640x480; now thermal '
+        '640x480, visible 640x480), but registration.homography maps the pixels of the sizes '
+        'it was found for: the thermal image is misregistered until it is set for these']
 
 
 def test_a_corrupt_32fc1_thermal_frame_is_held_out_of_the_window_with_one_notice(msrs_pair):
