@@ -152,7 +152,8 @@ def late_arrivals(grown: dict, minimum_frames: int) -> str:
         return ''
     return (f'{" and ".join(late)} came late in the last {grown["span"]:.0f} s (stamped no newer '
             'than a frame already paired or dropped, and dropped: a driver that reorders or '
-            'repeats frames, or two publishers on one topic?)')
+            'repeats frames, two publishers on one topic, or a camera clock that stepped back, '
+            'by less than sync.clock_jump or on the other camera, whose jump restarted pairing?)')
 
 
 def pairing_shortfall(grown: dict, minimum_frames: int) -> tuple[int, int] | None:

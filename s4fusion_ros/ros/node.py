@@ -540,7 +540,8 @@ class S4FusionNode(Node):
         if self.latest_off_clock:  # else the figures of pairs before would show, frozen
             why = ('use_sim_time is on: is /clock published?' if
                    self.get_clock().ros_time_is_active else
-                   'a bag played without /clock and use_sim_time?')
+                   'a bag played without /clock and use_sim_time, or a camera stamping '
+                   'with its own clock, such as its boot time?')
             note = f'n/a: the stamps are not on the node clock ({why})'
             values[Key.END_TO_END_LATENCY_MEAN] = values[Key.END_TO_END_LATENCY_P95] = note
         return values
