@@ -68,6 +68,7 @@ class RateMeter:
         self._first = None  # time of the first event ever
         self._lock = threading.Lock()
         self.total = 0
+        self.last = None  # time of the latest event
 
     @property
     def window(self) -> float:
@@ -78,6 +79,7 @@ class RateMeter:
         now = time.monotonic() if now is None else now
         with self._lock:
             self.total += 1
+            self.last = now
             self._times.append(now)
             self._first = now if self._first is None else self._first
             self._trim(now)

@@ -177,6 +177,30 @@ def test_a_remapped_input_takes_its_transport_topics_along(ros_context):
                            '/robot1/s4fusion_node/fused')
 
 
+def test_a_start_and_an_end_of_the_inputs_log_no_stall_and_no_stopped_camera(ros_context):
+    # Before the first pair came out of the model the node logged "inputs arrive but no pair
+    # was fused lately", and between a camera's first two frames, or as a recording ended, "no
+    # thermal frame ... while visible frames arrive".
+    probe = Probe('start_end_probe')
+    thermal = np.random.default_rng(1).integers(20000, 30000, (480, 640), dtype=np.uint16)
+    visible = np.full((480, 640, 3), 90, np.uint8)
+    with running_node({'device': 'cpu', 'diagnostics.period': 0.1}) as proc:
+        probe.wait_for_node(proc)
+        end, stamp = time.monotonic() + 4.0, probe.get_clock().now().nanoseconds
+        while time.monotonic() < end:  # thermal at 10 Hz, visible at 20 Hz
+            probe.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'thermal'))
+            for half in range(2):
+                probe.visible_pub.publish(image_message(visible, 'bgr8',
+                                                        stamp + half * 50_000_000, 'rgb'))
+                probe.spin_for(0.05)
+            stamp += 100_000_000
+        assert probe.fused, node_log(proc)
+        probe.spin_for(6.5)  # past the rate window: both inputs silent, one a frame later
+        log = node_log(proc)
+    probe.destroy_node()
+    assert 'no pair was fused' not in log and 'frames arrive' not in log, log
+
+
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):
     probe = Probe('output_qos_probe')  # subscribes to both outputs reliable
     with running_node({**PARAMS, 'qos.output.reliability': 'best_effort'}) as proc:

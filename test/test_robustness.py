@@ -415,9 +415,9 @@ def test_a_camera_that_stops_is_named_and_logged(node):
     while time.monotonic() < end:
         node.publish('visible', compressed(VISIBLE_JPEG, node.now()))
     node.counts()
-    assert node.message == 'waiting for the thermal input (visible frames arrive)', node.message
-    assert node.log_lines(f'{NAMESPACE}/thermal/image_raw: no thermal frame in the last 5 s '
-                          'while visible frames arrive: nothing is fused'), node.log()
+    assert node.message == 'waiting for the thermal input', node.message
+    assert re.search(rf'{NAMESPACE}/thermal/image_raw: no thermal frame for [56] s while visible '
+                     'frames arrive: nothing is fused', node.log()), node.log()
     node.fuse()
 
 

@@ -50,6 +50,8 @@ PLAUSIBLE_LATENCY_S = (-1.0, 60.0)
 # sent at least PAIRING_MIN_FRAMES in it.
 PAIRING_WINDOW_S = 5.0
 PAIRING_MIN_FRAMES = 6
+# An input that sent within this (s) is arriving: the other one's silence is then logged.
+ARRIVING_S = 1.0
 # Numbers and quoted names (sizes, encodings) vary within one kind of fault: a bad-message log
 # line is rate-limited per topic and kind, so a flood of one fault cannot hide a different one.
 _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
@@ -115,6 +117,7 @@ class S4FusionNode(Node):
         self.worker_failures_logged = 0
         # The counts while pairs were last being fused: a stall's causes are what grew since.
         self.counts_while_fusing = {}
+        self.arriving_since = None  # monotonic time both inputs have arrived since
         # How many pairs were made lately against the frames that came.
         self.recent_counts = CountsWindow(PAIRING_WINDOW_S)
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
@@ -551,13 +554,14 @@ class S4FusionNode(Node):
         tells); notes which counts pairs were last fused at."""
         level, message, partial = DiagnosticStatus.OK, 'fusing', ''
         self._log_worker_failures()
+        self._note_arrivals()
         if not self.worker.alive:
             level = DiagnosticStatus.ERROR
             message = 'the inference thread stopped: restart the node'
         elif not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
-        elif self.thermal_rate.rate() == 0.0 or self.visible_rate.rate() == 0.0:
-            level, message = DiagnosticStatus.WARN, self._waiting_message()
+        elif silent := [role for role in ROLES if self._rate(role).rate() == 0.0]:
+            level, message = DiagnosticStatus.WARN, self._waiting_message(silent)
         elif not self.fused_rate.recent():
             level, message = DiagnosticStatus.WARN, self._stall_message(values)
         else:
@@ -576,21 +580,31 @@ class S4FusionNode(Node):
             self.recent_counts.clear()
         return level, message
 
-    def _waiting_message(self) -> str:
-        """An input is silent: which one, and a best-effort publisher on it, which a reliable
-        input never hears. A camera that stopped while the other sends is logged too."""
-        silent = [role for role in ROLES if self._rate(role).rate() == 0.0]
+    def _note_arrivals(self) -> None:
+        """Note since when both inputs arrive (None while one is silent)."""
+        if any(self._rate(role).rate() == 0.0 for role in ROLES):
+            self.arriving_since = None
+        elif self.arriving_since is None:
+            self.arriving_since = time.monotonic()
+
+    def _waiting_message(self, silent: list[str]) -> str:
+        """The inputs of `silent` send nothing: which, and a best-effort publisher on one, which
+        a reliable input never hears. A camera that stopped while the other sends is logged."""
         if len(silent) == len(ROLES):
             message = 'waiting for both inputs'
         else:
             [role] = silent
+            message = f'waiting for the {role} input'
             other = next(name for name in ROLES if name != role)
-            message = f'waiting for the {role} input ({other} frames arrive)'
-            if self._rate(role).total:  # it sent before
+            meter, now = self._rate(role), time.monotonic()
+            # By the last frames' times: the rate is 0 too while a camera's first frames fill
+            # its window, and when a bag ends one camera's last frame leaves it first.
+            if (meter.last is not None and now - meter.last >= meter.window
+                    and now - self._rate(other).last < ARRIVING_S):
                 self.get_logger().warning(
-                    f'{getattr(self, f"{role}_sub").topic_name}: no {role} frame in the last '
-                    f'{self._rate(role).window:.0f} s while {other} frames arrive: nothing is '
-                    'fused', throttle_duration_sec=LOG_THROTTLE_S)
+                    f'{getattr(self, f"{role}_sub").topic_name}: no {role} frame for '
+                    f'{now - meter.last:.0f} s while {other} frames arrive: nothing is fused',
+                    throttle_duration_sec=LOG_THROTTLE_S)
         mismatched = [line for role in silent for line in self._best_effort_publishers(role)]
         if mismatched:
             message += f' ({"; ".join(mismatched)})'
@@ -665,12 +679,17 @@ class S4FusionNode(Node):
         causes = [f'{key}: +{count}' for key, count in grown.items() if count > 0]
         if values[Key.PAIRS_IN_INFERENCE]:  # a model slower than the 5 s window
             causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
+        since = 'pairs were last fused' if self.counts_while_fusing else 'the start'
         message = 'inputs arrive but no pair was fused lately' + (
-            f' (since pairs were last fused: {", ".join(causes)})' if causes else '')
+            f' (since {since}: {", ".join(causes)})' if causes else '')
         hint = self._skew_hint(grown)
         if hint:
             message += f'; {hint}'
-        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        # Logged once nothing was fused for a whole window while both inputs arrived: the first
+        # pair after a start or a pause waits for a model step, which is no stall.
+        quiet_since = max(self.fused_rate.last or 0.0, self.arriving_since)
+        if time.monotonic() - quiet_since >= self.fused_rate.window:
+            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _publish_diagnostics(self) -> None:
