@@ -13,6 +13,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from rclpy.validate_node_name import validate_node_name
 from rclpy.validate_topic_name import validate_topic_name
 
 LOG_LEVELS = ('debug', 'info', 'warn', 'error', 'fatal')
@@ -62,7 +63,9 @@ def _node(context):
     params_file = LaunchConfiguration('params_file').perform(context)
     if not os.path.isfile(params_file):  # launch_ros would only log it and start on defaults
         raise FileNotFoundError(f"params_file '{params_file}' is not a file")
-    for argument in ('thermal_topic', 'visible_topic'):  # else rcl refuses the remap rule
+    # Else rcl refuses the remap rules only as the node starts.
+    validate_node_name(LaunchConfiguration('node_name').perform(context))
+    for argument in ('thermal_topic', 'visible_topic'):
         validate_topic_name(LaunchConfiguration(argument).perform(context))
     overrides = {}
     for argument, name in (('device', 'device'), ('weights', 'model.weights')):

@@ -55,17 +55,21 @@ STAGING_HEX_BYTES = 4
 THERMAL_ENCODINGS = frozenset({'mono16', '16UC1', '32FC1'})
 COLOR_ENCODINGS = frozenset(name for name, fmt in FORMATS.items() if fmt.layout != 'gray')
 GRAY8_ENCODINGS = frozenset({'mono8', '8UC1'})
-THERMAL_NAME = re.compile(r'(^|[^a-z])(thermal|infrared|ir|lwir|mwir|flir|boson|lepton)'
-                          r'([^a-z]|$)', re.IGNORECASE)
+# Words only thermal cameras' topics are named with, and those near-infrared ones share.
+THERMAL_WORDS = ('thermal', 'lwir', 'mwir', 'flir', 'boson', 'lepton')
+THERMAL_NAME = re.compile(rf'(^|[^a-z])({"|".join(THERMAL_WORDS)}|infrared|ir)([^a-z]|$)',
+                          re.IGNORECASE)
 # Depth cameras publish 16UC1 (mm) and 32FC1 (m) too, as do stereo disparity images: a topic
 # named so, and not named like a thermal one, is not taken for the thermal camera (the
 # compressedDepth transport aside, which 16-bit thermal cores use as well).
 DEPTH_NAME = re.compile(r'(^|[^a-z])(depth|disparity)([^a-z]|$)', re.IGNORECASE)
 # A depth camera's near-infrared image (OpenNI and Orbbec drivers' camera/ir/image, Azure
-# Kinect's ir/image_raw: mono16 or 16UC1) looks like a 16-bit thermal core named 'ir': one whose
-# 'ir' namespace sits beside a depth one is not taken for the thermal camera.
-NEAR_INFRARED_NAME = re.compile(r'(^|[^a-z])n?ir([^a-z]|$)', re.IGNORECASE)
-THERMAL_ONLY_NAME = re.compile(r'(^|[^a-z])(thermal|lwir|mwir|flir|boson|lepton)([^a-z]|$)',
+# Kinect's ir/image_raw: mono16 or 16UC1) looks like a 16-bit thermal core named 'ir': one in a
+# namespace named just so (ir, nir, ir1, left_ir) beside one named depth* is not taken for the
+# thermal camera.
+NEAR_INFRARED_SEGMENT = re.compile(r'((left|right)_)?n?ir\d*', re.IGNORECASE)
+DEPTH_SEGMENT = re.compile(r'depth', re.IGNORECASE)
+THERMAL_ONLY_NAME = re.compile(rf'(^|[^a-z])({"|".join(THERMAL_WORDS)})([^a-z]|$)',
                                re.IGNORECASE)
 # The fusion node's own outputs, as a recording of the live system holds them (in any
 # namespace, raw or /compressed): neither a camera to fuse nor a topic to replay by default.
@@ -521,21 +525,24 @@ def guess_role(topic: str, encoding: str) -> str:
 
 
 def depth_camera_infrared(topic: str, names: list[str]) -> bool:
-    """Whether `topic` is named 'ir' (not like a thermal camera) in a namespace beside a depth
-    topic's among `names` (/camera/ir/image beside /camera/depth/image_raw; /ir/image_raw beside
-    /depth/image_raw): a depth camera's near-infrared image."""
+    """Whether `topic` lies in an 'ir' namespace (NEAR_INFRARED_SEGMENT; not named like a
+    thermal camera) beside a depth* one of a topic among `names` (/camera/ir/image beside
+    /camera/depth/image_raw, /ir/image_raw beside /depth_to_rgb/image_raw): a depth camera's
+    near-infrared image."""
     if THERMAL_ONLY_NAME.search(topic):
         return False
-    infrared = _namespace_before(topic, NEAR_INFRARED_NAME)
+    infrared = _namespace_before(topic, NEAR_INFRARED_SEGMENT.fullmatch)
     return infrared is not None and any(
-        _namespace_before(name, DEPTH_NAME) == infrared for name in names if name != topic)
+        _namespace_before(name, DEPTH_SEGMENT.match) == infrared
+        for name in names if name != topic)
 
 
-def _namespace_before(topic: str, word: re.Pattern) -> str | None:
-    """The namespace holding the first segment of `topic` named with `word`; None if none is."""
+def _namespace_before(topic: str, named) -> str | None:
+    """The namespace holding the first segment of `topic` for which `named(segment)` holds;
+    None if none does."""
     segments = topic.strip('/').split('/')
     for index, segment in enumerate(segments):
-        if word.search(segment):
+        if named(segment):
             return '/'.join(segments[:index])
     return None
 

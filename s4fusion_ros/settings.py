@@ -41,8 +41,9 @@ IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 QOS_OVERRIDES_PREFIX = 'qos_overrides.'
 OUTPUT_NAMES = ('fused', 'saliency')  # the node's output topics, ~/fused and ~/saliency
 OUTPUT_TOPICS = tuple(f'/{NODE_NAME}/{name}' for name in OUTPUT_NAMES)  # in the root namespace
-# The end of either output's resolved name, in any namespace (a regular expression).
-OUTPUT_TOPIC_PATTERN = rf'/{NODE_NAME}/({"|".join(OUTPUT_NAMES)})'
+# The end of either output's resolved name, in any namespace and of a node of any name (the
+# launch file's node_name): a regular expression.
+OUTPUT_TOPIC_PATTERN = rf'/[^/]+/({"|".join(OUTPUT_NAMES)})'
 OUTPUT_QOS_OVERRIDE = re.compile(
     rf'{re.escape(QOS_OVERRIDES_PREFIX)}.*{OUTPUT_TOPIC_PATTERN}\.publisher\.')
 ROS_KEYS = ('use_sim_time', QOS_OVERRIDES_PREFIX, 'start_type_description_service')

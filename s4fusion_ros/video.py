@@ -100,7 +100,8 @@ class SideBySideVideo:
             self._writer = cv2.VideoWriter(opencv_path(self._partial),
                                            cv2.VideoWriter_fourcc(*FOURCC), self.fps, self._size)
             if not self._writer.isOpened():
-                raise OSError(f'{self.path}: OpenCV cannot write {FOURCC} video here')
+                raise OSError(f'{self.path}: OpenCV cannot write {FOURCC} video here '
+                              '(OPENCV_LOG_LEVEL=WARNING shows its reason)')
         if row.shape[1::-1] != self._size:
             row = cv2.resize(row, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(row)

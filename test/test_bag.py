@@ -244,9 +244,21 @@ def test_a_depth_camera_near_infrared_image_is_not_taken_for_the_thermal_one(
     path = tmp_path / 'rgbd_thermal'
     thermal, visible = bagio.pick_topics(write(path, '/boson/image_raw'), path)
     assert (thermal.topic, visible.topic) == ('/boson/image_raw', colour)
-    # A thermal camera named 'ir' beside another camera's depth is still thermal.
-    assert not bagio.depth_camera_infrared('/ir/image_raw', ['/camera/depth/image_raw'])
-    assert not bagio.depth_camera_infrared('/lwir/ir/image', ['/lwir/depth/image'])
+    # A thermal camera named 'ir' beside another camera's depth, or beside a namespace that is
+    # not a depth camera's, is still thermal.
+    for infrared, depth in (('/ir/image_raw', '/camera/depth/image_raw'),
+                            ('/lwir/ir/image', '/lwir/depth/image'),
+                            ('/ir_camera/image_raw', '/depth_camera/image_raw'),
+                            ('/sensors/ir/image', '/sensors/lidar_depth/image')):
+        assert not bagio.depth_camera_infrared(infrared, [depth]), infrared
+    assert bagio.depth_camera_infrared('/camera/left_ir/image_raw', ['/camera/depth/points'])
+
+
+def test_the_outputs_of_a_renamed_fusion_node_are_no_camera():
+    # The launch file's node_name: /robot1/fusion_left/fused looked like the visible camera.
+    for topic in ('/robot1/fusion_left/fused', '/s4fusion_node/saliency',
+                  '/fusion_right/fused/compressed'):
+        assert bagio.guess_role(topic, 'bgr8') == '', topic
 
 
 def assert_fused_as_raw(raw: pathlib.Path, other: pathlib.Path, params_file: pathlib.Path,

@@ -97,6 +97,7 @@ def test_a_transport_the_user_chose_is_kept(monkeypatch):
     {'input_reliability': 'sometimes'},
     {'thermal_topic': ''},  # rcl refused the remap rule only as the node started
     {'visible_topic': 'front/'},
+    {'node_name': 'fusion-left'},
 ])
 def test_a_mistaken_argument_stops_the_launch_before_the_node_starts(arguments):
     code, started = bringup(arguments)

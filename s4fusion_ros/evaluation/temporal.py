@@ -113,7 +113,8 @@ def read_clip(video_dir: pathlib.Path, clip: str,
     try:
         for capture, kind in zip(captures, ('ir', 'vi')):
             if not capture.isOpened():
-                raise OSError(f'cannot read {video_dir / kind / clip}.mp4')
+                raise OSError(f'cannot read {video_dir / kind / clip}.mp4 '
+                              '(OPENCV_LOG_LEVEL=WARNING shows OpenCV\'s reason)')
         for _ in range(frames):
             read = [capture.read() for capture in captures]
             if not all(ok for ok, _ in read):
