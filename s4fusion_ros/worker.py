@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 
 QUEUE_POLICIES = ('keep_newest', 'keep_oldest')
@@ -47,6 +48,7 @@ class InferenceWorker:
         self.failed = 0  # items whose `process` raised (it should handle its own errors)
         self.outcomes = collections.Counter()
         self.last_failure = ''
+        self._current = None  # (item, time.monotonic() it started) while one is in progress
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -83,6 +85,14 @@ class InferenceWorker:
             return WorkerCounts(self.dropped, len(self._queue), self.in_progress, self.failed,
                                 dict(self.outcomes))
 
+    def current(self) -> tuple[object, float] | None:
+        """The item in progress and for how long (s) it has been; None when idle."""
+        with self._wakeup:
+            if self._current is None:
+                return None
+            item, started = self._current
+            return item, time.monotonic() - started
+
     @property
     def alive(self) -> bool:
         """Whether the thread runs: after `stop`, an item still in progress."""
@@ -105,6 +115,7 @@ class InferenceWorker:
                 if self._stopping:
                     return
                 item = self._queue.popleft()
+                self._current = (item, time.monotonic())
             # `process` owns its error handling; what escapes it is counted, and the thread lives.
             outcome = failure = None
             try:
@@ -121,4 +132,5 @@ class InferenceWorker:
                     elif outcome is not None:
                         self.outcomes[outcome] += 1
                     self.processed += 1
+                    self._current = None
                     self._wakeup.notify_all()

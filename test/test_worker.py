@@ -109,3 +109,23 @@ def test_items_still_queued_at_stop_are_counted_as_dropped():
     counts = worker.counts()
     assert (counts.pending, counts.in_progress, counts.dropped, counts.outcomes) == (
         0, 0, 3, {'done': 1})
+
+
+def test_the_item_in_progress_is_named_with_how_long_it_has_run():
+    # A stall with a pair in inference said only "pairs in inference: 1": a camera sending 4K
+    # frames kept the model busy for 20 s a pair, with no word of which pair or how long.
+    release = threading.Event()
+    worker = InferenceWorker(lambda item: release.wait(10))
+    assert worker.current() is None
+    worker.submit('4k pair')
+    deadline = time.monotonic() + 5
+    while worker.current() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    item, seconds = worker.current()
+    assert item == '4k pair' and 0.2 <= seconds < 5
+    release.set()
+    while worker.current() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.current() is None and worker.counts().in_progress == 0
+    worker.stop()

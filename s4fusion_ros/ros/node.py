@@ -677,8 +677,14 @@ class S4FusionNode(Node):
             Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS, Key.PAIRS_DROPPED)
             if isinstance(values[key], int)}
         causes = [f'{key}: +{count}' for key, count in grown.items() if count > 0]
-        if values[Key.PAIRS_IN_INFERENCE]:  # a model slower than the 5 s window
-            causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]}')
+        current = self.worker.current()
+        if current is not None:  # a model slower than the 5 s window: a camera's huge frames?
+            pair, seconds = current
+            height, width = pair.visible_bgr.shape[:2]
+            smaller = ('; inference_size runs the model smaller'
+                       if not any(self._values()['inference_size']) else '')
+            causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]} (a '
+                          f'{width}x{height} pair, for {seconds:.0f} s{smaller})')
         since = 'pairs were last fused' if self.counts_while_fusing else 'the start'
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since {since}: {", ".join(causes)})' if causes else '')
