@@ -105,7 +105,7 @@ def number(values: dict, key: Key) -> float:
 def thermal_frames_lost(grown: dict) -> bool:
     """Whether thermal frames found no partner over a window (`grown`: counts grown): unpaired,
     or, stamped ahead of the stamps' clock, waiting for it until they overflowed
-    sync.queue_size. Where they did, `clock_skew_hint` says what the stamps tell."""
+    sync.queue_size. Where they did, `unpaired_hint` says what the stamps tell."""
     return any(grown.get(key, 0) > 0 for key in (Key.THERMAL_UNPAIRED, Key.THERMAL_OVERFLOW))
 
 
@@ -137,6 +137,42 @@ def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float
                  f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}; read at start: '
                  'restart the node with it) pairs them as stamped')
     return text
+
+
+def late_delivery_hint(spreads: dict, slop_s: float, timeout_s: float) -> str:
+    """What the arrivals tell where thermal frames find no partner ('' where they tell nothing):
+    an input delivered in bursts (`spreads`: StampSkew.delivery_spread by role), whose late
+    frames come after sync.timeout, loses partners the synchronizer stopped waiting for; a
+    longer sync.timeout waits for most of them."""
+    late = {role: spread for role, spread in spreads.items()
+            if spread is not None and spread > timeout_s}
+    if not late:
+        return ''
+    bursts = (f'{role} frames arrive in bursts: a tenth of the latest came {spread:.2f} s or '
+              'more later for their stamps than another tenth' for role, spread in late.items())
+    text = (' and '.join(bursts) + ' (a busy machine, or a transport that queues), past '
+            f'sync.timeout {timeout_s:g} s')
+    wait = max(late.values()) + slop_s
+    if wait <= settings.SPECS['sync.timeout'].range[1]:
+        return text + (f': sync.timeout {wait:.2f} (read at start: restart the node with it) '
+                       'waits for most of them')
+    return text + ': more than sync.timeout can wait for; lighten the machine or the transport'
+
+
+def unpaired_hint(skew, slop_s: float, thermal_offset_s: float, timeout_s: float,
+                  node_name: str = '') -> str:
+    """Why thermal frames found no partner, where the stamps and arrivals tell (`skew`: the
+    pipeline's StampSkew; the rest as for clock_skew_hint): an input delivered in bursts, else
+    cameras on clocks that differ; '' if neither. Bursts move the stamps' medians too: a skew
+    within an input's delivery spread tells no clock difference, and an offset chosen from it
+    would pair frames with the wrong partners."""
+    spreads = {role: skew.delivery_spread(role) for role in ROLES}
+    delivery = late_delivery_hint(spreads, slop_s, timeout_s)
+    uneven = max((spread for spread in spreads.values() if spread is not None), default=0.0)
+    seconds = skew.seconds()
+    if delivery or seconds is None or abs(seconds) <= uneven:
+        return delivery
+    return clock_skew_hint(seconds, slop_s, thermal_offset_s, timeout_s, node_name)
 
 
 def late_arrivals(grown: dict, minimum_frames: int) -> str:

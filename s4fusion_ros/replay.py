@@ -223,8 +223,11 @@ class BagFuser:
 
     def _show_counts(self, progress) -> None:
         stats = self.pipeline.synchronizer.stats
-        progress.set_postfix(unpaired=stats.thermal_unpaired + stats.visible_unpaired,
-                             dropped=self.dropped(), refresh=False)
+        # Apart, as in the summary: a faster visible camera leaves most of its frames unpaired
+        # by design, where unpaired thermal frames are lost pairs.
+        progress.set_postfix(thermal_unpaired=stats.thermal_unpaired,
+                             visible_unpaired=stats.visible_unpaired, dropped=self.dropped(),
+                             refresh=False)
 
     def dropped_by_reason(self) -> dict[str, int]:
         """Messages neither paired nor unpaired, by why: {reason: count}."""

@@ -71,6 +71,8 @@ import statistics
 import threading
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
+
 # Default reset_threshold (the node's sync.clock_jump): a stamp this much older than its topic's
 # newest is a clock jump.
 CLOCK_JUMP_S = 1.0
@@ -191,22 +193,41 @@ class StampSkew:
     WINDOW = 30
 
     def __init__(self):
-        self._lead = {'thermal': collections.deque(maxlen=self.WINDOW),
-                      'visible': collections.deque(maxlen=self.WINDOW)}
+        # Per role (stamp, arrival) in seconds, of the last WINDOW frames with a stamp.
+        self._frames = {'thermal': collections.deque(maxlen=self.WINDOW),
+                        'visible': collections.deque(maxlen=self.WINDOW)}
 
     def add(self, role: str, stamp_ns: int, arrived_s: float) -> None:
         """Note a frame of `role` ('thermal' or 'visible') stamped `stamp_ns`, arrived at
         `arrived_s` (any clock, the same for both topics); an unset stamp (<= 0, which the
         synchronizer rejects) tells nothing of the camera's clock."""
         if stamp_ns > 0:
-            self._lead[role].append(stamp_ns / 1e9 - arrived_s)
+            self._frames[role].append((stamp_ns / 1e9, arrived_s))
 
     def seconds(self) -> Optional[float]:
         """Thermal stamps' lead over visible ones (s); None before a frame of each topic."""
-        thermal, visible = self._lead['thermal'], self._lead['visible']
+        thermal, visible = self._frames['thermal'], self._frames['visible']
         if not thermal or not visible:
             return None
-        return statistics.median_low(thermal) - statistics.median_low(visible)
+        return (statistics.median_low(stamp - arrived for stamp, arrived in thermal)
+                - statistics.median_low(stamp - arrived for stamp, arrived in visible))
+
+    def delivery_spread(self, role: str) -> Optional[float]:
+        """How much later than its quick frames the slow ones of `role` arrived (s): the 10th to
+        90th percentile of the arrival times' residuals from a straight line fitted on the
+        stamps, over its last WINDOW frames. A clock offset shifts that line and a bag played
+        at another rate than it was recorded tilts it, neither widens the residuals; a
+        middleware delivering in bursts does. None before 10 frames over more than one stamp."""
+        frames = self._frames[role]
+        if len(frames) < 10:
+            return None
+        stamps, arrivals = np.array(frames).T
+        stamps -= stamps[0]  # seconds since the window's first frame: a well-conditioned fit
+        if np.ptp(stamps) <= 0:
+            return None
+        residuals = arrivals - np.polyval(np.polyfit(stamps, arrivals, 1), stamps)
+        low, high = np.percentile(residuals, [10, 90])
+        return float(high - low)
 
 
 class _Frame(NamedTuple):

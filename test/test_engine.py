@@ -165,6 +165,74 @@ def test_thermal_stamps_far_ahead_overflow_the_queue_and_the_clock_hint_says_why
         'thermal stamps run 3.000 s ahead of visible ones')
 
 
+def _burst_delivered_visible(pipeline, thermal, visible):
+    """10 s of a 10 Hz thermal camera delivered on time and a 20 Hz visible one whose frames
+    the middleware holds and delivers in one burst a second."""
+    held = []
+    for tick in range(200):  # steps of 50 ms
+        now = 1000 + tick / 20
+        pipeline.expire(now)
+        held.append(round(now * 1e9))
+        if tick % 20 == 19:
+            for stamp in held:
+                pipeline.add_visible(visible, stamp, 'rgb', arrived=now)
+            held.clear()
+        if tick % 2 == 0:
+            pipeline.add_thermal(thermal, round(now * 1e9), 'ir', arrived=now)
+    pipeline.flush()
+    return pipeline.synchronizer.stats
+
+
+def test_an_input_delivered_in_bursts_is_named_with_the_timeout_that_waits_for_it(msrs_pair):
+    # In a soak test the middleware came to deliver one camera's images in bursts, up to 2 s
+    # late: most thermal frames went unpaired, past sync.timeout, and the node's only hint, a
+    # clock offset read from the stamps' medians (which the bursts move), paired the wrong frames.
+    from s4fusion_ros.diagnostics import clock_skew_hint, unpaired_hint
+    ir, vi = msrs_pair
+    thermal, visible = encode_image(ir, 'mono8'), encode_image(vi, 'bgr8')
+    slop = 0.02
+
+    def run(timeout):
+        pipeline = FusionPipeline(PairSynchronizer(slop=slop, queue_size=30, timeout=timeout),
+                                  ThermalNormalizer(), ThermalRegistration())
+        return pipeline, _burst_delivered_visible(pipeline, thermal, visible)
+
+    pipeline, stats = run(0.5)
+    assert stats.thermal_unpaired > 40 and stats.pairs < 60, stats
+    skew = pipeline.stamp_skew
+    offset = clock_skew_hint(skew.seconds(), slop, 0.0, 0.5)
+    assert 'sync.thermal_offset -0.350 pairs them' in offset
+    assert skew.delivery_spread('thermal') == pytest.approx(0.0, abs=1e-6)
+    spread = skew.delivery_spread('visible')
+    assert 0.7 < spread < 0.95  # the visible frames of a second came 0 to 0.95 s late
+    hint = unpaired_hint(skew, slop, 0.0, 0.5)
+    wait = spread + slop
+    assert hint.startswith(f'visible frames arrive in bursts: a tenth of the latest came '
+                           f'{spread:.2f} s or more later')
+    assert hint.endswith(f'sync.timeout {wait:.2f} (read at start: restart the node with it) '
+                         'waits for most of them')
+    _, waited = run(round(wait, 2))
+    assert waited.pairs >= 80 and waited.thermal_unpaired <= 20, waited
+    # Nor, once the timeout waits for them, the offset: the skew is within the bursts' spread.
+    assert unpaired_hint(skew, slop, 0.0, round(wait, 2)) == ''
+
+
+def test_the_delivery_spread_is_not_moved_by_clock_offsets_or_a_replay_rate():
+    # A bag played at half speed (without /clock) delivers stamps 1 s apart every 2 s: the
+    # arrivals minus the stamps grow steadily, and read as unevenness they named bursts.
+    from s4fusion_ros.sync import StampSkew
+    skew = StampSkew()
+    for frame in range(StampSkew.WINDOW):
+        skew.add('thermal', round((5 + frame / 10) * 1e9), 1000 + frame / 5)
+        skew.add('visible', round((50 + frame / 10) * 1e9), 1000 + frame / 5 + 0.01)
+    assert skew.delivery_spread('thermal') == pytest.approx(0.0, abs=1e-6)
+    assert skew.delivery_spread('visible') == pytest.approx(0.0, abs=1e-6)
+    still = StampSkew()
+    for _ in range(20):  # a stamp that never changes fits no line
+        still.add('thermal', 5 * 10**9, 1000.0)
+    assert still.delivery_spread('thermal') is None
+
+
 def test_outside_the_thermal_view_the_model_gets_the_visible_luminance(msrs_pair):
     # A thermal lens narrower than the visible one: its view covers the top-left 3/4. Outside
     # it the model used to get 0 (cold), and the fused image went dark with a hard seam.

@@ -26,8 +26,8 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
-                           clock_skew_hint, late_arrivals, pairing_shortfall, per_input,
-                           status_name, thermal_frames_lost)
+                           late_arrivals, pairing_shortfall, per_input, status_name,
+                           thermal_frames_lost, unpaired_hint)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
@@ -619,7 +619,7 @@ class S4FusionNode(Node):
         pairs, possible = shortfall
         message = (f'only {pairs} pairs made from {possible} frames of the slower camera in the '
                    f'last {grown["span"]:.0f} s')
-        hint = self._skew_hint(grown)
+        hint = self._unpaired_hint(grown)
         if hint:
             message += f'; {hint}'
             # Logged here, not in a helper shared with _stall_message: rclpy throttles per call
@@ -655,16 +655,15 @@ class S4FusionNode(Node):
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
-    def _skew_hint(self, grown: dict) -> str:
-        """What the stamps tell of a clock difference between the cameras, where thermal frames
-        found no partner lately (`grown`); '' if nothing."""
+    def _unpaired_hint(self, grown: dict) -> str:
+        """What the stamps and arrivals tell, where thermal frames found no partner lately
+        (`grown`): cameras on clocks that differ, an input delivered in bursts; '' if nothing."""
         if not thermal_frames_lost(grown):
             return ''
-        pipeline = self.pipeline
-        sync = pipeline.synchronizer
-        return clock_skew_hint(pipeline.stamp_skew.seconds(), sync.slop,
-                               self._values()['sync.thermal_offset'], sync.timeout,
-                               self.get_fully_qualified_name())
+        sync = self.pipeline.synchronizer
+        return unpaired_hint(self.pipeline.stamp_skew, sync.slop,
+                             self._values()['sync.thermal_offset'], sync.timeout,
+                             self.get_fully_qualified_name())
 
     def _stall_message(self, values: dict) -> str:
         """Both inputs arrive and nothing comes out: where the pairs went since pairs were last
@@ -688,7 +687,7 @@ class S4FusionNode(Node):
         since = 'pairs were last fused' if self.counts_while_fusing else 'the start'
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since {since}: {", ".join(causes)})' if causes else '')
-        hint = self._skew_hint(grown)
+        hint = self._unpaired_hint(grown)
         if hint:
             message += f'; {hint}'
         # Logged once nothing was fused for a whole window while both inputs arrived: the first

@@ -33,7 +33,7 @@ from .. import settings
 from ..bagio import (STORAGES, WRITE_ERRORS, BagError, bag_size, check_output, create_bag,
                      image_topics, open_bag, output_qos_of, pick_topics, storage_of, sweep_staging)
 from ..cli import file_path, run_command, stop_on_signals
-from ..diagnostics import clock_skew_hint
+from ..diagnostics import unpaired_hint
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
 from ..model import CheckpointError
@@ -217,8 +217,7 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
     sync = fuser.pipeline.synchronizer
-    hint = clock_skew_hint(fuser.pipeline.stamp_skew.seconds(), sync.slop, sync.thermal_offset,
-                           sync.timeout)
+    hint = unpaired_hint(fuser.pipeline.stamp_skew, sync.slop, sync.thermal_offset, sync.timeout)
     if stats.thermal_unpaired and hint:  # arrival: the recorder's log times
         print(f'{PROG}: {hint} (set it in --params)', file=sys.stderr)
     for role in ('thermal', 'visible'):
@@ -229,9 +228,12 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
 
 
 def untouched(args: argparse.Namespace) -> str:
-    """What a failed or interrupted run leaves: nothing under OUTPUT; exported PNGs, each one
-    complete (written atomically), stay."""
+    """What a failed or interrupted run leaves: nothing new under OUTPUT (an output there before,
+    which --overwrite was to replace, as it was); exported PNGs, each one complete (written
+    atomically), stay."""
     text = f'the partial output was removed and {args.output} was not written'
+    if args.output.exists():
+        text += ' (the one there before is kept as it was)'
     if args.export_png and args.export_png.is_dir() and any(args.export_png.glob('*.png')):
         text += f' (the PNGs in {args.export_png} stay)'
     return text
