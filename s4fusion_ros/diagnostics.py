@@ -109,15 +109,20 @@ def thermal_frames_lost(grown: dict) -> bool:
     return any(grown.get(key, 0) > 0 for key in (Key.THERMAL_UNPAIRED, Key.THERMAL_OVERFLOW))
 
 
+# Where the live node gives a hint: the setting it names takes effect at the next start.
+RESTART = 'read at start: restart the node with it'
+
+
 def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float,
-                    timeout_s: float, node_name: str = '') -> str:
+                    timeout_s: float, node_name: str = '', live: bool = True) -> str:
     """What the stamps tell when thermal frames find no partner ('' where they tell nothing):
     the thermal camera's stamps running ahead of or behind the visible one's by more than
     sync.slop (after sync.thermal_offset), arrival for arrival. Clocks that differ and one topic
     delivered that much later look alike, so both fixes are named: the offset that pairs them,
     if the parameter can take it (with the command that sets it on the running node
     `node_name`, where given), and the sync.timeout that waits for the late topic, where the
-    one set is shorter (an offset would pair such frames with the wrong partners)."""
+    one set is shorter (an offset would pair such frames with the wrong partners). `live`: for
+    the node, which reads sync.timeout at start only (offline, a tool's run)."""
     if skew_s is None or abs(skew_s + thermal_offset_s) <= slop_s:
         return ''
     text = (f'thermal stamps run {abs(skew_s):.3f} s {"ahead of" if skew_s > 0 else "behind"} '
@@ -134,45 +139,59 @@ def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float
     wait = abs(skew_s) + slop_s
     if timeout_s < wait <= settings.SPECS['sync.timeout'].range[1]:
         text += (f'; if the {"visible" if skew_s > 0 else "thermal"} frames arrive that much '
-                 f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}; read at start: '
-                 'restart the node with it) pairs them as stamped')
+                 f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}'
+                 f'{"; " + RESTART if live else ""}) pairs them as stamped')
     return text
 
 
-def late_delivery_hint(spreads: dict, slop_s: float, timeout_s: float) -> str:
+def late_delivery_hint(deliveries: dict, timeout_s: float, live: bool = True) -> str:
     """What the arrivals tell where thermal frames find no partner ('' where they tell nothing):
-    an input delivered in bursts (`spreads`: StampSkew.delivery_spread by role), whose late
-    frames come after sync.timeout, loses partners the synchronizer stopped waiting for; a
-    longer sync.timeout waits for most of them."""
-    late = {role: spread for role, spread in spreads.items()
-            if spread is not None and spread > timeout_s}
+    an input delivered in bursts (`deliveries`: StampSkew.delivery), whose slow frames come
+    more than sync.timeout after its quick ones, loses partners the synchronizer stopped
+    waiting for; a longer sync.timeout waits for most of them. `live` as for clock_skew_hint."""
+    late = {role: delivery for role, delivery in deliveries.items()
+            if delivery is not None and delivery.spread > timeout_s}
     if not late:
         return ''
-    bursts = (f'{role} frames arrive in bursts: a tenth of the latest came {spread:.2f} s or '
-              'more later for their stamps than another tenth' for role, spread in late.items())
+    bursts = (f'{role} frames arrive in bursts: a tenth of the latest came '
+              f'{delivery.spread:.2f} s or more later for their stamps than another tenth'
+              for role, delivery in late.items())
     text = (' and '.join(bursts) + ' (a busy machine, or a transport that queues), past '
             f'sync.timeout {timeout_s:g} s')
-    wait = max(late.values()) + slop_s
+    wait = max(max(delivery.spread, delivery.behind) for delivery in late.values())
     if wait <= settings.SPECS['sync.timeout'].range[1]:
-        return text + (f': sync.timeout {wait:.2f} (read at start: restart the node with it) '
-                       'waits for most of them')
+        restart = f' ({RESTART})' if live else ''
+        return text + f': sync.timeout {wait:.2f}{restart} waits for most of them'
     return text + ': more than sync.timeout can wait for; lighten the machine or the transport'
 
 
 def unpaired_hint(skew, slop_s: float, thermal_offset_s: float, timeout_s: float,
-                  node_name: str = '') -> str:
+                  node_name: str = '', live: bool = True) -> str:
     """Why thermal frames found no partner, where the stamps and arrivals tell (`skew`: the
     pipeline's StampSkew; the rest as for clock_skew_hint): an input delivered in bursts, else
     cameras on clocks that differ; '' if neither. Bursts move the stamps' medians too: a skew
-    within an input's delivery spread tells no clock difference, and an offset chosen from it
-    would pair frames with the wrong partners."""
-    spreads = {role: skew.delivery_spread(role) for role in ROLES}
-    delivery = late_delivery_hint(spreads, slop_s, timeout_s)
-    uneven = max((spread for spread in spreads.values() if spread is not None), default=0.0)
+    (after sync.thermal_offset) within an input's delivery spread tells no clock difference,
+    and an offset chosen from it would pair frames with the wrong partners."""
+    deliveries = skew.delivery()
+    delivery = late_delivery_hint(deliveries, timeout_s, live)
+    uneven = max((each.spread for each in deliveries.values() if each is not None), default=0.0)
     seconds = skew.seconds()
-    if delivery or seconds is None or abs(seconds) <= uneven:
+    if delivery or seconds is None or abs(seconds + thermal_offset_s) <= uneven:
         return delivery
-    return clock_skew_hint(seconds, slop_s, thermal_offset_s, timeout_s, node_name)
+    return clock_skew_hint(seconds, slop_s, thermal_offset_s, timeout_s, node_name, live)
+
+
+def inference_stall(size: tuple[int, int], seconds: float, window_s: float,
+                    full_size: bool) -> str:
+    """The stall cause a pair in inference gives ('' where it is none): one in inference for a
+    whole window (a camera's huge frames?) with its `size` (width, height) and how long, not
+    one just begun after frames that found no partner; with inference_size where the model
+    runs at `full_size`."""
+    if seconds < window_s:
+        return ''
+    smaller = '; inference_size runs the model smaller' if full_size else ''
+    return (f'{Key.PAIRS_IN_INFERENCE}: 1 (a {size[0]}x{size[1]} pair, for {seconds:.0f} s'
+            f'{smaller})')
 
 
 def late_arrivals(grown: dict, minimum_frames: int) -> str:

@@ -182,14 +182,17 @@ class FusionPipeline:
         arrived = time.monotonic() if arrived is None else arrived
         sync = self.synchronizer
         add = sync.add_thermal if role == 'thermal' else sync.add_visible
-        self.stamp_skew.add(role, stamp_ns, arrived if received is None else received)
-        before = sync.stats.taken
+        before = sync.stats
         prepared = self._prepare(add(stamp_ns, frame))
+        after = sync.stats
+        if after.resets != before.resets:  # a new timeline: the old one's lateness tells nothing
+            self.stamp_skew.clear()
+        self.stamp_skew.add(role, stamp_ns, arrived if received is None else received)
         # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a
         # repeated stamp, too), one still of the timeline before a clock jump, nor one whose
         # timeline is not known yet (far behind or alone far ahead of its topic: a jump, or a
         # glitched stamp that would move the clock seconds away).
-        if sync.stats.taken != before:
+        if after.taken != before.taken:
             self._latest = (role, stamp_ns, arrived)
         return prepared
 

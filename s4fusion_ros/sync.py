@@ -179,6 +179,14 @@ class ArrivalClock:
         return min(1.0, (last_sim - first_sim) / (last_wall - first_wall))
 
 
+class Delivery(NamedTuple):
+    """How unevenly an input arrived, stamp for stamp (s; StampSkew.delivery). `behind` is the
+    wait that pairs its slow frames, where the cameras' clocks agree."""
+
+    spread: float  # its slow frames (90th percentile of lateness) after its quick ones (10th)
+    behind: float  # its slow frames after the other input's typical one (median)
+
+
 class StampSkew:
     """How far the thermal camera's stamps run ahead of the visible camera's: per topic the
     median of (stamp - arrival) over its last WINDOW frames, thermal minus visible.
@@ -191,6 +199,9 @@ class StampSkew:
     """
 
     WINDOW = 30
+    # Both inputs' stamps advancing this much faster or slower than their arrivals are a
+    # replay at another rate (StampSkew.delivery); less may be bursts.
+    PACE_TOLERANCE = 0.2
 
     def __init__(self):
         # Per role (stamp, arrival) in seconds, of the last WINDOW frames with a stamp.
@@ -212,22 +223,49 @@ class StampSkew:
         return (statistics.median_low(stamp - arrived for stamp, arrived in thermal)
                 - statistics.median_low(stamp - arrived for stamp, arrived in visible))
 
-    def delivery_spread(self, role: str) -> Optional[float]:
-        """How much later than its quick frames the slow ones of `role` arrived (s): the 10th to
-        90th percentile of the arrival times' residuals from a straight line fitted on the
-        stamps, over its last WINDOW frames. A clock offset shifts that line and a bag played
-        at another rate than it was recorded tilts it, neither widens the residuals; a
-        middleware delivering in bursts does. None before 10 frames over more than one stamp."""
-        frames = self._frames[role]
-        if len(frames) < 10:
-            return None
-        stamps, arrivals = np.array(frames).T
-        stamps -= stamps[0]  # seconds since the window's first frame: a well-conditioned fit
-        if np.ptp(stamps) <= 0:
-            return None
-        residuals = arrivals - np.polyval(np.polyfit(stamps, arrivals, 1), stamps)
-        low, high = np.percentile(residuals, [10, 90])
-        return float(high - low)
+    def clear(self) -> None:
+        """Forget every frame: the stamps jumped to a new timeline (the synchronizer reset)."""
+        for frames in self._frames.values():
+            frames.clear()
+
+    def delivery(self) -> dict[str, Optional[Delivery]]:
+        """How unevenly each input arrived, by role, over its last WINDOW frames; None for one
+        with fewer than 10.
+
+        A frame's lateness is its arrival less its stamp, at the pace the stamps advance: one
+        arrival second per stamp second, unless both inputs' windows (spanning a second or
+        more of stamps) advance at another pace, alike (a bag played at another rate than it
+        was recorded, without /clock). A line fitted on each input alone would take a window
+        that holds a single burst for a stopped clock. A middleware delivering one input in
+        bursts widens its lateness; so does, for a window's length, a camera clock that steps
+        back or ahead without a jump (less than sync.clock_jump).
+        """
+        pace = self._pace()
+        lateness = {role: np.array([arrived - pace * stamp for stamp, arrived in frames])
+                    for role, frames in self._frames.items()}
+        result = dict.fromkeys(self._frames)
+        for role, late in lateness.items():
+            if len(late) < 10:
+                continue
+            quick, slow = np.percentile(late - late[0], [10, 90])  # near 0: well-conditioned
+            others = [np.median(other - late[0]) for name, other in lateness.items()
+                      if name != role and len(other)]
+            result[role] = Delivery(float(slow - quick),
+                                    float(slow - others[0]) if others else float(slow - quick))
+        return result
+
+    def _pace(self) -> float:
+        """Arrival seconds per stamp second, alike for both inputs (StampSkew.delivery)."""
+        paces = []
+        for frames in self._frames.values():
+            if len(frames) < 2 or frames[-1][0] - frames[0][0] < 1.0:
+                return 1.0  # too short to tell
+            (first_stamp, first_arrival), (last_stamp, last_arrival) = frames[0], frames[-1]
+            paces.append((last_arrival - first_arrival) / (last_stamp - first_stamp))
+        if all(pace > 1 + self.PACE_TOLERANCE for pace in paces) or all(
+                pace < 1 - self.PACE_TOLERANCE for pace in paces):
+            return statistics.median(paces)
+        return 1.0
 
 
 class _Frame(NamedTuple):

@@ -1,5 +1,6 @@
 """s4fusion-bag on real bags: every pair fused, stamps kept, atomic output, clear errors."""
 
+import argparse
 import os
 import pathlib
 import re
@@ -775,6 +776,26 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     assert not staging_dirs(tmp_path)
     assert video.read_bytes() == b'an earlier video'
     assert sorted(path.name for path in tmp_path.iterdir()) == ['fused.mp4', 'in', 'out']
+
+
+def test_a_run_stopped_after_its_bag_was_finished_says_it_was_written(tmp_path):
+    # The bag is finished before the video and the summary: a Ctrl-C or a video that failed to
+    # write then said the bag "was not written" (and, with --overwrite, "the one there before is
+    # kept"), where the new one stood in its place.
+    args = argparse.Namespace(output=tmp_path / 'out', export_video=tmp_path / 'fused.mp4',
+                              export_png=None)
+    outcome = bag_tool.Outcome(existed=True)
+    assert bag_tool.untouched(args, outcome) == (
+        f'the partial output was removed and {args.output} was not written (the one there '
+        'before is kept as it was)')
+    outcome.written = True
+    assert bag_tool.untouched(args, outcome) == (
+        f'{args.output} was written, {args.export_video} was not')
+    outcome.video_written = True
+    assert bag_tool.untouched(args, outcome) == (
+        f'{args.output} and {args.export_video} were written')
+    args.export_video = None
+    assert bag_tool.untouched(args, outcome) == f'{args.output} was written'
 
 
 def _limit_file_size() -> None:

@@ -92,3 +92,15 @@ def test_recent_senders_tell_two_at_a_time_from_one_after_the_other():
     assert senders.recent(3.0) == 3 and senders.concurrent(3.0) == 2
     # Out of the window: the bag last sent at 2.5.
     assert senders.recent(7.8) == 1 and senders.concurrent(7.8) == 0
+
+
+def test_a_pair_in_inference_is_a_stall_cause_once_it_ran_a_whole_window():
+    # A pair that had just begun, after 5 s of frames that found no partner, was named as the
+    # cause with "inference_size runs the model smaller": the model was not why.
+    from s4fusion_ros.diagnostics import inference_stall
+    assert inference_stall((640, 480), 0.2, 5.0, True) == ''
+    assert inference_stall((3840, 2160), 21.4, 5.0, True) == (
+        'pairs in inference: 1 (a 3840x2160 pair, for 21 s; inference_size runs the model '
+        'smaller)')
+    assert inference_stall((3840, 2160), 6.0, 5.0, False) == (
+        'pairs in inference: 1 (a 3840x2160 pair, for 6 s)')

@@ -823,6 +823,22 @@ def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it(
             "cameras' clocks (chrony, PTP)") in far
 
 
+def test_a_wrong_offset_on_cameras_in_step_is_still_named():
+    # The stamps agree within 2 ms of jitter, but sync.thermal_offset 0.3 was set by mistake:
+    # every thermal frame goes unpaired, and the offset 0 that pairs them is named, not
+    # passed over as within the inputs' delivery spread.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    rng = random.Random(1)
+    skew = StampSkew()
+    for frame in range(StampSkew.WINDOW):
+        now = frame / 10
+        skew.add('thermal', round((100 + now) * 1e9), 1000 + now + rng.uniform(0, 0.002))
+        skew.add('visible', round((100 + now) * 1e9), 1000 + now + rng.uniform(0, 0.002))
+    hint = unpaired_hint(skew, 0.05, 0.3, 0.5)
+    assert 'sync.thermal_offset -0.00' in hint or 'sync.thermal_offset 0.00' in hint, hint
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5) == ''
+
+
 def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_late():
     # Thermal frames stamped right but delivered 0.7 s late look like a thermal clock 0.7 s
     # behind: the hint offered only the offset, which pairs each with a visible frame 0.7 s on.

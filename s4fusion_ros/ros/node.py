@@ -26,8 +26,8 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from .. import precompile, settings
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
-                           late_arrivals, pairing_shortfall, per_input, status_name,
-                           thermal_frames_lost, unpaired_hint)
+                           inference_stall, late_arrivals, pairing_shortfall, per_input,
+                           status_name, thermal_frames_lost, unpaired_hint)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, pipeline_from_params)
 from ..messages import stamp_to_ns
@@ -677,13 +677,12 @@ class S4FusionNode(Node):
             if isinstance(values[key], int)}
         causes = [f'{key}: +{count}' for key, count in grown.items() if count > 0]
         current = self.worker.current()
-        if current is not None:  # a model slower than the 5 s window: a camera's huge frames?
+        if current is not None:
             pair, seconds = current
             height, width = pair.visible_bgr.shape[:2]
-            smaller = ('; inference_size runs the model smaller'
-                       if not any(self._values()['inference_size']) else '')
-            causes.append(f'{Key.PAIRS_IN_INFERENCE}: {values[Key.PAIRS_IN_INFERENCE]} (a '
-                          f'{width}x{height} pair, for {seconds:.0f} s{smaller})')
+            cause = inference_stall((width, height), seconds, self.fused_rate.window,
+                                    not any(self._values()['inference_size']))
+            causes += [cause] if cause else []
         since = 'pairs were last fused' if self.counts_while_fusing else 'the start'
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since {since}: {", ".join(causes)})' if causes else '')

@@ -24,6 +24,7 @@ output name.
 
 import argparse
 import contextlib
+import dataclasses
 import pathlib
 import re
 import sys
@@ -33,7 +34,7 @@ from .. import settings
 from ..bagio import (STORAGES, WRITE_ERRORS, BagError, bag_size, check_output, create_bag,
                      image_topics, open_bag, output_qos_of, pick_topics, storage_of, sweep_staging)
 from ..cli import file_path, run_command, stop_on_signals
-from ..diagnostics import unpaired_hint
+from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
 from ..model import CheckpointError
@@ -107,7 +108,16 @@ def load_values(args: argparse.Namespace) -> dict:
     return values
 
 
-def run(args: argparse.Namespace) -> None:
+@dataclasses.dataclass
+class Outcome:
+    """What a run left, for the message of one that fails or is interrupted (`untouched`)."""
+
+    existed: bool  # an output there before it, which --overwrite was to replace
+    written: bool = False  # the output bag finished (the video and the summary come after)
+    video_written: bool = False
+
+
+def run(args: argparse.Namespace, outcome: Outcome) -> None:
     """Fuse args.input into args.output; raises with a message naming the file on failure."""
     try:
         output, source = resolved(args.output), resolved(args.input)
@@ -182,14 +192,17 @@ def run(args: argparse.Namespace) -> None:
                          args.export_every, video)
         # The bag is finished (or removed) first, then the video named (or discarded).
         bag = create_bag(args.output, storage, overwrite=args.overwrite)
-        with video or contextlib.nullcontext(), bag as writer:
-            fuser.run(reader, args.input, thermal, visible, writer,
-                      (args.fused_topic, args.saliency_topic), args.include_inputs,
-                      qos=output_qos_of(values))
-            if not fuser.counts.fused:  # a failed run for a script too: nothing is written
-                print_summary(args, fuser, time.monotonic() - started)
-                raise BagError(f'no pair was fused (the counts above say why); {args.output} '
-                               f'was not written')
+        with video or contextlib.nullcontext():
+            with bag as writer:
+                fuser.run(reader, args.input, thermal, visible, writer,
+                          (args.fused_topic, args.saliency_topic), args.include_inputs,
+                          qos=output_qos_of(values))
+                if not fuser.counts.fused:  # a failed run for a script too: nothing is written
+                    print_summary(args, fuser, time.monotonic() - started)
+                    raise BagError(f'no pair was fused (the counts above say why); '
+                                   f'{args.output} was not written')
+            outcome.written = True
+        outcome.video_written = video is not None
     print_summary(args, fuser, time.monotonic() - started)
     if args.export_png and args.overwrite:  # replaced once this run's are all written
         removed = remove_earlier_export(args.export_png, fuser.exported)
@@ -217,8 +230,11 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
     sync = fuser.pipeline.synchronizer
-    hint = unpaired_hint(fuser.pipeline.stamp_skew, sync.slop, sync.thermal_offset, sync.timeout)
-    if stats.thermal_unpaired and hint:  # arrival: the recorder's log times
+    hint = unpaired_hint(fuser.pipeline.stamp_skew, sync.slop, sync.thermal_offset, sync.timeout,
+                         live=False)
+    lost = {Key.THERMAL_UNPAIRED: stats.thermal_unpaired,
+            Key.THERMAL_OVERFLOW: stats.thermal_overflow}
+    if thermal_frames_lost(lost) and hint:  # arrival: the recorder's log times
         print(f'{PROG}: {hint} (set it in --params)', file=sys.stderr)
     for role in ('thermal', 'visible'):
         unstamped = getattr(stats, f'{role}_bad_stamp')
@@ -227,13 +243,19 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
                   'pairing is by header stamp, which their driver left unset', file=sys.stderr)
 
 
-def untouched(args: argparse.Namespace) -> str:
+def untouched(args: argparse.Namespace, outcome: Outcome) -> str:
     """What a failed or interrupted run leaves: nothing new under OUTPUT (an output there before,
-    which --overwrite was to replace, as it was); exported PNGs, each one complete (written
-    atomically), stay."""
-    text = f'the partial output was removed and {args.output} was not written'
-    if args.output.exists():
-        text += ' (the one there before is kept as it was)'
+    which --overwrite was to replace, as it was) unless the bag was finished, then no video;
+    exported PNGs, each one complete (written atomically), stay."""
+    if outcome.written and args.export_video:
+        text = (f'{args.output} and {args.export_video} were written' if outcome.video_written
+                else f'{args.output} was written, {args.export_video} was not')
+    elif outcome.written:
+        text = f'{args.output} was written'
+    else:
+        text = f'the partial output was removed and {args.output} was not written'
+        if outcome.existed:
+            text += ' (the one there before is kept as it was)'
     if args.export_png and args.export_png.is_dir() and any(args.export_png.glob('*.png')):
         text += f' (the PNGs in {args.export_png} stay)'
     return text
@@ -244,18 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     when interrupted."""
     args = parse_args(argv)
     stop_on_signals()
+    outcome = Outcome(existed=args.output.exists())
 
     def describe(error: Exception) -> str:
         if isinstance(error, (BagError, settings.SettingsError)):
             return str(error)
-        if isinstance(error, WRITE_ERRORS):
-            return f'writing {args.output} failed: {error}; {untouched(args)}'
-        return f'{error}; {untouched(args)}'  # weights, device or a setting that cannot work
+        if isinstance(error, WRITE_ERRORS):  # the video's, once the bag is written
+            target = args.export_video if outcome.written and args.export_video else args.output
+            return f'writing {target} failed: {error}; {untouched(args, outcome)}'
+        # Weights, device or a setting that cannot work.
+        return f'{error}; {untouched(args, outcome)}'
 
-    return run_command(PROG, lambda: run(args) or 0,
+    return run_command(PROG, lambda: run(args, outcome) or 0,
                        (BagError, settings.SettingsError, *WRITE_ERRORS, ValueError,
                         CheckpointError),
-                       lambda _: f'interrupted; {untouched(args)}', describe)
+                       lambda _: f'interrupted; {untouched(args, outcome)}', describe)
 
 
 if __name__ == '__main__':
