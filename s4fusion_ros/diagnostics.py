@@ -156,8 +156,9 @@ def late_delivery_hint(deliveries: dict, timeout_s: float, live: bool = True) ->
     bursts = (f'{role} frames arrive in bursts: a tenth of the latest came '
               f'{delivery.spread:.2f} s or more later for their stamps than another tenth'
               for role, delivery in late.items())
-    text = (' and '.join(bursts) + ' (a busy machine, or a transport that queues), past '
-            f'sync.timeout {timeout_s:g} s')
+    text = (' and '.join(bursts) + ' (a busy machine, a transport that queues, or a publisher '
+            "whose Fast DDS shared memory cannot hold its images: the package's README, "
+            f'"Transport and QoS"), past sync.timeout {timeout_s:g} s')
     wait = max(max(delivery.spread, delivery.behind) for delivery in late.values())
     if wait <= settings.SPECS['sync.timeout'].range[1]:
         restart = f' ({RESTART})' if live else ''
@@ -165,18 +166,24 @@ def late_delivery_hint(deliveries: dict, timeout_s: float, live: bool = True) ->
     return text + ': more than sync.timeout can wait for; lighten the machine or the transport'
 
 
+# Bursts delivered evenly over B seconds spread the lateness about 0.8 B (10th to 90th percentile)
+# and move the median about 0.5 B: a skew under this share of the spread may be theirs alone. An
+# offset that appears in the window (a step) spreads it no more than the skew it makes.
+SKEW_OF_BURSTS = 0.75
+
+
 def unpaired_hint(skew, slop_s: float, thermal_offset_s: float, timeout_s: float,
                   node_name: str = '', live: bool = True) -> str:
     """Why thermal frames found no partner, where the stamps and arrivals tell (`skew`: the
     pipeline's StampSkew; the rest as for clock_skew_hint): an input delivered in bursts, else
     cameras on clocks that differ; '' if neither. Bursts move the stamps' medians too: a skew
-    (after sync.thermal_offset) within an input's delivery spread tells no clock difference,
+    (after sync.thermal_offset) they could make (SKEW_OF_BURSTS) tells no clock difference,
     and an offset chosen from it would pair frames with the wrong partners."""
     deliveries = skew.delivery()
     delivery = late_delivery_hint(deliveries, timeout_s, live)
     uneven = max((each.spread for each in deliveries.values() if each is not None), default=0.0)
     seconds = skew.seconds()
-    if delivery or seconds is None or abs(seconds + thermal_offset_s) <= uneven:
+    if delivery or seconds is None or abs(seconds + thermal_offset_s) < SKEW_OF_BURSTS * uneven:
         return delivery
     return clock_skew_hint(seconds, slop_s, thermal_offset_s, timeout_s, node_name, live)
 

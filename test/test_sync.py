@@ -839,6 +839,20 @@ def test_a_wrong_offset_on_cameras_in_step_is_still_named():
     assert unpaired_hint(skew, 0.05, 0.0, 0.5) == ''
 
 
+def test_an_offset_that_appeared_in_the_window_is_named_not_taken_for_bursts():
+    # The thermal driver restarts on a clock 0.25 s ahead; 11 of the window's frames are from
+    # before. The step spreads the lateness as wide as the skew, and the offset went unnamed.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    skew = StampSkew()
+    for frame in range(StampSkew.WINDOW):
+        now = frame / 3
+        ahead = 0.25 if frame >= 11 else 0.0
+        skew.add('thermal', round((100 + now + ahead) * 1e9), 1000 + now + 0.002 * (frame % 3))
+        skew.add('visible', round((100 + now) * 1e9), 1000 + now + 0.002 * (frame % 2))
+    assert skew.delivery()['thermal'].spread == pytest.approx(0.25, abs=0.01)
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5).endswith('sync.thermal_offset -0.248 pairs them')
+
+
 def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_late():
     # Thermal frames stamped right but delivered 0.7 s late look like a thermal clock 0.7 s
     # behind: the hint offered only the offset, which pairs each with a visible frame 0.7 s on.
