@@ -22,7 +22,9 @@ setup(
         ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
         (f'share/{PACKAGE}', ['package.xml', 'LICENSE']),
         (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
-        (f'share/{PACKAGE}/config', glob('config/*.yaml')),
+        # The Fast DDS profile here too, for other processes that publish images (README).
+        (f'share/{PACKAGE}/config',
+         glob('config/*.yaml') + [f'{PACKAGE}/data/fastdds_profile.xml']),
     ],
     # Runtime dependencies come from the ROS distro (package.xml) or from requirements.txt on a
     # machine without ROS; listing rclpy here would break colcon builds.

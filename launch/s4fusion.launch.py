@@ -86,11 +86,7 @@ def _node(context):
     log_level = LaunchConfiguration('log_level').perform(context).lower()
     if log_level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got '{log_level}'")
-    # Large images over Fast DDS: shared memory / TCP instead of fragmented UDP (about 3x lower
-    # latency measured for 640x512 and 1280x720 images); see README "Transport and QoS". A value
-    # the user already set is kept. Set for this node only: launch's SetEnvironmentVariable
-    # would reach every node started after it by a launch file that includes this one.
-    transports = context.environment.get('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
+    # The node sets up its own Fast DDS profile (README, "Transport and QoS").
     return [Node(
         package='s4fusion_ros',
         executable='s4fusion_node',
@@ -104,5 +100,4 @@ def _node(context):
             ('visible/image_raw', LaunchConfiguration('visible_topic')),
         ],
         ros_arguments=['--log-level', log_level],
-        additional_env={'FASTDDS_BUILTIN_TRANSPORTS': transports},
     )]

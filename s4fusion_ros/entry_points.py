@@ -45,11 +45,28 @@ def opencv_settings() -> dict[str, str]:
         ('OPENCV_IO_MAX_IMAGE_PIXELS', MAX_PIXELS), ('OPENCV_LOG_LEVEL', 'ERROR'))}
 
 
+# The Fast DDS configuration a user may have chosen, which the package's own then leaves alone.
+FASTDDS_CHOICES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE',
+                   'FASTDDS_BUILTIN_TRANSPORTS')
+
+
+def fastdds_settings() -> dict[str, str]:
+    """The package's Fast DDS profile (data/fastdds_profile.xml: shared memory segments that
+    hold two large images) for its processes, unless the user configured Fast DDS; it reads
+    this when rclpy makes the process's participant."""
+    if any(os.environ.get(name) for name in FASTDDS_CHOICES):
+        return {}
+    profile = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
+                           'fastdds_profile.xml')
+    return {'FASTDDS_DEFAULT_PROFILES_FILE': profile}
+
+
 def configure_process() -> None:
-    """Set OpenMP's wait policy, numba's cache folder and OpenCV's image size limits and log
-    level, keeping values the user chose."""
+    """Set OpenMP's wait policy, numba's cache folder, OpenCV's image size limits and log level
+    and Fast DDS's profile, keeping values the user chose."""
     os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
     os.environ.update(opencv_settings())
+    os.environ.update(fastdds_settings())
     # numba reads NUMBA_CACHE_DIR at its first import; its config when each cached kernel is
     # defined, in case numba was imported already.
     os.environ['NUMBA_CACHE_DIR'] = numba_cache_dir()

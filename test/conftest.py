@@ -22,7 +22,6 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 configure_process()
 os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
 os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='s4fusion-roslog-')
-os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
 # A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored in every
 # child: the tools under test would then run through the Ctrl-C the tests send them. A handled
 # SIGINT is reset to the default in a child, as a terminal gives it.

@@ -59,20 +59,22 @@ def test_demo_records_a_best_effort_node(tmp_path):
         assert (qos.reliability, qos.depth) == (QosReliability.BEST_EFFORT, 10)
 
 
-def test_the_demo_keeps_a_fast_dds_transport_the_user_chose(monkeypatch, tmp_path):
-    # LARGE_DATA unless set: DEFAULT where shared memory is scarce (a container's small /dev/shm).
+def test_the_package_s_fast_dds_profile_gives_way_to_the_user_s_configuration(monkeypatch):
+    # Its profile unless the user configured Fast DDS (DEFAULT where shared memory is scarce, a
+    # container's small /dev/shm; a profile of their own).
     import os
-    from s4fusion_ros.ros.demo import isolate_dds
-    for name in ('ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_DOMAIN_ID', 'ROS_LOG_DIR'):
-        monkeypatch.setenv(name, os.environ.get(name, ''))  # restored after the test
-    monkeypatch.setenv('FASTDDS_BUILTIN_TRANSPORTS', 'DEFAULT')
-    isolate_dds(57, tmp_path)
-    assert os.environ['FASTDDS_BUILTIN_TRANSPORTS'] == 'DEFAULT'
-    assert (os.environ['ROS_DOMAIN_ID'], os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']) == (
-        '57', 'LOCALHOST')
-    monkeypatch.delenv('FASTDDS_BUILTIN_TRANSPORTS')
-    isolate_dds(57, tmp_path)
-    assert os.environ['FASTDDS_BUILTIN_TRANSPORTS'] == 'LARGE_DATA'
+    from s4fusion_ros.entry_points import FASTDDS_CHOICES, fastdds_settings
+    for name in FASTDDS_CHOICES:
+        monkeypatch.delenv(name, raising=False)
+    profile = fastdds_settings()['FASTDDS_DEFAULT_PROFILES_FILE']
+    assert os.path.isfile(profile) and '<segment_size>16777216</segment_size>' in open(
+        profile).read()
+    for name, value in (('FASTDDS_BUILTIN_TRANSPORTS', 'DEFAULT'),
+                        ('FASTDDS_DEFAULT_PROFILES_FILE', '/etc/robot/fastdds.xml'),
+                        ('FASTRTPS_DEFAULT_PROFILES_FILE', '/etc/robot/fastrtps.xml')):
+        monkeypatch.setenv(name, value)
+        assert fastdds_settings() == {}
+        monkeypatch.delenv(name)
 
 
 def test_the_demo_plays_a_bag_too_fast_for_the_model_at_its_slowest_rate():

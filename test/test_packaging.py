@@ -42,7 +42,8 @@ def check_ament_layout(prefix: pathlib.Path, **env) -> None:
     """The share files and executables where ros2 launch, ros2 run and launch_ros look."""
     share, found = ament_lookup(prefix, **env)
     assert found == prefix and share == prefix / 'share' / PACKAGE
-    for name in ('package.xml', 'launch/s4fusion.launch.py', 'config/s4fusion.yaml'):
+    for name in ('package.xml', 'launch/s4fusion.launch.py', 'config/s4fusion.yaml',
+                 'config/fastdds_profile.xml'):
         assert (share / name).is_file(), name
     assert (share / 'package.xml').read_text() == (REPO / 'package.xml').read_text()
     for name in ('s4fusion_node', 's4fusion-play', 's4fusion-demo'):

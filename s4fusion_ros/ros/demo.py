@@ -4,8 +4,8 @@
         -> a recorder (this process) -> DIR/fused_bag, DIR/preview_*.png, DIR/demo.mp4,
            DIR/summary.txt
 
-Everything runs in a DDS domain of its own, on loopback only, with Fast DDS's LARGE_DATA
-transports. The node runs as it would on a robot: when inference is slower than the cameras it
+Everything runs in a DDS domain of its own, on loopback only, with the package's Fast DDS
+profile. The node runs as it would on a robot: when inference is slower than the cameras it
 drops pairs (keep_newest). So that a slow CPU still shows every pair, the bag is played slower
 than recorded when the node's model, timed here on the bag's first pair, could not keep up with
 the thermal camera; the summary says at what rate, and how many pairs were dropped and why.
@@ -120,12 +120,10 @@ def executable(name: str) -> str:
 
 
 def isolate_dds(domain_id: int, log_dir: pathlib.Path) -> None:
-    """Keep this process and its children on loopback, in their own domain, with LARGE_DATA
-    unless FASTDDS_BUILTIN_TRANSPORTS is set (e.g. DEFAULT where shared memory is scarce)."""
+    """Keep this process and its children on loopback, in their own domain."""
     os.environ.update({'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
                        'ROS_DOMAIN_ID': str(domain_id),
                        'ROS_LOG_DIR': str(log_dir / 'ros')})
-    os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
 
 
 def stop(process: subprocess.Popen | None) -> None:

@@ -439,10 +439,8 @@ def main(argv=None) -> int:
         validate_namespace(args.namespace)
     except InvalidNamespaceException as error:
         parser.error(f'--namespace: {error}')
-    # Keep the flood on this machine unless told otherwise; large images go through shared
-    # memory (as the launch file sets up).
+    # Keep the flood on this machine unless told otherwise.
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
     phases = [(rate, args.duration) for rate in (args.rate or [0.0])]
     stop_on_signals()  # SIGTERM too stops the node before the flood exits
     directory = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-flood-'))
