@@ -45,20 +45,32 @@ def opencv_settings() -> dict[str, str]:
         ('OPENCV_IO_MAX_IMAGE_PIXELS', MAX_PIXELS), ('OPENCV_LOG_LEVEL', 'ERROR'))}
 
 
-# The Fast DDS configuration a user may have chosen, which the package's own then leaves alone.
+# The Fast DDS configuration a user may have chosen, which the package's processes then keep.
 FASTDDS_CHOICES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE',
                    'FASTDDS_BUILTIN_TRANSPORTS')
+# The shared memory segment of the package's Fast DDS profile (data/fastdds_profile.xml), which
+# Fast DDS reserves whole when a process starts.
+FASTDDS_SEGMENT_BYTES = 16 * 1024 * 1024
 
 
-def fastdds_settings() -> dict[str, str]:
-    """The package's Fast DDS profile (data/fastdds_profile.xml: shared memory segments that
-    hold two large images) for its processes, unless the user configured Fast DDS; it reads
-    this when rclpy makes the process's participant."""
+def fastdds_settings(shared_memory: str = '/dev/shm') -> dict[str, str]:
+    """The package's Fast DDS profile (data/fastdds_profile.xml: shared memory segments that hold
+    two large images) for its processes, under the name each Fast DDS reads (2.x, Jazzy:
+    FASTRTPS_...; 3.x, Kilted: FASTDDS_...); none where the user configured Fast DDS, or where
+    `shared_memory` has no room for a few segments (a container's 64 MB /dev/shm: Fast DDS would
+    fail to set up shared memory and send the images over UDP). Fast DDS reads it when rclpy
+    makes the process's participant."""
     if any(os.environ.get(name) for name in FASTDDS_CHOICES):
+        return {}
+    try:
+        free = os.statvfs(shared_memory)
+    except OSError:
+        return {}
+    if free.f_bavail * free.f_frsize < 4 * FASTDDS_SEGMENT_BYTES:
         return {}
     profile = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
                            'fastdds_profile.xml')
-    return {'FASTDDS_DEFAULT_PROFILES_FILE': profile}
+    return {'FASTDDS_DEFAULT_PROFILES_FILE': profile, 'FASTRTPS_DEFAULT_PROFILES_FILE': profile}
 
 
 def configure_process() -> None:

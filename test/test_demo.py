@@ -59,22 +59,24 @@ def test_demo_records_a_best_effort_node(tmp_path):
         assert (qos.reliability, qos.depth) == (QosReliability.BEST_EFFORT, 10)
 
 
-def test_the_package_s_fast_dds_profile_gives_way_to_the_user_s_configuration(monkeypatch):
-    # Its profile unless the user configured Fast DDS (DEFAULT where shared memory is scarce, a
-    # container's small /dev/shm; a profile of their own).
+def test_the_fast_dds_profile_gives_way_to_the_user_s_configuration(monkeypatch, tmp_path):
+    # Its profile, under the names Fast DDS 2 and 3 read, unless the user configured Fast DDS
+    # (DEFAULT; a profile of their own) or shared memory is scarce.
     import os
-    from s4fusion_ros.entry_points import FASTDDS_CHOICES, fastdds_settings
+    from s4fusion_ros.entry_points import FASTDDS_CHOICES, FASTDDS_SEGMENT_BYTES, fastdds_settings
     for name in FASTDDS_CHOICES:
         monkeypatch.delenv(name, raising=False)
-    profile = fastdds_settings()['FASTDDS_DEFAULT_PROFILES_FILE']
-    assert os.path.isfile(profile) and '<segment_size>16777216</segment_size>' in open(
-        profile).read()
+    settings = fastdds_settings(str(tmp_path))
+    profile = settings['FASTDDS_DEFAULT_PROFILES_FILE']
+    assert settings['FASTRTPS_DEFAULT_PROFILES_FILE'] == profile and os.path.isfile(profile)
+    assert f'<segment_size>{FASTDDS_SEGMENT_BYTES}</segment_size>' in open(profile).read()
     for name, value in (('FASTDDS_BUILTIN_TRANSPORTS', 'DEFAULT'),
                         ('FASTDDS_DEFAULT_PROFILES_FILE', '/etc/robot/fastdds.xml'),
                         ('FASTRTPS_DEFAULT_PROFILES_FILE', '/etc/robot/fastrtps.xml')):
         monkeypatch.setenv(name, value)
-        assert fastdds_settings() == {}
+        assert fastdds_settings(str(tmp_path)) == {}
         monkeypatch.delenv(name)
+    assert fastdds_settings(str(tmp_path / 'no_shared_memory')) == {}
 
 
 def test_the_demo_plays_a_bag_too_fast_for_the_model_at_its_slowest_rate():

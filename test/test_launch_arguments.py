@@ -85,10 +85,15 @@ def test_a_node_name_sets_two_fusion_nodes_apart_in_one_namespace():
 
 
 def test_a_transport_the_user_chose_is_kept(monkeypatch):
+    # The test process exported the package's profile, which would outvote the transport.
+    for name in ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE'):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('FASTDDS_BUILTIN_TRANSPORTS', 'DEFAULT')
     code, started = bringup({'device': 'cpu'})
     assert code == 0
-    assert started['s4fusion_node'][1]['FASTDDS_BUILTIN_TRANSPORTS'] == 'DEFAULT'
+    environment = started['s4fusion_node'][1]
+    assert environment['FASTDDS_BUILTIN_TRANSPORTS'] == 'DEFAULT'
+    assert 'FASTDDS_DEFAULT_PROFILES_FILE' not in environment
 
 
 @pytest.mark.parametrize('arguments', [
