@@ -48,6 +48,9 @@ def opencv_settings() -> dict[str, str]:
 # The Fast DDS configuration a user may have chosen, which the package's processes then keep.
 FASTDDS_CHOICES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE',
                    'FASTDDS_BUILTIN_TRANSPORTS')
+# Fast DDS 2 (ROS 2 Humble to Jazzy) reads its profile from FASTRTPS_DEFAULT_PROFILES_FILE, 3
+# (Kilted on) from FASTDDS_DEFAULT_PROFILES_FILE; Kilted's rmw_fastrtps warns of the old name.
+FASTDDS_2_DISTROS = ('humble', 'iron', 'jazzy')
 # The shared memory segment of the package's Fast DDS profile (data/fastdds_profile.xml), which
 # Fast DDS reserves whole when a process starts.
 FASTDDS_SEGMENT_BYTES = 16 * 1024 * 1024
@@ -55,8 +58,8 @@ FASTDDS_SEGMENT_BYTES = 16 * 1024 * 1024
 
 def fastdds_settings(shared_memory: str = '/dev/shm') -> dict[str, str]:
     """The package's Fast DDS profile (data/fastdds_profile.xml: shared memory segments that hold
-    two large images) for its processes, under the name each Fast DDS reads (2.x, Jazzy:
-    FASTRTPS_...; 3.x, Kilted: FASTDDS_...); none where the user configured Fast DDS, or where
+    two large images) for its processes, under the name the distro's Fast DDS reads
+    (FASTDDS_2_DISTROS); none where the user configured Fast DDS, or where
     `shared_memory` has no room for a few segments (a container's 64 MB /dev/shm: Fast DDS would
     fail to set up shared memory and send the images over UDP). Fast DDS reads it when rclpy
     makes the process's participant."""
@@ -70,7 +73,9 @@ def fastdds_settings(shared_memory: str = '/dev/shm') -> dict[str, str]:
         return {}
     profile = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
                            'fastdds_profile.xml')
-    return {'FASTDDS_DEFAULT_PROFILES_FILE': profile, 'FASTRTPS_DEFAULT_PROFILES_FILE': profile}
+    name = ('FASTRTPS_DEFAULT_PROFILES_FILE' if os.environ.get('ROS_DISTRO') in FASTDDS_2_DISTROS
+            else 'FASTDDS_DEFAULT_PROFILES_FILE')
+    return {name: profile}
 
 
 def configure_process() -> None:

@@ -60,16 +60,19 @@ def test_demo_records_a_best_effort_node(tmp_path):
 
 
 def test_the_fast_dds_profile_gives_way_to_the_user_s_configuration(monkeypatch, tmp_path):
-    # Its profile, under the names Fast DDS 2 and 3 read, unless the user configured Fast DDS
-    # (DEFAULT; a profile of their own) or shared memory is scarce.
+    # Its profile, under the name the distro's Fast DDS reads, unless the user configured Fast
+    # DDS (DEFAULT; a profile of their own) or shared memory is scarce.
     import os
     from s4fusion_ros.entry_points import FASTDDS_CHOICES, FASTDDS_SEGMENT_BYTES, fastdds_settings
     for name in FASTDDS_CHOICES:
         monkeypatch.delenv(name, raising=False)
-    settings = fastdds_settings(str(tmp_path))
-    profile = settings['FASTDDS_DEFAULT_PROFILES_FILE']
-    assert settings['FASTRTPS_DEFAULT_PROFILES_FILE'] == profile and os.path.isfile(profile)
+    monkeypatch.delenv('ROS_DISTRO', raising=False)  # the Kilted wheels set none
+    [(name, profile)] = fastdds_settings(str(tmp_path)).items()
+    assert name == 'FASTDDS_DEFAULT_PROFILES_FILE' and os.path.isfile(profile)
     assert f'<segment_size>{FASTDDS_SEGMENT_BYTES}</segment_size>' in open(profile).read()
+    monkeypatch.setenv('ROS_DISTRO', 'jazzy')  # Fast DDS 2
+    assert fastdds_settings(str(tmp_path)) == {'FASTRTPS_DEFAULT_PROFILES_FILE': profile}
+    monkeypatch.setenv('ROS_DISTRO', 'kilted')
     for name, value in (('FASTDDS_BUILTIN_TRANSPORTS', 'DEFAULT'),
                         ('FASTDDS_DEFAULT_PROFILES_FILE', '/etc/robot/fastdds.xml'),
                         ('FASTRTPS_DEFAULT_PROFILES_FILE', '/etc/robot/fastrtps.xml')):

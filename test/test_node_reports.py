@@ -354,7 +354,10 @@ def test_on_sim_time_a_slow_simulation_pairs_within_its_own_timeout(ros_context)
         probe.wait_for_node(proc)
         events = sorted([(100.0 + 0.1 * k, 'thermal') for k in range(1, 5)]
                         + [(100.04 + 0.1 * k, 'visible') for k in range(1, 5)])
-        started = time.monotonic()
+        # The simulation runs 3 s before its cameras send: until the node hears /clock, which
+        # took it up to a second or two after its image topics matched (with the package's Fast
+        # DDS profile), it times arrivals by the wall clock and the first pair was lost.
+        started = time.monotonic() + 3.0
         while events:
             sim = 100.0 + 0.1 * (time.monotonic() - started)
             clock_pub.publish(Clock(clock=Time(seconds=sim).to_msg()))
