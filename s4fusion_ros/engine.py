@@ -400,12 +400,17 @@ def normalizer_settings(values: dict) -> dict:
             'fixed_range': (values['normalization.fixed_min'], values['normalization.fixed_max'])}
 
 
+def _sizes_text(thermal: tuple[int, int], visible: tuple[int, int]) -> str:
+    (tw, th), (vw, vh) = thermal, visible
+    return f'thermal {tw}x{th}, visible {vw}x{vh}'
+
+
 def resize_notice(thermal: tuple[int, int], visible: tuple[int, int]) -> str:
     """The notice for thermal frames resized to the visible geometry (identity homography)."""
     (tw, th), (vw, vh) = thermal, visible
     stretched = (', another aspect ratio: stretched' if abs(tw * vh - th * vw) > 0.01 * tw * vh
                  else '')
-    return (f'thermal and visible images differ in size (thermal {tw}x{th}, visible {vw}x{vh}'
+    return (f'thermal and visible images differ in size ({_sizes_text(thermal, visible)}'
             f'{stretched}) and registration.homography is the identity: the thermal image is '
             'resized to the visible geometry; set a homography to register them')
 
@@ -413,12 +418,9 @@ def resize_notice(thermal: tuple[int, int], visible: tuple[int, int]) -> str:
 def size_change_notice(before: tuple, after: tuple) -> str:
     """The notice for cameras whose image sizes changed under a homography, which maps the
     pixels of one thermal size to one visible size: the thermal image is then misregistered."""
-    def text(sizes):
-        (tw, th), (vw, vh) = sizes
-        return f'thermal {tw}x{th}, visible {vw}x{vh}'
-    return (f'the cameras changed image size ({text(before)}; now {text(after)}), but '
-            'registration.homography maps the pixels of the sizes it was found for: the thermal '
-            'image is misregistered until it is set for these')
+    return (f'the cameras changed image size ({_sizes_text(*before)}; now '
+            f'{_sizes_text(*after)}), but registration.homography maps the pixels of the sizes '
+            'it was found for: the thermal image is misregistered until it is set for these')
 
 
 def pipeline_from_params(values: dict) -> FusionPipeline:

@@ -248,10 +248,9 @@ class StampSkew:
             if len(late) < 10:
                 continue
             quick, slow = np.percentile(late - late[0], [10, 90])  # near 0: well-conditioned
-            others = [np.median(other - late[0]) for name, other in lateness.items()
-                      if name != role and len(other)]
-            result[role] = Delivery(float(slow - quick),
-                                    float(slow - others[0]) if others else float(slow - quick))
+            other = next(lates for name, lates in lateness.items() if name != role)
+            typical = np.median(other - late[0]) if len(other) else quick
+            result[role] = Delivery(float(slow - quick), float(slow - typical))
         return result
 
     def _pace(self) -> float:

@@ -77,7 +77,7 @@ class InferenceWorker:
     def in_progress(self) -> int:
         """Items in process now (0 or 1): submitted == dropped + processed + pending + this."""
         with self._wakeup:
-            return self.submitted - self.dropped - self.processed - len(self._queue)
+            return int(self._current is not None)
 
     def counts(self) -> WorkerCounts:
         """One consistent snapshot of the counts (for diagnostics read on another thread)."""

@@ -554,13 +554,17 @@ class S4FusionNode(Node):
         tells); notes which counts pairs were last fused at."""
         level, message, partial = DiagnosticStatus.OK, 'fusing', ''
         self._log_worker_failures()
-        self._note_arrivals()
+        silent = [role for role in ROLES if self._rate(role).rate() == 0.0]
+        if silent:
+            self.arriving_since = None
+        elif self.arriving_since is None:
+            self.arriving_since = time.monotonic()
         if not self.worker.alive:
             level = DiagnosticStatus.ERROR
             message = 'the inference thread stopped: restart the node'
         elif not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
-        elif silent := [role for role in ROLES if self._rate(role).rate() == 0.0]:
+        elif silent:
             level, message = DiagnosticStatus.WARN, self._waiting_message(silent)
         elif not self.fused_rate.recent():
             level, message = DiagnosticStatus.WARN, self._stall_message(values)
@@ -579,13 +583,6 @@ class S4FusionNode(Node):
             # Counted afresh once fusing again: a stall's frames are not a partial one's.
             self.recent_counts.clear()
         return level, message
-
-    def _note_arrivals(self) -> None:
-        """Note since when both inputs arrive (None while one is silent)."""
-        if any(self._rate(role).rate() == 0.0 for role in ROLES):
-            self.arriving_since = None
-        elif self.arriving_since is None:
-            self.arriving_since = time.monotonic()
 
     def _waiting_message(self, silent: list[str]) -> str:
         """The inputs of `silent` send nothing: which, and a best-effort publisher on one, which

@@ -230,11 +230,12 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
     sync = fuser.pipeline.synchronizer
-    hint = unpaired_hint(fuser.pipeline.stamp_skew, sync.slop, sync.thermal_offset, sync.timeout,
-                         live=False)
     lost = {Key.THERMAL_UNPAIRED: stats.thermal_unpaired,
             Key.THERMAL_OVERFLOW: stats.thermal_overflow}
-    if thermal_frames_lost(lost) and hint:  # arrival: the recorder's log times
+    # Arrival: the recorder's log times.
+    hint = thermal_frames_lost(lost) and unpaired_hint(
+        fuser.pipeline.stamp_skew, sync.slop, sync.thermal_offset, sync.timeout, live=False)
+    if hint:
         print(f'{PROG}: {hint} (set it in --params)', file=sys.stderr)
     for role in ('thermal', 'visible'):
         unstamped = getattr(stats, f'{role}_bad_stamp')
