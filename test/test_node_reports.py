@@ -41,12 +41,14 @@ class Diagnostics:
     def __init__(self, probe):
         from diagnostic_msgs.msg import DiagnosticArray
         self.values, self.received, self.message = {}, 0, ''
+        self.statuses = []  # (level, message) of every status received
         probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_message, 10)
 
     def _on_message(self, array) -> None:
         status = node_status(array, '/s4fusion_node')
         if status is not None:
             self.values, self.message = values_of(status), status.message
+            self.statuses.append((status.level, status.message))
             self.received += 1
 
 
@@ -177,11 +179,14 @@ def test_a_remapped_input_takes_its_transport_topics_along(ros_context):
                            '/robot1/s4fusion_node/fused')
 
 
-def test_a_start_and_an_end_of_the_inputs_log_no_stall_and_no_stopped_camera(ros_context):
+def test_a_start_and_an_end_of_the_inputs_report_no_stall_and_no_stopped_camera(ros_context):
     # Before the first pair came out of the model the node logged "inputs arrive but no pair
-    # was fused lately", and between a camera's first two frames, or as a recording ended, "no
-    # thermal frame ... while visible frames arrive".
+    # was fused lately" (and, later, still reported it as a WARN on /diagnostics), and between
+    # a camera's first two frames, or as a recording ended, "no thermal frame ... while visible
+    # frames arrive".
+    from diagnostic_msgs.msg import DiagnosticStatus
     probe = Probe('start_end_probe')
+    diagnostics = Diagnostics(probe)
     thermal = np.random.default_rng(1).integers(20000, 30000, (480, 640), dtype=np.uint16)
     visible = np.full((480, 640, 3), 90, np.uint8)
     with running_node({'device': 'cpu', 'diagnostics.period': 0.1}) as proc:
@@ -199,6 +204,10 @@ def test_a_start_and_an_end_of_the_inputs_log_no_stall_and_no_stopped_camera(ros
         log = node_log(proc)
     probe.destroy_node()
     assert 'no pair was fused' not in log and 'frames arrive' not in log, log
+    assert not [status for status in diagnostics.statuses if 'no pair was fused' in status[1]]
+    # The first model step after both inputs arrived: OK, and said so.
+    assert (DiagnosticStatus.OK, 'both inputs arrive: waiting for the first fused pair') \
+        in diagnostics.statuses, diagnostics.statuses
 
 
 def test_a_subscriber_the_best_effort_outputs_cannot_serve_is_reported_by_topic(ros_context):

@@ -553,6 +553,7 @@ class S4FusionNode(Node):
         """The level and message of the node's status for these values (logging what a stall
         tells); notes which counts pairs were last fused at."""
         level, message, partial = DiagnosticStatus.OK, 'fusing', ''
+        fusing = False
         self._log_worker_failures()
         silent = [role for role in ROLES if self._rate(role).rate() == 0.0]
         if silent:
@@ -567,8 +568,17 @@ class S4FusionNode(Node):
         elif silent:
             level, message = DiagnosticStatus.WARN, self._waiting_message(silent)
         elif not self.fused_rate.recent():
-            level, message = DiagnosticStatus.WARN, self._stall_message(values)
+            quiet_since = max(self.fused_rate.last or 0.0, self.arriving_since)
+            if time.monotonic() - quiet_since < self.fused_rate.window:
+                # The first pair after a start or a pause waits for a model step: no stall yet,
+                # as for the log (_stall_message), so a monitor sees no WARN at every start.
+                message = ('both inputs arrive: waiting for the first fused pair'
+                           if self.fused_rate.last is None else
+                           'both inputs arrive again: waiting for a fused pair')
+            else:
+                level, message = DiagnosticStatus.WARN, self._stall_message(values)
         else:
+            fusing = True
             if values[Key.PAIRS_FUSED] != self.counts_while_fusing.get(Key.PAIRS_FUSED):
                 # Only when a pair was fused since the last report: the status stays OK for the
                 # fused rate's 5 s window after the last one, whose drops must not be absorbed.
@@ -579,7 +589,7 @@ class S4FusionNode(Node):
                        or self._late_arrivals(grown))
             if partial:
                 level, message = DiagnosticStatus.WARN, partial
-        if level != DiagnosticStatus.OK and not partial:
+        if not fusing:
             # Counted afresh once fusing again: a stall's frames are not a partial one's.
             self.recent_counts.clear()
         return level, message
@@ -686,11 +696,7 @@ class S4FusionNode(Node):
         hint = self._unpaired_hint(grown)
         if hint:
             message += f'; {hint}'
-        # Logged once nothing was fused for a whole window while both inputs arrived: the first
-        # pair after a start or a pause waits for a model step, which is no stall.
-        quiet_since = max(self.fused_rate.last or 0.0, self.arriving_since)
-        if time.monotonic() - quiet_since >= self.fused_rate.window:
-            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _publish_diagnostics(self) -> None:
