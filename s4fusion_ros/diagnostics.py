@@ -48,6 +48,7 @@ class Key(enum.StrEnum):
     END_TO_END_LATENCY_MEAN = 'end-to-end latency mean (s)'
     END_TO_END_LATENCY_P95 = 'end-to-end latency p95 (s)'
     STAMPS_OFF_CLOCK = 'pairs stamped off the node clock (no latency)'
+    VISIBLE_CAMERA_INFO = 'visible camera_info received'
     SYNC_BACKEND = 'sync backend'
     DEVICE = 'device'
     MODEL = 'model'

@@ -1,8 +1,9 @@
 """s4fusion_node: fuses synchronized thermal and visible image topics with S4Fusion.
 
 Subscribes  thermal/image_raw, visible/image_raw (sensor_msgs/Image;
-            .../compressed with *.transport)
-Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header), /diagnostics
+            .../compressed with *.transport), visible/camera_info (sensor_msgs/CameraInfo)
+Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header),
+            ~/camera_info (the visible camera's, stamped as the outputs), /diagnostics
 
 Message callbacks only decode, pair and queue; the model runs on its own worker thread (see
 InferenceWorker), so a slow model never blocks the inputs. The console entry point, with its
@@ -20,9 +21,9 @@ from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import QoSPolicyKind, QoSProfile
+from rclpy.qos import QoSPolicyKind, QoSProfile, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from .. import precompile, settings
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
@@ -36,6 +37,7 @@ from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
 from ..sync import ArrivalClock
 from ..worker import InferenceWorker
 from . import parameters
+from .camera_info import CameraInfoCache, camera_info_topic
 from .graph import node_of
 from .parameters import direction_qos
 from .images import raw_image_message
@@ -123,14 +125,15 @@ class S4FusionNode(Node):
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
-        self.fused_pub, self.saliency_pub = (
-            self.create_publisher(
-                Image, f'~/{name}', direction_qos(p, 'output'),
-                qos_overriding_options=QOS_OVERRIDES,
-                event_callbacks=PublisherEventCallbacks(
-                    incompatible_qos=lambda info, name=name:
-                    self._on_incompatible_qos(f'{name}_pub', info)))
-            for name in settings.OUTPUT_NAMES)
+        self.fused_pub, self.saliency_pub = (self._output_publisher(Image, name, p)
+                                             for name in settings.OUTPUT_NAMES)
+        self.camera_info_pub = self._output_publisher(CameraInfo, 'camera_info', p)
+        self.camera_infos = CameraInfoCache()
+        # Best effort, which hears reliable publishers too: a lost info is made up by the
+        # latest (CameraInfoCache.for_image).
+        self.camera_info_sub = self.create_subscription(
+            CameraInfo, camera_info_topic(self.resolve_topic_name('visible/image_raw')),
+            self.camera_infos.add, qos_profile_sensor_data)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         # Timers on the steady clock: on sim time they would stop with /clock (a paused or
         # ended bag), leaving the last thermal frame unfused and no diagnostics published.
@@ -151,7 +154,16 @@ class S4FusionNode(Node):
         self.get_logger().info(
             f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
             f'{self.fused_pub.topic_name}, {self.saliency_pub.topic_name} with {self.loaded.name} '
-            f'on {self.loaded.device}{" (fp16)" if self.loaded.half else ""}')
+            f'on {self.loaded.device}{" (fp16)" if self.loaded.half else ""}; '
+            f'{self.camera_info_sub.topic_name} -> {self.camera_info_pub.topic_name}')
+
+    def _output_publisher(self, msg_type, name: str, p: dict):
+        """The publisher of ~/`name`, with the outputs' QoS, overrides and QoS reports."""
+        return self.create_publisher(
+            msg_type, f'~/{name}', direction_qos(p, 'output'),
+            qos_overriding_options=QOS_OVERRIDES,
+            event_callbacks=PublisherEventCallbacks(
+                incompatible_qos=lambda info: self._on_incompatible_qos(f'{name}_pub', info)))
 
     # Parameters -----------------------------------------------------------------------------
 
@@ -196,7 +208,7 @@ class S4FusionNode(Node):
         topics = [('input', 'subscription', sub.topic_name)
                   for sub in (self.thermal_sub, self.visible_sub)]
         topics += [('output', 'publisher', pub.topic_name)
-                   for pub in (self.fused_pub, self.saliency_pub)]
+                   for pub in (self.fused_pub, self.saliency_pub, self.camera_info_pub)]
         for direction, kind, topic in topics:
             for policy in ('reliability', 'depth'):
                 name = f'{settings.QOS_OVERRIDES_PREFIX}{topic}.{kind}.{policy}'
@@ -359,7 +371,7 @@ class S4FusionNode(Node):
 
     def _on_incompatible_qos(self, endpoint: str, info) -> None:
         """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
-        'visible_sub') or an output publisher ('fused_pub', 'saliency_pub')."""
+        'visible_sub') or an output publisher ('fused_pub', 'saliency_pub', 'camera_info_pub')."""
         # Throttled per topic: rclpy's throttle is per call site, which every topic shares.
         if not self._log_due((endpoint, 'incompatible qos')):
             return
@@ -473,6 +485,9 @@ class S4FusionNode(Node):
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
             publisher.publish(raw_image_message(raw, result.pair.visible_stamp_ns,
                                                 result.pair.frame_id))
+        info = self.camera_infos.for_image(result.pair.visible_stamp_ns, result.pair.frame_id)
+        if info is not None:
+            self.camera_info_pub.publish(info)
 
     def _diagnostic_values(self) -> dict:
         """The counts, rates and latencies /diagnostics reports, as they are now."""
@@ -520,6 +535,7 @@ class S4FusionNode(Node):
             Key.END_TO_END_LATENCY_MEAN: end_to_end['mean'],
             Key.END_TO_END_LATENCY_P95: end_to_end['p95'],
             Key.STAMPS_OFF_CLOCK: self.stamps_off_clock,
+            Key.VISIBLE_CAMERA_INFO: self.camera_infos.received,
             Key.SYNC_BACKEND: 'own' if self.approximate_sync is None else 'message_filters',
             Key.DEVICE: str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
             Key.MODEL: self.loaded.name,

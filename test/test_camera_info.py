@@ -1,0 +1,99 @@
+"""The visible camera's calibration beside the outputs: matched by stamp, on image_transport's
+camera_info topic, following a remapped visible topic."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
+
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+
+from ros_harness import Probe, image_message, node_log, received_stamps, running_node  # noqa: E402
+from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
+from s4fusion_ros.ros.camera_info import CameraInfoCache, camera_info_topic  # noqa: E402
+from s4fusion_ros.ros.images import set_stamp  # noqa: E402
+
+THERMAL = np.random.default_rng(0).integers(20000, 30000, (120, 160), dtype=np.uint16)
+VISIBLE = np.full((120, 160, 3), 90, np.uint8)
+
+
+def camera_info(stamp_ns: int, focal: float, frame_id: str = 'rgb_optical') -> CameraInfo:
+    info = CameraInfo(width=160, height=120, distortion_model='plumb_bob',
+                      k=[focal, 0.0, 80.0, 0.0, focal, 60.0, 0.0, 0.0, 1.0])
+    info.header.frame_id = frame_id
+    set_stamp(info, stamp_ns)
+    return info
+
+
+def test_the_camera_info_topic_is_the_image_topics_sibling():
+    assert camera_info_topic('/camera/color/image_raw') == '/camera/color/camera_info'
+    assert camera_info_topic('/robot1/visible/image_raw') == '/robot1/visible/camera_info'
+    assert camera_info_topic('/image') == '/camera_info'
+
+
+def test_an_image_gets_the_info_of_its_stamp_or_else_the_latest():
+    cache = CameraInfoCache(size=3)
+    assert cache.for_image(5, 'rgb') is None
+    for stamp, focal in ((10, 100.0), (20, 200.0), (30, 300.0), (40, 400.0)):
+        cache.add(camera_info(stamp, focal, frame_id='info_frame'))
+    info = cache.for_image(20, 'rgb')
+    assert info.k[0] == 200.0 and stamp_to_ns(info.header.stamp) == 20
+    assert info.header.frame_id == 'rgb'  # the image's, which the outputs carry
+    # 10 left the cache; 35 never came (a lost or separately timed info): the latest.
+    for stamp in (10, 35):
+        info = cache.for_image(stamp, 'rgb')
+        assert info.k[0] == 400.0 and stamp_to_ns(info.header.stamp) == stamp
+    assert cache.received == 4
+    # The stored info is not changed by what was handed out.
+    assert stamp_to_ns(cache.for_image(40, 'x').header.stamp) == 40
+
+
+@pytest.mark.ros
+def test_the_visible_calibration_is_republished_with_each_output(ros_context):
+    # A remapped visible topic takes its camera_info sibling along, as image_transport's
+    # CameraSubscriber does; the node's info is ~/camera_info, where rviz and image_proc look
+    # for the info of ~/fused and ~/saliency.
+    probe = Probe('camera_info_probe', namespace='/robot1')
+    qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    visible_pub = probe.create_publisher(Image, '/front/image_raw', qos)
+    info_pub = probe.create_publisher(CameraInfo, '/front/camera_info', qos)
+    infos = []
+    probe.create_subscription(CameraInfo, 's4fusion_node/camera_info', infos.append, qos)
+    params = {'device': 'cpu', 'inference_size': [80, 60]}
+    with running_node(params, namespace='/robot1',
+                      extra_args=['-r', 'visible/image_raw:=/front/image_raw']) as proc:
+        assert probe.spin_until(lambda: info_pub.get_subscription_count() > 0
+                                and probe.thermal_pub.get_subscription_count() > 0
+                                and visible_pub.get_subscription_count() > 0
+                                or proc.poll() is not None, 60), node_log(proc)
+        stamp = probe.get_clock().now().nanoseconds
+        sent = {}  # stamp -> focal length of its info; a pair without one gets the latest
+        for index in range(40):
+            if len(probe.fused) >= 6:
+                break
+            focal = 100.0 + index
+            if index % 3 != 1:
+                info_pub.publish(camera_info(stamp, focal))
+                sent[stamp] = focal
+                probe.spin_for(0.05)  # before its image, as a driver sends them
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'thermal'))
+            visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp, 'rgb_optical'))
+            probe.spin_for(0.3)
+            stamp += 100_000_000
+        probe.spin_for(2.0)  # the last pair's outputs
+        log = node_log(proc)
+    probe.destroy_node()
+    assert len(probe.fused) >= 6, log
+    assert '/front/camera_info -> /robot1/s4fusion_node/camera_info' in log, log
+    # One info per fused pair, stamped and framed as it.
+    assert received_stamps(infos) == received_stamps(probe.fused), log
+    sent_before = sorted(sent)
+    for info in infos:
+        stamp_ns = stamp_to_ns(info.header.stamp)
+        assert info.header.frame_id == 'rgb_optical'
+        assert (info.width, info.height, info.distortion_model) == (160, 120, 'plumb_bob')
+        if stamp_ns in sent:
+            assert info.k[0] == sent[stamp_ns]
+        else:  # the latest info the node had: one sent before this pair's
+            assert info.k[0] in [sent[s] for s in sent_before if s < stamp_ns]
