@@ -11,7 +11,7 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from ros_harness import Probe, image_message, node_log, received_stamps, running_node  # noqa: E402
 from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
-from s4fusion_ros.ros.camera_info import CameraInfoCache, camera_info_topic  # noqa: E402
+from s4fusion_ros.camera_info import CameraInfoCache, camera_info_topic  # noqa: E402
 from s4fusion_ros.ros.images import set_stamp  # noqa: E402
 
 THERMAL = np.random.default_rng(0).integers(20000, 30000, (120, 160), dtype=np.uint16)
@@ -34,19 +34,13 @@ def test_the_camera_info_topic_is_the_image_topics_sibling():
 
 def test_an_image_gets_the_info_of_its_stamp_or_else_the_latest():
     cache = CameraInfoCache(size=3)
-    assert cache.for_image(5, 'rgb') is None
+    assert cache.for_image(5) is None
     for stamp, focal in ((10, 100.0), (20, 200.0), (30, 300.0), (40, 400.0)):
-        cache.add(camera_info(stamp, focal, frame_id='info_frame'))
-    info = cache.for_image(20, 'rgb')
-    assert info.k[0] == 200.0 and stamp_to_ns(info.header.stamp) == 20
-    assert info.header.frame_id == 'rgb'  # the image's, which the outputs carry
+        cache.add(camera_info(stamp, focal))
+    assert cache.for_image(20).k[0] == 200.0
     # 10 left the cache; 35 never came (a lost or separately timed info): the latest.
-    for stamp in (10, 35):
-        info = cache.for_image(stamp, 'rgb')
-        assert info.k[0] == 400.0 and stamp_to_ns(info.header.stamp) == stamp
+    assert cache.for_image(10).k[0] == cache.for_image(35).k[0] == 400.0
     assert cache.received == 4
-    # The stored info is not changed by what was handed out.
-    assert stamp_to_ns(cache.for_image(40, 'x').header.stamp) == 40
 
 
 @pytest.mark.ros
@@ -68,14 +62,13 @@ def test_the_visible_calibration_is_republished_with_each_output(ros_context):
                                 and visible_pub.get_subscription_count() > 0
                                 or proc.poll() is not None, 60), node_log(proc)
         stamp = probe.get_clock().now().nanoseconds
-        sent = {}  # stamp -> focal length of its info; a pair without one gets the latest
+        sent = {}  # stamp -> focal length of its info (every third pair has none)
         for index in range(40):
-            if len(probe.fused) >= 6:
+            if len(probe.fused) >= 8:
                 break
-            focal = 100.0 + index
             if index % 3 != 1:
-                info_pub.publish(camera_info(stamp, focal))
-                sent[stamp] = focal
+                sent[stamp] = 100.0 + index
+                info_pub.publish(camera_info(stamp, sent[stamp]))
                 probe.spin_for(0.05)  # before its image, as a driver sends them
             probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'thermal'))
             visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp, 'rgb_optical'))
@@ -84,16 +77,18 @@ def test_the_visible_calibration_is_republished_with_each_output(ros_context):
         probe.spin_for(2.0)  # the last pair's outputs
         log = node_log(proc)
     probe.destroy_node()
-    assert len(probe.fused) >= 6, log
+    assert len(probe.fused) >= 8, log
     assert '/front/camera_info -> /robot1/s4fusion_node/camera_info' in log, log
-    # One info per fused pair, stamped and framed as it.
-    assert received_stamps(infos) == received_stamps(probe.fused), log
-    sent_before = sorted(sent)
+    # One info per fused pair from the first the node heard (a best-effort sample can be lost
+    # just after discovery), stamped and framed as the pair.
+    fused, got = received_stamps(probe.fused), received_stamps(infos)
+    assert len(got) >= 4 and got == fused[len(fused) - len(got):], (fused, got, log)
+    exact = 0
     for info in infos:
         stamp_ns = stamp_to_ns(info.header.stamp)
         assert info.header.frame_id == 'rgb_optical'
         assert (info.width, info.height, info.distortion_model) == (160, 120, 'plumb_bob')
-        if stamp_ns in sent:
-            assert info.k[0] == sent[stamp_ns]
-        else:  # the latest info the node had: one sent before this pair's
-            assert info.k[0] in [sent[s] for s in sent_before if s < stamp_ns]
+        # Its own stamp's info, or else (none sent, or lost) the latest before it.
+        assert info.k[0] in [focal for sent_ns, focal in sent.items() if sent_ns <= stamp_ns]
+        exact += info.k[0] == sent.get(stamp_ns)
+    assert exact >= 2, infos

@@ -11,6 +11,7 @@ handling of stop signals, is run_node.py.
 """
 
 import collections
+import copy
 import math
 import re
 import time
@@ -24,8 +25,10 @@ from rclpy.node import Node
 from rclpy.qos import QoSPolicyKind, QoSProfile, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
 
 from .. import precompile, settings
+from ..camera_info import CameraInfoCache, camera_info_topic
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            inference_stall, late_arrivals, pairing_shortfall, per_input,
                            status_name, thermal_frames_lost, unpaired_hint)
@@ -37,10 +40,9 @@ from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
 from ..sync import ArrivalClock
 from ..worker import InferenceWorker
 from . import parameters
-from .camera_info import CameraInfoCache, camera_info_topic
 from .graph import node_of
 from .parameters import direction_qos
-from .images import raw_image_message
+from .images import raw_image_message, set_stamp
 
 LOG_THROTTLE_S = 5.0
 # End-to-end latency (node clock at publish minus the visible stamp) is only meaningful when the
@@ -485,8 +487,11 @@ class S4FusionNode(Node):
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
             publisher.publish(raw_image_message(raw, result.pair.visible_stamp_ns,
                                                 result.pair.frame_id))
-        info = self.camera_infos.for_image(result.pair.visible_stamp_ns, result.pair.frame_id)
+        info = self.camera_infos.for_image(result.pair.visible_stamp_ns)
         if info is not None:
+            info = copy.copy(info)  # its own header; the calibration is shared, not changed
+            info.header = Header(frame_id=result.pair.frame_id)
+            set_stamp(info, result.pair.visible_stamp_ns)
             self.camera_info_pub.publish(info)
 
     def _diagnostic_values(self) -> dict:

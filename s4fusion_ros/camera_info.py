@@ -1,0 +1,53 @@
+"""The visible camera's calibration beside the outputs (no ROS needed).
+
+The fused and saliency images are the visible image's size and geometry, so the visible camera's
+CameraInfo describes them. The node republishes it, and s4fusion-bag writes it, where
+image_transport's CameraPublisher and CameraSubscriber (rviz's Camera display, image_proc, a
+detector that projects) look for it: the `camera_info` sibling of the image topic, stamped as
+the image it goes with.
+"""
+
+import collections
+import threading
+
+from .messages import stamp_to_ns
+
+CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
+# Infos kept by stamp: a pair's visible frame waits at most sync.timeout plus the inference
+# queue before it is published; 128 frames are over 4 s of a 30 Hz camera.
+CACHE_SIZE = 128
+
+
+def camera_info_topic(image_topic: str) -> str:
+    """The camera_info topic image_transport pairs with an image topic: its sibling
+    (/camera/color/image_raw -> /camera/color/camera_info)."""
+    return image_topic.rpartition('/')[0] + '/camera_info'
+
+
+class CameraInfoCache:
+    """A camera's latest CameraInfo messages (rclpy's or rosbags') by stamp; thread-safe: the
+    node's executor adds, its inference thread takes."""
+
+    def __init__(self, size: int = CACHE_SIZE):
+        self._by_stamp = collections.OrderedDict()  # stamp (ns) -> message, oldest first
+        self._size = size
+        self._lock = threading.Lock()
+        self.received = 0
+
+    def add(self, msg) -> None:
+        with self._lock:
+            self.received += 1
+            stamp_ns = stamp_to_ns(msg.header.stamp)
+            self._by_stamp.pop(stamp_ns, None)
+            self._by_stamp[stamp_ns] = msg
+            while len(self._by_stamp) > self._size:
+                self._by_stamp.popitem(last=False)
+
+    def for_image(self, stamp_ns: int):
+        """The info stamped as the image stamped `stamp_ns`, or else the latest (a driver that
+        sends its info apart from its frames, or a lost one); None before any arrived. The
+        caller stamps what it sends as the image."""
+        with self._lock:
+            if not self._by_stamp:
+                return None
+            return self._by_stamp.get(stamp_ns) or next(reversed(self._by_stamp.values()))
