@@ -35,6 +35,7 @@ from rosbags.rosbag2.reader import DirectoryReader
 from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
 from rosbags.typesys import Stores, get_typestore
 
+from .camera_info import CAMERA_INFO
 from .files import sync_to_disk, sync_tree
 from .imaging.encodings import FORMATS, ZSTD_FORMAT, RawImage, format_encoding, zstd_encoding
 from .messages import ns_to_sec_nanosec
@@ -708,9 +709,10 @@ def check_output(path: pathlib.Path, overwrite: bool) -> None:
         raise BagError(f'{path} exists; pass --overwrite to replace it')
 
 
-def add_image_topic(writer: Writer, topic: str, qos: Qos = RELIABLE_QOS,
-                    msgtype: str = IMAGE) -> Connection:
-    """Register an Image (or CompressedImage) topic with its definition and type hash."""
+def add_topic(writer: Writer, topic: str, qos: Qos = RELIABLE_QOS,
+              msgtype: str = IMAGE) -> Connection:
+    """Register a topic of a type the type store knows (an Image by default) with its
+    definition and type hash."""
     return writer.add_connection(topic, msgtype, typestore=typestore(), offered_qos_profiles=[qos])
 
 
@@ -762,6 +764,12 @@ def compressed_image_cdr(data: bytes, format: str, stamp_ns: int, frame_id: str)
     message = types[COMPRESSED_IMAGE](header=_header(stamp_ns, frame_id), format=format,
                                       data=np.frombuffer(data, np.uint8))
     return typestore().serialize_cdr(message, COMPRESSED_IMAGE)
+
+
+def camera_info_cdr(info, stamp_ns: int, frame_id: str) -> memoryview:
+    """Serialize a CameraInfo read from a bag with the given header."""
+    return typestore().serialize_cdr(
+        dataclasses.replace(info, header=_header(stamp_ns, frame_id)), CAMERA_INFO)
 
 
 def _header(stamp_ns: int, frame_id: str):

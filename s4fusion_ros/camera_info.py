@@ -18,10 +18,13 @@ CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
 CACHE_SIZE = 128
 
 
-def camera_info_topic(image_topic: str) -> str:
+def camera_info_topic(image_topic: str, transport: bool = False) -> str:
     """The camera_info topic image_transport pairs with an image topic: its sibling
-    (/camera/color/image_raw -> /camera/color/camera_info)."""
-    return image_topic.rpartition('/')[0] + '/camera_info'
+    (/camera/color/image_raw -> /camera/color/camera_info); with `transport`, the topic is a
+    transport plugin's below its base topic (/camera/color/image_raw/compressed), whose
+    sibling it is."""
+    base = image_topic.rpartition('/')[0] if transport else image_topic
+    return base.rpartition('/')[0] + '/camera_info'
 
 
 class CameraInfoCache:
@@ -44,10 +47,15 @@ class CameraInfoCache:
                 self._by_stamp.popitem(last=False)
 
     def for_image(self, stamp_ns: int):
-        """The info stamped as the image stamped `stamp_ns`, or else the latest (a driver that
-        sends its info apart from its frames, or a lost one); None before any arrived. The
-        caller stamps what it sends as the image."""
+        """The info stamped as the image stamped `stamp_ns`; else (a lost info, or a driver
+        that sends its info apart from its frames) the newest stamped before it, and failing
+        that the last to arrive; None before any arrived. By stamps, not by what arrived by
+        the time of asking, so the live node and s4fusion-bag choose alike. The caller stamps
+        what it sends as the image."""
         with self._lock:
             if not self._by_stamp:
                 return None
-            return self._by_stamp.get(stamp_ns) or next(reversed(self._by_stamp.values()))
+            if stamp_ns in self._by_stamp:
+                return self._by_stamp[stamp_ns]
+            before = [stamp for stamp in self._by_stamp if stamp < stamp_ns]
+            return self._by_stamp[max(before) if before else next(reversed(self._by_stamp))]

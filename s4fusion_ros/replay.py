@@ -15,8 +15,11 @@ import numpy as np
 from rosbags.interfaces import Qos
 from tqdm import tqdm
 
-from .bagio import (RELIABLE_QOS, BagError, ImageTopic, add_image_topic, copy_connections,
-                    cut_files, deserialize, image_cdr, read_messages)
+from .bagio import (COMPRESSED_IMAGE, RELIABLE_QOS, BagError, ImageTopic, add_topic,
+                    camera_info_cdr,
+                    copy_connections, cut_files, deserialize, image_cdr, read_messages,
+                    topic_types)
+from .camera_info import CAMERA_INFO, CameraInfoCache, camera_info_topic
 from .engine import (FusionEngine, FusionPipeline, FusionResult, clock_jump_message,
                      encode_saliency)
 from .files import write_png
@@ -84,6 +87,8 @@ class BagFuser:
         self.notices_shown = 0
         self.resets_shown = 0
         self.baseline = self.tally()  # at the first owned message of a span
+        self.camera_infos = CameraInfoCache()
+        self.camera_info_output = None  # the output bag's camera_info connection, if any
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
             writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
@@ -95,24 +100,31 @@ class BagFuser:
         """
         for cut in cut_files(reader):
             self._warn(f'{path}: {cut}')
-        outputs = [add_image_topic(writer, topic, qos) for topic in topics]
+        outputs = [add_topic(writer, topic, qos) for topic in topics]
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
         types = {thermal.topic: thermal.msgtype, visible.topic: visible.msgtype}
+        info_topic, info_output = camera_info_topics(reader, visible, topics[0])
+        if info_topic:  # written beside the outputs as the node publishes it
+            types[info_topic] = CAMERA_INFO
+            self.camera_info_output = add_topic(writer, info_output, qos, CAMERA_INFO)
         copies = (copy_connections(writer, [c for c in reader.connections
                                             if types.get(c.topic) == c.msgtype])
-                  if include_inputs else {})  # as read_messages reads them: the images alone
+                  if include_inputs else {})  # as read_messages reads them
         owned, warm = span.own_from is None, 0
         bar = contextlib.nullcontext(progress) if progress else tqdm(
             total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
         previous = None  # the log time of the message read before
         with bar as progress:
-            for connection, log_time, raw in read_messages(reader, path, roles, span.read_from,
+            for connection, log_time, raw in read_messages(reader, path, types, span.read_from,
                                                            span.stop):
                 if not owned and log_time >= span.own_from:
                     owned = self._own(reader, path, span, warm, previous)
                 previous = log_time
                 if include_inputs and owned:
                     writer.write(copies[connection.id], log_time, raw)
+                if connection.topic == info_topic:
+                    self._add_camera_info(path, connection, raw)
+                    continue
                 # The timer's decisions before the message came (at its log time, not on the
                 # node's 50 ms ticks: a partner arriving within a tick of its timeout can differ).
                 arrived = log_time / 1e9
@@ -177,6 +189,14 @@ class BagFuser:
                            f'{error})')
             return []
 
+    def _add_camera_info(self, path: pathlib.Path, connection, raw: bytes) -> None:
+        try:
+            self.camera_infos.add(deserialize(path, connection, raw))
+        except BagError as error:  # the images go on without it, as live
+            if connection.topic not in self.warned:
+                self.warned.add(connection.topic)
+                self._warn(f'{error}; skipping such camera_info messages')
+
     def _show_notices(self, path: pathlib.Path) -> None:
         """Warn of the pipeline's one-time notices about the inputs and of clock jumps, as the
         node logs them."""
@@ -212,6 +232,10 @@ class BagFuser:
             for connection, raw in zip(outputs, result.packed()):
                 writer.write(connection, log_time,
                              image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))
+            info = self.camera_infos.for_image(pair.visible_stamp_ns)
+            if info is not None and self.camera_info_output is not None:
+                writer.write(self.camera_info_output, log_time,
+                             camera_info_cdr(info, pair.visible_stamp_ns, pair.frame_id))
             if self.export is not None and self.counts.fused % self.export_every == 0:
                 self.exported.update(export_png(self.export, self.counts.fused, result))
             if self.video is not None:
@@ -240,6 +264,16 @@ class BagFuser:
     def dropped(self) -> int:
         """Messages neither paired nor unpaired: undecodable, late, overflowed or unstamped."""
         return sum(self.dropped_by_reason().values())
+
+
+def camera_info_topics(reader, visible: ImageTopic,
+                       fused_topic: str) -> tuple[str, str] | tuple[None, None]:
+    """(the visible camera's camera_info topic in the bag, the output's beside `fused_topic`),
+    as the node reads and publishes them (camera_info.py); (None, None) where the bag has none."""
+    topic = camera_info_topic(visible.topic, transport=visible.msgtype == COMPRESSED_IMAGE)
+    if topic_types(reader).get(topic) != CAMERA_INFO:
+        return None, None
+    return topic, camera_info_topic(fused_topic)
 
 
 def bgr_image(result: FusionResult) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s4fusion_ros.bagio import (IMAGE, RELIABLE_QOS, add_image_topic, bag_size,  # noqa: E402
+from s4fusion_ros.bagio import (IMAGE, RELIABLE_QOS, add_topic, bag_size,  # noqa: E402
                                 create_bag, image_cdr)
 from s4fusion_ros.imaging.encodings import encode_image  # noqa: E402
 
@@ -103,7 +103,7 @@ def write_sample_bag(output: pathlib.Path, topic_types: dict, messages, prog: st
     bag (replacing an earlier one), each topic with its message type and reliable QoS."""
     counts = dict.fromkeys(topic_types, 0)
     with create_bag(output, 'mcap', overwrite=True, compress=True) as writer:
-        connections = {topic: add_image_topic(writer, topic, RELIABLE_QOS, msgtype)
+        connections = {topic: add_topic(writer, topic, RELIABLE_QOS, msgtype)
                        for topic, msgtype in topic_types.items()}
         for log_time, topic, data in messages:
             writer.write(connections[topic], log_time, data)

@@ -32,6 +32,7 @@ TYPESTORE = get_typestore(Stores.ROS2_KILTED)
 
 
 IMAGE, COMPRESSED = 'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage'
+CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
 
 
 SCENES = ['00004N.png', '00537D.png', '00012N.png']
@@ -42,6 +43,7 @@ START_NS = 1_650_000_000 * 10**9  # the first stamp of camera_messages' schedule
 
 
 THERMAL_TOPIC, VISIBLE_TOPIC = '/flir/image_raw', '/camera/color/image_raw'
+VISIBLE_INFO_TOPIC = '/camera/color/camera_info'
 
 
 THERMAL_FRAME, VISIBLE_FRAME = 'flir_optical_frame', 'camera_color_optical_frame'
@@ -100,13 +102,38 @@ def bag_image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: st
                         data=data)
 
 
+def visible_camera_info(stamp: int):
+    """The visible camera's CameraInfo of a frame, its focal length telling the frames apart."""
+    types = TYPESTORE.types
+    sec, nanosec = divmod(stamp, 10**9)
+    header = types['std_msgs/msg/Header'](
+        stamp=types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec),
+        frame_id=VISIBLE_FRAME)
+    focal = 100.0 + stamp % 10**9 / 1e7
+    roi = types['sensor_msgs/msg/RegionOfInterest'](x_offset=0, y_offset=0, height=0, width=0,
+                                                    do_rectify=False)
+    return types[CAMERA_INFO](
+        header=header, height=SIZE[1], width=SIZE[0], distortion_model='plumb_bob',
+        d=np.zeros(5), k=np.array([focal, 0, 80, 0, focal, 60, 0, 0, 1], float),
+        r=np.eye(3).ravel(), p=np.array([focal, 0, 80, 0, 0, focal, 60, 0, 0, 0, 1, 0], float),
+        binning_x=0, binning_y=0, roi=roi)
+
+
+def most_frames(stamp: int) -> bool:
+    """A visible_infos for write_bag: three visible frames in four come with their info."""
+    return stamp // 10**6 % 4 != 1
+
+
 def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool = False,
-              cut_short=(), thermal_notes: bool = False, zstd_chunks: bool = False):
+              cut_short=(), thermal_notes: bool = False, zstd_chunks: bool = False,
+              visible_infos=None):
     """Write the events as `ros2 bag record` would (rosbags directly, not the code under test),
     in their order; the messages logged at a time in `cut_short` keep only their first 40 bytes.
     With `thermal_notes` a std_msgs/String follows each thermal image on its topic (a second
     type on one topic, which ROS 2 tools do not play); with `zstd_chunks` MCAP chunks are
-    compressed, as rosbag2's MCAP storage writes them by default."""
+    compressed, as rosbag2's MCAP storage writes them by default. `visible_infos(stamp)`: whether
+    a visible frame's visible_camera_info precedes it on VISIBLE_INFO_TOPIC, as a driver
+    publishes them."""
     visible_type = COMPRESSED if compressed_visible else IMAGE
     visible_topic = VISIBLE_TOPIC + ('/compressed' if compressed_visible else '')
     string = 'std_msgs/msg/String'
@@ -120,7 +147,12 @@ def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool
                                                  typestore=TYPESTORE)}
         notes = (writer.add_connection(THERMAL_TOPIC, string, typestore=TYPESTORE)
                  if thermal_notes else None)
+        infos = (writer.add_connection(VISIBLE_INFO_TOPIC, CAMERA_INFO, typestore=TYPESTORE)
+                 if visible_infos else None)
         for log_time, topic, stamp, encoding, image in events:
+            if infos is not None and topic == VISIBLE_TOPIC and visible_infos(stamp):
+                writer.write(infos, log_time - 1, TYPESTORE.serialize_cdr(
+                    visible_camera_info(stamp), CAMERA_INFO))
             if notes is not None and topic == THERMAL_TOPIC:
                 writer.write(notes, log_time + 1, TYPESTORE.serialize_cdr(
                     TYPESTORE.types[string](data='note'), string))

@@ -24,9 +24,10 @@ from s4fusion_ros import bagio, replay, settings
 from s4fusion_ros.imaging.encodings import RawImage
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
-from support import (COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC, TYPESTORE,
-                     VISIBLE_FRAME, VISIBLE_TOPIC, bag_image_message, camera_messages, mcap_chunks,
-                     read_bag, write_bag, zstd_transport_data)
+from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
+                     TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
+                     bag_image_message, camera_messages, mcap_chunks, most_frames, read_bag,
+                     write_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -445,6 +446,51 @@ def test_included_inputs_keep_every_connection_of_a_topic(short_events, params_f
     assert all(copied[topic] == messages for topic, messages in read_bag(source).items())
 
 
+def test_the_visible_camera_info_goes_beside_the_outputs_as_the_node_publishes_it(
+        short_events, params_file, tmp_path, capsys):
+    # The info of a pair's stamp, or else the one stamped last before it (one frame in four has
+    # none), stamped and framed as the pair, on the camera_info sibling of the fused topic; the
+    # input info is an input topic --include-inputs copies.
+    source = write_bag(tmp_path / 'in', short_events, 'mcap', visible_infos=most_frames)
+    output = tmp_path / 'out'
+    assert bag_tool.main([str(source), str(output), '--params', str(params_file),
+                          '--include-inputs', '--fused-topic', '/fusion/fused']) == 0
+    assert f'; {VISIBLE_INFO_TOPIC} -> /fusion/camera_info' in capsys.readouterr().err
+    messages, recorded = read_bag(output), read_bag(source)
+    assert messages[VISIBLE_INFO_TOPIC] == recorded[VISIBLE_INFO_TOPIC]
+    sent = {stamp_to_ns(info.header.stamp): info.k[0] for info in (
+        TYPESTORE.deserialize_cdr(raw, CAMERA_INFO) for _, _, raw in recorded[VISIBLE_INFO_TOPIC])}
+    fused = messages['/fusion/fused']
+    infos = messages['/fusion/camera_info']
+    assert len(infos) == len(fused) >= 5
+    fallbacks = 0
+    for (log_time, _, fused_raw), (info_time, msgtype, raw) in zip(fused, infos):
+        image = TYPESTORE.deserialize_cdr(fused_raw, IMAGE)
+        info = TYPESTORE.deserialize_cdr(raw, msgtype)
+        stamp = stamp_to_ns(info.header.stamp)
+        assert msgtype == CAMERA_INFO and info_time == log_time
+        assert stamp == stamp_to_ns(image.header.stamp)
+        assert info.header.frame_id == image.header.frame_id == VISIBLE_FRAME
+        if stamp in sent:
+            assert info.k[0] == sent[stamp]
+        else:  # the info stamped last before it
+            fallbacks += 1
+            assert info.k[0] == sent[max(t for t in sent if t < stamp)]
+    assert fallbacks, 'no pair without its own info'
+    # Beside a compressed visible topic's base topic, as image_transport has it.
+    compressed = write_bag(tmp_path / 'jpeg', short_events, 'mcap', compressed_visible=True,
+                           visible_infos=most_frames)
+    assert bag_tool.main([str(compressed), str(tmp_path / 'jpeg_out'), '--params',
+                          str(params_file)]) == 0
+    messages = read_bag(tmp_path / 'jpeg_out')
+    assert len(messages['/s4fusion_node/camera_info']) == len(messages['/s4fusion_node/fused'])
+    # Where --fused-topic would put its info on the copied input info: refused.
+    assert bag_tool.main([str(source), str(tmp_path / 'out2'), '--include-inputs',
+                          '--fused-topic', '/camera/color/fused']) == 1
+    assert (f'--fused-topic /camera/color/fused puts its camera_info on {VISIBLE_INFO_TOPIC}, '
+            'an input topic copied by --include-inputs' in capsys.readouterr().err)
+
+
 def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_events, tmp_path,
                                                                       capsys):
     # rosbags gives a topic of two types none: the images were "no image topic".
@@ -819,7 +865,7 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_bag_it_was_to_re
         tmp_path, monkeypatch):
     out = tmp_path / 'drive'
     with bagio.create_bag(out) as writer:
-        bagio.add_image_topic(writer, '/old')
+        bagio.add_topic(writer, '/old')
     rename = pathlib.Path.rename
 
     def interrupted(self, target):
@@ -831,7 +877,7 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_bag_it_was_to_re
     monkeypatch.setattr(pathlib.Path, 'rename', interrupted)
     with pytest.raises(KeyboardInterrupt):
         with bagio.create_bag(out, overwrite=True) as writer:
-            bagio.add_image_topic(writer, '/new')
+            bagio.add_topic(writer, '/new')
     monkeypatch.undo()
     with bagio.open_bag(out) as reader:
         assert [c.topic for c in reader.connections] == ['/old']
@@ -849,7 +895,7 @@ def test_a_bag_is_on_disk_before_it_gets_its_name(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, 'fsync', recording)
     with bagio.create_bag(out, storage='sqlite3') as writer:
-        bagio.add_image_topic(writer, '/fused')
+        bagio.add_topic(writer, '/fused')
     before = {path.name for path, named in synced if not named}
     assert {'drive.db3', 'metadata.yaml', 'drive'} <= before  # the bag, before its rename
     assert (tmp_path, True) in synced  # and the folder holding the new name, after it
@@ -864,7 +910,7 @@ def test_staging_directories_are_told_apart_from_a_neighbour_bags(tmp_path):
             (own,) = bagio.staging_dirs(tmp_path / 'drive')
             assert own != neighbour and bagio.staging_dirs(tmp_path / 'driv') == []
             for bag in (writer, other):
-                bagio.add_image_topic(bag, '/fused')
+                bagio.add_topic(bag, '/fused')
     assert bagio.staging_dirs(tmp_path / 'drive') == bagio.staging_dirs(tmp_path / 'drive.1') == []
 
 
@@ -875,7 +921,7 @@ def test_a_killed_writers_partial_bag_goes_with_the_next_bag_of_that_name(
     out = tmp_path / 'drive'
     code = ('import os, sys\nfrom s4fusion_ros import bagio\n'
             'with bagio.create_bag(sys.argv[1]) as writer:\n'
-            '    bagio.add_image_topic(writer, "/fused")\n'
+            '    bagio.add_topic(writer, "/fused")\n'
             '    os.kill(os.getpid(), 9)\n')
     assert subprocess.run([sys.executable, '-c', code, str(out)]).returncode == -9
     (dead,) = bagio.staging_dirs(out)
@@ -883,7 +929,7 @@ def test_a_killed_writers_partial_bag_goes_with_the_next_bag_of_that_name(
         (live,) = bagio.staging_dirs(out)  # the dead one went
         assert live != dead
         assert bagio.sweep_staging(out) == [] and bagio.staging_dirs(out) == [live]
-        bagio.add_image_topic(writer, '/fused')
+        bagio.add_topic(writer, '/fused')
     assert subprocess.run([sys.executable, '-c', code, str(tmp_path / 'fused')]).returncode == -9
     source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
     assert bag_tool.main([str(source), str(tmp_path / 'fused'), '--params',
@@ -906,7 +952,7 @@ def test_a_staging_directory_swept_before_its_writer_held_it_is_replaced(tmp_pat
     with bagio.create_bag(out) as writer:
         (staging,) = bagio.staging_dirs(out)
         assert len(swept) == 1 and staging != swept[0] and not swept[0].exists()
-        bagio.add_image_topic(writer, '/fused')
+        bagio.add_topic(writer, '/fused')
     with bagio.open_bag(out) as reader:
         assert [c.topic for c in reader.connections] == ['/fused']
 

@@ -27,8 +27,8 @@ from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
 from support import (BATCH_PARAMS, IMAGE, START_NS, THERMAL_TOPIC, TYPESTORE,  # noqa: F401
-                     VISIBLE_TOPIC, camera_messages, drifting, one_torch_thread, params_file,
-                     read_bag, reference, write_bag)
+                     VISIBLE_TOPIC, camera_messages, drifting, most_frames, one_torch_thread,
+                     params_file, read_bag, reference, write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 
@@ -45,9 +45,11 @@ def local_ray(ray_home):
 
 @pytest.fixture(scope='module')
 def long_bag(ivif_dir, params_file, tmp_path_factory):
-    """A 30 s drifting MCAP bag and s4fusion-bag's output for it."""
+    """A 30 s drifting MCAP bag, most visible frames with their camera_info, and s4fusion-bag's
+    output for it."""
     folder = tmp_path_factory.mktemp('long')
-    source = write_bag(folder / 'in' / 'long', drifting(camera_messages(ivif_dir, 30.0)), 'mcap')
+    source = write_bag(folder / 'in' / 'long', drifting(camera_messages(ivif_dir, 30.0)), 'mcap',
+                       visible_infos=most_frames)
     return source, reference(source, folder / 'reference', params_file)
 
 
@@ -247,6 +249,7 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
     assert report.bags[0].units == 4 and sorted(r['index'] for r in seen) == [0, 1, 2, 3]
     assert read_bag(tmp_path / 'out' / 'long') == expected
     fused = len(expected['/s4fusion_node/fused'])
+    assert len(expected['/s4fusion_node/camera_info']) == fused  # the parts' joined too
     assert report.bags[0].fused == report.bags[0].pairs == fused > 200
 
     # The warm-up is what makes it so: the last segment started cold differs.

@@ -30,6 +30,9 @@ def test_the_camera_info_topic_is_the_image_topics_sibling():
     assert camera_info_topic('/camera/color/image_raw') == '/camera/color/camera_info'
     assert camera_info_topic('/robot1/visible/image_raw') == '/robot1/visible/camera_info'
     assert camera_info_topic('/image') == '/camera_info'
+    # A transport's topic (a CompressedImage) lies below its base topic, as image_transport has it.
+    assert camera_info_topic('/camera/color/image_raw/compressed', transport=True) \
+        == '/camera/color/camera_info'
 
 
 def test_an_image_gets_the_info_of_its_stamp_or_else_the_latest():
@@ -38,9 +41,13 @@ def test_an_image_gets_the_info_of_its_stamp_or_else_the_latest():
     for stamp, focal in ((10, 100.0), (20, 200.0), (30, 300.0), (40, 400.0)):
         cache.add(camera_info(stamp, focal))
     assert cache.for_image(20).k[0] == 200.0
-    # 10 left the cache; 35 never came (a lost or separately timed info): the latest.
-    assert cache.for_image(10).k[0] == cache.for_image(35).k[0] == 400.0
-    assert cache.received == 4
+    # 35 never came (a lost or separately timed info): the newest stamped before it, whatever
+    # came after it; 10 left the cache, and none of the rest is older: the last to arrive.
+    assert cache.for_image(35).k[0] == 300.0
+    assert cache.for_image(10).k[0] == cache.for_image(50).k[0] == 400.0
+    cache.add(camera_info(0, 1.0))  # a static publisher that leaves its stamp at 0
+    assert cache.for_image(10).k[0] == 1.0
+    assert cache.received == 5
 
 
 @pytest.mark.ros
@@ -88,7 +95,7 @@ def test_the_visible_calibration_is_republished_with_each_output(ros_context):
         stamp_ns = stamp_to_ns(info.header.stamp)
         assert info.header.frame_id == 'rgb_optical'
         assert (info.width, info.height, info.distortion_model) == (160, 120, 'plumb_bob')
-        # Its own stamp's info, or else (none sent, or lost) the latest before it.
+        # Its own stamp's info, or else (none sent, or lost) one stamped before it.
         assert info.k[0] in [focal for sent_ns, focal in sent.items() if sent_ns <= stamp_ns]
         exact += info.k[0] == sent.get(stamp_ns)
     assert exact >= 2, infos

@@ -139,11 +139,11 @@ def test_the_demo_never_replaces_its_own_input_bag(tmp_path):
 def test_the_demo_exits_non_zero_when_the_bag_is_not_fused_to_its_end(tmp_path):
     # Stopped at --timeout, it would hold only part of the bag: it fails, says so, writes
     # nothing and leaves an earlier run's outputs as they were.
-    from s4fusion_ros.bagio import add_image_topic, create_bag
+    from s4fusion_ros.bagio import add_topic, create_bag
     out = tmp_path / 'demo'
     out.mkdir()
     with create_bag(out / 'fused_bag', 'mcap') as writer:
-        add_image_topic(writer, '/earlier')
+        add_topic(writer, '/earlier')
     earlier = {name: f'an earlier {name}'.encode() for name in
                ('summary.txt', 'demo.mp4', 'preview_0.png')}
     for name, data in earlier.items():

@@ -17,8 +17,8 @@ import pytest
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
-from support import (IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, bag_image_message,
-                     write_bag)
+from support import (CAMERA_INFO, COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,
+                     bag_image_message, visible_camera_info, write_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -27,6 +27,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 
 from s4fusion_ros.bagio import image_topics, open_bag, pick_topics  # noqa: E402
 from s4fusion_ros.cli import interrupt  # noqa: E402
+from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
 from s4fusion_ros.ros.demo import sample_bag  # noqa: E402
 from s4fusion_ros.ros.player import message_class  # noqa: E402
 
@@ -93,6 +94,44 @@ def with_other_image_topics(source: pathlib.Path, path: pathlib.Path,
             writer.write(extra, reader.start_time, TYPESTORE.serialize_cdr(
                 bag_image_message(image, 'mono8', reader.start_time, 'depth'), IMAGE))
     return path
+
+
+def with_visible_infos(source: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    """The bag with a CameraInfo before each visible frame, on the camera_info sibling of the
+    visible topic's base topic (/visible/camera_info for /visible/image_raw/compressed)."""
+    with Reader(source) as reader, Writer(path, version=9,
+                                          storage_plugin=StoragePlugin.MCAP) as writer:
+        copies = {connection.id: writer.add_connection(connection.topic, connection.msgtype,
+                                                       typestore=TYPESTORE)
+                  for connection in reader.connections}
+        infos = writer.add_connection('/visible/camera_info', CAMERA_INFO, typestore=TYPESTORE)
+        for connection, log_time, raw in reader.messages():
+            if connection.topic == '/visible/image_raw/compressed':
+                stamp = stamp_to_ns(TYPESTORE.deserialize_cdr(raw, COMPRESSED).header.stamp)
+                writer.write(infos, log_time - 1, TYPESTORE.serialize_cdr(
+                    visible_camera_info(stamp), CAMERA_INFO))
+            writer.write(copies[connection.id], log_time, raw)
+    return path
+
+
+def test_a_camera_info_is_played_beside_its_remapped_image_and_not_waited_for(tmp_path):
+    # The node subscribes to the visible camera's info, not to every camera's: the player
+    # waited for a subscriber on each until --wait ran out.
+    bag = with_visible_infos(sample_bag(), tmp_path / 'bag')
+    topics = played_topics(bag)
+    rclpy.init()
+    try:
+        target, received = rclpy.create_node('info_target', namespace=NAMESPACE), []
+        subscribe(target, topics, received)
+        player = play_for('info_target', bag, topics, 60)
+        output = spin_while_playing(player, target)
+        assert player.returncode == 0, output
+        assert 'playing anyway' not in output and 'no subscriber' not in output, output
+        # /visible/image_raw/compressed played as {NAMESPACE}/visible: its info beside it.
+        assert re.search(f'{NAMESPACE}/camera_info 180\\b', output), output
+        target.destroy_node()
+    finally:
+        rclpy.try_shutdown()
 
 
 def test_playback_waits_for_the_named_node(tmp_path):

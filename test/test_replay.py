@@ -5,6 +5,7 @@ pipeline, the parameter file and, with /clock, the synchronizer's notion of time
 """
 
 import pathlib
+import re
 import signal
 import subprocess
 import threading
@@ -12,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 import yaml
+from sensor_msgs.msg import CameraInfo
 
 from paths import executable
 from ros_harness import Probe, node_log, received_stamps, running_node
@@ -21,7 +23,7 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.video import bag_pairs
 from support import (SIZE, START_NS, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages,
-                     read_bag, write_bag)
+                     most_frames, read_bag, write_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -38,14 +40,16 @@ NODE_PARAMS = {
 
 
 def offline_outputs(source: pathlib.Path, tmp_path: pathlib.Path) -> dict[int, tuple]:
-    """{stamp: (fused message, saliency message)} from s4fusion-bag with the node's parameters."""
+    """{stamp: (fused, saliency, camera_info message)} from s4fusion-bag with the node's
+    parameters."""
     params = tmp_path / 'params.yaml'
     params.write_text(yaml.safe_dump({'/**': {'ros__parameters': settings.nest(NODE_PARAMS)}}))
     output = tmp_path / 'offline'
     assert bag_tool.main([str(source), str(output), '--params', str(params)]) == 0
     messages = read_bag(output)
     by_stamp = {}
-    for topic in ('/s4fusion_node/fused', '/s4fusion_node/saliency'):
+    for topic in ('/s4fusion_node/fused', '/s4fusion_node/saliency',
+                  '/s4fusion_node/camera_info'):
         for _, msgtype, raw in messages[topic]:
             message = TYPESTORE.deserialize_cdr(raw, msgtype)
             by_stamp.setdefault(stamp_to_ns(message.header.stamp), []).append(message)
@@ -76,7 +80,7 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
     events = camera_messages(ivif_dir, duration=2.0)
     if stall:
         events = with_thermal_stall(events)
-    source = write_bag(tmp_path / 'recording', events, 'mcap')
+    source = write_bag(tmp_path / 'recording', events, 'mcap', visible_infos=most_frames)
     counts = [sum(1 for event in events if event[1] == topic)
               for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)]
     expected = offline_outputs(source, tmp_path)
@@ -89,6 +93,8 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
         source, THERMAL_TOPIC, VISIBLE_TOPIC, pipeline)) == sorted(expected)
 
     probe = Probe('replay_probe')
+    infos = []
+    probe.create_subscription(CameraInfo, 's4fusion_node/camera_info', infos.append, 50)
     with running_node(NODE_PARAMS) as node:
         probe.wait_for_node(node)
         player = subprocess.Popen(
@@ -115,6 +121,8 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
     summary = next(line for line in player_lines if line.rstrip().endswith('end of bag'))
     assert f'/thermal/image_raw {counts[0]}' in summary
     assert f'/visible/image_raw {counts[1]}' in summary
+    # The visible camera_info went along with its remapped image topic.
+    assert re.search(r'/visible/camera_info \d+', summary), summary
 
     assert sorted(received_stamps(probe.fused)) == sorted(expected)
     assert sorted(received_stamps(probe.saliency)) == sorted(expected)
@@ -122,11 +130,16 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
     live_saliency = {stamp_to_ns(m.header.stamp): m for m in probe.saliency}
     for live_fused in probe.fused:
         stamp = stamp_to_ns(live_fused.header.stamp)
-        fused, saliency = expected[stamp]
+        fused, saliency, _ = expected[stamp]
         assert live_fused.header.frame_id == fused.header.frame_id
         assert (live_fused.encoding, live_saliency[stamp].encoding) == ('bgr8', 'mono8')
         got = np.frombuffer(live_fused.data, np.uint8).reshape(height, width, 3)
         assert np.abs(got.astype(int) - fused.data.reshape(height, width, 3)).max() <= 2
         got = np.frombuffer(live_saliency[stamp].data, np.uint8).reshape(height, width)
         assert np.abs(got.astype(int) - saliency.data.reshape(height, width)).max() <= 3
+    # The calibration beside the outputs: one per pair, the offline tool's (the player lets
+    # discovery settle before it plays, so the node's best-effort info subscription loses none).
+    assert sorted(received_stamps(infos)) == sorted(expected)
+    for info in infos:
+        assert list(info.k) == list(expected[stamp_to_ns(info.header.stamp)][2].k)
     probe.destroy_node()

@@ -32,7 +32,7 @@ import socket
 import time
 
 from .. import settings
-from ..bagio import (BAG_SUFFIXES, WRITE_ERRORS, BagError, add_image_topic, create_bag,
+from ..bagio import (BAG_SUFFIXES, WRITE_ERRORS, BagError, add_topic, create_bag,
                      image_topics, is_unindexed_recording, open_bag, output_qos_of, pick_topics,
                      storage_of, sweep_staging)
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
@@ -389,11 +389,14 @@ def commit(job: BagJob, units: list[Unit]) -> None:
         return
     first = units[0]
     with create_bag(job.output, first.storage, overwrite=True) as writer:
-        outputs = {topic: add_image_topic(writer, topic, output_qos_of(first.values))
-                   for topic in settings.OUTPUT_TOPICS}
+        qos = output_qos_of(first.values)
+        outputs = {topic: add_topic(writer, topic, qos) for topic in settings.OUTPUT_TOPICS}
         for unit in units:
             with open_bag(unit.output) as reader:
                 for connection, log_time, raw in reader.messages():
+                    if connection.topic not in outputs:  # the camera_info, where one came
+                        outputs[connection.topic] = add_topic(writer, connection.topic, qos,
+                                                              connection.msgtype)
                     writer.write(outputs[connection.topic], log_time, raw)
     (job.staging / 'plan.json').unlink()  # first: a plan there means the parts are all there
     shutil.rmtree(job.staging, ignore_errors=True)

@@ -1,5 +1,9 @@
 """s4fusion-play: publish a rosbag2's image topics with their recorded timing (no ros2 bag needed).
 
+By default every image topic but the fusion node's outputs, and their cameras' camera_info (the
+`camera_info` sibling of an image topic, which follows a --remap of its image topic as
+image_transport looks for it; not waited for: a node may not want every camera's).
+
 Messages are read with rosbags and published as the recorded CDR bytes (rclpy's publish(bytes)),
 typed from the bag's metadata, at the recorded pace scaled by --rate; an image message that does
 not decode (a torn recording) is skipped and counted, since its subscribers would drop it without
@@ -43,8 +47,9 @@ from rclpy.validate_namespace import validate_namespace
 from rclpy.validate_node_name import validate_node_name
 from rosgraph_msgs.msg import Clock
 
-from ..bagio import (IMAGE_TYPES, NODE_OUTPUT, BagError, cut_files, deserialize,
-                     latched_topics, open_bag, read_messages, topic_types)
+from ..bagio import (COMPRESSED_IMAGE, IMAGE_TYPES, NODE_OUTPUT, BagError, cut_files,
+                     deserialize, latched_topics, open_bag, read_messages, topic_types)
+from ..camera_info import CAMERA_INFO, camera_info_topic
 from ..cli import ignore_stop_signals, stop_on_signals
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
@@ -81,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='/clock messages per second (default: %(default)s)')
     parser.add_argument('--topics', nargs='+', metavar='TOPIC',
                         help="topics to play (default: every Image/CompressedImage topic but "
-                        "the fusion node's outputs)")
+                        "the fusion node's outputs, and their camera_info siblings)")
     parser.add_argument('--remap', action='append', default=[], metavar='OLD:=NEW',
                         help='publish topic OLD as NEW (repeatable)')
     parser.add_argument('--wait', type=float, default=30.0, metavar='SECONDS',
@@ -168,6 +173,12 @@ class BagPlayer:
             print(f"{PROG}: not playing the fusion node's outputs "
                   f"{', '.join(t for t in images if t not in wanted)} (name them with --topics "
                   f"to play them)", file=sys.stderr)
+        # {camera_info topic: its image topic}: played beside the images, not waited for.
+        siblings = {image: camera_info_topic(image, types.get(image) == COMPRESSED_IMAGE)
+                    for image in wanted}
+        self.camera_infos = {} if args.topics else {
+            info: image for image, info in siblings.items() if types.get(info) == CAMERA_INFO}
+        wanted = [*wanted, *(info for info in self.camera_infos if info not in wanted)]
         missing = ([t for t in wanted if t not in types]
                    + [t for t in args.remap if t not in wanted])  # a typo in --remap OLD
         if missing or not wanted:
@@ -182,6 +193,13 @@ class BagPlayer:
             if skipped:
                 print(f'{PROG}: {topic}: playing its {types[topic]} messages, not those of '
                       f'{", ".join(skipped)} recorded on it too', file=sys.stderr)
+        for info, image in self.camera_infos.items():  # beside its image, as remapped
+            if info not in args.remap and image in args.remap:
+                new = args.remap[image]
+                # Still a transport's topic where it keeps the transport's name (.../compressed).
+                transport = (types[image] == COMPRESSED_IMAGE
+                             and new.rpartition('/')[2] == image.rpartition('/')[2])
+                args.remap[info] = camera_info_topic(new, transport)
         names = {}
         for topic in wanted:  # two streams on one topic: a subscriber gets both, mixed
             name = args.remap.get(topic, topic)
@@ -234,7 +252,8 @@ class BagPlayer:
             unsubscribed = self._unsubscribed()
             unmatched = [topic for topic in self._unmatched() if topic not in unsubscribed]
             now = time.monotonic()
-            if not graced and self.args.wait_for and len(unsubscribed) < len(self.publishers):
+            waited_for = len(self.publishers) - len(self.camera_infos)
+            if not graced and self.args.wait_for and len(unsubscribed) < waited_for:
                 deadline, graced = min(deadline, now + SUBSCRIBE_GRACE_S), True
             if not (unsubscribed or unmatched) or now >= deadline:
                 break
@@ -283,11 +302,13 @@ class BagPlayer:
                 *self.args.wait_for_node)}
         except NodeNameNonExistentError:
             subscribed = set()
-        return [p.topic_name for p in self.publishers.values() if p.topic_name not in subscribed]
+        return [p.topic_name for topic, p in self.publishers.items()
+                if p.topic_name not in subscribed and topic not in self.camera_infos]
 
     def _unmatched(self) -> list[str]:
         """Played topic names still without a matched subscriber."""
-        return [p.topic_name for p in self.publishers.values() if p.get_subscription_count() == 0]
+        return [p.topic_name for topic, p in self.publishers.items()
+                if p.get_subscription_count() == 0 and topic not in self.camera_infos]
 
     def play_once(self, minimum_s: float = 0.0) -> int:
         """Publish the bag once, from its first message, at --rate, taking at least

@@ -14,7 +14,9 @@ run.
 
 The output bag has the node's output topics (sensor_msgs/Image with the visible header; under
 /s4fusion_node/ unless --fused-topic / --saliency-topic name others, whatever namespace the
-parameter file is for), offered with the QoS of qos.output.*, logged at
+parameter file is for) and, where the bag holds the visible topic's camera_info sibling, the
+node's camera_info beside the fused topic (as the node chooses and stamps it: camera_info.py),
+offered with the QoS of qos.output.*, logged at
 the time the pair was decided (the log time of the message that completed it, or of the last
 message for the pairs decided at the end of the bag), on the input's timeline, and with
 --include-inputs the input topics as recorded. It is written under a temporary name and renamed
@@ -38,7 +40,7 @@ from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
 from ..model import CheckpointError
-from ..replay import BagFuser, remove_earlier_export
+from ..replay import BagFuser, camera_info_topics, remove_earlier_export
 from ..runtime import model_from_params
 from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate
 
@@ -171,16 +173,24 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
     with open_bag(args.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, args.input), args.input,
                                        args.thermal_topic, args.visible_topic, values)
-        copied = {thermal.topic, visible.topic} if args.include_inputs else set()
+        info_topic, info_output = camera_info_topics(reader, visible, args.fused_topic)
+        copied = ({thermal.topic, visible.topic, info_topic} - {None} if args.include_inputs
+                  else set())
         for flag, topic in (('--fused-topic', args.fused_topic),
                             ('--saliency-topic', args.saliency_topic)):
             if topic in copied:  # two streams would be merged under one name
                 raise BagError(f'{flag} {topic} is an input topic copied by --include-inputs; '
                                f'name another')
+        if info_output in copied | {args.saliency_topic}:
+            raise BagError(f'--fused-topic {args.fused_topic} puts its camera_info on '
+                           f'{info_output}, ' + ('an input topic copied by --include-inputs'
+                                                 if info_output in copied else
+                                                 'the --saliency-topic') + '; name another')
         storage = args.storage or storage_of(args.input)
         loaded = model_from_params(values)
+        infos = f'; {info_topic} -> {info_output}' if info_topic else ''
         print(f'{PROG}: {thermal.describe()} + {visible.describe()} -> {args.output} '
-              f'({storage}) with {loaded.name} on {loaded.device}', file=sys.stderr)
+              f'({storage}) with {loaded.name} on {loaded.device}{infos}', file=sys.stderr)
         if args.export_png:
             args.export_png.mkdir(parents=True, exist_ok=True)
         # The video plays at the thermal camera's recorded rate: one frame per pair.
