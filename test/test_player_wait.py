@@ -78,10 +78,8 @@ def spin_while_playing(player: subprocess.Popen, *nodes) -> str:
     return player.communicate(timeout=30)[0]
 
 
-def with_other_image_topics(source: pathlib.Path, path: pathlib.Path,
-                            topics: tuple[str, ...]) -> pathlib.Path:
-    """The bag with one more image on each of `topics` beside the cameras'."""
-    image = np.zeros((8, 8), np.uint8)
+def with_messages(source: pathlib.Path, path: pathlib.Path, extra) -> pathlib.Path:
+    """The bag with the messages `extra(reader)` yields, as (topic, type, log time, message)."""
     with Reader(source) as reader, Writer(path, version=9,
                                           storage_plugin=StoragePlugin.MCAP) as writer:
         copies = {connection.id: writer.add_connection(connection.topic, connection.msgtype,
@@ -89,49 +87,62 @@ def with_other_image_topics(source: pathlib.Path, path: pathlib.Path,
                   for connection in reader.connections}
         for connection, log_time, raw in reader.messages():
             writer.write(copies[connection.id], log_time, raw)
-        for topic in topics:
-            extra = writer.add_connection(topic, IMAGE, typestore=TYPESTORE)
-            writer.write(extra, reader.start_time, TYPESTORE.serialize_cdr(
-                bag_image_message(image, 'mono8', reader.start_time, 'depth'), IMAGE))
+        added = {}
+        for topic, msgtype, log_time, message in extra(reader):
+            if topic not in added:
+                added[topic] = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+            writer.write(added[topic], log_time, TYPESTORE.serialize_cdr(message, msgtype))
     return path
+
+
+def with_other_image_topics(source: pathlib.Path, path: pathlib.Path,
+                            topics: tuple[str, ...]) -> pathlib.Path:
+    """The bag with one more image on each of `topics` beside the cameras'."""
+    image = np.zeros((8, 8), np.uint8)
+    return with_messages(source, path, lambda reader: (
+        (topic, IMAGE, reader.start_time,
+         bag_image_message(image, 'mono8', reader.start_time, 'depth')) for topic in topics))
 
 
 def with_visible_infos(source: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
     """The bag with a CameraInfo before each visible frame, on the camera_info sibling of the
     visible topic's base topic (/visible/camera_info for /visible/image_raw/compressed)."""
-    with Reader(source) as reader, Writer(path, version=9,
-                                          storage_plugin=StoragePlugin.MCAP) as writer:
-        copies = {connection.id: writer.add_connection(connection.topic, connection.msgtype,
-                                                       typestore=TYPESTORE)
-                  for connection in reader.connections}
-        infos = writer.add_connection('/visible/camera_info', CAMERA_INFO, typestore=TYPESTORE)
+    def infos(reader):
         for connection, log_time, raw in reader.messages():
             if connection.topic == '/visible/image_raw/compressed':
                 stamp = stamp_to_ns(TYPESTORE.deserialize_cdr(raw, COMPRESSED).header.stamp)
-                writer.write(infos, log_time - 1, TYPESTORE.serialize_cdr(
-                    visible_camera_info(stamp), CAMERA_INFO))
-            writer.write(copies[connection.id], log_time, raw)
-    return path
+                yield ('/visible/camera_info', CAMERA_INFO, log_time - 1,
+                       visible_camera_info(stamp))
+    return with_messages(source, path, infos)
+
+
+def play_to_subscriber(bag: pathlib.Path, name: str, wait: float) -> tuple[str, int, int]:
+    """s4fusion-play of `bag` --wait-for a node NAMESPACE/`name` that subscribes to its two
+    cameras from the start: (the player's output, once it exited 0, the camera messages that
+    node received, those the bag has)."""
+    topics = played_topics(bag)
+    rclpy.init()
+    try:
+        target, received = rclpy.create_node(name, namespace=NAMESPACE), []
+        subscribe(target, topics, received)
+        player = play_for(name, bag, topics, wait)
+        output = spin_while_playing(player, target)
+        target.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    assert player.returncode == 0, output
+    return output, len(received), sum(topic.count for topic in topics.values())
 
 
 def test_a_camera_info_is_played_beside_its_remapped_image_and_not_waited_for(tmp_path):
     # The node subscribes to the visible camera's info, not to every camera's: the player
     # waited for a subscriber on each until --wait ran out.
-    bag = with_visible_infos(sample_bag(), tmp_path / 'bag')
-    topics = played_topics(bag)
-    rclpy.init()
-    try:
-        target, received = rclpy.create_node('info_target', namespace=NAMESPACE), []
-        subscribe(target, topics, received)
-        player = play_for('info_target', bag, topics, 60)
-        output = spin_while_playing(player, target)
-        assert player.returncode == 0, output
-        assert 'playing anyway' not in output and 'no subscriber' not in output, output
-        # /visible/image_raw/compressed played as {NAMESPACE}/visible: its info beside it.
-        assert re.search(f'{NAMESPACE}/camera_info 180\\b', output), output
-        target.destroy_node()
-    finally:
-        rclpy.try_shutdown()
+    output, received, recorded = play_to_subscriber(
+        with_visible_infos(sample_bag(), tmp_path / 'bag'), 'info_target', 60)
+    assert 'playing anyway' not in output and 'no subscriber' not in output, output
+    # /visible/image_raw/compressed played as {NAMESPACE}/visible: its info beside it.
+    assert re.search(f'{NAMESPACE}/camera_info 180\\b', output), output
+    assert received == recorded, output
 
 
 def test_playback_waits_for_the_named_node(tmp_path):
@@ -192,23 +203,14 @@ def test_playback_waits_until_the_named_node_subscribes_to_every_topic():
 def test_topics_the_named_node_does_not_subscribe_to_are_named_when_the_wait_ends(tmp_path):
     # They are played too (a depth camera the node has no input for, say), 10 s after the node
     # subscribed to its first topic, not at the end of --wait.
-    bag = with_other_image_topics(sample_bag(), tmp_path / 'bag', ('/depth/image_raw',))
-    topics = played_topics(bag)
-    rclpy.init()
-    try:
-        target, received = rclpy.create_node('target', namespace=NAMESPACE), []
-        subscribe(target, topics, received)
-        player = play_for('target', bag, topics, 120)
-        output = spin_while_playing(player, target)
-        assert player.returncode == 0, output
-        assert re.search(f'{NAMESPACE}/target does not subscribe to /depth/image_raw after '
-                         r'1[0-9] s; playing anyway\n', output), output
-        assert 'no subscriber' not in output, output
-        assert re.search(r'/depth/image_raw 1\b', output), output
-        assert len(received) == sum(t.count for t in topics.values()), output
-        target.destroy_node()
-    finally:
-        rclpy.try_shutdown()
+    output, received, recorded = play_to_subscriber(
+        with_other_image_topics(sample_bag(), tmp_path / 'bag', ('/depth/image_raw',)),
+        'target', 120)
+    assert re.search(f'{NAMESPACE}/target does not subscribe to /depth/image_raw after '
+                     r'1[0-9] s; playing anyway\n', output), output
+    assert 'no subscriber' not in output, output
+    assert re.search(r'/depth/image_raw 1\b', output), output
+    assert received == recorded, output
 
 
 def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
