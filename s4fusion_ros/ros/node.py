@@ -131,8 +131,8 @@ class S4FusionNode(Node):
                                              for name in settings.OUTPUT_NAMES)
         self.camera_info_pub = self._output_publisher(CameraInfo, 'camera_info', p)
         self.camera_infos = CameraInfoCache()
-        # Best effort, which hears reliable publishers too: a lost info is made up by the
-        # latest (CameraInfoCache.for_image).
+        # Best effort, which hears reliable publishers too: a lost info is made up by the one
+        # stamped before it (CameraInfoCache.for_image).
         self.camera_info_sub = self.create_subscription(
             CameraInfo, camera_info_topic(self.resolve_topic_name('visible/image_raw')),
             self.camera_infos.add, qos_profile_sensor_data)
@@ -591,8 +591,8 @@ class S4FusionNode(Node):
         elif not self.fused_rate.recent():
             quiet_since = max(self.fused_rate.last or 0.0, self.arriving_since)
             if time.monotonic() - quiet_since < self.fused_rate.window:
-                # The first pair after a start or a pause waits for a model step: no stall yet,
-                # as for the log (_stall_message), so a monitor sees no WARN at every start.
+                # The first pair after a start or a pause waits for a model step: no stall (and
+                # no log line) before a whole window, so a monitor sees no WARN at every start.
                 message = ('both inputs arrive: waiting for the first fused pair'
                            if self.fused_rate.last is None else
                            'both inputs arrive again: waiting for a fused pair')
