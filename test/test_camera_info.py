@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from ros_harness import Probe, image_message, node_log, received_stamps, running_node  # noqa: E402
@@ -99,3 +99,34 @@ def test_the_visible_calibration_is_republished_with_each_output(ros_context):
         assert info.k[0] in [focal for sent_ns, focal in sent.items() if sent_ns <= stamp_ns]
         exact += info.k[0] == sent.get(stamp_ns)
     assert exact >= 2, infos
+
+
+@pytest.mark.ros
+def test_an_info_published_once_latched_is_heard_with_a_durability_override(ros_context):
+    # A static publisher sends its info once, transient_local: a node started after it hears
+    # it only where its subscription is transient_local too, which qos_overrides sets.
+    probe = Probe('latched_info_probe')
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    info_pub = probe.create_publisher(CameraInfo, 'visible/camera_info', latched)
+    info_pub.publish(camera_info(0, 321.0))  # stamp 0, as such publishers often leave it
+    infos = []
+    probe.create_subscription(CameraInfo, 's4fusion_node/camera_info', infos.append, 10)
+    override = 'qos_overrides./visible/camera_info.subscription.'
+    params = {'device': 'cpu', 'inference_size': [80, 60],
+              override + 'durability': 'transient_local', override + 'reliability': 'reliable'}
+    with running_node(params) as proc:
+        probe.wait_for_node(proc)
+        stamp = probe.get_clock().now().nanoseconds
+        while not probe.fused:
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'thermal'))
+            probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp, 'rgb_optical'))
+            probe.spin_for(0.3)
+            stamp += 100_000_000
+            assert proc.poll() is None, node_log(proc)
+        probe.spin_until(lambda: infos, 5)
+        log = node_log(proc)
+    probe.destroy_node()
+    assert infos, log
+    assert infos[0].k[0] == 321.0
+    assert stamp_to_ns(infos[0].header.stamp) == stamp_to_ns(probe.fused[0].header.stamp)

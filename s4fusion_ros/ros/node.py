@@ -62,6 +62,10 @@ _FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
 # The standard qos_overrides.<topic>.<publisher|subscription>.<history|depth|reliability> start-up
 # parameters of the image topics, applied over the profiles of the qos.* parameters.
 QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
+# The visible camera_info's also durability: a driver that publishes its info once, latched,
+# is heard with transient_local (and reliable).
+CAMERA_INFO_OVERRIDES = QoSOverridingOptions([*QOS_OVERRIDES.policy_kinds,
+                                              QoSPolicyKind.DURABILITY])
 _LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
 
 
@@ -135,7 +139,8 @@ class S4FusionNode(Node):
         # stamped before it (CameraInfoCache.for_image).
         self.camera_info_sub = self.create_subscription(
             CameraInfo, camera_info_topic(self.resolve_topic_name('visible/image_raw')),
-            self.camera_infos.add, qos_profile_sensor_data)
+            self.camera_infos.add, qos_profile_sensor_data,
+            qos_overriding_options=CAMERA_INFO_OVERRIDES)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         # Timers on the steady clock: on sim time they would stop with /clock (a paused or
         # ended bag), leaving the last thermal frame unfused and no diagnostics published.
