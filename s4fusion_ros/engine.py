@@ -437,6 +437,13 @@ def pipeline_from_params(values: dict) -> FusionPipeline:
     return FusionPipeline(synchronizer, normalizer, registration, values['max_input_pixels'])
 
 
+def compression_settings(values: dict) -> tuple[str, int, int]:
+    """The codec, JPEG quality and PNG level of the fused image's compressed transport
+    (encodings.compress_transport)."""
+    return (values['fused.compressed.format'], values['fused.compressed.jpeg_quality'],
+            values['fused.compressed.png_level'])
+
+
 def fusion_settings(values: dict) -> FusionSettings:
     """Map the output parameters to FusionEngine settings."""
     return FusionSettings(output_encoding=values['output_encoding'],

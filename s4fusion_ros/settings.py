@@ -131,6 +131,14 @@ SPECS = {
     'normalization.fixed_max': Spec(65535.0, 'fixed mode: raw value mapped to 1', runtime=True),
     'output_encoding': Spec('bgr8', 'fused image encoding', runtime=True,
                             choices=OUTPUT_ENCODINGS),
+    'fused.compressed.format': Spec('jpeg', 'codec of ~/fused/compressed (image_transport\'s '
+                                    'compressed transport; encoded only while it has a '
+                                    'subscriber): jpeg or png', runtime=True,
+                                    choices=('jpeg', 'png')),
+    'fused.compressed.jpeg_quality': Spec(95, 'JPEG quality of ~/fused/compressed', runtime=True,
+                                          range=(1, 100)),
+    'fused.compressed.png_level': Spec(3, 'PNG compression level of ~/fused/compressed',
+                                       runtime=True, range=(0, 9)),
     'saliency.encoding': Spec('mono8', 'saliency image encoding: mono8 (0-255) or 32FC1 (0-1)',
                               runtime=True, choices=SALIENCY_ENCODINGS),
     'saliency.contrast': Spec(0.2, 'carried thermal excess (luminance) that counts as fully '

@@ -13,8 +13,9 @@ import pytest
 
 from s4fusion_ros.imaging import color
 from s4fusion_ros.imaging.encodings import (
-    decode_thermal, decode_thermal_info, decode_visible, encode_image, FORMATS, image_to_array,
-    ImageDecodeError, jpeg_is_whole, MAX_PIXELS, MAX_SIDE, RawCompressedImage, RawImage)
+    compress_transport, decode_thermal, decode_thermal_info, decode_visible, encode_image, FORMATS,
+    image_to_array, ImageDecodeError, jpeg_is_whole, MAX_PIXELS, MAX_SIDE, RawCompressedImage,
+    RawImage)
 from support import raw_images, zstd_transport_data
 
 
@@ -200,6 +201,24 @@ def test_compressed_jpeg_and_png(msrs_pair):
     gray_png = RawCompressedImage('png', array.array('B', cv2.imencode('.png', ir)[1].tobytes()))
     np.testing.assert_array_equal(decode_thermal(gray_png), ir.astype(np.float32))
     np.testing.assert_array_equal(decode_visible(gray_png), np.dstack([ir] * 3))
+
+
+@pytest.mark.parametrize('codec', ['jpeg', 'png'])
+@pytest.mark.parametrize('encoding', ['bgr8', 'rgb8', 'mono8'])
+def test_the_fused_compressed_transport_reads_back_as_its_encoding(msrs_pair, codec, encoding):
+    # As image_transport's compressed plugin writes it: read back by its subscriber's rules
+    # (the node's decoder follows them) as the image published raw.
+    vi = msrs_pair[1]
+    image = {'bgr8': vi, 'rgb8': vi[..., ::-1].copy(),
+             'mono8': cv2.cvtColor(vi, cv2.COLOR_BGR2GRAY)}[encoding]
+    fmt, data = compress_transport(image, encoding, codec, jpeg_quality=90)
+    assert fmt == f'{encoding}; {codec} compressed {"mono8" if encoding == "mono8" else "bgr8"}'
+    decoded = decode_visible(RawCompressedImage(fmt, data))  # BGR
+    expected = vi if encoding != 'mono8' else np.dstack([image] * 3)
+    if codec == 'png':
+        np.testing.assert_array_equal(decoded, expected)
+    else:
+        assert cv2.PSNR(decoded, expected) > 33
 
 
 def test_compressed_16bit_png_stays_16bit(msrs_pair):

@@ -545,6 +545,22 @@ def decode_visible(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return array if layout == 'bgr' else cv2.cvtColor(array, _TO_BGR[layout])
 
 
+def compress_transport(array: np.ndarray, encoding: str, codec: str, jpeg_quality: int = 95,
+                       png_level: int = 3) -> tuple[str, bytes]:
+    """The CompressedImage format and data image_transport's compressed publisher makes of an
+    8-bit image in `encoding` (bgr8, rgb8 or mono8): colour stored as bgr8, gray as mono8, so
+    that its subscriber, cv_bridge and _transported read it back as that encoding."""
+    stored = 'mono8' if encoding == 'mono8' else 'bgr8'
+    if encoding == 'rgb8':
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    suffix, params = (('.jpg', [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]) if codec == 'jpeg'
+                      else ('.png', [cv2.IMWRITE_PNG_COMPRESSION, png_level]))
+    ok, data = cv2.imencode(suffix, np.ascontiguousarray(array), params)
+    if not ok:
+        raise ValueError(f'OpenCV could not encode a {encoding} image as {codec}')
+    return f'{encoding}; {codec} compressed {stored}', data.tobytes()
+
+
 def encode_image(array: np.ndarray, encoding: str, *, bigendian: bool = False,
                  row_padding: int = 0) -> RawImage:
     """Pack an array as a RawImage with an honest encoding (optionally big-endian / padded rows).

@@ -32,8 +32,9 @@ from ..camera_info import CameraInfoCache, camera_info_topic
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            inference_stall, late_arrivals, pairing_shortfall, per_input,
                            status_name, thermal_frames_lost, unpaired_hint)
-from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
-                      normalizer_settings, pipeline_from_params)
+from ..engine import (FusionEngine, FusionResult, clock_jump_message, compression_settings,
+                      fusion_settings, normalizer_settings, pipeline_from_params)
+from ..imaging.encodings import compress_transport
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
@@ -133,6 +134,9 @@ class S4FusionNode(Node):
 
         self.fused_pub, self.saliency_pub = (self._output_publisher(Image, name, p)
                                              for name in settings.OUTPUT_NAMES)
+        # image_transport's compressed transport of ~/fused, for viewers over a network.
+        self.fused_compressed_pub = self._output_publisher(CompressedImage, 'fused/compressed', p)
+        self.compression = compression_settings(p)
         self.camera_info_pub = self._output_publisher(CameraInfo, 'camera_info', p)
         self.camera_infos = CameraInfoCache()
         # Best effort, which hears reliable publishers too: a lost info is made up by the one
@@ -165,12 +169,14 @@ class S4FusionNode(Node):
             f'{self.camera_info_sub.topic_name} -> {self.camera_info_pub.topic_name}')
 
     def _output_publisher(self, msg_type, name: str, p: dict):
-        """The publisher of ~/`name`, with the outputs' QoS, overrides and QoS reports."""
+        """The publisher of ~/`name` (attribute `name`_pub, '/' as '_'), with the outputs' QoS,
+        overrides and QoS reports."""
+        endpoint = f'{name.replace("/", "_")}_pub'
         return self.create_publisher(
             msg_type, f'~/{name}', direction_qos(p, 'output'),
             qos_overriding_options=QOS_OVERRIDES,
             event_callbacks=PublisherEventCallbacks(
-                incompatible_qos=lambda info: self._on_incompatible_qos(f'{name}_pub', info)))
+                incompatible_qos=lambda info: self._on_incompatible_qos(endpoint, info)))
 
     # Parameters -----------------------------------------------------------------------------
 
@@ -215,7 +221,8 @@ class S4FusionNode(Node):
         topics = [('input', 'subscription', sub.topic_name)
                   for sub in (self.thermal_sub, self.visible_sub)]
         topics += [('output', 'publisher', pub.topic_name)
-                   for pub in (self.fused_pub, self.saliency_pub, self.camera_info_pub)]
+                   for pub in (self.fused_pub, self.saliency_pub, self.fused_compressed_pub,
+                               self.camera_info_pub)]
         for direction, kind, topic in topics:
             for policy in ('reliability', 'depth'):
                 name = f'{settings.QOS_OVERRIDES_PREFIX}{topic}.{kind}.{policy}'
@@ -253,6 +260,7 @@ class S4FusionNode(Node):
         if any(name.startswith('normalization.') for name in names):
             self.pipeline.normalizer.configure(**normalizer_settings(values))
         self.engine.settings = fusion_settings(values)  # inference_size is read-only
+        self.compression = compression_settings(values)
         self.get_logger().info('parameters updated: ' + ', '.join(
             f'{p.name}={p.value}' for p in params))
 
@@ -378,7 +386,8 @@ class S4FusionNode(Node):
 
     def _on_incompatible_qos(self, endpoint: str, info) -> None:
         """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
-        'visible_sub') or an output publisher ('fused_pub', 'saliency_pub', 'camera_info_pub')."""
+        'visible_sub') or an output publisher ('fused_pub', 'saliency_pub',
+        'fused_compressed_pub', 'camera_info_pub')."""
         # Throttled per topic: rclpy's throttle is per call site, which every topic shares.
         if not self._log_due((endpoint, 'incompatible qos')):
             return
@@ -492,6 +501,15 @@ class S4FusionNode(Node):
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
             publisher.publish(raw_image_message(raw, result.pair.visible_stamp_ns,
                                                 result.pair.frame_id))
+        # Encoded only for a subscriber, as image_transport's publishers do: a JPEG costs a few
+        # ms a pair.
+        if self.fused_compressed_pub.get_subscription_count():
+            msg = CompressedImage()
+            msg.format, msg.data = compress_transport(result.fused, result.fused_encoding,
+                                                      *self.compression)
+            msg.header.frame_id = result.pair.frame_id
+            set_stamp(msg, result.pair.visible_stamp_ns)
+            self.fused_compressed_pub.publish(msg)
         info = self.camera_infos.for_image(result.pair.visible_stamp_ns)
         if info is not None:
             info = copy.copy(info)  # its own header; the calibration is shared, not changed
