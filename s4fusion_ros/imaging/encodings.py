@@ -548,9 +548,10 @@ def decode_visible(img: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def compress_transport(array: np.ndarray, encoding: str, codec: str, jpeg_quality: int = 95,
                        png_level: int = 3) -> tuple[str, bytes]:
     """The CompressedImage format and data image_transport's compressed publisher makes of an
-    8-bit image in `encoding` (bgr8, rgb8 or mono8): colour stored as bgr8, gray as mono8, so
-    that its subscriber, cv_bridge and _transported read it back as that encoding."""
-    stored = 'mono8' if encoding == 'mono8' else 'bgr8'
+    8-bit image in `encoding` (bgr8, rgb8 or mono8): colour stored as bgr8 (named after
+    'compressed'), gray as it is (nothing named), so that its subscriber, cv_bridge and
+    _transported read it back as that encoding."""
+    stored = '' if encoding == 'mono8' else 'bgr8'
     if encoding == 'rgb8':
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
     suffix, params = (('.jpg', [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]) if codec == 'jpeg'
