@@ -1,7 +1,9 @@
-"""sensor_msgs/Image messages from arrays, as the node publishes them."""
+"""sensor_msgs/Image and CompressedImage messages from arrays, and the header the node gives
+every message it publishes for a pair."""
 
 import numpy as np
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
 
 from ..imaging.encodings import RawImage, encode_image
 from ..messages import ns_to_sec_nanosec
@@ -17,9 +19,23 @@ def raw_image_message(raw: RawImage, stamp_ns: int, frame_id: str) -> Image:
     msg = Image(height=raw.height, width=raw.width, encoding=raw.encoding,
                 is_bigendian=raw.is_bigendian, step=raw.step)
     msg.data = bytes(raw.data)  # bytes assignment is fast; a NumPy array costs ~0.5 s per image
-    set_stamp(msg, stamp_ns)
-    msg.header.frame_id = frame_id
+    set_header(msg, stamp_ns, frame_id)
     return msg
+
+
+def compressed_image_message(fmt: str, data: bytes, stamp_ns: int,
+                             frame_id: str) -> CompressedImage:
+    """A CompressedImage of `fmt` holding `data`, with the given header."""
+    msg = CompressedImage(format=fmt, data=data)
+    set_header(msg, stamp_ns, frame_id)
+    return msg
+
+
+def set_header(msg, stamp_ns: int, frame_id: str) -> None:
+    """Give a message a header of its own with the given stamp and frame_id (a header it
+    shares with another message, as a shallow copy does, is left as it was)."""
+    msg.header = Header(frame_id=frame_id)
+    set_stamp(msg, stamp_ns)
 
 
 def set_stamp(msg, stamp_ns: int) -> None:

@@ -25,7 +25,6 @@ from rclpy.node import Node
 from rclpy.qos import QoSPolicyKind, QoSProfile, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import Header
 
 from .. import precompile, settings
 from ..camera_info import CameraInfoCache, camera_info_topic
@@ -43,7 +42,7 @@ from ..worker import InferenceWorker
 from . import parameters
 from .graph import node_of
 from .parameters import direction_qos
-from .images import raw_image_message, set_stamp
+from .images import compressed_image_message, raw_image_message, set_header
 
 LOG_THROTTLE_S = 5.0
 # End-to-end latency (node clock at publish minus the visible stamp) is only meaningful when the
@@ -504,17 +503,13 @@ class S4FusionNode(Node):
         # Encoded only for a subscriber, as image_transport's publishers do (a 640x480 PNG
         # takes 27 ms here).
         if self.fused_compressed_pub.get_subscription_count():
-            msg = CompressedImage()
-            msg.format, msg.data = compress_transport(result.fused, result.fused_encoding,
-                                                      *self.compression)
-            msg.header.frame_id = result.pair.frame_id
-            set_stamp(msg, result.pair.visible_stamp_ns)
-            self.fused_compressed_pub.publish(msg)
+            self.fused_compressed_pub.publish(compressed_image_message(
+                *compress_transport(result.fused, result.fused_encoding, *self.compression),
+                result.pair.visible_stamp_ns, result.pair.frame_id))
         info = self.camera_infos.for_image(result.pair.visible_stamp_ns)
         if info is not None:
-            info = copy.copy(info)  # its own header; the calibration is shared, not changed
-            info.header = Header(frame_id=result.pair.frame_id)
-            set_stamp(info, result.pair.visible_stamp_ns)
+            info = copy.copy(info)  # the calibration is shared, not changed
+            set_header(info, result.pair.visible_stamp_ns, result.pair.frame_id)
             self.camera_info_pub.publish(info)
 
     def _diagnostic_values(self) -> dict:
