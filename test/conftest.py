@@ -21,6 +21,11 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 # imports torch or numba.
 configure_process()
 os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
+# pytest-xdist's workers ('gw0', 'gw1', ...) inherit one environment: each takes the next domain,
+# or their nodes and topics of the same names would meet.
+_WORKER = os.environ.get('PYTEST_XDIST_WORKER')
+if _WORKER:
+    os.environ['ROS_DOMAIN_ID'] = str(int(os.environ['ROS_DOMAIN_ID']) + int(_WORKER[2:]))
 os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='s4fusion-roslog-')
 # A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored in every
 # child: the tools under test would then run through the Ctrl-C the tests send them. A handled
