@@ -71,6 +71,14 @@ class FusionResult:
         return (encode_image(self.fused, self.fused_encoding),
                 encode_image(self.saliency_image, self.saliency_encoding))
 
+    def transported(self) -> tuple[tuple[np.ndarray, str], tuple[np.ndarray, str]]:
+        """The (image, encoding) of the fused and the saliency images' compressed transports: the
+        saliency map as mono8 whatever it is published as (the transport carries 8- and 16-bit
+        images, not 32FC1)."""
+        saliency = (self.saliency_image if self.saliency_encoding == 'mono8'
+                    else encode_saliency(self.saliency, 'mono8'))
+        return (self.fused, self.fused_encoding), (saliency, 'mono8')
+
 
 def clock_jump_message(resets: int | None) -> str:
     """What the node and the bag tools say when the input stamps jumped back (`resets` times
@@ -437,11 +445,11 @@ def pipeline_from_params(values: dict) -> FusionPipeline:
     return FusionPipeline(synchronizer, normalizer, registration, values['max_input_pixels'])
 
 
-def compression_settings(values: dict) -> tuple[str, int, int]:
-    """The codec, JPEG quality and PNG level of the fused image's compressed transport
-    (encodings.compress_transport)."""
-    return (values['fused.compressed.format'], values['fused.compressed.jpeg_quality'],
-            values['fused.compressed.png_level'])
+def compression_settings(values: dict, output: str) -> tuple[str, int, int]:
+    """The codec, JPEG quality and PNG level of the compressed transport of `output` ('fused' or
+    'saliency'; encodings.compress_transport)."""
+    return tuple(values[f'{output}.compressed.{name}']
+                 for name in ('format', 'jpeg_quality', 'png_level'))
 
 
 def fusion_settings(values: dict) -> FusionSettings:

@@ -63,6 +63,22 @@ class Spec:
 # The device parameter's forms: checked with the other values, and by runtime.resolve_device.
 DEVICE_FORM = re.compile(r'auto|cpu|cuda(:\d+)?')
 
+
+def compressed_transport_specs(output: str, note: str = '') -> dict:
+    """The parameters of ~/`output`/compressed, image_transport's compressed transport of an
+    output, named as image_transport names them (`<base topic>.compressed.<parameter>`)."""
+    topic = f'~/{output}/compressed'
+    return {
+        f'{output}.compressed.format': Spec(
+            'jpeg', f"codec of {topic}{note} (image_transport's compressed transport; encoded "
+            'only while it has a subscriber): jpeg or png', runtime=True, choices=('jpeg', 'png')),
+        f'{output}.compressed.jpeg_quality': Spec(95, f'JPEG quality of {topic}', runtime=True,
+                                                  range=(1, 100)),
+        f'{output}.compressed.png_level': Spec(3, f'PNG compression level of {topic}',
+                                               runtime=True, range=(0, 9)),
+    }
+
+
 SPECS = {
     'device': Spec('auto', 'auto (CUDA if available), cpu, cuda or cuda:N'),
     'half': Spec(False, 'fp16 inference through autocast (CUDA only)'),
@@ -131,20 +147,14 @@ SPECS = {
     'normalization.fixed_max': Spec(65535.0, 'fixed mode: raw value mapped to 1', runtime=True),
     'output_encoding': Spec('bgr8', 'fused image encoding', runtime=True,
                             choices=OUTPUT_ENCODINGS),
-    'fused.compressed.format': Spec('jpeg', 'codec of ~/fused/compressed (image_transport\'s '
-                                    'compressed transport; encoded only while it has a '
-                                    'subscriber): jpeg or png', runtime=True,
-                                    choices=('jpeg', 'png')),
-    'fused.compressed.jpeg_quality': Spec(95, 'JPEG quality of ~/fused/compressed', runtime=True,
-                                          range=(1, 100)),
-    'fused.compressed.png_level': Spec(3, 'PNG compression level of ~/fused/compressed',
-                                       runtime=True, range=(0, 9)),
+    **compressed_transport_specs('fused'),
     'saliency.encoding': Spec('mono8', 'saliency image encoding: mono8 (0-255) or 32FC1 (0-1)',
                               runtime=True, choices=SALIENCY_ENCODINGS),
     'saliency.contrast': Spec(0.2, 'carried thermal excess (luminance) that counts as fully '
                               'salient', runtime=True, range=(0.01, 1.0)),
     'saliency.threshold': Spec(0.0, 'saliency below this is published as 0', runtime=True,
                                range=(0.0, 1.0)),
+    **compressed_transport_specs('saliency', ' (the mono8 map, whatever saliency.encoding)'),
     'diagnostics.period': Spec(1.0, 'seconds between /diagnostics messages', range=(0.1, 60.0)),
 }
 

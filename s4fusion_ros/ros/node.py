@@ -2,7 +2,8 @@
 
 Subscribes  thermal/image_raw, visible/image_raw (sensor_msgs/Image;
             .../compressed with *.transport), visible/camera_info (sensor_msgs/CameraInfo)
-Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header),
+Publishes   ~/fused, ~/saliency (sensor_msgs/Image, the visible frame's header; each also as
+            image_transport's compressed transport, .../compressed, while subscribed),
             ~/camera_info (the visible camera's, stamped as the outputs), /diagnostics
 
 Message callbacks only decode, pair and queue; the model runs on its own worker thread (see
@@ -133,9 +134,11 @@ class S4FusionNode(Node):
 
         self.fused_pub, self.saliency_pub = (self._output_publisher(Image, name, p)
                                              for name in settings.OUTPUT_NAMES)
-        # image_transport's compressed transport of ~/fused, for viewers over a network.
-        self.fused_compressed_pub = self._output_publisher(CompressedImage, 'fused/compressed', p)
-        self.compression = compression_settings(p)
+        # image_transport's compressed transports of the outputs, for viewers over a network.
+        self.fused_compressed_pub, self.saliency_compressed_pub = (
+            self._output_publisher(CompressedImage, f'{name}/compressed', p)
+            for name in settings.OUTPUT_NAMES)
+        self.compression = [compression_settings(p, name) for name in settings.OUTPUT_NAMES]
         self.camera_info_pub = self._output_publisher(CameraInfo, 'camera_info', p)
         self.camera_infos = CameraInfoCache()
         # Best effort, which hears reliable publishers too: a lost info is made up by the one
@@ -221,7 +224,7 @@ class S4FusionNode(Node):
                   for sub in (self.thermal_sub, self.visible_sub)]
         topics += [('output', 'publisher', pub.topic_name)
                    for pub in (self.fused_pub, self.saliency_pub, self.fused_compressed_pub,
-                               self.camera_info_pub)]
+                               self.saliency_compressed_pub, self.camera_info_pub)]
         for direction, kind, topic in topics:
             for policy in ('reliability', 'depth'):
                 name = f'{settings.QOS_OVERRIDES_PREFIX}{topic}.{kind}.{policy}'
@@ -259,7 +262,7 @@ class S4FusionNode(Node):
         if any(name.startswith('normalization.') for name in names):
             self.pipeline.normalizer.configure(**normalizer_settings(values))
         self.engine.settings = fusion_settings(values)  # inference_size is read-only
-        self.compression = compression_settings(values)
+        self.compression = [compression_settings(values, name) for name in settings.OUTPUT_NAMES]
         self.get_logger().info('parameters updated: ' + ', '.join(
             f'{p.name}={p.value}' for p in params))
 
@@ -386,7 +389,7 @@ class S4FusionNode(Node):
     def _on_incompatible_qos(self, endpoint: str, info) -> None:
         """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
         'visible_sub') or an output publisher ('fused_pub', 'saliency_pub',
-        'fused_compressed_pub', 'camera_info_pub')."""
+        'fused_compressed_pub', 'saliency_compressed_pub', 'camera_info_pub')."""
         # Throttled per topic: rclpy's throttle is per call site, which every topic shares.
         if not self._log_due((endpoint, 'incompatible qos')):
             return
@@ -500,12 +503,15 @@ class S4FusionNode(Node):
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
             publisher.publish(raw_image_message(raw, result.pair.visible_stamp_ns,
                                                 result.pair.frame_id))
-        # Encoded only for a subscriber, as image_transport's publishers do (a 640x480 PNG
-        # takes 27 ms here).
-        if self.fused_compressed_pub.get_subscription_count():
-            self.fused_compressed_pub.publish(compressed_image_message(
-                *compress_transport(result.fused, result.fused_encoding, *self.compression),
-                result.pair.visible_stamp_ns, result.pair.frame_id))
+        # Encoded only for a subscriber, as image_transport's publishers do (a 640x480 colour
+        # PNG takes 27 ms here).
+        for publisher, (image, encoding), compression in zip(
+                (self.fused_compressed_pub, self.saliency_compressed_pub), result.transported(),
+                self.compression):
+            if publisher.get_subscription_count():
+                publisher.publish(compressed_image_message(
+                    *compress_transport(image, encoding, *compression),
+                    result.pair.visible_stamp_ns, result.pair.frame_id))
         info = self.camera_infos.for_image(result.pair.visible_stamp_ns)
         if info is not None:
             info = copy.copy(info)  # the calibration is shared, not changed
