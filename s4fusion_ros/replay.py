@@ -16,14 +16,13 @@ from rosbags.interfaces import Qos
 from tqdm import tqdm
 
 from .bagio import (COMPRESSED_IMAGE, RELIABLE_QOS, BagError, ImageTopic, add_topic,
-                    camera_info_cdr,
-                    copy_connections, cut_files, deserialize, image_cdr, read_messages,
-                    topic_types)
+                    camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
+                    deserialize, image_cdr, read_messages, topic_types)
 from .camera_info import CAMERA_INFO, CameraInfoCache, camera_info_topic
 from .engine import (FusionEngine, FusionPipeline, FusionResult, clock_jump_message,
                      encode_saliency)
 from .files import write_png
-from .imaging.encodings import ImageDecodeError
+from .imaging.encodings import ImageDecodeError, compress_transport
 from .video import SideBySideVideo, panel_row
 
 
@@ -61,6 +60,16 @@ class Span:
 WHOLE = Span()
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """The output bag's connections of the fused and saliency images: raw, compressed (each
+    with its compression settings), either list empty where not written."""
+
+    raw: list
+    compressed: list
+    compression: list
+
+
 class WarmUpTooShort(Exception):
     """A span's warm-up prepared too few pairs to settle the pipeline's state."""
 
@@ -92,15 +101,20 @@ class BagFuser:
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
             writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
-            progress=None, qos: Qos = RELIABLE_QOS) -> None:
+            progress=None, qos: Qos = RELIABLE_QOS, raw: bool = True,
+            compression: list | None = None) -> None:
         """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`,
-        offered with `qos` (the node's qos.output.*).
+        offered with `qos` (the node's qos.output.*): as sensor_msgs/Image where `raw`, and with
+        `compression` (each output's engine.compression_settings) as image_transport's compressed
+        transport on TOPIC/compressed.
 
         `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
         """
         for cut in cut_files(reader):
             self._warn(f'{path}: {cut}')
-        outputs = [add_topic(writer, topic, qos) for topic in topics]
+        outputs = Outputs([add_topic(writer, topic, qos) for topic in topics] if raw else [],
+                          [add_topic(writer, f'{topic}/compressed', qos, COMPRESSED_IMAGE)
+                           for topic in topics] if compression else [], compression or [])
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
         types = {thermal.topic: thermal.msgtype, visible.topic: visible.msgtype}
         info_topic, info_output = camera_info_topics(reader, visible, topics[0])
@@ -216,8 +230,8 @@ class BagFuser:
         elif text not in self.warnings:
             self.warnings.append(text)
 
-    def _fuse(self, prepared: list, path: pathlib.Path, writer, outputs: list, progress: tqdm,
-              log_time: int) -> None:
+    def _fuse(self, prepared: list, path: pathlib.Path, writer, outputs: 'Outputs',
+              progress: tqdm, log_time: int) -> None:
         """Fuse the pairs decided at `log_time` (ns) and write them logged at that time."""
         for pair in prepared:
             try:
@@ -229,9 +243,14 @@ class BagFuser:
                                f'{pair.visible_stamp_ns}, dropped (the summary counts more): '
                                f'{error!r}')
                 continue
-            for connection, raw in zip(outputs, result.packed()):
+            for connection, raw in zip(outputs.raw, result.packed()):
                 writer.write(connection, log_time,
                              image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))
+            for connection, (image, encoding), compression in zip(
+                    outputs.compressed, result.transported(), outputs.compression):
+                fmt, data = compress_transport(image, encoding, *compression)
+                writer.write(connection, log_time,
+                             compressed_image_cdr(data, fmt, pair.visible_stamp_ns, pair.frame_id))
             info = self.camera_infos.for_image(pair.visible_stamp_ns)
             if info is not None and self.camera_info_output is not None:
                 writer.write(self.camera_info_output, log_time,

@@ -21,6 +21,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
+from s4fusion_ros.imaging.color import to_uint8
 from s4fusion_ros.imaging.encodings import RawImage
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
@@ -133,6 +134,43 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         again = tmp_path / 'again'
         assert bag_tool.main([str(output), str(again), '--params', str(params_file)]) == 0
         assert len(read_bag(again)['/s4fusion_node/fused']) == len(expected)
+
+
+def test_the_compressed_transports_carry_what_the_node_publishes_on_them(short_events,
+                                                                         tmp_path):
+    # The node's ~/fused/compressed and ~/saliency/compressed, here lossless PNG (the params
+    # file's), so their pixels equal the raw images beside them; a float saliency map goes as
+    # mono8.
+    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    params = tmp_path / 'params.yaml'
+    values = {**PARAMS['s4fusion_node']['ros__parameters'],
+              'fused': {'compressed': {'format': 'png'}},
+              'saliency': {'encoding': '32FC1', 'compressed': {'format': 'png'}}}
+    params.write_text(yaml.safe_dump({'s4fusion_node': {'ros__parameters': values}}))
+    both, compressed = tmp_path / 'both', tmp_path / 'compressed'
+    for output, transport in ((both, 'both'), (compressed, 'compressed')):
+        assert bag_tool.main([str(source), str(output), '--params', str(params),
+                              '--transport', transport]) == 0
+    written = read_bag(both)
+    assert read_bag(compressed) == {topic: messages for topic, messages in written.items()
+                                    if topic.endswith('/compressed')}
+    count = len(expected_pairs(short_events))
+    for topic, decode in (('/s4fusion_node/fused', lambda raw: raw),
+                          ('/s4fusion_node/saliency', lambda raw: to_uint8(raw))):
+        raws, transports = written[topic], written[f'{topic}/compressed']
+        assert len(raws) == len(transports) == count
+        for (log_time, _, raw), (transport_time, msgtype, data) in zip(raws, transports):
+            image = TYPESTORE.deserialize_cdr(raw, IMAGE)
+            message = TYPESTORE.deserialize_cdr(data, msgtype)
+            assert msgtype == COMPRESSED and transport_time == log_time
+            assert message.header == image.header
+            assert message.format == ('bgr8; png compressed bgr8' if image.encoding == 'bgr8'
+                                      else 'mono8; png compressed ')
+            dtype = np.float32 if image.encoding == '32FC1' else np.uint8
+            pixels = np.frombuffer(image.data, dtype).reshape(image.height, image.width, -1)
+            np.testing.assert_array_equal(
+                cv2.imdecode(message.data, cv2.IMREAD_UNCHANGED).reshape(pixels.shape),
+                decode(pixels))
 
 
 def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
@@ -723,6 +761,12 @@ def test_output_topics_that_would_merge_streams_or_are_not_topic_names_are_refus
         with pytest.raises(SystemExit):
             bag_tool.main([str(source), str(output), *extra])
         assert message in capsys.readouterr().err
+    # A compressed transport on another output's topic.
+    assert bag_tool.main([str(source), str(output), '--transport', 'both',
+                          '--fused-topic', '/a', '--saliency-topic', '/a/compressed']) == 1
+    assert ('/a/compressed would carry the images of --saliency-topic /a/compressed and the '
+            'compressed transport of --fused-topic /a; name another'
+            in capsys.readouterr().err)
     assert not output.exists()
 
 

@@ -14,12 +14,13 @@ run.
 
 The output bag has the node's output topics (sensor_msgs/Image with the visible header; under
 /s4fusion_node/ unless --fused-topic / --saliency-topic name others, whatever namespace the
-parameter file is for) and, where the bag holds the visible topic's camera_info sibling, the
-node's camera_info beside the fused topic (as the node chooses and stamps it: camera_info.py),
-offered with the QoS of qos.output.*, logged at
-the time the pair was decided (the log time of the message that completed it, or of the last
-message for the pairs decided at the end of the bag), on the input's timeline, and with
---include-inputs the input topics as recorded. It is written under a temporary name and renamed
+parameter file is for; with --transport compressed or both, their compressed transports as the
+node publishes them, TOPIC/compressed) and, where the bag holds the visible topic's camera_info
+sibling, the node's camera_info beside the fused topic (as the node chooses and stamps it:
+camera_info.py), offered with the QoS of qos.output.*, logged at the time the pair was decided
+(the log time of the message that completed it, or of the last message for the pairs decided at
+the end of the bag), on the input's timeline, and with --include-inputs the input topics as
+recorded. It is written under a temporary name and renamed
 when complete: an interrupted or failed run, or one that fused no pair, leaves nothing under the
 output name.
 """
@@ -37,7 +38,7 @@ from ..bagio import (STORAGES, WRITE_ERRORS, BagError, bag_size, check_output, c
                      image_topics, open_bag, output_qos_of, pick_topics, storage_of, sweep_staging)
 from ..cli import file_path, run_command, stop_on_signals
 from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
-from ..engine import FusionEngine, fusion_settings, pipeline_from_params
+from ..engine import FusionEngine, compression_settings, fusion_settings, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
 from ..model import CheckpointError
 from ..replay import BagFuser, camera_info_topics, remove_earlier_export
@@ -45,6 +46,7 @@ from ..runtime import model_from_params
 from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate
 
 PROG = 's4fusion-bag'
+TRANSPORTS = ('raw', 'compressed', 'both')  # --transport
 DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC = settings.OUTPUT_TOPICS
 # What rmw's full topic name validation takes (a bag holds resolved names).
 FULL_TOPIC_NAME = re.compile(r'(/[A-Za-z_][A-Za-z0-9_]*)+')
@@ -70,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='output topic of the fused images (default: %(default)s)')
     parser.add_argument('--saliency-topic', default=DEFAULT_SALIENCY_TOPIC,
                         help='output topic of the saliency maps (default: %(default)s)')
+    parser.add_argument('--transport', choices=TRANSPORTS, default='raw',
+                        help='how the fused images and saliency maps are written: raw '
+                        "(sensor_msgs/Image, default), compressed (image_transport's compressed "
+                        'transport as the node publishes it, TOPIC/compressed, with the --params '
+                        'file\'s fused.compressed.* and saliency.compressed.*; JPEG quality 95 '
+                        'by default) or both')
     parser.add_argument('--include-inputs', action='store_true',
                         help='copy the thermal and visible topics into the output bag, each '
                         'connection with its recorded QoS')
@@ -99,6 +107,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.fused_topic == args.saliency_topic:
         parser.error(f'--fused-topic and --saliency-topic are both {args.fused_topic}')
     return args
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputTopic:
+    """A topic the fused pairs are written on, and the option that named it."""
+
+    flag: str  # --fused-topic or --saliency-topic
+    given: str  # that option's topic
+    what: str  # what of it goes here: '' (its images), 'compressed transport', 'camera_info'
+    topic: str
+
+    def describe(self) -> str:
+        return (f'{self.flag} {self.given}' if not self.what else
+                f'{self.flag} {self.given} puts its {self.what} on {self.topic}')
+
+    def label(self) -> str:
+        return f'the {self.what or "images"} of {self.flag} {self.given}'
+
+
+def output_topics(args: argparse.Namespace, info_output: str | None) -> list[OutputTopic]:
+    """The topics the output bag gets with --transport, and the camera_info's, if any."""
+    named = (('--fused-topic', args.fused_topic), ('--saliency-topic', args.saliency_topic))
+    topics = []
+    if args.transport != 'compressed':
+        topics += [OutputTopic(flag, topic, '', topic) for flag, topic in named]
+    if args.transport != 'raw':
+        topics += [OutputTopic(flag, topic, 'compressed transport', f'{topic}/compressed')
+                   for flag, topic in named]
+    if info_output:
+        topics.append(OutputTopic('--fused-topic', args.fused_topic, 'camera_info', info_output))
+    return topics
+
+
+def check_output_topics(topics: list[OutputTopic], copied: set[str]) -> None:
+    """Refuse two streams merged under one name: an output on an input topic that
+    --include-inputs copies, or on another output's."""
+    for index, output in enumerate(topics):
+        if output.topic in copied:
+            raise BagError(output.describe() + (', an' if output.what else ' is an')
+                           + ' input topic copied by --include-inputs; name another')
+        for other in topics[:index]:
+            if other.topic == output.topic:
+                raise BagError(f'{output.topic} would carry {other.label()} and '
+                               f'{output.label()}; name another')
 
 
 def load_values(args: argparse.Namespace) -> dict:
@@ -176,16 +228,7 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
         info_topic, info_output = camera_info_topics(reader, visible, args.fused_topic)
         copied = ({thermal.topic, visible.topic, info_topic} - {None} if args.include_inputs
                   else set())
-        for flag, topic in (('--fused-topic', args.fused_topic),
-                            ('--saliency-topic', args.saliency_topic)):
-            if topic in copied:  # two streams would be merged under one name
-                raise BagError(f'{flag} {topic} is an input topic copied by --include-inputs; '
-                               f'name another')
-        if info_output in copied | {args.saliency_topic}:
-            raise BagError(f'--fused-topic {args.fused_topic} puts its camera_info on '
-                           f'{info_output}, ' + ('an input topic copied by --include-inputs'
-                                                 if info_output in copied else
-                                                 'the --saliency-topic') + '; name another')
+        check_output_topics(output_topics(args, info_output), copied)
         storage = args.storage or storage_of(args.input)
         loaded = model_from_params(values)
         infos = f'; {info_topic} -> {info_output}' if info_topic else ''
@@ -206,7 +249,10 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
             with bag as writer:
                 fuser.run(reader, args.input, thermal, visible, writer,
                           (args.fused_topic, args.saliency_topic), args.include_inputs,
-                          qos=output_qos_of(values))
+                          qos=output_qos_of(values), raw=args.transport != 'compressed',
+                          compression=None if args.transport == 'raw' else [
+                              compression_settings(values, name)
+                              for name in settings.OUTPUT_NAMES])
                 if not fuser.counts.fused:  # a failed run for a script too: nothing is written
                     print_summary(args, fuser, time.monotonic() - started)
                     raise BagError(f'no pair was fused (the counts above say why); '
