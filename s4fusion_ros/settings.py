@@ -44,8 +44,11 @@ OUTPUT_TOPICS = tuple(f'/{NODE_NAME}/{name}' for name in OUTPUT_NAMES)  # in the
 # The end of either output's resolved name, in any namespace and of a node of any name (the
 # launch file's node_name): a regular expression.
 OUTPUT_TOPIC_PATTERN = rf'/[^/]+/({"|".join(OUTPUT_NAMES)})'
+# An override of a topic the offline tools write with qos.output.*: an output, its compressed
+# transport or the camera_info beside them.
 OUTPUT_QOS_OVERRIDE = re.compile(
-    rf'{re.escape(QOS_OVERRIDES_PREFIX)}.*{OUTPUT_TOPIC_PATTERN}\.publisher\.')
+    rf'{re.escape(QOS_OVERRIDES_PREFIX)}.*/[^/]+/'
+    rf'(({"|".join(OUTPUT_NAMES)})(/compressed)?|camera_info)\.publisher\.')
 ROS_KEYS = ('use_sim_time', QOS_OVERRIDES_PREFIX, 'start_type_description_service')
 
 

@@ -354,12 +354,16 @@ def test_a_parameter_dump_of_the_running_node_is_read_by_the_offline_tools(node,
     values = settings.load_offline_params(path)
     assert values == {name: dumped[name] for name in settings.SPECS}
     assert values['sync.timeout'] == 1.0 and values['inference_size'] == [80, 60]
-    # One output set apart from qos.output.* is still refused, by name.
-    nested['qos_overrides']['/s4fusion_node/saliency']['publisher']['depth'] = 7
-    path.write_text(yaml.safe_dump({'/s4fusion_node': {'ros__parameters': nested}}))
-    with pytest.raises(settings.SettingsError, match=r'set those instead of '
-                       r'qos_overrides\./s4fusion_node/saliency\.publisher\.depth$'):
-        settings.load_offline_params(path)
+    # One output set apart from qos.output.* is still refused, by name, as is a compressed
+    # transport or the camera_info the tools write with the outputs.
+    for topic in ('saliency', 'fused/compressed', 'camera_info'):
+        publisher = nested['qos_overrides'][f'/s4fusion_node/{topic}']['publisher']
+        publisher['depth'] += 2
+        path.write_text(yaml.safe_dump({'/s4fusion_node': {'ros__parameters': nested}}))
+        with pytest.raises(settings.SettingsError, match=r'set those instead of '
+                           rf'qos_overrides\./s4fusion_node/{topic}\.publisher\.depth$'):
+            settings.load_offline_params(path)
+        publisher['depth'] -= 2
 
 
 @pytest.mark.ros
