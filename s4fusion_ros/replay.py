@@ -15,14 +15,15 @@ import numpy as np
 from rosbags.interfaces import Qos
 from tqdm import tqdm
 
-from .bagio import (COMPRESSED_IMAGE, RELIABLE_QOS, BagError, ImageTopic, add_topic,
+from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic, add_topic,
                     camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
                     deserialize, image_cdr, read_messages, topic_types)
 from .camera_info import CAMERA_INFO, CameraInfoCache, camera_info_topic
 from .engine import (FusionEngine, FusionPipeline, FusionResult, clock_jump_message,
-                     encode_saliency)
+                     compression_settings, encode_saliency)
 from .files import write_png
 from .imaging.encodings import ImageDecodeError, compress_transport
+from .settings import OUTPUT_NAMES
 from .video import SideBySideVideo, panel_row
 
 
@@ -58,6 +59,27 @@ class Span:
 
 
 WHOLE = Span()
+
+
+TRANSPORTS = ('raw', 'compressed', 'both')  # how the outputs are written (--transport)
+
+
+def transport_topics(topics: tuple[str, str], transport: str) -> list[tuple[str, str]]:
+    """(topic, message type) of the outputs written on the (fused, saliency) `topics` in
+    `transport`: raw sensor_msgs/Image, image_transport's compressed transport (TOPIC/compressed,
+    as the node publishes it) or both."""
+    written = []
+    if transport != 'compressed':
+        written += [(topic, IMAGE) for topic in topics]
+    if transport != 'raw':
+        written += [(f'{topic}/compressed', COMPRESSED_IMAGE) for topic in topics]
+    return written
+
+
+def output_compression(values: dict) -> list[tuple[str, int, int]]:
+    """The compressed transport's settings of each output (fused, saliency) in the node's
+    parameter `values`."""
+    return [compression_settings(values, name) for name in OUTPUT_NAMES]
 
 
 @dataclass(frozen=True)
@@ -101,20 +123,21 @@ class BagFuser:
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
             writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
-            progress=None, qos: Qos = RELIABLE_QOS, raw: bool = True,
-            compression: list | None = None) -> None:
+            progress=None, qos: Qos = RELIABLE_QOS, transport: str = 'raw',
+            compression: list = ()) -> None:
         """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`,
-        offered with `qos` (the node's qos.output.*): as sensor_msgs/Image where `raw`, and with
-        `compression` (each output's engine.compression_settings) as image_transport's compressed
-        transport on TOPIC/compressed.
+        offered with `qos` (the node's qos.output.*), in `transport` (transport_topics), the
+        compressed transport with `compression` (output_compression).
 
         `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
         """
         for cut in cut_files(reader):
             self._warn(f'{path}: {cut}')
-        outputs = Outputs([add_topic(writer, topic, qos) for topic in topics] if raw else [],
-                          [add_topic(writer, f'{topic}/compressed', qos, COMPRESSED_IMAGE)
-                           for topic in topics] if compression else [], compression or [])
+        written = [(add_topic(writer, topic, qos, msgtype), msgtype)
+                   for topic, msgtype in transport_topics(topics, transport)]
+        outputs = Outputs([c for c, msgtype in written if msgtype == IMAGE],
+                          [c for c, msgtype in written if msgtype == COMPRESSED_IMAGE],
+                          list(compression))
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
         types = {thermal.topic: thermal.msgtype, visible.topic: visible.msgtype}
         info_topic, info_output = camera_info_topics(reader, visible, topics[0])

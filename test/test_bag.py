@@ -764,8 +764,8 @@ def test_output_topics_that_would_merge_streams_or_are_not_topic_names_are_refus
     # A compressed transport on another output's topic.
     assert bag_tool.main([str(source), str(output), '--transport', 'both',
                           '--fused-topic', '/a', '--saliency-topic', '/a/compressed']) == 1
-    assert ('/a/compressed would carry the images of --saliency-topic /a/compressed and the '
-            'compressed transport of --fused-topic /a; name another'
+    assert ('/a/compressed would carry the compressed transport of --fused-topic /a and the '
+            'images of --saliency-topic /a/compressed; name another'
             in capsys.readouterr().err)
     assert not output.exists()
 

@@ -34,19 +34,20 @@ import sys
 import time
 
 from .. import settings
-from ..bagio import (STORAGES, WRITE_ERRORS, BagError, bag_size, check_output, create_bag,
-                     image_topics, open_bag, output_qos_of, pick_topics, storage_of, sweep_staging)
+from ..bagio import (IMAGE, STORAGES, WRITE_ERRORS, BagError, bag_size, check_output,
+                     create_bag, image_topics, open_bag, output_qos_of, pick_topics, storage_of,
+                     sweep_staging)
 from ..cli import file_path, run_command, stop_on_signals
 from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
-from ..engine import FusionEngine, compression_settings, fusion_settings, pipeline_from_params
+from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
 from ..model import CheckpointError
-from ..replay import BagFuser, camera_info_topics, remove_earlier_export
+from ..replay import (TRANSPORTS, BagFuser, camera_info_topics, output_compression,
+                      remove_earlier_export, transport_topics)
 from ..runtime import model_from_params
 from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate
 
 PROG = 's4fusion-bag'
-TRANSPORTS = ('raw', 'compressed', 'both')  # --transport
 DEFAULT_FUSED_TOPIC, DEFAULT_SALIENCY_TOPIC = settings.OUTPUT_TOPICS
 # What rmw's full topic name validation takes (a bag holds resolved names).
 FULL_TOPIC_NAME = re.compile(r'(/[A-Za-z_][A-Za-z0-9_]*)+')
@@ -128,13 +129,12 @@ class OutputTopic:
 
 def output_topics(args: argparse.Namespace, info_output: str | None) -> list[OutputTopic]:
     """The topics the output bag gets with --transport, and the camera_info's, if any."""
-    named = (('--fused-topic', args.fused_topic), ('--saliency-topic', args.saliency_topic))
+    flags = {args.fused_topic: '--fused-topic', args.saliency_topic: '--saliency-topic'}
     topics = []
-    if args.transport != 'compressed':
-        topics += [OutputTopic(flag, topic, '', topic) for flag, topic in named]
-    if args.transport != 'raw':
-        topics += [OutputTopic(flag, topic, 'compressed transport', f'{topic}/compressed')
-                   for flag, topic in named]
+    for given, flag in flags.items():
+        for topic, msgtype in transport_topics((given,), args.transport):
+            topics.append(OutputTopic(flag, given, '' if msgtype == IMAGE else
+                                      'compressed transport', topic))
     if info_output:
         topics.append(OutputTopic('--fused-topic', args.fused_topic, 'camera_info', info_output))
     return topics
@@ -249,10 +249,8 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
             with bag as writer:
                 fuser.run(reader, args.input, thermal, visible, writer,
                           (args.fused_topic, args.saliency_topic), args.include_inputs,
-                          qos=output_qos_of(values), raw=args.transport != 'compressed',
-                          compression=None if args.transport == 'raw' else [
-                              compression_settings(values, name)
-                              for name in settings.OUTPUT_NAMES])
+                          qos=output_qos_of(values), transport=args.transport,
+                          compression=output_compression(values))
                 if not fuser.counts.fused:  # a failed run for a script too: nothing is written
                     print_summary(args, fuser, time.monotonic() - started)
                     raise BagError(f'no pair was fused (the counts above say why); '
