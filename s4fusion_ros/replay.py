@@ -253,7 +253,7 @@ class BagFuser:
         elif text not in self.warnings:
             self.warnings.append(text)
 
-    def _fuse(self, prepared: list, path: pathlib.Path, writer, outputs: 'Outputs',
+    def _fuse(self, prepared: list, path: pathlib.Path, writer, outputs: Outputs,
               progress: tqdm, log_time: int) -> None:
         """Fuse the pairs decided at `log_time` (ns) and write them logged at that time."""
         for pair in prepared:

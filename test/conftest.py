@@ -20,8 +20,9 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 # The test process is set up as the package's commands set up theirs, before any test module
 # imports torch or numba.
 configure_process()
-# 1-57: ROS 2's safe domains (0-101; above, the DDS ports reach Linux's ephemeral range, where
-# another process's socket may hold one), not 0 (every ROS 2 default) and below the demo's 60-99.
+# 1-55, plus a worker's offset below: among ROS 2's safe domains (0-101; above, the DDS ports
+# reach Linux's ephemeral range, where another process's socket may hold one), not 0 (every ROS 2
+# default) and, with up to four workers, below the demo's 60-99.
 os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 55))
 # pytest-xdist's workers ('gw0', 'gw1', ...) inherit one environment: each takes the next domain,
 # or their nodes and topics of the same names would meet.
