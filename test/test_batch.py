@@ -146,11 +146,13 @@ def test_which_earlier_manifest_rows_a_run_keeps(tmp_path):
     rows = {name: {'output': str(out / name), 'status': status}
             for name, status in (('a', 'done'), ('b', 'failed'), ('c', 'done'))}
 
-    def keeps(recorded, names=('a', 'b', 'c'), resume=False, overwrite=False):
+    def keeps(recorded, names=('a', 'b', 'c'), resume=False, overwrite=False, transport=None):
         listed = {'bags': [rows[name] for name in names]}
+        if transport:
+            listed['transport'] = transport
         manifest.write_text(json.dumps(listed if recorded is None else
                                        {**listed, 'parameters': recorded}))
-        kept = _previous_reports(manifest, values, jobs, resume, overwrite)
+        kept = _previous_reports(manifest, values, 'raw', jobs, resume, overwrite)
         return sorted(pathlib.Path(output).name for output in kept)
 
     # Same parameters: a plain run or --overwrite keeps every row but its own bags' (a failed
@@ -170,6 +172,12 @@ def test_which_earlier_manifest_rows_a_run_keeps(tmp_path):
     # A manifest of a release before a parameter existed: that run had its default's behaviour.
     older = {name: value for name, value in values.items() if name != 'sync.clock_jump'}
     assert keeps(older, resume=True) == ['a', 'b', 'c'] and keeps(older) == ['a', 'b']
+    # The transport is one of the folder's settings; before it was recorded, outputs were raw.
+    assert keeps(values, transport='raw') == ['a', 'b']
+    for resume in (False, True):
+        with pytest.raises(BatchError, match=r'other parameters \(--transport\)'):
+            keeps(values, resume=resume, transport='compressed')
+    assert keeps(values, transport='compressed', overwrite=True) == []
 
 
 def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_file, tmp_path,
@@ -205,6 +213,26 @@ def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_fi
     assert report.ok, report.bags
     for rel, messages in expected.items():
         assert read_bag(out / rel) == messages, rel
+
+
+def test_the_compressed_transport_is_written_as_s4fusion_bag_writes_it(local_ray, long_bag,
+                                                                       params_file, tmp_path):
+    # Segmented (the parts joined) and whole, as `s4fusion-bag --transport compressed`.
+    source, _ = long_bag
+    with one_torch_thread():
+        assert bag_tool.main([str(source), str(tmp_path / 'ref'), '--params', str(params_file),
+                              '--transport', 'compressed']) == 0
+    expected = read_bag(tmp_path / 'ref')
+    assert sorted(expected) == ['/s4fusion_node/camera_info', '/s4fusion_node/fused/compressed',
+                                '/s4fusion_node/saliency/compressed']
+    for minutes in (0.15, 0):
+        out = tmp_path / f'out{minutes}'
+        report = fuse_bags([source], out, params=params_file, segment_minutes=minutes,
+                           transport='compressed', progress=False)
+        assert report.ok and report.bags[0].units == (4 if minutes else 1), report.bags
+        assert read_bag(out / 'long') == expected
+        manifest = json.loads((out / 's4fusion-batch-manifest.json').read_text())
+        assert manifest['transport'] == 'compressed'
 
 
 def test_a_gpu_worker_killed_for_good_takes_no_more_bags(local_ray, ivif_dir, params_file,

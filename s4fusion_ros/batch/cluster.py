@@ -251,7 +251,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
               segment_minutes: float = 10.0, params=None, device: str | None = None,
               resume: bool = False, overwrite: bool = False, max_retries: int = 3,
               progress: bool = True, on_unit=None, on_progress=None,
-              topics: tuple = (None, None)) -> Report:
+              topics: tuple = (None, None), transport: str = 'raw') -> Report:
     """Fuse every bag of `inputs` (bags or folders of bags) into `out_dir`; return the Report.
 
     Each output is what `s4fusion-bag IN OUT --params PARAMS` writes, stamps and pixels. Bags
@@ -261,7 +261,8 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     cannot start; KeyboardInterrupt stops the cluster's work and leaves no partial bag under a
     final name (the manifest says what finished). `on_unit(result)` sees each unit's result and
     `on_progress(label, node ip, pairs)` each progress message of a task. `topics`: the
-    (thermal, visible) topic of every bag, None to detect it per bag.
+    (thermal, visible) topic of every bag, None to detect it per bag. `transport`: how the
+    outputs are written (s4fusion-bag --transport), recorded in the manifest with the parameters.
     """
     if resume and overwrite:
         raise BatchError('--resume and --overwrite exclude each other')
@@ -274,11 +275,12 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     jobs = work.find_bags(list(map(pathlib.Path, inputs)), out_dir)
     with _sole_run_into(out_dir):
         _check_existing(jobs, resume, overwrite)
-        previous = _previous_reports(out_dir / MANIFEST, values, jobs, resume, overwrite)
+        previous = _previous_reports(out_dir / MANIFEST, values, transport, jobs, resume,
+                                     overwrite)
         with connected(address, num_cpus) as ray:
             runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
                              resume, max_retries, progress, (on_unit, on_progress),
-                             previous, out_dir / MANIFEST, topics)
+                             previous, out_dir / MANIFEST, topics, transport)
             runner.check_resources()  # before any manifest: a refused run leaves no trace
             interrupted, ended = False, {}
             try:
@@ -351,11 +353,12 @@ def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
                          'what is finished or --overwrite to replace them')
 
 
-def _previous_reports(manifest: pathlib.Path, values: dict, jobs: list[BagJob], resume: bool,
-                      overwrite: bool) -> dict:
+def _previous_reports(manifest: pathlib.Path, values: dict, transport: str, jobs: list[BagJob],
+                      resume: bool, overwrite: bool) -> dict:
     """{output: BagReport fields} of the rows an earlier run into the same folder wrote, to keep.
 
-    One manifest describes the folder, with one set of parameters. --resume keeps every row (the
+    One manifest describes the folder, with one set of parameters (the transport among them:
+    one recorded before it was has the raw images). --resume keeps every row (the
     finished ones are skipped) and is refused if the earlier run recorded other parameters: its
     finished bags would be kept as they are, unlike the ones still to fuse. A plain run or
     --overwrite fuses its own bags anew and keeps the rows of the folder's other bags when the
@@ -373,6 +376,8 @@ def _previous_reports(manifest: pathlib.Path, values: dict, jobs: list[BagJob], 
         recorded = {**json.loads(json.dumps(settings.defaults())), **recorded}
     changed = sorted(name for name in set(recorded or {}) | set(current)
                      if (recorded or {}).get(name) != current.get(name))
+    if recorded is not None and earlier.get('transport', 'raw') != transport:
+        changed.append('--transport')
     if resume:
         if recorded is not None and changed:
             raise BatchError(f'--resume: the bags in {manifest.parent} were fused with other '
@@ -381,7 +386,7 @@ def _previous_reports(manifest: pathlib.Path, values: dict, jobs: list[BagJob], 
         return rows
     ours = {str(job.output) for job in jobs}
     others = {output: bag for output, bag in rows.items() if output not in ours}
-    if recorded == current:
+    if recorded is not None and not changed:
         return others
     finished = [output for output, bag in others.items() if bag.get('status') in FINISHED]
     if overwrite or not finished:
@@ -456,8 +461,9 @@ class _Runner:
     """Submits the units, follows them to the end of each bag, commits segmented bags."""
 
     def __init__(self, ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                 resume, max_retries, progress, on_unit, previous, manifest, topics):
+                 resume, max_retries, progress, on_unit, previous, manifest, topics, transport):
         self.ray, self.jobs, self.values, self.topics = ray, jobs, values, topics
+        self.transport = transport
         self.cpus, self.gpus = cpus_per_task, gpus_per_worker
         self.segment_ns = round(segment_minutes * 60e9)
         self.resume, self.retries = resume, max_retries
@@ -487,7 +493,8 @@ class _Runner:
         ours = {report.output for report in self.reports}
         bags += [bag for output, bag in self.previous.items() if output not in ours]
         write_text_atomically(self.manifest, json.dumps(
-            {**(status or {'running': True}), 'parameters': self.values, 'bags': bags},
+            {**(status or {'running': True}), 'parameters': self.values,
+             'transport': self.transport, 'bags': bags},
             indent=1))
         self.manifest_written = time.monotonic()
 
@@ -582,7 +589,7 @@ class _Runner:
             if not reason:
                 return self._skip(job, report, earlier)
             tqdm.write(f's4fusion-batch: fusing {report.input} again: {reason}', file=sys.stderr)
-        units = work.plan_bag(job, self.values, self.segment_ns, self.topics)
+        units = work.plan_bag(job, self.values, self.segment_ns, self.topics, self.transport)
         report.topics, report.units = list(units[0].topics), len(units)
         self.units[number] = units
         if len(units) == 1:

@@ -38,7 +38,8 @@ from ..bagio import (BAG_SUFFIXES, WRITE_ERRORS, BagError, add_topic, create_bag
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import MODEL_PARAMETERS, model_from_params
-from ..replay import BagFuser, Span, WarmUpTooShort
+from ..replay import (BagFuser, Span, WarmUpTooShort, output_compression,
+                      transport_topics)
 
 PART_STORAGE = 'mcap'
 STAGING_SUFFIX = '.s4batch'
@@ -179,6 +180,7 @@ class Unit:
     count: int  # units of the bag
     warm_pairs: int
     thermal_count: int  # messages of the thermal topic in the whole bag (the progress estimate)
+    transport: str = 'raw'  # how the outputs are written (replay.transport_topics)
 
     @property
     def label(self) -> str:
@@ -194,10 +196,10 @@ class Unit:
         return staging_of(self.output) / 'result.json'
 
 
-def plan_bag(job: BagJob, values: dict, segment_ns: int,
-             topics: tuple = (None, None)) -> list[Unit]:
+def plan_bag(job: BagJob, values: dict, segment_ns: int, topics: tuple = (None, None),
+             transport: str = 'raw') -> list[Unit]:
     """Open the bag, choose its topics (``topics``: (thermal, visible), None to detect) and cut
-    it into units; BagError if it cannot be read."""
+    it into units writing the outputs in `transport`; BagError if it cannot be read."""
     with open_bag(job.input) as reader:
         thermal, visible = pick_topics(image_topics(reader, job.input), job.input, *topics,
                                        values=values)
@@ -208,7 +210,7 @@ def plan_bag(job: BagJob, values: dict, segment_ns: int,
         segmented = segment_ns > 0 and reader.compression_mode != 'file'
     count = max(1, math.ceil((end - start) / segment_ns)) if segmented else 1
     base = dict(input=job.input, storage=storage, topics=(thermal.topic, visible.topic),
-                values=values, count=count, thermal_count=thermal.count)
+                values=values, count=count, thermal_count=thermal.count, transport=transport)
     if count == 1:
         return [Unit(output=job.output, span=Span(), index=0, warm_pairs=0, **base)]
     warm = warm_up(values)
@@ -242,10 +244,11 @@ def input_identity(bag: pathlib.Path) -> list[list]:
 
 
 def plan_fingerprint(units: list[Unit]) -> str:
-    """What a segmented bag's parts depend on: input file sizes and times, spans, parameters."""
+    """What a segmented bag's parts depend on: input file sizes and times, spans, parameters,
+    transport."""
     first = units[0]
     described = {'files': input_identity(first.input), 'topics': first.topics,
-                 'values': first.values,
+                 'values': first.values, 'transport': first.transport,
                  'spans': [dataclasses.astuple(unit.span) for unit in units]}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -364,7 +367,8 @@ def _fuse(unit: Unit, span: Span, progress, warnings: list[str]) -> dict:
         with create_bag(unit.output, storage, overwrite=True) as writer:
             fuser.run(reader, unit.input, thermal, visible, writer,
                       settings.OUTPUT_TOPICS, False, span, progress,
-                      output_qos_of(unit.values))
+                      output_qos_of(unit.values), unit.transport,
+                      output_compression(unit.values))
     end, start = fuser.tally(), fuser.baseline
     counts = {name: end[name] - start[name] for name in end}
     counts['fused'] = fuser.counts.fused
@@ -390,7 +394,8 @@ def commit(job: BagJob, units: list[Unit]) -> None:
     first = units[0]
     with create_bag(job.output, first.storage, overwrite=True) as writer:
         qos = output_qos_of(first.values)
-        outputs = {topic: add_topic(writer, topic, qos) for topic in settings.OUTPUT_TOPICS}
+        outputs = {topic: add_topic(writer, topic, qos, msgtype) for topic, msgtype
+                   in transport_topics(settings.OUTPUT_TOPICS, first.transport)}
         for unit in units:
             with open_bag(unit.output) as reader:
                 for connection, log_time, raw in reader.messages():

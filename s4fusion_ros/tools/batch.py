@@ -15,6 +15,7 @@ from .. import settings
 from ..cli import run_command, stop_on_signals
 from ..batch.cluster import LOCAL, fuse_bags
 from ..batch.work import BatchError
+from ..replay import TRANSPORTS
 
 PROG = 's4fusion-batch'
 
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'detected per bag, as s4fusion-bag detects it)')
     parser.add_argument('--visible-topic', help="every bag's visible image topic (default: "
                         'detected per bag)')
+    parser.add_argument('--transport', choices=TRANSPORTS, default='raw',
+                        help='how the fused images and saliency maps are written, as with '
+                        's4fusion-bag: raw (default), compressed (TOPIC/compressed, with the '
+                        "--params file's fused.compressed.* and saliency.compressed.*) or both")
     again = parser.add_mutually_exclusive_group()
     again.add_argument('--resume', action='store_true',
                        help='keep the bags and segments an earlier run finished')
@@ -81,7 +86,8 @@ def fuse_and_report(args: argparse.Namespace) -> int:
                        segment_minutes=args.segment_minutes, params=args.params,
                        device=args.device, resume=args.resume, overwrite=args.overwrite,
                        max_retries=args.max_retries,
-                       topics=(args.thermal_topic, args.visible_topic))
+                       topics=(args.thermal_topic, args.visible_topic),
+                       transport=args.transport)
     failed = [bag for bag in report.bags if bag.status == 'failed']
     kept = sum(bag.status == 'skipped' for bag in report.bags)
     fused = sum(bag.status == 'done' for bag in report.bags)
