@@ -71,13 +71,15 @@ class FusionResult:
         return (encode_image(self.fused, self.fused_encoding),
                 encode_image(self.saliency_image, self.saliency_encoding))
 
-    def transported(self) -> tuple[tuple[np.ndarray, str], tuple[np.ndarray, str]]:
-        """The (image, encoding) of the fused and the saliency images' compressed transports: the
-        saliency map as mono8 whatever it is published as (the transport carries 8- and 16-bit
-        images, not 32FC1)."""
-        saliency = (self.saliency_image if self.saliency_encoding == 'mono8'
-                    else encode_saliency(self.saliency, 'mono8'))
-        return (self.fused, self.fused_encoding), (saliency, 'mono8')
+    def transported(self, output: str) -> tuple[np.ndarray, str]:
+        """The 8-bit (image, encoding) of `output` ('fused' or 'saliency') in its compressed
+        transport and PNG export: the saliency map as mono8 whatever it is published as (the
+        transport carries 8- and 16-bit images, not 32FC1); made only when asked for."""
+        if output == 'fused':
+            return self.fused, self.fused_encoding
+        if self.saliency_encoding == 'mono8':
+            return self.saliency_image, 'mono8'
+        return encode_saliency(self.saliency, 'mono8'), 'mono8'
 
 
 def clock_jump_message(resets: int | None) -> str:

@@ -20,7 +20,7 @@ from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic,
                     deserialize, image_cdr, read_messages, topic_types)
 from .camera_info import CAMERA_INFO, CameraInfoCache, camera_info_topic
 from .engine import (FusionEngine, FusionPipeline, FusionResult, clock_jump_message,
-                     compression_settings, encode_saliency)
+                     compression_settings)
 from .files import write_png
 from .imaging.encodings import ImageDecodeError, compress_transport
 from .settings import OUTPUT_NAMES
@@ -269,9 +269,9 @@ class BagFuser:
             for connection, raw in zip(outputs.raw, result.packed()):
                 writer.write(connection, log_time,
                              image_cdr(raw, pair.visible_stamp_ns, pair.frame_id))
-            for connection, (image, encoding), compression in zip(
-                    outputs.compressed, result.transported(), outputs.compression):
-                fmt, data = compress_transport(image, encoding, *compression)
+            for name, connection, compression in zip(OUTPUT_NAMES, outputs.compressed,
+                                                     outputs.compression):
+                fmt, data = compress_transport(*result.transported(name), *compression)
                 writer.write(connection, log_time,
                              compressed_image_cdr(data, fmt, pair.visible_stamp_ns, pair.frame_id))
             info = self.camera_infos.for_image(pair.visible_stamp_ns)
@@ -333,7 +333,7 @@ def export_png(directory: pathlib.Path, index: int, result: FusionResult) -> lis
     """Write one pair's fused image and saliency map as PNG (8-bit, BGR or gray); returns the
     paths written."""
     fused = bgr_image(result)
-    saliency = encode_saliency(result.saliency, 'mono8')
+    saliency, _ = result.transported('saliency')
     stem = f'{index:06d}_{result.pair.visible_stamp_ns}'
     paths = []
     for suffix, image in (('fused', fused), ('saliency', saliency)):

@@ -505,12 +505,12 @@ class S4FusionNode(Node):
                                                 result.pair.frame_id))
         # Encoded only for a subscriber, as image_transport's publishers do (a 640x480 colour
         # PNG takes 27 ms here).
-        for publisher, (image, encoding), compression in zip(
-                (self.fused_compressed_pub, self.saliency_compressed_pub), result.transported(),
+        for name, publisher, compression in zip(
+                settings.OUTPUT_NAMES, (self.fused_compressed_pub, self.saliency_compressed_pub),
                 self.compression):
             if publisher.get_subscription_count():
                 publisher.publish(compressed_image_message(
-                    *compress_transport(image, encoding, *compression),
+                    *compress_transport(*result.transported(name), *compression),
                     result.pair.visible_stamp_ns, result.pair.frame_id))
         info = self.camera_infos.for_image(result.pair.visible_stamp_ns)
         if info is not None:
