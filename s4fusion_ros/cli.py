@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 
 
 def parse_size(text: str, minimum: int = 1) -> tuple[int, int]:
@@ -76,6 +77,31 @@ def stop_signals_handled(handler):
     finally:
         for number, earlier in previous.items():
             signal.signal(number, earlier)
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold a stop signal that raises KeyboardInterrupt (Ctrl-C) until the block ends, and raise
+    it there; a second one raises at once, for a block that hangs.
+
+    For a block that an interrupt would cut short where nothing can clean up after it, or lose:
+    Python only reports an exception raised in an at-fork hook or a finalizer ('Exception
+    ignored in'). Other handlers are the caller's."""
+    held = []
+
+    def hold(signum, frame):
+        if held:
+            signal.default_int_handler(signum, frame)
+        held.append(signum)
+
+    with contextlib.ExitStack() as handlers:
+        if threading.current_thread() is threading.main_thread():  # handlers settable
+            for number in STOP_SIGNALS:
+                if signal.getsignal(number) is signal.default_int_handler:
+                    handlers.callback(signal.signal, number, signal.signal(number, hold))
+        yield
+    if held:
+        raise KeyboardInterrupt
 
 
 def run_command(prog: str, command, errors: tuple, interrupted='interrupted',

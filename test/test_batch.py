@@ -659,9 +659,11 @@ def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, p
 def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, tmp_path, stop,
                                                         api):
     # The command gets the signal a second after the private Ray's HOME appears: while ray.init
-    # runs, or soon after on a fast machine. Either way no Ray process nor HOME is left, and it
-    # exits 130. A program of its own (SIGTERM's default action: die at once) gets it once the
-    # run has begun (its manifest is written), and its Ray is cleaned up too.
+    # runs, which holds it until ray.init returns (cluster._starting), or soon after on a fast
+    # machine. Either way no Ray process nor HOME is left, and it exits 130 (not 0, a stop lost
+    # in an at-fork hook; nor -11, Ray's exit after a core worker cut short). A program of its
+    # own (SIGTERM's default action: die at once) gets it once the run has begun (its manifest
+    # is written), and its Ray is cleaned up too.
     # 20 s of recording: on a loaded machine Ray can take seconds to come up after its HOME,
     # and a bag fused before the signal lands would exit 0.
     source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 20.0), 'mcap')

@@ -101,6 +101,47 @@ def test_a_ctrl_c_that_c_code_wrapped_in_a_system_error_is_still_one_line(capsys
         run_command('tool', broken, ())
 
 
+CTRL_C_WHILE_FORKING = """
+import os, signal, sys
+from s4fusion_ros.cli import interrupts_held
+
+def fork(ctrl_c_presses):
+    # As a Ctrl-C landing while ray.init forks its processes: in an at-fork hook.
+    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))
+    if os.fork() == 0:
+        os._exit(0)
+    os.wait()
+    if ctrl_c_presses == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    print('forked', flush=True)
+
+presses = int(sys.argv[2])
+if sys.argv[1] == 'held':
+    with interrupts_held():
+        fork(presses)
+else:
+    fork(presses)
+print('went on', flush=True)
+"""
+
+
+@pytest.mark.parametrize('held, presses, printed', [
+    (False, 1, 'forked\nwent on\n'),  # Python alone: the interrupt is lost, the program goes on
+    (True, 1, 'forked\n'),  # held: the block ends, then the interrupt is raised
+    (True, 2, ''),  # a second Ctrl-C does not wait for the block
+], ids=['plain', 'held', 'held-twice'])
+def test_a_ctrl_c_while_forking_is_held_to_the_end_of_the_block(held, presses, printed):
+    result = subprocess.run([sys.executable, '-c', CTRL_C_WHILE_FORKING,
+                             'held' if held else 'plain', str(presses)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout == printed, result.stderr
+    if held:
+        assert result.returncode == -signal.SIGINT, result.stderr  # the KeyboardInterrupt's exit
+        assert 'Exception ignored' not in result.stderr
+    else:
+        assert result.returncode == 0 and 'Exception ignored' in result.stderr, result.stderr
+
+
 def test_ros_arguments_run_from_each_ros_args_to_the_next_double_dash():
     from s4fusion_ros.cli import split_ros_arguments
     from s4fusion_ros.settings import params_file_arguments

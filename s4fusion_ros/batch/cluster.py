@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .. import settings
 from ..bagio import BagError
+from ..cli import interrupts_held
 from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, write_text_atomically
 from . import work
@@ -136,9 +137,8 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
                   log_to_driver=True)
     home = None
-    # ray.init puts its crash handler on SIGTERM (exit, no clean-up). From then on a stop signal
-    # whose action was the default (SIGTERM's kills at once) raises KeyboardInterrupt, so the
-    # clean-up below runs; the caller's handlers come back at the end.
+    # While Ray runs a stop signal whose action was the default (SIGTERM's kills at once) raises
+    # KeyboardInterrupt, so the clean-up below runs; the caller's handlers come back at the end.
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     main_thread = threading.current_thread() is threading.main_thread()  # handlers settable
 
@@ -148,42 +148,50 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                 signal.signal(number, handler if restore or handler != signal.SIG_DFL
                               else signal.default_int_handler)
 
-    try:
-        if address == LOCAL:
-            home = private_home()
-            with home_for_ray(home):
-                ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
-                         **common)
-        else:
-            _check_reachable(address)
-            # Workers on other machines do not inherit this process's set-up (entry_points):
-            # give them the OpenMP wait policy and OpenCV's settings before they load torch and
-            # OpenCV.
-            ray.init(address=address, runtime_env={'env_vars': {
-                'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_settings()}},
-                **_driver_address(address), **common)
-    except (ValueError, ConnectionError) as error:  # a malformed address, or nobody there
-        stop_ray(ray, home)
-        raise BatchError(f'--ray {address}: cannot join that Ray cluster ({error})') from None
-    except BaseException as error:
-        # Stopped (or failed) while starting: nothing it started may outlive this process. A
-        # stop signal then lands as KeyboardInterrupt or in Ray's handler as SystemExit(signal).
-        take_stop_signals(restore=False)
-        try:
-            stop_ray(ray, home)
-        finally:
-            take_stop_signals(restore=True)
-        if isinstance(error, SystemExit) and error.code in (signal.SIGINT, signal.SIGTERM):
-            raise KeyboardInterrupt from None
-        raise
     take_stop_signals(restore=False)
     try:
+        try:
+            if address == LOCAL:
+                home = private_home()
+                with home_for_ray(home), _starting(ray):
+                    ray.init(address='local', num_cpus=num_cpus,
+                             _node_ip_address=LOCAL_NODE_IP, **common)
+            else:
+                _check_reachable(address)
+                # Workers on other machines do not inherit this process's set-up
+                # (entry_points): give them the OpenMP wait policy and OpenCV's settings before
+                # they load torch and OpenCV.
+                with _starting(ray):
+                    ray.init(address=address, runtime_env={'env_vars': {
+                        'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_settings()}},
+                        **_driver_address(address), **common)
+        except (ValueError, ConnectionError) as error:  # a malformed address, or nobody there
+            raise BatchError(f'--ray {address}: cannot join that Ray cluster ({error})') from None
         yield ray
-    finally:
+    finally:  # stopped or failed while starting too: nothing it started may outlive this process
         try:
             stop_ray(ray, home)
         finally:
             take_stop_signals(restore=True)
+
+
+@contextlib.contextmanager
+def _starting(ray):
+    """ray.init in the block, safe from a stop signal: one that lands is raised as
+    KeyboardInterrupt once ray.init has returned (interrupts_held).
+
+    Cut short, ray.init (2.60) goes wrong: an interrupt while it forks its processes is lost in
+    an at-fork hook, and the run goes on; one while its core worker connects leaves that worker
+    running, to crash the interpreter's exit (SIGSEGV). So ray.init is also kept from putting its
+    own SIGTERM handler (sys.exit, which would cut it short the same way) in place first."""
+    utils = ray._private.utils
+    set_sigterm_handler = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        with interrupts_held():
+            yield
+    finally:
+        utils.set_sigterm_handler = set_sigterm_handler
 
 
 def _check_reachable(address: str) -> None:
