@@ -720,7 +720,7 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
     running = json.loads((out / 's4fusion-batch-manifest.json').read_text())
     assert running['running'] and running['parameters']['sync.slop'] == 0.02
     # SIGTERM, as `kill` and service managers stop it: the clean-up of Ctrl-C, not Ray's crash
-    # handler (which ray.init installs).
+    # handler (which ray.init would install).
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     reader.join(timeout=10)
@@ -729,6 +729,9 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
     assert 'interrupted' in error and 'Traceback' not in error
     assert json.loads((out / 's4fusion-batch-manifest.json').read_text())['interrupted']
     assert not list(out.rglob('.*.partial'))
+    # Its private Ray's session folder went with its HOME: none named for its process (Ray
+    # names them session_<time>_<pid>) is left in Ray's default place.
+    assert not list(pathlib.Path(tempfile.gettempdir(), 'ray').glob(f'session_*_{proc.pid}'))
     finished = {p.name for p in out.iterdir() if not p.name.startswith('.')} - {
         's4fusion-batch-manifest.json'}
     parts = {p.stem for p in (out / '.long.s4batch').glob('part-*.json')}

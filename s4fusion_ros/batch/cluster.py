@@ -97,7 +97,8 @@ def _ray():
 
 
 def private_home() -> pathlib.Path:
-    """A HOME for the processes of a private Ray: its token, and no cloud metadata requests.
+    """A HOME for the processes of a private Ray: its token, its session folder (logs, sockets;
+    else left in the temporary folder's ray/ after each run), and no cloud metadata requests.
 
     Ray 2.60 always starts a dashboard process whose usage-stats module asks the cloud metadata
     servers (169.254.169.254, metadata.google.internal) where it runs, usage stats off or not,
@@ -155,7 +156,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                 home = private_home()
                 with home_for_ray(home), _starting(ray):
                     ray.init(address='local', num_cpus=num_cpus,
-                             _node_ip_address=LOCAL_NODE_IP, **common)
+                             _node_ip_address=LOCAL_NODE_IP, _temp_dir=str(home), **common)
             else:
                 _check_reachable(address)
                 # Workers on other machines do not inherit this process's set-up
