@@ -727,6 +727,7 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
     error = ''.join(lines)
     assert proc.returncode == 130, error
     assert 'interrupted' in error and 'Traceback' not in error
+    assert 'Token authentication' not in error  # Ray's notice on each start: no news here
     assert json.loads((out / 's4fusion-batch-manifest.json').read_text())['interrupted']
     assert not list(out.rglob('.*.partial'))
     # Its private Ray's session folder went with its HOME: none named for its process (Ray

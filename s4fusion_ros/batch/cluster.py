@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import ipaddress
 import json
+import logging
 import math
 import os
 import pathlib
@@ -154,7 +155,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
         try:
             if address == LOCAL:
                 home = private_home()
-                with home_for_ray(home), _starting(ray):
+                with home_for_ray(home), _starting(ray), _token_notice_quiet():
                     ray.init(address='local', num_cpus=num_cpus,
                              _node_ip_address=LOCAL_NODE_IP, _temp_dir=str(home), **common)
             else:
@@ -193,6 +194,19 @@ def _starting(ray):
             yield
     finally:
         utils.set_sigterm_handler = set_sigterm_handler
+
+
+@contextlib.contextmanager
+def _token_notice_quiet():
+    """Ray (2.60) warns on each start of a local cluster that it turned token authentication on,
+    and how to turn it off: no news for a private Ray, whose token lives and goes with its HOME."""
+    notice = logging.getLogger('ray._private.authentication.authentication_token_setup')
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notice.setLevel(level)
 
 
 def _check_reachable(address: str) -> None:
