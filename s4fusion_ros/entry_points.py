@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 
-from .cli import stop_signals_handled
+from .cli import ignore_stop_signals, stop_signals_handled
 from .imaging.limits import MAX_PIXELS, MAX_SIDE
 
 
@@ -104,7 +104,12 @@ def _command(module: str):
         if stopped:
             print(f'\n{os.path.basename(sys.argv[0])}: interrupted', file=sys.stderr)
             return 130
-        return tool.main()
+        try:
+            return tool.main()
+        finally:
+            # Done, and said so: a stop signal while Python shuts down (torch's and numba's
+            # teardown take most of a second) would only turn its exit status into a Ctrl-C's.
+            ignore_stop_signals()
     main.__doc__ = f'Run {module} in a process set up for it.'
     return main
 

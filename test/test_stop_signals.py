@@ -124,3 +124,32 @@ def test_a_stop_signal_while_a_tool_loads_ends_it_without_a_traceback(tmp_path):
         assert done.returncode == 130, (signal_name, ignored, done.stdout, done.stderr)
         assert done.stderr.strip() == 's4fusion-tool: interrupted'
         assert 'ran' not in done.stdout
+
+
+# A tool that has done its work and returned, then gets the signal while Python shuts down
+# (torch's and numba's teardown take most of a second): as a supervisor's stop that comes late.
+FINISHED_TOOL = '''
+import atexit, os, signal
+from s4fusion_ros.cli import stop_on_signals
+
+
+def stopped_late():
+    os.kill(os.getpid(), signal.{signal_name})
+    sum(range(10 ** 5))  # still exiting when Python runs the handler
+
+
+def main():
+    stop_on_signals()
+    atexit.register(stopped_late)
+    print('ran')
+    return 0
+'''
+
+
+def test_a_stop_signal_after_a_tool_finished_keeps_its_exit_status(tmp_path):
+    for signal_name in ('SIGINT', 'SIGTERM'):
+        (tmp_path / 'slow_tool.py').write_text(FINISHED_TOOL.format(signal_name=signal_name))
+        done = subprocess.run([sys.executable, '-c', ENTRY.format(folder=str(tmp_path),
+                                                                  ignored=False)],
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (0, 'ran\n', ''), signal_name
