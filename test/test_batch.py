@@ -696,6 +696,48 @@ def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, t
     assert not home.exists() and not processes_with_home(home)
 
 
+# Ctrl-C, then Ctrl-C again and again while Ray stops (ros2 launch and `timeout` send a second
+# stop signal): from the moment the private Ray is up, every 5 ms until its HOME is removed.
+CTRL_C_WHILE_RAY_STOPS = '''
+import os, pathlib, signal, tempfile, threading, time
+from s4fusion_ros.batch.cluster import connected
+
+
+def press_ctrl_c_while(home):
+    while home.exists():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.005)
+
+
+try:
+    with connected('local', num_cpus=1):
+        [home] = pathlib.Path(tempfile.gettempdir()).glob('s4fusion-ray-*')
+        presser = threading.Thread(target=press_ctrl_c_while, args=(home,))
+        presser.start()
+        time.sleep(60)
+except KeyboardInterrupt:
+    print('interrupted', flush=True)
+presser.join()
+print('home removed' if not home.exists() else 'home left', flush=True)
+'''
+
+
+def test_stop_signals_while_ray_stops_cut_nothing_short(tmp_path):
+    # Its own temporary folder holds the one private HOME; a short name, as Ray's socket paths
+    # (107 bytes at most) are made under it.
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix='s4t'))
+    try:
+        done = subprocess.run([sys.executable, '-c', CTRL_C_WHILE_RAY_STOPS], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, 'TMPDIR': str(temporary)})
+        # Cut short, ray.shutdown left its exit hook to shut Ray down again: it wrote a session
+        # folder into the removed HOME, or crashed (SIGSEGV).
+        assert (done.returncode, done.stdout) == (0, 'interrupted\nhome removed\n'), done.stderr
+        assert 'Exception ignored' not in done.stderr, done.stderr
+        assert list(temporary.iterdir()) == []
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,
                                                             params_file, tmp_path):
     # One CPU works through a small bag, the long one's four segments, then two more small bags.

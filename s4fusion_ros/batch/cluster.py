@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .. import settings
 from ..bagio import BagError
-from ..cli import interrupts_held
+from ..cli import interrupts_held, stop_signals_handled
 from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, write_text_atomically
 from . import work
@@ -172,7 +172,10 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
         yield ray
     finally:  # stopped or failed while starting too: nothing it started may outlive this process
         try:
-            stop_ray(ray, home)
+            # A stop signal now asks for what is under way. Cut short, ray.shutdown leaves its
+            # exit hook to shut Ray down again, writing into the removed HOME or crashing.
+            with stop_signals_handled(signal.SIG_IGN) if main_thread else contextlib.nullcontext():
+                stop_ray(ray, home)
         finally:
             take_stop_signals(restore=True)
 
