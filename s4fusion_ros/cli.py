@@ -81,17 +81,13 @@ def stop_signals_handled(handler):
 
 @contextlib.contextmanager
 def interrupts_held():
-    """Hold a stop signal that raises KeyboardInterrupt (Ctrl-C) until the block ends, and raise
-    it there; a second one raises at once, for a block that hangs.
-
-    For a block that an interrupt would cut short where nothing can clean up after it, or lose:
-    Python only reports an exception raised in an at-fork hook or a finalizer ('Exception
-    ignored in'). Other handlers are the caller's."""
+    """Hold the stop signals that raise KeyboardInterrupt (Ctrl-C) until the block ends, and
+    raise one there: for a short block that an interrupt would cut short where nothing can clean
+    up after it, or lose (Python only reports an exception raised in an at-fork hook or a
+    finalizer: 'Exception ignored in'). Other handlers are the caller's."""
     held = []
 
-    def hold(signum, frame):
-        if held:
-            signal.default_int_handler(signum, frame)
+    def hold(signum, _frame):
         held.append(signum)
 
     with contextlib.ExitStack() as handlers:
