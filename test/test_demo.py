@@ -1,8 +1,12 @@
 """The README's main job: s4fusion-demo plays the shipped sample bag through the live node."""
 
+import os
+import pathlib
 import re
 import shutil
+import signal
 import subprocess
+import time
 
 import cv2
 import pytest
@@ -37,6 +41,42 @@ def test_demo_records_fused_and_saliency_from_the_sample_bag(tmp_path):
     assert video.get(cv2.CAP_PROP_FRAME_COUNT) == fused and video.read()[0]
     assert 'playback rate' in summary and 'dropped while inference was busy' in summary
     assert 'Traceback' not in done.stderr
+
+
+def in_session(session: int) -> list[int]:
+    """The processes of a session (a process started with start_new_session leads its own)."""
+    found = []
+    for entry in pathlib.Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session:
+                    found.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return found
+
+
+def test_a_second_stop_signal_does_not_leave_the_node_running(tmp_path):
+    # Ctrl-C, then SIGTERM (ros2 launch's, or an impatient user's) while the demo stops its node:
+    # it still waits for it, so nothing it started runs on after it has exited.
+    out = tmp_path / 'demo'
+    demo = subprocess.Popen([str(DEMO), '--output-dir', str(out), '--timeout', '240'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    player_log = out / 'logs' / 'player.log'
+    deadline = time.monotonic() + 120
+    while 'playing' not in (player_log.read_text() if player_log.exists() else ''):
+        assert demo.poll() is None and time.monotonic() < deadline, 'the demo did not play'
+        time.sleep(0.05)
+    time.sleep(1.0)  # fusing
+    demo.send_signal(signal.SIGINT)
+    while 'stopped' not in player_log.read_text() and demo.poll() is None:
+        time.sleep(0.01)
+    demo.send_signal(signal.SIGTERM)  # while it stops the node (a second or so)
+    _, error = demo.communicate(timeout=60)
+    assert demo.returncode == 130, error
+    assert in_session(demo.pid) == [], error
+    assert error.strip().endswith('interrupted; no fused bag written'), error
 
 
 def test_demo_records_a_best_effort_node(tmp_path):

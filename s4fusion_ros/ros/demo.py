@@ -16,6 +16,7 @@ import math
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
-from ..cli import interrupt, run_command, start_child, stop_on_signals
+from ..cli import interrupt, run_command, start_child, stop_on_signals, stop_signals_handled
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import ROLES, Key, node_status, number, per_input, values_of
@@ -400,9 +401,12 @@ def record(fused_bag: pathlib.Path, values: dict, node_command: list, play: list
             stop(node_process)
         return status, fused
     finally:
-        stop(player)
-        stop(node_process)
-        rclpy.try_shutdown()
+        # Another Ctrl-C (a second press, ros2 launch's SIGTERM) asks for what is under way:
+        # cut short, the node would be left to stop on its own after the demo has exited.
+        with stop_signals_handled(signal.SIG_IGN):
+            stop(player)
+            stop(node_process)
+            rclpy.try_shutdown()
 
 
 def write_outputs(bag: pathlib.Path, topics: tuple, values: dict, out_dir: pathlib.Path
