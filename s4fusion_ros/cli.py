@@ -70,13 +70,17 @@ def ignore_stop_signals() -> None:
 @contextlib.contextmanager
 def stop_signals_handled(handler):
     """Handle the stop signals with `handler` (signal.SIG_IGN, say) inside the block; the
-    handlers they had come back after it."""
-    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
-    try:
+    handlers they had come back after it. Off the main thread, whose handlers these are,
+    nothing changes (Python runs them there only, and sets them there only)."""
+    with contextlib.ExitStack() as handlers:
+        if _on_main_thread():
+            for number in STOP_SIGNALS:
+                handlers.callback(signal.signal, number, signal.signal(number, handler))
         yield
-    finally:
-        for number, earlier in previous.items():
-            signal.signal(number, earlier)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextlib.contextmanager
@@ -91,7 +95,7 @@ def interrupts_held():
         held.append(signum)
 
     with contextlib.ExitStack() as handlers:
-        if threading.current_thread() is threading.main_thread():  # handlers settable
+        if _on_main_thread():  # as stop_signals_handled
             for number in STOP_SIGNALS:
                 if signal.getsignal(number) is signal.default_int_handler:
                     handlers.callback(signal.signal, number, signal.signal(number, hold))

@@ -139,7 +139,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
                   log_to_driver=True)
     home = None
-    # While Ray runs a stop signal whose action was the default (SIGTERM's kills at once) raises
+    # While Ray runs, a stop signal whose action was the default (SIGTERM's kills at once) raises
     # KeyboardInterrupt, so the clean-up below runs; the caller's handlers come back at the end.
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     main_thread = threading.current_thread() is threading.main_thread()  # handlers settable
@@ -174,7 +174,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
         try:
             # A stop signal now asks for what is under way. Cut short, ray.shutdown leaves its
             # exit hook to shut Ray down again, writing into the removed HOME or crashing.
-            with stop_signals_handled(signal.SIG_IGN) if main_thread else contextlib.nullcontext():
+            with stop_signals_handled(signal.SIG_IGN):
                 stop_ray(ray, home)
         finally:
             take_stop_signals(restore=True)
