@@ -103,6 +103,30 @@ def number(values: dict, key: Key) -> float:
         return math.nan
 
 
+# Why a frame was dropped before pairing, as a summary says it, and the per-input count's name.
+REJECTIONS = (('late', 'late'), ('overflowed', 'overflow'), ('bad stamp', 'rejected (bad stamp)'),
+              ('bad message', 'rejected (bad message)'))
+
+
+def pairing_summary(values: dict, fused, dropped_detail: str = '') -> str:
+    """'F pairs fused of P paired (D dropped while inference was busy[: detail]) from T thermal
+    + V visible frames (unpaired: ...)[; frames dropped before pairing: ...]' from diagnostics
+    values (numbers, or the strings /diagnostics publishes): 'n/a' for a count not known yet; one
+    not reported (NaN, as under sync.backend message_filters) is left out with the zeros."""
+    def count(key: Key) -> str:
+        value = number(values, key)
+        return 'n/a' if math.isnan(value) else f'{value:.0f}'
+
+    rejected = [f'{count(per_input(role, key))} {role} {reason}' for role in ROLES
+                for reason, key in REJECTIONS if number(values, per_input(role, key)) > 0]
+    detail = f': {dropped_detail}' if dropped_detail else ''
+    return (f'{fused} pairs fused of {count(Key.PAIRS)} paired ({count(Key.PAIRS_DROPPED)} '
+            f'dropped while inference was busy{detail}) from {count(Key.THERMAL_RECEIVED)} '
+            f'thermal + {count(Key.VISIBLE_RECEIVED)} visible frames (unpaired: '
+            f'{count(Key.THERMAL_UNPAIRED)} thermal, {count(Key.VISIBLE_UNPAIRED)} visible)'
+            + (f'; frames dropped before pairing: {", ".join(rejected)}' if rejected else ''))
+
+
 def thermal_frames_lost(grown: dict) -> bool:
     """Whether thermal frames found no partner over a window (`grown`: counts grown): unpaired,
     or, stamped ahead of the stamps' clock, waiting for it until they overflowed

@@ -34,7 +34,7 @@ from .. import settings
 from ..cli import interrupt, run_command, start_child, stop_on_signals, stop_signals_handled
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      open_bag, output_qos_of, pick_topics, read_messages)
-from ..diagnostics import ROLES, Key, node_status, number, per_input, values_of
+from ..diagnostics import ROLES, Key, node_status, number, pairing_summary, per_input, values_of
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import resolved, write_png, write_text_atomically
 from ..imaging.encodings import decode_visible, image_to_array
@@ -57,9 +57,6 @@ VIDEO = 'demo.mp4'
 # normalizes and publishes, and the player and the recorder run on the same cores.
 HEADROOM = 0.5
 MIN_RATE = 0.01  # the slowest playback the demo picks (rates are rounded to hundredths)
-# How the summary names each per-input count of frames dropped before pairing.
-REJECTIONS = (('late', 'late'), ('overflowed', 'overflow'), ('bad stamp', 'rejected (bad stamp)'),
-              ('bad message', 'rejected (bad message)'))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -243,31 +240,16 @@ def summary_line(status: dict, fused: int, seconds: float, drained_ok: bool, rat
     `period_s` is the bag's time between thermal frames; at `rate` the node gets one every
     period_s / rate seconds of wall time.
     """
-    def value(key: Key) -> float:
-        return number(status, key)
-
-    def count(key: Key) -> str:  # 'n/a' before the node's first diagnostics
-        return 'n/a' if math.isnan(value(key)) else f'{value(key):.0f}'
-
     def ms(key: Key) -> str:  # 'n/a' before the first pair
-        return 'n/a' if math.isnan(value(key)) else f'{value(key) * 1e3:.0f} ms'
+        value = number(status, key)
+        return 'n/a' if math.isnan(value) else f'{value * 1e3:.0f} ms'
 
-    # NaN (not reported, as under sync.backend message_filters) is left out with the zeros.
-    rejected = [f'{count(per_input(role, key))} {role} {reason}' for role in ROLES
-                for reason, key in REJECTIONS if value(per_input(role, key)) > 0]
     state = '' if drained_ok else ' (stopped at the timeout before the node had caught up)'
     why = ('the node fuses the newest pair and drops those that arrive while the model runs; '
-           if value(Key.PAIRS_DROPPED) > 0 else '')
-    return (f'{fused} pairs fused of {count(Key.PAIRS)} paired '
-            f'({count(Key.PAIRS_DROPPED)} dropped while inference was busy: {why}inference took '
-            f'{ms(Key.INFERENCE_LATENCY_MEAN)} mean against a thermal frame '
-            f'every {period_s / rate * 1e3:.0f} ms at playback rate {rate:g}) '
-            f'from {count(Key.THERMAL_RECEIVED)} thermal + '
-            f'{count(Key.VISIBLE_RECEIVED)} visible frames (unpaired: '
-            f'{count(Key.THERMAL_UNPAIRED)} thermal, {count(Key.VISIBLE_UNPAIRED)} '
-            f'visible)' + (f'; frames dropped before pairing: {", ".join(rejected)}'
-                           if rejected else '') +
-            f'; end-to-end latency '
+           if number(status, Key.PAIRS_DROPPED) > 0 else '')
+    busy = (f'{why}inference took {ms(Key.INFERENCE_LATENCY_MEAN)} mean against a thermal frame '
+            f'every {period_s / rate * 1e3:.0f} ms at playback rate {rate:g}')
+    return (pairing_summary(status, fused, busy) + '; end-to-end latency '
             f'{ms(Key.END_TO_END_LATENCY_MEAN)} mean (sim time); device '
             f'{status.get(Key.DEVICE, "?")} ({status.get(Key.MODEL, "?")}); '
             f'{seconds:.0f} s wall{state}')

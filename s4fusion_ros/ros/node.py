@@ -30,8 +30,8 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from .. import precompile, settings
 from ..camera_info import CameraInfoCache, camera_info_topic
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
-                           inference_stall, late_arrivals, pairing_shortfall, per_input,
-                           status_name, thermal_frames_lost, unpaired_hint)
+                           inference_stall, late_arrivals, pairing_shortfall, pairing_summary,
+                           per_input, status_name, thermal_frames_lost, unpaired_hint)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, compression_settings,
                       fusion_settings, normalizer_settings, pipeline_from_params)
 from ..imaging.encodings import compress_transport
@@ -765,6 +765,14 @@ class S4FusionNode(Node):
         if self.worker is not None:
             self.worker.stop()
         super().destroy_node()
+
+    def run_summary(self) -> str:
+        """What the node did with what it received, over its whole run: the line it logs as it
+        stops (/diagnostics, which had these counts, stops with it)."""
+        values = self._diagnostic_values()
+        errors = [f'{values[key]} {key}' for key in (Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS)
+                  if values[key]]
+        return '; '.join([pairing_summary(values, values[Key.PAIRS_FUSED]), *errors])
 
 
 # What an incompatible-QoS peer means for an input and an output, and the usual fix where the

@@ -131,6 +131,7 @@ def main(args=None) -> int:
             if node is not None:
                 node.destroy_node()  # waits briefly for an inference in progress
                 worker_alive = node.worker.alive
+                node.get_logger().info(f'stopped: {node.run_summary()}')
             rclpy.try_shutdown()
     except KeyboardInterrupt:
         pass
