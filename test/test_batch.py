@@ -722,7 +722,7 @@ print('home removed' if not home.exists() else 'home left', flush=True)
 '''
 
 
-def test_stop_signals_while_ray_stops_cut_nothing_short(tmp_path):
+def test_stop_signals_while_ray_stops_cut_nothing_short():
     # Its own temporary folder holds the one private HOME; a short name, as Ray's socket paths
     # (107 bytes at most) are made under it.
     temporary = pathlib.Path(tempfile.mkdtemp(prefix='s4t'))

@@ -103,10 +103,9 @@ def test_more_signals_during_shutdown_do_not_break_it(ros_context, signals):
     # or still in inference, which it waits for briefly.
     fused, paired, dropped, thermal, visible = (int(n) for n in re.search(
         r'stopped: (\d+) pairs fused of (\d+) paired \((\d+) dropped while inference was '
-        r'busy\) from (\d+) thermal \+ (\d+) visible frames \(unpaired: 0 thermal, 0 visible\)$',
-        log, re.MULTILINE).groups())
+        r'busy\) from (\d+) thermal \+ (\d+) visible frames \(unpaired: ', log).groups())
     assert fused >= len(probe.fused) and paired - 1 <= fused + dropped <= paired, log
-    assert paired <= thermal == visible, log
+    assert paired <= min(thermal, visible), log
 
 
 def test_a_start_up_error_is_one_line_and_exit_code_1():
