@@ -84,14 +84,17 @@ def _on_main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def interrupts_held():
+def interrupts_held(notice: str = ''):
     """Hold the stop signals that raise KeyboardInterrupt (Ctrl-C) until the block ends, and
     raise one there: for a short block that an interrupt would cut short where nothing can clean
     up after it, or lose (Python only reports an exception raised in an at-fork hook or a
-    finalizer: 'Exception ignored in'). Other handlers are the caller's."""
+    finalizer: 'Exception ignored in'). The first one held prints `notice`, so that the wait is
+    not taken for a hang. Other handlers are the caller's."""
     held = []
 
     def hold(signum, _frame):
+        if notice and not held:
+            print(notice, file=sys.stderr, flush=True)
         held.append(signum)
 
     with contextlib.ExitStack() as handlers:

@@ -117,7 +117,7 @@ def fork(ctrl_c_presses):
 
 presses = int(sys.argv[2])
 if sys.argv[1] == 'held':
-    with interrupts_held():
+    with interrupts_held('held until the block ends'):
         fork(presses)
 else:
     fork(presses)
@@ -138,6 +138,7 @@ def test_a_ctrl_c_while_forking_is_held_to_the_end_of_the_block(held, presses, p
     if held:
         assert result.returncode == -signal.SIGINT, result.stderr  # the KeyboardInterrupt's exit
         assert 'Exception ignored' not in result.stderr
+        assert result.stderr.count('held until the block ends') == 1, result.stderr
     else:
         assert result.returncode == 0 and 'Exception ignored' in result.stderr, result.stderr
 

@@ -193,7 +193,7 @@ def _starting(ray):
     set_sigterm_handler = utils.set_sigterm_handler
     utils.set_sigterm_handler = lambda handler: None
     try:
-        with interrupts_held():
+        with interrupts_held('\nRay is starting: stopping once it has started'):
             yield
     finally:
         utils.set_sigterm_handler = set_sigterm_handler
