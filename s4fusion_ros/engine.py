@@ -30,7 +30,7 @@ from .imaging.registration import ThermalRegistration
 from .messages import stamp_to_ns
 from .runtime import LoadedModel
 from .saliency import saliency_map
-from .settings import OUTPUT_ENCODINGS, SALIENCY_ENCODINGS
+from .settings import OUTPUT_ENCODINGS, OUTPUT_NAMES, SALIENCY_ENCODINGS
 from .sync import Pair, PairSynchronizer, StampSkew
 
 
@@ -447,11 +447,12 @@ def pipeline_from_params(values: dict) -> FusionPipeline:
     return FusionPipeline(synchronizer, normalizer, registration, values['max_input_pixels'])
 
 
-def compression_settings(values: dict, output: str) -> tuple[str, int, int]:
-    """The codec, JPEG quality and PNG level of the compressed transport of `output` ('fused' or
-    'saliency'; encodings.compress_transport)."""
-    return tuple(values[f'{output}.compressed.{name}']
-                 for name in ('format', 'jpeg_quality', 'png_level'))
+def output_compression(values: dict) -> list[tuple[str, int, int]]:
+    """The codec, JPEG quality and PNG level of each output's (fused, saliency) compressed
+    transport (encodings.compress_transport)."""
+    return [tuple(values[f'{output}.compressed.{name}']
+                  for name in ('format', 'jpeg_quality', 'png_level'))
+            for output in OUTPUT_NAMES]
 
 
 def fusion_settings(values: dict) -> FusionSettings:

@@ -19,8 +19,7 @@ from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic,
                     camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
                     deserialize, image_cdr, read_messages, topic_types)
 from .camera_info import CAMERA_INFO, CameraInfoCache, camera_info_topic
-from .engine import (FusionEngine, FusionPipeline, FusionResult, clock_jump_message,
-                     compression_settings)
+from .engine import FusionEngine, FusionPipeline, FusionResult, clock_jump_message
 from .files import write_png
 from .imaging.encodings import ImageDecodeError, compress_transport
 from .settings import OUTPUT_NAMES
@@ -76,12 +75,6 @@ def transport_topics(topics: tuple[str, str], transport: str) -> list[tuple[str,
     return written
 
 
-def output_compression(values: dict) -> list[tuple[str, int, int]]:
-    """The compressed transport's settings of each output (fused, saliency) in the node's
-    parameter `values`."""
-    return [compression_settings(values, name) for name in OUTPUT_NAMES]
-
-
 @dataclass(frozen=True)
 class Outputs:
     """The output bag's connections of the fused and saliency images: raw, compressed (each
@@ -127,7 +120,7 @@ class BagFuser:
             compression: list = ()) -> None:
         """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`,
         offered with `qos` (the node's qos.output.*), in `transport` (transport_topics), the
-        compressed transport with `compression` (output_compression).
+        compressed transport with `compression` (engine.output_compression).
 
         `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
         """

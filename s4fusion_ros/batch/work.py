@@ -35,11 +35,10 @@ from .. import settings
 from ..bagio import (BAG_SUFFIXES, WRITE_ERRORS, BagError, add_topic, create_bag,
                      image_topics, is_unindexed_recording, open_bag, output_qos_of, pick_topics,
                      storage_of, sweep_staging)
-from ..engine import FusionEngine, fusion_settings, pipeline_from_params
+from ..engine import FusionEngine, fusion_settings, output_compression, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import MODEL_PARAMETERS, model_from_params
-from ..replay import (BagFuser, Span, WarmUpTooShort, output_compression,
-                      transport_topics)
+from ..replay import BagFuser, Span, WarmUpTooShort, transport_topics
 
 PART_STORAGE = 'mcap'
 STAGING_SUFFIX = '.s4batch'

@@ -32,8 +32,8 @@ from ..camera_info import CameraInfoCache, camera_info_topic
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            inference_stall, late_arrivals, pairing_shortfall, pairing_summary,
                            per_input, status_name, thermal_frames_lost, unpaired_hint)
-from ..engine import (FusionEngine, FusionResult, clock_jump_message, compression_settings,
-                      fusion_settings, normalizer_settings, pipeline_from_params)
+from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
+                      normalizer_settings, output_compression, pipeline_from_params)
 from ..imaging.encodings import compress_transport
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
@@ -138,7 +138,7 @@ class S4FusionNode(Node):
         self.fused_compressed_pub, self.saliency_compressed_pub = (
             self._output_publisher(CompressedImage, f'{name}/compressed', p)
             for name in settings.OUTPUT_NAMES)
-        self.compression = [compression_settings(p, name) for name in settings.OUTPUT_NAMES]
+        self.compression = output_compression(p)
         self.camera_info_pub = self._output_publisher(CameraInfo, 'camera_info', p)
         self.camera_infos = CameraInfoCache()
         # Best effort, which hears reliable publishers too: a lost info is made up by the one
@@ -262,7 +262,7 @@ class S4FusionNode(Node):
         if any(name.startswith('normalization.') for name in names):
             self.pipeline.normalizer.configure(**normalizer_settings(values))
         self.engine.settings = fusion_settings(values)  # inference_size is read-only
-        self.compression = [compression_settings(values, name) for name in settings.OUTPUT_NAMES]
+        self.compression = output_compression(values)
         self.get_logger().info('parameters updated: ' + ', '.join(
             f'{p.name}={p.value}' for p in params))
 

@@ -39,11 +39,11 @@ from ..bagio import (IMAGE, STORAGES, WRITE_ERRORS, BagError, bag_size, check_ou
                      sweep_staging)
 from ..cli import file_path, run_command, stop_on_signals
 from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
-from ..engine import FusionEngine, fusion_settings, pipeline_from_params
+from ..engine import FusionEngine, fusion_settings, output_compression, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
 from ..model import CheckpointError
-from ..replay import (TRANSPORTS, BagFuser, camera_info_topics, output_compression,
-                      remove_earlier_export, transport_topics)
+from ..replay import (TRANSPORTS, BagFuser, camera_info_topics, remove_earlier_export,
+                      transport_topics)
 from ..runtime import model_from_params
 from ..video import VIDEO_SUFFIXES, SideBySideVideo, frame_rate
 
