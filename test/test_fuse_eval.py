@@ -1,6 +1,7 @@
 """s4fusion-fuse and s4fusion-eval on real pairs: the node's engine on files, and the report."""
 
 import csv
+import itertools
 import math
 import os
 import pathlib
@@ -803,6 +804,45 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
             f'scored, so no row for it; the first: {names[1]}: no output, or several, in '
             f'{heldout / "fused" / "Partial"}.') in text
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
+
+
+def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path, capsys):
+    names = sorted(pair.name for pair in evaluate.ivif_splits(ivif_dir).tests['msrs22'])[:2]
+    heldout = tmp_path / 'heldout'
+    copy_pairs(ivif_dir, heldout, [('msrs', name) for name in names])
+    (heldout / 'fused' / 'Mine').mkdir(parents=True)
+    for name in names:
+        shutil.copy(heldout / 'vi' / name, heldout / 'fused' / 'Mine' / name)
+    saved = tmp_path / 'saved'
+    assert evaluate.main(['--folder', str(heldout), '--methods', 'average,laplacian,stored',
+                          '--out', str(tmp_path / 'q.md'), '--save-outputs', str(saved)]) == 0
+    assert sorted(p.relative_to(saved / 'heldout').as_posix() for p in saved.rglob('*.png')) == [
+        f'{folder}/{name}' for folder in ('fused/Average', 'fused/Laplacian_pyramid', 'ir', 'vi')
+        for name in names]  # stored outputs are files already
+    values = per_pair(tmp_path / 'q_pairs.csv')
+    for name in names:
+        pair = evaluate.Pair(name, heldout / 'ir' / name, heldout / 'vi' / name)
+        ir, vi = evaluate.sources_luminance(fuse.read_pair(pair), pair)
+        written = cv2.imread(str(saved / 'heldout' / 'fused' / 'Average' / name),
+                             cv2.IMREAD_UNCHANGED)
+        scored = metrics.evaluate_all(evaluate.luminance(written), ir, vi)
+        assert values['heldout', 'Average', name] == {
+            'dataset': 'heldout', 'pair': name, 'method': 'Average',
+            **{metric: repr(float(scored[metric])) for metric in metrics.METRICS}}
+    # The folder written is a split to score again: the same numbers, as stored outputs.
+    assert evaluate.main(['--folder', str(saved / 'heldout'), '--methods', 'stored',
+                          '--out', str(tmp_path / 'again.md')]) == 0
+    again = per_pair(tmp_path / 'again_pairs.csv')
+    for method, name in itertools.product(('Average', 'Laplacian pyramid'), names):
+        assert again['heldout', f'{evaluate.method_folder(method)} (stored outputs)', name] == {
+            **values['heldout', method, name],
+            'method': f'{evaluate.method_folder(method)} (stored outputs)'}
+    assert (evaluate.method_folder("Laplacian pyramid 1.1/1.4 (S4Fusion compact's base)")
+            == 'Laplacian_pyramid_1.1_1.4_S4Fusion_compact_s_base')
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(['--flicker', str(tmp_path), '--save-outputs', str(saved),
+                             '--out', str(tmp_path / 'q.md')])
+    assert '--save-outputs and --flicker' in capsys.readouterr().err
 
 
 def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, capsys):

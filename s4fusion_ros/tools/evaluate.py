@@ -17,6 +17,7 @@ Examples:
 """
 
 import argparse
+import collections
 import csv
 import dataclasses
 import datetime
@@ -24,6 +25,7 @@ import functools
 import os
 import pathlib
 import pickle
+import re
 import shlex
 import sys
 import time
@@ -335,25 +337,44 @@ def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.nd
     return source.thermal, vi_y
 
 
+def method_folder(method: str) -> str:
+    """A method's name as a folder name: what a file name cannot hold (or would make awkward
+    on a command line) as '_' ("Laplacian pyramid 1.1/1.4 (S4Fusion compact's base)":
+    Laplacian_pyramid_1.1_1.4_S4Fusion_compact_s_base)."""
+    return re.sub(r'[^A-Za-z0-9.+-]+', '_', method).strip('_')
+
+
 def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
                      validation: bool = False, compat: dict | None = None,
-                     clips: tuple | None = None) -> report.DatasetScores:
+                     clips: tuple | None = None,
+                     save_outputs: pathlib.Path | None = None) -> report.DatasetScores:
     """Score every method on every pair; the first pair's ours images go to examples.
 
     ``validation`` marks a split that weights and settings are chosen on. ``compat``: where
     given, ours' images are also scored as the MATLAB toolkit scores them (``matlab_compat``),
     into ``compat[method name]``, for the published values of other methods. ``clips``: the
-    clip of each pair, for a split of clips' frames (``DatasetScores.pair_clips``)."""
+    clip of each pair, for a split of clips' frames (``DatasetScores.pair_clips``).
+    ``save_outputs``: where given, the pairs as scored (``ir/``, 8-bit, and ``vi/``) and every
+    image scored but stored outputs, which are files already (``fused/METHOD/``, by
+    ``method_folder``), are written there as PNGs named by the pair's stem: a folder that
+    ``--folder`` scores again, the outputs as stored outputs."""
     scores = {m.name: report.MethodScores(m.name, m.ours, seconds=None if m.stored else 0.0)
               for m in methods}
     for index, pair in enumerate(tqdm(pairs, unit='pair', desc=name, file=sys.stderr,
                                       dynamic_ncols=True)):
         source = eight_bit(read_pair(pair))
         ir_y, vi_y = sources_luminance(source, pair)
+        saved_name = f'{pathlib.Path(pair.name).stem}.png'
+        if save_outputs is not None:
+            write_png(save_outputs / 'ir' / saved_name, source.thermal)
+            write_png(save_outputs / 'vi' / saved_name, source.visible_bgr)
         for method in methods:
             if index == 0 and not method.stored:
                 method.fuse(source, pair)  # warm-up (lazy initialisation, JIT), not timed
             images = method.fuse(source, pair)
+            if save_outputs is not None and not method.stored:
+                write_png(save_outputs / STORED_DIR / method_folder(method.name) / saved_name,
+                          images.fused)
             entry = scores[method.name]
             fused_y = luminance(images.fused)
             entry.scores.append(metrics.evaluate_all(fused_y, ir_y, vi_y))
@@ -645,6 +666,12 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--pairs-csv', type=file_path, default=None,
                         help='per-pair metric values of every method (default: beside --out, '
                              'its name + _pairs.csv)')
+    parser.add_argument('--save-outputs', type=pathlib.Path, default=None, metavar='DIR',
+                        help='also write the pairs and every image the report scores (but '
+                             'stored outputs) as PNGs: DIR/<split>/ir/, vi/ and '
+                             f'{STORED_DIR}/<METHOD>/, for other toolkits or a detector to '
+                             'score the same images (and --folder DIR/<split> to score them '
+                             'again)')
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -665,6 +692,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                      '--folder with pairs of your own')
     if args.folder and args.flicker:
         parser.error('--folder and --flicker: the flicker runs on VIDEO_DIR alone')
+    if args.save_outputs and args.flicker:
+        parser.error('--save-outputs and --flicker: the flicker saves no images')
     if args.seafusion_weights is not None:
         if 'seafusion' not in args.methods:
             parser.error('--seafusion-weights: seafusion is not among --methods')
@@ -773,6 +802,10 @@ def run(args: argparse.Namespace, argv: list) -> list:
     configs, skipped, notes = (ours_configs(args.weights) if {'ours', 'base'} & set(args.methods)
                                else ([], [], []))
     methods, skipped_methods = build_methods(args, configs)
+    folders = collections.Counter(method_folder(method.name) for method in methods)
+    if args.save_outputs and (twice := [name for name, count in folders.items() if count > 1]):
+        raise ValueError(f'--save-outputs: methods whose names differ only in punctuation '
+                         f'would share the folder {twice[0]}: label the checkpoints apart')
     examples, datasets, evaluated = {}, [], []
     for name, pairs in splits.items():
         pairs = list(pairs)
@@ -786,9 +819,10 @@ def run(args: argparse.Namespace, argv: list) -> list:
         compat = ({} if 'published' in args.methods and table.is_file()
                   and any(method.ours for method in methods) else None)
         started = time.monotonic()
-        datasets.append(evaluate_dataset(name, pairs, methods + stored, examples,
-                                         validation=name in validation, compat=compat,
-                                         clips=clips.get(name)))
+        datasets.append(evaluate_dataset(
+            name, pairs, methods + stored, examples, validation=name in validation,
+            compat=compat, clips=clips.get(name),
+            save_outputs=args.save_outputs / name if args.save_outputs else None))
         if compat is not None:
             published, skipped_published = published_dataset(name, pairs, compat, table)
             datasets.append(published)
@@ -887,6 +921,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         if path.is_dir():
             raise IsADirectoryError(f'{option} {path} is a folder: name the file')
         check_writable_folder(path.parent)
+    if args.save_outputs is not None:
+        check_writable_folder(args.save_outputs)
     named = {}
     for option, path in written.items():
         if (earlier := named.setdefault(resolved(path), option)) != option:
