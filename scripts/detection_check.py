@@ -31,6 +31,7 @@ import json
 import pathlib
 import sys
 
+import cv2
 import numpy as np
 
 ROAD_CLASSES = {0: 'person', 1: 'bicycle', 2: 'car', 3: 'motorcycle', 5: 'bus', 7: 'truck'}
@@ -126,8 +127,6 @@ def tensor_name(name: str) -> str:
 def squashed(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple]:
     """The image as BGR resized to size x size (as both detectors' demos feed them), and the
     (x, y) scale back to its pixels."""
-    import cv2
-
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     height, width = image.shape[:2]
@@ -319,8 +318,7 @@ def split_table(split: pathlib.Path, find: GraphModel, args: argparse.Namespace)
 
 
 def read(path: pathlib.Path) -> np.ndarray:
-    import cv2
-
+    """An image file as stored (8-bit gray or BGR)."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f'{path}: not a readable image')
@@ -343,13 +341,19 @@ def main(argv: list | None = None) -> int:
     parser.add_argument('--reference', default='Laplacian_pyramid',
                         help='the method the recall differences are taken to (%(default)s)')
     args = parser.parse_args(argv)
-    splits = ([args.saved / name for name in args.splits.split(',') if name] or
-              sorted(path for path in args.saved.iterdir() if (path / 'fused').is_dir()))
-    for model in args.model:
-        find = detector(model)
-        print(f'# {find.name}\n', flush=True)
-        for split in splits:
-            print('\n'.join(split_table(split, find, args)), flush=True)
+    try:
+        splits = ([args.saved / name for name in args.splits.split(',') if name] or
+                  sorted(path for path in args.saved.iterdir() if (path / 'fused').is_dir()))
+        if not splits:
+            raise ValueError(f'{args.saved}: no <split>/fused/ (s4fusion-eval --save-outputs)')
+        for model in args.model:
+            find = detector(model)
+            print(f'# {find.name}\n', flush=True)
+            for split in splits:
+                print('\n'.join(split_table(split, find, args)), flush=True)
+    except (OSError, ValueError) as error:
+        print(f'detection_check: {error}', file=sys.stderr)
+        return 1
     return 0
 
 

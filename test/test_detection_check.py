@@ -93,3 +93,9 @@ def test_fused_nodes_become_convolution_bias_and_activation_under_the_same_outpu
     assert 'use_cudnn_on_gpu' not in nodes[2]['attr']  # the depthwise op has no such attribute
     with pytest.raises(ValueError, match='FusedBatchNorm'):
         check.unfused([fused_node('e', '_FusedConv2D', ['FusedBatchNorm'])])
+
+
+def test_a_folder_without_saved_splits_is_named_before_any_detector_loads(tmp_path, capsys):
+    model = tmp_path / 'centernet.json'  # never read: TensorFlow is not installed here
+    assert check.main(['--model', str(model), '--saved', str(tmp_path)]) == 1
+    assert f'{tmp_path}: no <split>/fused/' in capsys.readouterr().err
