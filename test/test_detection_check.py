@@ -62,12 +62,28 @@ def test_ap50_of_known_rankings():
     assert math.isnan(check.ap50(perfect, [boxes(), boxes()]))
 
 
-def test_bootstrap_interval_of_a_method_against_itself_is_zero():
-    found = np.array([1, 1, 0, 2])  # fewer than the labels on every pair
-    labels = np.array([2, 2, 1, 3])
-    assert check.bootstrap_interval(found, found, labels, resamples=200) == (0.0, 0.0)
-    low, high = check.bootstrap_interval(labels, found, labels, resamples=2000)
+def test_bootstrap_resamples_clips_and_gives_no_interval_for_too_few():
+    found = np.array([1, 1, 0, 2, 1, 1])  # fewer than the labels on every pair
+    labels = np.array([2, 2, 1, 3, 2, 2])
+    pairs = np.arange(6)
+    assert check.bootstrap_interval(found, found, labels, pairs, resamples=200) == (0.0, 0.0)
+    low, high = check.bootstrap_interval(labels, found, labels, pairs, resamples=2000)
     assert 0 < low <= high <= 1
+    # Two clips of three frames: too few units for an interval, as the report's paired tables.
+    assert check.bootstrap_interval(labels, found, labels, np.array(list('aaabbb'))) is None
+    # Whole clips resampled: the six frames of one clip, where a alone finds its label, are one
+    # draw (missed by a resample with probability (6/7)^7), not six independent ones.
+    clips = np.array(list('abcdef' + 'g' * 6))
+    a, b, one = np.ones(12), np.repeat([1.0, 0.0], 6), np.ones(12)
+    assert check.bootstrap_interval(a, b, one, np.arange(12), resamples=4000)[0] > 0
+    assert check.bootstrap_interval(a, b, one, clips, resamples=4000)[0] == 0
+
+
+def test_clip_units_come_from_the_saved_clips_table(tmp_path):
+    (tmp_path / 'clips.csv').write_text('pair,clip\na_0000.png,a\na_0002.png,a\n')
+    names = ['a_0000.png', 'a_0002.png', 'b.png']
+    assert check.clip_units(tmp_path, names).tolist() == ['a', 'a', 'b.png']
+    assert check.clip_units(tmp_path / 'none', names).tolist() == names
 
 
 def fused_node(name, op, ops, inputs=('x', 'w', 'b')):

@@ -829,6 +829,14 @@ def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path, 
         assert values['heldout', 'Average', name] == {
             'dataset': 'heldout', 'pair': name, 'method': 'Average',
             **{metric: repr(float(scored[metric])) for metric in metrics.METRICS}}
+    # A split of clips' frames says each saved pair's clip, for a scorer that resamples clips.
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'm3svd_val', '--limit', '3',
+                          '--methods', 'average', '--out', str(tmp_path / 'clips.md'),
+                          '--save-outputs', str(saved)]) == 0
+    pairs = evaluate.ivif_splits(ivif_dir).validation['m3svd_val'][:3]
+    assert (saved / 'm3svd_val' / 'clips.csv').read_text().splitlines() == ['pair,clip'] + [
+        f'{pathlib.Path(pair.name).stem}.png,{m3svd_clip(pair)}' for pair in pairs]
+    assert not (saved / 'heldout' / 'clips.csv').exists()
     # The folder written is a split to score again: the same numbers, as stored outputs.
     assert evaluate.main(['--folder', str(saved / 'heldout'), '--methods', 'stored',
                           '--out', str(tmp_path / 'again.md')]) == 0

@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import datetime
 import functools
+import io
 import os
 import pathlib
 import pickle
@@ -70,6 +71,7 @@ BASE_NOTE = ("A row \"Laplacian pyramid G/C (X's base)\" is the pyramid X's netw
              "mean (base contrast), as `model.pyramid` makes it for the network; X against it "
              "is what X's network adds to its base.")
 STORED_DIR = 'fused'  # beside a split's ir/ and vi/: one folder of outputs per method
+SAVED_CLIPS = 'clips.csv'  # --save-outputs: beside a split of clips' frames, each pair's clip
 SEAFUSION_WEIGHTS = pathlib.Path('weights') / 'seafusion' / 'SeAFusion.pth'  # in IVIF_DIR
 # Beside a split's ir/ and vi/ (TNO's): the per-image values the MATLAB toolkit of Tang et al.
 # gave other methods' outputs, as rows image,method,metric,value.
@@ -342,6 +344,17 @@ def method_folder(method: str) -> str:
     on a command line) as '_' ("Laplacian pyramid 1.1/1.4 (S4Fusion compact's base)":
     Laplacian_pyramid_1.1_1.4_S4Fusion_compact_s_base)."""
     return re.sub(r'[^A-Za-z0-9.+-]+', '_', method).strip('_')
+
+
+def save_clips(path: pathlib.Path, pairs: list, clips: tuple) -> None:
+    """The clip of each saved pair (pair,clip rows, the pair by its saved name), for a scorer of
+    the saved images to resample whole clips as the report does."""
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator='\n')
+    writer.writerow(['pair', 'clip'])
+    writer.writerows((f'{pathlib.Path(pair.name).stem}.png', clip)
+                     for pair, clip in zip(pairs, clips, strict=True))
+    write_text_atomically(path, rows.getvalue())
 
 
 def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
@@ -669,9 +682,10 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--save-outputs', type=pathlib.Path, default=None, metavar='DIR',
                         help='also write the pairs and every image the report scores (but '
                              'stored outputs) as PNGs: DIR/<split>/ir/, vi/ and '
-                             f'{STORED_DIR}/<METHOD>/, for other toolkits or a detector to '
-                             'score the same images (and --folder DIR/<split> to score them '
-                             'again)')
+                             f'{STORED_DIR}/<METHOD>/ (and {SAVED_CLIPS}, the clip of each '
+                             "pair of a split of clips' frames), for other toolkits or a "
+                             'detector to score the same images (and --folder DIR/<split> to '
+                             'score them again)')
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -823,6 +837,8 @@ def run(args: argparse.Namespace, argv: list) -> list:
             name, pairs, methods + stored, examples, validation=name in validation,
             compat=compat, clips=clips.get(name),
             save_outputs=args.save_outputs / name if args.save_outputs else None))
+        if args.save_outputs and clips.get(name):  # frames of one clip are not independent
+            save_clips(args.save_outputs / name / SAVED_CLIPS, pairs, clips[name])
         if compat is not None:
             published, skipped_published = published_dataset(name, pairs, compat, table)
             datasets.append(published)
