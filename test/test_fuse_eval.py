@@ -845,6 +845,13 @@ def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path, 
         assert again['heldout', f'{evaluate.method_folder(method)} (stored outputs)', name] == {
             **values['heldout', method, name],
             'method': f'{evaluate.method_folder(method)} (stored outputs)'}
+    # Never into a split's own folder: its pairs and stored outputs would be overwritten.
+    before = {path: path.read_bytes() for path in heldout.rglob('*.png')}
+    assert evaluate.main(['--folder', str(heldout), '--methods', 'average', '--out',
+                          str(tmp_path / 'q3.md'), '--save-outputs', str(tmp_path)]) == 1
+    assert (f'--save-outputs {tmp_path}: {heldout} holds the pairs of the split heldout, which '
+            'it would overwrite' in capsys.readouterr().err)
+    assert {path: path.read_bytes() for path in heldout.rglob('*.png')} == before
     assert (evaluate.method_folder("Laplacian pyramid 1.1/1.4 (S4Fusion compact's base)")
             == 'Laplacian_pyramid_1.1_1.4_S4Fusion_compact_s_base')
     with pytest.raises(SystemExit):

@@ -806,10 +806,23 @@ def check_scorable(folder: pathlib.Path, pairs: list) -> None:
                          f'be scored: {"; ".join(problems[:3])}{more}')
 
 
+def check_save_outputs(folder: pathlib.Path, splits: dict) -> None:
+    """ValueError where --save-outputs would write into a split's own folder: its ir/ and vi/
+    (16-bit IR replaced by 8-bit) and its stored outputs would be overwritten."""
+    for name, pairs in splits.items():
+        target = resolved(folder / name)
+        if any(resolved(path).parent.parent == target
+               for pair in pairs for path in (pair.ir_path, pair.vi_path)):
+            raise ValueError(f'--save-outputs {folder}: {folder / name} holds the pairs of the '
+                             f'split {name}, which it would overwrite; name another folder')
+
+
 def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
     ivif = ivif_splits(args.data) if args.datasets else None
     splits, validation, clips = evaluation_splits(args, ivif)
+    if args.save_outputs:
+        check_save_outputs(args.save_outputs, splits)
     ivif_names = set(args.datasets)
     ours = 'ours' in args.methods
     # 'base' alone needs ours' configurations too: each base is the one its weights refine.
