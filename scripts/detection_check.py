@@ -328,10 +328,11 @@ def split_table(split: pathlib.Path, find: GraphModel, args: argparse.Namespace)
              '', f'| image | recall | vs {args.reference} (95% interval) | AP50 |',
              '|---|---:|---:|---:|']
     units = clip_units(split, names)
+    unit_noun = 'clips' if (split / 'clips.csv').is_file() else 'pairs'
     for method in sorted(hits, key=lambda method: -hits[method].sum()):
         interval = bootstrap_interval(hits[method], hits[args.reference], counts, units)
         shown = (f'({interval[0]:+.3f}, {interval[1]:+.3f})' if interval else
-                 f'(none: {len(set(units))} clips)')
+                 f'(none: {len(set(units))} {unit_noun})')
         recall = hits[method].sum() / max(counts.sum(), 1)
         difference = recall - hits[args.reference].sum() / max(counts.sum(), 1)
         lines.append(f'| {method} | {recall:.3f} | {difference:+.3f} {shown} '
