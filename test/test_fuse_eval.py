@@ -852,6 +852,9 @@ def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path, 
     assert (f'--save-outputs {tmp_path}: {heldout} holds the pairs of the split heldout, which '
             'it would overwrite' in capsys.readouterr().err)
     assert {path: path.read_bytes() for path in heldout.rglob('*.png')} == before
+    with pytest.raises(ValueError, match='would share the folder S4Fusion_a_b'):
+        evaluate.check_save_outputs(saved, {}, [evaluate.Method('S4Fusion (a/b)', None),
+                                                evaluate.Method('S4Fusion (a_b)', None)])
     assert (evaluate.method_folder("Laplacian pyramid 1.1/1.4 (S4Fusion compact's base)")
             == 'Laplacian_pyramid_1.1_1.4_S4Fusion_compact_s_base')
     with pytest.raises(SystemExit):

@@ -806,9 +806,14 @@ def check_scorable(folder: pathlib.Path, pairs: list) -> None:
                          f'be scored: {"; ".join(problems[:3])}{more}')
 
 
-def check_save_outputs(folder: pathlib.Path, splits: dict) -> None:
-    """ValueError where --save-outputs would write into a split's own folder: its ir/ and vi/
-    (16-bit IR replaced by 8-bit) and its stored outputs would be overwritten."""
+def check_save_outputs(folder: pathlib.Path, splits: dict, methods: list) -> None:
+    """ValueError where --save-outputs would overwrite images: a split's own folder (its ir/
+    and vi/, 16-bit IR replaced by 8-bit, and its stored outputs), or one method's outputs with
+    another's (names that differ only where method_folder writes '_')."""
+    folders = collections.Counter(method_folder(method.name) for method in methods)
+    if twice := [name for name, count in folders.items() if count > 1]:
+        raise ValueError(f'--save-outputs: methods whose names differ only in punctuation '
+                         f'would share the folder {twice[0]}: label the checkpoints apart')
     for name, pairs in splits.items():
         target = resolved(folder / name)
         if any(resolved(path).parent.parent == target
@@ -821,18 +826,14 @@ def run(args: argparse.Namespace, argv: list) -> list:
     """Evaluate, write the report and the grid; returns the DatasetScores."""
     ivif = ivif_splits(args.data) if args.datasets else None
     splits, validation, clips = evaluation_splits(args, ivif)
-    if args.save_outputs:
-        check_save_outputs(args.save_outputs, splits)
     ivif_names = set(args.datasets)
     ours = 'ours' in args.methods
     # 'base' alone needs ours' configurations too: each base is the one its weights refine.
     configs, skipped, notes = (ours_configs(args.weights) if {'ours', 'base'} & set(args.methods)
                                else ([], [], []))
     methods, skipped_methods = build_methods(args, configs)
-    folders = collections.Counter(method_folder(method.name) for method in methods)
-    if args.save_outputs and (twice := [name for name, count in folders.items() if count > 1]):
-        raise ValueError(f'--save-outputs: methods whose names differ only in punctuation '
-                         f'would share the folder {twice[0]}: label the checkpoints apart')
+    if args.save_outputs:
+        check_save_outputs(args.save_outputs, splits, methods)
     examples, datasets, evaluated = {}, [], []
     for name, pairs in splits.items():
         pairs = list(pairs)
