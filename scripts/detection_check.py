@@ -91,9 +91,9 @@ def graph_weights(model_json: pathlib.Path, manifest: list) -> dict:
 
 
 class GraphModel:
-    """A TensorFlow.js graph model in a TensorFlow session. Written here because the converters
-    that read such graphs (tensorflowjs, tfjs-graph-converter) install only beside a TensorFlow
-    Decision Forests build matching TensorFlow's version."""
+    """A TensorFlow.js graph model in a TensorFlow session. Written here rather than taken from
+    tfjs-graph-converter, which reads such graphs but brings tensorflowjs and with it an older
+    TensorFlow (2.19), JAX, Flax and TensorFlow Decision Forests: this needs TensorFlow alone."""
 
     def __init__(self, model_json: pathlib.Path):
         import tensorflow as tf
