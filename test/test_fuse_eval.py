@@ -806,7 +806,7 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
 
 
-def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path, capsys):
+def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path):
     names = sorted(pair.name for pair in evaluate.ivif_splits(ivif_dir).tests['msrs22'])[:2]
     heldout = tmp_path / 'heldout'
     copy_pairs(ivif_dir, heldout, [('msrs', name) for name in names])
@@ -845,6 +845,12 @@ def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path, 
         assert again['heldout', f'{evaluate.method_folder(method)} (stored outputs)', name] == {
             **values['heldout', method, name],
             'method': f'{evaluate.method_folder(method)} (stored outputs)'}
+
+
+def test_eval_saves_outputs_only_where_they_overwrite_no_other_image(ivif_dir, tmp_path, capsys):
+    name = sorted(pair.name for pair in evaluate.ivif_splits(ivif_dir).tests['msrs22'])[0]
+    heldout = tmp_path / 'heldout'
+    copy_pairs(ivif_dir, heldout, [('msrs', name)])
     # Never into a split's own folder: its pairs and stored outputs would be overwritten.
     before = {path: path.read_bytes() for path in heldout.rglob('*.png')}
     assert evaluate.main(['--folder', str(heldout), '--methods', 'average', '--out',
@@ -853,12 +859,12 @@ def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path, 
             'it would overwrite' in capsys.readouterr().err)
     assert {path: path.read_bytes() for path in heldout.rglob('*.png')} == before
     with pytest.raises(ValueError, match='would share the folder S4Fusion_a_b'):
-        evaluate.check_save_outputs(saved, {}, [evaluate.Method('S4Fusion (a/b)', None),
-                                                evaluate.Method('S4Fusion (a_b)', None)])
+        evaluate.check_save_outputs(tmp_path, {}, [evaluate.Method('S4Fusion (a/b)', None),
+                                                   evaluate.Method('S4Fusion (a_b)', None)])
     assert (evaluate.method_folder("Laplacian pyramid 1.1/1.4 (S4Fusion compact's base)")
             == 'Laplacian_pyramid_1.1_1.4_S4Fusion_compact_s_base')
     with pytest.raises(SystemExit):
-        evaluate.parse_args(['--flicker', str(tmp_path), '--save-outputs', str(saved),
+        evaluate.parse_args(['--flicker', str(tmp_path), '--save-outputs', str(tmp_path / 's'),
                              '--out', str(tmp_path / 'q.md')])
     assert '--save-outputs and --flicker' in capsys.readouterr().err
 
