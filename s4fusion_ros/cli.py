@@ -73,13 +73,14 @@ def stop_signals_handled(handler):
     handlers they had come back after it. Off the main thread, whose handlers these are,
     nothing changes (Python runs them there only, and sets them there only)."""
     with contextlib.ExitStack() as handlers:
-        if _on_main_thread():
+        if on_main_thread():
             for number in STOP_SIGNALS:
                 handlers.callback(signal.signal, number, signal.signal(number, handler))
         yield
 
 
-def _on_main_thread() -> bool:
+def on_main_thread() -> bool:
+    """Whether this is the main thread: the one whose signal handlers Python runs and sets."""
     return threading.current_thread() is threading.main_thread()
 
 
@@ -98,7 +99,7 @@ def interrupts_held(notice: str = ''):
         held.append(signum)
 
     with contextlib.ExitStack() as handlers:
-        if _on_main_thread():  # as stop_signals_handled
+        if on_main_thread():  # as stop_signals_handled
             for number in STOP_SIGNALS:
                 if signal.getsignal(number) is signal.default_int_handler:
                     handlers.callback(signal.signal, number, signal.signal(number, hold))

@@ -24,14 +24,13 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 
 from tqdm import tqdm
 
 from .. import settings
 from ..bagio import BagError
-from ..cli import interrupts_held, stop_signals_handled
+from ..cli import interrupts_held, on_main_thread, stop_signals_handled
 from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, write_text_atomically
 from . import work
@@ -142,10 +141,9 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     # While Ray runs, a stop signal whose action was the default (SIGTERM's kills at once) raises
     # KeyboardInterrupt, so the clean-up below runs; the caller's handlers come back at the end.
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    main_thread = threading.current_thread() is threading.main_thread()  # handlers settable
 
     def take_stop_signals(restore: bool) -> None:
-        if main_thread:
+        if on_main_thread():  # handlers settable
             for number, handler in handlers.items():
                 signal.signal(number, handler if restore or handler != signal.SIG_DFL
                               else signal.default_int_handler)
