@@ -56,6 +56,11 @@ MSE     (MSE(F, A) + MSE(F, B)) / 2                   on [0, 1]: ours / 255^2
 PSNR    10 log10(255^2 / MSE), dB                     20 log10(255 / sqrt(MSE on [0, 1])), i.e.
                                                       ours + 20 log10(255) = ours + 48.13 dB
 ======  ============================================  ============================================
+
+Tables made with CDDFuse's ``utils/Evaluator.py`` (and the codebases that copied it) use other
+conventions: MI in nats (ours x ln 2), AG over H W rather than (H-1)(W-1), PSNR with max(F) as
+its peak, VIF 1 where it is NaN, and SSIM with skimage's 7x7 uniform window; compare their
+numbers with these only after converting.
 """
 
 import math
