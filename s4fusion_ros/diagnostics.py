@@ -127,6 +127,22 @@ def pairing_summary(values: dict, fused, dropped_detail: str = '') -> str:
             + (f'; frames dropped before pairing: {", ".join(rejected)}' if rejected else ''))
 
 
+def left_at_stop(values: dict) -> str:
+    """'left at the stop: ...' from diagnostics values taken as a node stops (its queue counted
+    as dropped), or '': the pair the stop cut short (in inference, or fused as ROS shut down
+    under its publishing) and the frames still waiting for a partner, so that a run's summary
+    accounts for every frame it received. Counts not reported (NaN) are left out."""
+    outcomes = (Key.PAIRS_FUSED, Key.PAIRS_DROPPED, Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS,
+                Key.PAIRS_QUEUED)
+    counts = {('pair', 'cut short'): number(values, Key.PAIRS)
+              - sum(number(values, key) for key in outcomes),
+              ('thermal frame', 'pending'): number(values, Key.THERMAL_PENDING),
+              ('visible frame', 'pending'): number(values, Key.VISIBLE_PENDING)}
+    left = [f'{count:.0f} {noun}{"s" if count > 1 else ""} {state}'
+            for (noun, state), count in counts.items() if count > 0]
+    return f'left at the stop: {", ".join(left)}' if left else ''
+
+
 def thermal_frames_lost(grown: dict) -> bool:
     """Whether thermal frames found no partner over a window (`grown`: counts grown): unpaired,
     or, stamped ahead of the stamps' clock, waiting for it until they overflowed

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from rclpy.node import NodeNameNonExistentError
 from rclpy.time import Time
 
 from ros_harness import Probe, image_message, node_log, running_node
@@ -177,6 +178,29 @@ def test_a_remapped_input_takes_its_transport_topics_along(ros_context):
             '-r', 'visible/image_raw/compressed:=/front/jpeg']) as proc:
         wait_for_log(proc, 'fusing /lwir/image_raw/compressed + /front/jpeg -> '
                            '/robot1/s4fusion_node/fused')
+
+
+def test_remapped_outputs_take_their_transport_and_camera_info_topics_along(ros_context):
+    # As image_transport's publishers do: `-r ~/fused:=/detector/image_raw` left the compressed
+    # transport on ~/fused/compressed and the camera_info on ~/camera_info, where a viewer and a
+    # detector beside /detector/image_raw found nothing. Outputs remapped apart each get one.
+    probe = Probe('output_remap_probe')
+    expected = {'/detector/image_raw', '/detector/image_raw/compressed', '/detector/camera_info',
+                '/robot1/maps/saliency', '/robot1/maps/saliency/compressed',
+                '/robot1/maps/camera_info', '/diagnostics'}
+    with running_node(PARAMS, namespace='/robot1', extra_args=[
+            '-r', '~/fused:=/detector/image_raw', '-r', '~/saliency:=maps/saliency']) as proc:
+        wait_for_log(proc, '-> /detector/camera_info, /robot1/maps/camera_info')
+
+        def published() -> set:
+            try:
+                topics = probe.get_publisher_names_and_types_by_node('s4fusion_node', '/robot1')
+            except NodeNameNonExistentError:  # not discovered yet
+                return set()
+            return {name for name, _ in topics if not name.startswith(('/rosout', '/parameter'))}
+        probe.spin_until(lambda: published() == expected, 30)
+        assert published() == expected, node_log(proc)
+    probe.destroy_node()
 
 
 def test_a_start_and_an_end_of_the_inputs_report_no_stall_and_no_stopped_camera(ros_context):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from s4fusion_ros.diagnostics import Key, NOT_REPORTED, pairing_shortfall
+from s4fusion_ros.diagnostics import Key, NOT_REPORTED, left_at_stop, pairing_shortfall
 from s4fusion_ros.stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
 
 
@@ -104,3 +104,14 @@ def test_a_pair_in_inference_is_a_stall_cause_once_it_ran_a_whole_window():
         'smaller)')
     assert inference_stall((3840, 2160), 6.0, 5.0, False) == (
         'pairs in inference: 1 (a 3840x2160 pair, for 6 s)')
+
+
+def test_left_at_stop_names_what_the_stop_cut_short():
+    stopped = {Key.PAIRS: 8, Key.PAIRS_FUSED: 1, Key.PAIRS_DROPPED: 6, Key.INFERENCE_ERRORS: 0,
+               Key.PUBLISH_ERRORS: 0, Key.PAIRS_QUEUED: 0, Key.THERMAL_PENDING: 0,
+               Key.VISIBLE_PENDING: 2}
+    assert left_at_stop(stopped) == 'left at the stop: 1 pair cut short, 2 visible frames pending'
+    assert left_at_stop({**stopped, Key.PAIRS_FUSED: 2, Key.VISIBLE_PENDING: 0}) == ''
+    # message_filters keeps its pending frames to itself: not reported, not guessed.
+    assert left_at_stop({**stopped, Key.VISIBLE_PENDING: NOT_REPORTED}) == (
+        'left at the stop: 1 pair cut short')

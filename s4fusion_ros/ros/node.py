@@ -30,8 +30,9 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from .. import precompile, settings
 from ..camera_info import CameraInfoCache, camera_info_topic
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
-                           inference_stall, late_arrivals, pairing_shortfall, pairing_summary,
-                           per_input, status_name, thermal_frames_lost, unpaired_hint)
+                           inference_stall, late_arrivals, left_at_stop, pairing_shortfall,
+                           pairing_summary, per_input, status_name, thermal_frames_lost,
+                           unpaired_hint)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, output_compression, pipeline_from_params)
 from ..imaging.encodings import compress_transport
@@ -132,14 +133,21 @@ class S4FusionNode(Node):
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
                                       p['inference.queue_policy'])
 
-        self.fused_pub, self.saliency_pub = (self._output_publisher(Image, name, p)
+        self.fused_pub, self.saliency_pub = (self._output_publisher(Image, f'~/{name}', p)
                                              for name in settings.OUTPUT_NAMES)
-        # image_transport's compressed transports of the outputs, for viewers over a network.
+        images = (self.fused_pub, self.saliency_pub)
+        # image_transport's compressed transports of the outputs, for viewers over a network, and
+        # the camera_info its CameraPublisher pairs with them: named, as image_transport names
+        # them, from the image topics as remapped (`-r ~/fused:=/detector/image_raw` moves them to
+        # /detector/image_raw/compressed and /detector/camera_info); one info topic unless the
+        # two outputs were remapped apart.
         self.fused_compressed_pub, self.saliency_compressed_pub = (
-            self._output_publisher(CompressedImage, f'{name}/compressed', p)
-            for name in settings.OUTPUT_NAMES)
+            self._output_publisher(CompressedImage, f'{image.topic_name}/compressed', p)
+            for image in images)
         self.compression = output_compression(p)
-        self.camera_info_pub = self._output_publisher(CameraInfo, 'camera_info', p)
+        self.camera_info_pubs = [self._output_publisher(CameraInfo, topic, p) for topic in
+                                 dict.fromkeys(camera_info_topic(image.topic_name)
+                                               for image in images)]
         self.camera_infos = CameraInfoCache()
         # Best effort, which hears reliable publishers too: a lost info is made up by the one
         # stamped before it (CameraInfoCache.for_image).
@@ -168,17 +176,17 @@ class S4FusionNode(Node):
             f'fusing {self.thermal_sub.topic_name} + {self.visible_sub.topic_name} -> '
             f'{self.fused_pub.topic_name}, {self.saliency_pub.topic_name} with {self.loaded.name} '
             f'on {self.loaded.device}{" (fp16)" if self.loaded.half else ""}; '
-            f'{self.camera_info_sub.topic_name} -> {self.camera_info_pub.topic_name}')
+            f'{self.camera_info_sub.topic_name} -> '
+            + ', '.join(pub.topic_name for pub in self.camera_info_pubs))
 
-    def _output_publisher(self, msg_type, name: str, p: dict):
-        """The publisher of ~/`name` (attribute `name`_pub, '/' as '_'), with the outputs' QoS,
-        overrides and QoS reports."""
-        endpoint = f'{name.replace("/", "_")}_pub'
+    def _output_publisher(self, msg_type, topic: str, p: dict):
+        """The publisher of an output topic, with the outputs' QoS, overrides and QoS reports."""
+        resolved = self.resolve_topic_name(topic)
         return self.create_publisher(
-            msg_type, f'~/{name}', direction_qos(p, 'output'),
-            qos_overriding_options=QOS_OVERRIDES,
+            msg_type, topic, direction_qos(p, 'output'), qos_overriding_options=QOS_OVERRIDES,
             event_callbacks=PublisherEventCallbacks(
-                incompatible_qos=lambda info: self._on_incompatible_qos(endpoint, info)))
+                incompatible_qos=lambda info: self._on_incompatible_qos('output', resolved,
+                                                                        info)))
 
     # Parameters -----------------------------------------------------------------------------
 
@@ -224,7 +232,7 @@ class S4FusionNode(Node):
                   for sub in (self.thermal_sub, self.visible_sub)]
         topics += [('output', 'publisher', pub.topic_name)
                    for pub in (self.fused_pub, self.saliency_pub, self.fused_compressed_pub,
-                               self.saliency_compressed_pub, self.camera_info_pub)]
+                               self.saliency_compressed_pub, *self.camera_info_pubs)]
         for direction, kind, topic in topics:
             for policy in ('reliability', 'depth'):
                 name = f'{settings.QOS_OVERRIDES_PREFIX}{topic}.{kind}.{policy}'
@@ -274,8 +282,9 @@ class S4FusionNode(Node):
                 self.senders_known = True
                 self.senders[r].add(bytes(info['publisher_gid']['data']))
             self._on_image(r, msg, info['received_timestamp'])
-        return self.create_subscription(*self._input_topic(role, transport), on_message, qos,
-                                        event_callbacks=self._input_events(role),
+        topic = self._input_topic(role, transport)
+        return self.create_subscription(*topic, on_message, qos,
+                                        event_callbacks=self._input_events(topic[1]),
                                         qos_overriding_options=QOS_OVERRIDES)
 
     def _input_topic(self, role: str, transport: str) -> tuple[type, str]:
@@ -287,9 +296,10 @@ class S4FusionNode(Node):
             return Image, base
         return CompressedImage, f'{self.resolve_topic_name(base)}/{transport}'
 
-    def _input_events(self, role: str) -> SubscriptionEventCallbacks:
+    def _input_events(self, topic: str) -> SubscriptionEventCallbacks:
+        resolved = self.resolve_topic_name(topic)
         return SubscriptionEventCallbacks(
-            incompatible_qos=lambda info, r=role: self._on_incompatible_qos(f'{r}_sub', info))
+            incompatible_qos=lambda info: self._on_incompatible_qos('input', resolved, info))
 
     def _subscribe_message_filters(self, p: dict) -> None:
         """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
@@ -323,7 +333,7 @@ class S4FusionNode(Node):
         topic, qos = self._input_topic(role, p[f'{role}.transport']), direction_qos(p, 'input')
         try:
             return self.message_filters.Subscriber(
-                self, *topic, qos_profile=qos, event_callbacks=self._input_events(role),
+                self, *topic, qos_profile=qos, event_callbacks=self._input_events(topic[1]),
                 qos_overriding_options=QOS_OVERRIDES)
         except TypeError as error:
             self.get_logger().warning(
@@ -386,16 +396,14 @@ class S4FusionNode(Node):
                 for info in self.get_publishers_info_by_topic(topic)
                 if 'reliability' in parameters.kept_apart(info.qos_profile, own[0].qos_profile)]
 
-    def _on_incompatible_qos(self, endpoint: str, info) -> None:
-        """Log a peer whose QoS cannot match ``endpoint``, an input subscription ('thermal_sub',
-        'visible_sub') or an output publisher ('fused_pub', 'saliency_pub',
-        'fused_compressed_pub', 'saliency_compressed_pub', 'camera_info_pub')."""
+    def _on_incompatible_qos(self, direction: str, topic: str, info) -> None:
+        """Log a peer whose QoS cannot match this node's `direction` ('input' or 'output')
+        endpoint on `topic`."""
         # Throttled per topic: rclpy's throttle is per call site, which every topic shares.
-        if not self._log_due((endpoint, 'incompatible qos')):
+        if not self._log_due((topic, 'incompatible qos')):
             return
-        topic = getattr(self, endpoint).topic_name
         policy = QoSPolicyKind(int(info.last_policy_kind))
-        what, hint = _QOS_MISMATCH['input' if endpoint.endswith('_sub') else 'output']
+        what, hint = _QOS_MISMATCH[direction]
         self.get_logger().error(f'{topic}: {what} ({policy.name}).'
                                 + (hint if policy == QoSPolicyKind.RELIABILITY else ''))
 
@@ -516,7 +524,8 @@ class S4FusionNode(Node):
         if info is not None:
             info = copy.copy(info)  # the calibration is shared, not changed
             set_header(info, result.pair.visible_stamp_ns, result.pair.frame_id)
-            self.camera_info_pub.publish(info)
+            for publisher in self.camera_info_pubs:
+                publisher.publish(info)
 
     def _diagnostic_values(self) -> dict:
         """The counts, rates and latencies /diagnostics reports, as they are now."""
@@ -772,7 +781,9 @@ class S4FusionNode(Node):
         values = self._diagnostic_values()
         errors = [f'{values[key]} {key}' for key in (Key.INFERENCE_ERRORS, Key.PUBLISH_ERRORS)
                   if values[key]]
-        return '; '.join([pairing_summary(values, values[Key.PAIRS_FUSED]), *errors])
+        left = left_at_stop(values)
+        return '; '.join([pairing_summary(values, values[Key.PAIRS_FUSED]), *errors]
+                         + ([left] if left else []))
 
 
 # What an incompatible-QoS peer means for an input and an output, and the usual fix where the
