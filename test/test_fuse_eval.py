@@ -324,6 +324,38 @@ def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_pa
     assert 'not allowed with argument' in capsys.readouterr().err
 
 
+def test_fuse_skip_existing_fuses_again_what_other_pictures_of_the_same_names_made(
+        ivif_dir, tmp_path, capsys, tiny_weights):
+    """Datasets numbered alike (00000.png in both), or an image replaced in place: the outputs
+    under --out were made from other pictures, and --skip-existing kept them as done."""
+    for folder, dataset in (('a', 'msrs'), ('b', 'm3fd')):
+        for side in ('ir', 'vi'):
+            (tmp_path / folder / side).mkdir(parents=True)
+            source = sorted((ivif_dir / dataset / side).glob('*.png'))[0]
+            shutil.copy(source, tmp_path / folder / side / '00000.png')
+
+    def run(folder, out, *options):
+        return fuse.main(['--ir', str(tmp_path / folder / 'ir'), '--vi',
+                          str(tmp_path / folder / 'vi'), '--out', str(tmp_path / out),
+                          '--weights', str(tiny_weights), '--device', 'cpu', *options])
+
+    def outputs(out):
+        return {path.relative_to(tmp_path / out): path.read_bytes()
+                for path in (tmp_path / out).rglob('*.png')}
+    assert run('b', 'b_alone') == 0 and run('a', 'out') == 0
+    capsys.readouterr()
+    assert run('b', 'out', '--skip-existing') == 0
+    assert '1 fused again, their outputs not made from these source files' in (
+        capsys.readouterr().err)
+    assert outputs('out') == outputs('b_alone')
+    assert run('b', 'out', '--skip-existing') == 0  # made from these files now: kept
+    assert 'all 1 pairs are fused' in capsys.readouterr().err
+    shutil.copy(tmp_path / 'a' / 'ir' / '00000.png', tmp_path / 'b' / 'ir' / '00000.png')
+    assert run('b', 'out', '--skip-existing') == 0
+    assert run('b', 'b_replaced') == 0
+    assert outputs('out') == outputs('b_replaced') != outputs('b_alone')
+
+
 def test_fuse_resuming_a_cut_overwrite_never_keeps_the_run_before(ivif_dir, tmp_path,
                                                                   monkeypatch, tiny_weights):
     """A run with --overwrite and new settings, cut after its first pair and resumed, gives

@@ -41,6 +41,7 @@ from ..training.data import Pair, luminance, match_pairs, read_image
 PROG = 's4fusion-fuse'
 # In --out: what the outputs there were made with, so that --skip-existing never mixes runs.
 RUN_RECORD = 's4fusion-fuse.json'
+SOURCES_KEY = 'sources'  # in RUN_RECORD: source_fingerprints of the pairs under --out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +172,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                'pairs (removed before the run starts)')
     existing.add_argument('--skip-existing', action='store_true',
                           help='resume a run that was cut short: leave the pairs whose fused '
-                               'and saliency PNGs are both under --out, fuse the others; refused '
-                               f'unless --out/{RUN_RECORD} shows the same weights and options')
+                               'and saliency PNGs are both under --out, made from the same '
+                               'source files (size and modification time), fuse the others; '
+                               f'refused unless --out/{RUN_RECORD} shows the same weights and '
+                               'options')
     args = parser.parse_args(argv)
     try:
         same = resolved(args.ir) == resolved(args.vi)
@@ -222,17 +225,32 @@ def run_record(args: argparse.Namespace, loaded: LoadedModel) -> dict:
     return json.loads(json.dumps(record))  # as read back from the file: tuples become lists
 
 
-def prepare_output(args: argparse.Namespace, outputs: dict, record: dict) -> set[str]:
-    """Make --out ready for a run; return the names of the pairs it need not fuse.
+def source_fingerprints(pairs: list[Pair]) -> dict:
+    """name -> [size, mtime_ns] of each pair's IR and visible files (as read back from JSON):
+    what a pair's outputs were made from, so that --skip-existing never keeps them for other
+    pictures of the same name (another dataset numbered alike, an image replaced in place)."""
+    def fingerprint(pair: Pair) -> list[int]:
+        stats = [path.stat() for path in (pair.ir_path, pair.vi_path)]
+        return [value for stat in stats for value in (stat.st_size, stat.st_mtime_ns)]
+    return {pair.name: fingerprint(pair) for pair in pairs}
+
+
+def prepare_output(args: argparse.Namespace, outputs: dict, record: dict,
+                   sources: dict) -> tuple[set[str], int]:
+    """Make --out ready for a run; return the names of the pairs it need not fuse and how many
+    pairs' whole earlier outputs --skip-existing fuses again, not made from these source files.
 
     The outputs under --out are always those of the run its record describes. The record goes
     in before any output; --overwrite removes the earlier outputs of its pairs first (so a run
-    cut short can be resumed), --skip-existing keeps them only under the same record, and a
-    run with other settings is refused where other pairs' outputs would stay beside its own.
+    cut short can be resumed), --skip-existing keeps them only under the same record and
+    `sources` (`source_fingerprints`), and a run with other settings is refused where other
+    pairs' outputs would stay beside its own.
     """
     check_writable_folder(args.out)
     path = args.out / RUN_RECORD
     earlier, unreadable = _read_record(path)
+    made_from = earlier.pop(SOURCES_KEY, None) if earlier is not None else None
+    made_from = made_from if isinstance(made_from, dict) else {}
     changed = (_changed(earlier, record) if earlier is not None
                else [f'{path.name} {unreadable}'])
     ours = {output for paths in outputs.values() for output in paths}
@@ -243,22 +261,27 @@ def prepare_output(args: argparse.Namespace, outputs: dict, record: dict) -> set
                          f'({foreign[0].name}, ...) not made with these settings '
                          f'({"; ".join(changed)}): fuse into another --out, or remove them')
     existing = {name for name, paths in outputs.items() if any(p.is_file() for p in paths)}
-    done = set()
-    if args.skip_existing and existing:
-        if changed:
-            raise ValueError(f'--skip-existing: the outputs under {args.out} were not made '
-                             f'with these settings ({"; ".join(changed)}); give the options of '
-                             'that run, or pass --overwrite to fuse them again')
-        done = {name for name in existing if all(p.is_file() for p in outputs[name])}
-    elif existing:  # --overwrite (output_paths refused them otherwise)
-        if path.is_dir():  # checked before anything is removed: the record could not be written
-            raise ValueError(f'{path} is a folder: it must be free for the run record')
-        for name in existing:
-            for stale in outputs[name]:
-                stale.unlink(missing_ok=True)
+    if args.skip_existing and existing and changed:
+        raise ValueError(f'--skip-existing: the outputs under {args.out} were not made with '
+                         f'these settings ({"; ".join(changed)}); give the options of that '
+                         'run, or pass --overwrite to fuse them again')
+    whole = {name for name in existing if all(p.is_file() for p in outputs[name])}
+    done = ({name for name in whole if made_from.get(name) == sources[name]}
+            if args.skip_existing else set())
+    # The rest (all with --overwrite; a pair cut between its two writes, or made from other
+    # files, with --skip-existing) go before the record names these sources, so that a run
+    # cut short never leaves them to be kept.
+    stale = existing - done
+    if stale and path.is_dir():  # the record could not be written
+        raise ValueError(f'{path} is a folder: it must be free for the run record')
+    for name in stale:
+        for output in outputs[name]:
+            output.unlink(missing_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    # The other pairs' outputs kept beside these (same settings) keep their sources.
+    record = {**record, SOURCES_KEY: {**made_from, **sources}}
     write_text_atomically(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
-    return done
+    return done, len((whole - done) if args.skip_existing else ())
 
 
 def _read_record(path: pathlib.Path) -> tuple[dict | None, str]:
@@ -292,9 +315,12 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
     outputs = output_paths(args, pairs)
     loaded = load_fusion_model(args.weights, args.preset, args.device,
                                detail_gain=args.detail_gain)
-    done = prepare_output(args, outputs, run_record(args, loaded))
+    done, changed = prepare_output(args, outputs, run_record(args, loaded),
+                                   source_fingerprints(pairs))
     todo = [pair for pair in pairs if pair.name not in done]
-    skipped = f'; {len(done)} already under {args.out} skipped' if done else ''
+    skipped = (f'; {len(done)} already under {args.out} skipped' if done else '') + (
+        f'; {changed} fused again, their outputs not made from these source files'
+        if changed else '')
     if not todo:
         print(f'{PROG}: all {len(pairs)} pairs are fused under {args.out}', file=sys.stderr)
         return 0, len(unmatched)
