@@ -338,6 +338,17 @@ def test_pairs_match_by_name_then_by_stem_where_one_file_each_side_has_it(tmp_pa
                          str(tmp_path / 'vi/c.jpg') + ambiguous, str(tmp_path / 'vi/e.png')]
 
 
+def test_hidden_files_are_no_pairs(tmp_path):
+    # An archive made on a Mac holds an AppleDouble ._NAME.png (not an image) beside each image.
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        cv2.imwrite(str(tmp_path / side / '00004N.png'), np.zeros((4, 4), np.uint8))
+        (tmp_path / side / '._00004N.png').write_bytes(b'\x00\x05\x16\x07')
+    (tmp_path / 'vi' / '.hidden.png').write_bytes(b'')
+    pairs, unmatched = match_pairs(tmp_path / 'ir', tmp_path / 'vi')
+    assert [pair.name for pair in pairs] == ['00004N.png'] and unmatched == []
+
+
 # --- loss ---------------------------------------------------------------------------------------
 
 def test_ssim_is_one_for_identical_real_crops(crops):

@@ -230,8 +230,10 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
     for directory in (ir_dir, vi_dir):
         if not directory.is_dir():
             raise FileNotFoundError(f'{directory}: {missing}')
-        found.append({p.name for p in directory.iterdir()
-                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES})
+        # Hidden files are no images of the set: macOS puts an AppleDouble `._NAME.png` beside
+        # each image of an archive made on a Mac.
+        found.append({p.name for p in directory.iterdir() if p.is_file()
+                      and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')})
     ir_names, vi_names = found
     partners = {name: name for name in ir_names & vi_names}
     ir_by_stem, vi_by_stem = (_by_stem(names - set(partners)) for names in found)
