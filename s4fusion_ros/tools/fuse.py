@@ -3,14 +3,16 @@
 Pairs are matched by file name in --ir and --vi (or by the name without its extension where that
 is unambiguous: ir/0001.png with vi/0001.jpg). For each pair NAME.ext the tool writes
 OUT/fused/NAME.png (colour when the visible image is colour, else gray; with --gray always the
-luminance s4fusion-eval scores) and OUT/saliency/NAME.png (mono, 0-255) with the node's
-FusionEngine. The IR image is scaled as the public datasets store it (value / type maximum);
---stretch-thermal maps it as the node maps camera frames (its default percentile window), for
-raw 16-bit counts. OUT/s4fusion-fuse.json records the weights and options the outputs there were
-made with, and no run leaves outputs of other settings beside its own: existing outputs are
-replaced only with --overwrite (and never an input folder), and --skip-existing resumes a run
-that was cut short only when its options match that record. The exit code is 1 when a pair
-failed or a file had no partner.
+luminance s4fusion-eval scores: the same pixels for an 8-bit IR image, while a 16-bit one is
+fused here at its full depth and there at 8 bits, as every method gets it) and
+OUT/saliency/NAME.png (mono, 0-255) with the node's FusionEngine. The IR image is scaled as
+the public datasets store it (value / type maximum); --stretch-thermal maps it as the node maps
+camera frames (its default percentile window), for raw 16-bit counts. OUT/s4fusion-fuse.json
+records the weights and options the outputs there were made with, and the source files of each
+pair, and no run leaves outputs of other settings beside its own: existing outputs are replaced
+only with --overwrite (and never an input folder), and --skip-existing resumes a run that was
+cut short only when its options match that record, keeping the outputs of the same files. The
+exit code is 1 when a pair failed or a file had no partner.
 
 Example:
   s4fusion-fuse --ir data/ir --vi data/vi --out fused --device cpu --inference-size 320x240
@@ -163,7 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--gray', action='store_true',
                         help='write the fused image as gray: the luminance (Y of YCrCb, '
                              'within 1 level of OpenCV BGR2GRAY and MATLAB rgb2gray) of the '
-                             'colour output, which s4fusion-eval scores; for toolkits that read '
+                             'colour output, which s4fusion-eval scores (for 8-bit IR: it fuses '
+                             '16-bit IR at 8 bits); for toolkits that read '
                              'fused images as gray (another conversion, e.g. a PNG decoder\'s '
                              'own, moves the metrics)')
     existing = parser.add_mutually_exclusive_group()
