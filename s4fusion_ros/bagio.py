@@ -30,9 +30,11 @@ from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurabi
                                 QosLiveliness, QosReliability, QosTime)
 from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer,
                              WriterError)
-# The storage readers themselves, for reading an MCAP file cut off by a crash (_McapReader).
+# The storages themselves, for reading an MCAP file cut off by a crash (_McapReader) and sqlite3
+# bags under any path (_UriPath).
 from rosbags.rosbag2.reader import DirectoryReader
 from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
+from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
 from rosbags.typesys import Stores, get_typestore
 
 from .camera_info import CAMERA_INFO
@@ -280,8 +282,39 @@ class _McapReader(McapReader):
                            for chunk in self.cut.chunks)
 
 
+# Paths with '#', '?' or '%' ----------------------------------------------------------------------
+# rosbags' sqlite3 storage (0.11.9, as requirements.txt pins it) opens its database as the URI
+# f'file:{path}' (and '?immutable=1' to read), in which SQLite takes '#' for the start of a
+# fragment, '?' for that of a query and '%41' for 'A': a bag under such a path was written to a
+# stray file beside it, and could not be read. Its reader and writer here get their path as a
+# _UriPath, which the URI then holds percent-encoded (test_bag's bags under such paths check that
+# a new rosbags still formats it so).
+
+class _UriPath(type(pathlib.Path())):
+    """A path that an f-string formats as a file: URI's path, percent-encoded; str() and file
+    operations see it as it is."""
+
+    def __format__(self, spec: str) -> str:
+        return format(self.absolute().as_uri().removeprefix('file://'), spec)
+
+
+class _Sqlite3Reader(Sqlite3Reader):
+    def __init__(self, path) -> None:
+        super().__init__(_UriPath(path))
+
+
+class _Sqlite3Writer(Sqlite3Writer):
+    def __init__(self, path: pathlib.Path, compression: CompressionMode) -> None:
+        super().__init__(_UriPath(path), compression)
+
+
+class _Writer(Writer):
+    STORAGE_PLUGINS = {**Writer.STORAGE_PLUGINS, StoragePlugin.SQLITE3: _Sqlite3Writer}
+
+
 class _DirectoryReader(DirectoryReader):
-    STORAGE_PLUGINS = {**DirectoryReader.STORAGE_PLUGINS, 'mcap': _McapReader}
+    STORAGE_PLUGINS = {**DirectoryReader.STORAGE_PLUGINS, 'mcap': _McapReader,
+                       'sqlite3': _Sqlite3Reader}
 
     def open(self) -> None:
         """Open, and count each topic's messages as its files hold them where one was cut off
@@ -299,7 +332,8 @@ class _DirectoryReader(DirectoryReader):
 
 
 class _Reader(Reader):
-    STORAGE_PLUGINS = {**Reader.STORAGE_PLUGINS, 'dir': _DirectoryReader, '.mcap': _McapReader}
+    STORAGE_PLUGINS = {**Reader.STORAGE_PLUGINS, 'dir': _DirectoryReader, '.mcap': _McapReader,
+                       '.db3': _Sqlite3Reader}
 
 
 def _storages(reader: Reader) -> list:
@@ -615,8 +649,8 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging, held = _held_staging(path)
     try:
-        writer = Writer(staging / path.name, version=BAG_VERSION,
-                        storage_plugin=StoragePlugin[storage.upper()])
+        writer = _Writer(staging / path.name, version=BAG_VERSION,
+                         storage_plugin=StoragePlugin[storage.upper()])
         if compress and storage == 'mcap':
             writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         with writer:

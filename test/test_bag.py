@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -943,6 +944,38 @@ def test_a_bag_is_on_disk_before_it_gets_its_name(tmp_path, monkeypatch):
     before = {path.name for path, named in synced if not named}
     assert {'drive.db3', 'metadata.yaml', 'drive'} <= before  # the bag, before its rename
     assert (tmp_path, True) in synced  # and the folder holding the new name, after it
+
+
+def read_with_bagio(path: pathlib.Path) -> dict[str, list]:
+    """read_bag's {topic: [(log time, message type, raw CDR)]}, read through bagio.open_bag."""
+    topics = {}
+    with bagio.open_bag(path) as reader:
+        for connection, log_time, raw in reader.messages():
+            topics.setdefault(connection.topic, []).append((log_time, connection.msgtype,
+                                                            bytes(raw)))
+    return topics
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_bags_under_paths_with_uri_characters_are_read_and_written_whole(
+        storage, short_events, params_file, tmp_path, capsys):
+    # SQLite takes '#' in a file: URI for a fragment, '?' for a query and '%41' for 'A', and
+    # rosbags' sqlite3 storage puts paths in URIs as they are: an output's database went to a
+    # stray file beside it, the bag kept its metadata.yaml alone and was reported written; an
+    # input could not be opened. MCAP, never a URI, was not affected.
+    plain = write_bag(tmp_path / 'in', short_events, storage)
+    folder = tmp_path / 'day#2?%41'
+    source = shutil.copytree(plain, folder / 'in#1')
+    output = folder / 'out#3'
+    for bag, fused in ((plain, tmp_path / 'reference'), (source, output)):
+        assert bag_tool.main([str(bag), str(fused), '--params', str(params_file)]) == 0
+    assert f'wrote {output}' in capsys.readouterr().err
+    suffix = '.db3' if storage == 'sqlite3' else '.mcap'
+    assert sorted(path.name for path in output.iterdir()) == ['metadata.yaml', f'out#3{suffix}']
+    assert sorted(path.name for path in folder.iterdir()) == ['in#1', 'out#3']  # nothing stray
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['day#2?%41', 'in', 'reference']
+    assert read_with_bagio(output) == read_bag(tmp_path / 'reference')
+    assert read_with_bagio(source / f'in{suffix}') == read_bag(plain)  # a bare storage file
 
 
 def test_staging_directories_are_told_apart_from_a_neighbour_bags(tmp_path):
