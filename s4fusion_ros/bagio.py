@@ -655,6 +655,7 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
             writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         with writer:
             yield writer
+        check_storage_files(staging / path.name, path)
         # On disk before it gets its name: a crash must not leave a truncated bag that a
         # resumed batch run would take for a finished one.
         sync_tree(staging / path.name)
@@ -667,6 +668,17 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     finally:
         remove_staging(staging, path)
         os.close(held)
+
+
+def check_storage_files(bag: pathlib.Path, path: pathlib.Path) -> None:
+    """Refuse the bag written at `bag` (to be `path`) if a storage file that its metadata.yaml
+    lists is not there: a storage that wrote it elsewhere (rosbags' sqlite3 one did, under a path
+    with '#') must not leave a bag reported written that holds no message."""
+    metadata = yaml.safe_load((bag / 'metadata.yaml').read_text())
+    for name in metadata['rosbag2_bagfile_information']['relative_file_paths']:
+        if not (bag / name).is_file():
+            # A write fault (WRITE_ERRORS): the tools say the output was not written.
+            raise WriterError(f'{path / name}, which its metadata.yaml lists, was not written')
 
 
 def _held_staging(path: pathlib.Path) -> tuple[pathlib.Path, int]:

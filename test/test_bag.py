@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from rosbags.interfaces import QosReliability
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer, WriterError
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
@@ -976,6 +976,17 @@ def test_bags_under_paths_with_uri_characters_are_read_and_written_whole(
     assert sorted(path.name for path in tmp_path.iterdir()) == ['day#2?%41', 'in', 'reference']
     assert read_with_bagio(output) == read_bag(tmp_path / 'reference')
     assert read_with_bagio(source / f'in{suffix}') == read_bag(plain)  # a bare storage file
+
+
+def test_a_bag_whose_storage_file_was_not_written_is_not_put_in_place(tmp_path, monkeypatch):
+    # rosbags' own sqlite3 storage writes the database of a bag under a path with '#' elsewhere
+    # (above): such a bag, metadata.yaml alone, was renamed into place as written.
+    monkeypatch.setattr(bagio, '_Writer', Writer, raising=False)
+    with pytest.raises(WriterError, match=r'out#1\.db3, which its metadata\.yaml lists, was '
+                       r'not written'):
+        with bagio.create_bag(tmp_path / 'out#1', 'sqlite3') as writer:
+            bagio.add_topic(writer, '/fused')
+    assert not (tmp_path / 'out#1').exists() and not bagio.staging_dirs(tmp_path / 'out#1')
 
 
 def test_staging_directories_are_told_apart_from_a_neighbour_bags(tmp_path):
