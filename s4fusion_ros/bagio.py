@@ -397,15 +397,21 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
             reader.close()
 
 
+def recorded_types(reader: Reader) -> dict[str, set[str]]:
+    """The message types each topic was recorded with (several in a merged bag, or where a
+    node published another type on it)."""
+    recorded = {}
+    for connection in reader.connections:
+        recorded.setdefault(connection.topic, set()).add(connection.msgtype)
+    return recorded
+
+
 def topic_types(reader: Reader) -> dict[str, str | None]:
     """Each topic's message type. A topic recorded with several (rosbags then gives it none) is
     of its one image type, whose messages are its images; None for a topic of several types
     none or more than one of which is an image type."""
-    recorded = {}
-    for connection in reader.connections:
-        recorded.setdefault(connection.topic, set()).add(connection.msgtype)
     resolved = {}
-    for topic, types in sorted(recorded.items()):
+    for topic, types in sorted(recorded_types(reader).items()):
         images = types & set(IMAGE_TYPES)
         resolved[topic] = (next(iter(types)) if len(types) == 1
                            else next(iter(images)) if len(images) == 1 else None)
@@ -479,6 +485,8 @@ class ImageTopic:
     role: str  # 'thermal', 'visible' or '' (cannot tell)
     others: int = 0  # messages of other types recorded on the topic, not read
     near_infrared: bool = False  # a depth camera's (depth_camera_infrared), so no role
+    # Both image types, recorded on the topic (a merged bag): it is of neither, and not read.
+    several_types: tuple[str, ...] = ()
 
     @property
     def compressed(self) -> bool:
@@ -498,6 +506,9 @@ class ImageTopic:
 
     def describe(self) -> str:
         """One line for messages: topic (type, encoding, count)."""
+        if self.several_types:
+            kinds = ' and '.join(msgtype.rpartition('/')[2] for msgtype in self.several_types)
+            return f'{self.topic} ({kinds}, {self.count} msgs)'
         kind = 'CompressedImage' if self.compressed else 'Image'
         others = f'; {self.others} of other types skipped' if self.others else ''
         infrared = ("; a depth camera's near-infrared, not thermal?" if self.near_infrared
@@ -511,9 +522,17 @@ DESCRIBE_TRIES = 10  # corrupt messages skipped to describe a topic by its first
 
 def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
     """List the bag's Image and CompressedImage topics, each described by its first message
-    that decodes (a topic whose first few do not is described as of unknown encoding)."""
+    that decodes (a topic whose first few do not is described as of unknown encoding); one
+    recorded as both is listed with its several_types, unread."""
     topics = []
+    recorded = recorded_types(reader)
     for topic, msgtype in sorted(topic_types(reader).items()):
+        several = tuple(sorted(recorded[topic] & set(IMAGE_TYPES))) if msgtype is None else ()
+        if several:
+            count = sum(c.msgcount for c in reader.connections
+                        if c.topic == topic and c.msgtype in several)
+            topics.append(ImageTopic(topic, '', count, '', '', several_types=several))
+            continue
         if msgtype not in IMAGE_TYPES:
             continue
         encoding = ''
@@ -605,6 +624,8 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
             if not match:
                 raise BagError(f"{path}: no image topic '{name}' (--{role}-topic); image topics "
                                f'in the bag: {found}')
+            if _unreadable(match[0]):
+                raise BagError(f'{path}: {name} (--{role}-topic) {_unreadable(match[0])}')
             chosen[role] = match[0]
     for role in ('thermal', 'visible'):
         if role in chosen:
@@ -619,14 +640,33 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
             # Its twin may lack the encoding that gives a role ('jpeg' alone): found by name.
             candidates = ([t for t in topics if t.topic == wanted and t.topic not in taken]
                           or candidates[:1])
-        if len(candidates) != 1:
-            problem = 'several topics could be' if candidates else 'no topic looks like'
-            raise BagError(f'{path}: {problem} the {role} camera; image topics in the bag: '
-                           f'{found}. Name it with --{role}-topic')
+        if not candidates:
+            raise _no_camera(path, role, topics, found)
+        if len(candidates) > 1:
+            raise BagError(f'{path}: several topics could be the {role} camera; image topics in '
+                           f'the bag: {found}. Name it with --{role}-topic')
         chosen[role] = candidates[0]
     if chosen['thermal'].topic == chosen['visible'].topic:
         raise BagError(f"{path}: '{chosen['thermal'].topic}' cannot be both thermal and visible")
     return chosen['thermal'], chosen['visible']
+
+
+def _unreadable(topic: ImageTopic) -> str:
+    """Why the topic cannot be fused, whatever its name: '' where it can."""
+    if topic.several_types:
+        return (f'was recorded with several image types ({", ".join(topic.several_types)}): it '
+                'cannot be read as one topic')
+    return ''
+
+
+def _no_camera(path: pathlib.Path, role: str, topics: list[ImageTopic], found: str) -> BagError:
+    """The error for a camera no topic looks like: why each topic that cannot be fused cannot,
+    and the advice to name the camera's topic unless only those could be it."""
+    reasons = [f'; {t.topic} {_unreadable(t)}' for t in topics if _unreadable(t)]
+    nameable = [t for t in topics if not t.role and not _unreadable(t)]
+    advice = f'. Name it with --{role}-topic' if nameable or not reasons else ''
+    return BagError(f'{path}: no topic looks like the {role} camera{"".join(reasons)}; image '
+                    f'topics in the bag: {found}{advice}')
 
 
 # Writing ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
                      bag_image_message, camera_messages, mcap_chunks, most_frames, read_bag,
-                     write_bag, zstd_transport_data)
+                     write_bag, write_merged_visible_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -546,6 +546,24 @@ def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_even
     # The copied input keeps its images' type alone (not an empty second one).
     with Reader(tmp_path / 'noted_out') as reader:
         assert {c.msgtype for c in reader.connections if c.topic == THERMAL_TOPIC} == {IMAGE}
+
+
+def test_a_camera_topic_recorded_as_both_image_types_is_named_with_them(short_events, tmp_path,
+                                                                        capsys):
+    # rosbags gives such a topic no type: it was left out, "no topic looks like the visible
+    # camera", and named, "no image topic".
+    source = write_merged_visible_bag(tmp_path / 'merged', short_events)
+    several = (f'was recorded with several image types ({COMPRESSED}, {IMAGE}): it cannot be '
+               'read as one topic')
+    for named, said in (
+            ([], f'{source}: no topic looks like the visible camera; {VISIBLE_TOPIC} {several}; '
+             f'image topics in the bag: {VISIBLE_TOPIC} (CompressedImage and Image, '),
+            (['--visible-topic', VISIBLE_TOPIC], f'{source}: {VISIBLE_TOPIC} (--visible-topic) '
+             f'{several}\n')):
+        assert bag_tool.main([str(source), str(tmp_path / 'out'), *named]) == 1
+        error = capsys.readouterr().err
+        assert said in error and 'Name it with' not in error, error
+        assert not (tmp_path / 'out').exists()
 
 
 def test_a_bag_whose_stamps_jump_back_says_so_as_the_node_does(ivif_dir, tmp_path, capsys):
