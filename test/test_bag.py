@@ -137,6 +137,35 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         assert len(read_bag(again)['/s4fusion_node/fused']) == len(expected)
 
 
+def test_the_video_plays_at_the_thermal_camera_rate_whatever_else_the_bag_spans(
+        short_events, params_file, tmp_path, capsys):
+    # A 1 Hz status topic recorded from 10 s before the cameras to 10 s after: the video's rate
+    # came from the whole bag's span: tens of times too slow.
+    source = write_bag(tmp_path / 'cameras', short_events, 'mcap')
+    string = 'std_msgs/msg/String'
+    first, last = short_events[0][0] - 10 * 10**9, short_events[-1][0] + 10 * 10**9
+    with Writer(tmp_path / 'in', version=9, storage_plugin=StoragePlugin.MCAP) as writer, \
+            Reader(source) as reader:
+        copies = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=TYPESTORE)
+                  for c in reader.connections}
+        status = writer.add_connection('/status', string, typestore=TYPESTORE)
+        for log_time in range(first, last + 1, 10**9):
+            writer.write(status, log_time, TYPESTORE.serialize_cdr(
+                TYPESTORE.types[string](data='ok'), string))
+        for connection, log_time, raw in reader.messages():
+            writer.write(copies[connection.id], log_time, raw)
+    video = tmp_path / 'fused.mp4'
+    assert bag_tool.main([str(tmp_path / 'in'), str(tmp_path / 'out'), '--params',
+                          str(params_file), '--export-video', str(video)]) == 0
+    thermal = [log_time for log_time, topic, *_ in short_events if topic == THERMAL_TOPIC]
+    fps = (len(thermal) - 1) / ((thermal[-1] - thermal[0]) / 1e9)
+    pairs = len(expected_pairs(short_events))
+    assert f'{video} ({pairs} frames at {fps:.1f} frames/s)' in capsys.readouterr().err
+    capture = cv2.VideoCapture(str(video))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(fps, rel=0.01)
+    capture.release()
+
+
 def test_the_compressed_transports_carry_what_the_node_publishes_on_them(short_events,
                                                                          tmp_path):
     # The node's ~/fused/compressed and ~/saliency/compressed, here lossless PNG (the params
