@@ -653,6 +653,9 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
         if len(candidates) > 1:
             raise BagError(f'{path}: several topics could be the {role} camera; image topics in '
                            f'the bag: {found}. Name it with --{role}-topic')
+        if _unreadable(candidates[0]):  # the twin in the transport of the parameters
+            raise BagError(f'{path}: {candidates[0].topic}, the {role} camera in the transport '
+                           f'of the parameters, {_unreadable(candidates[0])}')
         chosen[role] = candidates[0]
     if chosen['thermal'].topic == chosen['visible'].topic:
         raise BagError(f"{path}: '{chosen['thermal'].topic}' cannot be both thermal and visible")
@@ -664,7 +667,7 @@ def _unreadable(topic: ImageTopic) -> str:
     if topic.several_types:
         return (f'was recorded with several image types ({", ".join(topic.several_types)}): it '
                 'cannot be read as one topic')
-    return ''
+    return '' if topic.count else 'holds no messages'
 
 
 def _no_camera(path: pathlib.Path, role: str, topics: list[ImageTopic], found: str) -> BagError:

@@ -710,6 +710,33 @@ def test_missing_topic_error_names_the_topics_found(short_events, tmp_path, caps
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_camera_topic_without_messages_is_said_to_hold_none(short_events, tmp_path, capsys):
+    # It was "no topic looks like the thermal camera ... Name it with --thermal-topic", and so
+    # named, "no pair was fused".
+    visible_only = write_bag(tmp_path / 'visible_only', [e for e in short_events
+                                                         if e[1] == VISIBLE_TOPIC], 'sqlite3')
+    empty = write_bag(tmp_path / 'empty', [], 'mcap')
+    for source, named, held in (
+            (visible_only, [], f'{THERMAL_TOPIC} holds no messages'),
+            (visible_only, ['--thermal-topic', THERMAL_TOPIC],
+             f'{THERMAL_TOPIC} (--thermal-topic) holds no messages'),
+            (empty, [], f'{VISIBLE_TOPIC} holds no messages; {THERMAL_TOPIC} holds no '
+             'messages')):
+        assert bag_tool.main([str(source), str(tmp_path / 'out'), *named]) == 1
+        error = capsys.readouterr().err
+        assert f'{source}: ' in error and held in error, error
+        assert 'Name it with' not in error and 'fused 0 pairs' not in error, error
+        assert not (tmp_path / 'out').exists()
+    # Where the parameters take a camera's /compressed twin, an empty one is said to be so too.
+    thermal = bagio.ImageTopic(THERMAL_TOPIC, IMAGE, 5, 'mono16', 'thermal')
+    raw = bagio.ImageTopic(VISIBLE_TOPIC, IMAGE, 5, 'bgr8', 'visible')
+    twin = bagio.ImageTopic(f'{VISIBLE_TOPIC}/compressed', COMPRESSED, 0, '', '')
+    values = {**settings.defaults(), 'visible.transport': 'compressed'}
+    with pytest.raises(bagio.BagError, match=f'{twin.topic}, the visible camera in the transport '
+                       'of the parameters, holds no messages'):
+        bagio.pick_topics([thermal, raw, twin], tmp_path, values=values)
+
+
 def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsys):
     source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
     existing = write_bag(tmp_path / 'existing', short_events[:4], 'mcap')
