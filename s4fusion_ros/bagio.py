@@ -30,9 +30,11 @@ from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurabi
                                 QosLiveliness, QosReliability, QosTime)
 from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer,
                              WriterError)
-# The storage readers themselves, for reading an MCAP file cut off by a crash (_McapReader).
+# The storages themselves, for reading an MCAP file cut off by a crash (_McapReader) and sqlite3
+# bags under any path (_UriPath).
 from rosbags.rosbag2.reader import DirectoryReader
 from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
+from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
 from rosbags.typesys import Stores, get_typestore
 
 from .camera_info import CAMERA_INFO
@@ -280,8 +282,39 @@ class _McapReader(McapReader):
                            for chunk in self.cut.chunks)
 
 
+# Paths with '#', '?' or '%' ----------------------------------------------------------------------
+# rosbags' sqlite3 storage (0.11.9, as requirements.txt pins it) opens its database as the URI
+# f'file:{path}' (and '?immutable=1' to read), in which SQLite takes '#' for the start of a
+# fragment, '?' for that of a query and '%41' for 'A': a bag under such a path was written to a
+# stray file beside it, and could not be read. Its reader and writer here get their path as a
+# _UriPath, which the URI then holds percent-encoded (test_bag's bags under such paths check that
+# a new rosbags still formats it so).
+
+class _UriPath(type(pathlib.Path())):
+    """A path that an f-string formats as a file: URI's path, percent-encoded; str() and file
+    operations see it as it is."""
+
+    def __format__(self, spec: str) -> str:
+        return format(self.absolute().as_uri().removeprefix('file://'), spec)
+
+
+class _Sqlite3Reader(Sqlite3Reader):
+    def __init__(self, path) -> None:
+        super().__init__(_UriPath(path))
+
+
+class _Sqlite3Writer(Sqlite3Writer):
+    def __init__(self, path: pathlib.Path, compression: CompressionMode) -> None:
+        super().__init__(_UriPath(path), compression)
+
+
+class _Writer(Writer):
+    STORAGE_PLUGINS = {**Writer.STORAGE_PLUGINS, StoragePlugin.SQLITE3: _Sqlite3Writer}
+
+
 class _DirectoryReader(DirectoryReader):
-    STORAGE_PLUGINS = {**DirectoryReader.STORAGE_PLUGINS, 'mcap': _McapReader}
+    STORAGE_PLUGINS = {**DirectoryReader.STORAGE_PLUGINS, 'mcap': _McapReader,
+                       'sqlite3': _Sqlite3Reader}
 
     def open(self) -> None:
         """Open, and count each topic's messages as its files hold them where one was cut off
@@ -299,7 +332,8 @@ class _DirectoryReader(DirectoryReader):
 
 
 class _Reader(Reader):
-    STORAGE_PLUGINS = {**Reader.STORAGE_PLUGINS, 'dir': _DirectoryReader, '.mcap': _McapReader}
+    STORAGE_PLUGINS = {**Reader.STORAGE_PLUGINS, 'dir': _DirectoryReader, '.mcap': _McapReader,
+                       '.db3': _Sqlite3Reader}
 
 
 def _storages(reader: Reader) -> list:
@@ -363,15 +397,21 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
             reader.close()
 
 
+def recorded_types(reader: Reader) -> dict[str, set[str]]:
+    """The message types each topic was recorded with (several in a merged bag, or where a
+    node published another type on it)."""
+    recorded = {}
+    for connection in reader.connections:
+        recorded.setdefault(connection.topic, set()).add(connection.msgtype)
+    return recorded
+
+
 def topic_types(reader: Reader) -> dict[str, str | None]:
     """Each topic's message type. A topic recorded with several (rosbags then gives it none) is
     of its one image type, whose messages are its images; None for a topic of several types
     none or more than one of which is an image type."""
-    recorded = {}
-    for connection in reader.connections:
-        recorded.setdefault(connection.topic, set()).add(connection.msgtype)
     resolved = {}
-    for topic, types in sorted(recorded.items()):
+    for topic, types in sorted(recorded_types(reader).items()):
         images = types & set(IMAGE_TYPES)
         resolved[topic] = (next(iter(types)) if len(types) == 1
                            else next(iter(images)) if len(images) == 1 else None)
@@ -411,6 +451,14 @@ def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
                        f'{_reason(error)}{recover}') from None
 
 
+def log_span(reader: Reader, path: pathlib.Path, topic: str) -> float:
+    """The seconds from the first to the last log time of the topic's messages (of its type);
+    0 for none. rosbags keeps no times per topic (the bag's span may be another topic's): one
+    pass over this one's messages."""
+    times = [log_time for _, log_time, _ in read_messages(reader, path, [topic])]
+    return (max(times) - min(times)) / 1e9 if times else 0.0
+
+
 def deserialize(path: pathlib.Path, connection: Connection, raw: bytes):
     """Decode one message; a corrupt message is a BagError naming the file and topic."""
     try:
@@ -445,6 +493,8 @@ class ImageTopic:
     role: str  # 'thermal', 'visible' or '' (cannot tell)
     others: int = 0  # messages of other types recorded on the topic, not read
     near_infrared: bool = False  # a depth camera's (depth_camera_infrared), so no role
+    # Both image types, recorded on the topic (a merged bag): it is of neither, and not read.
+    several_types: tuple[str, ...] = ()
 
     @property
     def compressed(self) -> bool:
@@ -464,6 +514,9 @@ class ImageTopic:
 
     def describe(self) -> str:
         """One line for messages: topic (type, encoding, count)."""
+        if self.several_types:
+            kinds = ' and '.join(msgtype.rpartition('/')[2] for msgtype in self.several_types)
+            return f'{self.topic} ({kinds}, {self.count} msgs)'
         kind = 'CompressedImage' if self.compressed else 'Image'
         others = f'; {self.others} of other types skipped' if self.others else ''
         infrared = ("; a depth camera's near-infrared, not thermal?" if self.near_infrared
@@ -477,9 +530,17 @@ DESCRIBE_TRIES = 10  # corrupt messages skipped to describe a topic by its first
 
 def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
     """List the bag's Image and CompressedImage topics, each described by its first message
-    that decodes (a topic whose first few do not is described as of unknown encoding)."""
+    that decodes (a topic whose first few do not is described as of unknown encoding); one
+    recorded as both is listed with its several_types, unread."""
     topics = []
+    recorded = recorded_types(reader)
     for topic, msgtype in sorted(topic_types(reader).items()):
+        several = tuple(sorted(recorded[topic] & set(IMAGE_TYPES))) if msgtype is None else ()
+        if several:
+            count = sum(c.msgcount for c in reader.connections
+                        if c.topic == topic and c.msgtype in several)
+            topics.append(ImageTopic(topic, '', count, '', '', several_types=several))
+            continue
         if msgtype not in IMAGE_TYPES:
             continue
         encoding = ''
@@ -571,6 +632,8 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
             if not match:
                 raise BagError(f"{path}: no image topic '{name}' (--{role}-topic); image topics "
                                f'in the bag: {found}')
+            if _unreadable(match[0]):
+                raise BagError(f'{path}: {name} (--{role}-topic) {_unreadable(match[0])}')
             chosen[role] = match[0]
     for role in ('thermal', 'visible'):
         if role in chosen:
@@ -585,14 +648,36 @@ def pick_topics(topics: list[ImageTopic], path: pathlib.Path, thermal: str | Non
             # Its twin may lack the encoding that gives a role ('jpeg' alone): found by name.
             candidates = ([t for t in topics if t.topic == wanted and t.topic not in taken]
                           or candidates[:1])
-        if len(candidates) != 1:
-            problem = 'several topics could be' if candidates else 'no topic looks like'
-            raise BagError(f'{path}: {problem} the {role} camera; image topics in the bag: '
-                           f'{found}. Name it with --{role}-topic')
+        if not candidates:
+            raise _no_camera(path, role, topics, found)
+        if len(candidates) > 1:
+            raise BagError(f'{path}: several topics could be the {role} camera; image topics in '
+                           f'the bag: {found}. Name it with --{role}-topic')
+        if _unreadable(candidates[0]):  # the twin in the transport of the parameters
+            raise BagError(f'{path}: {candidates[0].topic}, the {role} camera in the transport '
+                           f'of the parameters, {_unreadable(candidates[0])}')
         chosen[role] = candidates[0]
     if chosen['thermal'].topic == chosen['visible'].topic:
         raise BagError(f"{path}: '{chosen['thermal'].topic}' cannot be both thermal and visible")
     return chosen['thermal'], chosen['visible']
+
+
+def _unreadable(topic: ImageTopic) -> str:
+    """Why the topic cannot be fused, whatever its name: '' where it can."""
+    if topic.several_types:
+        return (f'was recorded with several image types ({", ".join(topic.several_types)}): it '
+                'cannot be read as one topic')
+    return '' if topic.count else 'holds no messages'
+
+
+def _no_camera(path: pathlib.Path, role: str, topics: list[ImageTopic], found: str) -> BagError:
+    """The error for a camera no topic looks like: why each topic that cannot be fused cannot,
+    and the advice to name the camera's topic unless only those could be it."""
+    reasons = [f'; {t.topic} {_unreadable(t)}' for t in topics if _unreadable(t)]
+    nameable = [t for t in topics if not t.role and not _unreadable(t)]
+    advice = f'. Name it with --{role}-topic' if nameable or not reasons else ''
+    return BagError(f'{path}: no topic looks like the {role} camera{"".join(reasons)}; image '
+                    f'topics in the bag: {found}{advice}')
 
 
 # Writing ----------------------------------------------------------------------------------------
@@ -615,12 +700,13 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging, held = _held_staging(path)
     try:
-        writer = Writer(staging / path.name, version=BAG_VERSION,
-                        storage_plugin=StoragePlugin[storage.upper()])
+        writer = _Writer(staging / path.name, version=BAG_VERSION,
+                         storage_plugin=StoragePlugin[storage.upper()])
         if compress and storage == 'mcap':
             writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         with writer:
             yield writer
+        check_storage_files(staging / path.name, path)
         # On disk before it gets its name: a crash must not leave a truncated bag that a
         # resumed batch run would take for a finished one.
         sync_tree(staging / path.name)
@@ -633,6 +719,17 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     finally:
         remove_staging(staging, path)
         os.close(held)
+
+
+def check_storage_files(bag: pathlib.Path, path: pathlib.Path) -> None:
+    """Refuse the bag written at `bag` (to be `path`) if a storage file that its metadata.yaml
+    lists is not there: a storage that wrote it elsewhere (rosbags' sqlite3 one did, under a path
+    with '#') must not leave a bag reported written that holds no message."""
+    metadata = yaml.safe_load((bag / 'metadata.yaml').read_text())
+    for name in metadata['rosbag2_bagfile_information']['relative_file_paths']:
+        if not (bag / name).is_file():
+            # A write fault (WRITE_ERRORS): the tools say the output was not written.
+            raise WriterError(f'{path / name}, which its metadata.yaml lists, was not written')
 
 
 def _held_staging(path: pathlib.Path) -> tuple[pathlib.Path, int]:

@@ -165,6 +165,21 @@ def write_bag(path: pathlib.Path, events, storage: str, compressed_visible: bool
     return path
 
 
+def write_merged_visible_bag(path: pathlib.Path, events) -> pathlib.Path:
+    """A merged bag: the thermal camera, and the visible one raw in its first half and
+    CompressedImage in its second, on one topic (two recordings joined)."""
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        thermal = writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE)
+        visible = {msgtype: writer.add_connection(VISIBLE_TOPIC, msgtype, typestore=TYPESTORE)
+                   for msgtype in (IMAGE, COMPRESSED)}
+        for index, (log_time, topic, stamp, encoding, image) in enumerate(events):
+            msgtype = IMAGE if topic == THERMAL_TOPIC or index < len(events) // 2 else COMPRESSED
+            message = bag_image_message(image, encoding, stamp, 'camera', msgtype == COMPRESSED)
+            writer.write(thermal if topic == THERMAL_TOPIC else visible[msgtype], log_time,
+                         TYPESTORE.serialize_cdr(message, msgtype))
+    return path
+
+
 def mcap_chunks(storage: pathlib.Path) -> list:
     """The chunks of an intact MCAP file, as its own summary indexes them (rosbags' ChunkInfo:
     offset, length and message counts per channel)."""

@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from rosbags.interfaces import QosReliability
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer, WriterError
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
@@ -28,7 +29,7 @@ from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
                      bag_image_message, camera_messages, mcap_chunks, most_frames, read_bag,
-                     write_bag, zstd_transport_data)
+                     write_bag, write_merged_visible_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -134,6 +135,35 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         again = tmp_path / 'again'
         assert bag_tool.main([str(output), str(again), '--params', str(params_file)]) == 0
         assert len(read_bag(again)['/s4fusion_node/fused']) == len(expected)
+
+
+def test_the_video_plays_at_the_thermal_camera_rate_whatever_else_the_bag_spans(
+        short_events, params_file, tmp_path, capsys):
+    # A 1 Hz status topic recorded from 10 s before the cameras to 10 s after: the video's rate
+    # came from the whole bag's span: tens of times too slow.
+    source = write_bag(tmp_path / 'cameras', short_events, 'mcap')
+    string = 'std_msgs/msg/String'
+    first, last = short_events[0][0] - 10 * 10**9, short_events[-1][0] + 10 * 10**9
+    with Writer(tmp_path / 'in', version=9, storage_plugin=StoragePlugin.MCAP) as writer, \
+            Reader(source) as reader:
+        copies = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=TYPESTORE)
+                  for c in reader.connections}
+        status = writer.add_connection('/status', string, typestore=TYPESTORE)
+        for log_time in range(first, last + 1, 10**9):
+            writer.write(status, log_time, TYPESTORE.serialize_cdr(
+                TYPESTORE.types[string](data='ok'), string))
+        for connection, log_time, raw in reader.messages():
+            writer.write(copies[connection.id], log_time, raw)
+    video = tmp_path / 'fused.mp4'
+    assert bag_tool.main([str(tmp_path / 'in'), str(tmp_path / 'out'), '--params',
+                          str(params_file), '--export-video', str(video)]) == 0
+    thermal = [log_time for log_time, topic, *_ in short_events if topic == THERMAL_TOPIC]
+    fps = (len(thermal) - 1) / ((thermal[-1] - thermal[0]) / 1e9)
+    pairs = len(expected_pairs(short_events))
+    assert f'{video} ({pairs} frames at {fps:.1f} frames/s)' in capsys.readouterr().err
+    capture = cv2.VideoCapture(str(video))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(fps, rel=0.01)
+    capture.release()
 
 
 def test_the_compressed_transports_carry_what_the_node_publishes_on_them(short_events,
@@ -547,6 +577,24 @@ def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_even
         assert {c.msgtype for c in reader.connections if c.topic == THERMAL_TOPIC} == {IMAGE}
 
 
+def test_a_camera_topic_recorded_as_both_image_types_is_named_with_them(short_events, tmp_path,
+                                                                        capsys):
+    # rosbags gives such a topic no type: it was left out, "no topic looks like the visible
+    # camera", and named, "no image topic".
+    source = write_merged_visible_bag(tmp_path / 'merged', short_events)
+    several = (f'was recorded with several image types ({COMPRESSED}, {IMAGE}): it cannot be '
+               'read as one topic')
+    for named, said in (
+            ([], f'{source}: no topic looks like the visible camera; {VISIBLE_TOPIC} {several}; '
+             f'image topics in the bag: {VISIBLE_TOPIC} (CompressedImage and Image, '),
+            (['--visible-topic', VISIBLE_TOPIC], f'{source}: {VISIBLE_TOPIC} (--visible-topic) '
+             f'{several}\n')):
+        assert bag_tool.main([str(source), str(tmp_path / 'out'), *named]) == 1
+        error = capsys.readouterr().err
+        assert said in error and 'Name it with' not in error, error
+        assert not (tmp_path / 'out').exists()
+
+
 def test_a_bag_whose_stamps_jump_back_says_so_as_the_node_does(ivif_dir, tmp_path, capsys):
     # The node logs the restart of pairing; s4fusion-bag said nothing of it.
     events = camera_messages(ivif_dir, duration=1.5)
@@ -660,6 +708,33 @@ def test_missing_topic_error_names_the_topics_found(short_events, tmp_path, caps
     assert "no image topic '/ir/raw'" in error and str(source) in error
     assert THERMAL_TOPIC in error and VISIBLE_TOPIC in error and 'Traceback' not in error
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_camera_topic_without_messages_is_said_to_hold_none(short_events, tmp_path, capsys):
+    # It was "no topic looks like the thermal camera ... Name it with --thermal-topic", and so
+    # named, "no pair was fused".
+    visible_only = write_bag(tmp_path / 'visible_only', [e for e in short_events
+                                                         if e[1] == VISIBLE_TOPIC], 'sqlite3')
+    empty = write_bag(tmp_path / 'empty', [], 'mcap')
+    for source, named, held in (
+            (visible_only, [], f'{THERMAL_TOPIC} holds no messages'),
+            (visible_only, ['--thermal-topic', THERMAL_TOPIC],
+             f'{THERMAL_TOPIC} (--thermal-topic) holds no messages'),
+            (empty, [], f'{VISIBLE_TOPIC} holds no messages; {THERMAL_TOPIC} holds no '
+             'messages')):
+        assert bag_tool.main([str(source), str(tmp_path / 'out'), *named]) == 1
+        error = capsys.readouterr().err
+        assert f'{source}: ' in error and held in error, error
+        assert 'Name it with' not in error and 'fused 0 pairs' not in error, error
+        assert not (tmp_path / 'out').exists()
+    # Where the parameters take a camera's /compressed twin, an empty one is said to be so too.
+    thermal = bagio.ImageTopic(THERMAL_TOPIC, IMAGE, 5, 'mono16', 'thermal')
+    raw = bagio.ImageTopic(VISIBLE_TOPIC, IMAGE, 5, 'bgr8', 'visible')
+    twin = bagio.ImageTopic(f'{VISIBLE_TOPIC}/compressed', COMPRESSED, 0, '', '')
+    values = {**settings.defaults(), 'visible.transport': 'compressed'}
+    with pytest.raises(bagio.BagError, match=f'{twin.topic}, the visible camera in the transport '
+                       'of the parameters, holds no messages'):
+        bagio.pick_topics([thermal, raw, twin], tmp_path, values=values)
 
 
 def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsys):
@@ -943,6 +1018,49 @@ def test_a_bag_is_on_disk_before_it_gets_its_name(tmp_path, monkeypatch):
     before = {path.name for path, named in synced if not named}
     assert {'drive.db3', 'metadata.yaml', 'drive'} <= before  # the bag, before its rename
     assert (tmp_path, True) in synced  # and the folder holding the new name, after it
+
+
+def read_with_bagio(path: pathlib.Path) -> dict[str, list]:
+    """read_bag's {topic: [(log time, message type, raw CDR)]}, read through bagio.open_bag."""
+    topics = {}
+    with bagio.open_bag(path) as reader:
+        for connection, log_time, raw in reader.messages():
+            topics.setdefault(connection.topic, []).append((log_time, connection.msgtype,
+                                                            bytes(raw)))
+    return topics
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_bags_under_paths_with_uri_characters_are_read_and_written_whole(
+        storage, short_events, params_file, tmp_path, capsys):
+    # SQLite takes '#' in a file: URI for a fragment, '?' for a query and '%41' for 'A', and
+    # rosbags' sqlite3 storage puts paths in URIs as they are: an output's database went to a
+    # stray file beside it, the bag kept its metadata.yaml alone and was reported written; an
+    # input could not be opened. MCAP, never a URI, was not affected.
+    plain = write_bag(tmp_path / 'in', short_events, storage)
+    folder = tmp_path / 'day#2?%41'
+    source = shutil.copytree(plain, folder / 'in#1')
+    output = folder / 'out#3'
+    for bag, fused in ((plain, tmp_path / 'reference'), (source, output)):
+        assert bag_tool.main([str(bag), str(fused), '--params', str(params_file)]) == 0
+    assert f'wrote {output}' in capsys.readouterr().err
+    suffix = '.db3' if storage == 'sqlite3' else '.mcap'
+    assert sorted(path.name for path in output.iterdir()) == ['metadata.yaml', f'out#3{suffix}']
+    assert sorted(path.name for path in folder.iterdir()) == ['in#1', 'out#3']  # nothing stray
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['day#2?%41', 'in', 'reference']
+    assert read_with_bagio(output) == read_bag(tmp_path / 'reference')
+    assert read_with_bagio(source / f'in{suffix}') == read_bag(plain)  # a bare storage file
+
+
+def test_a_bag_whose_storage_file_was_not_written_is_not_put_in_place(tmp_path, monkeypatch):
+    # rosbags' own sqlite3 storage writes the database of a bag under a path with '#' elsewhere
+    # (above): such a bag, metadata.yaml alone, was renamed into place as written.
+    monkeypatch.setattr(bagio, '_Writer', Writer, raising=False)
+    with pytest.raises(WriterError, match=r'out#1\.db3, which its metadata\.yaml lists, was '
+                       r'not written'):
+        with bagio.create_bag(tmp_path / 'out#1', 'sqlite3') as writer:
+            bagio.add_topic(writer, '/fused')
+    assert not (tmp_path / 'out#1').exists() and not bagio.staging_dirs(tmp_path / 'out#1')
 
 
 def test_staging_directories_are_told_apart_from_a_neighbour_bags(tmp_path):

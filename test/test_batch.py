@@ -19,7 +19,7 @@ import pytest
 import yaml
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 
-from s4fusion_ros import replay, settings
+from s4fusion_ros import bagio, replay, settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags, processes_with_home
 from s4fusion_ros.bagio import BagError
@@ -357,6 +357,26 @@ def test_a_parts_clock_jump_is_reported_without_its_own_count(ivif_dir, params_f
     assert result['warnings'] == [f'{source}: the input stamps jumped back (a looping bag, a '
                                   'restarted camera or clock): pairing restarted on the new '
                                   'timeline'], result['warnings']
+
+
+def test_sqlite3_bags_under_paths_with_uri_characters_are_fused_whole(ivif_dir, params_file,
+                                                                      tmp_path):
+    # rosbags' sqlite3 storage read '#' in a path as a URI's fragment: the output's database went
+    # to a stray file, the bag, metadata.yaml alone, was reported done; an input failed to open.
+    plain = write_bag(tmp_path / 'plain' / 'day', camera_messages(ivif_dir, 1.0), 'sqlite3')
+    source = shutil.copytree(plain, tmp_path / 'in#1' / 'day?')
+    output = tmp_path / 'fused#2' / 'day?'
+    [unit] = work.plan_bag(work.BagJob(source, output), settings.load_offline_params(params_file),
+                           0)
+    with one_torch_thread():
+        result = work.run_unit(unit)
+    assert not result['error'] and result['fused'], result
+    expected = reference(plain, tmp_path / 'reference', params_file)
+    with bagio.open_bag(output) as reader:
+        assert {c.topic: c.msgcount for c in reader.connections} == {
+            topic: len(messages) for topic, messages in expected.items()}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['fused#2', 'in#1', 'plain',
+                                                                'reference']
 
 
 def test_a_file_compressed_bag_is_not_cut_into_segments(ivif_dir, params_file, tmp_path):

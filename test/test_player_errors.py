@@ -12,8 +12,8 @@ import pytest
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
-from support import (IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, bag_image_message,
-                     mcap_chunks, write_bag)
+from support import (COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,
+                     bag_image_message, mcap_chunks, write_bag, write_merged_visible_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -73,6 +73,21 @@ def test_a_topic_recorded_with_several_types_plays_its_images_or_is_named(tmp_pa
     assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
     assert (f'/log was recorded with several message types (std_msgs/msg/Int32, {string}): it '
             'cannot be played as one topic') in refused.stderr, refused.stderr
+
+
+def test_an_image_topic_recorded_as_both_image_types_is_named_with_them(tmp_path):
+    # A merged bag, the visible camera raw then compressed: rosbags gives the topic no type, and
+    # the player played the thermal camera alone without a word.
+    events = [(10**9 + i * 10**8, topic, 10**9 + i * 10**8, encoding, image)
+              for i in range(4) for topic, encoding, image in (
+                  (THERMAL_TOPIC, 'mono16', np.zeros((4, 4), np.uint16)),
+                  (VISIBLE_TOPIC, 'bgr8', np.zeros((4, 4, 3), np.uint8)))]
+    bag = write_merged_visible_bag(tmp_path / 'merged', events)
+    refused = subprocess.run([*PLAYER, str(bag), '--wait', '0'], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
+    assert (f'{VISIBLE_TOPIC} was recorded with several message types ({COMPRESSED}, {IMAGE}): '
+            'it cannot be played as one topic') in refused.stderr, refused.stderr
 
 
 SQLITE_PAGE = 4096  # SQLite's default page size, which rosbags' writer keeps

@@ -167,7 +167,8 @@ class BagPlayer:
             latched = latched_topics(reader)
             for cut in cut_files(reader):
                 print(f'{PROG}: {args.bag}: {cut}', file=sys.stderr)
-        images = [t for t, msgtype in types.items() if msgtype in IMAGE_TYPES]
+        # Those recorded with both image types too (merged bags): refused below, by name.
+        images = sorted({topic for topic, msgtype in recorded if msgtype in IMAGE_TYPES})
         wanted = args.topics or [t for t in images if not NODE_OUTPUT.search(t)]
         if not args.topics and len(wanted) < len(images):
             print(f"{PROG}: not playing the fusion node's outputs "

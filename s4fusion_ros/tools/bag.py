@@ -35,8 +35,8 @@ import time
 
 from .. import settings
 from ..bagio import (IMAGE, STORAGES, WRITE_ERRORS, BagError, bag_size, check_output,
-                     create_bag, image_topics, open_bag, output_qos_of, pick_topics, storage_of,
-                     sweep_staging)
+                     create_bag, image_topics, log_span, open_bag, output_qos_of, pick_topics,
+                     storage_of, sweep_staging)
 from ..cli import file_path, run_command, stop_on_signals
 from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
 from ..engine import FusionEngine, fusion_settings, output_compression, pipeline_from_params
@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='with --export-png: every Nth pair (default: %(default)s)')
     parser.add_argument('--export-video', type=file_path, metavar='FILE.mp4',
                         help='also write a side-by-side MP4 (visible | thermal | fused | '
-                        'saliency, with stamps) of every pair; .mov, .mkv or .avi give that '
-                        'container')
+                        'saliency, with stamps) of every pair, at the rate the thermal topic '
+                        'was recorded at; .mov, .mkv or .avi give that container')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace OUTPUT if it is an existing bag (and an existing '
                         '--export-video file, and the PNGs an earlier export wrote into '
@@ -236,10 +236,10 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
               f'({storage}) with {loaded.name} on {loaded.device}{infos}', file=sys.stderr)
         if args.export_png:
             args.export_png.mkdir(parents=True, exist_ok=True)
-        # The video plays at the thermal camera's recorded rate: one frame per pair.
-        span = (reader.end_time - reader.start_time) / 1e9
-        video = (SideBySideVideo(args.export_video, frame_rate(thermal.count, span))
-                 if args.export_video else None)
+        video = None
+        if args.export_video:  # at the thermal camera's recorded rate: one frame per pair
+            rate = frame_rate(thermal.count, log_span(reader, args.input, thermal.topic))
+            video = SideBySideVideo(args.export_video, rate)
         engine = FusionEngine(loaded, fusion_settings(values))
         fuser = BagFuser(PROG, pipeline_from_params(values), engine, args.export_png,
                          args.export_every, video)
