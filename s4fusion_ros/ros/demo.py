@@ -33,7 +33,7 @@ from rclpy.signals import SignalHandlerOptions
 from .. import settings
 from ..cli import interrupt, run_command, start_child, stop_on_signals, stop_signals_handled
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
-                     open_bag, output_qos_of, pick_topics, read_messages)
+                     log_span, open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import ROLES, Key, node_status, number, pairing_summary, per_input, values_of
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import resolved, write_png, write_text_atomically
@@ -291,7 +291,8 @@ def run(args: argparse.Namespace) -> str:
     with open_bag(bag) as reader:
         thermal, visible = pick_topics(image_topics(reader, bag), bag, args.thermal_topic,
                                        args.visible_topic, values)
-        end_ns, span_s = reader.end_time, (reader.end_time - reader.start_time) / 1e9
+        # The thermal topic's own span: the bag's may be another topic's (a status topic).
+        end_ns, span_s = reader.end_time, log_span(reader, bag, thermal.topic)
     period_s = thermal_period(span_s, thermal.count)
     rate = args.rate
     if rate is None:
