@@ -536,12 +536,19 @@ class PairSynchronizer:
                 and key < stream.newest + stream.offset - threshold)
 
     def _drop_glitch_ahead(self, stream: _Stream, stamp: int) -> bool:
-        """Where ``stamp`` is back within the threshold of the runner-up, and the newest frame
-        alone stood more than the threshold above it and is still pending, that frame's stamp
-        glitched ahead: drop it as late and return True."""
+        """Where ``stamp`` goes on from the runner-up (after it, as a topic's frames arrive in
+        order), and the newest frame alone stood more than the threshold above it, is still
+        pending and is not borne out by the other topic, that frame's stamp glitched ahead:
+        drop it as late and return True. Otherwise the newest is a real frame above a gap
+        (dropped frames, a pause) and ``stamp`` the one out of order: held like any far behind
+        the newest."""
         threshold = self._reset_threshold
-        if not stream.lone_ahead(threshold) or stamp < stream.runner_up - threshold:
+        if not stream.lone_ahead(threshold) or stamp <= stream.runner_up:
             return False
+        other = self._other(stream)
+        if (other.newest is not None
+                and other.newest + other.offset >= stream.newest + stream.offset - self._slop):
+            return False  # the other camera's frames have reached the newest's time
         stream.frames.pop()
         stream.late += 1
         stream.newest, stream.runner_up = stream.runner_up, None

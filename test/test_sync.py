@@ -618,6 +618,28 @@ def test_one_stamp_glitched_forward_costs_at_most_the_pairs_around_it(topic, ind
     assert stats.resets == 0 and stats.thermal_late + stats.visible_late == late
 
 
+@pytest.mark.parametrize('slop_ms, visible_ms, glitched_ms, pairs', [
+    (57, 1666, 1308, [(1609, 1666)]),  # between: the visible frame bears out the one above
+    (0, 1600, 1139, [])])  # before the frame under the gap: not the next in order
+def test_a_frame_above_a_gap_is_no_glitch_when_the_next_one_is_glitched_back(
+        slop_ms, visible_ms, glitched_ms, pairs):
+    # Two cases hypothesis found: thermal frames with a gap (dropped frames) over the threshold
+    # (0.3 s) under the one stamped 1609 ms, then a frame stamped back (its real time 2620 ms).
+    # The one at 1609 stood alone above the threshold and was taken for a glitch ahead: dropped
+    # with the glitched one (and its pair with it).
+    sync = PairSynchronizer(slop_ms / 1000, 100, timeout=0.5, reset_threshold=0.3)
+    got = [pair for stamp in (0, 229, 459, 574, 689, 804, 1034, 1264)
+           for pair in sync.add_thermal(stamp * MS, stamp)]
+    for add, stamp in sorted([(sync.add_visible, visible_ms), (sync.add_thermal, 1609)],
+                             key=lambda event: event[1]) + [(sync.add_thermal, glitched_ms)]:
+        got += add(stamp * MS, stamp)
+    for stamp in (2735, 2850, 2965, 3310):
+        got += sync.add_thermal(stamp * MS, stamp)
+    got += sync.flush()
+    assert [(pair.thermal, pair.visible) for pair in got] == pairs
+    assert sync.stats.thermal_late == 1 and sync.stats.resets == 0
+
+
 def test_a_thermal_frame_as_late_bears_out_a_lone_visible_frame_ahead():
     # t1 has no partner; the one visible frame after it is far ahead, but t2 comes with it: no
     # glitch, so both are decided without waiting for another visible frame.
