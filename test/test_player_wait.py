@@ -294,7 +294,8 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
     try:
         node = rclpy.create_node('reliable_listener', namespace=NAMESPACE)
         subscribe(node, {f'{NAMESPACE}/thermal': thermal}, [])
-        done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '3', '--best-effort',
+        # --wait: discovery alone took over 3 s in a loaded suite run (no subscriber seen at all).
+        done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '8', '--best-effort',
                                '--topics', thermal.topic, '--remap',
                                f'{thermal.topic}:={NAMESPACE}/thermal'],
                               capture_output=True, text=True, timeout=120)
