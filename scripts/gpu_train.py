@@ -320,19 +320,33 @@ def train_recipes(args, started, deadline, summary, env):
         pack(args.runs, args.out, summary, args.max_state_mib)
 
 
+def option_value(arguments, option):
+    """The value of ``option`` in s4fusion-train ``arguments`` (the last wins, as there), or
+    None."""
+    values = [value for argument, value in zip(arguments, arguments[1:]) if argument == option]
+    return values[-1] if values else None
+
+
 def finished_run(out, arguments):
-    """Whether the run in ``out`` did the whole schedule of its s4fusion-train ``arguments``
-    (the last --steps wins, as there), as its weights' JSON says."""
-    positions = [i for i, argument in enumerate(arguments[:-1]) if argument == '--steps']
+    """Whether the run in ``out`` did the whole schedule of its s4fusion-train ``arguments``,
+    or its own shorter one (fitted to its time), as its weights' JSON says."""
     try:
-        steps = int(arguments[positions[-1] + 1])
-    except (IndexError, ValueError):  # no --steps, or a bad one: s4fusion-train's to refuse
+        steps = int(option_value(arguments, '--steps'))
+    except (TypeError, ValueError):  # no --steps, or a bad one: s4fusion-train's to refuse
         return False
+    training = run_training(out)
+    with contextlib.suppress(KeyError, TypeError):
+        return training['steps_done'] >= min(steps, training['steps'])
+    return False
+
+
+def run_training(out):
+    """The training record in the JSON of the run's weights in ``out`` ({} where there is none
+    or it cannot be read)."""
     for path in out.glob('s4fusion_*.json'):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            if json.loads(path.read_text())['training']['steps_done'] >= steps:
-                return True
-    return False
+            return json.loads(path.read_text())['training']
+    return {}
 
 
 def train_recipe(args, name, out, minutes, deadline, env):
@@ -344,7 +358,8 @@ def train_recipe(args, name, out, minutes, deadline, env):
                'import sys; from s4fusion_ros.entry_points import train; sys.exit(train())',
                *RECIPES[name][1], *args.extra,
                '--data', str(args.data), '--out', str(out), '--device', args.device,
-               '--time-limit', f'{minutes:.3f}', '--no-progress', '--checkpoint-every', '100']
+               '--time-limit', f'{minutes:.3f}', '--fit-schedule', '--no-progress',
+               '--checkpoint-every', '100']
     if (out / STATE).exists():
         how = 'resuming'
         command.append('--resume')
@@ -409,7 +424,9 @@ def log_records(out):
 
 
 def recipe_summary(out, returncode, seconds, log_before):
-    """Exit code, steps done and steps per second of a recipe's run in this call."""
+    """Exit code, steps done and steps per second of a recipe's run in this call, and what its
+    weights' JSON says of a schedule fitted to the time."""
+    training = run_training(out)
     steps = log_records(out)
     # This call's steps follow the lines it kept: a resumed run keeps those up to its checkpoint,
     # which can be fewer than the log had (the steps after it are run again).
@@ -419,7 +436,8 @@ def recipe_summary(out, returncode, seconds, log_before):
     return {'returncode': returncode, 'step': steps[-1]['step'] if steps else 0,
             'seconds': round(seconds, 1),
             'steps_per_s': round(len(this_call) / max(sum(s['seconds'] for s in this_call), 1e-9),
-                                 3) if this_call else 0.0}
+                                 3) if this_call else 0.0,
+            **{key: training[key] for key in ('schedule_fit',) if key in training}}
 
 
 def pack(runs, out, summary, max_state_mib):

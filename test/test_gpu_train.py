@@ -116,6 +116,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert summary['recipes']['compact']['step'] == 2
     assert summary['recipes']['compact']['steps_per_s'] > 0
     assert summary['scan'].startswith('chunked PyTorch scan')
+    assert 'to be fitted to the time limit' in (runs / 'compact' / 'train_stderr.log').read_text()
     brought_back = sorted(p.name for p in out.iterdir())
     assert brought_back == sorted(summary['parts'] + ['gpu_train_summary.json'])  # one pack
     assert len(brought_back) <= 8 and all(p.stat().st_size <= 15 * 2**20 for p in out.iterdir())
@@ -345,3 +346,17 @@ def test_steps_per_second_counts_the_steps_a_resumed_run_did_again(tmp_path, gpu
     write(before[:3] + again)
     summary = gpu_train.recipe_summary(tmp_path, 0, 10.0, log_before)
     assert summary == {'returncode': 0, 'step': 8, 'seconds': 10.0, 'steps_per_s': 2.5}
+
+
+def test_a_run_that_ended_its_fitted_schedule_has_finished(tmp_path, gpu_train):
+    recipe = ['--steps', '2500', '--lr', '4e-4']
+
+    def finished(steps_done, steps):
+        (tmp_path / 's4fusion_authors.json').write_text(json.dumps(
+            {'training': {'steps_done': steps_done, 'steps': steps}}))
+        return gpu_train.finished_run(tmp_path, recipe)
+
+    assert finished(1000, 1000)  # fitted from 2500 to the time of its call, and done
+    assert not finished(999, 1000)
+    assert finished(2500, 2500) and not finished(2499, 2500)
+    assert finished(2500, 3000)  # a longer run past the recipe's steps, as before

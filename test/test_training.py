@@ -21,6 +21,7 @@ from s4fusion_ros.model import CheckpointError, load_checkpoint
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.pyramid import laplacian_fuse
 from s4fusion_ros.tools.train import build_parser, model_config
+from s4fusion_ros.tools import train as train_tool_module
 from s4fusion_ros.tools.train import main as train_main
 from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
                                    ivif_splits, load_exported, pairs_in_folder)
@@ -863,6 +864,69 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
     assert resumed.returncode == 0, resumed.stderr
     assert [json.loads(line)['step'] for line in log.read_text().splitlines()] == list(
         range(1, done + 2))
+
+
+class FakeClock:
+    """time.monotonic and time.perf_counter for the trainer and the CLI: a step takes 1 s, a
+    checkpoint's weights 0.5 s, whatever the machine's load."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        for module in (trainer_module, train_tool_module):
+            monkeypatch.setattr(module, 'time', self)
+        monkeypatch.setattr(Trainer, 'train_step', self.taking(Trainer.train_step, 1.0))
+        monkeypatch.setattr(trainer_module, 'save_checkpoint',
+                            self.taking(trainer_module.save_checkpoint, 0.5))
+
+    def monotonic(self):
+        return self.now
+
+    perf_counter = monotonic
+
+    def taking(self, method, seconds):
+        def timed(*args, **kwargs):
+            result = method(*args, **kwargs)
+            self.now += seconds
+            return result
+        return timed
+
+
+def test_a_schedule_fitted_to_the_time_limit_ends_in_it_and_resumes_as_fitted(
+        tmp_path, pair_folder, monkeypatch, capsys):
+    # 60 s for 1000 steps of 1 s: timed on steps 5-25 (after a checkpoint at step 5), the 34.5 s
+    # left (less 5 %, the last checkpoint and one every 50 steps) take steps 26-56.
+    FakeClock(monkeypatch)
+
+    def arguments(out, steps, minutes=1):
+        return ['--data', str(pair_folder), '--out', str(tmp_path / out), '--steps', str(steps),
+                '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--no-progress',
+                '--checkpoint-every', '50', '--time-limit', str(minutes), '--fit-schedule']
+
+    assert train_main([*arguments('run', 1000), '--stop-at', '40']) == 0
+    assert 'fitted to the time limit after step 25: 56 steps of the 1000 asked' in (
+        capsys.readouterr().err)
+    assert train_main([*arguments('run', 1000), '--resume']) == 0  # its fitted schedule
+    assert 'steps 40 -> 56 (fitted from 1000 after step 25)' in capsys.readouterr().err
+    training = json.loads((tmp_path / 'run' / 's4fusion_compact.json').read_text())['training']
+    assert training['steps_done'] == training['steps'] == 56
+    assert training['schedule_fit'] == {  # the warm-up keeps its 5 % of the steps
+        'steps_asked': 1000, 'warmup_asked': 50, 'steps': 56, 'warmup_steps': 3,
+        'steps_per_s': 1.0, 'at_step': 25}
+    log = [json.loads(line) for line in (tmp_path / 'run' / 'train_log.jsonl').open()]
+    assert [record['step'] for record in log] == list(range(1, 57))
+    assert log[-1]['lr'] == pytest.approx(1e-3 * 0.01)  # the cosine's end at the last step
+    # Another --steps is another run.
+    assert train_main([*arguments('run', 900), '--resume']) == 1
+    assert 'other settings (steps 56, now 900' in capsys.readouterr().err
+
+    # Time for every step asked: the schedule stays as it was.
+    assert train_main(arguments('long', 30, minutes=100)) == 0
+    assert '30 steps of the 30 asked (unchanged' in capsys.readouterr().err
+    training = json.loads((tmp_path / 'long' / 's4fusion_compact.json').read_text())['training']
+    assert training['steps_done'] == training['steps'] == 30
+    with pytest.raises(SystemExit):
+        train_main([*arguments('x', 30)[:-3], '--fit-schedule'])  # without --time-limit
+    assert '--fit-schedule needs --time-limit' in capsys.readouterr().err
 
 
 def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):

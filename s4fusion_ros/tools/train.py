@@ -114,6 +114,12 @@ def build_parser():
                         help='stop (with a checkpoint) after the step that passes this many '
                              'minutes of training in this session (counted once the data is '
                              'read); resume later to go on')
+    parser.add_argument('--fit-schedule', action='store_true',
+                        help='with --time-limit: shorten --steps (never lengthen) so that the '
+                             'whole schedule, warm-up and cosine, ends within the time limit, at '
+                             'the pace of steps 5-25 of this session (after a checkpoint, timed '
+                             'too); the warm-up keeps its share of the steps. A run whose '
+                             'schedule was fitted keeps it when resumed with the same --steps')
     parser.add_argument('--checkpoint-every', type=int, default=200,
                         help='steps between checkpoints (state and weights)')
     parser.add_argument('--keep-every', type=int, default=0,
@@ -229,6 +235,8 @@ def main(argv=None):
         value = getattr(args, option)
         if value is not None and not value > 0:
             parser.error(f'--{option.replace("_", "-")} must be > 0, got {value}')
+    if args.fit_schedule and args.time_limit is None:
+        parser.error('--fit-schedule needs --time-limit (the time to fit the schedule into)')
     if args.keep_every < 0:
         parser.error(f'--keep-every must be >= 0, got {args.keep_every}')
     for option in ('ssim_weight', 'l1_weight', 'grad_weight', 'max_intensity_weight'):
@@ -335,20 +343,25 @@ def build_trainer(args, config, settings, device):
 
 def run(trainer, args):
     """Train until the end, --stop-at, --time-limit or a signal; returns the exit status."""
-    target = trainer.settings.steps if args.stop_at is None else min(trainer.settings.steps,
-                                                                     args.stop_at)
+    def target():  # a schedule fitted to the time limit moves it
+        return (trainer.settings.steps if args.stop_at is None
+                else min(trainer.settings.steps, args.stop_at))
+
+    fit = trainer.schedule_fit
+    schedule = (f' (fitted from {fit["steps_asked"]} after step {fit["at_step"]})' if fit
+                else ', to be fitted to the time limit' if args.fit_schedule else '')
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, '
           f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
-          f'{target}', file=sys.stderr)
+          f'{target()}{schedule}', file=sys.stderr)
     deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
     with GracefulStop() as stop:
         trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
                     keep_every=args.keep_every, progress=not args.no_progress,
                     should_stop=lambda: bool(stop.received) or (
                         deadline is not None and time.monotonic() > deadline),
-                    saving=stop.saving)
+                    saving=stop.saving, fit_by=deadline if args.fit_schedule else None)
     print(f'weights: {trainer.weights_path}', file=sys.stderr)
-    if trainer.step < target and not stop.received:
+    if trainer.step < target() and not stop.received:
         print(f'time limit reached after step {trainer.step}; continue with the same arguments '
               f'and --resume', file=sys.stderr)
     if stop.received:

@@ -23,6 +23,7 @@ import math
 import pathlib
 import pickle
 import random
+import sys
 import time
 import zipfile
 
@@ -42,6 +43,11 @@ KEPT_DIR = 'checkpoints'
 # SSM dynamics parameters (A as log, skip D, dt bias) stay out of weight decay as in Mamba/VMamba:
 # decay would pull them toward values that change the dynamics rather than regularise.
 NO_DECAY_NAMES = ('A_logs', 'Ds', 'dt_projs_bias')
+# A schedule fitted to a deadline (Trainer.run's fit_by) is timed from step FIT_FROM, after a
+# timed checkpoint, over FIT_STEPS steps: the first CUDA steps are slow (kernels load, the
+# allocator and autotuning warm up).
+FIT_FROM, FIT_STEPS = 5, 20
+FIT_MARGIN = 0.05  # of the time left, kept free by a fitted schedule: the step rate drifts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,11 +244,37 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{'params': decay, 'weight_decay': settings.weight_decay},
              {'params': no_decay, 'weight_decay': 0.0}], lr=settings.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-            lr_factor, warmup=settings.warmup_steps, total=settings.steps,
-            min_ratio=settings.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.step = 0
         self.seconds = 0.0  # training time summed over all sessions of this run
+        self.schedule_fit = None  # fit_schedule's record, once the schedule was fitted
+        self.checkpoint_seconds = None  # how long the last checkpoint took to write
+
+    def _lr_lambda(self):
+        return functools.partial(lr_factor, warmup=self.settings.warmup_steps,
+                                 total=self.settings.steps, min_ratio=self.settings.min_lr_ratio)
+
+    def fit_schedule(self, steps, steps_per_s):
+        """Shorten the schedule to ``steps`` (never lengthen it), the warm-up keeping its share
+        of the steps, from the current step on; ``steps_per_s`` (what the steps were fitted to) is
+        recorded with it, in the weights' JSON and the training state."""
+        asked = self.settings
+        steps = max(self.step, min(steps, asked.steps))
+        self._apply_fit({
+            'steps_asked': asked.steps, 'warmup_asked': asked.warmup_steps, 'steps': steps,
+            'warmup_steps': round(asked.warmup_steps * steps / asked.steps),
+            'steps_per_s': round(steps_per_s, 3), 'at_step': self.step})
+
+    def _apply_fit(self, fit):
+        """Train to ``fit``'s steps and warm-up from now on (fit_schedule, or a fitted run's
+        state resumed), the learning rate of the next step included."""
+        self.settings = dataclasses.replace(self.settings, steps=fit['steps'],
+                                            warmup_steps=fit['warmup_steps'])
+        self.schedule_fit = fit
+        factor = self._lr_lambda()
+        self.scheduler.lr_lambdas = [factor] * len(self.optimizer.param_groups)
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group['lr'] = base_lr * factor(self.scheduler.last_epoch)
 
     def _load_init(self, path):
         """Load the starting weights; returns their record (name, sha256, training)."""
@@ -286,11 +318,16 @@ class Trainer:
             # Compared as configurations, so a field added since (at its default) still matches.
             saved['model'] = S4FusionConfig.from_dict(saved['model']).to_dict()
             saved['loss'] = complete_loss_config(saved['loss'])
+            fit = state.get('schedule_fit')
         # What torch's weights-only unpickler raises on other files varies (KeyError on junk).
         except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError,
                 ValueError, AttributeError) as error:
             raise ValueError(f'{path}: not a readable training state '
                              f'({type(error).__name__}: {error})') from None
+        # A schedule fitted to a time limit resumes as fitted where the steps asked are the same.
+        if fit and (fit['steps_asked'], fit['warmup_asked']) == (self.settings.steps,
+                                                                 self.settings.warmup_steps):
+            self._apply_fit(fit)
         current = self.identity()
         differing = [_difference(key, saved.get(key), current[key]) for key in current
                      if saved.get(key) != current[key]]
@@ -352,6 +389,9 @@ class Trainer:
         }
         if self.init is not None:
             training['initialised_from'] = self.init
+        if self.schedule_fit is not None:
+            training['schedule_fit'] = self.schedule_fit
+        begun = time.monotonic()
         paths = [self.weights_path]
         if keep:
             paths.append(kept_weights_path(self.weights_path, self.step))
@@ -363,8 +403,10 @@ class Trainer:
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(), 'step': self.step,
             'seconds': self.seconds, 'rng': _rng_state(), 'identity': json.dumps(self.identity()),
+            'schedule_fit': self.schedule_fit,
         }
         write_atomically(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
+        self.checkpoint_seconds = time.monotonic() - begun
 
     def train_step(self):
         """One optimizer step on the batch of the current step; returns its log record."""
@@ -391,7 +433,7 @@ class Trainer:
                 **{k: float(v) for k, v in terms.items()}, 'seconds': round(seconds, 4)}
 
     def run(self, stop_at=None, checkpoint_every=200, progress=True, should_stop=None,
-            saving=contextlib.nullcontext, keep_every=0):
+            saving=contextlib.nullcontext, keep_every=0, fit_by=None):
         """Train up to ``settings.steps`` (or ``stop_at``, to split a run into sessions).
 
         Writes the state and weights every ``checkpoint_every`` steps and at the end, and every
@@ -400,13 +442,20 @@ class Trainer:
         (no arguments) is asked after every step; when it says True the run ends there with a
         checkpoint, as at ``stop_at``. Each checkpoint is written inside ``saving()`` (a context
         manager: the command line holds a second stop signal there, so the weights, their JSON
-        and the state are written whole).
+        and the state are written whole). ``fit_by`` (a ``time.monotonic`` deadline): a run
+        whose schedule was not fitted yet times a checkpoint after step FIT_FROM and the
+        FIT_STEPS steps after it, then shortens its schedule (``fit_schedule``) to end by then,
+        its checkpoints and FIT_MARGIN of the time left included.
         """
-        stop = min(self.settings.steps, stop_at if stop_at is not None else self.settings.steps)
         if self.step == 0:
             check_new_run(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         records = []
+        fitting = fit_by is not None and self.schedule_fit is None
+        timed_from = None  # (time.monotonic(), step) after the timed checkpoint
+
+        def stop():  # a fitted schedule moves the end
+            return self.settings.steps if stop_at is None else min(self.settings.steps, stop_at)
 
         def kept():
             return keep_every > 0 and self.step % keep_every == 0
@@ -414,7 +463,7 @@ class Trainer:
         bar = tqdm(total=self.settings.steps, initial=self.step, desc='train', unit='step',
                    disable=not progress, dynamic_ncols=True)
         with bar, open(self.out_dir / LOG_NAME, 'a' if self.step else 'w') as log:
-            while self.step < stop and not (should_stop and should_stop()):
+            while self.step < stop() and not (should_stop and should_stop()):
                 record = self.train_step()
                 records.append(record)
                 log.write(json.dumps(record) + '\n')
@@ -422,13 +471,38 @@ class Trainer:
                 bar.update()
                 bar.set_postfix({k: f'{v:.4g}' for k, v in record.items()
                                  if k not in ('step', 'seconds')})
-                if (kept() or self.step % checkpoint_every == 0) and self.step < stop:
+                timed_checkpoint = fitting and timed_from is None and self.step >= FIT_FROM
+                if ((kept() or self.step % checkpoint_every == 0 or timed_checkpoint)
+                        and self.step < stop()):
                     with saving():
                         self.save(record['loss'], kept())
+                if timed_checkpoint:
+                    timed_from = (time.monotonic(), self.step)
+                elif fitting and timed_from and self.step - timed_from[1] >= FIT_STEPS:
+                    self._fit_to(fit_by, timed_from, checkpoint_every, keep_every)
+                    fitting = False
+                    bar.total = self.settings.steps
         if records:
             with saving():
                 self.save(records[-1]['loss'], kept())
         return records
+
+    def _fit_to(self, deadline, timed_from, checkpoint_every, keep_every):
+        """fit_schedule to end by ``deadline``, at the pace of the steps since ``timed_from``
+        ((time.monotonic(), step)) and the time the last checkpoint took for each to come."""
+        now = time.monotonic()
+        step_s = (now - timed_from[0]) / (self.step - timed_from[1])
+        checkpoint_s = self.checkpoint_seconds
+        saves_per_step = 1 / checkpoint_every + (1 / keep_every if keep_every else 0)
+        budget_s = (deadline - now) * (1 - FIT_MARGIN) - checkpoint_s  # the last one
+        more = max(0, math.floor(budget_s / (step_s + saves_per_step * checkpoint_s)))
+        asked = self.settings.steps
+        self.fit_schedule(self.step + more, 1 / step_s)
+        how = 'shortened' if self.settings.steps < asked else 'unchanged'
+        tqdm.write(f'schedule fitted to the time limit after step {self.step}: '
+                   f'{self.settings.steps} steps of the {asked} asked ({how}; warm-up '
+                   f'{self.settings.warmup_steps}), at {1 / step_s:.2f} steps/s and '
+                   f'{checkpoint_s:.2f} s a checkpoint', file=sys.stderr)
 
 
 def _difference(key, saved, current):
