@@ -230,12 +230,29 @@ def check_scan(site):
     return result.returncode == 0
 
 
+def training_device(device):
+    """The name of the device the recipes train on (``--device``); SystemExit without CUDA
+    unless the CPU is asked for by name: a call's minutes on a CPU train next to nothing."""
+    import torch
+
+    if device == 'cpu':
+        return 'cpu'
+    if not torch.cuda.is_available():
+        raise SystemExit(f'train: no CUDA device (torch {torch.__version__}, CUDA '
+                         f'{torch.version.cuda}): not training on the CPU; pass --device cpu to '
+                         f'train there all the same')
+    return torch.cuda.get_device_name(torch.device('cuda' if device == 'auto' else device))
+
+
 def train(args):
     """Build and check mamba-ssm (optional), train the recipes in the budget, pack the runs
     after each recipe."""
     started = time.monotonic()
     deadline = started + 60 * args.minutes
-    summary = {'recipes': {}, 'scan': 'chunked PyTorch scan (no mamba-ssm)'}
+    device = training_device(args.device)
+    log(f'training on {device}')
+    # Each recipe's summary names the scan its run recorded using (its weights' JSON).
+    summary = {'recipes': {}, 'device': device, 'mamba_ssm': 'not given'}
     site = None
     if args.mamba_sdist or args.mamba_site:
         try:
@@ -245,8 +262,12 @@ def train(args):
         except Exception as error:  # noqa: BLE001 - the call's training must not depend on it
             log(f'mamba-ssm: {error!r}')
             site = None
-        if site is not None:
-            summary['scan'] = "mamba-ssm's CUDA kernel"
+        summary['mamba_ssm'] = 'used' if site else 'failed: its build or check (see the log)'
+    if device != 'cpu' and site is None:
+        summary['warning'] = (f'mamba-ssm {summary["mamba_ssm"]}: training with the chunked '
+                              f'PyTorch scan, several times slower, so each new run\'s schedule '
+                              f'is fitted to fewer steps')
+        log(f'WARNING: {summary["warning"]}')
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
         str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -425,7 +446,7 @@ def log_records(out):
 
 def recipe_summary(out, returncode, seconds, log_before):
     """Exit code, steps done and steps per second of a recipe's run in this call, and what its
-    weights' JSON says of a schedule fitted to the time."""
+    weights' JSON says of the scan and a schedule fitted to the time."""
     training = run_training(out)
     steps = log_records(out)
     # This call's steps follow the lines it kept: a resumed run keeps those up to its checkpoint,
@@ -437,7 +458,7 @@ def recipe_summary(out, returncode, seconds, log_before):
             'seconds': round(seconds, 1),
             'steps_per_s': round(len(this_call) / max(sum(s['seconds'] for s in this_call), 1e-9),
                                  3) if this_call else 0.0,
-            **{key: training[key] for key in ('schedule_fit',) if key in training}}
+            **{key: training[key] for key in ('scan', 'schedule_fit') if key in training}}
 
 
 def pack(runs, out, summary, max_state_mib):

@@ -16,7 +16,9 @@ import time
 
 import cv2
 import pytest
+import torch
 
+from s4fusion_ros.model.scan import scan_backend
 from s4fusion_ros.training.data import IVIF_DATA_NOTE, pair_key, training_data_note, training_pairs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -115,7 +117,9 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     summary = json.loads((out / 'gpu_train_summary.json').read_text())
     assert summary['recipes']['compact']['step'] == 2
     assert summary['recipes']['compact']['steps_per_s'] > 0
-    assert summary['scan'].startswith('chunked PyTorch scan')
+    # The device and the scan the run used (the CPU's, not the chunked CUDA fallback's).
+    assert summary['device'] == 'cpu' and summary['mamba_ssm'].startswith('failed')
+    assert summary['recipes']['compact']['scan'] == scan_backend(torch.empty(0))
     assert 'to be fitted to the time limit' in (runs / 'compact' / 'train_stderr.log').read_text()
     brought_back = sorted(p.name for p in out.iterdir())
     assert brought_back == sorted(summary['parts'] + ['gpu_train_summary.json'])  # one pack
@@ -240,6 +244,7 @@ def test_time_budget_and_arguments(tmp_path, packed_data):
     result = script('train', '--data', packed_data, '--runs', tmp_path / 'runs', '--out',
                     tmp_path / 'out', '--minutes', '0.1', '--pack-minutes', '0.5', '--recipes',
                     'compact', '--device', 'cpu')
+    assert 'training on cpu' in result.stderr
     summary = json.loads((tmp_path / 'out' / 'gpu_train_summary.json').read_text())
     assert summary['recipes'] == {'compact': {'skipped': 'no time left'}}, result.stderr
     env = {k: v for k, v in os.environ.items() if k != 'OUT'}
@@ -346,6 +351,18 @@ def test_steps_per_second_counts_the_steps_a_resumed_run_did_again(tmp_path, gpu
     write(before[:3] + again)
     summary = gpu_train.recipe_summary(tmp_path, 0, 10.0, log_before)
     assert summary == {'returncode': 0, 'step': 8, 'seconds': 10.0, 'steps_per_s': 2.5}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_a_call_without_cuda_refuses_to_train_unless_the_cpu_is_asked_for(tmp_path):
+    # It trained on the CPU for the whole call and its summary named the CUDA fallback scan.
+    begun = time.monotonic()
+    result = script('train', '--data', tmp_path / 'data', '--runs', tmp_path / 'runs', '--out',
+                    tmp_path / 'out', '--recipes', 'compact', check=False)
+    assert result.returncode == 1
+    assert 'no CUDA device' in result.stderr and 'pass --device cpu' in result.stderr
+    assert not (tmp_path / 'runs').exists() and not list((tmp_path / 'out').iterdir())
+    assert time.monotonic() - begun < 60  # at once: no build, no data read
 
 
 def test_a_run_that_ended_its_fitted_schedule_has_finished(tmp_path, gpu_train):

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
 from ..model.checkpoint import file_sha256, read_config
+from ..model.scan import scan_backend
 from .data import check_sampling
 from .loss import complete_config as complete_loss_config
 
@@ -170,6 +171,11 @@ def _check_exported(module, path, device, role, batch_shape):
                for out in outputs]
         raise ValueError(f'{path}: the {role} network must return {wanted} for a batch of '
                          f'{batch_shape[0]}; it returned {got}')
+
+
+def device_name(device):
+    """The GPU's name for a CUDA ``device`` (torch.cuda.get_device_name), else its type."""
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type
 
 
 def seed_everything(seed):
@@ -384,6 +390,8 @@ class Trainer:
             'optimizer': 'AdamW (no decay on norms, biases, A_logs, Ds, dt bias)',
             'schedule': 'linear warm-up, cosine to min_lr_ratio', 'loss': self.loss.config(),
             'data': self.identity()['data'], 'device': self.device.type,
+            'device_name': device_name(self.device),
+            'scan': scan_backend(torch.empty(0, device=self.device)),
             'torch': torch.__version__, 'seconds': round(self.seconds, 1),
             'last_loss': last_loss, 'deviation': self.deviation,
         }
