@@ -24,6 +24,7 @@ Usage (docs/training.md, "Training on a lent GPU"):
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -370,28 +371,39 @@ def run_training(out):
     return {}
 
 
+def run_seed(init_weights):
+    """The seed of a run from ``init_weights`` (None: from scratch): from the weights' sha256,
+    so that each call's run, which starts from the last one's weights, draws its own batches,
+    and a resumed run, which starts from the same weights, keeps its seed (0 from scratch)."""
+    if init_weights is None or not pathlib.Path(init_weights).is_file():
+        return 0  # a missing file is s4fusion-train's to name
+    return int(hashlib.sha256(pathlib.Path(init_weights).read_bytes()).hexdigest()[:8], 16)
+
+
 def train_recipe(args, name, out, minutes, deadline, env):
     """Run s4fusion-train for a recipe in ``out``: resumed, restarted from its last weights, or
     new; stopped past its time (see run_group). Returns (exit code, stderr, the log records the
     run had before it)."""
-    # s4fusion-train's entry point, which sets up the process before torch loads.
-    command = [sys.executable, '-c',
-               'import sys; from s4fusion_ros.entry_points import train; sys.exit(train())',
-               *RECIPES[name][1], *args.extra,
-               '--data', str(args.data), '--out', str(out), '--device', args.device,
-               '--time-limit', f'{minutes:.3f}', '--fit-schedule', '--no-progress',
-               '--checkpoint-every', '100']
     if (out / STATE).exists():
         how = 'resuming'
-        command.append('--resume')
     elif list(out.glob('s4fusion_*.safetensors')):
         how = 'from the last weights'
         restart_from_weights(out)
     else:
         how = 'new run'
-    # A run restarted from weights began from its init/ copy; a later call resumes it so.
-    command += [arg for weights in out.glob(f'{INIT}/s4fusion_*.safetensors')
-                for arg in ('--init-weights', str(weights))]
+    # A run restarted from weights began from its init/ copy (this one wins over the recipe's
+    # --init-weights); a later call resumes it so.
+    init = [arg for weights in out.glob(f'{INIT}/s4fusion_*.safetensors')
+            for arg in ('--init-weights', str(weights))]
+    seed = run_seed(option_value([*RECIPES[name][1], *args.extra, *init], '--init-weights'))
+    # s4fusion-train's entry point, which sets up the process before torch loads; a --seed in
+    # args.extra wins over the run's own.
+    command = [sys.executable, '-c',
+               'import sys; from s4fusion_ros.entry_points import train; sys.exit(train())',
+               *RECIPES[name][1], '--seed', str(seed), *args.extra,
+               '--data', str(args.data), '--out', str(out), '--device', args.device,
+               '--time-limit', f'{minutes:.3f}', '--fit-schedule', '--no-progress',
+               '--checkpoint-every', '100', *(['--resume'] if how == 'resuming' else []), *init]
     log(f'{name}: {minutes:.1f} min, {how}')
     log_before = log_records(out)
     timeout, grace = stop_times(minutes, deadline - time.monotonic(), args.pack_minutes)
@@ -446,7 +458,7 @@ def log_records(out):
 
 def recipe_summary(out, returncode, seconds, log_before):
     """Exit code, steps done and steps per second of a recipe's run in this call, and what its
-    weights' JSON says of the scan and a schedule fitted to the time."""
+    weights' JSON says of the seed, the scan and a schedule fitted to the time."""
     training = run_training(out)
     steps = log_records(out)
     # This call's steps follow the lines it kept: a resumed run keeps those up to its checkpoint,
@@ -458,7 +470,7 @@ def recipe_summary(out, returncode, seconds, log_before):
             'seconds': round(seconds, 1),
             'steps_per_s': round(len(this_call) / max(sum(s['seconds'] for s in this_call), 1e-9),
                                  3) if this_call else 0.0,
-            **{key: training[key] for key in ('scan', 'schedule_fit') if key in training}}
+            **{key: training[key] for key in ('seed', 'scan', 'schedule_fit') if key in training}}
 
 
 def pack(runs, out, summary, max_state_mib):

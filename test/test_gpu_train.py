@@ -2,6 +2,7 @@
 budget, what a device call brings back under $OUT, and unpacking for the next call."""
 
 import collections
+import hashlib
 import importlib.util
 import io
 import json
@@ -117,9 +118,11 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     summary = json.loads((out / 'gpu_train_summary.json').read_text())
     assert summary['recipes']['compact']['step'] == 2
     assert summary['recipes']['compact']['steps_per_s'] > 0
-    # The device and the scan the run used (the CPU's, not the chunked CUDA fallback's).
+    # The device and the scan the run used (the CPU's, not the chunked CUDA fallback's), and
+    # the seed of a run from scratch.
     assert summary['device'] == 'cpu' and summary['mamba_ssm'].startswith('failed')
     assert summary['recipes']['compact']['scan'] == scan_backend(torch.empty(0))
+    assert summary['recipes']['compact']['seed'] == 0
     assert 'to be fitted to the time limit' in (runs / 'compact' / 'train_stderr.log').read_text()
     brought_back = sorted(p.name for p in out.iterdir())
     assert brought_back == sorted(summary['parts'] + ['gpu_train_summary.json'])  # one pack
@@ -154,6 +157,10 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert 'from the last weights' in third.stderr
     summary = json.loads((tmp_path / 'out3' / 'gpu_train_summary.json').read_text())
     assert summary['recipes']['compact']['steps_per_s'] > 0  # the new run's first step
+    # Its own draw of batches, from the weights it starts from: resumed, it keeps it.
+    (start,) = (runs / 'compact' / 'init').glob('s4fusion_*.safetensors')
+    seed = int(hashlib.sha256(start.read_bytes()).hexdigest()[:8], 16)
+    assert summary['recipes']['compact']['seed'] == seed != 0
     continued = run_record(runs / 'compact')['training']
     assert continued['steps_done'] == 1
     assert continued['initialised_from']['training']['steps_done'] == 4
@@ -173,6 +180,7 @@ def test_train_packs_runs_that_resume_in_the_next_call(tmp_path, packed_data):
     assert summary['recipes']['compact']['returncode'] == 0, fourth.stderr
     assert summary['recipes']['compact']['step'] == 4
     assert summary['recipes']['compact']['steps_per_s'] > 0  # of this call's 3 steps
+    assert summary['recipes']['compact']['seed'] == seed
     continued = run_record(runs / 'compact')['training']
     assert continued['initialised_from']['training']['steps_done'] == 4
 
