@@ -37,7 +37,10 @@ import tarfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PART_BYTES = 15 * 2**20  # device calls bring back files of at most 16 MiB
+# What a device call brings back from $OUT: at most 8 files of at most 16 MiB, 64 MiB in all.
+OUT_FILES, OUT_BYTES = 8, 64 * 2**20
+PART_BYTES = 15 * 2**20
+PACK_BYTES = OUT_BYTES - 2**20  # the runs' archive; a MiB for the summary beside its parts
 PART_PREFIX = 'runs.tar.part-'
 SUMMARY = 'gpu_train_summary.json'
 STATE = 'train_state.pt'
@@ -476,20 +479,17 @@ def recipe_summary(out, returncode, seconds, log_before):
 def pack(runs, out, summary, max_state_mib):
     """``runs`` as a tar archive cut into parts of at most PART_BYTES under ``out``, and the
     summary beside them. Training states over ``max_state_mib`` stay out (they could not travel
-    to the next call). Each pack writes new parts and then the summary that names them, so a
-    call cut short between two packs still brings back a complete earlier one."""
+    to the next call), and so do the weights the runs kept (--keep-every), oldest first, until
+    the archive fits PACK_BYTES (a call brings back no more; ``unpack`` refuses a pack with parts
+    missing); SystemExit where it does not fit without them. Each pack writes new parts and then
+    the summary that names them, so a call cut short between two packs still brings back a
+    complete earlier one."""
     out.mkdir(parents=True, exist_ok=True)
-
-    def small_enough(member):
-        name = pathlib.PurePath(member.name).name
-        too_large = name == STATE and member.size > max_state_mib * 2**20
-        # A write cut short by SIGKILL leaves its temporary file (files.write_atomically).
-        return None if too_large or name.endswith('.tmp') else member
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode='w') as archive:
-        archive.add(runs, arcname='runs', filter=small_enough)
-    data = buffer.getvalue()
+    data, left_out = fitting_archive(runs, max_state_mib)
+    summary['left_out'] = sorted(str(path.relative_to(runs)) for path in left_out)
+    if left_out:
+        log(f'left out of the pack, over the {PACK_BYTES / 2**20:.1f} MiB a call brings back: '
+            f'{", ".join(summary["left_out"])}')
     earlier = set(out.glob('*.' + PART_PREFIX + '*'))
     generation = 1 + max((int(p.name.split('.')[0]) for p in earlier), default=-1)
     names = []
@@ -503,6 +503,62 @@ def pack(runs, out, summary, max_state_mib):
     for path in earlier:
         path.unlink()
     log(f'packed {len(data) / 2**20:.1f} MiB of runs into {len(names)} part(s) under {out}')
+
+
+def fitting_archive(runs, max_state_mib):
+    """(the runs' archive, the files left out of it): the fewest kept checkpoints, oldest
+    first, left out for it to fit PACK_BYTES (found by bisection: an archive of the runs can take
+    a second to make); SystemExit where it does not fit without them."""
+    kept = kept_checkpoints(runs)
+
+    def without_oldest(count):
+        left_out = [path for files in kept[:count] for path in files]
+        return runs_archive(runs, max_state_mib, left_out), left_out
+
+    data, left_out = without_oldest(0)
+    if len(data) <= PACK_BYTES:
+        return data, left_out
+    data, left_out = without_oldest(len(kept))
+    if len(data) > PACK_BYTES:
+        raise SystemExit(f'pack: the runs in {runs} take {len(data) / 2**20:.1f} MiB without the '
+                         f'weights they kept, over the {PACK_BYTES / 2**20:.1f} MiB a device call '
+                         f'brings back; nothing more is packed')
+    fewest, most = 1, len(kept)  # leaving out `most` fits (data), fewer than `fewest` does not
+    while fewest < most:
+        middle = (fewest + most) // 2
+        candidate = without_oldest(middle)
+        if len(candidate[0]) <= PACK_BYTES:
+            most, (data, left_out) = middle, candidate
+        else:
+            fewest = middle + 1
+    return data, left_out
+
+
+def kept_checkpoints(runs):
+    """The weights the runs in ``runs`` kept (this start's and earlier starts'), each as its
+    files (weights, JSON), oldest first."""
+    weights = [*runs.glob(f'*/{KEPT}/*.safetensors'), *runs.glob(f'*/{EARLIER}/*/*.safetensors')]
+    return [[path for path in (w, w.with_suffix('.json')) if path.exists()]
+            for w in sorted(weights, key=lambda w: (w.stat().st_mtime, w.name))]
+
+
+def runs_archive(runs, max_state_mib, left_out):
+    """``runs`` as an uncompressed tar archive (bytes) without ``left_out``, training states
+    over ``max_state_mib`` and temporary files."""
+    # As the archive names its members.
+    left_out = {f'runs/{path.relative_to(runs).as_posix()}' for path in left_out}
+
+    def wanted(member):
+        name = pathlib.PurePath(member.name).name
+        too_large = name == STATE and member.size > max_state_mib * 2**20
+        # A write cut short by SIGKILL leaves its temporary file (files.write_atomically).
+        unwanted = too_large or name.endswith('.tmp') or member.name in left_out
+        return None if unwanted else member
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w') as archive:
+        archive.add(runs, arcname='runs', filter=wanted)
+    return buffer.getvalue()
 
 
 def travelling_bytes(exclude):
@@ -558,6 +614,9 @@ def unpack(args):
     os.replace(runs, args.runs)
     staging.rmdir()
     log(f'runs of that call in {args.runs}: {json.dumps(summary["recipes"])}')
+    if summary.get('left_out'):
+        log(f'left out of the pack by that call (too large to come back): '
+            f'{", ".join(summary["left_out"])}')
 
 
 def build_parser():

@@ -385,3 +385,50 @@ def test_a_run_that_ended_its_fitted_schedule_has_finished(tmp_path, gpu_train):
     assert not finished(999, 1000)
     assert finished(2500, 2500) and not finished(2499, 2500)
     assert finished(2500, 3000)  # a longer run past the recipe's steps, as before
+
+
+def test_the_packs_fit_what_a_device_call_brings_back(gpu_train):
+    parts = -(-gpu_train.PACK_BYTES // gpu_train.PART_BYTES)
+    assert parts + 1 <= gpu_train.OUT_FILES  # the parts and the summary
+    assert gpu_train.PART_BYTES <= 16 * 2**20
+    assert gpu_train.PACK_BYTES + 2**20 <= gpu_train.OUT_BYTES == 64 * 2**20
+
+
+def test_kept_checkpoints_are_left_out_oldest_first_until_the_pack_fits(
+        tmp_path, gpu_train, monkeypatch):
+    # A run that kept many checkpoints packed more than a call brings back: unpack then refused
+    # the parts that did not come back, the run's last weights with them.
+    monkeypatch.setattr(gpu_train, 'PACK_BYTES', 100_000)  # 3 of 5 over
+    run = tmp_path / 'runs' / 'authors'
+    (run / 'checkpoints-earlier' / 'start1').mkdir(parents=True)
+    (run / 'checkpoints').mkdir()
+    files = [run / 'checkpoints-earlier' / 'start1' / 's4fusion_authors-step000500.safetensors',
+             *(run / 'checkpoints' / f's4fusion_authors-step{step:06d}.safetensors'
+               for step in (100, 200, 300, 400))]
+    for age, weights in enumerate(reversed(files)):
+        for path in (weights, weights.with_suffix('.json')):
+            path.write_bytes(bytes(20_000 if path.suffix == '.safetensors' else 1000))
+            os.utime(path, (1e9 - age, 1e9 - age))
+    (run / 's4fusion_authors.safetensors').write_bytes(bytes(30_000))
+    (run / 's4fusion_authors.json').write_text('{}')
+    summary = {'recipes': {}}
+    gpu_train.pack(tmp_path / 'runs', tmp_path / 'out', summary, max_state_mib=1)
+    left_out = [str(path.relative_to(tmp_path / 'runs')) for weights in files[:3]
+                for path in (weights, weights.with_suffix('.json'))]
+    assert summary['left_out'] == sorted(left_out)
+    brought_back = [tmp_path / 'out' / name for name in summary['parts']]
+    assert sum(path.stat().st_size for path in brought_back) <= 100_000
+    gpu_train.unpack(gpu_train.build_parser().parse_args(
+        ['unpack', str(tmp_path / 'out'), '--runs', str(tmp_path / 'back'), '--travel-mib', '0']))
+    back = tmp_path / 'back' / 'authors'
+    assert (back / 's4fusion_authors.safetensors').stat().st_size == 30_000
+    assert sorted(p.name for p in (back / 'checkpoints').iterdir()) == sorted(
+        path.name for weights in files[3:] for path in (weights, weights.with_suffix('.json')))
+    assert not list(back.glob('checkpoints-earlier/*/*'))
+
+    # Weights that do not fit even alone: the call says so and keeps the pack it had.
+    (run / 's4fusion_authors.safetensors').write_bytes(bytes(130_000))
+    with pytest.raises(SystemExit, match='over the 0.1 MiB a device call brings back'):
+        gpu_train.pack(tmp_path / 'runs', tmp_path / 'out', {'recipes': {}}, max_state_mib=1)
+    kept = json.loads((tmp_path / 'out' / 'gpu_train_summary.json').read_text())
+    assert kept['parts'] == summary['parts'] and all(path.exists() for path in brought_back)
