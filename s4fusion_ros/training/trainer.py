@@ -268,7 +268,7 @@ class Trainer:
         steps = max(self.step, min(steps, asked.steps))
         self._apply_fit({
             'steps_asked': asked.steps, 'warmup_asked': asked.warmup_steps, 'steps': steps,
-            'warmup_steps': round(asked.warmup_steps * steps / asked.steps),
+            'warmup_steps': max(1, round(asked.warmup_steps * steps / asked.steps)),
             'steps_per_s': round(steps_per_s, 3), 'at_step': self.step})
 
     def _apply_fit(self, fit):
