@@ -106,10 +106,13 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
         reader = threading.Thread(target=lambda: player_lines.extend(player.stdout), daemon=True)
         reader.start()
         try:
-            # To the bag's end (its last pairs can come before it): nothing more may come.
+            # To the bag's end (its last pairs can come before it), and the pairs still in the
+            # node's queue (a loaded machine fuses slower than the bag plays): nothing more may
+            # come.
             played = probe.spin_until(
                 lambda: any(line.rstrip().endswith('end of bag') for line in player_lines),
                 timeout=90)
+            probe.spin_until(lambda: len(probe.fused) >= len(expected), timeout=30)
             probe.spin_for(0.5)
         finally:
             player.send_signal(signal.SIGINT)
