@@ -945,10 +945,12 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
 
 
 def test_eval_writes_a_pair_name_that_is_not_utf8_as_the_file_system_holds_it(ivif_dir, tmp_path,
-                                                                              capsys):
+                                                                              tiny_weights):
     # Every pair was scored, then writing the table failed ('surrogates not allowed') and
-    # nothing was written. The report records the folder, its name not UTF-8 either; run as a
-    # command, whose stderr shows such a name escaped (pytest's capture refuses it).
+    # nothing was written; with ours, drawing the pair's name in the grid then crashed the
+    # process (cv2.putText, exit 139). The report records the folder, its name not UTF-8
+    # either; run as a command, whose stderr shows such a name escaped (pytest's capture
+    # refuses it), and which a crash must not take pytest down with.
     pairs = tmp_path / os.fsdecode(b'p\xe9')
     copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
     latin1 = os.fsdecode(b'caf\xe9.png')
@@ -957,10 +959,13 @@ def test_eval_writes_a_pair_name_that_is_not_utf8_as_the_file_system_holds_it(iv
     out = tmp_path / 'q.md'
     for _ in range(2):  # the second run reads the first's report (its reading below a marker)
         done = subprocess.run([executable('s4fusion-eval'), '--folder', pairs, '--methods',
-                               'average', '--out', out], capture_output=True, timeout=300)
+                               'ours,average', '--weights', tiny_weights, '--device', 'cpu',
+                               '--threads', '1', '--out', out], capture_output=True,
+                              timeout=300)
         assert done.returncode == 0, done.stderr.decode(errors='replace')
     assert b'caf\xe9' in (tmp_path / 'q_pairs.csv').read_bytes()
     assert b'p\xe9' in out.read_bytes()
+    assert read_png(tmp_path / 'q_grid.png').shape[0] == report.GRID_LABEL + report.GRID_HEIGHT
 
 
 def test_eval_names_the_pairs_it_cannot_score_before_scoring(ivif_dir, tmp_path, capsys):

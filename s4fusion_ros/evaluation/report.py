@@ -438,6 +438,9 @@ def _fit(image: np.ndarray, height: int) -> np.ndarray:
 
 
 def _label(image: np.ndarray, text: str, origin: tuple) -> None:
+    """Draw ``text`` outlined. The Hershey font has ASCII only, and a file name that is not
+    UTF-8 (held as surrogates) crashed OpenCV: any other character is drawn as '?'."""
+    text = text.encode('ascii', 'replace').decode('ascii')
     for color, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
         cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, thickness,
                     cv2.LINE_AA)
