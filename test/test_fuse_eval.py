@@ -944,6 +944,30 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
     assert report.read_text() == 'kept\n'
 
 
+def test_eval_refuses_to_replace_a_file_without_the_reading_marker(ivif_dir, tmp_path, capsys):
+    # A report whose marker line was deleted, or another file named as --out by mistake, was
+    # replaced with its text lost, exit 0. Found before any scoring.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    out = tmp_path / 'q.md'
+    argv = ['--folder', str(pairs), '--methods', 'average', '--out', str(out)]
+    assert evaluate.main(argv) == 0
+    capsys.readouterr()
+    marker = next(line for line in out.read_text().splitlines()
+                  if line.startswith(report.READING_MARKER))
+    without_marker = out.read_text().replace(marker, '') + '\nmy reading\n'
+    for text in (without_marker, '# Lab notes\nthree weeks of notes\n'):
+        out.write_text(text)
+        assert evaluate.main(argv) == 1
+        error = capsys.readouterr().err
+        assert (f'--out {out} holds text and no reading marker, so the report would replace it: '
+                'if it is a report, put the marker line back above what is to stay '
+                f'({marker}); else name another --out') in error
+        assert 'pairs in' not in error and out.read_text() == text
+    out.write_text(' \n')  # nothing to lose
+    assert evaluate.main(argv) == 0 and out.read_text().startswith('# Fusion quality')
+
+
 def test_eval_writes_a_pair_name_that_is_not_utf8_as_the_file_system_holds_it(ivif_dir, tmp_path,
                                                                               tiny_weights):
     # Every pair was scored, then writing the table failed ('surrogates not allowed') and

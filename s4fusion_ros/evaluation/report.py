@@ -29,6 +29,7 @@ BOOTSTRAP_SEED = 0  # fixed, so the report is a function of the scores
 BOOTSTRAP_MIN_UNITS = 6
 # Ends the generated part; the maintainers' reading (and the flicker section) below it is kept.
 READING_MARKER = "<!-- The maintainers' reading of these numbers goes below."
+READING_MARKER_LINE = READING_MARKER + ' s4fusion-eval keeps what is below this line. -->'
 
 CONVENTIONS = """\
 - Every method's output is first made into the image a saved PNG holds: uint8, rounded half
@@ -416,7 +417,7 @@ def render(datasets: list, context: ReportContext) -> str:
                   f'![IR / VI / fused / saliency]({context.grid})', '']
     lines += ['## Notes', '', *[f'- {note}' for note in
                                 context.notes + undefined_notes(datasets)],
-              '', READING_MARKER + ' s4fusion-eval keeps what is below this line. -->', '']
+              '', READING_MARKER_LINE, '']
     return '\n'.join(lines)
 
 

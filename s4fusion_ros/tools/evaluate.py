@@ -941,9 +941,10 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """OSError naming a file the run could not write, checked before any scoring: a folder,
-    an unwritable folder, or one file named for two outputs (the later would overwrite the
-    earlier, the report and the reading below its marker with it)."""
+    """OSError or ValueError naming a file the run could not write, checked before any
+    scoring: a folder, an unwritable folder, one file named for two outputs (the later would
+    overwrite the earlier, the report and the reading below its marker with it), or a report
+    whose text would be lost (check_report_replaceable)."""
     written = {'--out': args.out}
     if not args.flicker:
         written.update({'--pairs-csv': args.pairs_csv, '--grid': args.grid})
@@ -957,6 +958,21 @@ def check_outputs(args: argparse.Namespace) -> None:
     for option, path in written.items():
         if (earlier := named.setdefault(resolved(path), option)) != option:
             raise ValueError(f'{earlier} and {option} both name {path}: give each its own file')
+    if not args.flicker:  # which replaces only its section
+        check_report_replaceable(args.out)
+
+
+def check_report_replaceable(path: pathlib.Path) -> None:
+    """ValueError where the report would replace text of an existing ``path`` that it keeps
+    nowhere: anything besides a flicker section, in a file without the reading marker (below
+    which it keeps everything), as a report whose marker line was deleted, or another file
+    named by mistake."""
+    earlier = path.read_text(errors='surrogateescape') if path.is_file() else ''
+    if (report.below_reading_marker(earlier) is None
+            and earlier.replace(temporal.section_of(earlier), '', 1).strip()):
+        raise ValueError(f'--out {path} holds text and no reading marker, so the report would '
+                         'replace it: if it is a report, put the marker line back above what '
+                         f'is to stay ({report.READING_MARKER_LINE}); else name another --out')
 
 
 def main(argv: list | None = None) -> int:
