@@ -901,6 +901,40 @@ def test_eval_saves_outputs_only_where_they_overwrite_no_other_image(ivif_dir, t
     assert '--save-outputs and --flicker' in capsys.readouterr().err
 
 
+def test_pairs_of_one_stem_each_need_their_own_output_and_are_never_saved_as_one(
+        ivif_dir, tmp_path, capsys):
+    # a.png and a.jpg are two pairs (matched by their exact names). A stored output a.png was
+    # scored for a.jpg too, and --save-outputs wrote both pairs as a.png, the later over the
+    # earlier. The JPEG pair is the PNG pair compressed: of its size, as an output must be.
+    pairs = tmp_path / 'clash'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    for side in ('ir', 'vi'):
+        (pairs / side / GRAY_PAIR[1]).rename(pairs / side / 'a.png')
+        image = cv2.imread(str(pairs / side / 'a.png'), cv2.IMREAD_GRAYSCALE)
+        assert cv2.imwrite(str(pairs / side / 'a.jpg'), image, [cv2.IMWRITE_JPEG_QUALITY, 50])
+    for method, names in (('Half', ['a.png']), ('Both', ['a.png', 'a.jpg'])):
+        (pairs / 'fused' / method).mkdir(parents=True)
+        for name in names:
+            shutil.copy(pairs / 'ir' / name, pairs / 'fused' / method / name)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--out',
+                          str(out)]) == 0
+    assert list(table_rows(out.read_text(), 'clash')) == ['Both (stored outputs)']
+    half = pairs / 'fused' / 'Half'
+    assert (f'- Skipped: Half (stored outputs) on clash: 1 of the 2 outputs cannot be scored, so '
+            f'no row for it; the first: a.jpg: no output, or several, in {half} (the pairs '
+            'a.jpg, a.png share a stem, so each needs an output of its own exact name).'
+            ) in out.read_text()
+    capsys.readouterr()
+    saved = tmp_path / 'saved'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out', str(out),
+                          '--save-outputs', str(saved)]) == 1
+    error = capsys.readouterr().err
+    assert ('--save-outputs: the pairs a.jpg, a.png of the split clash would be saved as one '
+            'file, a.png: rename them apart') in error
+    assert 'pairs in' not in error and not saved.exists()
+
+
 def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, capsys):
     # Found only once every pair was scored (12 minutes for the full report), before.
     pairs = tmp_path / 'pairs'
@@ -1144,10 +1178,10 @@ def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, m
     # A stored output is the file of the pair's whole stem, not of a longer name sharing it.
     (tmp_path / 'M').mkdir()
     (tmp_path / 'M' / 'scene.1.jpg').write_bytes(b'')
-    outputs = evaluate.StoredOutputs(tmp_path / 'M')
-    assert outputs.path(evaluate.Pair('scene.png', tmp_path, tmp_path)) is None
-    assert outputs.path(evaluate.Pair('scene.1.png', tmp_path, tmp_path)) == (
-        tmp_path / 'M' / 'scene.1.jpg')
+    pairs = [evaluate.Pair(name, tmp_path, tmp_path) for name in ('scene.png', 'scene.1.png')]
+    outputs = evaluate.StoredOutputs(tmp_path / 'M', pairs)
+    assert outputs.path(pairs[0]) is None
+    assert outputs.path(pairs[1]) == tmp_path / 'M' / 'scene.1.jpg'
 
 
 def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_dir, tmp_path,

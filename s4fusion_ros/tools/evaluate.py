@@ -50,8 +50,8 @@ from ..model.checkpoint import file_sha256, read_config
 from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
-                             ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
-                             roadscene_near)
+                             by_stem, ivif_splits, luminance, pair_key, pairs_in_folder,
+                             read_image, roadscene_near)
 from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
@@ -101,17 +101,22 @@ class Method:
 class StoredOutputs:
     """The outputs of one method that another group (or you) saved for a split:
     ``<split>/fused/<METHOD>/``, one image per pair, named as its IR file or with another image
-    extension (the IR file ``01.png``, the output ``01.jpg``)."""
+    extension (the IR file ``01.png``, the output ``01.jpg``) where no other pair of the split
+    has that stem (``a.png`` beside ``a.jpg``): one file is never the output of two pairs."""
 
-    def __init__(self, folder: pathlib.Path):
+    def __init__(self, folder: pathlib.Path, pairs: list):
         self.folder = folder
+        self.shared = shared_stems(pairs)
 
     def path(self, pair: Pair) -> pathlib.Path | None:
-        """The stored output of ``pair``, or None where there is none or several."""
+        """The stored output of ``pair``, or None where there is none or several, or only one
+        named by a stem that other pairs share."""
         exact = self.folder / pair.name
         if exact.is_file():
             return exact
         stem = pathlib.Path(pair.name).stem  # a whole stem, as match_pairs pairs the sources
+        if stem in self.shared:  # a file of that stem could be another pair's
+            return None
         found = [path for path in self.folder.iterdir() if path.stem == stem
                  and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
         return found[0] if len(found) == 1 else None
@@ -121,7 +126,10 @@ class StoredOutputs:
         it against sources of ``size`` (height, width)."""
         path = self.path(pair)
         if path is None:
-            raise ValueError(f'{pair.name}: no output, or several, in {self.folder}')
+            shared = self.shared.get(pathlib.Path(pair.name).stem)
+            raise ValueError(f'{pair.name}: no output, or several, in {self.folder}' + (
+                f' (the pairs {", ".join(shared)} share a stem, so each needs an output of its '
+                'own exact name)' if shared else ''))
         image = read_image(path)
         if image.dtype != np.uint8:
             raise ValueError(f'{path}: 8-bit outputs only, this one is {image.dtype}')
@@ -133,6 +141,14 @@ class StoredOutputs:
     def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
         """The stored image as saved."""
         return FusedImages(self.read(pair, source.visible_bgr.shape[:2]), None, 0.0)
+
+
+def shared_stems(pairs: list) -> dict:
+    """{stem: the pair names} of the stems that several of ``pairs`` share (``a.png`` and
+    ``a.jpg``, which match_pairs pairs by their exact names): a file named by that stem could be
+    either pair's."""
+    return {stem: names for stem, names in by_stem(pair.name for pair in pairs).items()
+            if len(names) > 1}
 
 
 def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list]:
@@ -151,7 +167,7 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
                        + (' (images directly in it belong in a folder named by their method)'
                           if loose else '') + '.')
     for folder in folders:
-        outputs, problems = StoredOutputs(folder), []
+        outputs, problems = StoredOutputs(folder, pairs), []
         for pair, size in zip(pairs, sizes):
             try:
                 outputs.read(pair, size)
@@ -808,13 +824,20 @@ def check_scorable(folder: pathlib.Path, pairs: list) -> None:
 
 def check_save_outputs(folder: pathlib.Path, splits: dict, methods: list) -> None:
     """ValueError where --save-outputs would overwrite images: a split's own folder (its ir/
-    and vi/, 16-bit IR replaced by 8-bit, and its stored outputs), or one method's outputs with
-    another's (names that differ only where method_folder writes '_')."""
+    and vi/, 16-bit IR replaced by 8-bit, and its stored outputs), one method's outputs with
+    another's (names that differ only where method_folder writes '_'), or one pair's with
+    another's (names that differ only in the extension)."""
     folders = collections.Counter(method_folder(method.name) for method in methods)
     if twice := [name for name, count in folders.items() if count > 1]:
         raise ValueError(f'--save-outputs: methods whose names differ only in punctuation '
                          f'would share the folder {twice[0]}: label the checkpoints apart')
     for name, pairs in splits.items():
+        # Saved by stem, so that --folder scores the saved split again as this one: two pairs of
+        # one stem would be saved as one file, the later overwriting the earlier.
+        if shared := shared_stems(pairs):
+            stem, names = next(iter(shared.items()))
+            raise ValueError(f'--save-outputs: the pairs {", ".join(names)} of the split {name} '
+                             f'would be saved as one file, {stem}.png: rename them apart')
         target = resolved(folder / name)
         if any(resolved(path).parent.parent == target
                for pair in pairs for path in (pair.ir_path, pair.vi_path)):
