@@ -1139,6 +1139,13 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
     code, err = run('--folder', str(pairs), '--methods', 'seafusion', '--seafusion-weights',
                     str(weights))
     assert code == 1 and f"{weights}: not SeAFusion's published weights" in err
+    # An interrupted download: the reason torch gives is empty, and its first line failed.
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    code, err = run('--folder', str(pairs), '--methods', 'seafusion', '--seafusion-weights',
+                    str(empty))
+    assert code == 1 and err == (f"s4fusion-eval: {empty}: empty or cut short, not SeAFusion's "
+                                 'published weights in full (download them again)\n')
     for argv, message in (
             (['--seafusion-weights', str(tmp_path / 'absent.pth')], 'not a file'),
             (['--seafusion-weights', str(weights), '--methods', 'average'],

@@ -319,7 +319,10 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
         if path is not None and path.is_file():
             try:
                 model = SeAFusion.from_published(path, device=resolve_device(args.device))
-            except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+            except EOFError as error:  # its message is empty: the file ends too early
+                raise ValueError(f"{path}: empty or cut short, not SeAFusion's published "
+                                 'weights in full (download them again)') from error
+            except (RuntimeError, KeyError, pickle.UnpicklingError) as error:
                 raise ValueError(f"{path}: not SeAFusion's published weights "
                                  f'({str(error).splitlines()[0]})') from error
             methods.append(Method('SeAFusion', seafusion_method(model)))
