@@ -1150,6 +1150,8 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
             (['--seafusion-weights', str(tmp_path / 'absent.pth')], 'not a file'),
             (['--seafusion-weights', str(weights), '--methods', 'average'],
              'seafusion is not among --methods'),
+            (['--weights', str(weights), '--methods', 'average,seafusion'],
+             '--weights: neither ours nor base is among --methods'),
             (['--flicker', str(tmp_path)], '--folder and --flicker')):
         with pytest.raises(SystemExit):
             evaluate.parse_args(['--folder', str(pairs), *argv, '--out', str(out)])

@@ -675,7 +675,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--methods', type=_names, default=list(METHODS),
                         help=f'comma-separated subset of {",".join(METHODS)} (default: all)')
     parser.add_argument('--weights', type=pathlib.Path, nargs='+', default=[],
-                        help='evaluate these checkpoints as ours instead of the shipped weights')
+                        help='evaluate these checkpoints as ours (and base) instead of the '
+                             'shipped weights')
     parser.add_argument('--seafusion-weights', type=pathlib.Path, default=None,
                         help="SeAFusion's published weights (default: IVIF_DIR/"
                              f'{SEAFUSION_WEIGHTS})')
@@ -727,6 +728,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--folder and --flicker: the flicker runs on VIDEO_DIR alone')
     if args.save_outputs and args.flicker:
         parser.error('--save-outputs and --flicker: the flicker saves no images')
+    if args.weights and not {'ours', 'base'} & set(args.methods):  # else never loaded
+        parser.error('--weights: neither ours nor base is among --methods')
     if args.seafusion_weights is not None:
         if 'seafusion' not in args.methods:
             parser.error('--seafusion-weights: seafusion is not among --methods')
