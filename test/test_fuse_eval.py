@@ -1002,6 +1002,23 @@ def test_eval_refuses_to_replace_a_file_without_the_reading_marker(ivif_dir, tmp
     assert evaluate.main(argv) == 0 and out.read_text().startswith('# Fusion quality')
 
 
+def test_eval_keeps_what_is_below_the_reading_marker_byte_for_byte(ivif_dir, tmp_path):
+    # It gained a blank line where the reading was right under the marker, lost all but one of
+    # several blank lines, and had its CRLF (a file edited on Windows) made LF.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    out = tmp_path / 'q.md'
+    argv = ['--folder', str(pairs), '--methods', 'average', '--out', str(out)]
+    assert evaluate.main(argv) == 0
+    marker = report.READING_MARKER_LINE.encode()
+    generated = out.read_bytes().partition(marker)[0] + marker
+    for below in (b'\nMy reading right under it.\n',
+                  b'\r\n\r\n\r\n\r\nMy reading, caf\xe9 in Latin-1\r\n\r\n\r\n  indented\r\n'):
+        out.write_bytes(generated + below)
+        assert evaluate.main(argv) == 0
+        assert out.read_bytes().partition(marker)[2] == below
+
+
 def test_eval_writes_a_pair_name_that_is_not_utf8_as_the_file_system_holds_it(ivif_dir, tmp_path,
                                                                               tiny_weights):
     # Every pair was scored, then writing the table failed ('surrogates not allowed') and

@@ -909,17 +909,24 @@ def run(args: argparse.Namespace, argv: list) -> list:
     write_text_atomically(args.pairs_csv, report.per_pair_csv(datasets))
     # What an earlier report has below its reading marker (the flicker section, measured on
     # its own with --flicker, and the maintainers' reading) stays; else its flicker section.
-    earlier = args.out.read_text(errors='surrogateescape') if args.out.is_file() else ''
+    earlier = earlier_report(args.out)
     text = report.render(datasets, context)
     below = report.below_reading_marker(earlier)
-    if below is not None:
-        text += '\n' + below.lstrip('\n')
+    if below is not None:  # as it was: render ends with the marker line, `below` after its -->
+        text = text.removesuffix('\n') + below
     elif flicker := temporal.section_of(earlier):
         text = temporal.replace_section(text, flicker)
     write_text_atomically(args.out, text)
     print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
           file=sys.stderr)
     return datasets
+
+
+def earlier_report(path: pathlib.Path) -> str:
+    """The text of an existing --out ('' where there is none) as its bytes are, so that what a
+    run keeps of it is written back byte for byte (write_text_atomically): line ends as they
+    are (read_text made CRLF LF) and bytes that are not UTF-8 as surrogates."""
+    return path.read_bytes().decode('utf-8', 'surrogateescape') if path.is_file() else ''
 
 
 def run_flicker(args: argparse.Namespace, argv: list) -> dict:
@@ -962,7 +969,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
              + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes,
                                       'M3SVD video' if m3svd else 'video')
-    text = args.out.read_text(errors='surrogateescape') if args.out.is_file() else ''
+    text = earlier_report(args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, temporal.replace_section(text, section))
     print(f'{PROG}: wrote the flicker section of {args.out}', file=sys.stderr)
@@ -996,7 +1003,7 @@ def check_report_replaceable(path: pathlib.Path) -> None:
     nowhere: anything besides a flicker section, in a file without the reading marker (below
     which it keeps everything), as a report whose marker line was deleted, or another file
     named by mistake."""
-    earlier = path.read_text(errors='surrogateescape') if path.is_file() else ''
+    earlier = earlier_report(path)
     if (report.below_reading_marker(earlier) is None
             and earlier.replace(temporal.section_of(earlier), '', 1).strip()):
         raise ValueError(f'--out {path} holds text and no reading marker, so the report would '
