@@ -716,6 +716,24 @@ def test_report_shows_a_paired_table_per_configuration_of_ours():
     assert '## d (3 pairs)\n' in text
 
 
+def test_a_comparison_without_a_defined_pair_is_shown_apart_and_not_counted():
+    # SCD of a stored copy of the IR image is undefined on every pair: the comparison was shown
+    # '~' and counted as within noise.
+    rival = report.MethodScores('copy of IR', False, scores([1.0, 2.0, 3.0]))
+    for score in rival.scores:
+        score['SCD'] = math.nan
+    ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0]))
+    context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
+    text = report.render([report.DatasetScores('d', pair_names(3), [ours, rival])], context)
+    cells = ['W 100%'] * len(metrics.METRICS)
+    cells[metrics.METRICS.index('SCD')] = '—'
+    cells[metrics.METRICS.index('MSE')] = 'L 0%'
+    assert '| copy of IR | ' + ' | '.join(cells) + ' | 10 / 1 / 0 |' in text
+    assert ('—: no pair has both values defined (the metric is undefined on every pair for one '
+            'of the two), so no comparison, left out of the W / L / ~ counts.') in ' '.join(
+        text.split())  # the legend, its lines joined
+
+
 def test_report_marks_the_validation_split():
     methods = [report.MethodScores('ours', True, scores([2.0, 3.0])),
                report.MethodScores('rival', False, scores([1.0, 2.0]))]
