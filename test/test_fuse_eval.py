@@ -856,6 +856,20 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
 
 
+def test_a_hidden_folder_beside_the_stored_outputs_is_no_method(ivif_dir, tmp_path):
+    # Jupyter's .ipynb_checkpoints in fused/ was taken for a method: a spurious Skipped line.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    for method in ('Mine', '.ipynb_checkpoints'):
+        (pairs / 'fused' / method).mkdir(parents=True)
+    shutil.copy(pairs / 'vi' / GRAY_PAIR[1], pairs / 'fused' / 'Mine' / GRAY_PAIR[1])
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--out',
+                          str(out)]) == 0
+    text = out.read_text()
+    assert list(table_rows(text, 'pairs')) == ['Mine (stored outputs)'] and 'Skipped' not in text
+
+
 def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path):
     names = sorted(pair.name for pair in evaluate.ivif_splits(ivif_dir).tests['msrs22'])[:2]
     heldout = tmp_path / 'heldout'

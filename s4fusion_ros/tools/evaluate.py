@@ -158,7 +158,10 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
     --folder split, where finding nothing is said too."""
     methods, skipped = [], []
     root = pairs[0].dataset / STORED_DIR
-    folders = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+    # A hidden folder holds no method's outputs (Jupyter's .ipynb_checkpoints), as hidden files
+    # are no pairs' images (match_pairs).
+    folders = sorted(path for path in root.iterdir() if path.is_dir()
+                     and not path.name.startswith('.')) if root.is_dir() else []
     sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs] if folders else []
     if own_folder and not folders:
         loose = root.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES
