@@ -1120,13 +1120,15 @@ def test_eval_scores_16_bit_ir_as_8_bit_the_same_for_every_method(ivif_dir, tmp_
 
 def test_eval_stopped_by_sigterm_ends_as_for_ctrl_c(ivif_dir, tmp_path):
     # kill and service managers send SIGTERM: it ended the run at once, with no word, and
-    # could leave a report's temporary file behind.
+    # could leave a report's temporary file behind. The message named the report only, not
+    # the split --save-outputs was writing, left with part of its pairs.
     pairs = tmp_path / 'pairs'
     copy_pairs(ivif_dir, pairs, [('tno', f'{index:02d}.png') for index in range(1, 43)])
-    out = tmp_path / 'q.md'
+    out, saved = tmp_path / 'q.md', tmp_path / 'saved'
     proc = subprocess.Popen([sys.executable, '-m', 's4fusion_ros.tools.evaluate', '--folder',
                              str(pairs), '--methods', 'ours,gff', '--threads', '1', '--out',
-                             str(out)], stderr=subprocess.PIPE, text=True)
+                             str(out), '--save-outputs', str(saved)], stderr=subprocess.PIPE,
+                            text=True)
     started = ''
     while 'pairs:' not in started:  # tqdm's first line: scoring has begun
         character = proc.stderr.read(1)
@@ -1135,7 +1137,9 @@ def test_eval_stopped_by_sigterm_ends_as_for_ctrl_c(ivif_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     error = started + proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, error
-    assert f'interrupted; {out} was not written' in error and 'Traceback' not in error
+    assert (f"interrupted; {out} was not written; {saved / 'pairs'} is incomplete: it has this "
+            "run's images of only the pairs scored before it was stopped") in error
+    assert 'Traceback' not in error
     assert not list(tmp_path.glob('.*.tmp')) and not out.exists()
 
 

@@ -854,8 +854,9 @@ def check_save_outputs(folder: pathlib.Path, splits: dict, methods: list) -> Non
                              f'split {name}, which it would overwrite; name another folder')
 
 
-def run(args: argparse.Namespace, argv: list) -> list:
-    """Evaluate, write the report and the grid; returns the DatasetScores."""
+def run(args: argparse.Namespace, argv: list, saving: list) -> list:
+    """Evaluate, write the report and the grid; returns the DatasetScores. ``saving`` holds the
+    --save-outputs folder of the split being written while it is, for the message on Ctrl-C."""
     ivif = ivif_splits(args.data) if args.datasets else None
     splits, validation, clips = evaluation_splits(args, ivif)
     ivif_names = set(args.datasets)
@@ -879,12 +880,15 @@ def run(args: argparse.Namespace, argv: list) -> list:
         compat = ({} if 'published' in args.methods and table.is_file()
                   and any(method.ours for method in methods) else None)
         started = time.monotonic()
+        saved = args.save_outputs / name if args.save_outputs else None
+        if saved:
+            saving.append(saved)  # until its last file is written
         datasets.append(evaluate_dataset(
             name, pairs, methods + stored, examples, validation=name in validation,
-            compat=compat, clips=clips.get(name),
-            save_outputs=args.save_outputs / name if args.save_outputs else None))
-        if args.save_outputs and clips.get(name):  # frames of one clip are not independent
-            save_clips(args.save_outputs / name / SAVED_CLIPS, pairs, clips[name])
+            compat=compat, clips=clips.get(name), save_outputs=saved))
+        if saved and clips.get(name):  # frames of one clip are not independent
+            save_clips(saved / SAVED_CLIPS, pairs, clips[name])
+        saving.clear()
         if compat is not None:
             published, skipped_published = published_dataset(name, pairs, compat, table)
             datasets.append(published)
@@ -1023,12 +1027,21 @@ def main(argv: list | None = None) -> int:
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)  # GFF's filters and the pyramid are timed too
 
+    saving = []  # the --save-outputs folder being written
+
     def evaluate() -> int:
         check_outputs(args)  # not after the scoring, which takes minutes
-        (run_flicker if args.flicker else run)(args, argv)
+        if args.flicker:
+            run_flicker(args, argv)
+        else:
+            run(args, argv, saving)
         return 0
-    return run_command(PROG, evaluate, (OSError, ValueError, CheckpointError),
-                       f'interrupted; {args.out} was not written')
+
+    def interrupted(_) -> str:
+        return f'interrupted; {args.out} was not written' + ''.join(
+            f"; {folder} is incomplete: it has this run's images of only the pairs scored "
+            'before it was stopped' for folder in saving)
+    return run_command(PROG, evaluate, (OSError, ValueError, CheckpointError), interrupted)
 
 
 if __name__ == '__main__':
