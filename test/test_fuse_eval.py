@@ -716,6 +716,24 @@ def test_report_shows_a_paired_table_per_configuration_of_ours():
     assert '## d (3 pairs)\n' in text
 
 
+def test_a_comparison_without_a_defined_pair_is_shown_apart_and_not_counted():
+    # SCD of a stored copy of the IR image is undefined on every pair: the comparison was shown
+    # '~' and counted as within noise.
+    rival = report.MethodScores('copy of IR', False, scores([1.0, 2.0, 3.0]))
+    for score in rival.scores:
+        score['SCD'] = math.nan
+    ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0]))
+    context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
+    text = report.render([report.DatasetScores('d', pair_names(3), [ours, rival])], context)
+    cells = ['W 100%'] * len(metrics.METRICS)
+    cells[metrics.METRICS.index('SCD')] = '—'
+    cells[metrics.METRICS.index('MSE')] = 'L 0%'
+    assert '| copy of IR | ' + ' | '.join(cells) + ' | 10 / 1 / 0 |' in text
+    assert ('—: no pair has both values defined (the metric is undefined on every pair for one '
+            'of the two), so no comparison, left out of the W / L / ~ counts.') in ' '.join(
+        text.split())  # the legend, its lines joined
+
+
 def test_report_marks_the_validation_split():
     methods = [report.MethodScores('ours', True, scores([2.0, 3.0])),
                report.MethodScores('rival', False, scores([1.0, 2.0]))]
@@ -838,6 +856,20 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
 
 
+def test_a_hidden_folder_beside_the_stored_outputs_is_no_method(ivif_dir, tmp_path):
+    # Jupyter's .ipynb_checkpoints in fused/ was taken for a method: a spurious Skipped line.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    for method in ('Mine', '.ipynb_checkpoints'):
+        (pairs / 'fused' / method).mkdir(parents=True)
+    shutil.copy(pairs / 'vi' / GRAY_PAIR[1], pairs / 'fused' / 'Mine' / GRAY_PAIR[1])
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--out',
+                          str(out)]) == 0
+    text = out.read_text()
+    assert list(table_rows(text, 'pairs')) == ['Mine (stored outputs)'] and 'Skipped' not in text
+
+
 def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path):
     names = sorted(pair.name for pair in evaluate.ivif_splits(ivif_dir).tests['msrs22'])[:2]
     heldout = tmp_path / 'heldout'
@@ -901,6 +933,40 @@ def test_eval_saves_outputs_only_where_they_overwrite_no_other_image(ivif_dir, t
     assert '--save-outputs and --flicker' in capsys.readouterr().err
 
 
+def test_pairs_of_one_stem_each_need_their_own_output_and_are_never_saved_as_one(
+        ivif_dir, tmp_path, capsys):
+    # a.png and a.jpg are two pairs (matched by their exact names). A stored output a.png was
+    # scored for a.jpg too, and --save-outputs wrote both pairs as a.png, the later over the
+    # earlier. The JPEG pair is the PNG pair compressed: of its size, as an output must be.
+    pairs = tmp_path / 'clash'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    for side in ('ir', 'vi'):
+        (pairs / side / GRAY_PAIR[1]).rename(pairs / side / 'a.png')
+        image = cv2.imread(str(pairs / side / 'a.png'), cv2.IMREAD_GRAYSCALE)
+        assert cv2.imwrite(str(pairs / side / 'a.jpg'), image, [cv2.IMWRITE_JPEG_QUALITY, 50])
+    for method, names in (('Half', ['a.png']), ('Both', ['a.png', 'a.jpg'])):
+        (pairs / 'fused' / method).mkdir(parents=True)
+        for name in names:
+            shutil.copy(pairs / 'ir' / name, pairs / 'fused' / method / name)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--out',
+                          str(out)]) == 0
+    assert list(table_rows(out.read_text(), 'clash')) == ['Both (stored outputs)']
+    half = pairs / 'fused' / 'Half'
+    assert (f'- Skipped: Half (stored outputs) on clash: 1 of the 2 outputs cannot be scored, so '
+            f'no row for it; the first: a.jpg: no output, or several, in {half} (the pairs '
+            'a.jpg, a.png share a stem, so each needs an output of its own exact name).'
+            ) in out.read_text()
+    capsys.readouterr()
+    saved = tmp_path / 'saved'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out', str(out),
+                          '--save-outputs', str(saved)]) == 1
+    error = capsys.readouterr().err
+    assert ('--save-outputs: the pairs a.jpg, a.png of the split clash would be saved as one '
+            'file, a.png: rename them apart') in error
+    assert 'pairs in' not in error and not saved.exists()
+
+
 def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, capsys):
     # Found only once every pair was scored (12 minutes for the full report), before.
     pairs = tmp_path / 'pairs'
@@ -944,11 +1010,54 @@ def test_eval_refuses_an_unwritable_report_before_scoring(ivif_dir, tmp_path, ca
     assert report.read_text() == 'kept\n'
 
 
+def test_eval_refuses_to_replace_a_file_without_the_reading_marker(ivif_dir, tmp_path, capsys):
+    # A report whose marker line was deleted, or another file named as --out by mistake, was
+    # replaced with its text lost, exit 0. Found before any scoring.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    out = tmp_path / 'q.md'
+    argv = ['--folder', str(pairs), '--methods', 'average', '--out', str(out)]
+    assert evaluate.main(argv) == 0
+    capsys.readouterr()
+    marker = next(line for line in out.read_text().splitlines()
+                  if line.startswith(report.READING_MARKER))
+    without_marker = out.read_text().replace(marker, '') + '\nmy reading\n'
+    for text in (without_marker, '# Lab notes\nthree weeks of notes\n'):
+        out.write_text(text)
+        assert evaluate.main(argv) == 1
+        error = capsys.readouterr().err
+        assert (f'--out {out} holds text and no reading marker, so the report would replace it: '
+                'if it is a report, put the marker line back above what is to stay '
+                f'({marker}); else name another --out') in error
+        assert 'pairs in' not in error and out.read_text() == text
+    out.write_text(' \n')  # nothing to lose
+    assert evaluate.main(argv) == 0 and out.read_text().startswith('# Fusion quality')
+
+
+def test_eval_keeps_what_is_below_the_reading_marker_byte_for_byte(ivif_dir, tmp_path):
+    # It gained a blank line where the reading was right under the marker, lost all but one of
+    # several blank lines, and had its CRLF (a file edited on Windows) made LF.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    out = tmp_path / 'q.md'
+    argv = ['--folder', str(pairs), '--methods', 'average', '--out', str(out)]
+    assert evaluate.main(argv) == 0
+    marker = report.READING_MARKER_LINE.encode()
+    generated = out.read_bytes().partition(marker)[0] + marker
+    for below in (b'\nMy reading right under it.\n',
+                  b'\r\n\r\n\r\n\r\nMy reading, caf\xe9 in Latin-1\r\n\r\n\r\n  indented\r\n'):
+        out.write_bytes(generated + below)
+        assert evaluate.main(argv) == 0
+        assert out.read_bytes().partition(marker)[2] == below
+
+
 def test_eval_writes_a_pair_name_that_is_not_utf8_as_the_file_system_holds_it(ivif_dir, tmp_path,
-                                                                              capsys):
+                                                                              tiny_weights):
     # Every pair was scored, then writing the table failed ('surrogates not allowed') and
-    # nothing was written. The report records the folder, its name not UTF-8 either; run as a
-    # command, whose stderr shows such a name escaped (pytest's capture refuses it).
+    # nothing was written; with ours, drawing the pair's name in the grid then crashed the
+    # process (cv2.putText, exit 139). The report records the folder, its name not UTF-8
+    # either; run as a command, whose stderr shows such a name escaped (pytest's capture
+    # refuses it), and which a crash must not take pytest down with.
     pairs = tmp_path / os.fsdecode(b'p\xe9')
     copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
     latin1 = os.fsdecode(b'caf\xe9.png')
@@ -957,10 +1066,13 @@ def test_eval_writes_a_pair_name_that_is_not_utf8_as_the_file_system_holds_it(iv
     out = tmp_path / 'q.md'
     for _ in range(2):  # the second run reads the first's report (its reading below a marker)
         done = subprocess.run([executable('s4fusion-eval'), '--folder', pairs, '--methods',
-                               'average', '--out', out], capture_output=True, timeout=300)
+                               'ours,average', '--weights', tiny_weights, '--device', 'cpu',
+                               '--threads', '1', '--out', out], capture_output=True,
+                              timeout=300)
         assert done.returncode == 0, done.stderr.decode(errors='replace')
     assert b'caf\xe9' in (tmp_path / 'q_pairs.csv').read_bytes()
     assert b'p\xe9' in out.read_bytes()
+    assert read_png(tmp_path / 'q_grid.png').shape[0] == report.GRID_LABEL + report.GRID_HEIGHT
 
 
 def test_eval_names_the_pairs_it_cannot_score_before_scoring(ivif_dir, tmp_path, capsys):
@@ -1008,13 +1120,15 @@ def test_eval_scores_16_bit_ir_as_8_bit_the_same_for_every_method(ivif_dir, tmp_
 
 def test_eval_stopped_by_sigterm_ends_as_for_ctrl_c(ivif_dir, tmp_path):
     # kill and service managers send SIGTERM: it ended the run at once, with no word, and
-    # could leave a report's temporary file behind.
+    # could leave a report's temporary file behind. The message named the report only, not
+    # the split --save-outputs was writing, left with part of its pairs.
     pairs = tmp_path / 'pairs'
     copy_pairs(ivif_dir, pairs, [('tno', f'{index:02d}.png') for index in range(1, 43)])
-    out = tmp_path / 'q.md'
+    out, saved = tmp_path / 'q.md', tmp_path / 'saved'
     proc = subprocess.Popen([sys.executable, '-m', 's4fusion_ros.tools.evaluate', '--folder',
                              str(pairs), '--methods', 'ours,gff', '--threads', '1', '--out',
-                             str(out)], stderr=subprocess.PIPE, text=True)
+                             str(out), '--save-outputs', str(saved)], stderr=subprocess.PIPE,
+                            text=True)
     started = ''
     while 'pairs:' not in started:  # tqdm's first line: scoring has begun
         character = proc.stderr.read(1)
@@ -1023,7 +1137,9 @@ def test_eval_stopped_by_sigterm_ends_as_for_ctrl_c(ivif_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     error = started + proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, error
-    assert f'interrupted; {out} was not written' in error and 'Traceback' not in error
+    assert (f"interrupted; {out} was not written; {saved / 'pairs'} is incomplete: it has this "
+            "run's images of only the pairs scored before it was stopped") in error
+    assert 'Traceback' not in error
     assert not list(tmp_path.glob('.*.tmp')) and not out.exists()
 
 
@@ -1076,10 +1192,19 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
     code, err = run('--folder', str(pairs), '--methods', 'seafusion', '--seafusion-weights',
                     str(weights))
     assert code == 1 and f"{weights}: not SeAFusion's published weights" in err
+    # An interrupted download: the reason torch gives is empty, and its first line failed.
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    code, err = run('--folder', str(pairs), '--methods', 'seafusion', '--seafusion-weights',
+                    str(empty))
+    assert code == 1 and err == (f"s4fusion-eval: {empty}: empty or cut short, not SeAFusion's "
+                                 'published weights in full (download them again)\n')
     for argv, message in (
             (['--seafusion-weights', str(tmp_path / 'absent.pth')], 'not a file'),
             (['--seafusion-weights', str(weights), '--methods', 'average'],
              'seafusion is not among --methods'),
+            (['--weights', str(weights), '--methods', 'average,seafusion'],
+             '--weights: neither ours nor base is among --methods'),
             (['--flicker', str(tmp_path)], '--folder and --flicker')):
         with pytest.raises(SystemExit):
             evaluate.parse_args(['--folder', str(pairs), *argv, '--out', str(out)])
@@ -1115,10 +1240,10 @@ def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, m
     # A stored output is the file of the pair's whole stem, not of a longer name sharing it.
     (tmp_path / 'M').mkdir()
     (tmp_path / 'M' / 'scene.1.jpg').write_bytes(b'')
-    outputs = evaluate.StoredOutputs(tmp_path / 'M')
-    assert outputs.path(evaluate.Pair('scene.png', tmp_path, tmp_path)) is None
-    assert outputs.path(evaluate.Pair('scene.1.png', tmp_path, tmp_path)) == (
-        tmp_path / 'M' / 'scene.1.jpg')
+    pairs = [evaluate.Pair(name, tmp_path, tmp_path) for name in ('scene.png', 'scene.1.png')]
+    outputs = evaluate.StoredOutputs(tmp_path / 'M', pairs)
+    assert outputs.path(pairs[0]) is None
+    assert outputs.path(pairs[1]) == tmp_path / 'M' / 'scene.1.jpg'
 
 
 def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_dir, tmp_path,

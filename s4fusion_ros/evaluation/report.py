@@ -27,8 +27,10 @@ BOOTSTRAP_SEED = 0  # fixed, so the report is a function of the scores
 # alone has probability k^-k for k clips: 3.7% at k = 3, above the 2.5% tail the interval cuts),
 # so the verdict asks every clip to agree.
 BOOTSTRAP_MIN_UNITS = 6
+NOT_COMPARED = '—'  # the paired verdict where no pair has both values defined
 # Ends the generated part; the maintainers' reading (and the flicker section) below it is kept.
 READING_MARKER = "<!-- The maintainers' reading of these numbers goes below."
+READING_MARKER_LINE = READING_MARKER + ' s4fusion-eval keeps what is below this line. -->'
 
 CONVENTIONS = """\
 - Every method's output is first made into the image a saved PNG holds: uint8, rounded half
@@ -59,8 +61,10 @@ PAIRED_INTRO = """\
 **Paired over the pairs:** per pair, ours minus the other method (signed so that positive favours
 ours). W: the 95% percentile-bootstrap interval of the mean difference ({resamples} resamples of
 the pairs, unless a note below says otherwise) lies above 0; L: below 0; ~: it contains 0, so the
-difference of the means is within what another draw of test pairs could reverse. The percentage
-is the share of pairs on which ours is strictly better."""
+difference of the means is within what another draw of test pairs could reverse; —: no pair has
+both values defined (the metric is undefined on every pair for one of the two), so no comparison,
+left out of the W / L / ~ counts. The percentage is the share of pairs on which ours is strictly
+better."""
 CLIPS_NOTE = """\
 The pairs of this split are frames of {clips}, and frames of one clip are not independent
 draws: the bootstrap resamples whole clips here."""
@@ -211,7 +215,8 @@ class PairedComparison:
     ``verdict``: 'W' when the 95% bootstrap interval of the mean per-pair difference (signed so
     that positive favours ours) lies above 0, 'L' when below, '~' when it contains 0 (the
     difference of the means is within what the choice of test pairs could change); with fewer
-    than BOOTSTRAP_MIN_UNITS clips or pairs, 'W' or 'L' when every one's mean difference agrees.
+    than BOOTSTRAP_MIN_UNITS clips or pairs, 'W' or 'L' when every one's mean difference agrees;
+    NOT_COMPARED where no pair has both values defined (nothing is within noise there either).
     ``share_better``: the fraction of pairs on which ours is strictly better.
     """
 
@@ -251,7 +256,7 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
     difference = mine - theirs if metric not in LOWER_IS_BETTER else theirs - mine
     defined = ~np.isnan(difference)
     if not defined.any():
-        return PairedComparison('~', math.nan)
+        return PairedComparison(NOT_COMPARED, math.nan)
     share_better = float(np.mean(difference[defined] > 0))
     units = np.unique(unit_of_pair[defined])
     if len(units) < 2:
@@ -287,7 +292,7 @@ def paired_comparisons(dataset: DatasetScores) -> dict:
 
 def paired_tables(dataset: DatasetScores) -> list:
     """Markdown: per configuration of ours, a row per rival with each metric's paired verdict
-    and share of pairs won, and the counts of W, L and ~."""
+    and share of pairs won, and the counts of W, L and ~ (NOT_COMPARED is none of them)."""
     lines = []
     for name, rivals in paired_comparisons(dataset).items():
         lines += [f'| {name} vs | ' + ' | '.join(dataset.metrics) + ' | W / L / ~ |',
@@ -416,7 +421,7 @@ def render(datasets: list, context: ReportContext) -> str:
                   f'![IR / VI / fused / saliency]({context.grid})', '']
     lines += ['## Notes', '', *[f'- {note}' for note in
                                 context.notes + undefined_notes(datasets)],
-              '', READING_MARKER + ' s4fusion-eval keeps what is below this line. -->', '']
+              '', READING_MARKER_LINE, '']
     return '\n'.join(lines)
 
 
@@ -438,6 +443,9 @@ def _fit(image: np.ndarray, height: int) -> np.ndarray:
 
 
 def _label(image: np.ndarray, text: str, origin: tuple) -> None:
+    """Draw ``text`` outlined. The Hershey font has ASCII only, and a file name that is not
+    UTF-8 (held as surrogates) crashed OpenCV: any other character is drawn as '?'."""
+    text = text.encode('ascii', 'replace').decode('ascii')
     for color, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
         cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, thickness,
                     cv2.LINE_AA)

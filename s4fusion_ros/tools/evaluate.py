@@ -50,8 +50,8 @@ from ..model.checkpoint import file_sha256, read_config
 from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
-                             ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
-                             roadscene_near)
+                             by_stem, ivif_splits, luminance, pair_key, pairs_in_folder,
+                             read_image, roadscene_near)
 from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
@@ -101,17 +101,22 @@ class Method:
 class StoredOutputs:
     """The outputs of one method that another group (or you) saved for a split:
     ``<split>/fused/<METHOD>/``, one image per pair, named as its IR file or with another image
-    extension (the IR file ``01.png``, the output ``01.jpg``)."""
+    extension (the IR file ``01.png``, the output ``01.jpg``) where no other pair of the split
+    has that stem (``a.png`` beside ``a.jpg``): one file is never the output of two pairs."""
 
-    def __init__(self, folder: pathlib.Path):
+    def __init__(self, folder: pathlib.Path, pairs: list):
         self.folder = folder
+        self.shared = shared_stems(pairs)
 
     def path(self, pair: Pair) -> pathlib.Path | None:
-        """The stored output of ``pair``, or None where there is none or several."""
+        """The stored output of ``pair``, or None where there is none or several, or only one
+        named by a stem that other pairs share."""
         exact = self.folder / pair.name
         if exact.is_file():
             return exact
         stem = pathlib.Path(pair.name).stem  # a whole stem, as match_pairs pairs the sources
+        if stem in self.shared:  # a file of that stem could be another pair's
+            return None
         found = [path for path in self.folder.iterdir() if path.stem == stem
                  and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
         return found[0] if len(found) == 1 else None
@@ -121,7 +126,10 @@ class StoredOutputs:
         it against sources of ``size`` (height, width)."""
         path = self.path(pair)
         if path is None:
-            raise ValueError(f'{pair.name}: no output, or several, in {self.folder}')
+            shared = self.shared.get(pathlib.Path(pair.name).stem)
+            raise ValueError(f'{pair.name}: no output, or several, in {self.folder}' + (
+                f' (the pairs {", ".join(shared)} share a stem, so each needs an output of its '
+                'own exact name)' if shared else ''))
         image = read_image(path)
         if image.dtype != np.uint8:
             raise ValueError(f'{path}: 8-bit outputs only, this one is {image.dtype}')
@@ -135,6 +143,14 @@ class StoredOutputs:
         return FusedImages(self.read(pair, source.visible_bgr.shape[:2]), None, 0.0)
 
 
+def shared_stems(pairs: list) -> dict:
+    """{stem: the pair names} of the stems that several of ``pairs`` share (``a.png`` and
+    ``a.jpg``, which match_pairs pairs by their exact names): a file named by that stem could be
+    either pair's."""
+    return {stem: names for stem, names in by_stem(pair.name for pair in pairs).items()
+            if len(names) > 1}
+
+
 def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list]:
     """(a Method per folder of stored outputs of the split ``name``, by folder name; lines for
     what was left out). A folder with an output missing or unusable is left out whole (scored on
@@ -142,7 +158,10 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
     --folder split, where finding nothing is said too."""
     methods, skipped = [], []
     root = pairs[0].dataset / STORED_DIR
-    folders = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+    # A hidden folder holds no method's outputs (Jupyter's .ipynb_checkpoints), as hidden files
+    # are no pairs' images (match_pairs).
+    folders = sorted(path for path in root.iterdir() if path.is_dir()
+                     and not path.name.startswith('.')) if root.is_dir() else []
     sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs] if folders else []
     if own_folder and not folders:
         loose = root.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES
@@ -151,7 +170,7 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
                        + (' (images directly in it belong in a folder named by their method)'
                           if loose else '') + '.')
     for folder in folders:
-        outputs, problems = StoredOutputs(folder), []
+        outputs, problems = StoredOutputs(folder, pairs), []
         for pair, size in zip(pairs, sizes):
             try:
                 outputs.read(pair, size)
@@ -303,7 +322,10 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
         if path is not None and path.is_file():
             try:
                 model = SeAFusion.from_published(path, device=resolve_device(args.device))
-            except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+            except EOFError as error:  # its message is empty: the file ends too early
+                raise ValueError(f"{path}: empty or cut short, not SeAFusion's published "
+                                 'weights in full (download them again)') from error
+            except (RuntimeError, KeyError, pickle.UnpicklingError) as error:
                 raise ValueError(f"{path}: not SeAFusion's published weights "
                                  f'({str(error).splitlines()[0]})') from error
             methods.append(Method('SeAFusion', seafusion_method(model)))
@@ -656,7 +678,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--methods', type=_names, default=list(METHODS),
                         help=f'comma-separated subset of {",".join(METHODS)} (default: all)')
     parser.add_argument('--weights', type=pathlib.Path, nargs='+', default=[],
-                        help='evaluate these checkpoints as ours instead of the shipped weights')
+                        help='evaluate these checkpoints as ours (and base) instead of the '
+                             'shipped weights')
     parser.add_argument('--seafusion-weights', type=pathlib.Path, default=None,
                         help="SeAFusion's published weights (default: IVIF_DIR/"
                              f'{SEAFUSION_WEIGHTS})')
@@ -708,6 +731,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
         parser.error('--folder and --flicker: the flicker runs on VIDEO_DIR alone')
     if args.save_outputs and args.flicker:
         parser.error('--save-outputs and --flicker: the flicker saves no images')
+    if args.weights and not {'ours', 'base'} & set(args.methods):  # else never loaded
+        parser.error('--weights: neither ours nor base is among --methods')
     if args.seafusion_weights is not None:
         if 'seafusion' not in args.methods:
             parser.error('--seafusion-weights: seafusion is not among --methods')
@@ -808,13 +833,20 @@ def check_scorable(folder: pathlib.Path, pairs: list) -> None:
 
 def check_save_outputs(folder: pathlib.Path, splits: dict, methods: list) -> None:
     """ValueError where --save-outputs would overwrite images: a split's own folder (its ir/
-    and vi/, 16-bit IR replaced by 8-bit, and its stored outputs), or one method's outputs with
-    another's (names that differ only where method_folder writes '_')."""
+    and vi/, 16-bit IR replaced by 8-bit, and its stored outputs), one method's outputs with
+    another's (names that differ only where method_folder writes '_'), or one pair's with
+    another's (names that differ only in the extension)."""
     folders = collections.Counter(method_folder(method.name) for method in methods)
     if twice := [name for name, count in folders.items() if count > 1]:
         raise ValueError(f'--save-outputs: methods whose names differ only in punctuation '
                          f'would share the folder {twice[0]}: label the checkpoints apart')
     for name, pairs in splits.items():
+        # Saved by stem, so that --folder scores the saved split again as this one: two pairs of
+        # one stem would be saved as one file, the later overwriting the earlier.
+        if shared := shared_stems(pairs):
+            stem, names = next(iter(shared.items()))
+            raise ValueError(f'--save-outputs: the pairs {", ".join(names)} of the split {name} '
+                             f'would be saved as one file, {stem}.png: rename them apart')
         target = resolved(folder / name)
         if any(resolved(path).parent.parent == target
                for pair in pairs for path in (pair.ir_path, pair.vi_path)):
@@ -822,8 +854,9 @@ def check_save_outputs(folder: pathlib.Path, splits: dict, methods: list) -> Non
                              f'split {name}, which it would overwrite; name another folder')
 
 
-def run(args: argparse.Namespace, argv: list) -> list:
-    """Evaluate, write the report and the grid; returns the DatasetScores."""
+def run(args: argparse.Namespace, argv: list, saving: list) -> list:
+    """Evaluate, write the report and the grid; returns the DatasetScores. ``saving`` holds the
+    --save-outputs folder of the split being written while it is, for the message on Ctrl-C."""
     ivif = ivif_splits(args.data) if args.datasets else None
     splits, validation, clips = evaluation_splits(args, ivif)
     ivif_names = set(args.datasets)
@@ -847,12 +880,15 @@ def run(args: argparse.Namespace, argv: list) -> list:
         compat = ({} if 'published' in args.methods and table.is_file()
                   and any(method.ours for method in methods) else None)
         started = time.monotonic()
+        saved = args.save_outputs / name if args.save_outputs else None
+        if saved:
+            saving.append(saved)  # until its last file is written
         datasets.append(evaluate_dataset(
             name, pairs, methods + stored, examples, validation=name in validation,
-            compat=compat, clips=clips.get(name),
-            save_outputs=args.save_outputs / name if args.save_outputs else None))
-        if args.save_outputs and clips.get(name):  # frames of one clip are not independent
-            save_clips(args.save_outputs / name / SAVED_CLIPS, pairs, clips[name])
+            compat=compat, clips=clips.get(name), save_outputs=saved))
+        if saved and clips.get(name):  # frames of one clip are not independent
+            save_clips(saved / SAVED_CLIPS, pairs, clips[name])
+        saving.clear()
         if compat is not None:
             published, skipped_published = published_dataset(name, pairs, compat, table)
             datasets.append(published)
@@ -880,17 +916,24 @@ def run(args: argparse.Namespace, argv: list) -> list:
     write_text_atomically(args.pairs_csv, report.per_pair_csv(datasets))
     # What an earlier report has below its reading marker (the flicker section, measured on
     # its own with --flicker, and the maintainers' reading) stays; else its flicker section.
-    earlier = args.out.read_text(errors='surrogateescape') if args.out.is_file() else ''
+    earlier = earlier_report(args.out)
     text = report.render(datasets, context)
     below = report.below_reading_marker(earlier)
-    if below is not None:
-        text += '\n' + below.lstrip('\n')
+    if below is not None:  # as it was: render ends with the marker line, `below` after its -->
+        text = text.removesuffix('\n') + below
     elif flicker := temporal.section_of(earlier):
         text = temporal.replace_section(text, flicker)
     write_text_atomically(args.out, text)
     print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
           file=sys.stderr)
     return datasets
+
+
+def earlier_report(path: pathlib.Path) -> str:
+    """The text of an existing --out ('' where there is none) as its bytes are, so that what a
+    run keeps of it is written back byte for byte (write_text_atomically): line ends as they
+    are (read_text made CRLF LF) and bytes that are not UTF-8 as surrogates."""
+    return path.read_bytes().decode('utf-8', 'surrogateescape') if path.is_file() else ''
 
 
 def run_flicker(args: argparse.Namespace, argv: list) -> dict:
@@ -933,7 +976,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
              + skipped)
     section = temporal.render_section(scores, args.flicker_frames, command, notes,
                                       'M3SVD video' if m3svd else 'video')
-    text = args.out.read_text(errors='surrogateescape') if args.out.is_file() else ''
+    text = earlier_report(args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, temporal.replace_section(text, section))
     print(f'{PROG}: wrote the flicker section of {args.out}', file=sys.stderr)
@@ -941,9 +984,10 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """OSError naming a file the run could not write, checked before any scoring: a folder,
-    an unwritable folder, or one file named for two outputs (the later would overwrite the
-    earlier, the report and the reading below its marker with it)."""
+    """OSError or ValueError naming a file the run could not write, checked before any
+    scoring: a folder, an unwritable folder, one file named for two outputs (the later would
+    overwrite the earlier, the report and the reading below its marker with it), or a report
+    whose text would be lost (check_report_replaceable)."""
     written = {'--out': args.out}
     if not args.flicker:
         written.update({'--pairs-csv': args.pairs_csv, '--grid': args.grid})
@@ -957,6 +1001,21 @@ def check_outputs(args: argparse.Namespace) -> None:
     for option, path in written.items():
         if (earlier := named.setdefault(resolved(path), option)) != option:
             raise ValueError(f'{earlier} and {option} both name {path}: give each its own file')
+    if not args.flicker:  # which replaces only its section
+        check_report_replaceable(args.out)
+
+
+def check_report_replaceable(path: pathlib.Path) -> None:
+    """ValueError where the report would replace text of an existing ``path`` that it keeps
+    nowhere: anything besides a flicker section, in a file without the reading marker (below
+    which it keeps everything), as a report whose marker line was deleted, or another file
+    named by mistake."""
+    earlier = earlier_report(path)
+    if (report.below_reading_marker(earlier) is None
+            and earlier.replace(temporal.section_of(earlier), '', 1).strip()):
+        raise ValueError(f'--out {path} holds text and no reading marker, so the report would '
+                         'replace it: if it is a report, put the marker line back above what '
+                         f'is to stay ({report.READING_MARKER_LINE}); else name another --out')
 
 
 def main(argv: list | None = None) -> int:
@@ -968,12 +1027,21 @@ def main(argv: list | None = None) -> int:
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)  # GFF's filters and the pyramid are timed too
 
+    saving = []  # the --save-outputs folder being written
+
     def evaluate() -> int:
         check_outputs(args)  # not after the scoring, which takes minutes
-        (run_flicker if args.flicker else run)(args, argv)
+        if args.flicker:
+            run_flicker(args, argv)
+        else:
+            run(args, argv, saving)
         return 0
-    return run_command(PROG, evaluate, (OSError, ValueError, CheckpointError),
-                       f'interrupted; {args.out} was not written')
+
+    def interrupted(_) -> str:
+        return f'interrupted; {args.out} was not written' + ''.join(
+            f"; {folder} is incomplete: it has this run's images of only the pairs scored "
+            'before it was stopped' for folder in saving)
+    return run_command(PROG, evaluate, (OSError, ValueError, CheckpointError), interrupted)
 
 
 if __name__ == '__main__':

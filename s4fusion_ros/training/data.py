@@ -236,7 +236,7 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
                       and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')})
     ir_names, vi_names = found
     partners = {name: name for name in ir_names & vi_names}
-    ir_by_stem, vi_by_stem = (_by_stem(names - set(partners)) for names in found)
+    ir_by_stem, vi_by_stem = (by_stem(names - set(partners)) for names in found)
     for stem, ir_alone in ir_by_stem.items():
         if len(ir_alone) == 1 and len(vi_by_stem[stem]) == 1:
             partners[ir_alone[0]] = vi_by_stem[stem][0]
@@ -254,7 +254,7 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
                    + unmatched(vi_dir, vi_names - set(partners.values())))
 
 
-def _by_stem(names):
+def by_stem(names):
     """{stem: [file names]} of a set of file names."""
     grouped = collections.defaultdict(list)
     for name in sorted(names):
