@@ -105,8 +105,10 @@ def test_more_signals_during_shutdown_do_not_break_it(ros_context, signals):
         r'stopped: (\d+) pairs fused of (\d+) paired \((\d+) dropped while inference was '
         r'busy\) from (\d+) thermal \+ (\d+) visible frames \(unpaired: ', log).groups())
     cut = re.search(r'left at the stop: (\d+) pairs? cut short', log)
-    assert fused >= len(probe.fused), log
-    assert fused + dropped + (int(cut.group(1)) if cut else 0) == paired, log
+    cut = int(cut.group(1)) if cut else 0
+    # A pair cut short may have been published as the node stopped, before it was counted.
+    assert fused + cut >= len(probe.fused), log
+    assert fused + dropped + cut == paired, log
     assert paired <= min(thermal, visible), log
 
 
