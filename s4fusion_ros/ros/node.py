@@ -28,7 +28,7 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from .. import precompile, settings
-from ..camera_info import CameraInfoCache, camera_info_topic
+from ..camera_info import CACHE_SIZE, CameraInfoCache, camera_info_topic
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            inference_stall, late_arrivals, left_at_stop, pairing_shortfall,
                            pairing_summary, per_input, status_name, thermal_frames_lost,
@@ -150,11 +150,13 @@ class S4FusionNode(Node):
                                                for image in images)]
         self.camera_infos = CameraInfoCache()
         # Best effort, which hears reliable publishers too: a lost info is made up by the one
-        # stamped before it (CameraInfoCache.for_image).
+        # stamped before it (CameraInfoCache.for_image). As deep as the cache: an executor held
+        # up by image callbacks on a busy CPU lost infos from sensor-data QoS's 5.
+        info_qos = QoSProfile(depth=CACHE_SIZE, reliability=qos_profile_sensor_data.reliability,
+                              durability=qos_profile_sensor_data.durability)
         self.camera_info_sub = self.create_subscription(
             CameraInfo, camera_info_topic(self.resolve_topic_name('visible/image_raw')),
-            self.camera_infos.add, qos_profile_sensor_data,
-            qos_overriding_options=CAMERA_INFO_OVERRIDES)
+            self.camera_infos.add, info_qos, qos_overriding_options=CAMERA_INFO_OVERRIDES)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         # Timers on the steady clock: on sim time they would stop with /clock (a paused or
         # ended bag), leaving the last thermal frame unfused and no diagnostics published.
