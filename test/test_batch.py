@@ -767,6 +767,33 @@ def test_stop_signals_while_ray_stops_cut_nothing_short():
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+# Inside a private Ray: who can read its token, and whether it asks for one.
+PRIVATE_RAY_ACCESS = '''
+import os, pathlib, stat, tempfile
+from s4fusion_ros.batch.cluster import connected
+
+with connected('local', num_cpus=1):
+    [home] = pathlib.Path(tempfile.gettempdir()).glob('s4fusion-ray-*')
+    print(oct(stat.S_IMODE(home.stat().st_mode)), (home / '.ray' / 'auth_token').is_file(),
+          os.environ['RAY_AUTH_MODE'], flush=True)
+print(os.environ['RAY_AUTH_MODE'], flush=True)
+'''
+
+
+def test_the_private_ray_keeps_its_token_to_the_user_and_always_asks_for_it():
+    # Ray made its temporary folder, which was the private HOME holding the token, writable and
+    # readable by every user (0777), and an inherited RAY_AUTH_MODE=disabled (Ray's advice for
+    # opting out) started it with no authentication, its servers listening on every interface.
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix='s4t'))
+    try:
+        done = subprocess.run([sys.executable, '-c', PRIVATE_RAY_ACCESS], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, 'TMPDIR': str(temporary),
+                                                           'RAY_AUTH_MODE': 'disabled'})
+        assert (done.returncode, done.stdout) == (0, '0o700 True token\ndisabled\n'), done.stderr
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,
                                                             params_file, tmp_path):
     # One CPU works through a small bag, the long one's four segments, then two more small bags.

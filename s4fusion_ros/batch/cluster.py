@@ -41,6 +41,11 @@ LOCAL_NODE_IP = '127.0.0.2'  # loopback, but not 127.0.0.1, which Ray replaces
 MANIFEST = 's4fusion-batch-manifest.json'
 FINISHED = ('done', 'skipped')  # manifest statuses of a bag whose output is complete
 BOOTSTRAP_CONFIG = 'ray_bootstrap_config.yaml'
+# In the private HOME, Ray's temporary folder (sessions, logs, sockets): Ray makes it writable
+# by everyone, so it cannot be the HOME itself, which holds the token and stays the user's alone.
+# One letter: Ray's socket paths under it may be 107 bytes at most.
+RAY_TEMP = 'r'
+AUTH_MODE = 'RAY_AUTH_MODE'  # Ray's switch for token authentication
 PROGRESS_PERIOD = 0.5  # seconds between a task's progress messages
 # The manifest is rewritten whole at most this often as bags end (2000 bags rewritten after each
 # took two minutes of the driver's time); the run's end writes it whatever the period.
@@ -137,7 +142,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
                   log_to_driver=True)
-    home = None
+    home = auth_mode = None
     # While Ray runs, a stop signal whose action was the default (SIGTERM's kills at once) raises
     # KeyboardInterrupt, so the clean-up below runs; the caller's handlers come back at the end.
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -152,10 +157,14 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     try:
         try:
             if address == LOCAL:
+                # Unset, Ray turns token authentication on (and sets it for this process): an
+                # inherited RAY_AUTH_MODE=disabled, Ray's own advice for opting out, would open
+                # the private Ray's servers, which listen on every interface, to anyone.
+                auth_mode = os.environ.pop(AUTH_MODE, None)
                 home = private_home()
                 with home_for_ray(home), _starting(ray), _token_notice_quiet():
-                    ray.init(address='local', num_cpus=num_cpus,
-                             _node_ip_address=LOCAL_NODE_IP, _temp_dir=str(home), **common)
+                    ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
+                             _temp_dir=str(home / RAY_TEMP), **common)
             else:
                 _check_reachable(address)
                 # Workers on other machines do not inherit this process's set-up
@@ -176,6 +185,10 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                 stop_ray(ray, home)
         finally:
             take_stop_signals(restore=True)
+            if address == LOCAL:  # the caller's authentication mode back
+                os.environ.pop(AUTH_MODE, None)
+                if auth_mode is not None:
+                    os.environ[AUTH_MODE] = auth_mode
 
 
 @contextlib.contextmanager
