@@ -90,6 +90,17 @@ def test_a_recording_without_its_metadata_is_one_bag_and_a_folder_of_bare_bags_i
         'mixed/other.mcap', 'rec', 'solo']
 
 
+def test_an_earlier_runs_outputs_beside_the_bags_are_not_searched(tmp_path):
+    # bags/fused_v1 from the last run, bags/fused_v2 now: each of fused_v1's bags failed (no
+    # camera topics), the run exited 1, and --resume repeated it.
+    for bag in ('drive', 'fused_v1/drive'):
+        (tmp_path / 'bags' / bag).mkdir(parents=True)
+        (tmp_path / 'bags' / bag / 'metadata.yaml').write_text('rosbag2_bagfile_information: {}\n')
+    (tmp_path / 'bags' / 'fused_v1' / work.MANIFEST).write_text('{}\n')
+    jobs = work.find_bags([tmp_path / 'bags'], tmp_path / 'bags' / 'fused_v2')
+    assert [job.input for job in jobs] == [tmp_path / 'bags' / 'drive']
+
+
 def test_a_bag_named_as_the_current_folder_goes_under_its_own_name(tmp_path, monkeypatch):
     # '.' has no name: its output was the output folder itself, refused as existing.
     bag = tmp_path / 'fleet' / 'b1'

@@ -34,11 +34,10 @@ from ..cli import interrupts_held, on_main_thread, stop_signals_handled
 from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, write_text_atomically
 from . import work
-from .work import BagJob, BatchError, Unit
+from .work import MANIFEST, BagJob, BatchError, Unit
 
 LOCAL = 'local'
 LOCAL_NODE_IP = '127.0.0.2'  # loopback, but not 127.0.0.1, which Ray replaces
-MANIFEST = 's4fusion-batch-manifest.json'
 FINISHED = ('done', 'skipped')  # manifest statuses of a bag whose output is complete
 BOOTSTRAP_CONFIG = 'ray_bootstrap_config.yaml'
 # In the private HOME, Ray's temporary folder (sessions, logs, sockets): Ray makes it writable

@@ -41,6 +41,7 @@ from ..runtime import MODEL_PARAMETERS, model_from_params
 from ..replay import BagFuser, Span, WarmUpTooShort, transport_topics
 
 PART_STORAGE = 'mcap'
+MANIFEST = 's4fusion-batch-manifest.json'  # in an output folder: its run's report
 STAGING_SUFFIX = '.s4batch'
 # The thermal range's moving average forgets its start geometrically; after WARM_BITS halvings of
 # the start's weight a float64 average no longer remembers it. Rounding can keep two runs one ulp
@@ -153,6 +154,8 @@ def _search(folder: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith('.') or entry.resolve() == out_dir:
             continue  # staging and partial directories of a run, and its outputs
+        if (entry / MANIFEST).is_file():
+            continue  # an earlier run's outputs (bags/fused_v1 beside this run's fused_v2)
         if is_bag(entry):
             bags.append(entry)
         elif entry.is_dir():
