@@ -168,7 +168,7 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
 
 
 def test_a_remapped_input_takes_its_transport_topics_along(ros_context):
-    # As image_transport does since Jazzy: `-r thermal/image_raw:=/lwir/image_raw` left the node
+    # As image_transport does since Kilted: `-r thermal/image_raw:=/lwir/image_raw` left the node
     # on /robot1/thermal/image_raw/compressed, silent. A remap of the transport's own topic
     # still applies.
     params = {**PARAMS, 'thermal': {'transport': 'compressed'},
