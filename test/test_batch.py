@@ -607,7 +607,9 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     assert 'fused with other parameters (sync.slop)' in capsys.readouterr().err
     (source / 'a.mcap').write_bytes(b'garbage')
     assert batch_tool.main(command + ['--overwrite']) == 1  # a bag failed: exit status 1
-    assert 'FAILED' in capsys.readouterr().err and (out / 'a').exists()
+    error = capsys.readouterr().err
+    assert 'FAILED' in error and (out / 'a').exists()
+    assert '0 of 1 bags fused now (0 pairs), 1 failed (above)' in error
 
 
 def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_one(ivif_dir,

@@ -93,6 +93,7 @@ def fuse_and_report(args: argparse.Namespace) -> int:
     fused = sum(bag.status == 'done' for bag in report.bags)
     print(f'{PROG}: {fused} of {len(report.bags)} bags fused now ({report.fused} pairs)'
           + (f', {kept} kept as an earlier run fused them' if kept else '')
+          + (f', {len(failed)} failed (above)' if failed else '')
           + f' in {report.seconds:.1f} s; manifest: {report.manifest}', file=sys.stderr)
     return 1 if failed else 0
 
