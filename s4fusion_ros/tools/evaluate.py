@@ -368,13 +368,20 @@ def method_folder(method: str) -> str:
     return re.sub(r'[^A-Za-z0-9.+-]+', '_', method).strip('_')
 
 
+def saved_name(pair: Pair) -> str:
+    """The file --save-outputs writes a pair's images to: its stem as a PNG, so that --folder
+    matches the saved split's images as this split's (check_save_outputs refuses stems that
+    two pairs share)."""
+    return f'{pathlib.Path(pair.name).stem}.png'
+
+
 def save_clips(path: pathlib.Path, pairs: list, clips: tuple) -> None:
     """The clip of each saved pair (pair,clip rows, the pair by its saved name), for a scorer of
     the saved images to resample whole clips as the report does."""
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator='\n')
     writer.writerow(['pair', 'clip'])
-    writer.writerows((f'{pathlib.Path(pair.name).stem}.png', clip)
+    writer.writerows((saved_name(pair), clip)
                      for pair, clip in zip(pairs, clips, strict=True))
     write_text_atomically(path, rows.getvalue())
 
@@ -399,17 +406,16 @@ def evaluate_dataset(name: str, pairs: list, methods: list, examples: dict,
                                       dynamic_ncols=True)):
         source = eight_bit(read_pair(pair))
         ir_y, vi_y = sources_luminance(source, pair)
-        saved_name = f'{pathlib.Path(pair.name).stem}.png'
         if save_outputs is not None:
-            write_png(save_outputs / 'ir' / saved_name, source.thermal)
-            write_png(save_outputs / 'vi' / saved_name, source.visible_bgr)
+            write_png(save_outputs / 'ir' / saved_name(pair), source.thermal)
+            write_png(save_outputs / 'vi' / saved_name(pair), source.visible_bgr)
         for method in methods:
             if index == 0 and not method.stored:
                 method.fuse(source, pair)  # warm-up (lazy initialisation, JIT), not timed
             images = method.fuse(source, pair)
             if save_outputs is not None and not method.stored:
-                write_png(save_outputs / STORED_DIR / method_folder(method.name) / saved_name,
-                          images.fused)
+                write_png(save_outputs / STORED_DIR / method_folder(method.name)
+                          / saved_name(pair), images.fused)
             entry = scores[method.name]
             fused_y = luminance(images.fused)
             entry.scores.append(metrics.evaluate_all(fused_y, ir_y, vi_y))

@@ -343,16 +343,12 @@ def build_trainer(args, config, settings, device):
 
 def run(trainer, args):
     """Train until the end, --stop-at, --time-limit or a signal; returns the exit status."""
-    def target():  # a schedule fitted to the time limit moves it
-        return (trainer.settings.steps if args.stop_at is None
-                else min(trainer.settings.steps, args.stop_at))
-
     fit = trainer.schedule_fit
     schedule = (f' (fitted from {fit["steps_asked"]} after step {fit["at_step"]})' if fit
                 else ', to be fitted to the time limit' if args.fit_schedule else '')
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, '
           f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
-          f'{target()}{schedule}', file=sys.stderr)
+          f'{trainer.end_step(args.stop_at)}{schedule}', file=sys.stderr)
     deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
     with GracefulStop() as stop:
         trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
@@ -361,7 +357,7 @@ def run(trainer, args):
                         deadline is not None and time.monotonic() > deadline),
                     saving=stop.saving, fit_by=deadline if args.fit_schedule else None)
     print(f'weights: {trainer.weights_path}', file=sys.stderr)
-    if trainer.step < target() and not stop.received:
+    if trainer.step < trainer.end_step(args.stop_at) and not stop.received:
         print(f'time limit reached after step {trainer.step}; continue with the same arguments '
               f'and --resume', file=sys.stderr)
     if stop.received:

@@ -440,6 +440,11 @@ class Trainer:
         return {'step': self.step, 'lr': lr, 'loss': float(total.detach()),
                 **{k: float(v) for k, v in terms.items()}, 'seconds': round(seconds, 4)}
 
+    def end_step(self, stop_at=None):
+        """The step a session stopping at ``stop_at`` (None: the schedule's end) trains to; a
+        schedule fitted to a time limit moves it."""
+        return self.settings.steps if stop_at is None else min(self.settings.steps, stop_at)
+
     def run(self, stop_at=None, checkpoint_every=200, progress=True, should_stop=None,
             saving=contextlib.nullcontext, keep_every=0, fit_by=None):
         """Train up to ``settings.steps`` (or ``stop_at``, to split a run into sessions).
@@ -462,16 +467,13 @@ class Trainer:
         fitting = fit_by is not None and self.schedule_fit is None
         timed_from = None  # (time.monotonic(), step) after the timed checkpoint
 
-        def stop():  # a fitted schedule moves the end
-            return self.settings.steps if stop_at is None else min(self.settings.steps, stop_at)
-
         def kept():
             return keep_every > 0 and self.step % keep_every == 0
 
         bar = tqdm(total=self.settings.steps, initial=self.step, desc='train', unit='step',
                    disable=not progress, dynamic_ncols=True)
         with bar, open(self.out_dir / LOG_NAME, 'a' if self.step else 'w') as log:
-            while self.step < stop() and not (should_stop and should_stop()):
+            while self.step < self.end_step(stop_at) and not (should_stop and should_stop()):
                 record = self.train_step()
                 records.append(record)
                 log.write(json.dumps(record) + '\n')
@@ -481,7 +483,7 @@ class Trainer:
                                  if k not in ('step', 'seconds')})
                 timed_checkpoint = fitting and timed_from is None and self.step >= FIT_FROM
                 if ((kept() or self.step % checkpoint_every == 0 or timed_checkpoint)
-                        and self.step < stop()):
+                        and self.step < self.end_step(stop_at)):
                     with saving():
                         self.save(record['loss'], kept())
                 if timed_checkpoint:
