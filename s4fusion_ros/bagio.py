@@ -472,12 +472,16 @@ def _reason(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
+def bag_information(folder: pathlib.Path) -> dict:
+    """The rosbag2_bagfile_information of a bag folder's metadata.yaml."""
+    return yaml.safe_load((folder / 'metadata.yaml').read_text())['rosbag2_bagfile_information']
+
+
 def storage_of(path: pathlib.Path) -> str:
     """Return the storage format of a bag that opened: 'mcap' or 'sqlite3'."""
     if path.is_file():
         return 'mcap' if path.suffix == '.mcap' else 'sqlite3'
-    metadata = yaml.safe_load((path / 'metadata.yaml').read_text())
-    return metadata['rosbag2_bagfile_information']['storage_identifier']
+    return bag_information(path)['storage_identifier']
 
 
 # Image topics and which camera they are ----------------------------------------------------------
@@ -725,8 +729,7 @@ def check_storage_files(bag: pathlib.Path, path: pathlib.Path) -> None:
     """Refuse the bag written at `bag` (to be `path`) if a storage file that its metadata.yaml
     lists is not there: a storage that wrote it elsewhere (rosbags' sqlite3 one did, under a path
     with '#') must not leave a bag reported written that holds no message."""
-    metadata = yaml.safe_load((bag / 'metadata.yaml').read_text())
-    for name in metadata['rosbag2_bagfile_information']['relative_file_paths']:
+    for name in bag_information(bag)['relative_file_paths']:
         if not (bag / name).is_file():
             # A write fault (WRITE_ERRORS): the tools say the output was not written.
             raise WriterError(f'{path / name}, which its metadata.yaml lists, was not written')
