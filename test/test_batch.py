@@ -780,29 +780,48 @@ def test_stop_signals_while_ray_stops_cut_nothing_short():
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-# Inside a private Ray: who can read its token, and whether it asks for one.
+# Inside a private Ray: who can read its token, and whether it asks for one; then inside the
+# nodes s4fusion-bench batch starts, whether someone without the token can join them.
 PRIVATE_RAY_ACCESS = '''
-import os, pathlib, stat, tempfile
-from s4fusion_ros.batch.cluster import connected
+import os, pathlib, stat, subprocess, sys, tempfile
+from s4fusion_ros.batch.bench import NODE_IPS, ray_nodes
+from s4fusion_ros.batch.cluster import connected, private_home, stop_ray
 
 with connected('local', num_cpus=1):
     [home] = pathlib.Path(tempfile.gettempdir()).glob('s4fusion-ray-*')
     print(oct(stat.S_IMODE(home.stat().st_mode)), (home / '.ray' / 'auth_token').is_file(),
           os.environ['RAY_AUTH_MODE'], flush=True)
 print(os.environ['RAY_AUTH_MODE'], flush=True)
+import ray
+home = private_home()
+try:
+    with ray_nodes(ray, home, home / 'r', [1]):  # this process's second private Ray
+        outsider = subprocess.run([sys.executable, '-c', f"""
+import ray
+ray.init(address='{ray.get_runtime_context().gcs_address}', _node_ip_address='{NODE_IPS[0]}')
+"""], capture_output=True, timeout=60, env={**os.environ, 'HOME': str(home / 'outsider')})
+        print('outsider joined' if outsider.returncode == 0 else 'outsider refused',
+              os.environ['RAY_AUTH_MODE'], flush=True)
+finally:
+    stop_ray(ray, home)
+print(os.environ['RAY_AUTH_MODE'], flush=True)
 '''
 
 
-def test_the_private_ray_keeps_its_token_to_the_user_and_always_asks_for_it():
+def test_private_rays_keep_their_token_to_the_user_and_always_ask_for_it():
     # Ray made its temporary folder, which was the private HOME holding the token, writable and
     # readable by every user (0777), and an inherited RAY_AUTH_MODE=disabled (Ray's advice for
     # opting out) started it with no authentication, its servers listening on every interface.
+    # The nodes of s4fusion-bench batch had no authentication at all (Ray turns it on only for
+    # ray.init's own cluster), and a second private Ray in one process never started (Ray kept
+    # the first one's token).
     temporary = pathlib.Path(tempfile.mkdtemp(prefix='s4t'))
     try:
         done = subprocess.run([sys.executable, '-c', PRIVATE_RAY_ACCESS], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, 'TMPDIR': str(temporary),
+                              text=True, timeout=240, env={**os.environ, 'TMPDIR': str(temporary),
                                                            'RAY_AUTH_MODE': 'disabled'})
-        assert (done.returncode, done.stdout) == (0, '0o700 True token\ndisabled\n'), done.stderr
+        assert (done.returncode, done.stdout) == (
+            0, '0o700 True token\ndisabled\noutsider refused token\ndisabled\n'), done.stderr
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 

@@ -6,6 +6,7 @@ machine, sharing its CPUs: two nodes of half the CPUs each show what splitting c
 second machine adds.
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -35,7 +36,7 @@ def add_command(commands) -> None:
 def bench_batch(args) -> None:
     """Fuse the copies three ways and print pairs/s side by side."""
     from ..tools import bag as bag_tool
-    from .cluster import _ray, fuse_bags, home_for_ray, private_home, stop_ray
+    from .cluster import _ray, fuse_bags, private_home, stop_ray
 
     source = args.bag or pathlib.Path(__file__).parents[1] / 'data' / 'msrs_sample'
     if not (source / 'metadata.yaml').is_file():  # s4fusion-batch takes folders of bags
@@ -43,7 +44,6 @@ def bench_batch(args) -> None:
     if args.params and not args.params.is_file():  # found before the copies and the loop
         raise ValueError(f'--params {args.params}: no such file')
     ray = _ray()
-    from ray.cluster_utils import Cluster
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     scratch = pathlib.Path(tempfile.mkdtemp(prefix='s4bench-'))
     home = private_home()
@@ -68,22 +68,11 @@ def bench_batch(args) -> None:
         rows.append(('s4fusion-bag loop', 1, seconds, loop_pairs))
         for nodes in (1, 2):
             cpus = [args.cpus // nodes + (i < args.cpus % nodes) for i in range(nodes)]
-            with home_for_ray(home):  # see private_home: nothing leaves loopback
-                cluster = Cluster(initialize_head=True, head_node_args={
-                    'num_cpus': cpus[0], 'node_ip_address': NODE_IPS[0],
-                    'include_dashboard': False, 'temp_dir': str(scratch / f'ray{nodes}')})
-                for ip, count in zip(NODE_IPS[1:nodes], cpus[1:]):
-                    cluster.add_node(num_cpus=count, node_ip_address=ip)
-                ray.init(address=cluster.address, _node_ip_address=NODE_IPS[0],
-                         logging_level='warning')
-            try:
+            with ray_nodes(ray, home, scratch / f'ray{nodes}', cpus):
                 started = time.perf_counter()
                 report = fuse_bags([inputs], scratch / f'nodes{nodes}', params=args.params,
                                    progress=False)
                 seconds = time.perf_counter() - started
-            finally:
-                ray.shutdown()
-                cluster.shutdown()
             if not report.ok:
                 raise SystemExit(f's4fusion-batch failed: {report.bags}')
             rows.append((f's4fusion-batch, {nodes} node{"s" * (nodes > 1)} '
@@ -98,3 +87,31 @@ def bench_batch(args) -> None:
     finally:  # also after a stop while a Ray node starts: its processes keep the HOME
         stop_ray(ray, home)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_nodes(ray, home: pathlib.Path, temp_dir: pathlib.Path, cpus: list[int]):
+    """This process connected, for the block, to a private Ray of one node per entry of `cpus`
+    (that many CPUs each) on the loopback addresses NODE_IPS, with token authentication; its
+    files in `temp_dir`."""
+    from ray.cluster_utils import Cluster
+
+    from .cluster import environment, token_authentication
+
+    # Cluster also writes the head's address into Ray's default folder, RAY_TMPDIR/ray (else
+    # /tmp/ray, shared by every user's Ray, and failing where it does not exist yet): this Ray's.
+    (temp_dir / 'ray').mkdir(parents=True)
+    with token_authentication(home), environment(RAY_TMPDIR=str(temp_dir)):
+        with environment(HOME=str(home)):  # see private_home: nothing leaves loopback
+            cluster = Cluster(initialize_head=True, head_node_args={
+                'num_cpus': cpus[0], 'node_ip_address': NODE_IPS[0],
+                'include_dashboard': False, 'temp_dir': str(temp_dir)})
+            for ip, count in zip(NODE_IPS[1:len(cpus)], cpus[1:]):
+                cluster.add_node(num_cpus=count, node_ip_address=ip)
+            ray.init(address=cluster.address, _node_ip_address=NODE_IPS[0],
+                     logging_level='warning')
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            cluster.shutdown()

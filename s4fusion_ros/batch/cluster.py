@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import pathlib
+import secrets
 import shutil
 import signal
 import socket
@@ -115,17 +116,44 @@ def private_home() -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def home_for_ray(home: pathlib.Path):
-    """Set HOME while Ray starts its processes (they keep it), then restore it."""
-    before = os.environ.get('HOME')
-    os.environ['HOME'] = str(home)
+def environment(**values: str):
+    """These environment variables set for the block, each back to what it was (or unset) after.
+
+    Ray's processes keep the environment they start with (HOME: see private_home).
+    """
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop('HOME', None)
-        else:
-            os.environ['HOME'] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def token_authentication(home: pathlib.Path):
+    """Ray's token authentication, with a new token in the private `home`, for a private Ray
+    started in the block; the caller's RAY_AUTH_MODE back after it.
+
+    A private Ray's servers listen on every interface, so its token is what keeps others out.
+    Ray turns authentication on by itself only for ray.init's own local cluster, where
+    RAY_AUTH_MODE is unset: not for the nodes of ray.cluster_utils (s4fusion-bench batch), nor
+    under an inherited RAY_AUTH_MODE=disabled, Ray's own advice for opting out.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    token = home / '.ray' / 'auth_token'  # where Ray looks for it: ~/.ray/auth_token
+    if not token.exists():
+        token.parent.mkdir(mode=0o700, exist_ok=True)
+        token.write_text(secrets.token_hex(32))  # 256 bits, as Ray makes its own
+    with environment(**{AUTH_MODE: 'token'}):
+        # Ray (2.60) reads its settings and its token once per process: again, for this Ray.
+        Config.initialize('')
+        AuthenticationTokenLoader.instance().reset_cache()
+        yield
 
 
 @contextlib.contextmanager
@@ -141,7 +169,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     common = dict(include_dashboard=False, configure_logging=True, logging_level='warning',
                   log_to_driver=True)
-    home = auth_mode = None
+    home = None
     # While Ray runs, a stop signal whose action was the default (SIGTERM's kills at once) raises
     # KeyboardInterrupt, so the clean-up below runs; the caller's handlers come back at the end.
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -153,15 +181,13 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                               else signal.default_int_handler)
 
     take_stop_signals(restore=False)
+    authentication = contextlib.ExitStack()  # left last, once the private Ray has stopped
     try:
         try:
             if address == LOCAL:
-                # Unset, Ray turns token authentication on (and sets it for this process): an
-                # inherited RAY_AUTH_MODE=disabled, Ray's own advice for opting out, would open
-                # the private Ray's servers, which listen on every interface, to anyone.
-                auth_mode = os.environ.pop(AUTH_MODE, None)
                 home = private_home()
-                with home_for_ray(home), _starting(ray), _token_notice_quiet():
+                authentication.enter_context(token_authentication(home))
+                with environment(HOME=str(home)), _starting(ray), _token_notice_quiet():
                     ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
                              _temp_dir=str(home / RAY_TEMP), **common)
             else:
@@ -184,10 +210,7 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                 stop_ray(ray, home)
         finally:
             take_stop_signals(restore=True)
-            if address == LOCAL:  # the caller's authentication mode back
-                os.environ.pop(AUTH_MODE, None)
-                if auth_mode is not None:
-                    os.environ[AUTH_MODE] = auth_mode
+            authentication.close()
 
 
 @contextlib.contextmanager
