@@ -332,6 +332,10 @@ def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_
     assert read_bag(tmp_path / 'out' / 'long') == expected
     assert 0 < len(expected['/s4fusion_node/fused']) < len(long_bag[1]['/s4fusion_node/fused'])
     assert capsys.readouterr().err.count('long.mcap: cut off (no MCAP footer') == 2  # batch, bag
+    # The manifest says so too: the bag is done, as far as its recording goes.
+    [listed] = json.loads(report.manifest.read_text())['bags']
+    assert listed['status'] == 'done' and len(listed['warnings']) == 1, listed
+    assert listed['warnings'][0].startswith(f'{source}: long.mcap: cut off (no MCAP footer')
 
 
 def test_a_warning_every_part_of_a_bag_finds_is_printed_once(local_ray, ivif_dir, params_file,

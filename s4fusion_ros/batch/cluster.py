@@ -9,7 +9,6 @@ Retries are Ray's: a task or actor call lost with its worker or node is run agai
 to `max_retries` times. Errors of the bag itself come back as results and are not retried.
 """
 
-import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -70,6 +69,8 @@ class BagReport:
     nodes: list = dataclasses.field(default_factory=list)  # node IPs that finished its units
     topics: list = dataclasses.field(default_factory=list)  # the thermal and visible topic fused
     input_files: list = dataclasses.field(default_factory=list)  # work.input_identity, as planned
+    # What its parts warned of (a recording cut off, a half-size camera), each once, in order.
+    warnings: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -535,7 +536,6 @@ class _Runner:
         self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
         self.units = {}  # bag index -> all its units
         self.left = {}  # bag index -> units not finished yet
-        self.warned = collections.defaultdict(set)  # bag index -> its parts' warnings printed
         self.idle = []  # GPU actors without work
         self.queue = []  # units waiting for a GPU actor
         self.actors = []
@@ -670,7 +670,7 @@ class _Runner:
         """Keep a bag the manifest lists as finished, with its earlier counts; return 0 pairs."""
         shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
         for name in ('pairs', 'fused', 'unpaired', 'dropped', 'failed', 'units', 'nodes',
-                     'topics', 'seconds'):
+                     'topics', 'seconds', 'warnings'):
             setattr(report, name, earlier.get(name, getattr(report, name)))
         report.status = 'skipped'
         self._line(report)
@@ -737,8 +737,8 @@ class _Runner:
         if self.on_unit:
             self.on_unit(result)
         for warning in result.get('warnings', []):  # each part of a bag finds them anew
-            if warning not in self.warned[number]:
-                self.warned[number].add(warning)
+            if warning not in report.warnings:
+                report.warnings.append(warning)
                 tqdm.write(f's4fusion-batch: {warning}', file=sys.stderr)
         if result['error']:
             if report.status != 'failed':
