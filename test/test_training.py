@@ -300,6 +300,20 @@ def test_subfolders_a_folder_of_datasets_does_not_read_are_named(tmp_path, pair_
             in capsys.readouterr().err)
 
 
+def test_a_dataset_without_images_directly_in_its_ir_and_vi_is_refused_by_name(tmp_path):
+    # Before, such a dataset in a folder of datasets trained nothing unnoticed, and a folder of
+    # pairs alone failed with 'no training pairs', naming neither the folder nor why.
+    data = tmp_path / 'data'
+    for side in ('ir', 'vi'):
+        for folder in (data / 'day' / side, data / 'night' / side / 'seq1'):
+            folder.mkdir(parents=True)
+            cv2.imwrite(str(folder / '0001.png'), np.zeros((30, 30), np.uint8))
+    for given in (data, data / 'night'):
+        with pytest.raises(ValueError, match=re.escape(
+                f'{data / "night"}: no image pairs in its ir/ and vi/ (image files directly')):
+            training_pairs(given)
+
+
 def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
     image = cv2.imread(str(ivif_dir / 'msrs' / 'ir' / '00004N.png'), cv2.IMREAD_GRAYSCALE)
     image = image[200:220, 300:330]  # 20 x 30, with structure

@@ -357,10 +357,16 @@ def training_pairs(folder):
     if not datasets:
         raise FileNotFoundError(f'{folder}: no ir/ and vi/ pairs, no ivif layout and no '
                                 f'subfolders with ir/ and vi/')
-    for dataset in datasets:  # a link to an ivif dataset, or to its ir/ or vi/ folder
-        for side in ('ir', 'vi'):
+    pairs = ()
+    for dataset in datasets:
+        for side in ('ir', 'vi'):  # a link to an ivif dataset, or to its ir/ or vi/ folder
             _check_outside_ivif(folder, (dataset / side).resolve())
-    return tuple(pair for dataset in datasets for pair in pairs_in_folder(dataset))
+        found = pairs_in_folder(dataset)
+        if not found:  # images a level deeper, or of another type: none would train unnoticed
+            raise ValueError(f'{dataset}: no image pairs in its ir/ and vi/ (image files '
+                             f'directly in them, {" ".join(IMAGE_SUFFIXES)})')
+        pairs += found
+    return pairs
 
 
 def unread_subfolders(folder):
