@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from s4fusion_ros.files import held_folder
 from s4fusion_ros.model import CheckpointError, load_checkpoint
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.pyramid import laplacian_fuse
@@ -1014,6 +1015,22 @@ def test_links_to_ivif_datasets_in_a_folder_of_folders_are_refused(tmp_path, ivi
         error = capsys.readouterr().err
         assert f'inside the ivif layout {ivif_dir.resolve()}' in error and 'Traceback' not in error
         assert not (tmp_path / 'run').exists()
+
+
+def test_a_second_process_training_in_the_same_folder_is_refused(tmp_path, pair_folder, capsys):
+    # Before, a --resume of a run still training (or a second new run into its folder) trained
+    # beside it: their temporary files collided, the resumed one cut the log the first one
+    # appended to, and the checkpoints alternated between the two.
+    out = tmp_path / 'run'
+    common = ['--data', str(pair_folder), '--out', str(out), '--steps', '1', '--batch-size',
+              '1', '--crop', '13', '--device', 'cpu', '--threads', '1', '--no-progress']
+    with held_folder(out, RuntimeError('held')):  # as a training process holds it
+        for resume in ([], ['--resume']):
+            assert train_main(common + resume) == 1
+            assert (f'{out}: another s4fusion-train is training in this folder' in
+                    capsys.readouterr().err)
+        assert list(out.iterdir()) == []
+    assert train_main(common) == 0
 
 
 def test_a_new_run_never_overwrites_an_earlier_runs_weights(tmp_path, pair_folder, capsys):
