@@ -1,8 +1,8 @@
 """s4fusion-train: train S4Fusion on infrared/visible pairs (CPU or CUDA), resumably.
 
-Examples:
-  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact
-  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact --resume --stop-at 4000
+Examples (the default 2000 steps in two sessions):
+  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact --stop-at 1000
+  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact --resume
 """
 
 import argparse
