@@ -1075,6 +1075,20 @@ def test_raw_16_bit_thermal_counts_are_warned_of(tmp_path, pair_folder, capsys):
             f'range first ({pair_folder / "ir" / "00004N.png"}, ...)') in error
 
 
+def test_pairs_smaller_than_the_crop_are_warned_of(tmp_path, pair_folder, capsys):
+    # Their crops are mostly mirror images of their borders; before, nothing said so.
+    for side in ('ir', 'vi'):
+        path = pair_folder / side / '00004N.png'
+        assert cv2.imwrite(str(path), cv2.imread(str(path))[:20, :30])
+    assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps',
+                       '1', '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads',
+                       '1', '--no-progress']) == 0
+    assert ('warning: 1 of 2 pairs are smaller than the 25-pixel crop on a side '
+            f'({pair_folder / "ir" / "00004N.png"}, ...), so their crops are filled out by '
+            'mirroring their borders; --crop 13 or less crops within every pair'
+            in capsys.readouterr().err)
+
+
 def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):
     assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps',
                        '4', '--batch-size', '1', '--crop', '25', '--device', 'cpu',

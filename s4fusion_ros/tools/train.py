@@ -334,6 +334,14 @@ def build_trainer(args, config, settings, device):
         print(f'{PROG}: warning: ' + raw_counts_warning(
             len(raw), len(pairs), raw[0].ir_path, 'train as nearly black images'),
             file=sys.stderr)
+    small = dataset.smaller_than_crop()
+    if small:
+        side = min(small.values())
+        fitting = (f'; --crop {side - (side - 1) % 12} or less crops within every pair'
+                   if side >= 13 else '')
+        print(f'{PROG}: warning: {len(small)} of {len(pairs)} pairs are smaller than the '
+              f'{args.crop}-pixel crop on a side ({next(iter(small)).ir_path}, ...), so their '
+              f'crops are filled out by mirroring their borders{fitting}', file=sys.stderr)
     trainer = Trainer(config, dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,

@@ -519,6 +519,12 @@ class PairFolderDataset(torch.utils.data.Dataset):
         return [pair for pair, (ir, _) in zip(self.pairs, self._images)
                 if looks_like_raw_counts(ir)]
 
+    def smaller_than_crop(self):
+        """{pair: its smaller side} of the pairs a crop is larger than on a side: their crops are
+        reflect-padded to it."""
+        return {pair: min(ir.shape) for pair, (ir, _) in zip(self.pairs, self._images)
+                if min(ir.shape) < self.crop}
+
     @staticmethod
     def _pair_probabilities(pairs, balance):
         """(N,) probability of drawing each pair; a dataset's pairs share n ** (1 - balance)."""
