@@ -1,5 +1,8 @@
-"""Writing files so that a crash or a stop never leaves a truncated one (no ROS, no torch)."""
+"""Writing files so that a crash or a stop never leaves a truncated one, and one writer per output
+folder (no ROS, no torch)."""
 
+import contextlib
+import fcntl
 import os
 import pathlib
 
@@ -72,6 +75,31 @@ def check_writable_folder(path: pathlib.Path) -> None:
         raise NotADirectoryError(f'{path}: {existing} is not a folder')
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f'{path}: {existing} is not writable')
+
+
+@contextlib.contextmanager
+def held_folder(folder: pathlib.Path, busy: Exception):
+    """Hold `folder` (made if missing) for one process writing into it while the block runs;
+    raises `busy` where another process holds it. An flock on the folder itself, so no lock file
+    is left behind and the lock goes with the process however it ends; where the file system has
+    none for folders (some NFS mounts) the block runs unguarded. A folder this made is removed
+    after the block if it is still empty: a run refused before any work leaves none behind."""
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        except OSError:
+            pass
+        yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        os.close(descriptor)  # releases the lock
 
 
 def opencv_path(path: pathlib.Path) -> str:

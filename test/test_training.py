@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from s4fusion_ros.files import held_folder
 from s4fusion_ros.model import CheckpointError, load_checkpoint
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model.pyramid import laplacian_fuse
@@ -298,6 +299,20 @@ def test_subfolders_a_folder_of_datasets_does_not_read_are_named(tmp_path, pair_
                        '1', '--no-progress']) == 0
     assert (f'warning: 1 subfolder(s) of {data} hold no ir/ folder and are not read: night\n'
             in capsys.readouterr().err)
+
+
+def test_a_dataset_without_images_directly_in_its_ir_and_vi_is_refused_by_name(tmp_path):
+    # Before, such a dataset in a folder of datasets trained nothing unnoticed, and a folder of
+    # pairs alone failed with 'no training pairs', naming neither the folder nor why.
+    data = tmp_path / 'data'
+    for side in ('ir', 'vi'):
+        for folder in (data / 'day' / side, data / 'night' / side / 'seq1'):
+            folder.mkdir(parents=True)
+            cv2.imwrite(str(folder / '0001.png'), np.zeros((30, 30), np.uint8))
+    for given in (data, data / 'night'):
+        with pytest.raises(ValueError, match=re.escape(
+                f'{data / "night"}: no image pairs in its ir/ and vi/ (image files directly')):
+            training_pairs(given)
 
 
 def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
@@ -1002,6 +1017,22 @@ def test_links_to_ivif_datasets_in_a_folder_of_folders_are_refused(tmp_path, ivi
         assert not (tmp_path / 'run').exists()
 
 
+def test_a_second_process_training_in_the_same_folder_is_refused(tmp_path, pair_folder, capsys):
+    # Before, a --resume of a run still training (or a second new run into its folder) trained
+    # beside it: their temporary files collided, the resumed one cut the log the first one
+    # appended to, and the checkpoints alternated between the two.
+    out = tmp_path / 'run'
+    common = ['--data', str(pair_folder), '--out', str(out), '--steps', '1', '--batch-size',
+              '1', '--crop', '13', '--device', 'cpu', '--threads', '1', '--no-progress']
+    with held_folder(out, RuntimeError('held')):  # as a training process holds it
+        for resume in ([], ['--resume']):
+            assert train_main(common + resume) == 1
+            assert (f'{out}: another s4fusion-train is training in this folder' in
+                    capsys.readouterr().err)
+        assert list(out.iterdir()) == []
+    assert train_main(common) == 0
+
+
 def test_a_new_run_never_overwrites_an_earlier_runs_weights(tmp_path, pair_folder, capsys):
     common = ['--data', str(pair_folder), '--steps', '1', '--batch-size', '1', '--crop', '25',
               '--device', 'cpu', '--threads', '1', '--no-progress', '--preset', 'compact']
@@ -1042,6 +1073,20 @@ def test_raw_16_bit_thermal_counts_are_warned_of(tmp_path, pair_folder, capsys):
     assert ('warning: 1 of 2 IR images are 16-bit but span less than 16384 of 0-65535 (raw '
             f'camera counts?), so they train as nearly black images; stretch them to the full '
             f'range first ({pair_folder / "ir" / "00004N.png"}, ...)') in error
+
+
+def test_pairs_smaller_than_the_crop_are_warned_of(tmp_path, pair_folder, capsys):
+    # Their crops are mostly mirror images of their borders; before, nothing said so.
+    for side in ('ir', 'vi'):
+        path = pair_folder / side / '00004N.png'
+        assert cv2.imwrite(str(path), cv2.imread(str(path))[:20, :30])
+    assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps',
+                       '1', '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads',
+                       '1', '--no-progress']) == 0
+    assert ('warning: 1 of 2 pairs are smaller than the 25-pixel crop on a side '
+            f'({pair_folder / "ir" / "00004N.png"}, ...), so their crops are filled out by '
+            'mirroring their borders; --crop 13 or less crops within every pair'
+            in capsys.readouterr().err)
 
 
 def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):

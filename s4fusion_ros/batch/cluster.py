@@ -11,7 +11,6 @@ to `max_retries` times. Errors of the bag itself come back as results and are no
 
 import contextlib
 import dataclasses
-import fcntl
 import ipaddress
 import json
 import logging
@@ -32,7 +31,7 @@ from .. import settings
 from ..bagio import BagError
 from ..cli import interrupts_held, on_main_thread, stop_signals_handled
 from ..entry_points import omp_wait_policy, opencv_settings
-from ..files import check_writable_folder, write_text_atomically
+from ..files import check_writable_folder, held_folder, write_text_atomically
 from . import work
 from .work import MANIFEST, BagJob, BatchError, Unit
 
@@ -362,30 +361,15 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
 @contextlib.contextmanager
 def _sole_run_into(out_dir: pathlib.Path):
     """Hold `out_dir` (made if missing) for one run: a second run into it would rewrite this
-    one's manifest rows. An flock on the folder itself, so no lock file is left behind and the
-    lock goes with the process however it ends; where the file system has none for folders (some
-    NFS mounts) the run goes on unguarded."""
-    made = not out_dir.exists()
+    one's manifest rows (files.held_folder)."""
     try:
         check_writable_folder(out_dir)
     except OSError as error:
         raise BatchError(str(error)) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BatchError(f'{out_dir}: another s4fusion-batch run is writing into this folder; '
-                             'run one at a time per output folder') from None
-        except OSError:
-            pass
+    with held_folder(out_dir, BatchError(f'{out_dir}: another s4fusion-batch run is writing '
+                                         'into this folder; run one at a time per output '
+                                         'folder')):
         yield
-    finally:
-        if made:  # a run refused before any work leaves no folder behind
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only if empty
-        os.close(folder)  # releases the lock
 
 
 def _changed_since(earlier: dict, topics: tuple, input_files: list) -> str:

@@ -1,8 +1,8 @@
 """s4fusion-train: train S4Fusion on infrared/visible pairs (CPU or CUDA), resumably.
 
-Examples:
-  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact
-  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact --resume --stop-at 4000
+Examples (the default 2000 steps in two sessions):
+  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact --stop-at 1000
+  s4fusion-train --preset compact --data IVIF_DIR --out runs/compact --resume
 """
 
 import argparse
@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..cli import STOP_SIGNALS, run_command
-from ..files import check_writable_folder
+from ..files import check_writable_folder, held_folder
 from ..imaging.normalization import raw_counts_warning
 from ..model import S4FusionConfig
 from ..model.checkpoint import (STORAGE_DTYPES, CheckpointError, config_path, file_sha256,
@@ -269,9 +269,17 @@ def main(argv=None):
                          'there, so its first checkpoint would replace them; copy them out of '
                          '--out first')
     trainer = None
+    held = contextlib.ExitStack()
 
     def set_up():
         nonlocal trainer
+        check_writable_folder(args.out)
+        # Before the state is read: a second process in the folder (the same run resumed while
+        # it trains, say) would interleave its log, checkpoints and temporary files with this
+        # one's.
+        held.enter_context(held_folder(args.out, BlockingIOError(
+            f'{args.out}: another s4fusion-train is training in this folder; let it end, or stop '
+            'it (Ctrl-C checkpoints), before this one starts')))
         trainer = build_trainer(args, config, settings, device)
         return 0
 
@@ -284,9 +292,10 @@ def main(argv=None):
         return (f'aborted without saving; {args.out} keeps its last checkpoint, if any, which '
                 '--resume continues')
 
-    return (run_command(PROG, set_up, (OSError, ValueError, CheckpointError))
-            or run_command(PROG, lambda: run(trainer, args), (OSError, FloatingPointError),
-                           aborted))
+    with held:
+        return (run_command(PROG, set_up, (OSError, ValueError, CheckpointError))
+                or run_command(PROG, lambda: run(trainer, args), (OSError, FloatingPointError),
+                               aborted))
 
 
 def model_config(args):
@@ -306,7 +315,6 @@ def build_trainer(args, config, settings, device):
     """Read the data and the networks the options name; returns the Trainer (resumed if asked)."""
     if not args.resume:  # before minutes of reading data, not after
         check_new_run(args.out)
-    check_writable_folder(args.out)
     data_note = training_data_note(args.data)
     pairs = training_pairs(args.data)
     unread = unread_subfolders(args.data)
@@ -326,6 +334,14 @@ def build_trainer(args, config, settings, device):
         print(f'{PROG}: warning: ' + raw_counts_warning(
             len(raw), len(pairs), raw[0].ir_path, 'train as nearly black images'),
             file=sys.stderr)
+    small = dataset.smaller_than_crop()
+    if small:
+        side = min(small.values())
+        fitting = (f'; --crop {side - (side - 1) % 12} or less crops within every pair'
+                   if side >= 13 else '')
+        print(f'{PROG}: warning: {len(small)} of {len(pairs)} pairs are smaller than the '
+              f'{args.crop}-pixel crop on a side ({next(iter(small)).ir_path}, ...), so their '
+              f'crops are filled out by mirroring their borders{fitting}', file=sys.stderr)
     trainer = Trainer(config, dataset,
                       S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
                                    feature_extractor=features, classifier=classifier,

@@ -357,10 +357,16 @@ def training_pairs(folder):
     if not datasets:
         raise FileNotFoundError(f'{folder}: no ir/ and vi/ pairs, no ivif layout and no '
                                 f'subfolders with ir/ and vi/')
-    for dataset in datasets:  # a link to an ivif dataset, or to its ir/ or vi/ folder
-        for side in ('ir', 'vi'):
+    pairs = ()
+    for dataset in datasets:
+        for side in ('ir', 'vi'):  # a link to an ivif dataset, or to its ir/ or vi/ folder
             _check_outside_ivif(folder, (dataset / side).resolve())
-    return tuple(pair for dataset in datasets for pair in pairs_in_folder(dataset))
+        found = pairs_in_folder(dataset)
+        if not found:  # images a level deeper, or of another type: none would train unnoticed
+            raise ValueError(f'{dataset}: no image pairs in its ir/ and vi/ (image files '
+                             f'directly in them, {" ".join(IMAGE_SUFFIXES)})')
+        pairs += found
+    return pairs
 
 
 def unread_subfolders(folder):
@@ -512,6 +518,12 @@ class PairFolderDataset(torch.utils.data.Dataset):
         as every 16-bit image is, they train as nearly black images."""
         return [pair for pair, (ir, _) in zip(self.pairs, self._images)
                 if looks_like_raw_counts(ir)]
+
+    def smaller_than_crop(self):
+        """{pair: its smaller side} of the pairs a crop is larger than on a side: their crops are
+        reflect-padded to it."""
+        return {pair: min(ir.shape) for pair, (ir, _) in zip(self.pairs, self._images)
+                if min(ir.shape) < self.crop}
 
     @staticmethod
     def _pair_probabilities(pairs, balance):
