@@ -22,12 +22,20 @@ def parse_size(text: str, minimum: int = 1) -> tuple[int, int]:
     return width, height
 
 
+def output_path(text: str) -> pathlib.Path:
+    """A path to write to; an empty one (an unset shell variable, say) is refused: pathlib reads
+    it as the current folder, which the tool would fill."""
+    if not text:
+        raise argparse.ArgumentTypeError('an empty path: name the output')
+    return pathlib.Path(text)
+
+
 def file_path(text: str) -> pathlib.Path:
     """A path naming a file to write; one ending in a separator names a folder (pathlib drops
     the separator, so `--out reports/` would write a file named reports)."""
     if text.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         raise argparse.ArgumentTypeError(f"'{text}' names a folder: name the file in it")
-    return pathlib.Path(text)
+    return output_path(text)
 
 
 def split_ros_arguments(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -1,4 +1,5 @@
-"""Child processes the console tools start (the demo's and the flood's node) die with the tool."""
+"""What the console tools share (s4fusion_ros.cli): child processes that die with the tool, stop
+signals, ROS and output-path arguments."""
 
 import os
 import pathlib
@@ -152,3 +153,26 @@ def test_ros_arguments_run_from_each_ros_args_to_the_next_double_dash():
         ['own', '--params-file', 'b.yaml'],
         ['--params-file', 'a.yaml', '-p', 'x:=1', '--params-file', 'c.yaml'])
     assert params_file_arguments(argv) == [pathlib.Path('a.yaml'), pathlib.Path('c.yaml')]
+
+
+def _parsers():
+    from s4fusion_ros.ros import demo
+    from s4fusion_ros.tools import bag, batch, evaluate, fuse, train
+    return {'s4fusion-fuse': fuse.parse_args, 's4fusion-bag': bag.parse_args,
+            's4fusion-batch': batch.parse_args, 's4fusion-eval': evaluate.parse_args,
+            's4fusion-demo': demo.parse_args, 's4fusion-train': train.build_parser().parse_args}
+
+
+@pytest.mark.parametrize('tool, argv', [
+    ('s4fusion-fuse', ['--ir', 'ir', '--vi', 'vi', '--out', '']),
+    ('s4fusion-bag', ['in', '']), ('s4fusion-bag', ['in', 'out', '--export-png', '']),
+    ('s4fusion-batch', ['in', '']), ('s4fusion-eval', ['--save-outputs', '']),
+    ('s4fusion-eval', ['--out', '']), ('s4fusion-demo', ['--output-dir', '']),
+    ('s4fusion-train', ['--out', ''])])
+def test_an_empty_output_path_is_refused(tool, argv, capsys):
+    # `--out "$RUN"` with RUN unset: pathlib reads '' as the current folder, and s4fusion-batch,
+    # say, wrote its bags and manifest there.
+    with pytest.raises(SystemExit) as stopped:
+        _parsers()[tool](argv)
+    assert stopped.value.code == 2
+    assert 'an empty path: name the output' in capsys.readouterr().err

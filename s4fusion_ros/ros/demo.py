@@ -31,7 +31,8 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from .. import settings
-from ..cli import interrupt, run_command, start_child, stop_on_signals, stop_signals_handled
+from ..cli import (interrupt, output_path, run_command, start_child, stop_on_signals,
+                   stop_signals_handled)
 from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
                      log_span, open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import ROLES, Key, node_status, number, pairing_summary, per_input, values_of
@@ -62,7 +63,7 @@ MIN_RATE = 0.01  # the slowest playback the demo picks (rates are rounded to hun
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument('--output-dir', type=pathlib.Path, default=pathlib.Path('demo_output'),
+    parser.add_argument('--output-dir', type=output_path, default=pathlib.Path('demo_output'),
                         help='where the fused bag, previews and summary go (default: '
                         '%(default)s)')
     parser.add_argument('--bag', type=pathlib.Path,

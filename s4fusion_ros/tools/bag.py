@@ -37,7 +37,7 @@ from .. import settings
 from ..bagio import (IMAGE, STORAGES, WRITE_ERRORS, BagError, bag_size, check_output,
                      create_bag, image_topics, log_span, open_bag, output_qos_of, pick_topics,
                      storage_of, sweep_staging)
-from ..cli import file_path, run_command, stop_on_signals
+from ..cli import file_path, output_path, run_command, stop_on_signals
 from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
 from ..engine import FusionEngine, fusion_settings, output_compression, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument('input', type=pathlib.Path,
                         help='rosbag2 directory (sqlite3 or MCAP) or a .db3 / .mcap file')
-    parser.add_argument('output', type=pathlib.Path, help='bag directory to create')
+    parser.add_argument('output', type=output_path, help='bag directory to create')
     parser.add_argument('--thermal-topic', help='thermal image topic (default: detected from '
                         'the encodings: mono16/16UC1/32FC1, or mono8 on a thermal-named topic; '
                         "never a depth or disparity topic, a depth camera's near-infrared "
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'connection with its recorded QoS')
     parser.add_argument('--storage', choices=STORAGES,
                         help='output storage format (default: that of the input)')
-    parser.add_argument('--export-png', type=pathlib.Path, metavar='DIR',
+    parser.add_argument('--export-png', type=output_path, metavar='DIR',
                         help='also write fused and saliency PNGs of every Nth pair to DIR')
     parser.add_argument('--export-every', type=int, default=1, metavar='N',
                         help='with --export-png: every Nth pair (default: %(default)s)')

@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 from .. import settings
-from ..cli import run_command, stop_on_signals
+from ..cli import output_path, run_command, stop_on_signals
 from ..batch.cluster import LOCAL, fuse_bags
 from ..batch.work import BatchError
 from ..replay import TRANSPORTS
@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument('inputs', nargs='+', type=pathlib.Path, metavar='IN',
                         help='bags (directories, .db3 or .mcap files) or folders of bags')
-    parser.add_argument('out_dir', type=pathlib.Path, metavar='OUT_DIR')
+    parser.add_argument('out_dir', type=output_path, metavar='OUT_DIR')
     parser.add_argument('--ray', default=LOCAL, metavar='ADDRESS|local',
                         help='a Ray cluster to join (e.g. 10.0.0.5:6379), or %(default)s: a '
                         'private Ray on this machine whose nodes send on loopback; like every '

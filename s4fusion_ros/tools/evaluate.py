@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import file_path, run_command, stop_on_signals
+from ..cli import file_path, output_path, run_command, stop_on_signals
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
@@ -708,7 +708,7 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument('--pairs-csv', type=file_path, default=None,
                         help='per-pair metric values of every method (default: beside --out, '
                              'its name + _pairs.csv)')
-    parser.add_argument('--save-outputs', type=pathlib.Path, default=None, metavar='DIR',
+    parser.add_argument('--save-outputs', type=output_path, default=None, metavar='DIR',
                         help='also write the pairs and every image the report scores (but '
                              'stored outputs) as PNGs: DIR/<split>/ir/, vi/ and '
                              f'{STORED_DIR}/<METHOD>/ (and {SAVED_CLIPS}, the clip of each '

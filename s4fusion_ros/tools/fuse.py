@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import parse_size, run_command, stop_on_signals
+from ..cli import output_path, parse_size, run_command, stop_on_signals
 from ..engine import FusionEngine, fusion_settings
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
 from ..imaging.normalization import looks_like_raw_counts
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--vi', type=pathlib.Path, required=True,
                         help='folder of visible images (the file names of --ir, extensions '
                              'may differ)')
-    parser.add_argument('--out', type=pathlib.Path, required=True,
+    parser.add_argument('--out', type=output_path, required=True,
                         help='output folder: fused/NAME.png and saliency/NAME.png')
     parser.add_argument('--weights', default='',
                         help='checkpoint (.safetensors with its .json); default: shipped weights')

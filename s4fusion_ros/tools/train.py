@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..cli import STOP_SIGNALS, run_command
+from ..cli import STOP_SIGNALS, output_path, run_command
 from ..files import check_writable_folder, held_folder
 from ..imaging.normalization import raw_counts_warning
 from ..model import S4FusionConfig
@@ -71,7 +71,7 @@ def build_parser():
                               'README, "Data and licences"), a folder with ir/ and vi/ pairs '
                               'matched by file name, or a folder of such folders (trains on all); '
                               f'required unless ${DATA_ENV} is set')
-    parser.add_argument('--out', type=pathlib.Path, required=True,
+    parser.add_argument('--out', type=output_path, required=True,
                         help='output folder: weights + JSON, train_state.pt, train_log.jsonl '
                              '(and checkpoints/ with --keep-every)')
     parser.add_argument('--steps', type=int, default=defaults.steps, help='optimizer steps in all')
