@@ -200,6 +200,9 @@ def test_missing_files(saved, tmp_path):
     with pytest.raises(CheckpointError, match='weights file not found') as error:
         load_checkpoint(tmp_path / 'nowhere.safetensors')
     assert 'nowhere.safetensors' in str(error.value)
+    # A run's folder given for its weights file was "weights file not found".
+    with pytest.raises(CheckpointError, match=f'{path.parent}: a folder; give the weights file'):
+        load_checkpoint(path.parent)
     # The JSON given for the weights was "not a readable safetensors file (truncated or
     # corrupt?)": its first bytes read as a header length far too large.
     with pytest.raises(CheckpointError, match=f'the JSON config beside the weights; give the '

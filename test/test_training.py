@@ -1,5 +1,6 @@
 """Training: data splits and crops, the S4Fusion loss, the training loop and its CLI."""
 
+import errno
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
                                         roadscene_clips, roadscene_near, roadscene_test67_names,
                                         training_pairs)
 from s4fusion_ros.training import trainer as trainer_module
-from s4fusion_ros.training.trainer import lr_factor
+from s4fusion_ros.training.trainer import check_new_run, lr_factor
 
 
 class SmallCNN(nn.Module):
@@ -1107,9 +1108,34 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, pair_folder):
              if path.name != 'train_log.jsonl'}
     with torch.no_grad():
         next(trainer.model.parameters())[0] = float('inf')
-    with pytest.raises(FloatingPointError, match='weights are not finite after step 1'):
+    with pytest.raises(FloatingPointError, match='weights are not finite after step 1.*the last '
+                                                 'checkpoint stays as it was'):
         trainer.save(last_loss=0.5)
     assert files == {name: (out / name).read_bytes() for name in files}
+    before_any = make_trainer(pair_folder, tmp_path / 'new')
+    with torch.no_grad():
+        next(before_any.model.parameters())[0] = float('inf')
+    with pytest.raises(FloatingPointError, match='nothing was saved'):
+        before_any.save(last_loss=0.5)
+
+
+def test_a_first_checkpoint_cut_short_leaves_the_folder_to_a_new_run(tmp_path, pair_folder,
+                                                                      monkeypatch):
+    # A full disk as the state was written after the weights: the weights of step 1 stayed
+    # without a state, so --resume had nothing to start from and a new run there was refused.
+    out = tmp_path / 'run'
+
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+    monkeypatch.setattr(trainer_module, 'write_atomically', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        make_trainer(pair_folder, out).run(stop_at=1, progress=False)
+    monkeypatch.undo()
+    assert not list(out.glob('s4fusion_*')), list(out.iterdir())
+    with pytest.raises(FileNotFoundError, match='no train_state.pt to resume'):
+        make_trainer(pair_folder, out).resume()
+    check_new_run(out)
+    make_trainer(pair_folder, out).run(stop_at=1, progress=False)
 
 
 def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsys):

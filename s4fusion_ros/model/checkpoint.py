@@ -161,7 +161,8 @@ def load_checkpoint(path, device=None, dtype=None):
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise CheckpointError(f'{path}: weights file not found')
+        raise CheckpointError(f'{path}: ' + ('a folder; give the weights file in it'
+                                             if path.is_dir() else 'weights file not found'))
     if path == config_path(path):  # the config itself: read as weights, its 'header' is text
         raise CheckpointError(f'{path}: the JSON config beside the weights; give the weights '
                               f'file ({path.with_suffix(".safetensors").name})')

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
-from ..model.checkpoint import file_sha256, read_config
+from ..model.checkpoint import config_path, file_sha256, read_config
 from ..model.scan import scan_backend
 from .data import check_sampling
 from .loss import complete_config as complete_loss_config
@@ -314,6 +314,9 @@ class Trainer:
     def resume(self):
         """Continue from the training state in ``out_dir``; returns its step."""
         path = self.out_dir / STATE_NAME
+        if not path.exists():
+            raise FileNotFoundError(f'{self.out_dir}: no {STATE_NAME} to resume (a run saves it '
+                                    'at its first checkpoint); start the run without --resume')
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
             saved = json.loads(state['identity'])
@@ -381,9 +384,12 @@ class Trainer:
         Weights a step made non-finite (from a finite loss) are refused, so that the last
         checkpoint stays one that can be used.
         """
+        state_path = self.out_dir / STATE_NAME
+        first = not state_path.exists()
         if not all(torch.isfinite(parameter).all() for parameter in self.model.parameters()):
-            raise FloatingPointError(f'the weights are not finite after step {self.step} (a '
-                                     'lower --lr may help); the last checkpoint stays as it was')
+            raise FloatingPointError(
+                f'the weights are not finite after step {self.step} (a lower --lr may help); '
+                + ('nothing was saved' if first else 'the last checkpoint stays as it was'))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         training = {
             **self.identity()['settings'], 'steps_done': self.step,
@@ -404,16 +410,23 @@ class Trainer:
         if keep:
             paths.append(kept_weights_path(self.weights_path, self.step))
             paths[-1].parent.mkdir(exist_ok=True)
-        for path in paths:
-            save_checkpoint(self.model, path, extra_meta={'training': training},
-                            storage_dtype=self.weights_dtype)
         state = {
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(), 'step': self.step,
             'seconds': self.seconds, 'rng': _rng_state(), 'identity': json.dumps(self.identity()),
             'schedule_fit': self.schedule_fit,
         }
-        write_atomically(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
+        try:
+            for path in paths:
+                save_checkpoint(self.model, path, extra_meta={'training': training},
+                                storage_dtype=self.weights_dtype)
+            write_atomically(state_path, lambda f: torch.save(state, f))
+        except OSError:  # a full disk, say
+            if first:  # weights without a state: no resume, and a new run here is refused
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                    config_path(path).unlink(missing_ok=True)
+            raise
         self.checkpoint_seconds = time.monotonic() - begun
 
     def train_step(self):
