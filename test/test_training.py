@@ -1120,7 +1120,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, pair_folder):
 
 
 def test_a_first_checkpoint_cut_short_leaves_the_folder_to_a_new_run(tmp_path, pair_folder,
-                                                                      monkeypatch):
+                                                                     monkeypatch):
     # A full disk as the state was written after the weights: the weights of step 1 stayed
     # without a state, so --resume had nothing to start from and a new run there was refused.
     out = tmp_path / 'run'
