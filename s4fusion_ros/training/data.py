@@ -497,7 +497,7 @@ class PairFolderDataset(torch.utils.data.Dataset):
     ``dataset_balance`` in [0, 1] shifts the draw of pairs from one dataset (the folder above
     ``ir/``) towards another: a dataset of n pairs is drawn with probability proportional to
     n ** (1 - dataset_balance), its pairs uniformly. 0 draws every pair alike (the large dataset
-    dominates: 154 RoadScene pairs against 4 MSRS ones), 1 every dataset alike; between, as the
+    dominates: 134 RoadScene pairs against 4 MSRS ones), 1 every dataset alike; between, as the
     temperature sampling of multilingual language models.
     """
 
