@@ -130,8 +130,8 @@ class SS2D(nn.Module):
         return torch.einsum('bkrl,kdr->bkdl', dts, self.dt_projs_weight), bs, cs
 
     def _scan(self, us, dts, bs, cs):
-        """Run the four directions' scans at once: (B, K, D, L') inputs -> (B, K, D, L'),
-        float32 (merged and normed in float32 too: see ``_project_out``)."""
+        """Run the four directions' scans at once: u and dt (B, K, D, L'), B and C (B, K, N, L')
+        -> (B, K, D, L') float32 (merged and normed in float32 too: see ``_project_out``)."""
         batch, k, d, length = us.shape
         # float32 scan whatever the autocast or model dtype, as the authors do
         ys = selective_scan(

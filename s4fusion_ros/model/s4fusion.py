@@ -111,15 +111,16 @@ class S4FusionConfig:
         CPU inference: widths / 3 (the full-resolution scans dominate and scale with width),
         encoder/decoder state 12 -> 8, fusion state 18 -> 12 (the fusion scans run at 1/2 and
         1/4 scale only, so they keep more state), 2 fusion blocks per level instead of 3.
-        About a tenth of the parameters and of the scan work; at 640x480 on two CPU cores that is
-        a few frames per second against several seconds per frame for ``authors``. It refines a
-        Laplacian-pyramid fusion (``base``): trained on the CPU, the network alone stayed behind
-        that pyramid on detail and closeness to the sources (docs/training-history.md). The
-        base's details get a gain of 1.1 and its low-pass base a contrast of 1.4, both chosen
-        on the validation splits: the network's correction is smooth (it changes contrast and
-        intensity, not detail), at gain 1 the output fell behind the pyramid alone on SF and AG on
-        the RoadScene sets, and the mean of the two bases keeps half of a region's contrast where
-        only one camera sees it.
+        About a ninth of the parameters (0.39 M against 3.41 M) and a fifth of the scan's state
+        updates (0.30 G against 1.61 G at 640x480); at 640x480 on two CPU cores the network runs
+        at about 3.5 frames per second against about 1.1 s per frame for ``authors``
+        (docs/performance.md). It refines a Laplacian-pyramid fusion (``base``): trained on the
+        CPU, the network alone stayed behind that pyramid on detail and closeness to the sources
+        (docs/training-history.md). The base's details get a gain of 1.1 and its low-pass base
+        a contrast of 1.4, both chosen on the validation splits: the network's correction is
+        smooth (it changes contrast and intensity, not detail), at gain 1 the output fell behind
+        the pyramid alone on SF and AG on the RoadScene sets, and the mean of the two bases keeps
+        half of a region's contrast where only one camera sees it.
         """
         return {
             'authors': cls(),
