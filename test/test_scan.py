@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from s4fusion_ros.model import S4Fusion, S4FusionConfig
+from s4fusion_ros.model import scan as scan_module
 from s4fusion_ros.model.blocks import cross_merge, cross_scan, deinterleave, interleave
 from s4fusion_ros.model.scan import (cross_selective_scan, mamba_scan_fn, numba_scan_fn,
                                      scan_backend, selective_scan, selective_scan_chunked,
@@ -310,6 +312,55 @@ GRID_CASES = [
 def test_cross_scan_kernel_matches_the_torch_composition(case):
     inputs = grid_inputs(21, *case)
     check_close(cross_selective_scan(*inputs), cross_scan_by_parts(*inputs))
+
+
+def mamba_contract_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False, return_last_state=False):
+    """A stand-in for mamba-ssm 2.x's ``selective_scan_fn``: its signature, the argument checks
+    of its CUDA kernel (csrc/selective_scan/selective_scan.cpp, device checks aside), and the
+    float64 sequential scan for the result, returned in u's dtype as the kernel returns it."""
+    assert z is None and not return_last_state  # the project passes neither
+    assert u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    assert delta.dtype == u.dtype and A.dtype == torch.float32  # A: float (or complex) only
+    batch, dim, length = u.shape
+    assert delta.shape == u.shape and A.dim() == 2 and A.shape[0] == dim and A.shape[1] <= 256
+    for t in (B, C):  # input-dependent B and C: the input's dtype, (batch, groups, N, L)
+        grouped = t[:, None] if t.dim() == 3 else t
+        assert t.dtype == u.dtype and grouped.shape == (batch, grouped.shape[1], A.shape[1],
+                                                        length)
+    for t in (D, delta_bias):
+        assert t is None or (t.dtype == torch.float32 and t.shape == (dim,))
+    y = selective_scan_sequential(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return y.to(u.dtype)
+
+
+@pytest.mark.parametrize('case', CASES[-4:], ids=ids)
+def test_mamba_backend_passes_mamba_arguments(case, monkeypatch):
+    """Without CUDA: selective_scan's 'mamba' backend calls selective_scan_fn as its kernel takes
+    the arguments (D sixth, delta_bias by name, not into z's place)."""
+    monkeypatch.setattr(scan_module, 'mamba_scan_fn', lambda: mamba_contract_scan_fn)
+    tensors, kwargs = make_inputs(*case[0], **case[1])
+    check_close(selective_scan(*tensors, backend='mamba', **kwargs),
+                selective_scan_sequential(*tensors, **kwargs))
+
+
+@pytest.mark.parametrize('preset, dtype, autocast', [('authors', torch.float32, False),
+                                                     ('compact', torch.bfloat16, False),
+                                                     ('compact', torch.float32, True)])
+def test_model_through_the_mamba_backend(preset, dtype, autocast, monkeypatch):
+    """Without CUDA: SS2D and the fusion blocks hand the kernel float32 u, delta, B, C, A, D and
+    delta_bias in its layouts whatever the model's dtype or autocast, and get the torch path's
+    output (the GPU tests run the real kernel)."""
+    monkeypatch.setattr(scan_module, 'mamba_scan_fn', lambda: mamba_contract_scan_fn)
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig.preset(preset), dtype=dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    ir, vi = (torch.rand(2, 1, 14, 23, generator=g, dtype=dtype) for _ in range(2))
+    out = {}
+    for backend in ('mamba', 'torch'):
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out[backend] = model.set_scan_backend(backend)(ir, vi).float()
+    check_close(out['mamba'], out['torch'].double())
 
 
 @pytest.mark.gpu
