@@ -271,3 +271,40 @@ def test_an_undecodable_message_in_the_bag_does_not_hold_the_demo_to_its_timeout
     assert f'1 undecodable message(s) in {bag} not played' in done.stderr
     summary = (out / 'summary.txt').read_text()
     assert re.match(rf'\d+ pairs fused of \d+ paired .* from {thermal - 1} thermal \+', summary)
+
+
+def test_the_demo_is_done_at_the_end_of_its_cameras_not_of_the_bag(monkeypatch, tmp_path):
+    # A status topic recorded a minute past the cameras: the demo waited for the player's
+    # /clock to reach the bag's end, so it stopped at --timeout with every pair long fused.
+    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+    from s4fusion_ros.bagio import typestore
+    from s4fusion_ros.ros import demo
+    bag, string = tmp_path / 'status', 'std_msgs/msg/String'
+    with Reader(demo.sample_bag()) as reader, Writer(bag, version=9,
+                                                     storage_plugin=StoragePlugin.MCAP) as writer:
+        copies = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=typestore())
+                  for c in reader.connections}
+        cameras_end = 0
+        for connection, log_time, raw in reader.messages():
+            if log_time - reader.start_time > 10**9:
+                break
+            writer.write(copies[connection.id], log_time, raw)
+            cameras_end = log_time
+        status = writer.add_connection('/status', string, typestore=typestore())
+        writer.write(status, cameras_end + 60 * 10**9, typestore().serialize_cdr(
+            typestore().types[string](data='ok'), string))
+    waited_for = []
+
+    def record(fused_bag, values, node_command, play, expected, done_after, *_):
+        waited_for.append(done_after)
+        raise demo.BagError('not started')
+
+    monkeypatch.setattr(demo, 'record', record)
+    monkeypatch.setattr(demo, 'isolate_dds', lambda *_: None)  # this process's DDS settings
+    args = demo.parse_args(['--bag', str(bag), '--output-dir', str(tmp_path / 'demo'),
+                            '--rate', '1'])
+    with pytest.raises(demo.BagError, match='not started'):
+        demo.run(args)
+    values = demo.settings.defaults()
+    assert waited_for == [cameras_end + round(
+        (values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)]
