@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='after the end keep running (and advancing /clock) until Ctrl-C, '
                         'so that nodes on sim time finish their timers')
     args = parser.parse_args(argv)
+    if args.topics:  # a topic named twice is played once, not refused as two streams on it
+        args.topics = list(dict.fromkeys(args.topics))
     for option in ('rate', 'clock_rate'):
         # Beyond these a wait overflows time.sleep, or /clock ticks faster than it can publish.
         if not RATE_LIMITS[0] <= getattr(args, option) <= RATE_LIMITS[1]:
@@ -180,11 +182,15 @@ class BagPlayer:
         self.camera_infos = {} if args.topics else {
             info: image for image, info in siblings.items() if types.get(info) == CAMERA_INFO}
         wanted = [*wanted, *(info for info in self.camera_infos if info not in wanted)]
-        missing = ([t for t in wanted if t not in types]
-                   + [t for t in args.remap if t not in wanted])  # a typo in --remap OLD
+        in_bag = f"topics in the bag: {', '.join(sorted(types)) or 'none'}"
+        missing = [t for t in wanted if t not in types]
         if missing or not wanted:
             raise BagError(f"{args.bag}: no topic {', '.join(missing) or 'with images'} to play; "
-                           f"topics in the bag: {', '.join(sorted(types)) or 'none'}")
+                           f'{in_bag}')
+        unplayed = [t for t in args.remap if t not in wanted]  # a typo, or left out by --topics
+        if unplayed:
+            raise BagError(f"{args.bag}: --remap {', '.join(unplayed)}: not a played topic; "
+                           f"played: {', '.join(wanted)}; {in_bag}")
         for topic in wanted:  # a ROS 2 topic has one type
             skipped = sorted({msgtype for name, msgtype in recorded
                               if name == topic and msgtype != types[topic]})
