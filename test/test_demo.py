@@ -144,6 +144,16 @@ def test_the_demo_refuses_a_rate_its_player_would_refuse(rate, capsys):
     assert '--rate must be from 1e-06 to 1e+06' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('domain', ['-1', '233'])
+def test_the_demo_refuses_a_domain_dds_would_not_keep_apart(domain, capsys):
+    # -1 ran the demo in domain 0, among real cameras; above 232 Fast DDS ended the demo at its
+    # first node (exit code 1) with a line of its own and none of the demo's.
+    from s4fusion_ros.ros.demo import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(['--domain-id', domain])
+    assert '--domain-id must be from 0 to 232' in capsys.readouterr().err
+
+
 def test_the_demo_refuses_qos_overrides_of_the_outputs_it_records(tmp_path):
     # Its recorder subscribes with qos.output.*: an override would leave it hearing nothing.
     params = tmp_path / 'params.yaml'

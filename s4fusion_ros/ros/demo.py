@@ -57,6 +57,9 @@ VIDEO = 'demo.mp4'
 # normalizes and publishes, and the player and the recorder run on the same cores.
 HEADROOM = 0.5
 MIN_RATE = 0.01  # the slowest playback the demo picks (rates are rounded to hundredths)
+# The highest ROS_DOMAIN_ID Fast DDS computes ports for; above it the processes exit at their
+# first node, and rcl takes a negative one for its default domain, 0: the user's graph.
+MAX_DOMAIN_ID = 232
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rate is not None and not RATE_LIMITS[0] <= args.rate <= RATE_LIMITS[1]:
         parser.error(f'--rate must be from {RATE_LIMITS[0]:g} to {RATE_LIMITS[1]:g} (those '
                      's4fusion-play takes)')
+    if not 0 <= args.domain_id <= MAX_DOMAIN_ID:
+        parser.error(f'--domain-id must be from 0 to {MAX_DOMAIN_ID}')
     return args
 
 
