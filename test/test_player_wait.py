@@ -326,6 +326,28 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
         rclpy.try_shutdown()
 
 
+def test_a_subscriber_of_another_type_is_named_with_both_types():
+    # A CompressedImage topic remapped onto a node's raw input: the player said "no subscriber"
+    # of a node that subscribes there, as sensor_msgs/Image.
+    bag = sample_bag()
+    with open_bag(bag) as reader:
+        _, visible = pick_topics(image_topics(reader, bag), bag)
+    rclpy.init()
+    try:
+        node = rclpy.create_node('raw_listener', namespace=NAMESPACE)
+        node.create_subscription(Image, f'{NAMESPACE}/visible', lambda _: None, 10)
+        done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '6', '--topics',
+                               visible.topic, '--remap', f'{visible.topic}:={NAMESPACE}/visible'],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert (f'{NAMESPACE}/visible: {NAMESPACE}/raw_listener subscribes to it as '
+                f'sensor_msgs/msg/Image; the player publishes {visible.msgtype} on it\n'
+                ) in done.stderr, done.stderr
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+
+
 def test_a_node_the_graph_cannot_name_yet_is_not_named_by_placeholders():
     # The graph knows an endpoint before its node's name (later under load): the player named
     # a subscriber "_NODE_NAMESPACE_UNKNOWN_/_NODE_NAME_UNKNOWN_".
