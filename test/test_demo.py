@@ -144,6 +144,16 @@ def test_the_demo_refuses_a_rate_its_player_would_refuse(rate, capsys):
     assert '--rate must be from 1e-06 to 1e+06' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('domain', ['-1', '233'])
+def test_the_demo_refuses_a_domain_dds_would_not_keep_apart(domain, capsys):
+    # -1 ran the demo in domain 0, among real cameras; above 232 Fast DDS ended the demo at its
+    # first node (exit code 1) with a line of its own and none of the demo's.
+    from s4fusion_ros.ros.demo import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(['--domain-id', domain])
+    assert '--domain-id must be from 0 to 232' in capsys.readouterr().err
+
+
 def test_the_demo_refuses_qos_overrides_of_the_outputs_it_records(tmp_path):
     # Its recorder subscribes with qos.output.*: an override would leave it hearing nothing.
     params = tmp_path / 'params.yaml'
@@ -271,3 +281,69 @@ def test_an_undecodable_message_in_the_bag_does_not_hold_the_demo_to_its_timeout
     assert f'1 undecodable message(s) in {bag} not played' in done.stderr
     summary = (out / 'summary.txt').read_text()
     assert re.match(rf'\d+ pairs fused of \d+ paired .* from {thermal - 1} thermal \+', summary)
+
+
+def test_the_demo_is_done_at_the_end_of_its_cameras_not_of_the_bag(monkeypatch, tmp_path):
+    # A status topic recorded a minute past the cameras: the demo waited for the player's
+    # /clock to reach the bag's end, so it stopped at --timeout with every pair long fused.
+    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+    from s4fusion_ros.bagio import typestore
+    from s4fusion_ros.ros import demo
+    bag, string = tmp_path / 'status', 'std_msgs/msg/String'
+    with Reader(demo.sample_bag()) as reader, Writer(bag, version=9,
+                                                     storage_plugin=StoragePlugin.MCAP) as writer:
+        copies = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=typestore())
+                  for c in reader.connections}
+        cameras_end = 0
+        for connection, log_time, raw in reader.messages():
+            if log_time - reader.start_time > 10**9:
+                break
+            writer.write(copies[connection.id], log_time, raw)
+            cameras_end = log_time
+        status = writer.add_connection('/status', string, typestore=typestore())
+        writer.write(status, cameras_end + 60 * 10**9, typestore().serialize_cdr(
+            typestore().types[string](data='ok'), string))
+    waited_for = []
+
+    def record(fused_bag, values, node_command, play, expected, done_after, *_):
+        waited_for.append(done_after)
+        raise demo.BagError('not started')
+
+    monkeypatch.setattr(demo, 'record', record)
+    monkeypatch.setattr(demo, 'isolate_dds', lambda *_: None)  # this process's DDS settings
+    args = demo.parse_args(['--bag', str(bag), '--output-dir', str(tmp_path / 'demo'),
+                            '--rate', '1'])
+    with pytest.raises(demo.BagError, match='not started'):
+        demo.run(args)
+    values = demo.settings.defaults()
+    assert waited_for == [cameras_end + round(
+        (values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)]
+
+
+def test_outputs_recorded_before_the_first_clock_message_are_logged_at_their_stamps(tmp_path):
+    # The demo's recorder runs on the player's /clock, which reached it after the first outputs
+    # in about one run in two: those were logged at 0, a fused bag 55 years long to play.
+    import numpy as np
+    import rclpy
+    from rclpy.parameter import Parameter
+    from rclpy.serialization import serialize_message
+    from s4fusion_ros.bagio import IMAGE, create_bag, read_messages
+    from s4fusion_ros.ros.images import image_message
+    from s4fusion_ros.ros.parameters import qos_profile
+    from s4fusion_ros.ros.recorder import TopicRecorder
+    stamp_ns = 1_735_000_000 * 10**9 + 5
+    context = rclpy.Context()
+    rclpy.init(args=[], context=context)
+    try:
+        node = rclpy.create_node('recorder_test', context=context, parameter_overrides=[
+            Parameter('use_sim_time', value=True)])  # no /clock: its time is 0
+        with create_bag(tmp_path / 'bag') as writer:
+            recorder = TopicRecorder(node, writer, {'/fused': IMAGE}, qos_profile('reliable', 5))
+            message = image_message(np.zeros((2, 2), np.uint8), 'mono8', stamp_ns, 'camera')
+            recorder._write('/fused', writer.connections[0], serialize_message(message))
+        node.destroy_node()
+    finally:
+        context.try_shutdown()
+    with open_bag(tmp_path / 'bag') as reader:
+        assert [log_time for _, log_time, _ in read_messages(reader, tmp_path / 'bag',
+                                                             ['/fused'])] == [stamp_ns]

@@ -179,3 +179,15 @@ def test_pairs_rclpy_refuses_are_failures_not_published():
     phase = Phase(50.0, 0.2)
     _flood(driver, phase, *messages)
     assert phase.published == 0 and phase.publish_failures > 0
+
+
+def test_a_phase_slower_than_one_pair_ends_at_its_duration():
+    # At 0.05 Hz for 2 s the flood slept until the second pair was due, 18 s past the phase.
+    class Camera:
+        def publish_pair(self, *_):
+            return True
+
+    phase = Phase(0.5, 0.2)
+    started = time.monotonic()
+    _flood(Camera(), phase, None, None)
+    assert phase.published == 1 and time.monotonic() - started < 1.0

@@ -263,6 +263,24 @@ def test_two_topics_remapped_onto_one_are_refused(tmp_path):
     assert 'Traceback' not in played.stderr
 
 
+def test_a_topic_named_twice_is_played_once_and_a_remap_of_one_not_played_is_named(tmp_path):
+    # `--topics T T` was refused as two streams on T; `--remap` of a topic in the bag that
+    # --topics leaves out said there was no such topic, and then listed it among the bag's.
+    from s4fusion_ros.ros.player import parse_args
+    assert parse_args(['bag', '--topics', THERMAL_TOPIC, THERMAL_TOPIC]).topics == [THERMAL_TOPIC]
+    image = np.zeros((4, 4), np.uint8)
+    bag = write_bag(tmp_path / 'bag', [(5 * 10**9, THERMAL_TOPIC, 5 * 10**9, 'mono8', image),
+                                       (5 * 10**9, VISIBLE_TOPIC, 5 * 10**9, 'mono8', image)],
+                    'mcap')
+    refused = subprocess.run([*PLAYER, str(bag), '--wait', '0', '--topics', THERMAL_TOPIC,
+                              '--remap', f'{VISIBLE_TOPIC}:=/elsewhere'], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    in_bag = ', '.join(sorted([THERMAL_TOPIC, VISIBLE_TOPIC]))
+    assert (f'{bag}: --remap {VISIBLE_TOPIC}: not a played topic; played: {THERMAL_TOPIC}; '
+            f'topics in the bag: {in_bag}\n') in refused.stderr
+
+
 def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_error(tmp_path):
     image = np.zeros((4, 4), np.uint8)
     one_moment = write_bag(tmp_path / 'one', [
@@ -303,6 +321,28 @@ def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
         assert (f'{NAMESPACE}/thermal: {NAMESPACE}/reliable_listener subscribes with a QoS the '
                 "player does not offer: reliability reliable against the player's best_effort "
                 '(drop --best-effort)\n') in done.stderr, done.stderr
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+
+
+def test_a_subscriber_of_another_type_is_named_with_both_types():
+    # A CompressedImage topic remapped onto a node's raw input: the player said "no subscriber"
+    # of a node that subscribes there, as sensor_msgs/Image.
+    bag = sample_bag()
+    with open_bag(bag) as reader:
+        _, visible = pick_topics(image_topics(reader, bag), bag)
+    rclpy.init()
+    try:
+        node = rclpy.create_node('raw_listener', namespace=NAMESPACE)
+        node.create_subscription(Image, f'{NAMESPACE}/visible', lambda _: None, 10)
+        done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '6', '--topics',
+                               visible.topic, '--remap', f'{visible.topic}:={NAMESPACE}/visible'],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert (f'{NAMESPACE}/visible: {NAMESPACE}/raw_listener subscribes to it as '
+                f'sensor_msgs/msg/Image; the player publishes {visible.msgtype} on it\n'
+                ) in done.stderr, done.stderr
         node.destroy_node()
     finally:
         rclpy.try_shutdown()

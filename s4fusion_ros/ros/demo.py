@@ -58,6 +58,9 @@ VIDEO = 'demo.mp4'
 # normalizes and publishes, and the player and the recorder run on the same cores.
 HEADROOM = 0.5
 MIN_RATE = 0.01  # the slowest playback the demo picks (rates are rounded to hundredths)
+# The highest ROS_DOMAIN_ID Fast DDS computes ports for; above it the processes exit at their
+# first node, and rcl takes a negative one for its default domain, 0: the user's graph.
+MAX_DOMAIN_ID = 232
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rate is not None and not RATE_LIMITS[0] <= args.rate <= RATE_LIMITS[1]:
         parser.error(f'--rate must be from {RATE_LIMITS[0]:g} to {RATE_LIMITS[1]:g} (those '
                      's4fusion-play takes)')
+    if not 0 <= args.domain_id <= MAX_DOMAIN_ID:
+        parser.error(f'--domain-id must be from 0 to {MAX_DOMAIN_ID}')
     return args
 
 
@@ -174,13 +179,17 @@ def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_afte
     return received and settled and recorded and monitor.status_stamp >= done_after_ns
 
 
-def decodable_counts(bag: pathlib.Path, topics: dict[str, ImageTopic]) -> dict[str, int]:
-    """{role: messages of its topic that decode}: what the node can receive, since the player
-    skips the others (and says so in its log)."""
+def playable_messages(bag: pathlib.Path, topics: dict[str, ImageTopic]
+                      ) -> tuple[dict[str, int], int]:
+    """({role: messages of its topic that decode}, the last log time (ns) of the topics'
+    messages): what the node can receive, since the player skips the others (and says so in its
+    log), and when the player has played them all (the bag's end may be another topic's)."""
     roles = {topic.topic: role for role, topic in topics.items()}
     counts = dict.fromkeys(topics, 0)
+    last_ns = 0
     with open_bag(bag) as reader:
-        for connection, _, raw in read_messages(reader, bag, roles):
+        for connection, log_time, raw in read_messages(reader, bag, roles):
+            last_ns = max(last_ns, log_time)
             try:
                 deserialize(bag, connection, raw)
             except BagError:
@@ -190,7 +199,7 @@ def decodable_counts(bag: pathlib.Path, topics: dict[str, ImageTopic]) -> dict[s
     if skipped:
         print(f'{PROG}: {skipped} undecodable message(s) in {bag} not played (the player '
               'names them in its log)', file=sys.stderr)
-    return counts
+    return counts, last_ns
 
 
 def sustainable_rate(bag: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
@@ -293,7 +302,7 @@ def run(args: argparse.Namespace) -> str:
         thermal, visible = pick_topics(image_topics(reader, bag), bag, args.thermal_topic,
                                        args.visible_topic, values)
         # The thermal topic's own span: the bag's may be another topic's (a status topic).
-        end_ns, span_s = reader.end_time, log_span(reader, bag, thermal.topic)
+        span_s = log_span(reader, bag, thermal.topic)
     period_s = thermal_period(span_s, thermal.count)
     rate = args.rate
     if rate is None:
@@ -302,7 +311,7 @@ def run(args: argparse.Namespace) -> str:
               f'camera sends a frame every {period_s * 1e3:.0f} ms: playing at rate {rate:g} '
               '(--rate to choose)', file=sys.stderr)
     # Read before the chain starts: the recorder must not wait on a pass over a long bag.
-    expected = decodable_counts(bag, {'thermal': thermal, 'visible': visible})
+    expected, end_ns = playable_messages(bag, {'thermal': thermal, 'visible': visible})
     isolate_dds(args.domain_id, logs)
     play, node_command = chain_commands(args, bag, (thermal, visible), values, rate, logs)
     print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
@@ -313,7 +322,7 @@ def run(args: argparse.Namespace) -> str:
         return summary_line(status, fused, time.monotonic() - started, drained_ok, rate,
                             period_s)
 
-    # Done once the clock passed the last thermal frame's sync timeout and all is fused.
+    # Done once the clock passed the sync timeout of the cameras' last frame and all is fused.
     done_after = end_ns + round((values['sync.timeout'] + values['sync.slop'] + 1) * 1e9)
     status, fused = record(out_dir / 'fused_bag', values, node_command, play, expected,
                            done_after, logs, started + args.timeout, summary)

@@ -379,8 +379,8 @@ def _flood(driver: Driver, phase: Phase, thermal_msg, visible_msg) -> None:
     phase.end = phase.start + phase.duration
     next_time = phase.start
     while (now := time.monotonic()) < phase.end:
-        if now < next_time:
-            time.sleep(next_time - now)
+        if now < next_time:  # a slow rate's next pair may be due after the phase
+            time.sleep(min(next_time, phase.end) - now)
             continue
         # A camera that falls behind does not catch up in a burst.
         next_time = max(next_time + period, now)

@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='after the end keep running (and advancing /clock) until Ctrl-C, '
                         'so that nodes on sim time finish their timers')
     args = parser.parse_args(argv)
+    if args.topics:  # a topic named twice is played once, not refused as two streams on it
+        args.topics = list(dict.fromkeys(args.topics))
     for option in ('rate', 'clock_rate'):
         # Beyond these a wait overflows time.sleep, or /clock ticks faster than it can publish.
         if not RATE_LIMITS[0] <= getattr(args, option) <= RATE_LIMITS[1]:
@@ -180,11 +182,15 @@ class BagPlayer:
         self.camera_infos = {} if args.topics else {
             info: image for image, info in siblings.items() if types.get(info) == CAMERA_INFO}
         wanted = [*wanted, *(info for info in self.camera_infos if info not in wanted)]
-        missing = ([t for t in wanted if t not in types]
-                   + [t for t in args.remap if t not in wanted])  # a typo in --remap OLD
+        in_bag = f"topics in the bag: {', '.join(sorted(types)) or 'none'}"
+        missing = [t for t in wanted if t not in types]
         if missing or not wanted:
             raise BagError(f"{args.bag}: no topic {', '.join(missing) or 'with images'} to play; "
-                           f"topics in the bag: {', '.join(sorted(types)) or 'none'}")
+                           f'{in_bag}')
+        unplayed = [t for t in args.remap if t not in wanted]  # a typo, or left out by --topics
+        if unplayed:
+            raise BagError(f"{args.bag}: --remap {', '.join(unplayed)}: not a played topic; "
+                           f"played: {', '.join(wanted)}; {in_bag}")
         for topic in wanted:  # a ROS 2 topic has one type
             skipped = sorted({msgtype for name, msgtype in recorded
                               if name == topic and msgtype != types[topic]})
@@ -215,6 +221,7 @@ class BagPlayer:
                 raise BagError(f'{args.bag}: {topic}: {reason}; publish it under another name '
                                f'with --remap {topic}:=NEW') from None
         self.publishers = {}
+        self.types = types  # {the bag's topic: its message type}
         for topic in wanted:
             # As recorded, for subscribers that join late; reliable whatever --best-effort
             # says (meant for the image streams): a best-effort writer reaches only best-effort
@@ -271,21 +278,28 @@ class BagPlayer:
         time.sleep(DISCOVERY_SETTLE_S)
 
     def _incompatible(self, topics: list[str]) -> list[str]:
-        """Subscribers on `topics` that the player's QoS keeps apart (parameters.kept_apart),
-        waiting at most NAMES_WAIT_S for the graph to name their nodes."""
-        played = {p.topic_name: p.qos_profile for p in self.publishers.values()}
+        """Subscribers on `topics` that the player's QoS keeps apart (parameters.kept_apart), or
+        that take another message type, waiting at most NAMES_WAIT_S for the graph to name their
+        nodes."""
+        played = {p.topic_name: (p.qos_profile, self.types[topic])
+                  for topic, p in self.publishers.items()}
         deadline = time.monotonic() + NAMES_WAIT_S
         while True:
-            kept = [(topic, info, kept_apart(played[topic], info.qos_profile))
+            kept = [(topic, info, kept_apart(played[topic][0], info.qos_profile))
                     for topic in topics
                     for info in self.node.get_subscriptions_info_by_topic(topic)]
-            kept = [entry for entry in kept if entry[2]]
+            kept = [(topic, info, policies) for topic, info, policies in kept
+                    if policies or info.topic_type != played[topic][1]]
             if all(node_known(info) for _, info, _ in kept) or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
         lines = []
         for topic, info, policies in kept:
-            wanted, offered = info.qos_profile, played[topic]
+            (offered, msgtype), wanted = played[topic], info.qos_profile
+            if info.topic_type != msgtype:
+                lines.append(f'{topic}: {node_of(info)} subscribes to it as {info.topic_type}; '
+                             f'the player publishes {msgtype} on it')
+                continue
             reasons = [f'{name} {getattr(wanted, name).name.lower()} against the player\'s '
                        f'{getattr(offered, name).name.lower()}'
                        + (' (drop --best-effort)' if name == 'reliability' else '')
