@@ -145,6 +145,18 @@ def test_a_camera_info_is_played_beside_its_remapped_image_and_not_waited_for(tm
     assert received == recorded, output
 
 
+def test_a_camera_info_that_topics_names_follows_its_remapped_image(tmp_path):
+    # Named with --topics, it stayed where the bag had it while its image was remapped.
+    bag = with_visible_infos(sample_bag(), tmp_path / 'bag')
+    image = '/visible/image_raw/compressed'
+    played = subprocess.run([*PLAYER, str(bag), '--rate', '20', '--wait', '0', '--topics', image,
+                             '/visible/camera_info', '--remap',
+                             f'{image}:={NAMESPACE}/color/image_raw/compressed'],
+                            capture_output=True, text=True, timeout=60)
+    assert played.returncode == 0, played.stderr
+    assert re.search(f'{NAMESPACE}/color/camera_info 180\\b', played.stderr), played.stderr
+
+
 def test_playback_waits_for_the_named_node(tmp_path):
     # Not for the bystander there first; the node's own recorded output is not played by default.
     bag = with_other_image_topics(sample_bag(), tmp_path / 'bag', ('/s4fusion_node/fused',))

@@ -176,11 +176,13 @@ class BagPlayer:
             print(f"{PROG}: not playing the fusion node's outputs "
                   f"{', '.join(t for t in images if t not in wanted)} (name them with --topics "
                   f"to play them)", file=sys.stderr)
-        # {camera_info topic: its image topic}: played beside the images, not waited for.
+        # {camera_info topic: its image topic}: played beside the images (as remapped), not
+        # waited for; with --topics, those it names.
         siblings = {image: camera_info_topic(image, types.get(image) == COMPRESSED_IMAGE)
-                    for image in wanted}
-        self.camera_infos = {} if args.topics else {
-            info: image for image, info in siblings.items() if types.get(info) == CAMERA_INFO}
+                    for image in wanted if types.get(image) in IMAGE_TYPES}
+        self.camera_infos = {info: image for image, info in siblings.items()
+                             if types.get(info) == CAMERA_INFO
+                             and (not args.topics or info in args.topics)}
         wanted = [*wanted, *(info for info in self.camera_infos if info not in wanted)]
         in_bag = f"topics in the bag: {', '.join(sorted(types)) or 'none'}"
         missing = [t for t in wanted if t not in types]
