@@ -51,3 +51,27 @@ def test_the_model_benchmark_times_the_whole_node_step(capsys):
     row = next(line for line in output.splitlines() if line.startswith('compact*'))
     assert header.rstrip().endswith('step ms')
     assert float(row.split()[-1]) > 0  # step ms
+
+
+def test_a_forced_numba_scan_is_named_as_the_kernel_it_runs(monkeypatch, capsys):
+    # Forcing numba runs the fused grid kernel (SS2D._fused_path) as auto does on the CPU; the
+    # header said 'the numba scan, one direction at a time', so the rows looked like another
+    # path's figures.
+    import torch
+
+    from s4fusion_ros.model import blocks, S4Fusion, S4FusionConfig
+
+    fused = []
+    kernel = blocks.cross_selective_scan
+    monkeypatch.setattr(blocks, 'cross_selective_scan',
+                        lambda *args, **kwargs: fused.append(1) or kernel(*args, **kwargs))
+    model = S4Fusion(S4FusionConfig.preset('compact')).eval().set_scan_backend('numba')
+    image = torch.rand(1, 1, 32, 32)
+    model.infer(image, image)
+    assert fused
+    monkeypatch.undo()
+    assert bench_main(['model', '--scan-backend', 'numba', '--presets', 'compact', '--sizes',
+                       '32x32', '--repeats', '1', '--threads', '1']) == 0
+    scan_line = next(line for line in capsys.readouterr().out.splitlines()
+                     if line.startswith('scan: '))
+    assert 'fused numba grid kernel' in scan_line and 'one direction at a time' not in scan_line

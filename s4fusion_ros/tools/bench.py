@@ -222,6 +222,10 @@ def scan_path_name(device, backend=None):
     if backend == 'torch':
         return 'the chunked PyTorch scan (forced by --scan-backend)'
     if backend == 'numba':
+        # SS2D takes its fused path for a forced 'numba' as for auto (SS2D._fused_path).
+        if device.type == 'cpu' and numba_cross_scan_fn() is not None:
+            return ('the fused numba grid kernel (scan, dt projection, direction merge; forced '
+                    'by --scan-backend, as auto picks it on the CPU)')
         return 'the numba scan, one direction at a time (forced by --scan-backend)'
     if device.type == 'cuda':
         return ("mamba-ssm's CUDA kernel" if mamba_scan_fn() is not None else
