@@ -75,3 +75,30 @@ def test_a_forced_numba_scan_is_named_as_the_kernel_it_runs(monkeypatch, capsys)
     scan_line = next(line for line in capsys.readouterr().out.splitlines()
                      if line.startswith('scan: '))
     assert 'fused numba grid kernel' in scan_line and 'one direction at a time' not in scan_line
+
+
+def fake_bag_tool(monkeypatch, tmp_path, status, seen=None):
+    """s4fusion-bag's main replaced by one that notes torch's threads and returns `status`;
+    temporary folders under tmp_path."""
+    import tempfile
+
+    import torch
+
+    from s4fusion_ros.tools import bag as bag_tool
+
+    def main(argv):
+        if seen is not None:
+            seen.append(torch.get_num_threads())
+        return status
+    monkeypatch.setattr(bag_tool, 'main', main)
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+
+
+def test_batch_ctrl_c_in_the_bag_loop_is_an_interruption(monkeypatch, tmp_path, capsys):
+    # s4fusion-bag handles the Ctrl-C itself (exit status 130); the benchmark took that for a
+    # failure: 's4fusion-bag failed on ... (its error above)' and exit status 1.
+    fake_bag_tool(monkeypatch, tmp_path, 130)
+    assert bench_main(['batch', '--copies', '1']) == 130
+    error = capsys.readouterr().err
+    assert 's4fusion-bench: interrupted' in error and 'failed' not in error
+    assert list(tmp_path.iterdir()) == []  # the copies and the private HOME removed

@@ -58,7 +58,10 @@ def bench_batch(args) -> None:
         rows = []
         started = time.perf_counter()
         for bag in sorted(inputs.iterdir()):
-            if bag_tool.main([str(bag), str(scratch / 'loop' / bag.name), *extra]):
+            status = bag_tool.main([str(bag), str(scratch / 'loop' / bag.name), *extra])
+            if status == 130:  # its Ctrl-C, handled and reported by s4fusion-bag: ours too
+                raise KeyboardInterrupt
+            if status:
                 raise ValueError(f's4fusion-bag failed on {bag} (its error above)')
         seconds = time.perf_counter() - started
         loop_pairs = 0
