@@ -102,3 +102,21 @@ def test_batch_ctrl_c_in_the_bag_loop_is_an_interruption(monkeypatch, tmp_path, 
     error = capsys.readouterr().err
     assert 's4fusion-bench: interrupted' in error and 'failed' not in error
     assert list(tmp_path.iterdir()) == []  # the copies and the private HOME removed
+
+
+def test_batch_loop_runs_on_the_cpus_of_the_ray_runs(monkeypatch, tmp_path, capsys):
+    # The loop ran on torch's default threads whatever --cpus gave the Ray runs it is compared
+    # with; the load average was read after the run, its own Ray workers included.
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    fake_bag_tool(monkeypatch, tmp_path, 1, seen)
+    torch.set_num_threads(4)  # a machine with more cores than --cpus gives the Ray runs
+    try:
+        assert bench_main(['batch', '--copies', '1', '--cpus', '2']) == 1  # the fake's failure
+        assert seen == [2] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert '2 CPUs; load average before the run' in header
