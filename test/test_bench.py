@@ -130,3 +130,18 @@ def test_scan_ratios_to_the_shorter_runs_are_called_lower_bounds(capsys):
     output = capsys.readouterr().out
     assert 'does not depend on L' not in output and 'lower bounds' in output
     assert 'chunked vs plain loop at L=48, the latter at L=12: ' in output
+
+
+def test_model_threads_bound_opencv_in_the_step_too(capsys):
+    # The step ms column (resize, detail restore, saliency, colour in OpenCV) ran OpenCV on
+    # every core under --threads 1, the docs' '1 thread' column included.
+    import cv2
+
+    before = cv2.getNumThreads()
+    try:
+        assert bench_main(['model', '--presets', 'compact', '--sizes', '32x32', '--repeats',
+                           '1', '--threads', '1']) == 0
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
+    assert '1 threads (torch and numba; OpenCV 1)' in capsys.readouterr().out

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 
+import cv2
 import torch
 
 from s4fusion_ros.bagio import BagError
@@ -246,6 +247,7 @@ def bench_model(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)  # the step's resize, detail restore, saliency, colour
     device = resolve_device(args.device)
     half = args.half and device.type == 'cuda'
     amp = torch.float16 if half else None
@@ -258,7 +260,8 @@ def bench_model(args):
 
     print(f'S4Fusion forward, batch 1, {device} '
           f'{"float16 (autocast)" if half else "float32"}, '
-          f'{torch.get_num_threads()} threads (torch and numba), random weights; median of '
+          f'{torch.get_num_threads()} threads (torch and numba; OpenCV '
+          f'{cv2.getNumThreads()}), random weights; median of '
           f'{args.repeats} after a warm-up; {load_note()}')
     if args.half and not half:
         print('--half is ignored on the CPU (no fp16 speed-up there; the node does the same)')
@@ -492,7 +495,7 @@ def build_parser():
                        help='cpu, cuda, cuda:N or auto (default: %(default)s)')
     model.add_argument('--half', action='store_true', help='fp16 autocast (CUDA only)')
     model.add_argument('--threads', type=int, default=0,
-                       help='threads for torch and numba (default: torch\'s)')
+                       help='threads for torch, numba and OpenCV (default: theirs)')
     model.add_argument('--presets', nargs='+', default=['authors', 'compact'],
                        choices=sorted(S4FusionConfig.presets()), help='(default: both)')
     model.add_argument('--sizes', nargs='+', type=parse_size,
