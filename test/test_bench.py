@@ -51,3 +51,97 @@ def test_the_model_benchmark_times_the_whole_node_step(capsys):
     row = next(line for line in output.splitlines() if line.startswith('compact*'))
     assert header.rstrip().endswith('step ms')
     assert float(row.split()[-1]) > 0  # step ms
+
+
+def test_a_forced_numba_scan_is_named_as_the_kernel_it_runs(monkeypatch, capsys):
+    # Forcing numba runs the fused grid kernel (SS2D._fused_path) as auto does on the CPU; the
+    # header said 'the numba scan, one direction at a time', so the rows looked like another
+    # path's figures.
+    import torch
+
+    from s4fusion_ros.model import blocks, S4Fusion, S4FusionConfig
+
+    fused = []
+    kernel = blocks.cross_selective_scan
+    monkeypatch.setattr(blocks, 'cross_selective_scan',
+                        lambda *args, **kwargs: fused.append(1) or kernel(*args, **kwargs))
+    model = S4Fusion(S4FusionConfig.preset('compact')).eval().set_scan_backend('numba')
+    image = torch.rand(1, 1, 32, 32)
+    model.infer(image, image)
+    assert fused
+    monkeypatch.undo()
+    assert bench_main(['model', '--scan-backend', 'numba', '--presets', 'compact', '--sizes',
+                       '32x32', '--repeats', '1', '--threads', '1']) == 0
+    scan_line = next(line for line in capsys.readouterr().out.splitlines()
+                     if line.startswith('scan: '))
+    assert 'fused numba grid kernel' in scan_line and 'one direction at a time' not in scan_line
+
+
+def fake_bag_tool(monkeypatch, tmp_path, status, seen=None):
+    """s4fusion-bag's main replaced by one that notes torch's threads and returns `status`;
+    temporary folders under tmp_path."""
+    import tempfile
+
+    import torch
+
+    from s4fusion_ros.tools import bag as bag_tool
+
+    def main(argv):
+        if seen is not None:
+            seen.append(torch.get_num_threads())
+        return status
+    monkeypatch.setattr(bag_tool, 'main', main)
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+
+
+def test_batch_ctrl_c_in_the_bag_loop_is_an_interruption(monkeypatch, tmp_path, capsys):
+    # s4fusion-bag handles the Ctrl-C itself (exit status 130); the benchmark took that for a
+    # failure: 's4fusion-bag failed on ... (its error above)' and exit status 1.
+    fake_bag_tool(monkeypatch, tmp_path, 130)
+    assert bench_main(['batch', '--copies', '1']) == 130
+    error = capsys.readouterr().err
+    assert 's4fusion-bench: interrupted' in error and 'failed' not in error
+    assert list(tmp_path.iterdir()) == []  # the copies and the private HOME removed
+
+
+def test_batch_loop_runs_on_the_cpus_of_the_ray_runs(monkeypatch, tmp_path, capsys):
+    # The loop ran on torch's default threads whatever --cpus gave the Ray runs it is compared
+    # with; the load average was read after the run, its own Ray workers included.
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    fake_bag_tool(monkeypatch, tmp_path, 1, seen)
+    torch.set_num_threads(4)  # a machine with more cores than --cpus gives the Ray runs
+    try:
+        assert bench_main(['batch', '--copies', '1', '--cpus', '2']) == 1  # the fake's failure
+        assert seen == [2] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert '2 CPUs; load average before the run' in header
+
+
+def test_scan_ratios_to_the_shorter_runs_are_called_lower_bounds(capsys):
+    # The plain loop and selective_scan_ref cost 20-30% more per element at L=16384 than at
+    # the 1024 they are timed at; the output said their cost did not depend on L.
+    assert bench_main(['scan', '--d', '4', '--length', '48', '--slow-length', '12', '--nstate',
+                       '2', '--repeats', '1', '--threads', '1']) == 0
+    output = capsys.readouterr().out
+    assert 'does not depend on L' not in output and 'lower bounds' in output
+    assert 'chunked vs plain loop at L=48, the latter at L=12: ' in output
+
+
+def test_model_threads_bound_opencv_in_the_step_too(capsys):
+    # The step ms column (resize, detail restore, saliency, colour in OpenCV) ran OpenCV on
+    # every core under --threads 1, the docs' '1 thread' column included.
+    import cv2
+
+    before = cv2.getNumThreads()
+    try:
+        assert bench_main(['model', '--presets', 'compact', '--sizes', '32x32', '--repeats',
+                           '1', '--threads', '1']) == 0
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
+    assert '1 threads (torch and numba; OpenCV 1)' in capsys.readouterr().out

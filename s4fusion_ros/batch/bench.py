@@ -29,13 +29,18 @@ def add_command(commands) -> None:
                        '%(default)s)')
     batch.add_argument('--params', type=pathlib.Path, help="the node's parameter file")
     batch.add_argument('--cpus', type=int, default=os.cpu_count(),
-                       help='CPUs in all, split between the nodes (default: %(default)s)')
+                       help='CPUs in all, split between the nodes; the s4fusion-bag loop runs '
+                            'on as many threads, at most torch\'s default (default: '
+                            '%(default)s)')
     batch.set_defaults(func=bench_batch, minimums={'copies': 1, 'cpus': 2})
 
 
 def bench_batch(args) -> None:
     """Fuse the copies three ways and print pairs/s side by side."""
+    import torch
+
     from ..tools import bag as bag_tool
+    from ..tools.bench import load_note
     from .cluster import _ray, fuse_bags, private_home, stop_ray
 
     source = args.bag or pathlib.Path(__file__).parents[1] / 'data' / 'msrs_sample'
@@ -53,19 +58,27 @@ def bench_batch(args) -> None:
             shutil.copytree(source, inputs / f'bag{index:02d}')
         with open_bag(source) as reader:
             print(f'{args.copies} copies of {source} ({reader.duration / 1e9:.1f} s, '
-                  f'{reader.message_count} messages); {args.cpus} CPUs')
+                  f'{reader.message_count} messages); {args.cpus} CPUs; {load_note()}')
         extra = ['--params', str(args.params)] if args.params else []
         rows = []
-        started = time.perf_counter()
-        for bag in sorted(inputs.iterdir()):
-            if bag_tool.main([str(bag), str(scratch / 'loop' / bag.name), *extra]):
-                raise ValueError(f's4fusion-bag failed on {bag} (its error above)')
-        seconds = time.perf_counter() - started
+        # The loop on the CPUs the Ray runs get (on the machine's by default, as s4fusion-bag
+        # alone), so that 'vs loop' compares like with like when --cpus leaves some out.
+        threads = min(args.cpus, torch.get_num_threads())
+        with cpu_threads(threads):
+            started = time.perf_counter()
+            for bag in sorted(inputs.iterdir()):
+                status = bag_tool.main([str(bag), str(scratch / 'loop' / bag.name), *extra])
+                if status == 130:  # its Ctrl-C, handled and reported by s4fusion-bag: ours too
+                    raise KeyboardInterrupt
+                if status:
+                    raise ValueError(f's4fusion-bag failed on {bag} (its error above)')
+            seconds = time.perf_counter() - started
         loop_pairs = 0
         for bag in (scratch / 'loop').iterdir():
             with open_bag(bag) as reader:
                 loop_pairs += reader.topics[bag_tool.DEFAULT_FUSED_TOPIC].msgcount
-        rows.append(('s4fusion-bag loop', 1, seconds, loop_pairs))
+        rows.append((f's4fusion-bag loop ({threads} thread{"s" * (threads > 1)})', 1, seconds,
+                     loop_pairs))
         for nodes in (1, 2):
             cpus = [args.cpus // nodes + (i < args.cpus % nodes) for i in range(nodes)]
             with ray_nodes(ray, home, scratch / f'ray{nodes}', cpus):
@@ -83,10 +96,31 @@ def bench_batch(args) -> None:
             print(f'{name:<36} {pairs:>6} {seconds:>8.1f} {rate:>8.2f} '
                   f'{rate / (loop_pairs / rows[0][2]):>7.2f}x')
         print('(each s4fusion-bag run and each Ray worker loads the model; the Ray times leave '
-              f'out starting the nodes); load average {os.getloadavg()[0]:.1f}')
+              f'out starting the nodes); load average at the end {os.getloadavg()[0]:.1f}, this '
+              'run\'s own work included')
     finally:  # also after a stop while a Ray node starts: its processes keep the HOME
         stop_ray(ray, home)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """torch, OpenCV and numba on `count` threads for the block (as a Ray task of that many
+    CPUs: work.set_threads), back to what they were after."""
+    import cv2
+    import numba
+    import torch
+
+    from .work import set_threads
+
+    before = torch.get_num_threads(), cv2.getNumThreads(), numba.get_num_threads()
+    set_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+        numba.set_num_threads(before[2])
 
 
 @contextlib.contextmanager
