@@ -51,8 +51,9 @@ def bench_batch(args) -> None:
     ray = _ray()
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     scratch = pathlib.Path(tempfile.mkdtemp(prefix='s4bench-'))
-    home = private_home()
+    home = None
     try:
+        home = private_home()
         inputs = scratch / 'in'
         for index in range(args.copies):
             shutil.copytree(source, inputs / f'bag{index:02d}')
@@ -86,8 +87,10 @@ def bench_batch(args) -> None:
                 report = fuse_bags([inputs], scratch / f'nodes{nodes}', params=args.params,
                                    progress=False)
                 seconds = time.perf_counter() - started
-            if not report.ok:
-                raise SystemExit(f's4fusion-batch failed: {report.bags}')
+            if not report.ok:  # each failed bag has had its line
+                failed = sum(bag.status == 'failed' for bag in report.bags)
+                raise ValueError(f's4fusion-batch failed on {failed} of {len(report.bags)} '
+                                 'bags (their errors above)')
             rows.append((f's4fusion-batch, {nodes} node{"s" * (nodes > 1)} '
                          f'({"+".join(map(str, cpus))} CPUs)', nodes, seconds, report.fused))
         print(f'\n{"run":<36} {"pairs":>6} {"seconds":>8} {"pairs/s":>8} {"vs loop":>8}')
