@@ -165,6 +165,17 @@ def test_the_demo_refuses_qos_overrides_of_the_outputs_it_records(tmp_path):
     assert ('the offline tools write the outputs with the QoS of qos.output.*; set those instead '
             'of qos_overrides./s4fusion_node/fused.publisher.reliability') in done.stderr
     assert 'Traceback' not in done.stderr
+    assert not (tmp_path / 'demo').exists()  # a run refused before playing makes no folder
+
+
+def test_an_output_dir_that_cannot_be_made_is_named_before_the_bag_is_read(tmp_path):
+    # It was "[Errno 20] Not a directory: '.../logs'", after the bag had been read.
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('')
+    done = subprocess.run([str(DEMO), '--output-dir', str(a_file / 'demo')], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert f'{a_file / "demo"}: {a_file} is not a folder' in done.stderr, done.stderr
 
 
 def test_the_demo_never_replaces_its_own_input_bag(tmp_path):

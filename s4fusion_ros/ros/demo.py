@@ -37,7 +37,7 @@ from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image
                      log_span, open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import ROLES, Key, node_status, number, pairing_summary, per_input, values_of
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
-from ..files import resolved, write_png, write_text_atomically
+from ..files import check_writable_folder, resolved, write_png, write_text_atomically
 from ..imaging.encodings import decode_visible, image_to_array
 from ..messages import stamp_to_ns
 from ..model import CheckpointError
@@ -290,11 +290,10 @@ def run(args: argparse.Namespace) -> str:
     if source.is_relative_to(fused_bag) or fused_bag.is_relative_to(source):
         raise BagError(f'--bag {bag}: the demo writes {out_dir / "fused_bag"}, which cannot be '
                        'the input bag, hold it or lie inside it; choose another --output-dir')
+    check_writable_folder(out_dir)  # before the bag is read; made once it has been
     if (out_dir / 'fused_bag').exists():
         print(f'{PROG}: the outputs of an earlier run in {out_dir} are replaced once this run has '
               'fused the whole bag', file=sys.stderr)
-    shutil.rmtree(logs / 'ros', ignore_errors=True)  # this run's ROS logs, not every run's
-    logs.mkdir(parents=True, exist_ok=True)
     # Its recorder subscribes with the QoS of qos.output.*: a reliable recorder would hear
     # nothing from an output made best_effort by a publisher override, which is refused.
     values = settings.load_offline_params(args.params)
@@ -312,6 +311,8 @@ def run(args: argparse.Namespace) -> str:
               '(--rate to choose)', file=sys.stderr)
     # Read before the chain starts: the recorder must not wait on a pass over a long bag.
     expected, end_ns = playable_messages(bag, {'thermal': thermal, 'visible': visible})
+    shutil.rmtree(logs / 'ros', ignore_errors=True)  # this run's ROS logs, not every run's
+    logs.mkdir(parents=True, exist_ok=True)
     isolate_dds(args.domain_id, logs)
     play, node_command = chain_commands(args, bag, (thermal, visible), values, rate, logs)
     print(f'{PROG}: playing {bag} ({thermal.describe()}, {visible.describe()}) through '
