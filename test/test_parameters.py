@@ -422,6 +422,45 @@ def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
 
 
 @pytest.mark.ros
+@pytest.mark.parametrize('atomically', [False, True])
+def test_a_request_rclpy_cannot_read_is_refused_and_the_node_goes_on(node, atomically):
+    # A SetParameters request with a value type outside rcl_interfaces' 0-9 (a buggy or
+    # hostile client) raised ValueError in rclpy's service callback: the executor stopped the
+    # node ("99 is not a valid Parameter.Type"). An empty name slipped past rclpy's check for
+    # undeclared parameters and was declared.
+    from rcl_interfaces.msg import Parameter as ParameterMsg, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters, SetParametersAtomically
+    srv_type = SetParametersAtomically if atomically else SetParameters
+    client = node.create_client(
+        srv_type, '/s4fusion_node/set_parameters' + ('_atomically' if atomically else ''))
+    try:
+        assert client.wait_for_service(timeout_sec=20.0)
+        good = ParameterMsg(name='sync.slop', value=ParameterValue(
+            type=ParameterType.PARAMETER_DOUBLE, double_value=0.06))
+        for bad in (ParameterMsg(name='sync.slop', value=ParameterValue(type=99)),
+                    ParameterMsg(name='', value=ParameterValue(
+                        type=ParameterType.PARAMETER_STRING, string_value='x'))):
+            answer = call(node, client.call_async(srv_type.Request(parameters=[bad, good])))
+            if atomically:  # all or none
+                assert not answer.result.successful
+                assert get_parameter(node, 'sync.slop') != pytest.approx(0.06)
+            else:  # each on its own
+                assert [result.successful for result in answer.results] == [False, True]
+                assert get_parameter(node, 'sync.slop') == pytest.approx(0.06)
+                set_parameters(node, {'sync.slop': 0.05})
+            reason = (answer.result if atomically else answer.results[0]).reason
+            assert ('unknown parameter type 99' in reason if bad.name else
+                    reason == 'a parameter with an empty name'), reason
+    finally:
+        node.destroy_client(client)
+    from rclpy.parameter_client import AsyncParameterClient
+    names = call(node, AsyncParameterClient(node, 's4fusion_node').list_parameters()).result.names
+    assert '' not in names
+    [result] = set_parameters(node, {'sync.slop': 0.07})  # still up, and taking changes
+    assert result.successful, result.reason
+
+
+@pytest.mark.ros
 def test_output_encoding_change_takes_effect(node, ivif_dir):
     from ros_harness import image_message, load_pairs
     results = set_parameters(node, {'output_encoding': 'mono8', 'saliency.encoding': '32FC1'})

@@ -120,6 +120,7 @@ class S4FusionNode(Node):
         self.senders_known = False  # whether rclpy's MessageInfo names the publisher
         self.arrivals = ArrivalClock()  # times arrivals (sync.timeout): on sim time its pace
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
+        self._guard_parameter_services()
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
@@ -252,6 +253,18 @@ class S4FusionNode(Node):
                         f'override for each topic); remove the override to use {own}')
                 else:
                     self.get_logger().info(line)
+
+    def _guard_parameter_services(self) -> None:
+        """Answer set-parameters requests rclpy would raise on (an unknown value type, from a
+        hostile or buggy client) with a failed result and a log line: raised in a service
+        callback, rclpy's error stopped the node."""
+        def refused(reason: str) -> None:
+            if self._log_due(('parameters', 'refused request')):
+                self.get_logger().warning(f'refused a set-parameters request: {reason}')
+        for service in self.services:
+            if service.srv_type in parameters.SET_PARAMETERS_SERVICES:
+                service.callback = parameters.guarded_set_parameters(
+                    service.callback, service.srv_type, refused)
 
     def _validate_parameters(self, params):
         return parameters.validate_update(self._values(), {p.name: p.value for p in params})

@@ -6,6 +6,7 @@ bag tool reads the same parameters without rclpy.
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
+from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
@@ -41,6 +42,63 @@ def validate_update(current: dict, updates: dict) -> SetParametersResult:
     """Check parameter changes against the current values as a whole (settings.check_update)."""
     reason = check_update(current, updates)
     return SetParametersResult(successful=not reason, reason=reason)
+
+
+# A ParameterValue's type as rcl_interfaces defines them (PARAMETER_NOT_SET 0 to
+# PARAMETER_STRING_ARRAY 9): rclpy's set-parameters services raise on any other, in the executor.
+_PARAMETER_TYPES = frozenset(kind.value for kind in Parameter.Type)
+SET_PARAMETERS_SERVICES = (SetParameters, SetParametersAtomically)
+
+
+def request_fault(parameter) -> str:
+    """Why rclpy's set-parameters services cannot take this rcl_interfaces/Parameter of a
+    request ('' if they can): a value type it does not know (rclpy raises ValueError in the
+    service callback, which stops the node's spin), or an empty name (rclpy's check for
+    undeclared parameters lets '' through and declares it)."""
+    if parameter.value.type not in _PARAMETER_TYPES:
+        return (f'{parameter.name!r}: unknown parameter type {parameter.value.type} '
+                f'(rcl_interfaces types are {min(_PARAMETER_TYPES)} to {max(_PARAMETER_TYPES)})')
+    if not parameter.name:
+        return 'a parameter with an empty name'
+    return ''
+
+
+def guarded_set_parameters(handle, srv_type, refused):
+    """rclpy's set-parameters service callback `handle` (of SetParameters or
+    SetParametersAtomically, `srv_type`), answering a parameter it cannot take (`request_fault`,
+    or an error it raises) with a failed result instead of raising, which would stop the node;
+    `refused(reason)` is called with each such reason."""
+    def fail(reason: str) -> SetParametersResult:
+        refused(reason)
+        return SetParametersResult(successful=False, reason=reason)
+
+    def call(request, response):
+        try:
+            return handle(request, response)
+        except Exception as error:  # noqa: BLE001 - raised in the executor, it stops the node
+            return error
+
+    def callback(request, response):
+        faults = [request_fault(parameter) for parameter in request.parameters]
+        if srv_type is SetParametersAtomically:  # all or none
+            fault = next(filter(None, faults), '')
+            if not fault:
+                answer = call(request, response)
+                if not isinstance(answer, Exception):
+                    return answer
+                fault = f'refused: {answer!r}'
+            response.result = fail(fault)
+            return response
+        for parameter, fault in zip(request.parameters, faults):  # each on its own
+            if fault:
+                response.results.append(fail(fault))
+                continue
+            answer = call(SetParameters.Request(parameters=[parameter]), SetParameters.Response())
+            response.results.extend(
+                [fail(f'{parameter.name!r}: refused: {answer!r}')]
+                if isinstance(answer, Exception) else answer.results)
+        return response
+    return callback
 
 
 def qos_profile(reliability: str, depth: int) -> QoSProfile:
