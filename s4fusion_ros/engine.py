@@ -96,6 +96,12 @@ OUTLIER_NOTICE = ('a thermal frame\'s values lay far outside the normalization w
                   f'and left it as it was; values that stay so {HELD_FRAMES} frames in a row '
                   f'start a new window (diagnostics: "{Key.THERMAL_OUTLIERS}")')
 
+# Image sizes named in notices, each once: cameras whose sizes change with every frame (a buggy
+# driver, a hostile publisher) would otherwise log a line per frame and keep every text.
+SIZES_NAMED = 8
+SIZES_KEEP_CHANGING = (f'the cameras\' image sizes keep changing ({SIZES_NAMED} combinations '
+                       'named above): further sizes are not named')
+
 
 class FusionPipeline:
     """Decode, synchronize, normalize and register: everything before the model."""
@@ -112,6 +118,7 @@ class FusionPipeline:
         self.stamp_skew = StampSkew()  # cameras on clocks that differ: the node's hint
         self._timeline = 0  # Pair.timeline of the pairs the thermal range was taken over
         self._sizes = None  # ((width, height) thermal, visible) of the last pair prepared
+        self._size_notices = 0  # notices naming image sizes (SIZES_NAMED at most)
 
     def add_thermal(self, message, stamp_ns: int, frame_id: str, arrived: float | None = None,
                     received: float | None = None) -> list[PreparedPair]:
@@ -210,6 +217,14 @@ class FusionPipeline:
         if text not in self.notices:
             self.notices.append(text)
 
+    def _size_notice(self, text: str) -> None:
+        """A notice that names image sizes: each once, up to SIZES_NAMED of them, then one
+        that says they keep changing, and no more."""
+        if text in self.notices or self._size_notices > SIZES_NAMED:
+            return
+        self._size_notices += 1
+        self._notice(text if self._size_notices <= SIZES_NAMED else SIZES_KEEP_CHANGING)
+
     def _prepare(self, pairs) -> list[PreparedPair]:
         prepared = []
         for pair in pairs:
@@ -225,9 +240,9 @@ class FusionPipeline:
             height, width = visible.image.shape[:2]
             sizes = ((normalized.shape[1], normalized.shape[0]), (width, height))
             if self.registration.needs_resize(normalized.shape, (width, height)):
-                self._notice(resize_notice(*sizes))
+                self._size_notice(resize_notice(*sizes))
             elif not self.registration.is_identity and self._sizes not in (None, sizes):
-                self._notice(size_change_notice(self._sizes, sizes))
+                self._size_notice(size_change_notice(self._sizes, sizes))
             self._sizes = sizes
             # Where the thermal camera does not see, the model gets the visible luminance: a
             # constant there would read as cold or hot, and the fused image would change

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from s4fusion_ros import settings
-from s4fusion_ros.engine import (FusionEngine, FusionPipeline, FusionSettings, PreparedPair,
-                                 compose_output, model_input_size, pipeline_from_params,
-                                 restore_detail)
+from s4fusion_ros.engine import (SIZES_KEEP_CHANGING, SIZES_NAMED, FusionEngine,
+                                 FusionPipeline, FusionSettings, PreparedPair, compose_output,
+                                 model_input_size, pipeline_from_params, restore_detail)
 from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb, to_uint8
 from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage, RawImage,
                                             encode_image, image_to_array)
@@ -100,6 +100,27 @@ def test_a_camera_changing_size_under_a_homography_is_named_as_misregistered(msr
         'the cameras changed image size (thermal 320x240, visible 640x480; now thermal '
         '640x480, visible 640x480), but registration.homography maps the pixels of the sizes '
         'it was found for: the thermal image is misregistered until it is set for these']
+
+
+@pytest.mark.parametrize('homography', [[1, 0, 0, 0, 1, 0, 0, 0, 1],
+                                        [2, 0, 0, 0, 2, 0, 0, 0, 1]])
+def test_cameras_changing_size_with_every_frame_are_named_a_bounded_number_of_times(homography):
+    # A driver whose frames came at another size each time: the node logged a size notice per
+    # frame, without rate limit, and the pipeline kept every text (a list that grew without
+    # bound, searched at each pair).
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.02, queue_size=10), ThermalNormalizer(),
+                              ThermalRegistration(homography))
+    rng = np.random.default_rng(3)
+    for k in range(40):
+        thermal = rng.integers(0, 255, (int(rng.integers(2, 60)), int(rng.integers(2, 80))))
+        visible = rng.integers(0, 255, (int(rng.integers(2, 60)), int(rng.integers(2, 80)), 3))
+        pipeline.add_thermal(encode_image(thermal.astype(np.uint8), 'mono8'), (1000 + k) * MS,
+                             'ir')
+        assert len(pipeline.add_visible(encode_image(visible.astype(np.uint8), 'bgr8'),
+                                        (1000 + k) * MS, 'rgb')) == 1
+    assert len(pipeline.notices) == SIZES_NAMED + 1, pipeline.notices
+    assert pipeline.notices[-1] == SIZES_KEEP_CHANGING
+    assert all('thermal ' in notice for notice in pipeline.notices[:-1])
 
 
 def test_a_corrupt_32fc1_thermal_frame_is_held_out_of_the_window_with_one_notice(msrs_pair):
