@@ -315,6 +315,41 @@ def test_bad_message_is_dropped_counted_and_logged_and_fusion_goes_on(node, case
     sync_counts_add_up(after)
 
 
+def test_faults_that_differ_every_message_log_a_bounded_number_of_lines(node):
+    # A driver that sent a new encoding name in each message ("av'", "aw'", ...: repr quotes
+    # them with double quotes, which the kind of fault did not strip) got one log line per
+    # message, each with the list of known encodings; so did one whose zstd messages started
+    # with other bytes each time (named in hex, letters that are no number).
+    from s4fusion_ros.ros.node import _FAULT_LINES_PER_TOPIC
+    node.probe.spin_for(5.1)  # the lines of the tests before are out of the window
+    before = node.counts()
+    header = np.array([(1, 1, 0, 1, 5)], [('height', '<u4'), ('width', '<u4'),
+                                          ('is_bigendian', 'u1'), ('step', '<u4'),
+                                          ('encoding_length', '<u4')]).tobytes() + b'mono8'
+    letters = [0xab, 0xcd, 0xef, 0xfa, 0xbc, 0xde]
+    for first in letters:
+        for second in letters[1:]:
+            node.probe.thermal_pub.publish(image(THERMAL, 'mono16', node.now(),
+                                                 encoding=f"{first:x}{second:x}'"))
+            node.compressed_pub.publish(compressed(header + bytes([first, second, 0xaa, 0xaa]),
+                                                   node.now(), 'zstd'))
+            node.probe.spin_for(0.02)
+    node.fuse()
+    after = node.counts()
+    for role in ROLES:
+        rejected = per_input(role, 'rejected (bad message)')
+        assert after[rejected] - before[rejected] == 30
+    # One kind of fault: one line.
+    assert len(node.log_lines(f'{NAMESPACE}/thermal/image_raw: dropped a "',
+                              "'\" message: unsupported encoding")) == 1, node.log()
+    # As many kinds as messages: a bounded number of lines, the last saying so.
+    lines = node.log_lines(f"{NAMESPACE}/visible/image_raw/compressed: dropped a 'zstd' "
+                           'message', 'neither a zstd frame nor a gzip stream')
+    assert len(lines) == _FAULT_LINES_PER_TOPIC, node.log()
+    assert 'more are not logged for now; /diagnostics counts every dropped message' in lines[-1]
+    node.probe.spin_for(5.1)  # nor do these hide the faults of the tests after
+
+
 def test_diagnostics_warn_while_inputs_arrive_and_nothing_is_fused(node):
     from diagnostic_msgs.msg import DiagnosticStatus
     node.fuse()

@@ -58,9 +58,14 @@ PAIRING_WINDOW_S = 5.0
 PAIRING_MIN_FRAMES = 6
 # An input that sent within this (s) is arriving: the other one's silence is then logged.
 ARRIVING_S = 1.0
-# Numbers and quoted names (sizes, encodings) vary within one kind of fault: a bad-message log
-# line is rate-limited per topic and kind, so a flood of one fault cannot hide a different one.
-_FAULT_DETAILS = re.compile(r"\d+|'[^']*'")
+# Numbers and quoted names (sizes, encodings; repr quotes a name holding an apostrophe with
+# double quotes) vary within one kind of fault: a bad-message log line is rate-limited per topic
+# and kind, so a flood of one fault cannot hide a different one.
+_FAULT_DETAILS = re.compile(r"\d+|'[^']*'|\"[^\"]*\"")
+# And per topic, whatever the kind: a publisher whose faults differ every time (a new encoding
+# name in each message, random bytes where a compressed stream's magic should be) logged a line
+# per message. At most this many lines per topic in LOG_THROTTLE_S, the last saying so.
+_FAULT_LINES_PER_TOPIC = 8
 # The standard qos_overrides.<topic>.<publisher|subscription>.<history|depth|reliability> start-up
 # parameters of the image topics, applied over the profiles of the qos.* parameters.
 QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
@@ -120,6 +125,8 @@ class S4FusionNode(Node):
         self.senders_known = False  # whether rclpy's MessageInfo names the publisher
         self.arrivals = ArrivalClock()  # times arrivals (sync.timeout): on sim time its pace
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
+        # role -> monotonic times of its bad-message lines in the last LOG_THROTTLE_S
+        self.fault_lines = {role: collections.deque() for role in ROLES}
         self._guard_parameter_services()
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
@@ -465,12 +472,22 @@ class S4FusionNode(Node):
         return True
 
     def _log_rejection(self, role: str, msg, error: Exception) -> None:
-        if not self._log_due((role, _FAULT_DETAILS.sub('', str(error)))):
+        now, lines = time.monotonic(), self.fault_lines[role]
+        while lines and now - lines[0] >= LOG_THROTTLE_S:
+            lines.popleft()
+        if (len(lines) >= _FAULT_LINES_PER_TOPIC
+                or not self._log_due((role, _FAULT_DETAILS.sub('', str(error))))):
             return
+        lines.append(now)
         topic = getattr(self, f'{role}_sub').topic_name
         encoding = msg.format if isinstance(msg, CompressedImage) else msg.encoding
         # repr: the encoding comes from the sender and may hold anything, line breaks too.
-        self.get_logger().warning(f'{topic}: dropped a {encoding!r} message: {error}')
+        line = f'{topic}: dropped a {encoding!r} message: {error}'
+        if len(lines) == _FAULT_LINES_PER_TOPIC:
+            line += (f' ({_FAULT_LINES_PER_TOPIC} kinds of fault on this topic in '
+                     f'{LOG_THROTTLE_S:.0f} s: more are not logged for now; /diagnostics counts '
+                     'every dropped message)')
+        self.get_logger().warning(line)
 
     def _expire_pending(self) -> None:
         # The pipeline extrapolates the stamps' clock from arrivals (sync.timeout is its own).
