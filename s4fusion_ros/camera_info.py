@@ -8,6 +8,7 @@ the image it goes with.
 """
 
 import collections
+import math
 import threading
 
 from .messages import stamp_to_ns
@@ -25,6 +26,28 @@ def camera_info_topic(image_topic: str, transport: bool = False) -> str:
     sibling it is."""
     base = image_topic.rpartition('/')[0] if transport else image_topic
     return base.rpartition('/')[0] + '/camera_info'
+
+
+def calibration_fault(info, width: int, height: int) -> str:
+    """Why `info` (rclpy's or rosbags' CameraInfo) does not describe the `width` x `height`
+    visible images it goes with ('' where it may): a size that its region of interest and
+    binning do not reduce to theirs, or a camera matrix K that is not finite. All zeros (size, K)
+    is an uncalibrated camera's, as sensor_msgs documents it, and fine. The node and s4fusion-bag
+    pass the info on as it came either way; a user must hear that rectifying or projecting with
+    it beside the outputs goes wrong."""
+    if not all(math.isfinite(value) for value in info.k):
+        return 'its camera matrix K is not finite'
+    if not (info.width or info.height):
+        return ''
+    roi = info.roi
+    calibrated = ((roi.width or info.width) // max(info.binning_x, 1),
+                  (roi.height or info.height) // max(info.binning_y, 1))
+    if calibrated == (width, height):
+        return ''
+    reduced = (' with its region of interest and binning' if calibrated != (info.width,
+                                                                            info.height) else '')
+    return (f'it describes {calibrated[0]}x{calibrated[1]} images{reduced}, the visible images '
+            f'are {width}x{height}')
 
 
 class CameraInfoCache:

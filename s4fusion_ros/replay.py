@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic, add_topic,
                     camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
                     deserialize, image_cdr, read_messages, topic_types)
-from .camera_info import CAMERA_INFO, CameraInfoCache, camera_info_topic
+from .camera_info import CAMERA_INFO, CameraInfoCache, calibration_fault, camera_info_topic
 from .engine import FusionEngine, FusionPipeline, FusionResult, clock_jump_message
 from .files import write_png
 from .imaging.encodings import ImageDecodeError, compress_transport
@@ -113,6 +113,7 @@ class BagFuser:
         self.baseline = self.tally()  # at the first owned message of a span
         self.camera_infos = CameraInfoCache()
         self.camera_info_output = None  # the output bag's camera_info connection, if any
+        self.calibration_warned = False  # a camera_info not fitting its images, said once
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
             writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
@@ -269,6 +270,11 @@ class BagFuser:
                              compressed_image_cdr(data, fmt, pair.visible_stamp_ns, pair.frame_id))
             info = self.camera_infos.for_image(pair.visible_stamp_ns)
             if info is not None and self.camera_info_output is not None:
+                fault = calibration_fault(info, *pair.visible_bgr.shape[1::-1])
+                if fault and not self.calibration_warned:
+                    self.calibration_warned = True
+                    self._warn(f'{path}: the visible camera_info: {fault}; written beside the '
+                               'outputs as it came (said once)')
                 writer.write(self.camera_info_output, log_time,
                              camera_info_cdr(info, pair.visible_stamp_ns, pair.frame_id))
             if self.export is not None and self.counts.fused % self.export_every == 0:

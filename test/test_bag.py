@@ -552,6 +552,17 @@ def test_the_visible_camera_info_goes_beside_the_outputs_as_the_node_publishes_i
                           str(params_file)]) == 0
     messages = read_bag(tmp_path / 'jpeg_out')
     assert len(messages['/s4fusion_node/camera_info']) == len(messages['/s4fusion_node/fused'])
+    assert 'camera_info: it describes' not in capsys.readouterr().err
+    # An info of another size than its images: written as it came, and said once.
+    small = write_bag(tmp_path / 'small', [(*event[:4], event[4][::2, ::2]) if event[1] ==
+                                           VISIBLE_TOPIC else event for event in short_events],
+                      'mcap', visible_infos=most_frames)
+    assert bag_tool.main([str(small), str(tmp_path / 'small_out'), '--params',
+                          str(params_file)]) == 0
+    assert capsys.readouterr().err.count(
+        f'{small}: the visible camera_info: it describes {SIZE[0]}x{SIZE[1]} images, the '
+        f'visible images are {SIZE[0] // 2}x{SIZE[1] // 2}; written beside the outputs as it '
+        'came (said once)') == 1
     # Where --fused-topic would put its info on the copied input info: refused.
     assert bag_tool.main([str(source), str(tmp_path / 'out2'), '--include-inputs',
                           '--fused-topic', '/camera/color/fused']) == 1

@@ -11,7 +11,8 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from ros_harness import Probe, image_message, node_log, received_stamps, running_node  # noqa: E402
 from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
-from s4fusion_ros.camera_info import CameraInfoCache, camera_info_topic  # noqa: E402
+from s4fusion_ros.camera_info import (CameraInfoCache, calibration_fault,  # noqa: E402
+                                      camera_info_topic)
 from s4fusion_ros.ros.images import set_stamp  # noqa: E402
 
 THERMAL = np.random.default_rng(0).integers(20000, 30000, (120, 160), dtype=np.uint16)
@@ -51,6 +52,23 @@ def test_an_image_gets_the_info_of_its_stamp_or_else_the_latest():
 
 
 @pytest.mark.ros
+def test_an_info_that_does_not_describe_its_images_is_named():
+    info = camera_info(0, 100.0)
+    assert calibration_fault(info, 160, 120) == ''
+    assert calibration_fault(info, 80, 60) == ('it describes 160x120 images, the visible images '
+                                               'are 80x60')
+    info.binning_x = info.binning_y = 2  # a binned camera's info keeps its sensor's size
+    assert calibration_fault(info, 80, 60) == ''
+    info.roi.width, info.roi.height = 100, 50
+    assert calibration_fault(info, 80, 60) == ('it describes 50x25 images with its region of '
+                                               'interest and binning, the visible images are '
+                                               '80x60')
+    uncalibrated = CameraInfo()  # all zeros: sensor_msgs' uncalibrated camera
+    assert calibration_fault(uncalibrated, 160, 120) == ''
+    info = camera_info(0, float('nan'))
+    assert calibration_fault(info, 160, 120) == 'its camera matrix K is not finite'
+
+
 def test_the_visible_calibration_is_republished_with_each_output(ros_context):
     # A remapped visible topic takes its camera_info sibling along, as image_transport's
     # CameraSubscriber does; the node's info is ~/camera_info, where rviz and image_proc look

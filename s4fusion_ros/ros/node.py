@@ -28,7 +28,7 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from .. import precompile, settings
-from ..camera_info import CACHE_SIZE, CameraInfoCache, camera_info_topic
+from ..camera_info import CACHE_SIZE, CameraInfoCache, calibration_fault, camera_info_topic
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            inference_stall, late_arrivals, left_at_stop, pairing_shortfall,
                            pairing_summary, per_input, status_name, thermal_frames_lost,
@@ -554,6 +554,10 @@ class S4FusionNode(Node):
                     result.pair.visible_stamp_ns, result.pair.frame_id))
         info = self.camera_infos.for_image(result.pair.visible_stamp_ns)
         if info is not None:
+            fault = calibration_fault(info, *result.pair.visible_bgr.shape[1::-1])
+            if fault and self._log_due(('visible', 'camera_info')):
+                self.get_logger().warning(f'{self.camera_info_sub.topic_name}: {fault}; '
+                                          'published beside the outputs as it came')
             info = copy.copy(info)  # the calibration is shared, not changed
             set_header(info, result.pair.visible_stamp_ns, result.pair.frame_id)
             for publisher in self.camera_info_pubs:
