@@ -7,6 +7,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 marker="$venv/.s4fusion-setup-complete"
 pip_install=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# Ctrl-C: pip catches it and exits 1, and bash goes on after a command that did not die of the
+# signal, so the torch step below took it for an unreachable index and fetched PyPI's CUDA build.
+trap 'echo "setup: interrupted (the next run completes $venv)" >&2; exit 130' INT
 
 # 3.11: the package needs it (enum.StrEnum), and the pinned NumPy (2.4) has no release for 3.10.
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

@@ -112,3 +112,64 @@ def test_set_up_refuses_a_python_older_than_the_package_needs(tmp_path):
     assert done.returncode == 1
     assert done.stderr == ('setup: Python 3.11 or newer is needed as python3 (found: Python '
                            '3.10.13)\n')
+
+
+def fake_set_up(tmp_path: pathlib.Path, pip_does: str) -> tuple[pathlib.Path, dict]:
+    """A checkout with this one's set-up files and a `python3` whose venvs have no pip but one
+    that logs its arguments to pip.log and then does `pip_does` (Python): set-up.sh runs to its
+    first pip step in a second or two, creating no real environment."""
+    root = tmp_path / 'checkout'
+    (root / 'scripts').mkdir(parents=True)
+    for name in ('scripts/setup.sh', 'scripts/check_venv.py', 'requirements.txt',
+                 'constraints.txt', 'setup.py'):
+        (root / name).write_bytes((REPO / name).read_bytes())
+    (root / 'launch').mkdir()
+    (root / 'config').mkdir()
+    bin_folder = tmp_path / 'bin'
+    bin_folder.mkdir()
+    python3 = bin_folder / 'python3'
+    python3.write_text(
+        '#!/bin/sh\n'
+        f'if [ "$1" = -m ] && [ "$2" = venv ]; then shift 2; exec "{sys.executable}" -m venv '
+        f'--without-pip "$@"; fi\nexec "{sys.executable}" "$@"\n')
+    python3.chmod(0o755)
+    (tmp_path / 'pip.py').write_text(
+        'import os, signal, sys, time\n'
+        f'with open({str(tmp_path / "pip.log")!r}, "a") as log:\n'
+        '    log.write(" ".join(sys.argv[1:]) + "\\n")\n' + pip_does)
+    return root, {'PATH': f'{bin_folder}:/usr/bin:/bin', 'HOME': str(tmp_path)}
+
+
+def venv_with_fake_pip(venv: pathlib.Path, pip_module: pathlib.Path) -> None:
+    """An (incomplete) venv whose `python -m pip` runs pip_module."""
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True,
+                   timeout=60)
+    site = next(venv.glob('lib/python3*/site-packages'))
+    (site / 'pip').mkdir()
+    (site / 'pip' / '__init__.py').write_text('')
+    (site / 'pip' / '__main__.py').write_text(pip_module.read_text())
+
+
+def run_set_up(root: pathlib.Path, env: dict) -> subprocess.CompletedProcess:
+    # A session of its own: the fake pip's Ctrl-C reaches the set-up's process group only.
+    return subprocess.run(['bash', str(root / 'scripts' / 'setup.sh')], capture_output=True,
+                          text=True, timeout=120, env=env, cwd='/', start_new_session=True)
+
+
+def test_ctrl_c_during_the_torch_step_stops_the_set_up(tmp_path):
+    # A terminal's Ctrl-C reaches pip and the script: pip exits 1, and the set-up took that for
+    # an unreachable CPU index and went on to fetch PyPI's multi-GB CUDA torch.
+    root, env = fake_set_up(tmp_path, (
+        'try:\n'
+        '    os.kill(0, signal.SIGINT)\n'
+        '    time.sleep(10)\n'
+        'except KeyboardInterrupt:\n'
+        '    sys.exit("ERROR: Operation cancelled by user")\n'))
+    venv_with_fake_pip(root / '.venv', tmp_path / 'pip.py')
+    done = run_set_up(root, env)
+    calls = (tmp_path / 'pip.log').read_text().splitlines()
+    assert len(calls) == 1 and 'torch==' in calls[0], calls
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert 'CUDA build' not in done.stderr
+    assert done.stderr.endswith(f'setup: interrupted (the next run completes {root}/.venv)\n')
+    assert not (root / '.venv' / '.s4fusion-setup-complete').exists()
