@@ -173,3 +173,17 @@ def test_ctrl_c_during_the_torch_step_stops_the_set_up(tmp_path):
     assert 'CUDA build' not in done.stderr
     assert done.stderr.endswith(f'setup: interrupted (the next run completes {root}/.venv)\n')
     assert not (root / '.venv' / '.s4fusion-setup-complete').exists()
+
+
+def test_a_failed_pip_step_is_told_as_the_set_up_s_own_last_word(tmp_path):
+    # Without PyPI the output ended with pip's "No matching distribution found for
+    # torch==2.13.0 (from versions: none)", just after "installing PyPI's, the CUDA build".
+    root, env = fake_set_up(tmp_path, 'sys.exit("ERROR: No matching distribution found")\n')
+    venv_with_fake_pip(root / '.venv', tmp_path / 'pip.py')
+    done = run_set_up(root, env)
+    assert done.returncode == 1
+    torch_pin = next(line for line in (REPO / 'requirements.txt').read_text().splitlines()
+                     if line.startswith('torch=='))
+    assert done.stderr.splitlines()[-1] == (
+        f"setup: installing PyPI's {torch_pin} failed (pip says why above; is PyPI out of "
+        f"reach?): {root}/.venv is left incomplete, the next run completes it")
