@@ -5,6 +5,14 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
+# .venv may be a link to a folder elsewhere (another disk): Python's venv makes nothing through a
+# link ("Unable to create directory"), so the set-up works in the folder it names.
+if [ -L "$venv" ]; then
+  venv="$(readlink -f "$venv")" || {
+    echo "setup: $root/.venv is a link to $(readlink "$root/.venv"), which cannot be made" >&2
+    exit 1
+  }
+fi
 marker="$venv/.s4fusion-setup-complete"
 pip_install=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # Ctrl-C: pip catches it and exits 1, and bash goes on after a command that did not die of the

@@ -2,6 +2,7 @@
 another version or with files gone, or the package installed from another checkout, is found."""
 
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +101,18 @@ def test_scripts_bound_to_the_venv_or_to_another_folder_are_told_apart(tmp_path,
     assert f'{moved}/bin/s4fusion-demo runs {venv}/bin/python' in result.stdout
 
 
+def test_a_venv_named_through_a_link_is_bound_to_itself(tmp_path):
+    # .venv linked to a folder elsewhere: its scripts name the folder's real path, and the check
+    # named through the link took it for a venv moved or copied, to be made afresh each time.
+    venv = tmp_path / 'disk' / 'venv'
+    (venv / 'bin').mkdir(parents=True)
+    (venv / 'bin' / 's4fusion-demo').write_text(f'#!{venv}/bin/python\nimport sys\n')
+    (tmp_path / 'checkout').mkdir()
+    (tmp_path / 'checkout' / '.venv').symlink_to(venv)
+    result = run_check('--bound', REPO, tmp_path / 'checkout' / '.venv')
+    assert result.returncode == 0, result.stdout
+
+
 def test_set_up_refuses_a_python_older_than_the_package_needs(tmp_path):
     # The package and NumPy 2.4 need 3.11: on 3.10 the set-up made a venv and installed torch
     # before pip failed.
@@ -187,3 +200,35 @@ def test_a_failed_pip_step_is_told_as_the_set_up_s_own_last_word(tmp_path):
     assert done.stderr.splitlines()[-1] == (
         f"setup: installing PyPI's {torch_pin} failed (pip says why above; is PyPI out of "
         f"reach?): {root}/.venv is left incomplete, the next run completes it")
+
+
+@pytest.mark.parametrize('made', [True, False])
+def test_dot_venv_may_be_a_link_to_a_folder_elsewhere(tmp_path, made):
+    # Python's venv refuses to make a venv through a link: "Error: Unable to create directory
+    # '.../.venv'", and nothing was installed, whether the folder it names existed or not.
+    root, env = fake_set_up(tmp_path, 'sys.exit("ERROR: offline")\n')
+    elsewhere = tmp_path / 'disk' / 'venv'
+    elsewhere.parent.mkdir()
+    if made:
+        venv_with_fake_pip(elsewhere, tmp_path / 'pip.py')
+    (root / '.venv').symlink_to(elsewhere)
+    done = run_set_up(root, env)
+    assert 'Unable to create directory' not in done.stderr, done.stderr
+    assert (root / '.venv').is_symlink() and (elsewhere / 'pyvenv.cfg').is_file()
+    if made:  # its (fake) pip was asked for torch
+        assert 'torch==' in (tmp_path / 'pip.log').read_text()
+    else:  # the new venv has no pip at all
+        assert 'No module named pip' in done.stderr, done.stderr
+    assert f'{elsewhere} is left incomplete' in done.stderr
+
+
+@pytest.mark.skipif(not shutil.which('git'), reason='needs git')
+def test_git_ignores_dot_venv_as_a_link_too(tmp_path):
+    # '.venv/' matches a folder only: a linked .venv showed as untracked.
+    (tmp_path / '.gitignore').write_bytes((REPO / '.gitignore').read_bytes())
+    (tmp_path / 'venv').mkdir()
+    (tmp_path / '.venv').symlink_to(tmp_path / 'venv')
+    subprocess.run(['git', 'init', '-q', str(tmp_path)], check=True, timeout=60)
+    status = subprocess.run(['git', 'status', '--porcelain', '--', '.venv'], cwd=tmp_path,
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+    assert status == ''
