@@ -25,6 +25,14 @@ incomplete() {
   exit 1
 }
 
+# One set-up at a time (demo.sh and test.sh started together on a fresh machine): the second took
+# the first's half-made venv for no venv at all, removed it under the first's pip and made its own.
+exec 9<"$root/scripts/setup.sh"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "setup: another set-up of $venv is running; waiting for it"
+  flock 9
+fi
+
 # 3.11: the package needs it (enum.StrEnum), and the pinned NumPy (2.4) has no release for 3.10.
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "setup: Python 3.11 or newer is needed as python3 (found:" \

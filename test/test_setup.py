@@ -202,6 +202,25 @@ def test_a_failed_pip_step_is_told_as_the_set_up_s_own_last_word(tmp_path):
         f"reach?): {root}/.venv is left incomplete, the next run completes it")
 
 
+def test_two_set_ups_at_once_take_turns(tmp_path):
+    # demo.sh and test.sh started together: the second removed the venv the first was installing
+    # into ("it is not a virtual environment") and both ran pip into one folder at once.
+    root, env = fake_set_up(tmp_path, '')
+    (tmp_path / 'pip.py').write_text(  # a pip that takes a second, then fails
+        'import sys, time\n'
+        f'log = open({str(tmp_path / "pip.log")!r}, "a")\n'
+        'log.write("start\\n"); log.flush(); time.sleep(1); log.write("end\\n"); log.close()\n'
+        'sys.exit("ERROR: offline")\n')
+    venv_with_fake_pip(root / '.venv', tmp_path / 'pip.py')
+    both = [subprocess.Popen(['bash', str(root / 'scripts' / 'setup.sh')], env=env, cwd='/',
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [process.communicate(timeout=120)[0] for process in both]
+    calls = (tmp_path / 'pip.log').read_text().split()
+    assert calls == ['start', 'end'] * 4, (calls, outputs)  # two pip calls each, one at a time
+    assert any('another set-up of' in output for output in outputs), outputs
+
+
 @pytest.mark.parametrize('made', [True, False])
 def test_dot_venv_may_be_a_link_to_a_folder_elsewhere(tmp_path, made):
     # Python's venv refuses to make a venv through a link: "Error: Unable to create directory
