@@ -108,11 +108,17 @@ def script_python(script: pathlib.Path) -> str:
 
 
 def bound_elsewhere(venv: pathlib.Path) -> str:
-    """Why the venv's scripts would not run its own Python ('' when they do)."""
-    own = (f'{venv}/bin/python', f'{venv}/bin/python3')
+    """Why the venv's scripts would not run its own Python ('' when they do).
+
+    The venv may be named through a link (.venv linked to a folder elsewhere): its scripts name
+    the folder's real path, or the link's."""
+    def own(python: str) -> bool:
+        path = pathlib.Path(python)
+        return (path.name in ('python', 'python3') and path.is_absolute()
+                and path.parent.resolve() == (venv / 'bin').resolve())
     for name in ('pip', 's4fusion-demo'):
         script = venv / 'bin' / name
-        if script.is_file() and script_python(script) not in own:
+        if script.is_file() and not own(script_python(script)):
             return f'{script} runs {script_python(script) or "nothing"} (moved or copied?)'
     return ''
 

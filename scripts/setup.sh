@@ -5,8 +5,33 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
+# .venv may be a link to a folder elsewhere (another disk): Python's venv makes nothing through a
+# link ("Unable to create directory"), so the set-up works in the folder it names.
+if [ -L "$venv" ]; then
+  venv="$(readlink -f "$venv")" || {
+    echo "setup: $root/.venv is a link to $(readlink "$root/.venv"), which cannot be made" >&2
+    exit 1
+  }
+fi
 marker="$venv/.s4fusion-setup-complete"
 pip_install=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# Ctrl-C: pip catches it and exits 1, and bash goes on after a command that did not die of the
+# signal, so the torch step below took it for an unreachable index and fetched PyPI's CUDA build.
+trap 'echo "setup: interrupted (the next run completes $venv)" >&2; exit 130' INT
+# A pip step that failed (no network, a pin pip cannot find): pip said why above.
+incomplete() {
+  echo "setup: $1 failed (pip says why above; is PyPI out of reach?): $venv is left" \
+       "incomplete, the next run completes it" >&2
+  exit 1
+}
+
+# One set-up at a time (demo.sh and test.sh started together on a fresh machine): the second took
+# the first's half-made venv for no venv at all, removed it under the first's pip and made its own.
+exec 9<"$root/scripts/setup.sh"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "setup: another set-up of $venv is running; waiting for it"
+  flock 9
+fi
 
 # 3.11: the package needs it (enum.StrEnum), and the pinned NumPy (2.4) has no release for 3.10.
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -67,16 +92,20 @@ if ! "${pip_install[@]}" -q --retries 1 --no-deps "${torch_force[@]}" \
     --index-url https://download.pytorch.org/whl/cpu "$torch_pin"; then
   echo "setup: PyTorch's CPU index is out of reach and pip has no local wheel of $torch_pin:" \
        "installing PyPI's, the CUDA build (several GB; it runs on the CPU too)" >&2
-  "${pip_install[@]}" --no-deps "${torch_force[@]}" "$torch_pin"
+  "${pip_install[@]}" --no-deps "${torch_force[@]}" "$torch_pin" \
+    || incomplete "installing PyPI's $torch_pin"
 fi
 if [ ${#others[@]} -gt 0 ]; then
-  "${pip_install[@]}" --force-reinstall --no-deps "${others[@]}"
+  "${pip_install[@]}" --force-reinstall --no-deps "${others[@]}" \
+    || incomplete "reinstalling ${others[*]}"
 fi
 # The pins, and what they pull in at the versions constraints.txt locks.
-"${pip_install[@]}" -r "$root/requirements.txt" -c "$root/constraints.txt"
+"${pip_install[@]}" -r "$root/requirements.txt" -c "$root/constraints.txt" \
+  || incomplete "installing requirements.txt"
 # No build isolation: the venv's setuptools (below 80 through colcon-core) builds it, not
 # whatever PyPI has newest.
-"${pip_install[@]}" --no-deps --no-build-isolation -e "$root"
+"${pip_install[@]}" --no-deps --no-build-isolation -e "$root" \
+  || incomplete "installing this package (editable)"
 # The venv as an ament prefix (index marker, share/s4fusion_ros, executables in lib/s4fusion_ros).
 "$venv/bin/python" -m s4fusion_ros.ament_prefix "$venv"
 if ! problem="$(venv_python "$root/scripts/check_venv.py" "$root" "$venv" 2>&1)"; then
