@@ -15,6 +15,7 @@ anew from what the venv has installed: what the pins require, transitively, at i
 Usage: VENV/bin/python -I scripts/check_venv.py [--damaged | --bound | --lock] ROOT VENV
 """
 
+import csv
 import importlib
 import importlib.metadata
 import importlib.util
@@ -92,10 +93,23 @@ def installed(
             yield name, pinned, None
 
 
-def lacks_files(distribution: importlib.metadata.Distribution) -> list:
+def recorded_files(distribution: importlib.metadata.Distribution) -> list[str]:
+    """The files its install recorded, present or not.
+
+    Not Distribution.files: since Python 3.12 it leaves out the files that are gone, so a damaged
+    install would look whole. pip records every install in RECORD; the rest (an egg-info, rare
+    here) only through Distribution.files."""
+    record = distribution.read_text('RECORD')
+    if record is None:
+        return [str(file) for file in distribution.files or ()]
+    return [row[0] for row in csv.reader(record.splitlines()) if row]
+
+
+def lacks_files(distribution: importlib.metadata.Distribution) -> list[str]:
     """The files its install recorded that are gone (compiled caches aside)."""
-    return [file for file in distribution.files or ()
-            if '__pycache__' not in file.parts and not file.locate().exists()]
+    return [file for file in recorded_files(distribution)
+            if '__pycache__' not in pathlib.PurePath(file).parts
+            and not pathlib.Path(distribution.locate_file(file)).exists()]
 
 
 def script_python(script: pathlib.Path) -> str:
