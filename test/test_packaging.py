@@ -208,7 +208,9 @@ def test_pytest_loads_launch_testings_old_plugin_hook(tmp_path):
 ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml',
                'tqdm': 'python3-tqdm', 'setuptools': 'python3-setuptools',
                'pytest': 'python3-pytest', 'hypothesis': 'python3-hypothesis',
-               'pycodestyle': 'python3-pycodestyle', 'packaging': 'python3-packaging'}
+               'pycodestyle': 'python3-pycodestyle', 'packaging': 'python3-packaging',
+               # Python 3.12 dropped the standard library's distutils: setuptools' stands in.
+               'distutils': 'python3-setuptools'}
 PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags',
             'backports',  # backports.zstd, installed with rosbags (Python < 3.14)
             'mamba_ssm', 'selective_scan_cuda',  # the optional extra [gpu]: mamba-ssm, its kernel
