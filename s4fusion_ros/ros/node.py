@@ -348,9 +348,10 @@ class S4FusionNode(Node):
     def _message_filters_subscriber(self, role: str, p: dict):
         """A message_filters Subscriber with the own backend's QoS events and overrides.
 
-        message_filters 7.1.5 (Kilted, January 2026) took no keyword arguments beyond the
-        profile, so neither can be passed to it (7.1.6 passes them on again): the node then
-        runs without them and says so.
+        message_filters' Subscriber took no keyword arguments beyond the profile in Jazzy
+        4.11.10 and Kilted 7.1.5 (January 2026, ros2/message_filters#226 backported), so
+        neither can be passed to it there (Jazzy 4.11.11 and Kilted 7.1.6, February 2026, pass
+        them on again, ros2/message_filters#247): the node then runs without them and says so.
         """
         topic, qos = self._input_topic(role, p[f'{role}.transport']), direction_qos(p, 'input')
         try:
@@ -361,7 +362,8 @@ class S4FusionNode(Node):
             self.get_logger().warning(
                 f'this message_filters takes no event_callbacks or qos_overriding_options '
                 f'({error}): {topic[1]} runs without incompatible-QoS reports and '
-                'qos_overrides; message_filters 7.1.6 or later has them')
+                'qos_overrides; message_filters 4.11.11 (Jazzy) or 7.1.6 (Kilted) or later '
+                'has them')
             return self.message_filters.Subscriber(self, *topic, qos_profile=qos)
 
     def _rate(self, role: str) -> RateMeter:
