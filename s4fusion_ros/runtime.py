@@ -21,6 +21,16 @@ class DeviceError(ValueError):
     """The requested device does not exist on this machine."""
 
 
+def set_threads(count: int) -> None:
+    """Make torch, OpenCV and numba use `count` threads (a Ray task's CPUs, a tool's --threads),
+    not the whole machine."""
+    import cv2
+    import numba
+    torch.set_num_threads(count)
+    cv2.setNumThreads(count)
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+
+
 def resolve_device(spec: str) -> torch.device:
     """Map the `device` parameter (auto, cpu, cuda, cuda:N) to a torch device.
 

@@ -109,12 +109,12 @@ def bench_batch(args) -> None:
 @contextlib.contextmanager
 def cpu_threads(count: int):
     """torch, OpenCV and numba on `count` threads for the block (as a Ray task of that many
-    CPUs: work.set_threads), back to what they were after."""
+    CPUs), back to what they were after."""
     import cv2
     import numba
     import torch
 
-    from .work import set_threads
+    from ..runtime import set_threads
 
     before = torch.get_num_threads(), cv2.getNumThreads(), numba.get_num_threads()
     set_threads(count)

@@ -32,6 +32,7 @@ from ..bagio import BagError
 from ..cli import interrupts_held, on_main_thread, stop_signals_handled
 from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, held_folder, write_text_atomically
+from ..runtime import set_threads
 from . import work
 from .work import MANIFEST, BagJob, BatchError, Unit
 
@@ -485,7 +486,7 @@ class _Reporter:
 def _run_unit(unit: Unit, box, threads: int) -> dict:
     """Body of a CPU task (and of a GPU actor's calls)."""
     if threads:
-        work.set_threads(threads)
+        set_threads(threads)
     reporter = _Reporter(box, unit.label)
     try:
         return work.run_unit(unit, reporter)

@@ -311,16 +311,6 @@ def engine_for(values: dict, warnings: list[str]) -> FusionEngine:
     return FusionEngine(model, fusion_settings(values))
 
 
-def set_threads(count: int) -> None:
-    """Make torch, OpenCV and numba use the CPUs the task was given, not the whole machine."""
-    import cv2
-    import numba
-    import torch
-    torch.set_num_threads(count)
-    cv2.setNumThreads(count)
-    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
-
-
 def run_unit(unit: Unit, progress=None) -> dict:
     """Fuse one unit into its output bag (atomically) and return its counts.
 

@@ -242,12 +242,11 @@ def scan_path_name(device, backend=None):
 def bench_model(args):
     """Time the network's forward pass at camera sizes; print latency, memory and scan share."""
     from s4fusion_ros.engine import FusionEngine, FusionSettings
-    from s4fusion_ros.runtime import LoadedModel, default_preset, resolve_device
+    from s4fusion_ros.runtime import LoadedModel, default_preset, resolve_device, set_threads
     from s4fusion_ros.settings import SPECS
 
     if args.threads:
-        torch.set_num_threads(args.threads)
-        cv2.setNumThreads(args.threads)  # the step's resize, detail restore, saliency, colour
+        set_threads(args.threads)  # OpenCV's too: the step's resize, detail restore, colour
     device = resolve_device(args.device)
     half = args.half and device.type == 'cuda'
     amp = torch.float16 if half else None

@@ -47,7 +47,8 @@ from ..imaging.color import bgr_to_ycrcb, to_uint8
 from ..imaging.normalization import looks_like_raw_counts, raw_counts_warning
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
-from ..runtime import LoadedModel, default_preset, load_fusion_model, resolve_device
+from ..runtime import (LoadedModel, default_preset, load_fusion_model, resolve_device,
+                       set_threads)
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
                              by_stem, ivif_splits, luminance, pair_key, pairs_in_folder,
@@ -1030,8 +1031,7 @@ def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     stop_on_signals()  # a kill or a supervisor's SIGTERM ends it as Ctrl-C does: no temporaries
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
-        cv2.setNumThreads(args.threads)  # GFF's filters and the pyramid are timed too
+        set_threads(args.threads)  # OpenCV's too: GFF's filters and the pyramid are timed
 
     saving = []  # the --save-outputs folder being written
 
