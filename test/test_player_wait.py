@@ -314,50 +314,56 @@ def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_err
     assert 'warning' not in looped.stderr
 
 
-def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
-    # A reliable subscriber never matches a best-effort publisher: "no subscriber" alone would
-    # send the user looking for a node that is there.
-    bag = sample_bag()
-    with open_bag(bag) as reader:
-        thermal, visible = pick_topics(image_topics(reader, bag), bag)
+def played_beside(listener: str, subscribe, topic: str, name: str, wait: float,
+                  *options: str) -> str:
+    """s4fusion-play of the sample bag's `topic` alone as `name`, at rate 8, with a node
+    NAMESPACE/`listener` that `subscribe(node)` sets up in the graph: the player's stderr, once
+    it exited 0."""
     rclpy.init()
     try:
-        node = rclpy.create_node('reliable_listener', namespace=NAMESPACE)
-        subscribe(node, {f'{NAMESPACE}/thermal': thermal}, [])
-        # --wait: discovery alone took over 3 s in a loaded suite run (no subscriber seen at all).
-        done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '8', '--best-effort',
-                               '--topics', thermal.topic, '--remap',
-                               f'{thermal.topic}:={NAMESPACE}/thermal'],
+        node = rclpy.create_node(listener, namespace=NAMESPACE)
+        subscribe(node)
+        done = subprocess.run([*PLAYER, str(sample_bag()), '--rate', '8', '--wait', str(wait),
+                               *options, '--topics', topic, '--remap', f'{topic}:={name}'],
                               capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert (f'{NAMESPACE}/thermal: {NAMESPACE}/reliable_listener subscribes with a QoS the '
-                "player does not offer: reliability reliable against the player's best_effort "
-                '(drop --best-effort)\n') in done.stderr, done.stderr
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def sample_cameras() -> tuple:
+    """The sample bag's (thermal, visible) ImageTopics."""
+    bag = sample_bag()
+    with open_bag(bag) as reader:
+        return pick_topics(image_topics(reader, bag), bag)
+
+
+def test_a_subscriber_the_qos_keeps_apart_is_named_with_the_fix(tmp_path):
+    # A reliable subscriber never matches a best-effort publisher: "no subscriber" alone would
+    # send the user looking for a node that is there.
+    thermal, _ = sample_cameras()
+    # --wait: discovery alone took over 3 s in a loaded suite run (no subscriber seen at all).
+    error = played_beside(
+        'reliable_listener', lambda node: subscribe(node, {f'{NAMESPACE}/thermal': thermal}, []),
+        thermal.topic, f'{NAMESPACE}/thermal', 8, '--best-effort')
+    assert (f'{NAMESPACE}/thermal: {NAMESPACE}/reliable_listener subscribes with a QoS the '
+            "player does not offer: reliability reliable against the player's best_effort "
+            '(drop --best-effort)\n') in error, error
 
 
 def test_a_subscriber_of_another_type_is_named_with_both_types():
     # A CompressedImage topic remapped onto a node's raw input: the player said "no subscriber"
     # of a node that subscribes there, as sensor_msgs/Image.
-    bag = sample_bag()
-    with open_bag(bag) as reader:
-        _, visible = pick_topics(image_topics(reader, bag), bag)
-    rclpy.init()
-    try:
-        node = rclpy.create_node('raw_listener', namespace=NAMESPACE)
-        node.create_subscription(Image, f'{NAMESPACE}/visible', lambda _: None, 10)
-        done = subprocess.run([*PLAYER, str(bag), '--rate', '8', '--wait', '6', '--topics',
-                               visible.topic, '--remap', f'{visible.topic}:={NAMESPACE}/visible'],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert (f'{NAMESPACE}/visible: {NAMESPACE}/raw_listener subscribes to it as '
-                f'sensor_msgs/msg/Image; the player publishes {visible.msgtype} on it\n'
-                ) in done.stderr, done.stderr
-        node.destroy_node()
-    finally:
-        rclpy.try_shutdown()
+    _, visible = sample_cameras()
+    error = played_beside(
+        'raw_listener',
+        lambda node: node.create_subscription(Image, f'{NAMESPACE}/visible', lambda _: None, 10),
+        visible.topic, f'{NAMESPACE}/visible', 6)
+    assert (f'{NAMESPACE}/visible: {NAMESPACE}/raw_listener subscribes to it as '
+            f'sensor_msgs/msg/Image; the player publishes {visible.msgtype} on it\n'
+            ) in error, error
 
 
 def test_a_node_the_graph_cannot_name_yet_is_not_named_by_placeholders():
