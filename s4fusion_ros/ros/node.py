@@ -135,6 +135,9 @@ class S4FusionNode(Node):
         self.worker_failures_logged = 0
         # The counts while pairs were last being fused: a stall's causes are what grew since.
         self.counts_while_fusing = {}
+        # Whether this stall's log said what the stamps tell: the first line often comes before
+        # the stamps of the stall outnumber the older ones, and the hint must not wait 5 s.
+        self.stall_hint_logged = False
         self.arriving_since = None  # monotonic time both inputs have arrived since
         # How many pairs were made lately against the frames that came.
         self.recent_counts = CountsWindow(PAIRING_WINDOW_S)
@@ -671,6 +674,7 @@ class S4FusionNode(Node):
                 level, message = DiagnosticStatus.WARN, self._stall_message(values)
         else:
             fusing = True
+            self.stall_hint_logged = False
             if values[Key.PAIRS_FUSED] != self.counts_while_fusing.get(Key.PAIRS_FUSED):
                 # Only when a pair was fused since the last report: the status stays OK for the
                 # fused rate's 5 s window after the last one, whose drops must not be absorbed.
@@ -788,7 +792,11 @@ class S4FusionNode(Node):
         hint = self._unpaired_hint(grown)
         if hint:
             message += f'; {hint}'
-        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        if hint and not self.stall_hint_logged:
+            self.get_logger().warning(message)
+        else:
+            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        self.stall_hint_logged |= bool(hint)
         return message
 
     def _publish_diagnostics(self) -> None:
