@@ -1,6 +1,7 @@
 """s4fusion-fuse and s4fusion-eval on real pairs: the node's engine on files, and the report."""
 
 import csv
+import functools
 import itertools
 import math
 import os
@@ -21,6 +22,7 @@ from paths import executable
 from s4fusion_ros import settings
 from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings, PreparedPair
 from s4fusion_ros.evaluation import baselines, metrics, report
+from s4fusion_ros.imaging.color import to_uint8
 from s4fusion_ros.imaging.encodings import encode_image
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
@@ -732,6 +734,32 @@ def test_a_comparison_without_a_defined_pair_is_shown_apart_and_not_counted():
     assert ('—: no pair has both values defined (the metric is undefined on every pair for one '
             'of the two), so no comparison, left out of the W / L / ~ counts.') in ' '.join(
         text.split())  # the legend, its lines joined
+
+
+@pytest.mark.filterwarnings('error')  # the NaN arithmetic printed RuntimeWarnings too
+def test_an_infinite_psnr_is_noted_and_outweighs_every_finite_difference(ivif_dir):
+    # Where a pair's IR and visible images are one image, the plain average equals both: PSNR is
+    # infinite. Its mean read "inf" without a word, and 0 * inf in the bootstrap's sums made the
+    # paired PSNR verdict '~', where MSE (of which a pair's PSNR is a falling function) said L.
+    pairs = [tuple(cv2.imread(str(ivif_dir / 'tno' / side / f'0{index}.png'),
+                              cv2.IMREAD_GRAYSCALE)[:96, :96] for side in ('ir', 'vi'))
+             for index in range(1, 7)]
+    pairs.append((pairs[0][0], pairs[0][0]))  # one image as both sources
+
+    def scored(fuse):
+        return [metrics.evaluate_all(to_uint8(fuse(ir, vi)), ir, vi) for ir, vi in pairs]
+
+    base = functools.partial(baselines.fuse_laplacian, detail_gain=1.1, base_contrast=1.4)
+    ours = report.MethodScores('ours', True, scored(base))
+    average = report.MethodScores('Average', False, scored(baselines.fuse_average))
+    dataset = report.DatasetScores('d', pair_names(len(pairs)), [ours, average])
+    compared = report.paired_comparisons(dataset)['ours']['Average']
+    assert compared['MSE'] == compared['PSNR'] == report.PairedComparison('L', 0.0)
+    text = report.render([dataset], report.ReportContext('s4fusion-eval', 'today', 'cpu', [],
+                                                         [], []))
+    assert '| **inf** |' in text
+    assert ('- d, Average: PSNR is infinite on 1 of 7 pairs (its output equals both sources '
+            'there), and so is its mean.') in text
 
 
 def test_report_marks_the_validation_split():
