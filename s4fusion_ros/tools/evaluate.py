@@ -704,8 +704,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         'vi/<clip>.mp4, as the M3SVD test videos are) and replace only the '
                         'flicker section of --out')
     parser.add_argument('--flicker-frames', type=int, default=60, metavar='N',
-                        help='with --flicker: the first N frames of each clip (default: '
-                        '%(default)s)')
+                        help='with --flicker: the first N frames of each clip, which every '
+                        'clip must have (default: %(default)s)')
     parser.add_argument('--pairs-csv', type=file_path, default=None,
                         help='per-pair metric values of every method (default: beside --out, '
                              'its name + _pairs.csv)')
@@ -946,6 +946,11 @@ def earlier_report(path: pathlib.Path) -> str:
 def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     """Measure flicker of ours and the baselines on every clip; rewrite the section of --out."""
     clips = temporal.clip_names(args.flicker)
+    if short := temporal.short_clips(args.flicker, clips, args.flicker_frames):
+        raise ValueError(f'--flicker-frames {args.flicker_frames}: {args.flicker} has clips of '
+                         'fewer frames (those both their videos have): '
+                         + ', '.join(f'{clip} {length}' for clip, length in short.items())
+                         + '; measure at most as many as the shortest has')
     chosen = set(args.methods)
     configs, skipped, _ = (ours_configs(args.weights) if chosen & {'ours', 'base'}
                            else ([], [], []))
