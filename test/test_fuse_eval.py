@@ -31,6 +31,7 @@ from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
 from s4fusion_ros.training.data import ivif_splits, m3svd_clip, pair_key
+from support import address_space_limit
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -191,6 +192,26 @@ def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, caps
                       str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
     error = capsys.readouterr().err
     assert f'{tmp_path / "ir" / "wide.png"}: cannot read it' in error and 'Traceback' not in error
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
+def test_a_pair_too_large_for_the_memory_fails_alone(ivif_dir, tmp_path, tiny_weights):
+    # Its failed allocation ended the run in a traceback, the pairs after it not fused; the node
+    # and s4fusion-bag drop such a pair and go on.
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):  # 12 megapixels, sorted first: the model needs about 2.6 GB
+        image = cv2.imread(str(tmp_path / side / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(tmp_path / side / '01_large.png'),
+                    cv2.resize(image, (4000, 3000), interpolation=cv2.INTER_NEAREST))
+    out = tmp_path / 'out'
+    proc = subprocess.run(
+        [sys.executable, '-m', 's4fusion_ros.tools.fuse', '--ir', str(tmp_path / 'ir'), '--vi',
+         str(tmp_path / 'vi'), '--out', str(out), '--weights', str(tiny_weights), '--device',
+         'cpu'], capture_output=True, text=True, timeout=120,
+        preexec_fn=address_space_limit(1 << 30))  # a real allocation failure
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert f'{tmp_path / "ir" / "01_large.png"}: fusing its pair failed: ' in proc.stderr
+    assert 'fused 1 of 2 pairs' in proc.stderr
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 

@@ -339,8 +339,15 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
                     tqdm.write(f'{PROG}: {warning}', file=sys.stderr)
                 warned[kind] += 1
             images = fuser.fuse(source)
-        except ValueError as error:  # an unreadable or unusable file: the others still run
-            tqdm.write(f'{PROG}: {error}', file=sys.stderr)
+        except (ValueError, MemoryError, RuntimeError, cv2.error) as error:
+            # One pair lost, not the run, as in the node. A ValueError names a file that cannot
+            # be used; the others failed in the fusion, as the allocations for a pair too large
+            # for the memory do (numba's MemoryError, torch's RuntimeError or OpenCV's error,
+            # whichever allocates first). Not Exception: a Ctrl-C in numba's loading of its
+            # kernels comes as a SystemError, which must stop the run.
+            reason = (str(error) if isinstance(error, ValueError)
+                      else f'{pair.ir_path}: fusing its pair failed: {error}')
+            tqdm.write(f'{PROG}: {reason}', file=sys.stderr)
             failed += 1
             for stale in outputs[pair.name]:  # the half of this pair a cut run may have left
                 stale.unlink(missing_ok=True)
