@@ -306,6 +306,21 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     assert 'Symlink loop' in capsys.readouterr().err
 
 
+def test_fuse_names_the_pairs_that_would_write_one_output(ivif_dir, tmp_path, capsys,
+                                                          tiny_weights):
+    # a.png and a.jpg (each with its partner) both make a.png: the message said
+    # "several inputs would write the same output: ['08'].png".
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):
+        shutil.copy(tmp_path / side / '08.png', tmp_path / side / '08.jpg')
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(tmp_path / 'out'), '--weights', str(tiny_weights), '--device',
+                      'cpu']) == 1
+    assert ('the pairs 08.jpg, 08.png would write the same outputs, 08.png: rename them apart'
+            in capsys.readouterr().err)
+    assert not (tmp_path / 'out').exists()
+
+
 def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_path, capsys,
                                                                 tiny_weights):
     copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])

@@ -51,8 +51,8 @@ from ..runtime import (LoadedModel, default_preset, load_fusion_model, resolve_d
                        set_threads)
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
-                             by_stem, ivif_splits, luminance, pair_key, pairs_in_folder,
-                             read_image, roadscene_near)
+                             ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
+                             roadscene_near, shared_stems)
 from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
@@ -142,14 +142,6 @@ class StoredOutputs:
     def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
         """The stored image as saved."""
         return FusedImages(self.read(pair, source.visible_bgr.shape[:2]), None, 0.0)
-
-
-def shared_stems(pairs: list) -> dict:
-    """{stem: the pair names} of the stems that several of ``pairs`` share (``a.png`` and
-    ``a.jpg``, which match_pairs pairs by their exact names): a file named by that stem could be
-    either pair's."""
-    return {stem: names for stem, names in by_stem(pair.name for pair in pairs).items()
-            if len(names) > 1}
 
 
 def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list]:
