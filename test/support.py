@@ -5,10 +5,14 @@ Test modules import from here, never from one another.
 
 import contextlib
 import csv
+import functools
 import os
 import pathlib
 import random
+import resource
 import struct
+import subprocess
+import sys
 import zlib
 
 import cv2
@@ -347,6 +351,32 @@ def check_latency(report: FloodReport) -> None:
         median = np.median(latencies)
         assert median < 3 * inference + 0.5, \
             f'{phase.rate} Hz: a backlog, median latency {median:.2f} s'
+
+
+# Memory that runs out -------------------------------------------------------------------------
+
+# What a process holds of address space once torch, OpenCV and numba are loaded (VmPeak, bytes):
+# 1.1 GiB here with the CPU build of torch; a CUDA build takes about 2.5 GiB more (a GPU robot).
+LOADED_ADDRESS_SPACE = (
+    'import re, cv2, numba, torch\n'
+    'print(int(re.search(r"VmPeak:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) << 10)')
+
+
+def address_space_limit(beyond_libraries: int):
+    """A preexec_fn that ends a child's address space `beyond_libraries` bytes past what the
+    libraries take once loaded: a large image's allocations fail in it as on a machine without
+    the memory for them."""
+    return functools.partial(_limit_address_space, _loaded_address_space() + beyond_libraries)
+
+
+@functools.cache  # measured once per test run: it starts a Python that loads torch
+def _loaded_address_space() -> int:
+    return int(subprocess.run([sys.executable, '-c', LOADED_ADDRESS_SPACE], check=True,
+                              capture_output=True, text=True, timeout=120).stdout)
+
+
+def _limit_address_space(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 # The MATLAB reference metrics on TNO ----------------------------------------------------------

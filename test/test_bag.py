@@ -1,7 +1,6 @@
 """s4fusion-bag on real bags: every pair fused, stamps kept, atomic output, clear errors."""
 
 import argparse
-import functools
 import os
 import pathlib
 import re
@@ -29,8 +28,9 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
-                     bag_image_message, camera_messages, mcap_chunks, most_frames, read_bag,
-                     write_bag, write_merged_visible_bag, zstd_transport_data)
+                     address_space_limit, bag_image_message, camera_messages, mcap_chunks,
+                     most_frames, read_bag, write_bag, write_merged_visible_bag,
+                     zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -1148,17 +1148,6 @@ def test_a_bag_without_pairs_fails_and_replaces_nothing(short_events, params_fil
     assert not (tmp_path / 'out').exists()
 
 
-# What a process holds of address space once torch, OpenCV and numba are loaded (VmPeak, bytes):
-# 1.1 GiB here with the CPU build of torch; a CUDA build takes about 2.5 GiB more (a GPU robot).
-LOADED_ADDRESS_SPACE = (
-    'import re, cv2, numba, torch\n'
-    'print(int(re.search(r"VmPeak:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) << 10)')
-
-
-def _limit_address_space(limit: int) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def test_a_pair_whose_inference_fails_is_dropped_and_counted_not_the_run(
         short_events, params_file, tmp_path):
     # One pair's out-of-memory ended the run in a traceback and lost every other pair; the
@@ -1173,10 +1162,7 @@ def test_a_pair_whose_inference_fails_is_dropped_and_counted_not_the_run(
     output = tmp_path / 'out'
     # A real allocation failure: 2.4 GiB of address space beyond the libraries', about twice what
     # a run at this size takes; the model's buffers for one 32-megapixel pair need more.
-    loaded = int(subprocess.run([sys.executable, '-c', LOADED_ADDRESS_SPACE], check=True,
-                                capture_output=True, text=True, timeout=120).stdout)
-    proc = run_tool(source, output, params_file, preexec_fn=functools.partial(
-        _limit_address_space, loaded + (2400 << 20)))
+    proc = run_tool(source, output, params_file, preexec_fn=address_space_limit(2400 << 20))
     _, error = proc.communicate(timeout=300)
     assert proc.returncode == 0 and 'Traceback' not in error, error
     assert f'inference failed on the pair stamped {big_visible}, dropped' in error

@@ -1,6 +1,7 @@
 """s4fusion-fuse and s4fusion-eval on real pairs: the node's engine on files, and the report."""
 
 import csv
+import functools
 import itertools
 import math
 import os
@@ -21,6 +22,7 @@ from paths import executable
 from s4fusion_ros import settings
 from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings, PreparedPair
 from s4fusion_ros.evaluation import baselines, metrics, report
+from s4fusion_ros.imaging.color import to_uint8
 from s4fusion_ros.imaging.encodings import encode_image
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
@@ -29,6 +31,7 @@ from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
 from s4fusion_ros.training.data import ivif_splits, m3svd_clip, pair_key
+from support import address_space_limit
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -192,6 +195,26 @@ def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, caps
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 
+def test_a_pair_too_large_for_the_memory_fails_alone(ivif_dir, tmp_path, tiny_weights):
+    # Its failed allocation ended the run in a traceback, the pairs after it not fused; the node
+    # and s4fusion-bag drop such a pair and go on.
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):  # 12 megapixels, sorted first: the model needs about 2.6 GB
+        image = cv2.imread(str(tmp_path / side / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(tmp_path / side / '01_large.png'),
+                    cv2.resize(image, (4000, 3000), interpolation=cv2.INTER_NEAREST))
+    out = tmp_path / 'out'
+    proc = subprocess.run(
+        [sys.executable, '-m', 's4fusion_ros.tools.fuse', '--ir', str(tmp_path / 'ir'), '--vi',
+         str(tmp_path / 'vi'), '--out', str(out), '--weights', str(tiny_weights), '--device',
+         'cpu'], capture_output=True, text=True, timeout=120,
+        preexec_fn=address_space_limit(1 << 30))  # a real allocation failure
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert f'{tmp_path / "ir" / "01_large.png"}: fusing its pair failed: ' in proc.stderr
+    assert 'fused 1 of 2 pairs' in proc.stderr
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
 def test_fuse_refuses_a_jpeg_cut_short_and_reads_a_name_that_is_not_utf8(ivif_dir, tmp_path,
                                                                          capsys, tiny_weights):
     # The cut JPEG was fused with its missing rows gray (libjpeg only warns); the Latin-1 name
@@ -281,6 +304,21 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     (tmp_path / 'loop' / 'fused').symlink_to(tmp_path / 'loop' / 'fused')
     assert fuse.main([*command[:4], '--out', str(tmp_path / 'loop'), *command[6:]]) == 1
     assert 'Symlink loop' in capsys.readouterr().err
+
+
+def test_fuse_names_the_pairs_that_would_write_one_output(ivif_dir, tmp_path, capsys,
+                                                          tiny_weights):
+    # a.png and a.jpg (each with its partner) both make a.png: the message said
+    # "several inputs would write the same output: ['08'].png".
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):
+        shutil.copy(tmp_path / side / '08.png', tmp_path / side / '08.jpg')
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(tmp_path / 'out'), '--weights', str(tiny_weights), '--device',
+                      'cpu']) == 1
+    assert ('the pairs 08.jpg, 08.png would write the same outputs, 08.png: rename them apart'
+            in capsys.readouterr().err)
+    assert not (tmp_path / 'out').exists()
 
 
 def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_path, capsys,
@@ -732,6 +770,32 @@ def test_a_comparison_without_a_defined_pair_is_shown_apart_and_not_counted():
     assert ('—: no pair has both values defined (the metric is undefined on every pair for one '
             'of the two), so no comparison, left out of the W / L / ~ counts.') in ' '.join(
         text.split())  # the legend, its lines joined
+
+
+@pytest.mark.filterwarnings('error')  # the NaN arithmetic printed RuntimeWarnings too
+def test_an_infinite_psnr_is_noted_and_outweighs_every_finite_difference(ivif_dir):
+    # Where a pair's IR and visible images are one image, the plain average equals both: PSNR is
+    # infinite. Its mean read "inf" without a word, and 0 * inf in the bootstrap's sums made the
+    # paired PSNR verdict '~', where MSE (of which a pair's PSNR is a falling function) said L.
+    pairs = [tuple(cv2.imread(str(ivif_dir / 'tno' / side / f'0{index}.png'),
+                              cv2.IMREAD_GRAYSCALE)[:96, :96] for side in ('ir', 'vi'))
+             for index in range(1, 7)]
+    pairs.append((pairs[0][0], pairs[0][0]))  # one image as both sources
+
+    def scored(fuse):
+        return [metrics.evaluate_all(to_uint8(fuse(ir, vi)), ir, vi) for ir, vi in pairs]
+
+    base = functools.partial(baselines.fuse_laplacian, detail_gain=1.1, base_contrast=1.4)
+    ours = report.MethodScores('ours', True, scored(base))
+    average = report.MethodScores('Average', False, scored(baselines.fuse_average))
+    dataset = report.DatasetScores('d', pair_names(len(pairs)), [ours, average])
+    compared = report.paired_comparisons(dataset)['ours']['Average']
+    assert compared['MSE'] == compared['PSNR'] == report.PairedComparison('L', 0.0)
+    text = report.render([dataset], report.ReportContext('s4fusion-eval', 'today', 'cpu', [],
+                                                         [], []))
+    assert '| **inf** |' in text
+    assert ('- d, Average: PSNR is infinite on 1 of 7 pairs (its output equals both sources '
+            'there), and so is its mean.') in text
 
 
 def test_report_marks_the_validation_split():

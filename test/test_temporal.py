@@ -1,5 +1,6 @@
 """Flicker measure (evaluation/temporal.py): synthetic sequences, real M3SVD clips, the report."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -133,6 +134,32 @@ def test_eval_writes_only_the_flicker_section(video_dir, tmp_path):
     section = temporal.section_of(out.read_text())
     assert '(flicker on video)' in section and 'M3SVD' not in section
     assert f'VIDEO_DIR: `{own}`; clips: my_drive.' in section
+
+
+def test_clips_shorter_than_the_frames_asked_for_are_refused(video_dir, tmp_path, capsys):
+    # A clip that ended early was measured on the frames it had, in a section saying that its
+    # flicker was that of the first --flicker-frames.
+    own = tmp_path / 'own'
+    clip = temporal.clip_names(video_dir)[0]
+    for side, frames in (('ir', 4), ('vi', 6)):  # the shorter video sets the clip's length
+        (own / side).mkdir(parents=True)
+        (own / side / 'long.mp4').symlink_to(video_dir / side / f'{clip}.mp4')
+        capture = cv2.VideoCapture(str(video_dir / side / f'{clip}.mp4'))
+        images = [capture.read()[1] for _ in range(frames)]
+        capture.release()
+        writer = cv2.VideoWriter(str(own / side / 'short.mp4'), cv2.VideoWriter_fourcc(*'mp4v'),
+                                 30, images[0].shape[1::-1])
+        for image in images:
+            writer.write(image)
+        writer.release()
+    out = tmp_path / 'quality.md'
+    argv = ['--flicker', str(own), '--methods', 'average', '--out', str(out)]
+    assert evaluate.main([*argv, '--flicker-frames', '5']) == 1
+    assert (f'--flicker-frames 5: {own} has clips of fewer frames (those both their videos '
+            'have): short 4; ') in capsys.readouterr().err
+    assert not out.exists()
+    assert evaluate.main([*argv, '--flicker-frames', '4']) == 0
+    assert '| short |' in temporal.section_of(out.read_text())
 
 
 def test_a_full_report_run_keeps_the_flicker_section(ivif_dir, tmp_path):

@@ -28,6 +28,10 @@ BOOTSTRAP_SEED = 0  # fixed, so the report is a function of the scores
 # so the verdict asks every clip to agree.
 BOOTSTRAP_MIN_UNITS = 6
 NOT_COMPARED = '—'  # the paired verdict where no pair has both values defined
+# What a paired comparison takes an infinite per-pair difference for (PSNR where one output
+# equals both sources): far beyond any metric's finite values, far from overflowing in the
+# resampled sums of any number of pairs.
+INFINITE_DIFFERENCE = 1e100
 # Ends the generated part; the maintainers' reading (and the flicker section) below it is kept.
 READING_MARKER = "<!-- The maintainers' reading of these numbers goes below."
 READING_MARKER_LINE = READING_MARKER + ' s4fusion-eval keeps what is below this line. -->'
@@ -92,6 +96,11 @@ class MethodScores:
     def undefined(self, metric: str) -> int:
         """Number of pairs where the metric is NaN, i.e. not defined."""
         return sum(math.isnan(score[metric]) for score in self.scores)
+
+    def infinite(self, metric: str) -> int:
+        """Number of pairs where the metric is infinite (PSNR of an output equal to both
+        sources), which makes its mean infinite."""
+        return sum(math.isinf(score[metric]) for score in self.scores)
 
     def seconds_per_pair(self) -> float | None:
         """Mean fusion time, or None for stored outputs."""
@@ -255,6 +264,9 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
     theirs = np.array([score[metric] for score in rival.scores], dtype=np.float64)
     difference = mine - theirs if metric not in LOWER_IS_BETTER else theirs - mine
     defined = ~np.isnan(difference)
+    # An infinite difference outweighs every finite one, as a finite stand-in: as itself it made
+    # the resampled sums NaN (0 * inf where a resample leaves its pair out), so the verdict '~'.
+    difference = np.clip(difference, -INFINITE_DIFFERENCE, INFINITE_DIFFERENCE)
     if not defined.any():
         return PairedComparison(NOT_COMPARED, math.nan)
     share_better = float(np.mean(difference[defined] > 0))
@@ -367,7 +379,7 @@ def per_pair_csv(datasets: list) -> str:
 
 
 def undefined_notes(datasets: list) -> list:
-    """Factual notes on metrics left undefined (NaN) for some pairs."""
+    """Factual notes on metrics left undefined (NaN) or infinite for some pairs."""
     notes = []
     for dataset in datasets:
         for method in dataset.methods:
@@ -377,6 +389,11 @@ def undefined_notes(datasets: list) -> list:
                     notes.append(f'{dataset.name}, {method.name}: {metric} is undefined on '
                                  f'{count} of {len(method.scores)} pairs; its mean leaves '
                                  f'them out.')
+                count = method.infinite(metric)
+                if count:
+                    notes.append(f'{dataset.name}, {method.name}: {metric} is infinite on '
+                                 f'{count} of {len(method.scores)} pairs (its output equals '
+                                 'both sources there), and so is its mean.')
     return notes
 
 

@@ -135,6 +135,13 @@ def clip_names(video_dir: pathlib.Path) -> list[str]:
     return names
 
 
+def short_clips(video_dir: pathlib.Path, clips: list[str], frames: int) -> dict[str, int]:
+    """{clip: the frames both its videos have} of the clips with fewer than `frames`: measured
+    on those, a clip's flicker would not be that of the first `frames` as the section says."""
+    lengths = {clip: sum(1 for _ in read_clip(video_dir, clip, frames)) for clip in clips}
+    return {clip: length for clip, length in lengths.items() if length < frames}
+
+
 def prepared_pairs(video_dir: pathlib.Path, clip: str, frames: int) -> list[PreparedPair]:
     """A clip's first frames as the node prepares them (default parameters, mono8 thermal)."""
     pipeline = pipeline_from_params(settings.defaults())

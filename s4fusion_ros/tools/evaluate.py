@@ -51,8 +51,8 @@ from ..runtime import (LoadedModel, default_preset, load_fusion_model, resolve_d
                        set_threads)
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
-                             by_stem, ivif_splits, luminance, pair_key, pairs_in_folder,
-                             read_image, roadscene_near)
+                             ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
+                             roadscene_near, shared_stems)
 from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
@@ -142,14 +142,6 @@ class StoredOutputs:
     def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
         """The stored image as saved."""
         return FusedImages(self.read(pair, source.visible_bgr.shape[:2]), None, 0.0)
-
-
-def shared_stems(pairs: list) -> dict:
-    """{stem: the pair names} of the stems that several of ``pairs`` share (``a.png`` and
-    ``a.jpg``, which match_pairs pairs by their exact names): a file named by that stem could be
-    either pair's."""
-    return {stem: names for stem, names in by_stem(pair.name for pair in pairs).items()
-            if len(names) > 1}
 
 
 def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list]:
@@ -704,8 +696,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         'vi/<clip>.mp4, as the M3SVD test videos are) and replace only the '
                         'flicker section of --out')
     parser.add_argument('--flicker-frames', type=int, default=60, metavar='N',
-                        help='with --flicker: the first N frames of each clip (default: '
-                        '%(default)s)')
+                        help='with --flicker: the first N frames of each clip, which every '
+                        'clip must have (default: %(default)s)')
     parser.add_argument('--pairs-csv', type=file_path, default=None,
                         help='per-pair metric values of every method (default: beside --out, '
                              'its name + _pairs.csv)')
@@ -946,6 +938,11 @@ def earlier_report(path: pathlib.Path) -> str:
 def run_flicker(args: argparse.Namespace, argv: list) -> dict:
     """Measure flicker of ours and the baselines on every clip; rewrite the section of --out."""
     clips = temporal.clip_names(args.flicker)
+    if short := temporal.short_clips(args.flicker, clips, args.flicker_frames):
+        raise ValueError(f'--flicker-frames {args.flicker_frames}: {args.flicker} has clips of '
+                         'fewer frames (those both their videos have): '
+                         + ', '.join(f'{clip} {length}' for clip, length in short.items())
+                         + '; measure at most as many as the shortest has')
     chosen = set(args.methods)
     configs, skipped, _ = (ours_configs(args.weights) if chosen & {'ours', 'base'}
                            else ([], [], []))

@@ -38,7 +38,7 @@ from ..imaging.registration import ThermalRegistration
 from ..model import CheckpointError
 from ..model.checkpoint import file_sha256
 from ..runtime import LoadedModel, load_fusion_model
-from ..training.data import Pair, luminance, match_pairs, read_image
+from ..training.data import Pair, luminance, match_pairs, read_image, shared_stems
 
 PROG = 's4fusion-fuse'
 # In --out: what the outputs there were made with, so that --skip-existing never mixes runs.
@@ -197,10 +197,11 @@ def output_paths(args: argparse.Namespace,
                  pairs: list[Pair]) -> dict[str, tuple[pathlib.Path, ...]]:
     """name -> (fused path, saliency path); ValueError if two inputs map to one output, an
     output folder is an input folder, or outputs exist without --overwrite or --skip-existing."""
+    if shared := shared_stems(pairs):
+        stem, names = next(iter(shared.items()))
+        raise ValueError(f'the pairs {", ".join(names)} would write the same outputs, '
+                         f'{stem}.png: rename them apart')
     stems = [pathlib.Path(pair.name).stem for pair in pairs]
-    clashes = sorted(stem for stem, count in collections.Counter(stems).items() if count > 1)
-    if clashes:
-        raise ValueError(f'several inputs would write the same output: {clashes[:5]}.png')
     inputs = {resolved(args.ir), resolved(args.vi)}
     for kind in ('fused', 'saliency'):
         if resolved(args.out / kind) in inputs:
@@ -339,8 +340,15 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
                     tqdm.write(f'{PROG}: {warning}', file=sys.stderr)
                 warned[kind] += 1
             images = fuser.fuse(source)
-        except ValueError as error:  # an unreadable or unusable file: the others still run
-            tqdm.write(f'{PROG}: {error}', file=sys.stderr)
+        except (ValueError, MemoryError, RuntimeError, cv2.error) as error:
+            # One pair lost, not the run, as in the node. A ValueError names a file that cannot
+            # be used; the others failed in the fusion, as the allocations for a pair too large
+            # for the memory do (numba's MemoryError, torch's RuntimeError or OpenCV's error,
+            # whichever allocates first). Not Exception: a Ctrl-C in numba's loading of its
+            # kernels comes as a SystemError, which must stop the run.
+            reason = (str(error) if isinstance(error, ValueError)
+                      else f'{pair.ir_path}: fusing its pair failed: {error}')
+            tqdm.write(f'{PROG}: {reason}', file=sys.stderr)
             failed += 1
             for stale in outputs[pair.name]:  # the half of this pair a cut run may have left
                 stale.unlink(missing_ok=True)

@@ -262,6 +262,14 @@ def by_stem(names):
     return grouped
 
 
+def shared_stems(pairs):
+    """{stem: the pair names} of the stems that several of ``pairs`` share (``a.png`` and
+    ``a.jpg``, which match_pairs pairs by their exact names): a file named by that stem could be
+    either pair's."""
+    return {stem: names for stem, names in by_stem(pair.name for pair in pairs).items()
+            if len(names) > 1}
+
+
 def roadscene_test67_names(root):
     """RoadScene file names of S4Fusion's 67 test pairs (five are ``FLIR_video_*`` here)."""
     path = pathlib.Path(root) / ROADSCENE_TEST67
