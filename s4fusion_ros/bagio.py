@@ -452,12 +452,13 @@ def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
                        f'{_reason(error)}{recover}') from None
 
 
-def log_span(reader: Reader, path: pathlib.Path, topic: str) -> float:
-    """The seconds from the first to the last log time of the topic's messages (of its type);
-    0 for none. rosbags keeps no times per topic (the bag's span may be another topic's): one
-    pass over this one's messages."""
-    times = [log_time for _, log_time, _ in read_messages(reader, path, [topic])]
-    return (max(times) - min(times)) / 1e9 if times else 0.0
+def log_span(reader: Reader, path: pathlib.Path, topic: str, start: int | None = None,
+             stop: int | None = None) -> tuple[int, float]:
+    """(messages, seconds from the first to the last log time) of the topic's messages (of its
+    type) logged in [start, stop); (0, 0.0) for none. rosbags keeps no times per topic (the bag's
+    span may be another topic's): one pass over this one's messages."""
+    times = [log_time for _, log_time, _ in read_messages(reader, path, [topic], start, stop)]
+    return len(times), (max(times) - min(times)) / 1e9 if times else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
