@@ -38,6 +38,7 @@ from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
 from rosbags.typesys import Stores, get_typestore
 
 from .camera_info import CAMERA_INFO
+from .cli import TimeWindow
 from .files import sync_to_disk, sync_tree
 from .imaging.encodings import FORMATS, ZSTD_FORMAT, RawImage, format_encoding, zstd_encoding
 from .messages import ns_to_sec_nanosec
@@ -451,12 +452,71 @@ def read_messages(reader: Reader, path: pathlib.Path, topics: Iterable[str],
                        f'{_reason(error)}{recover}') from None
 
 
-def log_span(reader: Reader, path: pathlib.Path, topic: str) -> float:
-    """The seconds from the first to the last log time of the topic's messages (of its type);
-    0 for none. rosbags keeps no times per topic (the bag's span may be another topic's): one
-    pass over this one's messages."""
-    times = [log_time for _, log_time, _ in read_messages(reader, path, [topic])]
-    return (max(times) - min(times)) / 1e9 if times else 0.0
+def log_span(reader: Reader, path: pathlib.Path, topic: str, start: int | None = None,
+             stop: int | None = None) -> tuple[int, float]:
+    """(messages, seconds from the first to the last log time) of the topic's messages (of its
+    type) logged in [start, stop); (0, 0.0) for none. rosbags keeps no times per topic (the bag's
+    span may be another topic's): one pass over this one's messages."""
+    times = [log_time for _, log_time, _ in read_messages(reader, path, [topic], start, stop)]
+    return len(times), (max(times) - min(times)) / 1e9 if times else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LogWindow:
+    """Where a TimeWindow lies in a bag: the log times [start, stop) read (ns; stop None: to the
+    bag's end), and the bag's first and last log times, which its description counts from."""
+
+    start: int
+    stop: int | None
+    first: int
+    last: int
+
+    @property
+    def whole(self) -> bool:
+        """Whether the window is the whole bag."""
+        return self.start <= self.first and (self.stop is None or self.stop > self.last)
+
+    def share(self) -> float:
+        """The part of the bag's log span the window covers."""
+        end = self.last + 1 if self.stop is None else min(self.stop, self.last + 1)
+        return max(end - self.start, 0) / (self.last + 1 - self.first)
+
+    def describe(self) -> str:
+        """Where it lies in seconds into the bag: "from 2 s to 3.5 s of the bag's 3.96829 s"."""
+        end = self.last if self.stop is None else min(self.stop, self.last)
+        return (f'from {(self.start - self.first) / 1e9:g} s to {(end - self.first) / 1e9:g} s '
+                f"of the bag's {(self.last - self.first) / 1e9:g} s")
+
+
+def log_window(reader: Reader, path: pathlib.Path, window: TimeWindow) -> LogWindow:
+    """Place `window` in the bag; one that starts after its last message is a BagError naming
+    --start-offset and the bag's span (a duration past the end reads to the end, as ros2 bag
+    play plays it)."""
+    # rosbags' end_time lies just after the last message.
+    first, last = (reader.start_time, reader.end_time - 1) if reader.message_count else (0, 0)
+    offset = round(window.start_offset * 1e9)
+    if offset > last - first:
+        raise BagError(f'{path}: --start-offset {window.start_offset:g} is past the end of the '
+                       f'bag: its messages span {(last - first) / 1e9:g} s')
+    stop = None if window.duration is None else first + offset + round(window.duration * 1e9)
+    return LogWindow(first + offset, stop, first, last)
+
+
+def newest_before(reader: Reader, path: pathlib.Path, topics: Iterable[str],
+                  time_ns: int) -> list[tuple[Connection, int, bytes]]:
+    """The newest message of each of `topics` logged before `time_ns`, in log-time order: the
+    state in effect where a reading starts (a camera's calibration, which a driver may publish
+    seldom). Searched backwards a second, then twice as far each time: only as far back as the
+    oldest of them lies (MCAP chunks without the topics are not even read)."""
+    newest, missing = {}, set(topics)
+    stop, step = time_ns, 10**9
+    while missing and stop > reader.start_time:
+        start = stop - step
+        for message in read_messages(reader, path, missing, start, stop):
+            newest[message[0].topic] = message  # the later of a topic's replaces the earlier
+        missing -= newest.keys()
+        stop, step = start, 2 * step
+    return sorted(newest.values(), key=lambda message: message[1])
 
 
 def deserialize(path: pathlib.Path, connection: Connection, raw: bytes):

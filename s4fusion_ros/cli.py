@@ -3,6 +3,9 @@ no torch)."""
 
 import argparse
 import contextlib
+import dataclasses
+import functools
+import math
 import os
 import pathlib
 import signal
@@ -36,6 +39,59 @@ def file_path(text: str) -> pathlib.Path:
     if text.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         raise argparse.ArgumentTypeError(f"'{text}' names a folder: name the file in it")
     return output_path(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeWindow:
+    """The part of a bag a tool reads, as `ros2 bag play` names it: from `start_offset` seconds
+    after the bag's first message (its metadata's start time) for `duration` seconds (None: to
+    the bag's end). bagio.log_window places it in a bag."""
+
+    start_offset: float = 0.0
+    duration: float | None = None
+
+    @property
+    def whole(self) -> bool:
+        """Whether it is every bag whole."""
+        return self == TimeWindow()
+
+    def describe(self) -> str:
+        """In seconds into a bag: 'from 2 s to 3.5 s', 'from 2 s to the end'."""
+        end = 'the end' if self.duration is None else f'{self.start_offset + self.duration:g} s'
+        return f'from {self.start_offset:g} s to {end}'
+
+    def options(self) -> dict:
+        """{option: value}, as a manifest records the window."""
+        return {'--start-offset': self.start_offset, '--playback-duration': self.duration}
+
+
+def parse_seconds(text: str, positive: bool = False) -> float:
+    """A finite number of seconds, at least 0 (`positive`: above 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds {'> 0' if positive else '>= 0'}, got '{text}'")
+    return value
+
+
+def add_window_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--start-offset and --playback-duration (ros2 bag play's names), which time_window reads;
+    `verb` says what the tool does with the messages ('play', 'fuse')."""
+    parser.add_argument('--start-offset', type=parse_seconds, default=0.0, metavar='SECONDS',
+                        help=f"{verb} from SECONDS after the bag's first message, by the time "
+                        'it recorded each message (its log time; default: %(default)s)')
+    parser.add_argument('--playback-duration', metavar='SECONDS',
+                        type=functools.partial(parse_seconds, positive=True),
+                        help=f'{verb} SECONDS of the bag from --start-offset on (default: to '
+                        'its end)')
+
+
+def time_window(args: argparse.Namespace) -> TimeWindow:
+    """The window of the options add_window_options added."""
+    return TimeWindow(args.start_offset, args.playback_duration)
 
 
 def split_ros_arguments(argv: list[str]) -> tuple[list[str], list[str]]:

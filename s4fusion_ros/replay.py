@@ -15,10 +15,12 @@ import numpy as np
 from rosbags.interfaces import Qos
 from tqdm import tqdm
 
-from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic, add_topic,
-                    camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
-                    deserialize, image_cdr, read_messages, topic_types)
+from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic, LogWindow,
+                    add_topic, camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
+                    deserialize, image_cdr, log_window, newest_before, read_messages,
+                    topic_types)
 from .camera_info import CAMERA_INFO, CameraInfoCache, calibration_fault, camera_info_topic
+from .cli import TimeWindow
 from .engine import FusionEngine, FusionPipeline, FusionResult, clock_jump_message
 from .files import write_png
 from .imaging.encodings import ImageDecodeError, compress_transport
@@ -38,16 +40,19 @@ class Counts:
 
 @dataclass(frozen=True)
 class Span:
-    """A part of a bag to fuse, in log time (ns): how s4fusion-batch splits a long bag.
+    """A part of a run to fuse, in log time (ns): how s4fusion-batch splits a long bag. A run is
+    the bag, or the window of it that BagFuser.run is given, read as if the bag held the
+    window's messages alone.
 
-    Messages are read from `read_from` (None: the start). Those before `own_from` only bring the
-    pipeline's state (synchronizer, thermal smoothing) to where a run from the start would have
-    it: their pairs are prepared but not fused or written. By `own_from`, at least `warm_pairs`
-    pairs must have been prepared from messages at or after `count_from`, and the last message
-    before `own_from` must lie in the second half of [read_from, count_from) or later (a gap in
-    the recording can leave a frame pending), unless reading began at the start of the bag;
-    otherwise WarmUpTooShort. Reading stops before `stop`, and only the
-    span that reaches the end of the bag (`stop` None) flushes the pairs still pending.
+    Messages are read from `read_from` (None, or a time before the run's start: the run's start).
+    Those before `own_from` only bring the pipeline's state (synchronizer, thermal smoothing) to
+    where a run from its start would have it: their pairs are prepared but not fused or written.
+    By `own_from`, at least `warm_pairs` pairs must have been prepared from messages at or after
+    `count_from`, and the last message before `own_from` must lie in the second half of
+    [read_from, count_from) or later (a gap in the recording can leave a frame pending), unless
+    reading began at the start of the run; otherwise WarmUpTooShort. Reading stops before
+    `stop`, and only the span that reaches the end of the run (`stop` None) flushes the pairs
+    still pending.
     """
 
     read_from: int | None = None
@@ -118,13 +123,23 @@ class BagFuser:
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
             writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
             progress=None, qos: Qos = RELIABLE_QOS, transport: str = 'raw',
-            compression: list = ()) -> None:
-        """Fuse every pair of the bag (or `span`) into `writer` on the (fused, saliency) `topics`,
-        offered with `qos` (the node's qos.output.*), in `transport` (transport_topics), the
-        compressed transport with `compression` (engine.output_compression).
+            compression: list = (), window: LogWindow | None = None) -> None:
+        """Fuse every pair of the bag (or of its `window`, bagio.log_window; or `span` of either)
+        into `writer` on the (fused, saliency) `topics`, offered with `qos` (the node's
+        qos.output.*), in `transport` (transport_topics), the compressed transport with
+        `compression` (engine.output_compression).
+
+        Only the messages of the window are read, as the node fed it by s4fusion-play with the
+        same window receives them (a frame whose partner lies outside stays unpaired), but for
+        the visible camera's calibration: its newest camera_info before the reading's start is
+        taken as in effect there.
 
         `progress` (update(n), set_postfix(**values)) replaces the progress bar on stderr.
         """
+        window = window or log_window(reader, path, TimeWindow())
+        read_from = window.start if span.read_from is None else max(span.read_from, window.start)
+        # A span read from after the run's start has a warm-up to check.
+        warmed_from = read_from if read_from > window.start else None
         for cut in cut_files(reader):
             self._warn(f'{path}: {cut}')
         written = [(add_topic(writer, topic, qos, msgtype), msgtype)
@@ -138,18 +153,21 @@ class BagFuser:
         if info_topic:  # written beside the outputs as the node publishes it
             types[info_topic] = CAMERA_INFO
             self.camera_info_output = add_topic(writer, info_output, qos, CAMERA_INFO)
+            for connection, _, raw in newest_before(reader, path, [info_topic], read_from):
+                self._add_camera_info(path, connection, raw)
         copies = (copy_connections(writer, [c for c in reader.connections
                                             if types.get(c.topic) == c.msgtype])
                   if include_inputs else {})  # as read_messages reads them
         owned, warm = span.own_from is None, 0
         bar = contextlib.nullcontext(progress) if progress else tqdm(
-            total=thermal.count, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True)
+            total=round(thermal.count * window.share()), unit='pair', desc='fusing',
+            file=sys.stderr, dynamic_ncols=True)
         previous = None  # the log time of the message read before
+        stop = window.stop if span.stop is None else span.stop
         with bar as progress:
-            for connection, log_time, raw in read_messages(reader, path, types, span.read_from,
-                                                           span.stop):
+            for connection, log_time, raw in read_messages(reader, path, types, read_from, stop):
                 if not owned and log_time >= span.own_from:
-                    owned = self._own(reader, path, span, warm, previous)
+                    owned = self._own(path, span, warm, previous, warmed_from)
                 previous = log_time
                 if include_inputs and owned:
                     writer.write(copies[connection.id], log_time, raw)
@@ -170,16 +188,17 @@ class BagFuser:
                 self.baseline = self.tally()
             if span.stop is None:
                 if not owned:
-                    owned = self._own(reader, path, span, warm, previous)
+                    owned = self._own(path, span, warm, previous, warmed_from)
                 prepared = self.pipeline.flush()
                 self._show_notices(path)
                 self._fuse(prepared, path, writer, outputs, progress,
                            reader.end_time if previous is None else previous)
                 self._show_counts(progress)  # the flush's unpaired frames, as the summary
 
-    def _own(self, reader, path: pathlib.Path, span: Span, warm: int,
-             last_read: int | None) -> bool:
-        """Start fusing a span: check its warm-up and note the counts it starts from.
+    def _own(self, path: pathlib.Path, span: Span, warm: int, last_read: int | None,
+             warmed_from: int | None) -> bool:
+        """Start fusing a span: check its warm-up, read from `warmed_from` (None: from the run's
+        start, nothing to check), and note the counts it starts from.
 
         Frames are decided when messages arrive, so a frame read before a gap in the recording
         can still be pending at the cut: the last message before the cut (`last_read`) must have
@@ -187,11 +206,11 @@ class BagFuser:
         `read_from`, by when every frame read before `read_from` was decided; else the warm-up
         may start after a pending frame.
         """
-        if span.read_from is not None and span.read_from > reader.start_time:
+        if warmed_from is not None:
             if warm < span.warm_pairs:
                 raise WarmUpTooShort(f'{path}: {warm} of {span.warm_pairs} warm-up pairs')
             if span.count_from is not None and (
-                    last_read is None or last_read < (span.read_from + span.count_from) // 2):
+                    last_read is None or last_read < (warmed_from + span.count_from) // 2):
                 raise WarmUpTooShort(f'{path}: a gap in the recording before the warm-up ends')
         self.baseline = self.tally()
         return True

@@ -29,8 +29,8 @@ from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
                      address_space_limit, bag_image_message, camera_messages, mcap_chunks,
-                     most_frames, read_bag, write_bag, write_merged_visible_bag,
-                     zstd_transport_data)
+                     most_frames, read_bag, visible_camera_info, write_bag,
+                     write_merged_visible_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -569,6 +569,70 @@ def test_the_visible_camera_info_goes_beside_the_outputs_as_the_node_publishes_i
                           '--fused-topic', '/camera/color/fused']) == 1
     assert (f'--fused-topic /camera/color/fused puts its camera_info on {VISIBLE_INFO_TOPIC}, '
             'an input topic copied by --include-inputs' in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_a_window_is_fused_as_a_bag_of_its_messages_alone(storage, short_events, params_file,
+                                                          tmp_path, capsys):
+    # What the bag logged from 0.15 s after its first message for 0.3 s, as s4fusion-play plays
+    # it to the node: a pair straddling an edge is not made, and the messages outside are
+    # neither read nor counted (as dropped, say); the summary says which messages it counts.
+    first = short_events[0][0]
+    inside = [event for event in short_events
+              if first + 15 * 10**7 <= event[0] < first + 45 * 10**7]
+    assert len(expected_pairs(inside)) >= 3
+    source = write_bag(tmp_path / 'in', short_events, storage)
+    alone = write_bag(tmp_path / 'alone', inside, storage)
+    assert bag_tool.main([str(alone), str(tmp_path / 'alone_out'), '--params', str(params_file),
+                          '--include-inputs']) == 0
+    counted = re.search(r'(fused .* messages) in .*(; unpaired: .*); wrote',
+                        capsys.readouterr().err)
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
+                          '--include-inputs', '--start-offset', '0.15',
+                          '--playback-duration', '0.3']) == 0
+    assert read_bag(tmp_path / 'out') == read_bag(tmp_path / 'alone_out')
+    error = capsys.readouterr().err
+    span = (short_events[-1][0] - first) / 1e9
+    window = f"logged from 0.15 s to 0.45 s of the bag's {span:g} s"
+    assert f'; only the messages {window}\n' in error, error
+    assert f'{counted[1]} {window} in ' in error and counted[2] in error, error
+
+
+def test_the_calibration_recorded_before_a_window_is_in_effect_from_its_start(
+        ivif_dir, params_file, tmp_path):
+    # A driver that publishes its camera_info once, latched: a window two seconds later has the
+    # visible camera's calibration beside every pair, as the whole bag has.
+    events = camera_messages(ivif_dir, duration=2.5)
+    once = next(stamp for _, topic, stamp, *_ in events if topic == VISIBLE_TOPIC)
+    source = write_bag(tmp_path / 'in', events, 'mcap', visible_infos=lambda stamp: stamp == once)
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
+                          '--start-offset', '2.1']) == 0
+    messages = read_bag(tmp_path / 'out')
+    fused = [TYPESTORE.deserialize_cdr(raw, IMAGE) for _, _, raw in
+             messages['/s4fusion_node/fused']]
+    infos = [TYPESTORE.deserialize_cdr(raw, CAMERA_INFO) for _, _, raw in
+             messages.get('/s4fusion_node/camera_info', [])]
+    assert len(infos) == len(fused) >= 2
+    for info, image in zip(infos, fused):
+        assert info.header.stamp == image.header.stamp
+        assert info.k[0] == visible_camera_info(once).k[0]
+
+
+def test_a_window_past_the_end_of_the_bag_or_of_negative_seconds_is_refused(
+        short_events, tmp_path, capsys):
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    span = (short_events[19][0] - short_events[0][0]) / 1e9
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--start-offset', '1']) == 1
+    assert capsys.readouterr().err == (f'{bag_tool.PROG}: {source}: --start-offset 1 is past the '
+                                       f'end of the bag: its messages span {span:g} s\n')
+    assert not (tmp_path / 'out').exists()
+    for option, value, expected in (('--start-offset', '-1', ">= 0, got '-1'"),
+                                    ('--playback-duration', '0', "> 0, got '0'")):
+        with pytest.raises(SystemExit) as exit_info:
+            bag_tool.parse_args(['in', 'out', option, value])
+        assert exit_info.value.code == 2
+        assert (f'argument {option}: expected a number of seconds {expected}'
+                in capsys.readouterr().err)
 
 
 def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_events, tmp_path,

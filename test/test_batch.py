@@ -23,6 +23,7 @@ from s4fusion_ros import bagio, replay, settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags, processes_with_home
 from s4fusion_ros.bagio import BagError
+from s4fusion_ros.cli import TimeWindow
 from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
@@ -314,6 +315,43 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
         result = work.run_unit(dataclasses.replace(unit, span=short, output=tmp_path / 'short'))
     assert not result['error']
     assert read_bag(tmp_path / 'short')['/s4fusion_node/fused'] == warm
+
+
+def test_a_window_of_every_bag_is_fused_in_segments_as_s4fusion_bag_fuses_it(
+        local_ray, ivif_dir, long_bag, params_file, tmp_path, capsys):
+    # 8 s to 18 s of the 30 s bag in 4.5 s segments: the second one's warm-up would reach
+    # before the window (it reads from the window's start, as the window's run does), the
+    # third's does not. A 2 s bag that the window lies past the end of fails alone, saying so.
+    inputs = tmp_path / 'fleet'
+    shutil.copytree(long_bag[0], inputs / 'long')
+    short = write_bag(inputs / 'short', camera_messages(ivif_dir, 2.0), 'mcap')
+    window = ['--start-offset', '8', '--playback-duration', '10']
+    with one_torch_thread():
+        assert bag_tool.main([str(inputs / 'long'), str(tmp_path / 'ref'), '--params',
+                              str(params_file), *window]) == 0
+    expected = read_bag(tmp_path / 'ref')
+    fused = len(expected['/s4fusion_node/fused'])
+    assert 0 < fused < len(long_bag[1]['/s4fusion_node/fused'])
+    capsys.readouterr()
+    out = tmp_path / 'out'
+    assert batch_tool.main([str(inputs), str(out), '--params', str(params_file),
+                            '--segment-minutes', '0.075', *window]) == 1
+    error = capsys.readouterr().err
+    assert read_bag(out / 'long') == expected
+    manifest = json.loads((out / 's4fusion-batch-manifest.json').read_text())
+    assert manifest['window'] == {'--start-offset': 8, '--playback-duration': 10}
+    rows = {pathlib.Path(row['input']).name: row for row in manifest['bags']}
+    assert (rows['long']['status'], rows['long']['units'], rows['long']['fused']) == (
+        'done', 3, fused)
+    with bagio.open_bag(short) as reader:
+        span = (reader.end_time - 1 - reader.start_time) / 1e9
+    assert rows['short']['status'] == 'failed' and rows['short']['error'] == (
+        f'{short}: --start-offset 8 is past the end of the bag: its messages span {span:g} s')
+    assert (f'1 of 2 bags fused now ({fused} pairs of the messages logged from 8 s to 18 s of '
+            'each bag), 1 failed (above)') in error, error
+    # The window is one of the folder's settings: a resume with another one is refused.
+    with pytest.raises(BatchError, match=r'other parameters \(--start-offset\)'):
+        fuse_bags([inputs], out, params=params_file, resume=True, window=TimeWindow(9.0, 10.0))
 
 
 def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_bag,

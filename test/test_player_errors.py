@@ -44,6 +44,17 @@ def test_a_topic_name_ros2_refuses_is_named_with_the_remap_that_plays_it(tmp_pat
     assert 'published /camera/one/image_raw 2; end of bag' in played.stderr, played.stderr
 
 
+def test_a_window_past_the_end_of_the_bag_is_refused_with_its_span(tmp_path):
+    image = np.zeros((4, 4), np.uint8)
+    bag = write_bag(tmp_path / 'bag', [(time_ns, THERMAL_TOPIC, time_ns, 'mono8', image)
+                                       for time_ns in (10**9, 2 * 10**9)], 'mcap')
+    refused = subprocess.run([*PLAYER, str(bag), '--wait', '0', '--start-offset', '1.5'],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr == (
+        f's4fusion-play: {bag}: --start-offset 1.5 is past the end of the bag: its messages span '
+        '1 s\n'), refused.stderr
+
+
 def test_a_topic_recorded_with_several_types_plays_its_images_or_is_named(tmp_path):
     # rosbags gives such a topic no type: the player died in a traceback with --topics and
     # left the topic out without a word otherwise.

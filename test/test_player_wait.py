@@ -23,7 +23,8 @@ from support import (CAMERA_INFO, COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, V
 pytestmark = pytest.mark.ros
 
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
+from rosgraph_msgs.msg import Clock  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from s4fusion_ros.bagio import image_topics, open_bag, pick_topics  # noqa: E402
 from s4fusion_ros.cli import interrupt  # noqa: E402
@@ -253,6 +254,8 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
     (['--remap', '/a:=s4fusion_node/saliency'], "s4fusion_node/saliency is the fusion node's"),
     (['--wait', '-1'], '--wait must be >= 0'),
     (['--wait', 'nan'], '--wait must be >= 0'),  # it played without waiting
+    (['--start-offset', '-1'], "--start-offset: expected a number of seconds >= 0, got '-1'"),
+    (['--playback-duration', '0'], "--playback-duration: expected a number of seconds > 0"),
 ])
 def test_bad_options_are_usage_errors_not_tracebacks(argv, message, capsys):
     from s4fusion_ros.ros.player import parse_args
@@ -312,6 +315,59 @@ def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_err
                             text=True, timeout=60)
     assert looped.returncode == 1 and 'nothing to loop' in looped.stderr
     assert 'warning' not in looped.stderr
+
+
+def test_a_window_loops_after_the_calibration_before_it_with_its_own_clock(tmp_path):
+    # --start-offset 2 --playback-duration 1 --loop: the frames the bag logged in that second,
+    # pass after pass, each pass after the camera_info a driver published once at the start
+    # (the calibration in effect), and /clock counting from the window's start.
+    image = np.zeros((4, 4), np.uint8)
+    events = [(time_ns, topic, time_ns, 'mono8', image) for i in range(40)
+              for topic, time_ns in ((THERMAL_TOPIC, 10**9 + i * 10**8),
+                                     (VISIBLE_TOPIC, 10**9 + i * 10**8 + 5 * 10**7))]
+    once = events[1][2]
+    bag = write_bag(tmp_path / 'bag', events, 'mcap', visible_infos=lambda stamp: stamp == once)
+    start, stop = 3 * 10**9, 4 * 10**9
+    window = {topic: [stamp for log_time, name, stamp, *_ in events
+                      if name == topic and start <= log_time < stop]
+              for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
+    names = {THERMAL_TOPIC: f'{NAMESPACE}/flir/image_raw',
+             VISIBLE_TOPIC: f'{NAMESPACE}/color/image_raw'}
+    received = {topic: [] for topic in window}
+    infos, clocks = [], []
+    rclpy.init()
+    try:
+        node = rclpy.create_node('window_listener', namespace=NAMESPACE)
+        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        # Before the images, which the player waits for: it does not wait for an info.
+        node.create_subscription(CameraInfo, f'{NAMESPACE}/color/camera_info',
+                                 lambda msg: infos.append(stamp_to_ns(msg.header.stamp)), qos)
+        for topic, name in names.items():
+            node.create_subscription(Image, name, lambda msg, t=topic: received[t].append(
+                stamp_to_ns(msg.header.stamp)), qos)
+        node.create_subscription(Clock, '/clock', lambda msg: clocks.append(
+            stamp_to_ns(msg.clock)), QoSProfile(depth=100,
+                                                reliability=ReliabilityPolicy.BEST_EFFORT))
+        player = subprocess.Popen(
+            [*PLAYER, str(bag), '--start-offset', '2', '--playback-duration', '1', '--loop',
+             '--clock', '--rate', '2', '--wait', '60', '--wait-for',
+             f'{NAMESPACE}/window_listener', *(option for topic, name in names.items()
+                                               for option in ('--remap', f'{topic}:={name}'))],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        end = time.monotonic() + 90  # into the third pass
+        while (len(received[THERMAL_TOPIC]) <= 2 * len(window[THERMAL_TOPIC])
+               and time.monotonic() < end and player.poll() is None):
+            rclpy.spin_once(node, timeout_sec=0.05)
+        assert interrupt(player) == 0
+        output = player.communicate()[0]
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    assert f"playing {bag} from 2 s to 3 s of the bag's 3.95 s" in output, output
+    for topic, stamps in window.items():
+        assert len(stamps) == 10 and received[topic][:20] == 2 * stamps, output
+    assert len(infos) >= 2 and set(infos) == {once}, output
+    assert start <= min(clocks) < start + 10**8 and max(clocks) < stop + 10**8, output
 
 
 def played_beside(listener: str, subscribe, topic: str, name: str, wait: float,

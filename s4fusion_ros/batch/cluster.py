@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import settings
 from ..bagio import BagError
-from ..cli import interrupts_held, on_main_thread, stop_signals_handled
+from ..cli import TimeWindow, interrupts_held, on_main_thread, stop_signals_handled
 from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, held_folder, write_text_atomically
 from ..runtime import set_threads
@@ -311,7 +311,8 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
               segment_minutes: float = 10.0, params=None, device: str | None = None,
               resume: bool = False, overwrite: bool = False, max_retries: int = 3,
               progress: bool = True, on_unit=None, on_progress=None,
-              topics: tuple = (None, None), transport: str = 'raw') -> Report:
+              topics: tuple = (None, None), transport: str = 'raw',
+              window: TimeWindow = TimeWindow()) -> Report:
     """Fuse every bag of `inputs` (bags or folders of bags) into `out_dir`; return the Report.
 
     Each output is what `s4fusion-bag IN OUT --params PARAMS` writes, stamps and pixels. Bags
@@ -322,7 +323,9 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     final name (the manifest says what finished). `on_unit(result)` sees each unit's result and
     `on_progress(label, node ip, pairs)` each progress message of a task. `topics`: the
     (thermal, visible) topic of every bag, None to detect it per bag. `transport`: how the
-    outputs are written (s4fusion-bag --transport), recorded in the manifest with the parameters.
+    outputs are written (s4fusion-bag --transport), and `window`: the part of every bag fused
+    (s4fusion-bag --start-offset, --playback-duration; a bag it lies past the end of fails),
+    both recorded in the manifest with the parameters.
     """
     if resume and overwrite:
         raise BatchError('--resume and --overwrite exclude each other')
@@ -336,11 +339,11 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     with _sole_run_into(out_dir):
         _check_existing(jobs, resume, overwrite)
         previous = _previous_reports(out_dir / MANIFEST, values, transport, jobs, resume,
-                                     overwrite)
+                                     overwrite, window)
         with connected(address, num_cpus) as ray:
             runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
                              resume, max_retries, progress, (on_unit, on_progress),
-                             previous, out_dir / MANIFEST, topics, transport)
+                             previous, out_dir / MANIFEST, topics, transport, window)
             runner.check_resources()  # before any manifest: a refused run leaves no trace
             interrupted, ended = False, {}
             try:
@@ -399,16 +402,16 @@ def _check_existing(jobs: list[BagJob], resume: bool, overwrite: bool) -> None:
 
 
 def _previous_reports(manifest: pathlib.Path, values: dict, transport: str, jobs: list[BagJob],
-                      resume: bool, overwrite: bool) -> dict:
+                      resume: bool, overwrite: bool, window: TimeWindow = TimeWindow()) -> dict:
     """{output: BagReport fields} of the rows an earlier run into the same folder wrote, to keep.
 
-    One manifest describes the folder, with one set of parameters (the transport among them:
-    one recorded before it was has the raw images). --resume keeps every row (the
-    finished ones are skipped) and is refused if the earlier run recorded other parameters: its
-    finished bags would be kept as they are, unlike the ones still to fuse. A plain run or
-    --overwrite fuses its own bags anew and keeps the rows of the folder's other bags when the
-    parameters match; if they differ (or were not recorded), --overwrite drops those rows and a
-    plain run is refused when one of them is a finished bag.
+    One manifest describes the folder, with one set of parameters (the transport and the window
+    among them: one recorded before they were has the raw images of whole bags). --resume keeps
+    every row (the finished ones are skipped) and is refused if the earlier run recorded other
+    parameters: its finished bags would be kept as they are, unlike the ones still to fuse. A
+    plain run or --overwrite fuses its own bags anew and keeps the rows of the folder's other
+    bags when the parameters match; if they differ (or were not recorded), --overwrite drops
+    those rows and a plain run is refused when one of them is a finished bag.
     """
     try:
         earlier = json.loads(manifest.read_text())
@@ -421,8 +424,12 @@ def _previous_reports(manifest: pathlib.Path, values: dict, transport: str, jobs
         recorded = {**json.loads(json.dumps(settings.defaults())), **recorded}
     changed = sorted(name for name in set(recorded or {}) | set(current)
                      if (recorded or {}).get(name) != current.get(name))
-    if recorded is not None and earlier.get('transport', 'raw') != transport:
-        changed.append('--transport')
+    if recorded is not None:
+        if earlier.get('transport', 'raw') != transport:
+            changed.append('--transport')
+        fused_window = earlier.get('window', TimeWindow().options())
+        changed += [option for option, value in window.options().items()
+                    if fused_window.get(option) != value]
     if resume:
         if recorded is not None and changed:
             raise BatchError(f'--resume: the bags in {manifest.parent} were fused with other '
@@ -506,9 +513,10 @@ class _Runner:
     """Submits the units, follows them to the end of each bag, commits segmented bags."""
 
     def __init__(self, ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                 resume, max_retries, progress, on_unit, previous, manifest, topics, transport):
+                 resume, max_retries, progress, on_unit, previous, manifest, topics, transport,
+                 window):
         self.ray, self.jobs, self.values, self.topics = ray, jobs, values, topics
-        self.transport = transport
+        self.transport, self.window = transport, window
         self.cpus, self.gpus = cpus_per_task, gpus_per_worker
         self.segment_ns = round(segment_minutes * 60e9)
         self.resume, self.retries = resume, max_retries
@@ -538,7 +546,7 @@ class _Runner:
         bags += [bag for output, bag in self.previous.items() if output not in ours]
         write_text_atomically(self.manifest, json.dumps(
             {**(status or {'running': True}), 'parameters': self.values,
-             'transport': self.transport, 'bags': bags},
+             'transport': self.transport, 'window': self.window.options(), 'bags': bags},
             indent=1))
         self.manifest_written = time.monotonic()
 
@@ -633,7 +641,8 @@ class _Runner:
             if not reason:
                 return self._skip(job, report, earlier)
             tqdm.write(f's4fusion-batch: fusing {report.input} again: {reason}', file=sys.stderr)
-        units = work.plan_bag(job, self.values, self.segment_ns, self.topics, self.transport)
+        units = work.plan_bag(job, self.values, self.segment_ns, self.topics, self.transport,
+                              self.window)
         report.topics, report.units = list(units[0].topics), len(units)
         self.units[number] = units
         if len(units) == 1:

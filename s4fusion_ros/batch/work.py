@@ -32,9 +32,10 @@ import socket
 import time
 
 from .. import settings
-from ..bagio import (BAG_SUFFIXES, WRITE_ERRORS, BagError, add_topic, create_bag,
-                     image_topics, is_unindexed_recording, open_bag, output_qos_of, pick_topics,
-                     storage_of, sweep_staging)
+from ..bagio import (BAG_SUFFIXES, WRITE_ERRORS, BagError, LogWindow, add_topic, create_bag,
+                     image_topics, is_unindexed_recording, log_window, open_bag, output_qos_of,
+                     pick_topics, storage_of, sweep_staging)
+from ..cli import TimeWindow
 from ..engine import FusionEngine, fusion_settings, output_compression, pipeline_from_params
 from ..files import write_text_atomically
 from ..runtime import MODEL_PARAMETERS, model_from_params
@@ -167,7 +168,8 @@ def _search(folder: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One task: fuse `span` of a bag into `output` (the final bag, or a part of a segmented one).
+    """One task: fuse `span` of a bag's `window` (bagio.log_window) into `output` (the final bag,
+    or a part of a segmented one).
 
     Plain data, so it pickles to any worker; the bag is opened there.
     """
@@ -181,7 +183,8 @@ class Unit:
     index: int
     count: int  # units of the bag
     warm_pairs: int
-    thermal_count: int  # messages of the thermal topic in the whole bag (the progress estimate)
+    thermal_count: int  # of the thermal topic's messages, those in the window (an estimate)
+    window: LogWindow
     transport: str = 'raw'  # how the outputs are written (replay.transport_topics)
 
     @property
@@ -199,20 +202,24 @@ class Unit:
 
 
 def plan_bag(job: BagJob, values: dict, segment_ns: int, topics: tuple = (None, None),
-             transport: str = 'raw') -> list[Unit]:
+             transport: str = 'raw', window: TimeWindow = TimeWindow()) -> list[Unit]:
     """Open the bag, choose its topics (``topics``: (thermal, visible), None to detect) and cut
-    it into units writing the outputs in `transport`; BagError if it cannot be read."""
+    its `window` into units writing the outputs in `transport`; BagError if it cannot be read
+    or the window lies past its end."""
     with open_bag(job.input) as reader:
+        placed = log_window(reader, job.input, window)
         thermal, visible = pick_topics(image_topics(reader, job.input), job.input, *topics,
                                        values=values)
-        start, end = reader.start_time, reader.end_time
+        start = placed.start
+        end = reader.end_time if placed.stop is None else min(placed.stop, reader.end_time)
         storage = storage_of(job.input)
         # rosbags unpacks a file-compressed bag whole at each open: parts fused in parallel
         # would each unpack all of it, in time and in temporary disk, so it stays one unit.
         segmented = segment_ns > 0 and reader.compression_mode != 'file'
     count = max(1, math.ceil((end - start) / segment_ns)) if segmented else 1
     base = dict(input=job.input, storage=storage, topics=(thermal.topic, visible.topic),
-                values=values, count=count, thermal_count=thermal.count, transport=transport)
+                values=values, count=count, thermal_count=round(thermal.count * placed.share()),
+                window=placed, transport=transport)
     if count == 1:
         return [Unit(output=job.output, span=Span(), index=0, warm_pairs=0, **base)]
     warm = warm_up(values)
@@ -246,11 +253,12 @@ def input_identity(bag: pathlib.Path) -> list[list]:
 
 
 def plan_fingerprint(units: list[Unit]) -> str:
-    """What a segmented bag's parts depend on: input file sizes and times, spans, parameters,
-    transport."""
+    """What a segmented bag's parts depend on: input file sizes and times, window, spans,
+    parameters, transport."""
     first = units[0]
     described = {'files': input_identity(first.input), 'topics': first.topics,
                  'values': first.values, 'transport': first.transport,
+                 'window': dataclasses.astuple(first.window),
                  'spans': [dataclasses.astuple(unit.span) for unit in units]}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -360,7 +368,7 @@ def _fuse(unit: Unit, span: Span, progress, warnings: list[str]) -> dict:
             fuser.run(reader, unit.input, thermal, visible, writer,
                       settings.OUTPUT_TOPICS, False, span, progress,
                       output_qos_of(unit.values), unit.transport,
-                      output_compression(unit.values))
+                      output_compression(unit.values), unit.window)
     end, start = fuser.tally(), fuser.baseline
     counts = {name: end[name] - start[name] for name in end}
     counts['fused'] = fuser.counts.fused

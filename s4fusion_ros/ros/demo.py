@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> str:
         thermal, visible = pick_topics(image_topics(reader, bag), bag, args.thermal_topic,
                                        args.visible_topic, values)
         # The thermal topic's own span: the bag's may be another topic's (a status topic).
-        span_s = log_span(reader, bag, thermal.topic)
+        _, span_s = log_span(reader, bag, thermal.topic)
     period_s = thermal_period(span_s, thermal.count)
     rate = args.rate
     if rate is None:

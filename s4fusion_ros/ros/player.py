@@ -16,6 +16,11 @@ R x sync.timeout after its stamp is given up (its pair lost, and the pixels of l
 the thermal normalization's smoothing) where s4fusion-bag pairs it: give that node
 sync.timeout / R.
 
+With --start-offset / --playback-duration (seconds from the bag's first message, as ros2 bag play
+counts them) only the messages the bag logged in that window are played, the newest camera_info
+of each played camera before it first (its calibration, in effect at the window's start); --loop
+plays the window again and again, and /clock starts at the window's start.
+
 Reliable keep-last publishers by default: large best-effort images are lost between processes on
 one machine (docs/node.md, "QoS"); a topic recorded transient-local (latched, such as
 /robot_description with --topics) is played so, and reliable even with --best-effort. Playback
@@ -48,9 +53,10 @@ from rclpy.validate_node_name import validate_node_name
 from rosgraph_msgs.msg import Clock
 
 from ..bagio import (COMPRESSED_IMAGE, IMAGE_TYPES, NODE_OUTPUT, BagError, cut_files,
-                     deserialize, latched_topics, open_bag, read_messages, topic_types)
+                     deserialize, latched_topics, log_window, newest_before, open_bag,
+                     read_messages, topic_types)
 from ..camera_info import CAMERA_INFO, camera_info_topic
-from ..cli import ignore_stop_signals, stop_on_signals
+from ..cli import add_window_options, ignore_stop_signals, stop_on_signals, time_window
 from ..messages import ns_to_sec_nanosec
 from ..sync import CLOCK_JUMP_S
 from .graph import node_known, node_of
@@ -79,9 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--rate', type=float, default=1.0,
                         help='playback speed factor (default: %(default)s); below 1 without '
                              '--clock and use_sim_time, give the node sync.timeout / RATE')
-    parser.add_argument('--loop', action='store_true', help='play the bag again and again')
+    add_window_options(parser, 'play')
+    parser.add_argument('--loop', action='store_true',
+                        help='play the bag (or the window of the options above) again and again')
     parser.add_argument('--clock', action='store_true',
-                        help='publish /clock (bag time) for nodes with use_sim_time')
+                        help='publish /clock (bag time, from the start of the window) for nodes '
+                        'with use_sim_time')
     parser.add_argument('--clock-rate', type=float, default=100.0, metavar='HZ',
                         help='/clock messages per second (default: %(default)s)')
     parser.add_argument('--topics', nargs='+', metavar='TOPIC',
@@ -164,6 +173,7 @@ class BagPlayer:
         self.node = node
         self.args = args
         with open_bag(args.bag) as reader:
+            self.window = log_window(reader, args.bag, time_window(args))
             types = topic_types(reader)
             recorded = [(c.topic, c.msgtype) for c in reader.connections]
             latched = latched_topics(reader)
@@ -328,18 +338,25 @@ class BagPlayer:
                 if p.get_subscription_count() == 0 and topic not in self.camera_infos]
 
     def play_once(self, minimum_s: float = 0.0) -> int:
-        """Publish the bag once, from its first message, at --rate, taking at least
-        `minimum_s` seconds of bag time; returns the number of messages it read (and keeps in
-        `played_span_s` the bag time from the first played message to the last)."""
+        """Publish the bag's window (the whole bag without one) once, from its start, at --rate,
+        taking at least `minimum_s` seconds of bag time; returns the number of messages it read
+        in the window (and keeps in `played_span_s` the bag time from the first played message
+        to the last).
+
+        The newest camera_info before the window comes first: the calibration in effect at its
+        start, which the node's cache finds by stamp (a driver may publish it seldom)."""
         read = 0
         first = last = None
         with open_bag(self.args.bag) as reader:
-            start_ns = reader.start_time
+            start_ns = self.window.start
             start_wall = time.monotonic()
             self.bag_time = start_ns
             self.next_tick = start_wall
-            for connection, log_time, raw in read_messages(reader, self.args.bag,
-                                                           self.publishers):
+            for connection, _, raw in newest_before(reader, self.args.bag, self.camera_infos,
+                                                    start_ns):
+                self._publish(connection.topic, bytes(raw))
+            for connection, log_time, raw in read_messages(reader, self.args.bag, self.publishers,
+                                                           start_ns, self.window.stop):
                 self._sleep_until(start_wall + (log_time - start_ns) / 1e9 / self.args.rate,
                                   start_wall, start_ns)
                 # An image rmw cannot deserialize its subscribers drop without a word: skipped
@@ -358,9 +375,11 @@ class BagPlayer:
         return read
 
     def play(self) -> None:
-        """Publish the bag once, or with --loop again and again."""
+        """Publish the bag's window once, or with --loop again and again."""
         if not self.play_once(LOOP_MINIMUM_S if self.args.loop else 0.0) and self.args.loop:
-            raise BagError(f'{self.args.bag}: no message on the played topics, nothing to loop')
+            within = '' if self.window.whole else f' {self.window.describe()}'
+            raise BagError(f'{self.args.bag}: no message on the played topics{within}, nothing '
+                           'to loop')
         if self.args.loop and self.played_span_s <= CLOCK_JUMP_S:
             print(f'{PROG}: warning: the played messages span {self.played_span_s:.2f} s; '
                   f'looped, their stamps jump back by no more than the {CLOCK_JUMP_S:g} s a '
@@ -443,14 +462,17 @@ def main(argv: list[str] | None = None) -> int:
         node = Node('s4fusion_player', start_parameter_services=False)
         player = BagPlayer(node, args)
         player.wait_for_subscribers()
-        print(f'{PROG}: playing {args.bag} at rate {args.rate:g}'
+        whole = player.window.whole
+        print(f'{PROG}: playing {args.bag}' + ('' if whole else f' {player.window.describe()}')
+              + f' at rate {args.rate:g}'
               + (f' with /clock at {args.clock_rate:g} Hz' if args.clock else ''), file=sys.stderr)
         try:
             player.play()
         except BagError as error:  # a bag that fails midway: what it played is still delivered
             failure = error
         unconfirmed = player.wait_for_acks()
-        print(f'{player.summary()}; ' + (f'stopped: {failure}' if failure else 'end of bag')
+        ended = f'stopped: {failure}' if failure else 'end of bag' if whole else 'end of window'
+        print(f'{player.summary()}; {ended}'
               + (f'; not confirmed within {ACK_TIMEOUT_S:g} s by a reliable subscriber of '
                  f'{", ".join(unconfirmed)}' if unconfirmed else ''), file=sys.stderr, flush=True)
         if args.keep_alive and not failure:

@@ -12,6 +12,13 @@ of compute time: every decided pair is fused. As live, a bad message is skipped 
 a pair whose inference fails (out of memory on an odd huge frame) is dropped and counted, not the
 run.
 
+With --start-offset / --playback-duration (seconds from the bag's first message, as ros2 bag play
+counts them) only the messages the bag logged in that window are read, and fused as the node fed
+that window by `s4fusion-play` with the same options fuses them: a frame whose partner lies
+outside the window stays unpaired, and the messages outside are neither read nor counted. The
+visible camera's calibration is state, not a stream: its newest camera_info before the window is
+in effect from the window's start. The first line and the summary name the window.
+
 The output bag has the node's output topics (sensor_msgs/Image with the visible header; under
 /s4fusion_node/ unless --fused-topic / --saliency-topic name others, whatever namespace the
 parameter file is for; with --transport compressed or both, their compressed transports as the
@@ -19,9 +26,9 @@ node publishes them, TOPIC/compressed) and, where the bag holds the visible topi
 sibling, the node's camera_info beside the fused topic (as the node chooses and stamps it:
 camera_info.py), offered with the QoS of qos.output.*, logged at the time the pair was decided
 (the log time of the message that completed it, or of the last message for the pairs decided at
-the end of the bag), on the input's timeline, and with --include-inputs the input topics as
-recorded. It is written under a temporary name and renamed
-when complete: an interrupted or failed run, or one that fused no pair, leaves nothing under the
+the end of the bag or window), on the input's timeline, and with --include-inputs the input
+topics as recorded (in the window). It is written under a temporary name and renamed when
+complete: an interrupted or failed run, or one that fused no pair, leaves nothing under the
 output name.
 """
 
@@ -34,10 +41,11 @@ import sys
 import time
 
 from .. import settings
-from ..bagio import (IMAGE, STORAGES, WRITE_ERRORS, BagError, bag_size, check_output,
-                     create_bag, image_topics, log_span, open_bag, output_qos_of, pick_topics,
-                     storage_of, sweep_staging)
-from ..cli import file_path, output_path, run_command, stop_on_signals
+from ..bagio import (IMAGE, STORAGES, WRITE_ERRORS, BagError, LogWindow, bag_size,
+                     check_output, create_bag, image_topics, log_span, log_window, open_bag,
+                     output_qos_of, pick_topics, storage_of, sweep_staging)
+from ..cli import (add_window_options, file_path, output_path, run_command, stop_on_signals,
+                   time_window)
 from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
 from ..engine import FusionEngine, fusion_settings, output_compression, pipeline_from_params
 from ..files import check_writable_folder, opencv_path, resolved
@@ -92,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='also write a side-by-side MP4 (visible | thermal | fused | '
                         'saliency, with stamps) of every pair, at the rate the thermal topic '
                         'was recorded at; .mov, .mkv or .avi give that container')
+    add_window_options(parser, 'fuse')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace OUTPUT if it is an existing bag (and an existing '
                         '--export-video file, and the PNGs an earlier export wrote into '
@@ -223,6 +232,7 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
     values = load_values(args)
     started = time.monotonic()
     with open_bag(args.input) as reader:
+        window = log_window(reader, args.input, time_window(args))
         thermal, visible = pick_topics(image_topics(reader, args.input), args.input,
                                        args.thermal_topic, args.visible_topic, values)
         info_topic, info_output = camera_info_topics(reader, visible, args.fused_topic)
@@ -232,13 +242,15 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
         storage = args.storage or storage_of(args.input)
         loaded = model_from_params(values)
         infos = f'; {info_topic} -> {info_output}' if info_topic else ''
+        only = f'; only the messages{logged_in(window)}' if not window.whole else ''
         print(f'{PROG}: {thermal.describe()} + {visible.describe()} -> {args.output} '
-              f'({storage}) with {loaded.name} on {loaded.device}{infos}', file=sys.stderr)
+              f'({storage}) with {loaded.name} on {loaded.device}{infos}{only}', file=sys.stderr)
         if args.export_png:
             args.export_png.mkdir(parents=True, exist_ok=True)
         video = None
         if args.export_video:  # at the thermal camera's recorded rate: one frame per pair
-            rate = frame_rate(thermal.count, log_span(reader, args.input, thermal.topic))
+            rate = frame_rate(*log_span(reader, args.input, thermal.topic, window.start,
+                                        window.stop))
             video = SideBySideVideo(args.export_video, rate)
         engine = FusionEngine(loaded, fusion_settings(values))
         fuser = BagFuser(PROG, pipeline_from_params(values), engine, args.export_png,
@@ -250,14 +262,14 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
                 fuser.run(reader, args.input, thermal, visible, writer,
                           (args.fused_topic, args.saliency_topic), args.include_inputs,
                           qos=output_qos_of(values), transport=args.transport,
-                          compression=output_compression(values))
+                          compression=output_compression(values), window=window)
                 if not fuser.counts.fused:  # a failed run for a script too: nothing is written
-                    print_summary(args, fuser, time.monotonic() - started)
+                    print_summary(args, fuser, window, time.monotonic() - started)
                     raise BagError(f'no pair was fused (the counts above say why); '
                                    f'{args.output} was not written')
             outcome.written = True
         outcome.video_written = video is not None
-    print_summary(args, fuser, time.monotonic() - started)
+    print_summary(args, fuser, window, time.monotonic() - started)
     if args.export_png and args.overwrite:  # replaced once this run's are all written
         removed = remove_earlier_export(args.export_png, fuser.exported)
         if removed:
@@ -265,8 +277,15 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
                   file=sys.stderr)
 
 
-def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> None:
-    """One paragraph: what was read, paired, fused and (when a pair was) written."""
+def logged_in(window: LogWindow) -> str:
+    """The window where one is given: what the counts of messages read cover."""
+    return '' if window.whole else f' logged {window.describe()}'
+
+
+def print_summary(args: argparse.Namespace, fuser: BagFuser, window: LogWindow,
+                  seconds: float) -> None:
+    """One paragraph: what was read (in the window, where one is given), paired, fused and
+    (when a pair was) written."""
     counts, stats, video = fuser.counts, fuser.pipeline.synchronizer.stats, fuser.video
     if not counts.fused:
         written = ''
@@ -279,7 +298,7 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, seconds: float) -> 
     why = f' ({", ".join(f"{count} {reason}" for reason, count in reasons.items())})'
     failed = f'; {counts.failed} pairs failed in inference' if counts.failed else ''
     print(f'{PROG}: fused {counts.fused} pairs from {counts.read["thermal"]} thermal + '
-          f'{counts.read["visible"]} visible messages in {seconds:.1f} s '
+          f'{counts.read["visible"]} visible messages{logged_in(window)} in {seconds:.1f} s '
           f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s){failed}; unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
           f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)

@@ -4,7 +4,8 @@ Every input bag (sqlite3 or MCAP; folders are searched) becomes the bag `s4fusio
 it, stamps and pixels, under OUT_DIR at the input's relative path. Bags longer than
 --segment-minutes are fused in segments in parallel and joined. Each bag is renamed into place
 only when complete; the run ends with OUT_DIR/s4fusion-batch-manifest.json and exits non-zero
-when any bag failed.
+when any bag failed. --start-offset and --playback-duration fuse the same window of every bag,
+as s4fusion-bag fuses it (a bag the window lies past the end of fails).
 """
 
 import argparse
@@ -12,7 +13,7 @@ import pathlib
 import sys
 
 from .. import settings
-from ..cli import output_path, run_command, stop_on_signals
+from ..cli import add_window_options, output_path, run_command, stop_on_signals, time_window
 from ..batch.cluster import LOCAL, fuse_bags
 from ..batch.work import BatchError
 from ..replay import TRANSPORTS
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='how the fused images and saliency maps are written, as with '
                         's4fusion-bag: raw (default), compressed (TOPIC/compressed, with the '
                         "--params file's fused.compressed.* and saliency.compressed.*) or both")
+    add_window_options(parser, 'fuse')  # of every bag, as s4fusion-bag
     again = parser.add_mutually_exclusive_group()
     again.add_argument('--resume', action='store_true',
                        help='keep the bags and segments an earlier run finished')
@@ -81,17 +83,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def fuse_and_report(args: argparse.Namespace) -> int:
     """Fuse the bags and print the summary: 0 when every bag is fused, 1 otherwise."""
+    window = time_window(args)
     report = fuse_bags(args.inputs, args.out_dir, address=args.ray, num_cpus=args.num_cpus,
                        cpus_per_task=args.cpus_per_task, gpus_per_worker=args.gpus_per_worker,
                        segment_minutes=args.segment_minutes, params=args.params,
                        device=args.device, resume=args.resume, overwrite=args.overwrite,
                        max_retries=args.max_retries,
                        topics=(args.thermal_topic, args.visible_topic),
-                       transport=args.transport)
+                       transport=args.transport, window=window)
     failed = [bag for bag in report.bags if bag.status == 'failed']
     kept = sum(bag.status == 'skipped' for bag in report.bags)
     fused = sum(bag.status == 'done' for bag in report.bags)
-    print(f'{PROG}: {fused} of {len(report.bags)} bags fused now ({report.fused} pairs)'
+    within = '' if window.whole else f' of the messages logged {window.describe()} of each bag'
+    print(f'{PROG}: {fused} of {len(report.bags)} bags fused now ({report.fused} pairs{within})'
           + (f', {kept} kept as an earlier run fused them' if kept else '')
           + (f', {len(failed)} failed (above)' if failed else '')
           + f' in {report.seconds:.1f} s; manifest: {report.manifest}', file=sys.stderr)
