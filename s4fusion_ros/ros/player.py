@@ -482,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         if player is not None:
             print(f'{player.summary()}; stopped' + (f': {failure}' if failure else ''),
                   file=sys.stderr)
+        else:  # while the bag's metadata was read: nothing was published
+            print(f'{PROG}: stopped before playing', file=sys.stderr)
     except BagError as error:
         print(f'{PROG}: {error}', file=sys.stderr)
         return 1
