@@ -213,23 +213,49 @@ def signal_group(process, number):
         pass
 
 
-def check_scan(site):
-    """Compare mamba-ssm's kernel with the chunked PyTorch scan on the GPU in a fresh process;
-    True when it is importable and agrees."""
-    code = (
-        'import torch; from s4fusion_ros.model.scan import selective_scan as s\n'
-        'g = torch.Generator(device="cuda").manual_seed(0)\n'
-        'u, d = (torch.randn(2, 64, 500, device="cuda", generator=g) for _ in range(2))\n'
-        'A = -torch.rand(64, 8, device="cuda") - 0.5\n'
-        'B, C = (torch.randn(2, 4, 8, 500, device="cuda", generator=g) for _ in range(2))\n'
-        'a = s(u, d, A, B, C, delta_softplus=True, backend="mamba")\n'
-        'b = s(u, d, A, B, C, delta_softplus=True, backend="torch")\n'
-        'err = ((a - b).abs().max() / b.abs().max()).item(); print(err); assert err < 1e-4\n')
+# Run by check_scan in a process of its own: ``backend`` against the chunked PyTorch scan on
+# ``device`` (argv), forward and backward, on inputs shaped and passed as SS2D passes them (B and
+# C in 4 groups, D and a dt bias, softplus, float32): training runs the backward kernel too.
+SCAN_CHECK = '''
+import sys
+import torch
+from s4fusion_ros.model.scan import selective_scan
+device, backend = sys.argv[1:3]
+g = torch.Generator(device=device).manual_seed(0)
+
+
+def randn(*shape, scale=1.0):
+    return scale * torch.randn(*shape, device=device, generator=g)
+
+
+inputs = [randn(2, 64, 500), randn(2, 64, 500, scale=0.5),
+          -(torch.rand(64, 8, device=device, generator=g) + 0.5), randn(2, 4, 8, 500),
+          randn(2, 4, 8, 500), randn(64), randn(64, scale=0.1)]
+weight = randn(2, 64, 500)
+results = []
+for name in (backend, 'torch'):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    u, delta, A, B, C, D, bias = leaves
+    y = selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True, backend=name)
+    (y * weight).sum().backward()
+    results.append([y.detach()] + [t.grad for t in leaves])
+errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results)]
+print('largest error of y, then of the gradients of u, delta, A, B, C, D, delta_bias, relative '
+      'to the largest value:', ' '.join(f'{error:.1e}' for error in errors))
+assert errors[0] < 1e-4 and max(errors[1:]) < 1e-3
+'''
+
+
+def check_scan(site, device='cuda', backend='mamba'):
+    """Compare mamba-ssm's kernel (``backend``) with the chunked PyTorch scan on the GPU
+    (``device``), forward and backward, in a fresh process with ``site`` on its path; True when
+    it is importable and agrees."""
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
         str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
-    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                            text=True, timeout=120)
-    log(f'mamba-ssm scan check: {"passed" if result.returncode == 0 else "failed"} '
+    result = subprocess.run([sys.executable, '-c', SCAN_CHECK, device, backend], env=env,
+                            capture_output=True, text=True, timeout=120)
+    name = 'mamba-ssm' if backend == 'mamba' else backend
+    log(f'{name} scan check: {"passed" if result.returncode == 0 else "failed"} '
         f'{(result.stdout + result.stderr).strip()[-300:]}')
     return result.returncode == 0
 

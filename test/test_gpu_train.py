@@ -19,7 +19,7 @@ import cv2
 import pytest
 import torch
 
-from s4fusion_ros.model.scan import scan_backend
+from s4fusion_ros.model.scan import numba_scan_fn, scan_backend
 from s4fusion_ros.training.data import IVIF_DATA_NOTE, pair_key, training_data_note, training_pairs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -338,6 +338,17 @@ def test_a_hung_last_recipe_is_killed_in_time_to_pack_before_the_device_ends_the
     assert 60 * (args.minutes + args.pack_minutes) < 600
     # An earlier recipe, far from the deadline, keeps the whole grace past its own limit.
     assert gpu_train.stop_times(3.0, left, pack_minutes=0.5) == (3 * 60 + 60, 60)
+
+
+@pytest.mark.skipif(numba_scan_fn() is None, reason='numba is not installed')
+def test_the_scan_check_passes_a_kernel_that_agrees_forward_and_backward(gpu_train, capsys):
+    # Without CUDA its code only ever ran to a failure, which a slip in it would give too: every
+    # GPU call would then have trained with the chunked scan, several times slower. Here the
+    # numba kernel stands in for mamba-ssm's, on the CPU; gradients included, as training
+    # runs the backward kernel.
+    assert gpu_train.check_scan(None, device='cpu', backend='numba')
+    log = capsys.readouterr().err
+    assert 'numba scan check: passed' in log and 'gradients of u, delta, A, B, C, D' in log
 
 
 def test_a_command_that_cannot_start_is_a_failed_run(tmp_path, gpu_train):
