@@ -51,6 +51,9 @@ PACKED_JPEG_QUALITY = 95  # pack-data's luminance JPEGs (docstring of pack_data)
 STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
 MIN_STOP_GRACE_S = 5  # ... and never less (a checkpoint takes about a second on a GPU)
 TRAVEL_MIB = 64  # what travels with a device call: the working tree and the carried paths
+# A device call's command is ended after this long, its training and packing with it: whatever
+# is not under $OUT by then does not come back.
+CALL_MINUTES = 10.0
 RESUME_MISMATCH = 'resume needs the same'  # s4fusion-train refusing a state of other settings
 # s4fusion-train refusing --init-weights of another network configuration than the recipe's
 INIT_MISMATCH = 'its configuration differs from the one being trained'
@@ -278,6 +281,13 @@ def train(args):
     """Build and check mamba-ssm (optional), train the recipes in the budget, pack the runs
     after each recipe."""
     started = time.monotonic()
+    minutes = call_budget(args.minutes, args.pack_minutes, args.call_minutes)
+    if minutes != args.minutes:
+        log(f'WARNING: --minutes {args.minutes:g} and --pack-minutes {args.pack_minutes:g} '
+            f'pass the {args.call_minutes:g} minutes the call runs (--call-minutes), which would '
+            f'end it before the runs are packed: nothing would come back; training in '
+            f'{minutes:g} minutes instead')
+        args.minutes = minutes
     deadline = started + 60 * args.minutes
     device = training_device(args.device)
     log(f'training on {device}')
@@ -309,6 +319,15 @@ def train(args):
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)
         raise
+
+
+def call_budget(minutes, pack_minutes, call_minutes):
+    """The whole call's budget (``--minutes``) cut to end within a device call of
+    ``call_minutes`` (0: no limit): the last run is stopped at the budget's end and killed half
+    the packing margin later, then packed, so the budget and the margin must fit the call."""
+    if call_minutes and minutes + pack_minutes > call_minutes:
+        return max(0.0, call_minutes - pack_minutes)
+    return minutes
 
 
 def train_recipes(args, started, deadline, summary, env):
@@ -662,6 +681,9 @@ def build_parser():
     run.add_argument('--minutes', type=float, default=9.0, help='the whole call\'s budget')
     run.add_argument('--pack-minutes', type=float, default=0.5,
                      help='kept free at the end for packing')
+    run.add_argument('--call-minutes', type=float, default=CALL_MINUTES,
+                     help='how long the device lets the call\'s command run: --minutes is cut '
+                          'so that it and --pack-minutes fit in it (0: no limit)')
     run.add_argument('--mamba-sdist', type=pathlib.Path, default=None,
                      help='mamba-ssm source archive to build for this GPU (docs/training.md: '
                           '"Training on a lent GPU in one call")')

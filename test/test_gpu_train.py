@@ -340,6 +340,25 @@ def test_a_hung_last_recipe_is_killed_in_time_to_pack_before_the_device_ends_the
     assert gpu_train.stop_times(3.0, left, pack_minutes=0.5) == (3 * 60 + 60, 60)
 
 
+def test_a_budget_past_the_calls_limit_is_cut_to_be_packed_within_it(
+        tmp_path, packed_data, gpu_train):
+    # --minutes 12 in a 10-minute call: the last run trained to minute 11.5 and the runs were
+    # packed after it, by when the device had ended the call: nothing came back.
+    args = gpu_train.build_parser().parse_args(['train', '--data', 'd', '--runs', 'r',
+                                                '--minutes', '12'])
+    assert args.call_minutes == 10  # the device's limit on a command
+    assert gpu_train.call_budget(args.minutes, args.pack_minutes, args.call_minutes) == 9.5
+    assert gpu_train.call_budget(9.0, 0.5, 10.0) == 9.0  # the documented call, as it is
+    assert gpu_train.call_budget(12.0, 0.5, 0) == 12.0  # no limit
+    result = script('train', '--data', packed_data, '--runs', tmp_path / 'runs', '--out',
+                    tmp_path / 'out', '--minutes', '5', '--call-minutes', '0.55', '--recipes',
+                    'compact', '--device', 'cpu')
+    assert 'WARNING: --minutes 5 and --pack-minutes 0.5 pass the 0.55 minutes' in result.stderr
+    assert 'training in 0.05 minutes instead' in result.stderr
+    summary = json.loads((tmp_path / 'out' / 'gpu_train_summary.json').read_text())
+    assert summary['recipes'] == {'compact': {'skipped': 'no time left'}}
+
+
 @pytest.mark.skipif(numba_scan_fn() is None, reason='numba is not installed')
 def test_the_scan_check_passes_a_kernel_that_agrees_forward_and_backward(gpu_train, capsys):
     # Without CUDA its code only ever ran to a failure, which a slip in it would give too: every
