@@ -386,6 +386,9 @@ def train_recipes(args, started, deadline, summary, env):
         if restarts:
             summary['recipes'][name]['restarted'] = restarts
         log(f'{name}: {summary["recipes"][name]}')
+        if returncode != 0:  # why, in the call's own output too (not only in the packed runs)
+            log(f'{name}: s4fusion-train exited {returncode}; the end of its output:\n'
+                + '\n'.join(stderr.strip().splitlines()[-15:]))
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)
 

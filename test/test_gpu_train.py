@@ -245,6 +245,9 @@ def test_a_recipe_whose_own_init_weights_do_not_fit_fails_without_dropping_anyth
     assert 'starting a new run' not in result.stderr
     log = (tmp_path / 'runs' / 'compact' / 'train_stderr.log').read_text()
     assert 'its configuration differs from the one being trained' in log
+    # ... and says why in the call's own output: it came back only inside the packed runs.
+    assert 'compact: s4fusion-train exited 1; the end of its output:' in result.stderr
+    assert 'its configuration differs from the one being trained' in result.stderr
 
 
 def test_time_budget_and_arguments(tmp_path, packed_data):
