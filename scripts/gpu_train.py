@@ -160,13 +160,22 @@ def build_mamba(sdist, minutes):
         setup.write_text(text)
     target = pathlib.Path('/tmp/mamba-site')
     env = {**os.environ, 'MAMBA_FORCE_BUILD': 'TRUE', 'MAX_JOBS': str(os.cpu_count() or 4)}
-    command = [sys.executable, '-m', 'pip', 'install', '--no-build-isolation', '--no-deps',
-               '--no-index', '--target', str(target), str(source)]
-    returncode, stderr = run_group(command, env, 60 * minutes, stop_grace=0)
+    returncode, stderr = install_into(source, target, env, 60 * minutes)
     if returncode != 0:
         log(f'mamba-ssm build failed (exit {returncode}): {stderr[-800:]}')
         return None
     return target
+
+
+def install_into(source, target, env, timeout):
+    """pip-install the source folder ``source`` (built here, offline, without its
+    dependencies) into ``target``, replacing what it held; (exit code, stderr) as run_group."""
+    # pip --target keeps what the folder already holds (an earlier call's build) and drops
+    # what it built, with a warning and exit 0.
+    shutil.rmtree(target, ignore_errors=True)
+    command = [sys.executable, '-m', 'pip', 'install', '--no-build-isolation', '--no-deps',
+               '--no-index', '--target', str(target), str(source)]
+    return run_group(command, env, timeout, stop_grace=0)
 
 
 def run_group(command, env, timeout, stop_grace):

@@ -373,6 +373,21 @@ def test_the_scan_check_passes_a_kernel_that_agrees_forward_and_backward(gpu_tra
     assert 'numba scan check: passed' in log and 'gradients of u, delta, A, B, C, D' in log
 
 
+def test_a_build_replaces_the_one_an_earlier_call_left(tmp_path, gpu_train):
+    # pip --target keeps what the folder holds: a second --mamba-sdist call on a warm machine
+    # built for minutes and went on with the earlier call's build (exit 0).
+    source, target = tmp_path / 'source', tmp_path / 'site'
+    (source / 'tiny').mkdir(parents=True)
+    (source / 'setup.py').write_text(
+        'from setuptools import setup\nsetup(name="tiny", version="1", packages=["tiny"])\n')
+    for version in (1, 2):
+        (source / 'tiny' / '__init__.py').write_text(f'VERSION = {version}\n')
+        shutil.rmtree(source / 'build', ignore_errors=True)
+        returncode, stderr = gpu_train.install_into(source, target, dict(os.environ), 300)
+        assert returncode == 0, stderr
+        assert (target / 'tiny' / '__init__.py').read_text() == f'VERSION = {version}\n'
+
+
 def test_a_command_that_cannot_start_is_a_failed_run(tmp_path, gpu_train):
     returncode, stderr = gpu_train.run_group([str(tmp_path / 'missing')], dict(os.environ),
                                              timeout=5, stop_grace=0)
