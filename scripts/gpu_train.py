@@ -276,14 +276,19 @@ def training_device(device):
     """The name of the device the recipes train on (``--device``); SystemExit without CUDA
     unless the CPU is asked for by name: a call's minutes on a CPU train next to nothing."""
     import torch
+    sys.path.insert(0, str(REPO))
+    from s4fusion_ros.runtime import DeviceError, resolve_device
 
-    if device == 'cpu':
+    if device.strip().lower() == 'cpu':  # as s4fusion-train reads it
         return 'cpu'
     if not torch.cuda.is_available():
         raise SystemExit(f'train: no CUDA device (torch {torch.__version__}, CUDA '
                          f'{torch.version.cuda}): not training on the CPU; pass --device cpu to '
                          f'train there all the same')
-    return torch.cuda.get_device_name(torch.device('cuda' if device == 'auto' else device))
+    try:  # s4fusion-train's reading of it: a device it would refuse stops the call here
+        return torch.cuda.get_device_name(resolve_device(device))
+    except DeviceError as error:
+        raise SystemExit(f'train: {error}') from None
 
 
 def train(args):

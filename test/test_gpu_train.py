@@ -421,6 +421,22 @@ def test_a_call_without_cuda_refuses_to_train_unless_the_cpu_is_asked_for(tmp_pa
     assert time.monotonic() - begun < 60  # at once: no build, no data read
 
 
+def test_the_device_is_read_as_s4fusion_train_reads_it(gpu_train, monkeypatch):
+    # On a machine with one GPU (torch's answers here, as such a machine gives them): a device
+    # s4fusion-train refuses (cuda:1) ended the call in a traceback of torch's, before any run.
+    names = {0: 'NVIDIA H200'}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_device_name',
+                        lambda device=None: names[getattr(device, 'index', None) or 0])
+    assert gpu_train.training_device('auto') == gpu_train.training_device('cuda:0') == names[0]
+    assert gpu_train.training_device(' CPU') == 'cpu'
+    with pytest.raises(SystemExit, match="train: device 'cuda:1' requested but only 1 CUDA"):
+        gpu_train.training_device('cuda:1')
+    with pytest.raises(SystemExit, match="train: unknown device 'gpu'"):
+        gpu_train.training_device('gpu')
+
+
 def test_a_run_that_ended_its_fitted_schedule_has_finished(tmp_path, gpu_train):
     recipe = ['--steps', '2500', '--lr', '4e-4']
 
