@@ -48,11 +48,13 @@ def resolve_device(spec: str) -> torch.device:
         raise DeviceError(
             f"device '{spec}' requested but CUDA is not available on this machine: ask for "
             "cpu or auto (the node's device parameter, the tools' --device)")
-    device = torch.device(spec)
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    # The index read here, not by torch.device: that refuses 'cuda:01' (which the form allows)
+    # and an index past its 16 bits with a RuntimeError, not as a device that does not exist.
+    _, _, index = spec.partition(':')
+    if index and int(index) >= torch.cuda.device_count():
         raise DeviceError(f"device '{spec}' requested but only "
                           f"{torch.cuda.device_count()} CUDA device(s) exist")
-    return device
+    return torch.device('cuda', int(index)) if index else torch.device('cuda')
 
 
 def default_preset(device: torch.device) -> str:

@@ -51,6 +51,9 @@ PACKED_JPEG_QUALITY = 95  # pack-data's luminance JPEGs (docstring of pack_data)
 STOP_GRACE_S = 60  # a training run past its time limit gets this long to checkpoint on SIGTERM
 MIN_STOP_GRACE_S = 5  # ... and never less (a checkpoint takes about a second on a GPU)
 TRAVEL_MIB = 64  # what travels with a device call: the working tree and the carried paths
+# A device call's command is ended after this long, its training and packing with it: whatever
+# is not under $OUT by then does not come back.
+CALL_MINUTES = 10.0
 RESUME_MISMATCH = 'resume needs the same'  # s4fusion-train refusing a state of other settings
 # s4fusion-train refusing --init-weights of another network configuration than the recipe's
 INIT_MISMATCH = 'its configuration differs from the one being trained'
@@ -157,13 +160,22 @@ def build_mamba(sdist, minutes):
         setup.write_text(text)
     target = pathlib.Path('/tmp/mamba-site')
     env = {**os.environ, 'MAMBA_FORCE_BUILD': 'TRUE', 'MAX_JOBS': str(os.cpu_count() or 4)}
-    command = [sys.executable, '-m', 'pip', 'install', '--no-build-isolation', '--no-deps',
-               '--no-index', '--target', str(target), str(source)]
-    returncode, stderr = run_group(command, env, 60 * minutes, stop_grace=0)
+    returncode, stderr = install_into(source, target, env, 60 * minutes)
     if returncode != 0:
         log(f'mamba-ssm build failed (exit {returncode}): {stderr[-800:]}')
         return None
     return target
+
+
+def install_into(source, target, env, timeout):
+    """pip-install the source folder ``source`` (built here, offline, without its
+    dependencies) into ``target``, replacing what it held; (exit code, stderr) as run_group."""
+    # pip --target keeps what the folder already holds (an earlier call's build) and drops
+    # what it built, with a warning and exit 0.
+    shutil.rmtree(target, ignore_errors=True)
+    command = [sys.executable, '-m', 'pip', 'install', '--no-build-isolation', '--no-deps',
+               '--no-index', '--target', str(target), str(source)]
+    return run_group(command, env, timeout, stop_grace=0)
 
 
 def run_group(command, env, timeout, stop_grace):
@@ -213,23 +225,49 @@ def signal_group(process, number):
         pass
 
 
-def check_scan(site):
-    """Compare mamba-ssm's kernel with the chunked PyTorch scan on the GPU in a fresh process;
-    True when it is importable and agrees."""
-    code = (
-        'import torch; from s4fusion_ros.model.scan import selective_scan as s\n'
-        'g = torch.Generator(device="cuda").manual_seed(0)\n'
-        'u, d = (torch.randn(2, 64, 500, device="cuda", generator=g) for _ in range(2))\n'
-        'A = -torch.rand(64, 8, device="cuda") - 0.5\n'
-        'B, C = (torch.randn(2, 4, 8, 500, device="cuda", generator=g) for _ in range(2))\n'
-        'a = s(u, d, A, B, C, delta_softplus=True, backend="mamba")\n'
-        'b = s(u, d, A, B, C, delta_softplus=True, backend="torch")\n'
-        'err = ((a - b).abs().max() / b.abs().max()).item(); print(err); assert err < 1e-4\n')
+# Run by check_scan in a process of its own: ``backend`` against the chunked PyTorch scan on
+# ``device`` (argv), forward and backward, on inputs shaped and passed as SS2D passes them (B and
+# C in 4 groups, D and a dt bias, softplus, float32): training runs the backward kernel too.
+SCAN_CHECK = '''
+import sys
+import torch
+from s4fusion_ros.model.scan import selective_scan
+device, backend = sys.argv[1:3]
+g = torch.Generator(device=device).manual_seed(0)
+
+
+def randn(*shape, scale=1.0):
+    return scale * torch.randn(*shape, device=device, generator=g)
+
+
+inputs = [randn(2, 64, 500), randn(2, 64, 500, scale=0.5),
+          -(torch.rand(64, 8, device=device, generator=g) + 0.5), randn(2, 4, 8, 500),
+          randn(2, 4, 8, 500), randn(64), randn(64, scale=0.1)]
+weight = randn(2, 64, 500)
+results = []
+for name in (backend, 'torch'):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    u, delta, A, B, C, D, bias = leaves
+    y = selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True, backend=name)
+    (y * weight).sum().backward()
+    results.append([y.detach()] + [t.grad for t in leaves])
+errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results)]
+print('largest error of y, then of the gradients of u, delta, A, B, C, D, delta_bias, relative '
+      'to the largest value:', ' '.join(f'{error:.1e}' for error in errors))
+assert errors[0] < 1e-4 and max(errors[1:]) < 1e-3
+'''
+
+
+def check_scan(site, device='cuda', backend='mamba'):
+    """Compare mamba-ssm's kernel (``backend``) with the chunked PyTorch scan on the GPU
+    (``device``), forward and backward, in a fresh process with ``site`` on its path; True when
+    it is importable and agrees."""
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
         str(REPO), str(site or ''), os.environ.get('PYTHONPATH', '')]))}
-    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                            text=True, timeout=120)
-    log(f'mamba-ssm scan check: {"passed" if result.returncode == 0 else "failed"} '
+    result = subprocess.run([sys.executable, '-c', SCAN_CHECK, device, backend], env=env,
+                            capture_output=True, text=True, timeout=120)
+    name = 'mamba-ssm' if backend == 'mamba' else backend
+    log(f'{name} scan check: {"passed" if result.returncode == 0 else "failed"} '
         f'{(result.stdout + result.stderr).strip()[-300:]}')
     return result.returncode == 0
 
@@ -238,20 +276,32 @@ def training_device(device):
     """The name of the device the recipes train on (``--device``); SystemExit without CUDA
     unless the CPU is asked for by name: a call's minutes on a CPU train next to nothing."""
     import torch
+    sys.path.insert(0, str(REPO))
+    from s4fusion_ros.runtime import DeviceError, resolve_device
 
-    if device == 'cpu':
+    if device.strip().lower() == 'cpu':  # as s4fusion-train reads it
         return 'cpu'
     if not torch.cuda.is_available():
         raise SystemExit(f'train: no CUDA device (torch {torch.__version__}, CUDA '
                          f'{torch.version.cuda}): not training on the CPU; pass --device cpu to '
                          f'train there all the same')
-    return torch.cuda.get_device_name(torch.device('cuda' if device == 'auto' else device))
+    try:  # s4fusion-train's reading of it: a device it would refuse stops the call here
+        return torch.cuda.get_device_name(resolve_device(device))
+    except DeviceError as error:
+        raise SystemExit(f'train: {error}') from None
 
 
 def train(args):
     """Build and check mamba-ssm (optional), train the recipes in the budget, pack the runs
     after each recipe."""
     started = time.monotonic()
+    minutes = call_budget(args.minutes, args.pack_minutes, args.call_minutes)
+    if minutes != args.minutes:
+        log(f'WARNING: --minutes {args.minutes:g} and --pack-minutes {args.pack_minutes:g} '
+            f'pass the {args.call_minutes:g} minutes the call runs (--call-minutes), which would '
+            f'end it before the runs are packed: nothing would come back; training in '
+            f'{minutes:g} minutes instead')
+        args.minutes = minutes
     deadline = started + 60 * args.minutes
     device = training_device(args.device)
     log(f'training on {device}')
@@ -283,6 +333,15 @@ def train(args):
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)
         raise
+
+
+def call_budget(minutes, pack_minutes, call_minutes):
+    """The whole call's budget (``--minutes``) cut to end within a device call of
+    ``call_minutes`` (0: no limit): the last run is stopped at the budget's end and killed half
+    the packing margin later, then packed, so the budget and the margin must fit the call."""
+    if call_minutes and minutes + pack_minutes > call_minutes:
+        return max(0.0, call_minutes - pack_minutes)
+    return minutes
 
 
 def train_recipes(args, started, deadline, summary, env):
@@ -341,6 +400,9 @@ def train_recipes(args, started, deadline, summary, env):
         if restarts:
             summary['recipes'][name]['restarted'] = restarts
         log(f'{name}: {summary["recipes"][name]}')
+        if returncode != 0:  # why, in the call's own output too (not only in the packed runs)
+            log(f'{name}: s4fusion-train exited {returncode}; the end of its output:\n'
+                + '\n'.join(stderr.strip().splitlines()[-15:]))
         summary['seconds'] = round(time.monotonic() - started, 1)
         pack(args.runs, args.out, summary, args.max_state_mib)
 
@@ -636,6 +698,9 @@ def build_parser():
     run.add_argument('--minutes', type=float, default=9.0, help='the whole call\'s budget')
     run.add_argument('--pack-minutes', type=float, default=0.5,
                      help='kept free at the end for packing')
+    run.add_argument('--call-minutes', type=float, default=CALL_MINUTES,
+                     help='how long the device lets the call\'s command run: --minutes is cut '
+                          'so that it and --pack-minutes fit in it (0: no limit)')
     run.add_argument('--mamba-sdist', type=pathlib.Path, default=None,
                      help='mamba-ssm source archive to build for this GPU (docs/training.md: '
                           '"Training on a lent GPU in one call")')

@@ -1,6 +1,8 @@
 """The CUDA path on the shipped weights and real pairs: mamba-ssm's kernel against the project's
-own scan, fp16 against fp32, and recovery from running out of GPU memory. Skipped without CUDA;
-the mamba-ssm checks also without mamba-ssm (extra [gpu])."""
+own scan, fp16 against fp32, recovery from running out of GPU memory, and a GPU call's training
+run. Skipped without CUDA; the mamba-ssm checks also without mamba-ssm (extra [gpu])."""
+
+import json
 
 import cv2
 import numpy as np
@@ -8,9 +10,11 @@ import pytest
 import torch
 
 from s4fusion_ros.engine import FusionEngine, FusionSettings, PreparedPair
-from s4fusion_ros.model import load_checkpoint, shipped_weights
-from s4fusion_ros.model.scan import mamba_scan_fn
+from s4fusion_ros.model import S4FusionConfig, load_checkpoint, shipped_weights
+from s4fusion_ros.model.scan import mamba_scan_fn, scan_backend
 from s4fusion_ros.runtime import load_fusion_model
+from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, TrainSettings,
+                                   pairs_in_folder)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
@@ -85,3 +89,40 @@ def test_engine_recovers_from_cuda_out_of_memory(msrs_pair):
         hog.clear()
         torch.cuda.empty_cache()
     assert np.array_equal(engine.infer(pair).fused, expected)
+
+
+def test_a_training_run_as_a_gpu_call_trains_checkpoints_and_resumes(tmp_path, pair_folder):
+    """scripts/gpu_train.py's authors recipe in small: the authors network from its shipped
+    weights, distilled from the compact one, on CUDA (the backward through mamba-ssm's kernel
+    where it is installed); a checkpoint of the CUDA run (AdamW's moments, the CUDA RNG) resumed
+    to the uninterrupted run's loss, its record naming the GPU and the scan, its weights loading
+    on the CPU."""
+    def trainer(out):
+        settings = TrainSettings(steps=3, batch_size=2, crop=25, lr=4e-4, seed=5)
+        dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
+        teacher = load_checkpoint(shipped_weights('compact'), device='cuda').eval()
+        loss = S4FusionLoss(0.0, 0.0, 0.0, teacher=teacher, teacher_weight=32.0,
+                            teacher_edges='components')
+        return Trainer(S4FusionConfig.preset('authors'), dataset, loss, out, settings, 'cuda',
+                       deviation='test run', init_weights=shipped_weights('authors'),
+                       weights_dtype=torch.int8)
+
+    full = trainer(tmp_path / 'full').run(progress=False)
+    assert [record['step'] for record in full] == [1, 2, 3]
+    trainer(tmp_path / 'split').run(stop_at=2, progress=False)
+    resumed = trainer(tmp_path / 'split')
+    assert resumed.resume() == 2
+    assert all(value.device.type == 'cuda' for state in resumed.optimizer.state.values()
+               for key, value in state.items() if key != 'step')
+    (last,) = resumed.run(progress=False)
+    # Not bit for bit: the kernels' float sums may run in another order.
+    assert last['loss'] == pytest.approx(full[-1]['loss'], rel=1e-3)
+    record = json.loads((tmp_path / 'split' / 's4fusion_authors.json').read_text())['training']
+    assert record['steps_done'] == 3 and record['device'] == 'cuda'
+    assert record['device_name'] == torch.cuda.get_device_name()
+    assert record['scan'] == scan_backend(torch.empty(0, device='cuda'))
+    assert record['scan'] == ('mamba' if mamba_scan_fn() is not None else 'torch')
+    weights = load_checkpoint(tmp_path / 'split' / 's4fusion_authors.safetensors')  # on the CPU
+    ir, vi = (torch.rand(1, 1, 37, 41, generator=torch.Generator().manual_seed(side))
+              for side in range(2))
+    assert torch.isfinite(weights.infer(ir, vi)).all()

@@ -17,7 +17,7 @@ from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import shipped_weights
-from s4fusion_ros.runtime import load_fusion_model
+from s4fusion_ros.runtime import DeviceError, load_fusion_model, resolve_device
 from s4fusion_ros.sync import PairSynchronizer
 
 MS = 1_000_000
@@ -374,6 +374,20 @@ def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_
     # x / 255 and the normalizer's x * (1 / 255) may differ in the last float bit.
     assert np.abs(result.fused.astype(int) - expected.fused).max() <= 1
     assert engine.fuse_images(ir, vi).fused_encoding == 'bgr8'
+
+
+def test_a_cuda_device_index_is_read_as_written_or_refused_as_a_device_error(monkeypatch):
+    # On a machine with one GPU (torch's answers here, as a GPU machine gives them): torch.device
+    # refused 'cuda:01' and an index past 16 bits, which the device form allows, with a
+    # RuntimeError of its own, which the tools print as a traceback.
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert resolve_device(' CUDA ') == torch.device('cuda')
+    assert resolve_device('cuda:00') == resolve_device('cuda:0') == torch.device('cuda', 0)
+    for spec in ('cuda:1', 'cuda:01', 'cuda:128', 'cuda:99999999999999999999'):
+        with pytest.raises(DeviceError, match=f"'{spec}' requested but only 1 CUDA device"):
+            resolve_device(spec)
 
 
 def test_weights_under_home_named_with_a_tilde_load(tmp_path, monkeypatch):

@@ -1370,3 +1370,18 @@ def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
     np.testing.assert_allclose(fuses[label][0](ir, vi), expected.numpy(), atol=1e-6)
     assert list(evaluate.baseline_fuses({'laplacian', 'gff'}, ours)) == ['Laplacian pyramid',
                                                                          'GFF']
+
+
+def test_the_reports_environment_names_the_device_the_networks_ran_on(monkeypatch):
+    # On a CUDA machine (torch's answers here, as one gives them) the report named its GPU for
+    # a run with --device cpu, whose timings were the CPU's, and GPU 0 for --device cuda:1.
+    names = {0: 'NVIDIA H200', 1: 'NVIDIA H100 80GB HBM3'}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'get_device_name',
+                        lambda device=None: names[getattr(device, 'index', None) or 0])
+    assert evaluate.environment('cpu').startswith(f'CPU ({os.cpu_count()} cores), torch ')
+    assert evaluate.environment('cuda:1').startswith('NVIDIA H100 80GB HBM3, torch ')
+    assert evaluate.environment('auto').startswith('NVIDIA H200, torch ')
+    # A device no network could run on: only the baselines ran, on the CPU.
+    assert evaluate.environment('cuda:7').startswith('CPU (')

@@ -19,7 +19,7 @@ import cv2
 import pytest
 import torch
 
-from s4fusion_ros.model.scan import scan_backend
+from s4fusion_ros.model.scan import numba_scan_fn, scan_backend
 from s4fusion_ros.training.data import IVIF_DATA_NOTE, pair_key, training_data_note, training_pairs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -245,6 +245,9 @@ def test_a_recipe_whose_own_init_weights_do_not_fit_fails_without_dropping_anyth
     assert 'starting a new run' not in result.stderr
     log = (tmp_path / 'runs' / 'compact' / 'train_stderr.log').read_text()
     assert 'its configuration differs from the one being trained' in log
+    # ... and says why in the call's own output: it came back only inside the packed runs.
+    assert 'compact: s4fusion-train exited 1; the end of its output:' in result.stderr
+    assert 'its configuration differs from the one being trained' in result.stderr
 
 
 def test_time_budget_and_arguments(tmp_path, packed_data):
@@ -340,6 +343,51 @@ def test_a_hung_last_recipe_is_killed_in_time_to_pack_before_the_device_ends_the
     assert gpu_train.stop_times(3.0, left, pack_minutes=0.5) == (3 * 60 + 60, 60)
 
 
+def test_a_budget_past_the_calls_limit_is_cut_to_be_packed_within_it(
+        tmp_path, packed_data, gpu_train):
+    # --minutes 12 in a 10-minute call: the last run trained to minute 11.5 and the runs were
+    # packed after it, by when the device had ended the call: nothing came back.
+    args = gpu_train.build_parser().parse_args(['train', '--data', 'd', '--runs', 'r',
+                                                '--minutes', '12'])
+    assert args.call_minutes == 10  # the device's limit on a command
+    assert gpu_train.call_budget(args.minutes, args.pack_minutes, args.call_minutes) == 9.5
+    assert gpu_train.call_budget(9.0, 0.5, 10.0) == 9.0  # the documented call, as it is
+    assert gpu_train.call_budget(12.0, 0.5, 0) == 12.0  # no limit
+    result = script('train', '--data', packed_data, '--runs', tmp_path / 'runs', '--out',
+                    tmp_path / 'out', '--minutes', '5', '--call-minutes', '0.55', '--recipes',
+                    'compact', '--device', 'cpu')
+    assert 'WARNING: --minutes 5 and --pack-minutes 0.5 pass the 0.55 minutes' in result.stderr
+    assert 'training in 0.05 minutes instead' in result.stderr
+    summary = json.loads((tmp_path / 'out' / 'gpu_train_summary.json').read_text())
+    assert summary['recipes'] == {'compact': {'skipped': 'no time left'}}
+
+
+@pytest.mark.skipif(numba_scan_fn() is None, reason='numba is not installed')
+def test_the_scan_check_passes_a_kernel_that_agrees_forward_and_backward(gpu_train, capsys):
+    # Without CUDA its code only ever ran to a failure, which a slip in it would give too: every
+    # GPU call would then have trained with the chunked scan, several times slower. Here the
+    # numba kernel stands in for mamba-ssm's, on the CPU; gradients included, as training
+    # runs the backward kernel.
+    assert gpu_train.check_scan(None, device='cpu', backend='numba')
+    log = capsys.readouterr().err
+    assert 'numba scan check: passed' in log and 'gradients of u, delta, A, B, C, D' in log
+
+
+def test_a_build_replaces_the_one_an_earlier_call_left(tmp_path, gpu_train):
+    # pip --target keeps what the folder holds: a second --mamba-sdist call on a warm machine
+    # built for minutes and went on with the earlier call's build (exit 0).
+    source, target = tmp_path / 'source', tmp_path / 'site'
+    (source / 'tiny').mkdir(parents=True)
+    (source / 'setup.py').write_text(
+        'from setuptools import setup\nsetup(name="tiny", version="1", packages=["tiny"])\n')
+    for version in (1, 2):
+        (source / 'tiny' / '__init__.py').write_text(f'VERSION = {version}\n')
+        shutil.rmtree(source / 'build', ignore_errors=True)
+        returncode, stderr = gpu_train.install_into(source, target, dict(os.environ), 300)
+        assert returncode == 0, stderr
+        assert (target / 'tiny' / '__init__.py').read_text() == f'VERSION = {version}\n'
+
+
 def test_a_command_that_cannot_start_is_a_failed_run(tmp_path, gpu_train):
     returncode, stderr = gpu_train.run_group([str(tmp_path / 'missing')], dict(os.environ),
                                              timeout=5, stop_grace=0)
@@ -371,6 +419,22 @@ def test_a_call_without_cuda_refuses_to_train_unless_the_cpu_is_asked_for(tmp_pa
     assert 'no CUDA device' in result.stderr and 'pass --device cpu' in result.stderr
     assert not (tmp_path / 'runs').exists() and not list((tmp_path / 'out').iterdir())
     assert time.monotonic() - begun < 60  # at once: no build, no data read
+
+
+def test_the_device_is_read_as_s4fusion_train_reads_it(gpu_train, monkeypatch):
+    # On a machine with one GPU (torch's answers here, as such a machine gives them): a device
+    # s4fusion-train refuses (cuda:1) ended the call in a traceback of torch's, before any run.
+    names = {0: 'NVIDIA H200'}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_device_name',
+                        lambda device=None: names[getattr(device, 'index', None) or 0])
+    assert gpu_train.training_device('auto') == gpu_train.training_device('cuda:0') == names[0]
+    assert gpu_train.training_device(' CPU') == 'cpu'
+    with pytest.raises(SystemExit, match="train: device 'cuda:1' requested but only 1 CUDA"):
+        gpu_train.training_device('cuda:1')
+    with pytest.raises(SystemExit, match="train: unknown device 'gpu'"):
+        gpu_train.training_device('gpu')
 
 
 def test_a_run_that_ended_its_fitted_schedule_has_finished(tmp_path, gpu_train):

@@ -47,8 +47,8 @@ from ..imaging.color import bgr_to_ycrcb, to_uint8
 from ..imaging.normalization import looks_like_raw_counts, raw_counts_warning
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
-from ..runtime import (LoadedModel, default_preset, load_fusion_model, resolve_device,
-                       set_threads)
+from ..runtime import (DeviceError, LoadedModel, default_preset, load_fusion_model,
+                       resolve_device, set_threads)
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
                              ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
@@ -521,9 +521,15 @@ def _brief(value) -> str:
     return str(value)
 
 
-def environment() -> str:
-    """Device, threads and library versions, for the timing column."""
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+def environment(device: str) -> str:
+    """Device, threads and library versions, for the timing column: the GPU the networks ran on
+    (``device``, the --device given), else the CPU."""
+    try:
+        resolved = resolve_device(device)
+    except DeviceError:  # no network ran (one would have refused it): the baselines' CPU
+        resolved = torch.device('cpu')
+    # Not every CUDA machine's GPU: a run with --device cpu there timed the CPU.
+    device = (torch.cuda.get_device_name(resolved) if resolved.type == 'cuda'
               else f'CPU ({os.cpu_count()} cores)')
     return (f'{device}, torch {torch.__version__} with {torch.get_num_threads()} thread(s), '
             f'numpy {np.__version__}, OpenCV {cv2.__version__} with {cv2.getNumThreads()} '
@@ -904,7 +910,7 @@ def run(args: argparse.Namespace, argv: list, saving: list) -> list:
     context = report.ReportContext(
         command=recorded_command(args, argv),
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        environment=environment(), weights=[describe_weights(c) for c in configs],
+        environment=environment(args.device), weights=[describe_weights(c) for c in configs],
         skipped=skipped + skipped_methods, grid=grid,
         notes=(notes + [training_overlap(c, [pair.label for pair in evaluated])
                         for c in configs] if ours else [])
@@ -971,7 +977,7 @@ def run_flicker(args: argparse.Namespace, argv: list) -> dict:
               'as `ir/` and `vi/`)' if m3svd else f'`{args.flicker}`')
     notes = ([f'VIDEO_DIR: {source}; clips: {", ".join(clips)}.',
               f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
-              f'{environment()}.'] + [weights_identity(c) for c in configs]
+              f'{environment(args.device)}.'] + [weights_identity(c) for c in configs]
              + [training_overlap(c, frames, 'measured frames (as video or still frames, by '
                                  'clip and frame number)', frame_of_clip) for c in configs]
              + [training_overlap(c, clips, 'measured clips', clip_of_frame,
