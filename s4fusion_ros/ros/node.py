@@ -362,6 +362,8 @@ class S4FusionNode(Node):
                 self, *topic, qos_profile=qos, event_callbacks=self._input_events(topic[1]),
                 qos_overriding_options=QOS_OVERRIDES)
         except TypeError as error:
+            if 'unexpected keyword argument' not in str(error):
+                raise  # not the missing keywords: a fault of its own, not to be run around
             self.get_logger().warning(
                 f'this message_filters takes no event_callbacks or qos_overriding_options '
                 f'({error}): {topic[1]} runs without incompatible-QoS reports and '
