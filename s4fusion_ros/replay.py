@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic, LogWindow,
                     add_topic, camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
-                    deserialize, image_cdr, log_window, newest_before, read_messages,
-                    topic_types)
+                    deserialize, image_cdr, log_span, log_window, newest_before,
+                    read_messages, topic_types)
 from .camera_info import CAMERA_INFO, CameraInfoCache, calibration_fault, camera_info_topic
 from .cli import TimeWindow
 from .engine import FusionEngine, FusionPipeline, FusionResult, clock_jump_message
@@ -159,9 +159,14 @@ class BagFuser:
                                             if types.get(c.topic) == c.msgtype])
                   if include_inputs else {})  # as read_messages reads them
         owned, warm = span.own_from is None, 0
-        bar = contextlib.nullcontext(progress) if progress else tqdm(
-            total=round(thermal.count * window.share()), unit='pair', desc='fusing',
-            file=sys.stderr, dynamic_ncols=True)
+        if progress:
+            bar = contextlib.nullcontext(progress)
+        else:  # at most a pair per thermal frame: the bag's, or those the window holds, counted
+            # (its share of the bag's span says little of them: a camera started late, a gap)
+            total = (thermal.count if window.whole else
+                     log_span(reader, path, thermal.topic, window.start, window.stop)[0])
+            bar = tqdm(total=total, unit='pair', desc='fusing', file=sys.stderr,
+                       dynamic_ncols=True)
         previous = None  # the log time of the message read before
         stop = window.stop if span.stop is None else span.stop
         with bar as progress:

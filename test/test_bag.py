@@ -618,6 +618,23 @@ def test_the_calibration_recorded_before_a_window_is_in_effect_from_its_start(
         assert info.k[0] == visible_camera_info(once).k[0]
 
 
+def test_the_progress_bar_of_a_window_counts_the_thermal_frames_it_holds(
+        short_events, params_file, tmp_path, capsys):
+    # A thermal camera that started 0.3 s into the recording: the window from there holds all
+    # its frames, about half the bag's span; a total of that share of them had the bar at 100 %
+    # halfway through, and then without a total.
+    first = short_events[0][0]
+    late = [event for event in short_events
+            if event[1] != THERMAL_TOPIC or event[0] >= first + 3 * 10**8]
+    frames = sum(event[1] == THERMAL_TOPIC for event in late)
+    source = write_bag(tmp_path / 'in', late, 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
+                          '--start-offset', '0.3']) == 0
+    error = capsys.readouterr().err
+    assert re.findall(r'fusing: +\d+%\|[^|]*\| *\d+/(\d+)', error)[-1] == str(frames), error
+    assert f'fused {frames} pairs' in error, error
+
+
 def test_a_window_past_the_end_of_the_bag_or_of_negative_seconds_is_refused(
         short_events, tmp_path, capsys):
     source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')

@@ -354,6 +354,22 @@ def test_a_window_of_every_bag_is_fused_in_segments_as_s4fusion_bag_fuses_it(
         fuse_bags([inputs], out, params=params_file, resume=True, window=TimeWindow(9.0, 10.0))
 
 
+def test_the_segments_of_a_window_warm_up_over_as_many_pairs_as_those_of_the_whole_bag(
+        ivif_dir, params_file, tmp_path):
+    # The warm-up's length comes from the thermal rate; counting the whole bag's frames over the
+    # window's span made a window of a third of the bag seem three times faster, its warm-up a
+    # third as long: too few pairs, found by each segment's worker, which fused it again.
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, 3.0), 'mcap')
+    values = settings.load_offline_params(params_file)
+    job = work.BagJob(source, tmp_path / 'out')
+
+    def warm_up_ns(window):
+        span = work.plan_bag(job, values, 5 * 10**8, window=window)[-1].span
+        return span.own_from - span.read_from
+
+    assert warm_up_ns(TimeWindow(1.0, 1.0)) == warm_up_ns(TimeWindow()) > 5 * 10**9
+
+
 def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_bag,
                                                                 params_file, tmp_path, capsys):
     # Its metadata.yaml (as `ros2 bag reindex` or the recorder wrote it) spans the whole

@@ -212,6 +212,9 @@ def plan_bag(job: BagJob, values: dict, segment_ns: int, topics: tuple = (None, 
                                        values=values)
         start = placed.start
         end = reader.end_time if placed.stop is None else min(placed.stop, reader.end_time)
+        # The thermal rate over the bag's span: over a window's, the whole bag's frames would
+        # make it seem many times faster and the warm-up as many times too short.
+        thermal_rate = thermal.count / max(reader.end_time - reader.start_time, 1) * 1e9
         storage = storage_of(job.input)
         # rosbags unpacks a file-compressed bag whole at each open: parts fused in parallel
         # would each unpack all of it, in time and in temporary disk, so it stays one unit.
@@ -223,10 +226,9 @@ def plan_bag(job: BagJob, values: dict, segment_ns: int, topics: tuple = (None, 
     if count == 1:
         return [Unit(output=job.output, span=Span(), index=0, warm_pairs=0, **base)]
     warm = warm_up(values)
-    seconds = max(end - start, 1) / 1e9
     # Pairs come at most at the thermal rate; a quarter more covers gaps (and too little is
     # caught by the worker, which then doubles the warm-up).
-    warm_ns = warm.sync_ns + round(1.25 * warm.pairs / max(thermal.count / seconds, 1e-9) * 1e9)
+    warm_ns = warm.sync_ns + round(1.25 * warm.pairs / max(thermal_rate, 1e-9) * 1e9)
     units = []
     for index in range(count):
         own_from = start + index * segment_ns
