@@ -1,5 +1,6 @@
 """Choosing the device and loading the fusion model: shared by the node and every tool."""
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -29,6 +30,22 @@ def set_threads(count: int) -> None:
     torch.set_num_threads(count)
     cv2.setNumThreads(count)
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """set_threads(`count`) for the block (as a Ray task of that many CPUs gets), the counts
+    torch, OpenCV and numba had back after it."""
+    import cv2
+    import numba
+    before = torch.get_num_threads(), cv2.getNumThreads(), numba.get_num_threads()
+    set_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+        numba.set_num_threads(before[2])
 
 
 def resolve_device(spec: str) -> torch.device:

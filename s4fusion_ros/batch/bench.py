@@ -39,6 +39,7 @@ def bench_batch(args) -> None:
     """Fuse the copies three ways and print pairs/s side by side."""
     import torch
 
+    from ..runtime import cpu_threads
     from ..tools import bag as bag_tool
     from ..tools.bench import load_note
     from .cluster import _ray, fuse_bags, private_home, stop_ray
@@ -104,26 +105,6 @@ def bench_batch(args) -> None:
     finally:  # also after a stop while a Ray node starts: its processes keep the HOME
         stop_ray(ray, home)
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int):
-    """torch, OpenCV and numba on `count` threads for the block (as a Ray task of that many
-    CPUs), back to what they were after."""
-    import cv2
-    import numba
-    import torch
-
-    from ..runtime import set_threads
-
-    before = torch.get_num_threads(), cv2.getNumThreads(), numba.get_num_threads()
-    set_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before[0])
-        cv2.setNumThreads(before[1])
-        numba.set_num_threads(before[2])
 
 
 @contextlib.contextmanager
