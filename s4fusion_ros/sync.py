@@ -139,7 +139,8 @@ class ArrivalClock:
     of the last PACE_WINDOW_S (a clock published at 1 Hz steps; this time does not); while /clock
     stands still for more than STILL_S (paused, a bag played with --clock that ended, no /clock
     yet) it is 1, so a frame still waiting is decided, and before it is known (/clock has not
-    changed since its first value, or since it jumped back on a looping bag) 0. It never goes
+    changed since its first value, the first heard where the node started before it, or since
+    it jumped back on a looping bag) 0. It never goes
     back, and switching between wall and sim time (use_sim_time set while running) continues
     from where it was."""
 
@@ -165,7 +166,11 @@ class ArrivalClock:
         if sim_s is None:
             changes.clear()
             return 1.0
-        if changes and sim_s < changes[-1][1]:  # jumped back: a new clock
+        # Jumped back, or first heard: a new clock. rclpy reads sim time 0 until the first
+        # /clock; measured from that 0, a node started before the simulator or bag took the
+        # first value for a clock far ahead (pace 1 for PACE_WINDOW_S), and a slow simulation's
+        # first frames were timed out by the wall clock.
+        if changes and (sim_s < changes[-1][1] or changes[-1][1] == 0):
             changes.clear()
         if not changes or sim_s != changes[-1][1]:
             changes.append((wall_s, sim_s))

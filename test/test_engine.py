@@ -18,7 +18,7 @@ from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import shipped_weights
 from s4fusion_ros.runtime import DeviceError, load_fusion_model, resolve_device
-from s4fusion_ros.sync import PairSynchronizer
+from s4fusion_ros.sync import ArrivalClock, PairSynchronizer
 
 MS = 1_000_000
 
@@ -613,6 +613,30 @@ def test_a_thermal_offset_set_while_running_moves_the_expiry_clock_with_it():
     assert pipeline.expire(100.036) == []
     [pair] = pipeline.add_visible(visible, 100_033 * MS, 'rgb', arrived=100.037)
     assert (pair.thermal_stamp_ns, pair.visible_stamp_ns) == (100_633 * MS, 100_033 * MS)
+
+
+def test_a_slow_simulation_heard_after_the_start_pairs_its_first_frames():
+    # The node's timing on sim time, started before the simulator: rclpy reads 0 until the first
+    # /clock. The simulator runs at a tenth of real time, with sync.timeout 0.2: a visible frame
+    # 40 ms of sim time after its thermal partner comes 0.4 s later by the wall clock. Timed at
+    # wall pace for the first 2 s of /clock, the first thermal frame expired unpaired.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.05, queue_size=30, timeout=0.2),
+                              ThermalNormalizer(), ThermalRegistration())
+    thermal = encode_image(np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+    arrivals = ArrivalClock()
+    pairs = []
+    for tick in range(400):  # the node's expiry timer every 50 ms; /clock from wall 10 s on
+        wall = tick / 20
+        sim = 0.0 if wall < 10.0 else 100.0 + 0.1 * (wall - 10.0)
+        now = arrivals.now(wall, sim)
+        if tick == 210:  # sim 100.05
+            pairs += pipeline.add_thermal(thermal, 100_050 * MS, 'ir', arrived=now)
+        if tick == 218:  # sim 100.09
+            pairs += pipeline.add_visible(visible, 100_090 * MS, 'rgb', arrived=now)
+        pairs += pipeline.expire(now)
+    assert [(p.thermal_stamp_ns, p.visible_stamp_ns) for p in pairs] == [
+        (100_050 * MS, 100_090 * MS)]
 
 
 def test_an_image_over_max_input_pixels_is_a_bad_message_before_it_takes_a_partner():

@@ -922,3 +922,17 @@ def test_arrivals_keep_the_slower_pace_of_sim_and_wall_time_and_never_go_back():
     # use_sim_time set off while running: wall time on from there.
     start = clock.now(21.0)
     assert clock.now(21.5) - start == pytest.approx(0.5)
+
+
+def test_a_clock_first_heard_after_the_start_is_timed_at_its_own_pace():
+    # A node started before the simulator (or bag) that publishes /clock: rclpy's sim time
+    # reads 0 until the first /clock. Measured from that 0, the first value looked like a clock
+    # 100 s ahead, its pace read 1 for PACE_WINDOW_S, and a simulator at a tenth of real time
+    # had its first frames timed out by the wall clock.
+    clock = ArrivalClock()
+    for k in range(200):  # 10 s without /clock
+        clock.now(k / 20, 0.0)
+    start = clock.now(10.0, 100.0)
+    for k in range(1, 41):  # 2 s of a simulation at 0.1, /clock at 20 Hz
+        value = clock.now(10.0 + k / 20, 100.0 + 0.1 * k / 20)
+    assert value - start == pytest.approx(0.2, abs=0.01)
