@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from paths import executable
+from paths import REPO, executable
 from s4fusion_ros import settings
 from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings, PreparedPair
 from s4fusion_ros.evaluation import baselines, metrics, report
@@ -97,6 +97,19 @@ def test_fuse_writes_what_the_engine_makes_from_the_images(ivif_dir, tmp_path, t
         # x / 255 and the normalizer's x * (1 / 255) may differ in the last float bit.
         assert np.abs(fused.astype(int) - expected.fused).max() <= 1
         assert np.abs(saliency.astype(int) - np.rint(expected.saliency * 255)).max() <= 1
+
+
+def test_the_readme_python_example_writes_what_s4fusion_fuse_writes(
+        ivif_dir, tmp_path, monkeypatch):
+    readme = (REPO / 'README.md').read_text()
+    example = re.search(r'From Python, without ROS.*?```python\n(.*?)```', readme, re.S).group(1)
+    copy_pairs(ivif_dir, tmp_path, [('msrs', '00004N.png')])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, 'README.md', 'exec'), {})
+    assert fuse.main(['--ir', 'ir', '--vi', 'vi', '--out', 'out', '--device', 'cpu']) == 0
+    for output in ('fused', 'saliency'):
+        assert np.array_equal(read_png(tmp_path / f'{output}.png'),
+                              read_png(tmp_path / 'out' / output / '00004N.png')), output
 
 
 def test_fuse_gray_writes_the_luminance_eval_scores(ivif_dir, tmp_path, tiny_weights):
