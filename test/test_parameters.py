@@ -422,6 +422,23 @@ def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
 
 
 @pytest.mark.ros
+def test_a_parameter_the_node_does_not_have_is_refused_by_name(node):
+    # `ros2 param set /s4fusion_node sync.slopp 0.1` got rclpy's "Invalid access to undeclared
+    # parameter(s): []": its check consumes the generator of names it then lists.
+    [typo, good] = set_parameters(node, {'sync.slopp': 0.1, 'sync.slop': 0.09})
+    assert not typo.successful and typo.reason.startswith("'sync.slopp': no such parameter")
+    assert good.successful, good.reason
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+    client = AsyncParameterClient(node, 's4fusion_node')
+    answer = call(node, client.set_parameters_atomically(
+        [Parameter('sync.slop', value=0.06), Parameter('saliency.thresold', value=0.1)]))
+    assert not answer.result.successful
+    assert answer.result.reason.startswith("'saliency.thresold': no such parameter")
+    assert get_parameter(node, 'sync.slop') == pytest.approx(0.09)  # all or none
+
+
+@pytest.mark.ros
 @pytest.mark.parametrize('atomically', [False, True])
 def test_a_request_rclpy_cannot_read_is_refused_and_the_node_goes_on(node, atomically):
     # A SetParameters request with a value type outside rcl_interfaces' 0-9 (a buggy or

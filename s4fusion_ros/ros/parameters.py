@@ -50,24 +50,29 @@ _PARAMETER_TYPES = frozenset(kind.value for kind in Parameter.Type)
 SET_PARAMETERS_SERVICES = (SetParameters, SetParametersAtomically)
 
 
-def request_fault(parameter) -> str:
+def request_fault(parameter, declared=lambda name: True) -> str:
     """Why rclpy's set-parameters services cannot take this rcl_interfaces/Parameter of a
     request ('' if they can): a value type it does not know (rclpy raises ValueError in the
-    service callback, which stops the node's spin), or an empty name (rclpy's check for
-    undeclared parameters lets '' through and declares it)."""
+    service callback, which stops the node's spin), an empty name (rclpy's check for
+    undeclared parameters lets '' through and declares it), or a name `declared` says the node
+    does not have (rclpy refuses it naming none: "Invalid access to undeclared parameter(s):
+    []", its check consuming the names it then lists)."""
     if parameter.value.type not in _PARAMETER_TYPES:
         return (f'{parameter.name!r}: unknown parameter type {parameter.value.type} '
                 f'(rcl_interfaces types are {min(_PARAMETER_TYPES)} to {max(_PARAMETER_TYPES)})')
     if not parameter.name:
         return 'a parameter with an empty name'
+    if not declared(parameter.name):
+        return (f'{parameter.name!r}: no such parameter on this node (`ros2 param list` shows '
+                'its parameters)')
     return ''
 
 
-def guarded_set_parameters(handle, srv_type, refused):
+def guarded_set_parameters(handle, srv_type, refused, declared=lambda name: True):
     """rclpy's set-parameters service callback `handle` (of SetParameters or
-    SetParametersAtomically, `srv_type`), answering a parameter it cannot take (`request_fault`,
-    or an error it raises) with a failed result instead of raising, which would stop the node;
-    `refused(reason)` is called with each such reason."""
+    SetParametersAtomically, `srv_type`), answering a parameter it cannot take (`request_fault`
+    with `declared`, or an error it raises) with a failed result instead of raising, which would
+    stop the node; `refused(reason)` is called with each such reason."""
     def fail(reason: str) -> SetParametersResult:
         refused(reason)
         return SetParametersResult(successful=False, reason=reason)
@@ -79,7 +84,7 @@ def guarded_set_parameters(handle, srv_type, refused):
             return error
 
     def callback(request, response):
-        faults = [request_fault(parameter) for parameter in request.parameters]
+        faults = [request_fault(parameter, declared) for parameter in request.parameters]
         if srv_type is SetParametersAtomically:  # all or none
             fault = next(filter(None, faults), '')
             if not fault:
