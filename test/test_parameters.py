@@ -412,6 +412,12 @@ def test_an_integer_for_a_decimal_is_that_decimal(node):
     # rclpy lets this through its 0-100 range (a relative tolerance of 1e-6); the normalizer not.
     ('normalization.high_percentile', 100.00005, 'normalization.high_percentile: 100.00005 is '
                                                  'outside [0.0, 100.0]'),
+    # rclpy's reason named neither the parameter nor the types ("Wrong parameter type, expected
+    # '3' got '4'"): in a request of several, which one was wrong?
+    ('sync.slop', 'fast', "sync.slop: expected double, got 'fast'"),
+    ('fused.compressed.jpeg_quality', 95.5,
+     'fused.compressed.jpeg_quality: expected integer, got 95.5'),
+    ('saliency.threshold', True, 'saliency.threshold: expected double, got True'),
 ])
 def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
     before = get_parameter(node, name)

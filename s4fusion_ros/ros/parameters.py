@@ -7,10 +7,10 @@ bag tool reads the same parameters without rclpy.
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
 from rcl_interfaces.srv import SetParameters, SetParametersAtomically
-from rclpy.parameter import Parameter
+from rclpy.parameter import Parameter, parameter_value_to_python
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from ..settings import Spec, as_declared, check_update
+from ..settings import SPECS, Spec, as_declared, check_types, check_update
 
 
 def descriptor(name: str, spec: Spec) -> ParameterDescriptor:
@@ -65,7 +65,20 @@ def request_fault(parameter, declared=lambda name: True) -> str:
     if not declared(parameter.name):
         return (f'{parameter.name!r}: no such parameter on this node (`ros2 param list` shows '
                 'its parameters)')
-    return ''
+    return type_fault(parameter)
+
+
+def type_fault(parameter) -> str:
+    """Why the value a request gives a run-time parameter has the wrong type, in this package's
+    words (`settings.check_types`, as at start-up: "sync.slop: expected double, got 'fast'"),
+    an integer for a decimal taken as that decimal; '' if it has the right one. rclpy's own
+    reason named neither the parameter nor the types ("Wrong parameter type, expected '3' got
+    '4'"). Read-only ones are left to rclpy, which refuses them as read-only, by name."""
+    spec = SPECS.get(parameter.name)
+    value = parameter_value_to_python(parameter.value)
+    if spec is None or not spec.runtime or value is None:  # None: rclpy refuses to undeclare
+        return ''
+    return check_types({parameter.name: as_declared(parameter.name, value)})
 
 
 def guarded_set_parameters(handle, srv_type, refused, declared=lambda name: True):
