@@ -412,6 +412,12 @@ def test_an_integer_for_a_decimal_is_that_decimal(node):
     # rclpy lets this through its 0-100 range (a relative tolerance of 1e-6); the normalizer not.
     ('normalization.high_percentile', 100.00005, 'normalization.high_percentile: 100.00005 is '
                                                  'outside [0.0, 100.0]'),
+    # rclpy's reason named neither the parameter nor the types ("Wrong parameter type, expected
+    # '3' got '4'"): in a request of several, which one was wrong?
+    ('sync.slop', 'fast', "sync.slop: expected double, got 'fast'"),
+    ('fused.compressed.jpeg_quality', 95.5,
+     'fused.compressed.jpeg_quality: expected integer, got 95.5'),
+    ('saliency.threshold', True, 'saliency.threshold: expected double, got True'),
 ])
 def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
     before = get_parameter(node, name)
@@ -419,6 +425,23 @@ def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
     assert not result.successful
     assert reason in result.reason
     assert get_parameter(node, name) == before
+
+
+@pytest.mark.ros
+def test_a_parameter_the_node_does_not_have_is_refused_by_name(node):
+    # `ros2 param set /s4fusion_node sync.slopp 0.1` got rclpy's "Invalid access to undeclared
+    # parameter(s): []": its check consumes the generator of names it then lists.
+    [typo, good] = set_parameters(node, {'sync.slopp': 0.1, 'sync.slop': 0.09})
+    assert not typo.successful and typo.reason.startswith("'sync.slopp': no such parameter")
+    assert good.successful, good.reason
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+    client = AsyncParameterClient(node, 's4fusion_node')
+    answer = call(node, client.set_parameters_atomically(
+        [Parameter('sync.slop', value=0.06), Parameter('saliency.thresold', value=0.1)]))
+    assert not answer.result.successful
+    assert answer.result.reason.startswith("'saliency.thresold': no such parameter")
+    assert get_parameter(node, 'sync.slop') == pytest.approx(0.09)  # all or none
 
 
 @pytest.mark.ros

@@ -267,14 +267,15 @@ class S4FusionNode(Node):
     def _guard_parameter_services(self) -> None:
         """Answer set-parameters requests rclpy would raise on (an unknown value type, from a
         hostile or buggy client) with a failed result and a log line: raised in a service
-        callback, rclpy's error stopped the node."""
+        callback, rclpy's error stopped the node. A name the node does not have (a typo) is
+        refused by name, where rclpy's reason named none."""
         def refused(reason: str) -> None:
             if self._log_due(('parameters', 'refused request')):
                 self.get_logger().warning(f'refused a set-parameters request: {reason}')
         for service in self.services:
             if service.srv_type in parameters.SET_PARAMETERS_SERVICES:
                 service.callback = parameters.guarded_set_parameters(
-                    service.callback, service.srv_type, refused)
+                    service.callback, service.srv_type, refused, self.has_parameter)
 
     def _validate_parameters(self, params):
         return parameters.validate_update(self._values(), {p.name: p.value for p in params})

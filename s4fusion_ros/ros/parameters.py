@@ -7,10 +7,10 @@ bag tool reads the same parameters without rclpy.
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
 from rcl_interfaces.srv import SetParameters, SetParametersAtomically
-from rclpy.parameter import Parameter
+from rclpy.parameter import Parameter, parameter_value_to_python
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from ..settings import Spec, as_declared, check_update
+from ..settings import SPECS, Spec, as_declared, check_types, check_update
 
 
 def descriptor(name: str, spec: Spec) -> ParameterDescriptor:
@@ -50,24 +50,42 @@ _PARAMETER_TYPES = frozenset(kind.value for kind in Parameter.Type)
 SET_PARAMETERS_SERVICES = (SetParameters, SetParametersAtomically)
 
 
-def request_fault(parameter) -> str:
+def request_fault(parameter, declared=lambda name: True) -> str:
     """Why rclpy's set-parameters services cannot take this rcl_interfaces/Parameter of a
     request ('' if they can): a value type it does not know (rclpy raises ValueError in the
-    service callback, which stops the node's spin), or an empty name (rclpy's check for
-    undeclared parameters lets '' through and declares it)."""
+    service callback, which stops the node's spin), an empty name (rclpy's check for
+    undeclared parameters lets '' through and declares it), or a name `declared` says the node
+    does not have (rclpy refuses it naming none: "Invalid access to undeclared parameter(s):
+    []", its check consuming the names it then lists)."""
     if parameter.value.type not in _PARAMETER_TYPES:
         return (f'{parameter.name!r}: unknown parameter type {parameter.value.type} '
                 f'(rcl_interfaces types are {min(_PARAMETER_TYPES)} to {max(_PARAMETER_TYPES)})')
     if not parameter.name:
         return 'a parameter with an empty name'
-    return ''
+    if not declared(parameter.name):
+        return (f'{parameter.name!r}: no such parameter on this node (`ros2 param list` shows '
+                'its parameters)')
+    return type_fault(parameter)
 
 
-def guarded_set_parameters(handle, srv_type, refused):
+def type_fault(parameter) -> str:
+    """Why the value a request gives a run-time parameter has the wrong type, in this package's
+    words (`settings.check_types`, as at start-up: "sync.slop: expected double, got 'fast'"),
+    an integer for a decimal taken as that decimal; '' if it has the right one. rclpy's own
+    reason named neither the parameter nor the types ("Wrong parameter type, expected '3' got
+    '4'"). Read-only ones are left to rclpy, which refuses them as read-only, by name."""
+    spec = SPECS.get(parameter.name)
+    value = parameter_value_to_python(parameter.value)
+    if spec is None or not spec.runtime or value is None:  # None: rclpy refuses to undeclare
+        return ''
+    return check_types({parameter.name: as_declared(parameter.name, value)})
+
+
+def guarded_set_parameters(handle, srv_type, refused, declared=lambda name: True):
     """rclpy's set-parameters service callback `handle` (of SetParameters or
-    SetParametersAtomically, `srv_type`), answering a parameter it cannot take (`request_fault`,
-    or an error it raises) with a failed result instead of raising, which would stop the node;
-    `refused(reason)` is called with each such reason."""
+    SetParametersAtomically, `srv_type`), answering a parameter it cannot take (`request_fault`
+    with `declared`, or an error it raises) with a failed result instead of raising, which would
+    stop the node; `refused(reason)` is called with each such reason."""
     def fail(reason: str) -> SetParametersResult:
         refused(reason)
         return SetParametersResult(successful=False, reason=reason)
@@ -79,7 +97,7 @@ def guarded_set_parameters(handle, srv_type, refused):
             return error
 
     def callback(request, response):
-        faults = [request_fault(parameter) for parameter in request.parameters]
+        faults = [request_fault(parameter, declared) for parameter in request.parameters]
         if srv_type is SetParametersAtomically:  # all or none
             fault = next(filter(None, faults), '')
             if not fault:
