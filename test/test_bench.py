@@ -1,8 +1,11 @@
 """s4fusion-bench's command line: bad options and inputs are one line, not a traceback (the
 benchmarks themselves print figures; they are not timed in tests)."""
 
+import re
+
 import pytest
 
+from s4fusion_ros.model.scan import numba_scan_fn
 from s4fusion_ros.tools.bench import main as bench_main
 
 
@@ -145,3 +148,19 @@ def test_model_threads_bound_opencv_in_the_step_too(capsys):
     finally:
         cv2.setNumThreads(before)
     assert '1 threads (torch and numba; OpenCV 1)' in capsys.readouterr().out
+
+
+def test_each_target_line_gives_the_range_of_its_rounds(capsys):
+    # A median alone hid how far another process on the machine moved single rounds.
+    assert bench_main(['scan', '--d', '4', '--length', '48', '--slow-length', '12', '--nstate',
+                       '2', '--repeats', '3', '--threads', '1']) == 0
+    output = capsys.readouterr().out
+    ratios = re.findall(r'the latter at L=12: [\d.]+x \(rounds ([\d.]+)-([\d.]+)x\) \(target',
+                        output)
+    assert len(ratios) == 2, output
+    assert all(float(low) <= float(high) for low, high in ratios)
+    if numba_scan_fn() is not None:
+        assert re.search(r'numba: [\d.]+ ns/elem \(rounds [\d.]+-[\d.]+\) \(target', output)
+    assert bench_main(['scan', '--d', '4', '--length', '48', '--slow-length', '12', '--nstate',
+                       '2', '--repeats', '1', '--threads', '1']) == 0
+    assert '(rounds' not in capsys.readouterr().out  # one round has no range

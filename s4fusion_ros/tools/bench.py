@@ -54,10 +54,10 @@ NODE_CPU_MIN_FPS = 1.0  # the node's CPU defaults, 640x480
 GPU_MIN_FPS = 30.0  # 640x512, fp16, CUDA with mamba-ssm's kernel
 
 
-def median_seconds(fns, repeats):
-    """Median wall time of each of ``fns`` over ``repeats`` calls after an untimed one, the
-    functions taking turns call by call, so that a change in the machine's load falls on all of
-    them alike (their ratios are what the targets judge)."""
+def timed_rounds(fns, repeats):
+    """Wall times of each of ``fns`` over ``repeats`` calls after an untimed one, the functions
+    taking turns call by call, so that a change in the machine's load falls on all of them alike
+    (their ratios are what the targets judge): one list of seconds per function."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -66,7 +66,15 @@ def median_seconds(fns, repeats):
             start = time.perf_counter()
             fn()
             taken.append(time.perf_counter() - start)
-    return [statistics.median(taken) for taken in times]
+    return times
+
+
+def round_range(values, unit: str, digits: int) -> str:
+    """' (rounds LOW-HIGHunit)': how far the rounds of a figure spread, where there are several;
+    a machine shared with other work moves single rounds, the median less."""
+    if len(values) < 2:
+        return ''
+    return f' (rounds {min(values):.{digits}f}-{max(values):.{digits}f}{unit})'
 
 
 def scan_inputs(batch, d, length, nstate, groups, seed=0):
@@ -109,14 +117,16 @@ def bench_scan(args):
           f'warm-up, the implementations taking turns call by call; {torch.get_num_threads()} '
           f'threads (torch and numba); {load_note()}')
     print(f'{"implementation":<20}{"L timed":>9}{"ms":>11}{"ns/elem":>10}')
-    ns = {}
+    ns, ns_rounds = {}, {}
     with torch.no_grad():
-        medians = median_seconds([functools.partial(fn, *tensors, **kwargs)
-                                  for _, fn, (tensors, kwargs) in runs], args.repeats)
-    for (name, _, (tensors, _)), seconds in zip(runs, medians):
+        rounds = timed_rounds([functools.partial(fn, *tensors, **kwargs)
+                               for _, fn, (tensors, kwargs) in runs], args.repeats)
+    for (name, _, (tensors, _)), taken in zip(runs, rounds):
         length = tensors[0].shape[-1]
-        ns[name] = seconds * 1e9 / (args.batch * args.d * length * args.nstate)
-        print(f'{name:<20}{length:>9}{seconds * 1e3:>11.1f}{ns[name]:>10.2f}')
+        ns_rounds[name] = [seconds * 1e9 / (args.batch * args.d * length * args.nstate)
+                           for seconds in taken]
+        ns[name] = statistics.median(ns_rounds[name])
+        print(f'{name:<20}{length:>9}{statistics.median(taken) * 1e3:>11.1f}{ns[name]:>10.2f}')
     if short_length < args.length:
         # Measured: 20-30% more per element at L=16384 than at 1024 (2 cores, d=128, N=16).
         print(f'(the plain loop and selective_scan_ref are timed at L={short_length}; their cost '
@@ -125,17 +135,21 @@ def bench_scan(args):
     if first_call is not None:
         print(f'numba first call (compile, or load from cache): {first_call:.2f} s')
 
-    checks = [('chunked vs plain loop', ns['plain torch loop'] / ns['chunked torch'],
-               CHUNKED_VS_LOOP),
-              ('chunked vs selective_scan_ref', ns['selective_scan_ref'] / ns['chunked torch'],
-               CHUNKED_VS_REF)]
+    def ratio_rounds(slow, fast):  # the calls of one round ran back to back
+        return [a / b for a, b in zip(ns_rounds[slow], ns_rounds[fast])]
+
+    checks = [('chunked vs plain loop', 'plain torch loop', CHUNKED_VS_LOOP),
+              ('chunked vs selective_scan_ref', 'selective_scan_ref', CHUNKED_VS_REF)]
     timed = f', the latter at L={short_length}' if short_length < args.length else ''
-    for name, ratio, target in checks:  # per element; the chunked scan's falls with L
-        print(f'{name} at L={args.length}{timed}: {ratio:.1f}x (target >= {target:g}x): '
+    for name, slow, target in checks:  # per element; the chunked scan's falls with L
+        ratio = ns[slow] / ns['chunked torch']
+        spread = round_range(ratio_rounds(slow, 'chunked torch'), 'x', 1)
+        print(f'{name} at L={args.length}{timed}: {ratio:.1f}x{spread} (target >= {target:g}x): '
               f'{"met" if ratio >= target else "NOT met"}')
     if 'numba' in ns:
-        print(f'numba: {ns["numba"]:.2f} ns/elem (target <= {NUMBA_MAX_NS:g}): '
-              f'{"met" if ns["numba"] <= NUMBA_MAX_NS else "NOT met"}; '
+        met = ns['numba'] <= NUMBA_MAX_NS
+        print(f'numba: {ns["numba"]:.2f} ns/elem{round_range(ns_rounds["numba"], "", 2)} '
+              f'(target <= {NUMBA_MAX_NS:g}): {"met" if met else "NOT met"}; '
               f'{ns["chunked torch"] / ns["numba"]:.0f}x faster than the chunked scan')
     else:
         print('numba: not installed')
@@ -302,12 +316,13 @@ def bench_model(args):
                 forward()
                 total = time.perf_counter() - start
             share = 100 * sum(scan_seconds) / total
-            step = engine_step_seconds(
+            steps = engine_step_seconds(
                 FusionEngine(LoadedModel(model, device, half, preset, None, False),
                              FusionSettings(inference_size=size)), width, height, device,
                 args.repeats)
+            step = statistics.median(steps)
             label = f'{run_w}x{run_h}' if all(size) else 'full'
-            results[preset, size, (width, height)] = step
+            results[preset, size, (width, height)] = steps
             name = preset + ('*' if (preset, size) == (node_preset, node_size) else '')
             print(f'{name:<10}{label:>10}{model.num_parameters():>11,}'
                   f'{f"{width}x{height}":>10}{seconds * 1e3:>9.1f}{1 / seconds:>7.2f}'
@@ -329,8 +344,8 @@ def bench_model(args):
     report_model_targets(results, device, half, backend, node_preset, node_size)
 
 
-def engine_step_seconds(engine, width: int, height: int, device, repeats: int) -> float:
-    """Median wall time of the engine's whole step on a random 8-bit pair of `width` x
+def engine_step_seconds(engine, width: int, height: int, device, repeats: int) -> list:
+    """Wall times of `repeats` of the engine's whole steps on a random 8-bit pair of `width` x
     `height`, after a warm-up."""
     generator = torch.Generator().manual_seed(0)
     thermal, visible = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
@@ -339,31 +354,38 @@ def engine_step_seconds(engine, width: int, height: int, device, repeats: int) -
     def step():
         engine.fuse_images(thermal, visible)
         _synchronize(device)
-    return median_seconds([step], repeats)[0]
+    return timed_rounds([step], repeats)[0]
 
 
 def report_model_targets(results, device, half, backend, node_preset, node_size):
-    """Say which of the model speed targets this run can judge and whether they are met."""
+    """Say which of the model speed targets this run can judge and whether they are met
+    (`results`: the step times of each preset, inference size and input size)."""
     def verdict(ok):
         return 'met' if ok else 'NOT met'
+
+    def fps(key):
+        return 1 / statistics.median(results[key]), [1 / seconds for seconds in results[key]]
 
     vga, gpu_size = (640, 480), (640, 512)
     if device.type == 'cpu' and backend is None:
         key = ('authors', (0, 0), vga)
         if key in results:
-            print(f'authors at 640x480 on the CPU: {results[key]:.2f} s (target <= '
-                  f'{AUTHORS_CPU_MAX_S:g} s): {verdict(results[key] <= AUTHORS_CPU_MAX_S)}')
+            seconds = statistics.median(results[key])
+            print(f'authors at 640x480 on the CPU: {seconds:.2f} s'
+                  f'{round_range(results[key], " s", 2)} (target <= {AUTHORS_CPU_MAX_S:g} s): '
+                  f'{verdict(seconds <= AUTHORS_CPU_MAX_S)}')
         key = (node_preset, node_size, vga)
         if key in results:
-            fps = 1 / results[key]
-            print(f'node CPU defaults at 640x480: {fps:.2f} frames/s (target >= '
-                  f'{NODE_CPU_MIN_FPS:g}): {verdict(fps >= NODE_CPU_MIN_FPS)}')
+            rate, rates = fps(key)
+            print(f'node CPU defaults at 640x480: {rate:.2f} frames/s{round_range(rates, "", 2)} '
+                  f'(target >= {NODE_CPU_MIN_FPS:g}): {verdict(rate >= NODE_CPU_MIN_FPS)}')
     key = ('authors', (0, 0), gpu_size)
     if (device.type == 'cuda' and half and backend in (None, 'mamba')
             and mamba_scan_fn() is not None and key in results):
-        fps = 1 / results[key]
-        print(f'authors at 640x512 fp16 on {torch.cuda.get_device_name(device)}: {fps:.1f} '
-              f'frames/s (target >= {GPU_MIN_FPS:g}): {verdict(fps >= GPU_MIN_FPS)}')
+        rate, rates = fps(key)
+        print(f'authors at 640x512 fp16 on {torch.cuda.get_device_name(device)}: {rate:.1f} '
+              f'frames/s{round_range(rates, "", 1)} (target >= {GPU_MIN_FPS:g}): '
+              f'{verdict(rate >= GPU_MIN_FPS)}')
     else:
         print(f'GPU target (authors, 640x512, fp16, >= {GPU_MIN_FPS:g} frames/s) not judged by '
               f'this run: it needs `s4fusion-bench model --device cuda --half` on a CUDA '
@@ -416,7 +438,7 @@ def bench_train(args):
           f'warm-up, the scans alternating step by step; {load_note()}')
     print(f'{"preset":<9}{"batch":>6}{"crop":>6}{"torch s/step":>14}{"numba s/step":>14}'
           f'{"speed-up":>10}{"steps/s":>9}{"Mpixel/s":>10}')
-    speedups = {}
+    speedups, speedup_rounds = {}, {}
     with tempfile.TemporaryDirectory() as out_dir:
         for preset in args.presets:
             record = shipped_training(preset)
@@ -450,6 +472,7 @@ def bench_train(args):
             fast = min(seconds.values())
             if 'numba' in seconds:  # below 1 where the numba step is the slower
                 speedups[preset] = seconds['torch'] / seconds['numba']
+                speedup_rounds[preset] = [a / b for a, b in zip(times['torch'], times['numba'])]
                 numba_columns = f'{seconds["numba"]:>14.3f}{speedups[preset]:>9.1f}x'
             else:
                 numba_columns = f'{"n/a":>14}{"n/a":>10}'
@@ -460,7 +483,8 @@ def bench_train(args):
         for preset, speedup in speedups.items():
             change = (f'{speedup:.1f}x faster' if speedup >= 1
                       else f'{1 / speedup:.1f}x slower')
-            print(f'{preset}: training step {change} with the numba backward (target '
+            print(f'{preset}: training step {change} with the numba backward'
+                  f'{round_range(speedup_rounds[preset], "x", 1)} (target '
                   f'{TRAIN_NUMBA_VS_TORCH:g}x faster): '
                   f'{"met" if speedup >= TRAIN_NUMBA_VS_TORCH else "NOT met"}')
     else:
