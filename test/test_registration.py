@@ -52,6 +52,24 @@ def test_pixels_outside_the_thermal_view_take_the_callers_values(thermal):
     assert not np.isnan(out).any()
 
 
+@pytest.mark.parametrize('outside', [None, np.full((480, 640), 0.25, np.float32)])
+def test_a_smaller_camera_scaled_to_the_visible_frame_is_seen_to_its_edges(thermal, outside):
+    # A 160x120 thermal camera with the visible one's view: the homography that maps its pixel
+    # centres where the identity's resize puts them. Its edge pixels cover the frame's edges, but
+    # a 2-pixel frame around the image (within a thermal pixel of its edge) used to get the
+    # border or the visible luminance: up to 100 grey levels off in the fused image there.
+    small = cv2.resize(thermal, (160, 120), interpolation=cv2.INTER_AREA)
+    scale = [[4.0, 0.0, 1.5], [0.0, 4.0, 1.5], [0.0, 0.0, 1.0]]
+    out = ThermalRegistration(scale)(small, (640, 480), outside)
+    resized = ThermalRegistration()(small, (640, 480))
+    np.testing.assert_allclose(out, resized, atol=0.01)
+    # Half a thermal pixel further, the camera sees nothing: its view ends where its pixels do.
+    shifted = ThermalRegistration([[4.0, 0.0, 3.5], [0.0, 4.0, 1.5], [0.0, 0.0, 1.0]])
+    out = shifted(small, (640, 480), outside)
+    border = 0.0 if outside is None else 0.25
+    assert (out[:, :2] == border).all() and (out[:, 2:] != border).all()
+
+
 def test_homography_from_point_pairs_registers_into_a_larger_visible_frame(thermal):
     """Thermal 640x480 seen by a 800x600 visible camera, scaled, rotated and shifted."""
     angle = np.deg2rad(3.0)

@@ -60,6 +60,7 @@ class ThermalRegistration:
         self.homography = validate_homography(np.eye(3) if homography is None else homography)
         self.is_identity = bool(np.allclose(self.homography, np.eye(3), rtol=0.0, atol=1e-12))
         self.border_value = float(border_value)
+        self._unseen_mask = None  # ((thermal shape, visible size), mask) of the last call
 
     def needs_resize(self, thermal_shape: Sequence[int], visible_size: Sequence[int]) -> bool:
         """Whether an identity registration has to resize a frame of this shape."""
@@ -69,21 +70,35 @@ class ThermalRegistration:
                  outside: Optional[np.ndarray] = None) -> np.ndarray:
         """Return the thermal frame in the visible geometry, visible_size = (width, height).
 
-        `outside` (H, W), if given, fills the pixels the thermal camera does not see (those
-        within a pixel of its edge too), instead of ``border_value``.
+        `outside` (H, W), if given, fills the pixels the thermal camera does not see (whose
+        centre falls outside every thermal pixel), instead of ``border_value``.
         """
         width, height = _size(visible_size)
         if not self.is_identity:
-            border = self.border_value if outside is None else np.nan
+            # The camera sees its edge pixels' whole footprint, half a pixel past the outermost
+            # samples: there the edge is replicated, as the identity's resize does. A constant
+            # border (or a NaN marking the unseen) blended into every pixel within a pixel of the
+            # edge, so a homography equal to that resize (a 160x120 camera, scale 4) gave the
+            # model the visible luminance in a 2-pixel frame around the image (up to 100 grey
+            # levels off in the fused image there).
             warped = cv2.warpPerspective(thermal, self.homography, (width, height),
-                                         flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                                         borderValue=border)
-            if outside is not None:
-                unseen = np.isnan(warped)
-                warped[unseen] = outside[unseen]
+                                         flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            unseen = self._unseen(thermal.shape[:2], (width, height))
+            warped[unseen] = self.border_value if outside is None else outside[unseen]
             return warped
         if thermal.shape[:2] == (height, width):
             return thermal
         shrinking = width * height < thermal.shape[0] * thermal.shape[1]
         return cv2.resize(thermal, (width, height),
                           interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+    def _unseen(self, thermal_shape: tuple[int, int], visible_size: tuple[int, int]) -> np.ndarray:
+        """Visible pixels whose centre maps outside every thermal pixel: the nearest thermal
+        pixel of the inverse warp does not exist. Kept for the last sizes (they rarely change)."""
+        key = (tuple(thermal_shape), visible_size)
+        if self._unseen_mask is None or self._unseen_mask[0] != key:
+            seen = cv2.warpPerspective(np.ones(thermal_shape, np.uint8), self.homography,
+                                       visible_size, flags=cv2.INTER_NEAREST,
+                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            self._unseen_mask = (key, seen == 0)
+        return self._unseen_mask[1]
