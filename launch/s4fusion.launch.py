@@ -1,4 +1,5 @@
-"""Start s4fusion_node with its parameters file, topic remappings and a large-data transport.
+"""Start s4fusion_node with its parameters file and topic remappings (the node loads the package's
+Fast DDS profile itself: README, "Transport and QoS").
 
 `device`, `weights`, `use_sim_time` and `input_reliability` override the parameters file only
 when given: left empty, the file's values (or the node's defaults) stand. `use_sim_time`,
