@@ -169,8 +169,10 @@ class ArrivalClock:
         # Jumped back, or first heard: a new clock. rclpy reads sim time 0 until the first
         # /clock; measured from that 0, a node started before the simulator or bag took the
         # first value for a clock far ahead (pace 1 for PACE_WINDOW_S), and a slow simulation's
-        # first frames were timed out by the wall clock.
-        if changes and (sim_s < changes[-1][1] or changes[-1][1] == 0):
+        # first frames were timed out by the wall clock. While no /clock comes, the 0 stands
+        # still like any other value.
+        heard_first = changes and changes[-1][1] == 0 and sim_s != 0
+        if changes and (sim_s < changes[-1][1] or heard_first):
             changes.clear()
         if not changes or sim_s != changes[-1][1]:
             changes.append((wall_s, sim_s))

@@ -930,8 +930,9 @@ def test_a_clock_first_heard_after_the_start_is_timed_at_its_own_pace():
     # 100 s ahead, its pace read 1 for PACE_WINDOW_S, and a simulator at a tenth of real time
     # had its first frames timed out by the wall clock.
     clock = ArrivalClock()
-    for k in range(200):  # 10 s without /clock
+    for k in range(200):  # 10 s without /clock: it stands still, so frames are decided
         clock.now(k / 20, 0.0)
+    assert clock.now(10.0, 0.0) == pytest.approx(10.0 - ArrivalClock.STILL_S, abs=0.06)
     start = clock.now(10.0, 100.0)
     for k in range(1, 41):  # 2 s of a simulation at 0.1, /clock at 20 Hz
         value = clock.now(10.0 + k / 20, 100.0 + 0.1 * k / 20)
