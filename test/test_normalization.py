@@ -117,6 +117,30 @@ def test_flat_windows_are_never_far_apart_and_a_shutter_frame_is_held(counts):
     assert norm.range == window and norm.outliers == 1
 
 
+@pytest.mark.parametrize('shutter_frames', [3, 4, 15])
+def test_the_scene_after_a_long_shutter_resumes_the_window_it_had(counts, shutter_frames):
+    """A flat-field correction lasting 3 frames or more (0.3 s at 9 Hz, 0.5 s at 30 Hz) started
+    a window from the shutter's few counts of noise; the scene coming back was then held out of
+    that window for 2 frames, each nearly all black and white. It resumes the scene's window."""
+    shutter = (np.float32(np.median(counts)) + np.random.default_rng(3).normal(
+        0.0, 3.0, counts.shape).astype(np.float32))  # uniform but for its noise: not flat
+    clean, norm = ThermalNormalizer(), ThermalNormalizer()
+    for frame in (counts, counts + 30.0, counts - 20.0):
+        clean(frame)
+        norm(frame)
+    for _ in range(shutter_frames):
+        norm(shutter)
+    assert norm.range[1] - norm.range[0] < 100  # the shutter's own window, after 3 frames
+    for frame in (counts + 10.0, counts, counts - 10.0):  # as though the shutter never closed
+        out = norm(frame)
+        assert ((out == 0) | (out == 1)).mean() < 0.1
+        np.testing.assert_array_equal(out, clean(frame))
+    assert norm.outliers == 2
+    # The shutter again later: held out of the resumed window as the first time.
+    norm(shutter)
+    assert norm.range == clean.range and norm.outliers == 3
+
+
 def test_a_lasting_change_far_outside_the_window_starts_a_new_one(msrs_pair):
     # A camera that switched from 14-bit counts (a scene a few hundred counts wide) to 8-bit AGC
     # output: two frames held, the third starts the window afresh from its own percentiles

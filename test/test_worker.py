@@ -129,3 +129,31 @@ def test_the_item_in_progress_is_named_with_how_long_it_has_run():
         time.sleep(0.01)
     assert worker.current() is None and worker.counts().in_progress == 0
     worker.stop()
+
+
+def test_the_node_logs_each_kind_of_inference_failure(capfd):
+    """The node's log line for a failed inference was throttled per call site: another kind of
+    failure within 5 s of the first (an out-of-memory, then a bug) was never logged, however
+    rarely each came. Each kind is logged, each at most once per 5 s."""
+    pytest.importorskip('rclpy')
+    import types
+
+    from rclpy.logging import get_logger
+
+    from s4fusion_ros.diagnostics import Key
+    from s4fusion_ros.ros.node import S4FusionNode
+
+    errors = iter([RuntimeError('CUDA out of memory'), RuntimeError('CUDA out of memory'),
+                   ValueError('a bug')])
+
+    def infer(pair):
+        raise next(errors)
+    logger = get_logger('inference_failure_probe')
+    node = types.SimpleNamespace(engine=types.SimpleNamespace(infer=infer), logged={},
+                                 get_logger=lambda: logger)
+    node._log_due = types.MethodType(S4FusionNode._log_due, node)
+    for _ in range(3):
+        assert S4FusionNode._fuse_and_publish(node, None) == Key.INFERENCE_ERRORS
+    lines = [line for line in capfd.readouterr().err.splitlines() if 'inference failed' in line]
+    assert len(lines) == 2, lines
+    assert 'out of memory' in lines[0] and 'a bug' in lines[1]

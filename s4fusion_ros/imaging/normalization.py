@@ -20,6 +20,10 @@ SAMPLE_PIXELS = 1 << 16
 # window and leaves it as it was, up to HELD_FRAMES - 1 frames in a row; the next such frame (a
 # new scene, or a camera that changed its output) starts the window afresh from its own. One
 # frame of garbage floats (+-1e36) moved the window that far and took 40 s at 9 Hz to decay.
+# A frame far outside a window so started, but not outside the one it replaced, resumes that
+# one: a shutter closed for HELD_FRAMES frames or more (a flat-field correction of 0.3 s at
+# 9 Hz) started a window a few counts of noise wide, and the scene coming back was held out of
+# it, HELD_FRAMES - 1 frames of nearly all black and white.
 OUTLIER_WIDTHS = 4.0
 HELD_FRAMES = 3
 # A window narrower than this share of its magnitude is flat (a uniform background): two flat
@@ -83,7 +87,7 @@ class ThermalNormalizer:
     extremes instead: a hot target on fewer than 1% of the pixels of a uniform background (a
     simulated camera) is outside both percentiles and keeps its contrast, and a uniform frame maps
     to zeros. A frame far outside the smoothed window is held out of it (OUTLIER_WIDTHS; counted
-    in ``outliers``).
+    in ``outliers``), or resumes the window a lasting change replaced (a shutter that opened).
     """
 
     def __init__(self, **settings) -> None:
@@ -93,6 +97,7 @@ class ThermalNormalizer:
         self.configure(**settings)
         self._range: Optional[tuple[float, float]] = None
         self._outlier_run = 0  # frames in a row held out of the smoothed window
+        self._left = None  # the window the last run of far frames replaced, to resume
         self.outliers = 0  # frames held out of it, in all
 
     @property
@@ -122,6 +127,7 @@ class ThermalNormalizer:
         """Forget the smoothed range (e.g. after a clock jump or a camera restart)."""
         self._range = None
         self._outlier_run = 0
+        self._left = None
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         """Normalize one frame."""
@@ -157,27 +163,34 @@ class ThermalNormalizer:
         current = _percentiles(raw, values, settings.low_percentile, settings.high_percentile)
         if self._range is None or settings.smoothing == 0.0:
             return current
-        if self._far_outside(current):
-            self._outlier_run += 1
-            if self._outlier_run < HELD_FRAMES:
-                self.outliers += 1
-                return self._range
-            self._outlier_run = 0
-            return current
+        smoothed = self._range
+        if _far_outside(current, smoothed):
+            if self._left is not None and not _far_outside(current, self._left):
+                # Back to the window the run left (the shutter opened): smoothed on from it.
+                smoothed, self._left = self._left, None
+            else:
+                self._outlier_run += 1
+                if self._outlier_run < HELD_FRAMES:
+                    self.outliers += 1
+                    return self._range
+                self._outlier_run = 0
+                self._left = self._range
+                return current
         self._outlier_run = 0
         weight = settings.smoothing
-        return (weight * self._range[0] + (1.0 - weight) * current[0],
-                weight * self._range[1] + (1.0 - weight) * current[1])
+        return (weight * smoothed[0] + (1.0 - weight) * current[0],
+                weight * smoothed[1] + (1.0 - weight) * current[1])
 
-    def _far_outside(self, window: tuple[float, float]) -> bool:
-        """Whether a frame's (low, high) lies more than OUTLIER_WIDTHS widths of the narrower of
-        it and the smoothed window away from the smoothed window; never for two flat ones."""
-        widths = [_width(window), _width(self._range)]
-        if all(measured <= floor for measured, floor in widths):
-            return False
-        width = min(max(measured, floor) for measured, floor in widths)
-        low, high = self._range
-        return max(abs(window[0] - low), abs(window[1] - high)) > OUTLIER_WIDTHS * width
+
+def _far_outside(window: tuple[float, float], smoothed: tuple[float, float]) -> bool:
+    """Whether a frame's (low, high) lies more than OUTLIER_WIDTHS widths of the narrower of it
+    and the smoothed window away from the smoothed window; never for two flat ones."""
+    widths = [_width(window), _width(smoothed)]
+    if all(measured <= floor for measured, floor in widths):
+        return False
+    width = min(max(measured, floor) for measured, floor in widths)
+    low, high = smoothed
+    return max(abs(window[0] - low), abs(window[1] - high)) > OUTLIER_WIDTHS * width
 
 
 def _width(window: tuple[float, float]) -> tuple[float, float]:

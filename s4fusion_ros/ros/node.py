@@ -526,8 +526,11 @@ class S4FusionNode(Node):
         try:
             result = self.engine.infer(pair)
         except Exception as error:  # noqa: BLE001 - one bad pair (e.g. CUDA OOM) must not stop us
-            self.get_logger().error(f'inference failed, pair dropped: {error!r}',
-                                    throttle_duration_sec=LOG_THROTTLE_S)
+            # Throttled per kind: rclpy's throttle is per call site, so a recurring out-of-memory
+            # hid any other failure within 5 s of it. (From the worker thread: a race costs at
+            # most a repeated line.)
+            if self._log_due(('inference', type(error).__name__)):
+                self.get_logger().error(f'inference failed, pair dropped: {error!r}')
             return Key.INFERENCE_ERRORS
         self.inference_latency.add(result.inference_seconds)
         try:
