@@ -117,7 +117,7 @@ class BagFuser:
         self.resets_shown = 0
         self.baseline = self.tally()  # at the first owned message of a span
         self.camera_infos = CameraInfoCache()
-        self.camera_info_output = None  # the output bag's camera_info connection, if any
+        self.camera_info_outputs = []  # the output bag's camera_info connections, if any
         self.calibration_warned = False  # a camera_info not fitting its images, said once
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
@@ -149,10 +149,11 @@ class BagFuser:
                           list(compression))
         roles = {thermal.topic: 'thermal', visible.topic: 'visible'}
         types = {thermal.topic: thermal.msgtype, visible.topic: visible.msgtype}
-        info_topic, info_output = camera_info_topics(reader, visible, topics[0])
+        info_topic, info_outputs = camera_info_topics(reader, visible, topics)
         if info_topic:  # written beside the outputs as the node publishes it
             types[info_topic] = CAMERA_INFO
-            self.camera_info_output = add_topic(writer, info_output, qos, CAMERA_INFO)
+            self.camera_info_outputs = [add_topic(writer, topic, qos, CAMERA_INFO)
+                                        for topic in info_outputs]
             for connection, _, raw in newest_before(reader, path, [info_topic], read_from):
                 self._add_camera_info(path, connection, raw)
         copies = (copy_connections(writer, [c for c in reader.connections
@@ -293,14 +294,15 @@ class BagFuser:
                 writer.write(connection, log_time,
                              compressed_image_cdr(data, fmt, pair.visible_stamp_ns, pair.frame_id))
             info = self.camera_infos.for_image(pair.visible_stamp_ns)
-            if info is not None and self.camera_info_output is not None:
+            if info is not None and self.camera_info_outputs:
                 fault = calibration_fault(info, *pair.visible_bgr.shape[1::-1])
                 if fault and not self.calibration_warned:
                     self.calibration_warned = True
                     self._warn(f'{path}: the visible camera_info: {fault}; written beside the '
                                'outputs as it came (said once)')
-                writer.write(self.camera_info_output, log_time,
-                             camera_info_cdr(info, pair.visible_stamp_ns, pair.frame_id))
+                raw_info = camera_info_cdr(info, pair.visible_stamp_ns, pair.frame_id)
+                for connection in self.camera_info_outputs:
+                    writer.write(connection, log_time, raw_info)
             if self.export is not None and self.counts.fused % self.export_every == 0:
                 self.exported.update(export_png(self.export, self.counts.fused, result))
             if self.video is not None:
@@ -332,13 +334,15 @@ class BagFuser:
 
 
 def camera_info_topics(reader, visible: ImageTopic,
-                       fused_topic: str) -> tuple[str, str] | tuple[None, None]:
-    """(the visible camera's camera_info topic in the bag, the output's beside `fused_topic`),
-    as the node reads and publishes them (camera_info.py); (None, None) where the bag has none."""
+                       topics: tuple[str, str]) -> tuple[str | None, list[str]]:
+    """(the visible camera's camera_info topic in the bag, the outputs' beside the (fused,
+    saliency) `topics`), as the node reads and publishes them (camera_info.py); (None, []) where
+    the bag has none. One output info, or one in each folder where the outputs lie apart: the
+    node publishes one beside each, so an image_transport CameraSubscriber of either finds it."""
     topic = camera_info_topic(visible.topic, transport=visible.msgtype == COMPRESSED_IMAGE)
     if topic_types(reader).get(topic) != CAMERA_INFO:
-        return None, None
-    return topic, camera_info_topic(fused_topic)
+        return None, []
+    return topic, list(dict.fromkeys(camera_info_topic(output) for output in topics))
 
 
 def bgr_image(result: FusionResult) -> np.ndarray:

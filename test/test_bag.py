@@ -571,6 +571,37 @@ def test_the_visible_camera_info_goes_beside_the_outputs_as_the_node_publishes_i
             'an input topic copied by --include-inputs' in capsys.readouterr().err)
 
 
+def test_outputs_in_two_folders_each_get_the_camera_info_as_the_node_publishes_them(
+        short_events, params_file, tmp_path, capsys):
+    # The node publishes the info beside each output's folder (`-r ~/saliency:=maps/saliency`
+    # gives maps/camera_info too); the bag wrote it beside the fused topic only, so a
+    # CameraSubscriber on the saliency topic of a played output bag found none.
+    source = write_bag(tmp_path / 'in', short_events, 'mcap', visible_infos=most_frames)
+    output = tmp_path / 'out'
+    assert bag_tool.main([str(source), str(output), '--params', str(params_file),
+                          '--fused-topic', '/detector/image_raw',
+                          '--saliency-topic', '/maps/saliency']) == 0
+    assert (f'; {VISIBLE_INFO_TOPIC} -> /detector/camera_info, /maps/camera_info'
+            in capsys.readouterr().err)
+    messages = read_bag(output)
+    for image_topic, info_topic in (('/detector/image_raw', '/detector/camera_info'),
+                                    ('/maps/saliency', '/maps/camera_info')):
+        images, infos = messages[image_topic], messages[info_topic]
+        assert len(infos) == len(images) >= 5
+        for (log_time, _, image_raw), (info_time, msgtype, raw) in zip(images, infos):
+            image = TYPESTORE.deserialize_cdr(image_raw, IMAGE)
+            info = TYPESTORE.deserialize_cdr(raw, msgtype)
+            assert msgtype == CAMERA_INFO and info_time == log_time
+            assert info.header == image.header
+            assert (info.width, info.height) == (image.width, image.height)
+    # The saliency's info on a copied input topic is refused as the fused one's is.
+    assert bag_tool.main([str(source), str(tmp_path / 'out2'), '--params', str(params_file),
+                          '--include-inputs', '--saliency-topic', '/camera/color/saliency']) == 1
+    assert (f'--saliency-topic /camera/color/saliency puts its camera_info on '
+            f'{VISIBLE_INFO_TOPIC}, an input topic copied by --include-inputs'
+            in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
 def test_a_window_is_fused_as_a_bag_of_its_messages_alone(storage, short_events, params_file,
                                                           tmp_path, capsys):

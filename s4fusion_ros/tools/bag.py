@@ -23,13 +23,13 @@ The output bag has the node's output topics (sensor_msgs/Image with the visible 
 /s4fusion_node/ unless --fused-topic / --saliency-topic name others, whatever namespace the
 parameter file is for; with --transport compressed or both, their compressed transports as the
 node publishes them, TOPIC/compressed) and, where the bag holds the visible topic's camera_info
-sibling, the node's camera_info beside the fused topic (as the node chooses and stamps it:
-camera_info.py), offered with the QoS of qos.output.*, logged at the time the pair was decided
-(the log time of the message that completed it, or of the last message for the pairs decided at
-the end of the bag or window), on the input's timeline, and with --include-inputs the input
-topics as recorded (in the window). It is written under a temporary name and renamed when
-complete: an interrupted or failed run, or one that fused no pair, leaves nothing under the
-output name.
+sibling, the node's camera_info beside the outputs (one in each folder where they lie apart;
+as the node chooses and stamps it: camera_info.py), offered with the QoS of qos.output.*, logged
+at the time the pair was decided (the log time of the message that completed it, or of the last
+message for the pairs decided at the end of the bag or window), on the input's timeline, and with
+--include-inputs the input topics as recorded (in the window). It is written under a temporary
+name and renamed when complete: an interrupted or failed run, or one that fused no pair, leaves
+nothing under the output name.
 """
 
 import argparse
@@ -44,6 +44,7 @@ from .. import settings
 from ..bagio import (IMAGE, STORAGES, WRITE_ERRORS, BagError, LogWindow, bag_size,
                      check_output, create_bag, image_topics, log_span, log_window, open_bag,
                      output_qos_of, pick_topics, storage_of, sweep_staging)
+from ..camera_info import camera_info_topic
 from ..cli import (add_window_options, file_path, output_path, run_command, stop_on_signals,
                    time_window)
 from ..diagnostics import Key, thermal_frames_lost, unpaired_hint
@@ -136,16 +137,19 @@ class OutputTopic:
         return f'the {self.what or "images"} of {self.flag} {self.given}'
 
 
-def output_topics(args: argparse.Namespace, info_output: str | None) -> list[OutputTopic]:
-    """The topics the output bag gets with --transport, and the camera_info's, if any."""
+def output_topics(args: argparse.Namespace, info_outputs: list[str]) -> list[OutputTopic]:
+    """The topics the output bag gets with --transport, and the camera_info's, if any (each
+    named after the option whose folder it lies in: the fused topic's where both share one)."""
     flags = {args.fused_topic: '--fused-topic', args.saliency_topic: '--saliency-topic'}
     topics = []
     for given, flag in flags.items():
         for topic, msgtype in transport_topics((given,), args.transport):
             topics.append(OutputTopic(flag, given, '' if msgtype == IMAGE else
                                       'compressed transport', topic))
-    if info_output:
-        topics.append(OutputTopic('--fused-topic', args.fused_topic, 'camera_info', info_output))
+    named = {}  # camera_info topic -> the output topic and option it lies beside
+    for given, flag in flags.items():
+        named.setdefault(camera_info_topic(given), (flag, given))
+    topics += [OutputTopic(*named[info], 'camera_info', info) for info in info_outputs]
     return topics
 
 
@@ -235,13 +239,14 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
         window = log_window(reader, args.input, time_window(args))
         thermal, visible = pick_topics(image_topics(reader, args.input), args.input,
                                        args.thermal_topic, args.visible_topic, values)
-        info_topic, info_output = camera_info_topics(reader, visible, args.fused_topic)
+        info_topic, info_outputs = camera_info_topics(reader, visible,
+                                                      (args.fused_topic, args.saliency_topic))
         copied = ({thermal.topic, visible.topic, info_topic} - {None} if args.include_inputs
                   else set())
-        check_output_topics(output_topics(args, info_output), copied)
+        check_output_topics(output_topics(args, info_outputs), copied)
         storage = args.storage or storage_of(args.input)
         loaded = model_from_params(values)
-        infos = f'; {info_topic} -> {info_output}' if info_topic else ''
+        infos = f'; {info_topic} -> {", ".join(info_outputs)}' if info_topic else ''
         only = f'; only the messages{logged_in(window)}' if not window.whole else ''
         print(f'{PROG}: {thermal.describe()} + {visible.describe()} -> {args.output} '
               f'({storage}) with {loaded.name} on {loaded.device}{infos}{only}', file=sys.stderr)
