@@ -226,11 +226,15 @@ def check_update(current: dict, updates: dict) -> str:
 
 
 # ROS 2's qos_overrides.<topic>.<publisher|subscription>.<policy> values the node takes (the
-# policies QoSOverridingOptions.with_default_policies covers, with the values rclpy parses;
-# depth as the qos.*.depth range).
+# policies QoSOverridingOptions.with_default_policies covers, and the visible camera_info's
+# durability, with the values rclpy parses; depth as the qos.*.depth range). A durability rclpy
+# cannot parse stopped the start only after the model had loaded, naming neither the parameter
+# nor the topic ("Unexpected QoS override for policy `durability`: `latched`").
 QOS_OVERRIDE_CHOICES = {'history': ('keep_last', 'keep_all', 'system_default'),
                         'reliability': ('reliable', 'best_effort', 'best_available',
-                                        'system_default')}
+                                        'system_default'),
+                        'durability': ('volatile', 'transient_local', 'best_available',
+                                       'system_default')}
 
 
 def check_qos_overrides(values: dict) -> str:

@@ -311,6 +311,19 @@ def test_two_publishers_on_one_input_are_reported_by_name(ros_context):
 
 
 @pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
+def test_a_second_node_of_the_same_name_is_reported_by_both():
+    # A node left over from an earlier launch: rcl lets a second one of the same full name start
+    # without a word, and both then fuse the same inputs onto the same outputs, while
+    # `ros2 param set` and /diagnostics reach either.
+    duplicate = 'another node of this name, /s4fusion_node, is in the graph'
+    with running_node(PARAMS) as first:
+        wait_for_log(first, 'fusing /thermal/image_raw')
+        with running_node(PARAMS) as second:
+            log = wait_for_log(second, 'fusing /thermal/image_raw', duplicate)
+            first_log = wait_for_log(first, duplicate)
+    assert first_log.count(duplicate) == 1 and log.count(duplicate) == 1, (first_log, log)
+
+
 def test_message_filters_backend_without_the_package_is_a_clear_start_up_error():
     with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
         code = proc.wait(timeout=120)

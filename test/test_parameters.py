@@ -517,6 +517,11 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
      "best_effort, best_available, system_default, not 'besteffort'"),
     ({'qos_overrides': {'/s4fusion_node/fused': {'publisher': {'depth': 0}}}},
      'qos_overrides./s4fusion_node/fused.publisher.depth must be an integer from 1 to 1000'),
+    # The visible camera_info's durability (a latched driver's info): rclpy refused a value it
+    # cannot parse after the model had loaded, naming neither the parameter nor the topic.
+    ({'qos_overrides': {'/visible/camera_info': {'subscription': {'durability': 'latched'}}}},
+     "qos_overrides./visible/camera_info.subscription.durability must be one of volatile, "
+     "transient_local, best_available, system_default, not 'latched'"),
     # rclpy gives the node an untyped empty list as None: it raised a TypeError naming nothing
     # (inference_size), or started on the shipped weights (model.weights).
     ({'inference_size': []}, 'inference_size: no value given (an empty list or ~ has no type)'),

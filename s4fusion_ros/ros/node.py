@@ -133,6 +133,7 @@ class S4FusionNode(Node):
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
         self.resets_logged = 0  # synchronizer resets (backward clock jumps) logged so far
         self.worker_failures_logged = 0
+        self.namesakes_logged = 0  # other nodes of this full name last warned of
         # The counts while pairs were last being fused: a stall's causes are what grew since.
         self.counts_while_fusing = {}
         # Whether this stall's log said what the stamps tell: the first line often comes before
@@ -805,7 +806,23 @@ class S4FusionNode(Node):
         self.stall_hint_logged |= bool(hint)
         return message
 
+    def _report_namesakes(self) -> None:
+        """Warn as other nodes of this node's full name appear in the graph (a node left over
+        from an earlier launch): rcl starts a second one without a word, and both then fuse the
+        same inputs onto the same outputs, while parameter services and /diagnostics reach
+        either. Checked with the diagnostics, as discovery takes its time: both nodes say it."""
+        namesakes = self.get_node_names_and_namespaces().count(
+            (self.get_name(), self.get_namespace())) - 1  # the graph lists this node too
+        if namesakes > self.namesakes_logged:
+            self.get_logger().warning(
+                f'another node of this name, {self.get_fully_qualified_name()}, is in the graph '
+                f'({namesakes} besides this one): they publish the same outputs, and `ros2 param` '
+                'and /diagnostics reach any of them; stop it, or name this node apart '
+                '(-r __node:=NAME)')
+        self.namesakes_logged = namesakes
+
     def _publish_diagnostics(self) -> None:
+        self._report_namesakes()
         values = self._diagnostic_values()
         level, message = self._status(values)
         status = DiagnosticStatus(
