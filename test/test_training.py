@@ -545,6 +545,12 @@ def test_lr_schedule_warms_up_then_decays():
     assert math.isclose(factors[-1], 0.01)
 
 
+def test_the_one_step_after_the_warm_up_is_at_the_cosines_end():
+    # --steps 6 --warmup 5: the sixth step ran at the peak lr, not at min_lr_ratio of it.
+    factors = [lr_factor(s, warmup=5, total=6, min_ratio=0.01) for s in range(6)]
+    assert factors[4] == 1.0 and math.isclose(factors[-1], 0.01)
+
+
 def make_trainer(pair_folder, out, seed=0):
     settings = TrainSettings(steps=3, batch_size=2, crop=25, lr=1e-3, seed=seed)
     dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)

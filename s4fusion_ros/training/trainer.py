@@ -125,7 +125,9 @@ def lr_factor(step, warmup, total, min_ratio):
     """Learning-rate multiplier for the optimizer step with index ``step`` (0-based)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - 1 - warmup)
+    # The last step is the cosine's end, also where it is the only step after the warm-up (total
+    # - 1 == warmup): a divisor of max(1, 0) left that step at the peak learning rate.
+    progress = (step - warmup) / (total - 1 - warmup) if total - 1 > warmup else 1.0
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
