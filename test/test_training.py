@@ -1144,6 +1144,26 @@ def test_a_first_checkpoint_cut_short_leaves_the_folder_to_a_new_run(tmp_path, p
     make_trainer(pair_folder, out).run(stop_at=1, progress=False)
 
 
+def test_weights_a_kill_left_without_their_state_are_named_with_the_way_out(
+        tmp_path, pair_folder):
+    # Killed while the state of the first checkpoint was written (after the weights): --resume
+    # said to start without it, and a new run there said to use another folder.
+    out = tmp_path / 'run'
+    make_trainer(pair_folder, out).run(stop_at=1, progress=False)
+    (out / 'train_state.pt').unlink()
+    left = sorted(path.name for path in out.glob('s4fusion_*'))
+    with pytest.raises(FileNotFoundError) as resumed:
+        make_trainer(pair_folder, out).resume()
+    with pytest.raises(FileExistsError) as started:
+        check_new_run(out)
+    for error in (resumed.value, started.value):
+        assert all(name in str(error) for name in left), error
+        assert 'remove' in str(error) and 'another output folder' in str(error), error
+    for name in left:
+        (out / name).unlink()
+    check_new_run(out)
+
+
 def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsys):
     common = ['--data', str(pair_folder), '--steps', '2', '--batch-size', '1', '--crop', '25',
               '--device', 'cpu', '--threads', '1', '--no-progress']
