@@ -545,6 +545,12 @@ def test_lr_schedule_warms_up_then_decays():
     assert math.isclose(factors[-1], 0.01)
 
 
+def test_the_one_step_after_the_warm_up_is_at_the_cosines_end():
+    # --steps 6 --warmup 5: the sixth step ran at the peak lr, not at min_lr_ratio of it.
+    factors = [lr_factor(s, warmup=5, total=6, min_ratio=0.01) for s in range(6)]
+    assert factors[4] == 1.0 and math.isclose(factors[-1], 0.01)
+
+
 def make_trainer(pair_folder, out, seed=0):
     settings = TrainSettings(steps=3, batch_size=2, crop=25, lr=1e-3, seed=seed)
     dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
@@ -1136,6 +1142,26 @@ def test_a_first_checkpoint_cut_short_leaves_the_folder_to_a_new_run(tmp_path, p
         make_trainer(pair_folder, out).resume()
     check_new_run(out)
     make_trainer(pair_folder, out).run(stop_at=1, progress=False)
+
+
+def test_weights_a_kill_left_without_their_state_are_named_with_the_way_out(
+        tmp_path, pair_folder):
+    # Killed while the state of the first checkpoint was written (after the weights): --resume
+    # said to start without it, and a new run there said to use another folder.
+    out = tmp_path / 'run'
+    make_trainer(pair_folder, out).run(stop_at=1, progress=False)
+    (out / 'train_state.pt').unlink()
+    left = sorted(path.name for path in out.glob('s4fusion_*'))
+    with pytest.raises(FileNotFoundError) as resumed:
+        make_trainer(pair_folder, out).resume()
+    with pytest.raises(FileExistsError) as started:
+        check_new_run(out)
+    for error in (resumed.value, started.value):
+        assert all(name in str(error) for name in left), error
+        assert 'remove' in str(error) and 'another output folder' in str(error), error
+    for name in left:
+        (out / name).unlink()
+    check_new_run(out)
 
 
 def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsys):

@@ -101,11 +101,17 @@ def check_new_run(out_dir):
     state = out_dir / STATE_NAME
     if state.exists():
         raise FileExistsError(f'{state} exists: resume it or use another output folder')
-    earlier = sorted([*out_dir.glob('s4fusion_*.safetensors'), *out_dir.glob('s4fusion_*.json'),
-                      *(out_dir / KEPT_DIR).glob('*.safetensors')])
+    earlier = earlier_weights(out_dir)
     if earlier:
         raise FileExistsError(f'{earlier[0]} exists (an earlier run, without its training state '
-                              'to resume): use another output folder')
+                              'to resume): use another output folder, or remove '
+                              f'{", ".join(path.name for path in earlier)} to start again here')
+
+
+def earlier_weights(out_dir: pathlib.Path) -> list:
+    """The weights, their JSON and the kept checkpoints of an earlier run in ``out_dir``."""
+    return sorted([*out_dir.glob('s4fusion_*.safetensors'), *out_dir.glob('s4fusion_*.json'),
+                   *(out_dir / KEPT_DIR).glob('*.safetensors')])
 
 
 def kept_weights_path(weights, step):
@@ -125,7 +131,9 @@ def lr_factor(step, warmup, total, min_ratio):
     """Learning-rate multiplier for the optimizer step with index ``step`` (0-based)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - 1 - warmup)
+    # The last step is the cosine's end, also where it is the only step after the warm-up (total
+    # - 1 == warmup): a divisor of max(1, 0) left that step at the peak learning rate.
+    progress = (step - warmup) / (total - 1 - warmup) if total - 1 > warmup else 1.0
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -315,6 +323,13 @@ class Trainer:
         """Continue from the training state in ``out_dir``; returns its step."""
         path = self.out_dir / STATE_NAME
         if not path.exists():
+            earlier = earlier_weights(self.out_dir)
+            if earlier:  # a kill while the first checkpoint was written, or the state removed
+                raise FileNotFoundError(
+                    f'{self.out_dir}: no {STATE_NAME} to resume, only weights saved without it '
+                    f'({", ".join(p.name for p in earlier)}: a run killed while writing its '
+                    'first checkpoint, or its state removed); start the run without --resume in '
+                    'another output folder, or remove them to start again here')
             raise FileNotFoundError(f'{self.out_dir}: no {STATE_NAME} to resume (a run saves it '
                                     'at its first checkpoint); start the run without --resume')
         try:
