@@ -30,11 +30,23 @@ def kernel_cache_stats() -> tuple[int, int] | None:
     return hits, misses
 
 
+def kernels_cacheable() -> bool:
+    """Whether numba had a folder to cache the CPU kernels in (True without numba)."""
+    if kernel_cache_stats() is None:
+        return True
+    from .model import scan_numba
+    return scan_numba.CACHE
+
+
 def describe(stats: tuple[int, int] | None) -> str:
     """Say where the CPU kernels came from, for a log line."""
     if stats is None:
         return 'numba is not installed: the slower PyTorch scan runs on the CPU'
     hits, misses = stats
+    if not kernels_cacheable():
+        return ('CPU kernels compiled now, in memory only: no writable folder for their cache '
+                '(NUMBA_CACHE_DIR, the package folder or ~/.cache/numba), so each start '
+                'compiles them')
     if misses:
         return ('CPU kernels compiled now and cached for the next start '
                 '(python3 -m s4fusion_ros.precompile does this ahead)')
@@ -56,7 +68,7 @@ def main() -> int:
     from .entry_points import configure_process, numba_cache_dir
     configure_process()
     print(f's4fusion_ros.precompile: {precompile()} ({numba_cache_dir()})')
-    return 0
+    return 0 if kernels_cacheable() else 1  # nothing cached ahead
 
 
 if __name__ == '__main__':

@@ -37,3 +37,25 @@ def test_a_start_after_precompile_loads_the_kernels_from_the_cache(tmp_path, mon
         rclpy.shutdown()
     assert 'CPU kernels loaded from the cache' in log, log
     print(f'node subscribed {seconds:.1f} s after its start (warm kernel cache)')
+
+
+def test_the_node_starts_where_no_folder_can_hold_the_kernel_cache(tmp_path, monkeypatch):
+    # A systemd service or a container with a read-only home and a read-only installation:
+    # numba raised "cannot cache function '_exp': no locator available" as the kernels were
+    # defined, and the node exited. Here the one folder numba may try is a file.
+    blocked = tmp_path / 'not-a-folder'
+    blocked.write_text('')
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(blocked))
+    monkeypatch.setenv('NUMBA_CACHE_LOCATOR_CLASSES', 'UserProvidedCacheLocator')
+    rclpy.init()
+    try:
+        probe = Probe('uncached_probe')
+        with running_node({'device': 'cpu'}) as proc:
+            probe.wait_for_node(proc)
+            log = node_log(proc)
+        probe.destroy_node()
+    finally:
+        rclpy.shutdown()
+    warnings = [line for line in log.splitlines() if 'WARN' in line]
+    assert len(warnings) == 1 and 'in memory only' in warnings[0], log
+    assert 'Traceback' not in log, log

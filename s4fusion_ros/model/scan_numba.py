@@ -16,6 +16,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core.caching import FunctionCache
 from numba.extending import intrinsic
 
 # No 'reassoc': it would let LLVM fold the two-constant range reduction in _exp into one and
@@ -42,6 +43,25 @@ _TILE = 32  # time steps per tile: 3 scratch buffers of 32 x 64 floats stay in L
 _LANES = 16  # channels per vector step of the grid kernel
 
 
+def _cache_writable() -> bool:
+    """Whether numba finds a writable folder to cache this file's kernels in (NUMBA_CACHE_DIR,
+    the package's __pycache__ or the user's ~/.cache/numba).
+
+    Without one, a kernel defined with cache=True raises at its definition ("cannot cache
+    function '_exp': no locator available"): a node under a read-only home (a systemd service, a
+    container) with a read-only installation did not start. Its kernels are then compiled in
+    memory at each start instead (precompile.describe says so).
+    """
+    try:
+        FunctionCache(_cache_writable)  # numba's own search for the folder, as at a definition
+    except RuntimeError:
+        return False
+    return True
+
+
+CACHE = _cache_writable()
+
+
 @intrinsic
 def _pow2(typingctx, k):
     """Return 2**k for an integral float32 k in [-126, 128] (128 gives inf) from exponent bits."""
@@ -56,7 +76,7 @@ def _pow2(typingctx, k):
     return types.float32(types.float32), codegen
 
 
-@numba.njit(inline='always', fastmath=_FASTMATH, cache=True)
+@numba.njit(inline='always', fastmath=_FASTMATH, cache=CACHE)
 def _exp(x):
     """exp(x) in float32, branch-free so loops vectorise; floored at exp(-87) (no subnormals)."""
     x = max(x, _EXP_MIN)
@@ -70,7 +90,7 @@ def _exp(x):
     return (p * r * r + r + _ONE) * _pow2(min(k, _F32(128.0)))
 
 
-@numba.njit(inline='always', fastmath=_FASTMATH, cache=True)
+@numba.njit(inline='always', fastmath=_FASTMATH, cache=CACHE)
 def _softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), safe for large |x|."""
     e = _exp(-abs(x))
@@ -85,7 +105,7 @@ def _softplus(x):
     return max(x, _ZERO) + _TWO * s * (p * s2 + _ONE)
 
 
-@numba.njit(inline='always', cache=True)
+@numba.njit(inline='always', cache=CACHE)
 def _load_tile(u, delta, B, C, b, g, c0, t0, nt, ut, dt, bt, ct):
     """Copy time steps t0 .. t0 + nt of u and delta (channels c0 ..) and of B and C (group g)
     into the (time, channel) and (time, state) scratch buffers."""
@@ -99,7 +119,7 @@ def _load_tile(u, delta, B, C, b, g, c0, t0, nt, ut, dt, bt, ct):
             ct[t, n] = C[b, g, n, t0 + t]
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _scan(u, delta, A, B, C, D, delta_bias, softplus, block, states):
     """Kernel on C-contiguous float32 arrays; see selective_scan_numba for the contract.
 
@@ -155,7 +175,7 @@ def _scan(u, delta, A, B, C, D, delta_bias, softplus, block, states):
     return y
 
 
-@numba.njit(fastmath=_FASTMATH | {'reassoc'}, cache=True)
+@numba.njit(fastmath=_FASTMATH | {'reassoc'}, cache=CACHE)
 def _channel_dots(m, first, v, nt, out):
     """``out[t, n] = sum_c m[first + t, n, c] v[t, c]`` for t < nt.
 
@@ -170,7 +190,7 @@ def _channel_dots(m, first, v, nt, out):
             out[t, n] = acc
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _scan_backward(u, delta, A, B, C, D, delta_bias, softplus, block, states, dy):
     """Gradients of the scan; see selective_scan_numba_backward for the contract.
 
@@ -353,7 +373,7 @@ def selective_scan_numba_backward(dy, states, u, delta, A, B, C, D=None, delta_b
     return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _cross_scan(x, mark, has_mark, x_dbl, dt_weight, dt_bias, A, Ds, height, width, nsub):
     """Kernel on C-contiguous float32 arrays; see cross_selective_scan_numba for the contract."""
     nmod, batch, length, d = x.shape

@@ -113,9 +113,12 @@ class S4FusionNode(Node):
         self.pipeline = pipeline_from_params(p)
         self.engine = FusionEngine(self.loaded, fusion_settings(p))
         seconds = self.engine.warm_up()
-        kernels = (f' ({precompile.describe(precompile.kernel_cache_stats())})'
-                   if self.loaded.device.type == 'cpu' else '')
-        self.get_logger().info(f'model warmed up in {seconds:.1f} s{kernels}')
+        kernels, log = '', self.get_logger().info
+        if self.loaded.device.type == 'cpu':
+            kernels = f' ({precompile.describe(precompile.kernel_cache_stats())})'
+            if not precompile.kernels_cacheable():
+                log = self.get_logger().warning  # every start compiles them again (15-30 s)
+        log(f'model warmed up in {seconds:.1f} s{kernels}')
 
         self.thermal_rate, self.visible_rate, self.fused_rate = (RateMeter() for _ in range(3))
         self.inference_latency, self.end_to_end_latency = LatencyStats(), LatencyStats()
