@@ -428,7 +428,7 @@ def test_bad_change_is_rejected_and_changes_nothing(node, name, value, reason):
 
 
 @pytest.mark.ros
-def test_a_parameter_the_node_does_not_have_is_refused_by_name(node):
+def test_a_parameter_the_node_does_not_have_or_a_deletion_is_refused_by_name(node):
     # `ros2 param set /s4fusion_node sync.slopp 0.1` got rclpy's "Invalid access to undeclared
     # parameter(s): []": its check consumes the generator of names it then lists.
     [typo, good] = set_parameters(node, {'sync.slopp': 0.1, 'sync.slop': 0.09})
@@ -442,6 +442,11 @@ def test_a_parameter_the_node_does_not_have_is_refused_by_name(node):
     assert not answer.result.successful
     assert answer.result.reason.startswith("'saliency.thresold': no such parameter")
     assert get_parameter(node, 'sync.slop') == pytest.approx(0.09)  # all or none
+    # `ros2 param delete`: rclpy's "Static parameter cannot be undeclared" named none either.
+    [deleted] = call(node, client.delete_parameters(['sync.slop'])).results
+    assert not deleted.successful
+    assert deleted.reason.startswith("'sync.slop': the node's parameters cannot be deleted")
+    assert get_parameter(node, 'sync.slop') == pytest.approx(0.09)
 
 
 @pytest.mark.ros

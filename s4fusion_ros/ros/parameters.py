@@ -54,9 +54,10 @@ def request_fault(parameter, declared=lambda name: True) -> str:
     """Why rclpy's set-parameters services cannot take this rcl_interfaces/Parameter of a
     request ('' if they can): a value type it does not know (rclpy raises ValueError in the
     service callback, which stops the node's spin), an empty name (rclpy's check for
-    undeclared parameters lets '' through and declares it), or a name `declared` says the node
+    undeclared parameters lets '' through and declares it), a name `declared` says the node
     does not have (rclpy refuses it naming none: "Invalid access to undeclared parameter(s):
-    []", its check consuming the names it then lists)."""
+    []", its check consuming the names it then lists), or no value, which deletes (`ros2 param
+    delete`; rclpy's "Static parameter cannot be undeclared" named none either)."""
     if parameter.value.type not in _PARAMETER_TYPES:
         return (f'{parameter.name!r}: unknown parameter type {parameter.value.type} '
                 f'(rcl_interfaces types are {min(_PARAMETER_TYPES)} to {max(_PARAMETER_TYPES)})')
@@ -65,6 +66,9 @@ def request_fault(parameter, declared=lambda name: True) -> str:
     if not declared(parameter.name):
         return (f'{parameter.name!r}: no such parameter on this node (`ros2 param list` shows '
                 'its parameters)')
+    if parameter.value.type == Parameter.Type.NOT_SET.value:
+        return (f'{parameter.name!r}: the node\'s parameters cannot be deleted (`ros2 param '
+                'set` changes one)')
     return type_fault(parameter)
 
 
@@ -76,7 +80,7 @@ def type_fault(parameter) -> str:
     '4'"). Read-only ones are left to rclpy, which refuses them as read-only, by name."""
     spec = SPECS.get(parameter.name)
     value = parameter_value_to_python(parameter.value)
-    if spec is None or not spec.runtime or value is None:  # None: rclpy refuses to undeclare
+    if spec is None or not spec.runtime:
         return ''
     return check_types({parameter.name: as_declared(parameter.name, value)})
 
