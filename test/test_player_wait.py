@@ -226,6 +226,33 @@ def test_topics_the_named_node_does_not_subscribe_to_are_named_when_the_wait_end
     assert received == recorded, output
 
 
+def test_a_camera_the_named_node_takes_in_another_transport_is_named_with_the_fix():
+    # The shipped sample bag's visible camera is CompressedImage; a node started with its
+    # defaults subscribes to the raw topic beside it: the player said only that the node does
+    # not subscribe to .../compressed, and the node fused nothing.
+    bag = sample_bag()
+    with open_bag(bag) as reader:
+        thermal, visible = pick_topics(image_topics(reader, bag), bag)
+    assert visible.topic == '/visible/image_raw/compressed'
+    names = {f'{NAMESPACE}/thermal/image_raw': thermal,
+             f'{NAMESPACE}/visible/image_raw/compressed': visible}
+    rclpy.init()
+    try:
+        target = rclpy.create_node('raw_target', namespace=NAMESPACE)
+        for name in (f'{NAMESPACE}/thermal/image_raw', f'{NAMESPACE}/visible/image_raw'):
+            target.create_subscription(Image, name, lambda _: None, 10)
+        player = play_for('raw_target', bag, names, 60)
+        output = spin_while_playing(player, target)
+        target.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    assert player.returncode == 0, output
+    assert (f'{NAMESPACE}/visible/image_raw/compressed: {NAMESPACE}/raw_target subscribes to '
+            f'{NAMESPACE}/visible/image_raw, the same image in the raw transport: start the node '
+            "with that camera's transport at compressed (-p thermal.transport:=compressed or "
+            '-p visible.transport:=compressed) to fuse it\n') in output, output
+
+
 def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
     # As a shell starts a background job, and as the demo then stops its player (cli.interrupt).
     player = subprocess.Popen(

@@ -58,6 +58,7 @@ from ..bagio import (COMPRESSED_IMAGE, IMAGE_TYPES, NODE_OUTPUT, BagError, cut_f
 from ..camera_info import CAMERA_INFO, camera_info_topic
 from ..cli import add_window_options, ignore_stop_signals, stop_on_signals, time_window
 from ..messages import ns_to_sec_nanosec
+from ..settings import THERMAL_TRANSPORTS
 from ..sync import CLOCK_JUMP_S
 from .graph import node_known, node_of
 from .parameters import kept_apart, qos_profile
@@ -164,6 +165,15 @@ def message_class(msgtype: str):
     except (ImportError, AttributeError):
         raise BagError(f"no Python message type for '{msgtype}' (install its ROS package, "
                        f"e.g. ros-{msgtype.split('/')[0].replace('_', '-')})") from None
+
+
+def split_transport(topic: str) -> tuple[str, str]:
+    """(base topic, transport) of an image topic as image_transport names a transport's topic:
+    /cam/image_raw/compressed is /cam/image_raw in the compressed transport, /cam/image_raw raw."""
+    base, _, last = topic.rpartition('/')
+    if base and last in THERMAL_TRANSPORTS[1:]:
+        return base, last
+    return topic, 'raw'
 
 
 class BagPlayer:
@@ -282,6 +292,8 @@ class BagPlayer:
         if unsubscribed:
             print(f'{PROG}: {self.args.wait_for} does not subscribe to {", ".join(unsubscribed)} '
                   f'{waited}; playing anyway', file=sys.stderr)
+            for line in self._other_transports(unsubscribed):
+                print(f'{PROG}: {line}', file=sys.stderr)
         if unmatched:
             print(f'{PROG}: no subscriber on {", ".join(unmatched)} {waited}; playing anyway',
                   file=sys.stderr)
@@ -320,17 +332,40 @@ class BagPlayer:
                          f'offer: {", ".join(reasons)}')
         return lines
 
+    def _subscribed(self) -> set[str]:
+        """Topic names the --wait-for node subscribes to (none while the graph lacks it)."""
+        try:
+            return {topic for topic, _ in self.node.get_subscriber_names_and_types_by_node(
+                *self.args.wait_for_node)}
+        except NodeNameNonExistentError:
+            return set()
+
     def _unsubscribed(self) -> list[str]:
         """Played topic names the --wait-for node does not subscribe to (yet); none without it."""
         if not self.args.wait_for:
             return []
-        try:
-            subscribed = {topic for topic, _ in self.node.get_subscriber_names_and_types_by_node(
-                *self.args.wait_for_node)}
-        except NodeNameNonExistentError:
-            subscribed = set()
+        subscribed = self._subscribed()
         return [p.topic_name for topic, p in self.publishers.items()
                 if p.topic_name not in subscribed and topic not in self.camera_infos]
+
+    def _other_transports(self, topics: list[str]) -> list[str]:
+        """For each of `topics` that the --wait-for node takes in another image_transport
+        transport (the bag's /visible/image_raw/compressed, the node's /visible/image_raw, as
+        for the shipped sample bag and a node started with its defaults): the fix."""
+        subscribed = sorted(self._subscribed())
+        lines = []
+        for topic in topics:
+            base, transport = split_transport(topic)
+            for other in subscribed:
+                other_base, other_transport = split_transport(other)
+                if other != topic and other_base == base:
+                    lines.append(
+                        f'{topic}: {self.args.wait_for} subscribes to {other}, the same image in '
+                        f'the {other_transport} transport: start the node with that camera\'s '
+                        f'transport at {transport} (-p thermal.transport:={transport} or '
+                        f'-p visible.transport:={transport}) to fuse it')
+                    break
+        return lines
 
     def _unmatched(self) -> list[str]:
         """Played topic names still without a matched subscriber."""
