@@ -846,7 +846,7 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
     assert train_main([*common, '--data', str(tmp_path / 'absent'), '--out',
                        str(tmp_path / 'signed')]) == 1
     error = capsys.readouterr().err
-    assert 'train_state.pt exists: resume it' in error and 'Traceback' not in error
+    assert 'train_state.pt exists: resume it (--resume)' in error and 'Traceback' not in error
     # A data folder without pairs is one line naming it, no traceback.
     empty = tmp_path / 'empty'
     empty.mkdir()

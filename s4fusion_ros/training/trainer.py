@@ -100,7 +100,7 @@ def check_new_run(out_dir):
     out_dir = pathlib.Path(out_dir)
     state = out_dir / STATE_NAME
     if state.exists():
-        raise FileExistsError(f'{state} exists: resume it or use another output folder')
+        raise FileExistsError(f'{state} exists: resume it (--resume) or use another output folder')
     earlier = earlier_weights(out_dir)
     if earlier:
         raise FileExistsError(f'{earlier[0]} exists (an earlier run, without its training state '
