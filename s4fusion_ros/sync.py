@@ -140,9 +140,8 @@ class ArrivalClock:
     stands still for more than STILL_S (paused, a bag played with --clock that ended, no /clock
     yet) it is 1, so a frame still waiting is decided, and before it is known (/clock has not
     changed since its first value, the first heard where the node started before it, or since
-    it jumped back on a looping bag) 0. It never goes
-    back, and switching between wall and sim time (use_sim_time set while running) continues
-    from where it was."""
+    it jumped back on a looping bag) 0. It never goes back, and switching between wall and sim
+    time (use_sim_time set while running) continues from where it was."""
 
     PACE_WINDOW_S = 2.0  # wall seconds of /clock values the pace is measured over
     STILL_S = 1.0  # wall seconds without a change of /clock: it stands still

@@ -7,7 +7,7 @@ from hypothesis.extra import numpy as hnp
 import numpy as np
 import pytest
 
-from s4fusion_ros.imaging.normalization import NormalizerSettings, ThermalNormalizer
+from s4fusion_ros.imaging.normalization import NormalizerSettings, RESUME_FRAMES, ThermalNormalizer
 
 
 @pytest.fixture(scope='module')
@@ -139,6 +139,29 @@ def test_the_scene_after_a_long_shutter_resumes_the_window_it_had(counts, shutte
     # The shutter again later: held out of the resumed window as the first time.
     norm(shutter)
     assert norm.range == clean.range and norm.outliers == 3
+
+
+def test_a_window_replaced_long_ago_is_not_resumed(counts):
+    """The scene moved while a long shutter was closed: its frames started a new window,
+    replacing the shutter's. Resumable without end, the shutter's window was resumed by the next
+    shutter frame, seconds later, instead of holding it out, and the scene after it was held out
+    of the shutter's window: 2 frames of nearly all black and white."""
+    shutter = (np.float32(np.median(counts)) + np.random.default_rng(3).normal(
+        0.0, 3.0, counts.shape).astype(np.float32))
+    moved = counts * 0.2 + 10000.0  # another scene, far from the first one's window
+    norm = ThermalNormalizer()
+    for _ in range(10):
+        norm(counts)
+    for _ in range(4):
+        norm(shutter)
+    for _ in range(RESUME_FRAMES + 3):
+        norm(moved)
+    window, outliers = norm.range, norm.outliers
+    norm(shutter)  # a short flat-field correction: one frame
+    assert norm.range == window and norm.outliers == outliers + 1
+    for _ in range(3):
+        out = norm(moved)
+        assert ((out == 0) | (out == 1)).mean() < 0.1
 
 
 def test_a_lasting_change_far_outside_the_window_starts_a_new_one(msrs_pair):

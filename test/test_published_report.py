@@ -5,17 +5,15 @@ again (`s4fusion-eval`, docs/evaluation.md)."""
 
 import csv
 import hashlib
-import pathlib
 import re
 import subprocess
 
 import pytest
 
-from paths import executable
+from paths import REPO, executable
 from s4fusion_ros.model import shipped_weights
 from s4fusion_ros.tools import evaluate
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 REPORT = REPO / 'docs' / 'quality.md'
 PAIRS = REPO / 'docs' / 'quality_pairs.csv'
 KEY = ('dataset', 'pair', 'method')

@@ -23,9 +23,13 @@ SAMPLE_PIXELS = 1 << 16
 # A frame far outside a window so started, but not outside the one it replaced, resumes that
 # one: a shutter closed for HELD_FRAMES frames or more (a flat-field correction of 0.3 s at
 # 9 Hz) started a window a few counts of noise wide, and the scene coming back was held out of
-# it, HELD_FRAMES - 1 frames of nearly all black and white.
+# it, HELD_FRAMES - 1 frames of nearly all black and white. Only within RESUME_FRAMES frames of
+# the start (a shutter closes for under a second, 60 frames at 60 Hz): a window kept longer (a
+# shutter's after the scene moved while it was closed, a corrupt first frame's) made the next
+# shutter frame resume it instead of being held, and the scene after it black and white.
 OUTLIER_WIDTHS = 4.0
 HELD_FRAMES = 3
+RESUME_FRAMES = 60
 # A window narrower than this share of its magnitude is flat (a uniform background): two flat
 # windows are never far apart, as a flat one maps the frame's own extremes whatever its level.
 MIN_RELATIVE_WIDTH = 1e-3
@@ -98,6 +102,7 @@ class ThermalNormalizer:
         self._range: Optional[tuple[float, float]] = None
         self._outlier_run = 0  # frames in a row held out of the smoothed window
         self._left = None  # the window the last run of far frames replaced, to resume
+        self._left_age = 0  # frames since that run started a window
         self.outliers = 0  # frames held out of it, in all
 
     @property
@@ -164,6 +169,9 @@ class ThermalNormalizer:
         if self._range is None or settings.smoothing == 0.0:
             return current
         smoothed = self._range
+        self._left_age += 1
+        if self._left_age > RESUME_FRAMES:
+            self._left = None
         if _far_outside(current, smoothed):
             if self._left is not None and not _far_outside(current, self._left):
                 # Back to the window the run left (the shutter opened): smoothed on from it.
@@ -174,7 +182,7 @@ class ThermalNormalizer:
                     self.outliers += 1
                     return self._range
                 self._outlier_run = 0
-                self._left = self._range
+                self._left, self._left_age = self._range, 0
                 return current
         self._outlier_run = 0
         weight = settings.smoothing
