@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from s4fusion_ros.bagio import image_topics, open_bag, pick_topics  # noqa: E402
 from s4fusion_ros.cli import interrupt  # noqa: E402
 from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
 from s4fusion_ros.ros.demo import sample_bag  # noqa: E402
-from s4fusion_ros.ros.player import message_class  # noqa: E402
+from s4fusion_ros.ros.player import BagPlayer, message_class  # noqa: E402
 
 PLAYER = [sys.executable, '-m', 's4fusion_ros.ros.player']
 NAMESPACE = '/wait_test'
@@ -594,3 +595,11 @@ def test_a_reliable_subscriber_that_never_confirms_is_named_and_waited_for_once(
     assert 'end of bag; not confirmed within 10 s by a reliable subscriber of ' in stderr, stderr
     assert THERMAL_TOPIC in stderr.split('not confirmed')[1], stderr
     assert seconds < 20  # one wait for both topics, not 10 s each on top of playing
+
+
+def test_the_transport_fix_offers_only_the_cameras_that_take_it():
+    # compressedDepth is a thermal transport only: the hint offered visible.transport too.
+    waiting = SimpleNamespace(args=SimpleNamespace(wait_for='/node'),
+                              _subscribed=lambda: {'/lwir/image_raw'})
+    [line] = BagPlayer._other_transports(waiting, ['/lwir/image_raw/compressedDepth'])
+    assert line.endswith('(-p thermal.transport:=compressedDepth) to fuse it'), line

@@ -58,7 +58,7 @@ from ..bagio import (COMPRESSED_IMAGE, IMAGE_TYPES, NODE_OUTPUT, BagError, cut_f
 from ..camera_info import CAMERA_INFO, camera_info_topic
 from ..cli import add_window_options, ignore_stop_signals, stop_on_signals, time_window
 from ..messages import ns_to_sec_nanosec
-from ..settings import THERMAL_TRANSPORTS
+from ..settings import SPECS, THERMAL_TRANSPORTS
 from ..sync import CLOCK_JUMP_S
 from .graph import node_known, node_of
 from .parameters import kept_apart, qos_profile
@@ -359,11 +359,14 @@ class BagPlayer:
             for other in subscribed:
                 other_base, other_transport = split_transport(other)
                 if other != topic and other_base == base:
+                    # The camera options that take this transport (compressedDepth: thermal).
+                    options = ' or '.join(f'-p {camera}.transport:={transport}'
+                                          for camera in ('thermal', 'visible')
+                                          if transport in SPECS[f'{camera}.transport'].choices)
                     lines.append(
                         f'{topic}: {self.args.wait_for} subscribes to {other}, the same image in '
                         f'the {other_transport} transport: start the node with that camera\'s '
-                        f'transport at {transport} (-p thermal.transport:={transport} or '
-                        f'-p visible.transport:={transport}) to fuse it')
+                        f'transport at {transport} ({options}) to fuse it')
                     break
         return lines
 
