@@ -28,6 +28,13 @@ def camera_info_topic(image_topic: str, transport: bool = False) -> str:
     return base.rpartition('/')[0] + '/camera_info'
 
 
+def output_info_topics(image_topics) -> list[str]:
+    """The camera_info topics beside the outputs' image topics, as image_transport's
+    CameraPublisher of each names its info: one, or one in each folder where the outputs lie
+    apart (remapped or given apart), so a CameraSubscriber of either finds it."""
+    return list(dict.fromkeys(camera_info_topic(topic) for topic in image_topics))
+
+
 def calibration_fault(info, width: int, height: int) -> str:
     """Why `info` (rclpy's or rosbags' CameraInfo) does not describe the `width` x `height`
     visible images it goes with ('' where it may): a size that its region of interest and

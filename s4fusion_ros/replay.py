@@ -19,7 +19,8 @@ from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic,
                     add_topic, camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
                     deserialize, image_cdr, log_span, log_window, newest_before,
                     read_messages, topic_types)
-from .camera_info import CAMERA_INFO, CameraInfoCache, calibration_fault, camera_info_topic
+from .camera_info import (CAMERA_INFO, CameraInfoCache, calibration_fault, camera_info_topic,
+                          output_info_topics)
 from .cli import TimeWindow
 from .engine import FusionEngine, FusionPipeline, FusionResult, clock_jump_message
 from .files import write_png
@@ -337,12 +338,11 @@ def camera_info_topics(reader, visible: ImageTopic,
                        topics: tuple[str, str]) -> tuple[str | None, list[str]]:
     """(the visible camera's camera_info topic in the bag, the outputs' beside the (fused,
     saliency) `topics`), as the node reads and publishes them (camera_info.py); (None, []) where
-    the bag has none. One output info, or one in each folder where the outputs lie apart: the
-    node publishes one beside each, so an image_transport CameraSubscriber of either finds it."""
+    the bag has none."""
     topic = camera_info_topic(visible.topic, transport=visible.msgtype == COMPRESSED_IMAGE)
     if topic_types(reader).get(topic) != CAMERA_INFO:
         return None, []
-    return topic, list(dict.fromkeys(camera_info_topic(output) for output in topics))
+    return topic, output_info_topics(topics)
 
 
 def bgr_image(result: FusionResult) -> np.ndarray:

@@ -28,7 +28,8 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from .. import precompile, settings
-from ..camera_info import CACHE_SIZE, CameraInfoCache, calibration_fault, camera_info_topic
+from ..camera_info import (CACHE_SIZE, CameraInfoCache, calibration_fault, camera_info_topic,
+                           output_info_topics)
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            inference_stall, late_arrivals, left_at_stop, pairing_shortfall,
                            pairing_summary, per_input, status_name, thermal_frames_lost,
@@ -161,8 +162,7 @@ class S4FusionNode(Node):
             for image in images)
         self.compression = output_compression(p)
         self.camera_info_pubs = [self._output_publisher(CameraInfo, topic, p) for topic in
-                                 dict.fromkeys(camera_info_topic(image.topic_name)
-                                               for image in images)]
+                                 output_info_topics(image.topic_name for image in images)]
         self.camera_infos = CameraInfoCache()
         # Best effort, which hears reliable publishers too: a lost info is made up by the one
         # stamped before it (CameraInfoCache.for_image). As deep as the cache: an executor held

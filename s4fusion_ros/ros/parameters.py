@@ -79,9 +79,9 @@ def type_fault(parameter) -> str:
     reason named neither the parameter nor the types ("Wrong parameter type, expected '3' got
     '4'"). Read-only ones are left to rclpy, which refuses them as read-only, by name."""
     spec = SPECS.get(parameter.name)
-    value = parameter_value_to_python(parameter.value)
     if spec is None or not spec.runtime:
         return ''
+    value = parameter_value_to_python(parameter.value)
     return check_types({parameter.name: as_declared(parameter.name, value)})
 
 

@@ -352,22 +352,23 @@ class BagPlayer:
         """For each of `topics` that the --wait-for node takes in another image_transport
         transport (the bag's /visible/image_raw/compressed, the node's /visible/image_raw, as
         for the shipped sample bag and a node started with its defaults): the fix."""
-        subscribed = sorted(self._subscribed())
+        by_base = {}  # base topic -> the first subscribed topic of it, by name
+        for other in sorted(self._subscribed()):
+            by_base.setdefault(split_transport(other)[0], other)
         lines = []
-        for topic in topics:
+        for topic in topics:  # none of them subscribed: another name of its base is the other
             base, transport = split_transport(topic)
-            for other in subscribed:
-                other_base, other_transport = split_transport(other)
-                if other != topic and other_base == base:
-                    # The camera options that take this transport (compressedDepth: thermal).
-                    options = ' or '.join(f'-p {camera}.transport:={transport}'
-                                          for camera in ('thermal', 'visible')
-                                          if transport in SPECS[f'{camera}.transport'].choices)
-                    lines.append(
-                        f'{topic}: {self.args.wait_for} subscribes to {other}, the same image in '
-                        f'the {other_transport} transport: start the node with that camera\'s '
-                        f'transport at {transport} ({options}) to fuse it')
-                    break
+            other = by_base.get(base)
+            if other is None:
+                continue
+            # The camera options that take this transport (compressedDepth: thermal).
+            options = ' or '.join(f'-p {camera}.transport:={transport}'
+                                  for camera in ('thermal', 'visible')
+                                  if transport in SPECS[f'{camera}.transport'].choices)
+            lines.append(
+                f'{topic}: {self.args.wait_for} subscribes to {other}, the same image in the '
+                f'{split_transport(other)[1]} transport: start the node with that camera\'s '
+                f'transport at {transport} ({options}) to fuse it')
         return lines
 
     def _unmatched(self) -> list[str]:
