@@ -11,8 +11,8 @@ QUEUE_POLICIES = ('keep_newest', 'keep_oldest')
 
 @dataclasses.dataclass(frozen=True)
 class WorkerCounts:
-    """The counts at one instant: submitted == dropped + pending + in_progress + failed +
-    sum(outcomes.values()) + the items whose `process` returned None."""
+    """The counts at one instant: each submitted item is in one of dropped, pending,
+    in_progress, failed, sum(outcomes.values()) or the items whose `process` returned None."""
     dropped: int
     pending: int
     in_progress: int
@@ -42,7 +42,6 @@ class InferenceWorker:
         self._queue = collections.deque()
         self._wakeup = threading.Condition()
         self._stopping = False
-        self.submitted = 0
         self.dropped = 0
         self.processed = 0
         self.failed = 0  # items whose `process` raised (it should handle its own errors)
@@ -55,7 +54,6 @@ class InferenceWorker:
     def submit(self, item) -> bool:
         """Queue an item; returns False when the policy dropped an item (this one or an older)."""
         with self._wakeup:
-            self.submitted += 1
             accepted = True
             if len(self._queue) >= self._queue_size:
                 self.dropped += 1
@@ -68,14 +66,8 @@ class InferenceWorker:
             return accepted
 
     @property
-    def pending(self) -> int:
-        """Items queued and not yet started."""
-        with self._wakeup:
-            return len(self._queue)
-
-    @property
     def in_progress(self) -> int:
-        """Items in process now (0 or 1): submitted == dropped + processed + pending + this."""
+        """Items in process now (0 or 1)."""
         with self._wakeup:
             return int(self._current is not None)
 
