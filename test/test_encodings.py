@@ -59,6 +59,16 @@ def test_round_trip_every_encoding(arrays, encoding, bigendian, padding):
         np.testing.assert_array_equal(out, source)
 
 
+@pytest.mark.parametrize('encoding', ['mono16', '32FC1', 'bayer_rggb16'])
+@pytest.mark.parametrize('bigendian', [False, True])
+def test_views_of_wide_pixels_are_encoded(arrays, encoding, bigendian):
+    # A camera mounted sideways is rotated (np.rot90), a crop is sliced: views whose pixels are
+    # not adjacent in memory.
+    for view in (np.rot90(arrays[encoding]), arrays[encoding][:, ::2]):
+        img = encode_image(view, encoding, bigendian=bigendian, row_padding=1)
+        np.testing.assert_array_equal(image_to_array(img), view)
+
+
 def test_big_endian_bytes_are_swapped(msrs_pair):
     ir = msrs_pair[0].astype(np.uint16) * 257
     img = RawImage(ir.shape[0], ir.shape[1], 'mono16', ir.shape[1] * 2, 1,

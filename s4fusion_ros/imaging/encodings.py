@@ -584,9 +584,10 @@ def encode_image(array: np.ndarray, encoding: str, *, bigendian: bool = False,
         raise ValueError(f'cannot encode {array.shape} with row_padding {row_padding}')
     big = bigendian and dtype.itemsize > 1
     height, width = array.shape[:2]
-    rows = array.astype(dtype.newbyteorder('>' if big else '<'), copy=False)
+    # Contiguous: a view (a rotated or sliced image) has no rows of bytes to view as uint8.
+    rows = np.ascontiguousarray(array, dtype.newbyteorder('>' if big else '<'))
     rows = rows.reshape(height, -1).view(np.uint8)
     step = rows.shape[1] + row_padding
     if row_padding:
         rows = np.concatenate([rows, np.zeros((height, row_padding), np.uint8)], axis=1)
-    return RawImage(height, width, encoding, step, int(big), np.ascontiguousarray(rows).tobytes())
+    return RawImage(height, width, encoding, step, int(big), rows.tobytes())
