@@ -567,3 +567,12 @@ def test_a_jpeg_is_whole_as_libjpeg_reads_it_to_its_end_marker(flags):
         assert jpeg_is_whole(data), name
     for cut in range(2, len(jpeg) - 1, 7):  # libjpeg fills the missing rows with gray
         assert not jpeg_is_whole(jpeg[:cut]), cut
+
+
+def test_a_compressed_message_of_a_jpeg_cut_short_is_refused_as_such(msrs_pair):
+    # A distro's OpenCV 4 decodes it with the missing rows gray; OpenCV 5 fails unexplained.
+    jpeg = cv2.imencode('.jpg', msrs_pair[1])[1].tobytes()
+    for cut in (len(jpeg) // 3, len(jpeg) - 2):
+        with pytest.raises(ImageDecodeError, match=r"^compressed 'jpeg' image: a JPEG cut short"):
+            decode_visible(RawCompressedImage('jpeg', jpeg[:cut]), MAX_PIXELS)
+    assert decode_visible(RawCompressedImage('jpeg', jpeg), MAX_PIXELS) is not None

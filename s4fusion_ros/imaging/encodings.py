@@ -238,6 +238,15 @@ def jpeg_is_whole(data: bytes) -> bool:
     return any(marker == 0xD9 for marker, _ in _jpeg_markers(data))
 
 
+def check_whole_jpeg(data: np.ndarray, name: str) -> None:
+    """ImageDecodeError (`name`: what is refused) for a JPEG (uint8 `data`) cut short, before
+    OpenCV decodes it: OpenCV 5 refuses one, a distro's OpenCV 4 returns it with the missing rows
+    gray."""
+    if data[:2].tobytes() == b'\xff\xd8' and not jpeg_is_whole(data.tobytes()):
+        raise ImageDecodeError(f'{name}: a JPEG cut short (no end-of-image marker after its '
+                               'last scan)')
+
+
 def _jpeg_markers(data: bytes, limit: int | None = None):
     """Yield (marker, position) of a JPEG's markers after its start-of-image, segment by segment,
     each scan's coded data skipped. Bytes between segments that start no marker are skipped,
@@ -463,6 +472,7 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
     size = _header_size(memoryview(data))
     if size is not None:
         _check_pixels(*size, name, max_pixels)
+    check_whole_jpeg(data, f'{name} image')
     try:
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:

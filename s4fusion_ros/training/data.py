@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..files import opencv_path
-from ..imaging.encodings import jpeg_is_whole
+from ..imaging.encodings import check_whole_jpeg
 from ..imaging.normalization import looks_like_raw_counts
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -91,7 +91,7 @@ def read_image(path):
         raise ValueError(f'{path}: cannot read it ({error.strerror})') from error
     if not data.size:
         raise ValueError(f'{path}: an empty file')
-    _check_whole_jpeg(data, path)
+    check_whole_jpeg(data, str(path))
     try:
         # Depth and channels as stored, but not IMREAD_UNCHANGED: that alone skips the EXIF
         # orientation (a phone's visible photo would fuse on its side against the IR image).
@@ -104,12 +104,6 @@ def read_image(path):
     if image.ndim == 2 or image.shape[2] == 3:
         return image
     raise ValueError(f'{path}: unsupported image shape {image.shape}')
-
-
-def _check_whole_jpeg(data, path):
-    """ValueError for a JPEG cut short (`encodings.jpeg_is_whole`)."""
-    if data[:2].tobytes() == b'\xff\xd8' and not jpeg_is_whole(data.tobytes()):
-        raise ValueError(f'{path}: a JPEG cut short (no end-of-image marker after its last scan)')
 
 
 def _read_luminance(path):
