@@ -96,12 +96,13 @@ def pack_data(args):
     The suffix keeps the packed folder from reading as the ivif layout (``training_pairs``
     refuses a folder with two or more of the ivif datasets' names but without their test-split
     file, which the packed training split lacks).
-    Luminance only (what training reads) as JPEG at quality 95: PNG would take 77 MiB and the
-    files that travel with a device call are limited to 64 MiB; the validation and test pairs
-    stay behind.
+    Luminance only (what training reads), 8-bit as JPEG at quality 95: PNG would take 77 MiB
+    and the files that travel with a device call are limited to 64 MiB; the validation and test
+    pairs stay behind.
     """
     sys.path.insert(0, str(REPO))
     import cv2
+    from s4fusion_ros.imaging.color import as_uint8
     from s4fusion_ros.training.data import (PACKED_FOLDER_SUFFIX, PACKED_IVIF_MARKER, data_layout,
                                             read_pair_images, training_pairs)
 
@@ -122,7 +123,8 @@ def pack_data(args):
         for side, image in zip(('ir', 'vi'), images):
             folder = args.to / f'{dataset}{PACKED_FOLDER_SUFFIX}' / side
             folder.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(folder / name), image, jpeg_quality):
+            # JPEG holds 8 bits: OpenCV's encoder would saturate a 16-bit image to white.
+            if not cv2.imwrite(str(folder / name), as_uint8(image), jpeg_quality):
                 raise OSError(f'{folder / name}: cannot write')
     size = sum(p.stat().st_size for p in args.to.rglob('*') if p.is_file())
     log(f'{len(pairs)} training pairs in {args.to} ({size / 2**20:.1f} MiB)')
