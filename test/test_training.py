@@ -1024,6 +1024,17 @@ def test_links_to_ivif_datasets_in_a_folder_of_folders_are_refused(tmp_path, ivi
         assert not (tmp_path / 'run').exists()
 
 
+def test_links_to_ivif_test_images_in_a_folder_of_pairs_are_refused(tmp_path, ivif_dir):
+    # Folders of links to single files, as one gathers training data from several sets: the
+    # linked TNO pairs would train, recorded as pairs of 'mine', which the report does not know.
+    for side in ('ir', 'vi'):
+        (tmp_path / 'mine' / side).mkdir(parents=True)
+        (tmp_path / 'mine' / side / '01.png').symlink_to(ivif_dir / 'tno' / side / '01.png')
+    for data in (tmp_path / 'mine', tmp_path):  # as pairs, and as a folder of datasets
+        with pytest.raises(ValueError, match=f'inside the ivif layout {ivif_dir.resolve()}'):
+            training_pairs(data)
+
+
 def test_a_second_process_training_in_the_same_folder_is_refused(tmp_path, pair_folder, capsys):
     # Before, a --resume of a run still training (or a second new run into its folder) trained
     # beside it: their temporary files collided, the resumed one cut the log the first one
