@@ -23,6 +23,7 @@ Usage (docs/training.md, "Training on a lent GPU"):
 """
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import io
@@ -104,12 +105,22 @@ def pack_data(args):
     import cv2
     from s4fusion_ros.imaging.color import as_uint8
     from s4fusion_ros.training.data import (PACKED_FOLDER_SUFFIX, PACKED_IVIF_MARKER, data_layout,
-                                            read_pair_images, training_pairs)
+                                            read_pair_images, shared_stems, training_pairs)
 
     if args.to.exists() and any(args.to.iterdir()):
         # Packed datasets or a marker left from another source would train and be recorded.
         raise SystemExit(f'{args.to}: not empty; remove it, or pack into a new folder')
     pairs = training_pairs(args.data)
+    stills = collections.defaultdict(list)
+    for pair in pairs:
+        if pair.frame is None:
+            stills[pair.dataset].append(pair)
+    for dataset, found in stills.items():
+        # Packed by stem: a.png and a.jpg would be one file, the later pair in the earlier's place.
+        if shared := shared_stems(found):
+            stem, names = next(iter(shared.items()))
+            raise SystemExit(f'{dataset}: the pairs {", ".join(names)} would be packed as one '
+                             f'file, {stem}.jpg: rename them apart')
     if data_layout(args.data) == 'ivif':  # the weights trained on the copy record its data
         args.to.mkdir(parents=True, exist_ok=True)
         (args.to / PACKED_IVIF_MARKER).write_text(

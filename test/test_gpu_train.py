@@ -85,6 +85,17 @@ def test_pack_data_keeps_16_bit_images_as_training_reads_them(tmp_path, pair_fol
     assert abs(packed.astype(float) - expected).mean() < 1.5  # JPEG at quality 95
 
 
+def test_pack_data_refuses_pairs_it_would_pack_as_one_file(tmp_path, pair_folder):
+    # Packed by stem as .jpg: 00004N.png and a 00004N.jpg beside it were one file, the later
+    # pair silently in place of the earlier, and a pair less trained.
+    for side in ('ir', 'vi'):
+        image = cv2.imread(str(pair_folder / side / '00055D.png'), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(pair_folder / side / '00004N.jpg'), image)
+    packed = script('pack-data', '--data', pair_folder, '--to', tmp_path / 'data', check=False)
+    assert packed.returncode != 0 and '00004N.jpg, 00004N.png' in packed.stderr
+    assert not list((tmp_path / 'data').rglob('*.jpg'))
+
+
 def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
     # The whole layout, as the device call gets it: the same pairs per dataset, read back as a
     # folder of datasets (not as the ivif layout, whose splits the packed folder lacks).
