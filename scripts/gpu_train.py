@@ -23,6 +23,7 @@ Usage (docs/training.md, "Training on a lent GPU"):
 """
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import io
@@ -96,19 +97,30 @@ def pack_data(args):
     The suffix keeps the packed folder from reading as the ivif layout (``training_pairs``
     refuses a folder with two or more of the ivif datasets' names but without their test-split
     file, which the packed training split lacks).
-    Luminance only (what training reads) as JPEG at quality 95: PNG would take 77 MiB and the
-    files that travel with a device call are limited to 64 MiB; the validation and test pairs
-    stay behind.
+    Luminance only (what training reads), 8-bit as JPEG at quality 95: PNG would take 77 MiB
+    and the files that travel with a device call are limited to 64 MiB; the validation and test
+    pairs stay behind.
     """
     sys.path.insert(0, str(REPO))
     import cv2
+    from s4fusion_ros.imaging.color import as_uint8
     from s4fusion_ros.training.data import (PACKED_FOLDER_SUFFIX, PACKED_IVIF_MARKER, data_layout,
-                                            read_pair_images, training_pairs)
+                                            read_pair_images, shared_stems, training_pairs)
 
     if args.to.exists() and any(args.to.iterdir()):
         # Packed datasets or a marker left from another source would train and be recorded.
         raise SystemExit(f'{args.to}: not empty; remove it, or pack into a new folder')
     pairs = training_pairs(args.data)
+    stills = collections.defaultdict(list)
+    for pair in pairs:
+        if pair.frame is None:
+            stills[pair.dataset].append(pair)
+    for dataset, found in stills.items():
+        # Packed by stem: a.png and a.jpg would be one file, the later pair in the earlier's place.
+        if shared := shared_stems(found):
+            stem, names = next(iter(shared.items()))
+            raise SystemExit(f'{dataset}: the pairs {", ".join(names)} would be packed as one '
+                             f'file, {stem}.jpg: rename them apart')
     if data_layout(args.data) == 'ivif':  # the weights trained on the copy record its data
         args.to.mkdir(parents=True, exist_ok=True)
         (args.to / PACKED_IVIF_MARKER).write_text(
@@ -122,7 +134,8 @@ def pack_data(args):
         for side, image in zip(('ir', 'vi'), images):
             folder = args.to / f'{dataset}{PACKED_FOLDER_SUFFIX}' / side
             folder.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(folder / name), image, jpeg_quality):
+            # JPEG holds 8 bits: OpenCV's encoder would saturate a 16-bit image to white.
+            if not cv2.imwrite(str(folder / name), as_uint8(image), jpeg_quality):
                 raise OSError(f'{folder / name}: cannot write')
     size = sum(p.stat().st_size for p in args.to.rglob('*') if p.is_file())
     log(f'{len(pairs)} training pairs in {args.to} ({size / 2**20:.1f} MiB)')

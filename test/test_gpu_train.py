@@ -73,6 +73,29 @@ def test_pack_data_writes_luminance_per_dataset(packed_data, ivif_dir):
     assert again.returncode != 0 and 'not empty; remove it' in again.stderr
 
 
+def test_pack_data_keeps_16_bit_images_as_training_reads_them(tmp_path, pair_folder):
+    # Training reads a 16-bit image as value / 65535; JPEG holds 8 bits, and OpenCV's encoder
+    # cast each value to uint8, saturating: the packed IR was white wherever it was above 255.
+    for path in (pair_folder / 'ir').iterdir():
+        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype('uint16') * 257)
+    script('pack-data', '--data', pair_folder, '--to', tmp_path / 'data')
+    packed = cv2.imread(str(tmp_path / 'data' / 'pairs-train' / 'ir' / '00004N.jpg'),
+                        cv2.IMREAD_UNCHANGED)
+    expected = cv2.imread(str(pair_folder / 'ir' / '00004N.png'), cv2.IMREAD_UNCHANGED) // 257
+    assert abs(packed.astype(float) - expected).mean() < 1.5  # JPEG at quality 95
+
+
+def test_pack_data_refuses_pairs_it_would_pack_as_one_file(tmp_path, pair_folder):
+    # Packed by stem as .jpg: 00004N.png and a 00004N.jpg beside it were one file, the later
+    # pair silently in place of the earlier, and a pair less trained.
+    for side in ('ir', 'vi'):
+        image = cv2.imread(str(pair_folder / side / '00055D.png'), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(pair_folder / side / '00004N.jpg'), image)
+    packed = script('pack-data', '--data', pair_folder, '--to', tmp_path / 'data', check=False)
+    assert packed.returncode != 0 and '00004N.jpg, 00004N.png' in packed.stderr
+    assert not list((tmp_path / 'data').rglob('*.jpg'))
+
+
 def test_packed_ivif_layout_trains_on_its_training_split(tmp_path, ivif_dir):
     # The whole layout, as the device call gets it: the same pairs per dataset, read back as a
     # folder of datasets (not as the ivif layout, whose splits the packed folder lacks).

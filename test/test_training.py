@@ -30,7 +30,7 @@ from s4fusion_ros.training import (PairFolderDataset, S4FusionLoss, Trainer, Tra
 from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP, Pair,
                                         data_layout, m3svd_clip, match_pairs, read_pair_images,
                                         roadscene_clips, roadscene_near, roadscene_test67_names,
-                                        training_pairs)
+                                        training_pairs, video_pairs)
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
 
@@ -170,6 +170,17 @@ def test_video_frames_read_as_the_video_decodes_them(splits):
     assert ok and ir.shape == vi.shape == (480, 640)
     np.testing.assert_array_equal(vi, cv2.cvtColor(frame, cv2.COLOR_BGR2YCrCb)[:, :, 0])
     assert ir.dtype == vi.dtype == np.uint8 and ir.std() > 5
+
+
+def test_a_video_without_its_partner_is_refused_by_name(tmp_path, ivif_dir):
+    # An IR video alone was refused, a visible one alone was left out without a word.
+    videos = ivif_dir / 'm3svd' / 'videos'
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / '1230_1202.mp4').symlink_to(videos / side / '1230_1202.mp4')
+    (tmp_path / 'vi' / '0111_1716.mp4').symlink_to(videos / 'vi' / '0111_1716.mp4')
+    with pytest.raises(FileNotFoundError, match='0111_1716.mp4'):
+        video_pairs(tmp_path)
 
 
 def test_no_overlap_between_training_and_tests_by_name_and_pixels(splits, ivif_dir):
@@ -1022,6 +1033,17 @@ def test_links_to_ivif_datasets_in_a_folder_of_folders_are_refused(tmp_path, ivi
         error = capsys.readouterr().err
         assert f'inside the ivif layout {ivif_dir.resolve()}' in error and 'Traceback' not in error
         assert not (tmp_path / 'run').exists()
+
+
+def test_links_to_ivif_test_images_in_a_folder_of_pairs_are_refused(tmp_path, ivif_dir):
+    # Folders of links to single files, as one gathers training data from several sets: the
+    # linked TNO pairs would train, recorded as pairs of 'mine', which the report does not know.
+    for side in ('ir', 'vi'):
+        (tmp_path / 'mine' / side).mkdir(parents=True)
+        (tmp_path / 'mine' / side / '01.png').symlink_to(ivif_dir / 'tno' / side / '01.png')
+    for data in (tmp_path / 'mine', tmp_path):  # as pairs, and as a folder of datasets
+        with pytest.raises(ValueError, match=f'inside the ivif layout {ivif_dir.resolve()}'):
+            training_pairs(data)
 
 
 def test_a_second_process_training_in_the_same_folder_is_refused(tmp_path, pair_folder, capsys):

@@ -44,6 +44,14 @@ def round_half_up(values: np.ndarray) -> np.ndarray:
     return whole + (values - whole >= 0.5)
 
 
+def as_uint8(image: np.ndarray) -> np.ndarray:
+    """An 8- or 16-bit image as 8-bit: a 16-bit one as value / 65535 (as training and
+    s4fusion-fuse read it) in 0-255, rounded half up; an 8-bit one as it is."""
+    if image.dtype == np.uint16:
+        return to_uint8(image / np.float32(np.iinfo(np.uint16).max))
+    return image
+
+
 def bgr_to_ycrcb(bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split uint8 (H, W, 3) BGR into (Y, Cr, Cb), each float32 (H, W) in [0, 1]."""
     y, cr, cb = cv2.split(cv2.cvtColor(to_float(bgr), cv2.COLOR_BGR2YCrCb))

@@ -43,7 +43,7 @@ from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
-from ..imaging.color import bgr_to_ycrcb, to_uint8
+from ..imaging.color import as_uint8, bgr_to_ycrcb
 from ..imaging.normalization import looks_like_raw_counts, raw_counts_warning
 from ..model import CheckpointError, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
@@ -333,10 +333,7 @@ def eight_bit(source: SourcePair) -> SourcePair:
     """A pair as every method fuses it and is scored against it: 8-bit, as the metrics' 0-255
     convention has it. A 16-bit IR image, which s4fusion-fuse and training read as value / 65535,
     becomes that value in 0-255 (rounded half up), the same for every method."""
-    if source.thermal.dtype == np.uint16:
-        thermal = to_uint8(source.thermal / np.float32(np.iinfo(np.uint16).max))
-        source = dataclasses.replace(source, thermal=thermal)
-    return source
+    return dataclasses.replace(source, thermal=as_uint8(source.thermal))
 
 
 def sources_luminance(source: SourcePair, pair: Pair) -> tuple[np.ndarray, np.ndarray]:

@@ -172,11 +172,13 @@ def video_pairs(folder, step=1):
     """Every ``step``-th frame pair of the videos in ``folder/ir`` and ``folder/vi`` matched by
     file name (synchronized clips of equal length), sorted by clip and frame."""
     folder = pathlib.Path(folder)
+    # Each video needs its partner, either way: none may be left out unsaid.
+    ir_names, vi_names = ({p.name for p in (folder / side).glob('*.mp4')} for side in ('ir', 'vi'))
+    if alone := sorted(ir_names ^ vi_names):
+        raise FileNotFoundError(f'{folder}: videos without a partner in ir/ or vi/: {alone[:10]}')
     pairs = []
-    for ir_path in sorted((folder / 'ir').glob('*.mp4')):
-        vi_path = folder / 'vi' / ir_path.name
-        if not vi_path.exists():
-            raise FileNotFoundError(f'{vi_path}: missing (the partner of {ir_path})')
+    for name in sorted(ir_names):
+        ir_path, vi_path = folder / 'ir' / name, folder / 'vi' / name
         counts = []
         for path in (ir_path, vi_path):
             capture = cv2.VideoCapture(opencv_path(path))
@@ -361,12 +363,15 @@ def training_pairs(folder):
                                 f'subfolders with ir/ and vi/')
     pairs = ()
     for dataset in datasets:
-        for side in ('ir', 'vi'):  # a link to an ivif dataset, or to its ir/ or vi/ folder
-            _check_outside_ivif(folder, (dataset / side).resolve())
         found = pairs_in_folder(dataset)
         if not found:  # images a level deeper, or of another type: none would train unnoticed
             raise ValueError(f'{dataset}: no image pairs in its ir/ and vi/ (image files '
                              f'directly in them, {" ".join(IMAGE_SUFFIXES)})')
+        # A link to an ivif dataset, to its ir/ or vi/ folder, or to its image files: the
+        # folders the images really are in.
+        for real in sorted({path.resolve().parent for pair in found
+                            for path in (pair.ir_path, pair.vi_path)}):
+            _check_outside_ivif(folder, real)
         pairs += found
     return pairs
 
