@@ -724,6 +724,25 @@ def test_paired_comparison_bootstraps_from_enough_clips():
         's4fusion-eval', 'today', 'cpu', [], [], []))
 
 
+def test_report_notes_a_verdict_of_too_few_defined_clips_where_the_split_has_enough():
+    # Eleven clips, but EN defined on four of them only: that verdict needs every clip to
+    # agree, not the interval the legend gives; the report said nothing of it.
+    clips = tuple(chr(ord('a') + index // 2) for index in range(22))
+    rival = report.MethodScores('rival', False, scores([0.0] * 22))
+    ours = report.MethodScores('ours', True, scores([1.0] * 22))
+    for score in ours.scores[8:]:
+        score['EN'] = math.nan
+    dataset = report.DatasetScores('d', pair_names(22), [ours, rival], pair_clips=clips)
+    text = ' '.join(report.render([dataset], report.ReportContext(
+        's4fusion-eval', 'today', 'cpu', [], [], [])).split())
+    assert ('Where a metric is defined for both methods on fewer than 6 clips, there is no '
+            'bootstrap interval either (ours vs rival: EN (4 clips)): W there means') in text
+    ours.scores = scores([1.0] * 22)  # every comparison has its interval: no such note
+    text = report.render([dataset], report.ReportContext('s4fusion-eval', 'today', 'cpu', [],
+                                                         [], []))
+    assert 'no bootstrap interval either' not in text
+
+
 def test_eval_notes_validation_pairs_near_test_frames_of_the_whole_splits(ivif_dir):
     # Scored on 3 pairs of roadscene_val alone: the note still counts the whole splits.
     args = evaluate.parse_args(['--data', str(ivif_dir), '--datasets', 'roadscene_val',

@@ -76,6 +76,11 @@ FEW_UNITS_NOTE = """\
 With {units}, too few for a bootstrap interval (fewer than {minimum}), W here means that the mean
 difference of every one of them favours ours, L that every one favours the other method, and ~
 that they disagree (with one, no verdict is possible)."""
+FEW_DEFINED_NOTE = """\
+Where a metric is defined for both methods on fewer than {minimum} {nouns}, there is no bootstrap
+interval either ({listed}): W there means that the mean difference of every one of them favours
+ours, L that every one favours the other method, and ~ that they disagree (with one, no verdict
+is possible)."""
 
 
 @dataclasses.dataclass
@@ -226,11 +231,15 @@ class PairedComparison:
     difference of the means is within what the choice of test pairs could change); with fewer
     than BOOTSTRAP_MIN_UNITS clips or pairs, 'W' or 'L' when every one's mean difference agrees;
     NOT_COMPARED where no pair has both values defined (nothing is within noise there either).
-    ``share_better``: the fraction of pairs on which ours is strictly better.
+    ``share_better``: the fraction of pairs on which ours is strictly better. ``few_units``: how
+    many clips (or pairs) have a defined difference where undefined values left fewer than
+    BOOTSTRAP_MIN_UNITS of a split that has enough for an interval (the report notes them);
+    else None.
     """
 
     verdict: str
     share_better: float
+    few_units: int | None = dataclasses.field(default=None, compare=False)
 
 
 def _units(dataset: DatasetScores) -> tuple[int, np.ndarray]:
@@ -271,8 +280,12 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
         return PairedComparison(NOT_COMPARED, math.nan)
     share_better = float(np.mean(difference[defined] > 0))
     units = np.unique(unit_of_pair[defined])
+    # Undefined values leaving too few of the split's units for an interval: the legend and the
+    # split's notes promise one, so the verdict says that it has none.
+    few_units = len(units) if resamples is not None and len(units) < BOOTSTRAP_MIN_UNITS \
+        else None
     if len(units) < 2:
-        return PairedComparison('~', share_better)
+        return PairedComparison('~', share_better, few_units)
     if resamples is None or len(units) < BOOTSTRAP_MIN_UNITS:
         means = np.array([difference[defined & (unit_of_pair == unit)].mean() for unit in units])
         low, high = means.min(), means.max()
@@ -284,7 +297,7 @@ def paired_comparison(ours: MethodScores, rival: MethodScores, metric: str,
         means = (resamples @ np.where(defined, difference, 0.0))[drawn > 0] / drawn[drawn > 0]
         low, high = np.quantile(means, [0.025, 0.975])
     verdict = 'W' if low > 0 else 'L' if high < 0 else '~'
-    return PairedComparison(verdict, share_better)
+    return PairedComparison(verdict, share_better, few_units)
 
 
 def paired_comparisons(dataset: DatasetScores) -> dict:
@@ -304,8 +317,10 @@ def paired_comparisons(dataset: DatasetScores) -> dict:
 
 def paired_tables(dataset: DatasetScores) -> list:
     """Markdown: per configuration of ours, a row per rival with each metric's paired verdict
-    and share of pairs won, and the counts of W, L and ~ (NOT_COMPARED is none of them)."""
-    lines = []
+    and share of pairs won, and the counts of W, L and ~ (NOT_COMPARED is none of them); then a
+    note naming the comparisons whose defined values left too few units for an interval."""
+    lines, few = [], []
+    noun = 'clip' if dataset.pair_clips else 'pair'
     for name, rivals in paired_comparisons(dataset).items():
         lines += [f'| {name} vs | ' + ' | '.join(dataset.metrics) + ' | W / L / ~ |',
                   '|---|' + ':---:|' * (len(dataset.metrics) + 1)]
@@ -315,7 +330,12 @@ def paired_tables(dataset: DatasetScores) -> list:
             counts = ' / '.join(str(sum(c.verdict == v for c in compared.values()))
                                 for v in 'WL~')
             lines.append(f'| {rival} | ' + ' | '.join(cells) + f' | {counts} |')
+            few += [f'{name} vs {rival}: {metric} ({_count(c.few_units, noun)})'
+                    for metric, c in compared.items() if c.few_units is not None]
         lines.append('')
+    if few:
+        lines += [FEW_DEFINED_NOTE.format(minimum=BOOTSTRAP_MIN_UNITS, nouns=noun + 's',
+                                          listed='; '.join(few)), '']
     return lines
 
 
