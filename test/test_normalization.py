@@ -146,6 +146,12 @@ def test_flat_windows_are_never_far_apart_and_a_shutter_frame_is_held(counts):
         frame[:5, :10] = level + 16.0
         assert (norm(frame)[:5, :10] == 1).all()
     assert norm.outliers == 0
+    # A capped 16-bit camera, a count of noise at 30000 (a window of 1.5e-4 of its level) and
+    # the cap warming: flat as well, so no frame is reported held out of the window.
+    norm, rng = ThermalNormalizer(), np.random.default_rng(9)
+    for level in (30000.0, 30040.0, 30080.0, 30120.0):
+        norm(np.round(level + rng.normal(0.0, 1.0, (100, 100))).astype(np.float32))
+    assert norm.outliers == 0
     # A camera's shutter (flat-field correction) closes for a frame: held out of the window.
     norm = ThermalNormalizer()
     norm(counts)
