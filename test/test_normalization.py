@@ -7,7 +7,8 @@ from hypothesis.extra import numpy as hnp
 import numpy as np
 import pytest
 
-from s4fusion_ros.imaging.normalization import NormalizerSettings, RESUME_FRAMES, ThermalNormalizer
+from s4fusion_ros.imaging.normalization import (looks_like_raw_counts, NormalizerSettings,
+                                                RESUME_FRAMES, ThermalNormalizer)
 
 
 @pytest.fixture(scope='module')
@@ -62,6 +63,22 @@ def test_smoothing_converges_to_a_new_scene_and_reset_forgets(counts):
     assert norm.range == pytest.approx(first)
 
 
+def test_smoothing_weighs_the_previous_window_and_holds_only_frames_four_widths_off(counts):
+    # smoothing = 0.8: the previous window's weight, the new frame's 0.2 (at 0.5 the two
+    # cannot be told apart). A scene 3 widths away is smoothed in; 5 widths away, held.
+    norm = ThermalNormalizer(smoothing=0.8)
+    norm(counts)
+    low, high = norm.range
+    width = high - low
+    norm(counts + 3.0 * width)
+    assert norm.outliers == 0
+    assert norm.range == pytest.approx((low + 0.6 * width, high + 0.6 * width), abs=1e-3)
+    far = ThermalNormalizer(smoothing=0.8)
+    far(counts)
+    far(counts + 5.0 * width)
+    assert far.outliers == 1 and far.range == (low, high)
+
+
 def test_a_frame_far_outside_the_window_is_held_out_of_it(counts):
     """One corrupt frame (uninitialised float memory) or a burst of dead pixels is scaled by the
     smoothed window and leaves it as it was: it moved the window to +-1e36 and took the
@@ -83,6 +100,26 @@ def test_a_frame_far_outside_the_window_is_held_out_of_it(counts):
         for frame in (counts + 10.0, counts):  # as though the corrupt frame never came
             np.testing.assert_array_equal(held(frame), clean(frame))
         assert held.range == clean.range and held.outliers == 1
+
+
+def test_corrupt_frames_apart_are_each_held_and_a_reset_forgets_a_run(counts):
+    """Only frames far outside in a row start a window: corrupt frames between good ones are
+    each held, and a frame held before a reset does not count towards a run after it."""
+    garbage = np.random.default_rng(4).uniform(-7e36, 7e36, counts.shape).astype(np.float32)
+    clean, norm = ThermalNormalizer(), ThermalNormalizer()
+    for _ in range(3):
+        clean(counts)
+        norm(counts)
+        norm(garbage)
+    assert norm.outliers == 3 and norm.range == clean.range
+    np.testing.assert_array_equal(norm(counts), clean(counts))
+    norm(garbage)
+    norm.reset()  # right after a held frame
+    norm(counts)
+    window = norm.range
+    for _ in range(2):
+        norm(garbage)
+    assert norm.outliers == 6 and norm.range == window
 
 
 @pytest.mark.parametrize('before', ['nothing', 'a reset', 'three corrupt frames'])
@@ -108,6 +145,12 @@ def test_flat_windows_are_never_far_apart_and_a_shutter_frame_is_held(counts):
         frame = np.full((100, 100), level, np.float32)
         frame[:5, :10] = level + 16.0
         assert (norm(frame)[:5, :10] == 1).all()
+    assert norm.outliers == 0
+    # A capped 16-bit camera, a count of noise at 30000 (a window of 1.5e-4 of its level) and
+    # the cap warming: flat as well, so no frame is reported held out of the window.
+    norm, rng = ThermalNormalizer(), np.random.default_rng(9)
+    for level in (30000.0, 30040.0, 30080.0, 30120.0):
+        norm(np.round(level + rng.normal(0.0, 1.0, (100, 100))).astype(np.float32))
     assert norm.outliers == 0
     # A camera's shutter (flat-field correction) closes for a frame: held out of the window.
     norm = ThermalNormalizer()
@@ -178,6 +221,10 @@ def test_a_lasting_change_far_outside_the_window_starts_a_new_one(msrs_pair):
     out = norm(eight_bit)
     assert norm.outliers == 2
     np.testing.assert_array_equal(out, ThermalNormalizer()(eight_bit))
+    # A corrupt frame right after is held out of the new window as out of any other.
+    window = norm.range
+    norm(np.full(counts.shape, 1e30, np.float32))
+    assert norm.outliers == 3 and norm.range == window
     # Without smoothing every frame is its own window: none is held.
     unsmoothed = ThermalNormalizer(smoothing=0.0)
     unsmoothed(counts)
@@ -239,6 +286,29 @@ def test_a_hot_target_on_a_uniform_background_stays_visible():
     norm = ThermalNormalizer()
     for value in (7500.0, 7501.0, 7500.0, 7501.0, 7502.0):
         assert not norm(np.full((48, 64), value, np.float32)).any()
+
+
+def test_a_few_finite_pixels_off_the_sample_grid_still_set_the_window():
+    # Above SAMPLE_PIXELS the percentiles come from every third pixel here; where no finite
+    # pixel lies on that grid, from the finite ones, not from an empty sample.
+    frame = np.full((480, 640), np.nan, np.float32)
+    frame[1, 1], frame[1, 2], frame[2, 1] = 10.0, 20.0, 30.0
+    norm = ThermalNormalizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        out = norm(frame)
+    assert norm.range == pytest.approx((10.2, 29.8))
+    assert out[1, 2] == pytest.approx(0.5) and out[2, 1] == 1.0 and out.sum() == pytest.approx(1.5)
+
+
+def test_raw_counts_are_16_bit_frames_spanning_less_than_14_bits():
+    fourteen_bit = np.arange(1 << 14, dtype=np.uint16).reshape(128, 128)  # 0 to 16383
+    assert looks_like_raw_counts(fourteen_bit)
+    fifteen_bit = fourteen_bit.copy()
+    fifteen_bit[-1, -1] = 1 << 14  # spans 16384: not less
+    assert not looks_like_raw_counts(fifteen_bit)
+    assert not looks_like_raw_counts((fourteen_bit >> 6).astype(np.uint8))  # 8-bit: a picture
+    assert not looks_like_raw_counts(fourteen_bit * np.uint16(4))  # stretched to 16 bits
 
 
 def test_all_nan_frame_leaves_the_smoothed_range_alone(counts):

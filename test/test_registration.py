@@ -112,6 +112,38 @@ def test_invalid_homographies_are_refused(homography, message):
 def test_validate_normalizes_scale():
     matrix = validate_homography(2.0 * np.array([[1.0, 0.1, 5.0], [0.0, 1.0, 3.0], [0, 0, 1]]))
     assert matrix[2, 2] == 1.0 and matrix[0, 2] == 5.0
+    # Any scale, a negative one too (findHomography's result times -1 is the same mapping).
+    matrix = validate_homography(-2.0 * np.array([[1.0, 0.1, 5.0], [0.0, 1.0, 3.0], [0, 0, 1]]))
+    assert matrix[2, 2] == 1.0 and matrix[0, 2] == 5.0
+    assert ThermalRegistration(-np.eye(3)).is_identity
+    # H[2, 2] = 0 is a valid homography (it maps the thermal origin to infinity): kept as it
+    # is, not divided by zero.
+    swap = [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    np.testing.assert_array_equal(validate_homography(swap), swap)
+
+
+def test_a_homography_near_the_identity_is_warped_not_passed_through(thermal):
+    # A perspective term of 1e-4 (a 6% scale across a 640-pixel frame) is no identity.
+    tilt = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1e-4, 0.0, 1.0]]
+    registration = ThermalRegistration(tilt)
+    assert not registration.is_identity
+    out = registration(thermal, (640, 480))
+    expected = cv2.warpPerspective(thermal, np.array(tilt), (640, 480), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REPLICATE)
+    np.testing.assert_allclose(out[:440, :600], expected[:440, :600], atol=1e-6)  # all seen
+    assert np.abs(out - thermal).max() > 0.5
+
+
+def test_the_unseen_pixels_follow_each_calls_sizes(thermal):
+    # One registration given frames of two sizes (a camera that changed its mode): each call's
+    # border is that of its own sizes, not of the sizes it saw first.
+    registration = ThermalRegistration([1, 0, 17, 0, 1, 0, 0, 0, 1])
+    registration(thermal, (640, 480))
+    half = registration(thermal[:, :320], (640, 480))
+    assert (half[:, :17] == 0).all() and (half[:, 17 + 320:] == 0).all()
+    np.testing.assert_allclose(half[:, 18:17 + 319], thermal[:, 1:319], atol=1e-6)
+    wider = registration(thermal, (700, 480))
+    assert (wider[:, 17 + 640:] == 0).all() and (wider[:, 17:17 + 640] == thermal).all()
 
 
 @pytest.mark.parametrize('size', [(0, 480), (640, -1), (640,), (640, 480, 3)])

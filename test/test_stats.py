@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from s4fusion_ros.diagnostics import Key, NOT_REPORTED, left_at_stop, pairing_shortfall
-from s4fusion_ros.stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
+from s4fusion_ros.stats import (CountsWindow, LatencyStats, RateMeter, RecentSenders,
+                                process_memory_kib)
 
 
 def test_rate_is_the_event_rate_and_falls_once_events_stop():
@@ -63,6 +64,35 @@ def test_counts_window_spans_the_window_or_the_report_period_if_longer():
     assert slow.grown(6.0, node_counts(3, 30, 90))['span'] == 6.0
     window.clear()
     assert window.grown(9.0, node_counts(9, 45, 135)) == {}
+
+
+def test_counts_window_reports_from_half_a_window_on():
+    # The partial-pairing WARN reads these from half a window after a start or a clear, not
+    # a whole window later.
+    window = CountsWindow(5.0)
+    window.grown(0.0, node_counts(0, 0, 0))
+    assert window.grown(2.4, node_counts(2, 12, 36)) == {}
+    assert window.grown(2.5, node_counts(2, 12, 36)) == {
+        Key.PAIRS: 2, Key.THERMAL_RECEIVED: 12, Key.VISIBLE_RECEIVED: 36,
+        Key.THERMAL_BAD_STAMP: 0, Key.VISIBLE_BAD_STAMP: 0, 'span': 2.5}
+
+
+def test_counts_window_leaves_out_a_count_the_earlier_report_lacks():
+    # A count that only the newer report has (the earlier one said "not reported", or had no
+    # such key) has not grown by any number: left out, not a TypeError or a KeyError.
+    window = CountsWindow(5.0)
+    window.grown(0.0, {**node_counts(0, 0, 0), 'new': 'n/a'})
+    grown = window.grown(5.0, {**node_counts(4, 20, 60, unpaired=3), 'new': 7, 'added': 1})
+    assert grown == {Key.PAIRS: 4, Key.THERMAL_RECEIVED: 20, Key.VISIBLE_RECEIVED: 60,
+                     Key.THERMAL_BAD_STAMP: 0, Key.VISIBLE_BAD_STAMP: 0, 'span': 5.0}
+
+
+def test_process_memory_has_the_resident_and_peak_sizes_and_nothing_once_gone():
+    # s4fusion-flood reports the node's peak (VmHWM) and s4fusion-bench its growth.
+    memory = process_memory_kib()
+    assert set(memory) == {'VmRSS', 'VmHWM'}
+    assert 0 < memory['VmRSS'] <= memory['VmHWM']
+    assert process_memory_kib(2 ** 22 + 1) == {}  # above Linux's largest pid
 
 
 def test_pairing_shortfall_is_fewer_pairs_than_half_the_slower_cameras_frames():

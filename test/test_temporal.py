@@ -58,6 +58,22 @@ def test_texture_that_pans_is_moving_not_static():
     assert score.static_fraction < 0.05
 
 
+def test_sensor_noise_is_static_and_a_lighting_change_in_either_source_is_not():
+    # White noise up to about 4 gray levels stays static (a noisy camera is not a moving one).
+    noisy = scene(np.random.default_rng(7), 10, noise=4 / 255)
+    assert temporal.flicker((ir, vi, (ir + vi) / 2) for ir, vi in noisy).static_fraction > 0.95
+    # A whole source brightening or darkening by 4 gray levels a frame (auto exposure, the
+    # sun behind a cloud) is no still scene; by 2, under STATIC_LEVEL, it is.
+    still = scene(np.random.default_rng(8), 6)
+    for step, static in ((4, 0.0), (-4, 0.0), (2, 1.0), (-2, 1.0)):
+        for source in ('thermal', 'visible'):
+            change = [t * step / 255 for t in range(len(still))]
+            frames = [(ir + (source == 'thermal') * dv, vi + (source == 'visible') * dv)
+                      for dv, (ir, vi) in zip(change, still)]
+            score = temporal.flicker((ir, vi, (ir + vi) / 2) for ir, vi in frames)
+            assert score.static_fraction == static, (step, source)
+
+
 def test_a_sequence_too_short_or_of_changing_size_is_reported():
     meter = temporal.FlickerMeter()
     image = np.zeros((8, 8), np.float32)
@@ -67,6 +83,8 @@ def test_a_sequence_too_short_or_of_changing_size_is_reported():
         meter.add(np.zeros((9, 8)), np.zeros((9, 8)), np.zeros((9, 8)))
     with pytest.raises(ValueError):
         meter.add(image, image, np.zeros((8, 9)))
+    with pytest.raises(ValueError, match='three'):  # of another shape from the first frame on
+        temporal.FlickerMeter().add(image, image, np.zeros((8, 9)))
 
 
 def test_the_section_is_replaced_in_place_and_appended_when_missing():
@@ -78,6 +96,31 @@ def test_the_section_is_replaced_in_place_and_appended_when_missing():
     replaced = temporal.replace_section(appended + '\nreading\n', new)
     assert temporal.section_of(replaced) == new and 'old' not in replaced
     assert replaced.endswith('\nreading\n')
+
+
+def test_the_section_takes_text_as_it_is_and_averages_the_clips_that_have_a_flicker():
+    # A Windows path in the command or a note is text, not a regular expression's escapes; a
+    # clip without static pixels is 'n/a' and left out of the mean.
+    scores = {'drive': {'Average': temporal.Flicker(0.5, 1.0, 2.0, 0.9)},
+              'pan': {'Average': temporal.Flicker(float('nan'), float('nan'), float('nan'), 0.0)},
+              'walk': {'Average': temporal.Flicker(0.25, 0.5, 2.0, 0.8)}}
+    section = temporal.render_section(scores, 3, r's4fusion-eval --flicker C:\videos\1', [])
+    assert '| pan | n/a |' in section and '| **mean** | **0.375** |' in section
+    assert 'drive 90%, pan 0%, walk 80%' in section
+    report = temporal.replace_section('# Fusion quality\n', section)
+    assert temporal.section_of(temporal.replace_section(report, section)) == section
+    assert r'`s4fusion-eval --flicker C:\videos\1`' in section
+
+
+def test_clips_are_those_with_both_videos(tmp_path):
+    for side, clips in (('ir', ('both', 'ir_only')), ('vi', ('both', 'vi_only'))):
+        (tmp_path / side).mkdir()
+        for clip in clips:
+            (tmp_path / side / f'{clip}.mp4').touch()
+    assert temporal.clip_names(tmp_path) == ['both']
+    (tmp_path / 'vi' / 'both.mp4').unlink()
+    with pytest.raises(OSError, match='no clip with both'):
+        temporal.clip_names(tmp_path)
 
 
 @pytest.fixture(scope='module')

@@ -157,3 +157,43 @@ def test_the_node_logs_each_kind_of_inference_failure(capfd):
     lines = [line for line in capfd.readouterr().err.splitlines() if 'inference failed' in line]
     assert len(lines) == 2, lines
     assert 'out of memory' in lines[0] and 'a bug' in lines[1]
+
+
+@pytest.mark.parametrize('policy, runs, dropped', [
+    ('keep_newest', ['busy', 'c', 'd'], [False, False]),  # a and b dropped for c and d
+    ('keep_oldest', ['busy', 'a', 'b'], [False, False]),  # c and d refused
+])
+def test_a_full_queue_drops_by_policy_and_runs_in_order(policy, runs, dropped):
+    started, release = threading.Event(), threading.Event()
+    done = []
+
+    def process(item):
+        if item == 'busy':
+            started.set()
+            release.wait(5.0)
+        done.append(item)
+        return None if item == 'a' else 'fused'
+
+    worker = InferenceWorker(process, queue_size=2, policy=policy)
+    try:
+        assert worker.submit('busy') and started.wait(5.0)
+        assert worker.in_progress == 1 and worker.counts().in_progress == 1
+        assert worker.submit('a') and worker.submit('b')  # the queue holds two
+        assert [worker.submit(item) for item in ('c', 'd')] == dropped
+        assert (worker.pending, worker.dropped, worker.submitted) == (2, 2, 5)
+        release.set()
+        assert wait_idle(worker, 5.0)
+    finally:
+        worker.stop()
+    assert done == runs
+    # An item whose process returned None has no outcome.
+    assert worker.outcomes == ({'fused': 3} if policy == 'keep_newest' else {'fused': 2})
+
+
+@pytest.mark.parametrize('queue_size, policy, message', [
+    (0, 'keep_newest', 'queue_size must be >= 1'),
+    (1, 'newest', "queue policy 'newest' is not one of keep_newest, keep_oldest"),
+])
+def test_invalid_queue_settings_are_refused(queue_size, policy, message):
+    with pytest.raises(ValueError, match=message):
+        InferenceWorker(lambda item: None, queue_size=queue_size, policy=policy)
