@@ -68,11 +68,13 @@ class FlickerMeter:
         if len({image.shape for image in frame}) != 1 or frame[0].ndim != 2:
             raise ValueError(f'expected three (H, W) images of one shape, got '
                              f'{[image.shape for image in frame]}')
-        previous, self._previous = self._previous, frame
+        previous = self._previous
+        if previous is not None and previous[0].shape != frame[0].shape:
+            # Refused, and not kept: the next frame is measured against the last one added.
+            raise ValueError(f'frame size changed from {previous[0].shape} to {frame[0].shape}')
+        self._previous = frame
         if previous is None:
             return
-        if previous[0].shape != frame[0].shape:
-            raise ValueError(f'frame size changed from {previous[0].shape} to {frame[0].shape}')
         thermal_d, visible_d, fused_d = (now - before for now, before in zip(frame, previous))
         moving = np.zeros(thermal_d.shape, bool)
         for difference in (thermal_d, visible_d):
