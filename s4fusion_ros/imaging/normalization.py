@@ -88,10 +88,12 @@ class ThermalNormalizer:
 
     Non-finite pixels are left out of the statistics and map to 0; a frame without finite pixels
     maps to zeros (and leaves the smoothed range alone). A flat window maps the frame's own finite
-    extremes instead: a hot target on fewer than 1% of the pixels of a uniform background (a
-    simulated camera) is outside both percentiles and keeps its contrast, and a uniform frame maps
-    to zeros. A frame far outside the smoothed window is held out of it (OUTLIER_WIDTHS; counted
-    in ``outliers``), or resumes the window a lasting change replaced (a shutter that opened).
+    extremes instead: a hot target on fewer than 1% of the pixels of a noiseless uniform
+    background (a simulated camera) is outside both percentiles and keeps its contrast, and a
+    uniform frame maps to zeros (a background with noise is a window as wide as its noise, which
+    is stretched and the target clipped: minmax or fixed mode suits such a camera). A frame far
+    outside the smoothed window is held out of it (OUTLIER_WIDTHS; counted in ``outliers``), or
+    resumes the window a lasting change replaced (a shutter that opened).
     """
 
     def __init__(self, **settings) -> None:
