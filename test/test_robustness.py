@@ -280,9 +280,14 @@ def _bad(stamp):
                              'nv21', "unsupported encoding 'nv21'"),
         'NaN and inf only': ('thermal', [image(all_nan, '32FC1', stamp)],
                              '32FC1', 'every pixel is NaN or inf'),
-        'undecodable compressed': ('visible', [compressed(b'\xff\xd8\xff\xe0' + bytes(100),
-                                                          stamp)],
-                                   'jpeg', "compressed 'jpeg' image: cannot decode"),
+        # Whole (it ends in the end-of-image marker) but undecodable: it reaches the decoder.
+        'undecodable compressed': (
+            'visible', [compressed(b'\xff\xd8\xff\xe0' + bytes(100) + b'\xff\xd9', stamp)],
+            'jpeg', "compressed 'jpeg' image: cannot decode"),
+        # Refused before decoding: OpenCV 4 (a distro's) decodes it with the missing rows gray.
+        'compressed JPEG cut short': (
+            'visible', [compressed(VISIBLE_JPEG[:-500], stamp)],
+            'jpeg', "compressed 'jpeg' image: a JPEG cut short"),
         # 5 kB that would decode to 40000x64: refused from its header, before any allocation.
         'compressed over the size limit': (
             'visible', [compressed(cv2.imencode('.png', np.zeros((64, 40000), np.uint8))[1]
@@ -293,7 +298,8 @@ def _bad(stamp):
 
 @pytest.mark.parametrize('case', ['data length', 'step too small', 'zero width', 'zero height',
                                   'absurd size', 'unknown encoding', 'NaN and inf only',
-                                  'undecodable compressed', 'compressed over the size limit'])
+                                  'undecodable compressed', 'compressed JPEG cut short',
+                                  'compressed over the size limit'])
 def test_bad_message_is_dropped_counted_and_logged_and_fusion_goes_on(node, case):
     role, messages, encoding, fault = _bad(node.now())[case]
     other = 'visible' if role == 'thermal' else 'thermal'
