@@ -13,7 +13,7 @@ import signal
 import sys
 import traceback
 
-from ..cli import STOP_SIGNALS, ignore_stop_signals, split_ros_arguments
+from ..cli import STOP_SIGNALS, ignore_stop_signals, split_ros_arguments, write_nowhere
 from ..entry_points import configure_process
 
 PROG = 's4fusion_node'
@@ -97,8 +97,7 @@ def print_usage(text: str, stream) -> None:
     try:
         print(text, file=stream, flush=True)
     except BrokenPipeError:
-        # Python would fail to flush the stream again at exit and say so.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        write_nowhere(stream)
 
 
 def main(args=None) -> int:
