@@ -202,3 +202,13 @@ def test_a_broken_pipe_other_than_stdout_is_an_error_as_any(capsys):
 
     assert run_command('tool', child_left, (OSError,)) == 1
     assert capsys.readouterr().err == 'tool: [Errno 32] Broken pipe\n'
+
+
+def test_the_node_names_unknown_ros_arguments_as_such():
+    # rclpy's UnknownROSArgsError says only "['--foo']": the node printed that line alone.
+    from paths import executable
+    done = subprocess.run([executable('s4fusion_node'), '--ros-args', '--foo'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == ("s4fusion_node: unknown ROS arguments (after --ros-args): "
+                           "['--foo']\n"), done.stderr

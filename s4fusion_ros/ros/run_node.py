@@ -115,10 +115,14 @@ def main(args=None) -> int:
         configure_process()
         import rclpy
         from rclpy.executors import ExternalShutdownException
+        from rclpy.impl.implementation_singleton import rclpy_implementation
 
         from .node import S4FusionNode
         stop.raise_if_received()
-        rclpy.init(args=args)
+        try:
+            rclpy.init(args=args)
+        except rclpy_implementation.UnknownROSArgsError as error:  # its text: the list alone
+            raise ValueError(f'unknown ROS arguments (after --ros-args): {error}') from None
         try:
             node = S4FusionNode(command_line=sys.argv if args is None else args)
             stop.raise_if_received()
