@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import pathlib
+import select
 import signal
 import subprocess
 import sys
@@ -176,9 +177,14 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
                 describe=str) -> int:
     """Return command()'s exit code; one of `errors` prints one line, describe(error), and
     gives 1; Ctrl-C (or SIGTERM after stop_on_signals) gives 130 and the line `interrupted`: a
-    str, or a callable of the KeyboardInterrupt (for what was left at that moment)."""
+    str, or a callable of the KeyboardInterrupt (for what was left at that moment). A reader of
+    stdout that left (`| head`) gives 141, without a word, as SIGPIPE ends other Unix tools."""
     try:
-        return command()
+        try:
+            return command()
+        except BrokenPipeError:
+            if not stdout_reader_left():  # another pipe, a child's say: an error as any
+                raise
     except errors as error:
         print(f'{prog}: {describe(error)}', file=sys.stderr)
         return 1
@@ -191,6 +197,25 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
         text = interrupted(interrupt) if callable(interrupted) else interrupted
         print(f'\n{prog}: {text}', file=sys.stderr)
         return 130
+    write_nowhere(sys.stdout)
+    return 128 + signal.SIGPIPE
+
+
+def write_nowhere(stream) -> None:
+    """Send what is still written to `stream`, whose reader left, to /dev/null: Python would
+    fail to flush it again at exit and say so."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a file
+        return False
+    poll = select.poll()
+    poll.register(fileno, 0)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:

@@ -176,3 +176,39 @@ def test_an_empty_output_path_is_refused(tool, argv, capsys):
         _parsers()[tool](argv)
     assert stopped.value.code == 2
     assert 'an empty path: name the output' in capsys.readouterr().err
+
+
+def test_a_reader_of_the_results_that_left_ends_the_tool_quietly():
+    # `s4fusion-bench scan | head -1`: it printed 's4fusion-bench: [Errno 32] Broken pipe' and
+    # exited 1, and s4fusion-flood (whose errors leave OSError out) a traceback.
+    from paths import executable
+    read, write = os.pipe()
+    os.close(read)  # the reader left before the first result
+    try:
+        done = subprocess.run([executable('s4fusion-bench'), 'scan', '--d', '4', '--length', '64',
+                               '--slow-length', '16', '--repeats', '1'],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
+    assert 'Broken pipe' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error_as_any(capsys):
+    from s4fusion_ros.cli import run_command
+
+    def child_left():
+        raise BrokenPipeError(32, 'Broken pipe')
+
+    assert run_command('tool', child_left, (OSError,)) == 1
+    assert capsys.readouterr().err == 'tool: [Errno 32] Broken pipe\n'
+
+
+def test_the_node_names_unknown_ros_arguments_as_such():
+    # rclpy's UnknownROSArgsError says only "['--foo']": the node printed that line alone.
+    from paths import executable
+    done = subprocess.run([executable('s4fusion_node'), '--ros-args', '--foo'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == ("s4fusion_node: unknown ROS arguments (after --ros-args): "
+                           "['--foo']\n"), done.stderr

@@ -13,7 +13,7 @@ import signal
 import sys
 import traceback
 
-from ..cli import STOP_SIGNALS, ignore_stop_signals, split_ros_arguments
+from ..cli import STOP_SIGNALS, ignore_stop_signals, split_ros_arguments, write_nowhere
 from ..entry_points import configure_process
 
 PROG = 's4fusion_node'
@@ -97,8 +97,7 @@ def print_usage(text: str, stream) -> None:
     try:
         print(text, file=stream, flush=True)
     except BrokenPipeError:
-        # Python would fail to flush the stream again at exit and say so.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        write_nowhere(stream)
 
 
 def main(args=None) -> int:
@@ -116,10 +115,14 @@ def main(args=None) -> int:
         configure_process()
         import rclpy
         from rclpy.executors import ExternalShutdownException
+        from rclpy.impl.implementation_singleton import rclpy_implementation
 
         from .node import S4FusionNode
         stop.raise_if_received()
-        rclpy.init(args=args)
+        try:
+            rclpy.init(args=args)
+        except rclpy_implementation.UnknownROSArgsError as error:  # its text: the list alone
+            raise ValueError(f'unknown ROS arguments (after --ros-args): {error}') from None
         try:
             node = S4FusionNode(command_line=sys.argv if args is None else args)
             stop.raise_if_received()
