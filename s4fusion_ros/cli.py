@@ -113,6 +113,8 @@ def split_ros_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what Ctrl-C, kill and supervisors send
+# run_command's exit status where stdout's reader left: SIGPIPE's, as a shell reports it.
+READER_LEFT = 128 + signal.SIGPIPE
 
 
 def stop_on_signals() -> None:
@@ -198,7 +200,7 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
         print(f'\n{prog}: {text}', file=sys.stderr)
         return 130
     write_nowhere(sys.stdout)
-    return 128 + signal.SIGPIPE
+    return READER_LEFT
 
 
 def write_nowhere(stream) -> None:

@@ -13,7 +13,7 @@ import pytest
 # A tool that starts a long child, prints its pid and waits to be killed.
 TOOL = '''
 import pathlib, sys, time
-from s4fusion_ros.cli import start_child
+from s4fusion_ros.cli import READER_LEFT, start_child
 child = start_child([sys.executable, '-c', 'import time; time.sleep(120)'],
                     pathlib.Path(sys.argv[1]))
 print(child.pid, flush=True)
@@ -190,7 +190,7 @@ def test_a_reader_of_the_results_that_left_ends_the_tool_quietly():
                               stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write)
-    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
+    assert done.returncode == READER_LEFT == 141, done.stderr
     assert 'Broken pipe' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
 
 

@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
+from paths import executable  # noqa: E402
+from s4fusion_ros.cli import READER_LEFT  # noqa: E402
 from s4fusion_ros.ros.flood import (  # noqa: E402
     _flood, Driver, FloodReport, main as flood_main, Phase, run_flood, shown, synthetic_pair)
 from support import check_counters, check_latency, FLOOD_PARAMS  # noqa: E402
@@ -191,3 +193,20 @@ def test_a_phase_slower_than_one_pair_ends_at_its_duration():
     started = time.monotonic()
     _flood(Camera(), phase, None, None)
     assert phase.published == 1 and time.monotonic() - started < 1.0
+
+
+def test_a_flood_whose_reader_left_stops_quietly_and_leaves_nothing(tmp_path):
+    # `s4fusion-flood | true`: a traceback and exit 1, then (141) its folder kept and named.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [executable('s4fusion-flood'), '--duration', '1', '--size', '64x48',
+             '-p', 'device:=cpu'],
+            env={**os.environ, 'TMPDIR': str(tmp_path)}, stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == READER_LEFT and 'Traceback' not in done.stderr, done.stderr
+    assert "the node's parameters and log" not in done.stderr, done.stderr
+    assert not list(tmp_path.iterdir())

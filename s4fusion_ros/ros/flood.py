@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from .. import settings
-from ..cli import (interrupt, parse_size, run_command, start_child, stop_on_signals,
+from ..cli import (READER_LEFT, interrupt, parse_size, run_command, start_child, stop_on_signals,
                    stop_signals_handled)
 from ..diagnostics import (ROLES, Key, node_status, nothing_pending, number, per_input,
                            values_of)
@@ -463,7 +463,7 @@ def main(argv=None) -> int:
               f'{report.returncode})', file=sys.stderr)
         return 1
     code = run_command(PROG, flood, (RuntimeError,), 'interrupted; the node was stopped')
-    if code == 130:
+    if code in (130, READER_LEFT):  # stopped, or its figures' reader left (`| head`): by choice
         shutil.rmtree(directory, ignore_errors=True)
     elif code:
         print(f'{PROG}: the node\'s parameters and log: {directory}', file=sys.stderr)
