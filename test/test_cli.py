@@ -13,7 +13,7 @@ import pytest
 # A tool that starts a long child, prints its pid and waits to be killed.
 TOOL = '''
 import pathlib, sys, time
-from s4fusion_ros.cli import READER_LEFT, start_child
+from s4fusion_ros.cli import start_child
 child = start_child([sys.executable, '-c', 'import time; time.sleep(120)'],
                     pathlib.Path(sys.argv[1]))
 print(child.pid, flush=True)
@@ -182,6 +182,7 @@ def test_a_reader_of_the_results_that_left_ends_the_tool_quietly():
     # `s4fusion-bench scan | head -1`: it printed 's4fusion-bench: [Errno 32] Broken pipe' and
     # exited 1, and s4fusion-flood (whose errors leave OSError out) a traceback.
     from paths import executable
+    from s4fusion_ros.cli import READER_LEFT
     read, write = os.pipe()
     os.close(read)  # the reader left before the first result
     try:
