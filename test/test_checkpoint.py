@@ -1,7 +1,9 @@
 """Checkpoints: safetensors + JSON, errors naming the file, shipped weights, authors' layout."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -212,6 +214,27 @@ def test_missing_files(saved, tmp_path):
     with pytest.raises(CheckpointError, match='config file not found') as error:
         load_checkpoint(path)
     assert str(path.with_suffix('.json')) in str(error.value)
+
+
+def test_an_unreadable_weights_file_is_named_as_such(saved):
+    # It was "not a readable safetensors file (truncated or corrupt?): No such file or
+    # directory", for a file that exists: safetensors names any failure to open it so. Root
+    # reads any file, so as root the load runs without the capability to override permissions.
+    _, path = saved
+    path.chmod(0)
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which('setpriv'):
+            pytest.skip('root, and no setpriv to drop the override of file permissions')
+        caps = '-dac_override,-dac_read_search'
+        prefix = ['setpriv', f'--inh-caps={caps}', f'--bounding-set={caps}']
+    code = ('import sys\n'
+            'from s4fusion_ros.model import CheckpointError, load_checkpoint\n'
+            'try:\n    load_checkpoint(sys.argv[1])\n'
+            'except CheckpointError as error:\n    print(error)\n')
+    result = subprocess.run([*prefix, sys.executable, '-c', code, str(path)],
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == f'{path}: cannot read the weights file: Permission denied'
 
 
 @pytest.mark.parametrize('text, problem', [

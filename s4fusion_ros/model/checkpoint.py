@@ -168,6 +168,13 @@ def load_checkpoint(path, device=None, dtype=None):
                               f'file ({path.with_suffix(".safetensors").name})')
     _, config = read_config(path)
     try:
+        # Opened here first: safetensors says 'No such file or directory' for any file it
+        # cannot open (permission denied, say).
+        with path.open('rb'):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f'{path}: cannot read the weights file: {exc.strerror}') from None
+    try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f'{path}: not a readable safetensors file (truncated or corrupt?): '
