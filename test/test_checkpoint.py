@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -214,6 +215,22 @@ def test_missing_files(saved, tmp_path):
     with pytest.raises(CheckpointError, match='config file not found') as error:
         load_checkpoint(path)
     assert str(path.with_suffix('.json')) in str(error.value)
+
+
+@pytest.mark.parametrize('field, value', [('encoder_depths', [1, 10**9, 1]),
+                                          ('fusion_blocks', 10**9)])
+def test_a_config_of_more_blocks_than_its_tensors_is_refused_unbuilt(saved, field, value):
+    # Even on the meta device 10**9 blocks took minutes and gigabytes before the comparison.
+    _, path = saved
+    json_path = path.with_suffix('.json')
+    meta = json.loads(json_path.read_text())
+    meta['config'][field] = value
+    json_path.write_text(json.dumps(meta))
+    started = time.monotonic()
+    with pytest.raises(CheckpointError,
+                       match=r'fusion\.json describes \d+ blocks, more than its 237 tensors'):
+        load_checkpoint(path)
+    assert time.monotonic() - started < 60
 
 
 def test_an_unreadable_weights_file_is_named_as_such(saved):

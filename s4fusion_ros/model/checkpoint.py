@@ -180,6 +180,11 @@ def load_checkpoint(path, device=None, dtype=None):
         raise CheckpointError(f'{path}: not a readable safetensors file (truncated or corrupt?): '
                               f'{exc}') from None
     tensors = _dequantized(tensors, path)
+    # Even on the meta device each block costs time and memory: a JSON of 10**9 blocks took
+    # minutes and gigabytes before its tensors were compared.
+    if config.blocks > len(tensors):
+        raise CheckpointError(f'{path}: {config_path(path).name} describes {config.blocks} '
+                              f'blocks, more than its {len(tensors)} tensors can hold')
     try:
         # On the meta device first: the shapes without their memory, so that a JSON describing a
         # far larger network than its tensors is refused before anything is allocated.

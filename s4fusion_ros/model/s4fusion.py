@@ -103,6 +103,18 @@ class S4FusionConfig:
                 raise ValueError(f'{name} must be finite, > 0 and needs the laplacian base, got '
                                  f'{value} with base {self.base!r}')
 
+    @property
+    def fusion_levels(self) -> range:
+        """The levels with a CMSA fusion layer (level 0 only with ``fuse_level0``)."""
+        return range(0 if self.fuse_level0 else 1, len(self.dims))
+
+    @property
+    def blocks(self) -> int:
+        """The network's blocks (two encoders, the fusion layers, the decoder), each with
+        tensors of its own."""
+        return (2 * sum(self.encoder_depths) + sum(self.decoder_depths)
+                + self.fusion_blocks * len(self.fusion_levels))
+
     @classmethod
     def presets(cls):
         """Named configurations: ``authors`` (the released model) and ``compact`` (CPU).
@@ -225,7 +237,7 @@ class S4Fusion(nn.Module):
         # built (see S4FusionConfig.fuse_level0).
         self.fusion_layers = nn.ModuleDict({
             str(level): CMSALayer(c.dims[level], c.fusion_blocks, c.fusion_d_state, **ssm)
-            for level in range(0 if c.fuse_level0 else 1, levels)})
+            for level in c.fusion_levels})
         self.decoder = nn.ModuleList(
             VSSLayer(dim, depth, c.d_state, upsample=i > 0, **ssm)
             for i, (dim, depth) in enumerate(zip(c.dims[::-1], c.decoder_depths)))
