@@ -183,7 +183,11 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
     stdout that left (`| head`) gives 141, without a word, as SIGPIPE ends other Unix tools."""
     try:
         try:
-            return command()
+            code = command()
+            # Written here, not at exit: a pipe holds stdout back (block-buffered), and Python
+            # reports a reader that left during its exit's flush and exits 120.
+            sys.stdout.flush()
+            return code
         except BrokenPipeError:
             if not stdout_reader_left():  # another pipe, a child's say: an error as any
                 raise

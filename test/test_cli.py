@@ -178,16 +178,22 @@ def test_an_empty_output_path_is_refused(tool, argv, capsys):
     assert 'an empty path: name the output' in capsys.readouterr().err
 
 
-def test_a_reader_of_the_results_that_left_ends_the_tool_quietly():
+@pytest.mark.parametrize('unbuffered', [True, False])
+def test_a_reader_of_the_results_that_left_ends_the_tool_quietly(unbuffered):
     # `s4fusion-bench scan | head -1`: it printed 's4fusion-bench: [Errno 32] Broken pipe' and
-    # exited 1, and s4fusion-flood (whose errors leave OSError out) a traceback.
+    # exited 1, and s4fusion-flood (whose errors leave OSError out) a traceback. Without
+    # PYTHONUNBUFFERED (a shell's default) a pipe holds the results back until the exit, where
+    # Python said 'Exception ignored ... BrokenPipeError' and exited 120.
     from paths import executable
     from s4fusion_ros.cli import READER_LEFT
+    env = {name: value for name, value in os.environ.items() if name != 'PYTHONUNBUFFERED'}
+    if unbuffered:
+        env['PYTHONUNBUFFERED'] = '1'
     read, write = os.pipe()
     os.close(read)  # the reader left before the first result
     try:
         done = subprocess.run([executable('s4fusion-bench'), 'scan', '--d', '4', '--length', '64',
-                               '--slow-length', '16', '--repeats', '1'],
+                               '--slow-length', '16', '--repeats', '1'], env=env,
                               stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write)

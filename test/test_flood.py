@@ -197,13 +197,15 @@ def test_a_phase_slower_than_one_pair_ends_at_its_duration():
 
 def test_a_flood_whose_reader_left_stops_quietly_and_leaves_nothing(tmp_path):
     # `s4fusion-flood | true`: a traceback and exit 1, then (141) its folder kept and named.
+    # Without PYTHONUNBUFFERED, as from a shell: the pipe holds the figures back until the exit.
+    env = {name: value for name, value in os.environ.items() if name != 'PYTHONUNBUFFERED'}
     read, write = os.pipe()
     os.close(read)
     try:
         done = subprocess.run(
             [executable('s4fusion-flood'), '--duration', '1', '--size', '64x48',
              '-p', 'device:=cpu'],
-            env={**os.environ, 'TMPDIR': str(tmp_path)}, stdout=write, stderr=subprocess.PIPE,
+            env={**env, 'TMPDIR': str(tmp_path)}, stdout=write, stderr=subprocess.PIPE,
             text=True, timeout=300)
     finally:
         os.close(write)

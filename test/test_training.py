@@ -1046,6 +1046,15 @@ def test_links_to_ivif_test_images_in_a_folder_of_pairs_are_refused(tmp_path, iv
             training_pairs(data)
 
 
+def test_a_link_to_an_ivif_folder_without_image_pairs_is_refused_as_inside_the_layout(
+        tmp_path, ivif_dir):
+    # M3SVD's videos: no image pairs to read, so the link was named as a folder of no image
+    # files ('image files directly in them'), not as a part of the ivif layout.
+    (tmp_path / 'videos').symlink_to(ivif_dir / 'm3svd' / 'videos')
+    with pytest.raises(ValueError, match=f'inside the ivif layout {ivif_dir.resolve()}'):
+        training_pairs(tmp_path)
+
+
 def test_a_second_process_training_in_the_same_folder_is_refused(tmp_path, pair_folder, capsys):
     # Before, a --resume of a run still training (or a second new run into its folder) trained
     # beside it: their temporary files collided, the resumed one cut the log the first one

@@ -363,12 +363,15 @@ def training_pairs(folder):
                                 f'subfolders with ir/ and vi/')
     pairs = ()
     for dataset in datasets:
+        # A link to an ivif dataset or to its ir/ or vi/ folder, named as such before its pairs
+        # are read (M3SVD's videos hold none); then links to its image files, by the folders the
+        # images really are in.
+        for side in ('ir', 'vi'):
+            _check_outside_ivif(folder, (dataset / side).resolve())
         found = pairs_in_folder(dataset)
         if not found:  # images a level deeper, or of another type: none would train unnoticed
             raise ValueError(f'{dataset}: no image pairs in its ir/ and vi/ (image files '
                              f'directly in them, {" ".join(IMAGE_SUFFIXES)})')
-        # A link to an ivif dataset, to its ir/ or vi/ folder, or to its image files: the
-        # folders the images really are in.
         for real in sorted({path.resolve().parent for pair in found
                             for path in (pair.ir_path, pair.vi_path)}):
             _check_outside_ivif(folder, real)
