@@ -78,9 +78,9 @@ difference of every one of them favours ours, L that every one favours the other
 that they disagree (with one, no verdict is possible)."""
 FEW_DEFINED_NOTE = """\
 Where a metric is defined for both methods on fewer than {minimum} {nouns}, there is no bootstrap
-interval either ({listed}): W there means that the mean difference of every one of them favours
-ours, L that every one favours the other method, and ~ that they disagree (with one, no verdict
-is possible)."""
+interval ({listed}): W there means that the mean difference of every one of them favours ours, L
+that every one favours the other method, and ~ that they disagree (with one, no verdict is
+possible)."""
 
 
 @dataclasses.dataclass
