@@ -26,6 +26,15 @@ def saved(tmp_path):
     return model, path
 
 
+def edit_config(path, **changes):
+    """Change the config in the JSON beside the weights at `path`; returns the JSON's path."""
+    json_path = path.with_suffix('.json')
+    meta = json.loads(json_path.read_text())
+    meta['config'].update(changes)
+    json_path.write_text(json.dumps(meta))
+    return json_path
+
+
 def test_round_trip(saved):
     model, path = saved
     meta = json.loads(path.with_suffix('.json').read_text())
@@ -146,10 +155,7 @@ def test_a_config_far_larger_than_its_tensors_is_refused_before_allocating_it(sa
     # A JSON describing about 400 M parameters (1.6 GB as float32) beside the compact tensors:
     # refused by the shapes alone, in a process whose peak memory stays that of the import.
     _, path = saved
-    json_path = path.with_suffix('.json')
-    meta = json.loads(json_path.read_text())
-    meta['config']['dims'] = [512, 1024, 2048]
-    json_path.write_text(json.dumps(meta))
+    edit_config(path, dims=[512, 1024, 2048])
     # The peak is the child's own VmHWM: ru_maxrss would carry over the peak of the pytest
     # process that spawned it (Linux keeps the pre-exec memory's high-water mark).
     code = ('import re, sys\n'
@@ -222,10 +228,7 @@ def test_missing_files(saved, tmp_path):
 def test_a_config_of_more_blocks_than_its_tensors_is_refused_unbuilt(saved, field, value):
     # Even on the meta device 10**9 blocks took minutes and gigabytes before the comparison.
     _, path = saved
-    json_path = path.with_suffix('.json')
-    meta = json.loads(json_path.read_text())
-    meta['config'][field] = value
-    json_path.write_text(json.dumps(meta))
+    edit_config(path, **{field: value})
     started = time.monotonic()
     with pytest.raises(CheckpointError,
                        match=r'fusion\.json describes \d+ blocks, more than its 237 tensors'):
@@ -274,10 +277,7 @@ def test_bad_json(saved, text, problem):
     ('fuse_level0', 'false')])
 def test_a_config_that_builds_no_network_is_refused_naming_the_file(saved, field, value):
     _, path = saved
-    json_path = path.with_suffix('.json')
-    meta = json.loads(json_path.read_text())
-    meta['config'][field] = value
-    json_path.write_text(json.dumps(meta))
+    json_path = edit_config(path, **{field: value})
     with pytest.raises(CheckpointError, match='invalid S4Fusion config') as error:
         load_checkpoint(path)
     assert str(json_path) in str(error.value)
