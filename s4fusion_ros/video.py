@@ -58,13 +58,16 @@ def _label(image: np.ndarray, text: str, origin: tuple[int, int]) -> None:
 
 def panel_row(visible_bgr: np.ndarray, thermal: np.ndarray, fused_bgr: np.ndarray,
               saliency: np.ndarray, stamp_ns: int) -> np.ndarray:
-    """One video frame: the four images side by side, titled, with the visible stamp."""
-    height, width = visible_bgr.shape[:2]
+    """One video frame: the four images side by side, titled, with the visible stamp; panels
+    are scaled to fit MAX_WIDTH before the titles are drawn, so those stay legible (drawn first,
+    SideBySideVideo's scaling shrank them to 3 pixels on a 1920x1080 camera)."""
+    scale = min(1.0, MAX_WIDTH / (len(TITLES) * visible_bgr.shape[1]))
+    height, width = (round(side * scale) for side in visible_bgr.shape[:2])
     panels = [visible_bgr, cv2.cvtColor(to_uint8(thermal), cv2.COLOR_GRAY2BGR),
               fused_bgr if fused_bgr.ndim == 3 else cv2.cvtColor(fused_bgr, cv2.COLOR_GRAY2BGR),
               saliency_bgr(saliency)]
-    row = np.hstack([cv2.resize(p, (width, height)) if p.shape[:2] != (height, width) else p
-                     for p in panels])
+    row = np.hstack([cv2.resize(p, (width, height), interpolation=cv2.INTER_AREA)
+                     if p.shape[:2] != (height, width) else p for p in panels])
     for index, title in enumerate(TITLES):
         _label(row, title, (index * width + 8, 20))
     _label(row, f'stamp {stamp_ns / 1e9:.3f} s', (8, height - 10))

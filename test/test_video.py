@@ -108,3 +108,15 @@ def test_the_video_skips_an_input_message_cut_short_as_s4fusion_bag_does(ivif_di
         source, THERMAL_TOPIC, VISIBLE_TOPIC, pipeline_from_params(settings.defaults()))]
         for source in (damaged, without)]
     assert stamps[0] == stamps[1] and len(stamps[0]) >= 3
+
+
+def test_titles_stay_legible_on_a_camera_wider_than_the_video(tmp_path):
+    # Four 1920x1080 panels are scaled to MAX_WIDTH: titles drawn before that were 3 pixels tall.
+    black = np.zeros((1080, 1920, 3), np.uint8)
+    path = tmp_path / 'hd.mp4'
+    with SideBySideVideo(path, 9.0) as video:
+        video.add(panel_row(black, black[..., 0], black, black[..., 0], 10**9))
+    ok, frame = cv2.VideoCapture(str(path)).read()
+    assert ok and frame.shape[1] == 2560
+    title_rows = np.flatnonzero(frame[:40, :frame.shape[1] // 4].max(axis=(1, 2)) > 128)
+    assert title_rows.max() - title_rows.min() >= 9  # as tall as at 640x480, 1:1
