@@ -66,7 +66,10 @@ def panel_row(visible_bgr: np.ndarray, thermal: np.ndarray, fused_bgr: np.ndarra
     panels = [visible_bgr, cv2.cvtColor(to_uint8(thermal), cv2.COLOR_GRAY2BGR),
               fused_bgr if fused_bgr.ndim == 3 else cv2.cvtColor(fused_bgr, cv2.COLOR_GRAY2BGR),
               saliency_bgr(saliency)]
-    row = np.hstack([cv2.resize(p, (width, height), interpolation=cv2.INTER_AREA)
+    # Area averaging where a panel shrinks (no aliasing), bilinear where it grows (a thermal
+    # camera of lower resolution), as before.
+    row = np.hstack([cv2.resize(p, (width, height), interpolation=cv2.INTER_AREA
+                                if p.shape[1] > width else cv2.INTER_LINEAR)
                      if p.shape[:2] != (height, width) else p for p in panels])
     for index, title in enumerate(TITLES):
         _label(row, title, (index * width + 8, 20))
