@@ -297,9 +297,12 @@ class S4Fusion(nn.Module):
         base = None
         if self.config.base == 'laplacian':
             # Full precision under autocast too: the base is most of the image, and reduced
-            # precision flips its per-level choices of detail at near-ties.
+            # precision flips its per-level choices of detail at near-ties. Float32 at least:
+            # a float64 model keeps float64.
+            dtype = torch.promote_types(ir.dtype, torch.float32)
             with torch.autocast(ir.device.type, enabled=False):
-                base = laplacian_fuse(ir.float(), vi.float(), detail_gain=self.config.detail_gain,
+                base = laplacian_fuse(ir.to(dtype), vi.to(dtype),
+                                      detail_gain=self.config.detail_gain,
                                       base_contrast=self.config.base_contrast).to(ir.dtype)
         left, right, top, bottom = pad = self.config.padding(height, width)
         ir, vi = F.pad(ir, pad), F.pad(vi, pad)
