@@ -69,8 +69,10 @@ def laplacian_fuse(ir, vi, levels=LEVELS, detail_gain=1.0, base_contrast=1.0):
 
     ``levels`` is capped by ``pyramid_levels``. ``detail_gain`` multiplies the chosen details
     (1: the classical fusion; above 1: the classical detail enhancement). ``base_contrast``
-    stretches the fused base about each image's mean: averaging two low-pass images flattens a
-    region that is bright in one source only, and above 1 gives part of that contrast back.
+    stretches the fused base about its own mean (each image's, within a few thousandths: the
+    coarsest level weighs border pixels a little differently): averaging two low-pass images
+    flattens a region that is bright in one source only, and above 1 gives part of that
+    contrast back. Ties of detail magnitude go to ``ir``.
     """
     levels = pyramid_levels(*ir.shape[-2:], levels)
     pyramid_ir, pyramid_vi = laplacian_pyramid(ir, levels), laplacian_pyramid(vi, levels)
