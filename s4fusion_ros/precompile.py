@@ -32,7 +32,8 @@ def kernel_cache_stats() -> tuple[int, int] | None:
 
 def kernels_cacheable() -> bool:
     """Whether numba had a folder to cache the CPU kernels in (True without numba)."""
-    if kernel_cache_stats() is None:
+    from .model.scan import numba_cross_scan_fn
+    if numba_cross_scan_fn() is None:
         return True
     from .model import scan_numba
     return scan_numba.CACHE
