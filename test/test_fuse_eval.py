@@ -3,6 +3,7 @@
 import csv
 import functools
 import itertools
+import json
 import math
 import os
 import pathlib
@@ -462,6 +463,25 @@ def test_report_names_the_base_settings_the_hashed_weights_run_at():
         evaluate.OursConfig(preset, shipped_weights(preset))) for preset in ('authors', 'compact')}
     assert 'parameters, detail gain 1.1, base contrast 1.4)' in lines['compact']
     assert 'detail gain' not in lines['authors'].split(';')[0]
+
+
+def test_report_names_the_network_its_config_describes_not_the_jsons_label(tmp_path):
+    # The JSON's 'preset' and 'parameters' are labels anyone can edit; the config decides what
+    # ran. Compact tensors whose JSON says "authors" must not be reported as the authors preset.
+    model = S4Fusion(S4FusionConfig.preset('compact'))
+    path, json_path = save_checkpoint(model, tmp_path / 'mislabelled.safetensors')
+    meta = json.loads(json_path.read_text())
+    json_path.write_text(json.dumps({**meta, 'preset': 'authors', 'parameters': 3410893}))
+    line = evaluate.describe_weights(evaluate.OursConfig('mislabelled', path))
+    assert f'preset compact, {model.num_parameters()} parameters, detail gain 1.1' in line
+    # The compact network at another gain is that network, not the preset; an edited width is
+    # no preset's network.
+    meta['config']['detail_gain'] = 1.15
+    json_path.write_text(json.dumps(meta))
+    assert ', the compact network, ' in evaluate.describe_weights(
+        evaluate.OursConfig('gain', path))
+    assert S4FusionConfig.from_dict({**meta['config'], 'dims': [8, 16, 32]}).describe() \
+        == 'a custom network'
 
 
 def test_report_names_the_weights_a_run_started_from_without_their_records(tmp_path):

@@ -160,6 +160,15 @@ class S4FusionConfig:
         return next((n for n, preset in self.presets().items()
                      if network(preset) == network(self)), None)
 
+    def describe(self):
+        """How reports name this configuration: ``preset compact``, ``the compact network`` (at
+        other base settings) or ``a custom network``. Read from the config itself: the JSON's
+        ``preset`` key is a label anyone can edit."""
+        preset, network = self.preset_name(), self.network_name()
+        if preset:
+            return f'preset {preset}'
+        return f'the {network} network' if network else 'a custom network'
+
     def to_dict(self):
         """JSON-ready dict (lists for sequences)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -45,7 +45,7 @@ from ..evaluation.seafusion import SeAFusion, published_image
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
 from ..imaging.color import as_uint8, bgr_to_ycrcb
 from ..imaging.normalization import looks_like_raw_counts, raw_counts_warning
-from ..model import CheckpointError, shipped_weights
+from ..model import CheckpointError, S4Fusion, shipped_weights
 from ..model.checkpoint import file_sha256, read_config
 from ..runtime import (DeviceError, LoadedModel, default_preset, load_fusion_model,
                        resolve_device, set_threads)
@@ -471,8 +471,9 @@ def describe_weights(config: OursConfig) -> str:
     # several of them.
     gain = (f', detail gain {model_config.detail_gain:g}, base contrast '
             f'{model_config.base_contrast:g}' if model_config.base == 'laplacian' else '')
-    line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)}, preset '
-            f'{meta.get("preset") or "custom"}, {meta.get("parameters", "?")} parameters{gain})')
+    parameters = S4Fusion(model_config, device='meta').num_parameters()
+    line = (f'{config.label}: `{display_path(config.weights)}` (sha256 {_digest(config)}, '
+            f'{model_config.describe()}, {parameters} parameters{gain})')
     training = meta.get('training')
     if not isinstance(training, dict):
         return line + '; its JSON holds no training information'

@@ -161,12 +161,12 @@ def deviation_note(features, classifier, data_note, teacher=None):
     if teacher is not None:
         # The JSON beside the teacher's tensors sets how it fuses (its gain, its stretch): one
         # set of tensors taught differently under two JSONs.
-        meta, config = read_config(teacher)
+        _, config = read_config(teacher)
         tensors_digest, json_digest = (file_sha256(path)
                                        for path in (teacher, config_path(teacher)))
         notes.append(f'distilled from {teacher.name} (sha256 {tensors_digest}) run as its '
-                     f'{config_path(teacher).name} says (sha256 {json_digest}: preset '
-                     f'{meta.get("preset")}, detail_gain {config.detail_gain}, base_contrast '
+                     f'{config_path(teacher).name} says (sha256 {json_digest}: '
+                     f'{config.describe()}, detail_gain {config.detail_gain}, base_contrast '
                      f'{config.base_contrast})')
     if features is None:
         notes.append('source weights from multi-scale image Sobel energy, not ResNet-50 features')
