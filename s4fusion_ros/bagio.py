@@ -323,12 +323,17 @@ class _DirectoryReader(DirectoryReader):
         recorded)."""
         super().open()
         if any(getattr(storage, 'cut', None) for storage in self.storages):
+            # Each file's connection counts for the one it is read as (by topic, type and QoS,
+            # as DirectoryReader.messages matches them): a topic may have several, of other QoS.
             held = collections.Counter()
             for storage in self.storages:
-                for connection in storage.connections:
-                    held[connection.topic, connection.msgtype] += connection.msgcount
-            self.connections = [connection._replace(msgcount=held[connection.topic,
-                                                                  connection.msgtype])
+                for stored in storage.connections:
+                    read_as = next((connection for connection in self.connections
+                                    if (connection.topic, connection.msgtype, connection.ext)
+                                    == (stored.topic, stored.msgtype, stored.ext)), None)
+                    if read_as is not None:
+                        held[read_as.id] += stored.msgcount
+            self.connections = [connection._replace(msgcount=held[connection.id])
                                 for connection in self.connections]
 
 

@@ -810,6 +810,29 @@ def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file
     assert len(fused['/s4fusion_node/fused']) == len(expected_pairs(events[:whole])) >= 3
 
 
+def test_a_cut_off_topic_of_two_connections_counts_each_ones_messages(tmp_path):
+    # Two publishers of other QoS on one topic: each connection was given the topic's count.
+    source = tmp_path / 'in'
+    with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections = [writer.add_connection('/notes', 'std_msgs/msg/String', typestore=TYPESTORE,
+                                             offered_qos_profiles=[bagio.output_qos(reliability)])
+                       for reliability in ('reliable', 'best_effort')]
+        for index in range(3000):  # over a MiB, rosbags' chunk size: three chunks
+            message = TYPESTORE.types['std_msgs/msg/String'](data=f'{index:01000d}')
+            writer.write(connections[index % 2], 10**9 + index * 10**6,
+                         TYPESTORE.serialize_cdr(message, 'std_msgs/msg/String'))
+    storage = source / 'in.mcap'
+    lost = mcap_chunks(storage)[-1]
+    storage.write_bytes(storage.read_bytes()[:lost.chunk_start_offset + 100])
+    with bagio.open_bag(source) as reader:
+        assert bagio.cut_files(reader)
+        held = {connection.id: 0 for connection in reader.connections}
+        for connection, _, _ in bagio.read_messages(reader, source, ['/notes']):
+            held[connection.id] += 1
+        assert 0 < sum(held.values()) < 3000
+        assert {connection.id: connection.msgcount for connection in reader.connections} == held
+
+
 @pytest.mark.parametrize('kept', [0, 5, 12])
 def test_an_mcap_cut_before_any_message_is_refused_as_such(short_events, tmp_path, capsys, kept):
     # Empty, within the magic, within the Header: what a split recording's last file can be.
