@@ -300,8 +300,12 @@ class _UriPath(type(pathlib.Path())):
 
 
 class _Sqlite3Reader(Sqlite3Reader):
+    # rosbags opens the database immutable, which reads nothing of a -wal file beside it: what a
+    # recording in WAL mode (rosbag2's resilient preset) that a crash cut off committed last.
     def __init__(self, path) -> None:
         super().__init__(_UriPath(path))
+        wal = pathlib.Path(f'{path}-wal')
+        self.unmerged = wal if wal.is_file() and wal.stat().st_size else None
 
 
 class _Sqlite3Writer(Sqlite3Writer):
@@ -323,12 +327,17 @@ class _DirectoryReader(DirectoryReader):
         recorded)."""
         super().open()
         if any(getattr(storage, 'cut', None) for storage in self.storages):
+            # Each file's connection counts for the one it is read as (by topic, type and QoS,
+            # as DirectoryReader.messages matches them): a topic may have several, of other QoS.
             held = collections.Counter()
             for storage in self.storages:
-                for connection in storage.connections:
-                    held[connection.topic, connection.msgtype] += connection.msgcount
-            self.connections = [connection._replace(msgcount=held[connection.topic,
-                                                                  connection.msgtype])
+                for stored in storage.connections:
+                    read_as = next((connection for connection in self.connections
+                                    if (connection.topic, connection.msgtype, connection.ext)
+                                    == (stored.topic, stored.msgtype, stored.ext)), None)
+                    if read_as is not None:
+                        held[read_as.id] += stored.msgcount
+            self.connections = [connection._replace(msgcount=held[connection.id])
                                 for connection in self.connections]
 
 
@@ -343,15 +352,22 @@ def _storages(reader: Reader) -> list:
 
 
 def cut_files(reader: Reader) -> list[str]:
-    """What `reader` read of its MCAP files cut off (cut_mcap), one line each."""
+    """What `reader` read of its MCAP files cut off (cut_mcap), and which sqlite3 files it read
+    without the -wal file beside them, one line each."""
     lines = []
     for storage in _storages(reader):
+        name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
         cut = getattr(storage, 'cut', None)
         if cut is not None:
-            name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
             lines.append(f'{name}cut off (no MCAP footer: a recording that ended in a crash or '
                          f'power loss): read up to its last whole record, {cut.whole} of '
                          f'{cut.size} bytes')
+        unmerged = getattr(storage, 'unmerged', None)
+        if unmerged is not None:
+            database = unmerged.name.removesuffix('-wal')
+            lines.append(f'{name}not read: the messages in {unmerged.name} beside it (a '
+                         'recording cut off, or still running); once it has stopped, '
+                         f"`sqlite3 {database} 'PRAGMA wal_checkpoint'` merges them in")
     return lines
 
 

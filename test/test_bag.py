@@ -7,6 +7,7 @@ import re
 import resource
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -808,6 +809,56 @@ def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file
     fused = read_bag(tmp_path / 'out')
     assert fused == read_bag(tmp_path / 'out_clean')
     assert len(fused['/s4fusion_node/fused']) == len(expected_pairs(events[:whole])) >= 3
+
+
+def test_a_cut_off_topic_of_two_connections_counts_each_ones_messages(tmp_path):
+    # Two publishers of other QoS on one topic: each connection was given the topic's count.
+    source = tmp_path / 'in'
+    with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections = [writer.add_connection('/notes', 'std_msgs/msg/String', typestore=TYPESTORE,
+                                             offered_qos_profiles=[bagio.output_qos(reliability)])
+                       for reliability in ('reliable', 'best_effort')]
+        for index in range(3000):  # over a MiB, rosbags' chunk size: three chunks
+            message = TYPESTORE.types['std_msgs/msg/String'](data=f'{index:01000d}')
+            writer.write(connections[index % 2], 10**9 + index * 10**6,
+                         TYPESTORE.serialize_cdr(message, 'std_msgs/msg/String'))
+    storage = source / 'in.mcap'
+    lost = mcap_chunks(storage)[-1]
+    storage.write_bytes(storage.read_bytes()[:lost.chunk_start_offset + 100])
+    with bagio.open_bag(source) as reader:
+        assert bagio.cut_files(reader)
+        held = {connection.id: 0 for connection in reader.connections}
+        for connection, _, _ in bagio.read_messages(reader, source, ['/notes']):
+            held[connection.id] += 1
+        assert 0 < sum(held.values()) < 3000
+        assert {connection.id: connection.msgcount for connection in reader.connections} == held
+
+
+def test_a_sqlite3_recording_with_messages_left_in_its_wal_file_says_so(tmp_path):
+    # rosbag2's resilient preset writes in WAL mode: a recording cut off leaves its last
+    # messages in DIR.db3-wal, which rosbags (opening the database immutable) never read.
+    source = tmp_path / 'in'
+    note = TYPESTORE.serialize_cdr(TYPESTORE.types['std_msgs/msg/String'](data='x'),
+                                   'std_msgs/msg/String')
+    with Writer(source, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+        connection = writer.add_connection('/notes', 'std_msgs/msg/String', typestore=TYPESTORE)
+        for index in range(10):
+            writer.write(connection, 10**9 + index, note)
+    recorder = sqlite3.connect(source / 'in.db3')  # still open: the crash left its -wal file
+    recorder.execute('PRAGMA journal_mode=WAL')
+    recorder.executemany('INSERT INTO messages (topic_id, timestamp, data) VALUES (1, ?, ?)',
+                         [(10**9 + index, note) for index in range(10, 15)])
+    recorder.commit()
+    unread = ("not read: the messages in in.db3-wal beside it (a recording cut off, or still "
+              "running); once it has stopped, `sqlite3 in.db3 'PRAGMA wal_checkpoint'` merges "
+              'them in')
+    for bag, name in ((source, 'in.db3: '), (source / 'in.db3', '')):
+        with bagio.open_bag(bag) as reader:
+            assert sum(1 for _ in reader.messages()) == 10
+            assert bagio.cut_files(reader) == [name + unread]
+    recorder.close()  # the last connection merges the -wal file in
+    with bagio.open_bag(source) as reader:
+        assert sum(1 for _ in reader.messages()) == 15 and not bagio.cut_files(reader)
 
 
 @pytest.mark.parametrize('kept', [0, 5, 12])
