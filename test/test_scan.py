@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
 from s4fusion_ros.model import scan as scan_module
@@ -124,6 +125,64 @@ def test_huge_delta_stays_finite():
     y_ref = selective_scan_sequential(*tensors, **kwargs)
     for backend in ('numba', 'torch'):
         check_close(selective_scan(*tensors, backend=backend, **kwargs), y_ref)
+
+
+def mamba_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """mamba-ssm's ``selective_scan_ref`` (real A, B and C per position, z None) in float64,
+    written from its published semantics and sharing no code with scan.py: bias, softplus
+    (torch's, threshold 20), groups repeated as "B G N L -> B (G H) N L", exp(delta A) and
+    delta B u for all positions, then the recurrence and C . x, plus D u."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, d, length = u.shape
+
+    def per_channel(t):  # (batch, [G,] N, L) -> (batch, G H = d, N, L)
+        t = t[:, None] if t.dim() == 3 else t
+        return t[:, :, None].expand(-1, -1, d // t.shape[1], -1, -1).flatten(1, 2)
+
+    B, C = per_channel(B), per_channel(C)
+    delta_a = torch.exp(torch.einsum('bdl,dn->bdln', delta, A))
+    delta_b_u = torch.einsum('bdl,bdnl,bdl->bdln', delta, B, u)
+    x = u.new_zeros(batch, d, A.shape[1])
+    ys = []
+    for i in range(length):
+        x = delta_a[:, :, i] * x + delta_b_u[:, :, i]
+        ys.append(torch.einsum('bdn,bdn->bd', x, C[..., i]))
+    y = torch.stack(ys, dim=2)
+    return y if D is None else y + u * D.double()[:, None]
+
+
+EXTREME_CASES = [
+    # (batch, d, L, N, groups), delta before any softplus (uniform low .. high), A scale,
+    # softplus, D and bias, B/C as (batch, N, L). Softplus from -100 (dt ~ 0, underflow inside
+    # softplus) across its threshold 20 to 40; A to -1e3 N (exp(delta A) far below float32's
+    # range) without softplus; a VGA frame's token count (640 x 480 / 16) with small dt.
+    ((2, 8, 70, 4, 2), (-100.0, 40.0), 1.0, True, True, False),
+    ((3, 6, 45, 3, 3), (0.0, 5.0), 1e3, False, False, False),
+    ((1, 4, 640 * 480 // 16, 2, 1), (-6.0, -3.0), 1.0, True, True, True),
+]
+
+
+@needs_numba
+@pytest.mark.parametrize('case', EXTREME_CASES, ids=lambda c: 'b{}d{}L{}N{}g{}'.format(*c[0]))
+def test_backends_match_an_independent_mamba_reference_at_extremes(case):
+    (batch, d, length, nstate, groups), (low, high), a_scale, softplus, use_d, three_dim = case
+    g = torch.Generator().manual_seed(length)
+    u = torch.randn(batch, d, length, generator=g)
+    delta = torch.empty(batch, d, length).uniform_(low, high, generator=g)
+    A = -a_scale * torch.rand(d, nstate, generator=g) * torch.arange(1, nstate + 1)
+    bc_shape = (batch, nstate, length) if three_dim else (batch, groups, nstate, length)
+    B, C = torch.randn(bc_shape, generator=g), torch.randn(bc_shape, generator=g)
+    D, bias = (torch.randn(d, generator=g) for _ in range(2)) if use_d else (None, None)
+    kwargs = dict(delta_bias=bias, delta_softplus=softplus)
+    y_ref = mamba_reference(u, delta, A, B, C, D, **kwargs)
+    for scan in (functools.partial(selective_scan, backend='numba'),
+                 functools.partial(selective_scan, backend='torch'),
+                 functools.partial(selective_scan_chunked, chunk=33)):
+        check_close(scan(u, delta, A, B, C, D, **kwargs), y_ref)
 
 
 def test_chunked_gradcheck():
