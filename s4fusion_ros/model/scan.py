@@ -228,14 +228,16 @@ def _grouped(B, d):
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
                            chunk=None):
-    """Chunked PyTorch selective scan; exact up to rounding, differentiable by autograd.
+    """Chunked PyTorch selective scan; exact up to rounding and the decay floor (a step's decay
+    below exp(-80), float64 too, counts as exp(-80)), differentiable by autograd.
 
     L is cut into chunks of ``chunk`` (default ceil(sqrt(L))) positions. Pass 1 runs the
     recurrence through all chunks at once, position by position, each from a zero state. A short
     loop over the chunks then carries the true state across chunk ends, and pass 2 adds each
     position's share of it: C_t . g_t, where g_t is the carried state decayed up to t
-    (g_t = exp(delta_t A) g_{t-1}, no input). The exponents are never positive, so nothing
-    overflows. Arguments as ``selective_scan``; computes in float32 or float64.
+    (g_t = exp(delta_t A) g_{t-1}, no input). With A < 0 and a positive delta (softplus), as
+    Mamba's, the exponents are never positive, so nothing overflows. Arguments as
+    ``selective_scan``; computes in float32 or float64.
     """
     dtype_in = u.dtype
     dtype = torch.promote_types(dtype_in, torch.float32)

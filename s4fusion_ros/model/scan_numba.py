@@ -78,7 +78,8 @@ def _pow2(typingctx, k):
 
 @numba.njit(inline='always', fastmath=_FASTMATH, cache=CACHE)
 def _exp(x):
-    """exp(x) in float32, branch-free so loops vectorise; floored at exp(-87) (no subnormals)."""
+    """exp(x) in float32, branch-free so loops vectorise; floored at exp(-87) (no subnormals),
+    inf from x = 88.4 (float32 holds exp(x) to 88.7): the scans' exponents are not positive."""
     x = max(x, _EXP_MIN)
     k = np.floor(x * _LOG2E + _HALF)
     r = x - k * _LN2_HI - k * _LN2_LO
