@@ -119,50 +119,52 @@ def test_incompatible_qos_and_unknown_parameters_are_reported_by_name(ros_contex
 def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_context):
     # ROS 2's qos_overrides parameters (read at start) change one topic; qos.* set the rest.
     from rclpy.qos import ReliabilityPolicy
-    probe = Probe('qos_override_probe')
     # best_available (which the node refused at start) takes the reliability of the publishers
-    # the node has discovered as it subscribes: with none, reliable.
-    overrides = {'/thermal/image_raw': {'subscription': {'reliability': 'best_effort'}},
-                 '/visible/image_raw': {'subscription': {'reliability': 'best_available'}},
-                 '/s4fusion_node/fused': {'publisher': {'reliability': 'reliable'}}}
+    # the node has discovered as it subscribes: with none, reliable. In a namespace of its own,
+    # where no earlier test's best-effort publisher may still be discovered.
+    ns = '/qos'
+    probe = Probe('qos_override_probe', namespace=ns)
+    overrides = {f'{ns}/thermal/image_raw': {'subscription': {'reliability': 'best_effort'}},
+                 f'{ns}/visible/image_raw': {'subscription': {'reliability': 'best_available'}},
+                 f'{ns}/s4fusion_node/fused': {'publisher': {'reliability': 'reliable'}}}
     # And one for a topic the node does not have, a typo it reports.
-    overrides['/thermal/image'] = {'subscription': {'reliability': 'best_effort'}}
+    overrides[f'{ns}/thermal/image'] = {'subscription': {'reliability': 'best_effort'}}
     # qos.input.* at their defaults, as config/s4fusion.yaml gives them; qos.output.* not.
     with running_node({**PARAMS, 'qos.input.reliability': 'reliable',
                        'qos.output.reliability': 'best_effort',
-                       'qos_overrides': overrides}) as proc:
+                       'qos_overrides': overrides}, namespace=ns) as proc:
         probe.wait_for_node(proc)
 
         def endpoints():
-            thermal = probe.get_subscriptions_info_by_topic('/thermal/image_raw')
-            visible = probe.get_subscriptions_info_by_topic('/visible/image_raw')
-            outputs = [probe.get_publishers_info_by_topic(f'/s4fusion_node/{name}')
+            thermal = probe.get_subscriptions_info_by_topic(f'{ns}/thermal/image_raw')
+            visible = probe.get_subscriptions_info_by_topic(f'{ns}/visible/image_raw')
+            outputs = [probe.get_publishers_info_by_topic(f'{ns}/s4fusion_node/{name}')
                        for name in ('fused', 'saliency')]
             found = [thermal, visible, *outputs]
             return all(found) and [endpoint[0] for endpoint in found]
 
         assert probe.spin_until(endpoints, 30), node_log(proc)
         thermal, visible, fused, saliency = endpoints()
-        log = wait_for_log(proc, 'qos_overrides./thermal/image.subscription.reliability;')
+        log = wait_for_log(proc, f'qos_overrides.{ns}/thermal/image.subscription.reliability;')
     probe.destroy_node()
     assert thermal.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
     assert visible.qos_profile.reliability == ReliabilityPolicy.RELIABLE
     assert fused.qos_profile.reliability == ReliabilityPolicy.RELIABLE
     assert saliency.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT  # qos.output.*
     assert ('ignoring unknown parameters (this node does not declare them): '
-            'qos_overrides./thermal/image.subscription.reliability;') in log, log
+            f'qos_overrides.{ns}/thermal/image.subscription.reliability;') in log, log
     # Reported once, and the overrides the topics took are no parameter update.
     assert log.count('ignoring unknown parameters') == 1 and 'parameters updated' not in log, log
     # Said at start: a `ros2 param dump` file's overrides silently outvoted qos.* (and the
     # launch file's input_reliability). A warning where qos.* was given too, other than its
     # default (the output's), else information: one topic set apart is what an override is for.
-    assert re.search(r'\[INFO\] .*: qos_overrides\./thermal/image_raw\.subscription\.reliability '
-                     r'best_effort overrides qos\.input\.reliability reliable on '
-                     r'/thermal/image_raw$', log, re.MULTILINE), log
-    assert re.search(r'\[WARN\] .*: qos_overrides\./s4fusion_node/fused\.publisher\.reliability '
-                     r'reliable overrides qos\.output\.reliability best_effort on '
-                     r'/s4fusion_node/fused, both given at start \(a `ros2 param dump` file '
-                     r'holds one override for each topic\); remove the override to use '
+    assert re.search(rf'\[INFO\] .*: qos_overrides\.{ns}/thermal/image_raw\.subscription\.'
+                     r'reliability best_effort overrides qos\.input\.reliability reliable on '
+                     rf'{ns}/thermal/image_raw$', log, re.MULTILINE), log
+    assert re.search(rf'\[WARN\] .*: qos_overrides\.{ns}/s4fusion_node/fused\.publisher\.'
+                     r'reliability reliable overrides qos\.output\.reliability best_effort on '
+                     rf'{ns}/s4fusion_node/fused, both given at start \(a `ros2 param dump` '
+                     r'file holds one override for each topic\); remove the override to use '
                      r'qos\.output\.reliability$', log, re.MULTILINE), log
     assert log.count(' overrides qos.') == 3, log  # thermal, visible, fused; not saliency
 
