@@ -388,6 +388,35 @@ def test_ssim_is_one_for_identical_real_crops(crops):
     assert (loss.ssim(ir, vi) < 0.9).all()
 
 
+def test_ssim_matches_wangs_definition_in_float64(crops):
+    # Identical images score 1 whatever the window, padding or constants: this pins them. Wang et
+    # al.: 11x11 Gaussian of sigma 1.5, population moments, C1 = (0.01 L)^2, C2 = (0.03 L)^2 with
+    # L = 1 for [0, 1] images, averaged over the positions where the window fits the image.
+    ir, vi = (c[:4, 0, :40, :40].double().numpy() for c in crops)
+    taps = np.exp(-(np.arange(11) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    window = np.outer(taps, taps) / np.outer(taps, taps).sum()
+
+    def mean(a):
+        return (np.lib.stride_tricks.sliding_window_view(a, (11, 11), (1, 2)) * window).sum((3, 4))
+
+    def ssim(x, y):
+        mx, my = mean(x), mean(y)
+        vx, vy, cov = mean(x * x) - mx ** 2, mean(y * y) - my ** 2, mean(x * y) - mx * my
+        return ((2 * mx * my + 1e-4) * (2 * cov + 9e-4)
+                / ((mx ** 2 + my ** 2 + 1e-4) * (vx + vy + 9e-4))).mean((1, 2))
+
+    shifted = np.roll(vi, 3, axis=2) * 0.7
+    loss = S4FusionLoss()
+    for x, y in ((ir, vi), (vi, shifted)):
+        expected = torch.from_numpy(ssim(x, y))
+        x, y = torch.from_numpy(x)[:, None], torch.from_numpy(y)[:, None]
+        # float64 holds the definition (the window is stored as float32); float32, as training
+        # runs it, loses a few 1e-5 to the variances' cancellation, against constants of 1e-4.
+        torch.testing.assert_close(loss.ssim(x, y), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(loss.ssim(x.float(), y.float()), expected.float(), rtol=0,
+                                   atol=1e-4)
+
+
 def test_weights_sum_to_one_and_favour_the_sharper_source(crops):
     loss = S4FusionLoss()
     _, vi = crops
