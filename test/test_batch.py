@@ -6,8 +6,10 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -630,6 +632,43 @@ def test_ray_addresses_that_cannot_be_joined_on_loopback_or_at_all_are_one_line(
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 1 and message in run.stderr, run.stderr
         assert 'Traceback' not in run.stderr
+
+
+def test_joining_a_cluster_that_asks_for_its_token_says_how_to_send_it(tmp_path):
+    # The docs' set-up: a token made first, then `ray start --head`, which then asks for it. Ray
+    # sends the token to an address given only under RAY_AUTH_MODE=token (found with `auto`, it
+    # does by itself), and its reason was lost behind "Failed to connect to Ray cluster".
+    home = pathlib.Path(tempfile.mkdtemp(prefix='s4r-'))  # short: Ray's socket paths are in it
+    (home / '.ray').mkdir()
+    (home / '.ray' / 'auth_token').write_text(secrets.token_hex(32))
+    (home / 'ray_bootstrap_config.yaml').write_text('{}\n')  # see cluster.private_home
+    environment = {name: value for name, value in os.environ.items() if name != 'RAY_AUTH_MODE'}
+    environment.update(HOME=str(home), RAY_USAGE_STATS_ENABLED='0',
+                       RAY_TMPDIR=str(home), RAY_NUM_REDIS_GET_RETRIES='1')
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.4', 0))
+        port = probe.getsockname()[1]
+    address = f'127.0.0.4:{port}'
+    (tmp_path / 'in').mkdir()
+    (tmp_path / 'in' / 'a.mcap').write_bytes(b'')  # Ray is joined before any bag is read
+    try:
+        subprocess.run([str(BATCH_TOOL.parent / 'ray'), 'start', '--head', '--port', str(port),
+                        '--node-ip-address', '127.0.0.4', '--num-cpus', '1',
+                        '--include-dashboard=false', '--temp-dir', str(home / 'r')],
+                       env=environment, check=True, capture_output=True, timeout=120)
+        runs = [subprocess.run([str(BATCH_TOOL), str(tmp_path / 'in'), str(tmp_path / 'out'),
+                                '--ray', address], env={**environment, **extra},
+                               capture_output=True, text=True, timeout=120)
+                for extra in ({}, {'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': '0' * 64})]
+    finally:
+        for pid in processes_with_home(home):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(home, ignore_errors=True)
+    for run, reason in zip(runs, ('it asks for its token; run with RAY_AUTH_MODE=token',
+                                  'it refused the token')):
+        assert run.returncode == 1, run.stderr
+        assert f'--ray {address}: cannot join that Ray cluster: {reason}' in run.stderr, run.stderr
 
 
 def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(

@@ -22,10 +22,15 @@ FAST_HEALTH_CHECKS = {'health_check_initial_delay_ms': 0, 'health_check_period_m
 
 
 @pytest.fixture
-def cluster(ray_home):
+def cluster(ray_home, monkeypatch):
     """A head node (127.0.0.2, with the driver) and a worker node (127.0.0.3), 1 CPU each."""
     import ray
     from ray.cluster_utils import Cluster
+    # Cluster writes the head's address into RAY_TMPDIR/ray, else /tmp/ray, which every user's
+    # Ray shares and which may not exist (FileNotFoundError): this cluster's own, as in
+    # batch.bench.ray_nodes.
+    (ray_home / 'cluster' / 'ray').mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv('RAY_TMPDIR', str(ray_home / 'cluster'))
     cluster = Cluster(initialize_head=True, head_node_args={
         'num_cpus': 1, 'node_ip_address': HEAD_IP, 'temp_dir': str(ray_home / 'cluster'),
         'include_dashboard': False, '_system_config': FAST_HEALTH_CHECKS})

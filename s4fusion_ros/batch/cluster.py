@@ -201,6 +201,13 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                         'OMP_WAIT_POLICY': omp_wait_policy(), **opencv_settings()}},
                         **_driver_address(address), **common)
         except (ValueError, ConnectionError) as error:  # a malformed address, or nobody there
+            if 'InvalidAuthToken' in str(error.__cause__):  # Ray's reason, in its cause alone
+                token = '~/.ray/auth_token or RAY_AUTH_TOKEN'
+                raise BatchError(f'--ray {address}: cannot join that Ray cluster: ' + (
+                    f'it refused the token ({token}); use the cluster\'s'
+                    if os.environ.get(AUTH_MODE) == 'token' else
+                    f'it asks for its token; run with RAY_AUTH_MODE=token (Ray sends the token, '
+                    f'from {token}, to an address given only then)')) from None
             raise BatchError(f'--ray {address}: cannot join that Ray cluster ({error})') from None
         yield ray
     finally:  # stopped or failed while starting too: nothing it started may outlive this process
