@@ -235,3 +235,15 @@ def test_evaluate_runs_seafusion_on_colour_pairs_as_the_authors_script(seafusion
     gray = fuse.SourcePair(pair.name, source.thermal, source.visible_bgr, False)
     np.testing.assert_array_equal(evaluate.seafusion_method(seafusion)(gray, None).fused,
                                   S.published_image(seafusion.fuse(source.thermal, vi_y)))
+
+
+def test_gff_splits_ties_of_saliency_as_the_paper_does():
+    """Li et al.'s eq. 11 gives a pixel's binary weight to every source at the maximum, so where
+    both are flat (a saturated sky over a cold one) they share it; no source is preferred."""
+    rng = np.random.default_rng(4)
+    ir = (0.3 + 0.4 * rng.random((96, 96))).astype(np.float32)
+    vi = (0.3 + 0.4 * rng.random((96, 96))).astype(np.float32)
+    ir[:40], vi[:40] = 0.02, 1.0  # flat in both: zero saliency, a tie
+    fused = B.fuse_gff(ir, vi)
+    np.testing.assert_allclose(fused, B.fuse_gff(vi, ir), atol=1e-5)
+    np.testing.assert_allclose(fused[:20], (0.02 + 1.0) / 2, atol=0.03)

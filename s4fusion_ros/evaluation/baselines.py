@@ -67,10 +67,10 @@ def fuse_gff(ir, vi):
     """Guided-filtering fusion (Li, Kang and Hu, IEEE TIP 2013) with the paper's settings.
 
     Each source splits into a base (31x31 mean) and a detail layer. A pixel's binary weight goes
-    to the source whose Gaussian-smoothed (11x11, sigma 5) absolute Laplacian is larger; guided
-    by each source, the weights are smoothed broadly for the bases (radius 45, eps 0.3) and
-    finely for the details (radius 7, eps 1e-6), normalised to sum to 1, and the weighted bases
-    and details are added.
+    to the source whose Gaussian-smoothed (11x11, sigma 5) absolute Laplacian is larger (to both
+    on a tie); guided by each source, the weights are smoothed broadly for the bases (radius 45,
+    eps 0.3) and finely for the details (radius 7, eps 1e-6), normalised to sum to 1, and the
+    weighted bases and details are added.
     """
     sources = unit_gray_pair(ir, vi)
     bases = [cv2.blur(s, (31, 31), borderType=cv2.BORDER_REPLICATE) for s in sources]
@@ -78,12 +78,17 @@ def fuse_gff(ir, vi):
                                                       borderType=cv2.BORDER_REPLICATE)),
                                  (11, 11), 5, borderType=cv2.BORDER_REPLICATE)
                 for s in sources]
-    chosen = (saliency[0] >= saliency[1]).astype(np.float32)  # IR wins ties
+    # Eq. 11: 1 for each source at the maximum, so a tie (both flat, as a saturated sky over a
+    # cold one) is shared, not handed to either source.
+    larger = np.maximum(*saliency)
+    chosen = [(s == larger).astype(np.float32) for s in saliency]
     fused = np.zeros_like(sources[0])
     for layers, radius, eps in ((bases, 45, 0.3),
                                 ([s - b for s, b in zip(sources, bases)], 7, 1e-6)):
-        weights = [guided_filter(s, p, radius, eps) for s, p in zip(sources, (chosen, 1 - chosen))]
+        weights = [guided_filter(s, p, radius, eps) for s, p in zip(sources, chosen)]
         total = weights[0] + weights[1]
-        total[np.abs(total) < 1e-6] = 1e-6  # the smoothed weights sum to about 1 anyway
+        # Only a guard: the detail weights overshoot [0, 1] at edges, so their sum dips to about
+        # 0.01 (the paper divides by it; the authors' MATLAB first clips each weight to [0, 1]).
+        total[np.abs(total) < 1e-6] = 1e-6
         fused += sum(w * layer for w, layer in zip(weights, layers)) / total
     return np.clip(fused, 0.0, 1.0)
