@@ -33,6 +33,7 @@ from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, Storage
 # The storages themselves, for reading an MCAP file cut off by a crash (_McapReader) and sqlite3
 # bags under any path (_UriPath).
 from rosbags.rosbag2.reader import DirectoryReader
+from rosbags.rosbag2 import storage_mcap
 from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
 from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
 from rosbags.typesys import Stores, get_typestore
@@ -213,6 +214,25 @@ def _decompresses(file, chunk: ChunkInfo) -> bool:
     except Exception:  # noqa: BLE001 - whatever a damaged stream raises
         return False
     return True
+
+
+def _inflate_zstd(data: bytes, size: int) -> bytes:
+    """The zstd frames of a chunk that declares `size` bytes, inflated to one byte past it at
+    most: rosbags inflated them whole before comparing, and zstd packs a GiB of zeros in some
+    32 kB, so a damaged or hostile chunk took gigabytes before it failed as too large."""
+    parts, left = [], size + 1
+    while data and left > 0:
+        frame = storage_mcap.zstd.ZstdDecompressor()
+        parts.append(frame.decompress(data, left))
+        left -= len(parts[-1])
+        if not frame.eof:  # at the limit, or cut short: rosbags' size check says so
+            break
+        data = frame.unused_data
+    return b''.join(parts)
+
+
+# What rosbags' MCAP storage (and _decompresses) inflates every zstd chunk with.
+storage_mcap.DECOMPRESSORS['zstd'] = _inflate_zstd
 
 
 class _CutMcapFile(io.RawIOBase):
