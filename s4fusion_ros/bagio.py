@@ -28,12 +28,12 @@ import numpy as np
 import yaml
 from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurability, QosHistory,
                                 QosLiveliness, QosReliability, QosTime)
-from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer,
-                             WriterError)
-# The storages themselves, for reading an MCAP file cut off by a crash (_McapReader) and sqlite3
-# bags under any path (_UriPath).
-from rosbags.rosbag2.reader import DirectoryReader
+from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, ReaderError,
+                             StoragePlugin, Writer, WriterError)
+# The storages themselves, for reading an MCAP file cut off by a crash (_McapReader), sqlite3
+# bags under any path (_UriPath) and chunks that inflate past their size (_inflate_zstd).
 from rosbags.rosbag2 import storage_mcap
+from rosbags.rosbag2.reader import DirectoryReader
 from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
 from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
 from rosbags.typesys import Stores, get_typestore
@@ -346,6 +346,14 @@ class _DirectoryReader(DirectoryReader):
         (metadata.yaml, as the recorder or `ros2 bag reindex` wrote it, counts the messages
         recorded)."""
         super().open()
+        for connection in self.connections:  # as metadata.yaml gives them: rosbags checks none
+            if not (isinstance(connection.topic, str) and isinstance(connection.msgtype, str)
+                    and type(connection.msgcount) is int and connection.msgcount >= 0):
+                self.close()
+                raise ReaderError(f'{self.path / "metadata.yaml"}: topic {connection.topic!r} '
+                                  f'of type {connection.msgtype!r} counts '
+                                  f'{connection.msgcount!r} messages: a name and a type are '
+                                  'text, a message_count a whole number')
         if any(getattr(storage, 'cut', None) for storage in self.storages):
             # Each file's connection counts for the one it is read as (by topic, type and QoS,
             # as DirectoryReader.messages matches them): a topic may have several, of other QoS.

@@ -1084,6 +1084,23 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
         assert not output.exists()
 
 
+@pytest.mark.parametrize('field, value', [('message_count', None), ('message_count', 'many'),
+                                          ('name', 7)])
+def test_a_metadata_topic_of_no_name_or_count_is_refused_naming_the_file(
+        short_events, tmp_path, capsys, field, value):
+    # rosbags takes metadata.yaml's topics as they come: s4fusion-bag (and s4fusion-play, on
+    # the name) ended in a TypeError's traceback.
+    source = write_bag(tmp_path / 'in', short_events[:10], 'mcap')
+    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
+    topic = metadata['rosbag2_bagfile_information']['topics_with_message_count'][0]
+    (topic if field == 'message_count' else topic['topic_metadata'])[field] = value
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+    error = capsys.readouterr().err
+    assert f"{source / 'metadata.yaml'}: topic " in error and 'Traceback' not in error, error
+    assert not (tmp_path / 'out').exists()
+
+
 def run_tool(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path, *extra,
              preexec_fn=None) -> subprocess.Popen:
     return subprocess.Popen([str(BAG_TOOL), str(source), str(output), '--params', str(params),
