@@ -28,10 +28,11 @@ import numpy as np
 import yaml
 from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurability, QosHistory,
                                 QosLiveliness, QosReliability, QosTime)
-from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer,
-                             WriterError)
-# The storages themselves, for reading an MCAP file cut off by a crash (_McapReader) and sqlite3
-# bags under any path (_UriPath).
+from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, ReaderError,
+                             StoragePlugin, Writer, WriterError)
+# The storages themselves, for reading an MCAP file cut off by a crash (_McapReader), sqlite3
+# bags under any path (_UriPath) and chunks that inflate past their size (_inflate_zstd).
+from rosbags.rosbag2 import storage_mcap
 from rosbags.rosbag2.reader import DirectoryReader
 from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
 from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
@@ -215,6 +216,25 @@ def _decompresses(file, chunk: ChunkInfo) -> bool:
     return True
 
 
+def _inflate_zstd(data: bytes, size: int) -> bytes:
+    """The zstd frames of a chunk that declares `size` bytes, inflated to one byte past it at
+    most: rosbags inflated them whole before comparing, and zstd packs a GiB of zeros in some
+    32 kB, so a damaged or hostile chunk took gigabytes before it failed as too large."""
+    parts, left = [], size + 1
+    while data and left > 0:
+        frame = storage_mcap.zstd.ZstdDecompressor()
+        parts.append(frame.decompress(data, left))
+        left -= len(parts[-1])
+        if not frame.eof:  # at the limit, or cut short: rosbags' size check says so
+            break
+        data = frame.unused_data
+    return b''.join(parts)
+
+
+# What rosbags' MCAP storage (and _decompresses) inflates every zstd chunk with.
+storage_mcap.DECOMPRESSORS['zstd'] = _inflate_zstd
+
+
 class _CutMcapFile(io.RawIOBase):
     """An MCAP file cut off, read as `cut` says: `start`, its first `whole` bytes, _MCAP_END."""
 
@@ -326,6 +346,14 @@ class _DirectoryReader(DirectoryReader):
         (metadata.yaml, as the recorder or `ros2 bag reindex` wrote it, counts the messages
         recorded)."""
         super().open()
+        for connection in self.connections:  # as metadata.yaml gives them: rosbags checks none
+            if not (isinstance(connection.topic, str) and isinstance(connection.msgtype, str)
+                    and type(connection.msgcount) is int and connection.msgcount >= 0):
+                self.close()
+                raise ReaderError(f'{self.path / "metadata.yaml"}: topic {connection.topic!r} '
+                                  f'of type {connection.msgtype!r} counts '
+                                  f'{connection.msgcount!r} messages: a name and a type are '
+                                  'text, a message_count a whole number')
         if any(getattr(storage, 'cut', None) for storage in self.storages):
             # Each file's connection counts for the one it is read as (by topic, type and QoS,
             # as DirectoryReader.messages matches them): a topic may have several, of other QoS.

@@ -13,13 +13,16 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 
 import cv2
 import numpy as np
 import pytest
 import yaml
 from rosbags.interfaces import QosReliability
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer, WriterError
+from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer,
+                             WriterError)
+from rosbags.rosbag2.storage_mcap import zstd
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
@@ -861,6 +864,40 @@ def test_a_sqlite3_recording_with_messages_left_in_its_wal_file_says_so(tmp_path
         assert sum(1 for _ in reader.messages()) == 15 and not bagio.cut_files(reader)
 
 
+def test_an_mcap_chunk_that_inflates_past_its_size_is_refused_without_taking_the_memory(
+        short_events, tmp_path, capsys):
+    # zstd packs a GiB of zeros in some 32 kB: rosbags inflated such a chunk whole (3.2 GB peak
+    # for 1.5 GiB) before finding it larger than it says it is.
+    inflated = 256 << 20
+    source = tmp_path / 'in'
+
+    def bomb(chunk: bytes) -> bytes:
+        compressor = zstd.ZstdCompressor()
+        return b''.join([compressor.compress(chunk), compressor.compress(bytes(inflated)),
+                         compressor.flush()])
+
+    writer = Writer(source, version=9, storage_plugin=StoragePlugin.MCAP)
+    writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+    with writer:
+        writer.storage.compressor = bomb
+        connection = writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE)
+        for log_time, topic, stamp, encoding, image in short_events[:20]:
+            if topic == THERMAL_TOPIC:
+                writer.write(connection, log_time, TYPESTORE.serialize_cdr(
+                    bag_image_message(image, encoding, stamp, THERMAL_FRAME), IMAGE))
+    assert (source / 'in.mcap').stat().st_size < inflated // 100
+    tracemalloc.start()
+    try:
+        assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    error = capsys.readouterr().err
+    assert f'{source}: cannot read the bag' in error and 'Chunk size mismatch' in error, error
+    assert peak < inflated // 4
+    assert 'Traceback' not in error and not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('kept', [0, 5, 12])
 def test_an_mcap_cut_before_any_message_is_refused_as_such(short_events, tmp_path, capsys, kept):
     # Empty, within the magic, within the Header: what a split recording's last file can be.
@@ -1045,6 +1082,23 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
         error = capsys.readouterr().err
         assert str(named) in error and 'Traceback' not in error, error
         assert not output.exists()
+
+
+@pytest.mark.parametrize('field, value', [('message_count', None), ('message_count', 'many'),
+                                          ('name', 7)])
+def test_a_metadata_topic_of_no_name_or_count_is_refused_naming_the_file(
+        short_events, tmp_path, capsys, field, value):
+    # rosbags takes metadata.yaml's topics as they come: s4fusion-bag (and s4fusion-play, on
+    # the name) ended in a TypeError's traceback.
+    source = write_bag(tmp_path / 'in', short_events[:10], 'mcap')
+    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
+    topic = metadata['rosbag2_bagfile_information']['topics_with_message_count'][0]
+    (topic if field == 'message_count' else topic['topic_metadata'])[field] = value
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+    error = capsys.readouterr().err
+    assert f"{source / 'metadata.yaml'}: topic " in error and 'Traceback' not in error, error
+    assert not (tmp_path / 'out').exists()
 
 
 def run_tool(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path, *extra,

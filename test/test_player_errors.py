@@ -174,3 +174,16 @@ def test_an_mcap_cut_off_by_a_crash_plays_up_to_its_cut_and_says_so(tmp_path):
     assert played.returncode == 0 and 0 < whole < len(events), played.stderr
     assert f'{storage}: cut off (no MCAP footer' in played.stderr, played.stderr
     assert f'{THERMAL_TOPIC} {whole}; end of bag' in played.stderr, played.stderr
+
+
+def test_a_metadata_topic_named_by_a_number_is_refused_naming_the_file(tmp_path):
+    # rosbags takes metadata.yaml's topics as they come: the player died in a TypeError.
+    image = np.zeros((4, 4), np.uint8)
+    bag = write_bag(tmp_path / 'bag', [(time_ns, THERMAL_TOPIC, time_ns, 'mono8', image)
+                                       for time_ns in (10**9, 2 * 10**9)], 'mcap')
+    metadata = bag / 'metadata.yaml'
+    metadata.write_text(metadata.read_text().replace(f'name: {THERMAL_TOPIC}', 'name: 7'))
+    refused = subprocess.run([*PLAYER, str(bag), '--wait', '0'], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
+    assert f'{metadata}: topic 7 of type' in refused.stderr, refused.stderr
