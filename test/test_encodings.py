@@ -541,12 +541,23 @@ def test_color_fused_luminance_keeps_visible_chroma(msrs_pair):
 
 def test_gray_helpers():
     gray = np.array([[0.0, 0.5, 1.0], [-0.2, 1.7, np.nan]], np.float32)
-    np.testing.assert_array_equal(color.to_uint8(gray), [[0, 128, 255], [0, 255, 0]])
+    with np.errstate(invalid='raise'):  # NaN is made 0, not left to the platform's cast
+        np.testing.assert_array_equal(color.to_uint8(gray), [[0, 128, 255], [0, 255, 0]])
     # to_uint8 rounds halves up, as MATLAB's uint8 (np.rint rounds them to even), and nothing
     # below a half (in float32, 0.49999997 + 0.5 rounds to 1).
     np.testing.assert_array_equal(color.round_half_up(
         np.array([0.5, 1.5, 2.5, 254.5, 0.49999997], np.float32)), [1, 2, 3, 255, 0])
     np.testing.assert_array_equal(color.to_float(np.array([0, 255], np.uint8)), [0.0, 1.0])
+
+
+def test_a_16bit_image_is_value_over_65535_in_8_bits_rounded_half_up():
+    # As training and s4fusion-fuse read it: v / 65535 * 255 = v / 257, never a tie, rounded
+    # half up; not the high byte (v >> 8: a quarter of the values a level off), nor v / 65536 (127
+    # values a level low).
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    np.testing.assert_array_equal(color.as_uint8(every), (2 * every.astype(np.int64) + 257) // 514)
+    eight = np.arange(256, dtype=np.uint8)
+    assert color.as_uint8(eight) is eight
 
 
 @pytest.mark.parametrize('flags', [[], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
