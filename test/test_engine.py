@@ -282,6 +282,11 @@ def test_the_delivery_is_told_by_stamps_and_arrivals_together():
     assert bursts.delivery()['visible'].spread > 0.7
     assert bursts.delivery()['visible'].behind > bursts.delivery()['visible'].spread
     assert StampSkew().delivery() == {'thermal': None, 'visible': None}
+    few = StampSkew()  # 9 frames of each: too few to tell
+    for frame in range(9):
+        few.add('thermal', round((5 + frame / 10) * 1e9), 1000 + frame / 10)
+        few.add('visible', round((5 + frame / 30) * 1e9), 1000 + frame / 30)
+    assert few.delivery() == {'thermal': None, 'visible': None}
 
 
 def test_outside_the_thermal_view_the_model_gets_the_visible_luminance(msrs_pair):
