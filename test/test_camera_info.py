@@ -51,6 +51,11 @@ def test_an_image_gets_the_info_of_its_stamp_or_else_the_latest():
     cache.add(camera_info(0, 1.0))  # a static publisher that leaves its stamp at 0
     assert cache.for_image(10).k[0] == 1.0
     assert cache.received == 5
+    # An info sent again with a stamp it had is the last to arrive, not where it first came.
+    cache = CameraInfoCache(size=3)
+    for stamp, focal in ((30, 300.0), (40, 400.0), (30, 301.0)):
+        cache.add(camera_info(stamp, focal))
+    assert cache.for_image(10).k[0] == 301.0
 
 
 @pytest.mark.ros
@@ -65,9 +70,18 @@ def test_an_info_that_does_not_describe_its_images_is_named():
     assert calibration_fault(info, 80, 60) == ('it describes 50x25 images with its region of '
                                                'interest and binning, the visible images are '
                                                '80x60')
+    info.roi.width = info.roi.height = 0
+    info.binning_y = 1  # each side binned by its own factor
+    assert calibration_fault(info, 80, 120) == ''
+    info.width = 0  # half of a size is no uncalibrated camera's
+    assert calibration_fault(info, 80, 120) == ('it describes 0x120 images, the visible images '
+                                                'are 80x120')
     uncalibrated = CameraInfo()  # all zeros: sensor_msgs' uncalibrated camera
     assert calibration_fault(uncalibrated, 160, 120) == ''
     info = camera_info(0, float('nan'))
+    assert calibration_fault(info, 160, 120) == 'its camera matrix K is not finite'
+    info = camera_info(0, 100.0)
+    info.k[2] = float('inf')  # any element of K, not only the focal length
     assert calibration_fault(info, 160, 120) == 'its camera matrix K is not finite'
 
 

@@ -5,6 +5,8 @@ import os
 import struct
 import subprocess
 import sys
+import tracemalloc
+import zlib
 
 import cv2
 from hypothesis import given, HealthCheck, settings, strategies as st
@@ -77,6 +79,18 @@ def test_big_endian_bytes_are_swapped(msrs_pair):
     temps = np.array([[-40.5, 0.0, 1234.25]], np.float32)
     img = RawImage(1, 3, '32FC1', 12, 1, temps.astype('>f4').tobytes())
     np.testing.assert_array_equal(decode_thermal(img), temps)
+    # is_bigendian is a uint8: any value but 0 says big-endian.
+    img = RawImage(1, 3, '32FC1', 12, 255, temps.astype('>f4').tobytes())
+    np.testing.assert_array_equal(decode_thermal(img), temps)
+
+
+def test_data_that_is_a_strided_view_is_read(msrs_pair):
+    # A uint8 array that is every other byte of another: no buffer of its own to view.
+    ir = msrs_pair[0]
+    interleaved = np.zeros(2 * ir.size, np.uint8)
+    interleaved[::2] = ir.ravel()
+    img = RawImage(ir.shape[0], ir.shape[1], 'mono8', ir.shape[1], 0, interleaved[::2])
+    np.testing.assert_array_equal(image_to_array(img), ir)
 
 
 def test_unpadded_rows_are_not_copied(msrs_pair):
@@ -231,6 +245,17 @@ def test_the_fused_compressed_transport_reads_back_as_its_encoding(msrs_pair, co
         assert cv2.PSNR(decoded, expected) > 33
 
 
+def test_compressed_images_of_other_types_are_refused(msrs_pair):
+    # A TIFF holds any type OpenCV has: signed, or float colour, is neither camera's image.
+    signed = cv2.imencode('.tiff', msrs_pair[0].astype(np.int16) - 128)[1].tobytes()
+    for decode in (decode_thermal, decode_visible):
+        with pytest.raises(ImageDecodeError, match="'tiff' image: unsupported 1-channel int16"):
+            decode(RawCompressedImage('tiff', signed))
+    colour = cv2.imencode('.tiff', color.to_float(msrs_pair[1]))[1].tobytes()
+    with pytest.raises(ImageDecodeError, match='float colour is not a thermal image'):
+        decode_thermal(RawCompressedImage('tiff', colour))
+
+
 def test_compressed_16bit_png_stays_16bit(msrs_pair):
     counts = msrs_pair[0].astype(np.uint16) * 64 + 5  # 14-bit radiometric counts
     img = RawCompressedImage('16UC1; png compressed', cv2.imencode('.png', counts)[1].tobytes())
@@ -358,6 +383,16 @@ def test_a_bad_zstd_transport_message_is_refused_before_it_is_inflated(arrays):
     # One the header says is larger than its rows.
     refused(struct.pack('<IIBII', img.height, img.width, 0, img.step + 2, 6) + data[17:],
             'but its header gives step x height')
+    # Rows far beyond what the header gives (64 MiB in 64 kB): inflated one byte past them.
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    flood = packer.compress(bytes(1 << 26)) + packer.flush()
+    tracemalloc.start()
+    try:
+        refused(struct.pack('<IIBII', 1, 1, 0, 1, 5) + b'mono8' + flood,
+                'decompressed to more than 1 bytes')
+        assert tracemalloc.get_traced_memory()[1] < 1 << 22
+    finally:
+        tracemalloc.stop()
 
 
 def test_compressed_depth_32fc1_is_its_quantized_inverse_depth():
@@ -404,6 +439,8 @@ def test_a_jpeg_over_max_pixels_is_refused_from_a_header_behind_metadata_or_fill
     cut = jpeg[:2] + app2 + jpeg[2:frame] + b'\xff' + jpeg[frame:frame + 19]
     with pytest.raises(ImageDecodeError, match='1600x1200 exceeds 1000000 pixels'):
         decode_visible(RawCompressedImage('jpeg', cut), max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError, match='40000x64 exceeds 1000000 pixels'):
+        decode_visible(RawCompressedImage('png', WIDE_PNG[:40]), max_pixels=1_000_000)
 
 
 def test_compressed_image_over_the_size_limit_is_refused_where_opencv_has_no_limits():
@@ -466,6 +503,13 @@ def test_malformed_images_raise_decode_error(img, message):
             decode(img)
 
 
+def test_an_image_of_exactly_max_pixels_is_read():
+    img = good(height=4, width=5)
+    assert image_to_array(img, max_pixels=20).shape == (4, 5)
+    with pytest.raises(ImageDecodeError, match='5x4 exceeds 19 pixels'):
+        image_to_array(img, max_pixels=19)
+
+
 def test_decode_errors_reach_a_value_error_handler_and_name_the_fault():
     short = RawImage(data=np.zeros(3, np.uint8), height=2, width=2, encoding='mono8', step=2,
                      is_bigendian=0)
@@ -507,11 +551,19 @@ def test_garbage_compressed_images_only_raise_decode_error(data):
 def test_encode_image_refuses_dishonest_arrays(msrs_pair):
     ir, vi = msrs_pair
     for array_, encoding in ((vi, 'mono8'), (ir, 'bgr8'), (ir, 'mono16'), (vi, 'rgba8'),
-                             (ir.astype(np.float64), '32FC1'), (ir[:0], 'mono8')):
+                             (ir.astype(np.float64), '32FC1'), (ir[:0], 'mono8'),
+                             (ir[:, :0], 'mono8')):
         with pytest.raises(ValueError):
             encode_image(array_, encoding)
     with pytest.raises(ValueError, match='32FC3'):
         encode_image(vi, '32FC3')
+
+
+def test_a_one_channel_image_with_a_channel_axis_encodes_as_gray(msrs_pair):
+    ir = msrs_pair[0]
+    img = encode_image(ir[:, :, None], 'mono8')
+    assert (img.height, img.width, img.step) == (*ir.shape, ir.shape[1])
+    np.testing.assert_array_equal(image_to_array(img), ir)
 
 
 def test_color_round_trip_and_luminance(msrs_pair):
@@ -541,7 +593,8 @@ def test_color_fused_luminance_keeps_visible_chroma(msrs_pair):
 
 def test_gray_helpers():
     gray = np.array([[0.0, 0.5, 1.0], [-0.2, 1.7, np.nan]], np.float32)
-    np.testing.assert_array_equal(color.to_uint8(gray), [[0, 128, 255], [0, 255, 0]])
+    with np.errstate(invalid='raise'):  # NaN is made 0, not left to the platform's cast
+        np.testing.assert_array_equal(color.to_uint8(gray), [[0, 128, 255], [0, 255, 0]])
     # to_uint8 rounds halves up, as MATLAB's uint8 (np.rint rounds them to even), and nothing
     # below a half (in float32, 0.49999997 + 0.5 rounds to 1).
     np.testing.assert_array_equal(color.round_half_up(
@@ -549,8 +602,19 @@ def test_gray_helpers():
     np.testing.assert_array_equal(color.to_float(np.array([0, 255], np.uint8)), [0.0, 1.0])
 
 
+def test_a_16bit_image_is_value_over_65535_in_8_bits_rounded_half_up():
+    # As training and s4fusion-fuse read it: v / 65535 * 255 = v / 257, never a tie, rounded
+    # half up; not the high byte (v >> 8: a quarter of the values a level off), nor v / 65536 (127
+    # values a level low).
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    np.testing.assert_array_equal(color.as_uint8(every), (2 * every.astype(np.int64) + 257) // 514)
+    eight = np.arange(256, dtype=np.uint8)
+    assert color.as_uint8(eight) is eight
+
+
+# A restart marker between every two MCUs: RST0 to RST7, then RST0 to RST2.
 @pytest.mark.parametrize('flags', [[], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
-                                   [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]],
+                                   [cv2.IMWRITE_JPEG_RST_INTERVAL, 1]],
                          ids=['baseline', 'progressive', 'restart markers'])
 def test_a_jpeg_is_whole_as_libjpeg_reads_it_to_its_end_marker(flags):
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)

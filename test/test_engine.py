@@ -6,11 +6,13 @@ import time
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from s4fusion_ros import settings
 from s4fusion_ros.engine import (SIZES_KEEP_CHANGING, SIZES_NAMED, FusionEngine,
                                  FusionPipeline, FusionSettings, PreparedPair, compose_output,
-                                 model_input_size, pipeline_from_params, restore_detail)
+                                 fusion_settings, model_input_size, pipeline_from_params,
+                                 restore_detail)
 from s4fusion_ros.imaging.color import bgr_to_gray, bgr_to_ycrcb, to_uint8
 from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage, RawImage,
                                             encode_image, image_to_array)
@@ -100,6 +102,28 @@ def test_a_camera_changing_size_under_a_homography_is_named_as_misregistered(msr
         'the cameras changed image size (thermal 320x240, visible 640x480; now thermal '
         '640x480, visible 640x480), but registration.homography maps the pixels of the sizes '
         'it was found for: the thermal image is misregistered until it is set for these']
+
+
+def test_cameras_changing_size_together_without_a_homography_are_not_misregistered(msrs_pair):
+    # The identity maps any size to its own: nothing is misregistered, nothing to say.
+    ir, vi = msrs_pair
+    pipeline = make_pipeline()
+    for k, size in enumerate([(320, 240), (640, 480)]):
+        pipeline.add_thermal(encode_image(cv2.resize(ir, size), 'mono8'), (1000 + 100 * k) * MS,
+                             'ir')
+        pipeline.add_visible(encode_image(cv2.resize(vi, size), 'bgr8'), (1001 + 100 * k) * MS,
+                             'rgb')
+    assert pipeline.synchronizer.stats.pairs == 2 and pipeline.notices == []
+
+
+def test_colour_on_the_thermal_topic_is_noticed_once(msrs_pair):
+    ir, vi = msrs_pair
+    pipeline = make_pipeline()
+    for k in range(2):
+        pipeline.add_thermal(encode_image(cv2.cvtColor(ir, cv2.COLOR_GRAY2BGR), 'bgr8'),
+                             (1000 + 100 * k) * MS, 'ir')
+    assert [notice.split(':')[0] for notice in pipeline.notices] == [
+        'a colour image arrived on the thermal topic']
 
 
 @pytest.mark.parametrize('homography', [[1, 0, 0, 0, 1, 0, 0, 0, 1],
@@ -282,6 +306,11 @@ def test_the_delivery_is_told_by_stamps_and_arrivals_together():
     assert bursts.delivery()['visible'].spread > 0.7
     assert bursts.delivery()['visible'].behind > bursts.delivery()['visible'].spread
     assert StampSkew().delivery() == {'thermal': None, 'visible': None}
+    few = StampSkew()  # 9 frames of each: too few to tell
+    for frame in range(9):
+        few.add('thermal', round((5 + frame / 10) * 1e9), 1000 + frame / 10)
+        few.add('visible', round((5 + frame / 30) * 1e9), 1000 + frame / 30)
+    assert few.delivery() == {'thermal': None, 'visible': None}
 
 
 def test_outside_the_thermal_view_the_model_gets_the_visible_luminance(msrs_pair):
@@ -317,6 +346,8 @@ def test_engine_outputs_visible_geometry_and_colour(msrs_pair, loaded):
     unclipped = (y > 0.1) & (y < 0.9)
     assert np.abs(fused_cr - vi_cr)[unclipped].mean() < 0.01
     assert np.abs(fused_cb - vi_cb)[unclipped].mean() < 0.01
+    engine.settings = FusionSettings(output_encoding='rgb8', inference_size=(160, 120))
+    np.testing.assert_array_equal(engine.infer(pair).fused, result.fused[:, :, ::-1])
     engine.settings = FusionSettings(output_encoding='mono8', inference_size=(160, 120))
     mono = engine.infer(pair).fused
     assert mono.shape == (480, 640)
@@ -359,6 +390,28 @@ def test_engine_packs_both_outputs_as_its_settings_say(msrs_pair, loaded, salien
     published = (to_uint8(result.saliency) if saliency_encoding == 'mono8'
                  else result.saliency)
     np.testing.assert_array_equal(image_to_array(saliency), published)
+    # The compressed transport carries the map as mono8 whatever it is published as.
+    transported, encoding = result.transported('saliency')
+    assert encoding == 'mono8'
+    np.testing.assert_array_equal(transported, to_uint8(result.saliency))
+    assert result.transported('fused') == (result.fused, 'rgb8')
+
+
+def test_a_reduced_inference_size_fuses_there_and_restores_detail_at_the_models_gain(
+        msrs_pair, loaded):
+    ir, vi = msrs_pair
+    thermal, visible_y = ir.astype(np.float32) / 255.0, bgr_to_ycrcb(vi)[0]
+    engine = FusionEngine(loaded, FusionSettings(output_encoding='mono8',
+                                                 inference_size=(160, 120)))
+    result = engine.infer(PreparedPair(1, 1, 'rgb', thermal, vi))
+    ir_small, vi_small = (torch.from_numpy(cv2.resize(image, (160, 120),
+                                                      interpolation=cv2.INTER_AREA))[None, None]
+                          for image in (thermal, visible_y))
+    fused_small = loaded.model.infer(ir_small, vi_small)[0, 0].clamp(0.0, 1.0).numpy()
+    assert loaded.model.config.detail_gain != 1.0
+    expected = to_uint8(restore_detail(fused_small, thermal, visible_y,
+                                       loaded.model.config.detail_gain))
+    assert np.abs(result.fused.astype(int) - expected).max() <= 1
 
 
 def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_pair, loaded):
@@ -374,6 +427,15 @@ def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_
     # x / 255 and the normalizer's x * (1 / 255) may differ in the last float bit.
     assert np.abs(result.fused.astype(int) - expected.fused).max() <= 1
     assert engine.fuse_images(ir, vi).fused_encoding == 'bgr8'
+    # A 16-bit one as value / 65535: the 8-bit image scaled by 257 fuses as it does.
+    wide = engine.fuse_images(ir.astype(np.uint16) * 257, vi, 'mono8')
+    assert np.abs(wide.fused.astype(int) - result.fused).max() <= 1
+    # Raw counts (a sliver of the 16-bit range), stretched as the node does: by this image's
+    # percentile window.
+    counts = ir.astype(np.uint16) * 16 + 3000
+    stretched = engine.fuse_images(counts, vi, 'mono8', stretch_thermal=True)
+    node = mono.infer(PreparedPair(1, 1, 'ir', ThermalNormalizer(smoothing=0.0)(counts), vi))
+    assert np.abs(stretched.fused.astype(int) - node.fused).max() <= 1
 
 
 def test_a_cuda_device_index_is_read_as_written_or_refused_as_a_device_error(monkeypatch):
@@ -475,8 +537,17 @@ def test_restore_detail_returns_full_resolution_edges(msrs_pair):
     # The model's detail gain applies to the restored detail too (linear where not clipped).
     gained = restore_detail(small, np.zeros_like(ir_f), vi_f, gain=1.15)
     inside = (gained > 0) & (gained < 1) & (restored > 0) & (restored < 1)
+    assert not inside.all() and 0.0 <= gained.min() and gained.max() <= 1.0  # clipped
     np.testing.assert_allclose((gained - upsampled)[inside], 1.15 * (restored - upsampled)[inside],
                                atol=1e-5)
+
+
+def test_the_factories_take_each_parameter_to_its_place():
+    values = {**settings.defaults(), 'sync.timeout': 0.7, 'saliency.contrast': 0.3,
+              'saliency.threshold': 0.1, 'inference_size': [320, 240],
+              'output_encoding': 'rgb8', 'saliency.encoding': '32FC1'}
+    assert pipeline_from_params(values).synchronizer.timeout == 0.7
+    assert fusion_settings(values) == FusionSettings('rgb8', '32FC1', 0.3, 0.1, (320, 240))
 
 
 def test_compose_output_rejects_unknown_encoding():

@@ -264,16 +264,66 @@ def test_a_thermal_camera_twice_as_fast_pairs_each_visible_frame_with_its_own_in
 
 
 def test_a_frame_waiting_for_the_next_is_decided_before_a_full_queue_drops_it():
-    # The visible frame 45 ms after t1 could be the next thermal frame's; while t1 waited for
-    # it, the next frame overflowed a queue of one and dropped t1 (and then its partner).
+    # The visible frame 46 ms after t1 could be the next thermal frame's (2 x 46 ms is beyond
+    # INTERVAL_MARGIN of the 100 ms interval before t1); while t1 waited for it, the next frame
+    # overflowed a queue of one and dropped t1 (and then its partner).
     sync = PairSynchronizer(0.050, queue_size=1)
     got = sync.add_thermal(S, 't0') + sync.add_visible(S, 'v0')
-    got += sync.add_thermal(S + 111 * MS, 't1') + sync.add_visible(S + 156 * MS, 'v1')
-    got += sync.add_thermal(S + 222 * MS, 't2') + sync.add_visible(S + 222 * MS, 'v2')
+    got += sync.add_thermal(S + 100 * MS, 't1') + sync.add_visible(S + 146 * MS, 'v1')
+    assert sync.stats.thermal_pending == 1  # t1 waits
+    got += sync.add_thermal(S + 200 * MS, 't2') + sync.add_visible(S + 200 * MS, 'v2')
     got += sync.flush()
     assert [(pair.thermal, pair.visible) for pair in got] == [('t0', 'v0'), ('t1', 'v1'),
                                                               ('t2', 'v2')]
     assert sync.stats.thermal_overflow == sync.stats.visible_overflow == 0
+
+
+@pytest.mark.parametrize('next_ms, after_ms', [(292, 350), (290, 330)],
+                         ids=['sooner by jitter', 'a tie'])
+def test_a_thermal_frame_leaves_its_nearest_to_a_next_one_nearer_to_it(next_ms, after_ms):
+    # Thermal frames 100 ms apart: t200's nearest, v250, is beyond half of INTERVAL_MARGIN of
+    # that interval, so the next thermal frame could be nearer to it, and is: 8 ms sooner than
+    # the intervals before (stamp jitter), or as near to v250 as to the visible frame after
+    # it (a tie goes to the earlier visible frame).
+    sync = PairSynchronizer(0.1, 30)
+    got = []
+    for ms, visible_ms in ((0, 0), (100, 100), (200, 250), (next_ms, after_ms)):
+        got += sync.add_thermal(S + ms * MS, ms) + sync.add_visible(S + visible_ms * MS,
+                                                                    visible_ms)
+    got += sync.flush()
+    assert [(pair.thermal, pair.visible) for pair in got] == [(0, 0), (100, 100),
+                                                              (next_ms, 250)]
+    assert sync.stats.thermal_unpaired == 1
+
+
+def test_expiry_waits_for_a_thermal_frame_that_could_still_come_nearer():
+    # t300's nearest, v380, is 80 ms after it: a thermal frame up to 160 ms after t300 is
+    # nearer to v380. At a cutoff 120 ms after t300, one may still come, and does.
+    sync = PairSynchronizer(0.1, 30, timeout=0.5)
+    got = []
+    for ms, visible_ms in ((0, 0), (150, 150), (300, 380)):
+        got += sync.add_thermal(S + ms * MS, ms) + sync.add_visible(S + visible_ms * MS,
+                                                                    visible_ms)
+    got += sync.expire(S + 420 * MS + 500 * MS)
+    got += sync.add_thermal(S + 450 * MS, 450) + sync.add_visible(S + 530 * MS, 530)
+    got += sync.flush()
+    assert [(pair.thermal, pair.visible) for pair in got] == [(0, 0), (150, 150), (450, 380)]
+
+
+def test_a_stamp_glitched_ahead_is_not_taken_for_the_next_frame():
+    # 30 Hz cameras; t67's nearest, v87, is 20 ms after it: the next thermal frame decides.
+    def pairs(events):
+        sync = PairSynchronizer(0.050, 30)
+        got = [pair for topic, ms in events for pair in
+               (sync.add_visible if topic else sync.add_thermal)(S + ms * MS, ms)]
+        return [(pair.thermal, pair.visible) for pair in got + sync.flush()]
+
+    start = [(0, 0), (1, 0), (0, 33), (1, 33), (0, 67), (1, 87)]
+    # The next thermal frame, glitched 5 s ahead, is not t100, which is nearer to v87.
+    assert pairs(start + [(0, 5100), (0, 100), (1, 120)]) == [(0, 0), (33, 33), (100, 87)]
+    # The visible frame after v87, glitched 5 s ahead, is not v105, which t100 is nearer to.
+    assert pairs(start + [(0, 100), (1, 5105), (1, 105)]) == [(0, 0), (33, 33), (67, 87),
+                                                              (100, 105)]
 
 
 def test_a_next_thermal_frame_before_the_visible_one_settles_it_at_once():
@@ -640,6 +690,20 @@ def test_a_frame_above_a_gap_is_no_glitch_when_the_next_one_is_glitched_back(
     assert sync.stats.thermal_late == 1 and sync.stats.resets == 0
 
 
+def test_a_stamp_glitched_ahead_and_repeated_is_still_unconfirmed():
+    # A driver that sends the glitched frame twice: the repeat is late and bears out nothing.
+    sync = PairSynchronizer(0.020, 10)
+    for ms in (0, 33, 67):
+        sync.add_visible(S + ms * MS, ms)
+    for _ in range(2):
+        sync.add_visible(6 * S, 'glitched')
+    stats = sync.stats
+    assert stats.visible_unconfirmed == 1 and stats.visible_late == 1
+    sync.add_visible(S + 100 * MS, 100)  # the next frame in order: the glitch is late
+    stats = sync.stats
+    assert (stats.visible_unconfirmed, stats.visible_late, stats.resets) == (0, 2, 0)
+
+
 def test_a_thermal_frame_as_late_bears_out_a_lone_visible_frame_ahead():
     # t1 has no partner; the one visible frame after it is far ahead, but t2 comes with it: no
     # glitch, so both are decided without waiting for another visible frame.
@@ -647,6 +711,12 @@ def test_a_thermal_frame_as_late_bears_out_a_lone_visible_frame_ahead():
     assert sync.add_thermal(100 * MS, 't1') == []
     assert sync.add_visible(500 * MS, 'v') == []  # alone and far ahead: it could be a glitch
     assert sync.add_thermal(500 * MS, 't2') == [Pair(500 * MS, 500 * MS, 't2', 'v')]
+    assert sync.stats.thermal_unpaired == 1
+    # As late as the visible frame's slop is late enough: t1 is decided without a partner.
+    sync = PairSynchronizer(0.050, 10)
+    sync.add_thermal(S, 't1')
+    sync.add_thermal(S + 100 * MS, 't2')
+    sync.add_visible(S + 150 * MS, 'v')
     assert sync.stats.thermal_unpaired == 1
 
 
@@ -722,6 +792,19 @@ def test_small_backwards_step_is_late_not_a_reset():
     assert sync.stats.resets == 1 and sync.stats.thermal_pending == 2
 
 
+def test_a_frame_near_a_held_one_but_not_as_far_back_confirms_no_jump():
+    # 'held' is 1.5 s behind the thermal frames; a visible frame 0.7 s after it is only 0.8 s
+    # behind them (a late one): no timeline of its own, so no jump back.
+    sync = PairSynchronizer(0.020, 10, reset_threshold=1.0)
+    for ms in (9_900, 10_000):
+        sync.add_thermal(ms * MS, ms)
+        sync.add_visible(ms * MS, ms)
+    sync.add_thermal(8_500 * MS, 'held')
+    sync.add_visible(9_200 * MS, 'late')
+    stats = sync.stats
+    assert stats.resets == 0 and stats.thermal_unconfirmed == 1 and stats.visible_late == 1
+
+
 def test_queue_overflow_drops_the_oldest():
     sync = PairSynchronizer(0.010, 3)
     for k in range(5):
@@ -776,6 +859,19 @@ def test_expire_decides_overdue_thermal_and_purges_old_visible():
     assert stats.visible_pending == len([k for k in range(30) if 2 * S + k * 33 * MS > cutoff
                                          - 20 * MS]) == 9
     check_counts(stats)
+    # A visible frame exactly slop before a pending thermal frame is kept for it.
+    sync = PairSynchronizer(0.020, 100, timeout=0.5)
+    sync.add_visible(S - 20 * MS, 'v')
+    sync.add_thermal(S, 't')
+    assert sync.expire(S + 510 * MS) == []
+    assert sync.expire(S + 520 * MS) == [Pair(S, S - 20 * MS, 't', 'v')]
+
+
+def test_parameters_are_the_nearest_nanosecond_of_their_seconds():
+    # 0.0157 s is 15699999.999999998 ns in floating point: the slop must not lose that 1 ns.
+    sync = PairSynchronizer(0.0157, 10)
+    sync.add_thermal(S, 't')
+    assert sync.add_visible(S + 15_700_000, 'v') == [Pair(S, S + 15_700_000, 't', 'v')]
 
 
 @pytest.mark.parametrize('kwargs', [
