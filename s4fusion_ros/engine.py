@@ -209,7 +209,7 @@ class FusionPipeline:
         # repeated stamp, too), one still of the timeline before a clock jump, nor one whose
         # timeline is not known yet (far behind or alone far ahead of its topic: a jump, or a
         # glitched stamp that would move the clock seconds away).
-        if after.taken != before.taken:
+        if sync.took_last:
             self._latest = (role, stamp_ns, arrived)
         return prepared
 

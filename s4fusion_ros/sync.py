@@ -364,6 +364,8 @@ class PairSynchronizer:
         self._recent_thermal = collections.deque(maxlen=INTERVAL_WINDOW)
         self._pairs = 0
         self._resets = 0
+        self._inserted: Optional[_Frame] = None  # the frame _place buffered last
+        self._took_last = False
         self._lock = threading.Lock()
 
     @property
@@ -416,14 +418,21 @@ class PairSynchronizer:
     def add_thermal(self, stamp_ns: int, payload: Any) -> list[Pair]:
         """Take a thermal frame; return the pairs it completes."""
         with self._lock:
-            pairs = self._accept(self._thermal, stamp_ns, payload)
-            return pairs + self._decide_ready()
+            return self._add(self._thermal, stamp_ns, payload)
 
     def add_visible(self, stamp_ns: int, payload: Any) -> list[Pair]:
         """Take a visible frame; return the pairs it completes."""
         with self._lock:
-            pairs = self._accept(self._visible, stamp_ns, payload)
-            return pairs + self._decide_ready()
+            return self._add(self._visible, stamp_ns, payload)
+
+    @property
+    def took_last(self) -> bool:
+        """Whether the last add_thermal / add_visible took its frame on a known timeline:
+        buffered or paired, neither late, of a bad stamp, held far behind its topic nor alone
+        far ahead of it. Only such a frame may anchor the stamps' clock (FusionPipeline.expire):
+        a change of ``stats.taken`` also counts the other topic's frames confirmed meanwhile."""
+        with self._lock:
+            return self._took_last
 
     def expire(self, now_ns: int) -> list[Pair]:
         """Decide thermal frames whose visible partner is overdue by ``timeout`` at ``now_ns``."""
@@ -465,6 +474,15 @@ class PairSynchronizer:
                 thermal_unconfirmed=thermal.unconfirmed(self._reset_threshold),
                 visible_unconfirmed=visible.unconfirmed(self._reset_threshold),
                 resets=self._resets)
+
+    def _add(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
+        self._inserted = None
+        pairs = self._accept(stream, stamp_ns, payload)
+        frame = self._inserted  # of this call: a jump places the held frames before it
+        pairs += self._decide_ready()
+        self._took_last = frame is not None and frame.stamp == stamp_ns and not (
+            stream.lone_ahead(self._reset_threshold) and stream.frames[-1] is frame)
+        return pairs
 
     def _accept(self, stream: _Stream, stamp_ns: int, payload: Any) -> list[Pair]:
         """Buffer one frame unless its stamp is bad or late; return pairs flushed by a clock
@@ -516,6 +534,7 @@ class PairSynchronizer:
             stream.late += 1
             return []
         stream.frames.insert(index, frame)
+        self._inserted = frame
         pairs = []
         if len(stream.frames) > self._queue_size and self._borne_out():
             # The oldest thermal frame waits for the next (``_yields``): decided now with what
@@ -548,17 +567,22 @@ class PairSynchronizer:
         drop it as late and return True. Otherwise the newest is a real frame above a gap
         (dropped frames, a pause) and ``stamp`` the one out of order: held like any far behind
         the newest."""
-        threshold = self._reset_threshold
-        if not stream.lone_ahead(threshold) or stamp <= stream.runner_up:
+        if not self._maybe_glitched_ahead(stream) or stamp <= stream.runner_up:
             return False
-        other = self._other(stream)
-        if (other.newest is not None
-                and other.newest + other.offset >= stream.newest + stream.offset - self._slop):
-            return False  # the other camera's frames have reached the newest's time
         stream.frames.pop()
         stream.late += 1
         stream.newest, stream.runner_up = stream.runner_up, None
         return True
+
+    def _maybe_glitched_ahead(self, stream: _Stream) -> bool:
+        """Whether the newest frame of ``stream`` stands alone far ahead (``lone_ahead``) and
+        the other camera's frames have not reached its time (within slop): it may be a glitched
+        stamp. Once they have, it is a real frame after a silence."""
+        if not stream.lone_ahead(self._reset_threshold):
+            return False
+        other = self._other(stream)
+        return (other.newest is None
+                or other.newest + other.offset < stream.newest + stream.offset - self._slop)
 
     def _jump(self, stream: _Stream, other_in_flight: bool) -> list[Pair]:
         """A confirmed jump back of ``stream``: flush, then start the new timeline with the
@@ -656,7 +680,7 @@ class PairSynchronizer:
         if reach - key <= INTERVAL_MARGIN * shortest:
             return False  # the next thermal frame comes later than the reach
         # A lone frame far ahead may be a glitched stamp, before which the next still comes.
-        known = thermal[1:-1] if self._thermal.lone_ahead(self._reset_threshold) else thermal[1:]
+        known = thermal[1:-1] if self._maybe_glitched_ahead(self._thermal) else thermal[1:]
         if not known:
             return _WAIT if known_until is None or known_until < reach else False
         following = known[0].key
@@ -665,7 +689,7 @@ class PairSynchronizer:
         if following <= target:  # every visible frame after the target is farther from it
             return True
         # The next thermal frame takes the target unless the visible frame after it is nearer.
-        later = (visible[index + 1:-1] if self._visible.lone_ahead(self._reset_threshold)
+        later = (visible[index + 1:-1] if self._maybe_glitched_ahead(self._visible)
                  else visible[index + 1:])
         if later:
             return abs(target - following) <= abs(later[0].key - following)

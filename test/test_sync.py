@@ -177,6 +177,28 @@ def test_one_glitched_stamp_costs_only_its_own_frame(threshold, smallest_ms, rng
     assert stats.resets == 0 and stats.thermal_late + stats.visible_late == 1
 
 
+def test_a_glitched_stamp_does_not_anchor_expiry_as_another_topic_frame_is_confirmed():
+    # Hypothesis found it (threshold 0.3 s): visible 933 ms glitched to 1799 arrives alone far
+    # ahead while it decides thermal 822, itself alone above a silence: one frame confirmed, one
+    # not, so the count of frames taken rose. Anchored on 1799, expiry pruned visible 900 before
+    # thermal 935, its partner, arrived.
+    base = 1_700_000_000 * S
+    visible = [300, 333, 366, 400, 432, 466, 499, 533, 566, 600, 633, 666, 700, 766, 900, 966,
+               1002, 1033]
+    events = [(base + v * MS, 1, base + v * MS) for v in visible]
+    events.append((base + 933 * MS, 1, base + 1799 * MS))
+    events += [(base + (t + latency) * MS, 0, base + t * MS)
+               for t, latency in ((271, 19), (386, 19), (822, 19), (935, 59), (1050, 19))]
+    sync = PairSynchronizer(0.042, 10_000, thermal_offset=-0.042, timeout=0.5,
+                            reset_threshold=0.3)
+    got = [(p.thermal_stamp - base, p.visible_stamp - base) for p in play(sync, events)]
+    assert (935 * MS, 900 * MS) in got
+    assert got == [(t - base, v - base) for t, v in oracle(
+        [base + t * MS for t in (271, 386, 822, 935, 1050)], [base + v * MS for v in visible],
+        42 * MS, thermal_offset=-42 * MS)]
+    assert sync.stats.visible_late == 1
+
+
 def test_oracle_catches_a_first_within_slop_pairing():
     """The oracle itself: nearest, not first, within slop; ties go to the earlier stamp."""
     assert oracle([100], [80, 95, 104], slop=30) == [(100, 104)]
@@ -621,9 +643,8 @@ def play(sync: PairSynchronizer, events: list[tuple[int, int, int]],
             wall += 50 * MS
             if anchor is not None:
                 got += sync.expire(anchor[0] + wall - anchor[1])
-        taken = sync.stats.taken
         got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
-        if sync.stats.taken != taken:
+        if sync.took_last:
             anchor = (sync.visible_key if topic else sync.thermal_key)(stamp), arrival
         check_counts(sync.stats)
     return got + sync.flush() if flush else got
