@@ -120,14 +120,6 @@ class SyncStats:
     visible_unconfirmed: int = 0
     resets: int = 0  # backwards clock jumps
 
-    @property
-    def taken(self) -> int:
-        """Frames of both topics buffered on a known timeline: received, and neither late, nor
-        of a bad stamp, nor unconfirmed."""
-        return (self.thermal_received + self.visible_received - self.thermal_late
-                - self.visible_late - self.thermal_bad_stamp - self.visible_bad_stamp
-                - self.thermal_unconfirmed - self.visible_unconfirmed)
-
 
 class ArrivalClock:
     """Seconds that time the frames' arrivals for FusionPipeline's `arrived` and `expire`, and so
@@ -430,7 +422,7 @@ class PairSynchronizer:
         """Whether the last add_thermal / add_visible took its frame on a known timeline:
         buffered or paired, neither late, of a bad stamp, held far behind its topic nor alone
         far ahead of it. Only such a frame may anchor the stamps' clock (FusionPipeline.expire):
-        a change of ``stats.taken`` also counts the other topic's frames confirmed meanwhile."""
+        the counts of ``stats`` also change as the other topic's frames are confirmed."""
         with self._lock:
             return self._took_last
 
