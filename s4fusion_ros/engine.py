@@ -204,6 +204,10 @@ class FusionPipeline:
         after = sync.stats
         if after.resets != before.resets:  # a new timeline: the old one's lateness tells nothing
             self.stamp_skew.clear()
+            # Nor its clock: the frame that bore the jump out may stand alone far ahead of the
+            # held one (a pause) and anchor nothing, and expiry on the old clock would prune
+            # the new timeline's frames.
+            self._latest = None
         self.stamp_skew.add(role, stamp_ns, arrived if received is None else received)
         # Only a frame the synchronizer took anchors the stamps' clock: not a late one (a
         # repeated stamp, too), one still of the timeline before a clock jump, nor one whose

@@ -595,6 +595,27 @@ def test_a_frame_still_of_the_old_timeline_does_not_move_the_expiry_clock():
     assert stats.resets == 1 and stats.visible_late == 1
 
 
+def test_a_jump_confirmed_after_a_pause_does_not_leave_the_old_timeline_clock():
+    # A looping bag: the visible topic jumps back first, then both pause 1.5 s (more than
+    # sync.clock_jump), so the visible frame that confirms the jump stands alone far ahead of
+    # the held one and anchors nothing. The old timeline's anchor must not stay: extrapolated
+    # from it the expiry clock ran 90 s ahead and pruned the new timeline's frames.
+    pipeline = FusionPipeline(PairSynchronizer(slop=0.02, queue_size=30, timeout=0.5),
+                              ThermalNormalizer(), ThermalRegistration())
+    thermal = encode_image(np.linspace(1000, 2000, 64, dtype=np.uint16).reshape(8, 8), 'mono16')
+    visible = encode_image(np.full((8, 8, 3), 128, np.uint8), 'bgr8')
+    events = [(k * 111 + 10, 0, 100_000 + k * 111) for k in range(30)]
+    events += [(k * 33 + 5, 1, 100_000 + k * 33) for k in range(100)]
+    events += [(3500, 1, 10_000), (5000, 1, 11_500), (5020, 0, 11_490)]
+    pairs = []
+    for arrived_ms, kind, stamp_ms in sorted(events):
+        pairs += pipeline.expire(arrived_ms / 1000)  # as s4fusion-bag does before each message
+        add = pipeline.add_visible if kind else pipeline.add_thermal
+        pairs += add(visible if kind else thermal, stamp_ms * MS, 'f', arrived=arrived_ms / 1000)
+    assert pipeline.synchronizer.stats.resets == 1
+    assert (pairs[-1].thermal_stamp_ns, pairs[-1].visible_stamp_ns) == (11_490 * MS, 11_500 * MS)
+
+
 @pytest.mark.parametrize('topic, stamp_ms, partner_ms', [(1, 330, 333), (0, 222, 222)])
 def test_one_stamp_glitched_ahead_does_not_move_the_expiry_clock(topic, stamp_ms, partner_ms):
     # Thermal every 111 ms arriving 120 ms after its stamp, visible every 33 ms arriving 5 ms

@@ -636,14 +636,18 @@ def play(sync: PairSynchronizer, events: list[tuple[int, int, int]],
          flush: bool = True) -> list[Pair]:
     """Feed (arrival, topic, stamp) events (topic 0 thermal, 1 visible) as the node does: the
     expire timer every 50 ms, on the offset stamps' clock extrapolated from the arrival of the
-    latest frame the synchronizer took (FusionPipeline.expire); then flush, if asked."""
+    latest frame the synchronizer took since its last reset (FusionPipeline.expire); then flush,
+    if asked."""
     got, wall, anchor = [], events[0][0], None
     for arrival, topic, stamp in sorted(events):
         while wall + 50 * MS < arrival:
             wall += 50 * MS
             if anchor is not None:
                 got += sync.expire(anchor[0] + wall - anchor[1])
+        resets = sync.stats.resets
         got += (sync.add_visible if topic else sync.add_thermal)(stamp, stamp)
+        if sync.stats.resets != resets:
+            anchor = None  # the old timeline's clock
         if sync.took_last:
             anchor = (sync.visible_key if topic else sync.thermal_key)(stamp), arrival
         check_counts(sync.stats)
