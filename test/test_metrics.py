@@ -48,14 +48,17 @@ def test_matches_matlab_reference_on_densefuse(ivif_dir, densefuse_reference, na
     # SD and VIF: the reference's uint8 saturation changes them beyond any fixed conversion.
 
 
-def test_standard_sd_vif_ssim_on_densefuse_match_an_independent_port(ivif_dir):
-    """The three metrics whose default mode the MATLAB reference cannot check, against values an
-    independent NumPy port of their definitions gave (population SD; Sheikh & Bovik's vifp_mscale
-    summed over the sources; Wang et al.'s ssim_index, 11x11 Gaussian, summed), on TNO 01."""
+def test_standard_mode_on_densefuse_matches_an_independent_port(ivif_dir):
+    """The metrics whose default mode the MATLAB reference checks only loosely or not at all,
+    against values independent NumPy ports of their definitions gave on TNO 01: population SD;
+    Sheikh & Bovik's vifp_mscale and Wang et al.'s ssim_index (11x11 Gaussian), each summed over
+    the sources; MI from exact 256x256 joint histograms; Qabf with G = 1 where gS == gF (the
+    toolkit's G = gF would give 0.41358885)."""
     tno = ivif_dir / 'tno'
     fused, ir, vi = (read_gray(tno / sub / '01.png') for sub in ('fused/DenseFuse', 'ir', 'vi'))
     ours = M.evaluate_all(fused, ir, vi)
-    for key, value in (('SD', 27.746373), ('VIF', 0.53640685), ('SSIM', 1.5820025)):
+    for key, value in (('SD', 27.746373), ('VIF', 0.53640685), ('SSIM', 1.5820025),
+                       ('MI', 2.1372308), ('Qabf', 0.41358832)):
         assert ours[key] == pytest.approx(value, rel=1e-7), key
 
 

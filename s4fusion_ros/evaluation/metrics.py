@@ -15,7 +15,8 @@ and Qabf, which then agree with this module's default, but for Qabf's G = gF whe
 most about 0.05 % on 0-255 data, most for fusions that copy source pixels); EN and MI stay on
 uint8 (MI with the saturation below), and MSE and PSNR on [0, 1] as in the right column. Its
 Qabf, like the 2022 one and this module's, takes |angle difference| / (pi / 2) without wrapping
-the angles mod pi, so it changes (by about 2 % on TNO) when all three images are transposed.
+the angles mod pi, so it changes when all three images are transposed (TNO DenseFuse: by 2 % on
+the median image, up to 11 %).
 
 ======  ============================================  ============================================
 metric  this module (0-255 scale)                     MATLAB reference (``matlab_compat=True``)
@@ -59,8 +60,14 @@ PSNR    10 log10(255^2 / MSE), dB                     20 log10(255 / sqrt(MSE on
 
 Tables made with CDDFuse's ``utils/Evaluator.py`` (and the codebases that copied it) use other
 conventions: MI in nats (ours x ln 2), AG over H W rather than (H-1)(W-1), PSNR with max(F) as
-its peak, VIF 1 where it is NaN, and SSIM with skimage's 7x7 uniform window; compare their
-numbers with these only after converting.
+its peak, VIF 1 where it is NaN, and SSIM by skimage: a 7x7 uniform window, sample covariances
+and, for its float input, data range 2 (skimage before 0.20; later ones refuse float input
+without one), so constants about 16,000 times smaller than ours. Compare their numbers with
+these only after converting (their SSIM cannot be). The VIFB toolbox (Zhang et al. 2020) has
+this module's EN, SD, AG and SSIM and the 2023 toolkit's Qabf, but SF with both sums over H W
+(not over the number of differences: a little below ours), MI in nats after stretching each
+image to 0-255, PSNR from sqrt(sum of squared errors) / (H W) in place of the MSE, and colour
+images scored per RGB channel, averaged.
 """
 
 import math
