@@ -2,7 +2,9 @@
 
 Importing s4fusion_ros changes nothing in the host process; the commands this package runs own
 their process, so they set it up here, before the tool's imports load OpenMP (torch), numba and
-OpenCV.
+OpenCV. `python -m s4fusion_ros.tools.fuse` (and the other commands' modules) gets the same
+set-up from its package's __init__ (set_up_for_python_m) and run_tool; only a stop signal while
+its imports load is Python's KeyboardInterrupt there.
 """
 
 import importlib
@@ -91,7 +93,37 @@ def configure_process() -> None:
         sys.modules['numba'].config.CACHE_DIR = os.environ['NUMBA_CACHE_DIR']
 
 
+def set_up_for_python_m() -> None:
+    """Set the process up where `python -m` runs one of the commands' modules.
+
+    Python imports the package (so this) before it runs the module, whose imports load torch,
+    OpenCV and numba; a process that imports the package otherwise stays as it was.
+    """
+    # While -m locates its module, sys.argv is ['-m', *arguments] and sys.orig_argv ends with
+    # the module's name ('-mNAME' when written together) and the same arguments.
+    if sys.argv[:1] == ['-m']:
+        module = sys.orig_argv[-len(sys.argv)].removeprefix('-m')
+        if module in MODULES:
+            configure_process()
+
+
+def run_tool(main) -> int:
+    """Run a loaded tool's main; then ignore stop signals while Python shuts down."""
+    try:
+        return main()
+    finally:
+        # Done, and said so: a stop signal while Python shuts down (torch's and numba's
+        # teardown take most of a second) would only turn its exit status into a Ctrl-C's.
+        ignore_stop_signals()
+
+
+# The console commands' modules, which `python -m` also runs (set_up_for_python_m).
+MODULES = set()
+
+
 def _command(module: str):
+    MODULES.add(module)
+
     def main() -> int:
         configure_process()
         # A stop signal while torch, OpenCV and rclpy load (a second or two) is noted and acted
@@ -104,12 +136,7 @@ def _command(module: str):
         if stopped:
             print(f'\n{os.path.basename(sys.argv[0])}: interrupted', file=sys.stderr)
             return 130
-        try:
-            return tool.main()
-        finally:
-            # Done, and said so: a stop signal while Python shuts down (torch's and numba's
-            # teardown take most of a second) would only turn its exit status into a Ctrl-C's.
-            ignore_stop_signals()
+        return run_tool(tool.main)
     main.__doc__ = f'Run {module} in a process set up for it.'
     return main
 

@@ -6,11 +6,18 @@ import os
 import subprocess
 import sys
 
+import cv2
+import numpy as np
+
+from s4fusion_ros.imaging.limits import MAX_SIDE
+
 PROBE = '''
 import json, os, sys
 before = dict(os.environ)
 import s4fusion_ros
 import s4fusion_ros.model.scan_numba
+import s4fusion_ros.ros
+import s4fusion_ros.tools
 import numba
 changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
 print(json.dumps({'changed': sorted(changed), 'numba_cache_dir': numba.config.CACHE_DIR}))
@@ -45,6 +52,22 @@ def test_entry_points_set_up_the_process():
                           env=env, timeout=120)
     assert done.stdout.split() == ['PASSIVE', '/tmp/chosen-by-the-user', str(1 << 15),
                                    '1000'], done.stderr
+
+
+def test_python_m_sets_up_a_tool_process_as_its_console_command(tmp_path):
+    # `python -m s4fusion_ros.tools.fuse` used to run without OpenCV's limits: it decoded and
+    # fused an image wider than MAX_SIDE that s4fusion-fuse refuses from its header.
+    for role, channels in (('ir', ()), ('vi', (3,))):
+        (tmp_path / role).mkdir()
+        cv2.imwrite(str(tmp_path / role / 'a.png'), np.zeros((2, MAX_SIDE + 1, *channels),
+                                                             np.uint8))
+    env = {k: v for k, v in os.environ.items() if not k.startswith('OPENCV_IO_MAX_IMAGE')}
+    done = subprocess.run([sys.executable, '-m', 's4fusion_ros.tools.fuse', '--ir',
+                           str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                           str(tmp_path / 'out'), '--device', 'cpu'],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert 'a.png: cannot read it' in done.stderr, done.stderr
+    assert 'fused 0 of 1 pairs' in done.stderr, done.stderr
 
 
 def test_an_undecodable_image_leaves_no_opencv_warning_in_a_tool_process():

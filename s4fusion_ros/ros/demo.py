@@ -440,5 +440,6 @@ def main(argv: list[str] | None = None) -> int:
         lambda stop: f'interrupted; {str(stop) or "no fused bag written"}', describe)
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m, set up by its package's __init__
+    from ..entry_points import run_tool
+    sys.exit(run_tool(main))

@@ -1,0 +1,3 @@
+from ..entry_points import set_up_for_python_m
+
+set_up_for_python_m()

@@ -102,5 +102,6 @@ def fuse_and_report(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m, set up by its package's __init__
+    from ..entry_points import run_tool
+    sys.exit(run_tool(main))

@@ -574,5 +574,6 @@ def main(argv=None):
     return run_command(PROG, bench, (DeviceError, BagError, BatchError, OSError, ValueError))
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m, set up by its package's __init__
+    from ..entry_points import run_tool
+    sys.exit(run_tool(main))

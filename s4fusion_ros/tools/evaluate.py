@@ -1051,5 +1051,6 @@ def main(argv: list | None = None) -> int:
     return run_command(PROG, evaluate, (OSError, ValueError, CheckpointError), interrupted)
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m, set up by its package's __init__
+    from ..entry_points import run_tool
+    sys.exit(run_tool(main))

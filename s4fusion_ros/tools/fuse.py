@@ -381,5 +381,6 @@ def _report(failed: int, unmatched: int) -> int:
     return 1 if failed or unmatched else 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m, set up by its package's __init__
+    from ..entry_points import run_tool
+    sys.exit(run_tool(main))
