@@ -47,6 +47,7 @@ class InferenceWorker:
         self.failed = 0  # items whose `process` raised (it should handle its own errors)
         self.outcomes = collections.Counter()
         self.last_failure = ''
+        self.last_failure_at = None  # time.monotonic() of the last failure
         self._current = None  # (item, time.monotonic() it started) while one is in progress
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -120,7 +121,7 @@ class InferenceWorker:
                 with self._wakeup:  # one update, so that counts() sees the item in one place
                     if failure is not None:
                         self.failed += 1
-                        self.last_failure = failure
+                        self.last_failure, self.last_failure_at = failure, time.monotonic()
                     elif outcome is not None:
                         self.outcomes[outcome] += 1
                     self.processed += 1

@@ -5,6 +5,7 @@ Also the message_filters synchronizer backend (sync.backend), or its clear absen
 
 import importlib.util
 import re
+import resource
 import time
 
 import numpy as np
@@ -437,3 +438,100 @@ def test_on_sim_time_with_no_clock_the_node_reports_and_decides_its_last_frame(r
         values = fresh_diagnostics(probe, diagnostics)
     probe.destroy_node()
     assert values[Key.PAIRS_FUSED] == '1', values
+
+
+def test_the_node_reports_while_its_model_loads(ros_context, tmp_path, monkeypatch):
+    # Nothing came on /diagnostics while the model loaded (15-30 s on a cold numba kernel
+    # cache): a diagnostic_aggregator showed the node STALE, or not at all, through its start.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(tmp_path / 'numba'))  # cold: the kernels compile
+    probe = Probe('start_up_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({'device': 'cpu', 'diagnostics.period': 0.5}) as proc:
+        assert probe.spin_until(lambda: diagnostics.received or proc.poll() is not None,
+                                120), node_log(proc)
+        log_at_first_status = node_log(proc)
+        probe.wait_for_node(proc, timeout=180)
+        seen = diagnostics.received
+        assert probe.spin_until(lambda: diagnostics.received > seen, 30), node_log(proc)
+    probe.destroy_node()
+    assert 'model warmed up' not in log_at_first_status, 'the model was ready: nothing tested'
+    level, message = diagnostics.statuses[0]
+    assert level == DiagnosticStatus.OK, diagnostics.statuses
+    assert re.fullmatch(r'starting: loading the model \(\d+ s so far\)', message), message
+    assert diagnostics.statuses[-1] == (DiagnosticStatus.WARN, 'waiting for both inputs')
+
+
+def test_a_stall_after_a_period_longer_than_the_rate_window_counts_since_the_last_pair(
+        ros_context):
+    # With diagnostics.period over the fused rate's 5 s window, a pair fused just after a report
+    # was no longer recent at the next: the stall then counted its causes "since the start" and
+    # blamed frames dropped before that pair.
+    probe = Probe('long_period_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'diagnostics.period': 10.0}) as proc:
+        probe.wait_for_node(proc)
+        for _ in range(2):  # dropped before pairing, before the pair: stamps left unset
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', 0, 'thermal'))
+            probe.spin_for(0.1)
+        seen = diagnostics.received
+        assert probe.spin_until(lambda: diagnostics.received > seen, 30), node_log(proc)
+        fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, 1)
+        end = time.monotonic() + 60  # the next report sees both inputs arrive, the one after
+        while 'no pair was fused' not in diagnostics.message:  # stamps 0.3 s apart: unpaired
+            assert time.monotonic() < end and proc.poll() is None, diagnostics.statuses
+            stamp = probe.get_clock().now().nanoseconds
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'thermal'))
+            probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp + 300_000_000, 'rgb'))
+            probe.spin_for(0.5)
+    probe.destroy_node()
+    assert 'since pairs were last fused: ' in diagnostics.message, diagnostics.message
+    assert 'thermal unpaired: +' in diagnostics.message, diagnostics.message
+    assert 'bad stamp' not in diagnostics.message, diagnostics.message
+
+
+def _address_space(pid: int) -> int:
+    with open(f'/proc/{pid}/status') as status:
+        return 1024 * int(next(line for line in status if line.startswith('VmSize:')).split()[1])
+
+
+def test_every_pair_failing_in_inference_reads_error_naming_the_failure(ros_context):
+    # When every pair failed in the model (memory, here a real allocation failure), the status
+    # read WARN as a stall, with the failures among its counts, instead of ERROR.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    probe = Probe('failing_probe')
+    diagnostics = Diagnostics(probe)
+    # At full size the model needs hundreds of MB for this pair, which the limit below denies.
+    big_thermal = np.random.default_rng(2).integers(20000, 30000, (960, 1280), dtype=np.uint16)
+    big_visible = np.full((960, 1280, 3), 90, np.uint8)
+    with running_node({**PARAMS, 'inference_size': [0, 0]}) as proc:
+        probe.wait_for_node(proc)
+        stamp = fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, 1)
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_AS)
+        # 64 MB more address space than the node has: enough to take the big frames in.
+        resource.prlimit(proc.pid, resource.RLIMIT_AS, (_address_space(proc.pid) + (64 << 20),
+                                                        hard))
+        try:
+            end = time.monotonic() + 60
+            while diagnostics.statuses[-1][0] != DiagnosticStatus.ERROR:
+                assert time.monotonic() < end and proc.poll() is None, (
+                    diagnostics.statuses[-1], node_log(proc))
+                probe.thermal_pub.publish(image_message(big_thermal, 'mono16', stamp, 'thermal'))
+                probe.visible_pub.publish(image_message(big_visible, 'bgr8', stamp, 'rgb'))
+                probe.spin_for(0.5)
+                stamp += 100_000_000
+        finally:
+            resource.prlimit(proc.pid, resource.RLIMIT_AS, (soft, hard))
+        message = diagnostics.message
+        fuse_pairs(probe, proc, stamp, 1)
+        fresh_diagnostics(probe, diagnostics)
+        log = node_log(proc)
+    probe.destroy_node()
+    named = re.fullmatch(r'every pair fails: \d+ inference errors since pairs were last fused '
+                         r'and none fused in the last 5 s; latest: (.+)', message)
+    assert named, message
+    # The error of the model (torch's) or of its pre- and post-processing (OpenCV's), as logged
+    # (the sizes it tried to allocate vary).
+    assert re.search(r"can't allocate memory|Insufficient memory", named[1]), message
+    assert 'inference failed, pair dropped: ' + named[1].split('(')[0] in log, log
+    assert diagnostics.statuses[-1][0] != DiagnosticStatus.ERROR, diagnostics.statuses[-1]

@@ -12,9 +12,11 @@ handling of stop signals, is run_node.py.
 """
 
 import collections
+import contextlib
 import copy
 import math
 import re
+import threading
 import time
 import traceback
 
@@ -108,12 +110,14 @@ class S4FusionNode(Node):
         self.message_filters = _import_message_filters(p)
         self.approximate_sync = None  # message_filters' synchronizer, with that backend
 
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.get_logger().info('loading the model')
-        self.loaded = model_from_params(p, warn=self.get_logger().warning)
+        with self._reporting_start_up(p['diagnostics.period']):
+            self.loaded = model_from_params(p, warn=self.get_logger().warning)
+            self.engine = FusionEngine(self.loaded, fusion_settings(p))
+            seconds = self.engine.warm_up()
         # The offline bag tool uses the same factories: same parameters, same pairs and pixels.
         self.pipeline = pipeline_from_params(p)
-        self.engine = FusionEngine(self.loaded, fusion_settings(p))
-        seconds = self.engine.warm_up()
         kernels, log = '', self.get_logger().info
         if self.loaded.device.type == 'cpu':
             kernels = f' ({precompile.describe(precompile.kernel_cache_stats())})'
@@ -133,12 +137,14 @@ class S4FusionNode(Node):
         self.fault_lines = {role: collections.deque() for role in ROLES}
         self._guard_parameter_services()
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
+        self.inference_failure = None  # (monotonic time, repr) of the model's latest failure
         self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
         self.resets_logged = 0  # synchronizer resets (backward clock jumps) logged so far
         self.worker_failures_logged = 0
         self.namesakes_logged = 0  # other nodes of this full name last warned of
-        # The counts while pairs were last being fused: a stall's causes are what grew since.
+        # The counts as a pair was last fused (set by the worker): a stall's causes are what
+        # grew since.
         self.counts_while_fusing = {}
         # Whether this stall's log said what the stamps tell: the first line often comes before
         # the stamps of the stall outnumber the older ones, and the hint must not wait 5 s.
@@ -172,7 +178,6 @@ class S4FusionNode(Node):
         self.camera_info_sub = self.create_subscription(
             CameraInfo, camera_info_topic(self.resolve_topic_name('visible/image_raw')),
             self.camera_infos.add, info_qos, qos_overriding_options=CAMERA_INFO_OVERRIDES)
-        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         # Timers on the steady clock: on sim time they would stop with /clock (a paused or
         # ended bag), leaving the last thermal frame unfused and no diagnostics published.
         steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -195,6 +200,33 @@ class S4FusionNode(Node):
             f'on {self.loaded.device}{" (fp16)" if self.loaded.half else ""}; '
             f'{self.camera_info_sub.topic_name} -> '
             + ', '.join(pub.topic_name for pub in self.camera_info_pubs))
+
+    @contextlib.contextmanager
+    def _reporting_start_up(self, period: float):
+        """Publish an OK status every `period` while the block runs (the model's load, which
+        holds up the executor: 15-30 s on a cold numba kernel cache), as a driver reports while
+        it opens its device: a diagnostic_aggregator marks a status STALE after 5 s without one,
+        and a monitor would show a node that never reported."""
+        done, started = threading.Event(), time.monotonic()
+
+        def report() -> None:
+            while True:
+                try:
+                    self._publish_status(DiagnosticStatus.OK, 'starting: loading the model '
+                                         f'({time.monotonic() - started:.0f} s so far)', '', {})
+                except Exception:  # noqa: BLE001 - a stop signal shut ROS down: so ends the start
+                    if self.context.ok():
+                        raise
+                    return
+                if done.wait(period):
+                    return
+        thread = threading.Thread(target=report, name='start-up diagnostics', daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def _output_publisher(self, msg_type, topic: str, p: dict):
         """The publisher of an output topic, with the outputs' QoS, overrides and QoS reports."""
@@ -535,6 +567,7 @@ class S4FusionNode(Node):
             # most a repeated line.)
             if self._log_due(('inference', type(error).__name__)):
                 self.get_logger().error(f'inference failed, pair dropped: {error!r}')
+            self.inference_failure = (time.monotonic(), repr(error))
             return Key.INFERENCE_ERRORS
         self.inference_latency.add(result.inference_seconds)
         try:
@@ -546,6 +579,10 @@ class S4FusionNode(Node):
                                       throttle_duration_sec=LOG_THROTTLE_S)
             return Key.PUBLISH_ERRORS
         self.fused_rate.tick()
+        # Here, not at the next report: that may come after the fused rate's window (a
+        # diagnostics.period over 5 s), when a stall's counts would start from an older report.
+        self.counts_while_fusing = {key: value for key, value in self._diagnostic_values().items()
+                                    if isinstance(value, int)}
         latency = (self.get_clock().now().nanoseconds - result.pair.visible_stamp_ns) / 1e9
         self.latest_off_clock = not PLAUSIBLE_LATENCY_S[0] <= latency <= PLAUSIBLE_LATENCY_S[1]
         if self.latest_off_clock:
@@ -665,9 +702,12 @@ class S4FusionNode(Node):
             self.arriving_since = None
         elif self.arriving_since is None:
             self.arriving_since = time.monotonic()
+        failing = self._failing_message(values)
         if not self.worker.alive:
             level = DiagnosticStatus.ERROR
             message = 'the inference thread stopped: restart the node'
+        elif failing:
+            level, message = DiagnosticStatus.ERROR, failing
         elif not self.loaded.trained:
             level, message = DiagnosticStatus.WARN, 'running untrained weights'
         elif silent:
@@ -685,11 +725,6 @@ class S4FusionNode(Node):
         else:
             fusing = True
             self.stall_hint_logged = False
-            if values[Key.PAIRS_FUSED] != self.counts_while_fusing.get(Key.PAIRS_FUSED):
-                # Only when a pair was fused since the last report: the status stays OK for the
-                # fused rate's 5 s window after the last one, whose drops must not be absorbed.
-                self.counts_while_fusing = {key: value for key, value in values.items()
-                                            if isinstance(value, int)}
             grown = self.recent_counts.grown(time.monotonic(), values)
             partial = (self._mixed_senders() or self._partial_pairing(grown)
                        or self._late_arrivals(grown))
@@ -699,6 +734,29 @@ class S4FusionNode(Node):
             # Counted afresh once fusing again: a stall's frames are not a partial one's.
             self.recent_counts.clear()
         return level, message
+
+    def _failing_message(self, values: dict) -> str:
+        """Pairs leave inference, but every one failed over the fused rate's window (none was
+        fused in it, and the latest failure lies in it): how many since pairs were last fused,
+        and the latest failure, from the model or outside it; '' otherwise."""
+        outside = self.worker.last_failure_at, f'outside the model: {self.worker.last_failure}'
+        failures = [failure for failure in (self.inference_failure, outside)
+                    if failure is not None and failure[0] is not None]
+        if not failures or self.fused_rate.recent():
+            return ''
+        at, what = max(failures)
+        if time.monotonic() - at >= self.fused_rate.window:
+            return ''
+        since, counts = self._since_fusing()
+        failed = values[Key.INFERENCE_ERRORS] - counts.get(Key.INFERENCE_ERRORS, 0)
+        return (f'every pair fails: {failed} {Key.INFERENCE_ERRORS} since {since} and none '
+                f'fused in the last {self.fused_rate.window:.0f} s; latest: {what}')
+
+    def _since_fusing(self) -> tuple[str, dict]:
+        """Since when a stall's counts are taken, and the counts then (read once: the worker
+        replaces them as it fuses)."""
+        counts = self.counts_while_fusing
+        return 'pairs were last fused' if counts else 'the start', counts
 
     def _waiting_message(self, silent: list[str]) -> str:
         """The inputs of `silent` send nothing: which, and a best-effort publisher on one, which
@@ -782,7 +840,8 @@ class S4FusionNode(Node):
         """Both inputs arrive and nothing comes out: where the pairs went since pairs were last
         fused (not since the start: an old overload would take the blame), and what the stamps
         tell (logged too)."""
-        grown = {key: values[key] - self.counts_while_fusing.get(key, 0) for key in (
+        since, counts = self._since_fusing()
+        grown = {key: values[key] - counts.get(key, 0) for key in (
             Key.THERMAL_BAD_MESSAGE, Key.VISIBLE_BAD_MESSAGE, Key.THERMAL_BAD_STAMP,
             Key.VISIBLE_BAD_STAMP, Key.THERMAL_LATE, Key.VISIBLE_LATE, Key.THERMAL_OVERFLOW,
             Key.VISIBLE_OVERFLOW, Key.THERMAL_UNPAIRED, Key.VISIBLE_UNPAIRED,
@@ -796,7 +855,6 @@ class S4FusionNode(Node):
             cause = inference_stall((width, height), seconds, self.fused_rate.window,
                                     not any(self._values()['inference_size']))
             causes += [cause] if cause else []
-        since = 'pairs were last fused' if self.counts_while_fusing else 'the start'
         message = 'inputs arrive but no pair was fused lately' + (
             f' (since {since}: {", ".join(causes)})' if causes else '')
         hint = self._unpaired_hint(grown)
@@ -827,10 +885,12 @@ class S4FusionNode(Node):
     def _publish_diagnostics(self) -> None:
         self._report_namesakes()
         values = self._diagnostic_values()
-        level, message = self._status(values)
+        self._publish_status(*self._status(values), str(self.loaded.device), values)
+
+    def _publish_status(self, level: int, message: str, hardware_id: str, values: dict) -> None:
         status = DiagnosticStatus(
             level=level, name=status_name(self.get_fully_qualified_name()), message=message,
-            hardware_id=str(self.loaded.device),
+            hardware_id=hardware_id,
             values=[KeyValue(key=k, value=_format_value(v)) for k, v in values.items()])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
