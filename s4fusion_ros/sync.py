@@ -54,8 +54,10 @@ Parameters and their names elsewhere:
   the old timeline shows a glitch: the held frame is late and nothing is reset. Likewise a frame
   back within the threshold of the stamps before a lone newest frame that stood more than the
   threshold above them shows that newest frame's stamp glitched ahead: it is late, if still
-  pending. Frames of the other topic still in flight at a jump (continuing its own stamps, and
-  more than slop + timeout ahead of where the jumped topic stands now, offsets applied) are then
+  pending. Frames of the other topic still in flight at a jump (continuing its own stamps: within
+  the threshold below its newest then, up to the threshold + timeout above it, a topic delivered
+  up to timeout late; and more than slop + timeout ahead of where the jumped topic stands now,
+  offsets applied, which a frame of the new timeline delivered within timeout is not) are then
   late rather than a second jump, until that topic's first frame on the new timeline.
 
 Counters (``stats``), per topic, always satisfy
