@@ -1040,6 +1040,50 @@ def test_an_offset_that_appeared_in_the_window_is_named_not_taken_for_bursts():
     assert unpaired_hint(skew, 0.05, 0.0, 0.5).endswith('sync.thermal_offset -0.248 pairs them')
 
 
+@pytest.mark.parametrize('rate', [0.5, 2.0])
+def test_a_bag_replayed_at_another_rate_names_no_bursts_with_a_30_hz_camera(rate):
+    # A 9 Hz thermal and a 30 Hz visible camera played back at another rate without /clock:
+    # the 30 visible frames of the window span 0.97 s of stamps, which was too short to tell
+    # the pace (a second), so their steady drift read as bursts and the hint asked for a
+    # sync.timeout of 2.58 s at half rate. Nor may the drift read as a skew: the thermal window
+    # reaches 2.3 s further back.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    skew = StampSkew()
+    events = sorted([(k / 9, 'thermal') for k in range(60)]
+                    + [(k / 30, 'visible') for k in range(200)])
+    for stamp, role in events:
+        skew.add(role, round((100 + stamp) * 1e9), 1000 + stamp / rate + 0.01)
+    delivery = skew.delivery()
+    assert delivery['thermal'].spread < 0.01 and delivery['visible'].spread < 0.01, delivery
+    assert skew.seconds() == pytest.approx(0.0, abs=1e-6)
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5) == ''
+
+
+def test_a_frozen_stamp_tells_no_pace():
+    # A visible driver whose stamp stopped advancing: its window spans no stamp time, which
+    # tells no pace (nor can divide one), and its arrivals read as lateness.
+    skew = StampSkew()
+    for frame in range(90):
+        now = frame / 30
+        if frame % 3 == 0:
+            skew.add('thermal', round((100 + now) * 1e9), 1000 + now)
+        skew.add('visible', 100 * S, 1000 + now)
+    # The 10th to 90th percentile of 30 arrivals 1/30 s apart.
+    assert skew.delivery()['visible'].spread == pytest.approx(0.8 * 29 / 30)
+
+
+def test_windows_that_arrived_at_one_instant_are_a_burst_not_a_replay_pace():
+    # The node's executor blocked for longer than both windows, then took every frame at once:
+    # arrivals that did not advance tell no replay's pace (dividing by it failed) but a burst.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    skew = StampSkew()
+    for stamp, role in sorted([(k / 9, 'thermal') for k in range(30)]
+                              + [(k / 30, 'visible') for k in range(100)]):
+        skew.add(role, round((100 + stamp) * 1e9), 1005.0)
+    assert skew.delivery()['thermal'].spread > 2.5
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5).startswith('thermal frames arrive in bursts')
+
+
 def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_late():
     # Thermal frames stamped right but delivered 0.7 s late look like a thermal clock 0.7 s
     # behind: the hint offered only the offset, which pairs each with a visible frame 0.7 s on.
