@@ -54,8 +54,10 @@ Parameters and their names elsewhere:
   the old timeline shows a glitch: the held frame is late and nothing is reset. Likewise a frame
   back within the threshold of the stamps before a lone newest frame that stood more than the
   threshold above them shows that newest frame's stamp glitched ahead: it is late, if still
-  pending. Frames of the other topic still in flight at a jump (continuing its own stamps, and
-  more than slop + timeout ahead of where the jumped topic stands now, offsets applied) are then
+  pending. Frames of the other topic still in flight at a jump (continuing its own stamps: within
+  the threshold below its newest then, up to the threshold + timeout above it, a topic delivered
+  up to timeout late; and more than slop + timeout ahead of where the jumped topic stands now,
+  offsets applied, which a frame of the new timeline delivered within timeout is not) are then
   late rather than a second jump, until that topic's first frame on the new timeline.
 
 Counters (``stats``), per topic, always satisfy
@@ -187,10 +189,12 @@ class Delivery(NamedTuple):
 
 class StampSkew:
     """How far the thermal camera's stamps run ahead of the visible camera's: per topic the
-    median of (stamp - arrival) over its last WINDOW frames, thermal minus visible.
+    median of (stamp - arrival) over its last WINDOW frames, thermal minus visible, arrival in
+    stamp seconds at the pace the stamps advance (delivery).
 
     Arrival times cancel what the two clocks share, so cameras stamping on clocks that differ
-    show as the skew whatever their rates and however the synchronizer buffers them; a
+    show as the skew whatever their rates (and a replay's) and however the synchronizer buffers
+    them; a
     difference in delivery delay adds to it, as it does to what pairs. The median is the lower
     middle value, one a frame had: the mean of two middle ones would give half of an offset
     that has just appeared, when half of the window has it.
@@ -200,6 +204,10 @@ class StampSkew:
     # Both inputs' stamps advancing this much faster or slower than their arrivals are a
     # replay at another rate (StampSkew.delivery); less may be bursts.
     PACE_TOLERANCE = 0.2
+    # A window spanning this much of stamps or more tells its pace: a full one of a camera up to
+    # 70 Hz does (30 frames at 30 Hz span 0.97 s), and jitter of tens of ms moves the pace far
+    # less than PACE_TOLERANCE. A shorter one (the first frames, a frozen stamp) tells nothing.
+    PACE_SPAN_S = 0.4
 
     def __init__(self):
         # Per role (stamp, arrival) in seconds, of the last WINDOW frames with a stamp.
@@ -218,8 +226,11 @@ class StampSkew:
         thermal, visible = self._frames['thermal'], self._frames['visible']
         if not thermal or not visible:
             return None
-        return (statistics.median_low(stamp - arrived for stamp, arrived in thermal)
-                - statistics.median_low(stamp - arrived for stamp, arrived in visible))
+        # At another pace the arrivals drift against the stamps, and a 9 Hz window, reaching
+        # seconds further back than a 30 Hz one, read that drift as a skew.
+        pace = self._pace()
+        return (statistics.median_low(stamp - arrived / pace for stamp, arrived in thermal)
+                - statistics.median_low(stamp - arrived / pace for stamp, arrived in visible))
 
     def clear(self) -> None:
         """Forget every frame: the stamps jumped to a new timeline (the synchronizer reset)."""
@@ -231,8 +242,8 @@ class StampSkew:
         with fewer than 10.
 
         A frame's lateness is its arrival less its stamp, at the pace the stamps advance: one
-        arrival second per stamp second, unless both inputs' windows (spanning a second or
-        more of stamps) advance at another pace, alike (a bag played at another rate than it
+        arrival second per stamp second, unless both inputs' windows (spanning PACE_SPAN_S
+        or more of stamps) advance at another pace, alike (a bag played at another rate than it
         was recorded, without /clock). A line fitted on each input alone would take a window
         that holds a single burst for a stopped clock. A middleware delivering one input in
         bursts widens its lateness; so does, for a window's length, a camera clock that steps
@@ -255,9 +266,11 @@ class StampSkew:
         """Arrival seconds per stamp second, alike for both inputs (StampSkew.delivery)."""
         paces = []
         for frames in self._frames.values():
-            if len(frames) < 2 or frames[-1][0] - frames[0][0] < 1.0:
+            if len(frames) < 2 or frames[-1][0] - frames[0][0] < self.PACE_SPAN_S:
                 return 1.0  # too short to tell
             (first_stamp, first_arrival), (last_stamp, last_arrival) = frames[0], frames[-1]
+            if last_arrival <= first_arrival:
+                return 1.0  # one burst (or a receipt clock stepped back): no replay's pace
             paces.append((last_arrival - first_arrival) / (last_stamp - first_stamp))
         if all(pace > 1 + self.PACE_TOLERANCE for pace in paces) or all(
                 pace < 1 - self.PACE_TOLERANCE for pace in paces):

@@ -414,6 +414,30 @@ def test_a_reduced_inference_size_fuses_there_and_restores_detail_at_the_models_
     assert np.abs(result.fused.astype(int) - expected).max() <= 1
 
 
+@pytest.mark.parametrize('thermal_size', [(160, 120), (640, 480)], ids=['smaller', 'larger'])
+def test_fuse_images_resizes_a_thermal_file_of_another_size_as_the_node_does(
+        msrs_pair, loaded, thermal_size):
+    # A thermal file 4x the visible image (reduced here), or a quarter of it: the identity
+    # registration, the node's, shrinks by area (each pixel the mean of the 4x4 it covers;
+    # bilinear would sample 2 of each 4 rows and columns, aliasing thin hot detail) and enlarges
+    # bilinearly.
+    ir, vi = msrs_pair
+    visible_size = (160, 120) if thermal_size == (640, 480) else (640, 480)
+    thermal = cv2.resize(ir, thermal_size, interpolation=cv2.INTER_AREA)
+    visible = cv2.resize(vi, visible_size, interpolation=cv2.INTER_AREA)
+    engine = FusionEngine(loaded, FusionSettings(output_encoding='mono8',
+                                                 inference_size=(160, 120)))
+    normalized = thermal.astype(np.float32) / 255.0
+    if thermal_size == (640, 480):
+        registered = normalized.reshape(120, 4, 160, 4).mean(axis=(1, 3))
+    else:
+        registered = cv2.resize(normalized, visible_size, interpolation=cv2.INTER_LINEAR)
+    expected = engine.infer(PreparedPair(1, 1, 'ir', registered, visible))
+    fused = engine.fuse_images(thermal, visible).fused
+    assert fused.shape == visible.shape[:2]
+    assert np.abs(fused.astype(int) - expected.fused).max() <= 1
+
+
 def test_fuse_images_reads_thermal_as_training_does_and_keeps_the_settings(msrs_pair, loaded):
     ir, vi = msrs_pair
     settings = FusionSettings(inference_size=(160, 120))

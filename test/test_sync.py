@@ -673,6 +673,50 @@ def test_a_jump_just_past_the_threshold_keeps_late_frames_of_the_old_timeline_ou
     assert sync.stats.thermal_late == 2 and sync.stats.resets == 1
 
 
+def looped(thermal: list[int], visible: list[int], length: int, thermal_lag: int = 0,
+           visible_lag: int = 0) -> list[tuple[int, int, int]]:
+    """(arrival, topic, stamp) events of a bag of ``length`` ns played twice in a loop, each topic
+    delivered its lag after its stamps."""
+    return [(loop * length + stamp + lag, topic, stamp) for loop in range(2)
+            for topic, stamps, lag in ((0, thermal, thermal_lag), (1, visible, visible_lag))
+            for stamp in stamps]
+
+
+def test_frames_delivered_up_to_the_timeout_late_are_in_flight_at_a_jump():
+    # A 2 s bag looped, sync.clock_jump lowered to 0.3 s, the visible topic delivered 0.6 s
+    # after the thermal one (within sync.timeout 1 s): when the thermal jump back is borne out,
+    # the first pass's visible frames still in flight reach more than the threshold above the
+    # newest visible stamp. Counted in flight only within the threshold, those beyond it started
+    # a timeline of their own: a second reset, and the second pass lost every pair.
+    thermal = [100 * S + k * 111 * MS for k in range(18)]
+    visible = [100 * S + 5 * MS + k * 33 * MS for k in range(60)]
+    sync = PairSynchronizer(0.020, 30, timeout=1.0, reset_threshold=0.3)
+    got = play(sync, looped(thermal, visible, 2 * S, visible_lag=600 * MS))
+    once = oracle(thermal, visible, 20 * MS)
+    first = [(p.thermal_stamp, p.visible_stamp) for p in got if p.timeline == 0]
+    # The first pass's last 4 pairs lose their visible frames, still in flight, to the reset.
+    assert first == once[:-4]
+    assert [(p.thermal_stamp, p.visible_stamp) for p in got if p.timeline == 1] == once
+    assert sync.stats.resets == 1
+
+
+def test_a_new_timeline_frame_up_to_the_timeout_ahead_of_the_other_topic_is_taken():
+    # A 2 s bag looped whose visible frames stop 0.8 s into it (the camera dropped out), the
+    # thermal topic delivered 0.2 s after the visible one (within sync.timeout): the thermal
+    # topic jumps back first, and the second pass's visible frames, near where the visible
+    # stamps stood, run up to 0.2 s ahead of the newest thermal frame. Taken for frames in flight
+    # from the first pass when more than slop ahead, they were late and their pairs lost.
+    thermal = [100 * S + k * 111 * MS for k in range(18)]
+    visible = [100 * S + 400 * MS + k * 33 * MS for k in range(13)]
+    sync = PairSynchronizer(0.020, 30, timeout=0.5)
+    got = play(sync, looped(thermal, visible, 2 * S, thermal_lag=200 * MS))
+    once = oracle(thermal, visible, 20 * MS)
+    assert [(p.thermal_stamp, p.visible_stamp, p.timeline) for p in got] == (
+        [(*pair, 0) for pair in once] + [(*pair, 1) for pair in once])
+    stats = sync.stats
+    assert (stats.resets, stats.visible_late) == (1, 0)
+
+
 @pytest.mark.parametrize('topic, index, ahead_ms, late', [
     (1, 30, 900, 0),  # under the reset threshold: the expiry clock must not stay on it
     (1, 31, 1035, 1),  # past it: the next frame, back, shows the glitch
@@ -994,6 +1038,50 @@ def test_an_offset_that_appeared_in_the_window_is_named_not_taken_for_bursts():
         skew.add('visible', round((100 + now) * 1e9), 1000 + now + 0.002 * (frame % 2))
     assert skew.delivery()['thermal'].spread == pytest.approx(0.25, abs=0.01)
     assert unpaired_hint(skew, 0.05, 0.0, 0.5).endswith('sync.thermal_offset -0.248 pairs them')
+
+
+@pytest.mark.parametrize('rate', [0.5, 2.0])
+def test_a_bag_replayed_at_another_rate_names_no_bursts_with_a_30_hz_camera(rate):
+    # A 9 Hz thermal and a 30 Hz visible camera played back at another rate without /clock:
+    # the 30 visible frames of the window span 0.97 s of stamps, which was too short to tell
+    # the pace (a second), so their steady drift read as bursts and the hint asked for a
+    # sync.timeout of 2.58 s at half rate. Nor may the drift read as a skew: the thermal window
+    # reaches 2.3 s further back.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    skew = StampSkew()
+    events = sorted([(k / 9, 'thermal') for k in range(60)]
+                    + [(k / 30, 'visible') for k in range(200)])
+    for stamp, role in events:
+        skew.add(role, round((100 + stamp) * 1e9), 1000 + stamp / rate + 0.01)
+    delivery = skew.delivery()
+    assert delivery['thermal'].spread < 0.01 and delivery['visible'].spread < 0.01, delivery
+    assert skew.seconds() == pytest.approx(0.0, abs=1e-6)
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5) == ''
+
+
+def test_a_frozen_stamp_tells_no_pace():
+    # A visible driver whose stamp stopped advancing: its window spans no stamp time, which
+    # tells no pace (nor can divide one), and its arrivals read as lateness.
+    skew = StampSkew()
+    for frame in range(90):
+        now = frame / 30
+        if frame % 3 == 0:
+            skew.add('thermal', round((100 + now) * 1e9), 1000 + now)
+        skew.add('visible', 100 * S, 1000 + now)
+    # The 10th to 90th percentile of 30 arrivals 1/30 s apart.
+    assert skew.delivery()['visible'].spread == pytest.approx(0.8 * 29 / 30)
+
+
+def test_windows_that_arrived_at_one_instant_are_a_burst_not_a_replay_pace():
+    # The node's executor blocked for longer than both windows, then took every frame at once:
+    # arrivals that did not advance tell no replay's pace (dividing by it failed) but a burst.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    skew = StampSkew()
+    for stamp, role in sorted([(k / 9, 'thermal') for k in range(30)]
+                              + [(k / 30, 'visible') for k in range(100)]):
+        skew.add(role, round((100 + stamp) * 1e9), 1005.0)
+    assert skew.delivery()['thermal'].spread > 2.5
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5).startswith('thermal frames arrive in bursts')
 
 
 def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_late():
