@@ -21,9 +21,11 @@ import secrets
 import shutil
 import sqlite3
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator
-from functools import cache
+from functools import cache, partial
 
+import lz4.frame
 import numpy as np
 import yaml
 from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurability, QosHistory,
@@ -31,10 +33,11 @@ from rosbags.interfaces import (Connection, ConnectionExtRosbag2, Qos, QosDurabi
 from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, ReaderError,
                              StoragePlugin, Writer, WriterError)
 # The storages themselves, for reading an MCAP file cut off by a crash (_McapReader), sqlite3
-# bags under any path (_UriPath) and chunks that inflate past their size (_inflate_zstd).
+# bags under any path (_UriPath); and with the reader, compressed data inflated within bounds.
+from rosbags.rosbag2 import reader as rosbag2_reader
 from rosbags.rosbag2 import storage_mcap
 from rosbags.rosbag2.reader import DirectoryReader
-from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress
+from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress, zstd
 from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -42,6 +45,7 @@ from .camera_info import CAMERA_INFO
 from .cli import TimeWindow
 from .files import sync_to_disk, sync_tree
 from .imaging.encodings import FORMATS, ZSTD_FORMAT, RawImage, format_encoding, zstd_encoding
+from .imaging.limits import MAX_PIXELS
 from .messages import ns_to_sec_nanosec
 from .settings import OUTPUT_TOPIC_PATTERN
 
@@ -216,23 +220,73 @@ def _decompresses(file, chunk: ChunkInfo) -> bool:
     return True
 
 
-def _inflate_zstd(data: bytes, size: int) -> bytes:
-    """The zstd frames of a chunk that declares `size` bytes, inflated to one byte past it at
-    most: rosbags inflated them whole before comparing, and zstd packs a GiB of zeros in some
-    32 kB, so a damaged or hostile chunk took gigabytes before it failed as too large."""
+def _inflate(data: bytes, size: int, frame_decompressor) -> bytes:
+    """The frames of `data` inflated to one byte past `size` at most, each by a new
+    `frame_decompressor()`; ReaderError for a frame cut short. rosbags inflated them whole: zstd
+    packs a GiB of zeros in some 32 kB, lz4 in 4 MB, so a damaged or hostile chunk or message
+    took gigabytes before it failed as too large, or did not fail."""
     parts, left = [], size + 1
     while data and left > 0:
-        frame = storage_mcap.zstd.ZstdDecompressor()
+        frame = frame_decompressor()
         parts.append(frame.decompress(data, left))
         left -= len(parts[-1])
-        if not frame.eof:  # at the limit, or cut short: rosbags' size check says so
-            break
+        if not frame.eof:
+            if left > 0:
+                raise ReaderError('its compressed data ends inside a frame (cut short)')
+            break  # at the limit: the caller says it is too large
         data = frame.unused_data
     return b''.join(parts)
 
 
-# What rosbags' MCAP storage (and _decompresses) inflates every zstd chunk with.
-storage_mcap.DECOMPRESSORS['zstd'] = _inflate_zstd
+# What rosbags' MCAP storage (and _decompresses) inflates every chunk with: to its declared size.
+storage_mcap.DECOMPRESSORS['zstd'] = partial(_inflate, frame_decompressor=zstd.ZstdDecompressor)
+storage_mcap.DECOMPRESSORS['lz4'] = partial(_inflate,
+                                            frame_decompressor=lz4.frame.LZ4FrameDecompressor)
+
+# rosbag2's compression_mode 'message' and 'file' declare no inflated size: a message may inflate
+# to the largest image the package decodes (MAX_PIXELS of its widest encoding) and a little more,
+# a file to a share of the free space where rosbags unpacks it (the temporary directory).
+MESSAGE_LIMIT = MAX_PIXELS * max(fmt.channels * np.dtype(fmt.dtype).itemsize
+                                 for fmt in FORMATS.values()) + (1 << 20)
+UNPACK_SHARE = 0.9
+
+
+def _inflate_message(data: bytes) -> bytes:
+    """A message of a bag compressed per message, inflated to MESSAGE_LIMIT at most."""
+    raw = _inflate(data, MESSAGE_LIMIT, zstd.ZstdDecompressor)
+    if len(raw) > MESSAGE_LIMIT:
+        raise ReaderError(f'a message inflates past {MESSAGE_LIMIT} bytes, more than the '
+                          'largest image: damaged, or not rosbag2 message compression')
+    return raw
+
+
+class _UnpackedFile(zstd.ZstdFile):
+    """A storage file of a bag compressed per file, read inflated to UNPACK_SHARE of the free
+    space in the temporary directory at most (rosbags unpacks it there, as large as it says)."""
+
+    def __init__(self, file, mode: str = 'rb'):
+        super().__init__(file, mode)
+        self._name = file.name
+        folder = tempfile.gettempdir()
+        self._room = int(shutil.disk_usage(folder).free * UNPACK_SHARE)
+        self._where = f'{UNPACK_SHARE:.0%} of the free space in {folder}'
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(self._room + 1 - self.tell() if size < 0 else size)
+        if self.tell() > self._room:
+            raise ReaderError(f'{self._name}: inflates past {self._room} bytes ({self._where}, '
+                              'where it is unpacked to be read; TMPDIR names another folder)')
+        return data
+
+
+class _Zstd:
+    """What rosbags' directory reader inflates messages (decompress) and files (open) with."""
+
+    decompress = staticmethod(_inflate_message)
+    open = _UnpackedFile
+
+
+rosbag2_reader.zstd = _Zstd
 
 
 class _CutMcapFile(io.RawIOBase):
@@ -344,7 +398,7 @@ class _DirectoryReader(DirectoryReader):
     def open(self) -> None:
         """Open, and count each topic's messages as its files hold them where one was cut off
         (metadata.yaml, as the recorder or `ros2 bag reindex` wrote it, counts the messages
-        recorded)."""
+        recorded); the bag's span and count are always its files'."""
         super().open()
         for connection in self.connections:  # as metadata.yaml gives them: rosbags checks none
             if not (isinstance(connection.topic, str) and isinstance(connection.msgtype, str)
@@ -367,6 +421,16 @@ class _DirectoryReader(DirectoryReader):
                         held[read_as.id] += stored.msgcount
             self.connections = [connection._replace(msgcount=held[connection.id])
                                 for connection in self.connections]
+        # The span and count of what the storage files hold, not metadata.yaml's: that may be
+        # stale (a recording cut off) or wrong (a later starting_time made every message seem to
+        # lie before the bag's start, and a window from its start read none of them).
+        stored = [storage.metadata for storage in self.storages]
+        count = sum(one.message_count for one in stored)
+        start = min((one.start_time for one in stored if one.message_count), default=2**63 - 1)
+        end = max((one.end_time for one in stored if one.message_count), default=0)
+        self.metadata = self.metadata._replace(duration=end - start if count else 0,
+                                               start_time=start, end_time=end,
+                                               message_count=count)
 
 
 class _Reader(Reader):
@@ -411,6 +475,10 @@ def typestore():
 def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
     """Open a bag for reading; any fault while opening or reading is a BagError naming it."""
     path = pathlib.Path(path)
+    special = _special_file(path)
+    if special is not None:
+        raise BagError(f'{special}: not a regular file (a FIFO, a device or a folder): not read '
+                       'as part of a bag')
     try:
         reader = _Reader(path)
         reader.open()
@@ -440,6 +508,21 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
     finally:
         with contextlib.suppress(Exception):
             reader.close()
+
+
+def _special_file(path: pathlib.Path) -> pathlib.Path | None:
+    """The first file that reading the bag `path` opens and that is not a regular file (a FIFO,
+    whose reading would wait for a writer until Ctrl-C, a device, a folder): the bag file, or
+    the folder's metadata.yaml or a storage file that lists; None for none (rosbags says what is
+    wrong with a metadata.yaml it cannot read, or a file missing)."""
+    files = [path]
+    if path.is_dir():
+        files = [path / 'metadata.yaml']
+        with contextlib.suppress(Exception):  # noqa: BLE001 - YAML faults among them
+            if files[0].is_file():
+                files += [path / pathlib.PurePath(name).name
+                          for name in bag_information(path)['relative_file_paths']]
+    return next((file for file in files if file.exists() and not file.is_file()), None)
 
 
 def recorded_types(reader: Reader) -> dict[str, set[str]]:

@@ -11,11 +11,13 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
 
 import cv2
+import lz4.frame
 import numpy as np
 import pytest
 import yaml
@@ -864,38 +866,100 @@ def test_a_sqlite3_recording_with_messages_left_in_its_wal_file_says_so(tmp_path
         assert sum(1 for _ in reader.messages()) == 15 and not bagio.cut_files(reader)
 
 
-def test_an_mcap_chunk_that_inflates_past_its_size_is_refused_without_taking_the_memory(
-        short_events, tmp_path, capsys):
-    # zstd packs a GiB of zeros in some 32 kB: rosbags inflated such a chunk whole (3.2 GB peak
-    # for 1.5 GiB) before finding it larger than it says it is.
-    inflated = 256 << 20
-    source = tmp_path / 'in'
+def zstd_bomb(data: bytes, inflated: int) -> bytes:
+    """One zstd frame of `data` followed by `inflated` zero bytes (declaring no size)."""
+    compressor = zstd.ZstdCompressor()
+    return b''.join([compressor.compress(data), compressor.compress(bytes(inflated)),
+                     compressor.flush()])
 
-    def bomb(chunk: bytes) -> bytes:
-        compressor = zstd.ZstdCompressor()
-        return b''.join([compressor.compress(chunk), compressor.compress(bytes(inflated)),
-                         compressor.flush()])
 
-    writer = Writer(source, version=9, storage_plugin=StoragePlugin.MCAP)
-    writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
-    with writer:
-        writer.storage.compressor = bomb
-        connection = writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE)
-        for log_time, topic, stamp, encoding, image in short_events[:20]:
-            if topic == THERMAL_TOPIC:
-                writer.write(connection, log_time, TYPESTORE.serialize_cdr(
-                    bag_image_message(image, encoding, stamp, THERMAL_FRAME), IMAGE))
-    assert (source / 'in.mcap').stat().st_size < inflated // 100
+def lz4_bomb(data: bytes, inflated: int) -> bytes:
+    """One lz4 frame of `data` followed by `inflated` zero bytes (lz4 packs 256 MiB in 1 MB)."""
+    compressor = lz4.frame.LZ4FrameCompressor()
+    return b''.join([compressor.begin(), compressor.compress(data),
+                     compressor.compress(bytes(inflated)), compressor.flush()])
+
+
+def thermal_images(writer: Writer, events, compress=lambda raw: raw) -> None:
+    """Write the thermal images of `events` on THERMAL_TOPIC, each as `compress` makes it."""
+    connection = writer.add_connection(THERMAL_TOPIC, IMAGE, typestore=TYPESTORE)
+    for log_time, topic, stamp, encoding, image in events:
+        if topic == THERMAL_TOPIC:
+            writer.write(connection, log_time, compress(bytes(TYPESTORE.serialize_cdr(
+                bag_image_message(image, encoding, stamp, THERMAL_FRAME), IMAGE))))
+
+
+def refused_without_the_memory(source: pathlib.Path, output: pathlib.Path, capsys,
+                               inflated: int) -> str:
+    """Run s4fusion-bag on `source`: refused, with under a quarter of `inflated` bytes
+    allocated; its error line."""
     tracemalloc.start()
     try:
-        assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+        assert bag_tool.main([str(source), str(output)]) == 1
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     error = capsys.readouterr().err
-    assert f'{source}: cannot read the bag' in error and 'Chunk size mismatch' in error, error
-    assert peak < inflated // 4
-    assert 'Traceback' not in error and not (tmp_path / 'out').exists()
+    assert f'{source}: cannot ' in error and 'Traceback' not in error, error
+    assert peak < inflated // 4 and not output.exists()
+    return error
+
+
+@pytest.mark.parametrize('codec', ['zstd', 'lz4'])
+def test_an_mcap_chunk_that_inflates_past_its_size_is_refused_without_taking_the_memory(
+        short_events, tmp_path, capsys, codec):
+    # zstd packs a GiB of zeros in some 32 kB: rosbags inflated such a chunk whole (3.2 GB peak
+    # for 1.5 GiB) before finding it larger than it says it is; lz4 chunks (which the mcap CLI
+    # and rosbag2's MCAP storage may write) until the release that bounded both.
+    inflated = 256 << 20
+    source = tmp_path / 'in'
+    writer = Writer(source, version=9, storage_plugin=StoragePlugin.MCAP)
+    writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+    with writer:
+        bomb = zstd_bomb if codec == 'zstd' else lz4_bomb
+        writer.storage.compression = codec
+        writer.storage.compressor = lambda chunk: bomb(chunk, inflated)
+        thermal_images(writer, short_events[:20])
+    assert (source / 'in.mcap').stat().st_size < inflated // 100
+    error = refused_without_the_memory(source, tmp_path / 'out', capsys, inflated)
+    assert 'Chunk size mismatch' in error, error
+
+
+def test_a_message_that_inflates_past_the_limit_is_refused_without_taking_the_memory(
+        short_events, tmp_path, capsys, monkeypatch):
+    # rosbag2's compression_mode 'message' zstd-compresses each message and declares no size:
+    # rosbags inflated each whole, whatever it came to. The limit (a GiB) made small to test.
+    inflated, source = 64 << 20, tmp_path / 'in'
+    monkeypatch.setattr(bagio, 'MESSAGE_LIMIT', 1 << 20)
+    bombs = iter([inflated])  # the first message inflates past the limit, the rest do not
+    with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        thermal_images(writer, short_events[:20], lambda raw: zstd_bomb(raw, next(bombs, 0)))
+    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
+    metadata['rosbag2_bagfile_information'].update(compression_mode='message',
+                                                   compression_format='zstd')
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    error = refused_without_the_memory(source, tmp_path / 'out', capsys, inflated)
+    assert f'a message inflates past {1 << 20} bytes' in error, error
+
+
+def test_a_storage_file_that_inflates_past_the_free_space_is_refused_and_removed(
+        short_events, tmp_path, capsys, monkeypatch):
+    # rosbag2's compression_mode 'file' zstd-compresses each storage file whole, which rosbags
+    # unpacks into the temporary directory, as large as it inflates: until the disk was full.
+    inflated, source, unpacked = 256 << 20, tmp_path / 'in', tmp_path / 'tmp'
+    unpacked.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(unpacked))
+    room = 16 << 20  # of the free space there, to test
+    monkeypatch.setattr(bagio, 'UNPACK_SHARE', room / shutil.disk_usage(unpacked).free)
+    writer = Writer(source, version=9, storage_plugin=StoragePlugin.MCAP)
+    writer.set_compression(CompressionMode.FILE, CompressionFormat.ZSTD)
+    with writer:
+        thermal_images(writer, short_events[:20])
+    with open(source / 'in.mcap.zstd', 'ab') as file:  # a second frame, of zeros
+        file.write(zstd_bomb(b'', inflated))
+    error = refused_without_the_memory(source, tmp_path / 'out', capsys, inflated)
+    assert f"{source / 'in.mcap.zstd'}: inflates past" in error, error
+    assert f'free space in {unpacked}' in error and not any(unpacked.iterdir())
 
 
 @pytest.mark.parametrize('kept', [0, 5, 12])
@@ -1098,6 +1162,60 @@ def test_a_metadata_topic_of_no_name_or_count_is_refused_naming_the_file(
     assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
     error = capsys.readouterr().err
     assert f"{source / 'metadata.yaml'}: topic " in error and 'Traceback' not in error, error
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_a_metadata_starting_time_after_the_messages_drops_none_of_them(
+        storage, short_events, params_file, tmp_path, capsys):
+    # The bag's start was metadata.yaml's: every message seemed to lie before it, and the window
+    # from the start read none (s4fusion-bag: no pair, exit 1; s4fusion-batch: 0 pairs).
+    source = write_bag(tmp_path / 'in', short_events, storage)
+    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
+    information = metadata['rosbag2_bagfile_information']
+    information['starting_time']['nanoseconds_since_epoch'] = short_events[-1][0] + 10**10
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file)]) \
+        == 0, capsys.readouterr().err
+    assert len(read_bag(tmp_path / 'out')['/s4fusion_node/fused']) \
+        == len(expected_pairs(short_events))
+
+
+def test_a_recording_cut_off_spans_its_messages_not_its_stale_metadata(short_events, tmp_path):
+    # A recorder killed after it wrote metadata.yaml (at a split, say) leaves its duration and
+    # count short: the span read from it made s4fusion-batch's thermal rate and segments short.
+    source = write_bag(tmp_path / 'in', short_events, 'mcap', zstd_chunks=True)
+    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
+    information = metadata['rosbag2_bagfile_information']
+    information['duration']['nanoseconds'] //= 3
+    information['message_count'] //= 3
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    log_times = sorted(event[0] for event in short_events)
+    with bagio.open_bag(source) as reader:
+        assert (reader.start_time, reader.end_time, reader.message_count) \
+            == (log_times[0], log_times[-1] + 1, len(log_times))
+
+
+@pytest.mark.parametrize('special', ['fifo', 'device', 'folder', 'metadata fifo', 'bare fifo'])
+def test_a_bag_file_that_is_not_a_regular_file_is_refused_naming_it(
+        short_events, tmp_path, special):
+    # A FIFO named as a storage file (or as metadata.yaml, or given as the bag) blocked the
+    # reading until Ctrl-C: run as a process, which a hang's timeout ends.
+    source = write_bag(tmp_path / 'in', short_events[:10], 'mcap')
+    named = source / ('metadata.yaml' if special == 'metadata fifo' else 'in.mcap')
+    named.unlink()
+    if special == 'device':
+        named.symlink_to('/dev/zero')
+    elif special == 'folder':
+        named.mkdir()
+    else:
+        os.mkfifo(named)
+    bag = named if special == 'bare fifo' else source
+    result = subprocess.run([str(BAG_TOOL), str(bag), str(tmp_path / 'out')],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == (f's4fusion-bag: {named}: not a regular file (a FIFO, a device or '
+                             'a folder): not read as part of a bag\n'), result.stderr
     assert not (tmp_path / 'out').exists()
 
 
