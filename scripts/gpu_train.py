@@ -141,18 +141,37 @@ def pack_data(args):
     log(f'{len(pairs)} training pairs in {args.to} ({size / 2**20:.1f} MiB)')
 
 
+def prepare_mamba(args):
+    """(mamba-ssm's folder for the runs' PYTHONPATH or None, what the summary says of it): built
+    from --mamba-sdist, or an earlier call's --mamba-site, and checked; anything about it that
+    raises leaves the runs to the chunked scan."""
+    import torch
+
+    if not (args.mamba_sdist or args.mamba_site):
+        return None, 'not given'
+    if args.mamba_site is None and not torch.cuda.is_available():
+        # Not a failure: a CPU call (--device cpu) has nothing to build for.
+        log('no CUDA device: mamba-ssm is not built')
+        return None, 'not built: no CUDA device'
+    try:
+        site = args.mamba_site or build_mamba(args.mamba_sdist, args.build_minutes)
+        if site is not None and not check_scan(site):
+            site = None
+    except Exception as error:  # noqa: BLE001 - the call's training must not depend on it
+        log(f'mamba-ssm: {error!r}')
+        site = None
+    return site, 'used' if site else 'failed: its build or check (see the log)'
+
+
 def build_mamba(sdist, minutes):
     """Build mamba-ssm from ``sdist`` for this GPU's architecture only, into a folder put on
-    PYTHONPATH; returns that folder, or None where there is no CUDA or the build fails.
+    PYTHONPATH; returns that folder, or None where the build fails.
 
     Its setup.py compiles for every architecture from sm_75 on (about 3 minutes for one on 16
     cores, many more for all), so the architecture list is cut down to this GPU's.
     """
     import torch
 
-    if not torch.cuda.is_available():
-        log('no CUDA device: mamba-ssm is not built')
-        return None
     major, minor = torch.cuda.get_device_capability()
     work = pathlib.Path('/tmp/mamba-build')
     shutil.rmtree(work, ignore_errors=True)
@@ -319,17 +338,8 @@ def train(args):
     device = training_device(args.device)
     log(f'training on {device}')
     # Each recipe's summary names the scan its run recorded using (its weights' JSON).
-    summary = {'recipes': {}, 'device': device, 'mamba_ssm': 'not given'}
-    site = None
-    if args.mamba_sdist or args.mamba_site:
-        try:
-            site = args.mamba_site or build_mamba(args.mamba_sdist, args.build_minutes)
-            if site is not None and not check_scan(site):
-                site = None
-        except Exception as error:  # noqa: BLE001 - the call's training must not depend on it
-            log(f'mamba-ssm: {error!r}')
-            site = None
-        summary['mamba_ssm'] = 'used' if site else 'failed: its build or check (see the log)'
+    summary = {'recipes': {}, 'device': device}
+    site, summary['mamba_ssm'] = prepare_mamba(args)
     if device != 'cpu' and site is None:
         summary['warning'] = (f'mamba-ssm {summary["mamba_ssm"]}: training with the chunked '
                               f'PyTorch scan, several times slower, so each new run\'s schedule '

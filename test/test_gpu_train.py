@@ -296,6 +296,18 @@ def test_time_budget_and_arguments(tmp_path, packed_data):
     assert not (tmp_path / 'r').exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with CUDA the sdist would be built')
+def test_a_cpu_call_reports_mamba_ssm_as_not_built_not_as_failed(tmp_path, packed_data):
+    # The documented call with --device cpu on a machine without CUDA: its summary said
+    # "failed: its build or check" of a build never tried (the log said it was not built).
+    script('train', '--data', packed_data, '--runs', tmp_path / 'runs', '--out',
+           tmp_path / 'out', '--minutes', '0.1', '--pack-minutes', '0.5', '--recipes',
+           'compact', '--device', 'cpu', '--mamba-sdist', tmp_path / 'mamba_ssm.tar.gz')
+    summary = json.loads((tmp_path / 'out' / 'gpu_train_summary.json').read_text())
+    assert summary['mamba_ssm'] == 'not built: no CUDA device'
+    assert 'warning' not in summary
+
+
 def test_a_call_stopped_from_outside_stops_its_run_and_brings_back_what_it_saved(
         tmp_path, packed_data):
     # SIGTERM to the script (a device call ended early) killed it at once with nothing under
