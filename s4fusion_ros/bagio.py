@@ -576,6 +576,11 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
         if cut and not any(storage.metadata.message_count for storage in _storages(reader)):
             raise BagError(f'{path}: no message to read: {"; ".join(cut)}')
         yield reader
+    except BagError as error:  # the damage that made it fail (a topic's messages all lost)
+        damaged = damaged_files(reader)
+        if damaged:
+            raise BagError(f'{error} ({path}: {"; ".join(damaged)})') from None
+        raise
     finally:
         with contextlib.suppress(Exception):
             reader.close()
