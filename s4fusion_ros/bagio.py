@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import fcntl
 import glob
+import heapq
 import io
 import os
 import pathlib
@@ -37,7 +38,7 @@ from rosbags.rosbag2 import (CompressionFormat, CompressionMode, Reader, ReaderE
 from rosbags.rosbag2 import reader as rosbag2_reader
 from rosbags.rosbag2 import storage_mcap
 from rosbags.rosbag2.reader import DirectoryReader
-from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress, zstd
+from rosbags.rosbag2.storage_mcap import ChunkInfo, McapReader, decompress, msgsrc, zstd
 from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader, Sqlite3Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -333,12 +334,25 @@ class _CutMcapFile(io.RawIOBase):
         super().close()
 
 
+@dataclasses.dataclass(frozen=True)
+class DamagedChunk:
+    """A chunk of an MCAP file that did not read (a bit flipped in its data, a wrong CRC or
+    length inside it: damaged storage), as its index entry tells of it."""
+
+    start: int  # its first and last log times, ns
+    end: int
+    messages: int  # of every channel, as its message indexes count them
+    reason: str
+
+
 class _McapReader(McapReader):
-    """rosbags' MCAP reader that reads a file cut off by a crash as cut_mcap says."""
+    """rosbags' MCAP reader that reads a file cut off by a crash as cut_mcap says, and skips
+    the chunks that do not read, keeping them in `damaged` (by offset in the file)."""
 
     cut: CutMcap | None = None
 
     def open(self) -> None:
+        self.damaged: dict[int, DamagedChunk] = {}
         self.cut = cut_mcap(pathlib.Path(self.path))
         if self.cut is None:
             super().open()
@@ -355,6 +369,39 @@ class _McapReader(McapReader):
             raise
         self.chunks.extend(chunk._replace(channel_count=dict.fromkeys(self.channels, 1))
                            for chunk in self.cut.chunks)
+
+    def messages(self, connections, start: int | None = None, stop: int | None = None):
+        """McapReader.messages, each chunk read by _chunk_messages: a damaged chunk is skipped
+        and the others read, as a chunk index allows (a file without one is read by a scan that
+        any damage ends)."""
+        if not self.chunks:
+            yield from super().messages(connections, start, stop)
+            return
+        channel_map = {connection.id: connection for connection in connections}
+        sources = [self._chunk_messages(chunk, channel_map,
+                                        chunk.message_start_time if start is None else start,
+                                        chunk.message_end_time + 1 if stop is None else stop)
+                   for chunk in self.chunks
+                   if (start is None or start < chunk.message_end_time + 1)
+                   and (stop is None or chunk.message_start_time < stop)
+                   and any(chunk.channel_count.get(cid, 0) for cid in channel_map)]
+        for log_time, offset, connection, data in heapq.merge(*sources):
+            if offset:  # not a chunk's start marker
+                yield connection, log_time, data
+
+    def _chunk_messages(self, chunk: ChunkInfo, channel_map: dict, start: int, stop: int):
+        """rosbags' msgsrc of one chunk (its start marker, then its messages in log-time order),
+        or the marker alone for a chunk that does not read, which `damaged` records."""
+        source = msgsrc(chunk, channel_map, start, stop, self.bio)
+        yield next(source)  # the marker, which reads nothing: heapq.merge orders chunks by it
+        try:  # msgsrc reads the chunk whole before it yields a message
+            messages = list(source)
+        except Exception as error:  # noqa: BLE001 - whatever damaged bytes raise
+            self.damaged[chunk.chunk_start_offset] = DamagedChunk(
+                chunk.message_start_time, chunk.message_end_time,
+                sum(chunk.channel_count.values()), _reason(error).rstrip('.'))
+            return
+        yield from messages
 
 
 # Paths with '#', '?' or '%' ----------------------------------------------------------------------
@@ -463,6 +510,30 @@ def cut_files(reader: Reader) -> list[str]:
     return lines
 
 
+def damaged_files(reader: Reader) -> list[str]:
+    """What `reader` skipped so far of its MCAP files' damaged chunks (_McapReader), one line
+    a file: how many messages, logged when (seconds into the bag), and why; [] for none."""
+    lines = []
+    for storage in _storages(reader):
+        damaged = sorted(getattr(storage, 'damaged', {}).values(), key=lambda chunk: chunk.start)
+        if not damaged:
+            continue
+        name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
+        spans = ', '.join(f'{(chunk.start - reader.start_time) / 1e9:g} s to '
+                          f'{(chunk.end - reader.start_time) / 1e9:g} s' for chunk in damaged)
+        lost = sum(chunk.messages for chunk in damaged)
+        lines.append(f'{name}{len(damaged)} damaged chunk{"s" * (len(damaged) > 1)} skipped '
+                     f'(first: {damaged[0].reason}): {lost} messages logged from {spans} into '
+                     'the bag lost; the others were read')
+    return lines
+
+
+def lost_messages(reader: Reader) -> int:
+    """The messages of every topic in the damaged chunks `reader` skipped so far."""
+    return sum(chunk.messages for storage in _storages(reader)
+               for chunk in getattr(storage, 'damaged', {}).values())
+
+
 @cache
 def typestore():
     """Return the message types of ROS 2 Kilted (the distro this package targets)."""
@@ -505,6 +576,11 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
         if cut and not any(storage.metadata.message_count for storage in _storages(reader)):
             raise BagError(f'{path}: no message to read: {"; ".join(cut)}')
         yield reader
+    except BagError as error:  # the damage that made it fail (a topic's messages all lost)
+        damaged = damaged_files(reader)
+        if damaged:
+            raise BagError(f'{error} ({path}: {"; ".join(damaged)})') from None
+        raise
     finally:
         with contextlib.suppress(Exception):
             reader.close()

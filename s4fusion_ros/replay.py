@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic, LogWindow,
                     add_topic, camera_info_cdr, compressed_image_cdr, copy_connections, cut_files,
-                    deserialize, image_cdr, log_span, log_window, newest_before,
-                    read_messages, topic_types)
+                    damaged_files, deserialize, image_cdr, log_span, log_window, lost_messages,
+                    newest_before, read_messages, topic_types)
 from .camera_info import (CAMERA_INFO, CameraInfoCache, calibration_fault, camera_info_topic,
                           output_info_topics)
 from .cli import TimeWindow
@@ -37,6 +37,7 @@ class Counts:
     undecodable: dict = field(default_factory=lambda: {'thermal': 0, 'visible': 0})
     fused: int = 0
     failed: int = 0  # pairs whose inference raised: dropped, as the node drops them
+    lost: int = 0  # messages (of every topic) in the damaged chunks skipped: a partial read
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,10 @@ class BagFuser:
                 self._fuse(prepared, path, writer, outputs, progress,
                            reader.end_time if previous is None else previous)
                 self._show_counts(progress)  # the flush's unpaired frames, as the summary
+        # Found as the chunks were read, by this run or by what read the bag before it.
+        for damaged in damaged_files(reader):
+            self._warn(f'{path}: {damaged}')
+        self.counts.lost = lost_messages(reader)
 
     def _own(self, path: pathlib.Path, span: Span, warm: int, last_read: int | None,
              warmed_from: int | None) -> bool:

@@ -187,3 +187,26 @@ def test_a_metadata_topic_named_by_a_number_is_refused_naming_the_file(tmp_path)
                              timeout=60)
     assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
     assert f'{metadata}: topic 7 of type' in refused.stderr, refused.stderr
+
+
+def test_an_mcap_with_a_damaged_chunk_plays_the_others_and_says_what_was_lost(tmp_path):
+    # A chunk whose data does not match its CRC stopped the playback there.
+    image = np.zeros((500, 500), np.uint8)
+    events = [(10**9 + i * 10**8, THERMAL_TOPIC, 10**9 + i * 10**8, 'mono8', image)
+              for i in range(12)]
+    storage = write_bag(tmp_path / 'bag', events, 'mcap') / 'bag.mcap'
+    damaged = mcap_chunks(storage)[1]
+    data = bytearray(storage.read_bytes())
+    data[damaged.chunk_start_offset + 9 + 24] = 0x5E  # its CRC (rosbags writes 0: none)
+    storage.write_bytes(bytes(data))
+    lost = sum(damaged.channel_count.values())
+    played = subprocess.run([*PLAYER, str(storage), '--wait', '0', '--rate', '10'],
+                            capture_output=True, text=True, timeout=60)
+    assert played.returncode == 1 and 0 < lost < len(events), played.stderr
+    span = (f'{(damaged.message_start_time - 10**9) / 1e9:g} s to '
+            f'{(damaged.message_end_time - 10**9) / 1e9:g} s')
+    assert (f'{storage}: 1 damaged chunk skipped (first: Chunk checksum mismatch): {lost} '
+            f'messages logged from {span} into the bag lost') in played.stderr, \
+        played.stderr
+    assert (f'{THERMAL_TOPIC} {len(events) - lost}; lost: {lost} messages of the damaged chunks '
+            'skipped; end of bag') in played.stderr, played.stderr

@@ -53,8 +53,8 @@ from rclpy.validate_node_name import validate_node_name
 from rosgraph_msgs.msg import Clock
 
 from ..bagio import (COMPRESSED_IMAGE, IMAGE_TYPES, NODE_OUTPUT, BagError, cut_files,
-                     deserialize, latched_topics, log_window, newest_before, open_bag,
-                     read_messages, topic_types)
+                     damaged_files, deserialize, latched_topics, log_window, lost_messages,
+                     newest_before, open_bag, read_messages, topic_types)
 from ..camera_info import CAMERA_INFO, camera_info_topic
 from ..cli import add_window_options, ignore_stop_signals, stop_on_signals, time_window
 from ..messages import ns_to_sec_nanosec
@@ -263,6 +263,7 @@ class BagPlayer:
         self.publish_errors = 0
         self.bag_time = 0  # ns, what /clock says
         self.played_span_s = 0.0  # s of bag time the last pass played (play_once)
+        self.lost = 0  # messages of the damaged chunks a pass skipped: a partial play (exit 1)
         self.next_tick = 0.0  # monotonic time of the next /clock message
 
     def wait_for_subscribers(self) -> None:
@@ -409,6 +410,10 @@ class BagPlayer:
                     self._publish(connection.topic, bytes(raw))
                 read += 1
                 first, last = (log_time if first is None else first), log_time
+            if not self.lost:  # said once, not on every --loop pass
+                for damaged in damaged_files(reader):
+                    print(f'{PROG}: {self.args.bag}: {damaged}', file=sys.stderr)
+            self.lost = lost_messages(reader)
             self._sleep_until(start_wall + minimum_s / self.args.rate, start_wall, start_ns)
         self.played_span_s = 0.0 if first is None else (last - first) / 1e9
         return read
@@ -485,12 +490,15 @@ class BagPlayer:
         skipped = ', '.join(f'{self.publishers[topic].topic_name} {count}'
                             for topic, count in self.undecodable.items() if count)
         return (f'{PROG}: published {counts}{errors}'
-                + (f'; skipped as undecodable: {skipped}' if skipped else ''))
+                + (f'; skipped as undecodable: {skipped}' if skipped else '')
+                + (f'; lost: {self.lost} messages of the damaged chunks skipped' if self.lost
+                   else ''))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; Ctrl-C stops playback cleanly (exit code 0), a bag that fails
-    midway after a summary of what was played (exit code 1)."""
+    midway after a summary of what was played (exit code 1), as does one whose damaged chunks
+    were skipped."""
     args = parse_args(argv)
     # Not sys.argv: rcl would take OLD:=NEW there as a global remap. No rclpy signal handlers:
     # they invalidate the context at Ctrl-C while the player is still publishing (it never spins).
@@ -531,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-    return 1 if failure else 0
+    return 1 if failure or (player is not None and player.lost) else 0
 
 
 if __name__ == '__main__':  # python -m, set up by its package's __init__

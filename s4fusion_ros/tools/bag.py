@@ -184,8 +184,10 @@ class Outcome:
     video_written: bool = False
 
 
-def run(args: argparse.Namespace, outcome: Outcome) -> None:
-    """Fuse args.input into args.output; raises with a message naming the file on failure."""
+def run(args: argparse.Namespace, outcome: Outcome) -> int:
+    """Fuse args.input into args.output; raises with a message naming the file on failure.
+    Returns 1 where damaged chunks of the bag were skipped (the output holds what was read),
+    else 0."""
     try:
         output, source = resolved(args.output), resolved(args.input)
         exports = [(flag, export, resolved(export)) for flag, export in (
@@ -280,6 +282,8 @@ def run(args: argparse.Namespace, outcome: Outcome) -> None:
         if removed:
             print(f'{PROG}: removed {removed} PNGs of an earlier export from {args.export_png}',
                   file=sys.stderr)
+    # A partial read, as s4fusion-play's of a bag failing midway: written, and exit 1.
+    return 1 if fuser.counts.lost else 0
 
 
 def logged_in(window: LogWindow) -> str:
@@ -302,11 +306,13 @@ def print_summary(args: argparse.Namespace, fuser: BagFuser, window: LogWindow,
     reasons = {reason: count for reason, count in fuser.dropped_by_reason().items() if count}
     why = f' ({", ".join(f"{count} {reason}" for reason, count in reasons.items())})'
     failed = f'; {counts.failed} pairs failed in inference' if counts.failed else ''
+    lost = (f'; lost: {counts.lost} messages of the damaged chunks skipped (exit 1)'
+            if counts.lost else '')
     print(f'{PROG}: fused {counts.fused} pairs from {counts.read["thermal"]} thermal + '
           f'{counts.read["visible"]} visible messages{logged_in(window)} in {seconds:.1f} s '
           f'({counts.fused / max(seconds, 1e-9):.2f} pairs/s){failed}; unpaired: '
           f'{stats.thermal_unpaired} thermal, {stats.visible_unpaired} visible; dropped: '
-          f'{fuser.dropped()}{why if reasons else ""}' + written, file=sys.stderr)
+          f'{fuser.dropped()}{why if reasons else ""}{lost}' + written, file=sys.stderr)
     sync = fuser.pipeline.synchronizer
     lost = {Key.THERMAL_UNPAIRED: stats.thermal_unpaired,
             Key.THERMAL_OVERFLOW: stats.thermal_overflow}
@@ -341,8 +347,9 @@ def untouched(args: argparse.Namespace, outcome: Outcome) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; exit code 0 on success, 1 on an error or when no pair was fused, 130
-    when interrupted."""
+    """Console entry point; exit code 0 on success, 1 on an error or when no pair was fused (no
+    bag written) or when damaged chunks were skipped (the bag written of the others), 130 when
+    interrupted."""
     args = parse_args(argv)
     stop_on_signals()
     outcome = Outcome(existed=args.output.exists())
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         # Weights, device or a setting that cannot work.
         return f'{error}; {untouched(args, outcome)}'
 
-    return run_command(PROG, lambda: run(args, outcome) or 0,
+    return run_command(PROG, lambda: run(args, outcome),
                        (BagError, settings.SettingsError, *WRITE_ERRORS, ValueError,
                         CheckpointError),
                        lambda _: f'interrupted; {untouched(args, outcome)}', describe)
