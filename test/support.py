@@ -191,6 +191,21 @@ def mcap_chunks(storage: pathlib.Path) -> list:
         return list(reader.storage.chunks)
 
 
+def damage_chunk(storage: pathlib.Path, chunk, how: str) -> None:
+    """Damage `chunk` of the MCAP file as failing storage does: a bit flipped in its compressed
+    data (here in its zstd frame's magic, which zstd always checks), a CRC that its data does not
+    match, or a wrong length of a record inside it."""
+    data = bytearray(storage.read_bytes())
+    records = chunk.chunk_start_offset + 9 + 40 + len(chunk.compression)
+    if how == 'bit flip':
+        data[records] ^= 0x04
+    elif how == 'crc':
+        struct.pack_into('<I', data, chunk.chunk_start_offset + 9 + 24, 0x5EED)
+    else:  # its first message record's length, past the chunk's end
+        struct.pack_into('<Q', data, records + 1, 2**40)
+    storage.write_bytes(bytes(data))
+
+
 def read_bag(path: pathlib.Path) -> dict[str, list]:
     """{topic: [(log time, message type, raw CDR)]} of every message, with rosbags."""
     topics = {}

@@ -34,8 +34,8 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
-                     address_space_limit, bag_image_message, camera_messages, mcap_chunks,
-                     most_frames, read_bag, visible_camera_info, write_bag,
+                     address_space_limit, bag_image_message, camera_messages, damage_chunk,
+                     mcap_chunks, most_frames, read_bag, visible_camera_info, write_bag,
                      write_merged_visible_bag, zstd_transport_data)
 
 SLOP = 0.02
@@ -816,21 +816,6 @@ def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file
     assert len(fused['/s4fusion_node/fused']) == len(expected_pairs(events[:whole])) >= 3
 
 
-def _damage(storage: pathlib.Path, chunk, how: str) -> None:
-    """Damage `chunk` of the MCAP file as failing storage does: a bit flipped in its compressed
-    data (here in its zstd frame's magic, which zstd always checks), a CRC that its data does not
-    match, or a wrong length of a record inside it."""
-    data = bytearray(storage.read_bytes())
-    records = chunk.chunk_start_offset + 9 + 40 + len(chunk.compression)
-    if how == 'bit flip':
-        data[records] ^= 0x04
-    elif how == 'crc':
-        struct.pack_into('<I', data, chunk.chunk_start_offset + 9 + 24, 0x5EED)
-    else:  # its first message record's length, past the chunk's end
-        struct.pack_into('<Q', data, records + 1, 2**40)
-    storage.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize('how', ['bit flip', 'crc', 'record length'])
 def test_an_mcap_with_a_damaged_chunk_is_fused_but_for_that_chunk(how, ivif_dir, params_file,
                                                                   tmp_path, capsys):
@@ -842,7 +827,7 @@ def test_an_mcap_with_a_damaged_chunk_is_fused_but_for_that_chunk(how, ivif_dir,
     chunks = mcap_chunks(source / 'in.mcap')
     assert len(chunks) >= 5
     damaged = chunks[3]
-    _damage(source / 'in.mcap', damaged, how)
+    damage_chunk(source / 'in.mcap', damaged, how)
     lost = [event for event in events
             if damaged.message_start_time <= event[0] <= damaged.message_end_time]
     assert len(lost) == sum(damaged.channel_count.values())

@@ -30,8 +30,9 @@ from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
 from support import (BATCH_PARAMS, IMAGE, START_NS, THERMAL_TOPIC, TYPESTORE,  # noqa: F401
-                     VISIBLE_TOPIC, camera_messages, drifting, most_frames, one_torch_thread,
-                     params_file, read_bag, reference, write_bag)
+                     VISIBLE_TOPIC, camera_messages, damage_chunk, drifting, mcap_chunks,
+                     most_frames, one_torch_thread, params_file, read_bag, reference,
+                     write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 
@@ -984,3 +985,19 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
     for name in ('a', 'm', 'n'):
         assert read_bag(out / name) == reference(inputs / name, tmp_path / 'ref' / name,
                                                  params_file)
+
+
+def test_a_bag_with_a_damaged_chunk_fails_naming_the_damage(ivif_dir, params_file, tmp_path):
+    # s4fusion-bag writes what reads of it and exits 1; a batch read the others, committed the
+    # bag and called it done, the lost messages only in a warning.
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 4.0), 'mcap',
+                       zstd_chunks=True)
+    damage_chunk(source / 'a.mcap', mcap_chunks(source / 'a.mcap')[3], 'bit flip')
+    job = work.BagJob(source, tmp_path / 'out' / 'a')
+    (unit,) = work.plan_bag(job, settings.load_offline_params(params_file), 0)
+    with one_torch_thread():
+        result = work.run_unit(unit)
+    assert re.fullmatch(rf'{re.escape(str(source))}: not fused, as a batch keeps no partial bag '
+                        r'\(s4fusion-bag fuses what reads of it\) \(.+: a\.mcap: 1 damaged '
+                        r'chunk skipped .+ lost; the others were read\)', result['error']), result
+    assert not job.output.exists()

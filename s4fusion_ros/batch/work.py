@@ -371,6 +371,11 @@ def _fuse(unit: Unit, span: Span, progress, warnings: list[str]) -> dict:
                       settings.OUTPUT_TOPICS, False, span, progress,
                       output_qos_of(unit.values), unit.transport,
                       output_compression(unit.values), unit.window)
+            if fuser.counts.lost:
+                # A batch keeps no partial bag (its manifest knows done or failed): the bag
+                # fails, open_bag naming the damage.
+                raise BagError(f'{unit.input}: not fused, as a batch keeps no partial bag '
+                               '(s4fusion-bag fuses what reads of it)')
     end, start = fuser.tally(), fuser.baseline
     counts = {name: end[name] - start[name] for name in end}
     counts['fused'] = fuser.counts.fused
