@@ -313,7 +313,6 @@ def test_two_publishers_on_one_input_are_reported_by_name(ros_context):
     assert 'paired as one camera' in log
 
 
-@pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
 def test_a_second_node_of_the_same_name_is_reported_by_both():
     # A node left over from an earlier launch: rcl lets a second one of the same full name start
     # without a word, and both then fuse the same inputs onto the same outputs, while
@@ -327,6 +326,7 @@ def test_a_second_node_of_the_same_name_is_reported_by_both():
     assert first_log.count(duplicate) == 1 and log.count(duplicate) == 1, (first_log, log)
 
 
+@pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
 def test_message_filters_backend_without_the_package_is_a_clear_start_up_error():
     with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
         code = proc.wait(timeout=120)
