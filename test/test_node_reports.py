@@ -382,6 +382,34 @@ def test_message_filters_backend_pairs_and_fuses(ros_context):
     assert 'dropped a message stamped -5000000000 ns' in node_log(proc)
 
 
+@pytest.mark.skipif(not HAVE_MESSAGE_FILTERS, reason='message_filters needs a ROS 2 distro')
+def test_message_filters_backend_counts_each_bad_message_of_a_pair(ros_context):
+    # Its pairs are decoded once paired: a pair of two bad messages counted only the thermal
+    # one, and the visible one as received.
+    probe = Probe('message_filters_bad_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
+        probe.wait_for_node(proc)
+        stamp = probe.get_clock().now().nanoseconds
+        thermal = image_message(THERMAL, 'mono16', stamp, 'thermal')
+        thermal.encoding = 'nv21'
+        visible = image_message(VISIBLE, 'bgr8', stamp, 'rgb')
+        visible.data = bytes(visible.data[:1000])  # cut short
+        probe.thermal_pub.publish(thermal)
+        probe.visible_pub.publish(visible)
+        fuse_pairs(probe, proc, stamp + 100_000_000, count=1)  # after the bad pair
+        values = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert values[Key.THERMAL_BAD_MESSAGE] == '1' and values[Key.VISIBLE_BAD_MESSAGE] == '1', \
+        values
+    # Each input's frames: its bad one and those paired.
+    assert values[Key.THERMAL_RECEIVED] == values[Key.VISIBLE_RECEIVED] == values[Key.PAIRS], \
+        values
+    log = node_log(proc)
+    assert "/thermal/image_raw: dropped a 'nv21' message" in log, log
+    assert "/visible/image_raw: dropped a 'bgr8' message" in log, log
+
+
 def test_nothing_pending_reads_the_counts_a_backend_does_not_report_as_none():
     idle = {key: '0' for key in BUSY_KEYS}
     assert nothing_pending(idle)

@@ -442,9 +442,11 @@ class S4FusionNode(Node):
             try:
                 frames.append(decode(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id))
             except ValueError as error:  # ImageDecodeError: message_filters paired it already
+                # Both are decoded, so that each bad one is counted, as the own backend does.
                 self.bad_messages[role] += 1
                 self._log_rejection(role, msg, error)
-                return
+        if len(frames) < len(ROLES):
+            return
         self._submit(self.pipeline.add_pair(*frames))
         self.synchronized_pairs += 1
 
