@@ -410,6 +410,39 @@ def test_message_filters_backend_counts_each_bad_message_of_a_pair(ros_context):
     assert "/visible/image_raw: dropped a 'bgr8' message" in log, log
 
 
+@pytest.mark.skipif(not HAVE_MESSAGE_FILTERS, reason='message_filters needs a ROS 2 distro')
+def test_message_filters_backend_pairs_again_after_the_stamps_jump_back(ros_context):
+    # Its synchronizer keeps the sync.queue_size newest stamps of each input and drops the
+    # oldest: once a 30 Hz camera beside a 10 Hz one filled its queue with frames that found no
+    # partner, every frame after a jump back (a looping bag, a restarted camera) was the oldest
+    # and dropped as it came, so nothing paired again.
+    probe = Probe('message_filters_jump_probe')
+    params = {**PARAMS, 'sync.backend': 'message_filters', 'sync.queue_size': 10}
+    with running_node(params) as proc:
+        probe.wait_for_node(proc)
+        start = probe.get_clock().now().nanoseconds
+        for i in range(8):  # 16 visible frames without a partner
+            stamp = start + i * 100_000_000
+            for k in range(3):
+                probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp + k * 33_000_000,
+                                                        'before'))
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'before'))
+            probe.spin_for(0.05)
+        probe.spin_for(1.0)  # the model may still fuse a pair of those
+        fused_before = len(probe.fused)
+        for i in range(10):  # pairs 10 s back
+            stamp = start - 10 * 10**9 + i * 100_000_000
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'after'))
+            probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp, 'after'))
+            probe.spin_for(0.2)
+        probe.spin_until(lambda: any(m.header.frame_id == 'after' for m in probe.fused), 30)
+        log = node_log(proc)
+    probe.destroy_node()
+    after = [m.header.frame_id for m in probe.fused[fused_before:]]
+    assert after and set(after) == {'after'}, (after, log)
+    assert 'the input stamps jumped back' in log, log
+
+
 def test_nothing_pending_reads_the_counts_a_backend_does_not_report_as_none():
     idle = {key: '0' for key in BUSY_KEYS}
     assert nothing_pending(idle)
