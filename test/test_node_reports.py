@@ -313,7 +313,6 @@ def test_two_publishers_on_one_input_are_reported_by_name(ros_context):
     assert 'paired as one camera' in log
 
 
-@pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
 def test_a_second_node_of_the_same_name_is_reported_by_both():
     # A node left over from an earlier launch: rcl lets a second one of the same full name start
     # without a word, and both then fuse the same inputs onto the same outputs, while
@@ -327,6 +326,7 @@ def test_a_second_node_of_the_same_name_is_reported_by_both():
     assert first_log.count(duplicate) == 1 and log.count(duplicate) == 1, (first_log, log)
 
 
+@pytest.mark.skipif(HAVE_MESSAGE_FILTERS, reason='message_filters is installed here')
 def test_message_filters_backend_without_the_package_is_a_clear_start_up_error():
     with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
         code = proc.wait(timeout=120)
@@ -380,6 +380,67 @@ def test_message_filters_backend_pairs_and_fuses(ros_context):
     assert values[Key.THERMAL_UNPAIRED] == NOT_REPORTED, values
     assert nothing_pending(values), values  # what s4fusion-flood waits for
     assert 'dropped a message stamped -5000000000 ns' in node_log(proc)
+
+
+@pytest.mark.skipif(not HAVE_MESSAGE_FILTERS, reason='message_filters needs a ROS 2 distro')
+def test_message_filters_backend_counts_each_bad_message_of_a_pair(ros_context):
+    # Its pairs are decoded once paired: a pair of two bad messages counted only the thermal
+    # one, and the visible one as received.
+    probe = Probe('message_filters_bad_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
+        probe.wait_for_node(proc)
+        stamp = probe.get_clock().now().nanoseconds
+        thermal = image_message(THERMAL, 'mono16', stamp, 'thermal')
+        thermal.encoding = 'nv21'
+        visible = image_message(VISIBLE, 'bgr8', stamp, 'rgb')
+        visible.data = bytes(visible.data[:1000])  # cut short
+        probe.thermal_pub.publish(thermal)
+        probe.visible_pub.publish(visible)
+        fuse_pairs(probe, proc, stamp + 100_000_000, count=1)  # after the bad pair
+        values = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert values[Key.THERMAL_BAD_MESSAGE] == '1' and values[Key.VISIBLE_BAD_MESSAGE] == '1', \
+        values
+    # Each input's frames: its bad one and those paired.
+    assert values[Key.THERMAL_RECEIVED] == values[Key.VISIBLE_RECEIVED] == values[Key.PAIRS], \
+        values
+    log = node_log(proc)
+    assert "/thermal/image_raw: dropped a 'nv21' message" in log, log
+    assert "/visible/image_raw: dropped a 'bgr8' message" in log, log
+
+
+@pytest.mark.skipif(not HAVE_MESSAGE_FILTERS, reason='message_filters needs a ROS 2 distro')
+def test_message_filters_backend_pairs_again_after_the_stamps_jump_back(ros_context):
+    # Its synchronizer keeps the sync.queue_size newest stamps of each input and drops the
+    # oldest: once a 30 Hz camera beside a 10 Hz one filled its queue with frames that found no
+    # partner, every frame after a jump back (a looping bag, a restarted camera) was the oldest
+    # and dropped as it came, so nothing paired again.
+    probe = Probe('message_filters_jump_probe')
+    params = {**PARAMS, 'sync.backend': 'message_filters', 'sync.queue_size': 10}
+    with running_node(params) as proc:
+        probe.wait_for_node(proc)
+        start = probe.get_clock().now().nanoseconds
+        for i in range(8):  # 16 visible frames without a partner
+            stamp = start + i * 100_000_000
+            for k in range(3):
+                probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp + k * 33_000_000,
+                                                        'before'))
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'before'))
+            probe.spin_for(0.05)
+        probe.spin_for(1.0)  # the model may still fuse a pair of those
+        fused_before = len(probe.fused)
+        for i in range(10):  # pairs 10 s back
+            stamp = start - 10 * 10**9 + i * 100_000_000
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'after'))
+            probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp, 'after'))
+            probe.spin_for(0.2)
+        probe.spin_until(lambda: any(m.header.frame_id == 'after' for m in probe.fused), 30)
+        log = node_log(proc)
+    probe.destroy_node()
+    after = [m.header.frame_id for m in probe.fused[fused_before:]]
+    assert after and set(after) == {'after'}, (after, log)
+    assert 'the input stamps jumped back' in log, log
 
 
 def test_nothing_pending_reads_the_counts_a_backend_does_not_report_as_none():

@@ -379,6 +379,8 @@ class S4FusionNode(Node):
         # twice): each input's latest stamps, to drop repeats before it as the own one does.
         self.recent_stamps = {role: collections.deque(maxlen=p['sync.queue_size'])
                               for role in ROLES}
+        self.newest_stamps = {role: 0 for role in ROLES}  # ns, for clock jumps
+        self.clock_jump_ns = int(p['sync.clock_jump'] * 1e9)
         self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
             gates, p['sync.queue_size'], p['sync.slop'])
         self.approximate_sync.registerCallback(self._on_synchronized_pair)
@@ -414,13 +416,38 @@ class S4FusionNode(Node):
     def _pass_good_stamp(self, role: str, gate, msg) -> None:
         self._rate(role).tick()
         stamp_ns = stamp_to_ns(msg.header.stamp)
+        if stamp_ns > 0 and self.newest_stamps[role] - stamp_ns > self.clock_jump_ns:
+            self._restart_message_filters(role, stamp_ns)
         repeated = stamp_ns in self.recent_stamps[role]
         if stamp_ns <= 0 or repeated:
             self.bad_stamps[role] += 1
             self._log_bad_stamp(role, stamp_ns, repeated)
             return
         self.recent_stamps[role].append(stamp_ns)
+        self.newest_stamps[role] = max(self.newest_stamps[role], stamp_ns)
         gate.signalMessage(msg)
+
+    def _restart_message_filters(self, role: str, stamp_ns: int) -> None:
+        """Drop what lies more than sync.clock_jump after `stamp_ns`, a stamp that much older
+        than the newest of its input (a looping bag, a restarted camera; or one glitched stamp,
+        which costs the frames waiting for a partner). Its synchronizer keeps the
+        sync.queue_size newest stamps of each input and drops the oldest: with a queue full of
+        the old timeline's frames that found no partner (a 30 Hz camera beside a 9 Hz one), each
+        frame of the new one was dropped as it came, and nothing paired again."""
+        limit = stamp_ns + self.clock_jump_ns
+        with self.approximate_sync.lock:
+            for queue in self.approximate_sync.queues:  # {stamp ns: message} per input
+                for old in [stamp for stamp in queue if stamp > limit]:
+                    del queue[old]
+            # The old scene's range must not scale the new timeline's first frames.
+            self.pipeline.normalizer.reset()
+        for stamps in self.recent_stamps.values():  # a looped bag repeats its stamps
+            kept = [stamp for stamp in stamps if stamp <= limit]
+            stamps.clear()
+            stamps.extend(kept)
+        self.newest_stamps[role] = stamp_ns
+        if self._log_due(('sync', 'reset')):
+            self.get_logger().warning(clock_jump_message(None))
 
     def _on_synchronized_pair(self, thermal_msg, visible_msg) -> None:
         # message_filters calls this holding its lock, released by no finally: whatever this
@@ -442,9 +469,11 @@ class S4FusionNode(Node):
             try:
                 frames.append(decode(msg, stamp_to_ns(msg.header.stamp), msg.header.frame_id))
             except ValueError as error:  # ImageDecodeError: message_filters paired it already
+                # Both are decoded, so that each bad one is counted, as the own backend does.
                 self.bad_messages[role] += 1
                 self._log_rejection(role, msg, error)
-                return
+        if len(frames) < len(ROLES):
+            return
         self._submit(self.pipeline.add_pair(*frames))
         self.synchronized_pairs += 1
 
