@@ -146,7 +146,10 @@ def test_standard_qos_overrides_set_one_topic_over_the_qos_parameters(ros_contex
 
         assert probe.spin_until(endpoints, 30), node_log(proc)
         thermal, visible, fused, saliency = endpoints()
-        log = wait_for_log(proc, f'qos_overrides.{ns}/thermal/image.subscription.reliability;')
+        # The overrides are reported after the endpoints exist: wait for the last of them.
+        log = wait_for_log(proc, f'qos_overrides.{ns}/thermal/image.subscription.reliability;',
+                           f'on {ns}/thermal/image_raw', f'on {ns}/visible/image_raw',
+                           f'on {ns}/s4fusion_node/fused')
     probe.destroy_node()
     assert thermal.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
     assert visible.qos_profile.reliability == ReliabilityPolicy.RELIABLE

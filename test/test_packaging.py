@@ -213,6 +213,7 @@ ROSDEP_KEYS = {'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'pytho
                'distutils': 'python3-setuptools'}
 PIP_ONLY = {'torch', 'numba', 'llvmlite', 'safetensors', 'rosbags',
             'backports',  # backports.zstd, installed with rosbags (Python < 3.14)
+            'lz4',  # installed with rosbags too
             'mamba_ssm', 'selective_scan_cuda',  # the optional extra [gpu]: mamba-ssm, its kernel
             'ray'}  # the optional extra [ray]
 # Standard library from Python 3.14 on (compression.zstd), tried before its backport.
