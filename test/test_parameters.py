@@ -47,6 +47,49 @@ def test_check_rejects_with_reasons():
     assert 'sync.timeout: expected double' in settings.check_types({'sync.timeout': 1})
 
 
+def test_check_draws_each_line_where_the_parameters_need_it():
+    # Each edge of the checks, one side of it and the other (a mutation review found them
+    # unpinned: moving any of them went unnoticed).
+    assert settings.check({'sync.slop': 0.0}) == settings.check({'sync.slop': 1.0}) == ''
+    assert 'cuda or cuda:N' in settings.check({'device': 'cuda:'})  # no index: no device
+    assert settings.check({'inference_size': [0, 0]}) == ''
+    for size in ([-1, -1], [-1, 240], [320, 240, 1], [320]):
+        assert f'inference_size: expected [width, height] > 0 or [0, 0], got {size}' == \
+            settings.check({'inference_size': size})
+    defaults = settings.defaults()
+    for low, high in (('normalization.low_percentile', 'normalization.high_percentile'),
+                      ('normalization.fixed_min', 'normalization.fixed_max')):
+        assert f'{low} (50.0) must be below {high} (50.0)' == \
+            settings.check_update(defaults, {low: 50.0, high: 50.0})
+    message_filters = {**defaults, 'sync.backend': 'message_filters'}
+    assert 'sync.thermal_offset is not supported' in settings.check_update(
+        message_filters, {'sync.thermal_offset': -0.02})
+    # rclpy takes no integer for a bool parameter, nor a bool for an integer or a double one.
+    assert settings.check_types({'half': 1}) == 'half: expected bool, got 1'
+    assert settings.check_types({'qos.input.depth': True}) == \
+        'qos.input.depth: expected integer, got True'
+    assert settings.as_declared('saliency.threshold', True) is True
+    depth = 'qos_overrides./thermal/image_raw.subscription.depth'
+    for good in (1, 1000):
+        assert settings.check_qos_overrides({depth: good}) == ''
+    for bad in (0, 1001, True, 5.0):
+        assert settings.check_qos_overrides({depth: bad}) == \
+            f'{depth} must be an integer from 1 to 1000, not {bad!r}'
+
+
+@pytest.mark.parametrize('text', [
+    'other_node:\n  ros__parameters:\n    half: true\n',
+    # A wildcard namespace names none: read for the root namespace, where it does not apply.
+    '/*/s4fusion_node:\n  ros__parameters:\n    half: true\n'], ids=['other node', 'any ns'])
+def test_a_file_with_no_section_for_the_node_is_refused_offline(tmp_path, text):
+    # Read as the defaults, its values would be silently left out.
+    path = tmp_path / 'params.yaml'
+    path.write_text(text)
+    with pytest.raises(settings.SettingsError, match=f'^{path}: no section with ros__parameters '
+                       'applies to /s4fusion_node '):
+        settings.load_offline_params(path)
+
+
 @pytest.mark.parametrize('module, unwanted', [('s4fusion_ros.settings', ('torch', 'rclpy')),
                                               ('s4fusion_ros.ros.parameters', ('torch',))])
 def test_parameter_modules_import_without_torch(module, unwanted):
