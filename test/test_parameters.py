@@ -421,6 +421,11 @@ def test_descriptors_say_what_each_parameter_takes(node):
     [slop_range] = slop.floating_point_range
     assert (slop_range.from_value, slop_range.to_value) == (0.0, 1.0) and not slop.read_only
     assert device.read_only and device.additional_constraints == ''
+    [quality] = call(node, client.describe_parameters(
+        ['fused.compressed.jpeg_quality'])).descriptors
+    [quality_range] = quality.integer_range
+    assert (quality_range.from_value, quality_range.to_value) == (1, 100)
+    assert not quality.floating_point_range
 
 
 @pytest.mark.ros
@@ -448,6 +453,7 @@ def test_an_integer_for_a_decimal_is_that_decimal(node):
     ('sync.slop', 5.0, ''),  # outside the descriptor's range: rclpy's own reason
     ('normalization.low_percentile', 99.5, 'normalization.high_percentile'),
     ('device', 'cuda', 'read-only'),
+    ('diagnostics.period', 'fast', 'read-only'),  # read-only first, whatever the value
     ('saliency.encoding', 'mono16', 'saliency.encoding'),
     # No range on these: rclpy itself would store them, and the normalizer would then refuse.
     ('normalization.fixed_max', float('inf'), 'normalization.fixed_max: expected a finite'),
@@ -549,6 +555,33 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
     assert saliency.encoding == '32FC1' and saliency.step == 4 * saliency.width
     values = np.frombuffer(saliency.data, np.float32)
     assert values.min() >= 0.0 and values.max() <= 1.0
+
+
+@pytest.mark.ros
+def test_a_slop_change_reaches_the_pairing(node, ivif_dir):
+    # Frames 0.2 s apart pair only under the new slop: the parameter alone changing (what the
+    # other tests read back) would not show a synchronizer left at the old one.
+    from rclpy.time import Time
+    from ros_harness import image_message, load_pairs
+    [result] = set_parameters(node, {'sync.slop': 0.3})
+    assert result.successful, result.reason
+    thermal, visible = load_pairs(ivif_dir, ['00004N.png'])[0]
+    stamp = node.get_clock().now().nanoseconds
+    sent = set()
+
+    def ours():  # not a late output of an earlier test's frames
+        return any(Time.from_msg(msg.header.stamp).nanoseconds in sent for msg in node.fused)
+    try:
+        for _ in range(30):
+            node.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'ir'))
+            node.visible_pub.publish(image_message(visible, 'bgr8', stamp + 200_000_000, 'rgb'))
+            sent.update((stamp, stamp + 200_000_000))  # whichever stamp the output keeps
+            stamp += 1_000_000_000
+            if node.spin_until(ours, timeout=1.0):
+                break
+        assert ours(), 'no pair fused under sync.slop 0.3'
+    finally:
+        set_parameters(node, {'sync.slop': 0.05})
 
 
 @pytest.mark.ros
