@@ -1083,6 +1083,17 @@ def test_existing_output_refused_without_overwrite(short_events, tmp_path, capsy
     assert replay.EXPORTED_PNG.fullmatch('1000000_5_saliency.png')  # past 999999 pairs
 
 
+def test_overwrite_replaces_a_bag_only_never_another_folder(tmp_path):
+    # --overwrite on a folder of the user's (no metadata.yaml) must not remove it.
+    folder = tmp_path / 'notes'
+    folder.mkdir()
+    (folder / 'notes.txt').write_text('mine')
+    with pytest.raises(bagio.BagError, match='exists and is not a rosbag2 directory'):
+        with bagio.create_bag(folder, overwrite=True) as writer:
+            bagio.add_topic(writer, '/t')
+    assert (folder / 'notes.txt').read_text() == 'mine'
+
+
 def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite(
         short_events, tmp_path, capsys):
     # --overwrite replaced the output folder whole, and a bare .mcap input inside it went too.

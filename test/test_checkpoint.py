@@ -113,7 +113,8 @@ def test_int8_storage_quantizes_matrices_per_row_and_keeps_vectors_float16(saved
     assert 0 < error < 0.02  # quantized, yet the same image within a few gray levels
 
 
-@pytest.mark.parametrize('damage', ['drop_scale', 'orphan_scale', 'misshapen_scale'])
+@pytest.mark.parametrize('damage', ['drop_scale', 'orphan_scale', 'misshapen_scale',
+                                    'scale_of_a_float_tensor'])
 def test_int8_tensor_and_scale_must_come_in_pairs(saved, tmp_path, damage):
     _, path = saved
     small = tmp_path / 'int8.safetensors'
@@ -122,6 +123,9 @@ def test_int8_tensor_and_scale_must_come_in_pairs(saved, tmp_path, damage):
     name = 'head.expand.weight'
     if damage == 'drop_scale':
         del tensors[name + INT8_SCALE_SUFFIX]
+    elif damage == 'scale_of_a_float_tensor':  # a vector, stored float16
+        name = next(key for key, value in tensors.items() if value.dtype == torch.float16)
+        tensors[name + INT8_SCALE_SUFFIX] = torch.ones(1)
     elif damage == 'misshapen_scale':
         tensors[name + INT8_SCALE_SUFFIX] = tensors[name + INT8_SCALE_SUFFIX][:1].contiguous()
     else:
@@ -194,6 +198,23 @@ def test_missing_tensors_are_named(saved, tmp_path):
         load_checkpoint(other)
 
 
+def test_unexpected_tensors_are_named(saved):
+    # Left to load_state_dict, they were its RuntimeError, which names no file.
+    _, path = saved
+    tensors = load_file(str(path))
+    tensors['stray.weight'] = torch.zeros(2)
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: .*unexpected "
+                       r"\['stray\.weight'\]"):
+        load_checkpoint(path)
+
+
+def test_loading_gives_the_dtype_asked_for(saved):
+    _, path = saved
+    assert {tensor.dtype for tensor in load_checkpoint(path, dtype=torch.float64)
+            .state_dict().values()} == {torch.float64}
+
+
 @pytest.mark.parametrize('keep', [0.5, 0.001])
 def test_truncated_weights(saved, keep):
     _, path = saved
@@ -262,6 +283,7 @@ def test_an_unreadable_weights_file_is_named_as_such(saved):
     ('{"format_version": 2, "config": {}}', 'format_version 2'),
     ('{"format_version": 1, "config": {"dims": [16, 20, 64]}}', 'invalid S4Fusion config'),
     ('{"format_version": 1}', 'invalid S4Fusion config'),
+    ('{"format_version": 1, "config": {"dims": 5}}', 'invalid S4Fusion config'),  # TypeError
 ])
 def test_bad_json(saved, text, problem):
     _, path = saved

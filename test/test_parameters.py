@@ -47,6 +47,49 @@ def test_check_rejects_with_reasons():
     assert 'sync.timeout: expected double' in settings.check_types({'sync.timeout': 1})
 
 
+def test_check_draws_each_line_where_the_parameters_need_it():
+    # Each edge of the checks, one side of it and the other (a mutation review found them
+    # unpinned: moving any of them went unnoticed).
+    assert settings.check({'sync.slop': 0.0}) == settings.check({'sync.slop': 1.0}) == ''
+    assert 'cuda or cuda:N' in settings.check({'device': 'cuda:'})  # no index: no device
+    assert settings.check({'inference_size': [0, 0]}) == ''
+    for size in ([-1, -1], [-1, 240], [320, 240, 1], [320]):
+        assert f'inference_size: expected [width, height] > 0 or [0, 0], got {size}' == \
+            settings.check({'inference_size': size})
+    defaults = settings.defaults()
+    for low, high in (('normalization.low_percentile', 'normalization.high_percentile'),
+                      ('normalization.fixed_min', 'normalization.fixed_max')):
+        assert f'{low} (50.0) must be below {high} (50.0)' == \
+            settings.check_update(defaults, {low: 50.0, high: 50.0})
+    message_filters = {**defaults, 'sync.backend': 'message_filters'}
+    assert 'sync.thermal_offset is not supported' in settings.check_update(
+        message_filters, {'sync.thermal_offset': -0.02})
+    # rclpy takes no integer for a bool parameter, nor a bool for an integer or a double one.
+    assert settings.check_types({'half': 1}) == 'half: expected bool, got 1'
+    assert settings.check_types({'qos.input.depth': True}) == \
+        'qos.input.depth: expected integer, got True'
+    assert settings.as_declared('saliency.threshold', True) is True
+    depth = 'qos_overrides./thermal/image_raw.subscription.depth'
+    for good in (1, 1000):
+        assert settings.check_qos_overrides({depth: good}) == ''
+    for bad in (0, 1001, True, 5.0):
+        assert settings.check_qos_overrides({depth: bad}) == \
+            f'{depth} must be an integer from 1 to 1000, not {bad!r}'
+
+
+@pytest.mark.parametrize('text', [
+    'other_node:\n  ros__parameters:\n    half: true\n',
+    # A wildcard namespace names none: read for the root namespace, where it does not apply.
+    '/*/s4fusion_node:\n  ros__parameters:\n    half: true\n'], ids=['other node', 'any ns'])
+def test_a_file_with_no_section_for_the_node_is_refused_offline(tmp_path, text):
+    # Read as the defaults, its values would be silently left out.
+    path = tmp_path / 'params.yaml'
+    path.write_text(text)
+    with pytest.raises(settings.SettingsError, match=f'^{path}: no section with ros__parameters '
+                       'applies to /s4fusion_node '):
+        settings.load_offline_params(path)
+
+
 @pytest.mark.parametrize('module, unwanted', [('s4fusion_ros.settings', ('torch', 'rclpy')),
                                               ('s4fusion_ros.ros.parameters', ('torch',))])
 def test_parameter_modules_import_without_torch(module, unwanted):
@@ -378,6 +421,11 @@ def test_descriptors_say_what_each_parameter_takes(node):
     [slop_range] = slop.floating_point_range
     assert (slop_range.from_value, slop_range.to_value) == (0.0, 1.0) and not slop.read_only
     assert device.read_only and device.additional_constraints == ''
+    [quality] = call(node, client.describe_parameters(
+        ['fused.compressed.jpeg_quality'])).descriptors
+    [quality_range] = quality.integer_range
+    assert (quality_range.from_value, quality_range.to_value) == (1, 100)
+    assert not quality.floating_point_range
 
 
 @pytest.mark.ros
@@ -405,6 +453,7 @@ def test_an_integer_for_a_decimal_is_that_decimal(node):
     ('sync.slop', 5.0, ''),  # outside the descriptor's range: rclpy's own reason
     ('normalization.low_percentile', 99.5, 'normalization.high_percentile'),
     ('device', 'cuda', 'read-only'),
+    ('diagnostics.period', 'fast', 'read-only'),  # read-only first, whatever the value
     ('saliency.encoding', 'mono16', 'saliency.encoding'),
     # No range on these: rclpy itself would store them, and the normalizer would then refuse.
     ('normalization.fixed_max', float('inf'), 'normalization.fixed_max: expected a finite'),
@@ -506,6 +555,33 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
     assert saliency.encoding == '32FC1' and saliency.step == 4 * saliency.width
     values = np.frombuffer(saliency.data, np.float32)
     assert values.min() >= 0.0 and values.max() <= 1.0
+
+
+@pytest.mark.ros
+def test_a_slop_change_reaches_the_pairing(node, ivif_dir):
+    # Frames 0.2 s apart pair only under the new slop: the parameter alone changing (what the
+    # other tests read back) would not show a synchronizer left at the old one.
+    from rclpy.time import Time
+    from ros_harness import image_message, load_pairs
+    [result] = set_parameters(node, {'sync.slop': 0.3})
+    assert result.successful, result.reason
+    thermal, visible = load_pairs(ivif_dir, ['00004N.png'])[0]
+    stamp = node.get_clock().now().nanoseconds
+    sent = set()
+
+    def ours():  # not a late output of an earlier test's frames
+        return any(Time.from_msg(msg.header.stamp).nanoseconds in sent for msg in node.fused)
+    try:
+        for _ in range(30):
+            node.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'ir'))
+            node.visible_pub.publish(image_message(visible, 'bgr8', stamp + 200_000_000, 'rgb'))
+            sent.update((stamp, stamp + 200_000_000))  # whichever stamp the output keeps
+            stamp += 1_000_000_000
+            if node.spin_until(ours, timeout=1.0):
+                break
+        assert ours(), 'no pair fused under sync.slop 0.3'
+    finally:
+        set_parameters(node, {'sync.slop': 0.05})
 
 
 @pytest.mark.ros
