@@ -109,8 +109,12 @@ def set_up_for_python_m() -> None:
 
 def run_tool(main) -> int:
     """Run a loaded tool's main; then ignore stop signals while Python shuts down."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
     try:
-        return main()
+        # Warnings logged by the package (a damaged kernel cache) as lines of their own above
+        # a progress bar, not appended to it.
+        with logging_redirect_tqdm():
+            return main()
     finally:
         # Done, and said so: a stop signal while Python shuts down (torch's and numba's
         # teardown take most of a second) would only turn its exit status into a Ctrl-C's.

@@ -12,11 +12,14 @@ backward kernel walks the tiles in reverse: it recomputes a tile's states from t
 state) and then runs the adjoint recurrence through it.
 """
 
+import logging
+import os
+
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core.caching import FunctionCache
+from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.extending import intrinsic
 
 # No 'reassoc': it would let LLVM fold the two-constant range reduction in _exp into one and
@@ -39,6 +42,7 @@ _ZERO = _F32(0.0)
 _HALF = _F32(0.5)
 _ONE = _F32(1.0)
 _TWO = _F32(2.0)
+_log = logging.getLogger(__name__)
 _TILE = 32  # time steps per tile: 3 scratch buffers of 32 x 64 floats stay in L1
 _LANES = 16  # channels per vector step of the grid kernel
 
@@ -62,6 +66,73 @@ def _cache_writable() -> bool:
 CACHE = _cache_writable()
 
 
+class _CacheFile(IndexDataCacheFile):
+    """numba's index and data files of one kernel, where a damaged file is removed (one warning)
+    and read as a miss: the kernel compiles again and numba's save writes the file afresh.
+
+    numba writes each file whole and renames it into place, but without fsync: a power cut
+    soon after the first compile can leave one empty or cut short. numba reads a missing data
+    file as a miss, but a damaged file raised from the kernel's first call, at every start (the
+    node exited with "Ran out of input") until someone deleted it.
+    """
+
+    def _load_index(self):
+        try:
+            return super()._load_index()
+        except OSError:
+            raise  # unreadable, not damaged: numba's own handling
+        except Exception as error:  # unpickling damaged bytes raises almost anything
+            _discard(self._index_path, error)  # removed: the save's reading finds none
+            return {}
+
+    def _load_data(self, name):
+        try:
+            return super()._load_data(name)
+        except OSError:
+            raise  # missing or unreadable: numba reads it as a miss
+        except Exception as error:
+            _discard(self._data_path(name), error)
+            return None  # a miss; the save writes the index's file name again
+
+
+def _discard(path, error):
+    _log.warning('s4fusion_ros: the numba cache file %s was damaged (%s: %s): removed, the '
+                 'kernel compiles again', path, type(error).__name__, error)
+    try:
+        os.remove(path)
+    except OSError:
+        pass  # another process found it damaged too
+
+
+class _KernelCache(FunctionCache):
+    """numba's cache of one kernel on _CacheFile; a kernel it cannot save (a full disk) runs
+    compiled in memory, as where no folder can hold the cache, instead of its call failing."""
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file = _CacheFile(self._cache_path, self._impl.filename_base,
+                                      self._impl.locator.get_source_stamp())
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except OSError as error:
+            _log.warning(
+                's4fusion_ros: could not cache the numba kernel %s in %s (%s): it runs compiled '
+                'in memory, and the next start compiles it again', self._py_func.__name__,
+                self._cache_path, error)
+
+
+def _kernel(**options):
+    """numba.njit with our cache where numba can cache (CACHE), else compiled in memory."""
+    def define(py_func):
+        dispatcher = numba.njit(**options)(py_func)
+        if CACHE:
+            dispatcher._cache = _KernelCache(py_func)  # what njit(cache=True) sets up
+        return dispatcher
+    return define
+
+
 @intrinsic
 def _pow2(typingctx, k):
     """Return 2**k for an integral float32 k in [-126, 128] (128 gives inf) from exponent bits."""
@@ -76,7 +147,7 @@ def _pow2(typingctx, k):
     return types.float32(types.float32), codegen
 
 
-@numba.njit(inline='always', fastmath=_FASTMATH, cache=CACHE)
+@_kernel(inline='always', fastmath=_FASTMATH)
 def _exp(x):
     """exp(x) in float32, branch-free so loops vectorise; floored at exp(-87) (no subnormals),
     inf from x = 88.4 (float32 holds exp(x) to 88.7): the scans' exponents are not positive."""
@@ -91,7 +162,7 @@ def _exp(x):
     return (p * r * r + r + _ONE) * _pow2(min(k, _F32(128.0)))
 
 
-@numba.njit(inline='always', fastmath=_FASTMATH, cache=CACHE)
+@_kernel(inline='always', fastmath=_FASTMATH)
 def _softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), safe for large |x|."""
     e = _exp(-abs(x))
@@ -106,7 +177,7 @@ def _softplus(x):
     return max(x, _ZERO) + _TWO * s * (p * s2 + _ONE)
 
 
-@numba.njit(inline='always', cache=CACHE)
+@_kernel(inline='always')
 def _load_tile(u, delta, B, C, b, g, c0, t0, nt, ut, dt, bt, ct):
     """Copy time steps t0 .. t0 + nt of u and delta (channels c0 ..) and of B and C (group g)
     into the (time, channel) and (time, state) scratch buffers."""
@@ -120,7 +191,7 @@ def _load_tile(u, delta, B, C, b, g, c0, t0, nt, ut, dt, bt, ct):
             ct[t, n] = C[b, g, n, t0 + t]
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
+@_kernel(parallel=True, fastmath=_FASTMATH)
 def _scan(u, delta, A, B, C, D, delta_bias, softplus, block, states):
     """Kernel on C-contiguous float32 arrays; see selective_scan_numba for the contract.
 
@@ -176,7 +247,7 @@ def _scan(u, delta, A, B, C, D, delta_bias, softplus, block, states):
     return y
 
 
-@numba.njit(fastmath=_FASTMATH | {'reassoc'}, cache=CACHE)
+@_kernel(fastmath=_FASTMATH | {'reassoc'})
 def _channel_dots(m, first, v, nt, out):
     """``out[t, n] = sum_c m[first + t, n, c] v[t, c]`` for t < nt.
 
@@ -191,7 +262,7 @@ def _channel_dots(m, first, v, nt, out):
             out[t, n] = acc
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
+@_kernel(parallel=True, fastmath=_FASTMATH)
 def _scan_backward(u, delta, A, B, C, D, delta_bias, softplus, block, states, dy):
     """Gradients of the scan; see selective_scan_numba_backward for the contract.
 
@@ -374,7 +445,7 @@ def selective_scan_numba_backward(dy, states, u, delta, A, B, C, D=None, delta_b
     return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
+@_kernel(parallel=True, fastmath=_FASTMATH)
 def _cross_scan(x, mark, has_mark, x_dbl, dt_weight, dt_bias, A, Ds, height, width, nsub):
     """Kernel on C-contiguous float32 arrays; see cross_selective_scan_numba for the contract."""
     nmod, batch, length, d = x.shape
