@@ -183,6 +183,8 @@ def cut_mcap(path: pathlib.Path) -> CutMcap | None:
         while end + _RECORD_HEAD.size <= size:
             file.seek(end)
             opcode, length = _RECORD_HEAD.unpack(file.read(_RECORD_HEAD.size))
+            if end == len(MCAP_MAGIC) and opcode != _MCAP_HEADER:
+                return None  # damaged, not cut within its Header: rosbags says what it meets
             if (opcode not in _MCAP_OPCODES or opcode in (_MCAP_FOOTER, _MCAP_DATA_END)
                     or end + _RECORD_HEAD.size + length > size
                     or (end == len(MCAP_MAGIC)) != (opcode == _MCAP_HEADER)):

@@ -873,6 +873,21 @@ def test_a_cut_off_topic_of_two_connections_counts_each_ones_messages(tmp_path):
         assert {connection.id: connection.msgcount for connection in reader.connections} == held
 
 
+def test_an_mcap_cut_off_that_does_not_begin_with_a_header_is_not_said_to_hold_nothing(
+        short_events, tmp_path, capsys):
+    # Its first record another than the Header (a damaged file, not one cut within its Header):
+    # it was called cut off with 0 bytes read; it fails as a file with its footer does.
+    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    storage = source / 'in.mcap'
+    data = bytearray(storage.read_bytes()[:-100])
+    data[len(bagio.MCAP_MAGIC)] = 0x03  # a Schema record's opcode
+    storage.write_bytes(bytes(data))
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+    error = capsys.readouterr().err
+    assert f'{source}: cannot open the bag (corrupt or truncated?): ' in error, error
+    assert 'cut off' not in error and 'Traceback' not in error, error
+
+
 def test_a_sqlite3_recording_with_messages_left_in_its_wal_file_says_so(tmp_path):
     # rosbag2's resilient preset writes in WAL mode: a recording cut off leaves its last
     # messages in DIR.db3-wal, which rosbags (opening the database immutable) never read.
