@@ -28,6 +28,7 @@ from rosbags.rosbag2.storage_mcap import zstd
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
+from s4fusion_ros.cli import TimeWindow
 from s4fusion_ros.imaging.color import to_uint8
 from s4fusion_ros.imaging.encodings import RawImage
 from s4fusion_ros.messages import stamp_to_ns
@@ -689,6 +690,54 @@ def test_a_window_past_the_end_of_the_bag_or_of_negative_seconds_is_refused(
                 in capsys.readouterr().err)
 
 
+def one_second_bag(events, path: pathlib.Path) -> tuple[pathlib.Path, list[int]]:
+    """A bag of the first 20 events, the last logged 1 s after the first; and its log times."""
+    events = [*events[:19], (events[0][0] + 10**9, *events[19][1:])]
+    return write_bag(path, events, 'mcap'), [event[0] for event in events]
+
+
+def test_a_window_is_placed_to_the_first_and_last_message_of_the_bag(short_events, tmp_path):
+    # A window from the last message reads it; one to it reads all but it (its stop is not
+    # read); one past it is the whole bag, described to its end.
+    source, times = one_second_bag(short_events, tmp_path / 'in')
+    first, last = times[0], times[-1]
+    with bagio.open_bag(source) as reader:
+        def placed(start_offset, duration=None):
+            return bagio.log_window(reader, source, TimeWindow(start_offset, duration))
+
+        def read(window):
+            return [log_time for _, log_time, _ in bagio.read_messages(
+                reader, source, [THERMAL_TOPIC, VISIBLE_TOPIC], window.start, window.stop)]
+
+        whole = placed(0)
+        assert whole == bagio.LogWindow(first, None, first, last) and whole.whole
+        assert whole.share() == 1 and read(whole) == times
+        at_last = placed(1)
+        assert at_last == bagio.LogWindow(last, None, first, last) and read(at_last) == [last]
+        assert at_last.describe() == "from 1 s to 1 s of the bag's 1 s"
+        to_last = placed(0, 1)
+        assert not to_last.whole and read(to_last) == times[:-1]
+        assert placed(0, 1.000000001).whole
+        past = placed(0.5, 2)
+        assert not past.whole and past.describe() == "from 0.5 s to 1 s of the bag's 1 s"
+        with pytest.raises(bagio.BagError, match='--start-offset 1 is past the end'):
+            placed(1.000000001)
+
+
+def test_the_newest_message_before_a_time_is_searched_back_to_the_bags_start(
+        short_events, tmp_path):
+    # Within the bag's first second too; a topic the bag lacks has none (rosbags reads an
+    # empty selection of connections as all of them).
+    source, times = one_second_bag(short_events, tmp_path / 'in')
+    thermal = max(event[0] for event in short_events[:19]
+                  if event[1] == THERMAL_TOPIC and event[0] < times[0] + 2 * 10**8)
+    with bagio.open_bag(source) as reader:
+        assert [(connection.topic, log_time) for connection, log_time, _ in bagio.newest_before(
+            reader, source, [THERMAL_TOPIC, '/absent'], times[0] + 2 * 10**8)] \
+            == [(THERMAL_TOPIC, thermal)]
+        assert bagio.newest_before(reader, source, ['/absent'], times[-1]) == []
+
+
 def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_events, tmp_path,
                                                                       capsys):
     # rosbags gives a topic of two types none: the images were "no image topic".
@@ -871,6 +920,42 @@ def test_a_cut_off_topic_of_two_connections_counts_each_ones_messages(tmp_path):
             held[connection.id] += 1
         assert 0 < sum(held.values()) < 3000
         assert {connection.id: connection.msgcount for connection in reader.connections} == held
+
+
+def read_cut(storage: pathlib.Path) -> tuple[int, list[str], list[str]]:
+    """(messages read, cut_files, damaged_files) of a bare MCAP file."""
+    with bagio.open_bag(storage) as reader:
+        topics = [THERMAL_TOPIC, VISIBLE_TOPIC]
+        count = sum(1 for _ in bagio.read_messages(reader, storage, topics))
+        return count, bagio.cut_files(reader), bagio.damaged_files(reader)
+
+
+def cut_line(whole: int, size: int) -> str:
+    return ('cut off (no MCAP footer: a recording that ended in a crash or power loss): read up '
+            f'to its last whole record, {whole} of {size} bytes')
+
+
+def test_an_mcap_cut_off_reads_to_its_last_whole_record_and_before_its_broken_chunks(
+        ivif_dir, tmp_path):
+    # Cut exactly where a chunk ends: that chunk is whole. Cut after two chunks that do not
+    # decompress (blocks a file system never wrote): both are the cut, not a damaged chunk
+    # before it, and what precedes them is read.
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=4.0), 'mcap',
+                       zstd_chunks=True)
+    intact = source / 'in.mcap'
+    chunks = mcap_chunks(intact)
+    assert len(chunks) >= 5
+    held = [sum(chunk.channel_count.values()) for chunk in chunks]
+    boundary = tmp_path / 'boundary.mcap'
+    end = chunks[2].chunk_start_offset + chunks[2].chunk_length
+    boundary.write_bytes(intact.read_bytes()[:end])
+    assert read_cut(boundary) == (sum(held[:3]), [cut_line(end, end)], [])
+    for chunk in chunks[2:4]:
+        damage_chunk(intact, chunk, 'bit flip')
+    broken = tmp_path / 'broken.mcap'
+    broken.write_bytes(intact.read_bytes()[:chunks[4].chunk_start_offset + 100])
+    assert read_cut(broken) == (sum(held[:2]), [cut_line(chunks[2].chunk_start_offset,
+                                                         chunks[4].chunk_start_offset + 100)], [])
 
 
 def test_an_mcap_cut_off_that_does_not_begin_with_a_header_is_not_said_to_hold_nothing(
@@ -1194,6 +1279,10 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     (no_metadata / 'metadata.yaml').write_text('rosbag2_bagfile_information: [')
     unfinished = write_bag(tmp_path / 'unfinished', short_events[:10], 'mcap')
     (unfinished / 'metadata.yaml').unlink()  # a recorder still running or cut off
+    # One compressed per file (--compression-mode file): its files are DIR_N.mcap.zstd.
+    packed = write_bag(tmp_path / 'packed', short_events[:10], 'mcap')
+    (packed / 'metadata.yaml').unlink()
+    (packed / 'packed.mcap').rename(packed / 'packed_0.mcap.zstd')
     # A folder of bare bags (s4fusion-batch fuses each): it was called an unfinished recording.
     bare = write_bag(tmp_path / 'bare', short_events[:10], 'mcap')
     (bare / 'metadata.yaml').unlink()
@@ -1201,6 +1290,7 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     for source, named in ((truncated, truncated), (garbage, garbage),
                           (no_metadata, no_metadata / 'metadata.yaml'),
                           (unfinished, f'{unfinished}: no metadata.yaml (a recording still'),
+                          (packed, f'{packed}: no metadata.yaml (a recording still'),
                           (bare, f"{bare}: no metadata.yaml, and its bag files are not one "
                                  f"recording's: give one of them ({bare / 'base.mcap'})"),
                           (tmp_path / 'absent', tmp_path / 'absent')):
@@ -1212,7 +1302,7 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
 
 
 @pytest.mark.parametrize('field, value', [('message_count', None), ('message_count', 'many'),
-                                          ('name', 7)])
+                                          ('message_count', -3), ('name', 7)])
 def test_a_metadata_topic_of_no_name_or_count_is_refused_naming_the_file(
         short_events, tmp_path, capsys, field, value):
     # rosbags takes metadata.yaml's topics as they come: s4fusion-bag (and s4fusion-play, on
