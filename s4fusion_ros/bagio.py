@@ -524,9 +524,11 @@ def damaged_files(reader: Reader) -> list[str]:
         spans = ', '.join(f'{(chunk.start - reader.start_time) / 1e9:g} s to '
                           f'{(chunk.end - reader.start_time) / 1e9:g} s' for chunk in damaged)
         lost = sum(chunk.messages for chunk in damaged)
+        others = ('the others were read' if len(damaged) < len(storage.chunks)
+                  else 'the file holds no other')
         lines.append(f'{name}{len(damaged)} damaged chunk{"s" * (len(damaged) > 1)} skipped '
                      f'(first: {damaged[0].reason}): {lost} messages logged from {spans} into '
-                     'the bag lost; the others were read')
+                     f'the bag lost; {others}')
     return lines
 
 

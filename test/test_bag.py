@@ -899,6 +899,21 @@ def test_an_mcap_with_a_damaged_chunk_is_fused_but_for_that_chunk(how, ivif_dir,
     assert len(fused['/s4fusion_node/fused']) >= 10
 
 
+def test_a_file_whose_every_chunk_is_damaged_is_not_said_to_have_others_read(short_events,
+                                                                             tmp_path):
+    source = write_bag(tmp_path / 'in', short_events, 'mcap', zstd_chunks=True)
+    storage = source / 'in.mcap'
+    chunks = mcap_chunks(storage)
+    for chunk in chunks:
+        damage_chunk(storage, chunk, 'crc')
+    with bagio.open_bag(source) as reader:
+        assert not list(bagio.read_messages(reader, source, [THERMAL_TOPIC, VISIBLE_TOPIC]))
+        (line,) = bagio.damaged_files(reader)
+    many = f'{len(chunks)} damaged chunks' if len(chunks) > 1 else '1 damaged chunk'
+    assert re.fullmatch(rf'in\.mcap: {many} skipped \(first: .+\): {len(short_events)} messages '
+                        r'logged from .+ into the bag lost; the file holds no other', line), line
+
+
 def test_a_cut_off_topic_of_two_connections_counts_each_ones_messages(tmp_path):
     # Two publishers of other QoS on one topic: each connection was given the topic's count.
     source = tmp_path / 'in'
