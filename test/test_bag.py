@@ -1114,9 +1114,10 @@ def test_a_storage_file_that_inflates_past_the_free_space_is_refused_and_removed
     assert f'free space in {unpacked}' in error and not any(unpacked.iterdir())
 
 
-@pytest.mark.parametrize('kept', [0, 5, 12])
+@pytest.mark.parametrize('kept', [0, 5, 8, 12])
 def test_an_mcap_cut_before_any_message_is_refused_as_such(short_events, tmp_path, capsys, kept):
-    # Empty, within the magic, within the Header: what a split recording's last file can be.
+    # Empty, within the magic, the magic alone (which also ends a file that is whole), within
+    # the Header: what a split recording's last file can be.
     source = write_bag(tmp_path / 'in', short_events, 'mcap')
     storage = source / 'in.mcap'
     storage.write_bytes(storage.read_bytes()[:kept])
@@ -1297,6 +1298,7 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     # One compressed per file (--compression-mode file): its files are DIR_N.mcap.zstd.
     packed = write_bag(tmp_path / 'packed', short_events[:10], 'mcap')
     (packed / 'metadata.yaml').unlink()
+    shutil.copy(packed / 'packed.mcap', packed / 'packed_1.mcap.zstd')
     (packed / 'packed.mcap').rename(packed / 'packed_0.mcap.zstd')
     # A folder of bare bags (s4fusion-batch fuses each): it was called an unfinished recording.
     bare = write_bag(tmp_path / 'bare', short_events[:10], 'mcap')
@@ -1305,7 +1307,8 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     for source, named in ((truncated, truncated), (garbage, garbage),
                           (no_metadata, no_metadata / 'metadata.yaml'),
                           (unfinished, f'{unfinished}: no metadata.yaml (a recording still'),
-                          (packed, f'{packed}: no metadata.yaml (a recording still'),
+                          (packed, f'{packed}: no metadata.yaml (a recording still running, '
+                                   'or one that was cut off: `ros2 bag reindex` writes it)\n'),
                           (bare, f"{bare}: no metadata.yaml, and its bag files are not one "
                                  f"recording's: give one of them ({bare / 'base.mcap'})"),
                           (tmp_path / 'absent', tmp_path / 'absent')):
