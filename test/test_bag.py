@@ -988,6 +988,32 @@ def test_an_mcap_cut_off_that_does_not_begin_with_a_header_is_not_said_to_hold_n
     assert 'cut off' not in error and 'Traceback' not in error, error
 
 
+def test_a_split_recording_cut_off_counts_each_topics_messages_in_all_its_files(
+        ivif_dir, tmp_path):
+    # rosbag2 splits a recording into DIR_0.mcap, DIR_1.mcap, ...: the last cut off, a topic
+    # holds what the whole files hold and what is read of the cut one.
+    events = camera_messages(ivif_dir, duration=4.0)
+    half = len(events) // 2
+    source = tmp_path / 'rec'
+    for index, part in enumerate((events[:half], events[half:])):
+        written = write_bag(tmp_path / f'part{index}', part, 'mcap', zstd_chunks=True)
+        (written / f'part{index}.mcap').rename(tmp_path / f'rec_{index}.mcap')
+    source.mkdir()
+    (tmp_path / 'rec_0.mcap').rename(source / 'rec_0.mcap')
+    metadata = yaml.safe_load((written / 'metadata.yaml').read_text())
+    metadata['rosbag2_bagfile_information']['relative_file_paths'] = ['rec_0.mcap', 'rec_1.mcap']
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    cut = mcap_chunks(tmp_path / 'rec_1.mcap')[-1]
+    (source / 'rec_1.mcap').write_bytes(
+        (tmp_path / 'rec_1.mcap').read_bytes()[:cut.chunk_start_offset + 100])
+    kept = [event for event in events if event[0] < cut.message_start_time]
+    with bagio.open_bag(source) as reader:
+        assert bagio.cut_files(reader)
+        assert {topic.topic: topic.count for topic in bagio.image_topics(reader, source)} == {
+            topic: sum(event[1] == topic for event in kept)
+            for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
+
+
 def test_a_sqlite3_recording_with_messages_left_in_its_wal_file_says_so(tmp_path):
     # rosbag2's resilient preset writes in WAL mode: a recording cut off leaves its last
     # messages in DIR.db3-wal, which rosbags (opening the database immutable) never read.
