@@ -183,6 +183,8 @@ def cut_mcap(path: pathlib.Path) -> CutMcap | None:
         while end + _RECORD_HEAD.size <= size:
             file.seek(end)
             opcode, length = _RECORD_HEAD.unpack(file.read(_RECORD_HEAD.size))
+            if end == len(MCAP_MAGIC) and opcode != _MCAP_HEADER:
+                return None  # damaged, not cut within its Header: rosbags says what it meets
             if (opcode not in _MCAP_OPCODES or opcode in (_MCAP_FOOTER, _MCAP_DATA_END)
                     or end + _RECORD_HEAD.size + length > size
                     or (end == len(MCAP_MAGIC)) != (opcode == _MCAP_HEADER)):
@@ -522,9 +524,11 @@ def damaged_files(reader: Reader) -> list[str]:
         spans = ', '.join(f'{(chunk.start - reader.start_time) / 1e9:g} s to '
                           f'{(chunk.end - reader.start_time) / 1e9:g} s' for chunk in damaged)
         lost = sum(chunk.messages for chunk in damaged)
+        others = ('the others were read' if len(damaged) < len(storage.chunks)
+                  else 'the file holds no other')
         lines.append(f'{name}{len(damaged)} damaged chunk{"s" * (len(damaged) > 1)} skipped '
                      f'(first: {damaged[0].reason}): {lost} messages logged from {spans} into '
-                     'the bag lost; the others were read')
+                     f'the bag lost; {others}')
     return lines
 
 

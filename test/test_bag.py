@@ -28,6 +28,7 @@ from rosbags.rosbag2.storage_mcap import zstd
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
+from s4fusion_ros.cli import TimeWindow
 from s4fusion_ros.imaging.color import to_uint8
 from s4fusion_ros.imaging.encodings import RawImage
 from s4fusion_ros.messages import stamp_to_ns
@@ -689,6 +690,54 @@ def test_a_window_past_the_end_of_the_bag_or_of_negative_seconds_is_refused(
                 in capsys.readouterr().err)
 
 
+def one_second_bag(events, path: pathlib.Path) -> tuple[pathlib.Path, list[int]]:
+    """A bag of the first 20 events, the last logged 1 s after the first; and its log times."""
+    events = [*events[:19], (events[0][0] + 10**9, *events[19][1:])]
+    return write_bag(path, events, 'mcap'), [event[0] for event in events]
+
+
+def test_a_window_is_placed_to_the_first_and_last_message_of_the_bag(short_events, tmp_path):
+    # A window from the last message reads it; one to it reads all but it (its stop is not
+    # read); one past it is the whole bag, described to its end.
+    source, times = one_second_bag(short_events, tmp_path / 'in')
+    first, last = times[0], times[-1]
+    with bagio.open_bag(source) as reader:
+        def placed(start_offset, duration=None):
+            return bagio.log_window(reader, source, TimeWindow(start_offset, duration))
+
+        def read(window):
+            return [log_time for _, log_time, _ in bagio.read_messages(
+                reader, source, [THERMAL_TOPIC, VISIBLE_TOPIC], window.start, window.stop)]
+
+        whole = placed(0)
+        assert whole == bagio.LogWindow(first, None, first, last) and whole.whole
+        assert whole.share() == 1 and read(whole) == times
+        at_last = placed(1)
+        assert at_last == bagio.LogWindow(last, None, first, last) and read(at_last) == [last]
+        assert at_last.describe() == "from 1 s to 1 s of the bag's 1 s"
+        to_last = placed(0, 1)
+        assert not to_last.whole and read(to_last) == times[:-1]
+        assert placed(0, 1.000000001).whole
+        past = placed(0.5, 2)
+        assert not past.whole and past.describe() == "from 0.5 s to 1 s of the bag's 1 s"
+        with pytest.raises(bagio.BagError, match='--start-offset 1 is past the end'):
+            placed(1.000000001)
+
+
+def test_the_newest_message_before_a_time_is_searched_back_to_the_bags_start(
+        short_events, tmp_path):
+    # Within the bag's first second too; a topic the bag lacks has none (rosbags reads an
+    # empty selection of connections as all of them).
+    source, times = one_second_bag(short_events, tmp_path / 'in')
+    thermal = max(event[0] for event in short_events[:19]
+                  if event[1] == THERMAL_TOPIC and event[0] < times[0] + 2 * 10**8)
+    with bagio.open_bag(source) as reader:
+        assert [(connection.topic, log_time) for connection, log_time, _ in bagio.newest_before(
+            reader, source, [THERMAL_TOPIC, '/absent'], times[0] + 2 * 10**8)] \
+            == [(THERMAL_TOPIC, thermal)]
+        assert bagio.newest_before(reader, source, ['/absent'], times[-1]) == []
+
+
 def test_a_thermal_topic_recorded_with_a_second_type_fuses_its_images(short_events, tmp_path,
                                                                       capsys):
     # rosbags gives a topic of two types none: the images were "no image topic".
@@ -850,6 +899,21 @@ def test_an_mcap_with_a_damaged_chunk_is_fused_but_for_that_chunk(how, ivif_dir,
     assert len(fused['/s4fusion_node/fused']) >= 10
 
 
+def test_a_file_whose_every_chunk_is_damaged_is_not_said_to_have_others_read(short_events,
+                                                                             tmp_path):
+    source = write_bag(tmp_path / 'in', short_events, 'mcap', zstd_chunks=True)
+    storage = source / 'in.mcap'
+    chunks = mcap_chunks(storage)
+    for chunk in chunks:
+        damage_chunk(storage, chunk, 'crc')
+    with bagio.open_bag(source) as reader:
+        assert not list(bagio.read_messages(reader, source, [THERMAL_TOPIC, VISIBLE_TOPIC]))
+        (line,) = bagio.damaged_files(reader)
+    many = f'{len(chunks)} damaged chunks' if len(chunks) > 1 else '1 damaged chunk'
+    assert re.fullmatch(rf'in\.mcap: {many} skipped \(first: .+\): {len(short_events)} messages '
+                        r'logged from .+ into the bag lost; the file holds no other', line), line
+
+
 def test_a_cut_off_topic_of_two_connections_counts_each_ones_messages(tmp_path):
     # Two publishers of other QoS on one topic: each connection was given the topic's count.
     source = tmp_path / 'in'
@@ -871,6 +935,83 @@ def test_a_cut_off_topic_of_two_connections_counts_each_ones_messages(tmp_path):
             held[connection.id] += 1
         assert 0 < sum(held.values()) < 3000
         assert {connection.id: connection.msgcount for connection in reader.connections} == held
+
+
+def read_cut(storage: pathlib.Path) -> tuple[int, list[str], list[str]]:
+    """(messages read, cut_files, damaged_files) of a bare MCAP file."""
+    with bagio.open_bag(storage) as reader:
+        topics = [THERMAL_TOPIC, VISIBLE_TOPIC]
+        count = sum(1 for _ in bagio.read_messages(reader, storage, topics))
+        return count, bagio.cut_files(reader), bagio.damaged_files(reader)
+
+
+def cut_line(whole: int, size: int) -> str:
+    return ('cut off (no MCAP footer: a recording that ended in a crash or power loss): read up '
+            f'to its last whole record, {whole} of {size} bytes')
+
+
+def test_an_mcap_cut_off_reads_to_its_last_whole_record_and_before_its_broken_chunks(
+        ivif_dir, tmp_path):
+    # Cut exactly where a chunk ends: that chunk is whole. Cut after two chunks that do not
+    # decompress (blocks a file system never wrote): both are the cut, not a damaged chunk
+    # before it, and what precedes them is read.
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=4.0), 'mcap',
+                       zstd_chunks=True)
+    intact = source / 'in.mcap'
+    chunks = mcap_chunks(intact)
+    assert len(chunks) >= 5
+    held = [sum(chunk.channel_count.values()) for chunk in chunks]
+    boundary = tmp_path / 'boundary.mcap'
+    end = chunks[2].chunk_start_offset + chunks[2].chunk_length
+    boundary.write_bytes(intact.read_bytes()[:end])
+    assert read_cut(boundary) == (sum(held[:3]), [cut_line(end, end)], [])
+    for chunk in chunks[2:4]:
+        damage_chunk(intact, chunk, 'bit flip')
+    broken = tmp_path / 'broken.mcap'
+    broken.write_bytes(intact.read_bytes()[:chunks[4].chunk_start_offset + 100])
+    assert read_cut(broken) == (sum(held[:2]), [cut_line(chunks[2].chunk_start_offset,
+                                                         chunks[4].chunk_start_offset + 100)], [])
+
+
+def test_an_mcap_cut_off_that_does_not_begin_with_a_header_is_not_said_to_hold_nothing(
+        short_events, tmp_path, capsys):
+    # Its first record another than the Header (a damaged file, not one cut within its Header):
+    # it was called cut off with 0 bytes read; it fails as a file with its footer does.
+    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    storage = source / 'in.mcap'
+    data = bytearray(storage.read_bytes()[:-100])
+    data[len(bagio.MCAP_MAGIC)] = 0x03  # a Schema record's opcode
+    storage.write_bytes(bytes(data))
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+    error = capsys.readouterr().err
+    assert f'{source}: cannot open the bag (corrupt or truncated?): ' in error, error
+    assert 'cut off' not in error and 'Traceback' not in error, error
+
+
+def test_a_split_recording_cut_off_counts_each_topics_messages_in_all_its_files(
+        ivif_dir, tmp_path):
+    # rosbag2 splits a recording into DIR_0.mcap, DIR_1.mcap, ...: the last cut off, a topic
+    # holds what the whole files hold and what is read of the cut one.
+    events = camera_messages(ivif_dir, duration=4.0)
+    half = len(events) // 2
+    source = tmp_path / 'rec'
+    for index, part in enumerate((events[:half], events[half:])):
+        written = write_bag(tmp_path / f'part{index}', part, 'mcap', zstd_chunks=True)
+        (written / f'part{index}.mcap').rename(tmp_path / f'rec_{index}.mcap')
+    source.mkdir()
+    (tmp_path / 'rec_0.mcap').rename(source / 'rec_0.mcap')
+    metadata = yaml.safe_load((written / 'metadata.yaml').read_text())
+    metadata['rosbag2_bagfile_information']['relative_file_paths'] = ['rec_0.mcap', 'rec_1.mcap']
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    cut = mcap_chunks(tmp_path / 'rec_1.mcap')[-1]
+    (source / 'rec_1.mcap').write_bytes(
+        (tmp_path / 'rec_1.mcap').read_bytes()[:cut.chunk_start_offset + 100])
+    kept = [event for event in events if event[0] < cut.message_start_time]
+    with bagio.open_bag(source) as reader:
+        assert bagio.cut_files(reader)
+        assert {topic.topic: topic.count for topic in bagio.image_topics(reader, source)} == {
+            topic: sum(event[1] == topic for event in kept)
+            for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
 
 
 def test_a_sqlite3_recording_with_messages_left_in_its_wal_file_says_so(tmp_path):
@@ -999,9 +1140,10 @@ def test_a_storage_file_that_inflates_past_the_free_space_is_refused_and_removed
     assert f'free space in {unpacked}' in error and not any(unpacked.iterdir())
 
 
-@pytest.mark.parametrize('kept', [0, 5, 12])
+@pytest.mark.parametrize('kept', [0, 5, 8, 12])
 def test_an_mcap_cut_before_any_message_is_refused_as_such(short_events, tmp_path, capsys, kept):
-    # Empty, within the magic, within the Header: what a split recording's last file can be.
+    # Empty, within the magic, the magic alone (which also ends a file that is whole), within
+    # the Header: what a split recording's last file can be.
     source = write_bag(tmp_path / 'in', short_events, 'mcap')
     storage = source / 'in.mcap'
     storage.write_bytes(storage.read_bytes()[:kept])
@@ -1179,6 +1321,11 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     (no_metadata / 'metadata.yaml').write_text('rosbag2_bagfile_information: [')
     unfinished = write_bag(tmp_path / 'unfinished', short_events[:10], 'mcap')
     (unfinished / 'metadata.yaml').unlink()  # a recorder still running or cut off
+    # One compressed per file (--compression-mode file): its files are DIR_N.mcap.zstd.
+    packed = write_bag(tmp_path / 'packed', short_events[:10], 'mcap')
+    (packed / 'metadata.yaml').unlink()
+    shutil.copy(packed / 'packed.mcap', packed / 'packed_1.mcap.zstd')
+    (packed / 'packed.mcap').rename(packed / 'packed_0.mcap.zstd')
     # A folder of bare bags (s4fusion-batch fuses each): it was called an unfinished recording.
     bare = write_bag(tmp_path / 'bare', short_events[:10], 'mcap')
     (bare / 'metadata.yaml').unlink()
@@ -1186,6 +1333,8 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
     for source, named in ((truncated, truncated), (garbage, garbage),
                           (no_metadata, no_metadata / 'metadata.yaml'),
                           (unfinished, f'{unfinished}: no metadata.yaml (a recording still'),
+                          (packed, f'{packed}: no metadata.yaml (a recording still running, '
+                                   'or one that was cut off: `ros2 bag reindex` writes it)\n'),
                           (bare, f"{bare}: no metadata.yaml, and its bag files are not one "
                                  f"recording's: give one of them ({bare / 'base.mcap'})"),
                           (tmp_path / 'absent', tmp_path / 'absent')):
@@ -1197,7 +1346,7 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
 
 
 @pytest.mark.parametrize('field, value', [('message_count', None), ('message_count', 'many'),
-                                          ('name', 7)])
+                                          ('message_count', -3), ('name', 7)])
 def test_a_metadata_topic_of_no_name_or_count_is_refused_naming_the_file(
         short_events, tmp_path, capsys, field, value):
     # rosbags takes metadata.yaml's topics as they come: s4fusion-bag (and s4fusion-play, on
