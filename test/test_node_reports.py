@@ -4,6 +4,7 @@ Also the message_filters synchronizer backend (sync.backend), or its clear absen
 """
 
 import importlib.util
+import os
 import re
 import resource
 import time
@@ -443,6 +444,65 @@ def test_message_filters_backend_pairs_again_after_the_stamps_jump_back(ros_cont
     probe.destroy_node()
     after = [m.header.frame_id for m in probe.fused[fused_before:]]
     assert after and set(after) == {'after'}, (after, log)
+    assert 'the input stamps jumped back' in log, log
+
+
+# A message_filters whose synchronizer keeps its queues under names of its own, as a later
+# version may: the clock-jump restart reaches into the private `queues` and `lock` of 4.x to 6.x.
+OTHER_MESSAGE_FILTERS = '''
+class SimpleFilter:
+    def __init__(self):
+        self.callbacks = []
+
+    def registerCallback(self, callback, *args):
+        self.callbacks.append((callback, args))
+
+    def signalMessage(self, *msgs):
+        for callback, args in self.callbacks:
+            callback(*msgs, *args)
+
+
+class Subscriber(SimpleFilter):
+    def __init__(self, node, msg_type, topic, qos_profile=10, **options):
+        super().__init__()
+        self.sub = node.create_subscription(msg_type, topic, self.signalMessage, qos_profile,
+                                            **options)
+        self.topic_name = self.sub.topic_name
+
+
+class ApproximateTimeSynchronizer(SimpleFilter):
+    """Pairs equal stamps, which is all the test sends."""
+
+    def __init__(self, fs, queue_size, slop):
+        super().__init__()
+        self._pending = [{} for _ in fs]
+        for f, pending in zip(fs, self._pending):
+            f.registerCallback(self._add, pending)
+
+    def _add(self, msg, pending):
+        pending[msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec] = msg
+        common = set.intersection(*(set(queue) for queue in self._pending))
+        for stamp in sorted(common):
+            self.signalMessage(*(queue.pop(stamp) for queue in self._pending))
+'''
+
+
+def test_a_message_filters_keeping_its_queues_elsewhere_survives_a_clock_jump(
+        ros_context, tmp_path, monkeypatch):
+    # The node stopped on an AttributeError at the first stamp that jumped back.
+    (tmp_path / 'message_filters').mkdir()
+    (tmp_path / 'message_filters' / '__init__.py').write_text(OTHER_MESSAGE_FILTERS)
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+        filter(None, (str(tmp_path), os.environ.get('PYTHONPATH')))))
+    probe = Probe('other_message_filters_probe')
+    with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
+        probe.wait_for_node(proc)
+        start = probe.get_clock().now().nanoseconds
+        fuse_pairs(probe, proc, start, count=1)
+        fuse_pairs(probe, proc, start - 10 * 10**9, count=1)  # 10 s back
+        log = node_log(proc)
+    probe.destroy_node()
+    assert "this message_filters keeps its synchronizer's queues where the node cannot" in log
     assert 'the input stamps jumped back' in log, log
 
 

@@ -384,6 +384,18 @@ class S4FusionNode(Node):
         self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
             gates, p['sync.queue_size'], p['sync.slop'])
         self.approximate_sync.registerCallback(self._on_synchronized_pair)
+        # What a clock jump clears is private to the synchronizer: {stamp ns: message} per input
+        # and the lock its add holds (so from Humble to rolling 6.0.6, checked). A version that
+        # keeps them otherwise keeps its queues through a jump, where the node stopped on an
+        # AttributeError at the first jump.
+        sync = self.approximate_sync
+        self.sync_queues = ((sync.queues, sync.lock) if isinstance(
+            getattr(sync, 'queues', None), list) and hasattr(sync, 'lock') else None)
+        if self.sync_queues is None:
+            self.get_logger().warning(
+                'this message_filters keeps its synchronizer\'s queues where the node cannot '
+                'clear them: after the stamps jump back (a looping bag, a restarted camera) it '
+                'may pair nothing again until the node restarts; sync.backend:=own recovers')
         self.synchronized_pairs = 0
         self.synchronized_pair_failures = 0  # raised past decoding: counted as inference errors
 
@@ -435,8 +447,9 @@ class S4FusionNode(Node):
         the old timeline's frames that found no partner (a 30 Hz camera beside a 9 Hz one), each
         frame of the new one was dropped as it came, and nothing paired again."""
         limit = stamp_ns + self.clock_jump_ns
-        with self.approximate_sync.lock:
-            for queue in self.approximate_sync.queues:  # {stamp ns: message} per input
+        queues, lock = self.sync_queues or ((), contextlib.nullcontext())
+        with lock:
+            for queue in queues:  # {stamp ns: message} per input
                 for old in [stamp for stamp in queue if stamp > limit]:
                     del queue[old]
             # The old scene's range must not scale the new timeline's first frames.
