@@ -512,12 +512,14 @@ def cut_files(reader: Reader) -> list[str]:
     return lines
 
 
-def damaged_files(reader: Reader) -> list[str]:
-    """What `reader` skipped so far of its MCAP files' damaged chunks (_McapReader), one line
-    a file: how many messages, logged when (seconds into the bag), and why; [] for none."""
+def damaged_files(reader: Reader, start: int | None = None,
+                  stop: int | None = None) -> list[str]:
+    """What `reader` skipped so far of its MCAP files' damaged chunks (_McapReader) that hold
+    messages logged from `start` to before `stop`, one line a file: how many messages, logged
+    when (seconds into the bag), and why; [] for none."""
     lines = []
     for storage in _storages(reader):
-        damaged = sorted(getattr(storage, 'damaged', {}).values(), key=lambda chunk: chunk.start)
+        damaged = sorted(_damaged_chunks(storage, start, stop), key=lambda chunk: chunk.start)
         if not damaged:
             continue
         name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
@@ -532,10 +534,18 @@ def damaged_files(reader: Reader) -> list[str]:
     return lines
 
 
-def lost_messages(reader: Reader) -> int:
-    """The messages of every topic in the damaged chunks `reader` skipped so far."""
+def lost_messages(reader: Reader, start: int | None = None, stop: int | None = None) -> int:
+    """The messages of every topic in the damaged chunks `reader` skipped so far that hold
+    messages logged from `start` to before `stop`."""
     return sum(chunk.messages for storage in _storages(reader)
-               for chunk in getattr(storage, 'damaged', {}).values())
+               for chunk in _damaged_chunks(storage, start, stop))
+
+
+def _damaged_chunks(storage, start: int | None, stop: int | None) -> list[DamagedChunk]:
+    """The damaged chunks a storage reader skipped that reach into [start, stop): describing a
+    topic reads its first chunks, which a window after them leaves unread."""
+    return [chunk for chunk in getattr(storage, 'damaged', {}).values()
+            if (start is None or chunk.end >= start) and (stop is None or chunk.start < stop)]
 
 
 @cache

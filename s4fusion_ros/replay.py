@@ -202,10 +202,11 @@ class BagFuser:
                 self._fuse(prepared, path, writer, outputs, progress,
                            reader.end_time if previous is None else previous)
                 self._show_counts(progress)  # the flush's unpaired frames, as the summary
-        # Found as the chunks were read, by this run or by what read the bag before it.
-        for damaged in damaged_files(reader):
+        # Found as the chunks were read, by this run or by what read the bag before it; of
+        # those, the ones within what this run reads.
+        for damaged in damaged_files(reader, read_from, stop):
             self._warn(f'{path}: {damaged}')
-        self.counts.lost = lost_messages(reader)
+        self.counts.lost = lost_messages(reader, read_from, stop)
 
     def _own(self, path: pathlib.Path, span: Span, warm: int, last_read: int | None,
              warmed_from: int | None) -> bool:

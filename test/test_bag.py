@@ -899,6 +899,20 @@ def test_an_mcap_with_a_damaged_chunk_is_fused_but_for_that_chunk(how, ivif_dir,
     assert len(fused['/s4fusion_node/fused']) >= 10
 
 
+def test_a_damaged_chunk_before_the_window_is_no_loss(ivif_dir, params_file, tmp_path, capsys):
+    # Describing the cameras reads their first chunks, which skipped the damaged one there and
+    # counted it lost: a window read whole exited 1 (and failed a batch) over messages it never
+    # asked for.
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=4.0), 'mcap',
+                       zstd_chunks=True)
+    damage_chunk(source / 'in.mcap', mcap_chunks(source / 'in.mcap')[0], 'crc')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
+                          '--start-offset', '2.5']) == 0
+    error = capsys.readouterr().err
+    assert 'damaged chunk' not in error and '; lost:' not in error, error
+    assert read_bag(tmp_path / 'out')['/s4fusion_node/fused']
+
+
 def test_a_file_whose_every_chunk_is_damaged_is_not_said_to_have_others_read(short_events,
                                                                              tmp_path):
     source = write_bag(tmp_path / 'in', short_events, 'mcap', zstd_chunks=True)

@@ -411,9 +411,9 @@ class BagPlayer:
                 read += 1
                 first, last = (log_time if first is None else first), log_time
             if not self.lost:  # said once, not on every --loop pass
-                for damaged in damaged_files(reader):
+                for damaged in damaged_files(reader, start_ns, self.window.stop):
                     print(f'{PROG}: {self.args.bag}: {damaged}', file=sys.stderr)
-            self.lost = lost_messages(reader)
+            self.lost = lost_messages(reader, start_ns, self.window.stop)
             self._sleep_until(start_wall + minimum_s / self.args.rate, start_wall, start_ns)
         self.played_span_s = 0.0 if first is None else (last - first) / 1e9
         return read
