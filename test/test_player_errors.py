@@ -4,8 +4,10 @@ from collections import Counter
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
 from support import (COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,
-                     bag_image_message, mcap_chunks, write_bag, write_merged_visible_bag)
+                     bag_image_message, damage_chunk, mcap_chunks, write_bag,
+                     write_merged_visible_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -196,9 +199,7 @@ def test_an_mcap_with_a_damaged_chunk_plays_the_others_and_says_what_was_lost(tm
               for i in range(12)]
     storage = write_bag(tmp_path / 'bag', events, 'mcap') / 'bag.mcap'
     damaged = mcap_chunks(storage)[1]
-    data = bytearray(storage.read_bytes())
-    data[damaged.chunk_start_offset + 9 + 24] = 0x5E  # its CRC (rosbags writes 0: none)
-    storage.write_bytes(bytes(data))
+    damage_chunk(storage, damaged, 'crc')
     lost = sum(damaged.channel_count.values())
     played = subprocess.run([*PLAYER, str(storage), '--wait', '0', '--rate', '10'],
                             capture_output=True, text=True, timeout=60)
@@ -210,3 +211,22 @@ def test_an_mcap_with_a_damaged_chunk_plays_the_others_and_says_what_was_lost(tm
         played.stderr
     assert (f'{THERMAL_TOPIC} {len(events) - lost}; lost: {lost} messages of the damaged chunks '
             'skipped; end of bag') in played.stderr, played.stderr
+
+    # Looped and stopped: "lost" was one pass's count beside every pass's published count.
+    looping = subprocess.Popen([*PLAYER, str(storage), '--wait', '0', '--rate', '10', '--loop'],
+                               stderr=subprocess.PIPE, text=True)
+    said = []
+    while 'damaged chunk skipped' not in ''.join(said):  # the first pass's loss
+        said.append(looping.stderr.readline())
+        assert said[-1] and len(said) < 10, said
+    time.sleep(1.0)  # more passes, each 0.1 s
+    looping.send_signal(signal.SIGINT)
+    _, stopped = looping.communicate(timeout=60)
+    summary = re.search(rf'{THERMAL_TOPIC} (\d+); lost: (\d+) messages of the damaged chunks '
+                        'skipped; stopped', stopped)
+    assert summary, stopped
+    published, missed = map(int, summary.groups())
+    assert looping.returncode == 1 and 'damaged chunk skipped' not in stopped, stopped
+    passes = published // (len(events) - lost)  # whole ones; the last may have passed the loss
+    assert missed % lost == 0 and passes <= missed // lost <= passes + 1, (published, missed)
+    assert passes >= 2, stopped

@@ -263,7 +263,7 @@ class BagPlayer:
         self.publish_errors = 0
         self.bag_time = 0  # ns, what /clock says
         self.played_span_s = 0.0  # s of bag time the last pass played (play_once)
-        self.lost = 0  # messages of the damaged chunks a pass skipped: a partial play (exit 1)
+        self.lost = 0  # messages of the damaged chunks skipped: a partial play (exit 1)
         self.next_tick = 0.0  # monotonic time of the next /clock message
 
     def wait_for_subscribers(self) -> None:
@@ -395,25 +395,28 @@ class BagPlayer:
             for connection, _, raw in newest_before(reader, self.args.bag, self.camera_infos,
                                                     start_ns):
                 self._publish(connection.topic, bytes(raw))
-            for connection, log_time, raw in read_messages(reader, self.args.bag, self.publishers,
-                                                           start_ns, self.window.stop):
-                self._sleep_until(start_wall + (log_time - start_ns) / 1e9 / self.args.rate,
-                                  start_wall, start_ns)
-                # An image rmw cannot deserialize its subscribers drop without a word: skipped
-                # here, counted and named, as s4fusion-bag skips it.
-                try:
-                    if connection.msgtype in IMAGE_TYPES:
-                        deserialize(self.args.bag, connection, raw)
-                except BagError as error:
-                    self._undecodable(connection.topic, error)
-                else:
-                    self._publish(connection.topic, bytes(raw))
-                read += 1
-                first, last = (log_time if first is None else first), log_time
-            if not self.lost:  # said once, not on every --loop pass
-                for damaged in damaged_files(reader, start_ns, self.window.stop):
-                    print(f'{PROG}: {self.args.bag}: {damaged}', file=sys.stderr)
-            self.lost = lost_messages(reader, start_ns, self.window.stop)
+            try:
+                for connection, log_time, raw in read_messages(
+                        reader, self.args.bag, self.publishers, start_ns, self.window.stop):
+                    self._sleep_until(start_wall + (log_time - start_ns) / 1e9 / self.args.rate,
+                                      start_wall, start_ns)
+                    # An image rmw cannot deserialize its subscribers drop without a word:
+                    # skipped here, counted and named, as s4fusion-bag skips it.
+                    try:
+                        if connection.msgtype in IMAGE_TYPES:
+                            deserialize(self.args.bag, connection, raw)
+                    except BagError as error:
+                        self._undecodable(connection.topic, error)
+                    else:
+                        self._publish(connection.topic, bytes(raw))
+                    read += 1
+                    first, last = (log_time if first is None else first), log_time
+            finally:  # a stop mid-pass too: the summary counts what its skipped chunks lost
+                lost = lost_messages(reader, start_ns, self.window.stop)
+                if lost and not self.lost:  # said once, not on every --loop pass
+                    for damaged in damaged_files(reader, start_ns, self.window.stop):
+                        print(f'{PROG}: {self.args.bag}: {damaged}', file=sys.stderr)
+                self.lost += lost  # over the passes, as the published counts are
             self._sleep_until(start_wall + minimum_s / self.args.rate, start_wall, start_ns)
         self.played_span_s = 0.0 if first is None else (last - first) / 1e9
         return read
