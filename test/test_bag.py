@@ -263,6 +263,47 @@ def test_topics_detected_by_encoding_and_name(short_events, tmp_path):
     assert bagio.pick_topics(twins, path, values=values)[0] == depth_twin
 
 
+def test_a_false_colour_view_of_the_thermal_camera_is_no_visible_camera(short_events, tmp_path):
+    # A thermal driver's colour-mapped bgr8 view beside its counts: named like a thermal
+    # camera, it is not the visible one (else two cameras, and the user had to name it).
+    path = tmp_path / 'in'
+    thermal = next(e for e in short_events if e[1] == THERMAL_TOPIC)
+    rgb = next(e for e in short_events if e[1] == VISIBLE_TOPIC)
+    false_colour = cv2.applyColorMap(cv2.convertScaleAbs(thermal[4], alpha=1 / 128),
+                                     cv2.COLORMAP_INFERNO)
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        for topic, (_, _, stamp, encoding, image) in (
+                (THERMAL_TOPIC, thermal), ('/flir/image_color', (*thermal[:3], 'bgr8',
+                                                                 false_colour)),
+                (VISIBLE_TOPIC, rgb)):
+            connection = writer.add_connection(topic, IMAGE, typestore=TYPESTORE)
+            writer.write(connection, stamp, TYPESTORE.serialize_cdr(
+                bag_image_message(image, encoding, stamp, 'camera'), IMAGE))
+    with bagio.open_bag(path) as reader:
+        topics = bagio.image_topics(reader, path)
+    assert {t.topic: t.role for t in topics}['/flir/image_color'] == ''
+    assert [t.topic for t in bagio.pick_topics(topics, path)] == [THERMAL_TOPIC, VISIBLE_TOPIC]
+    # One topic named as both cameras is refused, not fused with itself.
+    with pytest.raises(bagio.BagError, match=f"'{VISIBLE_TOPIC}' cannot be both thermal and "
+                       'visible'):
+        bagio.pick_topics(topics, path, thermal=VISIBLE_TOPIC, visible=VISIBLE_TOPIC)
+
+
+def test_a_bag_without_image_topics_says_to_name_the_camera(tmp_path, capsys):
+    # Images on a topic whose type is not an image one (a custom wrapper) are not found: the
+    # user is told how to name the topic.
+    source = tmp_path / 'in'
+    string = 'std_msgs/msg/String'
+    with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connection = writer.add_connection('/notes', string, typestore=TYPESTORE)
+        note = TYPESTORE.types[string](data='x')
+        writer.write(connection, 1, TYPESTORE.serialize_cdr(note, string))
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+    error = capsys.readouterr().err
+    assert ('no topic looks like the thermal camera; image topics in the bag: none. Name it '
+            'with --thermal-topic') in error, error
+
+
 def test_a_depth_camera_is_not_taken_for_the_thermal_one(tmp_path):
     # An RGB-D robot's bag: depth images are 16UC1 (mm) or 32FC1 (m) like thermal ones, and
     # were fused with the colour camera as if thermal (found by a review).
@@ -520,6 +561,26 @@ def test_included_inputs_keep_every_connection_of_a_topic(short_events, params_f
                                                    QosReliability.BEST_EFFORT}
     copied = read_bag(tmp_path / 'out')
     assert all(copied[topic] == messages for topic, messages in read_bag(source).items())
+
+
+def test_a_topic_of_an_older_bag_is_copied_with_its_type_hash(short_events, tmp_path):
+    # rosbag2 before Iron (format version 8) recorded an MCAP topic's definition but no type
+    # hash: a copy takes the hash from the type store, not an empty one.
+    source = write_bag(tmp_path / 'in', short_events[:4], 'mcap')
+    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
+    information = metadata['rosbag2_bagfile_information']
+    information['version'] = 5
+    for topic in information['topics_with_message_count']:
+        del topic['topic_metadata']['type_description_hash']
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    with Reader(source) as reader:
+        [thermal] = [c for c in reader.connections if c.topic == THERMAL_TOPIC]
+        assert thermal.msgdef.data and not thermal.digest
+        with bagio.create_bag(tmp_path / 'out') as writer:
+            bagio.copy_topic(writer, thermal)
+    with Reader(tmp_path / 'out') as reader:
+        [copied] = reader.connections
+    assert copied.digest == TYPESTORE.hash_rihs01(IMAGE) and copied.msgdef.data
 
 
 def test_the_visible_camera_info_goes_beside_the_outputs_as_the_node_publishes_it(
@@ -1051,6 +1112,9 @@ def test_a_sqlite3_recording_with_messages_left_in_its_wal_file_says_so(tmp_path
             assert sum(1 for _ in reader.messages()) == 10
             assert bagio.cut_files(reader) == [name + unread]
     recorder.close()  # the last connection merges the -wal file in
+    # An empty -wal file (a recorder that stopped cleanly, or whose last commit was merged in)
+    # leaves nothing unread.
+    (source / 'in.db3-wal').touch()
     with bagio.open_bag(source) as reader:
         assert sum(1 for _ in reader.messages()) == 15 and not bagio.cut_files(reader)
 
@@ -1116,6 +1180,14 @@ def test_an_mcap_chunk_that_inflates_past_its_size_is_refused_without_taking_the
             in error), error
 
 
+def message_compressed(source: pathlib.Path) -> None:
+    """Mark the bag at `source` as rosbag2's compression_mode 'message' (zstd) writes it."""
+    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
+    metadata['rosbag2_bagfile_information'].update(compression_mode='message',
+                                                   compression_format='zstd')
+    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+
+
 def test_a_message_that_inflates_past_the_limit_is_refused_without_taking_the_memory(
         short_events, tmp_path, capsys, monkeypatch):
     # rosbag2's compression_mode 'message' zstd-compresses each message and declares no size:
@@ -1125,13 +1197,25 @@ def test_a_message_that_inflates_past_the_limit_is_refused_without_taking_the_me
     bombs = iter([inflated])  # the first message inflates past the limit, the rest do not
     with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         thermal_images(writer, short_events[:20], lambda raw: zstd_bomb(raw, next(bombs, 0)))
-    metadata = yaml.safe_load((source / 'metadata.yaml').read_text())
-    metadata['rosbag2_bagfile_information'].update(compression_mode='message',
-                                                   compression_format='zstd')
-    (source / 'metadata.yaml').write_text(yaml.safe_dump(metadata))
+    message_compressed(source)
     error = refused_without_the_memory(source, tmp_path / 'out', capsys, inflated)
     assert f'{source}: cannot read the bag' in error, error
     assert f'a message inflates past {1 << 20} bytes' in error, error
+
+
+def test_a_message_whose_compressed_frame_is_cut_short_is_said_to_be(short_events, tmp_path):
+    # Its zstd frame lacks its end: an error says so, rather than what it inflated to being read
+    # as the message.
+    source = tmp_path / 'in'
+    frames = iter([lambda frame: frame[:len(frame) // 2]])  # the first message's, halved
+    with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        thermal_images(writer, short_events[:20],
+                       lambda raw: next(frames, bytes)(zstd.compress(raw)))
+    message_compressed(source)
+    with bagio.open_bag(source) as reader:
+        with pytest.raises(Exception, match=r'its compressed data ends inside a frame \(cut '
+                           r'short\)'):
+            list(reader.messages())
 
 
 def test_a_storage_file_that_inflates_past_the_free_space_is_refused_and_removed(
@@ -1248,6 +1332,34 @@ def test_overwrite_replaces_a_bag_only_never_another_folder(tmp_path):
         with bagio.create_bag(folder, overwrite=True) as writer:
             bagio.add_topic(writer, '/t')
     assert (folder / 'notes.txt').read_text() == 'mine'
+
+
+def test_an_output_made_while_the_bag_was_written_is_kept_without_overwrite(
+        short_events, tmp_path):
+    # Another run (or the user) put a bag at the path after it was checked: without --overwrite
+    # it stays, and this bag is refused.
+    path = tmp_path / 'out'
+    with pytest.raises(bagio.BagError, match='exists; pass --overwrite to replace it'):
+        with bagio.create_bag(path) as writer:
+            bagio.add_topic(writer, '/t')
+            write_bag(path, short_events[:4], 'mcap')
+    assert read_bag(path) == read_bag(write_bag(tmp_path / 'same', short_events[:4], 'mcap'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'same']
+
+
+def test_compress_leaves_a_sqlite3_bag_as_rosbag2_writes_it(short_events, tmp_path):
+    # zstd chunks are MCAP's: a sqlite3 bag has none, and is written uncompressed.
+    path = tmp_path / 'out'
+    with bagio.create_bag(path, storage='sqlite3', compress=True) as writer:
+        connection = bagio.add_topic(writer, THERMAL_TOPIC)
+        for log_time, topic, stamp, encoding, image in short_events[:6]:
+            writer.write(connection, log_time, TYPESTORE.serialize_cdr(
+                bag_image_message(image, encoding, stamp, THERMAL_FRAME), IMAGE))
+    information = yaml.safe_load((path / 'metadata.yaml').read_text())
+    information = information['rosbag2_bagfile_information']
+    assert information['compression_mode'] == '' and information['relative_file_paths'] == [
+        'out.db3']
+    assert len(read_bag(path)[THERMAL_TOPIC]) == 6
 
 
 def test_an_output_holding_the_input_or_inside_it_is_refused_even_with_overwrite(

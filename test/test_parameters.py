@@ -584,6 +584,41 @@ def test_a_slop_change_reaches_the_pairing(node, ivif_dir):
         set_parameters(node, {'sync.slop': 0.05})
 
 
+def fuse_one(probe, thermal, visible) -> np.ndarray:
+    """The fused image of the pair, sent with a new stamp until the node publishes it."""
+    from rclpy.time import Time
+    from ros_harness import image_message
+    stamp = probe.get_clock().now().nanoseconds
+
+    def fused():
+        return [m for m in probe.fused if Time.from_msg(m.header.stamp).nanoseconds == stamp]
+    for _ in range(30):
+        stamp += 1_000_000_000
+        probe.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'ir'))
+        probe.visible_pub.publish(image_message(visible, 'bgr8', stamp, 'rgb'))
+        if probe.spin_until(fused, timeout=1.0):
+            message = fused()[0]
+            return np.frombuffer(message.data, np.uint8).reshape(message.height, -1)
+    raise AssertionError('no pair fused')
+
+
+@pytest.mark.ros
+def test_a_normalization_change_reaches_the_image(node, ivif_dir):
+    # The counts mapped as fixed over 0-65535 (a narrow grey band) fuse to another image than
+    # the percentile range: the parameter alone changing would not show a normalizer left as
+    # it was.
+    from ros_harness import load_pairs
+    thermal, visible = load_pairs(ivif_dir, ['00004N.png'])[0]
+    before = fuse_one(node, thermal, visible)
+    [result] = set_parameters(node, {'normalization.mode': 'fixed'})
+    try:
+        assert result.successful, result.reason
+        after = fuse_one(node, thermal, visible)
+    finally:
+        set_parameters(node, {'normalization.mode': 'percentile'})
+    assert np.abs(after.astype(int) - before).mean() > 5
+
+
 @pytest.mark.ros
 @pytest.mark.parametrize('params, message', [
     ({'output_encoding': 'yuv422'}, 'output_encoding'),
