@@ -358,3 +358,43 @@ def test_outputs_recorded_before_the_first_clock_message_are_logged_at_their_sta
     with open_bag(tmp_path / 'bag') as reader:
         assert [log_time for _, log_time, _ in read_messages(reader, tmp_path / 'bag',
                                                              ['/fused'])] == [stamp_ns]
+
+
+def test_the_demo_stops_waiting_for_frames_the_middleware_lost(ros_context):
+    # A node behind its inputs loses frames on the way (a publisher's KEEP_LAST history
+    # overwrites what its reader has not taken): the demo waited for them until its timeout
+    # (240 s in CI) and wrote nothing.
+    from types import SimpleNamespace
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from s4fusion_ros import settings
+    from s4fusion_ros.diagnostics import Key, per_input, status_name
+    from s4fusion_ros.ros.demo import ARRIVALS_SETTLE_S, Arrivals, Monitor, drained
+    monitor = Monitor()
+
+    def report(stamp_ns: int, visible: int) -> None:  # the node's diagnostics, as published
+        values = {per_input('thermal', 'received'): 54, per_input('visible', 'received'): visible,
+                  Key.THERMAL_BAD_MESSAGE: 0, Key.VISIBLE_BAD_MESSAGE: 0,
+                  Key.PAIRS: 53, Key.PAIRS_FUSED: 44, Key.PAIRS_DROPPED: 9,
+                  Key.INFERENCE_ERRORS: 0, Key.PUBLISH_ERRORS: 0}
+        array = DiagnosticArray(status=[DiagnosticStatus(
+            name=status_name(f'/{settings.NODE_NAME}'), values=[
+                KeyValue(key=str(key), value=str(value)) for key, value in values.items()])])
+        array.header.stamp.sec, array.header.stamp.nanosec = divmod(stamp_ns, 10**9)
+        monitor._on_diagnostics(array)
+
+    recorder = SimpleNamespace(counts={settings.OUTPUT_TOPICS[1]: 44})
+    expected, end = {'thermal': 54, 'visible': 180}, 5 * 10**9
+    arrivals = Arrivals()
+    report(end, 175)
+    assert monitor.status, 'the report was not taken for the node\'s'
+    assert not drained(monitor, recorder, expected, end, arrivals)  # more may come yet
+    arrivals.since -= ARRIVALS_SETTLE_S  # as if nothing had come for that long
+    assert drained(monitor, recorder, expected, end, arrivals)
+    report(end, 176)  # one more came: wait again
+    assert not drained(monitor, recorder, expected, end, arrivals)
+    arrivals.since -= ARRIVALS_SETTLE_S
+    report(end - 1, 176)  # the bag not played to its end: its frames are still to come
+    assert not drained(monitor, recorder, expected, end, arrivals)
+    report(end, 180)  # all of them: no wait
+    assert drained(monitor, recorder, expected, end, Arrivals())
+    monitor.destroy_node()

@@ -57,6 +57,7 @@ VIDEO = 'demo.mp4'
 # Share of the CPU time between two thermal frames the model may take: the node also decodes,
 # normalizes and publishes, and the player and the recorder run on the same cores.
 HEADROOM = 0.5
+ARRIVALS_SETTLE_S = 10.0  # after the bag's end, no frame for this long: the others were lost
 MIN_RATE = 0.01  # the slowest playback the demo picks (rates are rounded to hundredths)
 # The highest ROS_DOMAIN_ID Fast DDS computes ports for; above it the processes exit at their
 # first node, and rcl takes a negative one for its default domain, 0: the user's graph.
@@ -167,12 +168,37 @@ class Monitor(Node):
         return spin_until(self, condition, timeout)
 
 
-def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_after_ns: int) -> bool:
-    """Whether the node received the whole bag, decided every pair and its outputs all arrived."""
+class Arrivals:
+    """The node's received counts and since when (monotonic seconds) they have stood still."""
+
+    def __init__(self):
+        self.counts, self.since = None, time.monotonic()
+
+    def still_for(self, counts: dict) -> float:
+        now = time.monotonic()
+        if counts != self.counts:
+            self.counts, self.since = counts, now
+        return now - self.since
+
+
+def received_counts(monitor: Monitor, expected: dict) -> dict:
+    """{role: messages the node received of it, bad ones included}."""
+    return {role: monitor.number(per_input(role, 'received'))
+            + monitor.number(per_input(role, 'rejected (bad message)')) for role in expected}
+
+
+def drained(monitor: Monitor, recorder: TopicRecorder, expected: dict, done_after_ns: int,
+            arrivals: Arrivals) -> bool:
+    """Whether the node received the whole bag (or all it will), decided every pair and its
+    outputs all arrived."""
     number = monitor.number
-    received = all(number(per_input(role, 'received'))
-                   + number(per_input(role, 'rejected (bad message)')) >= count
-                   for role, count in expected.items())
+    counts = received_counts(monitor, expected)
+    # A frame the middleware lost on the way (a node behind its inputs: a publisher's KEEP_LAST
+    # history overwrites what its reader has not taken) never comes: once the bag has been
+    # played and nothing more arrives for ARRIVALS_SETTLE_S, the node has all it will get.
+    received = (all(counts[role] >= count for role, count in expected.items())
+                or (monitor.status_stamp >= done_after_ns
+                    and arrivals.still_for(counts) >= ARRIVALS_SETTLE_S))
     settled = number(Key.PAIRS) == (number(Key.PAIRS_FUSED) + number(Key.PAIRS_DROPPED)
                                     + number(Key.INFERENCE_ERRORS) + number(Key.PUBLISH_ERRORS))
     recorded = recorder.counts[SALIENCY_TOPIC] >= number(Key.PAIRS_FUSED)
@@ -379,16 +405,25 @@ def record(fused_bag: pathlib.Path, values: dict, node_command: list, play: list
                 raise BagError(f'{settings.NODE_NAME} exited:\n{tail(logs / "node.log")}')
             # Plays once the node subscribes: it joins the graph before its model is loaded.
             player = start_child(play + ['--wait-for', settings.NODE_NAME], logs / 'player.log')
+            arrivals = Arrivals()
             drained_ok = monitor.spin_until(
                 lambda: player.poll() is not None or node_process.poll() is not None
-                or drained(monitor, recorder, expected, done_after),
+                or drained(monitor, recorder, expected, done_after, arrivals),
                 max(1.0, deadline - time.monotonic()))
             for process, name in ((player, 'player'), (node_process, 'node')):
                 if process.poll() is not None:
                     raise BagError(f'the {name} exited early:\n{tail(logs / f"{name}.log")}')
             fused, status = recorder.counts[FUSED_TOPIC], monitor.status
-            if not (drained_ok and drained(monitor, recorder, expected, done_after)):
+            if not (drained_ok and drained(monitor, recorder, expected, done_after, arrivals)):
                 raise StoppedAtTimeout(summary(status, fused, False))
+            counts = received_counts(monitor, expected)
+            lost = {role: expected[role] - counts[role] for role in expected
+                    if counts[role] < expected[role]}
+            if lost:
+                print(f'{PROG}: ' + ' and '.join(f'{count:.0f} {role}'
+                                                 for role, count in lost.items())
+                      + ' frame(s) did not reach the node (the middleware dropped them while the '
+                      'node was behind; a lower --rate avoids it)', file=sys.stderr)
             # Stopped before the bag gets its name: a Ctrl-C while they stop (seconds) leaves
             # the earlier run's outputs whole, as the message then says.
             stop(player)
