@@ -492,12 +492,17 @@ def _storages(reader: Reader) -> list:
     return getattr(reader.storage, 'storages', [reader.storage])
 
 
+def _file_label(reader: Reader, storage) -> str:
+    """How a line about one of the bag's files starts: its name, unless it is the only one."""
+    return '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
+
+
 def cut_files(reader: Reader) -> list[str]:
     """What `reader` read of its MCAP files cut off (cut_mcap), and which sqlite3 files it read
     without the -wal file beside them, one line each."""
     lines = []
     for storage in _storages(reader):
-        name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
+        name = _file_label(reader, storage)
         cut = getattr(storage, 'cut', None)
         if cut is not None:
             lines.append(f'{name}cut off (no MCAP footer: a recording that ended in a crash or '
@@ -522,7 +527,7 @@ def damaged_files(reader: Reader, start: int | None = None,
         damaged = sorted(_damaged_chunks(storage, start, stop), key=lambda chunk: chunk.start)
         if not damaged:
             continue
-        name = '' if storage is reader.storage else f'{pathlib.Path(storage.path).name}: '
+        name = _file_label(reader, storage)
         spans = ', '.join(f'{(chunk.start - reader.start_time) / 1e9:g} s to '
                           f'{(chunk.end - reader.start_time) / 1e9:g} s' for chunk in damaged)
         lost = sum(chunk.messages for chunk in damaged)

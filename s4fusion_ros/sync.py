@@ -194,10 +194,9 @@ class StampSkew:
 
     Arrival times cancel what the two clocks share, so cameras stamping on clocks that differ
     show as the skew whatever their rates (and a replay's) and however the synchronizer buffers
-    them; a
-    difference in delivery delay adds to it, as it does to what pairs. The median is the lower
-    middle value, one a frame had: the mean of two middle ones would give half of an offset
-    that has just appeared, when half of the window has it.
+    them; a difference in delivery delay adds to it, as it does to what pairs. The median is the
+    lower middle value, one a frame had: the mean of two middle ones would give half of an
+    offset that has just appeared, when half of the window has it.
     """
 
     WINDOW = 30

@@ -50,10 +50,9 @@ class ThermalRegistration:
     With the identity homography a frame of the visible size passes through untouched (same
     object, no copy) and a frame of another size is resized (a larger one by area: a pixel is the
     mean of those it covers, where bilinear would sample some and alias thin hot detail; a
-    smaller one bilinearly): ``needs_resize`` tells the caller so
-    that it can warn once that no registration is configured for cameras of different geometry.
-    Pixels that fall outside the thermal frame get ``border_value``, or the caller's ``outside``
-    values.
+    smaller one bilinearly): ``needs_resize`` tells the caller so that it can warn once that no
+    registration is configured for cameras of different geometry. Pixels that fall outside the
+    thermal frame get ``border_value``, or the caller's ``outside`` values.
     """
 
     def __init__(self, homography: Optional[Homography] = None,
