@@ -10,11 +10,13 @@ module, by two processes at once; each test works on its own copy of that cache.
 import logging
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numba
 import pytest
@@ -148,6 +150,28 @@ def test_fuse_after_a_power_cut_left_the_index_empty_recovers_once(compiled, ivi
         'removed, the kernel compiles again'], done.stderr
     hits, misses, _, err = finish(start_kernel(cache))  # the next start: cached again
     assert (hits, misses, err) == (1, 0, '')
+
+
+def test_the_node_logs_a_damaged_cache_file_through_rcl(compiled, tmp_path, monkeypatch):
+    # Through the node's logger, so /rosout carries it: Python's logging printed a bare line
+    # that rqt_console, a log aggregator and --log-level never saw.
+    harness = pytest.importorskip('ros_harness')
+    cache, index, _ = copy_of(compiled, tmp_path)
+    index.write_bytes(b'')
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(cache))
+    with harness.running_node({'device': 'cpu', 'inference_size': [160, 120]}) as proc:
+        deadline = time.monotonic() + 300
+        while 'model warmed up' not in harness.node_log(proc) and proc.poll() is None:
+            assert time.monotonic() < deadline, harness.node_log(proc)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, harness.node_log(proc)
+    log = harness.node_log(proc)
+    lines = [line for line in log.splitlines() if 'cache file' in line]
+    assert len(lines) == 1 and re.fullmatch(
+        r'\[WARN\] \[[0-9.]+\] \[s4fusion_node\]: ' + re.escape(
+            f's4fusion_ros: the numba cache file {index} was damaged (EOFError: Ran out of '
+            'input): removed, the kernel compiles again'), lines[0]), log
 
 
 def _no_room_for_the_cache():

@@ -48,6 +48,7 @@ from . import parameters
 from .graph import node_of
 from .parameters import direction_qos
 from .images import compressed_image_message, raw_image_message, set_header
+from .logs import CoreLogsToNode
 
 LOG_THROTTLE_S = 5.0
 # End-to-end latency (node clock at publish minus the visible stamp) is only meaningful when the
@@ -87,6 +88,7 @@ class S4FusionNode(Node):
         to this node."""
         super().__init__(settings.NODE_NAME, **kwargs)
         self.worker = None  # rclpy may destroy a node whose constructor failed (bad parameters)
+        self.core_logs = CoreLogsToNode(self.get_logger())  # e.g. the kernel cache's, at load
         # Start-up values are rclpy's parameter overrides (private, as of rclpy 9.1.2), which
         # pre-set callbacks never see. They are checked as a whole before any is declared:
         # declaring them one by one, rclpy would name only the second of two values that
@@ -947,6 +949,7 @@ class S4FusionNode(Node):
     def destroy_node(self):
         if self.worker is not None:
             self.worker.stop()
+        self.core_logs.close()
         super().destroy_node()
 
     def run_summary(self) -> str:
