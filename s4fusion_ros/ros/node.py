@@ -625,8 +625,7 @@ class S4FusionNode(Node):
         self.fused_rate.tick()
         # Here, not at the next report: that may come after the fused rate's window (a
         # diagnostics.period over 5 s), when a stall's counts would start from an older report.
-        self.counts_while_fusing = {key: value for key, value in self._diagnostic_values().items()
-                                    if isinstance(value, int)}
+        self.counts_while_fusing = self._counts()
         latency = (self.get_clock().now().nanoseconds - result.pair.visible_stamp_ns) / 1e9
         self.latest_off_clock = not PLAUSIBLE_LATENCY_S[0] <= latency <= PLAUSIBLE_LATENCY_S[1]
         if self.latest_off_clock:
@@ -659,16 +658,12 @@ class S4FusionNode(Node):
             for publisher in self.camera_info_pubs:
                 publisher.publish(info)
 
-    def _diagnostic_values(self) -> dict:
-        """The counts, rates and latencies /diagnostics reports, as they are now."""
+    def _counts(self) -> dict:
+        """The counts /diagnostics reports, as they are now: what a stall and a partial pairing
+        compare (NOT_REPORTED for those the message_filters backend does not keep)."""
         sync = self.pipeline.synchronizer.stats
-        inference = self.inference_latency.summary()
-        end_to_end = self.end_to_end_latency.summary()
         work = self.worker.counts()
-        values = {
-            Key.THERMAL_RATE: self.thermal_rate.rate(),
-            Key.VISIBLE_RATE: self.visible_rate.rate(),
-            Key.FUSED_RATE: self.fused_rate.rate(),
+        counts = {
             Key.THERMAL_RECEIVED: sync.thermal_received,
             Key.VISIBLE_RECEIVED: sync.visible_received,
             Key.THERMAL_BAD_MESSAGE: self.bad_messages['thermal'],
@@ -684,12 +679,9 @@ class S4FusionNode(Node):
             Key.VISIBLE_OVERFLOW: sync.visible_overflow,
             Key.THERMAL_BAD_STAMP: sync.thermal_bad_stamp,
             Key.VISIBLE_BAD_STAMP: sync.visible_bad_stamp,
-            Key.THERMAL_OUTLIERS: self.pipeline.normalizer.outliers,
-            # rclpy before mid-2025 gives no publisher in its MessageInfo.
-            **{per_input(role, 'publishers heard (last 5 s)'): self.senders[role].recent()
-               if self.senders_known else 'n/a (the middleware does not say)' for role in ROLES},
             Key.THERMAL_PENDING: sync.thermal_pending,
             Key.VISIBLE_PENDING: sync.visible_pending,
+            Key.THERMAL_OUTLIERS: self.pipeline.normalizer.outliers,
             Key.SYNC_RESETS: sync.resets,
             # pairs == fused + dropped + inference errors + publish errors + queued + in progress
             Key.PAIRS_DROPPED: work.dropped,
@@ -700,29 +692,44 @@ class S4FusionNode(Node):
             # neither fused nor published: an inference error too, so the counts still add up.
             Key.INFERENCE_ERRORS: work.outcomes.get(Key.INFERENCE_ERRORS, 0) + work.failed,
             Key.PUBLISH_ERRORS: work.outcomes.get(Key.PUBLISH_ERRORS, 0),
-            Key.INFERENCE_LATENCY_MEAN: inference['mean'],
-            Key.INFERENCE_LATENCY_P95: inference['p95'],
-            Key.END_TO_END_LATENCY_MEAN: end_to_end['mean'],
-            Key.END_TO_END_LATENCY_P95: end_to_end['p95'],
             Key.STAMPS_OFF_CLOCK: self.stamps_off_clock,
             Key.VISIBLE_CAMERA_INFO: self.camera_infos.received,
-            Key.SYNC_BACKEND: 'own' if self.approximate_sync is None else 'message_filters',
-            Key.DEVICE: str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
-            Key.MODEL: self.loaded.name,
         }
         if self.approximate_sync is not None:
             # message_filters reports no pairing counts: what it dropped is not known here.
             for key in OWN_SYNC_KEYS:
-                values[key] = NOT_REPORTED
+                counts[key] = NOT_REPORTED
             # A bad message is found only once paired: counted as rejected, not as received
             # (as the own synchronizer counts it), and its partner is lost with the pair.
-            values.update({per_input(role, 'received'): self._rate(role).total
+            counts.update({per_input(role, 'received'): self._rate(role).total
                            - self.bad_messages[role] for role in ROLES})
-            values.update({per_input(role, 'rejected (bad stamp)'): self.bad_stamps[role]
+            counts.update({per_input(role, 'rejected (bad stamp)'): self.bad_stamps[role]
                            for role in ROLES})
             failures = self.synchronized_pair_failures
-            values[Key.PAIRS] = self.synchronized_pairs + failures
-            values[Key.INFERENCE_ERRORS] += failures
+            counts[Key.PAIRS] = self.synchronized_pairs + failures
+            counts[Key.INFERENCE_ERRORS] += failures
+        return counts
+
+    def _diagnostic_values(self) -> dict:
+        """The rates, counts, latencies and set-up /diagnostics reports, as they are now."""
+        inference = self.inference_latency.summary()
+        end_to_end = self.end_to_end_latency.summary()
+        values = {
+            Key.THERMAL_RATE: self.thermal_rate.rate(),
+            Key.VISIBLE_RATE: self.visible_rate.rate(),
+            Key.FUSED_RATE: self.fused_rate.rate(),
+            **self._counts(),
+            # rclpy before mid-2025 gives no publisher in its MessageInfo.
+            **{per_input(role, 'publishers heard (last 5 s)'): self.senders[role].recent()
+               if self.senders_known else 'n/a (the middleware does not say)' for role in ROLES},
+            Key.INFERENCE_LATENCY_MEAN: inference['mean'],
+            Key.INFERENCE_LATENCY_P95: inference['p95'],
+            Key.END_TO_END_LATENCY_MEAN: end_to_end['mean'],
+            Key.END_TO_END_LATENCY_P95: end_to_end['p95'],
+            Key.SYNC_BACKEND: 'own' if self.approximate_sync is None else 'message_filters',
+            Key.DEVICE: str(self.loaded.device) + (' fp16' if self.loaded.half else ''),
+            Key.MODEL: self.loaded.name,
+        }
         for key in LATENCY_KEYS:  # NaN before the first: say why rather than 'nan'
             if isinstance(values[key], float) and math.isnan(values[key]):
                 values[key] = 'n/a: no pair fused yet'
