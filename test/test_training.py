@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -431,6 +432,67 @@ def test_weights_sum_to_one_and_favour_the_sharper_source(crops):
     assert (sharp[:, 1] > weights[:, 1]).all()  # lower temperature, firmer choice
 
 
+def _sobel(image):
+    """Sobel d/dx and d/dy of a float64 (H, W) image, replicated border, as OpenCV takes them."""
+    return [cv2.Sobel(image, cv2.CV_64F, dx, 1 - dx, borderType=cv2.BORDER_REPLICATE)
+            for dx in (1, 0)]
+
+
+def _halved(image):
+    """The mean of each 2x2 block (an odd last row or column dropped)."""
+    h, w = image.shape[0] // 2, image.shape[1] // 2
+    return image[:2 * h, :2 * w].reshape(h, 2, w, 2).mean((1, 3))
+
+
+def test_loss_terms_are_the_documented_ones_with_their_weights(crops):
+    # total = ssim_weight sum_s w_s (1 - SSIM(F, S)) + l1_weight sum_s w_s |F - S| + grad_weight
+    # |Sobel(F) - max(Sobel(IR), Sobel(VI))|, with w_s the softmax (c = 1: proportional) of each
+    # source's mean squared Sobel magnitude averaged over three pyramid scales: computed here
+    # with OpenCV in float64, on a fused image with edges of its own.
+    ir, vi = (c[:4] for c in crops)
+    fused = torch.from_numpy(np.stack([cv2.GaussianBlur(i[0].numpy(), (0, 0), 1.5)
+                                       for i in ir]))[:, None] * 0.6 + 0.4 * vi
+
+    def energy(image):
+        levels = [image, _halved(image), _halved(_halved(image))]
+        return np.mean([sum(g ** 2 for g in _sobel(level)).mean() for level in levels])
+
+    def gradient(image):
+        return sum(np.abs(g) for g in _sobel(image))
+
+    weights = [(e[0] / sum(e), e[1] / sum(e)) for e in (
+        [energy(s[k, 0].double().numpy()) for s in (ir, vi)] for k in range(4))]
+    loss = S4FusionLoss(ssim_weight=3.0, l1_weight=5.0, grad_weight=7.0)
+    total, terms = loss(fused, ir, vi)
+    ssim_ir, ssim_vi = loss.ssim(fused, ir), loss.ssim(fused, vi)  # pinned by Wang's test above
+    f, a, b = (x[:, 0].double().numpy() for x in (fused, ir, vi))
+    expected = {
+        'w_ir': np.mean([w_ir for w_ir, _ in weights]),
+        'ssim': np.mean([w_ir * (1 - float(ssim_ir[k])) + w_vi * (1 - float(ssim_vi[k]))
+                         for k, (w_ir, w_vi) in enumerate(weights)]),
+        'l1': np.mean([w_ir * np.abs(f[k] - a[k]).mean() + w_vi * np.abs(f[k] - b[k]).mean()
+                       for k, (w_ir, w_vi) in enumerate(weights)]),
+        'grad': np.mean([np.abs(gradient(f[k]) - np.maximum(gradient(a[k]), gradient(b[k])))
+                         .mean() for k in range(4)]),
+    }
+    assert 0.05 < expected['w_ir'] < 0.95
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-4), name
+    assert float(total) == pytest.approx(
+        3 * expected['ssim'] + 5 * expected['l1'] + 7 * expected['grad'], rel=1e-4)
+
+
+def test_two_featureless_sources_weigh_alike_and_the_loss_stays_finite(crops):
+    # A crop where both sources are flat (a saturated thermal patch over a black visible one at
+    # night) has no gradient energy: the log of 0 would make the weights, and the step, NaN.
+    _, vi = crops
+    black, saturated = torch.zeros_like(vi), torch.ones_like(vi)
+    torch.testing.assert_close(S4FusionLoss().source_weights(saturated, black),
+                               torch.full((16, 2), 0.5))
+    total, _ = S4FusionLoss()(vi, saturated, black)
+    assert math.isfinite(float(total))
+
+
 def test_loss_vanishes_for_identical_sources_and_favours_max_gradient(crops):
     loss = S4FusionLoss()
     ir, vi = crops
@@ -788,6 +850,22 @@ def test_cli_takes_the_base_settings_from_the_preset_unless_given():
     assert (without_base.base, without_base.detail_gain, without_base.base_contrast) == (
         'none', 1.0, 1.0)
     assert config('--base', 'laplacian', '--base-contrast', '1.3').base_contrast == 1.3
+
+
+def test_the_documented_compact_recipe_has_the_loss_and_sampling_the_shipped_weights_record():
+    # The recipe leaves the SSIM and L1 weights, the gain augmentation and the temperature at
+    # their defaults: a change of a default would leave it training other weights unsaid.
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    recipe = re.search(r's4fusion-train (--preset compact .*?[^\\])\n',
+                       (repo / 'docs' / 'training.md').read_text(), re.S).group(1)
+    args = build_parser().parse_args(shlex.split(recipe.replace('\\\n', ' ')))
+    shipped = json.loads((repo / 's4fusion_ros' / 'weights' / 's4fusion_compact.json')
+                         .read_text())['training']
+    loss = S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
+                        max_intensity_weight=args.max_intensity_weight)
+    assert loss.config() == shipped['loss']
+    assert {key: getattr(args, key) for key in ('crop', 'min_gain', 'dataset_balance', 'lr')} \
+        == {key: shipped[key] for key in ('crop', 'min_gain', 'dataset_balance', 'lr')}
 
 
 def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pair_folder):
