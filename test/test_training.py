@@ -32,6 +32,7 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
                                         data_layout, m3svd_clip, match_pairs, read_pair_images,
                                         roadscene_clips, roadscene_near, roadscene_test67_names,
                                         training_pairs, video_pairs)
+from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
 
@@ -143,6 +144,7 @@ def test_roadscene_splits_name_the_clip_of_the_drive_of_each_pair(splits):
         == 'FLIR_04208' != named['FLIR_04269.jpg'] == 'FLIR_04269'
     # Every 8th training pair by name: no two are as near, so each is its own clip; but nine
     # lie as near to a test frame (the report says which).
+    assert splits.clips['roadscene_val'] == roadscene_clips(splits.validation['roadscene_val'])
     assert len(set(splits.clips['roadscene_val'])) == 20
     near = roadscene_near(splits.validation['roadscene_val'], splits.tests['roadscene67'])
     assert len(near) == 9 and 'FLIR_08248.jpg' in near  # 28 frames after test FLIR_08220
@@ -159,6 +161,16 @@ def test_roadscene_clips_start_anew_after_a_gap_or_in_another_series():
                                                     'FLIR_30.jpg', 'FLIR_999.jpg']]
     assert roadscene_clips(unpadded) == ('FLIR_10', 'FLIR_999', 'FLIR_200', 'FLIR_10', 'FLIR_999')
     assert roadscene_near(pairs, unpadded[:1]) == ['FLIR_00001.jpg', 'FLIR_00031.jpg']
+    # Near as the clips count it: 30 frames apart is one clip, and so near.
+    assert roadscene_near(pairs[1:3], pairs[:1]) == ['FLIR_00031.jpg']
+
+
+def test_a_validation_clip_that_is_also_a_video_is_refused(ivif_dir, monkeypatch):
+    # Its frames would validate while every 10th frame of its video trained. 0111_1716 is a
+    # frame clip and a video of the layout.
+    monkeypatch.setattr(data_module, 'M3SVD_VALIDATION_CLIPS', ('0111_1753', '0111_1716'))
+    with pytest.raises(ValueError, match='validation clip is also a video clip'):
+        ivif_splits(ivif_dir)
 
 
 def test_video_frames_read_as_the_video_decodes_them(splits):
@@ -244,6 +256,26 @@ def test_crops_share_window_and_flips(tmp_path, ivif_dir):
     assert ir.shape == vi.shape == (3, 1, 25, 25) and ir.dtype == torch.float32
 
 
+def test_crops_reach_every_window_of_a_wide_16_bit_image(tmp_path):
+    # Each pixel holds its own position, growing along rows and columns, so a crop's smallest
+    # value names its window's top-left corner whatever the flips; 16-bit, scaled by 1 / 65535.
+    # Every top row and every left column of a window must occur, the last ones too.
+    rows, cols, crop = 40, 60, 25
+    image = (np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) + 1) * 20
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        cv2.imwrite(str(tmp_path / side / 'a.png'), image)
+    dataset = PairFolderDataset(pairs_in_folder(tmp_path), crop)
+    rng = np.random.default_rng(0)
+    corners = set()
+    for _ in range(600):
+        ir, _ = dataset.random_crop(0, rng)
+        assert ir.max() <= 1
+        corners.add(divmod(round(float(ir.min()) * 65535 / 20) - 1, cols))
+    tops, lefts = map(set, zip(*corners))
+    assert tops == set(range(rows - crop + 1)) and lefts == set(range(cols - crop + 1))
+
+
 def test_gain_augmentation_scales_each_source_on_its_own(tmp_path, ivif_dir):
     # The same image as IR and VI: a crop pair differs only by the ratio of the two gains.
     for side in ('ir', 'vi'):
@@ -262,6 +294,11 @@ def test_gain_augmentation_scales_each_source_on_its_own(tmp_path, ivif_dir):
     assert 0.2 - 1e-4 <= ratios.min() and ratios.max() <= 5 + 1e-3
     assert (ratios < 0.4).any() and (ratios > 2.5).any()
     assert 0.15 < np.isclose(ratios, 1, rtol=1e-6).mean() < 0.35  # both gains 1: p = 1/4
+    # Log-uniform: |log g| is uniform on [0, log 5], mean log(5) / 2 where one source has a gain,
+    # and |log g1 - log g2| has mean log(5) / 3 where both have (2 to 1): 0.72 (0.53 for a gain
+    # uniform in [0.2, 1]).
+    scaled = np.abs(np.log(ratios[~np.isclose(ratios, 1, rtol=1e-6)]))
+    assert scaled.mean() == pytest.approx(np.log(5) * (2 / 3 / 2 + 1 / 3 / 3), abs=0.07)
     with pytest.raises(ValueError, match='min_gain'):
         PairFolderDataset(pairs_in_folder(tmp_path), 25, min_gain=0)
 
@@ -287,8 +324,9 @@ def test_dataset_balance_shifts_the_draw_towards_the_small_dataset(tmp_path):
         big = levels[levels < 40]
         assert abs((levels == 40).mean() - small_share) < 0.03
         assert all(abs((big == level).mean() - 1 / 3) < 0.04 for level in (10, 20, 30))
-    with pytest.raises(ValueError, match='dataset_balance'):
-        PairFolderDataset(pairs, 25, dataset_balance=1.5)
+    for balance in (1.5, -0.5):
+        with pytest.raises(ValueError, match='dataset_balance'):
+            PairFolderDataset(pairs, 25, dataset_balance=balance)
 
 
 def test_a_folder_of_datasets_named_like_the_ivif_ones_is_read_as_datasets(tmp_path, ivif_dir):
@@ -342,8 +380,9 @@ def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
 
 
 def test_bad_crop_and_unpaired_files_are_rejected(tmp_path, splits):
-    with pytest.raises(ValueError, match='12k'):
-        PairFolderDataset(splits.train[:1], 96)
+    for crop in (96, 1):  # 1 is 12k + 1 too, but smaller than SSIM's 11-pixel window
+        with pytest.raises(ValueError, match='12k'):
+            PairFolderDataset(splits.train[:1], crop)
     for side in ('ir', 'vi'):
         (tmp_path / side).mkdir()
     cv2.imwrite(str(tmp_path / 'ir' / 'lonely.png'), np.zeros((4, 4), np.uint8))
