@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
                                         data_layout, m3svd_clip, match_pairs, read_pair_images,
                                         roadscene_clips, roadscene_near, roadscene_test67_names,
                                         training_pairs, video_pairs)
+from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
 
@@ -142,6 +144,7 @@ def test_roadscene_splits_name_the_clip_of_the_drive_of_each_pair(splits):
         == 'FLIR_04208' != named['FLIR_04269.jpg'] == 'FLIR_04269'
     # Every 8th training pair by name: no two are as near, so each is its own clip; but nine
     # lie as near to a test frame (the report says which).
+    assert splits.clips['roadscene_val'] == roadscene_clips(splits.validation['roadscene_val'])
     assert len(set(splits.clips['roadscene_val'])) == 20
     near = roadscene_near(splits.validation['roadscene_val'], splits.tests['roadscene67'])
     assert len(near) == 9 and 'FLIR_08248.jpg' in near  # 28 frames after test FLIR_08220
@@ -158,6 +161,16 @@ def test_roadscene_clips_start_anew_after_a_gap_or_in_another_series():
                                                     'FLIR_30.jpg', 'FLIR_999.jpg']]
     assert roadscene_clips(unpadded) == ('FLIR_10', 'FLIR_999', 'FLIR_200', 'FLIR_10', 'FLIR_999')
     assert roadscene_near(pairs, unpadded[:1]) == ['FLIR_00001.jpg', 'FLIR_00031.jpg']
+    # Near as the clips count it: 30 frames apart is one clip, and so near.
+    assert roadscene_near(pairs[1:3], pairs[:1]) == ['FLIR_00031.jpg']
+
+
+def test_a_validation_clip_that_is_also_a_video_is_refused(ivif_dir, monkeypatch):
+    # Its frames would validate while every 10th frame of its video trained. 0111_1716 is a
+    # frame clip and a video of the layout.
+    monkeypatch.setattr(data_module, 'M3SVD_VALIDATION_CLIPS', ('0111_1753', '0111_1716'))
+    with pytest.raises(ValueError, match='validation clip is also a video clip'):
+        ivif_splits(ivif_dir)
 
 
 def test_video_frames_read_as_the_video_decodes_them(splits):
@@ -243,6 +256,26 @@ def test_crops_share_window_and_flips(tmp_path, ivif_dir):
     assert ir.shape == vi.shape == (3, 1, 25, 25) and ir.dtype == torch.float32
 
 
+def test_crops_reach_every_window_of_a_wide_16_bit_image(tmp_path):
+    # Each pixel holds its own position, growing along rows and columns, so a crop's smallest
+    # value names its window's top-left corner whatever the flips; 16-bit, scaled by 1 / 65535.
+    # Every top row and every left column of a window must occur, the last ones too.
+    rows, cols, crop = 40, 60, 25
+    image = (np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) + 1) * 20
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        cv2.imwrite(str(tmp_path / side / 'a.png'), image)
+    dataset = PairFolderDataset(pairs_in_folder(tmp_path), crop)
+    rng = np.random.default_rng(0)
+    corners = set()
+    for _ in range(600):
+        ir, _ = dataset.random_crop(0, rng)
+        assert ir.max() <= 1
+        corners.add(divmod(round(float(ir.min()) * 65535 / 20) - 1, cols))
+    tops, lefts = map(set, zip(*corners))
+    assert tops == set(range(rows - crop + 1)) and lefts == set(range(cols - crop + 1))
+
+
 def test_gain_augmentation_scales_each_source_on_its_own(tmp_path, ivif_dir):
     # The same image as IR and VI: a crop pair differs only by the ratio of the two gains.
     for side in ('ir', 'vi'):
@@ -261,6 +294,11 @@ def test_gain_augmentation_scales_each_source_on_its_own(tmp_path, ivif_dir):
     assert 0.2 - 1e-4 <= ratios.min() and ratios.max() <= 5 + 1e-3
     assert (ratios < 0.4).any() and (ratios > 2.5).any()
     assert 0.15 < np.isclose(ratios, 1, rtol=1e-6).mean() < 0.35  # both gains 1: p = 1/4
+    # Log-uniform: |log g| is uniform on [0, log 5], mean log(5) / 2 where one source has a gain,
+    # and |log g1 - log g2| has mean log(5) / 3 where both have (2 to 1): 0.72 (0.53 for a gain
+    # uniform in [0.2, 1]).
+    scaled = np.abs(np.log(ratios[~np.isclose(ratios, 1, rtol=1e-6)]))
+    assert scaled.mean() == pytest.approx(np.log(5) * (2 / 3 / 2 + 1 / 3 / 3), abs=0.07)
     with pytest.raises(ValueError, match='min_gain'):
         PairFolderDataset(pairs_in_folder(tmp_path), 25, min_gain=0)
 
@@ -286,8 +324,9 @@ def test_dataset_balance_shifts_the_draw_towards_the_small_dataset(tmp_path):
         big = levels[levels < 40]
         assert abs((levels == 40).mean() - small_share) < 0.03
         assert all(abs((big == level).mean() - 1 / 3) < 0.04 for level in (10, 20, 30))
-    with pytest.raises(ValueError, match='dataset_balance'):
-        PairFolderDataset(pairs, 25, dataset_balance=1.5)
+    for balance in (1.5, -0.5):
+        with pytest.raises(ValueError, match='dataset_balance'):
+            PairFolderDataset(pairs, 25, dataset_balance=balance)
 
 
 def test_a_folder_of_datasets_named_like_the_ivif_ones_is_read_as_datasets(tmp_path, ivif_dir):
@@ -341,8 +380,9 @@ def test_small_images_are_reflect_padded(tmp_path, ivif_dir):
 
 
 def test_bad_crop_and_unpaired_files_are_rejected(tmp_path, splits):
-    with pytest.raises(ValueError, match='12k'):
-        PairFolderDataset(splits.train[:1], 96)
+    for crop in (96, 1):  # 1 is 12k + 1 too, but smaller than SSIM's 11-pixel window
+        with pytest.raises(ValueError, match='12k'):
+            PairFolderDataset(splits.train[:1], crop)
     for side in ('ir', 'vi'):
         (tmp_path / side).mkdir()
     cv2.imwrite(str(tmp_path / 'ir' / 'lonely.png'), np.zeros((4, 4), np.uint8))
@@ -429,6 +469,67 @@ def test_weights_sum_to_one_and_favour_the_sharper_source(crops):
     assert (loss.source_weights(vi, blurred)[:, 0] > 0.5).all()
     sharp = S4FusionLoss(temperature=0.25).source_weights(blurred, vi)
     assert (sharp[:, 1] > weights[:, 1]).all()  # lower temperature, firmer choice
+
+
+def _sobel(image):
+    """Sobel d/dx and d/dy of a float64 (H, W) image, replicated border, as OpenCV takes them."""
+    return [cv2.Sobel(image, cv2.CV_64F, dx, 1 - dx, borderType=cv2.BORDER_REPLICATE)
+            for dx in (1, 0)]
+
+
+def _halved(image):
+    """The mean of each 2x2 block (an odd last row or column dropped)."""
+    h, w = image.shape[0] // 2, image.shape[1] // 2
+    return image[:2 * h, :2 * w].reshape(h, 2, w, 2).mean((1, 3))
+
+
+def test_loss_terms_are_the_documented_ones_with_their_weights(crops):
+    # total = ssim_weight sum_s w_s (1 - SSIM(F, S)) + l1_weight sum_s w_s |F - S| + grad_weight
+    # |Sobel(F) - max(Sobel(IR), Sobel(VI))|, with w_s the softmax (c = 1: proportional) of each
+    # source's mean squared Sobel magnitude averaged over three pyramid scales: computed here
+    # with OpenCV in float64, on a fused image with edges of its own.
+    ir, vi = (c[:4] for c in crops)
+    fused = torch.from_numpy(np.stack([cv2.GaussianBlur(i[0].numpy(), (0, 0), 1.5)
+                                       for i in ir]))[:, None] * 0.6 + 0.4 * vi
+
+    def energy(image):
+        levels = [image, _halved(image), _halved(_halved(image))]
+        return np.mean([sum(g ** 2 for g in _sobel(level)).mean() for level in levels])
+
+    def gradient(image):
+        return sum(np.abs(g) for g in _sobel(image))
+
+    weights = [(e[0] / sum(e), e[1] / sum(e)) for e in (
+        [energy(s[k, 0].double().numpy()) for s in (ir, vi)] for k in range(4))]
+    loss = S4FusionLoss(ssim_weight=3.0, l1_weight=5.0, grad_weight=7.0)
+    total, terms = loss(fused, ir, vi)
+    ssim_ir, ssim_vi = loss.ssim(fused, ir), loss.ssim(fused, vi)  # pinned by Wang's test above
+    f, a, b = (x[:, 0].double().numpy() for x in (fused, ir, vi))
+    expected = {
+        'w_ir': np.mean([w_ir for w_ir, _ in weights]),
+        'ssim': np.mean([w_ir * (1 - float(ssim_ir[k])) + w_vi * (1 - float(ssim_vi[k]))
+                         for k, (w_ir, w_vi) in enumerate(weights)]),
+        'l1': np.mean([w_ir * np.abs(f[k] - a[k]).mean() + w_vi * np.abs(f[k] - b[k]).mean()
+                       for k, (w_ir, w_vi) in enumerate(weights)]),
+        'grad': np.mean([np.abs(gradient(f[k]) - np.maximum(gradient(a[k]), gradient(b[k])))
+                         .mean() for k in range(4)]),
+    }
+    assert 0.05 < expected['w_ir'] < 0.95
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-4), name
+    assert float(total) == pytest.approx(
+        3 * expected['ssim'] + 5 * expected['l1'] + 7 * expected['grad'], rel=1e-4)
+
+
+def test_two_featureless_sources_weigh_alike_and_the_loss_stays_finite(crops):
+    # A crop where both sources are flat (a saturated thermal patch over a black visible one at
+    # night) has no gradient energy: the log of 0 would make the weights, and the step, NaN.
+    _, vi = crops
+    black, saturated = torch.zeros_like(vi), torch.ones_like(vi)
+    torch.testing.assert_close(S4FusionLoss().source_weights(saturated, black),
+                               torch.full((16, 2), 0.5))
+    total, _ = S4FusionLoss()(vi, saturated, black)
+    assert math.isfinite(float(total))
 
 
 def test_loss_vanishes_for_identical_sources_and_favours_max_gradient(crops):
@@ -788,6 +889,22 @@ def test_cli_takes_the_base_settings_from_the_preset_unless_given():
     assert (without_base.base, without_base.detail_gain, without_base.base_contrast) == (
         'none', 1.0, 1.0)
     assert config('--base', 'laplacian', '--base-contrast', '1.3').base_contrast == 1.3
+
+
+def test_the_documented_compact_recipe_has_the_loss_and_sampling_the_shipped_weights_record():
+    # The recipe leaves the SSIM and L1 weights, the gain augmentation and the temperature at
+    # their defaults: a change of a default would leave it training other weights unsaid.
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    recipe = re.search(r's4fusion-train (--preset compact .*?[^\\])\n',
+                       (repo / 'docs' / 'training.md').read_text(), re.S).group(1)
+    args = build_parser().parse_args(shlex.split(recipe.replace('\\\n', ' ')))
+    shipped = json.loads((repo / 's4fusion_ros' / 'weights' / 's4fusion_compact.json')
+                         .read_text())['training']
+    loss = S4FusionLoss(args.ssim_weight, args.l1_weight, args.grad_weight,
+                        max_intensity_weight=args.max_intensity_weight)
+    assert loss.config() == shipped['loss']
+    assert {key: getattr(args, key) for key in ('crop', 'min_gain', 'dataset_balance', 'lr')} \
+        == {key: shipped[key] for key in ('crop', 'min_gain', 'dataset_balance', 'lr')}
 
 
 def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path, pair_folder):
