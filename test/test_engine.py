@@ -19,7 +19,8 @@ from s4fusion_ros.imaging.encodings import (ImageDecodeError, RawCompressedImage
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import shipped_weights
-from s4fusion_ros.runtime import DeviceError, load_fusion_model, resolve_device
+from s4fusion_ros.runtime import (DeviceError, default_preset, load_fusion_model,
+                                  resolve_device)
 from s4fusion_ros.sync import ArrivalClock, PairSynchronizer
 
 MS = 1_000_000
@@ -474,6 +475,35 @@ def test_a_cuda_device_index_is_read_as_written_or_refused_as_a_device_error(mon
     for spec in ('cuda:1', 'cuda:01', 'cuda:128', 'cuda:99999999999999999999'):
         with pytest.raises(DeviceError, match=f"'{spec}' requested but only 1 CUDA device"):
             resolve_device(spec)
+
+
+def test_auto_picks_cuda_and_the_authors_network_where_cuda_is_present(monkeypatch):
+    # torch's answer here, as a GPU machine gives it; the CPU keeps the compact network.
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert resolve_device('auto') == torch.device('cuda')
+    assert default_preset(resolve_device('auto')) == 'authors'
+    assert default_preset(resolve_device('cpu')) == 'compact'
+
+
+def test_cpu_threads_gives_each_library_its_count_back_after_the_block():
+    # s4fusion-batch's bench times its loop on the Ray tasks' CPUs, then runs on with the
+    # machine's threads.
+    import numba
+    from s4fusion_ros.runtime import cpu_threads
+
+    def counts():
+        return torch.get_num_threads(), cv2.getNumThreads(), numba.get_num_threads()
+
+    with cpu_threads(2):
+        before = counts()
+        with cpu_threads(1):
+            assert counts() == (1, 1, 1)
+        assert counts() == before == (2, 2, min(2, numba.config.NUMBA_NUM_THREADS))
+
+
+def test_half_precision_on_the_cpu_is_refused():
+    with pytest.raises(DeviceError, match=r'half precision \(fp16\) needs a CUDA device'):
+        load_fusion_model(device='cpu', half=True)
 
 
 def test_weights_under_home_named_with_a_tilde_load(tmp_path, monkeypatch):

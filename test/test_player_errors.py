@@ -161,6 +161,10 @@ def test_a_bag_that_fails_midway_delivers_and_counts_what_it_played(tmp_path):
                         summary), stderr
     published = {topic: int(count) for topic, count in re.findall(r'(/\S+) (\d+)', summary)}
     assert published == read == received and 0 < sum(read.values()) < len(events), stderr
+    # --keep-alive is for a bag played to its end: it does not keep a failed one running.
+    kept = subprocess.run([*PLAYER, str(tmp_path / 'damaged'), '--wait', '0', '--rate', '10',
+                           '--keep-alive'], capture_output=True, text=True, timeout=60)
+    assert kept.returncode == 1 and 'stopped: ' in kept.stderr, kept.stderr
 
 
 def test_an_mcap_cut_off_by_a_crash_plays_up_to_its_cut_and_says_so(tmp_path):

@@ -31,7 +31,8 @@ from s4fusion_ros.bagio import image_topics, open_bag, pick_topics  # noqa: E402
 from s4fusion_ros.cli import interrupt  # noqa: E402
 from s4fusion_ros.messages import stamp_to_ns  # noqa: E402
 from s4fusion_ros.ros.demo import sample_bag  # noqa: E402
-from s4fusion_ros.ros.player import BagPlayer, message_class  # noqa: E402
+from s4fusion_ros.ros.player import (SUBSCRIBE_GRACE_S, BagPlayer,  # noqa: E402
+                                    message_class)
 
 PLAYER = [sys.executable, '-m', 's4fusion_ros.ros.player']
 NAMESPACE = '/wait_test'
@@ -168,7 +169,9 @@ def test_playback_waits_for_the_named_node(tmp_path):
         bystander, early = rclpy.create_node('bystander', namespace=NAMESPACE), []
         subscribe(bystander, topics, early)
         player = play_for('target', bag, topics, 120)
-        end = time.monotonic() + 8  # the bystander is matched within a few seconds
+        # The bystander is matched within a few seconds; the target joins past the grace
+        # (SUBSCRIBE_GRACE_S), which runs from its first subscription, not from the start.
+        end = time.monotonic() + SUBSCRIBE_GRACE_S + 5  # the player's start-up too
         while time.monotonic() < end:
             rclpy.spin_once(bystander, timeout_sec=0.05)
         assert player.poll() is None and not early, 'the player did not wait for the target'
@@ -186,6 +189,29 @@ def test_playback_waits_for_the_named_node(tmp_path):
         target.destroy_node()
     finally:
         rclpy.try_shutdown()
+
+
+def test_playback_waits_for_a_subscriber_on_every_topic_without_a_named_node(tmp_path):
+    image = np.zeros((4, 4), np.uint8)
+    bag = write_bag(tmp_path / 'bag', [(time_ns, topic, time_ns, 'mono8', image)
+                                       for time_ns in (10**9, 2 * 10**9)
+                                       for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)], 'mcap')
+    topics = {f'{NAMESPACE}{topic}': SimpleNamespace(topic=topic, msgtype=IMAGE)
+              for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
+    player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30', '--rate', '10',
+                               *remaps(topics)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)  # a subscriber that joins after the player
+    rclpy.init()
+    try:
+        node, received = rclpy.create_node('late_subscriber', namespace=NAMESPACE), []
+        subscribe(node, topics, received)
+        output = spin_while_playing(player, node)
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    assert player.returncode == 0 and 'playing anyway' not in output, output
+    assert Counter(name for _, name in received) == dict.fromkeys(topics, 2), output
 
 
 def test_playback_waits_until_the_named_node_subscribes_to_every_topic():
@@ -292,6 +318,15 @@ def test_bad_options_are_usage_errors_not_tracebacks(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_rate_limits_are_rates_it_plays_at_and_a_relative_node_is_below_the_root():
+    from s4fusion_ros.ros.player import parse_args
+    limits = parse_args(['bag', '--rate', '1e-06', '--clock-rate', '1e6'])
+    assert (limits.rate, limits.clock_rate) == (1e-6, 1e6)
+    # As the graph is asked for the node's subscriptions: (name, absolute namespace).
+    assert parse_args(['bag', '--wait-for', 'robot/fusion']).wait_for_node == ('fusion', '/robot')
+    assert parse_args(['bag', '--wait-for', 'fusion']).wait_for_node == ('fusion', '/')
+
+
 def test_two_topics_remapped_onto_one_are_refused(tmp_path):
     image = np.zeros((4, 4), np.uint8)
     bag = write_bag(tmp_path / 'bag', [(5 * 10**9, THERMAL_TOPIC, 5 * 10**9, 'mono8', image),
@@ -338,6 +373,20 @@ def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_err
     assert published and 1 <= int(published.group(1)) <= 5, published
     # Its stamps jump back by 0 s each pass: a node's synchronizer counts them late, not a jump.
     assert 'warning: the played messages span 0.00 s; looped' in stderr
+    # Nor by as much as sync.clock_jump (1 s by default) from one pass to the next: a jump of
+    # exactly that is not taken.
+    one_second = write_bag(tmp_path / 'second', [
+        (time_ns, topic, time_ns, 'mono8', image) for time_ns in (5 * 10**9, 6 * 10**9)
+        for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)], 'mcap')
+    log = tmp_path / 'second.log'
+    with open(log, 'w') as stderr:
+        player = subprocess.Popen([*PLAYER, str(one_second), '--loop', '--wait', '0', '--rate',
+                                   '10'], stderr=stderr, text=True)
+    end = time.monotonic() + 60  # the warning comes after the first pass
+    while 'looped' not in log.read_text() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert interrupt(player) == 0
+    assert 'warning: the played messages span 1.00 s; looped' in log.read_text()
     empty = write_bag(tmp_path / 'empty', [], 'mcap')
     looped = subprocess.run([*PLAYER, str(empty), '--loop', '--wait', '0'], capture_output=True,
                             text=True, timeout=60)
@@ -378,7 +427,7 @@ def test_a_window_loops_after_the_calibration_before_it_with_its_own_clock(tmp_p
                                                 reliability=ReliabilityPolicy.BEST_EFFORT))
         player = subprocess.Popen(
             [*PLAYER, str(bag), '--start-offset', '2', '--playback-duration', '1', '--loop',
-             '--clock', '--rate', '2', '--wait', '60', '--wait-for',
+             '--clock', '--clock-rate', '400', '--rate', '2', '--wait', '60', '--wait-for',
              f'{NAMESPACE}/window_listener', *(option for topic, name in names.items()
                                                for option in ('--remap', f'{topic}:={name}'))],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -395,7 +444,11 @@ def test_a_window_loops_after_the_calibration_before_it_with_its_own_clock(tmp_p
     for topic, stamps in window.items():
         assert len(stamps) == 10 and received[topic][:20] == 2 * stamps, output
     assert len(infos) >= 2 and set(infos) == {once}, output
-    assert start <= min(clocks) < start + 10**8 and max(clocks) < stop + 10**8, output
+    assert start <= min(clocks) < start + 10**8 and stop - 10**8 < max(clocks) < stop + 10**8, \
+        output
+    # /clock at --clock-rate between the frames too: 400 Hz, 0.005 s of bag time at rate 2, so
+    # that a loaded machine's late ticks stay well below the frames' 0.05 s.
+    assert np.median([b - a for a, b in zip(clocks, clocks[1:]) if b > a]) < 0.03 * 10**9, output
 
 
 def played_beside(listener: str, subscribe, topic: str, name: str, wait: float,
@@ -525,6 +578,36 @@ def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(best_ef
     assert 'published' in player.communicate()[0]
 
 
+def test_kept_alive_the_clock_runs_on_from_the_end_of_the_bag(tmp_path):
+    image = np.zeros((4, 4), np.uint8)
+    bag = write_bag(tmp_path / 'bag', [(time_ns, THERMAL_TOPIC, time_ns, 'mono8', image)
+                                       for time_ns in (5 * 10**9, 6 * 10**9)], 'mcap')
+    rclpy.init()
+    try:
+        node, clocks = rclpy.create_node('clock_listener', namespace=NAMESPACE), []
+        node.create_subscription(Clock, '/clock', lambda msg: clocks.append(
+            stamp_to_ns(msg.clock)), QoSProfile(depth=100,
+                                                reliability=ReliabilityPolicy.BEST_EFFORT))
+        # Played once it has a subscriber: /clock, published beside, is heard from the start.
+        topics = {f'{NAMESPACE}{THERMAL_TOPIC}': SimpleNamespace(topic=THERMAL_TOPIC,
+                                                                 msgtype=IMAGE)}
+        subscribe(node, topics, [])
+        player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30', '--clock',
+                                   '--keep-alive', '--topics', THERMAL_TOPIC, *remaps(topics)],
+                                  stderr=subprocess.PIPE, text=True)
+        end = time.monotonic() + 60
+        while max(clocks, default=0) < 7 * 10**9 and time.monotonic() < end:  # a second on
+            rclpy.spin_once(node, timeout_sec=0.05)
+        assert interrupt(player) == 0
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    stderr = player.stderr.read()
+    assert 'end of bag' in stderr and clocks[0] < 5.5 * 10**9 and max(clocks) >= 7 * 10**9, \
+        stderr
+    assert all(b >= a for a, b in zip(clocks, clocks[1:])), stderr  # never back to the start
+
+
 def test_an_undecodable_image_is_skipped_and_counted_not_published(tmp_path):
     # Subscribers drop a message rmw cannot deserialize without a word: the player says so.
     image = np.zeros((4, 4), np.uint8)
@@ -535,6 +618,7 @@ def test_an_undecodable_image_is_skipped_and_counted_not_published(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f'{THERMAL_TOPIC}: cannot decode a sensor_msgs/msg/Image message' in done.stderr
+    assert 'subscriber' not in done.stderr, done.stderr  # --wait 0: played without waiting
     assert (f'published {VISIBLE_TOPIC} 1, {THERMAL_TOPIC} 1; skipped as undecodable: '
             f'{VISIBLE_TOPIC} 1, {THERMAL_TOPIC} 1') in done.stderr, done.stderr
 

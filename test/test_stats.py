@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from s4fusion_ros.diagnostics import Key, NOT_REPORTED, left_at_stop, pairing_shortfall
+from s4fusion_ros.diagnostics import (Key, NOT_REPORTED, late_arrivals, left_at_stop,
+                                      pairing_shortfall)
 from s4fusion_ros.stats import (CountsWindow, LatencyStats, RateMeter, RecentSenders,
                                 process_memory_kib)
 
@@ -108,6 +109,11 @@ def test_pairing_shortfall_is_fewer_pairs_than_half_the_slower_cameras_frames():
     assert pairing_shortfall({Key.PAIRS: 0, Key.THERMAL_RECEIVED: 5,
                               Key.VISIBLE_RECEIVED: 75}, 6) is None
     assert pairing_shortfall({}, 6) is None
+    # Half of them paired is no shortfall; a camera that sent the minimum already tells one.
+    assert pairing_shortfall({Key.PAIRS: 12, Key.THERMAL_RECEIVED: 24,
+                              Key.VISIBLE_RECEIVED: 75}, 6) is None
+    assert pairing_shortfall({Key.PAIRS: 0, Key.THERMAL_RECEIVED: 6,
+                              Key.VISIBLE_RECEIVED: 75}, 6) == (0, 6)
 
 
 def test_recent_senders_tell_two_at_a_time_from_one_after_the_other():
@@ -129,6 +135,8 @@ def test_a_pair_in_inference_is_a_stall_cause_once_it_ran_a_whole_window():
     # cause with "inference_size runs the model smaller": the model was not why.
     from s4fusion_ros.diagnostics import inference_stall
     assert inference_stall((640, 480), 0.2, 5.0, True) == ''
+    assert inference_stall((640, 480), 5.0, 5.0, False) == (
+        'pairs in inference: 1 (a 640x480 pair, for 5 s)')  # a whole window
     assert inference_stall((3840, 2160), 21.4, 5.0, True) == (
         'pairs in inference: 1 (a 3840x2160 pair, for 21 s; inference_size runs the model '
         'smaller)')
@@ -142,6 +150,23 @@ def test_left_at_stop_names_what_the_stop_cut_short():
                Key.VISIBLE_PENDING: 2}
     assert left_at_stop(stopped) == 'left at the stop: 1 pair cut short, 2 visible frames pending'
     assert left_at_stop({**stopped, Key.PAIRS_FUSED: 2, Key.VISIBLE_PENDING: 0}) == ''
+    # A pair still queued is accounted for by the queue's count, not cut short too.
+    assert left_at_stop({**stopped, Key.PAIRS_DROPPED: 5, Key.PAIRS_QUEUED: 1}) == (
+        'left at the stop: 1 pair cut short, 2 visible frames pending')
     # message_filters keeps its pending frames to itself: not reported, not guessed.
     assert left_at_stop({**stopped, Key.VISIBLE_PENDING: NOT_REPORTED}) == (
         'left at the stop: 1 pair cut short')
+
+
+def test_late_arrivals_are_named_past_a_tenth_of_an_inputs_frames():
+    # Counts grown over a 5 s window, as the node's status reads them (at least 6 frames).
+    grown = {Key.THERMAL_RECEIVED: 30, Key.THERMAL_LATE: 4, Key.VISIBLE_RECEIVED: 90,
+             Key.VISIBLE_LATE: 9, 'span': 5.0}
+    assert late_arrivals(grown, 6).startswith(
+        '4 of 30 thermal frames came late in the last 5 s (stamped no newer than a frame')
+    # A tenth exactly is noise, not a fault of the source.
+    assert late_arrivals({**grown, Key.THERMAL_LATE: 3}, 6) == ''
+    # Too few frames tell nothing; from the minimum on they do.
+    few = {**grown, Key.THERMAL_RECEIVED: 6, Key.THERMAL_LATE: 1}
+    assert late_arrivals(few, 6).startswith('1 of 6 thermal frames came late')
+    assert late_arrivals(few, 7) == ''

@@ -1008,6 +1008,13 @@ def test_the_clock_skew_hint_offers_an_offset_only_where_the_parameter_takes_it(
     assert far.startswith('thermal stamps run 2.000 s ahead of visible ones')
     assert ("that is more than sync.thermal_offset can take up (-1 to 1 s): synchronize the "
             "cameras' clocks (chrony, PTP)") in far
+    # At the edges: a skew of sync.slop pairs (the synchronizer's slop is inclusive), and the
+    # parameter's own limits are offsets it takes.
+    assert clock_skew_hint(0.25, 0.25, 0.0, 0.5) == ''
+    assert clock_skew_hint(1.0, 0.05, 0.0, 0.5).startswith(
+        'thermal stamps run 1.000 s ahead of visible ones')
+    assert 'sync.thermal_offset -1.000 pairs them;' in clock_skew_hint(1.0, 0.05, 0.0, 0.5)
+    assert 'sync.thermal_offset 1.000 pairs them;' in clock_skew_hint(-1.0, 0.05, 0.0, 0.5)
 
 
 def test_a_wrong_offset_on_cameras_in_step_is_still_named():
@@ -1095,6 +1102,47 @@ def test_the_clock_skew_hint_names_a_longer_timeout_where_one_topic_may_arrive_l
                            'start: restart the node with it) pairs them as stamped')
     assert 'if the visible frames arrive that much later' in clock_skew_hint(0.7, 0.05, 0.0, 0.5)
     assert 'sync.timeout' not in clock_skew_hint(-0.7, 0.05, 0.0, 1.0)  # it waits long enough
+    # A timeout of the skew plus sync.slop waits long enough too.
+    assert 'sync.timeout' not in clock_skew_hint(-0.75, 0.25, 0.0, 1.0)
+
+
+def test_the_delivery_hint_names_spreads_past_the_timeout_and_the_longest_it_can_wait():
+    from s4fusion_ros.diagnostics import late_delivery_hint
+    from s4fusion_ros.sync import Delivery
+    # A spread of sync.timeout is waited for; the longest timeout is still offered.
+    assert late_delivery_hint({'thermal': Delivery(0.5, 0.5), 'visible': None}, 0.5) == ''
+    longest = late_delivery_hint({'thermal': Delivery(10.0, 3.0), 'visible': None}, 0.5)
+    assert longest.endswith('past sync.timeout 0.5 s: sync.timeout 10.00 (read at start: '
+                            'restart the node with it) waits for most of them'), longest
+
+
+def test_bursts_past_the_timeout_are_named_before_a_clock_skew():
+    # A thermal clock 0.6 s ahead, and visible frames delivered in bursts a second apart,
+    # past sync.timeout: frames the synchronizer stopped waiting for are lost whatever the
+    # offset, so the bursts are named (with the timeout that waits for them), not the offset.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    skew = StampSkew()
+    events = sorted([(k / 10 + 0.01, 'thermal', k / 10 + 0.6) for k in range(60)]
+                    + [(math.floor(k / 10 + 1) + 0.01, 'visible', k / 10) for k in range(60)])
+    for arrival, role, stamp in events:
+        skew.add(role, round((100 + stamp) * S), 1000 + arrival)
+    assert skew.seconds() > 0.75 * skew.delivery()['visible'].spread > 0.5
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5).startswith('visible frames arrive in bursts')
+
+
+def test_bursts_within_the_timeout_are_not_taken_for_a_clock_skew():
+    # A 30 Hz thermal camera delivered in half-second bursts on a clock in step with the
+    # visible one: the bursts move its stamps' median 0.27 s, two thirds of their spread, and
+    # an offset chosen from that would pair frames with the wrong partners.
+    from s4fusion_ros.diagnostics import unpaired_hint
+    skew = StampSkew()
+    events = sorted([(math.floor(k / 15 + 1) / 2 + 0.01, 'thermal', k / 30) for k in range(60)]
+                    + [(k / 30 + 0.01, 'visible', k / 30) for k in range(60)])
+    for arrival, role, stamp in events:
+        skew.add(role, round((100 + stamp) * S), 1000 + arrival)
+    assert skew.seconds() == pytest.approx(-0.267, abs=0.01)
+    assert skew.delivery()['thermal'].spread == pytest.approx(0.4, abs=0.01)
+    assert unpaired_hint(skew, 0.05, 0.0, 0.5) == ''
 
 
 def test_arrivals_keep_the_slower_pace_of_sim_and_wall_time_and_never_go_back():
