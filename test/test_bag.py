@@ -145,6 +145,29 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         assert len(read_bag(again)['/s4fusion_node/fused']) == len(expected)
 
 
+def test_a_thermal_frame_logged_after_its_partners_timeout_is_not_paired(short_events,
+                                                                         params_file, tmp_path,
+                                                                         capsys):
+    # The last paired thermal frame logged 0.7 s after its visible partner, nothing between: live,
+    # the node's timer expired the partner (sync.timeout 0.5 s) before the thermal frame came, so
+    # the decisions due by a message's log time are taken before the message is added.
+    partner, thermal = max(expected_pairs(short_events).items(), key=lambda pair: pair[1])
+    logged = next(event[0] for event in short_events if event[2] == partner)
+    events = [event for event in short_events if event[0] <= logged and event[2] != thermal]
+    late = next((logged + 700_000_000, *event[1:]) for event in short_events
+                if event[2] == thermal)
+    events.append(late)
+    source = write_bag(tmp_path / 'in', events, 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params',
+                          str(params_file)]) == 0
+    fused = read_bag(tmp_path / 'out')['/s4fusion_node/fused']
+    expected = expected_pairs(events)
+    assert sorted(stamp_to_ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
+                  for _, msgtype, raw in fused) == sorted(
+        visible for visible, paired in expected.items() if paired != thermal)
+    assert 'unpaired: 1 thermal' in capsys.readouterr().err
+
+
 def test_the_video_plays_at_the_thermal_camera_rate_whatever_else_the_bag_spans(
         short_events, params_file, tmp_path, capsys):
     # A 1 Hz status topic recorded from 10 s before the cameras to 10 s after: the video's rate
