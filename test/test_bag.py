@@ -106,6 +106,7 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
     fused = messages.pop('/s4fusion_node/fused')
     saliency = messages.pop('/s4fusion_node/saliency')
     assert len(fused) == len(saliency) == len(expected), capsys.readouterr().err
+    fused_images = {}
     for (log_time, msgtype, raw), encoding in [(m, 'bgr8') for m in fused] + [
             (m, 'mono8') for m in saliency]:
         message = TYPESTORE.deserialize_cdr(raw, msgtype)
@@ -115,6 +116,8 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         assert log_time == decided_at(short_events, expected[stamp])
         assert message.header.frame_id == VISIBLE_FRAME
         assert (message.encoding, message.width, message.height) == (encoding, *SIZE)
+        if encoding == 'bgr8':
+            fused_images[stamp] = message.data.reshape(SIZE[1], SIZE[0], 3)
     assert sorted(stamp_to_ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
                   for _, msgtype, raw in fused) == sorted(expected)
     assert next(output.iterdir()).suffix == ('.db3' if storage == 'sqlite3' else '.mcap')
@@ -125,6 +128,9 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         recorded = read_bag(source)
         assert messages == recorded
         assert len(list(png_dir.glob('*_fused.png'))) == len(range(0, len(expected), 3))
+        for png in png_dir.glob('*_fused.png'):  # the fused image as published (bgr8)
+            stamp = int(png.name.split('_')[1])
+            assert np.array_equal(cv2.imread(str(png)), fused_images[stamp])
         assert len(list(png_dir.glob('*_saliency.png'))) == len(range(0, len(expected), 3))
         capture = cv2.VideoCapture(str(video))  # one frame per pair, four panels wide
         assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == len(expected)
@@ -490,12 +496,20 @@ def test_corrupt_messages_on_another_image_topic_do_not_stop_the_run(
     assert len(read_bag(output)['/s4fusion_node/fused']) == len(expected_pairs(short_events))
 
 
-def test_an_input_message_cut_short_is_skipped_and_counted(short_events, params_file,
-                                                           tmp_path, capsys):
-    # Live, the middleware drops a message whose bytes are not its type; one such thermal
-    # message stopped the whole offline run, losing every other pair.
+@pytest.mark.parametrize('fault', ['cut short', 'all NaN'])
+def test_an_input_message_cut_short_or_unusable_is_skipped_and_counted(fault, short_events,
+                                                                       params_file, tmp_path,
+                                                                       capsys):
+    # Live, the middleware drops a message whose bytes are not its type, and the node one it
+    # cannot use (a float frame of NaN only); one such thermal message stopped the whole offline
+    # run, losing every other pair.
     cut = [i for i, event in enumerate(short_events) if event[1] == THERMAL_TOPIC][2]
-    source = write_bag(tmp_path / 'in', short_events, 'mcap', cut_short={short_events[cut][0]})
+    events, cut_short = short_events, {short_events[cut][0]}
+    if fault == 'all NaN':
+        log_time, topic, stamp, _, image = short_events[cut]
+        nan = (log_time, topic, stamp, '32FC1', np.full(image.shape, np.nan, np.float32))
+        events, cut_short = short_events[:cut] + [nan] + short_events[cut + 1:], ()
+    source = write_bag(tmp_path / 'in', events, 'mcap', cut_short=cut_short)
     output = tmp_path / 'out'
     assert bag_tool.main([str(source), str(output), '--params', str(params_file)]) == 0
     error = capsys.readouterr().err
