@@ -89,6 +89,25 @@ def camera_messages(ivif_dir: pathlib.Path, duration: float, seed: int = 3):
     return sorted(events, key=lambda event: event[0])
 
 
+def with_thermal_stall(events: list) -> list:
+    """`events` as a recorder logs a thermal core's USB stall: its frames stamped 0.4-0.6 s into
+    the schedule delivered together at 1.31 s, after a flat-field correction pause (no frames
+    stamped 0.6-1.3 s). They arrive long after sync.timeout (0.5 s), so their visible partners
+    are gone, live and offline alike; those went at least 0.2 s before the burst, four periods
+    of the node's expiry timer, so the live outcome does not hang on the timer's phase."""
+    def offset(event):
+        return (event[2] - START_NS) / 1e9
+
+    stalled = []
+    for event in events:
+        if event[1] == THERMAL_TOPIC and 0.4 <= offset(event) < 1.3:
+            if offset(event) >= 0.6:
+                continue  # the pause
+            event = (START_NS + round(1.31e9), *event[1:])
+        stalled.append(event)
+    return sorted(stalled, key=lambda event: event[0])
+
+
 def bag_image_message(image: np.ndarray, encoding: str, stamp: int, frame_id: str,
                       compressed: bool = False):
     """Build a rosbags sensor_msgs Image, or a CompressedImage as image_transport makes one."""

@@ -106,6 +106,7 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
     fused = messages.pop('/s4fusion_node/fused')
     saliency = messages.pop('/s4fusion_node/saliency')
     assert len(fused) == len(saliency) == len(expected), capsys.readouterr().err
+    fused_images = {}
     for (log_time, msgtype, raw), encoding in [(m, 'bgr8') for m in fused] + [
             (m, 'mono8') for m in saliency]:
         message = TYPESTORE.deserialize_cdr(raw, msgtype)
@@ -115,6 +116,8 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         assert log_time == decided_at(short_events, expected[stamp])
         assert message.header.frame_id == VISIBLE_FRAME
         assert (message.encoding, message.width, message.height) == (encoding, *SIZE)
+        if encoding == 'bgr8':
+            fused_images[stamp] = message.data.reshape(SIZE[1], SIZE[0], 3)
     assert sorted(stamp_to_ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
                   for _, msgtype, raw in fused) == sorted(expected)
     assert next(output.iterdir()).suffix == ('.db3' if storage == 'sqlite3' else '.mcap')
@@ -125,6 +128,9 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         recorded = read_bag(source)
         assert messages == recorded
         assert len(list(png_dir.glob('*_fused.png'))) == len(range(0, len(expected), 3))
+        for png in png_dir.glob('*_fused.png'):  # the fused image as published (bgr8)
+            stamp = int(png.name.split('_')[1])
+            assert np.array_equal(cv2.imread(str(png)), fused_images[stamp])
         assert len(list(png_dir.glob('*_saliency.png'))) == len(range(0, len(expected), 3))
         capture = cv2.VideoCapture(str(video))  # one frame per pair, four panels wide
         assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == len(expected)
@@ -143,6 +149,29 @@ def test_every_pair_fused_with_stamps_kept(storage, short_events, params_file, t
         again = tmp_path / 'again'
         assert bag_tool.main([str(output), str(again), '--params', str(params_file)]) == 0
         assert len(read_bag(again)['/s4fusion_node/fused']) == len(expected)
+
+
+def test_a_thermal_frame_logged_after_its_partners_timeout_is_not_paired(short_events,
+                                                                         params_file, tmp_path,
+                                                                         capsys):
+    # The last paired thermal frame logged 0.7 s after its visible partner, nothing between: live,
+    # the node's timer expired the partner (sync.timeout 0.5 s) before the thermal frame came, so
+    # the decisions due by a message's log time are taken before the message is added.
+    partner, thermal = max(expected_pairs(short_events).items(), key=lambda pair: pair[1])
+    logged = next(event[0] for event in short_events if event[2] == partner)
+    events = [event for event in short_events if event[0] <= logged and event[2] != thermal]
+    late = next((logged + 700_000_000, *event[1:]) for event in short_events
+                if event[2] == thermal)
+    events.append(late)
+    source = write_bag(tmp_path / 'in', events, 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params',
+                          str(params_file)]) == 0
+    fused = read_bag(tmp_path / 'out')['/s4fusion_node/fused']
+    expected = expected_pairs(events)
+    assert sorted(stamp_to_ns(TYPESTORE.deserialize_cdr(raw, msgtype).header.stamp)
+                  for _, msgtype, raw in fused) == sorted(
+        visible for visible, paired in expected.items() if paired != thermal)
+    assert 'unpaired: 1 thermal' in capsys.readouterr().err
 
 
 def test_the_video_plays_at_the_thermal_camera_rate_whatever_else_the_bag_spans(
@@ -467,12 +496,20 @@ def test_corrupt_messages_on_another_image_topic_do_not_stop_the_run(
     assert len(read_bag(output)['/s4fusion_node/fused']) == len(expected_pairs(short_events))
 
 
-def test_an_input_message_cut_short_is_skipped_and_counted(short_events, params_file,
-                                                           tmp_path, capsys):
-    # Live, the middleware drops a message whose bytes are not its type; one such thermal
-    # message stopped the whole offline run, losing every other pair.
+@pytest.mark.parametrize('fault', ['cut short', 'all NaN'])
+def test_an_input_message_cut_short_or_unusable_is_skipped_and_counted(fault, short_events,
+                                                                       params_file, tmp_path,
+                                                                       capsys):
+    # Live, the middleware drops a message whose bytes are not its type, and the node one it
+    # cannot use (a float frame of NaN only); one such thermal message stopped the whole offline
+    # run, losing every other pair.
     cut = [i for i, event in enumerate(short_events) if event[1] == THERMAL_TOPIC][2]
-    source = write_bag(tmp_path / 'in', short_events, 'mcap', cut_short={short_events[cut][0]})
+    events, cut_short = short_events, {short_events[cut][0]}
+    if fault == 'all NaN':
+        log_time, topic, stamp, _, image = short_events[cut]
+        nan = (log_time, topic, stamp, '32FC1', np.full(image.shape, np.nan, np.float32))
+        events, cut_short = short_events[:cut] + [nan] + short_events[cut + 1:], ()
+    source = write_bag(tmp_path / 'in', events, 'mcap', cut_short=cut_short)
     output = tmp_path / 'out'
     assert bag_tool.main([str(source), str(output), '--params', str(params_file)]) == 0
     error = capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 from s4fusion_ros.evaluation import baselines as B
 from s4fusion_ros.evaluation import metrics as M
 from s4fusion_ros.evaluation import seafusion as S
-from s4fusion_ros.model.pyramid import pyr_down, pyr_up
+from s4fusion_ros.model.pyramid import laplacian_fuse, pyr_down, pyr_up
 
 from support import ALL_TNO, read_gray, read_reference, REFERENCE_METRICS, TNO_IMAGES
 
@@ -88,6 +88,35 @@ def test_multiscale_baselines_take_detail_from_the_textured_source(fuse):
 def test_laplacian_on_tiny_images_is_the_average():
     a, b = np.full((5, 7), 0.2, np.float32), np.full((5, 7), 0.6, np.float32)
     np.testing.assert_allclose(B.fuse_laplacian(a, b), B.fuse_average(a, b), atol=1e-7)
+
+
+def classical_laplacian_fusion(ir, vi, levels):
+    """Burt and Adelson's fusion spelled out on the pyramid steps (OpenCV's, tested above): at
+    every level the detail of larger magnitude (ties to ir), then the mean of the bases."""
+    details, bases = [], (ir, vi)
+    for _ in range(levels):
+        downs = [pyr_down(image) for image in bases]
+        ir_detail, vi_detail = (image - pyr_up(down, image.shape[-2:])
+                                for image, down in zip(bases, downs))
+        details.append(torch.where(ir_detail.abs() >= vi_detail.abs(), ir_detail, vi_detail))
+        bases = downs
+    fused = (bases[0] + bases[1]) / 2
+    for detail in reversed(details):
+        fused = pyr_up(fused, detail.shape[-2:]) + detail
+    return fused
+
+
+# As many detail levels as keep the base 8 pixels or more on its short side, at most 4.
+@pytest.mark.parametrize('size, levels', [((640, 480), 4), ((80, 60), 2), ((15, 12), 0)])
+def test_laplacian_fusion_is_the_classical_one_with_the_levels_that_fit(msrs_pair, size, levels):
+    ir, vi = (torch.from_numpy(cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                               / np.float32(255))[None, None]
+              for image in (msrs_pair[0], cv2.cvtColor(msrs_pair[1], cv2.COLOR_BGR2GRAY)))
+    assert torch.equal(laplacian_fuse(ir, vi), classical_laplacian_fusion(ir, vi, levels))
+    # An image and its negative tie in detail magnitude everywhere: the details are ir's.
+    signed = ir - ir.mean()
+    assert torch.equal(laplacian_fuse(signed, -signed),
+                       classical_laplacian_fusion(signed, -signed, levels))
 
 
 def test_guided_filter_limits():

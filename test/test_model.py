@@ -400,28 +400,31 @@ def test_detail_gain_scales_the_pyramid_details_and_needs_the_laplacian_base():
         S4FusionConfig(base='laplacian', detail_gain=0.0)
 
 
-def test_base_contrast_stretches_each_images_base_about_its_own_mean():
+# Below 1 it flattens the base (a valid setting, > 0), above 1 it stretches it.
+@pytest.mark.parametrize('contrast', [1.2, 0.6])
+def test_base_contrast_stretches_each_images_base_about_its_own_mean(contrast):
     ir, vi = pair(37, 50, batch=2)
     ir[1] = ir[1] * 0.3  # a second, darker image: its mean must not move the first one's base
     bases_only = laplacian_fuse(ir, vi, detail_gain=0.0)
-    stretched = laplacian_fuse(ir, vi, detail_gain=0.0, base_contrast=1.2)
+    stretched = laplacian_fuse(ir, vi, detail_gain=0.0, base_contrast=contrast)
     # Upsampling keeps constants, so the stretch about the coarse mean scales every deviation
     # and keeps the image's brightness (to the borders' rounding; 0.035 off about mid-gray).
     for image in range(2):
         deviation = bases_only[image] - bases_only[image].mean()
-        torch.testing.assert_close(stretched[image] - stretched[image].mean(), 1.2 * deviation)
+        torch.testing.assert_close(stretched[image] - stretched[image].mean(),
+                                   contrast * deviation)
         assert abs(stretched[image].mean() - bases_only[image].mean()) < 1e-3
         torch.testing.assert_close(
             stretched[image:image + 1],
             laplacian_fuse(ir[image:image + 1], vi[image:image + 1], detail_gain=0.0,
-                           base_contrast=1.2))
+                           base_contrast=contrast))
     # The details are added after the stretch, untouched by it.
     torch.testing.assert_close(
-        laplacian_fuse(ir, vi, base_contrast=1.2) - stretched,
+        laplacian_fuse(ir, vi, base_contrast=contrast) - stretched,
         laplacian_fuse(ir, vi) - bases_only)
-    model = compact(base='laplacian', detail_gain=1.0, base_contrast=1.2).start_at_base()
+    model = compact(base='laplacian', detail_gain=1.0, base_contrast=contrast).start_at_base()
     with torch.no_grad():
-        assert torch.equal(model(ir, vi), laplacian_fuse(ir, vi, base_contrast=1.2))
+        assert torch.equal(model(ir, vi), laplacian_fuse(ir, vi, base_contrast=contrast))
     with pytest.raises(ValueError, match='base_contrast'):
         S4FusionConfig(base_contrast=1.2)  # the authors' network has no base
     with pytest.raises(ValueError, match='base_contrast'):

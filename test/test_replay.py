@@ -22,8 +22,8 @@ from s4fusion_ros.engine import pipeline_from_params
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.video import bag_pairs
-from support import (SIZE, START_NS, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages,
-                     most_frames, read_bag, write_bag)
+from support import (SIZE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC, camera_messages, most_frames,
+                     read_bag, with_thermal_stall, write_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -56,25 +56,6 @@ def offline_outputs(source: pathlib.Path, tmp_path: pathlib.Path,
             message = TYPESTORE.deserialize_cdr(raw, msgtype)
             by_stamp.setdefault(stamp_to_ns(message.header.stamp), []).append(message)
     return by_stamp
-
-
-def with_thermal_stall(events: list) -> list:
-    """`events` as a recorder logs a thermal core's USB stall: its frames stamped 0.4-0.6 s into
-    the schedule delivered together at 1.31 s, after a flat-field correction pause (no frames
-    stamped 0.6-1.3 s). They arrive long after sync.timeout (0.5 s), so their visible partners
-    are gone, live and offline alike; those went at least 0.2 s before the burst, four periods
-    of the node's expiry timer, so the live outcome does not hang on the timer's phase."""
-    def offset(event):
-        return (event[2] - START_NS) / 1e9
-
-    stalled = []
-    for event in events:
-        if event[1] == THERMAL_TOPIC and 0.4 <= offset(event) < 1.3:
-            if offset(event) >= 0.6:
-                continue  # the pause
-            event = (START_NS + round(1.31e9), *event[1:])
-        stalled.append(event)
-    return sorted(stalled, key=lambda event: event[0])
 
 
 # A window of the bag (ros2 bag play's options), 0.55 s to 1.45 s: both tools read only what the

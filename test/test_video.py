@@ -7,16 +7,21 @@ import pytest
 from s4fusion_ros import settings
 from s4fusion_ros.bagio import create_bag
 from s4fusion_ros.engine import pipeline_from_params
+from s4fusion_ros.imaging.encodings import decode_visible
+from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.video import (FPS_RANGE, SideBySideVideo, bag_pairs, export_recording,
-                                frame_rate, panel_row)
-from support import THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, write_bag
+                                frame_rate, outputs_by_stamp, panel_row)
+from support import (SIZE, THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, with_thermal_stall,
+                     write_bag)
+
+FUSED_TOPIC, SALIENCY_TOPIC = '/s4fusion_node/fused', '/s4fusion_node/saliency'
 
 
 def test_the_video_reads_back_with_every_panel_where_it_belongs(tmp_path):
     size = (160, 120)
     visible = np.zeros((size[1], size[0], 3), np.uint8)
     visible[:, :, 2] = 200  # red
-    thermal = np.full(size[::-1], 0.5, np.float32)
+    thermal = np.full(size[::-1], 0.25, np.float32)  # not mid-gray: 1 - thermal would pass
     fused = np.full((size[1], size[0], 3), 60, np.uint8)
     saliency = np.zeros(size[::-1], np.float32)
     path = tmp_path / 'out' / 'demo.mp4'
@@ -38,7 +43,7 @@ def test_the_video_reads_back_with_every_panel_where_it_belongs(tmp_path):
     panels = [frames[2][:, i * size[0]:(i + 1) * size[0]][centre].mean(axis=(0, 1))
               for i in range(4)]
     np.testing.assert_allclose(panels[0], [0, 0, 200], atol=12)
-    np.testing.assert_allclose(panels[1], [128] * 3, atol=12)
+    np.testing.assert_allclose(panels[1], [64] * 3, atol=12)
     np.testing.assert_allclose(panels[2], [60] * 3, atol=12)
     np.testing.assert_allclose(panels[3], cv2.applyColorMap(np.zeros((1, 1), np.uint8),
                                                             cv2.COLORMAP_INFERNO)[0, 0], atol=12)
@@ -95,15 +100,52 @@ def test_a_recording_without_fused_frames_leaves_no_earlier_video(ivif_dir, tmp_
     video.write_bytes(b'an earlier video')
     assert export_recording(source, THERMAL_TOPIC, VISIBLE_TOPIC,
                             pipeline_from_params(settings.defaults()), tmp_path / 'fused_bag',
-                            '/s4fusion_node/fused', '/s4fusion_node/saliency', video) == 0
+                            FUSED_TOPIC, SALIENCY_TOPIC, video) == 0
     assert not video.exists()
 
 
-def test_the_video_skips_an_input_message_cut_short_as_s4fusion_bag_does(ivif_dir, tmp_path):
+def test_the_video_of_a_recording_shows_each_fused_pair_in_order_at_its_rate(ivif_dir, tmp_path):
+    # A thermal stall: the held frames' visible partners expired before they came, so the video
+    # rebuilds s4fusion-bag's pairs only by deciding them at each message's log time as it does;
+    # the recording ends with a thermal frame, whose pair only the end of the bag decides.
+    events = with_thermal_stall(camera_messages(ivif_dir, 2.0))
+    last_thermal = max(i for i, event in enumerate(events) if event[1] == THERMAL_TOPIC)
+    source = write_bag(tmp_path / 'in', events[:last_thermal + 1], 'mcap')
+    fused_bag = tmp_path / 'fused_bag'
+    assert bag_tool.main([str(source), str(fused_bag)]) == 0
+    fused, saliency, stamps = outputs_by_stamp(fused_bag, FUSED_TOPIC, SALIENCY_TOPIC)
+    assert stamps == sorted(fused) == sorted(saliency)
+    pipeline = pipeline_from_params(settings.defaults())
+    assert [pair.visible_stamp_ns for pair in bag_pairs(source, THERMAL_TOPIC, VISIBLE_TOPIC,
+                                                        pipeline)] == stamps
+    video = tmp_path / 'fused.mp4'
+    assert export_recording(source, THERMAL_TOPIC, VISIBLE_TOPIC,
+                            pipeline_from_params(settings.defaults()), fused_bag, FUSED_TOPIC,
+                            SALIENCY_TOPIC, video) == len(stamps) == 10
+    capture = cv2.VideoCapture(str(video))
+    span = (stamps[-1] - stamps[0]) / 1e9
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx((len(stamps) - 1) / span, rel=0.01)
+    # Frame by frame, in stamp order, the fused panel (between its title and the stamp) is that
+    # pair's fused image, up to the codec; the scene changes twice in the recording.
+    width, height = SIZE
+    rows = slice(25, height - 25)
+    for stamp in stamps:
+        ok, frame = capture.read()
+        panel = frame[rows, 2 * width:3 * width].astype(int)
+        assert ok and np.abs(panel - decode_visible(fused[stamp])[rows]).mean() < 6
+    assert not capture.read()[0]
+
+
+def test_the_video_skips_inputs_cut_short_or_unusable_as_s4fusion_bag_does(ivif_dir, tmp_path):
     events = camera_messages(ivif_dir, 0.5)
-    cut = [i for i, event in enumerate(events) if event[1] == THERMAL_TOPIC][1]
-    damaged = write_bag(tmp_path / 'cut', events, 'mcap', cut_short={events[cut][0]})
-    without = write_bag(tmp_path / 'without', events[:cut] + events[cut + 1:], 'mcap')
+    cut, unusable = [i for i, event in enumerate(events) if event[1] == THERMAL_TOPIC][1:3]
+    # A float thermal frame of NaN only: decoded, then refused (ImageDecodeError, a ValueError).
+    log_time, topic, stamp, _, image = events[unusable]
+    nan = (log_time, topic, stamp, '32FC1', np.full(image.shape, np.nan, np.float32))
+    damaged = write_bag(tmp_path / 'cut', events[:unusable] + [nan] + events[unusable + 1:],
+                        'mcap', cut_short={events[cut][0]})
+    kept = [event for i, event in enumerate(events) if i not in (cut, unusable)]
+    without = write_bag(tmp_path / 'without', kept, 'mcap')
     stamps = [[pair.visible_stamp_ns for pair in bag_pairs(
         source, THERMAL_TOPIC, VISIBLE_TOPIC, pipeline_from_params(settings.defaults()))]
         for source in (damaged, without)]
