@@ -824,6 +824,115 @@ def test_a_comparison_without_a_defined_pair_is_shown_apart_and_not_counted():
         text.split())  # the legend, its lines joined
 
 
+def test_wins_count_other_methods_only_on_the_metrics_the_split_compares():
+    # Two configurations of ours are not each other's rivals, and a published table without
+    # SSIM compares 11 metrics: the line counts those won of those compared.
+    compared = tuple(metric for metric in metrics.METRICS if metric != 'SSIM')
+    dataset = report.DatasetScores('d', pair_names(1), [
+        report.MethodScores('ours a', True, scores([3.0])),
+        report.MethodScores('ours b', True, scores([2.5])),
+        report.MethodScores('rival', False, scores([2.0]))], metrics=compared)
+    won = [metric for metric in compared if metric != 'MSE']
+    assert report.wins(dataset) == {'ours a': won, 'ours b': won}
+    assert report.head_to_head(dataset) == {'ours a': {'rival': won}, 'ours b': {'rival': won}}
+    assert report.wins_lines(dataset)[1] == (
+        f'- ours b beats every other method (rival) on 10 of 11 metrics: {", ".join(won)}.')
+
+
+def test_means_leave_undefined_pairs_out_and_an_undefined_first_row_is_not_the_best():
+    # Ours, the first row, with SCD undefined on every pair: the best was taken as its NaN, and
+    # no cell of the column was bold.
+    ours = report.MethodScores('ours', True, scores([3.0, 5.0]))
+    for score in ours.scores:
+        score['SCD'] = math.nan
+    rival = report.MethodScores('rival', False, scores([1.0, math.nan]))
+    dataset = report.DatasetScores('d', pair_names(2), [ours, rival])
+    assert rival.mean('EN') == 1.0 and rival.undefined('EN') == 1
+    assert report.best_methods(dataset, 'SCD') == {'rival'}
+    assert '| rival | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | **1.000** |' in \
+        '\n'.join(report.metric_table(dataset))
+
+
+def test_values_below_a_tenth_are_compared_at_the_four_decimals_printed():
+    # The toolkit's MSE on [0, 1] (published values): at three decimals 0.0396 and 0.0404 both
+    # read 0.040, a tie no method won.
+    dataset = report.DatasetScores('d', pair_names(1), [
+        report.MethodScores('ours', True, scores([0.0396])),
+        report.MethodScores('rival', False, scores([0.0404]))])
+    assert report.best_methods(dataset, 'MSE') == {'ours'}
+    assert 'MSE' in report.wins(dataset)['ours']
+    assert [report.format_value(value) for value in (0.0396, 99.96, 100.0, 2502.84)] == [
+        '0.0396', '99.960', '100.0', '2502.8']
+
+
+def test_the_bootstrap_of_enough_clips_resamples_whole_clips():
+    # Eight clips of ten frames, four ahead (by 2, 2, 2 and 1) and four behind by 1: as 80
+    # independent pairs the lead holds in nearly every resample, but eight clips are few and
+    # another draw of them could reverse it.
+    ahead_by = [2.0, -1.0, 2.0, -1.0, 2.0, -1.0, 1.0, -1.0]
+    ours = report.MethodScores('ours', True, scores(np.repeat(ahead_by, 10)))
+    rival = report.MethodScores('rival', False, scores([0.0] * 80))
+    clips = tuple(np.repeat(list('abcdefgh'), 10))
+    as_clips = report.DatasetScores('d', pair_names(80), [ours, rival], pair_clips=clips)
+    as_pairs = report.DatasetScores('d', pair_names(80), [ours, rival])
+    assert report.paired_comparisons(as_clips)['ours']['rival']['EN'].verdict == '~'
+    assert report.paired_comparisons(as_pairs)['ours']['rival']['EN'].verdict == 'W'
+
+
+def test_six_pairs_get_the_95_percent_interval_of_resamples_with_replacement():
+    # Six units are enough for an interval: one pair behind by 0.1 does not leave it open.
+    six = report.DatasetScores('d', pair_names(6), [
+        report.MethodScores('ours', True, scores([1.0] * 5 + [-0.1])),
+        report.MethodScores('rival', False, scores([0.0] * 6))])
+    assert report.paired_comparisons(six)['ours']['rival']['EN'].verdict == 'W'
+    context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
+    assert 'too few for a bootstrap' not in report.render([six], context)
+    # Ten pairs ahead by 1, two behind by 1.5: about 3.7% of resamples have a mean below 0,
+    # inside the 2.5% tail a 95% interval keeps; a 90% interval, or resamples that count a pair
+    # drawn twice once, made it W.
+    twelve = report.DatasetScores('d', pair_names(12), [
+        report.MethodScores('ours', True, scores([1.0] * 10 + [-1.5] * 2)),
+        report.MethodScores('rival', False, scores([0.0] * 12))])
+    assert report.paired_comparisons(twelve)['ours']['rival']['EN'].verdict == '~'
+
+
+def test_a_tie_is_neither_a_pair_won_nor_a_lead():
+    # Equal on one of four pairs and ahead on the others: better on 75% of them, and every
+    # pair must favour ours for a W where they are too few for an interval.
+    dataset = report.DatasetScores('d', pair_names(4), [
+        report.MethodScores('ours', True, scores([1.0, 1.0, 1.0, 0.0])),
+        report.MethodScores('rival', False, scores([0.0] * 4))])
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 0.75)
+
+
+@pytest.mark.filterwarnings('error')  # a resample of undefined clips alone divided 0 by 0
+def test_clips_without_a_defined_value_are_left_out_of_the_interval():
+    # Eleven clips of two frames, six of them undefined: five are too few for an interval, so
+    # the one behind (by 0.01) leaves it open; the bootstrap of the eleven said W.
+    clips = tuple(chr(ord('a') + index // 2) for index in range(22))
+    rival = report.MethodScores('rival', False, scores([0.0] * 22))
+    ours = report.MethodScores('ours', True, scores([1.0] * 8 + [-0.01] * 2 + [math.nan] * 12))
+    dataset = report.DatasetScores('d', pair_names(22), [ours, rival], pair_clips=clips)
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 0.8)
+    # Six of twenty pairs defined, all ahead: some resamples draw none of the six, no mean.
+    dataset = report.DatasetScores('d', pair_names(20), [
+        report.MethodScores('ours', True, scores([1.0] * 6 + [math.nan] * 14)),
+        report.MethodScores('rival', False, scores([0.0] * 20))])
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'].verdict == 'W'
+
+
+def test_a_split_without_rivals_has_no_paired_table_and_its_time_is_per_pair():
+    dataset = report.DatasetScores('d', pair_names(2), [
+        report.MethodScores('ours', True, scores([2.0, 3.0]), seconds=3.0)])
+    text = report.render([dataset], report.ReportContext('s4fusion-eval', 'today', 'cpu', [],
+                                                         [], []))
+    assert '| **2.500** | 1.500 |\n' in text
+    assert 'No other method was evaluated on this dataset.' in text
+    assert 'Paired over the pairs' not in text and ' vs |' not in text
+
+
 @pytest.mark.filterwarnings('error')  # the NaN arithmetic printed RuntimeWarnings too
 def test_an_infinite_psnr_is_noted_and_outweighs_every_finite_difference(ivif_dir):
     # Where a pair's IR and visible images are one image, the plain average equals both: PSNR is
