@@ -610,6 +610,26 @@ def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_
     assert f'![IR / VI / fused / saliency]({grid.name})' in text
 
 
+def test_the_grid_scales_each_image_to_the_row_height_in_columns_of_the_widest(ivif_dir):
+    # A square TNO pair above a wider RoadScene one: each cell keeps its image's aspect, and a
+    # column is as wide as its widest cell.
+    rows = [(f'{dataset}: {name}', [cv2.imread(str(ivif_dir / dataset / side / name))
+                                    for side in ('ir', 'vi')])
+            for dataset, name in (GRAY_PAIR, COLOUR_PAIR)]
+    height = 100
+    grid = report.make_grid(rows, ['IR', 'visible'], height)
+    scaled = [[cv2.resize(image, (round(image.shape[1] * height / image.shape[0]), height),
+                          interpolation=cv2.INTER_AREA) for image in images]
+              for _, images in rows]
+    widths = [max(row[col].shape[1] for row in scaled) for col in range(2)]
+    assert scaled[0][0].shape[1] < scaled[1][0].shape[1]
+    assert grid.shape == (report.GRID_LABEL + 2 * height, sum(widths), 3)
+    # The second row's visible image, below its label (which is drawn from its first cell on).
+    top = report.GRID_LABEL + height + 30
+    visible = scaled[1][1][30:]
+    np.testing.assert_array_equal(grid[top:, widths[0]:widths[0] + visible.shape[1]], visible)
+
+
 def pair_names(count):
     return tuple(f'{index:02d}.png' for index in range(count))
 
@@ -783,6 +803,20 @@ def test_eval_names_the_clips_of_the_splits_of_clips_frames(ivif_dir):
     assert len(splits['m3svd_val']) == len(clips['m3svd_val']) == 12
     assert clips['m3svd_val'] == tuple(map(m3svd_clip, splits['m3svd_val']))
     assert len(set(clips['m3svd_val'])) == 2
+
+
+def test_eval_report_resamples_the_clips_of_a_split_of_clips_frames(
+        ivif_dir, tmp_path, tiny_weights):
+    # The clips and the validation splits evaluation_splits names must reach the report: the
+    # first 11 pairs of m3svd_val are frames of 2 clips, too few for an interval.
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'm3svd_val', '--limit', '11',
+                          '--methods', 'ours,average', '--weights', str(tiny_weights),
+                          '--device', 'cpu', '--out', str(out)]) == 0
+    text = ' '.join(out.read_text().split())
+    assert '## m3svd_val (11 pairs, validation split)' in text
+    assert 'The pairs of this split are frames of 2 clips' in text
+    assert 'With 2 clips, too few for a bootstrap interval' in text
 
 
 def test_paired_comparison_leaves_undefined_pairs_out_and_needs_the_same_pairs():
@@ -1269,7 +1303,7 @@ def test_eval_keeps_what_is_below_the_reading_marker_byte_for_byte(ivif_dir, tmp
     assert evaluate.main(argv) == 0
     marker = report.READING_MARKER_LINE.encode()
     generated = out.read_bytes().partition(marker)[0] + marker
-    for below in (b'\nMy reading right under it.\n',
+    for below in (b'', b'\nMy reading right under it.\n',
                   b'\r\n\r\n\r\n\r\nMy reading, caf\xe9 in Latin-1\r\n\r\n\r\n  indented\r\n'):
         out.write_bytes(generated + below)
         assert evaluate.main(argv) == 0
@@ -1474,8 +1508,9 @@ def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, m
 def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_dir, tmp_path,
                                                                          tiny_weights):
     out = tmp_path / 'q.md'
+    # Average runs too: only ours is scored as the toolkit scores it, and is ours there.
     assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '2',
-                          '--methods', 'ours,published', '--weights', str(tiny_weights),
+                          '--methods', 'ours,average,published', '--weights', str(tiny_weights),
                           '--device', 'cpu', '--out', str(out)]) == 0
     text = out.read_text()
     section = 'tno42, published values (MATLAB toolkit)'
@@ -1505,6 +1540,9 @@ def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_di
     assert rows['U2Fusion (published values)'] == [report.format_value(np.mean(
         [float(row['value']) for row in u2fusion if row['metric'] == m])) for m in compared]
     assert 'published' not in (tmp_path / 'q_pairs.csv').read_text()  # not redistributed
+    wins = text.split(f'## {section} ')[1].split('**Paired')[0]
+    assert re.search(rf'- {re.escape(ours)} beats every other method \(DenseFuse \(published '
+                     r'values\), .*\) on \d+ of 11 metrics', wins)
 
 
 def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
