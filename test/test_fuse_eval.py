@@ -1545,6 +1545,30 @@ def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_di
                      r'values\), .*\) on \d+ of 11 metrics', wins)
 
 
+def test_a_method_the_published_table_lacks_a_pair_of_is_skipped_by_name(
+        ivif_dir, tmp_path, tiny_weights):
+    # Its mean over the other pairs would not be comparable: the row is left out, and said so.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR, ('tno', '01.png')])
+    (pairs / 'reference').mkdir()
+    with open(ivif_dir / 'tno' / evaluate.PUBLISHED_TABLE) as table:
+        kept = [row for row in csv.DictReader(table)
+                if row['image'] in ('01.png', '08.png') and row['method'] in ('U2Fusion', 'PMGI')
+                and not (row['method'] == 'PMGI' and row['image'] == '08.png')]
+    with open(pairs / evaluate.PUBLISHED_TABLE, 'w', newline='') as table:
+        writer = csv.DictWriter(table, ['image', 'method', 'metric', 'value'])
+        writer.writeheader()
+        writer.writerows(kept)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'ours,published', '--weights',
+                          str(tiny_weights), '--device', 'cpu', '--out', str(out)]) == 0
+    text = out.read_text()
+    rows = table_rows(text, 'pairs, published values (MATLAB toolkit)')
+    assert list(rows)[1:] == ['U2Fusion (published values)']
+    assert (f'- Skipped: PMGI (published values) on pairs: {pairs / evaluate.PUBLISHED_TABLE} '
+            'has no values for 1 of the 2 pairs (08.png).') in text
+
+
 def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
     # What compact's network adds shows only against the pyramid it refines, with its gain and
     # contrast: one row for it (the CPU-defaults row shares it), none for a model without one.
