@@ -610,6 +610,26 @@ def test_eval_report_numbers_are_the_metrics_of_the_saved_outputs(ivif_dir, tmp_
     assert f'![IR / VI / fused / saliency]({grid.name})' in text
 
 
+def test_the_grid_scales_each_image_to_the_row_height_in_columns_of_the_widest(ivif_dir):
+    # A square TNO pair above a wider RoadScene one: each cell keeps its image's aspect, and a
+    # column is as wide as its widest cell.
+    rows = [(f'{dataset}: {name}', [cv2.imread(str(ivif_dir / dataset / side / name))
+                                    for side in ('ir', 'vi')])
+            for dataset, name in (GRAY_PAIR, COLOUR_PAIR)]
+    height = 100
+    grid = report.make_grid(rows, ['IR', 'visible'], height)
+    scaled = [[cv2.resize(image, (round(image.shape[1] * height / image.shape[0]), height),
+                          interpolation=cv2.INTER_AREA) for image in images]
+              for _, images in rows]
+    widths = [max(row[col].shape[1] for row in scaled) for col in range(2)]
+    assert scaled[0][0].shape[1] < scaled[1][0].shape[1]
+    assert grid.shape == (report.GRID_LABEL + 2 * height, sum(widths), 3)
+    # The second row's visible image, below its label (which is drawn from its first cell on).
+    top = report.GRID_LABEL + height + 30
+    visible = scaled[1][1][30:]
+    np.testing.assert_array_equal(grid[top:, widths[0]:widths[0] + visible.shape[1]], visible)
+
+
 def pair_names(count):
     return tuple(f'{index:02d}.png' for index in range(count))
 
@@ -785,6 +805,20 @@ def test_eval_names_the_clips_of_the_splits_of_clips_frames(ivif_dir):
     assert len(set(clips['m3svd_val'])) == 2
 
 
+def test_eval_report_resamples_the_clips_of_a_split_of_clips_frames(
+        ivif_dir, tmp_path, tiny_weights):
+    # The clips and the validation splits evaluation_splits names must reach the report: the
+    # first 11 pairs of m3svd_val are frames of 2 clips, too few for an interval.
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'm3svd_val', '--limit', '11',
+                          '--methods', 'ours,average', '--weights', str(tiny_weights),
+                          '--device', 'cpu', '--out', str(out)]) == 0
+    text = ' '.join(out.read_text().split())
+    assert '## m3svd_val (11 pairs, validation split)' in text
+    assert 'The pairs of this split are frames of 2 clips' in text
+    assert 'With 2 clips, too few for a bootstrap interval' in text
+
+
 def test_paired_comparison_leaves_undefined_pairs_out_and_needs_the_same_pairs():
     rival = report.MethodScores('rival', False, scores([1.0, 2.0, 3.0, 4.0]))
     ours = report.MethodScores('ours', True, scores([2.0, 3.0, 4.0, math.nan]))
@@ -822,6 +856,115 @@ def test_a_comparison_without_a_defined_pair_is_shown_apart_and_not_counted():
     assert ('—: no pair has both values defined (the metric is undefined on every pair for one '
             'of the two), so no comparison, left out of the W / L / ~ counts.') in ' '.join(
         text.split())  # the legend, its lines joined
+
+
+def test_wins_count_other_methods_only_on_the_metrics_the_split_compares():
+    # Two configurations of ours are not each other's rivals, and a published table without
+    # SSIM compares 11 metrics: the line counts those won of those compared.
+    compared = tuple(metric for metric in metrics.METRICS if metric != 'SSIM')
+    dataset = report.DatasetScores('d', pair_names(1), [
+        report.MethodScores('ours a', True, scores([3.0])),
+        report.MethodScores('ours b', True, scores([2.5])),
+        report.MethodScores('rival', False, scores([2.0]))], metrics=compared)
+    won = [metric for metric in compared if metric != 'MSE']
+    assert report.wins(dataset) == {'ours a': won, 'ours b': won}
+    assert report.head_to_head(dataset) == {'ours a': {'rival': won}, 'ours b': {'rival': won}}
+    assert report.wins_lines(dataset)[1] == (
+        f'- ours b beats every other method (rival) on 10 of 11 metrics: {", ".join(won)}.')
+
+
+def test_means_leave_undefined_pairs_out_and_an_undefined_first_row_is_not_the_best():
+    # Ours, the first row, with SCD undefined on every pair: the best was taken as its NaN, and
+    # no cell of the column was bold.
+    ours = report.MethodScores('ours', True, scores([3.0, 5.0]))
+    for score in ours.scores:
+        score['SCD'] = math.nan
+    rival = report.MethodScores('rival', False, scores([1.0, math.nan]))
+    dataset = report.DatasetScores('d', pair_names(2), [ours, rival])
+    assert rival.mean('EN') == 1.0 and rival.undefined('EN') == 1
+    assert report.best_methods(dataset, 'SCD') == {'rival'}
+    assert '| rival | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | **1.000** |' in \
+        '\n'.join(report.metric_table(dataset))
+
+
+def test_values_below_a_tenth_are_compared_at_the_four_decimals_printed():
+    # The toolkit's MSE on [0, 1] (published values): at three decimals 0.0396 and 0.0404 both
+    # read 0.040, a tie no method won.
+    dataset = report.DatasetScores('d', pair_names(1), [
+        report.MethodScores('ours', True, scores([0.0396])),
+        report.MethodScores('rival', False, scores([0.0404]))])
+    assert report.best_methods(dataset, 'MSE') == {'ours'}
+    assert 'MSE' in report.wins(dataset)['ours']
+    assert [report.format_value(value) for value in (0.0396, 99.96, 100.0, 2502.84)] == [
+        '0.0396', '99.960', '100.0', '2502.8']
+
+
+def test_the_bootstrap_of_enough_clips_resamples_whole_clips():
+    # Eight clips of ten frames, four ahead (by 2, 2, 2 and 1) and four behind by 1: as 80
+    # independent pairs the lead holds in nearly every resample, but eight clips are few and
+    # another draw of them could reverse it.
+    ahead_by = [2.0, -1.0, 2.0, -1.0, 2.0, -1.0, 1.0, -1.0]
+    ours = report.MethodScores('ours', True, scores(np.repeat(ahead_by, 10)))
+    rival = report.MethodScores('rival', False, scores([0.0] * 80))
+    clips = tuple(np.repeat(list('abcdefgh'), 10))
+    as_clips = report.DatasetScores('d', pair_names(80), [ours, rival], pair_clips=clips)
+    as_pairs = report.DatasetScores('d', pair_names(80), [ours, rival])
+    assert report.paired_comparisons(as_clips)['ours']['rival']['EN'].verdict == '~'
+    assert report.paired_comparisons(as_pairs)['ours']['rival']['EN'].verdict == 'W'
+
+
+def test_six_pairs_get_the_95_percent_interval_of_resamples_with_replacement():
+    # Six units are enough for an interval: one pair behind by 0.1 does not leave it open.
+    six = report.DatasetScores('d', pair_names(6), [
+        report.MethodScores('ours', True, scores([1.0] * 5 + [-0.1])),
+        report.MethodScores('rival', False, scores([0.0] * 6))])
+    assert report.paired_comparisons(six)['ours']['rival']['EN'].verdict == 'W'
+    context = report.ReportContext('s4fusion-eval', 'today', 'cpu', [], [], [])
+    assert 'too few for a bootstrap' not in report.render([six], context)
+    # Ten pairs ahead by 1, two behind by 1.5: about 3.7% of resamples have a mean below 0,
+    # inside the 2.5% tail a 95% interval keeps; a 90% interval, or resamples that count a pair
+    # drawn twice once, made it W.
+    twelve = report.DatasetScores('d', pair_names(12), [
+        report.MethodScores('ours', True, scores([1.0] * 10 + [-1.5] * 2)),
+        report.MethodScores('rival', False, scores([0.0] * 12))])
+    assert report.paired_comparisons(twelve)['ours']['rival']['EN'].verdict == '~'
+
+
+def test_a_tie_is_neither_a_pair_won_nor_a_lead():
+    # Equal on one of four pairs and ahead on the others: better on 75% of them, and every
+    # pair must favour ours for a W where they are too few for an interval.
+    dataset = report.DatasetScores('d', pair_names(4), [
+        report.MethodScores('ours', True, scores([1.0, 1.0, 1.0, 0.0])),
+        report.MethodScores('rival', False, scores([0.0] * 4))])
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 0.75)
+
+
+@pytest.mark.filterwarnings('error')  # a resample of undefined clips alone divided 0 by 0
+def test_clips_without_a_defined_value_are_left_out_of_the_interval():
+    # Eleven clips of two frames, six of them undefined: five are too few for an interval, so
+    # the one behind (by 0.01) leaves it open; the bootstrap of the eleven said W.
+    clips = tuple(chr(ord('a') + index // 2) for index in range(22))
+    rival = report.MethodScores('rival', False, scores([0.0] * 22))
+    ours = report.MethodScores('ours', True, scores([1.0] * 8 + [-0.01] * 2 + [math.nan] * 12))
+    dataset = report.DatasetScores('d', pair_names(22), [ours, rival], pair_clips=clips)
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'] == \
+        report.PairedComparison('~', 0.8)
+    # Six of twenty pairs defined, all ahead: some resamples draw none of the six, no mean.
+    dataset = report.DatasetScores('d', pair_names(20), [
+        report.MethodScores('ours', True, scores([1.0] * 6 + [math.nan] * 14)),
+        report.MethodScores('rival', False, scores([0.0] * 20))])
+    assert report.paired_comparisons(dataset)['ours']['rival']['EN'].verdict == 'W'
+
+
+def test_a_split_without_rivals_has_no_paired_table_and_its_time_is_per_pair():
+    dataset = report.DatasetScores('d', pair_names(2), [
+        report.MethodScores('ours', True, scores([2.0, 3.0]), seconds=3.0)])
+    text = report.render([dataset], report.ReportContext('s4fusion-eval', 'today', 'cpu', [],
+                                                         [], []))
+    assert '| **2.500** | 1.500 |\n' in text
+    assert 'No other method was evaluated on this dataset.' in text
+    assert 'Paired over the pairs' not in text and ' vs |' not in text
 
 
 @pytest.mark.filterwarnings('error')  # the NaN arithmetic printed RuntimeWarnings too
@@ -1160,7 +1303,7 @@ def test_eval_keeps_what_is_below_the_reading_marker_byte_for_byte(ivif_dir, tmp
     assert evaluate.main(argv) == 0
     marker = report.READING_MARKER_LINE.encode()
     generated = out.read_bytes().partition(marker)[0] + marker
-    for below in (b'\nMy reading right under it.\n',
+    for below in (b'', b'\nMy reading right under it.\n',
                   b'\r\n\r\n\r\n\r\nMy reading, caf\xe9 in Latin-1\r\n\r\n\r\n  indented\r\n'):
         out.write_bytes(generated + below)
         assert evaluate.main(argv) == 0
@@ -1365,8 +1508,9 @@ def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, m
 def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_dir, tmp_path,
                                                                          tiny_weights):
     out = tmp_path / 'q.md'
+    # Average runs too: only ours is scored as the toolkit scores it, and is ours there.
     assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '2',
-                          '--methods', 'ours,published', '--weights', str(tiny_weights),
+                          '--methods', 'ours,average,published', '--weights', str(tiny_weights),
                           '--device', 'cpu', '--out', str(out)]) == 0
     text = out.read_text()
     section = 'tno42, published values (MATLAB toolkit)'
@@ -1396,6 +1540,33 @@ def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_di
     assert rows['U2Fusion (published values)'] == [report.format_value(np.mean(
         [float(row['value']) for row in u2fusion if row['metric'] == m])) for m in compared]
     assert 'published' not in (tmp_path / 'q_pairs.csv').read_text()  # not redistributed
+    wins = text.split(f'## {section} ')[1].split('**Paired')[0]
+    assert re.search(rf'- {re.escape(ours)} beats every other method \(DenseFuse \(published '
+                     r'values\), .*\) on \d+ of 11 metrics', wins)
+
+
+def test_a_method_the_published_table_lacks_a_pair_of_is_skipped_by_name(
+        ivif_dir, tmp_path, tiny_weights):
+    # Its mean over the other pairs would not be comparable: the row is left out, and said so.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR, ('tno', '01.png')])
+    (pairs / 'reference').mkdir()
+    with open(ivif_dir / 'tno' / evaluate.PUBLISHED_TABLE) as table:
+        kept = [row for row in csv.DictReader(table)
+                if row['image'] in ('01.png', '08.png') and row['method'] in ('U2Fusion', 'PMGI')
+                and not (row['method'] == 'PMGI' and row['image'] == '08.png')]
+    with open(pairs / evaluate.PUBLISHED_TABLE, 'w', newline='') as table:
+        writer = csv.DictWriter(table, ['image', 'method', 'metric', 'value'])
+        writer.writeheader()
+        writer.writerows(kept)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'ours,published', '--weights',
+                          str(tiny_weights), '--device', 'cpu', '--out', str(out)]) == 0
+    text = out.read_text()
+    rows = table_rows(text, 'pairs, published values (MATLAB toolkit)')
+    assert list(rows)[1:] == ['U2Fusion (published values)']
+    assert (f'- Skipped: PMGI (published values) on pairs: {pairs / evaluate.PUBLISHED_TABLE} '
+            'has no values for 1 of the 2 pairs (08.png).') in text
 
 
 def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
