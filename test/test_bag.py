@@ -519,6 +519,21 @@ def test_an_input_message_cut_short_or_unusable_is_skipped_and_counted(fault, sh
     assert 'dropped: 1 (1 undecodable)' in error
 
 
+def test_frames_sent_again_are_counted_late_from_both_cameras(short_events, params_file,
+                                                              tmp_path, capsys):
+    # A driver that sends a frame twice (one of each camera here), the copy logged at the end of
+    # the bag: each is late, and the summary counts both cameras' late frames.
+    end = short_events[-1][0]
+    again = [next(event for event in reversed(short_events[:-2]) if event[1] == topic)
+             for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)]
+    events = short_events + [(end + 10**6 * (i + 1), *event[1:]) for i, event in enumerate(again)]
+    source = write_bag(tmp_path / 'in', events, 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params',
+                          str(params_file)]) == 0
+    error = capsys.readouterr().err
+    assert 'dropped: 2 (2 late)' in error, error
+
+
 def test_the_summary_says_why_messages_were_dropped(short_events, params_file, tmp_path, capsys):
     # A thermal driver that leaves the stamps unset: nothing pairs, and the summary says why.
     unstamped = [(log_time, topic, 0 if topic == THERMAL_TOPIC else stamp, *rest)
