@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from s4fusion_ros.model import S4Fusion, S4FusionConfig
+from s4fusion_ros.model import blocks
 from s4fusion_ros.model.blocks import (cross_merge, cross_scan, deinterleave, interleave,
                                        PatchExpand, PatchMerging, SS2D)
 from s4fusion_ros.model.fusion import CMSALayer, FusionBlock
@@ -321,7 +322,7 @@ def test_fusion_block_matches_an_interleaved_token_by_token_reference(path):
 @pytest.mark.skipif(numba_cross_scan_fn() is None, reason='numba is not installed')
 @pytest.mark.parametrize('preset, size, batch', [('compact', (25, 37), 2),
                                                  ('authors', (25, 25), 1)])
-def test_cpu_inference_path_equals_the_torch_path(preset, size, batch):
+def test_cpu_inference_path_equals_the_torch_path(preset, size, batch, monkeypatch):
     """The fused CPU path gives the torch path's output to float32 rounding, whole network."""
     torch.manual_seed(0)
     model = S4Fusion(S4FusionConfig.preset(preset)).eval()
@@ -333,8 +334,16 @@ def test_cpu_inference_path_equals_the_torch_path(preset, size, batch):
     # Forced backends (as s4fusion-bench --scan-backend compares them) take the same network.
     for backend in ('torch', 'numba'):
         forced = model.set_scan_backend(backend).infer(ir, vi)
+        if backend == 'torch':
+            forced_torch = forced
         assert torch.allclose(forced, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
     assert torch.equal(model.set_scan_backend(None).infer(ir, vi), fused)
+
+    # Forced 'torch' compares the torch scan with the kernels: it must not take the fused one.
+    def fused_kernel(*_):
+        raise AssertionError('the fused grid kernel ran with the torch backend forced')
+    monkeypatch.setattr(blocks, 'cross_selective_scan', fused_kernel)
+    assert torch.equal(model.set_scan_backend('torch').infer(ir, vi), forced_torch)
     with pytest.raises(ValueError, match='unknown scan backend'):
         model.set_scan_backend('cuda')
 
@@ -349,6 +358,96 @@ def test_cmsa_layer_sums_residual_streams():
             d_ir, d_vi = block(expected_ir, expected_vi)
             expected_ir, expected_vi = expected_ir + d_ir, expected_vi + d_vi
         assert torch.equal(layer(ir, vi), expected_ir + expected_vi)
+
+
+@pytest.fixture(scope='module')
+def trained():
+    """The shipped authors-preset network: trained A, D, dt biases and norms differ per
+    direction and channel, where a fresh block's are alike (A_n = n and D = 1 everywhere)."""
+    from s4fusion_ros.model import load_checkpoint, shipped_weights
+    return load_checkpoint(shipped_weights('authors'))
+
+
+def reference_network(model, ir, vi):
+    """S4Fusion wired as the design notes (shared/design/s4fusion-model.md) describe it, written
+    out from the model's blocks: pad to 12k + 1, embed per modality, skips before each stage,
+    CMSA at levels 1 and 2 (the level-0 fusion unused), the encoders' sum into the decoder with
+    the fused levels added after its stages, the overlap-summing head, crop."""
+    height, width = ir.shape[2:]
+
+    def grow(side):  # to the next 12k + 1 (k >= 1), the smaller half first
+        extra = next(n for n in range(13, side + 13, 12) if n >= side) - side
+        return extra // 2, extra - extra // 2
+
+    (left, right), (top, bottom) = grow(width), grow(height)
+
+    def embed(patch_embed, image):
+        tokens = patch_embed.proj(F.pad(image, (left, right, top, bottom)))
+        return patch_embed.norm(tokens.permute(0, 2, 3, 1))
+
+    def stage(layer, x):
+        if layer.upsample is not None:
+            x = layer.upsample(x)
+        for block in layer.blocks:  # VSS block: x + SS2D(LayerNorm(x)), no MLP
+            x = x + block.self_attention(block.ln_1(x))
+        return x if layer.downsample is None else layer.downsample(x)
+
+    def cmsa(layer, ir, vi):
+        for block in layer.layers:
+            d_ir, d_vi = block(ir, vi)
+            ir, vi = ir + d_ir, vi + d_vi
+        return ir + vi
+
+    ir, vi = embed(model.patch_embed_ir, ir), embed(model.patch_embed_vi, vi)
+    fused = {}
+    for level in range(3):
+        if level:
+            fused[level] = cmsa(model.fusion_layers[str(level)], ir, vi)
+        ir, vi = stage(model.encoder_ir[level], ir), stage(model.encoder_vi[level], vi)
+    x = stage(model.decoder[0], ir + vi) + fused[2]
+    x = stage(model.decoder[1], x) + fused[1]
+    x = stage(model.decoder[2], x)
+    # Head: each token's 12 x 4 x 4 patch placed at stride 3, overlaps summed, then 1x1 conv.
+    patches = model.head.expand(x)[0].unflatten(-1, (12, 4, 4))  # (h, w, 12, 4, 4)
+    image = x.new_zeros(12, top + height + bottom, left + width + right)
+    for i in range(patches.shape[0]):
+        for j in range(patches.shape[1]):
+            image[:, 3 * i:3 * i + 4, 3 * j:3 * j + 4] += patches[i, j]
+    conv = model.head.conv
+    image = torch.einsum('c,chw->hw', conv.weight[0, :, 0, 0], image) + conv.bias[0]
+    return image[top:top + height, left:left + width]
+
+
+def test_shipped_network_on_a_real_pair_matches_the_design_written_out(trained, msrs_pair):
+    import cv2
+    ir, vi = msrs_pair
+    ir, vi = (torch.from_numpy(image[200:250, 300:370]).float()[None, None] / 255
+              for image in (ir, cv2.cvtColor(vi, cv2.COLOR_BGR2YCrCb)[..., 0]))
+    assert trained.config.padding(50, 70) == (1, 2, 5, 6)  # 61 x 73: 20 x 24 tokens
+    with torch.no_grad():
+        expected = reference_network(trained, ir, vi)
+        fused = trained(ir, vi)[0, 0]
+    assert torch.allclose(fused, expected, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_trained_blocks_match_the_token_by_token_reference(trained, path):
+    """With trained parameters, which differ per direction and channel, a direction scanned
+    with another's A, D or dt bias shows; a fresh block's alike values hid it."""
+    ss2d = trained.encoder_ir[0].blocks[0].self_attention  # 48 -> 72 channels, state 12
+    fusion = trained.fusion_layers['1'].layers[0]  # 96 -> 144 channels, state 18
+    gen = torch.Generator().manual_seed(0)
+    x, ir, vi = (torch.randn(1, 3, 4, dim, generator=gen) for dim in (48, 96, 96))
+    with torch.no_grad():
+        grid, z = mixer_in(ss2d, x)
+        expected = mixer_out(ss2d, reference_scan(ss2d, [grid], [ss2d.x_proj_weight])[0], z)
+        (g_ir, z_ir), (g_vi, z_vi) = mixer_in(fusion, ir), mixer_in(fusion, vi)
+        y_ir, y_vi = reference_scan(fusion, [g_ir, g_vi],
+                                    [fusion.x_proj_weight, fusion.y_proj_weight])
+        expected_ir, expected_vi = mixer_out(fusion, y_ir, z_ir), mixer_out(fusion, y_vi, z_vi)
+    outputs = (run_path(ss2d, path, x), *run_path(fusion, path, ir, vi))
+    for out, reference in zip(outputs, (expected, expected_ir, expected_vi)):
+        assert torch.allclose(out, reference, atol=1e-4 * reference.abs().max())
 
 
 def test_config_round_trip_and_presets():

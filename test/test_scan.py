@@ -234,6 +234,15 @@ def test_dispatch_on_cpu():
         assert torch.equal(selective_scan(*tensors, backend='auto', **kwargs), numba_y)
 
 
+def test_without_numba_the_cpu_runs_the_torch_scan(monkeypatch):
+    """Where numba is not installed the CPU falls back to the chunked scan, not to a backend
+    that raises."""
+    monkeypatch.setattr(scan_module, 'numba_scan_fn', lambda: None)
+    tensors, kwargs = make_inputs(12, 1, 8, 30, 4, 2, softplus=True, use_d=True, use_bias=True)
+    assert scan_backend(tensors[0]) == 'torch'
+    check_close(selective_scan(*tensors, **kwargs), selective_scan_sequential(*tensors, **kwargs))
+
+
 def numba_and_reference_gradients(case, options, seed=0):
     """Gradients of sum(y * w) for a random w: the numba backward (float32 inputs) and float64
     autograd through the sequential scan, for every input that exists."""
