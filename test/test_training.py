@@ -1208,6 +1208,20 @@ def test_a_schedule_fitted_to_the_time_limit_ends_in_it_and_resumes_as_fitted(
     assert '--fit-schedule needs --time-limit' in capsys.readouterr().err
 
 
+def test_a_schedule_fitted_in_a_resumed_session_is_timed_from_its_fifth_step(
+        tmp_path, pair_folder, monkeypatch, capsys):
+    # The help says steps 5-25 of this session: a resumed session timed its checkpoint after
+    # its first step (the global step was past 5), its slow first steps in the pace.
+    FakeClock(monkeypatch)
+    command = ['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps', '1000',
+               '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--no-progress',
+               '--checkpoint-every', '50']
+    assert train_main([*command, '--stop-at', '40']) == 0
+    assert train_main([*command, '--resume', '--time-limit', '1', '--fit-schedule',
+                       '--stop-at', '66']) == 0
+    assert 'fitted to the time limit after step 65:' in capsys.readouterr().err
+
+
 def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
     # A distillation recipe copied without its --teacher trained on a loss of 0 at every step.
     with pytest.raises(SystemExit) as exit_info:
