@@ -770,6 +770,95 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
         make_trainer(pair_folder, tmp_path / 'split').run(progress=False)
 
 
+def test_the_default_warm_up_is_5_percent_of_the_steps_from_1_to_500():
+    assert [TrainSettings(steps=steps).warmup_steps for steps in (3, 40, 1000, 20000)] == [
+        1, 2, 50, 500]
+    assert TrainSettings(steps=5, warmup_steps=5).warmup_steps == 5  # peaks at the last step
+
+
+def test_the_logged_learning_rates_follow_the_schedule_across_a_resume(tmp_path, pair_folder):
+    # A resume that restarted the schedule (its step counter at 0 again) ran the steps after
+    # the first on the rates of the warm-up; a session stopped at a kept step kept it.
+    settings = TrainSettings(steps=5, batch_size=1, crop=25, lr=1e-3, warmup_steps=2)
+    dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
+
+    def trainer():
+        return Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(), tmp_path,
+                       settings, 'cpu')
+    trainer().run(stop_at=2, keep_every=2, progress=False)
+    assert (tmp_path / 'checkpoints' / 's4fusion_compact-step000002.safetensors').exists()
+    resumed = trainer()
+    resumed.resume()
+    assert [record['step'] for record in resumed.run(stop_at=9, progress=False)] == [3, 4, 5]
+    rates = [json.loads(line)['lr'] for line in (tmp_path / 'train_log.jsonl').open()]
+    assert rates == pytest.approx([1e-3 * lr_factor(step, 2, 5, settings.min_lr_ratio)
+                                   for step in range(5)], rel=1e-12)
+    assert rates[2] == pytest.approx(1e-3) and rates[4] == pytest.approx(1e-5)
+
+
+def test_a_step_trains_at_the_rate_it_logs(tmp_path, pair_folder):
+    # The first step of a 4-step warm-up at lr 1e-3 is the first step at 2.5e-4 without one:
+    # the same weights after it, with the log saying 2.5e-4 for both.
+    runs = {}
+    for lr, warmup in ((1e-3, 4), (2.5e-4, 0)):
+        settings = TrainSettings(steps=8, batch_size=1, crop=25, lr=lr, warmup_steps=warmup)
+        dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
+        trainer = Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(),
+                          tmp_path / str(warmup), settings, 'cpu')
+        before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+        assert trainer.train_step()['lr'] == pytest.approx(2.5e-4, rel=1e-12)
+        runs[warmup] = trainer.model.state_dict()
+    for name, tensor in runs[0].items():
+        torch.testing.assert_close(runs[4][name], tensor, rtol=0, atol=0)
+    assert any(not torch.equal(tensor, before[name]) for name, tensor in runs[0].items())
+
+
+def test_weight_decay_spares_what_the_weights_record_says(tmp_path, pair_folder):
+    # 'AdamW (no decay on norms, biases, A_logs, Ds, dt bias)': every other parameter decays.
+    trainer = make_trainer(pair_folder, tmp_path)
+    decay = {id(param): group['weight_decay'] for group in trainer.optimizer.param_groups
+             for param in group['params']}
+    for name, param in trainer.model.named_parameters():
+        module, _, kind = name.rpartition('.')
+        spared = (kind in ('bias', 'A_logs', 'Ds', 'dt_projs_bias')
+                  or re.search(r'(^|\.)(ln_\d+|\w*norm)$', module))
+        assert decay.pop(id(param)) == (0.0 if spared else 0.01), name
+    assert not decay
+
+
+def test_the_recorded_gradient_clip_bounds_the_step(tmp_path, pair_folder):
+    # AdamW divides the gradient by its own size, so a clip far below Adam's eps (1e-8) all but
+    # stops the step: the clip the weights' JSON records is applied.
+    moved = {}
+    for clip in (1.0, 1e-14):
+        settings = TrainSettings(steps=2, batch_size=1, crop=25, weight_decay=0.0, grad_clip=clip)
+        dataset = PairFolderDataset(pairs_in_folder(pair_folder), 25, settings.min_gain)
+        trainer = Trainer(S4FusionConfig.preset('compact'), dataset, S4FusionLoss(),
+                          tmp_path / str(clip), settings, 'cpu')
+        before = [param.detach().clone() for param in trainer.model.parameters()]
+        trainer.train_step()
+        moved[clip] = sum(float((param.detach() - old).abs().sum())
+                          for param, old in zip(trainer.model.parameters(), before))
+    assert moved[1e-14] < 1e-3 * moved[1.0]
+
+
+def test_each_step_draws_its_own_batch_and_each_seed_its_own_batches(tmp_path, pair_folder):
+    batches = {}
+    for seed in (0, 1):
+        trainer = make_trainer(pair_folder, tmp_path / str(seed), seed=seed)
+        drawn, draw = [], trainer.dataset.sample_batch
+
+        def drawing(*args):  # the dataset's own draw, seen
+            drawn.append(draw(*args))
+            return drawn[-1]
+        trainer.dataset.sample_batch = drawing
+        trainer.run(progress=False)
+        batches[seed] = [torch.cat(batch) for batch in drawn]
+    for seed, steps in batches.items():
+        assert not any(torch.equal(a, b) for i, a in enumerate(steps) for b in steps[i + 1:])
+    assert not any(torch.equal(a, b) for a, b in zip(*batches.values()))
+
+
 def test_keep_every_keeps_each_such_steps_weights_beside_the_latest(
         tmp_path, pair_folder, capsys):
     out = tmp_path / 'run'
@@ -989,7 +1078,8 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
         'dataset_balance 2.0 must be in [0, 1]': [['--dataset-balance', '2']],
         # The learning rate stayed in its warm-up: the run trained nothing.
         'warmup_steps 10000 must be at most steps': [['--warmup', '10000']],
-        'lr must be positive, lr finite': [['--lr', 'inf'], ['--lr', '0']],  # inf: NaN weights
+        'lr must be positive, lr finite': [['--lr', 'inf'], ['--lr', '0'],  # inf: NaN weights
+                                           ['--steps', '0'], ['--batch-size', '0']],
         'seed must be from 0 to 2**32 - 1': [['--seed', '-1'], ['--seed', str(2**32)]]}
     for message, cases in usage_errors.items():
         for bad in cases:
@@ -1094,9 +1184,19 @@ def test_a_schedule_fitted_to_the_time_limit_ends_in_it_and_resumes_as_fitted(
     log = [json.loads(line) for line in (tmp_path / 'run' / 'train_log.jsonl').open()]
     assert [record['step'] for record in log] == list(range(1, 57))
     assert log[-1]['lr'] == pytest.approx(1e-3 * 0.01)  # the cosine's end at the last step
+    # From the step after the fit on, the fitted schedule (the next step's rate set with it).
+    assert [record['lr'] for record in log[25:]] == pytest.approx(
+        [1e-3 * lr_factor(step, 3, 56, 0.01) for step in range(25, 56)], rel=1e-9)
     # Another --steps is another run.
     assert train_main([*arguments('run', 900), '--resume']) == 1
     assert 'other settings (steps 56, now 900' in capsys.readouterr().err
+    # ... and so is another --warmup: the fit was of the warm-up asked too.
+    assert train_main([*arguments('run', 1000), '--warmup', '40', '--resume']) == 1
+    assert 'warmup_steps 3, now 40' in capsys.readouterr().err
+    # Kept checkpoints (1 s: two weights files) every 10 steps leave 49 steps; 51 left room
+    # for plain ones alone.
+    assert train_main([*arguments('kept', 1000), '--keep-every', '10', '--stop-at', '26']) == 0
+    assert 'after step 25: 49 steps of the 1000 asked' in capsys.readouterr().err
 
     # Time for every step asked: the schedule stays as it was.
     assert train_main(arguments('long', 30, minutes=100)) == 0
@@ -1106,6 +1206,20 @@ def test_a_schedule_fitted_to_the_time_limit_ends_in_it_and_resumes_as_fitted(
     with pytest.raises(SystemExit):
         train_main([*arguments('x', 30)[:-3], '--fit-schedule'])  # without --time-limit
     assert '--fit-schedule needs --time-limit' in capsys.readouterr().err
+
+
+def test_a_schedule_fitted_in_a_resumed_session_is_timed_from_its_fifth_step(
+        tmp_path, pair_folder, monkeypatch, capsys):
+    # The help says steps 5-25 of this session: a resumed session timed its checkpoint after
+    # its first step (the global step was past 5), its slow first steps in the pace.
+    FakeClock(monkeypatch)
+    command = ['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps', '1000',
+               '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--no-progress',
+               '--checkpoint-every', '50']
+    assert train_main([*command, '--stop-at', '40']) == 0
+    assert train_main([*command, '--resume', '--time-limit', '1', '--fit-schedule',
+                       '--stop-at', '66']) == 0
+    assert 'fitted to the time limit after step 65:' in capsys.readouterr().err
 
 
 def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
@@ -1319,6 +1433,8 @@ def test_a_first_checkpoint_cut_short_leaves_the_folder_to_a_new_run(tmp_path, p
         make_trainer(pair_folder, out).resume()
     check_new_run(out)
     make_trainer(pair_folder, out).run(stop_at=1, progress=False)
+    # The log the cut-short run left is replaced, not continued.
+    assert len((out / 'train_log.jsonl').read_text().splitlines()) == 1
 
 
 def test_weights_a_kill_left_without_their_state_are_named_with_the_way_out(

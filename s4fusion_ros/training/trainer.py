@@ -44,9 +44,9 @@ KEPT_DIR = 'checkpoints'
 # SSM dynamics parameters (A as log, skip D, dt bias) stay out of weight decay as in Mamba/VMamba:
 # decay would pull them toward values that change the dynamics rather than regularise.
 NO_DECAY_NAMES = ('A_logs', 'Ds', 'dt_projs_bias')
-# A schedule fitted to a deadline (Trainer.run's fit_by) is timed from step FIT_FROM, after a
-# timed checkpoint, over FIT_STEPS steps: the first CUDA steps are slow (kernels load, the
-# allocator and autotuning warm up).
+# A schedule fitted to a deadline (Trainer.run's fit_by) is timed from the session's step
+# FIT_FROM, after a timed checkpoint, over FIT_STEPS steps: the first CUDA steps of a process are
+# slow (kernels load, the allocator and autotuning warm up), a resumed session's too.
 FIT_FROM, FIT_STEPS = 5, 20
 FIT_MARGIN = 0.05  # of the time left, kept free by a fitted schedule: the step rate drifts
 
@@ -484,9 +484,9 @@ class Trainer:
         checkpoint, as at ``stop_at``. Each checkpoint is written inside ``saving()`` (a context
         manager: the command line holds a second stop signal there, so the weights, their JSON
         and the state are written whole). ``fit_by`` (a ``time.monotonic`` deadline): a run
-        whose schedule was not fitted yet times a checkpoint after step FIT_FROM and the
-        FIT_STEPS steps after it, then shortens its schedule (``fit_schedule``) to end by then,
-        its checkpoints and FIT_MARGIN of the time left included.
+        whose schedule was not fitted yet times a checkpoint after this call's FIT_FROMth step
+        and the FIT_STEPS steps after it, then shortens its schedule (``fit_schedule``) to end by
+        then, its checkpoints and FIT_MARGIN of the time left included.
         """
         if self.step == 0:
             check_new_run(self.out_dir)
@@ -494,6 +494,7 @@ class Trainer:
         records = []
         fitting = fit_by is not None and self.schedule_fit is None
         timed_from = None  # (time.monotonic(), step) after the timed checkpoint
+        session_start = self.step
 
         def kept():
             return keep_every > 0 and self.step % keep_every == 0
@@ -509,7 +510,8 @@ class Trainer:
                 bar.update()
                 bar.set_postfix({k: f'{v:.4g}' for k, v in record.items()
                                  if k not in ('step', 'seconds')})
-                timed_checkpoint = fitting and timed_from is None and self.step >= FIT_FROM
+                timed_checkpoint = (fitting and timed_from is None
+                                    and self.step - session_start >= FIT_FROM)
                 if ((kept() or self.step % checkpoint_every == 0 or timed_checkpoint)
                         and self.step < self.end_step(stop_at)):
                     with saving():
