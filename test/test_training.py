@@ -731,6 +731,7 @@ def test_training_writes_weights_log_and_resumes_exactly(tmp_path, pair_folder):
     assert meta['steps_done'] == 3 and meta['crop'] == 25 and meta['seed'] == 0
     assert meta['data'] == ['pairs/00004N.png', 'pairs/00055D.png']
     assert meta['loss']['ssim_weight'] == 1.0 and meta['deviation'] == 'test run'
+    assert meta['cpu_threads'] == torch.get_num_threads()
     log = [json.loads(line) for line in (tmp_path / 'full' / 'train_log.jsonl').open()]
     assert [r['step'] for r in log] == [1, 2, 3]
     assert {'lr', 'loss', 'ssim', 'l1', 'grad', 'w_ir', 'seconds'} <= set(log[0])

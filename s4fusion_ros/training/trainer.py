@@ -412,6 +412,8 @@ class Trainer:
             'schedule': 'linear warm-up, cosine to min_lr_ratio', 'loss': self.loss.config(),
             'data': self.identity()['data'], 'device': self.device.type,
             'device_name': device_name(self.device),
+            # A resume repeats a CPU run bit for bit on as many threads (docs/training.md).
+            **({'cpu_threads': torch.get_num_threads()} if self.device.type == 'cpu' else {}),
             'scan': scan_backend(torch.empty(0, device=self.device)),
             'torch': torch.__version__, 'seconds': round(self.seconds, 1),
             'last_loss': last_loss, 'deviation': self.deviation,
