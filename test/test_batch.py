@@ -540,6 +540,65 @@ def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path)
     assert read_bag(job.output) == expected and not job.staging.exists()
 
 
+def test_the_parts_joined_are_the_bag_one_unit_writes_connection_for_connection(
+        ivif_dir, tmp_path, monkeypatch):
+    # A sqlite3 bag with its camera_info, written compressed at the parameters' QoS: read back,
+    # the bags could be equal while the joined one is mcap, declares the raw topics too, offers
+    # another QoS, has a connection per message or holds its parts in another order (a reader
+    # sorts by log time; the file does not).
+    params = tmp_path / 'params.yaml'
+    values = json.loads(json.dumps(BATCH_PARAMS))
+    values['s4fusion_node']['ros__parameters']['qos'] = {
+        'output': {'reliability': 'best_effort', 'depth': 10}}
+    params.write_text(yaml.safe_dump(values))
+    values = settings.load_offline_params(params)
+    source = write_bag(tmp_path / 'in' / 'b', drifting(camera_messages(ivif_dir, 3.0)),
+                       'sqlite3', visible_infos=most_frames)
+    [whole] = work.plan_bag(work.BagJob(source, tmp_path / 'whole' / 'b'), values, 0,
+                            transport='compressed')
+    job = work.BagJob(source, tmp_path / 'out' / 'b')
+    units = work.plan_bag(job, values, 10**9, transport='compressed')
+    assert len(units) == 3
+    work.prepare_staging(job, units, False)
+    with one_torch_thread():
+        expected = work.run_unit(whole)
+        results = [work.run_unit(unit) for unit in units]
+    assert not expected['error'] and not any(result['error'] for result in results)
+    for name in ('pairs', 'fused', 'unpaired', 'dropped', 'failed'):
+        assert sum(result[name] for result in results) == expected[name], name
+    # An attempt that joined the bag and was lost before it removed the plan: joined again. A
+    # commit killed while it removes the staging folder has joined the bag: its rerun keeps it
+    # (the plan went first, while every part was there).
+    shutil.copytree(units[0].output, job.output)
+    remove = shutil.rmtree
+
+    def killed_while_removing(path, *args, **kwargs):
+        if pathlib.Path(path) != job.staging:  # create_bag's own
+            return remove(path, *args, **kwargs)
+        remove(job.staging / 'part-00001')
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, 'rmtree', killed_while_removing)
+        with pytest.raises(KeyboardInterrupt):
+            work.commit(job, units)
+    work.commit(job, units)
+    assert read_bag(job.output) == read_bag(whole.output)
+
+    def connections(bag):
+        with bagio.open_bag(bag) as reader:
+            return sorted((c.topic, c.msgtype, repr(c.ext.offered_qos_profiles))
+                          for c in reader.connections)
+
+    assert connections(job.output) == connections(whole.output)
+    for bag in (whole.output, job.output):
+        assert sorted(path.suffix for path in bag.iterdir()) == ['.db3', '.yaml']
+    [database] = job.output.glob('*.db3')
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        written = [stamp for stamp, in db.execute('SELECT timestamp FROM messages ORDER BY id')]
+    assert written == sorted(written)
+
+
 def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, params_file,
                                                                    tmp_path):
     source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
@@ -722,8 +781,17 @@ def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_o
     legacy.mkdir()
     neighbour = out / '.x.1.89abcdef.partial'  # bag x.1, being written beside it
     (neighbour / 'x.1').mkdir(parents=True)
+    # A segmented x's staging folder: a finished part, and what killed attempts at a part and at
+    # a part's record left.
+    staging = out / '.x.s4batch'
+    dead = [staging / '.part-00001.0123abcd.partial', staging / '.part-00001.json.tmp']
+    shutil.copytree(source, dead[0] / 'part-00001')
+    dead[1].write_text('{"label"')
+    shutil.copytree(source, staging / 'part-00000')
+    (staging / 'part-00000.json').write_text('{}')
     swept = work.sweep_partials(work.BagJob(source, out / 'x'))
-    assert sorted(swept) == sorted([killed, legacy])
+    assert sorted(swept) == sorted([killed, legacy, *dead])
+    assert sorted(path.name for path in staging.iterdir()) == ['part-00000', 'part-00000.json']
     assert not killed.exists() and not legacy.exists() and neighbour.is_dir()
     assert read_bag(out / 'x') == read_bag(source)
 
