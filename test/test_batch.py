@@ -371,6 +371,12 @@ def test_the_segments_of_a_window_warm_up_over_as_many_pairs_as_those_of_the_who
         return span.own_from - span.read_from
 
     assert warm_up_ns(TimeWindow(1.0, 1.0)) == warm_up_ns(TimeWindow()) > 5 * 10**9
+    # Cut into as many segments as cover the bag or window, the last one shorter; a window that
+    # runs past the bag's end as far as the bag goes (not to the 100 s its duration names), one
+    # that ends before it as far as the window goes (not on to the bag's end, reading nothing).
+    assert len(work.plan_bag(job, values, 12 * 10**8)) == 3
+    assert len(work.plan_bag(job, values, 15 * 10**8, window=TimeWindow(0.5, 100.0))) == 2
+    assert len(work.plan_bag(job, values, 5 * 10**8, window=TimeWindow(0.5, 1.0))) == 2
 
 
 def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_bag,
@@ -599,6 +605,49 @@ def test_the_parts_joined_are_the_bag_one_unit_writes_connection_for_connection(
     assert written == sorted(written)
 
 
+def test_a_resume_keeps_the_finished_parts_of_the_same_plan_alone(ivif_dir, params_file,
+                                                                  tmp_path):
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 3.0), 'mcap')
+    values = settings.load_offline_params(params_file)
+    job = work.BagJob(source, tmp_path / 'out' / 'a')
+    units = work.plan_bag(job, values, 10**9)
+    assert work.prepare_staging(job, units, False) == units
+    with one_torch_thread():
+        assert not work.run_unit(units[1])['error']
+    finished = tmp_path / 'finished'
+    shutil.copytree(job.staging, finished)
+
+    def staged(units, resume=True):
+        """The indexes left to run of `units` planned where part 1 is finished, and whether
+        anything of that part stays."""
+        shutil.rmtree(job.staging)
+        shutil.copytree(finished, job.staging)
+        todo = work.prepare_staging(job, units, resume)
+        part = work.part_path(job, 1)
+        return [unit.index for unit in todo], part.exists() or part.with_suffix('.json').exists()
+
+    assert staged(units) == ([0, 2], True)
+    assert staged(units, resume=False) == ([0, 1, 2], False)
+    # Other parameters, transport, cuts or window: the part is fused again.
+    for other in (work.plan_bag(job, {**values, 'inference_size': [64, 48]}, 10**9),
+                  work.plan_bag(job, values, 10**9, transport='compressed'),
+                  work.plan_bag(job, values, round(1.2e9)),
+                  work.plan_bag(job, values, 10**9, window=TimeWindow(0.1))):
+        assert staged(other) == ([unit.index for unit in other], False)
+    # The bag recorded again under its name (as large, a later time), or the part's bag lost.
+    storage = source / 'a.mcap'
+    os.utime(storage, ns=(storage.stat().st_atime_ns, storage.stat().st_mtime_ns + 10**9))
+    assert staged(work.plan_bag(job, values, 10**9)) == ([0, 1, 2], False)
+    units = work.plan_bag(job, values, 10**9)
+    work.prepare_staging(job, units, False)
+    with one_torch_thread():
+        assert not work.run_unit(units[1])['error']
+    shutil.rmtree(finished)
+    shutil.copytree(job.staging, finished)
+    shutil.rmtree(finished / 'part-00001')
+    assert staged(units)[0] == [0, 1, 2]
+
+
 def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, params_file,
                                                                    tmp_path):
     source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
@@ -607,6 +656,8 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
     with one_torch_thread():
         first = work.run_unit(unit)
         assert not first['error'] and first['fused'] > 0
+        # Its counts in the staging folder (which the driver removes), not beside the bag.
+        assert sorted(path.name for path in job.output.parent.iterdir()) == ['.a.s4batch', 'a']
         written = (job.output / 'metadata.yaml').stat().st_mtime_ns
         # Its node lost after the bag got its name: the rerun returns the recorded counts ...
         assert work.run_unit(unit) == first
@@ -616,6 +667,10 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
         again = work.run_unit(unit)
     assert not again['error'] and again['fused'] == first['fused']
     assert read_bag(job.output) == reference(source, tmp_path / 'reference', params_file)
+    # A device no node has fails the bag, as a result: not an exception ending the worker.
+    elsewhere = dataclasses.replace(unit, values={**unit.values, 'device': 'tpu'},
+                                    output=tmp_path / 'out' / 'b')
+    assert "unknown device 'tpu'" in work.run_unit(elsewhere)['error']
 
 
 def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):
