@@ -191,7 +191,7 @@ def test_the_video_plays_at_the_thermal_camera_rate_whatever_else_the_bag_spans(
                 TYPESTORE.types[string](data='ok'), string))
         for connection, log_time, raw in reader.messages():
             writer.write(copies[connection.id], log_time, raw)
-    video = tmp_path / 'fused.mp4'
+    video = tmp_path / 'fused.MP4'  # a suffix in capitals names the container too
     assert bag_tool.main([str(tmp_path / 'in'), str(tmp_path / 'out'), '--params',
                           str(params_file), '--export-video', str(video)]) == 0
     thermal = [log_time for log_time, topic, *_ in short_events if topic == THERMAL_TOPIC]
@@ -720,6 +720,12 @@ def test_outputs_in_two_folders_each_get_the_camera_info_as_the_node_publishes_t
     assert (f'--saliency-topic /camera/color/saliency puts its camera_info on '
             f'{VISIBLE_INFO_TOPIC}, an input topic copied by --include-inputs'
             in capsys.readouterr().err)
+    # Both outputs in that folder: the one info is the fused topic's, named by its option.
+    assert bag_tool.main([str(source), str(tmp_path / 'out2'), '--params', str(params_file),
+                          '--include-inputs', '--fused-topic', '/camera/color/fused',
+                          '--saliency-topic', '/camera/color/saliency']) == 1
+    assert (f'--fused-topic /camera/color/fused puts its camera_info on {VISIBLE_INFO_TOPIC}, '
+            'an input topic copied by --include-inputs' in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
@@ -1487,6 +1493,26 @@ def test_output_topics_that_would_merge_streams_or_are_not_topic_names_are_refus
             'images of --saliency-topic /a/compressed; name another'
             in capsys.readouterr().err)
     assert not output.exists()
+
+
+def test_the_storage_option_chooses_the_output_format(short_events, params_file, tmp_path):
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params', str(params_file),
+                          '--storage', 'sqlite3']) == 0
+    assert sorted(path.suffix for path in (tmp_path / 'out').iterdir()) == ['.db3', '.yaml']
+    assert read_bag(tmp_path / 'out')['/s4fusion_node/fused']
+
+
+def test_an_export_of_every_zeroth_pair_is_refused_before_any_work(
+        short_events, tmp_path, capsys):
+    # Every 0th pair is no period: fusing would end at the first pair in a ZeroDivisionError.
+    source = write_bag(tmp_path / 'in', short_events[:20], 'mcap')
+    with pytest.raises(SystemExit) as refused:
+        bag_tool.main([str(source), str(tmp_path / 'out'), '--export-png', str(tmp_path / 'png'),
+                       '--export-every', '0'])
+    assert refused.value.code == 2
+    assert '--export-every must be >= 1' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'png').exists()
 
 
 def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path, capsys):

@@ -371,6 +371,12 @@ def test_the_segments_of_a_window_warm_up_over_as_many_pairs_as_those_of_the_who
         return span.own_from - span.read_from
 
     assert warm_up_ns(TimeWindow(1.0, 1.0)) == warm_up_ns(TimeWindow()) > 5 * 10**9
+    # Cut into as many segments as cover the bag or window, the last one shorter; a window that
+    # runs past the bag's end as far as the bag goes (not to the 100 s its duration names), one
+    # that ends before it as far as the window goes (not on to the bag's end, reading nothing).
+    assert len(work.plan_bag(job, values, 12 * 10**8)) == 3
+    assert len(work.plan_bag(job, values, 15 * 10**8, window=TimeWindow(0.5, 100.0))) == 2
+    assert len(work.plan_bag(job, values, 5 * 10**8, window=TimeWindow(0.5, 1.0))) == 2
 
 
 def test_a_recording_cut_off_is_fused_in_segments_up_to_its_cut(local_ray, long_bag,
@@ -540,6 +546,108 @@ def test_a_gap_in_the_recording_before_a_cut_changes_no_pair(ivif_dir, tmp_path)
     assert read_bag(job.output) == expected and not job.staging.exists()
 
 
+def test_the_parts_joined_are_the_bag_one_unit_writes_connection_for_connection(
+        ivif_dir, tmp_path, monkeypatch):
+    # A sqlite3 bag with its camera_info, written compressed at the parameters' QoS: read back,
+    # the bags could be equal while the joined one is mcap, declares the raw topics too, offers
+    # another QoS, has a connection per message or holds its parts in another order (a reader
+    # sorts by log time; the file does not).
+    params = tmp_path / 'params.yaml'
+    values = json.loads(json.dumps(BATCH_PARAMS))
+    values['s4fusion_node']['ros__parameters']['qos'] = {
+        'output': {'reliability': 'best_effort', 'depth': 10}}
+    params.write_text(yaml.safe_dump(values))
+    values = settings.load_offline_params(params)
+    source = write_bag(tmp_path / 'in' / 'b', drifting(camera_messages(ivif_dir, 3.0)),
+                       'sqlite3', visible_infos=most_frames)
+    [whole] = work.plan_bag(work.BagJob(source, tmp_path / 'whole' / 'b'), values, 0,
+                            transport='compressed')
+    job = work.BagJob(source, tmp_path / 'out' / 'b')
+    units = work.plan_bag(job, values, 10**9, transport='compressed')
+    assert len(units) == 3
+    work.prepare_staging(job, units, False)
+    with one_torch_thread():
+        expected = work.run_unit(whole)
+        results = [work.run_unit(unit) for unit in units]
+    assert not expected['error'] and not any(result['error'] for result in results)
+    for name in ('pairs', 'fused', 'unpaired', 'dropped', 'failed'):
+        assert sum(result[name] for result in results) == expected[name], name
+    # An attempt that joined the bag and was lost before it removed the plan: joined again. A
+    # commit killed while it removes the staging folder has joined the bag: its rerun keeps it
+    # (the plan went first, while every part was there).
+    shutil.copytree(units[0].output, job.output)
+    remove = shutil.rmtree
+
+    def killed_while_removing(path, *args, **kwargs):
+        if pathlib.Path(path) != job.staging:  # create_bag's own
+            return remove(path, *args, **kwargs)
+        remove(job.staging / 'part-00001')
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, 'rmtree', killed_while_removing)
+        with pytest.raises(KeyboardInterrupt):
+            work.commit(job, units)
+    work.commit(job, units)
+    assert read_bag(job.output) == read_bag(whole.output)
+
+    def connections(bag):
+        with bagio.open_bag(bag) as reader:
+            return sorted((c.topic, c.msgtype, repr(c.ext.offered_qos_profiles))
+                          for c in reader.connections)
+
+    assert connections(job.output) == connections(whole.output)
+    for bag in (whole.output, job.output):
+        assert sorted(path.suffix for path in bag.iterdir()) == ['.db3', '.yaml']
+    [database] = job.output.glob('*.db3')
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        written = [stamp for stamp, in db.execute('SELECT timestamp FROM messages ORDER BY id')]
+    assert written == sorted(written)
+
+
+def test_a_resume_keeps_the_finished_parts_of_the_same_plan_alone(ivif_dir, params_file,
+                                                                  tmp_path):
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 3.0), 'mcap')
+    values = settings.load_offline_params(params_file)
+    job = work.BagJob(source, tmp_path / 'out' / 'a')
+    units = work.plan_bag(job, values, 10**9)
+    assert work.prepare_staging(job, units, False) == units
+    with one_torch_thread():
+        assert not work.run_unit(units[1])['error']
+    finished = tmp_path / 'finished'
+    shutil.copytree(job.staging, finished)
+
+    def staged(units, resume=True):
+        """The indexes left to run of `units` planned where part 1 is finished, and whether
+        anything of that part stays."""
+        shutil.rmtree(job.staging)
+        shutil.copytree(finished, job.staging)
+        todo = work.prepare_staging(job, units, resume)
+        part = work.part_path(job, 1)
+        return [unit.index for unit in todo], part.exists() or part.with_suffix('.json').exists()
+
+    assert staged(units) == ([0, 2], True)
+    assert staged(units, resume=False) == ([0, 1, 2], False)
+    # Other parameters, transport, cuts or window: the part is fused again.
+    for other in (work.plan_bag(job, {**values, 'inference_size': [64, 48]}, 10**9),
+                  work.plan_bag(job, values, 10**9, transport='compressed'),
+                  work.plan_bag(job, values, round(1.2e9)),
+                  work.plan_bag(job, values, 10**9, window=TimeWindow(0.1))):
+        assert staged(other) == ([unit.index for unit in other], False)
+    # The bag recorded again under its name (as large, a later time), or the part's bag lost.
+    storage = source / 'a.mcap'
+    os.utime(storage, ns=(storage.stat().st_atime_ns, storage.stat().st_mtime_ns + 10**9))
+    assert staged(work.plan_bag(job, values, 10**9)) == ([0, 1, 2], False)
+    units = work.plan_bag(job, values, 10**9)
+    work.prepare_staging(job, units, False)
+    with one_torch_thread():
+        assert not work.run_unit(units[1])['error']
+    shutil.rmtree(finished)
+    shutil.copytree(job.staging, finished)
+    shutil.rmtree(finished / 'part-00001')
+    assert staged(units)[0] == [0, 1, 2]
+
+
 def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, params_file,
                                                                    tmp_path):
     source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
@@ -548,6 +656,8 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
     with one_torch_thread():
         first = work.run_unit(unit)
         assert not first['error'] and first['fused'] > 0
+        # Its counts in the staging folder (which the driver removes), not beside the bag.
+        assert sorted(path.name for path in job.output.parent.iterdir()) == ['.a.s4batch', 'a']
         written = (job.output / 'metadata.yaml').stat().st_mtime_ns
         # Its node lost after the bag got its name: the rerun returns the recorded counts ...
         assert work.run_unit(unit) == first
@@ -557,6 +667,10 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
         again = work.run_unit(unit)
     assert not again['error'] and again['fused'] == first['fused']
     assert read_bag(job.output) == reference(source, tmp_path / 'reference', params_file)
+    # A device no node has fails the bag, as a result: not an exception ending the worker.
+    elsewhere = dataclasses.replace(unit, values={**unit.values, 'device': 'tpu'},
+                                    output=tmp_path / 'out' / 'b')
+    assert "unknown device 'tpu'" in work.run_unit(elsewhere)['error']
 
 
 def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):
@@ -722,8 +836,17 @@ def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_o
     legacy.mkdir()
     neighbour = out / '.x.1.89abcdef.partial'  # bag x.1, being written beside it
     (neighbour / 'x.1').mkdir(parents=True)
+    # A segmented x's staging folder: a finished part, and what killed attempts at a part and at
+    # a part's record left.
+    staging = out / '.x.s4batch'
+    dead = [staging / '.part-00001.0123abcd.partial', staging / '.part-00001.json.tmp']
+    shutil.copytree(source, dead[0] / 'part-00001')
+    dead[1].write_text('{"label"')
+    shutil.copytree(source, staging / 'part-00000')
+    (staging / 'part-00000.json').write_text('{}')
     swept = work.sweep_partials(work.BagJob(source, out / 'x'))
-    assert sorted(swept) == sorted([killed, legacy])
+    assert sorted(swept) == sorted([killed, legacy, *dead])
+    assert sorted(path.name for path in staging.iterdir()) == ['part-00000', 'part-00000.json']
     assert not killed.exists() and not legacy.exists() and neighbour.is_dir()
     assert read_bag(out / 'x') == read_bag(source)
 
