@@ -79,6 +79,18 @@ def node_log(proc) -> str:
     return pathlib.Path(proc.log_path).read_text(errors='replace')
 
 
+def wait_for_log(proc, *needles, timeout: float = 60.0) -> str:
+    """Return the node's log once it contains every needle."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        log = node_log(proc)
+        if all(needle in log for needle in needles):
+            return log
+        assert proc.poll() is None, log
+        time.sleep(0.1)
+    raise AssertionError(f'{needles} not in the log:\n{node_log(proc)}')
+
+
 class Probe(Node):
     """The test's own rclpy node: publishes inputs and records the node's outputs."""
 

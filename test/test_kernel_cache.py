@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numba
 import pytest
@@ -160,10 +159,7 @@ def test_the_node_logs_a_damaged_cache_file_through_rcl(compiled, tmp_path, monk
     index.write_bytes(b'')
     monkeypatch.setenv('NUMBA_CACHE_DIR', str(cache))
     with harness.running_node({'device': 'cpu', 'inference_size': [160, 120]}) as proc:
-        deadline = time.monotonic() + 300
-        while 'model warmed up' not in harness.node_log(proc) and proc.poll() is None:
-            assert time.monotonic() < deadline, harness.node_log(proc)
-            time.sleep(0.2)
+        harness.wait_for_log(proc, 'model warmed up', timeout=300)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, harness.node_log(proc)
     log = harness.node_log(proc)

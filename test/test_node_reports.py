@@ -14,7 +14,7 @@ import pytest
 from rclpy.node import NodeNameNonExistentError
 from rclpy.time import Time
 
-from ros_harness import Probe, image_message, node_log, running_node
+from ros_harness import Probe, image_message, node_log, running_node, wait_for_log
 from s4fusion_ros.diagnostics import (BUSY_KEYS, LATENCY_KEYS, NOT_REPORTED, Key,
                                       node_status, nothing_pending, values_of)
 
@@ -24,18 +24,6 @@ PARAMS = {'device': 'cpu', 'inference_size': [80, 60], 'diagnostics.period': 0.2
 THERMAL = np.random.default_rng(0).integers(20000, 30000, (120, 160), dtype=np.uint16)
 VISIBLE = np.full((120, 160, 3), 90, np.uint8)
 HAVE_MESSAGE_FILTERS = importlib.util.find_spec('message_filters') is not None
-
-
-def wait_for_log(proc, *needles, timeout: float = 60.0) -> str:
-    """Return the node's log once it contains every needle."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        log = node_log(proc)
-        if all(needle in log for needle in needles):
-            return log
-        assert proc.poll() is None, log
-        time.sleep(0.1)
-    raise AssertionError(f'{needles} not in the log:\n{node_log(proc)}')
 
 
 class Diagnostics:

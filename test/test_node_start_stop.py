@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from paths import executable
-from ros_harness import Probe, image_message, node_log, running_node
+from ros_harness import Probe, image_message, node_log, running_node, wait_for_log
 
 pytestmark = pytest.mark.ros
 
@@ -124,10 +124,7 @@ def test_a_start_up_error_is_one_line_and_exit_code_1():
 def test_a_model_warning_goes_to_the_ros_log():
     # It went to Python's logging: a bare line, not on /rosout, deaf to --log-level.
     with running_node({**PARAMS, 'model.preset': 'authors', 'model.detail_gain': 1.0}) as proc:
-        deadline = time.monotonic() + 120
-        while 'model warmed up' not in node_log(proc) and proc.poll() is None:
-            assert time.monotonic() < deadline, node_log(proc)
-            time.sleep(0.2)
+        wait_for_log(proc, 'model warmed up', timeout=120)
         log = stopped_cleanly(proc, signal.SIGINT)
     assert re.search(r'^\[WARN\] \[[0-9.]+\] \[s4fusion_node\]: model.detail_gain 1 ignored: '
                      's4fusion_authors has no Laplacian base$', log, re.MULTILINE), log
