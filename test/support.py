@@ -9,10 +9,13 @@ import functools
 import os
 import pathlib
 import random
+import re
 import resource
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 
 import cv2
@@ -441,3 +444,39 @@ def read_gray(path):
     img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     assert img is not None, f'cannot read {path}'
     return img
+
+
+# Child processes ------------------------------------------------------------------------------
+
+class StreamReader:
+    """Reads a child's text stream on a thread, so that a test waits for what it writes with a
+    deadline (a readline on the pipe waits for ever on a child that hangs before writing)."""
+
+    def __init__(self, stream):
+        self._chunks = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        while chunk := stream.read(1):
+            self._chunks.append(chunk)
+
+    def text(self) -> str:
+        """Return what was read so far (all of it once the stream has closed)."""
+        return ''.join(self._chunks)
+
+    def wait_for(self, wanted, timeout: float) -> bool:
+        """Whether `wanted` (a string, or a compiled pattern) appears in the stream within
+        `timeout` seconds; False at once when the stream closes without it."""
+        def found(text: str) -> bool:
+            return bool(wanted.search(text)) if isinstance(wanted, re.Pattern) else wanted in text
+        end = time.monotonic() + timeout
+        while not found(self.text()):
+            if time.monotonic() > end or not self._thread.is_alive():
+                return found(self.text())
+            time.sleep(0.05)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait until the stream has closed (the child exited)."""
+        self._thread.join(timeout)

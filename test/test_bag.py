@@ -12,8 +12,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import tracemalloc
 
 import cv2
@@ -35,9 +33,9 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
-                     address_space_limit, bag_image_message, camera_messages, damage_chunk,
-                     mcap_chunks, most_frames, read_bag, visible_camera_info, write_bag,
-                     write_merged_visible_bag, zstd_transport_data)
+                     StreamReader, address_space_limit, bag_image_message, camera_messages,
+                     damage_chunk, mcap_chunks, most_frames, read_bag, visible_camera_info,
+                     write_bag, write_merged_visible_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -1625,36 +1623,6 @@ def run_tool(source: pathlib.Path, output: pathlib.Path, params: pathlib.Path, *
     return subprocess.Popen([str(BAG_TOOL), str(source), str(output), '--params', str(params),
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=preexec_fn)
-
-
-class StreamReader:
-    """Reads a child's text stream on a thread, so a test can wait for what it writes."""
-
-    def __init__(self, stream):
-        self._chunks = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream) -> None:
-        while chunk := stream.read(1):
-            self._chunks.append(chunk)
-
-    def text(self) -> str:
-        """Return what was read so far (all of it once the stream has closed)."""
-        return ''.join(self._chunks)
-
-    def wait_for(self, pattern: re.Pattern, timeout: float) -> bool:
-        """Whether `pattern` appears in the stream within `timeout` seconds."""
-        end = time.monotonic() + timeout
-        while not pattern.search(self.text()):
-            if time.monotonic() > end or not self._thread.is_alive():
-                return bool(pattern.search(self.text()))
-            time.sleep(0.05)
-        return True
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Wait until the stream has closed (the child exited)."""
-        self._thread.join(timeout)
 
 
 def staging_dirs(directory: pathlib.Path) -> list[pathlib.Path]:

@@ -15,13 +15,14 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
 from support import (COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,
-                     bag_image_message, damage_chunk, mcap_chunks, write_bag,
+                     StreamReader, bag_image_message, damage_chunk, mcap_chunks, write_bag,
                      write_merged_visible_bag)
 
 pytestmark = pytest.mark.ros
 
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
+from s4fusion_ros.cli import interrupt  # noqa: E402
 
 PLAYER = [sys.executable, '-m', 's4fusion_ros.ros.player']
 
@@ -219,13 +220,16 @@ def test_an_mcap_with_a_damaged_chunk_plays_the_others_and_says_what_was_lost(tm
     # Looped and stopped: "lost" was one pass's count beside every pass's published count.
     looping = subprocess.Popen([*PLAYER, str(storage), '--wait', '0', '--rate', '10', '--loop'],
                                stderr=subprocess.PIPE, text=True)
-    said = []
-    while 'damaged chunk skipped' not in ''.join(said):  # the first pass's loss
-        said.append(looping.stderr.readline())
-        assert said[-1] and len(said) < 10, said
-    time.sleep(1.0)  # more passes, each 0.1 s
-    looping.send_signal(signal.SIGINT)
-    _, stopped = looping.communicate(timeout=60)
+    said = StreamReader(looping.stderr)
+    try:
+        assert said.wait_for('damaged chunk skipped', 60), said.text()  # the first pass's loss
+        time.sleep(1.0)  # more passes, each 0.1 s
+        looping.send_signal(signal.SIGINT)
+        looping.wait(timeout=60)
+    finally:
+        interrupt(looping)
+    said.close()
+    stopped = said.text().split('damaged chunk skipped', 1)[1]  # after the first pass
     summary = re.search(rf'{THERMAL_TOPIC} (\d+); lost: (\d+) messages of the damaged chunks '
                         'skipped; stopped', stopped)
     assert summary, stopped

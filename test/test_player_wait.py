@@ -19,7 +19,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,
-                     bag_image_message, visible_camera_info, write_bag)
+                     StreamReader, bag_image_message, visible_camera_info, write_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -286,13 +286,14 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
         [*PLAYER, str(sample_bag()), '--wait', '120', '--wait-for', f'{NAMESPACE}/nobody'],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    lines = []
-    while not any('waiting for' in line for line in lines):
-        lines.append(player.stdout.readline())
-        assert lines[-1] or player.poll() is None, ''.join(lines)
-    started = time.monotonic()
-    assert interrupt(player, timeout=30) == 0, ''.join(lines) + player.stdout.read()
-    assert time.monotonic() - started < 30
+    output = StreamReader(player.stdout)
+    try:
+        assert output.wait_for('waiting for', 60), output.text()
+        started = time.monotonic()
+        assert interrupt(player, timeout=30) == 0, output.text()
+        assert time.monotonic() - started < 30
+    finally:
+        interrupt(player)
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -628,14 +629,17 @@ def test_a_second_ctrl_c_while_stopping_still_stops_cleanly():
     # traceback and exit code 130 instead of 0.
     player = subprocess.Popen([*PLAYER, str(sample_bag()), '--wait', '0', '--keep-alive'],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    while not any('end of bag' in line for line in lines):
-        lines.append(player.stdout.readline())
-        assert lines[-1] or player.poll() is None, ''.join(lines)
-    player.send_signal(signal.SIGINT)
-    time.sleep(0.005)
-    player.send_signal(signal.SIGINT)
-    output = ''.join(lines) + player.communicate(timeout=60)[0]
+    reader = StreamReader(player.stdout)
+    try:
+        assert reader.wait_for('end of bag', 60), reader.text()
+        player.send_signal(signal.SIGINT)
+        time.sleep(0.005)
+        player.send_signal(signal.SIGINT)
+        player.wait(timeout=60)
+    finally:
+        interrupt(player)
+    reader.close()
+    output = reader.text()
     assert player.returncode == 0 and 'Traceback' not in output, output
     assert output.rstrip().endswith('; stopped'), output
 
@@ -663,18 +667,25 @@ def test_a_reliable_subscriber_that_never_confirms_is_named_and_waited_for_once(
     bag = write_bag(tmp_path / 'bag', events, 'mcap')
     subscriber = subprocess.Popen([sys.executable, '-c', SILENT_SUBSCRIBER, THERMAL_TOPIC,
                                    VISIBLE_TOPIC], stdout=subprocess.PIPE, text=True)
+    player = None
     try:
-        assert subscriber.stdout.readline().strip() == 'subscribed'
+        assert StreamReader(subscriber.stdout).wait_for('subscribed', 60)
         player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30'], stderr=subprocess.PIPE,
                                   text=True)
-        assert 'playing' in player.stderr.readline()  # it has matched the subscriber
+        output = StreamReader(player.stderr)
+        assert output.wait_for('playing', 60), output.text()
+        assert 'no subscriber' not in output.text()  # it has matched the subscriber
         subscriber.send_signal(signal.SIGSTOP)  # which acknowledges nothing more
         started = time.monotonic()
-        stderr = player.communicate(timeout=120)[1]
+        player.wait(timeout=120)
         seconds = time.monotonic() - started
     finally:
         subscriber.kill()
         subscriber.wait()
+        if player is not None:
+            interrupt(player)
+    output.close()
+    stderr = output.text()
     assert player.returncode == 0, stderr
     assert 'end of bag; not confirmed within 10 s by a reliable subscriber of ' in stderr, stderr
     assert THERMAL_TOPIC in stderr.split('not confirmed')[1], stderr
