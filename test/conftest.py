@@ -1,11 +1,13 @@
 """Shared test fixtures: the real image data (one fixture finds it); DDS kept on loopback per test
 run."""
 
+import faulthandler
 import glob
 import os
 import pathlib
 import shutil
 import signal
+import sys
 import tempfile
 
 import pytest
@@ -30,11 +32,40 @@ _WORKER = os.environ.get('PYTEST_XDIST_WORKER')
 if _WORKER:
     os.environ['ROS_DOMAIN_ID'] = str(int(os.environ['ROS_DOMAIN_ID']) + int(_WORKER[2:]))
 os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='s4fusion-roslog-')
+# A child that crashes (SIGSEGV, SIGABRT) prints its threads' Python stacks in the output that a
+# failing test shows, where a bare exit code -11 said nothing of where.
+os.environ['PYTHONFAULTHANDLER'] = '1'
 # A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored in every
 # child: the tools under test would then run through the Ctrl-C the tests send them. A handled
 # SIGINT is reset to the default in a child, as a terminal gives it.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# A test still running after this many seconds hangs (the slowest take about 70 s).
+HANG_S = 600
+_HANG_REPORT_FD = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    """Keep a descriptor of the run's stderr for the hang watchdog (a test's own is captured)."""
+    config.stash[_HANG_REPORT_FD] = os.dup(sys.__stderr__.fileno())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """End a test that hangs: after HANG_S, every thread's stack goes to the run's stderr and the
+    process exits (pytest-xdist names the test, starts a new worker and the run goes on), where a
+    hang held a CI run to its limit and printed nothing. faulthandler's watchdog is a C thread:
+    it fires where a thread blocks in C with the GIL held (an rclpy call into the middleware),
+    which stops pytest-timeout's Python timer. Opt-in soaks set their own length."""
+    if item.get_closest_marker('soak') is None:
+        report_fd = item.config.stash[_HANG_REPORT_FD]
+        faulthandler.dump_traceback_later(HANG_S, exit=True, file=report_fd)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
 
 _SHM_BEFORE = set(glob.glob('/dev/shm/fastdds_*')) | set(glob.glob('/dev/shm/sem.fastdds_*'))
 
