@@ -86,6 +86,10 @@ def _paths_in_use():
 
 def pytest_sessionfinish(session, exitstatus):
     """Remove the Fast DDS shared-memory files this run left behind and nobody uses."""
+    # What follows the last test (this scan of /proc, the interpreter's exit: Ray's exit hook, a
+    # thread left running) is no test's: a hang there gets the same watchdog, never cancelled.
+    faulthandler.dump_traceback_later(HANG_S, exit=True,
+                                      file=session.config.stash[_HANG_REPORT_FD])
     leftovers = set(glob.glob('/dev/shm/fastdds_*')) | set(glob.glob('/dev/shm/sem.fastdds_*'))
     in_use = _paths_in_use()
     for path in leftovers - _SHM_BEFORE - in_use:

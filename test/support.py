@@ -448,6 +448,16 @@ def read_gray(path):
 
 # Child processes ------------------------------------------------------------------------------
 
+def exited(process: subprocess.Popen, timeout: float) -> bool:
+    """Whether the child exits within `timeout` seconds: for an assertion that shows its output,
+    where Popen.wait's TimeoutExpired says nothing of it."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
 class StreamReader:
     """Reads a child's text stream on a thread, so that a test waits for what it writes with a
     deadline (a readline on the pipe waits for ever on a child that hangs before writing)."""

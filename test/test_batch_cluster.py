@@ -64,7 +64,9 @@ def test_a_node_killed_mid_run_still_gives_complete_identical_bags(cluster, ivif
         except BaseException as error:  # noqa: BLE001 - shown by the assertion below
             outcome['error'] = error
 
-    runner = threading.Thread(target=run)
+    # A daemon: a run that hangs fails the test below, where the interpreter's exit would
+    # wait for it for ever.
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
     assert on_worker.wait(timeout=180), 'no unit ever ran on the worker node'
     cluster.remove_node(worker)  # kills its raylet and its workers mid-task

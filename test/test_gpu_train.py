@@ -21,6 +21,7 @@ import torch
 
 from s4fusion_ros.model.scan import numba_scan_fn, scan_backend
 from s4fusion_ros.training.data import IVIF_DATA_NOTE, pair_key, training_data_note, training_pairs
+from support import StreamReader, exited
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'gpu_train.py'
@@ -318,13 +319,19 @@ def test_a_call_stopped_from_outside_stops_its_run_and_brings_back_what_it_saved
          '--out', str(out), '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', '--',
          '--steps', '2000', '--batch-size', '1', '--crop', '25', '--threads', '1'],
         stderr=subprocess.PIPE, text=True)
+    said = StreamReader(proc.stderr)
     log = runs / 'compact' / 'train_log.jsonl'
-    deadline = time.monotonic() + 300
-    while not (log.exists() and log.read_text().count('\n') >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=120)[1]
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.exists() and log.read_text().count('\n') >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, said.text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert exited(proc, 120), said.text()
+    finally:
+        proc.kill()
+    said.close()
+    stderr = said.text()
     assert proc.returncode == 130, stderr
     assert 'stopped: packing what the recipes saved' in stderr
     summary = json.loads((out / 'gpu_train_summary.json').read_text())

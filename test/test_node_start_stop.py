@@ -90,12 +90,13 @@ def test_more_signals_during_shutdown_do_not_break_it(ros_context, signals):
     with running_node({'device': 'cpu', 'inference.queue_size': 100}) as proc:
         probe.wait_for_node(proc)
         stamp = probe.get_clock().now().nanoseconds
+        end = time.monotonic() + 120
         while len(probe.fused) < 2:
             probe.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'thermal'))
             probe.visible_pub.publish(image_message(visible, 'bgr8', stamp, 'rgb'))
             probe.spin_for(0.1)
             stamp += 100_000_000
-            assert proc.poll() is None, node_log(proc)
+            assert proc.poll() is None and time.monotonic() < end, node_log(proc)
         log = stopped_cleanly(proc, *signals, gap=0.05)
     probe.destroy_node()
     assert 'while stopping: ignored' in log, log

@@ -3,6 +3,7 @@
 import array
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -546,7 +547,9 @@ def test_output_encoding_change_takes_effect(node, ivif_dir):
     stamp = node.get_clock().now().nanoseconds
     node.fused.clear()
     node.saliency.clear()
+    end = time.monotonic() + 60
     while not node.spin_until(lambda: node.fused and node.saliency, timeout=1.0):
+        assert time.monotonic() < end, 'the node fused nothing after the change'
         node.thermal_pub.publish(image_message(thermal, 'mono16', stamp, 'ir'))
         node.visible_pub.publish(image_message(visible, 'bgr8', stamp, 'rgb'))
         stamp += 100_000_000

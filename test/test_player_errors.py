@@ -147,11 +147,18 @@ def test_a_bag_that_fails_midway_delivers_and_counts_what_it_played(tmp_path):
                                      QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
         player = subprocess.Popen([*PLAYER, str(tmp_path / 'damaged'), '--wait', '30', '--rate',
                                    '10'], stderr=subprocess.PIPE, text=True)
-        while player.poll() is None:
-            rclpy.spin_once(node, timeout_sec=0.05)
+        said = StreamReader(player.stderr)
+        try:
+            end = time.monotonic() + 120
+            while player.poll() is None:
+                assert time.monotonic() < end, f'the player did not stop:\n{said.text()}'
+                rclpy.spin_once(node, timeout_sec=0.05)
+        finally:
+            interrupt(player)
         for _ in range(20):  # what the player's exit left in the queue
             rclpy.spin_once(node, timeout_sec=0.05)
-        stderr = player.stderr.read()
+        said.close()
+        stderr = said.text()
         node.destroy_node()
     finally:
         rclpy.try_shutdown()

@@ -61,24 +61,39 @@ def remaps(topics: dict) -> list[str]:
 
 def play_for(node: str, bag: pathlib.Path, topics: dict, wait: float) -> subprocess.Popen:
     """s4fusion-play of `bag` at rate 4 with --wait-for the node NAMESPACE/`node`, its
-    `topics` remapped into the namespace; stderr joins stdout."""
-    return subprocess.Popen([*PLAYER, str(bag), '--rate', '4', '--wait', str(wait),
-                             '--wait-for', f'{NAMESPACE}/{node}', *remaps(topics)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    `topics` remapped into the namespace; stderr joins stdout, read into `player.output`."""
+    return with_output(subprocess.Popen(
+        [*PLAYER, str(bag), '--rate', '4', '--wait', str(wait), '--wait-for',
+         f'{NAMESPACE}/{node}', *remaps(topics)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+
+def with_output(player: subprocess.Popen) -> subprocess.Popen:
+    """The player, its stdout read into `player.output` (a StreamReader), so that a test waits
+    for it with a deadline and shows what it said."""
+    player.output = StreamReader(player.stdout)
+    return player
 
 
 def spin_while_playing(player: subprocess.Popen, *nodes) -> str:
-    """Spin the nodes until the player has exited and its last messages are in; its output."""
+    """Spin the nodes until the player (from with_output) has exited and its last messages are
+    in; its output. The player is stopped however this ends: a player left running would publish
+    into later tests."""
     executor = rclpy.executors.SingleThreadedExecutor()
     for node in nodes:
         executor.add_node(node)
-    end = time.monotonic() + 180
-    while player.poll() is None and time.monotonic() < end:
-        executor.spin_once(timeout_sec=0.05)
-    for _ in range(40):  # messages still in flight when the player exits
-        executor.spin_once(timeout_sec=0.05)
-    executor.shutdown()
-    return player.communicate(timeout=30)[0]
+    try:
+        end = time.monotonic() + 180
+        while player.poll() is None:
+            assert time.monotonic() < end, f'the player did not stop:\n{player.output.text()}'
+            executor.spin_once(timeout_sec=0.05)
+        for _ in range(40):  # messages still in flight when the player exits
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        executor.shutdown(timeout_sec=10)
+        interrupt(player)
+    player.output.close()
+    return player.output.text()
 
 
 def with_messages(source: pathlib.Path, path: pathlib.Path, extra) -> pathlib.Path:
@@ -169,16 +184,20 @@ def test_playback_waits_for_the_named_node(tmp_path):
         bystander, early = rclpy.create_node('bystander', namespace=NAMESPACE), []
         subscribe(bystander, topics, early)
         player = play_for('target', bag, topics, 120)
-        # The bystander is matched within a few seconds; the target joins past the grace
-        # (SUBSCRIBE_GRACE_S), which runs from its first subscription, not from the start.
-        end = time.monotonic() + SUBSCRIBE_GRACE_S + 5  # the player's start-up too
-        while time.monotonic() < end:
-            rclpy.spin_once(bystander, timeout_sec=0.05)
-        assert player.poll() is None and not early, 'the player did not wait for the target'
-        target, received = rclpy.create_node('target', namespace=NAMESPACE), []
-        subscribe(target, topics, received)
-        target_started = time.monotonic()
-        output = spin_while_playing(player, bystander, target)
+        try:
+            # The bystander is matched within a few seconds; the target joins past the grace
+            # (SUBSCRIBE_GRACE_S), which runs from its first subscription, not from the start.
+            end = time.monotonic() + SUBSCRIBE_GRACE_S + 5  # the player's start-up too
+            while time.monotonic() < end:
+                rclpy.spin_once(bystander, timeout_sec=0.05)
+            assert player.poll() is None and not early, \
+                f'the player did not wait for the target:\n{player.output.text()}'
+            target, received = rclpy.create_node('target', namespace=NAMESPACE), []
+            subscribe(target, topics, received)
+            target_started = time.monotonic()
+            output = spin_while_playing(player, bystander, target)
+        finally:
+            interrupt(player)
         assert player.returncode == 0, output
         assert f'waiting for {NAMESPACE}/target to subscribe' in output, output
         assert 'playing anyway' not in output, output
@@ -198,17 +217,18 @@ def test_playback_waits_for_a_subscriber_on_every_topic_without_a_named_node(tmp
                                        for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)], 'mcap')
     topics = {f'{NAMESPACE}{topic}': SimpleNamespace(topic=topic, msgtype=IMAGE)
               for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
-    player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30', '--rate', '10',
-                               *remaps(topics)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)  # a subscriber that joins after the player
-    rclpy.init()
+    player = with_output(subprocess.Popen(
+        [*PLAYER, str(bag), '--wait', '30', '--rate', '10', *remaps(topics)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
+        time.sleep(3)  # a subscriber that joins after the player
+        rclpy.init()
         node, received = rclpy.create_node('late_subscriber', namespace=NAMESPACE), []
         subscribe(node, topics, received)
         output = spin_while_playing(player, node)
         node.destroy_node()
     finally:
+        interrupt(player)
         rclpy.try_shutdown()
     assert player.returncode == 0 and 'playing anyway' not in output, output
     assert Counter(name for _, name in received) == dict.fromkeys(topics, 2), output
@@ -225,12 +245,16 @@ def test_playback_waits_until_the_named_node_subscribes_to_every_topic():
         target, received = rclpy.create_node('stepwise_target', namespace=NAMESPACE), []
         subscribe(target, {thermal_name: thermal}, received)
         player = play_for('stepwise_target', bag, topics, 60)
-        end = time.monotonic() + 6  # the thermal subscription is matched within a few seconds
-        while time.monotonic() < end:
-            rclpy.spin_once(target, timeout_sec=0.05)
-        assert player.poll() is None and not received, 'the player did not wait for visible'
-        subscribe(target, {visible_name: visible}, received)
-        output = spin_while_playing(player, target)
+        try:
+            end = time.monotonic() + 6  # the thermal subscription is matched within seconds
+            while time.monotonic() < end:
+                rclpy.spin_once(target, timeout_sec=0.05)
+            assert player.poll() is None and not received, \
+                f'the player did not wait for visible:\n{player.output.text()}'
+            subscribe(target, {visible_name: visible}, received)
+            output = spin_while_playing(player, target)
+        finally:
+            interrupt(player)
         assert player.returncode == 0, output
         assert 'playing anyway' not in output, output
         assert Counter(topic for _, topic in received) == {
@@ -432,12 +456,17 @@ def test_a_window_loops_after_the_calibration_before_it_with_its_own_clock(tmp_p
              f'{NAMESPACE}/window_listener', *(option for topic, name in names.items()
                                                for option in ('--remap', f'{topic}:={name}'))],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        end = time.monotonic() + 90  # into the third pass
-        while (len(received[THERMAL_TOPIC]) <= 2 * len(window[THERMAL_TOPIC])
-               and time.monotonic() < end and player.poll() is None):
-            rclpy.spin_once(node, timeout_sec=0.05)
-        assert interrupt(player) == 0
-        output = player.communicate()[0]
+        said = StreamReader(player.stdout)
+        try:
+            end = time.monotonic() + 90  # into the third pass
+            while (len(received[THERMAL_TOPIC]) <= 2 * len(window[THERMAL_TOPIC])
+                   and time.monotonic() < end and player.poll() is None):
+                rclpy.spin_once(node, timeout_sec=0.05)
+        finally:
+            stopped = interrupt(player)  # it loops until stopped
+        said.close()
+        output = said.text()
+        assert stopped == 0, output
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
@@ -551,12 +580,14 @@ def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(best_ef
                                '--topics', *names, *remapped,
                                *(['--best-effort'] if best_effort else [])],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rclpy.init()
+    said = StreamReader(player.stdout)
     try:
+        rclpy.init()
         node = rclpy.create_node('late_listener', namespace=NAMESPACE)
         end = time.monotonic() + 60
         while not all(node.get_publishers_info_by_topic(name) for name in names.values()):
-            assert time.monotonic() < end and player.poll() is None, player.communicate()[0]
+            # Kept alive, the player runs until stopped: its output so far.
+            assert time.monotonic() < end and player.poll() is None, said.text()
             time.sleep(0.1)
         offered = {topic: node.get_publishers_info_by_topic(name)[0].qos_profile
                    for topic, name in names.items()}
@@ -576,7 +607,8 @@ def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(best_ef
     finally:
         rclpy.try_shutdown()
         interrupt(player)
-    assert 'published' in player.communicate()[0]
+    said.close()
+    assert 'published' in said.text()
 
 
 def test_kept_alive_the_clock_runs_on_from_the_end_of_the_bag(tmp_path):
@@ -584,6 +616,7 @@ def test_kept_alive_the_clock_runs_on_from_the_end_of_the_bag(tmp_path):
     bag = write_bag(tmp_path / 'bag', [(time_ns, THERMAL_TOPIC, time_ns, 'mono8', image)
                                        for time_ns in (5 * 10**9, 6 * 10**9)], 'mcap')
     rclpy.init()
+    player = None
     try:
         node, clocks = rclpy.create_node('clock_listener', namespace=NAMESPACE), []
         node.create_subscription(Clock, '/clock', lambda msg: clocks.append(
@@ -596,14 +629,18 @@ def test_kept_alive_the_clock_runs_on_from_the_end_of_the_bag(tmp_path):
         player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30', '--clock',
                                    '--keep-alive', '--topics', THERMAL_TOPIC, *remaps(topics)],
                                   stderr=subprocess.PIPE, text=True)
+        said = StreamReader(player.stderr)
         end = time.monotonic() + 60
         while max(clocks, default=0) < 7 * 10**9 and time.monotonic() < end:  # a second on
             rclpy.spin_once(node, timeout_sec=0.05)
-        assert interrupt(player) == 0
+        assert interrupt(player) == 0, said.text()
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
-    stderr = player.stderr.read()
+        if player is not None:  # kept alive, it runs until stopped
+            interrupt(player)
+    said.close()
+    stderr = said.text()
     assert 'end of bag' in stderr and clocks[0] < 5.5 * 10**9 and max(clocks) >= 7 * 10**9, \
         stderr
     assert all(b >= a for a, b in zip(clocks, clocks[1:])), stderr  # never back to the start

@@ -6,7 +6,6 @@ pipeline, the parameter file and, with /clock, the synchronizer's notion of time
 
 import pathlib
 import re
-import signal
 import subprocess
 import threading
 
@@ -18,6 +17,7 @@ from sensor_msgs.msg import CameraInfo
 from paths import executable
 from ros_harness import Probe, node_log, received_stamps, running_node
 from s4fusion_ros import settings
+from s4fusion_ros.cli import interrupt
 from s4fusion_ros.engine import pipeline_from_params
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
@@ -111,8 +111,7 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
             probe.spin_until(lambda: len(probe.fused) >= len(expected), timeout=30)
             probe.spin_for(0.5)
         finally:
-            player.send_signal(signal.SIGINT)
-            player.wait(timeout=15)
+            interrupt(player, timeout=15)  # killed if deaf to it: kept alive, it plays on
             reader.join(timeout=15)
         player_log = ''.join(player_lines)
         assert played, f'{len(probe.fused)}/{len(expected)} fused\n{player_log}\n{node_log(node)}'

@@ -29,7 +29,7 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint
 from s4fusion_ros.sync import PairSynchronizer, StampSkew
 from s4fusion_ros.ros.flood import synthetic_pair
-from support import raw_images, zstd_transport_data
+from support import exited, raw_images, zstd_transport_data
 
 THERMAL, VISIBLE = synthetic_pair()  # uint16 (480, 640) counts, uint8 (480, 640, 3) BGR
 
@@ -735,12 +735,21 @@ def test_broken_weights_stop_the_node_with_the_file_and_the_problem(tmp_path):
         procs[name] = (subprocess.Popen(  # together: each mostly waits for imports
             [str(NODE_EXECUTABLE), '--ros-args', '--params-file', str(params)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), path, problem)
-    for name, (proc, path, problem) in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 1, (name, stderr)
-        line = [line for line in stderr.splitlines() if line.startswith('s4fusion_node: ')]
-        assert len(line) == 1 and str(path) in line[0] and problem in line[0], (name, stderr)
-        assert 'Traceback' not in stderr + stdout
+    try:
+        for name, (proc, path, problem) in procs.items():
+            try:
+                stdout, stderr = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:  # it took the weights: a node that runs on
+                proc.kill()
+                raise AssertionError(f'{name}: the node did not stop:\n'
+                                     f'{proc.communicate(timeout=10)[1]}') from None
+            assert proc.returncode == 1, (name, stderr)
+            line = [line for line in stderr.splitlines() if line.startswith('s4fusion_node: ')]
+            assert len(line) == 1 and str(path) in line[0] and problem in line[0], (name, stderr)
+            assert 'Traceback' not in stderr + stdout
+    finally:
+        for proc, _, _ in procs.values():  # none left publishing into later tests
+            proc.kill()
 
 
 # Signals during inference ---------------------------------------------------------------------
@@ -805,8 +814,8 @@ def test_signal_during_inference_exits_cleanly_within_a_second(ros, signum):
             inference_seconds = float(under_test.status[Key.INFERENCE_LATENCY_MEAN])
             signalled = time.monotonic()
             proc.send_signal(signum)
-            returncode = proc.wait(timeout=30)
-            exit_seconds = time.monotonic() - signalled
+            assert exited(proc, 30), under_test.log()
+            exit_seconds, returncode = time.monotonic() - signalled, proc.returncode
             log = under_test.log()
     finally:
         probe.destroy_node()

@@ -35,6 +35,7 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
 from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
+from support import StreamReader, exited
 
 
 class SmallCNN(nn.Module):
@@ -1111,15 +1112,18 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
                '--max-intensity-weight', '0.5']
     log = out / 'train_log.jsonl'
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    said = StreamReader(process.stderr)
     try:
         deadline = time.monotonic() + 120
         while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            assert process.poll() is None and time.monotonic() < deadline, said.text()
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
+        assert exited(process, 60), said.text()
     finally:
         process.kill()
+    said.close()
+    stderr = said.text()
     assert process.returncode == 130, stderr
     assert 'stopped by SIGTERM' in stderr and '--resume' in stderr
     done = len(log.read_text().splitlines())
@@ -1579,18 +1583,21 @@ def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
         [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder), '--out',
          str(out), '--steps', '1000', '--batch-size', '1', '--crop', '49', '--device', 'cpu',
          '--threads', '1', '--no-progress'], stderr=subprocess.PIPE, text=True)
+    said = StreamReader(process.stderr)
     try:
         deadline = time.monotonic() + 120
         log = out / 'train_log.jsonl'
         while not (log.exists() and log.stat().st_size):
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            assert process.poll() is None and time.monotonic() < deadline, said.text()
             time.sleep(0.05)
         process.send_signal(signal.SIGINT)
         time.sleep(0.01)
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        assert exited(process, 60), said.text()
     finally:
         process.kill()
+    said.close()
+    stderr = said.text()
     assert process.returncode == 130 and 'Traceback' not in stderr, stderr
     assert 'aborted without saving' in stderr or 'stopped by SIGINT' in stderr
 
