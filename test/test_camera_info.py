@@ -56,6 +56,12 @@ def test_an_image_gets_the_info_of_its_stamp_or_else_the_latest():
     for stamp, focal in ((30, 300.0), (40, 400.0), (30, 301.0)):
         cache.add(camera_info(stamp, focal))
     assert cache.for_image(10).k[0] == 301.0
+    # Infos out of stamp order (a reordering link, a bag recorded from two sources): the one
+    # stamped nearest before the image, not the last before it to arrive.
+    cache = CameraInfoCache(size=3)
+    for stamp, focal in ((20, 200.0), (40, 400.0), (10, 100.0)):
+        cache.add(camera_info(stamp, focal))
+    assert cache.for_image(30).k[0] == 200.0
 
 
 @pytest.mark.ros

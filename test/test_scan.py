@@ -71,6 +71,9 @@ CASES = [random_case(seed) for seed in range(12)] + [
     ((101, 2, 160, 70, 4, 1), dict(softplus=True, use_d=True, use_bias=True, delta_scale=50.0)),
     ((102, 1, 8, 64, 16, 4), dict(softplus=False, use_d=False, use_bias=False)),
     ((103, 2, 12, 45, 5, 1), dict(softplus=True, use_d=True, use_bias=True, three_dim=True)),
+    # SS2D's first level as the authors' preset scans it: 4 groups (directions) of 72 channels,
+    # each a block of 64 and one of 8 that must stop at its group's end.
+    ((104, 1, 288, 40, 12, 4), dict(softplus=True, use_d=True, use_bias=True)),
 ]
 
 
@@ -115,6 +118,18 @@ def test_reference_matches_sequential():
     tensors, kwargs = make_inputs(5, 2, 8, 40, 6, 4, softplus=True, use_d=True, use_bias=True)
     check_close(selective_scan_ref(*tensors, **kwargs),
                 selective_scan_sequential(*tensors, **kwargs))
+
+
+@needs_numba
+def test_more_threads_than_numba_has():
+    """torch may be set to more threads than numba started with (NUMBA_NUM_THREADS, the
+    cores): the kernels run on numba's, where numba.set_num_threads would raise."""
+    import numba
+    from s4fusion_ros.model.scan_numba import selective_scan_numba
+    tensors, kwargs = make_inputs(14, 1, 8, 20, 4, 2, softplus=True, use_d=True, use_bias=True)
+    y = selective_scan_numba(*(t.numpy() for t in tensors), kwargs['delta_bias'].numpy(),
+                             delta_softplus=True, threads=numba.config.NUMBA_NUM_THREADS + 1)
+    check_close(torch.from_numpy(y), selective_scan_sequential(*tensors, **kwargs))
 
 
 @needs_numba
