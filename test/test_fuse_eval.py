@@ -118,8 +118,8 @@ def test_fuse_reads_the_visible_files_colour_by_its_channels_and_refuses_16_bit(
     assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
                       str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
     errors = capsys.readouterr().err
-    assert (f'{tmp_path / "vi" / "deep.png"}: the visible image must be 8-bit, got uint16'
-            in errors and 'fused 3 of 4 pairs' in errors), errors
+    assert (f'{fuse.PROG}: {tmp_path / "vi" / "deep.png"}: the visible image must be 8-bit, '
+            'got uint16' in errors and 'fused 3 of 4 pairs' in errors), errors
     assert not (out / 'fused' / 'deep.png').exists()
     gray = read_png(out / 'fused' / '08.png')
     assert gray.ndim == 2
@@ -169,6 +169,10 @@ def test_a_file_without_a_partner_fails_the_run_after_the_others(ivif_dir, tmp_p
     assert f'no partner for {tmp_path / "vi" / "08_vis.png"}' in errors
     assert '1 file(s) without a partner (see above)' in errors
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu',
+                      '--skip-existing']) == 1  # all pairs done, the file still alone
+    assert 'all 1 pairs are fused' in capsys.readouterr().err
 
 
 def test_raw_16_bit_counts_are_flagged_and_stretched_as_the_node_does(ivif_dir, tmp_path,
@@ -320,13 +324,16 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     shutil.copy(tmp_path / 'ir' / '08.png', tmp_path / 'ir' / 'broken.png')
     (tmp_path / 'vi' / 'broken.png').write_bytes(b'not a png')
     out = tmp_path / 'out'
-    (out / 'fused').mkdir(parents=True)  # an earlier run's output for the pair that now fails
-    (out / 'fused' / 'broken.png').write_bytes(b'stale')
+    # Earlier runs' outputs: the fused image of the pair that now fails, a saliency map alone.
+    for kind, name in (('fused', 'broken.png'), ('saliency', '08.png')):
+        (out / kind).mkdir(parents=True)
+        (out / kind / name).write_bytes(b'stale')
     command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
                '--weights', str(tiny_weights), '--device', 'cpu']
     assert fuse.main(command) == 1  # an earlier run's output stays unless told otherwise
-    assert '1 output(s) exist' in capsys.readouterr().err
+    assert '2 output(s) exist' in capsys.readouterr().err
     assert (out / 'fused' / 'broken.png').read_bytes() == b'stale'
+    assert (out / 'saliency' / '08.png').read_bytes() == b'stale'
     code = fuse.main(command + ['--overwrite'])
     errors = capsys.readouterr().err
     assert code == 1
