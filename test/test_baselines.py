@@ -175,6 +175,22 @@ class _Payload:
     """Anything but tensors and containers: a safe loader must refuse to build it."""
 
 
+@pytest.mark.parametrize('change', ['missing', 'extra'])
+def test_seafusion_refuses_a_state_dict_that_is_not_the_published_one(
+        seafusion_path, tmp_path, change):
+    # A layer left at its random initialisation would put made-up SeAFusion numbers in the
+    # report; s4fusion-eval names such weights from the RuntimeError.
+    state = torch.load(seafusion_path, map_location='cpu', weights_only=True)
+    if change == 'missing':
+        del state['decode1.conv.weight']
+    else:
+        state['decode0.conv.weight'] = state['decode1.conv.weight']
+    path = tmp_path / 'SeAFusion.pth'
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match='decode[01].conv.weight'):
+        S.SeAFusion.from_published(path)
+
+
 def test_seafusion_refuses_pickled_objects(tmp_path):
     path = tmp_path / 'evil.pth'
     torch.save({'x': _Payload()}, path, _use_new_zipfile_serialization=False)
@@ -216,6 +232,7 @@ def test_seafusion_reproduces_the_published_metrics(seafusion_fuse, ivif_dir, na
         assert ours[key] == pytest.approx(ref[key], rel=1e-4), key
 
 
+@pytest.mark.filterwarnings('error')  # a flat image is black, not 0 / 0 cast to uint8
 def test_published_image_stretches_and_truncates_a_gray_image():
     out = S.published_image(np.array([[0.2, 0.4], [0.6, 0.6 - 1e-4]], np.float32))
     np.testing.assert_array_equal(out, [[0, 127], [255, 254]])  # truncated: 254.9 -> 254

@@ -101,6 +101,32 @@ def test_fuse_writes_what_the_engine_makes_from_the_images(ivif_dir, tmp_path, t
         assert np.abs(saliency.astype(int) - np.rint(expected.saliency * 255)).max() <= 1
 
 
+def test_fuse_reads_the_visible_files_colour_by_its_channels_and_refuses_16_bit(
+        ivif_dir, tmp_path, capsys, tiny_weights):
+    # What --vi holds decides the output: a one-channel gray file fuses as its three-channel
+    # copy, a colour image whose blue and green agree is still colour, and a 16-bit visible
+    # image (the model's colour path is 8-bit) fails alone, naming its file.
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    visible = cv2.imread(str(tmp_path / 'vi' / '08.png'), cv2.IMREAD_COLOR)
+    tinted = visible.copy()
+    tinted[..., 2] = 255 - visible[..., 2]  # red differs, blue still equals green
+    for name, image in (('one_channel.png', visible[..., 0]), ('tinted.png', tinted),
+                        ('deep.png', visible.astype(np.uint16) * 257)):
+        shutil.copy(tmp_path / 'ir' / '08.png', tmp_path / 'ir' / name)
+        cv2.imwrite(str(tmp_path / 'vi' / name), image)
+    out = tmp_path / 'out'
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
+    errors = capsys.readouterr().err
+    assert (f'{fuse.PROG}: {tmp_path / "vi" / "deep.png"}: the visible image must be 8-bit, '
+            'got uint16' in errors and 'fused 3 of 4 pairs' in errors), errors
+    assert not (out / 'fused' / 'deep.png').exists()
+    gray = read_png(out / 'fused' / '08.png')
+    assert gray.ndim == 2
+    assert np.array_equal(read_png(out / 'fused' / 'one_channel.png'), gray)
+    assert read_png(out / 'fused' / 'tinted.png').shape == tinted.shape
+
+
 def test_the_readme_python_example_writes_what_s4fusion_fuse_writes(
         ivif_dir, tmp_path, monkeypatch):
     readme = (REPO / 'README.md').read_text()
@@ -143,6 +169,10 @@ def test_a_file_without_a_partner_fails_the_run_after_the_others(ivif_dir, tmp_p
     assert f'no partner for {tmp_path / "vi" / "08_vis.png"}' in errors
     assert '1 file(s) without a partner (see above)' in errors
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu',
+                      '--skip-existing']) == 1  # all pairs done, the file still alone
+    assert 'all 1 pairs are fused' in capsys.readouterr().err
 
 
 def test_raw_16_bit_counts_are_flagged_and_stretched_as_the_node_does(ivif_dir, tmp_path,
@@ -181,7 +211,8 @@ def test_fuse_warns_once_of_a_false_colour_or_differently_sized_ir_image(ivif_di
         cv2.imwrite(str(tmp_path / 'ir' / name), cv2.applyColorMap(ir, cv2.COLORMAP_JET))
         shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / name)
     height, width = ir.shape
-    cv2.imwrite(str(tmp_path / 'ir' / 'small.png'), cv2.resize(ir, (width // 2, height // 2)))
+    # Not square, so that the message must give each size width first.
+    cv2.imwrite(str(tmp_path / 'ir' / 'small.png'), cv2.resize(ir, (width // 2, height // 4)))
     shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / 'small.png')
     assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
                       str(tmp_path / 'out'), '--weights', str(tiny_weights), '--device',
@@ -189,7 +220,7 @@ def test_fuse_warns_once_of_a_false_colour_or_differently_sized_ir_image(ivif_di
     errors = capsys.readouterr().err
     assert errors.count('is a colour image: it fuses as its luminance') == 1
     assert f'{tmp_path / "ir" / "jet1.png"} is a colour image' in errors
-    assert (f'{tmp_path / "ir" / "small.png"} is {width // 2}x{height // 2} and '
+    assert (f'{tmp_path / "ir" / "small.png"} is {width // 2}x{height // 4} and '
             f'{tmp_path / "vi" / "small.png"} {width}x{height}: the IR image is resized') in errors
     assert f'{tmp_path / "ir" / "08.png"}' not in errors
     # Each is warned of once; the summary counts them all (it named only the first).
@@ -293,13 +324,16 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     shutil.copy(tmp_path / 'ir' / '08.png', tmp_path / 'ir' / 'broken.png')
     (tmp_path / 'vi' / 'broken.png').write_bytes(b'not a png')
     out = tmp_path / 'out'
-    (out / 'fused').mkdir(parents=True)  # an earlier run's output for the pair that now fails
-    (out / 'fused' / 'broken.png').write_bytes(b'stale')
+    # Earlier runs' outputs: the fused image of the pair that now fails, a saliency map alone.
+    for kind, name in (('fused', 'broken.png'), ('saliency', '08.png')):
+        (out / kind).mkdir(parents=True)
+        (out / kind / name).write_bytes(b'stale')
     command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
                '--weights', str(tiny_weights), '--device', 'cpu']
     assert fuse.main(command) == 1  # an earlier run's output stays unless told otherwise
-    assert '1 output(s) exist' in capsys.readouterr().err
+    assert '2 output(s) exist' in capsys.readouterr().err
     assert (out / 'fused' / 'broken.png').read_bytes() == b'stale'
+    assert (out / 'saliency' / '08.png').read_bytes() == b'stale'
     code = fuse.main(command + ['--overwrite'])
     errors = capsys.readouterr().err
     assert code == 1
@@ -308,12 +342,14 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     assert f'fused 1 of 2 pairs into {out}; 1 file(s) without a partner skipped' in errors
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
     # Written into an input folder itself (--ir X/fused --out X), the inputs would go.
-    shutil.copytree(tmp_path / 'ir', tmp_path / 'x' / 'fused')
-    before = (tmp_path / 'x' / 'fused' / '08.png').read_bytes()
-    assert fuse.main(['--ir', str(tmp_path / 'x' / 'fused'), *command[2:4], '--out',
-                      str(tmp_path / 'x'), *command[6:], '--overwrite']) == 1
-    assert f'{tmp_path / "x" / "fused"} is an input folder' in capsys.readouterr().err
-    assert (tmp_path / 'x' / 'fused' / '08.png').read_bytes() == before
+    for kind in ('fused', 'saliency'):
+        inputs = tmp_path / kind / kind
+        shutil.copytree(tmp_path / 'ir', inputs)
+        before = (inputs / '08.png').read_bytes()
+        assert fuse.main(['--ir', str(inputs), *command[2:4], '--out', str(tmp_path / kind),
+                          *command[6:], '--overwrite']) == 1
+        assert f'{inputs} is an input folder' in capsys.readouterr().err
+        assert (inputs / '08.png').read_bytes() == before
     # An output folder that is a symlink loop: one line, not a traceback.
     (tmp_path / 'loop').mkdir()
     (tmp_path / 'loop' / 'fused').symlink_to(tmp_path / 'loop' / 'fused')
@@ -367,6 +403,7 @@ def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_pa
     save_checkpoint(other, tmp_path / 'other.safetensors')
     for options, named in ((['--gray'], 'gray: False -> True'),
                            (['--inference-size', '128x96'], 'inference_size: [0, 0] -> [128, 96]'),
+                           (['--stretch-thermal'], 'stretch_thermal: False -> True'),
                            (['--weights', str(tmp_path / 'other.safetensors')], 'weights_sha256')):
         assert fuse.main(command + ['--skip-existing'] + options) == 1
         assert named in capsys.readouterr().err
@@ -409,7 +446,7 @@ def test_fuse_skip_existing_fuses_again_what_other_pictures_of_the_same_names_ma
     assert outputs('out') == outputs('b_replaced') != outputs('b_alone')
 
 
-def test_fuse_resuming_a_cut_overwrite_never_keeps_the_run_before(ivif_dir, tmp_path,
+def test_fuse_resuming_a_cut_overwrite_never_keeps_the_run_before(ivif_dir, tmp_path, capsys,
                                                                   monkeypatch, tiny_weights):
     """A run with --overwrite and new settings, cut after its first pair and resumed, gives
     what one whole run with those settings gives: no output of the run before survives."""
@@ -427,7 +464,9 @@ def test_fuse_resuming_a_cut_overwrite_never_keeps_the_run_before(ivif_dir, tmp_
         written.append(path)
         write_png(path, image)
     monkeypatch.setattr(fuse, 'write_png', cut_after_the_first_pair)
+    capsys.readouterr()
     assert fuse.main(command + ['--out', str(out), '--overwrite']) == 130
+    assert 'fused again' not in capsys.readouterr().err  # --overwrite fuses every pair
     monkeypatch.undo()
     assert fuse.main(command + ['--out', str(out), '--skip-existing']) == 0
     for path in (tmp_path / 'whole').rglob('*.png'):
@@ -456,6 +495,76 @@ def test_fuse_never_leaves_other_pairs_outputs_of_other_settings_beside_its_own(
         assert {path: path.read_bytes() for path in out.rglob('*') if path.is_file()} == before
     assert run('gray') == 0  # the same settings: the record describes both pairs' outputs
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png', 'FLIR_00006.png']
+    capsys.readouterr()
+    assert run('colour', '--skip-existing') == 0  # and still what they were made from
+    assert 'all 1 pairs are fused' in capsys.readouterr().err
+
+
+def test_fuse_skip_existing_fuses_again_a_source_changed_in_size_or_time_alone(
+        ivif_dir, tmp_path, capsys, tiny_weights):
+    """A picture edited in place keeps its size in an uncompressed format, and one copied with
+    its time (cp -p) keeps its time: either alone tells that the outputs are of another."""
+    def picture(dataset, side, size):
+        source = sorted((ivif_dir / dataset / side).glob('*.png'))[0]
+        return cv2.resize(cv2.imread(str(source), cv2.IMREAD_GRAYSCALE), size,
+                          interpolation=cv2.INTER_AREA)
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+        cv2.imwrite(str(tmp_path / side / '0.bmp'), picture('msrs', side, (160, 120)))
+    ir = tmp_path / 'ir' / '0.bmp'
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+               str(tmp_path / 'out'), '--weights', str(tiny_weights), '--device', 'cpu',
+               '--skip-existing']
+    assert fuse.main(command) == 0
+    for size in ((160, 120), (120, 90)):  # same bytes, a later time; other bytes, same time
+        before = ir.stat()
+        cv2.imwrite(str(ir), picture('m3fd', 'ir', size))
+        times = (before.st_atime_ns, before.st_mtime_ns + 10**9 * (size == (160, 120)))
+        os.utime(ir, ns=times)
+        assert (ir.stat().st_size == before.st_size) == (size == (160, 120))
+        capsys.readouterr()
+        assert fuse.main(command) == 0
+        assert '1 fused again, their outputs not made from these source files' in (
+            capsys.readouterr().err)
+
+
+def test_fuse_skip_existing_refuses_another_detail_gain(ivif_dir, tmp_path, capsys):
+    # The gain on the Laplacian base's details is part of the model's recorded configuration,
+    # not of its weights file: the outputs of another gain must not be kept.
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig(dims=(8, 16, 32), d_state=4, fusion_d_state=4,
+                                    fusion_blocks=1, base='laplacian'))
+    save_checkpoint(model, tmp_path / 'laplacian.safetensors')
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+               str(tmp_path / 'out'), '--weights', str(tmp_path / 'laplacian.safetensors'),
+               '--device', 'cpu']
+    assert fuse.main(command) == 0
+    capsys.readouterr()
+    assert fuse.main(command + ['--skip-existing', '--detail-gain', '1.5']) == 1
+    assert 'model.detail_gain: 1.0 -> 1.5' in capsys.readouterr().err
+
+
+def test_fuse_refuses_a_run_record_it_cannot_read_or_write_before_touching_outputs(
+        ivif_dir, tmp_path, capsys, tiny_weights):
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    out = tmp_path / 'out'
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
+               '--weights', str(tiny_weights), '--device', 'cpu']
+    assert fuse.main(command) == 0
+    outputs = {path: path.read_bytes() for path in out.rglob('*.png')}
+    record = out / fuse.RUN_RECORD
+    record.write_text('[]\n')  # JSON, but no record: it was a traceback
+    capsys.readouterr()
+    assert fuse.main(command + ['--skip-existing']) == 1
+    assert (f'--skip-existing: the outputs under {out} were not made with these settings '
+            f'({fuse.RUN_RECORD} is not a run record)') in capsys.readouterr().err
+    record.unlink()
+    record.mkdir()  # the outputs were removed, then the record could not be written
+    assert fuse.main(command + ['--overwrite']) == 1
+    assert f'{record} is a folder: it must be free for the run record' in (
+        capsys.readouterr().err)
+    assert {path: path.read_bytes() for path in out.rglob('*.png')} == outputs
 
 
 def test_report_names_the_base_settings_the_hashed_weights_run_at():
@@ -551,6 +660,21 @@ def test_fuse_refuses_a_detail_gain_out_of_range_and_one_folder_for_both(tmp_pat
     with pytest.raises(SystemExit) as exit_info:  # it was a traceback
         fuse.main(['--ir', str(tmp_path / 'a'), '--vi', str(tmp_path), '--out', str(tmp_path)])
     assert exit_info.value.code == 2 and 'Symlink loop' in capsys.readouterr().err
+
+
+def test_fuse_takes_0x0_for_full_resolution_and_fails_folders_without_a_pair(
+        tmp_path, capsys, tiny_weights):
+    # 0x0, the default the help names, was refused by a minimum of 1; two empty folders (a
+    # wrong path's typo'd twin, say) exit 1, not 0 with "all 0 pairs are fused".
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+               str(tmp_path / 'out'), '--weights', str(tiny_weights), '--device', 'cpu']
+    assert fuse.parse_args([*command, '--inference-size', '0x0']).inference_size == (0, 0)
+    for side in ('ir', 'vi'):
+        (tmp_path / side).mkdir()
+    assert fuse.main(command) == 1
+    assert (f'no pairs with the same file name (or the same name with another extension) in '
+            f'{tmp_path / "ir"} and {tmp_path / "vi"}') in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('threads', ['0', '-1'])
