@@ -11,6 +11,7 @@ import pathlib
 import random
 import re
 import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -490,3 +491,21 @@ class StreamReader:
     def close(self, timeout: float = 10.0) -> None:
         """Wait until the stream has closed (the child exited)."""
         self._thread.join(timeout)
+
+
+def stop_once_logged(process: subprocess.Popen, log: pathlib.Path, lines: int, start_s: float,
+                     stop_s: float) -> str:
+    """SIGTERM a training child (stderr piped) once its `log` has `lines` lines; return its
+    stderr once it has exited. The child is killed however this ends."""
+    said = StreamReader(process.stderr)
+    try:
+        deadline = time.monotonic() + start_s
+        while not (log.exists() and len(log.read_text().splitlines()) >= lines):
+            assert process.poll() is None and time.monotonic() < deadline, said.text()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert exited(process, stop_s), said.text()
+    finally:
+        process.kill()
+    said.close()
+    return said.text()

@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -21,7 +20,7 @@ import torch
 
 from s4fusion_ros.model.scan import numba_scan_fn, scan_backend
 from s4fusion_ros.training.data import IVIF_DATA_NOTE, pair_key, training_data_note, training_pairs
-from support import StreamReader, exited
+from support import stop_once_logged
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'gpu_train.py'
@@ -319,19 +318,8 @@ def test_a_call_stopped_from_outside_stops_its_run_and_brings_back_what_it_saved
          '--out', str(out), '--minutes', '5', '--recipes', 'compact', '--device', 'cpu', '--',
          '--steps', '2000', '--batch-size', '1', '--crop', '25', '--threads', '1'],
         stderr=subprocess.PIPE, text=True)
-    said = StreamReader(proc.stderr)
     log = runs / 'compact' / 'train_log.jsonl'
-    try:
-        deadline = time.monotonic() + 300
-        while not (log.exists() and log.read_text().count('\n') >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, said.text()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert exited(proc, 120), said.text()
-    finally:
-        proc.kill()
-    said.close()
-    stderr = said.text()
+    stderr = stop_once_logged(proc, log, 2, 300, 120)
     assert proc.returncode == 130, stderr
     assert 'stopped: packing what the recipes saved' in stderr
     summary = json.loads((out / 'gpu_train_summary.json').read_text())

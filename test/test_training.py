@@ -35,7 +35,7 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
 from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
-from support import StreamReader, exited
+from support import StreamReader, exited, stop_once_logged
 
 
 class SmallCNN(nn.Module):
@@ -1112,18 +1112,7 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
                '--max-intensity-weight', '0.5']
     log = out / 'train_log.jsonl'
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    said = StreamReader(process.stderr)
-    try:
-        deadline = time.monotonic() + 120
-        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-            assert process.poll() is None and time.monotonic() < deadline, said.text()
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        assert exited(process, 60), said.text()
-    finally:
-        process.kill()
-    said.close()
-    stderr = said.text()
+    stderr = stop_once_logged(process, log, 2, 120, 60)
     assert process.returncode == 130, stderr
     assert 'stopped by SIGTERM' in stderr and '--resume' in stderr
     done = len(log.read_text().splitlines())
