@@ -377,6 +377,65 @@ def test_outputs_recorded_before_the_first_clock_message_are_logged_at_their_sta
                                                              ['/fused'])] == [stamp_ns]
 
 
+def test_the_recorder_writes_each_topic_as_received_at_its_arrival_with_its_offered_qos(
+        ros_context, tmp_path):
+    # Two topics of two types on one best-effort recorder, one more on a second with the default
+    # offer: each message in its own topic's connection, its CDR bytes untouched, logged when it
+    # arrived (the wall clock here, not its stamp decades back).
+    import numpy as np
+    import rclpy
+    from rclpy.serialization import serialize_message
+    from sensor_msgs.msg import CameraInfo
+    from s4fusion_ros.bagio import IMAGE, create_bag, output_qos, read_messages
+    from s4fusion_ros.camera_info import CAMERA_INFO
+    from s4fusion_ros.ros.images import image_message, set_header
+    from s4fusion_ros.ros.parameters import qos_profile
+    from s4fusion_ros.ros.recorder import TopicRecorder
+    from s4fusion_ros.ros.spin import spin_until
+    topics = {'/recorded/image': IMAGE, '/recorded/camera_info': CAMERA_INFO}
+    info = CameraInfo(width=3, height=2)
+    set_header(info, 5, 'rgb')
+    sent = {'/recorded/image': [image_message(np.full((2, 3), level, np.uint8), 'mono8', 7, 'rgb')
+                                for level in (1, 2)],
+            '/recorded/camera_info': [info], '/recorded/reliable': [info]}
+    node = rclpy.create_node('recorder_test')
+    try:
+        best_effort = qos_profile('best_effort', 10)
+        publishers = {topic: node.create_publisher(type(messages[0]), topic, best_effort)
+                      for topic, messages in sent.items()}
+        with create_bag(tmp_path / 'bag') as writer:
+            recorder = TopicRecorder(node, writer, topics, best_effort,
+                                     output_qos('best_effort', 10))
+            reliable = TopicRecorder(node, writer, {'/recorded/reliable': CAMERA_INFO},
+                                     qos_profile('reliable', 10))
+            before_ns = time.time_ns()
+            for topic, messages in sent.items():
+                for message in messages:
+                    publishers[topic].publish(message)
+            assert spin_until(node, lambda: recorder.counts == {
+                '/recorded/image': 2, '/recorded/camera_info': 1}, 10), recorder.counts
+            spin_until(node, lambda: False, 0.3)  # a reliable reader hears no best-effort writer
+            after_ns = time.time_ns()
+            assert reliable.counts == {'/recorded/reliable': 0}
+    finally:
+        node.destroy_node()
+    with open_bag(tmp_path / 'bag') as reader:
+        connections = {c.topic: c for c in reader.connections}
+        assert {topic: c.msgtype for topic, c in connections.items()} == {
+            **topics, '/recorded/reliable': CAMERA_INFO}
+        assert {topic: c.ext.offered_qos_profiles[0].reliability
+                for topic, c in connections.items()} == {
+            '/recorded/image': QosReliability.BEST_EFFORT,
+            '/recorded/camera_info': QosReliability.BEST_EFFORT,
+            '/recorded/reliable': QosReliability.RELIABLE}
+        recorded = {}
+        for connection, log_time, data in read_messages(reader, tmp_path / 'bag', topics):
+            assert before_ns <= log_time <= after_ns
+            recorded.setdefault(connection.topic, []).append(bytes(data))
+    assert recorded == {topic: [bytes(serialize_message(m)) for m in sent[topic]]
+                        for topic in topics}
+
+
 def test_the_demo_stops_waiting_for_frames_the_middleware_lost(ros_context):
     # A node behind its inputs loses frames on the way (a publisher's KEEP_LAST history
     # overwrites what its reader has not taken): the demo waited for them until its timeout
