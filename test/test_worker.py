@@ -65,9 +65,14 @@ def test_counts_never_show_an_item_both_finished_and_in_progress(monkeypatch):
         worker = InferenceWorker(process, queue_size=3)
     worker._wakeup.worker = worker
     try:
+        end = time.monotonic() + 60
         for item in range(500):
+            # Room in the queue first, so that every item runs and finishes between submissions
+            # however loaded the machine (a loaded one dropped half of them: too few states seen).
+            while worker.counts().pending >= 3:
+                assert time.monotonic() < end
+                time.sleep(0)
             worker.submit(item)
-            time.sleep(0)  # let the worker run, so that items finish between submissions
         assert wait_idle(worker, 10.0)
         counts = worker.counts()
     finally:
