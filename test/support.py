@@ -495,12 +495,13 @@ class StreamReader:
 
 def stop_once_logged(process: subprocess.Popen, log: pathlib.Path, lines: int, start_s: float,
                      stop_s: float) -> str:
-    """SIGTERM a training child (stderr piped) once its `log` has `lines` lines; return its
-    stderr once it has exited. The child is killed however this ends."""
+    """SIGTERM a training child (stderr piped) once its `log` has `lines` whole lines (a line
+    still being written does not count); return its stderr once it has exited. The child is
+    killed however this ends."""
     said = StreamReader(process.stderr)
     try:
         deadline = time.monotonic() + start_s
-        while not (log.exists() and len(log.read_text().splitlines()) >= lines):
+        while not (log.exists() and log.read_text().count('\n') >= lines):
             assert process.poll() is None and time.monotonic() < deadline, said.text()
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
