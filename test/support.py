@@ -493,20 +493,34 @@ class StreamReader:
         self._thread.join(timeout)
 
 
+@contextlib.contextmanager
+def reading(process: subprocess.Popen, stream, stop: int = signal.SIGINT):
+    """A StreamReader of the child's `stream` for the block. However the block ends, the child
+    is then stopped if it still runs, so that a failed check leaves none behind: `stop` (SIGINT,
+    its clean stop as cli.interrupt sends it; or SIGKILL), SIGKILL 10 s later; and the reader
+    waits for the stream to close, so that its whole text is there after the block."""
+    said = StreamReader(stream)
+    try:
+        yield said
+    finally:
+        if process.poll() is None:
+            process.send_signal(stop)
+            if not exited(process, 10.0):
+                process.kill()
+                process.wait()
+        said.close()
+
+
 def stop_once_logged(process: subprocess.Popen, log: pathlib.Path, lines: int, start_s: float,
                      stop_s: float) -> str:
     """SIGTERM a training child (stderr piped) once its `log` has `lines` whole lines (a line
     still being written does not count); return its stderr once it has exited. The child is
     killed however this ends."""
-    said = StreamReader(process.stderr)
-    try:
+    with reading(process, process.stderr, stop=signal.SIGKILL) as said:
         deadline = time.monotonic() + start_s
         while not (log.exists() and log.read_text().count('\n') >= lines):
             assert process.poll() is None and time.monotonic() < deadline, said.text()
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         assert exited(process, stop_s), said.text()
-    finally:
-        process.kill()
-    said.close()
     return said.text()

@@ -33,9 +33,9 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
-                     StreamReader, address_space_limit, bag_image_message, camera_messages,
-                     damage_chunk, mcap_chunks, most_frames, read_bag, visible_camera_info,
-                     write_bag, write_merged_visible_bag, zstd_transport_data)
+                     address_space_limit, bag_image_message, camera_messages, damage_chunk,
+                     mcap_chunks, most_frames, read_bag, reading, visible_camera_info, write_bag,
+                     write_merged_visible_bag, zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -1642,13 +1642,12 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     # SIGINT must still stop it.
     proc = run_tool(source, output, params_file, '--overwrite', '--export-video', str(video),
                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    stderr = StreamReader(proc.stderr)
-    # Mid-run: the progress bar counts some pairs fused, however slow the machine.
-    assert stderr.wait_for(re.compile(r'fusing: .*\| *[1-9]\d*/'), 120), stderr.text()
-    assert staging_dirs(tmp_path) and proc.poll() is None, stderr.text()
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-    stderr.close()
+    with reading(proc, proc.stderr) as stderr:
+        # Mid-run: the progress bar counts some pairs fused, however slow the machine.
+        assert stderr.wait_for(re.compile(r'fusing: .*\| *[1-9]\d*/'), 120), stderr.text()
+        assert staging_dirs(tmp_path) and proc.poll() is None, stderr.text()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
     error = stderr.text()
     assert proc.returncode == 130, error
     assert 'interrupted' in error and 'Traceback' not in error

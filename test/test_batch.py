@@ -25,13 +25,13 @@ from s4fusion_ros import bagio, replay, settings
 from s4fusion_ros.batch import work
 from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags, processes_with_home
 from s4fusion_ros.bagio import BagError
-from s4fusion_ros.cli import TimeWindow, interrupt
+from s4fusion_ros.cli import TimeWindow
 from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
 from support import (BATCH_PARAMS, IMAGE, START_NS, THERMAL_TOPIC, TYPESTORE,  # noqa: F401
-                     VISIBLE_TOPIC, StreamReader, camera_messages, damage_chunk, drifting,
-                     exited, mcap_chunks, most_frames, one_torch_thread, params_file, read_bag,
+                     VISIBLE_TOPIC, camera_messages, damage_chunk, drifting, exited,
+                     mcap_chunks, most_frames, one_torch_thread, params_file, read_bag, reading,
                      reference, write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
@@ -932,8 +932,7 @@ def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, t
     else:
         command += [str(params_file), str(source), str(tmp_path / 'out')]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    said = StreamReader(proc.stderr)
-    try:
+    with reading(proc, proc.stderr) as said:  # a failed check leaves no run fusing on
         deadline = time.monotonic() + 60
         while not set(homes('s4fusion-ray-*')) - before and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -947,9 +946,6 @@ def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, t
             time.sleep(1.0)
         proc.send_signal(getattr(signal, stop))
         assert exited(proc, 60), said.text()
-    finally:
-        interrupt(proc)  # a failed check leaves no run fusing on
-    said.close()
     error = said.text()
     if not api:
         assert proc.returncode == 130, error
@@ -1066,10 +1062,7 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
                              '--num-cpus', '1', '--segment-minutes', '0.15'],
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, 'PYTHONUNBUFFERED': '1'})
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
-    try:
+    with reading(proc, proc.stderr) as said:  # a failed check leaves no run fusing on
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline and not (
                 (out / 'a').exists() and len(list(out.glob('.long.s4batch/part-*.json'))) >= 2):
@@ -1081,11 +1074,8 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
         # SIGTERM, as `kill` and service managers stop it: the clean-up of Ctrl-C, not Ray's
         # crash handler (which ray.init would install).
         proc.send_signal(signal.SIGTERM)
-        assert exited(proc, 60), ''.join(lines)
-    finally:
-        interrupt(proc)  # a failed check leaves no run fusing on
-    reader.join(timeout=10)
-    error = ''.join(lines)
+        assert exited(proc, 60), said.text()
+    error = said.text()
     assert proc.returncode == 130, error
     assert 'interrupted' in error and 'Traceback' not in error
     assert 'Token authentication' not in error  # Ray's notice on each start: no news here

@@ -17,8 +17,7 @@ from rosbags.interfaces import QosReliability
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
 from paths import executable  # noqa: E402
-from support import StreamReader, exited  # noqa: E402
-from s4fusion_ros.cli import interrupt  # noqa: E402
+from support import exited, reading  # noqa: E402
 from s4fusion_ros.bagio import open_bag  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -67,30 +66,28 @@ def test_a_second_stop_signal_does_not_leave_the_node_running(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     player_log = out / 'logs' / 'player.log'
-    error = StreamReader(demo.stderr)
     try:
-        deadline = time.monotonic() + 120
-        while 'playing' not in (player_log.read_text() if player_log.exists() else ''):
-            assert demo.poll() is None and time.monotonic() < deadline, \
-                f'the demo did not play:\n{error.text()}'
-            time.sleep(0.05)
-        time.sleep(1.0)  # fusing
-        demo.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 60
-        while 'stopped' not in player_log.read_text() and demo.poll() is None:
-            assert time.monotonic() < deadline, \
-                f'the player did not stop:\n{player_log.read_text()}\n{error.text()}'
-            time.sleep(0.01)
-        demo.send_signal(signal.SIGTERM)  # while it stops the node (a second or so)
-        assert exited(demo, 60), f'the demo did not stop:\n{error.text()}'
-        left_running = in_session(demo.pid)
+        with reading(demo, demo.stderr) as said:
+            deadline = time.monotonic() + 120
+            while 'playing' not in (player_log.read_text() if player_log.exists() else ''):
+                assert demo.poll() is None and time.monotonic() < deadline, \
+                    f'the demo did not play:\n{said.text()}'
+                time.sleep(0.05)
+            time.sleep(1.0)  # fusing
+            demo.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 60
+            while 'stopped' not in player_log.read_text() and demo.poll() is None:
+                assert time.monotonic() < deadline, \
+                    f'the player did not stop:\n{player_log.read_text()}\n{said.text()}'
+                time.sleep(0.01)
+            demo.send_signal(signal.SIGTERM)  # while it stops the node (a second or so)
+            assert exited(demo, 60), f'the demo did not stop:\n{said.text()}'
+            left_running = in_session(demo.pid)
     finally:
         # Its node and player too (its session), which a failed check would leave running.
-        interrupt(demo)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(demo.pid, signal.SIGKILL)
-    error.close()
-    error = error.text()
+    error = said.text()
     assert demo.returncode == 130, error
     assert left_running == [], error
     assert error.strip().endswith('interrupted; no fused bag written'), error

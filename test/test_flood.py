@@ -20,7 +20,7 @@ from paths import executable  # noqa: E402
 from s4fusion_ros.cli import READER_LEFT  # noqa: E402
 from s4fusion_ros.ros.flood import (  # noqa: E402
     _flood, Driver, FloodReport, main as flood_main, Phase, run_flood, shown, synthetic_pair)
-from support import StreamReader, check_counters, check_latency, exited, FLOOD_PARAMS  # noqa: E402
+from support import check_counters, check_latency, exited, reading, FLOOD_PARAMS  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -108,25 +108,23 @@ def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stops):
          '-p', 'device:=cpu', '-p', 'inference_size:=[160,120]'],
         env={**os.environ, 'TMPDIR': str(tmp_path)}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
-    said = StreamReader(process.stderr)
     try:
-        deadline = time.monotonic() + 60
-        while not node_processes(str(tmp_path)):
-            assert process.poll() is None and time.monotonic() < deadline, said.text()
-            time.sleep(0.1)
-        time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
-        for stop in stops:
-            process.send_signal(stop)
-            time.sleep(0.02)  # the second lands while the first is being handled
-        assert exited(process, 60), f'the flood did not stop:\n{said.text()}'
-        said.close()
+        with reading(process, process.stderr, stop=signal.SIGKILL) as said:
+            deadline = time.monotonic() + 60
+            while not node_processes(str(tmp_path)):
+                assert process.poll() is None and time.monotonic() < deadline, said.text()
+                time.sleep(0.1)
+            time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
+            for stop in stops:
+                process.send_signal(stop)
+                time.sleep(0.02)  # the second lands while the first is being handled
+            assert exited(process, 60), f'the flood did not stop:\n{said.text()}'
         stderr = said.text()
         deadline = time.monotonic() + 20  # the node's own clean stop
         while node_processes(str(tmp_path)) and time.monotonic() < deadline:
             time.sleep(0.1)
         left_running = node_processes(str(tmp_path))
     finally:
-        process.kill()
         for pid in node_processes(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
     assert not left_running, 'the node outlived its flood'

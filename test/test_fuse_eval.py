@@ -21,7 +21,6 @@ import torch
 
 from paths import REPO, executable
 from s4fusion_ros import settings
-from s4fusion_ros.cli import interrupt
 from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings, PreparedPair
 from s4fusion_ros.evaluation import baselines, metrics, report
 from s4fusion_ros.imaging.color import to_uint8
@@ -33,7 +32,7 @@ from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
 from s4fusion_ros.training.data import ivif_splits, m3svd_clip, pair_key
-from support import StreamReader, address_space_limit, exited
+from support import address_space_limit, exited, reading
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -1513,15 +1512,11 @@ def test_eval_stopped_by_sigterm_ends_as_for_ctrl_c(ivif_dir, tmp_path):
                              str(pairs), '--methods', 'ours,gff', '--threads', '1', '--out',
                              str(out), '--save-outputs', str(saved)], stderr=subprocess.PIPE,
                             text=True)
-    said = StreamReader(proc.stderr)
-    try:
+    with reading(proc, proc.stderr) as said:
         # tqdm's first line: scoring has begun (False at once if it ended before)
         assert said.wait_for('pairs:', 300), said.text()
         proc.send_signal(signal.SIGTERM)
         assert exited(proc, 120), said.text()
-    finally:
-        interrupt(proc)
-    said.close()
     error = said.text()
     assert proc.returncode == 130, error
     assert (f"interrupted; {out} was not written; {saved / 'pairs'} is incomplete: it has this "

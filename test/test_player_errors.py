@@ -15,14 +15,13 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
 from support import (COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,
-                     StreamReader, bag_image_message, damage_chunk, mcap_chunks, write_bag,
+                     bag_image_message, damage_chunk, mcap_chunks, reading, write_bag,
                      write_merged_visible_bag)
 
 pytestmark = pytest.mark.ros
 
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
-from s4fusion_ros.cli import interrupt  # noqa: E402
 
 PLAYER = [sys.executable, '-m', 's4fusion_ros.ros.player']
 
@@ -147,17 +146,13 @@ def test_a_bag_that_fails_midway_delivers_and_counts_what_it_played(tmp_path):
                                      QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
         player = subprocess.Popen([*PLAYER, str(tmp_path / 'damaged'), '--wait', '30', '--rate',
                                    '10'], stderr=subprocess.PIPE, text=True)
-        said = StreamReader(player.stderr)
-        try:
+        with reading(player, player.stderr) as said:
             end = time.monotonic() + 120
             while player.poll() is None:
                 assert time.monotonic() < end, f'the player did not stop:\n{said.text()}'
                 rclpy.spin_once(node, timeout_sec=0.05)
-        finally:
-            interrupt(player)
         for _ in range(20):  # what the player's exit left in the queue
             rclpy.spin_once(node, timeout_sec=0.05)
-        said.close()
         stderr = said.text()
         node.destroy_node()
     finally:
@@ -227,15 +222,11 @@ def test_an_mcap_with_a_damaged_chunk_plays_the_others_and_says_what_was_lost(tm
     # Looped and stopped: "lost" was one pass's count beside every pass's published count.
     looping = subprocess.Popen([*PLAYER, str(storage), '--wait', '0', '--rate', '10', '--loop'],
                                stderr=subprocess.PIPE, text=True)
-    said = StreamReader(looping.stderr)
-    try:
+    with reading(looping, looping.stderr) as said:
         assert said.wait_for('damaged chunk skipped', 60), said.text()  # the first pass's loss
         time.sleep(1.0)  # more passes, each 0.1 s
         looping.send_signal(signal.SIGINT)
         looping.wait(timeout=60)
-    finally:
-        interrupt(looping)
-    said.close()
     stopped = said.text().split('damaged chunk skipped', 1)[1]  # after the first pass
     summary = re.search(rf'{THERMAL_TOPIC} (\d+); lost: (\d+) messages of the damaged chunks '
                         'skipped; stopped', stopped)

@@ -19,7 +19,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from ros_harness import rclpy
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,
-                     StreamReader, bag_image_message, visible_camera_info, write_bag)
+                     StreamReader, bag_image_message, reading, visible_camera_info, write_bag)
 
 pytestmark = pytest.mark.ros
 
@@ -310,14 +310,11 @@ def test_ctrl_c_stops_a_player_started_with_sigint_ignored():
         [*PLAYER, str(sample_bag()), '--wait', '120', '--wait-for', f'{NAMESPACE}/nobody'],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    output = StreamReader(player.stdout)
-    try:
+    with reading(player, player.stdout) as output:
         assert output.wait_for('waiting for', 60), output.text()
         started = time.monotonic()
         assert interrupt(player, timeout=30) == 0, output.text()
         assert time.monotonic() - started < 30
-    finally:
-        interrupt(player)
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -456,15 +453,12 @@ def test_a_window_loops_after_the_calibration_before_it_with_its_own_clock(tmp_p
              f'{NAMESPACE}/window_listener', *(option for topic, name in names.items()
                                                for option in ('--remap', f'{topic}:={name}'))],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        said = StreamReader(player.stdout)
-        try:
+        with reading(player, player.stdout) as said:
             end = time.monotonic() + 90  # into the third pass
             while (len(received[THERMAL_TOPIC]) <= 2 * len(window[THERMAL_TOPIC])
                    and time.monotonic() < end and player.poll() is None):
                 rclpy.spin_once(node, timeout_sec=0.05)
-        finally:
             stopped = interrupt(player)  # it loops until stopped
-        said.close()
         output = said.text()
         assert stopped == 0, output
         node.destroy_node()
@@ -580,34 +574,34 @@ def test_a_topic_recorded_latched_is_played_latched_for_late_subscribers(best_ef
                                '--topics', *names, *remapped,
                                *(['--best-effort'] if best_effort else [])],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    said = StreamReader(player.stdout)
-    try:
-        rclpy.init()
-        node = rclpy.create_node('late_listener', namespace=NAMESPACE)
-        end = time.monotonic() + 60
-        while not all(node.get_publishers_info_by_topic(name) for name in names.values()):
-            # Kept alive, the player runs until stopped: its output so far.
-            assert time.monotonic() < end and player.poll() is None, said.text()
-            time.sleep(0.1)
-        offered = {topic: node.get_publishers_info_by_topic(name)[0].qos_profile
-                   for topic, name in names.items()}
-        assert {topic: (qos.durability, qos.reliability) for topic, qos in offered.items()} == {
-            '/robot_description': (DurabilityPolicy.TRANSIENT_LOCAL, ReliabilityPolicy.RELIABLE),
-            '/chatter': (DurabilityPolicy.VOLATILE, ReliabilityPolicy.BEST_EFFORT if best_effort
-                         else ReliabilityPolicy.RELIABLE)}
-        time.sleep(3)  # played by now: the subscriber below joins late
-        received = []
-        node.create_subscription(message_class(string), names['/robot_description'],
-                                 lambda msg: received.append(msg.data), QoSProfile(
-                                     depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        while not received and time.monotonic() < end:
-            rclpy.spin_once(node, timeout_sec=0.1)
-        assert received == ['<robot name="/robot_description"/>']
-        node.destroy_node()
-    finally:
-        rclpy.try_shutdown()
-        interrupt(player)
-    said.close()
+    with reading(player, player.stdout) as said:
+        try:
+            rclpy.init()
+            node = rclpy.create_node('late_listener', namespace=NAMESPACE)
+            end = time.monotonic() + 60
+            while not all(node.get_publishers_info_by_topic(name) for name in names.values()):
+                # Kept alive, the player runs until stopped: its output so far.
+                assert time.monotonic() < end and player.poll() is None, said.text()
+                time.sleep(0.1)
+            offered = {topic: node.get_publishers_info_by_topic(name)[0].qos_profile
+                       for topic, name in names.items()}
+            assert {topic: (qos.durability, qos.reliability)
+                    for topic, qos in offered.items()} == {
+                '/robot_description': (DurabilityPolicy.TRANSIENT_LOCAL,
+                                       ReliabilityPolicy.RELIABLE),
+                '/chatter': (DurabilityPolicy.VOLATILE, ReliabilityPolicy.BEST_EFFORT
+                             if best_effort else ReliabilityPolicy.RELIABLE)}
+            time.sleep(3)  # played by now: the subscriber below joins late
+            received = []
+            node.create_subscription(message_class(string), names['/robot_description'],
+                                     lambda msg: received.append(msg.data), QoSProfile(
+                                         depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            while not received and time.monotonic() < end:
+                rclpy.spin_once(node, timeout_sec=0.1)
+            assert received == ['<robot name="/robot_description"/>']
+            node.destroy_node()
+        finally:
+            rclpy.try_shutdown()
     assert 'published' in said.text()
 
 
@@ -616,7 +610,6 @@ def test_kept_alive_the_clock_runs_on_from_the_end_of_the_bag(tmp_path):
     bag = write_bag(tmp_path / 'bag', [(time_ns, THERMAL_TOPIC, time_ns, 'mono8', image)
                                        for time_ns in (5 * 10**9, 6 * 10**9)], 'mcap')
     rclpy.init()
-    player = None
     try:
         node, clocks = rclpy.create_node('clock_listener', namespace=NAMESPACE), []
         node.create_subscription(Clock, '/clock', lambda msg: clocks.append(
@@ -629,17 +622,14 @@ def test_kept_alive_the_clock_runs_on_from_the_end_of_the_bag(tmp_path):
         player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30', '--clock',
                                    '--keep-alive', '--topics', THERMAL_TOPIC, *remaps(topics)],
                                   stderr=subprocess.PIPE, text=True)
-        said = StreamReader(player.stderr)
-        end = time.monotonic() + 60
-        while max(clocks, default=0) < 7 * 10**9 and time.monotonic() < end:  # a second on
-            rclpy.spin_once(node, timeout_sec=0.05)
-        assert interrupt(player) == 0, said.text()
+        with reading(player, player.stderr) as said:  # kept alive, it runs until stopped
+            end = time.monotonic() + 60
+            while max(clocks, default=0) < 7 * 10**9 and time.monotonic() < end:  # a second on
+                rclpy.spin_once(node, timeout_sec=0.05)
+            assert interrupt(player) == 0, said.text()
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
-        if player is not None:  # kept alive, it runs until stopped
-            interrupt(player)
-    said.close()
     stderr = said.text()
     assert 'end of bag' in stderr and clocks[0] < 5.5 * 10**9 and max(clocks) >= 7 * 10**9, \
         stderr
@@ -666,16 +656,12 @@ def test_a_second_ctrl_c_while_stopping_still_stops_cleanly():
     # traceback and exit code 130 instead of 0.
     player = subprocess.Popen([*PLAYER, str(sample_bag()), '--wait', '0', '--keep-alive'],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    reader = StreamReader(player.stdout)
-    try:
+    with reading(player, player.stdout) as reader:
         assert reader.wait_for('end of bag', 60), reader.text()
         player.send_signal(signal.SIGINT)
         time.sleep(0.005)
         player.send_signal(signal.SIGINT)
         player.wait(timeout=60)
-    finally:
-        interrupt(player)
-    reader.close()
     output = reader.text()
     assert player.returncode == 0 and 'Traceback' not in output, output
     assert output.rstrip().endswith('; stopped'), output
@@ -704,24 +690,20 @@ def test_a_reliable_subscriber_that_never_confirms_is_named_and_waited_for_once(
     bag = write_bag(tmp_path / 'bag', events, 'mcap')
     subscriber = subprocess.Popen([sys.executable, '-c', SILENT_SUBSCRIBER, THERMAL_TOPIC,
                                    VISIBLE_TOPIC], stdout=subprocess.PIPE, text=True)
-    player = None
     try:
         assert StreamReader(subscriber.stdout).wait_for('subscribed', 60)
         player = subprocess.Popen([*PLAYER, str(bag), '--wait', '30'], stderr=subprocess.PIPE,
                                   text=True)
-        output = StreamReader(player.stderr)
-        assert output.wait_for('playing', 60), output.text()
-        assert 'no subscriber' not in output.text()  # it has matched the subscriber
-        subscriber.send_signal(signal.SIGSTOP)  # which acknowledges nothing more
-        started = time.monotonic()
-        player.wait(timeout=120)
-        seconds = time.monotonic() - started
+        with reading(player, player.stderr) as output:
+            assert output.wait_for('playing', 60), output.text()
+            assert 'no subscriber' not in output.text()  # it has matched the subscriber
+            subscriber.send_signal(signal.SIGSTOP)  # which acknowledges nothing more
+            started = time.monotonic()
+            player.wait(timeout=120)
+            seconds = time.monotonic() - started
     finally:
         subscriber.kill()
         subscriber.wait()
-        if player is not None:
-            interrupt(player)
-    output.close()
     stderr = output.text()
     assert player.returncode == 0, stderr
     assert 'end of bag; not confirmed within 10 s by a reliable subscriber of ' in stderr, stderr

@@ -35,7 +35,7 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
 from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
-from support import StreamReader, exited, stop_once_logged
+from support import exited, reading, stop_once_logged
 
 
 class SmallCNN(nn.Module):
@@ -1572,8 +1572,7 @@ def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
         [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder), '--out',
          str(out), '--steps', '1000', '--batch-size', '1', '--crop', '49', '--device', 'cpu',
          '--threads', '1', '--no-progress'], stderr=subprocess.PIPE, text=True)
-    said = StreamReader(process.stderr)
-    try:
+    with reading(process, process.stderr, stop=signal.SIGKILL) as said:
         deadline = time.monotonic() + 120
         log = out / 'train_log.jsonl'
         while not (log.exists() and log.stat().st_size):
@@ -1583,9 +1582,6 @@ def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
         time.sleep(0.01)
         process.send_signal(signal.SIGINT)
         assert exited(process, 60), said.text()
-    finally:
-        process.kill()
-    said.close()
     stderr = said.text()
     assert process.returncode == 130 and 'Traceback' not in stderr, stderr
     assert 'aborted without saving' in stderr or 'stopped by SIGINT' in stderr
