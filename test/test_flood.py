@@ -107,6 +107,56 @@ def node_processes(marker: str) -> list[int]:
     return pids
 
 
+def start_flood(tmp_path: pathlib.Path) -> tuple[subprocess.Popen, StreamReader]:
+    """Start a flood of 5 Hz for a minute, its folder in `tmp_path`, and wait for its node."""
+    process = subprocess.Popen(
+        [sys.executable, '-m', 's4fusion_ros.ros.flood', '--rate', '5', '--duration', '60',
+         '-p', 'device:=cpu', '-p', 'inference_size:=[160,120]'],
+        env={**os.environ, 'TMPDIR': str(tmp_path)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    said = StreamReader(process.stderr)
+    deadline = time.monotonic() + 60
+    while not node_processes(str(tmp_path)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f'no node started:\n{said.text()}')
+        time.sleep(0.1)
+    return process, said
+
+
+def signal_pending(pid: int, number: int) -> bool:
+    """Whether a signal sent to the process waits to be handled (a stopped process holds it)."""
+    status = pathlib.Path(f'/proc/{pid}/status').read_text()
+    pending = int(status.split('ShdPnd:')[1].split()[0], 16)
+    return bool(pending & 1 << (number - 1))
+
+
+def test_a_second_stop_signal_while_the_node_stops_does_not_end_the_wait_for_it(tmp_path):
+    # The node held (SIGSTOP) once the flood has sent it SIGINT, so that the second signal lands
+    # while the flood waits for it to exit: a flood that heard it would exit before its node.
+    process, said = start_flood(tmp_path)
+    [node] = node_processes(str(tmp_path))
+    try:
+        os.kill(node, signal.SIGSTOP)
+        process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 20
+        while not signal_pending(node, signal.SIGINT):
+            assert time.monotonic() < deadline, f'the node was not stopped:\n{said.text()}'
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        flood_waited = not exited(process, 1.0)
+        os.kill(node, signal.SIGCONT)
+        assert exited(process, 60), f'the flood did not stop:\n{said.text()}'
+        left_running = node_processes(str(tmp_path))
+    finally:
+        process.kill()
+        for pid in node_processes(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+    said.close()
+    assert flood_waited and not left_running, said.text()
+    assert process.returncode == 130 and 'Traceback' not in said.text(), said.text()
+
+
 @pytest.mark.parametrize('stops', [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGKILL,),
                                    (signal.SIGINT, signal.SIGINT)],
                          ids=['SIGTERM', 'SIGINT', 'SIGKILL', 'SIGINT twice'])
@@ -114,17 +164,8 @@ def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stops):
     # SIGTERM (kill, a supervisor) used to end the flood at once and leave its node running;
     # SIGKILL runs no clean-up at all and left it running too. A second SIGINT at once (timeout
     # and ros2 launch send one) cut the node's stop short and aborted the flood.
-    process = subprocess.Popen(
-        [sys.executable, '-m', 's4fusion_ros.ros.flood', '--rate', '5', '--duration', '60',
-         '-p', 'device:=cpu', '-p', 'inference_size:=[160,120]'],
-        env={**os.environ, 'TMPDIR': str(tmp_path)}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    said = StreamReader(process.stderr)
+    process, said = start_flood(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not node_processes(str(tmp_path)):
-            assert process.poll() is None and time.monotonic() < deadline, said.text()
-            time.sleep(0.1)
         time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
         for stop in stops:
             process.send_signal(stop)
