@@ -26,6 +26,8 @@ DEMO = executable('s4fusion-demo')
 
 def test_demo_records_fused_and_saliency_from_the_sample_bag(tmp_path):
     out = tmp_path / 'demo'
+    out.mkdir()
+    (out / 'preview_7.png').write_bytes(b'an earlier run made more previews')
     done = subprocess.run([str(DEMO), '--output-dir', str(out), '--timeout', '240'],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -38,7 +40,9 @@ def test_demo_records_fused_and_saliency_from_the_sample_bag(tmp_path):
     with open_bag(out / 'fused_bag') as reader:
         counts = {c.topic: c.msgcount for c in reader.connections}
     assert counts == {'/s4fusion_node/fused': fused, '/s4fusion_node/saliency': fused}
-    assert list(out.glob('preview_*.png'))
+    # Spread over the bag, as many as it fused up to 4; none left over from the earlier run.
+    assert sorted(path.name for path in out.glob('preview_*.png')) == [
+        f'preview_{index}.png' for index in range(min(4, fused))]
     video = cv2.VideoCapture(str(out / 'demo.mp4'))  # one frame per fused pair, four panels
     assert video.get(cv2.CAP_PROP_FRAME_COUNT) == fused and video.read()[0]
     assert 'playback rate' in summary and 'dropped while inference was busy' in summary
@@ -148,6 +152,15 @@ def test_the_demo_plays_a_bag_too_fast_for_the_model_at_its_slowest_rate():
     # The sample's thermal frames 1 us apart: the model takes thousands of periods a pair.
     rate, model_s = sustainable_rate(bag, thermal, visible, values, period=1e-6)
     assert rate == MIN_RATE and model_s > 1000 * 1e-6
+    # A camera far slower than the model: played as recorded, never faster.
+    rate, model_s = sustainable_rate(bag, thermal, visible, values, period=1000.0)
+    assert rate == 1.0 and model_s < 1000.0
+
+
+def test_the_thermal_period_counts_the_intervals_between_frames():
+    from s4fusion_ros.ros.demo import thermal_period
+    assert thermal_period(2.0, 21) == 0.1
+    assert thermal_period(0.0, 1) == 0.0  # one frame: no interval, no division by 0
 
 
 @pytest.mark.parametrize('rate', ['1e7', '1e-7', 'inf', '0'])
@@ -156,6 +169,13 @@ def test_the_demo_refuses_a_rate_its_player_would_refuse(rate, capsys):
     with pytest.raises(SystemExit):
         parse_args(['--rate', rate])
     assert '--rate must be from 1e-06 to 1e+06' in capsys.readouterr().err
+
+
+def test_the_demo_takes_a_rate_and_a_domain_at_their_limits():
+    from s4fusion_ros.ros.demo import parse_args
+    for rate, domain in (('1e-6', '0'), ('1e6', '232')):
+        args = parse_args(['--rate', rate, '--domain-id', domain])
+        assert (args.rate, args.domain_id) == (float(rate), int(domain))
 
 
 @pytest.mark.parametrize('domain', ['-1', '233'])
@@ -278,6 +298,18 @@ def test_the_summary_names_frames_dropped_before_pairing():
     line = summary_line({}, 0, 1.0, False, 1.0, 0.1)
     assert line.startswith('0 pairs fused of n/a paired (n/a dropped while inference was busy: '
                            'inference took n/a mean') and 'nan' not in line
+
+
+def test_the_summary_gives_the_node_s_frame_period_at_the_playback_rate():
+    # Half speed: a thermal frame every 200 ms of wall time for a 100 ms camera; nothing dropped,
+    # so no word of why pairs are dropped.
+    from s4fusion_ros.ros.demo import summary_line
+    status = {'pairs': '10', 'pairs fused': '10', 'pairs dropped (inference busy)': '0',
+              'inference latency mean (s)': '0.05'}
+    line = summary_line(status, 10, 5.0, True, 0.5, 0.1)
+    assert 'inference took 50 ms mean against a thermal frame every 200 ms at playback rate 0.5' \
+        in line
+    assert 'drops' not in line
 
 
 def test_an_undecodable_message_in_the_bag_does_not_hold_the_demo_to_its_timeout(tmp_path):
@@ -433,27 +465,34 @@ def test_the_recorder_writes_each_topic_as_received_at_its_arrival_with_its_offe
                         for topic in topics}
 
 
+def report_to(monitor, stamp_ns: int, values: dict) -> None:
+    """Hand the demo's monitor the node's diagnostics `values`, as the node publishes them."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from s4fusion_ros import settings
+    from s4fusion_ros.diagnostics import status_name
+    array = DiagnosticArray(status=[DiagnosticStatus(
+        name=status_name(f'/{settings.NODE_NAME}'), values=[
+            KeyValue(key=str(key), value=str(value)) for key, value in values.items()])])
+    array.header.stamp.sec, array.header.stamp.nanosec = divmod(stamp_ns, 10**9)
+    monitor._on_diagnostics(array)
+
+
 def test_the_demo_stops_waiting_for_frames_the_middleware_lost(ros_context):
     # A node behind its inputs loses frames on the way (a publisher's KEEP_LAST history
     # overwrites what its reader has not taken): the demo waited for them until its timeout
     # (240 s in CI) and wrote nothing.
     from types import SimpleNamespace
-    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
     from s4fusion_ros import settings
-    from s4fusion_ros.diagnostics import Key, per_input, status_name
+    from s4fusion_ros.diagnostics import Key, per_input
     from s4fusion_ros.ros.demo import ARRIVALS_SETTLE_S, Arrivals, Monitor, drained
     monitor = Monitor()
 
-    def report(stamp_ns: int, visible: int) -> None:  # the node's diagnostics, as published
-        values = {per_input('thermal', 'received'): 54, per_input('visible', 'received'): visible,
-                  Key.THERMAL_BAD_MESSAGE: 0, Key.VISIBLE_BAD_MESSAGE: 0,
-                  Key.PAIRS: 53, Key.PAIRS_FUSED: 44, Key.PAIRS_DROPPED: 9,
-                  Key.INFERENCE_ERRORS: 0, Key.PUBLISH_ERRORS: 0}
-        array = DiagnosticArray(status=[DiagnosticStatus(
-            name=status_name(f'/{settings.NODE_NAME}'), values=[
-                KeyValue(key=str(key), value=str(value)) for key, value in values.items()])])
-        array.header.stamp.sec, array.header.stamp.nanosec = divmod(stamp_ns, 10**9)
-        monitor._on_diagnostics(array)
+    def report(stamp_ns: int, visible: int) -> None:
+        report_to(monitor, stamp_ns, {
+            per_input('thermal', 'received'): 54, per_input('visible', 'received'): visible,
+            Key.THERMAL_BAD_MESSAGE: 0, Key.VISIBLE_BAD_MESSAGE: 0,
+            Key.PAIRS: 53, Key.PAIRS_FUSED: 44, Key.PAIRS_DROPPED: 9,
+            Key.INFERENCE_ERRORS: 0, Key.PUBLISH_ERRORS: 0})
 
     recorder = SimpleNamespace(counts={settings.OUTPUT_TOPICS[1]: 44})
     expected, end = {'thermal': 54, 'visible': 180}, 5 * 10**9
@@ -469,5 +508,26 @@ def test_the_demo_stops_waiting_for_frames_the_middleware_lost(ros_context):
     report(end - 1, 176)  # the bag not played to its end: its frames are still to come
     assert not drained(monitor, recorder, expected, end, arrivals)
     report(end, 180)  # all of them: no wait
+    assert drained(monitor, recorder, expected, end, Arrivals())
+    monitor.destroy_node()
+
+
+def test_the_demo_is_drained_once_every_frame_came_and_every_pair_was_decided(ros_context):
+    # Frames the node could not decode came all the same, and a pair it failed to publish was
+    # decided; but until the clock passes the last frames' sync timeout, pairs may yet be made.
+    from types import SimpleNamespace
+    from s4fusion_ros import settings
+    from s4fusion_ros.diagnostics import Key
+    from s4fusion_ros.ros.demo import Arrivals, Monitor, drained
+    monitor = Monitor()
+    values = {Key.THERMAL_RECEIVED: 50, Key.THERMAL_BAD_MESSAGE: 4,
+              Key.VISIBLE_RECEIVED: 180, Key.VISIBLE_BAD_MESSAGE: 0,
+              Key.PAIRS: 50, Key.PAIRS_FUSED: 40, Key.PAIRS_DROPPED: 9,
+              Key.INFERENCE_ERRORS: 0, Key.PUBLISH_ERRORS: 1}
+    recorder = SimpleNamespace(counts={settings.OUTPUT_TOPICS[1]: 40})
+    expected, end = {'thermal': 54, 'visible': 180}, 5 * 10**9
+    report_to(monitor, end - 1, values)
+    assert not drained(monitor, recorder, expected, end, Arrivals())
+    report_to(monitor, end, values)
     assert drained(monitor, recorder, expected, end, Arrivals())
     monitor.destroy_node()

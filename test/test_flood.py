@@ -5,6 +5,8 @@ DDS). Bounds are about backlog and growth, relative to the node's own measured i
 never about absolute speed: this machine is a busy 2-core box.
 """
 
+import contextlib
+import math
 import os
 import pathlib
 import signal
@@ -18,8 +20,10 @@ pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
 from paths import executable  # noqa: E402
 from s4fusion_ros.cli import READER_LEFT  # noqa: E402
+from s4fusion_ros.diagnostics import Key, per_input, ROLES  # noqa: E402
 from s4fusion_ros.ros.flood import (  # noqa: E402
-    _flood, Driver, FloodReport, main as flood_main, Phase, run_flood, shown, synthetic_pair)
+    _flood, _settled, Driver, FloodReport, main as flood_main, Phase, run_flood, shown,
+    synthetic_pair)
 from support import check_counters, check_latency, exited, reading, FLOOD_PARAMS  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -49,6 +53,10 @@ def test_flood_keeps_memory_latency_and_counters_bounded(tmp_path):
     assert figures['published pairs'] == report.warm_up_pairs + sum(
         phase.published for phase in report.phases)
     assert figures['received thermal'] <= figures['published pairs']
+    # Each output counted once: in the phase it arrived in, or after the last one.
+    for phase in report.phases:
+        assert all(phase.start <= t < phase.end for t, _ in phase.outputs)
+    assert all(t >= report.phases[-1].end for t, _ in report.drain_outputs)
     check_counters(report)
     check_memory(report)
     check_latency(report)
@@ -76,7 +84,11 @@ def test_flood_checks_catch_a_growing_backlog(tmp_path):
 @pytest.mark.parametrize('argv, message', [
     (['--duration', '0'], '--duration must be > 0'), (['--rate', '-1'], '--rate must be >= 0'),
     # The node listened on thermal/image_raw/compressed and the flood waited 120 s for it.
-    (['-p', 'thermal.transport:=compressed'], 'thermal.transport must be raw')])
+    (['-p', 'thermal.transport:=compressed'], 'thermal.transport must be raw'),
+    (['--rate', 'inf'], '--rate must be >= 0 and finite'),
+    (['--namespace', 'not a namespace'], '--namespace: '),
+    # At their limits the rate and size pass: the namespace, checked last, is what is refused.
+    (['--rate', '0', '--size', '8192x4096', '--namespace', '/9'], '--namespace: ')])
 def test_bad_phase_options_are_refused_before_the_node_starts(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         flood_main(argv)
@@ -96,13 +108,10 @@ def node_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize('stops', [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGKILL,),
-                                   (signal.SIGINT, signal.SIGINT)],
-                         ids=['SIGTERM', 'SIGINT', 'SIGKILL', 'SIGINT twice'])
-def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stops):
-    # SIGTERM (kill, a supervisor) used to end the flood at once and leave its node running;
-    # SIGKILL runs no clean-up at all and left it running too. A second SIGINT at once (timeout
-    # and ros2 launch send one) cut the node's stop short and aborted the flood.
+@contextlib.contextmanager
+def flood_with_node(tmp_path: pathlib.Path):
+    """A flood of 5 Hz for a minute, its folder in `tmp_path`, once its node runs: the block gets
+    the flood and the reader of its stderr. Flood and node are killed however the block ends."""
     process = subprocess.Popen(
         [sys.executable, '-m', 's4fusion_ros.ros.flood', '--rate', '5', '--duration', '60',
          '-p', 'device:=cpu', '-p', 'inference_size:=[160,120]'],
@@ -114,19 +123,58 @@ def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stops):
             while not node_processes(str(tmp_path)):
                 assert process.poll() is None and time.monotonic() < deadline, said.text()
                 time.sleep(0.1)
-            time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
-            for stop in stops:
-                process.send_signal(stop)
-                time.sleep(0.02)  # the second lands while the first is being handled
-            assert exited(process, 60), f'the flood did not stop:\n{said.text()}'
+            yield process, said
+    finally:
+        for pid in node_processes(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def signal_pending(pid: int, number: int) -> bool:
+    """Whether a signal sent to the process waits to be handled (a stopped process holds it)."""
+    status = pathlib.Path(f'/proc/{pid}/status').read_text()
+    pending = int(status.split('ShdPnd:')[1].split()[0], 16)
+    return bool(pending & 1 << (number - 1))
+
+
+def test_a_second_stop_signal_while_the_node_stops_does_not_end_the_wait_for_it(tmp_path):
+    # The node held (SIGSTOP) once the flood has sent it SIGINT, so that the second signal lands
+    # while the flood waits for it to exit: a flood that heard it would exit before its node.
+    with flood_with_node(tmp_path) as (process, said):
+        [node] = node_processes(str(tmp_path))
+        os.kill(node, signal.SIGSTOP)
+        process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 20
+        while not signal_pending(node, signal.SIGINT):
+            assert time.monotonic() < deadline, f'the node was not stopped:\n{said.text()}'
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        flood_waited = not exited(process, 1.0)
+        os.kill(node, signal.SIGCONT)
+        assert exited(process, 60), f'the flood did not stop:\n{said.text()}'
+        left_running = node_processes(str(tmp_path))
+    assert flood_waited and not left_running, said.text()
+    assert process.returncode == 130 and 'Traceback' not in said.text(), said.text()
+
+
+@pytest.mark.parametrize('stops', [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGKILL,),
+                                   (signal.SIGINT, signal.SIGINT)],
+                         ids=['SIGTERM', 'SIGINT', 'SIGKILL', 'SIGINT twice'])
+def test_a_stopped_flood_stops_its_node_and_leaves_nothing(tmp_path, stops):
+    # SIGTERM (kill, a supervisor) used to end the flood at once and leave its node running;
+    # SIGKILL runs no clean-up at all and left it running too. A second SIGINT at once (timeout
+    # and ros2 launch send one) cut the node's stop short and aborted the flood.
+    with flood_with_node(tmp_path) as (process, said):
+        time.sleep(3.0)  # the node is up; the flood is waiting for it or flooding it
+        for stop in stops:
+            process.send_signal(stop)
+            time.sleep(0.02)  # the second lands while the first is being handled
+        assert exited(process, 60), f'the flood did not stop:\n{said.text()}'
+        said.close()
         stderr = said.text()
         deadline = time.monotonic() + 20  # the node's own clean stop
         while node_processes(str(tmp_path)) and time.monotonic() < deadline:
             time.sleep(0.1)
         left_running = node_processes(str(tmp_path))
-    finally:
-        for pid in node_processes(str(tmp_path)):
-            os.kill(pid, signal.SIGKILL)
     assert not left_running, 'the node outlived its flood'
     if stops != (signal.SIGKILL,):
         assert process.returncode == 130 and 'Traceback' not in stderr, stderr
@@ -146,6 +194,57 @@ def test_figures_keep_two_phases_at_one_rate_and_the_pairs_fused_after_the_flood
     assert figures['[2: 5 Hz] fused rate (Hz)'] == 4.5
     assert figures['fused after the flood'] == 2
     assert figures['latency p95 (s)'] > 0.9 and figures['published pairs'] == 21
+
+
+def test_figures_add_up_the_node_s_counters_and_name_phases_by_rate(tmp_path):
+    # A bad message still reached the node, a badly stamped frame never reached a pair; a
+    # phase without outputs has no latency (numpy raises on an empty percentile).
+    diagnostics = {**{per_input(role, count): '0' for role in ROLES for count in (
+                       'unpaired', 'late', 'overflow', 'rejected (bad stamp)')},
+                   Key.THERMAL_RECEIVED: '40', Key.THERMAL_BAD_MESSAGE: '2',
+                   Key.VISIBLE_RECEIVED: '41', Key.VISIBLE_BAD_MESSAGE: '0',
+                   Key.THERMAL_LATE: '1', Key.VISIBLE_UNPAIRED: '2', Key.THERMAL_BAD_STAMP: '3',
+                   Key.INFERENCE_LATENCY_MEAN: '0.25'}
+    phases = [Phase(0.0, 2.0, published=30, start=0.0, end=2.0, outputs=[(1.0, 0.1)] * 5),
+              Phase(60.0, 2.0, published=12, start=2.0, end=4.0)]
+    drained = [(4.5, 0.9)] * 3
+    report = FloodReport(phases, 1, [], 0, 0, diagnostics, True, drained, 0,
+                         tmp_path / 'node.log')
+    figures = report.figures()
+    assert figures['received thermal'] == 42 and figures['received visible'] == 41
+    assert figures['unpaired, late, overflowed or bad stamp'] == 6
+    assert figures['model rate (Hz)'] == 4.0 and figures['fused after the flood'] == 3
+    assert figures['[max] published pairs/s'] == 15.0 and figures['[max] fused rate (Hz)'] == 2.5
+    assert figures['[60 Hz] published pairs/s'] == 6.0
+    assert math.isnan(figures['[60 Hz] latency p50 (s)'])
+
+
+def test_the_warm_up_gives_up_early_only_on_frames_of_both_inputs_and_no_pair_under_way():
+    driver = Driver('/s4fusion_flood_counters', os.getpid(), {})
+    driver.close()
+    nothing_paired = {Key.THERMAL_RECEIVED: '10', Key.THERMAL_BAD_MESSAGE: '0',
+                      Key.VISIBLE_RECEIVED: '10', Key.VISIBLE_BAD_MESSAGE: '0',
+                      Key.PAIRS_FUSED: '0', Key.PAIRS_QUEUED: '0', Key.PAIRS_IN_INFERENCE: '0'}
+    still_hoping = [
+        {Key.VISIBLE_RECEIVED: '0'},  # its visible camera not discovered yet
+        {Key.PAIRS_QUEUED: '1'}, {Key.PAIRS_IN_INFERENCE: '1'}]  # a first output on its way
+    for change in still_hoping:
+        driver.diagnostics = {**nothing_paired, **change}
+        assert not driver.dropping_everything(), change
+    # Frames it could not decode reached it all the same.
+    driver.diagnostics = {**nothing_paired, Key.THERMAL_RECEIVED: '0',
+                          Key.THERMAL_BAD_MESSAGE: '10'}
+    assert driver.dropping_everything()
+
+
+def test_the_node_settles_on_diagnostics_sent_after_the_flood_only():
+    # Those from before it ended may show nothing pending between two pairs.
+    driver = Driver('/s4fusion_flood_settle', os.getpid(), {})
+    driver.close()
+    driver.diagnostics = {Key.THERMAL_PENDING: '0', Key.VISIBLE_PENDING: '0',
+                          Key.PAIRS_QUEUED: '0', Key.PAIRS_IN_INFERENCE: '0'}
+    driver.diagnostics_at = 10.0
+    assert not _settled(driver, since=10.0) and _settled(driver, since=9.9)
 
 
 def test_a_size_the_node_would_refuse_is_a_usage_error(capsys):
@@ -194,6 +293,22 @@ def test_a_phase_slower_than_one_pair_ends_at_its_duration():
     started = time.monotonic()
     _flood(Camera(), phase, None, None)
     assert phase.published == 1 and time.monotonic() - started < 1.0
+
+
+def test_a_phase_that_fell_behind_does_not_catch_up_in_a_burst():
+    # A camera that stalls half a second sends its next frames at its rate, not 5 at once.
+    class StallingCamera:
+        def __init__(self):
+            self.calls = 0
+
+        def publish_pair(self, *_):
+            self.calls += 1
+            time.sleep(0.5 if self.calls == 1 else 0)
+            return True
+
+    phase = Phase(10.0, 1.0)
+    _flood(StallingCamera(), phase, None, None)
+    assert 2 <= phase.published <= 7  # 1 at 0 s, then 5.5 periods left: 10 with a burst
 
 
 def test_a_flood_whose_reader_left_stops_quietly_and_leaves_nothing(tmp_path):
