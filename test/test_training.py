@@ -778,6 +778,20 @@ def test_the_default_warm_up_is_5_percent_of_the_steps_from_1_to_500():
     assert TrainSettings(steps=5, warmup_steps=5).warmup_steps == 5  # peaks at the last step
 
 
+def test_a_zero_warm_up_the_weights_dtype_and_the_threads_reach_the_run(tmp_path, pair_folder):
+    # --warmup 0 (fine-tuning) is allowed: only a negative one is refused.
+    out = tmp_path / 'run'
+    assert train_main(['--data', str(pair_folder), '--out', str(out), '--steps', '2',
+                       '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads', '2',
+                       '--no-progress', '--warmup', '0', '--lr', '0.002',
+                       '--weights-dtype', 'float16']) == 0
+    first = json.loads((out / 'train_log.jsonl').read_text().splitlines()[0])
+    assert first['lr'] == pytest.approx(0.002)
+    meta = json.loads((out / 's4fusion_compact.json').read_text())
+    assert meta['storage_dtype'] == 'float16' and meta['training']['warmup_steps'] == 0
+    assert torch.get_num_threads() == 2  # one_thread had set 1
+
+
 def test_the_logged_learning_rates_follow_the_schedule_across_a_resume(tmp_path, pair_folder):
     # A resume that restarted the schedule (its step counter at 0 again) ran the steps after
     # the first on the rates of the warm-up; a session stopped at a kept step kept it.
@@ -982,6 +996,13 @@ def test_cli_takes_the_base_settings_from_the_preset_unless_given():
     assert config('--base', 'laplacian', '--base-contrast', '1.3').base_contrast == 1.3
 
 
+def test_the_help_gives_each_default_but_none_of_none():
+    # Where a default is None the option's help says what stands in for it (the preset's).
+    text = ' '.join(build_parser().format_help().split())
+    assert '(default: the preset\'s)' in text and '(default: 200)' in text
+    assert '(default: None)' not in text
+
+
 def test_the_documented_compact_recipe_has_the_loss_and_sampling_the_shipped_weights_record():
     # The recipe leaves the SSIM and L1 weights, the gain augmentation and the temperature at
     # their defaults: a change of a default would leave it training other weights unsaid.
@@ -1066,7 +1087,8 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
                         ['--teacher', str(teacher), '--teacher-weight', '-1']],
         'there is none': [['--teacher-edges', 'components']],
         'detail_gain must be finite': [['--detail-gain', 'nan'],
-                                       ['--preset', 'authors', '--detail-gain', '1.2']],
+                                       ['--preset', 'authors', '--detail-gain', '1.2'],
+                                       ['--base', 'none', '--detail-gain', '1.2']],
         'base_contrast must be finite': [['--base-contrast', '0'],
                                          ['--preset', 'authors', '--base-contrast', '1.2']],
         '--stop-at must be > 0': [['--stop-at', '0']],
@@ -1224,6 +1246,21 @@ def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert 'every loss term is 0' in capsys.readouterr().err
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_loss_of_the_teacher_or_the_classifier_alone_trains(tmp_path, pair_folder):
+    # Pure distillation, or the entropy term alone: terms beside the four weights.
+    make_trainer(pair_folder, tmp_path / 'teacher').run(progress=False)
+    teacher = tmp_path / 'teacher' / 's4fusion_compact.safetensors'
+    classifier = export(Logits(SmallCNN()), tmp_path / 'c.pt2')
+    common = ['--data', str(pair_folder), '--steps', '1', '--batch-size', '1', '--crop', '25',
+              '--device', 'cpu', '--threads', '1', '--no-progress', '--ssim-weight', '0',
+              '--l1-weight', '0', '--grad-weight', '0']
+    for name, only in (('teacher', ['--teacher', str(teacher), '--teacher-weight', '8']),
+                       ('entropy', ['--pretrained-classifier', str(classifier)])):
+        out = tmp_path / f'{name}_alone'
+        assert train_main([*common, '--out', str(out), *only]) == 0
+        assert name in json.loads((out / 'train_log.jsonl').read_text())
 
 
 @pytest.mark.parametrize('device', ['foo', 'gpu0'])
@@ -1506,7 +1543,7 @@ def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsy
 
 
 def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weights(
-        tmp_path, pair_folder, capsys):
+        tmp_path, pair_folder, capsys, monkeypatch):
     common = ['--data', str(pair_folder), '--steps', '2', '--device', 'cpu']
     for option, value in (('--max-intensity-weight', '-1'), ('--grad-weight', 'nan'),
                           ('--ssim-weight', 'inf'), ('--l1-weight', '-0.5')):
@@ -1530,6 +1567,13 @@ def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weight
                             '--teacher-weight', '8' if option == '--teacher' else '0'])
             assert exit_info.value.code == 2
             assert 'this run writes its weights there' in capsys.readouterr().err
+    # ... however the two are spelt: --out relative to the current folder, the weights not.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*common, '--out', 'run', '--init-weights',
+                    str(run / 's4fusion_compact.safetensors')])
+    assert exit_info.value.code == 2
+    assert 'this run writes its weights there' in capsys.readouterr().err
 
 
 def test_a_resume_refused_for_other_settings_names_them(tmp_path, pair_folder, capsys):
