@@ -1047,7 +1047,7 @@ def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
     net = SmallCNN()
     out = tmp_path / 'cli'
     status = train_main([
-        '--data', str(pair_folder), '--out', str(out), '--steps', '1', '--batch-size', '1',
+        '--data', str(pair_folder), '--out', str(out), '--steps', '1', '--batch-size', '2',
         '--crop', '25', '--device', 'cpu', '--threads', '1', '--no-progress',
         '--pretrained-features', str(export(Features(net), tmp_path / 'f.pt2')),
         '--pretrained-classifier', str(export(Logits(net), tmp_path / 'c.pt2'))])
@@ -1057,6 +1057,8 @@ def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
     assert meta['training']['loss']['energy_score'] == 'pretrained features'
     assert meta['training']['loss']['entropy_weight'] > 0
     assert 'entropy' in json.loads((out / 'train_log.jsonl').read_text())
+    deviation = meta['training']['deviation']
+    assert 'Sobel' not in deviation and 'classifier-entropy' not in deviation
 
 
 def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_folder, capsys):
@@ -1078,6 +1080,8 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
         training['deviation'])
     assert 'teacher' in json.loads((out / 'train_log.jsonl').read_text())
     assert training['loss']['teacher_edges'] == 'magnitude'
+    assert 'image Sobel energy' in training['deviation']  # no --pretrained-features
+    assert 'no classifier-entropy term' in training['deviation']
     assert train_main([*common, '--out', str(tmp_path / 'signed'), '--teacher', str(teacher),
                        '--teacher-weight', '8', '--teacher-edges', 'components']) == 0
     signed = json.loads((tmp_path / 'signed' / 's4fusion_compact.json').read_text())
@@ -1416,6 +1420,19 @@ def test_pairs_smaller_than_the_crop_are_warned_of(tmp_path, pair_folder, capsys
             f'({pair_folder / "ir" / "00004N.png"}, ...), so their crops are filled out by '
             'mirroring their borders; --crop 13 or less crops within every pair'
             in capsys.readouterr().err)
+    # The suggestion fits the smallest pair (a crop of 13 too); below 13 there is none.
+    for side, crop, fitting in ((30, 37, '; --crop 13 or less crops within every pair'),
+                                (13, 25, '; --crop 13 or less crops within every pair'),
+                                (12, 25, '')):
+        for folder in ('ir', 'vi'):
+            path = pair_folder / folder / '00055D.png'
+            assert cv2.imwrite(str(path), cv2.imread(str(path))[:side, :40])
+        assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / f'run{side}'),
+                           '--steps', '1', '--batch-size', '1', '--crop', str(crop), '--device',
+                           'cpu', '--threads', '1', '--no-progress']) == 0
+        assert (f'warning: 2 of 2 pairs are smaller than the {crop}-pixel crop on a side '
+                f'({pair_folder / "ir" / "00004N.png"}, ...), so their crops are filled out by '
+                f'mirroring their borders{fitting}\n' in capsys.readouterr().err)
 
 
 def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):
