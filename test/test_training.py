@@ -1141,6 +1141,7 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
     stderr = stop_once_logged(process, log, 2, 120, 60)
     assert process.returncode == 130, stderr
     assert 'stopped by SIGTERM' in stderr and '--resume' in stderr
+    assert 'time limit reached' not in stderr
     done = len(log.read_text().splitlines())
     state = torch.load(out / 'train_state.pt', weights_only=True)
     assert state['step'] == done  # every logged step is in the checkpoint, none half-done
@@ -1240,6 +1241,26 @@ def test_a_schedule_fitted_in_a_resumed_session_is_timed_from_its_fifth_step(
     assert train_main([*command, '--resume', '--time-limit', '1', '--fit-schedule',
                        '--stop-at', '66']) == 0
     assert 'fitted to the time limit after step 65:' in capsys.readouterr().err
+
+
+def test_a_time_limit_alone_stops_the_run_resumably_and_leaves_its_schedule(
+        tmp_path, pair_folder, monkeypatch, capsys):
+    # Without --fit-schedule the run keeps its 1000 steps and stops after the step past the
+    # 6 s (1 s a step); a run that reaches its --stop-at says nothing of a time limit.
+    FakeClock(monkeypatch)
+    command = ['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps', '1000',
+               '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--no-progress',
+               '--time-limit', '0.1']
+    assert train_main(command) == 0
+    error = capsys.readouterr().err
+    assert ('time limit reached after step 7; continue with the same arguments and --resume'
+            in error)
+    assert 'fitted' not in error and 'step/s' not in error  # nor a progress bar
+    training = json.loads((tmp_path / 'run' / 's4fusion_compact.json').read_text())['training']
+    assert (training['steps_done'], training['steps']) == (7, 1000)
+    assert 'schedule_fit' not in training
+    assert train_main([*command, '--resume', '--stop-at', '8']) == 0
+    assert 'time limit' not in capsys.readouterr().err
 
 
 def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
@@ -1627,6 +1648,27 @@ def test_a_second_stop_signal_waits_for_the_checkpoint_being_written(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_ctrl_c_twice_while_a_checkpoint_is_written_ends_once_it_is(
+        tmp_path, pair_folder, monkeypatch, capsys):
+    # Both signals come as step 1's checkpoint is written: the second waits for its end, and
+    # the command says that the checkpoint was written (not "aborted without saving").
+    out = tmp_path / 'run'
+    save = Trainer.save
+
+    def save_under_two_signals(trainer, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return save(trainer, *args, **kwargs)
+    monkeypatch.setattr(Trainer, 'save', save_under_two_signals)
+    assert train_main(['--data', str(pair_folder), '--out', str(out), '--steps', '5',
+                       '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads', '1',
+                       '--no-progress', '--checkpoint-every', '1']) == 130
+    assert (f'aborted once the checkpoint of step 1 was written to {out}, which --resume '
+            'continues' in capsys.readouterr().err)
+    assert torch.load(out / 'train_state.pt', weights_only=True)['step'] == 1
+    assert json.loads((out / 's4fusion_compact.json').read_text())['training']['steps_done'] == 1
+
+
 def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
     out = tmp_path / 'run'
     process = subprocess.Popen(
@@ -1646,6 +1688,30 @@ def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
     stderr = said.text()
     assert process.returncode == 130 and 'Traceback' not in stderr, stderr
     assert 'aborted without saving' in stderr or 'stopped by SIGINT' in stderr
+
+
+def test_a_stop_signal_after_the_reader_of_stderr_left_still_checkpoints(tmp_path, pair_folder):
+    # `s4fusion-train ... 2>&1 | tee log` stopped with Ctrl-C: tee can be gone before the
+    # first signal's notice is printed, and the step must still end with its checkpoint.
+    out = tmp_path / 'run'
+    log = out / 'train_log.jsonl'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder), '--out',
+         str(out), '--steps', '1000', '--batch-size', '1', '--crop', '25', '--device', 'cpu',
+         '--threads', '1', '--no-progress'], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.read_text().count('\n') >= 2):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.stderr.close()
+        process.send_signal(signal.SIGTERM)
+        assert exited(process, 60)
+    finally:
+        process.kill()
+        process.wait()
+    state = torch.load(out / 'train_state.pt', weights_only=True)
+    assert state['step'] == len(log.read_text().splitlines())
 
 
 def test_an_interrupted_atomic_write_leaves_the_file_as_it_was(tmp_path):
