@@ -778,6 +778,20 @@ def test_the_default_warm_up_is_5_percent_of_the_steps_from_1_to_500():
     assert TrainSettings(steps=5, warmup_steps=5).warmup_steps == 5  # peaks at the last step
 
 
+def test_a_zero_warm_up_the_weights_dtype_and_the_threads_reach_the_run(tmp_path, pair_folder):
+    # --warmup 0 (fine-tuning) is allowed: only a negative one is refused.
+    out = tmp_path / 'run'
+    assert train_main(['--data', str(pair_folder), '--out', str(out), '--steps', '2',
+                       '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads', '2',
+                       '--no-progress', '--warmup', '0', '--lr', '0.002',
+                       '--weights-dtype', 'float16']) == 0
+    first = json.loads((out / 'train_log.jsonl').read_text().splitlines()[0])
+    assert first['lr'] == pytest.approx(0.002)
+    meta = json.loads((out / 's4fusion_compact.json').read_text())
+    assert meta['storage_dtype'] == 'float16' and meta['training']['warmup_steps'] == 0
+    assert torch.get_num_threads() == 2  # one_thread had set 1
+
+
 def test_the_logged_learning_rates_follow_the_schedule_across_a_resume(tmp_path, pair_folder):
     # A resume that restarted the schedule (its step counter at 0 again) ran the steps after
     # the first on the rates of the warm-up; a session stopped at a kept step kept it.
@@ -982,6 +996,13 @@ def test_cli_takes_the_base_settings_from_the_preset_unless_given():
     assert config('--base', 'laplacian', '--base-contrast', '1.3').base_contrast == 1.3
 
 
+def test_the_help_gives_each_default_but_none_of_none():
+    # Where a default is None the option's help says what stands in for it (the preset's).
+    text = ' '.join(build_parser().format_help().split())
+    assert '(default: the preset\'s)' in text and '(default: 200)' in text
+    assert '(default: None)' not in text
+
+
 def test_the_documented_compact_recipe_has_the_loss_and_sampling_the_shipped_weights_record():
     # The recipe leaves the SSIM and L1 weights, the gain augmentation and the temperature at
     # their defaults: a change of a default would leave it training other weights unsaid.
@@ -1026,7 +1047,7 @@ def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
     net = SmallCNN()
     out = tmp_path / 'cli'
     status = train_main([
-        '--data', str(pair_folder), '--out', str(out), '--steps', '1', '--batch-size', '1',
+        '--data', str(pair_folder), '--out', str(out), '--steps', '1', '--batch-size', '2',
         '--crop', '25', '--device', 'cpu', '--threads', '1', '--no-progress',
         '--pretrained-features', str(export(Features(net), tmp_path / 'f.pt2')),
         '--pretrained-classifier', str(export(Logits(net), tmp_path / 'c.pt2'))])
@@ -1036,6 +1057,8 @@ def test_cli_trains_with_pretrained_networks(tmp_path, pair_folder):
     assert meta['training']['loss']['energy_score'] == 'pretrained features'
     assert meta['training']['loss']['entropy_weight'] > 0
     assert 'entropy' in json.loads((out / 'train_log.jsonl').read_text())
+    deviation = meta['training']['deviation']
+    assert 'Sobel' not in deviation and 'classifier-entropy' not in deviation
 
 
 def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_folder, capsys):
@@ -1057,6 +1080,8 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
         training['deviation'])
     assert 'teacher' in json.loads((out / 'train_log.jsonl').read_text())
     assert training['loss']['teacher_edges'] == 'magnitude'
+    assert 'image Sobel energy' in training['deviation']  # no --pretrained-features
+    assert 'no classifier-entropy term' in training['deviation']
     assert train_main([*common, '--out', str(tmp_path / 'signed'), '--teacher', str(teacher),
                        '--teacher-weight', '8', '--teacher-edges', 'components']) == 0
     signed = json.loads((tmp_path / 'signed' / 's4fusion_compact.json').read_text())
@@ -1066,7 +1091,8 @@ def test_cli_distils_from_a_teacher_checkpoint_and_records_it(tmp_path, pair_fol
                         ['--teacher', str(teacher), '--teacher-weight', '-1']],
         'there is none': [['--teacher-edges', 'components']],
         'detail_gain must be finite': [['--detail-gain', 'nan'],
-                                       ['--preset', 'authors', '--detail-gain', '1.2']],
+                                       ['--preset', 'authors', '--detail-gain', '1.2'],
+                                       ['--base', 'none', '--detail-gain', '1.2']],
         'base_contrast must be finite': [['--base-contrast', '0'],
                                          ['--preset', 'authors', '--base-contrast', '1.2']],
         '--stop-at must be > 0': [['--stop-at', '0']],
@@ -1115,6 +1141,7 @@ def test_cli_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, pair_folde
     stderr = stop_once_logged(process, log, 2, 120, 60)
     assert process.returncode == 130, stderr
     assert 'stopped by SIGTERM' in stderr and '--resume' in stderr
+    assert 'time limit reached' not in stderr
     done = len(log.read_text().splitlines())
     state = torch.load(out / 'train_state.pt', weights_only=True)
     assert state['step'] == done  # every logged step is in the checkpoint, none half-done
@@ -1216,6 +1243,26 @@ def test_a_schedule_fitted_in_a_resumed_session_is_timed_from_its_fifth_step(
     assert 'fitted to the time limit after step 65:' in capsys.readouterr().err
 
 
+def test_a_time_limit_alone_stops_the_run_resumably_and_leaves_its_schedule(
+        tmp_path, pair_folder, monkeypatch, capsys):
+    # Without --fit-schedule the run keeps its 1000 steps and stops after the step past the
+    # 6 s (1 s a step); a run that reaches its --stop-at says nothing of a time limit.
+    FakeClock(monkeypatch)
+    command = ['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps', '1000',
+               '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--no-progress',
+               '--time-limit', '0.1']
+    assert train_main(command) == 0
+    error = capsys.readouterr().err
+    assert ('time limit reached after step 7; continue with the same arguments and --resume'
+            in error)
+    assert 'fitted' not in error and 'step/s' not in error  # nor a progress bar
+    training = json.loads((tmp_path / 'run' / 's4fusion_compact.json').read_text())['training']
+    assert (training['steps_done'], training['steps']) == (7, 1000)
+    assert 'schedule_fit' not in training
+    assert train_main([*command, '--resume', '--stop-at', '8']) == 0
+    assert 'time limit' not in capsys.readouterr().err
+
+
 def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
     # A distillation recipe copied without its --teacher trained on a loss of 0 at every step.
     with pytest.raises(SystemExit) as exit_info:
@@ -1224,6 +1271,21 @@ def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert 'every loss term is 0' in capsys.readouterr().err
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_loss_of_the_teacher_or_the_classifier_alone_trains(tmp_path, pair_folder):
+    # Pure distillation, or the entropy term alone: terms beside the four weights.
+    make_trainer(pair_folder, tmp_path / 'teacher').run(progress=False)
+    teacher = tmp_path / 'teacher' / 's4fusion_compact.safetensors'
+    classifier = export(Logits(SmallCNN()), tmp_path / 'c.pt2')
+    common = ['--data', str(pair_folder), '--steps', '1', '--batch-size', '1', '--crop', '25',
+              '--device', 'cpu', '--threads', '1', '--no-progress', '--ssim-weight', '0',
+              '--l1-weight', '0', '--grad-weight', '0']
+    for name, only in (('teacher', ['--teacher', str(teacher), '--teacher-weight', '8']),
+                       ('entropy', ['--pretrained-classifier', str(classifier)])):
+        out = tmp_path / f'{name}_alone'
+        assert train_main([*common, '--out', str(out), *only]) == 0
+        assert name in json.loads((out / 'train_log.jsonl').read_text())
 
 
 @pytest.mark.parametrize('device', ['foo', 'gpu0'])
@@ -1379,6 +1441,19 @@ def test_pairs_smaller_than_the_crop_are_warned_of(tmp_path, pair_folder, capsys
             f'({pair_folder / "ir" / "00004N.png"}, ...), so their crops are filled out by '
             'mirroring their borders; --crop 13 or less crops within every pair'
             in capsys.readouterr().err)
+    # The suggestion fits the smallest pair (a crop of 13 too); below 13 there is none.
+    for side, crop, fitting in ((30, 37, '; --crop 13 or less crops within every pair'),
+                                (13, 25, '; --crop 13 or less crops within every pair'),
+                                (12, 25, '')):
+        for folder in ('ir', 'vi'):
+            path = pair_folder / folder / '00055D.png'
+            assert cv2.imwrite(str(path), cv2.imread(str(path))[:side, :40])
+        assert train_main(['--data', str(pair_folder), '--out', str(tmp_path / f'run{side}'),
+                           '--steps', '1', '--batch-size', '1', '--crop', str(crop), '--device',
+                           'cpu', '--threads', '1', '--no-progress']) == 0
+        assert (f'warning: 2 of 2 pairs are smaller than the {crop}-pixel crop on a side '
+                f'({pair_folder / "ir" / "00004N.png"}, ...), so their crops are filled out by '
+                f'mirroring their borders{fitting}\n' in capsys.readouterr().err)
 
 
 def test_a_diverging_loss_ends_with_one_line(tmp_path, pair_folder, capsys):
@@ -1506,7 +1581,7 @@ def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsy
 
 
 def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weights(
-        tmp_path, pair_folder, capsys):
+        tmp_path, pair_folder, capsys, monkeypatch):
     common = ['--data', str(pair_folder), '--steps', '2', '--device', 'cpu']
     for option, value in (('--max-intensity-weight', '-1'), ('--grad-weight', 'nan'),
                           ('--ssim-weight', 'inf'), ('--l1-weight', '-0.5')):
@@ -1530,6 +1605,13 @@ def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weight
                             '--teacher-weight', '8' if option == '--teacher' else '0'])
             assert exit_info.value.code == 2
             assert 'this run writes its weights there' in capsys.readouterr().err
+    # ... however the two are spelt: --out relative to the current folder, the weights not.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*common, '--out', 'run', '--init-weights',
+                    str(run / 's4fusion_compact.safetensors')])
+    assert exit_info.value.code == 2
+    assert 'this run writes its weights there' in capsys.readouterr().err
 
 
 def test_a_resume_refused_for_other_settings_names_them(tmp_path, pair_folder, capsys):
@@ -1566,6 +1648,27 @@ def test_a_second_stop_signal_waits_for_the_checkpoint_being_written(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_ctrl_c_twice_while_a_checkpoint_is_written_ends_once_it_is(
+        tmp_path, pair_folder, monkeypatch, capsys):
+    # Both signals come as step 1's checkpoint is written: the second waits for its end, and
+    # the command says that the checkpoint was written (not "aborted without saving").
+    out = tmp_path / 'run'
+    save = Trainer.save
+
+    def save_under_two_signals(trainer, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return save(trainer, *args, **kwargs)
+    monkeypatch.setattr(Trainer, 'save', save_under_two_signals)
+    assert train_main(['--data', str(pair_folder), '--out', str(out), '--steps', '5',
+                       '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--threads', '1',
+                       '--no-progress', '--checkpoint-every', '1']) == 130
+    assert (f'aborted once the checkpoint of step 1 was written to {out}, which --resume '
+            'continues' in capsys.readouterr().err)
+    assert torch.load(out / 'train_state.pt', weights_only=True)['step'] == 1
+    assert json.loads((out / 's4fusion_compact.json').read_text())['training']['steps_done'] == 1
+
+
 def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
     out = tmp_path / 'run'
     process = subprocess.Popen(
@@ -1585,6 +1688,30 @@ def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
     stderr = said.text()
     assert process.returncode == 130 and 'Traceback' not in stderr, stderr
     assert 'aborted without saving' in stderr or 'stopped by SIGINT' in stderr
+
+
+def test_a_stop_signal_after_the_reader_of_stderr_left_still_checkpoints(tmp_path, pair_folder):
+    # `s4fusion-train ... 2>&1 | tee log` stopped with Ctrl-C: tee can be gone before the
+    # first signal's notice is printed, and the step must still end with its checkpoint.
+    out = tmp_path / 'run'
+    log = out / 'train_log.jsonl'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder), '--out',
+         str(out), '--steps', '1000', '--batch-size', '1', '--crop', '25', '--device', 'cpu',
+         '--threads', '1', '--no-progress'], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.read_text().count('\n') >= 2):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.stderr.close()
+        process.send_signal(signal.SIGTERM)
+        assert exited(process, 60)
+    finally:
+        process.kill()
+        process.wait()
+    state = torch.load(out / 'train_state.pt', weights_only=True)
+    assert state['step'] == len(log.read_text().splitlines())
 
 
 def test_an_interrupted_atomic_write_leaves_the_file_as_it_was(tmp_path):
