@@ -210,7 +210,37 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
 def write_nowhere(stream) -> None:
     """Send what is still written to `stream`, whose reader left, to /dev/null: Python would
     fail to flush it again at exit and say so."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+class WritesThatCannotFail:
+    """A text stream (stderr) to stand for `stream` while a tool finishes work it must not cut
+    short: once its reader has left (`|& tee log`, whose tee the same Ctrl-C ended; a closed
+    terminal), a write that fails sends it and what follows to /dev/null and sets `reader_left`,
+    instead of raising wherever the tool was (in a progress bar's refresh, in mid-step)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.reader_left = False
+
+    def _forgiving(self, method, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except OSError:  # EPIPE from a pipe, EIO from a terminal hung up
+            self.reader_left = True
+            write_nowhere(self.stream)
+            return len(args[0]) if args else None
+
+    def write(self, text: str) -> int:
+        return self._forgiving('write', text)
+
+    def flush(self) -> None:
+        self._forgiving('flush')
+
+    def __getattr__(self, name):  # fileno, isatty, encoding: the stream's
+        return getattr(self.stream, name)
 
 
 def stdout_reader_left() -> bool:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..cli import STOP_SIGNALS, output_path, run_command
+from ..cli import READER_LEFT, STOP_SIGNALS, WritesThatCannotFail, output_path, run_command
 from ..files import check_writable_folder, held_folder
 from ..imaging.normalization import raw_counts_warning
 from ..model import S4FusionConfig
@@ -194,10 +194,8 @@ class GracefulStop:
     def _handle(self, signum, _frame):
         if not self.received:
             self.received = signal.Signals(signum).name
-            # Its reader may be gone (a parent killed first): the checkpoint must still happen.
-            with contextlib.suppress(OSError):
-                print(f'\n{self.received}: stopping after this step (again to abort without '
-                      'saving)', file=sys.stderr, flush=True)
+            print(f'\n{self.received}: stopping after this step (again to abort without '
+                  'saving)', file=sys.stderr, flush=True)
         elif self.saving_now:
             self.abort_after_saving = True
         else:
@@ -358,7 +356,8 @@ def build_trainer(args, config, settings, device):
 
 
 def run(trainer, args):
-    """Train until the end, --stop-at, --time-limit or a signal; returns the exit status."""
+    """Train until the end, --stop-at, --time-limit, a signal or stderr's reader leaving;
+    returns the exit status."""
     fit = trainer.schedule_fit
     schedule = (f' (fitted from {fit["steps_asked"]} after step {fit["at_step"]})' if fit
                 else ', to be fitted to the time limit' if args.fit_schedule else '')
@@ -366,20 +365,25 @@ def run(trainer, args):
           f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
           f'{trainer.end_step(args.stop_at)}{schedule}', file=sys.stderr)
     deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
-    with GracefulStop() as stop:
+    # A stop must end with its checkpoint where the reader of the progress went with the
+    # Ctrl-C (`|& tee log`): its writes fail from then on, and the run stops as for SIGTERM.
+    stderr = WritesThatCannotFail(sys.stderr)
+    with contextlib.redirect_stderr(stderr), GracefulStop() as stop:
         trainer.run(stop_at=args.stop_at, checkpoint_every=args.checkpoint_every,
                     keep_every=args.keep_every, progress=not args.no_progress,
-                    should_stop=lambda: bool(stop.received) or (
+                    should_stop=lambda: bool(stop.received) or stderr.reader_left or (
                         deadline is not None and time.monotonic() > deadline),
                     saving=stop.saving, fit_by=deadline if args.fit_schedule else None)
-    print(f'weights: {trainer.weights_path}', file=sys.stderr)
-    if trainer.step < trainer.end_step(args.stop_at) and not stop.received:
-        print(f'time limit reached after step {trainer.step}; continue with the same arguments '
-              f'and --resume', file=sys.stderr)
-    if stop.received:
-        print(f'stopped by {stop.received} after step {trainer.step} with a checkpoint; '
-              f'continue with the same arguments and --resume', file=sys.stderr)
-        return 130
+        print(f'weights: {trainer.weights_path}', file=sys.stderr)
+        if stop.received:
+            print(f'stopped by {stop.received} after step {trainer.step} with a checkpoint; '
+                  f'continue with the same arguments and --resume', file=sys.stderr)
+            return 130
+        if stderr.reader_left:
+            return READER_LEFT
+        if trainer.step < trainer.end_step(args.stop_at):
+            print(f'time limit reached after step {trainer.step}; continue with the same '
+                  'arguments and --resume', file=sys.stderr)
     return 0
 
 
