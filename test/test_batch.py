@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -754,6 +755,43 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
     assert "unknown device 'tpu'" in work.run_unit(elsewhere)['error']
 
 
+def test_a_bag_whose_parts_all_fail_is_reported_once(local_ray, long_bag, params_file,
+                                                     tmp_path, capsys):
+    # Each of its four parts fails alike (a device no node has): one failure, one line.
+    report = fuse_bags([long_bag[0]], tmp_path / 'out', params=params_file, device='tpu',
+                       segment_minutes=0.15, progress=False)
+    [row] = report.bags
+    assert (row.status, row.units) == ('failed', 4) and "unknown device 'tpu'" in row.error
+    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 1
+    assert not (tmp_path / 'out' / 'long').exists()
+
+
+def test_an_attempt_alive_when_its_bag_was_retried_is_swept_when_the_bag_is_done(
+        local_ray, ivif_dir, params_file, tmp_path):
+    # A lost node's attempt at bag a may live on (its lock held) while Ray runs the bag again
+    # elsewhere, which leaves its partial bag alone; once dead, the bag's end sweeps it.
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
+    out = tmp_path / 'out'
+    lost = out / '.a.0123abcd.partial'
+    (lost / 'a').mkdir(parents=True)
+    attempt = os.open(lost, os.O_RDONLY)
+    fcntl.flock(attempt, fcntl.LOCK_EX)
+    held = []
+
+    def attempt_dies(result):
+        held.append(lost.exists())
+        os.close(attempt)
+
+    try:
+        report = fuse_bags([source], out, params=params_file, on_unit=attempt_dies,
+                           progress=False)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(attempt)
+    assert report.ok and held == [True], (report.bags, held)
+    assert sorted(os.listdir(out)) == ['a', 's4fusion-batch-manifest.json']
+
+
 def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):
     inputs = tmp_path / 'fleet'
     good = write_bag(inputs / 'good', camera_messages(ivif_dir, 1.0), 'mcap')
@@ -798,6 +836,7 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
         'broken', 'good', 's4fusion-batch-manifest.json', 'truncated']
     error = capsys.readouterr().err
     assert error.count('s4fusion-batch: FAILED ') == 4
+    assert 'bags 7/7' in error  # the bar's count of bags ended, failed ones among them
     assert f's4fusion-batch: {truncated}: truncated.mcap: cut off (no MCAP footer' in error
     assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
 
@@ -809,6 +848,8 @@ def test_a_task_larger_than_every_node_is_refused_before_any_work(local_ray, ivi
     with pytest.raises(BatchError, match=r'--cpus-per-task 3: no node of the cluster has that '
                                          r'many CPUs \(at most 2\)'):
         fuse_bags([tmp_path / 'in'], tmp_path / 'out', params=params_file, cpus_per_task=3)
+    with pytest.raises(BatchError, match=r'--gpus-per-worker 1.5: the cluster has 1 GPUs'):
+        fuse_bags([tmp_path / 'in'], tmp_path / 'out', params=params_file, gpus_per_worker=1.5)
     assert not (tmp_path / 'out').exists()
 
 
@@ -877,6 +918,11 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     (out / 'a').mkdir(parents=True)
     assert batch_tool.main(command) == 1
     assert '1 output(s) exist' in capsys.readouterr().err and not any((out / 'a').iterdir())
+    # A killed segmented run's staging folder (its finished parts) is one too.
+    (out / '.a.s4batch').mkdir()
+    assert batch_tool.main(command) == 1
+    assert f'2 output(s) exist ({out / "a"}, {out / ".a.s4batch"})' in capsys.readouterr().err
+    (out / '.a.s4batch').rmdir()
     assert batch_tool.main([str(tmp_path / 'in'), str(tmp_path)]) == 1
     assert 'inside the output folder' in capsys.readouterr().err
     jobs = work.find_bags([tmp_path], out)  # an output folder inside the input is not searched
@@ -962,6 +1008,14 @@ def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif
     assert (f'fusing {inputs / "b"} again: its files changed since it was fused'
             in capsys.readouterr().err)
     assert read_bag(out / 'b') == reference(inputs / 'b', tmp_path / 'ref_b', other)
+    # Its row now records the new files: the next resume keeps it.
+    report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
+    assert [b.status for b in report.bags] == ['skipped', 'skipped']
+    # An output removed since, though listed as finished, is fused again.
+    shutil.rmtree(out / 'a')
+    report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
+    assert [b.status for b in report.bags] == ['done', 'skipped']
+    assert read_bag(out / 'a') == reference(inputs / 'a', tmp_path / 'ref_a', other)
 
 
 def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, params_file,
