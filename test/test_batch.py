@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -22,7 +23,7 @@ import yaml
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 
 from s4fusion_ros import bagio, replay, settings
-from s4fusion_ros.batch import work
+from s4fusion_ros.batch import cluster, work
 from s4fusion_ros.batch.cluster import _previous_reports, fuse_bags, processes_with_home
 from s4fusion_ros.bagio import BagError
 from s4fusion_ros.cli import TimeWindow
@@ -196,7 +197,7 @@ def test_which_earlier_manifest_rows_a_run_keeps(tmp_path):
 
 
 def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_file, tmp_path,
-                                                  capsys):
+                                                  capsys, monkeypatch):
     # A folder with bags of both formats, one in a subfolder, and a bag named directly.
     inputs = tmp_path / 'fleet'
     sources = {}
@@ -206,8 +207,22 @@ def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_fi
         sources[rel] = write_bag(inputs / rel, events, storage)
     extra = write_bag(tmp_path / 'single', camera_messages(ivif_dir, 1.0, seed=4), 'mcap')
     out = tmp_path / 'out'
-    report = fuse_bags([inputs, extra], out, params=params_file)
+    # The manifest rewritten as each bag ends (not only every MANIFEST_PERIOD s): as each unit
+    # ends, it lists the bags that ended before it; and the pairs each task sent to the bar.
+    monkeypatch.setattr(cluster, 'MANIFEST_PERIOD', 0)
+    listed_done, sent = [], {}
+
+    def unit_ended(result):
+        bags = json.loads((out / 's4fusion-batch-manifest.json').read_text())['bags']
+        listed_done.append(sum(bag['status'] == 'done' for bag in bags))
+
+    def progress(label, ip, pairs):
+        sent[label] = sent.get(label, 0) + pairs
+
+    report = fuse_bags([inputs, extra], out, params=params_file, on_unit=unit_ended,
+                       on_progress=progress)
     assert report.ok, report.bags
+    assert listed_done == [0, 1, 2, 3]
     expected = {rel: reference(path, tmp_path / 'ref' / rel, params_file)
                 for rel, path in [*sources.items(), ('single', extra)]}
     for rel, messages in expected.items():
@@ -215,6 +230,7 @@ def test_local_run_equals_s4fusion_bag_bag_by_bag(local_ray, ivif_dir, params_fi
         fused = len(messages['/s4fusion_node/fused'])
         row = next(b for b in report.bags if b.output == str(out / rel))
         assert (row.status, row.fused, row.pairs, row.error) == ('done', fused, fused, '')
+        assert sent[row.input] == fused and row.nodes == ['127.0.0.2'], (sent, row)
     assert sorted(p.suffix for p in (out / 'b').iterdir()) == ['.db3', '.yaml']
     manifest = json.loads((out / 's4fusion-batch-manifest.json').read_text())
     assert [b['status'] for b in manifest['bags']] == ['done'] * 4
@@ -250,36 +266,102 @@ def test_the_compressed_transport_is_written_as_s4fusion_bag_writes_it(local_ray
         assert manifest['transport'] == 'compressed'
 
 
-def test_a_gpu_worker_killed_for_good_takes_no_more_bags(local_ray, ivif_dir, params_file,
-                                                         tmp_path):
+def killing_the_fusing_gpu_worker(ray_home):
+    """A started thread that SIGKILLs the first GPU worker of this session's Ray (HOME
+    `ray_home`: not another run's on the machine) seen fusing once its `fusing` event is set
+    (as the run's on_progress: its partial bag written); its `killed` event is set then."""
+    fusing, killed = threading.Event(), threading.Event()
+
+    def kill():
+        deadline = time.monotonic() + 120
+        fusing.wait(timeout=120)
+        while time.monotonic() < deadline:
+            for pid in processes_with_home(ray_home):
+                with contextlib.suppress(OSError):
+                    cmdline = pathlib.Path(f'/proc/{pid}/cmdline').read_bytes()
+                    if cmdline.startswith(b'ray::_GpuWorker.fuse'):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.set()
+                        return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill)
+    killer.fusing, killer.killed = fusing, killed
+    killer.start()
+    return killer
+
+
+def test_a_gpu_worker_killed_for_good_takes_no_more_bags(local_ray, ray_home, ivif_dir,
+                                                         params_file, tmp_path):
     # One GPU worker, no retries: killed while it fuses, the bag it had fails, and so do the
     # bags queued for it, with that reason (before, each was sent to the dead worker).
     inputs = tmp_path / 'fleet'
     for name in ('a', 'b', 'c'):
         write_bag(inputs / name, camera_messages(ivif_dir, 4.0), 'mcap')
-    killed = threading.Event()
-
-    def kill_the_fusing_worker():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            for cmdline in pathlib.Path('/proc').glob('[0-9]*/cmdline'):
-                with contextlib.suppress(OSError):
-                    if cmdline.read_bytes().startswith(b'ray::_GpuWorker.fuse'):
-                        os.kill(int(cmdline.parent.name), signal.SIGKILL)
-                        killed.set()
-                        return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_fusing_worker)
-    killer.start()
+    killer = killing_the_fusing_gpu_worker(ray_home)
     report = fuse_bags([inputs], tmp_path / 'out', params=params_file, gpus_per_worker=1,
-                       device='cpu', max_retries=0, progress=False)
+                       device='cpu', max_retries=0, progress=False,
+                       on_progress=lambda *_: killer.fusing.set())
     killer.join()
-    assert killed.is_set()
+    assert killer.killed.is_set()
     errors = [bag.error for bag in report.bags if bag.status == 'failed']
     assert sum(error.startswith('ActorDiedError') for error in errors) == 1, errors
     assert sum('no GPU worker left' in error for error in errors) >= 1, errors
     assert len(errors) == 1 + sum('no GPU worker left' in error for error in errors), errors
+    # Every bag has an end: each one queued when the worker died failed, none left pending.
+    assert all(bag.status in ('done', 'failed') for bag in report.bags), report.bags
+    # The killed attempt's partial bag was swept, its retries spent.
+    assert not list((tmp_path / 'out').glob('.*.partial'))
+
+
+def test_a_gpu_worker_killed_with_retries_left_is_restarted_and_loses_nothing(
+        local_ray, ray_home, ivif_dir, params_file, tmp_path):
+    inputs = tmp_path / 'fleet'
+    for name, seed in (('a', 1), ('b', 2)):
+        write_bag(inputs / name, camera_messages(ivif_dir, 4.0, seed=seed), 'mcap')
+    killer = killing_the_fusing_gpu_worker(ray_home)
+    report = fuse_bags([inputs], tmp_path / 'out', params=params_file, gpus_per_worker=1,
+                       device='cpu', max_retries=1, progress=False,
+                       on_progress=lambda *_: killer.fusing.set())
+    killer.join()
+    assert killer.killed.is_set() and report.ok, report.bags
+    for name in ('a', 'b'):
+        assert read_bag(tmp_path / 'out' / name) == reference(
+            inputs / name, tmp_path / 'ref' / name, params_file), name
+    assert sorted(os.listdir(tmp_path / 'out')) == ['a', 'b', 's4fusion-batch-manifest.json']
+
+
+def test_gpu_workers_one_per_share_give_their_share_back_once_out_of_work(
+        local_ray, ivif_dir, params_file, tmp_path):
+    # Half a GPU per worker: two workers on the module's one GPU. The shares free while the
+    # bags fuse are sampled as the tasks report progress.
+    import ray
+    inputs = tmp_path / 'fleet'
+    for name in ('a', 'b'):
+        write_bag(inputs / name, camera_messages(ivif_dir, 4.0), 'mcap')
+    free = []
+
+    def progress(label, ip, pairs):
+        free.append(ray.available_resources().get('GPU', 0))
+
+    def fused(bags, out):
+        free.clear()
+        report = fuse_bags(bags, out, params=params_file, gpus_per_worker=0.5, device='cpu',
+                           on_progress=progress, progress=False)
+        assert report.ok and free, (report.bags, free)
+
+    # Two bags: both workers fuse at once.
+    fused([inputs], tmp_path / 'two')
+    assert min(free) == 0, free
+    # One bag: the worker without one ends at once, its share free for a worker that Ray
+    # restarts elsewhere after losing its node.
+    fused([inputs / 'a'], tmp_path / 'one')
+    assert max(free) == 0.5, free
+    # A cluster outlives the run: every worker ended with it.
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get('GPU', 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get('GPU', 0) == 1
 
 
 def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tmp_path):
@@ -673,6 +755,43 @@ def test_a_whole_bag_that_ray_runs_again_keeps_its_finished_output(ivif_dir, par
     assert "unknown device 'tpu'" in work.run_unit(elsewhere)['error']
 
 
+def test_a_bag_whose_parts_all_fail_is_reported_once(local_ray, long_bag, params_file,
+                                                     tmp_path, capsys):
+    # Each of its four parts fails alike (a device no node has): one failure, one line.
+    report = fuse_bags([long_bag[0]], tmp_path / 'out', params=params_file, device='tpu',
+                       segment_minutes=0.15, progress=False)
+    [row] = report.bags
+    assert (row.status, row.units) == ('failed', 4) and "unknown device 'tpu'" in row.error
+    assert capsys.readouterr().err.count('s4fusion-batch: FAILED ') == 1
+    assert not (tmp_path / 'out' / 'long').exists()
+
+
+def test_an_attempt_alive_when_its_bag_was_retried_is_swept_when_the_bag_is_done(
+        local_ray, ivif_dir, params_file, tmp_path):
+    # A lost node's attempt at bag a may live on (its lock held) while Ray runs the bag again
+    # elsewhere, which leaves its partial bag alone; once dead, the bag's end sweeps it.
+    source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 1.0), 'mcap')
+    out = tmp_path / 'out'
+    lost = out / '.a.0123abcd.partial'
+    (lost / 'a').mkdir(parents=True)
+    attempt = os.open(lost, os.O_RDONLY)
+    fcntl.flock(attempt, fcntl.LOCK_EX)
+    held = []
+
+    def attempt_dies(result):
+        held.append(lost.exists())
+        os.close(attempt)
+
+    try:
+        report = fuse_bags([source], out, params=params_file, on_unit=attempt_dies,
+                           progress=False)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(attempt)
+    assert report.ok and held == [True], (report.bags, held)
+    assert sorted(os.listdir(out)) == ['a', 's4fusion-batch-manifest.json']
+
+
 def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, capsys):
     inputs = tmp_path / 'fleet'
     good = write_bag(inputs / 'good', camera_messages(ivif_dir, 1.0), 'mcap')
@@ -717,6 +836,7 @@ def test_a_corrupt_bag_fails_alone(local_ray, ivif_dir, params_file, tmp_path, c
         'broken', 'good', 's4fusion-batch-manifest.json', 'truncated']
     error = capsys.readouterr().err
     assert error.count('s4fusion-batch: FAILED ') == 4
+    assert 'bags 7/7' in error  # the bar's count of bags ended, failed ones among them
     assert f's4fusion-batch: {truncated}: truncated.mcap: cut off (no MCAP footer' in error
     assert bag_tool.main([str(good), str(tmp_path / 'x'), '--params', str(params_file)]) == 0
 
@@ -728,6 +848,8 @@ def test_a_task_larger_than_every_node_is_refused_before_any_work(local_ray, ivi
     with pytest.raises(BatchError, match=r'--cpus-per-task 3: no node of the cluster has that '
                                          r'many CPUs \(at most 2\)'):
         fuse_bags([tmp_path / 'in'], tmp_path / 'out', params=params_file, cpus_per_task=3)
+    with pytest.raises(BatchError, match=r'--gpus-per-worker 1.5: the cluster has 1 GPUs'):
+        fuse_bags([tmp_path / 'in'], tmp_path / 'out', params=params_file, gpus_per_worker=1.5)
     assert not (tmp_path / 'out').exists()
 
 
@@ -796,6 +918,11 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     (out / 'a').mkdir(parents=True)
     assert batch_tool.main(command) == 1
     assert '1 output(s) exist' in capsys.readouterr().err and not any((out / 'a').iterdir())
+    # A killed segmented run's staging folder (its finished parts) is one too.
+    (out / '.a.s4batch').mkdir()
+    assert batch_tool.main(command) == 1
+    assert f'2 output(s) exist ({out / "a"}, {out / ".a.s4batch"})' in capsys.readouterr().err
+    (out / '.a.s4batch').rmdir()
     assert batch_tool.main([str(tmp_path / 'in'), str(tmp_path)]) == 1
     assert 'inside the output folder' in capsys.readouterr().err
     jobs = work.find_bags([tmp_path], out)  # an output folder inside the input is not searched
@@ -881,6 +1008,14 @@ def test_resume_fuses_again_an_output_the_manifest_does_not_list(local_ray, ivif
     assert (f'fusing {inputs / "b"} again: its files changed since it was fused'
             in capsys.readouterr().err)
     assert read_bag(out / 'b') == reference(inputs / 'b', tmp_path / 'ref_b', other)
+    # Its row now records the new files: the next resume keeps it.
+    report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
+    assert [b.status for b in report.bags] == ['skipped', 'skipped']
+    # An output removed since, though listed as finished, is fused again.
+    shutil.rmtree(out / 'a')
+    report = fuse_bags([inputs], out, params=other, resume=True, progress=False)
+    assert [b.status for b in report.bags] == ['done', 'skipped']
+    assert read_bag(out / 'a') == reference(inputs / 'a', tmp_path / 'ref_a', other)
 
 
 def test_a_plain_run_adds_its_bags_to_the_folder_manifest(local_ray, ivif_dir, params_file,

@@ -3,10 +3,12 @@
 import importlib.util
 import os
 import threading
+import time
 
 import pytest
 
 from s4fusion_ros.batch.cluster import fuse_bags
+from s4fusion_ros.batch.work import BatchError
 from support import (camera_messages, drifting, params_file, read_bag,  # noqa: F401
                      reference, write_bag)
 
@@ -22,8 +24,9 @@ FAST_HEALTH_CHECKS = {'health_check_initial_delay_ms': 0, 'health_check_period_m
 
 
 @pytest.fixture
-def cluster(ray_home, monkeypatch):
-    """A head node (127.0.0.2, with the driver) and a worker node (127.0.0.3), 1 CPU each."""
+def cluster(ray_home, monkeypatch, request):
+    """A head node (127.0.0.2, with the driver) and a worker node (127.0.0.3), 1 CPU each (the
+    worker: as many as an indirect parameter says)."""
     import ray
     from ray.cluster_utils import Cluster
     # Cluster writes the head's address into RAY_TMPDIR/ray, else /tmp/ray, which every user's
@@ -34,7 +37,7 @@ def cluster(ray_home, monkeypatch):
     cluster = Cluster(initialize_head=True, head_node_args={
         'num_cpus': 1, 'node_ip_address': HEAD_IP, 'temp_dir': str(ray_home / 'cluster'),
         'include_dashboard': False, '_system_config': FAST_HEALTH_CHECKS})
-    worker = cluster.add_node(num_cpus=1, node_ip_address=WORKER_IP)
+    worker = cluster.add_node(num_cpus=getattr(request, 'param', 1), node_ip_address=WORKER_IP)
     ray.init(address=cluster.address, _node_ip_address=HEAD_IP, logging_level='warning')
     yield cluster, worker
     ray.shutdown()
@@ -82,3 +85,27 @@ def test_a_node_killed_mid_run_still_gives_complete_identical_bags(cluster, ivif
             inputs / name, tmp_path / 'ref' / name, params_file), name
     # The killed attempt's partial bag was swept when its bag finished.
     assert sorted(os.listdir(tmp_path / 'out')) == ['a', 'b', 'c', 's4fusion-batch-manifest.json']
+
+
+@pytest.mark.parametrize('cluster', [2], indirect=True)
+def test_a_task_that_one_node_can_take_runs_there_until_that_node_is_lost(
+        cluster, ivif_dir, params_file, tmp_path):
+    # Nodes are counted apart (the head's CPU and the worker's two make no three-CPU node), and
+    # a lost node's CPUs take nothing: Ray would wait for them for ever.
+    import ray
+    cluster, worker = cluster
+    inputs = tmp_path / 'in'
+    write_bag(inputs / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    results = []
+    report = fuse_bags([inputs], tmp_path / 'out', address=cluster.address, params=params_file,
+                       cpus_per_task=2, on_unit=results.append, progress=False)
+    assert report.ok and [r['ip'] for r in results] == [WORKER_IP], (report.bags, results)
+    cluster.remove_node(worker)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(
+            node['Alive'] for node in ray.nodes() if node['NodeManagerAddress'] == WORKER_IP):
+        time.sleep(0.2)
+    with pytest.raises(BatchError, match=r'--cpus-per-task 2: no node of the cluster has that '
+                                         r'many CPUs \(at most 1\)'):
+        fuse_bags([inputs], tmp_path / 'again', address=cluster.address, params=params_file,
+                  cpus_per_task=2, progress=False)
