@@ -1230,14 +1230,19 @@ def test_a_schedule_fitted_to_the_time_limit_ends_in_it_and_resumes_as_fitted(
     assert '--fit-schedule needs --time-limit' in capsys.readouterr().err
 
 
+def thousand_small_steps(pair_folder: pathlib.Path, out: pathlib.Path) -> list[str]:
+    """s4fusion-train's arguments for a run of 1000 steps of one 25-pixel crop on the CPU, no
+    progress bar: one that a FakeClock times at 1 s a step."""
+    return ['--data', str(pair_folder), '--out', str(out), '--steps', '1000', '--batch-size', '1',
+            '--crop', '25', '--device', 'cpu', '--no-progress']
+
+
 def test_a_schedule_fitted_in_a_resumed_session_is_timed_from_its_fifth_step(
         tmp_path, pair_folder, monkeypatch, capsys):
     # The help says steps 5-25 of this session: a resumed session timed its checkpoint after
     # its first step (the global step was past 5), its slow first steps in the pace.
     FakeClock(monkeypatch)
-    command = ['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps', '1000',
-               '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--no-progress',
-               '--checkpoint-every', '50']
+    command = [*thousand_small_steps(pair_folder, tmp_path / 'run'), '--checkpoint-every', '50']
     assert train_main([*command, '--stop-at', '40']) == 0
     assert train_main([*command, '--resume', '--time-limit', '1', '--fit-schedule',
                        '--stop-at', '66']) == 0
@@ -1249,9 +1254,7 @@ def test_a_time_limit_alone_stops_the_run_resumably_and_leaves_its_schedule(
     # Without --fit-schedule the run keeps its 1000 steps and stops after the step past the
     # 6 s (1 s a step); a run that reaches its --stop-at says nothing of a time limit.
     FakeClock(monkeypatch)
-    command = ['--data', str(pair_folder), '--out', str(tmp_path / 'run'), '--steps', '1000',
-               '--batch-size', '1', '--crop', '25', '--device', 'cpu', '--no-progress',
-               '--time-limit', '0.1']
+    command = [*thousand_small_steps(pair_folder, tmp_path / 'run'), '--time-limit', '0.1']
     assert train_main(command) == 0
     error = capsys.readouterr().err
     assert ('time limit reached after step 7; continue with the same arguments and --resume'
