@@ -180,7 +180,9 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
     """Return command()'s exit code; one of `errors` prints one line, describe(error), and
     gives 1; Ctrl-C (or SIGTERM after stop_on_signals) gives 130 and the line `interrupted`: a
     str, or a callable of the KeyboardInterrupt (for what was left at that moment). A reader of
-    stdout that left (`| head`) gives 141, without a word, as SIGPIPE ends other Unix tools."""
+    stdout or stderr that left (`| head`; `|& tee log`, whose tee a Ctrl-C ended first) gives
+    141, without a word, as SIGPIPE ends other Unix tools; the codes above stand where only
+    their line found no reader."""
     try:
         try:
             code = command()
@@ -188,11 +190,14 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
             # reports a reader that left during its exit's flush and exits 120.
             sys.stdout.flush()
             return code
-        except BrokenPipeError:
-            if not stdout_reader_left():  # another pipe, a child's say: an error as any
+        except BrokenPipeError as error:
+            if not any(map(reader_left, (sys.stdout, sys.stderr))):  # a child's pipe, say
                 raise
+            interrupt = _interrupt_behind(error)
+            if interrupt is not None:  # the clean-up after a Ctrl-C found no reader
+                raise interrupt from None
     except errors as error:
-        print(f'{prog}: {describe(error)}', file=sys.stderr)
+        print(f'{prog}: {describe(error)}', file=WritesThatCannotFail(sys.stderr))
         return 1
     except (KeyboardInterrupt, SystemError) as error:
         # Ctrl-C inside a C-to-Python callback (numba unpickling its cached kernels) comes
@@ -201,9 +206,11 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
         if interrupt is None:
             raise
         text = interrupted(interrupt) if callable(interrupted) else interrupted
-        print(f'\n{prog}: {text}', file=sys.stderr)
+        print(f'\n{prog}: {text}', file=WritesThatCannotFail(sys.stderr))
         return 130
-    write_nowhere(sys.stdout)
+    for stream in (sys.stdout, sys.stderr):
+        if reader_left(stream):
+            write_nowhere(stream)
     return READER_LEFT
 
 
@@ -243,10 +250,10 @@ class WritesThatCannotFail:
         return getattr(self.stream, name)
 
 
-def stdout_reader_left() -> bool:
-    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+def reader_left(stream) -> bool:
+    """Whether `stream` is a pipe whose reader has closed it (poll reports an error on it)."""
     try:
-        fileno = sys.stdout.fileno()
+        fileno = stream.fileno()
     except (AttributeError, OSError, ValueError):  # replaced by an object without a file
         return False
     poll = select.poll()

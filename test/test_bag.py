@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import resource
+import select
 import shutil
 import signal
 import sqlite3
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 
 import cv2
@@ -26,14 +28,14 @@ from rosbags.rosbag2.storage_mcap import zstd
 
 from paths import executable
 from s4fusion_ros import bagio, replay, settings
-from s4fusion_ros.cli import TimeWindow
+from s4fusion_ros.cli import READER_LEFT, TimeWindow
 from s4fusion_ros.imaging.color import to_uint8
 from s4fusion_ros.imaging.encodings import RawImage
 from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
-                     address_space_limit, bag_image_message, camera_messages, damage_chunk,
+                     address_space_limit, bag_image_message, camera_messages, damage_chunk, exited,
                      mcap_chunks, most_frames, read_bag, reading, visible_camera_info, write_bag,
                      write_merged_visible_bag, zstd_transport_data)
 
@@ -1656,6 +1658,32 @@ def test_ctrl_c_keeps_the_previous_output_and_leaves_no_partial_bag(ivif_dir, pa
     assert not staging_dirs(tmp_path)
     assert video.read_bytes() == b'an earlier video'
     assert sorted(path.name for path in tmp_path.iterdir()) == ['fused.mp4', 'in', 'out']
+
+
+@pytest.mark.parametrize('stop', [signal.SIGINT, None], ids=['and Ctrl-C', 'alone'])
+def test_a_run_whose_reader_of_stderr_left_keeps_the_previous_output(ivif_dir, params_file,
+                                                                     tmp_path, stop):
+    # `s4fusion-bag ... |& tee log` and Ctrl-C, which ends tee too: the clean-up's notice found
+    # no reader and the tool exited 1, not 130; without a Ctrl-C, 141 (SIGPIPE's, as `| head`).
+    source = write_bag(tmp_path / 'in', camera_messages(ivif_dir, duration=12.0), 'mcap')
+    output = write_bag(tmp_path / 'out', camera_messages(ivif_dir, duration=0.2), 'mcap')
+    before = read_bag(output)
+    proc = run_tool(source, output, params_file, '--overwrite')
+    try:
+        said, deadline = '', time.monotonic() + 120
+        while not re.search(r'fusing: .*\| *[1-9]\d*/', said):  # mid-run
+            assert proc.poll() is None and time.monotonic() < deadline, said
+            if select.select([proc.stderr], [], [], 0.1)[0]:
+                said += os.read(proc.stderr.fileno(), 4096).decode(errors='replace')
+        proc.stderr.close()
+        if stop:
+            proc.send_signal(stop)
+        assert exited(proc, 60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == (130 if stop else READER_LEFT)
+    assert read_bag(output) == before and not staging_dirs(tmp_path)
 
 
 def test_a_run_stopped_after_its_bag_was_finished_says_it_was_written(tmp_path):
