@@ -459,6 +459,26 @@ def exited(process: subprocess.Popen, timeout: float) -> bool:
     return True
 
 
+def exit_with_stderr_unread(process: subprocess.Popen, stop, ready) -> int:
+    """The exit code of a child (stderr piped) run as under `|& tee log` whose tee a Ctrl-C
+    ended: once `ready()` holds (asked until it does, 120 s at most), the reading end of its
+    stderr is closed and `stop` (a signal, or None) sent. The child is killed however this ends.
+    """
+    try:
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.stderr.close()
+        if stop:
+            process.send_signal(stop)
+        assert exited(process, 60)
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode
+
+
 class StreamReader:
     """Reads a child's text stream on a thread, so that a test waits for what it writes with a
     deadline (a readline on the pipe waits for ever on a child that hangs before writing)."""

@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import tracemalloc
 
 import cv2
@@ -35,9 +34,10 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
-                     address_space_limit, bag_image_message, camera_messages, damage_chunk, exited,
-                     mcap_chunks, most_frames, read_bag, reading, visible_camera_info, write_bag,
-                     write_merged_visible_bag, zstd_transport_data)
+                     address_space_limit, bag_image_message, camera_messages, damage_chunk,
+                     exit_with_stderr_unread, mcap_chunks, most_frames, read_bag, reading,
+                     visible_camera_info, write_bag, write_merged_visible_bag,
+                     zstd_transport_data)
 
 SLOP = 0.02
 # Nested keys under the node-specific section, as a robot's parameter file would have them.
@@ -1669,20 +1669,14 @@ def test_a_run_whose_reader_of_stderr_left_keeps_the_previous_output(ivif_dir, p
     output = write_bag(tmp_path / 'out', camera_messages(ivif_dir, duration=0.2), 'mcap')
     before = read_bag(output)
     proc = run_tool(source, output, params_file, '--overwrite')
-    try:
-        said, deadline = '', time.monotonic() + 120
-        while not re.search(r'fusing: .*\| *[1-9]\d*/', said):  # mid-run
-            assert proc.poll() is None and time.monotonic() < deadline, said
-            if select.select([proc.stderr], [], [], 0.1)[0]:
-                said += os.read(proc.stderr.fileno(), 4096).decode(errors='replace')
-        proc.stderr.close()
-        if stop:
-            proc.send_signal(stop)
-        assert exited(proc, 60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == (130 if stop else READER_LEFT)
+    said = []
+
+    def mid_run() -> bool:
+        if select.select([proc.stderr], [], [], 0.1)[0]:
+            said.append(os.read(proc.stderr.fileno(), 4096).decode(errors='replace'))
+        return bool(re.search(r'fusing: .*\| *[1-9]\d*/', ''.join(said)))
+
+    assert exit_with_stderr_unread(proc, stop, mid_run) == (130 if stop else READER_LEFT)
     assert read_bag(output) == before and not staging_dirs(tmp_path)
 
 

@@ -36,7 +36,7 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
 from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
-from support import exited, reading, stop_once_logged
+from support import exit_with_stderr_unread, exited, reading, stop_once_logged
 
 
 class SmallCNN(nn.Module):
@@ -1705,19 +1705,9 @@ def test_a_run_whose_reader_of_stderr_left_stops_with_its_checkpoint(tmp_path, p
         [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder), '--out',
          str(out), '--steps', '1000', '--batch-size', '1', '--crop', '25', '--device', 'cpu',
          '--threads', '1'], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (log.exists() and log.read_text().count('\n') >= 2):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        process.stderr.close()
-        if stop:
-            process.send_signal(stop)
-        assert exited(process, 60)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == (130 if stop else READER_LEFT)
+    code = exit_with_stderr_unread(
+        process, stop, lambda: log.exists() and log.read_text().count('\n') >= 2)
+    assert code == (130 if stop else READER_LEFT)
     state = torch.load(out / 'train_state.pt', weights_only=True)
     assert state['step'] == len(log.read_text().splitlines())
 
