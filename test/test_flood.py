@@ -129,33 +129,6 @@ def flood_with_node(tmp_path: pathlib.Path):
             os.kill(pid, signal.SIGKILL)
 
 
-def signal_pending(pid: int, number: int) -> bool:
-    """Whether a signal sent to the process waits to be handled (a stopped process holds it)."""
-    status = pathlib.Path(f'/proc/{pid}/status').read_text()
-    pending = int(status.split('ShdPnd:')[1].split()[0], 16)
-    return bool(pending & 1 << (number - 1))
-
-
-def test_a_second_stop_signal_while_the_node_stops_does_not_end_the_wait_for_it(tmp_path):
-    # The node held (SIGSTOP) once the flood has sent it SIGINT, so that the second signal lands
-    # while the flood waits for it to exit: a flood that heard it would exit before its node.
-    with flood_with_node(tmp_path) as (process, said):
-        [node] = node_processes(str(tmp_path))
-        os.kill(node, signal.SIGSTOP)
-        process.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 20
-        while not signal_pending(node, signal.SIGINT):
-            assert time.monotonic() < deadline, f'the node was not stopped:\n{said.text()}'
-            time.sleep(0.01)
-        process.send_signal(signal.SIGINT)
-        flood_waited = not exited(process, 1.0)
-        os.kill(node, signal.SIGCONT)
-        assert exited(process, 60), f'the flood did not stop:\n{said.text()}'
-        left_running = node_processes(str(tmp_path))
-    assert flood_waited and not left_running, said.text()
-    assert process.returncode == 130 and 'Traceback' not in said.text(), said.text()
-
-
 @pytest.mark.parametrize('stops', [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGKILL,),
                                    (signal.SIGINT, signal.SIGINT)],
                          ids=['SIGTERM', 'SIGINT', 'SIGKILL', 'SIGINT twice'])
