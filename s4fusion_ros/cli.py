@@ -191,7 +191,8 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
             sys.stdout.flush()
             return code
         except BrokenPipeError as error:
-            if not any(map(reader_left, (sys.stdout, sys.stderr))):  # a child's pipe, say
+            left = [stream for stream in (sys.stdout, sys.stderr) if reader_left(stream)]
+            if not left:  # another pipe, a child's say: an error as any
                 raise
             interrupt = _interrupt_behind(error)
             if interrupt is not None:  # the clean-up after a Ctrl-C found no reader
@@ -208,9 +209,8 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
         text = interrupted(interrupt) if callable(interrupted) else interrupted
         print(f'\n{prog}: {text}', file=WritesThatCannotFail(sys.stderr))
         return 130
-    for stream in (sys.stdout, sys.stderr):
-        if reader_left(stream):
-            write_nowhere(stream)
+    for stream in left:
+        write_nowhere(stream)
     return READER_LEFT
 
 

@@ -459,16 +459,23 @@ def exited(process: subprocess.Popen, timeout: float) -> bool:
     return True
 
 
+def wait_while_running(process: subprocess.Popen, condition, timeout: float,
+                       output=str) -> None:
+    """Wait until condition() holds; fail, with output() as the message, if the child exits
+    first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, output()
+        time.sleep(0.05)
+
+
 def exit_with_stderr_unread(process: subprocess.Popen, stop, ready) -> int:
     """The exit code of a child (stderr piped) run as under `|& tee log` whose tee a Ctrl-C
     ended: once `ready()` holds (asked until it does, 120 s at most), the reading end of its
     stderr is closed and `stop` (a signal, or None) sent. The child is killed however this ends.
     """
     try:
-        deadline = time.monotonic() + 120
-        while not ready():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_while_running(process, ready, 120)
         process.stderr.close()
         if stop:
             process.send_signal(stop)
@@ -537,10 +544,8 @@ def stop_once_logged(process: subprocess.Popen, log: pathlib.Path, lines: int, s
     still being written does not count); return its stderr once it has exited. The child is
     killed however this ends."""
     with reading(process, process.stderr, stop=signal.SIGKILL) as said:
-        deadline = time.monotonic() + start_s
-        while not (log.exists() and log.read_text().count('\n') >= lines):
-            assert process.poll() is None and time.monotonic() < deadline, said.text()
-            time.sleep(0.05)
+        wait_while_running(process, lambda: log.exists() and log.read_text().count('\n') >= lines,
+                           start_s, said.text)
         process.send_signal(signal.SIGTERM)
         assert exited(process, stop_s), said.text()
     return said.text()

@@ -17,7 +17,7 @@ from rosbags.interfaces import QosReliability
 pytest.importorskip('rclpy', reason='rclpy (ROS 2) is not installed')
 
 from paths import executable  # noqa: E402
-from support import exited, reading  # noqa: E402
+from support import exited, reading, wait_while_running  # noqa: E402
 from s4fusion_ros.bagio import open_bag  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -72,11 +72,9 @@ def test_a_second_stop_signal_does_not_leave_the_node_running(tmp_path):
     player_log = out / 'logs' / 'player.log'
     try:
         with reading(demo, demo.stderr) as said:
-            deadline = time.monotonic() + 120
-            while 'playing' not in (player_log.read_text() if player_log.exists() else ''):
-                assert demo.poll() is None and time.monotonic() < deadline, \
-                    f'the demo did not play:\n{said.text()}'
-                time.sleep(0.05)
+            wait_while_running(
+                demo, lambda: 'playing' in (player_log.read_text() if player_log.exists() else ''),
+                120, lambda: f'the demo did not play:\n{said.text()}')
             time.sleep(1.0)  # fusing
             demo.send_signal(signal.SIGINT)
             deadline = time.monotonic() + 60

@@ -24,7 +24,8 @@ from s4fusion_ros.diagnostics import Key, per_input, ROLES  # noqa: E402
 from s4fusion_ros.ros.flood import (  # noqa: E402
     _flood, _settled, Driver, FloodReport, main as flood_main, Phase, run_flood, shown,
     synthetic_pair)
-from support import check_counters, check_latency, exited, reading, FLOOD_PARAMS  # noqa: E402
+from support import (check_counters, check_latency, exited, reading,  # noqa: E402
+                     wait_while_running, FLOOD_PARAMS)
 
 pytestmark = pytest.mark.ros
 
@@ -119,10 +120,7 @@ def flood_with_node(tmp_path: pathlib.Path):
         stderr=subprocess.PIPE, text=True)
     try:
         with reading(process, process.stderr, stop=signal.SIGKILL) as said:
-            deadline = time.monotonic() + 60
-            while not node_processes(str(tmp_path)):
-                assert process.poll() is None and time.monotonic() < deadline, said.text()
-                time.sleep(0.1)
+            wait_while_running(process, lambda: node_processes(str(tmp_path)), 60, said.text)
             yield process, said
     finally:
         for pid in node_processes(str(tmp_path)):

@@ -36,7 +36,8 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
 from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
-from support import exit_with_stderr_unread, exited, reading, stop_once_logged
+from support import (exit_with_stderr_unread, exited, reading, stop_once_logged,
+                     wait_while_running)
 
 
 class SmallCNN(nn.Module):
@@ -1680,11 +1681,8 @@ def test_a_second_ctrl_c_aborts_with_one_line(tmp_path, pair_folder):
          str(out), '--steps', '1000', '--batch-size', '1', '--crop', '49', '--device', 'cpu',
          '--threads', '1', '--no-progress'], stderr=subprocess.PIPE, text=True)
     with reading(process, process.stderr, stop=signal.SIGKILL) as said:
-        deadline = time.monotonic() + 120
         log = out / 'train_log.jsonl'
-        while not (log.exists() and log.stat().st_size):
-            assert process.poll() is None and time.monotonic() < deadline, said.text()
-            time.sleep(0.05)
+        wait_while_running(process, lambda: log.exists() and log.stat().st_size, 120, said.text)
         process.send_signal(signal.SIGINT)
         time.sleep(0.01)
         process.send_signal(signal.SIGINT)
