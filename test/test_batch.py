@@ -33,7 +33,7 @@ from s4fusion_ros.tools import batch as batch_tool
 from support import (BATCH_PARAMS, IMAGE, START_NS, THERMAL_TOPIC, TYPESTORE,  # noqa: F401
                      VISIBLE_TOPIC, camera_messages, damage_chunk, drifting, exited,
                      mcap_chunks, most_frames, one_torch_thread, params_file, read_bag, reading,
-                     reference, write_bag)
+                     reference, wait_while_running, write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 
@@ -1058,15 +1058,11 @@ def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, t
         command += [str(params_file), str(source), str(tmp_path / 'out')]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     with reading(proc, proc.stderr) as said:  # a failed check leaves no run fusing on
-        deadline = time.monotonic() + 60
-        while not set(homes('s4fusion-ray-*')) - before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_while_running(proc, lambda: set(homes('s4fusion-ray-*')) - before, 60, said.text)
         [home] = set(homes('s4fusion-ray-*')) - before
         if api:
             manifest = tmp_path / 'out' / 's4fusion-batch-manifest.json'
-            while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert proc.poll() is None, said.text()
+            wait_while_running(proc, manifest.exists, 60, said.text)
         else:
             time.sleep(1.0)
         proc.send_signal(getattr(signal, stop))
@@ -1188,10 +1184,8 @@ def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     with reading(proc, proc.stderr) as said:  # a failed check leaves no run fusing on
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline and not (
-                (out / 'a').exists() and len(list(out.glob('.long.s4batch/part-*.json'))) >= 2):
-            time.sleep(0.1)
+        wait_while_running(proc, lambda: (out / 'a').exists() and len(
+            list(out.glob('.long.s4batch/part-*.json'))) >= 2, 240, said.text)
         # Mid-run the manifest already records the parameters: a run killed outright (SIGKILL,
         # out of memory) still tells a later --resume what its bags were fused with.
         running = json.loads((out / 's4fusion-batch-manifest.json').read_text())
