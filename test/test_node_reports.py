@@ -305,6 +305,22 @@ def test_two_publishers_on_one_input_are_reported_by_name(ros_context):
     assert 'paired as one camera' in log
 
 
+def test_inputs_not_heard_yet_read_no_publishers_rather_than_a_middleware_that_cannot_say(
+        ros_context):
+    # Until the first frame came, the count read 'n/a (the middleware does not say)' on a
+    # middleware that does: misleading beside 'waiting for both inputs'.
+    probe = Probe('no_input_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node(PARAMS) as proc:
+        probe.wait_for_node(proc)
+        before = fresh_diagnostics(probe, diagnostics)
+        fuse_pairs(probe, proc, probe.get_clock().now().nanoseconds, count=1)
+        after = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert before[Key.THERMAL_PUBLISHERS] == before[Key.VISIBLE_PUBLISHERS] == '0', before
+    assert after[Key.THERMAL_PUBLISHERS] == after[Key.VISIBLE_PUBLISHERS] == '1', after
+
+
 def test_a_second_node_of_the_same_name_is_reported_by_both():
     # A node left over from an earlier launch: rcl lets a second one of the same full name start
     # without a word, and both then fuse the same inputs onto the same outputs, while

@@ -132,7 +132,9 @@ class S4FusionNode(Node):
         self.bad_messages = {'thermal': 0, 'visible': 0}
         self.bad_stamps = {'thermal': 0, 'visible': 0}  # dropped before message_filters
         self.senders = {role: RecentSenders() for role in ROLES}  # publisher gids heard
-        self.senders_known = False  # whether rclpy's MessageInfo names the publisher
+        # Whether rclpy's MessageInfo names the publisher: None until a message tells (no input
+        # yet is 0 publishers heard, not a middleware that does not say).
+        self.senders_known = None
         self.arrivals = ArrivalClock()  # times arrivals (sync.timeout): on sim time its pace
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         # role -> monotonic times of its bad-message lines in the last LOG_THROTTLE_S
@@ -345,6 +347,8 @@ class S4FusionNode(Node):
             if info.get('publisher_gid'):
                 self.senders_known = True
                 self.senders[r].add(bytes(info['publisher_gid']['data']))
+            elif self.senders_known is None:
+                self.senders_known = False
             self._on_image(r, msg, info['received_timestamp'])
         topic = self._input_topic(role, transport)
         return self.create_subscription(*topic, on_message, qos,
@@ -721,7 +725,8 @@ class S4FusionNode(Node):
             **self._counts(),
             # rclpy before mid-2025 gives no publisher in its MessageInfo.
             **{per_input(role, 'publishers heard (last 5 s)'): self.senders[role].recent()
-               if self.senders_known else 'n/a (the middleware does not say)' for role in ROLES},
+               if self.senders_known is not False else 'n/a (the middleware does not say)'
+               for role in ROLES},
             Key.INFERENCE_LATENCY_MEAN: inference['mean'],
             Key.INFERENCE_LATENCY_P95: inference['p95'],
             Key.END_TO_END_LATENCY_MEAN: end_to_end['mean'],
