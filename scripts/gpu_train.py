@@ -16,7 +16,7 @@ Runs are resumable across calls: a recipe's train_state.pt continues (`s4fusion-
 and a run whose state could not travel starts again from its last weights, kept in its ``init/``.
 The packed parts are at most 15 MiB each so that they come back from a device call; they are
 written after each recipe, so a call cut short still brings back what it finished.
-Usage (docs/training.md, "Training on a lent GPU"):
+Usage (docs/training.md, "Training on a lent GPU in one call"):
   python3 scripts/gpu_train.py pack-data --data IVIF_DIR --to .gpu/data
   python3 scripts/gpu_train.py train --data .gpu/data --runs .gpu/runs --out "$OUT" --minutes 9
   python3 scripts/gpu_train.py unpack FOLDER_BROUGHT_BACK --runs .gpu/runs

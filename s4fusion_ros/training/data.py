@@ -21,7 +21,7 @@ from ..imaging.encodings import check_whole_jpeg
 from ..imaging.normalization import looks_like_raw_counts
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
-IVIF_DATASET_FOLDERS = ('roadscene', 'tno', 'msrs', 'm3svd', 'm3fd')  # README, "Data"
+IVIF_DATASET_FOLDERS = ('roadscene', 'tno', 'msrs', 'm3svd', 'm3fd')  # README, "Data and licences"
 
 # The pairs in ivif/msrs that belong to the MSRS train split (its SOURCES.md); the other 22 are
 # MSRS test-split images.
@@ -278,7 +278,7 @@ def roadscene_test67_names(root):
 
 def data_layout(folder):
     """How ``training_pairs`` reads ``folder``: 'pairs' (it holds ir/ and vi/), 'ivif' (the ivif
-    layout of the README, "Data", known by its RoadScene test split) or 'datasets'.
+    layout of the README, "Data and licences", known by its RoadScene test split) or 'datasets'.
 
     A folder with two or more of the ivif layout's datasets but without that split file is an
     error: read as datasets it would train on the test sets (RoadScene-67, TNO, MSRS) and leave
@@ -297,7 +297,7 @@ def data_layout(folder):
         raise FileNotFoundError(
             f'{folder / ROADSCENE_TEST67}: missing, though {folder} has the ivif layout '
             f'({", ".join(ivif_parts)}). It names the 67 RoadScene test pairs, which must not '
-            'train, as the TNO and MSRS test pairs must not (README, "Data")')
+            'train, as the TNO and MSRS test pairs must not (README, "Data and licences")')
     return 'datasets'
 
 
