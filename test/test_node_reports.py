@@ -321,6 +321,30 @@ def test_inputs_not_heard_yet_read_no_publishers_rather_than_a_middleware_that_c
     assert after[Key.THERMAL_PUBLISHERS] == after[Key.VISIBLE_PUBLISHERS] == '1', after
 
 
+@pytest.mark.parametrize('remap, named', [
+    (['-r', 'thermal/image_raw:=/lwir/image_raw'],
+     r'/lwir/image_raw \(0 publishers\) in \d+ s: nothing is fused; where no publisher is'),
+    ([], r'/thermal/image_raw \(1 publisher\) in \d+ s: nothing is fused$'),
+], ids=['a topic nobody publishes', 'a publisher that sends nothing'])
+def test_an_input_never_heard_is_logged_with_its_publishers(ros_context, remap, named):
+    # A thermal topic misnamed or remapped wrong: visible frames came, the diagnostics said
+    # 'waiting for the thermal input', and the log nothing (the stopped-camera line times a
+    # camera's silence from its last frame).
+    probe = Probe('unheard_probe')
+    with running_node(PARAMS, extra_args=remap) as proc:
+        wait_for_log(proc, 'fusing ')
+        end, stamp = time.monotonic() + 60, probe.get_clock().now().nanoseconds
+        while 'no frame on' not in node_log(proc):
+            probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp, 'rgb'))
+            probe.spin_for(0.1)
+            stamp += 100_000_000
+            assert time.monotonic() < end and proc.poll() is None, node_log(proc)
+        log = node_log(proc)
+    probe.destroy_node()
+    assert re.search(rf'\]: no frame on {named}', log, re.MULTILINE), log
+    assert 'visible/image_raw (' not in log, log  # heard: not named
+
+
 def test_a_second_node_of_the_same_name_is_reported_by_both():
     # A node left over from an earlier launch: rcl lets a second one of the same full name start
     # without a word, and both then fuse the same inputs onto the same outputs, while

@@ -154,6 +154,7 @@ class S4FusionNode(Node):
         # the stamps of the stall outnumber the older ones, and the hint must not wait 5 s.
         self.stall_hint_logged = False
         self.arriving_since = None  # monotonic time both inputs have arrived since
+        self.listening_since = None  # monotonic time of the first status: the executor runs
         # How many pairs were made lately against the frames that came.
         self.recent_counts = CountsWindow(PAIRING_WINDOW_S)
         self.worker = InferenceWorker(self._fuse_and_publish, p['inference.queue_size'],
@@ -753,6 +754,8 @@ class S4FusionNode(Node):
         level, message, partial = DiagnosticStatus.OK, 'fusing', ''
         fusing = False
         self._log_worker_failures()
+        if self.listening_since is None:
+            self.listening_since = time.monotonic()
         silent = [role for role in ROLES if self._rate(role).rate() == 0.0]
         if silent:
             self.arriving_since = None
@@ -832,10 +835,28 @@ class S4FusionNode(Node):
                     f'{getattr(self, f"{role}_sub").topic_name}: no {role} frame for '
                     f'{now - meter.last:.0f} s while {other} frames arrive: nothing is fused',
                     throttle_duration_sec=LOG_THROTTLE_S)
+        self._log_unheard(silent)
         mismatched = [line for role in silent for line in self._best_effort_publishers(role)]
         if mismatched:
             message += f' ({"; ".join(mismatched)})'
         return message
+
+    def _log_unheard(self, silent: list[str]) -> None:
+        """Log the inputs of `silent` that sent nothing since the node listens, once it has
+        for a rate window, with the publishers on each: a topic name or remapping that matches
+        no camera is the usual cause, and the line for a camera that stopped needs its frames."""
+        unheard = [role for role in silent if self._rate(role).last is None]
+        listened = time.monotonic() - self.listening_since
+        if not unheard or listened < self._rate(unheard[0]).window:
+            return
+        topics = [getattr(self, f'{role}_sub').topic_name for role in unheard]
+        publishers = {topic: self.count_publishers(topic) for topic in topics}
+        named = ' or '.join(f'{topic} ({count} publisher{"" if count == 1 else "s"})'
+                            for topic, count in publishers.items())
+        hint = ('; where no publisher is, check the topic name or its remapping against '
+                '`ros2 topic list`' if 0 in publishers.values() else '')
+        self.get_logger().warning(f'no frame on {named} in {listened:.0f} s: nothing is fused'
+                                  + hint, throttle_duration_sec=LOG_THROTTLE_S)
 
     def _partial_pairing(self, grown: dict) -> str:
         """Pairs are fused, but fewer than half of the frames of the slower camera found a
