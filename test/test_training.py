@@ -1268,6 +1268,26 @@ def test_a_time_limit_alone_stops_the_run_resumably_and_leaves_its_schedule(
     assert 'time limit' not in capsys.readouterr().err
 
 
+def test_a_resumed_run_already_at_its_end_says_there_is_nothing_to_train(
+        tmp_path, pair_folder, capsys):
+    # A session's command run again after it ended (or a --stop-at below the step reached)
+    # printed 'steps 3 -> 2', trained nothing and said nothing of it.
+    out = tmp_path / 'run'
+    command = ['--data', str(pair_folder), '--out', str(out), '--steps', '3', '--batch-size', '1',
+               '--crop', '25', '--device', 'cpu', '--no-progress']
+    assert train_main([*command, '--stop-at', '2']) == 0
+    assert train_main([*command, '--resume', '--stop-at', '2']) == 0
+    assert (f'nothing to train: the run has reached --stop-at 2 (step 2); its weights: {out}'
+            in capsys.readouterr().err)
+    assert train_main([*command, '--resume']) == 0
+    capsys.readouterr()
+    for stop_at, reached in (([], 'the end of its 3 steps'), (['--stop-at', '2'], '--stop-at 2')):
+        assert train_main([*command, '--resume', *stop_at]) == 0
+        assert (f'nothing to train: the run has reached {reached} (step 3)'
+                in capsys.readouterr().err)
+    assert len((out / 'train_log.jsonl').read_text().splitlines()) == 3
+
+
 def test_a_loss_of_no_term_is_a_usage_error(tmp_path, capsys):
     # A distillation recipe copied without its --teacher trained on a loss of 0 at every step.
     with pytest.raises(SystemExit) as exit_info:

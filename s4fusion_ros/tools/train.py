@@ -364,6 +364,13 @@ def run(trainer, args):
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, '
           f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
           f'{trainer.end_step(args.stop_at)}{schedule}', file=sys.stderr)
+    end = trainer.end_step(args.stop_at)
+    if trainer.step >= end:  # resumed at its end: a finished session's command run again
+        where = (f'--stop-at {args.stop_at}' if end == args.stop_at
+                 else f'the end of its {end} steps')
+        print(f'nothing to train: the run has reached {where} (step {trainer.step}); its '
+              f'weights: {trainer.weights_path}', file=sys.stderr)
+        return 0
     deadline = None if args.time_limit is None else time.monotonic() + 60 * args.time_limit
     # A stop must end with its checkpoint where the reader of the progress went with the
     # Ctrl-C (`|& tee log`): its writes fail from then on, and the run stops as for SIGTERM.
