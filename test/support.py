@@ -476,9 +476,14 @@ def exit_with_stderr_unread(process: subprocess.Popen, stop, ready) -> int:
     """
     try:
         wait_while_running(process, ready, 120)
+        # Held stopped meanwhile, so that both reach it at once, as one Ctrl-C ends tee and the
+        # tool: else a pause of this process between the two (0.2 s was enough) let the child
+        # see its reader gone and end (141) before the signal came.
+        process.send_signal(signal.SIGSTOP)
         process.stderr.close()
         if stop:
             process.send_signal(stop)
+        process.send_signal(signal.SIGCONT)
         assert exited(process, 60)
     finally:
         process.kill()

@@ -1047,8 +1047,10 @@ def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, t
     # 20 s of recording: on a loaded machine Ray can take seconds to come up after its HOME,
     # and a bag fused before the signal lands would exit 0.
     source = write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 20.0), 'mcap')
-    homes = pathlib.Path(tempfile.gettempdir()).glob
-    before = set(homes('s4fusion-ray-*'))
+    # Its own temporary folder holds its one private HOME: other pytest-xdist workers start Rays
+    # of their own in the shared one meanwhile (a short name, for Ray's socket paths).
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix='s4t'))
+    homes = temporary.glob
     command = ([sys.executable, '-c', 'import sys; from s4fusion_ros.batch.cluster import '
                 'fuse_bags; fuse_bags(sys.argv[1:2], sys.argv[2], params=sys.argv[3], '
                 'num_cpus=1)'] if api else [str(BATCH_TOOL), '--num-cpus', '1', '--params'])
@@ -1056,22 +1058,27 @@ def test_a_stop_while_ray_starts_leaves_nothing_running(ivif_dir, params_file, t
         command += [str(source), str(tmp_path / 'out'), str(params_file)]
     else:
         command += [str(params_file), str(source), str(tmp_path / 'out')]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    with reading(proc, proc.stderr) as said:  # a failed check leaves no run fusing on
-        wait_while_running(proc, lambda: set(homes('s4fusion-ray-*')) - before, 60, said.text)
-        [home] = set(homes('s4fusion-ray-*')) - before
-        if api:
-            manifest = tmp_path / 'out' / 's4fusion-batch-manifest.json'
-            wait_while_running(proc, manifest.exists, 60, said.text)
-        else:
-            time.sleep(1.0)
-        proc.send_signal(getattr(signal, stop))
-        assert exited(proc, 60), said.text()
-    error = said.text()
-    if not api:
-        assert proc.returncode == 130, error
-        assert 'interrupted' in error and 'Traceback' not in error, error
-    assert not home.exists() and not processes_with_home(home)
+    try:
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, 'TMPDIR': str(temporary)})
+        with reading(proc, proc.stderr) as said:  # a failed check leaves no run fusing on
+            wait_while_running(proc, lambda: list(homes('s4fusion-ray-*')), 60, said.text)
+            [home] = homes('s4fusion-ray-*')
+            if api:
+                manifest = tmp_path / 'out' / 's4fusion-batch-manifest.json'
+                wait_while_running(proc, manifest.exists, 60, said.text)
+            else:
+                time.sleep(1.0)
+            proc.send_signal(getattr(signal, stop))
+            assert exited(proc, 60), said.text()
+        error = said.text()
+        if not api:
+            assert proc.returncode == 130, error
+            assert 'interrupted' in error and 'Traceback' not in error, error
+        assert not home.exists() and not processes_with_home(home)
+        assert list(temporary.iterdir()) == []
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 # Ctrl-C, then Ctrl-C again and again while Ray stops (ros2 launch and `timeout` send a second

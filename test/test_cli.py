@@ -30,6 +30,14 @@ def alive(pid: int) -> bool:
     return '\nState:\tZ' not in status
 
 
+def command_line(pid: int) -> list[str]:
+    """The arguments `pid` runs with (none once it has ended)."""
+    try:
+        return pathlib.Path(f'/proc/{pid}/cmdline').read_text().split('\0')
+    except FileNotFoundError:
+        return []
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='parent-death signal is Linux')
 def test_a_child_is_stopped_when_its_tool_is_killed(tmp_path):
     tool = subprocess.Popen([sys.executable, '-c', TOOL, str(tmp_path / 'child.log')],
@@ -37,9 +45,14 @@ def test_a_child_is_stopped_when_its_tool_is_killed(tmp_path):
     child_pid = None
     try:
         child_pid = int(tool.stdout.readline())
-        time.sleep(0.5)  # the child has exec'd its command: the launcher's code is gone
+        # Once the launcher has exec'd the command its code is gone: a few ms here, more on a
+        # loaded machine.
+        deadline = time.monotonic() + 30
+        while (command_line(child_pid)[1:3] != ['-c', 'import time; time.sleep(120)']
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         assert alive(child_pid)
-        command = pathlib.Path(f'/proc/{child_pid}/cmdline').read_text().split('\0')
+        command = command_line(child_pid)
         assert command[1:3] == ['-c', 'import time; time.sleep(120)'], command
         tool.kill()  # SIGKILL: the tool runs no clean-up
         tool.wait()
