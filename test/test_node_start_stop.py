@@ -62,8 +62,11 @@ def test_a_signal_while_python_loads_is_a_clean_exit(number, delay):
 
 
 @pytest.mark.parametrize('number', [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_the_model_loads_is_a_clean_exit(number):
+def test_a_signal_while_the_model_loads_is_a_clean_exit(number, tmp_path, monkeypatch):
     """After its parameters the node loads and warms up the model (seconds) before subscribing."""
+    # A cold numba kernel cache: the kernels compile (15-30 s) where a warm one loads them in
+    # 0.6 s, within which a test held up on a loaded machine found the model warmed up.
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(tmp_path / 'numba'))
     with running_node(PARAMS) as proc:
         end = time.monotonic() + 60
         while 'loading the model' not in node_log(proc) and time.monotonic() < end:

@@ -388,9 +388,13 @@ def test_a_loop_over_one_moment_repeats_once_a_second_and_over_nothing_is_an_err
         (5 * 10**9, VISIBLE_TOPIC, 5 * 10**9, 'mono8', image)], 'mcap')
     player = subprocess.Popen([*PLAYER, str(one_moment), '--loop', '--wait', '0'],
                               stderr=subprocess.PIPE, text=True)
-    time.sleep(4.0)  # the player's start-up, then a pass a second (it spun: thousands)
-    assert interrupt(player) == 0
-    stderr = player.stderr.read()
+    with reading(player, player.stderr) as said:
+        # Timed from its first pass: its start-up (2 s here) takes longer on a loaded machine,
+        # and a Ctrl-C before it left nothing published.
+        assert said.wait_for('playing ', 60), said.text()
+        time.sleep(3.0)  # a pass a second (it spun: thousands)
+        assert interrupt(player) == 0, said.text()
+    stderr = said.text()
     published = re.search(rf'{THERMAL_TOPIC} (\d+)', stderr)
     assert published and 1 <= int(published.group(1)) <= 5, published
     # Its stamps jump back by 0 s each pass: a node's synchronizer counts them late, not a jump.
