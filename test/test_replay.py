@@ -108,7 +108,9 @@ def test_live_replay_matches_the_offline_tool(ros_context, ivif_dir, tmp_path, s
             played = probe.spin_until(
                 lambda: any(line.rstrip().endswith(ended) for line in player_lines),
                 timeout=90)
-            probe.spin_until(lambda: len(probe.fused) >= len(expected), timeout=30)
+            # The node publishes a pair's saliency map and info after its fused image.
+            probe.spin_until(lambda: min(map(len, (probe.fused, probe.saliency, infos)))
+                             >= len(expected), timeout=30)
             probe.spin_for(0.5)
         finally:
             interrupt(player, timeout=15)  # killed if deaf to it: kept alive, it plays on

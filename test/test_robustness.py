@@ -151,7 +151,7 @@ class NodeUnderTest:
         qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self.compressed_pub = probe.create_publisher(
             CompressedImage, 'visible/image_raw/compressed', qos)
-        self.status, self.status_at = {}, 0.0
+        self.status, self.status_stamp = {}, 0
         self.level, self.message = b'\x00', ''
         probe.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
 
@@ -160,17 +160,28 @@ class NodeUnderTest:
         if status is not None:
             self.status = values_of(status)
             self.level, self.message = status.level, status.message
-            self.status_at = time.monotonic()
+            self.status_stamp = stamp_to_ns(msg.header.stamp)
 
     def now(self) -> int:
         """Return the probe's clock in ns (stamps of what the test publishes)."""
         return self.probe.get_clock().now().nanoseconds
 
     def counts(self) -> dict:
-        """Return the integer counters of a diagnostics message sent after this call."""
-        asked = time.monotonic()
-        assert self.probe.spin_until(lambda: self.status_at > asked + 0.05, 10.0), \
-            'no diagnostics'
+        """Return the integer counters of a diagnostics report made after this call, once the
+        node's worker holds no pair.
+
+        Made after the call by its header stamp (the node's clock and the probe's both read
+        the system clock), not by when it arrived: one made earlier may reach a loaded probe
+        late. With no pair queued or in inference: the worker counts a pair only once it has
+        published it, so a report made just after the probe got the output may not count it.
+        """
+        asked = self.now()
+
+        def made_after_and_idle():
+            return self.status_stamp > asked and all(
+                self.status.get(key) == '0' for key in (Key.PAIRS_QUEUED, Key.PAIRS_IN_INFERENCE))
+        assert self.probe.spin_until(made_after_and_idle, 10.0), \
+            f'no diagnostics with the worker idle: {self.status}'
         return {key: int(value) for key, value in self.status.items() if value.isdigit()}
 
     def settled(self) -> dict:
