@@ -411,6 +411,8 @@ def test_message_filters_backend_pairs_and_fuses(ros_context):
     assert values[Key.SYNC_BACKEND] == 'message_filters', values
     assert int(values[Key.PAIRS]) >= 3, values
     assert values[Key.THERMAL_UNPAIRED] == NOT_REPORTED, values
+    # Its subscriber hands over no MessageInfo: not 0 publishers while fusing.
+    assert values[Key.THERMAL_PUBLISHERS] == values[Key.VISIBLE_PUBLISHERS] == NOT_REPORTED
     assert nothing_pending(values), values  # what s4fusion-flood waits for
     assert 'dropped a message stamped -5000000000 ns' in node_log(proc)
 

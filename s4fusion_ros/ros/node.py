@@ -715,6 +715,16 @@ class S4FusionNode(Node):
             counts[Key.INFERENCE_ERRORS] += failures
         return counts
 
+    def _publishers_heard(self) -> dict:
+        """The publishers each input heard in the last 5 s, where the subscriptions name them:
+        none under message_filters, whose subscriber hands over no MessageInfo (_counts reports
+        those keys as not reported), nor on an rclpy before mid-2025."""
+        if self.approximate_sync is not None:
+            return {}
+        return {per_input(role, 'publishers heard (last 5 s)'): self.senders[role].recent()
+                if self.senders_known is not False else 'n/a (the middleware does not say)'
+                for role in ROLES}
+
     def _diagnostic_values(self) -> dict:
         """The rates, counts, latencies and set-up /diagnostics reports, as they are now."""
         inference = self.inference_latency.summary()
@@ -724,10 +734,7 @@ class S4FusionNode(Node):
             Key.VISIBLE_RATE: self.visible_rate.rate(),
             Key.FUSED_RATE: self.fused_rate.rate(),
             **self._counts(),
-            # rclpy before mid-2025 gives no publisher in its MessageInfo.
-            **{per_input(role, 'publishers heard (last 5 s)'): self.senders[role].recent()
-               if self.senders_known is not False else 'n/a (the middleware does not say)'
-               for role in ROLES},
+            **self._publishers_heard(),
             Key.INFERENCE_LATENCY_MEAN: inference['mean'],
             Key.INFERENCE_LATENCY_P95: inference['p95'],
             Key.END_TO_END_LATENCY_MEAN: end_to_end['mean'],
