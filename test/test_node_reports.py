@@ -14,7 +14,8 @@ import pytest
 from rclpy.node import NodeNameNonExistentError
 from rclpy.time import Time
 
-from ros_harness import Probe, image_message, node_log, running_node, wait_for_log
+from ros_harness import (Probe, image_message, node_log, received_stamps, running_node,
+                         wait_for_log)
 from s4fusion_ros.diagnostics import (BUSY_KEYS, LATENCY_KEYS, NOT_REPORTED, Key,
                                       node_status, nothing_pending, values_of)
 
@@ -576,6 +577,52 @@ def test_on_sim_time_a_slow_simulation_pairs_within_its_own_timeout(ros_context)
         values = fresh_diagnostics(probe, diagnostics)
     probe.destroy_node()
     assert values[Key.THERMAL_UNPAIRED] == values[Key.VISIBLE_UNPAIRED] == '0', values
+
+
+def test_on_sim_time_a_clock_jump_back_does_not_count_pairs_stamped_before_it(ros_context):
+    # A bag looped with --clock: /clock jumps back at each wrap under the pairs of the pass that
+    # ended, still in flight or in inference. Fused after the jump they read seconds "early":
+    # counted as stamped off the node clock, one or two more at every wrap, and the latency
+    # read 'n/a ... is /clock published?' until the next pair.
+    from rosgraph_msgs.msg import Clock
+    probe = Probe('clock_wrap_probe')
+    clock_pub = probe.create_publisher(Clock, '/clock', 10)
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'use_sim_time': True}) as proc:
+        probe.wait_for_node(proc)
+
+        def play(clock_s: float, stamp_ns: int, pairs: int = 0, fused: int = 0) -> int:
+            """Publish /clock from `clock_s` and pairs stamped from `stamp_ns` together, 0.1 s
+            apart, `pairs` of them or until `fused` more came out; the next stamp."""
+            wanted, end, published = len(probe.fused) + fused, time.monotonic() + 60, 0
+            while published < pairs if pairs else len(probe.fused) < wanted:
+                published += 1
+                clock_pub.publish(Clock(clock=Time(seconds=clock_s).to_msg()))
+                probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp_ns, 'thermal'))
+                probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp_ns, 'rgb'))
+                probe.spin_for(0.2)
+                clock_s, stamp_ns = clock_s + 0.1, stamp_ns + 100_000_000
+                assert time.monotonic() < end and proc.poll() is None, node_log(proc)
+            return stamp_ns
+
+        # The clock first: a pair fused before the node heard it is rightly off the clock (0).
+        assert probe.spin_until(lambda: clock_pub.get_subscription_count() > 0, 30)
+        for tick in range(5):
+            clock_pub.publish(Clock(clock=Time(seconds=199.5 + 0.1 * tick).to_msg()))
+            probe.spin_for(0.1)
+        wrap_ns = play(200.0, 200 * 10**9, fused=2)
+        # The clock wraps back 10 s under the ended pass's last two pairs; the next pass.
+        play(190.0, wrap_ns, pairs=2)
+        play(190.2, 190_200_000_000, fused=2)
+        wrapped = fresh_diagnostics(probe, diagnostics)
+        # Stamps ahead of where the clock ever was are off it, jump or not.
+        play(190.0, 300 * 10**9, fused=2)
+        ahead = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert wrap_ns in received_stamps(probe.fused), 'no pair of the ended pass was fused'
+    assert wrapped[Key.STAMPS_OFF_CLOCK] == '0', wrapped
+    assert -1.0 <= float(wrapped[Key.END_TO_END_LATENCY_MEAN]) < 60.0, wrapped
+    assert int(ahead[Key.STAMPS_OFF_CLOCK]) >= 2, ahead
 
 
 def test_on_sim_time_with_no_clock_the_node_reports_and_decides_its_last_frame(ros_context):

@@ -21,7 +21,7 @@ import time
 import traceback
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.clock import Clock, ClockType
+from rclpy.clock import Clock, ClockType, JumpThreshold
 from rclpy.duration import Duration
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.node import Node
@@ -143,6 +143,12 @@ class S4FusionNode(Node):
         self.stamps_off_clock = 0  # fused pairs whose stamps disagree with the node's clock
         self.inference_failure = None  # (monotonic time, repr) of the model's latest failure
         self.latest_off_clock = False  # the last one fused did: the latencies are of older ones
+        # Where the node clock stood before it last jumped back (ns; a looped bag's /clock at
+        # each wrap): pairs stamped up to there were on the clock, whenever they are fused.
+        self.clock_jumped_back_from_ns = None
+        self.clock_jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(seconds=PLAUSIBLE_LATENCY_S[0]),
+                          on_clock_change=False), post_callback=self._on_clock_jump_back)
         self.notices_logged = 0  # pipeline.notices are one-time warnings about the inputs
         self.resets_logged = 0  # synchronizer resets (backward clock jumps) logged so far
         self.worker_failures_logged = 0
@@ -632,12 +638,25 @@ class S4FusionNode(Node):
         # diagnostics.period over 5 s), when a stall's counts would start from an older report.
         self.counts_while_fusing = self._counts()
         latency = (self.get_clock().now().nanoseconds - result.pair.visible_stamp_ns) / 1e9
+        if latency < PLAUSIBLE_LATENCY_S[0] and self._stamped_before_clock_jump(result.pair):
+            return Key.PAIRS_FUSED  # on the clock as it was: no latency to tell, nothing off
         self.latest_off_clock = not PLAUSIBLE_LATENCY_S[0] <= latency <= PLAUSIBLE_LATENCY_S[1]
         if self.latest_off_clock:
             self.stamps_off_clock += 1
         else:
             self.end_to_end_latency.add(latency)
         return Key.PAIRS_FUSED
+
+    def _on_clock_jump_back(self, jump) -> None:
+        self.clock_jumped_back_from_ns = (self.get_clock().now().nanoseconds
+                                          - jump.delta.nanoseconds)
+
+    def _stamped_before_clock_jump(self, pair) -> bool:
+        """Whether the clock stood (near) at or after the pair's stamp before it last jumped
+        back: a pair of a looped bag's pass that ended, fused after /clock wrapped."""
+        before = self.clock_jumped_back_from_ns
+        return (before is not None
+                and pair.visible_stamp_ns <= before - PLAUSIBLE_LATENCY_S[0] * 1e9)
 
     def _publish(self, result: FusionResult) -> None:
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
