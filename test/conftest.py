@@ -1,6 +1,7 @@
 """Shared test fixtures: the real image data (one fixture finds it); DDS kept on loopback per test
 run."""
 
+import atexit
 import faulthandler
 import glob
 import os
@@ -32,6 +33,7 @@ _WORKER = os.environ.get('PYTEST_XDIST_WORKER')
 if _WORKER:
     os.environ['ROS_DOMAIN_ID'] = str(int(os.environ['ROS_DOMAIN_ID']) + int(_WORKER[2:]))
 os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='s4fusion-roslog-')
+atexit.register(shutil.rmtree, os.environ['ROS_LOG_DIR'], True)  # each run left one
 # A child that crashes (SIGSEGV, SIGABRT) prints its threads' Python stacks in the output that a
 # failing test shows, where a bare exit code -11 said nothing of where.
 os.environ['PYTHONFAULTHANDLER'] = '1'

@@ -1,8 +1,10 @@
 """Helpers for tests that run the real node as a process and talk to it with rclpy."""
 
+import atexit
 import contextlib
 import os
 import pathlib
+import shutil
 import subprocess
 import tempfile
 import time
@@ -59,6 +61,8 @@ def running_node(params: dict, extra_args=(), namespace: str = ''):
     Yields the Popen; its output is in `proc.log_path`.
     """
     directory = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-node-'))
+    # Removed as the session ends, not with the node: tests read its log after stopping it.
+    atexit.register(shutil.rmtree, directory, True)
     params_file = write_params(params, directory)
     command = [str(NODE_EXECUTABLE), '--ros-args', '--params-file', str(params_file)]
     if namespace:
