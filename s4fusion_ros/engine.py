@@ -281,14 +281,16 @@ class FusionEngine:
         """Gain on the sources' detail restored above a reduced inference size: the model's."""
         return self.loaded.model.config.detail_gain
 
-    def infer(self, pair: PreparedPair) -> FusionResult:
-        """Fuse one prepared pair (from messages) into the images published for it.
+    def infer(self, pair: PreparedPair, settings: FusionSettings | None = None
+              ) -> FusionResult:
+        """Fuse one prepared pair (from messages) into the images published for it, with
+        `settings` (the engine's own where None).
 
         The node and the bag tools drop a pair that raises (a CUDA out-of-memory on an odd
         large frame, say) and go on: the CUDA cache is released first, so the next pair finds
         the memory this one left cached."""
         try:
-            return self._fuse(pair.thermal, pair.visible_bgr, self.settings, pair)
+            return self._fuse(pair.thermal, pair.visible_bgr, settings or self.settings, pair)
         except Exception:
             if self.loaded.device.type == 'cuda':
                 with contextlib.suppress(RuntimeError):  # a sticky CUDA error raises again

@@ -623,6 +623,68 @@ def test_a_normalization_change_reaches_the_image(node, ivif_dir):
 
 
 @pytest.mark.ros
+def test_a_pair_in_inference_as_a_change_lands_goes_out_all_with_the_values_before(ivif_dir):
+    # The node in this process, so that an atomic change lands while its model runs on a pair
+    # (the real model, called as the change is made): its fused image and that image's
+    # compressed transport must both be of the values before. Read apart, a stress run
+    # toggling two output states sent 15 of 345 pairs fused as mono8 but compressed as the
+    # other state's JPEG.
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import CompressedImage, Image
+    from ros_harness import load_pairs, rclpy
+    from s4fusion_ros.diagnostics import Key
+    from s4fusion_ros.engine import PreparedPair
+    from s4fusion_ros.ros.node import S4FusionNode
+    context = Context()
+    rclpy.init(args=[], context=context)
+    fusion = S4FusionNode(context=context, namespace='/change_in_inference', parameter_overrides=[
+        Parameter('device', value='cpu'), Parameter('inference_size', value=[80, 60]),
+        Parameter('output_encoding', value='mono8'),
+        Parameter('fused.compressed.format', value='png')])
+    probe = Node('change_in_inference_probe', namespace='/change_in_inference',
+                 context=context)
+    received = {}
+    probe.create_subscription(Image, 's4fusion_node/fused',
+                              lambda msg: received.update(fused=msg.encoding), 5)
+    probe.create_subscription(CompressedImage, 's4fusion_node/fused/compressed',
+                              lambda msg: received.update(compressed=msg.format), 5)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(probe)
+
+    def spin_until(condition):
+        end = time.monotonic() + 20.0
+        while not condition() and time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+        return condition()
+    try:
+        assert spin_until(lambda: fusion.fused_compressed_pub.get_subscription_count()
+                          and fusion.fused_pub.get_subscription_count())
+        run_model = fusion.engine._run_model
+
+        def run_model_as_a_change_lands(*images):
+            change = fusion.set_parameters_atomically([
+                Parameter('output_encoding', value='bgr8'),
+                Parameter('fused.compressed.format', value='jpeg')])
+            assert change.successful, change.reason
+            return run_model(*images)
+        fusion.engine._run_model = run_model_as_a_change_lands
+        thermal, visible = load_pairs(ivif_dir, ['00004N.png'])[0]
+        stamp = 1_000_000_000
+        pair = PreparedPair(stamp, stamp, 'rgb', thermal.astype(np.float32) / 65535.0, visible)
+        assert fusion._fuse_and_publish(pair) == Key.PAIRS_FUSED
+        assert spin_until(lambda: len(received) == 2), received
+        assert received == {'fused': 'mono8', 'compressed': 'mono8; png compressed '}
+    finally:
+        executor.shutdown()
+        probe.destroy_node()
+        fusion.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+@pytest.mark.ros
 @pytest.mark.parametrize('params, message', [
     ({'output_encoding': 'yuv422'}, 'output_encoding'),
     ({'device': 'cuda'}, 'CUDA is not available'),

@@ -151,11 +151,11 @@ def test_the_node_logs_each_kind_of_inference_failure(capfd):
     errors = iter([RuntimeError('CUDA out of memory'), RuntimeError('CUDA out of memory'),
                    ValueError('a bug')])
 
-    def infer(pair):
+    def infer(pair, settings):
         raise next(errors)
     logger = get_logger('inference_failure_probe')
     node = types.SimpleNamespace(engine=types.SimpleNamespace(infer=infer), logged={},
-                                 get_logger=lambda: logger)
+                                 get_logger=lambda: logger, output_settings=(None, None))
     node._log_due = types.MethodType(S4FusionNode._log_due, node)
     for _ in range(3):
         assert S4FusionNode._fuse_and_publish(node, None) == Key.INFERENCE_ERRORS

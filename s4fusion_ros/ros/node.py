@@ -177,7 +177,11 @@ class S4FusionNode(Node):
         self.fused_compressed_pub, self.saliency_compressed_pub = (
             self._output_publisher(CompressedImage, f'{image.topic_name}/compressed', p)
             for image in images)
-        self.compression = output_compression(p)
+        # Fusion's and the compressed transports' settings, replaced as one and read once per
+        # pair: a pair in inference during a change is fused, encoded and compressed all with
+        # the values before it or all with those after (read apart, a pair fused as mono8
+        # before an atomic change went out as JPEG after it).
+        self.output_settings = (self.engine.settings, output_compression(p))
         self.camera_info_pubs = [self._output_publisher(CameraInfo, topic, p) for topic in
                                  output_info_topics(image.topic_name for image in images)]
         self.camera_infos = CameraInfoCache()
@@ -342,8 +346,8 @@ class S4FusionNode(Node):
             self.pipeline.synchronizer.thermal_offset = values['sync.thermal_offset']
         if any(name.startswith('normalization.') for name in names):
             self.pipeline.normalizer.configure(**normalizer_settings(values))
-        self.engine.settings = fusion_settings(values)  # inference_size is read-only
-        self.compression = output_compression(values)
+        # One assignment, read once per pair (see __init__); inference_size is read-only.
+        self.output_settings = (fusion_settings(values), output_compression(values))
         self.get_logger().info('parameters updated: ' + ', '.join(
             f'{p.name}={p.value}' for p in params))
 
@@ -614,8 +618,9 @@ class S4FusionNode(Node):
     def _fuse_and_publish(self, pair) -> Key | None:
         """Fuse and publish one pair; returns the counter its outcome goes to (the worker counts
         it as the pair leaves inference, so diagnostics never count it twice)."""
+        fusion, compressions = self.output_settings
         try:
-            result = self.engine.infer(pair)
+            result = self.engine.infer(pair, fusion)
         except Exception as error:  # noqa: BLE001 - one bad pair (e.g. CUDA OOM) must not stop us
             # Throttled per kind: rclpy's throttle is per call site, so a recurring out-of-memory
             # hid any other failure within 5 s of it. (From the worker thread: a race costs at
@@ -626,7 +631,7 @@ class S4FusionNode(Node):
             return Key.INFERENCE_ERRORS
         self.inference_latency.add(result.inference_seconds)
         try:
-            self._publish(result)
+            self._publish(result, compressions)
         except Exception as error:  # noqa: BLE001 - e.g. RCLError "cannot publish data"
             if not self.context.ok():
                 return None  # stopping: a stop signal shut ROS down under the worker
@@ -658,7 +663,7 @@ class S4FusionNode(Node):
         return (before is not None
                 and pair.visible_stamp_ns <= before - PLAUSIBLE_LATENCY_S[0] * 1e9)
 
-    def _publish(self, result: FusionResult) -> None:
+    def _publish(self, result: FusionResult, compressions: list) -> None:
         for publisher, raw in zip((self.fused_pub, self.saliency_pub), result.packed()):
             publisher.publish(raw_image_message(raw, result.pair.visible_stamp_ns,
                                                 result.pair.frame_id))
@@ -666,7 +671,7 @@ class S4FusionNode(Node):
         # PNG takes 27 ms here).
         for name, publisher, compression in zip(
                 settings.OUTPUT_NAMES, (self.fused_compressed_pub, self.saliency_compressed_pub),
-                self.compression):
+                compressions):
             if publisher.get_subscription_count():
                 publisher.publish(compressed_image_message(
                     *compress_transport(*result.transported(name), *compression),
