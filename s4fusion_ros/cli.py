@@ -118,13 +118,22 @@ READER_LEFT = 128 + signal.SIGPIPE
 
 
 def stop_on_signals() -> None:
-    """Make SIGINT and SIGTERM raise KeyboardInterrupt, so a tool cleans up as for Ctrl-C.
+    """Make the first SIGINT or SIGTERM raise KeyboardInterrupt, so a tool cleans up as for
+    Ctrl-C, and the later ones ignored while it does.
 
     `kill` and service managers send SIGTERM; a shell starts background jobs with SIGINT ignored
-    and children inherit that, so a supervisor's SIGINT (`interrupt`) would go unheard.
+    and children inherit that, so a supervisor's SIGINT (`interrupt`) would go unheard. A
+    second signal (timeout and ros2 launch send one; an impatient Ctrl-C) raised inside the
+    clean-up cut it short: s4fusion-bag left its partial bag behind, saying it was removed.
     """
     for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, signal.default_int_handler)
+        signal.signal(stop_signal, _interrupt_once)
+
+
+def _interrupt_once(_signum, _frame) -> None:
+    """stop_on_signals' handler."""
+    ignore_stop_signals()
+    raise KeyboardInterrupt
 
 
 def ignore_stop_signals() -> None:
@@ -168,10 +177,12 @@ def interrupts_held(notice: str = ''):
     with contextlib.ExitStack() as handlers:
         if on_main_thread():  # as stop_signals_handled
             for number in STOP_SIGNALS:
-                if signal.getsignal(number) is signal.default_int_handler:
+                if signal.getsignal(number) in (signal.default_int_handler, _interrupt_once):
                     handlers.callback(signal.signal, number, signal.signal(number, hold))
         yield
     if held:
+        if any(signal.getsignal(number) is _interrupt_once for number in STOP_SIGNALS):
+            ignore_stop_signals()  # as _interrupt_once: the clean-up is not cut short
         raise KeyboardInterrupt
 
 

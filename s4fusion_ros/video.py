@@ -117,12 +117,15 @@ class SideBySideVideo:
         """Finish the video and give it its name; without a frame, remove what is at ``path``."""
         if not self.frames:
             self.path.unlink(missing_ok=True)
-        elif self._release():
-            try:
+            return
+        try:
+            if self._release():
                 os.replace(self._partial, self.path)
-            except OSError:  # e.g. `path` is a folder: no hidden partial left behind
-                self._partial.unlink(missing_ok=True)
-                raise
+        # `path` is a folder, say, or a stop signal came while the writer finished the file (it
+        # raises as release returns): no hidden partial left behind.
+        except BaseException:
+            self._partial.unlink(missing_ok=True)
+            raise
 
     def discard(self) -> None:
         """Stop writing and remove the partial video; ``path`` is left as it was."""

@@ -153,3 +153,41 @@ def test_a_stop_signal_after_a_tool_finished_keeps_its_exit_status(tmp_path):
                                                                   ignored=False)],
                               capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stdout, done.stderr) == (0, 'ran\n', ''), signal_name
+
+
+# A tool stopped by one signal, and by a second one (timeout and ros2 launch send two) while its
+# clean-up runs: the clean-up must finish, or the tool's partial outputs stay behind.
+CLEANED_UP_TOOL = '''
+import os, pathlib, signal, time
+from s4fusion_ros.cli import run_command, stop_on_signals
+
+
+def work(partial):
+    partial.write_text('partial')
+    try:
+        os.kill(os.getpid(), signal.{first})
+        time.sleep(5)
+    finally:
+        os.kill(os.getpid(), signal.{second})
+        time.sleep(0.2)  # removing a large partial output
+        partial.unlink()
+
+
+def main():
+    stop_on_signals()
+    return run_command('s4fusion-tool', lambda: work(pathlib.Path({folder!r}) / 'partial'),
+                       (), 'interrupted; the partial output was removed')
+'''
+
+
+def test_a_second_stop_signal_does_not_cut_a_tools_clean_up_short(tmp_path):
+    for first, second in (('SIGINT', 'SIGINT'), ('SIGINT', 'SIGTERM'), ('SIGTERM', 'SIGINT')):
+        (tmp_path / 'slow_tool.py').write_text(CLEANED_UP_TOOL.format(
+            first=first, second=second, folder=str(tmp_path)))
+        done = subprocess.run([sys.executable, '-c', ENTRY.format(folder=str(tmp_path),
+                                                                  ignored=False)],
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr.strip()) == (
+            130, 's4fusion-tool: interrupted; the partial output was removed'), (first, second,
+                                                                                 done.stderr)
+        assert not (tmp_path / 'partial').exists(), (first, second)

@@ -1,5 +1,8 @@
 """The side-by-side MP4 (s4fusion_ros/video.py): written with OpenCV here and read back."""
 
+import os
+import signal
+
 import cv2
 import numpy as np
 import pytest
@@ -89,6 +92,27 @@ def test_the_video_gets_its_name_only_when_complete(tmp_path):
         video.add(row)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['fused.mp4']
     assert path.is_dir()
+
+
+class StoppedAsItFinishes:
+    """A video writer that gets Ctrl-C while it finishes the file (s4fusion-bag's last step)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def release(self):
+        self.writer.release()
+        os.kill(os.getpid(), signal.SIGINT)  # handled as release returns, as one during it
+
+
+def test_a_stop_while_the_video_is_finished_leaves_no_hidden_partial_file(tmp_path):
+    path = tmp_path / 'fused.mp4'
+    path.write_bytes(b'an earlier video')
+    with pytest.raises(KeyboardInterrupt), SideBySideVideo(path, 30.0) as video:
+        video.add(np.full((48, 4 * 64, 3), 90, np.uint8))
+        video._writer = StoppedAsItFinishes(video._writer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['fused.mp4']
+    assert path.read_bytes() == b'an earlier video'
 
 
 def test_a_recording_without_fused_frames_leaves_no_earlier_video(ivif_dir, tmp_path):
