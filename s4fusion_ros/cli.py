@@ -128,12 +128,26 @@ def stop_on_signals() -> None:
     """
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _interrupt_once)
+    sys.unraisablehook = _interrupt_lost
 
 
 def _interrupt_once(_signum, _frame) -> None:
     """stop_on_signals' handler."""
     ignore_stop_signals()
     raise KeyboardInterrupt
+
+
+def _interrupt_lost(unraisable) -> None:
+    """stop_on_signals' hook for the exceptions Python drops ('Exception ignored in'): an
+    interrupt raised in a callback from C (numba loads its cached kernels through llvmlite's) or
+    a finalizer stopped nothing, and the tool goes on, so the next stop signal must stop it."""
+    if not (issubclass(unraisable.exc_type, KeyboardInterrupt) and on_main_thread()):
+        sys.__unraisablehook__(unraisable)
+        return
+    print(f'{os.path.basename(sys.argv[0])}: a stop signal came where Python could not act on '
+          'it; the next one stops', file=sys.stderr, flush=True)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _interrupt_once)
 
 
 def ignore_stop_signals() -> None:

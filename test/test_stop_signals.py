@@ -191,3 +191,48 @@ def test_a_second_stop_signal_does_not_cut_a_tools_clean_up_short(tmp_path):
             130, 's4fusion-tool: interrupted; the partial output was removed'), (first, second,
                                                                                  done.stderr)
         assert not (tmp_path / 'partial').exists(), (first, second)
+
+
+# A tool whose first stop signal lands in a callback from C (numba loads its cached kernels
+# through llvmlite's), where Python drops the interrupt: it goes on working, and the next signal
+# must stop it, since the later ones are ignored only while a clean-up runs.
+LOST_IN_C_TOOL = '''
+import ctypes, os, signal, threading, time
+from s4fusion_ros.cli import run_command, stop_on_signals
+
+INT_P = ctypes.POINTER(ctypes.c_int)
+COMPARE = ctypes.CFUNCTYPE(ctypes.c_int, INT_P, INT_P)
+calls = []
+
+
+def compare(a, b):
+    calls.append(1)
+    if len(calls) == 1:
+        signal.raise_signal(signal.SIGINT)
+    return a[0] - b[0]
+
+
+def work():
+    values = (ctypes.c_int * 5)(5, 4, 3, 2, 1)
+    ctypes.CDLL(None).qsort(values, 5, ctypes.sizeof(ctypes.c_int), COMPARE(compare))
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    time.sleep(30)
+    print('ran to the end')
+    return 0
+
+
+def main():
+    stop_on_signals()
+    return run_command('s4fusion-tool', work, (), 'interrupted')
+'''
+
+
+def test_a_stop_signal_lost_in_a_c_callback_leaves_the_next_one_to_stop_the_tool(tmp_path):
+    (tmp_path / 'slow_tool.py').write_text(LOST_IN_C_TOOL)
+    done = subprocess.run([sys.executable, '-c', ENTRY.format(folder=str(tmp_path),
+                                                              ignored=False)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (130, ''), (done.stdout, done.stderr)
+    assert [line for line in done.stderr.splitlines() if line] == [
+        's4fusion-tool: a stop signal came where Python could not act on it; the next one stops',
+        's4fusion-tool: interrupted'], done.stderr
