@@ -240,6 +240,22 @@ def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, caps
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 
+def test_an_image_past_the_decoding_limits_is_named_with_them(ivif_dir, tmp_path,
+                                                              tiny_weights):
+    # The line quoted OpenCV's failed check, "(pixels <= CV_IO_MAX_IMAGE_PIXELS)".
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):  # 3e8 pixels, each side within the limit: small as a PNG
+        cv2.imwrite(str(tmp_path / side / 'huge.png'), np.zeros((15000, 20000), np.uint8))
+    proc = subprocess.run(
+        [sys.executable, '-m', 's4fusion_ros.tools.fuse', '--ir', str(tmp_path / 'ir'), '--vi',
+         str(tmp_path / 'vi'), '--out', str(tmp_path / 'out'), '--weights', str(tiny_weights),
+         '--device', 'cpu'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert (f'{tmp_path / "ir" / "huge.png"}: cannot read it (larger than the limit of 32768 '
+            'pixels a side or 268435456 pixels)' in proc.stderr), proc.stderr
+    assert 'fused 1 of 2 pairs' in proc.stderr
+
+
 def test_a_pair_too_large_for_the_memory_fails_alone(ivif_dir, tmp_path, tiny_weights):
     # Its failed allocation ended the run in a traceback, the pairs after it not fused; the node
     # and s4fusion-bag drop such a pair and go on.
