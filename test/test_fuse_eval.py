@@ -372,6 +372,26 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     assert 'Symlink loop' in capsys.readouterr().err
 
 
+def test_a_pair_of_broken_links_is_named_not_left_out(ivif_dir, tmp_path, capsys,
+                                                      tiny_weights):
+    # Folders of links into a dataset that moved: a pair of dangling links was skipped without
+    # a word (exit 0), and one on a side alone made its partner "without a partner".
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):
+        (tmp_path / side / 'gone.png').symlink_to(tmp_path / 'moved' / side / 'gone.png')
+    shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / 'half.png')
+    (tmp_path / 'ir' / 'half.png').symlink_to(tmp_path / 'moved' / 'half.png')
+    out = tmp_path / 'out'
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
+    errors = capsys.readouterr().err
+    for name in ('gone.png', 'half.png'):
+        assert (f'{tmp_path / "ir" / name}: cannot read it (No such file or directory)'
+                in errors), errors
+    assert 'no partner' not in errors and 'fused 1 of 3 pairs' in errors
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
+
+
 def test_fuse_names_the_pairs_that_would_write_one_output(ivif_dir, tmp_path, capsys,
                                                           tiny_weights):
     # a.png and a.jpg (each with its partner) both make a.png: the message said

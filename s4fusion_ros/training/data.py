@@ -232,7 +232,9 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
             raise FileNotFoundError(f'{directory}: {missing}')
         # Hidden files are no images of the set: macOS puts an AppleDouble `._NAME.png` beside
         # each image of an archive made on a Mac.
-        found.append({p.name for p in directory.iterdir() if p.is_file()
+        # A broken link counts, to be named where it is read: left out, it went unreported.
+        found.append({p.name for p in directory.iterdir()
+                      if (p.is_file() or p.is_symlink() and not p.exists())
                       and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')})
     ir_names, vi_names = found
     partners = {name: name for name in ir_names & vi_names}
