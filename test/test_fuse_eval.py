@@ -240,6 +240,22 @@ def test_an_image_file_past_the_size_limits_fails_alone(ivif_dir, tmp_path, caps
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 
+def test_an_image_past_the_decoding_limits_is_named_with_them(ivif_dir, tmp_path,
+                                                              tiny_weights):
+    # The line quoted OpenCV's failed check, "(pixels <= CV_IO_MAX_IMAGE_PIXELS)".
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):  # 3e8 pixels, each side within the limit: small as a PNG
+        cv2.imwrite(str(tmp_path / side / 'huge.png'), np.zeros((15000, 20000), np.uint8))
+    proc = subprocess.run(
+        [sys.executable, '-m', 's4fusion_ros.tools.fuse', '--ir', str(tmp_path / 'ir'), '--vi',
+         str(tmp_path / 'vi'), '--out', str(tmp_path / 'out'), '--weights', str(tiny_weights),
+         '--device', 'cpu'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert (f'{tmp_path / "ir" / "huge.png"}: cannot read it (larger than the limit of 32768 '
+            'pixels a side or 268435456 pixels)' in proc.stderr), proc.stderr
+    assert 'fused 1 of 2 pairs' in proc.stderr
+
+
 def test_a_pair_too_large_for_the_memory_fails_alone(ivif_dir, tmp_path, tiny_weights):
     # Its failed allocation ended the run in a traceback, the pairs after it not fused; the node
     # and s4fusion-bag drop such a pair and go on.
@@ -354,6 +370,26 @@ def test_fuse_reports_unmatched_names_and_unreadable_files(ivif_dir, tmp_path, c
     (tmp_path / 'loop' / 'fused').symlink_to(tmp_path / 'loop' / 'fused')
     assert fuse.main([*command[:4], '--out', str(tmp_path / 'loop'), *command[6:]]) == 1
     assert 'Symlink loop' in capsys.readouterr().err
+
+
+def test_a_pair_of_broken_links_is_named_not_left_out(ivif_dir, tmp_path, capsys,
+                                                      tiny_weights):
+    # Folders of links into a dataset that moved: a pair of dangling links was skipped without
+    # a word (exit 0), and one on a side alone made its partner "without a partner".
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    for side in ('ir', 'vi'):
+        (tmp_path / side / 'gone.png').symlink_to(tmp_path / 'moved' / side / 'gone.png')
+    shutil.copy(tmp_path / 'vi' / '08.png', tmp_path / 'vi' / 'half.png')
+    (tmp_path / 'ir' / 'half.png').symlink_to(tmp_path / 'moved' / 'half.png')
+    out = tmp_path / 'out'
+    assert fuse.main(['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out',
+                      str(out), '--weights', str(tiny_weights), '--device', 'cpu']) == 1
+    errors = capsys.readouterr().err
+    for name in ('gone.png', 'half.png'):
+        assert (f'{tmp_path / "ir" / name}: cannot read it (No such file or directory)'
+                in errors), errors
+    assert 'no partner' not in errors and 'fused 1 of 3 pairs' in errors
+    assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 
 def test_fuse_names_the_pairs_that_would_write_one_output(ivif_dir, tmp_path, capsys,

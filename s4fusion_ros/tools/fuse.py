@@ -233,8 +233,11 @@ def source_fingerprints(pairs: list[Pair]) -> dict:
     """name -> [size, mtime_ns] of each pair's IR and visible files (as read back from JSON):
     what a pair's outputs were made from, so that --skip-existing never keeps them for other
     pictures of the same name (another dataset numbered alike, an image replaced in place)."""
-    def fingerprint(pair: Pair) -> list[int]:
-        stats = [path.stat() for path in (pair.ir_path, pair.vi_path)]
+    def fingerprint(pair: Pair) -> list[int] | None:
+        try:
+            stats = [path.stat() for path in (pair.ir_path, pair.vi_path)]
+        except OSError:  # a broken link: the pair fails when it is read, naming it
+            return None
         return [value for stat in stats for value in (stat.st_size, stat.st_mtime_ns)]
     return {pair.name: fingerprint(pair) for pair in pairs}
 
@@ -270,7 +273,7 @@ def prepare_output(args: argparse.Namespace, outputs: dict, record: dict,
                          f'these settings ({"; ".join(changed)}); give the options of that '
                          'run, or pass --overwrite to fuse them again')
     whole = {name for name in existing if all(p.is_file() for p in outputs[name])}
-    done = ({name for name in whole if made_from.get(name) == sources[name]}
+    done = ({name for name in whole if sources[name] and made_from.get(name) == sources[name]}
             if args.skip_existing else set())
     # The rest (all with --overwrite; a pair cut between its two writes, or made from other
     # files, with --skip-existing) go before the record names these sources, so that a run

@@ -18,6 +18,7 @@ import torch
 
 from ..files import opencv_path
 from ..imaging.encodings import check_whole_jpeg
+from ..imaging.limits import MAX_PIXELS, MAX_SIDE
 from ..imaging.normalization import looks_like_raw_counts
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -96,7 +97,10 @@ def read_image(path):
         # Depth and channels as stored, but not IMREAD_UNCHANGED: that alone skips the EXIF
         # orientation (a phone's visible photo would fuse on its side against the IR image).
         image = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-    except cv2.error as error:  # e.g. larger than the limits the entry points give OpenCV
+    except cv2.error as error:
+        if 'CV_IO_MAX_IMAGE' in error.err:  # the limits the entry points give OpenCV
+            raise ValueError(f'{path}: cannot read it (larger than the limit of {MAX_SIDE} '
+                             f'pixels a side or {MAX_PIXELS} pixels)') from error
         raise ValueError(f'{path}: cannot read it ({error.err})') from error
     if image is None:
         raise ValueError(f'{path}: not a readable image')
@@ -228,7 +232,9 @@ def match_pairs(ir_dir, vi_dir, missing='not a directory'):
             raise FileNotFoundError(f'{directory}: {missing}')
         # Hidden files are no images of the set: macOS puts an AppleDouble `._NAME.png` beside
         # each image of an archive made on a Mac.
-        found.append({p.name for p in directory.iterdir() if p.is_file()
+        # A broken link counts, to be named where it is read: left out, it went unreported.
+        found.append({p.name for p in directory.iterdir()
+                      if (p.is_file() or p.is_symlink() and not p.exists())
                       and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')})
     ir_names, vi_names = found
     partners = {name: name for name in ir_names & vi_names}
