@@ -8,16 +8,13 @@ traceback nor be lost. Each case runs in its own interpreter, as the node's entr
 import subprocess
 import sys
 
-# A C library function (qsort) calls back into Python; the first call raises the exception.
-SCRIPT = '''
-import ctypes, signal, sys
-from s4fusion_ros.ros.run_node import StopSignals
-
-stop = StopSignals()
-stop.install()
+# A C library function (qsort) calls back into Python; the first call runs {first_call}.
+SORT_IN_C = '''
+import ctypes
 INT_P = ctypes.POINTER(ctypes.c_int)
 COMPARE = ctypes.CFUNCTYPE(ctypes.c_int, INT_P, INT_P)
 calls = []
+
 
 def compare(a, b):
     calls.append(1)
@@ -25,8 +22,19 @@ def compare(a, b):
         {first_call}
     return a[0] - b[0]
 
-values = (ctypes.c_int * 5)(5, 4, 3, 2, 1)
-ctypes.CDLL(None).qsort(values, 5, ctypes.sizeof(ctypes.c_int), COMPARE(compare))
+
+def sort_in_c():
+    values = (ctypes.c_int * 5)(5, 4, 3, 2, 1)
+    ctypes.CDLL(None).qsort(values, 5, ctypes.sizeof(ctypes.c_int), COMPARE(compare))
+'''
+SCRIPT = '''
+import signal, sys
+from s4fusion_ros.ros.run_node import StopSignals
+
+stop = StopSignals()
+stop.install()
+''' + SORT_IN_C + '''
+sort_in_c()
 print('went on' if len(calls) > 1 else 'stopped in C', flush=True)
 try:
     stop.raise_if_received()
@@ -197,24 +205,12 @@ def test_a_second_stop_signal_does_not_cut_a_tools_clean_up_short(tmp_path):
 # through llvmlite's), where Python drops the interrupt: it goes on working, and the next signal
 # must stop it, since the later ones are ignored only while a clean-up runs.
 LOST_IN_C_TOOL = '''
-import ctypes, os, signal, threading, time
+import os, signal, threading, time
 from s4fusion_ros.cli import run_command, stop_on_signals
-
-INT_P = ctypes.POINTER(ctypes.c_int)
-COMPARE = ctypes.CFUNCTYPE(ctypes.c_int, INT_P, INT_P)
-calls = []
-
-
-def compare(a, b):
-    calls.append(1)
-    if len(calls) == 1:
-        signal.raise_signal(signal.SIGINT)
-    return a[0] - b[0]
-
+''' + SORT_IN_C.format(first_call='signal.raise_signal(signal.SIGINT)') + '''
 
 def work():
-    values = (ctypes.c_int * 5)(5, 4, 3, 2, 1)
-    ctypes.CDLL(None).qsort(values, 5, ctypes.sizeof(ctypes.c_int), COMPARE(compare))
+    sort_in_c()
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
     time.sleep(30)
     print('ran to the end')
