@@ -361,10 +361,10 @@ def run(trainer, args):
     fit = trainer.schedule_fit
     schedule = (f' (fitted from {fit["steps_asked"]} after step {fit["at_step"]})' if fit
                 else ', to be fitted to the time limit' if args.fit_schedule else '')
+    end = trainer.end_step(args.stop_at)
     print(f'{args.preset}: {trainer.model.num_parameters()} parameters, '
           f'{len(trainer.dataset.pairs)} pairs, {trainer.device.type}, steps {trainer.step} -> '
-          f'{trainer.end_step(args.stop_at)}{schedule}', file=sys.stderr)
-    end = trainer.end_step(args.stop_at)
+          f'{end}{schedule}', file=sys.stderr)
     if trainer.step >= end:  # resumed at its end: a finished session's command run again
         where = (f'--stop-at {args.stop_at}' if end == args.stop_at
                  else f'the end of its {end} steps')
