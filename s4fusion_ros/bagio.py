@@ -45,7 +45,8 @@ from rosbags.typesys import Stores, get_typestore
 from .camera_info import CAMERA_INFO
 from .cli import TimeWindow
 from .files import sync_to_disk, sync_tree
-from .imaging.encodings import FORMATS, ZSTD_FORMAT, RawImage, format_encoding, zstd_encoding
+from .imaging.encodings import (FORMATS, ZSTD_FORMAT, RawImage, decoded_encoding,
+                                format_encoding, zstd_encoding)
 from .imaging.limits import MAX_PIXELS
 from .messages import ns_to_sec_nanosec
 from .settings import OUTPUT_TOPIC_PATTERN
@@ -829,10 +830,14 @@ def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
             continue
         if msgtype not in IMAGE_TYPES:
             continue
-        encoding = ''
+        encoding = decoded = ''
         for tries, (connection, _, raw) in enumerate(read_messages(reader, path, [topic]), 1):
             with contextlib.suppress(BagError):  # fusing fails on it only if it is an input
-                encoding = message_encoding(deserialize(path, connection, raw))
+                message = deserialize(path, connection, raw)
+                encoding = message_encoding(message)
+                # A bare 'jpeg' or 'png' (MJPEG drivers) gives a role by what its data holds.
+                decoded = (decoded_encoding(message) if msgtype == COMPRESSED_IMAGE
+                           and not encoding else encoding)
                 break
             if tries == DESCRIBE_TRIES:
                 break
@@ -841,7 +846,7 @@ def image_topics(reader: Reader, path: pathlib.Path) -> list[ImageTopic]:
             if connection.topic == topic:
                 counts[connection.msgtype == msgtype] += connection.msgcount
         topics.append(ImageTopic(topic, msgtype, counts[True], encoding,
-                                 guess_role(topic, encoding), counts[False]))
+                                 guess_role(topic, decoded), counts[False]))
     names = [t.topic for t in topics]
     return [dataclasses.replace(t, role='', near_infrared=True)
             if t.role == 'thermal' and depth_camera_infrared(t.topic, names) else t

@@ -471,6 +471,34 @@ def test_a_zstd_transport_topic_is_fused_as_the_node_decodes_it(
     assert_fused_as_raw(raw, tmp_path / 'zstd', params_file, short_events)
 
 
+def test_cameras_in_a_bare_compressed_format_are_found_by_their_decoded_data(
+        short_events, params_file, tmp_path):
+    # A format naming no encoding, as MJPEG camera drivers (usb_cam, gscam) and ROS 1 bags
+    # converted publish it ('jpeg', 'png'): colour data is the visible camera, a 16-bit PNG on a
+    # thermal topic the thermal one, as a named encoding would tell, without naming either.
+    source = tmp_path / 'bare'
+    with Writer(source, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections = {topic: writer.add_connection(f'{topic}/compressed', COMPRESSED,
+                                                    typestore=TYPESTORE)
+                       for topic in (THERMAL_TOPIC, VISIBLE_TOPIC)}
+        for log_time, topic, stamp, _, image in short_events:
+            thermal = topic == THERMAL_TOPIC
+            message = bag_image_message(image, 'mono16' if thermal else 'bgr8', stamp,
+                                        THERMAL_FRAME if thermal else VISIBLE_FRAME)
+            data = cv2.imencode('.png' if thermal else '.jpg', image)[1].ravel()
+            writer.write(connections[topic], log_time, TYPESTORE.serialize_cdr(
+                TYPESTORE.types[COMPRESSED](header=message.header,
+                                            format='png' if thermal else 'jpeg', data=data),
+                COMPRESSED))
+    with bagio.open_bag(source) as reader:
+        thermal, visible = bagio.pick_topics(bagio.image_topics(reader, source), source)
+    assert (thermal.topic, visible.topic) == (f'{THERMAL_TOPIC}/compressed',
+                                              f'{VISIBLE_TOPIC}/compressed')
+    assert bag_tool.main([str(source), str(tmp_path / 'out'), '--params',
+                          str(params_file)]) == 0
+    assert len(read_bag(tmp_path / 'out')['/s4fusion_node/fused']) >= 4
+
+
 def test_corrupt_messages_on_another_image_topic_do_not_stop_the_run(
         short_events, tmp_path, capsys):
     # A depth camera whose first two messages are cut short: described by its third, and not

@@ -436,6 +436,17 @@ def format_encoding(fmt: str) -> str:
     return encoding.strip() if separator else ''
 
 
+def decoded_encoding(img: Any) -> str:
+    """The encoding the data of a CompressedImage in a bare format ('jpeg', 'png', naming none)
+    decodes as (mono8, mono16, bgr8 or bgra8); '' for data that does not decode."""
+    try:
+        array, layout, _ = _decode_compressed(img, MAX_PIXELS)
+    except ImageDecodeError:
+        return ''
+    return next((name for name, fmt in FORMATS.items() if fmt.layout == layout
+                 and np.dtype(fmt.dtype).newbyteorder('=') == array.dtype), '')
+
+
 def _transported(array: np.ndarray, fmt: str, name: str) -> tuple[np.ndarray, str]:
     """The decoded image of a format that names its encoding, and its layout; an encoding the
     raw path refuses, or data of another type or channel count than stored, is refused."""
