@@ -383,7 +383,7 @@ class S4FusionNode(Node):
     def _subscribe_message_filters(self, p: dict) -> None:
         """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
         gates = []
-        for role in ('thermal', 'visible'):
+        for role in ROLES:  # the order of its queues (_restart_message_filters)
             subscriber = self._message_filters_subscriber(role, p)
             # Its synchronizer raises on a negative stamp inside the subscription callback,
             # which stops the node: bad stamps are dropped before it, as the own one drops them.
@@ -463,16 +463,21 @@ class S4FusionNode(Node):
         sync.queue_size newest stamps of each input and drops the oldest: with a queue full of
         the old timeline's frames that found no partner (a 30 Hz camera beside a 9 Hz one), each
         frame of the new one was dropped as it came, and nothing paired again."""
-        limit = stamp_ns + self.clock_jump_ns
+        # This input's frames so far are of the old timeline: those stamped at or after this
+        # one are dropped (a short looped bag repeats them: kept in the repeat filter, the new
+        # pass's first sync.clock_jump was dropped as repeated stamps). The other input's are
+        # dropped beyond sync.clock_jump after it (it may have jumped first).
+        limits = {other: stamp_ns + self.clock_jump_ns for other in ROLES}
+        limits[role] = stamp_ns - 1
         queues, lock = self.sync_queues or ((), contextlib.nullcontext())
         with lock:
-            for queue in queues:  # {stamp ns: message} per input
+            for queue, limit in zip(queues, limits.values()):  # {stamp ns: message} per input
                 for old in [stamp for stamp in queue if stamp > limit]:
                     del queue[old]
             # The old scene's range must not scale the new timeline's first frames.
             self.pipeline.normalizer.reset()
-        for stamps in self.recent_stamps.values():  # a looped bag repeats its stamps
-            kept = [stamp for stamp in stamps if stamp <= limit]
+        for other, stamps in self.recent_stamps.items():
+            kept = [stamp for stamp in stamps if stamp <= limits[other]]
             stamps.clear()
             stamps.extend(kept)
         self.newest_stamps[role] = stamp_ns
