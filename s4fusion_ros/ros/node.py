@@ -398,6 +398,10 @@ class S4FusionNode(Node):
                               for role in ROLES}
         self.newest_stamps = {role: 0 for role in ROLES}  # ns, for clock jumps
         self.clock_jump_ns = int(p['sync.clock_jump'] * 1e9)
+        self.sync_resets = 0
+        # The stamp the latest counted restart began its timeline at, and the inputs that
+        # restarted onto it: both inputs of a looped bag restart at a wrap, one reset.
+        self.restarted_at_ns, self.restarted_roles = 0, set()
         self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
             gates, p['sync.queue_size'], p['sync.slop'])
         self.approximate_sync.registerCallback(self._on_synchronized_pair)
@@ -481,8 +485,13 @@ class S4FusionNode(Node):
             stamps.clear()
             stamps.extend(kept)
         self.newest_stamps[role] = stamp_ns
+        if (role in self.restarted_roles or not self.restarted_roles
+                or abs(stamp_ns - self.restarted_at_ns) > self.clock_jump_ns):
+            self.sync_resets += 1
+            self.restarted_at_ns, self.restarted_roles = stamp_ns, set()
+        self.restarted_roles.add(role)
         if self._log_due(('sync', 'reset')):
-            self.get_logger().warning(clock_jump_message(None))
+            self.get_logger().warning(clock_jump_message(self.sync_resets))
 
     def _on_synchronized_pair(self, thermal_msg, visible_msg) -> None:
         # message_filters calls this holding its lock, released by no finally: whatever this
@@ -733,6 +742,7 @@ class S4FusionNode(Node):
             # message_filters reports no pairing counts: what it dropped is not known here.
             for key in OWN_SYNC_KEYS:
                 counts[key] = NOT_REPORTED
+            counts[Key.SYNC_RESETS] = self.sync_resets  # the node restarts it (clock jumps)
             # A bad message is found only once paired: counted as rejected, not as received
             # (as the own synchronizer counts it), and its partner is lost with the pair.
             counts.update({per_input(role, 'received'): self._rate(role).total
