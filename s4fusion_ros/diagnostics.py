@@ -80,7 +80,7 @@ def per_input(role: str, count: str) -> Key:
 # message_filters does not report them.
 OWN_SYNC_KEYS = tuple(per_input(role, count) for role in ROLES for count in (
     'unpaired', 'late', 'overflow', 'rejected (bad stamp)', 'pending',
-    'publishers heard (last 5 s)')) + (Key.SYNC_RESETS,)
+    'publishers heard (last 5 s)'))
 LATENCY_KEYS = (Key.INFERENCE_LATENCY_MEAN, Key.INFERENCE_LATENCY_P95,
                 Key.END_TO_END_LATENCY_MEAN, Key.END_TO_END_LATENCY_P95)
 # Nothing left to decide or fuse when all of these read 0 (`nothing_pending`).

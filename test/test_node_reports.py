@@ -479,6 +479,30 @@ def test_message_filters_backend_pairs_again_after_the_stamps_jump_back(ros_cont
     assert 'the input stamps jumped back' in log, log
 
 
+@pytest.mark.skipif(not HAVE_MESSAGE_FILTERS, reason='message_filters needs a ROS 2 distro')
+def test_message_filters_backend_pairs_every_frame_of_a_short_looped_bag(ros_context):
+    # A 2 s bag played with --loop: the restart at each wrap kept the ended pass's stamps up to
+    # sync.clock_jump past the new one in the repeat filter, so the new pass's first second was
+    # dropped as repeated stamps (11 frames of each input per wrap). Its resets read n/a.
+    probe = Probe('message_filters_loop_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
+        probe.wait_for_node(proc)
+        start = probe.get_clock().now().nanoseconds
+        for _ in range(3):
+            for stamp in range(start, start + 2 * 10**9, 100_000_000):
+                probe.thermal_pub.publish(image_message(THERMAL, 'mono16', stamp, 'thermal'))
+                probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', stamp, 'rgb'))
+                probe.spin_for(0.1)
+        values = fresh_diagnostics(probe, diagnostics)
+    probe.destroy_node()
+    assert values[Key.THERMAL_BAD_STAMP] == values[Key.VISIBLE_BAD_STAMP] == '0', values
+    assert values[Key.PAIRS] == '60', values
+    # Both inputs jump at a wrap: one reset each, as the own synchronizer counts them.
+    assert values[Key.SYNC_RESETS] == '2', values
+    assert 'pairing restarted on the new timeline (1 time(s) so far)' in node_log(proc)
+
+
 # A message_filters whose synchronizer keeps its queues under names of its own, as a later
 # version may: the clock-jump restart reaches into the private `queues` and `lock` of 4.x to 6.x.
 OTHER_MESSAGE_FILTERS = '''

@@ -383,7 +383,7 @@ class S4FusionNode(Node):
     def _subscribe_message_filters(self, p: dict) -> None:
         """Pair with message_filters' ApproximateTimeSynchronizer (sync.backend)."""
         gates = []
-        for role in ('thermal', 'visible'):
+        for role in ROLES:  # the order of its queues (_restart_message_filters)
             subscriber = self._message_filters_subscriber(role, p)
             # Its synchronizer raises on a negative stamp inside the subscription callback,
             # which stops the node: bad stamps are dropped before it, as the own one drops them.
@@ -398,6 +398,10 @@ class S4FusionNode(Node):
                               for role in ROLES}
         self.newest_stamps = {role: 0 for role in ROLES}  # ns, for clock jumps
         self.clock_jump_ns = int(p['sync.clock_jump'] * 1e9)
+        self.sync_resets = 0
+        # The stamp the latest counted restart began its timeline at, and the inputs that
+        # restarted onto it: both inputs of a looped bag restart at a wrap, one reset.
+        self.restarted_at_ns, self.restarted_roles = 0, set()
         self.approximate_sync = self.message_filters.ApproximateTimeSynchronizer(
             gates, p['sync.queue_size'], p['sync.slop'])
         self.approximate_sync.registerCallback(self._on_synchronized_pair)
@@ -463,21 +467,31 @@ class S4FusionNode(Node):
         sync.queue_size newest stamps of each input and drops the oldest: with a queue full of
         the old timeline's frames that found no partner (a 30 Hz camera beside a 9 Hz one), each
         frame of the new one was dropped as it came, and nothing paired again."""
-        limit = stamp_ns + self.clock_jump_ns
+        # This input's frames so far are of the old timeline: those stamped at or after this
+        # one are dropped (a short looped bag repeats them: kept in the repeat filter, the new
+        # pass's first sync.clock_jump was dropped as repeated stamps). The other input's are
+        # dropped beyond sync.clock_jump after it (it may have jumped first).
+        limits = {other: stamp_ns + self.clock_jump_ns for other in ROLES}
+        limits[role] = stamp_ns - 1
         queues, lock = self.sync_queues or ((), contextlib.nullcontext())
         with lock:
-            for queue in queues:  # {stamp ns: message} per input
+            for queue, limit in zip(queues, limits.values()):  # {stamp ns: message} per input
                 for old in [stamp for stamp in queue if stamp > limit]:
                     del queue[old]
             # The old scene's range must not scale the new timeline's first frames.
             self.pipeline.normalizer.reset()
-        for stamps in self.recent_stamps.values():  # a looped bag repeats its stamps
-            kept = [stamp for stamp in stamps if stamp <= limit]
+        for other, stamps in self.recent_stamps.items():
+            kept = [stamp for stamp in stamps if stamp <= limits[other]]
             stamps.clear()
             stamps.extend(kept)
         self.newest_stamps[role] = stamp_ns
+        if (role in self.restarted_roles or not self.restarted_roles
+                or abs(stamp_ns - self.restarted_at_ns) > self.clock_jump_ns):
+            self.sync_resets += 1
+            self.restarted_at_ns, self.restarted_roles = stamp_ns, set()
+        self.restarted_roles.add(role)
         if self._log_due(('sync', 'reset')):
-            self.get_logger().warning(clock_jump_message(None))
+            self.get_logger().warning(clock_jump_message(self.sync_resets))
 
     def _on_synchronized_pair(self, thermal_msg, visible_msg) -> None:
         # message_filters calls this holding its lock, released by no finally: whatever this
@@ -728,6 +742,7 @@ class S4FusionNode(Node):
             # message_filters reports no pairing counts: what it dropped is not known here.
             for key in OWN_SYNC_KEYS:
                 counts[key] = NOT_REPORTED
+            counts[Key.SYNC_RESETS] = self.sync_resets  # the node restarts it (clock jumps)
             # A bad message is found only once paired: counted as rejected, not as received
             # (as the own synchronizer counts it), and its partner is lost with the pair.
             counts.update({per_input(role, 'received'): self._rate(role).total
