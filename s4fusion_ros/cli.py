@@ -146,8 +146,7 @@ def _interrupt_lost(unraisable) -> None:
         return
     print(f'{os.path.basename(sys.argv[0])}: a stop signal came where Python could not act on '
           'it; the next one stops', file=sys.stderr, flush=True)
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, _interrupt_once)
+    stop_on_signals()
 
 
 def ignore_stop_signals() -> None:

@@ -893,7 +893,8 @@ class S4FusionNode(Node):
         no camera is the usual cause, and the line for a camera that stopped needs its frames."""
         unheard = [role for role in silent if self._rate(role).last is None]
         listened = time.monotonic() - self.listening_since
-        if not unheard or listened < self._rate(unheard[0]).window:
+        if (not unheard or listened < self._rate(unheard[0]).window
+                or not self._log_due(('unheard',))):  # before the graph is asked
             return
         topics = [getattr(self, f'{role}_sub').topic_name for role in unheard]
         publishers = {topic: self.count_publishers(topic) for topic in topics}
@@ -902,7 +903,7 @@ class S4FusionNode(Node):
         hint = ('; where no publisher is, check the topic name or its remapping against '
                 '`ros2 topic list`' if 0 in publishers.values() else '')
         self.get_logger().warning(f'no frame on {named} in {listened:.0f} s: nothing is fused'
-                                  + hint, throttle_duration_sec=LOG_THROTTLE_S)
+                                  + hint)
 
     def _partial_pairing(self, grown: dict) -> str:
         """Pairs are fused, but fewer than half of the frames of the slower camera found a
