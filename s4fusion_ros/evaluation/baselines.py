@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..imaging.color import unit_gray_pair
-from ..model.pyramid import LEVELS, laplacian_fuse
+from ..model.pyramid import laplacian_fuse
 
 
 def fuse_average(ir, vi):
@@ -26,16 +26,17 @@ def fuse_max(ir, vi):
     return np.maximum(a, b)
 
 
-def fuse_laplacian(ir, vi, levels=LEVELS, detail_gain=1.0, base_contrast=1.0):
+def fuse_laplacian(ir, vi, detail_gain=1.0, base_contrast=1.0):
     """Laplacian-pyramid fusion: max-abs selection on the detail levels, mean of the bases.
 
     The same function (``model.pyramid.laplacian_fuse``) is the base the CPU default network
     refines, there with its ``detail_gain`` and ``base_contrast`` (1, 1: the classical fusion).
-    ``levels`` is capped so that the base keeps at least 8 pixels on its short side.
+    It takes ``pyramid.LEVELS`` levels, fewer where the base would keep under 8 pixels on its
+    short side (``pyramid_levels``).
     """
     a, b = unit_gray_pair(ir, vi)
     fused = laplacian_fuse(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
-                           levels, detail_gain, base_contrast)
+                           detail_gain=detail_gain, base_contrast=base_contrast)
     return fused[0, 0].clamp_(0.0, 1.0).numpy()
 
 

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Union
 import cv2
 import numpy as np
 
-from .limits import MAX_PIXELS, MAX_SIDE
+from .limits import MAX_PIXELS, MAX_SIDE, over_opencv_limits
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
@@ -487,7 +487,7 @@ def _decode_compressed(img: Any, max_pixels: int) -> tuple[np.ndarray, str, str]
     try:
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
-        if 'CV_IO_MAX_IMAGE' in exc.err:  # the limits the entry points give OpenCV
+        if over_opencv_limits(exc):
             raise ImageDecodeError(f'{name} image: its header exceeds the limit of {MAX_SIDE} '
                                    f'per side or {MAX_PIXELS} pixels') from exc
         raise ImageDecodeError(f'{name} image: cannot decode ({exc.err})') from exc

@@ -137,9 +137,9 @@ def stop(process: subprocess.Popen | None) -> None:
         interrupt(process)
 
 
-def tail(path: pathlib.Path, lines: int = 15) -> str:
-    """Return the last lines of a log file."""
-    return '\n'.join(path.read_text(errors='replace').splitlines()[-lines:])
+def tail(path: pathlib.Path) -> str:
+    """Return the last 15 lines of a log file."""
+    return '\n'.join(path.read_text(errors='replace').splitlines()[-15:])
 
 
 class Monitor(Node):

@@ -18,7 +18,7 @@ import torch
 
 from ..files import opencv_path
 from ..imaging.encodings import check_whole_jpeg
-from ..imaging.limits import MAX_PIXELS, MAX_SIDE
+from ..imaging.limits import MAX_PIXELS, MAX_SIDE, over_opencv_limits
 from ..imaging.normalization import looks_like_raw_counts
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -98,7 +98,7 @@ def read_image(path):
         # orientation (a phone's visible photo would fuse on its side against the IR image).
         image = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     except cv2.error as error:
-        if 'CV_IO_MAX_IMAGE' in error.err:  # the limits the entry points give OpenCV
+        if over_opencv_limits(error):
             raise ValueError(f'{path}: cannot read it (larger than the limit of {MAX_SIDE} '
                              f'pixels a side or {MAX_PIXELS} pixels)') from error
         raise ValueError(f'{path}: cannot read it ({error.err})') from error
