@@ -39,6 +39,16 @@ def kernels_cacheable() -> bool:
     return scan_numba.CACHE
 
 
+def unsaved_kernels() -> set[str]:
+    """The CPU kernels compiled in this process whose cache could not be written (a full
+    disk); none without numba."""
+    from .model.scan import numba_cross_scan_fn
+    if numba_cross_scan_fn() is None:
+        return set()
+    from .model import scan_numba
+    return scan_numba.UNSAVED
+
+
 def describe(stats: tuple[int, int] | None) -> str:
     """Say where the CPU kernels came from, for a log line."""
     if stats is None:
@@ -48,6 +58,9 @@ def describe(stats: tuple[int, int] | None) -> str:
         return ('CPU kernels compiled now, in memory only: no writable folder for their cache '
                 '(NUMBA_CACHE_DIR, the package folder or ~/.cache/numba), so each start '
                 'compiles them')
+    if unsaved := unsaved_kernels():
+        return (f'CPU kernels compiled now; not cached, as the warnings above say, so compiled '
+                f'again at the next start: {", ".join(sorted(unsaved))}')
     if misses:
         return ('CPU kernels compiled now and cached for the next start '
                 '(python3 -m s4fusion_ros.precompile does this ahead)')
@@ -69,7 +82,7 @@ def main() -> int:
     from .entry_points import configure_process, numba_cache_dir
     configure_process()
     print(f's4fusion_ros.precompile: {precompile()} ({numba_cache_dir()})')
-    return 0 if kernels_cacheable() else 1  # nothing cached ahead
+    return 0 if kernels_cacheable() and not unsaved_kernels() else 1  # not all cached ahead
 
 
 if __name__ == '__main__':

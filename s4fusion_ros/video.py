@@ -120,12 +120,27 @@ class SideBySideVideo:
             return
         try:
             if self._release():
+                self._check_whole()
                 os.replace(self._partial, self.path)
         # `path` is a folder, say, or a stop signal came while the writer finished the file (it
         # raises as release returns): no hidden partial left behind.
         except BaseException:
             self._partial.unlink(missing_ok=True)
             raise
+
+    def _check_whole(self) -> None:
+        """OSError unless the finished file reads back to its last frame: OpenCV's writer drops
+        the writes a full disk (or a file size limit) refuses without a word, leaving an MP4
+        without the index a player needs, or an AVI or MKV whose header counts frames it lacks."""
+        capture = cv2.VideoCapture(opencv_path(self._partial))
+        try:
+            whole = (capture.isOpened() and capture.set(cv2.CAP_PROP_POS_FRAMES, self.frames - 1)
+                     and capture.read()[0])
+        finally:
+            capture.release()
+        if not whole:
+            raise OSError(f'{self.path}: the video file was cut short: its frame {self.frames} '
+                          'does not read back (a full disk?)')
 
     def discard(self) -> None:
         """Stop writing and remove the partial video; ``path`` is left as it was."""

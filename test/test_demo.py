@@ -4,6 +4,7 @@ import contextlib
 import os
 import pathlib
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -253,6 +254,34 @@ def test_the_demo_exits_non_zero_when_the_bag_is_not_fused_to_its_end(tmp_path):
             f'{out} (the outputs of an earlier run there stay)') in done.stderr
     assert 'stopped at the timeout' in done.stderr and 'nan' not in done.stderr
     assert all((out / name).read_bytes() == data for name, data in earlier.items())
+    with open_bag(out / 'fused_bag') as reader:
+        assert [connection.topic for connection in reader.connections] == ['/earlier']
+
+
+def _limit_file_size() -> None:
+    # A real write failure: files may not grow past 1 MiB (EFBIG, as ENOSPC on a full disk);
+    # the fused bag's first chunk is larger.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+def test_a_full_disk_while_recording_names_the_bag_and_keeps_the_earlier_outputs(tmp_path):
+    # rosbags' write error reached the user as '[Errno 27] File too large' alone: no file named,
+    # nor what became of the outputs.
+    from s4fusion_ros.bagio import add_topic, create_bag
+    out = tmp_path / 'demo'
+    out.mkdir()
+    with create_bag(out / 'fused_bag', 'mcap') as writer:
+        add_topic(writer, '/earlier')
+    (out / 'summary.txt').write_text('an earlier summary')
+    done = subprocess.run([str(DEMO), '--output-dir', str(out), '--rate', '1'],
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (f'recording {out / "fused_bag"} failed: [Errno 27] File too large; nothing was '
+            f'written in {out} (the outputs of an earlier run there stay)') in done.stderr
+    assert 'Traceback' not in done.stderr
+    assert (out / 'summary.txt').read_text() == 'an earlier summary'
+    assert sorted(path.name for path in out.iterdir()) == ['fused_bag', 'logs', 'summary.txt']
     with open_bag(out / 'fused_bag') as reader:
         assert [connection.topic for connection in reader.connections] == ['/earlier']
 

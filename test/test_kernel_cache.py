@@ -182,3 +182,15 @@ def test_a_kernel_that_cannot_be_cached_runs_compiled_in_memory(compiled, tmp_pa
     hits, misses, result, err = finish(start_kernel(cache, preexec_fn=_no_room_for_the_cache))
     assert (hits, misses, result) == (0, 1, compiled[1])
     assert 'could not cache the numba kernel _cross_scan' in err and 'File too large' in err, err
+
+
+def test_precompile_says_which_kernels_a_full_disk_left_uncached_and_fails(tmp_path):
+    # It warned that the kernel could not be cached, then said 'CPU kernels compiled now and
+    # cached for the next start' and exited 0, so scripts/setup.sh went on as if it were.
+    done = subprocess.run([sys.executable, '-m', 's4fusion_ros.precompile'], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path, preexec_fn=_no_room_for_the_cache,
+                          env={**os.environ, 'NUMBA_CACHE_DIR': str(tmp_path / 'numba')})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'could not cache the numba kernel _cross_scan' in done.stderr, done.stderr
+    assert ('CPU kernels compiled now; not cached, as the warnings above say, so compiled again '
+            'at the next start: _cross_scan') in done.stdout, done.stdout

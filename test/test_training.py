@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -1529,6 +1530,35 @@ def test_a_first_checkpoint_cut_short_leaves_the_folder_to_a_new_run(tmp_path, p
     make_trainer(pair_folder, out).run(stop_at=1, progress=False)
     # The log the cut-short run left is replaced, not continued.
     assert len((out / 'train_log.jsonl').read_text().splitlines()) == 1
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_so_in_one_line(
+        tmp_path, pair_folder, capsys):
+    # torch.save wrote the state into its file: the write's EFBIG/ENOSPC came out as its zip
+    # writer's RuntimeError ('unexpected pos'), a traceback instead of the line naming the file.
+    out = tmp_path / 'run'
+    command = ['--data', str(pair_folder), '--out', str(out), '--steps', '2', '--batch-size',
+               '1', '--crop', '25', '--device', 'cpu', '--threads', '1', '--no-progress']
+    assert train_main([*command, '--stop-at', '1']) == 0
+    state = (out / 'train_state.pt').read_bytes()
+    weights_size = (out / 's4fusion_compact.safetensors').stat().st_size
+    capsys.readouterr()
+    # A real write failure: the weights fit under the file size limit, the state does not.
+    limit = (weights_size + len(state)) // 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        status = train_main([*command, '--resume'])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    error = capsys.readouterr().err
+    assert status == 1, error
+    assert 'Traceback' not in error and f"File too large: '{out / 'train_state.pt'}'" in error
+    assert (out / 'train_state.pt').read_bytes() == state
+    assert not list(out.glob('.*')), list(out.iterdir())
+    assert train_main([*command, '--resume']) == 0
+    assert [json.loads(line)['step']
+            for line in (out / 'train_log.jsonl').read_text().splitlines()] == [1, 2]
 
 
 def test_weights_a_kill_left_without_their_state_are_named_with_the_way_out(

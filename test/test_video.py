@@ -1,6 +1,7 @@
 """The side-by-side MP4 (s4fusion_ros/video.py): written with OpenCV here and read back."""
 
 import os
+import resource
 import signal
 
 import cv2
@@ -12,8 +13,8 @@ from s4fusion_ros.bagio import create_bag
 from s4fusion_ros.engine import pipeline_from_params
 from s4fusion_ros.imaging.encodings import decode_visible
 from s4fusion_ros.tools import bag as bag_tool
-from s4fusion_ros.video import (FPS_RANGE, SideBySideVideo, bag_pairs, export_recording,
-                                frame_rate, outputs_by_stamp, panel_row)
+from s4fusion_ros.video import (FPS_RANGE, VIDEO_SUFFIXES, SideBySideVideo, bag_pairs,
+                                export_recording, frame_rate, outputs_by_stamp, panel_row)
 from support import (SIZE, THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, with_thermal_stall,
                      write_bag)
 
@@ -92,6 +93,28 @@ def test_the_video_gets_its_name_only_when_complete(tmp_path):
         video.add(row)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['fused.mp4']
     assert path.is_dir()
+
+
+@pytest.mark.parametrize('suffix', VIDEO_SUFFIXES)
+def test_a_video_the_disk_cut_short_is_an_error_not_a_file(tmp_path, suffix):
+    # OpenCV's writer drops the writes a full disk refuses without a word: the video, without
+    # the index at its end, got its name and s4fusion-bag said it wrote every frame (exit 0).
+    path = tmp_path / f'fused{suffix}'
+    path.write_bytes(b'an earlier video')
+    noise = np.random.default_rng(0).integers(0, 255, (120, 4 * 160, 3), np.uint8)
+    # A real write failure: files may not grow past 64 KiB (EFBIG, as ENOSPC on a full disk).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+    try:
+        with pytest.raises(OSError, match=f'{path}: the video file was cut short: its frame '
+                                          '10 does not read back'):
+            with SideBySideVideo(path, 9.0) as video:
+                for _ in range(10):
+                    video.add(noise)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert path.read_bytes() == b'an earlier video'
 
 
 class StoppedAsItFinishes:

@@ -64,6 +64,8 @@ def _cache_writable() -> bool:
 
 
 CACHE = _cache_writable()
+# The kernels whose cache this process could not write (a full disk): compiled in memory only.
+UNSAVED = set()
 
 
 class _CacheFile(IndexDataCacheFile):
@@ -117,6 +119,7 @@ class _KernelCache(FunctionCache):
         try:
             super().save_overload(sig, data)
         except OSError as error:
+            UNSAVED.add(self._py_func.__name__)
             _log.warning(
                 's4fusion_ros: could not cache the numba kernel %s in %s (%s): it runs compiled '
                 'in memory, and the next start compiles it again', self._py_func.__name__,

@@ -33,8 +33,8 @@ from rclpy.signals import SignalHandlerOptions
 from .. import settings
 from ..cli import (interrupt, output_path, run_command, start_child, stop_on_signals,
                    stop_signals_handled)
-from ..bagio import (IMAGE, BagError, ImageTopic, create_bag, deserialize, image_topics,
-                     log_span, open_bag, output_qos_of, pick_topics, read_messages)
+from ..bagio import (IMAGE, WRITE_ERRORS, BagError, ImageTopic, create_bag, deserialize,
+                     image_topics, log_span, open_bag, output_qos_of, pick_topics, read_messages)
 from ..diagnostics import ROLES, Key, node_status, number, pairing_summary, per_input, values_of
 from ..engine import FusionEngine, fusion_settings, pipeline_from_params
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
@@ -385,8 +385,9 @@ def record(fused_bag: pathlib.Path, values: dict, node_command: list, play: list
     """Start the node, then the player once the node subscribes, and record the node's outputs
     into `fused_bag` until it has fused the whole bag; returns the node's last diagnostics and
     the fused images recorded. Past the monotonic `deadline` raises StoppedAtTimeout with
-    summary(diagnostics, fused images, False), the partial bag discarded: an earlier run's
-    outputs stay. Both children are stopped whatever happens."""
+    summary(diagnostics, fused images, False), and a failed write into the bag (a full disk)
+    BagError naming it, the partial bag discarded: an earlier run's outputs stay. Both children
+    are stopped whatever happens."""
     # Ctrl-C must reach this code as KeyboardInterrupt, so that the children are stopped.
     rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
     node_process = player = None
@@ -429,6 +430,9 @@ def record(fused_bag: pathlib.Path, values: dict, node_command: list, play: list
             stop(player)
             stop(node_process)
         return status, fused
+    except WRITE_ERRORS as error:  # rosbags' (a full disk) name no file
+        raise BagError(f'recording {fused_bag} failed: {error}; nothing was written in '
+                       f'{fused_bag.parent} (the outputs of an earlier run there stay)') from error
     finally:
         # Another Ctrl-C (a second press, ros2 launch's SIGTERM) asks for what is under way:
         # cut short, the node would be left to stop on its own after the demo has exited.

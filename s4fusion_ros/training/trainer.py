@@ -18,6 +18,7 @@ files cannot be replaced atomically together.
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
 import pathlib
@@ -437,7 +438,11 @@ class Trainer:
             for path in paths:
                 save_checkpoint(self.model, path, extra_meta={'training': training},
                                 storage_dtype=self.weights_dtype)
-            write_atomically(state_path, lambda f: torch.save(state, f))
+            # Serialized in memory, then written: torch.save into the file, on a full disk,
+            # hid the write's OSError behind its zip writer's RuntimeError (a traceback).
+            serialized = io.BytesIO()
+            torch.save(state, serialized)
+            write_atomically(state_path, lambda f: f.write(serialized.getbuffer()))
         except OSError:  # a full disk, say
             if first:  # weights without a state: no resume, and a new run here is refused
                 for path in paths:
