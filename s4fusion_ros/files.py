@@ -115,19 +115,30 @@ def opencv_path(path: pathlib.Path) -> str:
 
 
 def write_text_atomically(path: pathlib.Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` as write_atomically does. A file name in it that is not
-    UTF-8 (an old archive's Latin-1 name, which Python holds as surrogates) is written as the
-    bytes the file system holds."""
-    write_atomically(path, lambda file: file.write(text.encode('utf-8', 'surrogateescape')))
+    """Write `text` to `path` as write_atomically does, encoded as text_bytes does."""
+    data = text_bytes(text)
+    write_atomically(path, lambda file: file.write(data))
+
+
+def text_bytes(text: str) -> bytes:
+    """`text` in UTF-8. A file name in it that is not UTF-8 (an old archive's Latin-1 name,
+    which Python holds as surrogates) is written as the bytes the file system holds."""
+    return text.encode('utf-8', 'surrogateescape')
 
 
 def write_png(path: pathlib.Path, image: np.ndarray) -> None:
     """Write an image as PNG atomically, making its folder; OSError names the file if it cannot."""
+    png = png_bytes(path, image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda file: file.write(png))
+
+
+def png_bytes(path: pathlib.Path, image: np.ndarray) -> bytes:
+    """An image encoded as PNG for `path`; OSError names the file if PNG cannot hold it."""
     # Imported here: OpenCV's import sets LD_LIBRARY_PATH, and the model package, which saves
     # its checkpoints through this module, must leave the importing process as it was.
     import cv2
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         encoded, png = cv2.imencode('.png', image)
     except cv2.error as error:  # an image PNG cannot hold (e.g. 2 channels)
@@ -135,4 +146,4 @@ def write_png(path: pathlib.Path, image: np.ndarray) -> None:
                       f'{error.err}') from error
     if not encoded:
         raise OSError(f'{path}: cannot encode a {image.dtype} {image.shape} image as PNG')
-    write_atomically(path, lambda file: file.write(png.tobytes()))
+    return png.tobytes()

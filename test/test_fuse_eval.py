@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -1646,6 +1647,30 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
     shutil.copytree(pairs, tmp_path / 'tno42')
     code, err = run('--folder', str(tmp_path / 'tno42'))
     assert code == 1 and 'a split named tno42 is an ivif split' in err
+
+
+def test_a_report_the_disk_refuses_leaves_its_table_and_grid_as_they_were(
+        ivif_dir, tmp_path, capsys):
+    pairs, out = tmp_path / 'pairs', tmp_path / 'q.md'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    command = ['--folder', str(pairs), '--out', str(out), '--threads', '1']
+    assert evaluate.main([*command, '--methods', 'average']) == 0
+    table = out.with_name('q_pairs.csv')
+    earlier = {path: path.read_bytes() for path in (out, table)}
+    capsys.readouterr()
+    # A real write failure: the new table fits under the file size limit, the report does not.
+    limit = 1024
+    assert len(earlier[table]) < limit // 2 and len(earlier[out]) > 2 * limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        status = evaluate.main([*command, '--methods', 'average,max'])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    error = capsys.readouterr().err
+    assert status == 1 and f"File too large: '{out}'" in error, error
+    assert {path: path.read_bytes() for path in (out, table)} == earlier
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['pairs', 'q.md', 'q_pairs.csv']
 
 
 def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, monkeypatch):

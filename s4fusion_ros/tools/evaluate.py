@@ -42,7 +42,8 @@ from ..cli import file_path, output_path, run_command, stop_on_signals
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
-from ..files import check_writable_folder, resolved, write_png, write_text_atomically
+from ..files import (check_writable_folder, png_bytes, resolved, text_bytes, write_png,
+                     write_text_atomically, write_together)
 from ..imaging.color import as_uint8, bgr_to_ycrcb
 from ..imaging.normalization import looks_like_raw_counts, raw_counts_warning
 from ..model import CheckpointError, S4Fusion, shipped_weights
@@ -651,13 +652,13 @@ def clip_of_frame(label: str) -> str:
     return frame_of_clip(label).rsplit('_', 1)[0]
 
 
-def write_grid(path: pathlib.Path, examples: dict, label: str) -> None:
-    """IR / visible / fused / saliency of one pair per dataset."""
+def grid_png(path: pathlib.Path, examples: dict, label: str) -> bytes:
+    """IR / visible / fused / saliency of one pair per dataset, as the PNG for `path`."""
     rows = [(f'{name}: {source.name}', [source.thermal, source.visible_bgr, images.fused,
                                         images.saliency])
             for name, (source, images) in examples.items()]
     titles = ['IR', 'visible', f'fused ({label})', 'saliency']
-    write_png(path, report.make_grid(rows, titles))
+    return png_bytes(path, report.make_grid(rows, titles))
 
 
 def parse_args(argv: list | None) -> argparse.Namespace:
@@ -898,9 +899,9 @@ def run(args: argparse.Namespace, argv: list, saving: list) -> list:
             skipped_methods += skipped_published
         print(f'{PROG}: {name}: {len(pairs)} pairs in {time.monotonic() - started:.0f} s',
               file=sys.stderr)
-    grid = ''
+    grid, writes = '', {}
     if examples:
-        write_grid(args.grid, examples, configs[0].label)
+        writes[args.grid] = grid_png(args.grid, examples, configs[0].label)
         grid = os.path.relpath(args.grid.resolve(), args.out.resolve().parent)
     elif ours:
         skipped_methods.append('the example grid: no configuration of ours was evaluated.')
@@ -914,9 +915,7 @@ def run(args: argparse.Namespace, argv: list, saving: list) -> list:
                         for c in configs] if ours else [])
         + data_notes(args, datasets, ivif, methods)
         + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
-    for path in (args.out, args.pairs_csv):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.pairs_csv, report.per_pair_csv(datasets))
+    writes[args.pairs_csv] = text_bytes(report.per_pair_csv(datasets))
     # What an earlier report has below its reading marker (the flicker section, measured on
     # its own with --flicker, and the maintainers' reading) stays; else its flicker section.
     earlier = earlier_report(args.out)
@@ -926,7 +925,12 @@ def run(args: argparse.Namespace, argv: list, saving: list) -> list:
         text = text.removesuffix('\n') + below
     elif flicker := temporal.section_of(earlier):
         text = temporal.replace_section(text, flicker)
-    write_text_atomically(args.out, text)
+    # All or none (a full disk): a report beside another run's grid and table would mislead.
+    writes[args.out] = text_bytes(text)
+    for path in writes:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_together({path: lambda file, data=data: file.write(data)
+                    for path, data in writes.items()})
     print(f'{PROG}: wrote {args.out}, {args.pairs_csv}' + (f' and {args.grid}' if grid else ''),
           file=sys.stderr)
     return datasets
