@@ -450,6 +450,37 @@ def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_pa
     assert 'not allowed with argument' in capsys.readouterr().err
 
 
+def test_fuse_stopped_by_a_full_disk_says_what_was_written_and_how_to_go_on(
+        ivif_dir, tmp_path, capsys, tiny_weights):
+    copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])
+    out = tmp_path / 'out'
+    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
+               '--weights', str(tiny_weights), '--device', 'cpu']
+    assert fuse.main(command) == 0
+    whole = {path: path.read_bytes() for path in out.rglob('*.png')}
+    colour, gray = (name.rsplit('.', 1)[0] + '.png' for _, name in (COLOUR_PAIR, GRAY_PAIR))
+    shutil.rmtree(out)
+    capsys.readouterr()
+    # A real write failure: the gray pair (fused first, by name) fits under the file size
+    # limit, the colour pair's fused image does not.
+    limit = len(whole[out / 'fused' / colour]) - 1
+    assert max(len(whole[out / kind / gray]) for kind in ('fused', 'saliency')) < limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        status = fuse.main(command)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    error = capsys.readouterr().err
+    assert status == 1 and (
+        f"File too large: '{out / 'fused' / colour}'; 1 of the 2 pairs were written before it "
+        '(--skip-existing fuses the rest)') in error, error
+    assert fuse.main(command + ['--skip-existing']) == 0
+    assert f'fused 1 of 1 pairs into {out}; 1 already under {out} skipped' in (
+        capsys.readouterr().err)
+    assert {path: path.read_bytes() for path in out.rglob('*.png')} == whole
+
+
 def test_fuse_skip_existing_fuses_again_what_other_pictures_of_the_same_names_made(
         ivif_dir, tmp_path, capsys, tiny_weights):
     """Datasets numbered alike (00000.png in both), or an image replaced in place: the outputs

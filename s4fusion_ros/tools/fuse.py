@@ -334,7 +334,7 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
     print(f'{PROG}: {len(todo)} pairs with {loaded.name} on {loaded.device} -> {args.out}'
           + skipped, file=sys.stderr)
     fuser = ImageFuser(loaded, args.inference_size, args.stretch_thermal)
-    failed, warned = 0, collections.Counter()
+    failed, written, warned = 0, 0, collections.Counter()
     for pair in tqdm(todo, unit='pair', desc='fusing', file=sys.stderr, dynamic_ncols=True):
         try:
             source = read_pair(pair)
@@ -357,8 +357,13 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
                 stale.unlink(missing_ok=True)
             continue
         fused = luminance(images.fused) if args.gray else images.fused
-        for path, image in zip(outputs[pair.name], (fused, images.saliency)):
-            write_png(path, image)
+        try:
+            for path, image in zip(outputs[pair.name], (fused, images.saliency)):
+                write_png(path, image)
+        except OSError as error:  # a full disk, say: the pairs written stay, and can be resumed
+            raise OSError(f'{error}; {written} of the {len(todo)} pairs were written before it '
+                          '(--skip-existing fuses the rest)') from error
+        written += 1
     print(f'{PROG}: fused {len(todo) - failed} of {len(todo)} pairs into {args.out}' + skipped
           + ''.join(f'; {count} pair(s) {kind}' for kind, count in warned.items())
           + (f'; {len(unmatched)} file(s) without a partner skipped' if unmatched else ''),
