@@ -286,6 +286,24 @@ def test_defaults_the_docs_give_options_are_the_parsers(parsers):
     assert not problems, '\n'.join(problems)
 
 
+def test_every_numeric_option_default_is_in_its_help(parsers):
+    # `--help` is where a user looks a default up first: an option with a number for a default
+    # says it there, in its text or by the formatter (`s4fusion-flood --duration`, `s4fusion-eval
+    # --limit` and `s4fusion-fuse --detail-gain` did not).
+    problems = []
+    for tool, parser in parsers.items():
+        if not tool.startswith('s4fusion-'):  # the console tools (setup.py), not the scripts
+            continue
+        for each in all_parsers(parser):
+            shown = issubclass(each.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+            problems += [f'{each.prog} {action.option_strings[0]}' for action in each._actions
+                         if action.option_strings and action.help
+                         and isinstance(action.default, (int, float))
+                         and not isinstance(action.default, bool)
+                         and not shown and 'default' not in action.help]
+    assert not problems, '\n'.join(problems)
+
+
 PARAMETER = re.compile(rf'^({"|".join(PARAMETER_GROUPS)})\.[\w.*<>]+$')
 FILE_NAME = re.compile(r'\.(py|yaml|md|json|csv|png|xml|safetensors|mp4|db3|mcap)$')
 
