@@ -1,6 +1,7 @@
 """What the documentation names exists as it says: the tools' options, subcommands, choices and
 defaults, the node's parameters with their defaults, ranges and choices, the launch file's
-arguments, and the files and Python names the docs point to.
+arguments, the files and Python names the docs point to, and the speed figures: the README's
+quotes of docs/performance.md and the ratios the speed tables give beside their figures.
 
 The docs are the user's interface as much as the parsers are; a renamed option or parameter left
 in a command line there fails at the user's first try. The checks read the parsers, SPECS and the
@@ -282,6 +283,24 @@ def test_defaults_the_docs_give_options_are_the_parsers(parsers):
                 problems.append(f'{name}: {claim.group(0)!r}: the parsers give '
                                 f'{defaults.get(option)}')
     assert checked >= 5
+    assert not problems, '\n'.join(problems)
+
+
+def test_every_numeric_option_default_is_in_its_help(parsers):
+    # `--help` is where a user looks a default up first: an option with a number for a default
+    # says it there, in its text or by the formatter (`s4fusion-flood --duration`, `s4fusion-eval
+    # --limit` and `s4fusion-fuse --detail-gain` did not).
+    problems = []
+    for tool, parser in parsers.items():
+        if not tool.startswith('s4fusion-'):  # the console tools (setup.py), not the scripts
+            continue
+        for each in all_parsers(parser):
+            shown = issubclass(each.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+            problems += [f'{each.prog} {action.option_strings[0]}' for action in each._actions
+                         if action.option_strings and action.help
+                         and isinstance(action.default, (int, float))
+                         and not isinstance(action.default, bool)
+                         and not shown and 'default' not in action.help]
     assert not problems, '\n'.join(problems)
 
 
@@ -595,4 +614,95 @@ def test_python_modules_and_names_the_docs_give_exist():
             elif attribute is not None and attribute not in top_level_names(path):
                 problems.append(f'{name}: {module} has no {attribute}')
     assert checked >= 10
+    assert not problems, '\n'.join(problems)
+
+
+def table_with(text: str, row: str) -> dict[str, list[str]]:
+    """The Markdown table of `text` with a row (the header included) whose first cell starts
+    with `row`: its cells by row, under each row's first cell."""
+    for block in re.split(r'\n\s*\n', text):
+        lines = [line for line in block.splitlines() if line.startswith('|')]
+        rows = {cells[0]: cells[1:] for cells in (
+            [cell.strip() for cell in line.strip().strip('|').split('|')]
+            for line in lines[:1] + lines[2:])}
+        if any(name.startswith(row) for name in rows):
+            return rows
+    raise AssertionError(f'no table with a row {row!r}')
+
+
+def near(stated: str, measured: float) -> bool:
+    """Whether `stated` is `measured` rounded to the digits it shows (either way at a 5)."""
+    digits = len(stated.partition('.')[2])
+    return abs(float(stated) - measured) <= 0.5 * 10 ** -digits + 1e-9
+
+
+CPU_SPEED = "compact (the node's CPU default), 640x480, frames/s"
+GPU_KERNEL = 'authors, fp16 autocast, mamba-ssm kernel, ms (frames/s)'
+GPU_CHUNKED = 'authors, fp16, chunked PyTorch scan (no mamba-ssm), ms (frames/s)'
+
+
+def test_speed_figures_the_readme_quotes_are_those_of_docs_performance_md():
+    # The README quotes docs/performance.md's tables in prose: the node's CPU step rate (network /
+    # step cells), and the slow-down without mamba-ssm, a ratio of two rows at the size it names
+    # (the whole network's time, at 320x240 much less than at camera sizes).
+    performance, readme = doc('docs/performance.md'), prose(doc('README.md'))
+    steps = [cell.split(' / ')[1] for cell in table_with(performance, CPU_SPEED)[CPU_SPEED]]
+    claim = re.search(r"the node's whole step fuses 640x480 at about ([\d.]+)\s+pairs/s on one "
+                      r'thread, ([\d.]+) on two', readme)
+    assert claim, 'the README no longer quotes the CPU step rate'
+    assert all(near(stated, float(step)) for stated, step in zip(claim.groups(), steps)), (
+        claim.group(0), steps)
+    gpu = table_with(performance, GPU_KERNEL)
+    sizes = gpu['']
+    claim = re.search(r'without mamba-ssm the network runs about (\d+)x\s+slower at (\d+x\d+) '
+                      r'\(its scan in PyTorch; (\d+)x at (\d+x\d+)\)', readme)
+    assert claim, 'the README no longer says how much slower the network runs without mamba-ssm'
+
+    def slow_down(size: str) -> float:
+        column = sizes.index(size)
+        return (float(gpu[GPU_CHUNKED][column].split()[0])
+                / float(gpu[GPU_KERNEL][column].split()[0]))
+    for ratio, size in (claim.group(1, 2), claim.group(3, 4)):
+        assert near(ratio, slow_down(size)), (ratio, size, slow_down(size))
+    assert re.search(rf'chunked PyTorch scan, the network about {claim.group(1)}x slower',
+                     prose(performance))
+
+
+def ratio_problems(rows: dict, ratio_of) -> list[str]:
+    """The cells `A (Rx)` or `A (B)` of `rows` whose bracket is not `ratio_of(name, column,
+    match)` rounded as shown."""
+    problems = []
+    for name, cells in rows.items():
+        for column, cell in enumerate(cells):
+            bracket = re.fullmatch(r'([\d.]+) \(([\d.]+)x?\)', cell)
+            if bracket and not near(bracket.group(2), ratio_of(name, column, bracket)):
+                problems.append(f'{name}, column {column + 1}: {cell}')
+    return problems
+
+
+def test_ratios_and_rates_in_the_speed_tables_are_those_of_their_own_figures():
+    # Side by side figures with their ratio in brackets: the ratio is of the figures shown, so a
+    # figure measured again cannot leave its ratio behind.
+    performance, batch = doc('docs/performance.md'), doc('docs/batch.md')
+    gpu = table_with(performance, GPU_KERNEL)
+    problems = ratio_problems({name: cells for name, cells in gpu.items() if 'ms (' in name},
+                              lambda name, column, cell: 1000 / float(cell.group(1)))
+    training = table_with(performance, 'preset (batch, crop)')
+    header = training.pop('preset (batch, crop)')
+    chunked, numba, speed_up, trainer = (header.index(name) for name in (
+        'chunked PyTorch scan, s/step', 'numba backward, s/step', 'speed-up',
+        '`s4fusion-train` before / now'))
+    for name, cells in training.items():
+        if not near(cells[speed_up].rstrip('x'), float(cells[chunked]) / float(cells[numba])):
+            problems.append(f'{name}: speed-up {cells[speed_up]}')
+        before_now = re.fullmatch(r'([\d.]+) / ([\d.]+) s \(([\d.]+)x\)', cells[trainer])
+        if cells[trainer] and not (before_now and near(
+                before_now.group(3), float(before_now.group(1)) / float(before_now.group(2)))):
+            problems.append(f'{name}: {cells[trainer]}')
+    runs = table_with(batch, '`s4fusion-bag` loop')
+    loop = next(cells for name, cells in runs.items() if name.startswith('`s4fusion-bag` loop'))
+    problems += ratio_problems(
+        {name: cells for name, cells in runs.items() if name.startswith('`s4fusion-batch`')},
+        lambda name, column, cell: float(cell.group(1)) / float(loop[column]))
+    assert len(gpu) > 3 and len(training) == 3 and len(runs) == 4
     assert not problems, '\n'.join(problems)

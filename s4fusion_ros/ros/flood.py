@@ -411,7 +411,8 @@ def main(argv=None) -> int:
     parser.add_argument('--rate', type=float, action='append',
                         help='pairs per second of a phase, 0 = as fast as possible; repeat for '
                         'more phases (default: one phase at 0)')
-    parser.add_argument('--duration', type=float, default=10.0, help='seconds per phase')
+    parser.add_argument('--duration', type=float, default=10.0,
+                        help='seconds per phase (default: %(default)s)')
     parser.add_argument('--size', type=parse_size, default=(640, 480), metavar='WxH',
                         help='image size (default: 640x480)')
     parser.add_argument('-p', '--param', type=_parse_param, action='append', default=[],

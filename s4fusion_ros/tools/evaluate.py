@@ -678,7 +678,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                              '(repeatable; with --folder the ivif splits are scored only where '
                              '--datasets names them)')
     parser.add_argument('--limit', type=int, default=0,
-                        help='evaluate only the first N pairs of each split (0 = all)')
+                        help='evaluate only the first N pairs of each split (0 = all; '
+                        'default: %(default)s)')
     parser.add_argument('--methods', type=_names, default=list(METHODS),
                         help=f'comma-separated subset of {",".join(METHODS)} (default: all)')
     parser.add_argument('--weights', type=pathlib.Path, nargs='+', default=[],

@@ -152,7 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='model preset for the shipped weights (default: %(default)s)')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--detail-gain', type=float, default=0.0,
-                        help=settings.SPECS['model.detail_gain'].description)
+                        help=settings.SPECS['model.detail_gain'].description
+                        + ' (default: %(default)s)')
     parser.add_argument('--inference-size', type=parse_inference_size, default=(0, 0),
                         metavar='WxH',
                         help='size the model runs at (at most the image\'s), detail restored '
