@@ -8,6 +8,7 @@ the result per installation (keyed by the kernel's source file) in NUMBA_CACHE_D
     python3 -m s4fusion_ros.precompile
 """
 
+import argparse
 import sys
 import time
 
@@ -77,8 +78,11 @@ def precompile() -> str:
     return f'{describe(kernel_cache_stats())}, {time.perf_counter() - started:.1f} s'
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console use: python3 -m s4fusion_ros.precompile."""
+    # --help answers before anything compiles (a minute on a cold cache).
+    argparse.ArgumentParser(prog='python3 -m s4fusion_ros.precompile', description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     from .entry_points import configure_process, numba_cache_dir
     configure_process()
     print(f's4fusion_ros.precompile: {precompile()} ({numba_cache_dir()})')

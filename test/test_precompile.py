@@ -39,6 +39,16 @@ def test_a_start_after_precompile_loads_the_kernels_from_the_cache(tmp_path, mon
     print(f'node subscribed {seconds:.1f} s after its start (warm kernel cache)')
 
 
+def test_precompile_help_answers_without_compiling(tmp_path, monkeypatch):
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(tmp_path / 'numba'))
+    for argv, code, text in ((['--help'], 0, 'usage: python3 -m s4fusion_ros.precompile'),
+                             (['--threads', '2'], 2, 'unrecognized arguments: --threads 2')):
+        done = subprocess.run([sys.executable, '-m', 's4fusion_ros.precompile', *argv],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == code and text in done.stdout + done.stderr, done
+    assert not (tmp_path / 'numba').exists()  # nothing compiled
+
+
 def test_the_node_starts_where_no_folder_can_hold_the_kernel_cache(tmp_path, monkeypatch):
     # A systemd service or a container with a read-only home and a read-only installation:
     # numba raised "cannot cache function '_exp': no locator available" as the kernels were
