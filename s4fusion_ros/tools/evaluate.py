@@ -128,10 +128,7 @@ class StoredOutputs:
         it against sources of ``size`` (height, width)."""
         path = self.path(pair)
         if path is None:
-            shared = self.shared.get(pathlib.Path(pair.name).stem)
-            raise ValueError(f'{pair.name}: no output, or several, in {self.folder}' + (
-                f' (the pairs {", ".join(shared)} share a stem, so each needs an output of its '
-                'own exact name)' if shared else ''))
+            raise ValueError(self.why_none(pair))
         image = read_image(path)
         if image.dtype != np.uint8:
             raise ValueError(f'{path}: 8-bit outputs only, this one is {image.dtype}')
@@ -139,6 +136,24 @@ class StoredOutputs:
             raise ValueError(f'{path} is {image.shape[1]}x{image.shape[0]}, its pair '
                              f'{size[1]}x{size[0]}')
         return image
+
+    def why_none(self, pair: Pair) -> str:
+        """Why `path` finds no output of ``pair``, naming the files of its stem it passed over."""
+        stem = pathlib.Path(pair.name).stem
+        if shared := self.shared.get(stem):
+            return (f'{pair.name}: no output of that exact name in {self.folder} (the pairs '
+                    f'{", ".join(shared)} share a stem, so each needs an output of its own exact '
+                    'name)')
+        named = sorted(path.name for path in self.folder.iterdir()
+                       if path.stem == stem and path.is_file())
+        readable = [name for name in named if pathlib.Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        if len(readable) > 1:
+            return (f'{pair.name}: several outputs in {self.folder} ({", ".join(readable)}), so '
+                    'none is taken for it')
+        if named:
+            return (f'{pair.name}: no output in {self.folder} of an extension read '
+                    f'({" ".join(IMAGE_SUFFIXES)}): {", ".join(named)} is none')
+        return f'{pair.name}: no output in {self.folder}'
 
     def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
         """The stored image as saved."""
