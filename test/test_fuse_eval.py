@@ -1768,14 +1768,19 @@ def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_di
     # Ours: the toolkit's definitions on the outputs scored above.
     method = evaluate.ours_method(evaluate.OursConfig(ours, tiny_weights),
                                   load_fusion_model(str(tiny_weights), 'auto', 'cpu'))
-    scores = []
+    scores, plain = [], []
     for pair in evaluate.ivif_splits(ivif_dir).tests['tno42'][:2]:
         source = fuse.read_pair(pair)
-        scores.append(metrics.evaluate_all(fuse.luminance(method.fuse(source, pair).fused),
-                                           *evaluate.sources_luminance(source, pair),
-                                           matlab_compat=True))
+        scored = (fuse.luminance(method.fuse(source, pair).fused),
+                  *evaluate.sources_luminance(source, pair))
+        scores.append(metrics.evaluate_all(*scored, matlab_compat=True))
+        plain.append(metrics.evaluate_all(*scored))
     assert rows[ours] == [report.format_value(np.mean([s[m] for s in scores]))
                           for m in compared]
+    # Its paragraph names each metric the toolkit's definitions change (it left out Qabf).
+    described = text.split(f'## {section} ')[1].split('| Method')[0]
+    changed = [m for m in compared if [s[m] for s in scores] != [s[m] for s in plain]]
+    assert 'Qabf' in changed and all(re.search(rf'\b{m}\b', described) for m in changed)
     # The others: the published values, as the table holds them.
     with open(ivif_dir / 'tno' / 'reference' / 'matlab_per_image_metrics.csv') as table:
         u2fusion = [row for row in csv.DictReader(table)

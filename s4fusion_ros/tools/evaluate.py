@@ -461,10 +461,10 @@ def published_dataset(name: str, pairs: list, compat: dict, table: pathlib.Path
     description = (
         f'The {name} pairs as the MATLAB toolkit of Tang et al. scores them (its 2022 version, '
         'behind SeAFusion\'s and many published tables: `matlab_compat`, with SD, MI and VIF on '
-        'uint8, SF and MSE on [0, 1] and PSNR of peak 255 over that MSE): ours on the outputs '
-        'scored above, the other rows the per-image values its authors published for other '
-        f'methods\' outputs on these pairs (`{PUBLISHED_TABLE}` beside `ir/`), not run here. '
-        'The table has no SSIM.')
+        'uint8, Qabf with MATLAB\'s rounding on [0, 1] data, SF and MSE on [0, 1] and PSNR of '
+        'peak 255 over that MSE): ours on the outputs scored above, the other rows the '
+        'per-image values its authors published for other methods\' outputs on these pairs '
+        f'(`{PUBLISHED_TABLE}` beside `ir/`), not run here. The table has no SSIM.')
     dataset = report.DatasetScores(
         f'{name}, published values (MATLAB toolkit)', tuple(names),
         [report.MethodScores(label, True, scores, seconds=None)
