@@ -1436,6 +1436,10 @@ def test_pairs_of_one_stem_each_need_their_own_output_and_are_never_saved_as_one
             f'no row for it; the first: a.jpg: no output of that exact name in {half} (the '
             'pairs a.jpg, a.png share a stem, so each needs an output of its own exact name).'
             ) in out.read_text()
+    # --limit 1 leaves a.png out, but a.png's output is still no output of a.jpg.
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--limit', '1',
+                          '--out', str(out)]) == 0
+    assert list(table_rows(out.read_text(), 'clash')) == ['Both (stored outputs)']
     capsys.readouterr()
     saved = tmp_path / 'saved'
     assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out', str(out),

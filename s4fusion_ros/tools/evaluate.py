@@ -52,8 +52,8 @@ from ..runtime import (DeviceError, LoadedModel, default_preset, load_fusion_mod
                        resolve_device, set_threads)
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
-                             ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
-                             roadscene_near, shared_stems)
+                             ivif_splits, luminance, match_pairs, pair_key, pairs_in_folder,
+                             read_image, roadscene_near, shared_stems)
 from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
@@ -172,6 +172,9 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
     folders = sorted(path for path in root.iterdir() if path.is_dir()
                      and not path.name.startswith('.')) if root.is_dir() else []
     sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs] if folders else []
+    # Every pair of the folder, not only those --limit keeps: a stem that pairs share is no
+    # output's name even where one of them is left out (a.png's output is never a.jpg's).
+    every_pair = match_pairs(root.parent / 'ir', root.parent / 'vi')[0] if folders else []
     if own_folder and not folders:
         loose = root.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES
                                       for path in root.iterdir())
@@ -179,7 +182,7 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
                        + (' (images directly in it belong in a folder named by their method)'
                           if loose else '') + '.')
     for folder in folders:
-        outputs, problems = StoredOutputs(folder, pairs), []
+        outputs, problems = StoredOutputs(folder, every_pair), []
         for pair, size in zip(pairs, sizes):
             try:
                 outputs.read(pair, size)
