@@ -1302,7 +1302,7 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
         assert {**values['heldout', 'Average (stored outputs)', name],
                 'method': 'Average'} == computed
     assert ('- Skipped: Partial (stored outputs) on heldout: 1 of the 3 outputs cannot be '
-            f'scored, so no row for it; the first: {names[1]}: no output, or several, in '
+            f'scored, so no row for it; the first: {names[1]}: no output in '
             f'{heldout / "fused" / "Partial"}.') in text
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
 
@@ -1319,6 +1319,34 @@ def test_a_hidden_folder_beside_the_stored_outputs_is_no_method(ivif_dir, tmp_pa
                           str(out)]) == 0
     text = out.read_text()
     assert list(table_rows(text, 'pairs')) == ['Mine (stored outputs)'] and 'Skipped' not in text
+
+
+def test_a_stored_output_left_out_is_named_with_the_reason(ivif_dir, tmp_path):
+    # An output in an extension not read (WebP), or two of the pair's stem, was reported as
+    # "no output, or several": the user could not tell which, nor which file was passed over.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    stem = GRAY_PAIR[1][:-4]
+    image = cv2.imread(str(pairs / 'vi' / GRAY_PAIR[1]))
+    for method, names in (('Fine', ['.bmp']), ('Webp', ['.webp']), ('Twice', ['.bmp', '.jpg']),
+                          ('Absent', [])):
+        (pairs / 'fused' / method).mkdir(parents=True)
+        for suffix in names:
+            assert cv2.imwrite(str(pairs / 'fused' / method / (stem + suffix)), image)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--out',
+                          str(out)]) == 0
+    text = out.read_text()
+    assert list(table_rows(text, 'pairs')) == ['Fine (stored outputs)']
+    fused = pairs / 'fused'
+    for method, reason in (
+            ('Absent', f'no output in {fused / "Absent"}'),
+            ('Twice', f'several outputs in {fused / "Twice"} ({stem}.bmp, {stem}.jpg), so none '
+                      'is taken for it'),
+            ('Webp', f'no output in {fused / "Webp"} of an extension read (.png .jpg .jpeg .bmp '
+                     f'.tif .tiff): {stem}.webp is none')):
+        assert (f'- Skipped: {method} (stored outputs) on pairs: 1 of the 1 outputs cannot be '
+                f'scored, so no row for it; the first: {GRAY_PAIR[1]}: {reason}.\n') in text
 
 
 def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path):
@@ -1405,9 +1433,13 @@ def test_pairs_of_one_stem_each_need_their_own_output_and_are_never_saved_as_one
     assert list(table_rows(out.read_text(), 'clash')) == ['Both (stored outputs)']
     half = pairs / 'fused' / 'Half'
     assert (f'- Skipped: Half (stored outputs) on clash: 1 of the 2 outputs cannot be scored, so '
-            f'no row for it; the first: a.jpg: no output, or several, in {half} (the pairs '
-            'a.jpg, a.png share a stem, so each needs an output of its own exact name).'
+            f'no row for it; the first: a.jpg: no output of that exact name in {half} (the '
+            'pairs a.jpg, a.png share a stem, so each needs an output of its own exact name).'
             ) in out.read_text()
+    # --limit 1 leaves a.png out, but a.png's output is still no output of a.jpg.
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--limit', '1',
+                          '--out', str(out)]) == 0
+    assert list(table_rows(out.read_text(), 'clash')) == ['Both (stored outputs)']
     capsys.readouterr()
     saved = tmp_path / 'saved'
     assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out', str(out),
@@ -1740,14 +1772,19 @@ def test_ours_against_the_values_the_toolkit_published_for_other_methods(ivif_di
     # Ours: the toolkit's definitions on the outputs scored above.
     method = evaluate.ours_method(evaluate.OursConfig(ours, tiny_weights),
                                   load_fusion_model(str(tiny_weights), 'auto', 'cpu'))
-    scores = []
+    scores, plain = [], []
     for pair in evaluate.ivif_splits(ivif_dir).tests['tno42'][:2]:
         source = fuse.read_pair(pair)
-        scores.append(metrics.evaluate_all(fuse.luminance(method.fuse(source, pair).fused),
-                                           *evaluate.sources_luminance(source, pair),
-                                           matlab_compat=True))
+        scored = (fuse.luminance(method.fuse(source, pair).fused),
+                  *evaluate.sources_luminance(source, pair))
+        scores.append(metrics.evaluate_all(*scored, matlab_compat=True))
+        plain.append(metrics.evaluate_all(*scored))
     assert rows[ours] == [report.format_value(np.mean([s[m] for s in scores]))
                           for m in compared]
+    # Its paragraph names each metric the toolkit's definitions change (it left out Qabf).
+    described = text.split(f'## {section} ')[1].split('| Method')[0]
+    changed = [m for m in compared if [s[m] for s in scores] != [s[m] for s in plain]]
+    assert 'Qabf' in changed and all(re.search(rf'\b{m}\b', described) for m in changed)
     # The others: the published values, as the table holds them.
     with open(ivif_dir / 'tno' / 'reference' / 'matlab_per_image_metrics.csv') as table:
         u2fusion = [row for row in csv.DictReader(table)

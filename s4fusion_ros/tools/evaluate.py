@@ -52,8 +52,8 @@ from ..runtime import (DeviceError, LoadedModel, default_preset, load_fusion_mod
                        resolve_device, set_threads)
 from ..training.data import (IMAGE_SUFFIXES, M3SVD_TEST_VIDEO_CLIPS, M3SVD_VALIDATION_CLIPS,
                              ROADSCENE_CLIP_GAP, ROADSCENE_VALIDATION_STRIDE, IvifSplits, Pair,
-                             ivif_splits, luminance, pair_key, pairs_in_folder, read_image,
-                             roadscene_near, shared_stems)
+                             ivif_splits, luminance, match_pairs, pair_key, pairs_in_folder,
+                             read_image, roadscene_near, shared_stems)
 from .fuse import FusedImages, ImageFuser, SourcePair, read_pair
 from .train import add_data_argument
 
@@ -128,10 +128,7 @@ class StoredOutputs:
         it against sources of ``size`` (height, width)."""
         path = self.path(pair)
         if path is None:
-            shared = self.shared.get(pathlib.Path(pair.name).stem)
-            raise ValueError(f'{pair.name}: no output, or several, in {self.folder}' + (
-                f' (the pairs {", ".join(shared)} share a stem, so each needs an output of its '
-                'own exact name)' if shared else ''))
+            raise ValueError(self.why_none(pair))
         image = read_image(path)
         if image.dtype != np.uint8:
             raise ValueError(f'{path}: 8-bit outputs only, this one is {image.dtype}')
@@ -139,6 +136,24 @@ class StoredOutputs:
             raise ValueError(f'{path} is {image.shape[1]}x{image.shape[0]}, its pair '
                              f'{size[1]}x{size[0]}')
         return image
+
+    def why_none(self, pair: Pair) -> str:
+        """Why `path` finds no output of ``pair``, naming the files of its stem it passed over."""
+        stem = pathlib.Path(pair.name).stem
+        if shared := self.shared.get(stem):
+            return (f'{pair.name}: no output of that exact name in {self.folder} (the pairs '
+                    f'{", ".join(shared)} share a stem, so each needs an output of its own exact '
+                    'name)')
+        named = sorted(path.name for path in self.folder.iterdir()
+                       if path.stem == stem and path.is_file())
+        readable = [name for name in named if pathlib.Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        if len(readable) > 1:
+            return (f'{pair.name}: several outputs in {self.folder} ({", ".join(readable)}), so '
+                    'none is taken for it')
+        if named:
+            return (f'{pair.name}: no output in {self.folder} of an extension read '
+                    f'({" ".join(IMAGE_SUFFIXES)}): {", ".join(named)} is none')
+        return f'{pair.name}: no output in {self.folder}'
 
     def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
         """The stored image as saved."""
@@ -157,6 +172,9 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
     folders = sorted(path for path in root.iterdir() if path.is_dir()
                      and not path.name.startswith('.')) if root.is_dir() else []
     sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs] if folders else []
+    # Every pair of the folder, not only those --limit keeps: a stem that pairs share is no
+    # output's name even where one of them is left out (a.png's output is never a.jpg's).
+    every_pair = match_pairs(root.parent / 'ir', root.parent / 'vi')[0] if folders else []
     if own_folder and not folders:
         loose = root.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES
                                       for path in root.iterdir())
@@ -164,7 +182,7 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
                        + (' (images directly in it belong in a folder named by their method)'
                           if loose else '') + '.')
     for folder in folders:
-        outputs, problems = StoredOutputs(folder, pairs), []
+        outputs, problems = StoredOutputs(folder, every_pair), []
         for pair, size in zip(pairs, sizes):
             try:
                 outputs.read(pair, size)
@@ -446,10 +464,10 @@ def published_dataset(name: str, pairs: list, compat: dict, table: pathlib.Path
     description = (
         f'The {name} pairs as the MATLAB toolkit of Tang et al. scores them (its 2022 version, '
         'behind SeAFusion\'s and many published tables: `matlab_compat`, with SD, MI and VIF on '
-        'uint8, SF and MSE on [0, 1] and PSNR of peak 255 over that MSE): ours on the outputs '
-        'scored above, the other rows the per-image values its authors published for other '
-        f'methods\' outputs on these pairs (`{PUBLISHED_TABLE}` beside `ir/`), not run here. '
-        'The table has no SSIM.')
+        'uint8, Qabf with MATLAB\'s rounding on [0, 1] data, SF and MSE on [0, 1] and PSNR of '
+        'peak 255 over that MSE): ours on the outputs scored above, the other rows the '
+        'per-image values its authors published for other methods\' outputs on these pairs '
+        f'(`{PUBLISHED_TABLE}` beside `ir/`), not run here. The table has no SSIM.')
     dataset = report.DatasetScores(
         f'{name}, published values (MATLAB toolkit)', tuple(names),
         [report.MethodScores(label, True, scores, seconds=None)
