@@ -174,7 +174,8 @@ def stored_methods(name: str, pairs: list, own_folder: bool) -> tuple[list, list
     sizes = [read_image(pair.vi_path).shape[:2] for pair in pairs] if folders else []
     # Every pair of the folder, not only those --limit keeps: a stem that pairs share is no
     # output's name even where one of them is left out (a.png's output is never a.jpg's).
-    every_pair = match_pairs(root.parent / 'ir', root.parent / 'vi')[0] if folders else []
+    every_pair = (match_pairs(pairs[0].dataset / 'ir', pairs[0].dataset / 'vi')[0] if folders
+                  else [])
     if own_folder and not folders:
         loose = root.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES
                                       for path in root.iterdir())
