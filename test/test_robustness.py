@@ -495,6 +495,30 @@ def test_a_camera_that_stops_is_named_and_logged(node):
     node.fuse()
 
 
+def test_a_fault_the_log_warned_of_is_logged_as_cleared_once_fusing_again(node):
+    # The console said a camera had stopped, then nothing when it came back: read on the
+    # console (or /rosout) alone, a fault that lasted 10 s and one still going looked alike.
+    cleared = 'back to OK: fusing after'
+    node.fuse()
+    before = len(node.log_lines(cleared))
+    end = time.monotonic() + 6.0  # past the input rate's 5 s window
+    while time.monotonic() < end:
+        node.publish('visible', compressed(VISIBLE_JPEG, node.now()))
+    node.counts()
+    assert node.log_lines('no thermal frame for'), node.log()
+    node.fuse()  # the thermal camera is back
+    assert node.probe.spin_until(lambda: len(node.log_lines(cleared)) > before, 30.0), node.log()
+    [line] = node.log_lines(cleared)[before:]
+    assert re.search(r'\[INFO\] .*: back to OK: fusing after \d+ s at WARN \(waiting for the '
+                     r'thermal input\)$', line), line
+    # Faults no line warned of (the status alone) are not answered on the console: a bag's
+    # end and a pause read 'waiting for both inputs' there and stay quiet.
+    node.probe.spin_for(1.5)
+    node.fuse()
+    node.counts()
+    assert len(node.log_lines(cleared)) == before + 1, node.log()
+
+
 def test_diagnostics_warn_while_few_frames_find_a_partner(node):
     # Two visible frames in three stamped 0.1 s after their thermal partner (beyond sync.slop
     # 0.05 s): an occasional pair kept the status OK, 'fusing', with no word of the rest.

@@ -78,6 +78,11 @@ QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
 CAMERA_INFO_OVERRIDES = QoSOverridingOptions([*QOS_OVERRIDES.policy_kinds,
                                               QoSPolicyKind.DURABILITY])
 _LOG_KINDS_KEPT = 64  # bounds the throttle's memory against endless distinct faults
+FUSING = 'fusing'  # the status's message while all is well
+_LEVEL_NAMES = {DiagnosticStatus.WARN: 'WARN', DiagnosticStatus.ERROR: 'ERROR'}
+# A status message's headline ends before its details ('waiting for the thermal input (...)',
+# 'inputs arrive but no pair was fused lately (since ...); thermal stamps run ...').
+_FIRST_CLAUSE = re.compile(r' \(|; ')
 
 
 class S4FusionNode(Node):
@@ -159,6 +164,10 @@ class S4FusionNode(Node):
         # Whether this stall's log said what the stamps tell: the first line often comes before
         # the stamps of the stall outnumber the older ones, and the hint must not wait 5 s.
         self.stall_hint_logged = False
+        # The status's latest spell at WARN or ERROR, (monotonic time it began, its worst
+        # level, its latest message), and whether a log line warned of it: a line says it
+        # cleared once the node fuses again (_report_cleared_fault).
+        self.fault, self.fault_logged = None, False
         self.arriving_since = None  # monotonic time both inputs have arrived since
         self.listening_since = None  # monotonic time of the first status: the executor runs
         # How many pairs were made lately against the frames that came.
@@ -797,7 +806,7 @@ class S4FusionNode(Node):
     def _status(self, values: dict) -> tuple[int, str]:
         """The level and message of the node's status for these values (logging what a stall
         tells); notes which counts pairs were last fused at."""
-        level, message, partial = DiagnosticStatus.OK, 'fusing', ''
+        level, message, partial = DiagnosticStatus.OK, FUSING, ''
         fusing = False
         self._log_worker_failures()
         if self.listening_since is None:
@@ -877,7 +886,7 @@ class S4FusionNode(Node):
             # its window, and when a bag ends one camera's last frame leaves it first.
             if (meter.last is not None and now - meter.last >= meter.window
                     and now - self._rate(other).last < ARRIVING_S):
-                self.get_logger().warning(
+                self.fault_logged |= self.get_logger().warning(
                     f'{getattr(self, f"{role}_sub").topic_name}: no {role} frame for '
                     f'{now - meter.last:.0f} s while {other} frames arrive: nothing is fused',
                     throttle_duration_sec=LOG_THROTTLE_S)
@@ -902,8 +911,8 @@ class S4FusionNode(Node):
                             for topic, count in publishers.items())
         hint = ('; where no publisher is, check the topic name or its remapping against '
                 '`ros2 topic list`' if 0 in publishers.values() else '')
-        self.get_logger().warning(f'no frame on {named} in {listened:.0f} s: nothing is fused'
-                                  + hint)
+        self.fault_logged |= self.get_logger().warning(
+            f'no frame on {named} in {listened:.0f} s: nothing is fused' + hint)
 
     def _partial_pairing(self, grown: dict) -> str:
         """Pairs are fused, but fewer than half of the frames of the slower camera found a
@@ -919,8 +928,8 @@ class S4FusionNode(Node):
             message += f'; {hint}'
             # Logged here, not in a helper shared with _stall_message: rclpy throttles per call
             # site, and a partial stall's line must not silence the full stall's that follows.
-            self.get_logger().warning(f'few pairs made lately: {hint}',
-                                      throttle_duration_sec=LOG_THROTTLE_S)
+            self.fault_logged |= self.get_logger().warning(
+                f'few pairs made lately: {hint}', throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _mixed_senders(self) -> str:
@@ -940,14 +949,16 @@ class S4FusionNode(Node):
                          'the camera?)')
         message = '; '.join(lines)
         if message:
-            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self.fault_logged |= self.get_logger().warning(
+                message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _late_arrivals(self, grown: dict) -> str:
         """Pairs are fused, but more than a tenth of an input's frames came late lately."""
         message = late_arrivals(grown, PAIRING_MIN_FRAMES)
         if message:
-            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self.fault_logged |= self.get_logger().warning(
+                message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _unpaired_hint(self, grown: dict) -> str:
@@ -985,9 +996,10 @@ class S4FusionNode(Node):
         if hint:
             message += f'; {hint}'
         if hint and not self.stall_hint_logged:
-            self.get_logger().warning(message)
+            self.fault_logged |= self.get_logger().warning(message)
         else:
-            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self.fault_logged |= self.get_logger().warning(
+                message, throttle_duration_sec=LOG_THROTTLE_S)
         self.stall_hint_logged |= bool(hint)
         return message
 
@@ -1009,7 +1021,26 @@ class S4FusionNode(Node):
     def _publish_diagnostics(self) -> None:
         self._report_namesakes()
         values = self._diagnostic_values()
-        self._publish_status(*self._status(values), str(self.loaded.device), values)
+        level, message = self._status(values)
+        self._report_cleared_fault(level, message)
+        self._publish_status(level, message, str(self.loaded.device), values)
+
+    def _report_cleared_fault(self, level: int, message: str) -> None:
+        """Follow the status's spells at WARN or ERROR, and say on the console when it reads
+        'fusing' again after one a line warned of (a stopped camera, a stall, failing pairs):
+        read on the console or /rosout alone, a fault that lasted 10 s and one still going
+        looked alike. A spell no line warned of (a bag's end) ends as quietly as it began."""
+        if level == DiagnosticStatus.OK and message == FUSING:
+            if self.fault is not None and self.fault_logged:
+                began, worst, latest = self.fault
+                self.get_logger().info(
+                    f'back to OK: fusing after {time.monotonic() - began:.0f} s at '
+                    f'{_LEVEL_NAMES[worst]} ({_FIRST_CLAUSE.split(latest, maxsplit=1)[0]})')
+            self.fault, self.fault_logged = None, False
+        elif level != DiagnosticStatus.OK:
+            began, worst = (time.monotonic(), level) if self.fault is None else self.fault[:2]
+            self.fault = (began, max(worst, level), message)
+            self.fault_logged |= level == DiagnosticStatus.ERROR  # its errors were logged
 
     def _publish_status(self, level: int, message: str, hardware_id: str, values: dict) -> None:
         status = DiagnosticStatus(
