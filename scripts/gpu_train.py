@@ -145,10 +145,10 @@ def prepare_mamba(args):
     """(mamba-ssm's folder for the runs' PYTHONPATH or None, what the summary says of it): built
     from --mamba-sdist, or an earlier call's --mamba-site, and checked; anything about it that
     raises leaves the runs to the chunked scan."""
-    import torch
-
     if not (args.mamba_sdist or args.mamba_site):
         return None, 'not given'
+    import torch  # only here: a CPU call without mamba-ssm starts its recipe seconds sooner
+
     if args.mamba_site is None and not torch.cuda.is_available():
         # Not a failure: a CPU call (--device cpu) has nothing to build for.
         log('no CUDA device: mamba-ssm is not built')
@@ -307,12 +307,12 @@ def check_scan(site, device='cuda', backend='mamba'):
 def training_device(device):
     """The name of the device the recipes train on (``--device``); SystemExit without CUDA
     unless the CPU is asked for by name: a call's minutes on a CPU train next to nothing."""
+    if device.strip().lower() == 'cpu':  # as s4fusion-train reads it
+        return 'cpu'
     import torch
     sys.path.insert(0, str(REPO))
     from s4fusion_ros.runtime import DeviceError, resolve_device
 
-    if device.strip().lower() == 'cpu':  # as s4fusion-train reads it
-        return 'cpu'
     if not torch.cuda.is_available():
         raise SystemExit(f'train: no CUDA device (torch {torch.__version__}, CUDA '
                          f'{torch.version.cuda}): not training on the CPU; pass --device cpu to '

@@ -6,6 +6,7 @@ Test modules import from here, never from one another.
 import contextlib
 import csv
 import functools
+import json
 import os
 import pathlib
 import random
@@ -248,8 +249,35 @@ BATCH_PARAMS = {'s4fusion_node': {'ros__parameters': {
     'normalization': {'smoothing': 0.3}}}}
 
 
+# One level, no encoder or decoder blocks, one fusion block (its interleaved scan), on the
+# Laplacian base: a real S4Fusion network, seeded and untrained, that fuses a pair in about a
+# quarter of the compact network's time (most of what is left is decoding and writing).
+TINY_NETWORK = {'dims': (4,), 'encoder_depths': (0,), 'decoder_depths': (0,), 'd_state': 1,
+                'fusion_d_state': 1, 'fusion_blocks': 1, 'base': 'laplacian'}
+
+
 @pytest.fixture(scope='module')
 def params_file(tmp_path_factory):
+    """BATCH_PARAMS with TINY_NETWORK's weights: for tests that compare what the tools write
+    with the same parameters, whatever the network."""
+    from s4fusion_ros.model.checkpoint import save_checkpoint
+    from s4fusion_ros.model.s4fusion import S4Fusion, S4FusionConfig
+    folder = tmp_path_factory.mktemp('params')
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        weights, _ = save_checkpoint(S4Fusion(S4FusionConfig(**TINY_NETWORK)),
+                                     folder / 'tiny.safetensors')
+    values = json.loads(json.dumps(BATCH_PARAMS))
+    values['s4fusion_node']['ros__parameters']['model'] = {'weights': str(weights)}
+    path = folder / 'params.yaml'
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.fixture(scope='module')
+def compact_params_file(tmp_path_factory):
+    """BATCH_PARAMS as they are (the shipped compact network, about 20 ms a pair here): for
+    tests whose stop signal or kill must land while a unit still fuses."""
     path = tmp_path_factory.mktemp('params') / 'params.yaml'
     path.write_text(yaml.safe_dump(BATCH_PARAMS))
     return path

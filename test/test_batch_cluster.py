@@ -9,8 +9,8 @@ import pytest
 
 from s4fusion_ros.batch.cluster import fuse_bags
 from s4fusion_ros.batch.work import BatchError
-from support import (camera_messages, drifting, params_file, read_bag,  # noqa: F401
-                     reference, write_bag)
+from support import (camera_messages, compact_params_file, drifting, params_file,  # noqa: F401
+                     read_bag, reference, write_bag)
 
 # A mark, not a module-level importorskip: launch_testing's pytest plugin (present on a robot)
 # imports every test module while collecting, and a skip raised there skips the whole folder.
@@ -45,7 +45,7 @@ def cluster(ray_home, monkeypatch, request):
 
 
 def test_a_node_killed_mid_run_still_gives_complete_identical_bags(cluster, ivif_dir,
-                                                                   params_file, tmp_path):
+                                                                   compact_params_file, tmp_path):
     cluster, worker = cluster
     inputs = tmp_path / 'fleet'
     for name, seed in (('a', 1), ('b', 2), ('c', 3)):
@@ -62,7 +62,7 @@ def test_a_node_killed_mid_run_still_gives_complete_identical_bags(cluster, ivif
     def run():
         try:
             outcome['report'] = fuse_bags([inputs], tmp_path / 'out', address=cluster.address,
-                                          params=params_file, on_unit=results.append,
+                                          params=compact_params_file, on_unit=results.append,
                                           on_progress=progress, progress=False)
         except BaseException as error:  # noqa: BLE001 - shown by the assertion below
             outcome['error'] = error
@@ -82,7 +82,7 @@ def test_a_node_killed_mid_run_still_gives_complete_identical_bags(cluster, ivif
     assert [r['ip'] for r in results if r['label'] == lost] == [HEAD_IP]
     for name in ('a', 'b', 'c'):
         assert read_bag(tmp_path / 'out' / name) == reference(
-            inputs / name, tmp_path / 'ref' / name, params_file), name
+            inputs / name, tmp_path / 'ref' / name, compact_params_file), name
     # The killed attempt's partial bag was swept when its bag finished.
     assert sorted(os.listdir(tmp_path / 'out')) == ['a', 'b', 'c', 's4fusion-batch-manifest.json']
 

@@ -34,6 +34,7 @@ from ..entry_points import omp_wait_policy, opencv_settings
 from ..files import check_writable_folder, held_folder, write_text_atomically
 from ..runtime import set_threads
 from . import work
+from .progress import Progress
 from .work import MANIFEST, BagJob, BatchError, Unit
 
 LOCAL = 'local'
@@ -458,24 +459,8 @@ def _previous_reports(manifest: pathlib.Path, values: dict, transport: str, jobs
                      f'this run)')
 
 
-class _Progress:
-    """Collects the pairs fused so far, sent by the tasks (a Ray actor on the driver's node)."""
-
-    def __init__(self):
-        self.events = []
-
-    def add(self, label: str, ip: str, pairs: int) -> None:
-        """A task fused `pairs` more."""
-        self.events.append((label, ip, pairs))
-
-    def take(self) -> list:
-        """Return and forget the events so far."""
-        events, self.events = self.events, []
-        return events
-
-
 class _Reporter:
-    """In a task: BagFuser's progress bar interface, forwarded to the _Progress actor."""
+    """In a task: BagFuser's progress bar interface, forwarded to the Progress actor."""
 
     def __init__(self, box, label: str):
         self.box, self.label, self.pending, self.sent = box, label, 0, time.monotonic()
@@ -563,7 +548,7 @@ class _Runner:
         here = ray.get_runtime_context().get_node_id()
         strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
         # On the driver's node, so losing a worker node loses no progress counts.
-        self.box = ray.remote(num_cpus=0)(_Progress).options(
+        self.box = ray.remote(num_cpus=0)(Progress).options(
             scheduling_strategy=strategy).remote()
         self.task = ray.remote(_run_unit).options(
             num_cpus=self.cpus, max_retries=self.retries, retry_exceptions=False)
