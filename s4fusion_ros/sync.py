@@ -325,8 +325,9 @@ class StampLead:
             allowance_s: float = 0.0) -> None:
         """Note a frame of `role` stamped `stamp_ns`, arrived at `arrived_s` on the stamps'
         clock, matched with `offset_s` added; `allowance_s`: how far behind the stamps that
-        clock may read at an arrival (sim time's steps). An unset stamp tells nothing."""
-        if stamp_ns <= 0:
+        clock may read at an arrival (sim time's steps). An unset stamp tells nothing, nor an
+        arrival on a clock whose steps are not known yet (inf)."""
+        if stamp_ns <= 0 or allowance_s == math.inf:
             return
         leads = self._leads[role]
         leads[stamp_ns] = stamp_ns / 1e9 - arrived_s - allowance_s

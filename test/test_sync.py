@@ -1211,10 +1211,12 @@ def test_on_sim_time_stamps_ahead_by_less_than_a_step_of_clock_are_not_ahead():
     # stands up to 0.1 s behind the stamp the simulator gave it.
     clock = ArrivalClock()
     assert clock.now(0.0, 100.0) == 0.0 and clock.sim_step() == math.inf  # not known yet
+    lead = StampLead(off_clock_s=1.0, frames=60)
+    _cameras(lead, StampLead.PAIRS, {'thermal': 0.5}, allowance_s=clock.sim_step())
+    assert lead.ahead['thermal'] == 0 and lead.fault() is None
     for k in range(1, 40):  # read at 20 Hz
         clock.now(k / 20, 100.0 + math.floor(k / 2) / 10)
     assert clock.sim_step() == pytest.approx(0.1)
-    lead = StampLead(off_clock_s=1.0, frames=60)
     _cameras(lead, StampLead.PAIRS, {'thermal': 0.09}, allowance_s=clock.sim_step())
     assert lead.ahead['thermal'] == 0
     _cameras(lead, StampLead.PAIRS, {'thermal': 0.5}, allowance_s=clock.sim_step())
