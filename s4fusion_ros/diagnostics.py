@@ -8,6 +8,7 @@ import enum
 import math
 
 from . import settings
+from .sync import StampLead
 
 ROLES = ('thermal', 'visible')
 
@@ -48,6 +49,8 @@ class Key(enum.StrEnum):
     END_TO_END_LATENCY_MEAN = 'end-to-end latency mean (s)'
     END_TO_END_LATENCY_P95 = 'end-to-end latency p95 (s)'
     STAMPS_OFF_CLOCK = 'pairs stamped off the node clock (no latency)'
+    THERMAL_AHEAD = 'thermal stamped ahead of arrival'
+    VISIBLE_AHEAD = 'visible stamped ahead of arrival'
     VISIBLE_CAMERA_INFO = 'visible camera_info received'
     SYNC_BACKEND = 'sync backend'
     DEVICE = 'device'
@@ -171,9 +174,7 @@ def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float
             f'{thermal_offset_s:g} s): if the cameras stamp on clocks that differ, ')
     low, high = settings.SPECS['sync.thermal_offset'].range
     if low <= -skew_s <= high:
-        command = (f' (ros2 param set {node_name} sync.thermal_offset {-skew_s:.3f})'
-                   if node_name else '')
-        text += f'sync.thermal_offset {-skew_s:.3f} pairs them{command}'
+        text += f'sync.thermal_offset {-skew_s:.3f} pairs them{_set_offset(node_name, -skew_s)}'
     else:
         text += (f'that is more than sync.thermal_offset can take up ({low:g} to {high:g} s): '
                  "synchronize the cameras' clocks (chrony, PTP)")
@@ -183,6 +184,41 @@ def clock_skew_hint(skew_s: float | None, slop_s: float, thermal_offset_s: float
                  f'later instead, sync.timeout {wait:.3f} (now {timeout_s:g}'
                  f'{"; " + RESTART if live else ""}) pairs them as stamped')
     return text
+
+
+def _set_offset(node_name: str, seconds: float) -> str:
+    """' (the command that sets sync.thermal_offset to `seconds` on the running node)', or ''
+    without a node name."""
+    return (f' (ros2 param set {node_name} sync.thermal_offset {seconds:.3f})' if node_name
+            else '')
+
+
+def stamped_ahead_message(role: str, lead_s: float, apart_s: float, thermal_offset_s: float,
+                          node_name: str = '', offset_settable: bool = True) -> str:
+    """The status while pairs are made of frames captured apart (StampLead.fault): `role`'s
+    frames stamped `lead_s` ahead of their arrival on the node clock and `apart_s` ahead of
+    their partners'. Only a camera clock ahead does that: the fix is its clock synchronized,
+    or the sync.thermal_offset that compensates (added to thermal stamps: less by `apart_s`
+    for a thermal camera ahead, more for a visible one), with the command that sets it, where
+    the parameter takes it and the backend has it (`offset_settable`: not message_filters)."""
+    other = next(name for name in ROLES if name != role)
+    offset = f', sync.thermal_offset {thermal_offset_s:g} s added' if role == 'thermal' else ''
+    text = (f'pairs of frames captured about {apart_s:.3f} s apart: {role} stamps run '
+            f'{lead_s:.3f} s ahead of their arrival on the node clock (median over the last '
+            f'{StampLead.PAIRS} pairs{offset}; no delivery does that: the {role} camera\'s '
+            f'clock runs ahead of this machine\'s), so its frames pair with {other} frames '
+            'captured that much later; synchronize its clock with this machine (chrony, PTP)')
+    compensating = thermal_offset_s + (-apart_s if role == 'thermal' else apart_s)
+    low, high = settings.SPECS['sync.thermal_offset'].range
+    if not offset_settable:
+        return text + ' (sync.thermal_offset, which could compensate it, needs sync.backend own)'
+    if not low <= compensating <= high:
+        return text + (f' (the sync.thermal_offset that would compensate it, '
+                       f'{compensating:.3f}, is beyond its {low:g} to {high:g} s)')
+    text += (f', or set sync.thermal_offset {compensating:.3f}'
+             + _set_offset(node_name, compensating))
+    # The outputs carry the visible stamps: only its clock set right moves them.
+    return text + (' (the outputs keep its stamps)' if role == 'visible' else '')
 
 
 def late_delivery_hint(deliveries: dict, timeout_s: float, live: bool = True) -> str:

@@ -153,6 +153,15 @@ class ArrivalClock:
         self._now += elapsed * self._pace(wall_s, sim_s)
         return self._now
 
+    def sim_step(self) -> float:
+        """The largest step of the simulation clock between the changes of it seen lately (s):
+        how far its time at a frame's arrival may stand behind the stamp the simulator gave the
+        frame (a /clock published at 10 Hz, as Gazebo classic's by default, by up to 0.1 s);
+        inf until two are seen. For sim time only (`now` given `sim_s`)."""
+        sims = [sim for _, sim in self._changes]
+        return max((later - earlier for earlier, later in zip(sims, sims[1:])),
+                   default=math.inf)
+
     def _pace(self, wall_s: float, sim_s: float | None) -> float:
         """Simulation seconds per wall second, within [0, 1]."""
         changes = self._changes
@@ -275,6 +284,81 @@ class StampSkew:
                 pace < 1 - self.PACE_TOLERANCE for pace in paces):
             return statistics.median(paces)
         return 1.0
+
+
+class StampLead:
+    """How far each input's stamps run ahead of the frames' arrival on the clock the stamps
+    should be on (the node's: ROS time, or sim time under use_sim_time), as matched
+    (sync.thermal_offset added to thermal stamps).
+
+    No delivery makes a stamp later than its arrival: a frame stamped ahead of it by more than
+    TOLERANCE_S comes from a camera clock ahead of the node's (a camera on another computer
+    without chrony or PTP, a driver stamping with its device's clock). A clock behind looks like
+    delivery latency and is not told. Stamps more than `off_clock_s` ahead are off the node
+    clock altogether (a clock on another epoch, counted apart by the node), not counted here.
+    Per input, `ahead` counts the frames stamped ahead; `fault` names the input whose frames,
+    over the last PAIRS pairs made, were stamped ahead of their arrival and of their partners'
+    (both cameras on one such clock pair frames as captured): those pairs join frames captured
+    apart.
+    """
+
+    # chrony and PTP keep clocks within a millisecond, a driver's stamp lies before the frame's
+    # arrival: 50 ms ahead is no jitter, and well below the 0.5 s a clock left unsynchronized
+    # for weeks drifts.
+    TOLERANCE_S = 0.05
+    # Pairs the fault is read over (medians): one glitched stamp names nothing, and a fault
+    # fixed (sync.thermal_offset set) stops being named after 5 pairs.
+    PAIRS = 10
+
+    def __init__(self, off_clock_s: float, frames: int):
+        """`frames`: the most frames of an input that may arrive between a frame's arrival and
+        its pairing (the synchronizer's queue and more)."""
+        self.off_clock_s = off_clock_s
+        self.ahead = {'thermal': 0, 'visible': 0}
+        # Per input {stamp ns: lead s} of its last `frames` frames (stamp less arrival, before
+        # the offset), for the pairs they make.
+        self._leads = {role: collections.OrderedDict() for role in self.ahead}
+        self._frames = frames
+        self._pairs = collections.deque(maxlen=self.PAIRS)  # matched (thermal, visible) leads
+
+    def add(self, role: str, stamp_ns: int, arrived_s: float, offset_s: float = 0.0,
+            allowance_s: float = 0.0) -> None:
+        """Note a frame of `role` stamped `stamp_ns`, arrived at `arrived_s` on the stamps'
+        clock, matched with `offset_s` added; `allowance_s`: how far behind the stamps that
+        clock may read at an arrival (sim time's steps). An unset stamp tells nothing, nor an
+        arrival on a clock whose steps are not known yet (inf)."""
+        if stamp_ns <= 0 or allowance_s == math.inf:
+            return
+        leads = self._leads[role]
+        leads[stamp_ns] = stamp_ns / 1e9 - arrived_s - allowance_s
+        if len(leads) > self._frames:
+            leads.popitem(last=False)
+        if self._is_ahead(leads[stamp_ns] + offset_s):
+            self.ahead[role] += 1
+
+    def pair(self, thermal_ns: int, visible_ns: int, thermal_offset_s: float) -> None:
+        """Note a pair made of the frames stamped so, with this sync.thermal_offset."""
+        thermal = self._leads['thermal'].get(thermal_ns)
+        visible = self._leads['visible'].get(visible_ns)
+        if thermal is not None and visible is not None:
+            self._pairs.append((thermal + thermal_offset_s, visible))
+
+    def fault(self) -> tuple[str, float, float] | None:
+        """(role, lead, apart) over the last PAIRS pairs (medians, s): the input whose frames
+        were stamped `lead` ahead of their arrival and `apart` ahead of their partners', which
+        were captured that much later; None while none was (or fewer pairs were made)."""
+        if len(self._pairs) < self.PAIRS:
+            return None
+        thermal = statistics.median_low(lead for lead, _ in self._pairs)
+        visible = statistics.median_low(lead for _, lead in self._pairs)
+        apart = statistics.median_low(thermal - visible for thermal, visible in self._pairs)
+        for role, lead, ahead in (('thermal', thermal, apart), ('visible', visible, -apart)):
+            if self._is_ahead(lead) and ahead > self.TOLERANCE_S:
+                return role, lead, ahead
+        return None
+
+    def _is_ahead(self, lead_s: float) -> bool:
+        return self.TOLERANCE_S < lead_s <= self.off_clock_s
 
 
 class _Frame(NamedTuple):

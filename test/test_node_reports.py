@@ -543,13 +543,18 @@ class ApproximateTimeSynchronizer(SimpleFilter):
 '''
 
 
-def test_a_message_filters_keeping_its_queues_elsewhere_survives_a_clock_jump(
-        ros_context, tmp_path, monkeypatch):
-    # The node stopped on an AttributeError at the first stamp that jumped back.
+@pytest.fixture
+def other_message_filters(tmp_path, monkeypatch):
+    """The node's processes import OTHER_MESSAGE_FILTERS as message_filters."""
     (tmp_path / 'message_filters').mkdir()
     (tmp_path / 'message_filters' / '__init__.py').write_text(OTHER_MESSAGE_FILTERS)
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
         filter(None, (str(tmp_path), os.environ.get('PYTHONPATH')))))
+
+
+def test_a_message_filters_keeping_its_queues_elsewhere_survives_a_clock_jump(
+        ros_context, other_message_filters):
+    # The node stopped on an AttributeError at the first stamp that jumped back.
     probe = Probe('other_message_filters_probe')
     with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
         probe.wait_for_node(proc)
@@ -560,6 +565,37 @@ def test_a_message_filters_keeping_its_queues_elsewhere_survives_a_clock_jump(
     probe.destroy_node()
     assert "this message_filters keeps its synchronizer's queues where the node cannot" in log
     assert 'the input stamps jumped back' in log, log
+
+
+def test_message_filters_backend_warns_of_a_camera_clock_ahead(
+        ros_context, other_message_filters):
+    # Its Subscriber hands the node each message too: a thermal camera whose clock runs 0.5 s
+    # ahead pairs with visible frames captured 0.5 s later there as well (the stand-in pairs
+    # equal stamps), and sync.thermal_offset, which message_filters has not, is not offered.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    probe = Probe('message_filters_ahead_probe')
+    diagnostics = Diagnostics(probe)
+    with running_node({**PARAMS, 'sync.backend': 'message_filters'}) as proc:
+        probe.wait_for_node(proc)
+        captured = []  # the thermal frames' stamps, which the visible camera's take as it comes
+        end = time.monotonic() + 60
+        while not (diagnostics.message.startswith('pairs of frames captured')
+                   and diagnostics.values.get(Key.THERMAL_AHEAD, '0') != '0'):
+            assert time.monotonic() < end and proc.poll() is None, \
+                (diagnostics.message, node_log(proc))
+            now = probe.get_clock().now().nanoseconds
+            captured.append(now + 500_000_000)
+            probe.thermal_pub.publish(image_message(THERMAL, 'mono16', captured[-1], 'thermal'))
+            while captured[0] <= now:
+                probe.visible_pub.publish(image_message(VISIBLE, 'bgr8', captured.pop(0), 'rgb'))
+            probe.spin_for(0.1)
+        message, level = diagnostics.message, diagnostics.statuses[-1][0]
+    probe.destroy_node()
+    assert level == DiagnosticStatus.WARN, message
+    assert re.search(r'thermal stamps run 0\.[45]\d\d s ahead of their arrival', message), message
+    assert message.endswith('(sync.thermal_offset, which could compensate it, needs '
+                            'sync.backend own)'), message
+    assert diagnostics.values[Key.VISIBLE_AHEAD] == '0', diagnostics.values
 
 
 def test_nothing_pending_reads_the_counts_a_backend_does_not_report_as_none():

@@ -398,7 +398,6 @@ def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stam
     # warning names the unpaired frames, not the old bad messages, and the offset that pairs,
     # which set while the node runs pairs the same frames.
     from diagnostic_msgs.msg import DiagnosticStatus
-    from rclpy.parameter import Parameter
     node.publish('visible', compressed(b'\xff\xd8\xff\xe0' + bytes(100), node.now()))
     # Pairs stamped alike fill the stamps' window (StampSkew.WINDOW frames a topic), so that
     # the stall's first line (5 s after the last pair, 8 skewed frames in) comes before the
@@ -440,17 +439,12 @@ def test_a_stall_names_what_grew_since_fusing_and_the_offset_that_pairs_the_stam
     suggested = float(re.search(r'pairs them \(ros2 param set /robustness/s4fusion_node '
                                 r'sync.thermal_offset (-0\.2\d\d)\)', node.message)[1])
 
-    def set_offset(seconds):
-        client = _parameters(node)
-        [result] = _call(node, client.set_parameters(
-            [Parameter('sync.thermal_offset', value=seconds)])).results
-        assert result.successful, result.reason
-    set_offset(suggested)
+    _set_offset(node, suggested)
     stamp = node.now()
     node.publish('thermal', image(THERMAL, 'mono16', stamp + 250_000_000))
     node.publish('visible', compressed(VISIBLE_JPEG, stamp))
     node.wait_for_output(stamp)  # the visible frame's stamp
-    set_offset(0.0)
+    _set_offset(node, 0.0)
     # The thermal camera's next frame is stamped after its last, 0.25 s ahead of `stamp` (an
     # earlier one is late, as on the camera's clock it is): the pair came at once, with the
     # offset the hint measured exactly from the middleware's receipt times.
@@ -480,6 +474,77 @@ def test_thermal_stamps_far_ahead_stall_and_the_log_says_why(node):
                           'synchronize the cameras'), node.log()
     node.fuse()  # back on the node's clock: a jump back, then pairs again
     node.fuse()
+
+
+AHEAD = 'stamped ahead of arrival'  # per input: frames stamped after they arrived
+
+
+def _publish_cameras(node, ahead_ns: dict, seconds: float = 0.0, until=None) -> None:
+    """Publish as a 10 Hz thermal and a 20 Hz visible camera that stamp their frames as they
+    capture them, each on its clock: `ahead_ns` of the node's, by role. For `seconds`, or until
+    `until()` holds (a deadline of 30 s)."""
+    end = time.monotonic() + (seconds or 30.0)
+    while not (until and until()):
+        if seconds and time.monotonic() >= end:
+            return
+        assert time.monotonic() < end, (node.message, node.log())
+        node.probe.thermal_pub.publish(
+            image(THERMAL, 'mono16', node.now() + ahead_ns.get('thermal', 0)))
+        for _ in range(2):
+            node.compressed_pub.publish(
+                compressed(VISIBLE_JPEG, node.now() + ahead_ns.get('visible', 0)))
+            node.probe.spin_for(0.05)
+
+
+@pytest.mark.parametrize('role, compensating', [('thermal', -0.5), ('visible', 0.5)])
+def test_a_camera_clock_ahead_warns_with_the_offset_that_compensates_it(node, role,
+                                                                        compensating):
+    # One camera's clock 0.5 s ahead of the node's machine (another computer without chrony or
+    # PTP, a driver stamping with its device clock): its frames paired, within sync.slop, with
+    # the other camera's captured 0.5 s apart, and the status read OK 'fusing' without a word.
+    # No delivery stamps a frame after it arrived: the node names the camera, by how much, and
+    # the sync.thermal_offset that compensates (added to thermal stamps, so for a visible
+    # camera ahead it is positive), which set while it runs pairs frames as captured again.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node.fuse()
+    count = per_input(role, AHEAD)
+    before = node.counts()[count]
+    warned = rf'{role} stamps run (\d\.\d+) s ahead of their arrival'
+    _publish_cameras(node, {role: 500_000_000}, until=lambda: re.search(warned, node.message))
+    assert node.level == DiagnosticStatus.WARN, node.message
+    assert abs(float(re.search(warned, node.message)[1]) - 0.5) < 0.1, node.message
+    offset = float(re.search(r'set sync.thermal_offset (-?\d\.\d+) \(ros2 param set '
+                             rf'{NAMESPACE}/s4fusion_node sync.thermal_offset', node.message)[1])
+    assert abs(offset - compensating) < 0.05, node.message
+    assert node.probe.spin_until(lambda: node.log_lines(
+        '[WARN]', f'{role} stamps run 0.', 'set sync.thermal_offset'), 2.0), node.log()
+    assert node.counts()[count] > before
+    _set_offset(node, offset)
+    _publish_cameras(node, {role: 500_000_000},
+                     until=lambda: node.level == DiagnosticStatus.OK and node.message == 'fusing')
+    assert node.probe.spin_until(lambda: node.log_lines(
+        'back to OK: fusing after', f'{role} stamps run 0.'), 2.0), node.log()
+    # The camera's clock set right, and the offset with it.
+    _set_offset(node, 0.0)
+    node.probe.spin_for(0.6)  # past the stamps it sent: earlier ones would be late
+    node.fuse()
+
+
+def test_stamps_on_the_node_clock_or_far_behind_it_are_not_ahead_of_their_arrival(node):
+    # Cameras on the node's clock, then a recording from 2020 played without /clock (counted
+    # as stamped off the node clock): neither warns of a clock ahead, nor counts a frame.
+    from diagnostic_msgs.msg import DiagnosticStatus
+    node.fuse()
+    before = node.counts()
+    _publish_cameras(node, {}, seconds=3.0)
+    recorded = 1_600_000_000 * 10**9 - node.now()
+    _publish_cameras(node, {'thermal': recorded, 'visible': recorded}, seconds=3.0)
+    after = node.counts()
+    assert node.level == DiagnosticStatus.OK and node.message == 'fusing', node.message
+    assert after[Key.STAMPS_OFF_CLOCK] > before[Key.STAMPS_OFF_CLOCK], after
+    for role in ROLES:
+        assert after[per_input(role, AHEAD)] == before[per_input(role, AHEAD)], after
+    node.fuse()  # back on the node's clock
 
 
 def test_a_camera_that_stops_is_named_and_logged(node):
@@ -671,6 +736,13 @@ def _call(node, future):
     rclpy.spin_until_future_complete(node.probe, future, timeout_sec=20.0)
     assert future.done(), 'the parameter service did not answer'
     return future.result()
+
+
+def _set_offset(node, seconds: float) -> None:
+    from rclpy.parameter import Parameter
+    [result] = _call(node, _parameters(node).set_parameters(
+        [Parameter('sync.thermal_offset', value=seconds)])).results
+    assert result.successful, result.reason
 
 
 def _get(node, client, names):

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings, strategies as st
 import pytest
 
 from s4fusion_ros.sync import (INTERVAL_MARGIN, INTERVAL_WINDOW, ArrivalClock, Pair,
-                               PairSynchronizer, StampSkew, SyncStats)
+                               PairSynchronizer, StampLead, StampSkew, SyncStats)
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -1152,6 +1152,89 @@ def test_bursts_within_the_timeout_are_not_taken_for_a_clock_skew():
         skew.add(role, round((100 + stamp) * S), 1000 + arrival)
     assert skew.seconds() / skew.delivery()['thermal'].spread == pytest.approx(-0.83, abs=0.02)
     assert unpaired_hint(skew, 0.05, 0.0, 0.5) == ''
+
+
+def _cameras(lead: StampLead, pairs: int, ahead_s: dict, offset_s: float = 0.0,
+             start_s: float = 1000.0, allowance_s: float = 0.0) -> float:
+    """Feed `pairs` pairs of cameras that stamp at capture, each on a clock `ahead_s` of the
+    node's (by role), delivered 5 ms (thermal) and 8 ms (visible) after capture, 0.1 s apart,
+    paired as matched (the thermal stamp plus `offset_s` is the visible one); the next start."""
+    for k in range(pairs):
+        visible_captured = start_s + 0.1 * k
+        visible = round((visible_captured + ahead_s.get('visible', 0.0)) * S)
+        thermal = visible - round(offset_s * S)  # matched: thermal + offset == visible
+        thermal_captured = thermal / S - ahead_s.get('thermal', 0.0)
+        lead.add('thermal', thermal, thermal_captured + 0.005, offset_s, allowance_s)
+        lead.add('visible', visible, visible_captured + 0.008, 0.0, allowance_s)
+        lead.pair(thermal, visible, offset_s)
+    return start_s + 0.1 * pairs
+
+
+def test_a_camera_clock_ahead_is_told_from_stamps_ahead_of_their_arrival():
+    lead = StampLead(off_clock_s=1.0, frames=60)
+    start = _cameras(lead, StampLead.PAIRS - 1, {'thermal': 0.5})
+    assert lead.ahead == {'thermal': StampLead.PAIRS - 1, 'visible': 0}
+    assert lead.fault() is None  # not before a window of pairs
+    start = _cameras(lead, 1, {'thermal': 0.5}, start_s=start)
+    role, ahead, apart = lead.fault()
+    assert role == 'thermal' and ahead == pytest.approx(0.495) and apart == pytest.approx(0.503)
+    # sync.thermal_offset compensating it: those frames are no longer ahead as matched, and
+    # the fault is not named once they are most of the window.
+    start = _cameras(lead, StampLead.PAIRS // 2 - 1, {'thermal': 0.5}, -0.5, start)
+    assert lead.fault()[0] == 'thermal'
+    start = _cameras(lead, 1, {'thermal': 0.5}, -0.5, start)
+    assert lead.fault() is None and lead.ahead['thermal'] == StampLead.PAIRS
+    # A visible camera ahead; and one glitched pair in a window of good ones tells nothing.
+    start = _cameras(lead, StampLead.PAIRS, {'visible': 0.3}, start_s=start)
+    role, ahead, apart = lead.fault()
+    assert role == 'visible' and ahead == pytest.approx(0.292) and apart == pytest.approx(0.297)
+    start = _cameras(lead, StampLead.PAIRS - 1, {}, start_s=start)
+    _cameras(lead, 1, {'visible': 0.3}, start_s=start)
+    assert lead.fault() is None
+
+
+@pytest.mark.parametrize('ahead_s, counted', [
+    ({'thermal': 0.04, 'visible': 0.04}, False),  # within the tolerance
+    ({'thermal': 0.5, 'visible': 0.5}, True),  # both on one clock ahead: pairs as captured
+    ({'thermal': -30e6, 'visible': -30e6}, False),  # a recording played without /clock
+    ({'thermal': 3600.0, 'visible': 3600.0}, False),  # off the node clock: a wrong time zone
+])
+def test_stamps_that_pair_as_captured_or_are_off_the_clock_name_no_fault(ahead_s, counted):
+    lead = StampLead(off_clock_s=1.0, frames=60)
+    _cameras(lead, StampLead.PAIRS, ahead_s)
+    assert lead.fault() is None
+    assert lead.ahead == dict.fromkeys(('thermal', 'visible'), StampLead.PAIRS * counted)
+
+
+def test_on_sim_time_stamps_ahead_by_less_than_a_step_of_clock_are_not_ahead():
+    # Gazebo classic publishes /clock at 10 Hz: the node's sim time at a frame's arrival
+    # stands up to 0.1 s behind the stamp the simulator gave it.
+    clock = ArrivalClock()
+    assert clock.now(0.0, 100.0) == 0.0 and clock.sim_step() == math.inf  # not known yet
+    lead = StampLead(off_clock_s=1.0, frames=60)
+    _cameras(lead, StampLead.PAIRS, {'thermal': 0.5}, allowance_s=clock.sim_step())
+    assert lead.ahead['thermal'] == 0 and lead.fault() is None
+    for k in range(1, 40):  # read at 20 Hz
+        clock.now(k / 20, 100.0 + math.floor(k / 2) / 10)
+    assert clock.sim_step() == pytest.approx(0.1)
+    _cameras(lead, StampLead.PAIRS, {'thermal': 0.09}, allowance_s=clock.sim_step())
+    assert lead.ahead['thermal'] == 0
+    _cameras(lead, StampLead.PAIRS, {'thermal': 0.5}, allowance_s=clock.sim_step())
+    assert lead.ahead['thermal'] == StampLead.PAIRS and lead.fault()[0] == 'thermal'
+
+
+def test_the_fix_named_for_a_camera_clock_ahead_is_the_offset_that_compensates_it():
+    from s4fusion_ros.diagnostics import stamped_ahead_message
+    thermal = stamped_ahead_message('thermal', 0.495, 0.5, 0.1, '/robot/fusion')
+    assert thermal.startswith('pairs of frames captured about 0.500 s apart: thermal stamps '
+                              'run 0.495 s ahead of their arrival on the node clock (')
+    assert thermal.endswith('or set sync.thermal_offset -0.400 (ros2 param set /robot/fusion '
+                            'sync.thermal_offset -0.400)'), thermal
+    visible = stamped_ahead_message('visible', 0.3, 0.3, 0.0, '/robot/fusion')
+    assert 'or set sync.thermal_offset 0.300 (ros2' in visible, visible
+    assert 'beyond its -1 to 1 s' in stamped_ahead_message('thermal', 0.9, 1.2, 0.0)
+    assert stamped_ahead_message('thermal', 0.5, 0.5, 0.0, offset_settable=False).endswith(
+        'needs sync.backend own)')
 
 
 def test_arrivals_keep_the_slower_pace_of_sim_and_wall_time_and_never_go_back():

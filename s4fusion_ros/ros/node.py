@@ -34,15 +34,15 @@ from ..camera_info import (CACHE_SIZE, CameraInfoCache, calibration_fault, camer
                            output_info_topics)
 from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
                            inference_stall, late_arrivals, left_at_stop, pairing_shortfall,
-                           pairing_summary, per_input, status_name, thermal_frames_lost,
-                           unpaired_hint)
+                           pairing_summary, per_input, stamped_ahead_message, status_name,
+                           thermal_frames_lost, unpaired_hint)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, output_compression, pipeline_from_params)
 from ..imaging.encodings import compress_transport
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
-from ..sync import ArrivalClock
+from ..sync import ArrivalClock, StampLead
 from ..worker import InferenceWorker
 from . import parameters
 from .graph import node_of
@@ -141,6 +141,9 @@ class S4FusionNode(Node):
         # yet is 0 publishers heard, not a middleware that does not say).
         self.senders_known = None
         self.arrivals = ArrivalClock()  # times arrivals (sync.timeout): on sim time its pace
+        # Frames stamped ahead of their arrival (a camera clock ahead), up to where the stamps
+        # are off the node clock altogether; any frame of the synchronizer's queue may pair.
+        self.stamp_lead = StampLead(-PLAUSIBLE_LATENCY_S[0], 2 * p['sync.queue_size'])
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         # role -> monotonic times of its bad-message lines in the last LOG_THROTTLE_S
         self.fault_lines = {role: collections.deque() for role in ROLES}
@@ -457,6 +460,9 @@ class S4FusionNode(Node):
 
     def _pass_good_stamp(self, role: str, gate, msg) -> None:
         self._rate(role).tick()
+        sim = self._sim_time()
+        self.arrivals.now(time.monotonic(), sim)  # the steps of /clock (_note_stamp_lead)
+        self._note_stamp_lead(role, msg, sim, sim)  # its Subscriber gives no receipt time
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if stamp_ns > 0 and self.newest_stamps[role] - stamp_ns > self.clock_jump_ns:
             self._restart_message_filters(role, stamp_ns)
@@ -562,12 +568,13 @@ class S4FusionNode(Node):
         On sim time the hint compares the callback's time on the simulation clock instead: the
         receipt time is wall time, the stamps sim time. Arrivals are timed by `arrivals`."""
         self._rate(role).tick()
+        sim = self._sim_time()
+        received = received_ns / 1e9 if received_ns else None
+        if sim is not None:  # the stamps are sim time: so is the receipt
+            received = sim
+        arrived = self.arrivals.now(time.monotonic(), sim)
+        self._note_stamp_lead(role, msg, received, sim)
         try:
-            sim = self._sim_time()
-            received = received_ns / 1e9 if received_ns else None
-            if sim is not None:  # the stamps are sim time: so is the receipt
-                received = sim
-            arrived = self.arrivals.now(time.monotonic(), sim)
             prepared = self.pipeline.add_message(role, msg, arrived, received)
         except ValueError as error:  # ImageDecodeError, or a frame registration cannot use
             self.bad_messages[role] += 1
@@ -578,6 +585,18 @@ class S4FusionNode(Node):
         if stamp_ns <= 0:
             self._log_bad_stamp(role, stamp_ns)
         self._submit(prepared)
+
+    def _note_stamp_lead(self, role: str, msg, received: float | None,
+                         sim: float | None) -> None:
+        """Note how far a frame's stamp, as matched, runs ahead of its arrival on the node clock
+        (StampLead): `received`, the middleware's receipt (the system clock, which ROS time
+        reads off sim time), else now; on sim time, the simulation clock's time, which may
+        stand up to a step of /clock behind the stamps."""
+        arrived = self.get_clock().now().nanoseconds / 1e9 if received is None else received
+        self.stamp_lead.add(
+            role, stamp_to_ns(msg.header.stamp), arrived,
+            self.pipeline.synchronizer.thermal_offset if role == 'thermal' else 0.0,
+            0.0 if sim is None else self.arrivals.sim_step())
 
     def _log_bad_stamp(self, role: str, stamp_ns: int, repeated: bool = False) -> None:
         if self._log_due((role, 'bad stamp')):
@@ -633,7 +652,9 @@ class S4FusionNode(Node):
         if resets > self.resets_logged and self._log_due(('sync', 'reset')):
             self.resets_logged = resets
             self.get_logger().warning(clock_jump_message(resets))
+        offset = self.pipeline.synchronizer.thermal_offset
         for pair in prepared:
+            self.stamp_lead.pair(pair.thermal_stamp_ns, pair.visible_stamp_ns, offset)
             self.worker.submit(pair)
 
     # Inference and outputs ------------------------------------------------------------------
@@ -745,6 +766,8 @@ class S4FusionNode(Node):
             Key.INFERENCE_ERRORS: work.outcomes.get(Key.INFERENCE_ERRORS, 0) + work.failed,
             Key.PUBLISH_ERRORS: work.outcomes.get(Key.PUBLISH_ERRORS, 0),
             Key.STAMPS_OFF_CLOCK: self.stamps_off_clock,
+            Key.THERMAL_AHEAD: self.stamp_lead.ahead['thermal'],
+            Key.VISIBLE_AHEAD: self.stamp_lead.ahead['visible'],
             Key.VISIBLE_CAMERA_INFO: self.camera_infos.received,
         }
         if self.approximate_sync is not None:
@@ -840,8 +863,8 @@ class S4FusionNode(Node):
             fusing = True
             self.stall_hint_logged = False
             grown = self.recent_counts.grown(time.monotonic(), values)
-            partial = (self._mixed_senders() or self._partial_pairing(grown)
-                       or self._late_arrivals(grown))
+            partial = (self._mixed_senders() or self._stamped_ahead()
+                       or self._partial_pairing(grown) or self._late_arrivals(grown))
             if partial:
                 level, message = DiagnosticStatus.WARN, partial
         if not fusing:
@@ -951,6 +974,19 @@ class S4FusionNode(Node):
         if message:
             self.fault_logged |= self.get_logger().warning(
                 message, throttle_duration_sec=LOG_THROTTLE_S)
+        return message
+
+    def _stamped_ahead(self) -> str:
+        """Pairs are fused, but lately of frames captured apart: an input's frames were stamped
+        ahead of their arrival, and of their partners' (a camera clock ahead: StampLead)."""
+        fault = self.stamp_lead.fault()
+        if fault is None:
+            return ''
+        message = stamped_ahead_message(*fault, self.pipeline.synchronizer.thermal_offset,
+                                        self.get_fully_qualified_name(),
+                                        offset_settable=self.approximate_sync is None)
+        self.fault_logged |= self.get_logger().warning(
+            message, throttle_duration_sec=LOG_THROTTLE_S)
         return message
 
     def _late_arrivals(self, grown: dict) -> str:
