@@ -408,14 +408,20 @@ def test_fuse_names_the_pairs_that_would_write_one_output(ivif_dir, tmp_path, ca
     assert not (tmp_path / 'out').exists()
 
 
-def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_path, capsys,
-                                                                tiny_weights):
+def fused_two_pairs(ivif_dir, tmp_path, tiny_weights):
+    """(out, the s4fusion-fuse command, {output: bytes}) of the colour and the gray pair fused
+    into tmp_path/out."""
     copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])
     out = tmp_path / 'out'
     command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
                '--weights', str(tiny_weights), '--device', 'cpu']
     assert fuse.main(command) == 0
-    whole = {path: path.read_bytes() for path in out.rglob('*.png')}
+    return out, command, {path: path.read_bytes() for path in out.rglob('*.png')}
+
+
+def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_path, capsys,
+                                                                tiny_weights):
+    out, command, whole = fused_two_pairs(ivif_dir, tmp_path, tiny_weights)
     colour, gray = (name.rsplit('.', 1)[0] + '.png' for _, name in (COLOUR_PAIR, GRAY_PAIR))
     # Cut short: the colour pair done, the gray pair between its two writes.
     (out / 'saliency' / gray).unlink()
@@ -452,12 +458,7 @@ def test_fuse_skip_existing_fuses_only_the_pairs_a_cut_run_left(ivif_dir, tmp_pa
 
 def test_fuse_stopped_by_a_full_disk_says_what_was_written_and_how_to_go_on(
         ivif_dir, tmp_path, capsys, tiny_weights):
-    copy_pairs(ivif_dir, tmp_path, [COLOUR_PAIR, GRAY_PAIR])
-    out = tmp_path / 'out'
-    command = ['--ir', str(tmp_path / 'ir'), '--vi', str(tmp_path / 'vi'), '--out', str(out),
-               '--weights', str(tiny_weights), '--device', 'cpu']
-    assert fuse.main(command) == 0
-    whole = {path: path.read_bytes() for path in out.rglob('*.png')}
+    out, command, whole = fused_two_pairs(ivif_dir, tmp_path, tiny_weights)
     colour, gray = (name.rsplit('.', 1)[0] + '.png' for _, name in (COLOUR_PAIR, GRAY_PAIR))
     shutil.rmtree(out)
     capsys.readouterr()
