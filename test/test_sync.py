@@ -1267,8 +1267,13 @@ def test_the_fix_named_for_a_camera_clock_ahead_is_the_offset_that_compensates_i
                               'run 0.495 s ahead of their arrival on the node clock (')
     assert thermal.endswith('or set sync.thermal_offset -0.400 (ros2 param set /robot/fusion '
                             'sync.thermal_offset -0.400)'), thermal
+    # The window's medians are of thermal stamps as matched: with the offset that was added.
+    assert (f'(median over the last {StampLead.PAIRS} pairs, sync.thermal_offset 0.1 s added; '
+            in thermal) and 'its frames pair with visible frames captured' in thermal, thermal
     visible = stamped_ahead_message('visible', 0.3, 0.3, 0.0, '/robot/fusion')
     assert 'or set sync.thermal_offset 0.300 (ros2' in visible, visible
+    assert (f'(median over the last {StampLead.PAIRS} pairs; ' in visible
+            and 'its frames pair with thermal frames captured' in visible), visible
     assert 'beyond its -1 to 1 s' in stamped_ahead_message('thermal', 0.9, 1.2, 0.0)
     assert stamped_ahead_message('thermal', 0.5, 0.5, 0.0, offset_settable=False).endswith(
         'needs sync.backend own)')
