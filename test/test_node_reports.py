@@ -787,7 +787,8 @@ def test_every_pair_failing_in_inference_reads_error_naming_the_failure(ros_cont
         message = diagnostics.message
         fuse_pairs(probe, proc, stamp, 1)
         fresh_diagnostics(probe, diagnostics)
-        log = node_log(proc)
+        # Its errors were logged: the console hears when it is fusing again.
+        log = wait_for_log(proc, 'back to OK: fusing after')
     probe.destroy_node()
     named = re.fullmatch(r'every pair fails: \d+ inference errors since pairs were last fused '
                          r'and none fused in the last 5 s; latest: (.+)', message)
@@ -796,4 +797,5 @@ def test_every_pair_failing_in_inference_reads_error_naming_the_failure(ros_cont
     # (the sizes it tried to allocate vary).
     assert re.search(r"can't allocate memory|Insufficient memory", named[1]), message
     assert 'inference failed, pair dropped: ' + named[1].split('(')[0] in log, log
+    assert re.search(r'back to OK: fusing after \d+ s at ERROR \(', log), log
     assert diagnostics.statuses[-1][0] != DiagnosticStatus.ERROR, diagnostics.statuses[-1]
