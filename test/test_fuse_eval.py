@@ -1329,7 +1329,8 @@ def test_a_stored_output_left_out_is_named_with_the_reason(ivif_dir, tmp_path):
     copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
     stem = GRAY_PAIR[1][:-4]
     image = cv2.imread(str(pairs / 'vi' / GRAY_PAIR[1]))
-    for method, names in (('Fine', ['.bmp']), ('Webp', ['.webp']), ('Twice', ['.bmp', '.jpg']),
+    # Extensions read in either case ('.JPG' as a camera names its files).
+    for method, names in (('Fine', ['.bmp']), ('Webp', ['.webp']), ('Twice', ['.bmp', '.JPG']),
                           ('Absent', [])):
         (pairs / 'fused' / method).mkdir(parents=True)
         for suffix in names:
@@ -1342,7 +1343,7 @@ def test_a_stored_output_left_out_is_named_with_the_reason(ivif_dir, tmp_path):
     fused = pairs / 'fused'
     for method, reason in (
             ('Absent', f'no output in {fused / "Absent"}'),
-            ('Twice', f'several outputs in {fused / "Twice"} ({stem}.bmp, {stem}.jpg), so none '
+            ('Twice', f'several outputs in {fused / "Twice"} ({stem}.JPG, {stem}.bmp), so none '
                       'is taken for it'),
             ('Webp', f'no output in {fused / "Webp"} of an extension read (.png .jpg .jpeg .bmp '
                      f'.tif .tiff): {stem}.webp is none')):
