@@ -1329,7 +1329,8 @@ def test_a_stored_output_left_out_is_named_with_the_reason(ivif_dir, tmp_path):
     copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
     stem = GRAY_PAIR[1][:-4]
     image = cv2.imread(str(pairs / 'vi' / GRAY_PAIR[1]))
-    for method, names in (('Fine', ['.bmp']), ('Webp', ['.webp']), ('Twice', ['.bmp', '.jpg']),
+    # Extensions read in either case ('.JPG' as a camera names its files).
+    for method, names in (('Fine', ['.bmp']), ('Webp', ['.webp']), ('Twice', ['.bmp', '.JPG']),
                           ('Absent', [])):
         (pairs / 'fused' / method).mkdir(parents=True)
         for suffix in names:
@@ -1342,7 +1343,7 @@ def test_a_stored_output_left_out_is_named_with_the_reason(ivif_dir, tmp_path):
     fused = pairs / 'fused'
     for method, reason in (
             ('Absent', f'no output in {fused / "Absent"}'),
-            ('Twice', f'several outputs in {fused / "Twice"} ({stem}.bmp, {stem}.jpg), so none '
+            ('Twice', f'several outputs in {fused / "Twice"} ({stem}.JPG, {stem}.bmp), so none '
                       'is taken for it'),
             ('Webp', f'no output in {fused / "Webp"} of an extension read (.png .jpg .jpeg .bmp '
                      f'.tif .tiff): {stem}.webp is none')):
@@ -1714,7 +1715,7 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
 
 
 def test_a_report_the_disk_refuses_leaves_its_table_and_grid_as_they_were(
-        ivif_dir, tmp_path, capsys):
+        ivif_dir, tmp_path, capsys, tiny_weights):
     pairs, out = tmp_path / 'pairs', tmp_path / 'q.md'
     copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
     command = ['--folder', str(pairs), '--out', str(out), '--threads', '1']
@@ -1735,6 +1736,21 @@ def test_a_report_the_disk_refuses_leaves_its_table_and_grid_as_they_were(
     assert status == 1 and f"File too large: '{out}'" in error, error
     assert {path: path.read_bytes() for path in (out, table)} == earlier
     assert sorted(path.name for path in tmp_path.iterdir()) == ['pairs', 'q.md', 'q_pairs.csv']
+    # With ours, the grid (written first, larger than the limit) is refused: none is written.
+    ours = [*command, '--weights', str(tiny_weights), '--device', 'cpu']
+    assert evaluate.main([*ours, '--methods', 'ours']) == 0
+    grid = out.with_name('q_grid.png')
+    earlier = {path: path.read_bytes() for path in (out, table, grid)}
+    assert len(earlier[grid]) > limit
+    capsys.readouterr()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        status = evaluate.main([*ours, '--methods', 'ours,average'])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    error = capsys.readouterr().err
+    assert status == 1 and f"File too large: '{grid}'" in error, error
+    assert {path: path.read_bytes() for path in (out, table, grid)} == earlier
 
 
 def test_a_folder_split_takes_the_name_of_the_folder_it_is(ivif_dir, tmp_path, monkeypatch):

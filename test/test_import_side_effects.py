@@ -132,3 +132,14 @@ def test_loading_the_weights_needs_no_compiler_stack(tmp_path):
                           env={**os.environ, 'TMPDIR': str(tmp_path)}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == '[]' and not list(tmp_path.iterdir())
+
+
+def test_the_batch_progress_actor_imports_no_torch():
+    # s4fusion-batch's progress actor runs in a Ray worker of its own at every run: a module
+    # importing torch there cost about 2 s of CPU, and the driver waited for it at the run's end.
+    code = ('import sys; from s4fusion_ros.batch.progress import Progress\n'
+            'print(sorted({"torch", "ray", "rclpy"} & set(sys.modules)))\n')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '[]'

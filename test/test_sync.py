@@ -1198,6 +1198,8 @@ def test_a_camera_clock_ahead_is_told_from_stamps_ahead_of_their_arrival():
     ({'thermal': 0.5, 'visible': 0.5}, True),  # both on one clock ahead: pairs as captured
     ({'thermal': -30e6, 'visible': -30e6}, False),  # a recording played without /clock
     ({'thermal': 3600.0, 'visible': 3600.0}, False),  # off the node clock: a wrong time zone
+    ({'thermal': 0.07, 'visible': 0.07}, True),  # beyond the tolerance
+    ({'visible': -0.3}, False),  # a clock behind looks like delivery latency: not told
 ])
 def test_stamps_that_pair_as_captured_or_are_off_the_clock_name_no_fault(ahead_s, counted):
     lead = StampLead(off_clock_s=1.0, frames=60)
@@ -1212,15 +1214,50 @@ def test_on_sim_time_stamps_ahead_by_less_than_a_step_of_clock_are_not_ahead():
     clock = ArrivalClock()
     assert clock.now(0.0, 100.0) == 0.0 and clock.sim_step() == math.inf  # not known yet
     lead = StampLead(off_clock_s=1.0, frames=60)
-    _cameras(lead, StampLead.PAIRS, {'thermal': 0.5}, allowance_s=clock.sim_step())
+    start = _cameras(lead, StampLead.PAIRS, {'thermal': 0.5}, allowance_s=clock.sim_step())
     assert lead.ahead['thermal'] == 0 and lead.fault() is None
     for k in range(1, 40):  # read at 20 Hz
         clock.now(k / 20, 100.0 + math.floor(k / 2) / 10)
     assert clock.sim_step() == pytest.approx(0.1)
-    _cameras(lead, StampLead.PAIRS, {'thermal': 0.09}, allowance_s=clock.sim_step())
-    assert lead.ahead['thermal'] == 0
-    _cameras(lead, StampLead.PAIRS, {'thermal': 0.5}, allowance_s=clock.sim_step())
+    # The frames of a clock whose steps were not known made no pair of the window.
+    start = _cameras(lead, StampLead.PAIRS - 1, {'thermal': 0.5}, start_s=start,
+                     allowance_s=clock.sim_step())
+    assert lead.ahead['thermal'] == StampLead.PAIRS - 1 and lead.fault() is None
+    start = _cameras(lead, 1, {'thermal': 0.5}, start_s=start, allowance_s=clock.sim_step())
     assert lead.ahead['thermal'] == StampLead.PAIRS and lead.fault()[0] == 'thermal'
+    _cameras(lead, StampLead.PAIRS, {'thermal': 0.09}, start_s=start,
+             allowance_s=clock.sim_step())
+    assert lead.ahead['thermal'] == StampLead.PAIRS and lead.fault() is None
+    # The largest step is the allowance: a /clock that skipped a value.
+    clock = ArrivalClock()
+    for wall, sim in ((0.0, 100.0), (0.1, 100.1), (0.2, 100.3), (0.3, 100.4)):
+        clock.now(wall, sim)
+    assert clock.sim_step() == pytest.approx(0.2)
+
+
+def test_one_glitched_stamp_of_cameras_on_one_clock_ahead_names_no_fault():
+    # Both cameras 0.2 s ahead pair as captured; one thermal frame stamped 0.99 s ahead of
+    # its capture is no camera's fault (a mean of the window would name one).
+    lead = StampLead(off_clock_s=1.0, frames=60)
+    start = _cameras(lead, StampLead.PAIRS - 1, {'thermal': 0.2, 'visible': 0.2})
+    _cameras(lead, 1, {'thermal': 0.99, 'visible': 0.2}, start_s=start)
+    assert lead.fault() is None
+
+
+def test_a_pair_of_a_frame_unstamped_or_no_longer_kept_tells_nothing():
+    lead = StampLead(off_clock_s=1.0, frames=1)  # each input's latest frame kept
+    start = _cameras(lead, StampLead.PAIRS - 1, {'thermal': 0.5})
+    visible = round(start * S)
+    lead.add('thermal', 0, start + 0.005)
+    lead.add('visible', visible, start + 0.008)
+    lead.pair(0, visible, 0.0)
+    kept_no_longer = visible - 1
+    lead.add('thermal', kept_no_longer, start - 0.495)
+    lead.add('thermal', visible, start - 0.494)
+    lead.pair(kept_no_longer, visible, 0.0)
+    assert lead.fault() is None and lead.ahead['thermal'] == StampLead.PAIRS + 1
+    _cameras(lead, 1, {'thermal': 0.5}, start_s=start + 0.1)
+    assert lead.fault()[0] == 'thermal'
 
 
 def test_the_fix_named_for_a_camera_clock_ahead_is_the_offset_that_compensates_it():
@@ -1230,8 +1267,13 @@ def test_the_fix_named_for_a_camera_clock_ahead_is_the_offset_that_compensates_i
                               'run 0.495 s ahead of their arrival on the node clock (')
     assert thermal.endswith('or set sync.thermal_offset -0.400 (ros2 param set /robot/fusion '
                             'sync.thermal_offset -0.400)'), thermal
+    # The window's medians are of thermal stamps as matched: with the offset that was added.
+    assert (f'(median over the last {StampLead.PAIRS} pairs, sync.thermal_offset 0.1 s added; '
+            in thermal) and 'its frames pair with visible frames captured' in thermal, thermal
     visible = stamped_ahead_message('visible', 0.3, 0.3, 0.0, '/robot/fusion')
     assert 'or set sync.thermal_offset 0.300 (ros2' in visible, visible
+    assert (f'(median over the last {StampLead.PAIRS} pairs; ' in visible
+            and 'its frames pair with thermal frames captured' in visible), visible
     assert 'beyond its -1 to 1 s' in stamped_ahead_message('thermal', 0.9, 1.2, 0.0)
     assert stamped_ahead_message('thermal', 0.5, 0.5, 0.0, offset_settable=False).endswith(
         'needs sync.backend own)')
