@@ -119,9 +119,14 @@ class StoredOutputs:
         stem = pathlib.Path(pair.name).stem  # a whole stem, as match_pairs pairs the sources
         if stem in self.shared:  # a file of that stem could be another pair's
             return None
-        found = [path for path in self.folder.iterdir() if path.stem == stem
-                 and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+        found = self._of_stem(stem)[1]
         return found[0] if len(found) == 1 else None
+
+    def _of_stem(self, stem: str) -> tuple[list, list]:
+        """(the files of `stem` in the folder, those of them of an extension read), by name."""
+        named = sorted(path for path in self.folder.iterdir()
+                       if path.stem == stem and path.is_file())
+        return named, [path for path in named if path.suffix.lower() in IMAGE_SUFFIXES]
 
     def read(self, pair: Pair, size: tuple[int, int]) -> np.ndarray:
         """The stored output of ``pair`` as saved; ValueError says why the metrics cannot score
@@ -144,15 +149,14 @@ class StoredOutputs:
             return (f'{pair.name}: no output of that exact name in {self.folder} (the pairs '
                     f'{", ".join(shared)} share a stem, so each needs an output of its own exact '
                     'name)')
-        named = sorted(path.name for path in self.folder.iterdir()
-                       if path.stem == stem and path.is_file())
-        readable = [name for name in named if pathlib.Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        named, readable = self._of_stem(stem)
         if len(readable) > 1:
-            return (f'{pair.name}: several outputs in {self.folder} ({", ".join(readable)}), so '
-                    'none is taken for it')
+            return (f'{pair.name}: several outputs in {self.folder} '
+                    f'({", ".join(path.name for path in readable)}), so none is taken for it')
         if named:
             return (f'{pair.name}: no output in {self.folder} of an extension read '
-                    f'({" ".join(IMAGE_SUFFIXES)}): {", ".join(named)} is none')
+                    f'({" ".join(IMAGE_SUFFIXES)}): {", ".join(path.name for path in named)} '
+                    'is none')
         return f'{pair.name}: no output in {self.folder}'
 
     def __call__(self, source: SourcePair, pair: Pair) -> FusedImages:
