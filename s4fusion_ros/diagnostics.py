@@ -11,6 +11,10 @@ from . import settings
 from .sync import StampLead
 
 ROLES = ('thermal', 'visible')
+# End-to-end latency (node clock at publish minus the visible stamp) is only meaningful when the
+# stamps come from the node's clock: a bag played in wall time without /clock gives years. Outside
+# this range (seconds) the stamps and the clock disagree, and no latency is reported.
+PLAUSIBLE_LATENCY_S = (-1.0, 60.0)
 
 
 class Key(enum.StrEnum):
@@ -193,21 +197,33 @@ def _set_offset(node_name: str, seconds: float) -> str:
             else '')
 
 
+def stamp_lead(queue_size: int) -> StampLead:
+    """The StampLead of the synchronizer's inputs, live and offline: frames stamped ahead of
+    their arrival, up to where the stamps are off the node clock altogether; any frame of the
+    synchronizer's queue (`queue_size`: sync.queue_size) may pair."""
+    return StampLead(-PLAUSIBLE_LATENCY_S[0], 2 * queue_size)
+
+
 def stamped_ahead_message(role: str, lead_s: float, apart_s: float, thermal_offset_s: float,
-                          node_name: str = '', offset_settable: bool = True) -> str:
+                          node_name: str = '', offset_settable: bool = True,
+                          live: bool = True) -> str:
     """The status while pairs are made of frames captured apart (StampLead.fault): `role`'s
     frames stamped `lead_s` ahead of their arrival on the node clock and `apart_s` ahead of
     their partners'. Only a camera clock ahead does that: the fix is its clock synchronized,
     or the sync.thermal_offset that compensates (added to thermal stamps: less by `apart_s`
     for a thermal camera ahead, more for a visible one), with the command that sets it, where
-    the parameter takes it and the backend has it (`offset_settable`: not message_filters)."""
+    the parameter takes it and the backend has it (`offset_settable`: not message_filters).
+    Offline (not `live`) the arrival is the bag's log time, on the recorder's clock, and the
+    offset is set in the tool's --params file."""
     other = next(name for name in ROLES if name != role)
+    clock, machine = (('the node clock', 'this machine') if live else
+                      ("the recorder's clock, as logged", 'the recording machine'))
     offset = f', sync.thermal_offset {thermal_offset_s:g} s added' if role == 'thermal' else ''
     text = (f'pairs of frames captured about {apart_s:.3f} s apart: {role} stamps run '
-            f'{lead_s:.3f} s ahead of their arrival on the node clock (median over the last '
+            f'{lead_s:.3f} s ahead of their arrival on {clock} (median over the last '
             f'{StampLead.PAIRS} pairs{offset}; no delivery does that: the {role} camera\'s '
-            f'clock runs ahead of this machine\'s), so its frames pair with {other} frames '
-            'captured that much later; synchronize its clock with this machine (chrony, PTP)')
+            f'clock runs ahead of {machine}\'s), so its frames pair with {other} frames '
+            f'captured that much later; synchronize its clock with {machine} (chrony, PTP)')
     compensating = thermal_offset_s + (-apart_s if role == 'thermal' else apart_s)
     low, high = settings.SPECS['sync.thermal_offset'].range
     if not offset_settable:
@@ -216,7 +232,7 @@ def stamped_ahead_message(role: str, lead_s: float, apart_s: float, thermal_offs
         return text + (f' (the sync.thermal_offset that would compensate it, '
                        f'{compensating:.3f}, is beyond its {low:g} to {high:g} s)')
     text += (f', or set sync.thermal_offset {compensating:.3f}'
-             + _set_offset(node_name, compensating))
+             + (_set_offset(node_name, compensating) if live else ' in --params'))
     # The outputs carry the visible stamps: only its clock set right moves them.
     return text + (' (the outputs keep its stamps)' if role == 'visible' else '')
 

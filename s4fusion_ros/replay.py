@@ -22,9 +22,11 @@ from .bagio import (COMPRESSED_IMAGE, IMAGE, RELIABLE_QOS, BagError, ImageTopic,
 from .camera_info import (CAMERA_INFO, CameraInfoCache, calibration_fault, camera_info_topic,
                           output_info_topics)
 from .cli import TimeWindow
+from .diagnostics import stamp_lead, stamped_ahead_message
 from .engine import FusionEngine, FusionPipeline, FusionResult, clock_jump_message
 from .files import write_png
 from .imaging.encodings import ImageDecodeError, compress_transport
+from .messages import stamp_to_ns
 from .settings import OUTPUT_NAMES
 from .video import SideBySideVideo, panel_row
 
@@ -121,6 +123,8 @@ class BagFuser:
         self.camera_infos = CameraInfoCache()
         self.camera_info_outputs = []  # the output bag's camera_info connections, if any
         self.calibration_warned = False  # a camera_info not fitting its images, said once
+        # Frames stamped ahead of their log time: a camera clock ahead of the recorder's.
+        self.stamp_lead = stamp_lead(pipeline.synchronizer.queue_size)
 
     def run(self, reader, path: pathlib.Path, thermal: ImageTopic, visible: ImageTopic,
             writer, topics: tuple[str, str], include_inputs: bool, span: Span = WHOLE,
@@ -187,6 +191,7 @@ class BagFuser:
                 arrived = log_time / 1e9
                 prepared = self.pipeline.expire(arrived)
                 prepared += self._add(roles[connection.topic], path, connection, raw, arrived)
+                self._note_pairs(prepared)
                 self._show_notices(path)
                 if owned:
                     self._fuse(prepared, path, writer, outputs, progress, log_time)
@@ -198,10 +203,12 @@ class BagFuser:
                 if not owned:
                     owned = self._own(path, span, warm, previous, warmed_from)
                 prepared = self.pipeline.flush()
+                self._note_pairs(prepared)
                 self._show_notices(path)
                 self._fuse(prepared, path, writer, outputs, progress,
                            reader.end_time if previous is None else previous)
                 self._show_counts(progress)  # the flush's unpaired frames, as the summary
+                self._show_stamped_ahead(path)
         # Found as the chunks were read, by this run or by what read the bag before it; of
         # those, the ones within what this run reads.
         for damaged in damaged_files(reader, read_from, stop):
@@ -239,7 +246,12 @@ class BagFuser:
     def _add(self, role: str, path: pathlib.Path, connection, raw: bytes, arrived: float) -> list:
         self.counts.read[role] += 1
         try:
-            return self.pipeline.add_message(role, deserialize(path, connection, raw), arrived)
+            message = deserialize(path, connection, raw)
+            # As the node notes it: before decoding, on the clock the recorder logged it by.
+            self.stamp_lead.add(role, stamp_to_ns(message.header.stamp), arrived,
+                                self.pipeline.synchronizer.thermal_offset
+                                if role == 'thermal' else 0.0)
+            return self.pipeline.add_message(role, message, arrived)
         # A message whose bytes are not its type (the middleware drops such a one live), an
         # ImageDecodeError or bad geometry (the node drops these): skipped and counted.
         except (BagError, ValueError) as error:
@@ -259,6 +271,19 @@ class BagFuser:
             if connection.topic not in self.warned:
                 self.warned.add(connection.topic)
                 self._warn(f'{error}; skipping such camera_info messages')
+
+    def _note_pairs(self, prepared: list) -> None:
+        offset = self.pipeline.synchronizer.thermal_offset
+        for pair in prepared:
+            self.stamp_lead.pair(pair.thermal_stamp_ns, pair.visible_stamp_ns, offset)
+
+    def _show_stamped_ahead(self, path: pathlib.Path) -> None:
+        """Warn where the run's last pairs joined frames captured apart, as the node warns while
+        they do (StampLead.fault): a camera clock ahead of the recorder's."""
+        fault = self.stamp_lead.fault()
+        if fault is not None:
+            self._warn(f'{path}: ' + stamped_ahead_message(
+                *fault, self.pipeline.synchronizer.thermal_offset, live=False))
 
     def _show_notices(self, path: pathlib.Path) -> None:
         """Warn of the pipeline's one-time notices about the inputs and of clock jumps, as the

@@ -473,6 +473,11 @@ class PairSynchronizer:
         return self._timeout / 1e9
 
     @property
+    def queue_size(self) -> int:
+        """Frames a topic's queue holds before the oldest is decided (sync.queue_size)."""
+        return self._queue_size
+
+    @property
     def thermal_offset(self) -> float:
         """Seconds added to thermal stamps for matching (may change while running)."""
         return self._thermal.offset / 1e9

@@ -974,6 +974,43 @@ def test_thermal_stamps_on_a_clock_ahead_are_named_with_the_offset_that_pairs_th
     assert 'thermal stamps run' not in capsys.readouterr().err
 
 
+def test_a_thermal_camera_clock_ahead_of_the_recorder_is_named_with_the_offset_that_fixes_it(
+        ivif_dir, params_file, tmp_path, capsys):
+    # Recorded on a robot whose thermal camera's clock ran 0.5 s ahead: each thermal frame is
+    # stamped 0.5 s after the recorder logged it, and pairs with visible frames captured 0.5 s
+    # later. The node warns of it live; s4fusion-bag fused such pairs without a word.
+    events = camera_messages(ivif_dir, duration=2.0)
+
+    def stamped(thermal_s, visible_s=None):
+        """The events with thermal (and visible) stamps this far after their log times."""
+        return [(log, topic, stamp if seconds is None else log + round(seconds * 1e9),
+                 encoding, image) for log, topic, stamp, encoding, image in events
+                for seconds in [thermal_s if topic == THERMAL_TOPIC else visible_s]]
+
+    ahead = write_bag(tmp_path / 'ahead', stamped(0.5), 'mcap')
+    assert bag_tool.main([str(ahead), str(tmp_path / 'out'), '--params', str(params_file)]) == 0
+    error = capsys.readouterr().err
+    assert re.search(rf'{ahead}: pairs of frames captured about 0\.5\d\d s apart: thermal '
+                     r"stamps run 0\.500 s ahead of their arrival on the recorder's clock, "
+                     r'as logged .*set sync\.thermal_offset -0\.5\d\d in --params', error), error
+    assert 'ros2 param set' not in error, error
+    # The same bag with the offset that compensates it: its pairs join frames captured together.
+    offset = tmp_path / 'offset.yaml'
+    offset.write_text(yaml.safe_dump({'s4fusion_node': {'ros__parameters': {
+        **PARAMS['s4fusion_node']['ros__parameters'],
+        'sync': {'slop': SLOP, 'thermal_offset': -0.5}}}}))
+    assert bag_tool.main([str(ahead), str(tmp_path / 'out2'), '--params', str(offset)]) == 0
+    # A normal bag, and one whose stamps are off the recorder's clock altogether (beyond the
+    # node's 1 s: another clock, counted apart live), the thermal ones 0.5 s ahead all the same:
+    # no such warning.
+    normal = write_bag(tmp_path / 'normal', events, 'mcap')
+    assert bag_tool.main([str(normal), str(tmp_path / 'out3'), '--params', str(params_file)]) == 0
+    off_clock = write_bag(tmp_path / 'off_clock', stamped(5.5, 5.0), 'mcap')
+    assert bag_tool.main([str(off_clock), str(tmp_path / 'out4'), '--params',
+                          str(params_file)]) == 0
+    assert 'captured about' not in capsys.readouterr().err
+
+
 def test_an_mcap_cut_off_by_a_crash_is_fused_up_to_its_cut(ivif_dir, params_file, tmp_path,
                                                            capsys):
     """A recording cut off by a crash gives what a recording of the same messages that ended

@@ -32,17 +32,17 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from .. import precompile, settings
 from ..camera_info import (CACHE_SIZE, CameraInfoCache, calibration_fault, camera_info_topic,
                            output_info_topics)
-from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, ROLES, Key,
-                           inference_stall, late_arrivals, left_at_stop, pairing_shortfall,
-                           pairing_summary, per_input, stamped_ahead_message, status_name,
-                           thermal_frames_lost, unpaired_hint)
+from ..diagnostics import (LATENCY_KEYS, NOT_REPORTED, OWN_SYNC_KEYS, PLAUSIBLE_LATENCY_S, ROLES,
+                           Key, inference_stall, late_arrivals, left_at_stop, pairing_shortfall,
+                           pairing_summary, per_input, stamp_lead, stamped_ahead_message,
+                           status_name, thermal_frames_lost, unpaired_hint)
 from ..engine import (FusionEngine, FusionResult, clock_jump_message, fusion_settings,
                       normalizer_settings, output_compression, pipeline_from_params)
 from ..imaging.encodings import compress_transport
 from ..messages import stamp_to_ns
 from ..runtime import model_from_params
 from ..stats import CountsWindow, LatencyStats, RateMeter, RecentSenders
-from ..sync import ArrivalClock, StampLead
+from ..sync import ArrivalClock
 from ..worker import InferenceWorker
 from . import parameters
 from .graph import node_of
@@ -51,10 +51,6 @@ from .images import compressed_image_message, raw_image_message, set_header
 from .logs import CoreLogsToNode
 
 LOG_THROTTLE_S = 5.0
-# End-to-end latency (node clock at publish minus the visible stamp) is only meaningful when the
-# stamps come from the node's clock: a bag played in wall time without /clock gives years. Outside
-# this range (seconds) the stamps and the clock disagree, and no latency is reported.
-PLAUSIBLE_LATENCY_S = (-1.0, 60.0)
 # Pairs made against the frames of the slower camera over this window (s): fewer than half is a
 # partial stall (a clock difference near sync.timeout pairs some frames), once the slower camera
 # sent at least PAIRING_MIN_FRAMES in it.
@@ -141,9 +137,7 @@ class S4FusionNode(Node):
         # yet is 0 publishers heard, not a middleware that does not say).
         self.senders_known = None
         self.arrivals = ArrivalClock()  # times arrivals (sync.timeout): on sim time its pace
-        # Frames stamped ahead of their arrival (a camera clock ahead), up to where the stamps
-        # are off the node clock altogether; any frame of the synchronizer's queue may pair.
-        self.stamp_lead = StampLead(-PLAUSIBLE_LATENCY_S[0], 2 * p['sync.queue_size'])
+        self.stamp_lead = stamp_lead(p['sync.queue_size'])  # a camera clock ahead
         self.logged = {}  # (role, kind of fault) -> monotonic time of its last log line
         # role -> monotonic times of its bad-message lines in the last LOG_THROTTLE_S
         self.fault_lines = {role: collections.deque() for role in ROLES}
