@@ -249,8 +249,7 @@ class BagFuser:
             message = deserialize(path, connection, raw)
             # As the node notes it: before decoding, on the clock the recorder logged it by.
             self.stamp_lead.add(role, stamp_to_ns(message.header.stamp), arrived,
-                                self.pipeline.synchronizer.thermal_offset
-                                if role == 'thermal' else 0.0)
+                                self.pipeline.synchronizer.thermal_offset)
             return self.pipeline.add_message(role, message, arrived)
         # A message whose bytes are not its type (the middleware drops such a one live), an
         # ImageDecodeError or bad geometry (the node drops these): skipped and counted.

@@ -321,18 +321,20 @@ class StampLead:
         self._frames = frames
         self._pairs = collections.deque(maxlen=self.PAIRS)  # matched (thermal, visible) leads
 
-    def add(self, role: str, stamp_ns: int, arrived_s: float, offset_s: float = 0.0,
+    def add(self, role: str, stamp_ns: int, arrived_s: float, thermal_offset_s: float = 0.0,
             allowance_s: float = 0.0) -> None:
         """Note a frame of `role` stamped `stamp_ns`, arrived at `arrived_s` on the stamps'
-        clock, matched with `offset_s` added; `allowance_s`: how far behind the stamps that
-        clock may read at an arrival (sim time's steps). An unset stamp tells nothing, nor an
-        arrival on a clock whose steps are not known yet (inf)."""
+        clock, matched with sync.thermal_offset (`thermal_offset_s`) added to a thermal stamp;
+        `allowance_s`: how far behind the stamps that clock may read at an arrival (sim time's
+        steps). An unset stamp tells nothing, nor an arrival on a clock whose steps are not
+        known yet (inf)."""
         if stamp_ns <= 0 or allowance_s == math.inf:
             return
         leads = self._leads[role]
         leads[stamp_ns] = stamp_ns / 1e9 - arrived_s - allowance_s
         if len(leads) > self._frames:
             leads.popitem(last=False)
+        offset_s = thermal_offset_s if role == 'thermal' else 0.0
         if self._is_ahead(leads[stamp_ns] + offset_s):
             self.ahead[role] += 1
 

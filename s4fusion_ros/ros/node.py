@@ -587,10 +587,9 @@ class S4FusionNode(Node):
         reads off sim time), else now; on sim time, the simulation clock's time, which may
         stand up to a step of /clock behind the stamps."""
         arrived = self.get_clock().now().nanoseconds / 1e9 if received is None else received
-        self.stamp_lead.add(
-            role, stamp_to_ns(msg.header.stamp), arrived,
-            self.pipeline.synchronizer.thermal_offset if role == 'thermal' else 0.0,
-            0.0 if sim is None else self.arrivals.sim_step())
+        self.stamp_lead.add(role, stamp_to_ns(msg.header.stamp), arrived,
+                            self.pipeline.synchronizer.thermal_offset,
+                            0.0 if sim is None else self.arrivals.sim_step())
 
     def _log_bad_stamp(self, role: str, stamp_ns: int, repeated: bool = False) -> None:
         if self._log_due((role, 'bad stamp')):
