@@ -7,6 +7,6 @@ cd "$root"
 # DDS stays on loopback; test/conftest.py also gives each run its own domain and log folder.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 # Three worker processes (pytest-xdist; each its own DDS domain, test/conftest.py): the tests
-# mostly wait on the nodes and tools they start, so on 2 cores this takes about 11 minutes, half
+# mostly wait on the nodes and tools they start, so on 2 cores this takes 11 to 13 minutes, half
 # the time of one process. `-n 0` runs them in this one process.
 exec "$root/.venv/bin/python" -m pytest -q -n 3 "$@"
