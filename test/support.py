@@ -428,6 +428,18 @@ LOADED_ADDRESS_SPACE = (
     'print(int(re.search(r"VmPeak:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) << 10)')
 
 
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Files this process writes may not grow past `limit` bytes while the block runs: a real
+    write failure (EFBIG, as ENOSPC on a full disk; Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def address_space_limit(beyond_libraries: int):
     """A preexec_fn that ends a child's address space `beyond_libraries` bytes past what the
     libraries take once loaded: a large image's allocations fail in it as on a machine without

@@ -8,7 +8,6 @@ import math
 import os
 import pathlib
 import re
-import resource
 import shutil
 import signal
 import struct
@@ -33,7 +32,7 @@ from s4fusion_ros.runtime import load_fusion_model
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
 from s4fusion_ros.training.data import ivif_splits, m3svd_clip, pair_key
-from support import address_space_limit, exited, reading
+from support import address_space_limit, exited, file_size_limit, reading
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -466,12 +465,8 @@ def test_fuse_stopped_by_a_full_disk_says_what_was_written_and_how_to_go_on(
     # limit, the colour pair's fused image does not.
     limit = len(whole[out / 'fused' / colour]) - 1
     assert max(len(whole[out / kind / gray]) for kind in ('fused', 'saliency')) < limit
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
+    with file_size_limit(limit):
         status = fuse.main(command)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     error = capsys.readouterr().err
     assert status == 1 and (
         f"File too large: '{out / 'fused' / colour}'; 1 of the 2 pairs were written before it "
@@ -1726,12 +1721,8 @@ def test_a_report_the_disk_refuses_leaves_its_table_and_grid_as_they_were(
     # A real write failure: the new table fits under the file size limit, the report does not.
     limit = 1024
     assert len(earlier[table]) < limit // 2 and len(earlier[out]) > 2 * limit
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
+    with file_size_limit(limit):
         status = evaluate.main([*command, '--methods', 'average,max'])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     error = capsys.readouterr().err
     assert status == 1 and f"File too large: '{out}'" in error, error
     assert {path: path.read_bytes() for path in (out, table)} == earlier
@@ -1743,11 +1734,8 @@ def test_a_report_the_disk_refuses_leaves_its_table_and_grid_as_they_were(
     earlier = {path: path.read_bytes() for path in (out, table, grid)}
     assert len(earlier[grid]) > limit
     capsys.readouterr()
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
+    with file_size_limit(limit):
         status = evaluate.main([*ours, '--methods', 'ours,average'])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     error = capsys.readouterr().err
     assert status == 1 and f"File too large: '{grid}'" in error, error
     assert {path: path.read_bytes() for path in (out, table, grid)} == earlier

@@ -6,7 +6,6 @@ import json
 import math
 import pathlib
 import re
-import resource
 import shlex
 import shutil
 import signal
@@ -37,8 +36,8 @@ from s4fusion_ros.training.data import (M3SVD_VALIDATION_CLIPS, VIDEO_FRAME_STEP
 from s4fusion_ros.training import data as data_module
 from s4fusion_ros.training import trainer as trainer_module
 from s4fusion_ros.training.trainer import check_new_run, lr_factor
-from support import (exit_with_stderr_unread, exited, reading, stop_once_logged,
-                     wait_while_running)
+from support import (exit_with_stderr_unread, exited, file_size_limit, reading,
+                     stop_once_logged, wait_while_running)
 
 
 class SmallCNN(nn.Module):
@@ -1545,12 +1544,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_so_in_one_line(
     capsys.readouterr()
     # A real write failure: the weights fit under the file size limit, the state does not.
     limit = (weights_size + len(state)) // 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
+    with file_size_limit(limit):
         status = train_main([*command, '--resume'])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     error = capsys.readouterr().err
     assert status == 1, error
     assert 'Traceback' not in error and f"File too large: '{out / 'train_state.pt'}'" in error

@@ -1,7 +1,6 @@
 """The side-by-side MP4 (s4fusion_ros/video.py): written with OpenCV here and read back."""
 
 import os
-import resource
 import signal
 
 import cv2
@@ -15,8 +14,8 @@ from s4fusion_ros.imaging.encodings import decode_visible
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.video import (FPS_RANGE, VIDEO_SUFFIXES, SideBySideVideo, bag_pairs,
                                 export_recording, frame_rate, outputs_by_stamp, panel_row)
-from support import (SIZE, THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, with_thermal_stall,
-                     write_bag)
+from support import (SIZE, THERMAL_TOPIC, VISIBLE_TOPIC, camera_messages, file_size_limit,
+                     with_thermal_stall, write_bag)
 
 FUSED_TOPIC, SALIENCY_TOPIC = '/s4fusion_node/fused', '/s4fusion_node/saliency'
 
@@ -103,16 +102,12 @@ def test_a_video_the_disk_cut_short_is_an_error_not_a_file(tmp_path, suffix):
     path.write_bytes(b'an earlier video')
     noise = np.random.default_rng(0).integers(0, 255, (120, 4 * 160, 3), np.uint8)
     # A real write failure: files may not grow past 64 KiB (EFBIG, as ENOSPC on a full disk).
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
-    try:
-        with pytest.raises(OSError, match=f'{path}: the video file was cut short: its frame '
-                                          '10 does not read back'):
-            with SideBySideVideo(path, 9.0) as video:
-                for _ in range(10):
-                    video.add(noise)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with file_size_limit(1 << 16), pytest.raises(
+            OSError, match=f'{path}: the video file was cut short: its frame 10 does not read '
+            'back'):
+        with SideBySideVideo(path, 9.0) as video:
+            for _ in range(10):
+                video.add(noise)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     assert path.read_bytes() == b'an earlier video'
 
