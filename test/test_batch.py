@@ -927,9 +927,7 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     error = capsys.readouterr().err
     assert '1 of 1 bags fused now' in error and str(out / 's4fusion-batch-manifest.json') in error
     assert batch_tool.main(command + ['--resume']) == 0  # nothing left to do
-    error = capsys.readouterr().err
-    assert 'skipped' in error
-    assert '0 of 1 bags fused now (0 pairs), 1 kept as an earlier run fused them' in error
+    assert 'nothing left to fuse: the 1 bag given was fused' in capsys.readouterr().err
     # Finished bags are kept as they are: a resume with other parameters is refused.
     other = params_with_slop(params_file, 0.03, tmp_path / 'other.yaml')
     assert batch_tool.main([str(tmp_path / 'in'), str(out), '--params', str(other),
@@ -940,6 +938,29 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     error = capsys.readouterr().err
     assert 'FAILED' in error and (out / 'a').exists()
     assert '0 of 1 bags fused now (0 pairs), 1 failed (above)' in error
+
+
+def test_a_resume_with_nothing_left_to_fuse_says_so_without_starting_ray(
+        local_ray, ivif_dir, params_file, tmp_path, capsys):
+    # Every bag fused already: the resume found that only after starting a private Ray (seconds
+    # for nothing). Its own process now neither imports Ray nor starts it, and says one line.
+    write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    out = tmp_path / 'out'
+    command = [str(tmp_path / 'in'), str(out), '--params', str(params_file)]
+    assert batch_tool.main(command) == 0
+    capsys.readouterr()
+    without_ray = ('import sys; from s4fusion_ros.tools import batch; code = batch.main(); '
+                   "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(code)")
+    run = subprocess.run([sys.executable, '-c', without_ray, *command, '--resume'],
+                         capture_output=True, text=True, timeout=300)
+    manifest = out / 's4fusion-batch-manifest.json'
+    assert (run.returncode, run.stdout) == (0, 'no ray\n'), run.stderr
+    assert run.stderr.splitlines() == [
+        f's4fusion-batch: nothing left to fuse: the 1 bag given was fused into {out} by an '
+        f'earlier run (manifest: {manifest})']
+    written = json.loads(manifest.read_text())
+    assert [bag['status'] for bag in written['bags']] == ['skipped']
+    assert not written['interrupted'] and 'running' not in written
 
 
 def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_one(ivif_dir,
