@@ -429,6 +429,31 @@ def test_a_window_of_every_bag_is_fused_in_segments_as_s4fusion_bag_fuses_it(
         fuse_bags([inputs], out, params=params_file, resume=True, window=TimeWindow(9.0, 10.0))
 
 
+def test_the_bar_of_a_window_ends_on_its_thermal_frames_where_the_camera_started_late(
+        local_ray, ivif_dir, params_file, tmp_path, capsys):
+    # The total was the window's share of the bag's span times the bag's thermal frames: with
+    # the thermal camera started 3 s into the recording, the bar of 3 s to 5 s ended at 200%
+    # (and that of the first 3 s, with no thermal frame, at 0%). Each bag's share of the total
+    # becomes the thermal frames its parts read, as s4fusion-bag counts its bar's total.
+    events = camera_messages(ivif_dir, 6.0)
+    first = events[0][0]
+    late = [event for event in events if event[1] != THERMAL_TOPIC or event[0] >= first + 3e9]
+    write_bag(tmp_path / 'in' / 'late', late, 'mcap')
+    in_window = sum(event[1] == THERMAL_TOPIC and first + 3e9 <= event[0] < first + 5e9
+                    for event in late)
+    for out, segments in (('whole', '10'), ('segments', '0.02')):
+        assert batch_tool.main([str(tmp_path / 'in'), str(tmp_path / out), '--params',
+                                str(params_file), '--start-offset', '3', '--playback-duration',
+                                '2', '--segment-minutes', segments]) == 0
+        error = capsys.readouterr().err
+        manifest = json.loads((tmp_path / out / 's4fusion-batch-manifest.json').read_text())
+        # Past its total, tqdm shows a count alone ("18pair"): the last render must be n/total.
+        last = re.findall(r'bags \d+/\d+:[^\r\n]*', error)[-1]
+        assert re.search(r' (\d+)/(\d+) \[', last).groups() == (
+            str(manifest['bags'][0]['fused']), str(in_window)), error
+        assert manifest['bags'][0]['units'] == (1 if out == 'whole' else 2)
+
+
 def test_the_segments_of_a_window_warm_up_over_as_many_pairs_as_those_of_the_whole_bag(
         ivif_dir, params_file, tmp_path):
     # The warm-up's length comes from the thermal rate; counting the whole bag's frames over the

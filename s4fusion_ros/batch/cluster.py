@@ -528,6 +528,8 @@ class _Runner:
         self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
         self.units = {}  # bag index -> all its units
         self.left = {}  # bag index -> units not finished yet
+        # bag index -> its pairs in the bar's total (an estimate) less its parts' thermal frames
+        self.overestimate = {}
         self.idle = []  # GPU actors without work
         self.queue = []  # units waiting for a GPU actor
         self.actors = []
@@ -658,7 +660,9 @@ class _Runner:
             self._submit(number, unit)
         if not todo:
             self._commit(number)
-        return round(units[0].thermal_count * len(todo) / len(units))
+        pairs = round(units[0].thermal_count * len(todo) / len(units))
+        self.overestimate[number] = pairs
+        return pairs
 
     def _finished_earlier(self, job: BagJob, input_files: list) -> tuple[dict, str]:
         """On --resume, the manifest's row of a bag it lists as finished whose output exists,
@@ -767,8 +771,15 @@ class _Runner:
                 self._line(report)
             return
         self._count(report, result)
+        self.overestimate[number] -= result['thermal_read']
         self.left[number].discard(unit.index)
         if not self.left[number] and report.status != 'failed':
+            # Its share of the bar's total, the window's share of the bag's span until now
+            # (wrong where the camera started late or paused), becomes the thermal frames its
+            # parts read, as s4fusion-bag counts its total: the bar ends at 100% less the
+            # frames left unpaired, not past it.
+            self.bar.total -= self.overestimate.pop(number)
+            self.bar.refresh()
             if len(self.units[number]) > 1:
                 self._commit(number)
             else:
