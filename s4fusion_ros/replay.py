@@ -236,10 +236,11 @@ class BagFuser:
         return True
 
     def tally(self) -> dict:
-        """Counts so far: messages read, thermal/visible pairs, unpaired and dropped messages,
-        pairs whose inference failed."""
+        """Counts so far: messages read (and thermal frames among them), thermal/visible pairs,
+        unpaired and dropped messages, pairs whose inference failed."""
         stats = self.pipeline.synchronizer.stats
-        return {'read': sum(self.counts.read.values()), 'pairs': stats.pairs,
+        return {'read': sum(self.counts.read.values()),
+                'thermal_read': self.counts.read['thermal'], 'pairs': stats.pairs,
                 'unpaired': stats.thermal_unpaired + stats.visible_unpaired,
                 'dropped': self.dropped(), 'failed': self.counts.failed}
 

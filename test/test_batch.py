@@ -429,6 +429,31 @@ def test_a_window_of_every_bag_is_fused_in_segments_as_s4fusion_bag_fuses_it(
         fuse_bags([inputs], out, params=params_file, resume=True, window=TimeWindow(9.0, 10.0))
 
 
+def test_the_bar_of_a_window_ends_on_its_thermal_frames_where_the_camera_started_late(
+        local_ray, ivif_dir, params_file, tmp_path, capsys):
+    # The total was the window's share of the bag's span times the bag's thermal frames: with
+    # the thermal camera started 3 s into the recording, the bar of 3 s to 5 s ended at 200%
+    # (and that of the first 3 s, with no thermal frame, at 0%). Each bag's share of the total
+    # becomes the thermal frames its parts read, as s4fusion-bag counts its bar's total.
+    events = camera_messages(ivif_dir, 6.0)
+    first = events[0][0]
+    late = [event for event in events if event[1] != THERMAL_TOPIC or event[0] >= first + 3e9]
+    write_bag(tmp_path / 'in' / 'late', late, 'mcap')
+    in_window = sum(event[1] == THERMAL_TOPIC and first + 3e9 <= event[0] < first + 5e9
+                    for event in late)
+    for out, segments in (('whole', '10'), ('segments', '0.02')):
+        assert batch_tool.main([str(tmp_path / 'in'), str(tmp_path / out), '--params',
+                                str(params_file), '--start-offset', '3', '--playback-duration',
+                                '2', '--segment-minutes', segments]) == 0
+        error = capsys.readouterr().err
+        manifest = json.loads((tmp_path / out / 's4fusion-batch-manifest.json').read_text())
+        # Past its total, tqdm shows a count alone ("18pair"): the last render must be n/total.
+        last = re.findall(r'bags \d+/\d+:[^\r\n]*', error)[-1]
+        assert re.search(r' (\d+)/(\d+) \[', last).groups() == (
+            str(manifest['bags'][0]['fused']), str(in_window)), error
+        assert manifest['bags'][0]['units'] == (1 if out == 'whole' else 2)
+
+
 def test_the_segments_of_a_window_warm_up_over_as_many_pairs_as_those_of_the_whole_bag(
         ivif_dir, params_file, tmp_path):
     # The warm-up's length comes from the thermal rate; counting the whole bag's frames over the
@@ -927,9 +952,7 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     error = capsys.readouterr().err
     assert '1 of 1 bags fused now' in error and str(out / 's4fusion-batch-manifest.json') in error
     assert batch_tool.main(command + ['--resume']) == 0  # nothing left to do
-    error = capsys.readouterr().err
-    assert 'skipped' in error
-    assert '0 of 1 bags fused now (0 pairs), 1 kept as an earlier run fused them' in error
+    assert 'nothing left to fuse: the 1 bag given was fused' in capsys.readouterr().err
     # Finished bags are kept as they are: a resume with other parameters is refused.
     other = params_with_slop(params_file, 0.03, tmp_path / 'other.yaml')
     assert batch_tool.main([str(tmp_path / 'in'), str(out), '--params', str(other),
@@ -940,6 +963,29 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
     error = capsys.readouterr().err
     assert 'FAILED' in error and (out / 'a').exists()
     assert '0 of 1 bags fused now (0 pairs), 1 failed (above)' in error
+
+
+def test_a_resume_with_nothing_left_to_fuse_says_so_without_starting_ray(
+        local_ray, ivif_dir, params_file, tmp_path, capsys):
+    # Every bag fused already: the resume found that only after starting a private Ray (seconds
+    # for nothing). Its own process now neither imports Ray nor starts it, and says one line.
+    write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    out = tmp_path / 'out'
+    command = [str(tmp_path / 'in'), str(out), '--params', str(params_file)]
+    assert batch_tool.main(command) == 0
+    capsys.readouterr()
+    without_ray = ('import sys; from s4fusion_ros.tools import batch; code = batch.main(); '
+                   "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(code)")
+    run = subprocess.run([sys.executable, '-c', without_ray, *command, '--resume'],
+                         capture_output=True, text=True, timeout=300)
+    manifest = out / 's4fusion-batch-manifest.json'
+    assert (run.returncode, run.stdout) == (0, 'no ray\n'), run.stderr
+    assert run.stderr.splitlines() == [
+        f's4fusion-batch: nothing left to fuse: the 1 bag given was fused into {out} by an '
+        f'earlier run (manifest: {manifest})']
+    written = json.loads(manifest.read_text())
+    assert [bag['status'] for bag in written['bags']] == ['skipped']
+    assert not written['interrupted'] and 'running' not in written
 
 
 def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_one(ivif_dir,

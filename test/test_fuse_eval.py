@@ -1346,6 +1346,30 @@ def test_a_stored_output_left_out_is_named_with_the_reason(ivif_dir, tmp_path):
                 f'scored, so no row for it; the first: {GRAY_PAIR[1]}: {reason}.\n') in text
 
 
+def test_stored_outputs_of_any_depth_but_8_bit_are_refused_by_one_rule(ivif_dir, tmp_path):
+    # A float TIFF was refused as needing "8 or 16 bit", and a 16-bit PNG then as "8-bit outputs
+    # only": the metrics score stored outputs as saved on their 0-255 scale, so 8-bit alone.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [GRAY_PAIR])
+    stem = GRAY_PAIR[1][:-4]
+    image = cv2.imread(str(pairs / 'vi' / GRAY_PAIR[1]), cv2.IMREAD_GRAYSCALE)
+    for method, name, pixels in (('Eight', stem + '.png', image),
+                                 ('Sixteen', stem + '.png', image.astype(np.uint16) * 257),
+                                 ('Float', stem + '.tiff', image.astype(np.float32) / 255)):
+        (pairs / 'fused' / method).mkdir(parents=True)
+        assert cv2.imwrite(str(pairs / 'fused' / method / name), pixels)
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--out',
+                          str(out)]) == 0
+    text = out.read_text()
+    assert list(table_rows(text, 'pairs')) == ['Eight (stored outputs)']
+    for method, name, depth in (('Sixteen', stem + '.png', 'uint16'),
+                                ('Float', stem + '.tiff', 'float32')):
+        assert (f'- Skipped: {method} (stored outputs) on pairs: 1 of the 1 outputs cannot be '
+                f'scored, so no row for it; the first: {pairs / "fused" / method / name}: '
+                f'unsupported pixel type {depth} (need 8 bit).\n') in text
+
+
 def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path):
     names = sorted(pair.name for pair in evaluate.ivif_splits(ivif_dir).tests['msrs22'])[:2]
     heldout = tmp_path / 'heldout'

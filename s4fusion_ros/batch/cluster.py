@@ -333,7 +333,8 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
     (thermal, visible) topic of every bag, None to detect it per bag. `transport`: how the
     outputs are written (s4fusion-bag --transport), and `window`: the part of every bag fused
     (s4fusion-bag --start-offset, --playback-duration; a bag it lies past the end of fails),
-    both recorded in the manifest with the parameters.
+    both recorded in the manifest with the parameters. A --resume that keeps every bag returns
+    without starting or joining Ray.
     """
     if resume and overwrite:
         raise BatchError('--resume and --overwrite exclude each other')
@@ -348,10 +349,16 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         _check_existing(jobs, resume, overwrite)
         previous = _previous_reports(out_dir / MANIFEST, values, transport, jobs, resume,
                                      overwrite, window)
+        runner = _Runner(jobs, values, cpus_per_task, gpus_per_worker, segment_minutes, resume,
+                         max_retries, progress, (on_unit, on_progress), previous,
+                         out_dir / MANIFEST, topics, transport, window)
+        if runner.nothing_to_fuse():  # planned before Ray: seconds to start it for nothing
+            runner.keep_all()
+            report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started)
+            runner.write_manifest(interrupted=False, seconds=report.seconds)
+            return report
         with connected(address, num_cpus) as ray:
-            runner = _Runner(ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                             resume, max_retries, progress, (on_unit, on_progress),
-                             previous, out_dir / MANIFEST, topics, transport, window)
+            runner.ray = ray
             runner.check_resources()  # before any manifest: a refused run leaves no trace
             interrupted, ended = False, {}
             try:
@@ -504,10 +511,10 @@ class _GpuWorker:
 class _Runner:
     """Submits the units, follows them to the end of each bag, commits segmented bags."""
 
-    def __init__(self, ray, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes,
-                 resume, max_retries, progress, on_unit, previous, manifest, topics, transport,
-                 window):
-        self.ray, self.jobs, self.values, self.topics = ray, jobs, values, topics
+    def __init__(self, jobs, values, cpus_per_task, gpus_per_worker, segment_minutes, resume,
+                 max_retries, progress, on_unit, previous, manifest, topics, transport, window):
+        self.ray = None  # Ray's module, once connected: a run with nothing to fuse needs none
+        self.jobs, self.values, self.topics = jobs, values, topics
         self.transport, self.window = transport, window
         self.cpus, self.gpus = cpus_per_task, gpus_per_worker
         self.segment_ns = round(segment_minutes * 60e9)
@@ -521,6 +528,8 @@ class _Runner:
         self.pending = {}  # ObjectRef -> (bag index, unit or None for a commit, GPU actor)
         self.units = {}  # bag index -> all its units
         self.left = {}  # bag index -> units not finished yet
+        # bag index -> its pairs in the bar's total (an estimate) less its parts' thermal frames
+        self.overestimate = {}
         self.idle = []  # GPU actors without work
         self.queue = []  # units waiting for a GPU actor
         self.actors = []
@@ -626,12 +635,13 @@ class _Runner:
         # opened again (a file-compressed one unpacks whole). Any other is fused again: it may
         # come from other parameters (a killed --overwrite run), other topics or a dead attempt.
         # A bag recorded or copied again under its name since is fused again too.
-        earlier = self.previous.get(report.output, {})
         report.input_files = work.input_identity(job.input)
-        if self.resume and job.output.exists() and earlier.get('status') in FINISHED:
-            reason = _changed_since(earlier, self.topics, report.input_files)
-            if not reason:
-                return self._skip(job, report, earlier)
+        earlier, reason = self._finished_earlier(job, report.input_files)
+        if earlier and not reason:
+            self._skip(job, report, earlier)
+            self._line(report)
+            return 0
+        if reason:
             tqdm.write(f's4fusion-batch: fusing {report.input} again: {reason}', file=sys.stderr)
         units = work.plan_bag(job, self.values, self.segment_ns, self.topics, self.transport,
                               self.window)
@@ -650,17 +660,46 @@ class _Runner:
             self._submit(number, unit)
         if not todo:
             self._commit(number)
-        return round(units[0].thermal_count * len(todo) / len(units))
+        pairs = round(units[0].thermal_count * len(todo) / len(units))
+        self.overestimate[number] = pairs
+        return pairs
 
-    def _skip(self, job: BagJob, report: BagReport, earlier: dict) -> int:
-        """Keep a bag the manifest lists as finished, with its earlier counts; return 0 pairs."""
+    def _finished_earlier(self, job: BagJob, input_files: list) -> tuple[dict, str]:
+        """On --resume, the manifest's row of a bag it lists as finished whose output exists,
+        and why that bag is to be fused again all the same ('' to keep it); ({}, '') for any
+        other bag."""
+        earlier = self.previous.get(str(job.output), {})
+        if not (self.resume and job.output.exists() and earlier.get('status') in FINISHED):
+            return {}, ''
+        return earlier, _changed_since(earlier, self.topics, input_files)
+
+    def nothing_to_fuse(self) -> bool:
+        """Whether --resume keeps every bag as an earlier run fused it (no Ray needed)."""
+        for job in self.jobs:
+            try:
+                earlier, reason = self._finished_earlier(job, work.input_identity(job.input))
+            except OSError:  # unreadable now: it fails when planned
+                return False
+            if reason or not earlier:
+                return False
+        return True
+
+    def keep_all(self) -> None:
+        """Keep every bag (nothing_to_fuse), without a line for each: the caller says it once."""
+        for number, job in enumerate(self.jobs):
+            report = self.reports[number]
+            self.planned.add(number)
+            work.sweep_partials(job)
+            report.input_files = work.input_identity(job.input)
+            self._skip(job, report, self.previous[report.output])
+
+    def _skip(self, job: BagJob, report: BagReport, earlier: dict) -> None:
+        """Keep a bag the manifest lists as finished, with its earlier counts."""
         shutil.rmtree(job.staging, ignore_errors=True)  # committed, not yet cleaned up
         for name in ('pairs', 'fused', 'unpaired', 'dropped', 'failed', 'units', 'nodes',
                      'topics', 'seconds', 'warnings'):
             setattr(report, name, earlier.get(name, getattr(report, name)))
         report.status = 'skipped'
-        self._line(report)
-        return 0
 
     def _submit(self, number: int, unit: Unit) -> None:
         if not self.gpus:
@@ -732,8 +771,15 @@ class _Runner:
                 self._line(report)
             return
         self._count(report, result)
+        self.overestimate[number] -= result['thermal_read']
         self.left[number].discard(unit.index)
         if not self.left[number] and report.status != 'failed':
+            # Its share of the bar's total, the window's share of the bag's span until now
+            # (wrong where the camera started late or paused), becomes the thermal frames its
+            # parts read, as s4fusion-bag counts its total: the bar ends at 100% less the
+            # frames left unpaired, not past it.
+            self.bar.total -= self.overestimate.pop(number)
+            self.bar.refresh()
             if len(self.units[number]) > 1:
                 self._commit(number)
             else:

@@ -93,6 +93,11 @@ def fuse_and_report(args: argparse.Namespace) -> int:
                        transport=args.transport, window=window)
     failed = [bag for bag in report.bags if bag.status == 'failed']
     kept = sum(bag.status == 'skipped' for bag in report.bags)
+    if kept == len(report.bags):  # nothing was left: neither Ray nor a bar was started
+        given = 'the 1 bag given was' if kept == 1 else f'all {kept} bags given were'
+        print(f'{PROG}: nothing left to fuse: {given} fused into {report.manifest.parent} by '
+              f'an earlier run (manifest: {report.manifest})', file=sys.stderr)
+        return 0
     fused = sum(bag.status == 'done' for bag in report.bags)
     within = '' if window.whole else f' of the messages logged {window.describe()} of each bag'
     print(f'{PROG}: {fused} of {len(report.bags)} bags fused now ({report.fused} pairs{within})'

@@ -134,9 +134,7 @@ class StoredOutputs:
         path = self.path(pair)
         if path is None:
             raise ValueError(self.why_none(pair))
-        image = read_image(path)
-        if image.dtype != np.uint8:
-            raise ValueError(f'{path}: 8-bit outputs only, this one is {image.dtype}')
+        image = read_image(path, depths=(np.uint8,))  # scored as saved, on the 0-255 scale
         if image.shape[:2] != size:
             raise ValueError(f'{path} is {image.shape[1]}x{image.shape[0]}, its pair '
                              f'{size[1]}x{size[0]}')

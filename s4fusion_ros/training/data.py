@@ -22,6 +22,7 @@ from ..imaging.limits import MAX_PIXELS, MAX_SIDE, over_opencv_limits
 from ..imaging.normalization import looks_like_raw_counts
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+DEPTHS = (np.uint8, np.uint16)  # the pixel types read: those training scales to [0, 1]
 IVIF_DATASET_FOLDERS = ('roadscene', 'tno', 'msrs', 'm3svd', 'm3fd')  # README, "Data and licences"
 
 # The pairs in ivif/msrs that belong to the MSRS train split (its SOURCES.md); the other 22 are
@@ -81,9 +82,10 @@ class IvifSplits:
     clips: dict
 
 
-def read_image(path):
-    """Read an 8- or 16-bit image file, gray (H, W) or BGR (H, W, 3) (alpha dropped), turned
-    upright as its EXIF orientation says (as image viewers show it); ValueError names the file."""
+def read_image(path, depths=DEPTHS):
+    """Read an image file of one of ``depths`` (8 or 16 bit), gray (H, W) or BGR (H, W, 3)
+    (alpha dropped), turned upright as its EXIF orientation says (as image viewers show it);
+    ValueError names the file."""
     try:
         # Read by Python, decoded by OpenCV: cv2.imread crashes the process on a file name that
         # is not UTF-8 (an old archive's Latin-1 name).
@@ -104,7 +106,7 @@ def read_image(path):
         raise ValueError(f'{path}: cannot read it ({error.err})') from error
     if image is None:
         raise ValueError(f'{path}: not a readable image')
-    _check_depth(image, path)
+    _check_depth(image, path, depths)
     if image.ndim == 2 or image.shape[2] == 3:
         return image
     raise ValueError(f'{path}: unsupported image shape {image.shape}')
@@ -115,10 +117,11 @@ def _read_luminance(path):
     return luminance(read_image(path), path)
 
 
-def _check_depth(image, path):
-    """``image`` if it is 8- or 16-bit, the depths training scales to [0, 1]; else ValueError."""
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need 8 or 16 bit)')
+def _check_depth(image, path, depths=DEPTHS):
+    """``image`` if its pixels are of one of ``depths``; else ValueError naming them."""
+    if image.dtype not in depths:
+        need = ' or '.join(str(np.dtype(depth).itemsize * 8) for depth in depths)
+        raise ValueError(f'{path}: unsupported pixel type {image.dtype} (need {need} bit)')
     return image
 
 
