@@ -106,6 +106,23 @@ def test_an_earlier_runs_outputs_beside_the_bags_are_not_searched(tmp_path):
     assert [job.input for job in jobs] == [tmp_path / 'bags' / 'drive']
 
 
+def test_symlinks_in_a_bag_archive_find_each_bag_once_and_a_symlink_loop_none(tmp_path):
+    # A fleet archive: `latest` links to the newest day, `all` in a day links back up to the
+    # archive, and a link was left looping on itself. Each bag was found again under every
+    # path through the links (41 times, to the kernel's link limit; with two such links the
+    # search never ended), and the looping link was a RuntimeError traceback.
+    archive = tmp_path / 'archive'
+    for bag in ('day1/drive', 'day2/drive'):
+        (archive / bag).mkdir(parents=True)
+        (archive / bag / 'metadata.yaml').write_text('rosbag2_bagfile_information: {}\n')
+    (archive / 'latest').symlink_to('day2')
+    (archive / 'day1' / 'all').symlink_to('..')
+    (archive / 'stale').symlink_to('stale')
+    jobs = work.find_bags([archive], tmp_path / 'out')
+    assert [(job.input, job.output) for job in jobs] == [
+        (archive / bag, tmp_path / 'out' / bag) for bag in ('day1/drive', 'day2/drive')]
+
+
 def test_a_bag_named_as_the_current_folder_goes_under_its_own_name(tmp_path, monkeypatch):
     # '.' has no name: its output was the output folder itself, refused as existing.
     bag = tmp_path / 'fleet' / 'b1'
