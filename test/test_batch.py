@@ -1195,6 +1195,21 @@ def test_private_rays_keep_their_token_to_the_user_and_always_ask_for_it():
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def test_a_private_ray_starts_under_a_long_temporary_folder(ivif_dir, params_file, tmp_path):
+    # A TMPDIR of more than 19 bytes (a cluster job's scratch folder) put the private Ray's
+    # socket paths past AF_UNIX's 107 bytes, and every local run was Ray's OSError traceback.
+    scratch = tmp_path / 'scratch of job 4711 on the cluster'
+    scratch.mkdir()
+    write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    done = subprocess.run([str(BATCH_TOOL), str(tmp_path / 'in'), str(tmp_path / 'out'),
+                           '--params', str(params_file), '--num-cpus', '1'],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, 'TMPDIR': str(scratch)})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'out' / 'a' / 'metadata.yaml').is_file()
+    assert list(scratch.iterdir()) == []  # its HOME went elsewhere, and went when Ray stopped
+
+
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,
                                                             compact_params_file, tmp_path):
     # One CPU works through a small bag, the long one's four segments, then two more small bags;
