@@ -106,6 +106,23 @@ def test_an_earlier_runs_outputs_beside_the_bags_are_not_searched(tmp_path):
     assert [job.input for job in jobs] == [tmp_path / 'bags' / 'drive']
 
 
+def test_symlinks_in_a_bag_archive_find_each_bag_once_and_a_symlink_loop_none(tmp_path):
+    # A fleet archive: `latest` links to the newest day, `all` in a day links back up to the
+    # archive, and a link was left looping on itself. Each bag was found again under every
+    # path through the links (41 times, to the kernel's link limit; with two such links the
+    # search never ended), and the looping link was a RuntimeError traceback.
+    archive = tmp_path / 'archive'
+    for bag in ('day1/drive', 'day2/drive'):
+        (archive / bag).mkdir(parents=True)
+        (archive / bag / 'metadata.yaml').write_text('rosbag2_bagfile_information: {}\n')
+    (archive / 'latest').symlink_to('day2')
+    (archive / 'day1' / 'all').symlink_to('..')
+    (archive / 'stale').symlink_to('stale')
+    jobs = work.find_bags([archive], tmp_path / 'out')
+    assert [(job.input, job.output) for job in jobs] == [
+        (archive / bag, tmp_path / 'out' / bag) for bag in ('day1/drive', 'day2/drive')]
+
+
 def test_a_bag_named_as_the_current_folder_goes_under_its_own_name(tmp_path, monkeypatch):
     # '.' has no name: its output was the output folder itself, refused as existing.
     bag = tmp_path / 'fleet' / 'b1'
@@ -1222,6 +1239,21 @@ def test_private_rays_keep_their_token_to_the_user_and_always_ask_for_it():
             0, '0o700 True token\ndisabled\noutsider refused token\ndisabled\n'), done.stderr
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def test_a_private_ray_starts_under_a_long_temporary_folder(ivif_dir, params_file, tmp_path):
+    # A TMPDIR of more than 19 bytes (a cluster job's scratch folder) put the private Ray's
+    # socket paths past AF_UNIX's 107 bytes, and every local run was Ray's OSError traceback.
+    scratch = tmp_path / 'scratch of job 4711 on the cluster'
+    scratch.mkdir()
+    write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    done = subprocess.run([str(BATCH_TOOL), str(tmp_path / 'in'), str(tmp_path / 'out'),
+                           '--params', str(params_file), '--num-cpus', '1'],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, 'TMPDIR': str(scratch)})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'out' / 'a' / 'metadata.yaml').is_file()
+    assert list(scratch.iterdir()) == []  # its HOME went elsewhere, and went when Ray stopped
 
 
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,

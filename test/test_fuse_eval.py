@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import urllib.parse
 
 import cv2
 import numpy as np
@@ -1301,6 +1302,21 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
             f'scored, so no row for it; the first: {names[1]}: no output in '
             f'{heldout / "fused" / "Partial"}.') in text
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
+
+
+def test_the_reports_links_lead_to_its_table_and_grid_whatever_their_names(
+        pair_folder, tmp_path):
+    # A report named as results often are (a date, a space, a '#'): its links were the names as
+    # they are, which Markdown ends at the space (no link, no image shown) and cuts at '#'.
+    out = tmp_path / 'results 2026-12-07 #2 (50% Übung).md'
+    assert evaluate.main(['--folder', str(pair_folder), '--methods', 'ours,average', '--limit',
+                          '1', '--device', 'cpu', '--out', str(out)]) == 0
+    # A CommonMark link destination: no space or control character, balanced parentheses; a
+    # '#' starts its fragment and a '%' an escape.
+    targets = re.findall(r'\]\(([^()\s]+)\)', out.read_text())
+    assert [urllib.parse.urlsplit(target).fragment for target in targets] == ['', '']
+    assert sorted(out.parent / urllib.parse.unquote(target) for target in targets) == [
+        tmp_path / f'{out.stem}_grid.png', tmp_path / f'{out.stem}_pairs.csv']
 
 
 def test_a_hidden_folder_beside_the_stored_outputs_is_no_method(ivif_dir, tmp_path):

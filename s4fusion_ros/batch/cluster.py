@@ -45,6 +45,12 @@ BOOTSTRAP_CONFIG = 'ray_bootstrap_config.yaml'
 # by everyone, so it cannot be the HOME itself, which holds the token and stays the user's alone.
 # One letter: Ray's socket paths under it may be 107 bytes at most.
 RAY_TEMP = 'r'
+# Ray 2.60 puts its sockets at TEMP/session_<date>_<time>_<microseconds>_<pid>/sockets/
+# plasma_store (a pid up to 4194304) and refuses any past AF_UNIX's 107 bytes: the longest
+# private HOME that leaves them room.
+HOME_PREFIX = 's4fusion-ray-'
+LONGEST_HOME = 107 - len(f'/{RAY_TEMP}/session_2026-12-07_19-52-55_462947_4194304/sockets/'
+                         'plasma_store')
 AUTH_MODE = 'RAY_AUTH_MODE'  # Ray's switch for token authentication
 PROGRESS_PERIOD = 0.5  # seconds between a task's progress messages
 # The manifest is rewritten whole at most this often as bags end (2000 bags rewritten after each
@@ -112,7 +118,12 @@ def private_home() -> pathlib.Path:
     unless ~/ray_bootstrap_config.yaml (a cluster launcher's config) exists: an empty one here
     keeps a private Ray on loopback.
     """
-    home = pathlib.Path(tempfile.mkdtemp(prefix='s4fusion-ray-'))
+    folder = tempfile.gettempdir()
+    # mkdtemp adds 8 characters. A TMPDIR past 19 bytes (a cluster job's scratch folder) leaves
+    # Ray's sockets no room: the HOME goes where Ray's own temporary folder would, /tmp.
+    if len(os.fsencode(os.path.join(folder, HOME_PREFIX))) + 8 > LONGEST_HOME:
+        folder = '/tmp'
+    home = pathlib.Path(tempfile.mkdtemp(prefix=HOME_PREFIX, dir=folder))
     (home / BOOTSTRAP_CONFIG).write_text('{}\n')
     return home
 

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import pathlib
 import shutil
 import socket
@@ -130,7 +131,8 @@ def find_bags(inputs: list[pathlib.Path], out_dir: pathlib.Path) -> list[BagJob]
             named = root.resolve()  # '.' has no name of its own
             found = [(root, pathlib.Path(named.stem if root.is_file() else named.name))]
         elif root.is_dir():
-            found = [(path, path.relative_to(root)) for path in _search(root, resolved_out)]
+            found = [(path, path.relative_to(root))
+                     for path in _search(root, resolved_out, {_target(root)})]
             found = [(path, rel.with_suffix('') if path.is_file() else rel)
                      for path, rel in found]
         else:
@@ -150,18 +152,30 @@ def find_bags(inputs: list[pathlib.Path], out_dir: pathlib.Path) -> list[BagJob]
     return jobs
 
 
-def _search(folder: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:
+def _search(folder: pathlib.Path, out_dir: pathlib.Path, reached: set) -> list[pathlib.Path]:
+    """The bags in `folder` and below, in name order. `reached`: the folders and bags met so far,
+    as what their symlinks lead to, so that one met again through a link (a `latest` link, a link
+    back up the archive, which would repeat the search down to the kernel's link limit) is
+    neither searched nor fused twice."""
     bags = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith('.') or entry.resolve() == out_dir:
+        target = _target(entry)
+        if entry.name.startswith('.') or target == out_dir or target in reached:
             continue  # staging and partial directories of a run, and its outputs
         if (entry / MANIFEST).is_file():
             continue  # an earlier run's outputs (bags/fused_v1 beside this run's fused_v2)
+        reached.add(target)
         if is_bag(entry):
             bags.append(entry)
-        elif entry.is_dir():
-            bags += _search(entry, out_dir)
+        elif entry.is_dir():  # not a link looping on itself, which leads nowhere
+            bags += _search(entry, out_dir, reached)
     return bags
+
+
+def _target(path: pathlib.Path) -> pathlib.Path:
+    """What `path` leads to through its symlinks; a link looping on itself (which
+    Path.resolve raises RuntimeError for in Python 3.11) resolves to a path that is nothing."""
+    return pathlib.Path(os.path.realpath(path))
 
 
 # Planning ------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import re
 import shlex
 import sys
 import time
+import urllib.parse
 from typing import Callable
 
 import cv2
@@ -790,6 +791,13 @@ def _names(text: str) -> list:
     return [name.strip() for name in text.split(',') if name.strip()]
 
 
+def link_target(relative: str) -> str:
+    """A path relative to the report as a Markdown link's target: percent-encoded, as a space
+    would end the link and a '#' start its fragment (of a name that is not UTF-8, the bytes the
+    file system holds)."""
+    return urllib.parse.quote(os.fsencode(relative))
+
+
 def recorded_command(args: argparse.Namespace, argv: list) -> str:
     """The command line as the report records it: the data folders by their placeholder names,
     since the report names the datasets, not this machine's paths to them."""
@@ -924,7 +932,7 @@ def run(args: argparse.Namespace, argv: list, saving: list) -> list:
     grid, writes = '', {}
     if examples:
         writes[args.grid] = grid_png(args.grid, examples, configs[0].label)
-        grid = os.path.relpath(args.grid.resolve(), args.out.resolve().parent)
+        grid = link_target(os.path.relpath(args.grid.resolve(), args.out.resolve().parent))
     elif ours:
         skipped_methods.append('the example grid: no configuration of ours was evaluated.')
     pairs_csv = os.path.relpath(args.pairs_csv.resolve(), args.out.resolve().parent)
@@ -936,7 +944,7 @@ def run(args: argparse.Namespace, argv: list, saving: list) -> list:
         notes=(notes + [training_overlap(c, [pair.label for pair in evaluated])
                         for c in configs] if ours else [])
         + data_notes(args, datasets, ivif, methods)
-        + [f'Every method\'s metrics on every pair: [{pairs_csv}]({pairs_csv}).'])
+        + [f'Every method\'s metrics on every pair: [{pairs_csv}]({link_target(pairs_csv)}).'])
     writes[args.pairs_csv] = text_bytes(report.per_pair_csv(datasets))
     # What an earlier report has below its reading marker (the flicker section, measured on
     # its own with --flicker, and the maintainers' reading) stays; else its flicker section.
