@@ -21,6 +21,7 @@ import numba
 import pytest
 
 from paths import executable
+from support import as_a_user
 from s4fusion_ros.model.scan import numba_cross_scan_fn
 
 pytestmark = pytest.mark.skipif(numba_cross_scan_fn() is None, reason='numba is not installed')
@@ -40,8 +41,8 @@ print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), float(y.
 '''
 
 
-def start_kernel(cache, **options):
-    return subprocess.Popen([sys.executable, '-c', RUN_KERNEL], stdout=subprocess.PIPE,
+def start_kernel(cache, prefix=(), **options):
+    return subprocess.Popen([*prefix, sys.executable, '-c', RUN_KERNEL], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cache.parent,
                             env={**os.environ, 'NUMBA_CACHE_DIR': str(cache)}, **options)
 
@@ -128,6 +129,18 @@ def test_an_index_naming_a_missing_data_file_is_a_miss(compiled, tmp_path, caplo
     cache, index, data = copy_of(compiled, tmp_path)
     data.unlink()
     assert load(cache, signature(compiled), caplog) == (None, [])
+
+
+def test_a_cache_file_it_may_not_read_is_compiled_over(compiled, tmp_path):
+    # A cache folder two users share (NUMBA_CACHE_DIR), one of them with umask 077: the other's
+    # node exited at its start with "Permission denied" on the index instead of compiling.
+    cache, index, _ = copy_of(compiled, tmp_path)
+    index.chmod(0)
+    hits, misses, result, err = finish(start_kernel(cache, as_a_user()))
+    assert (hits, misses, result) == (0, 1, compiled[1])
+    assert err == (f's4fusion_ros: cannot read the numba cache file {index} (Permission '
+                   'denied): the kernel compiles again\n'), err
+    assert finish(start_kernel(cache, as_a_user()))[:2] == (1, 0)  # cached afresh
 
 
 def test_fuse_after_a_power_cut_left_the_index_empty_recovers_once(compiled, ivif_dir,
