@@ -70,6 +70,13 @@ UNSAVED = set()
 _UNREADABLE = set()
 
 
+def cache_folder() -> str | None:
+    """The folder the kernels are cached in: the first of NUMBA_CACHE_DIR, the package's
+    __pycache__ and ~/.cache/numba that numba could write (under a subfolder per source folder);
+    None where none could."""
+    return _cross_scan._cache.cache_path if CACHE else None
+
+
 class _CacheFile(IndexDataCacheFile):
     """numba's index and data files of one kernel, where a damaged file is removed (one warning)
     and read as a miss: the kernel compiles again and numba's save writes the file afresh.
