@@ -589,6 +589,9 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
                            f'recording\'s: give one of them ({path / files[0]})') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
+        if PermissionError in (type(error), type(error.__cause__)):  # another user's recording
+            raise BagError(f'{path}: cannot read the bag: {_reason(error).rstrip(".")}'
+                           ) from None
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
                        f'{_reason(error).rstrip(".")}') from None
     try:

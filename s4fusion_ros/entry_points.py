@@ -16,11 +16,16 @@ from .imaging.limits import MAX_PIXELS, MAX_SIDE
 
 
 def numba_cache_dir() -> str:
-    """Return the folder numba caches the CPU kernels in: NUMBA_CACHE_DIR or a per-user one."""
+    """Return the folder numba caches the CPU kernels in: NUMBA_CACHE_DIR or a per-user one;
+    '' for a user without a home folder (HOME unset, and no entry in the password database: a
+    container's arbitrary user), whose '~' would be a folder of that name in the working one."""
     # The installed package folder may be read-only, so the default is not numba's own.
-    cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'),
-                                                                  '.cache')
-    return os.environ.get('NUMBA_CACHE_DIR') or os.path.join(cache_home, 's4fusion_ros', 'numba')
+    if os.environ.get('NUMBA_CACHE_DIR'):
+        return os.environ['NUMBA_CACHE_DIR']
+    cache_home = os.environ.get('XDG_CACHE_HOME', '')
+    if not os.path.isabs(cache_home):  # a relative one is to be ignored (XDG base directories)
+        cache_home = os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(cache_home, 's4fusion_ros', 'numba') if os.path.isabs(cache_home) else ''
 
 
 def omp_wait_policy() -> str:
@@ -86,11 +91,18 @@ def configure_process() -> None:
     os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
     os.environ.update(opencv_settings())
     os.environ.update(fastdds_settings())
-    # numba reads NUMBA_CACHE_DIR at its first import; its config when each cached kernel is
-    # defined, in case numba was imported already.
-    os.environ['NUMBA_CACHE_DIR'] = numba_cache_dir()
+    # numba reads these at its first import; its config when each cached kernel is defined, in
+    # case numba was imported already.
+    numba_settings = {'NUMBA_CACHE_DIR': numba_cache_dir()}
+    if not numba_settings['NUMBA_CACHE_DIR']:
+        # No home: only the package's own folder, if writable; numba's next choice,
+        # ~/.cache/numba, would be relative too.
+        numba_settings['NUMBA_CACHE_LOCATOR_CLASSES'] = os.environ.get(
+            'NUMBA_CACHE_LOCATOR_CLASSES') or 'InTreeCacheLocator'
+    os.environ.update(numba_settings)
     if 'numba' in sys.modules:
-        sys.modules['numba'].config.CACHE_DIR = os.environ['NUMBA_CACHE_DIR']
+        for name, value in numba_settings.items():
+            setattr(sys.modules['numba'].config, name.removeprefix('NUMBA_'), value)
 
 
 def set_up_for_python_m() -> None:

@@ -50,6 +50,16 @@ def unsaved_kernels() -> set[str]:
     return scan_numba.UNSAVED
 
 
+def kernel_cache_folder() -> str | None:
+    """The folder the CPU kernels are cached in, which numba chose (NUMBA_CACHE_DIR where it can
+    write there); None without numba or where no folder could hold them."""
+    from .model.scan import numba_cross_scan_fn
+    if numba_cross_scan_fn() is None:
+        return None
+    from .model import scan_numba
+    return scan_numba.cache_folder()
+
+
 def describe(stats: tuple[int, int] | None) -> str:
     """Say where the CPU kernels came from, for a log line."""
     if stats is None:
@@ -83,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     # --help answers before anything compiles (a minute on a cold cache).
     argparse.ArgumentParser(prog='python3 -m s4fusion_ros.precompile', description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
-    from .entry_points import configure_process, numba_cache_dir
+    from .entry_points import configure_process
     configure_process()
-    print(f's4fusion_ros.precompile: {precompile()} ({numba_cache_dir()})')
+    said = precompile()
+    folder = kernel_cache_folder()
+    print(f's4fusion_ros.precompile: {said}' + (f' ({folder})' if folder else ''))
     return 0 if kernels_cacheable() and not unsaved_kernels() else 1  # not all cached ahead
 
 

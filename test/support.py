@@ -12,6 +12,7 @@ import pathlib
 import random
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -594,3 +595,17 @@ def stop_once_logged(process: subprocess.Popen, log: pathlib.Path, lines: int, s
         process.send_signal(signal.SIGTERM)
         assert exited(process, stop_s), said.text()
     return said.text()
+
+
+# Permissions as a user has them -----------------------------------------------------------------
+
+def as_a_user() -> list[str]:
+    """A command prefix under which file permissions stop the command as they stop a user: none
+    for a user; for root (CI) setpriv without the capabilities that override them, so that a file
+    of mode 0 is unreadable to it too. Skips where root has no setpriv."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which('setpriv'):
+        pytest.skip('root, and no setpriv to drop the override of file permissions')
+    caps = '-dac_override,-dac_read_search'
+    return ['setpriv', f'--inh-caps={caps}', f'--bounding-set={caps}']

@@ -34,9 +34,9 @@ from s4fusion_ros.messages import stamp_to_ns
 from s4fusion_ros.tools import bag as bag_tool
 from support import (CAMERA_INFO, COMPRESSED, IMAGE, SIZE, THERMAL_FRAME, THERMAL_TOPIC,
                      TYPESTORE, VISIBLE_FRAME, VISIBLE_INFO_TOPIC, VISIBLE_TOPIC,
-                     address_space_limit, bag_image_message, camera_messages, damage_chunk,
-                     exit_with_stderr_unread, mcap_chunks, most_frames, read_bag, reading,
-                     visible_camera_info, write_bag, write_merged_visible_bag,
+                     address_space_limit, as_a_user, bag_image_message, camera_messages,
+                     damage_chunk, exit_with_stderr_unread, mcap_chunks, most_frames, read_bag,
+                     reading, visible_camera_info, write_bag, write_merged_visible_bag,
                      zstd_transport_data)
 
 SLOP = 0.02
@@ -1184,6 +1184,21 @@ def test_an_mcap_cut_off_that_does_not_begin_with_a_header_is_not_said_to_hold_n
     error = capsys.readouterr().err
     assert f'{source}: cannot open the bag (corrupt or truncated?): ' in error, error
     assert 'cut off' not in error and 'Traceback' not in error, error
+
+
+@pytest.mark.parametrize('unreadable', ['metadata.yaml', 'in.mcap'])
+def test_a_bag_it_may_not_read_is_said_so_not_called_corrupt(short_events, tmp_path, unreadable):
+    # Another user's recording (a root container's, or one made under umask 077) was "cannot
+    # open the bag (corrupt or truncated?): [Errno 13] Permission denied: ...".
+    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    (source / unreadable).chmod(0)
+    done = subprocess.run([*as_a_user(), sys.executable, '-m', 's4fusion_ros.tools.bag',
+                           str(source), str(tmp_path / 'out')],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
+    assert re.fullmatch(rf's4fusion-bag: {re.escape(str(source))}: cannot read the bag: .*'
+                        rf'Permission denied.*{re.escape(unreadable)}.*\n', done.stderr), \
+        done.stderr
 
 
 def test_a_split_recording_cut_off_counts_each_topics_messages_in_all_its_files(

@@ -1,9 +1,7 @@
 """Checkpoints: safetensors + JSON, errors naming the file, shipped weights, authors' layout."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from support import as_a_user
 from s4fusion_ros.model import (CheckpointError, convert_authors_state_dict, load_checkpoint,
                                 S4Fusion, S4FusionConfig, save_checkpoint, shipped_weights)
 from s4fusion_ros.model.checkpoint import convert_checkpoint, INT8_SCALE_SUFFIX
@@ -263,17 +262,11 @@ def test_an_unreadable_weights_file_is_named_as_such(saved):
     # reads any file, so as root the load runs without the capability to override permissions.
     _, path = saved
     path.chmod(0)
-    prefix = []
-    if os.geteuid() == 0:
-        if not shutil.which('setpriv'):
-            pytest.skip('root, and no setpriv to drop the override of file permissions')
-        caps = '-dac_override,-dac_read_search'
-        prefix = ['setpriv', f'--inh-caps={caps}', f'--bounding-set={caps}']
     code = ('import sys\n'
             'from s4fusion_ros.model import CheckpointError, load_checkpoint\n'
             'try:\n    load_checkpoint(sys.argv[1])\n'
             'except CheckpointError as error:\n    print(error)\n')
-    result = subprocess.run([*prefix, sys.executable, '-c', code, str(path)],
+    result = subprocess.run([*as_a_user(), sys.executable, '-c', code, str(path)],
                             capture_output=True, text=True, timeout=300, check=True)
     assert result.stdout.strip() == f'{path}: cannot read the weights file: Permission denied'
 

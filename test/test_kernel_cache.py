@@ -21,6 +21,7 @@ import numba
 import pytest
 
 from paths import executable
+from support import as_a_user
 from s4fusion_ros.model.scan import numba_cross_scan_fn
 
 pytestmark = pytest.mark.skipif(numba_cross_scan_fn() is None, reason='numba is not installed')
@@ -40,8 +41,8 @@ print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), float(y.
 '''
 
 
-def start_kernel(cache, **options):
-    return subprocess.Popen([sys.executable, '-c', RUN_KERNEL], stdout=subprocess.PIPE,
+def start_kernel(cache, prefix=(), **options):
+    return subprocess.Popen([*prefix, sys.executable, '-c', RUN_KERNEL], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cache.parent,
                             env={**os.environ, 'NUMBA_CACHE_DIR': str(cache)}, **options)
 
@@ -130,6 +131,18 @@ def test_an_index_naming_a_missing_data_file_is_a_miss(compiled, tmp_path, caplo
     assert load(cache, signature(compiled), caplog) == (None, [])
 
 
+def test_a_cache_file_it_may_not_read_is_compiled_over(compiled, tmp_path):
+    # A cache folder two users share (NUMBA_CACHE_DIR), one of them with umask 077: the other's
+    # node exited at its start with "Permission denied" on the index instead of compiling.
+    cache, index, _ = copy_of(compiled, tmp_path)
+    index.chmod(0)
+    hits, misses, result, err = finish(start_kernel(cache, as_a_user()))
+    assert (hits, misses, result) == (0, 1, compiled[1])
+    assert err == (f's4fusion_ros: cannot read the numba cache file {index} (Permission '
+                   'denied): the kernel compiles again\n'), err
+    assert finish(start_kernel(cache, as_a_user()))[:2] == (1, 0)  # cached afresh
+
+
 def test_fuse_after_a_power_cut_left_the_index_empty_recovers_once(compiled, ivif_dir,
                                                                    tmp_path):
     cache, index, _ = copy_of(compiled, tmp_path)
@@ -194,3 +207,37 @@ def test_precompile_says_which_kernels_a_full_disk_left_uncached_and_fails(tmp_p
     assert 'could not cache the numba kernel _cross_scan' in done.stderr, done.stderr
     assert ('CPU kernels compiled now; not cached, as the warnings above say, so compiled again '
             'at the next start: _cross_scan') in done.stdout, done.stdout
+
+
+def test_a_user_without_a_home_folder_gets_no_cache_in_the_working_folder(tmp_path):
+    # HOME unset for a user the password database does not know (a container's arbitrary
+    # user): '~' stays as it is, and the kernels were cached in a folder '~' made in whatever
+    # folder the node or tool was started from. A relative HOME takes the same path here.
+    script = ('from s4fusion_ros.entry_points import configure_process; configure_process()\n'
+              'from s4fusion_ros.model import scan_numba\n'
+              'print(scan_numba.cache_folder())\n')
+    env = {name: value for name, value in os.environ.items() if name not in (
+        'NUMBA_CACHE_DIR', 'NUMBA_CACHE_LOCATOR_CLASSES', 'XDG_CACHE_HOME')}
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**env, 'HOME': 'relative'})
+    assert done.returncode == 0, done.stderr
+    folder = done.stdout.strip()
+    assert folder == 'None' or os.path.isabs(folder), folder
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_precompile_names_the_folder_numba_cached_the_kernels_in(tmp_path):
+    # Where NUMBA_CACHE_DIR cannot be written numba caches in the next folder it can: precompile
+    # named NUMBA_CACHE_DIR all the same, so the cache was looked for where it was not.
+    blocked = tmp_path / 'not-a-folder'
+    blocked.write_text('')
+    env = {name: value for name, value in os.environ.items() if name != 'XDG_CACHE_HOME'}
+    done = subprocess.run(
+        [sys.executable, '-m', 's4fusion_ros.precompile'], capture_output=True, text=True,
+        timeout=600, cwd=tmp_path, env={
+            **env, 'NUMBA_CACHE_DIR': str(blocked), 'HOME': str(tmp_path),
+            # Not the package's own folder, which a checkout run as root may write.
+            'NUMBA_CACHE_LOCATOR_CLASSES': 'UserProvidedCacheLocator,UserWideCacheLocator'})
+    assert done.returncode == 0, done.stderr
+    folder, = (tmp_path / '.cache' / 'numba').iterdir()
+    assert done.stdout.endswith(f' ({folder})\n'), done.stdout

@@ -125,6 +125,21 @@ def test_a_start_up_error_is_one_line_and_exit_code_1():
     assert 'Traceback' not in log and 'model.preset' in log, log
 
 
+def test_a_home_where_rcl_cannot_log_is_named_with_the_fix(tmp_path, monkeypatch):
+    # A systemd service's user with a read-only home, or without HOME: rcl said only
+    # "Failed to create log directory '.../.ros/log': 20" (or "rcutils_expand_user failed").
+    (tmp_path / 'home').write_text('')  # no folder can be made under it, not even by root
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.delenv('ROS_LOG_DIR', raising=False)
+    monkeypatch.delenv('ROS_HOME', raising=False)
+    with running_node(PARAMS) as proc:
+        code = proc.wait(timeout=120)
+    log = node_log(proc)
+    assert code == 1 and 'Traceback' not in log, log
+    assert re.search(r'^s4fusion_node: failed to initialize logging: .*: set ROS_LOG_DIR to a '
+                     r'folder this user may write$', log, re.MULTILINE), log
+
+
 def test_a_model_warning_goes_to_the_ros_log():
     # It went to Python's logging: a bare line, not on /rosout, deaf to --log-level.
     with running_node({**PARAMS, 'model.preset': 'authors', 'model.detail_gain': 1.0}) as proc:

@@ -1,6 +1,7 @@
 """s4fusion-play on bags it cannot play as they are: a line that says why, never a traceback."""
 
 from collections import Counter
+import os
 import pathlib
 import re
 import shutil
@@ -45,6 +46,23 @@ def test_a_topic_name_ros2_refuses_is_named_with_the_remap_that_plays_it(tmp_pat
                             capture_output=True, text=True, timeout=60)
     assert played.returncode == 0, played.stderr
     assert 'published /camera/one/image_raw 2; end of bag' in played.stderr, played.stderr
+
+
+def test_a_home_where_rcl_cannot_make_its_log_folder_is_one_line_naming_the_fix(tmp_path):
+    # A service's user with a read-only home, or none: rcl's failure to make ~/.ros/log came
+    # out as a traceback. A folder cannot be made under a file, not even by root.
+    bag = write_bag(tmp_path / 'bag', [(10**9, THERMAL_TOPIC, 10**9, 'mono8',
+                                        np.zeros((4, 4), np.uint8))], 'mcap')
+    (tmp_path / 'home').write_text('')
+    env = {name: value for name, value in os.environ.items()
+           if name not in ('ROS_LOG_DIR', 'ROS_HOME')}
+    refused = subprocess.run([*PLAYER, str(bag), '--wait', '0'], capture_output=True, text=True,
+                             timeout=60, env={**env, 'HOME': str(tmp_path / 'home')})
+    assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
+    assert re.fullmatch(r"s4fusion-play: failed to initialize logging: .*; rcl writes its log "
+                        r"files into ROS_LOG_DIR, else ROS_HOME/log, else ~/.ros/log \(HOME\): "
+                        r"set ROS_LOG_DIR to a folder this user may write\n", refused.stderr), \
+        refused.stderr
 
 
 def test_a_window_past_the_end_of_the_bag_is_refused_with_its_span(tmp_path):

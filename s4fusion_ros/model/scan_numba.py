@@ -66,6 +66,15 @@ def _cache_writable() -> bool:
 CACHE = _cache_writable()
 # The kernels whose cache this process could not write (a full disk): compiled in memory only.
 UNSAVED = set()
+# The cache index files this process could not read, each warned of once.
+_UNREADABLE = set()
+
+
+def cache_folder() -> str | None:
+    """The folder the kernels are cached in: the first of NUMBA_CACHE_DIR, the package's
+    __pycache__ and ~/.cache/numba that numba could write (under a subfolder per source folder);
+    None where none could."""
+    return _cross_scan._cache.cache_path if CACHE else None
 
 
 class _CacheFile(IndexDataCacheFile):
@@ -81,8 +90,11 @@ class _CacheFile(IndexDataCacheFile):
     def _load_index(self):
         try:
             return super()._load_index()
-        except OSError:
-            raise  # unreadable, not damaged: numba's own handling
+        except OSError as error:
+            # Not damaged but unreadable: another user's file (umask 077) in a cache folder the
+            # two share. numba raised it from the kernel's first call: the node did not start.
+            _warn_unreadable(self._index_path, error)
+            return {}  # a miss; the save writes the index afresh where the folder allows
         except Exception as error:  # unpickling damaged bytes raises almost anything
             _discard(self._index_path, error)  # removed: the save's reading finds none
             return {}
@@ -95,6 +107,13 @@ class _CacheFile(IndexDataCacheFile):
         except Exception as error:
             _discard(self._data_path(name), error)
             return None  # a miss; the save writes the index's file name again
+
+
+def _warn_unreadable(path, error):
+    if path not in _UNREADABLE:  # numba reads the index again to save the kernel
+        _UNREADABLE.add(path)
+        _log.warning('s4fusion_ros: cannot read the numba cache file %s (%s): the kernel '
+                     'compiles again', path, error.strerror or error)
 
 
 def _discard(path, error):

@@ -181,11 +181,12 @@ class Driver:
         from rclpy.signals import SignalHandlerOptions
         from sensor_msgs.msg import Image
 
+        from .context import init_rclpy
         from .parameters import direction_qos
 
         self.context = rclpy.Context()
         # Keep Python's own Ctrl-C (KeyboardInterrupt) so the command can stop its node.
-        rclpy.init(args=[], context=self.context,
+        init_rclpy(args=[], context=self.context,
                    signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node('s4fusion_flood', namespace=namespace,
                                       context=self.context)

@@ -60,6 +60,7 @@ from ..cli import add_window_options, ignore_stop_signals, stop_on_signals, time
 from ..messages import ns_to_sec_nanosec
 from ..settings import SPECS, THERMAL_TRANSPORTS
 from ..sync import CLOCK_JUMP_S
+from .context import init_rclpy, LogFolderError
 from .graph import node_known, node_of
 from .parameters import kept_apart, qos_profile
 
@@ -505,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Not sys.argv: rcl would take OLD:=NEW there as a global remap. No rclpy signal handlers:
     # they invalidate the context at Ctrl-C while the player is still publishing (it never spins).
-    rclpy.init(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        init_rclpy(args=[PROG], signal_handler_options=SignalHandlerOptions.NO)
+    except LogFolderError as error:
+        print(f'{PROG}: {error}', file=sys.stderr)
+        return 1
     stop_on_signals()
     node = player = failure = None
     try:

@@ -117,10 +117,11 @@ def main(args=None) -> int:
         from rclpy.executors import ExternalShutdownException
         from rclpy.impl.implementation_singleton import rclpy_implementation
 
+        from .context import init_rclpy
         from .node import S4FusionNode
         stop.raise_if_received()
         try:
-            rclpy.init(args=args)
+            init_rclpy(args=args)
         except rclpy_implementation.UnknownROSArgsError as error:  # its text: the list alone
             raise ValueError(f'unknown ROS arguments (after --ros-args): {error}') from None
         try:
