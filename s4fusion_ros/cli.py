@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import pathlib
+import resource
 import select
 import signal
 import subprocess
@@ -199,6 +200,31 @@ def interrupts_held(notice: str = ''):
         raise KeyboardInterrupt
 
 
+# How close to its address space limit a process must have come for an error to be put down to
+# it: a large image's buffers, or the 100-200 MB numba's LLVM maps when it loads, did not fit.
+NEAR_ADDRESS_SPACE_LIMIT = 512 << 20
+
+
+def address_space_note() -> str:
+    """A note for an error line where this process came near its address space limit (ulimit -v,
+    a systemd service's LimitAS=), else ''. Failed allocations under it rarely say so: numba's
+    LLVM not loading reads as a library missing or unreadable, a thread not starting as a
+    resource temporarily unavailable."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return ''
+    try:
+        with open('/proc/self/status') as status:
+            peak = 1024 * int(next(line for line in status
+                                   if line.startswith('VmPeak:')).split()[1])
+    except (OSError, StopIteration):  # no procfs: the limit alone cannot tell
+        return ''
+    if peak < limit - NEAR_ADDRESS_SPACE_LIMIT:
+        return ''
+    return (f' (this process reached its address space limit of {limit / 2**30:.2f} GiB, '
+            f'ulimit -v: an allocation failed, whatever the error says; allow more)')
+
+
 def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
                 describe=str) -> int:
     """Return command()'s exit code; one of `errors` prints one line, describe(error), and
@@ -222,7 +248,8 @@ def run_command(prog: str, command, errors: tuple, interrupted='interrupted',
             if interrupt is not None:  # the clean-up after a Ctrl-C found no reader
                 raise interrupt from None
     except errors as error:
-        print(f'{prog}: {describe(error)}', file=WritesThatCannotFail(sys.stderr))
+        print(f'{prog}: {describe(error)}{address_space_note()}',
+              file=WritesThatCannotFail(sys.stderr))
         return 1
     except (KeyboardInterrupt, SystemError) as error:
         # Ctrl-C inside a C-to-Python callback (numba unpickling its cached kernels) comes

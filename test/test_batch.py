@@ -1241,6 +1241,26 @@ def test_private_rays_keep_their_token_to_the_user_and_always_ask_for_it():
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def test_a_private_ray_has_the_cpus_the_process_may_run_on():
+    # Under taskset (a container's cgroup v2 cpuset, systemd's CPUAffinity) the private Ray
+    # counted the machine's CPUs and ran a task, with its model, per CPU of the machine on the
+    # one CPU allowed.
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip('this process may run on one CPU: no smaller affinity to give Ray')
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix='s4t'))
+    try:
+        done = subprocess.run(
+            [sys.executable, '-c', 'from s4fusion_ros.batch.cluster import connected\n'
+             'with connected() as ray:\n    print(ray.cluster_resources()["CPU"])'],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, 'TMPDIR': str(temporary)},
+            preexec_fn=lambda: os.sched_setaffinity(0, allowed[:1]))
+        assert (done.returncode, done.stdout) == (0, '1.0\n'), done.stderr
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def test_a_private_ray_starts_under_a_long_temporary_folder(ivif_dir, params_file, tmp_path):
     # A TMPDIR of more than 19 bytes (a cluster job's scratch folder) put the private Ray's
     # socket paths past AF_UNIX's 107 bytes, and every local run was Ray's OSError traceback.

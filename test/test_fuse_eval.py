@@ -277,6 +277,21 @@ def test_a_pair_too_large_for_the_memory_fails_alone(ivif_dir, tmp_path, tiny_we
     assert sorted(p.name for p in (out / 'fused').iterdir()) == ['08.png']
 
 
+def test_an_address_space_limit_too_small_to_load_the_kernels_is_named(ivif_dir, tmp_path):
+    # Just above what torch, OpenCV and numba take loaded, numba's LLVM cannot load: the run
+    # ended on "Could not find/load shared object file 'libllvmlite.so' ... the permissions are
+    # incorrect", which sends a user after a broken installation.
+    copy_pairs(ivif_dir, tmp_path, [GRAY_PAIR])
+    proc = subprocess.run(
+        [sys.executable, '-m', 's4fusion_ros.tools.fuse', '--ir', str(tmp_path / 'ir'), '--vi',
+         str(tmp_path / 'vi'), '--out', str(tmp_path / 'out'), '--device', 'cpu'],
+        capture_output=True, text=True, timeout=120, preexec_fn=address_space_limit(50 << 20))
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert re.search(r'^s4fusion-fuse: .* \(this process reached its address space limit of '
+                     r'[\d.]+ GiB, ulimit -v: an allocation failed, whatever the error says; '
+                     r'allow more\)$', proc.stderr, re.MULTILINE), proc.stderr
+
+
 def test_fuse_refuses_a_jpeg_cut_short_and_reads_a_name_that_is_not_utf8(ivif_dir, tmp_path,
                                                                          capsys, tiny_weights):
     # The cut JPEG was fused with its missing rows gray (libjpeg only warns); the Latin-1 name

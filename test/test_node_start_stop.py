@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from paths import executable
-from ros_harness import Probe, image_message, node_log, running_node, wait_for_log
+from ros_harness import (NODE_EXECUTABLE, Probe, image_message, node_log, running_node,
+                         wait_for_log)
+from support import address_space_limit
 
 pytestmark = pytest.mark.ros
 
@@ -123,6 +125,23 @@ def test_a_start_up_error_is_one_line_and_exit_code_1():
     log = node_log(proc)
     assert code == 1, log
     assert 'Traceback' not in log and 'model.preset' in log, log
+
+
+def test_a_start_under_too_small_an_address_space_limit_names_the_limit():
+    # Under ulimit -v (systemd's LimitAS=) a few hundred MB above what torch, OpenCV and numba
+    # take, the node ended on "Could not find/load shared object file 'libllvmlite.so' ... the
+    # permissions are incorrect" (numba's LLVM not loading); lower, on oneDNN's "could not
+    # create a primitive" or "pthread_create failed: Resource temporarily unavailable" (Fast
+    # DDS's threads): none says memory. (Lower still, Fast DDS can wait forever for its logging
+    # thread that did not start: not tested.)
+    proc = subprocess.run([str(NODE_EXECUTABLE), '--ros-args', '-p', 'device:=cpu'],
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=address_space_limit(300 << 20))
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert re.fullmatch(r's4fusion_node: .* \(this process reached its address space limit of '
+                        r'[\d.]+ GiB, ulimit -v: an allocation failed, whatever the error says; '
+                        r'allow more\)', last), proc.stderr
 
 
 def test_a_home_where_rcl_cannot_log_is_named_with_the_fix(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ def add_command(commands) -> None:
     batch.add_argument('--copies', type=int, default=4, help='copies of it to fuse (default: '
                        '%(default)s)')
     batch.add_argument('--params', type=pathlib.Path, help="the node's parameter file")
-    batch.add_argument('--cpus', type=int, default=os.cpu_count(),
+    batch.add_argument('--cpus', type=int, default=len(os.sched_getaffinity(0)),
                        help='CPUs in all, split between the nodes; the s4fusion-bag loop runs '
                             'on as many threads, at most torch\'s default (default: '
                             '%(default)s)')

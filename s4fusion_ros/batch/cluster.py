@@ -173,7 +173,8 @@ def token_authentication(home: pathlib.Path):
 def connected(address: str = LOCAL, num_cpus: int | None = None):
     """Ray for the block: this process's connection if it has one, else a new one, closed after.
 
-    `local` starts a private instance on loopback with `num_cpus` CPUs (default: all).
+    `local` starts a private instance on loopback with `num_cpus` CPUs (default:
+    local_cpus()).
     """
     ray = _ray()
     if ray.is_initialized():
@@ -201,7 +202,8 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
                 home = private_home()
                 authentication.enter_context(token_authentication(home))
                 with environment(HOME=str(home)), _starting(ray), _token_notice_quiet():
-                    ray.init(address='local', num_cpus=num_cpus, _node_ip_address=LOCAL_NODE_IP,
+                    ray.init(address='local', num_cpus=num_cpus or local_cpus(ray),
+                             _node_ip_address=LOCAL_NODE_IP,
                              _temp_dir=str(home / RAY_TEMP), **common)
             else:
                 _check_reachable(address)
@@ -231,6 +233,16 @@ def connected(address: str = LOCAL, num_cpus: int | None = None):
         finally:
             take_stop_signals(restore=True)
             authentication.close()
+
+
+def local_cpus(ray) -> int:
+    """The CPUs a private Ray may use: those this process may run on, within a container's CPU
+    quota. Ray counts the machine's (and the quota): under `taskset`, a cpuset of cgroup v2 or
+    systemd's CPUAffinity it started a task per CPU of the machine, each with its model and
+    buffers, on the few CPUs the process is allowed."""
+    allowed = len(os.sched_getaffinity(0))
+    quota = ray._private.utils.get_num_cpus(override_docker_cpu_warning=True)
+    return max(1, min(allowed, quota))  # a quota under one CPU still runs one task
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ import signal
 import sys
 import traceback
 
-from ..cli import STOP_SIGNALS, ignore_stop_signals, split_ros_arguments, write_nowhere
+from ..cli import (STOP_SIGNALS, address_space_note, ignore_stop_signals, split_ros_arguments,
+                   write_nowhere)
 from ..entry_points import configure_process
 
 PROG = 's4fusion_node'
@@ -144,7 +145,8 @@ def main(args=None) -> int:
         # reports an ImportError): after a stop signal, any error is part of stopping.
         if not stop.received:
             # One raised while spinning is a fault of the running node: its traceback says where.
-            print(f'{PROG}: {error}' if node is None else f'{PROG}: stopped by an error:\n'
+            print(f'{PROG}: {error}{address_space_note()}' if node is None
+                  else f'{PROG}: stopped by an error:\n'
                   + ''.join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
             code = 1
     # Python's exit resets its handlers to the default, which ends the process by the signal

@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "Ray 2.60, its servers listen on all interfaces, behind its token "
                         '(docs/batch.md) (default)')
     parser.add_argument('--num-cpus', type=int, metavar='N',
-                        help='with --ray local: CPUs to use (default: all)')
+                        help='with --ray local: CPUs to use (default: those this process '
+                        'may run on, within its CPU quota)')
     parser.add_argument('--cpus-per-task', type=int, default=1, metavar='C',
                         help='CPUs (torch/OpenCV/numba threads) of each CPU task '
                         '(default: %(default)s)')
