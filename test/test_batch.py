@@ -40,10 +40,16 @@ BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 
 @pytest.fixture(scope='module')
 def local_ray(ray_home):
-    """One private Ray on loopback for the module: 2 CPUs and one logical GPU (no CUDA needed)."""
+    """One private Ray on loopback for the module: 2 CPUs and one logical GPU (no CUDA needed).
+
+    Its idle task workers are kept between runs: Ray ends idle workers within a second while more
+    workers than its soft limit live (by default its CPUs; a run's progress actor and a GPU
+    test's actors count), so later tests started new ones, each loading torch and the model
+    again (seconds of CPU; workers kept warm are what a long-lived cluster has)."""
     ray = pytest.importorskip('ray', reason='Ray (the [ray] extra) is not installed')
     ray.init(address='local', num_cpus=2, num_gpus=1, _node_ip_address='127.0.0.2',
-             include_dashboard=False, _temp_dir=str(ray_home / 'local'), logging_level='warning')
+             include_dashboard=False, _temp_dir=str(ray_home / 'local'), logging_level='warning',
+             _system_config={'num_workers_soft_limit': 8})
     yield
     ray.shutdown()
 
