@@ -417,9 +417,10 @@ def test_segments_equal_the_unsegmented_bag(local_ray, long_bag, params_file, tm
 
 def test_a_window_of_every_bag_is_fused_in_segments_as_s4fusion_bag_fuses_it(
         local_ray, ivif_dir, long_bag, params_file, tmp_path, capsys):
-    # 8 s to 18 s of the 30 s bag in 4.5 s segments: the second one's warm-up would reach
-    # before the window (it reads from the window's start, as the window's run does), the
-    # third's does not. A 2 s bag that the window lies past the end of fails alone, saying so.
+    # 8 s to 18 s of the 30 s bag in 4.5 s segments: the second's warm-up would reach far
+    # before the window, the third's just before it (from 7.4 s; both read from the window's
+    # start, as the window's run does). A 2 s bag that the window lies past the end of fails
+    # alone, saying so.
     inputs = tmp_path / 'fleet'
     shutil.copytree(long_bag[0], inputs / 'long')
     short = write_bag(inputs / 'short', camera_messages(ivif_dir, 2.0), 'mcap')
