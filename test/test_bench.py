@@ -1,7 +1,10 @@
 """s4fusion-bench's command line: bad options and inputs are one line, not a traceback (the
 benchmarks themselves print figures; they are not timed in tests)."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -164,3 +167,17 @@ def test_each_target_line_gives_the_range_of_its_rounds(capsys):
     assert bench_main(['scan', '--d', '4', '--length', '48', '--slow-length', '12', '--nstate',
                        '2', '--repeats', '1', '--threads', '1']) == 0
     assert '(rounds' not in capsys.readouterr().out  # one round has no range
+
+
+def test_batch_cpus_default_to_those_the_process_may_run_on():
+    # Under taskset (a cgroup cpuset, systemd's CPUAffinity) the default was the machine's CPUs.
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip('this process may run on one CPU: no smaller affinity to give it')
+    done = subprocess.run(
+        [sys.executable, '-c', 'from s4fusion_ros.tools.bench import main\n'
+         'main(["batch", "--help"])'], capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: os.sched_setaffinity(0, allowed[:1]))
+    assert done.returncode == 0, done.stderr
+    assert re.search(r'--cpus CPUS\s+CPUs in all,.*?\(default:\s+1\)', done.stdout,
+                     re.DOTALL), done.stdout

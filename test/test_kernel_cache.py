@@ -9,6 +9,7 @@ module, by two processes at once; each test works on its own copy of that cache.
 
 import logging
 import os
+import pathlib
 import pickle
 import re
 import resource
@@ -22,6 +23,7 @@ import pytest
 
 from paths import executable
 from support import as_a_user
+import s4fusion_ros
 from s4fusion_ros.model.scan import numba_cross_scan_fn
 
 pytestmark = pytest.mark.skipif(numba_cross_scan_fn() is None, reason='numba is not installed')
@@ -224,6 +226,41 @@ def test_a_user_without_a_home_folder_gets_no_cache_in_the_working_folder(tmp_pa
     folder = done.stdout.strip()
     assert folder == 'None' or os.path.isabs(folder), folder
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_user_without_a_home_or_a_writable_package_caches_nothing(tmp_path):
+    # Numba's folders after the package's own (a read-only install) are under '~', and a
+    # relative XDG_CACHE_HOME is to be ignored: either made a cache folder in the working one.
+    # numba imported before the settings (a process that imported it first) must follow them.
+    package = tmp_path / 'site' / 's4fusion_ros'
+    shutil.copytree(pathlib.Path(s4fusion_ros.__file__).parent, package,
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    folders = [package, *(path for path in package.rglob('*') if path.is_dir())]
+    for folder in folders:
+        folder.chmod(0o555)
+    script = ('import numba\n'
+              'from s4fusion_ros.entry_points import configure_process; configure_process()\n'
+              'from s4fusion_ros.model import scan_numba\n'
+              'print(scan_numba.cache_folder())\n')
+    env = {name: value for name, value in os.environ.items() if name not in (
+        'NUMBA_CACHE_DIR', 'NUMBA_CACHE_LOCATOR_CLASSES')}
+    work, home = tmp_path / 'work', tmp_path / 'home'
+    work.mkdir()
+    runs = []
+    try:
+        for home_folder in ('relative', str(home)):
+            runs.append(subprocess.run(
+                [*as_a_user(), sys.executable, '-c', script], capture_output=True, text=True,
+                timeout=300, cwd=work, env={**env, 'HOME': home_folder,
+                                            'XDG_CACHE_HOME': 'relative-cache',
+                                            'PYTHONPATH': str(package.parent)}))
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert [done.returncode for done in runs] == [0, 0], [done.stderr for done in runs]
+    assert runs[0].stdout == 'None\n'  # a subfolder per source folder in the second:
+    assert pathlib.Path(runs[1].stdout.strip()).parent == home / '.cache/s4fusion_ros/numba'
+    assert list(work.iterdir()) == []
 
 
 def test_precompile_names_the_folder_numba_cached_the_kernels_in(tmp_path):

@@ -1592,7 +1592,8 @@ def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsy
     assert cv2.imwrite(str(floats / 'vi' / 'float.tiff'), np.ones((40, 40), np.uint8))
     assert train_main([*common, '--data', str(floats), '--out', str(tmp_path / 'f')]) == 1
     error = capsys.readouterr().err
-    assert 'float.tiff: unsupported pixel type float32' in error and 'Traceback' not in error
+    assert ('float.tiff: unsupported pixel type float32 (need 8 or 16 bit)' in error
+            and 'Traceback' not in error)
     assert not (tmp_path / 'f').exists()
     # A file that is no exported network, a torn training state: one line naming the file.
     not_a_network = tmp_path / 'bad.pt2'
