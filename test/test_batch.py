@@ -992,24 +992,31 @@ def test_existing_outputs_need_a_flag_and_stale_partials_are_swept(
 def test_a_resume_with_nothing_left_to_fuse_says_so_without_starting_ray(
         local_ray, ivif_dir, params_file, tmp_path, capsys):
     # Every bag fused already: the resume found that only after starting a private Ray (seconds
-    # for nothing). Its own process now neither imports Ray nor starts it, and says one line.
-    write_bag(tmp_path / 'in' / 'a', camera_messages(ivif_dir, 0.5), 'mcap')
+    # for nothing). Its own process now neither imports Ray nor starts it, and says one line;
+    # it still sweeps what a killed attempt left, and a second such resume finds the same.
+    for name in ('a', 'b'):
+        write_bag(tmp_path / 'in' / name, camera_messages(ivif_dir, 0.5), 'mcap')
     out = tmp_path / 'out'
-    command = [str(tmp_path / 'in'), str(out), '--params', str(params_file)]
-    assert batch_tool.main(command) == 0
+    command = [str(tmp_path / 'in'), str(out), '--params', str(params_file), '--resume']
+    assert batch_tool.main(command[:-1]) == 0
     capsys.readouterr()
+    dead = out / '.a.0123abcd.partial'  # an attempt killed after the run
+    (dead / 'a').mkdir(parents=True)
     without_ray = ('import sys; from s4fusion_ros.tools import batch; code = batch.main(); '
                    "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(code)")
-    run = subprocess.run([sys.executable, '-c', without_ray, *command, '--resume'],
+    run = subprocess.run([sys.executable, '-c', without_ray, *command],
                          capture_output=True, text=True, timeout=300)
     manifest = out / 's4fusion-batch-manifest.json'
+    said = (f's4fusion-batch: nothing left to fuse: all 2 bags given were fused into {out} by '
+            f'an earlier run (manifest: {manifest})')
     assert (run.returncode, run.stdout) == (0, 'no ray\n'), run.stderr
-    assert run.stderr.splitlines() == [
-        f's4fusion-batch: nothing left to fuse: the 1 bag given was fused into {out} by an '
-        f'earlier run (manifest: {manifest})']
+    assert run.stderr.splitlines() == [said]
+    assert not dead.exists()
     written = json.loads(manifest.read_text())
-    assert [bag['status'] for bag in written['bags']] == ['skipped']
+    assert [bag['status'] for bag in written['bags']] == ['skipped', 'skipped']
     assert not written['interrupted'] and 'running' not in written
+    assert batch_tool.main(command) == 0
+    assert capsys.readouterr().err.splitlines() == [said]
 
 
 def test_sweeping_dead_attempts_spares_a_neighbour_bag_and_restores_a_replaced_one(ivif_dir,
@@ -1281,6 +1288,23 @@ def test_a_private_ray_starts_under_a_long_temporary_folder(ivif_dir, params_fil
     assert done.returncode == 0, done.stderr
     assert (tmp_path / 'out' / 'a' / 'metadata.yaml').is_file()
     assert list(scratch.iterdir()) == []  # its HOME went elsewhere, and went when Ray stopped
+
+
+@pytest.mark.parametrize('length', [19, 20])
+def test_a_private_rays_home_stays_in_tmpdir_while_its_sockets_fit(length, monkeypatch):
+    # The rule's edge: 19 bytes of TMPDIR still hold the home with room for Ray's longest
+    # socket path, 20 bytes do not and the home goes to /tmp.
+    folder = tempfile.mkdtemp(prefix='s4f', dir='/tmp')
+    scratch = folder + '/' + 'x' * (length - len(folder) - 1)
+    os.mkdir(scratch)
+    monkeypatch.setattr(tempfile, 'tempdir', scratch)
+    try:
+        home = cluster.private_home()
+        assert len(os.fsencode(home)) <= cluster.LONGEST_HOME
+        assert str(home.parent) == (scratch if length <= 19 else '/tmp')
+        shutil.rmtree(home)
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_interrupted_run_resumes_with_only_what_was_missing(local_ray, ivif_dir, long_bag,
