@@ -589,9 +589,9 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
                            f'recording\'s: give one of them ({path / files[0]})') from None
         raise BagError(f'{path}: no such bag: {_reason(error)}') from None
     except Exception as error:  # noqa: BLE001 - rosbags, sqlite3 and YAML faults alike
-        if PermissionError in (type(error), type(error.__cause__)):  # another user's recording
-            raise BagError(f'{path}: cannot read the bag: {_reason(error).rstrip(".")}'
-                           ) from None
+        denied = _permission_denied(path)
+        if denied:  # another user's recording
+            raise BagError(f'{path}: cannot read the bag: {denied}') from None
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
                        f'{_reason(error).rstrip(".")}') from None
     try:
@@ -752,6 +752,20 @@ def deserialize(path: pathlib.Path, connection: Connection, raw: bytes):
     except Exception as error:  # noqa: BLE001 - struct, index and value errors of a bad buffer
         raise BagError(f'{path}: {connection.topic}: cannot decode a {connection.msgtype} '
                        f'message: {_reason(error)}') from None
+
+
+def _permission_denied(path: pathlib.Path) -> str:
+    """Why a file of the bag at `path` may not be read, '' if each may: sqlite3 says only
+    'unable to open database file' of a .db3 it is denied."""
+    try:
+        files = ([path / 'metadata.yaml'] + [path / name for name in bag_files(path)]
+                 if path.is_dir() else [path])
+        for file in files:
+            if file.exists():
+                file.open('rb').close()
+    except PermissionError as error:
+        return _reason(error)
+    return ''
 
 
 def _reason(error: Exception) -> str:

@@ -1186,11 +1186,13 @@ def test_an_mcap_cut_off_that_does_not_begin_with_a_header_is_not_said_to_hold_n
     assert 'cut off' not in error and 'Traceback' not in error, error
 
 
-@pytest.mark.parametrize('unreadable', ['metadata.yaml', 'in.mcap'])
-def test_a_bag_it_may_not_read_is_said_so_not_called_corrupt(short_events, tmp_path, unreadable):
+@pytest.mark.parametrize('storage, unreadable', [
+    ('mcap', 'metadata.yaml'), ('mcap', 'in.mcap'), ('sqlite3', 'in.db3')])
+def test_a_bag_it_may_not_read_is_said_so_not_called_corrupt(short_events, tmp_path, storage,
+                                                             unreadable):
     # Another user's recording (a root container's, or one made under umask 077) was "cannot
     # open the bag (corrupt or truncated?): [Errno 13] Permission denied: ...".
-    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    source = write_bag(tmp_path / 'in', short_events, storage)
     (source / unreadable).chmod(0)
     done = subprocess.run([*as_a_user(), sys.executable, '-m', 's4fusion_ros.tools.bag',
                            str(source), str(tmp_path / 'out')],
