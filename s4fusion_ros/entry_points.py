@@ -85,6 +85,11 @@ def fastdds_settings(shared_memory: str = '/dev/shm') -> dict[str, str]:
     return {name: profile}
 
 
+# How often a progress bar is redrawn where stderr is not a terminal (tqdm reads
+# TQDM_MININTERVAL for its mininterval).
+LOG_PROGRESS_INTERVAL_S = 1
+
+
 def open_closed_standard_streams() -> None:
     """Give a standard stream the process was started without (`>&-`, `2>&-`) /dev/null.
 
@@ -108,6 +113,11 @@ def configure_process() -> None:
     /dev/null."""
     open_closed_standard_streams()
     os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
+    if not sys.stderr.isatty():
+        # The progress bars (on stderr) redraw up to 10 times a second; in a log file, CI's or
+        # journald's, each redraw stays, all on one line: once a second there. The user's
+        # TQDM_MININTERVAL stands.
+        os.environ.setdefault('TQDM_MININTERVAL', str(LOG_PROGRESS_INTERVAL_S))
     os.environ.update(opencv_settings())
     os.environ.update(fastdds_settings())
     # numba reads these at its first import; its config when each cached kernel is defined, in
