@@ -85,10 +85,39 @@ def fastdds_settings(shared_memory: str = '/dev/shm') -> dict[str, str]:
     return {name: profile}
 
 
+# How often a progress bar is redrawn where stderr is not a terminal (tqdm reads
+# TQDM_MININTERVAL for its mininterval).
+LOG_PROGRESS_INTERVAL_S = 1
+
+
+def open_closed_standard_streams() -> None:
+    """Give a standard stream the process was started without (`>&-`, `2>&-`) /dev/null.
+
+    Python leaves sys.stdout (sys.stderr) None then, and the tools' writes and flushes failed
+    with a traceback after their work was done (exit 1); and the next file opened (rcl's log
+    file, a DDS socket) took the descriptor, getting whatever C code writes to it.
+    """
+    for number, name in ((0, 'stdin'), (1, 'stdout'), (2, 'stderr')):
+        if getattr(sys, name) is None:
+            devnull = open(os.devnull, 'r' if number == 0 else 'w')
+            try:
+                os.fstat(number)
+            except OSError:  # closed: keep the files opened later off it
+                os.dup2(devnull.fileno(), number)
+            setattr(sys, name, devnull)
+
+
 def configure_process() -> None:
     """Set OpenMP's wait policy, numba's cache folder, OpenCV's image size limits and log level
-    and Fast DDS's profile, keeping values the user chose."""
+    and Fast DDS's profile, keeping values the user chose; give a closed standard stream
+    /dev/null."""
+    open_closed_standard_streams()
     os.environ['OMP_WAIT_POLICY'] = omp_wait_policy()
+    if not sys.stderr.isatty():
+        # The progress bars (on stderr) redraw up to 10 times a second; in a log file, CI's or
+        # journald's, each redraw stays, all on one line: once a second there. The user's
+        # TQDM_MININTERVAL stands.
+        os.environ.setdefault('TQDM_MININTERVAL', str(LOG_PROGRESS_INTERVAL_S))
     os.environ.update(opencv_settings())
     os.environ.update(fastdds_settings())
     # numba reads these at its first import; its config when each cached kernel is defined, in

@@ -3,6 +3,7 @@ signals, ROS and output-path arguments."""
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,24 @@ def test_a_reader_of_the_results_that_left_ends_the_tool_quietly(unbuffered):
         os.close(write)
     assert done.returncode == READER_LEFT == 141, done.stderr
     assert 'Broken pipe' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize('closed', ['>&-', '2>&-'])
+def test_a_tool_started_without_stdout_or_stderr_does_its_work_and_exits_0(
+        closed, ivif_dir, tmp_path):
+    # A job started with a standard stream closed (`>&-`, a daemon's habit): Python leaves
+    # sys.stdout or sys.stderr None, and s4fusion-fuse wrote its images, then exited 1 with a
+    # traceback ('NoneType' object has no attribute 'flush' / 'write').
+    from paths import executable
+    for kind in ('ir', 'vi'):
+        (tmp_path / kind).mkdir()
+        shutil.copy(ivif_dir / 'msrs' / kind / '00004N.png', tmp_path / kind)
+    command = [executable('s4fusion-fuse'), '--ir', tmp_path / 'ir', '--vi', tmp_path / 'vi',
+               '--out', tmp_path / 'out']
+    done = subprocess.run(['sh', '-c', f'exec "$0" "$@" {closed}', *map(str, command)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / 'out' / 'fused' / '00004N.png').is_file()
 
 
 def test_a_broken_pipe_other_than_stdout_is_an_error_as_any(capsys):

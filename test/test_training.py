@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import pathlib
 import re
 import shlex
@@ -1757,6 +1758,25 @@ def test_a_run_whose_reader_of_stderr_left_stops_with_its_checkpoint(tmp_path, p
     assert code == (130 if stop else READER_LEFT)
     state = torch.load(out / 'train_state.pt', weights_only=True)
     assert state['step'] == len(log.read_text().splitlines())
+
+
+def test_the_progress_bar_in_a_log_file_is_not_redrawn_every_step(tmp_path, pair_folder):
+    # `s4fusion-train ... > train.log 2>&1` (CI, a service's journal): the bar was redrawn at
+    # every step, forced by its figures, each redraw kept in the file on one long line. Now
+    # once a second: fewer redraws than steps however slow the machine, up to 0.5 s a step.
+    steps = 40
+    log = tmp_path / 'train.err'
+    with open(log, 'w') as stderr:
+        done = subprocess.run(
+            [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder),
+             '--out', str(tmp_path / 'run'), '--steps', str(steps), '--batch-size', '1',
+             '--crop', '25', '--device', 'cpu', '--threads', '1'],
+            stderr=stderr, env={k: v for k, v in os.environ.items() if k != 'TQDM_MININTERVAL'},
+            timeout=300)
+    text = log.read_bytes()  # as written: read_text would turn the redraws' '\r' into '\n'
+    assert done.returncode == 0, text
+    assert f'{steps}/{steps}'.encode() in text  # the bar's last state, as it closes
+    assert text.count(b'\r') < steps / 2, text
 
 
 def test_an_interrupted_atomic_write_leaves_the_file_as_it_was(tmp_path):

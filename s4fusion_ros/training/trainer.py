@@ -514,9 +514,11 @@ class Trainer:
                 records.append(record)
                 log.write(json.dumps(record) + '\n')
                 log.flush()
-                bar.update()
+                # Shown with the count, at the bar's pace: a refresh of its own every step
+                # wrote a line per step into a log file.
                 bar.set_postfix({k: f'{v:.4g}' for k, v in record.items()
-                                 if k not in ('step', 'seconds')})
+                                 if k not in ('step', 'seconds')}, refresh=False)
+                bar.update()
                 timed_checkpoint = (fitting and timed_from is None
                                     and self.step - session_start >= FIT_FROM)
                 if ((kept() or self.step % checkpoint_every == 0 or timed_checkpoint)
