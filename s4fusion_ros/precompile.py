@@ -15,16 +15,23 @@ import time
 PRESETS = ('compact', 'authors')  # both run the CPU kernels; compact is the CPU default
 
 
-def kernel_cache_stats() -> tuple[int, int] | None:
-    """(cache hits, compilations) of the numba kernels in this process; None without numba."""
+def _kernels():
+    """The module of the numba CPU kernels (model.scan_numba); None without numba."""
     from .model.scan import numba_cross_scan_fn
     if numba_cross_scan_fn() is None:
         return None
-    from numba.core.dispatcher import Dispatcher
-
     from .model import scan_numba
+    return scan_numba
+
+
+def kernel_cache_stats() -> tuple[int, int] | None:
+    """(cache hits, compilations) of the numba kernels in this process; None without numba."""
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    from numba.core.dispatcher import Dispatcher
     hits = misses = 0
-    for kernel in vars(scan_numba).values():
+    for kernel in vars(kernels).values():
         if isinstance(kernel, Dispatcher):
             hits += sum(kernel.stats.cache_hits.values())
             misses += sum(kernel.stats.cache_misses.values())
@@ -33,31 +40,22 @@ def kernel_cache_stats() -> tuple[int, int] | None:
 
 def kernels_cacheable() -> bool:
     """Whether numba had a folder to cache the CPU kernels in (True without numba)."""
-    from .model.scan import numba_cross_scan_fn
-    if numba_cross_scan_fn() is None:
-        return True
-    from .model import scan_numba
-    return scan_numba.CACHE
+    kernels = _kernels()
+    return kernels is None or kernels.CACHE
 
 
 def unsaved_kernels() -> set[str]:
     """The CPU kernels compiled in this process whose cache could not be written (a full
     disk); none without numba."""
-    from .model.scan import numba_cross_scan_fn
-    if numba_cross_scan_fn() is None:
-        return set()
-    from .model import scan_numba
-    return scan_numba.UNSAVED
+    kernels = _kernels()
+    return set() if kernels is None else kernels.UNSAVED
 
 
 def kernel_cache_folder() -> str | None:
     """The folder the CPU kernels are cached in, which numba chose (NUMBA_CACHE_DIR where it can
     write there); None without numba or where no folder could hold them."""
-    from .model.scan import numba_cross_scan_fn
-    if numba_cross_scan_fn() is None:
-        return None
-    from .model import scan_numba
-    return scan_numba.cache_folder()
+    kernels = _kernels()
+    return None if kernels is None else kernels.cache_folder()
 
 
 def describe(stats: tuple[int, int] | None) -> str:
