@@ -375,8 +375,7 @@ def fuse_bags(inputs, out_dir, address: str = LOCAL, num_cpus: int | None = None
         runner = _Runner(jobs, values, cpus_per_task, gpus_per_worker, segment_minutes, resume,
                          max_retries, progress, (on_unit, on_progress), previous,
                          out_dir / MANIFEST, topics, transport, window)
-        if runner.nothing_to_fuse():  # planned before Ray: seconds to start it for nothing
-            runner.keep_all()
+        if runner.keep_all_if_finished():  # planned before Ray: seconds to start it for nothing
             report = Report(runner.reports, out_dir / MANIFEST, time.monotonic() - started)
             runner.write_manifest(interrupted=False, seconds=report.seconds)
             return report
@@ -696,25 +695,26 @@ class _Runner:
             return {}, ''
         return earlier, _changed_since(earlier, self.topics, input_files)
 
-    def nothing_to_fuse(self) -> bool:
-        """Whether --resume keeps every bag as an earlier run fused it (no Ray needed)."""
+    def keep_all_if_finished(self) -> bool:
+        """On --resume, keep every bag as an earlier run fused it where the manifest lists each
+        as finished and unchanged since (nothing to fuse: no Ray needed), without a line for
+        each: the caller says it once. False, keeping none, where any bag is left to fuse."""
+        finished = []
         for job in self.jobs:
             try:
-                earlier, reason = self._finished_earlier(job, work.input_identity(job.input))
+                input_files = work.input_identity(job.input)
             except OSError:  # unreadable now: it fails when planned
                 return False
+            earlier, reason = self._finished_earlier(job, input_files)
             if reason or not earlier:
                 return False
-        return True
-
-    def keep_all(self) -> None:
-        """Keep every bag (nothing_to_fuse), without a line for each: the caller says it once."""
-        for number, job in enumerate(self.jobs):
-            report = self.reports[number]
+            finished.append((input_files, earlier))
+        for number, (job, (input_files, earlier)) in enumerate(zip(self.jobs, finished)):
             self.planned.add(number)
             work.sweep_partials(job)
-            report.input_files = work.input_identity(job.input)
-            self._skip(job, report, self.previous[report.output])
+            self.reports[number].input_files = input_files
+            self._skip(job, self.reports[number], earlier)
+        return True
 
     def _skip(self, job: BagJob, report: BagReport, earlier: dict) -> None:
         """Keep a bag the manifest lists as finished, with its earlier counts."""
