@@ -611,17 +611,23 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
 
 def _special_file(path: pathlib.Path) -> pathlib.Path | None:
     """The first file that reading the bag `path` opens and that is not a regular file (a FIFO,
-    whose reading would wait for a writer until Ctrl-C, a device, a folder): the bag file, or
-    the folder's metadata.yaml or a storage file that lists; None for none (rosbags says what is
-    wrong with a metadata.yaml it cannot read, or a file missing)."""
-    files = [path]
-    if path.is_dir():
-        files = [path / 'metadata.yaml']
-        with contextlib.suppress(Exception):  # noqa: BLE001 - YAML faults among them
-            if files[0].is_file():
-                files += [path / pathlib.PurePath(name).name
-                          for name in bag_information(path)['relative_file_paths']]
-    return next((file for file in files if file.exists() and not file.is_file()), None)
+    whose reading would wait for a writer until Ctrl-C, a device, a folder); None for none
+    (rosbags says what is wrong with a metadata.yaml it cannot read, or a file missing)."""
+    return next((file for file in _files_read(path) if file.exists() and not file.is_file()),
+                None)
+
+
+def _files_read(path: pathlib.Path) -> list[pathlib.Path]:
+    """The files that reading the bag `path` opens: the bag file, or the folder's metadata.yaml
+    and the storage files that lists (none where it cannot be read)."""
+    if not path.is_dir():
+        return [path]
+    files = [path / 'metadata.yaml']
+    with contextlib.suppress(Exception):  # noqa: BLE001 - YAML faults among them
+        if files[0].is_file():
+            files += [path / pathlib.PurePath(name).name
+                      for name in bag_information(path)['relative_file_paths']]
+    return files
 
 
 def recorded_types(reader: Reader) -> dict[str, set[str]]:
@@ -758,9 +764,7 @@ def _permission_denied(path: pathlib.Path) -> str:
     """Why a file of the bag at `path` may not be read, '' if each may: sqlite3 says only
     'unable to open database file' of a .db3 it is denied."""
     try:
-        files = ([path / 'metadata.yaml'] + [path / name for name in bag_files(path)]
-                 if path.is_dir() else [path])
-        for file in files:
+        for file in _files_read(path):
             if file.exists():
                 file.open('rb').close()
     except PermissionError as error:
