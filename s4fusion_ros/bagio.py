@@ -566,6 +566,28 @@ def typestore():
 def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
     """Open a bag for reading; any fault while opening or reading is a BagError naming it."""
     path = pathlib.Path(path)
+    try:
+        reader = _opened_reader(path)
+    except PermissionError as error:  # a bag folder the user may not enter or list
+        raise BagError(f'{path}: cannot read the bag: {_reason(error)}') from None
+    try:
+        cut = cut_files(reader)
+        if cut and not any(storage.metadata.message_count for storage in _storages(reader)):
+            raise BagError(f'{path}: no message to read: {"; ".join(cut)}')
+        yield reader
+    except BagError as error:  # the damage that made it fail (a topic's messages all lost)
+        damaged = damaged_files(reader)
+        if damaged:
+            raise BagError(f'{error} ({path}: {"; ".join(damaged)})') from None
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            reader.close()
+
+
+def _opened_reader(path: pathlib.Path) -> Reader:
+    """The reader of the bag `path`, opened; a BagError saying what is wrong where it cannot
+    be (a PermissionError where the bag's folder may not be entered or listed)."""
     special = _special_file(path)
     if special is not None:
         raise BagError(f'{special}: not a regular file (a FIFO, a device or a folder): not read '
@@ -594,19 +616,7 @@ def open_bag(path: pathlib.Path | str) -> Iterator[Reader]:
             raise BagError(f'{path}: cannot read the bag: {denied}') from None
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
                        f'{_reason(error).rstrip(".")}') from None
-    try:
-        cut = cut_files(reader)
-        if cut and not any(storage.metadata.message_count for storage in _storages(reader)):
-            raise BagError(f'{path}: no message to read: {"; ".join(cut)}')
-        yield reader
-    except BagError as error:  # the damage that made it fail (a topic's messages all lost)
-        damaged = damaged_files(reader)
-        if damaged:
-            raise BagError(f'{error} ({path}: {"; ".join(damaged)})') from None
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            reader.close()
+    return reader
 
 
 def _special_file(path: pathlib.Path) -> pathlib.Path | None:

@@ -1186,12 +1186,14 @@ def test_an_mcap_cut_off_that_does_not_begin_with_a_header_is_not_said_to_hold_n
     assert 'cut off' not in error and 'Traceback' not in error, error
 
 
-@pytest.mark.parametrize('storage, unreadable', [
-    ('mcap', 'metadata.yaml'), ('mcap', 'in.mcap'), ('sqlite3', 'in.db3')])
+@pytest.mark.parametrize('storage, unreadable, named', [
+    ('mcap', 'metadata.yaml', 'metadata.yaml'), ('mcap', 'in.mcap', 'in.mcap'),
+    ('sqlite3', 'in.db3', 'in.db3'), ('mcap', '.', 'metadata.yaml')])
 def test_a_bag_it_may_not_read_is_said_so_not_called_corrupt(short_events, tmp_path, storage,
-                                                             unreadable):
+                                                             unreadable, named):
     # Another user's recording (a root container's, or one made under umask 077) was "cannot
-    # open the bag (corrupt or truncated?): [Errno 13] Permission denied: ...".
+    # open the bag (corrupt or truncated?): [Errno 13] Permission denied: ...", and a bag folder
+    # it may not enter (unreadable '.') "writing OUT failed: [Errno 13] Permission denied: ...".
     source = write_bag(tmp_path / 'in', short_events, storage)
     (source / unreadable).chmod(0)
     done = subprocess.run([*as_a_user(), sys.executable, '-m', 's4fusion_ros.tools.bag',
@@ -1199,7 +1201,7 @@ def test_a_bag_it_may_not_read_is_said_so_not_called_corrupt(short_events, tmp_p
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
     assert re.fullmatch(rf's4fusion-bag: {re.escape(str(source))}: cannot read the bag: .*'
-                        rf'Permission denied.*{re.escape(unreadable)}.*\n', done.stderr), \
+                        rf'Permission denied.*{re.escape(named)}.*\n', done.stderr), \
         done.stderr
 
 
