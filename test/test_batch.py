@@ -31,9 +31,9 @@ from s4fusion_ros.batch.work import BatchError
 from s4fusion_ros.tools import bag as bag_tool
 from s4fusion_ros.tools import batch as batch_tool
 from support import (IMAGE, START_NS, THERMAL_TOPIC, TYPESTORE, VISIBLE_TOPIC,  # noqa: F401
-                     camera_messages, compact_params_file, damage_chunk, drifting, exited,
-                     mcap_chunks, most_frames, one_torch_thread, params_file, read_bag, reading,
-                     reference, wait_while_running, write_bag)
+                     as_a_user, camera_messages, compact_params_file, damage_chunk, drifting,
+                     exited, mcap_chunks, most_frames, one_torch_thread, params_file, read_bag,
+                     reading, reference, wait_while_running, write_bag)
 
 BATCH_TOOL = pathlib.Path(sys.executable).parent / 's4fusion-batch'
 
@@ -127,6 +127,27 @@ def test_symlinks_in_a_bag_archive_find_each_bag_once_and_a_symlink_loop_none(tm
     jobs = work.find_bags([archive], tmp_path / 'out')
     assert [(job.input, job.output) for job in jobs] == [
         (archive / bag, tmp_path / 'out' / bag) for bag in ('day1/drive', 'day2/drive')]
+
+
+def test_a_folder_it_may_not_enter_is_a_bag_that_fails_not_a_traceback(tmp_path):
+    # Another user's recording (mode 700) in the archive, or named: the search ended the run in
+    # a PermissionError traceback, no bag fused. Taken for a bag, it fails as unreadable when
+    # planned (test_a_corrupt_bag_fails_alone: the planning of each bag fails alone).
+    archive = tmp_path / 'archive'
+    for bag in ('day1/drive', 'day1/theirs', 'day2/drive'):
+        (archive / bag).mkdir(parents=True)
+        (archive / bag / 'metadata.yaml').write_text('rosbag2_bagfile_information: {}\n')
+    (archive / 'day1' / 'theirs').chmod(0)
+    (archive / 'day2').chmod(0o100)  # entered, not listed
+    code = ('import pathlib, sys; from s4fusion_ros.batch import work; '
+            'print([str(job.input) for job in work.find_bags('
+            '[pathlib.Path(name) for name in sys.argv[2:]], pathlib.Path(sys.argv[1]))])')
+    found = subprocess.run([*as_a_user(), sys.executable, '-c', code, str(tmp_path / 'out'),
+                            str(archive), str(archive / 'day1' / 'theirs')],
+                           capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout == str([str(archive / bag) for bag in (
+        'day1/drive', 'day1/theirs', 'day2', 'day1/theirs')]) + '\n'
 
 
 def test_a_bag_named_as_the_current_folder_goes_under_its_own_name(tmp_path, monkeypatch):

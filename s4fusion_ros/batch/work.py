@@ -114,7 +114,10 @@ def is_bag(path: pathlib.Path) -> bool:
     (bagio.is_unindexed_recording) is a bag, which then fails as s4fusion-bag fails on it, not a
     folder whose files are fused one by one."""
     if path.is_dir():
-        return (path / 'metadata.yaml').is_file() or is_unindexed_recording(path)
+        try:
+            return (path / 'metadata.yaml').is_file() or is_unindexed_recording(path)
+        except PermissionError:  # a folder this user may not enter or list: as a bag it fails
+            return True  # as unreadable and is counted, where passed over it would be unseen
     return path.is_file() and path.suffix in BAG_SUFFIXES
 
 
@@ -162,14 +165,23 @@ def _search(folder: pathlib.Path, out_dir: pathlib.Path, reached: set) -> list[p
         target = _target(entry)
         if entry.name.startswith('.') or target == out_dir or target in reached:
             continue  # staging and partial directories of a run, and its outputs
-        if (entry / MANIFEST).is_file():
-            continue  # an earlier run's outputs (bags/fused_v1 beside this run's fused_v2)
+        if _earlier_outputs(entry):
+            continue
         reached.add(target)
         if is_bag(entry):
             bags.append(entry)
         elif entry.is_dir():  # not a link looping on itself, which leads nowhere
             bags += _search(entry, out_dir, reached)
     return bags
+
+
+def _earlier_outputs(folder: pathlib.Path) -> bool:
+    """Whether `folder` holds an earlier run's outputs (bags/fused_v1 beside this run's
+    fused_v2); not one this user may not enter, which is_bag takes for a bag."""
+    try:
+        return (folder / MANIFEST).is_file()
+    except PermissionError:
+        return False
 
 
 def _target(path: pathlib.Path) -> pathlib.Path:
