@@ -1021,21 +1021,23 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging, held = _held_staging(path)
+    # In a folder of its own: the bag it replaces goes to staging/'replaced', a name it may have.
+    bag = staging / 'new' / path.name
     try:
-        writer = _Writer(staging / path.name, version=BAG_VERSION,
-                         storage_plugin=StoragePlugin[storage.upper()])
+        bag.parent.mkdir()
+        writer = _Writer(bag, version=BAG_VERSION, storage_plugin=StoragePlugin[storage.upper()])
         if compress and storage == 'mcap':
             writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         with writer:
             yield writer
-        check_storage_files(staging / path.name, path)
+        check_storage_files(bag, path)
         # On disk before it gets its name: a crash must not leave a truncated bag that a
         # resumed batch run would take for a finished one.
-        sync_tree(staging / path.name)
+        sync_tree(bag)
         if path.exists():
             check_output(path, overwrite)
             path.rename(staging / 'replaced')  # removed with the staging directory
-        (staging / path.name).rename(path)
+        bag.rename(path)
         with contextlib.suppress(OSError):  # the bag is in place; some file systems refuse this
             sync_to_disk(path.parent)  # the rename itself
     finally:

@@ -1940,6 +1940,24 @@ def test_a_staging_directory_swept_before_its_writer_held_it_is_replaced(tmp_pat
         assert [c.topic for c in reader.connections] == ['/fused']
 
 
+def test_a_bag_named_replaced_is_replaced_and_one_interrupted_leaves_nothing(tmp_path):
+    # The staging directory held the new bag under the output's name beside 'replaced', the bag
+    # it replaces: a bag named 'replaced' could not be overwritten ('Directory not empty'), and
+    # one interrupted was put in place, partial, taken for the bag it was to replace.
+    out = tmp_path / 'replaced'
+    with pytest.raises(KeyboardInterrupt):
+        with bagio.create_bag(out) as writer:
+            bagio.add_topic(writer, '/fused')
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+    for topic in ('/old', '/new'):
+        with bagio.create_bag(out, overwrite=True) as writer:
+            bagio.add_topic(writer, topic)
+    with bagio.open_bag(out) as reader:
+        assert [c.topic for c in reader.connections] == ['/new']
+    assert os.listdir(tmp_path) == ['replaced']
+
+
 def test_a_bag_without_pairs_fails_and_replaces_nothing(short_events, params_file, tmp_path,
                                                         capsys):
     # Visible stamps 10 s after the thermal ones: nothing pairs, so the run fails and, as any
