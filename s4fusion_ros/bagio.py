@@ -1022,7 +1022,8 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging, held = _held_staging(path)
     # In a folder of its own: the bag it replaces goes to staging/'replaced', a name it may have.
-    bag = staging / 'new' / path.name
+    # Named as its storage files are to be (rosbags names them after it).
+    bag = staging / 'new' / storage_name(path)
     try:
         bag.parent.mkdir()
         writer = _Writer(bag, version=BAG_VERSION, storage_plugin=StoragePlugin[storage.upper()])
@@ -1043,6 +1044,15 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     finally:
         remove_staging(staging, path)
         os.close(held)
+
+
+def storage_name(path: pathlib.Path) -> str:
+    """The name of the storage files of a bag written at `path`: its own, each byte that is not
+    UTF-8 (of a Latin-1 name, held as a surrogate) replaced by U+FFFD. metadata.yaml lists them,
+    and ros2 bag's YAML reader refuses a surrogate's escape ('invalid unicode'). Returned as this
+    process's file names hold those bytes: where they are ASCII (the C locale without UTF-8
+    mode), U+FFFD is surrogates too."""
+    return os.fsdecode(os.fsencode(path.name).decode(errors='replace').encode())
 
 
 def check_storage_files(bag: pathlib.Path, path: pathlib.Path) -> None:
