@@ -1021,26 +1021,38 @@ def create_bag(path: pathlib.Path | str, storage: str = 'mcap', overwrite: bool 
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging, held = _held_staging(path)
+    # In a folder of its own: the bag it replaces goes to staging/'replaced', a name it may have.
+    # Named as its storage files are to be (rosbags names them after it).
+    bag = staging / 'new' / storage_name(path)
     try:
-        writer = _Writer(staging / path.name, version=BAG_VERSION,
-                         storage_plugin=StoragePlugin[storage.upper()])
+        bag.parent.mkdir()
+        writer = _Writer(bag, version=BAG_VERSION, storage_plugin=StoragePlugin[storage.upper()])
         if compress and storage == 'mcap':
             writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         with writer:
             yield writer
-        check_storage_files(staging / path.name, path)
+        check_storage_files(bag, path)
         # On disk before it gets its name: a crash must not leave a truncated bag that a
         # resumed batch run would take for a finished one.
-        sync_tree(staging / path.name)
+        sync_tree(bag)
         if path.exists():
             check_output(path, overwrite)
             path.rename(staging / 'replaced')  # removed with the staging directory
-        (staging / path.name).rename(path)
+        bag.rename(path)
         with contextlib.suppress(OSError):  # the bag is in place; some file systems refuse this
             sync_to_disk(path.parent)  # the rename itself
     finally:
         remove_staging(staging, path)
         os.close(held)
+
+
+def storage_name(path: pathlib.Path) -> str:
+    """The name of the storage files of a bag written at `path`: its own, each byte that is not
+    UTF-8 (of a Latin-1 name, held as a surrogate) replaced by U+FFFD. metadata.yaml lists them,
+    and ros2 bag's YAML reader refuses a surrogate's escape ('invalid unicode'). Returned as this
+    process's file names hold those bytes: where they are ASCII (the C locale without UTF-8
+    mode), U+FFFD is surrogates too."""
+    return os.fsdecode(os.fsencode(path.name).decode(errors='replace').encode())
 
 
 def check_storage_files(bag: pathlib.Path, path: pathlib.Path) -> None:

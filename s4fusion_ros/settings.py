@@ -381,8 +381,13 @@ def params_file_sections(path: pathlib.Path) -> list[tuple[str, dict]]:
     refuses: a value where a name or ros__parameters belongs, a name part that is not a ROS name
     or wildcard."""
     try:
-        document = yaml.safe_load(path.read_text())
+        data = path.read_bytes()  # not text in the locale's encoding (ASCII in the C locale)
+        document = yaml.safe_load(data)  # as UTF-8, as rcl reads it
     except (OSError, yaml.YAMLError) as error:
+        if isinstance(error, yaml.reader.ReaderError) and error.encoding == 'utf-8':
+            line = data[:error.position].count(b'\n') + 1
+            error = (f'byte 0x{error.character:02x} on line {line} is not UTF-8, which ROS 2 '
+                     'reads parameter files in')
         raise SettingsError(f'{path}: cannot read the parameter file: {error}') from None
     sections = []
 

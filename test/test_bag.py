@@ -1940,6 +1940,60 @@ def test_a_staging_directory_swept_before_its_writer_held_it_is_replaced(tmp_pat
         assert [c.topic for c in reader.connections] == ['/fused']
 
 
+def test_a_bag_named_replaced_is_replaced_and_one_interrupted_leaves_nothing(tmp_path):
+    # The staging directory held the new bag under the output's name beside 'replaced', the bag
+    # it replaces: a bag named 'replaced' could not be overwritten ('Directory not empty'), and
+    # one interrupted was put in place, partial, taken for the bag it was to replace.
+    out = tmp_path / 'replaced'
+    with pytest.raises(KeyboardInterrupt):
+        with bagio.create_bag(out) as writer:
+            bagio.add_topic(writer, '/fused')
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+    for topic in ('/old', '/new'):
+        with bagio.create_bag(out, overwrite=True) as writer:
+            bagio.add_topic(writer, topic)
+    with bagio.open_bag(out) as reader:
+        assert [c.topic for c in reader.connections] == ['/new']
+    assert os.listdir(tmp_path) == ['replaced']
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_a_bag_named_in_bytes_that_are_not_utf8_lists_its_files_as_rosbag2_reads_them(
+        storage, tmp_path):
+    # rosbags names the storage file after the bag's folder, and metadata.yaml listed a Latin-1
+    # name such as b'drive_\xe9t\xe9' as Python holds it, "drive_\uDCE9t\uDCE9.mcap": yaml-cpp,
+    # with which ros2 bag reads it, refuses a surrogate ('invalid unicode'), so `ros2 bag play`
+    # could not open what s4fusion-bag and s4fusion-batch wrote under such a name.
+    out = tmp_path / os.fsdecode(b'drive_\xe9t\xe9')
+    with bagio.create_bag(out, storage) as writer:
+        bagio.add_topic(writer, '/fused')
+    info = yaml.safe_load((out / 'metadata.yaml').read_bytes().decode())
+    listed = info['rosbag2_bagfile_information']['relative_file_paths']
+    assert listed == [file['path'] for file in info['rosbag2_bagfile_information']['files']]
+    for name in listed:  # text rosbag2 reads, naming the file in UTF-8's bytes
+        assert not re.search('[\ud800-\udfff]', name), ascii(name)
+        assert os.path.isfile(os.fsencode(out) + b'/' + name.encode())
+    with bagio.open_bag(out) as reader:
+        assert [c.topic for c in reader.connections] == ['/fused']
+
+
+def test_a_bag_named_in_bytes_that_are_not_utf8_is_written_under_an_ascii_locale(tmp_path):
+    # The C locale without UTF-8 mode or its coercion to C.UTF-8: Python's file names are ASCII
+    # there, each other byte a surrogate, and a storage file named with U+FFFD failed to open
+    # ("'ascii' codec can't encode character").
+    out = tmp_path / os.fsdecode(b'drive_\xe9t\xe9')
+    code = ('import sys\nfrom s4fusion_ros import bagio\n'
+            'with bagio.create_bag(sys.argv[1]) as writer:\n'
+            '    bagio.add_topic(writer, "/fused")\n')
+    environment = {**os.environ, 'LC_ALL': 'C', 'PYTHONCOERCECLOCALE': '0', 'PYTHONUTF8': '0'}
+    done = subprocess.run([sys.executable, '-c', code, out], env=environment,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors='replace')
+    with bagio.open_bag(out) as reader:
+        assert [c.topic for c in reader.connections] == ['/fused']
+
+
 def test_a_bag_without_pairs_fails_and_replaces_nothing(short_events, params_file, tmp_path,
                                                         capsys):
     # Visible stamps 10 s after the thermal ones: nothing pairs, so the run fails and, as any

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors + JSON, errors naming the file, shipped weights, authors' layout."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -269,6 +270,20 @@ def test_an_unreadable_weights_file_is_named_as_such(saved):
     result = subprocess.run([*as_a_user(), sys.executable, '-c', code, str(path)],
                             capture_output=True, text=True, timeout=300, check=True)
     assert result.stdout.strip() == f'{path}: cannot read the weights file: Permission denied'
+
+
+def test_weights_in_a_folder_named_in_bytes_that_are_not_utf8_load(saved, tmp_path):
+    # A Latin-1 folder name (held as surrogates) was "not a readable safetensors file (truncated
+    # or corrupt?): Path ... is not valid UTF-8": safetensors takes a path as UTF-8 text only.
+    model, path = saved
+    folder = tmp_path / os.fsdecode(b'mod\xe8les')
+    folder.mkdir()
+    moved = folder / path.name
+    path.rename(moved)
+    path.with_suffix('.json').rename(moved.with_suffix('.json'))
+    loaded = load_checkpoint(moved)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize('text, problem', [

@@ -1,6 +1,7 @@
 """Parameters: the YAML defaults, start-up validation and live changes of the running node."""
 
 import array
+import os
 import subprocess
 import sys
 import time
@@ -330,6 +331,31 @@ def test_params_files_rcl_refuses_are_refused_offline(tmp_path, text, reason):
                    context=rclpy.Context())
     with pytest.raises(settings.SettingsError, match=f'^{path}: {reason}'):
         settings.load_offline_params(path)
+
+
+def test_params_files_are_utf8_whatever_the_locale_as_rcl_reads_them(tmp_path):
+    # A Latin-1 comment ended s4fusion-bag with "'utf-8' codec can't decode byte 0xe9 in
+    # position 33: invalid continuation byte; the partial output was removed", naming no file
+    # (rcl refuses it too); a UTF-8 one failed so in the C locale without UTF-8 mode, where
+    # Python's text is ASCII (rcl reads it).
+    rclpy = pytest.importorskip('rclpy')
+    path = tmp_path / 'params.yaml'
+    text = '/**:\n  ros__parameters:\n    # caméra thermique\n    half: true\n'
+    path.write_bytes(text.encode('latin-1'))
+    with pytest.raises(RuntimeError, match="Couldn.t parse params file"):  # rcl's RCLError
+        rclpy.init(args=['s4fusion_node', '--ros-args', '--params-file', str(path)],
+                   context=rclpy.Context())
+    with pytest.raises(settings.SettingsError, match=(
+            f'^{path}: cannot read the parameter file: byte 0xe9 on line 3 is not UTF-8, '
+            'which ROS 2 reads parameter files in$')):
+        settings.load_offline_params(path)
+    path.write_bytes(text.encode())
+    code = ('import sys\nfrom s4fusion_ros import settings\n'
+            'print(settings.load_offline_params(sys.argv[1])["half"])\n')
+    environment = {**os.environ, 'LC_ALL': 'C', 'PYTHONCOERCECLOCALE': '0', 'PYTHONUTF8': '0'}
+    done = subprocess.run([sys.executable, '-c', code, path], env=environment,
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (0, 'True\n'), done.stderr
 
 
 def test_a_file_for_the_node_in_two_namespaces_is_refused_offline(tmp_path):

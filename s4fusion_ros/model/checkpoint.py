@@ -10,7 +10,7 @@ import pathlib
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from ..files import write_together
 from .s4fusion import S4Fusion, S4FusionConfig
@@ -168,14 +168,14 @@ def load_checkpoint(path, device=None, dtype=None):
                               f'file ({path.with_suffix(".safetensors").name})')
     _, config = read_config(path)
     try:
-        # Opened here first: safetensors says 'No such file or directory' for any file it
-        # cannot open (permission denied, say).
-        with path.open('rb'):
-            pass
+        # Read here: safetensors says 'No such file or directory' for any file it cannot open
+        # (permission denied, say), and refuses a path that is not UTF-8 (a Latin-1 folder
+        # name) as 'not valid UTF-8'. Weights files are a few megabytes.
+        data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f'{path}: cannot read the weights file: {exc.strerror}') from None
     try:
-        tensors = load_file(str(path))
+        tensors = load(data)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f'{path}: not a readable safetensors file (truncated or corrupt?): '
                               f'{exc}') from None
