@@ -1205,6 +1205,21 @@ def test_a_bag_it_may_not_read_is_said_so_not_called_corrupt(short_events, tmp_p
         done.stderr
 
 
+def test_a_recording_folder_it_may_enter_but_not_list_is_said_so(short_events, tmp_path):
+    # No metadata.yaml (a recording cut off) in a folder of mode 100: opening it lists the
+    # folder (a recording, or bare bag files?), a PermissionError that the special-file check
+    # of a folder it may not enter does not meet; s4fusion-batch takes such a folder for a bag.
+    source = write_bag(tmp_path / 'in', short_events, 'mcap')
+    (source / 'metadata.yaml').unlink()
+    source.chmod(0o100)
+    done = subprocess.run([*as_a_user(), sys.executable, '-m', 's4fusion_ros.tools.bag',
+                           str(source), str(tmp_path / 'out')],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
+    assert re.fullmatch(rf's4fusion-bag: {re.escape(str(source))}: cannot read the bag: .*'
+                        r'Permission denied.*\n', done.stderr), done.stderr
+
+
 def test_a_split_recording_cut_off_counts_each_topics_messages_in_all_its_files(
         ivif_dir, tmp_path):
     # rosbag2 splits a recording into DIR_0.mcap, DIR_1.mcap, ...: the last cut off, a topic
@@ -1971,6 +1986,8 @@ def test_a_bag_named_in_bytes_that_are_not_utf8_lists_its_files_as_rosbag2_reads
     info = yaml.safe_load((out / 'metadata.yaml').read_bytes().decode())
     listed = info['rosbag2_bagfile_information']['relative_file_paths']
     assert listed == [file['path'] for file in info['rosbag2_bagfile_information']['files']]
+    # Each such byte U+FFFD, as a UTF-8 terminal shows the bag's name; not dropped ('drive_t').
+    assert listed == [f'drive_\ufffdt\ufffd.{"db3" if storage == "sqlite3" else "mcap"}']
     for name in listed:  # text rosbag2 reads, naming the file in UTF-8's bytes
         assert not re.search('[\ud800-\udfff]', name), ascii(name)
         assert os.path.isfile(os.fsencode(out) + b'/' + name.encode())

@@ -288,6 +288,12 @@ RCL_REFUSED_FILES = {
                                      "'7' is not a node name"),
     'no parameters under ros__parameters': ('/**:\n  ros__parameters:\n',
                                             r'/\*\*: ros__parameters must be a mapping'),
+    # Said as PyYAML says them, not as a byte that is not UTF-8: a control character is a
+    # ReaderError too (of a character in the text), a syntax error another YAMLError.
+    'a control character': ('/**:\n  ros__parameters:\n    # bell \x07\n    half: false\n',
+                            'cannot read the parameter file: unacceptable character #x0007'),
+    'a YAML syntax error': ('/**:\n  ros__parameters:\n    half: [false\n',
+                            'cannot read the parameter file: while parsing a flow sequence'),
 }
 
 
