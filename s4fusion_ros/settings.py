@@ -374,6 +374,32 @@ def read_params_file(path: pathlib.Path | str) -> dict:
     return values
 
 
+def yaml_fault(error: yaml.YAMLError, data: bytes) -> str:
+    """What PyYAML found wrong in the file `data` (a parameter file, a bag's metadata.yaml), on
+    one line with where (its own text spans lines, a snippet of the file among them, and names
+    the file '<byte string>')."""
+    if isinstance(error, yaml.reader.ReaderError) and error.encoding == 'utf-8':
+        line = data[:error.position].count(b'\n') + 1  # its position counts bytes here
+        return (f'byte 0x{error.character:02x} on line {line} is not UTF-8, which ROS 2 '
+                'reads YAML files in')
+    if isinstance(error, yaml.reader.ReaderError) and error.encoding == 'unicode':
+        # A character YAML does not allow; its position counts the characters before it.
+        line = data.decode(errors='replace')[:error.position].count('\n') + 1
+        return f'unacceptable character #x{error.character:04x} on line {line} ({error.reason})'
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        fault = f'{_yaml_place(error.problem_mark)}: {error.problem}'
+        if error.context:
+            place = (f' at {_yaml_place(error.context_mark)}' if error.context_mark is not None
+                     else '')
+            fault += f' ({error.context}{place})'
+        return fault
+    return ' '.join(str(error).split())
+
+
+def _yaml_place(mark: yaml.Mark) -> str:
+    return f'line {mark.line + 1}, column {mark.column + 1}'
+
+
 def params_file_sections(path: pathlib.Path) -> list[tuple[str, dict]]:
     """The (node name, ros__parameters) sections of a parameter file, in file order, as rcl
     reads them: a name may also be nested (`robot: {s4fusion_node: {ros__parameters: ...}}` is
@@ -383,12 +409,11 @@ def params_file_sections(path: pathlib.Path) -> list[tuple[str, dict]]:
     try:
         data = path.read_bytes()  # not text in the locale's encoding (ASCII in the C locale)
         document = yaml.safe_load(data)  # as UTF-8, as rcl reads it
-    except (OSError, yaml.YAMLError) as error:
-        if isinstance(error, yaml.reader.ReaderError) and error.encoding == 'utf-8':
-            line = data[:error.position].count(b'\n') + 1
-            error = (f'byte 0x{error.character:02x} on line {line} is not UTF-8, which ROS 2 '
-                     'reads parameter files in')
+    except OSError as error:
         raise SettingsError(f'{path}: cannot read the parameter file: {error}') from None
+    except yaml.YAMLError as error:
+        raise SettingsError(f'{path}: cannot read the parameter file: '
+                            f'{yaml_fault(error, data)}') from None
     sections = []
 
     def walk(mapping: dict, prefix: str) -> None:

@@ -288,12 +288,21 @@ RCL_REFUSED_FILES = {
                                      "'7' is not a node name"),
     'no parameters under ros__parameters': ('/**:\n  ros__parameters:\n',
                                             r'/\*\*: ros__parameters must be a mapping'),
-    # Said as PyYAML says them, not as a byte that is not UTF-8: a control character is a
-    # ReaderError too (of a character in the text), a syntax error another YAMLError.
-    'a control character': ('/**:\n  ros__parameters:\n    # bell \x07\n    half: false\n',
-                            'cannot read the parameter file: unacceptable character #x0007'),
-    'a YAML syntax error': ('/**:\n  ros__parameters:\n    half: [false\n',
-                            'cannot read the parameter file: while parsing a flow sequence'),
+    # Not as a byte that is not UTF-8: a control character is a ReaderError too (of a character
+    # in the text), a syntax error another YAMLError. On one line with where: PyYAML's own text
+    # spans six, with a snippet of the file, and calls it '<byte string>'.
+    'a control character': (
+        '/**:\n  ros__parameters:\n    # bell \x07\n    half: false\n',
+        r'cannot read the parameter file: unacceptable character #x0007 on line 3 \(special '
+        r'characters are not allowed\)$'),
+    'a YAML syntax error': (
+        '/**:\n  ros__parameters:\n    half: [false\n',
+        r"cannot read the parameter file: line 4, column 1: expected ',' or '\]', but got "
+        r"'<stream end>' \(while parsing a flow sequence at line 3, column 11\)$"),
+    'a key indented off its mapping': (
+        '/**:\n  ros__parameters:\n    half: false\n   device: cpu\n',
+        r"cannot read the parameter file: line 4, column 4: expected <block end>, but found "
+        r"'<block mapping start>' \(while parsing a block mapping at line 2, column 3\)$"),
 }
 
 
@@ -353,7 +362,7 @@ def test_params_files_are_utf8_whatever_the_locale_as_rcl_reads_them(tmp_path):
                    context=rclpy.Context())
     with pytest.raises(settings.SettingsError, match=(
             f'^{path}: cannot read the parameter file: byte 0xe9 on line 3 is not UTF-8, '
-            'which ROS 2 reads parameter files in$')):
+            'which ROS 2 reads YAML files in$')):
         settings.load_offline_params(path)
     path.write_bytes(text.encode())
     code = ('import sys\nfrom s4fusion_ros import settings\n'
