@@ -49,7 +49,7 @@ from .imaging.encodings import (FORMATS, ZSTD_FORMAT, RawImage, decoded_encoding
                                 format_encoding, zstd_encoding)
 from .imaging.limits import MAX_PIXELS
 from .messages import ns_to_sec_nanosec
-from .settings import OUTPUT_TOPIC_PATTERN
+from .settings import OUTPUT_TOPIC_PATTERN, yaml_fault
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
@@ -614,9 +614,25 @@ def _opened_reader(path: pathlib.Path) -> Reader:
         denied = _permission_denied(path)
         if denied:  # another user's recording
             raise BagError(f'{path}: cannot read the bag: {denied}') from None
+        _refuse_metadata_yaml(path)
         raise BagError(f'{path}: cannot open the bag (corrupt or truncated?): '
-                       f'{_reason(error).rstrip(".")}') from None
+                       f'{" ".join(_reason(error).rstrip(".").split())}') from None
     return reader
+
+
+def _refuse_metadata_yaml(path: pathlib.Path) -> None:
+    """A BagError saying on one line what is wrong with the YAML of the bag folder `path`'s
+    metadata.yaml, if anything (rosbags says it in YAML's own lines, a snippet of the file
+    among them, or as a bare codec error naming no file)."""
+    metadata = path / 'metadata.yaml'
+    try:
+        data = metadata.read_bytes()
+        yaml.safe_load(data)
+    except yaml.YAMLError as error:
+        raise BagError(f'{metadata}: not readable as YAML (corrupt or truncated?): '
+                       f'{yaml_fault(error, data)}') from None
+    except OSError:  # a bare bag file, among others: no metadata.yaml to read
+        pass
 
 
 def _special_file(path: pathlib.Path) -> pathlib.Path | None:

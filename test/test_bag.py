@@ -1648,6 +1648,25 @@ def test_corrupt_and_truncated_inputs_give_a_clear_error(short_events, tmp_path,
         assert not output.exists()
 
 
+@pytest.mark.parametrize('damage, fault', [
+    (lambda text: text.replace("compression_mode: ''", "compression_mode: '' ["),
+     r"line 3, column 24: expected <block end>, but found '\[' \(while parsing a block mapping "
+     r"at line 2, column 3\)"),
+    (lambda text: text.replace('mcap', 'mcap\xe9'), r'byte 0xe9 on line \d+ is not UTF-8, which '
+     'ROS 2 reads YAML files in')], ids=['syntax', 'latin-1'])
+def test_a_metadata_yaml_that_is_no_yaml_is_named_with_the_fault_on_one_line(
+        short_events, tmp_path, capsys, damage, fault):
+    # An edit gone wrong, or a Latin-1 byte: rosbags said the first in YAML's seven lines with a
+    # snippet of the file, the second as "'utf-8' codec can't decode byte 0xe9 in position
+    # 1077", naming no file.
+    source = write_bag(tmp_path / 'in', short_events[:10], 'mcap')
+    metadata = source / 'metadata.yaml'
+    metadata.write_bytes(damage(metadata.read_text()).encode('latin-1'))
+    assert bag_tool.main([str(source), str(tmp_path / 'out')]) == 1
+    assert re.fullmatch(rf's4fusion-bag: {re.escape(str(metadata))}: not readable as YAML '
+                        rf'\(corrupt or truncated\?\): {fault}\n', capsys.readouterr().err)
+
+
 @pytest.mark.parametrize('field, value', [('message_count', None), ('message_count', 'many'),
                                           ('message_count', -3), ('name', 7)])
 def test_a_metadata_topic_of_no_name_or_count_is_refused_naming_the_file(
