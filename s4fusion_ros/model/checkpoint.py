@@ -176,7 +176,7 @@ def load_checkpoint(path, device=None, dtype=None):
         raise CheckpointError(f'{path}: cannot read the weights file: {exc.strerror}') from None
     try:
         tensors = load(data)
-    except (SafetensorError, OSError) as exc:
+    except SafetensorError as exc:
         raise CheckpointError(f'{path}: not a readable safetensors file (truncated or corrupt?): '
                               f'{exc}') from None
     tensors = _dequantized(tensors, path)
