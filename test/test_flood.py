@@ -89,7 +89,10 @@ def test_flood_checks_catch_a_growing_backlog(tmp_path):
     (['--rate', 'inf'], '--rate must be >= 0 and finite'),
     (['--namespace', 'not a namespace'], '--namespace: '),
     # At their limits the rate and size pass: the namespace, checked last, is what is refused.
-    (['--rate', '0', '--size', '8192x4096', '--namespace', '/9'], '--namespace: ')])
+    (['--rate', '0', '--size', '8192x4096', '--namespace', '/9'], '--namespace: '),
+    # A traceback from PyYAML's error, which argparse does not catch.
+    (['-p', 'device:=[cpu'], "argument -p/--param: 'device:=[cpu': the value is not YAML: line "
+                             "1, column 5: expected ',' or ']'")])
 def test_bad_phase_options_are_refused_before_the_node_starts(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         flood_main(argv)

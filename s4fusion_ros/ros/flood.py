@@ -396,7 +396,12 @@ def _parse_param(text: str) -> tuple[str, object]:
     name, separator, value = text.partition(':=')
     if not separator:
         raise argparse.ArgumentTypeError(f"expected name:=value, got '{text}'")
-    return name, yaml.safe_load(value)
+    try:
+        return name, yaml.safe_load(value)  # as rcl reads a parameter's value
+    except yaml.YAMLError as error:  # argparse shows only its own errors as a usage error
+        raise argparse.ArgumentTypeError(
+            f"'{text}': the value is not YAML: {settings.yaml_fault(error, value.encode())}"
+            ) from None
 
 
 def shown(figures: dict) -> dict:
