@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..cli import one_line_reason
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
 from ..model.checkpoint import config_path, file_sha256, read_config
@@ -348,7 +349,7 @@ class Trainer:
         except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError,
                 ValueError, AttributeError) as error:
             raise ValueError(f'{path}: not a readable training state '
-                             f'({type(error).__name__}: {error})') from None
+                             f'({type(error).__name__}: {one_line_reason(error)})') from None
         # A schedule fitted to a time limit resumes as fitted where the steps asked are the same.
         if fit and (fit['steps_asked'], fit['warmup_asked']) == (self.settings.steps,
                                                                  self.settings.warmup_steps):
