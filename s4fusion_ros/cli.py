@@ -5,9 +5,11 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import pathlib
+import re
 import resource
 import select
 import signal
@@ -223,6 +225,38 @@ def address_space_note() -> str:
         return ''
     return (f' (this process reached its address space limit of {limit / 2**30:.2f} GiB, '
             f'ulimit -v: an allocation failed, whatever the error says; allow more)')
+
+
+# Terminal escapes in a library's message (torch's weights-only refusal sets text in bold).
+_TERMINAL_ESCAPE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+# Where torch.load(weights_only=True) says what it refused, after its advice to load unsafely.
+_WEIGHTS_ONLY_FAULT = re.compile(r'^\s*WeightsUnpickler error: (.+)$', re.MULTILINE)
+# The advice torch appends to each fault of a zip file it reads (a .pt, a .pt2): a torn one's, or
+# another kind of file's, is no internal error.
+_TORCH_ZIP_ADVICE = re.compile(r'\. This is an internal miniz error\..*', re.DOTALL)
+
+
+def one_line_reason(error: BaseException) -> str:
+    """What a library's exception says is wrong, on one line, for an error line that names the
+    file or topic itself: libraries' texts span lines (torch's load_state_dict heads its list of
+    faults 'Error(s) in loading state_dict for X:'; its weights-only refusal gives advice in
+    lines before the fault, and advice follows its faults in zip files), OpenCV names its source
+    file and ends in a line break, a MemoryError may say nothing."""
+    if type(error).__module__ == 'cv2' and isinstance(getattr(error, 'err', None), str):
+        return error.err  # cv2.error: its fault without 'OpenCV(5.0.0) /io/...: error: (-4:'
+    text = _TORCH_ZIP_ADVICE.sub('', _TERMINAL_ESCAPE.sub('', str(error)))
+    fault = _WEIGHTS_ONLY_FAULT.search(text)
+    if fault:  # its first sentence; the next ones tell a developer how to allow the type
+        return fault[1].split('. ')[0].rstrip('.')
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    # A heading with its items below, each after a tab (torch's state dict faults); not a
+    # traceback's lines, which are indented with spaces.
+    items = list(itertools.takewhile(lambda line: line.startswith('\t'), lines[1:]))
+    if lines[0].endswith(':') and items:
+        return f'{lines[0].strip()} ' + '; '.join(item.strip().rstrip('.') for item in items)
+    return lines[0].strip()
 
 
 def run_command(prog: str, command, errors: tuple, interrupted='interrupted',

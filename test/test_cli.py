@@ -335,3 +335,29 @@ def test_the_launcher_starts_with_sigint_blocked(tmp_path, monkeypatch):
     assert cli.start_child(['true'], tmp_path / 'log').wait(timeout=30) == 0
     assert masks == [{signal.SIGINT}]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
+
+
+def test_a_librarys_error_text_is_said_on_one_line():
+    # Said after a tool's own 'FILE: what failed': OpenCV's text named its source file and
+    # ended in a line break, a MemoryError said nothing, torch's lines headed a list of faults.
+    import cv2
+    import numpy as np
+    import torch
+    from s4fusion_ros.cli import one_line_reason
+    with pytest.raises(cv2.error) as opencv:
+        cv2.resize(np.zeros((0, 0), np.uint8), (3, 3))
+    assert str(opencv.value).endswith('\n')
+    assert one_line_reason(opencv.value) == '!ssize.empty()'
+    assert one_line_reason(MemoryError()) == 'MemoryError'
+    layer = torch.nn.Linear(2, 1)
+    with pytest.raises(RuntimeError) as loading:
+        layer.load_state_dict({'weight': torch.zeros(1, 3), 'other': torch.zeros(1)})
+    assert one_line_reason(loading.value) == (
+        'Error(s) in loading state_dict for Linear: Missing key(s) in state_dict: "bias"; '
+        'Unexpected key(s) in state_dict: "other"; size mismatch for weight: copying a param '
+        'with shape torch.Size([1, 3]) from checkpoint, the shape in current model is '
+        'torch.Size([1, 2])')
+    # Lines that are no list of faults: the first alone; a one-line text as it is.
+    traceback = ValueError('Traceback (most recent call last):\n  File "x", line 1\nKeyError: 1')
+    assert one_line_reason(traceback) == 'Traceback (most recent call last):'
+    assert one_line_reason(OSError('a: b. c')) == 'a: b. c'

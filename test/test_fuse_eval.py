@@ -1694,6 +1694,34 @@ def test_eval_scores_the_enhanced_base_without_ours(ivif_dir, tmp_path, capsys):
         capsys.readouterr().err)
 
 
+def test_seafusion_weights_torch_refuses_are_named_on_one_line(ivif_dir, tmp_path, capsys):
+    # load_state_dict's first line named no fault ('Error(s) in loading state_dict for
+    # SeAFusion:'), the weights-only refusal's first line only advice, in bold.
+    pairs = tmp_path / 'pairs'
+    copy_pairs(ivif_dir, pairs, [COLOUR_PAIR])
+    published = torch.load(ivif_dir / 'weights' / 'seafusion' / 'SeAFusion.pth',
+                           weights_only=True)
+    missing = {**published, 'extra.weight': torch.zeros(1)}
+    del missing['decode1.bn.bias']
+    misshapen = {**published, 'decode1.bn.bias': torch.zeros(2, 2)}
+    for name, content, fault in (
+            ('missing.pth', missing, 'Error(s) in loading state_dict for SeAFusion: Missing '
+             'key(s) in state_dict: "decode1.bn.bias"; Unexpected key(s) in state_dict: '
+             '"extra.weight"'),
+            ('misshapen.pth', misshapen, 'Error(s) in loading state_dict for SeAFusion: size '
+             'mismatch for decode1.bn.bias: copying a param with shape torch.Size([2, 2]) from '
+             'checkpoint, the shape in current model is torch.Size([1])'),
+            ('numpy.pth', {'x': np.float64(1)}, 'Unsupported global: GLOBAL '
+             'numpy._core.multiarray.scalar was not an allowed global by default')):
+        weights = tmp_path / name
+        torch.save(content, weights)
+        assert evaluate.main(['--folder', str(pairs), '--methods', 'seafusion',
+                              '--seafusion-weights', str(weights), '--out',
+                              str(tmp_path / 'q.md')]) == 1
+        assert capsys.readouterr().err == (
+            f"s4fusion-eval: {weights}: not SeAFusion's published weights ({fault})\n")
+
+
 def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
         ivif_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv('S4FUSION_IVIF_DATA', raising=False)

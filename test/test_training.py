@@ -1632,6 +1632,44 @@ def test_set_up_errors_are_one_line_before_training(tmp_path, pair_folder, capsy
         assert f'{state}: not a readable training state' in error and 'Traceback' not in error
 
 
+def train_command(pair_folder: pathlib.Path) -> list[str]:
+    """s4fusion-train in a process of its own (torch logs to the stderr it found at import)."""
+    return [sys.executable, '-m', 's4fusion_ros.tools.train', '--data', str(pair_folder),
+            '--steps', '2', '--batch-size', '1', '--crop', '25', '--device', 'cpu',
+            '--threads', '1', '--no-progress']
+
+
+def test_a_training_state_torch_will_not_load_is_named_on_one_line(tmp_path, pair_folder):
+    # torch.load's weights-only refusal took six lines, in bold, advising to load the file
+    # unsafely, before its fault.
+    out = tmp_path / 'run'
+    out.mkdir()
+    state = out / 'train_state.pt'
+    torch.save({'step': np.float64(3)}, state)  # a numpy scalar, which it does not allow
+    proc = subprocess.run([*train_command(pair_folder), '--out', str(out), '--resume'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == (
+        f's4fusion-train: {state}: not a readable training state (UnpicklingError: Unsupported '
+        'global: GLOBAL numpy._core.multiarray.scalar was not an allowed global by default)\n')
+
+
+def test_a_file_that_is_no_exported_network_is_named_on_one_line(tmp_path, pair_folder):
+    # torch.export.load logged a traceback (a warning) before the error line, whose reason was
+    # 'File is not a zip file' or 'Please check the warnings above'.
+    saved, junk = tmp_path / 'saved.pt', tmp_path / 'junk.pt2'
+    torch.save({'x': torch.zeros(1)}, saved)
+    junk.write_bytes(b'junk')
+    for path, fault in ((saved, 'PytorchStreamReader failed locating file archive_format: file '
+                                'not found'),
+                        (junk, 'PytorchStreamReader failed reading zip archive: not a ZIP '
+                               'archive')):
+        proc = subprocess.run([*train_command(pair_folder), '--out', str(tmp_path / 'run'),
+                               '--pretrained-features', str(path)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr == (
+            f's4fusion-train: {path}: not a network saved with torch.export.save ({fault})\n')
+
+
 def test_usage_errors_for_loss_weights_and_for_starting_from_the_runs_own_weights(
         tmp_path, pair_folder, capsys, monkeypatch):
     common = ['--data', str(pair_folder), '--steps', '2', '--device', 'cpu']

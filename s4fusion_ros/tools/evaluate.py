@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import file_path, output_path, run_command, stop_on_signals
+from ..cli import file_path, one_line_reason, output_path, run_command, stop_on_signals
 from ..engine import FusionEngine, compose_output, fusion_settings
 from ..evaluation import baselines, metrics, report, temporal
 from ..evaluation.seafusion import SeAFusion, published_image
@@ -343,7 +343,7 @@ def build_methods(args: argparse.Namespace, configs: list) -> tuple[list, list]:
                                  'weights in full (download them again)') from error
             except (RuntimeError, KeyError, pickle.UnpicklingError) as error:
                 raise ValueError(f"{path}: not SeAFusion's published weights "
-                                 f'({str(error).splitlines()[0]})') from error
+                                 f'({one_line_reason(error)})') from error
             methods.append(Method('SeAFusion', seafusion_method(model)))
         else:
             skipped.append(f'SeAFusion: {path} is missing.' if path is not None else

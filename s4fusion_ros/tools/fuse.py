@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import settings
-from ..cli import output_path, parse_size, run_command, stop_on_signals
+from ..cli import one_line_reason, output_path, parse_size, run_command, stop_on_signals
 from ..engine import FusionEngine, fusion_settings
 from ..files import check_writable_folder, resolved, write_png, write_text_atomically
 from ..imaging.normalization import looks_like_raw_counts
@@ -351,7 +351,7 @@ def fuse_folders(args: argparse.Namespace) -> tuple[int, int]:
             # whichever allocates first). Not Exception: a Ctrl-C in numba's loading of its
             # kernels comes as a SystemError, which must stop the run.
             reason = (str(error) if isinstance(error, ValueError)
-                      else f'{pair.ir_path}: fusing its pair failed: {error}')
+                      else f'{pair.ir_path}: fusing its pair failed: {one_line_reason(error)}')
             tqdm.write(f'{PROG}: {reason}', file=sys.stderr)
             failed += 1
             for stale in outputs[pair.name]:  # the half of this pair a cut run may have left

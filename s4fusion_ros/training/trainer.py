@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import math
 import pathlib
 import pickle
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..cli import one_line_reason
 from ..model import S4Fusion, S4FusionConfig, load_checkpoint, save_checkpoint
 from ..files import write_atomically
 from ..model.checkpoint import config_path, file_sha256, read_config
@@ -150,14 +152,45 @@ def load_exported(path, device, role='features', batch_shape=None):
     wrong network fails here with its path named, not inside the first training step.
     """
     try:
-        module = torch.export.load(str(path)).module()
+        with _torch_export_log_held() as logged:
+            module = torch.export.load(str(path)).module()
     except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        # For a file that is no .pt2 archive torch logs why, then tries its older format, whose
+        # failure says only 'not a zip file' or 'check the warnings above'.
+        fault = next((record.exc_info[1] for record in logged if record.exc_info), error)
         raise ValueError(f'{path}: not a network saved with torch.export.save '
-                         f'({error})') from error
+                         f'({one_line_reason(fault)})') from error
     module = module.to(device).requires_grad_(False)
     if batch_shape is not None:
         _check_exported(module, path, device, role, tuple(batch_shape))
     return module
+
+
+@contextlib.contextmanager
+def _torch_export_log_held():
+    """The records torch.export logs while the block runs, held back from stderr until it ends
+    well: on a file that is no .pt2 archive it logs a traceback there (as a warning) before
+    raising, which load_exported says on one line instead."""
+    logger = logging.getLogger('torch.export')  # with its own handler, not propagating
+    held = _HeldRecords()
+    handlers, logger.handlers = logger.handlers, [held]
+    try:
+        yield held.records
+    finally:
+        logger.handlers = handlers
+    for record in held.records:  # loaded: its warnings (an older format, say) are shown
+        logger.handle(record)
+
+
+class _HeldRecords(logging.Handler):
+    """A handler that keeps the records it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 def _check_exported(module, path, device, role, batch_shape):
@@ -348,7 +381,7 @@ class Trainer:
         except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError,
                 ValueError, AttributeError) as error:
             raise ValueError(f'{path}: not a readable training state '
-                             f'({type(error).__name__}: {error})') from None
+                             f'({type(error).__name__}: {one_line_reason(error)})') from None
         # A schedule fitted to a time limit resumes as fitted where the steps asked are the same.
         if fit and (fit['steps_asked'], fit['warmup_asked']) == (self.settings.steps,
                                                                  self.settings.warmup_steps):
