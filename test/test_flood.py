@@ -99,6 +99,16 @@ def test_bad_phase_options_are_refused_before_the_node_starts(argv, message, cap
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_parameter_value_in_bytes_that_are_not_utf8_is_named_as_such():
+    # A Latin-1 byte was "invalid _parse_param value" (its text would not encode). In a child:
+    # pytest's capture cannot hold the argument's surrogate escape that stderr writes as \udce9.
+    done = subprocess.run([executable('s4fusion-flood'), '-p', b'device:=\xe9'],
+                          capture_output=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.endswith(
+        b"the value is not YAML: byte 0xe9 on line 1 is not UTF-8, which ROS 2 reads YAML "
+        b"files in\n"), done.stderr
+
+
 def node_processes(marker: str) -> list[int]:
     """Pids of running s4fusion nodes whose command line holds `marker`."""
     pids = []

@@ -396,12 +396,12 @@ def _parse_param(text: str) -> tuple[str, object]:
     name, separator, value = text.partition(':=')
     if not separator:
         raise argparse.ArgumentTypeError(f"expected name:=value, got '{text}'")
+    data = os.fsencode(value)  # the bytes given, which rcl reads as UTF-8 YAML
     try:
-        return name, yaml.safe_load(value)  # as rcl reads a parameter's value
+        return name, yaml.safe_load(data)
     except yaml.YAMLError as error:  # argparse shows only its own errors as a usage error
         raise argparse.ArgumentTypeError(
-            f"'{text}': the value is not YAML: {settings.yaml_fault(error, value.encode())}"
-            ) from None
+            f"'{text}': the value is not YAML: {settings.yaml_fault(error, data)}") from None
 
 
 def shown(figures: dict) -> dict:
