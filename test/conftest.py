@@ -14,6 +14,7 @@ import tempfile
 import pytest
 
 from paths import REPO
+from s4fusion_ros.cli import STOP_SIGNALS
 from s4fusion_ros.entry_points import configure_process
 
 # Every test run keeps DDS on this machine, in a domain of its own (concurrent runs rarely
@@ -59,7 +60,15 @@ def pytest_runtest_protocol(item, nextitem):
     process exits (pytest-xdist names the test, starts a new worker and the run goes on), where a
     hang held a CI run to its limit and printed nothing. faulthandler's watchdog is a C thread:
     it fires where a thread blocks in C with the GIL held (an rclpy call into the middleware),
-    which stops pytest-timeout's Python timer. Opt-in soaks set their own length."""
+    which stops pytest-timeout's Python timer. Opt-in soaks set their own length.
+
+    A tool's main run in the test process sets the stop signals' handlers and
+    sys.unraisablehook for the life of the process (cli.stop_on_signals), as a command does: they
+    are put back after each test (its fixtures included). Left, the next SIGINT a test sent this
+    process left both stop signals ignored, and so in every child started later (a Python child
+    ran on through its Ctrl-C), and pytest no longer reported exceptions lost in finalizers."""
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    unraisablehook = sys.unraisablehook
     if item.get_closest_marker('soak') is None:
         report_fd = item.config.stash[_HANG_REPORT_FD]
         faulthandler.dump_traceback_later(HANG_S, exit=True, file=report_fd)
@@ -67,6 +76,9 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
     finally:
         faulthandler.cancel_dump_traceback_later()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = unraisablehook
 
 
 _SHM_BEFORE = set(glob.glob('/dev/shm/fastdds_*')) | set(glob.glob('/dev/shm/sem.fastdds_*'))

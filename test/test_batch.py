@@ -310,16 +310,19 @@ def test_the_compressed_transport_is_written_as_s4fusion_bag_writes_it(local_ray
         assert manifest['transport'] == 'compressed'
 
 
+@contextlib.contextmanager
 def killing_the_fusing_gpu_worker(ray_home):
-    """A started thread that SIGKILLs the first GPU worker of this session's Ray (HOME
+    """A thread, for the block, that SIGKILLs the first GPU worker of this session's Ray (HOME
     `ray_home`: not another run's on the machine) seen fusing once its `fusing` event is set
-    (as the run's on_progress: its partial bag written); its `killed` event is set then."""
-    fusing, killed = threading.Event(), threading.Event()
+    (as the run's on_progress: its partial bag written); its `killed` event is set then. It
+    ends with the block: left running after a run that failed, it would kill a later test's
+    GPU worker."""
+    fusing, killed, over = threading.Event(), threading.Event(), threading.Event()
 
     def kill():
         deadline = time.monotonic() + 120
         fusing.wait(timeout=120)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not over.is_set():
             for pid in processes_with_home(ray_home):
                 with contextlib.suppress(OSError):
                     cmdline = pathlib.Path(f'/proc/{pid}/cmdline').read_bytes()
@@ -332,7 +335,12 @@ def killing_the_fusing_gpu_worker(ray_home):
     killer = threading.Thread(target=kill)
     killer.fusing, killer.killed = fusing, killed
     killer.start()
-    return killer
+    try:
+        yield killer
+    finally:
+        over.set()
+        fusing.set()
+        killer.join()
 
 
 def test_a_gpu_worker_killed_for_good_takes_no_more_bags(local_ray, ray_home, ivif_dir,
@@ -342,11 +350,10 @@ def test_a_gpu_worker_killed_for_good_takes_no_more_bags(local_ray, ray_home, iv
     inputs = tmp_path / 'fleet'
     for name in ('a', 'b', 'c'):
         write_bag(inputs / name, camera_messages(ivif_dir, 4.0), 'mcap')
-    killer = killing_the_fusing_gpu_worker(ray_home)
-    report = fuse_bags([inputs], tmp_path / 'out', params=compact_params_file,
-                       gpus_per_worker=1, device='cpu', max_retries=0, progress=False,
-                       on_progress=lambda *_: killer.fusing.set())
-    killer.join()
+    with killing_the_fusing_gpu_worker(ray_home) as killer:
+        report = fuse_bags([inputs], tmp_path / 'out', params=compact_params_file,
+                           gpus_per_worker=1, device='cpu', max_retries=0, progress=False,
+                           on_progress=lambda *_: killer.fusing.set())
     assert killer.killed.is_set()
     errors = [bag.error for bag in report.bags if bag.status == 'failed']
     assert sum(error.startswith('ActorDiedError') for error in errors) == 1, errors
@@ -363,11 +370,10 @@ def test_a_gpu_worker_killed_with_retries_left_is_restarted_and_loses_nothing(
     inputs = tmp_path / 'fleet'
     for name, seed in (('a', 1), ('b', 2)):
         write_bag(inputs / name, camera_messages(ivif_dir, 4.0, seed=seed), 'mcap')
-    killer = killing_the_fusing_gpu_worker(ray_home)
-    report = fuse_bags([inputs], tmp_path / 'out', params=compact_params_file,
-                       gpus_per_worker=1, device='cpu', max_retries=1, progress=False,
-                       on_progress=lambda *_: killer.fusing.set())
-    killer.join()
+    with killing_the_fusing_gpu_worker(ray_home) as killer:
+        report = fuse_bags([inputs], tmp_path / 'out', params=compact_params_file,
+                           gpus_per_worker=1, device='cpu', max_retries=1, progress=False,
+                           on_progress=lambda *_: killer.fusing.set())
     assert killer.killed.is_set() and report.ok, report.bags
     for name in ('a', 'b'):
         assert read_bag(tmp_path / 'out' / name) == reference(

@@ -386,14 +386,18 @@ def node(ivif_dir):
     """One node process; every change below goes through its real parameter services."""
     from ros_harness import Probe, rclpy, running_node
     rclpy.init()
-    probe = Probe('parameter_probe')
-    # Integers for decimals at start-up (a YAML 1 or [1, 0, ...]): rclpy alone refuses them.
-    with running_node({'device': 'cpu', 'inference_size': [80, 60], 'sync.timeout': 1,
-                       'registration.homography': [1, 0, 0, 0, 1, 0, 0, 0, 1]}) as proc:
-        probe.wait_for_node(proc)
-        yield probe
-    probe.destroy_node()
-    rclpy.shutdown()
+    # Shut down however the set-up ends: a node that did not come up left rclpy initialised,
+    # and every later rclpy.init() in the process failed ('must only be called once').
+    try:
+        probe = Probe('parameter_probe')
+        # Integers for decimals at start-up (a YAML 1 or [1, 0, ...]): rclpy alone refuses them.
+        with running_node({'device': 'cpu', 'inference_size': [80, 60], 'sync.timeout': 1,
+                           'registration.homography': [1, 0, 0, 0, 1, 0, 0, 0, 1]}) as proc:
+            probe.wait_for_node(proc)
+            yield probe
+        probe.destroy_node()
+    finally:
+        rclpy.shutdown()
 
 
 def call(probe, future):
