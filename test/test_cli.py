@@ -352,7 +352,7 @@ def test_a_tools_stop_signal_handling_in_the_test_process_ends_with_its_test(tmp
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**env, 'PYTHONPATH': os.pathsep.join(
                               [str(here), env.get('PYTHONPATH', '')])})
-    assert re.search(r'\b3 passed, 1 warning\b', done.stdout), done.stdout + done.stderr
+    assert re.search(r'\b3 passed\b', done.stdout), done.stdout + done.stderr
     assert 'PytestUnraisableExceptionWarning' in done.stdout, done.stdout
 
 
