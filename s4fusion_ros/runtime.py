@@ -33,19 +33,26 @@ def set_threads(count: int) -> None:
 
 
 @contextlib.contextmanager
-def cpu_threads(count: int):
-    """set_threads(`count`) for the block (as a Ray task of that many CPUs gets), the counts
-    torch, OpenCV and numba had back after it."""
+def threads_kept():
+    """The thread counts torch, OpenCV and numba have before the block, back after it."""
     import cv2
     import numba
     before = torch.get_num_threads(), cv2.getNumThreads(), numba.get_num_threads()
-    set_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before[0])
         cv2.setNumThreads(before[1])
         numba.set_num_threads(before[2])
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """set_threads(`count`) for the block (as a Ray task of that many CPUs gets), the counts
+    torch, OpenCV and numba had back after it."""
+    with threads_kept():
+        set_threads(count)
+        yield
 
 
 def resolve_device(spec: str) -> torch.device:

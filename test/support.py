@@ -300,21 +300,6 @@ def drifting(events, seed=5):
 
 
 @contextlib.contextmanager
-def library_threads_kept():
-    """Torch's, OpenCV's and numba's thread counts as they were, after the block: a tool's main
-    run in the test process with --threads sets them for the process, as the command does, and
-    the later tests there ran on them."""
-    import numba
-    before = torch.get_num_threads(), cv2.getNumThreads(), numba.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before[0])
-        cv2.setNumThreads(before[1])
-        numba.set_num_threads(before[2])
-
-
-@contextlib.contextmanager
 def one_torch_thread():
     """Run torch on one thread, as the tasks do.
 

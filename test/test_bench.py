@@ -9,14 +9,14 @@ import sys
 import pytest
 
 from s4fusion_ros.model.scan import numba_scan_fn
+from s4fusion_ros.runtime import threads_kept
 from s4fusion_ros.tools.bench import main as bench_main
-from support import library_threads_kept
 
 
 @pytest.fixture(autouse=True)
-def threads_kept():
+def library_threads_kept():
     """bench_main's --threads stays with its test."""
-    with library_threads_kept():
+    with threads_kept():
         yield
 
 

@@ -29,11 +29,11 @@ from s4fusion_ros.imaging.encodings import encode_image
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
 from s4fusion_ros.model import S4Fusion, S4FusionConfig, save_checkpoint, shipped_weights
-from s4fusion_ros.runtime import load_fusion_model
+from s4fusion_ros.runtime import load_fusion_model, threads_kept
 from s4fusion_ros.sync import PairSynchronizer
 from s4fusion_ros.tools import evaluate, fuse
 from s4fusion_ros.training.data import ivif_splits, m3svd_clip, pair_key
-from support import address_space_limit, exited, file_size_limit, library_threads_kept, reading
+from support import address_space_limit, exited, file_size_limit, reading
 
 COLOUR_PAIR = ('roadscene', 'FLIR_00006.jpg')  # gray JPEG IR, colour JPEG visible
 GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 256x256
@@ -43,7 +43,7 @@ GRAY_PAIR = ('tno', '08.png')  # IR and visible PNGs with three equal channels, 
 def one_torch_thread():
     """Small images gain nothing from threads, and on a busy machine they wait for each other.
     (evaluate.main's --threads stays with its test.)"""
-    with library_threads_kept():
+    with threads_kept():
         torch.set_num_threads(1)
         yield
 
