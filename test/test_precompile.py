@@ -84,3 +84,25 @@ def test_precompile_fails_where_no_folder_can_hold_the_kernel_cache(tmp_path, mo
     assert done.stdout.startswith('s4fusion_ros.precompile: CPU kernels compiled now, in memory '
                                   'only: no writable folder for their cache'), done.stdout
     assert done.stdout.endswith(' s\n'), done.stdout  # and names no cache folder
+
+
+# An installation without numba (python -c), where the PyTorch scan runs on the CPU.
+WITHOUT_NUMBA = '''
+import importlib.abc, sys
+class NoNumba(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] == 'numba':
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoNumba())
+from s4fusion_ros.precompile import main
+sys.exit(main([]))
+'''
+
+
+def test_precompile_without_numba_says_so_and_succeeds(tmp_path):
+    # Nothing to cache ahead, so nothing failed: scripts/setup.sh goes on.
+    done = subprocess.run([sys.executable, '-c', WITHOUT_NUMBA], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith('s4fusion_ros.precompile: numba is not installed: the slower '
+                                  'PyTorch scan runs on the CPU, '), done.stdout
