@@ -257,6 +257,18 @@ def test_the_node_names_unknown_ros_arguments_as_such():
                            "['--foo']\n"), done.stderr
 
 
+def test_the_node_names_a_malformed_ros_argument_with_rcl_s_reason():
+    # Only rcl's logging failure is reworded (ros/context.py); any other failure of rclpy.init
+    # must still stop the node with rcl's words, not "rclpy.init() has not been called".
+    from paths import executable
+    done = subprocess.run([executable('s4fusion_node'), '--ros-args', '--log-level', 'loud'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        "s4fusion_node: failed to initialize rcl: Couldn't parse log level: '--log-level loud'"
+    ), done.stderr
+
+
 def test_a_size_is_width_by_height_each_at_least_the_minimum():
     import argparse
     from s4fusion_ros.cli import parse_size

@@ -510,6 +510,18 @@ def test_an_image_of_exactly_max_pixels_is_read():
         image_to_array(img, max_pixels=19)
 
 
+def test_the_size_limits_are_the_documented_32768_a_side_and_2_to_the_28_pixels():
+    # docs/node.md states them; the tests above name them through the constants, so a changed
+    # constant passed them all.
+    for height, width in ((1, 32768), (16384, 16384)):  # at the limits: only the data is wrong
+        with pytest.raises(ImageDecodeError, match='data is 0 bytes'):
+            image_to_array(good(height=height, width=width, data=b''))
+    with pytest.raises(ImageDecodeError, match='width 32769 exceeds the limit 32768'):
+        image_to_array(good(height=1, width=32769, data=b''))
+    with pytest.raises(ImageDecodeError, match='16385x16384 exceeds 268435456 pixels'):
+        image_to_array(good(height=16384, width=16385, data=b''))
+
+
 def test_decode_errors_reach_a_value_error_handler_and_name_the_fault():
     short = RawImage(data=np.zeros(3, np.uint8), height=2, width=2, encoding='mono8', step=2,
                      is_bigendian=0)

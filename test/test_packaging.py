@@ -82,22 +82,62 @@ def copy_source(destination: pathlib.Path) -> pathlib.Path:
     return destination
 
 
-def test_a_plain_pip_install_is_an_ament_prefix(tmp_path):
-    source, prefix = copy_source(tmp_path / 'source'), tmp_path / 'prefix'
+def pip_install_into(prefix: pathlib.Path, *source: str) -> None:
+    """pip install `source` (a folder, or -e and a folder) into `prefix`, as scripts/setup.sh."""
     # --ignore-installed: else pip uninstalls the package from this environment first.
     done = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
                            '--ignore-installed', '--no-build-isolation',
-                           '--disable-pip-version-check', '--prefix', str(prefix), str(source)],
+                           '--disable-pip-version-check', '--prefix', str(prefix), *source],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def make_ament_prefix(prefix: pathlib.Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 's4fusion_ros.ament_prefix', str(prefix)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+
+def test_a_plain_pip_install_is_an_ament_prefix(tmp_path):
+    source, prefix = copy_source(tmp_path / 'source'), tmp_path / 'prefix'
+    pip_install_into(prefix, str(source))
+    # pip's record names the folder it installed from; that folder may be gone since.
+    shutil.rmtree(source)
     site = sysconfig.get_path('purelib', vars={'base': str(prefix), 'platbase': str(prefix)})
     env = {'PYTHONPATH': site}
-    done = subprocess.run([sys.executable, '-m', 's4fusion_ros.ament_prefix', str(prefix)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    done = make_ament_prefix(prefix, **env)
     assert done.returncode == 0, done.stdout + done.stderr
     check_ament_layout(prefix, **env)
     # pip installed the share/ files themselves (data_files), not links into the source.
     assert not (prefix / 'share' / PACKAGE / 'package.xml').is_symlink()
+    # Relative: the prefix may be moved or mounted elsewhere as a whole.
+    assert os.readlink(prefix / 'lib' / PACKAGE / 's4fusion-play') == '../../bin/s4fusion-play'
+
+
+def test_an_editable_install_links_the_share_files_of_its_latest_source(tmp_path):
+    # Installed editable from one clone, then from another: the links must follow the second
+    # (the launch file of the first clone ran). A file pip put in share/ is kept as it is.
+    prefix = tmp_path / 'prefix'
+    kept = prefix / 'share' / PACKAGE / 'LICENSE'
+    for clone in ('first', 'second'):
+        source = copy_source(tmp_path / clone)
+        pip_install_into(prefix, '-e', str(source))
+        if clone == 'first':
+            kept.parent.mkdir(parents=True)
+            kept.write_text('as a plain install left it')
+        done = make_ament_prefix(prefix, PYTHONPATH=str(source))
+        assert done.returncode == 0, done.stdout + done.stderr
+    check_ament_layout(prefix, PYTHONPATH=str(source))
+    launch_file = prefix / 'share' / PACKAGE / 'launch/s4fusion.launch.py'
+    assert launch_file.resolve() == source / 'launch/s4fusion.launch.py'
+    assert not os.path.isabs(os.readlink(launch_file))
+    assert kept.read_text() == 'as a plain install left it' and not kept.is_symlink()
+
+
+def test_a_prefix_without_the_package_is_refused_by_name(tmp_path):
+    done = make_ament_prefix(tmp_path)
+    site = sysconfig.get_path('purelib', vars={'base': str(tmp_path), 'platbase': str(tmp_path)})
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1, '', f'ament_prefix: {PACKAGE} is not installed in {site}\n')
 
 
 def colcon(workspace: pathlib.Path, *args: str, env: dict) -> None:

@@ -535,8 +535,10 @@ def test_a_node_the_graph_cannot_name_yet_is_not_named_by_placeholders():
     # The graph knows an endpoint before its node's name (later under load): the player named
     # a subscriber "_NODE_NAMESPACE_UNKNOWN_/_NODE_NAME_UNKNOWN_".
     from rclpy.topic_endpoint_info import TopicEndpointInfo
-    from s4fusion_ros.ros.graph import UNKNOWN_NAMES, node_of
-    unnamed = TopicEndpointInfo(node_name=UNKNOWN_NAMES[0], node_namespace=UNKNOWN_NAMES[1])
+    from s4fusion_ros.ros.graph import node_of
+    # Spelt as rmw_dds_common's graph cache spells them, not through the module's constant.
+    unnamed = TopicEndpointInfo(node_name='_NODE_NAME_UNKNOWN_',
+                                node_namespace='_NODE_NAMESPACE_UNKNOWN_')
     assert node_of(unnamed) == 'a node not yet discovered by name'
     rclpy.init()
     try:

@@ -69,3 +69,40 @@ def test_the_node_starts_where_no_folder_can_hold_the_kernel_cache(tmp_path, mon
     warnings = [line for line in log.splitlines() if 'WARN' in line]
     assert len(warnings) == 1 and 'in memory only' in warnings[0], log
     assert 'Traceback' not in log, log
+
+
+def test_precompile_fails_where_no_folder_can_hold_the_kernel_cache(tmp_path, monkeypatch):
+    # Compiled in memory only, nothing is cached ahead: scripts/setup.sh must not go on as if
+    # the next start would load the kernels.
+    blocked = tmp_path / 'not-a-folder'
+    blocked.write_text('')
+    monkeypatch.setenv('NUMBA_CACHE_DIR', str(blocked))
+    monkeypatch.setenv('NUMBA_CACHE_LOCATOR_CLASSES', 'UserProvidedCacheLocator')
+    done = subprocess.run([sys.executable, '-m', 's4fusion_ros.precompile'], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith('s4fusion_ros.precompile: CPU kernels compiled now, in memory '
+                                  'only: no writable folder for their cache'), done.stdout
+    assert done.stdout.endswith(' s\n'), done.stdout  # and names no cache folder
+
+
+# An installation without numba (python -c), where the PyTorch scan runs on the CPU.
+WITHOUT_NUMBA = '''
+import importlib.abc, sys
+class NoNumba(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] == 'numba':
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoNumba())
+from s4fusion_ros.precompile import main
+sys.exit(main([]))
+'''
+
+
+def test_precompile_without_numba_says_so_and_succeeds(tmp_path):
+    # Nothing to cache ahead, so nothing failed: scripts/setup.sh goes on.
+    done = subprocess.run([sys.executable, '-c', WITHOUT_NUMBA], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith('s4fusion_ros.precompile: numba is not installed: the slower '
+                                  'PyTorch scan runs on the CPU, '), done.stdout
