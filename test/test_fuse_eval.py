@@ -1,6 +1,7 @@
 """s4fusion-fuse and s4fusion-eval on real pairs: the node's engine on files, and the report."""
 
 import csv
+import dataclasses
 import functools
 import itertools
 import json
@@ -24,7 +25,7 @@ from paths import REPO, executable
 from s4fusion_ros import settings
 from s4fusion_ros.engine import FusionEngine, FusionPipeline, FusionSettings, PreparedPair
 from s4fusion_ros.evaluation import baselines, metrics, report
-from s4fusion_ros.imaging.color import to_uint8
+from s4fusion_ros.imaging.color import bgr_to_ycrcb, to_uint8
 from s4fusion_ros.imaging.encodings import encode_image
 from s4fusion_ros.imaging.normalization import ThermalNormalizer
 from s4fusion_ros.imaging.registration import ThermalRegistration
@@ -1317,6 +1318,7 @@ def test_eval_scores_a_folder_of_your_own_as_it_scores_the_ivif_splits(ivif_dir,
             f'scored, so no row for it; the first: {names[1]}: no output in '
             f'{heldout / "fused" / "Partial"}.') in text
     assert f'heldout = the pairs of `{heldout}`' in text and 'were not run here' in text
+    assert 'stored outputs on msrs22' not in text  # an ivif split without any is no fault
 
 
 def test_the_reports_links_lead_to_its_table_and_grid_whatever_their_names(
@@ -1416,8 +1418,9 @@ def test_eval_saves_the_images_it_scores_for_other_toolkits(ivif_dir, tmp_path):
         for name in names]  # stored outputs are files already
     values = per_pair(tmp_path / 'q_pairs.csv')
     for name in names:
-        pair = evaluate.Pair(name, heldout / 'ir' / name, heldout / 'vi' / name)
-        ir, vi = evaluate.sources_luminance(fuse.read_pair(pair), pair)
+        # The sources' luminance as OpenCV gives it (MSRS's visible images are in colour).
+        ir = cv2.imread(str(heldout / 'ir' / name), cv2.IMREAD_GRAYSCALE)
+        vi = cv2.cvtColor(cv2.imread(str(heldout / 'vi' / name)), cv2.COLOR_BGR2YCrCb)[..., 0]
         written = cv2.imread(str(saved / 'heldout' / 'fused' / 'Average' / name),
                              cv2.IMREAD_UNCHANGED)
         scored = metrics.evaluate_all(evaluate.luminance(written), ir, vi)
@@ -1492,6 +1495,7 @@ def test_pairs_of_one_stem_each_need_their_own_output_and_are_never_saved_as_one
     assert evaluate.main(['--folder', str(pairs), '--methods', 'stored', '--limit', '1',
                           '--out', str(out)]) == 0
     assert list(table_rows(out.read_text(), 'clash')) == ['Both (stored outputs)']
+    assert [key[2] for key in per_pair(tmp_path / 'q_pairs.csv')] == ['a.jpg']
     capsys.readouterr()
     saved = tmp_path / 'saved'
     assert evaluate.main(['--folder', str(pairs), '--methods', 'average', '--out', str(out),
@@ -1740,14 +1744,17 @@ def test_eval_of_a_folder_needs_no_ivif_data_and_names_what_it_cannot_score(
     assert f'- Skipped: stored outputs on pairs: no {pairs / "fused"}/<METHOD>/ folder.' in text
     assert 'ivif_splits' not in text  # no note on splits that were not evaluated
 
-    # An output of the wrong size: its method is left out, found before any scoring.
-    (pairs / 'fused' / 'Small').mkdir(parents=True)
-    small = pairs / 'fused' / 'Small' / COLOUR_PAIR[1]
-    cv2.imwrite(str(small), np.zeros((8, 8), np.uint8))
-    code, err = run('--folder', str(pairs), '--methods', 'stored')
+    # An output of the wrong size, or of the wrong width alone: its method is left out, found
+    # before any scoring.
     height, width = cv2.imread(str(pairs / 'vi' / COLOUR_PAIR[1])).shape[:2]
+    small, narrow = (pairs / 'fused' / method / COLOUR_PAIR[1] for method in ('Small', 'Narrow'))
+    for path, size in ((small, (8, 8)), (narrow, (height, width - 1))):
+        path.parent.mkdir(parents=True)
+        cv2.imwrite(str(path), np.zeros(size, np.uint8))
+    code, err = run('--folder', str(pairs), '--methods', 'stored')
     assert code == 1 and 'pairs: no method to score' in err
     assert f'{small} is 8x8, its pair {width}x{height}' in err
+    assert f'{narrow} is {width - 1}x{height}, its pair {width}x{height}' in err
 
     weights = tmp_path / 'not_seafusion.pth'
     torch.save({'foo': torch.zeros(2)}, weights)
@@ -1909,17 +1916,23 @@ def test_a_method_the_published_table_lacks_a_pair_of_is_skipped_by_name(
             'has no values for 1 of the 2 pairs (08.png).') in text
 
 
-def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir):
+def test_the_enhanced_base_of_ours_is_a_row_of_its_own(ivif_dir, tmp_path):
     # What compact's network adds shows only against the pyramid it refines, with its gain and
-    # contrast: one row for it (the CPU-defaults row shares it), none for a model without one.
+    # contrast: one row for it (the CPU-defaults row shares it), none for a model without one,
+    # nor for one refining the plain pyramid (gain and contrast 1: the Laplacian pyramid row).
     from s4fusion_ros.model.pyramid import laplacian_fuse
     compact = load_fusion_model(str(shipped_weights('compact')), 'auto', 'cpu')
     authors = load_fusion_model(str(shipped_weights('authors')), 'auto', 'cpu')
     gain, contrast = compact.model.config.detail_gain, compact.model.config.base_contrast
     assert (gain, contrast) != (1.0, 1.0)
+    plain = tmp_path / 'plain.safetensors'
+    save_checkpoint(S4Fusion(S4FusionConfig(dims=(8, 16, 32), d_state=4, fusion_d_state=4,
+                                            fusion_blocks=1, base='laplacian')), plain)
     ours = [(evaluate.OursConfig('S4Fusion compact', pathlib.Path('c')), compact),
             (evaluate.OursConfig('S4Fusion compact, CPU defaults', pathlib.Path('c')), compact),
-            (evaluate.OursConfig('S4Fusion authors', pathlib.Path('a')), authors)]
+            (evaluate.OursConfig('S4Fusion authors', pathlib.Path('a')), authors),
+            (evaluate.OursConfig('S4Fusion plain', plain),
+             load_fusion_model(str(plain), 'auto', 'cpu'))]
     bases = evaluate.base_baselines(ours)
     fuses = evaluate.baseline_fuses({'laplacian', 'base', 'gff'}, ours)
     label = f"Laplacian pyramid {gain:g}/{contrast:g} (S4Fusion compact's base)"
@@ -1948,3 +1961,104 @@ def test_the_reports_environment_names_the_device_the_networks_ran_on(monkeypatc
     assert evaluate.environment('auto').startswith('NVIDIA H200, torch ')
     # A device no network could run on: only the baselines ran, on the CPU.
     assert evaluate.environment('cuda:7').startswith('CPU (')
+
+
+def test_each_method_is_timed_on_every_pair_after_an_untimed_warm_up(ivif_dir):
+    # The timing column is the sum of every pair's fusion time; the first pair's first call
+    # (lazy initialisation, JIT) is run and left out of it.
+    pairs = evaluate.ivif_splits(ivif_dir).tests['tno42'][:3]
+    average, runs = evaluate.gray_method(baselines.fuse_average), []
+
+    def recorded(source, pair):
+        runs.append((pair.name, average(source, pair)))
+        return runs[-1][1]
+
+    dataset = evaluate.evaluate_dataset('tno42', pairs, [evaluate.Method('Average', recorded)],
+                                        {})
+    assert [name for name, _ in runs] == [pairs[0].name] + [pair.name for pair in pairs]
+    assert dataset.methods[0].seconds == sum(images.seconds for _, images in runs[1:])
+
+
+def test_the_training_overlap_counts_the_evaluated_pairs_of_every_split(ivif_dir, tmp_path):
+    # Weights trained on a pair of each of two splits (by their labels, folder/name): the note
+    # counts the evaluated pairs of both, not of the last split alone.
+    splits = evaluate.ivif_splits(ivif_dir).tests
+    trained = [splits['tno42'][0].label, splits['msrs22'][0].label, 'roadscene/elsewhere.jpg']
+    weights = tmp_path / 'trained.safetensors'
+    save_checkpoint(tiny_model(), weights, {'training': {'data': trained}})
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42,msrs22', '--limit', '1',
+                          '--methods', 'ours', '--weights', str(weights), '--device', 'cpu',
+                          '--out', str(out)]) == 0
+    assert (f'S4Fusion ({tmp_path.name}/trained): 2 of the 2 evaluated pairs are among its 3 '
+            f'training pairs ({", ".join(sorted(trained[:2]))}).') in out.read_text()
+
+
+def test_eval_saves_jpeg_and_16_bit_pairs_as_the_8_bit_pngs_it_scores(ivif_dir, tmp_path):
+    # RoadScene's pairs are JPEG files and frames of clips: each pair is saved as <stem>.png,
+    # and clips.csv names the files saved, not the JPEGs.
+    saved = tmp_path / 'saved'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'roadscene67', '--limit', '2',
+                          '--methods', 'average', '--out', str(tmp_path / 'q.md'),
+                          '--save-outputs', str(saved)]) == 0
+    splits = evaluate.ivif_splits(ivif_dir)
+    stems = [pathlib.Path(pair.name).stem for pair in splits.tests['roadscene67'][:2]]
+    written = saved / 'roadscene67'
+    assert sorted(path.relative_to(written).as_posix() for path in written.rglob('*')
+                  if path.is_file()) == ['clips.csv'] + sorted(
+        f'{folder}/{stem}.png' for folder in ('fused/Average', 'ir', 'vi') for stem in stems)
+    with open(written / 'clips.csv', newline='') as table:
+        assert list(csv.DictReader(table)) == [
+            {'pair': f'{stem}.png', 'clip': clip}
+            for stem, clip in zip(stems, splits.clips['roadscene67'])]
+    # 16-bit IR is saved as the 8-bit image every method fused and was scored against.
+    sixteen = tmp_path / 'sixteen'
+    copy_pairs(ivif_dir, sixteen, [GRAY_PAIR])
+    ir = read_png(sixteen / 'ir' / GRAY_PAIR[1])[..., 0]
+    cv2.imwrite(str(sixteen / 'ir' / GRAY_PAIR[1]), ir.astype(np.uint16) * 257)
+    assert evaluate.main(['--folder', str(sixteen), '--methods', 'average', '--out',
+                          str(tmp_path / 's.md'), '--save-outputs', str(saved)]) == 0
+    kept = read_png(saved / 'sixteen' / 'ir' / GRAY_PAIR[1])
+    assert kept.dtype == np.uint8 and np.array_equal(kept, ir)
+
+
+def test_a_baseline_fuses_the_ir_then_the_visible_luminance_in_the_visible_colour(ivif_dir):
+    # The pyramid gives ties of detail magnitude to its first image, the IR: on this pair the
+    # order shows. A colour visible image lends the output its chrominance.
+    pair = fuse.read_pair(evaluate.Pair(COLOUR_PAIR[1], *(
+        ivif_dir / COLOUR_PAIR[0] / side / COLOUR_PAIR[1] for side in ('ir', 'vi'))))
+    laplacian = evaluate.gray_method(baselines.fuse_laplacian)
+    vi_y = evaluate.luminance(pair.visible_bgr)
+    expected = to_uint8(baselines.fuse_laplacian(pair.thermal, vi_y))
+    assert not np.array_equal(expected, to_uint8(baselines.fuse_laplacian(vi_y, pair.thermal)))
+    gray = dataclasses.replace(pair, visible_bgr=cv2.cvtColor(vi_y, cv2.COLOR_GRAY2BGR),
+                               visible_is_color=False)
+    np.testing.assert_array_equal(laplacian(gray, None).fused, expected)
+    colour = laplacian(pair, None).fused
+    assert pair.visible_is_color and colour.shape == pair.visible_bgr.shape
+    unclipped = (colour.min(axis=2) > 0) & (colour.max(axis=2) < 255)
+    assert unclipped.mean() > 0.5
+    for got, want in zip(bgr_to_ycrcb(colour)[1:], bgr_to_ycrcb(pair.visible_bgr)[1:]):
+        assert np.abs(got - want)[unclipped].mean() < 2 / 255  # rounding only
+
+
+def test_the_grid_shows_the_first_configuration_of_ours_it_is_labelled_with(ivif_dir):
+    # run() labels the grid's fused column with the first configuration of ours: its image.
+    pairs = evaluate.ivif_splits(ivif_dir).tests['tno42'][:2]
+    methods = [evaluate.Method(label, evaluate.gray_method(fuse), ours=True)
+               for label, fuse in (('first', baselines.fuse_average),
+                                   ('second', baselines.fuse_max))]
+    examples = {}
+    evaluate.evaluate_dataset('tno42', pairs, methods, examples)
+    source, images = examples['tno42']
+    assert source.name == pairs[0].name
+    np.testing.assert_array_equal(images.fused, methods[0].fuse(source, pairs[0]).fused)
+
+
+def test_published_values_are_shown_only_against_ours(ivif_dir, tmp_path):
+    # The section compares ours, scored as the toolkit scores it, with the values published for
+    # other methods: without ours it would only repeat those values.
+    out = tmp_path / 'q.md'
+    assert evaluate.main(['--data', str(ivif_dir), '--datasets', 'tno42', '--limit', '1',
+                          '--methods', 'average,published', '--out', str(out)]) == 0
+    assert 'published values' not in out.read_text()

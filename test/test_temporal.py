@@ -244,3 +244,21 @@ def test_measured_frames_count_as_trained_by_clip_and_frame_whatever_their_folde
     note = evaluate.training_overlap(compact, clips, 'clips', evaluate.clip_of_frame,
                                      'have frames among')
     assert note.startswith('compact: 5 of the 5 clips have frames among its 401 training')
+
+
+def test_eval_counts_the_measured_frames_and_clips_the_weights_trained_on(video_dir, tmp_path):
+    # The notes of a --flicker run, for the shipped compact weights (every 10th frame of the
+    # test videos and the still frames 0, 2, ... of 0111_1716): of frames 0-2 of the 5 clips,
+    # frame 0 of each and 0111_1716's frame 2. Base alone runs the weights' base, not the network.
+    out = tmp_path / 'quality.md'
+    compact = shipped_weights('compact')
+    assert evaluate.main(['--flicker', str(video_dir), '--flicker-frames', '3', '--methods',
+                          'base', '--weights', str(compact), '--out', str(out)]) == 0
+    section = ' '.join(temporal.section_of(out.read_text()).split())
+    label = 'S4Fusion (weights/s4fusion_compact)'
+    assert f"| clip | Laplacian pyramid 1.1/1.4 ({label}'s base) |" in section
+    assert (f'{label}: 6 of the 15 measured frames (as video or still frames, by clip and frame '
+            'number) are among its 401 training pairs (0111_1716_0000, 0111_1716_0002, '
+            '0113_1714_0000, 0117_1605_0000, 0117_1620_0000, ...).') in section
+    assert (f'{label}: 5 of the 5 measured clips have frames (near duplicates of the others) '
+            'among its 401 training pairs') in section
