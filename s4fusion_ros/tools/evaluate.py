@@ -911,8 +911,11 @@ def run(args: argparse.Namespace, argv: list, saving: list) -> list:
             raise ValueError(f'{name}: no method to score ({"; ".join(skipped_methods)})')
         evaluated += pairs
         table = pairs[0].dataset / PUBLISHED_TABLE
-        compat = ({} if 'published' in args.methods and table.is_file()
-                  and any(method.ours for method in methods) else None)
+        published_asked = 'published' in args.methods and table.is_file()
+        compat = {} if published_asked and any(method.ours for method in methods) else None
+        if published_asked and compat is None:
+            skipped_methods.append(f'published values on {name}: they are compared with ours '
+                                   'alone, and no configuration of ours was evaluated.')
         started = time.monotonic()
         saved = args.save_outputs / name if args.save_outputs else None
         if saved:
