@@ -69,6 +69,13 @@ def timed_rounds(fns, repeats):
     return times
 
 
+def paired_ratios(slow, fast):
+    """Each round's own ratio of `slow`'s time to `fast`'s (the calls of a round ran back to
+    back, under the same load) and their median, the figure a ratio target is judged on."""
+    rounds = [a / b for a, b in zip(slow, fast)]
+    return statistics.median(rounds), rounds
+
+
 def round_range(values, unit: str, digits: int) -> str:
     """' (rounds LOW-HIGHunit)': how far the rounds of a figure spread, where there are several;
     a machine shared with other work moves single rounds, the median less."""
@@ -117,40 +124,43 @@ def bench_scan(args):
           f'warm-up, the implementations taking turns call by call; {torch.get_num_threads()} '
           f'threads (torch and numba); {load_note()}')
     print(f'{"implementation":<20}{"L timed":>9}{"ms":>11}{"ns/elem":>10}')
-    ns, ns_rounds = {}, {}
     with torch.no_grad():
         rounds = timed_rounds([functools.partial(fn, *tensors, **kwargs)
                                for _, fn, (tensors, kwargs) in runs], args.repeats)
-    for (name, _, (tensors, _)), taken in zip(runs, rounds):
-        length = tensors[0].shape[-1]
-        ns_rounds[name] = [seconds * 1e9 / (args.batch * args.d * length * args.nstate)
-                           for seconds in taken]
-        ns[name] = statistics.median(ns_rounds[name])
-        print(f'{name:<20}{length:>9}{statistics.median(taken) * 1e3:>11.1f}{ns[name]:>10.2f}')
-    if short_length < args.length:
+    report_scan([(name, tensors[0].shape[-1], taken)
+                 for (name, _, (tensors, _)), taken in zip(runs, rounds)],
+                args.length, args.batch * args.d * args.nstate, first_call)
+
+
+def report_scan(timed, length, elements_per_position, first_call=None):
+    """Print the scan table and the target lines from `timed`: (name, L timed, seconds of each
+    round) per implementation, the rounds as timed_rounds gives them; `length`: the full L."""
+    ns_rounds = {name: [seconds * 1e9 / (elements_per_position * timed_length)
+                        for seconds in taken] for name, timed_length, taken in timed}
+    for name, timed_length, taken in timed:
+        print(f'{name:<20}{timed_length:>9}{statistics.median(taken) * 1e3:>11.1f}'
+              f'{statistics.median(ns_rounds[name]):>10.2f}')
+    short_length = min(timed_length for _, timed_length, _ in timed)
+    if short_length < length:
         # Measured: 20-30% more per element at L=16384 than at 1024 (2 cores, d=128, N=16).
         print(f'(the plain loop and selective_scan_ref are timed at L={short_length}; their cost '
               f'per element rises with L as their data outgrows the caches, so the ratios to '
               f'them below are lower bounds)')
     if first_call is not None:
         print(f'numba first call (compile, or load from cache): {first_call:.2f} s')
-
-    def ratio_rounds(slow, fast):  # the calls of one round ran back to back
-        return [a / b for a, b in zip(ns_rounds[slow], ns_rounds[fast])]
-
     checks = [('chunked vs plain loop', 'plain torch loop', CHUNKED_VS_LOOP),
               ('chunked vs selective_scan_ref', 'selective_scan_ref', CHUNKED_VS_REF)]
-    timed = f', the latter at L={short_length}' if short_length < args.length else ''
+    timed_at = f', the latter at L={short_length}' if short_length < length else ''
     for name, slow, target in checks:  # per element; the chunked scan's falls with L
-        ratio = ns[slow] / ns['chunked torch']
-        spread = round_range(ratio_rounds(slow, 'chunked torch'), 'x', 1)
-        print(f'{name} at L={args.length}{timed}: {ratio:.1f}x{spread} (target >= {target:g}x): '
-              f'{"met" if ratio >= target else "NOT met"}')
-    if 'numba' in ns:
-        met = ns['numba'] <= NUMBA_MAX_NS
-        print(f'numba: {ns["numba"]:.2f} ns/elem{round_range(ns_rounds["numba"], "", 2)} '
-              f'(target <= {NUMBA_MAX_NS:g}): {"met" if met else "NOT met"}; '
-              f'{ns["chunked torch"] / ns["numba"]:.0f}x faster than the chunked scan')
+        ratio, ratios = paired_ratios(ns_rounds[slow], ns_rounds['chunked torch'])
+        print(f'{name} at L={length}{timed_at}: {ratio:.1f}x{round_range(ratios, "x", 1)} '
+              f'(target >= {target:g}x): {"met" if ratio >= target else "NOT met"}')
+    if 'numba' in ns_rounds:
+        ns = statistics.median(ns_rounds['numba'])
+        faster, _ = paired_ratios(ns_rounds['chunked torch'], ns_rounds['numba'])
+        print(f'numba: {ns:.2f} ns/elem{round_range(ns_rounds["numba"], "", 2)} '
+              f'(target <= {NUMBA_MAX_NS:g}): {"met" if ns <= NUMBA_MAX_NS else "NOT met"}; '
+              f'{faster:.0f}x faster than the chunked scan')
     else:
         print('numba: not installed')
 
@@ -438,7 +448,7 @@ def bench_train(args):
           f'warm-up, the scans alternating step by step; {load_note()}')
     print(f'{"preset":<9}{"batch":>6}{"crop":>6}{"torch s/step":>14}{"numba s/step":>14}'
           f'{"speed-up":>10}{"steps/s":>9}{"Mpixel/s":>10}')
-    speedups, speedup_rounds = {}, {}
+    speedup_rounds = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for preset in args.presets:
             record = shipped_training(preset)
@@ -463,32 +473,42 @@ def bench_train(args):
                 trainers[backend] = Trainer(S4FusionConfig.preset(preset), dataset, loss,
                                             out_dir, settings)
                 trainers[backend].model.set_scan_backend(backend)
-                trainers[backend].train_step()  # warm-up: kernels load, buffers grow
-            times = {backend: [] for backend in backends}
-            for _ in range(args.repeats):
-                for backend in backends:
-                    times[backend].append(trainers[backend].train_step()['seconds'])
-            seconds = {b: statistics.median(t) for b, t in times.items()}
-            fast = min(seconds.values())
-            if 'numba' in seconds:  # below 1 where the numba step is the slower
-                speedups[preset] = seconds['torch'] / seconds['numba']
-                speedup_rounds[preset] = [a / b for a, b in zip(times['torch'], times['numba'])]
-                numba_columns = f'{seconds["numba"]:>14.3f}{speedups[preset]:>9.1f}x'
-            else:
-                numba_columns = f'{"n/a":>14}{"n/a":>10}'
-            print(f'{preset:<9}{batch:>6}{crop:>6}{seconds["torch"]:>14.3f}{numba_columns}'
-                  f'{1 / fast:>9.2f}{batch * crop * crop / fast / 1e6:>10.3f}')
-    print('steps/s and Mpixel/s (crop pixels of the batch per second): the faster scan\'s.')
+            steps = timed_rounds([trainers[backend].train_step for backend in backends],
+                                 args.repeats)
+            times = dict(zip(backends, steps))
+            print(train_row(preset, batch, crop, times))
+            if 'numba' in times:
+                speedup_rounds[preset] = times
+    print('steps/s and Mpixel/s (crop pixels of the batch per second): the faster scan\'s; '
+          'speed-up: the median of each step pair\'s torch/numba ratio.')
     if 'numba' in backends:
-        for preset, speedup in speedups.items():
-            change = (f'{speedup:.1f}x faster' if speedup >= 1
-                      else f'{1 / speedup:.1f}x slower')
-            print(f'{preset}: training step {change} with the numba backward'
-                  f'{round_range(speedup_rounds[preset], "x", 1)} (target '
-                  f'{TRAIN_NUMBA_VS_TORCH:g}x faster): '
-                  f'{"met" if speedup >= TRAIN_NUMBA_VS_TORCH else "NOT met"}')
+        for preset, times in speedup_rounds.items():
+            print(train_verdict(preset, times))
     else:
         print('numba: not installed, so training runs the chunked PyTorch scan')
+
+
+def train_row(preset, batch, crop, times):
+    """The table row of a preset from the seconds of its steps with each scan (`times`:
+    backend to seconds per round, the backends taking turns step by step)."""
+    seconds = {backend: statistics.median(taken) for backend, taken in times.items()}
+    fast = min(seconds.values())
+    if 'numba' in times:  # below 1 where the numba step is the slower
+        speedup, _ = paired_ratios(times['torch'], times['numba'])
+        numba_columns = f'{seconds["numba"]:>14.3f}{speedup:>9.1f}x'
+    else:
+        numba_columns = f'{"n/a":>14}{"n/a":>10}'
+    return (f'{preset:<9}{batch:>6}{crop:>6}{seconds["torch"]:>14.3f}{numba_columns}'
+            f'{1 / fast:>9.2f}{batch * crop * crop / fast / 1e6:>10.3f}')
+
+
+def train_verdict(preset, times):
+    """The target line of a preset from its steps' seconds with each scan (as train_row)."""
+    speedup, rounds = paired_ratios(times['torch'], times['numba'])
+    change = f'{speedup:.1f}x faster' if speedup >= 1 else f'{1 / speedup:.1f}x slower'
+    return (f'{preset}: training step {change} with the numba backward'
+            f'{round_range(rounds, "x", 1)} (target {TRAIN_NUMBA_VS_TORCH:g}x faster): '
+            f'{"met" if speedup >= TRAIN_NUMBA_VS_TORCH else "NOT met"}')
 
 
 def build_parser():
