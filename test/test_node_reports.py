@@ -220,7 +220,14 @@ def test_a_start_and_an_end_of_the_inputs_report_no_stall_and_no_stopped_camera(
                 probe.spin_for(0.05)
             stamp += 100_000_000
         assert probe.fused, node_log(proc)
-        probe.spin_for(6.5)  # past the rate window: both inputs silent, one a frame later
+        # The visible recording runs 2 s longer: once the thermal input reads silent, the
+        # visible one no longer arrives either, and no camera stopped while the other sends.
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            probe.visible_pub.publish(image_message(visible, 'bgr8', stamp, 'rgb'))
+            probe.spin_for(0.05)
+            stamp += 50_000_000
+        probe.spin_for(6.5)  # past the rate window: both inputs silent
         log = node_log(proc)
     probe.destroy_node()
     assert 'no pair was fused' not in log and 'frames arrive' not in log, log
@@ -345,6 +352,8 @@ def test_an_input_never_heard_is_logged_with_its_publishers(ros_context, remap, 
         log = node_log(proc)
     probe.destroy_node()
     assert 'visible/image_raw (' not in log[line.start():], log  # heard: not named
+    # Never before the node listened for a rate window: a camera's first frames take time.
+    assert all(int(n) >= 5 for n in re.findall(r'\]: no frame on .* in (\d+) s: ', log)), log
 
 
 def test_a_second_node_of_the_same_name_is_reported_by_both():
@@ -785,9 +794,15 @@ def test_every_pair_failing_in_inference_reads_error_naming_the_failure(ros_cont
         finally:
             resource.prlimit(proc.pid, resource.RLIMIT_AS, (soft, hard))
         message = diagnostics.message
+        # The cameras stop too (a WARN after the ERROR), then come back: the spell ends on the
+        # console with its worst level, whose errors were logged.
+        end = time.monotonic() + 60
+        while diagnostics.message != 'waiting for both inputs':
+            assert time.monotonic() < end and proc.poll() is None, diagnostics.statuses[-1]
+            probe.spin_for(0.2)
         fuse_pairs(probe, proc, stamp, 1)
         fresh_diagnostics(probe, diagnostics)
-        log = node_log(proc)
+        log = wait_for_log(proc, 'back to OK: fusing after')
     probe.destroy_node()
     named = re.fullmatch(r'every pair fails: \d+ inference errors since pairs were last fused '
                          r'and none fused in the last 5 s; latest: (.+)', message)
@@ -797,3 +812,5 @@ def test_every_pair_failing_in_inference_reads_error_naming_the_failure(ros_cont
     assert re.search(r"can't allocate memory|Insufficient memory", named[1]), message
     assert 'inference failed, pair dropped: ' + named[1].split('(')[0] in log, log
     assert diagnostics.statuses[-1][0] != DiagnosticStatus.ERROR, diagnostics.statuses[-1]
+    assert re.search(r'back to OK: fusing after \d+ s at ERROR \(waiting for both inputs\)$',
+                     log, re.MULTILINE), log

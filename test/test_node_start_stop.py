@@ -116,6 +116,8 @@ def test_more_signals_during_shutdown_do_not_break_it(ros_context, signals):
     assert fused + cut >= len(probe.fused), log
     assert fused + dropped + cut == paired, log
     assert paired <= min(thermal, visible), log
+    stopped = log[log.rindex('stopped: '):].splitlines()[0]
+    assert 'errors' not in stopped, stopped  # none: not listed as 0
 
 
 def test_a_start_up_error_is_one_line_and_exit_code_1():
