@@ -448,7 +448,7 @@ def bench_train(args):
           f'warm-up, the scans alternating step by step; {load_note()}')
     print(f'{"preset":<9}{"batch":>6}{"crop":>6}{"torch s/step":>14}{"numba s/step":>14}'
           f'{"speed-up":>10}{"steps/s":>9}{"Mpixel/s":>10}')
-    speedup_rounds = {}
+    times_with_numba = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for preset in args.presets:
             record = shipped_training(preset)
@@ -478,11 +478,11 @@ def bench_train(args):
             times = dict(zip(backends, steps))
             print(train_row(preset, batch, crop, times))
             if 'numba' in times:
-                speedup_rounds[preset] = times
+                times_with_numba[preset] = times
     print('steps/s and Mpixel/s (crop pixels of the batch per second): the faster scan\'s; '
           'speed-up: the median of each step pair\'s torch/numba ratio.')
     if 'numba' in backends:
-        for preset, times in speedup_rounds.items():
+        for preset, times in times_with_numba.items():
             print(train_verdict(preset, times))
     else:
         print('numba: not installed, so training runs the chunked PyTorch scan')

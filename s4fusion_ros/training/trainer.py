@@ -21,6 +21,7 @@ import functools
 import io
 import json
 import logging
+import logging.handlers
 import math
 import pathlib
 import pickle
@@ -172,25 +173,14 @@ def _torch_export_log_held():
     well: on a file that is no .pt2 archive it logs a traceback there (as a warning) before
     raising, which load_exported says on one line instead."""
     logger = logging.getLogger('torch.export')  # with its own handler, not propagating
-    held = _HeldRecords()
+    held = logging.handlers.BufferingHandler(capacity=sys.maxsize)  # never flushed
     handlers, logger.handlers = logger.handlers, [held]
     try:
-        yield held.records
+        yield held.buffer
     finally:
         logger.handlers = handlers
-    for record in held.records:  # loaded: its warnings (an older format, say) are shown
+    for record in held.buffer:  # loaded: its warnings (an older format, say) are shown
         logger.handle(record)
-
-
-class _HeldRecords(logging.Handler):
-    """A handler that keeps the records it is given."""
-
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 def _check_exported(module, path, device, role, batch_shape):
